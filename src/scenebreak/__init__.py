@@ -1,0 +1,32 @@
+"""scenebreak: learn one text handle per object from a single photo (Break-A-Scene).
+
+    >>> import scenebreak
+    >>> result = scenebreak.learn("photo.jpg", ["m1.png", "m2.png"])
+    >>> scenebreak.generate(result.path, "<asset1> on the moon")
+
+Heavy modules (torch, diffusers) load on first use, so `import scenebreak` is quick.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "learn": "learning", "LearnResult": "learning",
+    "generate": "generation", "GenerateResult": "generation",
+    "load_scene": "bundle", "save_scene": "bundle", "list_scenes": "bundle", "Scene": "bundle",
+    "LearnConfig": "config", "GenerateConfig": "config",
+    "SceneBreakError": "errors", "UsageError": "errors", "InvalidInput": "errors", "InvalidMask": "errors",
+    "UnknownHandle": "errors", "BundleError": "errors", "DeviceNotAvailable": "errors",
+    "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors",
+    "choose_device": "device",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'scenebreak' has no attribute {name!r}")

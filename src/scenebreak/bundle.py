@@ -1,0 +1,168 @@
+"""The `.scene` bundle: one safetensors file with the learned tensors and a JSON header.
+
+Tensor names:
+  handles.embeddings        (N, D) learned handle embeddings, fp32
+  source.image              (R, R, 3) uint8 training crop
+  source.masks              (N, R, R) uint8 masks of the crop
+  unet.* / text_encoder.* / vae.*   full weights (self-contained: no base model needed)
+  file.tokenizer/NAME       uint8 bytes of each tokenizer file (handles included)
+Metadata: {"format": "scenebreak.scene", "scenebreak": "<JSON>"}; the JSON holds
+format_version, versions, base model, handles, resolution, configs, losses...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+from .paths import SCENE_SUFFIX, atomic_write_target, resolve_scene, scenes_dir
+
+FORMAT = "scenebreak.scene"
+FORMAT_VERSION = 1
+COMPONENTS = ("unet", "text_encoder", "vae")
+
+
+@dataclass
+class Handle:
+    token: str  # "<asset1>"
+    mask_index: int  # zero-based position in the --masks list
+
+    @property
+    def name(self) -> str:
+        return self.token.strip("<>")
+
+
+@dataclass
+class Scene:
+    """A learned scene. `weights` is empty until loaded with `weights=True`."""
+
+    meta: dict
+    embeddings: "torch.Tensor"  # noqa: F821
+    image: np.ndarray  # (R, R, 3) uint8
+    masks: np.ndarray  # (N, R, R) uint8
+    weights: dict = field(default_factory=dict)  # component -> state dict
+    files: dict = field(default_factory=dict)  # "tokenizer/vocab.json" -> bytes
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or (self.path.stem if self.path else "scene")
+
+    @property
+    def handles(self) -> list[Handle]:
+        return [Handle(h["token"], h["mask_index"]) for h in self.meta["handles"]]
+
+    @property
+    def tokens(self) -> list[str]:
+        return [h.token for h in self.handles]
+
+    @property
+    def resolution(self) -> int:
+        return int(self.meta["resolution"])
+
+
+def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
+    """Write atomically: a temp file next to `path`, renamed over it when complete."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if save_dtype == "fp16" else torch.float32
+    tensors = {
+        "handles.embeddings": scene.embeddings.detach().float().cpu().contiguous(),
+        "source.image": torch.from_numpy(np.array(scene.image, dtype=np.uint8)),
+        "source.masks": torch.from_numpy(np.array(scene.masks, dtype=np.uint8)),
+    }
+    for component, state in scene.weights.items():
+        for key, value in state.items():
+            value = value.detach().cpu()
+            # The token-embedding matrix stays at full precision, so ordinary words
+            # keep exactly their base-model values.
+            if value.is_floating_point() and "token_embedding" not in key:
+                value = value.to(dtype)
+            tensors[f"{component}.{key}"] = value.contiguous().clone()
+    for name, data in scene.files.items():
+        tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
+    meta = dict(scene.meta, format_version=FORMAT_VERSION, weights_dtype=save_dtype)
+    path = Path(path)
+    tmp = atomic_write_target(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    scene.path = path
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    """The scene's JSON metadata, checked; reads no tensor data."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"scene not found: {path} (see `scenebreak list`)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            keys = set(f.keys())
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise BundleError(f"{path} is not a readable .scene file (truncated or corrupt: {str(exc).splitlines()[0][:120]})") from None
+    if header.get("format") != FORMAT or "scenebreak" not in header:
+        raise BundleError(f"{path} is not a scenebreak scene (a safetensors file of another kind)")
+    try:
+        meta = json.loads(header["scenebreak"])
+    except json.JSONDecodeError:
+        raise BundleError(f"{path} has damaged scenebreak metadata") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{path} has no valid format version")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{path} was written by a newer scenebreak (format {version}; this one reads up to {FORMAT_VERSION}): upgrade scenebreak")
+    for key in ("handles.embeddings", "source.image", "source.masks"):
+        if key not in keys:
+            raise BundleError(f"{path} is incomplete: tensor {key!r} is missing")
+    return meta
+
+
+def load_scene(ref, weights: bool = False) -> Scene:
+    """Open a scene by path or cached name; `weights=True` also loads the model weights."""
+    from safetensors import safe_open
+
+    path = resolve_scene(ref)
+    meta = read_metadata(path)
+    scene_weights: dict = {component: {} for component in COMPONENTS} if weights else {}
+    files: dict = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            embeddings = f.get_tensor("handles.embeddings")
+            image = f.get_tensor("source.image").numpy()
+            masks = f.get_tensor("source.masks").numpy()
+            for key in f.keys():
+                if key.startswith("file."):
+                    files[key[5:]] = f.get_tensor(key).numpy().tobytes()
+                elif weights:
+                    component, _, name = key.partition(".")
+                    if component in COMPONENTS:
+                        scene_weights[component][name] = f.get_tensor(key)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"{path} is not a readable .scene file ({str(exc).splitlines()[0][:120]})") from None
+    if weights:
+        empty = [c for c, s in scene_weights.items() if not s]
+        if empty:
+            raise BundleError(f"{path} holds no {', '.join(empty)} weights, so it cannot generate on its own")
+    if len(meta.get("handles", [])) != embeddings.shape[0]:
+        raise BundleError(f"{path} is inconsistent: {len(meta.get('handles', []))} handles but {embeddings.shape[0]} embeddings")
+    return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path)
+
+
+def list_scenes() -> list[Path]:
+    folder = scenes_dir()
+    return sorted(folder.glob(f"*{SCENE_SUFFIX}")) if folder.exists() else []

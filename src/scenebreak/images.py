@@ -1,0 +1,128 @@
+"""Reading the photo and its masks, and cropping both to the training square."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInput, InvalidMask
+
+
+@dataclass
+class PreparedImage:
+    """The training crop: an RGB image and N binary masks, all R x R."""
+
+    image: "PIL.Image.Image"  # noqa: F821 - RGB, R x R
+    masks: np.ndarray  # (N, R, R) uint8 in {0, 1}
+    crop_box: tuple[int, int, int, int]  # left, top, right, bottom in source pixels (may pass the edges: padded)
+    source_size: tuple[int, int]  # width, height of the photo
+    source_sha256: str
+
+
+def _open(path: Path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInput(f"{what} not found: {path}")
+    if path.is_dir():
+        raise InvalidInput(f"{what} is a folder, not an image: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read {what} {path}: {exc}") from None
+    return image
+
+
+def load_image(path: Path):
+    """An RGB image; transparency is flattened onto white."""
+    from PIL import Image
+
+    image = _open(path, "image")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def mask_array(image) -> np.ndarray:
+    """Any non-zero pixel is inside; a transparent pixel never is."""
+    if image.mode in ("RGBA", "LA", "PA") or image.mode == "P":
+        rgba = np.asarray(image.convert("RGBA"))
+        return ((rgba[..., :3].max(axis=-1) > 0) & (rgba[..., 3] > 0)).astype(np.uint8)
+    array = np.asarray(image.convert("RGB") if image.mode not in ("L", "1", "I", "I;16", "F") else image)
+    if array.ndim == 3:
+        array = array.max(axis=-1)
+    return (array > 0).astype(np.uint8)
+
+
+def load_masks(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+    if not paths:
+        raise InvalidMask("no masks given: pass one mask per object with --masks M1 [M2 ...]")
+    masks = []
+    for path in paths:
+        image = _open(path, "mask")
+        if image.size != size:
+            raise InvalidMask(
+                f"mask {path} is {image.size[0]}x{image.size[1]} but the image is {size[0]}x{size[1]}: masks must match the image size"
+            )
+        mask = mask_array(image)
+        if not mask.any():
+            raise InvalidMask(f"mask {path} is empty: it has no non-zero pixel")
+        masks.append(mask)
+    return np.stack(masks)
+
+
+def square_crop_box(masks: np.ndarray) -> tuple[int, int, int, int]:
+    """The largest square inside the photo that keeps every mask pixel, centred on
+    the masks; when the masks span more than the short side, a bigger square that
+    reaches past the photo's edges (the outside is padded)."""
+    _, height, width = masks.shape
+    ys, xs = np.nonzero(masks.max(axis=0))
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    side = max(min(width, height), x1 - x0, y1 - y0)
+
+    def place(lo: int, hi: int, extent: int) -> int:
+        start = (lo + hi - side) // 2  # centred on the masks
+        if side <= extent:
+            start = min(max(start, 0), extent - side)  # stay inside the photo
+        return start
+
+    left, top = place(x0, x1, width), place(y0, y1, height)
+    return left, top, left + side, top + side
+
+
+def prepare(image_path: Path, mask_paths: list[Path], resolution: int) -> PreparedImage:
+    """Load, validate, crop to a square and resize to `resolution`."""
+    from PIL import Image
+
+    image_path = Path(image_path)
+    image = load_image(image_path)
+    masks = load_masks([Path(p) for p in mask_paths], image.size)
+    box = square_crop_box(masks)
+    # PIL's crop pads outside the image with zeros; paint that white like alpha.
+    canvas = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), (255, 255, 255))
+    canvas.paste(image, (-box[0], -box[1]))
+    crop = canvas.resize((resolution, resolution), Image.Resampling.BILINEAR, reducing_gap=None)
+    resized = []
+    for path, mask in zip(mask_paths, masks):
+        m = Image.fromarray(mask * 255).crop(box).resize((resolution, resolution), Image.Resampling.NEAREST)
+        m = (np.asarray(m) > 127).astype(np.uint8)
+        if not m.any():
+            raise InvalidMask(f"mask {path} is too small to survive resizing to {resolution}x{resolution}")
+        resized.append(m)
+    digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
+    return PreparedImage(crop, np.stack(resized), box, image.size, digest)
+
+
+def image_to_tensor(image):
+    """PIL RGB -> (1, 3, H, W) float tensor in [-1, 1]."""
+    import torch
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()

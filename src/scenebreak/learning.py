@@ -1,0 +1,260 @@
+"""`learn(image, masks)`: from one photo and its masks to a `.scene` file."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .bundle import Scene, save_scene
+from .config import LearnConfig, default_base_model
+from .device import Device, choose_device
+from .errors import Interrupted, InvalidInput, OutOfMemory
+from .events import Message, Progress, Reporter, silent
+from .images import load_image, load_masks, prepare
+from .paths import atomic_write_target, check_name, checkpoint_path, scene_path
+from .tokens import check_handle_tokens
+
+# Measured on a 2-core CPU with SD2.1-base at 512x512 (see benchmarks/): seconds per
+# step with prior preservation; used to warn CPU users before hours of work.
+CPU_SECONDS_PHASE1 = 24.0
+CPU_SECONDS_PHASE2 = 42.0
+SD21_UNET_PARAMS = 865.9e6
+
+
+@dataclass
+class LearnResult:
+    path: Path
+    name: str
+    handles: list[str]
+    losses: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed: bool = False
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "name": self.name, "handles": self.handles, "losses": self.losses,
+                "seconds": round(self.seconds, 2), "resumed": self.resumed}
+
+
+def check_resolution(components, resolution: int) -> None:
+    """The UNet halves the latent once per down block; the loss needs latent/4."""
+    factor = components.vae_scale_factor * 2 ** (len(components.unet.config.down_block_types) - 1)
+    factor = max(factor, components.vae_scale_factor * 4)
+    if resolution < factor or resolution % factor:
+        raise InvalidInput(f"--resolution {resolution} does not suit this model: use a multiple of {factor} (its native size is {components.native_resolution})")
+
+
+def default_name(image: Path) -> str:
+    stem = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in Path(image).stem).strip("-._")
+    return stem or "scene"
+
+
+def cpu_estimate(components, resolution: int, config: LearnConfig, class_images_missing: int) -> str:
+    params = sum(p.numel() for p in components.unet.parameters())
+    scale = params / SD21_UNET_PARAMS * (resolution / 512) ** 2 * (1.0 if config.prior else 0.6)
+    seconds = config.steps1 * CPU_SECONDS_PHASE1 * scale + config.steps2 * CPU_SECONDS_PHASE2 * scale
+    # A 50-step sample costs about 50 forward passes of a batch of 2 (guidance), ~1/3 of a step each.
+    class_seconds = class_images_missing * 50 * CPU_SECONDS_PHASE1 / 3 * params / SD21_UNET_PARAMS * (resolution / 512) ** 2
+    text = f"training on the CPU: expect roughly {_duration(seconds)} for {config.steps1}+{config.steps2} steps"
+    if class_seconds:
+        text += f", plus {_duration(class_seconds)} once for {class_images_missing} class images (--num-class-images or --no-prior make it shorter)"
+    return text + "; a CUDA GPU takes minutes (--device cuda)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} hours"
+
+
+class StopFlag:
+    """Set by the first Ctrl-C (or SIGTERM); the loop stops at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+@contextlib.contextmanager
+def catch_interrupts(flag: StopFlag, report: Reporter):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        flag.requested = True
+        report(Message("stopping after this step to save a checkpoint (press Ctrl-C again to abort now)", "warning"))
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _identity(prepared, masks_paths, config: LearnConfig, fingerprint: str) -> dict:
+    masks_digest = hashlib.sha256(prepared.masks.tobytes()).hexdigest()
+    settings = {k: v for k, v in config.to_dict().items() if k != "checkpoint_every"}
+    return {"source": prepared.source_sha256, "masks": masks_digest, "config": repr(sorted(settings.items())), "base": fingerprint}
+
+
+def _save_checkpoint(trainer, path: Path, identity: dict) -> None:
+    import torch
+
+    state = trainer.state_dict()
+    state["identity"] = identity
+    tmp = atomic_write_target(path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _tokenizer_files(tokenizer) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {f"tokenizer/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def _config_dict(model) -> dict:
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    return {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype", "transformers_version", "_name_or_path")}
+
+
+def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: LearnConfig = LearnConfig(), *,
+          name: str | None = None, output: str | os.PathLike | None = None, base_model: str | None = None,
+          revision: str | None = None, device: str | Device | None = None, resume: bool = False, force: bool = False,
+          report: Reporter = silent, should_stop=None) -> LearnResult:
+    """Learn one handle per mask from one photo and write the scene; returns where it went.
+
+    `should_stop()` (optional) is polled after every step, like Ctrl-C: when it turns
+    true a checkpoint is saved and `Interrupted` is raised; `resume=True` continues it."""
+    started = time.perf_counter()
+    masks = [Path(m) for m in masks]
+    config = config.validate(len(masks))
+    tokens = config.handle_tokens(len(masks))
+    check_handle_tokens(tokens)
+    name = check_name(name or (Path(output).stem if output else default_name(Path(image))))
+    out = Path(output) if output else scene_path(name)
+    if out.exists() and not force and not resume:
+        raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
+    load_masks(masks, load_image(Path(image)).size)  # bad inputs fail before any model loads
+    device = device if isinstance(device, Device) else choose_device(device)
+    device.train_dtype(config.mixed_precision)
+
+    from .models import load_components
+
+    components = load_components(base_model or default_base_model(), revision)
+    resolution = config.resolution or components.native_resolution
+    check_resolution(components, resolution)
+    if config.lambda_attn > 0:
+        from .attention import cross_attention_layers
+
+        cross_attention_layers(components.unet)
+    prepared = prepare(Path(image), masks, resolution)
+    identity = _identity(prepared, masks, config, components.base.fingerprint)
+
+    import torch
+
+    ckpt = checkpoint_path(name)
+    state = None
+    if resume:
+        if not ckpt.exists():
+            raise InvalidInput(f"nothing to resume: no checkpoint for scene {name!r} (run without --resume)")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state.get("identity") != identity:
+            raise InvalidInput(f"the checkpoint of {name!r} was made from other inputs or settings: run the same command, or drop --resume to start over")
+        report(Message(f"resuming {name!r} at phase {state['phase']}, step {state['step']}"))
+    elif ckpt.exists():
+        report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
+
+    from .classimages import cache_folder, ensure_class_images
+
+    stop = StopFlag()
+    should_stop = should_stop or (lambda: False)
+    stopping = lambda: stop() or should_stop()  # noqa: E731
+    if device.type == "cpu":
+        missing = 0
+        if config.prior:
+            folder = cache_folder(components.base.fingerprint, config.class_prompt, resolution)
+            missing = sum(not (folder / f"{i:04d}.png").exists() for i in range(config.num_class_images))
+        report(Message(cpu_estimate(components, resolution, config, missing), "warning"))
+
+    from .tokens import add_handles, remove_handle_embedding
+    from .train import Trainer, TrainInputs
+
+    try:
+        with catch_interrupts(stop, report):
+            class_images = []
+            if config.prior:
+                class_images = ensure_class_images(components, device, config.class_prompt, config.num_class_images,
+                                                   resolution, report=report, should_stop=stopping)
+            handle_ids, _ = add_handles(components.tokenizer, components.text_encoder, tokens, config.init_words)
+            inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), handle_ids, class_images)
+            trainer = Trainer(components, inputs, config, device, tokens)
+            if state is not None:
+                trainer.load_state_dict(state)
+                del state
+            for record in trainer.run():
+                report(Progress(f"phase {record.phase}", record.step, record.total, {"loss": record.loss}))
+                periodic = config.checkpoint_every and record.step % config.checkpoint_every == 0 and record.step < record.total
+                phase1_done = record.phase == 1 and record.step == record.total and config.steps2 > 0
+                if stopping() or periodic or phase1_done:
+                    _save_checkpoint(trainer, ckpt, identity)
+                if stopping():
+                    raise Interrupted(f"interrupted: checkpoint saved; run the same command with --resume to continue")
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(
+            f"out of memory on {device.name}: try --gradient-checkpointing, --adam-8bit, a smaller --resolution or --device cpu"
+        ) from None
+
+    handles = remove_handle_embedding(components.text_encoder)
+    c = components
+    meta = {
+        "name": name,
+        "scenebreak_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tuning": "full",
+        "base_model": c.base.to_dict(),
+        "handles": [{"token": t, "name": t.strip("<>"), "mask_index": i} for i, t in enumerate(tokens)],
+        "resolution": resolution,
+        "prediction_type": c.prediction_type,
+        "crop_box": list(prepared.crop_box),
+        "source": {"file": Path(image).name, "size": list(prepared.source_size), "sha256": prepared.source_sha256,
+                   "masks": [m.name for m in masks]},
+        "config": config.to_dict(),
+        "losses": trainer.loss_summary(),
+        "seconds": round(time.perf_counter() - started, 2),
+        "device": device.name,
+        "configs": {"unet": _config_dict(c.unet), "vae": _config_dict(c.vae), "text_encoder": _config_dict(c.text_encoder),
+                    "scheduler": dict(c.scheduler_config)},
+    }
+    scene = Scene(
+        meta=meta,
+        embeddings=handles,
+        image=__import__("numpy").asarray(prepared.image),
+        masks=prepared.masks,
+        weights={"unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict(), "vae": c.vae.state_dict()},
+        files=_tokenizer_files(c.tokenizer),
+    )
+    save_scene(scene, out, config.save_dtype)
+    if ckpt.exists():
+        ckpt.unlink()
+    return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)

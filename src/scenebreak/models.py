@@ -1,0 +1,161 @@
+"""Loading the base Stable Diffusion from a hub id (+ revision) or a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidInput, ModelNotAvailable
+
+# Only what scenebreak uses: no root checkpoints, no fp16/ema variants, no .bin twins.
+_HUB_FILES = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+@dataclass
+class BaseModel:
+    """Who the base model is: recorded in every scene."""
+
+    id: str
+    revision: str | None
+    commit: str | None  # the hub snapshot actually used
+    fingerprint: str  # sha256 of the configs and the token-embedding matrix
+
+    def to_dict(self) -> dict:
+        return dict(id=self.id, revision=self.revision, commit=self.commit, fingerprint=self.fingerprint)
+
+
+@dataclass
+class Components:
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    scheduler_config: dict
+    base: BaseModel
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or os.sep in ref and ref.count("/") > 1 or Path(ref).exists()
+
+
+def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local folder holding the diffusers layout, and the hub commit if any."""
+    if _looks_like_path(base_model):
+        folder = Path(base_model).expanduser()
+        if not folder.is_dir():
+            raise InvalidInput(f"base model folder not found: {folder}")
+        if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
+            raise InvalidInput(f"{folder} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
+        return folder, None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        # The cache first: no network round trip when the weights are already here.
+        folder = snapshot_download(base_model, revision=revision, allow_patterns=_HUB_FILES, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError, HfHubHTTPError):
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise ModelNotAvailable(_missing_message(base_model, revision, offline=True)) from None
+        try:
+            folder = snapshot_download(base_model, revision=revision, allow_patterns=_HUB_FILES)
+        except Exception as exc:  # every hub failure becomes the same actionable message
+            raise ModelNotAvailable(_missing_message(base_model, revision, reason=exc)) from exc
+    folder = Path(folder)
+    return folder, folder.name
+
+
+def _missing_message(base_model: str, revision: str | None, offline: bool = False, reason: Exception | None = None) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    why = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else (
+        f"it is not in the Hugging Face cache and could not be downloaded ({type(reason).__name__})"
+    )
+    return (
+        f"base model {base_model!r} is not available: {why}. Fix: on a connected machine run "
+        f"`hf download {base_model}{rev}` (or unset HF_HUB_OFFLINE), or pass --base-model /path/to/a/diffusers/folder"
+    )
+
+
+def fingerprint(unet, vae, text_encoder) -> str:
+    """A content hash that tells base models apart without reading every weight."""
+    digest = hashlib.sha256()
+    for model in (unet, vae, text_encoder):
+        config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    embedding = text_encoder.get_input_embeddings().weight.detach()
+    digest.update(embedding.float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers/hub chatter (load bars, notices) off our stderr."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+
+
+def load_components(base_model: str, revision: str | None = None) -> Components:
+    """Load UNet, VAE, text encoder, tokenizer and scheduler config in fp32 on the CPU."""
+    quiet_libraries()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    folder, commit = resolve_model_dir(base_model, revision)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        vae = AutoencoderKL.from_pretrained(folder / "vae")
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelNotAvailable(
+            f"cannot load the base model from {folder}: {exc}. Fix: download it again "
+            f"(`hf download {base_model}`) or pass --base-model /path/to/a/diffusers/folder"
+        ) from exc
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+    base = BaseModel(
+        id=base_model if commit else str(Path(base_model).expanduser().resolve()),
+        revision=revision,
+        commit=commit,
+        fingerprint=fingerprint(unet, vae, text_encoder),
+    )
+    return Components(unet, vae, text_encoder, tokenizer, scheduler_config, base)

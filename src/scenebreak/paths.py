@@ -1,0 +1,65 @@
+"""Where scenebreak keeps things: one home folder, `SCENEBREAK_HOME` moves it."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import InvalidInput
+
+SCENE_SUFFIX = ".scene"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def home() -> Path:
+    """The cache root: `$SCENEBREAK_HOME`, else the platform's user cache dir."""
+    env = os.environ.get("SCENEBREAK_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("scenebreak"))
+
+
+def scenes_dir() -> Path:
+    return home() / "scenes"
+
+
+def class_images_dir() -> Path:
+    return home() / "class-images"
+
+
+def checkpoints_dir() -> Path:
+    return home() / "checkpoints"
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name) or name.endswith(SCENE_SUFFIX):
+        raise InvalidInput(
+            f"invalid scene name {name!r}: use letters, digits, '.', '_' or '-' (no '{SCENE_SUFFIX}' suffix)"
+        )
+    return name
+
+
+def scene_path(name: str) -> Path:
+    """The cache path of the scene called `name`."""
+    return scenes_dir() / f"{check_name(name)}{SCENE_SUFFIX}"
+
+
+def checkpoint_path(name: str) -> Path:
+    return checkpoints_dir() / f"{check_name(name)}.ckpt"
+
+
+def resolve_scene(ref: str | os.PathLike) -> Path:
+    """A `.scene` path as given, or the cached scene of that name."""
+    path = Path(ref).expanduser()
+    if path.suffix == SCENE_SUFFIX or path.exists() or os.sep in str(ref):
+        return path
+    return scene_path(str(ref))
+
+
+def atomic_write_target(path: Path) -> Path:
+    """A temp file next to `path`, to be renamed over it once fully written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -1,0 +1,54 @@
+"""Text-to-image sampling shared by class-image generation and `generate`."""
+
+from __future__ import annotations
+
+from .events import Progress, Reporter, silent
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict):
+    """A diffusers StableDiffusionPipeline with a DDIM scheduler and no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int,
+           negative: str | None = None, autocast=None, report: Reporter = silent, task: str = "generate",
+           done: int = 0, total: int | None = None):
+    """Images for `prompt`, one per seed; image i starts from noise seeded with seeds[i]
+    (drawn on the CPU, so a seed gives the same start on every device)."""
+    import contextlib
+
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    total = total if total is not None else len(seeds) * steps
+
+    def on_step_end(pipeline, step, timestep, kwargs):
+        report(Progress(task, done + (step + 1) * len(seeds), total))
+        return kwargs
+
+    with torch.inference_mode(), (autocast or contextlib.nullcontext()):
+        out = pipe(
+            prompt=[prompt] * len(seeds),
+            negative_prompt=[negative] * len(seeds) if negative else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+        )
+    return out.images

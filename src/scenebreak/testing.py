@@ -1,0 +1,186 @@
+"""Tiny random-initialised Stable Diffusion models, for tests and benchmarks.
+
+Nothing here downloads anything: every component is built from a config with a
+fixed seed and saved as an ordinary diffusers folder, so the real loading code
+(`scenebreak.models.load_components`) can be exercised on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# The words the tiny tokenizer knows as whole tokens; everything else falls
+# back to byte-level pieces, exactly like the real CLIP tokenizer would.
+TINY_WORDS = [
+    "a", "photo", "of", "and", "at", "the", "beach", "on", "moon", "in", "snow",
+    "cat", "dog", "bowl", "creature", "toy", "bear", "bird", "red", "blue", "object",
+]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # Same table as CLIP/GPT-2: printable stand-ins for every byte value.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """Write a small CLIP BPE vocabulary (vocab.json + merges.txt) to `folder`."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in TINY_WORDS:
+        # Build each word left to right: "p h" -> "ph", "ph o" -> "pho", ...
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            current = current + piece
+            if merge not in merges:
+                merges.append(merge)
+            if current not in vocab_list:
+                vocab_list.append(current)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(folder)
+
+
+def tiny_configs(resolution: int = 64) -> dict:
+    """Configs of a tiny SD-like model: VAE factor 2, UNet with cross-attention at
+    latent/2 and latent/4 (so the attention loss has its 'latent size / 4' layers)."""
+    unet = dict(
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 4),
+        norm_num_groups=8,
+        use_linear_projection=True,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu",
+    )
+    scheduler = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler}
+
+
+def sd21_base_configs() -> dict:
+    """Configs with the Stable Diffusion 2.1-base architecture (for benchmarks)."""
+    unet = dict(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    )
+    vae = dict(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=768,
+    )
+    text = dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        projection_dim=512,
+        hidden_act="gelu",
+        vocab_size=49408,
+    )
+    scheduler = dict(tiny_configs()["scheduler"])
+    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler}
+
+
+def build_components(configs: dict, tokenizer, seed: int = 0) -> dict:
+    """Random-initialised UNet, VAE, text encoder and a DDIM scheduler from configs."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_cfg = dict(configs["text_encoder"])
+    text_cfg.setdefault("vocab_size", len(tokenizer))
+    text_cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**configs["unet"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**configs["vae"])
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    scheduler = DDIMScheduler(**configs["scheduler"])
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0) -> Path:
+    """Save a tiny random Stable Diffusion as a diffusers folder and return its path."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    write_tiny_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    parts = build_components(tiny_configs(resolution), tokenizer, seed=seed)
+    for name in ("unet", "vae", "text_encoder", "scheduler"):
+        parts[name].save_pretrained(folder / name)
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.0.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return folder

@@ -1,0 +1,298 @@
+"""The two-phase Break-A-Scene trainer: one readable loop, run once per phase.
+
+Phase 1 trains only the handle embeddings (lr 5e-4); phase 2 trains the handles,
+the UNet and the text encoder (lr 2e-6) with a fresh AdamW. Each step: flip,
+union-sample handles, masked diffusion loss on the instance image, plain
+diffusion loss on one class image, cross-attention loss on the instance only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
+from .config import LearnConfig
+from .device import Device
+from .errors import InvalidInput, SceneBreakError
+from .images import image_to_tensor
+from .losses import attention_loss, diffusion_loss, diffusion_target, downsample_masks, masked_diffusion_loss
+from .tokens import handle_positions, install_handle_embedding
+
+
+@dataclass
+class StepRecord:
+    phase: int
+    step: int  # steps done in this phase
+    total: int
+    loss: float
+    rec: float
+    prior: float
+    attn: float
+
+
+@dataclass
+class TrainInputs:
+    image: "PIL.Image.Image"  # noqa: F821 - the R x R training crop
+    masks: torch.Tensor  # (N, R, R) in {0, 1}
+    handle_ids: list[int]
+    class_images: list[Path] = field(default_factory=list)
+
+
+def sample_handles(rng: random.Random, n: int) -> list[int]:
+    """Union sampling: k uniform in 1..n, then a random k-subset (in random order)."""
+    k = rng.randint(1, n)
+    return rng.sample(range(n), k)
+
+
+def prompt_for(tokens: list[str]) -> str:
+    return "a photo of " + " and ".join(tokens)
+
+
+def make_optimizer(params, lr: float, config: LearnConfig, device: Device):
+    kwargs = dict(lr=lr, betas=tuple(config.adam_betas), weight_decay=config.adam_weight_decay, eps=config.adam_eps)
+    if config.adam_8bit:
+        if device.type != "cuda":
+            raise InvalidInput("--adam-8bit needs a CUDA device")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SceneBreakError("--adam-8bit needs bitsandbytes: pipx inject scenebreak bitsandbytes (or pip install 'scenebreak[cuda]')") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    # The fused kernel is faster and needs no foreach scratch copies of every tensor.
+    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+class Trainer:
+    def __init__(self, components, inputs: TrainInputs, config: LearnConfig, device: Device, handle_tokens: list[str]):
+        self.c = components
+        self.config = config
+        self.device = device
+        self.inputs = inputs
+        self.handle_tokens = handle_tokens
+        self.num_handles = len(inputs.handle_ids)
+        self.amp_dtype = device.train_dtype(config.mixed_precision)
+        self.scheduler = components.noise_scheduler()
+        dev = device.torch
+
+        for model in (components.unet, components.vae, components.text_encoder):
+            model.to(dev)
+        self.embedding = install_handle_embedding(components.text_encoder, self.num_handles)
+        if config.gradient_checkpointing:
+            components.unet.enable_gradient_checkpointing()
+            components.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        self.rng = random.Random(config.seed)  # flips, handle subsets, class-image choice
+        self.gen = torch.Generator("cpu").manual_seed(config.seed)  # noise, timesteps, latent samples
+
+        resolution = inputs.image.size[0]
+        self.latent_size = resolution // components.vae_scale_factor
+        self.store = AttentionStore(example=0)  # the instance is always batch row 0
+        self.layers = cross_attention_layers(components.unet) if config.lambda_attn > 0 else []
+
+        # The photo never changes: encode it once per flip state and sample from the
+        # cached distribution each step instead of re-running the VAE encoder.
+        pixels = image_to_tensor(inputs.image)
+        self.instance_latents = {False: self._encode(pixels), True: self._encode(pixels.flip(-1))}
+        masks = inputs.masks.float()
+        self.latent_masks, self.attn_masks = {}, {}
+        for flip in (False, True):
+            m = masks.flip(-1) if flip else masks
+            self.latent_masks[flip] = downsample_masks(m, self.latent_size).to(dev)
+            self.attn_masks[flip] = downsample_masks(m, self.latent_size // 4).to(dev)
+        self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.class_ids = self._tokenize(config.class_prompt)
+        self._prompt_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._class_embedding = None
+
+        self.phase, self.step = 1, 0
+        self.history: dict[int, list[dict]] = {1: [], 2: []}
+        self.seconds: dict[int, float] = {1: 0.0, 2: 0.0}
+        self._pending_optimizer_state = None
+        self.optimizer = None
+        self.scaler = None
+
+    # -- helpers -----------------------------------------------------------
+    def _tokenize(self, prompt: str) -> torch.Tensor:
+        tok = self.c.tokenizer
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.device.torch)
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.c.vae
+        with self.device.autocast(self.amp_dtype):
+            dist = vae.encode(pixels.to(self.device.torch)).latent_dist
+        scale = vae.config.scaling_factor
+        return dist.mean.float() * scale, dist.std.float() * scale
+
+    def _sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
+        return mean + std * eps
+
+    def _class_latent(self, index: int):
+        if index not in self.class_latents:  # encoded on first use, then cached
+            from PIL import Image
+
+            with Image.open(self.inputs.class_images[index]) as im:
+                pixels = image_to_tensor(im.convert("RGB").resize(self.inputs.image.size))
+            self.class_latents[index] = self._encode(pixels)
+        return self.class_latents[index]
+
+    def _prompt_ids(self, chosen: tuple[int, ...]) -> torch.Tensor:
+        if chosen not in self._prompt_cache:
+            self._prompt_cache[chosen] = self._tokenize(prompt_for([self.handle_tokens[i] for i in chosen]))
+        return self._prompt_cache[chosen]
+
+    def _trainable(self, phase: int) -> list[torch.nn.Parameter]:
+        c = self.c
+        c.unet.requires_grad_(phase == 2)
+        c.text_encoder.requires_grad_(phase == 2)  # the base vocabulary is a buffer: never trained
+        self.embedding.handles.requires_grad_(True)
+        if phase == 1:
+            return [self.embedding.handles]
+        te = [p for p in c.text_encoder.parameters() if p.requires_grad and p is not self.embedding.handles]
+        return [self.embedding.handles] + te + list(c.unet.parameters())
+
+    # -- the loop ----------------------------------------------------------
+    def run(self):
+        """Yield a StepRecord after every step of both phases (resuming where it stopped)."""
+        cfg = self.config
+        for phase, steps, lr in ((1, cfg.steps1, cfg.lr1), (2, cfg.steps2, cfg.lr2)):
+            if phase < self.phase:
+                continue
+            if self.step >= steps:  # this phase was already finished
+                self.phase, self.step = phase + 1, 0
+                continue
+            self.phase = phase
+            params = self._trainable(phase)
+            self.params = params
+            self.optimizer = make_optimizer(params, lr, cfg, self.device)
+            self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+            if self._pending_optimizer_state is not None:
+                self.optimizer.load_state_dict(self._pending_optimizer_state["optimizer"])
+                if self.scaler is not None and self._pending_optimizer_state.get("scaler"):
+                    self.scaler.load_state_dict(self._pending_optimizer_state["scaler"])
+                self._pending_optimizer_state = None
+            self.c.unet.train()
+            self.c.text_encoder.train(phase == 2)
+            capture = capture_cross_attention(self.c.unet, self.store, self.layers) if self.layers else contextlib.nullcontext()
+            with capture:
+                while self.step < steps:
+                    started = time.perf_counter()
+                    record = self.train_step(phase, steps)
+                    self.seconds[phase] += time.perf_counter() - started
+                    yield record
+            self.optimizer = None  # phase 2 starts from a fresh AdamW
+            if phase == 1:
+                self.phase, self.step = 2, 0
+
+    def train_step(self, phase: int, steps: int) -> StepRecord:
+        cfg, c, dev = self.config, self.c, self.device.torch
+        flip = self.rng.random() < cfg.flip_p
+        chosen = sample_handles(self.rng, self.num_handles)
+        ids = self._prompt_ids(tuple(chosen))
+        latents = [self._sample_latents(*self.instance_latents[flip])]
+        if cfg.prior:
+            latents.append(self._sample_latents(*self._class_latent(self.rng.randrange(len(self.inputs.class_images)))))
+        latents = torch.cat(latents)
+        noise = torch.randn(latents.shape, generator=self.gen).to(dev)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.gen).to(dev)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(self.scheduler, latents, noise, timesteps)
+
+        self.store.clear()
+        with self.device.autocast(self.amp_dtype):
+            if cfg.prior and phase == 1:
+                # The text encoder is frozen in phase 1: the class prompt's encoding never changes.
+                if self._class_embedding is None:
+                    with torch.no_grad():
+                        self._class_embedding = c.text_encoder(self.class_ids)[0]
+                hidden = c.text_encoder(ids)[0]
+                hidden = torch.cat([hidden, self._class_embedding.to(hidden.dtype)])
+            else:
+                hidden = c.text_encoder(torch.cat([ids, self.class_ids]) if cfg.prior else ids)[0]
+            pred = c.unet(noisy, timesteps, hidden).sample
+
+        mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks
+        loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)
+        loss_prior = diffusion_loss(pred[1:], target[1:]) if cfg.prior else torch.zeros((), device=dev)
+        if self.layers:
+            positions = handle_positions(ids[0], [self.inputs.handle_ids[i] for i in chosen])
+            loss_attn = attention_loss(self.store.token_maps(positions), self.attn_masks[flip][chosen])
+        else:
+            loss_attn = torch.zeros((), device=dev)
+        loss = loss_rec + cfg.prior_weight * loss_prior + cfg.lambda_attn * loss_attn
+
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.store.clear()  # drop the maps (and their graph) before the next step
+
+        self.step += 1
+        values = dict(loss=loss.item(), rec=loss_rec.item(), prior=loss_prior.item(), attn=loss_attn.item())
+        self.history[phase].append(values)
+        return StepRecord(phase, self.step, steps, **values)
+
+    # -- checkpoints -------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "phase": self.phase,
+            "step": self.step,
+            "handles": self.embedding.handles.detach().cpu().clone(),
+            "rng_python": self.rng.getstate(),
+            "rng_torch": self.gen.get_state(),
+            "history": self.history,
+            "seconds": self.seconds,
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
+        if self.phase == 2 and self.step > 0:
+            state["unet"] = {k: v.detach().cpu() for k, v in self.c.unet.state_dict().items()}
+            state["text_encoder"] = {k: v.detach().cpu() for k, v in self.c.text_encoder.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.embedding.handles.copy_(state["handles"])
+        if "unet" in state:
+            self.c.unet.load_state_dict(state["unet"])
+            self.c.text_encoder.load_state_dict(state["text_encoder"])
+        self.rng.setstate(state["rng_python"])
+        self.gen.set_state(state["rng_torch"])
+        self.phase, self.step = state["phase"], state["step"]
+        self.history = {int(k): v for k, v in state["history"].items()}
+        self.seconds = {int(k): v for k, v in state["seconds"].items()}
+        if "optimizer" in state:
+            self._pending_optimizer_state = {"optimizer": state["optimizer"], "scaler": state.get("scaler")}
+
+    def loss_summary(self) -> dict:
+        summary = {}
+        for phase, rows in self.history.items():
+            if not rows:
+                continue
+            window = max(1, min(20, len(rows) // 5))
+            first, last = rows[:window], rows[-window:]
+            summary[f"phase{phase}"] = {
+                "steps": len(rows),
+                "seconds": round(self.seconds[phase], 2),
+                **{f"{k}_first": sum(r[k] for r in first) / len(first) for k in ("loss", "attn")},
+                **{f"{k}_last": sum(r[k] for r in last) / len(last) for k in ("loss", "attn")},
+            }
+        return summary
+
