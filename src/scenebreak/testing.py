@@ -31,8 +31,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def write_tiny_tokenizer(folder: Path) -> None:
-    """Write a small CLIP BPE vocabulary (vocab.json + merges.txt) to `folder`."""
+def write_tiny_tokenizer(folder: Path, vocab_size: int | None = None) -> None:
+    """Write a small CLIP BPE vocabulary (vocab.json + merges.txt) to `folder`;
+    `vocab_size` pads it with never-produced filler tokens (e.g. 49408, CLIP's size)."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
@@ -51,6 +52,8 @@ def write_tiny_tokenizer(folder: Path) -> None:
                 merges.append(merge)
             if current not in vocab_list:
                 vocab_list.append(current)
+    if vocab_size:
+        vocab_list += [f"<filler{i}>" for i in range(vocab_size - 2 - len(vocab_list))]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab))
@@ -154,13 +157,44 @@ def build_components(configs: dict, tokenizer, seed: int = 0) -> dict:
     unet = UNet2DConditionModel(**configs["unet"])
     torch.manual_seed(seed)
     vae = AutoencoderKL(**configs["vae"])
+    _calibrate_vae(vae)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     scheduler = DDIMScheduler(**configs["scheduler"])
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0) -> Path:
+def _calibrate_vae(vae) -> None:
+    """Make a random VAE behave like a trained one where training depends on it: a
+    near-deterministic posterior (tiny std) and a scaling factor that gives the
+    latents unit variance, as SD's 0.18215 does for its own VAE. Without this the
+    image signal drowns in the random posterior's noise."""
+    import torch
+
+    with torch.no_grad():
+        half = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[half:] = 0.0
+        vae.quant_conv.bias[half:] = -12.0  # log-variance: std = exp(-6)
+        g = torch.Generator().manual_seed(0)
+        probe = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+        std = vae.encode(probe).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 4))
+
+
+def sharpen_cross_attention(unet, factor: float) -> None:
+    """Scale the cross-attention query/key projections so attention logits spread
+    as widely as in a trained model; at random init every pixel attends almost
+    uniformly to every token, and no handle embedding could change where it looks."""
+    import torch
+
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(factor)
+                module.to_k.weight.mul_(factor)
+
+
+def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 8.0) -> Path:
     """Save a tiny random Stable Diffusion as a diffusers folder and return its path."""
     from transformers import CLIPTokenizer
 
@@ -168,6 +202,7 @@ def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0) -> Path:
     write_tiny_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     parts = build_components(tiny_configs(resolution), tokenizer, seed=seed)
+    sharpen_cross_attention(parts["unet"], sharpen)
     for name in ("unet", "vae", "text_encoder", "scheduler"):
         parts[name].save_pretrained(folder / name)
     model_index = {

@@ -135,6 +135,15 @@ class Trainer:
         eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
         return mean + std * eps
 
+    def _instance_latent(self, flip: bool):
+        return self.instance_latents[flip]
+
+    def _capture(self):
+        """Record the attention-loss layers for this phase (nothing when it is off)."""
+        if not self.layers:
+            return contextlib.nullcontext()
+        return capture_cross_attention(self.c.unet, self.store, self.layers)
+
     def _class_latent(self, index: int):
         if index not in self.class_latents:  # encoded on first use, then cached
             from PIL import Image
@@ -181,8 +190,7 @@ class Trainer:
                 self._pending_optimizer_state = None
             self.c.unet.train()
             self.c.text_encoder.train(phase == 2)
-            capture = capture_cross_attention(self.c.unet, self.store, self.layers) if self.layers else contextlib.nullcontext()
-            with capture:
+            with self._capture():
                 while self.step < steps:
                     started = time.perf_counter()
                     record = self.train_step(phase, steps)
@@ -197,7 +205,7 @@ class Trainer:
         flip = self.rng.random() < cfg.flip_p
         chosen = sample_handles(self.rng, self.num_handles)
         ids = self._prompt_ids(tuple(chosen))
-        latents = [self._sample_latents(*self.instance_latents[flip])]
+        latents = [self._sample_latents(*self._instance_latent(flip))]
         if cfg.prior:
             latents.append(self._sample_latents(*self._class_latent(self.rng.randrange(len(self.inputs.class_images)))))
         latents = torch.cat(latents)

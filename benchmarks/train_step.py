@@ -1,0 +1,248 @@
+"""Seconds per training step and peak memory: scenebreak vs. the original code's way.
+
+Builds the Stable Diffusion 2.1-base architecture with random weights (no download)
+and times phase-1 and phase-2 steps at 512x512 with prior preservation (a batch of
+instance + class image), side by side with a baseline that does what the original
+Break-A-Scene code does each step:
+  * every attention layer (self and cross) materialises its attention matrix
+    instead of using fused scaled-dot-product attention, and every map up to 32x32
+    is stored (with its autograd graph) for the step;
+  * the VAE encodes the instance and class images again at every step.
+Everything else (loss, optimizer, data) is the same code. Each measurement runs in
+a fresh process, one after the other (never in parallel), so peak memory is its own.
+
+    python benchmarks/train_step.py                  # CPU, 512x512
+    python benchmarks/train_step.py --device cuda    # on a GPU (bf16 autocast)
+
+Prints a table and writes it to benchmarks/results/train_step-<device>.md
+(plus .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+class OriginalStyleProcessor:
+    """The original code's P2P-style processor: materialised attention everywhere,
+    every map with <= 32*32 queries kept for the step."""
+
+    def __init__(self, store, name, loss_layers):
+        self.store, self.name, self.loss_layer = store, name, name in loss_layers
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        batch, seq, _ = hidden_states.shape
+        is_cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if is_cross else hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, None)  # baddbmm + softmax, materialised
+        if seq <= 32 ** 2:
+            per_example = probs.view(batch, attn.heads, seq, -1)
+            if self.loss_layer:
+                self.store.record(self.name, per_example)
+            else:
+                self.store.extra.append(per_example)  # kept alive like the original store
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def make_baseline_trainer(Trainer):
+    import contextlib
+
+    class BaselineTrainer(Trainer):
+        def _instance_latent(self, flip):
+            # The original re-encodes the image with the VAE at every step.
+            from scenebreak.images import image_to_tensor
+
+            pixels = image_to_tensor(self.inputs.image)
+            return self._encode(pixels.flip(-1) if flip else pixels)
+
+        def _class_latent(self, index):
+            from PIL import Image
+
+            from scenebreak.images import image_to_tensor
+
+            with Image.open(self.inputs.class_images[index]) as im:
+                return self._encode(image_to_tensor(im.convert("RGB").resize(self.inputs.image.size)))
+
+        @contextlib.contextmanager
+        def _capture(self):
+            unet = self.c.unet
+            original = dict(unet.attn_processors)
+            self.store.extra = []
+            unet.set_attn_processor({n: OriginalStyleProcessor(self.store, n, self.layers) for n in original})
+            clear = self.store.clear
+
+            def clear_all():
+                clear()
+                self.store.extra.clear()
+
+            self.store.clear = clear_all
+            try:
+                yield
+            finally:
+                unet.set_attn_processor(original)
+
+    return BaselineTrainer
+
+
+def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int) -> dict:
+    """One measurement, in this process: build, warm up one step, time `steps`."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    from scenebreak.config import LearnConfig
+    from scenebreak.device import choose_device
+    from scenebreak.models import BaseModel, Components
+    from scenebreak.testing import build_components, sd21_base_configs, write_tiny_tokenizer
+    from scenebreak.tokens import add_handles
+    from scenebreak.train import Trainer, TrainInputs
+
+    device = choose_device(device_name)
+    tmp = Path(tempfile.mkdtemp())
+    write_tiny_tokenizer(tmp / "tok", vocab_size=49408)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
+    configs = sd21_base_configs()
+    parts = build_components(configs, tokenizer)
+    components = Components(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer, configs["scheduler"],
+                            BaseModel("random-sd21-base", None, None, "random"))
+    for model in (components.unet, components.vae, components.text_encoder):
+        model.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8))
+    class_paths = []
+    for i in range(2):
+        path = tmp / f"class{i}.png"
+        Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(path)
+        class_paths.append(path)
+    masks = torch.zeros(2, resolution, resolution)
+    masks[0, : resolution // 2, : resolution // 2] = 1
+    masks[1, resolution // 2 :, resolution // 3 :] = 1
+    tokens = ["<asset1>", "<asset2>"]
+    ids, _ = add_handles(tokenizer, components.text_encoder, tokens)
+    steps1, steps2 = (steps + 1, 0) if phase == 1 else (0, steps + 1)
+    config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution)
+    cls = Trainer if kind == "scenebreak" else make_baseline_trainer(Trainer)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens)
+    times = []
+    started = time.perf_counter()
+    for record in trainer.run():
+        device.synchronize()
+        now = time.perf_counter()
+        times.append(now - started)
+        started = now
+    timed = times[1:]  # the first step warms up (allocator, kernels, lazy caches)
+    result = {"kind": kind, "phase": phase, "steps_timed": len(timed), "s_per_step": sum(timed) / len(timed),
+              "first_step_s": times[0]}
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_what"] = "torch.cuda.max_memory_allocated"
+    else:
+        result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["peak_what"] = "peak RSS of the process"
+    return result
+
+
+def machine(device_name: str) -> str:
+    if device_name.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="address-space cap per measurement on CPU, so an out-of-memory baseline fails fast")
+    parser.add_argument("--one", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one:
+        if args.memory_limit_gib:
+            limit = int(args.memory_limit_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.steps, args.device, args.resolution)))
+        return
+
+    rows = []
+    for phase in (1, 2):
+        for kind in ("scenebreak", "original-style"):
+            cmd = [sys.executable, __file__, "--one", kind, str(phase), "--device", args.device,
+                   "--resolution", str(args.resolution), "--steps", str(args.steps)]
+            if args.memory_limit_gib:
+                cmd += ["--memory-limit-gib", str(args.memory_limit_gib)]
+            print(f"measuring {kind}, phase {phase} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            else:
+                tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+                oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
+                rows.append({"kind": kind, "phase": phase, "error": "out of memory" if oom else tail[:200]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    lines = [
+        f"# Training step: scenebreak vs. original-style attention capture",
+        "",
+        f"- machine: {machine(args.device)}; device: {args.device}; torch {torch.__version__}",
+        f"- model: SD2.1-base architecture, random weights; {args.resolution}x{args.resolution}; batch 2 (instance + class image); AdamW",
+        f"- {args.steps} timed steps after 1 warm-up step; each row is a fresh process",
+        f"- date: {time.strftime('%Y-%m-%d')}; command: `python benchmarks/train_step.py --device {args.device}"
+        + (f" --memory-limit-gib {args.memory_limit_gib}" if args.memory_limit_gib else "") + "`",
+        "",
+        "| phase | code | s/step | peak GiB | time vs baseline | memory vs baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for phase in (1, 2):
+        ours = next(r for r in rows if r["phase"] == phase and r["kind"] == "scenebreak")
+        base = next(r for r in rows if r["phase"] == phase and r["kind"] == "original-style")
+        for row in (ours, base):
+            if "error" in row:
+                lines.append(f"| {phase} | {row['kind']} | {row['error']} | | | |")
+                continue
+            ratio_t = ratio_m = ""
+            if row is ours and "error" not in base:
+                ratio_t = f"{ours['s_per_step'] / base['s_per_step']:.2f}x"
+                ratio_m = f"{ours['peak_gib'] / base['peak_gib']:.2f}x"
+            lines.append(f"| {phase} | {row['kind']} | {row['s_per_step']:.2f} | {row['peak_gib']:.1f} | {ratio_t} | {ratio_m} |")
+    lines.append("")
+    lines.append(f"Peak memory is the {rows[0].get('peak_what', 'peak')}, which includes the model weights and optimizer state.")
+    table = "\n".join(lines)
+    print(table)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    stem = f"train_step-{args.device.split(':')[0]}"
+    (out / f"{stem}.md").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine(args.device), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny random Stable Diffusion saved as a diffusers folder, a
+synthetic photo with two exact masks, and one small learned scene. Everything runs
+offline on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """Each test gets its own scenebreak home; nothing may touch the network."""
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SCENEBREAK_DEVICE", "cpu")
+    monkeypatch.delenv("SCENEBREAK_BASE_MODEL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from scenebreak.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+def write_synthetic_scene(folder, size=(96, 80)):
+    """A light photo with a red and a blue square of equal size, and their exact masks."""
+    width, height = size
+    image = np.full((height, width, 3), 230, np.uint8)
+    m1 = np.zeros((height, width), np.uint8)
+    m2 = np.zeros((height, width), np.uint8)
+    image[8:40, 12:44] = (220, 30, 30)
+    m1[8:40, 12:44] = 255
+    image[42:74, 52:84] = (30, 30, 220)
+    m2[42:74, 52:84] = 255
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "photo.png", folder / "red.png", folder / "blue.png"
+    Image.fromarray(image).save(paths[0])
+    Image.fromarray(m1).save(paths[1])
+    Image.fromarray(m2).save(paths[2])
+    return paths
+
+
+@pytest.fixture
+def scene_files(tmp_path):
+    image, red, blue = write_synthetic_scene(tmp_path / "inputs")
+    return {"image": image, "masks": [red, blue]}
+
+
+# Few steps, few class images: enough to exercise every part of the method.
+SMALL = dict(steps1=3, steps2=3, num_class_images=2)
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory, tiny_model):
+    """One scene learned with the real pipeline, shared by read-only tests."""
+    import os
+
+    from scenebreak import LearnConfig, learn
+
+    root = tmp_path_factory.mktemp("learned")
+    image, red, blue = write_synthetic_scene(root / "inputs")
+    old = os.environ.get("SCENEBREAK_HOME")
+    os.environ["SCENEBREAK_HOME"] = str(root / "home")
+    try:
+        result = learn(image, [red, blue], LearnConfig(**SMALL), base_model=str(tiny_model), device="cpu",
+                       output=root / "photo.scene")
+    finally:
+        if old is None:
+            os.environ.pop("SCENEBREAK_HOME", None)
+        else:
+            os.environ["SCENEBREAK_HOME"] = old
+    return result

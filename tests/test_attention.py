@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from scenebreak.attention import AttentionStore, RecordingAttnProcessor, capture_cross_attention, cross_attention_layers
+from scenebreak.errors import InvalidInput
+from scenebreak.testing import sd21_base_configs
+
+
+def _unet(config):
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        return UNet2DConditionModel(**config)
+
+
+def test_sd21_base_captures_exactly_the_five_16x16_cross_attention_layers():
+    names = cross_attention_layers(_unet(sd21_base_configs()["unet"]))
+    assert sorted(names) == sorted(
+        [f"down_blocks.2.attentions.{i}.transformer_blocks.0.attn2.processor" for i in range(2)]
+        + [f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.processor" for i in range(3)]
+    )
+
+
+def test_a_unet_without_layers_at_latent_over_4_is_a_clear_error():
+    config = dict(sd21_base_configs()["unet"], block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), layers_per_block=1)
+    with pytest.raises(InvalidInput, match="latent size / 4"):
+        cross_attention_layers(_unet(config))
+
+
+def _tiny_unet(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+
+
+def test_capture_records_only_chosen_layers_and_restores_processors(tiny_model):
+    unet = _tiny_unet(tiny_model)
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    store = AttentionStore()
+    layers = cross_attention_layers(unet)
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_cross_attention(unet, store, layers):
+            recording = [k for k, v in unet.attn_processors.items() if isinstance(v, RecordingAttnProcessor)]
+            assert sorted(recording) == sorted(layers)
+            raise RuntimeError("boom")
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+def test_recording_matches_fused_attention_and_keeps_the_instance_only(tiny_model):
+    unet = _tiny_unet(tiny_model)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 32, 32, generator=g)
+    text = torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        fused = unet(latents, t, text).sample
+        store = AttentionStore(example=0)
+        with capture_cross_attention(unet, store):
+            recorded = unet(latents, t, text).sample
+            both = dict(store.maps)
+            store.clear()
+            # the class image (row 1) changes: the instance's maps must not
+            other = latents.clone()
+            other[1] = torch.randn(4, 32, 32, generator=g)
+            unet(other, t, text)
+            assert all(torch.allclose(both[k], store.maps[k]) for k in both)
+            store.clear()
+            # a second forward (as in a checkpointing recompute) replaces, never appends
+            unet(latents, t, text)
+            unet(latents, t, text)
+            assert len(store.maps) == len(both)
+    assert torch.allclose(fused, recorded, atol=1e-5)
+    for probs in both.values():
+        assert probs.shape[0] == unet.config.attention_head_dim[-1] or probs.ndim == 3
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from scenebreak import GenerateConfig, generate
+from scenebreak.errors import UnknownHandle
+
+FAST = dict(steps=3)
+
+
+def test_same_seed_same_image_and_paths(learned, tmp_path):
+    first = generate(learned.path, ["<asset1> on the moon"], GenerateConfig(num_images=2, seed=11, **FAST), out_dir=tmp_path / "a")
+    again = generate(learned.path, "<asset1> on the moon", GenerateConfig(num_images=1, seed=12, **FAST), out_dir=tmp_path / "b")
+    assert [i.seed for i in first.images] == [11, 12]
+    for image in first.images:
+        assert image.path.exists() and Image.open(image.path).size == (64, 64)
+    second_of_first = np.asarray(Image.open(first.images[1].path))
+    assert np.array_equal(second_of_first, np.asarray(Image.open(again.images[0].path)))  # image i = seed + i
+    assert not np.array_equal(np.asarray(Image.open(first.images[0].path)), second_of_first)
+
+
+def test_files_are_never_overwritten(learned, tmp_path):
+    config = GenerateConfig(seed=1, **FAST)
+    a = generate(learned.path, "<asset2>", config, out_dir=tmp_path)
+    b = generate(learned.path, "<asset2>", config, out_dir=tmp_path)
+    assert a.images[0].path != b.images[0].path and a.images[0].path.exists()
+
+
+def test_unknown_handle_lists_the_scene_handles(learned, tmp_path):
+    with pytest.raises(UnknownHandle, match=r"<asset3>.*<asset1>, <asset2>"):
+        generate(learned.path, ["<asset1> fine", "<asset3> on the moon"], GenerateConfig(**FAST), out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # checked before any image is made
+
+
+def test_guidance_and_negative_prompt_change_the_image(learned, tmp_path):
+    base = generate(learned.path, "<asset1>", GenerateConfig(seed=3, **FAST), out_dir=tmp_path)
+    neg = generate(learned.path, "<asset1>", GenerateConfig(seed=3, negative="blue", **FAST), out_dir=tmp_path)
+    a, b = (np.asarray(Image.open(r.images[0].path)) for r in (base, neg))
+    assert not np.array_equal(a, b)
