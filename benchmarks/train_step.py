@@ -180,14 +180,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-    parser.add_argument("--memory-limit-gib", type=float, default=None,
-                        help="address-space cap per measurement on CPU, so an out-of-memory baseline fails fast")
+    parser.add_argument("--baseline-memory-limit-gib", type=float, default=None,
+                        help="address-space cap for the baseline's processes (CPU), so an out-of-memory baseline fails fast instead of swapping")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one:
-        if args.memory_limit_gib:
-            limit = int(args.memory_limit_gib * 2**30)
+        if args.baseline_memory_limit_gib:
+            limit = int(args.baseline_memory_limit_gib * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.steps, args.device, args.resolution)))
         return
@@ -197,8 +197,8 @@ def main() -> None:
         for kind in ("scenebreak", "original-style"):
             cmd = [sys.executable, __file__, "--one", kind, str(phase), "--device", args.device,
                    "--resolution", str(args.resolution), "--steps", str(args.steps)]
-            if args.memory_limit_gib:
-                cmd += ["--memory-limit-gib", str(args.memory_limit_gib)]
+            if args.baseline_memory_limit_gib and kind != "scenebreak":
+                cmd += ["--baseline-memory-limit-gib", str(args.baseline_memory_limit_gib)]
             print(f"measuring {kind}, phase {phase} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
@@ -206,7 +206,8 @@ def main() -> None:
             else:
                 tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
                 oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-                rows.append({"kind": kind, "phase": phase, "error": "out of memory" if oom else tail[:200]})
+                limit = f" (> {args.baseline_memory_limit_gib} GiB cap)" if args.baseline_memory_limit_gib and kind != "scenebreak" else ""
+                rows.append({"kind": kind, "phase": phase, "error": f"out of memory{limit}" if oom else tail[:200]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     lines = [
@@ -216,7 +217,7 @@ def main() -> None:
         f"- model: SD2.1-base architecture, random weights; {args.resolution}x{args.resolution}; batch 2 (instance + class image); AdamW",
         f"- {args.steps} timed steps after 1 warm-up step; each row is a fresh process",
         f"- date: {time.strftime('%Y-%m-%d')}; command: `python benchmarks/train_step.py --device {args.device}"
-        + (f" --memory-limit-gib {args.memory_limit_gib}" if args.memory_limit_gib else "") + "`",
+        + (f" --baseline-memory-limit-gib {args.baseline_memory_limit_gib}" if args.baseline_memory_limit_gib else "") + "`",
         "",
         "| phase | code | s/step | peak GiB | time vs baseline | memory vs baseline |",
         "|---|---|---|---|---|---|",

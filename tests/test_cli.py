@@ -128,3 +128,32 @@ def test_console_script_round_trip_without_the_base_model(scene_files, tiny_mode
                            "--out-dir", str(tmp_path / "imgs")], capture_output=True, text=True, env=env, timeout=600)
     assert made.returncode == 0, made.stderr
     assert os.path.exists(made.stdout.strip())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(scene_files, tiny_model, tmp_path):
+    """A real SIGINT to the console script: exit 130, no .scene, then --resume."""
+    import signal
+    import time
+
+    exe = shutil.which("scenebreak") or pytest.skip("console script not installed")
+    common = [exe, "learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]), "--base-model", str(tiny_model), "--no-prior"]
+    args = common + ["--steps1", "150", "--steps2", "20"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+        deadline = time.time() + 120
+        while "phase 1: 1/150" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, log.read_text()
+    assert out == "" and "--resume" in log.read_text()
+    home = tmp_path / "home"
+    assert not (home / "scenes" / "photo.scene").exists()
+    assert (home / "checkpoints" / "photo.ckpt").exists()
+    resumed = subprocess.run(common + ["--steps1", "150", "--steps2", "2", "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 2 and "other inputs or settings" in resumed.stderr  # settings must match
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming 'photo' at phase 1" in resumed.stderr
+    assert resumed.stdout.strip().endswith("photo.scene") and not (home / "checkpoints" / "photo.ckpt").exists()

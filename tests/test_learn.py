@@ -145,3 +145,35 @@ def test_bad_settings_are_refused_before_anything_is_written(scene_files, tiny_m
 def test_a_missing_hub_model_names_the_fix(scene_files):
     with pytest.raises(ModelNotAvailable, match="hf download .*--base-model"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(**SMALL), base_model="nobody/no-such-model")
+
+
+def test_phase1_skipping_the_class_example_changes_nothing(scene_files, tiny_model, tmp_path):
+    """In phase 1 the class image's loss has no gradient w.r.t. the handles, so the
+    trainer skips it; the handles must come out as if it had been computed."""
+    from PIL import Image
+
+    from scenebreak.device import choose_device
+    from scenebreak.images import prepare
+    from scenebreak.models import load_components
+    from scenebreak.tokens import add_handles
+    from scenebreak.train import Trainer, TrainInputs
+
+    class_images = []
+    for i in range(2):
+        path = tmp_path / f"class{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        class_images.append(path)
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    results = []
+    for skip in (True, False):
+        c = load_components(str(tiny_model))
+        ids, _ = add_handles(c.tokenizer, c.text_encoder, ["<asset1>", "<asset2>"])
+        trainer = Trainer(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids, class_images),
+                          LearnConfig(steps1=4, steps2=0, num_class_images=2), choose_device("cpu"), ["<asset1>", "<asset2>"])
+        trainer.skip_frozen_prior = skip
+        records = list(trainer.run())
+        results.append((trainer.embedding.handles.detach().clone(), [r.rec for r in records], [r.prior for r in records]))
+    (fast, fast_rec, fast_prior), (full, full_rec, full_prior) = results
+    assert torch.allclose(fast, full, atol=1e-6)
+    assert np.allclose(fast_rec, full_rec, rtol=1e-4)
+    assert all(p == 0.0 for p in fast_prior) and all(p > 0 for p in full_prior)

@@ -111,7 +111,7 @@ def cli(debug):
 @cli.command(cls=MultiValueCommand)
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--masks", "masks", multiple=True, required=True, metavar="M1 [M2 ...]",
-              help="One mask per object, same size as IMAGE; non-zero pixels are the object. Handle i is <asset{i}>.")
+              help="One mask per object, same size as IMAGE; non-zero pixels are the object. The first mask gives <asset1>.")
 @click.option("--names", multiple=True, metavar="N1 [N2 ...]", help="Handle names instead of asset1..assetN: --names cat bowl gives <cat> <bowl>.")
 @click.option("--init-words", multiple=True, metavar="W1 [W2 ...]", help="A word per handle to start its embedding from (e.g. cat bowl).")
 @click.option("--name", help="Scene name in the cache (default: the image's file name without extension).")

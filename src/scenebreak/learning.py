@@ -107,9 +107,15 @@ def catch_interrupts(flag: StopFlag, report: Reporter):
             signal.signal(sig, old)
 
 
-def _identity(prepared, masks_paths, config: LearnConfig, fingerprint: str) -> dict:
+# Settings that do not change the result: a resumed run may change them (e.g. add
+# --gradient-checkpointing after running out of memory).
+_RESUMABLE_CHANGES = ("checkpoint_every", "gradient_checkpointing", "save_dtype")
+
+
+def _identity(prepared, config: LearnConfig, fingerprint: str) -> dict:
+    """What a checkpoint must match to be resumed: same photo, masks, settings, model."""
     masks_digest = hashlib.sha256(prepared.masks.tobytes()).hexdigest()
-    settings = {k: v for k, v in config.to_dict().items() if k != "checkpoint_every"}
+    settings = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES}
     return {"source": prepared.source_sha256, "masks": masks_digest, "config": repr(sorted(settings.items())), "base": fingerprint}
 
 
@@ -158,6 +164,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     load_masks(masks, load_image(Path(image)).size)  # bad inputs fail before any model loads
     device = device if isinstance(device, Device) else choose_device(device)
     device.train_dtype(config.mixed_precision)
+    if config.adam_8bit and device.type != "cuda":
+        raise InvalidInput("--adam-8bit needs a CUDA device")
 
     from .models import load_components
 
@@ -169,7 +177,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
 
         cross_attention_layers(components.unet)
     prepared = prepare(Path(image), masks, resolution)
-    identity = _identity(prepared, masks, config, components.base.fingerprint)
+    identity = _identity(prepared, config, components.base.fingerprint)
 
     import torch
 

@@ -108,7 +108,7 @@ class Trainer:
         self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_ids = self._tokenize(config.class_prompt)
         self._prompt_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        self._class_embedding = None
+        self.skip_frozen_prior = True  # see train_step; False only to test the equivalence
 
         self.phase, self.step = 1, 0
         self.history: dict[int, list[dict]] = {1: [], 2: []}
@@ -205,31 +205,33 @@ class Trainer:
         flip = self.rng.random() < cfg.flip_p
         chosen = sample_handles(self.rng, self.num_handles)
         ids = self._prompt_ids(tuple(chosen))
+        # In phase 1 only the handles learn, and the class example cannot reach them: its
+        # prompt has no handle and the UNet and text encoder are frozen, so its loss has
+        # zero gradient. Skip its forward and backward (same updates, half the work) but
+        # draw the same random numbers, so the run matches one that computes it.
+        with_class = cfg.prior and (phase == 2 or not self.skip_frozen_prior)
         latents = [self._sample_latents(*self._instance_latent(flip))]
         if cfg.prior:
-            latents.append(self._sample_latents(*self._class_latent(self.rng.randrange(len(self.inputs.class_images)))))
+            index = self.rng.randrange(len(self.inputs.class_images))
+            if with_class:
+                latents.append(self._sample_latents(*self._class_latent(index)))
+            else:
+                torch.randn(latents[0].shape, generator=self.gen)  # the class sample's draw
         latents = torch.cat(latents)
-        noise = torch.randn(latents.shape, generator=self.gen).to(dev)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.gen).to(dev)
+        batch = 2 if cfg.prior else 1
+        noise = torch.randn((batch, *latents.shape[1:]), generator=self.gen)[: len(latents)].to(dev)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=self.gen)[: len(latents)].to(dev)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(self.scheduler, latents, noise, timesteps)
 
         self.store.clear()
         with self.device.autocast(self.amp_dtype):
-            if cfg.prior and phase == 1:
-                # The text encoder is frozen in phase 1: the class prompt's encoding never changes.
-                if self._class_embedding is None:
-                    with torch.no_grad():
-                        self._class_embedding = c.text_encoder(self.class_ids)[0]
-                hidden = c.text_encoder(ids)[0]
-                hidden = torch.cat([hidden, self._class_embedding.to(hidden.dtype)])
-            else:
-                hidden = c.text_encoder(torch.cat([ids, self.class_ids]) if cfg.prior else ids)[0]
+            hidden = c.text_encoder(torch.cat([ids, self.class_ids]) if with_class else ids)[0]
             pred = c.unet(noisy, timesteps, hidden).sample
 
         mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks
         loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)
-        loss_prior = diffusion_loss(pred[1:], target[1:]) if cfg.prior else torch.zeros((), device=dev)
+        loss_prior = diffusion_loss(pred[1:], target[1:]) if with_class else torch.zeros((), device=dev)
         if self.layers:
             positions = handle_positions(ids[0], [self.inputs.handle_ids[i] for i in chosen])
             loss_attn = attention_loss(self.store.token_maps(positions), self.attn_masks[flip][chosen])
