@@ -7,7 +7,9 @@ Break-A-Scene code does each step:
   * every attention layer (self and cross) materialises its attention matrix
     instead of using fused scaled-dot-product attention, and every map up to 32x32
     is stored (with its autograd graph) for the step;
-  * the VAE encodes the instance and class images again at every step.
+  * the VAE encodes the instance and class images again at every step;
+  * phase 1 runs the class image through the UNet too, although its loss has no
+    gradient with respect to the handles (scenebreak skips it; same updates).
 Everything else (loss, optimizer, data) is the same code. Each measurement runs in
 a fresh process, one after the other (never in parallel), so peak memory is its own.
 
@@ -65,6 +67,10 @@ def make_baseline_trainer(Trainer):
     import contextlib
 
     class BaselineTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.skip_frozen_prior = False  # the original runs the class image in phase 1 too
+
         def _instance_latent(self, flip):
             # The original re-encodes the image with the VAE at every step.
             from scenebreak.images import image_to_tensor
@@ -216,6 +222,8 @@ def main() -> None:
         f"- machine: {machine(args.device)}; device: {args.device}; torch {torch.__version__}",
         f"- model: SD2.1-base architecture, random weights; {args.resolution}x{args.resolution}; batch 2 (instance + class image); AdamW",
         f"- {args.steps} timed steps after 1 warm-up step; each row is a fresh process",
+        "- scenebreak's phase 1 runs the instance example only: there the class image's loss has no gradient with "
+        "respect to the handles, so skipping it gives the same updates (docs/method.md); the baseline runs both",
         f"- date: {time.strftime('%Y-%m-%d')}; command: `python benchmarks/train_step.py --device {args.device}"
         + (f" --baseline-memory-limit-gib {args.baseline_memory_limit_gib}" if args.baseline_memory_limit_gib else "") + "`",
         "",

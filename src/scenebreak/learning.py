@@ -23,10 +23,13 @@ from .images import load_image, load_masks, prepare
 from .paths import atomic_write_target, check_name, checkpoint_path, scene_path
 from .tokens import check_handle_tokens
 
-# Measured on a 2-core CPU with SD2.1-base at 512x512 (see benchmarks/): seconds per
-# step with prior preservation; used to warn CPU users before hours of work.
-CPU_SECONDS_PHASE1 = 24.0
-CPU_SECONDS_PHASE2 = 42.0
+# Measured on a 2-core CPU with SD2.1-base at 512x512 with prior preservation
+# (benchmarks/results/train_step-cpu.md); used to warn CPU users before hours of work.
+CPU_SECONDS_PHASE1 = 11.5
+CPU_SECONDS_PHASE2 = 45.0
+# One guided sampling step runs the UNet forward on a batch of 2: about a third of a
+# phase-2 training step's work (forward + backward of a batch of 2).
+CPU_SECONDS_SAMPLING_STEP = CPU_SECONDS_PHASE2 / 3
 SD21_UNET_PARAMS = 865.9e6
 
 
@@ -61,8 +64,9 @@ def cpu_estimate(components, resolution: int, config: LearnConfig, class_images_
     params = sum(p.numel() for p in components.unet.parameters())
     scale = params / SD21_UNET_PARAMS * (resolution / 512) ** 2 * (1.0 if config.prior else 0.6)
     seconds = config.steps1 * CPU_SECONDS_PHASE1 * scale + config.steps2 * CPU_SECONDS_PHASE2 * scale
-    # A 50-step sample costs about 50 forward passes of a batch of 2 (guidance), ~1/3 of a step each.
-    class_seconds = class_images_missing * 50 * CPU_SECONDS_PHASE1 / 3 * params / SD21_UNET_PARAMS * (resolution / 512) ** 2
+    from .classimages import STEPS
+
+    class_seconds = class_images_missing * STEPS * CPU_SECONDS_SAMPLING_STEP * params / SD21_UNET_PARAMS * (resolution / 512) ** 2
     text = f"training on the CPU: expect roughly {_duration(seconds)} for {config.steps1}+{config.steps2} steps"
     if class_seconds:
         text += f", plus {_duration(class_seconds)} once for {class_images_missing} class images (--num-class-images or --no-prior make it shorter)"
@@ -157,7 +161,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     config = config.validate(len(masks))
     tokens = config.handle_tokens(len(masks))
     check_handle_tokens(tokens)
-    name = check_name(name or (Path(output).stem if output else default_name(Path(image))))
+    name = check_name(name or default_name(Path(output) if output else Path(image)))
     out = Path(output) if output else scene_path(name)
     if out.exists() and not force and not resume:
         raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
