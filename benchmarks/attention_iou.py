@@ -86,7 +86,7 @@ def main() -> None:
         f"- torch {torch.__version__}, CPU; date {time.strftime('%Y-%m-%d')}; command: `python benchmarks/attention_iou.py --seeds {' '.join(map(str, args.seeds))}`",
         "",
     ]
-    text = "\n".join(header) + table(rows) + "\n"
+    text = "\n".join(header) + "\n" + table(rows) + "\n"
     print(text)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
