@@ -37,3 +37,11 @@ def test_guidance_and_negative_prompt_change_the_image(learned, tmp_path):
     neg = generate(learned.path, "<asset1>", GenerateConfig(seed=3, negative="blue", **FAST), out_dir=tmp_path)
     a, b = (np.asarray(Image.open(r.images[0].path)) for r in (base, neg))
     assert not np.array_equal(a, b)
+
+
+def test_batch_size_does_not_change_the_images(learned, tmp_path):
+    one = generate(learned.path, "<asset1>", GenerateConfig(num_images=2, seed=4, batch_size=1, **FAST), out_dir=tmp_path / "one")
+    two = generate(learned.path, "<asset1>", GenerateConfig(num_images=2, seed=4, batch_size=2, **FAST), out_dir=tmp_path / "two")
+    for a, b in zip(one.images, two.images):
+        diff = np.abs(np.asarray(Image.open(a.path), dtype=int) - np.asarray(Image.open(b.path), dtype=int))
+        assert diff.max() <= 1  # the same image, up to rounding

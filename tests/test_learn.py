@@ -177,3 +177,16 @@ def test_phase1_skipping_the_class_example_changes_nothing(scene_files, tiny_mod
     assert torch.allclose(fast, full, atol=1e-6)
     assert np.allclose(fast_rec, full_rec, rtol=1e-4)
     assert all(p == 0.0 for p in fast_prior) and all(p > 0 for p in full_prior)
+
+
+def test_gradient_checkpointing_gives_the_same_training(scene_files, tiny_model):
+    """The recompute runs the recording processors again: maps must not count twice."""
+    runs = []
+    for checkpointing in (False, True):
+        result = learn(scene_files["image"], scene_files["masks"],
+                       LearnConfig(steps1=2, steps2=2, prior=False, lr2=1e-4, gradient_checkpointing=checkpointing),
+                       base_model=str(tiny_model), name=f"gc{checkpointing}")
+        runs.append((load_scene(result.path).embeddings, result.losses))
+    (plain, plain_losses), (ckpt, ckpt_losses) = runs
+    assert torch.allclose(plain, ckpt, atol=1e-5)
+    assert abs(plain_losses["phase2"]["attn_last"] - ckpt_losses["phase2"]["attn_last"]) < 1e-4

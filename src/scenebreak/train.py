@@ -85,7 +85,11 @@ class Trainer:
         self.embedding = install_handle_embedding(components.text_encoder, self.num_handles)
         if config.gradient_checkpointing:
             components.unet.enable_gradient_checkpointing()
-            components.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            te = components.text_encoder
+            if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5
+                te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         self.rng = random.Random(config.seed)  # flips, handle subsets, class-image choice
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # noise, timesteps, latent samples
