@@ -169,8 +169,14 @@ def learn(image, masks, names, init_words, name, output, force, resume, steps1, 
         report.close()
     if json_:
         emit_json(result.to_dict())
-    else:
-        click.echo(str(result.path))
+        return
+    click.echo(str(result.path))
+    if not quiet:
+        from .paths import scene_path
+
+        ref = result.name if result.path == scene_path(result.name) else str(result.path)
+        click.echo(f"learned {' '.join(result.handles)} in {result.seconds / 60:.1f} min; try:\n"
+                   f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"", err=True)
 
 
 def _read_prompts(prompts, prompts_file) -> list[str]:

@@ -156,8 +156,11 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
 
     `should_stop()` (optional) is polled after every step, like Ctrl-C: when it turns
     true a checkpoint is saved and `Interrupted` is raised; `resume=True` continues it."""
+    import torch
+
     started = time.perf_counter()
     masks = [Path(m) for m in masks]
+    # Everything that can be wrong with the input is checked before any model loads.
     config = config.validate(len(masks))
     tokens = config.handle_tokens(len(masks))
     check_handle_tokens(tokens)
@@ -165,7 +168,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     out = Path(output) if output else scene_path(name)
     if out.exists() and not force and not resume:
         raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
-    load_masks(masks, load_image(Path(image)).size)  # bad inputs fail before any model loads
+    load_masks(masks, load_image(Path(image)).size)
     device = device if isinstance(device, Device) else choose_device(device)
     device.train_dtype(config.mixed_precision)
     if config.adam_8bit and device.type != "cuda":
@@ -182,36 +185,19 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         cross_attention_layers(components.unet)
     prepared = prepare(Path(image), masks, resolution)
     identity = _identity(prepared, config, components.base.fingerprint)
-
-    import torch
-
     ckpt = checkpoint_path(name)
-    state = None
-    if resume:
-        if not ckpt.exists():
-            raise InvalidInput(f"nothing to resume: no checkpoint for scene {name!r} (run without --resume)")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("identity") != identity:
-            raise InvalidInput(f"the checkpoint of {name!r} was made from other inputs or settings: run the same command, or drop --resume to start over")
-        report(Message(f"resuming {name!r} at phase {state['phase']}, step {state['step']}"))
-    elif ckpt.exists():
+    state = _load_checkpoint(ckpt, identity, name, report) if resume else None
+    if state is None and ckpt.exists():
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
-
-    from .classimages import cache_folder, ensure_class_images
-
-    stop = StopFlag()
-    should_stop = should_stop or (lambda: False)
-    stopping = lambda: stop() or should_stop()  # noqa: E731
     if device.type == "cpu":
-        missing = 0
-        if config.prior:
-            folder = cache_folder(components.base.fingerprint, config.class_prompt, resolution)
-            missing = sum(not (folder / f"{i:04d}.png").exists() for i in range(config.num_class_images))
-        report(Message(cpu_estimate(components, resolution, config, missing), "warning"))
+        report(Message(cpu_estimate(components, resolution, config, _missing_class_images(components, config, resolution)), "warning"))
 
-    from .tokens import add_handles, remove_handle_embedding
+    from .classimages import ensure_class_images
+    from .tokens import add_handles
     from .train import Trainer, TrainInputs
 
+    stop = StopFlag()
+    stopping = lambda: stop() or bool(should_stop and should_stop())  # noqa: E731
     try:
         with catch_interrupts(stop, report):
             class_images = []
@@ -226,20 +212,50 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
                 del state
             for record in trainer.run():
                 report(Progress(f"phase {record.phase}", record.step, record.total, {"loss": record.loss}))
+                last_step = record.step == record.total and (record.phase == 2 or config.steps2 == 0)
                 periodic = config.checkpoint_every and record.step % config.checkpoint_every == 0 and record.step < record.total
                 phase1_done = record.phase == 1 and record.step == record.total and config.steps2 > 0
-                if stopping() or periodic or phase1_done:
+                if (stopping() and not last_step) or periodic or phase1_done:
                     _save_checkpoint(trainer, ckpt, identity)
-                if stopping():
-                    raise Interrupted(f"interrupted: checkpoint saved; run the same command with --resume to continue")
+                if stopping() and not last_step:
+                    raise Interrupted("interrupted: checkpoint saved; run the same command with --resume to continue")
+            # Still inside the handler: a Ctrl-C now lets the save finish (a second one
+            # aborts it, and the atomic write leaves no partial file).
+            meta = _scene_metadata(name, tokens, components, prepared, config, trainer, device, Path(image), masks, resolution)
+            meta["seconds"] = round(time.perf_counter() - started, 2)
+            save_scene(_scene(components, meta, prepared), out, config.save_dtype)
     except torch.OutOfMemoryError:
         raise OutOfMemory(
             f"out of memory on {device.name}: try --gradient-checkpointing, --adam-8bit, a smaller --resolution or --device cpu"
         ) from None
+    if ckpt.exists():
+        ckpt.unlink()
+    return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
 
-    handles = remove_handle_embedding(components.text_encoder)
-    c = components
-    meta = {
+
+def _load_checkpoint(ckpt: Path, identity: dict, name: str, report: Reporter) -> dict:
+    import torch
+
+    if not ckpt.exists():
+        raise InvalidInput(f"nothing to resume: no checkpoint for scene {name!r} (run without --resume)")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state.get("identity") != identity:
+        raise InvalidInput(f"the checkpoint of {name!r} was made from other inputs or settings: run the same command, or drop --resume to start over")
+    report(Message(f"resuming {name!r} at phase {state['phase']}, step {state['step']}"))
+    return state
+
+
+def _missing_class_images(components, config: LearnConfig, resolution: int) -> int:
+    if not config.prior:
+        return 0
+    from .classimages import cache_folder
+
+    folder = cache_folder(components.base.fingerprint, config.class_prompt, resolution)
+    return sum(not (folder / f"{i:04d}.png").exists() for i in range(config.num_class_images))
+
+
+def _scene_metadata(name, tokens, c, prepared, config, trainer, device, image: Path, masks: list[Path], resolution: int) -> dict:
+    return {
         "name": name,
         "scenebreak_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -249,24 +265,29 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         "resolution": resolution,
         "prediction_type": c.prediction_type,
         "crop_box": list(prepared.crop_box),
-        "source": {"file": Path(image).name, "size": list(prepared.source_size), "sha256": prepared.source_sha256,
+        "source": {"file": image.name, "size": list(prepared.source_size), "sha256": prepared.source_sha256,
                    "masks": [m.name for m in masks]},
         "config": config.to_dict(),
         "losses": trainer.loss_summary(),
-        "seconds": round(time.perf_counter() - started, 2),
         "device": device.name,
         "configs": {"unet": _config_dict(c.unet), "vae": _config_dict(c.vae), "text_encoder": _config_dict(c.text_encoder),
                     "scheduler": dict(c.scheduler_config)},
     }
-    scene = Scene(
+
+
+def _scene(c, meta: dict, prepared) -> Scene:
+    """The trained models as a self-contained scene (the handles put back into an
+    ordinary embedding matrix, so other tools can load the text encoder)."""
+    import numpy as np
+
+    from .tokens import remove_handle_embedding
+
+    handles = remove_handle_embedding(c.text_encoder)
+    return Scene(
         meta=meta,
         embeddings=handles,
-        image=__import__("numpy").asarray(prepared.image),
+        image=np.asarray(prepared.image),
         masks=prepared.masks,
         weights={"unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict(), "vae": c.vae.state_dict()},
         files=_tokenizer_files(c.tokenizer),
     )
-    save_scene(scene, out, config.save_dtype)
-    if ckpt.exists():
-        ckpt.unlink()
-    return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
