@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -150,7 +149,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens)
     times = []
     started = time.perf_counter()
-    for record in trainer.run():
+    for _record in trainer.run():
         device.synchronize()
         now = time.perf_counter()
         times.append(now - started)
@@ -217,7 +216,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     lines = [
-        f"# Training step: scenebreak vs. original-style attention capture",
+        "# Training step: scenebreak vs. original-style attention capture",
         "",
         f"- machine: {machine(args.device)}; device: {args.device}; torch {torch.__version__}",
         f"- model: SD2.1-base architecture, random weights; {args.resolution}x{args.resolution}; batch 2 (instance + class image); AdamW",

@@ -157,3 +157,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(scene_files, tiny_model, 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming 'photo' at phase 1" in resumed.stderr
     assert resumed.stdout.strip().endswith("photo.scene") and not (home / "checkpoints" / "photo.ckpt").exists()
+
+
+def test_full_disk_is_exit_1_naming_the_fix_and_leaves_nothing(scene_files, tiny_model, monkeypatch):
+    import safetensors.torch
+
+    import scenebreak.paths
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("Error while serializing: I/O error")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(scenebreak.paths.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model,
+                 "--steps1", "1", "--steps2", "0", "--no-prior")
+    assert result.exit_code == 1, result.output
+    assert "no space left on device" in result.stderr and "SCENEBREAK_HOME" in result.stderr
+    scenes = scenebreak.paths.scenes_dir()
+    assert not list(scenes.iterdir())  # neither the scene nor its temp file

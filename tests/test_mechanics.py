@@ -3,7 +3,6 @@
 Same setting as benchmarks/attention_iou.py (which runs more seeds and keeps the
 figures), one seed here."""
 
-import pytest
 
 from scenebreak import LearnConfig, learn
 from scenebreak.diagnostics import attention_overlap

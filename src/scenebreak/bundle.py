@@ -13,14 +13,13 @@ format_version, versions, base model, handles, resolution, configs, losses...
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BundleError
-from .paths import SCENE_SUFFIX, atomic_write_target, resolve_scene, scenes_dir
+from .paths import SCENE_SUFFIX, resolve_scene, scenes_dir, write_atomically
 
 FORMAT = "scenebreak.scene"
 FORMAT_VERSION = 1
@@ -89,13 +88,7 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
         tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
     meta = dict(scene.meta, format_version=FORMAT_VERSION, weights_dtype=save_dtype)
     path = Path(path)
-    tmp = atomic_write_target(path)
-    try:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)}))
     scene.path = path
     return path
 

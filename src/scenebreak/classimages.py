@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .events import Message, Progress, Reporter, silent
 from .errors import Interrupted
-from .paths import atomic_write_target, class_images_dir
+from .paths import class_images_dir, write_atomically
 
 STEPS = 50
 GUIDANCE = 7.5
@@ -52,9 +51,7 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
         images = sample(pipe, prompt, chunk, steps=STEPS, guidance=GUIDANCE, resolution=resolution,
                         autocast=autocast, report=report, task="class images", done=done, total=total)
         for i, image in zip(chunk, images):
-            tmp = atomic_write_target(paths[i])
-            image.save(tmp, format="PNG")
-            os.replace(tmp, paths[i])
+            write_atomically(paths[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
         done += len(chunk) * STEPS
         if should_stop() and start + batch < len(missing):
             raise Interrupted("interrupted: the class images made so far are cached; run the same command again to continue")

@@ -15,7 +15,7 @@ from .config import GenerateConfig
 from .device import Device, choose_device
 from .errors import InvalidInput, UnknownHandle
 from .events import Message, Progress, Reporter, silent
-from .paths import atomic_write_target
+from .paths import write_atomically
 from .tokens import handles_in
 
 
@@ -139,9 +139,7 @@ def generate(scene, prompts: list[str] | str, config: GenerateConfig = GenerateC
             done += len(chunk) * config.steps
             for s, image in zip(chunk, images):
                 path = _unique(out_dir / f"{scene.name}-{slug(prompt)}-{s}.png")
-                tmp = atomic_write_target(path)
-                image.save(tmp, format="PNG")
-                os.replace(tmp, path)
+                write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
                 result.images.append(GeneratedImage(path, prompt, s))
     result.seconds = time.perf_counter() - started
     return result

@@ -20,7 +20,7 @@ from .device import Device, choose_device
 from .errors import Interrupted, InvalidInput, OutOfMemory
 from .events import Message, Progress, Reporter, silent
 from .images import load_image, load_masks, prepare
-from .paths import atomic_write_target, check_name, checkpoint_path, scene_path
+from .paths import check_name, checkpoint_path, scene_path, write_atomically
 from .tokens import check_handle_tokens
 
 # Measured on a 2-core CPU with SD2.1-base at 512x512 with prior preservation
@@ -128,13 +128,7 @@ def _save_checkpoint(trainer, path: Path, identity: dict) -> None:
 
     state = trainer.state_dict()
     state["identity"] = identity
-    tmp = atomic_write_target(path)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def _tokenizer_files(tokenizer) -> dict:
@@ -238,7 +232,9 @@ def _load_checkpoint(ckpt: Path, identity: dict, name: str, report: Reporter) ->
 
     if not ckpt.exists():
         raise InvalidInput(f"nothing to resume: no checkpoint for scene {name!r} (run without --resume)")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    # Memory-mapped: a phase-2 checkpoint holds the model and the optimizer state, which
+    # must not sit in RAM a second time next to the live ones.
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     if state.get("identity") != identity:
         raise InvalidInput(f"the checkpoint of {name!r} was made from other inputs or settings: run the same command, or drop --resume to start over")
     report(Message(f"resuming {name!r} at phase {state['phase']}, step {state['step']}"))

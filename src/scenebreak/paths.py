@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
+from typing import Callable
 from pathlib import Path
 
 from .errors import InvalidInput
@@ -59,7 +62,30 @@ def resolve_scene(ref: str | os.PathLike) -> Path:
     return scene_path(str(ref))
 
 
-def atomic_write_target(path: Path) -> Path:
-    """A temp file next to `path`, to be renamed over it once fully written."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temp file next to `path`, then rename it over `path`:
+    readers see the old file or the complete new one, never a partial one.
+
+    Writers that report a full disk in their own words (safetensors, torch.save) get
+    their error turned into the usual OSError(ENOSPC), so callers can name the fix."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as exc:
+        if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and _disk_nearly_full(path.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _disk_nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        return False
