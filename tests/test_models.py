@@ -24,3 +24,25 @@ def test_missing_or_wrong_local_folder(tmp_path):
         load_components(str(tmp_path / "missing"))
     with pytest.raises(InvalidInput, match="not a diffusers"):
         load_components(str(tmp_path))
+
+
+def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model, tmp_path, monkeypatch):
+    """The real hub path: a model in the HF cache loads by id with HF_HUB_OFFLINE=1,
+    and the snapshot's commit is recorded."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    components = load_components("someone/tiny-sd")
+    assert components.base.id == "someone/tiny-sd" and components.base.commit == commit
+    assert components.base.fingerprint == load_components(str(tiny_model)).base.fingerprint
+    with pytest.raises(ModelNotAvailable, match="--revision v2"):
+        load_components("someone/tiny-sd", revision="v2")
