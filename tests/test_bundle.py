@@ -77,3 +77,13 @@ def test_newer_format_is_refused_with_upgrade_hint(learned, tmp_path):
     same = tmp_path / "same.scene"
     _rewrite_header(learned.path, same, lambda m: None)
     assert load_scene(same).tokens == ["<asset1>", "<asset2>"]
+
+
+def test_damaged_metadata_is_refused(learned, tmp_path):
+    for label, change in {"no handles": lambda m: m.update(handles=[]),
+                          "no base model": lambda m: m.pop("base_model"),
+                          "bad resolution": lambda m: m.update(resolution="big")}.items():
+        broken = tmp_path / "broken.scene"
+        _rewrite_header(learned.path, broken, change)
+        with pytest.raises(BundleError, match="damaged"):
+            load_scene(broken)

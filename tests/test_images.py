@@ -83,3 +83,11 @@ def test_missing_and_unreadable_files(scene_files, tmp_path):
         prepare(tmp_path / "text.png", scene_files["masks"], 64)
     with pytest.raises(InvalidMask, match="no masks"):
         prepare(scene_files["image"], [], 64)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_image(tmp_path / "phone.jpg").size == (20, 40)

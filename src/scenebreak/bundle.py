@@ -117,6 +117,11 @@ def read_metadata(path: Path) -> dict:
         raise BundleError(f"{path} has no valid format version")
     if version > FORMAT_VERSION:
         raise BundleError(f"{path} was written by a newer scenebreak (format {version}; this one reads up to {FORMAT_VERSION}): upgrade scenebreak")
+    handles = meta.get("handles")
+    base = meta.get("base_model")
+    if (not isinstance(handles, list) or not handles or not all(isinstance(h, dict) and "token" in h and "mask_index" in h for h in handles)
+            or not isinstance(base, dict) or not base.get("id") or not base.get("fingerprint") or not isinstance(meta.get("resolution"), int)):
+        raise BundleError(f"{path} has damaged scenebreak metadata (handles, base model or resolution)")
     for key in ("handles.embeddings", "source.image", "source.masks"):
         if key not in keys:
             raise BundleError(f"{path} is incomplete: tensor {key!r} is missing")

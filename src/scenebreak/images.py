@@ -23,7 +23,7 @@ class PreparedImage:
 
 
 def _open(path: Path, what: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -33,6 +33,9 @@ def _open(path: Path, what: str):
     try:
         image = Image.open(path)
         image.load()
+        # Phone photos are often stored sideways with an EXIF rotation: use them the
+        # way every viewer (and mask editor) shows them.
+        image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read {what} {path}: {exc}") from None
     return image
