@@ -17,7 +17,7 @@ class ConsoleReporter:
         from rich.console import Console
 
         self.quiet = quiet
-        self.console = Console(file=stream or sys.stderr, highlight=False)
+        self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)  # one line per message
         self.tty = self.console.is_terminal
         self.progress = None
         self.tasks: dict[str, int] = {}
