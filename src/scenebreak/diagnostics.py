@@ -14,20 +14,18 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     "a photo of <h1> and ... <hN>" over the scene's own photo, averaged over heads,
     layers and a few noise levels, each scaled to a maximum of 1."""
     import torch
+    from diffusers import DDPMScheduler
+    from PIL import Image
 
     from .attention import AttentionStore, capture_cross_attention
     from .generation import scene_components
     from .images import image_to_tensor
-    from .losses import diffusion_target  # noqa: F401 - same schedule as training
     from .tokens import handle_positions
     from .train import prompt_for
 
     scene = scene if isinstance(scene, Scene) else load_scene(scene)
     device = device if isinstance(device, Device) else choose_device(device)
     unet, vae, text_encoder, tokenizer = scene_components(scene, device, dtype=torch.float32)
-    from diffusers import DDPMScheduler
-    from PIL import Image
-
     scheduler = DDPMScheduler.from_config(scene.meta["configs"]["scheduler"])
     dev = device.torch
     pixels = image_to_tensor(Image.fromarray(scene.image)).to(dev)
@@ -59,8 +57,9 @@ def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
 def attention_overlap(scene, device=None) -> dict:
     """Per handle: soft IoU of its attention map with its own mask and with the
     best-matching other mask."""
-    from .losses import downsample_masks
     import torch
+
+    from .losses import downsample_masks
 
     scene = scene if isinstance(scene, Scene) else load_scene(scene)
     maps = handle_attention_maps(scene, device)
