@@ -177,3 +177,26 @@ def test_full_disk_is_exit_1_naming_the_fix_and_leaves_nothing(scene_files, tiny
     assert "no space left on device" in result.stderr and "SCENEBREAK_HOME" in result.stderr
     scenes = scenebreak.paths.scenes_dir()
     assert not list(scenes.iterdir())  # neither the scene nor its temp file
+
+
+def test_multi_value_options_parse_like_nargs():
+    import click
+
+    from scenebreak.cli import MultiValueCommand
+
+    @click.command(cls=MultiValueCommand)
+    @click.argument("image")
+    @click.option("--masks", multiple=True)
+    @click.option("--names", multiple=True)
+    @click.option("-q", is_flag=True)
+    def probe(image, masks, names, q):
+        click.echo(json.dumps([image, masks, names, q]))
+
+    def parse(*args):
+        return CliRunner().invoke(probe, list(args))
+
+    assert json.loads(parse("p.jpg", "--masks", "a", "b", "--names", "x", "y", "-q").stdout) == ["p.jpg", ["a", "b"], ["x", "y"], True]
+    assert json.loads(parse("--masks", "a", "--masks=b", "--names", "x", "-q", "p.jpg").stdout) == ["p.jpg", ["a", "b"], ["x"], True]
+    for dangling in (["p.jpg", "--masks", "--names", "x"], ["p.jpg", "--masks"]):
+        result = parse(*dangling)
+        assert result.exit_code == 2 and "requires an argument" in result.output

@@ -23,58 +23,50 @@ class MultiValueCommand(click.Command):
     the values are rewritten as `--masks a.png --masks b.png` before parsing."""
 
     def parse_args(self, ctx, args):
-        rewritten, current = [], None
-        for arg in args:
-            if arg in NARGS_OPTIONS:
-                current = arg
-                continue
-            if current and not arg.startswith("-"):
+        rewritten, current, taken = [], None, 0
+        for arg in [*args, None]:  # None: the end, where a dangling option is flushed
+            if current and arg is not None and not arg.startswith("-") and arg not in NARGS_OPTIONS:
                 rewritten += [current, arg]
+                taken += 1
                 continue
-            if current and rewritten[-2:-1] != [current]:
-                rewritten.append(current)  # an empty list: let Click report the missing value
-            current = None
-            rewritten.append(arg)
-        if current and rewritten[-2:-1] != [current]:
-            rewritten.append(current)
+            if current and not taken:
+                raise click.BadOptionUsage(current, f"{current} requires an argument (one or more values)", ctx=ctx)
+            current, taken = (arg, 0) if arg in NARGS_OPTIONS else (None, 0)
+            if arg is not None and current is None:
+                rewritten.append(arg)
         return super().parse_args(ctx, rewritten)
 
 
-def fail(message: str, code: int) -> None:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
+def describe(exc: BaseException) -> tuple[str, int]:
+    """The one line and the exit code for a failure."""
+    if isinstance(exc, SceneBreakError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = exc.filename or "while writing"
+        return f"no space left on device ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk", 1
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "out of memory: try a smaller --batch-size, or --device cpu", 1
+    text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+    return f"{text} (run with --debug for the traceback)", 1
 
 
 def handle_errors(fn):
-    """Turn library errors into one line on stderr and the right exit code."""
+    """Turn failures into one line on stderr and the right exit code (--debug: raise)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
         try:
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
-        except SceneBreakError as exc:
-            if debug:
+        except (Exception, KeyboardInterrupt) as exc:
+            if click.get_current_context().find_root().params.get("debug", False):
                 raise
-            fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            if debug:
-                raise
-            fail("interrupted", 130)
-        except OSError as exc:
-            if debug:
-                raise
-            if exc.errno == errno.ENOSPC:
-                fail(f"no space left on device ({exc.filename or 'while writing'}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk", 1)
-            fail(f"{exc} (run with --debug for the traceback)", 1)
-        except Exception as exc:
-            if debug:
-                raise
-            if type(exc).__name__ == "OutOfMemoryError":
-                fail("out of memory: try a smaller --batch-size, or --device cpu", 1)
-            fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+            message, code = describe(exc)
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(code)
 
     return wrapper
 
