@@ -65,7 +65,8 @@ class Components:
 
 
 def _looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or os.sep in ref and ref.count("/") > 1 or Path(ref).exists()
+    """A hub id is "name" or "owner/name"; anything else, or an existing path, is a folder."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref or Path(ref).exists()
 
 
 def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Path, str | None]:

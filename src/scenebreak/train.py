@@ -118,6 +118,7 @@ class Trainer:
         self.history: dict[int, list[dict]] = {1: [], 2: []}
         self.seconds: dict[int, float] = {1: 0.0, 2: 0.0}
         self._pending_optimizer_state = None
+        self.params: list[torch.nn.Parameter] = []  # what the current phase trains
         self.optimizer = None
         self.scaler = None
 
