@@ -18,6 +18,7 @@ _LAZY = {
     "UnknownHandle": "errors", "BundleError": "errors", "DeviceNotAvailable": "errors",
     "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors",
     "choose_device": "device",
+    "export_scene": "export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -303,6 +303,27 @@ def rm(scenes):
         click.echo(str(path))
 
 
+@cli.command()
+@click.argument("scene")
+@click.option("-f", "--format", "format_", type=click.Choice(["diffusers", "embeddings"]), default="diffusers", show_default=True,
+              help="diffusers: a Stable Diffusion pipeline folder; embeddings: one textual-inversion file per handle.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Folder to write.")
+@click.option("--force", is_flag=True, help="Replace what is already there.")
+@handle_errors
+def export(scene, format_, output, force):
+    """Export a scene for other tools; prints the paths written.
+
+    \b
+    Example:
+      scenebreak export kitchen -o kitchen-sd/            # StableDiffusionPipeline.from_pretrained("kitchen-sd")
+      scenebreak export kitchen -f embeddings -o embeds/  # pipe.load_textual_inversion("embeds/cat.safetensors")
+    """
+    from .export import export_scene
+
+    for path in export_scene(scene, output, format_, force=force):
+        click.echo(str(path))
+
+
 def main() -> None:
     cli(prog_name="scenebreak")
 

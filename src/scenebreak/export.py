@@ -1,0 +1,76 @@
+"""`export`: a scene's learned weights in formats other tools load.
+
+- `diffusers`: a standard Stable Diffusion pipeline folder (fine-tuned UNet and text
+  encoder with the handles, tokenizer, VAE, DDIM scheduler) that
+  `StableDiffusionPipeline.from_pretrained(folder)` loads anywhere, in the precision
+  the scene stores (fp16 unless learned with `--save-dtype fp32`).
+- `embeddings`: one textual-inversion file per handle (`NAME.safetensors`, holding
+  `{"<NAME>": embedding}`), which `pipe.load_textual_inversion(file)` loads into the
+  same base model. The handles alone carry phase 1 only: without the phase-2 UNet and
+  text encoder they reproduce the objects less faithfully than the scene.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .bundle import load_scene
+from .errors import InvalidInput
+from .paths import write_atomically
+
+FORMATS = ("diffusers", "embeddings")
+
+
+def export_scene(scene, out: str | os.PathLike, format: str = "diffusers", force: bool = False) -> list[Path]:
+    """Write the scene in `format` under `out`; returns the paths written."""
+    if format not in FORMATS:
+        raise InvalidInput(f"unknown export format {format!r}: use {' or '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not force:
+        raise InvalidInput(f"{out} already exists and is not empty: pass --force to replace what is there")
+    scene = load_scene(scene, weights=format == "diffusers")
+    if format == "embeddings":
+        return _export_embeddings(scene, out)
+    return [_export_diffusers(scene, out)]
+
+
+def _export_embeddings(scene, out: Path) -> list[Path]:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for handle, embedding in zip(scene.handles, scene.embeddings):
+        tensors = {handle.token: embedding.detach().float().contiguous().clone()}
+        meta = {"scenebreak_scene": scene.name, "base_model": scene.meta["base_model"]["id"]}
+        path = out / f"{handle.name}.safetensors"
+        write_atomically(path, lambda tmp, tensors=tensors, meta=meta: save_file(tensors, str(tmp), metadata=meta))
+        written.append(path)
+    return written
+
+
+def _export_diffusers(scene, out: Path) -> Path:
+    import torch
+
+    from .device import choose_device
+    from .generation import scene_components
+    from .models import quiet_libraries
+    from .pipeline import make_pipeline
+
+    quiet_libraries()
+    dtype = torch.float16 if scene.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
+    unet, vae, text_encoder, tokenizer = scene_components(scene, choose_device("cpu"), dtype=dtype)
+    pipe = make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
+    # A folder cannot be renamed over another: build it beside the target, then swap.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
