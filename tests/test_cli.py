@@ -49,7 +49,7 @@ def test_learn_prints_only_the_path_and_json_on_request(scene_files, tiny_model)
     listed = run("list", "--json")
     assert {s["name"] for s in json.loads(listed.stdout)["scenes"]} == {"photo", "other"}
     shown = run("show", "other")
-    assert "<red> <blue>" in shown.stdout and "phase1" in shown.stdout
+    assert "<red> (red.png)  <blue> (blue.png)" in shown.stdout and "phase1" in shown.stdout
     removed = run("rm", "other")
     assert removed.exit_code == 0 and not os.path.exists(removed.stdout.strip())
 

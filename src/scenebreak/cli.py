@@ -273,13 +273,19 @@ def show(scene, json_):
     base = meta["base_model"]
     lines = [
         f"scene:       {meta['name']}  ({path}, {meta['size_mb']} MB)",
-        f"handles:     {' '.join(h['token'] for h in meta['handles'])}",
+        f"handles:     {'  '.join(_handle_label(h, meta) for h in meta['handles'])}",
         f"base model:  {base['id']}" + (f" @ {base['commit']}" if base.get("commit") else ""),
         f"resolution:  {meta['resolution']}  tuning: {meta['tuning']}  created: {meta.get('created')}",
     ]
     for phase, summary in meta.get("losses", {}).items():
         lines.append(f"{phase}:      {summary['steps']} steps in {summary['seconds']} s, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
     click.echo("\n".join(lines))
+
+
+def _handle_label(handle: dict, meta: dict) -> str:
+    masks = meta.get("source", {}).get("masks", [])
+    index = handle["mask_index"]
+    return f"{handle['token']} ({masks[index]})" if index < len(masks) else handle["token"]
 
 
 @cli.command()
