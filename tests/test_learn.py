@@ -190,3 +190,16 @@ def test_gradient_checkpointing_gives_the_same_training(scene_files, tiny_model)
     (plain, plain_losses), (ckpt, ckpt_losses) = runs
     assert torch.allclose(plain, ckpt, atol=1e-5)
     assert abs(plain_losses["phase2"]["attn_last"] - ckpt_losses["phase2"]["attn_last"]) < 1e-4
+
+
+def test_cpu_estimate_for_sd21_base_matches_the_measured_hours():
+    from types import SimpleNamespace
+
+    from scenebreak.learning import cpu_estimate
+
+    class Unet:
+        def parameters(self):
+            return [torch.empty(865_910_724, dtype=torch.uint8)]
+
+    text = cpu_estimate(SimpleNamespace(unet=Unet()), 512, LearnConfig(), class_images_missing=100)
+    assert "roughly 6.3 hours for 400+400 steps" in text and "100 class images" in text

@@ -61,12 +61,15 @@ def default_name(image: Path) -> str:
 
 
 def cpu_estimate(components, resolution: int, config: LearnConfig, class_images_missing: int) -> str:
-    params = sum(p.numel() for p in components.unet.parameters())
-    scale = params / SD21_UNET_PARAMS * (resolution / 512) ** 2 * (1.0 if config.prior else 0.6)
-    seconds = config.steps1 * CPU_SECONDS_PHASE1 * scale + config.steps2 * CPU_SECONDS_PHASE2 * scale
+    """A rough duration from the measured SD2.1-base figures, scaled by UNet size and
+    pixel count. Phase 1 runs the instance alone either way; phase 2 without prior
+    preservation runs a batch of one (estimated at 0.6 of the time)."""
     from .classimages import STEPS
 
-    class_seconds = class_images_missing * STEPS * CPU_SECONDS_SAMPLING_STEP * params / SD21_UNET_PARAMS * (resolution / 512) ** 2
+    params = sum(p.numel() for p in components.unet.parameters())
+    scale = params / SD21_UNET_PARAMS * (resolution / 512) ** 2
+    seconds = scale * (config.steps1 * CPU_SECONDS_PHASE1 + config.steps2 * CPU_SECONDS_PHASE2 * (1.0 if config.prior else 0.6))
+    class_seconds = scale * class_images_missing * STEPS * CPU_SECONDS_SAMPLING_STEP
     text = f"training on the CPU: expect roughly {_duration(seconds)} for {config.steps1}+{config.steps2} steps"
     if class_seconds:
         text += f", plus {_duration(class_seconds)} once for {class_images_missing} class images (--num-class-images or --no-prior make it shorter)"
