@@ -33,6 +33,15 @@ def test_cache_names_resolve_to_the_scenes_folder(learned, tmp_path):
     assert resolve_scene("mine") == target
     assert load_scene("mine").tokens == ["<asset1>", "<asset2>"]
     assert resolve_scene(str(learned.path)) == learned.path
+    (tmp_path / "cwd" / "mine").mkdir(parents=True)  # a folder of that name here is not the scene
+    import os
+
+    old = os.getcwd()
+    os.chdir(tmp_path / "cwd")
+    try:
+        assert resolve_scene("mine") == target
+    finally:
+        os.chdir(old)
     with pytest.raises(BundleError, match="scene not found"):
         load_scene("nothing-here")
 

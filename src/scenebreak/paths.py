@@ -57,7 +57,7 @@ def checkpoint_path(name: str) -> Path:
 def resolve_scene(ref: str | os.PathLike) -> Path:
     """A `.scene` path as given, or the cached scene of that name."""
     path = Path(ref).expanduser()
-    if path.suffix == SCENE_SUFFIX or path.exists() or os.sep in str(ref):
+    if path.suffix == SCENE_SUFFIX or path.is_file() or os.sep in str(ref):
         return path
     return scene_path(str(ref))
 
