@@ -26,7 +26,7 @@ def test_round_trip_keeps_everything(learned, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed away
 
 
-def test_cache_names_resolve_to_the_scenes_folder(learned, tmp_path):
+def test_cache_names_resolve_to_the_scenes_folder(learned, tmp_path, monkeypatch):
     target = scene_path("mine")
     target.parent.mkdir(parents=True)
     shutil.copy(learned.path, target)
@@ -34,14 +34,8 @@ def test_cache_names_resolve_to_the_scenes_folder(learned, tmp_path):
     assert load_scene("mine").tokens == ["<asset1>", "<asset2>"]
     assert resolve_scene(str(learned.path)) == learned.path
     (tmp_path / "cwd" / "mine").mkdir(parents=True)  # a folder of that name here is not the scene
-    import os
-
-    old = os.getcwd()
-    os.chdir(tmp_path / "cwd")
-    try:
-        assert resolve_scene("mine") == target
-    finally:
-        os.chdir(old)
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert resolve_scene("mine") == target
     with pytest.raises(BundleError, match="scene not found"):
         load_scene("nothing-here")
 
