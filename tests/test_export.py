@@ -23,6 +23,10 @@ def test_diffusers_folder_loads_as_a_standard_pipeline(learned, tmp_path):
     assert image.shape == (64, 64, 3)
     with pytest.raises(InvalidInput, match="--force"):
         export_scene(learned.path, folder)
+    (folder / "stale.txt").write_text("old")
+    assert export_scene(learned.path, folder, force=True) == [folder]
+    assert not (folder / "stale.txt").exists() and (folder / "model_index.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temp folder left
 
 
 def test_embeddings_load_as_textual_inversion_into_the_base_model(learned, tiny_model, tmp_path):

@@ -20,12 +20,18 @@ def cache_folder(fingerprint: str, prompt: str, resolution: int) -> Path:
     return class_images_dir() / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int) -> list[Path]:
+    """Where class images 0..count-1 for this model, prompt and size live (made or not)."""
+    folder = cache_folder(fingerprint, prompt, resolution)
+    return [folder / f"{i:04d}.png" for i in range(count)]
+
+
 def ensure_class_images(components, device, prompt: str, count: int, resolution: int,
                         report: Reporter = silent, should_stop=lambda: False, batch_size: int | None = None) -> list[Path]:
     """The paths of `count` class images, generating only the ones not cached yet.
     Image i is always made from seed i, so the cache grows consistently."""
-    folder = cache_folder(components.base.fingerprint, prompt, resolution)
-    paths = [folder / f"{i:04d}.png" for i in range(count)]
+    paths = class_image_paths(components.base.fingerprint, prompt, resolution, count)
+    folder = paths[0].parent
     missing = [i for i, p in enumerate(paths) if not p.exists()]
     if not missing:
         report(Message(f"using {count} cached class images from {folder}"))

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from .bundle import load_scene
@@ -62,15 +61,5 @@ def _export_diffusers(scene, out: Path) -> Path:
     dtype = torch.float16 if scene.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
     unet, vae, text_encoder, tokenizer = scene_components(scene, choose_device("cpu"), dtype=dtype)
     pipe = make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
-    # A folder cannot be renamed over another: build it beside the target, then swap.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    write_atomically(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return out

@@ -247,10 +247,10 @@ def _load_checkpoint(ckpt: Path, identity: dict, name: str, report: Reporter) ->
 def _missing_class_images(components, config: LearnConfig, resolution: int) -> int:
     if not config.prior:
         return 0
-    from .classimages import cache_folder
+    from .classimages import class_image_paths
 
-    folder = cache_folder(components.base.fingerprint, config.class_prompt, resolution)
-    return sum(not (folder / f"{i:04d}.png").exists() for i in range(config.num_class_images))
+    paths = class_image_paths(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images)
+    return sum(not p.exists() for p in paths)
 
 
 def _scene_metadata(name, tokens, c, prepared, config, trainer, device, image: Path, masks: list[Path], resolution: int) -> dict:

@@ -63,8 +63,9 @@ def resolve_scene(ref: str | os.PathLike) -> Path:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temp file next to `path`, then rename it over `path`:
-    readers see the old file or the complete new one, never a partial one.
+    """Call `write(tmp)` on a temp path next to `path`, then rename it over `path`:
+    readers see the old file or the complete new one, never a partial one. `write`
+    may make a file or a folder (a folder replaces an existing folder at `path`).
 
     Writers that report a full disk in their own words (safetensors, torch.save) get
     their error turned into the usual OSError(ENOSPC), so callers can name the fix."""
@@ -73,6 +74,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        if tmp.is_dir() and path.exists():
+            _remove(path)  # a folder cannot be renamed over a non-empty one
         os.replace(tmp, path)
     except Exception as exc:
         if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and _disk_nearly_full(path.parent):
@@ -80,8 +83,12 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         raise
     finally:
         if tmp.exists():
-            tmp.unlink()
+            _remove(tmp)
     return path
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _disk_nearly_full(folder: Path) -> bool:
