@@ -53,23 +53,35 @@ def scene_files(tmp_path):
 SMALL = dict(steps1=3, steps2=3, num_class_images=2)
 
 
-@pytest.fixture(scope="session")
-def learned(tmp_path_factory, tiny_model):
-    """One scene learned with the real pipeline, shared by read-only tests."""
+def _learn_once(root, tiny_model, config):
+    """Learn the synthetic scene into `root` with its own scenebreak home."""
     import os
 
-    from scenebreak import LearnConfig, learn
+    from scenebreak import learn
 
-    root = tmp_path_factory.mktemp("learned")
     image, red, blue = write_synthetic_scene(root / "inputs")
     old = os.environ.get("SCENEBREAK_HOME")
     os.environ["SCENEBREAK_HOME"] = str(root / "home")
     try:
-        result = learn(image, [red, blue], LearnConfig(**SMALL), base_model=str(tiny_model), device="cpu",
-                       output=root / "photo.scene")
+        return learn(image, [red, blue], config, base_model=str(tiny_model), device="cpu", output=root / "photo.scene")
     finally:
         if old is None:
             os.environ.pop("SCENEBREAK_HOME", None)
         else:
             os.environ["SCENEBREAK_HOME"] = old
-    return result
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory, tiny_model):
+    """One scene learned with the real pipeline, shared by read-only tests."""
+    from scenebreak import LearnConfig
+
+    return _learn_once(tmp_path_factory.mktemp("learned"), tiny_model, LearnConfig(**SMALL))
+
+
+@pytest.fixture(scope="session")
+def learned_background(tmp_path_factory, tiny_model):
+    """The synthetic scene learned with a <background> handle too (shared, read-only)."""
+    from scenebreak import LearnConfig
+
+    return _learn_once(tmp_path_factory.mktemp("learned-bg"), tiny_model, LearnConfig(steps1=2, steps2=2, prior=False, background=True))

@@ -3,6 +3,7 @@
     >>> import scenebreak
     >>> result = scenebreak.learn("photo.jpg", ["m1.png", "m2.png"])
     >>> scenebreak.generate(result.path, "<asset1> on the moon")
+    >>> scenebreak.edit("street.jpg", [("spot.png", "a photo of <asset1>")], result.path)
 
 Heavy modules (torch, diffusers) load on first use, so `import scenebreak` is quick.
 """
@@ -12,8 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "learn": "learning", "LearnResult": "learning",
     "generate": "generation", "GenerateResult": "generation",
+    "edit": "editing", "extract_background": "editing",
     "load_scene": "bundle", "save_scene": "bundle", "list_scenes": "bundle", "Scene": "bundle",
-    "LearnConfig": "config", "GenerateConfig": "config",
+    "LearnConfig": "config", "GenerateConfig": "config", "EditConfig": "config",
     "SceneBreakError": "errors", "UsageError": "errors", "InvalidInput": "errors", "InvalidMask": "errors",
     "UnknownHandle": "errors", "BundleError": "errors", "DeviceNotAvailable": "errors",
     "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors",

@@ -29,7 +29,8 @@ COMPONENTS = ("unet", "text_encoder", "vae")
 @dataclass
 class Handle:
     token: str  # "<asset1>"
-    mask_index: int  # zero-based position in the --masks list
+    mask_index: int  # zero-based position in the --masks list (the background's comes last)
+    background: bool = False  # learned from the complement of the object masks
 
     @property
     def name(self) -> str:
@@ -54,11 +55,19 @@ class Scene:
 
     @property
     def handles(self) -> list[Handle]:
-        return [Handle(h["token"], h["mask_index"]) for h in self.meta["handles"]]
+        return [Handle(h["token"], h["mask_index"], bool(h.get("background"))) for h in self.meta["handles"]]
 
     @property
     def tokens(self) -> list[str]:
         return [h.token for h in self.handles]
+
+    @property
+    def object_tokens(self) -> list[str]:
+        return [h.token for h in self.handles if not h.background]
+
+    @property
+    def background_token(self) -> str | None:
+        return next((h.token for h in self.handles if h.background), None)
 
     @property
     def resolution(self) -> int:

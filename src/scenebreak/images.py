@@ -100,14 +100,27 @@ def square_crop_box(masks: np.ndarray) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def prepare(image_path: Path, mask_paths: list[Path], resolution: int) -> PreparedImage:
-    """Load, validate, crop to a square and resize to `resolution`."""
+def background_mask(masks: np.ndarray) -> np.ndarray:
+    """The complement of the union of the object masks: what <background> learns."""
+    background = 1 - masks.max(axis=0)
+    if not background.any():
+        raise InvalidMask("--background: the masks cover the whole image, so nothing is left for <background>")
+    return background
+
+
+def prepare(image_path: Path, mask_paths: list[Path], resolution: int, background: bool = False) -> PreparedImage:
+    """Load, validate, crop to a square and resize to `resolution`. With `background`,
+    one more mask follows the objects' ones: the rest of the photo (padding excluded)."""
     from PIL import Image
 
     image_path = Path(image_path)
     image = load_image(image_path)
     masks = load_masks([Path(p) for p in mask_paths], image.size)
-    box = square_crop_box(masks)
+    box = square_crop_box(masks)  # placed on the objects, whatever the background
+    mask_paths = list(mask_paths)
+    if background:
+        masks = np.concatenate([masks, background_mask(masks)[None]])
+        mask_paths.append("<background>")
     # PIL's crop pads outside the image with zeros; paint that white like alpha.
     canvas = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), (255, 255, 255))
     canvas.paste(image, (-box[0], -box[1]))
@@ -117,7 +130,8 @@ def prepare(image_path: Path, mask_paths: list[Path], resolution: int) -> Prepar
         m = Image.fromarray(mask * 255).crop(box).resize((resolution, resolution), Image.Resampling.NEAREST)
         m = (np.asarray(m) > 127).astype(np.uint8)
         if not m.any():
-            raise InvalidMask(f"mask {path} is too small to survive resizing to {resolution}x{resolution}")
+            what = "the background" if path == "<background>" else f"mask {path}"
+            raise InvalidMask(f"{what} is too small to survive resizing to {resolution}x{resolution}")
         resized.append(m)
     digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
     return PreparedImage(crop, np.stack(resized), box, image.size, digest)

@@ -19,7 +19,7 @@ from .config import LearnConfig, default_base_model
 from .device import Device, choose_device
 from .errors import Interrupted, InvalidInput, OutOfMemory
 from .events import Message, Progress, Reporter, silent
-from .images import load_image, load_masks, prepare
+from .images import background_mask, load_image, load_masks, prepare
 from .paths import check_name, checkpoint_path, scene_path, write_atomically
 from .tokens import check_handle_tokens
 
@@ -165,7 +165,9 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     out = Path(output) if output else scene_path(name)
     if out.exists() and not force and not resume:
         raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
-    load_masks(masks, load_image(Path(image)).size)
+    object_masks = load_masks(masks, load_image(Path(image)).size)
+    if config.background:
+        background_mask(object_masks)
     device = device if isinstance(device, Device) else choose_device(device)
     device.train_dtype(config.mixed_precision)
     if config.adam_8bit and device.type != "cuda":
@@ -180,7 +182,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         from .attention import cross_attention_layers
 
         cross_attention_layers(components.unet)
-    prepared = prepare(Path(image), masks, resolution)
+    prepared = prepare(Path(image), masks, resolution, background=config.background)
     identity = _identity(prepared, config, components.base.fingerprint)
     ckpt = checkpoint_path(name)
     state = _load_checkpoint(ckpt, identity, name, report) if resume else None
@@ -201,7 +203,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             if config.prior:
                 class_images = ensure_class_images(components, device, config.class_prompt, config.num_class_images,
                                                    resolution, report=report, should_stop=stopping)
-            handle_ids, _ = add_handles(components.tokenizer, components.text_encoder, tokens, config.init_words)
+            handle_ids, _ = add_handles(components.tokenizer, components.text_encoder, tokens, config.handle_init_words())
             inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), handle_ids, class_images)
             trainer = Trainer(components, inputs, config, device, tokens)
             if state is not None:
@@ -260,7 +262,9 @@ def _scene_metadata(name, tokens, c, prepared, config, trainer, device, image: P
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "tuning": "full",
         "base_model": c.base.to_dict(),
-        "handles": [{"token": t, "name": t.strip("<>"), "mask_index": i} for i, t in enumerate(tokens)],
+        # The background handle's mask (index len(masks)) is the complement of the others.
+        "handles": [{"token": t, "name": t.strip("<>"), "mask_index": i, "background": config.background and i == len(masks)}
+                    for i, t in enumerate(tokens)],
         "resolution": resolution,
         "prediction_type": c.prediction_type,
         "crop_box": list(prepared.crop_box),

@@ -108,5 +108,10 @@ def handle_positions(input_ids: torch.Tensor, handle_ids: list[int]) -> list[int
     return positions
 
 
+def prompt_for(tokens: list[str]) -> str:
+    """The training prompt of a set of handles, e.g. "a photo of <asset1> and <asset2>"."""
+    return "a photo of " + " and ".join(tokens)
+
+
 def handles_in(prompt: str) -> list[str]:
     return HANDLE_RE.findall(prompt)

@@ -22,7 +22,7 @@ from .device import Device
 from .errors import InvalidInput, SceneBreakError
 from .images import image_to_tensor
 from .losses import attention_loss, diffusion_loss, diffusion_target, downsample_masks, masked_diffusion_loss
-from .tokens import handle_positions, install_handle_embedding
+from .tokens import handle_positions, install_handle_embedding, prompt_for
 
 
 @dataclass
@@ -48,10 +48,6 @@ def sample_handles(rng: random.Random, n: int) -> list[int]:
     """Union sampling: k uniform in 1..n, then a random k-subset (in random order)."""
     k = rng.randint(1, n)
     return rng.sample(range(n), k)
-
-
-def prompt_for(tokens: list[str]) -> str:
-    return "a photo of " + " and ".join(tokens)
 
 
 def make_optimizer(params, lr: float, config: LearnConfig, device: Device):

@@ -1,0 +1,167 @@
+"""The paper's applications of a learned scene that change an existing image, both
+by Blended Latent Diffusion: local editing by example (`edit`) and background
+extraction (`extract_background`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .blending import blended_latents, blended_steps, decode, dilate, encode, latent_mask, paste_back, resize_mask, work_size
+from .bundle import Scene, load_scene
+from .config import EditConfig, GenerateConfig
+from .device import Device, choose_device
+from .errors import InvalidInput, InvalidMask, UsageError
+from .events import Message, Reporter, silent
+from .generation import (GeneratedImage, GenerateResult, check_prompts, open_pipeline, sample_to_files, save_png, slug,
+                         warn_unused_handles)
+from .images import load_image, load_masks
+
+
+def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
+                  config: EditConfig, resolution: int, *, names: list[str] | None = None, report: Reporter = silent,
+                  task: str = "edit") -> list[np.ndarray]:
+    """Edit `image` ((H, W, 3) uint8) one region at a time, in order: region j is
+    re-made from prompts[j] inside masks[j] ((H, W) bool), on the result of region
+    j - 1. Returns one (H, W, 3) image per seed, at the input's size.
+
+    The model works at its own pixel count in the image's aspect ratio. With
+    `config.paste`, each region's result is pasted into the full-size image, so
+    everything farther than `config.feather` pixels from the masks is the input, bit
+    for bit."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    factor = pipe.vae_scale_factor
+    size = work_size((width, height), resolution, multiple=max(8, factor))
+
+    def resize(array: np.ndarray, to: tuple[int, int]) -> np.ndarray:
+        if array.shape[1::-1] == to:
+            return array
+        return np.asarray(Image.fromarray(array).resize(to, Image.Resampling.LANCZOS))
+
+    latent_hw = (size[1] // factor, size[0] // factor)
+    latent_masks = [latent_mask(resize_mask(m, size), latent_hw) for m in masks]
+    for j, m in enumerate(latent_masks):
+        if not m.any():
+            what = names[j] if names else f"mask {j + 1}"
+            raise InvalidMask(f"{what} is too thin for the model's {latent_hw[1]}x{latent_hw[0]} latent grid: grow it with --dilate")
+    batch = config.batch_size or (4 if pipe.device.type == "cuda" else 1)
+    per_sample = blended_steps(config.steps, config.blend_start)
+    total, done = len(seeds) * len(masks) * per_sample, 0
+    results = []
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start:start + batch]
+        full = [image] * len(chunk)
+        work = [resize(image, size)] * len(chunk)
+        for j, (mask, lmask, prompt) in enumerate(zip(masks, latent_masks, prompts)):
+            # The first region starts from the same image for every seed: encode it once.
+            source = encode(pipe.vae, work[:1] if j == 0 else work)
+            latents = blended_latents(pipe, source, lmask, prompt, chunk, steps=config.steps, guidance=config.guidance,
+                                      blend_start=config.blend_start, negative=config.negative, report=report, task=task,
+                                      done=done, total=total)
+            done += len(chunk) * per_sample
+            work = decode(pipe.vae, latents)
+            if config.paste:
+                full = [paste_back(f, resize(w, (width, height)), mask, config.feather) for f, w in zip(full, work)]
+                work = [resize(f, size) for f in full]
+        results += full if config.paste else [resize(w, (width, height)) for w in work]
+    return results
+
+
+def _seed(config: GenerateConfig, report: Reporter) -> int:
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    report(Message(f"seed: {seed}"))
+    return seed
+
+
+def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]], scene, config: EditConfig = EditConfig(), *,
+         out_dir: str | os.PathLike = ".", output: str | os.PathLike | None = None, overwrite: bool = False,
+         device: str | Device | None = None, report: Reporter = silent) -> GenerateResult:
+    """Put the scene's concepts into regions of any photo: `regions` pairs a mask file
+    (the photo's size, non-zero = change here) with a prompt such as "a photo of
+    <asset1>"; they are applied in order. Writes `config.num_images` PNGs (seeds
+    seed, seed+1, ...) of the photo's size, to `output` or into `out_dir`."""
+    started = time.perf_counter()
+    config = config.validate()
+    if not regions:
+        raise InvalidInput("give at least one --mask with its prompt")
+    prompts = [prompt.strip() for _, prompt in regions]
+    if not all(prompts):
+        raise InvalidInput("every --mask needs a non-empty prompt")
+    image_path = Path(image)
+    source = load_image(image_path)
+    mask_paths = [Path(m) for m, _ in regions]
+    masks = [dilate(m, config.dilate) for m in load_masks(mask_paths, source.size)]
+    if output is not None:
+        output = Path(output)
+        if config.num_images > 1:
+            raise InvalidInput("--output names one file: use --out-dir with -n above 1")
+        if output.suffix.lower() != ".png":
+            raise InvalidInput(f"--output {output} must end in .png (lossless, so the untouched area stays exact)")
+        if output.exists() and not overwrite:
+            raise InvalidInput(f"{output} already exists: pass --overwrite to replace it")
+    scene = scene if isinstance(scene, Scene) else load_scene(scene)
+    check_prompts(scene, prompts)
+    warn_unused_handles(scene, prompts, report)
+    device = device if isinstance(device, Device) else choose_device(device)
+    seed = _seed(config, report)
+    seeds = [seed + i for i in range(config.num_images)]
+
+    pipe = open_pipeline(scene, device)
+    edited = blend_regions(pipe, np.asarray(source), masks, prompts, seeds, config, scene.resolution,
+                           names=[f"mask {p}" for p in mask_paths], report=report)
+    result = GenerateResult(scene=scene.name)
+    label = " | ".join(prompts)
+    for s, array in zip(seeds, edited):
+        path = output or Path(out_dir) / f"{image_path.stem}-edit-{slug(prompts[-1])}-{s}.png"
+        result.images.append(GeneratedImage(save_png(array, path, overwrite), label, s, kind="edit"))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def extract_background(scene, config: EditConfig = EditConfig(dilate=8), *, variations: int = 0, prompt: str | None = None,
+                       out_dir: str | os.PathLike = ".", device: str | Device | None = None,
+                       report: Reporter = silent) -> GenerateResult:
+    """The scene's background without its objects: a clean plate of the training photo
+    (the dilated object regions re-made from "a photo of <background>") and
+    `variations` new backgrounds from `prompt` (default "a photo of <background>";
+    a template such as "a photo of a car at <background>" works too)."""
+    started = time.perf_counter()
+    config = config.validate()
+    if variations < 0:
+        raise InvalidInput("-n must be >= 0")
+    scene = scene if isinstance(scene, Scene) else load_scene(scene)
+    token = scene.background_token
+    if token is None:
+        raise UsageError(f"scene {scene.name!r} has no <background> handle: learn it again with --background "
+                         "(scenebreak learn IMAGE --masks ... --background)")
+    plate_prompt = f"a photo of {token}"
+    template = (prompt or plate_prompt).strip()
+    check_prompts(scene, [template])
+    if token not in template:
+        report(Message(f"--prompt {template!r} does not use {token}: the variations will not show the scene's background", "warning"))
+    device = device if isinstance(device, Device) else choose_device(device)
+    seed = _seed(config, report)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
+    pipe = open_pipeline(scene, device)
+    [plate] = blend_regions(pipe, scene.image, [dilate(objects, config.dilate)], [plate_prompt], [seed], config,
+                            scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
+    result = GenerateResult(scene=scene.name)
+    path = save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png")
+    result.images.append(GeneratedImage(path, plate_prompt, seed, kind="plate"))
+    if variations:
+        sampling = dataclasses.replace(config, num_images=variations)
+        for image in sample_to_files(pipe, scene, [template], sampling, seed, out_dir, f"{scene.name}-background", report):
+            image.kind = "variation"
+            result.images.append(image)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,108 @@
+"""Blended Latent Diffusion: the pure pieces exactly, then the loop on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+from scenebreak.blending import (blend_step, blended_latents, dilate, encode, feather_weights, latent_mask, next_timestep,
+                                 paste_back, work_size)
+
+
+def test_work_size_keeps_the_pixel_count_and_aspect_in_multiples_of_8():
+    assert work_size((512, 512), 512) == (512, 512)
+    assert work_size((3000, 2000), 512) == (624, 416)  # 3:2, about 512*512 pixels
+    assert work_size((2000, 3000), 512) == (416, 624)
+    assert work_size((96, 80), 64) == (72, 56)
+    assert work_size((4000, 10), 512) == (1024, 8)  # capped long side, never a zero side
+
+
+def test_dilate_grows_by_a_square_neighbourhood():
+    mask = np.zeros((9, 9), bool)
+    mask[4, 4] = True
+    assert dilate(mask, 0).sum() == 1
+    grown = dilate(mask, 2)
+    assert grown.sum() == 25 and grown[2:7, 2:7].all()
+    edge = np.zeros((5, 5), bool)
+    edge[0, 0] = True
+    assert dilate(edge, 1).sum() == 4  # clipped at the border, no wrap-around
+
+
+def test_feather_is_one_on_the_mask_linear_outside_and_zero_beyond():
+    mask = np.zeros((1, 12), bool)
+    mask[0, :3] = True
+    weights = feather_weights(mask, 4)
+    np.testing.assert_allclose(weights[0], [1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0, 0, 0, 0], atol=1e-6)
+    assert np.array_equal(feather_weights(mask, 0), mask.astype(np.float32))
+
+
+def test_paste_back_keeps_the_original_beyond_the_seam_bit_for_bit():
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    generated = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    mask = np.zeros((20, 30), bool)
+    mask[5:10, 8:15] = True
+    out = paste_back(original, generated, mask, 3)
+    far = ~dilate(mask, 3)
+    assert np.array_equal(out[far], original[far])
+    assert np.array_equal(out[mask], generated[mask])
+    seam = dilate(mask, 3) & ~mask
+    assert not np.array_equal(out[seam], original[seam])
+
+
+def test_blend_step_noises_the_source_to_the_given_level_and_is_the_source_at_the_end():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    gen = torch.Generator().manual_seed(0)
+    latents, source, noise = (torch.randn(1, 4, 6, 6, generator=gen) for _ in range(3))
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., :3] = 1
+    out = blend_step(latents, source, mask, noise, scheduler, 500)
+    a = scheduler.alphas_cumprod[500]
+    expected = a.sqrt() * source + (1 - a).sqrt() * noise
+    torch.testing.assert_close(out[..., 3:], expected[..., 3:])
+    assert torch.equal(out[..., :3], latents[..., :3])
+    assert torch.equal(blend_step(latents, source, mask, noise, scheduler, None)[..., 3:], source[..., 3:])
+
+
+def test_next_timestep_is_where_ddim_lands():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, steps_offset=1)
+    scheduler.set_timesteps(10)
+    assert [next_timestep(scheduler, t) for t in scheduler.timesteps] == [801, 701, 601, 501, 401, 301, 201, 101, 1, None]
+
+
+@pytest.fixture(scope="module")
+def pipe(learned):
+    from scenebreak.bundle import load_scene
+    from scenebreak.device import choose_device
+    from scenebreak.generation import open_pipeline
+
+    return open_pipeline(load_scene(learned.path), choose_device("cpu"))
+
+
+def test_blended_loop_follows_the_source_outside_the_mask(pipe):
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    source = encode(pipe.vae, [image])
+    pixel_mask = np.zeros((64, 64), bool)
+    pixel_mask[16:48, 8:40] = True
+    mask = latent_mask(pixel_mask, tuple(source.shape[-2:]))
+    seen = []
+    latents = blended_latents(pipe, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25,
+                              on_step=lambda i, level, z: seen.append((i, level, z.clone())))
+    timesteps = pipe.scheduler.timesteps[2:]  # 25% of 8 steps skipped
+    assert [level for _, level, _ in seen] == [int(t) - 125 for t in timesteps[:-1]] + [None]
+    outside = (mask == 0).expand_as(latents)
+    # After the last step the background is exactly the source; the inside is new.
+    assert torch.equal(latents[outside], source.expand_as(latents)[outside])
+    assert not torch.allclose(latents[~outside], source.expand_as(latents)[~outside], atol=1e-2)
+    # Before it, the background is the source noised to the level the step reached:
+    # removing the source leaves unit Gaussian noise at exactly that level.
+    for _, level, z in seen[:-1]:
+        a = pipe.scheduler.alphas_cumprod[level]
+        eps = (z - a.sqrt() * source) / (1 - a).sqrt()
+        values = eps[outside]
+        assert abs(values.mean()) < 0.15 and 0.85 < values.std() < 1.15
+    # The two seeds start from different noise.
+    assert not torch.equal(latents[0][~outside[0]], latents[1][~outside[1]])
