@@ -156,6 +156,17 @@ def test_learn_background_adds_a_handle_for_the_rest_of_the_photo(learned_backgr
     objects = scene.masks[0] | scene.masks[1]
     assert np.array_equal(scene.masks[2], 1 - objects)  # the complement, within the crop
     assert scene.meta["config"]["background"] is True
+    shown = run("show", learned_background.path)
+    assert "<background> (the rest of the photo)" in shown.stdout
+
+
+def test_background_handle_tokens_and_init_words():
+    from scenebreak import LearnConfig
+
+    config = LearnConfig(names=("cat", "bowl"), init_words=("cat", "bowl"), background=True)
+    assert config.handle_tokens(2) == ["<cat>", "<bowl>", "<background>"]
+    assert config.handle_init_words() == ("cat", "bowl", "background")
+    assert LearnConfig().handle_tokens(1) == ["<asset1>"] and LearnConfig().handle_init_words() is None
 
 
 def test_learn_background_refuses_masks_that_cover_everything(tiny_model, tmp_path):
