@@ -73,3 +73,11 @@ def learned(tmp_path_factory, tiny_model):
         else:
             os.environ["SCENEBREAK_HOME"] = old
     return result
+
+
+@pytest.fixture(scope="session")
+def tiny_segmentation(tmp_path_factory):
+    """A tiny random Grounding DINO and SAM saved as local folders: (detector, segmenter)."""
+    from scenebreak.testing import build_tiny_segmentation_models
+
+    return build_tiny_segmentation_models(tmp_path_factory.mktemp("segmentation"))
