@@ -182,3 +182,45 @@ def test_mask_output_pipes_into_learn(scene_files, tiny_segmentation, tiny_model
     scene = json.loads(done.stdout)
     assert scene["handles"] == ["<asset1>", "<asset2>"]
     assert os.path.exists(scene["path"])
+
+
+def test_auto_keeps_distinct_stable_segments_largest_first(tiny_segmentation, scene_files):
+    """--auto's selection on a scripted SAM: every click proposes its region (A or B),
+    the whole image, and an unstable blur; the result is B then A, each once."""
+    import torch
+    from types import SimpleNamespace
+
+    from scenebreak.device import choose_device
+    from scenebreak.images import load_image
+    from scenebreak.masking import Segmenter
+
+    segmenter = Segmenter(str(tiny_segmentation[1]), choose_device("cpu"))
+    segmenter.set_image(load_image(scene_files["image"]))
+    region_a = (slice(2, 12), slice(2, 14))  # low-res (32 x 32) rows, columns
+    region_b = (slice(14, 26), slice(16, 30))
+
+    def scripted(image_embeddings, input_points, input_labels, multimask_output):
+        count = input_points.shape[1]
+        logits = torch.full((1, count, 3, 32, 32), -10.0)
+        for i in range(count):
+            x, y = (input_points[0, i, 0] / 4).tolist()
+            region = region_a if region_a[0].start <= y < region_a[0].stop and region_a[1].start <= x < region_a[1].stop else region_b
+            logits[0, i, 0][region] = 10.0
+            logits[0, i, 1] = 10.0  # the whole image: background
+            logits[0, i, 2] = torch.linspace(-0.5, 0.5, 32)  # unstable
+        return SimpleNamespace(pred_masks=logits, iou_scores=torch.full((1, count, 3), 0.95))
+
+    segmenter.model = scripted
+    segments = segmenter.automatic(grid=8, limit=5)
+    assert len(segments) == 2
+    (big, big_score), (small, small_score) = segments
+    assert big.sum() > small.sum() > 0 and not (big & small).any()
+    assert big_score == small_score == pytest.approx(0.95)
+    ys, xs = np.nonzero(small)
+    assert xs.min() < 15 and ys.min() < 15  # region A is the top-left one
+    assert segmenter.automatic(grid=8, limit=1)[0][0].sum() == big.sum()
+
+
+def test_mask_help_has_an_example():
+    result = run("mask", "--help")
+    assert result.exit_code == 0 and "Example" in result.output and "$(scenebreak mask" in result.output

@@ -233,10 +233,12 @@ class Segmenter:
         masks = self._full_size(picked, inputs)
         return [(masks[i], float(iou[i, best[i]])) for i in range(len(best))]
 
-    def automatic(self, grid: int, batch: int = 64) -> list[tuple[np.ndarray, float]]:
-        """Distinct segments from a grid x grid of clicks: each click gives three
-        candidates; keep the confident, stable ones, then drop near-duplicates
-        (greedy non-maximum suppression by mask IoU, best first)."""
+    def automatic(self, grid: int, limit: int, batch: int = 64) -> list[tuple[np.ndarray, float]]:
+        """Up to `limit` distinct segments from a grid x grid of clicks, largest first.
+        Each click gives three candidates; the confident and stable ones are kept,
+        near-duplicates dropped (greedy non-maximum suppression by mask IoU, best
+        first), and so is the background (a segment over most of the photo). All of
+        this runs on SAM's low-resolution masks; only the survivors are upscaled."""
         import torch
 
         width, height = self.image.size
@@ -244,7 +246,7 @@ class Segmenter:
         clicks = [[[float(x), float(y)]] for y in ys for x in xs]
         inputs = self.processor(images=self.image, input_points=[clicks], input_labels=[[[1]] * len(clicks)], return_tensors="pt")
         rh, rw = (int(v) for v in inputs["reshaped_input_sizes"][0])
-        candidates = []  # (score, low-res logits)
+        scores, logits_kept, small_kept = [], [], []
         for start in range(0, len(clicks), batch):
             with torch.inference_mode():
                 out = self.model(image_embeddings=self.embeddings, multimask_output=True,
@@ -255,22 +257,28 @@ class Segmenter:
             low = logits.shape[-1] / self.pad[-1]  # low-res pixels per input pixel
             valid = logits[:, :max(1, round(rh * low)), :max(1, round(rw * low))]  # the image, not the padding
             inner = (valid > 1.0).flatten(1).sum(1)
-            outer = (valid > -1.0).flatten(1).sum(1).clamp(min=1)
-            stable = inner / outer
+            stable = inner / (valid > -1.0).flatten(1).sum(1).clamp(min=1)
             keep = (iou >= AUTO_MIN_IOU) & (stable >= AUTO_MIN_STABILITY) & (inner > 0)
-            candidates += [(float(iou[i]), logits[i]) for i in torch.nonzero(keep).flatten().tolist()]
-        candidates.sort(key=lambda c: -c[0])
-        kept, kept_flat = [], []
-        for score, logits in candidates:
-            flat = (logits > 0).flatten()
-            if any((flat & k).sum() / (flat | k).sum().clamp(min=1) > AUTO_NMS_IOU for k in kept_flat):
-                continue
-            kept.append((score, logits))
-            kept_flat.append(flat)
+            step = max(1, max(valid.shape[-2:]) // 64)  # comparing masks at <= 64 px is enough
+            scores.append(iou[keep])
+            logits_kept.append(logits[keep].half())
+            small_kept.append((valid[keep] > 0)[:, ::step, ::step].flatten(1))
+        scores = torch.cat(scores)
+        if not len(scores):
+            return []
+        small = torch.cat(small_kept).float()
+        areas = small.sum(1)
+        inter = small @ small.T
+        similar = inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1) > AUTO_NMS_IOU
+        kept: list[int] = []
+        for i in torch.argsort(scores, descending=True).tolist():
+            if areas[i] <= AUTO_MAX_COVER * small.shape[1] and not similar[i, kept].any():
+                kept.append(i)
+        kept = sorted(kept, key=lambda i: -float(areas[i]))[:limit]
         if not kept:
             return []
-        masks = self._full_size(torch.stack([logits for _, logits in kept]), inputs)
-        return [(masks[i], kept[i][0]) for i in range(len(kept))]
+        masks = self._full_size(torch.cat(logits_kept)[kept].float(), inputs)
+        return [(masks[n], float(scores[i])) for n, i in enumerate(kept)]
 
 
 class Detector:
@@ -409,7 +417,9 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
                               "or clicks on it with --point X,Y")
         results.append(MaskResult(label, source, score, cleaned))
     if auto:
-        results += _largest_segments(segmenter.automatic(config.grid), config, min_area, image.size)
+        # A few spare segments: the clean-up may still empty or merge some.
+        segments = segmenter.automatic(config.grid, limit=3 * config.max_masks)
+        results += _largest_segments(segments, config, min_area, image.size)
         if not any(r.source == "auto" for r in results):
             raise InvalidInput("--auto found no distinct segment: click on the objects with --point X,Y "
                                "or give --box X0,Y0,X1,Y1 or --prompt TEXT")
