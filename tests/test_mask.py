@@ -224,3 +224,28 @@ def test_auto_keeps_distinct_stable_segments_largest_first(tiny_segmentation, sc
 def test_mask_help_has_an_example():
     result = run("mask", "--help")
     assert result.exit_code == 0 and "Example" in result.output and "$(scenebreak mask" in result.output
+
+
+def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segmentation, tmp_path):
+    """OWLv2 post-processing needs scipy: without it, one line that says how to add it."""
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+
+    from scenebreak.testing import write_tiny_tokenizer
+
+    folder = tmp_path / "tiny-owlv2"
+    write_tiny_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = Owlv2Config(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, **small),
+                         vision_config=dict(image_size=64, patch_size=16, **small), projection_dim=16)
+    Owlv2ForObjectDetection(config).save_pretrained(folder)
+    Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size={"height": 64, "width": 64}), tokenizer=tokenizer).save_pretrained(folder)
+    result = run("mask", scene_files["image"], "-p", "red square", "--threshold", "0", "--detector", folder,
+                 "--segmenter", tiny_segmentation[1])
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 1 and "needs scipy" in result.stderr and "pipx inject scenebreak scipy" in result.stderr
+        assert len(error_lines(result)) == 1
+    else:
+        assert result.exit_code == 0, result.output

@@ -296,11 +296,11 @@ class Detector:
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device.torch).eval()
         except ImportError as exc:
-            raise ModelNotAvailable(_needs_extra(ref, exc)) from exc
+            raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
         except (OSError, ValueError) as exc:
             raise ModelNotAvailable(f"cannot load the detector from {folder}: {exc}. Fix: download it again "
                                     f"(`hf download {ref}`) or pass --detector /path/to/a/model/folder") from exc
-        self.device = device
+        self.device, self.ref = device, ref
 
     def detect(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (n, 4; x0, y0, x1, y1 in image pixels) and scores (n,), best first."""
@@ -322,7 +322,7 @@ class Detector:
                     outputs = self.model(**inputs)
                 found = self.processor.post_process_grounded_object_detection(outputs=outputs, threshold=0.0, target_sizes=size)[0]
         except ImportError as exc:
-            raise ModelNotAvailable(_needs_extra("the detector", exc)) from exc
+            raise ModelNotAvailable(_needs_extra(f"the detector {self.ref}", exc)) from exc
         scores = found["scores"].float().cpu().numpy()
         boxes = found["boxes"].float().cpu().numpy().reshape(-1, 4)
         order = np.argsort(-scores, kind="stable")
