@@ -352,8 +352,9 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     prompts = [str(p).strip() for p in prompts]
     if any(not p for p in prompts):
         raise InvalidInput("a --prompt is empty: describe the object, e.g. -p 'red bowl'")
-    points = [tuple(map(float, p)) for p in points]
-    boxes = [tuple(map(float, b)) for b in boxes]
+    # "X,Y" strings (as on the command line) or number pairs/quadruples.
+    points = [parse_point(p) if isinstance(p, str) else tuple(map(float, p)) for p in points]
+    boxes = [parse_box(b) if isinstance(b, str) else parse_box(",".join(map(str, b))) for b in boxes]
     if not (prompts or points or boxes or auto):
         raise InvalidInput("nothing to segment: give --prompt TEXT, --point X,Y, --box X0,Y0,X1,Y1 or --auto")
     image_path = Path(image_path)
