@@ -249,3 +249,10 @@ def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segme
         assert len(error_lines(result)) == 1
     else:
         assert result.exit_code == 0, result.output
+
+
+def test_every_missing_model_is_named_in_one_line(scene_files):
+    result = run("mask", scene_files["image"], "-p", "cat", "--detector", "someone/absent-dino", "--segmenter", "someone/absent-sam")
+    assert result.exit_code == 1 and len(error_lines(result)) == 1
+    assert "hf download someone/absent-dino" in result.stderr and "hf download someone/absent-sam" in result.stderr
+    assert "loading" not in result.stderr  # found out before loading anything

@@ -162,6 +162,22 @@ def _model_folder(ref: str, what: str, option: str) -> Path:
     return hub_snapshot(ref, None, _HUB_FILES, what=what, option=option, folder="a/model/folder")[0]
 
 
+def _check_available(models: list[tuple[str, str, str]]) -> None:
+    """Fail before loading anything, naming every missing model in one line (a first
+    offline run would otherwise learn about them one at a time)."""
+    missing = []
+    for ref, what, option in models:
+        try:
+            _model_folder(ref, what, option)
+        except ModelNotAvailable as exc:
+            missing.append((ref, what, exc))
+    if len(missing) > 1:
+        also = "; ".join(f"the {what} {ref!r} is missing too (`hf download {ref}`)" for ref, what, _ in missing[1:])
+        raise ModelNotAvailable(f"{missing[0][2]}; {also}")
+    if missing:
+        raise missing[0][2]
+
+
 def _model_type(folder: Path) -> str:
     import json
 
@@ -368,6 +384,7 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     device = choose_device(config.device)
     detector_ref = config.detector or DEFAULT_DETECTOR
     segmenter_ref = config.segmenter or DEFAULT_SEGMENTER
+    _check_available([(detector_ref, "detector", "--detector")] * bool(prompts) + [(segmenter_ref, "segmenter", "--segmenter")])
     detector = None
     if prompts:
         report(Message(f"loading detector {detector_ref} on {device.name}"))
