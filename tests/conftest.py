@@ -85,3 +85,11 @@ def learned_background(tmp_path_factory, tiny_model):
     from scenebreak import LearnConfig
 
     return _learn_once(tmp_path_factory.mktemp("learned-bg"), tiny_model, LearnConfig(steps1=2, steps2=2, prior=False, background=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_segmentation(tmp_path_factory):
+    """A tiny random Grounding DINO and SAM saved as local folders: (detector, segmenter)."""
+    from scenebreak.testing import build_tiny_segmentation_models
+
+    return build_tiny_segmentation_models(tmp_path_factory.mktemp("segmentation"))

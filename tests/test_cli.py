@@ -19,7 +19,7 @@ def run(*args, input=None):
     return CliRunner().invoke(cli, [str(a) for a in args], input=input)
 
 
-@pytest.mark.parametrize("command", ["learn", "generate", "edit", "extract-bg", "list", "show", "rm", "export"])
+@pytest.mark.parametrize("command", ["mask", "learn", "generate", "edit", "extract-bg", "list", "show", "rm", "export"])
 def test_every_command_has_help_with_an_example(command):
     result = run(command, "--help")
     assert result.exit_code == 0, result.output

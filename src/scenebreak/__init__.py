@@ -21,6 +21,7 @@ _LAZY = {
     "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors",
     "choose_device": "device",
     "export_scene": "export",
+    "make_masks": "masking", "MaskConfig": "masking", "MaskRun": "masking", "MaskResult": "masking",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -335,6 +335,92 @@ def extract_bg(scene, num_images, seed, steps, guidance, negative, out_dir, prom
     print_images(result, json_)
 
 
+def _parsed(parse):
+    """A Click callback that parses every value of a repeatable option with `parse`."""
+
+    def callback(ctx, param, values):
+        from .errors import InvalidInput
+
+        try:
+            return [parse(v) for v in values]
+        except InvalidInput as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
+
+
+def _parse_point(text):
+    from .masking import parse_point
+
+    return parse_point(text)
+
+
+def _parse_box(text):
+    from .masking import parse_box
+
+    return parse_box(text)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-p", "--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Describe an object (repeatable): one mask per prompt, in order.")
+@click.option("--box", "boxes", multiple=True, metavar="X0,Y0,X1,Y1", callback=_parsed(_parse_box),
+              help="A box around an object, in image pixels (repeatable): one mask per box.")
+@click.option("--point", "points", multiple=True, metavar="X,Y", callback=_parsed(_parse_point),
+              help="A click on an object, in image pixels (repeatable): one mask per point, or one for all with --group.")
+@click.option("--group", is_flag=True, help="All --point clicks are on one object: make one mask from them.")
+@click.option("--auto", is_flag=True, help="No prompt needed: the largest distinct segments of the whole image.")
+@click.option("--max-masks", type=click.IntRange(1), default=4, show_default=True, help="How many segments --auto keeps (largest first).")
+@click.option("--all-instances", is_flag=True, help="A prompt's mask covers every match above --threshold, not only the best one.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="A prompt's detection must score above this (0..1).")
+@click.option("--min-area", type=click.IntRange(0), help="Drop specks smaller than this many pixels (default: 0.1% of the image).")
+@click.option("--dilate", type=click.IntRange(0), default=0, show_default=True, metavar="PX", help="Grow every mask by PX pixels.")
+@click.option("--keep-holes", is_flag=True, help="Do not fill holes inside the masks.")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the masks (default: beside IMAGE).")
+@click.option("--detector", envvar="SCENEBREAK_DETECTOR",
+              help="Hub id or local folder of the text detector (default IDEA-Research/grounding-dino-tiny). Env: SCENEBREAK_DETECTOR.")
+@click.option("--segmenter", envvar="SCENEBREAK_SEGMENTER",
+              help="Hub id or local folder of Segment Anything (default facebook/sam-vit-base). Env: SCENEBREAK_SEGMENTER.")
+@device_option
+@quiet_option
+@click.option("--json", "json_", is_flag=True, help="Print one JSON document (paths, labels, scores, boxes, areas) instead of paths.")
+@handle_errors
+def mask(image, prompts, boxes, points, group, auto, max_masks, all_instances, threshold, min_area, dilate, keep_holes,
+         out_dir, detector, segmenter, device, quiet, json_):
+    """Make one mask per object in IMAGE, ready for `learn`: from text prompts
+    (a detector finds the object, Segment Anything outlines it), boxes, clicks,
+    or --auto. Writes STEM.mask1.png ... and STEM.masks-preview.png (STEM: the
+    image's name without extension) and prints the mask paths: prompts first,
+    then boxes, points, --auto segments. Coordinates are image pixels.
+
+    \b
+    Example:
+      scenebreak mask photo.jpg -p "ceramic creature" -p bowl
+      scenebreak learn photo.jpg --masks $(scenebreak mask photo.jpg -p cat -p bowl)
+      scenebreak mask photo.jpg --box 40,60,300,420 --point 350,200
+      scenebreak mask photo.jpg --auto --max-masks 3 --dilate 8
+    """
+    from .masking import MaskConfig, make_masks
+
+    config = MaskConfig(detector=detector, segmenter=segmenter, threshold=threshold, all_instances=all_instances, group=group,
+                        max_masks=max_masks, min_area=min_area, dilate=dilate, fill_holes=not keep_holes, device=device)
+    report = reporter(quiet)
+    try:
+        result = make_masks(image, prompts=prompts, points=points, boxes=boxes, auto=auto, config=config, out_dir=out_dir,
+                            report=report)
+    finally:
+        report.close()
+    if json_:
+        emit_json(result.to_dict())
+        return
+    for path in result.paths:
+        click.echo(str(path))
+    if not quiet:
+        click.echo(f"preview: {result.preview}", err=True)
+
+
 @cli.command(name="list")
 @json_option
 @handle_errors

@@ -78,31 +78,40 @@ def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Pat
         if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
             raise InvalidInput(f"{folder} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
         return folder, None
+    return hub_snapshot(base_model, revision, _HUB_FILES)
+
+
+def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what: str = "base model",
+                 option: str = "--base-model", folder: str = "a/diffusers/folder") -> tuple[Path, str]:
+    """The local snapshot folder of a hub model and its commit: from the Hugging Face
+    cache when it is there, else downloaded; a one-line fix-it error when neither works."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    hint = dict(what=what, option=option, folder=folder)
     try:
         # The cache first: no network round trip when the weights are already here.
-        folder = snapshot_download(base_model, revision=revision, allow_patterns=_HUB_FILES, local_files_only=True)
+        path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError, HfHubHTTPError):
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-            raise ModelNotAvailable(_missing_message(base_model, revision, offline=True)) from None
+            raise ModelNotAvailable(_missing_message(ref, revision, offline=True, **hint)) from None
         try:
-            folder = snapshot_download(base_model, revision=revision, allow_patterns=_HUB_FILES)
+            path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns)
         except Exception as exc:  # every hub failure becomes the same actionable message
-            raise ModelNotAvailable(_missing_message(base_model, revision, reason=exc)) from exc
-    folder = Path(folder)
-    return folder, folder.name
+            raise ModelNotAvailable(_missing_message(ref, revision, reason=exc, **hint)) from exc
+    path = Path(path)
+    return path, path.name
 
 
-def _missing_message(base_model: str, revision: str | None, offline: bool = False, reason: Exception | None = None) -> str:
+def _missing_message(base_model: str, revision: str | None, offline: bool = False, reason: Exception | None = None,
+                     what: str = "base model", option: str = "--base-model", folder: str = "a/diffusers/folder") -> str:
     rev = f" --revision {revision}" if revision else ""
     why = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else (
         f"it is not in the Hugging Face cache and could not be downloaded ({type(reason).__name__})"
     )
     return (
-        f"base model {base_model!r} is not available: {why}. Fix: on a connected machine run "
-        f"`hf download {base_model}{rev}` (or unset HF_HUB_OFFLINE), or pass --base-model /path/to/a/diffusers/folder"
+        f"{what} {base_model!r} is not available: {why}. Fix: on a connected machine run "
+        f"`hf download {base_model}{rev}` (or unset HF_HUB_OFFLINE), or pass {option} /path/to/{folder}"
     )
 
 

@@ -219,3 +219,75 @@ def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen:
     }
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return folder
+
+
+# Words the tiny Grounding DINO tokenizer knows; anything else becomes [UNK].
+TINY_DETECTOR_WORDS = [
+    "a", "the", "cat", "dog", "bowl", "creature", "ceramic", "toy", "bear", "bird", "red", "blue",
+    "square", "object", "thing", "photo", "of", "and", ".", ",",
+]
+
+
+def build_tiny_segmentation_models(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Save a tiny random Grounding DINO and a tiny random SAM (with their
+    processors) as ordinary transformers folders; returns (detector, segmenter).
+
+    The sizes follow the constraints measured in the segmentation notes: SAM's
+    channel sizes agree and its processor works at 128 px; Grounding DINO's
+    d_model is a multiple of 32 and num_queries is below the encoder's token count.
+    SAM's mask decoder is biased so that every prompt gives a non-empty mask: a
+    random decoder may otherwise return nothing, and tests must be deterministic."""
+    import os
+
+    import torch
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessorPil, GroundingDinoProcessor, SamConfig, SamImageProcessorPil,
+                              SamMaskDecoderConfig, SamModel, SamProcessor, SamPromptEncoderConfig, SamVisionConfig,
+                              SwinConfig)
+
+    folder = Path(folder)
+    detector, segmenter = folder / "tiny-grounding-dino", folder / "tiny-sam"
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_DETECTOR_WORDS]
+    detector.mkdir(parents=True, exist_ok=True)
+    (detector / "vocab.txt").write_text("\n".join(vocab) + "\n")  # save_pretrained does not write it
+    tokenizer = BertTokenizer(vocab=str(detector / "vocab.txt"))
+    backbone = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
+                          out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4])
+    text = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=64)
+    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, num_queries=20,
+                                 encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                 encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=4,
+                                 encoder_n_points=2, decoder_n_points=2, max_text_len=64)
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(config).save_pretrained(detector)
+    image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 96, "longest_edge": 128})
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(detector)
+
+    vision = SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=128, patch_size=16, window_size=4, global_attn_indexes=[1], num_pos_feats=16,
+                             mlp_dim=64)
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=128, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                   iou_head_hidden_dim=32)
+    torch.manual_seed(seed)
+    sam = SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+    with torch.no_grad():
+        # A mask's logits are (upscaled image embedding) . (a hypernetwork vector):
+        # biasing that vector's entries lifts the logits so every prompt gives a
+        # non-empty mask (a random decoder may otherwise give none), and scales them so
+        # the masks are stable (sharp) enough for `--auto` to keep.
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.proj_out.bias.fill_(500.0)
+        # A constant predicted IoU of 0.95, so `--auto` keeps its candidates.
+        sam.mask_decoder.iou_prediction_head.proj_out.weight.zero_()
+        sam.mask_decoder.iou_prediction_head.proj_out.bias.fill_(0.95)
+    sam.save_pretrained(segmenter)
+    SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
+                 ).save_pretrained(segmenter)
+
+    for path in (*detector.rglob("*"), *segmenter.rglob("*")):
+        if path.is_file():
+            os.chmod(path, 0o644)  # save_pretrained writes the weights 0600
+    return detector, segmenter
