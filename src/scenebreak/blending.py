@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from .events import Progress, Reporter, silent
+from .maskops import dilate
 
 
 def work_size(size: tuple[int, int], resolution: int, multiple: int = 8) -> tuple[int, int]:
@@ -25,27 +26,11 @@ def work_size(size: tuple[int, int], resolution: int, multiple: int = 8) -> tupl
     return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
 
 
-def dilate(mask: np.ndarray, px: int) -> np.ndarray:
-    """Grow a boolean (H, W) mask by `px` pixels (a square neighbourhood)."""
-    out = mask.astype(bool)
-    for _ in range(max(0, px)):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= grown[:, :-1].copy()
-        grown[:, :-1] |= grown[:, 1:].copy()
-        out = grown
-    return out
-
-
 def feather_weights(mask: np.ndarray, px: int) -> np.ndarray:
     """1 on the mask, falling linearly to 0 at `px` pixels outside it; 0 beyond."""
-    ring = mask.astype(bool)
-    total = ring.astype(np.float32)
-    for _ in range(max(0, px)):
-        ring = dilate(ring, 1)
-        total += ring
-    return total / (max(0, px) + 1)
+    px = max(0, px)
+    total = sum(dilate(mask, radius).astype(np.float32) for radius in range(px + 1))
+    return total / (px + 1)
 
 
 def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray, feather: int) -> np.ndarray:

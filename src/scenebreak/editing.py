@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .blending import blended_latents, blended_steps, decode, dilate, encode, latent_mask, paste_back, resize_mask, work_size
+from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
 from .bundle import Scene, load_scene
 from .config import EditConfig, GenerateConfig
 from .device import Device, choose_device
@@ -21,6 +21,7 @@ from .events import Message, Reporter, silent
 from .generation import (GeneratedImage, GenerateResult, check_prompts, open_pipeline, sample_to_files, save_png, slug,
                          warn_unused_handles)
 from .images import load_image, load_masks
+from .maskops import dilate
 
 
 def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
@@ -97,7 +98,7 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     image_path = Path(image)
     source = load_image(image_path)
     mask_paths = [Path(m) for m, _ in regions]
-    masks = [dilate(m, config.dilate) for m in load_masks(mask_paths, source.size)]
+    masks = [dilate(m, config.dilate).astype(bool) for m in load_masks(mask_paths, source.size)]
     if output is not None:
         output = Path(output)
         if config.num_images > 1:
@@ -153,7 +154,7 @@ def extract_background(scene, config: EditConfig = EditConfig(dilate=8), *, vari
 
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
     pipe = open_pipeline(scene, device)
-    [plate] = blend_regions(pipe, scene.image, [dilate(objects, config.dilate)], [plate_prompt], [seed], config,
+    [plate] = blend_regions(pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], config,
                             scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
     result = GenerateResult(scene=scene.name)
     path = save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png")
