@@ -1,4 +1,5 @@
-"""Seconds per training step and peak memory: scenebreak vs. the original code's way.
+"""Seconds per training step, peak memory and generation speed: scenebreak vs. the
+original code's way.
 
 Builds the Stable Diffusion 2.1-base architecture with random weights (no download)
 and times phase-1 and phase-2 steps at 512x512 with prior preservation (a batch of
@@ -10,8 +11,10 @@ Break-A-Scene code does each step:
   * the VAE encodes the instance and class images again at every step;
   * phase 1 runs the class image through the UNet too, although its loss has no
     gradient with respect to the handles (scenebreak skips it; same updates).
-Everything else (loss, optimizer, data) is the same code. Each measurement runs in
-a fresh process, one after the other (never in parallel), so peak memory is its own.
+Everything else (loss, optimizer, data) is the same code. Phase 2 is also measured
+with `--memory low` and with `--tune lora`, and `generate` batched and one image per
+call. Each measurement runs in a fresh process, one after the other (never in
+parallel), so peak memory is its own.
 
     python benchmarks/train_step.py                  # CPU, 512x512
     python benchmarks/train_step.py --device cuda    # on a GPU (bf16 autocast)
@@ -106,20 +109,25 @@ def make_baseline_trainer(Trainer):
     return BaselineTrainer
 
 
-def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int) -> dict:
-    """One measurement, in this process: build, warm up one step, time `steps`."""
-    import numpy as np
-    from PIL import Image
+# What each row runs: scenebreak's settings per variant, or the original code's way.
+VARIANTS = {
+    "scenebreak": {"memory": "fast"},
+    "scenebreak low-memory": {"memory": "low"},
+    "scenebreak LoRA": {"memory": "fast", "tune": "lora"},
+    "original-style": {"memory": "fast"},
+}
+ROWS = [(1, "scenebreak"), (1, "original-style"), (2, "scenebreak"), (2, "scenebreak low-memory"), (2, "scenebreak LoRA"),
+        (2, "original-style"), ("generate", "scenebreak"), ("generate", "one image per call")]
+
+
+def random_sd21(device_name: str):
+    """The SD2.1-base architecture with random weights, a CLIP-sized tokenizer, and a
+    scratch folder."""
     from transformers import CLIPTokenizer
 
-    from scenebreak.config import LearnConfig
-    from scenebreak.device import choose_device
     from scenebreak.models import BaseModel, Components
     from scenebreak.testing import build_components, sd21_base_configs, write_tiny_tokenizer
-    from scenebreak.tokens import add_handles
-    from scenebreak.train import Trainer, TrainInputs
 
-    device = choose_device(device_name)
     tmp = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(tmp / "tok", vocab_size=49408)
     tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
@@ -129,6 +137,58 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
                             BaseModel("random-sd21-base", None, None, "random"))
     for model in (components.unet, components.vae, components.text_encoder):
         model.requires_grad_(False)
+    return components, tmp
+
+
+def peak(device) -> dict:
+    if device.type == "cuda":
+        return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_what": "torch.cuda.max_memory_allocated"}
+    return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_what": "peak RSS of the process"}
+
+
+def measure_generation(kind: str, steps: int, device_name: str, resolution: int) -> dict:
+    """Seconds per image of `generate` (DDIM, guidance 7.5), from `steps` timed
+    denoising steps scaled to 50: batched (4 images per pass on CUDA, 2 on the CPU)
+    or one image per call."""
+    from scenebreak.device import choose_device
+    from scenebreak.pipeline import make_pipeline, sample
+
+    device = choose_device(device_name)
+    components, _ = random_sd21(device_name)
+    dtype = device.infer_dtype()
+    c = components
+    for model in (c.unet, c.vae, c.text_encoder):
+        model.to(device.torch, dtype)
+    pipe = make_pipeline(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config)
+    batch = 1 if kind == "one image per call" else (4 if device.type == "cuda" else 2)
+    seeds = list(range(batch))
+    sample(pipe, "a photo", seeds, steps=1, guidance=7.5, resolution=resolution)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    device.synchronize()
+    started = time.perf_counter()
+    sample(pipe, "a photo", seeds, steps=steps, guidance=7.5, resolution=resolution)
+    device.synchronize()
+    per_step = (time.perf_counter() - started) / steps
+    per_image = per_step * 50 / batch
+    return {"kind": kind, "phase": "generate", "batch": batch, "dtype": str(dtype).replace("torch.", ""),
+            "s_per_image": per_image, "images_per_s": 1 / per_image, **peak(device)}
+
+
+def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int) -> dict:
+    """One measurement, in this process: build, warm up one step, time `steps`."""
+    import numpy as np
+    from PIL import Image
+
+    from scenebreak.config import LearnConfig
+    from scenebreak.device import choose_device
+    from scenebreak.memory import choose as choose_memory
+    from scenebreak.tokens import add_handles
+    from scenebreak.train import Trainer, TrainInputs
+
+    device = choose_device(device_name)
+    components, tmp = random_sd21(device_name)
+    tokenizer = components.tokenizer
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8))
     class_paths = []
@@ -142,7 +202,8 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     tokens = ["<asset1>", "<asset2>"]
     ids, _ = add_handles(tokenizer, components.text_encoder, tokens)
     steps1, steps2 = (steps + 1, 0) if phase == 1 else (0, steps + 1)
-    config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution)
+    config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution, **VARIANTS[kind])
+    config = choose_memory(config, components, device, resolution)  # the switches --memory low turns on
     cls = Trainer if kind == "scenebreak" else make_baseline_trainer(Trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -155,15 +216,8 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
         times.append(now - started)
         started = now
     timed = times[1:]  # the first step warms up (allocator, kernels, lazy caches)
-    result = {"kind": kind, "phase": phase, "steps_timed": len(timed), "s_per_step": sum(timed) / len(timed),
-              "first_step_s": times[0]}
-    if device.type == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["peak_what"] = "torch.cuda.max_memory_allocated"
-    else:
-        result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        result["peak_what"] = "peak RSS of the process"
-    return result
+    return {"kind": kind, "phase": phase, "steps_timed": len(timed), "s_per_step": sum(timed) / len(timed),
+            "first_step_s": times[0], **peak(device)}
 
 
 def machine(device_name: str) -> str:
@@ -187,6 +241,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--baseline-memory-limit-gib", type=float, default=None,
                         help="address-space cap for the baseline's processes (CPU), so an out-of-memory baseline fails fast instead of swapping")
+    parser.add_argument("--gen-steps", type=int, default=3, help="timed denoising steps per generation row")
+    parser.add_argument("--only", nargs="+", help="only the rows whose 'PHASE KIND' contains one of these words, e.g. LoRA generate")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -194,62 +250,85 @@ def main() -> None:
         if args.baseline_memory_limit_gib:
             limit = int(args.baseline_memory_limit_gib * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.steps, args.device, args.resolution)))
+        kind, phase = args.one
+        if phase == "generate":
+            print(json.dumps(measure_generation(kind, args.gen_steps, args.device, args.resolution)))
+        else:
+            print(json.dumps(measure(kind, int(phase), args.steps, args.device, args.resolution)))
         return
 
     rows = []
-    for phase in (1, 2):
-        for kind in ("scenebreak", "original-style"):
-            cmd = [sys.executable, __file__, "--one", kind, str(phase), "--device", args.device,
-                   "--resolution", str(args.resolution), "--steps", str(args.steps)]
-            if args.baseline_memory_limit_gib and kind != "scenebreak":
-                cmd += ["--baseline-memory-limit-gib", str(args.baseline_memory_limit_gib)]
-            print(f"measuring {kind}, phase {phase} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode == 0:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            else:
-                tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
-                oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-                limit = f" (> {args.baseline_memory_limit_gib} GiB cap)" if args.baseline_memory_limit_gib and kind != "scenebreak" else ""
-                rows.append({"kind": kind, "phase": phase, "error": f"out of memory{limit}" if oom else tail[:200]})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for phase, kind in ROWS:
+        if args.only and not any(word in f"{phase} {kind}" for word in args.only):
+            continue
+        baseline = kind == "original-style"
+        cmd = [sys.executable, __file__, "--one", kind, str(phase), "--device", args.device,
+               "--resolution", str(args.resolution), "--steps", str(args.steps), "--gen-steps", str(args.gen_steps)]
+        if args.baseline_memory_limit_gib and baseline:
+            cmd += ["--baseline-memory-limit-gib", str(args.baseline_memory_limit_gib)]
+        print(f"measuring {kind}, phase {phase} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+            oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
+            limit = f" (> {args.baseline_memory_limit_gib} GiB cap)" if args.baseline_memory_limit_gib and baseline else ""
+            rows.append({"kind": kind, "phase": phase, "error": f"out of memory{limit}" if oom else tail[:200]})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
-    lines = [
-        "# Training step: scenebreak vs. original-style attention capture",
-        "",
-        f"- machine: {machine(args.device)}; device: {args.device}; torch {torch.__version__}",
-        f"- model: SD2.1-base architecture, random weights; {args.resolution}x{args.resolution}; batch 2 (instance + class image); AdamW",
-        f"- {args.steps} timed steps after 1 warm-up step; each row is a fresh process",
-        "- scenebreak's phase 1 runs the instance example only: there the class image's loss has no gradient with "
-        "respect to the handles, so skipping it gives the same updates (docs/method.md); the baseline runs both",
-        f"- date: {time.strftime('%Y-%m-%d')}; command: `python benchmarks/train_step.py --device {args.device}"
-        + (f" --baseline-memory-limit-gib {args.baseline_memory_limit_gib}" if args.baseline_memory_limit_gib else "") + "`",
-        "",
-        "| phase | code | s/step | peak GiB | time vs baseline | memory vs baseline |",
-        "|---|---|---|---|---|---|",
-    ]
-    for phase in (1, 2):
-        ours = next(r for r in rows if r["phase"] == phase and r["kind"] == "scenebreak")
-        base = next(r for r in rows if r["phase"] == phase and r["kind"] == "original-style")
-        for row in (ours, base):
-            if "error" in row:
-                lines.append(f"| {phase} | {row['kind']} | {row['error']} | | | |")
-                continue
-            ratio_t = ratio_m = ""
-            if row is ours and "error" not in base:
-                ratio_t = f"{ours['s_per_step'] / base['s_per_step']:.2f}x"
-                ratio_m = f"{ours['peak_gib'] / base['peak_gib']:.2f}x"
-            lines.append(f"| {phase} | {row['kind']} | {row['s_per_step']:.2f} | {row['peak_gib']:.1f} | {ratio_t} | {ratio_m} |")
-    lines.append("")
-    lines.append(f"Peak memory is the {rows[0].get('peak_what', 'peak')}, which includes the model weights and optimizer state.")
-    table = "\n".join(lines)
+    command = f"python benchmarks/train_step.py --device {args.device}" + (
+        f" --baseline-memory-limit-gib {args.baseline_memory_limit_gib}" if args.baseline_memory_limit_gib else "")
+    table = render(rows, args, command)
     print(table)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     stem = f"train_step-{args.device.split(':')[0]}"
     (out / f"{stem}.md").write_text(table + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"machine": machine(args.device), "rows": rows}, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine(args.device), "command": command, "rows": rows}, indent=2) + "\n")
+
+
+def render(rows: list[dict], args, command: str) -> str:
+    lines = [
+        "# Training step and generation: scenebreak vs. the original code's way",
+        "",
+        f"- machine: {machine(args.device)}; device: {args.device}; torch {torch.__version__}",
+        f"- model: SD2.1-base architecture, random weights; {args.resolution}x{args.resolution}; training batch 2 "
+        "(instance + class image); AdamW with fp32 master weights" + ("; bf16 autocast" if args.device.startswith("cuda") else ""),
+        f"- training: {args.steps} timed steps after 1 warm-up step; generation: {args.gen_steps} timed DDIM steps "
+        "(guidance 7.5) scaled to 50; each row is a fresh process, one at a time",
+        "- scenebreak's phase 1 runs the instance example only: there the class image's loss has no gradient with "
+        "respect to the handles, so skipping it gives the same updates (docs/method.md); the baseline runs both",
+        "- low-memory: `--memory low` (gradient checkpointing, optimizer step inside the backward pass, 8-bit AdamW "
+        "on CUDA when bitsandbytes is installed); LoRA: `--tune lora --rank 32`",
+        f"- date: {time.strftime('%Y-%m-%d')}; command: `{command}`",
+        "",
+        "| phase | code | s/step | peak GiB | time vs baseline | memory vs baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for phase in (1, 2):
+        base = next((r for r in rows if r["phase"] == phase and r["kind"] == "original-style"), None)
+        for row in (r for r in rows if r["phase"] == phase):
+            if "error" in row:
+                lines.append(f"| {phase} | {row['kind']} | {row['error']} | | | |")
+                continue
+            ratio_t = ratio_m = ""
+            if row is not base and base and "error" not in base:
+                ratio_t = f"{row['s_per_step'] / base['s_per_step']:.2f}x"
+                ratio_m = f"{row['peak_gib'] / base['peak_gib']:.2f}x"
+            lines.append(f"| {phase} | {row['kind']} | {row['s_per_step']:.2f} | {row['peak_gib']:.1f} | {ratio_t} | {ratio_m} |")
+    generation = [r for r in rows if r["phase"] == "generate"]
+    if generation:
+        lines += ["", "| generate | images per pass | dtype | s/image | images/s | peak GiB |", "|---|---|---|---|---|---|"]
+        for row in generation:
+            if "error" in row:
+                lines.append(f"| {row['kind']} | {row['error']} | | | | |")
+            else:
+                lines.append(f"| {row['kind']} | {row['batch']} | {row['dtype']} | {row['s_per_image']:.2f} | "
+                             f"{row['images_per_s']:.3f} | {row['peak_gib']:.1f} |")
+    lines += ["", f"Peak memory is the {rows[0].get('peak_what', 'peak') if rows else 'peak'}, which includes the model "
+              "weights and optimizer state."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

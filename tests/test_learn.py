@@ -172,7 +172,7 @@ def test_phase1_skipping_the_class_example_changes_nothing(scene_files, tiny_mod
                           LearnConfig(steps1=4, steps2=0, num_class_images=2), choose_device("cpu"), ["<asset1>", "<asset2>"])
         trainer.skip_frozen_prior = skip
         records = list(trainer.run())
-        results.append((trainer.embedding.handles.detach().clone(), [r.rec for r in records], [r.prior for r in records]))
+        results.append((trainer.embedding.handles.detach().clone(), [r.value("rec") for r in records], [r.value("prior") for r in records]))
     (fast, fast_rec, fast_prior), (full, full_rec, full_prior) = results
     assert torch.allclose(fast, full, atol=1e-6)
     assert np.allclose(fast_rec, full_rec, rtol=1e-4)

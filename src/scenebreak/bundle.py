@@ -5,6 +5,7 @@ Tensor names:
   source.image              (R, R, 3) uint8 training crop
   source.masks              (N, R, R) uint8 masks of the crop
   unet.* / text_encoder.* / vae.*   full weights (self-contained: no base model needed)
+  unet_lora.* / text_encoder_lora.* LoRA adapters instead (`--tune lora`): the base model is needed
   file.tokenizer/NAME       uint8 bytes of each tokenizer file (handles included)
 Metadata: {"format": "scenebreak.scene", "scenebreak": "<JSON>"}; the JSON holds
 format_version, versions, base model, handles, resolution, configs, losses...
@@ -23,7 +24,8 @@ from .paths import SCENE_SUFFIX, resolve_scene, scenes_dir, write_atomically
 
 FORMAT = "scenebreak.scene"
 FORMAT_VERSION = 1
-COMPONENTS = ("unet", "text_encoder", "vae")
+COMPONENTS = ("unet", "text_encoder", "vae")  # full weights: the scene generates on its own
+LORA_COMPONENTS = ("unet_lora", "text_encoder_lora")  # adapters for the recorded base model
 
 
 @dataclass
@@ -72,6 +74,15 @@ class Scene:
     @property
     def resolution(self) -> int:
         return int(self.meta["resolution"])
+
+    @property
+    def needs_base_model(self) -> bool:
+        """A LoRA scene holds adapters only: it generates on top of its base model."""
+        return self.meta.get("tuning") == "lora" and not self.meta.get("standalone", True)
+
+    @property
+    def weight_components(self) -> tuple[str, ...]:
+        return LORA_COMPONENTS if self.needs_base_model else COMPONENTS
 
 
 def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
@@ -143,7 +154,8 @@ def load_scene(ref, weights: bool = False) -> Scene:
 
     path = resolve_scene(ref)
     meta = read_metadata(path)
-    scene_weights: dict = {component: {} for component in COMPONENTS} if weights else {}
+    expected = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
+    scene_weights: dict = {component: {} for component in expected} if weights else {}
     files: dict = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -155,7 +167,7 @@ def load_scene(ref, weights: bool = False) -> Scene:
                     files[key[5:]] = f.get_tensor(key).numpy().tobytes()
                 elif weights:
                     component, _, name = key.partition(".")
-                    if component in COMPONENTS:
+                    if component in scene_weights:
                         scene_weights[component][name] = f.get_tensor(key)
     except BundleError:
         raise
@@ -164,7 +176,7 @@ def load_scene(ref, weights: bool = False) -> Scene:
     if weights:
         empty = [c for c, s in scene_weights.items() if not s]
         if empty:
-            raise BundleError(f"{path} holds no {', '.join(empty)} weights, so it cannot generate on its own")
+            raise BundleError(f"{path} holds no {', '.join(empty)} weights, so it cannot generate")
     if len(meta.get("handles", [])) != embeddings.shape[0]:
         raise BundleError(f"{path} is inconsistent: {len(meta.get('handles', []))} handles but {embeddings.shape[0]} embeddings")
     return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path)

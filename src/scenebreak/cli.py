@@ -79,6 +79,8 @@ device_option = click.option("--device", type=click.Choice(DEVICES, case_sensiti
                              help="auto (default: CUDA, then MPS, then CPU), cuda, mps or cpu. Env: SCENEBREAK_DEVICE.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes (warnings and errors still show).")
 json_option = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of paths.")
+scene_base_option = click.option("--base-model",
+                                 help="LoRA scenes only: where their base model is, if not the hub id or folder they recorded.")
 batch_size_option = click.option("--batch-size", type=int, help="Images per forward pass (default: 4 on CUDA, else 1).")
 
 
@@ -127,8 +129,16 @@ def cli(debug):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random in training.")
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), default="auto", show_default=True,
               help="Autocast dtype on CUDA (weights stay fp32); auto picks bf16 where supported.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Less memory, ~2x slower steps.")
-@click.option("--adam-8bit", is_flag=True, help="8-bit AdamW (CUDA, needs bitsandbytes): fits 12 GB cards.")
+@click.option("--memory", type=click.Choice(["auto", "fast", "low"]), default="auto", show_default=True,
+              help="low: gradient checkpointing, optimizer step inside the backward pass, 8-bit AdamW on CUDA; auto: low when fast would not fit.")
+@click.option("--tune", type=click.Choice(["full", "lora"]), default="full", show_default=True,
+              help="Phase 2 tunes all UNet and text-encoder weights (the paper), or LoRA adapters: less memory, a ~40 MB scene, weaker likeness.")
+@click.option("--rank", type=int, default=32, show_default=True, help="LoRA rank (--tune lora).")
+@click.option("--lr-lora", type=float, default=1e-4, show_default=True, help="Phase-2 learning rate of the LoRA adapters (the handles keep --lr2).")
+@click.option("--standalone", is_flag=True, help="--tune lora: bake the adapters into full weights, so the scene needs no base model.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Less memory, slower steps (part of --memory low).")
+@click.option("--adam-8bit", is_flag=True, help="8-bit AdamW (CUDA, needs bitsandbytes; part of --memory low when installed).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet: faster steps on CUDA after a compile of a minute or two.")
 @click.option("--save-dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="Precision of the weights stored in the scene.")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also save a resumable checkpoint every N steps (0: only at the end of phase 1 and on Ctrl-C).")
 @quiet_option
@@ -136,7 +146,8 @@ def cli(debug):
 @handle_errors
 def learn(image, masks, names, init_words, name, output, force, resume, steps1, steps2, lr1, lr2, lambda_attn, no_prior,
           background, class_prompt, num_class_images, resolution, base_model, revision, device, seed, mixed_precision,
-          gradient_checkpointing, adam_8bit, save_dtype, checkpoint_every, quiet, json_):
+          memory, tune, rank, lr_lora, standalone, gradient_checkpointing, adam_8bit, compile_, save_dtype, checkpoint_every,
+          quiet, json_):
     """Learn a handle for every masked object in IMAGE; prints the .scene path.
 
     \b
@@ -152,8 +163,9 @@ def learn(image, masks, names, init_words, name, output, force, resume, steps1, 
     config = LearnConfig(
         names=tuple(names) or None, init_words=tuple(init_words) or None, steps1=steps1, steps2=steps2, lr1=lr1, lr2=lr2,
         lambda_attn=lambda_attn, prior=not no_prior, background=background, class_prompt=class_prompt, num_class_images=num_class_images,
-        resolution=resolution, seed=seed, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-        adam_8bit=adam_8bit, save_dtype=save_dtype, checkpoint_every=checkpoint_every,
+        resolution=resolution, seed=seed, mixed_precision=mixed_precision, memory=memory, tune=tune, rank=rank, lr_lora=lr_lora,
+        standalone=standalone, gradient_checkpointing=gradient_checkpointing, adam_8bit=adam_8bit, compile=compile_,
+        save_dtype=save_dtype, checkpoint_every=checkpoint_every,
     )
     report = reporter(quiet)
     try:
@@ -229,12 +241,13 @@ def _read_prompts(prompts, prompts_file) -> list[str]:
 @click.option("--prompts-file", type=click.File("r"), help="One prompt per line ('-' reads stdin); # starts a comment.")
 @click.option("--variations", is_flag=True, help="Image variations: the prompt \"a photo of <asset1> and <asset2> ...\" with all the objects.")
 @batch_size_option
+@scene_base_option
 @device_option
 @quiet_option
 @json_option
 @handle_errors
-def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_dir, prompts_file, variations, batch_size, device,
-             quiet, json_):
+def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_dir, prompts_file, variations, batch_size, base_model,
+             device, quiet, json_):
     """Make images from prompts that use the handles of SCENE (a .scene path or a
     cached scene name); prints each image's path.
 
@@ -250,7 +263,8 @@ def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_di
     config = GenerateConfig(num_images=num_images, steps=steps, guidance=guidance, negative=negative, seed=seed, batch_size=batch_size)
     report = reporter(quiet)
     try:
-        result = generate_images(scene, prompts, config, out_dir=out_dir, device=device, variations=variations, report=report)
+        result = generate_images(scene, prompts, config, out_dir=out_dir, device=device, variations=variations,
+                                 base_model=base_model, report=report)
     finally:
         report.close()
     print_images(result, json_)
@@ -267,12 +281,13 @@ def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_di
 @click.option("--overwrite", is_flag=True, help="Allow replacing an existing file (even IMAGE) instead of choosing a new name.")
 @blending_options(dilate_default=0)
 @batch_size_option
+@scene_base_option
 @device_option
 @quiet_option
 @json_option
 @handle_errors
 def edit_command(image, prompt, scene, masks, prompt_options, num_images, seed, steps, guidance, negative, out_dir, output,
-                 overwrite, blend_start, dilate, feather, no_paste, batch_size, device, quiet, json_):
+                 overwrite, blend_start, dilate, feather, no_paste, batch_size, base_model, device, quiet, json_):
     """Put a scene's objects into the masked region of any IMAGE (Blended Latent
     Diffusion); everything outside the mask stays as it was. Prints the output paths.
 
@@ -294,7 +309,7 @@ def edit_command(image, prompt, scene, masks, prompt_options, num_images, seed, 
     report = reporter(quiet)
     try:
         result = edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output, overwrite=overwrite,
-                      device=device, report=report)
+                      device=device, base_model=base_model, report=report)
     finally:
         report.close()
     print_images(result, json_)
@@ -306,12 +321,13 @@ def edit_command(image, prompt, scene, masks, prompt_options, num_images, seed, 
 @click.option("-p", "--prompt", help="Template of the variations (default \"a photo of <background>\"), e.g. \"a photo of a car at <background>\".")
 @blending_options(dilate_default=8)
 @batch_size_option
+@scene_base_option
 @device_option
 @quiet_option
 @json_option
 @handle_errors
 def extract_bg(scene, num_images, seed, steps, guidance, negative, out_dir, prompt, blend_start, dilate, feather, no_paste,
-               batch_size, device, quiet, json_):
+               batch_size, base_model, device, quiet, json_):
     """The background of SCENE without its objects: a clean plate of the training photo
     (first line printed) and, with -n K, K new variations of the background. Needs a
     scene learned with `learn --background`.
@@ -329,7 +345,8 @@ def extract_bg(scene, num_images, seed, steps, guidance, negative, out_dir, prom
                         blend_start=blend_start, feather=feather, dilate=dilate, paste=not no_paste)
     report = reporter(quiet)
     try:
-        result = extract_background(scene, config, variations=num_images, prompt=prompt, out_dir=out_dir, device=device, report=report)
+        result = extract_background(scene, config, variations=num_images, prompt=prompt, out_dir=out_dir, device=device,
+                                    base_model=base_model, report=report)
     finally:
         report.close()
     print_images(result, json_)
@@ -518,8 +535,9 @@ def rm(scenes):
               help="diffusers: a Stable Diffusion pipeline folder; embeddings: one textual-inversion file per handle.")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Folder to write.")
 @click.option("--force", is_flag=True, help="Replace what is already there.")
+@scene_base_option
 @handle_errors
-def export(scene, format_, output, force):
+def export(scene, format_, output, force, base_model):
     """Export a scene for other tools; prints the paths written.
 
     \b
@@ -529,7 +547,7 @@ def export(scene, format_, output, force):
     """
     from .export import export_scene
 
-    for path in export_scene(scene, output, format_, force=force):
+    for path in export_scene(scene, output, format_, force=force, base_model=base_model):
         click.echo(str(path))
 
 

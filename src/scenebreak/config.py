@@ -41,8 +41,15 @@ class LearnConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    memory: str = "auto"  # auto | fast | low: see memory.py; learn() resolves auto
     gradient_checkpointing: bool = False
     adam_8bit: bool = False
+    optimizer_in_backward: bool = False  # phase 2: step each tensor as its gradient is ready
+    tune: str = "full"  # full | lora (phase 2)
+    rank: int = 32  # LoRA rank
+    lr_lora: float = 1e-4  # phase-2 learning rate of the LoRA adapters (the handles keep lr2)
+    standalone: bool = False  # LoRA: bake the adapters into full weights in the scene
+    compile: bool = False  # torch.compile the UNet
     save_dtype: str = "fp16"  # storage precision of the tuned weights in the bundle
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: only on Ctrl-C)
     background: bool = False  # one more handle, <background>, for the complement of the masks
@@ -59,6 +66,14 @@ class LearnConfig:
             raise InvalidInput("--num-class-images must be >= 1 (or use --no-prior)")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise InvalidInput(f"unknown mixed precision {self.mixed_precision!r}: use auto, no, fp16 or bf16")
+        if self.memory not in ("auto", "fast", "low"):
+            raise InvalidInput(f"unknown memory policy {self.memory!r}: use auto, fast or low")
+        if self.tune not in ("full", "lora"):
+            raise InvalidInput(f"unknown tuning {self.tune!r}: use full or lora")
+        if self.rank < 1 or self.lr_lora <= 0:
+            raise InvalidInput("--rank must be >= 1 and --lr-lora > 0")
+        if self.standalone and self.tune != "lora":
+            raise InvalidInput("--standalone only applies to --tune lora (full tuning is always standalone)")
         if self.save_dtype not in ("fp16", "fp32"):
             raise InvalidInput(f"unknown save dtype {self.save_dtype!r}: use fp16 or fp32")
         if self.checkpoint_every < 0:

@@ -83,7 +83,7 @@ def _seed(config: GenerateConfig, report: Reporter) -> int:
 
 def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]], scene, config: EditConfig = EditConfig(), *,
          out_dir: str | os.PathLike = ".", output: str | os.PathLike | None = None, overwrite: bool = False,
-         device: str | Device | None = None, report: Reporter = silent) -> GenerateResult:
+         device: str | Device | None = None, base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
     """Put the scene's concepts into regions of any photo: `regions` pairs a mask file
     (the photo's size, non-zero = change here) with a prompt such as "a photo of
     <asset1>"; they are applied in order. Writes `config.num_images` PNGs (seeds
@@ -114,7 +114,7 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     seed = _seed(config, report)
     seeds = [seed + i for i in range(config.num_images)]
 
-    pipe = open_pipeline(scene, device)
+    pipe = open_pipeline(scene, device, base_model)
     edited = blend_regions(pipe, np.asarray(source), masks, prompts, seeds, config, scene.resolution,
                            names=[f"mask {p}" for p in mask_paths], report=report)
     result = GenerateResult(scene=scene.name)
@@ -128,7 +128,7 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
 
 def extract_background(scene, config: EditConfig = EditConfig(dilate=8), *, variations: int = 0, prompt: str | None = None,
                        out_dir: str | os.PathLike = ".", device: str | Device | None = None,
-                       report: Reporter = silent) -> GenerateResult:
+                       base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
     """The scene's background without its objects: a clean plate of the training photo
     (the dilated object regions re-made from "a photo of <background>") and
     `variations` new backgrounds from `prompt` (default "a photo of <background>";
@@ -153,7 +153,7 @@ def extract_background(scene, config: EditConfig = EditConfig(dilate=8), *, vari
     out_dir.mkdir(parents=True, exist_ok=True)
 
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
-    pipe = open_pipeline(scene, device)
+    pipe = open_pipeline(scene, device, base_model)
     [plate] = blend_regions(pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], config,
                             scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
     result = GenerateResult(scene=scene.name)

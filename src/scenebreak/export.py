@@ -3,7 +3,8 @@
 - `diffusers`: a standard Stable Diffusion pipeline folder (fine-tuned UNet and text
   encoder with the handles, tokenizer, VAE, DDIM scheduler) that
   `StableDiffusionPipeline.from_pretrained(folder)` loads anywhere, in the precision
-  the scene stores (fp16 unless learned with `--save-dtype fp32`).
+  the scene stores (fp16 unless learned with `--save-dtype fp32`). A LoRA scene's
+  adapters are merged into its base model's weights for this.
 - `embeddings`: one textual-inversion file per handle (`NAME.safetensors`, holding
   `{"<NAME>": embedding}`), which `pipe.load_textual_inversion(file)` loads into the
   same base model. The handles alone carry phase 1 only: without the phase-2 UNet and
@@ -22,7 +23,8 @@ from .paths import write_atomically
 FORMATS = ("diffusers", "embeddings")
 
 
-def export_scene(scene, out: str | os.PathLike, format: str = "diffusers", force: bool = False) -> list[Path]:
+def export_scene(scene, out: str | os.PathLike, format: str = "diffusers", force: bool = False,
+                 base_model: str | None = None) -> list[Path]:
     """Write the scene in `format` under `out`; returns the paths written."""
     if format not in FORMATS:
         raise InvalidInput(f"unknown export format {format!r}: use {' or '.join(FORMATS)}")
@@ -32,7 +34,7 @@ def export_scene(scene, out: str | os.PathLike, format: str = "diffusers", force
     scene = load_scene(scene, weights=format == "diffusers")
     if format == "embeddings":
         return _export_embeddings(scene, out)
-    return [_export_diffusers(scene, out)]
+    return [_export_diffusers(scene, out, base_model)]
 
 
 def _export_embeddings(scene, out: Path) -> list[Path]:
@@ -49,7 +51,7 @@ def _export_embeddings(scene, out: Path) -> list[Path]:
     return written
 
 
-def _export_diffusers(scene, out: Path) -> Path:
+def _export_diffusers(scene, out: Path, base_model: str | None) -> Path:
     import torch
 
     from .device import choose_device
@@ -59,7 +61,7 @@ def _export_diffusers(scene, out: Path) -> Path:
 
     quiet_libraries()
     dtype = torch.float16 if scene.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
-    unet, vae, text_encoder, tokenizer = scene_components(scene, choose_device("cpu"), dtype=dtype)
+    unet, vae, text_encoder, tokenizer = scene_components(scene, choose_device("cpu"), dtype=dtype, base_model=base_model)
     pipe = make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
     write_atomically(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return out

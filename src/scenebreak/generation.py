@@ -13,7 +13,7 @@ from pathlib import Path
 from .bundle import Scene, load_scene
 from .config import GenerateConfig
 from .device import Device, choose_device
-from .errors import InvalidInput, UnknownHandle
+from .errors import InvalidInput, ModelNotAvailable, UnknownHandle
 from .events import Message, Progress, Reporter, silent
 from .paths import write_atomically
 from .tokens import handles_in, prompt_for
@@ -50,31 +50,22 @@ def check_prompts(scene: Scene, prompts: list[str]) -> None:
                 raise UnknownHandle(f"unknown handle {token} in prompt {prompt!r}: scene {scene.name!r} has {', '.join(known)}")
 
 
-def scene_components(scene: Scene, device: Device, dtype=None):
-    """UNet, VAE, text encoder and tokenizer rebuilt from a self-contained scene."""
+def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None):
+    """UNet, VAE, text encoder and tokenizer of a scene: rebuilt from its own weights, or
+    for a LoRA scene, its base model (`base_model` overrides where to find it) with the
+    adapters merged in."""
     import torch
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
     if not scene.weights:
         scene = load_scene(scene.path, weights=True)
-    configs = scene.meta["configs"]
     dtype = dtype or device.infer_dtype()
-    with init_empty_weights():  # no random init of weights we overwrite anyway
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
-        model.load_state_dict(state, assign=True, strict=True)
-        model.to(device.torch).eval().requires_grad_(False)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in scene.files.items():
-            target = Path(tmp) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        tokenizer = AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+    tokenizer = _scene_tokenizer(scene)
+    if scene.needs_base_model:
+        unet, vae, text_encoder = _base_with_lora(scene, base_model, len(tokenizer))
+    else:
+        unet, vae, text_encoder = _own_weights(scene, dtype)
+    for model in (unet, vae, text_encoder):
+        model.to(device.torch, dtype).eval().requires_grad_(False)
     # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
     ids = tokenizer.convert_tokens_to_ids(scene.tokens)
     emb = text_encoder.get_input_embeddings().weight
@@ -83,6 +74,56 @@ def scene_components(scene: Scene, device: Device, dtype=None):
     with torch.no_grad():
         emb[ids] = scene.embeddings.to(emb.device, emb.dtype)
     return unet, vae, text_encoder, tokenizer
+
+
+def _scene_tokenizer(scene: Scene):
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in scene.files.items():
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+
+
+def _own_weights(scene: Scene, dtype):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = scene.meta["configs"]
+    with init_empty_weights():  # no random init of weights we overwrite anyway
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
+        model.load_state_dict(state, assign=True, strict=True)
+    return unet, vae, text_encoder
+
+
+def _base_with_lora(scene: Scene, base_model: str | None, vocabulary: int):
+    from .errors import BundleError
+    from .lora import add_lora, load_lora_state_dict, merge_lora
+    from .models import load_components
+
+    base = scene.meta["base_model"]
+    try:
+        c = load_components(base_model or base["id"], None if base_model else (base.get("commit") or base.get("revision")))
+    except (InvalidInput, ModelNotAvailable) as exc:
+        fix = "" if "--base-model" in str(exc) else " (if it moved, pass --base-model with where it is now)"
+        raise type(exc)(f"LoRA scene {scene.name!r} needs its base model: {exc}{fix}") from None
+    if c.base.fingerprint != base["fingerprint"]:
+        raise BundleError(f"scene {scene.name!r} was learned on another base model than {base_model or base['id']} "
+                          f"(its LoRA adapters need that exact model): pass --base-model with the right one")
+    c.text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
+    add_lora(c.unet, c.text_encoder, scene.meta["lora"])
+    load_lora_state_dict(c.unet, scene.weights["unet_lora"])
+    load_lora_state_dict(c.text_encoder, scene.weights["text_encoder_lora"])
+    merge_lora(c.unet)  # plain layers again: no adapter cost per step
+    merge_lora(c.text_encoder)
+    return c.unet, c.vae, c.text_encoder
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -115,13 +156,14 @@ def variation_prompt(scene: Scene) -> str:
     return prompt_for(scene.object_tokens)
 
 
-def open_pipeline(scene: Scene, device: Device):
-    """A DDIM text-to-image pipeline over the scene's own weights."""
+def open_pipeline(scene: Scene, device: Device, base_model: str | None = None):
+    """A DDIM text-to-image pipeline over the scene's weights (for a LoRA scene, its
+    base model's with the adapters merged; `base_model` says where that model is)."""
     from .models import quiet_libraries
     from .pipeline import make_pipeline
 
     quiet_libraries()
-    unet, vae, text_encoder, tokenizer = scene_components(scene, device)
+    unet, vae, text_encoder, tokenizer = scene_components(scene, device, base_model=base_model)
     return make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
 
 
@@ -155,7 +197,7 @@ def sample_to_files(pipe, scene: Scene, prompts: list[str], config: GenerateConf
 
 def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = GenerateConfig(), *,
              out_dir: str | os.PathLike = ".", device: str | Device | None = None, variations: bool = False,
-             report: Reporter = silent) -> GenerateResult:
+             base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
     """Generate `config.num_images` images per prompt and write them as PNGs to `out_dir`.
 
     Image i of a prompt is seeded with `seed + i`, so any single image can be remade.
@@ -180,7 +222,7 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    pipe = open_pipeline(scene, device)
+    pipe = open_pipeline(scene, device, base_model)
     result = GenerateResult(scene=scene.name)
     result.images = sample_to_files(pipe, scene, prompts, config, seed, out_dir, scene.name, report)
     result.seconds = time.perf_counter() - started

@@ -17,8 +17,9 @@ from . import __version__
 from .bundle import Scene, save_scene
 from .config import LearnConfig, default_base_model
 from .device import Device, choose_device
-from .errors import Interrupted, InvalidInput, OutOfMemory
+from .errors import Interrupted, InvalidInput, OutOfMemory, SceneBreakError
 from .events import Message, Progress, Reporter, silent
+from .lora import lora_settings
 from .images import background_mask, load_image, load_masks, prepare
 from .paths import check_name, checkpoint_path, scene_path, write_atomically
 from .tokens import check_handle_tokens
@@ -116,7 +117,10 @@ def catch_interrupts(flag: StopFlag, report: Reporter):
 
 # Settings that do not change the result: a resumed run may change them (e.g. add
 # --gradient-checkpointing after running out of memory).
-_RESUMABLE_CHANGES = ("checkpoint_every", "gradient_checkpointing", "save_dtype")
+# The memory switches change at most the clipping of phase 2 (per tensor with the
+# optimizer in the backward pass), and resuming with less memory is their point.
+_RESUMABLE_CHANGES = ("checkpoint_every", "gradient_checkpointing", "save_dtype", "memory", "optimizer_in_backward",
+                      "compile", "standalone")
 
 
 def _identity(prepared, config: LearnConfig, fingerprint: str) -> dict:
@@ -170,8 +174,17 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         background_mask(object_masks)
     device = device if isinstance(device, Device) else choose_device(device)
     device.train_dtype(config.mixed_precision)
-    if config.adam_8bit and device.type != "cuda":
-        raise InvalidInput("--adam-8bit needs a CUDA device")
+    if config.adam_8bit:
+        from .optim import BNB_HINT, bitsandbytes_available
+
+        if device.type != "cuda":
+            raise InvalidInput("--adam-8bit needs a CUDA device")
+        if not bitsandbytes_available():
+            raise SceneBreakError(f"--adam-8bit needs bitsandbytes: {BNB_HINT}")
+    if config.tune == "lora":
+        from .lora import require_peft
+
+        require_peft()
 
     from .models import load_components
 
@@ -188,6 +201,9 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     state = _load_checkpoint(ckpt, identity, name, report) if resume else None
     if state is None and ckpt.exists():
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
+    from .memory import choose as choose_memory
+
+    config = choose_memory(config, components, device, resolution, report)
     if device.type == "cpu":
         report(Message(cpu_estimate(components, resolution, config, _missing_class_images(components, config, resolution)), "warning"))
 
@@ -209,8 +225,14 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             if state is not None:
                 trainer.load_state_dict(state)
                 del state
+            loss_read = 0.0
             for record in trainer.run():
-                report(Progress(f"phase {record.phase}", record.step, record.total, {"loss": record.loss}))
+                # Reading the loss waits for the GPU: on one, about once a second.
+                now = time.perf_counter()
+                info = {}
+                if device.type == "cpu" or record.step == record.total or now - loss_read > 1.0:
+                    info, loss_read = {"loss": record.loss}, now
+                report(Progress(f"phase {record.phase}", record.step, record.total, info))
                 last_step = record.step == record.total and (record.phase == 2 or config.steps2 == 0)
                 periodic = config.checkpoint_every and record.step % config.checkpoint_every == 0 and record.step < record.total
                 phase1_done = record.phase == 1 and record.step == record.total and config.steps2 > 0
@@ -224,9 +246,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             meta["seconds"] = round(time.perf_counter() - started, 2)
             save_scene(_scene(components, meta, prepared), out, config.save_dtype)
     except torch.OutOfMemoryError:
-        raise OutOfMemory(
-            f"out of memory on {device.name}: try --gradient-checkpointing, --adam-8bit, a smaller --resolution or --device cpu"
-        ) from None
+        hint = "--tune lora" if config.memory == "low" else "--memory low"
+        raise OutOfMemory(f"out of memory on {device.name}: try {hint}, a smaller --resolution or --device cpu") from None
     if ckpt.exists():
         ckpt.unlink()
     return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
@@ -260,7 +281,8 @@ def _scene_metadata(name, tokens, c, prepared, config, trainer, device, image: P
         "name": name,
         "scenebreak_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tuning": "full",
+        "tuning": config.tune,
+        "standalone": config.tune == "full" or config.standalone,
         "base_model": c.base.to_dict(),
         # The background handle's mask (index len(masks)) is the complement of the others.
         "handles": [{"token": t, "name": t.strip("<>"), "mask_index": i, "background": config.background and i == len(masks)}
@@ -272,6 +294,7 @@ def _scene_metadata(name, tokens, c, prepared, config, trainer, device, image: P
                    "masks": [m.name for m in masks]},
         "config": config.to_dict(),
         "losses": trainer.loss_summary(),
+        **({"lora": lora_settings(config.rank)} if config.tune == "lora" else {}),
         "device": device.name,
         "configs": {"unet": _config_dict(c.unet), "vae": _config_dict(c.vae), "text_encoder": _config_dict(c.text_encoder),
                     "scheduler": dict(c.scheduler_config)},
@@ -283,14 +306,17 @@ def _scene(c, meta: dict, prepared) -> Scene:
     ordinary embedding matrix, so other tools can load the text encoder)."""
     import numpy as np
 
+    from .lora import lora_state_dict, merge_lora
     from .tokens import remove_handle_embedding
 
     handles = remove_handle_embedding(c.text_encoder)
-    return Scene(
-        meta=meta,
-        embeddings=handles,
-        image=np.asarray(prepared.image),
-        masks=prepared.masks,
-        weights={"unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict(), "vae": c.vae.state_dict()},
-        files=_tokenizer_files(c.tokenizer),
-    )
+    if meta["tuning"] == "lora" and not meta["standalone"]:
+        # Only the adapters: the scene loads them onto its recorded base model.
+        weights = {"unet_lora": lora_state_dict(c.unet), "text_encoder_lora": lora_state_dict(c.text_encoder)}
+    else:
+        if meta["tuning"] == "lora":
+            merge_lora(c.unet)
+            merge_lora(c.text_encoder)
+        weights = {"unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict(), "vae": c.vae.state_dict()}
+    return Scene(meta=meta, embeddings=handles, image=np.asarray(prepared.image), masks=prepared.masks, weights=weights,
+                 files=_tokenizer_files(c.tokenizer))

@@ -19,10 +19,13 @@ import torch
 from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
 from .config import LearnConfig
 from .device import Device
-from .errors import InvalidInput, SceneBreakError
 from .images import image_to_tensor
 from .losses import attention_loss, diffusion_loss, diffusion_target, downsample_masks, masked_diffusion_loss
+from .optim import OptimizerInBackward, adamw_factory
 from .tokens import handle_positions, install_handle_embedding, prompt_for
+
+
+LOSS_NAMES = ("loss", "rec", "prior", "attn")
 
 
 @dataclass
@@ -30,10 +33,15 @@ class StepRecord:
     phase: int
     step: int  # steps done in this phase
     total: int
-    loss: float
-    rec: float
-    prior: float
-    attn: float
+    losses: torch.Tensor  # LOSS_NAMES, still on the device: reading it waits for the GPU
+
+    def value(self, name: str) -> float:
+        """One of LOSS_NAMES as a number (waits for the device)."""
+        return float(self.losses[LOSS_NAMES.index(name)])
+
+    @property
+    def loss(self) -> float:
+        return self.value("loss")
 
 
 @dataclass
@@ -50,20 +58,6 @@ def sample_handles(rng: random.Random, n: int) -> list[int]:
     return rng.sample(range(n), k)
 
 
-def make_optimizer(params, lr: float, config: LearnConfig, device: Device):
-    kwargs = dict(lr=lr, betas=tuple(config.adam_betas), weight_decay=config.adam_weight_decay, eps=config.adam_eps)
-    if config.adam_8bit:
-        if device.type != "cuda":
-            raise InvalidInput("--adam-8bit needs a CUDA device")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise SceneBreakError("--adam-8bit needs bitsandbytes: pipx inject scenebreak bitsandbytes (or pip install 'scenebreak[cuda]')") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    # The fused kernel is faster and needs no foreach scratch copies of every tensor.
-    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
-
-
 class Trainer:
     def __init__(self, components, inputs: TrainInputs, config: LearnConfig, device: Device, handle_tokens: list[str]):
         self.c = components
@@ -76,8 +70,20 @@ class Trainer:
         self.scheduler = components.noise_scheduler()
         dev = device.torch
 
+        self.lora_params: list[torch.nn.Parameter] = []
+        if config.tune == "lora":  # before the move, so the adapters follow the weights
+            from .lora import add_lora, lora_settings
+
+            with torch.random.fork_rng(devices=[]):  # the A matrices start random: the same for a seed
+                torch.manual_seed(config.seed)
+                self.lora_params = add_lora(components.unet, components.text_encoder, lora_settings(config.rank))
         for model in (components.unet, components.vae, components.text_encoder):
             model.to(dev)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+            components.unet.to(memory_format=torch.channels_last)
+        self.unet = torch.compile(components.unet) if config.compile else components.unet
         self.embedding = install_handle_embedding(components.text_encoder, self.num_handles)
         if config.gradient_checkpointing:
             components.unet.enable_gradient_checkpointing()
@@ -111,7 +117,7 @@ class Trainer:
         self.skip_frozen_prior = True  # see train_step; False only to test the equivalence
 
         self.phase, self.step = 1, 0
-        self.history: dict[int, list[dict]] = {1: [], 2: []}
+        self.history: dict[int, list[torch.Tensor]] = {1: [], 2: []}  # LOSS_NAMES per step
         self.seconds: dict[int, float] = {1: 0.0, 2: 0.0}
         self._pending_optimizer_state = None
         self.params: list[torch.nn.Parameter] = []  # what the current phase trains
@@ -159,30 +165,42 @@ class Trainer:
             self._prompt_cache[chosen] = self._tokenize(prompt_for([self.handle_tokens[i] for i in chosen]))
         return self._prompt_cache[chosen]
 
-    def _trainable(self, phase: int) -> list[torch.nn.Parameter]:
-        c = self.c
-        c.unet.requires_grad_(phase == 2)
-        c.text_encoder.requires_grad_(phase == 2)  # the base vocabulary is a buffer: never trained
+    def _trainable(self, phase: int) -> list[dict]:
+        """The optimizer's parameter groups of a phase (and only they require grad)."""
+        c, cfg = self.c, self.config
+        full = phase == 2 and cfg.tune == "full"
+        c.unet.requires_grad_(full)
+        c.text_encoder.requires_grad_(full)  # the base vocabulary is a buffer: never trained
         self.embedding.handles.requires_grad_(True)
         if phase == 1:
-            return [self.embedding.handles]
+            return [{"params": [self.embedding.handles], "lr": cfg.lr1}]
+        if cfg.tune == "lora":
+            for p in self.lora_params:
+                p.requires_grad_(True)
+            return [{"params": [self.embedding.handles], "lr": cfg.lr2}, {"params": self.lora_params, "lr": cfg.lr_lora}]
         te = [p for p in c.text_encoder.parameters() if p.requires_grad and p is not self.embedding.handles]
-        return [self.embedding.handles] + te + list(c.unet.parameters())
+        return [{"params": [self.embedding.handles] + te + list(c.unet.parameters()), "lr": cfg.lr2}]
+
+    def _optimizer(self, phase: int, groups: list[dict]):
+        make = adamw_factory(self.config, self.device)
+        if phase == 2 and self.config.optimizer_in_backward:
+            return OptimizerInBackward(groups, make, self.config.max_grad_norm)
+        return make(groups)
 
     # -- the loop ----------------------------------------------------------
     def run(self):
         """Yield a StepRecord after every step of both phases (resuming where it stopped)."""
         cfg = self.config
-        for phase, steps, lr in ((1, cfg.steps1, cfg.lr1), (2, cfg.steps2, cfg.lr2)):
+        for phase, steps in ((1, cfg.steps1), (2, cfg.steps2)):
             if phase < self.phase:
                 continue
             if self.step >= steps:  # this phase was already finished
                 self.phase, self.step = phase + 1, 0
                 continue
             self.phase = phase
-            params = self._trainable(phase)
-            self.params = params
-            self.optimizer = make_optimizer(params, lr, cfg, self.device)
+            groups = self._trainable(phase)
+            self.params = [p for g in groups for p in g["params"]]
+            self.optimizer = self._optimizer(phase, groups)
             self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
             if self._pending_optimizer_state is not None:
                 self.optimizer.load_state_dict(self._pending_optimizer_state["optimizer"])
@@ -197,6 +215,8 @@ class Trainer:
                     record = self.train_step(phase, steps)
                     self.seconds[phase] += time.perf_counter() - started
                     yield record
+            if isinstance(self.optimizer, OptimizerInBackward):
+                self.optimizer.close()
             self.optimizer = None  # phase 2 starts from a fresh AdamW
             if phase == 1:
                 self.phase, self.step = 2, 0
@@ -228,7 +248,7 @@ class Trainer:
         self.store.clear()
         with self.device.autocast(self.amp_dtype):
             hidden = c.text_encoder(torch.cat([ids, self.class_ids]) if with_class else ids)[0]
-            pred = c.unet(noisy, timesteps, hidden).sample
+            pred = self.unet(noisy, timesteps, hidden).sample
 
         mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks
         loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)
@@ -244,20 +264,23 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # with the optimizer in the backward pass, this also steps
+        if not isinstance(self.optimizer, OptimizerInBackward):
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.store.clear()  # drop the maps (and their graph) before the next step
 
         self.step += 1
-        values = dict(loss=loss.item(), rec=loss_rec.item(), prior=loss_prior.item(), attn=loss_attn.item())
-        self.history[phase].append(values)
-        return StepRecord(phase, self.step, steps, **values)
+        # Kept on the device: reading a loss makes the CPU wait for the GPU, so it is
+        # read only when the progress bar or a checkpoint needs it.
+        losses = torch.stack([x.detach().float() for x in (loss, loss_rec, loss_prior, loss_attn)])
+        self.history[phase].append(losses)
+        return StepRecord(phase, self.step, steps, losses)
 
     # -- checkpoints -------------------------------------------------------
     def state_dict(self) -> dict:
@@ -267,34 +290,51 @@ class Trainer:
             "handles": self.embedding.handles.detach().cpu().clone(),
             "rng_python": self.rng.getstate(),
             "rng_torch": self.gen.get_state(),
-            "history": self.history,
+            "history": {phase: self.history_rows(phase) for phase in self.history},
             "seconds": self.seconds,
         }
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
             state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
         if self.phase == 2 and self.step > 0:
-            state["unet"] = {k: v.detach().cpu() for k, v in self.c.unet.state_dict().items()}
-            state["text_encoder"] = {k: v.detach().cpu() for k, v in self.c.text_encoder.state_dict().items()}
+            for name, model in (("unet", self.c.unet), ("text_encoder", self.c.text_encoder)):
+                weights = model.state_dict()
+                if self.config.tune == "lora":  # only the adapters moved
+                    weights = {k: v for k, v in weights.items() if ".lora_" in k}
+                state[name] = {k: v.detach().cpu() for k, v in weights.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.embedding.handles.copy_(state["handles"])
         if "unet" in state:
-            self.c.unet.load_state_dict(state["unet"])
-            self.c.text_encoder.load_state_dict(state["text_encoder"])
+            if self.config.tune == "lora":
+                from .lora import load_lora_state_dict
+
+                load_lora_state_dict(self.c.unet, state["unet"])
+                load_lora_state_dict(self.c.text_encoder, state["text_encoder"])
+            else:
+                self.c.unet.load_state_dict(state["unet"])
+                self.c.text_encoder.load_state_dict(state["text_encoder"])
         self.rng.setstate(state["rng_python"])
         self.gen.set_state(state["rng_torch"])
         self.phase, self.step = state["phase"], state["step"]
-        self.history = {int(k): v for k, v in state["history"].items()}
+        self.history = {int(k): [torch.tensor([row[n] for n in LOSS_NAMES]) for row in rows] for k, rows in state["history"].items()}
         self.seconds = {int(k): v for k, v in state["seconds"].items()}
         if "optimizer" in state:
             self._pending_optimizer_state = {"optimizer": state["optimizer"], "scaler": state.get("scaler")}
 
+    def history_rows(self, phase: int) -> list[dict]:
+        """The losses of every step of a phase, as plain numbers."""
+        if not self.history[phase]:
+            return []
+        table = torch.stack([row.cpu() for row in self.history[phase]]).tolist()
+        return [dict(zip(LOSS_NAMES, row)) for row in table]
+
     def loss_summary(self) -> dict:
         summary = {}
-        for phase, rows in self.history.items():
+        for phase in self.history:
+            rows = self.history_rows(phase)
             if not rows:
                 continue
             window = max(1, min(20, len(rows) // 5))

@@ -1,0 +1,72 @@
+"""LoRA tuning for phase 2 (`--tune lora`), with peft, the library diffusers uses.
+
+Adapters go on the UNet's attention projections (self- and cross-attention) and on
+the text encoder's attention and MLP layers. Their B matrices start at zero, so
+adding them changes nothing until phase 2 trains them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SceneBreakError
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+ADAPTER = "default"
+
+
+def require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise SceneBreakError("--tune lora needs peft: pipx inject scenebreak peft (or pip install peft)") from None
+    return peft
+
+
+def lora_settings(rank: int) -> dict:
+    """What a scene records so the same adapters can be rebuilt to load its weights."""
+    return {"rank": rank, "alpha": rank, "unet_targets": UNET_TARGETS, "text_encoder_targets": TEXT_ENCODER_TARGETS}
+
+
+def add_lora(unet, text_encoder, settings: dict) -> list[torch.nn.Parameter]:
+    """Put adapters into both models (in place); returns their parameters."""
+    peft = require_peft()
+    for model, targets in ((unet, settings["unet_targets"]), (text_encoder, settings["text_encoder_targets"])):
+        config = peft.LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=targets,
+                                 lora_dropout=0.0, init_lora_weights=True)
+        peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    return lora_parameters(unet) + lora_parameters(text_encoder)
+
+
+def lora_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if ".lora_" in name]
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter weights into a model that has the same adapters."""
+    own = dict(model.named_parameters())
+    missing = [k for k in own if ".lora_" in k and k not in state]
+    unknown = [k for k in state if k not in own]
+    if missing or unknown:
+        raise SceneBreakError(f"the scene's LoRA weights do not fit the model ({len(missing)} missing, {len(unknown)} unknown)")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+
+def merge_lora(model) -> None:
+    """Bake the adapters into the weights and put the plain layers back, so the model
+    is an ordinary diffusers/transformers model again (same keys, no adapter cost)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())

@@ -1,0 +1,100 @@
+"""Optimizers of the trainer: AdamW (fused, or 8-bit with bitsandbytes), either stepped
+after the backward pass as usual, or inside it, one tensor at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InvalidInput, SceneBreakError
+
+BNB_HINT = "pipx inject scenebreak bitsandbytes (or pip install 'scenebreak[cuda]')"
+
+
+def bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def adamw_factory(config, device):
+    """A function from parameter groups to an AdamW with the run's settings."""
+    kwargs = dict(betas=tuple(config.adam_betas), weight_decay=config.adam_weight_decay, eps=config.adam_eps)
+    if config.adam_8bit:
+        if device.type != "cuda":
+            raise InvalidInput("--adam-8bit needs a CUDA device")
+        if not bitsandbytes_available():
+            raise SceneBreakError(f"--adam-8bit needs bitsandbytes: {BNB_HINT}")
+        import bitsandbytes as bnb
+
+        return lambda groups: bnb.optim.AdamW8bit(groups, **kwargs)
+    # The fused kernel is faster and needs no foreach scratch copies of every tensor.
+    fused = device.type in ("cuda", "cpu")
+    return lambda groups: torch.optim.AdamW(groups, fused=fused, **kwargs)
+
+
+class OptimizerInBackward:
+    """One optimizer per tensor, stepped by a hook as soon as that tensor's gradient is
+    complete, which then frees the gradient: the gradients of the whole model never
+    live at once (for SD2.1's 1.2 B trained parameters, 4.5 GiB saved).
+
+    The one difference from stepping after the backward pass: gradient clipping is
+    per tensor (each tensor's gradient norm to `max_norm`), since the global norm is
+    known only when every gradient exists. Adam's update is nearly invariant to the
+    scale of the gradient, so this changes little (docs/method.md)."""
+
+    def __init__(self, groups: list[dict], make, max_norm: float | None):
+        self.groups = groups
+        self.params = [p for g in groups for p in g["params"]]
+        self.max_norm = max_norm
+        self.optimizers = {}
+        for group in groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                self.optimizers[p] = make([{"params": [p], **settings}])
+        self._hooks = [p.register_post_accumulate_grad_hook(self._step) for p in self.params]
+
+    def _step(self, param: torch.Tensor) -> None:
+        if self.max_norm:
+            torch.nn.utils.clip_grad_norm_([param], self.max_norm)
+        optimizer = self.optimizers[param]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        """Nothing left to do: every tensor was stepped during the backward pass."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: the hooks free each gradient after its step."""
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # The same layout as one optimizer over all the tensors, so a checkpoint made
+    # either way resumes either way.
+    def state_dict(self) -> dict:
+        state, param_groups, index = {}, [], 0
+        for group in self.groups:
+            indices = []
+            for p in group["params"]:
+                inner = self.optimizers[p].state_dict()
+                if inner["state"]:
+                    state[index] = inner["state"][0]
+                indices.append(index)
+                index += 1
+            settings = self.optimizers[group["params"][0]].state_dict()["param_groups"][0] if group["params"] else {}
+            param_groups.append({**{k: v for k, v in settings.items() if k != "params"}, "params": indices})
+        return {"state": state, "param_groups": param_groups}
+
+    def load_state_dict(self, saved: dict) -> None:
+        index = 0
+        for group, saved_group in zip(self.groups, saved["param_groups"]):
+            settings = {k: v for k, v in saved_group.items() if k != "params"}
+            for p in group["params"]:
+                inner = {"state": {0: saved["state"][index]} if index in saved["state"] else {},
+                         "param_groups": [{**settings, "params": [0]}]}
+                self.optimizers[p].load_state_dict(inner)
+                index += 1

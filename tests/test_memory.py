@@ -1,0 +1,173 @@
+"""Memory modes and LoRA tuning on the tiny model: same training where it should be,
+small LoRA scenes that name their base, clear messages when an extra is missing."""
+
+import shutil
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from scenebreak import GenerateConfig, LearnConfig, generate, learn, load_scene
+from scenebreak.cli import cli
+from scenebreak.errors import BundleError, Interrupted, ModelNotAvailable, SceneBreakError
+from scenebreak.optim import OptimizerInBackward
+
+
+def _learn(scene_files, tiny_model, name, **settings):
+    config = LearnConfig(**{**dict(steps1=3, steps2=3, prior=True, num_class_images=2, lr2=1e-3), **settings})
+    return learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name=name)
+
+
+def test_optimizer_in_backward_steps_like_adamw_and_shares_its_checkpoint_layout():
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    make = lambda groups: torch.optim.AdamW(groups, weight_decay=0.01)  # noqa: E731
+    plain = make([{"params": list(models[0].parameters()), "lr": 1e-2}])
+    hooked = OptimizerInBackward([{"params": list(models[1].parameters()), "lr": 1e-2}], make, max_norm=None)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        models[0](x).square().mean().backward()
+        plain.step()
+        plain.zero_grad()
+        models[1](x).square().mean().backward()  # steps inside
+        assert all(p.grad is None for p in models[1].parameters())  # freed as it went
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+    saved = hooked.state_dict()
+    assert saved["state"].keys() == plain.state_dict()["state"].keys()
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(saved["state"][3][key], plain.state_dict()["state"][3][key])
+    hooked.close()
+    again = OptimizerInBackward([{"params": list(models[1].parameters()), "lr": 1e-2}], make, max_norm=None)
+    again.load_state_dict(plain.state_dict())  # a checkpoint of one kind resumes the other
+    torch.testing.assert_close(again.state_dict()["state"][0]["exp_avg"], plain.state_dict()["state"][0]["exp_avg"])
+    again.close()
+
+
+def test_low_memory_trains_like_fast(scene_files, tiny_model):
+    """Phase 1 is the same either way. In phase 2 the low mode clips each tensor on its
+    own: with clipping out of play the runs match; with it, the handles stay close."""
+    fast = load_scene(_learn(scene_files, tiny_model, "fast", memory="fast", max_grad_norm=1e9).path, weights=True)
+    low = load_scene(_learn(scene_files, tiny_model, "low", memory="low", max_grad_norm=1e9).path, weights=True)
+    assert low.meta["config"]["memory"] == "low" and low.meta["config"]["optimizer_in_backward"]
+    assert low.meta["config"]["gradient_checkpointing"] and not fast.meta["config"]["gradient_checkpointing"]
+    torch.testing.assert_close(fast.embeddings, low.embeddings, atol=1e-5, rtol=1e-4)
+    for key, value in fast.weights["unet"].items():
+        torch.testing.assert_close(value.float(), low.weights["unet"][key].float(), atol=2e-3, rtol=1e-2, msg=key)
+
+    phase1 = [load_scene(_learn(scene_files, tiny_model, f"p1-{m}", memory=m, steps2=0).path).embeddings for m in ("fast", "low")]
+    torch.testing.assert_close(phase1[0], phase1[1], atol=1e-6, rtol=1e-5)
+    clipped = [load_scene(_learn(scene_files, tiny_model, f"c-{m}", memory=m).path).embeddings for m in ("fast", "low")]
+    assert (clipped[0] - clipped[1]).abs().max() < 0.05 * clipped[0].abs().max()
+
+
+def test_lora_scene_is_small_names_its_base_and_generates(scene_files, tiny_model, tmp_path):
+    full = _learn(scene_files, tiny_model, "full")
+    lora = _learn(scene_files, tiny_model, "lora", tune="lora", rank=4, lr_lora=1e-3)
+    scene = load_scene(lora.path, weights=True)
+    assert scene.needs_base_model and set(scene.weights) == {"unet_lora", "text_encoder_lora"}
+    assert lora.path.stat().st_size < full.path.stat().st_size / 5
+    base = scene.meta["base_model"]
+    assert base["id"] == str(tiny_model.resolve()) and base["fingerprint"]
+    assert scene.meta["lora"]["rank"] == 4
+    assert any(v.abs().sum() > 0 for k, v in scene.weights["unet_lora"].items() if "lora_B" in k)  # trained
+    image = generate(lora.path, "<asset1>", GenerateConfig(steps=2, seed=1), out_dir=tmp_path).images[0]
+    assert image.path.exists()
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, moved)
+    with pytest.raises(BundleError, match="another base model"):
+        other = tmp_path / "other-model"
+        from scenebreak.testing import build_tiny_model
+
+        build_tiny_model(other, seed=1)
+        generate(lora.path, "<asset1>", GenerateConfig(steps=2, seed=1), out_dir=tmp_path, base_model=str(other))
+    again = generate(lora.path, "<asset1>", GenerateConfig(steps=2, seed=1), out_dir=tmp_path / "b", base_model=str(moved))
+    assert again.images[0].path.exists()
+
+
+def test_lora_standalone_and_cli(scene_files, tiny_model, tmp_path):
+    runner = CliRunner()
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    args = ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]), "--base-model", str(base),
+            "--steps1", "1", "--steps2", "2", "--no-prior", "--tune", "lora", "--rank", "2"]
+    result = runner.invoke(cli, [*args, "--name", "plain", "--memory", "low"])
+    assert result.exit_code == 0, result.output
+    assert "memory: low" in result.stderr
+    standalone = runner.invoke(cli, [*args, "--name", "baked", "--standalone"])
+    assert standalone.exit_code == 0, standalone.output
+    assert load_scene("baked").meta["standalone"] and not load_scene("plain").meta["standalone"]
+    shutil.rmtree(base)  # the base model is gone: only the standalone scene still generates
+    ok = runner.invoke(cli, ["generate", "baked", "<asset1>", "--steps", "2", "--out-dir", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    missing = runner.invoke(cli, ["generate", "plain", "<asset1>", "--steps", "2", "--out-dir", str(tmp_path)])
+    assert missing.exit_code == 2 and "needs its base model" in missing.stderr and "--base-model" in missing.stderr
+    bad = runner.invoke(cli, [*args[:-4], "--standalone"])
+    assert bad.exit_code == 2 and "--standalone only applies to --tune lora" in bad.stderr
+
+
+def test_resume_with_lora_and_the_optimizer_in_backward(scene_files, tiny_model):
+    settings = dict(tune="lora", rank=4, lr_lora=1e-3, memory="low")
+    straight = _learn(scene_files, tiny_model, "straight", **settings)
+    steps = []
+    config = LearnConfig(steps1=3, steps2=3, prior=True, num_class_images=2, lr2=1e-3, **settings)
+    args = (scene_files["image"], scene_files["masks"], config)
+    with pytest.raises(Interrupted):
+        learn(*args, base_model=str(tiny_model), name="resumed", should_stop=lambda: len(steps) >= 5,
+              report=lambda e: steps.append(e) if getattr(e, "task", "").startswith("phase") and e.completed else None)
+    resumed = learn(*args, base_model=str(tiny_model), name="resumed", resume=True)
+    a, b = load_scene(straight.path, weights=True), load_scene(resumed.path, weights=True)
+    torch.testing.assert_close(a.embeddings, b.embeddings, atol=1e-6, rtol=1e-5)
+    for key, value in a.weights["unet_lora"].items():
+        torch.testing.assert_close(value.float(), b.weights["unet_lora"][key].float(), atol=1e-3, rtol=1e-3, msg=key)
+
+
+def test_missing_bitsandbytes_is_a_message_not_a_crash(scene_files, tiny_model, monkeypatch):
+    from scenebreak import memory
+    from scenebreak.device import Device
+    from scenebreak.optim import adamw_factory
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    cuda = Device(type="cuda", name="cuda")
+    with pytest.raises(SceneBreakError, match="pipx inject scenebreak bitsandbytes"):
+        adamw_factory(LearnConfig(adam_8bit=True), cuda)
+    # --memory low on a GPU without it: a warning with the fix, then fp32 AdamW.
+    monkeypatch.setattr(Device, "train_dtype", lambda self, mp="auto": torch.bfloat16)
+    messages = []
+    from scenebreak.models import load_components
+
+    components = load_components(str(tiny_model))
+    config = memory.choose(LearnConfig(memory="low"), components, cuda, 64, report=messages.append)
+    assert config.gradient_checkpointing and config.optimizer_in_backward and not config.adam_8bit
+    assert any(m.level == "warning" and "bitsandbytes" in m.text for m in messages)
+    # Asked for explicitly on the CLI, on a machine without CUDA: exit 2 before any work.
+    result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                      "--base-model", str(tiny_model), "--adam-8bit"])
+    assert result.exit_code == 2 and "needs a CUDA device" in result.stderr
+
+
+def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
+    from scenebreak import memory
+    from scenebreak.device import choose_device
+    from scenebreak.models import load_components
+
+    components, cpu = load_components(str(tiny_model)), choose_device("cpu")
+    need = memory.phase2_bytes(components, LearnConfig(), 64, half_activations=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need * 2)
+    assert memory.choose(LearnConfig(), components, cpu, 64).memory == "fast"
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need // 2)
+    messages = []
+    assert memory.choose(LearnConfig(), components, cpu, 64, report=messages.append).memory == "low"
+    assert "fast needs about" in messages[0].text
+
+
+def test_a_missing_base_for_a_lora_scene_names_the_fix(scene_files, tiny_model):
+    from scenebreak.generation import _base_with_lora
+
+    scene = load_scene(_learn(scene_files, tiny_model, "hubless", tune="lora", rank=2).path, weights=True)
+    scene.meta["base_model"].update(id="someone/not-downloaded", commit=None)
+    with pytest.raises(ModelNotAvailable, match="needs its base model.*hf download someone/not-downloaded"):
+        _base_with_lora(scene, None, 10)
