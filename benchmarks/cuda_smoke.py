@@ -1,5 +1,6 @@
 """CUDA smoke test: learn and generate on the tiny model with each mixed precision,
-the fused and (if installed) 8-bit optimizers, and gradient checkpointing. The test
+the fused and (if installed) 8-bit optimizers, gradient checkpointing, --memory low
+(VAE off the GPU, optimizer in the backward pass), LoRA and torch.compile. The test
 suite runs on the CPU only; this exercises the GPU code paths where a GPU exists.
 
     python benchmarks/cuda_smoke.py
@@ -32,7 +33,9 @@ def main() -> None:
     model = build_tiny_model(tmp / "tiny-sd")
     image, red, blue = write_synthetic_scene(tmp / "inputs")
     variants = {"bf16": {}, "fp16": {"mixed_precision": "fp16"}, "fp32": {"mixed_precision": "no"},
-                "checkpointing": {"gradient_checkpointing": True}}
+                "checkpointing": {"gradient_checkpointing": True}, "memory-low": {"memory": "low"},
+                "memory-low-fp16": {"memory": "low", "mixed_precision": "fp16"}, "lora": {"tune": "lora"},
+                "compile": {"compile": True}}
     try:
         import bitsandbytes  # noqa: F401
 

@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -e . 2>/dev/null || true
 export PYTHONUNBUFFERED=1
 python benchmarks/cuda_smoke.py 2>&1 | tee benchmarks/results/cuda_smoke.log
-python benchmarks/train_step.py --device cuda --steps 10 2>&1 | tail -20
+python benchmarks/train_step.py --device cuda --steps 10 --gen-steps 20 2>&1 | tail -30
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/train_step-cuda.* benchmarks/results/cuda_smoke.log "$OUT"/; fi

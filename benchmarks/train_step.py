@@ -109,14 +109,18 @@ def make_baseline_trainer(Trainer):
     return BaselineTrainer
 
 
-# What each row runs: scenebreak's settings per variant, or the original code's way.
+# What each row runs: scenebreak's settings (precision "auto" is bf16 autocast on CUDA
+# and on CPUs with bf16 instructions), or the original code's way (fp32 on the CPU).
 VARIANTS = {
     "scenebreak": {"memory": "fast"},
+    "scenebreak fp32": {"memory": "fast", "mixed_precision": "no"},
     "scenebreak low-memory": {"memory": "low"},
-    "scenebreak LoRA": {"memory": "fast", "tune": "lora"},
-    "original-style": {"memory": "fast"},
+    "scenebreak low-memory fp32": {"memory": "low", "mixed_precision": "no"},
+    "scenebreak LoRA": {"tune": "lora"},
+    "original-style": {"memory": "fast", "mixed_precision": "no"},
 }
-ROWS = [(1, "scenebreak"), (1, "original-style"), (2, "scenebreak"), (2, "scenebreak low-memory"), (2, "scenebreak LoRA"),
+ROWS = [(1, "scenebreak"), (1, "scenebreak fp32"), (1, "original-style"),
+        (2, "scenebreak fp32"), (2, "scenebreak low-memory"), (2, "scenebreak low-memory fp32"), (2, "scenebreak LoRA"),
         (2, "original-style"), ("generate", "scenebreak"), ("generate", "one image per call")]
 
 
@@ -204,7 +208,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     steps1, steps2 = (steps + 1, 0) if phase == 1 else (0, steps + 1)
     config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution, **VARIANTS[kind])
     config = choose_memory(config, components, device, resolution)  # the switches --memory low turns on
-    cls = Trainer if kind == "scenebreak" else make_baseline_trainer(Trainer)
+    cls = make_baseline_trainer(Trainer) if kind == "original-style" else Trainer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens)
@@ -216,8 +220,9 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
         times.append(now - started)
         started = now
     timed = times[1:]  # the first step warms up (allocator, kernels, lazy caches)
-    return {"kind": kind, "phase": phase, "steps_timed": len(timed), "s_per_step": sum(timed) / len(timed),
-            "first_step_s": times[0], **peak(device)}
+    precision = str(device.train_dtype(config.mixed_precision) or "fp32").replace("torch.bfloat16", "bf16").replace("torch.float16", "fp16")
+    return {"kind": kind, "phase": phase, "precision": precision, "memory": config.memory, "steps_timed": len(timed),
+            "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], **peak(device)}
 
 
 def machine(device_name: str) -> str:
@@ -243,6 +248,8 @@ def main() -> None:
                         help="address-space cap for the baseline's processes (CPU), so an out-of-memory baseline fails fast instead of swapping")
     parser.add_argument("--gen-steps", type=int, default=3, help="timed denoising steps per generation row")
     parser.add_argument("--only", nargs="+", help="only the rows whose 'PHASE KIND' contains one of these words, e.g. LoRA generate")
+    parser.add_argument("--with-fast-bf16", action="store_true",
+                        help="also phase 2 fast with bf16 autocast (on CUDA it is the default row; on a 24 GiB CPU machine it does not fit)")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -258,7 +265,10 @@ def main() -> None:
         return
 
     rows = []
-    for phase, kind in ROWS:
+    plan = list(ROWS)
+    if args.device.startswith("cuda") or args.with_fast_bf16:
+        plan.insert(plan.index((2, "scenebreak fp32")), (2, "scenebreak"))
+    for phase, kind in plan:
         if args.only and not any(word in f"{phase} {kind}" for word in args.only):
             continue
         baseline = kind == "original-style"
@@ -294,29 +304,31 @@ def render(rows: list[dict], args, command: str) -> str:
         "",
         f"- machine: {machine(args.device)}; device: {args.device}; torch {torch.__version__}",
         f"- model: SD2.1-base architecture, random weights; {args.resolution}x{args.resolution}; training batch 2 "
-        "(instance + class image); AdamW with fp32 master weights" + ("; bf16 autocast" if args.device.startswith("cuda") else ""),
+        "(instance + class image); AdamW with fp32 master weights",
         f"- training: {args.steps} timed steps after 1 warm-up step; generation: {args.gen_steps} timed DDIM steps "
         "(guidance 7.5) scaled to 50; each row is a fresh process, one at a time",
         "- scenebreak's phase 1 runs the instance example only: there the class image's loss has no gradient with "
         "respect to the handles, so skipping it gives the same updates (docs/method.md); the baseline runs both",
-        "- low-memory: `--memory low` (gradient checkpointing, optimizer step inside the backward pass, 8-bit AdamW "
-        "on CUDA when bitsandbytes is installed); LoRA: `--tune lora --rank 32`",
+        "- scenebreak rows use the default precision (bf16 autocast on CUDA and on CPUs with bf16 instructions) "
+        "unless marked fp32; low-memory: `--memory low` (gradient checkpointing, optimizer step inside the backward "
+        "pass, 8-bit AdamW on CUDA when bitsandbytes is installed); LoRA: `--tune lora --rank 32`",
         f"- date: {time.strftime('%Y-%m-%d')}; command: `{command}`",
         "",
-        "| phase | code | s/step | peak GiB | time vs baseline | memory vs baseline |",
-        "|---|---|---|---|---|---|",
+        "| phase | code | precision | s/step | peak GiB | time vs baseline | memory vs baseline |",
+        "|---|---|---|---|---|---|---|",
     ]
     for phase in (1, 2):
         base = next((r for r in rows if r["phase"] == phase and r["kind"] == "original-style"), None)
         for row in (r for r in rows if r["phase"] == phase):
             if "error" in row:
-                lines.append(f"| {phase} | {row['kind']} | {row['error']} | | | |")
+                lines.append(f"| {phase} | {row['kind']} | | {row['error']} | | | |")
                 continue
             ratio_t = ratio_m = ""
             if row is not base and base and "error" not in base:
                 ratio_t = f"{row['s_per_step'] / base['s_per_step']:.2f}x"
                 ratio_m = f"{row['peak_gib'] / base['peak_gib']:.2f}x"
-            lines.append(f"| {phase} | {row['kind']} | {row['s_per_step']:.2f} | {row['peak_gib']:.1f} | {ratio_t} | {ratio_m} |")
+            lines.append(f"| {phase} | {row['kind']} | {row.get('precision', '')} | {row['s_per_step']:.2f} | {row['peak_gib']:.1f} | "
+                         f"{ratio_t} | {ratio_m} |")
     generation = [r for r in rows if r["phase"] == "generate"]
     if generation:
         lines += ["", "| generate | images per pass | dtype | s/image | images/s | peak GiB |", "|---|---|---|---|---|---|"]

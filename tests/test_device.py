@@ -23,7 +23,25 @@ def test_unknown_or_absent_devices(monkeypatch):
 
 
 def test_precision_per_device():
+    import torch
+
+    from scenebreak.device import cpu_has_bf16
+
     cpu = choose_device("cpu")
-    assert cpu.train_dtype("auto") is None  # fp32 on the CPU
+    assert cpu.train_dtype("auto") is (torch.bfloat16 if cpu_has_bf16() else None)  # fp32 without bf16 instructions
+    assert cpu.train_dtype("no") is None
     with pytest.raises(InvalidInput, match="needs a CUDA device"):
         cpu.train_dtype("fp16")
+
+
+def test_bf16_on_the_cpu_only_where_it_has_the_instructions(monkeypatch):
+    import torch
+
+    from scenebreak import device as device_module
+
+    cpu = choose_device("cpu")
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    assert cpu.train_dtype("bf16") is torch.bfloat16
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(InvalidInput, match="no bf16 instructions"):
+        cpu.train_dtype("bf16")

@@ -87,6 +87,18 @@ def test_lora_scene_is_small_names_its_base_and_generates(scene_files, tiny_mode
     again = generate(lora.path, "<asset1>", GenerateConfig(steps=2, seed=1), out_dir=tmp_path / "b", base_model=str(moved))
     assert again.images[0].path.exists()
 
+    # Exported as a plain diffusers pipeline: the adapters merged into ordinary weights.
+    from diffusers import UNet2DConditionModel
+
+    from scenebreak import export_scene
+
+    [folder] = export_scene(lora.path, tmp_path / "exported", "diffusers")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    assert not any("lora" in k for k in unet.state_dict())
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    key = next(k for k in unet.state_dict() if k.endswith("attn2.to_k.weight"))
+    assert not torch.allclose(unet.state_dict()[key].float(), base_unet.state_dict()[key].half().float(), atol=1e-4)
+
 
 def test_lora_standalone_and_cli(scene_files, tiny_model, tmp_path):
     runner = CliRunner()
@@ -136,6 +148,7 @@ def test_missing_bitsandbytes_is_a_message_not_a_crash(scene_files, tiny_model, 
         adamw_factory(LearnConfig(adam_8bit=True), cuda)
     # --memory low on a GPU without it: a warning with the fix, then fp32 AdamW.
     monkeypatch.setattr(Device, "train_dtype", lambda self, mp="auto": torch.bfloat16)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 80 * 2**30)
     messages = []
     from scenebreak.models import load_components
 

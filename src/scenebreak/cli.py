@@ -128,7 +128,7 @@ def cli(debug):
 @device_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random in training.")
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), default="auto", show_default=True,
-              help="Autocast dtype on CUDA (weights stay fp32); auto picks bf16 where supported.")
+              help="Autocast dtype (weights stay fp32): auto is bf16 (fp16 on old cards) on CUDA and fp32 elsewhere; bf16 also works on CPUs with bf16 instructions.")
 @click.option("--memory", type=click.Choice(["auto", "fast", "low"]), default="auto", show_default=True,
               help="low: gradient checkpointing, optimizer step inside the backward pass, 8-bit AdamW on CUDA; auto: low when fast would not fit.")
 @click.option("--tune", type=click.Choice(["full", "lora"]), default="full", show_default=True,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 
 from .errors import DeviceNotAvailable, InvalidInput
@@ -26,16 +28,23 @@ class Device:
         """The autocast dtype for training (None: full fp32)."""
         import torch
 
-        if mixed_precision == "no" or self.type != "cuda":
-            # MPS autocast and CPU bf16 are slower or less exact than fp32 here.
-            if mixed_precision in ("fp16", "bf16") and self.type != "cuda":
-                raise InvalidInput(f"--mixed-precision {mixed_precision} needs a CUDA device")
+        if mixed_precision == "no":
             return None
-        if mixed_precision == "fp16":
+        if self.type == "cuda":
+            if mixed_precision == "fp16":
+                return torch.float16
+            if mixed_precision == "bf16" or torch.cuda.is_bf16_supported():
+                return torch.bfloat16
             return torch.float16
-        if mixed_precision == "bf16" or torch.cuda.is_bf16_supported():
+        if self.type == "cpu" and mixed_precision == "bf16":
+            if not cpu_has_bf16():
+                raise InvalidInput("--mixed-precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX): use auto")
             return torch.bfloat16
-        return torch.float16
+        if mixed_precision in ("fp16", "bf16"):
+            raise InvalidInput(f"--mixed-precision {mixed_precision} needs a CUDA device" + (" (bf16: or a CPU with bf16 instructions)" if mixed_precision == "bf16" else ""))
+        if self.type == "cpu" and cpu_has_bf16():
+            return torch.bfloat16  # about 1.5x faster steps where the CPU has bf16 instructions
+        return None  # MPS, and CPUs without bf16: fp32
 
     def infer_dtype(self):
         """The dtype for generation: half precision on GPUs, fp32 on CPU."""
@@ -43,12 +52,24 @@ class Device:
 
         return torch.float32 if self.type == "cpu" else torch.float16
 
-    def autocast(self, dtype):
+    def autocast(self, dtype, cache: bool = True):
+        """Mixed precision for `dtype` (None: none). `cache=False` re-casts weights at each
+        use instead of keeping a half-precision copy of every weight for the step."""
         import torch
 
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.type, dtype=dtype)
+        return torch.autocast(self.type, dtype=dtype, cache_enabled=cache)
+
+    def release_memory(self) -> None:
+        """Give memory freed during a step back to the system. On Linux the C allocator
+        keeps it otherwise, and the process creeps up by a GiB over a few steps."""
+        if self.type != "cpu" or not sys.platform.startswith("linux"):
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl)
+            pass
 
     def synchronize(self) -> None:
         import torch
@@ -57,6 +78,16 @@ class Device:
             torch.cuda.synchronize()
         elif self.type == "mps":
             torch.mps.synchronize()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def choose_device(requested: str | None = None) -> Device:

@@ -19,7 +19,7 @@ from .events import Message, Reporter, silent
 GiB = 2**30
 # Activation memory of one 512x512 example through SD2.1-base's UNet with gradients,
 # fp32 (measured: phase 2 on the CPU at 20.6 GiB, of which 18.3 are weights, gradients
-# and AdamW states); half of it under bf16/fp16 autocast.
+# and AdamW states); half of it under bf16/fp16 autocast (on CUDA, or a CPU with bf16).
 ACTIVATIONS_PER_EXAMPLE_512 = 1.15 * GiB
 
 
@@ -48,7 +48,9 @@ def phase2_bytes(components, config: LearnConfig, resolution: int, half_activati
     examples = 2 if config.prior else 1
     activations = ACTIVATIONS_PER_EXAMPLE_512 * unet_share * (resolution / 512) ** 2 * examples * (0.5 if half_activations else 1)
     if not low:
-        return int(4 * total + 12 * trained + activations)
+        # Autocast also keeps a half-precision copy of each weight for the step.
+        cast_copies = 2 * sum(p.numel() for m in (components.unet, components.text_encoder) for p in m.parameters()) if half_activations else 0
+        return int(4 * total + 12 * trained + activations + cast_copies)
     per_trained = 2 if config.adam_8bit else 8
     return int(4 * total + per_trained * trained + activations / 4)
 

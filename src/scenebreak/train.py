@@ -115,6 +115,11 @@ class Trainer:
         self.class_ids = self._tokenize(config.class_prompt)
         self._prompt_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.skip_frozen_prior = True  # see train_step; False only to test the equivalence
+        if config.memory == "low" and device.type != "cpu":
+            # Every latent cached now, the VAE can leave the GPU for the whole run.
+            for index in range(len(inputs.class_images) if config.prior else 0):
+                self._class_latent(index)
+            components.vae.to("cpu")
 
         self.phase, self.step = 1, 0
         self.history: dict[int, list[torch.Tensor]] = {1: [], 2: []}  # LOSS_NAMES per step
@@ -246,7 +251,9 @@ class Trainer:
         target = diffusion_target(self.scheduler, latents, noise, timesteps)
 
         self.store.clear()
-        with self.device.autocast(self.amp_dtype):
+        # With checkpointing every block is recomputed anyway: keeping a half-precision
+        # copy of all weights for the whole step would cost more than re-casting them.
+        with self.device.autocast(self.amp_dtype, cache=not cfg.gradient_checkpointing):
             hidden = c.text_encoder(torch.cat([ids, self.class_ids]) if with_class else ids)[0]
             pred = self.unet(noisy, timesteps, hidden).sample
 
@@ -274,6 +281,7 @@ class Trainer:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.store.clear()  # drop the maps (and their graph) before the next step
+        self.device.release_memory()
 
         self.step += 1
         # Kept on the device: reading a loss makes the CPU wait for the GPU, so it is
