@@ -201,5 +201,9 @@ def test_cpu_estimate_for_sd21_base_matches_the_measured_hours():
         def parameters(self):
             return [torch.empty(865_910_724, dtype=torch.uint8)]
 
-    text = cpu_estimate(SimpleNamespace(unet=Unet()), 512, LearnConfig(), class_images_missing=100)
-    assert "roughly 6.3 hours for 400+400 steps" in text and "100 class images" in text
+    unet = SimpleNamespace(unet=Unet())
+    # What --memory auto picks on a 24 GiB CPU machine: low; fp32 where the CPU has no bf16.
+    text = cpu_estimate(unet, 512, LearnConfig(memory="low"), class_images_missing=100)
+    assert "roughly 7.0 hours for 400+400 steps" in text and "100 class images" in text
+    assert "roughly 4.2 hours" in cpu_estimate(unet, 512, LearnConfig(memory="low"), 0, bf16=True)
+    assert "roughly 3.1 hours" in cpu_estimate(unet, 512, LearnConfig(tune="lora"), 0, bf16=True)

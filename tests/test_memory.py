@@ -112,6 +112,7 @@ def test_lora_standalone_and_cli(scene_files, tiny_model, tmp_path):
     standalone = runner.invoke(cli, [*args, "--name", "baked", "--standalone"])
     assert standalone.exit_code == 0, standalone.output
     assert load_scene("baked").meta["standalone"] and not load_scene("plain").meta["standalone"]
+    assert "tuning: lora (rank 2, needs its base model)" in runner.invoke(cli, ["show", "plain"]).stdout
     shutil.rmtree(base)  # the base model is gone: only the standalone scene still generates
     ok = runner.invoke(cli, ["generate", "baked", "<asset1>", "--steps", "2", "--out-dir", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
@@ -168,7 +169,7 @@ def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
     from scenebreak.models import load_components
 
     components, cpu = load_components(str(tiny_model)), choose_device("cpu")
-    need = memory.phase2_bytes(components, LearnConfig(), 64, half_activations=False)
+    need = memory.phase2_bytes(components, LearnConfig(), 64, autocast=False)
     monkeypatch.setattr(memory, "available_bytes", lambda device: need * 2)
     assert memory.choose(LearnConfig(), components, cpu, 64).memory == "fast"
     monkeypatch.setattr(memory, "available_bytes", lambda device: need // 2)
@@ -184,3 +185,26 @@ def test_a_missing_base_for_a_lora_scene_names_the_fix(scene_files, tiny_model):
     scene.meta["base_model"].update(id="someone/not-downloaded", commit=None)
     with pytest.raises(ModelNotAvailable, match="needs its base model.*hf download someone/not-downloaded"):
         _base_with_lora(scene, None, 10)
+
+
+def test_the_estimate_matches_the_measured_sd21_figures():
+    """benchmarks/results/train_step-cpu.md: phase 2 at 512 with prior preservation
+    peaks at 20.3 GiB (fast, fp32), 15.1 GiB (low, bf16) and 10.3 GiB (LoRA, bf16)."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from scenebreak import memory
+    from scenebreak.testing import sd21_base_configs
+
+    configs = sd21_base_configs()
+    with init_empty_weights():  # parameter counts only
+        sd21 = SimpleNamespace(unet=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
+                               text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
+    gib = 2**30
+    fast = memory.phase2_bytes(sd21, LearnConfig(), 512, autocast=False) / gib
+    low = memory.phase2_bytes(sd21, LearnConfig(), 512, autocast=True, low=True) / gib
+    lora = memory.phase2_bytes(sd21, LearnConfig(tune="lora"), 512, autocast=True) / gib
+    assert abs(fast - 20.3) < 1.5 and abs(low - 15.1) < 1.5 and abs(lora - 10.3) < 1.5, (fast, low, lora)

@@ -84,10 +84,32 @@ scene_base_option = click.option("--base-model",
 batch_size_option = click.option("--batch-size", type=int, help="Images per forward pass (default: 4 on CUDA, else 1).")
 
 
+def stacked(*decorators):
+    """One decorator that applies `decorators` as if written above each other, in order."""
+    def decorate(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return decorate
+
+
+# The tail of every command that writes images.
+image_output_options = stacked(batch_size_option, scene_base_option, device_option, quiet_option, json_option)
+
+
 def reporter(quiet: bool):
     from .ui import ConsoleReporter
 
     return ConsoleReporter(quiet=quiet)
+
+
+def with_reporter(quiet: bool, call):
+    """Run `call(report)` with progress on stderr, closing the bars however it ends."""
+    report = reporter(quiet)
+    try:
+        return call(report)
+    finally:
+        report.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,12 +189,8 @@ def learn(image, masks, names, init_words, name, output, force, resume, steps1, 
         standalone=standalone, gradient_checkpointing=gradient_checkpointing, adam_8bit=adam_8bit, compile=compile_,
         save_dtype=save_dtype, checkpoint_every=checkpoint_every,
     )
-    report = reporter(quiet)
-    try:
-        result = learn_scene(image, list(masks), config, name=name, output=output, base_model=base_model, revision=revision,
-                             device=device, resume=resume, force=force, report=report)
-    finally:
-        report.close()
+    result = with_reporter(quiet, lambda report: learn_scene(image, list(masks), config, name=name, output=output, base_model=base_model,
+                                                             revision=revision, device=device, resume=resume, force=force, report=report))
     if json_:
         emit_json(result.to_dict())
         return
@@ -197,32 +215,24 @@ def sampling_options(fn=None, *, images_help: str = "Images per prompt.", images
     """The options `generate`, `edit` and `extract-bg` share."""
     if fn is None:
         return functools.partial(sampling_options, images_help=images_help, images_default=images_default)
-    options = [
+    return stacked(
         click.option("-n", "--num-images", type=int, default=images_default, show_default=True, help=images_help),
         click.option("--seed", type=int, help="Seed of image 1; image i uses seed+i-1 (default: random, reported)."),
         click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps."),
         click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale."),
         click.option("--negative", help="Negative prompt."),
         click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to write the PNGs."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    )(fn)
 
 
 def blending_options(dilate_default: int):
     """Blended Latent Diffusion options of `edit` and `extract-bg`."""
-    def decorate(fn):
-        options = [
-            click.option("--blend-start", type=float, default=0.25, show_default=True, help="Fraction of the DDIM steps skipped at the start."),
-            click.option("--dilate", type=int, default=dilate_default, show_default=True, help="Grow the mask by PX pixels first (thin masks)."),
-            click.option("--feather", type=int, default=8, show_default=True, help="Width in pixels of the seam where the original is pasted back."),
-            click.option("--no-paste", is_flag=True, help="Keep the pure latent result instead of pasting the original back outside the mask."),
-        ]
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-    return decorate
+    return stacked(
+        click.option("--blend-start", type=float, default=0.25, show_default=True, help="Fraction of the DDIM steps skipped at the start."),
+        click.option("--dilate", type=int, default=dilate_default, show_default=True, help="Grow the mask by PX pixels first (thin masks)."),
+        click.option("--feather", type=int, default=8, show_default=True, help="Width in pixels of the seam where the original is pasted back."),
+        click.option("--no-paste", is_flag=True, help="Keep the pure latent result instead of pasting the original back outside the mask."),
+    )
 
 
 def _read_prompts(prompts, prompts_file) -> list[str]:
@@ -240,11 +250,7 @@ def _read_prompts(prompts, prompts_file) -> list[str]:
 @sampling_options
 @click.option("--prompts-file", type=click.File("r"), help="One prompt per line ('-' reads stdin); # starts a comment.")
 @click.option("--variations", is_flag=True, help="Image variations: the prompt \"a photo of <asset1> and <asset2> ...\" with all the objects.")
-@batch_size_option
-@scene_base_option
-@device_option
-@quiet_option
-@json_option
+@image_output_options
 @handle_errors
 def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_dir, prompts_file, variations, batch_size, base_model,
              device, quiet, json_):
@@ -261,12 +267,8 @@ def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_di
 
     prompts = [] if variations and not prompts and not prompts_file else _read_prompts(prompts, prompts_file)
     config = GenerateConfig(num_images=num_images, steps=steps, guidance=guidance, negative=negative, seed=seed, batch_size=batch_size)
-    report = reporter(quiet)
-    try:
-        result = generate_images(scene, prompts, config, out_dir=out_dir, device=device, variations=variations,
-                                 base_model=base_model, report=report)
-    finally:
-        report.close()
+    result = with_reporter(quiet, lambda report: generate_images(scene, prompts, config, out_dir=out_dir, device=device,
+                                                                 variations=variations, base_model=base_model, report=report))
     print_images(result, json_)
 
 
@@ -280,11 +282,7 @@ def generate(scene, prompts, num_images, seed, steps, guidance, negative, out_di
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result to this .png (with -n 1) instead of into --out-dir.")
 @click.option("--overwrite", is_flag=True, help="Allow replacing an existing file (even IMAGE) instead of choosing a new name.")
 @blending_options(dilate_default=0)
-@batch_size_option
-@scene_base_option
-@device_option
-@quiet_option
-@json_option
+@image_output_options
 @handle_errors
 def edit_command(image, prompt, scene, masks, prompt_options, num_images, seed, steps, guidance, negative, out_dir, output,
                  overwrite, blend_start, dilate, feather, no_paste, batch_size, base_model, device, quiet, json_):
@@ -306,12 +304,8 @@ def edit_command(image, prompt, scene, masks, prompt_options, num_images, seed, 
         raise click.UsageError(f"give one prompt per --mask: {len(masks)} mask(s), {len(prompts)} prompt(s)")
     config = EditConfig(num_images=num_images, steps=steps, guidance=guidance, negative=negative, seed=seed, batch_size=batch_size,
                         blend_start=blend_start, feather=feather, dilate=dilate, paste=not no_paste)
-    report = reporter(quiet)
-    try:
-        result = edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output, overwrite=overwrite,
-                      device=device, base_model=base_model, report=report)
-    finally:
-        report.close()
+    result = with_reporter(quiet, lambda report: edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output,
+                                                      overwrite=overwrite, device=device, base_model=base_model, report=report))
     print_images(result, json_)
 
 
@@ -320,11 +314,7 @@ def edit_command(image, prompt, scene, masks, prompt_options, num_images, seed, 
 @sampling_options(images_help="Background variations besides the clean plate.", images_default=0)
 @click.option("-p", "--prompt", help="Template of the variations (default \"a photo of <background>\"), e.g. \"a photo of a car at <background>\".")
 @blending_options(dilate_default=8)
-@batch_size_option
-@scene_base_option
-@device_option
-@quiet_option
-@json_option
+@image_output_options
 @handle_errors
 def extract_bg(scene, num_images, seed, steps, guidance, negative, out_dir, prompt, blend_start, dilate, feather, no_paste,
                batch_size, base_model, device, quiet, json_):
@@ -343,12 +333,8 @@ def extract_bg(scene, num_images, seed, steps, guidance, negative, out_dir, prom
 
     config = EditConfig(steps=steps, guidance=guidance, negative=negative, seed=seed, batch_size=batch_size,
                         blend_start=blend_start, feather=feather, dilate=dilate, paste=not no_paste)
-    report = reporter(quiet)
-    try:
-        result = extract_background(scene, config, variations=num_images, prompt=prompt, out_dir=out_dir, device=device,
-                                    base_model=base_model, report=report)
-    finally:
-        report.close()
+    result = with_reporter(quiet, lambda report: extract_background(scene, config, variations=num_images, prompt=prompt, out_dir=out_dir,
+                                                                    device=device, base_model=base_model, report=report))
     print_images(result, json_)
 
 
@@ -423,12 +409,8 @@ def mask(image, prompts, boxes, points, group, auto, max_masks, all_instances, t
 
     config = MaskConfig(detector=detector, segmenter=segmenter, threshold=threshold, all_instances=all_instances, group=group,
                         max_masks=max_masks, min_area=min_area, dilate=dilate, fill_holes=not keep_holes, device=device)
-    report = reporter(quiet)
-    try:
-        result = make_masks(image, prompts=prompts, points=points, boxes=boxes, auto=auto, config=config, out_dir=out_dir,
-                            report=report)
-    finally:
-        report.close()
+    result = with_reporter(quiet, lambda report: make_masks(image, prompts=prompts, points=points, boxes=boxes, auto=auto,
+                                                            config=config, out_dir=out_dir, report=report))
     if json_:
         emit_json(result.to_dict())
         return
@@ -493,11 +475,18 @@ def show(scene, json_):
         f"scene:       {meta['name']}  ({path}, {meta['size_mb']} MB)",
         f"handles:     {'  '.join(_handle_label(h, meta) for h in meta['handles'])}",
         f"base model:  {base['id']}" + (f" @ {base['commit']}" if base.get("commit") else ""),
-        f"resolution:  {meta['resolution']}  tuning: {meta['tuning']}  created: {meta.get('created')}",
+        f"resolution:  {meta['resolution']}  tuning: {_tuning_label(meta)}  created: {meta.get('created')}",
     ]
     for phase, summary in meta.get("losses", {}).items():
         lines.append(f"{phase}:      {summary['steps']} steps in {summary['seconds']} s, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
     click.echo("\n".join(lines))
+
+
+def _tuning_label(meta: dict) -> str:
+    if meta.get("tuning") != "lora":
+        return meta.get("tuning", "full")
+    rank = meta.get("lora", {}).get("rank")
+    return f"lora (rank {rank}, {'standalone' if meta.get('standalone') else 'needs its base model'})"
 
 
 def _handle_label(handle: dict, meta: dict) -> str:

@@ -24,13 +24,18 @@ from .images import background_mask, load_image, load_masks, prepare
 from .paths import check_name, checkpoint_path, scene_path, write_atomically
 from .tokens import check_handle_tokens
 
-# Measured on a 2-core CPU with SD2.1-base at 512x512 with prior preservation
-# (benchmarks/results/train_step-cpu.md); used to warn CPU users before hours of work.
-CPU_SECONDS_PHASE1 = 11.5
-CPU_SECONDS_PHASE2 = 45.0
-# One guided sampling step runs the UNet forward on a batch of 2: about a third of a
-# phase-2 training step's work (forward + backward of a batch of 2).
-CPU_SECONDS_SAMPLING_STEP = CPU_SECONDS_PHASE2 / 3
+# Seconds per step measured on a 2-core CPU (AVX512-BF16) with SD2.1-base at 512x512 and
+# prior preservation (benchmarks/results/train_step-cpu.md), used to warn CPU users
+# before hours of work. Keys: phase 1, or the phase-2 mode; then the precision.
+CPU_SECONDS = {
+    ("phase1", "fp32"): 13.1, ("phase1", "bf16"): 8.9,
+    ("fast", "fp32"): 45.4, ("low", "fp32"): 49.9, ("low", "bf16"): 28.8,
+    ("lora", "bf16"): 19.3, ("lora-low", "bf16"): 21.0,
+}
+BF16_SPEEDUP = 13.1 / 8.9  # phase 1 fp32 / bf16, for the combinations not measured
+# One image-step of guided sampling (the UNet on a batch of 2), fp32: 705 s per image
+# at 50 steps, generating two at a time.
+CPU_SECONDS_SAMPLING_STEP = 14.1
 SD21_UNET_PARAMS = 865.9e6
 
 
@@ -61,16 +66,32 @@ def default_name(image: Path) -> str:
     return stem or "scene"
 
 
-def cpu_estimate(components, resolution: int, config: LearnConfig, class_images_missing: int) -> str:
+def cpu_seconds_per_step(phase: str, precision: str) -> float:
+    """A measured figure, or one derived from the nearest measured one: fast bf16 does
+    not fit the 24 GiB machine (scaled from low by the fp32 fast/low ratio), fp32 LoRA
+    runs on CPUs without bf16 (scaled by the phase-1 bf16 speed-up)."""
+    if (phase, precision) in CPU_SECONDS:
+        return CPU_SECONDS[(phase, precision)]
+    if phase == "fast":
+        return CPU_SECONDS[("low", "bf16")] * CPU_SECONDS[("fast", "fp32")] / CPU_SECONDS[("low", "fp32")]
+    return CPU_SECONDS[(phase, "bf16")] * BF16_SPEEDUP
+
+
+def cpu_estimate(components, resolution: int, config: LearnConfig, class_images_missing: int, bf16: bool = False) -> str:
     """A rough duration from the measured SD2.1-base figures, scaled by UNet size and
-    pixel count. Phase 1 runs the instance alone either way; phase 2 without prior
-    preservation runs a batch of one (estimated at 0.6 of the time)."""
+    pixel count, for the memory mode and tuning chosen. Phase 1 runs the instance alone
+    either way; phase 2 without prior preservation runs a batch of one (estimated at
+    0.6 of the time)."""
     from .classimages import STEPS
 
+    precision = "bf16" if bf16 else "fp32"
+    mode = ("lora-low" if config.memory == "low" else "lora") if config.tune == "lora" else config.memory
     params = sum(p.numel() for p in components.unet.parameters())
     scale = params / SD21_UNET_PARAMS * (resolution / 512) ** 2
-    seconds = scale * (config.steps1 * CPU_SECONDS_PHASE1 + config.steps2 * CPU_SECONDS_PHASE2 * (1.0 if config.prior else 0.6))
-    class_seconds = scale * class_images_missing * STEPS * CPU_SECONDS_SAMPLING_STEP
+    seconds = scale * (config.steps1 * cpu_seconds_per_step("phase1", precision)
+                       + config.steps2 * cpu_seconds_per_step(mode, precision) * (1.0 if config.prior else 0.6))
+    sampling = CPU_SECONDS_SAMPLING_STEP / (BF16_SPEEDUP if bf16 else 1.0)
+    class_seconds = scale * class_images_missing * STEPS * sampling
     text = f"training on the CPU: expect roughly {_duration(seconds)} for {config.steps1}+{config.steps2} steps"
     if class_seconds:
         text += f", plus {_duration(class_seconds)} once for {class_images_missing} class images (--num-class-images or --no-prior make it shorter)"
@@ -205,7 +226,9 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
 
     config = choose_memory(config, components, device, resolution, report)
     if device.type == "cpu":
-        report(Message(cpu_estimate(components, resolution, config, _missing_class_images(components, config, resolution)), "warning"))
+        bf16 = device.train_dtype(config.mixed_precision) is not None
+        report(Message(cpu_estimate(components, resolution, config, _missing_class_images(components, config, resolution), bf16),
+                       "warning"))
 
     from .classimages import ensure_class_images
     from .tokens import add_handles

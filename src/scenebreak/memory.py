@@ -17,9 +17,11 @@ from .config import LearnConfig
 from .events import Message, Reporter, silent
 
 GiB = 2**30
-# Activation memory of one 512x512 example through SD2.1-base's UNet with gradients,
-# fp32 (measured: phase 2 on the CPU at 20.6 GiB, of which 18.3 are weights, gradients
-# and AdamW states); half of it under bf16/fp16 autocast (on CUDA, or a CPU with bf16).
+# Activation memory of one 512x512 example through SD2.1-base's UNet with gradients
+# (measured: phase 2 on the CPU at 20.3 GiB, of which 18.3 are weights, gradients and
+# AdamW states). Autocast does not make it much smaller (fp32 copies remain around
+# norms and softmax) and adds half-precision copies of the weights; with them the
+# estimate matches both the CPU figures and phase 2 on an H200 (23 GiB).
 ACTIVATIONS_PER_EXAMPLE_512 = 1.15 * GiB
 
 
@@ -36,7 +38,7 @@ def available_bytes(device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def phase2_bytes(components, config: LearnConfig, resolution: int, half_activations: bool, low: bool = False) -> int:
+def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: bool, low: bool = False) -> int:
     """Roughly what phase 2 needs: every weight, plus per trained weight a gradient and
     two AdamW states (fast), or only the states, 8-bit ones where bitsandbytes does them
     (low); plus the activations of the batch (about a quarter with checkpointing)."""
@@ -46,10 +48,10 @@ def phase2_bytes(components, config: LearnConfig, resolution: int, half_activati
         trained = 0  # the adapters are a few million parameters
     unet_share = sum(p.numel() for p in components.unet.parameters()) / 865.9e6  # SD2.1-base = 1
     examples = 2 if config.prior else 1
-    activations = ACTIVATIONS_PER_EXAMPLE_512 * unet_share * (resolution / 512) ** 2 * examples * (0.5 if half_activations else 1)
+    activations = ACTIVATIONS_PER_EXAMPLE_512 * unet_share * (resolution / 512) ** 2 * examples
     if not low:
         # Autocast also keeps a half-precision copy of each weight for the step.
-        cast_copies = 2 * sum(p.numel() for m in (components.unet, components.text_encoder) for p in m.parameters()) if half_activations else 0
+        cast_copies = 2 * sum(p.numel() for m in (components.unet, components.text_encoder) for p in m.parameters()) if autocast else 0
         return int(4 * total + 12 * trained + activations + cast_copies)
     per_trained = 2 if config.adam_8bit else 8
     return int(4 * total + per_trained * trained + activations / 4)
