@@ -45,3 +45,19 @@ def test_batch_size_does_not_change_the_images(learned, tmp_path):
     for a, b in zip(one.images, two.images):
         diff = np.abs(np.asarray(Image.open(a.path), dtype=int) - np.asarray(Image.open(b.path), dtype=int))
         assert diff.max() <= 1  # the same image, up to rounding
+
+
+def test_cpu_users_are_told_how_long_sampling_takes():
+    from types import SimpleNamespace
+
+    import torch
+
+    from scenebreak.device import choose_device
+    from scenebreak.generation import warn_cpu_time
+
+    sd21 = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: [torch.empty(865_910_724, dtype=torch.uint8)]))
+    messages = []
+    warn_cpu_time(sd21, choose_device("cpu"), 50, 512 * 512, messages.append)  # one image, 50 steps
+    assert len(messages) == 1 and "roughly 12 min" in messages[0].text and messages[0].level == "warning"
+    warn_cpu_time(sd21, choose_device("cpu"), 2, 64 * 64, messages.append)  # seconds: nothing to say
+    assert len(messages) == 1

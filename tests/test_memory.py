@@ -176,6 +176,8 @@ def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
     messages = []
     assert memory.choose(LearnConfig(), components, cpu, 64, report=messages.append).memory == "low"
     assert "fast needs about" in messages[0].text
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need * 100)
+    assert memory.choose(LearnConfig(tune="lora"), components, cpu, 64).memory == "low"  # cheap there, measured
 
 
 def test_a_missing_base_for_a_lora_scene_names_the_fix(scene_files, tiny_model):

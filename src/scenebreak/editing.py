@@ -19,14 +19,14 @@ from .device import Device, choose_device
 from .errors import InvalidInput, InvalidMask, UsageError
 from .events import Message, Reporter, silent
 from .generation import (GeneratedImage, GenerateResult, check_prompts, open_pipeline, sample_to_files, save_png, slug,
-                         warn_unused_handles)
+                         warn_cpu_time, warn_unused_handles)
 from .images import load_image, load_masks
 from .maskops import dilate
 
 
 def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
-                  config: EditConfig, resolution: int, *, names: list[str] | None = None, report: Reporter = silent,
-                  task: str = "edit") -> list[np.ndarray]:
+                  config: EditConfig, resolution: int, *, names: list[str] | None = None, device: Device | None = None,
+                  report: Reporter = silent, task: str = "edit") -> list[np.ndarray]:
     """Edit `image` ((H, W, 3) uint8) one region at a time, in order: region j is
     re-made from prompts[j] inside masks[j] ((H, W) bool), on the result of region
     j - 1. Returns one (H, W, 3) image per seed, at the input's size.
@@ -55,6 +55,8 @@ def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: lis
     batch = config.batch_size or (4 if pipe.device.type == "cuda" else 1)
     per_sample = blended_steps(config.steps, config.blend_start)
     total, done = len(seeds) * len(masks) * per_sample, 0
+    if device is not None:
+        warn_cpu_time(pipe, device, total, size[0] * size[1], report)
     results = []
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
@@ -116,7 +118,7 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
 
     pipe = open_pipeline(scene, device, base_model)
     edited = blend_regions(pipe, np.asarray(source), masks, prompts, seeds, config, scene.resolution,
-                           names=[f"mask {p}" for p in mask_paths], report=report)
+                           names=[f"mask {p}" for p in mask_paths], device=device, report=report)
     result = GenerateResult(scene=scene.name)
     label = " | ".join(prompts)
     for s, array in zip(seeds, edited):
@@ -155,7 +157,7 @@ def extract_background(scene, config: EditConfig = EditConfig(dilate=8), *, vari
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
     pipe = open_pipeline(scene, device, base_model)
     [plate] = blend_regions(pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], config,
-                            scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
+                            scene.resolution, names=["the objects' mask"], device=device, report=report, task="clean plate")
     result = GenerateResult(scene=scene.name)
     path = save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png")
     result.images.append(GeneratedImage(path, plate_prompt, seed, kind="plate"))

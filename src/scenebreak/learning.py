@@ -19,8 +19,8 @@ from .config import LearnConfig, default_base_model
 from .device import Device, choose_device
 from .errors import Interrupted, InvalidInput, OutOfMemory, SceneBreakError
 from .events import Message, Progress, Reporter, silent
-from .lora import lora_settings
 from .images import background_mask, load_image, load_masks, prepare
+from .lora import lora_settings
 from .paths import check_name, checkpoint_path, scene_path, write_atomically
 from .tokens import check_handle_tokens
 
@@ -92,13 +92,13 @@ def cpu_estimate(components, resolution: int, config: LearnConfig, class_images_
                        + config.steps2 * cpu_seconds_per_step(mode, precision) * (1.0 if config.prior else 0.6))
     sampling = CPU_SECONDS_SAMPLING_STEP / (BF16_SPEEDUP if bf16 else 1.0)
     class_seconds = scale * class_images_missing * STEPS * sampling
-    text = f"training on the CPU: expect roughly {_duration(seconds)} for {config.steps1}+{config.steps2} steps"
+    text = f"training on the CPU: expect roughly {format_duration(seconds)} for {config.steps1}+{config.steps2} steps"
     if class_seconds:
-        text += f", plus {_duration(class_seconds)} once for {class_images_missing} class images (--num-class-images or --no-prior make it shorter)"
+        text += f", plus {format_duration(class_seconds)} once for {class_images_missing} class images (--num-class-images or --no-prior make it shorter)"
     return text + "; a CUDA GPU takes minutes (--device cuda)"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     if seconds < 90:
         return f"{max(1, round(seconds))} s"
     if seconds < 5400:
