@@ -148,8 +148,9 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def load_scene(ref, weights: bool = False) -> Scene:
-    """Open a scene by path or cached name; `weights=True` also loads the model weights."""
+def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
+    """Open a scene by path or cached name; `weights=True` also loads the model weights,
+    read from the memory-mapped file straight onto `device` (no copy in RAM for a GPU)."""
     from safetensors import safe_open
 
     path = resolve_scene(ref)
@@ -165,7 +166,9 @@ def load_scene(ref, weights: bool = False) -> Scene:
             for key in f.keys():
                 if key.startswith("file."):
                     files[key[5:]] = f.get_tensor(key).numpy().tobytes()
-                elif weights:
+        if weights:
+            with safe_open(str(path), framework="pt", device=device) as f:
+                for key in f.keys():
                     component, _, name = key.partition(".")
                     if component in scene_weights:
                         scene_weights[component][name] = f.get_tensor(key)

@@ -57,7 +57,8 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
     import torch
 
     if not scene.weights:
-        scene = load_scene(scene.path, weights=True)
+        # A LoRA scene's adapters are merged on the CPU, where its base model loads.
+        scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
     dtype = dtype or device.infer_dtype()
     tokenizer = _scene_tokenizer(scene)
     if scene.needs_base_model:
