@@ -55,9 +55,10 @@ def test_cpu_users_are_told_how_long_sampling_takes():
     from scenebreak.device import choose_device
     from scenebreak.generation import warn_cpu_time
 
-    sd21 = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: [torch.empty(865_910_724, dtype=torch.uint8)]))
+    sd21 = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: [torch.empty(865_910_724, dtype=torch.uint8)]),
+                           device=choose_device("cpu").torch)
     messages = []
-    warn_cpu_time(sd21, choose_device("cpu"), 50, 512 * 512, messages.append)  # one image, 50 steps
+    warn_cpu_time(sd21, 50, 512 * 512, messages.append)  # one image, 50 steps
     assert len(messages) == 1 and "roughly 12 min" in messages[0].text and messages[0].level == "warning"
-    warn_cpu_time(sd21, choose_device("cpu"), 2, 64 * 64, messages.append)  # seconds: nothing to say
+    warn_cpu_time(sd21, 2, 64 * 64, messages.append)  # seconds: nothing to say
     assert len(messages) == 1

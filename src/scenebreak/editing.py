@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 import time
 from pathlib import Path
 
@@ -14,19 +13,19 @@ import numpy as np
 
 from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
 from .bundle import Scene, load_scene
-from .config import EditConfig, GenerateConfig
+from .config import EditConfig
 from .device import Device, choose_device
 from .errors import InvalidInput, InvalidMask, UsageError
 from .events import Message, Reporter, silent
-from .generation import (GeneratedImage, GenerateResult, check_prompts, open_pipeline, sample_to_files, save_png, slug,
-                         warn_cpu_time, warn_unused_handles)
+from .generation import (GeneratedImage, GenerateResult, check_prompts, images_per_pass, open_pipeline, pick_seed,
+                         sample_to_files, save_png, slug, warn_cpu_time, warn_unused_handles)
 from .images import load_image, load_masks
 from .maskops import dilate
 
 
 def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
-                  config: EditConfig, resolution: int, *, names: list[str] | None = None, device: Device | None = None,
-                  report: Reporter = silent, task: str = "edit") -> list[np.ndarray]:
+                  config: EditConfig, resolution: int, *, names: list[str] | None = None, report: Reporter = silent,
+                  task: str = "edit") -> list[np.ndarray]:
     """Edit `image` ((H, W, 3) uint8) one region at a time, in order: region j is
     re-made from prompts[j] inside masks[j] ((H, W) bool), on the result of region
     j - 1. Returns one (H, W, 3) image per seed, at the input's size.
@@ -52,11 +51,10 @@ def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: lis
         if not m.any():
             what = names[j] if names else f"mask {j + 1}"
             raise InvalidMask(f"{what} is too thin for the model's {latent_hw[1]}x{latent_hw[0]} latent grid: grow it with --dilate")
-    batch = config.batch_size or (4 if pipe.device.type == "cuda" else 1)
+    batch = images_per_pass(config, pipe)
     per_sample = blended_steps(config.steps, config.blend_start)
     total, done = len(seeds) * len(masks) * per_sample, 0
-    if device is not None:
-        warn_cpu_time(pipe, device, total, size[0] * size[1], report)
+    warn_cpu_time(pipe, total, size[0] * size[1], report)
     results = []
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
@@ -75,12 +73,6 @@ def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: lis
                 work = [resize(f, size) for f in full]
         results += full if config.paste else [resize(w, (width, height)) for w in work]
     return results
-
-
-def _seed(config: GenerateConfig, report: Reporter) -> int:
-    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-    report(Message(f"seed: {seed}"))
-    return seed
 
 
 def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]], scene, config: EditConfig = EditConfig(), *,
@@ -113,12 +105,12 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     check_prompts(scene, prompts)
     warn_unused_handles(scene, prompts, report)
     device = device if isinstance(device, Device) else choose_device(device)
-    seed = _seed(config, report)
+    seed = pick_seed(config, report)
     seeds = [seed + i for i in range(config.num_images)]
 
     pipe = open_pipeline(scene, device, base_model)
     edited = blend_regions(pipe, np.asarray(source), masks, prompts, seeds, config, scene.resolution,
-                           names=[f"mask {p}" for p in mask_paths], device=device, report=report)
+                           names=[f"mask {p}" for p in mask_paths], report=report)
     result = GenerateResult(scene=scene.name)
     label = " | ".join(prompts)
     for s, array in zip(seeds, edited):
@@ -150,14 +142,14 @@ def extract_background(scene, config: EditConfig = EditConfig(dilate=8), *, vari
     if token not in template:
         report(Message(f"--prompt {template!r} does not use {token}: the variations will not show the scene's background", "warning"))
     device = device if isinstance(device, Device) else choose_device(device)
-    seed = _seed(config, report)
+    seed = pick_seed(config, report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
     pipe = open_pipeline(scene, device, base_model)
     [plate] = blend_regions(pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], config,
-                            scene.resolution, names=["the objects' mask"], device=device, report=report, task="clean plate")
+                            scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
     result = GenerateResult(scene=scene.name)
     path = save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png")
     result.images.append(GeneratedImage(path, plate_prompt, seed, kind="plate"))

@@ -172,10 +172,21 @@ def open_pipeline(scene: Scene, device: Device, base_model: str | None = None):
     return make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
 
 
-def warn_cpu_time(pipe, device: Device, image_steps: int, pixels: int, report: Reporter) -> None:
+def pick_seed(config: GenerateConfig, report: Reporter) -> int:
+    """The seed of image 1: the one asked for, or a random one, reported either way."""
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    report(Message(f"seed: {seed}"))
+    return seed
+
+
+def images_per_pass(config: GenerateConfig, pipe) -> int:
+    return config.batch_size or (4 if pipe.device.type == "cuda" else 1)
+
+
+def warn_cpu_time(pipe, image_steps: int, pixels: int, report: Reporter) -> None:
     """On the CPU, say first how long the sampling will roughly take (measured figure for
     SD2.1-base at 512x512, scaled by UNet size and pixel count)."""
-    if device.type != "cpu":
+    if pipe.device.type != "cpu":
         return
     from .learning import CPU_SECONDS_SAMPLING_STEP, SD21_UNET_PARAMS, format_duration
 
@@ -196,7 +207,7 @@ def sample_to_files(pipe, scene: Scene, prompts: list[str], config: GenerateConf
     """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`."""
     from .pipeline import sample
 
-    batch = config.batch_size or (4 if pipe.device.type == "cuda" else 1)
+    batch = images_per_pass(config, pipe)
     total = len(prompts) * config.num_images * config.steps
     images_out, done = [], 0
     report(Progress("generate", 0, total))
@@ -235,13 +246,12 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
     check_prompts(scene, prompts)
     warn_unused_handles(scene, prompts, report)
     device = device if isinstance(device, Device) else choose_device(device)
-    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-    report(Message(f"seed: {seed}"))
+    seed = pick_seed(config, report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     pipe = open_pipeline(scene, device, base_model)
-    warn_cpu_time(pipe, device, len(prompts) * config.num_images * config.steps, scene.resolution**2, report)
+    warn_cpu_time(pipe, len(prompts) * config.num_images * config.steps, scene.resolution**2, report)
     result = GenerateResult(scene=scene.name)
     result.images = sample_to_files(pipe, scene, prompts, config, seed, out_dir, scene.name, report)
     result.seconds = time.perf_counter() - started
