@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bundle import Scene, load_scene
-from .config import GenerateConfig
+from .config import SD21_UNET_PARAMS, GenerateConfig
 from .device import Device, choose_device
 from .errors import InvalidInput, ModelNotAvailable, UnknownHandle
 from .events import Message, Progress, Reporter, silent
@@ -188,7 +188,7 @@ def warn_cpu_time(pipe, image_steps: int, pixels: int, report: Reporter) -> None
     SD2.1-base at 512x512, scaled by UNet size and pixel count)."""
     if pipe.device.type != "cpu":
         return
-    from .learning import CPU_SECONDS_SAMPLING_STEP, SD21_UNET_PARAMS, format_duration
+    from .learning import CPU_SECONDS_SAMPLING_STEP, format_duration
 
     params = sum(p.numel() for p in pipe.unet.parameters())
     seconds = image_steps * CPU_SECONDS_SAMPLING_STEP * params / SD21_UNET_PARAMS * pixels / 512**2

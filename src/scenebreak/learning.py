@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .bundle import Scene, save_scene
-from .config import LearnConfig, default_base_model
+from .config import SD21_UNET_PARAMS, LearnConfig, default_base_model
 from .device import Device, choose_device
 from .errors import Interrupted, InvalidInput, OutOfMemory, SceneBreakError
 from .events import Message, Progress, Reporter, silent
@@ -36,7 +36,6 @@ BF16_SPEEDUP = 13.1 / 8.9  # phase 1 fp32 / bf16, for the combinations not measu
 # One image-step of guided sampling (the UNet on a batch of 2), fp32: 705 s per image
 # at 50 steps, generating two at a time.
 CPU_SECONDS_SAMPLING_STEP = 14.1
-SD21_UNET_PARAMS = 865.9e6
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import LearnConfig
+from .config import SD21_UNET_PARAMS, LearnConfig
 from .events import Message, Reporter, silent
 
 GiB = 2**30
@@ -43,16 +43,16 @@ def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: boo
     """Roughly what phase 2 needs: every weight, plus per trained weight a gradient and
     two AdamW states (fast), or only the states, 8-bit ones where bitsandbytes does them
     (low); plus the activations of the batch (about a quarter with checkpointing)."""
-    total = sum(p.numel() for m in (components.unet, components.vae, components.text_encoder) for p in m.parameters())
-    trained = sum(p.numel() for m in (components.unet, components.text_encoder) for p in m.parameters())
-    if config.tune == "lora":
-        trained = 0  # the adapters are a few million parameters
-    unet_share = sum(p.numel() for p in components.unet.parameters()) / 865.9e6  # SD2.1-base = 1
+    def count(*models) -> int:
+        return sum(p.numel() for m in models for p in m.parameters())
+
+    tunable = count(components.unet, components.text_encoder)
+    total = tunable + count(components.vae)
+    trained = 0 if config.tune == "lora" else tunable  # LoRA adapters are a few million parameters
     examples = 2 if config.prior else 1
-    activations = ACTIVATIONS_PER_EXAMPLE_512 * unet_share * (resolution / 512) ** 2 * examples
+    activations = ACTIVATIONS_PER_EXAMPLE_512 * count(components.unet) / SD21_UNET_PARAMS * (resolution / 512) ** 2 * examples
     if not low:
-        # Autocast also keeps a half-precision copy of each weight for the step.
-        cast_copies = 2 * sum(p.numel() for m in (components.unet, components.text_encoder) for p in m.parameters()) if autocast else 0
+        cast_copies = 2 * tunable if autocast else 0  # autocast keeps a half-precision copy of each weight for the step
         return int(4 * total + 12 * trained + activations + cast_copies)
     per_trained = 2 if config.adam_8bit else 8
     return int(4 * total + per_trained * trained + activations / 4)
@@ -64,7 +64,7 @@ def choose(config: LearnConfig, components, device, resolution: int, report: Rep
 
     amp = device.train_dtype(config.mixed_precision)
     half = amp is not None
-    policy, why = config.memory, ""
+    policy, why, free = config.memory, "", None
     if policy == "auto" and config.tune == "lora" and device.type == "cpu":
         # Measured on the CPU: checkpointing LoRA costs 9% time for 35% less memory.
         policy, why = "low", "; for LoRA on the CPU it costs little time"
@@ -88,7 +88,7 @@ def choose(config: LearnConfig, components, device, resolution: int, report: Rep
     if eight_bit:
         parts.append("8-bit AdamW")
     report(Message(f"memory: low ({', '.join(parts)}{why})"))
-    need, free = phase2_bytes(components, config, resolution, half, low=True), available_bytes(device)
+    need, free = phase2_bytes(components, config, resolution, half, low=True), free or available_bytes(device)
     if config.tune == "full" and need > free:
         report(Message(f"full tuning may not fit even so (about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free): "
                        "--tune lora needs far less", "warning"))
