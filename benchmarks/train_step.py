@@ -69,9 +69,8 @@ def make_baseline_trainer(Trainer):
     import contextlib
 
     class BaselineTrainer(Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.skip_frozen_prior = False  # the original runs the class image in phase 1 too
+        def _class_example_needed(self, phase):
+            return self.config.prior  # the original runs the class image in phase 1 too
 
         def _instance_latent(self, flip):
             # The original re-encodes the image with the VAE at every step.
@@ -186,7 +185,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     from PIL import Image
 
     from scenebreak.config import LearnConfig
-    from scenebreak.device import choose_device
+    from scenebreak.device import choose_device, precision_name
     from scenebreak.memory import choose as choose_memory
     from scenebreak.tokens import add_handles
     from scenebreak.train import Trainer, TrainInputs
@@ -205,14 +204,15 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     masks[0, : resolution // 2, : resolution // 2] = 1
     masks[1, resolution // 2 :, resolution // 3 :] = 1
     tokens = ["<asset1>", "<asset2>"]
-    ids, _ = add_handles(tokenizer, components.text_encoder, tokens)
+    ids = add_handles(tokenizer, components.text_encoder, tokens)
     steps1, steps2 = (steps + 1, 0) if phase == 1 else (0, steps + 1)
     config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution, **VARIANTS[kind])
-    config = choose_memory(config, components, device, resolution)  # the switches --memory low turns on
+    amp_dtype = device.train_dtype(config.mixed_precision)
+    plan = choose_memory(config, components, device, resolution, amp_dtype)  # the switches --memory low turns on
     cls = make_baseline_trainer(Trainer) if kind == "original-style" else Trainer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens)
+    trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens, plan=plan, amp_dtype=amp_dtype)
     times = []
     started = time.perf_counter()
     for _record in trainer.run():
@@ -221,8 +221,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
         times.append(now - started)
         started = now
     timed = times[1:]  # the first step warms up (allocator, kernels, lazy caches)
-    precision = str(device.train_dtype(config.mixed_precision) or "fp32").replace("torch.bfloat16", "bf16").replace("torch.float16", "fp16")
-    return {"kind": kind, "phase": phase, "precision": precision, "memory": config.memory, "steps_timed": len(timed),
+    return {"kind": kind, "phase": phase, "precision": precision_name(amp_dtype), "memory": plan.policy, "steps_timed": len(timed),
             "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], **peak(device)}
 
 

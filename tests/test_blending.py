@@ -67,7 +67,7 @@ def test_next_timestep_is_where_ddim_lands():
 def pipe(learned):
     from scenebreak.bundle import load_scene
     from scenebreak.device import choose_device
-    from scenebreak.generation import open_pipeline
+    from scenebreak.scene_models import open_pipeline
 
     return open_pipeline(load_scene(learned.path), choose_device("cpu"))
 

@@ -53,7 +53,7 @@ def test_cpu_users_are_told_how_long_sampling_takes():
     import torch
 
     from scenebreak.device import choose_device
-    from scenebreak.generation import warn_cpu_time
+    from scenebreak.sampling import warn_cpu_time
 
     sd21 = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: [torch.empty(865_910_724, dtype=torch.uint8)]),
                            device=choose_device("cpu").torch)

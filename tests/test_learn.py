@@ -154,9 +154,14 @@ def test_phase1_skipping_the_class_example_changes_nothing(scene_files, tiny_mod
 
     from scenebreak.device import choose_device
     from scenebreak.images import prepare
+    from scenebreak.memory import MemoryPlan
     from scenebreak.models import load_components
     from scenebreak.tokens import add_handles
     from scenebreak.train import Trainer, TrainInputs
+
+    class ComputesClassExample(Trainer):  # what the original code does
+        def _class_example_needed(self, phase):
+            return self.config.prior
 
     class_images = []
     for i in range(2):
@@ -165,12 +170,13 @@ def test_phase1_skipping_the_class_example_changes_nothing(scene_files, tiny_mod
         class_images.append(path)
     prepared = prepare(scene_files["image"], scene_files["masks"], 64)
     results = []
-    for skip in (True, False):
+    cpu = choose_device("cpu")
+    for cls in (Trainer, ComputesClassExample):
         c = load_components(str(tiny_model))
-        ids, _ = add_handles(c.tokenizer, c.text_encoder, ["<asset1>", "<asset2>"])
-        trainer = Trainer(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids, class_images),
-                          LearnConfig(steps1=4, steps2=0, num_class_images=2), choose_device("cpu"), ["<asset1>", "<asset2>"])
-        trainer.skip_frozen_prior = skip
+        ids = add_handles(c.tokenizer, c.text_encoder, ["<asset1>", "<asset2>"])
+        trainer = cls(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids, class_images),
+                      LearnConfig(steps1=4, steps2=0, num_class_images=2), cpu, ["<asset1>", "<asset2>"],
+                      plan=MemoryPlan("fast", False, False, False, False), amp_dtype=cpu.train_dtype("auto"))
         records = list(trainer.run())
         results.append((trainer.embedding.handles.detach().clone(), [r.value("rec") for r in records], [r.value("prior") for r in records]))
     (fast, fast_rec, fast_prior), (full, full_rec, full_prior) = results
@@ -195,15 +201,15 @@ def test_gradient_checkpointing_gives_the_same_training(scene_files, tiny_model)
 def test_cpu_estimate_for_sd21_base_matches_the_measured_hours():
     from types import SimpleNamespace
 
-    from scenebreak.learning import cpu_estimate
+    from scenebreak.estimates import cpu_training_estimate
 
     class Unet:
         def parameters(self):
             return [torch.empty(865_910_724, dtype=torch.uint8)]
 
-    unet = SimpleNamespace(unet=Unet())
+    unet, low = Unet(), SimpleNamespace(policy="low")
     # What --memory auto picks on a 24 GiB CPU machine: low; fp32 where the CPU has no bf16.
-    text = cpu_estimate(unet, 512, LearnConfig(memory="low"), class_images_missing=100)
+    text = cpu_training_estimate(unet, 512, LearnConfig(), low, class_images_missing=100, class_steps=50)
     assert "roughly 7.0 hours for 400+400 steps" in text and "100 class images" in text
-    assert "roughly 4.2 hours" in cpu_estimate(unet, 512, LearnConfig(memory="low"), 0, bf16=True)
-    assert "roughly 3.3 hours" in cpu_estimate(unet, 512, LearnConfig(tune="lora", memory="low"), 0, bf16=True)
+    assert "roughly 4.2 hours" in cpu_training_estimate(unet, 512, LearnConfig(), low, 0, 50, bf16=True)
+    assert "roughly 3.3 hours" in cpu_training_estimate(unet, 512, LearnConfig(tune="lora"), low, 0, 50, bf16=True)

@@ -146,17 +146,17 @@ def test_missing_bitsandbytes_is_a_message_not_a_crash(scene_files, tiny_model, 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     cuda = Device(type="cuda", name="cuda")
     with pytest.raises(SceneBreakError, match="pipx inject scenebreak bitsandbytes"):
-        adamw_factory(LearnConfig(adam_8bit=True), cuda)
+        adamw_factory(LearnConfig(), cuda, eight_bit=True)
     # --memory low on a GPU without it: a warning with the fix, then fp32 AdamW.
-    monkeypatch.setattr(Device, "train_dtype", lambda self, mp="auto": torch.bfloat16)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 80 * 2**30)
-    messages = []
     from scenebreak.models import load_components
 
     components = load_components(str(tiny_model))
-    config = memory.choose(LearnConfig(memory="low"), components, cuda, 64, report=messages.append)
-    assert config.gradient_checkpointing and config.optimizer_in_backward and not config.adam_8bit
-    assert any(m.level == "warning" and "bitsandbytes" in m.text for m in messages)
+    plan = memory.choose(LearnConfig(memory="low"), components, cuda, 64, torch.bfloat16)
+    assert plan.gradient_checkpointing and plan.optimizer_in_backward and not plan.adam_8bit
+    assert any("bitsandbytes" in w for w in plan.warnings)
+    # fp16 steps after the loss scaler has seen every gradient: never inside the backward pass.
+    assert not memory.choose(LearnConfig(memory="low"), components, cuda, 64, torch.float16).optimizer_in_backward
     # Asked for explicitly on the CLI, on a machine without CUDA: exit 2 before any work.
     result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
                                       "--base-model", str(tiny_model), "--adam-8bit"])
@@ -171,22 +171,25 @@ def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
     components, cpu = load_components(str(tiny_model)), choose_device("cpu")
     need = memory.phase2_bytes(components, LearnConfig(), 64, autocast=False)
     monkeypatch.setattr(memory, "available_bytes", lambda device: need * 2)
-    assert memory.choose(LearnConfig(), components, cpu, 64).memory == "fast"
+    assert memory.choose(LearnConfig(), components, cpu, 64, None).policy == "fast"
     monkeypatch.setattr(memory, "available_bytes", lambda device: need // 2)
-    messages = []
-    assert memory.choose(LearnConfig(), components, cpu, 64, report=messages.append).memory == "low"
-    assert "fast needs about" in messages[0].text
+    plan = memory.choose(LearnConfig(), components, cpu, 64, None)
+    assert plan.policy == "low" and plan.gradient_checkpointing and not plan.offload_vae  # nowhere to offload on a CPU
+    assert "fast needs about" in plan.describe()
     monkeypatch.setattr(memory, "available_bytes", lambda device: need * 100)
-    assert memory.choose(LearnConfig(tune="lora"), components, cpu, 64).memory == "low"  # cheap there, measured
+    assert memory.choose(LearnConfig(tune="lora"), components, cpu, 64, None).policy == "low"  # cheap there, measured
+    # Explicit switches are kept on top of fast.
+    plan = memory.choose(LearnConfig(memory="fast", gradient_checkpointing=True), components, cpu, 64, None)
+    assert plan.policy == "fast" and plan.gradient_checkpointing and not plan.optimizer_in_backward
 
 
 def test_a_missing_base_for_a_lora_scene_names_the_fix(scene_files, tiny_model):
-    from scenebreak.generation import _base_with_lora
+    from scenebreak.scene_models import base_with_lora
 
     scene = load_scene(_learn(scene_files, tiny_model, "hubless", tune="lora", rank=2).path, weights=True)
     scene.meta["base_model"].update(id="someone/not-downloaded", commit=None)
     with pytest.raises(ModelNotAvailable, match="needs its base model.*hf download someone/not-downloaded"):
-        _base_with_lora(scene, None, 10)
+        base_with_lora(scene, None, 10)
 
 
 def test_the_estimate_matches_the_measured_sd21_figures():

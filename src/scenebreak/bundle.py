@@ -9,6 +9,9 @@ Tensor names:
   file.tokenizer/NAME       uint8 bytes of each tokenizer file (handles included)
 Metadata: {"format": "scenebreak.scene", "scenebreak": "<JSON>"}; the JSON holds
 format_version, versions, base model, handles, resolution, configs, losses...
+
+This module owns that format: writing and reading it, and assembling a scene (its
+metadata, weights and tokenizer files) from a finished training run.
 """
 
 from __future__ import annotations
@@ -188,3 +191,90 @@ def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
 def list_scenes() -> list[Path]:
     folder = scenes_dir()
     return sorted(folder.glob(f"*{SCENE_SUFFIX}")) if folder.exists() else []
+
+
+# -- assembling a scene from a finished training run ---------------------------------------------
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The tokenizer's files (handles included), as the scene stores them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {f"tokenizer/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, bytes]):
+    """The tokenizer a scene stores, rebuilt from its files in a private temp folder."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+
+
+def model_config(model) -> dict:
+    """A model's config as the scene records it (enough to rebuild the model empty)."""
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    return {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype", "transformers_version", "_name_or_path")}
+
+
+def scene_metadata(*, name: str, tokens: list[str], components, prepared, config, plan, precision: str, losses: dict,
+                   device, image: Path, masks: list[Path], resolution: int, seconds: float) -> dict:
+    """The JSON header of a newly learned scene."""
+    import datetime as dt
+
+    from . import __version__
+    from .lora import lora_settings
+
+    c = components
+    return {
+        "name": name,
+        "scenebreak_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tuning": config.tune,
+        "standalone": config.tune == "full" or config.standalone,
+        "base_model": c.base.to_dict(),
+        # The background handle's mask (index len(masks)) is the complement of the others.
+        "handles": [{"token": t, "name": t.strip("<>"), "mask_index": i, "background": config.background and i == len(masks)}
+                    for i, t in enumerate(tokens)],
+        "resolution": resolution,
+        "prediction_type": c.prediction_type,
+        "crop_box": list(prepared.crop_box),
+        "source": {"file": image.name, "size": list(prepared.source_size), "sha256": prepared.source_sha256,
+                   "masks": [m.name for m in masks]},
+        "config": config.to_dict(),
+        "memory": plan.to_dict(),
+        "precision": precision,
+        "losses": losses,
+        **({"lora": lora_settings(config.rank)} if config.tune == "lora" else {}),
+        "device": device.name,
+        "seconds": round(seconds, 2),
+        "configs": {"unet": model_config(c.unet), "vae": model_config(c.vae), "text_encoder": model_config(c.text_encoder),
+                    "scheduler": dict(c.scheduler_config)},
+    }
+
+
+def scene_from_training(components, meta: dict, prepared) -> Scene:
+    """The trained models as a self-contained scene (the handles put back into an
+    ordinary embedding matrix, so other tools can load the text encoder)."""
+    from .lora import lora_state_dict, merge_lora
+    from .tokens import remove_handle_embedding
+
+    c = components
+    handles = remove_handle_embedding(c.text_encoder)
+    if meta["tuning"] == "lora" and not meta["standalone"]:
+        # Only the adapters: the scene loads them onto its recorded base model.
+        weights = {"unet_lora": lora_state_dict(c.unet), "text_encoder_lora": lora_state_dict(c.text_encoder)}
+    else:
+        if meta["tuning"] == "lora":
+            merge_lora(c.unet)
+            merge_lora(c.text_encoder)
+        weights = {"unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict(), "vae": c.vae.state_dict()}
+    return Scene(meta=meta, embeddings=handles, image=np.asarray(prepared.image), masks=prepared.masks, weights=weights,
+                 files=tokenizer_files(c.tokenizer))

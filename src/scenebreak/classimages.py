@@ -26,10 +26,16 @@ def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int
     return [folder / f"{i:04d}.png" for i in range(count)]
 
 
-def ensure_class_images(components, device, prompt: str, count: int, resolution: int,
+def missing_count(fingerprint: str, prompt: str, resolution: int, count: int) -> int:
+    """How many of those class images still have to be made."""
+    return sum(not p.exists() for p in class_image_paths(fingerprint, prompt, resolution, count))
+
+
+def ensure_class_images(components, device, prompt: str, count: int, resolution: int, amp_dtype=None,
                         report: Reporter = silent, should_stop=lambda: False, batch_size: int | None = None) -> list[Path]:
-    """The paths of `count` class images, generating only the ones not cached yet.
-    Image i is always made from seed i, so the cache grows consistently."""
+    """The paths of `count` class images, generating only the ones not cached yet, in
+    the training's precision `amp_dtype` (None: fp32). Image i is always made from
+    seed i, so the cache grows consistently."""
     paths = class_image_paths(components.base.fingerprint, prompt, resolution, count)
     folder = paths[0].parent
     missing = [i for i, p in enumerate(paths) if not p.exists()]
@@ -40,15 +46,15 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
     info = folder / "info.json"
     if not info.exists():
         info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "base_model": components.base.to_dict()}, indent=2))
-    from .pipeline import make_pipeline, sample
+    from .pipeline import images_per_pass, make_pipeline, sample
 
     report(Message(f"generating {len(missing)} class images for {prompt!r} (once; cached in {folder})"))
     c = components
     for model in (c.unet, c.vae, c.text_encoder):
         model.to(device.torch)
     pipe = make_pipeline(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config)
-    batch = batch_size or (4 if device.type == "cuda" else 1)
-    autocast = device.autocast(device.train_dtype("auto"))
+    batch = images_per_pass(device, batch_size)
+    autocast = device.autocast(amp_dtype)
     total = len(missing) * STEPS
     done = 0
     report(Progress("class images", 0, total))

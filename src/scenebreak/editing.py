@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
-from .bundle import Scene, load_scene
-from .config import EditConfig
-from .device import Device, choose_device
+from .config import BackgroundConfig, EditConfig
+from .device import Device
 from .errors import InvalidInput, InvalidMask, UsageError
 from .events import Message, Reporter, silent
-from .generation import (GeneratedImage, GenerateResult, check_prompts, images_per_pass, open_pipeline, pick_seed,
-                         sample_to_files, save_png, slug, warn_cpu_time, warn_unused_handles)
+from .sampling import (GeneratedImage, GenerateResult, images_per_pass, open_scene, sample_to_files, save_png, slug, start,
+                       warn_cpu_time)
 from .images import load_image, load_masks
 from .maskops import dilate
 
@@ -82,7 +80,6 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     (the photo's size, non-zero = change here) with a prompt such as "a photo of
     <asset1>"; they are applied in order. Writes `config.num_images` PNGs (seeds
     seed, seed+1, ...) of the photo's size, to `output` or into `out_dir`."""
-    started = time.perf_counter()
     config = config.validate()
     if not regions:
         raise InvalidInput("give at least one --mask with its prompt")
@@ -101,62 +98,47 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
             raise InvalidInput(f"--output {output} must end in .png (lossless, so the untouched area stays exact)")
         if output.exists() and not overwrite:
             raise InvalidInput(f"{output} already exists: pass --overwrite to replace it")
-    scene = scene if isinstance(scene, Scene) else load_scene(scene)
-    check_prompts(scene, prompts)
-    warn_unused_handles(scene, prompts, report)
-    device = device if isinstance(device, Device) else choose_device(device)
-    seed = pick_seed(config, report)
-    seeds = [seed + i for i in range(config.num_images)]
-
-    pipe = open_pipeline(scene, device, base_model)
-    edited = blend_regions(pipe, np.asarray(source), masks, prompts, seeds, config, scene.resolution,
+    run = start(scene, prompts, config, device=device, base_model=base_model, report=report)
+    seeds = [run.seed + i for i in range(config.num_images)]
+    edited = blend_regions(run.pipe, np.asarray(source), masks, prompts, seeds, config, run.scene.resolution,
                            names=[f"mask {p}" for p in mask_paths], report=report)
-    result = GenerateResult(scene=scene.name)
-    label = " | ".join(prompts)
+    label, images = " | ".join(prompts), []
     for s, array in zip(seeds, edited):
         path = output or Path(out_dir) / f"{image_path.stem}-edit-{slug(prompts[-1])}-{s}.png"
-        result.images.append(GeneratedImage(save_png(array, path, overwrite), label, s, kind="edit"))
-    result.seconds = time.perf_counter() - started
-    return result
+        images.append(GeneratedImage(save_png(array, path, overwrite), label, s, kind="edit"))
+    return run.result(images)
 
 
-def extract_background(scene, config: EditConfig = EditConfig(dilate=8), *, variations: int = 0, prompt: str | None = None,
+def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, variations: int = 0, prompt: str | None = None,
                        out_dir: str | os.PathLike = ".", device: str | Device | None = None,
                        base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
     """The scene's background without its objects: a clean plate of the training photo
     (the dilated object regions re-made from "a photo of <background>") and
     `variations` new backgrounds from `prompt` (default "a photo of <background>";
     a template such as "a photo of a car at <background>" works too)."""
-    started = time.perf_counter()
     config = config.validate()
     if variations < 0:
         raise InvalidInput("-n must be >= 0")
-    scene = scene if isinstance(scene, Scene) else load_scene(scene)
+    scene = open_scene(scene)
     token = scene.background_token
     if token is None:
         raise UsageError(f"scene {scene.name!r} has no <background> handle: learn it again with --background "
                          "(scenebreak learn IMAGE --masks ... --background)")
     plate_prompt = f"a photo of {token}"
     template = (prompt or plate_prompt).strip()
-    check_prompts(scene, [template])
     if token not in template:
         report(Message(f"--prompt {template!r} does not use {token}: the variations will not show the scene's background", "warning"))
-    device = device if isinstance(device, Device) else choose_device(device)
-    seed = pick_seed(config, report)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    run = start(scene, [template], config, device=device, base_model=base_model, out_dir=out_dir, warn_unused=False,
+                report=report)
+    seed = run.seed
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
-    pipe = open_pipeline(scene, device, base_model)
-    [plate] = blend_regions(pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], config,
+    [plate] = blend_regions(run.pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], config,
                             scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
-    result = GenerateResult(scene=scene.name)
-    path = save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png")
-    result.images.append(GeneratedImage(path, plate_prompt, seed, kind="plate"))
+    images = [GeneratedImage(save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png"), plate_prompt, seed, kind="plate")]
     if variations:
         sampling = dataclasses.replace(config, num_images=variations)
-        for image in sample_to_files(pipe, scene, [template], sampling, seed, out_dir, f"{scene.name}-background", report):
+        for image in sample_to_files(run.pipe, scene, [template], sampling, seed, out_dir, f"{scene.name}-background", report):
             image.kind = "variation"
-            result.images.append(image)
-    result.seconds = time.perf_counter() - started
-    return result
+            images.append(image)
+    return run.result(images)

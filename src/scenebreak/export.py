@@ -55,13 +55,9 @@ def _export_diffusers(scene, out: Path, base_model: str | None) -> Path:
     import torch
 
     from .device import choose_device
-    from .generation import scene_components
-    from .models import quiet_libraries
-    from .pipeline import make_pipeline
+    from .scene_models import open_pipeline
 
-    quiet_libraries()
     dtype = torch.float16 if scene.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
-    unet, vae, text_encoder, tokenizer = scene_components(scene, choose_device("cpu"), dtype=dtype, base_model=base_model)
-    pipe = make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
+    pipe = open_pipeline(scene, choose_device("cpu"), base_model, dtype=dtype)
     write_atomically(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return out

@@ -1,4 +1,5 @@
-"""The memory policy of `learn` (`--memory auto|fast|low`).
+"""The memory policy of `learn` (`--memory auto|fast|low`): what the run will do to
+fit, decided once before training and explained.
 
 - fast: everything stays in memory at once (weights, all gradients, AdamW's two fp32
   states): the quickest steps.
@@ -12,10 +13,10 @@
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import asdict, dataclass, field
 
-from .config import SD21_UNET_PARAMS, LearnConfig
-from .events import Message, Reporter, silent
+from .config import LearnConfig
+from .estimates import MEASURED_RESOLUTION, size_scale
 
 GiB = 2**30
 # Activation memory of one 512x512 example through SD2.1-base's UNet with gradients
@@ -24,6 +25,35 @@ GiB = 2**30
 # norms and softmax) and adds half-precision copies of the weights; with them the
 # estimate matches both the CPU figures and phase 2 on an H200 (23 GiB).
 ACTIVATIONS_PER_EXAMPLE_512 = 1.15 * GiB
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What `learn` does to fit in memory, and why."""
+
+    policy: str  # fast | low
+    gradient_checkpointing: bool
+    optimizer_in_backward: bool  # phase 2 steps each tensor inside the backward pass
+    adam_8bit: bool
+    offload_vae: bool  # the VAE leaves the GPU once every latent is cached
+    reason: str = ""  # why auto chose this policy ("" when asked for)
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        if self.policy == "fast":
+            parts = ["all at once"]
+        else:
+            parts = ["gradient checkpointing"]
+            if self.optimizer_in_backward:
+                parts.append("optimizer step inside the backward pass")
+        if self.adam_8bit:
+            parts.append("8-bit AdamW")
+        elif self.policy == "fast" and self.gradient_checkpointing:
+            parts.append("gradient checkpointing")
+        return f"memory: {self.policy} ({', '.join(parts)}{'; ' + self.reason if self.reason else ''})"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "warnings"}
 
 
 def available_bytes(device) -> int:
@@ -39,7 +69,8 @@ def available_bytes(device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: bool, low: bool = False) -> int:
+def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: bool, low: bool = False,
+                 adam_8bit: bool = False) -> int:
     """Roughly what phase 2 needs: every weight, plus per trained weight a gradient and
     two AdamW states (fast), or only the states, 8-bit ones where bitsandbytes does them
     (low); plus the activations of the batch (about a quarter with checkpointing)."""
@@ -50,48 +81,51 @@ def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: boo
     total = tunable + count(components.vae)
     trained = 0 if config.tune == "lora" else tunable  # LoRA adapters are a few million parameters
     examples = 2 if config.prior else 1
-    activations = ACTIVATIONS_PER_EXAMPLE_512 * count(components.unet) / SD21_UNET_PARAMS * (resolution / 512) ** 2 * examples
+    activations = ACTIVATIONS_PER_EXAMPLE_512 * size_scale(components.unet, resolution**2) * examples
     if not low:
         cast_copies = 2 * tunable if autocast else 0  # autocast keeps a half-precision copy of each weight for the step
         return int(4 * total + 12 * trained + activations + cast_copies)
-    per_trained = 2 if config.adam_8bit else 8
+    per_trained = 2 if adam_8bit else 8
     return int(4 * total + per_trained * trained + activations / 4)
 
 
-def choose(config: LearnConfig, components, device, resolution: int, report: Reporter = silent) -> LearnConfig:
-    """The config with the memory switches the policy implies, said out loud."""
+def choose(config: LearnConfig, components, device, resolution: int, amp_dtype) -> MemoryPlan:
+    """The plan for `config.memory` on this device, with the training precision
+    `amp_dtype` (None: fp32) already resolved."""
     import torch
 
-    amp = device.train_dtype(config.mixed_precision)
-    half = amp is not None
-    policy, why, free = config.memory, "", None
+    from .optim import BNB_HINT, bitsandbytes_available
+
+    half = amp_dtype is not None
+    policy, reason, free = config.memory, "", None
     if policy == "auto" and config.tune == "lora" and device.type == "cpu":
         # Measured on the CPU: checkpointing LoRA costs 9% time for 35% less memory.
-        policy, why = "low", "; for LoRA on the CPU it costs little time"
+        policy, reason = "low", "for LoRA on the CPU it costs little time"
     elif policy == "auto":
         need, free = phase2_bytes(components, config, resolution, half), available_bytes(device)
         policy = "fast" if need <= 0.9 * free else "low"
-        why = f"; fast needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
-    if policy == "fast":
-        config = dataclasses.replace(config, memory="fast")
-        report(Message(f"memory: fast (all at once{why})"))
-        return config
-    from .optim import BNB_HINT, bitsandbytes_available
-
-    in_backward = amp != torch.float16  # fp16 needs the loss scaler's check of all gradients first
-    eight_bit = config.adam_8bit or (device.type == "cuda" and bitsandbytes_available())
-    config = dataclasses.replace(config, memory="low", gradient_checkpointing=True, adam_8bit=eight_bit,
-                                 optimizer_in_backward=in_backward)
-    parts = ["gradient checkpointing"]
-    if in_backward:
-        parts.append("optimizer step inside the backward pass")
-    if eight_bit:
-        parts.append("8-bit AdamW")
-    report(Message(f"memory: low ({', '.join(parts)}{why})"))
-    need, free = phase2_bytes(components, config, resolution, half, low=True), free or available_bytes(device)
-    if config.tune == "full" and need > free:
-        report(Message(f"full tuning may not fit even so (about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free): "
-                       "--tune lora needs far less", "warning"))
-    if device.type == "cuda" and not eight_bit and config.tune == "full":
-        report(Message(f"8-bit AdamW would save about 40% more on this GPU: {BNB_HINT}", "warning"))
-    return config
+        reason = f"fast needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
+    low = policy == "low"
+    # fp16 needs the loss scaler's check of all gradients before any step.
+    fp16 = amp_dtype == torch.float16
+    eight_bit = config.adam_8bit or (low and device.type == "cuda" and bitsandbytes_available())
+    warnings = []
+    if config.optimizer_in_backward and fp16:
+        warnings.append("fp16 steps after the loss scaler has checked every gradient: the optimizer steps after the backward pass")
+    if low:
+        need = phase2_bytes(components, config, resolution, half, low=True, adam_8bit=eight_bit)
+        free = free or available_bytes(device)
+        if config.tune == "full" and need > free:
+            warnings.append(f"full tuning may not fit even so (about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free): "
+                            "--tune lora needs far less")
+        if device.type == "cuda" and not eight_bit and config.tune == "full":
+            warnings.append(f"8-bit AdamW would save about 40% more on this GPU: {BNB_HINT}")
+    return MemoryPlan(
+        policy=policy,
+        gradient_checkpointing=low or config.gradient_checkpointing,
+        optimizer_in_backward=(low or config.optimizer_in_backward) and not fp16,
+        adam_8bit=eight_bit,
+        offload_vae=low and device.type != "cpu",
+        reason=reason,
+        warnings=tuple(warnings),
+    )

@@ -18,14 +18,20 @@ def bitsandbytes_available() -> bool:
     return True
 
 
-def adamw_factory(config, device):
-    """A function from parameter groups to an AdamW with the run's settings."""
+def check_adam_8bit(device) -> None:
+    """8-bit AdamW runs only on CUDA, with bitsandbytes installed: say which is missing."""
+    if device.type != "cuda":
+        raise InvalidInput("--adam-8bit needs a CUDA device")
+    if not bitsandbytes_available():
+        raise SceneBreakError(f"--adam-8bit needs bitsandbytes: {BNB_HINT}")
+
+
+def adamw_factory(config, device, eight_bit: bool = False):
+    """A function from parameter groups to an AdamW with the run's settings (8-bit
+    with bitsandbytes when `eight_bit`)."""
     kwargs = dict(betas=tuple(config.adam_betas), weight_decay=config.adam_weight_decay, eps=config.adam_eps)
-    if config.adam_8bit:
-        if device.type != "cuda":
-            raise InvalidInput("--adam-8bit needs a CUDA device")
-        if not bitsandbytes_available():
-            raise SceneBreakError(f"--adam-8bit needs bitsandbytes: {BNB_HINT}")
+    if eight_bit:
+        check_adam_8bit(device)
         import bitsandbytes as bnb
 
         return lambda groups: bnb.optim.AdamW8bit(groups, **kwargs)

@@ -1,8 +1,15 @@
-"""Text-to-image sampling shared by class-image generation and `generate`."""
+"""A diffusers text-to-image pipeline over given models, and one sampling call of it:
+shared by class images, `generate` and the blended sampling of `edit`/`extract-bg`."""
 
 from __future__ import annotations
 
 from .events import Progress, Reporter, silent
+
+
+def images_per_pass(device, batch_size: int | None = None) -> int:
+    """Images sampled together: `batch_size`, else 4 on a CUDA GPU and 1 elsewhere (a
+    CPU gains nothing from batching, and one image at a time shows progress sooner)."""
+    return batch_size or (4 if device.type == "cuda" else 1)
 
 
 def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict):

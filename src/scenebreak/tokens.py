@@ -23,8 +23,8 @@ def check_handle_tokens(tokens: list[str]) -> None:
         seen.add(token)
 
 
-def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> tuple[list[int], torch.Tensor]:
-    """Add the handle tokens and return their ids and initial embeddings (N, D).
+def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> list[int]:
+    """Add the handle tokens, set their initial embeddings and return their ids.
 
     Without init words, handle i starts from row V - 2N + i of the base vocabulary,
     as the paper's code does: rare byte-pair merges near the end of CLIP's vocabulary.
@@ -50,7 +50,7 @@ def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
     with torch.no_grad():
         text_encoder.get_input_embeddings().weight[ids] = initial
-    return ids, initial
+    return ids
 
 
 class HandleEmbedding(nn.Module):

@@ -19,6 +19,7 @@ import torch
 from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
 from .config import LearnConfig
 from .device import Device
+from .memory import MemoryPlan
 from .images import image_to_tensor
 from .losses import attention_loss, diffusion_loss, diffusion_target, downsample_masks, masked_diffusion_loss
 from .optim import OptimizerInBackward, adamw_factory
@@ -59,14 +60,19 @@ def sample_handles(rng: random.Random, n: int) -> list[int]:
 
 
 class Trainer:
-    def __init__(self, components, inputs: TrainInputs, config: LearnConfig, device: Device, handle_tokens: list[str]):
+    """Both phases over one photo. `plan` says how to fit in memory (memory.choose) and
+    `amp_dtype` is the autocast precision (None: fp32), both decided once by `learn`."""
+
+    def __init__(self, components, inputs: TrainInputs, config: LearnConfig, device: Device, handle_tokens: list[str],
+                 *, plan: MemoryPlan, amp_dtype):
         self.c = components
         self.config = config
+        self.plan = plan
         self.device = device
         self.inputs = inputs
         self.handle_tokens = handle_tokens
         self.num_handles = len(inputs.handle_ids)
-        self.amp_dtype = device.train_dtype(config.mixed_precision)
+        self.amp_dtype = amp_dtype
         self.scheduler = components.noise_scheduler()
         dev = device.torch
 
@@ -85,7 +91,7 @@ class Trainer:
             components.unet.to(memory_format=torch.channels_last)
         self.unet = torch.compile(components.unet) if config.compile else components.unet
         self.embedding = install_handle_embedding(components.text_encoder, self.num_handles)
-        if config.gradient_checkpointing:
+        if plan.gradient_checkpointing:
             components.unet.enable_gradient_checkpointing()
             te = components.text_encoder
             if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5
@@ -114,8 +120,7 @@ class Trainer:
         self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_ids = self._tokenize(config.class_prompt)
         self._prompt_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        self.skip_frozen_prior = True  # see train_step; False only to test the equivalence
-        if config.memory == "low" and device.type != "cpu":
+        if plan.offload_vae:
             # Every latent cached now, the VAE can leave the GPU for the whole run.
             for index in range(len(inputs.class_images) if config.prior else 0):
                 self._class_latent(index)
@@ -187,10 +192,17 @@ class Trainer:
         return [{"params": [self.embedding.handles] + te + list(c.unet.parameters()), "lr": cfg.lr2}]
 
     def _optimizer(self, phase: int, groups: list[dict]):
-        make = adamw_factory(self.config, self.device)
-        if phase == 2 and self.config.optimizer_in_backward:
+        make = adamw_factory(self.config, self.device, self.plan.adam_8bit)
+        if phase == 2 and self.plan.optimizer_in_backward:
             return OptimizerInBackward(groups, make, self.config.max_grad_norm)
         return make(groups)
+
+    def _class_example_needed(self, phase: int) -> bool:
+        """In phase 1 only the handles learn, and the class example cannot reach them:
+        its prompt has no handle and the UNet and text encoder are frozen, so its loss
+        has zero gradient. Phase 1 skips its forward and backward (same updates, half
+        the work)."""
+        return self.config.prior and phase == 2
 
     # -- the loop ----------------------------------------------------------
     def run(self):
@@ -231,11 +243,9 @@ class Trainer:
         flip = self.rng.random() < cfg.flip_p
         chosen = sample_handles(self.rng, self.num_handles)
         ids = self._prompt_ids(tuple(chosen))
-        # In phase 1 only the handles learn, and the class example cannot reach them: its
-        # prompt has no handle and the UNet and text encoder are frozen, so its loss has
-        # zero gradient. Skip its forward and backward (same updates, half the work) but
-        # draw the same random numbers, so the run matches one that computes it.
-        with_class = cfg.prior and (phase == 2 or not self.skip_frozen_prior)
+        # A skipped class example (see _class_example_needed) still draws its random
+        # numbers, so the run matches one that computes it.
+        with_class = self._class_example_needed(phase)
         latents = [self._sample_latents(*self._instance_latent(flip))]
         if cfg.prior:
             index = self.rng.randrange(len(self.inputs.class_images))
@@ -253,7 +263,7 @@ class Trainer:
         self.store.clear()
         # With checkpointing every block is recomputed anyway: keeping a half-precision
         # copy of all weights for the whole step would cost more than re-casting them.
-        with self.device.autocast(self.amp_dtype, cache=not cfg.gradient_checkpointing):
+        with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):
             hidden = c.text_encoder(torch.cat([ids, self.class_ids]) if with_class else ids)[0]
             pred = self.unet(noisy, timesteps, hidden).sample
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from .estimates import format_duration
 from .events import Event, Message, Progress
 
 
@@ -68,7 +69,7 @@ class ConsoleReporter:
             rate = event.completed / (now - started)
             text += f" {rate:.2f} it/s" if rate >= 1 else f" {1 / rate:.1f} s/it"
             if not finished:
-                text += f" eta {_fmt((event.total - event.completed) / rate)}"
+                text += f" eta {format_duration((event.total - event.completed) / rate, clock=True)}"
         self.console.print(text, markup=False)
 
     def close(self) -> None:
@@ -76,9 +77,3 @@ class ConsoleReporter:
             self.progress.stop()
             self.progress = None
 
-
-def _fmt(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

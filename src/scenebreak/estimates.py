@@ -1,0 +1,80 @@
+"""How long things take: the measured CPU figures, scaled to other models and sizes,
+and durations written for people. Imports nothing heavy."""
+
+from __future__ import annotations
+
+# UNet parameters of SD2.1-base, the model every measured figure was taken on: other
+# models' figures scale by their own count over this one.
+SD21_UNET_PARAMS = 865.9e6
+MEASURED_RESOLUTION = 512
+
+# Seconds per step measured on a 2-core CPU (AVX512-BF16) with SD2.1-base at 512x512 and
+# prior preservation (benchmarks/results/train_step-cpu.md), used to warn CPU users
+# before hours of work. Keys: phase 1, or the phase-2 mode; then the precision.
+CPU_SECONDS = {
+    ("phase1", "fp32"): 13.1, ("phase1", "bf16"): 8.9,
+    ("fast", "fp32"): 45.4, ("low", "fp32"): 49.9, ("low", "bf16"): 28.8,
+    ("lora", "bf16"): 19.3, ("lora-low", "bf16"): 21.0,
+}
+BF16_SPEEDUP = 13.1 / 8.9  # phase 1 fp32 / bf16, for the combinations not measured
+# One image-step of guided sampling (the UNet on a batch of 2), fp32: 705 s per image
+# at 50 steps, generating two at a time.
+CPU_SECONDS_SAMPLING_STEP = 14.1
+
+
+def unet_params(unet) -> int:
+    return sum(p.numel() for p in unet.parameters())
+
+
+def size_scale(unet, pixels: int) -> float:
+    """How much more work one step is than on the measured model (SD2.1-base at
+    512x512): by UNet parameters and by pixel count."""
+    return unet_params(unet) / SD21_UNET_PARAMS * pixels / MEASURED_RESOLUTION**2
+
+
+def cpu_seconds_per_step(phase: str, precision: str) -> float:
+    """A measured figure, or one derived from the nearest measured one: fast bf16 does
+    not fit the 24 GiB machine (scaled from low by the fp32 fast/low ratio), fp32 LoRA
+    runs on CPUs without bf16 (scaled by the phase-1 bf16 speed-up)."""
+    if (phase, precision) in CPU_SECONDS:
+        return CPU_SECONDS[(phase, precision)]
+    if phase == "fast":
+        return CPU_SECONDS[("low", "bf16")] * CPU_SECONDS[("fast", "fp32")] / CPU_SECONDS[("low", "fp32")]
+    return CPU_SECONDS[(phase, "bf16")] * BF16_SPEEDUP
+
+
+def cpu_training_estimate(unet, resolution: int, config, plan, class_images_missing: int, class_steps: int,
+                          bf16: bool = False) -> str:
+    """A rough duration of `learn` on this CPU from the measured SD2.1-base figures,
+    scaled by UNet size and pixel count, for the memory plan and tuning chosen. Phase 1
+    runs the instance alone either way; phase 2 without prior preservation runs a batch
+    of one (estimated at 0.6 of the time)."""
+    precision = "bf16" if bf16 else "fp32"
+    mode = ("lora-low" if plan.policy == "low" else "lora") if config.tune == "lora" else plan.policy
+    scale = size_scale(unet, resolution**2)
+    seconds = scale * (config.steps1 * cpu_seconds_per_step("phase1", precision)
+                       + config.steps2 * cpu_seconds_per_step(mode, precision) * (1.0 if config.prior else 0.6))
+    class_seconds = class_images_missing * class_steps * cpu_sampling_seconds(unet, resolution**2, bf16)
+    text = f"training on the CPU: expect roughly {format_duration(seconds)} for {config.steps1}+{config.steps2} steps"
+    if class_seconds:
+        text += (f", plus {format_duration(class_seconds)} once for {class_images_missing} class images "
+                 "(--num-class-images or --no-prior make it shorter)")
+    return text + "; a CUDA GPU takes minutes (--device cuda)"
+
+
+def cpu_sampling_seconds(unet, pixels: int, bf16: bool = False) -> float:
+    """Seconds of one guided sampling step for one image on this CPU."""
+    return CPU_SECONDS_SAMPLING_STEP * size_scale(unet, pixels) / (BF16_SPEEDUP if bf16 else 1.0)
+
+
+def format_duration(seconds: float, clock: bool = False) -> str:
+    """"45 s", "12 min", "3.2 hours"; or with `clock` "m:ss" / "h:mm:ss" (progress ETAs)."""
+    if clock:
+        h, rest = divmod(int(seconds), 3600)
+        m, s = divmod(rest, 60)
+        return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} hours"

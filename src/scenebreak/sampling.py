@@ -1,0 +1,164 @@
+"""What `generate`, `edit` and `extract-bg` share: opening a scene for sampling (prompt
+checks, device, seed, pipeline), batching, writing PNGs, the CPU-time warning and the
+result types."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bundle import Scene, load_scene
+from .config import GenerateConfig
+from .device import Device, choose_device
+from .errors import UnknownHandle
+from .events import Message, Progress, Reporter, silent
+from .paths import write_atomically
+from .scene_models import open_pipeline
+from .tokens import handles_in
+
+
+@dataclass
+class GeneratedImage:
+    path: Path
+    prompt: str
+    seed: int
+    kind: str = "image"  # image | edit | plate | variation
+
+
+@dataclass
+class GenerateResult:
+    scene: str
+    images: list[GeneratedImage] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "scene": self.scene,
+            "images": [{"path": str(i.path), "prompt": i.prompt, "seed": i.seed, "kind": i.kind} for i in self.images],
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass
+class SamplingRun:
+    """A scene opened for sampling: its pipeline, the seed of image 1, the clock."""
+
+    scene: Scene
+    pipe: object
+    seed: int
+    started: float
+
+    def result(self, images: list[GeneratedImage]) -> GenerateResult:
+        return GenerateResult(self.scene.name, images, time.perf_counter() - self.started)
+
+
+def open_scene(scene) -> Scene:
+    """A Scene as given, or loaded from its path or cache name (metadata only)."""
+    return scene if isinstance(scene, Scene) else load_scene(scene)
+
+
+def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | Device | None = None,
+          base_model: str | None = None, out_dir: Path | None = None, warn_unused: bool = True,
+          report: Reporter = silent) -> SamplingRun:
+    """Check every prompt against the scene, pick the device and the seed, make
+    `out_dir`, then load the models: every mistake is reported before that slow part."""
+    started = time.perf_counter()
+    scene = open_scene(scene)
+    check_prompts(scene, prompts)
+    if warn_unused:
+        warn_unused_handles(scene, prompts, report)
+    device = device if isinstance(device, Device) else choose_device(device)
+    seed = pick_seed(config, report)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return SamplingRun(scene, open_pipeline(scene, device, base_model), seed, started)
+
+
+def check_prompts(scene: Scene, prompts: list[str]) -> None:
+    """Every <handle> in every prompt must be one of the scene's."""
+    known = scene.tokens
+    for prompt in prompts:
+        for token in handles_in(prompt):
+            if token not in known:
+                raise UnknownHandle(f"unknown handle {token} in prompt {prompt!r}: scene {scene.name!r} has {', '.join(known)}")
+
+
+def warn_unused_handles(scene: Scene, prompts: list[str], report: Reporter) -> None:
+    for prompt in prompts:
+        if not handles_in(prompt):
+            report(Message(f"prompt {prompt!r} uses none of the scene's handles ({', '.join(scene.tokens)})", "warning"))
+
+
+def pick_seed(config: GenerateConfig, report: Reporter) -> int:
+    """The seed of image 1: the one asked for, or a random one, reported either way."""
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    report(Message(f"seed: {seed}"))
+    return seed
+
+
+def images_per_pass(config: GenerateConfig, pipe) -> int:
+    from .pipeline import images_per_pass as per_device
+
+    return per_device(pipe.device, config.batch_size)
+
+
+def warn_cpu_time(pipe, image_steps: int, pixels: int, report: Reporter) -> None:
+    """On the CPU, say first how long the sampling will roughly take (measured figure for
+    SD2.1-base at 512x512, scaled by UNet size and pixel count)."""
+    if pipe.device.type != "cpu":
+        return
+    from .estimates import cpu_sampling_seconds, format_duration
+
+    seconds = image_steps * cpu_sampling_seconds(pipe.unet, pixels)
+    if seconds > 60:
+        report(Message(f"on the CPU this takes roughly {format_duration(seconds)}; a CUDA GPU takes seconds (--device cuda)", "warning"))
+
+
+def slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s[:limit].rstrip("-") or "image"
+
+
+def _unique(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def save_png(image, path: Path, overwrite: bool = False) -> Path:
+    """Write a PIL image or (H, W, 3) uint8 array atomically; an existing file is kept
+    (the new one gets a numbered name) unless `overwrite`."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    path = Path(path) if overwrite else _unique(Path(path))
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path
+
+
+def sample_to_files(pipe, scene: Scene, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
+                    name: str, report: Reporter) -> list[GeneratedImage]:
+    """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`."""
+    from .pipeline import sample
+
+    batch = images_per_pass(config, pipe)
+    total = len(prompts) * config.num_images * config.steps
+    images_out, done = [], 0
+    report(Progress("generate", 0, total))
+    for prompt in prompts:
+        seeds = [seed + i for i in range(config.num_images)]
+        for begin in range(0, len(seeds), batch):
+            chunk = seeds[begin:begin + batch]
+            images = sample(pipe, prompt, chunk, steps=config.steps, guidance=config.guidance, resolution=scene.resolution,
+                            negative=config.negative, report=report, done=done, total=total)
+            done += len(chunk) * config.steps
+            for s, image in zip(chunk, images):
+                path = save_png(image, Path(out_dir) / f"{name}-{slug(prompt)}-{s}.png")
+                images_out.append(GeneratedImage(path, prompt, s))
+    return images_out

@@ -1,0 +1,109 @@
+"""One source for every setting: each command-line option takes its default (and its
+choices and help) from the config field or the library function it feeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import click
+import pytest
+
+from scenebreak.cli import cli
+from scenebreak.config import BackgroundConfig, EditConfig, GenerateConfig, LearnConfig, MaskConfig
+
+
+def _library():
+    from scenebreak.editing import edit, extract_background
+    from scenebreak.export import export_scene
+    from scenebreak.generation import generate
+    from scenebreak.learning import learn
+    from scenebreak.masking import make_masks
+
+    return {
+        "learn": (LearnConfig, learn), "generate": (GenerateConfig, generate), "edit": (EditConfig, edit),
+        "extract-bg": (BackgroundConfig, extract_background), "mask": (MaskConfig, make_masks), "export": (None, export_scene),
+    }
+
+
+# Options that only shape what the command prints or reads, with no library counterpart;
+# and edit's --mask/--prompt pairs, which become its `regions`.
+CLI_ONLY = {"quiet", "json_", "prompts_file", "prompt_options", "masks"}
+# extract-bg's -n counts background variations (a function argument), not images per prompt.
+NO_OPTION = {"extract-bg": {"num_images"}}
+
+
+def _default(value):
+    return None if value in ((), []) else value
+
+
+@pytest.mark.parametrize("command", ["learn", "generate", "edit", "extract-bg", "mask", "export"])
+def test_every_option_default_is_the_api_default(command):
+    config_class, function = _library()[command]
+    fields = {f.name: f for f in dataclasses.fields(config_class)} if config_class else {}
+    signature = inspect.signature(function).parameters
+    options = [p for p in cli.commands[command].params if isinstance(p, click.Option)]
+    # What the command receives when every option is left out.
+    received = cli.commands[command].make_context(command, [], resilient_parsing=True).params
+    for option in options:
+        given = received[option.name]
+        if option.name in fields:
+            f = fields[option.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert _default(given) == default, (command, option.name)
+            if f.metadata.get("choices"):
+                assert list(option.type.choices) == list(f.metadata["choices"]), (command, option.name)
+            if f.metadata["cli"]:  # mask's device comes from the shared --device option
+                assert option.help == f.metadata["help"], (command, option.name)
+        elif option.name in signature:
+            api = signature[option.name].default
+            if api is inspect.Parameter.empty:
+                assert option.required, (command, option.name)
+            else:
+                assert _default(given) == _default(api), (command, option.name)
+        else:
+            assert option.name in CLI_ONLY, f"{command} --{option.name} feeds neither a config field nor {function.__name__}()"
+    if config_class:
+        default_config = signature["config"].default
+        assert default_config is None or default_config == config_class(), command
+        names = {o.name for o in options}
+        missing = [f for f in fields.values() if f.metadata.get("cli") and f.name not in names | NO_OPTION.get(command, set())]
+        assert not missing, f"{command} has no option for {[f.name for f in missing]}"
+        assert all(f.name not in names for f in fields.values() if not f.metadata.get("cli") and f.name != "device")
+
+
+def test_python_only_settings_have_no_option():
+    learn = {p.name for p in cli.commands["learn"].params}
+    assert {"prior_weight", "adam_betas", "optimizer_in_backward", "flip_p"}.isdisjoint(learn)
+
+
+def test_switch_pairs_reach_the_config():
+    """A field that is on by default gets an --x/--no-x pair; the CLI's parse gives the
+    same config the API's constructor does."""
+    from click.testing import CliRunner
+
+    from scenebreak import cli as cli_module
+
+    seen = {}
+
+    def fake_learn(image, masks, config, **kwargs):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    import scenebreak.learning
+
+    original = scenebreak.learning.learn
+    scenebreak.learning.learn = fake_learn
+    try:
+        CliRunner().invoke(cli_module.cli, ["learn", "x.png", "--masks", "a.png", "b.png", "--no-prior", "--names", "a", "b",
+                                            "--checkpoint-every", "7"])
+    finally:
+        scenebreak.learning.learn = original
+    assert seen["config"] == LearnConfig(prior=False, names=("a", "b"), checkpoint_every=7)
+
+
+def test_a_bad_number_is_refused_before_any_work(tmp_path):
+    with pytest.raises(Exception, match="finite"):
+        LearnConfig(lr1=float("nan")).validate(1)
+    with pytest.raises(Exception, match="finite"):
+        LearnConfig(lambda_attn=float("inf")).validate(1)
