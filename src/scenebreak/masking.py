@@ -17,13 +17,13 @@ import numpy as np
 from . import maskops
 from .errors import InvalidInput, InvalidMask, ModelNotAvailable
 from .events import Message, Progress, Reporter, silent
+from .models import check_models_available, model_type, transformers_model_folder
 
 # Grounding DINO tiny (172M) finds boxes for free text well at ~1 s per prompt on a
 # CPU; SAM ViT-B (94M) is 2.5x smaller than ViT-L/H for masks that are nearly as
 # good, and Break-A-Scene wants loose masks anyway.
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "facebook/sam-vit-base"
-_HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
 # Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
 AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
@@ -151,50 +151,14 @@ def _check_writable(folder: Path) -> None:
 
 # -- models --------------------------------------------------------------------------------------
 
-def _model_folder(ref: str, what: str, option: str) -> Path:
-    from .models import _looks_like_path, hub_snapshot
-
-    if _looks_like_path(ref):
-        folder = Path(ref).expanduser()
-        if not (folder / "config.json").is_file():
-            raise InvalidInput(f"{what} folder {folder} not found or not a transformers model folder (no config.json)")
-        return folder
-    return hub_snapshot(ref, None, _HUB_FILES, what=what, option=option, folder="a/model/folder")[0]
-
-
-def _check_available(models: list[tuple[str, str, str]]) -> None:
-    """Fail before loading anything, naming every missing model in one line (a first
-    offline run would otherwise learn about them one at a time)."""
-    missing = []
-    for ref, what, option in models:
-        try:
-            _model_folder(ref, what, option)
-        except ModelNotAvailable as exc:
-            missing.append((ref, what, exc))
-    if len(missing) > 1:
-        also = "; ".join(f"the {what} {ref!r} is missing too (`hf download {ref}`)" for ref, what, _ in missing[1:])
-        raise ModelNotAvailable(f"{missing[0][2]}; {also}")
-    if missing:
-        raise missing[0][2]
-
-
-def _model_type(folder: Path) -> str:
-    import json
-
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type", "")
-    except (OSError, ValueError):
-        return ""
-
-
 class Segmenter:
     """Segment Anything: the image is embedded once, then any number of prompts."""
 
     def __init__(self, ref: str, device):
         from transformers import SamModel, SamProcessor
 
-        folder = _model_folder(ref, "segmenter", "--segmenter")
-        kind = _model_type(folder)
+        folder = transformers_model_folder(ref, "segmenter", "--segmenter")
+        kind = model_type(folder)
         if kind != "sam":
             raise InvalidInput(f"--segmenter {ref} is a {kind or 'unknown'} model: scenebreak needs a Segment Anything "
                                f"(SAM) checkpoint such as {DEFAULT_SEGMENTER} (SAM 2/3 are not supported yet)")
@@ -303,8 +267,8 @@ class Detector:
     def __init__(self, ref: str, device):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        folder = _model_folder(ref, "detector", "--detector")
-        self.kind = _model_type(folder)
+        folder = transformers_model_folder(ref, "detector", "--detector")
+        self.kind = model_type(folder)
         if self.kind not in ("grounding-dino", "owlv2", "owlvit"):
             raise InvalidInput(f"--detector {ref} is a {self.kind or 'unknown'} model: use a Grounding DINO "
                                f"(e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint")
@@ -384,7 +348,7 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     device = choose_device(config.device)
     detector_ref = config.detector or DEFAULT_DETECTOR
     segmenter_ref = config.segmenter or DEFAULT_SEGMENTER
-    _check_available([(detector_ref, "detector", "--detector")] * bool(prompts) + [(segmenter_ref, "segmenter", "--segmenter")])
+    check_models_available([(detector_ref, "detector", "--detector")] * bool(prompts) + [(segmenter_ref, "segmenter", "--segmenter")])
     detector = None
     if prompts:
         report(Message(f"loading detector {detector_ref} on {device.name}"))
