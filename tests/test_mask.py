@@ -192,7 +192,7 @@ def test_auto_keeps_distinct_stable_segments_largest_first(tiny_segmentation, sc
 
     from scenebreak.device import choose_device
     from scenebreak.images import load_image
-    from scenebreak.masking import Segmenter
+    from scenebreak.segmenter import Segmenter
 
     segmenter = Segmenter(str(tiny_segmentation[1]), choose_device("cpu"))
     segmenter.set_image(load_image(scene_files["image"]))

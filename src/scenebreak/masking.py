@@ -1,39 +1,27 @@
-"""`scenebreak mask`: one loose mask per object, from text prompts (an open-vocabulary
-detector finds a box, Segment Anything turns it into a mask), from boxes or clicks
-(straight to SAM), or automatically (SAM on a grid of clicks, the largest distinct
-segments). Masks are cleaned up for Break-A-Scene and written as `STEM.maskN.png`
-beside the image, with a preview of all of them over the photo."""
+"""`scenebreak mask` from start to finish: one loose mask per object, from text prompts
+(an open-vocabulary detector finds a box, Segment Anything turns it into a mask), from
+boxes or clicks (straight to SAM), or automatically (the largest distinct segments).
+Everything asked for is checked before a model loads; then the models run (detector.py,
+segmenter.py), the masks are cleaned up for Break-A-Scene (maskops.py), overlaps are
+reported, and the masks and their preview are written (maskfiles.py)."""
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import maskops
-from .errors import InvalidInput, InvalidMask, ModelNotAvailable
+from .detector import DEFAULT_DETECTOR, Detector
+from .errors import InvalidInput, InvalidMask
 from .events import Message, Progress, Reporter, silent
+from .maskfiles import write_masks
+from .models import check_models_available
+from .segmenter import AUTO_MAX_COVER, DEFAULT_SEGMENTER, Segmenter
 
-# Grounding DINO tiny (172M) finds boxes for free text well at ~1 s per prompt on a
-# CPU; SAM ViT-B (94M) is 2.5x smaller than ViT-L/H for masks that are nearly as
-# good, and Break-A-Scene wants loose masks anyway.
-DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
-DEFAULT_SEGMENTER = "facebook/sam-vit-base"
-_HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
-
-# Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
-AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
-AUTO_MIN_STABILITY = 0.9  # IoU of the mask cut at logit +1 and at logit -1
-AUTO_NMS_IOU = 0.7  # two candidates this similar are one segment
-AUTO_MAX_COVER = 0.9  # a segment over 90% of the photo is the background
 OVERLAP_LIMIT = 0.5  # report pairs sharing more than half of the smaller mask
-
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 200, 0), (145, 30, 180), (70, 220, 220),
-           (245, 130, 48), (240, 50, 230), (128, 128, 0), (0, 128, 128)]
 
 
 @dataclass(frozen=True)
@@ -149,209 +137,6 @@ def _check_writable(folder: Path) -> None:
         raise InvalidInput(f"cannot write masks to {folder}: choose another folder with --out-dir")
 
 
-# -- models --------------------------------------------------------------------------------------
-
-def _model_folder(ref: str, what: str, option: str) -> Path:
-    from .models import _looks_like_path, hub_snapshot
-
-    if _looks_like_path(ref):
-        folder = Path(ref).expanduser()
-        if not (folder / "config.json").is_file():
-            raise InvalidInput(f"{what} folder {folder} not found or not a transformers model folder (no config.json)")
-        return folder
-    return hub_snapshot(ref, None, _HUB_FILES, what=what, option=option, folder="a/model/folder")[0]
-
-
-def _check_available(models: list[tuple[str, str, str]]) -> None:
-    """Fail before loading anything, naming every missing model in one line (a first
-    offline run would otherwise learn about them one at a time)."""
-    missing = []
-    for ref, what, option in models:
-        try:
-            _model_folder(ref, what, option)
-        except ModelNotAvailable as exc:
-            missing.append((ref, what, exc))
-    if len(missing) > 1:
-        also = "; ".join(f"the {what} {ref!r} is missing too (`hf download {ref}`)" for ref, what, _ in missing[1:])
-        raise ModelNotAvailable(f"{missing[0][2]}; {also}")
-    if missing:
-        raise missing[0][2]
-
-
-def _model_type(folder: Path) -> str:
-    import json
-
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type", "")
-    except (OSError, ValueError):
-        return ""
-
-
-class Segmenter:
-    """Segment Anything: the image is embedded once, then any number of prompts."""
-
-    def __init__(self, ref: str, device):
-        from transformers import SamModel, SamProcessor
-
-        folder = _model_folder(ref, "segmenter", "--segmenter")
-        kind = _model_type(folder)
-        if kind != "sam":
-            raise InvalidInput(f"--segmenter {ref} is a {kind or 'unknown'} model: scenebreak needs a Segment Anything "
-                               f"(SAM) checkpoint such as {DEFAULT_SEGMENTER} (SAM 2/3 are not supported yet)")
-        try:
-            self.processor = SamProcessor.from_pretrained(folder)
-            self.model = SamModel.from_pretrained(folder).to(device.torch).eval()
-        except (OSError, ValueError) as exc:
-            raise ModelNotAvailable(f"cannot load the segmenter from {folder}: {exc}. Fix: download it again "
-                                    f"(`hf download {ref}`) or pass --segmenter /path/to/a/model/folder") from exc
-        self.device = device
-
-    def set_image(self, image) -> None:
-        import torch
-
-        self.image = image
-        inputs = self.processor(images=image, return_tensors="pt")
-        with torch.inference_mode():
-            self.embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device.torch))
-        self.pad = inputs["pixel_values"].shape[-2:]
-
-    def _run(self, multimask: bool, **prompts):
-        """Low-resolution logits (objects, masks, h, w), IoU estimates and the sizes
-        that map them back to the photo."""
-        import torch
-
-        inputs = self.processor(images=self.image, return_tensors="pt", **prompts)
-        extra = {k: inputs[k].to(self.device.torch) for k in ("input_points", "input_labels", "input_boxes") if k in inputs}
-        with torch.inference_mode():
-            out = self.model(image_embeddings=self.embeddings, multimask_output=multimask, **extra)
-        return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu(), inputs
-
-    def _full_size(self, logits, inputs) -> np.ndarray:
-        """(objects, h, w) low-resolution logits -> (objects, H, W) uint8 masks."""
-        masks = self.processor.post_process_masks(logits[None, :, None], inputs["original_sizes"], inputs["reshaped_input_sizes"])
-        return masks[0][:, 0].numpy().astype(np.uint8)
-
-    def from_boxes(self, boxes) -> list[tuple[np.ndarray, float]]:
-        logits, iou, inputs = self._run(False, input_boxes=[[list(map(float, b)) for b in boxes]])
-        masks = self._full_size(logits[:, 0], inputs)
-        return [(masks[i], float(iou[i, 0])) for i in range(len(boxes))]
-
-    def from_points(self, points, together: bool) -> list[tuple[np.ndarray, float]]:
-        """One mask for all points (together) or one per point. A single click is
-        ambiguous (a part or the whole?), so SAM proposes three and the best is taken."""
-        if together:
-            logits, iou, inputs = self._run(len(points) == 1, input_points=[[[list(p) for p in points]]],
-                                            input_labels=[[[1] * len(points)]])
-        else:
-            logits, iou, inputs = self._run(True, input_points=[[[list(p)] for p in points]], input_labels=[[[1]] * len(points)])
-        best = iou.argmax(dim=1)
-        picked = logits[range(len(best)), best]
-        masks = self._full_size(picked, inputs)
-        return [(masks[i], float(iou[i, best[i]])) for i in range(len(best))]
-
-    def automatic(self, grid: int, limit: int, batch: int = 64) -> list[tuple[np.ndarray, float]]:
-        """Up to `limit` distinct segments from a grid x grid of clicks, largest first.
-        Each click gives three candidates; the confident and stable ones are kept,
-        near-duplicates dropped (greedy non-maximum suppression by mask IoU, best
-        first), and so is the background (a segment over most of the photo). All of
-        this runs on SAM's low-resolution masks; only the survivors are upscaled."""
-        import torch
-
-        width, height = self.image.size
-        xs, ys = (np.arange(grid) + 0.5) * width / grid, (np.arange(grid) + 0.5) * height / grid
-        clicks = [[[float(x), float(y)]] for y in ys for x in xs]
-        inputs = self.processor(images=self.image, input_points=[clicks], input_labels=[[[1]] * len(clicks)], return_tensors="pt")
-        rh, rw = (int(v) for v in inputs["reshaped_input_sizes"][0])
-        scores, logits_kept, small_kept = [], [], []
-        for start in range(0, len(clicks), batch):
-            with torch.inference_mode():
-                out = self.model(image_embeddings=self.embeddings, multimask_output=True,
-                                 input_points=inputs["input_points"][:, start:start + batch].to(self.device.torch),
-                                 input_labels=inputs["input_labels"][:, start:start + batch].to(self.device.torch))
-            logits = out.pred_masks[0].float().cpu().flatten(0, 1)
-            iou = out.iou_scores[0].float().cpu().flatten()
-            low = logits.shape[-1] / self.pad[-1]  # low-res pixels per input pixel
-            valid = logits[:, :max(1, round(rh * low)), :max(1, round(rw * low))]  # the image, not the padding
-            inner = (valid > 1.0).flatten(1).sum(1)
-            stable = inner / (valid > -1.0).flatten(1).sum(1).clamp(min=1)
-            keep = (iou >= AUTO_MIN_IOU) & (stable >= AUTO_MIN_STABILITY) & (inner > 0)
-            step = max(1, max(valid.shape[-2:]) // 64)  # comparing masks at <= 64 px is enough
-            scores.append(iou[keep])
-            logits_kept.append(logits[keep].half())
-            small_kept.append((valid[keep] > 0)[:, ::step, ::step].flatten(1))
-        scores = torch.cat(scores)
-        if not len(scores):
-            return []
-        small = torch.cat(small_kept).float()
-        areas = small.sum(1)
-        inter = small @ small.T
-        similar = inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1) > AUTO_NMS_IOU
-        kept: list[int] = []
-        for i in torch.argsort(scores, descending=True).tolist():
-            if areas[i] <= AUTO_MAX_COVER * small.shape[1] and not similar[i, kept].any():
-                kept.append(i)
-        kept = sorted(kept, key=lambda i: -float(areas[i]))[:limit]
-        if not kept:
-            return []
-        masks = self._full_size(torch.cat(logits_kept)[kept].float(), inputs)
-        return [(masks[n], float(scores[i])) for n, i in enumerate(kept)]
-
-
-class Detector:
-    """An open-vocabulary detector: boxes with scores for a free-text prompt."""
-
-    def __init__(self, ref: str, device):
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-
-        folder = _model_folder(ref, "detector", "--detector")
-        self.kind = _model_type(folder)
-        if self.kind not in ("grounding-dino", "owlv2", "owlvit"):
-            raise InvalidInput(f"--detector {ref} is a {self.kind or 'unknown'} model: use a Grounding DINO "
-                               f"(e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint")
-        try:
-            self.processor = AutoProcessor.from_pretrained(folder)
-            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device.torch).eval()
-        except ImportError as exc:
-            raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
-        except (OSError, ValueError) as exc:
-            raise ModelNotAvailable(f"cannot load the detector from {folder}: {exc}. Fix: download it again "
-                                    f"(`hf download {ref}`) or pass --detector /path/to/a/model/folder") from exc
-        self.device, self.ref = device, ref
-
-    def detect(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes (n, 4; x0, y0, x1, y1 in image pixels) and scores (n,), best first."""
-        import torch
-
-        size = [(image.size[1], image.size[0])]
-        try:
-            if self.kind == "grounding-dino":
-                # Grounding DINO reads lowercase phrases that end with a period.
-                text = prompt.strip().lower().rstrip(".") + "."
-                inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device.torch)
-                with torch.inference_mode():
-                    outputs = self.model(**inputs)
-                found = self.processor.post_process_grounded_object_detection(
-                    outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=size)[0]
-            else:
-                inputs = self.processor(images=image, text=[[prompt]], return_tensors="pt").to(self.device.torch)
-                with torch.inference_mode():
-                    outputs = self.model(**inputs)
-                found = self.processor.post_process_grounded_object_detection(outputs=outputs, threshold=0.0, target_sizes=size)[0]
-        except ImportError as exc:
-            raise ModelNotAvailable(_needs_extra(f"the detector {self.ref}", exc)) from exc
-        scores = found["scores"].float().cpu().numpy()
-        boxes = found["boxes"].float().cpu().numpy().reshape(-1, 4)
-        order = np.argsort(-scores, kind="stable")
-        return boxes[order], scores[order]
-
-
-def _needs_extra(what: str, exc: ImportError) -> str:
-    missing = getattr(exc, "name", None) or next(
-        (m for m in ("scipy", "torchvision", "timm") if m in str(exc)), "a missing package")
-    return (f"{what} needs {missing}, which is not installed: `pipx inject scenebreak {missing}` "
-            f"(or pip install {missing}), or use the default detector {DEFAULT_DETECTOR}")
-
-
 # -- the whole command -----------------------------------------------------------------------------
 
 def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, config: MaskConfig | None = None,
@@ -384,7 +169,7 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     device = choose_device(config.device)
     detector_ref = config.detector or DEFAULT_DETECTOR
     segmenter_ref = config.segmenter or DEFAULT_SEGMENTER
-    _check_available([(detector_ref, "detector", "--detector")] * bool(prompts) + [(segmenter_ref, "segmenter", "--segmenter")])
+    check_models_available([(detector_ref, "detector", "--detector")] * bool(prompts) + [(segmenter_ref, "segmenter", "--segmenter")])
     detector = None
     if prompts:
         report(Message(f"loading detector {detector_ref} on {device.name}"))
@@ -463,77 +248,3 @@ def _largest_segments(segments, config: MaskConfig, min_area: int, size) -> list
             cleaned.append((area, score, mask))
     cleaned.sort(key=lambda c: -c[0])
     return [MaskResult(f"segment {i}", "auto", score, mask) for i, (_, score, mask) in enumerate(cleaned[:config.max_masks], 1)]
-
-
-# -- output ------------------------------------------------------------------------------------------
-
-def mask_name(image_path: Path, index: int) -> str:
-    return f"{Path(image_path).stem}.mask{index}.png"
-
-
-def preview_name(image_path: Path) -> str:
-    return f"{Path(image_path).stem}.masks-preview.png"
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
-
-
-def write_masks(image_path: Path, image, results: list[MaskResult], out_dir: Path) -> Path:
-    """Write STEM.mask1.png ... (0/255, the image's size) and STEM.masks-preview.png,
-    each atomically; masks of an earlier run with higher numbers are removed so that
-    `STEM.mask*.png` globs only this run's. Sets each result's path; returns the preview's."""
-    from PIL import Image
-
-    from .paths import write_atomically
-
-    # Encode everything first: once the first file is written, nothing can fail but the disk.
-    files = [(out_dir / mask_name(image_path, i), _png(Image.fromarray(r.mask * 255))) for i, r in enumerate(results, 1)]
-    preview = out_dir / preview_name(image_path)
-    files.append((preview, _png(draw_preview(image, results))))
-    for path, data in files:
-        write_atomically(path, lambda tmp, data=data: tmp.write_bytes(data))
-    for result, (path, _) in zip(results, files):
-        result.path = path
-    stale = re.compile(re.escape(Path(image_path).stem) + r"\.mask(\d+)\.png$")
-    for old in out_dir.iterdir():
-        match = stale.match(old.name)
-        if match and int(match.group(1)) > len(results):
-            old.unlink()
-    return preview
-
-
-def draw_preview(image, results: list[MaskResult], max_side: int = 1024):
-    """The photo with each mask tinted in its own colour, outlined, and labelled with
-    its number and label; at most `max_side` pixels on the long side."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    scale = min(1.0, max_side / max(image.size))
-    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-    canvas = np.asarray(image.convert("RGB").resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
-    outline = max(1, round(min(size) / 200))
-    masks = [np.asarray(Image.fromarray(r.mask * 255).resize(size, Image.Resampling.NEAREST)) > 0 for r in results]
-    for i, mask in enumerate(masks):
-        colour = np.array(PALETTE[i % len(PALETTE)], np.float32)
-        canvas[mask] = canvas[mask] * 0.5 + colour * 0.5
-        edge = maskops.dilate(mask, outline).astype(bool) & ~mask
-        canvas[edge] = colour
-    picture = Image.fromarray(canvas.round().astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default(size=max(10, round(min(size) / 28)))
-    for i, (mask, result) in enumerate(zip(masks, results)):
-        box = maskops.bounding_box(mask)
-        if box is None:
-            continue
-        text = f"{i + 1} {result.label}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        w, h = right - left + 8, bottom - top + 6
-        x = min(max(0, box[0]), size[0] - w)
-        y = min(max(0, box[1]), size[1] - h)
-        colour = PALETTE[i % len(PALETTE)]
-        draw.rectangle((x, y, x + w, y + h), fill=colour)
-        ink = (0, 0, 0) if sum(colour) > 400 else (255, 255, 255)
-        draw.text((x + 4 - left, y + 3 - top), text, fill=ink, font=font)
-    return picture

@@ -1,4 +1,7 @@
-"""Loading the base Stable Diffusion from a hub id (+ revision) or a local folder."""
+"""Model loading: a hub id (from the Hugging Face cache, else downloaded) or a local folder
+becomes a model folder, with a one-line fix-it error when it is missing. The base Stable
+Diffusion is loaded from its folder here; the detector and segmenter from theirs in
+detector.py and segmenter.py."""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from pathlib import Path
 
 from .errors import InvalidInput, ModelNotAvailable
 
-# Only what scenebreak uses: no root checkpoints, no fp16/ema variants, no .bin twins.
-_HUB_FILES = [
+# The base model: only what scenebreak uses, no root checkpoints, no fp16/ema variants, no .bin twins.
+_DIFFUSERS_HUB_FILES = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
@@ -22,6 +25,8 @@ _HUB_FILES = [
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
+# A transformers model (detector, segmenter): configs, tokenizer files and safetensors weights.
+_TRANSFORMERS_HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
 
 @dataclass
@@ -64,21 +69,21 @@ class Components:
         return DDPMScheduler.from_config(self.scheduler_config)
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
     """A hub id is "name" or "owner/name"; anything else, or an existing path, is a folder."""
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref or Path(ref).exists()
 
 
 def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Path, str | None]:
     """A local folder holding the diffusers layout, and the hub commit if any."""
-    if _looks_like_path(base_model):
+    if looks_like_path(base_model):
         folder = Path(base_model).expanduser()
         if not folder.is_dir():
             raise InvalidInput(f"base model folder not found: {folder}")
         if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
             raise InvalidInput(f"{folder} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
         return folder, None
-    return hub_snapshot(base_model, revision, _HUB_FILES)
+    return hub_snapshot(base_model, revision, _DIFFUSERS_HUB_FILES)
 
 
 def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what: str = "base model",
@@ -113,6 +118,42 @@ def _missing_message(base_model: str, revision: str | None, offline: bool = Fals
         f"{what} {base_model!r} is not available: {why}. Fix: on a connected machine run "
         f"`hf download {base_model}{rev}` (or unset HF_HUB_OFFLINE), or pass {option} /path/to/{folder}"
     )
+
+
+def transformers_model_folder(ref: str, what: str, option: str) -> Path:
+    """The folder of a transformers model given as a hub id or a local folder; `what`
+    and `option` (e.g. "segmenter", "--segmenter") name it in errors."""
+    if looks_like_path(ref):
+        folder = Path(ref).expanduser()
+        if not (folder / "config.json").is_file():
+            raise InvalidInput(f"{what} folder {folder} not found or not a transformers model folder (no config.json)")
+        return folder
+    return hub_snapshot(ref, None, _TRANSFORMERS_HUB_FILES, what=what, option=option, folder="a/model/folder")[0]
+
+
+def check_models_available(models: list[tuple[str, str, str]]) -> None:
+    """Fail before loading anything, naming every missing model in one line (a first
+    offline run would otherwise learn about them one at a time). `models` holds
+    (ref, what, option) for `transformers_model_folder`."""
+    missing = []
+    for ref, what, option in models:
+        try:
+            transformers_model_folder(ref, what, option)
+        except ModelNotAvailable as exc:
+            missing.append((ref, what, exc))
+    if len(missing) > 1:
+        also = "; ".join(f"the {what} {ref!r} is missing too (`hf download {ref}`)" for ref, what, _ in missing[1:])
+        raise ModelNotAvailable(f"{missing[0][2]}; {also}")
+    if missing:
+        raise missing[0][2]
+
+
+def model_type(folder: Path) -> str:
+    """The `model_type` in a transformers folder's config.json ("" when unreadable)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return ""
 
 
 def fingerprint(unet, vae, text_encoder) -> str:
