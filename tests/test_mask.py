@@ -15,7 +15,8 @@ from PIL import Image
 
 from scenebreak.cli import cli
 from scenebreak.errors import InvalidInput
-from scenebreak.masking import MaskConfig, make_masks, parse_box, parse_point
+from scenebreak.config import MaskConfig
+from scenebreak.masking import make_masks, parse_box, parse_point
 
 
 def run(*args):

@@ -12,16 +12,17 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "learn": "learning", "LearnResult": "learning",
-    "generate": "generation", "GenerateResult": "generation",
+    "generate": "generation", "GenerateResult": "sampling",
     "edit": "editing", "extract_background": "editing",
     "load_scene": "bundle", "save_scene": "bundle", "list_scenes": "bundle", "Scene": "bundle",
-    "LearnConfig": "config", "GenerateConfig": "config", "EditConfig": "config",
+    "LearnConfig": "config", "GenerateConfig": "config", "EditConfig": "config", "BackgroundConfig": "config",
+    "MaskConfig": "config",
     "SceneBreakError": "errors", "UsageError": "errors", "InvalidInput": "errors", "InvalidMask": "errors",
     "UnknownHandle": "errors", "BundleError": "errors", "DeviceNotAvailable": "errors",
     "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors",
     "choose_device": "device",
     "export_scene": "export",
-    "make_masks": "masking", "MaskConfig": "masking", "MaskRun": "masking", "MaskResult": "masking",
+    "make_masks": "masking", "MaskRun": "masking", "MaskResult": "masking",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -6,10 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InvalidInput, ModelNotAvailable
+from .config import DEFAULT_DETECTOR
 from .models import model_type, transformers_model_folder
-
-# Grounding DINO tiny (172M) finds boxes for free text well at ~1 s per prompt on a CPU.
-DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 
 
 class Detector:

@@ -14,38 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from . import maskops
-from .detector import DEFAULT_DETECTOR, Detector
+from .config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MaskConfig
+from .detector import Detector
 from .errors import InvalidInput, InvalidMask
 from .events import Message, Progress, Reporter, silent
 from .maskfiles import write_masks
 from .models import check_models_available
-from .segmenter import AUTO_MAX_COVER, DEFAULT_SEGMENTER, Segmenter
+from .segmenter import AUTO_MAX_COVER, Segmenter
 
 OVERLAP_LIMIT = 0.5  # report pairs sharing more than half of the smaller mask
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    detector: str | None = None  # hub id or local folder (default DEFAULT_DETECTOR)
-    segmenter: str | None = None  # hub id or local folder (default DEFAULT_SEGMENTER)
-    threshold: float = 0.3  # a prompt's box must score above this
-    all_instances: bool = False  # a prompt's mask covers every box above the threshold
-    group: bool = False  # all points are clicks on one object (one mask)
-    max_masks: int = 4  # --auto keeps this many segments
-    grid: int = 16  # --auto clicks grid x grid points
-    min_area: int | None = None  # pixels; specks below are dropped (None: 0.1% of the image)
-    dilate: int = 0  # grow every mask by this many pixels
-    fill_holes: bool = True
-    device: str | None = None
-
-    def validate(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise InvalidInput(f"--threshold must be between 0 and 1, not {self.threshold}")
-        for name in ("max_masks", "grid"):
-            if getattr(self, name) < 1:
-                raise InvalidInput(f"{name} must be at least 1")
-        if (self.min_area or 0) < 0 or self.dilate < 0:
-            raise InvalidInput("--min-area and --dilate cannot be negative")
 
 
 @dataclass

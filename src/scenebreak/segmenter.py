@@ -6,11 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InvalidInput, ModelNotAvailable
+from .config import DEFAULT_SEGMENTER
 from .models import model_type, transformers_model_folder
-
-# SAM ViT-B (94M) is 2.5x smaller than ViT-L/H for masks that are nearly as good, and
-# Break-A-Scene wants loose masks anyway.
-DEFAULT_SEGMENTER = "facebook/sam-vit-base"
 
 # Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
 AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
