@@ -210,8 +210,7 @@ class MaskConfig:
     def validate(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise InvalidInput(f"--threshold must be between 0 and 1, not {self.threshold}")
-        for name in ("max_masks", "grid"):
-            if getattr(self, name) < 1:
-                raise InvalidInput(f"{name} must be at least 1")
+        if self.max_masks < 1 or self.grid < 1:
+            raise InvalidInput("--max-masks (and the --auto grid) must be at least 1")
         if (self.min_area or 0) < 0 or self.dilate < 0:
             raise InvalidInput("--min-area and --dilate cannot be negative")
