@@ -164,19 +164,29 @@ def test_full_disk_is_exit_1_naming_the_fix_and_leaves_nothing(scene_files, tiny
 
     import scenebreak.paths
 
+    full = []
+
     def failing_save(tensors, filename, metadata=None):
+        full.append(True)  # the disk fills up while the scene is written
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise RuntimeError("Error while serializing: I/O error")
 
+    real_usage = shutil.disk_usage
     monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
-    monkeypatch.setattr(scenebreak.paths.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
-    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model,
-                 "--steps1", "1", "--steps2", "0", "--no-prior")
+    monkeypatch.setattr(scenebreak.paths.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(100, 100, 0) if full else real_usage(p))
+    args = ("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model,
+            "--steps1", "1", "--steps2", "0", "--no-prior")
+    result = run(*args)
     assert result.exit_code == 1, result.output
-    assert "no space left on device" in result.stderr and "SCENEBREAK_HOME" in result.stderr
+    assert "no space left on device" in result.stderr and "--resume" not in result.stderr
     scenes = scenebreak.paths.scenes_dir()
     assert not list(scenes.iterdir())  # neither the scene nor its temp file
+    # Full before it starts: refused before any training, with the numbers.
+    result = run(*args)
+    assert result.exit_code == 1 and "not enough space" in result.stderr and "SCENEBREAK_HOME" in result.stderr
+    assert "MiB will be written" in result.stderr and "phase 1" not in result.stderr
 
 
 def test_multi_value_options_parse_like_nargs():

@@ -29,6 +29,15 @@ FORMAT = "scenebreak.scene"
 FORMAT_VERSION = 1
 COMPONENTS = ("unet", "text_encoder", "vae")  # full weights: the scene generates on its own
 LORA_COMPONENTS = ("unet_lora", "text_encoder_lora")  # adapters for the recorded base model
+# The tokenizer files a scene may hold: what transformers' tokenizers write (5.x writes
+# the first two). A scene is a stranger's file: no other name is ever written anywhere.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+# Bounds on what a scene may ask of the machine: more than any real scene needs.
+MAX_HANDLES = 64
+MAX_RESOLUTION = 4096
+MAX_STRING = 4096  # characters of any one string in the metadata
+MAX_LORA_RANK = 1024
 
 
 @dataclass
@@ -135,20 +144,92 @@ def read_metadata(path: Path) -> dict:
         meta = json.loads(header["scenebreak"])
     except json.JSONDecodeError:
         raise BundleError(f"{path} has damaged scenebreak metadata") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path} has damaged scenebreak metadata")
     version = meta.get("format_version")
     if not isinstance(version, int):
         raise BundleError(f"{path} has no valid format version")
     if version > FORMAT_VERSION:
         raise BundleError(f"{path} was written by a newer scenebreak (format {version}; this one reads up to {FORMAT_VERSION}): upgrade scenebreak")
-    handles = meta.get("handles")
-    base = meta.get("base_model")
-    if (not isinstance(handles, list) or not handles or not all(isinstance(h, dict) and "token" in h and "mask_index" in h for h in handles)
-            or not isinstance(base, dict) or not base.get("id") or not base.get("fingerprint") or not isinstance(meta.get("resolution"), int)):
-        raise BundleError(f"{path} has damaged scenebreak metadata (handles, base model or resolution)")
+    problem = metadata_problem(meta)
+    if problem:
+        raise BundleError(f"{path} is not a valid scene: {problem}")
     for key in ("handles.embeddings", "source.image", "source.masks"):
         if key not in keys:
             raise BundleError(f"{path} is incomplete: tensor {key!r} is missing")
     return meta
+
+
+def metadata_problem(meta: dict) -> str | None:
+    """What makes this metadata unsafe or unusable, or None. Every value that names a
+    file or sizes work is checked: names follow the scene-name rule, sizes have bounds."""
+    from .paths import valid_name
+    from .tokens import valid_handle_token
+
+    too_long = _long_string(meta)
+    if too_long:
+        return too_long
+    handles, base, resolution = meta.get("handles"), meta.get("base_model"), meta.get("resolution")
+    if not isinstance(handles, list) or not handles or not all(isinstance(h, dict) and "token" in h and "mask_index" in h for h in handles):
+        return "its handles are missing or damaged"
+    if len(handles) > MAX_HANDLES:
+        return f"{len(handles)} handles (at most {MAX_HANDLES})"
+    tokens = [h["token"] for h in handles]
+    for h in handles:
+        if not isinstance(h["token"], str) or not valid_handle_token(h["token"]):
+            return f"handle {str(h['token'])[:40]!r} is not a valid handle name"
+        if not isinstance(h["mask_index"], int) or isinstance(h["mask_index"], bool) or not 0 <= h["mask_index"] < len(handles):
+            return f"handle {h['token']} has no valid mask index"
+    if len(set(tokens)) != len(tokens):
+        return "two handles have the same name"
+    if not isinstance(base, dict) or not isinstance(base.get("id"), str) or not base.get("id") or not base.get("fingerprint"):
+        return "its base model is missing or damaged"
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or not 8 <= resolution <= MAX_RESOLUTION or resolution % 8:
+        return f"resolution {str(resolution)[:20]} is not a multiple of 8 between 8 and {MAX_RESOLUTION}"
+    name = meta.get("name")
+    if name is not None and (not isinstance(name, str) or not valid_name(name)):
+        return f"its name {str(name)[:40]!r} is not a valid scene name"
+    lora = meta.get("lora")
+    if lora is not None:
+        rank = lora.get("rank") if isinstance(lora, dict) else None
+        if not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK or not isinstance(lora.get("alpha"), (int, float)):
+            return f"its LoRA rank is not between 1 and {MAX_LORA_RANK}"
+        for key in ("unet_targets", "text_encoder_targets"):
+            targets = lora.get(key)
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+                return f"its LoRA {key} are damaged"
+    configs = meta.get("configs")
+    if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in
+                                                                       ("unet", "vae", "text_encoder", "scheduler"))):
+        return "its model configs are damaged"
+    return None
+
+
+def _long_string(value, depth: int = 0) -> str | None:
+    if depth > 12:
+        return "its metadata is nested too deeply"
+    if isinstance(value, str):
+        return f"a metadata string of {len(value)} characters (at most {MAX_STRING})" if len(value) > MAX_STRING else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        problem = _long_string(key, depth + 1) if isinstance(key, str) else None
+        problem = problem or _long_string(item, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict) -> None:
+    """The tensors agree with the metadata, and file entries are only tokenizer files."""
+    n, r = len(meta["handles"]), meta["resolution"]
+    if tuple(embeddings.shape[:1]) != (n,) or embeddings.ndim != 2:
+        raise BundleError(f"{path} is not a valid scene: {n} handles but embeddings of shape {tuple(embeddings.shape)}")
+    if tuple(image.shape) != (r, r, 3) or tuple(masks.shape) != (n, r, r):
+        raise BundleError(f"{path} is not a valid scene: its image or masks do not match resolution {r} and {n} handles")
+    for name in files:
+        folder, _, base = name.partition("/")
+        if folder != "tokenizer" or base not in TOKENIZER_FILES:
+            raise BundleError(f"{path} is not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
 
 
 def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
@@ -183,8 +264,7 @@ def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
         empty = [c for c, s in scene_weights.items() if not s]
         if empty:
             raise BundleError(f"{path} holds no {', '.join(empty)} weights, so it cannot generate")
-    if len(meta.get("handles", [])) != embeddings.shape[0]:
-        raise BundleError(f"{path} is inconsistent: {len(meta.get('handles', []))} handles but {embeddings.shape[0]} embeddings")
+    _check_tensors(path, meta, embeddings, image, masks, files)
     return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path)
 
 
@@ -205,17 +285,19 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
 
 
 def tokenizer_from_files(files: dict[str, bytes]):
-    """The tokenizer a scene stores, rebuilt from its files in a private temp folder."""
+    """The tokenizer a scene stores, rebuilt in a private temp folder (mode 0700) that
+    only ever receives the allowed tokenizer file names, whatever the scene says."""
     import tempfile
 
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="scenebreak-tokenizer-") as tmp:
         for name, data in files.items():
-            target = Path(tmp) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        return AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+            folder, _, base = name.partition("/")
+            if folder != "tokenizer" or base not in TOKENIZER_FILES:
+                raise BundleError(f"not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
+            (Path(tmp) / base).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def model_config(model) -> dict:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import signal
 import threading
+import time
 from pathlib import Path
 
 from .errors import Interrupted, InvalidInput
@@ -17,8 +18,11 @@ from .paths import checkpoint_path, write_atomically
 # --gradient-checkpointing after running out of memory).
 # The memory switches change at most the clipping of phase 2 (per tensor with the
 # optimizer in the backward pass), and resuming with less memory is their point.
+# Training time that justifies one more checkpoint before the scene is written.
+FINAL_AFTER_SECONDS = 300.0
+# A change of optimizer (8-bit or not) restarts its running averages (Trainer.load_state_dict).
 RESUMABLE_CHANGES = ("checkpoint_every", "gradient_checkpointing", "save_dtype", "memory", "optimizer_in_backward",
-                     "compile", "standalone")
+                     "compile", "standalone", "adam_8bit")
 
 
 class StopFlag:
@@ -78,6 +82,7 @@ class Checkpoints:
     def __init__(self, name: str, identity: dict, every: int, steps2: int):
         self.name, self.identity, self.every, self.steps2 = name, identity, every, steps2
         self.path: Path = checkpoint_path(name)
+        self.saved_at = time.monotonic()  # the run's start counts as saved: nothing to lose yet
 
     def load(self, report: Reporter) -> dict:
         import torch
@@ -99,6 +104,18 @@ class Checkpoints:
         state = trainer.state_dict()
         state["identity"] = self.identity
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
+        self.saved_at = time.monotonic()
+
+    def before_final_save(self, trainer) -> None:
+        """Keep the finished training resumable while the scene is written, when more
+        than FINAL_AFTER_SECONDS of work would otherwise be lost to a failed write (a
+        full disk): a resume then only writes the scene."""
+        if time.monotonic() - self.saved_at > FINAL_AFTER_SECONDS:
+            self.save(trainer)
+
+    def due(self, record, stop: StopFlag) -> bool:
+        """Whether this step ends with a checkpoint."""
+        return should_checkpoint(record, self.every, self.steps2, stop())
 
     def after_step(self, trainer, record, stop: StopFlag) -> None:
         """Save when the rule says so; stop (Interrupted) when asked to."""

@@ -38,33 +38,45 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
     seed i, so the cache grows consistently."""
     paths = class_image_paths(components.base.fingerprint, prompt, resolution, count)
     folder = paths[0].parent
-    missing = [i for i, p in enumerate(paths) if not p.exists()]
-    if not missing:
+    if all(p.exists() for p in paths):
         report(Message(f"using {count} cached class images from {folder}"))
         return paths
+    from .locks import class_images_lock
+
     folder.mkdir(parents=True, exist_ok=True)
+    waiting = lambda holder: report(Message(f"waiting for {holder}, which is making the same class images"))  # noqa: E731
+    with class_images_lock(folder, on_wait=waiting):
+        missing = [i for i, p in enumerate(paths) if not p.exists()]  # another run may have made them meanwhile
+        if missing:
+            _make(components, device, prompt, resolution, amp_dtype, [(i, paths[i]) for i in missing], report, should_stop,
+                  batch_size)
+    return paths
+
+
+def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: list[tuple[int, Path]], report: Reporter,
+          should_stop, batch_size: int | None) -> None:
+    """Generate class image i (from seed i) into its path, for each (i, path) in `todo`."""
+    from .pipeline import images_per_pass, make_pipeline, sample
+
+    folder = todo[0][1].parent
     info = folder / "info.json"
     if not info.exists():
         info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "base_model": components.base.to_dict()}, indent=2))
-    from .pipeline import images_per_pass, make_pipeline, sample
-
-    report(Message(f"generating {len(missing)} class images for {prompt!r} (once; cached in {folder})"))
+    report(Message(f"generating {len(todo)} class images for {prompt!r} (once; cached in {folder})"))
     c = components
     for model in (c.unet, c.vae, c.text_encoder):
         model.to(device.torch)
     pipe = make_pipeline(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config)
     batch = images_per_pass(device, batch_size)
     autocast = device.autocast(amp_dtype)
-    total = len(missing) * STEPS
-    done = 0
+    total, done = len(todo) * STEPS, 0
     report(Progress("class images", 0, total))
-    for start in range(0, len(missing), batch):
-        chunk = missing[start:start + batch]
-        images = sample(pipe, prompt, chunk, steps=STEPS, guidance=GUIDANCE, resolution=resolution,
+    for start in range(0, len(todo), batch):
+        chunk = todo[start:start + batch]
+        images = sample(pipe, prompt, [i for i, _ in chunk], steps=STEPS, guidance=GUIDANCE, resolution=resolution,
                         autocast=autocast, report=report, task="class images", done=done, total=total)
-        for i, image in zip(chunk, images):
-            write_atomically(paths[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
+        for (_, path), image in zip(chunk, images):
+            write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         done += len(chunk) * STEPS
-        if should_stop() and start + batch < len(missing):
+        if should_stop() and start + batch < len(todo):
             raise Interrupted("interrupted: the class images made so far are cached; run the same command again to continue")
-    return paths

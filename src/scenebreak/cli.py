@@ -44,9 +44,10 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return str(exc), exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG):
         where = exc.filename or "while writing"
-        return f"no space left on device ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk", 1
+        what = "no space left on device" if exc.errno == errno.ENOSPC else "file too large for this file system"
+        return f"{what} ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk", 1
     if type(exc).__name__ == "OutOfMemoryError":
         return "out of memory: try a smaller --batch-size, or --device cpu", 1
     text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"

@@ -37,6 +37,10 @@ class ModelNotAvailable(SceneBreakError):
     """The base model's weights are not here and cannot be downloaded."""
 
 
+class NoSpace(SceneBreakError):
+    """Not enough room on the disk (or a file-size limit) for what must be written."""
+
+
 class OutOfMemory(SceneBreakError):
     """The device ran out of memory."""
 

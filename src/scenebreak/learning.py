@@ -3,6 +3,8 @@ orchestrates; the trainer, the memory plan, checkpoints and the bundle do the wo
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -12,11 +14,16 @@ from .bundle import save_scene, scene_from_training, scene_metadata
 from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
 from .config import LearnConfig, default_base_model
 from .device import Device, choose_device, precision_name
-from .errors import InvalidInput, OutOfMemory
+from .errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError
 from .events import Message, Progress, Reporter, silent
 from .images import background_mask, load_image, load_masks, prepare
-from .paths import check_name, scene_path
+from .locks import scene_lock
+from .paths import check_file_name_fits, check_name, check_room, home, is_writable_folder, scene_path
 from .tokens import check_handle_tokens
+
+
+class Diverged(SceneBreakError):
+    """The loss became NaN or infinite (exit 1: a lower learning rate fixes it)."""
 
 
 @dataclass
@@ -53,9 +60,9 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     """Learn one handle per mask from one photo and write the scene; returns where it went.
 
     `should_stop()` (optional) is polled after every step, like Ctrl-C: when it turns
-    true a checkpoint is saved and `Interrupted` is raised; `resume=True` continues it."""
-    import torch
-
+    true a checkpoint is saved and `Interrupted` is raised; `resume=True` continues it.
+    `force=True` replaces an existing scene and runs even while another process learns
+    the same name."""
     started = time.perf_counter()
     image, masks = Path(image), [Path(m) for m in masks]
     # Everything that can be wrong with the input is checked before any model loads.
@@ -64,8 +71,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     check_handle_tokens(tokens)
     name = check_name(name or default_name(Path(output) if output else image))
     out = Path(output) if output else scene_path(name)
-    if out.exists() and not force and not resume:
-        raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
+    _check_output(out, force=force, resume=resume)
     object_masks = load_masks(masks, load_image(image).size)
     if config.background:
         background_mask(object_masks)
@@ -79,6 +85,14 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         from .lora import require_peft
 
         require_peft()
+    with contextlib.nullcontext() if force else scene_lock(name):
+        return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report,
+                      should_stop, started)
+
+
+def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report, should_stop,
+           started) -> LearnResult:
+    import torch
 
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision)
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
@@ -87,6 +101,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     if state is None and checkpoints.path.exists():
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report)
+    _check_room(components, config, plan, out, resolution)
 
     from .classimages import ensure_class_images
     from .tokens import add_handles
@@ -103,21 +118,88 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), handle_ids, class_images)
             trainer = Trainer(components, inputs, config, device, tokens, plan=plan, amp_dtype=amp_dtype)
             if state is not None:
-                trainer.load_state_dict(state)
+                for note in trainer.load_state_dict(state):
+                    report(Message(note, "warning"))
                 del state
             for record in _report_progress(trainer.run(), device, report):
+                if checkpoints.due(record, stop):
+                    _check_finite(record.losses, record.phase, record.step)  # never checkpoint a diverged model
                 checkpoints.after_step(trainer, record, stop)
+            final = trainer.history[2][-1] if trainer.history[2] else trainer.history[1][-1]
+            _check_finite(final, *((2, len(trainer.history[2])) if trainer.history[2] else (1, len(trainer.history[1]))))
+            checkpoints.before_final_save(trainer)
             # Still inside the handler: a Ctrl-C now lets the save finish (a second one
             # aborts it, and the atomic write leaves no partial file).
             meta = scene_metadata(name=name, tokens=tokens, components=components, prepared=prepared, config=config, plan=plan,
                                   precision=precision_name(amp_dtype), losses=trainer.loss_summary(), device=device,
                                   image=image, masks=masks, resolution=resolution, seconds=time.perf_counter() - started)
-            save_scene(scene_from_training(components, meta, prepared), out, config.save_dtype)
+            scene = scene_from_training(components, meta, prepared)
+            try:
+                save_scene(scene, out, config.save_dtype)
+            except OSError as exc:
+                raise _unsaved(exc, out, checkpoints) from exc
     except torch.OutOfMemoryError:
         hint = "--tune lora" if plan.policy == "low" else "--memory low"
         raise OutOfMemory(f"out of memory on {device.name}: try {hint}, a smaller --resolution or --device cpu") from None
     checkpoints.remove()
     return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
+
+
+def _check_output(out: Path, *, force: bool, resume: bool) -> None:
+    """Where the scene goes: a writable folder, a file name the file system takes, and
+    nothing there that is not a scene unless asked to replace one."""
+    check_file_name_fits(out)
+    if out.is_dir():
+        raise InvalidInput(f"{out} is a folder: -o takes the path of the .scene file to write")
+    if out.exists() and not force and not resume:
+        raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
+    if out.exists() and force:
+        from .bundle import read_metadata
+        from .errors import BundleError
+
+        try:
+            read_metadata(out)
+        except BundleError:
+            raise InvalidInput(f"{out} is not a scene: --force replaces only scenes; choose another -o") from None
+    if not is_writable_folder(out.parent):
+        raise InvalidInput(f"cannot write the scene to {out.parent}: choose a writable folder with -o")
+    if not is_writable_folder(home()):
+        raise SceneBreakError(f"the cache folder {home()} is not writable: set SCENEBREAK_HOME to a folder you can write to")
+
+
+def _check_room(components, config: LearnConfig, plan, out: Path, resolution: int) -> None:
+    """Room for the scene, a phase-2 checkpoint and the class images still to make."""
+    from .classimages import missing_count
+    from .estimates import checkpoint_bytes, scene_bytes
+    from .paths import checkpoints_dir, class_images_dir
+
+    missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images) if config.prior else 0
+    png = resolution * resolution * 3 // 2  # a class image PNG, roughly
+    check_room([(out.parent, scene_bytes(components, config)),
+                (checkpoints_dir(), checkpoint_bytes(components, config, plan.adam_8bit)),
+                (class_images_dir(), missing * png)],
+               fix="free some space, or point SCENEBREAK_HOME and -o to a bigger disk")
+
+
+def _check_finite(losses, phase: int, step: int) -> None:
+    import torch
+
+    if not bool(torch.isfinite(losses).all()):
+        raise Diverged(f"training diverged: the loss is {float(losses[0])} at phase {phase}, step {step}. Start again "
+                       "with a lower learning rate (--lr1 for phase 1, --lr2 or --lr-lora for phase 2); any earlier "
+                       "checkpoint was kept as it was")
+
+
+def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakError:
+    """The scene could not be written: say why and how to finish without training again."""
+    import errno
+
+    why = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large for this file system"}.get(
+        exc.errno, exc.strerror or str(exc))
+    kept = (f"the trained model is kept in {checkpoints.path}: fix that and run the same command with --resume to "
+            "write the scene" if checkpoints.path.exists() else "nothing could be kept")
+    error = NoSpace if exc.errno in (errno.ENOSPC, errno.EFBIG) else SceneBreakError
+    return error(f"could not write {out} ({why}); {kept}")
 
 
 def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str | None, revision: str | None):
@@ -162,5 +244,7 @@ def _report_progress(records, device: Device, report: Reporter):
         info = {}
         if device.type == "cpu" or record.step == record.total or now - loss_read > 1.0:
             info, loss_read = {"loss": record.loss}, now
+            if not math.isfinite(info["loss"]):
+                _check_finite(record.losses, record.phase, record.step)
         report(Progress(f"phase {record.phase}", record.step, record.total, info))
         yield record

@@ -96,6 +96,12 @@ class OptimizerInBackward:
         return {"state": state, "param_groups": param_groups}
 
     def load_state_dict(self, saved: dict) -> None:
+        sizes = [len(g["params"]) for g in self.groups]
+        saved_sizes = [len(g["params"]) for g in saved["param_groups"]]
+        if sizes != saved_sizes:
+            # Another phase's or another tuning's state: loading it would give every tensor
+            # the wrong settings (e.g. phase 1's learning rate for the whole UNet).
+            raise ValueError(f"optimizer state of parameter groups {saved_sizes} does not fit groups {sizes}")
         index = 0
         for group, saved_group in zip(self.groups, saved["param_groups"]):
             settings = {k: v for k, v in saved_group.items() if k != "params"}

@@ -37,8 +37,19 @@ def checkpoints_dir() -> Path:
     return home() / "checkpoints"
 
 
+MAX_NAME = 200  # characters: room for ".scene", ".ckpt" and a temp-file prefix and suffix in 255 bytes
+
+
+def valid_name(name: str) -> bool:
+    """Letters, digits, '.', '_' and '-', starting with a letter or digit: nothing that
+    can name another folder, hide a file or start an option."""
+    return bool(_NAME_RE.match(name)) and len(name) <= MAX_NAME
+
+
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name) or name.endswith(SCENE_SUFFIX):
+    if len(name) > MAX_NAME:
+        raise InvalidInput(f"scene name {name[:40]!r}... is {len(name)} characters long: use at most {MAX_NAME}")
+    if not valid_name(name) or name.endswith(SCENE_SUFFIX):
         raise InvalidInput(
             f"invalid scene name {name!r}: use letters, digits, '.', '_' or '-' (no '{SCENE_SUFFIX}' suffix)"
         )
@@ -78,13 +89,56 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
             _remove(path)  # a folder cannot be renamed over a non-empty one
         os.replace(tmp, path)
     except Exception as exc:
-        if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and _disk_nearly_full(path.parent):
+        if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG)) and _disk_nearly_full(path.parent):
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
         raise
     finally:
         if tmp.exists():
             _remove(tmp)
     return path
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def is_writable_folder(folder: Path) -> bool:
+    """Whether files can be made in `folder` (or in the folders that would be made for it)."""
+    probe = existing_ancestor(folder)
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def check_file_name_fits(path: Path) -> None:
+    """A file name plus the temp-file prefix and suffix of write_atomically must fit the
+    usual 255-byte limit of file systems."""
+    if len(Path(path).name.encode()) + 32 > 255:
+        raise InvalidInput(f"the file name {Path(path).name[:40]}... is too long for the file system: choose a shorter one")
+
+
+def check_room(needs: list[tuple[Path, int]], fix: str) -> None:
+    """Raise NoSpace unless each disk has room for the bytes meant for it: `needs` pairs
+    a folder with the bytes that will be written there (folders on one disk add up)."""
+    from .errors import NoSpace
+
+    per_disk: dict[int, list] = {}
+    for folder, count in needs:
+        probe = existing_ancestor(folder)
+        entry = per_disk.setdefault(probe.stat().st_dev, [probe, 0])
+        entry[1] += count
+    for probe, count in per_disk.values():
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError:
+            continue
+        if count > free:
+            from .estimates import format_bytes
+
+            raise NoSpace(f"not enough space on the disk of {probe}: about {format_bytes(count)} will be written, "
+                          f"{format_bytes(free)} is free; {fix}")
 
 
 def _remove(path: Path) -> None:

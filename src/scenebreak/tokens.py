@@ -9,13 +9,22 @@ from torch import nn
 
 from .errors import InvalidInput
 
-HANDLE_RE = re.compile(r"<[^<>\s]+>")
+HANDLE_RE = re.compile(r"<[^<>\s]+>")  # anything that looks like a handle in a prompt
+
+
+def valid_handle_token(token: str) -> bool:
+    """`<NAME>` where NAME follows the scene-name rule: handle names become file names
+    (`export -f embeddings` writes NAME.safetensors), so no separators and no '..'."""
+    from .paths import valid_name
+
+    return token.startswith("<") and token.endswith(">") and valid_name(token[1:-1])
 
 
 def check_handle_tokens(tokens: list[str]) -> None:
     for token in tokens:
-        if not HANDLE_RE.fullmatch(token):
-            raise InvalidInput(f"invalid handle name {token!r}: use a word without spaces or angle brackets")
+        if not valid_handle_token(token):
+            raise InvalidInput(f"invalid handle name {token!r}: use letters, digits, '.', '_' or '-', "
+                               "starting with a letter or digit")
     seen = set()
     for token in tokens:
         if token in seen:

@@ -219,11 +219,13 @@ class Trainer:
             self.params = [p for g in groups for p in g["params"]]
             self.optimizer = self._optimizer(phase, groups)
             self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-            if self._pending_optimizer_state is not None:
-                self.optimizer.load_state_dict(self._pending_optimizer_state["optimizer"])
-                if self.scaler is not None and self._pending_optimizer_state.get("scaler"):
-                    self.scaler.load_state_dict(self._pending_optimizer_state["scaler"])
-                self._pending_optimizer_state = None
+            pending, self._pending_optimizer_state = self._pending_optimizer_state, None
+            # Only into the phase it came from: the end-of-phase-1 checkpoint holds phase
+            # 1's optimizer, and phase 2 starts from a fresh one.
+            if pending is not None and pending["phase"] == phase:
+                self.optimizer.load_state_dict(pending["optimizer"])
+                if self.scaler is not None and pending.get("scaler"):
+                    self.scaler.load_state_dict(pending["scaler"])
             self.c.unet.train()
             self.c.text_encoder.train(phase == 2)
             with self._capture():
@@ -313,6 +315,8 @@ class Trainer:
         }
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
+            state["optimizer_phase"] = self.phase
+            state["optimizer_kind"] = self.optimizer_kind
             state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
         if self.phase == 2 and self.step > 0:
             for name, model in (("unet", self.c.unet), ("text_encoder", self.c.text_encoder)):
@@ -322,7 +326,12 @@ class Trainer:
                 state[name] = {k: v.detach().cpu() for k, v in weights.items()}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    @property
+    def optimizer_kind(self) -> str:
+        return "adamw8bit" if self.plan.adam_8bit else "adamw"
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Continue from a checkpoint; returns notes for the user (what could not be kept)."""
         with torch.no_grad():
             self.embedding.handles.copy_(state["handles"])
         if "unet" in state:
@@ -339,8 +348,16 @@ class Trainer:
         self.phase, self.step = state["phase"], state["step"]
         self.history = {int(k): [torch.tensor([row[n] for n in LOSS_NAMES]) for row in rows] for k, rows in state["history"].items()}
         self.seconds = {int(k): v for k, v in state["seconds"].items()}
-        if "optimizer" in state:
-            self._pending_optimizer_state = {"optimizer": state["optimizer"], "scaler": state.get("scaler")}
+        notes = []
+        if "optimizer" in state and state.get("optimizer_kind", "adamw") != self.optimizer_kind:
+            # Its moments are kept in another layout (e.g. out of memory, then --memory low
+            # with 8-bit AdamW): they start again; the rest of the run is the same.
+            notes.append(f"the optimizer changed ({state.get('optimizer_kind', 'adamw')} -> {self.optimizer_kind}): "
+                         "its running averages start fresh, so the result differs slightly from an uninterrupted run")
+        elif "optimizer" in state:
+            self._pending_optimizer_state = {"optimizer": state["optimizer"], "scaler": state.get("scaler"),
+                                             "phase": state.get("optimizer_phase", state["phase"])}
+        return notes
 
     def history_rows(self, phase: int) -> list[dict]:
         """The losses of every step of a phase, as plain numbers."""
