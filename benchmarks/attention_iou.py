@@ -38,7 +38,7 @@ def run(seeds, lambdas=(0.01, 0.0)) -> list[dict]:
 
     from scenebreak import LearnConfig, learn
     from scenebreak.diagnostics import attention_overlap
-    from scenebreak.testing import build_tiny_model
+    from tinymodels import build_tiny_model
 
     tmp = Path(tempfile.mkdtemp())
     os.environ["SCENEBREAK_HOME"] = str(tmp / "home")

@@ -24,7 +24,7 @@ def main() -> None:
 
     from conftest import write_synthetic_scene
     from scenebreak import GenerateConfig, LearnConfig, generate, learn
-    from scenebreak.testing import build_tiny_model
+    from tinymodels import build_tiny_model
 
     if not torch.cuda.is_available():
         sys.exit("no CUDA device")

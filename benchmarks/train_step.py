@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # tinymodels (the tiny model builders) lives with the tests
 
 
 class OriginalStyleProcessor:
@@ -130,7 +131,7 @@ def random_sd21(device_name: str):
     from transformers import CLIPTokenizer
 
     from scenebreak.models import BaseModel, Components
-    from scenebreak.testing import build_components, sd21_base_configs, write_tiny_tokenizer
+    from tinymodels import build_components, sd21_base_configs, write_tiny_tokenizer
 
     tmp = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(tmp / "tok", vocab_size=49408)

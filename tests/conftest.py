@@ -20,7 +20,7 @@ def isolated_env(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from scenebreak.testing import build_tiny_model
+    from tinymodels import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
 
@@ -90,6 +90,6 @@ def learned_background(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="session")
 def tiny_segmentation(tmp_path_factory):
     """A tiny random Grounding DINO and SAM saved as local folders: (detector, segmenter)."""
-    from scenebreak.testing import build_tiny_segmentation_models
+    from tinymodels import build_tiny_segmentation_models
 
     return build_tiny_segmentation_models(tmp_path_factory.mktemp("segmentation"))

@@ -3,7 +3,8 @@ import torch
 
 from scenebreak.attention import AttentionStore, RecordingAttnProcessor, capture_cross_attention, cross_attention_layers
 from scenebreak.errors import InvalidInput
-from scenebreak.testing import sd21_base_configs
+
+from tinymodels import sd21_base_configs
 
 
 def _unet(config):

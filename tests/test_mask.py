@@ -1,5 +1,5 @@
 """`scenebreak mask` on tiny random Grounding DINO and SAM models (see
-`scenebreak.testing.build_tiny_segmentation_models`). Random weights make scores and
+`build_tiny_segmentation_models` in tests/tinymodels.py). Random weights make scores and
 labels meaningless, so these tests check the mechanics: files, sizes, binary values,
 stdout, exit codes."""
 
@@ -231,7 +231,7 @@ def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segme
     """OWLv2 post-processing needs scipy: without it, one line that says how to add it."""
     from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
 
-    from scenebreak.testing import write_tiny_tokenizer
+    from tinymodels import write_tiny_tokenizer
 
     folder = tmp_path / "tiny-owlv2"
     write_tiny_tokenizer(folder)

@@ -81,7 +81,7 @@ def test_lora_scene_is_small_names_its_base_and_generates(scene_files, tiny_mode
     shutil.copytree(tiny_model, moved)
     with pytest.raises(BundleError, match="another base model"):
         other = tmp_path / "other-model"
-        from scenebreak.testing import build_tiny_model
+        from tinymodels import build_tiny_model
 
         build_tiny_model(other, seed=1)
         generate(lora.path, "<asset1>", GenerateConfig(steps=2, seed=1), out_dir=tmp_path, base_model=str(other))
@@ -203,7 +203,7 @@ def test_the_estimate_matches_the_measured_sd21_figures():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from scenebreak import memory
-    from scenebreak.testing import sd21_base_configs
+    from tinymodels import sd21_base_configs
 
     configs = sd21_base_configs()
     with init_empty_weights():  # parameter counts only

@@ -1,5 +1,9 @@
 """Tiny random-initialised Stable Diffusion models, for tests and benchmarks.
 
+This module lives with the tests (tests/tinymodels.py), not in the installed
+package: pytest finds it through tests/conftest.py, and the benchmarks put tests/
+on sys.path before importing it.
+
 Nothing here downloads anything: every component is built from a config with a
 fixed seed and saved as an ordinary diffusers folder, so the real loading code
 (`scenebreak.models.load_components`) can be exercised on it.
