@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import MAX_RESOLUTION
 from .errors import BundleError
 from .paths import SCENE_SUFFIX, resolve_scene, scenes_dir, write_atomically
 
@@ -35,7 +36,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json")
 # Bounds on what a scene may ask of the machine: more than any real scene needs.
 MAX_HANDLES = 64
-MAX_RESOLUTION = 4096
 MAX_STRING = 4096  # characters of any one string in the metadata
 MAX_LORA_RANK = 1024
 

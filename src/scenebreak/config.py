@@ -44,6 +44,19 @@ def setting(default, help: str, *, choices: tuple[str, ...] | None = None, cli: 
     return field(default=default, metadata=metadata)
 
 
+# Bounds no real use reaches, so that a typo (or a stranger's script) cannot ask for years of work.
+MAX_STEPS = 100_000
+MAX_RESOLUTION = 4096
+MAX_CLASS_IMAGES = 10_000
+MAX_IMAGES = 10_000
+MAX_SEED = 2**63 - 1  # image i uses seed + i: room to spare in torch's 64-bit seeds
+
+
+def _seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidInput(f"--seed must be between 0 and {MAX_SEED}")
+
+
 def _finite(**values: float) -> None:
     for name, value in values.items():
         if not math.isfinite(value):
@@ -98,9 +111,22 @@ class LearnConfig:
     background: bool = setting(False, "Also learn <background> from the rest of the photo (for extract-bg).")
 
     def validate(self, num_masks: int) -> "LearnConfig":
-        _finite(lr1=self.lr1, lr2=self.lr2, lr_lora=self.lr_lora, lambda_attn=self.lambda_attn)
+        _finite(lr1=self.lr1, lr2=self.lr2, lr_lora=self.lr_lora, lambda_attn=self.lambda_attn, prior_weight=self.prior_weight,
+                max_grad_norm=self.max_grad_norm, flip_p=self.flip_p)
+        _seed(self.seed)
         if self.steps1 < 0 or self.steps2 < 0 or self.steps1 + self.steps2 == 0:
             raise InvalidInput("--steps1 and --steps2 must be >= 0 and not both 0")
+        if max(self.steps1, self.steps2) > MAX_STEPS:
+            raise InvalidInput(f"--steps1 and --steps2 must be at most {MAX_STEPS}")
+        if self.resolution is not None and not 8 <= self.resolution <= MAX_RESOLUTION:
+            raise InvalidInput(f"--resolution must be between 8 and {MAX_RESOLUTION}")
+        if self.num_class_images > MAX_CLASS_IMAGES:
+            raise InvalidInput(f"--num-class-images must be at most {MAX_CLASS_IMAGES}")
+        if self.prior_weight < 0 or self.max_grad_norm <= 0 or not 0 <= self.flip_p <= 1:
+            raise InvalidInput("prior_weight must be >= 0, max_grad_norm > 0 and flip_p between 0 and 1")
+        for flag, values in (("--names", self.names), ("--init-words", self.init_words)):
+            if values is not None and any(not str(v).strip("<> ") for v in values):
+                raise InvalidInput(f"{flag}: a value is empty")
         if self.lr1 <= 0 or self.lr2 <= 0:
             raise InvalidInput("learning rates must be > 0")
         if self.lambda_attn < 0:
@@ -151,6 +177,10 @@ class GenerateConfig:
 
     def validate(self) -> "GenerateConfig":
         _finite(guidance=self.guidance)
+        if self.seed is not None:
+            _seed(self.seed)
+        if self.steps > MAX_STEPS or self.num_images > MAX_IMAGES:
+            raise InvalidInput(f"--steps must be at most {MAX_STEPS} and -n at most {MAX_IMAGES}")
         if self.num_images < 1:
             raise InvalidInput("-n must be >= 1")
         if self.steps < 1:
@@ -172,6 +202,7 @@ class EditConfig(GenerateConfig):
 
     def validate(self) -> "EditConfig":
         super().validate()
+        _finite(blend_start=self.blend_start)
         if not 0 <= self.blend_start < 1:
             raise InvalidInput("--blend-start must be at least 0 and below 1")
         if self.feather < 0 or self.dilate < 0:

@@ -9,49 +9,85 @@
   `{"<NAME>": embedding}`), which `pipe.load_textual_inversion(file)` loads into the
   same base model. The handles alone carry phase 1 only: without the phase-2 UNet and
   text encoder they reproduce the objects less faithfully than the scene.
+
+Either way the folder is written whole (atomically) with a `.scenebreak-export`
+marker, and `--force` replaces only a folder that has one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from . import __version__
 from .bundle import load_scene
 from .errors import InvalidInput
-from .paths import write_atomically
+from .paths import home, write_atomically
 
 FORMATS = ("diffusers", "embeddings")
+# Written into every export folder: `--force` replaces a folder only when it holds one,
+# so it can never empty a folder that scenebreak did not make.
+MARKER = ".scenebreak-export"
 
 
 def export_scene(scene, out: str | os.PathLike, format: str = "diffusers", force: bool = False,
                  base_model: str | None = None) -> list[Path]:
-    """Write the scene in `format` under `out`; returns the paths written."""
+    """Write the scene in `format` as the folder `out` (replacing an earlier export
+    there with `force`); returns the paths written."""
     if format not in FORMATS:
         raise InvalidInput(f"unknown export format {format!r}: use {' or '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not force:
-        raise InvalidInput(f"{out} already exists and is not empty: pass --force to replace what is there")
+    check_export_target(out, force)
     scene = load_scene(scene, weights=format == "diffusers")
+    marker = json.dumps({"format": format, "scene": scene.name, "scenebreak": __version__})
+
+    def write(tmp: Path) -> None:
+        if format == "embeddings":
+            _write_embeddings(scene, tmp)
+        else:
+            _write_diffusers(scene, tmp, base_model)
+        (tmp / MARKER).write_text(marker + "\n")
+
+    write_atomically(out, write)
     if format == "embeddings":
-        return _export_embeddings(scene, out)
-    return [_export_diffusers(scene, out, base_model)]
+        return [out / f"{handle.name}.safetensors" for handle in scene.handles]
+    return [out]
 
 
-def _export_embeddings(scene, out: Path) -> list[Path]:
+def check_export_target(out: Path, force: bool) -> None:
+    """An export goes to a new or empty folder, or replaces an earlier export (`force`).
+    Never the current folder or one above it, the home folder, or scenebreak's cache."""
+    resolved = out.expanduser().resolve()
+    cwd, cache = Path.cwd().resolve(), home().expanduser().resolve()
+    protected = {cwd, *cwd.parents, Path.home().resolve(), cache, *cache.parents}
+    if resolved in protected or cache in resolved.parents:
+        raise InvalidInput(f"{out} is the current folder, one above it, the home folder or scenebreak's cache: "
+                           "export into a new folder, e.g. -o exported/")
+    if not resolved.exists():
+        return
+    if not resolved.is_dir():
+        raise InvalidInput(f"{out} is a file: export writes a folder; choose another -o")
+    if not any(resolved.iterdir()):
+        return
+    if not force:
+        raise InvalidInput(f"{out} already exists and is not empty: pass --force to replace an earlier export there")
+    if not (resolved / MARKER).is_file():
+        raise InvalidInput(f"{out} is not an earlier scenebreak export (it has no {MARKER}): --force replaces only "
+                           "those; choose a new folder")
+
+
+def _write_embeddings(scene, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    folder.mkdir(parents=True, exist_ok=True)
     for handle, embedding in zip(scene.handles, scene.embeddings):
         tensors = {handle.token: embedding.detach().float().contiguous().clone()}
         meta = {"scenebreak_scene": scene.name, "base_model": scene.meta["base_model"]["id"]}
-        path = out / f"{handle.name}.safetensors"
-        write_atomically(path, lambda tmp, tensors=tensors, meta=meta: save_file(tensors, str(tmp), metadata=meta))
-        written.append(path)
-    return written
+        save_file(tensors, str(folder / f"{handle.name}.safetensors"), metadata=meta)
 
 
-def _export_diffusers(scene, out: Path, base_model: str | None) -> Path:
+def _write_diffusers(scene, folder: Path, base_model: str | None) -> None:
     import torch
 
     from .device import choose_device
@@ -59,5 +95,4 @@ def _export_diffusers(scene, out: Path, base_model: str | None) -> Path:
 
     dtype = torch.float16 if scene.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
     pipe = open_pipeline(scene, choose_device("cpu"), base_model, dtype=dtype)
-    write_atomically(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
-    return out
+    pipe.save_pretrained(folder, safe_serialization=True)

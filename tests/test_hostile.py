@@ -1,0 +1,219 @@
+"""Bad inputs and hostile files, as a careless or hostile user would try them: each is
+refused with its exit code and one line without a traceback, and nothing outside
+what the command owns is written, replaced or deleted."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from scenebreak.cli import cli
+
+
+def craft(source: Path, target: Path, meta=None, drop=(), add=None, tensors=None):
+    """A copy of scene `source` with its metadata changed by `meta(dict)` (or replaced by
+    what it returns), tensors dropped, added or replaced."""
+    with safe_open(str(source), framework="pt") as f:
+        header = f.metadata()
+        data = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    data.update(add or {})
+    data.update(tensors or {})
+    info = json.loads(header["scenebreak"])
+    if meta:
+        info = meta(info) or info
+    save_file(data, str(target), metadata={"format": header["format"], "scenebreak": json.dumps(info)})
+    return target
+
+
+def _set(path: str, value):
+    """A metadata edit: set the dotted `path` (list indices allowed) to `value`."""
+    def edit(meta):
+        node, keys = meta, path.split(".")
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
+    return edit
+
+
+@pytest.fixture
+def world(tmp_path, learned, tiny_model, scene_files):
+    """A workspace: the synthetic photo and masks, a copy of a learned scene, and
+    crafted scenes; the CLI runs from inside it."""
+    w = {"tmp": tmp_path, "model": tiny_model, "image": scene_files["image"], "masks": scene_files["masks"]}
+    scene = tmp_path / "good.scene"
+    scene.write_bytes(Path(learned.path).read_bytes())
+    w["scene"] = scene
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    w["notes"] = notes
+    small = tmp_path / "small.png"
+    Image.new("L", (10, 10), 255).save(small)
+    w["small"] = small
+    empty = tmp_path / "empty.png"
+    Image.new("L", (96, 80), 0).save(empty)
+    w["empty"] = empty
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("keep")
+    w["folder"] = folder
+    home = Path(os.environ["SCENEBREAK_HOME"])
+    (home / "scenes").mkdir(parents=True)
+    (home / "scenes" / "cached.scene").write_bytes(scene.read_bytes())
+    w["home"] = home
+    return w
+
+
+def _crafted(w, name, **changes):
+    return str(craft(w["scene"], w["tmp"] / f"{name}.scene", **changes))
+
+
+LEARN = lambda w, *extra: ["learn", w["image"], "--masks", *w["masks"], "--base-model", w["model"], *extra]  # noqa: E731
+
+# (id, arguments from the workspace, exit code, a phrase of the one-line message)
+CASES = [
+    # learn: files
+    ("learn-missing-image", lambda w: ["learn", w["tmp"] / "nope.jpg", "--masks", *w["masks"]], 2, "not found"),
+    ("learn-image-is-folder", lambda w: ["learn", w["tmp"], "--masks", *w["masks"]], 2, "is a directory"),
+    ("learn-image-unreadable", lambda w: ["learn", w["notes"], "--masks", *w["masks"]], 2, "cannot read"),
+    ("learn-mask-size", lambda w: ["learn", w["image"], "--masks", w["small"]], 2, "must match the image size"),
+    ("learn-mask-empty", lambda w: ["learn", w["image"], "--masks", w["empty"]], 2, "is empty"),
+    ("learn-mask-missing", lambda w: ["learn", w["image"], "--masks", w["tmp"] / "m.png"], 2, "not found"),
+    # learn: names
+    ("learn-names-count", lambda w: LEARN(w, "--names", "a"), 2, "gives 1 value"),
+    ("learn-names-escape", lambda w: LEARN(w, "--names", "../x", "y"), 2, "invalid handle name"),
+    ("learn-names-slash", lambda w: LEARN(w, "--names", "a/b", "y"), 2, "invalid handle name"),
+    ("learn-names-empty", lambda w: LEARN(w, "--names", "<>", "y"), 2, "empty"),
+    ("learn-names-duplicate", lambda w: LEARN(w, "--names", "a", "a"), 2, "duplicate handle"),
+    ("learn-name-escape", lambda w: LEARN(w, "--name", "../evil"), 2, "invalid scene name"),
+    ("learn-name-too-long", lambda w: LEARN(w, "--name", "a" * 240), 2, "at most 200"),
+    # learn: numbers
+    ("learn-lr1-nan", lambda w: LEARN(w, "--lr1", "nan"), 2, "finite"),
+    ("learn-lr2-inf", lambda w: LEARN(w, "--lr2", "inf"), 2, "finite"),
+    ("learn-lambda-nan", lambda w: LEARN(w, "--lambda-attn", "nan"), 2, "finite"),
+    ("learn-lr-negative", lambda w: LEARN(w, "--lr1", "-1"), 2, "> 0"),
+    ("learn-no-steps", lambda w: LEARN(w, "--steps1", "0", "--steps2", "0"), 2, "not both 0"),
+    ("learn-steps-huge", lambda w: LEARN(w, "--steps1", "10000000"), 2, "at most"),
+    ("learn-resolution-zero", lambda w: LEARN(w, "--resolution", "0"), 2, "--resolution"),
+    ("learn-seed-huge", lambda w: LEARN(w, "--seed", str(2**64)), 2, "--seed"),
+    ("learn-seed-negative", lambda w: LEARN(w, "--seed", "-1"), 2, "--seed"),
+    ("learn-class-images-zero", lambda w: LEARN(w, "--num-class-images", "0"), 2, "--num-class-images"),
+    ("learn-checkpoint-negative", lambda w: LEARN(w, "--checkpoint-every", "-1"), 2, "--checkpoint-every"),
+    ("learn-standalone-full", lambda w: LEARN(w, "--standalone"), 2, "--standalone"),
+    ("learn-fp16-on-cpu", lambda w: LEARN(w, "--mixed-precision", "fp16"), 2, "CUDA"),
+    ("learn-bad-device", lambda w: LEARN(w, "--device", "tpu"), 2, "device"),
+    # learn: where it writes
+    ("learn-output-under-file", lambda w: LEARN(w, "-o", w["notes"] / "x.scene"), 2, "cannot write"),
+    ("learn-output-is-folder", lambda w: LEARN(w, "-o", w["folder"]), 2, "is a directory"),
+    ("learn-force-over-non-scene", lambda w: LEARN(w, "-o", w["notes"], "--force"), 2, "is not a scene"),
+    ("learn-output-exists", lambda w: LEARN(w, "-o", w["scene"]), 2, "already exists"),
+    ("learn-resume-nothing", lambda w: LEARN(w, "--resume"), 2, "nothing to resume"),
+    ("learn-base-missing-folder", lambda w: ["learn", w["image"], "--masks", *w["masks"], "--base-model", w["tmp"] / "nope"], 2,
+     "not found"),
+    ("learn-base-offline", lambda w: ["learn", w["image"], "--masks", *w["masks"], "--base-model", "nobody/nothing"], 1,
+     "not available"),
+    # generate
+    ("generate-unknown-scene", lambda w: ["generate", "no-such-scene", "<asset1>"], 2, "scene not found"),
+    ("generate-unknown-handle", lambda w: ["generate", w["scene"], "<asset9> on the moon"], 2, "unknown handle"),
+    ("generate-no-images", lambda w: ["generate", w["scene"], "<asset1>", "-n", "0"], 2, "-n"),
+    ("generate-no-steps", lambda w: ["generate", w["scene"], "<asset1>", "--steps", "0"], 2, "--steps"),
+    ("generate-guidance-nan", lambda w: ["generate", w["scene"], "<asset1>", "--guidance", "nan"], 2, "finite"),
+    ("generate-seed-negative", lambda w: ["generate", w["scene"], "<asset1>", "--seed", "-5"], 2, "--seed"),
+    ("generate-truncated", lambda w: ["generate", _truncated(w), "<asset1>"], 2, "truncated or corrupt"),
+    ("generate-foreign", lambda w: ["generate", _foreign(w), "<asset1>"], 2, "not a scenebreak scene"),
+    # hostile scenes
+    ("scene-entry-escapes", lambda w: ["generate", _crafted(w, "e1", add={"file.tokenizer/../../evil.txt": torch.zeros(3, dtype=torch.uint8)}),
+                                       "<asset1>"], 2, "not a valid scene"),
+    ("scene-entry-absolute", lambda w: ["generate", _crafted(w, "e2", add={f"file.{w['tmp']}/evil.txt": torch.zeros(3, dtype=torch.uint8)}),
+                                        "<asset1>"], 2, "not a valid scene"),
+    ("scene-entry-unknown", lambda w: ["generate", _crafted(w, "e3", add={"file.tokenizer/run.sh": torch.zeros(3, dtype=torch.uint8)}),
+                                       "<asset1>"], 2, "not a valid scene"),
+    ("scene-handle-escapes", lambda w: ["export", _crafted(w, "h1", meta=_set("handles.0.token", "<../../x>")), "-f", "embeddings",
+                                        "-o", w["tmp"] / "out"], 2, "not a valid scene"),
+    ("scene-name-escapes", lambda w: ["generate", _crafted(w, "n1", meta=_set("name", "../../x")), "<asset1>"], 2, "not a valid scene"),
+    ("scene-resolution-huge", lambda w: ["generate", _crafted(w, "r1", meta=_set("resolution", 10**6)), "<asset1>"], 2,
+     "not a valid scene"),
+    ("scene-resolution-odd", lambda w: ["generate", _crafted(w, "r2", meta=_set("resolution", 65)), "<asset1>"], 2, "not a valid scene"),
+    ("scene-long-string", lambda w: ["show", _crafted(w, "s1", meta=_set("created", "x" * 100_000))], 2, "not a valid scene"),
+    ("scene-many-handles", lambda w: ["show", _crafted(w, "m1", meta=lambda m: m.update(
+        handles=[{"token": f"<a{i}>", "mask_index": i} for i in range(1000)]))], 2, "not a valid scene"),
+    ("scene-meta-list", lambda w: ["show", _crafted(w, "l1", meta=lambda m: [1, 2])], 2, "damaged"),
+    ("scene-image-shape", lambda w: ["generate", _crafted(w, "i1", tensors={"source.image": torch.zeros(8, 8, 3, dtype=torch.uint8)}),
+                                     "<asset1>"], 2, "not a valid scene"),
+    ("scene-lora-rank", lambda w: ["show", _crafted(w, "k1", meta=lambda m: m.update(
+        lora={"rank": 10**7, "alpha": 1, "unet_targets": ["to_q"], "text_encoder_targets": ["q_proj"]}))], 2, "not a valid scene"),
+    ("scene-mask-index", lambda w: ["show", _crafted(w, "x1", meta=_set("handles.0.mask_index", 99))], 2, "not a valid scene"),
+    ("scene-newer", lambda w: ["show", _crafted(w, "v1", meta=_set("format_version", 99))], 2, "newer scenebreak"),
+    # edit / extract-bg
+    ("edit-mask-size", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["small"], "<asset1>"], 2, "must match"),
+    ("edit-output-not-png", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["tmp"] / "o.jpg",
+                                       "<asset1>"], 2, ".png"),
+    ("edit-output-exists", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["small"],
+                                      "<asset1>"], 2, "already exists"),
+    ("edit-blend-start", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "--blend-start", "1",
+                                    "<asset1>"], 2, "--blend-start"),
+    ("extract-bg-without-background", lambda w: ["extract-bg", w["scene"]], 2, "--background"),
+    # export: never deletes what it did not make
+    ("export-current-folder", lambda w: ["export", w["scene"], "-o", ".", "--force"], 2, "current folder"),
+    ("export-parent-folder", lambda w: ["export", w["scene"], "-o", "..", "--force"], 2, "current folder"),
+    ("export-into-cache", lambda w: ["export", w["scene"], "-o", w["home"] / "scenes", "--force"], 2, "cache"),
+    ("export-home-folder", lambda w: ["export", w["scene"], "-o", Path.home(), "--force"], 2, "home folder"),
+    ("export-foreign-folder", lambda w: ["export", w["scene"], "-o", w["folder"], "--force"], 2, "not an earlier scenebreak export"),
+    ("export-onto-file", lambda w: ["export", w["scene"], "-o", w["notes"], "--force"], 2, "is a file"),
+    # housekeeping and masks
+    ("rm-non-scene", lambda w: ["rm", w["notes"]], 2, "not a"),
+    ("show-missing", lambda w: ["show", "ghost"], 2, "scene not found"),
+    ("mask-max-masks", lambda w: ["mask", w["image"], "--auto", "--max-masks", "0"], 2, "--max-masks"),
+    ("mask-threshold-nan", lambda w: ["mask", w["image"], "-p", "cat", "--threshold", "nan"], 2, "--threshold"),
+    ("mask-point-outside", lambda w: ["mask", w["image"], "--point", "5000,5"], 2, "outside the image"),
+]
+
+
+def _truncated(w):
+    path = w["tmp"] / "truncated.scene"
+    path.write_bytes(w["scene"].read_bytes()[:5000])
+    return path
+
+
+def _foreign(w):
+    path = w["tmp"] / "foreign.scene"
+    save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    return path
+
+
+def _snapshot(*roots: Path) -> dict:
+    """Every file under the roots with its size and modification time (lock files, which
+    a command owns, left out)."""
+    files = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and "locks" not in path.parts:
+                stat = path.stat()
+                files[str(path)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def test_there_are_at_least_forty_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(case, world, monkeypatch):
+    _, make_args, code, phrase = case
+    monkeypatch.chdir(world["tmp"])
+    args = [str(a) for a in make_args(world)]  # crafted files are made here, before the snapshot
+    before = _snapshot(world["tmp"], world["home"])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, (result.exit_code, result.output)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and phrase in errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert _snapshot(world["tmp"], world["home"]) == before
+    assert not (world["tmp"].parent / "evil.txt").exists() and not (world["tmp"] / "evil.txt").exists()
