@@ -131,8 +131,9 @@ def make_config(config_class, values: dict):
     return config_class(**kwargs)
 
 
-device_option = click.option("--device", type=click.Choice(DEVICES, case_sensitive=False), default=None,
-                             help="auto (default: CUDA, then MPS, then CPU), cuda, mps or cpu. Env: SCENEBREAK_DEVICE.")
+device_option = click.option("--device", metavar="|".join((*DEVICES[:2], "cuda:N", *DEVICES[2:])), default=None,
+                             help="auto (default: CUDA, then MPS, then CPU), cuda, cuda:N (the N-th GPU), mps or cpu. "
+                                  "Env: SCENEBREAK_DEVICE.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes (warnings and errors still show).")
 json_option = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of paths.")
 scene_base_option = click.option("--base-model",

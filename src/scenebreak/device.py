@@ -33,7 +33,9 @@ class Device:
         if self.type == "cuda":
             if mixed_precision == "fp16":
                 return torch.float16
-            if mixed_precision == "bf16" or torch.cuda.is_bf16_supported():
+            # bf16 where this card runs it natively (Ampere and newer); older cards
+            # (T4, V100) emulate it slowly, so they get fp16 with loss scaling.
+            if mixed_precision == "bf16" or torch.cuda.get_device_capability(self.torch) >= (8, 0):
                 return torch.bfloat16
             return torch.float16
         if self.type == "cpu" and mixed_precision == "bf16":
@@ -75,7 +77,7 @@ class Device:
         import torch
 
         if self.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.torch)
         elif self.type == "mps":
             torch.mps.synchronize()
 
@@ -102,7 +104,7 @@ def choose_device(requested: str | None = None) -> Device:
     choice = (requested or os.environ.get("SCENEBREAK_DEVICE") or "auto").lower()
     kind = choice.split(":")[0]
     if kind not in DEVICES:
-        raise DeviceNotAvailable(f"unknown device {choice!r}: use one of {', '.join(DEVICES)}")
+        raise DeviceNotAvailable(f"unknown device {choice!r}: use one of {', '.join(DEVICES)} (or cuda:N)")
     cuda_ok = torch.cuda.is_available()
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if kind == "auto":
