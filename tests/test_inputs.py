@@ -149,3 +149,132 @@ def test_learn_non_ascii_photo_gets_a_valid_scene_name(scene_files, tiny_model, 
     import json
 
     assert json.loads(result.stdout)["name"] == default_name(photo)
+
+
+# -- shell etiquette -----------------------------------------------------------------------------
+
+def _closed_pipe_run(args, env=None):
+    """Run the command line with a stdout whose reader is already gone."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "scenebreak", *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+    finally:
+        os.close(write)
+
+
+def _assert_quiet(stderr: str):
+    for noise in ("Error", "Traceback", "Exception ignored", "BrokenPipe"):
+        assert noise not in stderr, stderr
+
+
+def test_closed_stdout_stops_quietly(tmp_path):
+    scenes = tmp_path / "home" / "scenes"
+    scenes.mkdir(parents=True)
+    for i in range(3):
+        (scenes / f"s{i}.scene").write_bytes(b"not a scene")
+    listed = _closed_pipe_run(["list"])
+    assert listed.returncode in (0, 141)
+    _assert_quiet(listed.stderr)
+    shown = _closed_pipe_run(["list", "--json"])
+    assert shown.returncode in (0, 141)
+    _assert_quiet(shown.stderr)
+
+
+def test_closed_stdout_in_a_command_is_quiet_even_with_debug(monkeypatch):
+    import scenebreak.catalog
+
+    def rows():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(scenebreak.catalog, "scene_rows", rows)
+    for args in (["list"], ["--debug", "list"]):
+        result = run(*args)
+        assert result.exit_code == 141, result.output
+        assert result.stderr == "", result.stderr
+
+
+def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch):
+    import os
+    import signal
+
+    import scenebreak.catalog
+    import scenebreak.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    describe = scenebreak.cli.describe
+
+    def describe_then_ctrl_c(exc):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C lands while the first is reported
+        return describe(exc)
+
+    monkeypatch.setattr(scenebreak.catalog, "scene_rows", interrupted)
+    monkeypatch.setattr(scenebreak.cli, "describe", describe_then_ctrl_c)
+    result = run("list")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "Error: interrupted"
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again in this process
+
+
+def test_ctrl_c_in_the_reporters_close_is_130(monkeypatch):
+    import scenebreak.generation
+    from scenebreak.ui import ConsoleReporter
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scenebreak.generation, "generate", interrupted)
+    monkeypatch.setattr(ConsoleReporter, "close", interrupted)
+    result = run("generate", "nowhere", "a prompt")
+    assert result.exit_code == 130 and result.stderr.strip() == "Error: interrupted", result.output
+
+
+def test_two_quick_ctrl_c_to_the_console_script_never_print_a_traceback(scene_files, tiny_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "stderr.txt"
+    args = [sys.executable, "-m", "scenebreak", "learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+            "--base-model", str(tiny_model), "--no-prior", "--steps1", "400", "--steps2", "0"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 60
+        while "phase 1: " not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    stderr = log.read_text()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.count("Error:") == 1 and "interrupted" in stderr.splitlines()[-1]
+
+
+def test_learn_hint_quotes_a_path_with_spaces(scene_files, tiny_model, tmp_path):
+    import shlex
+
+    out = tmp_path / "my scenes" / "the photo.scene"
+    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model,
+                 "-o", out, "--steps1", "1", "--steps2", "0", "--no-prior")
+    assert result.exit_code == 0, result.output
+    hint = next(line for line in result.stderr.splitlines() if "scenebreak generate" in line)
+    assert shlex.split(hint)[:3] == ["scenebreak", "generate", str(out)]
+
+
+def test_hub_download_hints_quote_what_the_user_typed():
+    from scenebreak.models import _missing_message  # noqa: PLC2701 - the message itself is what is tested
+
+    message = _missing_message("my model", "a branch", offline=True)
+    assert "hf download 'my model' --revision 'a branch'" in message
