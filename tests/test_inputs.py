@@ -278,3 +278,48 @@ def test_hub_download_hints_quote_what_the_user_typed():
 
     message = _missing_message("my model", "a branch", offline=True)
     assert "hf download 'my model' --revision 'a branch'" in message
+
+
+# -- method details ------------------------------------------------------------------------------
+
+def test_latent_mask_samples_each_cell_at_its_centre():
+    import torch
+    import torch.nn.functional as F
+
+    from scenebreak.blending import latent_mask
+
+    # 5/8 of latent cell 1 and 3/8 of cell 2 (cells are 8 pixels): the cell mostly covered wins.
+    mask = np.zeros((64, 64), bool)
+    mask[11:19, 11:19] = True
+    cells = latent_mask(mask, (8, 8))
+    assert cells.shape == (1, 1, 8, 8) and cells.dtype == torch.float32
+    assert torch.nonzero(cells[0, 0]).tolist() == [[1, 1]]
+    top_left = (F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(8, 8), mode="nearest") > 0.5)
+    assert torch.nonzero(top_left[0, 0]).tolist() == [[2, 2]]  # what torch's "nearest" picks: half a cell off
+
+    # A disc keeps its centre on the latent grid (top-left sampling moves it by 3.5 pixels).
+    ys, xs = np.mgrid[:96, :128]
+    disc = (ys - 41.0) ** 2 + (xs - 57.0) ** 2 < 30**2
+    grid = latent_mask(disc, (12, 16))[0, 0].numpy()
+    gy, gx = np.nonzero(grid)
+    assert abs((gy.mean() * 8 + 3.5) - 41.0) < 1 and abs((gx.mean() * 8 + 3.5) - 57.0) < 1
+
+
+def test_photo_is_encoded_in_fp32_even_when_training_in_bf16(scene_files, tiny_model, monkeypatch):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from scenebreak import learn
+    from scenebreak.config import LearnConfig
+
+    seen = []
+    encode = AutoencoderKL.encode
+
+    def recording_encode(self, x, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), x.dtype))
+        return encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", recording_encode)
+    config = LearnConfig(steps1=1, steps2=0, prior=False, mixed_precision="bf16")
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), device="cpu")
+    assert seen and all(not autocast and dtype == torch.float32 for autocast, dtype in seen), seen
