@@ -50,12 +50,13 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def latent_mask(mask: np.ndarray, latent_hw: tuple[int, int]):
-    """The pixel mask on the latent grid (nearest, threshold 0.5) as a (1, 1, h, w) float tensor."""
+    """The pixel mask on the latent grid as a (1, 1, h, w) float tensor of 0 and 1: each
+    latent cell takes the pixel at its centre, as Pillow's nearest does (torch's
+    "nearest" takes the cell's top-left pixel, which shifts the mask by half a cell)."""
     import torch
-    import torch.nn.functional as F
 
-    m = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (F.interpolate(m, size=latent_hw, mode="nearest") > 0.5).float()
+    height, width = latent_hw
+    return torch.from_numpy(resize_mask(mask, (width, height)).astype(np.float32))[None, None]
 
 
 def encode(vae, images: list[np.ndarray]):

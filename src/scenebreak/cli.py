@@ -3,10 +3,14 @@ and prints the result; torch is imported only inside command bodies."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
 import json
+import os
+import shlex
+import signal
 import sys
 
 import click
@@ -64,13 +68,60 @@ def handle_errors(fn):
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except (Exception, KeyboardInterrupt) as exc:
-            if click.get_current_context().find_root().params.get("debug", False):
+            try:
+                debug = click.get_current_context().find_root().params.get("debug", False)
+            except KeyboardInterrupt as again:  # a second Ctrl-C right away
+                exc, debug = again, False
+            if debug and not _is_broken_pipe(exc):
                 raise
-            message, code = describe(exc)
-            click.echo(f"Error: {message}", err=True)
-            sys.exit(code)
+            leave(exc)
 
     return wrapper
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    return isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE)
+
+
+def leave(exc: BaseException):
+    """Exit for a failure: one line on stderr and its exit code. Ctrl-C is ignored from
+    here on (a second one must not turn the line into a traceback); a reader that
+    closed stdout (`| head -1`) is no failure at all: exit quietly, as with SIGPIPE."""
+    if _is_broken_pipe(exc):
+        silence_stdout()
+        sys.exit(128 + 13)  # 141: what a shell reports for a command ended by SIGPIPE
+    with sigint_ignored():
+        message, code = describe(exc)
+        try:
+            click.echo(f"Error: {message}", err=True)
+        except OSError:  # stderr is gone too: the exit code still tells
+            pass
+    sys.exit(code)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit cannot fail again and
+    print "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test runner's stream)
+        pass
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Ignore Ctrl-C inside the block (in the main thread; elsewhere a no-op)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def emit_json(data: dict) -> None:
@@ -156,7 +207,8 @@ def with_reporter(quiet: bool, call):
     try:
         return call(report)
     finally:
-        report.close()
+        with sigint_ignored():  # a Ctrl-C now would leave the terminal's cursor hidden
+            report.close()
 
 
 def print_images(result, json_: bool) -> None:
@@ -186,7 +238,7 @@ def cli(debug):
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--masks", "masks", multiple=True, required=True, metavar="M1 [M2 ...]",
               help="One mask per object, same size as IMAGE; non-zero pixels are the object. The first mask gives <asset1>.")
-@click.option("--name", help="Scene name in the cache (default: the image's file name without extension).")
+@click.option("--name", help="Scene name in the cache (default: the image's file name without extension, spelled in ASCII).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the .scene file here instead of the cache.")
 @click.option("--force", is_flag=True, help="Replace an existing scene of the same name.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command and inputs) from its checkpoint.")
@@ -220,7 +272,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
     if not quiet:
         from .paths import scene_path
 
-        ref = result.name if result.path == scene_path(result.name) else str(result.path)
+        ref = result.name if result.path == scene_path(result.name) else shlex.quote(str(result.path))
         click.echo(f"learned {' '.join(result.handles)} in {result.seconds / 60:.1f} min; try:\n"
                    f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"", err=True)
 
@@ -471,7 +523,33 @@ def export_command(scene, format, out, force, base_model):
 
 
 def main() -> None:
-    cli(prog_name="scenebreak")
+    """The console script. What escapes the commands' own handling (a Ctrl-C while
+    Click parses, or during the exit of a command) still ends in one line, never a
+    traceback, and Ctrl-C means exit code 130 wherever it lands; once the process is
+    leaving, Ctrl-C is ignored."""
+    code = 1
+    try:
+        try:
+            code = cli.main(prog_name="scenebreak", standalone_mode=False)
+        except click.Abort as exc:  # Click turns Ctrl-C (and end of input) into Abort
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                raise exc.__cause__ from None
+            click.echo("Aborted!", err=True)
+        except click.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+    except KeyboardInterrupt as exc:
+        leave(exc)
+    except OSError as exc:
+        if not _is_broken_pipe(exc):
+            raise
+        leave(exc)
+    finally:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

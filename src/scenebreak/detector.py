@@ -3,6 +3,8 @@ DINO, OWL-ViT or OWLv2."""
 
 from __future__ import annotations
 
+import shlex
+
 import numpy as np
 
 from .errors import InvalidInput, ModelNotAvailable
@@ -28,7 +30,7 @@ class Detector:
             raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
         except (OSError, ValueError) as exc:
             raise ModelNotAvailable(f"cannot load the detector from {folder}: {exc}. Fix: download it again "
-                                    f"(`hf download {ref}`) or pass --detector /path/to/a/model/folder") from exc
+                                    f"(`hf download {shlex.quote(ref)}`) or pass --detector /path/to/a/model/folder") from exc
         self.device, self.ref = device, ref
 
     def detect(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,8 @@ class PreparedImage:
 
 
 def _open(path: Path, what: str):
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -31,22 +33,85 @@ def _open(path: Path, what: str):
     if path.is_dir():
         raise InvalidInput(f"{what} is a folder, not an image: {path}")
     try:
-        image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings():
+            # Pillow warns from half its bomb limit on; such photos are merely big.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
         # Phone photos are often stored sideways with an EXIF rotation: use them the
         # way every viewer (and mask editor) shows them.
         image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError:
+        raise InvalidInput(_too_big(path, what)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read {what} {path}: {exc}") from None
     return image
 
 
+def _too_big(path: Path, what: str) -> str:
+    """The message for an image past Pillow's decompression-bomb limit, with its size."""
+    from PIL import Image
+
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # Pillow refuses above twice MAX_IMAGE_PIXELS
+    saved = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # read the header only, to name the size
+        with Image.open(path) as image:
+            width, height = image.size
+        size = f"{width}x{height} ({width * height / 1e6:.0f} megapixels)"
+    except Exception:  # noqa: BLE001 - the size is a courtesy
+        size = "too large"
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    return (f"{what} {path} is {size}, over Pillow's safety limit of {limit / 1e6:.0f} megapixels against "
+            f"decompression bombs: downscale it (4096 pixels on the long side is plenty; the model works at "
+            f"about 512) and pass the smaller file")
+
+
+# Single-channel modes of more than 8 bits (16-bit PNGs and TIFFs), and their full scale.
+_WIDE_GREY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": None}
+
+
+def _grey_to_8bit(image):
+    """A 16-bit (or 32-bit integer, or float) grey image as 8-bit "L", scaled rather
+    than clipped: Pillow's own conversion clips, which turns most 16-bit photos white."""
+    from PIL import Image
+
+    array = np.asarray(image).astype(np.float64)
+    full = _WIDE_GREY[image.mode]
+    if full is None:  # float: 0..1 when it looks like it, else 0..255
+        full = 1.0 if array.size and array.max() <= 1.0 else 255.0
+    return Image.fromarray(np.clip(np.rint(array * (255.0 / full)), 0, 255).astype(np.uint8), "L")
+
+
+def _cmyk_to_rgb(image):
+    """CMYK through its embedded ICC profile when it has one (print files look far too
+    saturated through the naive formula), else Pillow's conversion."""
+    profile = image.info.get("icc_profile")
+    if profile:
+        try:
+            import io
+
+            from PIL import ImageCms
+
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # noqa: BLE001 - a broken profile: fall back to the formula
+            pass
+    return image.convert("RGB")
+
+
 def load_image(path: Path):
-    """An RGB image; transparency is flattened onto white."""
+    """An RGB image: 16-bit grey scaled to 8 bits, CMYK through its colour profile,
+    palettes expanded; transparency is flattened onto white."""
     from PIL import Image
 
     image = _open(path, "image")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in _WIDE_GREY:
+        image = _grey_to_8bit(image)
+    elif image.mode == "CMYK":
+        image = _cmyk_to_rgb(image)
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
@@ -54,13 +119,19 @@ def load_image(path: Path):
 
 
 def mask_array(image) -> np.ndarray:
-    """Any non-zero pixel is inside; a transparent pixel never is."""
-    if image.mode in ("RGBA", "LA", "PA") or image.mode == "P":
+    """Any non-zero pixel is inside; a transparent pixel never is. A mask drawn as an
+    alpha channel over black (its colour is zero wherever it is visible) is its alpha."""
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or image.mode == "P":
         rgba = np.asarray(image.convert("RGBA"))
-        return ((rgba[..., :3].max(axis=-1) > 0) & (rgba[..., 3] > 0)).astype(np.uint8)
-    array = np.asarray(image.convert("RGB") if image.mode not in ("L", "1", "I", "I;16", "F") else image)
-    if array.ndim == 3:
-        array = array.max(axis=-1)
+        visible = rgba[..., 3] > 0
+        inside = (rgba[..., :3].max(axis=-1) > 0) & visible
+        if not inside.any() and visible.any() and not visible.all():
+            return visible.astype(np.uint8)
+        return inside.astype(np.uint8)
+    if image.mode in _WIDE_GREY or image.mode in ("L", "1"):
+        array = np.asarray(image)
+    else:
+        array = np.asarray(image.convert("RGB")).max(axis=-1)
     return (array > 0).astype(np.uint8)
 
 

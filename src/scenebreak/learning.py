@@ -49,8 +49,40 @@ def check_resolution(components, resolution: int) -> None:
 
 
 def default_name(image: Path) -> str:
-    stem = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in Path(image).stem).strip("-._")
-    return stem or "scene"
+    """The scene name of a photo learned without --name: its file name without the
+    extension, spelled with what scene names allow (ASCII letters, digits, '.', '_',
+    '-'; anything else becomes '-').
+
+    Accented letters lose their accents (café.jpg: "cafe"). Letters that have no ASCII
+    spelling (фото.jpg, 写真.jpg) cannot be kept, and simply dropping them would give
+    different photos the same name, so that `for f in *.jpg; do scenebreak learn "$f"
+    ... --force; done` would overwrite one scene with the next. Such names therefore
+    end in the first 8 hex digits of the sha256 of the file name: "scene-1a2b3c4d"
+    when nothing ASCII is left, "1-1a2b3c4d" for фото-1.jpg."""
+    import hashlib
+    import os
+    import unicodedata
+
+    path = Path(image)
+    stem = path.stem
+    while stem.lower().endswith(".scene"):  # "x.scene.jpg": a name may not end in .scene
+        stem = stem[: -len(".scene")]
+    chars, lost = [], False
+    for ch in unicodedata.normalize("NFKD", stem):
+        if ch.isascii():
+            chars.append(ch if ch.isalnum() or ch in "._-" else "-")
+        elif unicodedata.combining(ch):
+            continue  # the accent of a letter kept just before
+        else:
+            # Punctuation and spaces only separate words; a letter, digit or symbol is lost.
+            lost = lost or unicodedata.category(ch)[0] not in "PZ"
+            if not chars or chars[-1] != "-":
+                chars.append("-")
+    name = "".join(chars)[:200].strip("-._")
+    if lost:
+        digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]
+        name = f"{name}-{digest}" if name else f"scene-{digest}"
+    return name or "scene"
 
 
 def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: LearnConfig = LearnConfig(), *,

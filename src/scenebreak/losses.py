@@ -38,5 +38,8 @@ def attention_loss(token_maps: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
 
 
 def downsample_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, H, W) binary masks -> (N, size, size), nearest neighbour."""
+    """(N, H, W) binary masks -> (N, size, size), torch's nearest neighbour: each cell
+    takes the top-left pixel of its block, half a cell off the centre. The paper's code
+    downsamples its loss and attention masks exactly so, and training follows it
+    (`blending.latent_mask`, for editing, samples the cell centres instead)."""
     return F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +111,13 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
 
 def _missing_message(base_model: str, revision: str | None, offline: bool = False, reason: Exception | None = None,
                      what: str = "base model", option: str = "--base-model", folder: str = "a/diffusers/folder") -> str:
-    rev = f" --revision {revision}" if revision else ""
+    rev = f" --revision {shlex.quote(revision)}" if revision else ""
     why = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else (
         f"it is not in the Hugging Face cache and could not be downloaded ({type(reason).__name__})"
     )
     return (
         f"{what} {base_model!r} is not available: {why}. Fix: on a connected machine run "
-        f"`hf download {base_model}{rev}` (or unset HF_HUB_OFFLINE), or pass {option} /path/to/{folder}"
+        f"`hf download {shlex.quote(base_model)}{rev}` (or unset HF_HUB_OFFLINE), or pass {option} /path/to/{folder}"
     )
 
 
@@ -142,7 +143,7 @@ def check_models_available(models: list[tuple[str, str, str]]) -> None:
         except ModelNotAvailable as exc:
             missing.append((ref, what, exc))
     if len(missing) > 1:
-        also = "; ".join(f"the {what} {ref!r} is missing too (`hf download {ref}`)" for ref, what, _ in missing[1:])
+        also = "; ".join(f"the {what} {ref!r} is missing too (`hf download {shlex.quote(ref)}`)" for ref, what, _ in missing[1:])
         raise ModelNotAvailable(f"{missing[0][2]}; {also}")
     if missing:
         raise missing[0][2]
@@ -198,7 +199,7 @@ def load_components(base_model: str, revision: str | None = None) -> Components:
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelNotAvailable(
             f"cannot load the base model from {folder}: {exc}. Fix: download it again "
-            f"(`hf download {base_model}`) or pass --base-model /path/to/a/diffusers/folder"
+            f"(`hf download {shlex.quote(base_model)}`) or pass --base-model /path/to/a/diffusers/folder"
         ) from exc
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)

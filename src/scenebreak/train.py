@@ -142,9 +142,11 @@ class Trainer:
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaled posterior mean and std of an image, encoded in fp32 (never under
+        autocast; callers run it before a step's autocast begins): done once per image,
+        it costs next to nothing, and bf16 would blur the latents every step learns from."""
         vae = self.c.vae
-        with self.device.autocast(self.amp_dtype):
-            dist = vae.encode(pixels.to(self.device.torch)).latent_dist
+        dist = vae.encode(pixels.to(self.device.torch, torch.float32)).latent_dist
         scale = vae.config.scaling_factor
         return dist.mean.float() * scale, dist.std.float() * scale
 

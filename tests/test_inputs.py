@@ -1,0 +1,325 @@
+"""Inputs as people have them (16-bit, CMYK, palette and alpha images, bombs, non-ASCII
+names), shell etiquette (closed pipes, Ctrl-C, quoted hints) and method details."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from scenebreak.cli import cli
+from scenebreak.errors import InvalidInput
+from scenebreak.images import load_image, load_masks, mask_array, prepare
+from scenebreak.learning import default_name
+from scenebreak.paths import check_name
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def write_png16(path, array: np.ndarray) -> None:
+    """A 16-bit PNG (grey for (H, W), RGB for (H, W, 3)), written by hand: Pillow
+    cannot save 16-bit colour."""
+    height, width = array.shape[:2]
+    colour_type = {2: 0, 3: 2}[array.ndim]
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+# -- images as people have them ------------------------------------------------------------------
+
+def test_16_bit_grey_photo_keeps_its_tones(scene_files, tmp_path):
+    grey = np.asarray(Image.open(scene_files["image"]).convert("L")).astype(np.uint16) * 257
+    grey[:4, :4] = 0
+    write_png16(tmp_path / "photo16.png", grey)
+    assert Image.open(tmp_path / "photo16.png").mode.startswith("I")
+    loaded = np.asarray(load_image(tmp_path / "photo16.png"))
+    assert np.abs(loaded[..., 0].astype(int) - grey // 257).max() <= 1  # not clipped to white
+    prepared = prepare(tmp_path / "photo16.png", scene_files["masks"], 64)
+    inside = np.asarray(prepared.image)[prepared.masks[0] == 1].mean()
+    assert 60 < inside < 110  # the red square is mid-grey (Pillow's own conversion gave 255)
+
+
+def test_16_bit_colour_photo_is_right(tmp_path):
+    rgb = np.zeros((6, 6, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1] = 65535, 32896
+    write_png16(tmp_path / "rgb16.png", rgb)
+    assert tuple(np.asarray(load_image(tmp_path / "rgb16.png"))[0, 0]) == (255, 128, 0)
+
+
+def test_cmyk_palette_and_alpha_photos_convert(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    red = np.asarray(load_image(tmp_path / "cmyk.jpg"))[4, 4]
+    assert red[0] > 230 and red[1] < 30 and red[2] < 30
+
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.save(tmp_path / "palette.png")
+    assert tuple(np.asarray(load_image(tmp_path / "palette.png"))[0, 0]) == (0, 0, 255)
+    palette.save(tmp_path / "palette-t.png", transparency=1)
+    assert tuple(np.asarray(load_image(tmp_path / "palette-t.png"))[0, 0]) == (255, 255, 255)
+
+    Image.new("LA", (8, 8), (100, 255)).save(tmp_path / "la.png")
+    assert tuple(np.asarray(load_image(tmp_path / "la.png"))[0, 0]) == (100, 100, 100)
+    Image.new("LA", (8, 8), (100, 0)).save(tmp_path / "la-clear.png")
+    assert tuple(np.asarray(load_image(tmp_path / "la-clear.png"))[0, 0]) == (255, 255, 255)
+
+    pa = Image.new("PA", (8, 8), (1, 128))  # PNG cannot hold PA: straight from Pillow
+    pa.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    assert mask_array(pa).all()
+    assert not mask_array(Image.new("PA", (8, 8), (1, 0))).any()
+
+
+def test_mask_drawn_as_alpha_over_black_uses_its_alpha(tmp_path):
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[2:6, 3:9, 3] = 255  # black, opaque on the object, transparent elsewhere
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    mask = load_masks([tmp_path / "alpha.png"], (12, 10))[0]
+    assert mask.sum() == 24 and mask[2:6, 3:9].all()
+
+    la = np.zeros((10, 12, 2), np.uint8)
+    la[5:, :, 1] = 200
+    assert mask_array(Image.fromarray(la, "LA")).sum() == 60
+
+    # Colour where it is visible still decides, and opaque black stays empty.
+    rgba[2:4, 3:9, 0] = 255
+    assert mask_array(Image.fromarray(rgba, "RGBA")).sum() == 12
+    assert not mask_array(Image.new("RGBA", (4, 4), (0, 0, 0, 255))).any()
+
+
+def test_16_bit_mask_is_read(tmp_path):
+    mask = np.zeros((8, 8), np.uint16)
+    mask[2:4, 2:4] = 1  # 1/65535: barely visible, but non-zero is inside
+    write_png16(tmp_path / "mask16.png", mask)
+    assert load_masks([tmp_path / "mask16.png"], (8, 8))[0].sum() == 4
+
+
+def test_decompression_bomb_is_exit_2_with_size_and_fix(scene_files, tiny_model, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the photo is 96x80 = 7680 pixels
+    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model)
+    assert result.exit_code == 2, result.output
+    assert "96x80" in result.stderr and "downscale" in result.stderr
+    assert "Traceback" not in result.output and "DecompressionBomb" not in result.stderr
+    assert Image.MAX_IMAGE_PIXELS == 1000  # reading the size left the limit as it was
+
+    with pytest.raises(InvalidInput, match="96x80"):
+        load_image(scene_files["image"])
+
+
+def test_big_photo_below_the_limit_loads_without_a_warning(scene_files, monkeypatch, recwarn):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # warning from 5000, error from 10000
+    assert load_image(scene_files["image"]).size == (96, 80)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize("file_name, expected", [
+    ("photo.jpg", "photo"),
+    ("café au lait.jpg", "cafe-au-lait"),
+    ("naïve résumé.png", "naive-resume"),
+    ("x.scene.jpg", "x"),
+])
+def test_default_name_transliterates(file_name, expected):
+    assert default_name(file_name) == expected
+
+
+def test_default_name_of_unspellable_file_names_is_valid_and_distinct():
+    names = [default_name(n) for n in ("фото.jpg", "дом.jpg", "写真.png", "🐱.png", "\udcff.jpg")]
+    for name in names:
+        check_name(name)
+        assert name.startswith("scene-") and len(name) == len("scene-") + 8
+    assert len(set(names)) == len(names)
+    one, two = default_name("фото-1.jpg"), default_name("дом-1.jpg")
+    assert one != two and one.startswith("1-") and check_name(one)
+
+
+def test_learn_non_ascii_photo_gets_a_valid_scene_name(scene_files, tiny_model, tmp_path):
+    photo = tmp_path / "фото.png"
+    photo.write_bytes(scene_files["image"].read_bytes())
+    result = run("learn", photo, "--masks", *scene_files["masks"], "--base-model", tiny_model,
+                 "--steps1", "1", "--steps2", "0", "--no-prior", "--json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    assert json.loads(result.stdout)["name"] == default_name(photo)
+
+
+# -- shell etiquette -----------------------------------------------------------------------------
+
+def _closed_pipe_run(args, env=None):
+    """Run the command line with a stdout whose reader is already gone."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "scenebreak", *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+    finally:
+        os.close(write)
+
+
+def _assert_quiet(stderr: str):
+    for noise in ("Error", "Traceback", "Exception ignored", "BrokenPipe"):
+        assert noise not in stderr, stderr
+
+
+def test_closed_stdout_stops_quietly(tmp_path):
+    scenes = tmp_path / "home" / "scenes"
+    scenes.mkdir(parents=True)
+    for i in range(3):
+        (scenes / f"s{i}.scene").write_bytes(b"not a scene")
+    listed = _closed_pipe_run(["list"])
+    assert listed.returncode in (0, 141)
+    _assert_quiet(listed.stderr)
+    shown = _closed_pipe_run(["list", "--json"])
+    assert shown.returncode in (0, 141)
+    _assert_quiet(shown.stderr)
+
+
+def test_closed_stdout_in_a_command_is_quiet_even_with_debug(monkeypatch):
+    import scenebreak.catalog
+
+    def rows():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(scenebreak.catalog, "scene_rows", rows)
+    for args in (["list"], ["--debug", "list"]):
+        result = run(*args)
+        assert result.exit_code == 141, result.output
+        assert result.stderr == "", result.stderr
+
+
+def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch):
+    import os
+    import signal
+
+    import scenebreak.catalog
+    import scenebreak.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    describe = scenebreak.cli.describe
+
+    def describe_then_ctrl_c(exc):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C lands while the first is reported
+        return describe(exc)
+
+    monkeypatch.setattr(scenebreak.catalog, "scene_rows", interrupted)
+    monkeypatch.setattr(scenebreak.cli, "describe", describe_then_ctrl_c)
+    result = run("list")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "Error: interrupted"
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again in this process
+
+
+def test_ctrl_c_in_the_reporters_close_is_130(monkeypatch):
+    import scenebreak.generation
+    from scenebreak.ui import ConsoleReporter
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scenebreak.generation, "generate", interrupted)
+    monkeypatch.setattr(ConsoleReporter, "close", interrupted)
+    result = run("generate", "nowhere", "a prompt")
+    assert result.exit_code == 130 and result.stderr.strip() == "Error: interrupted", result.output
+
+
+def test_two_quick_ctrl_c_to_the_console_script_never_print_a_traceback(scene_files, tiny_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "stderr.txt"
+    args = [sys.executable, "-m", "scenebreak", "learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+            "--base-model", str(tiny_model), "--no-prior", "--steps1", "400", "--steps2", "0"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 60
+        while "phase 1: " not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    stderr = log.read_text()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.count("Error:") == 1 and "interrupted" in stderr.splitlines()[-1]
+
+
+def test_learn_hint_quotes_a_path_with_spaces(scene_files, tiny_model, tmp_path):
+    import shlex
+
+    out = tmp_path / "my scenes" / "the photo.scene"
+    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model,
+                 "-o", out, "--steps1", "1", "--steps2", "0", "--no-prior")
+    assert result.exit_code == 0, result.output
+    hint = next(line for line in result.stderr.splitlines() if "scenebreak generate" in line)
+    assert shlex.split(hint)[:3] == ["scenebreak", "generate", str(out)]
+
+
+def test_hub_download_hints_quote_what_the_user_typed():
+    from scenebreak.models import _missing_message  # noqa: PLC2701 - the message itself is what is tested
+
+    message = _missing_message("my model", "a branch", offline=True)
+    assert "hf download 'my model' --revision 'a branch'" in message
+
+
+# -- method details ------------------------------------------------------------------------------
+
+def test_latent_mask_samples_each_cell_at_its_centre():
+    import torch
+    import torch.nn.functional as F
+
+    from scenebreak.blending import latent_mask
+
+    # 5/8 of latent cell 1 and 3/8 of cell 2 (cells are 8 pixels): the cell mostly covered wins.
+    mask = np.zeros((64, 64), bool)
+    mask[11:19, 11:19] = True
+    cells = latent_mask(mask, (8, 8))
+    assert cells.shape == (1, 1, 8, 8) and cells.dtype == torch.float32
+    assert torch.nonzero(cells[0, 0]).tolist() == [[1, 1]]
+    top_left = (F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(8, 8), mode="nearest") > 0.5)
+    assert torch.nonzero(top_left[0, 0]).tolist() == [[2, 2]]  # what torch's "nearest" picks: half a cell off
+
+    # A disc keeps its centre on the latent grid (top-left sampling moves it by 3.5 pixels).
+    ys, xs = np.mgrid[:96, :128]
+    disc = (ys - 41.0) ** 2 + (xs - 57.0) ** 2 < 30**2
+    grid = latent_mask(disc, (12, 16))[0, 0].numpy()
+    gy, gx = np.nonzero(grid)
+    assert abs((gy.mean() * 8 + 3.5) - 41.0) < 1 and abs((gx.mean() * 8 + 3.5) - 57.0) < 1
+
+
+def test_photo_is_encoded_in_fp32_even_when_training_in_bf16(scene_files, tiny_model, monkeypatch):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from scenebreak import learn
+    from scenebreak.config import LearnConfig
+
+    seen = []
+    encode = AutoencoderKL.encode
+
+    def recording_encode(self, x, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), x.dtype))
+        return encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", recording_encode)
+    config = LearnConfig(steps1=1, steps2=0, prior=False, mixed_precision="bf16")
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), device="cpu")
+    assert seen and all(not autocast and dtype == torch.float32 for autocast, dtype in seen), seen
