@@ -71,7 +71,9 @@ def test_kill_9_in_phase_2_then_resume(scene_files, tiny_model, tmp_path):
     """A real process, killed with SIGKILL once it has checkpointed inside phase 2."""
     common = ["--masks", *map(str, scene_files["masks"]), "--base-model", str(tiny_model), "--steps1", "2", "--steps2", "30",
               "--no-prior", "--lr2", "1e-3", "--save-dtype", "fp32", "--memory", "fast"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # The same number of threads as this process, which trains the runs to compare with:
+    # a float sum split another way rounds differently.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "-m", "scenebreak", "learn", str(scene_files["image"]), *common, "--name", "k",
                                 "--checkpoint-every", "1", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpt, deadline = checkpoint_path("k"), time.monotonic() + 120

