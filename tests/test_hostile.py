@@ -109,6 +109,7 @@ CASES = [
     ("learn-standalone-full", lambda w: LEARN(w, "--standalone"), 2, "--standalone"),
     ("learn-fp16-on-cpu", lambda w: LEARN(w, "--mixed-precision", "fp16"), 2, "CUDA"),
     ("learn-bad-device", lambda w: LEARN(w, "--device", "tpu"), 2, "device"),
+    ("learn-compile-on-cpu", lambda w: LEARN(w, "--compile"), 2, "CUDA GPUs only"),
     # learn: where it writes
     ("learn-output-under-file", lambda w: LEARN(w, "-o", w["notes"] / "x.scene"), 2, "cannot write"),
     ("learn-output-is-folder", lambda w: LEARN(w, "-o", w["folder"]), 2, "is a directory"),

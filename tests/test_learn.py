@@ -176,11 +176,11 @@ def test_phase1_skipping_the_class_example_changes_nothing(scene_files, tiny_mod
         ids = add_handles(c.tokenizer, c.text_encoder, ["<asset1>", "<asset2>"])
         trainer = cls(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids, class_images),
                       LearnConfig(steps1=4, steps2=0, num_class_images=2), cpu, ["<asset1>", "<asset2>"],
-                      plan=MemoryPlan("fast", False, False, False, False), amp_dtype=cpu.train_dtype("auto"))
+                      plan=MemoryPlan("fast", False, False, False, False), amp_dtype=None)  # fp32: no bf16 rounding of a batch of 2 vs 1
         records = list(trainer.run())
         results.append((trainer.embedding.handles.detach().clone(), [r.value("rec") for r in records], [r.value("prior") for r in records]))
     (fast, fast_rec, fast_prior), (full, full_rec, full_prior) = results
-    assert torch.allclose(fast, full, atol=1e-6)
+    assert torch.allclose(fast, full, atol=1e-6), (fast - full).abs().max()
     assert np.allclose(fast_rec, full_rec, rtol=1e-4)
     assert all(p == 0.0 for p in fast_prior) and all(p > 0 for p in full_prior)
 

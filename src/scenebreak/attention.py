@@ -98,11 +98,15 @@ class RecordingAttnProcessor:
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
-        probs = scores.softmax(dim=-1)
+        # Scores and softmax in fp32, whatever autocast says: q.k can pass fp16's range
+        # before it is scaled (SD 2.x-768 sets upcast_attention for this very reason),
+        # and these few 16x16 layers cost nothing extra in fp32.
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.float() * attn.scale, key.float().transpose(-1, -2))
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+                scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+            probs = scores.softmax(dim=-1)
         self.store.record(self.name, probs)
         hidden_states = torch.matmul(probs.to(value.dtype), value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)

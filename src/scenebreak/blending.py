@@ -72,9 +72,10 @@ def encode(vae, images: list[np.ndarray]):
 def decode(vae, latents) -> list[np.ndarray]:
     import torch
 
-    with torch.inference_mode():
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    from .pipeline import decode_latents
+
+    pixels = decode_latents(vae, latents)
+    pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
 

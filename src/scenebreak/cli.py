@@ -52,7 +52,9 @@ def describe(exc: BaseException) -> tuple[str, int]:
         where = exc.filename or "while writing"
         what = "no space left on device" if exc.errno == errno.ENOSPC else "file too large for this file system"
         return f"{what} ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk", 1
-    if type(exc).__name__ == "OutOfMemoryError":
+    from .device import is_out_of_memory
+
+    if is_out_of_memory(exc):
         return "out of memory: try a smaller --batch-size, or --device cpu", 1
     text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
     return f"{text} (run with --debug for the traceback)", 1

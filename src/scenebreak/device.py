@@ -73,6 +73,16 @@ class Device:
         except (OSError, AttributeError):  # not glibc (e.g. musl)
             pass
 
+    def max_memory_allocated(self) -> int:
+        """Peak bytes allocated on this device since the last reset (0 where unknown)."""
+        import torch
+
+        if self.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.torch))
+        if self.type == "mps":
+            return int(torch.mps.driver_allocated_memory())
+        return 0
+
     def synchronize(self) -> None:
         import torch
 
@@ -80,6 +90,12 @@ class Device:
             torch.cuda.synchronize(self.torch)
         elif self.type == "mps":
             torch.mps.synchronize()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so."""
+    return type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def precision_name(dtype) -> str:
@@ -114,9 +130,14 @@ def choose_device(requested: str | None = None) -> Device:
         raise DeviceNotAvailable("CUDA is not available on this machine: use --device cpu (or auto)")
     if kind == "mps" and not mps_ok:
         raise DeviceNotAvailable("MPS (Apple GPU) is not available on this machine: use --device cpu (or auto)")
-    if kind == "cuda" and ":" in choice:
-        index = choice.split(":", 1)[1]
+    if kind != "cuda" and ":" in choice:
+        raise DeviceNotAvailable(f"unknown device {choice!r}: only CUDA devices take an index (cuda:N)")
+    if kind == "cuda":
+        index = choice.split(":", 1)[1] if ":" in choice else str(torch.cuda.current_device())
         if not index.isdigit() or int(index) >= torch.cuda.device_count():
             raise DeviceNotAvailable(f"no CUDA device {choice!r} ({torch.cuda.device_count()} present)")
-    name = choice if kind == "cuda" and ":" in choice else kind
-    return Device(type=kind, name=name)
+        # Current too, so that libraries which ask for "the" GPU (and their default
+        # streams) use this one, not GPU 0.
+        torch.cuda.set_device(int(index))
+        return Device(type="cuda", name=f"cuda:{index}")
+    return Device(type=kind, name=kind)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .bundle import save_scene, scene_from_training, scene_metadata
 from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
 from .config import LearnConfig, default_base_model
-from .device import Device, choose_device, precision_name
+from .device import Device, choose_device, is_out_of_memory, precision_name
 from .errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError
 from .events import Message, Progress, Reporter, silent
 from .images import background_mask, load_image, load_masks, prepare
@@ -117,6 +117,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         from .lora import require_peft
 
         require_peft()
+    if config.compile and device.type != "cuda":
+        raise InvalidInput(f"--compile speeds up training on CUDA GPUs only: leave it out on {device.type}")
     with contextlib.nullcontext() if force else scene_lock(name):
         return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report,
                       should_stop, started)
@@ -170,9 +172,12 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                 save_scene(scene, out, config.save_dtype)
             except OSError as exc:
                 raise _unsaved(exc, out, checkpoints) from exc
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         hint = "--tune lora" if plan.policy == "low" else "--memory low"
-        raise OutOfMemory(f"out of memory on {device.name}: try {hint}, a smaller --resolution or --device cpu") from None
+        raise OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue), a smaller "
+                          "--resolution or --device cpu") from None
     checkpoints.remove()
     return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
 

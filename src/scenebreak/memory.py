@@ -57,16 +57,25 @@ class MemoryPlan:
 
 
 def available_bytes(device) -> int:
-    """Free memory where training runs: the GPU's for CUDA, the system's otherwise
-    (Apple GPUs share it)."""
+    """Free memory where training runs: the GPU's for CUDA; on an Apple GPU what Metal
+    recommends for one process, less what it holds already (and never more than the
+    system has free); the system's on the CPU."""
+    import psutil
+
+    system = int(psutil.virtual_memory().available)
     if device.type == "cuda":
         import torch
 
         free, _ = torch.cuda.mem_get_info(device.torch)
         return int(free)
-    import psutil
+    if device.type == "mps":
+        import torch
 
-    return int(psutil.virtual_memory().available)
+        try:
+            return min(system, int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()))
+        except (AttributeError, RuntimeError):  # an older torch
+            return system
+    return system
 
 
 def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: bool, low: bool = False,

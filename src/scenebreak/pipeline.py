@@ -31,6 +31,27 @@ def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict):
     return pipe
 
 
+def decode_latents(vae, latents, report: Reporter = silent):
+    """Pixels in [-1, 1] from scaled latents. A half-precision VAE can overflow (NaN or
+    inf in the image): then the decode is done again in fp32, with a note."""
+    import torch
+
+    scaled = latents / vae.config.scaling_factor
+    with torch.inference_mode():
+        pixels = vae.decode(scaled.to(vae.dtype)).sample
+        if vae.dtype != torch.float32 and not bool(torch.isfinite(pixels).all()):
+            from .events import Message
+
+            report(Message(f"the VAE overflowed in {str(vae.dtype).removeprefix('torch.')}: decoding again in fp32"))
+            dtype = vae.dtype
+            vae.to(torch.float32)
+            try:
+                pixels = vae.decode(scaled.float()).sample
+            finally:
+                vae.to(dtype)
+    return pixels.float()
+
+
 def sample(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int,
            negative: str | None = None, autocast=None, report: Reporter = silent, task: str = "generate",
            done: int = 0, total: int | None = None):
@@ -48,7 +69,7 @@ def sample(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, 
         return kwargs
 
     with torch.inference_mode(), (autocast or contextlib.nullcontext()):
-        out = pipe(
+        latents = pipe(
             prompt=[prompt] * len(seeds),
             negative_prompt=[negative] * len(seeds) if negative else None,
             num_inference_steps=steps,
@@ -57,5 +78,7 @@ def sample(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, 
             width=resolution,
             generator=generators,
             callback_on_step_end=on_step_end,
-        )
-    return out.images
+            output_type="latent",
+        ).images
+        pixels = decode_latents(pipe.vae, latents, report)
+    return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))

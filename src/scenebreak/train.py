@@ -59,6 +59,19 @@ def sample_handles(rng: random.Random, n: int) -> list[int]:
     return rng.sample(range(n), k)
 
 
+def compile_unet(unet):
+    """torch.compile for the UNet, with the one dynamo setting the attention capture
+    needs under gradient checkpointing: recording a map is a side effect inside the
+    checkpointed block, which otherwise breaks the graph at every block (15 breaks on
+    the tiny UNet, 0 with it; tests/test_attention.py counts them). The switch from
+    phase 1 (frozen UNet) to phase 2 (trained UNet) recompiles once."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return torch.compile(unet)
+
+
 class Trainer:
     """Both phases over one photo. `plan` says how to fit in memory (memory.choose) and
     `amp_dtype` is the autocast precision (None: fp32), both decided once by `learn`."""
@@ -89,7 +102,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
             components.unet.to(memory_format=torch.channels_last)
-        self.unet = torch.compile(components.unet) if config.compile else components.unet
+        self.unet = compile_unet(components.unet) if config.compile else components.unet
         self.embedding = install_handle_embedding(components.text_encoder, self.num_handles)
         if plan.gradient_checkpointing:
             components.unet.enable_gradient_checkpointing()
