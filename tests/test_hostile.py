@@ -114,6 +114,7 @@ CASES = [
     ("learn-output-under-file", lambda w: LEARN(w, "-o", w["notes"] / "x.scene"), 2, "cannot write"),
     ("learn-output-is-folder", lambda w: LEARN(w, "-o", w["folder"]), 2, "is a directory"),
     ("learn-force-over-non-scene", lambda w: LEARN(w, "-o", w["notes"], "--force"), 2, "is not a scene"),
+    ("learn-resume-over-non-scene", lambda w: LEARN(w, "-o", w["notes"], "--resume"), 2, "is not a scene"),
     ("learn-output-exists", lambda w: LEARN(w, "-o", w["scene"]), 2, "already exists"),
     ("learn-resume-nothing", lambda w: LEARN(w, "--resume"), 2, "nothing to resume"),
     ("learn-base-missing-folder", lambda w: ["learn", w["image"], "--masks", *w["masks"], "--base-model", w["tmp"] / "nope"], 2,

@@ -190,14 +190,14 @@ def _check_output(out: Path, *, force: bool, resume: bool) -> None:
         raise InvalidInput(f"{out} is a folder: -o takes the path of the .scene file to write")
     if out.exists() and not force and not resume:
         raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
-    if out.exists() and force:
+    if out.exists() and (force or resume):
         from .bundle import read_metadata
         from .errors import BundleError
 
         try:
             read_metadata(out)
         except BundleError:
-            raise InvalidInput(f"{out} is not a scene: --force replaces only scenes; choose another -o") from None
+            raise InvalidInput(f"{out} is not a scene: only a scene is ever replaced; choose another -o") from None
     if not is_writable_folder(out.parent):
         raise InvalidInput(f"cannot write the scene to {out.parent}: choose a writable folder with -o")
     if not is_writable_folder(home()):
