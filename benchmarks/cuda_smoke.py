@@ -97,6 +97,7 @@ class Smoke:
         self.model = str(build_tiny_model(self.tmp / "tiny-sd"))
         self.image, red, blue = write_synthetic_scene(self.tmp / "inputs")
         self.masks = [red, blue]
+        self.stopped = False
         self.has = set()
         if self.cuda:
             self.has.add("cuda")
@@ -249,8 +250,13 @@ class Smoke:
         try:
             row.update(self.run_resume(name, settings, how) if how.startswith("resume") else self.run_learn(name, settings, how))
         except Exception as error:
+            from scenebreak.errors import Interrupted
+
             traceback.print_exc()
             row.update(ok=False, error=f"{type(error).__name__}: {error}"[:400])
+            if isinstance(error, Interrupted):  # SIGTERM: gpu_check.sh's time limit for this part
+                row["error"] = "stopped by SIGTERM (the part's time limit) during this variant"
+                self.stopped = True
         row["seconds"] = round(time.perf_counter() - started, 1)
         if self.cuda:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
@@ -283,6 +289,8 @@ def main() -> None:
         row = smoke.run(name)
         smoke.emit(row)
         failed += row["ok"] is False
+        if smoke.stopped:
+            break
     sys.exit(1 if failed else 0)
 
 

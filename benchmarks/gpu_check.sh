@@ -51,7 +51,7 @@ if [[ $DEVICE == cuda* ]]; then
     CAPS=(install=90 env=60 smoke=210 steps=270 compile=240)  # compile: whatever is left
 else
     STEP_ARGS=(--tiny --steps 2 --gen-steps 2)
-    CAPS=(install=90 env=60 smoke=300 steps=200 compile=240)
+    CAPS=(install=90 env=60 smoke=300 steps=200 compile=330)  # compile: ~280 s here on one busy core
 fi
 
 # Offline, from the checkout: src/ for scenebreak, tests/ for the tiny model builders.
@@ -61,6 +61,7 @@ export SCENEBREAK_HOME=${SCENEBREAK_HOME:-$(mktemp -d /tmp/scenebreak-home.XXXXX
 export GPU_CHECK_DEVICE=$DEVICE GPU_CHECK_SMOKE_ARGS=$SMOKE_ARGS
 
 START=$SECONDS
+FAILED=()
 note() {  # note PART KEY=VALUE...: one JSON line for a part's outcome
     "$PY" -c 'import json, sys; v = lambda s: json.loads(s) if s in ("true", "false", "null") or s.isdigit() else s
 print(json.dumps({"part": "gpu_check", "step": sys.argv[1], **{k: v(x) for k, x in (a.split("=", 1) for a in sys.argv[2:])}}))' "$@" >>"$JSONL"
@@ -87,6 +88,7 @@ part() {  # part NAME COMMAND...: run under the smaller of its cap and what is l
         *) status="failed: exit $rc" ;;
     esac
     echo "=== $name: $status (${took}s)"
+    (( rc == 0 )) || FAILED+=("$name")
     note "$name" ok="$([[ $rc == 0 ]] && echo true || echo false)" status="$status" seconds="$took" rc="$rc"
 }
 
@@ -170,5 +172,7 @@ except Exception as error:
     print("summary:", error)
 EOF
 ls -l "$OUT"
+echo "gpu_check: ${#FAILED[@]} part(s) failed${FAILED[*]:+: ${FAILED[*]}}"
 exec >&- 2>&-
 wait "$TEE"  # the log is complete before the files go back
+(( ${#FAILED[@]} == 0 ))
