@@ -1,57 +1,297 @@
-"""CUDA smoke test: learn and generate on the tiny model with each mixed precision,
-the fused and (if installed) 8-bit optimizers, gradient checkpointing, --memory low
-(VAE off the GPU, optimizer in the backward pass), LoRA and torch.compile. The test
-suite runs on the CPU only; this exercises the GPU code paths where a GPU exists.
+"""CUDA smoke test: every training path of `learn` (and a `generate` from its scene)
+on the tiny random model, the GPU code paths the CPU test suite cannot reach.
 
-    python benchmarks/cuda_smoke.py
+Variants (each guarded on its own: one that fails logs its traceback and the next runs):
+  fast-bf16, fast-fp16 (GradScaler), fast-fp32      memory fast, each precision
+  checkpointing                                     gradient checkpointing only
+  low                                               --memory low: checkpointing, optimizer step inside the
+                                                    backward pass, 8-bit AdamW when bitsandbytes imports
+  low-no-8bit                                       the same with bitsandbytes hidden: fused AdamW in the backward pass
+  low-fp16                                          --memory low with fp16 loss scaling
+  8bit-out                                          memory fast + --adam-8bit (step after the backward pass)
+  8bit-in                                           memory low + --adam-8bit (step inside the backward pass)
+  lora                                              --tune lora
+  cuda0                                             device="cuda:0" named explicitly
+  compile                                           torch.compile of the UNet (slow to compile: run it last)
+  resume-fast, resume-low                           killed in phase 2 after a periodic checkpoint, resumed:
+                                                    the same handles and weights as an uninterrupted run
+  resume-8bit                                       killed in a fast run, resumed with --adam-8bit: warns
+                                                    that the optimizer changed, and finishes
+
+Each variant prints one JSON line (ok / skipped / error, seconds, peak memory of the
+device, the memory plan `learn` chose) and appends it to --jsonl as soon as it ends.
+
+    python benchmarks/cuda_smoke.py                         # every variant but compile, on CUDA
+    python benchmarks/cuda_smoke.py --only compile
+    python benchmarks/cuda_smoke.py --device cpu            # the dry run: what a CPU can do of it
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+# Short runs: every code path, no quality. Resume runs train at a visible learning rate
+# without class images, like tests/test_recovery.py.
+SHORT = dict(steps1=5, steps2=5, num_class_images=2)
+RESUME = dict(steps1=2, steps2=4, prior=False, lr2=1e-3, save_dtype="fp32", checkpoint_every=2)
+
+# name: (what it runs, LearnConfig settings, what it needs)
+VARIANTS = {
+    "fast-bf16": ("learn", dict(memory="fast", mixed_precision="bf16"), {"bf16"}),
+    "fast-fp16": ("learn", dict(memory="fast", mixed_precision="fp16"), {"cuda"}),
+    "fast-fp32": ("learn", dict(memory="fast", mixed_precision="no"), set()),
+    "checkpointing": ("learn", dict(memory="fast", gradient_checkpointing=True), set()),
+    "low": ("learn", dict(memory="low"), set()),
+    "low-no-8bit": ("learn-no-bnb", dict(memory="low"), set()),
+    "low-fp16": ("learn", dict(memory="low", mixed_precision="fp16"), {"cuda"}),
+    "8bit-out": ("learn", dict(memory="fast", adam_8bit=True), {"cuda", "bnb"}),
+    "8bit-in": ("learn", dict(memory="low", adam_8bit=True), {"cuda", "bnb"}),
+    "lora": ("learn", dict(tune="lora"), set()),
+    "cuda0": ("learn-cuda0", dict(memory="fast"), {"cuda"}),
+    "resume-fast": ("resume", dict(memory="fast"), set()),
+    "resume-low": ("resume", dict(memory="low"), set()),
+    "resume-8bit": ("resume-8bit", dict(memory="fast"), {"cuda", "bnb"}),
+    "compile": ("learn", dict(compile=True), set()),
+}
+DEFAULT_SKIP = ("compile",)  # its own process in gpu_check.sh, under its own time limit
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing in scenebreak catches it, so no handler saves anything."""
+
+
+def kill_at(phase: int, step: int):
+    from scenebreak.events import Progress
+
+    def report(event):
+        if isinstance(event, Progress) and event.task == f"phase {phase}" and event.completed == step:
+            raise Killed
+
+    return report
+
+
+class Smoke:
+    def __init__(self, device: str, jsonl: Path | None):
+        import torch
+
+        from conftest import write_synthetic_scene
+        from tinymodels import build_tiny_model
+
+        self.torch = torch
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.jsonl = jsonl
+        self.tmp = Path(tempfile.mkdtemp(prefix="cuda-smoke-"))
+        os.environ["SCENEBREAK_HOME"] = str(self.tmp / "home")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model = str(build_tiny_model(self.tmp / "tiny-sd"))
+        self.image, red, blue = write_synthetic_scene(self.tmp / "inputs")
+        self.masks = [red, blue]
+        self.stopped = False
+        self.has = set()
+        if self.cuda:
+            self.has.add("cuda")
+        try:
+            import bitsandbytes  # noqa: F401
+
+            self.has.add("bnb")
+        except Exception as error:  # ImportError, or a broken native library
+            self.bnb_error = f"{type(error).__name__}: {error}"
+        from scenebreak.device import cpu_has_bf16
+
+        if self.cuda or cpu_has_bf16():
+            self.has.add("bf16")
+
+    # -- helpers -----------------------------------------------------------
+    def emit(self, row: dict) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(line + "\n")
+
+    def skip_reason(self, needs: set) -> str | None:
+        if "cuda" in needs and "cuda" not in self.has:
+            return "needs CUDA"
+        if "bnb" in needs and "bnb" not in self.has:
+            return f"bitsandbytes not carried ({getattr(self, 'bnb_error', 'not importable')})"
+        if "bf16" in needs and "bf16" not in self.has:
+            return "needs bf16 (CUDA, or a CPU with bf16 instructions)"
+        return None
+
+    def learn(self, name: str, settings: dict, device: str | None = None, **kwargs):
+        from scenebreak import LearnConfig, learn
+        from scenebreak.events import Message
+
+        messages = kwargs.pop("messages", [])
+        report = kwargs.pop("report", None)
+
+        def collect(event):
+            if isinstance(event, Message):
+                messages.append(event)
+            if report:
+                report(event)
+
+        return learn(self.image, self.masks, LearnConfig(**settings), base_model=self.model, device=device or self.device,
+                     name=name, report=collect, **kwargs)
+
+    def generate(self, scene, name: str, device: str | None = None) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        from scenebreak import GenerateConfig, generate
+
+        result = generate(scene, "<asset1> on the moon", GenerateConfig(num_images=2, steps=5, seed=0),
+                          out_dir=self.tmp / "out" / name, device=device or self.device)
+        with Image.open(result.images[0].path) as im:
+            std = float(np.asarray(im, dtype=np.float32).std())
+        # A NaN in half precision decodes to a black (constant) image.
+        return {"images": len(result.images), "image_std": round(std, 2)}
+
+    @staticmethod
+    def plan_of(messages) -> str | None:
+        return next((m.text for m in messages if m.text.lower().startswith("memory")), None) or (
+            messages[0].text if messages else None)
+
+    @staticmethod
+    def resumed_at(messages) -> str | None:
+        """"phase 2, step 2" from the "resuming NAME at phase 2, step 2" message."""
+        return next((m.text.split(" at ", 1)[1] for m in messages if m.text.startswith("resuming") and " at " in m.text), None)
+
+    def same_scene(self, a, b, component: str) -> dict:
+        from scenebreak import load_scene
+
+        torch = self.torch
+        sa, sb = load_scene(a, weights=True), load_scene(b, weights=True)
+        handles = (sa.embeddings - sb.embeddings).abs().max().item()
+        weights = max((v - sb.weights[component][k]).abs().max().item() for k, v in sa.weights[component].items())
+        close = torch.allclose(sa.embeddings, sb.embeddings, atol=1e-5, rtol=1e-4) and all(
+            torch.allclose(v, sb.weights[component][k], atol=1e-5, rtol=1e-4) for k, v in sa.weights[component].items())
+        return {"max_diff_handles": handles, "max_diff_weights": weights, "same_as_uninterrupted": bool(close)}
+
+    # -- variants ----------------------------------------------------------
+    def run_learn(self, name: str, settings: dict, how: str) -> dict:
+        messages: list = []
+        device = "cuda:0" if how == "learn-cuda0" else None
+        if how == "learn-no-bnb":
+            import scenebreak.optim
+
+            real = scenebreak.optim.bitsandbytes_available
+            scenebreak.optim.bitsandbytes_available = lambda: False  # memory.choose asks this at run time
+            try:
+                result = self.learn(name, {**SHORT, **settings}, messages=messages)
+            finally:
+                scenebreak.optim.bitsandbytes_available = real
+        else:
+            result = self.learn(name, {**SHORT, **settings}, device, messages=messages)
+        loss = result.losses["phase2"]["loss_last"]
+        row = {"loss_last": loss, "plan": self.plan_of(messages), **self.generate(result.path, name, device)}
+        row["ok"] = bool(loss == loss and abs(loss) != float("inf") and row["image_std"] > 0)
+        if not row["ok"]:
+            row["error"] = "non-finite loss or a constant (black) image"
+        return row
+
+    def run_resume(self, name: str, settings: dict, how: str) -> dict:
+        torch = self.torch
+        config = {**RESUME, **settings}
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)  # so that two runs can be compared at all
+        try:
+            killed_messages: list = []
+            try:
+                self.learn(f"{name}-killed", config, report=kill_at(2, 3))
+                return {"ok": False, "error": "the run was not killed"}
+            except Killed:
+                pass
+            if how == "resume-8bit":
+                resumed = self.learn(f"{name}-killed", {**config, "adam_8bit": True}, resume=True, messages=killed_messages)
+                warned = any("optimizer changed" in m.text for m in killed_messages)
+                row = {"resumed": resumed.resumed, "resumed_at": self.resumed_at(killed_messages), "warned_optimizer_changed": warned,
+                       "loss_last": resumed.losses["phase2"]["loss_last"]}
+                row["ok"] = bool((row["resumed_at"] or "").startswith("phase 2") and warned)
+                if not row["ok"]:
+                    row["error"] = "no 'optimizer changed' warning" if not warned else f"resumed at {row['resumed_at']}"
+                return row
+            resumed = self.learn(f"{name}-killed", config, resume=True, messages=killed_messages)
+            straight = self.learn(f"{name}-straight", {**config, "checkpoint_every": 0})
+            row = {"resumed": resumed.resumed, "resumed_at": self.resumed_at(killed_messages),
+                   **self.same_scene(straight.path, resumed.path, "unet")}
+            in_phase_2 = (row["resumed_at"] or "").startswith("phase 2")
+            row["ok"] = bool(in_phase_2 and row["same_as_uninterrupted"])
+            if not row["ok"]:
+                row["error"] = ("the resumed scene differs from the uninterrupted one" if in_phase_2
+                                else f"not resumed in phase 2 (resumed at {row['resumed_at']})")
+            return row
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+
+    def run(self, name: str) -> dict:
+        torch = self.torch
+        how, settings, needs = VARIANTS[name]
+        row = {"part": "smoke", "variant": name, "device": self.device}
+        reason = self.skip_reason(needs)
+        if reason:
+            return {**row, "ok": None, "skipped": reason}
+        dev = torch.device("cuda:0" if how == "learn-cuda0" else self.device)
+        if self.cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        started = time.perf_counter()
+        try:
+            row.update(self.run_resume(name, settings, how) if how.startswith("resume") else self.run_learn(name, settings, how))
+        except Exception as error:
+            from scenebreak.errors import Interrupted
+
+            traceback.print_exc()
+            row.update(ok=False, error=f"{type(error).__name__}: {error}"[:400])
+            if isinstance(error, Interrupted):  # SIGTERM: gpu_check.sh's time limit for this part
+                row["error"] = "stopped by SIGTERM (the part's time limit) during this variant"
+                self.stopped = True
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        if self.cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+        import gc
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        return row
+
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="just these variants")
+    parser.add_argument("--skip", nargs="+", default=list(DEFAULT_SKIP), help=f"default: {' '.join(DEFAULT_SKIP)}")
+    parser.add_argument("--jsonl", type=Path, help="append each result line here as soon as it is known")
+    args = parser.parse_args()
+    # Deterministic cuBLAS for the resume comparisons (read when CUDA starts).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
-    from conftest import write_synthetic_scene
-    from scenebreak import GenerateConfig, LearnConfig, generate, learn
-    from tinymodels import build_tiny_model
-
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device")
-    tmp = Path(tempfile.mkdtemp())
-    os.environ["SCENEBREAK_HOME"] = str(tmp / "home")
-    model = build_tiny_model(tmp / "tiny-sd")
-    image, red, blue = write_synthetic_scene(tmp / "inputs")
-    variants = {"bf16": {}, "fp16": {"mixed_precision": "fp16"}, "fp32": {"mixed_precision": "no"},
-                "checkpointing": {"gradient_checkpointing": True}, "memory-low": {"memory": "low"},
-                "memory-low-fp16": {"memory": "low", "mixed_precision": "fp16"}, "lora": {"tune": "lora"},
-                "compile": {"compile": True}}
-    try:
-        import bitsandbytes  # noqa: F401
-
-        variants["adam8bit"] = {"adam_8bit": True}
-    except ImportError:
-        pass
-    rows = []
-    for label, extra in variants.items():
-        started = time.perf_counter()
-        result = learn(image, [red, blue], LearnConfig(steps1=5, steps2=5, num_class_images=2, **extra),
-                       base_model=str(model), device="cuda", name=label)
-        images = generate(result.path, "<asset1> on the moon", GenerateConfig(num_images=2, steps=5, seed=0),
-                          out_dir=tmp / "out", device="cuda")
-        rows.append({"variant": label, "ok": True, "seconds": round(time.perf_counter() - started, 1),
-                     "loss_last": result.losses["phase2"]["loss_last"], "images": len(images.images)})
-        print(json.dumps(rows[-1]), flush=True)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("no CUDA device (use --device cpu for the dry run)")
+    smoke = Smoke(args.device, args.jsonl)
+    names = args.only or [n for n in VARIANTS if n not in args.skip]
+    failed = 0
+    for name in names:
+        print(f"--- smoke {name}", file=sys.stderr, flush=True)
+        row = smoke.run(name)
+        smoke.emit(row)
+        failed += row["ok"] is False
+        if smoke.stopped:
+            break
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

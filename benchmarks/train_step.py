@@ -14,10 +14,15 @@ Break-A-Scene code does each step:
 Everything else (loss, optimizer, data) is the same code. Phase 2 is also measured
 with `--memory low` and with `--tune lora`, and `generate` batched and one image per
 call. Each measurement runs in a fresh process, one after the other (never in
-parallel), so peak memory is its own.
+parallel), so peak memory is its own. `--in-process` (the GPU check's mode) runs every
+row in this one process instead: the model is built once on the CPU and each row
+trains a fresh copy of it, moved to the GPU and freed after the row; the GPU's peak
+memory is reset before each row, so it is still each row's own (the CPU's peak RSS is
+not: that mode is for CUDA). `--tiny` swaps in the tiny test model, for dry runs.
 
     python benchmarks/train_step.py                  # CPU, 512x512
     python benchmarks/train_step.py --device cuda    # on a GPU (bf16 autocast)
+    python benchmarks/train_step.py --device cuda --in-process --steps 10   # the GPU check
 
 Prints a table and writes it to benchmarks/results/train_step-<device>.md
 (plus .json).
@@ -26,6 +31,8 @@ Prints a table and writes it to benchmarks/results/train_step-<device>.md
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import platform
 import resource
@@ -125,33 +132,67 @@ ROWS = [(1, "scenebreak"), (1, "scenebreak fp32"), (1, "original-style"),
         (2, "scenebreak LoRA low-memory"), (2, "original-style"), ("generate", "scenebreak"), ("generate", "one image per call")]
 
 
-def random_sd21(device_name: str):
-    """The SD2.1-base architecture with random weights, a CLIP-sized tokenizer, and a
-    scratch folder."""
+def random_model(tiny: bool = False):
+    """The SD2.1-base architecture (or, `tiny`, the tests' tiny model) with random
+    weights, a CLIP-sized tokenizer, and a scratch folder."""
     from transformers import CLIPTokenizer
 
     from scenebreak.models import BaseModel, Components
-    from tinymodels import build_components, sd21_base_configs, write_tiny_tokenizer
+    from tinymodels import build_components, sd21_base_configs, tiny_configs, write_tiny_tokenizer
 
     tmp = Path(tempfile.mkdtemp())
-    write_tiny_tokenizer(tmp / "tok", vocab_size=49408)
+    write_tiny_tokenizer(tmp / "tok", vocab_size=None if tiny else 49408)
     tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
-    configs = sd21_base_configs()
+    configs = tiny_configs() if tiny else sd21_base_configs()
     parts = build_components(configs, tokenizer)
     components = Components(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer, configs["scheduler"],
-                            BaseModel("random-sd21-base", None, None, "random"))
+                            BaseModel("random-tiny" if tiny else "random-sd21-base", None, None, "random"))
     for model in (components.unet, components.vae, components.text_encoder):
         model.requires_grad_(False)
     return components, tmp
 
 
-def peak(device) -> dict:
+class ModelSource:
+    """Where each row's model comes from: a fresh build (one row per process), or with
+    `reuse` a copy of one build kept on the CPU (every row in one process). Training
+    changes the model in place (new token rows, adapters, tuned weights, the move to
+    the GPU), so every row gets its own copy; building SD2.1 takes far longer."""
+
+    def __init__(self, tiny: bool = False, reuse: bool = False):
+        self.tiny, self.reuse, self.template = tiny, reuse, None
+
+    def get(self):
+        if not self.reuse:
+            return random_model(self.tiny)
+        if self.template is None:
+            started = time.perf_counter()
+            self.template = random_model(self.tiny)
+            print(f"model built in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        components, tmp = self.template
+        return copy.deepcopy(components), tmp
+
+
+def start_row(device) -> dict:
+    """Before a row: free what the last one left, reset the peak, and say what is still
+    allocated (a fresh process starts at 0)."""
+    gc.collect()
     if device.type == "cuda":
-        return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_what": "torch.cuda.max_memory_allocated"}
-    return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_what": "peak RSS of the process"}
+        torch.cuda.synchronize(device.torch)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device.torch)
+        return {"resident_at_start_gib": torch.cuda.memory_allocated(device.torch) / 2**30}
+    return {}
 
 
-def measure_generation(kind: str, steps: int, device_name: str, resolution: int) -> dict:
+def peak(device, in_process: bool = False) -> dict:
+    if device.type == "cuda":
+        return {"peak_gib": torch.cuda.max_memory_allocated(device.torch) / 2**30,
+                "peak_what": "torch.cuda.max_memory_allocated (reset before each row)"}
+    what = "peak RSS of the process" + (" (one process for every row: not each row's own)" if in_process else "")
+    return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_what": what}
+
+
+def measure_generation(kind: str, steps: int, device_name: str, resolution: int, source: ModelSource | None = None) -> dict:
     """Seconds per image of `generate` (DDIM, guidance 7.5), from `steps` timed
     denoising steps scaled to 50: batched (4 images per pass on CUDA, 2 on the CPU)
     or one image per call."""
@@ -159,7 +200,8 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int)
     from scenebreak.pipeline import make_pipeline, sample
 
     device = choose_device(device_name)
-    components, _ = random_sd21(device_name)
+    source = source or ModelSource()
+    components, _ = source.get()
     dtype = device.infer_dtype()
     c = components
     for model in (c.unet, c.vae, c.text_encoder):
@@ -169,7 +211,7 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int)
     seeds = list(range(batch))
     sample(pipe, "a photo", seeds, steps=1, guidance=7.5, resolution=resolution)  # warm-up
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device.torch)
     device.synchronize()
     started = time.perf_counter()
     sample(pipe, "a photo", seeds, steps=steps, guidance=7.5, resolution=resolution)
@@ -177,11 +219,11 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int)
     per_step = (time.perf_counter() - started) / steps
     per_image = per_step * 50 / batch
     return {"kind": kind, "phase": "generate", "batch": batch, "dtype": str(dtype).replace("torch.", ""),
-            "s_per_image": per_image, "images_per_s": 1 / per_image, **peak(device)}
+            "s_per_image": per_image, "images_per_s": 1 / per_image, **peak(device, source.reuse)}
 
 
-def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int) -> dict:
-    """One measurement, in this process: build, warm up one step, time `steps`."""
+def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int, source: ModelSource | None = None) -> dict:
+    """One measurement, in this process: build (or copy), warm up one step, time `steps`."""
     import numpy as np
     from PIL import Image
 
@@ -192,7 +234,8 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     from scenebreak.train import Trainer, TrainInputs
 
     device = choose_device(device_name)
-    components, tmp = random_sd21(device_name)
+    source = source or ModelSource()
+    components, tmp = source.get()
     tokenizer = components.tokenizer
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8))
@@ -212,7 +255,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     plan = choose_memory(config, components, device, resolution, amp_dtype)  # the switches --memory low turns on
     cls = make_baseline_trainer(Trainer) if kind == "original-style" else Trainer
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device.torch)
     trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens, plan=plan, amp_dtype=amp_dtype)
     times = []
     started = time.perf_counter()
@@ -223,7 +266,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
         started = now
     timed = times[1:]  # the first step warms up (allocator, kernels, lazy caches)
     return {"kind": kind, "phase": phase, "precision": precision_name(amp_dtype), "memory": plan.policy, "steps_timed": len(timed),
-            "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], **peak(device)}
+            "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], **peak(device, source.reuse)}
 
 
 def machine(device_name: str) -> str:
@@ -243,7 +286,7 @@ def machine(device_name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=None, help="default 512 (--tiny: 64)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--baseline-memory-limit-gib", type=float, default=None,
                         help="address-space cap for the baseline's processes (CPU), so an out-of-memory baseline fails fast instead of swapping")
@@ -251,60 +294,128 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="only the rows whose 'PHASE KIND' contains one of these words, e.g. LoRA generate")
     parser.add_argument("--with-fast-bf16", action="store_true",
                         help="also phase 2 fast with bf16 autocast (on CUDA it is the default row; on a 24 GiB CPU machine it does not fit)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="every row in this process, from one model build (copied per row): no model build and "
+                        "start-up per row; peak GPU memory is still each row's own")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny model instead of SD2.1-base (dry runs)")
+    parser.add_argument("--results-dir", type=Path, default=HERE / "results",
+                        help="where the table goes (default benchmarks/results)")
+    parser.add_argument("--jsonl", type=Path, help="also append each row here as soon as it is measured")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.resolution is None:
+        args.resolution = 64 if args.tiny else 512
 
     if args.one:
         if args.baseline_memory_limit_gib:
             limit = int(args.baseline_memory_limit_gib * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         kind, phase = args.one
+        source = ModelSource(args.tiny)
         if phase == "generate":
-            print(json.dumps(measure_generation(kind, args.gen_steps, args.device, args.resolution)))
+            print(json.dumps(measure_generation(kind, args.gen_steps, args.device, args.resolution, source)))
         else:
-            print(json.dumps(measure(kind, int(phase), args.steps, args.device, args.resolution)))
+            print(json.dumps(measure(kind, int(phase), args.steps, args.device, args.resolution, source)))
         return
+
+    command = f"python benchmarks/train_step.py --device {args.device}"
+    for flag, value, default in (("--steps", args.steps, 2), ("--gen-steps", args.gen_steps, 3),
+                                 ("--resolution", args.resolution, 64 if args.tiny else 512),
+                                 ("--baseline-memory-limit-gib", args.baseline_memory_limit_gib, None)):
+        if value != default:
+            command += f" {flag} {value}"
+    command += "".join(f" --{flag}" for flag in ("in-process", "tiny") if getattr(args, flag.replace("-", "_")))
+    out = args.results_dir
+    stem = f"train_step-{args.device.split(':')[0]}" + ("-tiny" if args.tiny else "")
+    saved_rows = []
+    if args.only and (out / f"{stem}.json").exists():
+        # Some rows measured again: they replace their old selves in the saved table.
+        saved = json.loads((out / f"{stem}.json").read_text())
+        saved_rows = saved["rows"]
+        command = saved.get("command", command) + f"; rows re-measured with --only {' '.join(args.only)}"
 
     rows = []
     plan = list(ROWS)
     if args.device.startswith("cuda") or args.with_fast_bf16:
         plan.insert(plan.index((2, "scenebreak fp32")), (2, "scenebreak"))
-    for phase, kind in plan:
-        if args.only and not any(word in f"{phase} {kind}" for word in args.only):
-            continue
-        baseline = kind == "original-style"
-        cmd = [sys.executable, __file__, "--one", kind, str(phase), "--device", args.device,
-               "--resolution", str(args.resolution), "--steps", str(args.steps), "--gen-steps", str(args.gen_steps)]
-        if args.baseline_memory_limit_gib and baseline:
-            cmd += ["--baseline-memory-limit-gib", str(args.baseline_memory_limit_gib)]
-        print(f"measuring {kind}, phase {phase} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 0:
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        else:
-            tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
-            oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-            limit = f" (> {args.baseline_memory_limit_gib} GiB cap)" if args.baseline_memory_limit_gib and baseline else ""
-            rows.append({"kind": kind, "phase": phase, "error": f"out of memory{limit}" if oom else tail[:200]})
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    plan = [(phase, kind) for phase, kind in plan if not args.only or any(word in f"{phase} {kind}" for word in args.only)]
+    source = ModelSource(args.tiny, reuse=True) if args.in_process else None
+    if source:
+        from scenebreak.device import choose_device
 
-    command = f"python benchmarks/train_step.py --device {args.device}" + (
-        f" --baseline-memory-limit-gib {args.baseline_memory_limit_gib}" if args.baseline_memory_limit_gib else "")
-    out = HERE / "results"
-    stem = f"train_step-{args.device.split(':')[0]}"
-    if args.only and (out / f"{stem}.json").exists():
-        # Some rows measured again: they replace their old selves in the saved table.
-        saved = json.loads((out / f"{stem}.json").read_text())
-        fresh = {(str(r["phase"]), r["kind"]) for r in rows}
-        order = {(str(phase), kind): i for i, (phase, kind) in enumerate(ROWS)}
-        kept = [r for r in saved["rows"] if (str(r["phase"]), r["kind"]) not in fresh]
-        rows = sorted(kept + rows, key=lambda r: order.get((str(r["phase"]), r["kind"]), len(order)))
-        command = saved.get("command", command) + f"; rows re-measured with --only {' '.join(args.only)}"
+        device = choose_device(args.device)
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for phase, kind in plan:
+        print(f"measuring {kind}, phase {phase} ...", file=sys.stderr, flush=True)
+        if source:
+            rows.append(measure_here(kind, phase, args, source, device))
+            # A fresh process starts with the default matmul settings; the trainer changes them.
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        else:
+            rows.append(measure_in_subprocess(kind, phase, args))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps({"part": "train_step", **rows[-1]}) + "\n")
+        # The table so far, after every row: a run stopped part-way keeps what it measured.
+        write_table(out, stem, merge(saved_rows, rows), args, command, final=False)
+    print(write_table(out, stem, merge(saved_rows, rows), args, command, final=True))
+
+
+def measure_here(kind: str, phase, args, source: ModelSource, device) -> dict:
+    """One row in this process (--in-process); a failure (out of memory, say) is the row's."""
+    row_start = start_row(device)
+    try:
+        if phase == "generate":
+            row = measure_generation(kind, args.gen_steps, args.device, args.resolution, source)
+        else:
+            row = measure(kind, phase, args.steps, args.device, args.resolution, source)
+    except Exception as error:
+        import traceback
+
+        traceback.print_exc()
+        oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+        row = {"kind": kind, "phase": phase, "error": "out of memory" if oom else f"{type(error).__name__}: {error}"[:200]}
+    return {**row, **row_start}
+
+
+def measure_in_subprocess(kind: str, phase, args) -> dict:
+    """One row in a fresh process: its peak memory is its own (CPU too)."""
+    baseline = kind == "original-style"
+    cmd = [sys.executable, __file__, "--one", kind, str(phase), "--device", args.device,
+           "--resolution", str(args.resolution), "--steps", str(args.steps), "--gen-steps", str(args.gen_steps)]
+    if args.tiny:
+        cmd.append("--tiny")
+    if args.baseline_memory_limit_gib and baseline:
+        cmd += ["--baseline-memory-limit-gib", str(args.baseline_memory_limit_gib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+    oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
+    limit = f" (> {args.baseline_memory_limit_gib} GiB cap)" if args.baseline_memory_limit_gib and baseline else ""
+    return {"kind": kind, "phase": phase, "error": f"out of memory{limit}" if oom else tail[:200]}
+
+
+def merge(saved: list[dict], rows: list[dict]) -> list[dict]:
+    """Rows measured now replace their saved selves (--only), in the table's order."""
+    if not saved:
+        return rows
+    fresh = {(str(r["phase"]), r["kind"]) for r in rows}
+    order = {(str(phase), kind): i for i, (phase, kind) in enumerate(ROWS)}
+    kept = [r for r in saved if (str(r["phase"]), r["kind"]) not in fresh]
+    return sorted(kept + rows, key=lambda r: order.get((str(r["phase"]), r["kind"]), len(order)))
+
+
+def write_table(out: Path, stem: str, rows: list[dict], args, command: str, final: bool) -> str:
     table = render(rows, args, command)
-    print(table)
-    out.mkdir(exist_ok=True)
+    if not final:
+        table += "\n\n(incomplete: the run is still going, or stopped before its last row)"
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(table + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"machine": machine(args.device), "command": command, "rows": rows}, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine(args.device), "command": command, "rows": rows,
+                                                  "complete": final}, indent=2) + "\n")
+    return table
 
 
 def render(rows: list[dict], args, command: str) -> str:
@@ -312,10 +423,11 @@ def render(rows: list[dict], args, command: str) -> str:
         "# Training step and generation: scenebreak vs. the original code's way",
         "",
         f"- machine: {machine(args.device)}; device: {args.device}; torch {torch.__version__}",
-        f"- model: SD2.1-base architecture, random weights; {args.resolution}x{args.resolution}; training batch 2 "
-        "(instance + class image); AdamW with fp32 master weights",
+        f"- model: {'the tiny test model (a dry run, not a benchmark)' if args.tiny else 'SD2.1-base architecture'}, "
+        f"random weights; {args.resolution}x{args.resolution}; training batch 2 (instance + class image); AdamW with fp32 master weights",
         f"- training: {args.steps} timed steps after 1 warm-up step; generation: {args.gen_steps} timed DDIM steps "
-        "(guidance 7.5) scaled to 50; each row is a fresh process, one at a time",
+        "(guidance 7.5) scaled to 50; " + ("every row in one process, each on its own copy of one model build (peak memory "
+                                            "reset before each row)" if args.in_process else "each row is a fresh process, one at a time"),
         "- scenebreak's phase 1 runs the instance example only: there the class image's loss has no gradient with "
         "respect to the handles, so skipping it gives the same updates (docs/method.md); the baseline runs both",
         "- scenebreak rows use the default precision (bf16 autocast on CUDA and on CPUs with bf16 instructions) "
@@ -347,7 +459,8 @@ def render(rows: list[dict], args, command: str) -> str:
             else:
                 lines.append(f"| {row['kind']} | {row['batch']} | {row['dtype']} | {row['s_per_image']:.2f} | "
                              f"{row['images_per_s']:.3f} | {row['peak_gib']:.1f} |")
-    lines += ["", f"Peak memory is the {rows[0].get('peak_what', 'peak') if rows else 'peak'}, which includes the model "
+    what = next((r["peak_what"] for r in rows if "peak_what" in r), "peak")
+    lines += ["", f"Peak memory is the {what}, which includes the model "
               "weights and optimizer state."]
     return "\n".join(lines)
 
