@@ -46,3 +46,13 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model, tmp_path, 
     assert components.base.fingerprint == load_components(str(tiny_model)).base.fingerprint
     with pytest.raises(ModelNotAvailable, match="--revision v2"):
         load_components("someone/tiny-sd", revision="v2")
+
+
+def test_parameter_counts_come_from_the_file_headers_and_match_the_models(tiny_model):
+    from scenebreak.models import load_components, parameter_counts
+
+    counts = parameter_counts(tiny_model)
+    components = load_components(str(tiny_model))
+    for name in ("unet", "text_encoder", "vae"):
+        assert counts[name] == sum(p.numel() for p in getattr(components, name).parameters()) > 0
+    assert parameter_counts(tiny_model / "nowhere") == {"unet": 0, "text_encoder": 0, "vae": 0}

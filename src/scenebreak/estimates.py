@@ -86,27 +86,23 @@ def format_duration(seconds: float, clock: bool = False) -> str:
 LORA_BYTES_SD21_RANK32 = 40e6  # a LoRA scene's adapters at rank 32 on SD2.1-base (measured: ~39 MB)
 
 
-def _params(*models) -> int:
-    return sum(p.numel() for m in models for p in m.parameters())
-
-
-def scene_bytes(components, config) -> int:
-    """About how large the scene file will be: the tuned weights at the save precision
-    (full tuning, or LoRA baked in), or only the adapters."""
+def scene_bytes(counts: dict[str, int], config) -> int:
+    """About how large the scene file will be, from the parameter counts of the unet,
+    text_encoder and vae: the tuned weights at the save precision (full tuning, or LoRA
+    baked in), or only the adapters."""
     if config.tune == "lora" and not config.standalone:
-        return int(LORA_BYTES_SD21_RANK32 * config.rank / 32 * unet_params(components.unet) / SD21_UNET_PARAMS) + 2**20
+        return int(LORA_BYTES_SD21_RANK32 * config.rank / 32 * counts["unet"] / SD21_UNET_PARAMS) + 2**20
     per_param = 2 if config.save_dtype == "fp16" else 4
-    return per_param * _params(components.unet, components.text_encoder, components.vae) + 2**20
+    return per_param * (counts["unet"] + counts["text_encoder"] + counts["vae"]) + 2**20
 
 
-def checkpoint_bytes(components, config, adam_8bit: bool = False) -> int:
+def checkpoint_bytes(counts: dict[str, int], config, adam_8bit: bool = False) -> int:
     """About how large a phase-2 checkpoint is: the tuned weights in fp32 and the
     optimizer's two running averages per trained weight."""
-    tunable = _params(components.unet, components.text_encoder)
     if config.tune == "lora":
-        adapters = scene_bytes(components, config) // 2  # saved in fp16 in the scene; fp32 weights + 2 states here
+        adapters = scene_bytes(counts, config) // 2  # fp16 in the scene; here fp32 weights and two states
         return 6 * adapters + 2**20
-    return int(tunable * (4 + (2 if adam_8bit else 8))) + 2**20
+    return int((counts["unet"] + counts["text_encoder"]) * (4 + (2 if adam_8bit else 8))) + 2**20
 
 
 def format_bytes(count: float) -> str:

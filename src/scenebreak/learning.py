@@ -128,6 +128,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
            started) -> LearnResult:
     import torch
 
+    base_model = base_model or default_base_model()
+    _check_room(base_model, revision, config, out)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision)
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
                               config.steps2)
@@ -135,7 +137,6 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     if state is None and checkpoints.path.exists():
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report)
-    _check_room(components, config, plan, out, resolution)
 
     from .classimages import ensure_class_images
     from .tokens import add_handles
@@ -204,17 +205,20 @@ def _check_output(out: Path, *, force: bool, resume: bool) -> None:
         raise SceneBreakError(f"the cache folder {home()} is not writable: set SCENEBREAK_HOME to a folder you can write to")
 
 
-def _check_room(components, config: LearnConfig, plan, out: Path, resolution: int) -> None:
-    """Room for the scene, a phase-2 checkpoint and the class images still to make."""
-    from .classimages import missing_count
+def _check_room(base_model: str, revision: str | None, config: LearnConfig, out: Path) -> None:
+    """Room for the scene, a phase-2 checkpoint and the class images, sized from the
+    base model's weight files before any of it loads (at the upper bound: every class
+    image still to make, the optimizer's states in fp32)."""
     from .estimates import checkpoint_bytes, scene_bytes
+    from .models import parameter_counts, resolve_model_dir
     from .paths import checkpoints_dir, class_images_dir
 
-    missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images) if config.prior else 0
+    counts = parameter_counts(resolve_model_dir(base_model, revision)[0])
+    resolution = config.resolution or 768
     png = resolution * resolution * 3 // 2  # a class image PNG, roughly
-    check_room([(out.parent, scene_bytes(components, config)),
-                (checkpoints_dir(), checkpoint_bytes(components, config, plan.adam_8bit)),
-                (class_images_dir(), missing * png)],
+    check_room([(out.parent, scene_bytes(counts, config)),
+                (checkpoints_dir(), checkpoint_bytes(counts, config)),
+                (class_images_dir(), config.num_class_images * png if config.prior else 0)],
                fix="free some space, or point SCENEBREAK_HOME and -o to a bigger disk")
 
 
@@ -244,7 +248,7 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     cropped and resized to it; checked before anything is trained."""
     from .models import load_components
 
-    components = load_components(base_model or default_base_model(), revision)
+    components = load_components(base_model, revision)
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
     if config.lambda_attn > 0:

@@ -87,6 +87,32 @@ def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Pat
     return hub_snapshot(base_model, revision, _DIFFUSERS_HUB_FILES)
 
 
+WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors",
+                "vae": "vae/diffusion_pytorch_model.safetensors"}
+
+
+def parameter_counts(folder: Path) -> dict[str, int]:
+    """Parameters of each component, read from the safetensors headers alone (no weight
+    is loaded): enough to size what a run will write before it starts. A component
+    whose file is missing or unreadable counts 0 (loading it will say what is wrong)."""
+    from safetensors import safe_open
+
+    counts = {}
+    for name, relative in WEIGHT_FILES.items():
+        total = 0
+        try:
+            with safe_open(str(Path(folder) / relative), framework="pt") as f:
+                for key in f.keys():
+                    size = 1
+                    for dim in f.get_slice(key).get_shape():
+                        size *= dim
+                    total += size
+        except Exception:  # safetensors raises several types for missing or damaged files
+            total = 0
+        counts[name] = total
+    return counts
+
+
 def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what: str = "base model",
                  option: str = "--base-model", folder: str = "a/diffusers/folder") -> tuple[Path, str]:
     """The local snapshot folder of a hub model and its commit: from the Hugging Face
