@@ -156,12 +156,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                 for note in trainer.load_state_dict(state):
                     report(Message(note, "warning"))
                 del state
-            for record in _report_progress(trainer.run(), device, report):
-                if checkpoints.due(record, stop):
-                    _check_finite(record.losses, record.phase, record.step)  # never checkpoint a diverged model
-                checkpoints.after_step(trainer, record, stop)
-            final = trainer.history[2][-1] if trainer.history[2] else trainer.history[1][-1]
-            _check_finite(final, *((2, len(trainer.history[2])) if trainer.history[2] else (1, len(trainer.history[1]))))
+            _train(trainer, checkpoints, stop, device, report)
             checkpoints.before_final_save(trainer)
             # Still inside the handler: a Ctrl-C now lets the save finish (a second one
             # aborts it, and the atomic write leaves no partial file).
@@ -181,6 +176,15 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                           "--resolution or --device cpu") from None
     checkpoints.remove()
     return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
+
+
+def _train(trainer, checkpoints: Checkpoints, stop: StopFlag, device: Device, report: Reporter) -> None:
+    """Every step of both phases, with progress, checkpoints, and a stop on a NaN loss."""
+    for record in _report_progress(trainer.run(), device, report):
+        if checkpoints.due(record, stop):
+            _check_finite(record.losses, record.phase, record.step)  # never checkpoint a diverged model
+        checkpoints.after_step(trainer, record, stop)
+    _check_finite(*trainer.last_losses())
 
 
 def _check_output(out: Path, *, force: bool, resume: bool) -> None:

@@ -374,6 +374,11 @@ class Trainer:
                                              "phase": state.get("optimizer_phase", state["phase"])}
         return notes
 
+    def last_losses(self) -> tuple[torch.Tensor, int, int]:
+        """(losses, phase, step) of the last step trained, in this run or before a resume."""
+        phase = 2 if self.history[2] else 1
+        return self.history[phase][-1], phase, len(self.history[phase])
+
     def history_rows(self, phase: int) -> list[dict]:
         """The losses of every step of a phase, as plain numbers."""
         if not self.history[phase]:
