@@ -190,6 +190,10 @@ def test_a_half_precision_vae_that_overflows_is_decoded_again_in_fp32():
     pixels = decode_latents(vae, torch.full((1, 4, 2, 2), 0.25), report=messages.append)
     assert torch.isfinite(pixels).all() and torch.allclose(pixels, torch.ones_like(pixels))
     assert vae.dtype == torch.float16 and "fp32" in messages[0].text
+    from scenebreak.errors import SceneBreakError
+
+    with pytest.raises(SceneBreakError, match="NaN or infinite"):  # the UNet overflowed: no decode can fix that
+        decode_latents(vae, torch.full((1, 4, 2, 2), float("nan")))
 
 
 def test_mps_out_of_memory_and_memory_budget(monkeypatch):

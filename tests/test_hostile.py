@@ -159,6 +159,8 @@ CASES = [
                                        "<asset1>"], 2, ".png"),
     ("edit-output-exists", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["small"],
                                       "<asset1>"], 2, "already exists"),
+    ("edit-overwrite-non-image", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", _fake_png(w),
+                                            "--overwrite", "<asset1>"], 2, "is not an image"),
     ("edit-blend-start", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "--blend-start", "1",
                                     "<asset1>"], 2, "--blend-start"),
     ("extract-bg-without-background", lambda w: ["extract-bg", w["scene"]], 2, "--background"),
@@ -176,6 +178,12 @@ CASES = [
     ("mask-threshold-nan", lambda w: ["mask", w["image"], "-p", "cat", "--threshold", "nan"], 2, "--threshold"),
     ("mask-point-outside", lambda w: ["mask", w["image"], "--point", "5000,5"], 2, "outside the image"),
 ]
+
+
+def _fake_png(w):
+    path = w["tmp"] / "notes.png"
+    path.write_text("not a picture")
+    return path
 
 
 def _truncated(w):

@@ -73,6 +73,18 @@ def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: lis
     return results
 
 
+def _is_image(path: Path) -> bool:
+    """Whether `path` is an image file (what --overwrite may replace)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
 def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]], scene, config: EditConfig = EditConfig(), *,
          out_dir: str | os.PathLike = ".", output: str | os.PathLike | None = None, overwrite: bool = False,
          device: str | Device | None = None, base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
@@ -98,6 +110,8 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
             raise InvalidInput(f"--output {output} must end in .png (lossless, so the untouched area stays exact)")
         if output.exists() and not overwrite:
             raise InvalidInput(f"{output} already exists: pass --overwrite to replace it")
+        if output.exists() and not _is_image(output):
+            raise InvalidInput(f"{output} is not an image: --overwrite replaces only images; choose another --output")
     run = start(scene, prompts, config, device=device, base_model=base_model, report=report)
     seeds = [run.seed + i for i in range(config.num_images)]
     edited = blend_regions(run.pipe, np.asarray(source), masks, prompts, seeds, config, run.scene.resolution,

@@ -36,6 +36,11 @@ def decode_latents(vae, latents, report: Reporter = silent):
     inf in the image): then the decode is done again in fp32, with a note."""
     import torch
 
+    if not bool(torch.isfinite(latents).all()):
+        from .errors import SceneBreakError
+
+        raise SceneBreakError("sampling produced NaN or infinite values (an overflow in the model in half precision, "
+                              "or a damaged scene): try --device cpu")
     scaled = latents / vae.config.scaling_factor
     with torch.inference_mode():
         pixels = vae.decode(scaled.to(vae.dtype)).sample
