@@ -56,3 +56,38 @@ def test_parameter_counts_come_from_the_file_headers_and_match_the_models(tiny_m
     for name in ("unet", "text_encoder", "vae"):
         assert counts[name] == sum(p.numel() for p in getattr(components, name).parameters()) > 0
     assert parameter_counts(tiny_model / "nowhere") == {"unet": 0, "text_encoder": 0, "vae": 0}
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (("model_index.json", "_class_name", "StableDiffusionXLPipeline"), "is SDXL"),
+    (("model_index.json", "_class_name", "FluxPipeline"), "is FLUX"),
+    (("model_index.json", "_class_name", "StableDiffusionXLImg2ImgPipeline"), "SDXL refiner"),
+    (("unet/config.json", "addition_embed_type", "text_time"), "is SDXL"),
+    (("unet/config.json", "in_channels", 9), "9 input channels"),
+])
+def test_a_family_scenebreak_cannot_train_is_one_line_exit_2(tiny_model, tmp_path, scene_files, change, phrase):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from scenebreak.cli import cli
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_model, folder)
+    relative, key, value = change
+    config = json.loads((folder / relative).read_text())
+    config[key] = value
+    (folder / relative).write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                      "--base-model", str(folder)])
+    assert result.exit_code == 2 and phrase in result.stderr and "SD 1.x and SD 2.x" in result.stderr, result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_family_is_recorded_and_shown(learned):
+    from scenebreak.catalog import describe, scene_summary
+
+    summary = scene_summary(learned.path)
+    assert summary["base_model"]["family"] == "SD 2.x"  # the tiny model's text encoder is not CLIP-L's width
+    assert "(SD 2.x)" in describe(summary)

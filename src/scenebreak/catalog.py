@@ -40,7 +40,8 @@ def describe(summary: dict) -> str:
     lines = [
         f"scene:       {summary['name']}  ({summary['path']}, {summary['size_mb']} MB)",
         f"handles:     {'  '.join(_handle_label(h, summary) for h in summary['handles'])}",
-        f"base model:  {base['id']}" + (f" @ {base['commit']}" if base.get("commit") else ""),
+        f"base model:  {base['id']}" + (f" @ {base['commit']}" if base.get("commit") else "")
+        + (f"  ({base['family']})" if base.get("family") else ""),
         f"resolution:  {summary['resolution']}  tuning: {_tuning_label(summary)}  created: {summary.get('created')}",
     ]
     for phase, losses in summary.get("losses", {}).items():

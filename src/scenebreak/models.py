@@ -38,9 +38,10 @@ class BaseModel:
     revision: str | None
     commit: str | None  # the hub snapshot actually used
     fingerprint: str  # sha256 of the configs and the token-embedding matrix
+    family: str = ""  # "SD 1.x" | "SD 2.x" (families.py)
 
     def to_dict(self) -> dict:
-        return dict(id=self.id, revision=self.revision, commit=self.commit, fingerprint=self.fingerprint)
+        return dict(id=self.id, revision=self.revision, commit=self.commit, fingerprint=self.fingerprint, family=self.family)
 
 
 @dataclass
@@ -76,14 +77,21 @@ def looks_like_path(ref: str) -> bool:
 
 
 def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder holding the diffusers layout, and the hub commit if any."""
+    """A local folder holding the diffusers layout, and the hub commit if any. The
+    model's family is checked from its config files first: a model scenebreak cannot
+    train is refused before its weights are loaded or downloaded."""
+    from .families import CONFIG_FILES, detect_family
+
     if looks_like_path(base_model):
         folder = Path(base_model).expanduser()
         if not folder.is_dir():
             raise InvalidInput(f"base model folder not found: {folder}")
+        detect_family(folder, f"the base model {folder}")
         if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
             raise InvalidInput(f"{folder} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
         return folder, None
+    configs, _ = hub_snapshot(base_model, revision, CONFIG_FILES)
+    detect_family(configs, f"the base model {base_model}")
     return hub_snapshot(base_model, revision, _DIFFUSERS_HUB_FILES)
 
 
@@ -230,10 +238,13 @@ def load_components(base_model: str, revision: str | None = None) -> Components:
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
         model.eval()
+    from .families import detect_family
+
     base = BaseModel(
         id=base_model if commit else str(Path(base_model).expanduser().resolve()),
         revision=revision,
         commit=commit,
         fingerprint=fingerprint(unet, vae, text_encoder),
+        family=detect_family(folder, f"the base model {base_model}").name,
     )
     return Components(unet, vae, text_encoder, tokenizer, scheduler_config, base)
