@@ -91,3 +91,39 @@ def test_the_family_is_recorded_and_shown(learned):
     summary = scene_summary(learned.path)
     assert summary["base_model"]["family"] == "SD 2.x"  # the tiny model's text encoder is not CLIP-L's width
     assert "(SD 2.x)" in describe(summary)
+
+
+def test_a_cache_holding_only_the_configs_is_downloaded_in_full(tiny_model, tmp_path, monkeypatch):
+    """The family check fetches the configs first; the weights must then still be
+    fetched, not taken as cached because the snapshot folder exists."""
+    import shutil
+
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd"
+    snapshot = repo / "snapshots" / commit
+    for relative in ("model_index.json", "unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):
+        (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_model / relative, snapshot / relative)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ModelNotAvailable, match="not available"):  # offline: the weights are not here
+        load_components("someone/tiny-sd")
+    real = huggingface_hub.snapshot_download
+    downloads = []
+
+    def hub(ref, revision=None, allow_patterns=None, local_files_only=False):
+        if local_files_only:
+            return real(ref, revision=revision, allow_patterns=allow_patterns, local_files_only=True)
+        downloads.append(allow_patterns)  # "download": the whole model lands in the snapshot
+        shutil.copytree(tiny_model, snapshot, dirs_exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    components = load_components("someone/tiny-sd")
+    assert components.base.commit == commit and len(downloads) == 1 and any("safetensors" in p for p in downloads[0])

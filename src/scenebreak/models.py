@@ -129,9 +129,15 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     hint = dict(what=what, option=option, folder=folder)
+    # Named files (not patterns) must all be there: a snapshot folder in the cache may
+    # hold only some of them (e.g. the configs fetched to check a model's family).
+    exact = [p for p in allow_patterns if not any(ch in p for ch in "*?[")]
     try:
         # The cache first: no network round trip when the weights are already here.
         path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns, local_files_only=True)
+        missing = [p for p in exact if not (Path(path) / p).exists()]
+        if missing:
+            raise LocalEntryNotFoundError(f"{missing[0]} is not in the cache")
     except (LocalEntryNotFoundError, OSError, ValueError, HfHubHTTPError):
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise ModelNotAvailable(_missing_message(ref, revision, offline=True, **hint)) from None
