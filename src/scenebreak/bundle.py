@@ -227,9 +227,14 @@ def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict
     if tuple(image.shape) != (r, r, 3) or tuple(masks.shape) != (n, r, r):
         raise BundleError(f"{path} is not a valid scene: its image or masks do not match resolution {r} and {n} handles")
     for name in files:
-        folder, _, base = name.partition("/")
-        if folder != "tokenizer" or base not in TOKENIZER_FILES:
+        if not is_tokenizer_entry(name):
             raise BundleError(f"{path} is not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
+
+
+def is_tokenizer_entry(name: str) -> bool:
+    """Whether a `file.*` entry name is one of the tokenizer files a scene may hold."""
+    folder, _, base = name.partition("/")
+    return folder == "tokenizer" and base in TOKENIZER_FILES
 
 
 def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
@@ -268,6 +273,11 @@ def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
     return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path)
 
 
+def open_scene(scene) -> Scene:
+    """A Scene as given, or loaded from its path or cache name (metadata only)."""
+    return scene if isinstance(scene, Scene) else load_scene(scene)
+
+
 def list_scenes() -> list[Path]:
     folder = scenes_dir()
     return sorted(folder.glob(f"*{SCENE_SUFFIX}")) if folder.exists() else []
@@ -293,10 +303,9 @@ def tokenizer_from_files(files: dict[str, bytes]):
 
     with tempfile.TemporaryDirectory(prefix="scenebreak-tokenizer-") as tmp:
         for name, data in files.items():
-            folder, _, base = name.partition("/")
-            if folder != "tokenizer" or base not in TOKENIZER_FILES:
+            if not is_tokenizer_entry(name):
                 raise BundleError(f"not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
-            (Path(tmp) / base).write_bytes(data)
+            (Path(tmp) / name.partition("/")[2]).write_bytes(data)
         return AutoTokenizer.from_pretrained(tmp)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bundle import Scene, load_scene
+from .bundle import open_scene
 from .device import Device, choose_device
 
 
@@ -22,7 +22,7 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     from .images import image_to_tensor
     from .tokens import handle_positions, prompt_for
 
-    scene = scene if isinstance(scene, Scene) else load_scene(scene)
+    scene = open_scene(scene)
     device = device if isinstance(device, Device) else choose_device(device)
     unet, vae, text_encoder, tokenizer = scene_components(scene, device, dtype=torch.float32)
     scheduler = DDPMScheduler.from_config(scene.meta["configs"]["scheduler"])
@@ -60,7 +60,7 @@ def attention_overlap(scene, device=None) -> dict:
 
     from .losses import downsample_masks
 
-    scene = scene if isinstance(scene, Scene) else load_scene(scene)
+    scene = open_scene(scene)
     maps = handle_attention_maps(scene, device)
     masks = downsample_masks(torch.from_numpy(scene.masks), maps.shape[-1]).numpy()
     rows = []

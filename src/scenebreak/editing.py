@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
+from .bundle import open_scene
 from .config import BackgroundConfig, EditConfig
 from .device import Device
 from .errors import InvalidInput, InvalidMask, UsageError
 from .events import Message, Reporter, silent
-from .sampling import (GeneratedImage, GenerateResult, images_per_pass, open_scene, sample_to_files, save_png, slug, start,
+from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_to_files, save_png, slug, start,
                        warn_cpu_time)
 from .images import load_image, load_masks
 from .maskops import dilate

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .bundle import open_scene
 from .config import GenerateConfig
 from .device import Device
 from .errors import InvalidInput
 from .events import Reporter, silent
-from .sampling import GenerateResult, open_scene, sample_to_files, start, warn_cpu_time
+from .sampling import GenerateResult, sample_to_files, start, warn_cpu_time
 from .tokens import prompt_for
 
 

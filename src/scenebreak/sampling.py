@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import Scene, load_scene
+from .bundle import Scene, open_scene
 from .config import GenerateConfig
 from .device import Device, choose_device
 from .errors import UnknownHandle
@@ -53,11 +53,6 @@ class SamplingRun:
 
     def result(self, images: list[GeneratedImage]) -> GenerateResult:
         return GenerateResult(self.scene.name, images, time.perf_counter() - self.started)
-
-
-def open_scene(scene) -> Scene:
-    """A Scene as given, or loaded from its path or cache name (metadata only)."""
-    return scene if isinstance(scene, Scene) else load_scene(scene)
 
 
 def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | Device | None = None,
