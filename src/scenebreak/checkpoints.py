@@ -14,12 +14,12 @@ from .errors import Interrupted, InvalidInput
 from .events import Message, Reporter
 from .paths import checkpoint_path, write_atomically
 
+# Training time that justifies one more checkpoint before the scene is written.
+FINAL_AFTER_SECONDS = 300.0
 # Settings that do not change the result: a resumed run may change them (e.g. add
 # --gradient-checkpointing after running out of memory).
 # The memory switches change at most the clipping of phase 2 (per tensor with the
 # optimizer in the backward pass), and resuming with less memory is their point.
-# Training time that justifies one more checkpoint before the scene is written.
-FINAL_AFTER_SECONDS = 300.0
 # A change of optimizer (8-bit or not) restarts its running averages (Trainer.load_state_dict).
 RESUMABLE_CHANGES = ("checkpoint_every", "gradient_checkpointing", "save_dtype", "memory", "optimizer_in_backward",
                      "compile", "standalone", "adam_8bit")
@@ -99,8 +99,11 @@ class Checkpoints:
         return state
 
     def save(self, trainer) -> None:
+        """Write the trainer's state, unless its last loss diverged (Diverged: the
+        checkpoint already there is the last good one)."""
         import torch
 
+        trainer.check_finite()
         state = trainer.state_dict()
         state["identity"] = self.identity
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
@@ -112,10 +115,6 @@ class Checkpoints:
         full disk): a resume then only writes the scene."""
         if time.monotonic() - self.saved_at > FINAL_AFTER_SECONDS:
             self.save(trainer)
-
-    def due(self, record, stop: StopFlag) -> bool:
-        """Whether this step ends with a checkpoint."""
-        return should_checkpoint(record, self.every, self.steps2, stop())
 
     def after_step(self, trainer, record, stop: StopFlag) -> None:
         """Save when the rule says so; stop (Interrupted) when asked to."""

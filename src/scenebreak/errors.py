@@ -41,6 +41,10 @@ class NoSpace(SceneBreakError):
     """Not enough room on the disk (or a file-size limit) for what must be written."""
 
 
+class Diverged(SceneBreakError):
+    """The training loss became NaN or infinite (a lower learning rate fixes it)."""
+
+
 class OutOfMemory(SceneBreakError):
     """The device ran out of memory."""
 

@@ -22,10 +22,6 @@ from .paths import check_file_name_fits, check_name, check_room, home, is_writab
 from .tokens import check_handle_tokens
 
 
-class Diverged(SceneBreakError):
-    """The loss became NaN or infinite (exit 1: a lower learning rate fixes it)."""
-
-
 @dataclass
 class LearnResult:
     path: Path
@@ -181,10 +177,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
 def _train(trainer, checkpoints: Checkpoints, stop: StopFlag, device: Device, report: Reporter) -> None:
     """Every step of both phases, with progress, checkpoints, and a stop on a NaN loss."""
     for record in _report_progress(trainer.run(), device, report):
-        if checkpoints.due(record, stop):
-            _check_finite(record.losses, record.phase, record.step)  # never checkpoint a diverged model
         checkpoints.after_step(trainer, record, stop)
-    _check_finite(*trainer.last_losses())
+    trainer.check_finite()
 
 
 def _check_output(out: Path, *, force: bool, resume: bool) -> None:
@@ -224,15 +218,6 @@ def _check_room(base_model: str, revision: str | None, config: LearnConfig, out:
                 (checkpoints_dir(), checkpoint_bytes(counts, config)),
                 (class_images_dir(), config.num_class_images * png if config.prior else 0)],
                fix="free some space, or point SCENEBREAK_HOME and -o to a bigger disk")
-
-
-def _check_finite(losses, phase: int, step: int) -> None:
-    import torch
-
-    if not bool(torch.isfinite(losses).all()):
-        raise Diverged(f"training diverged: the loss is {float(losses[0])} at phase {phase}, step {step}. Start again "
-                       "with a lower learning rate (--lr1 for phase 1, --lr2 or --lr-lora for phase 2); any earlier "
-                       "checkpoint was kept as it was")
 
 
 def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakError:
@@ -283,6 +268,8 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
 def _report_progress(records, device: Device, report: Reporter):
     """Pass the trainer's step records on, reporting progress. Reading the loss waits for
     the GPU, so on one it is read about once a second."""
+    from .train import check_finite
+
     loss_read = 0.0
     for record in records:
         now = time.perf_counter()
@@ -290,6 +277,6 @@ def _report_progress(records, device: Device, report: Reporter):
         if device.type == "cpu" or record.step == record.total or now - loss_read > 1.0:
             info, loss_read = {"loss": record.loss}, now
             if not math.isfinite(info["loss"]):
-                _check_finite(record.losses, record.phase, record.step)
+                check_finite(record.losses, record.phase, record.step)
         report(Progress(f"phase {record.phase}", record.step, record.total, info))
         yield record

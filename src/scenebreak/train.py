@@ -59,11 +59,21 @@ def sample_handles(rng: random.Random, n: int) -> list[int]:
     return rng.sample(range(n), k)
 
 
+def check_finite(losses: torch.Tensor, phase: int, step: int) -> None:
+    """Raise Diverged when a step's losses are NaN or infinite."""
+    from .errors import Diverged
+
+    if not bool(torch.isfinite(losses).all()):
+        raise Diverged(f"training diverged: the loss is {float(losses[0])} at phase {phase}, step {step}. Start again "
+                       "with a lower learning rate (--lr1 for phase 1, --lr2 or --lr-lora for phase 2); any earlier "
+                       "checkpoint was kept as it was")
+
+
 def compile_unet(unet):
     """torch.compile for the UNet, with the one dynamo setting the attention capture
     needs under gradient checkpointing: recording a map is a side effect inside the
     checkpointed block, which otherwise breaks the graph at every block (15 breaks on
-    the tiny UNet, 0 with it; tests/test_attention.py counts them). The switch from
+    the tiny UNet, 0 with it; tests/test_gpu_paths.py counts them). The switch from
     phase 1 (frozen UNet) to phase 2 (trained UNet) recompiles once."""
     import torch._dynamo
 
@@ -374,10 +384,11 @@ class Trainer:
                                              "phase": state.get("optimizer_phase", state["phase"])}
         return notes
 
-    def last_losses(self) -> tuple[torch.Tensor, int, int]:
-        """(losses, phase, step) of the last step trained, in this run or before a resume."""
+    def check_finite(self) -> None:
+        """Raise Diverged if the last step trained (in this run or before a resume) had
+        a NaN or infinite loss: a diverged model is never checkpointed or saved."""
         phase = 2 if self.history[2] else 1
-        return self.history[phase][-1], phase, len(self.history[phase])
+        check_finite(self.history[phase][-1], phase, len(self.history[phase]))
 
     def history_rows(self, phase: int) -> list[dict]:
         """The losses of every step of a phase, as plain numbers."""
