@@ -150,7 +150,7 @@ def field_option(f: dataclasses.Field):
     meta, flag = f.metadata, "--" + f.name.replace("_", "-")
     option = dict(meta.get("option", {}))
     decls = option.pop("flags", None)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = f.default
     kwargs = dict(default=default, help=meta.get("help"), **option)
     annotation = str(f.type)
     if isinstance(default, bool):
@@ -323,7 +323,7 @@ def generate_command(scene, prompts, prompts_file, variations, out_dir, base_mod
 @click.option("-p", "--prompt", "prompt_options", multiple=True, help="Prompt of the --mask at the same position (instead of PROMPT).")
 @config_options(EditConfig)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result to this .png (with -n 1) instead of into --out-dir.")
-@click.option("--overwrite", is_flag=True, help="Allow replacing an existing file (even IMAGE) instead of choosing a new name.")
+@click.option("--overwrite", is_flag=True, help="Allow replacing an existing image (even IMAGE) instead of choosing a new name.")
 @image_output_options
 @handle_errors
 def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite, out_dir, base_model, device, quiet, json_,

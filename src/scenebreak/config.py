@@ -38,10 +38,7 @@ def setting(default, help: str, *, choices: tuple[str, ...] | None = None, cli: 
     """A config field with what the command line needs to offer it: its help text,
     its choices, and (in `option`) anything else for the option (flag names, metavar,
     environment variable). `cli=False`: a Python-only setting with no option."""
-    metadata = {"help": help, "choices": choices, "cli": cli, "option": option}
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, "option": option})
 
 
 # Bounds no real use reaches, so that a typo (or a stranger's script) cannot ask for years of work.
@@ -124,9 +121,6 @@ class LearnConfig:
             raise InvalidInput(f"--num-class-images must be at most {MAX_CLASS_IMAGES}")
         if self.prior_weight < 0 or self.max_grad_norm <= 0 or not 0 <= self.flip_p <= 1:
             raise InvalidInput("prior_weight must be >= 0, max_grad_norm > 0 and flip_p between 0 and 1")
-        for flag, values in (("--names", self.names), ("--init-words", self.init_words)):
-            if values is not None and any(not str(v).strip("<> ") for v in values):
-                raise InvalidInput(f"{flag}: a value is empty")
         if self.lr1 <= 0 or self.lr2 <= 0:
             raise InvalidInput("learning rates must be > 0")
         if self.lambda_attn < 0:
@@ -145,6 +139,8 @@ class LearnConfig:
         if self.checkpoint_every < 0:
             raise InvalidInput("--checkpoint-every must be >= 0")
         for flag, values in (("--names", self.names), ("--init-words", self.init_words)):
+            if values is not None and any(not str(v).strip("<> ") for v in values):
+                raise InvalidInput(f"{flag}: a value is empty")
             if values is not None and len(values) != num_masks:
                 raise InvalidInput(f"{flag} gives {len(values)} value(s) for {num_masks} mask(s)")
         return self
