@@ -124,9 +124,12 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
            started) -> LearnResult:
     import torch
 
+    from .models import resolve_model_dir
+
     base_model = base_model or default_base_model()
-    _check_room(base_model, revision, config, out)
-    components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision)
+    resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
+    _check_room(resolved[0], config, out)
+    components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved)
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
                               config.steps2)
     state = checkpoints.load(report) if resume else None
@@ -203,15 +206,15 @@ def _check_output(out: Path, *, force: bool, resume: bool) -> None:
         raise SceneBreakError(f"the cache folder {home()} is not writable: set SCENEBREAK_HOME to a folder you can write to")
 
 
-def _check_room(base_model: str, revision: str | None, config: LearnConfig, out: Path) -> None:
+def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> None:
     """Room for the scene, a phase-2 checkpoint and the class images, sized from the
     base model's weight files before any of it loads (at the upper bound: every class
     image still to make, the optimizer's states in fp32)."""
     from .estimates import checkpoint_bytes, scene_bytes
-    from .models import parameter_counts, resolve_model_dir
+    from .models import parameter_counts
     from .paths import checkpoints_dir, class_images_dir
 
-    counts = parameter_counts(resolve_model_dir(base_model, revision)[0])
+    counts = parameter_counts(model_dir)
     resolution = config.resolution or 768
     png = resolution * resolution * 3 // 2  # a class image PNG, roughly
     check_room([(out.parent, scene_bytes(counts, config)),
@@ -232,12 +235,12 @@ def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakErr
     return error(f"could not write {out} ({why}); {kept}")
 
 
-def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str | None, revision: str | None):
+def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str, revision: str | None, resolved):
     """The base model, the training resolution it implies, and the photo and masks
     cropped and resized to it; checked before anything is trained."""
     from .models import load_components
 
-    components = load_components(base_model, revision)
+    components = load_components(base_model, revision, resolved)
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
     if config.lambda_attn > 0:

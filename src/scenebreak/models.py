@@ -223,13 +223,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 
-def load_components(base_model: str, revision: str | None = None) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and scheduler config in fp32 on the CPU."""
+def load_components(base_model: str, revision: str | None = None,
+                    resolved: tuple[Path, str | None] | None = None) -> Components:
+    """Load UNet, VAE, text encoder, tokenizer and scheduler config in fp32 on the CPU;
+    `resolved` is what resolve_model_dir already returned for them, if it was called."""
     quiet_libraries()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    folder, commit = resolve_model_dir(base_model, revision)
+    folder, commit = resolved or resolve_model_dir(base_model, revision)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         vae = AutoencoderKL.from_pretrained(folder / "vae")
