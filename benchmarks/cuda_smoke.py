@@ -66,20 +66,6 @@ VARIANTS = {
 DEFAULT_SKIP = ("compile",)  # its own process in gpu_check.sh, under its own time limit
 
 
-class Killed(BaseException):
-    """Stands for kill -9: nothing in scenebreak catches it, so no handler saves anything."""
-
-
-def kill_at(phase: int, step: int):
-    from scenebreak.events import Progress
-
-    def report(event):
-        if isinstance(event, Progress) and event.task == f"phase {phase}" and event.completed == step:
-            raise Killed
-
-    return report
-
-
 class Smoke:
     def __init__(self, device: str, jsonl: Path | None):
         import torch
@@ -202,6 +188,8 @@ class Smoke:
         return row
 
     def run_resume(self, name: str, settings: dict, how: str) -> dict:
+        from conftest import Killed, kill_at  # stands for kill -9, as in tests/test_recovery.py
+
         torch = self.torch
         config = {**RESUME, **settings}
         deterministic = torch.are_deterministic_algorithms_enabled()

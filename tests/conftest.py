@@ -43,6 +43,21 @@ def write_synthetic_scene(folder, size=(96, 80)):
     return paths
 
 
+class Killed(BaseException):
+    """Stands for kill -9: nothing in scenebreak catches it, so no handler saves anything."""
+
+
+def kill_at(phase: int, step: int):
+    """A reporter that 'kills' the run (raises Killed) when it reports `step` of `phase`."""
+    from scenebreak.events import Progress
+
+    def report(event):
+        if isinstance(event, Progress) and event.task == f"phase {phase}" and event.completed == step:
+            raise Killed
+
+    return report
+
+
 @pytest.fixture
 def scene_files(tmp_path):
     image, red, blue = write_synthetic_scene(tmp_path / "inputs")

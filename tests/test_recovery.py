@@ -21,17 +21,7 @@ from scenebreak.cli import cli
 from scenebreak.events import Progress
 from scenebreak.paths import checkpoint_path
 
-
-class Killed(BaseException):
-    """Stands for kill -9: nothing in scenebreak catches it, so no handler saves anything."""
-
-
-def _kill_at(phase: int, step: int):
-    def report(event):
-        if isinstance(event, Progress) and event.task == f"phase {phase}" and event.completed == step:
-            raise Killed
-
-    return report
+from conftest import Killed, kill_at
 
 
 def _same(a_path, b_path, component: str) -> None:
@@ -60,7 +50,7 @@ def test_a_run_killed_in_phase_2_resumes_to_the_same_scene(mode, scene_files, ti
         name = f"killed-{mode}-{every}"
         config = LearnConfig(**base, checkpoint_every=every)
         with pytest.raises(Killed):
-            learn(*args, config, base_model=str(tiny_model), name=name, report=_kill_at(2, kill_step))
+            learn(*args, config, base_model=str(tiny_model), name=name, report=kill_at(2, kill_step))
         saved = torch.load(checkpoint_path(name), weights_only=True)
         assert (saved["phase"], saved["step"]) == ((1, 2) if every == 0 else (2, 2))
         resumed = learn(*args, config, base_model=str(tiny_model), name=name, resume=True)
@@ -153,7 +143,7 @@ def test_resume_across_an_optimizer_change_warns_and_finishes(scene_files, tiny_
     config = LearnConfig(steps1=2, steps2=3, prior=False, checkpoint_every=1)
     args = (scene_files["image"], scene_files["masks"], config)
     with pytest.raises(Killed):
-        learn(*args, base_model=str(tiny_model), name="kind", report=_kill_at(2, 2))
+        learn(*args, base_model=str(tiny_model), name="kind", report=kill_at(2, 2))
     state = torch.load(checkpoint_path("kind"), weights_only=True)
     state["optimizer_kind"] = "adamw8bit"
     torch.save(state, checkpoint_path("kind"))
