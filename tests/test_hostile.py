@@ -106,7 +106,7 @@ CASES = [
     ("learn-seed-negative", lambda w: LEARN(w, "--seed", "-1"), 2, "--seed"),
     ("learn-class-images-zero", lambda w: LEARN(w, "--num-class-images", "0"), 2, "--num-class-images"),
     ("learn-checkpoint-negative", lambda w: LEARN(w, "--checkpoint-every", "-1"), 2, "--checkpoint-every"),
-    ("learn-standalone-full", lambda w: LEARN(w, "--standalone"), 2, "--standalone"),
+    ("learn-standalone-full", lambda w: LEARN(w, "--tune", "full", "--standalone"), 2, "--standalone"),
     ("learn-fp16-on-cpu", lambda w: LEARN(w, "--mixed-precision", "fp16"), 2, "CUDA"),
     ("learn-bad-device", lambda w: LEARN(w, "--device", "tpu"), 2, "device"),
     ("learn-compile-on-cpu", lambda w: LEARN(w, "--compile"), 2, "CUDA GPUs only"),

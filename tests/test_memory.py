@@ -119,8 +119,8 @@ def test_lora_standalone_and_cli(scene_files, tiny_model, tmp_path):
     assert ok.exit_code == 0, ok.output
     missing = runner.invoke(cli, ["generate", "plain", "<asset1>", "--steps", "2", "--out-dir", str(tmp_path)])
     assert missing.exit_code == 2 and "needs its base model" in missing.stderr and "--base-model" in missing.stderr
-    bad = runner.invoke(cli, [*args[:-4], "--standalone"])
-    assert bad.exit_code == 2 and "--standalone only applies to --tune lora" in bad.stderr
+    bad = runner.invoke(cli, [*args[:-4], "--tune", "full", "--standalone"])
+    assert bad.exit_code == 2 and "--standalone only applies to --tune lora or auto" in bad.stderr
 
 
 def test_resume_with_lora_and_the_optimizer_in_backward(scene_files, tiny_model):
@@ -174,7 +174,7 @@ def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: need * 2)
     assert memory.choose(LearnConfig(), components, cpu, 64, None).policy == "fast"
     monkeypatch.setattr(memory, "available_bytes", lambda device: need // 2)
-    plan = memory.choose(LearnConfig(), components, cpu, 64, None)
+    plan = memory.choose(LearnConfig(tune="full"), components, cpu, 64, None)
     assert plan.policy == "low" and plan.gradient_checkpointing and not plan.offload_vae  # nowhere to offload on a CPU
     assert "fast needs about" in plan.describe()
     monkeypatch.setattr(memory, "available_bytes", lambda device: need * 100)
@@ -184,13 +184,34 @@ def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
     assert plan.policy == "fast" and plan.gradient_checkpointing and not plan.optimizer_in_backward
 
 
+def test_tune_auto_is_full_where_low_memory_makes_it_fit_and_lora_otherwise(tiny_model, monkeypatch):
+    from scenebreak import memory
+    from scenebreak.device import choose_device
+    from scenebreak.models import load_components
+
+    components, cpu = load_components(str(tiny_model)), choose_device("cpu")
+    full_low = memory.phase2_bytes(components, LearnConfig(tune="full"), 64, autocast=False, low=True)
+    fast = memory.phase2_bytes(components, LearnConfig(tune="full"), 64, autocast=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(full_low / 0.85))  # only low fits
+    plan = memory.choose(LearnConfig(), components, cpu, 64, None)
+    assert plan.tune == "full" and plan.policy == "low" and "tuning: full (full tuning needs about" in plan.describe()
+    assert memory.choose(LearnConfig(memory="fast"), components, cpu, 64, None).tune == "lora"  # fast cannot fit it
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(full_low / 2))
+    plan = memory.choose(LearnConfig(), components, cpu, 64, None)
+    assert plan.tune == "lora" and "tuning: lora (full tuning would need about" in plan.describe()
+    # A resumed run keeps what it started with, and an explicit choice is never changed.
+    assert memory.choose(LearnConfig(), components, cpu, 64, None, resumed_tuning="full").tune == "full"
+    assert memory.choose(LearnConfig(tune="full"), components, cpu, 64, None).tune == "full"
+    assert fast > full_low
+
+
 def test_a_missing_base_for_a_lora_scene_names_the_fix(scene_files, tiny_model):
     from scenebreak.scene_models import base_with_lora
 
     scene = load_scene(_learn(scene_files, tiny_model, "hubless", tune="lora", rank=2).path, weights=True)
     scene.meta["base_model"].update(id="someone/not-downloaded", commit=None)
     with pytest.raises(ModelNotAvailable, match="needs its base model.*hf download someone/not-downloaded"):
-        base_with_lora(scene, None, 10)
+        base_with_lora(scene, None, [10])
 
 
 def test_the_estimate_matches_the_measured_sd21_figures():
@@ -208,7 +229,7 @@ def test_the_estimate_matches_the_measured_sd21_figures():
     configs = sd21_base_configs()
     with init_empty_weights():  # parameter counts only
         sd21 = SimpleNamespace(unet=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
-                               text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
+                               text_encoders=[CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))])
     gib = 2**30
     fast = memory.phase2_bytes(sd21, LearnConfig(), 512, autocast=False) / gib
     low = memory.phase2_bytes(sd21, LearnConfig(), 512, autocast=True, low=True) / gib

@@ -240,6 +240,138 @@ def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen:
     return folder
 
 
+def tiny_sdxl_configs(resolution: int = 256) -> dict:
+    """Configs of a tiny SDXL: two CLIP text encoders of different widths (the second
+    with a projection, like OpenCLIP-G), `text_time` added conditioning, a three-level
+    UNet with cross-attention at latent/2 and latent/4 and more transformer layers at
+    latent/4 (SDXL: 1, 2 and 10), and a VAE that shrinks 8x as SDXL's does."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+    text_2 = dict(text, hidden_size=48, intermediate_size=96, projection_dim=16)
+    time_dim = 8
+    unet = dict(
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=text["hidden_size"] + text_2["hidden_size"],
+        attention_head_dim=(2, 4, 4),
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=text_2["projection_dim"] + 6 * time_dim,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+        force_upcast=True,
+    )
+    scheduler = dict(tiny_configs()["scheduler"], timestep_spacing="leading")
+    return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text_2, "scheduler": scheduler}
+
+
+def sdxl_configs() -> dict:
+    """Configs with the SDXL base 1.0 architecture (for benchmarks)."""
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", vocab_size=49408)
+    text_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", vocab_size=49408)
+    unet = dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = dict(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = dict(tiny_configs()["scheduler"], timestep_spacing="leading")
+    return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text_2, "scheduler": scheduler}
+
+
+def build_sdxl_components(configs: dict, tokenizers: list, seed: int = 0, calibrate: bool = True) -> dict:
+    """Random-initialised SDXL parts from configs: UNet, VAE, both text encoders."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    parts = {}
+    for name, cls, tokenizer in (("text_encoder", CLIPTextModel, tokenizers[0]),
+                                 ("text_encoder_2", CLIPTextModelWithProjection, tokenizers[1])):
+        cfg = dict(configs[name])
+        cfg.setdefault("vocab_size", len(tokenizer))
+        cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(seed)
+        parts[name] = cls(CLIPTextConfig(**cfg))
+    torch.manual_seed(seed)
+    parts["unet"] = UNet2DConditionModel(**configs["unet"])
+    torch.manual_seed(seed)
+    parts["vae"] = AutoencoderKL(**configs["vae"])
+    if calibrate:
+        _calibrate_vae(parts["vae"])
+    parts["scheduler"] = EulerDiscreteScheduler(**{k: v for k, v in configs["scheduler"].items()
+                                                   if k not in ("clip_sample", "set_alpha_to_one")})
+    return parts
+
+
+def build_tiny_sdxl(folder: Path, resolution: int = 256, seed: int = 0, sharpen: float = 8.0) -> Path:
+    """Save a tiny random SDXL as a diffusers folder (model_index.json names
+    StableDiffusionXLPipeline, as the real one does) and return its path."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    write_tiny_tokenizer(folder / "tokenizer")
+    write_tiny_tokenizer(folder / "tokenizer_2")
+    tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                  CLIPTokenizer.from_pretrained(folder / "tokenizer_2", pad_token="!")]  # as SDXL's second one
+    tokenizers[1].save_pretrained(folder / "tokenizer_2")
+    parts = build_sdxl_components(tiny_sdxl_configs(resolution), tokenizers, seed=seed)
+    sharpen_cross_attention(parts["unet"], sharpen)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        parts[name].save_pretrained(folder / name)
+    model_index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.0.0",
+        "force_zeros_for_empty_prompt": True,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return folder
+
+
 # Words the tiny Grounding DINO tokenizer knows; anything else becomes [UNK].
 TINY_DETECTOR_WORDS = [
     "a", "the", "cat", "dog", "bowl", "creature", "ceramic", "toy", "bear", "bird", "red", "blue",

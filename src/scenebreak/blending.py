@@ -16,6 +16,7 @@ import numpy as np
 
 from .events import Progress, Reporter, silent
 from .maskops import dilate
+from .pipeline import conditioning
 
 
 def work_size(size: tuple[int, int], resolution: int, multiple: int = 8) -> tuple[int, int]:
@@ -119,8 +120,8 @@ def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps:
 
     cfg = guidance > 1
     with torch.inference_mode():
-        cond, uncond = pipe.encode_prompt(prompt, device, len(seeds), cfg, negative_prompt=negative)
-        embeds = torch.cat([uncond, cond]) if cfg else cond
+        factor = pipe.vae_scale_factor
+        embeds, added = conditioning(pipe, prompt, len(seeds), cfg, negative, (shape[1] * factor, shape[2] * factor))
         source = source.to(device, dtype).expand(len(seeds), *shape)
         mask = mask.to(device, dtype)
         noise = draw()
@@ -129,7 +130,7 @@ def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps:
         total = total if total is not None else len(timesteps) * len(seeds)
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
-            pred = unet(model_input, t, encoder_hidden_states=embeds).sample
+            pred = unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
             if cfg:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)

@@ -2,13 +2,19 @@
 
 Tensor names:
   handles.embeddings        (N, D) learned handle embeddings, fp32
+  handles.embeddings_2      (N, D2) SDXL only: the handles' rows in the second text encoder
   source.image              (R, R, 3) uint8 training crop
   source.masks              (N, R, R) uint8 masks of the crop
   unet.* / text_encoder.* / vae.*   full weights (self-contained: no base model needed)
   unet_lora.* / text_encoder_lora.* LoRA adapters instead (`--tune lora`): the base model is needed
+  text_encoder_2.* / text_encoder_2_lora.*  SDXL's second text encoder, the same way
   file.tokenizer/NAME       uint8 bytes of each tokenizer file (handles included)
+  file.tokenizer_2/NAME     SDXL's second tokenizer
 Metadata: {"format": "scenebreak.scene", "scenebreak": "<JSON>"}; the JSON holds
 format_version, versions, base model, handles, resolution, configs, losses...
+
+Format 2 added SDXL (the `_2` entries). SD 1.x/2.x scenes are still written as
+format 1, which they are, so an older scenebreak keeps reading them.
 
 This module owns that format: writing and reading it, and assembling a scene (its
 metadata, weights and tokenizer files) from a finished training run.
@@ -27,9 +33,12 @@ from .errors import BundleError
 from .paths import SCENE_SUFFIX, resolve_scene, scenes_dir, write_atomically
 
 FORMAT = "scenebreak.scene"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes
 COMPONENTS = ("unet", "text_encoder", "vae")  # full weights: the scene generates on its own
 LORA_COMPONENTS = ("unet_lora", "text_encoder_lora")  # adapters for the recorded base model
+SDXL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+SDXL_LORA_COMPONENTS = ("unet_lora", "text_encoder_lora", "text_encoder_2_lora")
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 # The tokenizer files a scene may hold: what transformers' tokenizers write (5.x writes
 # the first two). A scene is a stranger's file: no other name is ever written anywhere.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -56,12 +65,25 @@ class Scene:
     """A learned scene. `weights` is empty until loaded with `weights=True`."""
 
     meta: dict
-    embeddings: "torch.Tensor"  # noqa: F821
+    embeddings: "torch.Tensor"  # noqa: F821 - (N, D): the handles' rows in the (first) text encoder
     image: np.ndarray  # (R, R, 3) uint8
     masks: np.ndarray  # (N, R, R) uint8
     weights: dict = field(default_factory=dict)  # component -> state dict
     files: dict = field(default_factory=dict)  # "tokenizer/vocab.json" -> bytes
     path: Path | None = None
+    embeddings_2: "torch.Tensor | None" = None  # noqa: F821 - SDXL: (N, D2) in the second text encoder
+
+    @property
+    def family(self):
+        """The base model's family (families.Family); scenes from before SDXL are SD 1.x/2.x."""
+        from .families import family_named
+
+        return family_named(self.meta.get("base_model", {}).get("family", ""), self.meta.get("prediction_type", "epsilon"))
+
+    @property
+    def handle_embeddings(self) -> list:
+        """The handles' rows in each text encoder, in the family's order."""
+        return [self.embeddings] if self.embeddings_2 is None else [self.embeddings, self.embeddings_2]
 
     @property
     def name(self) -> str:
@@ -94,6 +116,8 @@ class Scene:
 
     @property
     def weight_components(self) -> tuple[str, ...]:
+        if self.family.is_xl:
+            return SDXL_LORA_COMPONENTS if self.needs_base_model else SDXL_COMPONENTS
         return LORA_COMPONENTS if self.needs_base_model else COMPONENTS
 
 
@@ -108,6 +132,8 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
         "source.image": torch.from_numpy(np.array(scene.image, dtype=np.uint8)),
         "source.masks": torch.from_numpy(np.array(scene.masks, dtype=np.uint8)),
     }
+    if scene.embeddings_2 is not None:
+        tensors["handles.embeddings_2"] = scene.embeddings_2.detach().float().cpu().contiguous()
     for component, state in scene.weights.items():
         for key, value in state.items():
             value = value.detach().cpu()
@@ -118,7 +144,7 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
             tensors[f"{component}.{key}"] = value.contiguous().clone()
     for name, data in scene.files.items():
         tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
-    meta = dict(scene.meta, format_version=FORMAT_VERSION, weights_dtype=save_dtype)
+    meta = dict(scene.meta, format_version=2 if scene.family.is_xl else 1, weights_dtype=save_dtype)
     path = Path(path)
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)}))
     scene.path = path
@@ -154,7 +180,8 @@ def read_metadata(path: Path) -> dict:
     problem = metadata_problem(meta)
     if problem:
         raise BundleError(f"{path} is not a valid scene: {problem}")
-    for key in ("handles.embeddings", "source.image", "source.masks"):
+    xl = Scene(meta=meta, embeddings=None, image=None, masks=None).family.is_xl
+    for key in ("handles.embeddings", "source.image", "source.masks", *(("handles.embeddings_2",) if xl else ())):
         if key not in keys:
             raise BundleError(f"{path} is incomplete: tensor {key!r} is missing")
     return meta
@@ -184,6 +211,13 @@ def metadata_problem(meta: dict) -> str | None:
         return "two handles have the same name"
     if not isinstance(base, dict) or not isinstance(base.get("id"), str) or not base.get("id") or not base.get("fingerprint"):
         return "its base model is missing or damaged"
+    from .families import SUPPORTED
+
+    family = base.get("family", "")
+    if family and family not in SUPPORTED:
+        return f"its base model family {str(family)[:40]!r} is not one scenebreak knows ({', '.join(SUPPORTED)})"
+    if family == "SDXL" and meta.get("format_version", 0) < 2:
+        return "an SDXL scene needs format 2"
     if not isinstance(resolution, int) or isinstance(resolution, bool) or not 8 <= resolution <= MAX_RESOLUTION or resolution % 8:
         return f"resolution {str(resolution)[:20]} is not a multiple of 8 between 8 and {MAX_RESOLUTION}"
     name = meta.get("name")
@@ -194,13 +228,13 @@ def metadata_problem(meta: dict) -> str | None:
         rank = lora.get("rank") if isinstance(lora, dict) else None
         if not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK or not isinstance(lora.get("alpha"), (int, float)):
             return f"its LoRA rank is not between 1 and {MAX_LORA_RANK}"
-        for key in ("unet_targets", "text_encoder_targets"):
+        for key in ("unet_targets", "text_encoder_targets"):  # (the same targets in every text encoder)
             targets = lora.get(key)
             if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
                 return f"its LoRA {key} are damaged"
     configs = meta.get("configs")
-    if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in
-                                                                       ("unet", "vae", "text_encoder", "scheduler"))):
+    needed = ("unet", "vae", "text_encoder", "scheduler") + (("text_encoder_2",) if family == "SDXL" else ())
+    if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)):
         return "its model configs are damaged"
     return None
 
@@ -219,11 +253,12 @@ def _long_string(value, depth: int = 0) -> str | None:
     return None
 
 
-def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict) -> None:
+def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict, embeddings_2=None) -> None:
     """The tensors agree with the metadata, and file entries are only tokenizer files."""
     n, r = len(meta["handles"]), meta["resolution"]
-    if tuple(embeddings.shape[:1]) != (n,) or embeddings.ndim != 2:
-        raise BundleError(f"{path} is not a valid scene: {n} handles but embeddings of shape {tuple(embeddings.shape)}")
+    for rows in (embeddings, embeddings_2):
+        if rows is not None and (tuple(rows.shape[:1]) != (n,) or rows.ndim != 2):
+            raise BundleError(f"{path} is not a valid scene: {n} handles but embeddings of shape {tuple(rows.shape)}")
     if tuple(image.shape) != (r, r, 3) or tuple(masks.shape) != (n, r, r):
         raise BundleError(f"{path} is not a valid scene: its image or masks do not match resolution {r} and {n} handles")
     for name in files:
@@ -234,7 +269,7 @@ def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict
 def is_tokenizer_entry(name: str) -> bool:
     """Whether a `file.*` entry name is one of the tokenizer files a scene may hold."""
     folder, _, base = name.partition("/")
-    return folder == "tokenizer" and base in TOKENIZER_FILES
+    return folder in TOKENIZER_FOLDERS and base in TOKENIZER_FILES
 
 
 def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
@@ -250,6 +285,7 @@ def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
     try:
         with safe_open(str(path), framework="pt") as f:
             embeddings = f.get_tensor("handles.embeddings")
+            embeddings_2 = f.get_tensor("handles.embeddings_2") if "handles.embeddings_2" in f.keys() else None
             image = f.get_tensor("source.image").numpy()
             masks = f.get_tensor("source.masks").numpy()
             for key in f.keys():
@@ -269,8 +305,9 @@ def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
         empty = [c for c, s in scene_weights.items() if not s]
         if empty:
             raise BundleError(f"{path} holds no {', '.join(empty)} weights, so it cannot generate")
-    _check_tensors(path, meta, embeddings, image, masks, files)
-    return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path)
+    _check_tensors(path, meta, embeddings, image, masks, files, embeddings_2)
+    return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path,
+                 embeddings_2=embeddings_2)
 
 
 def open_scene(scene) -> Scene:
@@ -285,18 +322,20 @@ def list_scenes() -> list[Path]:
 
 # -- assembling a scene from a finished training run ---------------------------------------------
 
-def tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """The tokenizer's files (handles included), as the scene stores them."""
+def tokenizer_files(tokenizer, folder: str = "tokenizer") -> dict[str, bytes]:
+    """The tokenizer's files (handles included), as the scene stores them under `folder`."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return {f"tokenizer/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+        return {f"{folder}/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir())
+                if p.is_file() and p.name in TOKENIZER_FILES}
 
 
-def tokenizer_from_files(files: dict[str, bytes]):
-    """The tokenizer a scene stores, rebuilt in a private temp folder (mode 0700) that
-    only ever receives the allowed tokenizer file names, whatever the scene says."""
+def tokenizer_from_files(files: dict[str, bytes], folder: str = "tokenizer"):
+    """The tokenizer a scene stores under `folder`, rebuilt in a private temp folder
+    (mode 0700) that only ever receives the allowed tokenizer file names, whatever the
+    scene says."""
     import tempfile
 
     from transformers import AutoTokenizer
@@ -305,7 +344,10 @@ def tokenizer_from_files(files: dict[str, bytes]):
         for name, data in files.items():
             if not is_tokenizer_entry(name):
                 raise BundleError(f"not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
-            (Path(tmp) / name.partition("/")[2]).write_bytes(data)
+            if name.partition("/")[0] == folder:
+                (Path(tmp) / name.partition("/")[2]).write_bytes(data)
+        if not any(Path(tmp).iterdir()):
+            raise BundleError(f"not a valid scene: it holds no {folder} files")
         return AutoTokenizer.from_pretrained(tmp)
 
 
@@ -346,7 +388,8 @@ def scene_metadata(*, name: str, tokens: list[str], components, prepared, config
         **({"lora": lora_settings(config.rank)} if config.tune == "lora" else {}),
         "device": device.name,
         "seconds": round(seconds, 2),
-        "configs": {"unet": model_config(c.unet), "vae": model_config(c.vae), "text_encoder": model_config(c.text_encoder),
+        "configs": {"unet": model_config(c.unet), "vae": model_config(c.vae),
+                    **{name: model_config(te) for name, te in zip(c.family.text_encoders, c.text_encoders)},
                     "scheduler": dict(c.scheduler_config)},
     }
 
@@ -358,14 +401,18 @@ def scene_from_training(components, meta: dict, prepared) -> Scene:
     from .tokens import remove_handle_embedding
 
     c = components
-    handles = remove_handle_embedding(c.text_encoder)
+    handles = [remove_handle_embedding(te) for te in c.text_encoders]
+    encoders = dict(zip(c.family.text_encoders, c.text_encoders))
     if meta["tuning"] == "lora" and not meta["standalone"]:
         # Only the adapters: the scene loads them onto its recorded base model.
-        weights = {"unet_lora": lora_state_dict(c.unet), "text_encoder_lora": lora_state_dict(c.text_encoder)}
+        weights = {"unet_lora": lora_state_dict(c.unet), **{f"{n}_lora": lora_state_dict(te) for n, te in encoders.items()}}
     else:
         if meta["tuning"] == "lora":
-            merge_lora(c.unet)
-            merge_lora(c.text_encoder)
-        weights = {"unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict(), "vae": c.vae.state_dict()}
-    return Scene(meta=meta, embeddings=handles, image=np.asarray(prepared.image), masks=prepared.masks, weights=weights,
-                 files=tokenizer_files(c.tokenizer))
+            for model in (c.unet, *c.text_encoders):
+                merge_lora(model)
+        weights = {"unet": c.unet.state_dict(), **{n: te.state_dict() for n, te in encoders.items()}, "vae": c.vae.state_dict()}
+    files = {}
+    for tokenizer, folder in zip(c.tokenizers, c.family.tokenizers):
+        files.update(tokenizer_files(tokenizer, folder))
+    return Scene(meta=meta, embeddings=handles[0], image=np.asarray(prepared.image), masks=prepared.masks, weights=weights,
+                 files=files, embeddings_2=handles[1] if len(handles) > 1 else None)

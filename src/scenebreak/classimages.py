@@ -15,20 +15,20 @@ STEPS = 50
 GUIDANCE = 7.5
 
 
-def cache_folder(fingerprint: str, prompt: str, resolution: int) -> Path:
-    key = json.dumps([fingerprint, prompt, resolution, STEPS, GUIDANCE, "ddim"])
+def cache_folder(fingerprint: str, prompt: str, resolution: int, guidance: float = GUIDANCE) -> Path:
+    key = json.dumps([fingerprint, prompt, resolution, STEPS, guidance, "ddim"])
     return class_images_dir() / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int) -> list[Path]:
+def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int, guidance: float = GUIDANCE) -> list[Path]:
     """Where class images 0..count-1 for this model, prompt and size live (made or not)."""
-    folder = cache_folder(fingerprint, prompt, resolution)
+    folder = cache_folder(fingerprint, prompt, resolution, guidance)
     return [folder / f"{i:04d}.png" for i in range(count)]
 
 
-def missing_count(fingerprint: str, prompt: str, resolution: int, count: int) -> int:
+def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, guidance: float = GUIDANCE) -> int:
     """How many of those class images still have to be made."""
-    return sum(not p.exists() for p in class_image_paths(fingerprint, prompt, resolution, count))
+    return sum(not p.exists() for p in class_image_paths(fingerprint, prompt, resolution, count, guidance))
 
 
 def ensure_class_images(components, device, prompt: str, count: int, resolution: int, amp_dtype=None,
@@ -36,7 +36,7 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
     """The paths of `count` class images, generating only the ones not cached yet, in
     the training's precision `amp_dtype` (None: fp32). Image i is always made from
     seed i, so the cache grows consistently."""
-    paths = class_image_paths(components.base.fingerprint, prompt, resolution, count)
+    paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family.guidance)
     folder = paths[0].parent
     if all(p.exists() for p in paths):
         report(Message(f"using {count} cached class images from {folder}"))
@@ -64,16 +64,16 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
         info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "base_model": components.base.to_dict()}, indent=2))
     report(Message(f"generating {len(todo)} class images for {prompt!r} (once; cached in {folder})"))
     c = components
-    for model in (c.unet, c.vae, c.text_encoder):
+    for model in c.models():
         model.to(device.torch)
-    pipe = make_pipeline(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config)
+    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config)
     batch = images_per_pass(device, batch_size)
     autocast = device.autocast(amp_dtype)
     total, done = len(todo) * STEPS, 0
     report(Progress("class images", 0, total))
     for start in range(0, len(todo), batch):
         chunk = todo[start:start + batch]
-        images = sample(pipe, prompt, [i for i, _ in chunk], steps=STEPS, guidance=GUIDANCE, resolution=resolution,
+        images = sample(pipe, prompt, [i for i, _ in chunk], steps=STEPS, guidance=c.family.guidance, resolution=resolution,
                         autocast=autocast, report=report, task="class images", done=done, total=total)
         for (_, path), image in zip(chunk, images):
             write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))

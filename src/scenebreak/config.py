@@ -21,7 +21,7 @@ DEFAULT_CLASS_PROMPT = "a photo at the beach"
 BACKGROUND_TOKEN = "<background>"
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 MEMORY_POLICIES = ("auto", "fast", "low")
-TUNINGS = ("full", "lora")
+TUNINGS = ("auto", "full", "lora")
 SAVE_DTYPES = ("fp16", "fp32")
 # Grounding DINO tiny (172M) finds boxes for free text well at ~1 s per prompt on a
 # CPU; SAM ViT-B (94M) is 2.5x smaller than ViT-L/H for masks that are nearly as
@@ -96,11 +96,11 @@ class LearnConfig:
     optimizer_in_backward: bool = setting(
         False, "Phase 2: step each tensor as soon as its gradient is ready (part of --memory low).", cli=False)
     tune: str = setting(
-        "full", "Phase 2 tunes all UNet and text-encoder weights (the paper), or LoRA adapters: less memory, "
-        "a ~40 MB scene, weaker likeness.", choices=TUNINGS)
+        "auto", "Phase 2 tunes all UNet and text-encoder weights (full, the paper), or LoRA adapters: less memory, "
+        "a ~40 MB scene, weaker likeness; auto: full where --memory can make it fit, else LoRA.", choices=TUNINGS)
     rank: int = setting(32, "LoRA rank (--tune lora).")
     lr_lora: float = setting(1e-4, "Phase-2 learning rate of the LoRA adapters (the handles keep --lr2).")
-    standalone: bool = setting(False, "--tune lora: bake the adapters into full weights, so the scene needs no base model.")
+    standalone: bool = setting(False, "LoRA tuning: bake the adapters into full weights, so the scene needs no base model.")
     compile: bool = setting(False, "torch.compile the UNet: faster steps on CUDA after a compile of a minute or two.")
     save_dtype: str = setting("fp16", "Precision of the weights stored in the scene.", choices=SAVE_DTYPES)
     checkpoint_every: int = setting(
@@ -134,8 +134,8 @@ class LearnConfig:
                 raise InvalidInput(f"unknown {name} {value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
         if self.rank < 1 or self.lr_lora <= 0:
             raise InvalidInput("--rank must be >= 1 and --lr-lora > 0")
-        if self.standalone and self.tune != "lora":
-            raise InvalidInput("--standalone only applies to --tune lora (full tuning is always standalone)")
+        if self.standalone and self.tune == "full":
+            raise InvalidInput("--standalone only applies to --tune lora or auto (full tuning is always standalone)")
         if self.checkpoint_every < 0:
             raise InvalidInput("--checkpoint-every must be >= 0")
         for flag, values in (("--names", self.names), ("--init-words", self.init_words)):
@@ -166,13 +166,14 @@ class GenerateConfig:
 
     num_images: int = setting(1, "Images per prompt.", flags=("-n", "--num-images"))
     steps: int = setting(50, "DDIM steps.")
-    guidance: float = setting(7.5, "Classifier-free guidance scale.")
+    guidance: float | None = setting(None, "Classifier-free guidance scale (default: the model's usual, 7.5; SDXL 5).")
     negative: str | None = setting(None, "Negative prompt.")
     seed: int | None = setting(None, "Seed of image 1; image i uses seed+i-1 (default: random, reported).")
     batch_size: int | None = setting(None, "Images per forward pass (default: 4 on CUDA, else 1).")
 
     def validate(self) -> "GenerateConfig":
-        _finite(guidance=self.guidance)
+        if self.guidance is not None:
+            _finite(guidance=self.guidance)
         if self.seed is not None:
             _seed(self.seed)
         if self.steps > MAX_STEPS or self.num_images > MAX_IMAGES:

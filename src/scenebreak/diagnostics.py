@@ -18,29 +18,31 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     from PIL import Image
 
     from .attention import AttentionStore, capture_cross_attention
+    from .families import encode_prompts, time_ids
     from .scene_models import scene_components
     from .images import image_to_tensor
     from .tokens import handle_positions, prompt_for
 
     scene = open_scene(scene)
     device = device if isinstance(device, Device) else choose_device(device)
-    unet, vae, text_encoder, tokenizer = scene_components(scene, device, dtype=torch.float32)
+    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=torch.float32)
     scheduler = DDPMScheduler.from_config(scene.meta["configs"]["scheduler"])
     dev = device.torch
     pixels = image_to_tensor(Image.fromarray(scene.image)).to(dev)
-    ids = tokenizer(prompt_for(scene.tokens), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(dev)
-    positions = handle_positions(ids[0], tokenizer.convert_tokens_to_ids(scene.tokens))
+    ids = [tok(prompt_for(scene.tokens), padding="max_length", max_length=tok.model_max_length,
+               truncation=True, return_tensors="pt").input_ids.to(dev) for tok in tokenizers]
+    positions = handle_positions(ids[0][0], tokenizers[0].convert_tokens_to_ids(scene.tokens))
+    size = (scene.resolution, scene.resolution)
     generator = torch.Generator("cpu").manual_seed(seed)
     store = AttentionStore(example=0)
     total = None
     with torch.no_grad(), capture_cross_attention(unet, store):
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-        hidden = text_encoder(ids)[0]
+        hidden, added = encode_prompts(scene.family, text_encoders, ids, time_ids(size, size))
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(dev)
             step = torch.tensor([t], device=dev)
-            unet(scheduler.add_noise(latents, noise, step), step, hidden)
+            unet(scheduler.add_noise(latents, noise, step), step, hidden, added_cond_kwargs=added)
             maps = store.token_maps(positions)
             total = maps if total is None else total + maps
             store.clear()

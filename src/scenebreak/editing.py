@@ -115,7 +115,7 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
             raise InvalidInput(f"{output} is not an image: --overwrite replaces only images; choose another --output")
     run = start(scene, prompts, config, device=device, base_model=base_model, report=report)
     seeds = [run.seed + i for i in range(config.num_images)]
-    edited = blend_regions(run.pipe, np.asarray(source), masks, prompts, seeds, config, run.scene.resolution,
+    edited = blend_regions(run.pipe, np.asarray(source), masks, prompts, seeds, run.config, run.scene.resolution,
                            names=[f"mask {p}" for p in mask_paths], report=report)
     label, images = " | ".join(prompts), []
     for s, array in zip(seeds, edited):
@@ -148,11 +148,11 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
                 report=report)
     seed = run.seed
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
-    [plate] = blend_regions(run.pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], config,
+    [plate] = blend_regions(run.pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], run.config,
                             scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
     images = [GeneratedImage(save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png"), plate_prompt, seed, kind="plate")]
     if variations:
-        sampling = dataclasses.replace(config, num_images=variations)
+        sampling = dataclasses.replace(run.config, num_images=variations)
         for image in sample_to_files(run.pipe, scene, [template], sampling, seed, out_dir, f"{scene.name}-background", report):
             image.kind = "variation"
             images.append(image)

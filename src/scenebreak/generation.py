@@ -39,4 +39,4 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
         prompts = [variation_prompt(scene)]
     run = start(scene, prompts, config, device=device, base_model=base_model, out_dir=Path(out_dir), report=report)
     warn_cpu_time(run.pipe, len(prompts) * config.num_images * config.steps, scene.resolution**2, report)
-    return run.result(sample_to_files(run.pipe, scene, prompts, config, run.seed, Path(out_dir), scene.name, report))
+    return run.result(sample_to_files(run.pipe, scene, prompts, run.config, run.seed, Path(out_dir), scene.name, report))

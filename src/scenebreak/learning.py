@@ -4,6 +4,7 @@ orchestrates; the trainer, the memory plan, checkpoints and the bundle do the wo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -109,7 +110,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         from .optim import check_adam_8bit
 
         check_adam_8bit(device)
-    if config.tune == "lora":
+    if config.tune == "lora":  # (auto checks once it has chosen LoRA)
         from .lora import require_peft
 
         require_peft()
@@ -135,7 +136,12 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     state = checkpoints.load(report) if resume else None
     if state is None and checkpoints.path.exists():
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
-    plan = _plan(config, components, device, resolution, amp_dtype, report)
+    plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None)
+    config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
+    if config.tune == "lora":
+        from .lora import require_peft
+
+        require_peft()
 
     from .classimages import ensure_class_images
     from .tokens import add_handles
@@ -148,8 +154,12 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
             if config.prior:
                 class_images = ensure_class_images(components, device, config.class_prompt, config.num_class_images,
                                                    resolution, amp_dtype, report=report, should_stop=stop)
-            handle_ids = add_handles(components.tokenizer, components.text_encoder, tokens, config.handle_init_words())
-            inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), handle_ids, class_images)
+            # Every text encoder gets the handles, each initialised by the same rule in its own table.
+            handle_ids = [add_handles(tokenizer, text_encoder, tokens, config.handle_init_words())
+                          for tokenizer, text_encoder in zip(components.tokenizers, components.text_encoders)][0]
+            left, top, right, bottom = prepared.crop_box
+            inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), handle_ids, class_images,
+                                 crop_size=(bottom - top, right - left))
             trainer = Trainer(components, inputs, config, device, tokens, plan=plan, amp_dtype=amp_dtype)
             if state is not None:
                 for note in trainer.load_state_dict(state):
@@ -250,11 +260,13 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     return components, resolution, prepare(image, masks, resolution, background=config.background)
 
 
-def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_dtype, report: Reporter):
-    """The memory plan, said out loud; on the CPU, with how long the run will take."""
+def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_dtype, report: Reporter,
+          resumed_tuning: str | None = None):
+    """The memory plan (and the tuning), said out loud; on the CPU, with how long the run will take."""
     from .memory import choose
 
-    plan = choose(config, components, device, resolution, amp_dtype)
+    plan = choose(config, components, device, resolution, amp_dtype, resumed_tuning)
+    config = dataclasses.replace(config, tune=plan.tune)
     report(Message(plan.describe()))
     for warning in plan.warnings:
         report(Message(warning, "warning"))
@@ -262,7 +274,8 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
         from .classimages import STEPS, missing_count
         from .estimates import cpu_training_estimate
 
-        missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images) if config.prior else 0
+        missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
+                                components.family.guidance) if config.prior else 0
         report(Message(cpu_training_estimate(components.unet, resolution, config, plan, missing, STEPS, bf16=amp_dtype is not None),
                        "warning"))
     return plan

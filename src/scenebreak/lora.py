@@ -29,14 +29,16 @@ def lora_settings(rank: int) -> dict:
     return {"rank": rank, "alpha": rank, "unet_targets": UNET_TARGETS, "text_encoder_targets": TEXT_ENCODER_TARGETS}
 
 
-def add_lora(unet, text_encoder, settings: dict) -> list[torch.nn.Parameter]:
-    """Put adapters into both models (in place); returns their parameters."""
+def add_lora(unet, text_encoders: list, settings: dict) -> list[torch.nn.Parameter]:
+    """Put adapters into the UNet and every text encoder (in place: SDXL has two, with
+    the same targets); returns their parameters."""
     peft = require_peft()
-    for model, targets in ((unet, settings["unet_targets"]), (text_encoder, settings["text_encoder_targets"])):
+    models = [(unet, settings["unet_targets"])] + [(te, settings["text_encoder_targets"]) for te in text_encoders]
+    for model, targets in models:
         config = peft.LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=targets,
                                  lora_dropout=0.0, init_lora_weights=True)
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    return lora_parameters(unet) + lora_parameters(text_encoder)
+    return [p for model, _ in models for p in lora_parameters(model)]
 
 
 def lora_parameters(model) -> list[torch.nn.Parameter]:

@@ -9,6 +9,11 @@ fit, decided once before training and explained.
   moved off it once the latents are cached.
 - auto: low when the fast way would not fit in the memory the device has free, and
   for LoRA on the CPU, where it costs 9% time for 35% less memory (measured).
+
+It also settles `--tune auto` (the default): full tuning (the paper) where the memory
+policy can make it fit, LoRA otherwise (SDXL's 3.5 billion weights with fp32 AdamW
+need over 50 GB); and on GPUs, weights that never train (the base model under LoRA)
+are kept in the autocast precision.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class MemoryPlan:
     offload_vae: bool  # the VAE leaves the GPU once every latent is cached
     reason: str = ""  # why auto chose this policy ("" when asked for)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    tune: str = "full"  # full | lora: what phase 2 tunes (settles --tune auto)
+    tune_reason: str = ""  # why --tune auto chose it
+    half_frozen: bool = False  # never-trained weights live in the autocast precision (GPUs)
 
     def describe(self) -> str:
         if self.policy == "fast":
@@ -50,7 +58,12 @@ class MemoryPlan:
             parts.append("8-bit AdamW")
         elif self.policy == "fast" and self.gradient_checkpointing:
             parts.append("gradient checkpointing")
-        return f"memory: {self.policy} ({', '.join(parts)}{'; ' + self.reason if self.reason else ''})"
+        if self.half_frozen:
+            parts.append("frozen weights in half precision")
+        text = f"memory: {self.policy} ({', '.join(parts)}{'; ' + self.reason if self.reason else ''})"
+        if self.tune_reason:
+            text += f"; tuning: {self.tune} ({self.tune_reason})"
+        return text
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "warnings"}
@@ -86,9 +99,9 @@ def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: boo
     def count(*models) -> int:
         return sum(p.numel() for m in models for p in m.parameters())
 
-    tunable = count(components.unet, components.text_encoder)
+    tunable = count(components.unet, *components.text_encoders)
     total = tunable + count(components.vae)
-    trained = 0 if config.tune == "lora" else tunable  # LoRA adapters are a few million parameters
+    trained = 0 if config.tune == "lora" else tunable  # LoRA adapters are a few million parameters (auto: sized as full)
     examples = 2 if config.prior else 1
     activations = ACTIVATIONS_PER_EXAMPLE_512 * size_scale(components.unet, resolution**2) * examples
     if not low:
@@ -98,13 +111,41 @@ def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: boo
     return int(4 * total + per_trained * trained + activations / 4)
 
 
-def choose(config: LearnConfig, components, device, resolution: int, amp_dtype) -> MemoryPlan:
+def choose_tuning(config: LearnConfig, components, device, resolution: int, amp_dtype, resumed: str | None = None
+                  ) -> tuple[str, str]:
+    """What phase 2 tunes, and why: `config.tune` when it is not auto; the tuning of the
+    run being resumed; else full where `--memory` can make it fit, LoRA otherwise."""
+    import dataclasses
+
+    from .optim import bitsandbytes_available
+
+    if config.tune != "auto":
+        return config.tune, ""
+    if resumed in ("full", "lora"):
+        return resumed, "as in the run being resumed"
+    full = dataclasses.replace(config, tune="full")
+    low = config.memory != "fast"
+    eight_bit = config.adam_8bit or (low and device.type == "cuda" and bitsandbytes_available())
+    need = phase2_bytes(components, full, resolution, amp_dtype is not None, low=low, adam_8bit=eight_bit)
+    free = available_bytes(device)
+    if need <= 0.9 * free:
+        return "full", f"full tuning needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
+    return "lora", f"full tuning would need about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
+
+
+def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, resumed_tuning: str | None = None
+           ) -> MemoryPlan:
     """The plan for `config.memory` on this device, with the training precision
-    `amp_dtype` (None: fp32) already resolved."""
+    `amp_dtype` (None: fp32) already resolved; `resumed_tuning` is the tuning of the
+    checkpoint being resumed, which `--tune auto` keeps."""
+    import dataclasses
+
     import torch
 
     from .optim import BNB_HINT, bitsandbytes_available
 
+    tune, tune_reason = choose_tuning(config, components, device, resolution, amp_dtype, resumed_tuning)
+    config = dataclasses.replace(config, tune=tune)
     half = amp_dtype is not None
     policy, reason, free = config.memory, "", None
     if policy == "auto" and config.tune == "lora" and device.type == "cpu":
@@ -137,4 +178,7 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype) 
         offload_vae=low and device.type != "cpu",
         reason=reason,
         warnings=tuple(warnings),
+        tune=tune,
+        tune_reason=tune_reason,
+        half_frozen=half and device.type != "cpu",
     )

@@ -26,6 +26,8 @@ _DIFFUSERS_HUB_FILES = [
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
+# SDXL's second tokenizer and text encoder (OpenCLIP-G) too.
+_SDXL_HUB_FILES = _DIFFUSERS_HUB_FILES + ["tokenizer_2/*", "text_encoder_2/config.json", "text_encoder_2/model.safetensors"]
 # A transformers model (detector, segmenter): configs, tokenizer files and safetensors weights.
 _TRANSFORMERS_HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
@@ -38,7 +40,7 @@ class BaseModel:
     revision: str | None
     commit: str | None  # the hub snapshot actually used
     fingerprint: str  # sha256 of the configs and the token-embedding matrix
-    family: str = ""  # "SD 1.x" | "SD 2.x" (families.py)
+    family: str = ""  # "SD 1.x" | "SD 2.x" | "SDXL" (families.py)
 
     def to_dict(self) -> dict:
         return dict(id=self.id, revision=self.revision, commit=self.commit, fingerprint=self.fingerprint, family=self.family)
@@ -46,12 +48,35 @@ class BaseModel:
 
 @dataclass
 class Components:
+    """A base model's parts, in fp32 on the CPU. SD 1.x/2.x have one text encoder and
+    tokenizer, SDXL two (`family.text_encoders` names them)."""
+
     unet: object
     vae: object
-    text_encoder: object
-    tokenizer: object
+    text_encoders: list
+    tokenizers: list
     scheduler_config: dict
     base: BaseModel
+    family: "Family" = None  # noqa: F821 - families.Family
+
+    def __post_init__(self):
+        if self.family is None:
+            from .families import family_named
+
+            self.family = family_named(self.base.family, self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def text_encoder(self):
+        """The first text encoder (the only one before SDXL)."""
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    def models(self) -> list:
+        """Every network: UNet, VAE, then the text encoders."""
+        return [self.unet, self.vae, *self.text_encoders]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -86,23 +111,25 @@ def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Pat
         folder = Path(base_model).expanduser()
         if not folder.is_dir():
             raise InvalidInput(f"base model folder not found: {folder}")
-        detect_family(folder, f"the base model {folder}")
-        if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
-            raise InvalidInput(f"{folder} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
+        family = detect_family(folder, f"the base model {folder}")
+        for part in ("unet", *family.text_encoders, *family.tokenizers):
+            if not (folder / part).is_dir():
+                raise InvalidInput(f"{folder} is not a diffusers {family.name} folder (no {part}/)")
         return folder, None
     configs, _ = hub_snapshot(base_model, revision, CONFIG_FILES)
-    detect_family(configs, f"the base model {base_model}")
-    return hub_snapshot(base_model, revision, _DIFFUSERS_HUB_FILES)
+    family = detect_family(configs, f"the base model {base_model}")
+    return hub_snapshot(base_model, revision, _SDXL_HUB_FILES if family.is_xl else _DIFFUSERS_HUB_FILES)
 
 
 WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors",
-                "vae": "vae/diffusion_pytorch_model.safetensors"}
+                "text_encoder_2": "text_encoder_2/model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
 
 
 def parameter_counts(folder: Path) -> dict[str, int]:
     """Parameters of each component, read from the safetensors headers alone (no weight
     is loaded): enough to size what a run will write before it starts. A component
-    whose file is missing or unreadable counts 0 (loading it will say what is wrong)."""
+    whose file is missing or unreadable counts 0 (loading it will say what is wrong),
+    as does SD 1.x/2.x's absent second text encoder."""
     from safetensors import safe_open
 
     counts = {}
@@ -197,15 +224,17 @@ def model_type(folder: Path) -> str:
         return ""
 
 
-def fingerprint(unet, vae, text_encoder) -> str:
-    """A content hash that tells base models apart without reading every weight."""
+def fingerprint(unet, vae, *text_encoders) -> str:
+    """A content hash that tells base models apart without reading every weight (for
+    SD 1.x/2.x exactly what it was before SDXL: scenes keep matching their base)."""
     digest = hashlib.sha256()
-    for model in (unet, vae, text_encoder):
+    for model in (unet, vae, *text_encoders):
         config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
         config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    embedding = text_encoder.get_input_embeddings().weight.detach()
-    digest.update(embedding.float().cpu().contiguous().numpy().tobytes())
+    for text_encoder in text_encoders:
+        embedding = text_encoder.get_input_embeddings().weight.detach()
+        digest.update(embedding.float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -225,34 +254,37 @@ def quiet_libraries() -> None:
 
 def load_components(base_model: str, revision: str | None = None,
                     resolved: tuple[Path, str | None] | None = None) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and scheduler config in fp32 on the CPU;
-    `resolved` is what resolve_model_dir already returned for them, if it was called."""
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and scheduler config in fp32 on the
+    CPU; `resolved` is what resolve_model_dir already returned for them, if it was called."""
     quiet_libraries()
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .families import detect_family
 
     folder, commit = resolved or resolve_model_dir(base_model, revision)
+    family = detect_family(folder, f"the base model {base_model}")
+    # SDXL's second encoder (OpenCLIP-G) also gives the pooled projection the UNet takes.
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         vae = AutoencoderKL.from_pretrained(folder / "vae")
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        text_encoders = [classes[name].from_pretrained(folder / name) for name in family.text_encoders]
+        tokenizers = [AutoTokenizer.from_pretrained(folder / name) for name in family.tokenizers]
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelNotAvailable(
             f"cannot load the base model from {folder}: {exc}. Fix: download it again "
             f"(`hf download {shlex.quote(base_model)}`) or pass --base-model /path/to/a/diffusers/folder"
         ) from exc
-    for model in (unet, vae, text_encoder):
+    for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
         model.eval()
-    from .families import detect_family
-
     base = BaseModel(
         id=base_model if commit else str(Path(base_model).expanduser().resolve()),
         revision=revision,
         commit=commit,
-        fingerprint=fingerprint(unet, vae, text_encoder),
-        family=detect_family(folder, f"the base model {base_model}").name,
+        fingerprint=fingerprint(unet, vae, *text_encoders),
+        family=family.name,
     )
-    return Components(unet, vae, text_encoder, tokenizer, scheduler_config, base)
+    return Components(unet, vae, text_encoders, tokenizers, scheduler_config, base, family)

@@ -4,6 +4,7 @@ result types."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import time
@@ -50,6 +51,7 @@ class SamplingRun:
     pipe: object
     seed: int
     started: float
+    config: GenerateConfig  # as given, with the family's defaults filled in (guidance)
 
     def result(self, images: list[GeneratedImage]) -> GenerateResult:
         return GenerateResult(self.scene.name, images, time.perf_counter() - self.started)
@@ -69,7 +71,9 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     seed = pick_seed(config, report)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return SamplingRun(scene, open_pipeline(scene, device, base_model), seed, started)
+    if config.guidance is None:
+        config = dataclasses.replace(config, guidance=scene.family.guidance)
+    return SamplingRun(scene, open_pipeline(scene, device, base_model), seed, started, config)
 
 
 def check_prompts(scene: Scene, prompts: list[str]) -> None:

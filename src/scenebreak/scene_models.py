@@ -1,6 +1,6 @@
 """A learned scene's models, ready to sample: rebuilt from the scene's own weights,
-or for a LoRA scene, its base model with the adapters merged in; and the DDIM
-pipeline over them."""
+or for a LoRA scene, its base model with the adapters merged in; and the pipeline
+of its family over them."""
 
 from __future__ import annotations
 
@@ -10,51 +10,58 @@ from .errors import BundleError, InvalidInput, ModelNotAvailable
 
 
 def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None):
-    """UNet, VAE, text encoder and tokenizer of a scene on `device` in `dtype` (default:
-    the device's sampling precision); `base_model` says where a LoRA scene's base model
-    is, if not where the scene recorded it."""
+    """UNet, VAE, text encoders and tokenizers (lists: two on SDXL) of a scene on
+    `device` in `dtype` (default: the device's sampling precision); `base_model` says
+    where a LoRA scene's base model is, if not where the scene recorded it."""
     import torch
 
     if not scene.weights:
         # A LoRA scene's adapters are merged on the CPU, where its base model loads.
         scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
     dtype = dtype or device.infer_dtype()
-    tokenizer = tokenizer_from_files(scene.files)
+    family = scene.family
+    tokenizers = [tokenizer_from_files(scene.files, folder) for folder in family.tokenizers]
     if scene.needs_base_model:
-        unet, vae, text_encoder = base_with_lora(scene, base_model, len(tokenizer))
+        unet, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers])
     else:
-        unet, vae, text_encoder = own_weights(scene, dtype)
-    for model in (unet, vae, text_encoder):
+        unet, vae, text_encoders = own_weights(scene, dtype)
+    for model in (unet, vae, *text_encoders):
         model.to(device.torch, dtype).eval().requires_grad_(False)
+    if dtype == torch.float16 and family.is_xl and vae.config.get("force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config says so)
     # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
-    ids = tokenizer.convert_tokens_to_ids(scene.tokens)
-    emb = text_encoder.get_input_embeddings().weight
-    if any(i is None or i >= emb.shape[0] for i in ids):
-        raise InvalidInput(f"scene {scene.name!r}: tokenizer and text encoder disagree on the handles")
-    with torch.no_grad():
-        emb[ids] = scene.embeddings.to(emb.device, emb.dtype)
-    return unet, vae, text_encoder, tokenizer
+    for tokenizer, text_encoder, rows in zip(tokenizers, text_encoders, scene.handle_embeddings):
+        ids = tokenizer.convert_tokens_to_ids(scene.tokens)
+        emb = text_encoder.get_input_embeddings().weight
+        if any(i is None or i >= emb.shape[0] for i in ids) or rows.shape[1] != emb.shape[1]:
+            raise InvalidInput(f"scene {scene.name!r}: tokenizer and text encoder disagree on the handles")
+        with torch.no_grad():
+            emb[ids] = rows.to(emb.device, emb.dtype)
+    return unet, vae, text_encoders, tokenizers
 
 
 def own_weights(scene: Scene, dtype):
-    """UNet, VAE and text encoder of a self-contained scene, built empty from the
+    """UNet, VAE and text encoders of a self-contained scene, built empty from the
     recorded configs and filled with its weights."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     configs = scene.meta["configs"]
+    names = scene.family.text_encoders
+    # SDXL's second encoder also gives the pooled projection its UNet takes.
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     with init_empty_weights():  # no random init of weights we overwrite anyway
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+        text_encoders = [classes[name](CLIPTextConfig(**configs[name])) for name in names]
+    for model, name in ((unet, "unet"), (vae, "vae"), *zip(text_encoders, names)):
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
         model.load_state_dict(state, assign=True, strict=True)
-    return unet, vae, text_encoder
+    return unet, vae, text_encoders
 
 
-def base_with_lora(scene: Scene, base_model: str | None, vocabulary: int):
+def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]):
     """The base model a LoRA scene was learned on (checked by fingerprint), with the
     scene's adapters merged into its weights."""
     from .lora import add_lora, load_lora_state_dict, merge_lora
@@ -69,24 +76,26 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabulary: int):
     if c.base.fingerprint != base["fingerprint"]:
         raise BundleError(f"scene {scene.name!r} was learned on another base model than {base_model or base['id']} "
                           f"(its LoRA adapters need that exact model): pass --base-model with the right one")
-    c.text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
-    add_lora(c.unet, c.text_encoder, scene.meta["lora"])
+    for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
+        text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
+    add_lora(c.unet, c.text_encoders, scene.meta["lora"])
     load_lora_state_dict(c.unet, scene.weights["unet_lora"])
-    load_lora_state_dict(c.text_encoder, scene.weights["text_encoder_lora"])
-    merge_lora(c.unet)  # plain layers again: no adapter cost per step
-    merge_lora(c.text_encoder)
-    return c.unet, c.vae, c.text_encoder
+    for name, text_encoder in zip(c.family.text_encoders, c.text_encoders):
+        load_lora_state_dict(text_encoder, scene.weights[f"{name}_lora"])
+    for model in (c.unet, *c.text_encoders):
+        merge_lora(model)  # plain layers again: no adapter cost per step
+    return c.unet, c.vae, c.text_encoders
 
 
 def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None):
-    """A DDIM text-to-image pipeline over the scene's models."""
+    """A DDIM text-to-image pipeline of the scene's family over its models."""
     from .models import quiet_libraries
     from .pipeline import make_pipeline
 
     quiet_libraries()
-    unet, vae, text_encoder, tokenizer = scene_components(scene, device, dtype=dtype, base_model=base_model)
+    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=dtype, base_model=base_model)
     if device.type == "cuda":
         import torch
 
         unet.to(memory_format=torch.channels_last)  # faster convolutions with cuDNN
-    return make_pipeline(unet, vae, text_encoder, tokenizer, scene.meta["configs"]["scheduler"])
+    return make_pipeline(scene.family, unet, vae, text_encoders, tokenizers, scene.meta["configs"]["scheduler"])

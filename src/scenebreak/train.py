@@ -1,9 +1,11 @@
 """The two-phase Break-A-Scene trainer: one readable loop, run once per phase.
 
 Phase 1 trains only the handle embeddings (lr 5e-4); phase 2 trains the handles,
-the UNet and the text encoder (lr 2e-6) with a fresh AdamW. Each step: flip,
+the UNet and the text encoder(s) (lr 2e-6) with a fresh AdamW. Each step: flip,
 union-sample handles, masked diffusion loss on the instance image, plain
 diffusion loss on one class image, cross-attention loss on the instance only.
+On SDXL every handle has a row in both text encoders' tables, both trained, and the
+UNet also gets the pooled text and the size/crop ids, as its pipeline gives them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .families import encode_prompts, time_ids
 from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
 from .config import LearnConfig
 from .device import Device
@@ -49,8 +52,9 @@ class StepRecord:
 class TrainInputs:
     image: "PIL.Image.Image"  # noqa: F821 - the R x R training crop
     masks: torch.Tensor  # (N, R, R) in {0, 1}
-    handle_ids: list[int]
+    handle_ids: list[int]  # in the first tokenizer (SDXL's second one has the same positions)
     class_images: list[Path] = field(default_factory=list)
+    crop_size: tuple[int, int] | None = None  # (h, w) of the crop in the photo: SDXL's "original size"
 
 
 def sample_handles(rng: random.Random, n: int) -> list[int]:
@@ -105,22 +109,23 @@ class Trainer:
 
             with torch.random.fork_rng(devices=[]):  # the A matrices start random: the same for a seed
                 torch.manual_seed(config.seed)
-                self.lora_params = add_lora(components.unet, components.text_encoder, lora_settings(config.rank))
-        for model in (components.unet, components.vae, components.text_encoder):
+                self.lora_params = add_lora(components.unet, components.text_encoders, lora_settings(config.rank))
+        for model in components.models():
             model.to(dev)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
             components.unet.to(memory_format=torch.channels_last)
         self.unet = compile_unet(components.unet) if config.compile else components.unet
-        self.embedding = install_handle_embedding(components.text_encoder, self.num_handles)
+        # One HandleEmbedding per text encoder: SDXL's handles have a 768- and a 1280-wide row.
+        self.embeddings = [install_handle_embedding(te, self.num_handles) for te in components.text_encoders]
         if plan.gradient_checkpointing:
             components.unet.enable_gradient_checkpointing()
-            te = components.text_encoder
-            if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5
-                te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for te in components.text_encoders:
+                if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5
+                    te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         self.rng = random.Random(config.seed)  # flips, handle subsets, class-image choice
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # noise, timesteps, latent samples
@@ -142,7 +147,14 @@ class Trainer:
             self.attn_masks[flip] = downsample_masks(m, self.latent_size // 4).to(dev)
         self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_ids = self._tokenize(config.class_prompt)
-        self._prompt_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._prompt_cache: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        # SDXL's size/crop ids: the instance is a crop of crop_size from the photo, resized
+        # to the resolution; the class images were made at the resolution.
+        self.time_ids = None
+        if components.family.is_xl:
+            size = (resolution, resolution)
+            self.time_ids = torch.cat([time_ids(inputs.crop_size or size, size), time_ids(size, size)]).to(dev)
+        self._frozen_half = self._cast_frozen_to_half()
         if plan.offload_vae:
             # Every latent cached now, the VAE can leave the GPU for the whole run.
             for index in range(len(inputs.class_images) if config.prior else 0):
@@ -158,10 +170,37 @@ class Trainer:
         self.scaler = None
 
     # -- helpers -----------------------------------------------------------
-    def _tokenize(self, prompt: str) -> torch.Tensor:
-        tok = self.c.tokenizer
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        return ids.to(self.device.torch)
+    @property
+    def embedding(self):
+        """The first text encoder's handle rows (the only ones before SDXL)."""
+        return self.embeddings[0]
+
+    @property
+    def handle_params(self) -> list[torch.nn.Parameter]:
+        return [e.handles for e in self.embeddings]
+
+    def _cast_frozen_to_half(self) -> bool:
+        """Weights that never train live in the autocast precision where the plan says
+        so (on GPUs): the base model under LoRA. The handle rows and the adapters stay
+        fp32; autocast computes in half precision either way, so only memory changes."""
+        if not (self.plan.half_frozen and self.amp_dtype is not None and self.config.tune == "lora"):
+            return False
+        handles = {id(p) for p in self.handle_params}
+        for model in (self.c.unet, *self.c.text_encoders):
+            for name, param in model.named_parameters():
+                if ".lora_" not in name and id(param) not in handles:
+                    param.data = param.data.to(self.amp_dtype)
+        for embedding in self.embeddings:
+            embedding.base = embedding.base.to(self.amp_dtype)
+        return True
+
+    def _tokenize(self, prompt: str) -> list[torch.Tensor]:
+        """The prompt's (1, 77) token ids in each tokenizer."""
+        out = []
+        for tok in self.c.tokenizers:
+            ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            out.append(ids.to(self.device.torch))
+        return out
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +234,7 @@ class Trainer:
             self.class_latents[index] = self._encode(pixels)
         return self.class_latents[index]
 
-    def _prompt_ids(self, chosen: tuple[int, ...]) -> torch.Tensor:
+    def _prompt_ids(self, chosen: tuple[int, ...]) -> list[torch.Tensor]:
         if chosen not in self._prompt_cache:
             self._prompt_cache[chosen] = self._tokenize(prompt_for([self.handle_tokens[i] for i in chosen]))
         return self._prompt_cache[chosen]
@@ -205,16 +244,20 @@ class Trainer:
         c, cfg = self.c, self.config
         full = phase == 2 and cfg.tune == "full"
         c.unet.requires_grad_(full)
-        c.text_encoder.requires_grad_(full)  # the base vocabulary is a buffer: never trained
-        self.embedding.handles.requires_grad_(True)
+        for te in c.text_encoders:
+            te.requires_grad_(full)  # the base vocabulary is a buffer: never trained
+        handles = self.handle_params
+        for p in handles:
+            p.requires_grad_(True)
         if phase == 1:
-            return [{"params": [self.embedding.handles], "lr": cfg.lr1}]
+            return [{"params": handles, "lr": cfg.lr1}]
         if cfg.tune == "lora":
             for p in self.lora_params:
                 p.requires_grad_(True)
-            return [{"params": [self.embedding.handles], "lr": cfg.lr2}, {"params": self.lora_params, "lr": cfg.lr_lora}]
-        te = [p for p in c.text_encoder.parameters() if p.requires_grad and p is not self.embedding.handles]
-        return [{"params": [self.embedding.handles] + te + list(c.unet.parameters()), "lr": cfg.lr2}]
+            return [{"params": handles, "lr": cfg.lr2}, {"params": self.lora_params, "lr": cfg.lr_lora}]
+        ids = {id(p) for p in handles}
+        te = [p for encoder in c.text_encoders for p in encoder.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": handles + te + list(c.unet.parameters()), "lr": cfg.lr2}]
 
     def _optimizer(self, phase: int, groups: list[dict]):
         make = adamw_factory(self.config, self.device, self.plan.adam_8bit)
@@ -252,7 +295,8 @@ class Trainer:
                 if self.scaler is not None and pending.get("scaler"):
                     self.scaler.load_state_dict(pending["scaler"])
             self.c.unet.train()
-            self.c.text_encoder.train(phase == 2)
+            for te in self.c.text_encoders:
+                te.train(phase == 2)
             with self._capture():
                 while self.step < steps:
                     started = time.perf_counter()
@@ -291,14 +335,16 @@ class Trainer:
         # With checkpointing every block is recomputed anyway: keeping a half-precision
         # copy of all weights for the whole step would cost more than re-casting them.
         with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):
-            hidden = c.text_encoder(torch.cat([ids, self.class_ids]) if with_class else ids)[0]
-            pred = self.unet(noisy, timesteps, hidden).sample
+            batch_ids = [torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids
+            conditions = None if self.time_ids is None else self.time_ids[: len(latents)]
+            hidden, added = encode_prompts(c.family, c.text_encoders, batch_ids, conditions)
+            pred = self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
 
         mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks
         loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)
         loss_prior = diffusion_loss(pred[1:], target[1:]) if with_class else torch.zeros((), device=dev)
         if self.layers:
-            positions = handle_positions(ids[0], [self.inputs.handle_ids[i] for i in chosen])
+            positions = handle_positions(ids[0][0], [self.inputs.handle_ids[i] for i in chosen])
             loss_attn = attention_loss(self.store.token_maps(positions), self.attn_masks[flip][chosen])
         else:
             loss_attn = torch.zeros((), device=dev)
@@ -330,9 +376,11 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------
     def state_dict(self) -> dict:
         state = {
+            "tuning": self.config.tune,  # what --tune auto chose: a resume keeps it
             "phase": self.phase,
             "step": self.step,
             "handles": self.embedding.handles.detach().cpu().clone(),
+            **{f"handles_{i + 1}": e.handles.detach().cpu().clone() for i, e in enumerate(self.embeddings) if i},
             "rng_python": self.rng.getstate(),
             "rng_torch": self.gen.get_state(),
             "history": {phase: self.history_rows(phase) for phase in self.history},
@@ -344,7 +392,7 @@ class Trainer:
             state["optimizer_kind"] = self.optimizer_kind
             state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
         if self.phase == 2 and self.step > 0:
-            for name, model in (("unet", self.c.unet), ("text_encoder", self.c.text_encoder)):
+            for name, model in (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders)):
                 weights = model.state_dict()
                 if self.config.tune == "lora":  # only the adapters moved
                     weights = {k: v for k, v in weights.items() if ".lora_" in k}
@@ -358,16 +406,17 @@ class Trainer:
     def load_state_dict(self, state: dict) -> list[str]:
         """Continue from a checkpoint; returns notes for the user (what could not be kept)."""
         with torch.no_grad():
-            self.embedding.handles.copy_(state["handles"])
+            for i, embedding in enumerate(self.embeddings):
+                embedding.handles.copy_(state["handles" if i == 0 else f"handles_{i + 1}"])
         if "unet" in state:
-            if self.config.tune == "lora":
-                from .lora import load_lora_state_dict
+            models = (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders))
+            for name, model in models:
+                if self.config.tune == "lora":
+                    from .lora import load_lora_state_dict
 
-                load_lora_state_dict(self.c.unet, state["unet"])
-                load_lora_state_dict(self.c.text_encoder, state["text_encoder"])
-            else:
-                self.c.unet.load_state_dict(state["unet"])
-                self.c.text_encoder.load_state_dict(state["text_encoder"])
+                    load_lora_state_dict(model, state[name])
+                else:
+                    model.load_state_dict(state[name])
         self.rng.setstate(state["rng_python"])
         self.gen.set_state(state["rng_torch"])
         self.phase, self.step = state["phase"], state["step"]
