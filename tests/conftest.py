@@ -108,3 +108,22 @@ def tiny_segmentation(tmp_path_factory):
     from tinymodels import build_tiny_segmentation_models
 
     return build_tiny_segmentation_models(tmp_path_factory.mktemp("segmentation"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny random SDXL (two text encoders, text_time conditioning, 8x VAE) saved as a
+    diffusers folder whose model_index.json names StableDiffusionXLPipeline."""
+    from tinymodels import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def learned_sdxl(tmp_path_factory, tiny_sdxl):
+    """The synthetic scene learned on the tiny SDXL, with prior preservation and a
+    <background> handle (shared, read-only)."""
+    from scenebreak import LearnConfig
+
+    return _learn_once(tmp_path_factory.mktemp("learned-sdxl"), tiny_sdxl,
+                       LearnConfig(steps1=3, steps2=2, num_class_images=1, background=True))

@@ -12,14 +12,14 @@ from .paths import resolve_scene
 
 
 def scene_rows() -> list[dict]:
-    """One row per cached scene (name, handles, path, created, size); a scene that
+    """One row per cached scene (name, handles, path, family, created, size); a scene that
     cannot be read gets a row with its error instead."""
     rows = []
     for path in list_scenes():
         try:
             meta = read_metadata(path)
             rows.append({"name": path.stem, "handles": [h["token"] for h in meta["handles"]], "path": str(path),
-                         "created": meta.get("created"), "size_mb": round(path.stat().st_size / 2**20, 1)})
+                         "family": meta["base_model"].get("family", ""), "created": meta.get("created"), "size_mb": round(path.stat().st_size / 2**20, 1)})
         except BundleError as exc:
             rows.append({"name": path.stem, "error": str(exc), "path": str(path)})
     return rows

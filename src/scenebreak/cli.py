@@ -450,7 +450,7 @@ def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **s
 @json_option
 @handle_errors
 def list_command(json_):
-    """List the scenes in the cache (name, handles, path).
+    """List the scenes in the cache (name, handles, path, base model family).
 
     \b
     Example:
@@ -463,7 +463,7 @@ def list_command(json_):
         emit_json({"scenes": rows})
         return
     for row in rows:
-        click.echo(f"{row['name']}\t{' '.join(row.get('handles', [])) or 'unreadable'}\t{row['path']}")
+        click.echo(f"{row['name']}\t{' '.join(row.get('handles', [])) or 'unreadable'}\t{row['path']}\t{row.get('family', '')}")
 
 
 @cli.command(name="show")

@@ -1,14 +1,17 @@
 """`export`: a scene's learned weights in formats other tools load.
 
-- `diffusers`: a standard Stable Diffusion pipeline folder (fine-tuned UNet and text
-  encoder with the handles, tokenizer, VAE, DDIM scheduler) that
-  `StableDiffusionPipeline.from_pretrained(folder)` loads anywhere, in the precision
-  the scene stores (fp16 unless learned with `--save-dtype fp32`). A LoRA scene's
-  adapters are merged into its base model's weights for this.
-- `embeddings`: one textual-inversion file per handle (`NAME.safetensors`, holding
-  `{"<NAME>": embedding}`), which `pipe.load_textual_inversion(file)` loads into the
-  same base model. The handles alone carry phase 1 only: without the phase-2 UNet and
-  text encoder they reproduce the objects less faithfully than the scene.
+- `diffusers`: a standard pipeline folder of the scene's family (fine-tuned UNet and
+  text encoder(s) with the handles, tokenizer(s), VAE, DDIM scheduler) that
+  `StableDiffusionPipeline.from_pretrained(folder)` (SDXL:
+  `StableDiffusionXLPipeline`) loads anywhere, in the precision the scene stores
+  (fp16 unless learned with `--save-dtype fp32`). A LoRA scene's adapters are merged
+  into its base model's weights for this.
+- `embeddings`: one textual-inversion file per handle (`NAME.safetensors`), which
+  diffusers' `load_textual_inversion` loads into the same base model: for SD 1.x/2.x
+  `{"<NAME>": embedding}`; for SDXL `{"clip_l": row, "clip_g": row}`, the handle's
+  rows in the first and second text encoder, loaded once into each. The handles alone
+  carry phase 1 only: without the phase-2 UNet and text encoder they reproduce the
+  objects less faithfully than the scene.
 
 Either way the folder is written whole (atomically) with a `.scenebreak-export`
 marker, and `--force` replaces only a folder that has one.
@@ -81,10 +84,15 @@ def _write_embeddings(scene, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    for handle, embedding in zip(scene.handles, scene.embeddings):
-        tensors = {handle.token: embedding.detach().float().contiguous().clone()}
-        meta = {"scenebreak_scene": scene.name, "base_model": scene.meta["base_model"]["id"]}
-        save_file(tensors, str(folder / f"{handle.name}.safetensors"), metadata=meta)
+    meta = {"scenebreak_scene": scene.name, "base_model": scene.meta["base_model"]["id"]}
+    for i, handle in enumerate(scene.handles):
+        rows = [e[i].detach().float().contiguous().clone() for e in scene.handle_embeddings]
+        if scene.family.is_xl:
+            # The layout SDXL embeddings are shared in: one (vectors, width) row per encoder.
+            tensors = {"clip_l": rows[0][None], "clip_g": rows[1][None]}
+        else:
+            tensors = {handle.token: rows[0]}
+        save_file(tensors, str(folder / f"{handle.name}.safetensors"), metadata=dict(meta, token=handle.token))
 
 
 def _write_diffusers(scene, folder: Path, base_model: str | None) -> None:
