@@ -76,3 +76,50 @@ def test_recording_matches_fused_attention_and_keeps_the_instance_only(tiny_mode
     for probs in both.values():
         assert probs.shape[0] == unet.config.attention_head_dim[-1] or probs.ndim == 3
         assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl"])
+def test_recording_only_the_handle_columns_gives_the_full_maps_and_gradients(model, request):
+    """The trainer records only the handles' columns (exp(s_j - logsumexp(s))) next to
+    the fused block output: the maps, the loss's gradient and the UNet output must be
+    those of the whole softmax."""
+    from diffusers import UNet2DConditionModel
+
+    folder = request.getfixturevalue(model)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    width = unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    latents, t = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([10, 500])
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}
+    text = torch.randn(2, 77, width, generator=g)
+    positions = [5, 2]
+    results = []
+    for columns in (None, positions):
+        embeds = text.clone().requires_grad_(True)
+        store = AttentionStore(0)
+        store.columns = columns
+        with capture_cross_attention(unet, store):
+            out = unet(latents, t, embeds, added_cond_kwargs=added).sample
+            maps = store.token_maps(positions)
+        (grad,) = torch.autograd.grad((maps * torch.linspace(0, 1, maps.numel()).view_as(maps)).sum(), embeds)
+        results.append((out.detach(), maps.detach(), grad, {k: v.shape for k, v in store.maps.items()}))
+    (out_all, maps_all, grad_all, shapes_all), (out_cols, maps_cols, grad_cols, shapes_cols) = results
+    assert torch.allclose(out_all, out_cols) and torch.allclose(maps_all, maps_cols, atol=1e-6)
+    assert torch.allclose(grad_all, grad_cols, atol=1e-6, rtol=1e-3) and grad_all.abs().sum() > 0  # fp32 round-off
+    assert all(shape[-1] == 77 for shape in shapes_all.values()) and all(shape[-1] == 2 for shape in shapes_cols.values())
+    with pytest.raises(RuntimeError, match="other token positions"):
+        store.token_maps([1, 2])
+
+
+def test_sdxl_captures_its_latent_over_4_layers_with_every_transformer_layer():
+    """SDXL at 1024: maps at 32x32 in the down block with 10 transformer layers per
+    attention (2 attentions), the mid block (10) and the matching up block (3 x 10)."""
+    from tinymodels import sdxl_configs
+
+    names = cross_attention_layers(_unet(sdxl_configs()["unet"]))
+    assert len(names) == 2 * 10 + 10 + 3 * 10
+    assert {n.split(".")[0] for n in names} == {"down_blocks", "mid_block", "up_blocks"}
+    assert all(n.startswith(("down_blocks.2.", "mid_block.", "up_blocks.0.")) for n in names)

@@ -45,23 +45,30 @@ def cross_attention_layers(unet, scale: int = 4) -> list[str]:
 
 
 class AttentionStore:
-    """Cross-attention probabilities of one example of the batch, per layer."""
+    """Cross-attention probabilities of one example of the batch, per layer: of every
+    token, or only of `columns` (the handles' positions) when the caller sets them
+    before the forward pass, which is all the attention loss needs."""
 
     def __init__(self, example: int = 0):
         self.example = example  # batch index whose maps are kept (the instance image)
+        self.columns: list[int] | None = None  # token positions to keep (None: all)
         self.maps: dict[str, torch.Tensor] = {}
 
     def clear(self) -> None:
         self.maps.clear()
 
     def record(self, name: str, probs: torch.Tensor) -> None:
-        # probs: (batch, heads, pixels, tokens); keep the instance example only.
-        self.maps[name] = probs[self.example]
+        # probs: (heads, pixels, tokens or len(columns)) of the kept example.
+        self.maps[name] = probs
 
     def token_maps(self, positions: list[int]) -> torch.Tensor:
         """(len(positions), side, side): per token, the map averaged over heads and layers."""
         if not self.maps:
             raise RuntimeError("no attention maps were recorded this step")
+        if self.columns is not None:
+            if list(positions) != list(self.columns):
+                raise RuntimeError("the maps were recorded for other token positions")
+            positions = list(range(len(positions)))  # the maps hold exactly those columns
         stacked = torch.stack([m[:, :, positions].float().mean(0) for m in self.maps.values()])  # layers, pixels, k
         mean = stacked.mean(0).transpose(0, 1)  # k, pixels
         side = int(round(mean.shape[1] ** 0.5))
@@ -69,14 +76,23 @@ class AttentionStore:
 
 
 class RecordingAttnProcessor:
-    """Like diffusers' AttnProcessor2_0, but materialises the (small) attention
-    matrix so its probabilities can be recorded with their gradient."""
+    """Like diffusers' AttnProcessor2_0 (the block output comes from the same fused
+    scaled-dot-product attention), and it also records the attention probabilities of
+    one example, with their gradient, for the few columns the loss needs.
+
+    The probabilities are never needed in full: softmax column j is exp(s_j - lse(s)),
+    so only the example's scores (heads x pixels x 77) are computed, in fp32, for their
+    log-sum-exp, and only the handles' columns are kept. On SDXL at 1024 this is a
+    1024 x 77 matrix per head for one example instead of materialising the whole
+    batch's attention, and the block output keeps the fused kernel."""
 
     def __init__(self, store: AttentionStore, name: str):
         self.store = store
         self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        import torch.nn.functional as F
+
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -98,18 +114,28 @@ class RecordingAttnProcessor:
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        # Scores and softmax in fp32, whatever autocast says: q.k can pass fp16's range
-        # before it is scaled (SD 2.x-768 sets upcast_attention for this very reason),
-        # and these few 16x16 layers cost nothing extra in fp32.
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=attn.scale)
+
+        # The recorded maps: scores and softmax in fp32, whatever autocast says (q.k can
+        # pass fp16's range before it is scaled; SD 2.x-768 sets upcast_attention for
+        # this very reason), for the kept example only.
+        ex = self.store.example
         with torch.autocast(query.device.type, enabled=False):
-            scores = torch.matmul(query.float() * attn.scale, key.float().transpose(-1, -2))
-            if attention_mask is not None:
-                mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-                scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
-            probs = scores.softmax(dim=-1)
+            scores = torch.matmul(query[ex].float() * attn.scale, key[ex].float().transpose(-1, -2))
+            if mask is not None:
+                scores = scores + mask[ex].float()
+            columns = self.store.columns
+            if columns is None:
+                probs = scores.softmax(dim=-1)
+            else:
+                probs = (scores[..., columns] - scores.logsumexp(dim=-1, keepdim=True)).exp()
         self.store.record(self.name, probs)
-        hidden_states = torch.matmul(probs.to(value.dtype), value)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)

@@ -332,6 +332,9 @@ class Trainer:
         target = diffusion_target(self.scheduler, latents, noise, timesteps)
 
         self.store.clear()
+        # Only the chosen handles' columns of the maps are recorded (attention.py).
+        positions = handle_positions(ids[0][0], [self.inputs.handle_ids[i] for i in chosen]) if self.layers else None
+        self.store.columns = positions
         # With checkpointing every block is recomputed anyway: keeping a half-precision
         # copy of all weights for the whole step would cost more than re-casting them.
         with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):
@@ -344,7 +347,6 @@ class Trainer:
         loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)
         loss_prior = diffusion_loss(pred[1:], target[1:]) if with_class else torch.zeros((), device=dev)
         if self.layers:
-            positions = handle_positions(ids[0][0], [self.inputs.handle_ids[i] for i in chosen])
             loss_attn = attention_loss(self.store.token_maps(positions), self.attn_masks[flip][chosen])
         else:
             loss_attn = torch.zeros((), device=dev)
