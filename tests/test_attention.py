@@ -108,7 +108,8 @@ def test_recording_only_the_handle_columns_gives_the_full_maps_and_gradients(mod
         results.append((out.detach(), maps.detach(), grad, {k: v.shape for k, v in store.maps.items()}))
     (out_all, maps_all, grad_all, shapes_all), (out_cols, maps_cols, grad_cols, shapes_cols) = results
     assert torch.allclose(out_all, out_cols) and torch.allclose(maps_all, maps_cols, atol=1e-6)
-    assert torch.allclose(grad_all, grad_cols, atol=1e-6, rtol=1e-3) and grad_all.abs().sum() > 0  # fp32 round-off
+    error = (grad_all - grad_cols).abs().max() / grad_all.abs().max()
+    assert error < 1e-4 and grad_all.abs().sum() > 0, error  # fp32 round-off
     assert all(shape[-1] == 77 for shape in shapes_all.values()) and all(shape[-1] == 2 for shape in shapes_cols.values())
     with pytest.raises(RuntimeError, match="other token positions"):
         store.token_maps([1, 2])
