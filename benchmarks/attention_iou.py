@@ -12,9 +12,11 @@ ones); everything else is the paper's: 400 + 400 steps, lr1 5e-4, union sampling
 flips, masked loss. Prior preservation is off (class images of a random model are
 noise and only add time).
 
-    python benchmarks/attention_iou.py [--seeds 0 1 2 3 4]
+    python benchmarks/attention_iou.py [--seeds 0 1 2 3 4] [--model sdxl]
 
-Prints a table and saves it to benchmarks/results/attention_iou.md (and .json).
+Prints a table and saves it to benchmarks/results/attention_iou.md (and .json);
+`--model sdxl` runs it on the tiny SDXL instead (two text encoders, 8x VAE, 256x256:
+8x8 maps too) and saves attention_iou-sdxl.md.
 """
 
 from __future__ import annotations
@@ -33,16 +35,16 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 SETTINGS = dict(steps1=400, steps2=400, lr2=1e-4, prior=False)
 
 
-def run(seeds, lambdas=(0.01, 0.0)) -> list[dict]:
+def run(seeds, lambdas=(0.01, 0.0), family: str = "sd") -> list[dict]:
     from conftest import write_synthetic_scene
 
     from scenebreak import LearnConfig, learn
     from scenebreak.diagnostics import attention_overlap
-    from tinymodels import build_tiny_model
+    from tinymodels import build_tiny_model, build_tiny_sdxl
 
     tmp = Path(tempfile.mkdtemp())
     os.environ["SCENEBREAK_HOME"] = str(tmp / "home")
-    model = build_tiny_model(tmp / "tiny-sd")
+    model = build_tiny_sdxl(tmp / "tiny-sdxl") if family == "sdxl" else build_tiny_model(tmp / "tiny-sd")
     image, red, blue = write_synthetic_scene(tmp / "inputs")
     rows = []
     for seed in seeds:
@@ -75,23 +77,28 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--model", choices=("sd", "sdxl"), default="sd", help="the tiny SD 2.x (default) or the tiny SDXL")
     args = parser.parse_args()
     import torch
 
-    rows = run(args.seeds)
+    rows = run(args.seeds, family=args.model)
+    xl = args.model == "sdxl"
+    shape = "tiny SDXL, resolution 256 (8x VAE: 8x8 maps)" if xl else "resolution 64 (8x8 maps)"
+    command = f"python benchmarks/attention_iou.py --seeds {' '.join(map(str, args.seeds))}" + (" --model sdxl" if xl else "")
     header = [
-        "# Attention-loss mechanics: handle attention vs. masks (tiny random model)",
+        f"# Attention-loss mechanics: handle attention vs. masks (tiny random {'SDXL' if xl else 'model'})",
         "",
-        f"- settings: {json.dumps(SETTINGS)}; synthetic 96x80 photo, two 32x32 squares; resolution 64 (8x8 maps)",
-        f"- torch {torch.__version__}, CPU; date {time.strftime('%Y-%m-%d')}; command: `python benchmarks/attention_iou.py --seeds {' '.join(map(str, args.seeds))}`",
+        f"- settings: {json.dumps(SETTINGS)}; synthetic 96x80 photo, two 32x32 squares; {shape}",
+        f"- torch {torch.__version__}, CPU; date {time.strftime('%Y-%m-%d')}; command: `{command}`",
         "",
     ]
     text = "\n".join(header) + "\n" + table(rows) + "\n"
     print(text)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "attention_iou.md").write_text(text)
-    (out / "attention_iou.json").write_text(json.dumps({"settings": SETTINGS, "rows": rows}, indent=2) + "\n")
+    stem = "attention_iou-sdxl" if xl else "attention_iou"
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps({"settings": SETTINGS, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,11 @@ VARIANTS = {
     "resume-low": ("resume", dict(memory="low"), set()),
     "resume-8bit": ("resume-8bit", dict(memory="fast"), {"cuda", "bnb"}),
     "compile": ("learn", dict(compile=True), set()),
+    # SDXL (the tiny SDXL): its conditioning, both handle tables, the fp32 VAE under
+    # fp16, and LoRA with half-precision frozen weights (what auto picks on small cards).
+    "sdxl": ("learn-sdxl", dict(memory="fast"), set()),
+    "sdxl-fp16": ("learn-sdxl", dict(memory="fast", mixed_precision="fp16"), {"cuda"}),
+    "sdxl-lora-low": ("learn-sdxl", dict(tune="lora", memory="low"), set()),
 }
 DEFAULT_SKIP = ("compile",)  # its own process in gpu_check.sh, under its own time limit
 
@@ -128,8 +133,17 @@ class Smoke:
             if report:
                 report(event)
 
-        return learn(self.image, self.masks, LearnConfig(**settings), base_model=self.model, device=device or self.device,
+        base_model = kwargs.pop("base_model", None) or self.model
+        return learn(self.image, self.masks, LearnConfig(**settings), base_model=base_model, device=device or self.device,
                      name=name, report=collect, **kwargs)
+
+    def sdxl_model(self) -> str:
+        """The tiny SDXL, built on first use."""
+        if not getattr(self, "_sdxl", None):
+            from tinymodels import build_tiny_sdxl
+
+            self._sdxl = str(build_tiny_sdxl(self.tmp / "tiny-sdxl"))
+        return self._sdxl
 
     def generate(self, scene, name: str, device: str | None = None) -> dict:
         import numpy as np
@@ -179,7 +193,8 @@ class Smoke:
             finally:
                 scenebreak.optim.bitsandbytes_available = real
         else:
-            result = self.learn(name, {**SHORT, **settings}, device, messages=messages)
+            result = self.learn(name, {**SHORT, **settings}, device, messages=messages,
+                                base_model=self.sdxl_model() if how == "learn-sdxl" else None)
         loss = result.losses["phase2"]["loss_last"]
         row = {"loss_last": loss, "plan": self.plan_of(messages), **self.generate(result.path, name, device)}
         row["ok"] = bool(loss == loss and abs(loss) != float("inf") and row["image_std"] > 0)

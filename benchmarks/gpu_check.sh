@@ -8,7 +8,9 @@
 #   3. smoke     benchmarks/cuda_smoke.py: every training path on the tiny model
 #   4. steps     benchmarks/train_step.py --in-process: SD2.1-base steps and generation,
 #                beside the original-style baseline, all in one process (same machine)
-#   5. compile   the smoke test's torch.compile variant, last: the slowest to start
+#   5. sdxl      the same for the SDXL base architecture at 1024: phase 1 as auto picks
+#                it, LoRA phase 2 (fast and --memory low) and generation
+#   6. compile   the smoke test's torch.compile variant, last: the slowest to start
 #
 # Each part runs under its own `timeout`, capped by what is left of the whole budget
 # (GPU_CHECK_BUDGET_S, default 480 s), so one hang cannot eat the rest; a part that
@@ -25,18 +27,18 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-install env smoke steps compile}
+PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl compile}
 SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS:-}
 while (( $# )); do
     case $1 in
         --device) DEVICE=$2; shift 2 ;;
         --parts) PARTS=$2; shift 2 ;;
         --smoke-args) SMOKE_ARGS=$2; shift 2 ;;
-        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps compile'] [--smoke-args ARGS]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl compile'] [--smoke-args ARGS]" >&2; exit 2 ;;
     esac
 done
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 OUT=${OUT:-$(mktemp -d /tmp/gpu-check.XXXXXX)}
 mkdir -p "$OUT"
@@ -48,10 +50,12 @@ TEE=$!
 # Sizes: the real thing on CUDA; on the CPU, the same parts at tiny sizes.
 if [[ $DEVICE == cuda* ]]; then
     STEP_ARGS=(--steps 10 --gen-steps 10)
-    CAPS=(install=90 env=60 smoke=210 steps=270 compile=240)  # compile: whatever is left
+    SDXL_ARGS=(--steps 5 --gen-steps 5)
+    CAPS=(install=90 env=60 smoke=210 steps=200 sdxl=150 compile=240)  # compile: whatever is left
 else
     STEP_ARGS=(--tiny --steps 2 --gen-steps 2)
-    CAPS=(install=90 env=60 smoke=300 steps=200 compile=330)  # compile: ~280 s here on one busy core
+    SDXL_ARGS=(--tiny --steps 2 --gen-steps 2)
+    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 compile=330)  # compile: ~280 s here on one busy core
 fi
 
 # Offline, from the checkout: src/ for scenebreak, tests/ for the tiny model builders.
@@ -141,6 +145,7 @@ EOF
 # shellcheck disable=SC2086  # SMOKE_ARGS is a list of words
 part smoke "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" $SMOKE_ARGS
 part steps "$PY" benchmarks/train_step.py --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
+part sdxl "$PY" benchmarks/train_step.py --sdxl --device "$DEVICE" --in-process "${SDXL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" --only compile
 
 echo "=== summary ($(( SECONDS - START ))s)"

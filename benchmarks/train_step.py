@@ -19,10 +19,14 @@ row in this one process instead: the model is built once on the CPU and each row
 trains a fresh copy of it, moved to the GPU and freed after the row; the GPU's peak
 memory is reset before each row, so it is still each row's own (the CPU's peak RSS is
 not: that mode is for CUDA). `--tiny` swaps in the tiny test model, for dry runs.
+`--sdxl` measures the SDXL base architecture instead (default 1024x1024; with
+`--tiny`, the tests' tiny SDXL): phase 1, LoRA phase 2 (fast and low-memory) and
+generation; the original code has no SDXL, so there is no baseline row.
 
     python benchmarks/train_step.py                  # CPU, 512x512
     python benchmarks/train_step.py --device cuda    # on a GPU (bf16 autocast)
     python benchmarks/train_step.py --device cuda --in-process --steps 10   # the GPU check
+    python benchmarks/train_step.py --sdxl --resolution 1024   # SDXL rows
 
 Prints a table and writes it to benchmarks/results/train_step-<device>.md
 (plus .json).
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import platform
@@ -119,35 +124,52 @@ def make_baseline_trainer(Trainer):
 # What each row runs: scenebreak's settings (precision "auto" is bf16 autocast on CUDA
 # and on CPUs with bf16 instructions), or the original code's way (fp32 on the CPU).
 VARIANTS = {
-    "scenebreak": {"memory": "fast"},
-    "scenebreak fp32": {"memory": "fast", "mixed_precision": "no"},
-    "scenebreak low-memory": {"memory": "low"},
-    "scenebreak low-memory fp32": {"memory": "low", "mixed_precision": "no"},
+    "scenebreak": {"memory": "fast", "tune": "full"},
+    "scenebreak fp32": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
+    "scenebreak low-memory": {"memory": "low", "tune": "full"},
+    "scenebreak low-memory fp32": {"memory": "low", "mixed_precision": "no", "tune": "full"},
     "scenebreak LoRA": {"tune": "lora"},
     "scenebreak LoRA low-memory": {"tune": "lora", "memory": "low"},
-    "original-style": {"memory": "fast", "mixed_precision": "no"},
+    "scenebreak defaults": {},  # --memory auto --tune auto: what a user gets
+    "original-style": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
 }
 ROWS = [(1, "scenebreak"), (1, "scenebreak fp32"), (1, "original-style"),
         (2, "scenebreak fp32"), (2, "scenebreak low-memory"), (2, "scenebreak low-memory fp32"), (2, "scenebreak LoRA"),
         (2, "scenebreak LoRA low-memory"), (2, "original-style"), ("generate", "scenebreak"), ("generate", "one image per call")]
 
 
-def random_model(tiny: bool = False):
-    """The SD2.1-base architecture (or, `tiny`, the tests' tiny model) with random
-    weights, a CLIP-sized tokenizer, and a scratch folder."""
+# Phase 1 as a user gets it (on 24 GiB or a 16 GB card auto picks LoRA, and with it
+# checkpointing and half-precision frozen weights); the original code has no SDXL.
+SDXL_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA"), (2, "scenebreak LoRA low-memory"), ("generate", "scenebreak")]
+
+
+def random_model(tiny: bool = False, sdxl: bool = False):
+    """The SD2.1-base architecture (or, `tiny`, the tests' tiny model; `sdxl`, SDXL
+    base's) with random weights, CLIP-sized tokenizers, and a scratch folder."""
     from transformers import CLIPTokenizer
 
+    from scenebreak.families import Family
     from scenebreak.models import BaseModel, Components
-    from tinymodels import build_components, sd21_base_configs, tiny_configs, write_tiny_tokenizer
+    from tinymodels import (build_components, build_sdxl_components, sd21_base_configs, sdxl_configs, tiny_configs,
+                            tiny_sdxl_configs, write_tiny_tokenizer)
 
     tmp = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(tmp / "tok", vocab_size=None if tiny else 49408)
     tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
-    configs = tiny_configs() if tiny else sd21_base_configs()
-    parts = build_components(configs, tokenizer)
-    components = Components(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer, configs["scheduler"],
-                            BaseModel("random-tiny" if tiny else "random-sd21-base", None, None, "random"))
-    for model in (components.unet, components.vae, components.text_encoder):
+    name = ("random-tiny" if tiny else "random-sd21-base") if not sdxl else ("random-tiny-sdxl" if tiny else "random-sdxl-base")
+    if sdxl:
+        configs = tiny_sdxl_configs() if tiny else sdxl_configs()
+        tokenizers = [tokenizer, CLIPTokenizer.from_pretrained(tmp / "tok", pad_token="!")]
+        parts = build_sdxl_components(configs, tokenizers, calibrate=tiny)
+        encoders = [parts["text_encoder"], parts["text_encoder_2"]]
+        components = Components(parts["unet"], parts["vae"], encoders, tokenizers, configs["scheduler"],
+                                BaseModel(name, None, None, "random", family="SDXL"), Family("SDXL", "epsilon"))
+    else:
+        configs = tiny_configs() if tiny else sd21_base_configs()
+        parts = build_components(configs, tokenizer)
+        components = Components(parts["unet"], parts["vae"], [parts["text_encoder"]], [tokenizer], configs["scheduler"],
+                                BaseModel(name, None, None, "random", family="SD 2.x"))
+    for model in components.models():
         model.requires_grad_(False)
     return components, tmp
 
@@ -158,15 +180,15 @@ class ModelSource:
     changes the model in place (new token rows, adapters, tuned weights, the move to
     the GPU), so every row gets its own copy; building SD2.1 takes far longer."""
 
-    def __init__(self, tiny: bool = False, reuse: bool = False):
-        self.tiny, self.reuse, self.template = tiny, reuse, None
+    def __init__(self, tiny: bool = False, reuse: bool = False, sdxl: bool = False):
+        self.tiny, self.reuse, self.sdxl, self.template = tiny, reuse, sdxl, None
 
     def get(self):
         if not self.reuse:
-            return random_model(self.tiny)
+            return random_model(self.tiny, self.sdxl)
         if self.template is None:
             started = time.perf_counter()
-            self.template = random_model(self.tiny)
+            self.template = random_model(self.tiny, self.sdxl)
             print(f"model built in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         components, tmp = self.template
         return copy.deepcopy(components), tmp
@@ -193,7 +215,7 @@ def peak(device, in_process: bool = False) -> dict:
 
 
 def measure_generation(kind: str, steps: int, device_name: str, resolution: int, source: ModelSource | None = None) -> dict:
-    """Seconds per image of `generate` (DDIM, guidance 7.5), from `steps` timed
+    """Seconds per image of `generate` (DDIM, the family's guidance), from `steps` timed
     denoising steps scaled to 50: batched (4 images per pass on CUDA, 2 on the CPU)
     or one image per call."""
     from scenebreak.device import choose_device
@@ -204,17 +226,20 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
     components, _ = source.get()
     dtype = device.infer_dtype()
     c = components
-    for model in (c.unet, c.vae, c.text_encoder):
+    for model in c.models():
         model.to(device.torch, dtype)
-    pipe = make_pipeline(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config)
+    if dtype == torch.float16 and c.family.is_xl:
+        c.vae.to(torch.float32)  # as scene_models does: SDXL's VAE overflows in fp16
+    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config)
     batch = 1 if kind == "one image per call" else (4 if device.type == "cuda" else 2)
     seeds = list(range(batch))
-    sample(pipe, "a photo", seeds, steps=1, guidance=7.5, resolution=resolution)  # warm-up
+    guidance = c.family.guidance
+    sample(pipe, "a photo", seeds, steps=1, guidance=guidance, resolution=resolution)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device.torch)
     device.synchronize()
     started = time.perf_counter()
-    sample(pipe, "a photo", seeds, steps=steps, guidance=7.5, resolution=resolution)
+    sample(pipe, "a photo", seeds, steps=steps, guidance=guidance, resolution=resolution)
     device.synchronize()
     per_step = (time.perf_counter() - started) / steps
     per_image = per_step * 50 / batch
@@ -236,7 +261,6 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     device = choose_device(device_name)
     source = source or ModelSource()
     components, tmp = source.get()
-    tokenizer = components.tokenizer
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8))
     class_paths = []
@@ -248,11 +272,12 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     masks[0, : resolution // 2, : resolution // 2] = 1
     masks[1, resolution // 2 :, resolution // 3 :] = 1
     tokens = ["<asset1>", "<asset2>"]
-    ids = add_handles(tokenizer, components.text_encoder, tokens)
+    ids = [add_handles(tok, te, tokens) for tok, te in zip(components.tokenizers, components.text_encoders)][0]
     steps1, steps2 = (steps + 1, 0) if phase == 1 else (0, steps + 1)
     config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution, **VARIANTS[kind])
     amp_dtype = device.train_dtype(config.mixed_precision)
     plan = choose_memory(config, components, device, resolution, amp_dtype)  # the switches --memory low turns on
+    config = dataclasses.replace(config, tune=plan.tune)
     cls = make_baseline_trainer(Trainer) if kind == "original-style" else Trainer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device.torch)
@@ -265,7 +290,8 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
         times.append(now - started)
         started = now
     timed = times[1:]  # the first step warms up (allocator, kernels, lazy caches)
-    return {"kind": kind, "phase": phase, "precision": precision_name(amp_dtype), "memory": plan.policy, "steps_timed": len(timed),
+    return {"kind": kind, "phase": phase, "precision": precision_name(amp_dtype), "memory": plan.policy, "tune": plan.tune,
+            "half_frozen": plan.half_frozen, "steps_timed": len(timed),
             "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], **peak(device, source.reuse)}
 
 
@@ -298,20 +324,22 @@ def main() -> None:
                         help="every row in this process, from one model build (copied per row): no model build and "
                         "start-up per row; peak GPU memory is still each row's own")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny model instead of SD2.1-base (dry runs)")
+    parser.add_argument("--sdxl", action="store_true", help="the SDXL base architecture (with --tiny: the tiny SDXL)")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results",
                         help="where the table goes (default benchmarks/results)")
     parser.add_argument("--jsonl", type=Path, help="also append each row here as soon as it is measured")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    default_resolution = (256 if args.tiny else 1024) if args.sdxl else (64 if args.tiny else 512)
     if args.resolution is None:
-        args.resolution = 64 if args.tiny else 512
+        args.resolution = default_resolution
 
     if args.one:
         if args.baseline_memory_limit_gib:
             limit = int(args.baseline_memory_limit_gib * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         kind, phase = args.one
-        source = ModelSource(args.tiny)
+        source = ModelSource(args.tiny, sdxl=args.sdxl)
         if phase == "generate":
             print(json.dumps(measure_generation(kind, args.gen_steps, args.device, args.resolution, source)))
         else:
@@ -320,13 +348,13 @@ def main() -> None:
 
     command = f"python benchmarks/train_step.py --device {args.device}"
     for flag, value, default in (("--steps", args.steps, 2), ("--gen-steps", args.gen_steps, 3),
-                                 ("--resolution", args.resolution, 64 if args.tiny else 512),
+                                 ("--resolution", args.resolution, default_resolution),
                                  ("--baseline-memory-limit-gib", args.baseline_memory_limit_gib, None)):
         if value != default:
             command += f" {flag} {value}"
-    command += "".join(f" --{flag}" for flag in ("in-process", "tiny") if getattr(args, flag.replace("-", "_")))
+    command += "".join(f" --{flag}" for flag in ("in-process", "tiny", "sdxl") if getattr(args, flag.replace("-", "_")))
     out = args.results_dir
-    stem = f"train_step-{args.device.split(':')[0]}" + ("-tiny" if args.tiny else "")
+    stem = f"train_step-{args.device.split(':')[0]}" + ("-sdxl" if args.sdxl else "") + ("-tiny" if args.tiny else "")
     saved_rows = []
     if args.only and (out / f"{stem}.json").exists():
         # Some rows measured again: they replace their old selves in the saved table.
@@ -335,11 +363,11 @@ def main() -> None:
         command = saved.get("command", command) + f"; rows re-measured with --only {' '.join(args.only)}"
 
     rows = []
-    plan = list(ROWS)
-    if args.device.startswith("cuda") or args.with_fast_bf16:
+    plan = list(SDXL_ROWS if args.sdxl else ROWS)
+    if not args.sdxl and (args.device.startswith("cuda") or args.with_fast_bf16):
         plan.insert(plan.index((2, "scenebreak fp32")), (2, "scenebreak"))
     plan = [(phase, kind) for phase, kind in plan if not args.only or any(word in f"{phase} {kind}" for word in args.only)]
-    source = ModelSource(args.tiny, reuse=True) if args.in_process else None
+    source = ModelSource(args.tiny, reuse=True, sdxl=args.sdxl) if args.in_process else None
     if source:
         from scenebreak.device import choose_device
 
@@ -358,8 +386,8 @@ def main() -> None:
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps({"part": "train_step", **rows[-1]}) + "\n")
         # The table so far, after every row: a run stopped part-way keeps what it measured.
-        write_table(out, stem, merge(saved_rows, rows), args, command, final=False)
-    print(write_table(out, stem, merge(saved_rows, rows), args, command, final=True))
+        write_table(out, stem, merge(saved_rows, rows, args.sdxl), args, command, final=False)
+    print(write_table(out, stem, merge(saved_rows, rows, args.sdxl), args, command, final=True))
 
 
 def measure_here(kind: str, phase, args, source: ModelSource, device) -> dict:
@@ -384,8 +412,7 @@ def measure_in_subprocess(kind: str, phase, args) -> dict:
     baseline = kind == "original-style"
     cmd = [sys.executable, __file__, "--one", kind, str(phase), "--device", args.device,
            "--resolution", str(args.resolution), "--steps", str(args.steps), "--gen-steps", str(args.gen_steps)]
-    if args.tiny:
-        cmd.append("--tiny")
+    cmd += [f"--{flag}" for flag in ("tiny", "sdxl") if getattr(args, flag)]
     if args.baseline_memory_limit_gib and baseline:
         cmd += ["--baseline-memory-limit-gib", str(args.baseline_memory_limit_gib)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -397,12 +424,12 @@ def measure_in_subprocess(kind: str, phase, args) -> dict:
     return {"kind": kind, "phase": phase, "error": f"out of memory{limit}" if oom else tail[:200]}
 
 
-def merge(saved: list[dict], rows: list[dict]) -> list[dict]:
+def merge(saved: list[dict], rows: list[dict], args_sdxl: bool = False) -> list[dict]:
     """Rows measured now replace their saved selves (--only), in the table's order."""
     if not saved:
         return rows
     fresh = {(str(r["phase"]), r["kind"]) for r in rows}
-    order = {(str(phase), kind): i for i, (phase, kind) in enumerate(ROWS)}
+    order = {(str(phase), kind): i for i, (phase, kind) in enumerate(SDXL_ROWS if args_sdxl else ROWS)}
     kept = [r for r in saved if (str(r["phase"]), r["kind"]) not in fresh]
     return sorted(kept + rows, key=lambda r: order.get((str(r["phase"]), r["kind"]), len(order)))
 
@@ -423,7 +450,8 @@ def render(rows: list[dict], args, command: str) -> str:
         "# Training step and generation: scenebreak vs. the original code's way",
         "",
         f"- machine: {machine(args.device)}; device: {args.device}; torch {torch.__version__}",
-        f"- model: {'the tiny test model (a dry run, not a benchmark)' if args.tiny else 'SD2.1-base architecture'}, "
+        f"- model: {'the tiny test model (a dry run, not a benchmark)' if args.tiny else 'SDXL base architecture' if args.sdxl else 'SD2.1-base architecture'}"
+        f"{' (tiny SDXL)' if args.tiny and args.sdxl else ''}, "
         f"random weights; {args.resolution}x{args.resolution}; training batch 2 (instance + class image); AdamW with fp32 master weights",
         f"- training: {args.steps} timed steps after 1 warm-up step; generation: {args.gen_steps} timed DDIM steps "
         "(guidance 7.5) scaled to 50; " + ("every row in one process, each on its own copy of one model build (peak memory "

@@ -209,3 +209,65 @@ def test_mps_out_of_memory_and_memory_budget(monkeypatch):
 
     message, code = describe(RuntimeError("MPS backend out of memory"))
     assert code == 1 and "out of memory" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_frozen_weights_wait_in_half_precision_and_come_back_bit_for_bit(tiny_model, scene_files, tune):
+    """On GPUs the weights that do not train live in the autocast precision (all of
+    phase 1; the base under LoRA) with their fp32 values on the CPU: phase 2 of full
+    tuning and the scene start from exactly the base model's weights. Run here on the
+    CPU with bf16 autocast and the plan forced on."""
+    from scenebreak.config import LearnConfig
+    from scenebreak.images import prepare
+    from scenebreak.memory import MemoryPlan
+    from scenebreak.models import load_components
+    from scenebreak.tokens import add_handles
+    from scenebreak.train import Trainer, TrainInputs
+
+    c = load_components(str(tiny_model))
+    tokens = ["<asset1>", "<asset2>"]
+    ids = add_handles(c.tokenizer, c.text_encoder, tokens)
+    original = {k: v.clone() for k, v in {**c.unet.state_dict(), **c.text_encoder.state_dict()}.items()}
+    vocabulary = c.text_encoder.get_input_embeddings().weight.detach().clone()
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids)
+    plan = MemoryPlan("fast", False, False, False, False, tune=tune, half_frozen=True)
+    config = LearnConfig(steps1=2, steps2=0 if tune == "full" else 1, prior=False, tune=tune, rank=2)
+    trainer = Trainer(c, inputs, config, choose_device("cpu"), tokens, plan=plan, amp_dtype=torch.bfloat16)
+    seen = []
+    for record in trainer.run():
+        seen.append((record.phase, c.unet.conv_in.weight.dtype, trainer.embedding.handles.dtype, trainer.embedding.base.dtype))
+        assert torch.isfinite(record.losses).all()
+    assert all(w == torch.bfloat16 and h == torch.float32 and b == torch.bfloat16 for _, w, h, b in seen)
+    if tune == "lora":
+        assert all(p.dtype == torch.float32 for p in trainer.lora_params)
+    # After the run: fp32 again, and every frozen weight exactly the base model's.
+    assert c.unet.conv_in.weight.dtype == torch.float32 and trainer.embedding.base.dtype == torch.float32
+    state = {**c.unet.state_dict(), **c.text_encoder.state_dict()}
+    for key, value in original.items():
+        if ".lora_" in key or "token_embedding" in key:
+            continue
+        if key not in state:  # a layer LoRA wraps: its own weight is now the base layer's
+            parent, _, leaf = key.rpartition(".")
+            key = f"{parent}.base_layer.{leaf}"
+        assert torch.equal(state[key], value), key
+    assert torch.equal(trainer.embedding.base, vocabulary[:-2])
+
+
+def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_model, scene_files):
+    from scenebreak.config import LearnConfig
+    from scenebreak.images import prepare
+    from scenebreak.memory import MemoryPlan
+    from scenebreak.models import load_components
+    from scenebreak.tokens import add_handles
+    from scenebreak.train import Trainer, TrainInputs
+
+    c = load_components(str(tiny_model))
+    ids = add_handles(c.tokenizer, c.text_encoder, ["<a>", "<b>"])
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    plan = MemoryPlan("fast", False, False, False, False, half_frozen=True)
+    trainer = Trainer(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids),
+                      LearnConfig(steps1=1, steps2=2, prior=False, tune="full"), choose_device("cpu"), ["<a>", "<b>"],
+                      plan=plan, amp_dtype=torch.bfloat16)
+    dtypes = {record.phase: c.unet.conv_in.weight.dtype for record in trainer.run()}
+    assert dtypes == {1: torch.bfloat16, 2: torch.float32}

@@ -88,12 +88,12 @@ LORA_BYTES_SD21_RANK32 = 40e6  # a LoRA scene's adapters at rank 32 on SD2.1-bas
 
 def scene_bytes(counts: dict[str, int], config) -> int:
     """About how large the scene file will be, from the parameter counts of the unet,
-    text_encoder and vae: the tuned weights at the save precision (full tuning, or LoRA
-    baked in), or only the adapters."""
+    text encoder(s) and vae: the tuned weights at the save precision (full tuning, or
+    LoRA baked in; `--tune auto` counts as full, the upper bound), or only the adapters."""
     if config.tune == "lora" and not config.standalone:
         return int(LORA_BYTES_SD21_RANK32 * config.rank / 32 * counts["unet"] / SD21_UNET_PARAMS) + 2**20
     per_param = 2 if config.save_dtype == "fp16" else 4
-    return per_param * (counts["unet"] + counts["text_encoder"] + counts["vae"]) + 2**20
+    return per_param * (counts["unet"] + _text(counts) + counts["vae"]) + 2**20
 
 
 def checkpoint_bytes(counts: dict[str, int], config, adam_8bit: bool = False) -> int:
@@ -102,7 +102,12 @@ def checkpoint_bytes(counts: dict[str, int], config, adam_8bit: bool = False) ->
     if config.tune == "lora":
         adapters = scene_bytes(counts, config) // 2  # fp16 in the scene; here fp32 weights and two states
         return 6 * adapters + 2**20
-    return int((counts["unet"] + counts["text_encoder"]) * (4 + (2 if adam_8bit else 8))) + 2**20
+    return int((counts["unet"] + _text(counts)) * (4 + (2 if adam_8bit else 8))) + 2**20
+
+
+def _text(counts: dict[str, int]) -> int:
+    """Parameters of the text encoder(s): SDXL has two."""
+    return counts["text_encoder"] + counts.get("text_encoder_2", 0)
 
 
 def format_bytes(count: float) -> str:

@@ -170,15 +170,18 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
                             "--tune lora needs far less")
         if device.type == "cuda" and not eight_bit and config.tune == "full":
             warnings.append(f"8-bit AdamW would save about 40% more on this GPU: {BNB_HINT}")
+    # Frozen weights in half precision: on GPUs; on a CPU (bf16) only for LoRA with low
+    # memory, where they stay frozen (full tuning's fp32 copy would wait in the same RAM).
+    half_frozen = half and (device.type != "cpu" or (low and tune == "lora"))
     return MemoryPlan(
         policy=policy,
         gradient_checkpointing=low or config.gradient_checkpointing,
         optimizer_in_backward=(low or config.optimizer_in_backward) and not fp16,
         adam_8bit=eight_bit,
-        offload_vae=low and device.type != "cpu",
+        offload_vae=(low or half_frozen) and device.type != "cpu",
         reason=reason,
         warnings=tuple(warnings),
         tune=tune,
         tune_reason=tune_reason,
-        half_frozen=half and device.type != "cpu",
+        half_frozen=half_frozen,
     )

@@ -64,14 +64,17 @@ def decode_latents(vae, latents, report: Reporter = silent):
     scaled = latents / vae.config.scaling_factor
     with torch.inference_mode():
         pixels = vae.decode(scaled.to(vae.dtype)).sample
-        if vae.dtype != torch.float32 and not bool(torch.isfinite(pixels).all()):
+        half = vae.dtype != torch.float32 or torch.is_autocast_enabled(pixels.device.type)
+        if half and not bool(torch.isfinite(pixels).all()):
             from .events import Message
 
-            report(Message(f"the VAE overflowed in {str(vae.dtype).removeprefix('torch.')}: decoding again in fp32"))
+            what = str(vae.dtype).removeprefix("torch.") if vae.dtype != torch.float32 else "half precision"
+            report(Message(f"the VAE overflowed in {what}: decoding again in fp32"))
             dtype = vae.dtype
             vae.to(torch.float32)
             try:
-                pixels = vae.decode(scaled.float()).sample
+                with torch.autocast(pixels.device.type, enabled=False):  # (class images sample under autocast)
+                    pixels = vae.decode(scaled.float()).sample
             finally:
                 vae.to(dtype)
     return pixels.float()

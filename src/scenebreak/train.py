@@ -154,7 +154,9 @@ class Trainer:
         if components.family.is_xl:
             size = (resolution, resolution)
             self.time_ids = torch.cat([time_ids(inputs.crop_size or size, size), time_ids(size, size)]).to(dev)
-        self._frozen_half = self._cast_frozen_to_half()
+        self._fp32_master: dict[str, torch.Tensor] | None = None  # fp32 values of the weights kept in half, on the CPU
+        if config.tune == "lora":
+            self._cast_frozen_to_half()  # frozen for the whole run
         if plan.offload_vae:
             # Every latent cached now, the VAE can leave the GPU for the whole run.
             for index in range(len(inputs.class_images) if config.prior else 0):
@@ -179,20 +181,42 @@ class Trainer:
     def handle_params(self) -> list[torch.nn.Parameter]:
         return [e.handles for e in self.embeddings]
 
-    def _cast_frozen_to_half(self) -> bool:
-        """Weights that never train live in the autocast precision where the plan says
-        so (on GPUs): the base model under LoRA. The handle rows and the adapters stay
-        fp32; autocast computes in half precision either way, so only memory changes."""
-        if not (self.plan.half_frozen and self.amp_dtype is not None and self.config.tune == "lora"):
-            return False
+    def _frozen_params(self):
+        """(name, parameter) of every UNet and text-encoder weight that is not a handle
+        row or a LoRA adapter."""
         handles = {id(p) for p in self.handle_params}
-        for model in (self.c.unet, *self.c.text_encoders):
+        for prefix, model in (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders)):
             for name, param in model.named_parameters():
                 if ".lora_" not in name and id(param) not in handles:
-                    param.data = param.data.to(self.amp_dtype)
-        for embedding in self.embeddings:
+                    yield f"{prefix}.{name}", param
+
+    def _cast_frozen_to_half(self) -> None:
+        """Weights that do not train live in the autocast precision where the plan says
+        so (on GPUs): the base model under LoRA, and everything but the handles in phase
+        1. The handle rows and the adapters stay fp32, and autocast computes in half
+        precision either way, so only memory changes. Their fp32 values wait on the CPU
+        and come back bit for bit where they are needed again: for phase 2 of full
+        tuning, and at the end (the scene stores the vocabulary, and a standalone LoRA
+        scene the base weights, at full precision)."""
+        if not (self.plan.half_frozen and self.amp_dtype is not None) or self._fp32_master is not None:
+            return
+        self._fp32_master = {}
+        for name, param in self._frozen_params():
+            self._fp32_master[name] = param.data.to("cpu", copy=True)
+            param.data = param.data.to(self.amp_dtype)
+        for i, embedding in enumerate(self.embeddings):
+            self._fp32_master[f"vocabulary.{i}"] = embedding.base.to("cpu", copy=True)
             embedding.base = embedding.base.to(self.amp_dtype)
-        return True
+
+    def _restore_fp32_master(self) -> None:
+        """The fp32 weights kept on the CPU, back in place (see _cast_frozen_to_half)."""
+        if self._fp32_master is None:
+            return
+        for name, param in self._frozen_params():
+            param.data = self._fp32_master[name].to(param.device)
+        for i, embedding in enumerate(self.embeddings):
+            embedding.base = self._fp32_master[f"vocabulary.{i}"].to(embedding.base.device)
+        self._fp32_master = None
 
     def _tokenize(self, prompt: str) -> list[torch.Tensor]:
         """The prompt's (1, 77) token ids in each tokenizer."""
@@ -283,6 +307,8 @@ class Trainer:
                 self.phase, self.step = phase + 1, 0
                 continue
             self.phase = phase
+            if self.config.tune == "full":  # phase 1 keeps the weights it does not train in half precision
+                self._cast_frozen_to_half() if phase == 1 else self._restore_fp32_master()
             groups = self._trainable(phase)
             self.params = [p for g in groups for p in g["params"]]
             self.optimizer = self._optimizer(phase, groups)
@@ -308,6 +334,7 @@ class Trainer:
             self.optimizer = None  # phase 2 starts from a fresh AdamW
             if phase == 1:
                 self.phase, self.step = 2, 0
+        self._restore_fp32_master()  # the scene is made from fp32 weights
 
     def train_step(self, phase: int, steps: int) -> StepRecord:
         cfg, c, dev = self.config, self.c, self.device.torch
