@@ -80,8 +80,8 @@ def test_attention_loss_reads_the_handle_token_positions():
     for mask, pos in zip(masks, positions):
         probs[0, :, :, pos] = mask.flatten()
     store = AttentionStore(example=0)
-    store.record("layer.a", probs)
-    store.record("layer.b", probs)
+    store.record("layer.a", probs[0])  # the kept example's maps: (heads, pixels, tokens)
+    store.record("layer.b", probs[0])
     assert attention_loss(store.token_maps(positions), masks).item() < 1e-10
     assert attention_loss(store.token_maps([7, 8]), masks).item() > 0.2
     assert attention_loss(store.token_maps(positions[::-1]), masks).item() > 0.2
