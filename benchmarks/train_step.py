@@ -454,10 +454,13 @@ def render(rows: list[dict], args, command: str) -> str:
         f"{' (tiny SDXL)' if args.tiny and args.sdxl else ''}, "
         f"random weights; {args.resolution}x{args.resolution}; training batch 2 (instance + class image); AdamW with fp32 master weights",
         f"- training: {args.steps} timed steps after 1 warm-up step; generation: {args.gen_steps} timed DDIM steps "
-        "(guidance 7.5) scaled to 50; " + ("every row in one process, each on its own copy of one model build (peak memory "
+        f"(guidance {5 if args.sdxl else 7.5}) scaled to 50; " + ("every row in one process, each on its own copy of one model build (peak memory "
                                             "reset before each row)" if args.in_process else "each row is a fresh process, one at a time"),
         "- scenebreak's phase 1 runs the instance example only: there the class image's loss has no gradient with "
-        "respect to the handles, so skipping it gives the same updates (docs/method.md); the baseline runs both",
+        "respect to the handles, so skipping it gives the same updates (docs/method.md)"
+        + ("; the original code has no SDXL, so there is no baseline" if args.sdxl else "; the baseline runs both"),
+        *(["- SDXL: 'scenebreak defaults' is `--memory auto --tune auto`, which on this machine chose LoRA with "
+           "`--memory low` (checkpointing) and frozen weights in bf16; generation runs in fp32 on the CPU"] if args.sdxl else []),
         "- scenebreak rows use the default precision (bf16 autocast on CUDA and on CPUs with bf16 instructions) "
         "unless marked fp32; low-memory: `--memory low` (gradient checkpointing, optimizer step inside the backward "
         "pass, 8-bit AdamW on CUDA when bitsandbytes is installed); LoRA: `--tune lora --rank 32`",

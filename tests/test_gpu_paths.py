@@ -232,7 +232,7 @@ def test_frozen_weights_wait_in_half_precision_and_come_back_bit_for_bit(tiny_mo
     prepared = prepare(scene_files["image"], scene_files["masks"], 64)
     inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids)
     plan = MemoryPlan("fast", False, False, False, False, tune=tune, half_frozen=True)
-    config = LearnConfig(steps1=2, steps2=0 if tune == "full" else 1, prior=False, tune=tune, rank=2)
+    config = LearnConfig(steps1=2, steps2=0 if tune == "full" else 1, prior=False, tune=tune, rank=2, standalone=tune == "lora")
     trainer = Trainer(c, inputs, config, choose_device("cpu"), tokens, plan=plan, amp_dtype=torch.bfloat16)
     seen = []
     for record in trainer.run():
@@ -252,6 +252,29 @@ def test_frozen_weights_wait_in_half_precision_and_come_back_bit_for_bit(tiny_mo
             key = f"{parent}.base_layer.{leaf}"
         assert torch.equal(state[key], value), key
     assert torch.equal(trainer.embedding.base, vocabulary[:-2])
+
+
+def test_a_lora_scene_of_adapters_alone_keeps_only_the_vocabulary_in_fp32(tiny_model, scene_files):
+    """Its base weights are never stored, so no fp32 copy of them waits on the CPU."""
+    from scenebreak.config import LearnConfig
+    from scenebreak.images import prepare
+    from scenebreak.memory import MemoryPlan
+    from scenebreak.models import load_components
+    from scenebreak.tokens import add_handles
+    from scenebreak.train import Trainer, TrainInputs
+
+    c = load_components(str(tiny_model))
+    ids = add_handles(c.tokenizer, c.text_encoder, ["<a>", "<b>"])
+    vocabulary = c.text_encoder.get_input_embeddings().weight.detach().clone()
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    plan = MemoryPlan("low", True, True, False, False, tune="lora", half_frozen=True)
+    trainer = Trainer(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids),
+                      LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2), choose_device("cpu"), ["<a>", "<b>"],
+                      plan=plan, amp_dtype=torch.bfloat16)
+    assert set(trainer._fp32_master) == {"vocabulary.0"}
+    for _ in trainer.run():
+        pass
+    assert torch.equal(trainer.embedding.base, vocabulary[:-2]) and c.unet.conv_in.weight.dtype == torch.bfloat16
 
 
 def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_model, scene_files):

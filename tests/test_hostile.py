@@ -153,6 +153,13 @@ CASES = [
         lora={"rank": 10**7, "alpha": 1, "unet_targets": ["to_q"], "text_encoder_targets": ["q_proj"]}))], 2, "not a valid scene"),
     ("scene-mask-index", lambda w: ["show", _crafted(w, "x1", meta=_set("handles.0.mask_index", 99))], 2, "not a valid scene"),
     ("scene-newer", lambda w: ["show", _crafted(w, "v1", meta=_set("format_version", 99))], 2, "newer scenebreak"),
+    ("scene-family-unknown", lambda w: ["show", _crafted(w, "f1", meta=_set("base_model.family", "FLUX"))], 2, "not one scenebreak knows"),
+    ("scene-sdxl-format-1", lambda w: ["show", _crafted(w, "f2", meta=_set("base_model.family", "SDXL"))], 2, "needs format 2"),
+    ("scene-sdxl-no-second-rows", lambda w: ["generate", _crafted(w, "f3", meta=lambda m: m.update(
+        format_version=2, base_model=dict(m["base_model"], family="SDXL"), configs=dict(m["configs"], text_encoder_2={}))),
+        "<asset1>"], 2, "handles.embeddings_2"),
+    ("scene-second-rows-shape", lambda w: ["generate", _crafted(w, "f4", tensors={"handles.embeddings_2": torch.zeros(5, 8)}),
+        "<asset1>"], 2, "not a valid scene"),
     # edit / extract-bg
     ("edit-mask-size", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["small"], "<asset1>"], 2, "must match"),
     ("edit-output-not-png", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["tmp"] / "o.jpg",

@@ -77,7 +77,7 @@ class LearnConfig:
     prior_weight: float = setting(1.0, "Weight of the prior-preservation loss.", cli=False)
     class_prompt: str = setting(DEFAULT_CLASS_PROMPT, "Prompt of the class images.")
     num_class_images: int = setting(100, "Class images made once per base model and prompt, then cached.")
-    resolution: int | None = setting(None, "Training size (default: the model's, 512 for SD2.1-base).")
+    resolution: int | None = setting(None, "Training size (default: the model's: 512 for SD2.1-base, 1024 for SDXL).")
     flip_p: float = setting(0.5, "Probability of a horizontal flip per step.", cli=False)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.", cli=False)
     adam_weight_decay: float = setting(1e-2, "AdamW weight decay.", cli=False)

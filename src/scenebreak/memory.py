@@ -171,8 +171,9 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
         if device.type == "cuda" and not eight_bit and config.tune == "full":
             warnings.append(f"8-bit AdamW would save about 40% more on this GPU: {BNB_HINT}")
     # Frozen weights in half precision: on GPUs; on a CPU (bf16) only for LoRA with low
-    # memory, where they stay frozen (full tuning's fp32 copy would wait in the same RAM).
-    half_frozen = half and (device.type != "cpu" or (low and tune == "lora"))
+    # memory and adapters alone, where they stay frozen and no fp32 copy is needed (it
+    # would wait in the same RAM).
+    half_frozen = half and (device.type != "cpu" or (low and tune == "lora" and not config.standalone))
     return MemoryPlan(
         policy=policy,
         gradient_checkpointing=low or config.gradient_checkpointing,

@@ -197,12 +197,15 @@ class Trainer:
         precision either way, so only memory changes. Their fp32 values wait on the CPU
         and come back bit for bit where they are needed again: for phase 2 of full
         tuning, and at the end (the scene stores the vocabulary, and a standalone LoRA
-        scene the base weights, at full precision)."""
+        scene the base weights, at full precision). A LoRA scene of adapters alone never
+        stores the base weights: only its vocabulary is kept."""
         if not (self.plan.half_frozen and self.amp_dtype is not None) or self._fp32_master is not None:
             return
+        keep = self.config.tune == "full" or self.config.standalone
         self._fp32_master = {}
         for name, param in self._frozen_params():
-            self._fp32_master[name] = param.data.to("cpu", copy=True)
+            if keep:
+                self._fp32_master[name] = param.data.to("cpu", copy=True)
             param.data = param.data.to(self.amp_dtype)
         for i, embedding in enumerate(self.embeddings):
             self._fp32_master[f"vocabulary.{i}"] = embedding.base.to("cpu", copy=True)
@@ -213,7 +216,8 @@ class Trainer:
         if self._fp32_master is None:
             return
         for name, param in self._frozen_params():
-            param.data = self._fp32_master[name].to(param.device)
+            if name in self._fp32_master:
+                param.data = self._fp32_master[name].to(param.device)
         for i, embedding in enumerate(self.embeddings):
             embedding.base = self._fp32_master[f"vocabulary.{i}"].to(embedding.base.device)
         self._fp32_master = None
