@@ -245,39 +245,22 @@ def tiny_sdxl_configs(resolution: int = 256) -> dict:
     with a projection, like OpenCLIP-G), `text_time` added conditioning, a three-level
     UNet with cross-attention at latent/2 and latent/4 and more transformer layers at
     latent/4 (SDXL: 1, 2 and 10), and a VAE that shrinks 8x as SDXL's does."""
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+    base = tiny_configs(resolution)
+    text = base["text_encoder"]
     text_2 = dict(text, hidden_size=48, intermediate_size=96, projection_dim=16)
     time_dim = 8
     unet = dict(
+        base["unet"],
         sample_size=resolution // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2),
         cross_attention_dim=text["hidden_size"] + text_2["hidden_size"],
-        attention_head_dim=(2, 4, 4),
-        norm_num_groups=8,
-        use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=text_2["projection_dim"] + 6 * time_dim,
     )
-    vae = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
-        force_upcast=True,
-    )
-    scheduler = dict(tiny_configs()["scheduler"], timestep_spacing="leading")
+    vae = dict(base["vae"], down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               block_out_channels=(8, 16, 16, 16), force_upcast=True)
+    scheduler = dict(base["scheduler"], timestep_spacing="leading")
     return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text_2, "scheduler": scheduler}
 
 
@@ -301,16 +284,8 @@ def sdxl_configs() -> dict:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    vae = dict(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    # SD 2.1's VAE shape, with SDXL's scaling factor (it overflows in fp16: force_upcast).
+    vae = dict(sd21_base_configs()["vae"], sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     scheduler = dict(tiny_configs()["scheduler"], timestep_spacing="leading")
     return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text_2, "scheduler": scheduler}
 

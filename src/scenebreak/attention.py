@@ -117,17 +117,22 @@ class RecordingAttnProcessor:
         mask = None
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=attn.scale)
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+        # Scores and softmax in fp32 here, whatever autocast says: q.k can pass fp16's
+        # range before it is scaled (SD 2.x-768 sets upcast_attention for this very
+        # reason), and half-precision softmax of sharp cross-attention blurs the very
+        # maps the loss shapes (measured: the tiny model's handles then settle on the
+        # wrong object more often). With 77 keys these few layers cost little in fp32.
+        with torch.autocast(query.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask, dropout_p=0.0,
+                                                 scale=attn.scale)
 
-        # The recorded maps: scores and softmax in fp32, whatever autocast says (q.k can
-        # pass fp16's range before it is scaled; SD 2.x-768 sets upcast_attention for
-        # this very reason), for the kept example only.
+        # The recorded maps, for the kept example only.
         ex = self.store.example
         with torch.autocast(query.device.type, enabled=False):
             scores = torch.matmul(query[ex].float() * attn.scale, key[ex].float().transpose(-1, -2))
             if mask is not None:
-                scores = scores + mask[ex].float()
+                scores = scores + mask[ex]
             columns = self.store.columns
             if columns is None:
                 probs = scores.softmax(dim=-1)
