@@ -424,12 +424,12 @@ def measure_in_subprocess(kind: str, phase, args) -> dict:
     return {"kind": kind, "phase": phase, "error": f"out of memory{limit}" if oom else tail[:200]}
 
 
-def merge(saved: list[dict], rows: list[dict], args_sdxl: bool = False) -> list[dict]:
+def merge(saved: list[dict], rows: list[dict], sdxl: bool = False) -> list[dict]:
     """Rows measured now replace their saved selves (--only), in the table's order."""
     if not saved:
         return rows
     fresh = {(str(r["phase"]), r["kind"]) for r in rows}
-    order = {(str(phase), kind): i for i, (phase, kind) in enumerate(SDXL_ROWS if args_sdxl else ROWS)}
+    order = {(str(phase), kind): i for i, (phase, kind) in enumerate(SDXL_ROWS if sdxl else ROWS)}
     kept = [r for r in saved if (str(r["phase"]), r["kind"]) not in fresh]
     return sorted(kept + rows, key=lambda r: order.get((str(r["phase"]), r["kind"]), len(order)))
 

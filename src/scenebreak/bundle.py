@@ -34,10 +34,6 @@ from .paths import SCENE_SUFFIX, resolve_scene, scenes_dir, write_atomically
 
 FORMAT = "scenebreak.scene"
 FORMAT_VERSION = 2  # the newest this version reads and writes
-COMPONENTS = ("unet", "text_encoder", "vae")  # full weights: the scene generates on its own
-LORA_COMPONENTS = ("unet_lora", "text_encoder_lora")  # adapters for the recorded base model
-SDXL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-SDXL_LORA_COMPONENTS = ("unet_lora", "text_encoder_lora", "text_encoder_2_lora")
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 # The tokenizer files a scene may hold: what transformers' tokenizers write (5.x writes
 # the first two). A scene is a stranger's file: no other name is ever written anywhere.
@@ -76,9 +72,7 @@ class Scene:
     @property
     def family(self):
         """The base model's family (families.Family); scenes from before SDXL are SD 1.x/2.x."""
-        from .families import family_named
-
-        return family_named(self.meta.get("base_model", {}).get("family", ""), self.meta.get("prediction_type", "epsilon"))
+        return _family(self.meta)
 
     @property
     def handle_embeddings(self) -> list:
@@ -116,9 +110,18 @@ class Scene:
 
     @property
     def weight_components(self) -> tuple[str, ...]:
-        if self.family.is_xl:
-            return SDXL_LORA_COMPONENTS if self.needs_base_model else SDXL_COMPONENTS
-        return LORA_COMPONENTS if self.needs_base_model else COMPONENTS
+        """Full weights (the scene generates on its own), or for a LoRA scene the
+        adapters for its recorded base model; one entry per text encoder of the family."""
+        encoders = self.family.text_encoders
+        if self.needs_base_model:
+            return ("unet_lora", *(f"{name}_lora" for name in encoders))
+        return ("unet", *encoders, "vae")
+
+
+def _family(meta: dict):
+    from .families import family_named
+
+    return family_named(meta.get("base_model", {}).get("family", ""), meta.get("prediction_type", "epsilon"))
 
 
 def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
@@ -144,7 +147,8 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
             tensors[f"{component}.{key}"] = value.contiguous().clone()
     for name, data in scene.files.items():
         tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
-    meta = dict(scene.meta, format_version=2 if scene.family.is_xl else 1, weights_dtype=save_dtype)
+    # Format 2 only where it is needed (SDXL): SD scenes stay readable by older versions.
+    meta = dict(scene.meta, format_version=FORMAT_VERSION if scene.family.is_xl else 1, weights_dtype=save_dtype)
     path = Path(path)
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)}))
     scene.path = path
@@ -180,7 +184,7 @@ def read_metadata(path: Path) -> dict:
     problem = metadata_problem(meta)
     if problem:
         raise BundleError(f"{path} is not a valid scene: {problem}")
-    xl = Scene(meta=meta, embeddings=None, image=None, masks=None).family.is_xl
+    xl = _family(meta).is_xl
     for key in ("handles.embeddings", "source.image", "source.masks", *(("handles.embeddings_2",) if xl else ())):
         if key not in keys:
             raise BundleError(f"{path} is incomplete: tensor {key!r} is missing")
@@ -216,7 +220,7 @@ def metadata_problem(meta: dict) -> str | None:
     family = base.get("family", "")
     if family and family not in SUPPORTED:
         return f"its base model family {str(family)[:40]!r} is not one scenebreak knows ({', '.join(SUPPORTED)})"
-    if family == "SDXL" and meta.get("format_version", 0) < 2:
+    if _family(meta).is_xl and meta.get("format_version", 0) < 2:
         return "an SDXL scene needs format 2"
     if not isinstance(resolution, int) or isinstance(resolution, bool) or not 8 <= resolution <= MAX_RESOLUTION or resolution % 8:
         return f"resolution {str(resolution)[:20]} is not a multiple of 8 between 8 and {MAX_RESOLUTION}"
@@ -233,7 +237,7 @@ def metadata_problem(meta: dict) -> str | None:
             if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
                 return f"its LoRA {key} are damaged"
     configs = meta.get("configs")
-    needed = ("unet", "vae", "text_encoder", "scheduler") + (("text_encoder_2",) if family == "SDXL" else ())
+    needed = ("unet", "vae", "scheduler", *_family(meta).text_encoders)
     if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)):
         return "its model configs are damaged"
     return None

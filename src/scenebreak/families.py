@@ -133,6 +133,14 @@ def encode_prompts(family: Family, text_encoders, ids: list, time_ids=None):
     return torch.cat(hidden, dim=-1), added
 
 
+def text_encoder_class(name: str):
+    """The transformers class of a text-encoder folder: SDXL's second encoder
+    (OpenCLIP-G) also gives the pooled projection its UNet takes."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+
+
 def pipeline_class(family: Family):
     """The diffusers text-to-image pipeline class of a family."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

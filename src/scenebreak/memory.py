@@ -18,7 +18,7 @@ are kept in the autocast precision.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .config import LearnConfig
 from .estimates import MEASURED_RESOLUTION, size_scale
@@ -111,22 +111,24 @@ def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: boo
     return int(4 * total + per_trained * trained + activations / 4)
 
 
+def _eight_bit(config: LearnConfig, device, low: bool) -> bool:
+    """8-bit AdamW: asked for, or part of `--memory low` on CUDA when bitsandbytes is there."""
+    from .optim import bitsandbytes_available
+
+    return config.adam_8bit or (low and device.type == "cuda" and bitsandbytes_available())
+
+
 def choose_tuning(config: LearnConfig, components, device, resolution: int, amp_dtype, resumed: str | None = None
                   ) -> tuple[str, str]:
     """What phase 2 tunes, and why: `config.tune` when it is not auto; the tuning of the
     run being resumed; else full where `--memory` can make it fit, LoRA otherwise."""
-    import dataclasses
-
-    from .optim import bitsandbytes_available
-
     if config.tune != "auto":
         return config.tune, ""
     if resumed in ("full", "lora"):
         return resumed, "as in the run being resumed"
-    full = dataclasses.replace(config, tune="full")
     low = config.memory != "fast"
-    eight_bit = config.adam_8bit or (low and device.type == "cuda" and bitsandbytes_available())
-    need = phase2_bytes(components, full, resolution, amp_dtype is not None, low=low, adam_8bit=eight_bit)
+    need = phase2_bytes(components, replace(config, tune="full"), resolution, amp_dtype is not None, low=low,
+                        adam_8bit=_eight_bit(config, device, low))
     free = available_bytes(device)
     if need <= 0.9 * free:
         return "full", f"full tuning needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
@@ -138,14 +140,12 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
     """The plan for `config.memory` on this device, with the training precision
     `amp_dtype` (None: fp32) already resolved; `resumed_tuning` is the tuning of the
     checkpoint being resumed, which `--tune auto` keeps."""
-    import dataclasses
-
     import torch
 
-    from .optim import BNB_HINT, bitsandbytes_available
+    from .optim import BNB_HINT
 
     tune, tune_reason = choose_tuning(config, components, device, resolution, amp_dtype, resumed_tuning)
-    config = dataclasses.replace(config, tune=tune)
+    config = replace(config, tune=tune)
     half = amp_dtype is not None
     policy, reason, free = config.memory, "", None
     if policy == "auto" and config.tune == "lora" and device.type == "cpu":
@@ -158,7 +158,7 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
     low = policy == "low"
     # fp16 needs the loss scaler's check of all gradients before any step.
     fp16 = amp_dtype == torch.float16
-    eight_bit = config.adam_8bit or (low and device.type == "cuda" and bitsandbytes_available())
+    eight_bit = _eight_bit(config, device, low)
     warnings = []
     if config.optimizer_in_backward and fp16:
         warnings.append("fp16 steps after the loss scaler has checked every gradient: the optimizer steps after the backward pass")

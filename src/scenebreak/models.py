@@ -258,18 +258,16 @@ def load_components(base_model: str, revision: str | None = None,
     CPU; `resolved` is what resolve_model_dir already returned for them, if it was called."""
     quiet_libraries()
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import AutoTokenizer
 
-    from .families import detect_family
+    from .families import detect_family, text_encoder_class
 
     folder, commit = resolved or resolve_model_dir(base_model, revision)
     family = detect_family(folder, f"the base model {base_model}")
-    # SDXL's second encoder (OpenCLIP-G) also gives the pooled projection the UNet takes.
-    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         vae = AutoencoderKL.from_pretrained(folder / "vae")
-        text_encoders = [classes[name].from_pretrained(folder / name) for name in family.text_encoders]
+        text_encoders = [text_encoder_class(name).from_pretrained(folder / name) for name in family.text_encoders]
         tokenizers = [AutoTokenizer.from_pretrained(folder / name) for name in family.tokenizers]
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, json.JSONDecodeError) as exc:

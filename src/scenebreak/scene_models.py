@@ -45,16 +45,16 @@ def own_weights(scene: Scene, dtype):
     recorded configs and filled with its weights."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
+
+    from .families import text_encoder_class
 
     configs = scene.meta["configs"]
     names = scene.family.text_encoders
-    # SDXL's second encoder also gives the pooled projection its UNet takes.
-    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     with init_empty_weights():  # no random init of weights we overwrite anyway
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoders = [classes[name](CLIPTextConfig(**configs[name])) for name in names]
+        text_encoders = [text_encoder_class(name)(CLIPTextConfig(**configs[name])) for name in names]
     for model, name in ((unet, "unet"), (vae, "vae"), *zip(text_encoders, names)):
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
         model.load_state_dict(state, assign=True, strict=True)
