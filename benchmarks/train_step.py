@@ -70,8 +70,10 @@ class OriginalStyleProcessor:
         probs = attn.get_attention_scores(query, key, None)  # baddbmm + softmax, materialised
         if seq <= 32 ** 2:
             per_example = probs.view(batch, attn.heads, seq, -1)
-            if self.loss_layer:
-                self.store.record(self.name, per_example)
+            if self.loss_layer:  # the loss reads the instance's handle columns of the full maps
+                kept = per_example[self.store.example]
+                columns = self.store.columns
+                self.store.record(self.name, kept if columns is None else kept[:, :, columns])
             else:
                 self.store.extra.append(per_example)  # kept alive like the original store
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
@@ -445,6 +447,19 @@ def write_table(out: Path, stem: str, rows: list[dict], args, command: str, fina
     return table
 
 
+def sdxl_defaults_note(rows: list[dict], device: str) -> str:
+    """What `--memory auto --tune auto` chose for the 'scenebreak defaults' row, from the row itself."""
+    row = next((r for r in rows if r["kind"] == "scenebreak defaults" and "memory" in r), None)
+    chose = "not measured"
+    if row:
+        chose = f"chose `--tune {row['tune']} --memory {row['memory']}`"
+        if row.get("half_frozen"):
+            chose += f" with frozen weights in {row['precision']}"
+    generation = "fp16 on CUDA" if device.startswith("cuda") else "fp32 on the CPU"
+    return (f"- SDXL: 'scenebreak defaults' is `--memory auto --tune auto`, which on this machine {chose}; "
+            f"generation runs in {generation}")
+
+
 def render(rows: list[dict], args, command: str) -> str:
     lines = [
         "# Training step and generation: scenebreak vs. the original code's way",
@@ -459,8 +474,7 @@ def render(rows: list[dict], args, command: str) -> str:
         "- scenebreak's phase 1 runs the instance example only: there the class image's loss has no gradient with "
         "respect to the handles, so skipping it gives the same updates (docs/method.md)"
         + ("; the original code has no SDXL, so there is no baseline" if args.sdxl else "; the baseline runs both"),
-        *(["- SDXL: 'scenebreak defaults' is `--memory auto --tune auto`, which on this machine chose LoRA with "
-           "`--memory low` (checkpointing) and frozen weights in bf16; generation runs in fp32 on the CPU"] if args.sdxl else []),
+        *([sdxl_defaults_note(rows, args.device)] if args.sdxl else []),
         "- scenebreak rows use the default precision (bf16 autocast on CUDA and on CPUs with bf16 instructions) "
         "unless marked fp32; low-memory: `--memory low` (gradient checkpointing, optimizer step inside the backward "
         "pass, 8-bit AdamW on CUDA when bitsandbytes is installed); LoRA: `--tune lora --rank 32`",
