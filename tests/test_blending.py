@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from scenebreak.maskops import dilate
-from scenebreak.blending import (blend_step, blended_latents, encode, feather_weights, latent_mask, next_timestep,
-                                 paste_back, work_size)
+from scenebreak.blending import blend_step, blended_latents, encode, feather_weights, latent_mask, paste_back, work_size
 
 
 def test_work_size_keeps_the_pixel_count_and_aspect_in_multiples_of_8():
@@ -55,14 +54,6 @@ def test_blend_step_noises_the_source_to_the_given_level_and_is_the_source_at_th
     assert torch.equal(blend_step(latents, source, mask, noise, scheduler, None)[..., 3:], source[..., 3:])
 
 
-def test_next_timestep_is_where_ddim_lands():
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler(num_train_timesteps=1000, steps_offset=1)
-    scheduler.set_timesteps(10)
-    assert [next_timestep(scheduler, t) for t in scheduler.timesteps] == [801, 701, 601, 501, 401, 301, 201, 101, 1, None]
-
-
 @pytest.fixture(scope="module")
 def pipe(learned):
     from scenebreak.bundle import load_scene
@@ -72,7 +63,11 @@ def pipe(learned):
     return open_pipeline(load_scene(learned.path), choose_device("cpu"))
 
 
-def test_blended_loop_follows_the_source_outside_the_mask(pipe):
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+def test_blended_loop_follows_the_source_outside_the_mask(pipe, scheduler):
+    from scenebreak.pipeline import make_scheduler
+
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     source = encode(pipe.vae, [image])
     pixel_mask = np.zeros((64, 64), bool)
@@ -82,17 +77,22 @@ def test_blended_loop_follows_the_source_outside_the_mask(pipe):
     latents = blended_latents(pipe, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25,
                               on_step=lambda i, level, z: seen.append((i, level, z.clone())))
     timesteps = pipe.scheduler.timesteps[2:]  # 25% of 8 steps skipped
-    assert [level for _, level, _ in seen] == [int(t) - 125 for t in timesteps[:-1]] + [None]
+    # Each step lands on the schedule's next timestep; for DDIM that is t - 1000/8.
+    assert [level for _, level, _ in seen] == [int(t) for t in timesteps[1:]] + [None]
+    if scheduler == "ddim":
+        assert [level for _, level, _ in seen[:-1]] == [int(t) - 125 for t in timesteps[:-1]]
     outside = (mask == 0).expand_as(latents)
     # After the last step the background is exactly the source; the inside is new.
     assert torch.equal(latents[outside], source.expand_as(latents)[outside])
     assert not torch.allclose(latents[~outside], source.expand_as(latents)[~outside], atol=1e-2)
-    # Before it, the background is the source noised to the level the step reached:
+    # Before it, the background is the source noised to the level the step reached, in
+    # the sampler's own parametrisation (Euler's latents are x0 + sigma * noise):
     # removing the source leaves unit Gaussian noise at exactly that level.
     for _, level, z in seen[:-1]:
-        a = pipe.scheduler.alphas_cumprod[level]
-        eps = (z - a.sqrt() * source) / (1 - a).sqrt()
-        values = eps[outside]
+        at = torch.tensor([level])
+        signal = pipe.scheduler.add_noise(source, torch.zeros_like(source), at)
+        scale = pipe.scheduler.add_noise(torch.zeros_like(source), torch.ones_like(source), at)
+        values = ((z - signal) / scale)[outside]
         assert abs(values.mean()) < 0.15 and 0.85 < values.std() < 1.15
     # The two seeds start from different noise.
     assert not torch.equal(latents[0][~outside[0]], latents[1][~outside[1]])

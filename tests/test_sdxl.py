@@ -115,9 +115,9 @@ def test_the_sdxl_defaults_are_its_own(learned_sdxl, monkeypatch):
     seen = {}
     real = sampling.sample_to_files
 
-    def spy(pipe, scene, prompts, config, *args, **kwargs):
+    def spy(run, prompts, config, *args, **kwargs):
         seen["guidance"] = config.guidance
-        return real(pipe, scene, prompts, config, *args, **kwargs)
+        return real(run, prompts, config, *args, **kwargs)
 
     monkeypatch.setattr("scenebreak.generation.sample_to_files", spy)
     generate(learned_sdxl.path, "<asset1>", GenerateConfig(steps=1, seed=0), out_dir="out")

@@ -66,7 +66,7 @@ def encode(vae, images: list[np.ndarray]):
 
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     pixels = pixels.to(vae.device, vae.dtype)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(pixels.device.type, enabled=False):  # in the VAE's own dtype
         return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
 
@@ -78,12 +78,6 @@ def decode(vae, latents) -> list[np.ndarray]:
     pixels = decode_latents(vae, latents)
     pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
-
-
-def next_timestep(scheduler, t):
-    """The noise level a DDIM step from `t` lands on; None when it lands on clean latents."""
-    previous = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    return previous if previous >= 0 else None
 
 
 def blend_step(latents, source, mask, noise, scheduler, timestep):
@@ -100,11 +94,11 @@ def blend_step(latents, source, mask, noise, scheduler, timestep):
 def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps: int = 50, guidance: float = 7.5,
                     blend_start: float = 0.25, negative: str | None = None, on_step=None,
                     report: Reporter = silent, task: str = "edit", done: int = 0, total: int | None = None):
-    """Blended DDIM sampling of one region for a batch of seeds.
+    """Blended sampling of one region for a batch of seeds, with the pipeline's scheduler.
 
     `source` (B or 1, C, h, w): the source latents; `mask` (1, 1, h, w): 1 where the prompt
     may change things. Sample i starts from Gaussian noise seeded with seeds[i] (drawn on
-    the CPU, like `generate`); the first `blend_start` of the DDIM steps are skipped.
+    the CPU, like `generate`); the first `blend_start` of the steps are skipped.
     `on_step(i, timestep, latents)` sees the latents after every blended step."""
     import torch
 
@@ -126,7 +120,7 @@ def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps:
         mask = mask.to(device, dtype)
         noise = draw()
         # The start is noise too, but outside the mask it is the source at the first level.
-        latents = blend_step(noise * scheduler.init_noise_sigma, source, mask, noise, scheduler, int(timesteps[0]))
+        latents = blend_step(noise * scheduler.init_noise_sigma, source, mask, noise, scheduler, timesteps[0].item())
         total = total if total is not None else len(timesteps) * len(seeds)
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
@@ -135,7 +129,9 @@ def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)
             latents = scheduler.step(pred, t, latents).prev_sample
-            level = next_timestep(scheduler, t)
+            # The level this step landed on is the next timestep of the schedule (the
+            # same for every sampler); after the last one the latents are clean.
+            level = timesteps[i + 1].item() if i + 1 < len(timesteps) else None  # (Euler's are floats)
             latents = blend_step(latents, source, mask, draw(), scheduler, level)
             if on_step is not None:
                 on_step(i, level, latents)

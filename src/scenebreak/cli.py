@@ -184,6 +184,22 @@ def make_config(config_class, values: dict):
     return config_class(**kwargs)
 
 
+def complete_scene(ctx, param, incomplete: str):
+    """Shell completion of a SCENE: the cached scenes' names, and files where the
+    word looks like a path (see docs/usage.md, "Shell completion")."""
+    from click.shell_completion import CompletionItem
+
+    if "/" in incomplete or incomplete.startswith((".", "~")):
+        return [CompletionItem(incomplete, type="file")]
+    from .bundle import list_scenes
+
+    try:
+        names = sorted(p.stem for p in list_scenes())
+    except OSError:
+        names = []
+    return [CompletionItem(name) for name in names if name.startswith(incomplete)] or [CompletionItem(incomplete, type="file")]
+
+
 device_option = click.option("--device", metavar="|".join((*DEVICES[:2], "cuda:N", *DEVICES[2:])), default=None,
                              help="auto (default: CUDA, then MPS, then CPU), cuda, cuda:N (the N-th GPU), mps or cpu. "
                                   "Env: SCENEBREAK_DEVICE.")
@@ -289,14 +305,15 @@ def _read_prompts(prompts, prompts_file) -> list[str]:
 
 
 @cli.command(name="generate")
-@click.argument("scene")
+@click.argument("scene", shell_complete=complete_scene)
 @click.argument("prompts", nargs=-1)
 @config_options(GenerateConfig)
 @click.option("--prompts-file", type=click.File("r"), help="One prompt per line ('-' reads stdin); # starts a comment.")
 @click.option("--variations", is_flag=True, help="Image variations: the prompt \"a photo of <asset1> and <asset2> ...\" with all the objects.")
+@click.option("--grid", is_flag=True, help="Also save a contact sheet of this call's images (one row per prompt); its path is printed last.")
 @image_output_options
 @handle_errors
-def generate_command(scene, prompts, prompts_file, variations, out_dir, base_model, device, quiet, json_, **settings):
+def generate_command(scene, prompts, prompts_file, variations, grid, out_dir, base_model, device, quiet, json_, **settings):
     """Make images from prompts that use the handles of SCENE (a .scene path or a
     cached scene name); prints each image's path.
 
@@ -304,21 +321,22 @@ def generate_command(scene, prompts, prompts_file, variations, out_dir, base_mod
     Example:
       scenebreak generate photo "<asset1> on the moon" -n 4 --seed 7
       cat prompts.txt | scenebreak generate photo --prompts-file -
-      scenebreak generate photo --variations -n 8
+      scenebreak generate photo --variations -n 8 --grid
     """
     from .generation import generate
 
     prompts = [] if variations and not prompts and not prompts_file else _read_prompts(prompts, prompts_file)
     config = make_config(GenerateConfig, settings)
     result = with_reporter(quiet, lambda report: generate(scene, prompts, config, out_dir=out_dir, device=device,
-                                                          variations=variations, base_model=base_model, report=report))
+                                                          variations=variations, grid=grid, base_model=base_model,
+                                                          report=report))
     print_images(result, json_)
 
 
 @cli.command(name="edit")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("prompt", required=False)
-@click.option("--scene", required=True, help="The learned scene (a .scene path or a cached name) whose handles the prompts use.")
+@click.option("--scene", required=True, shell_complete=complete_scene, help="The learned scene (a .scene path or a cached name) whose handles the prompts use.")
 @click.option("-m", "--mask", "masks", multiple=True, required=True, help="Region to change (IMAGE's size, non-zero = change). Repeat with --prompt for several regions.")
 @click.option("-p", "--prompt", "prompt_options", multiple=True, help="Prompt of the --mask at the same position (instead of PROMPT).")
 @config_options(EditConfig)
@@ -350,7 +368,7 @@ def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite,
 
 
 @cli.command(name="extract-bg")
-@click.argument("scene")
+@click.argument("scene", shell_complete=complete_scene)
 @click.option("-n", "--num-images", "variations", type=int, default=0, show_default=True,
               help="Background variations besides the clean plate.")
 @click.option("-p", "--prompt", help="Template of the variations (default \"a photo of <background>\"), e.g. \"a photo of a car at <background>\".")
@@ -467,7 +485,7 @@ def list_command(json_):
 
 
 @cli.command(name="show")
-@click.argument("scene")
+@click.argument("scene", shell_complete=complete_scene)
 @json_option
 @handle_errors
 def show_command(scene, json_):
@@ -487,7 +505,7 @@ def show_command(scene, json_):
 
 
 @cli.command(name="rm")
-@click.argument("scenes", nargs=-1, required=True)
+@click.argument("scenes", nargs=-1, required=True, shell_complete=complete_scene)
 @handle_errors
 def rm_command(scenes):
     """Delete scenes (by cache name or path); prints each deleted path.
@@ -503,7 +521,7 @@ def rm_command(scenes):
 
 
 @cli.command(name="export")
-@click.argument("scene")
+@click.argument("scene", shell_complete=complete_scene)
 @click.option("-f", "--format", "format", type=click.Choice(["diffusers", "embeddings"]), default="diffusers", show_default=True,
               help="diffusers: a Stable Diffusion pipeline folder; embeddings: one textual-inversion file per handle.")
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Folder to write.")

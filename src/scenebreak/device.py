@@ -49,10 +49,32 @@ class Device:
         return None  # MPS, and CPUs without bf16: fp32
 
     def infer_dtype(self):
-        """The dtype for generation: half precision on GPUs, fp32 on CPU."""
+        """The dtype of the weights for generation: half precision on GPUs, fp32 on CPU."""
         import torch
 
         return torch.float32 if self.type == "cpu" else torch.float16
+
+    def sampling_precision(self, precision: str = "auto"):
+        """(weights dtype, autocast dtype or None) for sampling at `precision`
+        (config.SAMPLING_PRECISIONS). GPUs hold the weights in half precision; a CPU
+        keeps fp32 weights and latents and runs the UNet and text encoders under bf16
+        autocast where it has bf16 instructions (faster, benchmarks/train_step.py's
+        generation rows), as the VAE decodes in fp32 either way."""
+        import torch
+
+        if precision == "fp32":
+            return torch.float32, None
+        if self.type == "cpu":
+            if precision == "fp16":
+                raise InvalidInput("--precision fp16 needs a GPU: use bf16 (on CPUs with bf16 instructions) or fp32")
+            if precision == "bf16" and not cpu_has_bf16():
+                raise InvalidInput("--precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX): use auto")
+            return torch.float32, (torch.bfloat16 if cpu_has_bf16() else None)
+        if precision == "bf16":
+            if self.type == "mps":
+                raise InvalidInput("--precision bf16 is not offered on MPS: use auto (fp16) or fp32")
+            return torch.bfloat16, None
+        return torch.float16, None
 
     def autocast(self, dtype, cache: bool = True):
         """Mixed precision for `dtype` (None: none). `cache=False` re-casts weights at each

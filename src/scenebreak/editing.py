@@ -22,7 +22,7 @@ from .images import load_image, load_masks
 from .maskops import dilate
 
 
-def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
+def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
                   config: EditConfig, resolution: int, *, names: list[str] | None = None, report: Reporter = silent,
                   task: str = "edit") -> list[np.ndarray]:
     """Edit `image` ((H, W, 3) uint8) one region at a time, in order: region j is
@@ -35,6 +35,7 @@ def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: lis
     for bit."""
     from PIL import Image
 
+    pipe = run.pipe
     height, width = image.shape[:2]
     factor = pipe.vae_scale_factor
     size = work_size((width, height), resolution, multiple=max(8, factor))
@@ -53,7 +54,7 @@ def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: lis
     batch = images_per_pass(config, pipe)
     per_sample = blended_steps(config.steps, config.blend_start)
     total, done = len(seeds) * len(masks) * per_sample, 0
-    warn_cpu_time(pipe, total, size[0] * size[1], report)
+    warn_cpu_time(run, total, size[0] * size[1], report)
     results = []
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
@@ -62,9 +63,10 @@ def blend_regions(pipe, image: np.ndarray, masks: list[np.ndarray], prompts: lis
         for j, (mask, lmask, prompt) in enumerate(zip(masks, latent_masks, prompts)):
             # The first region starts from the same image for every seed: encode it once.
             source = encode(pipe.vae, work[:1] if j == 0 else work)
-            latents = blended_latents(pipe, source, lmask, prompt, chunk, steps=config.steps, guidance=config.guidance,
-                                      blend_start=config.blend_start, negative=config.negative, report=report, task=task,
-                                      done=done, total=total)
+            with run.precision():
+                latents = blended_latents(pipe, source, lmask, prompt, chunk, steps=config.steps, guidance=config.guidance,
+                                          blend_start=config.blend_start, negative=config.negative, report=report,
+                                          task=task, done=done, total=total)
             done += len(chunk) * per_sample
             work = decode(pipe.vae, latents)
             if config.paste:
@@ -115,7 +117,7 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
             raise InvalidInput(f"{output} is not an image: --overwrite replaces only images; choose another --output")
     run = start(scene, prompts, config, device=device, base_model=base_model, report=report)
     seeds = [run.seed + i for i in range(config.num_images)]
-    edited = blend_regions(run.pipe, np.asarray(source), masks, prompts, seeds, run.config, run.scene.resolution,
+    edited = blend_regions(run, np.asarray(source), masks, prompts, seeds, run.config, run.scene.resolution,
                            names=[f"mask {p}" for p in mask_paths], report=report)
     label, images = " | ".join(prompts), []
     for s, array in zip(seeds, edited):
@@ -148,12 +150,12 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
                 report=report)
     seed = run.seed
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
-    [plate] = blend_regions(run.pipe, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], run.config,
+    [plate] = blend_regions(run, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], run.config,
                             scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
     images = [GeneratedImage(save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png"), plate_prompt, seed, kind="plate")]
     if variations:
         sampling = dataclasses.replace(run.config, num_images=variations)
-        for image in sample_to_files(run.pipe, scene, [template], sampling, seed, out_dir, f"{scene.name}-background", report):
+        for image in sample_to_files(run, [template], sampling, seed, out_dir, f"{scene.name}-background", report):
             image.kind = "variation"
             images.append(image)
     return run.result(images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from .config import GenerateConfig
 from .device import Device
 from .errors import InvalidInput
 from .events import Reporter, silent
-from .sampling import GenerateResult, sample_to_files, start, warn_cpu_time
+from .sampling import GeneratedImage, GenerateResult, sample_to_files, save_png, start, warn_cpu_time
 from .tokens import prompt_for
 
 
@@ -19,14 +20,38 @@ def variation_prompt(scene) -> str:
     return prompt_for(scene.object_tokens)
 
 
+def contact_sheet(paths: list[Path], columns: int, gap: int = 4):
+    """The images at `paths` tiled row by row, `columns` per row, on white with `gap`
+    pixels between them, each at the size of the first."""
+    from PIL import Image
+
+    with Image.open(paths[0]) as first:
+        width, height = first.size
+    rows = -(-len(paths) // columns)
+    sheet = Image.new("RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), "white")
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            tile = im.convert("RGB").resize((width, height)) if im.size != (width, height) else im.convert("RGB")
+        sheet.paste(tile, ((i % columns) * (width + gap), (i // columns) * (height + gap)))
+    return sheet
+
+
+def grid_columns(prompts: int, per_prompt: int) -> int:
+    """One row per prompt when there are several, else as square as it gets."""
+    if prompts > 1 and per_prompt > 1:
+        return per_prompt
+    return math.ceil(math.sqrt(prompts * per_prompt))
+
+
 def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = GenerateConfig(), *,
              out_dir: str | os.PathLike = ".", device: str | Device | None = None, variations: bool = False,
-             base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
+             grid: bool = False, base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
     """Generate `config.num_images` images per prompt and write them as PNGs to `out_dir`.
 
     Image i of a prompt is seeded with `seed + i`, so any single image can be remade.
     `variations=True` (no prompts) uses "a photo of <asset1> and <asset2> ...": the
-    scene's objects re-arranged in new surroundings."""
+    scene's objects re-arranged in new surroundings. `grid=True` also writes a contact
+    sheet of all the images (one row per prompt), listed last with kind "grid"."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     prompts = [p.strip() for p in prompts if p and p.strip()]
     config = config.validate()
@@ -38,5 +63,10 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
     if variations:
         prompts = [variation_prompt(scene)]
     run = start(scene, prompts, config, device=device, base_model=base_model, out_dir=Path(out_dir), report=report)
-    warn_cpu_time(run.pipe, len(prompts) * config.num_images * config.steps, scene.resolution**2, report)
-    return run.result(sample_to_files(run.pipe, scene, prompts, run.config, run.seed, Path(out_dir), scene.name, report))
+    warn_cpu_time(run, len(prompts) * config.num_images * config.steps, scene.resolution**2, report)
+    images = sample_to_files(run, prompts, run.config, run.seed, Path(out_dir), scene.name, report)
+    if grid:
+        sheet = contact_sheet([i.path for i in images], grid_columns(len(prompts), config.num_images))
+        path = save_png(sheet, Path(out_dir) / f"{scene.name}-grid-{run.seed}.png")
+        images.append(GeneratedImage(path, " | ".join(prompts), run.seed, kind="grid"))
+    return run.result(images)

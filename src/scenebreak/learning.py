@@ -153,7 +153,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
             class_images = []
             if config.prior:
                 class_images = ensure_class_images(components, device, config.class_prompt, config.num_class_images,
-                                                   resolution, amp_dtype, report=report, should_stop=stop)
+                                                   resolution, amp_dtype, report=report, should_stop=stop,
+                                                   scheduler=config.class_scheduler)
             # Every text encoder gets the handles, each initialised by the same rule in its own table.
             handle_ids = [add_handles(tokenizer, text_encoder, tokens, config.handle_init_words())
                           for tokenizer, text_encoder in zip(components.tokenizers, components.text_encoders)][0]
@@ -271,12 +272,14 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
     for warning in plan.warnings:
         report(Message(warning, "warning"))
     if device.type == "cpu":
-        from .classimages import STEPS, missing_count
+        from .classimages import missing_count
+        from .config import SCHEDULER_STEPS
         from .estimates import cpu_training_estimate
 
         missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
-                                components.family.guidance) if config.prior else 0
-        report(Message(cpu_training_estimate(components.unet, resolution, config, plan, missing, STEPS, bf16=amp_dtype is not None),
+                                components.family.guidance, config.class_scheduler) if config.prior else 0
+        report(Message(cpu_training_estimate(components.unet, resolution, config, plan, missing,
+                                             SCHEDULER_STEPS[config.class_scheduler], bf16=amp_dtype is not None),
                        "warning"))
     return plan
 

@@ -12,14 +12,30 @@ def images_per_pass(device, batch_size: int | None = None) -> int:
     return batch_size or (4 if device.type == "cuda" else 1)
 
 
-def make_pipeline(family, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict):
-    """The diffusers text-to-image pipeline of `family` (families.Family) with a DDIM
-    scheduler, and no safety checker or watermark."""
-    from diffusers import DDIMScheduler
+def make_scheduler(name: str, scheduler_config: dict):
+    """The sampler `name` (config.SCHEDULERS) over the base model's noise schedule.
 
+    dpm is DPM-Solver++ 2M, the multistep solver diffusers uses for few-step sampling;
+    ddim is deterministic DDIM (eta 0), the paper's; euler is plain Euler (not
+    ancestral), so every sampler is deterministic for a seed."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(scheduler_config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(scheduler_config)
+    raise ValueError(f"unknown scheduler {name!r}")
+
+
+def make_pipeline(family, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,
+                  scheduler: str = "dpm"):
+    """The diffusers text-to-image pipeline of `family` (families.Family) with the
+    sampler `scheduler`, and no safety checker or watermark."""
     from .families import pipeline_class
 
-    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler = make_scheduler(scheduler, scheduler_config)
     parts = dict(vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoders[0], tokenizer=tokenizers[0])
     if family.is_xl:
         parts.update(text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1], add_watermarker=False)
@@ -62,19 +78,17 @@ def decode_latents(vae, latents, report: Reporter = silent):
         raise SceneBreakError("sampling produced NaN or infinite values (an overflow in the model in half precision, "
                               "or a damaged scene): try --device cpu")
     scaled = latents / vae.config.scaling_factor
-    with torch.inference_mode():
+    # The VAE decodes in its own weights' dtype, never under the sampling's autocast.
+    with torch.inference_mode(), torch.autocast(latents.device.type, enabled=False):
         pixels = vae.decode(scaled.to(vae.dtype)).sample
-        half = vae.dtype != torch.float32 or torch.is_autocast_enabled(pixels.device.type)
-        if half and not bool(torch.isfinite(pixels).all()):
+        if vae.dtype != torch.float32 and not bool(torch.isfinite(pixels).all()):
             from .events import Message
 
-            what = str(vae.dtype).removeprefix("torch.") if vae.dtype != torch.float32 else "half precision"
-            report(Message(f"the VAE overflowed in {what}: decoding again in fp32"))
+            report(Message(f"the VAE overflowed in {str(vae.dtype).removeprefix('torch.')}: decoding again in fp32"))
             dtype = vae.dtype
             vae.to(torch.float32)
             try:
-                with torch.autocast(pixels.device.type, enabled=False):  # (class images sample under autocast)
-                    pixels = vae.decode(scaled.float()).sample
+                pixels = vae.decode(scaled.float()).sample
             finally:
                 vae.to(dtype)
     return pixels.float()
@@ -96,17 +110,18 @@ def sample(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, 
         report(Progress(task, done + (step + 1) * len(seeds), total))
         return kwargs
 
-    with torch.inference_mode(), (autocast or contextlib.nullcontext()):
-        latents = pipe(
-            prompt=[prompt] * len(seeds),
-            negative_prompt=[negative] * len(seeds) if negative else None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-            callback_on_step_end=on_step_end,
-            output_type="latent",
-        ).images
+    with torch.inference_mode():
+        with autocast or contextlib.nullcontext():
+            latents = pipe(
+                prompt=[prompt] * len(seeds),
+                negative_prompt=[negative] * len(seeds) if negative else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                callback_on_step_end=on_step_end,
+                output_type="latent",
+            ).images
         pixels = decode_latents(pipe.vae, latents, report)
     return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))

@@ -26,7 +26,7 @@ class GeneratedImage:
     path: Path
     prompt: str
     seed: int
-    kind: str = "image"  # image | edit | plate | variation
+    kind: str = "image"  # image | edit | plate | variation | grid
 
 
 @dataclass
@@ -52,9 +52,17 @@ class SamplingRun:
     seed: int
     started: float
     config: GenerateConfig  # as given, with the family's defaults filled in (guidance)
+    autocast_dtype: object = None  # bf16 on CPUs with bf16 instructions (Device.sampling_precision)
 
     def result(self, images: list[GeneratedImage]) -> GenerateResult:
         return GenerateResult(self.scene.name, images, time.perf_counter() - self.started)
+
+    def precision(self):
+        """The autocast the UNet and text encoders sample under (a no-op on GPUs)."""
+        from .device import Device
+
+        device = self.pipe.unet.device
+        return Device(device.type, str(device)).autocast(self.autocast_dtype)
 
 
 def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | Device | None = None,
@@ -73,7 +81,9 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     if config.guidance is None:
         config = dataclasses.replace(config, guidance=scene.family.guidance)
-    return SamplingRun(scene, open_pipeline(scene, device, base_model), seed, started, config)
+    dtype, autocast_dtype = device.sampling_precision(config.precision)
+    pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler)
+    return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
 
 
 def check_prompts(scene: Scene, prompts: list[str]) -> None:
@@ -104,14 +114,14 @@ def images_per_pass(config: GenerateConfig, pipe) -> int:
     return per_device(pipe.device, config.batch_size)
 
 
-def warn_cpu_time(pipe, image_steps: int, pixels: int, report: Reporter) -> None:
+def warn_cpu_time(run: SamplingRun, image_steps: int, pixels: int, report: Reporter) -> None:
     """On the CPU, say first how long the sampling will roughly take (measured figure for
     SD2.1-base at 512x512, scaled by UNet size and pixel count)."""
-    if pipe.device.type != "cpu":
+    if run.pipe.device.type != "cpu":
         return
     from .estimates import cpu_sampling_seconds, format_duration
 
-    seconds = image_steps * cpu_sampling_seconds(pipe.unet, pixels)
+    seconds = image_steps * cpu_sampling_seconds(run.pipe.unet, pixels, bf16=run.autocast_dtype is not None)
     if seconds > 60:
         report(Message(f"on the CPU this takes roughly {format_duration(seconds)}; a CUDA GPU takes seconds (--device cuda)", "warning"))
 
@@ -141,11 +151,12 @@ def save_png(image, path: Path, overwrite: bool = False) -> Path:
     return path
 
 
-def sample_to_files(pipe, scene: Scene, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
+def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
                     name: str, report: Reporter) -> list[GeneratedImage]:
     """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`."""
     from .pipeline import sample
 
+    pipe, scene = run.pipe, run.scene
     batch = images_per_pass(config, pipe)
     total = len(prompts) * config.num_images * config.steps
     images_out, done = [], 0
@@ -155,7 +166,7 @@ def sample_to_files(pipe, scene: Scene, prompts: list[str], config: GenerateConf
         for begin in range(0, len(seeds), batch):
             chunk = seeds[begin:begin + batch]
             images = sample(pipe, prompt, chunk, steps=config.steps, guidance=config.guidance, resolution=scene.resolution,
-                            negative=config.negative, report=report, done=done, total=total)
+                            negative=config.negative, autocast=run.precision(), report=report, done=done, total=total)
             done += len(chunk) * config.steps
             for s, image in zip(chunk, images):
                 path = save_png(image, Path(out_dir) / f"{name}-{slug(prompt)}-{s}.png")

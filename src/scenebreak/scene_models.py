@@ -61,10 +61,9 @@ def own_weights(scene: Scene, dtype):
     return unet, vae, text_encoders
 
 
-def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]):
-    """The base model a LoRA scene was learned on (checked by fingerprint), with the
-    scene's adapters merged into its weights."""
-    from .lora import add_lora, load_lora_state_dict, merge_lora
+def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str):
+    """The base model's Components a scene was learned on, from where it recorded it
+    or `base_model`, checked by fingerprint; `who` needs it, for `what` (messages)."""
     from .models import load_components
 
     base = scene.meta["base_model"]
@@ -72,10 +71,19 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
         c = load_components(base_model or base["id"], None if base_model else (base.get("commit") or base.get("revision")))
     except (InvalidInput, ModelNotAvailable) as exc:
         fix = "" if "--base-model" in str(exc) else " (if it moved, pass --base-model with where it is now)"
-        raise type(exc)(f"LoRA scene {scene.name!r} needs its base model: {exc}{fix}") from None
+        raise type(exc)(f"{who} needs its base model: {exc}{fix}") from None
     if c.base.fingerprint != base["fingerprint"]:
         raise BundleError(f"scene {scene.name!r} was learned on another base model than {base_model or base['id']} "
-                          f"(its LoRA adapters need that exact model): pass --base-model with the right one")
+                          f"({what} need that exact model): pass --base-model with the right one")
+    return c
+
+
+def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]):
+    """The base model a LoRA scene was learned on (checked by fingerprint), with the
+    scene's adapters merged into its weights."""
+    from .lora import add_lora, load_lora_state_dict, merge_lora
+
+    c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters")
     for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
         text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
     add_lora(c.unet, c.text_encoders, scene.meta["lora"])
@@ -87,8 +95,8 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     return c.unet, c.vae, c.text_encoders
 
 
-def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None):
-    """A DDIM text-to-image pipeline of the scene's family over its models."""
+def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None, scheduler: str = "dpm"):
+    """A text-to-image pipeline of the scene's family over its models, sampling with `scheduler`."""
     from .models import quiet_libraries
     from .pipeline import make_pipeline
 
@@ -98,4 +106,4 @@ def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, d
         import torch
 
         unet.to(memory_format=torch.channels_last)  # faster convolutions with cuDNN
-    return make_pipeline(scene.family, unet, vae, text_encoders, tokenizers, scene.meta["configs"]["scheduler"])
+    return make_pipeline(scene.family, unet, vae, text_encoders, tokenizers, scene.meta["configs"]["scheduler"], scheduler)
