@@ -108,7 +108,7 @@ def test_generate_variations_edit_and_extract_bg_on_sdxl(learned_sdxl, scene_fil
     assert [i.kind for i in result.images] == ["plate", "variation"]
 
 
-def test_the_sdxl_defaults_are_its_own(learned_sdxl, monkeypatch):
+def test_the_sdxl_defaults_are_its_own(learned_sdxl, monkeypatch, tmp_path):
     """generate's guidance defaults to SDXL's 5 (7.5 on SD); the resolution is the scene's."""
     from scenebreak import sampling
 
@@ -120,9 +120,9 @@ def test_the_sdxl_defaults_are_its_own(learned_sdxl, monkeypatch):
         return real(run, prompts, config, *args, **kwargs)
 
     monkeypatch.setattr("scenebreak.generation.sample_to_files", spy)
-    generate(learned_sdxl.path, "<asset1>", GenerateConfig(steps=1, seed=0), out_dir="out")
+    generate(learned_sdxl.path, "<asset1>", GenerateConfig(steps=1, seed=0), out_dir=tmp_path)
     assert seen["guidance"] == 5.0
-    generate(learned_sdxl.path, "<asset1>", GenerateConfig(steps=1, seed=0, guidance=3.0), out_dir="out")
+    generate(learned_sdxl.path, "<asset1>", GenerateConfig(steps=1, seed=0, guidance=3.0), out_dir=tmp_path)
     assert seen["guidance"] == 3.0
 
 
