@@ -19,6 +19,7 @@ from . import __version__
 from .config import BackgroundConfig, EditConfig, GenerateConfig, LearnConfig, MaskConfig
 from .device import DEVICES
 from .errors import SceneBreakError
+from .export import FORMATS as EXPORT_FORMATS
 
 NARGS_OPTIONS = ("--masks", "--names", "--init-words")
 
@@ -522,23 +523,43 @@ def rm_command(scenes):
 
 @cli.command(name="export")
 @click.argument("scene", shell_complete=complete_scene)
-@click.option("-f", "--format", "format", type=click.Choice(["diffusers", "embeddings"]), default="diffusers", show_default=True,
-              help="diffusers: a Stable Diffusion pipeline folder; embeddings: one textual-inversion file per handle.")
+@click.option("-f", "--format", "format", type=click.Choice(EXPORT_FORMATS), default="diffusers", show_default=True,
+              help="diffusers: a Stable Diffusion pipeline folder; embeddings: one textual-inversion file per handle; "
+                   "a1111: embeddings + one kohya LoRA + README for AUTOMATIC1111, Forge and ComfyUI. No single-file "
+                   "checkpoint format: diffusers has no maintained converter to it.")
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Folder to write.")
 @click.option("--force", is_flag=True, help="Replace what is already there.")
-@scene_base_option
+@click.option("--rank", type=int, default=None,
+              help="-f a1111 of a fully tuned scene: rank of the LoRA extracted from its weights (1-1024, default 64; "
+                   "higher keeps more, in a bigger file). A LoRA scene's adapters keep their own rank.")
+@click.option("--base-model",
+              help="Where the scene's base model is, if not where it recorded it (LoRA scenes; -f a1111 of a fully "
+                   "tuned scene, whose LoRA is its difference to that model).")
+@quiet_option
+@json_option
 @handle_errors
-def export_command(scene, format, out, force, base_model):
+def export_command(scene, format, out, force, rank, base_model, quiet, json_):
     """Export a scene for other tools; prints the paths written.
+
+    -f a1111 also says on stderr how much of a fully tuned scene its LoRA keeps
+    (in the JSON of --json).
 
     \b
     Example:
       scenebreak export kitchen -o kitchen-sd/            # StableDiffusionPipeline.from_pretrained("kitchen-sd")
       scenebreak export kitchen -f embeddings -o embeds/  # pipe.load_textual_inversion("embeds/cat.safetensors")
+      scenebreak export kitchen -f a1111 -o kitchen-a1111/  # then see kitchen-a1111/README.md
     """
-    from .export import export_scene
+    from .export import export
 
-    for path in export_scene(scene, out, format, force=force, base_model=base_model):
+    result = with_reporter(quiet, lambda report: export(scene, out, format, force=force, base_model=base_model, rank=rank,
+                                                        report=report))
+    if json_:
+        emit_json(result.to_dict())
+        return
+    if result.lora and not quiet:
+        click.echo(result.lora.summary(), err=True)
+    for path in result.paths:
         click.echo(str(path))
 
 

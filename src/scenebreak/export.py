@@ -12,8 +12,17 @@
   rows in the first and second text encoder, loaded once into each. The handles alone
   carry phase 1 only: without the phase-2 UNet and text encoder they reproduce the
   objects less faithfully than the scene.
+- `a1111`: the files AUTOMATIC1111, Forge and ComfyUI load on top of the base model:
+  an embedding per handle, the phase-2 weights as one kohya LoRA (a fully tuned
+  scene's extracted by truncated SVD at `rank`, with a report of what it keeps) and a
+  README saying where each goes (a1111.py, kohya.py).
 
-Either way the folder is written whole (atomically) with a `.scenebreak-export`
+No `checkpoint` format (one single-file .safetensors in the original SD layout):
+diffusers has no maintained function for that direction, only an unpackaged script
+(`scripts/convert_diffusers_to_original_stable_diffusion.py`), and a copy of it here
+would be a key table of our own to keep right for every family.
+
+In every format the folder is written whole (atomically) with a `.scenebreak-export`
 marker, and `--force` replaces only a folder that has one.
 """
 
@@ -21,41 +30,76 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .bundle import load_scene
 from .errors import InvalidInput
+from .events import Reporter, silent
+from .kohya import DEFAULT_RANK, Extraction, check_rank
 from .paths import home, write_atomically
 
-FORMATS = ("diffusers", "embeddings")
+FORMATS = ("diffusers", "embeddings", "a1111")
 # Written into every export folder: `--force` replaces a folder only when it holds one,
 # so it can never empty a folder that scenebreak did not make.
 MARKER = ".scenebreak-export"
 
 
+@dataclass
+class Exported:
+    scene: str
+    format: str
+    paths: list[Path]
+    lora: Extraction | None = None  # a1111: what the LoRA keeps of the phase-2 weights
+
+    def to_dict(self) -> dict:
+        return {"scene": self.scene, "format": self.format, "paths": [str(p) for p in self.paths],
+                **({"lora": self.lora.to_dict()} if self.lora else {})}
+
+
 def export_scene(scene, out: str | os.PathLike, format: str = "diffusers", force: bool = False,
-                 base_model: str | None = None) -> list[Path]:
+                 base_model: str | None = None, rank: int | None = None) -> list[Path]:
     """Write the scene in `format` as the folder `out` (replacing an earlier export
     there with `force`); returns the paths written."""
+    return export(scene, out, format, force, base_model, rank).paths
+
+
+def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool = False,
+           base_model: str | None = None, rank: int | None = None, report: Reporter = silent) -> Exported:
+    """`export_scene`, with what an a1111 export's LoRA keeps (`rank`: of a fully tuned
+    scene's extraction, default 64; a1111 only)."""
     if format not in FORMATS:
-        raise InvalidInput(f"unknown export format {format!r}: use {' or '.join(FORMATS)}")
+        raise InvalidInput(f"unknown export format {format!r}: use {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+    if rank is not None and format != "a1111":
+        raise InvalidInput("--rank applies only to -f a1111")
+    rank = check_rank(DEFAULT_RANK if rank is None else rank)
+    from .bundle import load_scene  # here: the CLI reads FORMATS without loading numpy
+
     out = Path(out)
     check_export_target(out, force)
-    scene = load_scene(scene, weights=format == "diffusers")
+    scene = load_scene(scene, weights=format in ("diffusers", "a1111"))
     marker = json.dumps({"format": format, "scene": scene.name, "scenebreak": __version__})
+    a1111 = None
+    if format == "a1111":
+        from .a1111 import prepare
+
+        a1111 = prepare(scene, rank, base_model, report)  # before writing: a missing base model leaves nothing behind
 
     def write(tmp: Path) -> None:
-        if format == "embeddings":
+        if a1111:
+            a1111.write(tmp)
+        elif format == "embeddings":
             _write_embeddings(scene, tmp)
         else:
             _write_diffusers(scene, tmp, base_model)
         (tmp / MARKER).write_text(marker + "\n")
 
     write_atomically(out, write)
+    if a1111:
+        return Exported(scene.name, format, a1111.paths(out), a1111.extraction)
     if format == "embeddings":
-        return [out / f"{handle.name}.safetensors" for handle in scene.handles]
-    return [out]
+        return Exported(scene.name, format, [out / f"{handle.name}.safetensors" for handle in scene.handles])
+    return Exported(scene.name, format, [out])
 
 
 def check_export_target(out: Path, force: bool) -> None:
