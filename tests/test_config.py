@@ -10,11 +10,12 @@ import click
 import pytest
 
 from scenebreak.cli import cli
-from scenebreak.config import BackgroundConfig, EditConfig, GenerateConfig, LearnConfig, MaskConfig
+from scenebreak.config import BackgroundConfig, EditConfig, EvaluateConfig, GenerateConfig, LearnConfig, MaskConfig
 
 
 def _library():
     from scenebreak.editing import edit, extract_background
+    from scenebreak.evaluation import evaluate
     from scenebreak.export import export_scene
     from scenebreak.generation import generate
     from scenebreak.learning import learn
@@ -23,6 +24,7 @@ def _library():
     return {
         "learn": (LearnConfig, learn), "generate": (GenerateConfig, generate), "edit": (EditConfig, edit),
         "extract-bg": (BackgroundConfig, extract_background), "mask": (MaskConfig, make_masks), "export": (None, export_scene),
+        "evaluate": (EvaluateConfig, evaluate),
     }
 
 
@@ -37,7 +39,7 @@ def _default(value):
     return None if value in ((), []) else value
 
 
-@pytest.mark.parametrize("command", ["learn", "generate", "edit", "extract-bg", "mask", "export"])
+@pytest.mark.parametrize("command", ["learn", "generate", "edit", "extract-bg", "mask", "export", "evaluate"])
 def test_every_option_default_is_the_api_default(command):
     config_class, function = _library()[command]
     fields = {f.name: f for f in dataclasses.fields(config_class)} if config_class else {}

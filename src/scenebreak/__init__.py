@@ -24,6 +24,7 @@ _LAZY = {
     "choose_device": "device",
     "export_scene": "export",
     "make_masks": "masking", "MaskRun": "masking", "MaskResult": "masking",
+    "evaluate": "evaluation", "EvaluateResult": "evaluation", "EvaluateConfig": "config",
 }
 
 __all__ = ["__version__", *_LAZY]

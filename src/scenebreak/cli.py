@@ -16,12 +16,12 @@ import sys
 import click
 
 from . import __version__
-from .config import BackgroundConfig, EditConfig, GenerateConfig, LearnConfig, MaskConfig
+from .config import BackgroundConfig, EditConfig, EvaluateConfig, GenerateConfig, LearnConfig, MaskConfig
 from .device import DEVICES
 from .errors import SceneBreakError
 from .export import FORMATS as EXPORT_FORMATS
 
-NARGS_OPTIONS = ("--masks", "--names", "--init-words")
+NARGS_OPTIONS = ("--masks", "--names", "--init-words", "--words")
 
 
 class MultiValueCommand(click.Command):
@@ -463,6 +463,51 @@ def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **s
         click.echo(str(path))
     if not quiet:
         click.echo(f"preview: {result.preview}", err=True)
+
+
+@cli.command(name="evaluate", cls=MultiValueCommand)
+@click.argument("scene", shell_complete=complete_scene)
+@config_options(EvaluateConfig)
+@click.option("--prompts-file", type=click.File("r"),
+              help="Your own prompts instead of the built-in ones: one per line ('-' reads stdin); # starts a comment.")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the images, plot and report (default: ./SCENE-eval).")
+@scene_base_option
+@device_option
+@quiet_option
+@click.option("--json", "json_", is_flag=True, help="Print one JSON document (scores per handle, overall and per image; paths).")
+@handle_errors
+def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, json_, **settings):
+    """Score SCENE with the paper's two metrics: prompt similarity (CLIP: does the
+    image follow the prompt?) and identity similarity (DINO: does each object look
+    like itself in the photo?), over a fixed, seeded set of prompts for each handle
+    and each pair of handles. Prints a table per handle and the paths written: the
+    images, a scatter plot (identity vs prompt similarity) and a JSON report.
+    Compare runs of the same photo only (settings A vs B), not absolute values.
+
+    \b
+    Example:
+      scenebreak evaluate photo --words cat bowl
+      scenebreak evaluate photo --words cat bowl -n 4 --scheduler ddim --out-dir eval-ddim
+      scenebreak evaluate photo --prompts-file my-prompts.txt --json
+    """
+    from .evaluation import evaluate, format_table
+
+    prompts = None
+    if prompts_file:
+        try:
+            prompts = _read_prompts((), prompts_file)
+        except click.UsageError:
+            raise click.UsageError(f"--prompts-file {prompts_file.name} holds no prompt") from None
+    config = make_config(EvaluateConfig, settings)
+    result = with_reporter(quiet, lambda report: evaluate(scene, prompts, config, out_dir=out_dir, device=device,
+                                                          base_model=base_model, report=report))
+    if json_:
+        emit_json(result.to_dict())
+        return
+    click.echo(format_table(result))
+    click.echo(f"images: {len(result.images)} in {result.out_dir}")
+    click.echo(f"plot: {result.plot}")
+    click.echo(f"report: {result.report}")
 
 
 @cli.command(name="list")

@@ -265,3 +265,50 @@ class MaskConfig:
         if (self.min_area or 0) < 0 or self.dilate < 0:
             raise InvalidInput("--min-area and --dilate cannot be negative")
 
+
+# The paper's two automatic metrics: CLIP ViT-L/14 for prompt similarity, DINO ViT-S/16
+# for identity similarity.
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(GenerateConfig):
+    """`evaluate`: the sampling settings of `generate` with a fixed seed (runs must be
+    comparable), the class word of each object, and the models that score the images."""
+
+    seed: int | None = setting(0, "Seed of image 1 of every prompt; image i uses seed+i-1 (fixed, so runs compare).")
+    words: tuple[str, ...] | None = setting(
+        None, "A plain class word per object handle, in handle order (default: object): "
+        "it replaces the handle in CLIP's prompt and is what the detector looks for.", metavar="W1 [W2 ...]")
+    clip_model: str | None = setting(
+        None, f"Hub id or local folder of the CLIP model of prompt similarity (default {DEFAULT_CLIP_MODEL}). "
+        "Env: SCENEBREAK_CLIP_MODEL.", envvar="SCENEBREAK_CLIP_MODEL")
+    dino_model: str | None = setting(
+        None, f"Hub id or local folder of the DINO model of identity similarity (default {DEFAULT_DINO_MODEL}). "
+        "Env: SCENEBREAK_DINO_MODEL.", envvar="SCENEBREAK_DINO_MODEL")
+    detector: str | None = setting(
+        None, f"Hub id or local folder of the text detector that finds the objects (default {DEFAULT_DETECTOR}). "
+        "Env: SCENEBREAK_DETECTOR.", envvar="SCENEBREAK_DETECTOR")
+    segmenter: str | None = setting(
+        None, f"Hub id or local folder of Segment Anything (default {DEFAULT_SEGMENTER}). Env: SCENEBREAK_SEGMENTER.",
+        envvar="SCENEBREAK_SEGMENTER")
+    threshold: float = setting(0.3, "An object counts as found when its detection scores above this (0..1).")
+
+    def validate(self, num_objects: int | None = None) -> "EvaluateConfig":
+        """Checked, with the sampling defaults filled in; `num_objects` (the scene's
+        object handles) checks --words too."""
+        config = super().validate()
+        _finite(threshold=self.threshold)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InvalidInput(f"--threshold must be between 0 and 1, not {self.threshold}")
+        if self.words is not None:
+            if any(not str(w).strip() or "<" in str(w) or ">" in str(w) for w in self.words):
+                raise InvalidInput("--words: give plain words such as cat bowl (not empty, not a <handle>)")
+            if num_objects is not None and len(self.words) != num_objects:
+                raise InvalidInput(f"--words gives {len(self.words)} word(s) for {num_objects} object handle(s): one per handle, in order")
+        return config
+
+    def object_words(self, num_objects: int) -> list[str]:
+        """The class word of each object handle: --words, else "object"."""
+        return [str(w).strip() for w in self.words] if self.words else ["object"] * num_objects

@@ -11,6 +11,8 @@ from .errors import InvalidInput, ModelNotAvailable
 from .config import DEFAULT_DETECTOR
 from .models import model_type, transformers_model_folder
 
+KINDS = ("grounding-dino", "owlv2", "owlvit")  # model_type values of the detectors that work here
+
 
 class Detector:
     """An open-vocabulary detector: boxes with scores for a free-text prompt."""
@@ -20,7 +22,7 @@ class Detector:
 
         folder = transformers_model_folder(ref, "detector", "--detector")
         self.kind = model_type(folder)
-        if self.kind not in ("grounding-dino", "owlv2", "owlvit"):
+        if self.kind not in KINDS:
             raise InvalidInput(f"--detector {ref} is a {self.kind or 'unknown'} model: use a Grounding DINO "
                                f"(e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint")
         try:

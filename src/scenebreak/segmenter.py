@@ -14,6 +14,7 @@ AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
 AUTO_MIN_STABILITY = 0.9  # IoU of the mask cut at logit +1 and at logit -1
 AUTO_NMS_IOU = 0.7  # two candidates this similar are one segment
 AUTO_MAX_COVER = 0.9  # a segment over 90% of the photo is the background
+KINDS = ("sam",)  # model_type of Segment Anything (SAM 2/3 are not supported yet)
 
 
 class Segmenter:
@@ -24,7 +25,7 @@ class Segmenter:
 
         folder = transformers_model_folder(ref, "segmenter", "--segmenter")
         kind = model_type(folder)
-        if kind != "sam":
+        if kind not in KINDS:
             raise InvalidInput(f"--segmenter {ref} is a {kind or 'unknown'} model: scenebreak needs a Segment Anything "
                                f"(SAM) checkpoint such as {DEFAULT_SEGMENTER} (SAM 2/3 are not supported yet)")
         try:

@@ -1,0 +1,245 @@
+"""The models behind `evaluate`'s numbers, after the Break-A-Scene paper (section 5.1):
+
+- prompt similarity: cosine of CLIP's image and text embeddings (ViT-L/14 by default),
+  the prompt's handles replaced by plain class words;
+- identity similarity: cosine of DINO's image embeddings (the [CLS] token of ViT-S/16 by
+  default) of the object masked out of the source photo and of a generated image: the
+  rest of each image is black, as in the paper;
+- masked identity: the same object compared on its own patches only. Each object is cut
+  to its bounding box (padded square), and DINO's patch tokens that lie inside the mask
+  are averaged. The paper's score lets a large black background make any two small
+  objects look alike; this one does not.
+
+Each scorer loads its model once; the functions below take PIL images and (H, W) masks.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from .errors import InvalidInput, ModelNotAvailable
+from .models import model_type, transformers_model_folder
+
+DINO_KINDS = ("vit", "dinov2")  # DINO ViT-S/16 and friends, DINOv2
+PATCH_INSIDE = 0.5  # a patch belongs to the object when at least half of it is inside the mask
+
+
+def _cosine(a, b) -> float:
+    import torch
+
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten()[None], b.float().flatten()[None]).item())
+
+
+def _load_error(what: str, ref: str, folder, option: str, exc: Exception) -> ModelNotAvailable:
+    return ModelNotAvailable(f"cannot load the {what} from {folder}: {exc}. Fix: download it again "
+                             f"(`hf download {shlex.quote(ref)}`) or pass {option} /path/to/a/model/folder")
+
+
+class ClipScorer:
+    """CLIP image-text cosine similarity (prompt similarity)."""
+
+    def __init__(self, ref: str | None, device):
+        from transformers import AutoProcessor, CLIPModel
+
+        ref = ref or DEFAULT_CLIP_MODEL
+        folder = transformers_model_folder(ref, "CLIP model", "--clip-model")
+        if model_type(folder) != "clip":
+            raise InvalidInput(f"--clip-model {ref} is a {model_type(folder) or 'unknown'} model: use a CLIP checkpoint "
+                               f"such as {DEFAULT_CLIP_MODEL}")
+        try:
+            self.processor = AutoProcessor.from_pretrained(folder)
+            self.model = CLIPModel.from_pretrained(folder).to(device.torch).eval()
+        except (OSError, ValueError) as exc:
+            raise _load_error("CLIP model", ref, folder, "--clip-model", exc) from exc
+        self.device, self.ref = device, ref
+
+    @staticmethod
+    def _embedding(output):
+        # transformers 5 returns a model output whose pooler_output is the projected embedding.
+        return getattr(output, "pooler_output", output)
+
+    def image_embedding(self, image):
+        import torch
+
+        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt")
+        with torch.inference_mode():
+            return self._embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device.torch)))[0]
+
+    def text_embedding(self, text: str):
+        import torch
+
+        inputs = self.processor(text=[text], return_tensors="pt", padding=True, truncation=True)
+        inputs = {k: v.to(self.device.torch) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        with torch.inference_mode():
+            return self._embedding(self.model.get_text_features(**inputs))[0]
+
+    def similarity(self, image, text: str) -> float:
+        """Cosine of the image's and the text's CLIP embeddings."""
+        return _cosine(self.image_embedding(image), self.text_embedding(text))
+
+
+def masked_image(image, mask: np.ndarray):
+    """The image with everything outside `mask` black (the paper's masked version)."""
+    from PIL import Image
+
+    pixels = np.asarray(image.convert("RGB")).copy()
+    pixels[~np.asarray(mask).astype(bool)] = 0
+    return Image.fromarray(pixels)
+
+
+def object_crop(image, mask: np.ndarray):
+    """The object alone: its bounding box, outside the mask black, padded (black) to a
+    square so the model's square resize does not stretch it; and the mask the same way."""
+    from PIL import Image
+
+    from .maskops import bounding_box
+
+    mask = np.asarray(mask).astype(bool)
+    x0, y0, x1, y1 = bounding_box(mask)  # exclusive ends
+    pixels = np.asarray(masked_image(image, mask))[y0:y1, x0:x1]
+    inside = mask[y0:y1, x0:x1]
+    side = max(pixels.shape[:2])
+    top, left = (side - pixels.shape[0]) // 2, (side - pixels.shape[1]) // 2
+    square = np.zeros((side, side, 3), np.uint8)
+    square[top:top + pixels.shape[0], left:left + pixels.shape[1]] = pixels
+    square_mask = np.zeros((side, side), bool)
+    square_mask[top:top + inside.shape[0], left:left + inside.shape[1]] = inside
+    return Image.fromarray(square), square_mask
+
+
+def patch_weights(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(rows * cols,) 0/1 weights of the patches that are mostly inside `mask` (resized
+    to the patch grid by area); the most covered patch when none is (a tiny object)."""
+    from PIL import Image
+
+    cover = np.asarray(Image.fromarray(np.asarray(mask, np.uint8) * 255).resize((cols, rows), Image.BOX), np.float32) / 255
+    cover = cover.flatten()
+    inside = cover >= PATCH_INSIDE
+    if not inside.any():
+        inside = cover == cover.max()
+    return inside.astype(np.float32)
+
+
+class DinoScorer:
+    """DINO image features: the [CLS] embedding, and patch tokens pooled inside a mask."""
+
+    def __init__(self, ref: str | None, device):
+        from transformers import AutoImageProcessor, AutoModel, ViTModel
+
+        ref = ref or DEFAULT_DINO_MODEL
+        folder = transformers_model_folder(ref, "DINO model", "--dino-model")
+        kind = model_type(folder)
+        if kind not in DINO_KINDS:
+            raise InvalidInput(f"--dino-model {ref} is a {kind or 'unknown'} model: use a DINO ViT checkpoint such as "
+                               f"{DEFAULT_DINO_MODEL} (or DINOv2)")
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(folder)
+            # DINO checkpoints have no pooler: leave it out rather than initialise it randomly.
+            model = ViTModel.from_pretrained(folder, add_pooling_layer=False) if kind == "vit" else AutoModel.from_pretrained(folder)
+            self.model = model.to(device.torch).eval()
+        except (OSError, ValueError) as exc:
+            raise _load_error("DINO model", ref, folder, "--dino-model", exc) from exc
+        self.patch = int(self.model.config.patch_size)
+        self.device, self.ref = device, ref
+
+    def _tokens(self, image):
+        """(tokens, D) last hidden states and the patch grid (rows, cols)."""
+        import torch
+
+        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"].to(self.device.torch)
+        with torch.inference_mode():
+            hidden = self.model(pixel_values=pixels).last_hidden_state[0].float()
+        return hidden, (pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)
+
+    def features(self, image, mask: np.ndarray) -> "ObjectFeatures":
+        """What identity is measured on, for the object under `mask` in `image`."""
+        import torch
+
+        whole, _ = self._tokens(masked_image(image, mask))
+        crop, crop_mask = object_crop(image, mask)
+        hidden, (rows, cols) = self._tokens(crop)
+        patches = hidden[-rows * cols:]  # after [CLS] (and any register tokens)
+        weights = torch.from_numpy(patch_weights(crop_mask, rows, cols)).to(patches.device)
+        return ObjectFeatures(whole=whole[0], parts=(patches * weights[:, None]).sum(0) / weights.sum())
+
+
+@dataclass
+class ObjectFeatures:
+    whole: object  # (D,) DINO [CLS] of the image with everything outside the object black
+    parts: object  # (D,) mean of the object's own patch tokens (cut to its box)
+
+
+def identity_scores(source: ObjectFeatures, generated: ObjectFeatures) -> tuple[float, float]:
+    """(identity, masked identity): cosines in [-1, 1], 1 for the same object pixels."""
+    return _cosine(source.whole, generated.whole), _cosine(source.parts, generated.parts)
+
+
+def check_models(refs: dict[str, str]) -> None:
+    """Before anything slow: every scoring model is here (or downloads), and each is of
+    a kind that can do its job. `refs` has the keys clip, dino, detector, segmenter."""
+    from . import detector, segmenter
+    from .models import check_models_available
+
+    roles = {"clip": ("CLIP model", "--clip-model", ("clip",), f"a CLIP checkpoint such as {DEFAULT_CLIP_MODEL}"),
+             "dino": ("DINO model", "--dino-model", DINO_KINDS, f"a DINO ViT checkpoint such as {DEFAULT_DINO_MODEL} (or DINOv2)"),
+             "detector": ("detector", "--detector", detector.KINDS, "a Grounding DINO or OWL-ViT/OWLv2 checkpoint"),
+             "segmenter": ("segmenter", "--segmenter", segmenter.KINDS, "a Segment Anything (SAM) checkpoint")}
+    check_models_available([(refs[key], what, option) for key, (what, option, _, _) in roles.items()])
+    for key, (what, option, kinds, wanted) in roles.items():
+        kind = model_type(transformers_model_folder(refs[key], what, option))
+        if kind not in kinds:
+            raise InvalidInput(f"{option} {refs[key]} is a {kind or 'unknown'} model: use {wanted}")
+
+
+def box_iou(a, b) -> float:
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+SAME_OBJECT_IOU = 0.5  # two boxes this similar are one object
+
+
+class ObjectFinder:
+    """Finds objects by class word in a generated image the way `scenebreak mask -p WORD`
+    does: the detector's best box above the threshold, outlined by SAM, cleaned up."""
+
+    def __init__(self, detector_ref: str | None, segmenter_ref: str | None, device, threshold: float):
+        from .config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
+        from .detector import Detector
+        from .segmenter import Segmenter
+
+        self.detector = Detector(detector_ref or DEFAULT_DETECTOR, device)
+        self.segmenter = Segmenter(segmenter_ref or DEFAULT_SEGMENTER, device)
+        self.threshold = threshold
+
+    def find(self, image, words: list[str]) -> list[tuple[np.ndarray | None, float]]:
+        """For each word, in order: (its mask, or None when it is not found; the best
+        detection score left for it). Two handles with the same word (e.g. "object")
+        get two different boxes: a box chosen for one is not given to the other."""
+        from .maskops import clean
+
+        self.segmenter.set_image(image)
+        min_area = max(1, round(0.001 * image.size[0] * image.size[1]))  # as `mask`: drop specks under 0.1%
+        detections: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        taken: list = []
+        found = []
+        for word in words:
+            if word not in detections:
+                detections[word] = self.detector.detect(image, word)
+            boxes, scores = detections[word]
+            free = [i for i in range(len(scores)) if all(box_iou(boxes[i], t) < SAME_OBJECT_IOU for t in taken)]
+            best = float(scores[free[0]]) if free else 0.0  # scores come best first
+            if not free or best <= self.threshold:
+                found.append((None, best))
+                continue
+            taken.append(boxes[free[0]])
+            mask = clean(self.segmenter.from_boxes([boxes[free[0]]])[0][0], min_area)
+            found.append((mask if mask.any() else None, best))
+        return found
