@@ -67,6 +67,9 @@ VARIANTS = {
     "sdxl": ("learn-sdxl", dict(memory="fast"), set()),
     "sdxl-fp16": ("learn-sdxl", dict(memory="fast", mixed_precision="fp16"), {"cuda"}),
     "sdxl-lora-low": ("learn-sdxl", dict(tune="lora", memory="low"), set()),
+    # Every sampler at every sampling precision, blended editing with a multistep and a
+    # sigma-space sampler, and `evaluate` (tiny CLIP, DINO, Grounding DINO and SAM).
+    "sampling": ("sampling", dict(memory="fast", class_scheduler="euler"), set()),
 }
 DEFAULT_SKIP = ("compile",)  # its own process in gpu_check.sh, under its own time limit
 
@@ -179,6 +182,45 @@ class Smoke:
             torch.allclose(v, sb.weights[component][k], atol=1e-5, rtol=1e-4) for k, v in sa.weights[component].items())
         return {"max_diff_handles": handles, "max_diff_weights": weights, "same_as_uninterrupted": bool(close)}
 
+    def run_sampling(self, name: str, settings: dict) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        from conftest import write_synthetic_scene
+        from scenebreak import EditConfig, GenerateConfig, edit, generate
+        from scenebreak.config import SCHEDULERS
+        from scenebreak.evaluation import evaluate
+        from scenebreak.config import EvaluateConfig
+        from tinymodels import build_tiny_clip, build_tiny_dino, build_tiny_segmentation_models
+
+        scene = self.learn(name, {**SHORT, **settings}).path
+        stds = {}
+        for scheduler in SCHEDULERS:
+            for precision in ("auto", "bf16", "fp32"):
+                result = generate(scene, "<asset1> on the moon", GenerateConfig(
+                    num_images=2, steps=4, seed=0, scheduler=scheduler, precision=precision),
+                    out_dir=self.tmp / "out" / name / f"{scheduler}-{precision}", device=self.device)
+                with Image.open(result.images[0].path) as im:
+                    stds[f"{scheduler}-{precision}"] = round(float(np.asarray(im, dtype=np.float32).std()), 2)
+        image, red, _ = write_synthetic_scene(self.tmp / "edit-inputs")
+        for scheduler in ("dpm", "euler"):
+            result = edit(image, [(red, "a photo of <asset1>")], scene, EditConfig(steps=4, seed=0, scheduler=scheduler),
+                          out_dir=self.tmp / "out" / name / f"edit-{scheduler}", device=self.device)
+            with Image.open(result.images[0].path) as im:
+                stds[f"edit-{scheduler}"] = round(float(np.asarray(im, dtype=np.float32).std()), 2)
+        root = self.tmp / "metric-models"
+        detector, segmenter = build_tiny_segmentation_models(root / "segmentation")
+        config = EvaluateConfig(steps=2, clip_model=str(build_tiny_clip(root / "clip")), dino_model=str(build_tiny_dino(root / "dino")),
+                                detector=str(detector), segmenter=str(segmenter))
+        scored = evaluate(scene, ["a photo of <asset1>", "<asset1> and <asset2>"], config, out_dir=self.tmp / "out" / name / "eval",
+                          device=self.device)
+        overall = scored.to_dict()["overall"]
+        row = {"image_std": stds, "evaluate_overall": overall}
+        row["ok"] = bool(all(v > 0 for v in stds.values()) and overall.get("prompt_similarity") is not None)
+        if not row["ok"]:
+            row["error"] = "a constant (black) image, or evaluate scored nothing"
+        return row
+
     # -- variants ----------------------------------------------------------
     def run_learn(self, name: str, settings: dict, how: str) -> dict:
         messages: list = []
@@ -251,7 +293,12 @@ class Smoke:
             torch.cuda.reset_peak_memory_stats(dev)
         started = time.perf_counter()
         try:
-            row.update(self.run_resume(name, settings, how) if how.startswith("resume") else self.run_learn(name, settings, how))
+            if how.startswith("resume"):
+                row.update(self.run_resume(name, settings, how))
+            elif how == "sampling":
+                row.update(self.run_sampling(name, settings))
+            else:
+                row.update(self.run_learn(name, settings, how))
         except Exception as error:
             from scenebreak.errors import Interrupted
 

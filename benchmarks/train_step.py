@@ -135,9 +135,22 @@ VARIANTS = {
     "scenebreak defaults": {},  # --memory auto --tune auto: what a user gets
     "original-style": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
 }
+# Generation rows: (sampler, precision, images per pass: None = the device's) per kind.
+# "DDIM 50 fp32" on the CPU is what `generate` did before samplers were a choice.
+GENERATION = {
+    "scenebreak": ("dpm", "auto", None),
+    "scenebreak fp32": ("dpm", "fp32", None),
+    "euler": ("euler", "auto", None),
+    "DDIM 50": ("ddim", "auto", None),
+    "DDIM 50 fp32": ("ddim", "fp32", None),
+    "one image per call": ("dpm", "auto", 1),
+}
+
+
 ROWS = [(1, "scenebreak"), (1, "scenebreak fp32"), (1, "original-style"),
         (2, "scenebreak fp32"), (2, "scenebreak low-memory"), (2, "scenebreak low-memory fp32"), (2, "scenebreak LoRA"),
-        (2, "scenebreak LoRA low-memory"), (2, "original-style"), ("generate", "scenebreak"), ("generate", "one image per call")]
+        (2, "scenebreak LoRA low-memory"), (2, "original-style"),
+        *(("generate", kind) for kind in GENERATION)]
 
 
 # Phase 1 as a user gets it (on 24 GiB or a 16 GB card auto picks LoRA, and with it
@@ -217,36 +230,52 @@ def peak(device, in_process: bool = False) -> dict:
 
 
 def measure_generation(kind: str, steps: int, device_name: str, resolution: int, source: ModelSource | None = None) -> dict:
-    """Seconds per image of `generate` (DDIM, the family's guidance), from `steps` timed
-    denoising steps scaled to 50: batched (4 images per pass on CUDA, 2 on the CPU)
-    or one image per call."""
-    from scenebreak.device import choose_device
-    from scenebreak.pipeline import make_pipeline, sample
+    """Seconds per image of `generate` with the row's sampler and precision (the
+    family's guidance): `steps` timed denoising steps, scaled to the sampler's step
+    count, plus one timed VAE decode per image; batched as the device's default, or
+    one image per call."""
+    from scenebreak.config import SCHEDULER_STEPS
+    from scenebreak.device import choose_device, precision_name
+    from scenebreak.pipeline import decode_latents, make_pipeline, sample
 
+    scheduler, precision, batch = GENERATION[kind]
     device = choose_device(device_name)
     source = source or ModelSource()
     components, _ = source.get()
-    dtype = device.infer_dtype()
+    dtype, autocast_dtype = device.sampling_precision(precision)
     c = components
     for model in c.models():
         model.to(device.torch, dtype)
     if dtype == torch.float16 and c.family.is_xl:
         c.vae.to(torch.float32)  # as scene_models does: SDXL's VAE overflows in fp16
-    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config)
-    batch = 1 if kind == "one image per call" else (4 if device.type == "cuda" else 2)
+    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
+    batch = batch or (4 if device.type == "cuda" else 2)
     seeds = list(range(batch))
     guidance = c.family.guidance
-    sample(pipe, "a photo", seeds, steps=1, guidance=guidance, resolution=resolution)  # warm-up
+    autocast = lambda: device.autocast(autocast_dtype)  # noqa: E731
+    sample(pipe, "a photo", seeds, steps=1, guidance=guidance, resolution=resolution, autocast=autocast())  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device.torch)
+    # Denoising steps alone (latents out), then one decode: the decode happens once per image.
+    latents_shape = (batch, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     device.synchronize()
     started = time.perf_counter()
-    sample(pipe, "a photo", seeds, steps=steps, guidance=guidance, resolution=resolution)
+    with torch.inference_mode(), autocast():
+        latents = pipe(prompt=["a photo"] * batch, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
+                       width=resolution, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                       output_type="latent").images
     device.synchronize()
     per_step = (time.perf_counter() - started) / steps
-    per_image = per_step * 50 / batch
-    return {"kind": kind, "phase": "generate", "batch": batch, "dtype": str(dtype).replace("torch.", ""),
-            "s_per_image": per_image, "images_per_s": 1 / per_image, **peak(device, source.reuse)}
+    started = time.perf_counter()
+    decode_latents(pipe.vae, torch.randn(latents_shape).to(latents.device, latents.dtype))
+    device.synchronize()
+    decode = (time.perf_counter() - started) / batch
+    total_steps = SCHEDULER_STEPS[scheduler]
+    per_image = per_step * total_steps / batch + decode
+    return {"kind": kind, "phase": "generate", "scheduler": scheduler, "steps": total_steps, "batch": batch,
+            "dtype": str(dtype).replace("torch.", ""), "precision": precision_name(autocast_dtype or dtype),
+            "s_per_step": per_step, "decode_s_per_image": decode, "s_per_image": per_image,
+            "images_per_s": 1 / per_image, **peak(device, source.reuse)}
 
 
 def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int, source: ModelSource | None = None) -> dict:
@@ -468,8 +497,10 @@ def render(rows: list[dict], args, command: str) -> str:
         f"- model: {'the tiny test model (a dry run, not a benchmark)' if args.tiny else 'SDXL base architecture' if args.sdxl else 'SD2.1-base architecture'}"
         f"{' (tiny SDXL)' if args.tiny and args.sdxl else ''}, "
         f"random weights; {args.resolution}x{args.resolution}; training batch 2 (instance + class image); AdamW with fp32 master weights",
-        f"- training: {args.steps} timed steps after 1 warm-up step; generation: {args.gen_steps} timed DDIM steps "
-        f"(guidance {5 if args.sdxl else 7.5}) scaled to 50; " + ("every row in one process, each on its own copy of one model build (peak memory "
+        f"- training: {args.steps} timed steps after 1 warm-up step; generation: {args.gen_steps} timed denoising steps "
+        f"(guidance {5 if args.sdxl else 7.5}) scaled to the sampler's count (dpm 25, euler 30, ddim 50), plus one "
+        "timed VAE decode per image; precision auto: fp16 weights on CUDA, fp32 weights under bf16 autocast on CPUs "
+        "with bf16 instructions; " + ("every row in one process, each on its own copy of one model build (peak memory "
                                             "reset before each row)" if args.in_process else "each row is a fresh process, one at a time"),
         "- scenebreak's phase 1 runs the instance example only: there the class image's loss has no gradient with "
         "respect to the handles, so skipping it gives the same updates (docs/method.md)"
@@ -497,13 +528,19 @@ def render(rows: list[dict], args, command: str) -> str:
                          f"{ratio_t} | {ratio_m} |")
     generation = [r for r in rows if r["phase"] == "generate"]
     if generation:
-        lines += ["", "| generate | images per pass | dtype | s/image | images/s | peak GiB |", "|---|---|---|---|---|---|"]
+        # Against what generate did before: DDIM 50 in fp32 on the CPU, in fp16 on GPUs.
+        before = next((r for r in generation if r["kind"] == ("DDIM 50" if args.device.startswith("cuda") else "DDIM 50 fp32")
+                       and "error" not in r), None)
+        lines += ["", "| generate | sampler | steps | images per pass | weights | precision | s/step | s/image | images/s | "
+                  "vs DDIM 50 before | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in generation:
             if "error" in row:
-                lines.append(f"| {row['kind']} | {row['error']} | | | | |")
-            else:
-                lines.append(f"| {row['kind']} | {row['batch']} | {row['dtype']} | {row['s_per_image']:.2f} | "
-                             f"{row['images_per_s']:.3f} | {row['peak_gib']:.1f} |")
+                lines.append(f"| {row['kind']} | {row['error']} | | | | | | | | | |")
+                continue
+            versus = f"{row['s_per_image'] / before['s_per_image']:.2f}x" if before and "steps" in row else ""
+            lines.append(f"| {row['kind']} | {row.get('scheduler', 'ddim')} | {row.get('steps', 50)} | {row['batch']} | "
+                         f"{row['dtype']} | {row.get('precision', '')} | {row.get('s_per_step', 0):.2f} | "
+                         f"{row['s_per_image']:.2f} | {row['images_per_s']:.3f} | {versus} | {row['peak_gib']:.1f} |")
     what = next((r["peak_what"] for r in rows if "peak_what" in r), "peak")
     lines += ["", f"Peak memory is the {what}, which includes the model "
               "weights and optimizer state."]

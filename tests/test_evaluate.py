@@ -15,41 +15,9 @@ from PIL import Image
 from scenebreak.cli import cli
 from scenebreak.config import EvaluateConfig
 from scenebreak.errors import InvalidInput
+from tinymodels import build_tiny_clip, build_tiny_dino
 
 FAST = ["--steps", "1", "--scheduler", "ddim"]
-
-
-def build_tiny_clip(folder):
-    """A random CLIP (1-layer text and vision towers, 32 px images) with a CLIP BPE tokenizer."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from tinymodels import write_tiny_tokenizer
-
-    write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **ids, **small),
-                        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
-def build_tiny_dino(folder):
-    """A random DINO-style ViT (no pooler, as facebook/dino-vits16): 32 px, 8 px patches."""
-    import torch
-    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
-
-    config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=32,
-                       patch_size=8)
-    torch.manual_seed(0)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -60,8 +60,8 @@ def test_cpu_users_are_told_how_long_sampling_takes():
     sd21 = SimpleNamespace(pipe=pipe, autocast_dtype=None)
     messages = []
     warn_cpu_time(sd21, 50, 512 * 512, messages.append)  # one image, 50 steps in fp32
-    assert len(messages) == 1 and "roughly 12 min" in messages[0].text and messages[0].level == "warning"
+    assert len(messages) == 1 and "roughly 10 min" in messages[0].text and messages[0].level == "warning"
     warn_cpu_time(sd21, 2, 64 * 64, messages.append)  # seconds: nothing to say
     assert len(messages) == 1
-    warn_cpu_time(SimpleNamespace(pipe=pipe, autocast_dtype=torch.bfloat16), 50, 512 * 512, messages.append)
-    assert "roughly 12 min" not in messages[-1].text  # bf16 is quicker
+    warn_cpu_time(SimpleNamespace(pipe=pipe, autocast_dtype=torch.bfloat16), 25, 512 * 512, messages.append)
+    assert "roughly 3 min" in messages[-1].text  # the default: DPM-Solver++ 25 steps under bf16

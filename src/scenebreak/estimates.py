@@ -18,9 +18,11 @@ CPU_SECONDS = {
     ("lora", "bf16"): 19.3, ("lora-low", "bf16"): 21.0,
 }
 BF16_SPEEDUP = 13.1 / 8.9  # phase 1 fp32 / bf16, for the combinations not measured
-# One image-step of guided sampling (the UNet on a batch of 2), fp32: 705 s per image
-# at 50 steps, generating two at a time.
-CPU_SECONDS_SAMPLING_STEP = 14.1
+# One image-step of guided sampling (the UNet on a batch of 2), fp32, with the VAE
+# decode's share: 571 s per image with DDIM at 50 steps, two at a time; bf16 autocast
+# makes the steps 1.74x faster (benchmarks/results/train_step-cpu.md, generation rows).
+CPU_SECONDS_SAMPLING_STEP = 571 / 50
+SAMPLING_BF16_SPEEDUP = 22.55 / 12.96
 
 
 def unet_params(unet) -> int:
@@ -65,7 +67,7 @@ def cpu_training_estimate(unet, resolution: int, config, plan, class_images_miss
 
 def cpu_sampling_seconds(unet, pixels: int, bf16: bool = False) -> float:
     """Seconds of one guided sampling step for one image on this CPU."""
-    return CPU_SECONDS_SAMPLING_STEP * size_scale(unet, pixels) / (BF16_SPEEDUP if bf16 else 1.0)
+    return CPU_SECONDS_SAMPLING_STEP * size_scale(unet, pixels) / (SAMPLING_BF16_SPEEDUP if bf16 else 1.0)
 
 
 def format_duration(seconds: float, clock: bool = False) -> str:
