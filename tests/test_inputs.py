@@ -217,10 +217,16 @@ def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch)
 
     monkeypatch.setattr(scenebreak.catalog, "scene_rows", interrupted)
     monkeypatch.setattr(scenebreak.cli, "describe", describe_then_ctrl_c)
-    result = run("list")
-    assert result.exit_code == 130, result.output
-    assert result.stderr.strip() == "Error: interrupted"
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again in this process
+    # Ctrl-C must work at the start: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored (as `cmd &` in a script does).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = run("list")
+        assert result.exit_code == 130, result.output
+        assert result.stderr.strip() == "Error: interrupted"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again in this process
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_ctrl_c_in_the_reporters_close_is_130(monkeypatch):
