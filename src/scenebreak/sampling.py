@@ -76,12 +76,12 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     if warn_unused:
         warn_unused_handles(scene, prompts, report)
     device = device if isinstance(device, Device) else choose_device(device)
+    dtype, autocast_dtype = device.sampling_precision(config.precision)
     seed = pick_seed(config, report)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     if config.guidance is None:
         config = dataclasses.replace(config, guidance=scene.family.guidance)
-    dtype, autocast_dtype = device.sampling_precision(config.precision)
     pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler)
     return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
 
