@@ -58,8 +58,9 @@ class Device:
         """(weights dtype, autocast dtype or None) for sampling at `precision`
         (config.SAMPLING_PRECISIONS). GPUs hold the weights in half precision; a CPU
         keeps fp32 weights and latents and runs the UNet and text encoders under bf16
-        autocast where it has bf16 instructions (faster, benchmarks/train_step.py's
-        generation rows), as the VAE decodes in fp32 either way."""
+        autocast where it has bf16 instructions (1.74x faster steps: benchmarks/
+        train_step.py's generation rows). The VAE is never under autocast: it runs in
+        its weights' dtype (fp32 on the CPU)."""
         import torch
 
         if precision == "fp32":
