@@ -223,3 +223,30 @@ def test_two_learns_in_parallel_share_the_class_images(scene_files, tiny_model, 
     assert sum("generating 2 class images" in err for _, err in outputs) == 1, outputs
     folder = Path(os.environ["SCENEBREAK_HOME"]) / "class-images"
     assert len(list(folder.rglob("*.png"))) == 2
+
+
+def test_a_ctrl_c_during_the_trainers_clean_up_propagates_instead_of_printing_a_traceback(capsys):
+    """The second Ctrl-C of a quick pair can land while the trainer's generator cleans
+    up after the checkpoint; closed when collected, Python would print it as
+    "Exception ignored in <generator>" with a traceback (seen once in CI)."""
+    from types import SimpleNamespace
+
+    from scenebreak.device import choose_device
+    from scenebreak.errors import Interrupted
+    from scenebreak.learning import _train
+
+    class Trainer:
+        def run(self):
+            try:
+                yield SimpleNamespace(phase=1, step=1, total=2, loss=0.5, losses={})
+                yield SimpleNamespace(phase=1, step=2, total=2, loss=0.5, losses={})
+            finally:
+                raise KeyboardInterrupt  # the second Ctrl-C, during the clean-up
+
+    class Checkpoints:
+        def after_step(self, trainer, record, stop):
+            raise Interrupted("interrupted: checkpoint saved")
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(Trainer(), Checkpoints(), lambda: True, choose_device("cpu"), lambda event: None)
+    assert "Exception ignored" not in capsys.readouterr().err

@@ -190,8 +190,15 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
 
 def _train(trainer, checkpoints: Checkpoints, stop: StopFlag, device: Device, report: Reporter) -> None:
     """Every step of both phases, with progress, checkpoints, and a stop on a NaN loss."""
-    for record in _report_progress(trainer.run(), device, report):
-        checkpoints.after_step(trainer, record, stop)
+    steps = trainer.run()
+    try:
+        for record in _report_progress(steps, device, report):
+            checkpoints.after_step(trainer, record, stop)
+    finally:
+        # Closed here, not when collected: a second Ctrl-C while the trainer cleans up
+        # (it puts the attention processors back) then propagates and ends in one line,
+        # instead of in Python's "Exception ignored in <generator>" traceback.
+        steps.close()
     trainer.check_finite()
 
 
