@@ -99,8 +99,6 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
     """The export's files for a scene loaded with its weights. A fully tuned scene
     needs its base model (from where it recorded it, or `base_model`) for the LoRA's
     weight differences; a LoRA scene's adapters are taken as they are."""
-    import torch
-
     check_rank(rank)
     names = triggers(scene)
     stem = file_stem(scene.name)
@@ -110,7 +108,6 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
         # A1111 reads a one-key file as one embedding; SDXL's names its two encoders' rows.
         tensors = {"clip_l": rows[0], "clip_g": rows[1]} if scene.family.is_xl else {"emb_params": rows[0]}
         embeddings[names[handle.token]] = tensors
-    dtype = torch.float16 if scene.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
     if scene.needs_base_model:
         lora = scene.meta["lora"]
         layers = adapter_layers(scene.weights, lora["alpha"])
@@ -128,7 +125,7 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
         def progress(done: int, total: int) -> None:
             report(Progress("extract LoRA", done, total))
 
-        layers, extraction = extract_layers(tuned, base, rank, dtype, progress)
+        layers, extraction = extract_layers(tuned, base, rank, scene.stored_dtype, progress)
         network_dim = network_alpha = max((layer.down.shape[0] for layer in layers.values()), default=0)
     state = kohya_state_dict(layers, scene.family.is_xl)
     files = A1111Files(scene=stem, embeddings=embeddings, lora=state, lora_metadata={}, readme="", extraction=extraction)

@@ -109,6 +109,13 @@ class Scene:
         return self.meta.get("tuning") == "lora" and not self.meta.get("standalone", True)
 
     @property
+    def stored_dtype(self):
+        """The torch dtype the scene's weights are stored in (`learn --save-dtype`)."""
+        import torch
+
+        return torch.float16 if self.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
+
+    @property
     def weight_components(self) -> tuple[str, ...]:
         """Full weights (the scene generates on its own), or for a LoRA scene the
         adapters for its recorded base model; one entry per text encoder of the family."""

@@ -3,15 +3,14 @@ DINO, OWL-ViT or OWLv2."""
 
 from __future__ import annotations
 
-import shlex
-
 import numpy as np
 
-from .errors import InvalidInput, ModelNotAvailable
+from .errors import ModelNotAvailable
 from .config import DEFAULT_DETECTOR
-from .models import model_type, transformers_model_folder
+from .models import model_load_failure, transformers_model_of_kind
 
 KINDS = ("grounding-dino", "owlv2", "owlvit")  # model_type values of the detectors that work here
+WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint"
 
 
 class Detector:
@@ -20,19 +19,14 @@ class Detector:
     def __init__(self, ref: str, device):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        folder = transformers_model_folder(ref, "detector", "--detector")
-        self.kind = model_type(folder)
-        if self.kind not in KINDS:
-            raise InvalidInput(f"--detector {ref} is a {self.kind or 'unknown'} model: use a Grounding DINO "
-                               f"(e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint")
+        folder, self.kind = transformers_model_of_kind(ref, "detector", "--detector", KINDS, WANTED)
         try:
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device.torch).eval()
         except ImportError as exc:
             raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
         except (OSError, ValueError) as exc:
-            raise ModelNotAvailable(f"cannot load the detector from {folder}: {exc}. Fix: download it again "
-                                    f"(`hf download {shlex.quote(ref)}`) or pass --detector /path/to/a/model/folder") from exc
+            raise model_load_failure("detector", ref, folder, "--detector", exc) from exc
         self.device, self.ref = device, ref
 
     def detect(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray]:

@@ -140,11 +140,8 @@ def _write_embeddings(scene, folder: Path) -> None:
 
 
 def _write_diffusers(scene, folder: Path, base_model: str | None) -> None:
-    import torch
-
     from .device import choose_device
     from .scene_models import open_pipeline
 
-    dtype = torch.float16 if scene.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
-    pipe = open_pipeline(scene, choose_device("cpu"), base_model, dtype=dtype)
+    pipe = open_pipeline(scene, choose_device("cpu"), base_model, dtype=scene.stored_dtype)
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -140,7 +140,7 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     _check_inside(points, boxes, image.size)
     out_dir = Path(out_dir) if out_dir is not None else image_path.parent
     _check_writable(out_dir)
-    min_area = config.min_area if config.min_area is not None else max(1, round(0.001 * image.size[0] * image.size[1]))
+    min_area = config.min_area if config.min_area is not None else maskops.default_min_area(image.size)
 
     quiet_libraries()
     device = choose_device(config.device)

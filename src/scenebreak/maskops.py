@@ -110,6 +110,11 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def default_min_area(size: tuple[int, int]) -> int:
+    """The smallest piece a mask keeps unless told otherwise: 0.1% of the image."""
+    return max(1, round(0.001 * size[0] * size[1]))
+
+
 def clean(mask: np.ndarray, min_area: int, fill: bool = True, grow: int = 0) -> np.ndarray:
     """The whole clean-up, in order: fill holes, drop specks, dilate."""
     mask = np.asarray(mask).astype(bool).astype(np.uint8)

@@ -15,16 +15,17 @@ Each scorer loads its model once; the functions below take PIL images and (H, W)
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
-from .errors import InvalidInput, ModelNotAvailable
-from .models import model_type, transformers_model_folder
+from .models import model_load_failure, transformers_model_of_kind
 
+CLIP_KINDS = ("clip",)
+CLIP_WANTED = f"use a CLIP checkpoint such as {DEFAULT_CLIP_MODEL}"
 DINO_KINDS = ("vit", "dinov2")  # DINO ViT-S/16 and friends, DINOv2
+DINO_WANTED = f"use a DINO ViT checkpoint such as {DEFAULT_DINO_MODEL} (or DINOv2)"
 PATCH_INSIDE = 0.5  # a patch belongs to the object when at least half of it is inside the mask
 
 
@@ -34,11 +35,6 @@ def _cosine(a, b) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float().flatten()[None], b.float().flatten()[None]).item())
 
 
-def _load_error(what: str, ref: str, folder, option: str, exc: Exception) -> ModelNotAvailable:
-    return ModelNotAvailable(f"cannot load the {what} from {folder}: {exc}. Fix: download it again "
-                             f"(`hf download {shlex.quote(ref)}`) or pass {option} /path/to/a/model/folder")
-
-
 class ClipScorer:
     """CLIP image-text cosine similarity (prompt similarity)."""
 
@@ -46,15 +42,12 @@ class ClipScorer:
         from transformers import AutoProcessor, CLIPModel
 
         ref = ref or DEFAULT_CLIP_MODEL
-        folder = transformers_model_folder(ref, "CLIP model", "--clip-model")
-        if model_type(folder) != "clip":
-            raise InvalidInput(f"--clip-model {ref} is a {model_type(folder) or 'unknown'} model: use a CLIP checkpoint "
-                               f"such as {DEFAULT_CLIP_MODEL}")
+        folder, _ = transformers_model_of_kind(ref, "CLIP model", "--clip-model", CLIP_KINDS, CLIP_WANTED)
         try:
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = CLIPModel.from_pretrained(folder).to(device.torch).eval()
         except (OSError, ValueError) as exc:
-            raise _load_error("CLIP model", ref, folder, "--clip-model", exc) from exc
+            raise model_load_failure("CLIP model", ref, folder, "--clip-model", exc) from exc
         self.device, self.ref = device, ref
 
     @staticmethod
@@ -131,18 +124,14 @@ class DinoScorer:
         from transformers import AutoImageProcessor, AutoModel, ViTModel
 
         ref = ref or DEFAULT_DINO_MODEL
-        folder = transformers_model_folder(ref, "DINO model", "--dino-model")
-        kind = model_type(folder)
-        if kind not in DINO_KINDS:
-            raise InvalidInput(f"--dino-model {ref} is a {kind or 'unknown'} model: use a DINO ViT checkpoint such as "
-                               f"{DEFAULT_DINO_MODEL} (or DINOv2)")
+        folder, kind = transformers_model_of_kind(ref, "DINO model", "--dino-model", DINO_KINDS, DINO_WANTED)
         try:
             self.processor = AutoImageProcessor.from_pretrained(folder)
             # DINO checkpoints have no pooler: leave it out rather than initialise it randomly.
             model = ViTModel.from_pretrained(folder, add_pooling_layer=False) if kind == "vit" else AutoModel.from_pretrained(folder)
             self.model = model.to(device.torch).eval()
         except (OSError, ValueError) as exc:
-            raise _load_error("DINO model", ref, folder, "--dino-model", exc) from exc
+            raise model_load_failure("DINO model", ref, folder, "--dino-model", exc) from exc
         self.patch = int(self.model.config.patch_size)
         self.device, self.ref = device, ref
 
@@ -184,15 +173,13 @@ def check_models(refs: dict[str, str]) -> None:
     from . import detector, segmenter
     from .models import check_models_available
 
-    roles = {"clip": ("CLIP model", "--clip-model", ("clip",), f"a CLIP checkpoint such as {DEFAULT_CLIP_MODEL}"),
-             "dino": ("DINO model", "--dino-model", DINO_KINDS, f"a DINO ViT checkpoint such as {DEFAULT_DINO_MODEL} (or DINOv2)"),
-             "detector": ("detector", "--detector", detector.KINDS, "a Grounding DINO or OWL-ViT/OWLv2 checkpoint"),
-             "segmenter": ("segmenter", "--segmenter", segmenter.KINDS, "a Segment Anything (SAM) checkpoint")}
+    roles = {"clip": ("CLIP model", "--clip-model", CLIP_KINDS, CLIP_WANTED),
+             "dino": ("DINO model", "--dino-model", DINO_KINDS, DINO_WANTED),
+             "detector": ("detector", "--detector", detector.KINDS, detector.WANTED),
+             "segmenter": ("segmenter", "--segmenter", segmenter.KINDS, segmenter.WANTED)}
     check_models_available([(refs[key], what, option) for key, (what, option, _, _) in roles.items()])
     for key, (what, option, kinds, wanted) in roles.items():
-        kind = model_type(transformers_model_folder(refs[key], what, option))
-        if kind not in kinds:
-            raise InvalidInput(f"{option} {refs[key]} is a {kind or 'unknown'} model: use {wanted}")
+        transformers_model_of_kind(refs[key], what, option, kinds, wanted)
 
 
 def box_iou(a, b) -> float:
@@ -223,10 +210,10 @@ class ObjectFinder:
         """For each word, in order: (its mask, or None when it is not found; the best
         detection score left for it). Two handles with the same word (e.g. "object")
         get two different boxes: a box chosen for one is not given to the other."""
-        from .maskops import clean
+        from .maskops import clean, default_min_area
 
         self.segmenter.set_image(image)
-        min_area = max(1, round(0.001 * image.size[0] * image.size[1]))  # as `mask`: drop specks under 0.1%
+        min_area = default_min_area(image.size)  # as `mask` does
         detections: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         taken: list = []
         found = []

@@ -199,6 +199,23 @@ def transformers_model_folder(ref: str, what: str, option: str) -> Path:
     return hub_snapshot(ref, None, _TRANSFORMERS_HUB_FILES, what=what, option=option, folder="a/model/folder")[0]
 
 
+def transformers_model_of_kind(ref: str, what: str, option: str, kinds: tuple[str, ...], wanted: str) -> tuple[Path, str]:
+    """The folder (as `transformers_model_folder`) and `model_type` of a transformers
+    model that must be one of `kinds`; another kind is bad input, and the error ends
+    with `wanted` (what to use instead)."""
+    folder = transformers_model_folder(ref, what, option)
+    kind = model_type(folder)
+    if kind not in kinds:
+        raise InvalidInput(f"{option} {ref} is a {kind or 'unknown'} model: {wanted}")
+    return folder, kind
+
+
+def model_load_failure(what: str, ref: str, folder: Path, option: str, exc: Exception) -> ModelNotAvailable:
+    """The error for a transformers model folder that is there but does not load."""
+    return ModelNotAvailable(f"cannot load the {what} from {folder}: {exc}. Fix: download it again "
+                             f"(`hf download {shlex.quote(ref)}`) or pass {option} /path/to/a/model/folder")
+
+
 def check_models_available(models: list[tuple[str, str, str]]) -> None:
     """Fail before loading anything, naming every missing model in one line (a first
     offline run would otherwise learn about them one at a time). `models` holds

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InvalidInput, ModelNotAvailable
 from .config import DEFAULT_SEGMENTER
-from .models import model_type, transformers_model_folder
+from .models import model_load_failure, transformers_model_of_kind
 
 # Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
 AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
@@ -15,6 +14,8 @@ AUTO_MIN_STABILITY = 0.9  # IoU of the mask cut at logit +1 and at logit -1
 AUTO_NMS_IOU = 0.7  # two candidates this similar are one segment
 AUTO_MAX_COVER = 0.9  # a segment over 90% of the photo is the background
 KINDS = ("sam",)  # model_type of Segment Anything (SAM 2/3 are not supported yet)
+WANTED = (f"scenebreak needs a Segment Anything (SAM) checkpoint such as {DEFAULT_SEGMENTER} "
+          "(SAM 2/3 are not supported yet)")
 
 
 class Segmenter:
@@ -23,17 +24,12 @@ class Segmenter:
     def __init__(self, ref: str, device):
         from transformers import SamModel, SamProcessor
 
-        folder = transformers_model_folder(ref, "segmenter", "--segmenter")
-        kind = model_type(folder)
-        if kind not in KINDS:
-            raise InvalidInput(f"--segmenter {ref} is a {kind or 'unknown'} model: scenebreak needs a Segment Anything "
-                               f"(SAM) checkpoint such as {DEFAULT_SEGMENTER} (SAM 2/3 are not supported yet)")
+        folder, _ = transformers_model_of_kind(ref, "segmenter", "--segmenter", KINDS, WANTED)
         try:
             self.processor = SamProcessor.from_pretrained(folder)
             self.model = SamModel.from_pretrained(folder).to(device.torch).eval()
         except (OSError, ValueError) as exc:
-            raise ModelNotAvailable(f"cannot load the segmenter from {folder}: {exc}. Fix: download it again "
-                                    f"(`hf download {ref}`) or pass --segmenter /path/to/a/model/folder") from exc
+            raise model_load_failure("segmenter", ref, folder, "--segmenter", exc) from exc
         self.device = device
 
     def set_image(self, image) -> None:
