@@ -52,6 +52,89 @@ def test_training_conditions_the_unet_exactly_as_the_sdxl_pipeline_does(tiny_sdx
     assert torch.equal(added["time_ids"], pipeline_ids)
 
 
+BEACH, SNOW = "a photo of <asset1> at the beach", "a photo of <asset1> in the snow"
+
+
+def _pooled(pipe, prompt: str):
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[2]
+
+
+def test_the_pooled_prompt_is_taken_at_the_end_of_text_not_at_a_handle(learned_sdxl, tiny_sdxl, tmp_path):
+    """The real SDXL configs say eos_token_id 2 (so does the tiny one), with which
+    transformers pools at the largest id: the handle. Every path must pool at the
+    end of text, so that the words after a handle reach the pooled vector."""
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from scenebreak.device import choose_device
+    from scenebreak.export import export_scene
+    from scenebreak.families import encode_prompts, time_ids
+    from scenebreak.models import load_components
+    from scenebreak.pipeline import make_pipeline
+    from scenebreak.scene_models import scene_components
+    from scenebreak.tokens import add_handles
+
+    assert json.loads((tiny_sdxl / "text_encoder_2" / "config.json").read_text())["eos_token_id"] == 2
+    # Training: the conditioning the trainer builds.
+    c = load_components(str(tiny_sdxl))
+    for tok, te in zip(c.tokenizers, c.text_encoders):
+        add_handles(tok, te, ["<asset1>"], None)
+    pooled = []
+    for prompt in (BEACH, SNOW):
+        ids = [tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+               for tok in c.tokenizers]
+        with torch.no_grad():
+            pooled.append(encode_prompts(c.family, c.text_encoders, ids, time_ids((256, 256), (256, 256)))[1]["text_embeds"])
+    assert not torch.allclose(*pooled)
+    # Sampling, from a scene whose recorded configs still carry the legacy id.
+    scene = load_scene(learned_sdxl.path, weights=True)
+    for name in ("text_encoder", "text_encoder_2"):
+        scene.meta["configs"][name]["eos_token_id"] = 2
+    unet, vae, encoders, tokenizers = scene_components(scene, choose_device("cpu"))
+    pipe = make_pipeline(scene.family, unet, vae, encoders, tokenizers, scene.meta["configs"]["scheduler"])
+    sampled = [_pooled(pipe, prompt) for prompt in (BEACH, SNOW)]
+    assert not torch.allclose(*sampled)
+    # The exported folder, loaded by diffusers alone.
+    [folder] = export_scene(learned_sdxl.path, tmp_path / "pipe", "diffusers")
+    exported = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    for name in ("text_encoder", "text_encoder_2"):
+        eos = json.loads((folder / name / "config.json").read_text())["eos_token_id"]
+        assert eos == exported.tokenizer.eos_token_id != 2
+    loaded = [_pooled(exported, prompt) for prompt in (BEACH, SNOW)]
+    assert not torch.allclose(*loaded)
+    assert torch.allclose(loaded[0], sampled[0], atol=1e-2)  # the folder stores fp16 weights
+
+
+def test_an_sdxl_scene_learned_with_the_old_pooling_says_to_learn_it_again(learned_sdxl, tmp_path):
+    from test_hostile import craft
+
+    from scenebreak.events import Message
+
+    old = craft(learned_sdxl.path, tmp_path / "old.scene", meta=lambda meta: {k: v for k, v in meta.items() if k != "pooled_at"})
+    for path, warned in ((old, True), (learned_sdxl.path, False)):
+        messages = []
+        generate(path, "<asset1>", GenerateConfig(steps=1, seed=0), out_dir=tmp_path, report=messages.append)
+        said = [m.text for m in messages if isinstance(m, Message) and m.level == "warning"]
+        assert any("learn it again" in text for text in said) == warned, said
+
+
+def test_prompts_without_handles_pool_exactly_as_before(tiny_sdxl):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from scenebreak.models import load_components
+
+    c = load_components(str(tiny_sdxl))
+    legacy = [CLIPTextModel.from_pretrained(tiny_sdxl / "text_encoder"),
+              CLIPTextModelWithProjection.from_pretrained(tiny_sdxl / "text_encoder_2")]
+    for tok, fixed, old in zip(c.tokenizers, c.text_encoders, legacy):
+        ids = tok(["a photo of a red bowl", "", "snow " * 90], padding="max_length", max_length=77, truncation=True,
+                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            assert torch.equal(fixed(ids)[0], old(ids)[0])
+
+
 def test_learn_trains_a_row_per_handle_in_both_tables(learned_sdxl, tiny_sdxl):
     from scenebreak.bundle import read_metadata
     from scenebreak.models import load_components

@@ -14,6 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The special-token ids in the text-encoder configs of the real SD 1.x/2.x, SDXL and
+# FLUX folders: legacy values that are not the tokenizer's (its end of text is 49407).
+# transformers pools at the largest token id when it sees eos_token_id 2, which is a
+# handle once handles are added; the tiny models carry the same quirk.
+LEGACY_CLIP_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
 # The words the tiny tokenizer knows as whole tokens; everything else falls
 # back to byte-level pieces, exactly like the real CLIP tokenizer would.
 TINY_WORDS = [
@@ -156,7 +162,7 @@ def build_components(configs: dict, tokenizer, seed: int = 0) -> dict:
 
     text_cfg = dict(configs["text_encoder"])
     text_cfg.setdefault("vocab_size", len(tokenizer))
-    text_cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_cfg.update(LEGACY_CLIP_IDS)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**configs["unet"])
     torch.manual_seed(seed)
@@ -301,8 +307,7 @@ def build_sdxl_components(configs: dict, tokenizers: list, seed: int = 0, calibr
                                  ("text_encoder_2", CLIPTextModelWithProjection, tokenizers[1])):
         cfg = dict(configs[name])
         cfg.setdefault("vocab_size", len(tokenizer))
-        cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+        cfg.update(LEGACY_CLIP_IDS)
         torch.manual_seed(seed)
         parts[name] = cls(CLIPTextConfig(**cfg))
     torch.manual_seed(seed)
@@ -427,8 +432,7 @@ def build_tiny_clip(folder):
     write_tiny_tokenizer(folder)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **ids, **small),
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **LEGACY_CLIP_IDS, **small),
                         vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)

@@ -389,6 +389,9 @@ def scene_metadata(*, name: str, tokens: list[str], components, prepared, config
                     for i, t in enumerate(tokens)],
         "resolution": resolution,
         "prediction_type": c.prediction_type,
+        # Pooled text taken at the end of text (families.pool_at_end_of_text); SDXL
+        # scenes without it were learned with the pooled vector at the last handle.
+        "pooled_at": "eos",
         "crop_box": list(prepared.crop_box),
         "source": {"file": image.name, "size": list(prepared.source_size), "sha256": prepared.source_sha256,
                    "masks": [m.name for m in masks]},

@@ -133,6 +133,22 @@ def encode_prompts(family: Family, text_encoders, ids: list, time_ids=None):
     return torch.cat(hidden, dim=-1), added
 
 
+def pool_at_end_of_text(text_encoder, tokenizer) -> None:
+    """Make a CLIP text encoder take its pooled output at the tokenizer's end-of-text
+    token. The real SD, SDXL and FLUX folders' configs carry the legacy
+    `eos_token_id: 2`, and with it transformers pools at the largest token id in the
+    prompt: a handle (ids past the base vocabulary), not the end of the text, so
+    "<asset1> at the beach" and "<asset1> in the snow" got the same pooled vector on
+    SDXL. Prompts without handles pool at the same position either way (the end of
+    text is then the largest id, and the first of its kind), so they are unchanged
+    to the bit. The config is changed too, so that a saved folder behaves the same."""
+    eos = tokenizer.eos_token_id
+    text_encoder.config.eos_token_id = eos
+    for module in text_encoder.modules():  # CLIPTextModel, or the one inside ...WithProjection
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = eos
+
+
 def text_encoder_class(name: str):
     """The transformers class of a text-encoder folder: SDXL's second encoder
     (OpenCLIP-G) also gives the pooled projection its UNet takes."""

@@ -277,7 +277,7 @@ def load_components(base_model: str, revision: str | None = None,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer
 
-    from .families import detect_family, text_encoder_class
+    from .families import detect_family, pool_at_end_of_text, text_encoder_class
 
     folder, commit = resolved or resolve_model_dir(base_model, revision)
     family = detect_family(folder, f"the base model {base_model}")
@@ -302,4 +302,7 @@ def load_components(base_model: str, revision: str | None = None,
         fingerprint=fingerprint(unet, vae, *text_encoders),
         family=family.name,
     )
+    # After the fingerprint, which stays that of the folder as it is (scenes match by it).
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
+        pool_at_end_of_text(text_encoder, tokenizer)
     return Components(unet, vae, text_encoders, tokenizers, scheduler_config, base, family)

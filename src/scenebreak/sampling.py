@@ -75,6 +75,7 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     check_prompts(scene, prompts)
     if warn_unused:
         warn_unused_handles(scene, prompts, report)
+    warn_old_pooling(scene, report)
     device = device if isinstance(device, Device) else choose_device(device)
     dtype, autocast_dtype = device.sampling_precision(config.precision)
     seed = pick_seed(config, report)
@@ -99,6 +100,15 @@ def warn_unused_handles(scene: Scene, prompts: list[str], report: Reporter) -> N
     for prompt in prompts:
         if not handles_in(prompt):
             report(Message(f"prompt {prompt!r} uses none of the scene's handles ({', '.join(scene.tokens)})", "warning"))
+
+
+def warn_old_pooling(scene: Scene, report: Reporter) -> None:
+    """SDXL scenes learned before the pooled prompt was taken at the end of text
+    (families.pool_at_end_of_text) trained with it at the last handle: they still
+    sample, with the fixed pooling, but a new `learn` fits what is sampled now."""
+    if scene.family.is_xl and scene.meta.get("pooled_at") != "eos":
+        report(Message(f"scene {scene.name!r} was learned by an older scenebreak whose SDXL pooled prompt ignored the "
+                       "words after a handle: learn it again for the best results", "warning"))
 
 
 def pick_seed(config: GenerateConfig, report: Reporter) -> int:

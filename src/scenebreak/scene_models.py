@@ -15,6 +15,8 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
     where a LoRA scene's base model is, if not where the scene recorded it."""
     import torch
 
+    from .families import pool_at_end_of_text
+
     if not scene.weights:
         # A LoRA scene's adapters are merged on the CPU, where its base model loads.
         scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
@@ -31,6 +33,7 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
         vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config says so)
     # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
     for tokenizer, text_encoder, rows in zip(tokenizers, text_encoders, scene.handle_embeddings):
+        pool_at_end_of_text(text_encoder, tokenizer)  # older scenes recorded the legacy config
         ids = tokenizer.convert_tokens_to_ids(scene.tokens)
         emb = text_encoder.get_input_embeddings().weight
         if any(i is None or i >= emb.shape[0] for i in ids) or rows.shape[1] != emb.shape[1]:
