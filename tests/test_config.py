@@ -109,3 +109,40 @@ def test_a_bad_number_is_refused_before_any_work(tmp_path):
         LearnConfig(lr1=float("nan")).validate(1)
     with pytest.raises(Exception, match="finite"):
         LearnConfig(lambda_attn=float("inf")).validate(1)
+
+
+def test_every_numeric_option_has_a_bound_the_api_checks_too():
+    """A number from the command line is checked as it is parsed (exit 2 before any
+    work), and the same bound holds for the Python API."""
+    from scenebreak.errors import InvalidInput
+
+    for config_class in (LearnConfig, GenerateConfig, EditConfig, BackgroundConfig, MaskConfig, EvaluateConfig):
+        for f in dataclasses.fields(config_class):
+            if str(f.type).split("|")[0].strip() in ("int", "float"):
+                bounds = f.metadata.get("bounds")
+                assert bounds is not None, f"{config_class.__name__}.{f.name} has no bounds"
+                with pytest.raises(InvalidInput, match=f"--{f.name.replace('_', '-')}"):
+                    config = config_class(**{f.name: type(f.default or 0)(bounds.high * 2 + 1)})
+                    config.validate(1) if config_class is LearnConfig else config.validate()
+
+
+def test_the_most_handles_learn_takes_all_fit_the_training_prompt(tiny_model):
+    from transformers import CLIPTokenizer
+
+    from scenebreak.config import MAX_LEARNED_HANDLES
+    from scenebreak.errors import InvalidInput
+    from scenebreak.tokens import handle_positions, prompt_for
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+    for n in (MAX_LEARNED_HANDLES, MAX_LEARNED_HANDLES + 1):
+        tokens = [f"<h{i}>" for i in range(n)]
+        tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
+        ids = tokenizer(prompt_for(tokens), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
+        if n == MAX_LEARNED_HANDLES:
+            assert len(handle_positions(ids, tokenizer.convert_tokens_to_ids(tokens))) == n
+        else:
+            with pytest.raises(ValueError):  # the last handle was cut: why learn refuses this many
+                handle_positions(ids, tokenizer.convert_tokens_to_ids(tokens))
+    LearnConfig().validate(MAX_LEARNED_HANDLES)
+    with pytest.raises(InvalidInput, match=f"at most {MAX_LEARNED_HANDLES}"):
+        LearnConfig(background=True).validate(MAX_LEARNED_HANDLES)

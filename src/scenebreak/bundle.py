@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MAX_RESOLUTION
+from .config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
 from .errors import BundleError
 from .paths import SCENE_SUFFIX, resolve_scene, scenes_dir, write_atomically
 
@@ -39,10 +39,9 @@ TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 # the first two). A scene is a stranger's file: no other name is ever written anywhere.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json")
-# Bounds on what a scene may ask of the machine: more than any real scene needs.
-MAX_HANDLES = 64
+# Bounds on what a scene may ask of the machine: more than any real scene needs (the
+# handles and the LoRA rank are bounded where learn takes them, in config.py).
 MAX_STRING = 4096  # characters of any one string in the metadata
-MAX_LORA_RANK = 1024
 
 
 @dataclass

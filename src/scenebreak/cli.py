@@ -16,7 +16,8 @@ import sys
 import click
 
 from . import __version__
-from .config import BackgroundConfig, EditConfig, EvaluateConfig, GenerateConfig, LearnConfig, MaskConfig
+from .config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, EvaluateConfig, GenerateConfig, LearnConfig,
+                     MaskConfig)
 from .device import DEVICES
 from .errors import SceneBreakError
 from .export import FORMATS as EXPORT_FORMATS
@@ -145,6 +146,24 @@ def stacked(*decorators):
 _TYPES = {"int": int, "float": float, "str": str}
 
 
+class Bounded(click.ParamType):
+    """A number checked against a setting's bounds as the command line is parsed:
+    exit 2 before anything is loaded or allocated."""
+
+    def __init__(self, kind: type, bounds):
+        self.kind, self.bounds = kind, bounds
+        self.name = "integer" if kind is int else "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = self.kind(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
+        if not self.bounds.holds(number):
+            self.fail(self.bounds.describe(number), param, ctx)
+        return number
+
+
 def field_option(f: dataclasses.Field):
     """The Click option of one config field: its default, choices and help come from the
     field, so the command line and the Python API cannot disagree."""
@@ -163,8 +182,9 @@ def field_option(f: dataclasses.Field):
     elif annotation.startswith("tuple"):
         kwargs.update(multiple=True, default=default or ())
     else:
-        base = annotation.split("|")[0].strip()
-        kwargs["type"] = click.Choice(meta["choices"]) if meta.get("choices") else _TYPES[base]
+        base = _TYPES[annotation.split("|")[0].strip()]
+        kwargs["type"] = (click.Choice(meta["choices"]) if meta.get("choices")
+                          else Bounded(base, meta["bounds"]) if meta.get("bounds") else base)
         kwargs["show_default"] = default is not None
     return click.option(f.name, *(decls or (flag,)), **kwargs)
 
@@ -370,7 +390,7 @@ def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite,
 
 @cli.command(name="extract-bg")
 @click.argument("scene", shell_complete=complete_scene)
-@click.option("-n", "--num-images", "variations", type=int, default=0, show_default=True,
+@click.option("-n", "--num-images", "variations", type=Bounded(int, Bounds(0, MAX_IMAGES)), default=0, show_default=True,
               help="Background variations besides the clean plate.")
 @click.option("-p", "--prompt", help="Template of the variations (default \"a photo of <background>\"), e.g. \"a photo of a car at <background>\".")
 @config_options(BackgroundConfig, exclude=("num_images",))

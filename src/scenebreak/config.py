@@ -39,30 +39,69 @@ def default_base_model() -> str:
     return os.environ.get("SCENEBREAK_BASE_MODEL") or DEFAULT_BASE_MODEL
 
 
-def setting(default, help: str, *, choices: tuple[str, ...] | None = None, cli: bool = True, **option):
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a setting may take: from `low` to `high`, both included unless
+    `above` (then only numbers above `low`) or `below` (only below `high`). Every
+    numeric setting has bounds, checked when the command line is parsed and again
+    when a config is validated, so that no number can ask for years of work or
+    memory, or train to a scene that cannot be read back."""
+
+    low: float
+    high: float
+    above: bool = False
+    below: bool = False
+
+    def holds(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (value > self.low if self.above else value >= self.low) and (
+            value < self.high if self.below else value <= self.high)
+
+    def describe(self, value) -> str:
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, not {value}"
+        return (f"must be {'>' if self.above else 'at least'} {self.low:g} and "
+                f"{'below' if self.below else 'at most'} {self.high:g}, not {value:g}")
+
+
+def setting(default, help: str, *, choices: tuple[str, ...] | None = None, bounds: Bounds | None = None,
+            cli: bool = True, **option):
     """A config field with what the command line needs to offer it: its help text,
-    its choices, and (in `option`) anything else for the option (flag names, metavar,
-    environment variable). `cli=False`: a Python-only setting with no option."""
-    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, "option": option})
+    its choices or its `bounds`, and (in `option`) anything else for the option (flag
+    names, metavar, environment variable). `cli=False`: a Python-only setting with no
+    option."""
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds, "cli": cli,
+                                            "option": option})
+
+
+def check_bounds(config) -> None:
+    """Every numeric setting of `config` within its bounds (None: not set)."""
+    for f in dataclasses.fields(config):
+        bounds, value = f.metadata.get("bounds"), getattr(config, f.name)
+        if bounds is not None and value is not None and not bounds.holds(value):
+            raise InvalidInput(f"--{f.name.replace('_', '-')} {bounds.describe(value)}")
 
 
 # Bounds no real use reaches, so that a typo (or a stranger's script) cannot ask for years of work.
 MAX_STEPS = 100_000
+MAX_SAMPLING_STEPS = 1000  # the training schedule's timesteps: no sampler can take more
 MAX_RESOLUTION = 4096
 MAX_CLASS_IMAGES = 10_000
 MAX_IMAGES = 10_000
+MAX_BATCH = 256
 MAX_SEED = 2**63 - 1  # image i uses seed + i: room to spare in torch's 64-bit seeds
-
-
-def _seed(seed: int) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise InvalidInput(f"--seed must be between 0 and {MAX_SEED}")
-
-
-def _finite(**values: float) -> None:
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise InvalidInput(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+MAX_LORA_RANK = 1024  # what a scene may record (bundle.py)
+MAX_PIXELS = 1024  # --feather, --dilate
+MAX_HANDLES = 64  # handles a scene file may hold (bundle.py)
+# Handles learn can train: the union prompt that names them all, "a photo of <a> and
+# <b> and ...", must fit CLIP's 77 tokens with its start and end of text (3 + 2N - 1 + 2).
+MAX_LEARNED_HANDLES = (77 - 2 - 3 + 1) // 2
+SEED = Bounds(0, MAX_SEED)
+LEARNING_RATE = Bounds(0, 1, above=True)
+WEIGHT = Bounds(0, 100)
+PIXELS = Bounds(0, MAX_PIXELS)
+SCORE = Bounds(0, 1)
 
 
 @dataclass(frozen=True)
@@ -73,25 +112,27 @@ class LearnConfig:
         None, "Handle names instead of asset1..assetN: --names cat bowl gives <cat> <bowl>.", metavar="N1 [N2 ...]")
     init_words: tuple[str, ...] | None = setting(
         None, "A word per handle to start its embedding from (e.g. cat bowl).", metavar="W1 [W2 ...]")
-    steps1: int = setting(400, "Phase 1 steps (handle embeddings only).")
-    steps2: int = setting(400, "Phase 2 steps (handles + UNet + text encoder).")
-    lr1: float = setting(5e-4, "Phase 1 learning rate.")
-    lr2: float = setting(2e-6, "Phase 2 learning rate.")
-    lambda_attn: float = setting(0.01, "Weight of the cross-attention loss (0 turns it off).")
+    steps1: int = setting(400, "Phase 1 steps (handle embeddings only).", bounds=Bounds(0, MAX_STEPS))
+    steps2: int = setting(400, "Phase 2 steps (handles + UNet + text encoder).", bounds=Bounds(0, MAX_STEPS))
+    lr1: float = setting(5e-4, "Phase 1 learning rate.", bounds=LEARNING_RATE)
+    lr2: float = setting(2e-6, "Phase 2 learning rate.", bounds=LEARNING_RATE)
+    lambda_attn: float = setting(0.01, "Weight of the cross-attention loss (0 turns it off).", bounds=WEIGHT)
     prior: bool = setting(True, "Prior preservation with class images (--no-prior: none).")
-    prior_weight: float = setting(1.0, "Weight of the prior-preservation loss.", cli=False)
+    prior_weight: float = setting(1.0, "Weight of the prior-preservation loss.", bounds=WEIGHT, cli=False)
     class_prompt: str = setting(DEFAULT_CLASS_PROMPT, "Prompt of the class images.")
-    num_class_images: int = setting(100, "Class images made once per base model and prompt, then cached.")
+    num_class_images: int = setting(100, "Class images made once per base model and prompt, then cached.",
+                                    bounds=Bounds(0, MAX_CLASS_IMAGES))
     class_scheduler: str = setting(
         "dpm", "Sampler of the class images (dpm: 25 steps, ddim: 50 as the paper, euler: 30); each has its own cache.",
         choices=SCHEDULERS)
-    resolution: int | None = setting(None, "Training size (default: the model's: 512 for SD2.1-base, 1024 for SDXL).")
-    flip_p: float = setting(0.5, "Probability of a horizontal flip per step.", cli=False)
+    resolution: int | None = setting(None, "Training size (default: the model's: 512 for SD2.1-base, 1024 for SDXL).",
+                                     bounds=Bounds(8, MAX_RESOLUTION))
+    flip_p: float = setting(0.5, "Probability of a horizontal flip per step.", bounds=SCORE, cli=False)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.", cli=False)
-    adam_weight_decay: float = setting(1e-2, "AdamW weight decay.", cli=False)
-    adam_eps: float = setting(1e-8, "AdamW epsilon.", cli=False)
-    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", cli=False)
-    seed: int = setting(0, "Seed of everything random in training.")
+    adam_weight_decay: float = setting(1e-2, "AdamW weight decay.", bounds=Bounds(0, 1), cli=False)
+    adam_eps: float = setting(1e-8, "AdamW epsilon.", bounds=Bounds(0, 1, above=True), cli=False)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", bounds=Bounds(0, 1e6, above=True), cli=False)
+    seed: int = setting(0, "Seed of everything random in training.", bounds=SEED)
     mixed_precision: str = setting(
         "auto", "Autocast dtype (weights stay fp32): auto is bf16 (fp16 on old cards) on CUDA and fp32 elsewhere; "
         "bf16 also works on CPUs with bf16 instructions.", choices=PRECISIONS)
@@ -106,33 +147,25 @@ class LearnConfig:
     tune: str = setting(
         "auto", "Phase 2 tunes all UNet and text-encoder weights (full, the paper), or LoRA adapters: less memory, "
         "a ~40 MB scene, weaker likeness; auto: full where --memory can make it fit, else LoRA.", choices=TUNINGS)
-    rank: int = setting(32, "LoRA rank (--tune lora).")
-    lr_lora: float = setting(1e-4, "Phase-2 learning rate of the LoRA adapters (the handles keep --lr2).")
+    rank: int = setting(32, "LoRA rank (--tune lora).", bounds=Bounds(1, MAX_LORA_RANK))
+    lr_lora: float = setting(1e-4, "Phase-2 learning rate of the LoRA adapters (the handles keep --lr2).",
+                             bounds=LEARNING_RATE)
     standalone: bool = setting(False, "LoRA tuning: bake the adapters into full weights, so the scene needs no base model.")
     compile: bool = setting(False, "torch.compile the UNet: faster steps on CUDA after a compile of a minute or two.")
     save_dtype: str = setting("fp16", "Precision of the weights stored in the scene.", choices=SAVE_DTYPES)
     checkpoint_every: int = setting(
-        0, "Also save a resumable checkpoint every N steps (0: only at the end of phase 1 and on Ctrl-C).")
+        0, "Also save a resumable checkpoint every N steps (0: only at the end of phase 1 and on Ctrl-C).",
+        bounds=Bounds(0, MAX_STEPS))
     background: bool = setting(False, "Also learn <background> from the rest of the photo (for extract-bg).")
 
     def validate(self, num_masks: int) -> "LearnConfig":
-        _finite(lr1=self.lr1, lr2=self.lr2, lr_lora=self.lr_lora, lambda_attn=self.lambda_attn, prior_weight=self.prior_weight,
-                max_grad_norm=self.max_grad_norm, flip_p=self.flip_p)
-        _seed(self.seed)
-        if self.steps1 < 0 or self.steps2 < 0 or self.steps1 + self.steps2 == 0:
-            raise InvalidInput("--steps1 and --steps2 must be >= 0 and not both 0")
-        if max(self.steps1, self.steps2) > MAX_STEPS:
-            raise InvalidInput(f"--steps1 and --steps2 must be at most {MAX_STEPS}")
-        if self.resolution is not None and not 8 <= self.resolution <= MAX_RESOLUTION:
-            raise InvalidInput(f"--resolution must be between 8 and {MAX_RESOLUTION}")
-        if self.num_class_images > MAX_CLASS_IMAGES:
-            raise InvalidInput(f"--num-class-images must be at most {MAX_CLASS_IMAGES}")
-        if self.prior_weight < 0 or self.max_grad_norm <= 0 or not 0 <= self.flip_p <= 1:
-            raise InvalidInput("prior_weight must be >= 0, max_grad_norm > 0 and flip_p between 0 and 1")
-        if self.lr1 <= 0 or self.lr2 <= 0:
-            raise InvalidInput("learning rates must be > 0")
-        if self.lambda_attn < 0:
-            raise InvalidInput("--lambda-attn must be >= 0")
+        check_bounds(self)
+        if num_masks + self.background > MAX_LEARNED_HANDLES:
+            raise InvalidInput(f"{num_masks} masks{' and the background' if self.background else ''}: learn takes at most "
+                               f"{MAX_LEARNED_HANDLES} handles (the training prompt that names them all must fit the text "
+                               "encoder's 77 tokens)")
+        if self.steps1 + self.steps2 == 0:
+            raise InvalidInput("--steps1 and --steps2 must be at least 0 and not both 0")
         if self.prior and self.num_class_images < 1:
             raise InvalidInput("--num-class-images must be >= 1 (or use --no-prior)")
         for name, value, allowed in (("mixed precision", self.mixed_precision, PRECISIONS),
@@ -141,12 +174,8 @@ class LearnConfig:
                                      ("class scheduler", self.class_scheduler, SCHEDULERS)):
             if value not in allowed:
                 raise InvalidInput(f"unknown {name} {value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
-        if self.rank < 1 or self.lr_lora <= 0:
-            raise InvalidInput("--rank must be >= 1 and --lr-lora > 0")
         if self.standalone and self.tune == "full":
             raise InvalidInput("--standalone only applies to --tune lora or auto (full tuning is always standalone)")
-        if self.checkpoint_every < 0:
-            raise InvalidInput("--checkpoint-every must be >= 0")
         for flag, values in (("--names", self.names), ("--init-words", self.init_words)):
             if values is not None and any(not str(v).strip("<> ") for v in values):
                 raise InvalidInput(f"{flag}: a value is empty")
@@ -173,39 +202,31 @@ class LearnConfig:
 class GenerateConfig:
     """Sampling settings of `generate` (and the part of `edit`/`extract-bg` they share)."""
 
-    num_images: int = setting(1, "Images per prompt.", flags=("-n", "--num-images"))
+    num_images: int = setting(1, "Images per prompt.", bounds=Bounds(1, MAX_IMAGES), flags=("-n", "--num-images"))
     scheduler: str = setting(
         "dpm", "Sampler: dpm (DPM-Solver++, 25 steps), ddim (the paper's, 50 steps) or euler (30 steps).",
         choices=SCHEDULERS)
-    steps: int | None = setting(None, "Denoising steps (default: the --scheduler's: dpm 25, ddim 50, euler 30).")
+    steps: int | None = setting(None, "Denoising steps (default: the --scheduler's: dpm 25, ddim 50, euler 30).",
+                                bounds=Bounds(1, MAX_SAMPLING_STEPS))
     precision: str = setting(
         "auto", "Sampling precision: auto is fp16 on GPUs, bf16 on CPUs with bf16 instructions, fp32 elsewhere.",
         choices=SAMPLING_PRECISIONS)
-    guidance: float | None = setting(None, "Classifier-free guidance scale (default: the model's usual, 7.5; SDXL 5).")
+    guidance: float | None = setting(None, "Classifier-free guidance scale (default: the model's usual, 7.5; SDXL 5).",
+                                     bounds=WEIGHT)
     negative: str | None = setting(None, "Negative prompt.")
-    seed: int | None = setting(None, "Seed of image 1; image i uses seed+i-1 (default: random, reported).")
-    batch_size: int | None = setting(None, "Images per forward pass (default: 4 on CUDA, else 1).")
+    seed: int | None = setting(None, "Seed of image 1; image i uses seed+i-1 (default: random, reported).", bounds=SEED)
+    batch_size: int | None = setting(None, "Images per forward pass (default: 4 on CUDA, else 1).",
+                                     bounds=Bounds(1, MAX_BATCH))
 
     def validate(self) -> "GenerateConfig":
         """This config checked, with the scheduler's step count filled in: use the copy it returns."""
-        if self.guidance is not None:
-            _finite(guidance=self.guidance)
-        if self.seed is not None:
-            _seed(self.seed)
+        check_bounds(self)
         for name, value, allowed in (("scheduler", self.scheduler, SCHEDULERS),
                                      ("precision", self.precision, SAMPLING_PRECISIONS)):
             if value not in allowed:
                 raise InvalidInput(f"unknown {name} {value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
         if self.steps is None:
             return dataclasses.replace(self, steps=SCHEDULER_STEPS[self.scheduler]).validate()
-        if self.steps > MAX_STEPS or self.num_images > MAX_IMAGES:
-            raise InvalidInput(f"--steps must be at most {MAX_STEPS} and -n at most {MAX_IMAGES}")
-        if self.num_images < 1:
-            raise InvalidInput("-n must be >= 1")
-        if self.steps < 1:
-            raise InvalidInput("--steps must be >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InvalidInput("--batch-size must be >= 1")
         return self
 
 
@@ -213,20 +234,14 @@ class GenerateConfig:
 class EditConfig(GenerateConfig):
     """Blended Latent Diffusion settings of `edit` (the reference's defaults)."""
 
-    num_images: int = setting(1, "Edited images (seeds seed, seed+1, ...).", flags=("-n", "--num-images"))
-    blend_start: float = setting(0.25, "Fraction of the denoising steps skipped at the start.")
-    feather: int = setting(8, "Width in pixels of the seam where the original is pasted back.")
-    dilate: int = setting(0, "Grow the mask by PX pixels first (thin masks).", metavar="PX")
+    num_images: int = setting(1, "Edited images (seeds seed, seed+1, ...).", bounds=Bounds(1, MAX_IMAGES),
+                              flags=("-n", "--num-images"))
+    blend_start: float = setting(0.25, "Fraction of the denoising steps skipped at the start.",
+                                 bounds=Bounds(0, 1, below=True))
+    feather: int = setting(8, "Width in pixels of the seam where the original is pasted back.", bounds=PIXELS)
+    dilate: int = setting(0, "Grow the mask by PX pixels first (thin masks).", bounds=PIXELS, metavar="PX")
     paste: bool = setting(True, "Paste the original back outside the mask (--no-paste: keep the pure latent result).")
 
-    def validate(self) -> "EditConfig":
-        config = super().validate()
-        _finite(blend_start=self.blend_start)
-        if not 0 <= self.blend_start < 1:
-            raise InvalidInput("--blend-start must be at least 0 and below 1")
-        if self.feather < 0 or self.dilate < 0:
-            raise InvalidInput("--feather and --dilate must be >= 0")
-        return config
 
 
 @dataclass(frozen=True)
@@ -234,7 +249,8 @@ class BackgroundConfig(EditConfig):
     """`extract-bg`: the object regions grow by 8 px before they are re-made, so no
     trace of an object's edge is left in the clean plate."""
 
-    dilate: int = setting(8, "Grow the objects' mask by PX pixels first, so their edges go too.", metavar="PX")
+    dilate: int = setting(8, "Grow the objects' mask by PX pixels first, so their edges go too.", bounds=PIXELS,
+                          metavar="PX")
 
 
 @dataclass(frozen=True)
@@ -247,23 +263,19 @@ class MaskConfig:
     segmenter: str | None = setting(
         None, f"Hub id or local folder of Segment Anything (default {DEFAULT_SEGMENTER}). Env: SCENEBREAK_SEGMENTER.",
         envvar="SCENEBREAK_SEGMENTER")
-    threshold: float = setting(0.3, "A prompt's detection must score above this (0..1).")
+    threshold: float = setting(0.3, "A prompt's detection must score above this (0..1).", bounds=SCORE)
     all_instances: bool = setting(False, "A prompt's mask covers every match above --threshold, not only the best one.")
     group: bool = setting(False, "All --point clicks are on one object: make one mask from them.")
-    max_masks: int = setting(4, "How many segments --auto keeps (largest first).")
-    grid: int = setting(16, "--auto clicks a grid of this many by this many points.", cli=False)
-    min_area: int | None = setting(None, "Drop specks smaller than this many pixels (default: 0.1% of the image).")
-    dilate: int = setting(0, "Grow every mask by PX pixels.", metavar="PX")
+    max_masks: int = setting(4, "How many segments --auto keeps (largest first).", bounds=Bounds(1, MAX_LEARNED_HANDLES))
+    grid: int = setting(16, "--auto clicks a grid of this many by this many points.", bounds=Bounds(1, 64), cli=False)
+    min_area: int | None = setting(None, "Drop specks smaller than this many pixels (default: 0.1% of the image).",
+                                   bounds=Bounds(0, 2**40))
+    dilate: int = setting(0, "Grow every mask by PX pixels.", bounds=PIXELS, metavar="PX")
     fill_holes: bool = setting(True, "Fill holes inside the masks (--keep-holes: do not).", flags=("--fill-holes/--keep-holes",))
     device: str | None = setting(None, "", cli=False)  # the command's --device
 
     def validate(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise InvalidInput(f"--threshold must be between 0 and 1, not {self.threshold}")
-        if self.max_masks < 1 or self.grid < 1:
-            raise InvalidInput("--max-masks (and the --auto grid) must be at least 1")
-        if (self.min_area or 0) < 0 or self.dilate < 0:
-            raise InvalidInput("--min-area and --dilate cannot be negative")
+        check_bounds(self)
 
 
 # The paper's two automatic metrics: CLIP ViT-L/14 for prompt similarity, DINO ViT-S/16
@@ -277,7 +289,8 @@ class EvaluateConfig(GenerateConfig):
     """`evaluate`: the sampling settings of `generate` with a fixed seed (runs must be
     comparable), the class word of each object, and the models that score the images."""
 
-    seed: int | None = setting(0, "Seed of image 1 of every prompt; image i uses seed+i-1 (fixed, so runs compare).")
+    seed: int | None = setting(0, "Seed of image 1 of every prompt; image i uses seed+i-1 (fixed, so runs compare).",
+                               bounds=SEED)
     words: tuple[str, ...] | None = setting(
         None, "A plain class word per object handle, in handle order (default: object): "
         "it replaces the handle in CLIP's prompt and is what the detector looks for.", metavar="W1 [W2 ...]")
@@ -293,15 +306,13 @@ class EvaluateConfig(GenerateConfig):
     segmenter: str | None = setting(
         None, f"Hub id or local folder of Segment Anything (default {DEFAULT_SEGMENTER}). Env: SCENEBREAK_SEGMENTER.",
         envvar="SCENEBREAK_SEGMENTER")
-    threshold: float = setting(0.3, "An object counts as found when its detection scores above this (0..1).")
+    threshold: float = setting(0.3, "An object counts as found when its detection scores above this (0..1).",
+                               bounds=SCORE)
 
     def validate(self, num_objects: int | None = None) -> "EvaluateConfig":
         """Checked, with the sampling defaults filled in; `num_objects` (the scene's
         object handles) checks --words too."""
         config = super().validate()
-        _finite(threshold=self.threshold)
-        if not 0.0 <= self.threshold <= 1.0:
-            raise InvalidInput(f"--threshold must be between 0 and 1, not {self.threshold}")
         if self.words is not None:
             if any(not str(w).strip() or "<" in str(w) or ">" in str(w) for w in self.words):
                 raise InvalidInput("--words: give plain words such as cat bowl (not empty, not a <handle>)")

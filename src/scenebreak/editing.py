@@ -12,7 +12,7 @@ import numpy as np
 
 from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
 from .bundle import open_scene
-from .config import BackgroundConfig, EditConfig
+from .config import MAX_IMAGES, BackgroundConfig, EditConfig
 from .device import Device
 from .errors import InvalidInput, InvalidMask, UsageError
 from .events import Message, Reporter, silent
@@ -134,8 +134,8 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
     `variations` new backgrounds from `prompt` (default "a photo of <background>";
     a template such as "a photo of a car at <background>" works too)."""
     config = config.validate()
-    if variations < 0:
-        raise InvalidInput("-n must be >= 0")
+    if not 0 <= variations <= MAX_IMAGES:
+        raise InvalidInput(f"-n must be at least 0 and at most {MAX_IMAGES}")
     scene = open_scene(scene)
     token = scene.background_token
     if token is None:
