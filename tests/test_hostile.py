@@ -251,3 +251,125 @@ def test_bad_input_is_one_line_and_changes_nothing(case, world, monkeypatch):
     assert "Traceback" not in result.output
     assert _snapshot(world["tmp"], world["home"]) == before
     assert not (world["tmp"].parent / "evil.txt").exists() and not (world["tmp"] / "evil.txt").exists()
+
+
+# -- files that are not what they seem: FIFOs, endless and non-UTF-8 prompt files --------------------
+
+def _invoke_guarded(args, fifos=(), input=None, seconds=60):
+    """Run the CLI, but if it blocks (on opening a FIFO) longer than `seconds`, open the
+    FIFOs' other ends so it finishes, and fail."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", CliRunner().invoke(cli, [str(a) for a in args], input=input)))
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for fifo in fifos:
+            fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+            os.close(fd)
+        thread.join()
+        pytest.fail(f"{args[0]} blocked on a FIFO")
+    return box["result"]
+
+
+def _one_error(result, code, phrase):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and phrase in errors[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+@pytest.mark.parametrize("command", ["generate", "show", "rm", "export"])
+def test_a_fifo_given_as_scene_is_refused_without_blocking(command, world, monkeypatch):
+    monkeypatch.chdir(world["tmp"])
+    fifo = world["tmp"] / "pipe.scene"
+    os.mkfifo(fifo)
+    args = {"generate": ["generate", fifo, "<asset1>"], "show": ["show", fifo], "rm": ["rm", fifo],
+            "export": ["export", fifo, "-f", "embeddings", "-o", world["tmp"] / "out"]}[command]
+    _one_error(_invoke_guarded(args, [fifo]), 2, "not a regular file")
+    assert fifo.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_in_the_cache_is_listed_as_unreadable(world):
+    fifo = world["home"] / "scenes" / "pipe.scene"
+    os.mkfifo(fifo)
+    result = _invoke_guarded(["list", "--json"], [fifo])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)["scenes"]}
+    assert "not a regular file" in rows["pipe"]["error"] and "handles" in rows["cached"]
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_prompt_files_are_bounded_regular_utf8_files(command, world, monkeypatch):
+    monkeypatch.chdir(world["tmp"])
+    base = [command, world["scene"], *(["<asset1>"] if command == "generate" else []), "--prompts-file"]
+    latin = world["tmp"] / "latin1.txt"
+    latin.write_bytes("a photo of <asset1> in the café\n".encode("latin-1"))
+    _one_error(_invoke_guarded([*base, latin]), 2, "not UTF-8")
+    _one_error(_invoke_guarded([*base, "-"], input="<asset1> in the café\n".encode("latin-1")), 2, "not UTF-8")
+    if Path("/dev/zero").exists():
+        _one_error(_invoke_guarded([*base, "/dev/zero"]), 2, "not a regular file")
+    big = world["tmp"] / "big.txt"
+    big.write_bytes(b"<asset1> on the moon\n" * 60_000)
+    _one_error(_invoke_guarded([*base, big]), 2, "larger than")
+    if hasattr(os, "mkfifo"):
+        fifo = world["tmp"] / "prompts.fifo"
+        os.mkfifo(fifo)
+        _one_error(_invoke_guarded([*base, fifo], [fifo]), 2, "not a regular file")
+
+
+def test_rm_of_the_same_scene_twice_deletes_it_once(world):
+    result = CliRunner().invoke(cli, ["rm", "cached", str(world["home"] / "scenes" / "cached.scene")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [str(world["home"] / "scenes" / "cached.scene")]
+    assert not (world["home"] / "scenes" / "cached.scene").exists()
+
+
+def test_a_handle_cut_off_by_the_token_limit_is_refused(world, tmp_path):
+    filler = "a photo of a red bowl " * 16  # 96 tokens
+    result = CliRunner().invoke(cli, ["generate", str(world["scene"]), f"{filler} <asset2>", "--steps", "1", "--out-dir",
+                                      str(tmp_path / "out")])
+    _one_error(result, 2, "<asset2> falls past")
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(cli, ["generate", str(world["scene"]), f"<asset2> {filler}", "--steps", "1", "--seed", "0",
+                                      "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "over the text encoder's 77" in result.stderr
+
+
+def _tokenizer_config(edit):
+    """A crafted scene's tokenizer/tokenizer_config.json, changed by `edit(dict)`."""
+    def tensors(source):
+        with safe_open(str(source), framework="pt") as f:
+            config = json.loads(f.get_tensor("file.tokenizer/tokenizer_config.json").numpy().tobytes())
+        edit(config)
+        return {"file.tokenizer/tokenizer_config.json": torch.frombuffer(bytearray(json.dumps(config).encode()),
+                                                                         dtype=torch.uint8).clone()}
+    return tensors
+
+
+def test_a_scene_tokenizer_cannot_name_code_or_its_own_length(world, tmp_path):
+    """auto_map would make the Auto classes ask on the terminal to run custom code (and
+    with a hub reference fetch it); a crafted model_max_length would size every prompt."""
+    def hostile(config):
+        config.update(auto_map={"AutoTokenizer": ["evil/repo--evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer",
+                      model_max_length=10**9)
+
+    scene = craft(world["scene"], tmp_path / "evil-tok.scene", tensors=_tokenizer_config(hostile)(world["scene"]))
+    result = CliRunner().invoke(cli, ["generate", str(scene), "<asset1>", "--steps", "1", "--seed", "0", "--out-dir",
+                                      str(tmp_path / "out")], input="y\ny\n")
+    assert result.exit_code == 0, result.output
+    assert "trust_remote_code" not in result.output and "custom code" not in result.output
+    from scenebreak.bundle import load_scene
+    from scenebreak.scene_models import scene_tokenizers
+
+    assert scene_tokenizers(load_scene(scene))[0].model_max_length == 77
+
+
+def test_a_scene_tokenizer_config_that_is_not_json_is_refused(world, tmp_path):
+    broken = {"file.tokenizer/tokenizer_config.json": torch.frombuffer(bytearray(b"[" * 100_000), dtype=torch.uint8).clone()}
+    scene = craft(world["scene"], tmp_path / "broken-tok.scene", tensors=broken)
+    _one_error(CliRunner().invoke(cli, ["generate", str(scene), "<asset1>", "--steps", "1"]), 2, "not a valid scene")

@@ -98,7 +98,7 @@ def test_the_pooled_prompt_is_taken_at_the_end_of_text_not_at_a_handle(learned_s
     assert not torch.allclose(*sampled)
     # The exported folder, loaded by diffusers alone.
     [folder] = export_scene(learned_sdxl.path, tmp_path / "pipe", "diffusers")
-    exported = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    exported = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
     for name in ("text_encoder", "text_encoder_2"):
         eos = json.loads((folder / name / "config.json").read_text())["eos_token_id"]
         assert eos == exported.tokenizer.eos_token_id != 2

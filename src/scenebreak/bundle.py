@@ -30,7 +30,7 @@ import numpy as np
 
 from .config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
 from .errors import BundleError
-from .paths import SCENE_SUFFIX, resolve_scene, scenes_dir, write_atomically
+from .paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically
 
 FORMAT = "scenebreak.scene"
 FORMAT_VERSION = 2  # the newest this version reads and writes
@@ -166,6 +166,8 @@ def read_metadata(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise BundleError(f"scene not found: {path} (see `scenebreak list`)")
+    if not is_regular_file(path):  # a FIFO or a device would block or never end
+        raise BundleError(f"{path} is not a scene file (not a regular file)")
     from safetensors import safe_open
 
     try:
@@ -342,23 +344,45 @@ def tokenizer_files(tokenizer, folder: str = "tokenizer") -> dict[str, bytes]:
                 if p.is_file() and p.name in TOKENIZER_FILES}
 
 
-def tokenizer_from_files(files: dict[str, bytes], folder: str = "tokenizer"):
+def tokenizer_from_files(files: dict[str, bytes], folder: str, family) -> object:
     """The tokenizer a scene stores under `folder`, rebuilt in a private temp folder
     (mode 0700) that only ever receives the allowed tokenizer file names, whatever the
-    scene says."""
+    scene says. A scene is a stranger's file: its tokenizer is built by the family's
+    own class (never the Auto classes, which follow a config's `auto_map` to custom
+    code and may stop to ask whether to run it), and its length limit is the text
+    encoder's, not what the files claim."""
     import tempfile
 
-    from transformers import AutoTokenizer
+    from .families import tokenizer_class
 
     with tempfile.TemporaryDirectory(prefix="scenebreak-tokenizer-") as tmp:
         for name, data in files.items():
             if not is_tokenizer_entry(name):
                 raise BundleError(f"not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
             if name.partition("/")[0] == folder:
+                if name.endswith("_config.json") or name.endswith("special_tokens_map.json"):
+                    data = _without_code_references(data, name)
                 (Path(tmp) / name.partition("/")[2]).write_bytes(data)
         if not any(Path(tmp).iterdir()):
             raise BundleError(f"not a valid scene: it holds no {folder} files")
-        return AutoTokenizer.from_pretrained(tmp)
+        cls, max_length = tokenizer_class(family, folder)
+        try:
+            return cls.from_pretrained(tmp, model_max_length=max_length, local_files_only=True)
+        except Exception as exc:  # tokenizers raise many types for damaged files
+            raise BundleError(f"not a valid scene: its {folder} files do not load "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+
+
+def _without_code_references(data: bytes, name: str) -> bytes:
+    """A tokenizer config with nothing in it that names code to load (`auto_map`)."""
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError):
+        raise BundleError(f"not a valid scene: its {name} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"not a valid scene: its {name} is not a JSON object")
+    config.pop("auto_map", None)
+    return json.dumps(config).encode()
 
 
 def model_config(model) -> dict:

@@ -68,7 +68,11 @@ def _handle_label(handle: dict, meta: dict) -> str:
 def remove_scenes(refs: list[str | os.PathLike]) -> list[Path]:
     """Delete scenes by cache name or path; returns the deleted paths. Every one is
     checked to be a scene first: nothing is deleted if any is not."""
-    paths = [resolve_scene(ref) for ref in refs]
+    # A scene named twice (`rm a a`, or by name and by path) is deleted once.
+    unique: dict[Path, Path] = {}
+    for path in map(resolve_scene, refs):
+        unique.setdefault(path.resolve(), path)
+    paths = list(unique.values())
     for path in paths:
         read_metadata(path)
     for path in paths:

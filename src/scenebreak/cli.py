@@ -317,9 +317,11 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
 
 
 def _read_prompts(prompts, prompts_file) -> list[str]:
+    from .sampling import read_prompts_file
+
     prompts = list(prompts)
     if prompts_file:
-        prompts += [line.strip() for line in prompts_file.read().splitlines() if line.strip() and not line.startswith("#")]
+        prompts += read_prompts_file(prompts_file)
     if not prompts:
         raise click.UsageError("give at least one PROMPT (or --prompts-file FILE, or - for stdin)")
     return prompts
@@ -329,7 +331,8 @@ def _read_prompts(prompts, prompts_file) -> list[str]:
 @click.argument("scene", shell_complete=complete_scene)
 @click.argument("prompts", nargs=-1)
 @config_options(GenerateConfig)
-@click.option("--prompts-file", type=click.File("r"), help="One prompt per line ('-' reads stdin); # starts a comment.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="One prompt per line ('-' reads stdin); # starts a comment. UTF-8.")
 @click.option("--variations", is_flag=True, help="Image variations: the prompt \"a photo of <asset1> and <asset2> ...\" with all the objects.")
 @click.option("--grid", is_flag=True, help="Also save a contact sheet of this call's images (one row per prompt); its path is printed last.")
 @image_output_options
@@ -488,8 +491,8 @@ def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **s
 @cli.command(name="evaluate", cls=MultiValueCommand)
 @click.argument("scene", shell_complete=complete_scene)
 @config_options(EvaluateConfig)
-@click.option("--prompts-file", type=click.File("r"),
-              help="Your own prompts instead of the built-in ones: one per line ('-' reads stdin); # starts a comment.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Your own prompts instead of the built-in ones: one per line ('-' reads stdin); # starts a comment. UTF-8.")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the images, plot and report (default: ./SCENE-eval).")
 @scene_base_option
 @device_option
@@ -517,7 +520,7 @@ def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, js
         try:
             prompts = _read_prompts((), prompts_file)
         except click.UsageError:
-            raise click.UsageError(f"--prompts-file {prompts_file.name} holds no prompt") from None
+            raise click.UsageError(f"--prompts-file {prompts_file} holds no prompt") from None
     config = make_config(EvaluateConfig, settings)
     result = with_reporter(quiet, lambda report: evaluate(scene, prompts, config, out_dir=out_dir, device=device,
                                                           base_model=base_model, report=report))

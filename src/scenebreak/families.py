@@ -157,6 +157,19 @@ def text_encoder_class(name: str):
     return CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
 
 
+# The tokens CLIP's text encoders read, start and end of text included.
+CLIP_TOKENS = 77
+
+
+def tokenizer_class(family: Family, name: str):
+    """The transformers class of a tokenizer folder of `family`, and the number of
+    tokens its text encoder reads. Named explicitly: the Auto classes would follow a
+    config's `auto_map` to custom code."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer, CLIP_TOKENS
+
+
 def pipeline_class(family: Family):
     """The diffusers text-to-image pipeline class of a family."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

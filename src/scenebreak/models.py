@@ -277,7 +277,7 @@ def load_components(base_model: str, revision: str | None = None,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer
 
-    from .families import detect_family, pool_at_end_of_text, text_encoder_class
+    from .families import detect_family, pool_at_end_of_text, text_encoder_class, tokenizer_class
 
     folder, commit = resolved or resolve_model_dir(base_model, revision)
     family = detect_family(folder, f"the base model {base_model}")
@@ -285,7 +285,7 @@ def load_components(base_model: str, revision: str | None = None,
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         vae = AutoencoderKL.from_pretrained(folder / "vae")
         text_encoders = [text_encoder_class(name).from_pretrained(folder / name) for name in family.text_encoders]
-        tokenizers = [AutoTokenizer.from_pretrained(folder / name) for name in family.tokenizers]
+        tokenizers = [tokenizer_class(family, name)[0].from_pretrained(folder / name) for name in family.tokenizers]
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelNotAvailable(

@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 from typing import Callable
 from pathlib import Path
 
@@ -96,6 +97,42 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             _remove(tmp)
     return path
+
+
+def is_regular_file(path: Path) -> bool:
+    """Whether `path` is a regular file (or a link to one): never a FIFO, a device or a
+    socket, which would block or never end when read. Asks without opening it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def read_text_file(path: str | os.PathLike, what: str, max_bytes: int) -> str:
+    """The UTF-8 text of a regular file the user named, or of stdin for "-"; `what`
+    names it in errors. Reads at most `max_bytes`: a larger file (/dev/zero, a log
+    given by mistake) is refused, not read whole into memory."""
+    import sys
+
+    if str(path) == "-":
+        data, name = sys.stdin.buffer.read(max_bytes + 1), "standard input"
+    else:
+        name = str(path)
+        if not Path(path).exists():
+            raise InvalidInput(f"{what} {name} not found")
+        if not is_regular_file(Path(path)):
+            raise InvalidInput(f"{what} {name} is not a regular file")
+        try:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {what} {name}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise InvalidInput(f"{what} {name} is larger than {max_bytes // 2**20} MiB: is it the right file?")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{what} {name} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
 
 
 def existing_ancestor(path: Path) -> Path:

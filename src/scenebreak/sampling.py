@@ -5,6 +5,7 @@ result types."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import secrets
 import time
@@ -14,10 +15,10 @@ from pathlib import Path
 from .bundle import Scene, open_scene
 from .config import GenerateConfig
 from .device import Device, choose_device
-from .errors import UnknownHandle
+from .errors import InvalidInput, UnknownHandle
 from .events import Message, Progress, Reporter, silent
 from .paths import write_atomically
-from .scene_models import open_pipeline
+from .scene_models import open_pipeline, scene_tokenizers
 from .tokens import handles_in
 
 
@@ -76,6 +77,8 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     if warn_unused:
         warn_unused_handles(scene, prompts, report)
     warn_old_pooling(scene, report)
+    tokenizers = scene_tokenizers(scene)
+    check_prompt_lengths(scene, prompts, tokenizers[0], report)
     device = device if isinstance(device, Device) else choose_device(device)
     dtype, autocast_dtype = device.sampling_precision(config.precision)
     seed = pick_seed(config, report)
@@ -83,8 +86,24 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     if config.guidance is None:
         config = dataclasses.replace(config, guidance=scene.family.guidance)
-    pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler)
+    pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers)
     return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
+
+
+MAX_PROMPTS_FILE = 2**20  # bytes: thousands of prompts
+MAX_PROMPTS = 10_000
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[str]:
+    """The prompts of a prompts file ("-": stdin): one per line, blank lines and lines
+    starting with # left out."""
+    from .paths import read_text_file
+
+    text = read_text_file(path, "--prompts-file", MAX_PROMPTS_FILE)
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidInput(f"--prompts-file {path} holds {len(prompts)} prompts: at most {MAX_PROMPTS} per call")
+    return prompts
 
 
 def check_prompts(scene: Scene, prompts: list[str]) -> None:
@@ -94,6 +113,24 @@ def check_prompts(scene: Scene, prompts: list[str]) -> None:
         for token in handles_in(prompt):
             if token not in known:
                 raise UnknownHandle(f"unknown handle {token} in prompt {prompt!r}: scene {scene.name!r} has {', '.join(known)}")
+
+
+def check_prompt_lengths(scene: Scene, prompts: list[str], tokenizer, report: Reporter) -> None:
+    """The text encoder reads a prompt's first tokens only (77 on CLIP): a handle past
+    them would silently vanish from the image, so that is refused; words alone past
+    them are cut with a warning saying which."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) <= limit:
+            continue
+        kept = tokenizer.decode(ids[1:limit - 1])
+        for token in dict.fromkeys(handles_in(prompt)):
+            if tokenizer.convert_tokens_to_ids(token) not in ids[:limit - 1]:
+                raise InvalidInput(f"prompt {prompt[:60]!r}...: handle {token} falls past the text encoder's {limit} "
+                                   "tokens, where the prompt is cut: put it earlier or shorten the prompt")
+        report(Message(f"prompt {prompt[:60]!r}... is {len(ids)} tokens, over the text encoder's {limit}: "
+                       f"only {kept[-40:]!r} and what comes before it is used", "warning"))
 
 
 def warn_unused_handles(scene: Scene, prompts: list[str], report: Reporter) -> None:

@@ -9,10 +9,16 @@ from .device import Device
 from .errors import BundleError, InvalidInput, ModelNotAvailable
 
 
-def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None):
+def scene_tokenizers(scene: Scene) -> list:
+    """The scene's tokenizers (handles included), one per text encoder of its family."""
+    return [tokenizer_from_files(scene.files, folder, scene.family) for folder in scene.family.tokenizers]
+
+
+def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None, tokenizers=None):
     """UNet, VAE, text encoders and tokenizers (lists: two on SDXL) of a scene on
     `device` in `dtype` (default: the device's sampling precision); `base_model` says
-    where a LoRA scene's base model is, if not where the scene recorded it."""
+    where a LoRA scene's base model is, if not where the scene recorded it;
+    `tokenizers` are the scene's, if already built."""
     import torch
 
     from .families import pool_at_end_of_text
@@ -22,7 +28,7 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
         scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
     dtype = dtype or device.infer_dtype()
     family = scene.family
-    tokenizers = [tokenizer_from_files(scene.files, folder) for folder in family.tokenizers]
+    tokenizers = tokenizers or scene_tokenizers(scene)
     if scene.needs_base_model:
         unet, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers])
     else:
@@ -98,13 +104,16 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     return c.unet, c.vae, c.text_encoders
 
 
-def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None, scheduler: str = "dpm"):
-    """A text-to-image pipeline of the scene's family over its models, sampling with `scheduler`."""
+def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None, scheduler: str = "dpm",
+                  tokenizers=None):
+    """A text-to-image pipeline of the scene's family over its models, sampling with
+    `scheduler` (`tokenizers`: the scene's, if already built)."""
     from .models import quiet_libraries
     from .pipeline import make_pipeline
 
     quiet_libraries()
-    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=dtype, base_model=base_model)
+    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=dtype, base_model=base_model,
+                                                            tokenizers=tokenizers)
     if device.type == "cuda":
         import torch
 
