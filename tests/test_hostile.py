@@ -177,6 +177,30 @@ CASES = [
         "<asset1>"], 2, "handles.embeddings_2"),
     ("scene-second-rows-shape", lambda w: ["generate", _crafted(w, "f4", tensors={"handles.embeddings_2": torch.zeros(5, 8)}),
         "<asset1>"], 2, "not a valid scene"),
+    ("scene-config-giant-width", lambda w: ["show", _crafted(w, "c1", meta=_set("configs.unet.block_out_channels", [10**9] * 4))],
+     2, "not a valid scene"),
+    ("scene-config-giant-depth", lambda w: ["generate", _crafted(w, "c2", meta=_set("configs.text_encoder.num_hidden_layers",
+                                                                                     10**6)), "<asset1>"], 2, "not a valid scene"),
+    ("scene-config-many-blocks", lambda w: ["show", _crafted(w, "c3", meta=_set("configs.unet.down_block_types",
+                                                                                 ["DownBlock2D"] * 1000))], 2, "not a valid scene"),
+    ("scene-config-other-width", lambda w: ["generate", _crafted(w, "c4", meta=_set("configs.unet.block_out_channels",
+                                                                                     [16, 32, 64])), "<asset1>"], 2, "do not fit its config"),
+    ("scene-weight-missing", lambda w: ["generate", _crafted(w, "t1", drop=("unet.conv_in.weight",)), "<asset1>"], 2,
+     "do not fit its config"),
+    ("scene-weight-unknown", lambda w: ["generate", _crafted(w, "t2", add={"unet.extra.weight": torch.zeros(2)}), "<asset1>"], 2,
+     "do not fit its config"),
+    ("scene-weight-shape", lambda w: ["generate", _crafted(w, "t3", tensors={"unet.conv_in.weight": torch.zeros(3, 3)}), "<asset1>"],
+     2, "do not fit its config"),
+    ("scene-weight-dtype", lambda w: ["generate", _crafted(w, "t4", tensors={"unet.conv_in.weight": _as_int(w, "unet.conv_in.weight")}),
+     "<asset1>"], 2, "not a dtype a scene stores"),
+    ("scene-stray-component", lambda w: ["export", _crafted(w, "t5", add={"text_encoder_2.x.weight": torch.zeros(2)}), "-f", "a1111",
+                                         "-o", w["tmp"] / "out"], 2, "does not have"),
+    ("scene-unet-not-the-family", lambda w: ["show", _crafted(w, "t6", meta=_set("configs.unet.addition_embed_type", "text_time"))],
+     2, "but the scene says SD 2.x"),
+    ("scene-mask-index-twice", lambda w: ["show", _crafted(w, "x2", meta=_set("handles.1.mask_index", 0))], 2, "same mask index"),
+    ("scene-meta-deep", lambda w: ["show", _deep(w)], 2, "damaged"),
+    ("scene-no-configs", lambda w: ["generate", _crafted(w, "x3", meta=lambda m: m.pop("configs") and None), "<asset1>"], 2,
+     "no model configs"),
     # edit / extract-bg
     ("edit-mask-size", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["small"], "<asset1>"], 2, "must match"),
     ("edit-output-not-png", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["tmp"] / "o.jpg",
@@ -202,6 +226,20 @@ CASES = [
     ("mask-threshold-nan", lambda w: ["mask", w["image"], "-p", "cat", "--threshold", "nan"], 2, "--threshold"),
     ("mask-point-outside", lambda w: ["mask", w["image"], "--point", "5000,5"], 2, "outside the image"),
 ]
+
+
+def _as_int(w, key):
+    with safe_open(str(w["scene"]), framework="pt") as f:
+        return f.get_tensor(key).to(torch.int32)
+
+
+def _deep(w):
+    """A scene whose metadata nests deeper than Python's stack (json.loads raised RecursionError)."""
+    with safe_open(str(w["scene"]), framework="pt") as f:
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    path = w["tmp"] / "deep.scene"
+    save_file(data, str(path), metadata={"format": "scenebreak.scene", "scenebreak": '{"x": ' + "[" * 200_000 + "]" * 200_000 + "}"})
+    return path
 
 
 def _fake_png(w):
@@ -373,3 +411,21 @@ def test_a_scene_tokenizer_config_that_is_not_json_is_refused(world, tmp_path):
     broken = {"file.tokenizer/tokenizer_config.json": torch.frombuffer(bytearray(b"[" * 100_000), dtype=torch.uint8).clone()}
     scene = craft(world["scene"], tmp_path / "broken-tok.scene", tensors=broken)
     _one_error(CliRunner().invoke(cli, ["generate", str(scene), "<asset1>", "--steps", "1"]), 2, "not a valid scene")
+
+
+def test_lora_adapters_that_do_not_fit_and_a_mislabelled_sdxl_scene_are_refused(world, learned_sdxl, tmp_path):
+    from scenebreak import LearnConfig, learn
+
+    lora = learn(world["image"], world["masks"], LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2),
+                 base_model=str(world["model"]), output=tmp_path / "lora.scene")
+    with safe_open(str(lora.path), framework="pt") as f:
+        key = next(k for k in f.keys() if k.startswith("unet_lora.") and "lora_A" in k)
+        shape = f.get_tensor(key).shape
+    wrong = craft(lora.path, tmp_path / "wrong.scene", tensors={key: torch.zeros(shape[0] + 1, shape[1])})
+    _one_error(CliRunner().invoke(cli, ["generate", str(wrong), "<asset1>", "--steps", "1"]), 2, "do not fit its config")
+    # An SDXL scene that says it is SD 2.x (format 1): its second encoder's tensors give it away.
+    mislabelled = craft(learned_sdxl.path, tmp_path / "xl-as-sd.scene", meta=lambda m: m.update(
+        format_version=1, base_model=dict(m["base_model"], family="SD 2.x")))
+    for args in (["show", str(mislabelled)], ["export", str(mislabelled), "-f", "a1111", "-o", str(tmp_path / "a1111")]):
+        _one_error(CliRunner().invoke(cli, args), 2, "not a valid scene")
+    assert not (tmp_path / "a1111").exists()

@@ -180,7 +180,7 @@ def read_metadata(path: Path) -> dict:
         raise BundleError(f"{path} is not a scenebreak scene (a safetensors file of another kind)")
     try:
         meta = json.loads(header["scenebreak"])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise BundleError(f"{path} has damaged scenebreak metadata") from None
     if not isinstance(meta, dict):
         raise BundleError(f"{path} has damaged scenebreak metadata")
@@ -196,7 +196,33 @@ def read_metadata(path: Path) -> dict:
     for key in ("handles.embeddings", "source.image", "source.masks", *(("handles.embeddings_2",) if xl else ())):
         if key not in keys:
             raise BundleError(f"{path} is incomplete: tensor {key!r} is missing")
+    problem = _stray_tensor(meta, keys) or _family_mismatch(meta)
+    if problem:
+        raise BundleError(f"{path} is not a valid scene: {problem}")
     return meta
+
+
+def _family_mismatch(meta: dict) -> str | None:
+    """The recorded family against the recorded UNet: SDXL's takes the pooled text and
+    size ids ("text_time"), SD 1.x/2.x's does not."""
+    configs, family = meta.get("configs"), _family(meta)
+    xl_unet = bool(configs) and configs["unet"].get("addition_embed_type") == "text_time"
+    if configs and xl_unet != family.is_xl:
+        return f"its UNet config is {'an SDXL' if xl_unet else 'an SD 1.x/2.x'} UNet, but the scene says {family.name}"
+    return None
+
+
+def _stray_tensor(meta: dict, keys: set[str]) -> str | None:
+    """A tensor this scene's family and tuning do not have (e.g. an SDXL scene's second
+    encoder in a scene that says SD 2.x), or None."""
+    components = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
+    fixed = {"handles.embeddings", "source.image", "source.masks", *(("handles.embeddings_2",) if _family(meta).is_xl else ())}
+    for key in sorted(keys):
+        if key in fixed or key.startswith("file.") or key.partition(".")[0] in components:
+            continue
+        family, tuning = _family(meta).name, "LoRA" if meta.get("tuning") == "lora" and not meta.get("standalone", True) else "full"
+        return f"it holds a tensor {key[:60]!r}, which a {family} scene of {tuning} weights does not have"
+    return None
 
 
 def metadata_problem(meta: dict) -> str | None:
@@ -221,6 +247,8 @@ def metadata_problem(meta: dict) -> str | None:
             return f"handle {h['token']} has no valid mask index"
     if len(set(tokens)) != len(tokens):
         return "two handles have the same name"
+    if len({h["mask_index"] for h in handles}) != len(handles):
+        return "two handles have the same mask index"
     if not isinstance(base, dict) or not isinstance(base.get("id"), str) or not base.get("id") or not base.get("fingerprint"):
         return "its base model is missing or damaged"
     from .families import SUPPORTED
@@ -248,6 +276,30 @@ def metadata_problem(meta: dict) -> str | None:
     needed = ("unet", "vae", "scheduler", *_family(meta).text_encoders)
     if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)):
         return "its model configs are damaged"
+    if configs is None and not Scene(meta=meta, embeddings=None, image=None, masks=None).needs_base_model:
+        return "it holds full weights but no model configs to build them with"
+    return _config_problem(configs) if configs else None
+
+
+# Config values that size a model, bounded so that a crafted scene cannot make
+# scenebreak build a giant one (even without memory, on the meta device, a model of
+# millions of layers takes hours to build). Real SD, SDXL and FLUX are far inside.
+_CONFIG_LIMITS = {"layers_per_block": 8, "transformer_layers_per_block": 16, "num_hidden_layers": 64, "num_layers": 64,
+                  "num_single_layers": 64}
+_CONFIG_INT = 2**17  # channels, widths, vocabularies, positions
+_CONFIG_LIST = 8  # blocks
+
+
+def _config_problem(configs: dict) -> str | None:
+    for component, config in configs.items():
+        for key, value in config.items():
+            limit = _CONFIG_LIMITS.get(key, _CONFIG_INT)
+            values = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) > _CONFIG_LIST and component != "scheduler":
+                return f"its {component} config's {key} lists {len(value)} values (at most {_CONFIG_LIST})"
+            for item in values:
+                if isinstance(item, int) and not isinstance(item, bool) and not -_CONFIG_INT <= item <= limit:
+                    return f"its {component} config's {key} is {item} (at most {limit})"
     return None
 
 

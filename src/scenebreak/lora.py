@@ -49,13 +49,17 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if ".lora_" in name}
 
 
-def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved adapter weights into a model that has the same adapters."""
+def load_lora_state_dict(model, state: dict[str, torch.Tensor], check=None) -> None:
+    """Copy saved adapter weights into a model that has the same adapters; `check(
+    expected, state)` refuses weights that do not fit them (a scene's: names, shapes,
+    dtypes); by default the names must match."""
     own = dict(model.named_parameters())
-    missing = [k for k in own if ".lora_" in k and k not in state]
-    unknown = [k for k in state if k not in own]
-    if missing or unknown:
-        raise SceneBreakError(f"the scene's LoRA weights do not fit the model ({len(missing)} missing, {len(unknown)} unknown)")
+    expected = {k: p for k, p in own.items() if ".lora_" in k}
+    if check is not None:
+        check(expected, state)
+    elif set(expected) != set(state):
+        missing, unknown = len(set(expected) - set(state)), len(set(state) - set(expected))
+        raise SceneBreakError(f"the saved LoRA weights do not fit the model ({missing} missing, {unknown} unknown)")
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value.to(own[key].dtype))

@@ -65,9 +65,33 @@ def own_weights(scene: Scene, dtype):
         vae = AutoencoderKL.from_config(configs["vae"])
         text_encoders = [text_encoder_class(name)(CLIPTextConfig(**configs[name])) for name in names]
     for model, name in ((unet, "unet"), (vae, "vae"), *zip(text_encoders, names)):
+        check_weights_fit(scene, name, model.state_dict(), scene.weights[name])
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
         model.load_state_dict(state, assign=True, strict=True)
     return unet, vae, text_encoders
+
+
+STORED_FLOATS = ("torch.float16", "torch.bfloat16", "torch.float32")
+
+
+def check_weights_fit(scene: Scene, component: str, expected: dict, state: dict) -> None:
+    """The scene's `component` tensors have exactly the names and shapes of the model
+    its config builds (`expected`: that model's state dict, on the meta device when
+    built empty), and dtypes a scene stores: a stranger's scene is refused in one
+    line, not with torch's multi-line loading errors."""
+    def fail(why: str):
+        raise BundleError(f"{scene.path or scene.name} is not a valid scene: its {component} weights {why}")
+
+    missing, unknown = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or unknown:
+        fail(f"do not fit its config ({len(missing)} missing{f', e.g. {missing[0][:60]!r}' if missing else ''}; "
+             f"{len(unknown)} unknown{f', e.g. {unknown[0][:60]!r}' if unknown else ''})")
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            fail(f"do not fit its config ({key[:60]!r} is {tuple(got.shape)}, the config makes {tuple(want.shape)})")
+        if (str(got.dtype) not in STORED_FLOATS) if want.is_floating_point() else got.dtype != want.dtype:
+            fail(f"hold {key[:60]!r} as {got.dtype}, not a dtype a scene stores")
 
 
 def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str):
@@ -96,9 +120,10 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
         text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
     add_lora(c.unet, c.text_encoders, scene.meta["lora"])
-    load_lora_state_dict(c.unet, scene.weights["unet_lora"])
-    for name, text_encoder in zip(c.family.text_encoders, c.text_encoders):
-        load_lora_state_dict(text_encoder, scene.weights[f"{name}_lora"])
+    for name, model in (("unet", c.unet), *zip(c.family.text_encoders, c.text_encoders)):
+        component = f"{name}_lora"
+        load_lora_state_dict(model, scene.weights[component],
+                             lambda expected, state: check_weights_fit(scene, component, expected, state))
     for model in (c.unet, *c.text_encoders):
         merge_lora(model)  # plain layers again: no adapter cost per step
     return c.unet, c.vae, c.text_encoders
