@@ -603,10 +603,14 @@ def rm_command(scenes):
 @click.option("--base-model",
               help="Where the scene's base model is, if not where it recorded it (LoRA scenes; -f a1111 of a fully "
                    "tuned scene, whose LoRA is its difference to that model).")
+@click.option("--kohya-strict", is_flag=True,
+              help="-f a1111: leave conv_in, conv_out and the time-embedding MLP out of the LoRA; kohya's sd-scripts "
+                   "skip them (ComfyUI, A1111, Forge and diffusers apply them), so every tool then applies the same "
+                   "layers.")
 @quiet_option
 @json_option
 @handle_errors
-def export_command(scene, format, out, force, rank, base_model, quiet, json_):
+def export_command(scene, format, out, force, rank, base_model, kohya_strict, quiet, json_):
     """Export a scene for other tools; prints the paths written.
 
     -f a1111 also says on stderr how much of a fully tuned scene its LoRA keeps
@@ -621,7 +625,7 @@ def export_command(scene, format, out, force, rank, base_model, quiet, json_):
     from .export import export
 
     result = with_reporter(quiet, lambda report: export(scene, out, format, force=force, base_model=base_model, rank=rank,
-                                                        report=report))
+                                                        report=report, kohya_strict=kohya_strict))
     if json_:
         emit_json(result.to_dict())
         return

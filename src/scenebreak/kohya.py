@@ -1,11 +1,15 @@
-"""Phase-2 weights as one LoRA file in the kohya layout, the layout AUTOMATIC1111,
-Forge and ComfyUI load (and diffusers' `load_lora_weights`).
+"""Phase-2 weights as one LoRA file in the kohya layout: the layout kohya's sd-scripts
+write, and AUTOMATIC1111, Forge, ComfyUI and diffusers' `load_lora_weights` load.
 
 Keys are `lora_unet_<module>`, `lora_te_<module>` (SD 1.x/2.x) or `lora_te1_`/`lora_te2_`
 (SDXL's two text encoders), each with `.lora_down.weight`, `.lora_up.weight` and
-`.alpha`; a layer's change is `alpha / rank * up @ down`. Module names are the
-diffusers ones with `_` for `.`, as kohya's trainer writes them for SD 1.x/2.x and
-every loader maps for SDXL too.
+`.alpha`; a layer's change is `alpha / rank * up @ down`. Module names are `_` for `.`
+in the names of the UNet kohya trains on: for SD 1.x/2.x diffusers' own, for SDXL the
+original SGM ones (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
+`output_blocks.2.2.conv`), as kohya's SDXL trainer writes them (`sgm_module` maps
+diffusers' names onto them, from the UNet's block layout). SGM names are the only ones
+kohya's SDXL tools (`sdxl_merge_lora.py`, `--network_weights`) find, and the only
+ones A1111 finds for SDXL's first upsampler; ComfyUI, Forge and diffusers map both.
 
 Two sources:
 - a `--tune lora` scene's own adapters, renamed (peft's lora_A/lora_B are kohya's
@@ -13,17 +17,20 @@ Two sources:
 - a fully tuned scene: the difference between its weights and its base model's, per
   layer, cut to `rank` by truncated SVD. This is approximate, and `Extraction` says by
   how much: the share of the difference's energy (squared Frobenius norm) kept, the
-  worst layer, and the share in parameters a LoRA cannot carry at all.
+  worst layer, and the share in parameters the file does not carry.
 
 Layers a kohya LoRA carries here: every Linear and Conv2d (1x1 and, as kohya's LoCon
 does, 3x3) inside the UNet's down, mid and up blocks (attention projections, feed
-forward, proj_in/out, resnet convolutions and time projections, down/upsamplers), its
-conv_in, conv_out and time-embedding MLP, and each text-encoder layer's q/k/v/out
-projections and MLP: the layers A1111's, ComfyUI's and diffusers' loaders all map.
-Left out, as no LoRA can carry them: biases, norms, the text encoders' position
-embeddings; and SDXL's added-conditioning MLP (`add_embedding`), whose kohya name
-diffusers' loader misreads. The handle rows of the token embedding go into the
-textual-inversion files instead; its other rows never change.
+forward, proj_in/out, resnet convolutions and time projections, down/upsamplers), and
+each text-encoder layer's q/k/v/out projections and MLP: the layers every loader
+applies. Also the UNet's conv_in, conv_out and time-embedding MLP (`UNET_OUTER`), which
+ComfyUI, A1111, Forge and diffusers apply but kohya's own loaders never target (they
+look inside the blocks only): the report says what share of the difference lives
+there, and `kohya_strict` leaves them out. Left out, as no LoRA can carry them: biases,
+norms, the text encoders' position embeddings; and SDXL's added-conditioning MLP
+(`add_embedding`), whose kohya name older diffusers releases misread. The handle rows
+of the token embedding go into the textual-inversion files instead; its other rows
+never change.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ from .errors import BundleError, InvalidInput
 DEFAULT_RANK = 64
 MAX_RANK = 1024
 UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+# Outside the blocks: carried, but kohya's loaders never target them (`kohya_strict` leaves them out).
 UNET_OUTER = ("conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight", "time_embedding.linear_2.weight")
+KOHYA_SKIPS = "conv_in, conv_out and the time-embedding MLP"
+KOHYA_SKIPPED_KIND = "layers kohya skips"  # their share in left_out_parts under kohya_strict
 TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -57,8 +67,10 @@ class Extraction:
     layers: int  # layers written
     kept: float = 1.0  # share of the carried layers' difference energy kept by the rank
     worst: tuple[str, float] | None = None  # the layer that keeps the least, and its share
-    left_out: float = 0.0  # share of the whole difference in parameters a LoRA cannot carry
+    left_out: float = 0.0  # share of the whole difference in parameters the file does not carry
     left_out_parts: dict[str, float] = field(default_factory=dict)  # that share by kind
+    kohya_skipped: float = 0.0  # share of the whole difference in UNET_OUTER, which kohya's loaders skip
+    kohya_strict: bool = False  # UNET_OUTER left out of the file (then part of left_out too)
 
     @property
     def relative_error(self) -> float:
@@ -69,7 +81,8 @@ class Extraction:
     def to_dict(self) -> dict:
         return {"source": self.source, "rank": self.rank, "layers": self.layers, "kept": self.kept,
                 "worst_layer": self.worst[0] if self.worst else None, "worst_kept": self.worst[1] if self.worst else None,
-                "left_out": self.left_out, "left_out_parts": self.left_out_parts, "relative_error": self.relative_error}
+                "left_out": self.left_out, "left_out_parts": self.left_out_parts, "relative_error": self.relative_error,
+                "kohya_skipped": self.kohya_skipped, "kohya_strict": self.kohya_strict}
 
     def summary(self) -> str:
         if self.source == "adapters":
@@ -80,8 +93,12 @@ class Extraction:
             text += f" (worst {self.worst[0]}: {self.worst[1]:.2%})"
         if self.left_out_parts:
             parts = ", ".join(f"{kind} {share:.2%}" for kind, share in self.left_out_parts.items())
-            text += f"; {self.left_out:.2%} of the difference is in parameters a LoRA cannot carry ({parts})"
-        return text + f"; relative error of the whole difference {self.relative_error:.2%}"
+            text += f"; {self.left_out:.2%} of the difference is in parameters the file does not carry ({parts})"
+        text += f"; relative error of the whole difference {self.relative_error:.2%}"
+        if self.kohya_skipped and not self.kohya_strict:
+            text += (f"; {self.kohya_skipped:.2%} of the difference is in {KOHYA_SKIPS}, which ComfyUI, AUTOMATIC1111, "
+                     "Forge and diffusers apply and kohya's sd-scripts skip (--kohya-strict leaves them out)")
+        return text
 
 
 def check_rank(rank: int) -> int:
@@ -100,12 +117,12 @@ def module_path(component: str, key: str) -> str:
     return f"{component}.{module}"
 
 
-def carried(component: str, key: str, tensor) -> bool:
+def carried(component: str, key: str, tensor, kohya_strict: bool = False) -> bool:
     """Whether the kohya LoRA carries this parameter's change (see the module docstring)."""
     if not key.endswith(".weight") or tensor.ndim not in (2, 4):
         return False
     if component == "unet":
-        return key.startswith(UNET_BLOCKS) or key in UNET_OUTER
+        return key.startswith(UNET_BLOCKS) or (key in UNET_OUTER and not kohya_strict)
     return component in TEXT_ENCODERS and bool(TEXT_LAYER.match(module_path(component, key).split(".", 1)[1]))
 
 
@@ -130,20 +147,27 @@ def adapter_layers(weights: dict[str, dict], alpha: float) -> dict[str, LoraLaye
     return layers
 
 
+def kohya_skips(path: str) -> bool:
+    """Whether a layer (`component.module`) is one kohya's loaders never target."""
+    component, _, module = path.partition(".")
+    return component == "unet" and f"{module}.weight" in UNET_OUTER
+
+
 def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dtype=None,
-                   progress=None) -> tuple[dict[str, LoraLayer], Extraction]:
+                   progress=None, kohya_strict: bool = False) -> tuple[dict[str, LoraLayer], Extraction]:
     """LoRA layers of rank <= `rank` for the difference `tuned - base`, per component
     ("unet", "text_encoder", "text_encoder_2"), and what they keep of it. Differences
     are taken in `dtype`, the precision the scene stores: a fp16 scene against its
     base rounded to fp16, so the base's rounding is not mistaken for learning (in a
     tool that runs the base in fp16, base + LoRA is then the scene itself).
-    `progress(done, total)` is called per component weight."""
+    `progress(done, total)` is called per component weight; `kohya_strict` leaves out
+    the layers kohya's loaders skip (UNET_OUTER)."""
     import torch
 
     check_rank(rank)
     dtype = dtype or torch.float16
     layers: dict[str, LoraLayer] = {}
-    carried_energy = kept_energy = 0.0
+    carried_energy = kept_energy = outer_energy = 0.0
     left: dict[str, float] = {}
     fits: list[tuple[str, float]] = []
     items = [(c, k, v) for c, state in tuned.items() for k, v in state.items() if v.is_floating_point()]
@@ -159,7 +183,10 @@ def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dty
             raise BundleError(f"the scene's {component}.{key[:80]} does not have its base model's shape")
         diff = value.to(dtype).float() - reference.to(dtype).float()
         energy = float(diff.pow(2).sum())
-        if carried(component, key, value):
+        outer = component == "unet" and key in UNET_OUTER
+        if outer:
+            outer_energy += energy
+        if carried(component, key, value, kohya_strict):
             path = module_path(component, key)
             carried_energy += energy
             if energy == 0.0:
@@ -170,7 +197,8 @@ def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dty
                 kept_energy += kept
                 fits.append((path, kept / energy))
         elif energy:
-            kind = "biases" if key.endswith(".bias") else "norms" if "norm" in key else "other layers"
+            kind = ("biases" if key.endswith(".bias") else KOHYA_SKIPPED_KIND if outer else "norms" if "norm" in key
+                    else "other layers")
             left[kind] = left.get(kind, 0.0) + energy
         if progress:
             progress(done, len(items))
@@ -182,6 +210,7 @@ def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dty
         worst=(worst[0], worst[1]) if worst else None,
         left_out=sum(left.values()) / total if total else 0.0,
         left_out_parts={kind: energy / total for kind, energy in sorted(left.items(), key=lambda kv: -kv[1])},
+        kohya_skipped=outer_energy / total if total else 0.0, kohya_strict=kohya_strict,
     )
     return layers, report
 
@@ -220,29 +249,132 @@ def _truncated_svd(diff, rank: int, dtype) -> tuple[LoraLayer, float]:
     return LoraLayer(down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(r)), max(0.0, kept)
 
 
-def kohya_state_dict(layers: dict[str, LoraLayer], xl: bool) -> dict:
-    """Layers keyed `component.module` as a kohya state dict, through diffusers'
-    `convert_state_dict_to_kohya` (PEFT lora_A/lora_B -> lora_down/lora_up, prefixes,
-    `_` for `.`), with each layer's own alpha."""
+def kohya_state_dict(layers: dict[str, LoraLayer], xl: bool, unet_config=None) -> dict:
+    """Layers keyed `component.module` as a kohya state dict: PEFT's lora_A/lora_B are
+    kohya's lora_down/lora_up, each layer keeps its own alpha, and `.` becomes `_`. On
+    SDXL (`xl`) the UNet's modules get their SGM names, which its block layout sets
+    (`unet_config`: the UNet's config)."""
     import torch
-    from diffusers.utils import convert_state_dict_to_kohya
 
-    peft = {}
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if xl else "lora_te", "text_encoder_2": "lora_te2"}
+    layout = unet_layout(unet_config) if xl and any(path.startswith("unet.") for path in layers) else None
+    state: dict = {}
     for path, layer in layers.items():
-        peft[f"{path}.lora_A.weight"] = layer.down
-        peft[f"{path}.lora_B.weight"] = layer.up
-    state = convert_state_dict_to_kohya(peft)
-    alphas = {_kohya_name(path): layer.alpha for path, layer in layers.items()}
-    if not xl:
-        # One text encoder: kohya's SD 1.x/2.x name is lora_te_, diffusers writes lora_te1_.
-        state = {re.sub(r"^lora_te1_", "lora_te_", key): value for key, value in state.items()}
-        alphas = {re.sub(r"^lora_te1_", "lora_te_", key): value for key, value in alphas.items()}
-    for name, alpha in alphas.items():
-        state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        component, _, module = path.partition(".")
+        if component not in prefixes or (component == "text_encoder_2" and not xl):
+            raise BundleError(f"the scene has LoRA weights for an unknown part {component[:40]!r}")
+        if layout:
+            module = sgm_module(module, layout) if component == "unet" else module
+        name = f"{prefixes[component]}_{module.replace('.', '_')}"
+        if f"{name}.alpha" in state:
+            raise BundleError(f"the scene's LoRA weights name the layer {name[:80]} twice")
+        state[f"{name}.lora_down.weight"] = layer.down.contiguous()
+        state[f"{name}.lora_up.weight"] = layer.up.contiguous()
+        state[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
     return state
 
 
-def _kohya_name(path: str) -> str:
-    component, _, module = path.partition(".")
-    prefix = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[component]
-    return f"{prefix}_{module.replace('.', '_')}"
+# -- SDXL's UNet in SGM names ------------------------------------------------------------------------
+# kohya trains SDXL on the original (SGM) UNet, whose modules sit in flat lists:
+# input_blocks = [conv_in, then per level its resnet(+attention) pairs and a downsampler],
+# middle_block = [resnet, attention, resnet], output_blocks = per level (reversed) its
+# resnet(+attention)(+upsampler) triples. A diffusers name maps onto them by counting
+# through the levels; inside a resnet four layers are named differently, inside an
+# attention block nothing is.
+
+RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+SGM_OUTER = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+             "add_embedding.linear_2": "label_emb.0.2"}
+BLOCK_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True, "UpBlock2D": False, "CrossAttnUpBlock2D": True}
+MAX_LEVELS, MAX_LAYERS = 8, 64  # far beyond SDXL's 3 levels of 2 resnets: a scene's recorded config is a stranger's
+
+
+@dataclass(frozen=True)
+class UnetLayout:
+    """What an SDXL UNet's SGM names depend on: per level, top to bottom for `down` and
+    bottom to top for `up` (diffusers' order), its resnets and whether it has attention."""
+
+    down: tuple[tuple[int, bool], ...]
+    up: tuple[tuple[int, bool], ...]
+
+
+def unet_layout(config) -> UnetLayout:
+    """The layout of a diffusers UNet2DConditionModel config (a dict, or the model's own
+    config); BundleError for one that is not SDXL's kind of UNet."""
+    def fail(what: str):
+        return BundleError(f"cannot name the UNet's layers as kohya does for SDXL: {what}")
+
+    if config is None or not hasattr(config, "get"):
+        raise fail("the scene does not record its UNet's configuration")
+    down_types, up_types = config.get("down_block_types"), config.get("up_block_types")
+    layers = config.get("layers_per_block")
+    if not isinstance(down_types, (list, tuple)) or not isinstance(up_types, (list, tuple)) \
+            or not 1 <= len(down_types) <= MAX_LEVELS or len(up_types) != len(down_types):
+        raise fail("its block types are missing or damaged")
+    if any(t not in BLOCK_TYPES or t.endswith("UpBlock2D") for t in down_types) \
+            or any(t not in BLOCK_TYPES or not t.endswith("UpBlock2D") for t in up_types):
+        raise fail(f"it has blocks other than {', '.join(BLOCK_TYPES)}")
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise fail("its middle block is not UNetMidBlock2DCrossAttn")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers] * len(down_types)
+    if not isinstance(layers, (list, tuple)) or len(layers) != len(down_types) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_LAYERS for n in layers):
+        raise fail("its layers_per_block is missing or damaged")
+    # Up blocks run the levels in reverse, each with one resnet more (it takes the skip of the downsampler too).
+    return UnetLayout(down=tuple((n, BLOCK_TYPES[t]) for n, t in zip(layers, down_types)),
+                      up=tuple((n + 1, BLOCK_TYPES[t]) for n, t in zip(reversed(layers), up_types)))
+
+
+_BLOCK_LAYER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
+_MID_LAYER = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+_SAMPLER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(downsamplers|upsamplers)\.0\.conv$")
+
+
+def sgm_module(module: str, layout: UnetLayout) -> str:
+    """The SGM name of a diffusers UNet module: `down_blocks.1.attentions.0.proj_in` ->
+    `input_blocks.4.1.proj_in` on SDXL (two resnets per level). BundleError for a name
+    that is not a carried layer of this layout."""
+    def fail():
+        return BundleError(f"the UNet layer {module[:80]!r} does not fit the UNet's layout")
+
+    if module in SGM_OUTER:
+        return SGM_OUTER[module]
+    match = _BLOCK_LAYER.match(module)
+    if match:
+        side, level, kind, index, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
+        levels = layout.down if side == "down_blocks" else layout.up
+        if level >= len(levels) or index >= levels[level][0] or (kind == "attentions" and not levels[level][1]):
+            raise fail()
+        rest = _resnet_layer(rest, fail) if kind == "resnets" else rest
+        part = 1 if kind == "attentions" else 0
+        if side == "down_blocks":  # conv_in, then per level above: its resnets and its downsampler
+            return f"input_blocks.{1 + sum(n + 1 for n, _ in levels[:level]) + index}.{part}.{rest}"
+        return f"output_blocks.{sum(n for n, _ in levels[:level]) + index}.{part}.{rest}"
+    match = _MID_LAYER.match(module)
+    if match:
+        kind, index, rest = match[1], int(match[2]), match[3]
+        if index > (1 if kind == "resnets" else 0):
+            raise fail()
+        if kind == "resnets":
+            return f"middle_block.{2 * index}.{_resnet_layer(rest, fail)}"
+        return f"middle_block.1.{rest}"
+    match = _SAMPLER.match(module)
+    if match:
+        side, level = match[1], int(match[2])
+        levels = layout.down if side == "down_blocks" else layout.up
+        if level >= len(levels) - 1 or (side == "down_blocks") != (match[3] == "downsamplers"):
+            raise fail()  # the last level has no sampler
+        if side == "down_blocks":  # the level's last input block, after its resnets
+            return f"input_blocks.{sum(n + 1 for n, _ in levels[:level + 1])}.0.op"
+        # In the level's last output block, after its resnet (and attention).
+        return f"output_blocks.{sum(n for n, _ in levels[:level + 1]) - 1}.{2 if levels[level][1] else 1}.conv"
+    raise fail()
+
+
+def _resnet_layer(name: str, fail) -> str:
+    if name not in RESNET_SGM:
+        raise fail()
+    return RESNET_SGM[name]
