@@ -429,3 +429,33 @@ def test_lora_adapters_that_do_not_fit_and_a_mislabelled_sdxl_scene_are_refused(
     for args in (["show", str(mislabelled)], ["export", str(mislabelled), "-f", "a1111", "-o", str(tmp_path / "a1111")]):
         _one_error(CliRunner().invoke(cli, args), 2, "not a valid scene")
     assert not (tmp_path / "a1111").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="no O_NOFOLLOW on this system")
+def test_locks_are_never_written_through_a_symbolic_link(world, tmp_path):
+    """A link planted where a lock goes must not carry the process id into its target."""
+    from scenebreak.errors import SceneBreakError
+    from scenebreak.locks import class_images_lock, scene_lock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    locks = world["home"] / "locks"
+    locks.mkdir()
+    (locks / "linked.lock").symlink_to(victim)
+    with scene_lock("linked"):
+        pass
+    folder = world["home"] / "class-images" / "abc"
+    folder.mkdir(parents=True)
+    folder.with_name("abc.lock").symlink_to(victim)
+    with class_images_lock(folder):
+        pass
+    assert victim.read_text() == "precious"
+    assert not (locks / "linked.lock").is_symlink() and (locks / "linked.lock").is_file()
+    # A lock folder that leads out of the cache is refused, naming it.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (world["home"] / "class-images" / "elsewhere").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SceneBreakError, match="outside scenebreak's cache"):
+        with class_images_lock(world["home"] / "class-images" / "elsewhere" / "set"):
+            pass
+    assert not any(outside.iterdir())
