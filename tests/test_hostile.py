@@ -92,6 +92,7 @@ CASES = [
     ("learn-names-slash", lambda w: LEARN(w, "--names", "a/b", "y"), 2, "invalid handle name"),
     ("learn-names-empty", lambda w: LEARN(w, "--names", "<>", "y"), 2, "empty"),
     ("learn-names-duplicate", lambda w: LEARN(w, "--names", "a", "a"), 2, "duplicate handle"),
+    ("learn-names-case", lambda w: LEARN(w, "--names", "Cat", "cat"), 2, "differ only in letter case"),
     ("learn-name-escape", lambda w: LEARN(w, "--name", "../evil"), 2, "invalid scene name"),
     ("learn-name-too-long", lambda w: LEARN(w, "--name", "a" * 240), 2, "at most 200"),
     # learn: numbers
@@ -220,6 +221,7 @@ CASES = [
     ("export-foreign-folder", lambda w: ["export", w["scene"], "-o", w["folder"], "--force"], 2, "not an earlier scenebreak export"),
     ("export-onto-file", lambda w: ["export", w["scene"], "-o", w["notes"], "--force"], 2, "is a file"),
     # housekeeping and masks
+    ("no-command", lambda w: [], 2, "no command given"),
     ("rm-non-scene", lambda w: ["rm", w["notes"]], 2, "not a"),
     ("show-missing", lambda w: ["show", "ghost"], 2, "scene not found"),
     ("mask-max-masks", lambda w: ["mask", w["image"], "--auto", "--max-masks", "0"], 2, "--max-masks"),

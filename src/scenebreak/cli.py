@@ -260,7 +260,19 @@ def print_images(result, json_: bool) -> None:
 
 # -- commands -----------------------------------------------------------------------------------
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CommandGroup(click.Group):
+    """`scenebreak` alone shows the help (on stderr: it is not a result) and says, in
+    the one Error line every failure has, that a command is missing; exit 2."""
+
+    def parse_args(self, ctx, args):
+        if not args:
+            click.echo(ctx.get_help(), err=True)
+            click.echo("Error: no command given: choose one of the commands above (scenebreak COMMAND --help)", err=True)
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="scenebreak")
 @click.option("--debug", is_flag=True, help="Show the full traceback when something fails.")
 def cli(debug):

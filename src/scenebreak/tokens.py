@@ -25,11 +25,14 @@ def check_handle_tokens(tokens: list[str]) -> None:
         if not valid_handle_token(token):
             raise InvalidInput(f"invalid handle name {token!r}: use letters, digits, '.', '_' or '-', "
                                "starting with a letter or digit")
-    seen = set()
+    seen: dict[str, str] = {}  # lowercased -> as given
     for token in tokens:
-        if token in seen:
+        if token in seen.values():
             raise InvalidInput(f"duplicate handle name {token}: every object needs its own name")
-        seen.add(token)
+        if token.lower() in seen:  # CLIP's tokenizer lowercases: both would be one token
+            raise InvalidInput(f"handles {seen[token.lower()]} and {token} differ only in letter case, which the "
+                               "text encoder's tokenizer does not tell apart: choose other --names")
+        seen[token.lower()] = token
 
 
 def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> list[int]:
