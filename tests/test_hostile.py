@@ -135,6 +135,7 @@ CASES = [
     ("learn-resume-over-non-scene", lambda w: LEARN(w, "-o", w["notes"], "--resume"), 2, "is not a scene"),
     ("learn-output-exists", lambda w: LEARN(w, "-o", w["scene"]), 2, "already exists"),
     ("learn-resume-nothing", lambda w: LEARN(w, "--resume"), 2, "nothing to resume"),
+    ("learn-resume-corrupt", lambda w: LEARN(w, "--resume", "--name", _corrupt_checkpoint(w)), 2, "is damaged"),
     ("learn-base-missing-folder", lambda w: ["learn", w["image"], "--masks", *w["masks"], "--base-model", w["tmp"] / "nope"], 2,
      "not found"),
     ("learn-base-offline", lambda w: ["learn", w["image"], "--masks", *w["masks"], "--base-model", "nobody/nothing"], 1,
@@ -228,6 +229,14 @@ CASES = [
     ("mask-threshold-nan", lambda w: ["mask", w["image"], "-p", "cat", "--threshold", "nan"], 2, "--threshold"),
     ("mask-point-outside", lambda w: ["mask", w["image"], "--point", "5000,5"], 2, "outside the image"),
 ]
+
+
+def _corrupt_checkpoint(w):
+    """A checkpoint cut short, as a crash mid-copy or a full disk elsewhere leaves one."""
+    folder = w["home"] / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    (folder / "cut.ckpt").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    return "cut"
 
 
 def _as_int(w, key):
@@ -461,3 +470,56 @@ def test_locks_are_never_written_through_a_symbolic_link(world, tmp_path):
         with class_images_lock(world["home"] / "class-images" / "elsewhere" / "set"):
             pass
     assert not any(outside.iterdir())
+
+
+def test_temporaries_a_killed_write_left_are_removed_by_the_next_one(tmp_path):
+    import subprocess
+    import sys
+
+    from scenebreak.paths import HOST_TAG, write_atomically
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "photo.scene"
+    stale = [tmp_path / f".photo.scene.{HOST_TAG}-{dead.pid}-0a1b.tmp", tmp_path / f".photo.scene.{dead.pid}.tmp"]
+    kept = [tmp_path / f".photo.scene.{HOST_TAG}-{os.getpid()}-0a1b.tmp",  # a live run's
+            tmp_path / f".photo.scene.{HOST_TAG}-{dead.pid}-0a1b.tmp.mine",  # not a temporary of ours
+            tmp_path / f".other.scene.{dead.pid}.tmp"]  # another file's
+    for path in stale + kept:
+        path.write_text("x")
+    write_atomically(target, lambda tmp: tmp.write_text("scene"))
+    assert target.read_text() == "scene"
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_a_write_refused_for_permission_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import scenebreak.paths
+    from scenebreak.paths import write_atomically
+
+    monkeypatch.setattr(scenebreak.paths.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+
+    def refused(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
+
+    with pytest.raises(PermissionError):
+        write_atomically(tmp_path / "a.png", refused)
+
+    def full(tmp):  # how safetensors words a full disk: not an OSError
+        raise RuntimeError("Error while serializing: I/O error")
+
+    with pytest.raises(OSError) as raised:
+        write_atomically(tmp_path / "b.png", full)
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(world, monkeypatch):
+    import scenebreak.sampling
+
+    # (Tests may run as root, who can write anywhere: the check itself is stood in for.)
+    monkeypatch.setattr(scenebreak.sampling, "is_writable_folder", lambda folder: "readonly" not in str(folder))
+    (world["tmp"] / "readonly").mkdir()
+    result = CliRunner().invoke(cli, ["generate", str(world["scene"]), "<asset1>", "--out-dir", str(world["tmp"] / "readonly")])
+    _one_error(result, 2, "not a folder you can write to")

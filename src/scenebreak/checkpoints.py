@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import Interrupted, InvalidInput
 from .events import Message, Reporter
-from .paths import checkpoint_path, write_atomically
+from .paths import checkpoint_path, is_regular_file, write_atomically
 
 # Training time that justifies one more checkpoint before the scene is written.
 FINAL_AFTER_SECONDS = 300.0
@@ -89,9 +89,18 @@ class Checkpoints:
 
         if not self.path.exists():
             raise InvalidInput(f"nothing to resume: no checkpoint for scene {self.name!r} (run without --resume)")
+        damaged = InvalidInput(f"the checkpoint of {self.name!r} ({self.path}) is damaged (truncated or corrupt): "
+                               "drop --resume to start over")
+        if not is_regular_file(self.path):
+            raise damaged
         # Memory-mapped: a phase-2 checkpoint holds the model and the optimizer state, which
         # must not sit in RAM a second time next to the live ones.
-        state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # torch and pickle raise many types for a damaged file
+            raise damaged from None
+        if not isinstance(state, dict):
+            raise damaged
         if state.get("identity") != self.identity:
             raise InvalidInput(f"the checkpoint of {self.name!r} was made from other inputs or settings: "
                                "run the same command, or drop --resume to start over")

@@ -38,13 +38,9 @@ fails instead (two exports at once to one new folder: the later one fails).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import re
-import secrets
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,7 +49,8 @@ from . import __version__
 from .errors import InvalidInput
 from .events import Reporter, silent
 from .kohya import DEFAULT_RANK, Extraction, check_rank
-from .paths import check_file_name_fits, existing_ancestor, home
+from .paths import (check_file_name_fits, disk_full_error, existing_ancestor, home, remove_stale_temporaries,
+                    temporary_beside)
 
 FORMATS = ("diffusers", "embeddings", "a1111")
 # Written into every export folder: `--force` replaces a folder only when it holds one,
@@ -164,15 +161,16 @@ def write_folder(out: Path, write: Callable[[Path], None], force: bool) -> None:
     except (FileExistsError, NotADirectoryError):
         raise InvalidInput(f"cannot export to {out}: {parent} cannot be made, a file is in the way; "
                            "choose another -o") from None
-    _remove_stale(parent, out.name)
-    tmp = _beside(out, "tmp")
+    remove_stale_temporaries(out, ("sbx-tmp", "sbx-old"))
+    tmp = temporary_beside(out, "sbx-tmp")
     try:
         tmp.mkdir()
         try:
             write(tmp)
         except Exception as exc:
-            if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG)) and _disk_nearly_full(parent):
-                raise OSError(errno.ENOSPC, "No space left on device", str(out)) from exc  # as safetensors words it
+            full = disk_full_error(exc, out)
+            if full is not None:
+                raise full from exc
             raise
         _move_into_place(tmp, out, force)
     finally:
@@ -199,7 +197,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
             if not (force and _is_export(out)):
                 raise InvalidInput(f"{out} appeared while exporting, and is not an earlier export that --force may "
                                    "replace: it is left as it is; export again, or choose another -o")
-            old = _beside(out, "old")
+            old = temporary_beside(out, "sbx-old")
             os.rename(out, old)
             if not _is_export(old):  # swapped for something else in between: put it back
                 try:
@@ -221,48 +219,6 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
 
 def _is_export(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
-
-
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _beside(out: Path, kind: str) -> Path:
-    """A temporary name next to `out` that says whose it is: this host and process
-    (and a random part, for threads), so a later export can tell a dead run's."""
-    return out.with_name(f".{out.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(2)}.sbx-{kind}")
-
-
-def _remove_stale(parent: Path, name: str) -> None:
-    """Delete the temporary folders an export to `parent/name` left behind on this host
-    when its process died (killed, or the machine went down) and nothing removed them."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.{_HOST}-(\d+)-[0-9a-f]{{4}}\.sbx-(tmp|old)")
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir(follow_symlinks=False) and not _alive(int(match[1])):
-            shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a pid a run of ours had: leave it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process, or we may not ask: alive as far as we know
-        return True
-    return True
-
-
-def _disk_nearly_full(folder: Path) -> bool:
-    try:
-        return shutil.disk_usage(folder).free < 64 * 2**20
-    except OSError:
-        return False
 
 
 def _embedding_names(scene) -> list[str]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import os
 import re
+import secrets
 import shutil
+import socket
 import stat
 from typing import Callable
 from pathlib import Path
@@ -78,25 +82,81 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temp path next to `path`, then rename it over `path`:
     readers see the old file or the complete new one, never a partial one. `write`
     may make a file or a folder (a folder replaces an existing folder at `path`).
+    Temp files that a killed run left for the same `path` are removed first.
 
     Writers that report a full disk in their own words (safetensors, torch.save) get
     their error turned into the usual OSError(ENOSPC), so callers can name the fix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    tmp = temporary_beside(path)
     try:
         write(tmp)
         if tmp.is_dir() and path.exists():
             _remove(path)  # a folder cannot be renamed over a non-empty one
         os.replace(tmp, path)
     except Exception as exc:
-        if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG)) and _disk_nearly_full(path.parent):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
+        full = disk_full_error(exc, path)
+        if full is not None:
+            raise full from exc
         raise
     finally:
         if tmp.exists():
             _remove(tmp)
     return path
+
+
+# Whose a temporary is: this machine (a cache may be shared over the network) and process.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temporary_beside(path: Path, kind: str = "tmp") -> Path:
+    """A temporary name next to `path` that says which run made it (host, process and a
+    random part, for threads), so a later run can tell one a dead run left behind."""
+    return path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}-{secrets.token_hex(2)}.{kind}")
+
+
+def remove_stale_temporaries(path: Path, kinds: tuple[str, ...] = ("tmp",)) -> None:
+    """Delete the temporaries of `path` (files or folders; never a link) whose
+    run died on this machine before it could remove them (killed during a write, or
+    the machine went down); also those of older versions (`.NAME.PID.tmp`)."""
+    kinds_re = "|".join(map(re.escape, kinds))
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{HOST_TAG}-(\d+)-[0-9a-f]{{4}}|(\d+))\.(?:{kinds_re})")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and not entry.is_symlink() and not process_alive(int(match[1] or match[2])):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with that id runs (when in doubt: yes)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or asking is not allowed
+        return True
+    return True
+
+
+def disk_full_error(exc: BaseException, path: Path) -> OSError | None:
+    """OSError(ENOSPC) for a failed write into `path`'s folder that was, as far as can
+    be told, a full disk: safetensors and torch.save report one in words of their own
+    (not an OSError), so a writer's error while the disk is nearly full counts. An
+    OSError that says what it is (permission denied, a read-only file system) is left
+    as it is, however full the disk."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return None
+    if not _disk_nearly_full(Path(path).parent):
+        return None
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
 def is_regular_file(path: Path) -> bool:

@@ -17,7 +17,7 @@ from .config import GenerateConfig
 from .device import Device, choose_device
 from .errors import InvalidInput, UnknownHandle
 from .events import Message, Progress, Reporter, silent
-from .paths import write_atomically
+from .paths import is_writable_folder, write_atomically
 from .scene_models import open_pipeline, scene_tokenizers
 from .tokens import handles_in
 
@@ -83,6 +83,8 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     dtype, autocast_dtype = device.sampling_precision(config.precision)
     seed = pick_seed(config, report)
     if out_dir is not None:
+        if not is_writable_folder(Path(out_dir)):
+            raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     if config.guidance is None:
         config = dataclasses.replace(config, guidance=scene.family.guidance)
