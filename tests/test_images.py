@@ -1,9 +1,11 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from scenebreak.errors import InvalidInput, InvalidMask
-from scenebreak.images import load_image, mask_array, prepare, square_crop_box
+from scenebreak.images import load_image, load_masks, mask_array, prepare, square_crop_box
 
 
 def _masks(h, w, *boxes):
@@ -91,3 +93,69 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     image.save(tmp_path / "phone.jpg", exif=exif)
     assert load_image(tmp_path / "phone.jpg").size == (20, 40)
+
+
+def _padded_at_full_size(image, masks, box, resolution):
+    """The crop as it was made before crop_square: the whole box padded at the photo's
+    scale, then resized (what a padded crop box means)."""
+    canvas = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), (255, 255, 255))
+    canvas.paste(image, (-box[0], -box[1]))
+    crop = np.asarray(canvas.resize((resolution, resolution), Image.Resampling.BILINEAR, reducing_gap=None))
+    resized = [np.asarray(Image.fromarray(m * 255).crop(box).resize((resolution, resolution), Image.Resampling.NEAREST)) > 127
+               for m in masks]
+    return crop, np.stack(resized).astype(np.uint8)
+
+
+def _photo_with_masks(tmp_path, size, *boxes):
+    width, height = size
+    ys, xs = np.mgrid[:height, :width]
+    rgb = np.stack([xs * 255 // max(1, width - 1), ys * 255 // max(1, height - 1), (xs + ys) % 256], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    paths = []
+    for i, mask in enumerate(_masks(height, width, *boxes)):
+        paths.append(tmp_path / f"m{i}.png")
+        Image.fromarray(mask * 255).save(paths[-1])
+    return tmp_path / "photo.png", paths
+
+
+@pytest.mark.parametrize("size, boxes", [
+    ((300, 100), [(10, 10, 40, 40), (250, 50, 290, 90)]),  # padded above and below
+    ((90, 310), [(5, 7, 40, 30), (50, 280, 80, 303)]),  # padded left and right
+    ((41, 700), [(3, 1, 40, 30), (2, 650, 39, 690)]),
+    ((96, 80), [(12, 8, 44, 40), (52, 42, 84, 74)]),  # inside the photo
+])
+@pytest.mark.parametrize("resolution", [64, 96])
+def test_crop_box_and_pixels_are_those_of_padding_at_full_size(tmp_path, size, boxes, resolution):
+    image_path, mask_paths = _photo_with_masks(tmp_path, size, *boxes)
+    prepared = prepare(image_path, mask_paths, resolution)
+    masks = load_masks(mask_paths, size)
+    assert prepared.crop_box == square_crop_box(masks)  # its meaning is unchanged
+    crop, resized = _padded_at_full_size(load_image(image_path), masks, prepared.crop_box, resolution)
+    got = np.asarray(prepared.image).astype(int)
+    if prepared.crop_box[0] >= 0 and prepared.crop_box[1] >= 0:  # inside the photo: exactly as before
+        assert np.array_equal(got, crop)
+    else:  # padded: the same up to rounding in the resampling
+        assert np.abs(got - crop).max() <= 1
+    assert np.array_equal(prepared.masks, resized)
+
+
+def test_a_very_long_photo_is_cropped_without_a_giant_intermediate(tmp_path):
+    """20000x100 with an object near each end: the padded square would be 392
+    megapixels (a decompression bomb to Pillow, 1.2 GB as RGB)."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux's /proc to measure peak memory")
+    width, height = 20000, 100
+    image_path, mask_paths = _photo_with_masks(tmp_path, (width, height), (100, 10, 400, 90), (19500, 10, 19900, 90))
+    # VmHWM: this process's peak (ru_maxrss would include the parent's, from before exec).
+    code = (f"from scenebreak.images import prepare\n"
+            f"p = prepare({str(image_path)!r}, {list(map(str, mask_paths))!r}, 512)\n"
+            f"print(p.crop_box, int(p.masks.sum()))\n"
+            f"print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    box, peak = done.stdout.splitlines()
+    assert box.startswith("(100, -9850, 19900, 9950)") and int(box.split()[-1]) > 0
+    assert int(peak) < 200 * 1024, peak  # kB: the photo and its masks, not the square

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,45 @@ def square_crop_box(masks: np.ndarray) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
+def crop_square(image, box: tuple[int, int, int, int], resolution: int, resample, fill):
+    """`image` cut to the square `box` (which may reach past its edges: `fill` there)
+    and resized to `resolution`: what padding the image to the whole box and resizing
+    that gives, without building the box at the image's scale (392 megapixels for
+    objects at both ends of a 20000x100 panorama). Only the output pixels that see the
+    image are resized, from the image and the little padding their filter reads."""
+    from PIL import Image
+
+    left, top, right, bottom = box
+    width, height = image.size
+    size = (resolution, resolution)
+    if left >= 0 and top >= 0 and right <= width and bottom <= height:
+        return image.crop(box).resize(size, resample, reducing_gap=None)
+    scale = resolution / (right - left)
+    kind = Image.Resampling
+    support = {kind.NEAREST: 0.0, kind.BOX: 0.5, kind.BILINEAR: 1.0, kind.HAMMING: 1.0, kind.BICUBIC: 2.0, kind.LANCZOS: 3.0}
+    reach = support[resample] * max(1.0, 1 / scale)  # image pixels a filter reads each side of a centre
+
+    def span(start: int, stop: int, extent: int) -> tuple[int, int, int, int]:
+        """Along one axis: the output pixels [first, end) that may see the image, and
+        the part of the box [low, high) their filter reads, in image pixels."""
+        first = max(0, math.floor((-start - reach - 1) * scale - 0.5))
+        end = min(resolution, math.ceil((extent - start + reach + 1) * scale - 0.5))
+        low = max(start, math.floor(start + first / scale - reach) - 1)
+        high = min(stop, math.ceil(start + end / scale + reach) + 1)
+        return first, end, low, high
+
+    x0, x1, lx, hx = span(left, right, width)
+    y0, y1, ly, hy = span(top, bottom, height)
+    square = Image.new(image.mode, size, fill)
+    if x1 > x0 and y1 > y0:
+        part = Image.new(image.mode, (hx - lx, hy - ly), fill)
+        part.paste(image.crop((max(lx, 0), max(ly, 0), min(hx, width), min(hy, height))), (max(-lx, 0), max(-ly, 0)))
+        source = (max(0.0, left + x0 / scale - lx), max(0.0, top + y0 / scale - ly),
+                  min(hx - lx, left + x1 / scale - lx), min(hy - ly, top + y1 / scale - ly))
+        square.paste(part.resize((x1 - x0, y1 - y0), resample, box=source, reducing_gap=None), (x0, y0))
+    return square
+
+
 def background_mask(masks: np.ndarray) -> np.ndarray:
     """The complement of the union of the object masks: what <background> learns."""
     background = 1 - masks.max(axis=0)
@@ -192,13 +232,11 @@ def prepare(image_path: Path, mask_paths: list[Path], resolution: int, backgroun
     if background:
         masks = np.concatenate([masks, background_mask(masks)[None]])
         mask_paths.append("<background>")
-    # PIL's crop pads outside the image with zeros; paint that white like alpha.
-    canvas = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), (255, 255, 255))
-    canvas.paste(image, (-box[0], -box[1]))
-    crop = canvas.resize((resolution, resolution), Image.Resampling.BILINEAR, reducing_gap=None)
+    # Padding is white, like flattened alpha; masks are empty there.
+    crop = crop_square(image, box, resolution, Image.Resampling.BILINEAR, (255, 255, 255))
     resized = []
     for path, mask in zip(mask_paths, masks):
-        m = Image.fromarray(mask * 255).crop(box).resize((resolution, resolution), Image.Resampling.NEAREST)
+        m = crop_square(Image.fromarray(mask * 255), box, resolution, Image.Resampling.NEAREST, 0)
         m = (np.asarray(m) > 127).astype(np.uint8)
         if not m.any():
             what = "the background" if path == "<background>" else f"mask {path}"
