@@ -140,6 +140,18 @@ def test_default_name_of_unspellable_file_names_is_valid_and_distinct():
     assert one != two and one.startswith("1-") and check_name(one)
 
 
+def test_default_name_of_a_long_file_name_fits_and_stays_distinct():
+    """Scene names have at most 200 characters: a longer file name is cut, and the hash
+    of the whole name keeps photos that differ only past the cut apart."""
+    long = "p" * 230
+    names = [default_name(f"{long}{end}.jpg") for end in ("a", "b")] + [default_name(f"фото-{long}.jpg")]
+    for name in names:
+        assert check_name(name) == name and name.startswith("p" * 150)
+    assert len(set(names)) == 3
+    assert default_name(f"{long}a.jpg") == names[0]  # the same photo, the same name
+    assert default_name("p" * 200 + ".jpg") == "p" * 200  # short enough: as it was
+
+
 def test_learn_non_ascii_photo_gets_a_valid_scene_name(scene_files, tiny_model, tmp_path):
     photo = tmp_path / "фото.png"
     photo.write_bytes(scene_files["image"].read_bytes())

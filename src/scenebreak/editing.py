@@ -20,6 +20,7 @@ from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_t
                        warn_cpu_time)
 from .images import load_image, load_masks
 from .maskops import dilate
+from .paths import fit_file_name
 
 
 def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
@@ -121,7 +122,7 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
                            names=[f"mask {p}" for p in mask_paths], report=report)
     label, images = " | ".join(prompts), []
     for s, array in zip(seeds, edited):
-        path = output or Path(out_dir) / f"{image_path.stem}-edit-{slug(prompts[-1])}-{s}.png"
+        path = output or Path(out_dir) / fit_file_name(image_path.stem, f"-edit-{slug(prompts[-1])}-{s}.png")
         images.append(GeneratedImage(save_png(array, path, overwrite), label, s, kind="edit"))
     return run.result(images)
 

@@ -75,10 +75,10 @@ def default_name(image: Path) -> str:
             lost = lost or unicodedata.category(ch)[0] not in "PZ"
             if not chars or chars[-1] != "-":
                 chars.append("-")
-    name = "".join(chars)[:200].strip("-._")
-    if lost:
+    name = "".join(chars).strip("-._")
+    if lost or len(name) > 200:  # a name cut to scene names' 200 characters needs the hash too
         digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]
-        name = f"{name}-{digest}" if name else f"scene-{digest}"
+        name = f"{name[:200 - 9].rstrip('-._')}-{digest}" if name else f"scene-{digest}"
     return name or "scene"
 
 

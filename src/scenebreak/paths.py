@@ -247,3 +247,23 @@ def _disk_nearly_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < 64 * 2**20
     except OSError:
         return False
+
+
+def fit_file_name(stem: str, suffix: str, longest_suffix: str | None = None) -> str:
+    """`stem + suffix` for a file named after another one (a photo's mask, its edits).
+    When the stem and `longest_suffix` (default: `suffix`) would not fit a file name
+    with write_atomically's temp prefix and suffix (as check_file_name_fits counts),
+    the stem is cut to fit and followed by '-' and 8 hex digits of its sha256: the same
+    stem always gets the same names, different stems different ones, and names made
+    with the same `longest_suffix` share one stem."""
+    import hashlib
+
+    room = 255 - 32  # bytes
+    longest = os.fsencode(longest_suffix or suffix)
+    if len(os.fsencode(stem)) + len(longest) <= room:
+        return stem + suffix
+    tag = hashlib.sha256(os.fsencode(stem)).hexdigest()[:8]
+    room -= len(longest) + len(tag) + 1
+    while stem and len(os.fsencode(stem)) > room:
+        stem = stem[:-1]  # whole characters, never half of one
+    return f"{stem}-{tag}{suffix}" if stem else f"{tag}{suffix}"
