@@ -34,7 +34,8 @@ def error_lines(result):
 
 
 def written(folder):
-    return sorted(p.name for p in folder.iterdir() if ".mask" in p.name)
+    """The mask files and previews in `folder` (not the hidden record of what mask wrote)."""
+    return sorted(p.name for p in folder.iterdir() if ".mask" in p.name and not p.name.startswith("."))
 
 
 def check_mask_file(path, size):

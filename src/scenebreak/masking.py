@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from . import maskops
-from .config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MaskConfig
+from .config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MAX_LEARNED_HANDLES, MaskConfig
 from .detector import Detector
 from .errors import InvalidInput, InvalidMask
 from .events import Message, Progress, Reporter, silent
-from .maskfiles import write_masks
+from .maskfiles import check_outputs, output_paths, write_masks
 from .models import check_models_available
 from .segmenter import AUTO_MAX_COVER, Segmenter
 
 OVERLAP_LIMIT = 0.5  # report pairs sharing more than half of the smaller mask
+OVERLAP_WARNINGS = 10  # pairs named one by one; more are counted in one line
 
 
 @dataclass
@@ -106,6 +107,15 @@ def _check_inside(points, boxes, size: tuple[int, int]) -> None:
             raise InvalidInput(f"box {','.join(f'{v:g}' for v in box)} reaches outside the image ({width}x{height})")
 
 
+def _check_count(asked: int, auto: bool, max_masks: int) -> None:
+    """More masks than one scene can learn are of no use: refused before any model loads."""
+    most = asked + (max_masks if auto else 0)
+    if most > MAX_LEARNED_HANDLES:
+        counted = f" (--auto counts as its --max-masks, {max_masks})" if auto else ""
+        raise InvalidInput(f"up to {most} masks asked for{counted}, but learn takes at most {MAX_LEARNED_HANDLES} "
+                           "objects in one scene: ask for fewer")
+
+
 def _check_writable(folder: Path) -> None:
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -135,11 +145,14 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     boxes = [parse_box(b) if isinstance(b, str) else parse_box(",".join(map(str, b))) for b in boxes]
     if not (prompts or points or boxes or auto):
         raise InvalidInput("nothing to segment: give --prompt TEXT, --point X,Y, --box X0,Y0,X1,Y1 or --auto")
+    asked = len(prompts) + len(boxes) + (min(1, len(points)) if config.group else len(points))
+    _check_count(asked, auto, config.max_masks)
     image_path = Path(image_path)
     image = load_image(image_path)
     _check_inside(points, boxes, image.size)
     out_dir = Path(out_dir) if out_dir is not None else image_path.parent
     _check_writable(out_dir)
+    check_outputs(output_paths(image_path, out_dir, asked + (1 if auto else 0)))  # --auto makes one or more
     min_area = config.min_area if config.min_area is not None else maskops.default_min_area(image.size)
 
     quiet_libraries()
@@ -206,9 +219,12 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
         tick()
 
     found_overlaps = maskops.overlaps([r.mask for r in results], OVERLAP_LIMIT)
-    for i, j, fraction in found_overlaps:
+    for i, j, fraction in found_overlaps[:OVERLAP_WARNINGS]:
         report(Message(f"masks {i + 1} ({results[i].label}) and {j + 1} ({results[j].label}) overlap: {fraction:.0%} of "
                        "the smaller one; their handles will compete for those pixels", level="warning"))
+    if len(found_overlaps) > OVERLAP_WARNINGS:
+        report(Message(f"{len(found_overlaps) - OVERLAP_WARNINGS} more pairs of masks overlap as much (--json lists them all)",
+                       level="warning"))
     preview = write_masks(image_path, image, results, out_dir)
     return MaskRun(image_path, results, preview, found_overlaps, detector_ref if prompts else None, segmenter_ref)
 
