@@ -523,3 +523,17 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(world
     (world["tmp"] / "readonly").mkdir()
     result = CliRunner().invoke(cli, ["generate", str(world["scene"]), "<asset1>", "--out-dir", str(world["tmp"] / "readonly")])
     _one_error(result, 2, "not a folder you can write to")
+
+
+def test_images_of_a_scene_with_the_longest_name_fit_the_file_system(world, tmp_path):
+    """Scene names may have 200 characters; a prompt's slug and a 19-digit seed after
+    one went past 255 bytes (Errno 36)."""
+    name = "s" * 200
+    craft(world["scene"], world["home"] / "scenes" / f"{name}.scene", meta=_set("name", name))
+    seed = str(2**62)
+    result = CliRunner().invoke(cli, ["generate", name, "<asset1> in a very long prompt about the moon", "--grid",
+                                      "--steps", "1", "--seed", seed, "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    assert len(paths) == 2 and all(p.is_file() and len(p.name.encode()) + 32 <= 255 for p in paths)
+    assert all(p.name.startswith("s" * 100) for p in paths)

@@ -153,7 +153,7 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
     [plate] = blend_regions(run, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], run.config,
                             scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
-    images = [GeneratedImage(save_png(plate, out_dir / f"{scene.name}-background-plate-{seed}.png"), plate_prompt, seed, kind="plate")]
+    images = [GeneratedImage(save_png(plate, out_dir / fit_file_name(scene.name, f"-background-plate-{seed}.png")), plate_prompt, seed, kind="plate")]
     if variations:
         sampling = dataclasses.replace(run.config, num_images=variations)
         for image in sample_to_files(run, [template], sampling, seed, out_dir, f"{scene.name}-background", report):

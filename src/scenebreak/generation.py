@@ -11,6 +11,7 @@ from .config import GenerateConfig
 from .device import Device
 from .errors import InvalidInput
 from .events import Reporter, silent
+from .paths import fit_file_name
 from .sampling import GeneratedImage, GenerateResult, sample_to_files, save_png, start, warn_cpu_time
 from .tokens import prompt_for
 
@@ -67,6 +68,6 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
     images = sample_to_files(run, prompts, run.config, run.seed, Path(out_dir), scene.name, report)
     if grid:
         sheet = contact_sheet([i.path for i in images], grid_columns(len(prompts), config.num_images))
-        path = save_png(sheet, Path(out_dir) / f"{scene.name}-grid-{run.seed}.png")
+        path = save_png(sheet, Path(out_dir) / fit_file_name(scene.name, f"-grid-{run.seed}.png"))
         images.append(GeneratedImage(path, " | ".join(prompts), run.seed, kind="grid"))
     return run.result(images)

@@ -17,7 +17,7 @@ from .config import GenerateConfig
 from .device import Device, choose_device
 from .errors import InvalidInput, UnknownHandle
 from .events import Message, Progress, Reporter, silent
-from .paths import is_writable_folder, write_atomically
+from .paths import fit_file_name, is_writable_folder, write_atomically
 from .scene_models import open_pipeline, scene_tokenizers
 from .tokens import handles_in
 
@@ -218,6 +218,6 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
                             negative=config.negative, autocast=run.precision(), report=report, done=done, total=total)
             done += len(chunk) * config.steps
             for s, image in zip(chunk, images):
-                path = save_png(image, Path(out_dir) / f"{name}-{slug(prompt)}-{s}.png")
+                path = save_png(image, Path(out_dir) / fit_file_name(name, f"-{slug(prompt)}-{s}.png"))
                 images_out.append(GeneratedImage(path, prompt, s))
     return images_out
