@@ -193,8 +193,13 @@ class Trainer:
     def _cast_frozen_to_half(self) -> None:
         """Weights that do not train live in the autocast precision where the plan says
         so (on GPUs): the base model under LoRA, and everything but the handles in phase
-        1. The handle rows and the adapters stay fp32, and autocast computes in half
-        precision either way, so only memory changes. Their fp32 values wait on the CPU
+        1. The handle rows and the adapters stay fp32 parameters, so their updates are
+        exact; but this is not only a memory saving: the handle rows enter the text
+        encoder rounded to the half-precision token table's dtype, like the ordinary
+        words' rows, and the residual streams that add to half-precision weights (the
+        position embeddings, the layers' outputs) stay in half precision where autocast
+        would have kept them in fp32. Autocast's matrix products are half precision
+        either way. The frozen weights' fp32 values wait on the CPU
         and come back bit for bit where they are needed again: for phase 2 of full
         tuning, and at the end (the scene stores the vocabulary, and a standalone LoRA
         scene the base weights, at full precision). A LoRA scene of adapters alone never
