@@ -96,3 +96,63 @@ def test_blended_loop_follows_the_source_outside_the_mask(pipe, scheduler):
         assert abs(values.mean()) < 0.15 and 0.85 < values.std() < 1.15
     # The two seeds start from different noise.
     assert not torch.equal(latents[0][~outside[0]], latents[1][~outside[1]])
+
+
+def _signal_and_scale(scheduler, level):
+    """(a, s) with the sampler's add_noise(x0, n, level) = a * x0 + s * n."""
+    one, zero = torch.ones(1), torch.zeros(1)
+    at = torch.tensor([level])
+    return float(scheduler.add_noise(one, zero, at)), float(scheduler.add_noise(zero, one, at))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+def test_the_unet_sees_unit_scale_inputs_from_the_first_step(pipe, scheduler):
+    """With --blend-start the first step run is far below the schedule's top level, so
+    the start is the source noised to that step by the sampler itself: its first UNet
+    input has unit scale (Euler's noise * init_noise_sigma gave std ~4 here) and
+    already holds the source, inside the mask as well, at that level's share."""
+    from scenebreak.pipeline import make_scheduler
+
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    source = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(7))  # unit variance, as real latents
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 4:28, 4:28] = 1
+    inputs = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    try:
+        blended_latents(pipe, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25)
+    finally:
+        hook.remove()
+    assert len(inputs) == 6  # 8 steps, the first 2 skipped
+    first, inside = inputs[0], (mask > 0).expand(4, 4, 32, 32)  # cond and uncond halves: 2 x 2 seeds
+    assert 0.9 < first.std() < 1.1 and 0.9 < first[inside].std() < 1.1
+    a, s = _signal_and_scale(pipe.scheduler, pipe.scheduler.timesteps[2].item())
+    x0 = source.expand_as(first)[inside]
+    share = float((first[inside] * x0).sum() / (x0 * x0).sum())  # least squares: input = share * x0 + noise
+    assert share == pytest.approx(a / (a * a + s * s) ** 0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("fixed", [False, True, None])
+def test_background_noise_is_one_per_sample_or_fresh_each_step(pipe, fixed):
+    """The source is noised again after every step: with the starting noise of each
+    sample every time (`fixed_noise`, the default: None), or with fresh noise (the
+    reference's way)."""
+    from scenebreak.pipeline import make_scheduler
+
+    pipe.scheduler = make_scheduler("dpm", pipe.scheduler.config)
+    source = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    seen = []
+    chosen = {} if fixed is None else {"fixed_noise": fixed}
+    blended_latents(pipe, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25,
+                    on_step=lambda i, level, z: seen.append((level, z.clone())), **chosen)
+    outside = (mask == 0).expand(2, 4, 32, 32)
+    noises = []
+    for level, z in seen[:-1]:
+        a, s = _signal_and_scale(pipe.scheduler, level)
+        noises.append(((z - a * source) / s)[outside])
+    start = torch.stack([torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in (3, 4)])
+    for n in noises:
+        assert torch.allclose(n, start[outside], atol=1e-4) == (fixed is not False)
+    assert not torch.allclose(noises[0][:noises[0].numel() // 2], noises[0][noises[0].numel() // 2:])  # per sample

@@ -85,6 +85,35 @@ def test_regions_apply_in_order_like_successive_edits(learned, tmp_path):
     assert not np.array_equal(pixels(both), pixels(reversed_))
 
 
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim", "euler"])
+def test_edit_starts_every_sampler_at_the_unets_scale(learned, tmp_path, scheduler):
+    """`--blend-start` skips the schedule's top levels, so the start must be at the
+    level of the first step run: the UNet's first input has unit scale for every
+    `--scheduler` (Euler's noise * init_noise_sigma once gave it a std of 3 to 4)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:56, 8:56] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    inputs = []
+
+    def record(module, args):
+        if isinstance(module, UNet2DConditionModel):
+            inputs.append(args[0].detach().float().clone())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        edit(tmp_path / "p.png", [(tmp_path / "m.png", "a photo of <asset1>")], learned.path,
+             EditConfig(scheduler=scheduler, steps=8, seed=1, precision="fp32"), out_dir=tmp_path / "out")
+    finally:
+        hook.remove()
+    assert len(inputs) == 6  # 8 steps, the first 2 skipped
+    assert 0.8 < inputs[0].std() < 1.25, float(inputs[0].std())
+
+
 def test_edit_errors_are_clear_and_write_nothing(learned, photo, tmp_path):
     image, left, _ = photo
     out = tmp_path / "out"

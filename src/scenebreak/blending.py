@@ -2,10 +2,21 @@
 while the latents outside it follow the source image, then paste the source pixels
 back outside the mask. The engine behind `edit` and `extract-bg`.
 
-One difference from the reference script: it noises the source to the timestep the
-step started from, one step behind the latents, so its background never becomes
-clean. Here the source is noised to the level the step has just reached, and the
-last step's background is the source latents themselves.
+Three differences from the authors' script for SD (scripts/text_editing_SD2.py):
+- it noises the source to the timestep the step started from, one step behind the
+  latents, so its background never becomes clean; here the source is noised to the
+  level the step has just reached, and the last step's background is the source
+  latents themselves;
+- it starts from pure noise at the scale of the schedule's first step, although
+  `blend_start` skips that step; here the start is the source noised to the first step
+  run, by the sampler's own `add_noise` (as diffusers' img2img does, and the authors'
+  SDXL script): at the level the UNet expects, whatever the sampler's parametrisation
+  (Euler's first sigma is ~14.6, its sigma after a quarter of the steps ~4);
+- it noises the background with fresh noise at every step; here each sample keeps its
+  starting noise, so the background follows one smooth path, as a deterministic
+  sampler's own latents do (benchmarks/blend_noise.py: the inside then changes from
+  step to step nearly as little as without any mask, a third of what fresh noise makes,
+  or less).
 """
 
 from __future__ import annotations
@@ -80,25 +91,33 @@ def decode(vae, latents) -> list[np.ndarray]:
     return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
 
-def blend_step(latents, source, mask, noise, scheduler, timestep):
-    """m * z + (1 - m) * (source noised to `timestep`); `timestep` None: the source itself."""
+def noised(source, noise, scheduler, timestep):
+    """`source` noised to `timestep` in the sampler's own parametrisation (Euler's
+    latents are x0 + sigma * noise; DDIM's and DPM-Solver's sqrt(a) x0 + sqrt(1 - a) noise)."""
     import torch
 
-    if timestep is None:
-        background = source
-    else:
-        background = scheduler.add_noise(source, noise, torch.tensor([timestep], device=source.device))
+    return scheduler.add_noise(source, noise, torch.tensor([timestep], device=source.device))
+
+
+def blend_step(latents, source, mask, noise, scheduler, timestep):
+    """m * z + (1 - m) * (source noised to `timestep`); `timestep` None: the source itself."""
+    background = source if timestep is None else noised(source, noise, scheduler, timestep)
     return mask * latents + (1 - mask) * background.to(latents.dtype)
 
 
 def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps: int = 50, guidance: float = 7.5,
-                    blend_start: float = 0.25, negative: str | None = None, on_step=None,
-                    report: Reporter = silent, task: str = "edit", done: int = 0, total: int | None = None):
+                    blend_start: float = 0.25, negative: str | None = None, fixed_noise: bool = True,
+                    on_step=None, report: Reporter = silent, task: str = "edit", done: int = 0,
+                    total: int | None = None):
     """Blended sampling of one region for a batch of seeds, with the pipeline's scheduler.
 
     `source` (B or 1, C, h, w): the source latents; `mask` (1, 1, h, w): 1 where the prompt
-    may change things. Sample i starts from Gaussian noise seeded with seeds[i] (drawn on
-    the CPU, like `generate`); the first `blend_start` of the steps are skipped.
+    may change things. The first `blend_start` of the steps are skipped, and sample i
+    starts from the source noised to the first step run, with Gaussian noise seeded with
+    seeds[i] (drawn on the CPU, like `generate`). The background is noised again after
+    every step with that same noise, so it follows one smooth path as the sampler's own
+    latents do; `fixed_noise=False` draws fresh noise each time, as the reference does
+    (docs/editing.md has the figures that chose the first).
     `on_step(i, timestep, latents)` sees the latents after every blended step."""
     import torch
 
@@ -119,8 +138,9 @@ def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps:
         source = source.to(device, dtype).expand(len(seeds), *shape)
         mask = mask.to(device, dtype)
         noise = draw()
-        # The start is noise too, but outside the mask it is the source at the first level.
-        latents = blend_step(noise * scheduler.init_noise_sigma, source, mask, noise, scheduler, timesteps[0].item())
+        # Not noise * init_noise_sigma: that is the level of the schedule's first step, and
+        # blend_start skips it (for Euler, inputs of std ~3 instead of ~1 at the first step).
+        latents = noised(source, noise, scheduler, timesteps[0].item())
         total = total if total is not None else len(timesteps) * len(seeds)
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
@@ -132,7 +152,7 @@ def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps:
             # The level this step landed on is the next timestep of the schedule (the
             # same for every sampler); after the last one the latents are clean.
             level = timesteps[i + 1].item() if i + 1 < len(timesteps) else None  # (Euler's are floats)
-            latents = blend_step(latents, source, mask, draw(), scheduler, level)
+            latents = blend_step(latents, source, mask, noise if fixed_noise else draw(), scheduler, level)
             if on_step is not None:
                 on_step(i, level, latents)
             report(Progress(task, done + (i + 1) * len(seeds), total))
