@@ -101,6 +101,71 @@ def test_clip_prompt_uses_the_words_and_scores_the_same_twice(learned, metric_mo
     assert clip.similarity(image, "a photo of dog on the moon") != first
 
 
+def test_best_assignment_is_the_best_one_to_one_pairing():
+    import itertools
+
+    from scenebreak.metrics import best_assignment
+
+    def total(similarity, pairs):
+        return sum(similarity[i][j] for i, j in enumerate(pairs) if j is not None)
+
+    rng = np.random.default_rng(0)
+    for rows, cols in [(1, 1), (2, 2), (3, 3), (4, 4), (2, 4), (4, 2), (1, 3), (3, 1), (5, 5)]:
+        for _ in range(20):
+            similarity = rng.uniform(-1, 1, (rows, cols)).tolist()
+            pairs = best_assignment(similarity)
+            used = [j for j in pairs if j is not None]
+            assert len(used) == min(rows, cols) == len(set(used))
+            if rows <= cols:
+                best = max(sum(similarity[i][j] for i, j in enumerate(p)) for p in itertools.permutations(range(cols), rows))
+            else:
+                best = max(sum(similarity[i][j] for j, i in enumerate(p)) for p in itertools.permutations(range(rows), cols))
+            assert total(similarity, pairs) == pytest.approx(best)
+    # Greedy (row 0 takes its best column first) would score 0.9 + 0.0 here.
+    assert best_assignment([[0.9, 0.8], [0.85, 0.0]]) == [1, 0]
+    assert best_assignment([]) == [] and best_assignment([[], []]) == [None, None]
+
+
+def test_objects_sharing_a_word_are_paired_by_identity_not_detection_order(learned, metric_models, tiny_segmentation,
+                                                                           tmp_path, monkeypatch):
+    """Both handles are "square"; the detector lists the blue square first. Each handle
+    must still get its own square: the photo itself then scores identity 1 for both."""
+    from types import SimpleNamespace
+
+    from scenebreak.bundle import load_scene
+    from scenebreak.detector import Detector
+    from scenebreak.device import choose_device
+    from scenebreak.evaluation import score_images
+    from scenebreak.maskops import bounding_box
+    from scenebreak.segmenter import Segmenter
+
+    scene = load_scene(learned.path)
+    red, blue = (np.asarray(bounding_box(m), np.float32) for m in scene.masks)
+    monkeypatch.setattr(Detector, "detect", lambda self, image, word: (np.stack([blue, red]), np.array([0.9, 0.8])))
+
+    def outline(self, boxes):  # the box itself, as a perfect segmenter would outline a square
+        masks = []
+        for x0, y0, x1, y1 in (np.asarray(b).astype(int) for b in boxes):
+            mask = np.zeros(scene.image.shape[:2], np.uint8)
+            mask[y0:y1, x0:x1] = 1
+            masks.append((mask, 1.0))
+        return masks
+
+    monkeypatch.setattr(Segmenter, "from_boxes", outline)
+    Image.fromarray(scene.image).save(tmp_path / "photo.png")
+    generated = [SimpleNamespace(path=tmp_path / "photo.png", prompt="a photo of <asset1> and <asset2>", seed=0)]
+    clip, dino = metric_models
+    detector, segmenter = tiny_segmentation
+    refs = {"clip": str(clip), "dino": str(dino), "detector": str(detector), "segmenter": str(segmenter)}
+    words = {"<asset1>": "square", "<asset2>": "square"}
+    [score] = score_images(scene, generated, words, EvaluateConfig(threshold=0.5), refs, choose_device("cpu"))
+    objects = {o.handle: o for o in score.objects}
+    assert [o.handle for o in score.objects] == ["<asset1>", "<asset2>"]
+    assert objects["<asset1>"].detection == 0.8 and objects["<asset2>"].detection == 0.9  # red was detected second
+    for o in score.objects:
+        assert o.found and (o.identity, o.masked_identity) == pytest.approx((1.0, 1.0), abs=1e-4)
+
+
 def test_default_prompts_cover_each_handle_and_each_pair():
     from scenebreak.evaluation import PAIR_TEMPLATES, SINGLE_TEMPLATES, default_prompts
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import ModelNotAvailable
 from .config import DEFAULT_DETECTOR
-from .models import model_load_failure, transformers_model_of_kind
+from .models import load_errors, model_load_failure, transformers_model_of_kind
 
 KINDS = ("grounding-dino", "owlv2", "owlvit")  # model_type values of the detectors that work here
 WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint"
@@ -25,7 +25,7 @@ class Detector:
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device.torch).eval()
         except ImportError as exc:
             raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
-        except (OSError, ValueError) as exc:
+        except load_errors() as exc:
             raise model_load_failure("detector", ref, folder, "--detector", exc) from exc
         self.device, self.ref = device, ref
 

@@ -9,7 +9,9 @@ and every image is scored:
 - identity similarity (DINO): does each object look like itself in the source photo?
   The object is found in the generated image by its class word (detector + SAM, as in
   `scenebreak mask`) and compared with its mask in the photo; plus a masked score that
-  compares object patches with object patches only (metrics.py says how).
+  compares object patches with object patches only (metrics.py says how). Objects
+  that share a class word are told apart by DINO: the pairing of their boxes with
+  them that is most like the source objects.
 
 An object that is not found in an image is counted as missing and left out of the
 identity means (which are over found objects only). The numbers only mean something
@@ -250,12 +252,12 @@ def score_images(scene, generated, words: dict[str, str], config: EvaluateConfig
         clip_prompt = plain_prompt(item.prompt, words)
         score = ImageScore(item.path, item.prompt, item.seed, clip_prompt, clip.similarity(image, clip_prompt))
         tokens = [t for t in dict.fromkeys(handles_in(item.prompt)) if t in sources]
-        for token, (mask, detection) in zip(tokens, finder.find(image, [words[t] for t in tokens])):
-            if mask is None:
-                score.objects.append(ObjectScore(token, words[token], False, detection))
+        for token, found in zip(tokens, finder.find(image, [(words[t], sources[t]) for t in tokens], dino)):
+            if found.mask is None:
+                score.objects.append(ObjectScore(token, words[token], False, found.detection))
             else:
-                identity, masked = identity_scores(sources[token], dino.features(image, mask))
-                score.objects.append(ObjectScore(token, words[token], True, detection, identity, masked))
+                identity, masked = identity_scores(sources[token], found.features)
+                score.objects.append(ObjectScore(token, words[token], True, found.detection, identity, masked))
         scores.append(score)
         report(Progress("scoring", n, len(generated)))
     missing = sum(not o.found for s in scores for o in s.objects)

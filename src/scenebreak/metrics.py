@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
-from .models import model_load_failure, transformers_model_of_kind
+from .models import load_errors, model_load_failure, transformers_model_of_kind
 
 CLIP_KINDS = ("clip",)
 CLIP_WANTED = f"use a CLIP checkpoint such as {DEFAULT_CLIP_MODEL}"
@@ -46,7 +46,7 @@ class ClipScorer:
         try:
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = CLIPModel.from_pretrained(folder).to(device.torch).eval()
-        except (OSError, ValueError) as exc:
+        except load_errors() as exc:
             raise model_load_failure("CLIP model", ref, folder, "--clip-model", exc) from exc
         self.device, self.ref = device, ref
 
@@ -130,7 +130,7 @@ class DinoScorer:
             # DINO checkpoints have no pooler: leave it out rather than initialise it randomly.
             model = ViTModel.from_pretrained(folder, add_pooling_layer=False) if kind == "vit" else AutoModel.from_pretrained(folder)
             self.model = model.to(device.torch).eval()
-        except (OSError, ValueError) as exc:
+        except load_errors() as exc:
             raise model_load_failure("DINO model", ref, folder, "--dino-model", exc) from exc
         self.patch = int(self.model.config.patch_size)
         self.device, self.ref = device, ref
@@ -179,7 +179,25 @@ def check_models(refs: dict[str, str]) -> None:
              "segmenter": ("segmenter", "--segmenter", segmenter.KINDS, segmenter.WANTED)}
     check_models_available([(refs[key], what, option) for key, (what, option, _, _) in roles.items()])
     for key, (what, option, kinds, wanted) in roles.items():
-        transformers_model_of_kind(refs[key], what, option, kinds, wanted)
+        folder, _ = transformers_model_of_kind(refs[key], what, option, kinds, wanted)
+        _check_weights(folder, what, refs[key], option)
+
+
+def _check_weights(folder, what: str, ref: str, option: str) -> None:
+    """A weights file is there, and every safetensors file's header is readable and
+    covers the file: a garbled or cut-short download is told before the sampling (in
+    milliseconds: no weight is read), not when the model loads after it."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise model_load_failure(what, ref, folder, option, ValueError("it holds no weights file (*.safetensors)"))
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (OSError, SafetensorError) as exc:
+            raise model_load_failure(what, ref, folder, option, ValueError(f"{path.name} is damaged ({exc})")) from exc
 
 
 def box_iou(a, b) -> float:
@@ -191,6 +209,62 @@ def box_iou(a, b) -> float:
 
 
 SAME_OBJECT_IOU = 0.5  # two boxes this similar are one object
+
+
+def best_assignment(similarity: list[list[float]]) -> list[int | None]:
+    """The one-to-one pairing of rows with columns that pairs as many as it can
+    (min(rows, cols)) with the highest total similarity: each row's column, or None.
+    The Hungarian algorithm (Kuhn-Munkres with potentials), O(rows^2 * cols)."""
+    rows = len(similarity)
+    cols = len(similarity[0]) if rows else 0
+    if not rows or not cols:
+        return [None] * rows
+    if rows > cols:  # pair the columns with rows instead
+        by_column = best_assignment([[similarity[i][j] for i in range(rows)] for j in range(cols)])
+        pairs = [None] * rows
+        for j, i in enumerate(by_column):
+            pairs[i] = j
+        return pairs
+    cost = [[0.0] * (cols + 1)] + [[0.0] + [-x for x in row] for row in similarity]  # 1-based, minimised
+    u, v = [0.0] * (rows + 1), [0.0] * (cols + 1)
+    owner, way = [0] * (cols + 1), [0] * (cols + 1)  # owner[j]: the row paired with column j (0: none)
+    for i in range(1, rows + 1):
+        owner[0], j0 = i, 0
+        least, used = [float("inf")] * (cols + 1), [False] * (cols + 1)
+        while True:  # grow a path of tight edges from row i to a free column
+            used[j0] = True
+            i0, delta, j1 = owner[j0], float("inf"), 0
+            for j in range(1, cols + 1):
+                if not used[j]:
+                    reduced = cost[i0][j] - u[i0] - v[j]
+                    if reduced < least[j]:
+                        least[j], way[j] = reduced, j0
+                    if least[j] < delta:
+                        delta, j1 = least[j], j
+            for j in range(cols + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    least[j] -= delta
+            j0 = j1
+            if owner[j0] == 0:
+                break
+        while j0:  # flip the path
+            owner[j0] = owner[way[j0]]
+            j0 = way[j0]
+    pairs: list[int | None] = [None] * rows
+    for j in range(1, cols + 1):
+        if owner[j]:
+            pairs[owner[j] - 1] = j - 1
+    return pairs
+
+
+@dataclass
+class FoundObject:
+    mask: np.ndarray | None  # None: not found
+    detection: float  # its box's detection score; not found: the best score left for its word
+    features: ObjectFeatures | None = None  # DINO's, for identity_scores
 
 
 class ObjectFinder:
@@ -206,27 +280,37 @@ class ObjectFinder:
         self.segmenter = Segmenter(segmenter_ref or DEFAULT_SEGMENTER, device)
         self.threshold = threshold
 
-    def find(self, image, words: list[str]) -> list[tuple[np.ndarray | None, float]]:
-        """For each word, in order: (its mask, or None when it is not found; the best
-        detection score left for it). Two handles with the same word (e.g. "object")
-        get two different boxes: a box chosen for one is not given to the other."""
+    def find(self, image, objects: list[tuple[str, ObjectFeatures]], dino: DinoScorer) -> list[FoundObject]:
+        """Each object, given as its class word and its features in the source photo, in
+        the generated `image`. Objects that share a word (e.g. "object") get that many
+        different boxes, the word's best (a box never serves two objects), and which
+        object gets which box is the pairing most like the sources (identity plus
+        masked identity in total, best_assignment): the detector's order says nothing
+        about which is which."""
         from .maskops import clean, default_min_area
 
         self.segmenter.set_image(image)
         min_area = default_min_area(image.size)  # as `mask` does
-        detections: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         taken: list = []
-        found = []
-        for word in words:
-            if word not in detections:
-                detections[word] = self.detector.detect(image, word)
-            boxes, scores = detections[word]
-            free = [i for i in range(len(scores)) if all(box_iou(boxes[i], t) < SAME_OBJECT_IOU for t in taken)]
-            best = float(scores[free[0]]) if free else 0.0  # scores come best first
-            if not free or best <= self.threshold:
-                found.append((None, best))
-                continue
-            taken.append(boxes[free[0]])
-            mask = clean(self.segmenter.from_boxes([boxes[free[0]]])[0][0], min_area)
-            found.append((mask if mask.any() else None, best))
+        found: list[FoundObject | None] = [None] * len(objects)
+        for word in dict.fromkeys(w for w, _ in objects):
+            group = [i for i, (w, _) in enumerate(objects) if w == word]
+            boxes, scores = self.detector.detect(image, word)
+            picked, left = [], 0.0  # the boxes for the group; the best score after them
+            for box, score in zip(boxes, map(float, scores)):  # best first
+                if any(box_iou(box, t) >= SAME_OBJECT_IOU for t in taken):
+                    continue
+                if score <= self.threshold or len(picked) == len(group):
+                    left = score
+                    break
+                picked.append((box, score))
+                taken.append(box)
+            outlined = self.segmenter.from_boxes([b for b, _ in picked]) if picked else []
+            masks = [clean(m, min_area) for m, _ in outlined]
+            usable = [(m, score) for m, (_, score) in zip(masks, picked) if m.any()]
+            left = max([left] + [score for m, (_, score) in zip(masks, picked) if not m.any()])
+            features = [dino.features(image, m) for m, _ in usable]
+            pairs = best_assignment([[sum(identity_scores(objects[i][1], f)) for f in features] for i in group])
+            for i, j in zip(group, pairs):
+                found[i] = FoundObject(None, left) if j is None else FoundObject(usable[j][0], usable[j][1], features[j])
         return found

@@ -211,9 +211,19 @@ def transformers_model_of_kind(ref: str, what: str, option: str, kinds: tuple[st
 
 
 def model_load_failure(what: str, ref: str, folder: Path, option: str, exc: Exception) -> ModelNotAvailable:
-    """The error for a transformers model folder that is there but does not load."""
-    return ModelNotAvailable(f"cannot load the {what} from {folder}: {exc}. Fix: download it again "
-                             f"(`hf download {shlex.quote(ref)}`) or pass {option} /path/to/a/model/folder")
+    """The error for a transformers model folder that is there but does not load (one line)."""
+    again = "copy the model there again" if looks_like_path(ref) else f"download it again (`hf download {shlex.quote(ref)}`)"
+    return ModelNotAvailable(f"cannot load the {what} from {folder}: {' '.join(str(exc).split())}. Fix: {again} "
+                             f"or pass {option} /path/to/a/model/folder")
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """What loading a damaged transformers model folder raises: unreadable or malformed
+    files (OSError, ValueError), and safetensors' own error for a garbled or cut-short
+    weights file, which is neither."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError)
 
 
 def check_models_available(models: list[tuple[str, str, str]]) -> None:
@@ -275,7 +285,6 @@ def load_components(base_model: str, revision: str | None = None,
     CPU; `resolved` is what resolve_model_dir already returned for them, if it was called."""
     quiet_libraries()
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer
 
     from .families import detect_family, pool_at_end_of_text, text_encoder_class, tokenizer_class
 

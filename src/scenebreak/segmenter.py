@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import DEFAULT_SEGMENTER
-from .models import model_load_failure, transformers_model_of_kind
+from .models import load_errors, model_load_failure, transformers_model_of_kind
 
 # Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
 AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
@@ -28,7 +28,7 @@ class Segmenter:
         try:
             self.processor = SamProcessor.from_pretrained(folder)
             self.model = SamModel.from_pretrained(folder).to(device.torch).eval()
-        except (OSError, ValueError) as exc:
+        except load_errors() as exc:
             raise model_load_failure("segmenter", ref, folder, "--segmenter", exc) from exc
         self.device = device
 
