@@ -206,7 +206,7 @@ def transformers_model_of_kind(ref: str, what: str, option: str, kinds: tuple[st
     folder = transformers_model_folder(ref, what, option)
     kind = model_type(folder)
     if kind not in kinds:
-        raise InvalidInput(f"{option} {ref} is a {kind or 'unknown'} model: {wanted}")
+        raise InvalidInput(f"{option} {ref} is {f'a {kind} model' if kind else 'not a model of a known kind'}: {wanted}")
     return folder, kind
 
 
