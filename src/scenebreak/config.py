@@ -131,7 +131,7 @@ class LearnConfig:
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.", cli=False)
     adam_weight_decay: float = setting(1e-2, "AdamW weight decay.", bounds=Bounds(0, 1), cli=False)
     adam_eps: float = setting(1e-8, "AdamW epsilon.", bounds=Bounds(0, 1, above=True), cli=False)
-    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", bounds=Bounds(0, 1e6, above=True), cli=False)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", bounds=Bounds(0, 1e12, above=True), cli=False)
     seed: int = setting(0, "Seed of everything random in training.", bounds=SEED)
     mixed_precision: str = setting(
         "auto", "Autocast dtype (weights stay fp32): auto is bf16 (fp16 on old cards) on CUDA and fp32 elsewhere; "
