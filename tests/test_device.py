@@ -45,3 +45,37 @@ def test_bf16_on_the_cpu_only_where_it_has_the_instructions(monkeypatch):
     monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
     with pytest.raises(InvalidInput, match="no bf16 instructions"):
         cpu.train_dtype("bf16")
+
+
+def test_scenebreak_cpu_bf16_makes_the_cpu_act_with_or_without_bf16(monkeypatch):
+    """How the suite tests both kinds of CPU on either: 0 acts as a CPU without bf16
+    instructions (fp32, bf16 refused), 1 as one with them."""
+    import torch
+
+    from scenebreak.device import cpu_bf16_instructions, cpu_has_bf16
+
+    cpu = choose_device("cpu")
+    monkeypatch.setenv("SCENEBREAK_CPU_BF16", "0")
+    assert not cpu_has_bf16()
+    assert cpu.train_dtype("auto") is None and cpu.sampling_precision("auto") == (torch.float32, None)
+    for choose in (cpu.train_dtype, cpu.sampling_precision):
+        with pytest.raises(InvalidInput, match="no bf16 instructions"):
+            choose("bf16")
+    monkeypatch.setenv("SCENEBREAK_CPU_BF16", "1")
+    assert cpu_has_bf16()
+    assert cpu.train_dtype("auto") is torch.bfloat16 and cpu.train_dtype("bf16") is torch.bfloat16
+    assert cpu.sampling_precision("auto") == (torch.float32, torch.bfloat16)
+    monkeypatch.delenv("SCENEBREAK_CPU_BF16")
+    assert cpu_has_bf16() == cpu_bf16_instructions()
+
+
+def test_a_bad_scenebreak_cpu_bf16_is_one_line_and_exit_2(scene_files, monkeypatch):
+    from click.testing import CliRunner
+
+    from scenebreak.cli import cli
+
+    monkeypatch.setenv("SCENEBREAK_CPU_BF16", "no")
+    result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"])])
+    assert result.exit_code == 2, result.output
+    assert "SCENEBREAK_CPU_BF16='no': use 0" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -1,4 +1,10 @@
-"""Choosing the device and the precision, in one place."""
+"""Choosing the device and the precision, in one place.
+
+`SCENEBREAK_CPU_BF16` overrides whether the CPU counts as having bf16 instructions
+(AVX512-BF16 or AMX): `0` acts as if it had none (fp32 training and sampling on the
+CPU, `bf16` refused), `1` as if it had them (bf16 autocast; where they are missing,
+torch emulates them, slowly). The test suite runs its precision-sensitive tests both
+ways with it, so that every CPU tests both."""
 
 from __future__ import annotations
 
@@ -126,7 +132,20 @@ def precision_name(dtype) -> str:
     return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), "fp32")
 
 
+CPU_BF16_ENV = "SCENEBREAK_CPU_BF16"
+
+
 def cpu_has_bf16() -> bool:
+    """Whether scenebreak uses bf16 on the CPU: where it has the instructions
+    (cpu_bf16_instructions), unless `$SCENEBREAK_CPU_BF16` (0 or 1) says otherwise."""
+    setting = os.environ.get(CPU_BF16_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise InvalidInput(f"{CPU_BF16_ENV}={setting!r}: use 0 (act as if this CPU had no bf16 instructions) "
+                           "or 1 (as if it had them), or leave it unset")
+    return setting == "1" if setting else cpu_bf16_instructions()
+
+
+def cpu_bf16_instructions() -> bool:
     """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
     import torch
 
