@@ -127,3 +127,33 @@ def learned_sdxl(tmp_path_factory, tiny_sdxl):
 
     return _learn_once(tmp_path_factory.mktemp("learned-sdxl"), tiny_sdxl,
                        LearnConfig(steps1=3, steps2=2, num_class_images=1, background=True))
+
+
+@pytest.fixture(params=["bf16", "fp32"])
+def cpu_precision(request, monkeypatch):
+    """Runs a precision-sensitive test both ways on every CPU: as on one with bf16
+    instructions (SCENEBREAK_CPU_BF16=1; torch emulates them where they are missing)
+    and as on one without (SCENEBREAK_CPU_BF16=0: fp32). Returns "bf16" or "fp32"."""
+    from scenebreak.device import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1" if request.param == "bf16" else "0")
+    return request.param
+
+
+def pytest_report_header(config):
+    """The CPU, whether it has bf16 instructions and torch's thread count: what the
+    mechanics tests' figures depend on (tests/test_mechanics.py)."""
+    import os
+    import platform
+
+    import torch
+
+    from scenebreak.device import CPU_BF16_ENV, cpu_bf16_instructions
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    override = f" ({CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]})" if os.environ.get(CPU_BF16_ENV) else ""
+    bf16 = "yes" if cpu_bf16_instructions() else "no"
+    return f"cpu: {cpu}; bf16 instructions: {bf16}{override}; torch threads: {torch.get_num_threads()}"

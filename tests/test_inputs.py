@@ -327,7 +327,7 @@ def test_photo_is_encoded_in_fp32_even_when_training_in_bf16(scene_files, tiny_m
     import torch
     from diffusers import AutoencoderKL
 
-    from scenebreak import learn
+    from scenebreak import learn, load_scene
     from scenebreak.config import LearnConfig
 
     seen = []
@@ -338,6 +338,8 @@ def test_photo_is_encoded_in_fp32_even_when_training_in_bf16(scene_files, tiny_m
         return encode(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", recording_encode)
+    monkeypatch.setenv("SCENEBREAK_CPU_BF16", "1")  # on every CPU: torch emulates bf16 where it lacks the instructions
     config = LearnConfig(steps1=1, steps2=0, prior=False, mixed_precision="bf16")
-    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), device="cpu")
+    result = learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), device="cpu")
     assert seen and all(not autocast and dtype == torch.float32 for autocast, dtype in seen), seen
+    assert load_scene(result.path).meta["precision"] == "bf16"  # and the training did run in bf16
