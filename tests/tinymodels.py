@@ -215,6 +215,34 @@ VARIANTS = {
 }
 
 
+def build_small_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 4.0) -> Path:
+    """The tiny SD 2.x at half its width (UNet channels 8/16/16, a one-layer text
+    encoder of width 16), same maps and VAE, for the fast mechanics test
+    (tests/test_mechanics.py). Its cross-attention is sharpened 4x, not 8x: maps stay
+    as concentrated as a trained model's, but at 8x the softmax saturates and a short
+    run often leaves a handle stuck on one cell outside both masks."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    write_tiny_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    configs = tiny_configs(resolution)
+    configs["unet"] = dict(configs["unet"], block_out_channels=(8, 16, 16), attention_head_dim=(2, 2, 2), norm_num_groups=4,
+                           cross_attention_dim=16)
+    configs["text_encoder"] = dict(configs["text_encoder"], hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, projection_dim=16)
+    parts = build_components(configs, tokenizer, seed=seed)
+    sharpen_cross_attention(parts["unet"], sharpen)
+    for name in ("unet", "vae", "text_encoder", "scheduler"):
+        parts[name].save_pretrained(folder / name)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.0.0", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 8.0, variant: str = "sd2") -> Path:
     """Save a tiny random Stable Diffusion as a diffusers folder and return its path;
     `variant` picks the shape of SD 2.x-base (default), SD 1.x or SD 2.x-768."""

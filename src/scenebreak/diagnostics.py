@@ -57,7 +57,8 @@ def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def attention_overlap(scene, device=None) -> dict:
     """Per handle: soft IoU of its attention map with its own mask and with the
-    best-matching other mask."""
+    best-matching other mask, and the mean squared difference from its own mask
+    ("distance": what the attention loss minimises, over noise levels here)."""
     import torch
 
     from .losses import downsample_masks
@@ -69,5 +70,6 @@ def attention_overlap(scene, device=None) -> dict:
     for i, handle in enumerate(scene.handles):
         own = soft_iou(maps[i], masks[handle.mask_index])
         others = [soft_iou(maps[i], masks[j]) for j in range(len(masks)) if j != handle.mask_index]
-        rows.append({"handle": handle.token, "own": own, "other": max(others) if others else 0.0})
+        distance = float(((maps[i] - masks[handle.mask_index]) ** 2).mean())
+        rows.append({"handle": handle.token, "own": own, "other": max(others) if others else 0.0, "distance": distance})
     return {"handles": rows, "maps": maps}
