@@ -47,7 +47,7 @@ def _open_lock_file(path: Path) -> int:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
             except FileExistsError:
                 continue
-        except OSError as exc:
+        except OSError:
             if not path.is_symlink():
                 raise
             path.unlink()  # the link itself, never what it points to
