@@ -105,7 +105,7 @@ class Estimates:
         self.seen.append(((latents - s * eps) / a)[self.inside])
 
 
-def run(pipe, source, mask, inside, seeds, scheduler: str, steps: int, blend_start: float, fixed: bool,
+def run(pipe, family, source, mask, inside, seeds, scheduler: str, steps: int, blend_start: float, fixed: bool,
         guidance: float, record: bool = False):
     """Final latents of blended sampling (`inside`: the cells measured), and with
     `record` the clean-image estimates inside at every step."""
@@ -116,7 +116,7 @@ def run(pipe, source, mask, inside, seeds, scheduler: str, steps: int, blend_sta
     recorder = Estimates(pipe, guidance, inside) if record else None
     hook = pipe.unet.register_forward_hook(recorder, with_kwargs=True) if record else None
     try:
-        latents = blended_latents(pipe, source, mask, "a photo of a dog", seeds, steps=steps, guidance=guidance,
+        latents = blended_latents(pipe, family, source, mask, "a photo of a dog", seeds, steps=steps, guidance=guidance,
                                   blend_start=blend_start, fixed_noise=fixed)
     finally:
         if hook is not None:
@@ -171,7 +171,7 @@ def main() -> None:
             for multiple in args.multiples:
                 n, start, landed = (aligned_start(probe, steps * multiple, level) if multiple > 1
                                     else (steps, args.blend_start, level))
-                latents, recorder = run(pipe, source, torch.ones_like(mask) if everywhere else mask, inside, seeds,
+                latents, recorder = run(pipe, c.family, source, torch.ones_like(mask) if everywhere else mask, inside, seeds,
                                         scheduler, n, start, fixed, guidance, record=multiple == 1)
                 results.append(latents[inside])
                 row.setdefault("step_counts", []).append(n)

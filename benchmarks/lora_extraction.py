@@ -51,7 +51,7 @@ def main() -> None:
     layers, extraction = extract_layers(tuned, base, args.rank, torch.float16)
     seconds = time.perf_counter() - started
     started = time.perf_counter()
-    state = kohya_state_dict(layers, xl=args.sdxl, unet_config=c.unet.config)  # SDXL: SGM names from its layout
+    state = kohya_state_dict(layers, c.family, unet_config=c.unet.config)  # SDXL: SGM names from its layout
     convert = time.perf_counter() - started
     megabytes = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
     row = {"model": "SDXL base" if args.sdxl else "SD2.1-base", "rank": args.rank, "layers": extraction.layers,

@@ -163,7 +163,7 @@ def random_model(tiny: bool = False, sdxl: bool = False):
     base's) with random weights, CLIP-sized tokenizers, and a scratch folder."""
     from transformers import CLIPTokenizer
 
-    from scenebreak.families import Family
+    from scenebreak.families import family_named
     from scenebreak.models import BaseModel, Components
     from tinymodels import (build_components, build_sdxl_components, sd21_base_configs, sdxl_configs, tiny_configs,
                             tiny_sdxl_configs, write_tiny_tokenizer)
@@ -178,7 +178,7 @@ def random_model(tiny: bool = False, sdxl: bool = False):
         parts = build_sdxl_components(configs, tokenizers, calibrate=tiny)
         encoders = [parts["text_encoder"], parts["text_encoder_2"]]
         components = Components(parts["unet"], parts["vae"], encoders, tokenizers, configs["scheduler"],
-                                BaseModel(name, None, None, "random", family="SDXL"), Family("SDXL", "epsilon"))
+                                BaseModel(name, None, None, "random", family="SDXL"), family_named("SDXL"))
     else:
         configs = tiny_configs() if tiny else sd21_base_configs()
         parts = build_components(configs, tokenizer)
@@ -246,8 +246,7 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
     c = components
     for model in c.models():
         model.to(device.torch, dtype)
-    if dtype == torch.float16 and c.family.is_xl:
-        c.vae.to(torch.float32)  # as scene_models does: SDXL's VAE overflows in fp16
+    c.vae.to(c.family.sampling_vae_dtype(c.vae, dtype))  # as scene_models does (SDXL's VAE overflows in fp16)
     pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
     batch = batch or (4 if device.type == "cuda" else 2)
     seeds = list(range(batch))

@@ -63,8 +63,15 @@ def pipe(learned):
     return open_pipeline(load_scene(learned.path), choose_device("cpu"))
 
 
+@pytest.fixture(scope="module")
+def family(learned):
+    from scenebreak.bundle import load_scene
+
+    return load_scene(learned.path).family
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
-def test_blended_loop_follows_the_source_outside_the_mask(pipe, scheduler):
+def test_blended_loop_follows_the_source_outside_the_mask(pipe, family, scheduler):
     from scenebreak.pipeline import make_scheduler
 
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -74,7 +81,7 @@ def test_blended_loop_follows_the_source_outside_the_mask(pipe, scheduler):
     pixel_mask[16:48, 8:40] = True
     mask = latent_mask(pixel_mask, tuple(source.shape[-2:]))
     seen = []
-    latents = blended_latents(pipe, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25,
+    latents = blended_latents(pipe, family, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25,
                               on_step=lambda i, level, z: seen.append((i, level, z.clone())))
     timesteps = pipe.scheduler.timesteps[2:]  # 25% of 8 steps skipped
     # Each step lands on the schedule's next timestep; for DDIM that is t - 1000/8.
@@ -106,7 +113,7 @@ def _signal_and_scale(scheduler, level):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
-def test_the_unet_sees_unit_scale_inputs_from_the_first_step(pipe, scheduler):
+def test_the_unet_sees_unit_scale_inputs_from_the_first_step(pipe, family, scheduler):
     """With --blend-start the first step run is far below the schedule's top level, so
     the start is the source noised to that step by the sampler itself: its first UNet
     input has unit scale (Euler's noise * init_noise_sigma gave std ~4 here) and
@@ -120,7 +127,7 @@ def test_the_unet_sees_unit_scale_inputs_from_the_first_step(pipe, scheduler):
     inputs = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
     try:
-        blended_latents(pipe, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25)
+        blended_latents(pipe, family, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25)
     finally:
         hook.remove()
     assert len(inputs) == 6  # 8 steps, the first 2 skipped
@@ -133,7 +140,7 @@ def test_the_unet_sees_unit_scale_inputs_from_the_first_step(pipe, scheduler):
 
 
 @pytest.mark.parametrize("fixed", [False, True, None])
-def test_background_noise_is_one_per_sample_or_fresh_each_step(pipe, fixed):
+def test_background_noise_is_one_per_sample_or_fresh_each_step(pipe, family, fixed):
     """The source is noised again after every step: with the starting noise of each
     sample every time (`fixed_noise`, the default: None), or with fresh noise (the
     reference's way)."""
@@ -145,7 +152,7 @@ def test_background_noise_is_one_per_sample_or_fresh_each_step(pipe, fixed):
     mask[..., 8:24, 8:24] = 1
     seen = []
     chosen = {} if fixed is None else {"fixed_noise": fixed}
-    blended_latents(pipe, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25,
+    blended_latents(pipe, family, source, mask, "a photo of <asset1>", [3, 4], steps=8, blend_start=0.25,
                     on_step=lambda i, level, z: seen.append((level, z.clone())), **chosen)
     outside = (mask == 0).expand(2, 4, 32, 32)
     noises = []

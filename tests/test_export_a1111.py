@@ -21,6 +21,7 @@ from scenebreak import LearnConfig, load_scene
 from scenebreak.cli import cli
 from scenebreak.errors import BundleError
 from scenebreak.export import export
+from scenebreak.families import family_named
 from scenebreak.kohya import carried
 
 FEW = dict(steps1=2, steps2=2, prior=False)
@@ -93,34 +94,32 @@ def exported_pipeline(scene, base_folder, result):
     Its text encoders pool at the end of text, as the scene's do (the tiny models carry
     the real configs' legacy eos_token_id, with which transformers pools at the largest
     id: a trigger's, in diffusers; A1111 and ComfyUI pool at the end of text)."""
-    from scenebreak.families import pipeline_class, pool_at_end_of_text
+    from scenebreak.families import pool_at_end_of_text
 
-    pipe = pipeline_class(scene.family).from_pretrained(base_folder, dtype=torch.float32)
+    pipe = scene.family.pipeline_class().from_pretrained(base_folder, dtype=torch.float32)
     lora = result.paths[0]
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     for path in embedding_paths(result):
-        if scene.family.is_xl:
+        if len(scene.family.text_encoders) > 1:
             rows = load_file(path)
             pipe.load_textual_inversion(rows["clip_l"], token=path.stem, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
             pipe.load_textual_inversion(rows["clip_g"], token=path.stem, text_encoder=pipe.text_encoder_2,
                                         tokenizer=pipe.tokenizer_2)
         else:
             pipe.load_textual_inversion(str(path), token=path.stem)
-    encoders = [pipe.text_encoder, pipe.text_encoder_2] if scene.family.is_xl else [pipe.text_encoder]
-    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if scene.family.is_xl else [pipe.tokenizer]
+    encoders = [getattr(pipe, name) for name in scene.family.text_encoders]
+    tokenizers = [getattr(pipe, name) for name in scene.family.tokenizers]
     for encoder, tokenizer in zip(encoders, tokenizers):
         pool_at_end_of_text(encoder, tokenizer)
     return pipe, encoders, tokenizers
 
 
 def encode(scene, text_encoders, tokenizers, prompt):
-    from scenebreak.families import encode_prompts, time_ids
-
     ids = [t(prompt, padding="max_length", max_length=t.model_max_length, truncation=True, return_tensors="pt").input_ids
            for t in tokenizers]
     r = scene.resolution
     with torch.no_grad():
-        return encode_prompts(scene.family, text_encoders, ids, time_ids((r, r), (r, r)) if scene.family.is_xl else None)
+        return scene.family.encode_prompts(text_encoders, ids, scene.family.sampling_conditions((r, r)))
 
 
 def unet_output(unet, hidden, added):
@@ -410,7 +409,8 @@ def test_the_sdxl_unet_keys_are_the_sgm_names_kohya_writes_on_sdxls_own_layout()
         unet = UNet2DConditionModel(**sdxl_configs()["unet"])
     modules = carried_unet_modules(unet)
     one = torch.zeros(1, 1)
-    state = kohya_state_dict({f"unet.{m}": LoraLayer(one, one, 1.0) for m in modules}, xl=True, unet_config=unet.config)
+    state = kohya_state_dict({f"unet.{m}": LoraLayer(one, one, 1.0) for m in modules}, family_named("SDXL"),
+                             unet_config=unet.config)
     names = unet_names(state)
     assert len(names) == len(modules) == 792
     assert all(n.startswith(("input_blocks_", "middle_block_", "output_blocks_", "out_2", "time_embed_")) for n in names)
@@ -427,7 +427,6 @@ def test_a_full_sdxl_scenes_lora_uses_sgm_names_and_loads_as_the_diffusers_named
     """The tiny SDXL (one resnet per level): the file's UNet names are SGM ones that
     diffusers maps back onto exactly the carried layers, and `load_lora_weights` gives
     the same weights, to the bit, from it as from the same layers in diffusers names."""
-    from scenebreak.families import pipeline_class
     from scenebreak.kohya import extract_layers, kohya_state_dict
     from scenebreak.models import load_components
 
@@ -449,11 +448,11 @@ def test_a_full_sdxl_scenes_lora_uses_sgm_names_and_loads_as_the_diffusers_named
         name = f"{prefixes[component]}_{module.replace('.', '_')}"
         diffusers_named.update({f"{name}.lora_down.weight": layer.down, f"{name}.lora_up.weight": layer.up,
                                 f"{name}.alpha": torch.tensor(layer.alpha)})
-    sgm_named = kohya_state_dict(layers, xl=True, unet_config=base.unet.config)
+    sgm_named = kohya_state_dict(layers, family_named("SDXL"), unet_config=base.unet.config)
     assert unet_names(sgm_named) != unet_names(diffusers_named)
     fused = []
     for lora in (sgm_named, diffusers_named):
-        pipe = pipeline_class(scene.family).from_pretrained(tiny_sdxl, dtype=torch.float32)
+        pipe = scene.family.pipeline_class().from_pretrained(tiny_sdxl, dtype=torch.float32)
         pipe.load_lora_weights(dict(lora))
         pipe.fuse_lora()
         pipe.unload_lora_weights()

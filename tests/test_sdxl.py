@@ -21,7 +21,7 @@ def test_the_family_and_both_text_encoders_are_read_from_the_folder(tiny_sdxl):
     from scenebreak.models import load_components, parameter_counts
 
     family = detect_family(tiny_sdxl, "it")
-    assert family.is_xl and family.text_encoders == ("text_encoder", "text_encoder_2") and family.guidance == 5.0
+    assert family.name == "SDXL" and family.text_encoders == ("text_encoder", "text_encoder_2") and family.guidance == 5.0
     c = load_components(str(tiny_sdxl))
     assert c.family == family and c.native_resolution == 256 and len(c.tokenizers) == 2
     assert isinstance(c.text_encoders[1], CLIPTextModelWithProjection)
@@ -32,7 +32,7 @@ def test_the_family_and_both_text_encoders_are_read_from_the_folder(tiny_sdxl):
 def test_training_conditions_the_unet_exactly_as_the_sdxl_pipeline_does(tiny_sdxl):
     """Penultimate hidden states of both encoders side by side, the second's pooled
     projection, and the six size/crop ids in the pipeline's order."""
-    from scenebreak.families import encode_prompts, time_ids
+    from scenebreak.families.sdxl import time_ids
     from scenebreak.models import load_components
     from scenebreak.pipeline import make_pipeline
 
@@ -42,7 +42,7 @@ def test_training_conditions_the_unet_exactly_as_the_sdxl_pipeline_does(tiny_sdx
     ids = [tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
            for tok in c.tokenizers]
     with torch.no_grad():
-        hidden, added = encode_prompts(c.family, c.text_encoders, ids, time_ids((300, 200), (256, 256)))
+        hidden, added = c.family.encode_prompts(c.text_encoders, ids, time_ids((300, 200), (256, 256)))
         expected, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                     do_classifier_free_guidance=False)
     projection = c.text_encoders[1].config.projection_dim
@@ -70,7 +70,7 @@ def test_the_pooled_prompt_is_taken_at_the_end_of_text_not_at_a_handle(learned_s
 
     from scenebreak.device import choose_device
     from scenebreak.export import export_scene
-    from scenebreak.families import encode_prompts, time_ids
+    from scenebreak.families.sdxl import time_ids
     from scenebreak.models import load_components
     from scenebreak.pipeline import make_pipeline
     from scenebreak.scene_models import scene_components
@@ -86,7 +86,7 @@ def test_the_pooled_prompt_is_taken_at_the_end_of_text_not_at_a_handle(learned_s
         ids = [tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
                for tok in c.tokenizers]
         with torch.no_grad():
-            pooled.append(encode_prompts(c.family, c.text_encoders, ids, time_ids((256, 256), (256, 256)))[1]["text_embeds"])
+            pooled.append(c.family.encode_prompts(c.text_encoders, ids, c.family.sampling_conditions((256, 256)))[1]["text_embeds"])
     assert not torch.allclose(*pooled)
     # Sampling, from a scene whose recorded configs still carry the legacy id.
     scene = load_scene(learned_sdxl.path, weights=True)

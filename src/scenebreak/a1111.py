@@ -40,7 +40,6 @@ from .kohya import (DEFAULT_RANK, KOHYA_SKIPS, Extraction, adapter_layers, check
 
 SCENE_PART = 40  # characters of the scene's name in file names: with a 200-character handle, under 255 bytes
 MAX_STEM = 255 - len(".safetensors")  # bytes of a file name's stem (names here are ASCII)
-SD_VERSIONS = {"SD 1.x": "SD1", "SD 2.x": "SD2", "SDXL": "SDXL"}  # A1111's and Forge's names
 SGM = "https://github.com/Stability-AI/generative-models"
 
 
@@ -152,9 +151,7 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
     embeddings = {}
     for i, handle in enumerate(scene.handles):
         rows = [e[i].detach().float().reshape(1, -1).contiguous().clone() for e in scene.handle_embeddings]
-        # A1111 reads a one-key file as one embedding; SDXL's names its two encoders' rows.
-        tensors = {"clip_l": rows[0], "clip_g": rows[1]} if scene.family.is_xl else {"emb_params": rows[0]}
-        embeddings[names[handle.token]] = tensors
+        embeddings[names[handle.token]] = scene.family.a1111_embedding(rows)
     if scene.needs_base_model:
         lora = scene.meta["lora"]
         layers = adapter_layers(scene.weights, lora["alpha"])
@@ -178,7 +175,7 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
         layers, extraction = extract_layers(tuned, base, rank, scene.stored_dtype, progress, kohya_strict)
         network_dim = network_alpha = max((layer.down.shape[0] for layer in layers.values()), default=0)
         unet_config = c.unet.config
-    state = kohya_state_dict(layers, scene.family.is_xl, unet_config)
+    state = kohya_state_dict(layers, scene.family, unet_config)
     files = A1111Files(scene=stem, embeddings=embeddings, lora=state, lora_metadata={}, readme="", extraction=extraction)
     files.lora_metadata = _lora_metadata(scene, files, network_dim, network_alpha, names)
     files.card = _card(scene, files, names)
@@ -197,19 +194,15 @@ def _lora_metadata(scene: Scene, files: A1111Files, dim: int, alpha: float, name
     """The metadata keys the tools read to tell which model a LoRA is for (kohya's
     `ss_*`, and the ModelSpec keys kohya writes too), and where it came from."""
     family = scene.family
-    v2, v, xl = family.name == "SD 2.x", family.prediction_type == "v_prediction", family.is_xl
-    version = "sdxl_base_v1-0" if xl else f"sd_v{2 if v2 else 1}{'_v' if v else ''}"  # kohya's names
-    architecture = ("stable-diffusion-xl-v1-base" if xl else
-                    ("stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1")
     base, r = base_model_name(scene.meta["base_model"]), scene.resolution
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
-            "ss_v2": str(v2), "ss_base_model_version": version, "ss_output_name": files.lora_name,
-            "ss_sd_model_name": base,
-            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
-            # the names the UNet's keys follow: SGM's for SDXL (kohya.py), diffusers' otherwise
-            "modelspec.implementation": SGM if xl else "diffusers",
+            "ss_v2": str(family.a1111_version == "SD2"), "ss_base_model_version": family.kohya_version,
+            "ss_output_name": files.lora_name, "ss_sd_model_name": base,
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+            # the names the UNet's keys follow (kohya.py)
+            "modelspec.implementation": SGM if family.kohya_sgm_unet else "diffusers",
             "modelspec.title": files.lora_name, "modelspec.resolution": f"{r}x{r}",
-            "modelspec.prediction_type": "v" if v else "epsilon",
+            "modelspec.prediction_type": "v" if family.prediction_type == "v_prediction" else "epsilon",
             "modelspec.trigger_phrase": _activation_text(scene, names),
             "scenebreak_scene": files.scene, "scenebreak_base_model": base,
             "scenebreak_lora_source": files.extraction.source}
@@ -226,7 +219,7 @@ def _card(scene: Scene, files: A1111Files, names: dict[str, str]) -> dict:
                         for h in scene.handles)
     return {"description": f"Break-A-Scene scene {files.scene} on {base_model_name(scene.meta['base_model'])}: use it "
                            "with its embeddings (see README.md)",
-            "sd version": SD_VERSIONS[scene.family.name],
+            "sd version": scene.family.a1111_version,
             "activation text": _activation_text(scene, names),
             "preferred weight": 1.0,
             "notes": f"Trigger words (the embeddings' file names): {handles}. Exported by scenebreak."}
@@ -264,8 +257,10 @@ def readme(scene: Scene, files: A1111Files, names: dict[str, str]) -> str:
     fidelity += "\n\n" + _kohya_note(files)
     v_note = ("\nThis base model predicts v (v-prediction): if your tool does not detect it, pick its v-prediction "
               "setting.\n" if family.prediction_type == "v_prediction" else "")
-    sdxl_note = ("\nSDXL: each embedding file holds the handle's rows for both text encoders (`clip_l`, `clip_g`); "
-                 "the tools load both.\n" if family.is_xl else "")
+    keys = sorted(next(iter(files.embeddings.values()), {}))
+    encoders_note = (f"\n{family.name}: each embedding file holds the handle's rows for all {len(family.text_encoders)} "
+                     f"text encoders ({', '.join(f'`{k}`' for k in keys)}); the tools load them all.\n"
+                     if len(family.text_encoders) > 1 else "")
     return f"""# {files.scene}: a Break-A-Scene scene for AUTOMATIC1111, Forge and ComfyUI
 
 Exported by scenebreak. Learned on the base model `{_inline(base_model_name(base))}`{f' (revision `{_inline(revision)}`)' if revision else ''},
@@ -289,7 +284,7 @@ family {family.name}, at {scene.resolution}x{scene.resolution}. Select that same
 Use the LoRA at strength 1.0 (model and text encoder) together with the trigger words: the
 embeddings alone carry only phase 1 and reproduce the objects less faithfully.
 {fidelity}
-{sdxl_note}
+{encoders_note}
 ## AUTOMATIC1111 / Forge
 
 Copy the files as above (or press the refresh button of the Lora and Textual Inversion

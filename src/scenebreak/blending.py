@@ -27,7 +27,6 @@ import numpy as np
 
 from .events import Progress, Reporter, silent
 from .maskops import dilate
-from .pipeline import conditioning
 
 
 def work_size(size: tuple[int, int], resolution: int, multiple: int = 8) -> tuple[int, int]:
@@ -105,12 +104,13 @@ def blend_step(latents, source, mask, noise, scheduler, timestep):
     return mask * latents + (1 - mask) * background.to(latents.dtype)
 
 
-def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps: int = 50, guidance: float = 7.5,
+def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *, steps: int = 50, guidance: float = 7.5,
                     blend_start: float = 0.25, negative: str | None = None, fixed_noise: bool = True,
                     on_step=None, report: Reporter = silent, task: str = "edit", done: int = 0,
                     total: int | None = None):
     """Blended sampling of one region for a batch of seeds, with the pipeline's scheduler.
 
+    `family` (families.Family) builds the pipeline's conditioning.
     `source` (B or 1, C, h, w): the source latents; `mask` (1, 1, h, w): 1 where the prompt
     may change things. The first `blend_start` of the steps are skipped, and sample i
     starts from the source noised to the first step run, with Gaussian noise seeded with
@@ -134,7 +134,8 @@ def blended_latents(pipe, source, mask, prompt: str, seeds: list[int], *, steps:
     cfg = guidance > 1
     with torch.inference_mode():
         factor = pipe.vae_scale_factor
-        embeds, added = conditioning(pipe, prompt, len(seeds), cfg, negative, (shape[1] * factor, shape[2] * factor))
+        embeds, added = family.pipeline_conditioning(pipe, prompt, len(seeds), cfg, negative,
+                                                     (shape[1] * factor, shape[2] * factor))
         source = source.to(device, dtype).expand(len(seeds), *shape)
         mask = mask.to(device, dtype)
         noise = draw()

@@ -124,6 +124,11 @@ class Scene:
         return ("unet", *encoders, "vae")
 
 
+def embedding_keys(family) -> list[str]:
+    """The tensor of the handles' rows in each text encoder of `family`, first to last."""
+    return ["handles.embeddings" + (f"_{i + 1}" if i else "") for i in range(len(family.text_encoders))]
+
+
 def _family(meta: dict):
     from .families import family_named
 
@@ -154,7 +159,7 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
     for name, data in scene.files.items():
         tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
     # Format 2 only where it is needed (SDXL): SD scenes stay readable by older versions.
-    meta = dict(scene.meta, format_version=FORMAT_VERSION if scene.family.is_xl else 1, weights_dtype=save_dtype)
+    meta = dict(scene.meta, format_version=scene.family.scene_format, weights_dtype=save_dtype)
     path = Path(path)
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)}))
     scene.path = path
@@ -192,8 +197,7 @@ def read_metadata(path: Path) -> dict:
     problem = metadata_problem(meta)
     if problem:
         raise BundleError(f"{path} is not a valid scene: {problem}")
-    xl = _family(meta).is_xl
-    for key in ("handles.embeddings", "source.image", "source.masks", *(("handles.embeddings_2",) if xl else ())):
+    for key in (*embedding_keys(_family(meta)), "source.image", "source.masks"):
         if key not in keys:
             raise BundleError(f"{path} is incomplete: tensor {key!r} is missing")
     problem = _stray_tensor(meta, keys) or _family_mismatch(meta)
@@ -203,12 +207,13 @@ def read_metadata(path: Path) -> dict:
 
 
 def _family_mismatch(meta: dict) -> str | None:
-    """The recorded family against the recorded UNet: SDXL's takes the pooled text and
-    size ids ("text_time"), SD 1.x/2.x's does not."""
+    """The recorded family against the family the recorded configs build."""
+    from .families import family_named, family_of_configs
+
     configs, family = meta.get("configs"), _family(meta)
-    xl_unet = bool(configs) and configs["unet"].get("addition_embed_type") == "text_time"
-    if configs and xl_unet != family.is_xl:
-        return f"its UNet config is {'an SDXL' if xl_unet else 'an SD 1.x/2.x'} UNet, but the scene says {family.name}"
+    built = family_of_configs(configs) if configs else None
+    if configs and (built is None or type(family_named(built)) is not type(family)):
+        return f"its model configs build {built or 'no model scenebreak knows'}, but the scene says {family.name}"
     return None
 
 
@@ -216,7 +221,7 @@ def _stray_tensor(meta: dict, keys: set[str]) -> str | None:
     """A tensor this scene's family and tuning do not have (e.g. an SDXL scene's second
     encoder in a scene that says SD 2.x), or None."""
     components = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
-    fixed = {"handles.embeddings", "source.image", "source.masks", *(("handles.embeddings_2",) if _family(meta).is_xl else ())}
+    fixed = {*embedding_keys(_family(meta)), "source.image", "source.masks"}
     for key in sorted(keys):
         if key in fixed or key.startswith("file.") or key.partition(".")[0] in components:
             continue
@@ -256,8 +261,8 @@ def metadata_problem(meta: dict) -> str | None:
     family = base.get("family", "")
     if family and family not in SUPPORTED:
         return f"its base model family {str(family)[:40]!r} is not one scenebreak knows ({', '.join(SUPPORTED)})"
-    if _family(meta).is_xl and meta.get("format_version", 0) < 2:
-        return "an SDXL scene needs format 2"
+    if meta.get("format_version", 0) < _family(meta).scene_format:
+        return f"its family {_family(meta).name} needs format {_family(meta).scene_format}"
     if not isinstance(resolution, int) or isinstance(resolution, bool) or not 8 <= resolution <= MAX_RESOLUTION or resolution % 8:
         return f"resolution {str(resolution)[:20]} is not a multiple of 8 between 8 and {MAX_RESOLUTION}"
     name = meta.get("name")
@@ -405,8 +410,6 @@ def tokenizer_from_files(files: dict[str, bytes], folder: str, family) -> object
     encoder's, not what the files claim."""
     import tempfile
 
-    from .families import tokenizer_class
-
     with tempfile.TemporaryDirectory(prefix="scenebreak-tokenizer-") as tmp:
         for name, data in files.items():
             if not is_tokenizer_entry(name):
@@ -417,7 +420,7 @@ def tokenizer_from_files(files: dict[str, bytes], folder: str, family) -> object
                 (Path(tmp) / name.partition("/")[2]).write_bytes(data)
         if not any(Path(tmp).iterdir()):
             raise BundleError(f"not a valid scene: it holds no {folder} files")
-        cls, max_length = tokenizer_class(family, folder)
+        cls, max_length = family.tokenizer_class(folder)
         try:
             return cls.from_pretrained(tmp, model_max_length=max_length, local_files_only=True)
         except Exception as exc:  # tokenizers raise many types for damaged files

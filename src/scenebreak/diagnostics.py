@@ -18,7 +18,6 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     from PIL import Image
 
     from .attention import AttentionStore, capture_cross_attention
-    from .families import encode_prompts, time_ids
     from .scene_models import scene_components
     from .images import image_to_tensor
     from .tokens import handle_positions, prompt_for
@@ -38,7 +37,7 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     total = None
     with torch.no_grad(), capture_cross_attention(unet, store):
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-        hidden, added = encode_prompts(scene.family, text_encoders, ids, time_ids(size, size))
+        hidden, added = scene.family.encode_prompts(text_encoders, ids, scene.family.sampling_conditions(size))
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(dev)
             step = torch.tensor([t], device=dev)

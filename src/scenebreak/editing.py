@@ -57,15 +57,16 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
     total, done = len(seeds) * len(masks) * per_sample, 0
     warn_cpu_time(run, total, size[0] * size[1], report)
     results = []
-    for start in range(0, len(seeds), batch):
-        chunk = seeds[start:start + batch]
+    for begin in range(0, len(seeds), batch):
+        chunk = seeds[begin:begin + batch]
         full = [image] * len(chunk)
         work = [resize(image, size)] * len(chunk)
         for j, (mask, lmask, prompt) in enumerate(zip(masks, latent_masks, prompts)):
             # The first region starts from the same image for every seed: encode it once.
             source = encode(pipe.vae, work[:1] if j == 0 else work)
             with run.precision():
-                latents = blended_latents(pipe, source, lmask, prompt, chunk, steps=config.steps, guidance=config.guidance,
+                latents = blended_latents(pipe, run.scene.family, source, lmask, prompt, chunk, steps=config.steps,
+                                          guidance=config.guidance,
                                           blend_start=config.blend_start, negative=config.negative, report=report,
                                           task=task, done=done, total=total)
             done += len(chunk) * per_sample

@@ -238,11 +238,7 @@ def _write_embeddings(scene, folder: Path) -> None:
     meta = {"scenebreak_scene": scene.name, "base_model": base_model_name(scene.meta["base_model"])}
     for i, (handle, name) in enumerate(zip(scene.handles, _embedding_names(scene))):
         rows = [e[i].detach().float().contiguous().clone() for e in scene.handle_embeddings]
-        if scene.family.is_xl:
-            # The layout SDXL embeddings are shared in: one (vectors, width) row per encoder.
-            tensors = {"clip_l": rows[0][None], "clip_g": rows[1][None]}
-        else:
-            tensors = {handle.token: rows[0]}
+        tensors = scene.family.textual_inversion(handle.token, rows)
         save_file(tensors, str(folder / f"{name}.safetensors"), metadata=dict(meta, token=handle.token))
 
 

@@ -249,19 +249,21 @@ def _truncated_svd(diff, rank: int, dtype) -> tuple[LoraLayer, float]:
     return LoraLayer(down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(r)), max(0.0, kept)
 
 
-def kohya_state_dict(layers: dict[str, LoraLayer], xl: bool, unet_config=None) -> dict:
+def kohya_state_dict(layers: dict[str, LoraLayer], family, unet_config=None) -> dict:
     """Layers keyed `component.module` as a kohya state dict: PEFT's lora_A/lora_B are
-    kohya's lora_down/lora_up, each layer keeps its own alpha, and `.` becomes `_`. On
-    SDXL (`xl`) the UNet's modules get their SGM names, which its block layout sets
-    (`unet_config`: the UNet's config)."""
+    kohya's lora_down/lora_up, each layer keeps its own alpha, and `.` becomes `_`. The
+    family (families.Family) names the text encoders' prefixes, and whether the UNet's
+    modules get their SGM names, which its block layout sets (`unet_config`: the
+    UNet's config)."""
     import torch
 
-    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if xl else "lora_te", "text_encoder_2": "lora_te2"}
-    layout = unet_layout(unet_config) if xl and any(path.startswith("unet.") for path in layers) else None
+    prefixes = {"unet": "lora_unet", **family.kohya_text_prefixes}
+    sgm = family.kohya_sgm_unet and any(path.startswith("unet.") for path in layers)
+    layout = unet_layout(unet_config) if sgm else None
     state: dict = {}
     for path, layer in layers.items():
         component, _, module = path.partition(".")
-        if component not in prefixes or (component == "text_encoder_2" and not xl):
+        if component not in prefixes:
             raise BundleError(f"the scene has LoRA weights for an unknown part {component[:40]!r}")
         if layout:
             module = sgm_module(module, layout) if component == "unet" else module

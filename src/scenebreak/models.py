@@ -14,20 +14,6 @@ from pathlib import Path
 
 from .errors import InvalidInput, ModelNotAvailable
 
-# The base model: only what scenebreak uses, no root checkpoints, no fp16/ema variants, no .bin twins.
-_DIFFUSERS_HUB_FILES = [
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-]
-# SDXL's second tokenizer and text encoder (OpenCLIP-G) too.
-_SDXL_HUB_FILES = _DIFFUSERS_HUB_FILES + ["tokenizer_2/*", "text_encoder_2/config.json", "text_encoder_2/model.safetensors"]
 # A transformers model (detector, segmenter): configs, tokenizer files and safetensors weights.
 _TRANSFORMERS_HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
@@ -118,7 +104,8 @@ def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Pat
         return folder, None
     configs, _ = hub_snapshot(base_model, revision, CONFIG_FILES)
     family = detect_family(configs, f"the base model {base_model}")
-    return hub_snapshot(base_model, revision, _SDXL_HUB_FILES if family.is_xl else _DIFFUSERS_HUB_FILES)
+    # Only what scenebreak uses: no root checkpoints, no fp16/ema variants, no .bin twins.
+    return hub_snapshot(base_model, revision, list(family.hub_files))
 
 
 WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors",
@@ -286,15 +273,15 @@ def load_components(base_model: str, revision: str | None = None,
     quiet_libraries()
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .families import detect_family, pool_at_end_of_text, text_encoder_class, tokenizer_class
+    from .families import detect_family, pool_at_end_of_text
 
     folder, commit = resolved or resolve_model_dir(base_model, revision)
     family = detect_family(folder, f"the base model {base_model}")
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         vae = AutoencoderKL.from_pretrained(folder / "vae")
-        text_encoders = [text_encoder_class(name).from_pretrained(folder / name) for name in family.text_encoders]
-        tokenizers = [tokenizer_class(family, name)[0].from_pretrained(folder / name) for name in family.tokenizers]
+        text_encoders = [family.text_encoder_class(name).from_pretrained(folder / name) for name in family.text_encoders]
+        tokenizers = [family.tokenizer_class(name)[0].from_pretrained(folder / name) for name in family.tokenizers]
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelNotAvailable(

@@ -33,38 +33,9 @@ def make_pipeline(family, unet, vae, text_encoders: list, tokenizers: list, sche
                   scheduler: str = "dpm"):
     """The diffusers text-to-image pipeline of `family` (families.Family) with the
     sampler `scheduler`, and no safety checker or watermark."""
-    from .families import pipeline_class
-
-    scheduler = make_scheduler(scheduler, scheduler_config)
-    parts = dict(vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoders[0], tokenizer=tokenizers[0])
-    if family.is_xl:
-        parts.update(text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1], add_watermarker=False)
-    else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_class(family)(**parts)
+    pipe = family.pipeline(unet, vae, text_encoders, tokenizers, make_scheduler(scheduler, scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def conditioning(pipe, prompt: str, count: int, guidance: bool, negative: str | None, size: tuple[int, int]):
-    """What the UNet is conditioned on for `count` images of `prompt` at `size` (h, w),
-    built by the pipeline itself: the text embeddings (unconditional first when
-    `guidance`), and SDXL's added conditions (None before SDXL), the size ids as its
-    pipeline makes them: original = target = `size`, no crop."""
-    import torch
-
-    device = pipe._execution_device
-    if not hasattr(pipe, "text_encoder_2"):
-        cond, uncond = pipe.encode_prompt(prompt, device, count, guidance, negative_prompt=negative)
-        return (torch.cat([uncond, cond]) if guidance else cond), None
-    from .families import time_ids
-
-    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=count,
-                                                             do_classifier_free_guidance=guidance, negative_prompt=negative)
-    ids = time_ids(size, size).to(device, cond.dtype).repeat(count * (2 if guidance else 1), 1)
-    if guidance:
-        cond, pooled = torch.cat([uncond, cond]), torch.cat([uncond_pooled, pooled])
-    return cond, {"text_embeds": pooled, "time_ids": ids}
 
 
 def decode_latents(vae, latents, report: Reporter = silent):

@@ -142,11 +142,12 @@ def warn_unused_handles(scene: Scene, prompts: list[str], report: Reporter) -> N
 
 
 def warn_old_pooling(scene: Scene, report: Reporter) -> None:
-    """SDXL scenes learned before the pooled prompt was taken at the end of text
-    (families.pool_at_end_of_text) trained with it at the last handle: they still
+    """Scenes of a family with pooled text (SDXL) learned before the pooled prompt was
+    taken at the end of text (families.pool_at_end_of_text) trained with it at the
+    last handle: they still
     sample, with the fixed pooling, but a new `learn` fits what is sampled now."""
-    if scene.family.is_xl and scene.meta.get("pooled_at") != "eos":
-        report(Message(f"scene {scene.name!r} was learned by an older scenebreak whose SDXL pooled prompt ignored the "
+    if scene.family.pooled_text and scene.meta.get("pooled_at") != "eos":
+        report(Message(f"scene {scene.name!r} was learned by an older scenebreak whose pooled prompt ignored the "
                        "words after a handle: learn it again for the best results", "warning"))
 
 

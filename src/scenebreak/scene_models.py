@@ -35,8 +35,7 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
         unet, vae, text_encoders = own_weights(scene, dtype)
     for model in (unet, vae, *text_encoders):
         model.to(device.torch, dtype).eval().requires_grad_(False)
-    if dtype == torch.float16 and family.is_xl and vae.config.get("force_upcast", False):
-        vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config says so)
+    vae.to(family.sampling_vae_dtype(vae, dtype))
     # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
     for tokenizer, text_encoder, rows in zip(tokenizers, text_encoders, scene.handle_embeddings):
         pool_at_end_of_text(text_encoder, tokenizer)  # older scenes recorded the legacy config
@@ -56,14 +55,12 @@ def own_weights(scene: Scene, dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from .families import text_encoder_class
-
     configs = scene.meta["configs"]
     names = scene.family.text_encoders
     with init_empty_weights():  # no random init of weights we overwrite anyway
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoders = [text_encoder_class(name)(CLIPTextConfig(**configs[name])) for name in names]
+        text_encoders = [scene.family.text_encoder_class(name)(CLIPTextConfig(**configs[name])) for name in names]
     for model, name in ((unet, "unet"), (vae, "vae"), *zip(text_encoders, names)):
         check_weights_fit(scene, name, model.state_dict(), scene.weights[name])
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}

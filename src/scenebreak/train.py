@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from .families import encode_prompts, time_ids
 from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
 from .config import LearnConfig
 from .device import Device
@@ -148,12 +147,10 @@ class Trainer:
         self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_ids = self._tokenize(config.class_prompt)
         self._prompt_cache: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        # SDXL's size/crop ids: the instance is a crop of crop_size from the photo, resized
-        # to the resolution; the class images were made at the resolution.
-        self.time_ids = None
-        if components.family.is_xl:
-            size = (resolution, resolution)
-            self.time_ids = torch.cat([time_ids(inputs.crop_size or size, size), time_ids(size, size)]).to(dev)
+        # The family's extra conditioning of [instance, class image] (SDXL's size/crop ids).
+        self.conditions = components.family.training_conditions(inputs.crop_size, resolution)
+        if self.conditions is not None:
+            self.conditions = self.conditions.to(dev)
         self._fp32_master: dict[str, torch.Tensor] | None = None  # fp32 values of the weights kept in half, on the CPU
         if config.tune == "lora":
             self._cast_frozen_to_half()  # frozen for the whole run
@@ -375,8 +372,8 @@ class Trainer:
         # copy of all weights for the whole step would cost more than re-casting them.
         with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):
             batch_ids = [torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids
-            conditions = None if self.time_ids is None else self.time_ids[: len(latents)]
-            hidden, added = encode_prompts(c.family, c.text_encoders, batch_ids, conditions)
+            conditions = None if self.conditions is None else self.conditions[: len(latents)]
+            hidden, added = c.family.encode_prompts(c.text_encoders, batch_ids, conditions)
             pred = self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
 
         mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks

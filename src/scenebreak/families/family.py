@@ -1,0 +1,148 @@
+"""What a base family is to the rest of scenebreak: one interface (`Family`) that the
+trainer, the samplers, the scene file and the exports ask, instead of branching on
+which family they hold. Each family module (sd.py, sdxl.py) fills it in; the parts
+every CLIP-conditioned family shares live here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+# The tokens CLIP's text encoders read, start and end of text included.
+CLIP_TOKENS = 77
+# What every base model folder of these families holds (a family adds its own parts).
+BASE_HUB_FILES = ("model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/config.json",
+                  "text_encoder/model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base family, with the prediction type of the model at hand (epsilon or
+    v_prediction). The class attributes are the family's; the methods build what
+    differs between families."""
+
+    name: str  # as scenes record it: "SD 1.x", "SD 2.x", "SDXL"
+    prediction_type: str = "epsilon"
+
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # folders (and scene components), first to last
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    guidance: ClassVar[float] = 7.5  # the usual classifier-free guidance of its pipeline
+    scene_format: ClassVar[int] = 1  # the .scene format version its scenes need
+    hub_files: ClassVar[tuple[str, ...]] = BASE_HUB_FILES  # what a base model download fetches
+    pooled_text: ClassVar[bool] = False  # its UNet also takes a pooled CLIP vector
+    pipeline_name: ClassVar[str] = ""  # its diffusers text-to-image pipeline (model_index.json's _class_name)
+    # How kohya's tools name its LoRA: each text encoder's key prefix, and whether the
+    # UNet's modules get their original SGM names (kohya.py).
+    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
+    kohya_sgm_unet: ClassVar[bool] = False
+
+    @staticmethod
+    def recognise(index: dict, unet: dict, text: dict, parts: set[str]) -> str | None:
+        """The name of this family's member that a model's configs (model_index.json,
+        the UNet's and the first text encoder's) and `parts` (its subfolders) show, or
+        None when they are not of this family."""
+        raise NotImplementedError
+
+    @classmethod
+    def refusal(cls, index: dict, parts: set[str], what: str) -> str | None:
+        """What a folder this family recognised is instead, when scenebreak cannot
+        train it (e.g. "an SDXL refiner"), or None; InvalidInput for an incomplete one."""
+        return None
+
+    # -- models --------------------------------------------------------------------------------
+    def text_encoder_class(self, name: str):
+        """The transformers class of the text-encoder folder `name`."""
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel
+
+    def tokenizer_class(self, name: str):
+        """The transformers class of the tokenizer folder `name`, and how many tokens its
+        text encoder reads. Named explicitly: the Auto classes would follow a config's
+        `auto_map` to custom code."""
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer, CLIP_TOKENS
+
+    def pipeline_class(self):
+        """The diffusers text-to-image pipeline class."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_name)
+
+    def pipeline(self, unet, vae, text_encoders: list, tokenizers: list, scheduler):
+        """Its text-to-image pipeline over given models, without a safety checker or
+        watermark."""
+        raise NotImplementedError
+
+    def sampling_vae_dtype(self, vae, dtype):
+        """The dtype the VAE samples in when the rest is in `dtype`."""
+        return dtype
+
+    # -- conditioning -----------------------------------------------------------------------------
+    def encode_prompts(self, text_encoders: list, ids: list, conditions=None):
+        """UNet conditioning for token ids (one (B, 77) tensor per text encoder): the
+        `encoder_hidden_states`, and the `added_cond_kwargs` (None where the UNet takes
+        none); `conditions` are the family's extra numbers per example
+        (`training_conditions`)."""
+        raise NotImplementedError
+
+    def training_conditions(self, crop_size: tuple[int, int] | None, resolution: int):
+        """The extra conditioning of a training batch [instance, class image] (None where
+        the UNet takes none): the instance is a crop of `crop_size` (h, w) from the
+        photo resized to `resolution`; the class images were made at `resolution`."""
+        return None
+
+    def sampling_conditions(self, size: tuple[int, int]):
+        """The extra conditioning of one image sampled at `size` (h, w), as its pipeline
+        makes it (None where the UNet takes none)."""
+        return None
+
+    def pipeline_conditioning(self, pipe, prompt: str, count: int, guidance: bool, negative: str | None,
+                              size: tuple[int, int]):
+        """What the UNet is conditioned on for `count` images of `prompt` at `size`,
+        built by the pipeline itself (unconditional first when `guidance`): the text
+        embeddings and the added conditions (None where the UNet takes none)."""
+        raise NotImplementedError
+
+    # -- files other tools load ----------------------------------------------------------------------
+    def textual_inversion(self, token: str, rows: list) -> dict:
+        """A handle's textual-inversion file as diffusers' `load_textual_inversion`
+        reads it, from its rows in each text encoder."""
+        raise NotImplementedError
+
+    def a1111_embedding(self, rows: list) -> dict:
+        """A handle's embedding file as AUTOMATIC1111, Forge and ComfyUI read it."""
+        raise NotImplementedError
+
+    @property
+    def a1111_version(self) -> str:
+        """The version A1111 and Forge file a LoRA under (its `.json` card's "sd version")."""
+        raise NotImplementedError
+
+    @property
+    def kohya_version(self) -> str:
+        """kohya's `ss_base_model_version`."""
+        raise NotImplementedError
+
+    @property
+    def modelspec_architecture(self) -> str:
+        """The ModelSpec architecture of the base model (a LoRA's adds "/lora")."""
+        raise NotImplementedError
+
+
+def pool_at_end_of_text(text_encoder, tokenizer) -> None:
+    """Make a CLIP text encoder take its pooled output at the tokenizer's end-of-text
+    token. The real SD, SDXL and FLUX folders' configs carry the legacy
+    `eos_token_id: 2`, and with it transformers pools at the largest token id in the
+    prompt: a handle (ids past the base vocabulary), not the end of the text, so
+    "<asset1> at the beach" and "<asset1> in the snow" got the same pooled vector on
+    SDXL. Prompts without handles pool at the same position either way (the end of
+    text is then the largest id, and the first of its kind), so they are unchanged
+    to the bit. The config is changed too, so that a saved folder behaves the same."""
+    eos = tokenizer.eos_token_id
+    text_encoder.config.eos_token_id = eos
+    for module in text_encoder.modules():  # CLIPTextModel, or the one inside ...WithProjection
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = eos
