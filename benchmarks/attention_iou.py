@@ -74,7 +74,7 @@ def run(seeds, lambdas=(0.01, 0.0), family: str = "sd", precisions=("fp32",), se
 
     from scenebreak import LearnConfig, learn
     from scenebreak.device import CPU_BF16_ENV
-    from scenebreak.diagnostics import attention_overlap
+    from scenebreak.evaluation.diagnostics import attention_overlap
 
     settings = settings or SETTINGS
     tmp = Path(tempfile.mkdtemp())

@@ -4,7 +4,7 @@ After every step the latents outside the mask are replaced by the source noised 
 the level just reached. The reference draws fresh noise for that at every step;
 the alternative keeps one noise per sample (the one it started from), so the
 background follows one smooth path, as a deterministic sampler's own latents do.
-Both are run here through `scenebreak.blending.blended_latents` itself, from the same
+Both are run here through `scenebreak.sample.blending.blended_latents` itself, from the same
 start (the source noised with the sample's seed to the first step run), on a
 synthetic photo with a centred square mask, with guidance at the family's scale:
 
@@ -109,8 +109,8 @@ def run(pipe, family, source, mask, inside, seeds, scheduler: str, steps: int, b
         guidance: float, record: bool = False):
     """Final latents of blended sampling (`inside`: the cells measured), and with
     `record` the clean-image estimates inside at every step."""
-    from scenebreak.blending import blended_latents
-    from scenebreak.pipeline import make_scheduler
+    from scenebreak.sample.blending import blended_latents
+    from scenebreak.sample.pipeline import make_scheduler
 
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     recorder = Estimates(pipe, guidance, inside) if record else None
@@ -142,9 +142,9 @@ def main() -> None:
 
     from train_step import random_model
 
-    from scenebreak.blending import encode, latent_mask
+    from scenebreak.sample.blending import encode, latent_mask
     from scenebreak.config import SCHEDULER_STEPS
-    from scenebreak.pipeline import make_pipeline, make_scheduler
+    from scenebreak.sample.pipeline import make_pipeline, make_scheduler
 
     started = time.perf_counter()
     c, _ = random_model(tiny=args.model == "tiny")

@@ -189,7 +189,7 @@ class Smoke:
         from conftest import write_synthetic_scene
         from scenebreak import EditConfig, GenerateConfig, edit, generate
         from scenebreak.config import SCHEDULERS
-        from scenebreak.evaluation import evaluate
+        from scenebreak.evaluation.evaluate import evaluate
         from scenebreak.config import EvaluateConfig
         from tinymodels import build_tiny_clip, build_tiny_dino, build_tiny_segmentation_models
 
@@ -226,14 +226,14 @@ class Smoke:
         messages: list = []
         device = "cuda:0" if how == "learn-cuda0" else None
         if how == "learn-no-bnb":
-            import scenebreak.optim
+            import scenebreak.train.optim
 
-            real = scenebreak.optim.bitsandbytes_available
-            scenebreak.optim.bitsandbytes_available = lambda: False  # memory.choose asks this at run time
+            real = scenebreak.train.optim.bitsandbytes_available
+            scenebreak.train.optim.bitsandbytes_available = lambda: False  # memory.choose asks this at run time
             try:
                 result = self.learn(name, {**SHORT, **settings}, messages=messages)
             finally:
-                scenebreak.optim.bitsandbytes_available = real
+                scenebreak.train.optim.bitsandbytes_available = real
         else:
             result = self.learn(name, {**SHORT, **settings}, device, messages=messages,
                                 base_model=self.sdxl_model() if how == "learn-sdxl" else None)

@@ -37,7 +37,7 @@ def main() -> None:
 
     from train_step import random_model
 
-    from scenebreak.kohya import extract_layers, kohya_state_dict
+    from scenebreak.exports.kohya import extract_layers, kohya_state_dict
 
     started = time.perf_counter()
     c, _ = random_model(sdxl=args.sdxl)

@@ -6,7 +6,7 @@ compared with a reference that has converged: DPM-Solver++ (second order, so far
 accurate than DDIM for the same steps) with `--reference-steps` (500) steps; the table
 also has DDIM at 500 steps, whose distance to it shows how close to converged both are. The error is the RMS of the difference over the RMS of the reference, averaged
 over `--seeds` seeds, with classifier-free guidance at the family's scale (7.5),
-exactly as `generate` samples (scenebreak.pipeline.sample's pipeline call).
+exactly as `generate` samples (scenebreak.sample.pipeline.sample's pipeline call).
 
 This says how many steps each sampler needs for the same accuracy; with random weights
 (there are no pretrained weights here) it is a statement about the solvers, not about
@@ -37,7 +37,7 @@ RUNS = [("ddim", 25), ("ddim", 50), ("ddim", 100), ("ddim", 500), ("dpm", 15), (
 
 
 def final_latents(pipe, scheduler: str, steps: int, seeds: list[int], resolution: int, guidance: float):
-    from scenebreak.pipeline import make_scheduler
+    from scenebreak.sample.pipeline import make_scheduler
 
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -58,7 +58,7 @@ def main() -> None:
 
     from train_step import random_model
 
-    from scenebreak.pipeline import make_pipeline
+    from scenebreak.sample.pipeline import make_pipeline
 
     c, _ = random_model(tiny=args.model == "tiny")
     pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, "dpm")

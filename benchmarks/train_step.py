@@ -236,7 +236,7 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
     one image per call."""
     from scenebreak.config import SCHEDULER_STEPS
     from scenebreak.device import choose_device, precision_name
-    from scenebreak.pipeline import decode_latents, make_pipeline, sample
+    from scenebreak.sample.pipeline import decode_latents, make_pipeline, sample
 
     scheduler, precision, batch = GENERATION[kind]
     device = choose_device(device_name)
@@ -284,9 +284,9 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
 
     from scenebreak.config import LearnConfig
     from scenebreak.device import choose_device, precision_name
-    from scenebreak.memory import choose as choose_memory
-    from scenebreak.tokens import add_handles
-    from scenebreak.train import Trainer, TrainInputs
+    from scenebreak.train.memory import choose as choose_memory
+    from scenebreak.train.tokens import add_handles
+    from scenebreak.train.trainer import Trainer, TrainInputs
 
     device = choose_device(device_name)
     source = source or ModelSource()

@@ -4,9 +4,13 @@ offline on the CPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
+
+DATA = Path(__file__).parent / "data"  # files kept with the tests (a scene written by an older version)
 
 
 @pytest.fixture(autouse=True)

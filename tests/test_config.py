@@ -9,17 +9,17 @@ import inspect
 import click
 import pytest
 
-from scenebreak.cli import cli
+from scenebreak.cli.commands import cli
 from scenebreak.config import BackgroundConfig, EditConfig, EvaluateConfig, GenerateConfig, LearnConfig, MaskConfig
 
 
 def _library():
-    from scenebreak.editing import edit, extract_background
-    from scenebreak.evaluation import evaluate
-    from scenebreak.export import export_scene
-    from scenebreak.generation import generate
-    from scenebreak.learning import learn
-    from scenebreak.masking import make_masks
+    from scenebreak.sample.edit import edit, extract_background
+    from scenebreak.evaluation.evaluate import evaluate
+    from scenebreak.exports.export import export_scene
+    from scenebreak.sample.generate import generate
+    from scenebreak.train.learn import learn
+    from scenebreak.masks.masking import make_masks
 
     return {
         "learn": (LearnConfig, learn), "generate": (GenerateConfig, generate), "edit": (EditConfig, edit),
@@ -84,7 +84,7 @@ def test_switch_pairs_reach_the_config():
     same config the API's constructor does."""
     from click.testing import CliRunner
 
-    from scenebreak import cli as cli_module
+    from scenebreak.cli import commands as cli_module
 
     seen = {}
 
@@ -92,15 +92,15 @@ def test_switch_pairs_reach_the_config():
         seen["config"] = config
         raise SystemExit(0)
 
-    import scenebreak.learning
+    import scenebreak.train.learn
 
-    original = scenebreak.learning.learn
-    scenebreak.learning.learn = fake_learn
+    original = scenebreak.train.learn.learn
+    scenebreak.train.learn.learn = fake_learn
     try:
         CliRunner().invoke(cli_module.cli, ["learn", "x.png", "--masks", "a.png", "b.png", "--no-prior", "--names", "a", "b",
                                             "--checkpoint-every", "7"])
     finally:
-        scenebreak.learning.learn = original
+        scenebreak.train.learn.learn = original
     assert seen["config"] == LearnConfig(prior=False, names=("a", "b"), checkpoint_every=7)
 
 
@@ -131,7 +131,7 @@ def test_the_most_handles_learn_takes_all_fit_the_training_prompt(tiny_model):
 
     from scenebreak.config import MAX_LEARNED_HANDLES
     from scenebreak.errors import InvalidInput
-    from scenebreak.tokens import handle_positions, prompt_for
+    from scenebreak.train.tokens import handle_positions, prompt_for
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
     for n in (MAX_LEARNED_HANDLES, MAX_LEARNED_HANDLES + 1):

@@ -72,7 +72,7 @@ def test_scenebreak_cpu_bf16_makes_the_cpu_act_with_or_without_bf16(monkeypatch)
 def test_a_bad_scenebreak_cpu_bf16_is_one_line_and_exit_2(scene_files, monkeypatch):
     from click.testing import CliRunner
 
-    from scenebreak.cli import cli
+    from scenebreak.cli.commands import cli
 
     monkeypatch.setenv("SCENEBREAK_CPU_BF16", "no")
     result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"])])

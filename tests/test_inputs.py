@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from scenebreak.cli import cli
+from scenebreak.cli.commands import cli
 from scenebreak.errors import InvalidInput
 from scenebreak.images import load_image, load_masks, mask_array, prepare
-from scenebreak.learning import default_name
+from scenebreak.train.learn import default_name
 from scenebreak.paths import check_name
 
 
@@ -199,12 +199,12 @@ def test_closed_stdout_stops_quietly(tmp_path):
 
 
 def test_closed_stdout_in_a_command_is_quiet_even_with_debug(monkeypatch):
-    import scenebreak.catalog
+    import scenebreak.scenes.catalog
 
     def rows():
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(scenebreak.catalog, "scene_rows", rows)
+    monkeypatch.setattr(scenebreak.scenes.catalog, "scene_rows", rows)
     for args in (["list"], ["--debug", "list"]):
         result = run(*args)
         assert result.exit_code == 141, result.output
@@ -215,20 +215,20 @@ def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch)
     import os
     import signal
 
-    import scenebreak.catalog
-    import scenebreak.cli
+    import scenebreak.scenes.catalog
+    import scenebreak.cli.commands
 
     def interrupted():
         raise KeyboardInterrupt
 
-    describe = scenebreak.cli.describe
+    describe = scenebreak.cli.commands.describe
 
     def describe_then_ctrl_c(exc):
         os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C lands while the first is reported
         return describe(exc)
 
-    monkeypatch.setattr(scenebreak.catalog, "scene_rows", interrupted)
-    monkeypatch.setattr(scenebreak.cli, "describe", describe_then_ctrl_c)
+    monkeypatch.setattr(scenebreak.scenes.catalog, "scene_rows", interrupted)
+    monkeypatch.setattr(scenebreak.cli.commands, "describe", describe_then_ctrl_c)
     # Ctrl-C must work at the start: a process started in the background by a
     # non-interactive shell inherits SIGINT ignored (as `cmd &` in a script does).
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -242,13 +242,13 @@ def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch)
 
 
 def test_ctrl_c_in_the_reporters_close_is_130(monkeypatch):
-    import scenebreak.generation
-    from scenebreak.ui import ConsoleReporter
+    import scenebreak.sample.generate
+    from scenebreak.cli.console import ConsoleReporter
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scenebreak.generation, "generate", interrupted)
+    monkeypatch.setattr(scenebreak.sample.generate, "generate", interrupted)
     monkeypatch.setattr(ConsoleReporter, "close", interrupted)
     result = run("generate", "nowhere", "a prompt")
     assert result.exit_code == 130 and result.stderr.strip() == "Error: interrupted", result.output
@@ -304,7 +304,7 @@ def test_latent_mask_samples_each_cell_at_its_centre():
     import torch
     import torch.nn.functional as F
 
-    from scenebreak.blending import latent_mask
+    from scenebreak.sample.blending import latent_mask
 
     # 5/8 of latent cell 1 and 3/8 of cell 2 (cells are 8 pixels): the cell mostly covered wins.
     mask = np.zeros((64, 64), bool)

@@ -11,10 +11,10 @@ Heavy modules (torch, diffusers) load on first use, so `import scenebreak` is qu
 __version__ = "0.1.0"
 
 _LAZY = {
-    "learn": "learning", "LearnResult": "learning",
-    "generate": "generation", "GenerateResult": "sampling",
-    "edit": "editing", "extract_background": "editing",
-    "load_scene": "bundle", "save_scene": "bundle", "list_scenes": "bundle", "Scene": "bundle",
+    "learn": "train.learn", "LearnResult": "train.learn",
+    "generate": "sample.generate", "GenerateResult": "sample.sampling",
+    "edit": "sample.edit", "extract_background": "sample.edit",
+    "load_scene": "scenes.bundle", "save_scene": "scenes.bundle", "list_scenes": "scenes.bundle", "Scene": "scenes.bundle",
     "LearnConfig": "config", "GenerateConfig": "config", "EditConfig": "config", "BackgroundConfig": "config",
     "MaskConfig": "config",
     "SceneBreakError": "errors", "UsageError": "errors", "InvalidInput": "errors", "InvalidMask": "errors",
@@ -22,9 +22,9 @@ _LAZY = {
     "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors", "NoSpace": "errors",
     "Diverged": "errors",
     "choose_device": "device",
-    "export_scene": "export",
-    "make_masks": "masking", "MaskRun": "masking", "MaskResult": "masking",
-    "evaluate": "evaluation", "EvaluateResult": "evaluation", "EvaluateConfig": "config",
+    "export_scene": "exports.export",
+    "make_masks": "masks.masking", "MaskRun": "masks.masking", "MaskResult": "masks.masking",
+    "evaluate": "evaluation.evaluate", "EvaluateResult": "evaluation.evaluate", "EvaluateConfig": "config",
 }
 
 __all__ = ["__version__", *_LAZY]

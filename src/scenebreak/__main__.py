@@ -1,5 +1,5 @@
 """`python -m scenebreak`: the command line, as the `scenebreak` script runs it."""
 
-from .cli import main
+from .cli.commands import main
 
 main()

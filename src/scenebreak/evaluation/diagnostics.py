@@ -1,0 +1,74 @@
+"""Where do the handles look? Cross-attention maps of a learned scene, and their
+overlap with the masks: the mechanics check that needs no judgement of images."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..scenes.bundle import open_scene
+from ..device import Device, choose_device
+
+
+def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(100, 300, 500, 700), seed: int = 0) -> np.ndarray:
+    """(N, s, s) maps at latent size / 4: each handle's cross-attention for the prompt
+    "a photo of <h1> and ... <hN>" over the scene's own photo, averaged over heads,
+    layers and a few noise levels, each scaled to a maximum of 1."""
+    import torch
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    from ..train.attention import AttentionStore, capture_cross_attention
+    from ..sample.scene_models import scene_components
+    from ..images import image_to_tensor
+    from ..train.tokens import handle_positions, prompt_for
+
+    scene = open_scene(scene)
+    device = device if isinstance(device, Device) else choose_device(device)
+    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=torch.float32)
+    scheduler = DDPMScheduler.from_config(scene.meta["configs"]["scheduler"])
+    dev = device.torch
+    pixels = image_to_tensor(Image.fromarray(scene.image)).to(dev)
+    ids = [tok(prompt_for(scene.tokens), padding="max_length", max_length=tok.model_max_length,
+               truncation=True, return_tensors="pt").input_ids.to(dev) for tok in tokenizers]
+    positions = handle_positions(ids[0][0], tokenizers[0].convert_tokens_to_ids(scene.tokens))
+    size = (scene.resolution, scene.resolution)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    store = AttentionStore(example=0)
+    total = None
+    with torch.no_grad(), capture_cross_attention(unet, store):
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        hidden, added = scene.family.encode_prompts(text_encoders, ids, scene.family.sampling_conditions(size))
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(dev)
+            step = torch.tensor([t], device=dev)
+            unet(scheduler.add_noise(latents, noise, step), step, hidden, added_cond_kwargs=added)
+            maps = store.token_maps(positions)
+            total = maps if total is None else total + maps
+            store.clear()
+    total = total / total.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    return total.cpu().numpy()
+
+
+def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Fuzzy IoU of two [0, 1] maps: sum(min) / sum(max)."""
+    return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-12))
+
+
+def attention_overlap(scene, device=None) -> dict:
+    """Per handle: soft IoU of its attention map with its own mask and with the
+    best-matching other mask, and the mean squared difference from its own mask
+    ("distance": what the attention loss minimises, over noise levels here)."""
+    import torch
+
+    from ..train.losses import downsample_masks
+
+    scene = open_scene(scene)
+    maps = handle_attention_maps(scene, device)
+    masks = downsample_masks(torch.from_numpy(scene.masks), maps.shape[-1]).numpy()
+    rows = []
+    for i, handle in enumerate(scene.handles):
+        own = soft_iou(maps[i], masks[handle.mask_index])
+        others = [soft_iou(maps[i], masks[j]) for j in range(len(masks)) if j != handle.mask_index]
+        distance = float(((maps[i] - masks[handle.mask_index]) ** 2).mean())
+        rows.append({"handle": handle.token, "own": own, "other": max(others) if others else 0.0, "distance": distance})
+    return {"handles": rows, "maps": maps}

@@ -1,0 +1,78 @@
+"""LoRA tuning for phase 2 (`--tune lora`), with peft, the library diffusers uses.
+
+Adapters go on the UNet's attention projections (self- and cross-attention) and on
+the text encoder's attention and MLP layers. Their B matrices start at zero, so
+adding them changes nothing until phase 2 trains them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SceneBreakError
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+ADAPTER = "default"
+
+
+def require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise SceneBreakError("--tune lora needs peft: pipx inject scenebreak peft (or pip install peft)") from None
+    return peft
+
+
+def lora_settings(rank: int) -> dict:
+    """What a scene records so the same adapters can be rebuilt to load its weights."""
+    return {"rank": rank, "alpha": rank, "unet_targets": UNET_TARGETS, "text_encoder_targets": TEXT_ENCODER_TARGETS}
+
+
+def add_lora(unet, text_encoders: list, settings: dict) -> list[torch.nn.Parameter]:
+    """Put adapters into the UNet and every text encoder (in place: SDXL has two, with
+    the same targets); returns their parameters."""
+    peft = require_peft()
+    models = [(unet, settings["unet_targets"])] + [(te, settings["text_encoder_targets"]) for te in text_encoders]
+    for model, targets in models:
+        config = peft.LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=targets,
+                                 lora_dropout=0.0, init_lora_weights=True)
+        peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    return [p for model, _ in models for p in lora_parameters(model)]
+
+
+def lora_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if ".lora_" in name]
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def load_lora_state_dict(model, state: dict[str, torch.Tensor], check=None) -> None:
+    """Copy saved adapter weights into a model that has the same adapters; `check(
+    expected, state)` refuses weights that do not fit them (a scene's: names, shapes,
+    dtypes); by default the names must match."""
+    own = dict(model.named_parameters())
+    expected = {k: p for k, p in own.items() if ".lora_" in k}
+    if check is not None:
+        check(expected, state)
+    elif set(expected) != set(state):
+        missing, unknown = len(set(expected) - set(state)), len(set(state) - set(expected))
+        raise SceneBreakError(f"the saved LoRA weights do not fit the model ({missing} missing, {unknown} unknown)")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+
+def merge_lora(model) -> None:
+    """Bake the adapters into the weights and put the plain layers back, so the model
+    is an ordinary diffusers/transformers model again (same keys, no adapter cost)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())

@@ -1,0 +1,63 @@
+"""Open-vocabulary detection: boxes with scores for a free-text prompt, from Grounding
+DINO, OWL-ViT or OWLv2."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ModelNotAvailable
+from ..config import DEFAULT_DETECTOR
+from ..models import load_errors, model_load_failure, transformers_model_of_kind
+
+KINDS = ("grounding-dino", "owlv2", "owlvit")  # model_type values of the detectors that work here
+WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint"
+
+
+class Detector:
+    """An open-vocabulary detector: boxes with scores for a free-text prompt."""
+
+    def __init__(self, ref: str, device):
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        folder, self.kind = transformers_model_of_kind(ref, "detector", "--detector", KINDS, WANTED)
+        try:
+            self.processor = AutoProcessor.from_pretrained(folder)
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device.torch).eval()
+        except ImportError as exc:
+            raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
+        except load_errors() as exc:
+            raise model_load_failure("detector", ref, folder, "--detector", exc) from exc
+        self.device, self.ref = device, ref
+
+    def detect(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (n, 4; x0, y0, x1, y1 in image pixels) and scores (n,), best first."""
+        import torch
+
+        size = [(image.size[1], image.size[0])]
+        try:
+            if self.kind == "grounding-dino":
+                # Grounding DINO reads lowercase phrases that end with a period.
+                text = prompt.strip().lower().rstrip(".") + "."
+                inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device.torch)
+                with torch.inference_mode():
+                    outputs = self.model(**inputs)
+                found = self.processor.post_process_grounded_object_detection(
+                    outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=size)[0]
+            else:
+                inputs = self.processor(images=image, text=[[prompt]], return_tensors="pt").to(self.device.torch)
+                with torch.inference_mode():
+                    outputs = self.model(**inputs)
+                found = self.processor.post_process_grounded_object_detection(outputs=outputs, threshold=0.0, target_sizes=size)[0]
+        except ImportError as exc:
+            raise ModelNotAvailable(_needs_extra(f"the detector {self.ref}", exc)) from exc
+        scores = found["scores"].float().cpu().numpy()
+        boxes = found["boxes"].float().cpu().numpy().reshape(-1, 4)
+        order = np.argsort(-scores, kind="stable")
+        return boxes[order], scores[order]
+
+
+def _needs_extra(what: str, exc: ImportError) -> str:
+    missing = getattr(exc, "name", None) or next(
+        (m for m in ("scipy", "torchvision", "timm") if m in str(exc)), "a missing package")
+    return (f"{what} needs {missing}, which is not installed: `pipx inject scenebreak {missing}` "
+            f"(or pip install {missing}), or use the default detector {DEFAULT_DETECTOR}")

@@ -1,0 +1,243 @@
+"""`scenebreak mask` from start to finish: one loose mask per object, from text prompts
+(an open-vocabulary detector finds a box, Segment Anything turns it into a mask), from
+boxes or clicks (straight to SAM), or automatically (the largest distinct segments).
+Everything asked for is checked before a model loads; then the models run (detector.py,
+segmenter.py), the masks are cleaned up for Break-A-Scene (maskops.py), overlaps are
+reported, and the masks and their preview are written (maskfiles.py)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import ops as maskops
+from ..config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MAX_LEARNED_HANDLES, MaskConfig
+from .detector import Detector
+from ..errors import InvalidInput, InvalidMask
+from ..events import Message, Progress, Reporter, silent
+from .files import check_outputs, output_paths, write_masks
+from ..models import check_models_available
+from .segmenter import AUTO_MAX_COVER, Segmenter
+
+OVERLAP_LIMIT = 0.5  # report pairs sharing more than half of the smaller mask
+OVERLAP_WARNINGS = 10  # pairs named one by one; more are counted in one line
+
+
+@dataclass
+class MaskResult:
+    label: str  # the prompt, "box 1", "point 2", "points" or "segment 3"
+    source: str  # prompt | box | point | auto
+    score: float  # prompts: the detector's score; otherwise SAM's predicted IoU
+    mask: np.ndarray  # (H, W) uint8 in {0, 1}, the image's size
+    path: Path | None = None
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def box(self) -> tuple[int, int, int, int] | None:
+        return maskops.bounding_box(self.mask)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path) if self.path else None, "label": self.label, "source": self.source,
+                "score": round(float(self.score), 4), "box": list(self.box or ()), "area": self.area}
+
+
+@dataclass
+class MaskRun:
+    image: Path
+    masks: list[MaskResult]
+    preview: Path | None
+    overlaps: list[tuple[int, int, float]] = field(default_factory=list)  # 0-based pairs
+    detector: str | None = None
+    segmenter: str | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [m.path for m in self.masks]
+
+    def to_dict(self) -> dict:
+        return {
+            "image": str(self.image), "preview": str(self.preview) if self.preview else None,
+            "masks": [m.to_dict() for m in self.masks],
+            "overlaps": [{"masks": [i + 1, j + 1], "fraction": round(f, 3)} for i, j, f in self.overlaps],
+            "detector": self.detector, "segmenter": self.segmenter,
+        }
+
+
+# -- parsing and validation -------------------------------------------------------------------
+
+def _numbers(text: str, count: int, what: str) -> tuple[float, ...]:
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != count or not all(np.isfinite(values)):
+        raise InvalidInput(f"{what} {text!r} must be {count} comma-separated numbers"
+                           + (" X,Y" if count == 2 else " X0,Y0,X1,Y1"))
+    return values
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """'X,Y' in image pixels."""
+    return _numbers(text, 2, "point")
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'X0,Y0,X1,Y1' in image pixels, the top-left corner first."""
+    x0, y0, x1, y1 = _numbers(text, 4, "box")
+    if not (x0 < x1 and y0 < y1):
+        raise InvalidInput(f"box {text!r} must be X0,Y0,X1,Y1 with X0 < X1 and Y0 < Y1 (top-left, then bottom-right)")
+    return x0, y0, x1, y1
+
+
+def _check_inside(points, boxes, size: tuple[int, int]) -> None:
+    width, height = size
+    for x, y in points:
+        if not (0 <= x < width and 0 <= y < height):
+            raise InvalidInput(f"point {x:g},{y:g} is outside the image ({width}x{height}; X in 0..{width - 1}, Y in 0..{height - 1})")
+    for box in boxes:
+        x0, y0, x1, y1 = box
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise InvalidInput(f"box {','.join(f'{v:g}' for v in box)} reaches outside the image ({width}x{height})")
+
+
+def _check_count(asked: int, auto: bool, max_masks: int) -> None:
+    """More masks than one scene can learn are of no use: refused before any model loads."""
+    most = asked + (max_masks if auto else 0)
+    if most > MAX_LEARNED_HANDLES:
+        counted = f" (--auto counts as its --max-masks, {max_masks})" if auto else ""
+        raise InvalidInput(f"up to {most} masks asked for{counted}, but learn takes at most {MAX_LEARNED_HANDLES} "
+                           "objects in one scene: ask for fewer")
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise InvalidInput(f"cannot write masks to {folder}: choose another folder with --out-dir")
+
+
+# -- the whole command -----------------------------------------------------------------------------
+
+def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, config: MaskConfig | None = None,
+               out_dir=None, report: Reporter = silent) -> MaskRun:
+    """Make, clean and write one mask per prompt, box and point (or group of points)
+    and, with `auto`, the largest distinct segments; in that order. Everything is
+    checked before the first file is written."""
+    from ..device import choose_device
+    from ..images import load_image
+    from ..models import quiet_libraries
+
+    config = config or MaskConfig()
+    config.validate()
+    prompts = [str(p).strip() for p in prompts]
+    if any(not p for p in prompts):
+        raise InvalidInput("a --prompt is empty: describe the object, e.g. -p 'red bowl'")
+    # "X,Y" strings (as on the command line) or number pairs/quadruples.
+    points = [parse_point(p) if isinstance(p, str) else tuple(map(float, p)) for p in points]
+    boxes = [parse_box(b) if isinstance(b, str) else parse_box(",".join(map(str, b))) for b in boxes]
+    if not (prompts or points or boxes or auto):
+        raise InvalidInput("nothing to segment: give --prompt TEXT, --point X,Y, --box X0,Y0,X1,Y1 or --auto")
+    asked = len(prompts) + len(boxes) + (min(1, len(points)) if config.group else len(points))
+    _check_count(asked, auto, config.max_masks)
+    image_path = Path(image_path)
+    image = load_image(image_path)
+    _check_inside(points, boxes, image.size)
+    out_dir = Path(out_dir) if out_dir is not None else image_path.parent
+    _check_writable(out_dir)
+    check_outputs(output_paths(image_path, out_dir, asked + (1 if auto else 0)))  # --auto makes one or more
+    min_area = config.min_area if config.min_area is not None else maskops.default_min_area(image.size)
+
+    quiet_libraries()
+    device = choose_device(config.device)
+    detector_ref = config.detector or DEFAULT_DETECTOR
+    segmenter_ref = config.segmenter or DEFAULT_SEGMENTER
+    check_models_available([(detector_ref, "detector", "--detector")] * bool(prompts) + [(segmenter_ref, "segmenter", "--segmenter")])
+    detector = None
+    if prompts:
+        report(Message(f"loading detector {detector_ref} on {device.name}"))
+        detector = Detector(detector_ref, device)
+    report(Message(f"loading segmenter {segmenter_ref} on {device.name}"))
+    segmenter = Segmenter(segmenter_ref, device)
+
+    steps = len(prompts) + (1 if boxes else 0) + (1 if points else 0) + (1 if auto else 0) + 1
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        report(Progress("segmenting", done, steps))
+
+    report(Progress("segmenting", 0, steps))
+    segmenter.set_image(image)
+    tick()
+    raw: list[tuple[str, str, float, np.ndarray]] = []
+    for prompt in prompts:
+        found, scores = detector.detect(image, prompt)
+        above = scores > config.threshold
+        if not above.any():
+            best = f" (best score {scores.max():.2f})" if len(scores) else ""
+            raise InvalidInput(
+                f"nothing matches {prompt!r} above --threshold {config.threshold:g}{best}: try a lower --threshold, "
+                "other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1")
+        chosen = found[above] if config.all_instances else found[:1]
+        masks = segmenter.from_boxes(chosen)
+        union = np.max(np.stack([m for m, _ in masks]), axis=0)
+        raw.append((prompt, "prompt", float(scores[0]), union))
+        tick()
+    if boxes:
+        for i, (mask, score) in enumerate(segmenter.from_boxes(boxes), 1):
+            raw.append((f"box {i}", "box", score, mask))
+        tick()
+    if points:
+        made = segmenter.from_points(points, together=config.group)
+        for i, (mask, score) in enumerate(made, 1):
+            raw.append(("points" if config.group else f"point {i}", "point", score, mask))
+        tick()
+
+    results = []
+    for label, source, score, mask in raw:
+        cleaned = maskops.clean(mask, min_area, fill=config.fill_holes, grow=config.dilate)
+        if not cleaned.any():
+            raise InvalidMask(f"the mask for {label!r} came out empty: try --box X0,Y0,X1,Y1 around the object, "
+                              "or clicks on it with --point X,Y")
+        results.append(MaskResult(label, source, score, cleaned))
+    if auto:
+        # A few spare segments: the clean-up may still empty or merge some.
+        segments = segmenter.automatic(config.grid, limit=3 * config.max_masks)
+        results += _largest_segments(segments, config, min_area, image.size)
+        if not any(r.source == "auto" for r in results):
+            raise InvalidInput("--auto found no distinct segment: click on the objects with --point X,Y "
+                               "or give --box X0,Y0,X1,Y1 or --prompt TEXT")
+        tick()
+
+    found_overlaps = maskops.overlaps([r.mask for r in results], OVERLAP_LIMIT)
+    for i, j, fraction in found_overlaps[:OVERLAP_WARNINGS]:
+        report(Message(f"masks {i + 1} ({results[i].label}) and {j + 1} ({results[j].label}) overlap: {fraction:.0%} of "
+                       "the smaller one; their handles will compete for those pixels", level="warning"))
+    if len(found_overlaps) > OVERLAP_WARNINGS:
+        report(Message(f"{len(found_overlaps) - OVERLAP_WARNINGS} more pairs of masks overlap as much (--json lists them all)",
+                       level="warning"))
+    preview = write_masks(image_path, image, results, out_dir)
+    return MaskRun(image_path, results, preview, found_overlaps, detector_ref if prompts else None, segmenter_ref)
+
+
+def _largest_segments(segments, config: MaskConfig, min_area: int, size) -> list[MaskResult]:
+    """The `max_masks` largest segments after clean-up, leaving out the background
+    (one segment over most of the photo) and those the clean-up emptied."""
+    width, height = size
+    cleaned = []
+    for mask, score in segments:
+        mask = maskops.clean(mask, min_area, fill=config.fill_holes, grow=config.dilate)
+        area = int(mask.sum())
+        if min_area <= area <= AUTO_MAX_COVER * width * height:
+            cleaned.append((area, score, mask))
+    cleaned.sort(key=lambda c: -c[0])
+    return [MaskResult(f"segment {i}", "auto", score, mask) for i, (_, score, mask) in enumerate(cleaned[:config.max_masks], 1)]

@@ -1,0 +1,123 @@
+"""Segment Anything (SAM): masks for an image from boxes, from clicks, or automatically
+from a grid of clicks (the largest distinct segments)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import DEFAULT_SEGMENTER
+from ..models import load_errors, model_load_failure, transformers_model_of_kind
+
+# Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
+AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
+AUTO_MIN_STABILITY = 0.9  # IoU of the mask cut at logit +1 and at logit -1
+AUTO_NMS_IOU = 0.7  # two candidates this similar are one segment
+AUTO_MAX_COVER = 0.9  # a segment over 90% of the photo is the background
+KINDS = ("sam",)  # model_type of Segment Anything (SAM 2/3 are not supported yet)
+WANTED = (f"scenebreak needs a Segment Anything (SAM) checkpoint such as {DEFAULT_SEGMENTER} "
+          "(SAM 2/3 are not supported yet)")
+
+
+class Segmenter:
+    """Segment Anything: the image is embedded once, then any number of prompts."""
+
+    def __init__(self, ref: str, device):
+        from transformers import SamModel, SamProcessor
+
+        folder, _ = transformers_model_of_kind(ref, "segmenter", "--segmenter", KINDS, WANTED)
+        try:
+            self.processor = SamProcessor.from_pretrained(folder)
+            self.model = SamModel.from_pretrained(folder).to(device.torch).eval()
+        except load_errors() as exc:
+            raise model_load_failure("segmenter", ref, folder, "--segmenter", exc) from exc
+        self.device = device
+
+    def set_image(self, image) -> None:
+        import torch
+
+        self.image = image
+        inputs = self.processor(images=image, return_tensors="pt")
+        with torch.inference_mode():
+            self.embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device.torch))
+        self.pad = inputs["pixel_values"].shape[-2:]
+
+    def _run(self, multimask: bool, **prompts):
+        """Low-resolution logits (objects, masks, h, w), IoU estimates and the sizes
+        that map them back to the photo."""
+        import torch
+
+        inputs = self.processor(images=self.image, return_tensors="pt", **prompts)
+        extra = {k: inputs[k].to(self.device.torch) for k in ("input_points", "input_labels", "input_boxes") if k in inputs}
+        with torch.inference_mode():
+            out = self.model(image_embeddings=self.embeddings, multimask_output=multimask, **extra)
+        return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu(), inputs
+
+    def _full_size(self, logits, inputs) -> np.ndarray:
+        """(objects, h, w) low-resolution logits -> (objects, H, W) uint8 masks."""
+        masks = self.processor.post_process_masks(logits[None, :, None], inputs["original_sizes"], inputs["reshaped_input_sizes"])
+        return masks[0][:, 0].numpy().astype(np.uint8)
+
+    def from_boxes(self, boxes) -> list[tuple[np.ndarray, float]]:
+        logits, iou, inputs = self._run(False, input_boxes=[[list(map(float, b)) for b in boxes]])
+        masks = self._full_size(logits[:, 0], inputs)
+        return [(masks[i], float(iou[i, 0])) for i in range(len(boxes))]
+
+    def from_points(self, points, together: bool) -> list[tuple[np.ndarray, float]]:
+        """One mask for all points (together) or one per point. A single click is
+        ambiguous (a part or the whole?), so SAM proposes three and the best is taken."""
+        if together:
+            logits, iou, inputs = self._run(len(points) == 1, input_points=[[[list(p) for p in points]]],
+                                            input_labels=[[[1] * len(points)]])
+        else:
+            logits, iou, inputs = self._run(True, input_points=[[[list(p)] for p in points]], input_labels=[[[1]] * len(points)])
+        best = iou.argmax(dim=1)
+        picked = logits[range(len(best)), best]
+        masks = self._full_size(picked, inputs)
+        return [(masks[i], float(iou[i, best[i]])) for i in range(len(best))]
+
+    def automatic(self, grid: int, limit: int, batch: int = 64) -> list[tuple[np.ndarray, float]]:
+        """Up to `limit` distinct segments from a grid x grid of clicks, largest first.
+        Each click gives three candidates; the confident and stable ones are kept,
+        near-duplicates dropped (greedy non-maximum suppression by mask IoU, best
+        first), and so is the background (a segment over most of the photo). All of
+        this runs on SAM's low-resolution masks; only the survivors are upscaled."""
+        import torch
+
+        width, height = self.image.size
+        xs, ys = (np.arange(grid) + 0.5) * width / grid, (np.arange(grid) + 0.5) * height / grid
+        clicks = [[[float(x), float(y)]] for y in ys for x in xs]
+        inputs = self.processor(images=self.image, input_points=[clicks], input_labels=[[[1]] * len(clicks)], return_tensors="pt")
+        rh, rw = (int(v) for v in inputs["reshaped_input_sizes"][0])
+        scores, logits_kept, small_kept = [], [], []
+        for start in range(0, len(clicks), batch):
+            with torch.inference_mode():
+                out = self.model(image_embeddings=self.embeddings, multimask_output=True,
+                                 input_points=inputs["input_points"][:, start:start + batch].to(self.device.torch),
+                                 input_labels=inputs["input_labels"][:, start:start + batch].to(self.device.torch))
+            logits = out.pred_masks[0].float().cpu().flatten(0, 1)
+            iou = out.iou_scores[0].float().cpu().flatten()
+            low = logits.shape[-1] / self.pad[-1]  # low-res pixels per input pixel
+            valid = logits[:, :max(1, round(rh * low)), :max(1, round(rw * low))]  # the image, not the padding
+            inner = (valid > 1.0).flatten(1).sum(1)
+            stable = inner / (valid > -1.0).flatten(1).sum(1).clamp(min=1)
+            keep = (iou >= AUTO_MIN_IOU) & (stable >= AUTO_MIN_STABILITY) & (inner > 0)
+            step = max(1, max(valid.shape[-2:]) // 64)  # comparing masks at <= 64 px is enough
+            scores.append(iou[keep])
+            logits_kept.append(logits[keep].half())
+            small_kept.append((valid[keep] > 0)[:, ::step, ::step].flatten(1))
+        scores = torch.cat(scores)
+        if not len(scores):
+            return []
+        small = torch.cat(small_kept).float()
+        areas = small.sum(1)
+        inter = small @ small.T
+        similar = inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1) > AUTO_NMS_IOU
+        kept: list[int] = []
+        for i in torch.argsort(scores, descending=True).tolist():
+            if areas[i] <= AUTO_MAX_COVER * small.shape[1] and not similar[i, kept].any():
+                kept.append(i)
+        kept = sorted(kept, key=lambda i: -float(areas[i]))[:limit]
+        if not kept:
+            return []
+        masks = self._full_size(torch.cat(logits_kept)[kept].float(), inputs)
+        return [(masks[n], float(scores[i])) for n, i in enumerate(kept)]

@@ -1,0 +1,163 @@
+"""The paper's applications of a learned scene that change an existing image, both
+by Blended Latent Diffusion: local editing by example (`edit`) and background
+extraction (`extract_background`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
+from ..scenes.bundle import open_scene
+from ..config import MAX_IMAGES, BackgroundConfig, EditConfig
+from ..device import Device
+from ..errors import InvalidInput, InvalidMask, UsageError
+from ..events import Message, Reporter, silent
+from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_to_files, save_png, slug, start,
+                       warn_cpu_time)
+from ..images import load_image, load_masks
+from ..masks.ops import dilate
+from ..paths import fit_file_name
+
+
+def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
+                  config: EditConfig, resolution: int, *, names: list[str] | None = None, report: Reporter = silent,
+                  task: str = "edit") -> list[np.ndarray]:
+    """Edit `image` ((H, W, 3) uint8) one region at a time, in order: region j is
+    re-made from prompts[j] inside masks[j] ((H, W) bool), on the result of region
+    j - 1. Returns one (H, W, 3) image per seed, at the input's size.
+
+    The model works at its own pixel count in the image's aspect ratio. With
+    `config.paste`, each region's result is pasted into the full-size image, so
+    everything farther than `config.feather` pixels from the masks is the input, bit
+    for bit."""
+    from PIL import Image
+
+    pipe = run.pipe
+    height, width = image.shape[:2]
+    factor = pipe.vae_scale_factor
+    size = work_size((width, height), resolution, multiple=max(8, factor))
+
+    def resize(array: np.ndarray, to: tuple[int, int]) -> np.ndarray:
+        if array.shape[1::-1] == to:
+            return array
+        return np.asarray(Image.fromarray(array).resize(to, Image.Resampling.LANCZOS))
+
+    latent_hw = (size[1] // factor, size[0] // factor)
+    latent_masks = [latent_mask(resize_mask(m, size), latent_hw) for m in masks]
+    for j, m in enumerate(latent_masks):
+        if not m.any():
+            what = names[j] if names else f"mask {j + 1}"
+            raise InvalidMask(f"{what} is too thin for the model's {latent_hw[1]}x{latent_hw[0]} latent grid: grow it with --dilate")
+    batch = images_per_pass(config, pipe)
+    per_sample = blended_steps(config.steps, config.blend_start)
+    total, done = len(seeds) * len(masks) * per_sample, 0
+    warn_cpu_time(run, total, size[0] * size[1], report)
+    results = []
+    for begin in range(0, len(seeds), batch):
+        chunk = seeds[begin:begin + batch]
+        full = [image] * len(chunk)
+        work = [resize(image, size)] * len(chunk)
+        for j, (mask, lmask, prompt) in enumerate(zip(masks, latent_masks, prompts)):
+            # The first region starts from the same image for every seed: encode it once.
+            source = encode(pipe.vae, work[:1] if j == 0 else work)
+            with run.precision():
+                latents = blended_latents(pipe, run.scene.family, source, lmask, prompt, chunk, steps=config.steps,
+                                          guidance=config.guidance,
+                                          blend_start=config.blend_start, negative=config.negative, report=report,
+                                          task=task, done=done, total=total)
+            done += len(chunk) * per_sample
+            work = decode(pipe.vae, latents)
+            if config.paste:
+                full = [paste_back(f, resize(w, (width, height)), mask, config.feather) for f, w in zip(full, work)]
+                work = [resize(f, size) for f in full]
+        results += full if config.paste else [resize(w, (width, height)) for w in work]
+    return results
+
+
+def _is_image(path: Path) -> bool:
+    """Whether `path` is an image file (what --overwrite may replace)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
+def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]], scene, config: EditConfig = EditConfig(), *,
+         out_dir: str | os.PathLike = ".", output: str | os.PathLike | None = None, overwrite: bool = False,
+         device: str | Device | None = None, base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
+    """Put the scene's concepts into regions of any photo: `regions` pairs a mask file
+    (the photo's size, non-zero = change here) with a prompt such as "a photo of
+    <asset1>"; they are applied in order. Writes `config.num_images` PNGs (seeds
+    seed, seed+1, ...) of the photo's size, to `output` or into `out_dir`."""
+    config = config.validate()
+    if not regions:
+        raise InvalidInput("give at least one --mask with its prompt")
+    prompts = [prompt.strip() for _, prompt in regions]
+    if not all(prompts):
+        raise InvalidInput("every --mask needs a non-empty prompt")
+    image_path = Path(image)
+    source = load_image(image_path)
+    mask_paths = [Path(m) for m, _ in regions]
+    masks = [dilate(m, config.dilate).astype(bool) for m in load_masks(mask_paths, source.size)]
+    if output is not None:
+        output = Path(output)
+        if config.num_images > 1:
+            raise InvalidInput("--output names one file: use --out-dir with -n above 1")
+        if output.suffix.lower() != ".png":
+            raise InvalidInput(f"--output {output} must end in .png (lossless, so the untouched area stays exact)")
+        if output.exists() and not overwrite:
+            raise InvalidInput(f"{output} already exists: pass --overwrite to replace it")
+        if output.exists() and not _is_image(output):
+            raise InvalidInput(f"{output} is not an image: --overwrite replaces only images; choose another --output")
+    run = start(scene, prompts, config, device=device, base_model=base_model, report=report)
+    seeds = [run.seed + i for i in range(config.num_images)]
+    edited = blend_regions(run, np.asarray(source), masks, prompts, seeds, run.config, run.scene.resolution,
+                           names=[f"mask {p}" for p in mask_paths], report=report)
+    label, images = " | ".join(prompts), []
+    for s, array in zip(seeds, edited):
+        path = output or Path(out_dir) / fit_file_name(image_path.stem, f"-edit-{slug(prompts[-1])}-{s}.png")
+        images.append(GeneratedImage(save_png(array, path, overwrite), label, s, kind="edit"))
+    return run.result(images)
+
+
+def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, variations: int = 0, prompt: str | None = None,
+                       out_dir: str | os.PathLike = ".", device: str | Device | None = None,
+                       base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
+    """The scene's background without its objects: a clean plate of the training photo
+    (the dilated object regions re-made from "a photo of <background>") and
+    `variations` new backgrounds from `prompt` (default "a photo of <background>";
+    a template such as "a photo of a car at <background>" works too)."""
+    config = config.validate()
+    if not 0 <= variations <= MAX_IMAGES:
+        raise InvalidInput(f"-n must be at least 0 and at most {MAX_IMAGES}")
+    scene = open_scene(scene)
+    token = scene.background_token
+    if token is None:
+        raise UsageError(f"scene {scene.name!r} has no <background> handle: learn it again with --background "
+                         "(scenebreak learn IMAGE --masks ... --background)")
+    plate_prompt = f"a photo of {token}"
+    template = (prompt or plate_prompt).strip()
+    if token not in template:
+        report(Message(f"--prompt {template!r} does not use {token}: the variations will not show the scene's background", "warning"))
+    out_dir = Path(out_dir)
+    run = start(scene, [template], config, device=device, base_model=base_model, out_dir=out_dir, warn_unused=False,
+                report=report)
+    seed = run.seed
+    objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
+    [plate] = blend_regions(run, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], run.config,
+                            scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
+    images = [GeneratedImage(save_png(plate, out_dir / fit_file_name(scene.name, f"-background-plate-{seed}.png")), plate_prompt, seed, kind="plate")]
+    if variations:
+        sampling = dataclasses.replace(run.config, num_images=variations)
+        for image in sample_to_files(run, [template], sampling, seed, out_dir, f"{scene.name}-background", report):
+            image.kind = "variation"
+            images.append(image)
+    return run.result(images)

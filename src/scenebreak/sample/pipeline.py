@@ -1,0 +1,98 @@
+"""A diffusers text-to-image pipeline over given models, and one sampling call of it:
+shared by class images, `generate` and the blended sampling of `edit`/`extract-bg`."""
+
+from __future__ import annotations
+
+from ..events import Progress, Reporter, silent
+
+
+def images_per_pass(device, batch_size: int | None = None) -> int:
+    """Images sampled together: `batch_size`, else 4 on a CUDA GPU and 1 elsewhere (a
+    CPU gains nothing from batching, and one image at a time shows progress sooner)."""
+    return batch_size or (4 if device.type == "cuda" else 1)
+
+
+def make_scheduler(name: str, scheduler_config: dict):
+    """The sampler `name` (config.SCHEDULERS) over the base model's noise schedule.
+
+    dpm is DPM-Solver++ 2M, the multistep solver diffusers uses for few-step sampling;
+    ddim is deterministic DDIM (eta 0), the paper's; euler is plain Euler (not
+    ancestral), so every sampler is deterministic for a seed."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(scheduler_config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(scheduler_config)
+    raise ValueError(f"unknown scheduler {name!r}")
+
+
+def make_pipeline(family, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,
+                  scheduler: str = "dpm"):
+    """The diffusers text-to-image pipeline of `family` (families.Family) with the
+    sampler `scheduler`, and no safety checker or watermark."""
+    pipe = family.pipeline(unet, vae, text_encoders, tokenizers, make_scheduler(scheduler, scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def decode_latents(vae, latents, report: Reporter = silent):
+    """Pixels in [-1, 1] from scaled latents. A half-precision VAE can overflow (NaN or
+    inf in the image): then the decode is done again in fp32, with a note."""
+    import torch
+
+    if not bool(torch.isfinite(latents).all()):
+        from ..errors import SceneBreakError
+
+        raise SceneBreakError("sampling produced NaN or infinite values (an overflow in the model in half precision, "
+                              "or a damaged scene): try --device cpu")
+    scaled = latents / vae.config.scaling_factor
+    # The VAE decodes in its own weights' dtype, never under the sampling's autocast.
+    with torch.inference_mode(), torch.autocast(latents.device.type, enabled=False):
+        pixels = vae.decode(scaled.to(vae.dtype)).sample
+        if vae.dtype != torch.float32 and not bool(torch.isfinite(pixels).all()):
+            from ..events import Message
+
+            report(Message(f"the VAE overflowed in {str(vae.dtype).removeprefix('torch.')}: decoding again in fp32"))
+            dtype = vae.dtype
+            vae.to(torch.float32)
+            try:
+                pixels = vae.decode(scaled.float()).sample
+            finally:
+                vae.to(dtype)
+    return pixels.float()
+
+
+def sample(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int,
+           negative: str | None = None, autocast=None, report: Reporter = silent, task: str = "generate",
+           done: int = 0, total: int | None = None):
+    """Images for `prompt`, one per seed; image i starts from noise seeded with seeds[i]
+    (drawn on the CPU, so a seed gives the same start on every device)."""
+    import contextlib
+
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    total = total if total is not None else len(seeds) * steps
+
+    def on_step_end(pipeline, step, timestep, kwargs):
+        report(Progress(task, done + (step + 1) * len(seeds), total))
+        return kwargs
+
+    with torch.inference_mode():
+        with autocast or contextlib.nullcontext():
+            latents = pipe(
+                prompt=[prompt] * len(seeds),
+                negative_prompt=[negative] * len(seeds) if negative else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                callback_on_step_end=on_step_end,
+                output_type="latent",
+            ).images
+        pixels = decode_latents(pipe.vae, latents, report)
+    return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))

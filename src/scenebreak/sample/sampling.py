@@ -1,0 +1,224 @@
+"""What `generate`, `edit` and `extract-bg` share: opening a scene for sampling (prompt
+checks, device, seed, pipeline), batching, writing PNGs, the CPU-time warning and the
+result types."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..scenes.bundle import Scene, open_scene
+from ..config import GenerateConfig
+from ..device import Device, choose_device
+from ..errors import InvalidInput, UnknownHandle
+from ..events import Message, Progress, Reporter, silent
+from ..paths import fit_file_name, is_writable_folder, write_atomically
+from .scene_models import open_pipeline, scene_tokenizers
+from ..train.tokens import handles_in
+
+
+@dataclass
+class GeneratedImage:
+    path: Path
+    prompt: str
+    seed: int
+    kind: str = "image"  # image | edit | plate | variation | grid
+
+
+@dataclass
+class GenerateResult:
+    scene: str
+    images: list[GeneratedImage] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "scene": self.scene,
+            "images": [{"path": str(i.path), "prompt": i.prompt, "seed": i.seed, "kind": i.kind} for i in self.images],
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass
+class SamplingRun:
+    """A scene opened for sampling: its pipeline, the seed of image 1, the clock."""
+
+    scene: Scene
+    pipe: object
+    seed: int
+    started: float
+    config: GenerateConfig  # as given, with the family's defaults filled in (guidance)
+    autocast_dtype: object = None  # bf16 on CPUs with bf16 instructions (Device.sampling_precision)
+
+    def result(self, images: list[GeneratedImage]) -> GenerateResult:
+        return GenerateResult(self.scene.name, images, time.perf_counter() - self.started)
+
+    def precision(self):
+        """The autocast the UNet and text encoders sample under (a no-op on GPUs)."""
+        from ..device import Device
+
+        device = self.pipe.unet.device
+        return Device(device.type, str(device)).autocast(self.autocast_dtype)
+
+
+def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | Device | None = None,
+          base_model: str | None = None, out_dir: Path | None = None, warn_unused: bool = True,
+          report: Reporter = silent) -> SamplingRun:
+    """Check every prompt against the scene, pick the device and the seed, make
+    `out_dir`, then load the models: every mistake is reported before that slow part."""
+    started = time.perf_counter()
+    scene = open_scene(scene)
+    check_prompts(scene, prompts)
+    if warn_unused:
+        warn_unused_handles(scene, prompts, report)
+    warn_old_pooling(scene, report)
+    tokenizers = scene_tokenizers(scene)
+    check_prompt_lengths(scene, prompts, tokenizers[0], report)
+    device = device if isinstance(device, Device) else choose_device(device)
+    dtype, autocast_dtype = device.sampling_precision(config.precision)
+    seed = pick_seed(config, report)
+    if out_dir is not None:
+        if not is_writable_folder(Path(out_dir)):
+            raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if config.guidance is None:
+        config = dataclasses.replace(config, guidance=scene.family.guidance)
+    pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers)
+    return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
+
+
+MAX_PROMPTS_FILE = 2**20  # bytes: thousands of prompts
+MAX_PROMPTS = 10_000
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[str]:
+    """The prompts of a prompts file ("-": stdin): one per line, blank lines and lines
+    starting with # left out."""
+    from ..paths import read_text_file
+
+    text = read_text_file(path, "--prompts-file", MAX_PROMPTS_FILE)
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidInput(f"--prompts-file {path} holds {len(prompts)} prompts: at most {MAX_PROMPTS} per call")
+    return prompts
+
+
+def check_prompts(scene: Scene, prompts: list[str]) -> None:
+    """Every <handle> in every prompt must be one of the scene's."""
+    known = scene.tokens
+    for prompt in prompts:
+        for token in handles_in(prompt):
+            if token not in known:
+                raise UnknownHandle(f"unknown handle {token} in prompt {prompt!r}: scene {scene.name!r} has {', '.join(known)}")
+
+
+def check_prompt_lengths(scene: Scene, prompts: list[str], tokenizer, report: Reporter) -> None:
+    """The text encoder reads a prompt's first tokens only (77 on CLIP): a handle past
+    them would silently vanish from the image, so that is refused; words alone past
+    them are cut with a warning saying which."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) <= limit:
+            continue
+        kept = tokenizer.decode(ids[1:limit - 1])
+        for token in dict.fromkeys(handles_in(prompt)):
+            if tokenizer.convert_tokens_to_ids(token) not in ids[:limit - 1]:
+                raise InvalidInput(f"prompt {prompt[:60]!r}...: handle {token} falls past the text encoder's {limit} "
+                                   "tokens, where the prompt is cut: put it earlier or shorten the prompt")
+        report(Message(f"prompt {prompt[:60]!r}... is {len(ids)} tokens, over the text encoder's {limit}: "
+                       f"only {kept[-40:]!r} and what comes before it is used", "warning"))
+
+
+def warn_unused_handles(scene: Scene, prompts: list[str], report: Reporter) -> None:
+    for prompt in prompts:
+        if not handles_in(prompt):
+            report(Message(f"prompt {prompt!r} uses none of the scene's handles ({', '.join(scene.tokens)})", "warning"))
+
+
+def warn_old_pooling(scene: Scene, report: Reporter) -> None:
+    """Scenes of a family with pooled text (SDXL) learned before the pooled prompt was
+    taken at the end of text (families.pool_at_end_of_text) trained with it at the
+    last handle: they still
+    sample, with the fixed pooling, but a new `learn` fits what is sampled now."""
+    if scene.family.pooled_text and scene.meta.get("pooled_at") != "eos":
+        report(Message(f"scene {scene.name!r} was learned by an older scenebreak whose pooled prompt ignored the "
+                       "words after a handle: learn it again for the best results", "warning"))
+
+
+def pick_seed(config: GenerateConfig, report: Reporter) -> int:
+    """The seed of image 1: the one asked for, or a random one, reported either way."""
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    report(Message(f"seed: {seed}"))
+    return seed
+
+
+def images_per_pass(config: GenerateConfig, pipe) -> int:
+    from .pipeline import images_per_pass as per_device
+
+    return per_device(pipe.device, config.batch_size)
+
+
+def warn_cpu_time(run: SamplingRun, image_steps: int, pixels: int, report: Reporter) -> None:
+    """On the CPU, say first how long the sampling will roughly take (measured figure for
+    SD2.1-base at 512x512, scaled by UNet size and pixel count)."""
+    if run.pipe.device.type != "cpu":
+        return
+    from ..estimates import cpu_sampling_seconds, format_duration
+
+    seconds = image_steps * cpu_sampling_seconds(run.pipe.unet, pixels, bf16=run.autocast_dtype is not None)
+    if seconds > 60:
+        report(Message(f"on the CPU this takes roughly {format_duration(seconds)}; a CUDA GPU takes seconds (--device cuda)", "warning"))
+
+
+def slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s[:limit].rstrip("-") or "image"
+
+
+def _unique(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def save_png(image, path: Path, overwrite: bool = False) -> Path:
+    """Write a PIL image or (H, W, 3) uint8 array atomically; an existing file is kept
+    (the new one gets a numbered name) unless `overwrite`."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    path = Path(path) if overwrite else _unique(Path(path))
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path
+
+
+def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
+                    name: str, report: Reporter) -> list[GeneratedImage]:
+    """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`."""
+    from .pipeline import sample
+
+    pipe, scene = run.pipe, run.scene
+    batch = images_per_pass(config, pipe)
+    total = len(prompts) * config.num_images * config.steps
+    images_out, done = [], 0
+    report(Progress("generate", 0, total))
+    for prompt in prompts:
+        seeds = [seed + i for i in range(config.num_images)]
+        for begin in range(0, len(seeds), batch):
+            chunk = seeds[begin:begin + batch]
+            images = sample(pipe, prompt, chunk, steps=config.steps, guidance=config.guidance, resolution=scene.resolution,
+                            negative=config.negative, autocast=run.precision(), report=report, done=done, total=total)
+            done += len(chunk) * config.steps
+            for s, image in zip(chunk, images):
+                path = save_png(image, Path(out_dir) / fit_file_name(name, f"-{slug(prompt)}-{s}.png"))
+                images_out.append(GeneratedImage(path, prompt, s))
+    return images_out

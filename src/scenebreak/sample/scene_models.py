@@ -1,0 +1,143 @@
+"""A learned scene's models, ready to sample: rebuilt from the scene's own weights,
+or for a LoRA scene, its base model with the adapters merged in; and the pipeline
+of its family over them."""
+
+from __future__ import annotations
+
+from ..scenes.bundle import Scene, load_scene, tokenizer_from_files
+from ..device import Device
+from ..errors import BundleError, InvalidInput, ModelNotAvailable
+
+
+def scene_tokenizers(scene: Scene) -> list:
+    """The scene's tokenizers (handles included), one per text encoder of its family."""
+    return [tokenizer_from_files(scene.files, folder, scene.family) for folder in scene.family.tokenizers]
+
+
+def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None, tokenizers=None):
+    """UNet, VAE, text encoders and tokenizers (lists: two on SDXL) of a scene on
+    `device` in `dtype` (default: the device's sampling precision); `base_model` says
+    where a LoRA scene's base model is, if not where the scene recorded it;
+    `tokenizers` are the scene's, if already built."""
+    import torch
+
+    from ..families import pool_at_end_of_text
+
+    if not scene.weights:
+        # A LoRA scene's adapters are merged on the CPU, where its base model loads.
+        scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
+    dtype = dtype or device.infer_dtype()
+    family = scene.family
+    tokenizers = tokenizers or scene_tokenizers(scene)
+    if scene.needs_base_model:
+        unet, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers])
+    else:
+        unet, vae, text_encoders = own_weights(scene, dtype)
+    for model in (unet, vae, *text_encoders):
+        model.to(device.torch, dtype).eval().requires_grad_(False)
+    vae.to(family.sampling_vae_dtype(vae, dtype))
+    # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
+    for tokenizer, text_encoder, rows in zip(tokenizers, text_encoders, scene.handle_embeddings):
+        pool_at_end_of_text(text_encoder, tokenizer)  # older scenes recorded the legacy config
+        ids = tokenizer.convert_tokens_to_ids(scene.tokens)
+        emb = text_encoder.get_input_embeddings().weight
+        if any(i is None or i >= emb.shape[0] for i in ids) or rows.shape[1] != emb.shape[1]:
+            raise InvalidInput(f"scene {scene.name!r}: tokenizer and text encoder disagree on the handles")
+        with torch.no_grad():
+            emb[ids] = rows.to(emb.device, emb.dtype)
+    return unet, vae, text_encoders, tokenizers
+
+
+def own_weights(scene: Scene, dtype):
+    """UNet, VAE and text encoders of a self-contained scene, built empty from the
+    recorded configs and filled with its weights."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    configs = scene.meta["configs"]
+    names = scene.family.text_encoders
+    with init_empty_weights():  # no random init of weights we overwrite anyway
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoders = [scene.family.text_encoder_class(name)(CLIPTextConfig(**configs[name])) for name in names]
+    for model, name in ((unet, "unet"), (vae, "vae"), *zip(text_encoders, names)):
+        check_weights_fit(scene, name, model.state_dict(), scene.weights[name])
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
+        model.load_state_dict(state, assign=True, strict=True)
+    return unet, vae, text_encoders
+
+
+STORED_FLOATS = ("torch.float16", "torch.bfloat16", "torch.float32")
+
+
+def check_weights_fit(scene: Scene, component: str, expected: dict, state: dict) -> None:
+    """The scene's `component` tensors have exactly the names and shapes of the model
+    its config builds (`expected`: that model's state dict, on the meta device when
+    built empty), and dtypes a scene stores: a stranger's scene is refused in one
+    line, not with torch's multi-line loading errors."""
+    def fail(why: str):
+        raise BundleError(f"{scene.path or scene.name} is not a valid scene: its {component} weights {why}")
+
+    missing, unknown = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or unknown:
+        fail(f"do not fit its config ({len(missing)} missing{f', e.g. {missing[0][:60]!r}' if missing else ''}; "
+             f"{len(unknown)} unknown{f', e.g. {unknown[0][:60]!r}' if unknown else ''})")
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            fail(f"do not fit its config ({key[:60]!r} is {tuple(got.shape)}, the config makes {tuple(want.shape)})")
+        if (str(got.dtype) not in STORED_FLOATS) if want.is_floating_point() else got.dtype != want.dtype:
+            fail(f"hold {key[:60]!r} as {got.dtype}, not a dtype a scene stores")
+
+
+def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str):
+    """The base model's Components a scene was learned on, from where it recorded it
+    or `base_model`, checked by fingerprint; `who` needs it, for `what` (messages)."""
+    from ..models import load_components
+
+    base = scene.meta["base_model"]
+    try:
+        c = load_components(base_model or base["id"], None if base_model else (base.get("commit") or base.get("revision")))
+    except (InvalidInput, ModelNotAvailable) as exc:
+        fix = "" if "--base-model" in str(exc) else " (if it moved, pass --base-model with where it is now)"
+        raise type(exc)(f"{who} needs its base model: {exc}{fix}") from None
+    if c.base.fingerprint != base["fingerprint"]:
+        raise BundleError(f"scene {scene.name!r} was learned on another base model than {base_model or base['id']} "
+                          f"({what} need that exact model): pass --base-model with the right one")
+    return c
+
+
+def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]):
+    """The base model a LoRA scene was learned on (checked by fingerprint), with the
+    scene's adapters merged into its weights."""
+    from ..families.lora import add_lora, load_lora_state_dict, merge_lora
+
+    c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters")
+    for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
+        text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
+    add_lora(c.unet, c.text_encoders, scene.meta["lora"])
+    for name, model in (("unet", c.unet), *zip(c.family.text_encoders, c.text_encoders)):
+        component = f"{name}_lora"
+        load_lora_state_dict(model, scene.weights[component],
+                             lambda expected, state: check_weights_fit(scene, component, expected, state))
+    for model in (c.unet, *c.text_encoders):
+        merge_lora(model)  # plain layers again: no adapter cost per step
+    return c.unet, c.vae, c.text_encoders
+
+
+def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None, scheduler: str = "dpm",
+                  tokenizers=None):
+    """A text-to-image pipeline of the scene's family over its models, sampling with
+    `scheduler` (`tokenizers`: the scene's, if already built)."""
+    from ..models import quiet_libraries
+    from .pipeline import make_pipeline
+
+    quiet_libraries()
+    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=dtype, base_model=base_model,
+                                                            tokenizers=tokenizers)
+    if device.type == "cuda":
+        import torch
+
+        unet.to(memory_format=torch.channels_last)  # faster convolutions with cuDNN
+    return make_pipeline(scene.family, unet, vae, text_encoders, tokenizers, scene.meta["configs"]["scheduler"], scheduler)

@@ -1,0 +1,510 @@
+"""The `.scene` bundle: one safetensors file with the learned tensors and a JSON header.
+
+Tensor names:
+  handles.embeddings        (N, D) learned handle embeddings, fp32
+  handles.embeddings_2      (N, D2) SDXL only: the handles' rows in the second text encoder
+  source.image              (R, R, 3) uint8 training crop
+  source.masks              (N, R, R) uint8 masks of the crop
+  unet.* / text_encoder.* / vae.*   full weights (self-contained: no base model needed)
+  unet_lora.* / text_encoder_lora.* LoRA adapters instead (`--tune lora`): the base model is needed
+  text_encoder_2.* / text_encoder_2_lora.*  SDXL's second text encoder, the same way
+  file.tokenizer/NAME       uint8 bytes of each tokenizer file (handles included)
+  file.tokenizer_2/NAME     SDXL's second tokenizer
+Metadata: {"format": "scenebreak.scene", "scenebreak": "<JSON>"}; the JSON holds
+format_version, versions, base model, handles, resolution, configs, losses...
+
+Format 2 added SDXL (the `_2` entries). SD 1.x/2.x scenes are still written as
+format 1, which they are, so an older scenebreak keeps reading them.
+
+This module owns that format: writing and reading it, and assembling a scene (its
+metadata, weights and tokenizer files) from a finished training run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
+from ..errors import BundleError
+from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically
+
+FORMAT = "scenebreak.scene"
+FORMAT_VERSION = 2  # the newest this version reads and writes
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+# The tokenizer files a scene may hold: what transformers' tokenizers write (5.x writes
+# the first two). A scene is a stranger's file: no other name is ever written anywhere.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+# Bounds on what a scene may ask of the machine: more than any real scene needs (the
+# handles and the LoRA rank are bounded where learn takes them, in config.py).
+MAX_STRING = 4096  # characters of any one string in the metadata
+
+
+@dataclass
+class Handle:
+    token: str  # "<asset1>"
+    mask_index: int  # zero-based position in the --masks list (the background's comes last)
+    background: bool = False  # learned from the complement of the object masks
+
+    @property
+    def name(self) -> str:
+        return self.token.strip("<>")
+
+
+@dataclass
+class Scene:
+    """A learned scene. `weights` is empty until loaded with `weights=True`."""
+
+    meta: dict
+    embeddings: "torch.Tensor"  # noqa: F821 - (N, D): the handles' rows in the (first) text encoder
+    image: np.ndarray  # (R, R, 3) uint8
+    masks: np.ndarray  # (N, R, R) uint8
+    weights: dict = field(default_factory=dict)  # component -> state dict
+    files: dict = field(default_factory=dict)  # "tokenizer/vocab.json" -> bytes
+    path: Path | None = None
+    embeddings_2: "torch.Tensor | None" = None  # noqa: F821 - SDXL: (N, D2) in the second text encoder
+
+    @property
+    def family(self):
+        """The base model's family (families.Family); scenes from before SDXL are SD 1.x/2.x."""
+        return _family(self.meta)
+
+    @property
+    def handle_embeddings(self) -> list:
+        """The handles' rows in each text encoder, in the family's order."""
+        return [self.embeddings] if self.embeddings_2 is None else [self.embeddings, self.embeddings_2]
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or (self.path.stem if self.path else "scene")
+
+    @property
+    def handles(self) -> list[Handle]:
+        return [Handle(h["token"], h["mask_index"], bool(h.get("background"))) for h in self.meta["handles"]]
+
+    @property
+    def tokens(self) -> list[str]:
+        return [h.token for h in self.handles]
+
+    @property
+    def object_tokens(self) -> list[str]:
+        return [h.token for h in self.handles if not h.background]
+
+    @property
+    def background_token(self) -> str | None:
+        return next((h.token for h in self.handles if h.background), None)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.meta["resolution"])
+
+    @property
+    def needs_base_model(self) -> bool:
+        """A LoRA scene holds adapters only: it generates on top of its base model."""
+        return self.meta.get("tuning") == "lora" and not self.meta.get("standalone", True)
+
+    @property
+    def stored_dtype(self):
+        """The torch dtype the scene's weights are stored in (`learn --save-dtype`)."""
+        import torch
+
+        return torch.float16 if self.meta.get("weights_dtype", "fp16") == "fp16" else torch.float32
+
+    @property
+    def weight_components(self) -> tuple[str, ...]:
+        """Full weights (the scene generates on its own), or for a LoRA scene the
+        adapters for its recorded base model; one entry per text encoder of the family."""
+        encoders = self.family.text_encoders
+        if self.needs_base_model:
+            return ("unet_lora", *(f"{name}_lora" for name in encoders))
+        return ("unet", *encoders, "vae")
+
+
+def embedding_keys(family) -> list[str]:
+    """The tensor of the handles' rows in each text encoder of `family`, first to last."""
+    return ["handles.embeddings" + (f"_{i + 1}" if i else "") for i in range(len(family.text_encoders))]
+
+
+def _family(meta: dict):
+    from ..families import family_named
+
+    return family_named(meta.get("base_model", {}).get("family", ""), meta.get("prediction_type", "epsilon"))
+
+
+def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
+    """Write atomically: a temp file next to `path`, renamed over it when complete."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if save_dtype == "fp16" else torch.float32
+    tensors = {
+        "handles.embeddings": scene.embeddings.detach().float().cpu().contiguous(),
+        "source.image": torch.from_numpy(np.array(scene.image, dtype=np.uint8)),
+        "source.masks": torch.from_numpy(np.array(scene.masks, dtype=np.uint8)),
+    }
+    if scene.embeddings_2 is not None:
+        tensors["handles.embeddings_2"] = scene.embeddings_2.detach().float().cpu().contiguous()
+    for component, state in scene.weights.items():
+        for key, value in state.items():
+            value = value.detach().cpu()
+            # The token-embedding matrix stays at full precision, so ordinary words
+            # keep exactly their base-model values.
+            if value.is_floating_point() and "token_embedding" not in key:
+                value = value.to(dtype)
+            tensors[f"{component}.{key}"] = value.contiguous().clone()
+    for name, data in scene.files.items():
+        tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
+    # Format 2 only where it is needed (SDXL): SD scenes stay readable by older versions.
+    meta = dict(scene.meta, format_version=scene.family.scene_format, weights_dtype=save_dtype)
+    path = Path(path)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)}))
+    scene.path = path
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    """The scene's JSON metadata, checked; reads no tensor data."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"scene not found: {path} (see `scenebreak list`)")
+    if not is_regular_file(path):  # a FIFO or a device would block or never end
+        raise BundleError(f"{path} is not a scene file (not a regular file)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            keys = set(f.keys())
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise BundleError(f"{path} is not a readable .scene file (truncated or corrupt: {str(exc).splitlines()[0][:120]})") from None
+    if header.get("format") != FORMAT or "scenebreak" not in header:
+        raise BundleError(f"{path} is not a scenebreak scene (a safetensors file of another kind)")
+    try:
+        meta = json.loads(header["scenebreak"])
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
+        raise BundleError(f"{path} has damaged scenebreak metadata") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path} has damaged scenebreak metadata")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{path} has no valid format version")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{path} was written by a newer scenebreak (format {version}; this one reads up to {FORMAT_VERSION}): upgrade scenebreak")
+    problem = metadata_problem(meta)
+    if problem:
+        raise BundleError(f"{path} is not a valid scene: {problem}")
+    for key in (*embedding_keys(_family(meta)), "source.image", "source.masks"):
+        if key not in keys:
+            raise BundleError(f"{path} is incomplete: tensor {key!r} is missing")
+    problem = _stray_tensor(meta, keys) or _family_mismatch(meta)
+    if problem:
+        raise BundleError(f"{path} is not a valid scene: {problem}")
+    return meta
+
+
+def _family_mismatch(meta: dict) -> str | None:
+    """The recorded family against the family the recorded configs build."""
+    from ..families import family_named, family_of_configs
+
+    configs, family = meta.get("configs"), _family(meta)
+    built = family_of_configs(configs) if configs else None
+    if configs and (built is None or type(family_named(built)) is not type(family)):
+        return f"its model configs build {built or 'no model scenebreak knows'}, but the scene says {family.name}"
+    return None
+
+
+def _stray_tensor(meta: dict, keys: set[str]) -> str | None:
+    """A tensor this scene's family and tuning do not have (e.g. an SDXL scene's second
+    encoder in a scene that says SD 2.x), or None."""
+    components = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
+    fixed = {*embedding_keys(_family(meta)), "source.image", "source.masks"}
+    for key in sorted(keys):
+        if key in fixed or key.startswith("file.") or key.partition(".")[0] in components:
+            continue
+        family, tuning = _family(meta).name, "LoRA" if meta.get("tuning") == "lora" and not meta.get("standalone", True) else "full"
+        return f"it holds a tensor {key[:60]!r}, which a {family} scene of {tuning} weights does not have"
+    return None
+
+
+def metadata_problem(meta: dict) -> str | None:
+    """What makes this metadata unsafe or unusable, or None. Every value that names a
+    file or sizes work is checked: names follow the scene-name rule, sizes have bounds."""
+    from ..paths import valid_name
+    from ..train.tokens import valid_handle_token
+
+    too_long = _long_string(meta)
+    if too_long:
+        return too_long
+    handles, base, resolution = meta.get("handles"), meta.get("base_model"), meta.get("resolution")
+    if not isinstance(handles, list) or not handles or not all(isinstance(h, dict) and "token" in h and "mask_index" in h for h in handles):
+        return "its handles are missing or damaged"
+    if len(handles) > MAX_HANDLES:
+        return f"{len(handles)} handles (at most {MAX_HANDLES})"
+    tokens = [h["token"] for h in handles]
+    for h in handles:
+        if not isinstance(h["token"], str) or not valid_handle_token(h["token"]):
+            return f"handle {str(h['token'])[:40]!r} is not a valid handle name"
+        if not isinstance(h["mask_index"], int) or isinstance(h["mask_index"], bool) or not 0 <= h["mask_index"] < len(handles):
+            return f"handle {h['token']} has no valid mask index"
+    if len(set(tokens)) != len(tokens):
+        return "two handles have the same name"
+    if len({h["mask_index"] for h in handles}) != len(handles):
+        return "two handles have the same mask index"
+    if not isinstance(base, dict) or not isinstance(base.get("id"), str) or not base.get("id") or not base.get("fingerprint"):
+        return "its base model is missing or damaged"
+    from ..families import SUPPORTED
+
+    family = base.get("family", "")
+    if family and family not in SUPPORTED:
+        return f"its base model family {str(family)[:40]!r} is not one scenebreak knows ({', '.join(SUPPORTED)})"
+    if meta.get("format_version", 0) < _family(meta).scene_format:
+        return f"its family {_family(meta).name} needs format {_family(meta).scene_format}"
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or not 8 <= resolution <= MAX_RESOLUTION or resolution % 8:
+        return f"resolution {str(resolution)[:20]} is not a multiple of 8 between 8 and {MAX_RESOLUTION}"
+    name = meta.get("name")
+    if name is not None and (not isinstance(name, str) or not valid_name(name)):
+        return f"its name {str(name)[:40]!r} is not a valid scene name"
+    lora = meta.get("lora")
+    if lora is not None:
+        rank = lora.get("rank") if isinstance(lora, dict) else None
+        if not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK or not isinstance(lora.get("alpha"), (int, float)):
+            return f"its LoRA rank is not between 1 and {MAX_LORA_RANK}"
+        for key in ("unet_targets", "text_encoder_targets"):  # (the same targets in every text encoder)
+            targets = lora.get(key)
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+                return f"its LoRA {key} are damaged"
+    configs = meta.get("configs")
+    needed = ("unet", "vae", "scheduler", *_family(meta).text_encoders)
+    if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)):
+        return "its model configs are damaged"
+    if configs is None and not Scene(meta=meta, embeddings=None, image=None, masks=None).needs_base_model:
+        return "it holds full weights but no model configs to build them with"
+    return _config_problem(configs) if configs else None
+
+
+# Config values that size a model, bounded so that a crafted scene cannot make
+# scenebreak build a giant one (even without memory, on the meta device, a model of
+# millions of layers takes hours to build). Real SD, SDXL and FLUX are far inside.
+_CONFIG_LIMITS = {"layers_per_block": 8, "transformer_layers_per_block": 16, "num_hidden_layers": 64, "num_layers": 64,
+                  "num_single_layers": 64}
+_CONFIG_INT = 2**17  # channels, widths, vocabularies, positions
+_CONFIG_LIST = 8  # blocks
+
+
+def _config_problem(configs: dict) -> str | None:
+    for component, config in configs.items():
+        for key, value in config.items():
+            limit = _CONFIG_LIMITS.get(key, _CONFIG_INT)
+            values = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) > _CONFIG_LIST and component != "scheduler":
+                return f"its {component} config's {key} lists {len(value)} values (at most {_CONFIG_LIST})"
+            for item in values:
+                if isinstance(item, int) and not isinstance(item, bool) and not -_CONFIG_INT <= item <= limit:
+                    return f"its {component} config's {key} is {item} (at most {limit})"
+    return None
+
+
+def _long_string(value, depth: int = 0) -> str | None:
+    if depth > 12:
+        return "its metadata is nested too deeply"
+    if isinstance(value, str):
+        return f"a metadata string of {len(value)} characters (at most {MAX_STRING})" if len(value) > MAX_STRING else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        problem = _long_string(key, depth + 1) if isinstance(key, str) else None
+        problem = problem or _long_string(item, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict, embeddings_2=None) -> None:
+    """The tensors agree with the metadata, and file entries are only tokenizer files."""
+    n, r = len(meta["handles"]), meta["resolution"]
+    for rows in (embeddings, embeddings_2):
+        if rows is not None and (tuple(rows.shape[:1]) != (n,) or rows.ndim != 2):
+            raise BundleError(f"{path} is not a valid scene: {n} handles but embeddings of shape {tuple(rows.shape)}")
+    if tuple(image.shape) != (r, r, 3) or tuple(masks.shape) != (n, r, r):
+        raise BundleError(f"{path} is not a valid scene: its image or masks do not match resolution {r} and {n} handles")
+    for name in files:
+        if not is_tokenizer_entry(name):
+            raise BundleError(f"{path} is not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
+
+
+def is_tokenizer_entry(name: str) -> bool:
+    """Whether a `file.*` entry name is one of the tokenizer files a scene may hold."""
+    folder, _, base = name.partition("/")
+    return folder in TOKENIZER_FOLDERS and base in TOKENIZER_FILES
+
+
+def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
+    """Open a scene by path or cached name; `weights=True` also loads the model weights,
+    read from the memory-mapped file straight onto `device` (no copy in RAM for a GPU)."""
+    from safetensors import safe_open
+
+    path = resolve_scene(ref)
+    meta = read_metadata(path)
+    expected = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
+    scene_weights: dict = {component: {} for component in expected} if weights else {}
+    files: dict = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            embeddings = f.get_tensor("handles.embeddings")
+            embeddings_2 = f.get_tensor("handles.embeddings_2") if "handles.embeddings_2" in f.keys() else None
+            image = f.get_tensor("source.image").numpy()
+            masks = f.get_tensor("source.masks").numpy()
+            for key in f.keys():
+                if key.startswith("file."):
+                    files[key[5:]] = f.get_tensor(key).numpy().tobytes()
+        if weights:
+            with safe_open(str(path), framework="pt", device=device) as f:
+                for key in f.keys():
+                    component, _, name = key.partition(".")
+                    if component in scene_weights:
+                        scene_weights[component][name] = f.get_tensor(key)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"{path} is not a readable .scene file ({str(exc).splitlines()[0][:120]})") from None
+    if weights:
+        empty = [c for c, s in scene_weights.items() if not s]
+        if empty:
+            raise BundleError(f"{path} holds no {', '.join(empty)} weights, so it cannot generate")
+    _check_tensors(path, meta, embeddings, image, masks, files, embeddings_2)
+    return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path,
+                 embeddings_2=embeddings_2)
+
+
+def open_scene(scene) -> Scene:
+    """A Scene as given, or loaded from its path or cache name (metadata only)."""
+    return scene if isinstance(scene, Scene) else load_scene(scene)
+
+
+def list_scenes() -> list[Path]:
+    folder = scenes_dir()
+    return sorted(folder.glob(f"*{SCENE_SUFFIX}")) if folder.exists() else []
+
+
+# -- assembling a scene from a finished training run ---------------------------------------------
+
+def tokenizer_files(tokenizer, folder: str = "tokenizer") -> dict[str, bytes]:
+    """The tokenizer's files (handles included), as the scene stores them under `folder`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {f"{folder}/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir())
+                if p.is_file() and p.name in TOKENIZER_FILES}
+
+
+def tokenizer_from_files(files: dict[str, bytes], folder: str, family) -> object:
+    """The tokenizer a scene stores under `folder`, rebuilt in a private temp folder
+    (mode 0700) that only ever receives the allowed tokenizer file names, whatever the
+    scene says. A scene is a stranger's file: its tokenizer is built by the family's
+    own class (never the Auto classes, which follow a config's `auto_map` to custom
+    code and may stop to ask whether to run it), and its length limit is the text
+    encoder's, not what the files claim."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="scenebreak-tokenizer-") as tmp:
+        for name, data in files.items():
+            if not is_tokenizer_entry(name):
+                raise BundleError(f"not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
+            if name.partition("/")[0] == folder:
+                if name.endswith("_config.json") or name.endswith("special_tokens_map.json"):
+                    data = _without_code_references(data, name)
+                (Path(tmp) / name.partition("/")[2]).write_bytes(data)
+        if not any(Path(tmp).iterdir()):
+            raise BundleError(f"not a valid scene: it holds no {folder} files")
+        cls, max_length = family.tokenizer_class(folder)
+        try:
+            return cls.from_pretrained(tmp, model_max_length=max_length, local_files_only=True)
+        except Exception as exc:  # tokenizers raise many types for damaged files
+            raise BundleError(f"not a valid scene: its {folder} files do not load "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+
+
+def _without_code_references(data: bytes, name: str) -> bytes:
+    """A tokenizer config with nothing in it that names code to load (`auto_map`)."""
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError):
+        raise BundleError(f"not a valid scene: its {name} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"not a valid scene: its {name} is not a JSON object")
+    config.pop("auto_map", None)
+    return json.dumps(config).encode()
+
+
+def model_config(model) -> dict:
+    """A model's config as the scene records it (enough to rebuild the model empty)."""
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    return {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype", "transformers_version", "_name_or_path")}
+
+
+def scene_metadata(*, name: str, tokens: list[str], components, prepared, config, plan, precision: str, losses: dict,
+                   device, image: Path, masks: list[Path], resolution: int, seconds: float) -> dict:
+    """The JSON header of a newly learned scene."""
+    import datetime as dt
+
+    from .. import __version__
+    from ..families.lora import lora_settings
+
+    c = components
+    return {
+        "name": name,
+        "scenebreak_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tuning": config.tune,
+        "standalone": config.tune == "full" or config.standalone,
+        "base_model": c.base.to_dict(),
+        # The background handle's mask (index len(masks)) is the complement of the others.
+        "handles": [{"token": t, "name": t.strip("<>"), "mask_index": i, "background": config.background and i == len(masks)}
+                    for i, t in enumerate(tokens)],
+        "resolution": resolution,
+        "prediction_type": c.prediction_type,
+        # Pooled text taken at the end of text (families.pool_at_end_of_text); SDXL
+        # scenes without it were learned with the pooled vector at the last handle.
+        "pooled_at": "eos",
+        "crop_box": list(prepared.crop_box),
+        "source": {"file": image.name, "size": list(prepared.source_size), "sha256": prepared.source_sha256,
+                   "masks": [m.name for m in masks]},
+        "config": config.to_dict(),
+        "memory": plan.to_dict(),
+        "precision": precision,
+        "losses": losses,
+        **({"lora": lora_settings(config.rank)} if config.tune == "lora" else {}),
+        "device": device.name,
+        "seconds": round(seconds, 2),
+        "configs": {"unet": model_config(c.unet), "vae": model_config(c.vae),
+                    **{name: model_config(te) for name, te in zip(c.family.text_encoders, c.text_encoders)},
+                    "scheduler": dict(c.scheduler_config)},
+    }
+
+
+def scene_from_training(components, meta: dict, prepared) -> Scene:
+    """The trained models as a self-contained scene (the handles put back into an
+    ordinary embedding matrix, so other tools can load the text encoder)."""
+    from ..families.lora import lora_state_dict, merge_lora
+    from ..train.tokens import remove_handle_embedding
+
+    c = components
+    handles = [remove_handle_embedding(te) for te in c.text_encoders]
+    encoders = dict(zip(c.family.text_encoders, c.text_encoders))
+    if meta["tuning"] == "lora" and not meta["standalone"]:
+        # Only the adapters: the scene loads them onto its recorded base model.
+        weights = {"unet_lora": lora_state_dict(c.unet), **{f"{n}_lora": lora_state_dict(te) for n, te in encoders.items()}}
+    else:
+        if meta["tuning"] == "lora":
+            for model in (c.unet, *c.text_encoders):
+                merge_lora(model)
+        weights = {"unet": c.unet.state_dict(), **{n: te.state_dict() for n, te in encoders.items()}, "vae": c.vae.state_dict()}
+    files = {}
+    for tokenizer, folder in zip(c.tokenizers, c.family.tokenizers):
+        files.update(tokenizer_files(tokenizer, folder))
+    return Scene(meta=meta, embeddings=handles[0], image=np.asarray(prepared.image), masks=prepared.masks, weights=weights,
+                 files=files, embeddings_2=handles[1] if len(handles) > 1 else None)

@@ -1,0 +1,80 @@
+"""The scenes in the cache, as `list`, `show` and `rm` see them: summaries of their
+metadata, a readable description, and removal that only ever deletes scenes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .bundle import list_scenes, read_metadata
+from ..errors import BundleError
+from ..paths import resolve_scene
+
+
+def scene_rows() -> list[dict]:
+    """One row per cached scene (name, handles, path, family, created, size); a scene that
+    cannot be read gets a row with its error instead."""
+    rows = []
+    for path in list_scenes():
+        try:
+            meta = read_metadata(path)
+            rows.append({"name": path.stem, "handles": [h["token"] for h in meta["handles"]], "path": str(path),
+                         "family": meta["base_model"].get("family", ""), "created": meta.get("created"), "size_mb": round(path.stat().st_size / 2**20, 1)})
+        except BundleError as exc:
+            rows.append({"name": path.stem, "error": str(exc), "path": str(path)})
+    return rows
+
+
+def scene_summary(ref: str | os.PathLike) -> dict:
+    """A scene's metadata without the model configs, plus its path and size."""
+    path = resolve_scene(ref)
+    meta = {k: v for k, v in read_metadata(path).items() if k != "configs"}
+    meta["path"] = str(path)
+    meta["size_mb"] = round(path.stat().st_size / 2**20, 1)
+    return meta
+
+
+def describe(summary: dict) -> str:
+    """The summary as a few lines for people."""
+    base = summary["base_model"]
+    lines = [
+        f"scene:       {summary['name']}  ({summary['path']}, {summary['size_mb']} MB)",
+        f"handles:     {'  '.join(_handle_label(h, summary) for h in summary['handles'])}",
+        f"base model:  {base['id']}" + (f" @ {base['commit']}" if base.get("commit") else "")
+        + (f"  ({base['family']})" if base.get("family") else ""),
+        f"resolution:  {summary['resolution']}  tuning: {_tuning_label(summary)}  created: {summary.get('created')}",
+    ]
+    for phase, losses in summary.get("losses", {}).items():
+        lines.append(f"{phase}:      {losses['steps']} steps in {losses['seconds']} s, "
+                     f"loss {losses['loss_first']:.4f} -> {losses['loss_last']:.4f}")
+    return "\n".join(lines)
+
+
+def _tuning_label(meta: dict) -> str:
+    if meta.get("tuning") != "lora":
+        return meta.get("tuning", "full")
+    rank = meta.get("lora", {}).get("rank")
+    return f"lora (rank {rank}, {'standalone' if meta.get('standalone') else 'needs its base model'})"
+
+
+def _handle_label(handle: dict, meta: dict) -> str:
+    masks = meta.get("source", {}).get("masks", [])
+    index = handle["mask_index"]
+    if handle.get("background"):
+        return f"{handle['token']} (the rest of the photo)"
+    return f"{handle['token']} ({masks[index]})" if index < len(masks) else handle["token"]
+
+
+def remove_scenes(refs: list[str | os.PathLike]) -> list[Path]:
+    """Delete scenes by cache name or path; returns the deleted paths. Every one is
+    checked to be a scene first: nothing is deleted if any is not."""
+    # A scene named twice (`rm a a`, or by name and by path) is deleted once.
+    unique: dict[Path, Path] = {}
+    for path in map(resolve_scene, refs):
+        unique.setdefault(path.resolve(), path)
+    paths = list(unique.values())
+    for path in paths:
+        read_metadata(path)
+    for path in paths:
+        path.unlink()
+    return paths

@@ -1,0 +1,162 @@
+"""Capturing the few cross-attention maps the attention loss needs.
+
+Only the cross-attention layers at latent size / 4 (16x16 for SD2.1-base at 512)
+get a recording processor; every other layer keeps diffusers' fused
+scaled-dot-product attention. Maps are kept in a dict keyed by layer name, so a
+gradient-checkpointing recompute overwrites instead of appending twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+from ..errors import InvalidInput
+
+_NAME_RE = re.compile(r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\..*\.attn2\.processor$")
+
+
+def layer_scale(name: str, num_down: int, num_up: int) -> int | None:
+    """How many times smaller than the latent a processor's feature map is."""
+    match = _NAME_RE.match(name)
+    if not match:
+        return None
+    kind, index = match.group(1), match.group(2)
+    if kind == "down_blocks":
+        return 2 ** int(index)  # each earlier down block halved the map
+    if kind == "up_blocks":
+        return 2 ** (num_up - 1 - int(index))  # up block j runs before its upsampler
+    return 2 ** (num_down - 1)
+
+
+def cross_attention_layers(unet, scale: int = 4) -> list[str]:
+    """Names of the cross-attention processors that work at latent size / `scale`."""
+    num_down = len(unet.config.down_block_types)
+    num_up = len(unet.config.up_block_types)
+    names = [n for n in unet.attn_processors if layer_scale(n, num_down, num_up) == scale]
+    if not names:
+        raise InvalidInput(
+            f"this UNet has no cross-attention layer at latent size / {scale}, which the attention loss needs: "
+            "use --lambda-attn 0 or another base model"
+        )
+    return names
+
+
+class AttentionStore:
+    """Cross-attention probabilities of one example of the batch, per layer: of every
+    token, or only of `columns` (the handles' positions) when the caller sets them
+    before the forward pass, which is all the attention loss needs."""
+
+    def __init__(self, example: int = 0):
+        self.example = example  # batch index whose maps are kept (the instance image)
+        self.columns: list[int] | None = None  # token positions to keep (None: all)
+        self.maps: dict[str, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self.maps.clear()
+
+    def record(self, name: str, probs: torch.Tensor) -> None:
+        # probs: (heads, pixels, tokens or len(columns)) of the kept example.
+        self.maps[name] = probs
+
+    def token_maps(self, positions: list[int]) -> torch.Tensor:
+        """(len(positions), side, side): per token, the map averaged over heads and layers."""
+        if not self.maps:
+            raise RuntimeError("no attention maps were recorded this step")
+        if self.columns is not None:
+            if list(positions) != list(self.columns):
+                raise RuntimeError("the maps were recorded for other token positions")
+            positions = list(range(len(positions)))  # the maps hold exactly those columns
+        stacked = torch.stack([m[:, :, positions].float().mean(0) for m in self.maps.values()])  # layers, pixels, k
+        mean = stacked.mean(0).transpose(0, 1)  # k, pixels
+        side = int(round(mean.shape[1] ** 0.5))
+        return mean.reshape(len(positions), side, side)
+
+
+class RecordingAttnProcessor:
+    """Like diffusers' AttnProcessor2_0 (the block output comes from the same fused
+    scaled-dot-product attention), and it also records the attention probabilities of
+    one example, with their gradient, for the few columns the loss needs.
+
+    The probabilities are never needed in full: softmax column j is exp(s_j - lse(s)),
+    so only the example's scores (heads x pixels x 77) are computed, in fp32, for their
+    log-sum-exp, and only the handles' columns are kept. On SDXL at 1024 this is a
+    1024 x 77 matrix per head for one example instead of materialising the whole
+    batch's attention, and the block output keeps the fused kernel."""
+
+    def __init__(self, store: AttentionStore, name: str):
+        self.store = store
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        import torch.nn.functional as F
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+        # Scores and softmax in fp32 here, whatever autocast says: q.k can pass fp16's
+        # range before it is scaled (SD 2.x-768 sets upcast_attention for this very
+        # reason), and half-precision softmax of sharp cross-attention blurs the very
+        # maps the loss shapes (measured: the tiny model's handles then settle on the
+        # wrong object more often). With 77 keys these few layers cost little in fp32.
+        with torch.autocast(query.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask, dropout_p=0.0,
+                                                 scale=attn.scale)
+
+        # The recorded maps, for the kept example only.
+        ex = self.store.example
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query[ex].float() * attn.scale, key[ex].float().transpose(-1, -2))
+            if mask is not None:
+                scores = scores + mask[ex]
+            columns = self.store.columns
+            if columns is None:
+                probs = scores.softmax(dim=-1)
+            else:
+                probs = (scores[..., columns] - scores.logsumexp(dim=-1, keepdim=True)).exp()
+        self.store.record(self.name, probs)
+
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def capture_cross_attention(unet, store: AttentionStore, layers: list[str] | None = None):
+    """Record the chosen layers' maps into `store`; restore every processor after."""
+    layers = layers if layers is not None else cross_attention_layers(unet)
+    original = dict(unet.attn_processors)
+    swapped = {name: RecordingAttnProcessor(store, name) if name in layers else proc for name, proc in original.items()}
+    unet.set_attn_processor(swapped)
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(original)

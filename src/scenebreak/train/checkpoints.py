@@ -1,0 +1,138 @@
+"""Resumable checkpoints of `learn`: when to save one, what it must match to be
+resumed, writing and reading it, and the Ctrl-C / SIGTERM handling that asks for one."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import signal
+import threading
+import time
+from pathlib import Path
+
+from ..errors import Interrupted, InvalidInput
+from ..events import Message, Reporter
+from ..paths import checkpoint_path, is_regular_file, write_atomically
+
+# Training time that justifies one more checkpoint before the scene is written.
+FINAL_AFTER_SECONDS = 300.0
+# Settings that do not change the result: a resumed run may change them (e.g. add
+# --gradient-checkpointing after running out of memory).
+# The memory switches change at most the clipping of phase 2 (per tensor with the
+# optimizer in the backward pass), and resuming with less memory is their point.
+# A change of optimizer (8-bit or not) restarts its running averages (Trainer.load_state_dict).
+RESUMABLE_CHANGES = ("checkpoint_every", "gradient_checkpointing", "save_dtype", "memory", "optimizer_in_backward",
+                     "compile", "standalone", "adam_8bit")
+
+
+class StopFlag:
+    """Set by the first Ctrl-C (or SIGTERM); the loop stops at the next step boundary."""
+
+    def __init__(self, also=None):
+        self.requested = False
+        self.also = also  # another "should I stop?" function, polled too
+
+    def __call__(self) -> bool:
+        return self.requested or bool(self.also and self.also())
+
+
+@contextlib.contextmanager
+def catch_interrupts(flag: StopFlag, report: Reporter):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        flag.requested = True
+        report(Message("stopping after this step to save a checkpoint (press Ctrl-C again to abort now)", "warning"))
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def identity(prepared, config, fingerprint: str) -> dict:
+    """What a checkpoint must match to be resumed: same photo, masks, settings, model."""
+    masks_digest = hashlib.sha256(prepared.masks.tobytes()).hexdigest()
+    settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    return {"source": prepared.source_sha256, "masks": masks_digest, "config": repr(sorted(settings.items())), "base": fingerprint}
+
+
+def is_last_step(record, steps2: int) -> bool:
+    return record.step == record.total and (record.phase == 2 or steps2 == 0)
+
+
+def should_checkpoint(record, every: int, steps2: int, stop_requested: bool) -> bool:
+    """After this step? Never after the very last one (the scene is written instead);
+    otherwise when asked to stop, at the end of phase 1, and every `every` steps."""
+    if is_last_step(record, steps2):
+        return False
+    phase1_done = record.phase == 1 and record.step == record.total
+    return stop_requested or phase1_done or bool(every and record.step % every == 0)
+
+
+class Checkpoints:
+    """The checkpoint of one scene name: saved by the rule above, loaded on --resume."""
+
+    def __init__(self, name: str, identity: dict, every: int, steps2: int):
+        self.name, self.identity, self.every, self.steps2 = name, identity, every, steps2
+        self.path: Path = checkpoint_path(name)
+        self.saved_at = time.monotonic()  # the run's start counts as saved: nothing to lose yet
+
+    def load(self, report: Reporter) -> dict:
+        import torch
+
+        if not self.path.exists():
+            raise InvalidInput(f"nothing to resume: no checkpoint for scene {self.name!r} (run without --resume)")
+        damaged = InvalidInput(f"the checkpoint of {self.name!r} ({self.path}) is damaged (truncated or corrupt): "
+                               "drop --resume to start over")
+        if not is_regular_file(self.path):
+            raise damaged
+        # Memory-mapped: a phase-2 checkpoint holds the model and the optimizer state, which
+        # must not sit in RAM a second time next to the live ones.
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # torch and pickle raise many types for a damaged file
+            raise damaged from None
+        if not isinstance(state, dict):
+            raise damaged
+        if state.get("identity") != self.identity:
+            raise InvalidInput(f"the checkpoint of {self.name!r} was made from other inputs or settings: "
+                               "run the same command, or drop --resume to start over")
+        report(Message(f"resuming {self.name!r} at phase {state['phase']}, step {state['step']}"))
+        return state
+
+    def save(self, trainer) -> None:
+        """Write the trainer's state, unless its last loss diverged (Diverged: the
+        checkpoint already there is the last good one)."""
+        import torch
+
+        trainer.check_finite()
+        state = trainer.state_dict()
+        state["identity"] = self.identity
+        write_atomically(self.path, lambda tmp: torch.save(state, tmp))
+        self.saved_at = time.monotonic()
+
+    def before_final_save(self, trainer) -> None:
+        """Keep the finished training resumable while the scene is written, when more
+        than FINAL_AFTER_SECONDS of work would otherwise be lost to a failed write (a
+        full disk): a resume then only writes the scene."""
+        if time.monotonic() - self.saved_at > FINAL_AFTER_SECONDS:
+            self.save(trainer)
+
+    def after_step(self, trainer, record, stop: StopFlag) -> None:
+        """Save when the rule says so; stop (Interrupted) when asked to."""
+        stopping = stop()
+        if should_checkpoint(record, self.every, self.steps2, stopping):
+            self.save(trainer)
+        if stopping and not is_last_step(record, self.steps2):
+            raise Interrupted("interrupted: checkpoint saved; run the same command with --resume to continue")
+
+    def remove(self) -> None:
+        if self.path.exists():
+            self.path.unlink()

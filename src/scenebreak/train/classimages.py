@@ -1,0 +1,91 @@
+"""Prior-preservation class images: generated once by the base model, then reused
+by every scene with the same base model, prompt and resolution."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..events import Message, Progress, Reporter, silent
+from ..errors import Interrupted
+from ..config import SCHEDULER_STEPS
+from ..paths import class_images_dir, write_atomically
+
+GUIDANCE = 7.5
+SCHEDULER = "dpm"
+
+
+def cache_folder(fingerprint: str, prompt: str, resolution: int, guidance: float = GUIDANCE,
+                 scheduler: str = SCHEDULER) -> Path:
+    steps = SCHEDULER_STEPS[scheduler]
+    # DDIM 50 keeps the key it had before there was a choice, so those caches stay valid.
+    key = [fingerprint, prompt, resolution, steps, guidance, scheduler]
+    return class_images_dir() / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int, guidance: float = GUIDANCE,
+                      scheduler: str = SCHEDULER) -> list[Path]:
+    """Where class images 0..count-1 for this model, prompt, size and sampler live (made or not)."""
+    folder = cache_folder(fingerprint, prompt, resolution, guidance, scheduler)
+    return [folder / f"{i:04d}.png" for i in range(count)]
+
+
+def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, guidance: float = GUIDANCE,
+                  scheduler: str = SCHEDULER) -> int:
+    """How many of those class images still have to be made."""
+    return sum(not p.exists() for p in class_image_paths(fingerprint, prompt, resolution, count, guidance, scheduler))
+
+
+def ensure_class_images(components, device, prompt: str, count: int, resolution: int, amp_dtype=None,
+                        report: Reporter = silent, should_stop=lambda: False, batch_size: int | None = None,
+                        scheduler: str = SCHEDULER) -> list[Path]:
+    """The paths of `count` class images, generating only the ones not cached yet, in
+    the training's precision `amp_dtype` (None: fp32), with `scheduler` at its usual
+    step count. Image i is always made from seed i, so the cache grows consistently."""
+    paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family.guidance, scheduler)
+    folder = paths[0].parent
+    if all(p.exists() for p in paths):
+        report(Message(f"using {count} cached class images from {folder}"))
+        return paths
+    from .locks import class_images_lock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    waiting = lambda holder: report(Message(f"waiting for {holder}, which is making the same class images"))  # noqa: E731
+    with class_images_lock(folder, on_wait=waiting):
+        missing = [i for i, p in enumerate(paths) if not p.exists()]  # another run may have made them meanwhile
+        if missing:
+            _make(components, device, prompt, resolution, amp_dtype, [(i, paths[i]) for i in missing], report, should_stop,
+                  batch_size, scheduler)
+    return paths
+
+
+def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: list[tuple[int, Path]], report: Reporter,
+          should_stop, batch_size: int | None, scheduler: str) -> None:
+    """Generate class image i (from seed i) into its path, for each (i, path) in `todo`."""
+    from ..sample.pipeline import images_per_pass, make_pipeline, sample
+
+    folder = todo[0][1].parent
+    info = folder / "info.json"
+    if not info.exists():
+        info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "scheduler": scheduler,
+                                    "steps": SCHEDULER_STEPS[scheduler], "base_model": components.base.to_dict()}, indent=2))
+    report(Message(f"generating {len(todo)} class images for {prompt!r} (once; cached in {folder})"))
+    c = components
+    for model in c.models():
+        model.to(device.torch)
+    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
+    steps = SCHEDULER_STEPS[scheduler]
+    batch = images_per_pass(device, batch_size)
+    autocast = device.autocast(amp_dtype)
+    total, done = len(todo) * steps, 0
+    report(Progress("class images", 0, total))
+    for start in range(0, len(todo), batch):
+        chunk = todo[start:start + batch]
+        images = sample(pipe, prompt, [i for i, _ in chunk], steps=steps, guidance=c.family.guidance, resolution=resolution,
+                        autocast=autocast, report=report, task="class images", done=done, total=total)
+        for (_, path), image in zip(chunk, images):
+            write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        done += len(chunk) * steps
+        if should_stop() and start + batch < len(todo):
+            raise Interrupted("interrupted: the class images made so far are cached; run the same command again to continue")

@@ -1,0 +1,308 @@
+"""`learn(image, masks)`: from one photo and its masks to a `.scene` file. This module
+orchestrates; the trainer, the memory plan, checkpoints and the bundle do the work."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..scenes.bundle import save_scene, scene_from_training, scene_metadata
+from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
+from ..config import LearnConfig, default_base_model
+from ..device import Device, choose_device, is_out_of_memory, precision_name
+from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError
+from ..events import Message, Progress, Reporter, silent
+from ..images import background_mask, load_image, load_masks, prepare
+from .locks import scene_lock
+from ..paths import check_file_name_fits, check_name, check_room, home, is_writable_folder, scene_path
+from .tokens import check_handle_tokens
+
+
+@dataclass
+class LearnResult:
+    path: Path
+    name: str
+    handles: list[str]
+    losses: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed: bool = False
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "name": self.name, "handles": self.handles, "losses": self.losses,
+                "seconds": round(self.seconds, 2), "resumed": self.resumed}
+
+
+def check_resolution(components, resolution: int) -> None:
+    """The UNet halves the latent once per down block; the loss needs latent/4."""
+    factor = components.vae_scale_factor * 2 ** (len(components.unet.config.down_block_types) - 1)
+    factor = max(factor, components.vae_scale_factor * 4)
+    if resolution < factor or resolution % factor:
+        raise InvalidInput(f"--resolution {resolution} does not suit this model: use a multiple of {factor} (its native size is {components.native_resolution})")
+
+
+def default_name(image: Path) -> str:
+    """The scene name of a photo learned without --name: its file name without the
+    extension, spelled with what scene names allow (ASCII letters, digits, '.', '_',
+    '-'; anything else becomes '-').
+
+    Accented letters lose their accents (café.jpg: "cafe"). Letters that have no ASCII
+    spelling (фото.jpg, 写真.jpg) cannot be kept, and simply dropping them would give
+    different photos the same name, so that `for f in *.jpg; do scenebreak learn "$f"
+    ... --force; done` would overwrite one scene with the next. Such names therefore
+    end in the first 8 hex digits of the sha256 of the file name: "scene-1a2b3c4d"
+    when nothing ASCII is left, "1-1a2b3c4d" for фото-1.jpg."""
+    import hashlib
+    import os
+    import unicodedata
+
+    path = Path(image)
+    stem = path.stem
+    while stem.lower().endswith(".scene"):  # "x.scene.jpg": a name may not end in .scene
+        stem = stem[: -len(".scene")]
+    chars, lost = [], False
+    for ch in unicodedata.normalize("NFKD", stem):
+        if ch.isascii():
+            chars.append(ch if ch.isalnum() or ch in "._-" else "-")
+        elif unicodedata.combining(ch):
+            continue  # the accent of a letter kept just before
+        else:
+            # Punctuation and spaces only separate words; a letter, digit or symbol is lost.
+            lost = lost or unicodedata.category(ch)[0] not in "PZ"
+            if not chars or chars[-1] != "-":
+                chars.append("-")
+    name = "".join(chars).strip("-._")
+    if lost or len(name) > 200:  # a name cut to scene names' 200 characters needs the hash too
+        digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]
+        name = f"{name[:200 - 9].rstrip('-._')}-{digest}" if name else f"scene-{digest}"
+    return name or "scene"
+
+
+def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: LearnConfig = LearnConfig(), *,
+          name: str | None = None, output: str | os.PathLike | None = None, base_model: str | None = None,
+          revision: str | None = None, device: str | Device | None = None, resume: bool = False, force: bool = False,
+          report: Reporter = silent, should_stop=None) -> LearnResult:
+    """Learn one handle per mask from one photo and write the scene; returns where it went.
+
+    `should_stop()` (optional) is polled after every step, like Ctrl-C: when it turns
+    true a checkpoint is saved and `Interrupted` is raised; `resume=True` continues it.
+    `force=True` replaces an existing scene and runs even while another process learns
+    the same name."""
+    started = time.perf_counter()
+    image, masks = Path(image), [Path(m) for m in masks]
+    # Everything that can be wrong with the input is checked before any model loads.
+    config = config.validate(len(masks))
+    tokens = config.handle_tokens(len(masks))
+    check_handle_tokens(tokens)
+    name = check_name(name or default_name(Path(output) if output else image))
+    out = Path(output) if output else scene_path(name)
+    _check_output(out, force=force, resume=resume)
+    object_masks = load_masks(masks, load_image(image).size)
+    if config.background:
+        background_mask(object_masks)
+    device = device if isinstance(device, Device) else choose_device(device)
+    amp_dtype = device.train_dtype(config.mixed_precision)  # the one place the precision is decided
+    if config.adam_8bit:
+        from .optim import check_adam_8bit
+
+        check_adam_8bit(device)
+    if config.tune == "lora":  # (auto checks once it has chosen LoRA)
+        from ..families.lora import require_peft
+
+        require_peft()
+    if config.compile and device.type != "cuda":
+        raise InvalidInput(f"--compile speeds up training on CUDA GPUs only: leave it out on {device.type}")
+    with contextlib.nullcontext() if force else scene_lock(name):
+        return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report,
+                      should_stop, started)
+
+
+def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report, should_stop,
+           started) -> LearnResult:
+    import torch
+
+    from ..models import resolve_model_dir
+
+    base_model = base_model or default_base_model()
+    resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
+    _check_room(resolved[0], config, out)
+    components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved)
+    checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
+                              config.steps2)
+    state = checkpoints.load(report) if resume else None
+    if state is None and checkpoints.path.exists():
+        report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
+    plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None)
+    config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
+    if config.tune == "lora":
+        from ..families.lora import require_peft
+
+        require_peft()
+
+    from .classimages import ensure_class_images
+    from .tokens import add_handles
+    from .trainer import Trainer, TrainInputs
+
+    stop = StopFlag(also=should_stop)
+    try:
+        with catch_interrupts(stop, report):
+            class_images = []
+            if config.prior:
+                class_images = ensure_class_images(components, device, config.class_prompt, config.num_class_images,
+                                                   resolution, amp_dtype, report=report, should_stop=stop,
+                                                   scheduler=config.class_scheduler)
+            # Every text encoder gets the handles, each initialised by the same rule in its own table.
+            handle_ids = [add_handles(tokenizer, text_encoder, tokens, config.handle_init_words())
+                          for tokenizer, text_encoder in zip(components.tokenizers, components.text_encoders)][0]
+            left, top, right, bottom = prepared.crop_box
+            inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), handle_ids, class_images,
+                                 crop_size=(bottom - top, right - left))
+            trainer = Trainer(components, inputs, config, device, tokens, plan=plan, amp_dtype=amp_dtype)
+            if state is not None:
+                for note in trainer.load_state_dict(state):
+                    report(Message(note, "warning"))
+                del state
+            _train(trainer, checkpoints, stop, device, report)
+            checkpoints.before_final_save(trainer)
+            # Still inside the handler: a Ctrl-C now lets the save finish (a second one
+            # aborts it, and the atomic write leaves no partial file).
+            meta = scene_metadata(name=name, tokens=tokens, components=components, prepared=prepared, config=config, plan=plan,
+                                  precision=precision_name(amp_dtype), losses=trainer.loss_summary(), device=device,
+                                  image=image, masks=masks, resolution=resolution, seconds=time.perf_counter() - started)
+            scene = scene_from_training(components, meta, prepared)
+            try:
+                save_scene(scene, out, config.save_dtype)
+            except OSError as exc:
+                raise _unsaved(exc, out, checkpoints) from exc
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        hint = "--tune lora" if plan.policy == "low" else "--memory low"
+        raise OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue), a smaller "
+                          "--resolution or --device cpu") from None
+    checkpoints.remove()
+    return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
+
+
+def _train(trainer, checkpoints: Checkpoints, stop: StopFlag, device: Device, report: Reporter) -> None:
+    """Every step of both phases, with progress, checkpoints, and a stop on a NaN loss."""
+    steps = trainer.run()
+    try:
+        for record in _report_progress(steps, device, report):
+            checkpoints.after_step(trainer, record, stop)
+    finally:
+        # Closed here, not when collected: a second Ctrl-C while the trainer cleans up
+        # (it puts the attention processors back) then propagates and ends in one line,
+        # instead of in Python's "Exception ignored in <generator>" traceback.
+        steps.close()
+    trainer.check_finite()
+
+
+def _check_output(out: Path, *, force: bool, resume: bool) -> None:
+    """Where the scene goes: a writable folder, a file name the file system takes, and
+    nothing there that is not a scene unless asked to replace one."""
+    check_file_name_fits(out)
+    if out.is_dir():
+        raise InvalidInput(f"{out} is a folder: -o takes the path of the .scene file to write")
+    if out.exists() and not force and not resume:
+        raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
+    if out.exists() and (force or resume):
+        from ..scenes.bundle import read_metadata
+        from ..errors import BundleError
+
+        try:
+            read_metadata(out)
+        except BundleError:
+            raise InvalidInput(f"{out} is not a scene: only a scene is ever replaced; choose another -o") from None
+    if not is_writable_folder(out.parent):
+        raise InvalidInput(f"cannot write the scene to {out.parent}: choose a writable folder with -o")
+    if not is_writable_folder(home()):
+        raise SceneBreakError(f"the cache folder {home()} is not writable: set SCENEBREAK_HOME to a folder you can write to")
+
+
+def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> None:
+    """Room for the scene, a phase-2 checkpoint and the class images, sized from the
+    base model's weight files before any of it loads (at the upper bound: every class
+    image still to make, the optimizer's states in fp32)."""
+    from ..estimates import checkpoint_bytes, scene_bytes
+    from ..models import parameter_counts
+    from ..paths import checkpoints_dir, class_images_dir
+
+    counts = parameter_counts(model_dir)
+    resolution = config.resolution or 768
+    png = resolution * resolution * 3 // 2  # a class image PNG, roughly
+    check_room([(out.parent, scene_bytes(counts, config)),
+                (checkpoints_dir(), checkpoint_bytes(counts, config)),
+                (class_images_dir(), config.num_class_images * png if config.prior else 0)],
+               fix="free some space, or point SCENEBREAK_HOME and -o to a bigger disk")
+
+
+def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakError:
+    """The scene could not be written: say why and how to finish without training again."""
+    import errno
+
+    why = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large for this file system"}.get(
+        exc.errno, exc.strerror or str(exc))
+    kept = (f"the trained model is kept in {checkpoints.path}: fix that and run the same command with --resume to "
+            "write the scene" if checkpoints.path.exists() else "nothing could be kept")
+    error = NoSpace if exc.errno in (errno.ENOSPC, errno.EFBIG) else SceneBreakError
+    return error(f"could not write {out} ({why}); {kept}")
+
+
+def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str, revision: str | None, resolved):
+    """The base model, the training resolution it implies, and the photo and masks
+    cropped and resized to it; checked before anything is trained."""
+    from ..models import load_components
+
+    components = load_components(base_model, revision, resolved)
+    resolution = config.resolution or components.native_resolution
+    check_resolution(components, resolution)
+    if config.lambda_attn > 0:
+        from .attention import cross_attention_layers
+
+        cross_attention_layers(components.unet)  # the model has layers at latent/4, or a clear error
+    return components, resolution, prepare(image, masks, resolution, background=config.background)
+
+
+def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_dtype, report: Reporter,
+          resumed_tuning: str | None = None):
+    """The memory plan (and the tuning), said out loud; on the CPU, with how long the run will take."""
+    from .memory import choose
+
+    plan = choose(config, components, device, resolution, amp_dtype, resumed_tuning)
+    config = dataclasses.replace(config, tune=plan.tune)
+    report(Message(plan.describe()))
+    for warning in plan.warnings:
+        report(Message(warning, "warning"))
+    if device.type == "cpu":
+        from .classimages import missing_count
+        from ..config import SCHEDULER_STEPS
+        from ..estimates import cpu_training_estimate
+
+        missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
+                                components.family.guidance, config.class_scheduler) if config.prior else 0
+        report(Message(cpu_training_estimate(components.unet, resolution, config, plan, missing,
+                                             SCHEDULER_STEPS[config.class_scheduler], bf16=amp_dtype is not None),
+                       "warning"))
+    return plan
+
+
+def _report_progress(records, device: Device, report: Reporter):
+    """Pass the trainer's step records on, reporting progress. Reading the loss waits for
+    the GPU, so on one it is read about once a second."""
+    from .trainer import check_finite
+
+    loss_read = 0.0
+    for record in records:
+        now = time.perf_counter()
+        info = {}
+        if device.type == "cpu" or record.step == record.total or now - loss_read > 1.0:
+            info, loss_read = {"loss": record.loss}, now
+            if not math.isfinite(info["loss"]):
+                check_finite(record.losses, record.phase, record.step)
+        report(Progress(f"phase {record.phase}", record.step, record.total, info))
+        yield record

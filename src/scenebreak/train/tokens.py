@@ -1,0 +1,129 @@
+"""The handle tokens: adding them, initialising them, training only them."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInput
+
+HANDLE_RE = re.compile(r"<[^<>\s]+>")  # anything that looks like a handle in a prompt
+
+
+def valid_handle_token(token: str) -> bool:
+    """`<NAME>` where NAME follows the scene-name rule: handle names become file names
+    (`export -f embeddings` writes NAME.safetensors), so no separators and no '..'."""
+    from ..paths import valid_name
+
+    return token.startswith("<") and token.endswith(">") and valid_name(token[1:-1])
+
+
+def check_handle_tokens(tokens: list[str]) -> None:
+    for token in tokens:
+        if not valid_handle_token(token):
+            raise InvalidInput(f"invalid handle name {token!r}: use letters, digits, '.', '_' or '-', "
+                               "starting with a letter or digit")
+    seen: dict[str, str] = {}  # lowercased -> as given
+    for token in tokens:
+        if token in seen.values():
+            raise InvalidInput(f"duplicate handle name {token}: every object needs its own name")
+        if token.lower() in seen:  # CLIP's tokenizer lowercases: both would be one token
+            raise InvalidInput(f"handles {seen[token.lower()]} and {token} differ only in letter case, which the "
+                               "text encoder's tokenizer does not tell apart: choose other --names")
+        seen[token.lower()] = token
+
+
+def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> list[int]:
+    """Add the handle tokens, set their initial embeddings and return their ids.
+
+    Without init words, handle i starts from row V - 2N + i of the base vocabulary,
+    as the paper's code does: rare byte-pair merges near the end of CLIP's vocabulary.
+    """
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        if token in vocab:
+            raise InvalidInput(f"handle {token} is already a token of this model's vocabulary: choose another --names")
+    base_rows = len(tokenizer)
+    embedding = text_encoder.get_input_embeddings().weight.detach()
+    if init_words:
+        init_ids = []
+        for word in init_words:
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if not ids:
+                raise InvalidInput(f"--init-words: {word!r} gives no token")
+            init_ids.append(ids[0])  # the word's first sub-token
+    else:
+        init_ids = [base_rows - 2 * len(tokens) + i for i in range(len(tokens))]
+    initial = embedding[init_ids].clone()
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[ids] = initial
+    return ids
+
+
+class HandleEmbedding(nn.Module):
+    """Token embedding whose base rows are a frozen buffer and whose handle rows are
+    one small trainable parameter, so AdamW's weight decay (and any optimizer) can
+    never touch ordinary words."""
+
+    def __init__(self, base_weight: torch.Tensor, handle_weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("base", base_weight.detach().clone(), persistent=False)
+        self.handles = nn.Parameter(handle_weight.detach().clone().float())
+        self.num_base = base_weight.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.base, self.handles.to(self.base.dtype)])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_handle = input_ids >= self.num_base
+        out = nn.functional.embedding(input_ids.clamp(max=self.num_base - 1), self.base)
+        if is_handle.any():
+            handle_rows = nn.functional.embedding((input_ids - self.num_base).clamp(min=0), self.handles)
+            out = torch.where(is_handle.unsqueeze(-1), handle_rows.to(out.dtype), out)
+        return out
+
+
+def install_handle_embedding(text_encoder, num_handles: int) -> HandleEmbedding:
+    """Swap the text encoder's token embedding for a HandleEmbedding (training)."""
+    weight = text_encoder.get_input_embeddings().weight.detach()
+    module = HandleEmbedding(weight[:-num_handles], weight[-num_handles:])
+    text_encoder.set_input_embeddings(module)
+    return module
+
+
+def remove_handle_embedding(text_encoder) -> torch.Tensor:
+    """Put an ordinary nn.Embedding back, with the learned handle rows; returns them."""
+    module = text_encoder.get_input_embeddings()
+    if not isinstance(module, HandleEmbedding):
+        raise TypeError("the text encoder has no HandleEmbedding installed")
+    weight = module.weight.detach()
+    embedding = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        embedding.weight.copy_(weight)
+    embedding.weight.requires_grad_(False)
+    text_encoder.set_input_embeddings(embedding)
+    return module.handles.detach().clone()
+
+
+def handle_positions(input_ids: torch.Tensor, handle_ids: list[int]) -> list[int]:
+    """Position of each handle's (first) occurrence in one tokenized prompt."""
+    positions = []
+    row = input_ids.tolist()
+    for hid in handle_ids:
+        positions.append(row.index(hid))
+    return positions
+
+
+def prompt_for(tokens: list[str]) -> str:
+    """The training prompt of a set of handles, e.g. "a photo of <asset1> and <asset2>"."""
+    return "a photo of " + " and ".join(tokens)
+
+
+def handles_in(prompt: str) -> list[str]:
+    return HANDLE_RE.findall(prompt)

@@ -1,0 +1,499 @@
+"""The two-phase Break-A-Scene trainer: one readable loop, run once per phase.
+
+Phase 1 trains only the handle embeddings (lr 5e-4); phase 2 trains the handles,
+the UNet and the text encoder(s) (lr 2e-6) with a fresh AdamW. Each step: flip,
+union-sample handles, masked diffusion loss on the instance image, plain
+diffusion loss on one class image, cross-attention loss on the instance only.
+On SDXL every handle has a row in both text encoders' tables, both trained, and the
+UNet also gets the pooled text and the size/crop ids, as its pipeline gives them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
+from ..config import LearnConfig
+from ..device import Device
+from .memory import MemoryPlan
+from ..images import image_to_tensor
+from .losses import attention_loss, diffusion_loss, diffusion_target, downsample_masks, masked_diffusion_loss
+from .optim import OptimizerInBackward, adamw_factory
+from .tokens import handle_positions, install_handle_embedding, prompt_for
+
+
+LOSS_NAMES = ("loss", "rec", "prior", "attn")
+
+
+@dataclass
+class StepRecord:
+    phase: int
+    step: int  # steps done in this phase
+    total: int
+    losses: torch.Tensor  # LOSS_NAMES, still on the device: reading it waits for the GPU
+
+    def value(self, name: str) -> float:
+        """One of LOSS_NAMES as a number (waits for the device)."""
+        return float(self.losses[LOSS_NAMES.index(name)])
+
+    @property
+    def loss(self) -> float:
+        return self.value("loss")
+
+
+@dataclass
+class TrainInputs:
+    image: "PIL.Image.Image"  # noqa: F821 - the R x R training crop
+    masks: torch.Tensor  # (N, R, R) in {0, 1}
+    handle_ids: list[int]  # in the first tokenizer (SDXL's second one has the same positions)
+    class_images: list[Path] = field(default_factory=list)
+    crop_size: tuple[int, int] | None = None  # (h, w) of the crop in the photo: SDXL's "original size"
+
+
+def sample_handles(rng: random.Random, n: int) -> list[int]:
+    """Union sampling: k uniform in 1..n, then a random k-subset (in random order)."""
+    k = rng.randint(1, n)
+    return rng.sample(range(n), k)
+
+
+def check_finite(losses: torch.Tensor, phase: int, step: int) -> None:
+    """Raise Diverged when a step's losses are NaN or infinite."""
+    from ..errors import Diverged
+
+    if not bool(torch.isfinite(losses).all()):
+        raise Diverged(f"training diverged: the loss is {float(losses[0])} at phase {phase}, step {step}. Start again "
+                       "with a lower learning rate (--lr1 for phase 1, --lr2 or --lr-lora for phase 2); any earlier "
+                       "checkpoint was kept as it was")
+
+
+def compile_unet(unet):
+    """torch.compile for the UNet, with the one dynamo setting the attention capture
+    needs under gradient checkpointing: recording a map is a side effect inside the
+    checkpointed block, which otherwise breaks the graph at every block (15 breaks on
+    the tiny UNet, 0 with it; tests/test_gpu_paths.py counts them). The switch from
+    phase 1 (frozen UNet) to phase 2 (trained UNet) recompiles once."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return torch.compile(unet)
+
+
+class Trainer:
+    """Both phases over one photo. `plan` says how to fit in memory (memory.choose) and
+    `amp_dtype` is the autocast precision (None: fp32), both decided once by `learn`."""
+
+    def __init__(self, components, inputs: TrainInputs, config: LearnConfig, device: Device, handle_tokens: list[str],
+                 *, plan: MemoryPlan, amp_dtype):
+        self.c = components
+        self.config = config
+        self.plan = plan
+        self.device = device
+        self.inputs = inputs
+        self.handle_tokens = handle_tokens
+        self.num_handles = len(inputs.handle_ids)
+        self.amp_dtype = amp_dtype
+        self.scheduler = components.noise_scheduler()
+        dev = device.torch
+
+        self.lora_params: list[torch.nn.Parameter] = []
+        if config.tune == "lora":  # before the move, so the adapters follow the weights
+            from ..families.lora import add_lora, lora_settings
+
+            with torch.random.fork_rng(devices=[]):  # the A matrices start random: the same for a seed
+                torch.manual_seed(config.seed)
+                self.lora_params = add_lora(components.unet, components.text_encoders, lora_settings(config.rank))
+        for model in components.models():
+            model.to(dev)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+            components.unet.to(memory_format=torch.channels_last)
+        self.unet = compile_unet(components.unet) if config.compile else components.unet
+        # One HandleEmbedding per text encoder: SDXL's handles have a 768- and a 1280-wide row.
+        self.embeddings = [install_handle_embedding(te, self.num_handles) for te in components.text_encoders]
+        if plan.gradient_checkpointing:
+            components.unet.enable_gradient_checkpointing()
+            for te in components.text_encoders:
+                if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5
+                    te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        self.rng = random.Random(config.seed)  # flips, handle subsets, class-image choice
+        self.gen = torch.Generator("cpu").manual_seed(config.seed)  # noise, timesteps, latent samples
+
+        resolution = inputs.image.size[0]
+        self.latent_size = resolution // components.vae_scale_factor
+        self.store = AttentionStore(example=0)  # the instance is always batch row 0
+        self.layers = cross_attention_layers(components.unet) if config.lambda_attn > 0 else []
+
+        # The photo never changes: encode it once per flip state and sample from the
+        # cached distribution each step instead of re-running the VAE encoder.
+        pixels = image_to_tensor(inputs.image)
+        self.instance_latents = {False: self._encode(pixels), True: self._encode(pixels.flip(-1))}
+        masks = inputs.masks.float()
+        self.latent_masks, self.attn_masks = {}, {}
+        for flip in (False, True):
+            m = masks.flip(-1) if flip else masks
+            self.latent_masks[flip] = downsample_masks(m, self.latent_size).to(dev)
+            self.attn_masks[flip] = downsample_masks(m, self.latent_size // 4).to(dev)
+        self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.class_ids = self._tokenize(config.class_prompt)
+        self._prompt_cache: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        # The family's extra conditioning of [instance, class image] (SDXL's size/crop ids).
+        self.conditions = components.family.training_conditions(inputs.crop_size, resolution)
+        if self.conditions is not None:
+            self.conditions = self.conditions.to(dev)
+        self._fp32_master: dict[str, torch.Tensor] | None = None  # fp32 values of the weights kept in half, on the CPU
+        if config.tune == "lora":
+            self._cast_frozen_to_half()  # frozen for the whole run
+        if plan.offload_vae:
+            # Every latent cached now, the VAE can leave the GPU for the whole run.
+            for index in range(len(inputs.class_images) if config.prior else 0):
+                self._class_latent(index)
+            components.vae.to("cpu")
+
+        self.phase, self.step = 1, 0
+        self.history: dict[int, list[torch.Tensor]] = {1: [], 2: []}  # LOSS_NAMES per step
+        self.seconds: dict[int, float] = {1: 0.0, 2: 0.0}
+        self._pending_optimizer_state = None
+        self.params: list[torch.nn.Parameter] = []  # what the current phase trains
+        self.optimizer = None
+        self.scaler = None
+
+    # -- helpers -----------------------------------------------------------
+    @property
+    def embedding(self):
+        """The first text encoder's handle rows (the only ones before SDXL)."""
+        return self.embeddings[0]
+
+    @property
+    def handle_params(self) -> list[torch.nn.Parameter]:
+        return [e.handles for e in self.embeddings]
+
+    def _frozen_params(self):
+        """(name, parameter) of every UNet and text-encoder weight that is not a handle
+        row or a LoRA adapter."""
+        handles = {id(p) for p in self.handle_params}
+        for prefix, model in (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders)):
+            for name, param in model.named_parameters():
+                if ".lora_" not in name and id(param) not in handles:
+                    yield f"{prefix}.{name}", param
+
+    def _cast_frozen_to_half(self) -> None:
+        """Weights that do not train live in the autocast precision where the plan says
+        so (on GPUs): the base model under LoRA, and everything but the handles in phase
+        1. The handle rows and the adapters stay fp32 parameters, so their updates are
+        exact; but this is not only a memory saving: the handle rows enter the text
+        encoder rounded to the half-precision token table's dtype, like the ordinary
+        words' rows, and the residual streams that add to half-precision weights (the
+        position embeddings, the layers' outputs) stay in half precision where autocast
+        would have kept them in fp32. Autocast's matrix products are half precision
+        either way. The frozen weights' fp32 values wait on the CPU
+        and come back bit for bit where they are needed again: for phase 2 of full
+        tuning, and at the end (the scene stores the vocabulary, and a standalone LoRA
+        scene the base weights, at full precision). A LoRA scene of adapters alone never
+        stores the base weights: only its vocabulary is kept."""
+        if not (self.plan.half_frozen and self.amp_dtype is not None) or self._fp32_master is not None:
+            return
+        keep = self.config.tune == "full" or self.config.standalone
+        self._fp32_master = {}
+        for name, param in self._frozen_params():
+            if keep:
+                self._fp32_master[name] = param.data.to("cpu", copy=True)
+            param.data = param.data.to(self.amp_dtype)
+        for i, embedding in enumerate(self.embeddings):
+            self._fp32_master[f"vocabulary.{i}"] = embedding.base.to("cpu", copy=True)
+            embedding.base = embedding.base.to(self.amp_dtype)
+
+    def _restore_fp32_master(self) -> None:
+        """The fp32 weights kept on the CPU, back in place (see _cast_frozen_to_half)."""
+        if self._fp32_master is None:
+            return
+        for name, param in self._frozen_params():
+            if name in self._fp32_master:
+                param.data = self._fp32_master[name].to(param.device)
+        for i, embedding in enumerate(self.embeddings):
+            embedding.base = self._fp32_master[f"vocabulary.{i}"].to(embedding.base.device)
+        self._fp32_master = None
+
+    def _tokenize(self, prompt: str) -> list[torch.Tensor]:
+        """The prompt's (1, 77) token ids in each tokenizer."""
+        out = []
+        for tok in self.c.tokenizers:
+            ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            out.append(ids.to(self.device.torch))
+        return out
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaled posterior mean and std of an image, encoded in fp32 (never under
+        autocast; callers run it before a step's autocast begins): done once per image,
+        it costs next to nothing, and bf16 would blur the latents every step learns from."""
+        vae = self.c.vae
+        dist = vae.encode(pixels.to(self.device.torch, torch.float32)).latent_dist
+        scale = vae.config.scaling_factor
+        return dist.mean.float() * scale, dist.std.float() * scale
+
+    def _sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
+        return mean + std * eps
+
+    def _instance_latent(self, flip: bool):
+        return self.instance_latents[flip]
+
+    def _capture(self):
+        """Record the attention-loss layers for this phase (nothing when it is off)."""
+        if not self.layers:
+            return contextlib.nullcontext()
+        return capture_cross_attention(self.c.unet, self.store, self.layers)
+
+    def _class_latent(self, index: int):
+        if index not in self.class_latents:  # encoded on first use, then cached
+            from PIL import Image
+
+            with Image.open(self.inputs.class_images[index]) as im:
+                pixels = image_to_tensor(im.convert("RGB").resize(self.inputs.image.size))
+            self.class_latents[index] = self._encode(pixels)
+        return self.class_latents[index]
+
+    def _prompt_ids(self, chosen: tuple[int, ...]) -> list[torch.Tensor]:
+        if chosen not in self._prompt_cache:
+            self._prompt_cache[chosen] = self._tokenize(prompt_for([self.handle_tokens[i] for i in chosen]))
+        return self._prompt_cache[chosen]
+
+    def _trainable(self, phase: int) -> list[dict]:
+        """The optimizer's parameter groups of a phase (and only they require grad)."""
+        c, cfg = self.c, self.config
+        full = phase == 2 and cfg.tune == "full"
+        c.unet.requires_grad_(full)
+        for te in c.text_encoders:
+            te.requires_grad_(full)  # the base vocabulary is a buffer: never trained
+        handles = self.handle_params
+        for p in handles:
+            p.requires_grad_(True)
+        if phase == 1:
+            return [{"params": handles, "lr": cfg.lr1}]
+        if cfg.tune == "lora":
+            for p in self.lora_params:
+                p.requires_grad_(True)
+            return [{"params": handles, "lr": cfg.lr2}, {"params": self.lora_params, "lr": cfg.lr_lora}]
+        ids = {id(p) for p in handles}
+        te = [p for encoder in c.text_encoders for p in encoder.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": handles + te + list(c.unet.parameters()), "lr": cfg.lr2}]
+
+    def _optimizer(self, phase: int, groups: list[dict]):
+        make = adamw_factory(self.config, self.device, self.plan.adam_8bit)
+        if phase == 2 and self.plan.optimizer_in_backward:
+            return OptimizerInBackward(groups, make, self.config.max_grad_norm)
+        return make(groups)
+
+    def _class_example_needed(self, phase: int) -> bool:
+        """In phase 1 only the handles learn, and the class example cannot reach them:
+        its prompt has no handle and the UNet and text encoder are frozen, so its loss
+        has zero gradient. Phase 1 skips its forward and backward (same updates, half
+        the work)."""
+        return self.config.prior and phase == 2
+
+    # -- the loop ----------------------------------------------------------
+    def run(self):
+        """Yield a StepRecord after every step of both phases (resuming where it stopped)."""
+        cfg = self.config
+        for phase, steps in ((1, cfg.steps1), (2, cfg.steps2)):
+            if phase < self.phase:
+                continue
+            if self.step >= steps:  # this phase was already finished
+                self.phase, self.step = phase + 1, 0
+                continue
+            self.phase = phase
+            if self.config.tune == "full":  # phase 1 keeps the weights it does not train in half precision
+                self._cast_frozen_to_half() if phase == 1 else self._restore_fp32_master()
+            groups = self._trainable(phase)
+            self.params = [p for g in groups for p in g["params"]]
+            self.optimizer = self._optimizer(phase, groups)
+            self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+            pending, self._pending_optimizer_state = self._pending_optimizer_state, None
+            # Only into the phase it came from: the end-of-phase-1 checkpoint holds phase
+            # 1's optimizer, and phase 2 starts from a fresh one.
+            if pending is not None and pending["phase"] == phase:
+                self.optimizer.load_state_dict(pending["optimizer"])
+                if self.scaler is not None and pending.get("scaler"):
+                    self.scaler.load_state_dict(pending["scaler"])
+            self.c.unet.train()
+            for te in self.c.text_encoders:
+                te.train(phase == 2)
+            with self._capture():
+                while self.step < steps:
+                    started = time.perf_counter()
+                    record = self.train_step(phase, steps)
+                    self.seconds[phase] += time.perf_counter() - started
+                    yield record
+            if isinstance(self.optimizer, OptimizerInBackward):
+                self.optimizer.close()
+            self.optimizer = None  # phase 2 starts from a fresh AdamW
+            if phase == 1:
+                self.phase, self.step = 2, 0
+        self._restore_fp32_master()  # the scene is made from fp32 weights
+
+    def train_step(self, phase: int, steps: int) -> StepRecord:
+        cfg, c, dev = self.config, self.c, self.device.torch
+        flip = self.rng.random() < cfg.flip_p
+        chosen = sample_handles(self.rng, self.num_handles)
+        ids = self._prompt_ids(tuple(chosen))
+        # A skipped class example (see _class_example_needed) still draws its random
+        # numbers, so the run matches one that computes it.
+        with_class = self._class_example_needed(phase)
+        latents = [self._sample_latents(*self._instance_latent(flip))]
+        if cfg.prior:
+            index = self.rng.randrange(len(self.inputs.class_images))
+            if with_class:
+                latents.append(self._sample_latents(*self._class_latent(index)))
+            else:
+                torch.randn(latents[0].shape, generator=self.gen)  # the class sample's draw
+        latents = torch.cat(latents)
+        batch = 2 if cfg.prior else 1
+        noise = torch.randn((batch, *latents.shape[1:]), generator=self.gen)[: len(latents)].to(dev)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=self.gen)[: len(latents)].to(dev)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(self.scheduler, latents, noise, timesteps)
+
+        self.store.clear()
+        # Only the chosen handles' columns of the maps are recorded (attention.py).
+        positions = handle_positions(ids[0][0], [self.inputs.handle_ids[i] for i in chosen]) if self.layers else None
+        self.store.columns = positions
+        # With checkpointing every block is recomputed anyway: keeping a half-precision
+        # copy of all weights for the whole step would cost more than re-casting them.
+        with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):
+            batch_ids = [torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids
+            conditions = None if self.conditions is None else self.conditions[: len(latents)]
+            hidden, added = c.family.encode_prompts(c.text_encoders, batch_ids, conditions)
+            pred = self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+
+        mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks
+        loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)
+        loss_prior = diffusion_loss(pred[1:], target[1:]) if with_class else torch.zeros((), device=dev)
+        if self.layers:
+            loss_attn = attention_loss(self.store.token_maps(positions), self.attn_masks[flip][chosen])
+        else:
+            loss_attn = torch.zeros((), device=dev)
+        loss = loss_rec + cfg.prior_weight * loss_prior + cfg.lambda_attn * loss_attn
+
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()  # with the optimizer in the backward pass, this also steps
+        if not isinstance(self.optimizer, OptimizerInBackward):
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.store.clear()  # drop the maps (and their graph) before the next step
+        self.device.release_memory()
+
+        self.step += 1
+        # Kept on the device: reading a loss makes the CPU wait for the GPU, so it is
+        # read only when the progress bar or a checkpoint needs it.
+        losses = torch.stack([x.detach().float() for x in (loss, loss_rec, loss_prior, loss_attn)])
+        self.history[phase].append(losses)
+        return StepRecord(phase, self.step, steps, losses)
+
+    # -- checkpoints -------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "tuning": self.config.tune,  # what --tune auto chose: a resume keeps it
+            "phase": self.phase,
+            "step": self.step,
+            "handles": self.embedding.handles.detach().cpu().clone(),
+            **{f"handles_{i + 1}": e.handles.detach().cpu().clone() for i, e in enumerate(self.embeddings) if i},
+            "rng_python": self.rng.getstate(),
+            "rng_torch": self.gen.get_state(),
+            "history": {phase: self.history_rows(phase) for phase in self.history},
+            "seconds": self.seconds,
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["optimizer_phase"] = self.phase
+            state["optimizer_kind"] = self.optimizer_kind
+            state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
+        if self.phase == 2 and self.step > 0:
+            for name, model in (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders)):
+                weights = model.state_dict()
+                if self.config.tune == "lora":  # only the adapters moved
+                    weights = {k: v for k, v in weights.items() if ".lora_" in k}
+                state[name] = {k: v.detach().cpu() for k, v in weights.items()}
+        return state
+
+    @property
+    def optimizer_kind(self) -> str:
+        return "adamw8bit" if self.plan.adam_8bit else "adamw"
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Continue from a checkpoint; returns notes for the user (what could not be kept)."""
+        with torch.no_grad():
+            for i, embedding in enumerate(self.embeddings):
+                embedding.handles.copy_(state["handles" if i == 0 else f"handles_{i + 1}"])
+        if "unet" in state:
+            models = (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders))
+            for name, model in models:
+                if self.config.tune == "lora":
+                    from ..families.lora import load_lora_state_dict
+
+                    load_lora_state_dict(model, state[name])
+                else:
+                    model.load_state_dict(state[name])
+        self.rng.setstate(state["rng_python"])
+        self.gen.set_state(state["rng_torch"])
+        self.phase, self.step = state["phase"], state["step"]
+        self.history = {int(k): [torch.tensor([row[n] for n in LOSS_NAMES]) for row in rows] for k, rows in state["history"].items()}
+        self.seconds = {int(k): v for k, v in state["seconds"].items()}
+        notes = []
+        if "optimizer" in state and state.get("optimizer_kind", "adamw") != self.optimizer_kind:
+            # Its moments are kept in another layout (e.g. out of memory, then --memory low
+            # with 8-bit AdamW): they start again; the rest of the run is the same.
+            notes.append(f"the optimizer changed ({state.get('optimizer_kind', 'adamw')} -> {self.optimizer_kind}): "
+                         "its running averages start fresh, so the result differs slightly from an uninterrupted run")
+        elif "optimizer" in state:
+            self._pending_optimizer_state = {"optimizer": state["optimizer"], "scaler": state.get("scaler"),
+                                             "phase": state.get("optimizer_phase", state["phase"])}
+        return notes
+
+    def check_finite(self) -> None:
+        """Raise Diverged if the last step trained (in this run or before a resume) had
+        a NaN or infinite loss: a diverged model is never checkpointed or saved."""
+        phase = 2 if self.history[2] else 1
+        check_finite(self.history[phase][-1], phase, len(self.history[phase]))
+
+    def history_rows(self, phase: int) -> list[dict]:
+        """The losses of every step of a phase, as plain numbers."""
+        if not self.history[phase]:
+            return []
+        table = torch.stack([row.cpu() for row in self.history[phase]]).tolist()
+        return [dict(zip(LOSS_NAMES, row)) for row in table]
+
+    def loss_summary(self) -> dict:
+        summary = {}
+        for phase in self.history:
+            rows = self.history_rows(phase)
+            if not rows:
+                continue
+            window = max(1, min(20, len(rows) // 5))
+            first, last = rows[:window], rows[-window:]
+            summary[f"phase{phase}"] = {
+                "steps": len(rows),
+                "seconds": round(self.seconds[phase], 2),
+                **{f"{k}_first": sum(r[k] for r in first) / len(first) for k in ("loss", "attn")},
+                **{f"{k}_last": sum(r[k] for r in last) / len(last) for k in ("loss", "attn")},
+            }
+        return summary
+

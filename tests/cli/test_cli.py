@@ -1,0 +1,212 @@
+"""The command line through Click's runner and as a real console script."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from scenebreak.cli.commands import cli
+
+FAST_LEARN = ["--steps1", "2", "--steps2", "1", "--num-class-images", "2"]
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+@pytest.mark.parametrize("command", ["mask", "learn", "generate", "edit", "extract-bg", "list", "show", "rm", "export"])
+def test_every_command_has_help_with_an_example(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+def test_help_and_version_do_not_import_torch():
+    code = "import sys; from scenebreak.cli.commands import cli\ntry: cli(['--help'])\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "scenebreak", "--version"], capture_output=True, text=True, check=True)
+    assert "scenebreak" in out.stdout
+
+
+def test_learn_prints_only_the_path_and_json_on_request(scene_files, tiny_model):
+    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model, *FAST_LEARN)
+    assert result.exit_code == 0, result.output
+    path = result.stdout.strip()
+    assert path.endswith("photo.scene") and os.path.exists(path)
+    assert "phase 1" in result.stderr and "phase 2" in result.stderr and "warning: training on the CPU" in result.stderr
+    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model, *FAST_LEARN,
+                 "--name", "other", "--names", "red", "blue", "--json", "--quiet", "--no-prior")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["handles"] == ["<red>", "<blue>"] and data["name"] == "other"
+    assert "phase 1" not in result.stderr
+
+    listed = run("list", "--json")
+    assert {s["name"] for s in json.loads(listed.stdout)["scenes"]} == {"photo", "other"}
+    shown = run("show", "other")
+    assert "<red> (red.png)  <blue> (blue.png)" in shown.stdout and "phase1" in shown.stdout
+    removed = run("rm", "other")
+    assert removed.exit_code == 0 and not os.path.exists(removed.stdout.strip())
+
+
+def _bad(tmp_path, scene_files):
+    Image.new("L", (10, 10), 255).save(tmp_path / "small.png")
+    Image.new("L", (96, 80), 0).save(tmp_path / "empty.png")
+    image, (red, blue) = scene_files["image"], scene_files["masks"]
+    return {
+        "missing image": [tmp_path / "nope.jpg", "--masks", red],
+        "unreadable image": [red.with_suffix(".txt"), "--masks", red],
+        "mask of another size": [image, "--masks", tmp_path / "small.png"],
+        "empty mask": [image, "--masks", tmp_path / "empty.png"],
+        "no masks": [image],
+        "no mask values": [image, "--masks"],
+        "duplicate names": [image, "--masks", red, blue, "--names", "a", "a"],
+        "unknown device": [image, "--masks", red, "--device", "tpu"],
+        "bad resolution": [image, "--masks", red, "--resolution", "100"],
+    }
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, scene_files, tiny_model):
+    scene_files["masks"][0].with_suffix(".txt").write_text("hello")
+    for label, args in _bad(tmp_path, scene_files).items():
+        result = run("learn", *args, "--base-model", tiny_model, *FAST_LEARN)
+        assert result.exit_code == 2, (label, result.output)
+        assert "Traceback" not in result.output, label
+        assert result.stdout == "", label
+    assert not (tmp_path / "home" / "scenes").exists()
+
+
+def test_missing_model_is_exit_1_with_the_fix(scene_files):
+    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", "someone/absent-model")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "hf download someone/absent-model" in result.stderr
+
+
+def test_generate_cli_paths_json_prompts_file_and_errors(learned, tmp_path):
+    out = tmp_path / "out"
+    result = run("generate", learned.path, "<asset1> on the moon", "-n", "2", "--seed", "5", "--steps", "2", "--out-dir", out)
+    assert result.exit_code == 0, result.output
+    paths = result.stdout.splitlines()
+    assert len(paths) == 2 and all(os.path.exists(p) for p in paths)
+    assert "seed: 5" in result.stderr
+
+    result = run("generate", learned.path, "--prompts-file", "-", "--steps", "2", "--seed", "1", "--out-dir", out, "--json",
+                 input="# a comment\n<asset1> in the snow\n\na photo of <asset2>\n")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [i["prompt"] for i in data["images"]] == ["<asset1> in the snow", "a photo of <asset2>"]
+
+    result = run("generate", learned.path, "<asset9> on the moon", "--out-dir", out)
+    assert result.exit_code == 2 and "<asset1>, <asset2>" in result.stderr
+    result = run("generate", learned.path, "--out-dir", out)
+    assert result.exit_code == 2
+    corrupt = tmp_path / "corrupt.scene"
+    corrupt.write_bytes(learned.path.read_bytes()[:5000])
+    result = run("generate", corrupt, "<asset1>")
+    assert result.exit_code == 2 and "truncated or corrupt" in result.stderr
+    result = run("show", "not-a-scene")
+    assert result.exit_code == 2 and "scene not found" in result.stderr
+
+
+def test_console_script_round_trip_without_the_base_model(scene_files, tiny_model, tmp_path):
+    """learn in one process, delete the base model, generate in another process."""
+    exe = shutil.which("scenebreak") or pytest.skip("console script not installed")
+    model = tmp_path / "model-copy"
+    shutil.copytree(tiny_model, model)
+    env = dict(os.environ)
+    learned = subprocess.run([exe, "learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                              "--base-model", str(model), *FAST_LEARN], capture_output=True, text=True, env=env, timeout=600)
+    assert learned.returncode == 0, learned.stderr
+    assert learned.stdout.strip().endswith("photo.scene")
+    shutil.rmtree(model)  # the scene must be self-contained
+    made = subprocess.run([exe, "generate", "photo", "<asset1> and <asset2> on the moon", "--steps", "2", "--seed", "0",
+                           "--out-dir", str(tmp_path / "imgs")], capture_output=True, text=True, env=env, timeout=600)
+    assert made.returncode == 0, made.stderr
+    assert os.path.exists(made.stdout.strip())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(scene_files, tiny_model, tmp_path):
+    """A real SIGINT to the console script: exit 130, no .scene, then --resume."""
+    import signal
+    import time
+
+    exe = shutil.which("scenebreak") or pytest.skip("console script not installed")
+    common = [exe, "learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]), "--base-model", str(tiny_model), "--no-prior"]
+    args = common + ["--steps1", "150", "--steps2", "20"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+        deadline = time.time() + 120
+        while "phase 1: 1/150" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, log.read_text()
+    assert out == "" and "--resume" in log.read_text()
+    home = tmp_path / "home"
+    assert not (home / "scenes" / "photo.scene").exists()
+    assert (home / "checkpoints" / "photo.ckpt").exists()
+    resumed = subprocess.run(common + ["--steps1", "150", "--steps2", "2", "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 2 and "other inputs or settings" in resumed.stderr  # settings must match
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming 'photo' at phase 1" in resumed.stderr
+    assert resumed.stdout.strip().endswith("photo.scene") and not (home / "checkpoints" / "photo.ckpt").exists()
+
+
+def test_full_disk_is_exit_1_naming_the_fix_and_leaves_nothing(scene_files, tiny_model, monkeypatch):
+    import safetensors.torch
+
+    import scenebreak.paths
+
+    full = []
+
+    def failing_save(tensors, filename, metadata=None):
+        full.append(True)  # the disk fills up while the scene is written
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("Error while serializing: I/O error")
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(scenebreak.paths.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(100, 100, 0) if full else real_usage(p))
+    args = ("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model,
+            "--steps1", "1", "--steps2", "0", "--no-prior")
+    result = run(*args)
+    assert result.exit_code == 1, result.output
+    assert "no space left on device" in result.stderr and "--resume" not in result.stderr
+    scenes = scenebreak.paths.scenes_dir()
+    assert not list(scenes.iterdir())  # neither the scene nor its temp file
+    # Full before it starts: refused before any training, with the numbers.
+    result = run(*args)
+    assert result.exit_code == 1 and "not enough space" in result.stderr and "SCENEBREAK_HOME" in result.stderr
+    assert "MiB will be written" in result.stderr and "phase 1" not in result.stderr
+
+
+def test_multi_value_options_parse_like_nargs():
+    import click
+
+    from scenebreak.cli.commands import MultiValueCommand
+
+    @click.command(cls=MultiValueCommand)
+    @click.argument("image")
+    @click.option("--masks", multiple=True)
+    @click.option("--names", multiple=True)
+    @click.option("-q", is_flag=True)
+    def probe(image, masks, names, q):
+        click.echo(json.dumps([image, masks, names, q]))
+
+    def parse(*args):
+        return CliRunner().invoke(probe, list(args))
+
+    assert json.loads(parse("p.jpg", "--masks", "a", "b", "--names", "x", "y", "-q").stdout) == ["p.jpg", ["a", "b"], ["x", "y"], True]
+    assert json.loads(parse("--masks", "a", "--masks=b", "--names", "x", "-q", "p.jpg").stdout) == ["p.jpg", ["a", "b"], ["x"], True]
+    for dangling in (["p.jpg", "--masks", "--names", "x"], ["p.jpg", "--masks"]):
+        result = parse(*dangling)
+        assert result.exit_code == 2 and "requires an argument" in result.output

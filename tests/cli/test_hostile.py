@@ -1,0 +1,539 @@
+"""Bad inputs and hostile files, as a careless or hostile user would try them: each is
+refused with its exit code and one line without a traceback, and nothing outside
+what the command owns is written, replaced or deleted."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from scenebreak.cli.commands import cli
+
+
+def craft(source: Path, target: Path, meta=None, drop=(), add=None, tensors=None):
+    """A copy of scene `source` with its metadata changed by `meta(dict)` (or replaced by
+    what it returns), tensors dropped, added or replaced."""
+    with safe_open(str(source), framework="pt") as f:
+        header = f.metadata()
+        data = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    data.update(add or {})
+    data.update(tensors or {})
+    info = json.loads(header["scenebreak"])
+    if meta:
+        info = meta(info) or info
+    save_file(data, str(target), metadata={"format": header["format"], "scenebreak": json.dumps(info)})
+    return target
+
+
+def _set(path: str, value):
+    """A metadata edit: set the dotted `path` (list indices allowed) to `value`."""
+    def edit(meta):
+        node, keys = meta, path.split(".")
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
+    return edit
+
+
+@pytest.fixture
+def world(tmp_path, learned, tiny_model, scene_files):
+    """A workspace: the synthetic photo and masks, a copy of a learned scene, and
+    crafted scenes; the CLI runs from inside it."""
+    w = {"tmp": tmp_path, "model": tiny_model, "image": scene_files["image"], "masks": scene_files["masks"]}
+    scene = tmp_path / "good.scene"
+    scene.write_bytes(Path(learned.path).read_bytes())
+    w["scene"] = scene
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    w["notes"] = notes
+    small = tmp_path / "small.png"
+    Image.new("L", (10, 10), 255).save(small)
+    w["small"] = small
+    empty = tmp_path / "empty.png"
+    Image.new("L", (96, 80), 0).save(empty)
+    w["empty"] = empty
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("keep")
+    w["folder"] = folder
+    home = Path(os.environ["SCENEBREAK_HOME"])
+    (home / "scenes").mkdir(parents=True)
+    (home / "scenes" / "cached.scene").write_bytes(scene.read_bytes())
+    w["home"] = home
+    return w
+
+
+def _crafted(w, name, **changes):
+    return str(craft(w["scene"], w["tmp"] / f"{name}.scene", **changes))
+
+
+LEARN = lambda w, *extra: ["learn", w["image"], "--masks", *w["masks"], "--base-model", w["model"], *extra]  # noqa: E731
+
+# (id, arguments from the workspace, exit code, a phrase of the one-line message)
+CASES = [
+    # learn: files
+    ("learn-missing-image", lambda w: ["learn", w["tmp"] / "nope.jpg", "--masks", *w["masks"]], 2, "not found"),
+    ("learn-image-is-folder", lambda w: ["learn", w["tmp"], "--masks", *w["masks"]], 2, "is a directory"),
+    ("learn-image-unreadable", lambda w: ["learn", w["notes"], "--masks", *w["masks"]], 2, "cannot read"),
+    ("learn-mask-size", lambda w: ["learn", w["image"], "--masks", w["small"]], 2, "must match the image size"),
+    ("learn-mask-empty", lambda w: ["learn", w["image"], "--masks", w["empty"]], 2, "is empty"),
+    ("learn-mask-missing", lambda w: ["learn", w["image"], "--masks", w["tmp"] / "m.png"], 2, "not found"),
+    # learn: names
+    ("learn-names-count", lambda w: LEARN(w, "--names", "a"), 2, "gives 1 value"),
+    ("learn-names-escape", lambda w: LEARN(w, "--names", "../x", "y"), 2, "invalid handle name"),
+    ("learn-names-slash", lambda w: LEARN(w, "--names", "a/b", "y"), 2, "invalid handle name"),
+    ("learn-names-empty", lambda w: LEARN(w, "--names", "<>", "y"), 2, "empty"),
+    ("learn-names-duplicate", lambda w: LEARN(w, "--names", "a", "a"), 2, "duplicate handle"),
+    ("learn-names-case", lambda w: LEARN(w, "--names", "Cat", "cat"), 2, "differ only in letter case"),
+    ("learn-name-escape", lambda w: LEARN(w, "--name", "../evil"), 2, "invalid scene name"),
+    ("learn-name-too-long", lambda w: LEARN(w, "--name", "a" * 240), 2, "at most 200"),
+    # learn: numbers
+    ("learn-lr1-nan", lambda w: LEARN(w, "--lr1", "nan"), 2, "finite"),
+    ("learn-lr2-inf", lambda w: LEARN(w, "--lr2", "inf"), 2, "finite"),
+    ("learn-lambda-nan", lambda w: LEARN(w, "--lambda-attn", "nan"), 2, "finite"),
+    ("learn-lr-negative", lambda w: LEARN(w, "--lr1", "-1"), 2, "> 0"),
+    ("learn-no-steps", lambda w: LEARN(w, "--steps1", "0", "--steps2", "0"), 2, "not both 0"),
+    ("learn-steps-huge", lambda w: LEARN(w, "--steps1", "10000000"), 2, "at most"),
+    ("learn-resolution-zero", lambda w: LEARN(w, "--resolution", "0"), 2, "--resolution"),
+    ("learn-seed-huge", lambda w: LEARN(w, "--seed", str(2**64)), 2, "--seed"),
+    ("learn-seed-negative", lambda w: LEARN(w, "--seed", "-1"), 2, "--seed"),
+    ("learn-class-images-zero", lambda w: LEARN(w, "--num-class-images", "0"), 2, "--num-class-images"),
+    ("learn-checkpoint-negative", lambda w: LEARN(w, "--checkpoint-every", "-1"), 2, "--checkpoint-every"),
+    # every number has a bound, checked as the command line is parsed (10^20 once started work or exited 1)
+    ("learn-rank-huge", lambda w: LEARN(w, "--tune", "lora", "--rank", "2000"), 2, "at most 1024"),
+    ("learn-rank-giant", lambda w: LEARN(w, "--rank", str(10**20)), 2, "--rank"),
+    ("learn-lr2-giant", lambda w: LEARN(w, "--lr2", "1e20"), 2, "--lr2"),
+    ("learn-lr-lora-giant", lambda w: LEARN(w, "--lr-lora", "1e20"), 2, "--lr-lora"),
+    ("learn-lambda-giant", lambda w: LEARN(w, "--lambda-attn", "1e20"), 2, "--lambda-attn"),
+    ("learn-too-many-masks", lambda w: ["learn", w["image"], "--masks", *[w["masks"][0]] * 37, "--base-model", w["model"]], 2,
+     "at most 36"),
+    ("generate-steps-past-schedule", lambda w: ["generate", w["scene"], "<asset1>", "--steps", "5000"], 2, "--steps"),
+    ("generate-batch-giant", lambda w: ["generate", w["scene"], "<asset1>", "--batch-size", str(10**20)], 2, "--batch-size"),
+    ("edit-feather-giant", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "--feather",
+                                      str(10**20), "<asset1>"], 2, "--feather"),
+    ("edit-dilate-giant", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "--dilate",
+                                     str(10**20), "<asset1>"], 2, "--dilate"),
+    ("extract-bg-n-giant", lambda w: ["extract-bg", w["scene"], "-n", str(10**20)], 2, "-n"),
+    ("mask-dilate-giant", lambda w: ["mask", w["image"], "--auto", "--dilate", str(10**20)], 2, "--dilate"),
+    ("mask-max-masks-giant", lambda w: ["mask", w["image"], "--auto", "--max-masks", "1000"], 2, "--max-masks"),
+    ("learn-standalone-full", lambda w: LEARN(w, "--tune", "full", "--standalone"), 2, "--standalone"),
+    ("learn-fp16-on-cpu", lambda w: LEARN(w, "--mixed-precision", "fp16"), 2, "CUDA"),
+    ("learn-bad-device", lambda w: LEARN(w, "--device", "tpu"), 2, "device"),
+    ("learn-compile-on-cpu", lambda w: LEARN(w, "--compile"), 2, "CUDA GPUs only"),
+    # learn: where it writes
+    ("learn-output-under-file", lambda w: LEARN(w, "-o", w["notes"] / "x.scene"), 2, "cannot write"),
+    ("learn-output-is-folder", lambda w: LEARN(w, "-o", w["folder"]), 2, "is a directory"),
+    ("learn-force-over-non-scene", lambda w: LEARN(w, "-o", w["notes"], "--force"), 2, "is not a scene"),
+    ("learn-resume-over-non-scene", lambda w: LEARN(w, "-o", w["notes"], "--resume"), 2, "is not a scene"),
+    ("learn-output-exists", lambda w: LEARN(w, "-o", w["scene"]), 2, "already exists"),
+    ("learn-resume-nothing", lambda w: LEARN(w, "--resume"), 2, "nothing to resume"),
+    ("learn-resume-corrupt", lambda w: LEARN(w, "--resume", "--name", _corrupt_checkpoint(w)), 2, "is damaged"),
+    ("learn-base-missing-folder", lambda w: ["learn", w["image"], "--masks", *w["masks"], "--base-model", w["tmp"] / "nope"], 2,
+     "not found"),
+    ("learn-base-offline", lambda w: ["learn", w["image"], "--masks", *w["masks"], "--base-model", "nobody/nothing"], 1,
+     "not available"),
+    # generate
+    ("generate-unknown-scene", lambda w: ["generate", "no-such-scene", "<asset1>"], 2, "scene not found"),
+    ("generate-unknown-handle", lambda w: ["generate", w["scene"], "<asset9> on the moon"], 2, "unknown handle"),
+    ("generate-no-images", lambda w: ["generate", w["scene"], "<asset1>", "-n", "0"], 2, "-n"),
+    ("generate-no-steps", lambda w: ["generate", w["scene"], "<asset1>", "--steps", "0"], 2, "--steps"),
+    ("generate-guidance-nan", lambda w: ["generate", w["scene"], "<asset1>", "--guidance", "nan"], 2, "finite"),
+    ("generate-seed-negative", lambda w: ["generate", w["scene"], "<asset1>", "--seed", "-5"], 2, "--seed"),
+    ("generate-truncated", lambda w: ["generate", _truncated(w), "<asset1>"], 2, "truncated or corrupt"),
+    ("generate-foreign", lambda w: ["generate", _foreign(w), "<asset1>"], 2, "not a scenebreak scene"),
+    # hostile scenes
+    ("scene-entry-escapes", lambda w: ["generate", _crafted(w, "e1", add={"file.tokenizer/../../evil.txt": torch.zeros(3, dtype=torch.uint8)}),
+                                       "<asset1>"], 2, "not a valid scene"),
+    ("scene-entry-absolute", lambda w: ["generate", _crafted(w, "e2", add={f"file.{w['tmp']}/evil.txt": torch.zeros(3, dtype=torch.uint8)}),
+                                        "<asset1>"], 2, "not a valid scene"),
+    ("scene-entry-unknown", lambda w: ["generate", _crafted(w, "e3", add={"file.tokenizer/run.sh": torch.zeros(3, dtype=torch.uint8)}),
+                                       "<asset1>"], 2, "not a valid scene"),
+    ("scene-handle-escapes", lambda w: ["export", _crafted(w, "h1", meta=_set("handles.0.token", "<../../x>")), "-f", "embeddings",
+                                        "-o", w["tmp"] / "out"], 2, "not a valid scene"),
+    ("scene-name-escapes", lambda w: ["generate", _crafted(w, "n1", meta=_set("name", "../../x")), "<asset1>"], 2, "not a valid scene"),
+    ("scene-resolution-huge", lambda w: ["generate", _crafted(w, "r1", meta=_set("resolution", 10**6)), "<asset1>"], 2,
+     "not a valid scene"),
+    ("scene-resolution-odd", lambda w: ["generate", _crafted(w, "r2", meta=_set("resolution", 65)), "<asset1>"], 2, "not a valid scene"),
+    ("scene-long-string", lambda w: ["show", _crafted(w, "s1", meta=_set("created", "x" * 100_000))], 2, "not a valid scene"),
+    ("scene-many-handles", lambda w: ["show", _crafted(w, "m1", meta=lambda m: m.update(
+        handles=[{"token": f"<a{i}>", "mask_index": i} for i in range(1000)]))], 2, "not a valid scene"),
+    ("scene-meta-list", lambda w: ["show", _crafted(w, "l1", meta=lambda m: [1, 2])], 2, "damaged"),
+    ("scene-image-shape", lambda w: ["generate", _crafted(w, "i1", tensors={"source.image": torch.zeros(8, 8, 3, dtype=torch.uint8)}),
+                                     "<asset1>"], 2, "not a valid scene"),
+    ("scene-lora-rank", lambda w: ["show", _crafted(w, "k1", meta=lambda m: m.update(
+        lora={"rank": 10**7, "alpha": 1, "unet_targets": ["to_q"], "text_encoder_targets": ["q_proj"]}))], 2, "not a valid scene"),
+    ("scene-mask-index", lambda w: ["show", _crafted(w, "x1", meta=_set("handles.0.mask_index", 99))], 2, "not a valid scene"),
+    ("scene-newer", lambda w: ["show", _crafted(w, "v1", meta=_set("format_version", 99))], 2, "newer scenebreak"),
+    ("scene-family-unknown", lambda w: ["show", _crafted(w, "f1", meta=_set("base_model.family", "FLUX"))], 2, "not one scenebreak knows"),
+    ("scene-sdxl-format-1", lambda w: ["show", _crafted(w, "f2", meta=_set("base_model.family", "SDXL"))], 2, "needs format 2"),
+    ("scene-sdxl-no-second-rows", lambda w: ["generate", _crafted(w, "f3", meta=lambda m: m.update(
+        format_version=2, base_model=dict(m["base_model"], family="SDXL"), configs=dict(m["configs"], text_encoder_2={}))),
+        "<asset1>"], 2, "handles.embeddings_2"),
+    ("scene-second-rows-shape", lambda w: ["generate", _crafted(w, "f4", tensors={"handles.embeddings_2": torch.zeros(5, 8)}),
+        "<asset1>"], 2, "not a valid scene"),
+    ("scene-config-giant-width", lambda w: ["show", _crafted(w, "c1", meta=_set("configs.unet.block_out_channels", [10**9] * 4))],
+     2, "not a valid scene"),
+    ("scene-config-giant-depth", lambda w: ["generate", _crafted(w, "c2", meta=_set("configs.text_encoder.num_hidden_layers",
+                                                                                     10**6)), "<asset1>"], 2, "not a valid scene"),
+    ("scene-config-many-blocks", lambda w: ["show", _crafted(w, "c3", meta=_set("configs.unet.down_block_types",
+                                                                                 ["DownBlock2D"] * 1000))], 2, "not a valid scene"),
+    ("scene-config-other-width", lambda w: ["generate", _crafted(w, "c4", meta=_set("configs.unet.block_out_channels",
+                                                                                     [16, 32, 64])), "<asset1>"], 2, "do not fit its config"),
+    ("scene-weight-missing", lambda w: ["generate", _crafted(w, "t1", drop=("unet.conv_in.weight",)), "<asset1>"], 2,
+     "do not fit its config"),
+    ("scene-weight-unknown", lambda w: ["generate", _crafted(w, "t2", add={"unet.extra.weight": torch.zeros(2)}), "<asset1>"], 2,
+     "do not fit its config"),
+    ("scene-weight-shape", lambda w: ["generate", _crafted(w, "t3", tensors={"unet.conv_in.weight": torch.zeros(3, 3)}), "<asset1>"],
+     2, "do not fit its config"),
+    ("scene-weight-dtype", lambda w: ["generate", _crafted(w, "t4", tensors={"unet.conv_in.weight": _as_int(w, "unet.conv_in.weight")}),
+     "<asset1>"], 2, "not a dtype a scene stores"),
+    ("scene-stray-component", lambda w: ["export", _crafted(w, "t5", add={"text_encoder_2.x.weight": torch.zeros(2)}), "-f", "a1111",
+                                         "-o", w["tmp"] / "out"], 2, "does not have"),
+    ("scene-unet-not-the-family", lambda w: ["show", _crafted(w, "t6", meta=_set("configs.unet.addition_embed_type", "text_time"))],
+     2, "but the scene says SD 2.x"),
+    ("scene-mask-index-twice", lambda w: ["show", _crafted(w, "x2", meta=_set("handles.1.mask_index", 0))], 2, "same mask index"),
+    ("scene-meta-deep", lambda w: ["show", _deep(w)], 2, "damaged"),
+    ("scene-no-configs", lambda w: ["generate", _crafted(w, "x3", meta=lambda m: m.pop("configs") and None), "<asset1>"], 2,
+     "no model configs"),
+    # edit / extract-bg
+    ("edit-mask-size", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["small"], "<asset1>"], 2, "must match"),
+    ("edit-output-not-png", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["tmp"] / "o.jpg",
+                                       "<asset1>"], 2, ".png"),
+    ("edit-output-exists", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["small"],
+                                      "<asset1>"], 2, "already exists"),
+    ("edit-overwrite-non-image", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", _fake_png(w),
+                                            "--overwrite", "<asset1>"], 2, "is not an image"),
+    ("edit-blend-start", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "--blend-start", "1",
+                                    "<asset1>"], 2, "--blend-start"),
+    ("extract-bg-without-background", lambda w: ["extract-bg", w["scene"]], 2, "--background"),
+    # export: never deletes what it did not make
+    ("export-current-folder", lambda w: ["export", w["scene"], "-o", ".", "--force"], 2, "current folder"),
+    ("export-parent-folder", lambda w: ["export", w["scene"], "-o", "..", "--force"], 2, "current folder"),
+    ("export-into-cache", lambda w: ["export", w["scene"], "-o", w["home"] / "scenes", "--force"], 2, "cache"),
+    ("export-home-folder", lambda w: ["export", w["scene"], "-o", Path.home(), "--force"], 2, "home folder"),
+    ("export-foreign-folder", lambda w: ["export", w["scene"], "-o", w["folder"], "--force"], 2, "not an earlier scenebreak export"),
+    ("export-onto-file", lambda w: ["export", w["scene"], "-o", w["notes"], "--force"], 2, "is a file"),
+    # housekeeping and masks
+    ("no-command", lambda w: [], 2, "no command given"),
+    ("rm-non-scene", lambda w: ["rm", w["notes"]], 2, "not a"),
+    ("show-missing", lambda w: ["show", "ghost"], 2, "scene not found"),
+    ("mask-max-masks", lambda w: ["mask", w["image"], "--auto", "--max-masks", "0"], 2, "--max-masks"),
+    ("mask-threshold-nan", lambda w: ["mask", w["image"], "-p", "cat", "--threshold", "nan"], 2, "--threshold"),
+    ("mask-point-outside", lambda w: ["mask", w["image"], "--point", "5000,5"], 2, "outside the image"),
+]
+
+
+def _corrupt_checkpoint(w):
+    """A checkpoint cut short, as a crash mid-copy or a full disk elsewhere leaves one."""
+    folder = w["home"] / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    (folder / "cut.ckpt").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    return "cut"
+
+
+def _as_int(w, key):
+    with safe_open(str(w["scene"]), framework="pt") as f:
+        return f.get_tensor(key).to(torch.int32)
+
+
+def _deep(w):
+    """A scene whose metadata nests deeper than Python's stack (json.loads raised RecursionError)."""
+    with safe_open(str(w["scene"]), framework="pt") as f:
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    path = w["tmp"] / "deep.scene"
+    save_file(data, str(path), metadata={"format": "scenebreak.scene", "scenebreak": '{"x": ' + "[" * 200_000 + "]" * 200_000 + "}"})
+    return path
+
+
+def _fake_png(w):
+    path = w["tmp"] / "notes.png"
+    path.write_text("not a picture")
+    return path
+
+
+def _truncated(w):
+    path = w["tmp"] / "truncated.scene"
+    path.write_bytes(w["scene"].read_bytes()[:5000])
+    return path
+
+
+def _foreign(w):
+    path = w["tmp"] / "foreign.scene"
+    save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    return path
+
+
+def _snapshot(*roots: Path) -> dict:
+    """Every file under the roots with its size and modification time (lock files, which
+    a command owns, left out)."""
+    files = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and "locks" not in path.parts:
+                stat = path.stat()
+                files[str(path)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def test_there_are_at_least_forty_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(case, world, monkeypatch):
+    _, make_args, code, phrase = case
+    monkeypatch.chdir(world["tmp"])
+    args = [str(a) for a in make_args(world)]  # crafted files are made here, before the snapshot
+    before = _snapshot(world["tmp"], world["home"])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, (result.exit_code, result.output)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and phrase in errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert _snapshot(world["tmp"], world["home"]) == before
+    assert not (world["tmp"].parent / "evil.txt").exists() and not (world["tmp"] / "evil.txt").exists()
+
+
+# -- files that are not what they seem: FIFOs, endless and non-UTF-8 prompt files --------------------
+
+def _invoke_guarded(args, fifos=(), input=None, seconds=60):
+    """Run the CLI, but if it blocks (on opening a FIFO) longer than `seconds`, open the
+    FIFOs' other ends so it finishes, and fail."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", CliRunner().invoke(cli, [str(a) for a in args], input=input)))
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for fifo in fifos:
+            fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+            os.close(fd)
+        thread.join()
+        pytest.fail(f"{args[0]} blocked on a FIFO")
+    return box["result"]
+
+
+def _one_error(result, code, phrase):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and phrase in errors[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+@pytest.mark.parametrize("command", ["generate", "show", "rm", "export"])
+def test_a_fifo_given_as_scene_is_refused_without_blocking(command, world, monkeypatch):
+    monkeypatch.chdir(world["tmp"])
+    fifo = world["tmp"] / "pipe.scene"
+    os.mkfifo(fifo)
+    args = {"generate": ["generate", fifo, "<asset1>"], "show": ["show", fifo], "rm": ["rm", fifo],
+            "export": ["export", fifo, "-f", "embeddings", "-o", world["tmp"] / "out"]}[command]
+    _one_error(_invoke_guarded(args, [fifo]), 2, "not a regular file")
+    assert fifo.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_in_the_cache_is_listed_as_unreadable(world):
+    fifo = world["home"] / "scenes" / "pipe.scene"
+    os.mkfifo(fifo)
+    result = _invoke_guarded(["list", "--json"], [fifo])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)["scenes"]}
+    assert "not a regular file" in rows["pipe"]["error"] and "handles" in rows["cached"]
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_prompt_files_are_bounded_regular_utf8_files(command, world, monkeypatch):
+    monkeypatch.chdir(world["tmp"])
+    base = [command, world["scene"], *(["<asset1>"] if command == "generate" else []), "--prompts-file"]
+    latin = world["tmp"] / "latin1.txt"
+    latin.write_bytes("a photo of <asset1> in the café\n".encode("latin-1"))
+    _one_error(_invoke_guarded([*base, latin]), 2, "not UTF-8")
+    _one_error(_invoke_guarded([*base, "-"], input="<asset1> in the café\n".encode("latin-1")), 2, "not UTF-8")
+    if Path("/dev/zero").exists():
+        _one_error(_invoke_guarded([*base, "/dev/zero"]), 2, "not a regular file")
+    big = world["tmp"] / "big.txt"
+    big.write_bytes(b"<asset1> on the moon\n" * 60_000)
+    _one_error(_invoke_guarded([*base, big]), 2, "larger than")
+    if hasattr(os, "mkfifo"):
+        fifo = world["tmp"] / "prompts.fifo"
+        os.mkfifo(fifo)
+        _one_error(_invoke_guarded([*base, fifo], [fifo]), 2, "not a regular file")
+
+
+def test_rm_of_the_same_scene_twice_deletes_it_once(world):
+    result = CliRunner().invoke(cli, ["rm", "cached", str(world["home"] / "scenes" / "cached.scene")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [str(world["home"] / "scenes" / "cached.scene")]
+    assert not (world["home"] / "scenes" / "cached.scene").exists()
+
+
+def test_a_handle_cut_off_by_the_token_limit_is_refused(world, tmp_path):
+    filler = "a photo of a red bowl " * 16  # 96 tokens
+    result = CliRunner().invoke(cli, ["generate", str(world["scene"]), f"{filler} <asset2>", "--steps", "1", "--out-dir",
+                                      str(tmp_path / "out")])
+    _one_error(result, 2, "<asset2> falls past")
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(cli, ["generate", str(world["scene"]), f"<asset2> {filler}", "--steps", "1", "--seed", "0",
+                                      "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "over the text encoder's 77" in result.stderr
+
+
+def _tokenizer_config(edit):
+    """A crafted scene's tokenizer/tokenizer_config.json, changed by `edit(dict)`."""
+    def tensors(source):
+        with safe_open(str(source), framework="pt") as f:
+            config = json.loads(f.get_tensor("file.tokenizer/tokenizer_config.json").numpy().tobytes())
+        edit(config)
+        return {"file.tokenizer/tokenizer_config.json": torch.frombuffer(bytearray(json.dumps(config).encode()),
+                                                                         dtype=torch.uint8).clone()}
+    return tensors
+
+
+def test_a_scene_tokenizer_cannot_name_code_or_its_own_length(world, tmp_path):
+    """auto_map would make the Auto classes ask on the terminal to run custom code (and
+    with a hub reference fetch it); a crafted model_max_length would size every prompt."""
+    def hostile(config):
+        config.update(auto_map={"AutoTokenizer": ["evil/repo--evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer",
+                      model_max_length=10**9)
+
+    scene = craft(world["scene"], tmp_path / "evil-tok.scene", tensors=_tokenizer_config(hostile)(world["scene"]))
+    result = CliRunner().invoke(cli, ["generate", str(scene), "<asset1>", "--steps", "1", "--seed", "0", "--out-dir",
+                                      str(tmp_path / "out")], input="y\ny\n")
+    assert result.exit_code == 0, result.output
+    assert "trust_remote_code" not in result.output and "custom code" not in result.output
+    from scenebreak.scenes.bundle import load_scene
+    from scenebreak.sample.scene_models import scene_tokenizers
+
+    assert scene_tokenizers(load_scene(scene))[0].model_max_length == 77
+
+
+def test_a_scene_tokenizer_config_that_is_not_json_is_refused(world, tmp_path):
+    broken = {"file.tokenizer/tokenizer_config.json": torch.frombuffer(bytearray(b"[" * 100_000), dtype=torch.uint8).clone()}
+    scene = craft(world["scene"], tmp_path / "broken-tok.scene", tensors=broken)
+    _one_error(CliRunner().invoke(cli, ["generate", str(scene), "<asset1>", "--steps", "1"]), 2, "not a valid scene")
+
+
+def test_lora_adapters_that_do_not_fit_and_a_mislabelled_sdxl_scene_are_refused(world, learned_sdxl, tmp_path):
+    from scenebreak import LearnConfig, learn
+
+    lora = learn(world["image"], world["masks"], LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2),
+                 base_model=str(world["model"]), output=tmp_path / "lora.scene")
+    with safe_open(str(lora.path), framework="pt") as f:
+        key = next(k for k in f.keys() if k.startswith("unet_lora.") and "lora_A" in k)
+        shape = f.get_tensor(key).shape
+    wrong = craft(lora.path, tmp_path / "wrong.scene", tensors={key: torch.zeros(shape[0] + 1, shape[1])})
+    _one_error(CliRunner().invoke(cli, ["generate", str(wrong), "<asset1>", "--steps", "1"]), 2, "do not fit its config")
+    # An SDXL scene that says it is SD 2.x (format 1): its second encoder's tensors give it away.
+    mislabelled = craft(learned_sdxl.path, tmp_path / "xl-as-sd.scene", meta=lambda m: m.update(
+        format_version=1, base_model=dict(m["base_model"], family="SD 2.x")))
+    for args in (["show", str(mislabelled)], ["export", str(mislabelled), "-f", "a1111", "-o", str(tmp_path / "a1111")]):
+        _one_error(CliRunner().invoke(cli, args), 2, "not a valid scene")
+    assert not (tmp_path / "a1111").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="no O_NOFOLLOW on this system")
+def test_locks_are_never_written_through_a_symbolic_link(world, tmp_path):
+    """A link planted where a lock goes must not carry the process id into its target."""
+    from scenebreak.errors import SceneBreakError
+    from scenebreak.train.locks import class_images_lock, scene_lock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    locks = world["home"] / "locks"
+    locks.mkdir()
+    (locks / "linked.lock").symlink_to(victim)
+    with scene_lock("linked"):
+        pass
+    folder = world["home"] / "class-images" / "abc"
+    folder.mkdir(parents=True)
+    folder.with_name("abc.lock").symlink_to(victim)
+    with class_images_lock(folder):
+        pass
+    assert victim.read_text() == "precious"
+    assert not (locks / "linked.lock").is_symlink() and (locks / "linked.lock").is_file()
+    # A lock folder that leads out of the cache is refused, naming it.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (world["home"] / "class-images" / "elsewhere").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SceneBreakError, match="outside scenebreak's cache"):
+        with class_images_lock(world["home"] / "class-images" / "elsewhere" / "set"):
+            pass
+    assert not any(outside.iterdir())
+
+
+def test_temporaries_a_killed_write_left_are_removed_by_the_next_one(tmp_path):
+    import subprocess
+    import sys
+
+    from scenebreak.paths import HOST_TAG, write_atomically
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "photo.scene"
+    stale = [tmp_path / f".photo.scene.{HOST_TAG}-{dead.pid}-0a1b.tmp", tmp_path / f".photo.scene.{dead.pid}.tmp"]
+    kept = [tmp_path / f".photo.scene.{HOST_TAG}-{os.getpid()}-0a1b.tmp",  # a live run's
+            tmp_path / f".photo.scene.{HOST_TAG}-{dead.pid}-0a1b.tmp.mine",  # not a temporary of ours
+            tmp_path / f".other.scene.{dead.pid}.tmp"]  # another file's
+    for path in stale + kept:
+        path.write_text("x")
+    write_atomically(target, lambda tmp: tmp.write_text("scene"))
+    assert target.read_text() == "scene"
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_a_write_refused_for_permission_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import scenebreak.paths
+    from scenebreak.paths import write_atomically
+
+    monkeypatch.setattr(scenebreak.paths.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+
+    def refused(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
+
+    with pytest.raises(PermissionError):
+        write_atomically(tmp_path / "a.png", refused)
+
+    def full(tmp):  # how safetensors words a full disk: not an OSError
+        raise RuntimeError("Error while serializing: I/O error")
+
+    with pytest.raises(OSError) as raised:
+        write_atomically(tmp_path / "b.png", full)
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(world, monkeypatch):
+    import scenebreak.sample.sampling
+
+    # (Tests may run as root, who can write anywhere: the check itself is stood in for.)
+    monkeypatch.setattr(scenebreak.sample.sampling, "is_writable_folder", lambda folder: "readonly" not in str(folder))
+    (world["tmp"] / "readonly").mkdir()
+    result = CliRunner().invoke(cli, ["generate", str(world["scene"]), "<asset1>", "--out-dir", str(world["tmp"] / "readonly")])
+    _one_error(result, 2, "not a folder you can write to")
+
+
+def test_images_of_a_scene_with_the_longest_name_fit_the_file_system(world, tmp_path):
+    """Scene names may have 200 characters; a prompt's slug and a 19-digit seed after
+    one went past 255 bytes (Errno 36)."""
+    name = "s" * 200
+    craft(world["scene"], world["home"] / "scenes" / f"{name}.scene", meta=_set("name", name))
+    seed = str(2**62)
+    result = CliRunner().invoke(cli, ["generate", name, "<asset1> in a very long prompt about the moon", "--grid",
+                                      "--steps", "1", "--seed", seed, "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    assert len(paths) == 2 and all(p.is_file() and len(p.name.encode()) + 32 <= 255 for p in paths)
+    assert all(p.name.startswith("s" * 100) for p in paths)

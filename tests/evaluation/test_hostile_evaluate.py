@@ -1,0 +1,117 @@
+"""`evaluate` given damaged scoring models, as a careless download or a hostile folder
+would give them: each is refused with one line that names the model and the fix, exit
+code 1 (2 for a folder that is not a model at all), before any image is sampled, and
+nothing is written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scenebreak.cli.commands import cli
+from tinymodels import build_tiny_clip, build_tiny_dino
+
+ROLES = {"clip": ("--clip-model", "CLIP model"), "dino": ("--dino-model", "DINO model"),
+         "detector": ("--detector", "detector"), "segmenter": ("--segmenter", "segmenter")}
+
+
+@pytest.fixture(scope="module")
+def good_models(tmp_path_factory, tiny_segmentation):
+    root = tmp_path_factory.mktemp("scoring-models")
+    detector, segmenter = tiny_segmentation
+    return {"clip": build_tiny_clip(root / "clip"), "dino": build_tiny_dino(root / "dino"),
+            "detector": Path(detector), "segmenter": Path(segmenter)}
+
+
+def garbage(folder: Path) -> None:
+    for path in folder.glob("*.safetensors"):
+        path.write_bytes(b"not a safetensors file" * 10)
+
+
+def cut_short(folder: Path) -> None:
+    for path in folder.glob("*.safetensors"):
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+
+
+def no_weights(folder: Path) -> None:
+    for path in folder.glob("*.safetensors"):
+        path.unlink()
+
+
+def weights_folder(folder: Path) -> None:
+    """model.safetensors is a folder."""
+    for path in folder.glob("*.safetensors"):
+        path.unlink()
+        path.mkdir()
+
+
+def config_garbage(folder: Path) -> None:
+    (folder / "config.json").write_text("{ not json")
+
+
+# (id, role, damage, exit code, phrases of the one line)
+CASES = [
+    ("clip-garbage", "clip", garbage, 1, ["CLIP model", "model.safetensors is damaged", "Fix:", "--clip-model"]),
+    ("dino-garbage", "dino", garbage, 1, ["DINO model", "model.safetensors is damaged", "Fix:", "--dino-model"]),
+    ("detector-garbage", "detector", garbage, 1, ["detector", "model.safetensors is damaged", "Fix:", "--detector"]),
+    ("segmenter-garbage", "segmenter", garbage, 1, ["segmenter", "model.safetensors is damaged", "Fix:", "--segmenter"]),
+    ("clip-cut-short", "clip", cut_short, 1, ["CLIP model", "model.safetensors is damaged", "Fix:"]),
+    ("dino-cut-short", "dino", cut_short, 1, ["DINO model", "model.safetensors is damaged", "Fix:"]),
+    ("detector-no-weights", "detector", no_weights, 1, ["detector", "no weights file", "Fix:"]),
+    ("segmenter-weights-folder", "segmenter", weights_folder, 1, ["segmenter", "model.safetensors is damaged", "Fix:"]),
+    ("clip-config-garbage", "clip", config_garbage, 2, ["--clip-model", "CLIP checkpoint"]),
+]
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_damaged_scoring_model_is_one_line_before_any_image(case, learned, good_models, tmp_path, monkeypatch):
+    _, role, damage, code, phrases = case
+    damaged = tmp_path / f"damaged-{role}"
+    shutil.copytree(good_models[role], damaged)
+    damage(damaged)
+    models = {**good_models, role: damaged}
+    args = ["evaluate", learned.path, "--steps", "1", "--scheduler", "ddim", "--out-dir", tmp_path / "eval"]
+    for key, (option, _) in ROLES.items():
+        args += [option, models[key]]
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == code, (result.exit_code, result.output)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and all(p in errors[0] for p in phrases), result.stderr
+    if code == 1:
+        assert str(damaged) in errors[0] and "copy the model there again" in errors[0]
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert not (tmp_path / "eval").exists()  # told before the sampling
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("role", list(ROLES))
+def test_each_loader_names_the_model_and_the_fix(role, good_models, tmp_path):
+    """Past the check (a folder damaged after it, or the library used directly), loading
+    itself gives the same one line: safetensors' own error is neither OSError nor
+    ValueError, and used to escape as a bare "SafetensorError: header too large"."""
+    from scenebreak.masks.detector import Detector
+    from scenebreak.device import choose_device
+    from scenebreak.errors import ModelNotAvailable
+    from scenebreak.evaluation.metrics import ClipScorer, DinoScorer
+    from scenebreak.masks.segmenter import Segmenter
+
+    loader = {"clip": ClipScorer, "dino": DinoScorer, "detector": Detector, "segmenter": Segmenter}[role]
+    option, what = ROLES[role]
+    damaged = tmp_path / role
+    shutil.copytree(good_models[role], damaged)
+    garbage(damaged)
+    with pytest.raises(ModelNotAvailable) as caught:
+        loader(str(damaged), choose_device("cpu"))
+    message = str(caught.value)
+    assert message.startswith(f"cannot load the {what} from {damaged}: ") and "\n" not in message
+    assert f"Fix: copy the model there again or pass {option} " in message

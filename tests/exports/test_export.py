@@ -1,0 +1,50 @@
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from scenebreak import load_scene
+from scenebreak.cli.commands import cli
+from scenebreak.errors import InvalidInput
+from scenebreak.exports.export import export_scene
+
+
+def test_diffusers_folder_loads_as_a_standard_pipeline(learned, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "exported"
+    assert export_scene(learned.path, folder) == [folder]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<asset1>", "<asset2>"])
+    rows = pipe.text_encoder.get_input_embeddings().weight[ids]
+    # the folder keeps the scene's storage precision (fp16 by default)
+    assert torch.allclose(rows, load_scene(learned.path).embeddings, atol=1e-3)
+    image = pipe("<asset1> on the moon", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    with pytest.raises(InvalidInput, match="--force"):
+        export_scene(learned.path, folder)
+    (folder / "stale.txt").write_text("old")
+    assert export_scene(learned.path, folder, force=True) == [folder]
+    assert not (folder / "stale.txt").exists() and (folder / "model_index.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temp folder left
+
+
+def test_embeddings_load_as_textual_inversion_into_the_base_model(learned, tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    paths = export_scene(learned.path, tmp_path / "emb", format="embeddings")
+    assert [p.name for p in paths] == ["asset1.safetensors", "asset2.safetensors"]
+    scene = load_scene(learned.path)
+    assert torch.equal(load_file(paths[0])["<asset1>"], scene.embeddings[0])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(str(paths[1]))
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<asset2>")]
+    assert torch.allclose(row, scene.embeddings[1])
+
+
+def test_export_cli(learned, tmp_path):
+    result = CliRunner().invoke(cli, ["export", str(learned.path), "-f", "embeddings", "-o", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2
+    result = CliRunner().invoke(cli, ["export", "no-such-scene", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "scene not found" in result.stderr

@@ -1,0 +1,229 @@
+"""`export` against a hostile or busy file system, and scenes that name their handles
+awkwardly: the target folder is only ever created or (with --force) an earlier export
+replaced; what appears there while an export runs is left alone, and so is anything
+the export did not make. Bad targets are one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from test_export_a1111 import craft
+
+from scenebreak import load_scene
+from scenebreak.cli.commands import cli
+from scenebreak.exports.export import MARKER, export
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else os.readlink(p)
+                                       if p.is_symlink() else None) for p in sorted(root.rglob("*"))}
+
+
+def one_error(result, code: int, phrase: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and phrase in lines[0], result.stderr
+
+
+def export_cli(*args):
+    return CliRunner().invoke(cli, ["export", *map(str, args)])
+
+
+@pytest.fixture
+def during_write(monkeypatch):
+    """`during_write(action)`: run `action(tmp)` inside the export, once its files are
+    written to the temporary folder `tmp` and before it is moved into place."""
+    import scenebreak.exports.export as export_module
+
+    def install(action):
+        original = export_module._write_embeddings
+        depth = []
+
+        def write(scene, folder):
+            original(scene, folder)
+            if not depth:  # an export the action runs itself is left as it is
+                depth.append(folder)
+                try:
+                    action(folder)
+                finally:
+                    depth.pop()
+
+        monkeypatch.setattr(export_module, "_write_embeddings", write)
+
+    return install
+
+
+# -- the target changes while the export runs --------------------------------------------------------
+
+def test_a_folder_made_at_the_target_meanwhile_is_left_alone(learned, tmp_path, during_write):
+    target = tmp_path / "out" / "emb"
+
+    def someone_else(_tmp):
+        target.mkdir(parents=True)
+        (target / "mine.txt").write_text("not yours")
+
+    during_write(someone_else)
+    one_error(export_cli(learned.path, "-f", "embeddings", "-o", target), 2, "appeared while exporting")
+    assert snapshot(tmp_path / "out") == {"emb": None, "emb/mine.txt": b"not yours"}  # and no temporary folder
+
+
+def test_two_exports_at_once_to_one_new_folder(learned, tmp_path, during_write):
+    """The other export finishes first: without --force the later one fails and leaves
+    it whole; with --force it replaces it (an earlier export), and nothing is left over."""
+    target = tmp_path / "out" / "emb"
+
+    def other_export(_tmp):
+        export(learned.path, target, "embeddings")
+        (target / "stale.txt").write_text("from the other export")
+
+    during_write(other_export)
+    one_error(export_cli(learned.path, "-f", "embeddings", "-o", target), 2, "appeared while exporting")
+    files = {"emb", f"emb/{MARKER}", "emb/asset1.safetensors", "emb/asset2.safetensors"}
+    assert set(snapshot(tmp_path / "out")) == files | {"emb/stale.txt"}
+
+    shutil.rmtree(target)
+    result = export_cli(learned.path, "-f", "embeddings", "-o", target, "--force")
+    assert result.exit_code == 0, result.output
+    assert set(snapshot(tmp_path / "out")) == files
+
+
+def test_force_never_replaces_what_is_not_an_export_even_if_it_appears_meanwhile(learned, tmp_path, during_write):
+    target = tmp_path / "out" / "emb"
+    export(learned.path, target, "embeddings")
+
+    def swap(_tmp):
+        (target / MARKER).unlink()  # no longer an earlier export
+        (target / "mine.txt").write_text("not yours")
+
+    during_write(swap)
+    one_error(export_cli(learned.path, "-f", "embeddings", "-o", target, "--force"), 2, "--force")
+    after = snapshot(tmp_path / "out")
+    assert after["emb/mine.txt"] == b"not yours" and set(after) == {"emb", "emb/mine.txt", "emb/asset1.safetensors",
+                                                                    "emb/asset2.safetensors"}
+
+
+def test_an_earlier_export_goes_back_if_the_new_one_cannot_take_its_place(learned, tmp_path, monkeypatch):
+    import scenebreak.exports.export as export_module
+
+    target = tmp_path / "out" / "emb"
+    export(learned.path, target, "embeddings")
+    (target / "note.txt").write_text("earlier")
+    before = snapshot(tmp_path / "out")
+    rename = os.rename
+
+    def refuse_the_new_one(source, destination):
+        if str(source).endswith(".sbx-tmp") and not Path(destination).exists():  # moved aside: now in its place
+            raise PermissionError(13, "Permission denied", str(destination))
+        rename(source, destination)
+
+    monkeypatch.setattr(export_module.os, "rename", refuse_the_new_one)
+    result = export_cli(learned.path, "-f", "embeddings", "-o", target, "--force")
+    assert result.exit_code == 1 and "Permission denied" in result.stderr
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_a_failed_export_leaves_nothing_behind(learned, tmp_path, during_write):
+    def crash(_tmp):
+        raise RuntimeError("the disk went away")
+
+    during_write(crash)
+    result = export_cli(learned.path, "-f", "embeddings", "-o", tmp_path / "out" / "emb")
+    assert result.exit_code == 1 and "the disk went away" in result.stderr
+    assert snapshot(tmp_path / "out") == {}
+
+
+def test_a_dead_exports_temporary_folders_are_removed_by_the_next_one(learned, tmp_path, during_write):
+    """Named after their host and process, a killed export's temporary folders are
+    deleted by the next export to the same target; a live process's, another host's
+    and anything else are not."""
+    out = tmp_path / "out"
+    seen = []
+    during_write(lambda tmp: seen.append(tmp.name))
+    export(learned.path, out / "first", "embeddings")
+    name, host_pid, kind = seen[0].rsplit(".", 2)
+    host = host_pid.split("-")[0]
+    assert name == ".first" and kind == "sbx-tmp" and host_pid.split("-")[1] == str(os.getpid())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = [out / f".emb.{host}-{dead_pid}-0a1b.sbx-tmp", out / f".emb.{host}-{dead_pid}-c2d3.sbx-old"]
+    kept = [out / f".emb.{host}-{os.getppid()}-0a1b.sbx-tmp",  # a live process
+            out / f".emb.{'f' * 8 if host != 'f' * 8 else '0' * 8}-{dead_pid}-0a1b.sbx-tmp",  # another host's
+            out / f".other.{host}-{dead_pid}-0a1b.sbx-tmp",  # another target's
+            out / ".emb.notes"]
+    for folder in stale + kept:
+        folder.mkdir()
+        (folder / "file").write_text("x")
+    (out / f".emb.{host}-{dead_pid}-9999.sbx-tmp").symlink_to(out / ".emb.notes")  # a link is never followed
+    export(learned.path, out / "emb", "embeddings")
+    assert not any(folder.exists() for folder in stale)
+    assert all((folder / "file").read_text() == "x" for folder in kept)
+    assert (out / f".emb.{host}-{dead_pid}-9999.sbx-tmp").is_symlink()
+
+
+# -- bad targets ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("below", ["sub", "a/b/c"])
+def test_a_target_below_a_file_is_one_line(learned, tmp_path, below):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    before = snapshot(tmp_path)
+    one_error(export_cli(learned.path, "-f", "embeddings", "-o", notes / below), 2, "notes.txt is a file")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_symbolic_link_at_the_target_is_one_line(learned, tmp_path, force):
+    empty, exported = tmp_path / "empty", tmp_path / "exported"
+    empty.mkdir()
+    export(learned.path, exported, "embeddings")
+    for name, to in (("to-empty", empty), ("to-export", exported), ("dangling", tmp_path / "nowhere")):
+        (tmp_path / name).symlink_to(to)
+    before = snapshot(tmp_path)
+    for name in ("to-empty", "to-export", "dangling"):
+        one_error(export_cli(learned.path, "-f", "embeddings", "-o", tmp_path / name, *force), 2, "is a symbolic link")
+    assert snapshot(tmp_path) == before
+
+
+# -- handles that differ only in letter case -----------------------------------------------------------
+
+def test_handles_that_differ_only_in_case_get_triggers_that_differ_in_more(learned, tmp_path):
+    """The tools' tokenizers lowercase and some disks ignore case: `<Cat>` and `<cat>`
+    become `photo-Cat` and `photo-cat-2`, each with its own embedding."""
+    def same_but_case(meta):
+        meta["handles"][0]["token"], meta["handles"][1]["token"] = "<Cat>", "<cat>"
+
+    scene_path = craft(learned.path, tmp_path / "photo.scene", same_but_case)
+    scene = load_scene(scene_path)
+    result = export_cli(scene_path, "-f", "a1111", "-o", tmp_path / "a1111", "--rank", "2")
+    assert result.exit_code == 0, result.output
+    embeddings = tmp_path / "a1111" / "embeddings"
+    assert sorted(p.name for p in embeddings.iterdir()) == ["photo-Cat.safetensors", "photo-cat-2.safetensors"]
+    assert (load_file(embeddings / "photo-Cat.safetensors")["emb_params"] == scene.embeddings[:1]).all()
+    assert (load_file(embeddings / "photo-cat-2.safetensors")["emb_params"] == scene.embeddings[1:2]).all()
+    readme = (tmp_path / "a1111" / "README.md").read_text()
+    assert "| `photo-Cat` | `<Cat>` | mask 1 |" in readme and "| `photo-cat-2` | `<cat>` | mask 2 |" in readme
+    card = json.loads((tmp_path / "a1111" / "loras" / "photo-lora.json").read_text())
+    assert card["activation text"] == "photo-Cat, photo-cat-2"
+
+    result = export_cli(scene_path, "-f", "embeddings", "-o", tmp_path / "emb")
+    assert result.exit_code == 0, result.output
+    assert [Path(line).name for line in result.stdout.splitlines()] == ["Cat.safetensors", "cat-2.safetensors"]
+    assert set(load_file(tmp_path / "emb" / "cat-2.safetensors")) == {"<cat>"}
+
+
+def test_distinct_names():
+    from scenebreak.exports.a1111 import MAX_STEM, distinct_names
+
+    assert distinct_names(["a", "b"]) == ["a", "b"]
+    assert distinct_names(["x-Cat", "x-cat", "x-cat-2", "x-CAT"]) == ["x-Cat", "x-cat-3", "x-cat-2", "x-CAT-4"]
+    long = "n" * MAX_STEM
+    names = distinct_names([long, long.upper()])
+    assert names[0] == long and len(names[1]) == MAX_STEM and names[1].endswith("-2")

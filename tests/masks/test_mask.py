@@ -1,0 +1,260 @@
+"""`scenebreak mask` on tiny random Grounding DINO and SAM models (see
+`build_tiny_segmentation_models` in tests/tinymodels.py). Random weights make scores and
+labels meaningless, so these tests check the mechanics: files, sizes, binary values,
+stdout, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from scenebreak.cli.commands import cli
+from scenebreak.errors import InvalidInput
+from scenebreak.config import MaskConfig
+from scenebreak.masks.masking import make_masks, parse_box, parse_point
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def models(tiny_segmentation):
+    detector, segmenter = tiny_segmentation
+    return ["--detector", detector, "--segmenter", segmenter]
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("Error")]
+
+
+def written(folder):
+    """The mask files and previews in `folder` (not the hidden record of what mask wrote)."""
+    return sorted(p.name for p in folder.iterdir() if ".mask" in p.name and not p.name.startswith("."))
+
+
+def check_mask_file(path, size):
+    image = Image.open(path)
+    assert image.size == size and image.mode == "L"
+    values = set(np.unique(np.asarray(image)).tolist())
+    assert values <= {0, 255} and 255 in values
+
+
+def test_parse_points_and_boxes():
+    assert parse_point("12,34.5") == (12.0, 34.5)
+    assert parse_point(" 3 , 4 ") == (3.0, 4.0)
+    assert parse_box("1,2,30,40") == (1.0, 2.0, 30.0, 40.0)
+    for bad in ("12", "1,2,3", "a,b", "nan,1", ""):
+        with pytest.raises(InvalidInput, match="X,Y"):
+            parse_point(bad)
+    for bad in ("1,2,3", "1,2,3,4,5", "x,1,2,3"):
+        with pytest.raises(InvalidInput, match="X0,Y0,X1,Y1"):
+            parse_box(bad)
+    for flipped in ("30,2,1,40", "1,40,30,2", "5,5,5,9"):
+        with pytest.raises(InvalidInput, match="X0 < X1 and Y0 < Y1"):
+            parse_box(flipped)
+
+
+def test_library_makes_one_clean_mask_per_prompt_box_and_point(scene_files, tiny_segmentation, tmp_path):
+    detector, segmenter = tiny_segmentation
+    events = []
+    config = MaskConfig(detector=str(detector), segmenter=str(segmenter), threshold=0.0)
+    result = make_masks(scene_files["image"], prompts=["red square", "bowl"], boxes=[(12, 8, 44, 40)],
+                        points=[(20, 20), (60, 60)], config=config, out_dir=tmp_path / "out", report=events.append)
+    assert [m.label for m in result.masks] == ["red square", "bowl", "box 1", "point 1", "point 2"]
+    assert [m.source for m in result.masks] == ["prompt", "prompt", "box", "point", "point"]
+    assert [p.name for p in result.paths] == [f"photo.mask{i}.png" for i in range(1, 6)]
+    for item in result.masks:
+        check_mask_file(item.path, (96, 80))
+        assert item.area == int(item.mask.sum()) > 0 and len(item.box) == 4
+    assert result.preview.name == "photo.masks-preview.png" and Image.open(result.preview).size == (96, 80)
+    texts = [getattr(e, "text", "") for e in events]
+    assert any("loading detector" in t for t in texts) and any("loading segmenter" in t for t in texts)
+    assert any(getattr(e, "task", "") == "segmenting" for e in events)
+    data = result.to_dict()
+    assert {"path", "label", "score", "box", "area", "source"} <= set(data["masks"][0])
+
+
+def test_cli_prints_only_paths_beside_the_image(scene_files, models):
+    image = scene_files["image"]
+    result = run("mask", image, "-p", "red square", "--box", "52,42,84,74", "--point", "20,20", "--threshold", "0", *models)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines == [str(image.parent / f"photo.mask{i}.png") for i in (1, 2, 3)]
+    for line in lines:
+        check_mask_file(line, (96, 80))
+    assert (image.parent / "photo.masks-preview.png").exists()
+    assert "loading segmenter" in result.stderr and "preview:" in result.stderr
+
+
+def test_cli_json_group_all_instances_dilate_and_stale_masks(scene_files, models, tmp_path):
+    out = tmp_path / "masks"
+    args = ["mask", scene_files["image"], "--out-dir", out, "--threshold", "0", *models]
+    result = run(*args, "-p", "bowl", "--all-instances", "--point", "20,20", "--point", "30,30", "--group", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [m["label"] for m in data["masks"]] == ["bowl", "points"]
+    assert all(os.path.exists(m["path"]) and m["area"] > 0 and len(m["box"]) == 4 for m in data["masks"])
+    assert data["preview"].endswith("photo.masks-preview.png")
+    assert "loading" not in result.stderr and "preview:" not in result.stderr  # -q: only warnings (e.g. overlaps)
+
+    plain = run(*args, "--box", "12,8,44,40", "-q")
+    grown = run(*args, "--box", "12,8,44,40", "--dilate", "3", "--keep-holes", "--min-area", "1", "-q", "--out-dir", tmp_path / "g")
+    assert plain.exit_code == 0 and grown.exit_code == 0, grown.output
+    assert (np.asarray(Image.open(grown.stdout.strip())) > 0).sum() >= (np.asarray(Image.open(plain.stdout.strip())) > 0).sum()
+    # the re-run wrote one mask: the earlier run's mask2 is gone, so `photo.mask*.png` is this run's
+    assert written(out) == ["photo.mask1.png", "photo.masks-preview.png"]
+
+
+def test_cli_auto_keeps_at_most_max_masks(scene_files, models, tmp_path):
+    result = run("mask", scene_files["image"], "--auto", "--max-masks", "2", "--out-dir", tmp_path, "--json", *models)
+    assert result.exit_code == 0, result.output
+    masks = json.loads(result.stdout)["masks"]
+    assert 1 <= len(masks) <= 2 and all(m["source"] == "auto" for m in masks)
+    assert [m["area"] for m in masks] == sorted((m["area"] for m in masks), reverse=True)
+    for item in masks:
+        check_mask_file(item["path"], (96, 80))
+
+
+def test_points_follow_the_exif_orientation(tmp_path, models):
+    """A phone photo stored sideways: coordinates and masks are as a viewer shows it."""
+    stored = Image.new("RGB", (40, 60), (200, 200, 200))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    stored.save(tmp_path / "phone.jpg", exif=exif)
+    result = run("mask", tmp_path / "phone.jpg", "--point", "55,35", *models)  # x=55 exists only when rotated
+    assert result.exit_code == 0, result.output
+    assert Image.open(result.stdout.strip()).size == (60, 40)
+
+
+def test_bad_input_is_exit_2_with_one_line_and_nothing_written(scene_files, models, tmp_path):
+    image = scene_files["image"]
+    (tmp_path / "notes.txt").write_text("not an image")
+    cases = {
+        "unmatched prompt": ([image, "-p", "ceramic creature", "--threshold", "1"], "'ceramic creature'"),
+        "point outside": ([image, "--point", "96,10"], "outside the image"),
+        "box outside": ([image, "--box", "0,0,97,40"], "outside the image"),
+        "bad point": ([image, "--point", "1,2,3"], "X,Y"),
+        "flipped box": ([image, "--box", "40,0,10,30"], "X0 < X1"),
+        "nothing asked": ([image], "--prompt"),
+        "unreadable image": ([tmp_path / "notes.txt", "--auto"], "cannot read image"),
+        "missing image": ([tmp_path / "nope.jpg", "--auto"], "not found"),
+        "bad threshold": ([image, "-p", "cat", "--threshold", "2"], "threshold"),
+    }
+    before = written(image.parent)
+    for label, (args, expected) in cases.items():
+        result = run("mask", *args, *models)
+        assert result.exit_code == 2, (label, result.output)
+        assert expected in result.output, (label, result.output)
+        assert result.stdout == "" and "Traceback" not in result.output, label
+        assert len(error_lines(result)) == 1, (label, result.stderr)
+    unmatched = run("mask", image, "-p", "bowl", "--threshold", "1", *models)
+    assert "--threshold" in unmatched.stderr and "--point" in unmatched.stderr and "--box" in unmatched.stderr
+    assert written(image.parent) == before  # nothing half-written
+
+
+def test_absent_weights_offline_are_exit_1_with_the_fix(scene_files, tiny_segmentation):
+    detector, segmenter = tiny_segmentation
+    result = run("mask", scene_files["image"], "--box", "1,1,20,20", "--segmenter", "someone/absent-sam")
+    assert result.exit_code == 1 and len(error_lines(result)) == 1
+    assert "segmenter 'someone/absent-sam' is not available" in result.stderr
+    assert "hf download someone/absent-sam" in result.stderr and "--segmenter" in result.stderr
+    result = run("mask", scene_files["image"], "-p", "cat", "--detector", "someone/absent-dino", "--segmenter", segmenter)
+    assert result.exit_code == 1 and "hf download someone/absent-dino" in result.stderr and "--detector" in result.stderr
+    result = run("mask", scene_files["image"], "-p", "cat", "--detector", segmenter, "--segmenter", segmenter)
+    assert result.exit_code == 2 and "Grounding DINO" in result.stderr  # a SAM folder is not a detector
+    assert not list(scene_files["image"].parent.glob("photo.mask*"))
+
+
+def test_mask_output_pipes_into_learn(scene_files, tiny_segmentation, tiny_model, tmp_path):
+    """The documented one-liner, in a real shell: learn --masks $(scenebreak mask ...)."""
+    _, segmenter = tiny_segmentation
+    scenebreak = f"{sys.executable} -m scenebreak"
+    image = scene_files["image"]
+    line = (f"{scenebreak} learn {image} --masks $({scenebreak} mask {image} --box 12,8,44,40 --point 68,58 "
+            f"--segmenter {segmenter} -q) --base-model {tiny_model} --steps1 1 --steps2 1 --no-prior -q --json")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    scene = json.loads(done.stdout)
+    assert scene["handles"] == ["<asset1>", "<asset2>"]
+    assert os.path.exists(scene["path"])
+
+
+def test_auto_keeps_distinct_stable_segments_largest_first(tiny_segmentation, scene_files):
+    """--auto's selection on a scripted SAM: every click proposes its region (A or B),
+    the whole image, and an unstable blur; the result is B then A, each once."""
+    import torch
+    from types import SimpleNamespace
+
+    from scenebreak.device import choose_device
+    from scenebreak.images import load_image
+    from scenebreak.masks.segmenter import Segmenter
+
+    segmenter = Segmenter(str(tiny_segmentation[1]), choose_device("cpu"))
+    segmenter.set_image(load_image(scene_files["image"]))
+    region_a = (slice(2, 12), slice(2, 14))  # low-res (32 x 32) rows, columns
+    region_b = (slice(14, 26), slice(16, 30))
+
+    def scripted(image_embeddings, input_points, input_labels, multimask_output):
+        count = input_points.shape[1]
+        logits = torch.full((1, count, 3, 32, 32), -10.0)
+        for i in range(count):
+            x, y = (input_points[0, i, 0] / 4).tolist()
+            region = region_a if region_a[0].start <= y < region_a[0].stop and region_a[1].start <= x < region_a[1].stop else region_b
+            logits[0, i, 0][region] = 10.0
+            logits[0, i, 1] = 10.0  # the whole image: background
+            logits[0, i, 2] = torch.linspace(-0.5, 0.5, 32)  # unstable
+        return SimpleNamespace(pred_masks=logits, iou_scores=torch.full((1, count, 3), 0.95))
+
+    segmenter.model = scripted
+    segments = segmenter.automatic(grid=8, limit=5)
+    assert len(segments) == 2
+    (big, big_score), (small, small_score) = segments
+    assert big.sum() > small.sum() > 0 and not (big & small).any()
+    assert big_score == small_score == pytest.approx(0.95)
+    ys, xs = np.nonzero(small)
+    assert xs.min() < 15 and ys.min() < 15  # region A is the top-left one
+    assert segmenter.automatic(grid=8, limit=1)[0][0].sum() == big.sum()
+
+
+def test_mask_help_has_an_example():
+    result = run("mask", "--help")
+    assert result.exit_code == 0 and "Example" in result.output and "$(scenebreak mask" in result.output
+
+
+def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segmentation, tmp_path):
+    """OWLv2 post-processing needs scipy: without it, one line that says how to add it."""
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+
+    from tinymodels import write_tiny_tokenizer
+
+    folder = tmp_path / "tiny-owlv2"
+    write_tiny_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = Owlv2Config(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, **small),
+                         vision_config=dict(image_size=64, patch_size=16, **small), projection_dim=16)
+    Owlv2ForObjectDetection(config).save_pretrained(folder)
+    Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size={"height": 64, "width": 64}), tokenizer=tokenizer).save_pretrained(folder)
+    result = run("mask", scene_files["image"], "-p", "red square", "--threshold", "0", "--detector", folder,
+                 "--segmenter", tiny_segmentation[1])
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 1 and "needs scipy" in result.stderr and "pipx inject scenebreak scipy" in result.stderr
+        assert len(error_lines(result)) == 1
+    else:
+        assert result.exit_code == 0, result.output
+
+
+def test_every_missing_model_is_named_in_one_line(scene_files):
+    result = run("mask", scene_files["image"], "-p", "cat", "--detector", "someone/absent-dino", "--segmenter", "someone/absent-sam")
+    assert result.exit_code == 1 and len(error_lines(result)) == 1
+    assert "hf download someone/absent-dino" in result.stderr and "hf download someone/absent-sam" in result.stderr
+    assert "loading" not in result.stderr  # found out before loading anything

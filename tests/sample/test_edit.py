@@ -1,0 +1,251 @@
+"""`edit`, `extract-bg`, `learn --background` and `generate --variations` on the tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from scenebreak.scenes.bundle import load_scene
+from scenebreak.cli.commands import cli
+from scenebreak.config import EditConfig
+from scenebreak.sample.edit import edit, extract_background
+from scenebreak.masks.ops import dilate
+from scenebreak.errors import InvalidInput, InvalidMask, UnknownHandle, UsageError
+
+FAST = dict(steps=4, seed=5)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A non-square photo (100x70) with two regions to edit."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)
+    left, right = np.zeros((70, 100), np.uint8), np.zeros((70, 100), np.uint8)
+    left[10:40, 5:40] = 255
+    right[30:65, 55:95] = 255
+    paths = tmp_path / "street.jpg", tmp_path / "left.png", tmp_path / "right.png"
+    Image.fromarray(image).save(paths[0], quality=95)
+    Image.fromarray(left).save(paths[1])
+    Image.fromarray(right).save(paths[2])
+    return paths
+
+
+def test_edit_changes_the_region_and_keeps_the_rest_bit_for_bit(learned, photo, tmp_path):
+    image, left, _ = photo
+    result = edit(image, [(left, "a photo of <asset1>")], learned.path, EditConfig(feather=3, num_images=2, **FAST),
+                  out_dir=tmp_path / "out")
+    assert [i.seed for i in result.images] == [5, 6]
+    source = pixels(image)  # as decoded from the JPEG
+    mask = pixels(left)[..., 0] > 0
+    far = dilate(mask, 3) == 0
+    for item in result.images:
+        out = pixels(item.path)
+        assert out.shape == source.shape
+        assert np.array_equal(out[far], source[far])
+        assert np.abs(out[mask].astype(int) - source[mask].astype(int)).mean() > 5
+    assert not np.array_equal(pixels(result.images[0].path), pixels(result.images[1].path))
+
+
+def test_no_paste_keeps_the_size_but_not_the_pixels(learned, photo, tmp_path):
+    image, left, _ = photo
+    result = edit(image, [(left, "a photo of <asset1>")], learned.path, EditConfig(paste=False, **FAST), out_dir=tmp_path)
+    out, source = pixels(result.images[0].path), pixels(image)
+    assert out.shape == source.shape
+    far = dilate(pixels(left)[..., 0] > 0, 8) == 0
+    assert not np.array_equal(out[far], source[far])  # decoded by the VAE, resized back
+
+
+def test_regions_apply_in_order_like_successive_edits(learned, tmp_path):
+    """On a 64x64 photo (the tiny model's own size, so nothing is resized), two regions
+    in one call equal editing the first, then editing that result's second region."""
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    a, b = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    a[4:30, 4:40] = 255
+    b[20:60, 24:60] = 255  # overlaps a
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    config = EditConfig(**FAST)
+    regions = [(tmp_path / "a.png", "a photo of <asset1>"), (tmp_path / "b.png", "a photo of <asset2>")]
+    both = edit(tmp_path / "p.png", regions, learned.path, config, out_dir=tmp_path / "both").images[0].path
+    first = edit(tmp_path / "p.png", regions[:1], learned.path, config, out_dir=tmp_path / "1").images[0].path
+    second = edit(first, regions[1:], learned.path, config, out_dir=tmp_path / "2").images[0].path
+    assert np.array_equal(pixels(both), pixels(second))
+    reversed_ = edit(tmp_path / "p.png", regions[::-1], learned.path, config, out_dir=tmp_path / "r").images[0].path
+    assert not np.array_equal(pixels(both), pixels(reversed_))
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim", "euler"])
+def test_edit_starts_every_sampler_at_the_unets_scale(learned, tmp_path, scheduler):
+    """`--blend-start` skips the schedule's top levels, so the start must be at the
+    level of the first step run: the UNet's first input has unit scale for every
+    `--scheduler` (Euler's noise * init_noise_sigma once gave it a std of 3 to 4)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:56, 8:56] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    inputs = []
+
+    def record(module, args):
+        if isinstance(module, UNet2DConditionModel):
+            inputs.append(args[0].detach().float().clone())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        edit(tmp_path / "p.png", [(tmp_path / "m.png", "a photo of <asset1>")], learned.path,
+             EditConfig(scheduler=scheduler, steps=8, seed=1, precision="fp32"), out_dir=tmp_path / "out")
+    finally:
+        hook.remove()
+    assert len(inputs) == 6  # 8 steps, the first 2 skipped
+    assert 0.8 < inputs[0].std() < 1.25, float(inputs[0].std())
+
+
+def test_edit_errors_are_clear_and_write_nothing(learned, photo, tmp_path):
+    image, left, _ = photo
+    out = tmp_path / "out"
+    Image.new("L", (10, 10), 255).save(tmp_path / "small.png")
+    Image.new("L", (100, 70), 0).save(tmp_path / "empty.png")
+    cases = [
+        ([(tmp_path / "small.png", "<asset1>")], InvalidMask, "must match the image size"),
+        ([(tmp_path / "empty.png", "<asset1>")], InvalidMask, "is empty"),
+        ([(tmp_path / "nope.png", "<asset1>")], InvalidInput, "not found"),
+        ([(left, "a photo of <asset9>")], UnknownHandle, "<asset9>"),
+        ([(left, "  ")], InvalidInput, "non-empty prompt"),
+    ]
+    for regions, error, message in cases:
+        with pytest.raises(error, match=message):
+            edit(image, regions, learned.path, EditConfig(**FAST), out_dir=out)
+    with pytest.raises(InvalidInput, match="blend-start"):
+        edit(image, [(left, "<asset1>")], learned.path, EditConfig(blend_start=1.0), out_dir=out)
+    with pytest.raises(InvalidInput, match="already exists"):
+        edit(image, [(left, "<asset1>")], learned.path, EditConfig(**FAST), output=left)
+    assert not out.exists()
+
+
+def test_a_thin_mask_asks_for_dilate(learned, photo, tmp_path):
+    image, _, _ = photo
+    from scenebreak.sample.blending import latent_mask, resize_mask, work_size
+
+    def line(row):
+        mask = np.zeros((70, 100), np.uint8)
+        mask[row, 10:90] = 255
+        return mask
+
+    size = work_size((100, 70), 64)  # the tiny model's latents are half its pixels
+    row = next(r for r in range(70) if not latent_mask(resize_mask(line(r) > 0, size), (size[1] // 2, size[0] // 2)).any())
+    thin = line(row)  # one pixel high, on a row the nearest-neighbour grid skips
+    Image.fromarray(thin).save(tmp_path / "thin.png")
+    with pytest.raises(InvalidMask, match="--dilate"):
+        edit(image, [(tmp_path / "thin.png", "<asset1>")], learned.path, EditConfig(**FAST), out_dir=tmp_path)
+    result = edit(image, [(tmp_path / "thin.png", "<asset1>")], learned.path, EditConfig(dilate=3, **FAST), out_dir=tmp_path)
+    assert result.images[0].path.exists()
+
+
+def test_edit_cli_prints_only_paths_and_guards_the_input(learned, photo, tmp_path):
+    image, left, right = photo
+    result = run("edit", image, "--mask", left, "--scene", learned.path, "a photo of <asset1>", "--steps", 3, "--seed", 1,
+                 "-n", 2, "--out-dir", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(line.endswith(".png") and Image.open(line).size == (100, 70) for line in lines)
+    multi = run("edit", image, "--scene", learned.path, "-m", left, "-p", "<asset1>", "-m", right, "-p", "<asset2>",
+                "--steps", 3, "--json", "-o", tmp_path / "two.png")
+    assert multi.exit_code == 0, multi.output
+    assert json.loads(multi.stdout)["images"][0]["path"] == str(tmp_path / "two.png")
+    # An existing file, the input included, is replaced only with --overwrite.
+    target = tmp_path / "in.png"
+    Image.open(image).save(target)
+    before = target.read_bytes()
+    refused = run("edit", target, "-m", left, "--scene", learned.path, "<asset1>", "--steps", 3, "-o", target)
+    assert refused.exit_code == 2 and "--overwrite" in refused.stderr and target.read_bytes() == before
+    replaced = run("edit", target, "-m", left, "--scene", learned.path, "<asset1>", "--steps", 3, "-o", target, "--overwrite")
+    assert replaced.exit_code == 0 and target.read_bytes() != before
+    unpaired = run("edit", image, "--scene", learned.path, "-m", left, "-m", right, "-p", "<asset1>")
+    assert unpaired.exit_code == 2 and "one prompt per --mask" in unpaired.stderr
+
+
+def test_learn_background_adds_a_handle_for_the_rest_of_the_photo(learned_background):
+    scene = load_scene(learned_background.path)
+    assert scene.tokens == ["<asset1>", "<asset2>", "<background>"]
+    assert scene.object_tokens == ["<asset1>", "<asset2>"] and scene.background_token == "<background>"
+    objects = scene.masks[0] | scene.masks[1]
+    assert np.array_equal(scene.masks[2], 1 - objects)  # the complement, within the crop
+    assert scene.meta["config"]["background"] is True
+    shown = run("show", learned_background.path)
+    assert "<background> (the rest of the photo)" in shown.stdout
+
+
+def test_background_handle_tokens_and_init_words():
+    from scenebreak import LearnConfig
+
+    config = LearnConfig(names=("cat", "bowl"), init_words=("cat", "bowl"), background=True)
+    assert config.handle_tokens(2) == ["<cat>", "<bowl>", "<background>"]
+    assert config.handle_init_words() == ("cat", "bowl", "background")
+    assert LearnConfig().handle_tokens(1) == ["<asset1>"] and LearnConfig().handle_init_words() is None
+
+
+def test_learn_background_refuses_masks_that_cover_everything(tiny_model, tmp_path):
+    from scenebreak import LearnConfig, learn
+
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(tmp_path / "p.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "all.png")
+    with pytest.raises(InvalidMask, match="nothing is left for <background>"):
+        learn(tmp_path / "p.png", [tmp_path / "all.png"], LearnConfig(steps1=1, steps2=0, prior=False, background=True),
+              base_model=str(tiny_model), output=tmp_path / "x.scene")
+    assert not (tmp_path / "x.scene").exists()
+
+
+def test_extract_bg_makes_a_plate_and_variations(learned_background, tmp_path):
+    result = extract_background(learned_background.path, EditConfig(dilate=2, feather=2, **FAST), variations=2,
+                                prompt="a photo of a car at <background>", out_dir=tmp_path)
+    kinds = [i.kind for i in result.images]
+    assert kinds == ["plate", "variation", "variation"]
+    scene = load_scene(learned_background.path)
+    plate = pixels(result.images[0].path)
+    assert plate.shape == scene.image.shape
+    objects = dilate((scene.masks[0] | scene.masks[1]) > 0, 2) > 0
+    far = dilate(objects, 2) == 0
+    assert np.array_equal(plate[far], scene.image[far])  # the background itself is kept
+    assert not np.array_equal(plate[objects], scene.image[objects])  # the objects are re-made
+    assert {i.prompt for i in result.images[1:]} == {"a photo of a car at <background>"}
+
+
+def test_extract_bg_without_a_background_handle_says_how_to_fix_it(learned, tmp_path):
+    with pytest.raises(UsageError, match="learn it again with --background"):
+        extract_background(learned.path, EditConfig(**FAST), out_dir=tmp_path)
+    result = run("extract-bg", learned.path, "--out-dir", tmp_path)
+    assert result.exit_code == 2 and "--background" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_extract_bg_cli_prints_the_plate_first(learned_background, tmp_path):
+    result = run("extract-bg", learned_background.path, "-n", 1, "--steps", 3, "--seed", 2, "--out-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and "plate" in lines[0] and all(Image.open(line).size == (64, 64) for line in lines)
+
+
+def test_variations_prompt_names_every_object_but_not_the_background(learned_background, tmp_path):
+    from scenebreak import GenerateConfig, generate
+
+    result = generate(learned_background.path, None, GenerateConfig(num_images=2, steps=3, seed=1), variations=True, out_dir=tmp_path)
+    assert [i.prompt for i in result.images] == ["a photo of <asset1> and <asset2>"] * 2
+    cli_result = run("generate", learned_background.path, "--variations", "--steps", 2, "--out-dir", tmp_path, "--json")
+    assert cli_result.exit_code == 0, cli_result.output
+    assert json.loads(cli_result.stdout)["images"][0]["prompt"] == "a photo of <asset1> and <asset2>"
+    both = run("generate", learned_background.path, "<asset1>", "--variations")
+    assert both.exit_code == 2 and "--variations" in both.stderr

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from scenebreak import GenerateConfig, generate
+from scenebreak.errors import UnknownHandle
+
+FAST = dict(steps=3)
+
+
+def test_same_seed_same_image_and_paths(learned, tmp_path):
+    first = generate(learned.path, ["<asset1> on the moon"], GenerateConfig(num_images=2, seed=11, **FAST), out_dir=tmp_path / "a")
+    again = generate(learned.path, "<asset1> on the moon", GenerateConfig(num_images=1, seed=12, **FAST), out_dir=tmp_path / "b")
+    assert [i.seed for i in first.images] == [11, 12]
+    for image in first.images:
+        assert image.path.exists() and Image.open(image.path).size == (64, 64)
+    second_of_first = np.asarray(Image.open(first.images[1].path))
+    assert np.array_equal(second_of_first, np.asarray(Image.open(again.images[0].path)))  # image i = seed + i
+    assert not np.array_equal(np.asarray(Image.open(first.images[0].path)), second_of_first)
+
+
+def test_files_are_never_overwritten(learned, tmp_path):
+    config = GenerateConfig(seed=1, **FAST)
+    a = generate(learned.path, "<asset2>", config, out_dir=tmp_path)
+    b = generate(learned.path, "<asset2>", config, out_dir=tmp_path)
+    assert a.images[0].path != b.images[0].path and a.images[0].path.exists()
+
+
+def test_unknown_handle_lists_the_scene_handles(learned, tmp_path):
+    with pytest.raises(UnknownHandle, match=r"<asset3>.*<asset1>, <asset2>"):
+        generate(learned.path, ["<asset1> fine", "<asset3> on the moon"], GenerateConfig(**FAST), out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # checked before any image is made
+
+
+def test_guidance_and_negative_prompt_change_the_image(learned, tmp_path):
+    base = generate(learned.path, "<asset1>", GenerateConfig(seed=3, **FAST), out_dir=tmp_path)
+    neg = generate(learned.path, "<asset1>", GenerateConfig(seed=3, negative="blue", **FAST), out_dir=tmp_path)
+    a, b = (np.asarray(Image.open(r.images[0].path)) for r in (base, neg))
+    assert not np.array_equal(a, b)
+
+
+def test_batch_size_does_not_change_the_images(learned, tmp_path):
+    one = generate(learned.path, "<asset1>", GenerateConfig(num_images=2, seed=4, batch_size=1, **FAST), out_dir=tmp_path / "one")
+    two = generate(learned.path, "<asset1>", GenerateConfig(num_images=2, seed=4, batch_size=2, **FAST), out_dir=tmp_path / "two")
+    for a, b in zip(one.images, two.images):
+        diff = np.abs(np.asarray(Image.open(a.path), dtype=int) - np.asarray(Image.open(b.path), dtype=int))
+        assert diff.max() <= 1  # the same image, up to rounding
+
+
+def test_cpu_users_are_told_how_long_sampling_takes():
+    from types import SimpleNamespace
+
+    import torch
+
+    from scenebreak.device import choose_device
+    from scenebreak.sample.sampling import warn_cpu_time
+
+    pipe = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: [torch.empty(865_910_724, dtype=torch.uint8)]),
+                           device=choose_device("cpu").torch)
+    sd21 = SimpleNamespace(pipe=pipe, autocast_dtype=None)
+    messages = []
+    warn_cpu_time(sd21, 50, 512 * 512, messages.append)  # one image, 50 steps in fp32
+    assert len(messages) == 1 and "roughly 10 min" in messages[0].text and messages[0].level == "warning"
+    warn_cpu_time(sd21, 2, 64 * 64, messages.append)  # seconds: nothing to say
+    assert len(messages) == 1
+    warn_cpu_time(SimpleNamespace(pipe=pipe, autocast_dtype=torch.bfloat16), 25, 512 * 512, messages.append)
+    assert "roughly 3 min" in messages[-1].text  # the default: DPM-Solver++ 25 steps under bf16

@@ -1,0 +1,142 @@
+"""--scheduler, --precision, --grid and shell completion: what `generate`, `edit`,
+`extract-bg` and class images gained for faster sampling and everyday use."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from scenebreak import GenerateConfig, generate
+from scenebreak.cli.commands import cli
+from scenebreak.config import SCHEDULER_STEPS, SCHEDULERS
+from scenebreak.errors import InvalidInput
+
+
+def pixels(result, i=0):
+    return np.asarray(Image.open(result.images[i].path), dtype=int)
+
+
+def test_each_scheduler_fills_in_its_own_step_count():
+    assert GenerateConfig().validate().steps == 25 and GenerateConfig().scheduler == "dpm"
+    for name in SCHEDULERS:
+        assert GenerateConfig(scheduler=name).validate().steps == SCHEDULER_STEPS[name]
+    assert GenerateConfig(scheduler="ddim", steps=7).validate().steps == 7  # --steps wins
+    with pytest.raises(InvalidInput, match="unknown scheduler 'pndm'"):
+        GenerateConfig(scheduler="pndm").validate()
+
+
+def test_every_scheduler_samples_deterministically_and_differently(learned, tmp_path):
+    seen = {}
+    for name in SCHEDULERS:
+        config = GenerateConfig(scheduler=name, steps=4, seed=5, precision="fp32")
+        a = generate(learned.path, "<asset1>", config, out_dir=tmp_path / name)
+        b = generate(learned.path, "<asset1>", config, out_dir=tmp_path / name)
+        assert np.array_equal(pixels(a), pixels(b))
+        seen[name] = pixels(a)
+    assert not np.array_equal(seen["dpm"], seen["ddim"]) and not np.array_equal(seen["euler"], seen["ddim"])
+
+
+def test_the_pipeline_gets_the_chosen_sampler(learned):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from scenebreak.sample.sampling import start
+
+    kinds = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+    for name, cls in kinds.items():
+        run = start(learned.path, ["<asset1>"], GenerateConfig(scheduler=name, seed=0).validate(), device="cpu")
+        assert type(run.pipe.scheduler) is cls
+    dpm = start(learned.path, ["<asset1>"], GenerateConfig(seed=0).validate(), device="cpu").pipe.scheduler
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
+
+
+def test_sampling_precision_per_device(monkeypatch):
+    from scenebreak import device as device_module
+    from scenebreak.device import Device
+
+    cpu = Device("cpu", "cpu")
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    assert cpu.sampling_precision("auto") == (torch.float32, torch.bfloat16)  # fp32 weights, bf16 autocast
+    assert cpu.sampling_precision("fp32") == (torch.float32, None)
+    with pytest.raises(InvalidInput, match="fp16 needs a GPU"):
+        cpu.sampling_precision("fp16")
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
+    assert cpu.sampling_precision("auto") == (torch.float32, None)
+    with pytest.raises(InvalidInput, match="no bf16 instructions"):
+        cpu.sampling_precision("bf16")
+    cuda = Device("cuda", "cuda:0")
+    assert cuda.sampling_precision("auto") == (torch.float16, None)
+    assert cuda.sampling_precision("bf16") == (torch.bfloat16, None)
+    assert cuda.sampling_precision("fp32") == (torch.float32, None)
+
+
+def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(learned, tmp_path, monkeypatch):
+    from scenebreak import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    base = dict(steps=4, seed=9)
+    fp32 = generate(learned.path, "<asset2>", GenerateConfig(precision="fp32", **base), out_dir=tmp_path / "fp32")
+    bf16 = generate(learned.path, "<asset2>", GenerateConfig(precision="bf16", **base), out_dir=tmp_path / "bf16")
+    diff = np.abs(pixels(fp32) - pixels(bf16))
+    assert diff.mean() < 8  # the same picture up to bf16 rounding
+    assert diff.max() > 0  # and bf16 did run
+
+
+def test_grid_is_a_contact_sheet_of_the_call(learned, tmp_path):
+    result = generate(learned.path, ["<asset1>", "<asset2>"], GenerateConfig(num_images=3, steps=2, seed=1),
+                      out_dir=tmp_path, grid=True)
+    *images, sheet = result.images
+    assert len(images) == 6 and sheet.kind == "grid" and sheet.path.name == "photo-grid-1.png"
+    grid = np.asarray(Image.open(sheet.path).convert("RGB"))
+    assert grid.shape == (2 * 64 + 4, 3 * 64 + 2 * 4, 3)  # a row per prompt, 4 px gaps
+    # Row 2, column 3 is prompt 2's third image.
+    assert np.array_equal(grid[68:132, 136:200], np.asarray(Image.open(images[5].path).convert("RGB")))
+
+
+def test_grid_and_scheduler_on_the_command_line(learned, tmp_path):
+    result = CliRunner().invoke(cli, ["generate", str(learned.path), "<asset1>", "-n", "2", "--steps", "2", "--seed", "3",
+                                      "--scheduler", "euler", "--grid", "--out-dir", str(tmp_path), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    kinds = [i["kind"] for i in json.loads(result.stdout)["images"]]
+    assert kinds == ["image", "image", "grid"]
+    bad = CliRunner().invoke(cli, ["generate", str(learned.path), "<asset1>", "--precision", "fp16", "--device", "cpu",
+                                   "--out-dir", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "fp16 needs a GPU" in bad.output and "Traceback" not in bad.output
+
+
+def test_class_images_have_a_cache_per_sampler_and_ddim_keeps_its_old_one():
+    import hashlib
+
+    from scenebreak.train.classimages import cache_folder
+    from scenebreak.paths import class_images_dir
+
+    old_key = json.dumps(["fp", "a photo", 512, 50, 7.5, "ddim"])  # the key before samplers were a choice
+    assert cache_folder("fp", "a photo", 512, 7.5, "ddim") == class_images_dir() / hashlib.sha256(old_key.encode()).hexdigest()[:16]
+    assert len({cache_folder("fp", "a photo", 512, 7.5, name) for name in SCHEDULERS}) == 3
+
+
+def complete(words: str) -> list[str]:
+    """What the shell would offer for the last word of `words` (bash's protocol)."""
+    parts = words.split(" ")
+    result = CliRunner().invoke(cli, [], prog_name="scenebreak",
+                                env={"_SCENEBREAK_COMPLETE": "bash_complete", "COMP_WORDS": words,
+                                     "COMP_CWORD": str(len(parts) - 1)})
+    return [line.split(",", 1)[1] for line in result.output.splitlines()]
+
+
+def test_shell_completion_offers_cached_scene_names(learned, tmp_path, monkeypatch):
+    import shutil
+
+    from scenebreak.paths import scenes_dir
+
+    scenes_dir().mkdir(parents=True, exist_ok=True)
+    for name in ("photo", "plant", "cat"):
+        shutil.copy(learned.path, scenes_dir() / f"{name}.scene")
+    assert complete("scenebreak generate p") == ["photo", "plant"]
+    assert complete("scenebreak show c") == ["cat"]
+    assert complete("scenebreak rm photo p") == ["photo", "plant"]
+    assert complete("scenebreak edit img.png --scene ca") == ["cat"]
+    assert complete("scenebreak generate ./sc") == ["./sc"]  # a path: the shell completes files
+    assert "--scheduler" in complete("scenebreak generate photo --sch")

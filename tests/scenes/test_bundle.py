@@ -1,0 +1,92 @@
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+
+from scenebreak import load_scene
+from scenebreak.scenes.bundle import FORMAT_VERSION, read_metadata, save_scene
+from scenebreak.errors import BundleError
+from scenebreak.paths import resolve_scene, scene_path
+
+
+def test_round_trip_keeps_everything(learned, tmp_path):
+    scene = load_scene(learned.path, weights=True)
+    copy = tmp_path / "copy.scene"
+    save_scene(scene, copy, save_dtype="fp32")
+    again = load_scene(copy, weights=True)
+    assert again.meta["handles"] == scene.meta["handles"]
+    assert again.meta["format_version"] == 1  # SD 1.x/2.x scenes stay format 1 (format 2 is SDXL)
+    assert torch.equal(again.embeddings, scene.embeddings)
+    assert (again.image == scene.image).all() and (again.masks == scene.masks).all()
+    assert set(again.files) == set(scene.files) and any(k.startswith("tokenizer/") for k in again.files)
+    for component in ("unet", "text_encoder", "vae"):
+        assert again.weights[component].keys() == scene.weights[component].keys()
+    assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed away
+
+
+def test_cache_names_resolve_to_the_scenes_folder(learned, tmp_path, monkeypatch):
+    target = scene_path("mine")
+    target.parent.mkdir(parents=True)
+    shutil.copy(learned.path, target)
+    assert resolve_scene("mine") == target
+    assert load_scene("mine").tokens == ["<asset1>", "<asset2>"]
+    assert resolve_scene(str(learned.path)) == learned.path
+    (tmp_path / "cwd" / "mine").mkdir(parents=True)  # a folder of that name here is not the scene
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert resolve_scene("mine") == target
+    with pytest.raises(BundleError, match="scene not found"):
+        load_scene("nothing-here")
+
+
+def test_truncated_file_is_a_clear_error(learned, tmp_path):
+    data = learned.path.read_bytes()
+    for cut in (10, 1000, len(data) // 2, len(data) - 5):
+        broken = tmp_path / f"cut{cut}.scene"
+        broken.write_bytes(data[:cut])
+        with pytest.raises(BundleError, match="truncated or corrupt|not a readable"):
+            load_scene(broken, weights=True)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "lora.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BundleError, match="not a scenebreak scene"):
+        read_metadata(tmp_path / "lora.safetensors")
+    (tmp_path / "photo.jpg.scene").write_bytes(b"\xff\xd8\xff\xe0" + b"0" * 100)
+    with pytest.raises(BundleError):
+        read_metadata(tmp_path / "photo.jpg.scene")
+
+
+def _rewrite_header(src, dst, change):
+    data = src.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    meta = json.loads(header["__metadata__"]["scenebreak"])
+    change(meta)
+    header["__metadata__"]["scenebreak"] = json.dumps(meta)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * ((8 - len(encoded) % 8) % 8)
+    dst.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + size:])
+
+
+def test_newer_format_is_refused_with_upgrade_hint(learned, tmp_path):
+    newer = tmp_path / "newer.scene"
+    _rewrite_header(learned.path, newer, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(BundleError, match="newer scenebreak.*upgrade"):
+        load_scene(newer)
+    same = tmp_path / "same.scene"
+    _rewrite_header(learned.path, same, lambda m: None)
+    assert load_scene(same).tokens == ["<asset1>", "<asset2>"]
+
+
+def test_damaged_metadata_is_refused(learned, tmp_path):
+    for label, change in {"no handles": lambda m: m.update(handles=[]),
+                          "no base model": lambda m: m.pop("base_model"),
+                          "bad resolution": lambda m: m.update(resolution="big")}.items():
+        broken = tmp_path / "broken.scene"
+        _rewrite_header(learned.path, broken, change)
+        with pytest.raises(BundleError, match="damaged"):
+            load_scene(broken)

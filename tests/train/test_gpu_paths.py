@@ -1,0 +1,297 @@
+"""The GPU code paths, checked on the CPU with the hardware mocked: cuda:N, precision
+by capability, the 8-bit optimizer inside the backward pass, compile under
+checkpointing, fp32 attention scores, the VAE overflow guard and MPS's failures."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from scenebreak.device import Device, choose_device, is_out_of_memory
+from scenebreak.errors import DeviceNotAvailable
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch believes it has two CUDA GPUs; records what is asked of them."""
+    calls = {"set_device": [], "synchronize": [], "capability": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls["set_device"].append(i))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls["synchronize"].append(device))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: calls["capability"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 123 if device == torch.device("cuda:1") else 0)
+    return calls
+
+
+def test_cuda_n_is_chosen_made_current_and_used_for_sync_and_memory(two_gpus):
+    device = choose_device("cuda:1")
+    assert device.name == "cuda:1" and two_gpus["set_device"] == [1]
+    device.synchronize()
+    assert two_gpus["synchronize"] == [torch.device("cuda:1")]
+    assert device.max_memory_allocated() == 123
+    assert choose_device("cuda").name == "cuda:0"  # the current one, named
+    with pytest.raises(DeviceNotAvailable, match="2 present"):
+        choose_device("cuda:2")
+    with pytest.raises(DeviceNotAvailable, match="only CUDA"):
+        choose_device("cpu:1")
+
+
+def test_the_command_line_takes_cuda_n():
+    from click.testing import CliRunner
+
+    from scenebreak.cli.commands import cli
+
+    result = CliRunner().invoke(cli, ["generate", "no-such-scene", "<asset1>", "--device", "cuda:1"])
+    assert result.exit_code == 2 and "scene not found" in result.stderr  # the option itself was accepted
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16)])
+def test_bf16_only_where_the_gpu_runs_it_natively(two_gpus, capability, expected):
+    two_gpus["capability"] = capability
+    gpu = Device(type="cuda", name="cuda:1")
+    assert gpu.train_dtype("auto") is expected
+    assert gpu.train_dtype("fp16") is torch.float16 and gpu.train_dtype("bf16") is torch.bfloat16
+
+
+def test_fp16_never_steps_inside_the_backward_pass(tiny_model, monkeypatch):
+    from scenebreak import LearnConfig
+    from scenebreak.train import memory
+    from scenebreak.models import load_components
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 80 * 2**30)
+    components, gpu = load_components(str(tiny_model)), Device(type="cuda", name="cuda:0")
+    plan = memory.choose(LearnConfig(optimizer_in_backward=True), components, gpu, 64, torch.float16)
+    assert not plan.optimizer_in_backward and any("loss scaler" in w for w in plan.warnings)
+    assert memory.choose(LearnConfig(optimizer_in_backward=True), components, gpu, 64, torch.bfloat16).optimizer_in_backward
+
+
+class FakeEightBit:
+    """Looks like a bitsandbytes optimizer: step() would sync the whole GPU per tensor."""
+
+    def __init__(self, groups):
+        self.param_groups = [{**g, "params": list(g["params"])} for g in groups]
+        self.state = {p: {} for g in self.param_groups for p in g["params"]}
+        self.initialized = False
+        self.updates = []
+
+    def check_overrides(self):
+        pass
+
+    def to_gpu(self):
+        pass
+
+    def init_state(self, group, p, gindex, pindex):
+        self.state[p]["step"] = 0
+
+    def prefetch_state(self, p):
+        pass
+
+    def update_step(self, group, p, gindex, pindex):
+        self.state[p]["step"] += 1
+        p.sub_(group["lr"] * p.grad)
+        self.updates.append(p)
+
+    def step(self):
+        raise AssertionError("step() synchronises the GPU after every tensor")
+
+    def zero_grad(self, set_to_none=True):
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
+
+
+FakeEightBit.__module__ = "bitsandbytes.optim.fake"
+
+
+def test_eight_bit_in_the_backward_pass_updates_each_tensor_without_a_device_sync():
+    from scenebreak.train.optim import OptimizerInBackward
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    made = []
+
+    def make(groups):
+        made.append(FakeEightBit(groups))
+        return made[-1]
+
+    opt = OptimizerInBackward([{"params": [a, b], "lr": 0.5}], make, max_norm=None)
+    ((a * 2).sum() + (b * 3).sum()).backward()
+    assert torch.allclose(a, torch.zeros(3)) and torch.allclose(b, torch.full((2,), -0.5))
+    assert all(len(m.updates) == 1 and m.initialized for m in made) and a.grad is None and b.grad is None
+    opt.close()
+
+
+def test_compile_has_no_graph_break_from_the_capture_under_checkpointing(tiny_model):
+    import torch._dynamo
+
+    from scenebreak.train.attention import AttentionStore, capture_cross_attention, cross_attention_layers
+    from scenebreak.models import load_components
+    from scenebreak.train.trainer import compile_unet
+
+    unet = load_components(str(tiny_model)).unet
+    unet.train().requires_grad_(True)
+    unet.enable_gradient_checkpointing()
+    compile_unet(unet)  # the settings the trainer compiles with
+    store = AttentionStore(0)
+    inputs = (torch.randn(1, 4, 32, 32), torch.tensor([10]), torch.randn(1, 77, 32))
+    try:
+        with capture_cross_attention(unet, store, cross_attention_layers(unet)):
+            explanation = torch._dynamo.explain(unet)(*inputs)
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    assert store.maps  # the maps were recorded
+
+
+def test_attention_scores_are_computed_in_fp32_under_half_precision():
+    from diffusers.models.attention_processor import Attention
+
+    from scenebreak.train.attention import AttentionStore, RecordingAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=8, heads=1, dim_head=8)
+    with torch.no_grad():
+        attn.to_q.weight.fill_(30.0)
+        attn.to_k.weight.fill_(30.0)  # q.k = 8 * (30 * 8 * 1)^2, far beyond fp16's 65504; scaled by 1/sqrt(8) still large
+    store = AttentionStore(0)
+    processor = RecordingAttnProcessor(store, "x")
+    hidden, context = torch.ones(1, 4, 8), torch.ones(1, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        processor(attn, hidden, context)
+    probs = store.maps["x"]
+    assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
+    assert torch.allclose(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+
+
+def test_a_half_precision_vae_that_overflows_is_decoded_again_in_fp32():
+    from scenebreak.sample.pipeline import decode_latents
+
+    class Vae(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.config = types.SimpleNamespace(scaling_factor=0.5)
+
+        @property
+        def dtype(self):
+            return self.w.dtype
+
+        def decode(self, latents):
+            out = latents * self.w * 2
+            if self.w.dtype == torch.float16:
+                out = out * float("inf")  # overflows in half precision
+            return types.SimpleNamespace(sample=out)
+
+    vae = Vae().half()
+    messages = []
+    pixels = decode_latents(vae, torch.full((1, 4, 2, 2), 0.25), report=messages.append)
+    assert torch.isfinite(pixels).all() and torch.allclose(pixels, torch.ones_like(pixels))
+    assert vae.dtype == torch.float16 and "fp32" in messages[0].text
+    from scenebreak.errors import SceneBreakError
+
+    with pytest.raises(SceneBreakError, match="NaN or infinite"):  # the UNet overflowed: no decode can fix that
+        decode_latents(vae, torch.full((1, 4, 2, 2), float("nan")))
+
+
+def test_mps_out_of_memory_and_memory_budget(monkeypatch):
+    from scenebreak.train import memory
+
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 20 * 2**30, raising=False)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 4 * 2**30, raising=False)
+    monkeypatch.setattr("psutil.virtual_memory", lambda: types.SimpleNamespace(available=64 * 2**30))
+    assert memory.available_bytes(Device(type="mps", name="mps")) == 16 * 2**30
+    from scenebreak.cli.commands import describe
+
+    message, code = describe(RuntimeError("MPS backend out of memory"))
+    assert code == 1 and "out of memory" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_frozen_weights_wait_in_half_precision_and_come_back_bit_for_bit(tiny_model, scene_files, tune):
+    """On GPUs the weights that do not train live in the autocast precision (all of
+    phase 1; the base under LoRA) with their fp32 values on the CPU: phase 2 of full
+    tuning and the scene start from exactly the base model's weights. Run here on the
+    CPU with bf16 autocast and the plan forced on."""
+    from scenebreak.config import LearnConfig
+    from scenebreak.images import prepare
+    from scenebreak.train.memory import MemoryPlan
+    from scenebreak.models import load_components
+    from scenebreak.train.tokens import add_handles
+    from scenebreak.train.trainer import Trainer, TrainInputs
+
+    c = load_components(str(tiny_model))
+    tokens = ["<asset1>", "<asset2>"]
+    ids = add_handles(c.tokenizer, c.text_encoder, tokens)
+    original = {k: v.clone() for k, v in {**c.unet.state_dict(), **c.text_encoder.state_dict()}.items()}
+    vocabulary = c.text_encoder.get_input_embeddings().weight.detach().clone()
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids)
+    plan = MemoryPlan("fast", False, False, False, False, tune=tune, half_frozen=True)
+    config = LearnConfig(steps1=2, steps2=0 if tune == "full" else 1, prior=False, tune=tune, rank=2, standalone=tune == "lora")
+    trainer = Trainer(c, inputs, config, choose_device("cpu"), tokens, plan=plan, amp_dtype=torch.bfloat16)
+    seen = []
+    for record in trainer.run():
+        seen.append((record.phase, c.unet.conv_in.weight.dtype, trainer.embedding.handles.dtype, trainer.embedding.base.dtype))
+        assert torch.isfinite(record.losses).all()
+    assert all(w == torch.bfloat16 and h == torch.float32 and b == torch.bfloat16 for _, w, h, b in seen)
+    if tune == "lora":
+        assert all(p.dtype == torch.float32 for p in trainer.lora_params)
+    # After the run: fp32 again, and every frozen weight exactly the base model's.
+    assert c.unet.conv_in.weight.dtype == torch.float32 and trainer.embedding.base.dtype == torch.float32
+    state = {**c.unet.state_dict(), **c.text_encoder.state_dict()}
+    for key, value in original.items():
+        if ".lora_" in key or "token_embedding" in key:
+            continue
+        if key not in state:  # a layer LoRA wraps: its own weight is now the base layer's
+            parent, _, leaf = key.rpartition(".")
+            key = f"{parent}.base_layer.{leaf}"
+        assert torch.equal(state[key], value), key
+    assert torch.equal(trainer.embedding.base, vocabulary[:-2])
+
+
+def test_a_lora_scene_of_adapters_alone_keeps_only_the_vocabulary_in_fp32(tiny_model, scene_files):
+    """Its base weights are never stored, so no fp32 copy of them waits on the CPU."""
+    from scenebreak.config import LearnConfig
+    from scenebreak.images import prepare
+    from scenebreak.train.memory import MemoryPlan
+    from scenebreak.models import load_components
+    from scenebreak.train.tokens import add_handles
+    from scenebreak.train.trainer import Trainer, TrainInputs
+
+    c = load_components(str(tiny_model))
+    ids = add_handles(c.tokenizer, c.text_encoder, ["<a>", "<b>"])
+    vocabulary = c.text_encoder.get_input_embeddings().weight.detach().clone()
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    plan = MemoryPlan("low", True, True, False, False, tune="lora", half_frozen=True)
+    trainer = Trainer(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids),
+                      LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2), choose_device("cpu"), ["<a>", "<b>"],
+                      plan=plan, amp_dtype=torch.bfloat16)
+    assert set(trainer._fp32_master) == {"vocabulary.0"}
+    for _ in trainer.run():
+        pass
+    assert torch.equal(trainer.embedding.base, vocabulary[:-2]) and c.unet.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_model, scene_files):
+    from scenebreak.config import LearnConfig
+    from scenebreak.images import prepare
+    from scenebreak.train.memory import MemoryPlan
+    from scenebreak.models import load_components
+    from scenebreak.train.tokens import add_handles
+    from scenebreak.train.trainer import Trainer, TrainInputs
+
+    c = load_components(str(tiny_model))
+    ids = add_handles(c.tokenizer, c.text_encoder, ["<a>", "<b>"])
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    plan = MemoryPlan("fast", False, False, False, False, half_frozen=True)
+    trainer = Trainer(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids),
+                      LearnConfig(steps1=1, steps2=2, prior=False, tune="full"), choose_device("cpu"), ["<a>", "<b>"],
+                      plan=plan, amp_dtype=torch.bfloat16)
+    dtypes = {record.phase: c.unet.conv_in.weight.dtype for record in trainer.run()}
+    assert dtypes == {1: torch.bfloat16, 2: torch.float32}

@@ -1,0 +1,215 @@
+"""learn() end to end on the tiny model: the method's invariants, resume, errors."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import SMALL
+from scenebreak import LearnConfig, learn, load_scene
+from scenebreak.errors import Interrupted, InvalidInput, ModelNotAvailable
+
+
+def _tensor(path, key):
+    with safe_open(str(path), framework="pt") as f:
+        if key.startswith("*"):  # by suffix: key names differ across transformers versions
+            key = next(k for k in f.keys() if k.endswith(key[1:]))
+        return f.get_tensor(key)
+
+
+def _base(tiny_model):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    text = CLIPTextModel.from_pretrained(tiny_model / "text_encoder")
+    return unet.state_dict(), text.get_input_embeddings().weight.detach()
+
+
+def test_scene_has_handles_metadata_and_exact_vocabulary(learned, tiny_model):
+    scene = load_scene(learned.path)
+    assert scene.tokens == ["<asset1>", "<asset2>"]
+    assert learned.handles == scene.tokens
+    assert scene.meta["resolution"] == 64 and scene.meta["prediction_type"] == "epsilon"
+    assert scene.meta["base_model"]["fingerprint"] and scene.meta["crop_box"] == [8, 0, 88, 80]
+    assert scene.meta["config"]["steps1"] == 3 and set(scene.meta["losses"]) == {"phase1", "phase2"}
+    assert scene.masks.shape == (2, 64, 64) and scene.image.shape == (64, 64, 3)
+    _, base_rows = _base(tiny_model)
+    learned_rows = _tensor(learned.path, "*token_embedding.weight")
+    vocab = base_rows.shape[0]
+    assert learned_rows.shape[0] == vocab + 2
+    assert torch.equal(learned_rows[:vocab], base_rows)  # ordinary words: bit-identical
+    assert torch.equal(learned_rows[vocab:], scene.embeddings)
+    # the handles did move away from their initial rows (V - 2N + i)
+    assert not torch.equal(scene.embeddings, base_rows[vocab - 4:vocab - 2])
+
+
+def test_phase1_leaves_the_unet_alone_and_phase2_changes_it(scene_files, tiny_model):
+    base_unet, _ = _base(tiny_model)
+    key = "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    only1 = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=3, steps2=0, prior=False),
+                  base_model=str(tiny_model), name="p1")
+    for name in (key, "conv_in.weight", "up_blocks.0.attentions.0.proj_out.weight"):
+        assert torch.equal(_tensor(only1.path, f"unet.{name}"), base_unet[name].half())
+    both = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=2, lr2=1e-3, prior=False),
+                 base_model=str(tiny_model), name="p2")
+    assert not torch.equal(_tensor(both.path, f"unet.{key}"), base_unet[key].half())
+
+
+def test_names_and_init_words(scene_files, tiny_model):
+    result = learn(scene_files["image"], scene_files["masks"],
+                   LearnConfig(steps1=1, steps2=0, prior=False, names=("red", "blue"), init_words=("cat", "dog")),
+                   base_model=str(tiny_model))
+    assert result.handles == ["<red>", "<blue>"]
+    assert result.path.name == "photo.scene"  # named after the image, in the cache
+    assert load_scene("photo").tokens == ["<red>", "<blue>"]
+
+
+def test_class_images_are_made_once_and_reused(scene_files, tiny_model, tmp_path):
+    from scenebreak.events import Message
+
+    def run(name):
+        messages = []
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, num_class_images=2),
+              base_model=str(tiny_model), name=name, report=lambda e: messages.append(e.text) if isinstance(e, Message) else None)
+        return messages
+
+    assert any("generating 2 class images" in m for m in run("a"))
+    assert any("using 2 cached class images" in m for m in run("b"))
+
+
+def test_interrupt_then_resume_matches_an_uninterrupted_run(scene_files, tiny_model):
+    from scenebreak.paths import checkpoint_path
+
+    config = LearnConfig(steps1=3, steps2=3, num_class_images=2, lr2=1e-3)
+    args = (scene_files["image"], scene_files["masks"], config)
+    straight = learn(*args, base_model=str(tiny_model), name="straight")
+
+    for stop_at in (2, 5):  # once inside phase 1, once inside phase 2
+        name = f"resumed{stop_at}"
+        steps = []
+        with pytest.raises(Interrupted, match="--resume"):
+            learn(*args, base_model=str(tiny_model), name=name, report=lambda e: steps.append(e) if hasattr(e, "completed") and e.task.startswith("phase") else None,
+                  should_stop=lambda: len(steps) >= stop_at)
+        assert checkpoint_path(name).exists()
+        assert not (checkpoint_path(name).parent.parent / "scenes" / f"{name}.scene").exists()  # nothing half-written
+        resumed = learn(*args, base_model=str(tiny_model), name=name, resume=True)
+        assert resumed.resumed and not checkpoint_path(name).exists()
+        a, b = load_scene(straight.path, weights=True), load_scene(resumed.path, weights=True)
+        assert torch.allclose(a.embeddings, b.embeddings, atol=1e-6)
+        for key, value in a.weights["unet"].items():
+            assert torch.allclose(value.float(), b.weights["unet"][key].float(), atol=1e-3), key
+
+
+def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files, tiny_model):
+    with pytest.raises(InvalidInput, match="nothing to resume"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(**SMALL), base_model=str(tiny_model), resume=True)
+    with pytest.raises(Interrupted):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False), base_model=str(tiny_model),
+              name="x", should_stop=lambda: True)
+    with pytest.raises(InvalidInput, match="other inputs or settings"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False, lr1=1e-3),
+              base_model=str(tiny_model), name="x", resume=True)
+
+
+def test_v_prediction_models_train(scene_files, tiny_model, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "v-model"
+    shutil.copytree(tiny_model, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, prediction_type="v_prediction")))
+    result = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False), base_model=str(folder))
+    assert load_scene(result.path).meta["prediction_type"] == "v_prediction"
+    assert np.isfinite(result.losses["phase2"]["loss_last"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(config=LearnConfig(names=("a", "a"))), "duplicate handle"),
+    (dict(config=LearnConfig(names=("a",))), "gives 1 value"),
+    (dict(config=LearnConfig(resolution=50)), "does not suit this model"),
+    (dict(config=LearnConfig(steps1=0, steps2=0)), "not both 0"),
+    (dict(device="tpu"), "unknown device"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(scene_files, tiny_model, kwargs, message):
+    from scenebreak.paths import home
+
+    config = kwargs.pop("config", LearnConfig(**SMALL))
+    with pytest.raises(InvalidInput if "device" not in kwargs else Exception, match=message):
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), **kwargs)
+    assert not (home() / "scenes").exists()
+
+
+def test_a_missing_hub_model_names_the_fix(scene_files):
+    with pytest.raises(ModelNotAvailable, match="hf download .*--base-model"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(**SMALL), base_model="nobody/no-such-model")
+
+
+def test_phase1_skipping_the_class_example_changes_nothing(scene_files, tiny_model, tmp_path):
+    """In phase 1 the class image's loss has no gradient w.r.t. the handles, so the
+    trainer skips it; the handles must come out as if it had been computed."""
+    from PIL import Image
+
+    from scenebreak.device import choose_device
+    from scenebreak.images import prepare
+    from scenebreak.train.memory import MemoryPlan
+    from scenebreak.models import load_components
+    from scenebreak.train.tokens import add_handles
+    from scenebreak.train.trainer import Trainer, TrainInputs
+
+    class ComputesClassExample(Trainer):  # what the original code does
+        def _class_example_needed(self, phase):
+            return self.config.prior
+
+    class_images = []
+    for i in range(2):
+        path = tmp_path / f"class{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        class_images.append(path)
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    results = []
+    cpu = choose_device("cpu")
+    for cls in (Trainer, ComputesClassExample):
+        c = load_components(str(tiny_model))
+        ids = add_handles(c.tokenizer, c.text_encoder, ["<asset1>", "<asset2>"])
+        trainer = cls(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids, class_images),
+                      LearnConfig(steps1=4, steps2=0, num_class_images=2), cpu, ["<asset1>", "<asset2>"],
+                      plan=MemoryPlan("fast", False, False, False, False), amp_dtype=None)  # fp32: no bf16 rounding of a batch of 2 vs 1
+        records = list(trainer.run())
+        results.append((trainer.embedding.handles.detach().clone(), [r.value("rec") for r in records], [r.value("prior") for r in records]))
+    (fast, fast_rec, fast_prior), (full, full_rec, full_prior) = results
+    assert torch.allclose(fast, full, atol=1e-6), (fast - full).abs().max()
+    assert np.allclose(fast_rec, full_rec, rtol=1e-4)
+    assert all(p == 0.0 for p in fast_prior) and all(p > 0 for p in full_prior)
+
+
+def test_gradient_checkpointing_gives_the_same_training(scene_files, tiny_model):
+    """The recompute runs the recording processors again: maps must not count twice."""
+    runs = []
+    for checkpointing in (False, True):
+        result = learn(scene_files["image"], scene_files["masks"],
+                       LearnConfig(steps1=2, steps2=2, prior=False, lr2=1e-4, gradient_checkpointing=checkpointing),
+                       base_model=str(tiny_model), name=f"gc{checkpointing}")
+        runs.append((load_scene(result.path).embeddings, result.losses))
+    (plain, plain_losses), (ckpt, ckpt_losses) = runs
+    assert torch.allclose(plain, ckpt, atol=1e-5)
+    assert abs(plain_losses["phase2"]["attn_last"] - ckpt_losses["phase2"]["attn_last"]) < 1e-4
+
+
+def test_cpu_estimate_for_sd21_base_matches_the_measured_hours():
+    from types import SimpleNamespace
+
+    from scenebreak.estimates import cpu_training_estimate
+
+    class Unet:
+        def parameters(self):
+            return [torch.empty(865_910_724, dtype=torch.uint8)]
+
+    unet, low = Unet(), SimpleNamespace(policy="low")
+    # What --memory auto picks on a 24 GiB CPU machine: low; fp32 where the CPU has no bf16.
+    text = cpu_training_estimate(unet, 512, LearnConfig(), low, class_images_missing=100, class_steps=50)
+    assert "roughly 7.0 hours for 400+400 steps" in text and "100 class images" in text
+    assert "roughly 4.2 hours" in cpu_training_estimate(unet, 512, LearnConfig(), low, 0, 50, bf16=True)
+    assert "roughly 3.3 hours" in cpu_training_estimate(unet, 512, LearnConfig(tune="lora"), low, 0, 50, bf16=True)

@@ -1,0 +1,237 @@
+"""Memory modes and LoRA tuning on the tiny model: same training where it should be,
+small LoRA scenes that name their base, clear messages when an extra is missing."""
+
+import shutil
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from scenebreak import GenerateConfig, LearnConfig, generate, learn, load_scene
+from scenebreak.cli.commands import cli
+from scenebreak.errors import BundleError, Interrupted, ModelNotAvailable, SceneBreakError
+from scenebreak.train.optim import OptimizerInBackward
+
+
+def _learn(scene_files, tiny_model, name, **settings):
+    config = LearnConfig(**{**dict(steps1=3, steps2=3, prior=True, num_class_images=2, lr2=1e-3), **settings})
+    return learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name=name)
+
+
+def test_optimizer_in_backward_steps_like_adamw_and_shares_its_checkpoint_layout():
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    make = lambda groups: torch.optim.AdamW(groups, weight_decay=0.01)  # noqa: E731
+    plain = make([{"params": list(models[0].parameters()), "lr": 1e-2}])
+    hooked = OptimizerInBackward([{"params": list(models[1].parameters()), "lr": 1e-2}], make, max_norm=None)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        models[0](x).square().mean().backward()
+        plain.step()
+        plain.zero_grad()
+        models[1](x).square().mean().backward()  # steps inside
+        assert all(p.grad is None for p in models[1].parameters())  # freed as it went
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+    saved = hooked.state_dict()
+    assert saved["state"].keys() == plain.state_dict()["state"].keys()
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(saved["state"][3][key], plain.state_dict()["state"][3][key])
+    hooked.close()
+    again = OptimizerInBackward([{"params": list(models[1].parameters()), "lr": 1e-2}], make, max_norm=None)
+    again.load_state_dict(plain.state_dict())  # a checkpoint of one kind resumes the other
+    torch.testing.assert_close(again.state_dict()["state"][0]["exp_avg"], plain.state_dict()["state"][0]["exp_avg"])
+    again.close()
+
+
+def test_low_memory_trains_like_fast(scene_files, tiny_model):
+    """Phase 1 is the same either way. In phase 2 the low mode clips each tensor on its
+    own: with clipping out of play the runs match; with it, the handles stay close."""
+    fast = load_scene(_learn(scene_files, tiny_model, "fast", memory="fast", max_grad_norm=1e9).path, weights=True)
+    low = load_scene(_learn(scene_files, tiny_model, "low", memory="low", max_grad_norm=1e9).path, weights=True)
+    assert low.meta["memory"]["policy"] == "low" and low.meta["memory"]["optimizer_in_backward"]
+    assert low.meta["memory"]["gradient_checkpointing"] and not fast.meta["memory"]["gradient_checkpointing"]
+    assert low.meta["config"]["memory"] == "low"  # what was asked for, beside what was done
+    torch.testing.assert_close(fast.embeddings, low.embeddings, atol=1e-5, rtol=1e-4)
+    for key, value in fast.weights["unet"].items():
+        torch.testing.assert_close(value.float(), low.weights["unet"][key].float(), atol=2e-3, rtol=1e-2, msg=key)
+
+    phase1 = [load_scene(_learn(scene_files, tiny_model, f"p1-{m}", memory=m, steps2=0).path).embeddings for m in ("fast", "low")]
+    torch.testing.assert_close(phase1[0], phase1[1], atol=1e-6, rtol=1e-5)
+    clipped = [load_scene(_learn(scene_files, tiny_model, f"c-{m}", memory=m).path).embeddings for m in ("fast", "low")]
+    assert (clipped[0] - clipped[1]).abs().max() < 0.05 * clipped[0].abs().max()
+
+
+def test_lora_scene_is_small_names_its_base_and_generates(scene_files, tiny_model, tmp_path):
+    full = _learn(scene_files, tiny_model, "full")
+    lora = _learn(scene_files, tiny_model, "lora", tune="lora", rank=4, lr_lora=1e-3)
+    scene = load_scene(lora.path, weights=True)
+    assert scene.needs_base_model and set(scene.weights) == {"unet_lora", "text_encoder_lora"}
+    assert lora.path.stat().st_size < full.path.stat().st_size / 5
+    base = scene.meta["base_model"]
+    assert base["id"] == str(tiny_model.resolve()) and base["fingerprint"]
+    assert scene.meta["lora"]["rank"] == 4
+    assert any(v.abs().sum() > 0 for k, v in scene.weights["unet_lora"].items() if "lora_B" in k)  # trained
+    image = generate(lora.path, "<asset1>", GenerateConfig(steps=2, seed=1), out_dir=tmp_path).images[0]
+    assert image.path.exists()
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, moved)
+    with pytest.raises(BundleError, match="another base model"):
+        other = tmp_path / "other-model"
+        from tinymodels import build_tiny_model
+
+        build_tiny_model(other, seed=1)
+        generate(lora.path, "<asset1>", GenerateConfig(steps=2, seed=1), out_dir=tmp_path, base_model=str(other))
+    again = generate(lora.path, "<asset1>", GenerateConfig(steps=2, seed=1), out_dir=tmp_path / "b", base_model=str(moved))
+    assert again.images[0].path.exists()
+
+    # Exported as a plain diffusers pipeline: the adapters merged into ordinary weights.
+    from diffusers import UNet2DConditionModel
+
+    from scenebreak import export_scene
+
+    [folder] = export_scene(lora.path, tmp_path / "exported", "diffusers")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    assert not any("lora" in k for k in unet.state_dict())
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    key = next(k for k in unet.state_dict() if k.endswith("attn2.to_k.weight"))
+    assert not torch.allclose(unet.state_dict()[key].float(), base_unet.state_dict()[key].half().float(), atol=1e-4)
+
+
+def test_lora_standalone_and_cli(scene_files, tiny_model, tmp_path):
+    runner = CliRunner()
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    args = ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]), "--base-model", str(base),
+            "--steps1", "1", "--steps2", "2", "--no-prior", "--tune", "lora", "--rank", "2"]
+    result = runner.invoke(cli, [*args, "--name", "plain", "--memory", "low"])
+    assert result.exit_code == 0, result.output
+    assert "memory: low" in result.stderr
+    standalone = runner.invoke(cli, [*args, "--name", "baked", "--standalone"])
+    assert standalone.exit_code == 0, standalone.output
+    assert load_scene("baked").meta["standalone"] and not load_scene("plain").meta["standalone"]
+    assert "tuning: lora (rank 2, needs its base model)" in runner.invoke(cli, ["show", "plain"]).stdout
+    shutil.rmtree(base)  # the base model is gone: only the standalone scene still generates
+    ok = runner.invoke(cli, ["generate", "baked", "<asset1>", "--steps", "2", "--out-dir", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    missing = runner.invoke(cli, ["generate", "plain", "<asset1>", "--steps", "2", "--out-dir", str(tmp_path)])
+    assert missing.exit_code == 2 and "needs its base model" in missing.stderr and "--base-model" in missing.stderr
+    bad = runner.invoke(cli, [*args[:-4], "--tune", "full", "--standalone"])
+    assert bad.exit_code == 2 and "--standalone only applies to --tune lora or auto" in bad.stderr
+
+
+def test_resume_with_lora_and_the_optimizer_in_backward(scene_files, tiny_model):
+    settings = dict(tune="lora", rank=4, lr_lora=1e-3, memory="low")
+    straight = _learn(scene_files, tiny_model, "straight", **settings)
+    steps = []
+    config = LearnConfig(steps1=3, steps2=3, prior=True, num_class_images=2, lr2=1e-3, **settings)
+    args = (scene_files["image"], scene_files["masks"], config)
+    with pytest.raises(Interrupted):
+        learn(*args, base_model=str(tiny_model), name="resumed", should_stop=lambda: len(steps) >= 5,
+              report=lambda e: steps.append(e) if getattr(e, "task", "").startswith("phase") and e.completed else None)
+    resumed = learn(*args, base_model=str(tiny_model), name="resumed", resume=True)
+    a, b = load_scene(straight.path, weights=True), load_scene(resumed.path, weights=True)
+    torch.testing.assert_close(a.embeddings, b.embeddings, atol=1e-6, rtol=1e-5)
+    for key, value in a.weights["unet_lora"].items():
+        torch.testing.assert_close(value.float(), b.weights["unet_lora"][key].float(), atol=1e-3, rtol=1e-3, msg=key)
+
+
+def test_missing_bitsandbytes_is_a_message_not_a_crash(scene_files, tiny_model, monkeypatch):
+    from scenebreak.train import memory
+    from scenebreak.device import Device
+    from scenebreak.train.optim import adamw_factory
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    cuda = Device(type="cuda", name="cuda")
+    with pytest.raises(SceneBreakError, match="pipx inject scenebreak bitsandbytes"):
+        adamw_factory(LearnConfig(), cuda, eight_bit=True)
+    # --memory low on a GPU without it: a warning with the fix, then fp32 AdamW.
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 80 * 2**30)
+    from scenebreak.models import load_components
+
+    components = load_components(str(tiny_model))
+    plan = memory.choose(LearnConfig(memory="low"), components, cuda, 64, torch.bfloat16)
+    assert plan.gradient_checkpointing and plan.optimizer_in_backward and not plan.adam_8bit
+    assert any("bitsandbytes" in w for w in plan.warnings)
+    # fp16 steps after the loss scaler has seen every gradient: never inside the backward pass.
+    assert not memory.choose(LearnConfig(memory="low"), components, cuda, 64, torch.float16).optimizer_in_backward
+    # Asked for explicitly on the CLI, on a machine without CUDA: exit 2 before any work.
+    result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                      "--base-model", str(tiny_model), "--adam-8bit"])
+    assert result.exit_code == 2 and "needs a CUDA device" in result.stderr
+
+
+def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
+    from scenebreak.train import memory
+    from scenebreak.device import choose_device
+    from scenebreak.models import load_components
+
+    components, cpu = load_components(str(tiny_model)), choose_device("cpu")
+    need = memory.phase2_bytes(components, LearnConfig(), 64, autocast=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need * 2)
+    assert memory.choose(LearnConfig(), components, cpu, 64, None).policy == "fast"
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need // 2)
+    plan = memory.choose(LearnConfig(tune="full"), components, cpu, 64, None)
+    assert plan.policy == "low" and plan.gradient_checkpointing and not plan.offload_vae  # nowhere to offload on a CPU
+    assert "fast needs about" in plan.describe()
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need * 100)
+    assert memory.choose(LearnConfig(tune="lora"), components, cpu, 64, None).policy == "low"  # cheap there, measured
+    # Explicit switches are kept on top of fast.
+    plan = memory.choose(LearnConfig(memory="fast", gradient_checkpointing=True), components, cpu, 64, None)
+    assert plan.policy == "fast" and plan.gradient_checkpointing and not plan.optimizer_in_backward
+
+
+def test_tune_auto_is_full_where_low_memory_makes_it_fit_and_lora_otherwise(tiny_model, monkeypatch):
+    from scenebreak.train import memory
+    from scenebreak.device import choose_device
+    from scenebreak.models import load_components
+
+    components, cpu = load_components(str(tiny_model)), choose_device("cpu")
+    full_low = memory.phase2_bytes(components, LearnConfig(tune="full"), 64, autocast=False, low=True)
+    fast = memory.phase2_bytes(components, LearnConfig(tune="full"), 64, autocast=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(full_low / 0.85))  # only low fits
+    plan = memory.choose(LearnConfig(), components, cpu, 64, None)
+    assert plan.tune == "full" and plan.policy == "low" and "tuning: full (full tuning needs about" in plan.describe()
+    assert memory.choose(LearnConfig(memory="fast"), components, cpu, 64, None).tune == "lora"  # fast cannot fit it
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(full_low / 2))
+    plan = memory.choose(LearnConfig(), components, cpu, 64, None)
+    assert plan.tune == "lora" and "tuning: lora (full tuning would need about" in plan.describe()
+    # A resumed run keeps what it started with, and an explicit choice is never changed.
+    assert memory.choose(LearnConfig(), components, cpu, 64, None, resumed_tuning="full").tune == "full"
+    assert memory.choose(LearnConfig(tune="full"), components, cpu, 64, None).tune == "full"
+    assert fast > full_low
+
+
+def test_a_missing_base_for_a_lora_scene_names_the_fix(scene_files, tiny_model):
+    from scenebreak.sample.scene_models import base_with_lora
+
+    scene = load_scene(_learn(scene_files, tiny_model, "hubless", tune="lora", rank=2).path, weights=True)
+    scene.meta["base_model"].update(id="someone/not-downloaded", commit=None)
+    with pytest.raises(ModelNotAvailable, match="needs its base model.*hf download someone/not-downloaded"):
+        base_with_lora(scene, None, [10])
+
+
+def test_the_estimate_matches_the_measured_sd21_figures():
+    """benchmarks/results/train_step-cpu.md: phase 2 at 512 with prior preservation
+    peaks at 20.3 GiB (fast, fp32), 15.1 GiB (low, bf16) and 10.3 GiB (LoRA, bf16)."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from scenebreak.train import memory
+    from tinymodels import sd21_base_configs
+
+    configs = sd21_base_configs()
+    with init_empty_weights():  # parameter counts only
+        sd21 = SimpleNamespace(unet=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
+                               text_encoders=[CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))])
+    gib = 2**30
+    fast = memory.phase2_bytes(sd21, LearnConfig(), 512, autocast=False) / gib
+    low = memory.phase2_bytes(sd21, LearnConfig(), 512, autocast=True, low=True) / gib
+    lora = memory.phase2_bytes(sd21, LearnConfig(tune="lora"), 512, autocast=True) / gib
+    assert abs(fast - 20.3) < 1.5 and abs(low - 15.1) < 1.5 and abs(lora - 10.3) < 1.5, (fast, low, lora)

@@ -1,0 +1,252 @@
+"""No training is lost: a run killed anywhere (kill -9 included) resumes to the same
+scene, a failed final write stays resumable, a diverged loss stops with the last good
+checkpoint, and parallel runs do not trip over each other."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from scenebreak import LearnConfig, learn, load_scene
+from scenebreak.cli.commands import cli
+from scenebreak.events import Progress
+from scenebreak.paths import checkpoint_path
+
+from conftest import Killed, kill_at
+
+
+def _same(a_path, b_path, component: str) -> None:
+    a, b = load_scene(a_path, weights=True), load_scene(b_path, weights=True)
+    assert torch.allclose(a.embeddings, b.embeddings, atol=1e-6)
+    for key, value in a.weights[component].items():
+        assert torch.allclose(value, b.weights[component][key], atol=1e-6), key
+
+
+MODES = {
+    "fast": dict(memory="fast"),
+    "low": dict(memory="low"),  # the optimizer inside the backward pass
+    "lora": dict(tune="lora", rank=2),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_run_killed_in_phase_2_resumes_to_the_same_scene(mode, scene_files, tiny_model):
+    """Killed once after the automatic end-of-phase-1 checkpoint (the optimizer state
+    there is phase 1's and must not reach phase 2), once after a periodic phase-2 one."""
+    base = dict(steps1=2, steps2=4, prior=False, lr2=1e-3, save_dtype="fp32", **MODES[mode])
+    args = (scene_files["image"], scene_files["masks"])
+    straight = learn(*args, LearnConfig(**base), base_model=str(tiny_model), name=f"straight-{mode}")
+    component = "unet_lora" if mode == "lora" else "unet"
+    for every, kill_step in ((0, 3), (2, 3)):
+        name = f"killed-{mode}-{every}"
+        config = LearnConfig(**base, checkpoint_every=every)
+        with pytest.raises(Killed):
+            learn(*args, config, base_model=str(tiny_model), name=name, report=kill_at(2, kill_step))
+        saved = torch.load(checkpoint_path(name), weights_only=True)
+        assert (saved["phase"], saved["step"]) == ((1, 2) if every == 0 else (2, 2))
+        resumed = learn(*args, config, base_model=str(tiny_model), name=name, resume=True)
+        _same(straight.path, resumed.path, component)
+
+
+def test_kill_9_in_phase_2_then_resume(scene_files, tiny_model, tmp_path):
+    """A real process, killed with SIGKILL once it has checkpointed inside phase 2."""
+    common = ["--masks", *map(str, scene_files["masks"]), "--base-model", str(tiny_model), "--steps1", "2", "--steps2", "30",
+              "--no-prior", "--lr2", "1e-3", "--save-dtype", "fp32", "--memory", "fast"]
+    # The same number of threads as this process, which trains the runs to compare with:
+    # a float sum split another way rounds differently.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "scenebreak", "learn", str(scene_files["image"]), *common, "--name", "k",
+                                "--checkpoint-every", "1", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt, deadline = checkpoint_path("k"), time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if ckpt.exists():
+                try:
+                    state = torch.load(ckpt, weights_only=True)
+                except Exception:  # replaced while reading: look again
+                    continue
+                if state["phase"] == 2 and state["step"] >= 2:
+                    break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    resumed = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), *common, "--name", "k", "--resume", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    straight = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), *common, "--name", "straight", "-q"])
+    _same(straight.stdout.strip(), resumed.stdout.strip(), "unet")
+
+
+def test_a_failed_final_write_keeps_the_training_and_says_how_to_finish(scene_files, tiny_model, monkeypatch):
+    import errno
+
+    import scenebreak.train.checkpoints
+    import scenebreak.train.learn
+
+    args = (scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=2, prior=False, lr2=1e-3, save_dtype="fp32"))
+    straight = learn(*args, base_model=str(tiny_model), name="straight")
+    real_save = scenebreak.train.learn.save_scene
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(scenebreak.train.checkpoints, "FINAL_AFTER_SECONDS", -1.0)  # as if training had taken long
+    monkeypatch.setattr(scenebreak.train.learn, "save_scene", full_disk)
+    result = CliRunner().invoke(cli, ["learn", str(args[0]), "--masks", *map(str, args[1]), "--base-model", str(tiny_model),
+                                      "--steps1", "2", "--steps2", "2", "--no-prior", "--lr2", "1e-3", "--save-dtype", "fp32",
+                                      "--name", "full"])
+    assert result.exit_code == 1 and "no space left on device" in result.stderr and "--resume" in result.stderr, result.output
+    monkeypatch.setattr(scenebreak.train.learn, "save_scene", real_save)
+    steps = []
+    resumed = learn(*args, base_model=str(tiny_model), name="full", resume=True,
+                    report=lambda e: steps.append(e) if isinstance(e, Progress) and e.task.startswith("phase") else None)
+    assert not steps  # nothing trained again: only the scene was written
+    _same(straight.path, resumed.path, "unet")
+
+
+def test_a_nan_loss_stops_with_the_last_good_checkpoint(scene_files, tiny_model, monkeypatch):
+    import scenebreak.train.trainer
+
+    real = scenebreak.train.trainer.masked_diffusion_loss
+    calls = []
+
+    def goes_nan(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) >= 5 else loss  # phase 2, step 3
+
+    monkeypatch.setattr(scenebreak.train.trainer, "masked_diffusion_loss", goes_nan)
+    result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                      "--base-model", str(tiny_model), "--steps1", "2", "--steps2", "4", "--no-prior",
+                                      "--checkpoint-every", "1", "--name", "nan"])
+    assert result.exit_code == 1 and "lower learning rate" in result.stderr.replace("a lower", "lower"), result.output
+    state = torch.load(checkpoint_path("nan"), weights_only=True)
+    assert (state["phase"], state["step"]) == (2, 2)
+    assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in state["history"][2])
+
+
+def test_resume_across_an_optimizer_change_warns_and_finishes(scene_files, tiny_model):
+    """Out of memory, then --memory low with 8-bit AdamW: the moments cannot be carried
+    over, so they start fresh, with a warning (here a checkpoint marked as 8-bit)."""
+    config = LearnConfig(steps1=2, steps2=3, prior=False, checkpoint_every=1)
+    args = (scene_files["image"], scene_files["masks"], config)
+    with pytest.raises(Killed):
+        learn(*args, base_model=str(tiny_model), name="kind", report=kill_at(2, 2))
+    state = torch.load(checkpoint_path("kind"), weights_only=True)
+    state["optimizer_kind"] = "adamw8bit"
+    torch.save(state, checkpoint_path("kind"))
+    messages = []
+    learn(*args, base_model=str(tiny_model), name="kind", resume=True, report=messages.append)
+    assert any("optimizer changed" in getattr(m, "text", "") for m in messages)
+
+
+def test_optimizer_in_backward_refuses_another_layout():
+    from scenebreak.train.optim import OptimizerInBackward
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    make = lambda groups: torch.optim.AdamW(groups, lr=1e-3)  # noqa: E731
+    one_group = OptimizerInBackward([{"params": [a]}], make, None).state_dict()
+    two_groups = OptimizerInBackward([{"params": [a], "lr": 1}, {"params": [b], "lr": 2}], make, None)
+    with pytest.raises(ValueError, match="does not fit"):
+        two_groups.load_state_dict(one_group)
+
+
+def test_a_second_learn_of_the_same_name_is_refused_at_once(scene_files, tiny_model):
+    code = ("import sys, time\nfrom scenebreak.train.locks import scene_lock\nwith scene_lock('busy'):\n"
+            "    print('locked', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]), "--base-model", str(tiny_model),
+                "--steps1", "1", "--steps2", "0", "--no-prior", "--name", "busy"]
+        started = time.monotonic()
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and f"process {holder.pid}" in result.stderr and "--force" in result.stderr
+        assert time.monotonic() - started < 10  # at once, before any model loads
+        assert CliRunner().invoke(cli, [*args, "--force"]).exit_code == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_class_images_made_by_another_run_are_waited_for_and_reused(tiny_model):
+    from scenebreak.train.classimages import class_image_paths, ensure_class_images
+    from scenebreak.device import choose_device
+    from scenebreak.train.locks import class_images_lock
+    from scenebreak.models import load_components
+
+    components = load_components(str(tiny_model))
+    paths = class_image_paths(components.base.fingerprint, "a photo", 64, 2)
+    paths[0].parent.mkdir(parents=True)
+    holding = threading.Event()
+
+    def other_run():
+        from PIL import Image
+
+        with class_images_lock(paths[0].parent):
+            holding.set()
+            time.sleep(0.5)
+            for path in paths:
+                Image.new("RGB", (64, 64)).save(path)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    holding.wait()
+    messages = []
+    assert ensure_class_images(components, choose_device("cpu"), "a photo", 2, 64, report=messages.append) == paths
+    thread.join()
+    texts = [m.text for m in messages]
+    assert any("waiting for" in t for t in texts) and not any("generating" in t for t in texts)
+
+
+def test_two_learns_in_parallel_share_the_class_images(scene_files, tiny_model, tmp_path):
+    """The batch recipe (`xargs -P 2`): two photos at once, one cache of class images."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [subprocess.Popen([sys.executable, "-m", "scenebreak", "learn", str(scene_files["image"]), "--masks",
+                              *map(str, scene_files["masks"]), "--base-model", str(tiny_model), "--steps1", "1", "--steps2", "1",
+                              "--num-class-images", "2", "--name", f"p{i}"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    assert sum("generating 2 class images" in err for _, err in outputs) == 1, outputs
+    folder = Path(os.environ["SCENEBREAK_HOME"]) / "class-images"
+    assert len(list(folder.rglob("*.png"))) == 2
+
+
+def test_a_ctrl_c_during_the_trainers_clean_up_propagates_instead_of_printing_a_traceback(capsys):
+    """The second Ctrl-C of a quick pair can land while the trainer's generator cleans
+    up after the checkpoint; closed when collected, Python would print it as
+    "Exception ignored in <generator>" with a traceback (seen once in CI)."""
+    from types import SimpleNamespace
+
+    from scenebreak.device import choose_device
+    from scenebreak.errors import Interrupted
+    from scenebreak.train.learn import _train
+
+    class Trainer:
+        def run(self):
+            try:
+                yield SimpleNamespace(phase=1, step=1, total=2, loss=0.5, losses={})
+                yield SimpleNamespace(phase=1, step=2, total=2, loss=0.5, losses={})
+            finally:
+                raise KeyboardInterrupt  # the second Ctrl-C, during the clean-up
+
+    class Checkpoints:
+        def after_step(self, trainer, record, stop):
+            raise Interrupted("interrupted: checkpoint saved")
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(Trainer(), Checkpoints(), lambda: True, choose_device("cpu"), lambda event: None)
+    assert "Exception ignored" not in capsys.readouterr().err
