@@ -164,7 +164,7 @@ def random_model(tiny: bool = False, sdxl: bool = False):
     from transformers import CLIPTokenizer
 
     from scenebreak.families import family_named
-    from scenebreak.models import BaseModel, Components
+    from scenebreak.families.base_model import BaseModel, Components
     from tinymodels import (build_components, build_sdxl_components, sd21_base_configs, sdxl_configs, tiny_configs,
                             tiny_sdxl_configs, write_tiny_tokenizer)
 

@@ -4,6 +4,7 @@ offline on the CPU."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,34 @@ def pytest_report_header(config):
     override = f" ({CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]})" if os.environ.get(CPU_BF16_ENV) else ""
     bf16 = "yes" if cpu_bf16_instructions() else "no"
     return f"cpu: {cpu}; bf16 instructions: {bf16}{override}; torch threads: {torch.get_num_threads()}"
+
+
+# -- crafted scenes (hostile-input tests) ----------------------------------------------------------
+
+def craft(source, target, meta=None, drop=(), add=None, tensors=None):
+    """A copy of scene `source` with its metadata changed in place by `meta(dict)` (or
+    replaced by the dict or list it returns), tensors dropped, added or replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as f:
+        header = f.metadata()
+        data = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    data.update(add or {})
+    data.update(tensors or {})
+    info = json.loads(header["scenebreak"])
+    if meta:
+        returned = meta(info)
+        info = returned if isinstance(returned, (dict, list)) else info
+    save_file(data, str(target), metadata={"format": header["format"], "scenebreak": json.dumps(info)})
+    return target
+
+
+def set_meta(path: str, value):
+    """A metadata edit: set the dotted `path` (list indices allowed) to `value`."""
+    def edit(meta):
+        node, keys = meta, path.split(".")
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
+    return edit

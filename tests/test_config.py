@@ -131,7 +131,8 @@ def test_the_most_handles_learn_takes_all_fit_the_training_prompt(tiny_model):
 
     from scenebreak.config import MAX_LEARNED_HANDLES
     from scenebreak.errors import InvalidInput
-    from scenebreak.train.tokens import handle_positions, prompt_for
+    from scenebreak.handles import prompt_for
+    from scenebreak.train.tokens import handle_positions
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
     for n in (MAX_LEARNED_HANDLES, MAX_LEARNED_HANDLES + 1):

@@ -292,7 +292,7 @@ def test_learn_hint_quotes_a_path_with_spaces(scene_files, tiny_model, tmp_path)
 
 
 def test_hub_download_hints_quote_what_the_user_typed():
-    from scenebreak.models import _missing_message  # noqa: PLC2701 - the message itself is what is tested
+    from scenebreak.hub import _missing_message  # noqa: PLC2701 - the message itself is what is tested
 
     message = _missing_message("my model", "a branch", offline=True)
     assert "hf download 'my model' --revision 'a branch'" in message

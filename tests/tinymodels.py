@@ -6,7 +6,7 @@ on sys.path before importing it.
 
 Nothing here downloads anything: every component is built from a config with a
 fixed seed and saved as an ordinary diffusers folder, so the real loading code
-(`scenebreak.models.load_components`) can be exercised on it.
+(`scenebreak.families.base_model.load_components`) can be exercised on it.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ _LAZY = {
     "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors", "NoSpace": "errors",
     "Diverged": "errors",
     "choose_device": "device",
-    "export_scene": "exports.export",
-    "make_masks": "masks.masking", "MaskRun": "masks.masking", "MaskResult": "masks.masking",
+    "export_scene": "exports.export", "export": "exports.export",
+    "make_masks": "masks.masking", "MaskRun": "masks.masking", "MaskResult": "masks.files",
     "evaluate": "evaluation.evaluate", "EvaluateResult": "evaluation.evaluate", "EvaluateConfig": "config",
 }
 

@@ -15,32 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import craft, set_meta
 from scenebreak.cli.commands import cli
-
-
-def craft(source: Path, target: Path, meta=None, drop=(), add=None, tensors=None):
-    """A copy of scene `source` with its metadata changed by `meta(dict)` (or replaced by
-    what it returns), tensors dropped, added or replaced."""
-    with safe_open(str(source), framework="pt") as f:
-        header = f.metadata()
-        data = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
-    data.update(add or {})
-    data.update(tensors or {})
-    info = json.loads(header["scenebreak"])
-    if meta:
-        info = meta(info) or info
-    save_file(data, str(target), metadata={"format": header["format"], "scenebreak": json.dumps(info)})
-    return target
-
-
-def _set(path: str, value):
-    """A metadata edit: set the dotted `path` (list indices allowed) to `value`."""
-    def edit(meta):
-        node, keys = meta, path.split(".")
-        for key in keys[:-1]:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
-    return edit
 
 
 @pytest.fixture
@@ -156,13 +132,13 @@ CASES = [
                                         "<asset1>"], 2, "not a valid scene"),
     ("scene-entry-unknown", lambda w: ["generate", _crafted(w, "e3", add={"file.tokenizer/run.sh": torch.zeros(3, dtype=torch.uint8)}),
                                        "<asset1>"], 2, "not a valid scene"),
-    ("scene-handle-escapes", lambda w: ["export", _crafted(w, "h1", meta=_set("handles.0.token", "<../../x>")), "-f", "embeddings",
+    ("scene-handle-escapes", lambda w: ["export", _crafted(w, "h1", meta=set_meta("handles.0.token", "<../../x>")), "-f", "embeddings",
                                         "-o", w["tmp"] / "out"], 2, "not a valid scene"),
-    ("scene-name-escapes", lambda w: ["generate", _crafted(w, "n1", meta=_set("name", "../../x")), "<asset1>"], 2, "not a valid scene"),
-    ("scene-resolution-huge", lambda w: ["generate", _crafted(w, "r1", meta=_set("resolution", 10**6)), "<asset1>"], 2,
+    ("scene-name-escapes", lambda w: ["generate", _crafted(w, "n1", meta=set_meta("name", "../../x")), "<asset1>"], 2, "not a valid scene"),
+    ("scene-resolution-huge", lambda w: ["generate", _crafted(w, "r1", meta=set_meta("resolution", 10**6)), "<asset1>"], 2,
      "not a valid scene"),
-    ("scene-resolution-odd", lambda w: ["generate", _crafted(w, "r2", meta=_set("resolution", 65)), "<asset1>"], 2, "not a valid scene"),
-    ("scene-long-string", lambda w: ["show", _crafted(w, "s1", meta=_set("created", "x" * 100_000))], 2, "not a valid scene"),
+    ("scene-resolution-odd", lambda w: ["generate", _crafted(w, "r2", meta=set_meta("resolution", 65)), "<asset1>"], 2, "not a valid scene"),
+    ("scene-long-string", lambda w: ["show", _crafted(w, "s1", meta=set_meta("created", "x" * 100_000))], 2, "not a valid scene"),
     ("scene-many-handles", lambda w: ["show", _crafted(w, "m1", meta=lambda m: m.update(
         handles=[{"token": f"<a{i}>", "mask_index": i} for i in range(1000)]))], 2, "not a valid scene"),
     ("scene-meta-list", lambda w: ["show", _crafted(w, "l1", meta=lambda m: [1, 2])], 2, "damaged"),
@@ -170,22 +146,22 @@ CASES = [
                                      "<asset1>"], 2, "not a valid scene"),
     ("scene-lora-rank", lambda w: ["show", _crafted(w, "k1", meta=lambda m: m.update(
         lora={"rank": 10**7, "alpha": 1, "unet_targets": ["to_q"], "text_encoder_targets": ["q_proj"]}))], 2, "not a valid scene"),
-    ("scene-mask-index", lambda w: ["show", _crafted(w, "x1", meta=_set("handles.0.mask_index", 99))], 2, "not a valid scene"),
-    ("scene-newer", lambda w: ["show", _crafted(w, "v1", meta=_set("format_version", 99))], 2, "newer scenebreak"),
-    ("scene-family-unknown", lambda w: ["show", _crafted(w, "f1", meta=_set("base_model.family", "FLUX"))], 2, "not one scenebreak knows"),
-    ("scene-sdxl-format-1", lambda w: ["show", _crafted(w, "f2", meta=_set("base_model.family", "SDXL"))], 2, "needs format 2"),
+    ("scene-mask-index", lambda w: ["show", _crafted(w, "x1", meta=set_meta("handles.0.mask_index", 99))], 2, "not a valid scene"),
+    ("scene-newer", lambda w: ["show", _crafted(w, "v1", meta=set_meta("format_version", 99))], 2, "newer scenebreak"),
+    ("scene-family-unknown", lambda w: ["show", _crafted(w, "f1", meta=set_meta("base_model.family", "FLUX"))], 2, "not one scenebreak knows"),
+    ("scene-sdxl-format-1", lambda w: ["show", _crafted(w, "f2", meta=set_meta("base_model.family", "SDXL"))], 2, "needs format 2"),
     ("scene-sdxl-no-second-rows", lambda w: ["generate", _crafted(w, "f3", meta=lambda m: m.update(
         format_version=2, base_model=dict(m["base_model"], family="SDXL"), configs=dict(m["configs"], text_encoder_2={}))),
         "<asset1>"], 2, "handles.embeddings_2"),
     ("scene-second-rows-shape", lambda w: ["generate", _crafted(w, "f4", tensors={"handles.embeddings_2": torch.zeros(5, 8)}),
         "<asset1>"], 2, "not a valid scene"),
-    ("scene-config-giant-width", lambda w: ["show", _crafted(w, "c1", meta=_set("configs.unet.block_out_channels", [10**9] * 4))],
+    ("scene-config-giant-width", lambda w: ["show", _crafted(w, "c1", meta=set_meta("configs.unet.block_out_channels", [10**9] * 4))],
      2, "not a valid scene"),
-    ("scene-config-giant-depth", lambda w: ["generate", _crafted(w, "c2", meta=_set("configs.text_encoder.num_hidden_layers",
+    ("scene-config-giant-depth", lambda w: ["generate", _crafted(w, "c2", meta=set_meta("configs.text_encoder.num_hidden_layers",
                                                                                      10**6)), "<asset1>"], 2, "not a valid scene"),
-    ("scene-config-many-blocks", lambda w: ["show", _crafted(w, "c3", meta=_set("configs.unet.down_block_types",
+    ("scene-config-many-blocks", lambda w: ["show", _crafted(w, "c3", meta=set_meta("configs.unet.down_block_types",
                                                                                  ["DownBlock2D"] * 1000))], 2, "not a valid scene"),
-    ("scene-config-other-width", lambda w: ["generate", _crafted(w, "c4", meta=_set("configs.unet.block_out_channels",
+    ("scene-config-other-width", lambda w: ["generate", _crafted(w, "c4", meta=set_meta("configs.unet.block_out_channels",
                                                                                      [16, 32, 64])), "<asset1>"], 2, "do not fit its config"),
     ("scene-weight-missing", lambda w: ["generate", _crafted(w, "t1", drop=("unet.conv_in.weight",)), "<asset1>"], 2,
      "do not fit its config"),
@@ -197,9 +173,9 @@ CASES = [
      "<asset1>"], 2, "not a dtype a scene stores"),
     ("scene-stray-component", lambda w: ["export", _crafted(w, "t5", add={"text_encoder_2.x.weight": torch.zeros(2)}), "-f", "a1111",
                                          "-o", w["tmp"] / "out"], 2, "does not have"),
-    ("scene-unet-not-the-family", lambda w: ["show", _crafted(w, "t6", meta=_set("configs.unet.addition_embed_type", "text_time"))],
+    ("scene-unet-not-the-family", lambda w: ["show", _crafted(w, "t6", meta=set_meta("configs.unet.addition_embed_type", "text_time"))],
      2, "but the scene says SD 2.x"),
-    ("scene-mask-index-twice", lambda w: ["show", _crafted(w, "x2", meta=_set("handles.1.mask_index", 0))], 2, "same mask index"),
+    ("scene-mask-index-twice", lambda w: ["show", _crafted(w, "x2", meta=set_meta("handles.1.mask_index", 0))], 2, "same mask index"),
     ("scene-meta-deep", lambda w: ["show", _deep(w)], 2, "damaged"),
     ("scene-no-configs", lambda w: ["generate", _crafted(w, "x3", meta=lambda m: m.pop("configs") and None), "<asset1>"], 2,
      "no model configs"),
@@ -529,7 +505,7 @@ def test_images_of_a_scene_with_the_longest_name_fit_the_file_system(world, tmp_
     """Scene names may have 200 characters; a prompt's slug and a 19-digit seed after
     one went past 255 bytes (Errno 36)."""
     name = "s" * 200
-    craft(world["scene"], world["home"] / "scenes" / f"{name}.scene", meta=_set("name", name))
+    craft(world["scene"], world["home"] / "scenes" / f"{name}.scene", meta=set_meta("name", name))
     seed = str(2**62)
     result = CliRunner().invoke(cli, ["generate", name, "<asset1> in a very long prompt about the moon", "--grid",
                                       "--steps", "1", "--seed", seed, "--out-dir", str(tmp_path / "out")])

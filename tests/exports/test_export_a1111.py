@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import _learn_once
+from conftest import _learn_once, craft
 from scenebreak import LearnConfig, load_scene
 from scenebreak.cli.commands import cli
 from scenebreak.errors import BundleError
@@ -72,7 +72,7 @@ def scene_models(path):
 def without_what_a_lora_cannot_carry(scene, unet, text_encoders, base_folder):
     """The scene's models with every parameter a kohya LoRA cannot carry set back to the
     base model's: what base + a full-rank extraction must equal."""
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     c = load_components(str(base_folder))
     pairs = [("unet", unet, c.unet), *zip(scene.family.text_encoders, text_encoders, c.text_encoders)]
@@ -208,7 +208,7 @@ def test_a_lossy_extraction_reports_what_diffusers_then_loads(full_scene, tiny_m
     with_lora = relative(unet_output(pipe.unet, hidden, added), expected)
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # keeps the fused weights, plain layers again
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     base = load_components(str(tiny_model))
     assert with_lora < relative(unet_output(base.unet, hidden, added), expected)
@@ -333,15 +333,6 @@ def test_a_missing_base_model_names_the_fix_and_a_lora_scene_needs_none(full_sce
     assert lora.exit_code == 0, lora.output
 
 
-def craft(source, target, edit):
-    with safe_open(str(source), "pt") as f:
-        header, data = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(header["scenebreak"])
-    edit(meta)
-    save_file(data, str(target), metadata={"format": header["format"], "scenebreak": json.dumps(meta)})
-    return target
-
-
 @pytest.mark.parametrize("token", ["<../../escaped>", "</abs/escaped>", "<..>", "<a\\b>", "<.hidden>"])
 def test_a_hostile_handle_name_writes_nothing(lora_scene, tmp_path, token):
     def edit(meta):
@@ -428,7 +419,7 @@ def test_a_full_sdxl_scenes_lora_uses_sgm_names_and_loads_as_the_diffusers_named
     diffusers maps back onto exactly the carried layers, and `load_lora_weights` gives
     the same weights, to the bit, from it as from the same layers in diffusers names."""
     from scenebreak.exports.kohya import extract_layers, kohya_state_dict
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     result = export(full_sdxl, tmp_path / "a1111", "a1111")
     state = load_file(result.paths[0])
@@ -587,7 +578,7 @@ OUTER = ("conv_in", "conv_out", "time_embedding_linear_1", "time_embedding_linea
 
 def test_the_report_says_what_kohya_skips_and_kohya_strict_leaves_it_out(full_scene, tiny_model, tmp_path):
     from scenebreak.exports.kohya import UNET_OUTER
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     scene = load_scene(full_scene, weights=True)
     base = load_components(str(tiny_model))

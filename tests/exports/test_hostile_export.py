@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_export_a1111 import craft
+from conftest import craft
 
 from scenebreak import load_scene
 from scenebreak.cli.commands import cli

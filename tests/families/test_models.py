@@ -1,7 +1,7 @@
 import pytest
 
 from scenebreak.errors import InvalidInput, ModelNotAvailable
-from scenebreak.models import load_components
+from scenebreak.families.base_model import load_components
 
 
 def test_local_folder_loads_with_identity(tiny_model):
@@ -49,7 +49,7 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model, tmp_path, 
 
 
 def test_parameter_counts_come_from_the_file_headers_and_match_the_models(tiny_model):
-    from scenebreak.models import load_components, parameter_counts
+    from scenebreak.families.base_model import load_components, parameter_counts
 
     counts = parameter_counts(tiny_model)
     components = load_components(str(tiny_model))

@@ -18,7 +18,7 @@ def test_the_family_and_both_text_encoders_are_read_from_the_folder(tiny_sdxl):
     from transformers import CLIPTextModelWithProjection
 
     from scenebreak.families import detect_family
-    from scenebreak.models import load_components, parameter_counts
+    from scenebreak.families.base_model import load_components, parameter_counts
 
     family = detect_family(tiny_sdxl, "it")
     assert family.name == "SDXL" and family.text_encoders == ("text_encoder", "text_encoder_2") and family.guidance == 5.0
@@ -33,7 +33,7 @@ def test_training_conditions_the_unet_exactly_as_the_sdxl_pipeline_does(tiny_sdx
     """Penultimate hidden states of both encoders side by side, the second's pooled
     projection, and the six size/crop ids in the pipeline's order."""
     from scenebreak.families.sdxl import time_ids
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
     from scenebreak.sample.pipeline import make_pipeline
 
     c = load_components(str(tiny_sdxl))
@@ -70,8 +70,7 @@ def test_the_pooled_prompt_is_taken_at_the_end_of_text_not_at_a_handle(learned_s
 
     from scenebreak.device import choose_device
     from scenebreak.exports.export import export_scene
-    from scenebreak.families.sdxl import time_ids
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
     from scenebreak.sample.pipeline import make_pipeline
     from scenebreak.sample.scene_models import scene_components
     from scenebreak.train.tokens import add_handles
@@ -108,7 +107,7 @@ def test_the_pooled_prompt_is_taken_at_the_end_of_text_not_at_a_handle(learned_s
 
 
 def test_an_sdxl_scene_learned_with_the_old_pooling_says_to_learn_it_again(learned_sdxl, tmp_path):
-    from test_hostile import craft
+    from conftest import craft
 
     from scenebreak.events import Message
 
@@ -123,7 +122,7 @@ def test_an_sdxl_scene_learned_with_the_old_pooling_says_to_learn_it_again(learn
 def test_prompts_without_handles_pool_exactly_as_before(tiny_sdxl):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     c = load_components(str(tiny_sdxl))
     legacy = [CLIPTextModel.from_pretrained(tiny_sdxl / "text_encoder"),
@@ -137,7 +136,7 @@ def test_prompts_without_handles_pool_exactly_as_before(tiny_sdxl):
 
 def test_learn_trains_a_row_per_handle_in_both_tables(learned_sdxl, tiny_sdxl):
     from scenebreak.scenes.bundle import read_metadata
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     scene = load_scene(learned_sdxl.path, weights=True)
     meta = read_metadata(learned_sdxl.path)
@@ -155,7 +154,7 @@ def test_learn_trains_a_row_per_handle_in_both_tables(learned_sdxl, tiny_sdxl):
 
 
 def test_the_handle_rows_start_by_the_same_rule_in_each_tokenizer(tiny_sdxl):
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
     from scenebreak.train.tokens import add_handles
 
     c = load_components(str(tiny_sdxl))
@@ -274,8 +273,6 @@ def test_the_command_line_as_a_new_user_runs_it(scene_files, tiny_sdxl, tmp_path
 
 
 def test_a_format_1_scene_from_before_sdxl_still_loads_and_generates(tmp_path):
-    from pathlib import Path
-
     from scenebreak.scenes.bundle import read_metadata
 
     from conftest import DATA

@@ -61,7 +61,7 @@ def test_bf16_only_where_the_gpu_runs_it_natively(two_gpus, capability, expected
 def test_fp16_never_steps_inside_the_backward_pass(tiny_model, monkeypatch):
     from scenebreak import LearnConfig
     from scenebreak.train import memory
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 80 * 2**30)
     components, gpu = load_components(str(tiny_model)), Device(type="cuda", name="cuda:0")
@@ -129,7 +129,7 @@ def test_compile_has_no_graph_break_from_the_capture_under_checkpointing(tiny_mo
     import torch._dynamo
 
     from scenebreak.train.attention import AttentionStore, capture_cross_attention, cross_attention_layers
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
     from scenebreak.train.trainer import compile_unet
 
     unet = load_components(str(tiny_model)).unet
@@ -221,7 +221,7 @@ def test_frozen_weights_wait_in_half_precision_and_come_back_bit_for_bit(tiny_mo
     from scenebreak.config import LearnConfig
     from scenebreak.images import prepare
     from scenebreak.train.memory import MemoryPlan
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
     from scenebreak.train.tokens import add_handles
     from scenebreak.train.trainer import Trainer, TrainInputs
 
@@ -260,7 +260,7 @@ def test_a_lora_scene_of_adapters_alone_keeps_only_the_vocabulary_in_fp32(tiny_m
     from scenebreak.config import LearnConfig
     from scenebreak.images import prepare
     from scenebreak.train.memory import MemoryPlan
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
     from scenebreak.train.tokens import add_handles
     from scenebreak.train.trainer import Trainer, TrainInputs
 
@@ -282,7 +282,7 @@ def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_
     from scenebreak.config import LearnConfig
     from scenebreak.images import prepare
     from scenebreak.train.memory import MemoryPlan
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
     from scenebreak.train.tokens import add_handles
     from scenebreak.train.trainer import Trainer, TrainInputs
 

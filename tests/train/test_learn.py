@@ -155,7 +155,7 @@ def test_phase1_skipping_the_class_example_changes_nothing(scene_files, tiny_mod
     from scenebreak.device import choose_device
     from scenebreak.images import prepare
     from scenebreak.train.memory import MemoryPlan
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
     from scenebreak.train.tokens import add_handles
     from scenebreak.train.trainer import Trainer, TrainInputs
 

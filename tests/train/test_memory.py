@@ -150,7 +150,7 @@ def test_missing_bitsandbytes_is_a_message_not_a_crash(scene_files, tiny_model, 
         adamw_factory(LearnConfig(), cuda, eight_bit=True)
     # --memory low on a GPU without it: a warning with the fix, then fp32 AdamW.
     monkeypatch.setattr(memory, "available_bytes", lambda device: 80 * 2**30)
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     components = load_components(str(tiny_model))
     plan = memory.choose(LearnConfig(memory="low"), components, cuda, 64, torch.bfloat16)
@@ -167,7 +167,7 @@ def test_missing_bitsandbytes_is_a_message_not_a_crash(scene_files, tiny_model, 
 def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
     from scenebreak.train import memory
     from scenebreak.device import choose_device
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     components, cpu = load_components(str(tiny_model)), choose_device("cpu")
     need = memory.phase2_bytes(components, LearnConfig(), 64, autocast=False)
@@ -187,7 +187,7 @@ def test_auto_memory_picks_low_when_fast_does_not_fit(tiny_model, monkeypatch):
 def test_tune_auto_is_full_where_low_memory_makes_it_fit_and_lora_otherwise(tiny_model, monkeypatch):
     from scenebreak.train import memory
     from scenebreak.device import choose_device
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     components, cpu = load_components(str(tiny_model)), choose_device("cpu")
     full_low = memory.phase2_bytes(components, LearnConfig(tune="full"), 64, autocast=False, low=True)

@@ -185,7 +185,7 @@ def test_class_images_made_by_another_run_are_waited_for_and_reused(tiny_model):
     from scenebreak.train.classimages import class_image_paths, ensure_class_images
     from scenebreak.device import choose_device
     from scenebreak.train.locks import class_images_lock
-    from scenebreak.models import load_components
+    from scenebreak.families.base_model import load_components
 
     components = load_components(str(tiny_model))
     paths = class_image_paths(components.base.fingerprint, "a photo", 64, 2)

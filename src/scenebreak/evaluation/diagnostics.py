@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..scenes.bundle import open_scene
 from ..device import Device, choose_device
+from ..scenes.bundle import open_scene
 
 
 def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(100, 300, 500, 700), seed: int = 0) -> np.ndarray:
@@ -20,7 +20,8 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     from ..train.attention import AttentionStore, capture_cross_attention
     from ..sample.scene_models import scene_components
     from ..images import image_to_tensor
-    from ..train.tokens import handle_positions, prompt_for
+    from ..handles import prompt_for
+    from ..train.tokens import handle_positions
 
     scene = open_scene(scene)
     device = device if isinstance(device, Device) else choose_device(device)

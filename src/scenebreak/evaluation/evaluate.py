@@ -163,9 +163,9 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     before the sampling starts."""
     from ..scenes.bundle import open_scene
     from .metrics import check_models
-    from ..models import quiet_libraries
+    from ..hub import quiet_libraries
     from ..sample.sampling import check_prompts, sample_to_files, start, warn_cpu_time
-    from ..train.tokens import handles_in
+    from ..handles import handles_in
 
     started = time.perf_counter()
     scene = open_scene(scene)
@@ -233,7 +233,7 @@ def score_images(scene, generated, words: dict[str, str], config: EvaluateConfig
     from PIL import Image
 
     from .metrics import ClipScorer, DinoScorer, ObjectFinder, identity_scores
-    from ..train.tokens import handles_in
+    from ..handles import handles_in
 
     report(Message(f"loading CLIP {refs['clip']}, DINO {refs['dino']}, detector {refs['detector']} and "
                    f"segmenter {refs['segmenter']} on {device.name}"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
-from ..models import load_errors, model_load_failure, transformers_model_of_kind
+from ..hub import load_errors, model_load_failure, transformers_model_of_kind
 
 CLIP_KINDS = ("clip",)
 CLIP_WANTED = f"use a CLIP checkpoint such as {DEFAULT_CLIP_MODEL}"
@@ -172,7 +172,7 @@ def check_models(refs: dict[str, str]) -> None:
     a kind that can do its job. `refs` has the keys clip, dino, detector, segmenter."""
     from ..masks import detector
     from ..masks import segmenter
-    from ..models import check_models_available
+    from ..hub import check_models_available
 
     roles = {"clip": ("CLIP model", "--clip-model", CLIP_KINDS, CLIP_WANTED),
              "dino": ("DINO model", "--dino-model", DINO_KINDS, DINO_WANTED),

@@ -32,9 +32,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..scenes.bundle import Scene
 from ..errors import BundleError
 from ..events import Progress, Reporter, silent
+from ..scenes.bundle import Scene
 from .kohya import (DEFAULT_RANK, KOHYA_SKIPS, Extraction, adapter_layers, check_rank, extract_layers, kohya_skips,
                     kohya_state_dict)
 
@@ -112,7 +112,7 @@ def distinct_names(names: list[str], limit: int = MAX_STEM) -> list[str]:
 
 def triggers(scene: Scene) -> dict[str, str]:
     """Handle token -> trigger word (also its embedding file's name)."""
-    from ..train.tokens import valid_handle_token
+    from ..handles import valid_handle_token
 
     stem = file_stem(scene.name)
     for handle in scene.handles:

@@ -48,9 +48,9 @@ from typing import Callable
 from .. import __version__
 from ..errors import InvalidInput
 from ..events import Reporter, silent
-from .kohya import DEFAULT_RANK, Extraction, check_rank
 from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, home, remove_stale_temporaries,
-                    temporary_beside)
+                     temporary_beside)
+from .kohya import DEFAULT_RANK, Extraction, check_rank
 
 FORMATS = ("diffusers", "embeddings", "a1111")
 # Written into every export folder: `--force` replaces a folder only when it holds one,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ModelNotAvailable
 from ..config import DEFAULT_DETECTOR
-from ..models import load_errors, model_load_failure, transformers_model_of_kind
+from ..errors import ModelNotAvailable
+from ..hub import load_errors, model_load_failure, transformers_model_of_kind
 
 KINDS = ("grounding-dino", "owlv2", "owlvit")  # model_type values of the detectors that work here
 WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint"

@@ -13,23 +13,43 @@ import os
 import re
 import secrets
 import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import ops as maskops
 from ..errors import InvalidInput
 from ..paths import fit_file_name
-
-if TYPE_CHECKING:
-    from .masking import MaskResult
+from . import ops as maskops
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 200, 0), (145, 30, 180), (70, 220, 220),
            (245, 130, 48), (240, 50, 230), (128, 128, 0), (0, 128, 128)]
 PREVIEW_SUFFIX = ".masks-preview.png"  # the longest name made from the stem
 RECORD_FORMAT = "scenebreak.masks"
 MAX_RECORD_BYTES = 1 << 20  # a record is a few hundred bytes; anything bigger is not ours
+
+
+@dataclass
+class MaskResult:
+    """One mask a run made: where it came from, its score, and where it was written."""
+
+    label: str  # the prompt, "box 1", "point 2", "points" or "segment 3"
+    source: str  # prompt | box | point | auto
+    score: float  # prompts: the detector's score; otherwise SAM's predicted IoU
+    mask: np.ndarray  # (H, W) uint8 in {0, 1}, the image's size
+    path: Path | None = None
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def box(self) -> tuple[int, int, int, int] | None:
+        return maskops.bounding_box(self.mask)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path) if self.path else None, "label": self.label, "source": self.source,
+                "score": round(float(self.score), 4), "box": list(self.box or ()), "area": self.area}
 
 
 def _stem(image_path: Path) -> str:

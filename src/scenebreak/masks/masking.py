@@ -2,8 +2,8 @@
 (an open-vocabulary detector finds a box, Segment Anything turns it into a mask), from
 boxes or clicks (straight to SAM), or automatically (the largest distinct segments).
 Everything asked for is checked before a model loads; then the models run (detector.py,
-segmenter.py), the masks are cleaned up for Break-A-Scene (maskops.py), overlaps are
-reported, and the masks and their preview are written (maskfiles.py)."""
+segmenter.py), the masks are cleaned up for Break-A-Scene (ops.py), overlaps are
+reported, and the masks and their preview are written (files.py)."""
 
 from __future__ import annotations
 
@@ -13,38 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ops as maskops
 from ..config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MAX_LEARNED_HANDLES, MaskConfig
-from .detector import Detector
 from ..errors import InvalidInput, InvalidMask
 from ..events import Message, Progress, Reporter, silent
-from .files import check_outputs, output_paths, write_masks
-from ..models import check_models_available
+from ..hub import check_models_available
+from . import ops as maskops
+from .detector import Detector
+from .files import MaskResult, check_outputs, output_paths, write_masks
 from .segmenter import AUTO_MAX_COVER, Segmenter
 
 OVERLAP_LIMIT = 0.5  # report pairs sharing more than half of the smaller mask
 OVERLAP_WARNINGS = 10  # pairs named one by one; more are counted in one line
-
-
-@dataclass
-class MaskResult:
-    label: str  # the prompt, "box 1", "point 2", "points" or "segment 3"
-    source: str  # prompt | box | point | auto
-    score: float  # prompts: the detector's score; otherwise SAM's predicted IoU
-    mask: np.ndarray  # (H, W) uint8 in {0, 1}, the image's size
-    path: Path | None = None
-
-    @property
-    def area(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def box(self) -> tuple[int, int, int, int] | None:
-        return maskops.bounding_box(self.mask)
-
-    def to_dict(self) -> dict:
-        return {"path": str(self.path) if self.path else None, "label": self.label, "source": self.source,
-                "score": round(float(self.score), 4), "box": list(self.box or ()), "area": self.area}
 
 
 @dataclass
@@ -133,7 +112,7 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     checked before the first file is written."""
     from ..device import choose_device
     from ..images import load_image
-    from ..models import quiet_libraries
+    from ..hub import quiet_libraries
 
     config = config or MaskConfig()
     config.validate()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import DEFAULT_SEGMENTER
-from ..models import load_errors, model_load_failure, transformers_model_of_kind
+from ..hub import load_errors, model_load_failure, transformers_model_of_kind
 
 # Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
 AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality

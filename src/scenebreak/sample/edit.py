@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
-from ..scenes.bundle import open_scene
 from ..config import MAX_IMAGES, BackgroundConfig, EditConfig
 from ..device import Device
 from ..errors import InvalidInput, InvalidMask, UsageError
 from ..events import Message, Reporter, silent
+from ..scenes.bundle import open_scene
+from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
 from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_to_files, save_png, slug, start,
                        warn_cpu_time)
 from ..images import load_image, load_masks

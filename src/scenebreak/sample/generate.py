@@ -6,14 +6,14 @@ import math
 import os
 from pathlib import Path
 
-from ..scenes.bundle import open_scene
 from ..config import GenerateConfig
 from ..device import Device
 from ..errors import InvalidInput
 from ..events import Reporter, silent
+from ..handles import prompt_for
 from ..paths import fit_file_name
+from ..scenes.bundle import open_scene
 from .sampling import GeneratedImage, GenerateResult, sample_to_files, save_png, start, warn_cpu_time
-from ..train.tokens import prompt_for
 
 
 def variation_prompt(scene) -> str:

@@ -12,14 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..scenes.bundle import Scene, open_scene
 from ..config import GenerateConfig
 from ..device import Device, choose_device
 from ..errors import InvalidInput, UnknownHandle
 from ..events import Message, Progress, Reporter, silent
+from ..handles import handles_in
 from ..paths import fit_file_name, is_writable_folder, write_atomically
+from ..scenes.bundle import Scene, open_scene
 from .scene_models import open_pipeline, scene_tokenizers
-from ..train.tokens import handles_in
 
 
 @dataclass

@@ -4,9 +4,9 @@ of its family over them."""
 
 from __future__ import annotations
 
-from ..scenes.bundle import Scene, load_scene, tokenizer_from_files
 from ..device import Device
 from ..errors import BundleError, InvalidInput, ModelNotAvailable
+from ..scenes.bundle import Scene, load_scene, tokenizer_from_files
 
 
 def scene_tokenizers(scene: Scene) -> list:
@@ -94,7 +94,7 @@ def check_weights_fit(scene: Scene, component: str, expected: dict, state: dict)
 def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str):
     """The base model's Components a scene was learned on, from where it recorded it
     or `base_model`, checked by fingerprint; `who` needs it, for `what` (messages)."""
-    from ..models import load_components
+    from ..families.base_model import load_components
 
     base = scene.meta["base_model"]
     try:
@@ -130,7 +130,7 @@ def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, d
                   tokenizers=None):
     """A text-to-image pipeline of the scene's family over its models, sampling with
     `scheduler` (`tokenizers`: the scene's, if already built)."""
-    from ..models import quiet_libraries
+    from ..hub import quiet_libraries
     from .pipeline import make_pipeline
 
     quiet_libraries()

@@ -16,8 +16,8 @@ format_version, versions, base model, handles, resolution, configs, losses...
 Format 2 added SDXL (the `_2` entries). SD 1.x/2.x scenes are still written as
 format 1, which they are, so an older scenebreak keeps reading them.
 
-This module owns that format: writing and reading it, and assembling a scene (its
-metadata, weights and tokenizer files) from a finished training run.
+This module owns that format: writing it, and reading it as a stranger's file
+(train/assemble.py makes a scene from a finished training run).
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def metadata_problem(meta: dict) -> str | None:
     """What makes this metadata unsafe or unusable, or None. Every value that names a
     file or sizes work is checked: names follow the scene-name rule, sizes have bounds."""
     from ..paths import valid_name
-    from ..train.tokens import valid_handle_token
+    from ..handles import valid_handle_token
 
     too_long = _long_string(meta)
     if too_long:
@@ -389,7 +389,7 @@ def list_scenes() -> list[Path]:
     return sorted(folder.glob(f"*{SCENE_SUFFIX}")) if folder.exists() else []
 
 
-# -- assembling a scene from a finished training run ---------------------------------------------
+# -- the tokenizer files a scene holds ----------------------------------------------------------------
 
 def tokenizer_files(tokenizer, folder: str = "tokenizer") -> dict[str, bytes]:
     """The tokenizer's files (handles included), as the scene stores them under `folder`."""
@@ -438,73 +438,3 @@ def _without_code_references(data: bytes, name: str) -> bytes:
         raise BundleError(f"not a valid scene: its {name} is not a JSON object")
     config.pop("auto_map", None)
     return json.dumps(config).encode()
-
-
-def model_config(model) -> dict:
-    """A model's config as the scene records it (enough to rebuild the model empty)."""
-    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-    return {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype", "transformers_version", "_name_or_path")}
-
-
-def scene_metadata(*, name: str, tokens: list[str], components, prepared, config, plan, precision: str, losses: dict,
-                   device, image: Path, masks: list[Path], resolution: int, seconds: float) -> dict:
-    """The JSON header of a newly learned scene."""
-    import datetime as dt
-
-    from .. import __version__
-    from ..families.lora import lora_settings
-
-    c = components
-    return {
-        "name": name,
-        "scenebreak_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tuning": config.tune,
-        "standalone": config.tune == "full" or config.standalone,
-        "base_model": c.base.to_dict(),
-        # The background handle's mask (index len(masks)) is the complement of the others.
-        "handles": [{"token": t, "name": t.strip("<>"), "mask_index": i, "background": config.background and i == len(masks)}
-                    for i, t in enumerate(tokens)],
-        "resolution": resolution,
-        "prediction_type": c.prediction_type,
-        # Pooled text taken at the end of text (families.pool_at_end_of_text); SDXL
-        # scenes without it were learned with the pooled vector at the last handle.
-        "pooled_at": "eos",
-        "crop_box": list(prepared.crop_box),
-        "source": {"file": image.name, "size": list(prepared.source_size), "sha256": prepared.source_sha256,
-                   "masks": [m.name for m in masks]},
-        "config": config.to_dict(),
-        "memory": plan.to_dict(),
-        "precision": precision,
-        "losses": losses,
-        **({"lora": lora_settings(config.rank)} if config.tune == "lora" else {}),
-        "device": device.name,
-        "seconds": round(seconds, 2),
-        "configs": {"unet": model_config(c.unet), "vae": model_config(c.vae),
-                    **{name: model_config(te) for name, te in zip(c.family.text_encoders, c.text_encoders)},
-                    "scheduler": dict(c.scheduler_config)},
-    }
-
-
-def scene_from_training(components, meta: dict, prepared) -> Scene:
-    """The trained models as a self-contained scene (the handles put back into an
-    ordinary embedding matrix, so other tools can load the text encoder)."""
-    from ..families.lora import lora_state_dict, merge_lora
-    from ..train.tokens import remove_handle_embedding
-
-    c = components
-    handles = [remove_handle_embedding(te) for te in c.text_encoders]
-    encoders = dict(zip(c.family.text_encoders, c.text_encoders))
-    if meta["tuning"] == "lora" and not meta["standalone"]:
-        # Only the adapters: the scene loads them onto its recorded base model.
-        weights = {"unet_lora": lora_state_dict(c.unet), **{f"{n}_lora": lora_state_dict(te) for n, te in encoders.items()}}
-    else:
-        if meta["tuning"] == "lora":
-            for model in (c.unet, *c.text_encoders):
-                merge_lora(model)
-        weights = {"unet": c.unet.state_dict(), **{n: te.state_dict() for n, te in encoders.items()}, "vae": c.vae.state_dict()}
-    files = {}
-    for tokenizer, folder in zip(c.tokenizers, c.family.tokenizers):
-        files.update(tokenizer_files(tokenizer, folder))
-    return Scene(meta=meta, embeddings=handles[0], image=np.asarray(prepared.image), masks=prepared.masks, weights=weights,
-                 files=files, embeddings_2=handles[1] if len(handles) > 1 else None)

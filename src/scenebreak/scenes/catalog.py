@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .bundle import list_scenes, read_metadata
 from ..errors import BundleError
 from ..paths import resolve_scene
+from .bundle import list_scenes, read_metadata
 
 
 def scene_rows() -> list[dict]:

@@ -7,9 +7,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..events import Message, Progress, Reporter, silent
-from ..errors import Interrupted
 from ..config import SCHEDULER_STEPS
+from ..errors import Interrupted
+from ..events import Message, Progress, Reporter, silent
 from ..paths import class_images_dir, write_atomically
 
 GUIDANCE = 7.5

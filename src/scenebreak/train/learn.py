@@ -11,16 +11,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..scenes.bundle import save_scene, scene_from_training, scene_metadata
-from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
 from ..config import LearnConfig, default_base_model
 from ..device import Device, choose_device, is_out_of_memory, precision_name
 from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError
 from ..events import Message, Progress, Reporter, silent
+from ..handles import check_handle_tokens
 from ..images import background_mask, load_image, load_masks, prepare
-from .locks import scene_lock
 from ..paths import check_file_name_fits, check_name, check_room, home, is_writable_folder, scene_path
-from .tokens import check_handle_tokens
+from ..scenes.bundle import save_scene
+from .assemble import scene_from_training, scene_metadata
+from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
+from .locks import scene_lock
 
 
 @dataclass
@@ -125,7 +126,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
            started) -> LearnResult:
     import torch
 
-    from ..models import resolve_model_dir
+    from ..families.base_model import resolve_model_dir
 
     base_model = base_model or default_base_model()
     resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
@@ -229,7 +230,7 @@ def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> None:
     base model's weight files before any of it loads (at the upper bound: every class
     image still to make, the optimizer's states in fp32)."""
     from ..estimates import checkpoint_bytes, scene_bytes
-    from ..models import parameter_counts
+    from ..families.base_model import parameter_counts
     from ..paths import checkpoints_dir, class_images_dir
 
     counts = parameter_counts(model_dir)
@@ -256,7 +257,7 @@ def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakErr
 def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str, revision: str | None, resolved):
     """The base model, the training resolution it implies, and the photo and masks
     cropped and resized to it; checked before anything is trained."""
-    from ..models import load_components
+    from ..families.base_model import load_components
 
     components = load_components(base_model, revision, resolved)
     resolution = config.resolution or components.native_resolution

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
 from ..config import LearnConfig
 from ..device import Device
-from .memory import MemoryPlan
+from ..handles import prompt_for
 from ..images import image_to_tensor
+from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
 from .losses import attention_loss, diffusion_loss, diffusion_target, downsample_masks, masked_diffusion_loss
+from .memory import MemoryPlan
 from .optim import OptimizerInBackward, adamw_factory
-from .tokens import handle_positions, install_handle_embedding, prompt_for
+from .tokens import handle_positions, install_handle_embedding
 
 
 LOSS_NAMES = ("loss", "rec", "prior", "attn")
