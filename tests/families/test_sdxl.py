@@ -285,3 +285,20 @@ def test_a_format_1_scene_from_before_sdxl_still_loads_and_generates(tmp_path):
     out = generate(old, "<asset1> on the moon", GenerateConfig(steps=2, seed=0), out_dir=tmp_path)
     with Image.open(out.images[0].path) as im:
         assert im.size == (64, 64)
+
+
+def test_a_format_2_scene_from_before_the_layout_move_still_loads_and_generates(tmp_path):
+    """tests/data/format2-sdxl.scene: the tiny SDXL at 64 px, 2 + 2 steps, written by
+    scenebreak just before its modules moved into subpackages."""
+    from conftest import DATA
+
+    from scenebreak.scenes.bundle import read_metadata
+
+    old = DATA / "format2-sdxl.scene"
+    meta = read_metadata(old)
+    assert meta["format_version"] == 2 and meta["base_model"]["family"] == "SDXL"
+    scene = load_scene(old)
+    assert scene.family.name == "SDXL" and scene.embeddings_2 is not None
+    out = generate(old, "<asset2> on the moon", GenerateConfig(steps=2, seed=0), out_dir=tmp_path)
+    with Image.open(out.images[0].path) as im:
+        assert im.size == (64, 64)
