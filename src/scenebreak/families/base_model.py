@@ -21,7 +21,7 @@ class BaseModel:
     revision: str | None
     commit: str | None  # the hub snapshot actually used
     fingerprint: str  # sha256 of the configs and the token-embedding matrix
-    family: str = ""  # "SD 1.x" | "SD 2.x" | "SDXL" (families.py)
+    family: str = ""  # the family's name, as families/ records it
 
     def to_dict(self) -> dict:
         return dict(id=self.id, revision=self.revision, commit=self.commit, fingerprint=self.fingerprint, family=self.family)
