@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,20 +43,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 
 SETTINGS = dict(steps1=400, steps2=400, lr2=1e-4, prior=False)
 MODELS = ("sd", "small", "sdxl")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_model(family: str, folder: Path) -> Path:
@@ -150,6 +139,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where to save the .md and .json (default benchmarks/results/attention_iou[-small|-sdxl])")
     args = parser.parse_args()
     import torch
+
+    from train_step import cpu_name
 
     from scenebreak.device import cpu_bf16_instructions
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,17 +49,6 @@ sys.path.insert(0, str(HERE))
 # (fixed_noise, the mask covers everything): the last is plain img2img from the same
 # start, for how much the sampler itself changes without any blending.
 MODES = {"fresh": (False, False), "fixed": (True, False), "no mask": (False, True)}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (as lscpu reports it), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synthetic_photo(size: int) -> np.ndarray:
@@ -140,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     resolution = args.resolution or (64 if args.model == "tiny" else 128)
 
-    from train_step import random_model
+    from train_step import cpu_name, random_model
 
     from scenebreak.sample.blending import encode, latent_mask
     from scenebreak.config import SCHEDULER_STEPS

@@ -325,18 +325,21 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
             "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], **peak(device, source.reuse)}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (as lscpu reports it, from /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device_name: str) -> str:
     if device_name.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ in masks/, the scoring models in evaluation/."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -90,13 +91,18 @@ def model_load_failure(what: str, ref: str, folder: Path, option: str, exc: Exce
                              f"or pass {option} /path/to/a/model/folder")
 
 
-def load_errors() -> tuple[type[Exception], ...]:
-    """What loading a damaged transformers model folder raises: unreadable or malformed
-    files (OSError, ValueError), and safetensors' own error for a garbled or cut-short
-    weights file, which is neither."""
+@contextlib.contextmanager
+def loading_model(what: str, ref: str, folder: Path, option: str):
+    """Around the loading of a transformers model folder: what a damaged one raises
+    becomes model_load_failure's one line naming it and the fix. That is unreadable or
+    malformed files (OSError, ValueError), and safetensors' own error for a garbled or
+    cut-short weights file, which is neither."""
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, SafetensorError)
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise model_load_failure(what, ref, folder, option, exc) from exc
 
 
 def check_models_available(models: list[tuple[str, str, str]]) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
-from ..hub import load_errors, model_load_failure, transformers_model_of_kind
+from ..hub import loading_model, model_load_failure, transformers_model_of_kind
 
 CLIP_KINDS = ("clip",)
 CLIP_WANTED = f"use a CLIP checkpoint such as {DEFAULT_CLIP_MODEL}"
@@ -43,11 +43,9 @@ class ClipScorer:
 
         ref = ref or DEFAULT_CLIP_MODEL
         folder, _ = transformers_model_of_kind(ref, "CLIP model", "--clip-model", CLIP_KINDS, CLIP_WANTED)
-        try:
+        with loading_model("CLIP model", ref, folder, "--clip-model"):
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = CLIPModel.from_pretrained(folder).to(device.torch).eval()
-        except load_errors() as exc:
-            raise model_load_failure("CLIP model", ref, folder, "--clip-model", exc) from exc
         self.device, self.ref = device, ref
 
     @staticmethod
@@ -125,13 +123,11 @@ class DinoScorer:
 
         ref = ref or DEFAULT_DINO_MODEL
         folder, kind = transformers_model_of_kind(ref, "DINO model", "--dino-model", DINO_KINDS, DINO_WANTED)
-        try:
+        with loading_model("DINO model", ref, folder, "--dino-model"):
             self.processor = AutoImageProcessor.from_pretrained(folder)
             # DINO checkpoints have no pooler: leave it out rather than initialise it randomly.
             model = ViTModel.from_pretrained(folder, add_pooling_layer=False) if kind == "vit" else AutoModel.from_pretrained(folder)
             self.model = model.to(device.torch).eval()
-        except load_errors() as exc:
-            raise model_load_failure("DINO model", ref, folder, "--dino-model", exc) from exc
         self.patch = int(self.model.config.patch_size)
         self.device, self.ref = device, ref
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..config import DEFAULT_DETECTOR
 from ..errors import ModelNotAvailable
-from ..hub import load_errors, model_load_failure, transformers_model_of_kind
+from ..hub import loading_model, transformers_model_of_kind
 
 KINDS = ("grounding-dino", "owlv2", "owlvit")  # model_type values of the detectors that work here
 WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint"
@@ -21,12 +21,11 @@ class Detector:
 
         folder, self.kind = transformers_model_of_kind(ref, "detector", "--detector", KINDS, WANTED)
         try:
-            self.processor = AutoProcessor.from_pretrained(folder)
-            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device.torch).eval()
+            with loading_model("detector", ref, folder, "--detector"):
+                self.processor = AutoProcessor.from_pretrained(folder)
+                self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device.torch).eval()
         except ImportError as exc:
             raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
-        except load_errors() as exc:
-            raise model_load_failure("detector", ref, folder, "--detector", exc) from exc
         self.device, self.ref = device, ref
 
     def detect(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import DEFAULT_SEGMENTER
-from ..hub import load_errors, model_load_failure, transformers_model_of_kind
+from ..hub import loading_model, transformers_model_of_kind
 
 # Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
 AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
@@ -25,11 +25,9 @@ class Segmenter:
         from transformers import SamModel, SamProcessor
 
         folder, _ = transformers_model_of_kind(ref, "segmenter", "--segmenter", KINDS, WANTED)
-        try:
+        with loading_model("segmenter", ref, folder, "--segmenter"):
             self.processor = SamProcessor.from_pretrained(folder)
             self.model = SamModel.from_pretrained(folder).to(device.torch).eval()
-        except load_errors() as exc:
-            raise model_load_failure("segmenter", ref, folder, "--segmenter", exc) from exc
         self.device = device
 
     def set_image(self, image) -> None:
