@@ -65,7 +65,8 @@ def build(arch: str):
 
 
 def one(arch: str, variant: str, resolution: int, device_name: str, repeats: int) -> dict:
-    from scenebreak.train.attention import AttentionStore, capture_cross_attention, cross_attention_layers
+    from scenebreak.families.unet import cross_attention_layers
+    from scenebreak.train.attention import AttentionStore, capture_cross_attention
     from scenebreak.device import choose_device
 
     unet, factor, torch = build(arch)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from scenebreak.train.attention import AttentionStore, RecordingAttnProcessor, capture_cross_attention, cross_attention_layers
+from scenebreak.families.unet import cross_attention_layers
+from scenebreak.train.attention import AttentionStore, RecordingAttnProcessor, capture_cross_attention
 from scenebreak.errors import InvalidInput
 
 from tinymodels import sd21_base_configs
@@ -58,7 +59,7 @@ def test_recording_matches_fused_attention_and_keeps_the_instance_only(tiny_mode
     with torch.no_grad():
         fused = unet(latents, t, text).sample
         store = AttentionStore(example=0)
-        with capture_cross_attention(unet, store):
+        with capture_cross_attention(unet, store, cross_attention_layers(unet)):
             recorded = unet(latents, t, text).sample
             both = dict(store.maps)
             store.clear()
@@ -101,7 +102,7 @@ def test_recording_only_the_handle_columns_gives_the_full_maps_and_gradients(mod
         embeds = text.clone().requires_grad_(True)
         store = AttentionStore(0)
         store.columns = columns
-        with capture_cross_attention(unet, store):
+        with capture_cross_attention(unet, store, cross_attention_layers(unet)):
             out = unet(latents, t, embeds, added_cond_kwargs=added).sample
             maps = store.token_maps(positions)
         (grad,) = torch.autograd.grad((maps * torch.linspace(0, 1, maps.numel()).view_as(maps)).sum(), embeds)

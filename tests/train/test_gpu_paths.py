@@ -128,7 +128,8 @@ def test_eight_bit_in_the_backward_pass_updates_each_tensor_without_a_device_syn
 def test_compile_has_no_graph_break_from_the_capture_under_checkpointing(tiny_model):
     import torch._dynamo
 
-    from scenebreak.train.attention import AttentionStore, capture_cross_attention, cross_attention_layers
+    from scenebreak.families.unet import cross_attention_layers
+    from scenebreak.train.attention import AttentionStore, capture_cross_attention
     from scenebreak.families.base_model import load_components
     from scenebreak.train.trainer import compile_unet
 

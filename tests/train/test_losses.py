@@ -4,7 +4,7 @@ import random
 import torch
 
 from scenebreak.train.attention import AttentionStore
-from scenebreak.train.losses import attention_loss, diffusion_target, masked_diffusion_loss
+from scenebreak.train.losses import attention_loss, masked_diffusion_loss
 from scenebreak.train.trainer import prompt_for, sample_handles
 
 
@@ -46,18 +46,17 @@ def test_masked_loss_ignores_everything_outside_the_mask():
     assert torch.allclose(before, expected)
 
 
-class _Scheduler:
-    def __init__(self, kind):
-        self.config = type("C", (), {"prediction_type": kind})()
-
-    def get_velocity(self, latents, noise, t):
-        return noise - latents
-
-
 def test_target_follows_prediction_type():
-    latents, noise, t = torch.ones(1, 4, 2, 2), torch.full((1, 4, 2, 2), 2.0), torch.tensor([5])
-    assert torch.equal(diffusion_target(_Scheduler("epsilon"), latents, noise, t), noise)
-    assert torch.equal(diffusion_target(_Scheduler("v_prediction"), latents, noise, t), noise - latents)
+    """The UNet families' training target: the noise (epsilon), or the velocity
+    sqrt(a) noise - sqrt(1 - a) x0 (v-prediction) of the schedule at that timestep."""
+    from scenebreak.families.unet import DiffusionSchedule
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    latents, noise, t = torch.ones(1, 4, 2, 2), torch.full((1, 4, 2, 2), 2.0), torch.tensor([500])
+    assert torch.equal(DiffusionSchedule(dict(config, prediction_type="epsilon")).target(latents, noise, t), noise)
+    v = DiffusionSchedule(dict(config, prediction_type="v_prediction"))
+    a = v.scheduler.alphas_cumprod[500]
+    assert torch.allclose(v.target(latents, noise, t), a.sqrt() * noise - (1 - a).sqrt() * latents)
 
 
 def test_attention_loss_is_zero_for_maps_equal_to_masks_and_scale_free():

@@ -10,11 +10,11 @@ from ..scenes.bundle import open_scene
 
 
 def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(100, 300, 500, 700), seed: int = 0) -> np.ndarray:
-    """(N, s, s) maps at latent size / 4: each handle's cross-attention for the prompt
+    """(N, s, s) maps where the attention loss reads them (latent size / 4 on SD and
+    SDXL): each handle's cross-attention for the prompt
     "a photo of <h1> and ... <hN>" over the scene's own photo, averaged over heads,
     layers and a few noise levels, each scaled to a maximum of 1."""
     import torch
-    from diffusers import DDPMScheduler
     from PIL import Image
 
     from ..train.attention import AttentionStore, capture_cross_attention
@@ -26,7 +26,8 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     scene = open_scene(scene)
     device = device if isinstance(device, Device) else choose_device(device)
     unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=torch.float32)
-    scheduler = DDPMScheduler.from_config(scene.meta["configs"]["scheduler"])
+    family = scene.family
+    schedule = family.training_schedule(scene.meta["configs"]["scheduler"])
     dev = device.torch
     pixels = image_to_tensor(Image.fromarray(scene.image)).to(dev)
     ids = [tok(prompt_for(scene.tokens), padding="max_length", max_length=tok.model_max_length,
@@ -36,13 +37,13 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     generator = torch.Generator("cpu").manual_seed(seed)
     store = AttentionStore(example=0)
     total = None
-    with torch.no_grad(), capture_cross_attention(unet, store):
+    with torch.no_grad(), capture_cross_attention(unet, store, family.attention_layers(unet)):
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-        hidden, added = scene.family.encode_prompts(text_encoders, ids, scene.family.sampling_conditions(size))
+        hidden, added = family.encode_prompts(text_encoders, ids, family.sampling_conditions(size))
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(dev)
             step = torch.tensor([t], device=dev)
-            unet(scheduler.add_noise(latents, noise, step), step, hidden, added_cond_kwargs=added)
+            family.denoise(unet, schedule.add_noise(latents, noise, step), step, hidden, added)
             maps = store.token_maps(positions)
             total = maps if total is None else total + maps
             store.clear()

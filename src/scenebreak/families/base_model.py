@@ -71,11 +71,6 @@ class Components:
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
-    def noise_scheduler(self):
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(self.scheduler_config)
-
 
 def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Path, str | None]:
     """A local folder holding the diffusers layout, and the hub commit if any. The

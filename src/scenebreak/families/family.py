@@ -80,6 +80,30 @@ class Family:
         """The dtype the VAE samples in when the rest is in `dtype`."""
         return dtype
 
+    # -- training -------------------------------------------------------------------------------
+    denoiser: ClassVar[str] = ""  # the denoiser's folder and scene component ("unet")
+
+    def training_schedule(self, scheduler_config: dict):
+        """The training noise over the base model's schedule: an object with
+        `timesteps(count, generator)`, `add_noise(latents, noise, timesteps)` and
+        `target(latents, noise, timesteps)` (what the denoiser should predict: epsilon,
+        v, or a flow's velocity)."""
+        raise NotImplementedError
+
+    def denoise(self, model, noisy, timesteps, hidden, added):
+        """The denoiser's prediction for noisy latents and the conditioning
+        `encode_prompts` made."""
+        raise NotImplementedError
+
+    def attention_layers(self, model) -> list[str]:
+        """Where the attention loss hooks in: the names of the attention processors whose
+        maps of the text tokens it reads (InvalidInput where the model has none)."""
+        raise NotImplementedError
+
+    def attention_size(self, latent_size: int) -> int:
+        """The side of those maps for latents of `latent_size`."""
+        raise NotImplementedError
+
     # -- conditioning -----------------------------------------------------------------------------
     def encode_prompts(self, text_encoders: list, ids: list, conditions=None):
         """UNet conditioning for token ids (one (B, 77) tensor per text encoder): the

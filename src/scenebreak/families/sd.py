@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .family import Family
+from .unet import UNetFamily
 
 SD1, SD2 = "SD 1.x", "SD 2.x"
 
 
-class SD(Family):
+class SD(UNetFamily):
     names: ClassVar[tuple[str, ...]] = (SD1, SD2)
     pipeline_name: ClassVar[str] = "StableDiffusionPipeline"
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..errors import InvalidInput
-from .family import BASE_HUB_FILES, Family
+from .family import BASE_HUB_FILES
+from .unet import UNetFamily
 
 SDXL_NAME = "SDXL"
 
@@ -20,7 +21,7 @@ def time_ids(original_size: tuple[int, int], target_size: tuple[int, int], crop_
     return torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)
 
 
-class SDXL(Family):
+class SDXL(UNetFamily):
     names: ClassVar[tuple[str, ...]] = (SDXL_NAME,)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")

@@ -1,47 +1,17 @@
 """Capturing the few cross-attention maps the attention loss needs.
 
-Only the cross-attention layers at latent size / 4 (16x16 for SD2.1-base at 512)
-get a recording processor; every other layer keeps diffusers' fused
-scaled-dot-product attention. Maps are kept in a dict keyed by layer name, so a
+Only the layers the family names (`Family.attention_layers`: on SD and SDXL the
+cross-attention layers at latent size / 4, 16x16 for SD2.1-base at 512) get a
+recording processor; every other layer keeps diffusers' fused scaled-dot-product
+attention. Maps are kept in a dict keyed by layer name, so a
 gradient-checkpointing recompute overwrites instead of appending twice.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
-
-from ..errors import InvalidInput
-
-_NAME_RE = re.compile(r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\..*\.attn2\.processor$")
-
-
-def layer_scale(name: str, num_down: int, num_up: int) -> int | None:
-    """How many times smaller than the latent a processor's feature map is."""
-    match = _NAME_RE.match(name)
-    if not match:
-        return None
-    kind, index = match.group(1), match.group(2)
-    if kind == "down_blocks":
-        return 2 ** int(index)  # each earlier down block halved the map
-    if kind == "up_blocks":
-        return 2 ** (num_up - 1 - int(index))  # up block j runs before its upsampler
-    return 2 ** (num_down - 1)
-
-
-def cross_attention_layers(unet, scale: int = 4) -> list[str]:
-    """Names of the cross-attention processors that work at latent size / `scale`."""
-    num_down = len(unet.config.down_block_types)
-    num_up = len(unet.config.up_block_types)
-    names = [n for n in unet.attn_processors if layer_scale(n, num_down, num_up) == scale]
-    if not names:
-        raise InvalidInput(
-            f"this UNet has no cross-attention layer at latent size / {scale}, which the attention loss needs: "
-            "use --lambda-attn 0 or another base model"
-        )
-    return names
 
 
 class AttentionStore:
@@ -150,9 +120,8 @@ class RecordingAttnProcessor:
 
 
 @contextlib.contextmanager
-def capture_cross_attention(unet, store: AttentionStore, layers: list[str] | None = None):
-    """Record the chosen layers' maps into `store`; restore every processor after."""
-    layers = layers if layers is not None else cross_attention_layers(unet)
+def capture_cross_attention(unet, store: AttentionStore, layers: list[str]):
+    """Record the `layers`' maps into `store`; restore every processor after."""
     original = dict(unet.attn_processors)
     swapped = {name: RecordingAttnProcessor(store, name) if name in layers else proc for name, proc in original.items()}
     unet.set_attn_processor(swapped)

@@ -263,9 +263,7 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
     if config.lambda_attn > 0:
-        from .attention import cross_attention_layers
-
-        cross_attention_layers(components.unet)  # the model has layers at latent/4, or a clear error
+        components.family.attention_layers(components.unet)  # the model has the loss's layers, or a clear error
     return components, resolution, prepare(image, masks, resolution, background=config.background)
 
 

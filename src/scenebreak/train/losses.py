@@ -6,16 +6,6 @@ import torch
 import torch.nn.functional as F
 
 
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet should predict, per the scheduler's prediction type."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction type {kind!r}")
-
-
 def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over all elements of (m*pred - m*target)^2: pixels outside the mask
     contribute nothing (the paper's reduction, not divided by the mask area)."""

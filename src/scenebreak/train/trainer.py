@@ -22,8 +22,8 @@ from ..config import LearnConfig
 from ..device import Device
 from ..handles import prompt_for
 from ..images import image_to_tensor
-from .attention import AttentionStore, capture_cross_attention, cross_attention_layers
-from .losses import attention_loss, diffusion_loss, diffusion_target, downsample_masks, masked_diffusion_loss
+from .attention import AttentionStore, capture_cross_attention
+from .losses import attention_loss, diffusion_loss, downsample_masks, masked_diffusion_loss
 from .memory import MemoryPlan
 from .optim import OptimizerInBackward, adamw_factory
 from .tokens import handle_positions, install_handle_embedding
@@ -100,7 +100,7 @@ class Trainer:
         self.handle_tokens = handle_tokens
         self.num_handles = len(inputs.handle_ids)
         self.amp_dtype = amp_dtype
-        self.scheduler = components.noise_scheduler()
+        self.schedule = components.family.training_schedule(components.scheduler_config)
         dev = device.torch
 
         self.lora_params: list[torch.nn.Parameter] = []
@@ -133,7 +133,7 @@ class Trainer:
         resolution = inputs.image.size[0]
         self.latent_size = resolution // components.vae_scale_factor
         self.store = AttentionStore(example=0)  # the instance is always batch row 0
-        self.layers = cross_attention_layers(components.unet) if config.lambda_attn > 0 else []
+        self.layers = components.family.attention_layers(components.unet) if config.lambda_attn > 0 else []
 
         # The photo never changes: encode it once per flip state and sample from the
         # cached distribution each step instead of re-running the VAE encoder.
@@ -144,7 +144,7 @@ class Trainer:
         for flip in (False, True):
             m = masks.flip(-1) if flip else masks
             self.latent_masks[flip] = downsample_masks(m, self.latent_size).to(dev)
-            self.attn_masks[flip] = downsample_masks(m, self.latent_size // 4).to(dev)
+            self.attn_masks[flip] = downsample_masks(m, components.family.attention_size(self.latent_size)).to(dev)
         self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_ids = self._tokenize(config.class_prompt)
         self._prompt_cache: dict[tuple[int, ...], list[torch.Tensor]] = {}
@@ -361,9 +361,9 @@ class Trainer:
         latents = torch.cat(latents)
         batch = 2 if cfg.prior else 1
         noise = torch.randn((batch, *latents.shape[1:]), generator=self.gen)[: len(latents)].to(dev)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=self.gen)[: len(latents)].to(dev)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(self.scheduler, latents, noise, timesteps)
+        timesteps = self.schedule.timesteps(batch, self.gen)[: len(latents)].to(dev)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        target = self.schedule.target(latents, noise, timesteps)
 
         self.store.clear()
         # Only the chosen handles' columns of the maps are recorded (attention.py).
@@ -375,7 +375,7 @@ class Trainer:
             batch_ids = [torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids
             conditions = None if self.conditions is None else self.conditions[: len(latents)]
             hidden, added = c.family.encode_prompts(c.text_encoders, batch_ids, conditions)
-            pred = self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+            pred = c.family.denoise(self.unet, noisy, timesteps, hidden, added)
 
         mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks
         loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)

@@ -1,0 +1,86 @@
+"""What the UNet families (SD 1.x/2.x and SDXL) share: the denoiser call, the training
+noise and target of DDPM (epsilon or v-prediction, timesteps uniform over the training
+schedule), and where the attention loss hooks in (the cross-attention layers at latent
+size / 4: 16x16 for SD2.1-base at 512)."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from ..errors import InvalidInput
+from .family import Family
+
+_CROSS_ATTENTION = re.compile(r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\..*\.attn2\.processor$")
+ATTENTION_SCALE = 4  # the loss reads maps at latent size / 4
+
+
+def layer_scale(name: str, num_down: int, num_up: int) -> int | None:
+    """How many times smaller than the latent a cross-attention processor's feature map
+    is (None for any other processor)."""
+    match = _CROSS_ATTENTION.match(name)
+    if not match:
+        return None
+    kind, index = match.group(1), match.group(2)
+    if kind == "down_blocks":
+        return 2 ** int(index)  # each earlier down block halved the map
+    if kind == "up_blocks":
+        return 2 ** (num_up - 1 - int(index))  # up block j runs before its upsampler
+    return 2 ** (num_down - 1)
+
+
+def cross_attention_layers(unet, scale: int = ATTENTION_SCALE) -> list[str]:
+    """Names of the cross-attention processors that work at latent size / `scale`."""
+    num_down = len(unet.config.down_block_types)
+    num_up = len(unet.config.up_block_types)
+    names = [n for n in unet.attn_processors if layer_scale(n, num_down, num_up) == scale]
+    if not names:
+        raise InvalidInput(
+            f"this UNet has no cross-attention layer at latent size / {scale}, which the attention loss needs: "
+            "use --lambda-attn 0 or another base model"
+        )
+    return names
+
+
+class DiffusionSchedule:
+    """DDPM training noise over a base model's schedule: timesteps drawn uniformly, the
+    noisy latents, and what the UNet should predict (its prediction type's target)."""
+
+    def __init__(self, scheduler_config: dict):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+
+    def timesteps(self, count: int, generator):
+        import torch
+
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (count,), generator=generator)
+
+    def add_noise(self, latents, noise, timesteps):
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents, noise, timesteps):
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+class UNetFamily(Family):
+    """A family whose denoiser is diffusers' UNet2DConditionModel."""
+
+    denoiser: ClassVar[str] = "unet"
+
+    def training_schedule(self, scheduler_config: dict) -> DiffusionSchedule:
+        return DiffusionSchedule(scheduler_config)
+
+    def denoise(self, model, noisy, timesteps, hidden, added):
+        return model(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+
+    def attention_layers(self, model) -> list[str]:
+        return cross_attention_layers(model)
+
+    def attention_size(self, latent_size: int) -> int:
+        return latent_size // ATTENTION_SCALE
