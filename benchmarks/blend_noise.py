@@ -136,7 +136,7 @@ def main() -> None:
 
     started = time.perf_counter()
     c, _ = random_model(tiny=args.model == "tiny")
-    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, "dpm")
+    pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, "dpm")
     guidance = c.family.guidance
     photo = synthetic_photo(resolution)
     source = encode(pipe.vae, [photo])

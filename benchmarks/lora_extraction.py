@@ -42,7 +42,7 @@ def main() -> None:
     started = time.perf_counter()
     c, _ = random_model(sdxl=args.sdxl)
     names = ["text_encoder", "text_encoder_2"][: len(c.text_encoders)]
-    base = {"unet": c.unet.state_dict(), **{n: te.state_dict() for n, te in zip(names, c.text_encoders)}}
+    base = {"unet": c.denoiser.state_dict(), **{n: te.state_dict() for n, te in zip(names, c.text_encoders)}}
     generator = torch.Generator().manual_seed(0)
     tuned = {component: {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
                          for k, v in state.items()} for component, state in base.items()}
@@ -51,7 +51,7 @@ def main() -> None:
     layers, extraction = extract_layers(tuned, base, args.rank, torch.float16)
     seconds = time.perf_counter() - started
     started = time.perf_counter()
-    state = kohya_state_dict(layers, c.family, unet_config=c.unet.config)  # SDXL: SGM names from its layout
+    state = kohya_state_dict(layers, c.family, unet_config=c.denoiser.config)  # SDXL: SGM names from its layout
     convert = time.perf_counter() - started
     megabytes = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
     row = {"model": "SDXL base" if args.sdxl else "SD2.1-base", "rank": args.rank, "layers": extraction.layers,

@@ -61,7 +61,7 @@ def main() -> None:
     from scenebreak.sample.pipeline import make_pipeline
 
     c, _ = random_model(tiny=args.model == "tiny")
-    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, "dpm")
+    pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, "dpm")
     seeds = list(range(args.seeds))
     guidance = c.family.guidance
     started = time.perf_counter()

@@ -104,7 +104,7 @@ def make_baseline_trainer(Trainer):
 
         @contextlib.contextmanager
         def _capture(self):
-            unet = self.c.unet
+            unet = self.c.denoiser
             original = dict(unet.attn_processors)
             self.store.extra = []
             unet.set_attn_processor({n: OriginalStyleProcessor(self.store, n, self.layers) for n in original})
@@ -247,7 +247,7 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
     for model in c.models():
         model.to(device.torch, dtype)
     c.vae.to(c.family.sampling_vae_dtype(c.vae, dtype))  # as scene_models does (SDXL's VAE overflows in fp16)
-    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
+    pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
     batch = batch or (4 if device.type == "cuda" else 2)
     seeds = list(range(batch))
     guidance = c.family.guidance

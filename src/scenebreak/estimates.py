@@ -25,14 +25,14 @@ CPU_SECONDS_SAMPLING_STEP = 571 / 50
 SAMPLING_BF16_SPEEDUP = 22.55 / 12.96
 
 
-def unet_params(unet) -> int:
-    return sum(p.numel() for p in unet.parameters())
+def denoiser_params(denoiser) -> int:
+    return sum(p.numel() for p in denoiser.parameters())
 
 
-def size_scale(unet, pixels: int) -> float:
+def size_scale(denoiser, pixels: int) -> float:
     """How much more work one step is than on the measured model (SD2.1-base at
     512x512): by UNet parameters and by pixel count."""
-    return unet_params(unet) / SD21_UNET_PARAMS * pixels / MEASURED_RESOLUTION**2
+    return denoiser_params(denoiser) / SD21_UNET_PARAMS * pixels / MEASURED_RESOLUTION**2
 
 
 def cpu_seconds_per_step(phase: str, precision: str) -> float:
@@ -46,7 +46,7 @@ def cpu_seconds_per_step(phase: str, precision: str) -> float:
     return CPU_SECONDS[(phase, "bf16")] * BF16_SPEEDUP
 
 
-def cpu_training_estimate(unet, resolution: int, config, plan, class_images_missing: int, class_steps: int,
+def cpu_training_estimate(denoiser, resolution: int, config, plan, class_images_missing: int, class_steps: int,
                           bf16: bool = False) -> str:
     """A rough duration of `learn` on this CPU from the measured SD2.1-base figures,
     scaled by UNet size and pixel count, for the memory plan and tuning chosen. Phase 1
@@ -54,10 +54,10 @@ def cpu_training_estimate(unet, resolution: int, config, plan, class_images_miss
     of one (estimated at 0.6 of the time)."""
     precision = "bf16" if bf16 else "fp32"
     mode = ("lora-low" if plan.policy == "low" else "lora") if config.tune == "lora" else plan.policy
-    scale = size_scale(unet, resolution**2)
+    scale = size_scale(denoiser, resolution**2)
     seconds = scale * (config.steps1 * cpu_seconds_per_step("phase1", precision)
                        + config.steps2 * cpu_seconds_per_step(mode, precision) * (1.0 if config.prior else 0.6))
-    class_seconds = class_images_missing * class_steps * cpu_sampling_seconds(unet, resolution**2, bf16)
+    class_seconds = class_images_missing * class_steps * cpu_sampling_seconds(denoiser, resolution**2, bf16)
     text = f"training on the CPU: expect roughly {format_duration(seconds)} for {config.steps1}+{config.steps2} steps"
     if class_seconds:
         text += (f", plus {format_duration(class_seconds)} once for {class_images_missing} class images "
@@ -65,9 +65,9 @@ def cpu_training_estimate(unet, resolution: int, config, plan, class_images_miss
     return text + "; a CUDA GPU takes minutes (--device cuda)"
 
 
-def cpu_sampling_seconds(unet, pixels: int, bf16: bool = False) -> float:
+def cpu_sampling_seconds(denoiser, pixels: int, bf16: bool = False) -> float:
     """Seconds of one guided sampling step for one image on this CPU."""
-    return CPU_SECONDS_SAMPLING_STEP * size_scale(unet, pixels) / (SAMPLING_BF16_SPEEDUP if bf16 else 1.0)
+    return CPU_SECONDS_SAMPLING_STEP * size_scale(denoiser, pixels) / (SAMPLING_BF16_SPEEDUP if bf16 else 1.0)
 
 
 def format_duration(seconds: float, clock: bool = False) -> str:
@@ -89,13 +89,14 @@ LORA_BYTES_SD21_RANK32 = 40e6  # a LoRA scene's adapters at rank 32 on SD2.1-bas
 
 
 def scene_bytes(counts: dict[str, int], config) -> int:
-    """About how large the scene file will be, from the parameter counts of the unet,
-    text encoder(s) and vae: the tuned weights at the save precision (full tuning, or
+    """About how large the scene file will be, from the parameter counts of the
+    denoiser, the text encoders and the VAE (families.base_model.parameter_counts):
+    the tuned weights at the save precision (full tuning, or
     LoRA baked in; `--tune auto` counts as full, the upper bound), or only the adapters."""
     if config.tune == "lora" and not config.standalone:
-        return int(LORA_BYTES_SD21_RANK32 * config.rank / 32 * counts["unet"] / SD21_UNET_PARAMS) + 2**20
+        return int(LORA_BYTES_SD21_RANK32 * config.rank / 32 * counts["denoiser"] / SD21_UNET_PARAMS) + 2**20
     per_param = 2 if config.save_dtype == "fp16" else 4
-    return per_param * (counts["unet"] + _text(counts) + counts["vae"]) + 2**20
+    return per_param * (counts["denoiser"] + counts["text_encoders"] + counts["vae"]) + 2**20
 
 
 def checkpoint_bytes(counts: dict[str, int], config, adam_8bit: bool = False) -> int:
@@ -104,12 +105,7 @@ def checkpoint_bytes(counts: dict[str, int], config, adam_8bit: bool = False) ->
     if config.tune == "lora":
         adapters = scene_bytes(counts, config) // 2  # fp16 in the scene; here fp32 weights and two states
         return 6 * adapters + 2**20
-    return int((counts["unet"] + _text(counts)) * (4 + (2 if adam_8bit else 8))) + 2**20
-
-
-def _text(counts: dict[str, int]) -> int:
-    """Parameters of the text encoder(s): SDXL has two."""
-    return counts["text_encoder"] + counts.get("text_encoder_2", 0)
+    return int((counts["denoiser"] + counts["text_encoders"]) * (4 + (2 if adam_8bit else 8))) + 2**20
 
 
 def format_bytes(count: float) -> str:

@@ -75,7 +75,7 @@ def without_what_a_lora_cannot_carry(scene, unet, text_encoders, base_folder):
     from scenebreak.families.base_model import load_components
 
     c = load_components(str(base_folder))
-    pairs = [("unet", unet, c.unet), *zip(scene.family.text_encoders, text_encoders, c.text_encoders)]
+    pairs = [("unet", unet, c.denoiser), *zip(scene.family.text_encoders, text_encoders, c.text_encoders)]
     with torch.no_grad():
         for component, model, base in pairs:
             reference = base.state_dict()
@@ -211,12 +211,12 @@ def test_a_lossy_extraction_reports_what_diffusers_then_loads(full_scene, tiny_m
     from scenebreak.families.base_model import load_components
 
     base = load_components(str(tiny_model))
-    assert with_lora < relative(unet_output(base.unet, hidden, added), expected)
+    assert with_lora < relative(unet_output(base.denoiser, hidden, added), expected)
     missed = difference = 0.0
     per_layer = {}
     tuned = {"unet": unet.state_dict(), "text_encoder": text_encoders[0].state_dict()}
     fused = {"unet": pipe.unet.state_dict(), "text_encoder": encoders[0].state_dict()}
-    original = {"unet": base.unet.state_dict(), "text_encoder": base.text_encoder.state_dict()}
+    original = {"unet": base.denoiser.state_dict(), "text_encoder": base.text_encoder.state_dict()}
     for component, state in tuned.items():
         for key, value in state.items():
             if carried(component, key, value):
@@ -426,10 +426,10 @@ def test_a_full_sdxl_scenes_lora_uses_sgm_names_and_loads_as_the_diffusers_named
     base = load_components(str(tiny_sdxl))
     names = unet_names(state)
     assert not any(n.startswith(("down_blocks", "mid_block", "up_blocks", "conv_", "time_embedding")) for n in names)
-    assert sorted(sgm_to_diffusers(names, base.unet.config)) == carried_unet_modules(base.unet)
+    assert sorted(sgm_to_diffusers(names, base.denoiser.config)) == carried_unet_modules(base.denoiser)
 
     scene = load_scene(full_sdxl, weights=True)
-    components = {"unet": base.unet, "text_encoder": base.text_encoders[0], "text_encoder_2": base.text_encoders[1]}
+    components = {"unet": base.denoiser, "text_encoder": base.text_encoders[0], "text_encoder_2": base.text_encoders[1]}
     layers, _ = extract_layers({n: scene.weights[n] for n in components},
                                {n: m.state_dict() for n, m in components.items()}, 64, torch.float32)
     prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
@@ -439,7 +439,7 @@ def test_a_full_sdxl_scenes_lora_uses_sgm_names_and_loads_as_the_diffusers_named
         name = f"{prefixes[component]}_{module.replace('.', '_')}"
         diffusers_named.update({f"{name}.lora_down.weight": layer.down, f"{name}.lora_up.weight": layer.up,
                                 f"{name}.alpha": torch.tensor(layer.alpha)})
-    sgm_named = kohya_state_dict(layers, family_named("SDXL"), unet_config=base.unet.config)
+    sgm_named = kohya_state_dict(layers, family_named("SDXL"), unet_config=base.denoiser.config)
     assert unet_names(sgm_named) != unet_names(diffusers_named)
     fused = []
     for lora in (sgm_named, diffusers_named):
@@ -450,7 +450,7 @@ def test_a_full_sdxl_scenes_lora_uses_sgm_names_and_loads_as_the_diffusers_named
         fused.append({**pipe.unet.state_dict(), **{f"te2.{k}": v for k, v in pipe.text_encoder_2.state_dict().items()}})
     assert fused[0].keys() == fused[1].keys()
     assert all(torch.equal(fused[0][k], fused[1][k]) for k in fused[0])
-    assert not torch.equal(fused[0]["conv_in.weight"], base.unet.state_dict()["conv_in.weight"])  # it did load
+    assert not torch.equal(fused[0]["conv_in.weight"], base.denoiser.state_dict()["conv_in.weight"])  # it did load
 
 
 def test_an_sdxl_lora_scene_round_trips_exactly_under_sgm_names(tmp_path_factory, tiny_sdxl, tmp_path):
@@ -583,7 +583,7 @@ def test_the_report_says_what_kohya_skips_and_kohya_strict_leaves_it_out(full_sc
     scene = load_scene(full_scene, weights=True)
     base = load_components(str(tiny_model))
     energy = {}
-    for component, model in (("unet", base.unet), ("text_encoder", base.text_encoder)):
+    for component, model in (("unet", base.denoiser), ("text_encoder", base.text_encoder)):
         for key, value in model.state_dict().items():
             tuned = scene.weights[component][key][: value.shape[0]]
             energy[component, key] = float((tuned.float() - value.float()).pow(2).sum()) if value.is_floating_point() else 0.0

@@ -51,12 +51,12 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model, tmp_path, 
 def test_parameter_counts_come_from_the_file_headers_and_match_the_models(tiny_model):
     from scenebreak.families.base_model import load_components, parameter_counts
 
-    counts = parameter_counts(tiny_model)
     components = load_components(str(tiny_model))
-    for name in ("unet", "text_encoder", "vae"):
-        assert counts[name] == sum(p.numel() for p in getattr(components, name).parameters()) > 0
-    assert counts["text_encoder_2"] == 0  # SD 1.x/2.x have one text encoder
-    assert parameter_counts(tiny_model / "nowhere") == {"unet": 0, "text_encoder": 0, "text_encoder_2": 0, "vae": 0}
+    counts = parameter_counts(tiny_model, components.family)
+    for role, models in (("denoiser", [components.denoiser]), ("text_encoders", components.text_encoders),
+                         ("vae", [components.vae])):
+        assert counts[role] == sum(p.numel() for m in models for p in m.parameters()) > 0
+    assert parameter_counts(tiny_model / "nowhere", components.family) == {"denoiser": 0, "text_encoders": 0, "vae": 0}
 
 
 @pytest.mark.parametrize("change, phrase", [

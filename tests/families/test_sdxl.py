@@ -26,7 +26,8 @@ def test_the_family_and_both_text_encoders_are_read_from_the_folder(tiny_sdxl):
     assert c.family == family and c.native_resolution == 256 and len(c.tokenizers) == 2
     assert isinstance(c.text_encoders[1], CLIPTextModelWithProjection)
     assert [te.config.hidden_size for te in c.text_encoders] == [32, 48]
-    assert parameter_counts(tiny_sdxl)["text_encoder_2"] == sum(p.numel() for p in c.text_encoders[1].parameters())
+    assert parameter_counts(tiny_sdxl, c.family)["text_encoders"] == sum(p.numel() for te in c.text_encoders
+                                                                         for p in te.parameters())
 
 
 def test_training_conditions_the_unet_exactly_as_the_sdxl_pipeline_does(tiny_sdxl):
@@ -37,7 +38,7 @@ def test_training_conditions_the_unet_exactly_as_the_sdxl_pipeline_does(tiny_sdx
     from scenebreak.sample.pipeline import make_pipeline
 
     c = load_components(str(tiny_sdxl))
-    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config)
+    pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config)
     prompt = "a photo of a red bowl"
     ids = [tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
            for tok in c.tokenizers]
@@ -47,7 +48,7 @@ def test_training_conditions_the_unet_exactly_as_the_sdxl_pipeline_does(tiny_sdx
                                                     do_classifier_free_guidance=False)
     projection = c.text_encoders[1].config.projection_dim
     pipeline_ids = pipe._get_add_time_ids((300, 200), (0, 0), (256, 256), torch.float32, text_encoder_projection_dim=projection)
-    assert hidden.shape[-1] == c.unet.config.cross_attention_dim == 80
+    assert hidden.shape[-1] == c.denoiser.config.cross_attention_dim == 80
     assert torch.allclose(hidden, expected) and torch.allclose(added["text_embeds"], pooled)
     assert torch.equal(added["time_ids"], pipeline_ids)
 

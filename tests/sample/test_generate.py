@@ -53,15 +53,16 @@ def test_cpu_users_are_told_how_long_sampling_takes():
     import torch
 
     from scenebreak.device import choose_device
+    from scenebreak.families import family_named
     from scenebreak.sample.sampling import warn_cpu_time
 
     pipe = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: [torch.empty(865_910_724, dtype=torch.uint8)]),
                            device=choose_device("cpu").torch)
-    sd21 = SimpleNamespace(pipe=pipe, autocast_dtype=None)
+    sd21 = SimpleNamespace(pipe=pipe, autocast_dtype=None, scene=SimpleNamespace(family=family_named("SD 2.x")))
     messages = []
     warn_cpu_time(sd21, 50, 512 * 512, messages.append)  # one image, 50 steps in fp32
     assert len(messages) == 1 and "roughly 10 min" in messages[0].text and messages[0].level == "warning"
     warn_cpu_time(sd21, 2, 64 * 64, messages.append)  # seconds: nothing to say
     assert len(messages) == 1
-    warn_cpu_time(SimpleNamespace(pipe=pipe, autocast_dtype=torch.bfloat16), 25, 512 * 512, messages.append)
+    warn_cpu_time(SimpleNamespace(pipe=pipe, autocast_dtype=torch.bfloat16, scene=sd21.scene), 25, 512 * 512, messages.append)
     assert "roughly 3 min" in messages[-1].text  # the default: DPM-Solver++ 25 steps under bf16

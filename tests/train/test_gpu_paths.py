@@ -133,7 +133,7 @@ def test_compile_has_no_graph_break_from_the_capture_under_checkpointing(tiny_mo
     from scenebreak.families.base_model import load_components
     from scenebreak.train.trainer import compile_unet
 
-    unet = load_components(str(tiny_model)).unet
+    unet = load_components(str(tiny_model)).denoiser
     unet.train().requires_grad_(True)
     unet.enable_gradient_checkpointing()
     compile_unet(unet)  # the settings the trainer compiles with
@@ -229,7 +229,7 @@ def test_frozen_weights_wait_in_half_precision_and_come_back_bit_for_bit(tiny_mo
     c = load_components(str(tiny_model))
     tokens = ["<asset1>", "<asset2>"]
     ids = add_handles(c.tokenizer, c.text_encoder, tokens)
-    original = {k: v.clone() for k, v in {**c.unet.state_dict(), **c.text_encoder.state_dict()}.items()}
+    original = {k: v.clone() for k, v in {**c.denoiser.state_dict(), **c.text_encoder.state_dict()}.items()}
     vocabulary = c.text_encoder.get_input_embeddings().weight.detach().clone()
     prepared = prepare(scene_files["image"], scene_files["masks"], 64)
     inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids)
@@ -238,14 +238,14 @@ def test_frozen_weights_wait_in_half_precision_and_come_back_bit_for_bit(tiny_mo
     trainer = Trainer(c, inputs, config, choose_device("cpu"), tokens, plan=plan, amp_dtype=torch.bfloat16)
     seen = []
     for record in trainer.run():
-        seen.append((record.phase, c.unet.conv_in.weight.dtype, trainer.embedding.handles.dtype, trainer.embedding.base.dtype))
+        seen.append((record.phase, c.denoiser.conv_in.weight.dtype, trainer.embedding.handles.dtype, trainer.embedding.base.dtype))
         assert torch.isfinite(record.losses).all()
     assert all(w == torch.bfloat16 and h == torch.float32 and b == torch.bfloat16 for _, w, h, b in seen)
     if tune == "lora":
         assert all(p.dtype == torch.float32 for p in trainer.lora_params)
     # After the run: fp32 again, and every frozen weight exactly the base model's.
-    assert c.unet.conv_in.weight.dtype == torch.float32 and trainer.embedding.base.dtype == torch.float32
-    state = {**c.unet.state_dict(), **c.text_encoder.state_dict()}
+    assert c.denoiser.conv_in.weight.dtype == torch.float32 and trainer.embedding.base.dtype == torch.float32
+    state = {**c.denoiser.state_dict(), **c.text_encoder.state_dict()}
     for key, value in original.items():
         if ".lora_" in key or "token_embedding" in key:
             continue
@@ -276,7 +276,7 @@ def test_a_lora_scene_of_adapters_alone_keeps_only_the_vocabulary_in_fp32(tiny_m
     assert set(trainer._fp32_master) == {"vocabulary.0"}
     for _ in trainer.run():
         pass
-    assert torch.equal(trainer.embedding.base, vocabulary[:-2]) and c.unet.conv_in.weight.dtype == torch.bfloat16
+    assert torch.equal(trainer.embedding.base, vocabulary[:-2]) and c.denoiser.conv_in.weight.dtype == torch.bfloat16
 
 
 def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_model, scene_files):
@@ -294,5 +294,5 @@ def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_
     trainer = Trainer(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids),
                       LearnConfig(steps1=1, steps2=2, prior=False, tune="full"), choose_device("cpu"), ["<a>", "<b>"],
                       plan=plan, amp_dtype=torch.bfloat16)
-    dtypes = {record.phase: c.unet.conv_in.weight.dtype for record in trainer.run()}
+    dtypes = {record.phase: c.denoiser.conv_in.weight.dtype for record in trainer.run()}
     assert dtypes == {1: torch.bfloat16, 2: torch.float32}

@@ -228,7 +228,7 @@ def test_the_estimate_matches_the_measured_sd21_figures():
 
     configs = sd21_base_configs()
     with init_empty_weights():  # parameter counts only
-        sd21 = SimpleNamespace(unet=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
+        sd21 = SimpleNamespace(denoiser=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
                                text_encoders=[CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))])
     gib = 2**30
     fast = memory.phase2_bytes(sd21, LearnConfig(), 512, autocast=False) / gib

@@ -159,13 +159,13 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
             layers = {path: layer for path, layer in layers.items() if not kohya_skips(path)}
         extraction = Extraction(source="adapters", rank=lora["rank"], layers=len(layers), kohya_strict=kohya_strict)
         network_dim, network_alpha = lora["rank"], lora["alpha"]
-        unet_config = (scene.meta.get("configs") or {}).get("unet")
+        unet_config = (scene.meta.get("configs") or {}).get(scene.family.denoiser)
     else:
         from ..sample.scene_models import scene_base_model
 
         c = scene_base_model(scene, base_model, f"exporting scene {scene.name!r} as a LoRA",
                              "the weight differences")
-        base = {"unet": c.unet.state_dict(),
+        base = {scene.family.denoiser: c.denoiser.state_dict(),
                 **{name: te.state_dict() for name, te in zip(scene.family.text_encoders, c.text_encoders)}}
         tuned = {name: scene.weights[name] for name in base}
 
@@ -174,7 +174,7 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
 
         layers, extraction = extract_layers(tuned, base, rank, scene.stored_dtype, progress, kohya_strict)
         network_dim = network_alpha = max((layer.down.shape[0] for layer in layers.values()), default=0)
-        unet_config = c.unet.config
+        unet_config = c.denoiser.config
     state = kohya_state_dict(layers, scene.family, unet_config)
     files = A1111Files(scene=stem, embeddings=embeddings, lora=state, lora_metadata={}, readme="", extraction=extraction)
     files.lora_metadata = _lora_metadata(scene, files, network_dim, network_alpha, names)

@@ -32,7 +32,7 @@ class Components:
     """A base model's parts, in fp32 on the CPU. SD 1.x/2.x have one text encoder and
     tokenizer, SDXL two (`family.text_encoders` names them)."""
 
-    unet: object
+    denoiser: object  # the UNet (SD, SDXL); family.denoiser names its folder
     vae: object
     text_encoders: list
     tokenizers: list
@@ -57,7 +57,7 @@ class Components:
 
     def models(self) -> list:
         """Every network: UNet, VAE, then the text encoders."""
-        return [self.unet, self.vae, *self.text_encoders]
+        return [self.denoiser, self.vae, *self.text_encoders]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -65,7 +65,7 @@ class Components:
 
     @property
     def native_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.family.native_resolution(self.denoiser, self.vae_scale_factor)
 
     @property
     def prediction_type(self) -> str:
@@ -83,7 +83,7 @@ def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Pat
         if not folder.is_dir():
             raise InvalidInput(f"base model folder not found: {folder}")
         family = detect_family(folder, f"the base model {folder}")
-        for part in ("unet", *family.text_encoders, *family.tokenizers):
+        for part in (family.denoiser, *family.text_encoders, *family.tokenizers):
             if not (folder / part).is_dir():
                 raise InvalidInput(f"{folder} is not a diffusers {family.name} folder (no {part}/)")
         return folder, None
@@ -93,38 +93,39 @@ def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Pat
     return hub_snapshot(base_model, revision, list(family.hub_files))
 
 
-WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors",
-                "text_encoder_2": "text_encoder_2/model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
+def parameter_counts(folder: Path, family) -> dict[str, int]:
+    """Parameters of the denoiser, the text encoders together and the VAE of a base
+    model folder of `family`, read from the safetensors headers alone (no weight is
+    loaded; sharded files summed): enough to size what a run will write before it
+    starts. A part whose files are missing or unreadable counts 0 (loading it will say
+    what is wrong)."""
+    folder = Path(folder)
+    parts = {"denoiser": [family.denoiser], "text_encoders": list(family.text_encoders), "vae": ["vae"]}
+    return {role: sum(_header_parameters(folder / name) for name in names) for role, names in parts.items()}
 
 
-def parameter_counts(folder: Path) -> dict[str, int]:
-    """Parameters of each component, read from the safetensors headers alone (no weight
-    is loaded): enough to size what a run will write before it starts. A component
-    whose file is missing or unreadable counts 0 (loading it will say what is wrong),
-    as does SD 1.x/2.x's absent second text encoder."""
+def _header_parameters(part: Path) -> int:
     from safetensors import safe_open
 
-    counts = {}
-    for name, relative in WEIGHT_FILES.items():
-        total = 0
+    total = 0
+    for file in sorted(part.glob("*.safetensors")) if part.is_dir() else []:
         try:
-            with safe_open(str(Path(folder) / relative), framework="pt") as f:
+            with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     size = 1
                     for dim in f.get_slice(key).get_shape():
                         size *= dim
                     total += size
         except Exception:  # safetensors raises several types for missing or damaged files
-            total = 0
-        counts[name] = total
-    return counts
+            return 0
+    return total
 
 
-def fingerprint(unet, vae, *text_encoders) -> str:
+def fingerprint(denoiser, vae, *text_encoders) -> str:
     """A content hash that tells base models apart without reading every weight (for
     SD 1.x/2.x exactly what it was before SDXL: scenes keep matching their base)."""
     digest = hashlib.sha256()
-    for model in (unet, vae, *text_encoders):
+    for model in (denoiser, vae, *text_encoders):
         config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
         config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
@@ -136,17 +137,18 @@ def fingerprint(unet, vae, *text_encoders) -> str:
 
 def load_components(base_model: str, revision: str | None = None,
                     resolved: tuple[Path, str | None] | None = None) -> Components:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and scheduler config in fp32 on the
-    CPU; `resolved` is what resolve_model_dir already returned for them, if it was called."""
+    """Load the denoiser, VAE, text encoder(s), tokenizer(s) and scheduler config in fp32
+    on the CPU; `resolved` is what resolve_model_dir already returned for them, if it
+    was called."""
     quiet_libraries()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     from . import detect_family, pool_at_end_of_text
 
     folder, commit = resolved or resolve_model_dir(base_model, revision)
     family = detect_family(folder, f"the base model {base_model}")
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        denoiser = family.denoiser_class().from_pretrained(folder / family.denoiser)
         vae = AutoencoderKL.from_pretrained(folder / "vae")
         text_encoders = [family.text_encoder_class(name).from_pretrained(folder / name) for name in family.text_encoders]
         tokenizers = [family.tokenizer_class(name)[0].from_pretrained(folder / name) for name in family.tokenizers]
@@ -156,17 +158,17 @@ def load_components(base_model: str, revision: str | None = None,
             f"cannot load the base model from {folder}: {exc}. Fix: download it again "
             f"(`hf download {shlex.quote(base_model)}`) or pass --base-model /path/to/a/diffusers/folder"
         ) from exc
-    for model in (unet, vae, *text_encoders):
+    for model in (denoiser, vae, *text_encoders):
         model.requires_grad_(False)
         model.eval()
     base = BaseModel(
         id=base_model if commit else str(Path(base_model).expanduser().resolve()),
         revision=revision,
         commit=commit,
-        fingerprint=fingerprint(unet, vae, *text_encoders),
+        fingerprint=fingerprint(denoiser, vae, *text_encoders),
         family=family.name,
     )
     # After the fingerprint, which stays that of the folder as it is (scenes match by it).
     for text_encoder, tokenizer in zip(text_encoders, tokenizers):
         pool_at_end_of_text(text_encoder, tokenizer)
-    return Components(unet, vae, text_encoders, tokenizers, scheduler_config, base, family)
+    return Components(denoiser, vae, text_encoders, tokenizers, scheduler_config, base, family)

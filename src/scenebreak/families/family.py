@@ -83,6 +83,19 @@ class Family:
     # -- training -------------------------------------------------------------------------------
     denoiser: ClassVar[str] = ""  # the denoiser's folder and scene component ("unet")
 
+    def denoiser_class(self):
+        """The diffusers class of the denoiser."""
+        raise NotImplementedError
+
+    def native_resolution(self, denoiser, vae_scale: int) -> int:
+        """The resolution the base model was trained at."""
+        raise NotImplementedError
+
+    def resolution_step(self, denoiser, vae_scale: int) -> int:
+        """Training resolutions must be multiples of this (the denoiser's downsampling
+        and the attention loss's maps need whole numbers)."""
+        raise NotImplementedError
+
     def training_schedule(self, scheduler_config: dict):
         """The training noise over the base model's schedule: an object with
         `timesteps(count, generator)`, `add_noise(latents, noise, timesteps)` and

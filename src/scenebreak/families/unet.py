@@ -73,6 +73,18 @@ class UNetFamily(Family):
 
     denoiser: ClassVar[str] = "unet"
 
+    def denoiser_class(self):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    def native_resolution(self, denoiser, vae_scale: int) -> int:
+        return int(denoiser.config.sample_size) * vae_scale
+
+    def resolution_step(self, denoiser, vae_scale: int) -> int:
+        """The UNet halves the latent once per down block; the loss needs latent/4."""
+        return max(vae_scale * 2 ** (len(denoiser.config.down_block_types) - 1), vae_scale * ATTENTION_SCALE)
+
     def training_schedule(self, scheduler_config: dict) -> DiffusionSchedule:
         return DiffusionSchedule(scheduler_config)
 

@@ -121,8 +121,8 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
     `on_step(i, timestep, latents)` sees the latents after every blended step."""
     import torch
 
-    scheduler, unet = pipe.scheduler, pipe.unet
-    device, dtype = unet.device, unet.dtype
+    scheduler, denoiser = pipe.scheduler, getattr(pipe, family.denoiser)
+    device, dtype = denoiser.device, denoiser.dtype
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps[int(len(scheduler.timesteps) * blend_start):]
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -145,7 +145,7 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
         total = total if total is not None else len(timesteps) * len(seeds)
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
-            pred = unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+            pred = family.denoise(denoiser, model_input, t, embeds, added)
             if cfg:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)

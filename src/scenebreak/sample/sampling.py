@@ -59,10 +59,10 @@ class SamplingRun:
         return GenerateResult(self.scene.name, images, time.perf_counter() - self.started)
 
     def precision(self):
-        """The autocast the UNet and text encoders sample under (a no-op on GPUs)."""
+        """The autocast the denoiser and text encoders sample under (a no-op on GPUs)."""
         from ..device import Device
 
-        device = self.pipe.unet.device
+        device = self.pipe.device
         return Device(device.type, str(device)).autocast(self.autocast_dtype)
 
 
@@ -171,7 +171,8 @@ def warn_cpu_time(run: SamplingRun, image_steps: int, pixels: int, report: Repor
         return
     from ..estimates import cpu_sampling_seconds, format_duration
 
-    seconds = image_steps * cpu_sampling_seconds(run.pipe.unet, pixels, bf16=run.autocast_dtype is not None)
+    denoiser = getattr(run.pipe, run.scene.family.denoiser)
+    seconds = image_steps * cpu_sampling_seconds(denoiser, pixels, bf16=run.autocast_dtype is not None)
     if seconds > 60:
         report(Message(f"on the CPU this takes roughly {format_duration(seconds)}; a CUDA GPU takes seconds (--device cuda)", "warning"))
 

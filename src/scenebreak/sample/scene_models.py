@@ -15,7 +15,7 @@ def scene_tokenizers(scene: Scene) -> list:
 
 
 def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None, tokenizers=None):
-    """UNet, VAE, text encoders and tokenizers (lists: two on SDXL) of a scene on
+    """Denoiser, VAE, text encoders and tokenizers (lists: two on SDXL) of a scene on
     `device` in `dtype` (default: the device's sampling precision); `base_model` says
     where a LoRA scene's base model is, if not where the scene recorded it;
     `tokenizers` are the scene's, if already built."""
@@ -30,10 +30,10 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
     family = scene.family
     tokenizers = tokenizers or scene_tokenizers(scene)
     if scene.needs_base_model:
-        unet, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers])
+        denoiser, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers])
     else:
-        unet, vae, text_encoders = own_weights(scene, dtype)
-    for model in (unet, vae, *text_encoders):
+        denoiser, vae, text_encoders = own_weights(scene, dtype)
+    for model in (denoiser, vae, *text_encoders):
         model.to(device.torch, dtype).eval().requires_grad_(False)
     vae.to(family.sampling_vae_dtype(vae, dtype))
     # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
@@ -45,27 +45,27 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
             raise InvalidInput(f"scene {scene.name!r}: tokenizer and text encoder disagree on the handles")
         with torch.no_grad():
             emb[ids] = rows.to(emb.device, emb.dtype)
-    return unet, vae, text_encoders, tokenizers
+    return denoiser, vae, text_encoders, tokenizers
 
 
 def own_weights(scene: Scene, dtype):
-    """UNet, VAE and text encoders of a self-contained scene, built empty from the
+    """Denoiser, VAE and text encoders of a self-contained scene, built empty from the
     recorded configs and filled with its weights."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig
 
     configs = scene.meta["configs"]
     names = scene.family.text_encoders
     with init_empty_weights():  # no random init of weights we overwrite anyway
-        unet = UNet2DConditionModel.from_config(configs["unet"])
+        denoiser = scene.family.denoiser_class().from_config(configs[scene.family.denoiser])
         vae = AutoencoderKL.from_config(configs["vae"])
         text_encoders = [scene.family.text_encoder_class(name)(CLIPTextConfig(**configs[name])) for name in names]
-    for model, name in ((unet, "unet"), (vae, "vae"), *zip(text_encoders, names)):
+    for model, name in ((denoiser, scene.family.denoiser), (vae, "vae"), *zip(text_encoders, names)):
         check_weights_fit(scene, name, model.state_dict(), scene.weights[name])
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
         model.load_state_dict(state, assign=True, strict=True)
-    return unet, vae, text_encoders
+    return denoiser, vae, text_encoders
 
 
 STORED_FLOATS = ("torch.float16", "torch.bfloat16", "torch.float32")
@@ -116,14 +116,14 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters")
     for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
         text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
-    add_lora(c.unet, c.text_encoders, scene.meta["lora"])
-    for name, model in (("unet", c.unet), *zip(c.family.text_encoders, c.text_encoders)):
+    add_lora(c.denoiser, c.text_encoders, scene.meta["lora"])
+    for name, model in ((c.family.denoiser, c.denoiser), *zip(c.family.text_encoders, c.text_encoders)):
         component = f"{name}_lora"
         load_lora_state_dict(model, scene.weights[component],
                              lambda expected, state: check_weights_fit(scene, component, expected, state))
-    for model in (c.unet, *c.text_encoders):
+    for model in (c.denoiser, *c.text_encoders):
         merge_lora(model)  # plain layers again: no adapter cost per step
-    return c.unet, c.vae, c.text_encoders
+    return c.denoiser, c.vae, c.text_encoders
 
 
 def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None, scheduler: str = "dpm",
@@ -134,10 +134,11 @@ def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, d
     from .pipeline import make_pipeline
 
     quiet_libraries()
-    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=dtype, base_model=base_model,
+    denoiser, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=dtype, base_model=base_model,
                                                             tokenizers=tokenizers)
     if device.type == "cuda":
         import torch
 
-        unet.to(memory_format=torch.channels_last)  # faster convolutions with cuDNN
-    return make_pipeline(scene.family, unet, vae, text_encoders, tokenizers, scene.meta["configs"]["scheduler"], scheduler)
+        denoiser.to(memory_format=torch.channels_last)  # faster convolutions with cuDNN
+    return make_pipeline(scene.family, denoiser, vae, text_encoders, tokenizers, scene.meta["configs"]["scheduler"],
+                         scheduler)

@@ -5,7 +5,8 @@ Tensor names:
   handles.embeddings_2      (N, D2) SDXL only: the handles' rows in the second text encoder
   source.image              (R, R, 3) uint8 training crop
   source.masks              (N, R, R) uint8 masks of the crop
-  unet.* / text_encoder.* / vae.*   full weights (self-contained: no base model needed)
+  unet.* / text_encoder.* / vae.*   full weights (self-contained: no base model needed); the
+                                    denoiser's component is named by its family (unet)
   unet_lora.* / text_encoder_lora.* LoRA adapters instead (`--tune lora`): the base model is needed
   text_encoder_2.* / text_encoder_2_lora.*  SDXL's second text encoder, the same way
   file.tokenizer/NAME       uint8 bytes of each tokenizer file (handles included)
@@ -120,8 +121,8 @@ class Scene:
         adapters for its recorded base model; one entry per text encoder of the family."""
         encoders = self.family.text_encoders
         if self.needs_base_model:
-            return ("unet_lora", *(f"{name}_lora" for name in encoders))
-        return ("unet", *encoders, "vae")
+            return (f"{self.family.denoiser}_lora", *(f"{name}_lora" for name in encoders))
+        return (self.family.denoiser, *encoders, "vae")
 
 
 def embedding_keys(family) -> list[str]:
@@ -278,7 +279,7 @@ def metadata_problem(meta: dict) -> str | None:
             if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
                 return f"its LoRA {key} are damaged"
     configs = meta.get("configs")
-    needed = ("unet", "vae", "scheduler", *_family(meta).text_encoders)
+    needed = (_family(meta).denoiser, "vae", "scheduler", *_family(meta).text_encoders)
     if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)):
         return "its model configs are damaged"
     if configs is None and not Scene(meta=meta, embeddings=None, image=None, masks=None).needs_base_model:

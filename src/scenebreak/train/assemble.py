@@ -52,7 +52,7 @@ def scene_metadata(*, name: str, tokens: list[str], components, prepared, config
         **({"lora": lora_settings(config.rank)} if config.tune == "lora" else {}),
         "device": device.name,
         "seconds": round(seconds, 2),
-        "configs": {"unet": model_config(c.unet), "vae": model_config(c.vae),
+        "configs": {c.family.denoiser: model_config(c.denoiser), "vae": model_config(c.vae),
                     **{name: model_config(te) for name, te in zip(c.family.text_encoders, c.text_encoders)},
                     "scheduler": dict(c.scheduler_config)},
     }
@@ -66,12 +66,14 @@ def scene_from_training(components, meta: dict, prepared) -> Scene:
     encoders = dict(zip(c.family.text_encoders, c.text_encoders))
     if meta["tuning"] == "lora" and not meta["standalone"]:
         # Only the adapters: the scene loads them onto its recorded base model.
-        weights = {"unet_lora": lora_state_dict(c.unet), **{f"{n}_lora": lora_state_dict(te) for n, te in encoders.items()}}
+        weights = {f"{c.family.denoiser}_lora": lora_state_dict(c.denoiser),
+                   **{f"{n}_lora": lora_state_dict(te) for n, te in encoders.items()}}
     else:
         if meta["tuning"] == "lora":
-            for model in (c.unet, *c.text_encoders):
+            for model in (c.denoiser, *c.text_encoders):
                 merge_lora(model)
-        weights = {"unet": c.unet.state_dict(), **{n: te.state_dict() for n, te in encoders.items()}, "vae": c.vae.state_dict()}
+        weights = {c.family.denoiser: c.denoiser.state_dict(), **{n: te.state_dict() for n, te in encoders.items()},
+                   "vae": c.vae.state_dict()}
     files = {}
     for tokenizer, folder in zip(c.tokenizers, c.family.tokenizers):
         files.update(tokenizer_files(tokenizer, folder))

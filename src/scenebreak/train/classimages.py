@@ -74,7 +74,7 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     c = components
     for model in c.models():
         model.to(device.torch)
-    pipe = make_pipeline(c.family, c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
+    pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
     steps = SCHEDULER_STEPS[scheduler]
     batch = images_per_pass(device, batch_size)
     autocast = device.autocast(amp_dtype)

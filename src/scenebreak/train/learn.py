@@ -39,9 +39,8 @@ class LearnResult:
 
 
 def check_resolution(components, resolution: int) -> None:
-    """The UNet halves the latent once per down block; the loss needs latent/4."""
-    factor = components.vae_scale_factor * 2 ** (len(components.unet.config.down_block_types) - 1)
-    factor = max(factor, components.vae_scale_factor * 4)
+    """The training resolution must suit the denoiser and the attention loss's maps."""
+    factor = components.family.resolution_step(components.denoiser, components.vae_scale_factor)
     if resolution < factor or resolution % factor:
         raise InvalidInput(f"--resolution {resolution} does not suit this model: use a multiple of {factor} (its native size is {components.native_resolution})")
 
@@ -233,7 +232,9 @@ def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> None:
     from ..families.base_model import parameter_counts
     from ..paths import checkpoints_dir, class_images_dir
 
-    counts = parameter_counts(model_dir)
+    from ..families import detect_family
+
+    counts = parameter_counts(model_dir, detect_family(model_dir, f"the base model {model_dir}"))
     resolution = config.resolution or 768
     png = resolution * resolution * 3 // 2  # a class image PNG, roughly
     check_room([(out.parent, scene_bytes(counts, config)),
@@ -263,7 +264,7 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
     if config.lambda_attn > 0:
-        components.family.attention_layers(components.unet)  # the model has the loss's layers, or a clear error
+        components.family.attention_layers(components.denoiser)  # the model has the loss's layers, or a clear error
     return components, resolution, prepare(image, masks, resolution, background=config.background)
 
 
@@ -284,7 +285,7 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
 
         missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
                                 components.family.guidance, config.class_scheduler) if config.prior else 0
-        report(Message(cpu_training_estimate(components.unet, resolution, config, plan, missing,
+        report(Message(cpu_training_estimate(components.denoiser, resolution, config, plan, missing,
                                              SCHEDULER_STEPS[config.class_scheduler], bf16=amp_dtype is not None),
                        "warning"))
     return plan

@@ -99,11 +99,11 @@ def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: boo
     def count(*models) -> int:
         return sum(p.numel() for m in models for p in m.parameters())
 
-    tunable = count(components.unet, *components.text_encoders)
+    tunable = count(components.denoiser, *components.text_encoders)
     total = tunable + count(components.vae)
     trained = 0 if config.tune == "lora" else tunable  # LoRA adapters are a few million parameters (auto: sized as full)
     examples = 2 if config.prior else 1
-    activations = ACTIVATIONS_PER_EXAMPLE_512 * size_scale(components.unet, resolution**2) * examples
+    activations = ACTIVATIONS_PER_EXAMPLE_512 * size_scale(components.denoiser, resolution**2) * examples
     if not low:
         cast_copies = 2 * tunable if autocast else 0  # autocast keeps a half-precision copy of each weight for the step
         return int(4 * total + 12 * trained + activations + cast_copies)

@@ -109,18 +109,18 @@ class Trainer:
 
             with torch.random.fork_rng(devices=[]):  # the A matrices start random: the same for a seed
                 torch.manual_seed(config.seed)
-                self.lora_params = add_lora(components.unet, components.text_encoders, lora_settings(config.rank))
+                self.lora_params = add_lora(components.denoiser, components.text_encoders, lora_settings(config.rank))
         for model in components.models():
             model.to(dev)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
-            components.unet.to(memory_format=torch.channels_last)
-        self.unet = compile_unet(components.unet) if config.compile else components.unet
+            components.denoiser.to(memory_format=torch.channels_last)
+        self.denoiser = compile_unet(components.denoiser) if config.compile else components.denoiser
         # One HandleEmbedding per text encoder: SDXL's handles have a 768- and a 1280-wide row.
         self.embeddings = [install_handle_embedding(te, self.num_handles) for te in components.text_encoders]
         if plan.gradient_checkpointing:
-            components.unet.enable_gradient_checkpointing()
+            components.denoiser.enable_gradient_checkpointing()
             for te in components.text_encoders:
                 if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5
                     te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -133,7 +133,7 @@ class Trainer:
         resolution = inputs.image.size[0]
         self.latent_size = resolution // components.vae_scale_factor
         self.store = AttentionStore(example=0)  # the instance is always batch row 0
-        self.layers = components.family.attention_layers(components.unet) if config.lambda_attn > 0 else []
+        self.layers = components.family.attention_layers(components.denoiser) if config.lambda_attn > 0 else []
 
         # The photo never changes: encode it once per flip state and sample from the
         # cached distribution each step instead of re-running the VAE encoder.
@@ -180,10 +180,10 @@ class Trainer:
         return [e.handles for e in self.embeddings]
 
     def _frozen_params(self):
-        """(name, parameter) of every UNet and text-encoder weight that is not a handle
+        """(name, parameter) of every denoiser and text-encoder weight that is not a handle
         row or a LoRA adapter."""
         handles = {id(p) for p in self.handle_params}
-        for prefix, model in (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders)):
+        for prefix, model in ((self.c.family.denoiser, self.c.denoiser), *zip(self.c.family.text_encoders, self.c.text_encoders)):
             for name, param in model.named_parameters():
                 if ".lora_" not in name and id(param) not in handles:
                     yield f"{prefix}.{name}", param
@@ -254,7 +254,7 @@ class Trainer:
         """Record the attention-loss layers for this phase (nothing when it is off)."""
         if not self.layers:
             return contextlib.nullcontext()
-        return capture_cross_attention(self.c.unet, self.store, self.layers)
+        return capture_cross_attention(self.c.denoiser, self.store, self.layers)
 
     def _class_latent(self, index: int):
         if index not in self.class_latents:  # encoded on first use, then cached
@@ -274,7 +274,7 @@ class Trainer:
         """The optimizer's parameter groups of a phase (and only they require grad)."""
         c, cfg = self.c, self.config
         full = phase == 2 and cfg.tune == "full"
-        c.unet.requires_grad_(full)
+        c.denoiser.requires_grad_(full)
         for te in c.text_encoders:
             te.requires_grad_(full)  # the base vocabulary is a buffer: never trained
         handles = self.handle_params
@@ -288,7 +288,7 @@ class Trainer:
             return [{"params": handles, "lr": cfg.lr2}, {"params": self.lora_params, "lr": cfg.lr_lora}]
         ids = {id(p) for p in handles}
         te = [p for encoder in c.text_encoders for p in encoder.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": handles + te + list(c.unet.parameters()), "lr": cfg.lr2}]
+        return [{"params": handles + te + list(c.denoiser.parameters()), "lr": cfg.lr2}]
 
     def _optimizer(self, phase: int, groups: list[dict]):
         make = adamw_factory(self.config, self.device, self.plan.adam_8bit)
@@ -327,7 +327,7 @@ class Trainer:
                 self.optimizer.load_state_dict(pending["optimizer"])
                 if self.scaler is not None and pending.get("scaler"):
                     self.scaler.load_state_dict(pending["scaler"])
-            self.c.unet.train()
+            self.c.denoiser.train()
             for te in self.c.text_encoders:
                 te.train(phase == 2)
             with self._capture():
@@ -375,7 +375,7 @@ class Trainer:
             batch_ids = [torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids
             conditions = None if self.conditions is None else self.conditions[: len(latents)]
             hidden, added = c.family.encode_prompts(c.text_encoders, batch_ids, conditions)
-            pred = c.family.denoise(self.unet, noisy, timesteps, hidden, added)
+            pred = c.family.denoise(self.denoiser, noisy, timesteps, hidden, added)
 
         mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks
         loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)
@@ -428,7 +428,7 @@ class Trainer:
             state["optimizer_kind"] = self.optimizer_kind
             state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
         if self.phase == 2 and self.step > 0:
-            for name, model in (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders)):
+            for name, model in ((self.c.family.denoiser, self.c.denoiser), *zip(self.c.family.text_encoders, self.c.text_encoders)):
                 weights = model.state_dict()
                 if self.config.tune == "lora":  # only the adapters moved
                     weights = {k: v for k, v in weights.items() if ".lora_" in k}
@@ -444,8 +444,8 @@ class Trainer:
         with torch.no_grad():
             for i, embedding in enumerate(self.embeddings):
                 embedding.handles.copy_(state["handles" if i == 0 else f"handles_{i + 1}"])
-        if "unet" in state:
-            models = (("unet", self.c.unet), *zip(self.c.family.text_encoders, self.c.text_encoders))
+        if self.c.family.denoiser in state:
+            models = ((self.c.family.denoiser, self.c.denoiser), *zip(self.c.family.text_encoders, self.c.text_encoders))
             for name, model in models:
                 if self.config.tune == "lora":
                     from ..families.lora import load_lora_state_dict
