@@ -480,3 +480,162 @@ def build_tiny_dino(folder):
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+# -- FLUX.1 ---------------------------------------------------------------------------------------
+# The real FLUX.1 T5 (google/t5-v1_1-xxl) has 32128 embedding rows for its tokenizer's 32100
+# tokens; the tiny T5 keeps the same number of rows that no token reaches.
+T5_SPARE_ROWS = 32128 - 32100
+T5_EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>, the last ids of its vocabulary
+# The schedulers of FLUX.1-dev and FLUX.1-schnell (scheduler/scheduler_config.json).
+FLUX_SCHEDULERS = {
+    "dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096),
+    "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096),
+}
+FLUX_T5_TOKENS = {"dev": 512, "schnell": 256}  # tokenizer_2's model_max_length in the real folders
+
+
+def write_tiny_t5_tokenizer(folder: Path, max_length: int = 512) -> None:
+    """A small T5 tokenizer built offline, laid out as T5's: <pad> 0, </s> 1, <unk> 2, the
+    SentencePiece pieces (whole words of TINY_WORDS and single characters to fall back
+    on), then the 100 sentinel tokens with <extra_id_0> last; </s> closes every prompt."""
+    from transformers import T5TokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789<>.,_-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + word, -1.0) for word in TINY_WORDS] + [(c, -5.0) for c in chars]
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+
+
+def tiny_flux_configs(variant: str = "dev", resolution: int = 64) -> dict:
+    """Configs of a tiny FLUX.1: CLIP-L and T5 text encoders of width 32, a transformer
+    with one double-stream and one single-stream block (2 heads of 16, rotary axes
+    4+6+6), 16 latent channels packed 2x2 into 64, and a VAE that shrinks 2x. dev
+    embeds the guidance scale, schnell does not."""
+    text = dict(tiny_configs()["text_encoder"])
+    text_2 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128, tie_word_embeddings=False)
+    transformer = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=text_2["d_model"],
+                       pooled_projection_dim=text["hidden_size"], guidance_embeds=variant == "dev",
+                       axes_dims_rope=(4, 6, 6))
+    vae = dict(tiny_configs(resolution)["vae"], latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    return {"transformer": transformer, "vae": vae, "text_encoder": text, "text_encoder_2": text_2,
+            "scheduler": dict(FLUX_SCHEDULERS[variant])}
+
+
+def flux_dev_configs() -> dict:
+    """Configs with the FLUX.1-dev architecture (for benchmarks; too big to build in tests):
+    19 double and 38 single blocks 3072 wide (24 heads of 128), T5-XXL's encoder (4096
+    wide, 24 layers, 32128 rows) and CLIP-L (768), and its 16-channel VAE."""
+    text = dict(sdxl_configs()["text_encoder"])  # CLIP-L, as SDXL's first encoder
+    text_2 = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128, tie_word_embeddings=False,
+                  vocab_size=32128)
+    transformer = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                       guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    vae = dict(sd21_base_configs()["vae"], latent_channels=16, sample_size=1024, scaling_factor=0.3611,
+               shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    return {"transformer": transformer, "vae": vae, "text_encoder": text, "text_encoder_2": text_2,
+            "scheduler": dict(FLUX_SCHEDULERS["dev"])}
+
+
+def build_flux_components(configs: dict, tokenizers: list, seed: int = 0, calibrate: bool = True) -> dict:
+    """Random-initialised FLUX.1 parts from configs: transformer, VAE, CLIP (with the
+    legacy special ids) and T5 (T5_SPARE_ROWS more rows than its tokenizer has tokens,
+    unless the config says how many), and the flow-matching scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    text_cfg = dict(configs["text_encoder"])
+    text_cfg.setdefault("vocab_size", len(tokenizers[0]))
+    text_cfg.update(LEGACY_CLIP_IDS)
+    t5_cfg = dict(configs["text_encoder_2"])
+    t5_cfg.setdefault("vocab_size", len(tokenizers[1]) + T5_SPARE_ROWS)
+    t5_cfg.update(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    parts = {}
+    torch.manual_seed(seed)
+    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    torch.manual_seed(seed)
+    parts["text_encoder_2"] = T5EncoderModel(T5Config(**t5_cfg))
+    torch.manual_seed(seed)
+    parts["transformer"] = FluxTransformer2DModel(**configs["transformer"])
+    torch.manual_seed(seed)
+    parts["vae"] = AutoencoderKL(**configs["vae"])
+    if calibrate:
+        _calibrate_flux_vae(parts["vae"])
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**configs["scheduler"])
+    return parts
+
+
+def _calibrate_flux_vae(vae) -> None:
+    """_calibrate_vae for a VAE without quant_conv (FLUX's): a near-deterministic
+    posterior from the encoder's own output layer, and the shift and scaling factors
+    that give the latents zero mean and unit variance, as FLUX's 0.1159 and 0.3611 do
+    for its VAE."""
+    import torch
+
+    with torch.no_grad():
+        half = vae.encoder.conv_out.out_channels // 2
+        vae.encoder.conv_out.weight[half:] = 0.0
+        vae.encoder.conv_out.bias[half:] = -12.0  # log-variance: std = exp(-6)
+        g = torch.Generator().manual_seed(0)
+        probe = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+        latents = vae.encode(probe).latent_dist.mean
+    vae.register_to_config(shift_factor=round(latents.mean().item(), 4),
+                           scaling_factor=round(1.0 / latents.std().item(), 4))
+
+
+def sharpen_joint_attention(transformer, factor: float) -> None:
+    """sharpen_cross_attention for FLUX: its attention normalises every query and key
+    (RMSNorm per head), so scaling the projections would change nothing; scaling the
+    norms' weights by `factor` multiplies every attention logit by factor**2, as scaling
+    SD's projections does. Image and text queries and keys alike: in FLUX they meet in
+    one joint attention."""
+    import torch
+
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if name.endswith(("norm_q", "norm_k", "norm_added_q", "norm_added_k")):
+                module.weight.mul_(factor)
+
+
+def build_tiny_flux(folder: Path, variant: str = "dev", resolution: int = 64, seed: int = 0,
+                    sharpen: float = 2.0) -> Path:
+    """Save a tiny random FLUX.1 dev or schnell as a diffusers folder that FluxPipeline
+    loads (model_index.json names it, as the real ones do) and return its path. It has
+    the real folders' quirks: CLIP's legacy special ids, and a T5 table with more rows
+    than its tokenizer has tokens. Its attention is sharpened 2x (logits 4x), measured
+    by training a handle's T5 row on the attention loss alone (a photo's square, 200
+    steps): at 1x its share of the attention in the mask went 0.13 -> 0.21, at 2x 0.16
+    -> 0.54 (loss 0.142 -> 0.082); at 4x the softmax saturates (loss 0.137 -> 0.121)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    folder = Path(folder)
+    write_tiny_tokenizer(folder / "tokenizer")
+    write_tiny_t5_tokenizer(folder / "tokenizer_2", FLUX_T5_TOKENS[variant])
+    tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                  T5TokenizerFast.from_pretrained(folder / "tokenizer_2")]
+    parts = build_flux_components(tiny_flux_configs(variant, resolution), tokenizers, seed=seed)
+    sharpen_joint_attention(parts["transformer"], sharpen)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        parts[name].save_pretrained(folder / name)
+    model_index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": "0.0.0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return folder
