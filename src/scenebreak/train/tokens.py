@@ -8,6 +8,10 @@ from torch import nn
 
 from ..errors import InvalidInput
 
+# A token that names an embedding row no token of the base vocabulary reaches (its
+# spaces keep it from ever being a handle's name).
+SPARE_ROW = "<spare row {}>"
+
 
 def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> list[int]:
     """Add the handle tokens, set their initial embeddings and return their ids.
@@ -31,6 +35,11 @@ def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str
     else:
         init_ids = [base_rows - 2 * len(tokens) + i for i in range(len(tokens))]
     initial = embedding[init_ids].clone()
+    # T5's table has rows no token reaches (32128 for 32100 tokens): name them first, so
+    # that the handles get fresh rows after the existing ones instead of shrinking it.
+    spare = embedding.shape[0] - base_rows
+    if spare > 0:
+        tokenizer.add_tokens([SPARE_ROW.format(base_rows + i) for i in range(spare)], special_tokens=True)
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
