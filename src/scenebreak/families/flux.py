@@ -1,0 +1,296 @@
+"""FLUX.1 dev and schnell: a rectified-flow transformer (FluxTransformer2DModel) over
+16-channel latents packed 2x2 into tokens. Only T5-XXL's last hidden state enters its
+joint attention; CLIP-L gives the pooled vector; dev also embeds the guidance scale it
+was distilled with. Everything here is built as FluxPipeline builds it.
+
+Told apart by the transformer's config alone: dev embeds guidance, schnell does not
+(derivatives of the same architecture are taken as the one they match). Kontext,
+Fill, Depth/Canny, Redux and the FLUX.2 family are refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import InvalidInput
+from .family import CLIP_TOKENS, Family
+
+FLUX_DEV, FLUX_SCHNELL = "FLUX.1 dev", "FLUX.1 schnell"
+PIPELINE = "FluxPipeline"
+TRANSFORMER = "FluxTransformer2DModel"
+LATENT_CHANNELS = 16
+PACKED_CHANNELS = LATENT_CHANNELS * 2 * 2  # the transformer's in_channels: 2x2 patches of latents
+# The T5 tokens each member reads (what its pipeline is run with: FluxPipeline's
+# max_sequence_length; schnell was distilled at 256).
+T5_TOKENS = {FLUX_DEV: 512, FLUX_SCHNELL: 256}
+GUIDANCE = {FLUX_DEV: 3.5, FLUX_SCHNELL: 0.0}  # dev's embedded guidance; schnell takes none
+STEPS = {FLUX_DEV: 28, FLUX_SCHNELL: 4}
+# The guidance dev is trained with: 1.0 (kohya's advice for fine-tuning a
+# guidance-distilled model; 3.5 is for sampling).
+TRAINING_GUIDANCE = 1.0
+# FLUX-like folders scenebreak cannot train, by the pipeline model_index.json names ...
+REFUSED_PIPELINES = {
+    "FluxKontextPipeline": "FLUX.1 Kontext (an image-editing model)",
+    "FluxKontextInpaintPipeline": "FLUX.1 Kontext (an image-editing model)",
+    "FluxFillPipeline": "FLUX.1 Fill (an inpainting model)",
+    "FluxControlPipeline": "a FLUX.1 Depth or Canny model (conditioned on a control image)",
+    "FluxControlImg2ImgPipeline": "a FLUX.1 Depth or Canny model (conditioned on a control image)",
+    "FluxControlInpaintPipeline": "a FLUX.1 Depth or Canny model (conditioned on a control image)",
+    "FluxPriorReduxPipeline": "FLUX.1 Redux (an image-variation adapter, not a base model)",
+    "Flux2Pipeline": "FLUX.2",
+    "Flux2KleinPipeline": "FLUX.2 [klein]",
+    "ChromaPipeline": "Chroma (a FLUX.1 derivative with its own transformer)",
+}
+# ... and by what their transformer takes besides the packed latents (for a folder whose
+# model_index.json says FluxPipeline over such a transformer).
+REFUSED_INPUTS = {
+    PACKED_CHANNELS * 6: "FLUX.1 Fill (an inpainting model)",  # latents, masked image, 8x8 mask
+    PACKED_CHANNELS * 2: "a FLUX.1 Depth or Canny model (conditioned on a control image)",  # latents, control latents
+}
+
+
+def pack_latents(latents):
+    """(B, C, h, w) latents as the transformer's tokens (B, h/2 * w/2, 4C): 2x2 patches
+    in row-major order (FluxPipeline._pack_latents)."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens, size: tuple[int, int]):
+    """Tokens (B, h/2 * w/2, 4C) back to (B, C, h, w) latents of `size` (h, w)
+    (FluxPipeline._unpack_latents, given the latent size rather than the image's)."""
+    b, _, channels = tokens.shape
+    h, w = size
+    patches = tokens.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels // 4, h, w)
+
+
+def image_ids(size: tuple[int, int], device=None, dtype=None):
+    """The rotary position of each token of latents of `size` (h, w): (h/2 * w/2, 3) rows
+    of (0, row, column) (FluxPipeline._prepare_latent_image_ids)."""
+    import torch
+
+    h, w = size[0] // 2, size[1] // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+
+
+def text_ids(length: int, device=None, dtype=None):
+    """The rotary position of each T5 token: all zeros, (length, 3) (FluxPipeline.encode_prompt)."""
+    import torch
+
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def normalise_latents(latents, vae_config):
+    """What the VAE encodes, as the transformer's latents: shifted, then scaled."""
+    return (latents - vae_config["shift_factor"]) * vae_config["scaling_factor"]
+
+
+def denormalise_latents(latents, vae_config):
+    """The transformer's latents as the VAE decodes them (FluxPipeline before vae.decode)."""
+    return latents / vae_config["scaling_factor"] + vae_config["shift_factor"]
+
+
+def guidance_input(transformer_config, scale: float, count: int, device=None):
+    """The guidance the transformer embeds, one per example (float32, as FluxPipeline
+    makes it), or None for a transformer that embeds none (schnell)."""
+    import torch
+
+    if not transformer_config["guidance_embeds"]:
+        return None
+    return torch.full((count,), float(scale), device=device, dtype=torch.float32)
+
+
+class Flux(Family):
+    names: ClassVar[tuple[str, ...]] = (FLUX_DEV, FLUX_SCHNELL)
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP-L, T5-XXL
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+    hub_files: ClassVar[tuple[str, ...]] = (
+        "model_index.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*", "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
+        # T5-XXL and the transformer come in shards; the folder's root holds the same weights
+        # again as single files for other tools (flux1-dev.safetensors, ae.safetensors), not fetched.
+        "text_encoder_2/config.json", "text_encoder_2/model.safetensors", "text_encoder_2/model-*-of-*.safetensors",
+        "text_encoder_2/model.safetensors.index.json", "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model-*-of-*.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json")
+    pooled_text: ClassVar[bool] = True
+    pipeline_name: ClassVar[str] = PIPELINE
+    denoiser: ClassVar[str] = "transformer"
+    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
+
+    @staticmethod
+    def recognise(index: dict, denoiser: dict, text: dict, parts: set[str]) -> str | None:
+        """FLUX.1 dev or schnell from a folder's configs (model_index.json and
+        `denoiser`, its transformer's), or None: its pipeline, or its transformer's class.
+        Refused FLUX variants are recognised too, for `refusal` to name them."""
+        flux = (index.get("_class_name") in (PIPELINE, *REFUSED_PIPELINES)
+                or (denoiser or {}).get("_class_name") == TRANSFORMER)
+        if not flux:
+            return None
+        return FLUX_DEV if (denoiser or {}).get("guidance_embeds", True) else FLUX_SCHNELL
+
+    @classmethod
+    def refusal(cls, index: dict, parts: set[str], what: str, denoiser: dict | None = None) -> str | None:
+        """What a FLUX folder is instead (Kontext, Fill, Depth/Canny, Redux, FLUX.2...),
+        by its pipeline or, given `denoiser`, what its transformer takes; InvalidInput
+        for an incomplete folder."""
+        pipeline = index.get("_class_name")
+        if isinstance(pipeline, str) and pipeline in REFUSED_PIPELINES:
+            return REFUSED_PIPELINES[pipeline]
+        if denoiser is None:
+            return None
+        if not denoiser:  # dev and schnell differ only there
+            raise InvalidInput(f"{what} is an incomplete FLUX.1 folder: it has no transformer/config.json "
+                               "(download it again)")
+        kind = denoiser.get("_class_name", TRANSFORMER)
+        if kind != TRANSFORMER:
+            return f"a FLUX model whose transformer is a {str(kind)[:60]}"
+        channels = denoiser.get("in_channels", PACKED_CHANNELS)
+        if channels != PACKED_CHANNELS:
+            other = f"a FLUX model whose transformer takes {str(channels)[:20]} input channels"
+            return REFUSED_INPUTS.get(channels, other) if isinstance(channels, int) else other
+        return None
+
+    @classmethod
+    def recognise_folder(cls, folder: Path, what: str) -> Flux | None:
+        """The FLUX.1 member a diffusers folder holds, from its configs alone (no weight
+        is read), None when it is not FLUX, or InvalidInput naming a variant scenebreak
+        cannot train."""
+        folder = Path(folder)
+
+        def read(relative: str) -> dict:
+            try:
+                data = json.loads((folder / relative).read_text())
+            except (OSError, ValueError):
+                return {}
+            return data if isinstance(data, dict) else {}
+
+        index, transformer = read("model_index.json"), read("transformer/config.json")
+        parts = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+        name = cls.recognise(index, transformer, read("text_encoder/config.json"), parts)
+        if name is None:
+            return None
+        refused = cls.refusal(index, parts, what, transformer)
+        if refused:
+            raise InvalidInput(f"{what} is {refused}: scenebreak learns FLUX scenes on FLUX.1 dev and FLUX.1 schnell "
+                               "and models of their architecture (e.g. black-forest-labs/FLUX.1-dev)")
+        return cls(name)
+
+    # -- the member's own numbers --------------------------------------------------------------
+    @property
+    def guidance(self) -> float:
+        """dev's embedded guidance scale (not classifier-free guidance: one pass per step);
+        schnell takes none."""
+        return GUIDANCE[self.name]
+
+    @property
+    def sampling_steps(self) -> int:
+        return STEPS[self.name]
+
+    @property
+    def text_tokens(self) -> int:
+        """The T5 tokens its prompts are padded to (FluxPipeline's max_sequence_length)."""
+        return T5_TOKENS[self.name]
+
+    # -- models --------------------------------------------------------------------------------
+    def text_encoder_class(self, name: str):
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        return T5EncoderModel if name == "text_encoder_2" else CLIPTextModel
+
+    def tokenizer_class(self, name: str):
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        return (T5TokenizerFast, self.text_tokens) if name == "tokenizer_2" else (CLIPTokenizer, CLIP_TOKENS)
+
+    def denoiser_class(self):
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+
+    def native_resolution(self, denoiser, vae_scale: int) -> int:
+        """What FluxPipeline samples at by default (1024 for FLUX.1): its config has no size."""
+        return 128 * vae_scale
+
+    def resolution_step(self, denoiser, vae_scale: int) -> int:
+        """The latents are packed in 2x2 patches."""
+        return 2 * vae_scale
+
+    def pipeline(self, transformer, vae, text_encoders: list, tokenizers: list, scheduler):
+        return self.pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=text_encoders[0],
+                                     tokenizer=tokenizers[0], text_encoder_2=text_encoders[1],
+                                     tokenizer_2=tokenizers[1], transformer=transformer)
+
+    def sampling_vae_dtype(self, vae, dtype):
+        """fp32 where the VAE's config asks for it in fp16 (force_upcast), as SDXL's."""
+        import torch
+
+        return torch.float32 if dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
+
+    # -- conditioning ----------------------------------------------------------------------------
+    def encode_prompts(self, text_encoders: list, ids: list, conditions=None):
+        """T5's last hidden state (what the joint attention reads), and for the
+        transformer's other inputs: CLIP's pooled output (taken at the end of text once
+        `pool_at_end_of_text` has run), the text's rotary positions, and the guidance
+        (`conditions`: one per example on dev, None on schnell)."""
+        clip, t5 = text_encoders
+        pooled = clip(ids[0], output_hidden_states=False).pooler_output
+        hidden = t5(ids[1], output_hidden_states=False)[0]
+        guidance = None if conditions is None else conditions.to(hidden.device)
+        added = {"pooled_projections": pooled, "txt_ids": text_ids(hidden.shape[1], hidden.device, clip.dtype),
+                 "guidance": guidance}
+        return hidden, added
+
+    def training_conditions(self, crop_size, resolution):
+        """The guidance dev is trained at, for [instance, class image]."""
+        import torch
+
+        return torch.full((2,), TRAINING_GUIDANCE) if self.name == FLUX_DEV else None
+
+    def sampling_conditions(self, size):
+        import torch
+
+        return torch.full((1,), self.guidance) if self.name == FLUX_DEV else None
+
+    def pipeline_conditioning(self, pipe, prompt, count, guidance, negative, size):
+        """As FluxPipeline conditions `count` images: `guidance` here is its true
+        classifier-free guidance over the negative prompt (unconditional first), which
+        FLUX.1 does not need; the embedded guidance is the member's usual."""
+        import torch
+
+        device = pipe._execution_device
+        hidden, pooled, ids = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=count,
+                                                 max_sequence_length=self.text_tokens)
+        if guidance:
+            uncond, uncond_pooled, _ = pipe.encode_prompt(negative or "", device=device, num_images_per_prompt=count,
+                                                          max_sequence_length=self.text_tokens)
+            hidden, pooled = torch.cat([uncond, hidden]), torch.cat([uncond_pooled, pooled])
+        embedded = guidance_input(pipe.transformer.config, self.guidance, len(hidden), device)
+        return hidden, {"pooled_projections": pooled, "txt_ids": ids, "guidance": embedded}
+
+    # -- files other tools load ----------------------------------------------------------------------
+    def textual_inversion(self, token: str, rows: list) -> dict:
+        """The layout FLUX embeddings are shared in (ComfyUI's keys): one (vectors, width)
+        row per encoder."""
+        return {"clip_l": rows[0].reshape(1, -1), "t5xxl": rows[1].reshape(1, -1)}
+
+    def a1111_embedding(self, rows: list) -> dict:
+        return self.textual_inversion("", rows)
+
+    @property
+    def a1111_version(self) -> str:
+        return "Flux"  # Forge's SdVersion.Flux
+
+    @property
+    def kohya_version(self) -> str:
+        return "flux1"
+
+    @property
+    def modelspec_architecture(self) -> str:
+        return "flux-1-dev" if self.name == FLUX_DEV else "flux-1-schnell"
