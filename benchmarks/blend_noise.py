@@ -98,9 +98,9 @@ def run(pipe, family, source, mask, inside, seeds, scheduler: str, steps: int, b
     """Final latents of blended sampling (`inside`: the cells measured), and with
     `record` the clean-image estimates inside at every step."""
     from scenebreak.sample.blending import blended_latents
-    from scenebreak.sample.pipeline import make_scheduler
+    from scenebreak.families import family_named
 
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.scheduler = family_named("SD 2.x").sampler(scheduler, pipe.scheduler.config)
     recorder = Estimates(pipe, guidance, inside) if record else None
     hook = pipe.unet.register_forward_hook(recorder, with_kwargs=True) if record else None
     try:
@@ -132,7 +132,8 @@ def main() -> None:
 
     from scenebreak.sample.blending import encode, latent_mask
     from scenebreak.config import SCHEDULER_STEPS
-    from scenebreak.sample.pipeline import make_pipeline, make_scheduler
+    from scenebreak.families import family_named
+    from scenebreak.sample.pipeline import make_pipeline
 
     started = time.perf_counter()
     c, _ = random_model(tiny=args.model == "tiny")
@@ -150,7 +151,7 @@ def main() -> None:
     rows = []
     for scheduler in args.samplers:
         steps = SCHEDULER_STEPS[scheduler]
-        probe = make_scheduler(scheduler, pipe.scheduler.config)
+        probe = family_named("SD 2.x").sampler(scheduler, pipe.scheduler.config)
         probe.set_timesteps(steps)
         level = float(probe.timesteps[int(steps * args.blend_start)])
         for mode, (fixed, everywhere) in MODES.items():

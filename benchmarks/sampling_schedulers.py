@@ -37,9 +37,9 @@ RUNS = [("ddim", 25), ("ddim", 50), ("ddim", 100), ("ddim", 500), ("dpm", 15), (
 
 
 def final_latents(pipe, scheduler: str, steps: int, seeds: list[int], resolution: int, guidance: float):
-    from scenebreak.sample.pipeline import make_scheduler
+    from scenebreak.families import family_named
 
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.scheduler = family_named("SD 2.x").sampler(scheduler, pipe.scheduler.config)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     with torch.inference_mode():
         return pipe(prompt=["a photo of a dog on the beach"] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,

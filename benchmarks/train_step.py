@@ -234,7 +234,6 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
     family's guidance): `steps` timed denoising steps, scaled to the sampler's step
     count, plus one timed VAE decode per image; batched as the device's default, or
     one image per call."""
-    from scenebreak.config import SCHEDULER_STEPS
     from scenebreak.device import choose_device, precision_name
     from scenebreak.sample.pipeline import decode_latents, make_pipeline, sample
 
@@ -252,11 +251,12 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
     seeds = list(range(batch))
     guidance = c.family.guidance
     autocast = lambda: device.autocast(autocast_dtype)  # noqa: E731
-    sample(pipe, "a photo", seeds, steps=1, guidance=guidance, resolution=resolution, autocast=autocast())  # warm-up
+    sample(pipe, c.family, "a photo", seeds, steps=1, guidance=guidance, resolution=resolution, autocast=autocast())  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device.torch)
     # Denoising steps alone (latents out), then one decode: the decode happens once per image.
-    latents_shape = (batch, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    latents_shape = (batch, pipe.vae.config.latent_channels, resolution // pipe.vae_scale_factor,
+                     resolution // pipe.vae_scale_factor)
     device.synchronize()
     started = time.perf_counter()
     with torch.inference_mode(), autocast():
@@ -269,7 +269,7 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
     decode_latents(pipe.vae, torch.randn(latents_shape).to(latents.device, latents.dtype))
     device.synchronize()
     decode = (time.perf_counter() - started) / batch
-    total_steps = SCHEDULER_STEPS[scheduler]
+    total_steps = c.family.sampler_steps(scheduler)
     per_image = per_step * total_steps / batch + decode
     return {"kind": kind, "phase": "generate", "scheduler": scheduler, "steps": total_steps, "batch": batch,
             "dtype": str(dtype).replace("torch.", ""), "precision": precision_name(autocast_dtype or dtype),

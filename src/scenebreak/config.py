@@ -25,8 +25,10 @@ TUNINGS = ("auto", "full", "lora")
 SAVE_DTYPES = ("fp16", "fp32")
 # Samplers: DPM-Solver++ (2M) at 25 steps ends closer to the converged result than
 # DDIM at 50 (benchmarks/sampling_schedulers.py); DDIM 50 is the paper's exact setting.
-SCHEDULERS = ("dpm", "ddim", "euler")
-SCHEDULER_STEPS = {"dpm": 25, "ddim": 50, "euler": 30}
+# FLUX.1 samples with its own flow-matching Euler ("flow"); each family offers its own
+# (families.Family.samplers, the first its default) and its usual step counts.
+SCHEDULERS = ("dpm", "ddim", "euler", "flow")
+SCHEDULER_STEPS = {"dpm": 25, "ddim": 50, "euler": 30}  # on SD and SDXL
 SAMPLING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Grounding DINO tiny (172M) finds boxes for free text well at ~1 s per prompt on a
 # CPU; SAM ViT-B (94M) is 2.5x smaller than ViT-L/H for masks that are nearly as
@@ -122,9 +124,9 @@ class LearnConfig:
     class_prompt: str = setting(DEFAULT_CLASS_PROMPT, "Prompt of the class images.")
     num_class_images: int = setting(100, "Class images made once per base model and prompt, then cached.",
                                     bounds=Bounds(0, MAX_CLASS_IMAGES))
-    class_scheduler: str = setting(
-        "dpm", "Sampler of the class images (dpm: 25 steps, ddim: 50 as the paper, euler: 30); each has its own cache.",
-        choices=SCHEDULERS)
+    class_scheduler: str | None = setting(
+        None, "Sampler of the class images (default: the family's; SD/SDXL: dpm 25 steps, ddim 50 as the paper, "
+        "euler 30; FLUX.1: flow); each has its own cache.", choices=SCHEDULERS)
     resolution: int | None = setting(None, "Training size (default: the model's: 512 for SD2.1-base, 1024 for SDXL).",
                                      bounds=Bounds(8, MAX_RESOLUTION))
     flip_p: float = setting(0.5, "Probability of a horizontal flip per step.", bounds=SCORE, cli=False)
@@ -171,7 +173,7 @@ class LearnConfig:
         for name, value, allowed in (("mixed precision", self.mixed_precision, PRECISIONS),
                                      ("memory policy", self.memory, MEMORY_POLICIES), ("tuning", self.tune, TUNINGS),
                                      ("save dtype", self.save_dtype, SAVE_DTYPES),
-                                     ("class scheduler", self.class_scheduler, SCHEDULERS)):
+                                     ("class scheduler", self.class_scheduler or SCHEDULERS[0], SCHEDULERS)):
             if value not in allowed:
                 raise InvalidInput(f"unknown {name} {value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
         if self.standalone and self.tune == "full":
@@ -203,11 +205,12 @@ class GenerateConfig:
     """Sampling settings of `generate` (and the part of `edit`/`extract-bg` they share)."""
 
     num_images: int = setting(1, "Images per prompt.", bounds=Bounds(1, MAX_IMAGES), flags=("-n", "--num-images"))
-    scheduler: str = setting(
-        "dpm", "Sampler: dpm (DPM-Solver++, 25 steps), ddim (the paper's, 50 steps) or euler (30 steps).",
+    scheduler: str | None = setting(
+        None, "Sampler (default: the family's): on SD/SDXL dpm (DPM-Solver++, 25 steps; the default), ddim (the "
+        "paper's, 50 steps) or euler (30 steps); on FLUX.1 flow (its flow-matching Euler: dev 28 steps, schnell 4).",
         choices=SCHEDULERS)
-    steps: int | None = setting(None, "Denoising steps (default: the --scheduler's: dpm 25, ddim 50, euler 30).",
-                                bounds=Bounds(1, MAX_SAMPLING_STEPS))
+    steps: int | None = setting(None, "Denoising steps (default: the sampler's: dpm 25, ddim 50, euler 30, FLUX.1 dev "
+                                "28, schnell 4).", bounds=Bounds(1, MAX_SAMPLING_STEPS))
     precision: str = setting(
         "auto", "Sampling precision: auto is fp16 on GPUs, bf16 on CPUs with bf16 instructions, fp32 elsewhere.",
         choices=SAMPLING_PRECISIONS)
@@ -219,14 +222,13 @@ class GenerateConfig:
                                      bounds=Bounds(1, MAX_BATCH))
 
     def validate(self) -> "GenerateConfig":
-        """This config checked, with the scheduler's step count filled in: use the copy it returns."""
+        """This config checked (use the copy it returns). The sampler and its step count,
+        where not given, are the scene's family's (sampling.start fills them in)."""
         check_bounds(self)
         for name, value, allowed in (("scheduler", self.scheduler, SCHEDULERS),
                                      ("precision", self.precision, SAMPLING_PRECISIONS)):
-            if value not in allowed:
+            if value is not None and value not in allowed:
                 raise InvalidInput(f"unknown {name} {value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
-        if self.steps is None:
-            return dataclasses.replace(self, steps=SCHEDULER_STEPS[self.scheduler]).validate()
         return self
 
 

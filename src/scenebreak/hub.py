@@ -142,3 +142,5 @@ def quiet_libraries() -> None:
         logging.set_verbosity_error()
         logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+    # torch's note that an RMS norm under bf16 autocast (T5's, FLUX's) runs unfused: harmless.
+    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")

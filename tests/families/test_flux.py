@@ -159,7 +159,10 @@ def test_each_member_names_its_models_tokens_and_sampling_defaults():
     assert torch.equal(dev.training_conditions((40, 30), 64), torch.tensor([1.0, 1.0]))
     assert torch.equal(dev.sampling_conditions((64, 64)), torch.tensor([3.5]))
     assert schnell.training_conditions(None, 64) is None and schnell.sampling_conditions((64, 64)) is None
-    assert (dev.native_resolution(None, 8), dev.resolution_step(None, 8)) == (1024, 16)
+    from types import SimpleNamespace
+
+    flux_vae = SimpleNamespace(config=SimpleNamespace(sample_size=1024, block_out_channels=[128, 256, 512, 512]))
+    assert (dev.native_resolution(None, flux_vae), dev.resolution_step(None, flux_vae)) == (1024, 16)
     rows = [torch.ones(32), torch.full((48,), 2.0)]
     layout = dev.textual_inversion("<asset1>", rows)
     assert {k: tuple(v.shape) for k, v in layout.items()} == {"clip_l": (1, 32), "t5xxl": (1, 48)}

@@ -61,7 +61,8 @@ def test_parameter_counts_come_from_the_file_headers_and_match_the_models(tiny_m
 
 @pytest.mark.parametrize("change, phrase", [
     (("model_index.json", "_class_name", "StableDiffusionXLPipeline"), "incomplete SDXL folder: it has no text_encoder_2/"),
-    (("model_index.json", "_class_name", "FluxPipeline"), "is FLUX"),
+    (("model_index.json", "_class_name", "FluxFillPipeline"), "is FLUX.1 Fill"),
+    (("model_index.json", "_class_name", "FluxPipeline"), "whose transformer is a UNet2DConditionModel"),
     (("model_index.json", "_class_name", "StableDiffusionXLImg2ImgPipeline"), "SDXL refiner"),
     (("unet/config.json", "addition_embed_type", "text_time"), "SDXL refiner"),
     (("unet/config.json", "in_channels", 9), "9 input channels"),
@@ -83,7 +84,7 @@ def test_a_family_scenebreak_cannot_train_is_one_line_exit_2(tiny_model, tmp_pat
     result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
                                       "--base-model", str(folder)])
     assert result.exit_code == 2 and phrase in result.stderr, result.output
-    assert "SD 1.x, SD 2.x and SDXL" in result.stderr or "incomplete" in result.stderr
+    assert "SD 1.x, SD 2.x, SDXL and FLUX.1" in result.stderr or "incomplete" in result.stderr
     assert "Traceback" not in result.output
 
 

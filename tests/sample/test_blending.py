@@ -72,9 +72,7 @@ def family(learned):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
 def test_blended_loop_follows_the_source_outside_the_mask(pipe, family, scheduler):
-    from scenebreak.sample.pipeline import make_scheduler
-
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.scheduler = family.sampler(scheduler, pipe.scheduler.config)
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     source = encode(pipe.vae, [image])
     pixel_mask = np.zeros((64, 64), bool)
@@ -118,9 +116,7 @@ def test_the_unet_sees_unit_scale_inputs_from_the_first_step(pipe, family, sched
     the start is the source noised to that step by the sampler itself: its first UNet
     input has unit scale (Euler's noise * init_noise_sigma gave std ~4 here) and
     already holds the source, inside the mask as well, at that level's share."""
-    from scenebreak.sample.pipeline import make_scheduler
-
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.scheduler = family.sampler(scheduler, pipe.scheduler.config)
     source = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(7))  # unit variance, as real latents
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 4:28, 4:28] = 1
@@ -144,9 +140,7 @@ def test_background_noise_is_one_per_sample_or_fresh_each_step(pipe, family, fix
     """The source is noised again after every step: with the starting noise of each
     sample every time (`fixed_noise`, the default: None), or with fresh noise (the
     reference's way)."""
-    from scenebreak.sample.pipeline import make_scheduler
-
-    pipe.scheduler = make_scheduler("dpm", pipe.scheduler.config)
+    pipe.scheduler = family.sampler("dpm", pipe.scheduler.config)
     source = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(7))
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 8:24, 8:24] = 1

@@ -20,17 +20,26 @@ def pixels(result, i=0):
 
 
 def test_each_scheduler_fills_in_its_own_step_count():
-    assert GenerateConfig().validate().steps == 25 and GenerateConfig().scheduler == "dpm"
-    for name in SCHEDULERS:
-        assert GenerateConfig(scheduler=name).validate().steps == SCHEDULER_STEPS[name]
-    assert GenerateConfig(scheduler="ddim", steps=7).validate().steps == 7  # --steps wins
+    """The sampler and its steps are the scene's family's unless asked for: on SD and
+    SDXL dpm at 25 steps, ddim 50, euler 30 (FLUX.1 has its own, tests/families)."""
+    from scenebreak.families import family_named
+
+    sd = family_named("SD 2.x")
+    assert GenerateConfig().scheduler is None and GenerateConfig().validate().steps is None
+    assert sd.choose_sampler(None, None) == ("dpm", 25)
+    for name in sd.samplers:
+        assert sd.choose_sampler(name, None) == (name, SCHEDULER_STEPS[name])
+    assert sd.choose_sampler("ddim", 7) == ("ddim", 7)  # --steps wins
     with pytest.raises(InvalidInput, match="unknown scheduler 'pndm'"):
         GenerateConfig(scheduler="pndm").validate()
+    with pytest.raises(InvalidInput, match="SD 2.x samples with dpm or ddim or euler"):
+        sd.choose_sampler("flow", None)
+    assert set(sd.samplers) < set(SCHEDULERS)
 
 
 def test_every_scheduler_samples_deterministically_and_differently(learned, tmp_path):
     seen = {}
-    for name in SCHEDULERS:
+    for name in ("dpm", "ddim", "euler"):
         config = GenerateConfig(scheduler=name, steps=4, seed=5, precision="fp32")
         a = generate(learned.path, "<asset1>", config, out_dir=tmp_path / name)
         b = generate(learned.path, "<asset1>", config, out_dir=tmp_path / name)
@@ -48,8 +57,10 @@ def test_the_pipeline_gets_the_chosen_sampler(learned):
     for name, cls in kinds.items():
         run = start(learned.path, ["<asset1>"], GenerateConfig(scheduler=name, seed=0).validate(), device="cpu")
         assert type(run.pipe.scheduler) is cls
-    dpm = start(learned.path, ["<asset1>"], GenerateConfig(seed=0).validate(), device="cpu").pipe.scheduler
+    run = start(learned.path, ["<asset1>"], GenerateConfig(seed=0).validate(), device="cpu")
+    dpm = run.pipe.scheduler
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
+    assert (run.config.scheduler, run.config.steps) == ("dpm", 25)
 
 
 def test_sampling_precision_per_device(monkeypatch):
@@ -109,12 +120,15 @@ def test_grid_and_scheduler_on_the_command_line(learned, tmp_path):
 def test_class_images_have_a_cache_per_sampler_and_ddim_keeps_its_old_one():
     import hashlib
 
-    from scenebreak.train.classimages import cache_folder
+    from scenebreak.families import family_named
     from scenebreak.paths import class_images_dir
+    from scenebreak.train.classimages import cache_folder
 
+    sd = family_named("SD 2.x")
     old_key = json.dumps(["fp", "a photo", 512, 50, 7.5, "ddim"])  # the key before samplers were a choice
-    assert cache_folder("fp", "a photo", 512, 7.5, "ddim") == class_images_dir() / hashlib.sha256(old_key.encode()).hexdigest()[:16]
-    assert len({cache_folder("fp", "a photo", 512, 7.5, name) for name in SCHEDULERS}) == 3
+    assert cache_folder("fp", "a photo", 512, sd, "ddim") == class_images_dir() / hashlib.sha256(old_key.encode()).hexdigest()[:16]
+    assert len({cache_folder("fp", "a photo", 512, sd, name) for name in sd.samplers}) == 3
+    assert cache_folder("fp", "a photo", 512, sd) == cache_folder("fp", "a photo", 512, sd, "dpm")  # the default
 
 
 def complete(words: str) -> list[str]:

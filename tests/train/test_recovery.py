@@ -188,7 +188,7 @@ def test_class_images_made_by_another_run_are_waited_for_and_reused(tiny_model):
     from scenebreak.families.base_model import load_components
 
     components = load_components(str(tiny_model))
-    paths = class_image_paths(components.base.fingerprint, "a photo", 64, 2)
+    paths = class_image_paths(components.base.fingerprint, "a photo", 64, 2, components.family)
     paths[0].parent.mkdir(parents=True)
     holding = threading.Event()
 

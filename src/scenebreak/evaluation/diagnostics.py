@@ -18,6 +18,7 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     from PIL import Image
 
     from ..train.attention import AttentionStore, capture_cross_attention
+    from ..families import vae_normalisation
     from ..sample.scene_models import scene_components
     from ..images import image_to_tensor
     from ..handles import prompt_for
@@ -32,13 +33,17 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
     pixels = image_to_tensor(Image.fromarray(scene.image)).to(dev)
     ids = [tok(prompt_for(scene.tokens), padding="max_length", max_length=tok.model_max_length,
                truncation=True, return_tensors="pt").input_ids.to(dev) for tok in tokenizers]
-    positions = handle_positions(ids[0][0], tokenizers[0].convert_tokens_to_ids(scene.tokens))
+    read = scene.family.attention_text  # the tokens the attention loss reads
+    positions = handle_positions(ids[read][0], tokenizers[read].convert_tokens_to_ids(scene.tokens))
     size = (scene.resolution, scene.resolution)
     generator = torch.Generator("cpu").manual_seed(seed)
     store = AttentionStore(example=0)
+    row, eos = ids[read][0].tolist(), tokenizers[read].eos_token_id
+    store.text_length = row.index(eos) + 1 if eos in row else len(row)
     total = None
-    with torch.no_grad(), capture_cross_attention(unet, store, family.attention_layers(unet)):
-        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    with torch.no_grad(), capture_cross_attention(unet, store, family.attention_layers(unet), family.attention_kind):
+        shift, scale = vae_normalisation(vae)
+        latents = (vae.encode(pixels).latent_dist.mean - shift) * scale
         hidden, added = family.encode_prompts(text_encoders, ids, family.sampling_conditions(size))
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(dev)

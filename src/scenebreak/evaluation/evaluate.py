@@ -196,7 +196,7 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     out_dir = Path(out_dir) if out_dir is not None else Path(f"{scene.name}-eval")
 
     run = start(scene, prompts, config, device=device, base_model=base_model, out_dir=out_dir, warn_unused=False, report=report)
-    warn_cpu_time(run, len(prompts) * config.num_images * config.steps, scene.resolution**2, report)
+    warn_cpu_time(run, len(prompts) * config.num_images * run.config.steps, scene.resolution**2, report)
     generated = sample_to_files(run, prompts, run.config, run.seed, out_dir, scene.name, report)
     _release(run)
 

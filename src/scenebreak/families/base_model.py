@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import InvalidInput, ModelNotAvailable
 from ..hub import hub_snapshot, looks_like_path, quiet_libraries
+from .family import vae_scale
 
 @dataclass
 class BaseModel:
@@ -61,11 +62,11 @@ class Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale(self.vae)
 
     @property
     def native_resolution(self) -> int:
-        return self.family.native_resolution(self.denoiser, self.vae_scale_factor)
+        return self.family.native_resolution(self.denoiser, self.vae)
 
     @property
     def prediction_type(self) -> str:
@@ -151,7 +152,10 @@ def load_components(base_model: str, revision: str | None = None,
         denoiser = family.denoiser_class().from_pretrained(folder / family.denoiser)
         vae = AutoencoderKL.from_pretrained(folder / "vae")
         text_encoders = [family.text_encoder_class(name).from_pretrained(folder / name) for name in family.text_encoders]
-        tokenizers = [family.tokenizer_class(name)[0].from_pretrained(folder / name) for name in family.tokenizers]
+        tokenizers = []
+        for name in family.tokenizers:
+            cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
+            tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length))
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelNotAvailable(

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 # The tokens CLIP's text encoders read, start and end of text included.
 CLIP_TOKENS = 77
+CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # attention and MLP
 # What every base model folder of these families holds (a family adds its own parts).
 BASE_HUB_FILES = ("model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/config.json",
                   "text_encoder/model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -38,16 +39,17 @@ class Family:
     kohya_sgm_unet: ClassVar[bool] = False
 
     @staticmethod
-    def recognise(index: dict, unet: dict, text: dict, parts: set[str]) -> str | None:
+    def recognise(index: dict, denoiser: dict, text: dict, parts: set[str]) -> str | None:
         """The name of this family's member that a model's configs (model_index.json,
-        the UNet's and the first text encoder's) and `parts` (its subfolders) show, or
-        None when they are not of this family."""
+        the denoiser's and the first text encoder's) and `parts` (its subfolders) show,
+        or None when they are not of this family."""
         raise NotImplementedError
 
     @classmethod
-    def refusal(cls, index: dict, parts: set[str], what: str) -> str | None:
+    def refusal(cls, index: dict, parts: set[str], what: str, denoiser: dict | None = None) -> str | None:
         """What a folder this family recognised is instead, when scenebreak cannot
-        train it (e.g. "an SDXL refiner"), or None; InvalidInput for an incomplete one."""
+        train it (e.g. "an SDXL refiner"), or None; InvalidInput for an incomplete one.
+        `denoiser` is its denoiser's config."""
         return None
 
     # -- models --------------------------------------------------------------------------------
@@ -87,11 +89,11 @@ class Family:
         """The diffusers class of the denoiser."""
         raise NotImplementedError
 
-    def native_resolution(self, denoiser, vae_scale: int) -> int:
+    def native_resolution(self, denoiser, vae) -> int:
         """The resolution the base model was trained at."""
         raise NotImplementedError
 
-    def resolution_step(self, denoiser, vae_scale: int) -> int:
+    def resolution_step(self, denoiser, vae) -> int:
         """Training resolutions must be multiples of this (the denoiser's downsampling
         and the attention loss's maps need whole numbers)."""
         raise NotImplementedError
@@ -108,6 +110,16 @@ class Family:
         `encode_prompts` made."""
         raise NotImplementedError
 
+    attention_text: ClassVar[int] = 0  # the text encoder whose tokens the attention loss reads
+    # What its attention layers are: "cross" (a UNet's text cross-attention) or "joint"
+    # (text and image tokens in one attention, FLUX's); train/attention.py records each.
+    attention_kind: ClassVar[str] = "cross"
+    default_tune: ClassVar[str] = ""  # what --tune auto is on this family ("": the memory plan decides)
+    lora_denoiser_targets: ClassVar[list[str]] = []  # the denoiser's modules LoRA adapts
+    # The text encoders' LoRA targets: "*" for all, a folder's name for one that differs
+    # ([] for one that gets none).
+    lora_text_targets: ClassVar[dict[str, list[str]]] = {"*": CLIP_LORA_TARGETS}
+
     def attention_layers(self, model) -> list[str]:
         """Where the attention loss hooks in: the names of the attention processors whose
         maps of the text tokens it reads (InvalidInput where the model has none)."""
@@ -116,6 +128,43 @@ class Family:
     def attention_size(self, latent_size: int) -> int:
         """The side of those maps for latents of `latent_size`."""
         raise NotImplementedError
+
+    # -- sampling -------------------------------------------------------------------------------
+    samplers: ClassVar[tuple[str, ...]] = ()  # the --scheduler names it samples with, its default first
+
+    def sampler_steps(self, sampler: str) -> int:
+        """The usual number of steps of `sampler`."""
+        raise NotImplementedError
+
+    def sampler(self, name: str, scheduler_config: dict):
+        """The diffusers scheduler of sampler `name` over the base model's schedule."""
+        raise NotImplementedError
+
+    def choose_sampler(self, name: str | None, steps: int | None) -> tuple[str, int]:
+        """The sampler and step count to use: the ones asked for, else the family's
+        default sampler and that sampler's usual steps; InvalidInput for a sampler the
+        family does not have."""
+        from ..errors import InvalidInput
+
+        name = name or self.samplers[0]
+        if name not in self.samplers:
+            raise InvalidInput(f"--scheduler {name}: {self.name} samples with {' or '.join(self.samplers)}")
+        return name, steps or self.sampler_steps(name)
+
+    classifier_free: ClassVar[bool] = True  # sampling guides by a second, unconditional pass
+    takes_guidance: ClassVar[bool] = True  # a guidance scale changes its images (FLUX.1 schnell: no)
+
+    def set_timesteps(self, scheduler, steps: int, latent_size: tuple[int, int], device) -> None:
+        """The sampler's timesteps for `steps` steps on latents of `latent_size`."""
+        scheduler.set_timesteps(steps, device=device)
+
+    def pipeline_kwargs(self) -> dict:
+        """What its pipeline's call needs besides the prompt, size, steps and guidance."""
+        return {}
+
+    def pipeline_latents(self, latents, latent_size: tuple[int, int]):
+        """The pipeline's latent output (output_type="latent") as (B, C, h, w) latents."""
+        return latents
 
     # -- conditioning -----------------------------------------------------------------------------
     def encode_prompts(self, text_encoders: list, ids: list, conditions=None):
@@ -167,6 +216,17 @@ class Family:
     def modelspec_architecture(self) -> str:
         """The ModelSpec architecture of the base model (a LoRA's adds "/lora")."""
         raise NotImplementedError
+
+
+def vae_scale(vae) -> int:
+    """How many pixels a latent spans: the VAE halves the image per block after its first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_normalisation(vae) -> tuple[float, float]:
+    """(shift, scale) of a VAE's config: the denoiser's latents are (the VAE's latents -
+    shift) * scale (SD and SDXL shift by nothing; FLUX.1's VAE by 0.1159)."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0), float(vae.config.scaling_factor)
 
 
 def pool_at_end_of_text(text_encoder, tokenizer) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import InvalidInput
-from .family import CLIP_TOKENS, Family
+from .family import CLIP_LORA_TARGETS, CLIP_TOKENS, Family, vae_scale
 
 FLUX_DEV, FLUX_SCHNELL = "FLUX.1 dev", "FLUX.1 schnell"
 PIPELINE = "FluxPipeline"
@@ -106,6 +106,43 @@ def guidance_input(transformer_config, scale: float, count: int, device=None):
     return torch.full((count,), float(scale), device=device, dtype=torch.float32)
 
 
+# Where the attention loss reads FLUX's maps: the last double-stream blocks (13-18 of
+# FLUX.1's 19), where published work finds the most localised text-to-image attention
+# (Add-it reads blocks 13, 14 and 18; ConceptAttention 15-18); all of them on a smaller model.
+ATTENTION_BLOCKS = 6
+# LoRA on the transformer: every projection of the double-stream blocks' joint attention
+# and MLPs, and the single-stream blocks' attention (diffusers' FLUX DreamBooth LoRA
+# defaults). T5 gets none: only the handles' rows of its table are trained.
+LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2"]
+
+
+class FlowSchedule:
+    """Rectified-flow training noise as diffusers' FLUX DreamBooth scripts make it: a
+    noise level drawn uniformly from the scheduler's 1000-step grid (unshifted),
+    noisy = (1 - sigma) x0 + sigma noise, and the velocity noise - x0 as the target."""
+
+    def __init__(self, scheduler_config: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.levels = scheduler.timesteps.float()  # sigma * 1000, from high noise to low
+        self.train_steps = scheduler.config.num_train_timesteps
+
+    def timesteps(self, count: int, generator):
+        import torch
+
+        return self.levels[torch.randint(0, len(self.levels), (count,), generator=generator)]
+
+    def add_noise(self, latents, noise, timesteps):
+        sigma = (timesteps.float() / self.train_steps).view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
+        return (1 - sigma) * latents + sigma * noise
+
+    def target(self, latents, noise, timesteps):
+        return noise - latents
+
+
 class Flux(Family):
     names: ClassVar[tuple[str, ...]] = (FLUX_DEV, FLUX_SCHNELL)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP-L, T5-XXL
@@ -123,6 +160,14 @@ class Flux(Family):
     pipeline_name: ClassVar[str] = PIPELINE
     denoiser: ClassVar[str] = "transformer"
     kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
+    samplers: ClassVar[tuple[str, ...]] = ("flow",)  # its own flow-matching Euler
+    scene_format: ClassVar[int] = 3  # the .scene format that added FLUX.1
+    attention_text: ClassVar[int] = 1  # the T5 tokens: only they enter the joint attention
+    attention_kind: ClassVar[str] = "joint"
+    classifier_free: ClassVar[bool] = False  # dev embeds its guidance; schnell needs none
+    default_tune: ClassVar[str] = "lora"  # full tuning of 12B weights only when asked for
+    lora_denoiser_targets: ClassVar[list[str]] = LORA_TARGETS
+    lora_text_targets: ClassVar[dict[str, list[str]]] = {"*": CLIP_LORA_TARGETS, "text_encoder_2": []}
 
     @staticmethod
     def recognise(index: dict, denoiser: dict, text: dict, parts: set[str]) -> str | None:
@@ -190,6 +235,10 @@ class Flux(Family):
         return GUIDANCE[self.name]
 
     @property
+    def takes_guidance(self) -> bool:
+        return self.name == FLUX_DEV
+
+    @property
     def sampling_steps(self) -> int:
         return STEPS[self.name]
 
@@ -214,13 +263,13 @@ class Flux(Family):
 
         return FluxTransformer2DModel
 
-    def native_resolution(self, denoiser, vae_scale: int) -> int:
-        """What FluxPipeline samples at by default (1024 for FLUX.1): its config has no size."""
-        return 128 * vae_scale
+    def native_resolution(self, denoiser, vae) -> int:
+        """The VAE's size (1024 for FLUX.1): the transformer's config has none."""
+        return int(vae.config.sample_size)
 
-    def resolution_step(self, denoiser, vae_scale: int) -> int:
+    def resolution_step(self, denoiser, vae) -> int:
         """The latents are packed in 2x2 patches."""
-        return 2 * vae_scale
+        return 2 * vae_scale(vae)
 
     def pipeline(self, transformer, vae, text_encoders: list, tokenizers: list, scheduler):
         return self.pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=text_encoders[0],
@@ -232,6 +281,62 @@ class Flux(Family):
         import torch
 
         return torch.float32 if dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_schedule(self, scheduler_config: dict) -> FlowSchedule:
+        return FlowSchedule(scheduler_config)
+
+    def denoise(self, model, noisy, timesteps, hidden, added):
+        """The transformer's velocity for (B, 16, h, w) latents: packed into tokens with
+        their positions, the noise level as sigma (timestep / 1000), unpacked again."""
+        size = tuple(noisy.shape[-2:])
+        tokens = pack_latents(noisy)
+        out = model(hidden_states=tokens, timestep=timesteps.to(tokens.dtype).expand(len(tokens)) / 1000,
+                    guidance=added["guidance"], pooled_projections=added["pooled_projections"],
+                    encoder_hidden_states=hidden, txt_ids=added["txt_ids"],
+                    img_ids=image_ids(size, tokens.device, tokens.dtype), return_dict=False)[0]
+        return unpack_latents(out, size)
+
+    def attention_layers(self, model) -> list[str]:
+        """The joint attention of the last double-stream blocks (ATTENTION_BLOCKS)."""
+        count = len(model.transformer_blocks)
+        if not count:
+            raise InvalidInput("this FLUX transformer has no double-stream block, which the attention loss reads: "
+                               "use --lambda-attn 0")
+        return [f"transformer_blocks.{i}.attn.processor" for i in range(max(0, count - ATTENTION_BLOCKS), count)]
+
+    def attention_size(self, latent_size: int) -> int:
+        return latent_size // 2  # one token per 2x2 latents
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def sampler_steps(self, sampler: str) -> int:
+        return self.sampling_steps
+
+    def sampler(self, name: str, scheduler_config: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def set_timesteps(self, scheduler, steps: int, latent_size: tuple[int, int], device) -> None:
+        """As FluxPipeline sets them: sigmas from 1 to 1/steps, shifted for the image's
+        token count where the scheduler shifts dynamically (dev)."""
+        import numpy as np
+
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = scheduler.config
+        tokens = (latent_size[0] // 2) * (latent_size[1] // 2)
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+
+    def pipeline_kwargs(self) -> dict:
+        return {"max_sequence_length": self.text_tokens}
+
+    def pipeline_latents(self, latents, latent_size: tuple[int, int]):
+        """FluxPipeline's latent output is its packed tokens."""
+        return unpack_latents(latents, latent_size)
 
     # -- conditioning ----------------------------------------------------------------------------
     def encode_prompts(self, text_encoders: list, ids: list, conditions=None):

@@ -11,8 +11,6 @@ import torch
 
 from ..errors import SceneBreakError
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ADAPTER = "default"
 
 
@@ -24,16 +22,28 @@ def require_peft():
     return peft
 
 
-def lora_settings(rank: int) -> dict:
-    """What a scene records so the same adapters can be rebuilt to load its weights."""
-    return {"rank": rank, "alpha": rank, "unet_targets": UNET_TARGETS, "text_encoder_targets": TEXT_ENCODER_TARGETS}
+def lora_settings(rank: int, family) -> dict:
+    """What a scene records so the same adapters can be rebuilt to load its weights: the
+    family's targets in the denoiser ("unet_targets", the name scenes have always used)
+    and in the text encoders ("text_encoder_targets", and NAME_targets for an encoder
+    that differs, [] for one that gets none, as FLUX's T5)."""
+    return {"rank": rank, "alpha": rank, "unet_targets": list(family.lora_denoiser_targets),
+            "text_encoder_targets": list(family.lora_text_targets.get("*", [])),
+            **{f"{name}_targets": list(targets) for name, targets in family.lora_text_targets.items() if name != "*"}}
 
 
-def add_lora(unet, text_encoders: list, settings: dict) -> list[torch.nn.Parameter]:
-    """Put adapters into the UNet and every text encoder (in place: SDXL has two, with
-    the same targets); returns their parameters."""
+def text_encoder_targets(settings: dict, name: str) -> list[str]:
+    """The LoRA targets of the text encoder `name` under recorded `settings`."""
+    return settings.get(f"{name}_targets", settings["text_encoder_targets"])
+
+
+def add_lora(denoiser, text_encoders: dict, settings: dict) -> list[torch.nn.Parameter]:
+    """Put adapters into the denoiser and the text encoders (`text_encoders`: name ->
+    model; in place); returns their parameters. An encoder without targets gets none."""
     peft = require_peft()
-    models = [(unet, settings["unet_targets"])] + [(te, settings["text_encoder_targets"]) for te in text_encoders]
+    models = [(denoiser, settings["unet_targets"])]
+    models += [(te, text_encoder_targets(settings, name)) for name, te in text_encoders.items()]
+    models = [(model, targets) for model, targets in models if targets]
     for model, targets in models:
         config = peft.LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=targets,
                                  lora_dropout=0.0, init_lora_weights=True)

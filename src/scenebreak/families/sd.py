@@ -19,7 +19,7 @@ class SD(UNetFamily):
         """SD 1.x or SD 2.x from a folder's configs, or None. SD 1.x: CLIP-L's
         768-wide text, attention projected by 1x1 convolutions; SD 2.x: OpenCLIP-H's
         1024, linear projections."""
-        if not unet or unet.get("addition_embed_type") is not None:
+        if not UNetFamily.is_unet(unet) or unet.get("addition_embed_type") is not None:
             return None
         sd1 = text.get("hidden_size") == 768 or not unet.get("use_linear_projection", False)
         return SD1 if sd1 else SD2

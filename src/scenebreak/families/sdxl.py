@@ -41,13 +41,13 @@ class SDXL(UNetFamily):
         (refiners, which have only the big encoder, are told apart by the caller)."""
         xl = (index.get("_class_name") == SDXL.pipeline_name or unet.get("addition_embed_type") == "text_time"
               or "text_encoder_2" in parts)
-        return SDXL_NAME if xl else None
+        return SDXL_NAME if xl and (not unet or UNetFamily.is_unet(unet)) else None
 
     @classmethod
-    def refusal(cls, index: dict, parts: set[str], what: str) -> str | None:
+    def refusal(cls, index: dict, parts: set[str], what: str, denoiser: dict | None = None) -> str | None:
         """A refiner has text_time conditioning over one (the big) text encoder."""
         if "text_encoder_2" in parts:
-            return None
+            return super().refusal(index, parts, what, denoiser)
         if index.get("_class_name") != cls.pipeline_name:
             return "an SDXL refiner"
         raise InvalidInput(f"{what} is an incomplete SDXL folder: it has no text_encoder_2/ (download it again)")

@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
+from ..config import SCHEDULER_STEPS
 from ..errors import InvalidInput
-from .family import Family
+from .family import Family, vae_scale
 
 _CROSS_ATTENTION = re.compile(r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\..*\.attn2\.processor$")
 ATTENTION_SCALE = 4  # the loss reads maps at latent size / 4
+UNET = "UNet2DConditionModel"
 
 
 def layer_scale(name: str, num_down: int, num_up: int) -> int | None:
@@ -72,18 +74,49 @@ class UNetFamily(Family):
     """A family whose denoiser is diffusers' UNet2DConditionModel."""
 
     denoiser: ClassVar[str] = "unet"
+    samplers: ClassVar[tuple[str, ...]] = ("dpm", "ddim", "euler")
+    lora_denoiser_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention
+
+    def sampler_steps(self, sampler: str) -> int:
+        return SCHEDULER_STEPS[sampler]
+
+    def sampler(self, name: str, scheduler_config: dict):
+        """dpm is DPM-Solver++ 2M, the multistep solver diffusers uses for few-step
+        sampling; ddim is deterministic DDIM (eta 0), the paper's; euler is plain Euler
+        (not ancestral), so every sampler is deterministic for a seed."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+        if name == "dpm":
+            return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
+        if name == "euler":
+            return EulerDiscreteScheduler.from_config(scheduler_config)
+        if name == "ddim":
+            return DDIMScheduler.from_config(scheduler_config)
+        raise ValueError(f"unknown scheduler {name!r}")
+
+    @staticmethod
+    def is_unet(config: dict) -> bool:
+        return bool(config) and config.get("_class_name", UNET) == UNET
+
+    @classmethod
+    def refusal(cls, index: dict, parts: set[str], what: str, denoiser: dict | None = None) -> str | None:
+        channels = (denoiser or {}).get("in_channels", 4)
+        if channels != 4:
+            return f"a model whose UNet takes {str(channels)[:20]} input channels (an inpainting or other special UNet)"
+        return None
 
     def denoiser_class(self):
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel
 
-    def native_resolution(self, denoiser, vae_scale: int) -> int:
-        return int(denoiser.config.sample_size) * vae_scale
+    def native_resolution(self, denoiser, vae) -> int:
+        return int(denoiser.config.sample_size) * vae_scale(vae)
 
-    def resolution_step(self, denoiser, vae_scale: int) -> int:
+    def resolution_step(self, denoiser, vae) -> int:
         """The UNet halves the latent once per down block; the loss needs latent/4."""
-        return max(vae_scale * 2 ** (len(denoiser.config.down_block_types) - 1), vae_scale * ATTENTION_SCALE)
+        scale = vae_scale(vae)
+        return max(scale * 2 ** (len(denoiser.config.down_block_types) - 1), scale * ATTENTION_SCALE)
 
     def training_schedule(self, scheduler_config: dict) -> DiffusionSchedule:
         return DiffusionSchedule(scheduler_config)

@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from ..events import Progress, Reporter, silent
+from ..families import vae_normalisation
 from ..masks.ops import dilate
 
 
@@ -77,7 +78,8 @@ def encode(vae, images: list[np.ndarray]):
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     pixels = pixels.to(vae.device, vae.dtype)
     with torch.inference_mode(), torch.autocast(pixels.device.type, enabled=False):  # in the VAE's own dtype
-        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        shift, scale = vae_normalisation(vae)
+        return (vae.encode(pixels).latent_dist.mean - shift) * scale
 
 
 def decode(vae, latents) -> list[np.ndarray]:
@@ -92,10 +94,14 @@ def decode(vae, latents) -> list[np.ndarray]:
 
 def noised(source, noise, scheduler, timestep):
     """`source` noised to `timestep` in the sampler's own parametrisation (Euler's
-    latents are x0 + sigma * noise; DDIM's and DPM-Solver's sqrt(a) x0 + sqrt(1 - a) noise)."""
+    latents are x0 + sigma * noise; DDIM's and DPM-Solver's sqrt(a) x0 + sqrt(1 - a)
+    noise; a flow's (1 - sigma) x0 + sigma noise)."""
     import torch
 
-    return scheduler.add_noise(source, noise, torch.tensor([timestep], device=source.device))
+    timestep = torch.tensor([timestep], device=source.device)
+    if hasattr(scheduler, "add_noise"):
+        return scheduler.add_noise(source, noise, timestep)
+    return scheduler.scale_noise(source, timestep, noise)  # flow matching (FLUX.1)
 
 
 def blend_step(latents, source, mask, noise, scheduler, timestep):
@@ -123,7 +129,7 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
 
     scheduler, denoiser = pipe.scheduler, getattr(pipe, family.denoiser)
     device, dtype = denoiser.device, denoiser.dtype
-    scheduler.set_timesteps(steps, device=device)
+    family.set_timesteps(scheduler, steps, tuple(source.shape[-2:]), device)
     timesteps = scheduler.timesteps[int(len(scheduler.timesteps) * blend_start):]
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     shape = source.shape[1:]
@@ -131,7 +137,7 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
     def draw():
         return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
 
-    cfg = guidance > 1
+    cfg = family.classifier_free and guidance > 1  # FLUX.1 embeds its guidance: one pass per step
     with torch.inference_mode():
         factor = pipe.vae_scale_factor
         embeds, added = family.pipeline_conditioning(pipe, prompt, len(seeds), cfg, negative,
@@ -144,7 +150,9 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
         latents = noised(source, noise, scheduler, timesteps[0].item())
         total = total if total is not None else len(timesteps) * len(seeds)
         for i, t in enumerate(timesteps):
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            if hasattr(scheduler, "scale_model_input"):  # (a flow's inputs need none)
+                model_input = scheduler.scale_model_input(model_input, t)
             pred = family.denoise(denoiser, model_input, t, embeds, added)
             if cfg:
                 pred_uncond, pred_cond = pred.chunk(2)

@@ -64,7 +64,7 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
     if variations:
         prompts = [variation_prompt(scene)]
     run = start(scene, prompts, config, device=device, base_model=base_model, out_dir=Path(out_dir), report=report)
-    warn_cpu_time(run, len(prompts) * config.num_images * config.steps, scene.resolution**2, report)
+    warn_cpu_time(run, len(prompts) * config.num_images * run.config.steps, scene.resolution**2, report)
     images = sample_to_files(run, prompts, run.config, run.seed, Path(out_dir), scene.name, report)
     if grid:
         sheet = contact_sheet([i.path for i in images], grid_columns(len(prompts), config.num_images))

@@ -12,43 +12,30 @@ def images_per_pass(device, batch_size: int | None = None) -> int:
     return batch_size or (4 if device.type == "cuda" else 1)
 
 
-def make_scheduler(name: str, scheduler_config: dict):
-    """The sampler `name` (config.SCHEDULERS) over the base model's noise schedule.
-
-    dpm is DPM-Solver++ 2M, the multistep solver diffusers uses for few-step sampling;
-    ddim is deterministic DDIM (eta 0), the paper's; euler is plain Euler (not
-    ancestral), so every sampler is deterministic for a seed."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(scheduler_config)
-    if name == "ddim":
-        return DDIMScheduler.from_config(scheduler_config)
-    raise ValueError(f"unknown scheduler {name!r}")
-
-
-def make_pipeline(family, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,
-                  scheduler: str = "dpm"):
+def make_pipeline(family, denoiser, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,
+                  scheduler: str | None = None):
     """The diffusers text-to-image pipeline of `family` (families.Family) with the
-    sampler `scheduler`, and no safety checker or watermark."""
-    pipe = family.pipeline(unet, vae, text_encoders, tokenizers, make_scheduler(scheduler, scheduler_config))
+    sampler `scheduler` (default: the family's), and no safety checker or watermark."""
+    sampler = family.sampler(scheduler or family.samplers[0], scheduler_config)
+    pipe = family.pipeline(denoiser, vae, text_encoders, tokenizers, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def decode_latents(vae, latents, report: Reporter = silent):
-    """Pixels in [-1, 1] from scaled latents. A half-precision VAE can overflow (NaN or
-    inf in the image): then the decode is done again in fp32, with a note."""
+    """Pixels in [-1, 1] from the denoiser's latents. A half-precision VAE can overflow
+    (NaN or inf in the image): then the decode is done again in fp32, with a note."""
     import torch
+
+    from ..families import vae_normalisation
 
     if not bool(torch.isfinite(latents).all()):
         from ..errors import SceneBreakError
 
         raise SceneBreakError("sampling produced NaN or infinite values (an overflow in the model in half precision, "
                               "or a damaged scene): try --device cpu")
-    scaled = latents / vae.config.scaling_factor
+    shift, scale = vae_normalisation(vae)
+    scaled = latents / scale + shift
     # The VAE decodes in its own weights' dtype, never under the sampling's autocast.
     with torch.inference_mode(), torch.autocast(latents.device.type, enabled=False):
         pixels = vae.decode(scaled.to(vae.dtype)).sample
@@ -65,11 +52,12 @@ def decode_latents(vae, latents, report: Reporter = silent):
     return pixels.float()
 
 
-def sample(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int,
+def sample(pipe, family, prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int,
            negative: str | None = None, autocast=None, report: Reporter = silent, task: str = "generate",
            done: int = 0, total: int | None = None):
-    """Images for `prompt`, one per seed; image i starts from noise seeded with seeds[i]
-    (drawn on the CPU, so a seed gives the same start on every device)."""
+    """Images for `prompt` from the pipeline of `family`, one per seed; image i starts
+    from noise seeded with seeds[i] (drawn on the CPU, so a seed gives the same start on
+    every device)."""
     import contextlib
 
     import torch
@@ -93,6 +81,8 @@ def sample(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, 
                 generator=generators,
                 callback_on_step_end=on_step_end,
                 output_type="latent",
+                **family.pipeline_kwargs(),
             ).images
-        pixels = decode_latents(pipe.vae, latents, report)
+        side = resolution // pipe.vae_scale_factor
+        pixels = decode_latents(pipe.vae, family.pipeline_latents(latents, (side, side)), report)
     return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))

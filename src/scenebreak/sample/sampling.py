@@ -77,8 +77,15 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     if warn_unused:
         warn_unused_handles(scene, prompts, report)
     warn_old_pooling(scene, report)
+    # The family's sampler, its steps and its guidance where none were asked for.
+    if config.guidance is not None and not scene.family.takes_guidance:
+        report(Message(f"{scene.family.name} takes no guidance: --guidance {config.guidance:g} is ignored", "warning"))
+        config = dataclasses.replace(config, guidance=None)
+    sampler, steps = scene.family.choose_sampler(config.scheduler, config.steps)
+    config = dataclasses.replace(config, scheduler=sampler, steps=steps,
+                                 guidance=scene.family.guidance if config.guidance is None else config.guidance)
     tokenizers = scene_tokenizers(scene)
-    check_prompt_lengths(scene, prompts, tokenizers[0], report)
+    check_prompt_lengths(scene, prompts, tokenizers[scene.family.attention_text], report)
     device = device if isinstance(device, Device) else choose_device(device)
     dtype, autocast_dtype = device.sampling_precision(config.precision)
     seed = pick_seed(config, report)
@@ -86,8 +93,6 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
         if not is_writable_folder(Path(out_dir)):
             raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if config.guidance is None:
-        config = dataclasses.replace(config, guidance=scene.family.guidance)
     pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers)
     return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
 
@@ -216,8 +221,9 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
         seeds = [seed + i for i in range(config.num_images)]
         for begin in range(0, len(seeds), batch):
             chunk = seeds[begin:begin + batch]
-            images = sample(pipe, prompt, chunk, steps=config.steps, guidance=config.guidance, resolution=scene.resolution,
-                            negative=config.negative, autocast=run.precision(), report=report, done=done, total=total)
+            images = sample(pipe, scene.family, prompt, chunk, steps=config.steps, guidance=config.guidance,
+                            resolution=scene.resolution, negative=config.negative, autocast=run.precision(), report=report,
+                            done=done, total=total)
             done += len(chunk) * config.steps
             for s, image in zip(chunk, images):
                 path = save_png(image, Path(out_dir) / fit_file_name(name, f"-{slug(prompt)}-{s}.png"))

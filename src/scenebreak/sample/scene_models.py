@@ -53,14 +53,16 @@ def own_weights(scene: Scene, dtype):
     recorded configs and filled with its weights."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig
 
     configs = scene.meta["configs"]
     names = scene.family.text_encoders
     with init_empty_weights():  # no random init of weights we overwrite anyway
         denoiser = scene.family.denoiser_class().from_config(configs[scene.family.denoiser])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoders = [scene.family.text_encoder_class(name)(CLIPTextConfig(**configs[name])) for name in names]
+        text_encoders = []
+        for name in names:
+            cls = scene.family.text_encoder_class(name)
+            text_encoders.append(cls(cls.config_class(**configs[name])))
     for model, name in ((denoiser, scene.family.denoiser), (vae, "vae"), *zip(text_encoders, names)):
         check_weights_fit(scene, name, model.state_dict(), scene.weights[name])
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
@@ -116,11 +118,12 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters")
     for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
         text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
-    add_lora(c.denoiser, c.text_encoders, scene.meta["lora"])
-    for name, model in ((c.family.denoiser, c.denoiser), *zip(c.family.text_encoders, c.text_encoders)):
-        component = f"{name}_lora"
-        load_lora_state_dict(model, scene.weights[component],
-                             lambda expected, state: check_weights_fit(scene, component, expected, state))
+    add_lora(c.denoiser, dict(zip(c.family.text_encoders, c.text_encoders)), scene.meta["lora"])
+    models = dict(((c.family.denoiser, c.denoiser), *zip(c.family.text_encoders, c.text_encoders)))
+    for component in scene.weight_components:  # the denoiser's adapters, and each adapted encoder's
+        load_lora_state_dict(models[component.removesuffix("_lora")], scene.weights[component],
+                             lambda expected, state, component=component: check_weights_fit(scene, component, expected,
+                                                                                          state))
     for model in (c.denoiser, *c.text_encoders):
         merge_lora(model)  # plain layers again: no adapter cost per step
     return c.denoiser, c.vae, c.text_encoders

@@ -14,8 +14,9 @@ Tensor names:
 Metadata: {"format": "scenebreak.scene", "scenebreak": "<JSON>"}; the JSON holds
 format_version, versions, base model, handles, resolution, configs, losses...
 
-Format 2 added SDXL (the `_2` entries). SD 1.x/2.x scenes are still written as
-format 1, which they are, so an older scenebreak keeps reading them.
+Format 2 added SDXL (the `_2` entries), format 3 FLUX.1 (its denoiser is `transformer`,
+its second text encoder T5). Each scene is written in the oldest format that holds it
+(SD 1.x/2.x: 1, SDXL: 2), so an older scenebreak keeps reading what it can.
 
 This module owns that format: writing it, and reading it as a stranger's file
 (train/assemble.py makes a scene from a finished training run).
@@ -34,7 +35,7 @@ from ..errors import BundleError
 from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically
 
 FORMAT = "scenebreak.scene"
-FORMAT_VERSION = 2  # the newest this version reads and writes
+FORMAT_VERSION = 3  # the newest this version reads and writes
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 # The tokenizer files a scene may hold: what transformers' tokenizers write (5.x writes
 # the first two). A scene is a stranger's file: no other name is ever written anywhere.
@@ -118,10 +119,14 @@ class Scene:
     @property
     def weight_components(self) -> tuple[str, ...]:
         """Full weights (the scene generates on its own), or for a LoRA scene the
-        adapters for its recorded base model; one entry per text encoder of the family."""
+        adapters for its recorded base model: the denoiser's and those of each text
+        encoder that has LoRA targets (FLUX's T5 has none)."""
         encoders = self.family.text_encoders
         if self.needs_base_model:
-            return (f"{self.family.denoiser}_lora", *(f"{name}_lora" for name in encoders))
+            from ..families.lora import text_encoder_targets
+
+            adapted = [name for name in encoders if text_encoder_targets(self.meta["lora"], name)]
+            return (f"{self.family.denoiser}_lora", *(f"{name}_lora" for name in adapted))
         return (self.family.denoiser, *encoders, "vae")
 
 
@@ -278,6 +283,10 @@ def metadata_problem(meta: dict) -> str | None:
             targets = lora.get(key)
             if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
                 return f"its LoRA {key} are damaged"
+        for name in _family(meta).text_encoders:  # an encoder's own targets, where it differs ([]: none)
+            targets = lora.get(f"{name}_targets", [])
+            if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+                return f"its LoRA {name}_targets are damaged"
     configs = meta.get("configs")
     needed = (_family(meta).denoiser, "vae", "scheduler", *_family(meta).text_encoders)
     if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)):

@@ -49,7 +49,7 @@ def scene_metadata(*, name: str, tokens: list[str], components, prepared, config
         "memory": plan.to_dict(),
         "precision": precision,
         "losses": losses,
-        **({"lora": lora_settings(config.rank)} if config.tune == "lora" else {}),
+        **({"lora": lora_settings(config.rank, c.family)} if config.tune == "lora" else {}),
         "device": device.name,
         "seconds": round(seconds, 2),
         "configs": {c.family.denoiser: model_config(c.denoiser), "vae": model_config(c.vae),
@@ -67,7 +67,7 @@ def scene_from_training(components, meta: dict, prepared) -> Scene:
     if meta["tuning"] == "lora" and not meta["standalone"]:
         # Only the adapters: the scene loads them onto its recorded base model.
         weights = {f"{c.family.denoiser}_lora": lora_state_dict(c.denoiser),
-                   **{f"{n}_lora": lora_state_dict(te) for n, te in encoders.items()}}
+                   **{f"{n}_lora": state for n, te in encoders.items() if (state := lora_state_dict(te))}}
     else:
         if meta["tuning"] == "lora":
             for model in (c.denoiser, *c.text_encoders):

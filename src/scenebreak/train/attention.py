@@ -22,6 +22,7 @@ class AttentionStore:
     def __init__(self, example: int = 0):
         self.example = example  # batch index whose maps are kept (the instance image)
         self.columns: list[int] | None = None  # token positions to keep (None: all)
+        self.text_length: int | None = None  # joint attention: the prompt's own tokens, the keys of its maps
         self.maps: dict[str, torch.Tensor] = {}
 
     def clear(self) -> None:
@@ -119,13 +120,73 @@ class RecordingAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class RecordingJointAttnProcessor:
+    """Like diffusers' FluxAttnProcessor for a double-stream block (the block output from
+    the same fused attention over text and image tokens, text first), and it also
+    records, for the kept example, how much each image token attends to the handles'
+    text tokens, with their gradient.
+
+    The map is the softmax of the image queries over the prompt's own text tokens (the
+    first `store.text_length` keys: the prompt up to its end-of-text token), not over
+    the joint sequence, where the image and padding keys take most of the mass (the
+    published FLUX attention-map work reads it the same way); only the handles'
+    columns are kept, exp(s_j - logsumexp s) in fp32 over those keys."""
+
+    def __init__(self, store: AttentionStore, name: str):
+        self.store = store
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        import torch.nn.functional as F
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query = attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        key = attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        text = encoder_hidden_states.shape[1]
+        text_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        text_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        text_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+        query, key = torch.cat([text_query, query], dim=1), torch.cat([text_key, key], dim=1)
+        value = torch.cat([text_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        # (batch, sequence, heads, dim) -> (batch, heads, sequence, dim) for SDPA.
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                             attn_mask=attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+        ex, length = self.store.example, self.store.text_length or text
+        with torch.autocast(query.device.type, enabled=False):
+            image_query = query[ex, text:].transpose(0, 1).float()  # heads, pixels, dim
+            text_key = key[ex, :length].transpose(0, 1).float()  # heads, prompt tokens, dim
+            scores = torch.matmul(image_query, text_key.transpose(-1, -2)) / attn.head_dim ** 0.5
+            columns = self.store.columns
+            if columns is None:
+                probs = scores.softmax(dim=-1)
+            else:
+                probs = (scores[..., columns] - scores.logsumexp(dim=-1, keepdim=True)).exp()
+        self.store.record(self.name, probs)
+
+        text_out, image_out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        return image_out, attn.to_add_out(text_out.contiguous())
+
+
+PROCESSORS = {"cross": RecordingAttnProcessor, "joint": RecordingJointAttnProcessor}
+
+
 @contextlib.contextmanager
-def capture_cross_attention(unet, store: AttentionStore, layers: list[str]):
-    """Record the `layers`' maps into `store`; restore every processor after."""
-    original = dict(unet.attn_processors)
-    swapped = {name: RecordingAttnProcessor(store, name) if name in layers else proc for name, proc in original.items()}
-    unet.set_attn_processor(swapped)
+def capture_cross_attention(model, store: AttentionStore, layers: list[str], kind: str = "cross"):
+    """Record the `layers`' maps into `store` with the processor of the family's
+    attention `kind` (families.Family.attention_kind); restore every processor after."""
+    original = dict(model.attn_processors)
+    recording = PROCESSORS[kind]
+    swapped = {name: recording(store, name) if name in layers else proc for name, proc in original.items()}
+    model.set_attn_processor(swapped)
     try:
         yield store
     finally:
-        unet.set_attn_processor(original)
+        model.set_attn_processor(original)

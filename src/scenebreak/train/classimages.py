@@ -7,43 +7,41 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..config import SCHEDULER_STEPS
 from ..errors import Interrupted
 from ..events import Message, Progress, Reporter, silent
 from ..paths import class_images_dir, write_atomically
 
-GUIDANCE = 7.5
-SCHEDULER = "dpm"
-
-
-def cache_folder(fingerprint: str, prompt: str, resolution: int, guidance: float = GUIDANCE,
-                 scheduler: str = SCHEDULER) -> Path:
-    steps = SCHEDULER_STEPS[scheduler]
+def cache_folder(fingerprint: str, prompt: str, resolution: int, family, scheduler: str | None = None) -> Path:
+    """The folder of the class images of this base model (fingerprint, family), prompt,
+    size and sampler (default: the family's), at that sampler's usual steps and the
+    family's usual guidance."""
+    scheduler, steps = family.choose_sampler(scheduler, None)
     # DDIM 50 keeps the key it had before there was a choice, so those caches stay valid.
-    key = [fingerprint, prompt, resolution, steps, guidance, scheduler]
+    key = [fingerprint, prompt, resolution, steps, family.guidance, scheduler]
     return class_images_dir() / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
-def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int, guidance: float = GUIDANCE,
-                      scheduler: str = SCHEDULER) -> list[Path]:
+def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int, family,
+                      scheduler: str | None = None) -> list[Path]:
     """Where class images 0..count-1 for this model, prompt, size and sampler live (made or not)."""
-    folder = cache_folder(fingerprint, prompt, resolution, guidance, scheduler)
+    folder = cache_folder(fingerprint, prompt, resolution, family, scheduler)
     return [folder / f"{i:04d}.png" for i in range(count)]
 
 
-def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, guidance: float = GUIDANCE,
-                  scheduler: str = SCHEDULER) -> int:
+def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, family, scheduler: str | None = None) -> int:
     """How many of those class images still have to be made."""
-    return sum(not p.exists() for p in class_image_paths(fingerprint, prompt, resolution, count, guidance, scheduler))
+    return sum(not p.exists() for p in class_image_paths(fingerprint, prompt, resolution, count, family, scheduler))
 
 
 def ensure_class_images(components, device, prompt: str, count: int, resolution: int, amp_dtype=None,
                         report: Reporter = silent, should_stop=lambda: False, batch_size: int | None = None,
-                        scheduler: str = SCHEDULER) -> list[Path]:
+                        scheduler: str | None = None) -> list[Path]:
     """The paths of `count` class images, generating only the ones not cached yet, in
-    the training's precision `amp_dtype` (None: fp32), with `scheduler` at its usual
-    step count. Image i is always made from seed i, so the cache grows consistently."""
-    paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family.guidance, scheduler)
+    the training's precision `amp_dtype` (None: fp32), with `scheduler` (default: the
+    family's) at its usual step count. Image i is always made from seed i, so the cache
+    grows consistently."""
+    scheduler, _ = components.family.choose_sampler(scheduler, None)
+    paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family, scheduler)
     folder = paths[0].parent
     if all(p.exists() for p in paths):
         report(Message(f"using {count} cached class images from {folder}"))
@@ -69,20 +67,21 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     info = folder / "info.json"
     if not info.exists():
         info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "scheduler": scheduler,
-                                    "steps": SCHEDULER_STEPS[scheduler], "base_model": components.base.to_dict()}, indent=2))
+                                    "steps": components.family.sampler_steps(scheduler),
+                                    "base_model": components.base.to_dict()}, indent=2))
     report(Message(f"generating {len(todo)} class images for {prompt!r} (once; cached in {folder})"))
     c = components
     for model in c.models():
         model.to(device.torch)
     pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
-    steps = SCHEDULER_STEPS[scheduler]
+    steps = c.family.sampler_steps(scheduler)
     batch = images_per_pass(device, batch_size)
     autocast = device.autocast(amp_dtype)
     total, done = len(todo) * steps, 0
     report(Progress("class images", 0, total))
     for start in range(0, len(todo), batch):
         chunk = todo[start:start + batch]
-        images = sample(pipe, prompt, [i for i, _ in chunk], steps=steps, guidance=c.family.guidance, resolution=resolution,
+        images = sample(pipe, c.family, prompt, [i for i, _ in chunk], steps=steps, guidance=c.family.guidance, resolution=resolution,
                         autocast=autocast, report=report, task="class images", done=done, total=total)
         for (_, path), image in zip(chunk, images):
             write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))

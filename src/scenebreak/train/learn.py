@@ -40,7 +40,7 @@ class LearnResult:
 
 def check_resolution(components, resolution: int) -> None:
     """The training resolution must suit the denoiser and the attention loss's maps."""
-    factor = components.family.resolution_step(components.denoiser, components.vae_scale_factor)
+    factor = components.family.resolution_step(components.denoiser, components.vae)
     if resolution < factor or resolution % factor:
         raise InvalidInput(f"--resolution {resolution} does not suit this model: use a multiple of {factor} (its native size is {components.native_resolution})")
 
@@ -157,7 +157,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                                                    scheduler=config.class_scheduler)
             # Every text encoder gets the handles, each initialised by the same rule in its own table.
             handle_ids = [add_handles(tokenizer, text_encoder, tokens, config.handle_init_words())
-                          for tokenizer, text_encoder in zip(components.tokenizers, components.text_encoders)][0]
+                          for tokenizer, text_encoder in zip(components.tokenizers, components.text_encoders)]
+            handle_ids = handle_ids[components.family.attention_text]  # the tokens the attention loss reads
             left, top, right, bottom = prepared.crop_box
             inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), handle_ids, class_images,
                                  crop_size=(bottom - top, right - left))
@@ -279,15 +280,15 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
     for warning in plan.warnings:
         report(Message(warning, "warning"))
     if device.type == "cpu":
-        from .classimages import missing_count
-        from ..config import SCHEDULER_STEPS
         from ..estimates import cpu_training_estimate
+        from .classimages import missing_count
 
+        family = components.family
         missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
-                                components.family.guidance, config.class_scheduler) if config.prior else 0
-        report(Message(cpu_training_estimate(components.denoiser, resolution, config, plan, missing,
-                                             SCHEDULER_STEPS[config.class_scheduler], bf16=amp_dtype is not None),
-                       "warning"))
+                                family, config.class_scheduler) if config.prior else 0
+        class_steps = family.choose_sampler(config.class_scheduler, None)[1]
+        report(Message(cpu_training_estimate(components.denoiser, resolution, config, plan, missing, class_steps,
+                                             bf16=amp_dtype is not None), "warning"))
     return plan
 
 

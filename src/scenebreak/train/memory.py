@@ -121,11 +121,15 @@ def _eight_bit(config: LearnConfig, device, low: bool) -> bool:
 def choose_tuning(config: LearnConfig, components, device, resolution: int, amp_dtype, resumed: str | None = None
                   ) -> tuple[str, str]:
     """What phase 2 tunes, and why: `config.tune` when it is not auto; the tuning of the
-    run being resumed; else full where `--memory` can make it fit, LoRA otherwise."""
+    run being resumed; the family's usual (LoRA on FLUX.1); else full where `--memory`
+    can make it fit, LoRA otherwise."""
     if config.tune != "auto":
         return config.tune, ""
     if resumed in ("full", "lora"):
         return resumed, "as in the run being resumed"
+    family = components.family
+    if family.default_tune:
+        return family.default_tune, f"the usual on {family.name} (--tune full to tune every weight)"
     low = config.memory != "fast"
     need = phase2_bytes(components, replace(config, tune="full"), resolution, amp_dtype is not None, low=low,
                         adam_8bit=_eight_bit(config, device, low))

@@ -20,6 +20,7 @@ import torch
 
 from ..config import LearnConfig
 from ..device import Device
+from ..families import vae_normalisation
 from ..handles import prompt_for
 from ..images import image_to_tensor
 from .attention import AttentionStore, capture_cross_attention
@@ -52,7 +53,7 @@ class StepRecord:
 class TrainInputs:
     image: "PIL.Image.Image"  # noqa: F821 - the R x R training crop
     masks: torch.Tensor  # (N, R, R) in {0, 1}
-    handle_ids: list[int]  # in the first tokenizer (SDXL's second one has the same positions)
+    handle_ids: list[int]  # in the tokenizer the attention loss reads (family.attention_text)
     class_images: list[Path] = field(default_factory=list)
     crop_size: tuple[int, int] | None = None  # (h, w) of the crop in the photo: SDXL's "original size"
 
@@ -109,7 +110,9 @@ class Trainer:
 
             with torch.random.fork_rng(devices=[]):  # the A matrices start random: the same for a seed
                 torch.manual_seed(config.seed)
-                self.lora_params = add_lora(components.denoiser, components.text_encoders, lora_settings(config.rank))
+                self.lora_params = add_lora(components.denoiser,
+                                            dict(zip(components.family.text_encoders, components.text_encoders)),
+                                            lora_settings(config.rank, components.family))
         for model in components.models():
             model.to(dev)
         if device.type == "cuda":
@@ -119,6 +122,15 @@ class Trainer:
         self.denoiser = compile_unet(components.denoiser) if config.compile else components.denoiser
         # One HandleEmbedding per text encoder: SDXL's handles have a 768- and a 1280-wide row.
         self.embeddings = [install_handle_embedding(te, self.num_handles) for te in components.text_encoders]
+        # No dropout in the text encoders: CLIP has none, but T5 (FLUX.1) drops 10%, drawn
+        # from torch's global generator, so a run could not be repeated or resumed exactly
+        # (dropout layers, and the attention's own rate that T5 applies functionally).
+        for te in components.text_encoders:
+            for module in te.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+                elif isinstance(getattr(module, "dropout", None), float):
+                    module.dropout = 0.0
         if plan.gradient_checkpointing:
             components.denoiser.enable_gradient_checkpointing()
             for te in components.text_encoders:
@@ -147,7 +159,8 @@ class Trainer:
             self.attn_masks[flip] = downsample_masks(m, components.family.attention_size(self.latent_size)).to(dev)
         self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_ids = self._tokenize(config.class_prompt)
-        self._prompt_cache: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        # Per set of handles: the prompt's ids per tokenizer, the handles' positions, the prompt's length.
+        self._prompt_cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[int], int]] = {}
         # The family's extra conditioning of [instance, class image] (SDXL's size/crop ids).
         self.conditions = components.family.training_conditions(inputs.crop_size, resolution)
         if self.conditions is not None:
@@ -240,8 +253,8 @@ class Trainer:
         it costs next to nothing, and bf16 would blur the latents every step learns from."""
         vae = self.c.vae
         dist = vae.encode(pixels.to(self.device.torch, torch.float32)).latent_dist
-        scale = vae.config.scaling_factor
-        return dist.mean.float() * scale, dist.std.float() * scale
+        shift, scale = vae_normalisation(vae)
+        return (dist.mean.float() - shift) * scale, dist.std.float() * scale
 
     def _sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
@@ -254,7 +267,7 @@ class Trainer:
         """Record the attention-loss layers for this phase (nothing when it is off)."""
         if not self.layers:
             return contextlib.nullcontext()
-        return capture_cross_attention(self.c.denoiser, self.store, self.layers)
+        return capture_cross_attention(self.c.denoiser, self.store, self.layers, self.c.family.attention_kind)
 
     def _class_latent(self, index: int):
         if index not in self.class_latents:  # encoded on first use, then cached
@@ -265,9 +278,15 @@ class Trainer:
             self.class_latents[index] = self._encode(pixels)
         return self.class_latents[index]
 
-    def _prompt_ids(self, chosen: tuple[int, ...]) -> list[torch.Tensor]:
+    def _prompt_ids(self, chosen: tuple[int, ...]) -> tuple[list[torch.Tensor], list[int], int]:
         if chosen not in self._prompt_cache:
-            self._prompt_cache[chosen] = self._tokenize(prompt_for([self.handle_tokens[i] for i in chosen]))
+            ids = self._tokenize(prompt_for([self.handle_tokens[i] for i in chosen]))
+            read = self.c.family.attention_text
+            row = ids[read][0].tolist()  # once per set of handles: their positions and the prompt's length
+            eos = self.c.tokenizers[read].eos_token_id
+            length = row.index(eos) + 1 if eos in row else len(row)
+            positions = handle_positions(ids[read][0], [self.inputs.handle_ids[i] for i in chosen])
+            self._prompt_cache[chosen] = (ids, positions, length)
         return self._prompt_cache[chosen]
 
     def _trainable(self, phase: int) -> list[dict]:
@@ -347,7 +366,7 @@ class Trainer:
         cfg, c, dev = self.config, self.c, self.device.torch
         flip = self.rng.random() < cfg.flip_p
         chosen = sample_handles(self.rng, self.num_handles)
-        ids = self._prompt_ids(tuple(chosen))
+        ids, handle_columns, text_length = self._prompt_ids(tuple(chosen))
         # A skipped class example (see _class_example_needed) still draws its random
         # numbers, so the run matches one that computes it.
         with_class = self._class_example_needed(phase)
@@ -367,8 +386,8 @@ class Trainer:
 
         self.store.clear()
         # Only the chosen handles' columns of the maps are recorded (attention.py).
-        positions = handle_positions(ids[0][0], [self.inputs.handle_ids[i] for i in chosen]) if self.layers else None
-        self.store.columns = positions
+        positions = handle_columns if self.layers else None
+        self.store.columns, self.store.text_length = positions, text_length
         # With checkpointing every block is recomputed anyway: keeping a half-precision
         # copy of all weights for the whole step would cost more than re-casting them.
         with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):

@@ -1,0 +1,169 @@
+"""FLUX.1 scenes, end to end on a tiny FLUX built in code (tinymodels.build_tiny_flux):
+learn (LoRA by default, full when asked; class images by the base; handles in both
+vocabularies, the T5 row shaped by the attention loss over the joint attention),
+generate, edit, extract-bg, export, resume, the command line, and hostile scenes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import Killed, craft, kill_at, set_meta
+from scenebreak import (BackgroundConfig, EditConfig, GenerateConfig, LearnConfig, edit, export_scene, extract_background,
+                        generate, learn, load_scene)
+from scenebreak.cli.commands import cli
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    from tinymodels import build_tiny_flux
+
+    root = tmp_path_factory.mktemp("flux-models")
+    return {variant: build_tiny_flux(root / variant, variant=variant) for variant in ("dev", "schnell")}
+
+
+@pytest.fixture(scope="module")
+def dev_scene(tmp_path_factory, flux):
+    """The synthetic scene learned on the tiny FLUX.1 dev as a user would: --tune auto,
+    prior preservation with two class images, a <background> handle."""
+    from conftest import _learn_once
+
+    config = LearnConfig(steps1=2, steps2=2, num_class_images=2, background=True)
+    return _learn_once(tmp_path_factory.mktemp("flux-dev"), flux["dev"], config)
+
+
+def test_learn_chooses_lora_trains_both_handle_tables_and_records_the_family(dev_scene, flux):
+    from scenebreak.families.base_model import load_components
+
+    scene = load_scene(dev_scene.path, weights=True)
+    meta = scene.meta
+    assert meta["base_model"]["family"] == "FLUX.1 dev" and meta["format_version"] == 3 and meta["tuning"] == "lora"
+    # LoRA on the transformer and CLIP; FLUX's T5 gets none, only its handle rows train.
+    assert set(scene.weights) == {"transformer_lora", "text_encoder_lora"}
+    assert meta["lora"]["text_encoder_2_targets"] == [] and "attn.add_q_proj" in meta["lora"]["unet_targets"]
+    base = load_components(str(flux["dev"]))
+    for rows, te, tok in zip(scene.handle_embeddings, base.text_encoders, base.tokenizers):
+        assert rows.shape == (3, te.get_input_embeddings().weight.shape[1])
+    clip, t5 = base.tokenizers
+    assert not torch.allclose(scene.embeddings.float(), base.text_encoders[0].get_input_embeddings().weight[-6:-3])
+    assert scene.embeddings_2.abs().sum() > 0 and torch.isfinite(scene.embeddings_2).all()
+    assert np.isfinite(dev_scene.losses["phase2"]["loss_last"]) and dev_scene.losses["phase2"]["attn_last"] > 0
+
+
+def test_generate_edit_and_extract_bg_on_flux(dev_scene, scene_files, tmp_path):
+    images = generate(dev_scene.path, "a photo of <asset1> on the moon", GenerateConfig(seed=1, num_images=2, steps=2),
+                      out_dir=tmp_path / "gen")
+    arrays = []
+    for image in images.images:
+        with Image.open(image.path) as im:
+            assert im.size == (64, 64)
+            arrays.append(np.asarray(im))
+    assert not np.array_equal(*arrays)
+    edited = edit(scene_files["image"], [(scene_files["masks"][0], "a photo of <asset2>")], dev_scene.path,
+                  EditConfig(steps=4, seed=1), out_dir=tmp_path / "edit")
+    with Image.open(edited.images[0].path) as im, Image.open(scene_files["image"]) as source:
+        assert im.size == source.size
+        assert np.array_equal(np.asarray(im)[70:, :40], np.asarray(source.convert("RGB"))[70:, :40])
+    result = extract_background(dev_scene.path, BackgroundConfig(steps=4, seed=1), variations=1, out_dir=tmp_path / "bg")
+    assert [i.kind for i in result.images] == ["plate", "variation"]
+
+
+def test_flux_samples_with_its_own_sampler_and_steps(dev_scene):
+    from scenebreak.errors import InvalidInput
+    from scenebreak.sample.sampling import start
+
+    run = start(dev_scene.path, ["<asset1>"], GenerateConfig(seed=0), device="cpu")
+    assert (run.config.scheduler, run.config.steps, run.config.guidance) == ("flow", 28, 3.5)
+    assert type(run.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    with pytest.raises(InvalidInput, match="FLUX.1 dev samples with flow"):
+        start(dev_scene.path, ["<asset1>"], GenerateConfig(seed=0, scheduler="ddim"), device="cpu")
+
+
+def test_a_full_schnell_scene_is_self_contained_and_ignores_guidance(flux, scene_files, tmp_path):
+    import shutil
+
+    from scenebreak.events import Message
+
+    base = tmp_path / "schnell"
+    shutil.copytree(flux["schnell"], base)
+    result = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=2, prior=False, tune="full"),
+                   base_model=str(base), name="schnell")
+    scene = load_scene(result.path, weights=True)
+    assert scene.meta["tuning"] == "full" and set(scene.weights) == {"transformer", "text_encoder", "text_encoder_2", "vae"}
+    shutil.rmtree(base)  # the scene generates without its base model
+    said = []
+    out = generate(result.path, "<asset1>", GenerateConfig(seed=0, guidance=7.0), out_dir=tmp_path / "out",
+                   report=said.append)
+    assert out.images[0].path.is_file()
+    assert any("takes no guidance" in m.text for m in said if isinstance(m, Message))
+
+
+def test_the_exported_diffusers_folder_and_embeddings_load_in_flux_pipeline(dev_scene, flux, tmp_path):
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    scene = load_scene(dev_scene.path)
+    [folder] = export_scene(dev_scene.path, tmp_path / "pipe", "diffusers")
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
+    for tok, te, rows in zip((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
+                             scene.handle_embeddings):
+        ids = tok.convert_tokens_to_ids(scene.tokens)
+        assert torch.allclose(te.get_input_embeddings().weight[ids].float(), rows.float(), atol=1e-2)
+    assert json.loads((folder / "text_encoder" / "config.json").read_text())["eos_token_id"] == pipe.tokenizer.eos_token_id
+    image = pipe("a photo of <asset1>", num_inference_steps=1, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    files = export_scene(dev_scene.path, tmp_path / "emb", "embeddings")
+    state = load_file(files[0])
+    assert set(state) == {"clip_l", "t5xxl"} and state["t5xxl"].shape == (1, scene.embeddings_2.shape[1])
+
+
+def test_an_interrupted_flux_learn_resumes_to_the_same_scene(flux, scene_files):
+    config = LearnConfig(steps1=2, steps2=3, prior=False, checkpoint_every=1)
+    whole = learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux["dev"]), name="whole")
+    with pytest.raises(Killed):
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux["dev"]), name="cut",
+              report=kill_at(2, 2))
+    resumed = learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux["dev"]), name="cut", resume=True)
+    a, b = load_scene(whole.path, weights=True), load_scene(resumed.path, weights=True)
+    assert torch.equal(a.embeddings, b.embeddings) and torch.equal(a.embeddings_2, b.embeddings_2)
+    for key, value in a.weights["transformer_lora"].items():
+        assert torch.equal(value, b.weights["transformer_lora"][key]), key
+
+
+def test_the_command_line_on_flux(flux, scene_files, tmp_path):
+    runner = CliRunner()
+    learned = runner.invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                  "--base-model", str(flux["dev"]), "--steps1", "1", "--steps2", "1", "--no-prior",
+                                  "--name", "fx"])
+    assert learned.exit_code == 0, learned.output
+    assert "tuning: lora (the usual on FLUX.1 dev" in learned.stderr
+    assert "(FLUX.1 dev)" in runner.invoke(cli, ["show", "fx"]).stdout
+    made = runner.invoke(cli, ["generate", "fx", "<asset1> at the beach", "--steps", "1", "--seed", "3",
+                               "--out-dir", str(tmp_path / "gen")])
+    assert made.exit_code == 0 and made.stdout.strip().endswith(".png"), made.output
+    bad = runner.invoke(cli, ["generate", "fx", "<asset1>", "--scheduler", "dpm", "--out-dir", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "samples with flow" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_hostile_flux_scenes_are_refused_in_one_line(dev_scene, tiny_model, tmp_path):
+    """A FLUX scene that says it is SD 2.x, or one given an SD base model for its LoRA."""
+    runner = CliRunner()
+    mislabelled = craft(dev_scene.path, tmp_path / "as-sd.scene", meta=set_meta("base_model.family", "SD 2.x"))
+    result = runner.invoke(cli, ["show", str(mislabelled)])
+    assert result.exit_code == 2 and "not a valid scene" in result.stderr and "Traceback" not in result.output
+    other_base = runner.invoke(cli, ["generate", str(dev_scene.path), "<asset1>", "--steps", "1", "--base-model",
+                                     str(tiny_model), "--out-dir", str(tmp_path / "out")])
+    assert other_base.exit_code == 2 and "another base model" in other_base.stderr, other_base.output
+
+
+def test_a_handle_past_the_t5_limit_is_refused(dev_scene, tmp_path):
+    filler = " ".join(["photo"] * 600)
+    result = CliRunner().invoke(cli, ["generate", str(dev_scene.path), f"{filler} <asset1>", "--steps", "1",
+                                      "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "<asset1> falls past" in result.stderr and "512" in result.stderr, result.output
