@@ -311,3 +311,19 @@ def test_evaluate_help_has_an_example():
     result = run("evaluate", "--help")
     assert result.exit_code == 0 and "Example" in result.output and "--words" in result.output
     assert "--clip-model" in result.output and "--scheduler" in result.output
+
+
+def test_evaluate_scores_a_flux_scene(models, prompts_file, scene_files, tmp_path):
+    """evaluate samples through the scene's family: on FLUX.1 with its flow sampler."""
+    from tinymodels import build_tiny_flux
+
+    from scenebreak import LearnConfig, learn
+
+    flux = build_tiny_flux(tmp_path / "flux")
+    scene = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                  base_model=str(flux), name="flux-eval")
+    result = run("evaluate", scene.path, "--prompts-file", prompts_file, "--threshold", "0", "-q", "--json",
+                 "--steps", "1", "--out-dir", tmp_path / "e", *models)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["settings"]["scheduler"] == "flow" and len(report["images"]) == 2
