@@ -64,12 +64,11 @@ class HandleEmbedding(nn.Module):
         return torch.cat([self.base, self.handles.to(self.base.dtype)])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # No `if any handle` branch: asking a GPU tensor that makes the CPU wait every step.
         is_handle = input_ids >= self.num_base
         out = nn.functional.embedding(input_ids.clamp(max=self.num_base - 1), self.base)
-        if is_handle.any():
-            handle_rows = nn.functional.embedding((input_ids - self.num_base).clamp(min=0), self.handles)
-            out = torch.where(is_handle.unsqueeze(-1), handle_rows.to(out.dtype), out)
-        return out
+        handle_rows = nn.functional.embedding((input_ids - self.num_base).clamp(min=0), self.handles)
+        return torch.where(is_handle.unsqueeze(-1), handle_rows.to(out.dtype), out)
 
 
 def install_handle_embedding(text_encoder, num_handles: int) -> HandleEmbedding:
@@ -94,10 +93,11 @@ def remove_handle_embedding(text_encoder) -> torch.Tensor:
     return module.handles.detach().clone()
 
 
-def handle_positions(input_ids: torch.Tensor, handle_ids: list[int]) -> list[int]:
-    """Position of each handle's (first) occurrence in one tokenized prompt."""
+def handle_positions(input_ids, handle_ids: list[int]) -> list[int]:
+    """Position of each handle's (first) occurrence in one tokenized prompt (a list of
+    ids, or a 1-D tensor)."""
     positions = []
-    row = input_ids.tolist()
+    row = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
     for hid in handle_ids:
         positions.append(row.index(hid))
     return positions

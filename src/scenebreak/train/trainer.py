@@ -238,13 +238,14 @@ class Trainer:
             embedding.base = self._fp32_master[f"vocabulary.{i}"].to(embedding.base.device)
         self._fp32_master = None
 
+    def _token_lists(self, prompt: str) -> list[list[int]]:
+        """The prompt's token ids in each tokenizer, padded to its length."""
+        return [tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+                for tok in self.c.tokenizers]
+
     def _tokenize(self, prompt: str) -> list[torch.Tensor]:
-        """The prompt's (1, 77) token ids in each tokenizer."""
-        out = []
-        for tok in self.c.tokenizers:
-            ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            out.append(ids.to(self.device.torch))
-        return out
+        """The prompt's (1, L) token ids in each tokenizer, on the training's device."""
+        return [torch.tensor([ids], device=self.device.torch) for ids in self._token_lists(prompt)]
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,12 +281,13 @@ class Trainer:
 
     def _prompt_ids(self, chosen: tuple[int, ...]) -> tuple[list[torch.Tensor], list[int], int]:
         if chosen not in self._prompt_cache:
-            ids = self._tokenize(prompt_for([self.handle_tokens[i] for i in chosen]))
+            # Read from the tokenizers' lists, before any tensor: nothing here waits for a GPU.
+            lists = self._token_lists(prompt_for([self.handle_tokens[i] for i in chosen]))
             read = self.c.family.attention_text
-            row = ids[read][0].tolist()  # once per set of handles: their positions and the prompt's length
-            eos = self.c.tokenizers[read].eos_token_id
-            length = row.index(eos) + 1 if eos in row else len(row)
-            positions = handle_positions(ids[read][0], [self.inputs.handle_ids[i] for i in chosen])
+            row, eos = lists[read], self.c.tokenizers[read].eos_token_id
+            length = row.index(eos) + 1 if eos in row else len(row)  # the prompt's own tokens
+            positions = handle_positions(row, [self.inputs.handle_ids[i] for i in chosen])
+            ids = [torch.tensor([ids], device=self.device.torch) for ids in lists]
             self._prompt_cache[chosen] = (ids, positions, length)
         return self._prompt_cache[chosen]
 
