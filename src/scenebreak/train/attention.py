@@ -14,15 +14,31 @@ import contextlib
 import torch
 
 
+# The forms of a FLUX map (RecordingJointAttnProcessor): "text", the image queries' softmax
+# over the prompt's own text keys (a cross-attention map, as on SD; the default); "joint",
+# the text columns of the joint softmax over all text and image keys (the probabilities
+# the model uses); "output", ConceptAttention's output-space map (image outputs dotted
+# with the prompt tokens' outputs, softmax over the prompt's tokens), kept for the
+# measurements in docs/method.md, not advised as a loss.
+FORMS = ("text", "joint", "output")
+
+
 class AttentionStore:
     """Cross-attention probabilities of one example of the batch, per layer: of every
     token, or only of `columns` (the handles' positions) when the caller sets them
-    before the forward pass, which is all the attention loss needs."""
+    before the forward pass, which is all the attention loss needs. `form` is the
+    joint attention's map (FORMS); cross-attention has only one."""
 
-    def __init__(self, example: int = 0):
+    form: str = "text"  # the default for every store; benchmarks/attention_iou.py sets others
+
+    def __init__(self, example: int = 0, form: str | None = None):
         self.example = example  # batch index whose maps are kept (the instance image)
         self.columns: list[int] | None = None  # token positions to keep (None: all)
         self.text_length: int | None = None  # joint attention: the prompt's own tokens, the keys of its maps
+        if form is not None:
+            if form not in FORMS:
+                raise ValueError(f"unknown attention map form {form!r}: one of {', '.join(FORMS)}")
+            self.form = form
         self.maps: dict[str, torch.Tensor] = {}
 
     def clear(self) -> None:
@@ -120,17 +136,40 @@ class RecordingAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def joint_columns(query, key, columns: list[int]) -> torch.Tensor:
+    """Columns of softmax(query key^T / sqrt(dim)) without the whole matrix: attention
+    over one-hot values is the probability of each value's key, so the fused kernel
+    (whose backward is exact) returns them, a head dimension of columns per call.
+    query (heads, rows, dim), key (heads, keys, dim) -> (heads, rows, len(columns))."""
+    import torch.nn.functional as F
+
+    dim, parts = query.shape[-1], []
+    for start in range(0, len(columns), dim):
+        chunk = columns[start:start + dim]
+        onehot = torch.zeros(key.shape[-2], dim, dtype=query.dtype, device=query.device)
+        onehot[chunk, torch.arange(len(chunk))] = 1
+        out = F.scaled_dot_product_attention(query, key, onehot.expand(key.shape[0], -1, -1))
+        parts.append(out[..., :len(chunk)])
+    return torch.cat(parts, dim=-1)
+
+
 class RecordingJointAttnProcessor:
     """Like diffusers' FluxAttnProcessor for a double-stream block (the block output from
     the same fused attention over text and image tokens, text first), and it also
     records, for the kept example, how much each image token attends to the handles'
-    text tokens, with their gradient.
+    text tokens, with their gradient, in the store's form (FORMS), in fp32:
 
-    The map is the softmax of the image queries over the prompt's own text tokens (the
-    first `store.text_length` keys: the prompt up to its end-of-text token), not over
-    the joint sequence, where the image and padding keys take most of the mass (the
-    published FLUX attention-map work reads it the same way); only the handles'
-    columns are kept, exp(s_j - logsumexp s) in fp32 over those keys."""
+    - "text": the softmax of the image queries over the prompt's own text tokens (the
+      first `store.text_length` keys: the prompt up to its end-of-text token), a
+      cross-attention map as Break-A-Scene's loss on SD reads; exp(s_j - logsumexp s)
+      over those few keys, only the handles' columns kept.
+    - "joint": the text columns of the joint softmax over all text (padding included)
+      and image keys, the model's own probabilities (what Add-it and
+      attention-map-diffusers read); from the fused kernel (joint_columns), never the
+      pixels x (text + pixels) matrix.
+    - "output": ConceptAttention's output-space map: each image token's attention
+      output dotted with the prompt tokens' outputs (heads concatenated, before the
+      output projections), softmax over the prompt's tokens; one map for all heads."""
 
     def __init__(self, store: AttentionStore, name: str):
         self.store = store
@@ -158,16 +197,24 @@ class RecordingJointAttnProcessor:
                                              attn_mask=attention_mask)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
-        ex, length = self.store.example, self.store.text_length or text
+        ex, length, form = self.store.example, self.store.text_length or text, self.store.form
+        columns = self.store.columns
         with torch.autocast(query.device.type, enabled=False):
             image_query = query[ex, text:].transpose(0, 1).float()  # heads, pixels, dim
-            text_key = key[ex, :length].transpose(0, 1).float()  # heads, prompt tokens, dim
-            scores = torch.matmul(image_query, text_key.transpose(-1, -2)) / attn.head_dim ** 0.5
-            columns = self.store.columns
-            if columns is None:
-                probs = scores.softmax(dim=-1)
+            if form == "text":
+                text_key = key[ex, :length].transpose(0, 1).float()  # heads, prompt tokens, dim
+                scores = torch.matmul(image_query, text_key.transpose(-1, -2)) / attn.head_dim ** 0.5
+                probs = scores.softmax(dim=-1) if columns is None else (
+                    scores[..., columns] - scores.logsumexp(dim=-1, keepdim=True)).exp()
+            elif form == "joint":
+                probs = joint_columns(image_query, key[ex].transpose(0, 1).float(),
+                                      list(range(length)) if columns is None else list(columns))
+            elif form == "output":
+                scores = torch.matmul(out[ex, text:].float(), out[ex, :length].float().transpose(0, 1))
+                probs = scores.softmax(dim=-1)[None]  # one "head": pixels, prompt tokens
+                probs = probs if columns is None else probs[..., columns]
             else:
-                probs = (scores[..., columns] - scores.logsumexp(dim=-1, keepdim=True)).exp()
+                raise ValueError(f"unknown attention map form {form!r}: one of {', '.join(FORMS)}")
         self.store.record(self.name, probs)
 
         text_out, image_out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
