@@ -2,6 +2,7 @@
 of the base model it was learned on (and kohya's sd-scripts, for the blocks' layers).
 
     DIR/embeddings/SCENE-HANDLE.safetensors   one textual-inversion file per handle
+    DIR/embeddings-forge/SCENE-HANDLE.safetensors  FLUX.1 only: the same for Forge (CLIP-L alone)
     DIR/loras/SCENE-lora.safetensors          the phase-2 weights as one kohya LoRA
     DIR/loras/SCENE-lora.json                 A1111/Forge's card for it: SD version, trigger words, weight
     DIR/README.md                             where each file goes, triggers, a prompt
@@ -22,7 +23,13 @@ local path goes into a shared file: a base model from a folder is named by the
 folder's name (or the hub id, where the folder is a hub cache snapshot).
 
 Embedding files: `{"emb_params": (1, D)}` for SD 1.x/2.x (one key, as A1111 requires),
-`{"clip_l": (1, 768), "clip_g": (1, 1280)}` for SDXL. The LoRA: see kohya.py.
+`{"clip_l": (1, 768), "clip_g": (1, 1280)}` for SDXL, `{"clip_l": (1, 768), "t5xxl":
+(1, 4096)}` for FLUX.1 (ComfyUI's keys; diffusers loads each row into its encoder).
+AUTOMATIC1111 has no FLUX.1, and Forge's reads CLIP-L embeddings only, from one-key
+files: a family with `forge_embedding` gets those too, in `embeddings-forge/` (the
+trigger's T5 row, the one FLUX's attention reads, is then lost in Forge; the README
+says so). The LoRA: see kohya.py; on FLUX.1 its metadata is kohya's FLUX LoRA's
+(`networks.lora_flux`, BFL's implementation, which Forge lists under Flux).
 """
 
 from __future__ import annotations
@@ -35,12 +42,19 @@ from pathlib import Path
 from ..errors import BundleError
 from ..events import Progress, Reporter, silent
 from ..scenes.bundle import Scene
-from .kohya import (DEFAULT_RANK, KOHYA_SKIPS, Extraction, adapter_layers, check_rank, extract_layers, kohya_skips,
-                    kohya_state_dict)
+from .kohya import (BFL_IMPLEMENTATION, DEFAULT_RANK, KOHYA_SKIPS, Extraction, adapter_layers, bfl_denoiser, check_rank,
+                    extract_layers, kohya_skips, kohya_state_dict)
 
 SCENE_PART = 40  # characters of the scene's name in file names: with a 200-character handle, under 255 bytes
 MAX_STEM = 255 - len(".safetensors")  # bytes of a file name's stem (names here are ASCII)
 SGM = "https://github.com/Stability-AI/generative-models"
+FORGE_EMBEDDINGS = "embeddings-forge"  # a family's embeddings in Forge's layout, where it differs
+WEBUI_TOOLS = ("AUTOMATIC1111", "Forge", "ComfyUI")  # what the export is for, unless the family says fewer
+
+
+def webui_tools(family) -> tuple[str, ...]:
+    """The tools of WEBUI_TOOLS that load the family (FLUX.1: not AUTOMATIC1111)."""
+    return tuple(getattr(family, "webui_tools", WEBUI_TOOLS))
 
 
 @dataclass
@@ -54,15 +68,18 @@ class A1111Files:
     readme: str
     extraction: Extraction
     card: dict = field(default_factory=dict)  # the LoRA's .json beside it (A1111/Forge "user metadata")
+    forge_embeddings: dict[str, dict] = field(default_factory=dict)  # trigger -> Forge's file, where it differs
 
     @property
     def lora_name(self) -> str:
         return f"{self.scene}-lora"
 
     def paths(self, folder: Path) -> list[Path]:
-        """The files written: the LoRA and its card, then the embeddings, then the README."""
+        """The files written: the LoRA and its card, then the embeddings (Forge's after the
+        others), then the README."""
         return [folder / "loras" / f"{self.lora_name}.safetensors", folder / "loras" / f"{self.lora_name}.json",
                 *(folder / "embeddings" / f"{trigger}.safetensors" for trigger in self.embeddings),
+                *(folder / FORGE_EMBEDDINGS / f"{trigger}.safetensors" for trigger in self.forge_embeddings),
                 folder / "README.md"]
 
     def write(self, folder: Path) -> list[Path]:
@@ -70,7 +87,7 @@ class A1111Files:
 
         paths = self.paths(folder)
         root = folder.resolve()
-        allowed = {root, root / "loras", root / "embeddings"}
+        allowed = {root, root / "loras", root / "embeddings", root / FORGE_EMBEDDINGS}
         for path in paths:
             # The names are checked already; a stranger's scene is worth checking twice.
             if path.parent.resolve() not in allowed or path.name in ("", ".", "..") or "/" in path.name:
@@ -78,7 +95,8 @@ class A1111Files:
             path.parent.mkdir(parents=True, exist_ok=True)
         save_file(self.lora, str(paths[0]), metadata=self.lora_metadata)
         paths[1].write_text(json.dumps(self.card, indent=4) + "\n")
-        for path, (trigger, tensors) in zip(paths[2:-1], self.embeddings.items()):
+        embeddings = [*self.embeddings.items(), *self.forge_embeddings.items()]
+        for path, (trigger, tensors) in zip(paths[2:-1], embeddings):
             save_file(tensors, str(path), metadata={"scenebreak_scene": self.scene, "trigger": trigger})
         paths[-1].write_text(self.readme)
         return paths
@@ -148,10 +166,13 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
     check_rank(rank)
     names = triggers(scene)
     stem = file_stem(scene.name)
-    embeddings = {}
+    forge_layout = getattr(scene.family, "forge_embedding", None)
+    embeddings, forge_embeddings = {}, {}
     for i, handle in enumerate(scene.handles):
         rows = [e[i].detach().float().reshape(1, -1).contiguous().clone() for e in scene.handle_embeddings]
         embeddings[names[handle.token]] = scene.family.a1111_embedding(rows)
+        if forge_layout:
+            forge_embeddings[names[handle.token]] = forge_layout(rows)
     if scene.needs_base_model:
         lora = scene.meta["lora"]
         layers = adapter_layers(scene.weights, lora["alpha"])
@@ -172,11 +193,13 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
         def progress(done: int, total: int) -> None:
             report(Progress("extract LoRA", done, total))
 
-        layers, extraction = extract_layers(tuned, base, rank, scene.stored_dtype, progress, kohya_strict)
+        layers, extraction = extract_layers(tuned, base, rank, scene.stored_dtype, progress, kohya_strict,
+                                            bfl_denoiser(scene.family))
         network_dim = network_alpha = max((layer.down.shape[0] for layer in layers.values()), default=0)
         unet_config = c.denoiser.config
     state = kohya_state_dict(layers, scene.family, unet_config)
-    files = A1111Files(scene=stem, embeddings=embeddings, lora=state, lora_metadata={}, readme="", extraction=extraction)
+    files = A1111Files(scene=stem, embeddings=embeddings, lora=state, lora_metadata={}, readme="",
+                       extraction=extraction, forge_embeddings=forge_embeddings)
     files.lora_metadata = _lora_metadata(scene, files, network_dim, network_alpha, names)
     files.card = _card(scene, files, names)
     files.readme = readme(scene, files, names)
@@ -195,17 +218,20 @@ def _lora_metadata(scene: Scene, files: A1111Files, dim: int, alpha: float, name
     `ss_*`, and the ModelSpec keys kohya writes too), and where it came from."""
     family = scene.family
     base, r = base_model_name(scene.meta["base_model"]), scene.resolution
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
-            "ss_v2": str(family.a1111_version == "SD2"), "ss_base_model_version": family.kohya_version,
-            "ss_output_name": files.lora_name, "ss_sd_model_name": base,
+    bfl = bfl_denoiser(family) is not None
+    meta = {"ss_network_module": "networks.lora_flux" if bfl else "networks.lora", "ss_network_dim": str(dim),
+            "ss_network_alpha": str(alpha), "ss_v2": str(family.a1111_version == "SD2"),
+            "ss_base_model_version": family.kohya_version, "ss_output_name": files.lora_name, "ss_sd_model_name": base,
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{family.modelspec_architecture}/lora",
-            # the names the UNet's keys follow (kohya.py)
-            "modelspec.implementation": SGM if family.kohya_sgm_unet else "diffusers",
+            # the names the denoiser's keys follow (kohya.py); Forge lists a LoRA in BFL's names under Flux
+            "modelspec.implementation": SGM if family.kohya_sgm_unet else BFL_IMPLEMENTATION if bfl else "diffusers",
             "modelspec.title": files.lora_name, "modelspec.resolution": f"{r}x{r}",
             "modelspec.prediction_type": "v" if family.prediction_type == "v_prediction" else "epsilon",
             "modelspec.trigger_phrase": _activation_text(scene, names),
             "scenebreak_scene": files.scene, "scenebreak_base_model": base,
             "scenebreak_lora_source": files.extraction.source}
+    if bfl:
+        del meta["modelspec.prediction_type"]  # a flow model: kohya writes none for FLUX
     if any(key.endswith(".lora_down.weight") and t.ndim == 4 and t.shape[-1] > 1 for key, t in files.lora.items()):
         # 3x3 convolutions, as kohya's LoCon: its trainers build them only with these network args
         meta["ss_network_args"] = json.dumps({"conv_dim": str(dim), "conv_alpha": str(alpha)})
@@ -254,14 +280,23 @@ def readme(scene: Scene, files: A1111Files, names: dict[str, str]) -> str:
             fidelity += f", and {e.left_out:.2%} of the change is in parameters the file does not carry ({parts})"
         fidelity += (f". Relative error of the whole change: {e.relative_error:.2%}. Export again with a higher "
                      "`--rank` to keep more, or use `scenebreak export -f diffusers` for the exact weights.")
-    fidelity += "\n\n" + _kohya_note(files)
+    tools = webui_tools(family)
+    webui = " / ".join(tool for tool in tools if tool != "ComfyUI")
+    fidelity += "\n\n" + _kohya_note(files, tools)
     v_note = ("\nThis base model predicts v (v-prediction): if your tool does not detect it, pick its v-prediction "
               "setting.\n" if family.prediction_type == "v_prediction" else "")
     keys = sorted(next(iter(files.embeddings.values()), {}))
     encoders_note = (f"\n{family.name}: each embedding file holds the handle's rows for all {len(family.text_encoders)} "
                      f"text encoders ({', '.join(f'`{k}`' for k in keys)}); the tools load them all.\n"
                      if len(family.text_encoders) > 1 else "")
-    return f"""# {files.scene}: a Break-A-Scene scene for AUTOMATIC1111, Forge and ComfyUI
+    embedding_rows = "| `embeddings/*.safetensors` | `embeddings/` | `models/embeddings/` |"
+    if files.forge_embeddings:
+        forge_keys = ", ".join(f"`{k}`" for k in sorted(next(iter(files.forge_embeddings.values()))))
+        embedding_rows = (f"| `embeddings/*.safetensors` ({', '.join(f'`{k}`' for k in keys)}) | cannot load them | "
+                          f"`models/embeddings/` |\n| `{FORGE_EMBEDDINGS}/*.safetensors` ({forge_keys} alone) | "
+                          "`embeddings/` | not needed |")
+        encoders_note = _forge_note(family, keys, forge_keys, first)
+    return f"""# {files.scene}: a Break-A-Scene scene for {_and(tools)}
 
 Exported by scenebreak. Learned on the base model `{_inline(base_model_name(base))}`{f' (revision `{_inline(revision)}`)' if revision else ''},
 family {family.name}, at {scene.resolution}x{scene.resolution}. Select that same model as the checkpoint
@@ -269,11 +304,11 @@ family {family.name}, at {scene.resolution}x{scene.resolution}. Select that same
 {v_note}
 ## Files
 
-| file | AUTOMATIC1111 / Forge | ComfyUI |
+| file | {webui} | ComfyUI |
 |---|---|---|
 | `loras/{lora}` | `models/Lora/` | `models/loras/` |
 | `loras/{files.lora_name}.json` (its card: SD version, trigger words, weight) | `models/Lora/`, beside it | not needed |
-| `embeddings/*.safetensors` | `embeddings/` | `models/embeddings/` |
+{embedding_rows}
 
 ## Trigger words
 
@@ -285,7 +320,7 @@ Use the LoRA at strength 1.0 (model and text encoder) together with the trigger 
 embeddings alone carry only phase 1 and reproduce the objects less faithfully.
 {fidelity}
 {encoders_note}
-## AUTOMATIC1111 / Forge
+## {webui}
 
 Copy the files as above (or press the refresh button of the Lora and Textual Inversion
 tabs), select the base model, and prompt:
@@ -300,23 +335,68 @@ with their `embedding:` prefix:
 
     {comfy_sample}
 
-Sampling as scenebreak does it: DDIM 50 steps or DPM++ 2M 25 steps, CFG {family.guidance:g}, {scene.resolution}x{scene.resolution}.
+Sampling as scenebreak does it: {_sampling(family)}, {scene.resolution}x{scene.resolution}.
 """
 
 
-def _kohya_note(files: A1111Files) -> str:
+def _and(words) -> str:
+    words = list(words)
+    return ", ".join(words[:-1]) + f" and {words[-1]}" if len(words) > 1 else "".join(words)
+
+
+def _sampling(family) -> str:
+    """The README's sampler advice: a flow model (no classifier-free guidance) samples
+    with Euler, at its own steps and embedded guidance."""
+    if family.classifier_free:
+        return f"DDIM 50 steps or DPM++ 2M 25 steps, CFG {family.guidance:g}"
+    text = f"Euler {family.sampler_steps(family.samplers[0])} steps, CFG 1"
+    if family.takes_guidance:
+        text += (f", guidance {family.guidance:g} (Forge's Distilled CFG Scale, ComfyUI's FluxGuidance node; "
+                 "the model embeds it)")
+    return text
+
+
+def _forge_note(family, keys: list[str], forge_keys: str, first: list[str]) -> str:
+    """Which tools read which rows of a FLUX.1 embedding, for the README."""
+    listed = ", ".join(f"`{k}`" for k in keys)
+    trigger = first[0] if first else "TRIGGER"
+    return f"""
+## Embeddings: which tools take the T5 row
+
+{family.name}: each file in `embeddings/` holds the handle's rows for both text encoders ({listed}).
+Only T5's tokens reach the transformer's attention (CLIP-L gives a pooled vector), so the T5 row is
+the one that puts the object where the prompt says.
+
+- ComfyUI takes both (`t5xxl` into T5-XXL, `clip_l` into CLIP-L; ComfyUI from September 2024 on).
+- diffusers takes both, one encoder at a time:
+  `pipe.load_textual_inversion(rows["clip_l"], token="{trigger}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`
+  and the same with `rows["t5xxl"]`, `text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2`.
+- Forge takes CLIP-L embeddings only, from files with one key: it cannot load the files in `embeddings/`
+  (keep them out of its `embeddings/` folder). Its copies in `{FORGE_EMBEDDINGS}/` hold {forge_keys} alone, so in
+  Forge the trigger words reach T5 as plain text and the objects come out less faithfully than in ComfyUI.
+- AUTOMATIC1111 has no FLUX.1.
+"""
+
+
+def _kohya_note(files: A1111Files, tools: tuple[str, ...] = WEBUI_TOOLS) -> str:
     """Which tools apply which layers of the LoRA, for the README."""
     e = files.extraction
     conv = "ss_network_args" in files.lora_metadata
+    fused = files.lora_metadata.get("modelspec.implementation") == BFL_IMPLEMENTATION
     resume = (" To train on from it with kohya's `--network_weights`, pass `--dim_from_weights` (it holds 3x3 "
               "convolutions, as kohya's LoCon)." if conv else "")
-    if e.kohya_strict:
+    if fused:
+        resume = (" Its layers that hold q, k and v in one (as Black Forest Labs' model does; the single-stream "
+                  "blocks' `linear1` also the MLP's input) have 3 or 4 times the rank of the others: to train on "
+                  "from it with kohya's `--network_weights`, pass `--dim_from_weights`.")
+    appliers = _and([*(t for t in ("ComfyUI", "AUTOMATIC1111", "Forge") if t in tools), "diffusers"])
+    if e.kohya_strict and not fused:  # on FLUX.1 the file holds nothing kohya skips
         share = f" (they held {e.kohya_skipped:.2%} of the change)" if e.source == "svd" else ""
         return (f"Exported with `--kohya-strict`: {KOHYA_SKIPS} are left out{share}, so kohya's sd-scripts "
-                f"apply the same layers as ComfyUI, AUTOMATIC1111, Forge and diffusers.{resume}")
+                f"apply the same layers as {appliers}.{resume}")
     if e.source == "svd" and e.kohya_skipped:
-        return (f"ComfyUI, AUTOMATIC1111, Forge and diffusers apply every layer of the LoRA. kohya's sd-scripts "
+        return (f"{appliers} apply every layer of the LoRA. kohya's sd-scripts "
                 f"(`merge_lora.py`, `sdxl_merge_lora.py`, `--network_weights`) skip {KOHYA_SKIPS}, which hold "
                 f"{e.kohya_skipped:.2%} of the change; `scenebreak export --kohya-strict` leaves them out of the "
                 f"file.{resume}")
-    return f"ComfyUI, AUTOMATIC1111, Forge, diffusers and kohya's sd-scripts apply every layer of the LoRA.{resume}"
+    return f"{appliers.replace(' and ', ', ')} and kohya's sd-scripts apply every layer of the LoRA.{resume}"

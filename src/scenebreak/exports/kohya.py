@@ -31,6 +31,18 @@ norms, the text encoders' position embeddings; and SDXL's added-conditioning MLP
 (`add_embedding`), whose kohya name older diffusers releases misread. The handle rows
 of the token embedding go into the textual-inversion files instead; its other rows
 never change.
+
+FLUX.1 (a family with `kohya_bfl_transformer`): kohya trains on Black Forest Labs' own
+model, as ComfyUI and Forge run it, so the transformer's keys are BFL's module names
+(`lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_single_blocks_0_linear1`), the
+text encoder's `lora_te1_`. BFL holds q, k and v in one layer (and, in the single-stream
+blocks, the MLP's input projection with them), where diffusers has one per part: the
+parts are fused (`bfl_layers`). Carried: every linear layer of the double- and
+single-stream blocks, what kohya's FLUX LoRA trains and every loader applies; not the
+layers outside the blocks (img_in, the time/guidance/vector embedders, final_layer),
+which diffusers' kohya converter drops (0.42: those keys lose their `transformer.`
+prefix) and kohya's `--network_weights` partly skips. T5 gets no LoRA (it has only its
+handle rows, in the embedding files; diffusers never loads a T5 LoRA either).
 """
 
 from __future__ import annotations
@@ -49,6 +61,8 @@ KOHYA_SKIPS = "conv_in, conv_out and the time-embedding MLP"
 KOHYA_SKIPPED_KIND = "layers kohya skips"  # their share in left_out_parts under kohya_strict
 TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# T5's token table (under two names, tied), which a scene extends by its handles' rows as CLIP's token_embedding.
+T5_TABLES = ("shared.weight", "encoder.embed_tokens.weight")
 
 
 @dataclass
@@ -117,10 +131,13 @@ def module_path(component: str, key: str) -> str:
     return f"{component}.{module}"
 
 
-def carried(component: str, key: str, tensor, kohya_strict: bool = False) -> bool:
-    """Whether the kohya LoRA carries this parameter's change (see the module docstring)."""
+def carried(component: str, key: str, tensor, kohya_strict: bool = False, bfl: str | None = None) -> bool:
+    """Whether the kohya LoRA carries this parameter's change (see the module docstring);
+    `bfl`: the component named in BFL's FLUX layout (`bfl_denoiser`), if any."""
     if not key.endswith(".weight") or tensor.ndim not in (2, 4):
         return False
+    if component == bfl:
+        return tensor.ndim == 2 and bfl_module(key.removesuffix(".weight")) is not None
     if component == "unet":
         return key.startswith(UNET_BLOCKS) or (key in UNET_OUTER and not kohya_strict)
     return component in TEXT_ENCODERS and bool(TEXT_LAYER.match(module_path(component, key).split(".", 1)[1]))
@@ -154,9 +171,12 @@ def kohya_skips(path: str) -> bool:
 
 
 def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dtype=None,
-                   progress=None, kohya_strict: bool = False) -> tuple[dict[str, LoraLayer], Extraction]:
+                   progress=None, kohya_strict: bool = False,
+                   bfl: str | None = None) -> tuple[dict[str, LoraLayer], Extraction]:
     """LoRA layers of rank <= `rank` for the difference `tuned - base`, per component
-    ("unet", "text_encoder", "text_encoder_2"), and what they keep of it. Differences
+    ("unet" or "transformer", "text_encoder", "text_encoder_2"), and what they keep of it
+    (`bfl`: the component named in BFL's FLUX layout, whose block layers are carried, one
+    layer per diffusers module; `kohya_state_dict` fuses them). Differences
     are taken in `dtype`, the precision the scene stores: a fp16 scene against its
     base rounded to fp16, so the base's rounding is not mistaken for learning (in a
     tool that runs the base in fp16, base + LoRA is then the scene itself).
@@ -175,7 +195,7 @@ def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dty
         reference = base[component].get(key)
         if reference is None:
             raise BundleError(f"the scene's {component} has a weight {key[:80]!r} that its base model lacks")
-        if "token_embedding" in key:
+        if "token_embedding" in key or (component in TEXT_ENCODERS and key in T5_TABLES):
             # The handles' rows are appended (they go into the embedding files); the
             # vocabulary's rows are compared, which the method keeps unchanged.
             value = value[: reference.shape[0]]
@@ -186,7 +206,7 @@ def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dty
         outer = component == "unet" and key in UNET_OUTER
         if outer:
             outer_energy += energy
-        if carried(component, key, value, kohya_strict):
+        if carried(component, key, value, kohya_strict, bfl):
             path = module_path(component, key)
             carried_energy += energy
             if energy == 0.0:
@@ -197,8 +217,8 @@ def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dty
                 kept_energy += kept
                 fits.append((path, kept / energy))
         elif energy:
-            kind = ("biases" if key.endswith(".bias") else KOHYA_SKIPPED_KIND if outer else "norms" if "norm" in key
-                    else "other layers")
+            kind = ("biases" if key.endswith(".bias") else KOHYA_SKIPPED_KIND if outer
+                    else "norms" if "norm" in key and value.ndim < 2 else "other layers")
             left[kind] = left.get(kind, 0.0) + energy
         if progress:
             progress(done, len(items))
@@ -254,10 +274,13 @@ def kohya_state_dict(layers: dict[str, LoraLayer], family, unet_config=None) -> 
     kohya's lora_down/lora_up, each layer keeps its own alpha, and `.` becomes `_`. The
     family (families.Family) names the text encoders' prefixes, and whether the UNet's
     modules get their SGM names, which its block layout sets (`unet_config`: the
-    UNet's config)."""
+    UNet's config), or FLUX's transformer BFL's, its parts fused (`bfl_layers`)."""
     import torch
 
-    prefixes = {"unet": "lora_unet", **family.kohya_text_prefixes}
+    prefixes = {family.denoiser or "unet": "lora_unet", **family.kohya_text_prefixes}
+    bfl = bfl_denoiser(family)
+    if bfl:
+        layers = bfl_layers(layers, bfl)
     sgm = family.kohya_sgm_unet and any(path.startswith("unet.") for path in layers)
     layout = unet_layout(unet_config) if sgm else None
     state: dict = {}
@@ -274,6 +297,112 @@ def kohya_state_dict(layers: dict[str, LoraLayer], family, unet_config=None) -> 
         state[f"{name}.lora_up.weight"] = layer.up.contiguous()
         state[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
     return state
+
+
+# -- FLUX's transformer in BFL names --------------------------------------------------------------
+# A diffusers FluxTransformer2DModel layer inside the blocks -> (its BFL layer in the same
+# block, its part of it or None). BFL's fused layers stack their parts by rows: q, k, v
+# (and, in single_blocks.N.linear1, the MLP's input after them) as ComfyUI's
+# flux_to_diffusers and diffusers' converters slice them.
+BFL_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # ModelSpec's name for keys in its names
+BFL_DOUBLE = {
+    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
+    "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None), "ff.net.2": ("img_mlp.2", None),
+    "ff_context.net.0.proj": ("txt_mlp.0", None), "ff_context.net.2": ("txt_mlp.2", None),
+    "norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None)}
+BFL_SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
+              "proj_mlp": ("linear1", 3), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)}
+# Each fused layer's parts, by their output width in units of the block's width (FLUX.1's
+# MLP is 4x as wide: BFL's mlp_ratio, which diffusers' single-stream block fixes too).
+BFL_FUSED = {"img_attn.qkv": (1, 1, 1), "txt_attn.qkv": (1, 1, 1), "linear1": (1, 1, 1, 4)}
+_BFL_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d{1,6})\.(.+)$")
+
+
+def bfl_denoiser(family) -> str | None:
+    """The component a family's kohya LoRA names in BFL's layout (FLUX.1's transformer:
+    families/flux.py says so with `kohya_bfl_transformer`), or None."""
+    return family.denoiser if getattr(family, "kohya_bfl_transformer", False) else None
+
+
+def bfl_module(module: str) -> tuple[str, int | None] | None:
+    """The BFL layer a diffusers FLUX transformer module is, or is a part of, and which
+    part: `transformer_blocks.3.attn.add_k_proj` -> ("double_blocks.3.txt_attn.qkv", 1),
+    `single_transformer_blocks.0.proj_out` -> ("single_blocks.0.linear2", None); None
+    for a module outside the blocks' linear layers."""
+    match = _BFL_BLOCK.match(module)
+    if not match:
+        return None
+    double = match[1] == "transformer_blocks"
+    found = (BFL_DOUBLE if double else BFL_SINGLE).get(match[3])
+    if found is None:
+        return None
+    return f"{'double' if double else 'single'}_blocks.{int(match[2])}.{found[0]}", found[1]
+
+
+def bfl_layers(layers: dict[str, LoraLayer], component: str) -> dict[str, LoraLayer]:
+    """`component`'s layers (diffusers' module names) as BFL's, the parts of a fused layer
+    in one: what kohya's converter (`convert_flux_lora.py`, sd-scripts) writes, and
+    diffusers' kohya converter splits back exactly into the parts. BundleError for a
+    layer that has no BFL name, or a part named twice or of the wrong shape."""
+    fused: dict[str, LoraLayer] = {}
+    parts: dict[str, dict[int, LoraLayer]] = {}
+    for path, layer in layers.items():
+        owner, _, module = path.partition(".")
+        if owner != component:
+            fused[path] = layer
+            continue
+        found = bfl_module(module)
+        if found is None:
+            raise BundleError(f"the scene's {component} has LoRA weights for {module[:80]!r}, a layer kohya's FLUX "
+                              "LoRA cannot name")
+        name, part = f"{component}.{found[0]}", found[1]
+        if name in fused or (part is None and name in parts) or part in parts.get(name, {}):
+            raise BundleError(f"the scene's LoRA weights name the layer {name[:80]} twice")
+        if part is None:
+            fused[name] = layer
+        else:
+            parts.setdefault(name, {})[part] = layer
+    for name, group in parts.items():
+        fused[name] = _fuse(name, group, BFL_FUSED[name.split(".", 3)[3]])
+    return fused
+
+
+def _fuse(name: str, parts: dict[int, LoraLayer], widths: tuple[int, ...]) -> LoraLayer:
+    """One LoRA for a fused layer from its parts' (`parts`: part -> layer; a part not there
+    changes nothing), each part's change up @ down * alpha / rank as before:
+    down = the parts' downs stacked, up = their ups block-diagonal, every part padded with
+    zeros to one rank r (a missing part is all zeros), so that the fused layer has rank
+    (parts x r) and splits evenly (diffusers' converter splits an even, block-diagonal
+    one into its parts; any other it copies whole to each). alpha is the fused rank
+    times the parts' scale alpha / rank (their scales folded into the ups when they
+    differ): not the parts' own alpha, as kohya's `split_qkv` save keeps it, which every
+    loader divides by the fused rank (sd-scripts #2204: its layers 3-4x too weak)."""
+    import torch
+
+    first = next(iter(parts.values()))
+    width, dtype = first.down.shape[-1] if first.down.ndim else 0, first.down.dtype
+    for part, layer in parts.items():  # every part reads the block's hidden state, of `width`
+        r = layer.down.shape[0] if layer.down.ndim else 0
+        if r < 1 or layer.down.shape != (r, width) or layer.up.shape != (widths[part] * width, r):
+            raise BundleError(f"the scene's LoRA weights for a part of {name[:80]} do not fit its shape")
+    rank = max(layer.down.shape[0] for layer in parts.values())
+    scales = {part: layer.alpha / layer.down.shape[0] for part, layer in parts.items()}
+    scale = scales[next(iter(scales))] if len(set(scales.values())) == 1 else None
+    downs, ups = [], []
+    for part, units in enumerate(widths):
+        down, up = torch.zeros(rank, width, dtype=dtype), torch.zeros(units * width, rank, dtype=dtype)
+        layer = parts.get(part)
+        if layer is not None:
+            r = layer.down.shape[0]
+            down[:r] = layer.down
+            up[:, :r] = layer.up if scale is not None else layer.up.float() * scales[part]
+        downs.append(down)
+        ups.append(up)
+    total = rank * len(widths)
+    return LoraLayer(torch.cat(downs).contiguous(), torch.block_diag(*ups).contiguous(),
+                     float(total * scale) if scale is not None else float(total))
 
 
 # -- SDXL's UNet in SGM names ------------------------------------------------------------------------

@@ -380,13 +380,26 @@ class Flux(Family):
         return hidden, {"pooled_projections": pooled, "txt_ids": ids, "guidance": embedded}
 
     # -- files other tools load ----------------------------------------------------------------------
+    # kohya, ComfyUI and Forge run Black Forest Labs' own model, and kohya's FLUX LoRA names
+    # its layers (double_blocks.N.img_attn.qkv...: q, k and v in one layer); exports/kohya.py
+    # maps diffusers' names onto them.
+    kohya_bfl_transformer: ClassVar[bool] = True
+    # The tools the a1111 export is for: AUTOMATIC1111 has no FLUX.1.
+    webui_tools: ClassVar[tuple[str, ...]] = ("Forge", "ComfyUI")
+
     def textual_inversion(self, token: str, rows: list) -> dict:
         """The layout FLUX embeddings are shared in (ComfyUI's keys): one (vectors, width)
         row per encoder."""
         return {"clip_l": rows[0].reshape(1, -1), "t5xxl": rows[1].reshape(1, -1)}
 
     def a1111_embedding(self, rows: list) -> dict:
+        """ComfyUI's layout, which reads both rows; Forge cannot (`forge_embedding`)."""
         return self.textual_inversion("", rows)
+
+    def forge_embedding(self, rows: list) -> dict:
+        """Forge's FLUX reads CLIP-L embeddings only, from a file with one key (one with
+        `t5xxl` too fails to load there): the CLIP-L row alone."""
+        return {"clip_l": rows[0].reshape(1, -1)}
 
     @property
     def a1111_version(self) -> str:
