@@ -17,6 +17,16 @@ Variants (each guarded on its own: one that fails logs its traceback and the nex
                                                     the same handles and weights as an uninterrupted run
   resume-8bit                                       killed in a fast run, resumed with --adam-8bit: warns
                                                     that the optimizer changed, and finishes
+  sdxl, sdxl-fp16, sdxl-lora-low                    the tiny SDXL
+  sampling                                          every sampler at every precision, edit, evaluate
+  flux-lora, flux-lora-low, flux-fp16               the tiny FLUX.1 dev: LoRA (its usual tuning) as auto
+                                                    picks it, with --memory low, with fp16 loss scaling
+  flux-full-low                                     full tuning with --memory low (8-bit AdamW inside the
+                                                    backward pass on CUDA)
+  flux-resume                                       killed in phase 2, resumed: the same handles (CLIP and
+                                                    T5 rows) and adapters as an uninterrupted run
+  flux-sampling                                     generate with the flow sampler at every precision,
+                                                    edit and extract-bg
 
 Each variant prints one JSON line (ok / skipped / error, seconds, peak memory of the
 device, the memory plan `learn` chose) and appends it to --jsonl as soon as it ends.
@@ -70,6 +80,14 @@ VARIANTS = {
     # Every sampler at every sampling precision, blended editing with a multistep and a
     # sigma-space sampler, and `evaluate` (tiny CLIP, DINO, Grounding DINO and SAM).
     "sampling": ("sampling", dict(memory="fast", class_scheduler="euler"), set()),
+    # FLUX.1 (the tiny FLUX dev): the transformer over packed latents, T5's handle rows,
+    # the joint-attention loss, LoRA by default, and the flow sampler.
+    "flux-lora": ("learn-flux", dict(), set()),
+    "flux-lora-low": ("learn-flux", dict(memory="low"), set()),
+    "flux-fp16": ("learn-flux", dict(mixed_precision="fp16"), {"cuda"}),
+    "flux-full-low": ("learn-flux", dict(tune="full", memory="low"), set()),
+    "flux-resume": ("resume-flux", dict(memory="fast"), set()),
+    "flux-sampling": ("sampling-flux", dict(memory="fast", background=True), set()),  # extract-bg needs <background>
 }
 DEFAULT_SKIP = ("compile",)  # its own process in gpu_check.sh, under its own time limit
 
@@ -148,6 +166,14 @@ class Smoke:
             self._sdxl = str(build_tiny_sdxl(self.tmp / "tiny-sdxl"))
         return self._sdxl
 
+    def flux_model(self) -> str:
+        """The tiny FLUX.1 dev, built on first use."""
+        if not getattr(self, "_flux", None):
+            from tinymodels import build_tiny_flux
+
+            self._flux = str(build_tiny_flux(self.tmp / "tiny-flux"))
+        return self._flux
+
     def generate(self, scene, name: str, device: str | None = None) -> dict:
         import numpy as np
         from PIL import Image
@@ -171,43 +197,64 @@ class Smoke:
         """"phase 2, step 2" from the "resuming NAME at phase 2, step 2" message."""
         return next((m.text.split(" at ", 1)[1] for m in messages if m.text.startswith("resuming") and " at " in m.text), None)
 
-    def same_scene(self, a, b, component: str) -> dict:
+    def same_scene(self, a, b, components: tuple[str, ...]) -> dict:
+        """How far scene `b` is from `a`: the handles' rows in every text encoder, and the
+        weights of `components` (e.g. "unet", or "transformer_lora")."""
         from scenebreak import load_scene
 
         torch = self.torch
         sa, sb = load_scene(a, weights=True), load_scene(b, weights=True)
-        handles = (sa.embeddings - sb.embeddings).abs().max().item()
-        weights = max((v - sb.weights[component][k]).abs().max().item() for k, v in sa.weights[component].items())
-        close = torch.allclose(sa.embeddings, sb.embeddings, atol=1e-5, rtol=1e-4) and all(
-            torch.allclose(v, sb.weights[component][k], atol=1e-5, rtol=1e-4) for k, v in sa.weights[component].items())
+        pairs = list(zip(sa.handle_embeddings, sb.handle_embeddings))
+        pairs_w = [(v, sb.weights[c][k]) for c in components for k, v in sa.weights[c].items()]
+        handles = max((x - y).abs().max().item() for x, y in pairs)
+        weights = max((x - y).abs().max().item() for x, y in pairs_w)
+        close = all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in pairs + pairs_w)
         return {"max_diff_handles": handles, "max_diff_weights": weights, "same_as_uninterrupted": bool(close)}
 
-    def run_sampling(self, name: str, settings: dict) -> dict:
+    def run_sampling(self, name: str, settings: dict, how: str) -> dict:
+        """Every sampler of the scene's family at every sampling precision, and blended
+        editing with a multistep and a sigma-space sampler where the family has them
+        (FLUX: its flow sampler, and extract-bg too); `evaluate` on SD."""
         import numpy as np
         from PIL import Image
 
         from conftest import write_synthetic_scene
-        from scenebreak import EditConfig, GenerateConfig, edit, generate
-        from scenebreak.config import SCHEDULERS
+        from scenebreak import BackgroundConfig, EditConfig, GenerateConfig, edit, extract_background, generate, load_scene
         from scenebreak.evaluation.evaluate import evaluate
         from scenebreak.config import EvaluateConfig
+        from scenebreak.families import family_named
         from tinymodels import build_tiny_clip, build_tiny_dino, build_tiny_segmentation_models
 
-        scene = self.learn(name, {**SHORT, **settings}).path
+        flux = how == "sampling-flux"
+        scene = self.learn(name, {**SHORT, **settings}, base_model=self.flux_model() if flux else None).path
+        samplers = family_named(load_scene(scene).meta["base_model"]["family"]).samplers
         stds = {}
-        for scheduler in SCHEDULERS:
+
+        def std(path) -> float:
+            with Image.open(path) as im:
+                return round(float(np.asarray(im, dtype=np.float32).std()), 2)
+
+        for scheduler in samplers:
             for precision in ("auto", "bf16", "fp32"):
                 result = generate(scene, "<asset1> on the moon", GenerateConfig(
                     num_images=2, steps=4, seed=0, scheduler=scheduler, precision=precision),
                     out_dir=self.tmp / "out" / name / f"{scheduler}-{precision}", device=self.device)
-                with Image.open(result.images[0].path) as im:
-                    stds[f"{scheduler}-{precision}"] = round(float(np.asarray(im, dtype=np.float32).std()), 2)
+                stds[f"{scheduler}-{precision}"] = std(result.images[0].path)
         image, red, _ = write_synthetic_scene(self.tmp / "edit-inputs")
-        for scheduler in ("dpm", "euler"):
+        for scheduler in [s for s in ("dpm", "euler") if s in samplers] or samplers[:1]:
             result = edit(image, [(red, "a photo of <asset1>")], scene, EditConfig(steps=4, seed=0, scheduler=scheduler),
                           out_dir=self.tmp / "out" / name / f"edit-{scheduler}", device=self.device)
-            with Image.open(result.images[0].path) as im:
-                stds[f"edit-{scheduler}"] = round(float(np.asarray(im, dtype=np.float32).std()), 2)
+            stds[f"edit-{scheduler}"] = std(result.images[0].path)
+        if flux:
+            result = extract_background(scene, BackgroundConfig(steps=4, seed=0), variations=1,
+                                        out_dir=self.tmp / "out" / name / "bg", device=self.device)
+            for made in result.images:
+                stds[f"extract-bg-{made.kind}"] = std(made.path)
+            row = {"image_std": stds}
+            row["ok"] = bool(all(v > 0 for v in stds.values()))
+            if not row["ok"]:
+                row["error"] = "a constant (black) image"
+            return row
         root = self.tmp / "metric-models"
         detector, segmenter = build_tiny_segmentation_models(root / "segmentation")
         config = EvaluateConfig(steps=2, clip_model=str(build_tiny_clip(root / "clip")), dino_model=str(build_tiny_dino(root / "dino")),
@@ -225,6 +272,7 @@ class Smoke:
     def run_learn(self, name: str, settings: dict, how: str) -> dict:
         messages: list = []
         device = "cuda:0" if how == "learn-cuda0" else None
+        base_model = self.sdxl_model() if how == "learn-sdxl" else self.flux_model() if how == "learn-flux" else None
         if how == "learn-no-bnb":
             import scenebreak.train.optim
 
@@ -235,8 +283,7 @@ class Smoke:
             finally:
                 scenebreak.train.optim.bitsandbytes_available = real
         else:
-            result = self.learn(name, {**SHORT, **settings}, device, messages=messages,
-                                base_model=self.sdxl_model() if how == "learn-sdxl" else None)
+            result = self.learn(name, {**SHORT, **settings}, device, messages=messages, base_model=base_model)
         loss = result.losses["phase2"]["loss_last"]
         row = {"loss_last": loss, "plan": self.plan_of(messages), **self.generate(result.path, name, device)}
         row["ok"] = bool(loss == loss and abs(loss) != float("inf") and row["image_std"] > 0)
@@ -249,12 +296,16 @@ class Smoke:
 
         torch = self.torch
         config = {**RESUME, **settings}
+        flux = how == "resume-flux"
+        base = self.flux_model() if flux else None
+        # What phase 2 tuned: FLUX's usual LoRA (transformer and CLIP), or SD's UNet.
+        components = ("transformer_lora", "text_encoder_lora") if flux else ("unet",)
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)  # so that two runs can be compared at all
         try:
             killed_messages: list = []
             try:
-                self.learn(f"{name}-killed", config, report=kill_at(2, 3))
+                self.learn(f"{name}-killed", config, report=kill_at(2, 3), base_model=base)
                 return {"ok": False, "error": "the run was not killed"}
             except Killed:
                 pass
@@ -267,10 +318,10 @@ class Smoke:
                 if not row["ok"]:
                     row["error"] = "no 'optimizer changed' warning" if not warned else f"resumed at {row['resumed_at']}"
                 return row
-            resumed = self.learn(f"{name}-killed", config, resume=True, messages=killed_messages)
-            straight = self.learn(f"{name}-straight", {**config, "checkpoint_every": 0})
+            resumed = self.learn(f"{name}-killed", config, resume=True, messages=killed_messages, base_model=base)
+            straight = self.learn(f"{name}-straight", {**config, "checkpoint_every": 0}, base_model=base)
             row = {"resumed": resumed.resumed, "resumed_at": self.resumed_at(killed_messages),
-                   **self.same_scene(straight.path, resumed.path, "unet")}
+                   **self.same_scene(straight.path, resumed.path, components)}
             in_phase_2 = (row["resumed_at"] or "").startswith("phase 2")
             row["ok"] = bool(in_phase_2 and row["same_as_uninterrupted"])
             if not row["ok"]:
@@ -295,8 +346,8 @@ class Smoke:
         try:
             if how.startswith("resume"):
                 row.update(self.run_resume(name, settings, how))
-            elif how == "sampling":
-                row.update(self.run_sampling(name, settings))
+            elif how.startswith("sampling"):
+                row.update(self.run_sampling(name, settings, how))
             else:
                 row.update(self.run_learn(name, settings, how))
         except Exception as error:

@@ -10,35 +10,39 @@
 #                beside the original-style baseline, all in one process (same machine)
 #   5. sdxl      the same for the SDXL base architecture at 1024: phase 1 as auto picks
 #                it, LoRA phase 2 (fast and --memory low) and generation
-#   6. compile   the smoke test's torch.compile variant, last: the slowest to start
+#   6. flux      the same for the FLUX.1-dev architecture at 1024 (random weights made on
+#                the GPU): phase 1 as auto picks it, LoRA phase 2 fast and --memory low,
+#                one image at 28 steps
+#   7. compile   the smoke test's torch.compile variant, last: the slowest to start
 #
 # Each part runs under its own `timeout`, capped by what is left of the whole budget
-# (GPU_CHECK_BUDGET_S, default 480 s), so one hang cannot eat the rest; a part that
-# fails is logged and the next one runs. Every result is appended to
-# $OUT/gpu_check.jsonl as soon as it is known, everything printed goes to
-# $OUT/gpu_check.log, and the step table is written to $OUT/train_step-<device>.{md,json}
-# after every row.
+# (GPU_CHECK_BUDGET_S, default 540 s; 900 s for the dry run on the CPU), so one hang
+# cannot eat the rest; a part that fails is logged and the next one runs. Every result
+# is appended to $OUT/gpu_check.jsonl as soon as it is known, everything printed goes
+# to $OUT/gpu_check.log, and the step tables are written to
+# $OUT/train_step-<device>[-sdxl|-flux].{md,json} after every row.
 #
 #     bash benchmarks/gpu_check.sh                        # on the GPU machine (the device call)
 #     OUT=/tmp/gc bash benchmarks/gpu_check.sh --device cpu   # the dry run here: tiny sizes, minutes
 #     bash benchmarks/gpu_check.sh --parts "install env smoke" --smoke-args "--only fast-fp32"
+#     bash benchmarks/gpu_check.sh --parts "install env flux compile"   # a second call (benchmarks/README.md)
 set -uo pipefail  # no -e: each part is guarded on its own
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl compile}
+PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile}
 SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS:-}
 while (( $# )); do
     case $1 in
         --device) DEVICE=$2; shift 2 ;;
         --parts) PARTS=$2; shift 2 ;;
         --smoke-args) SMOKE_ARGS=$2; shift 2 ;;
-        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl compile'] [--smoke-args ARGS]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile'] [--smoke-args ARGS]" >&2; exit 2 ;;
     esac
 done
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-$([[ $DEVICE == cuda* ]] && echo 540 || echo 900)}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 OUT=${OUT:-$(mktemp -d /tmp/gpu-check.XXXXXX)}
 mkdir -p "$OUT"
@@ -51,11 +55,15 @@ TEE=$!
 if [[ $DEVICE == cuda* ]]; then
     STEP_ARGS=(--steps 10 --gen-steps 10)
     SDXL_ARGS=(--steps 5 --gen-steps 5)
-    CAPS=(install=90 env=60 smoke=210 steps=200 sdxl=150 compile=240)  # compile: whatever is left
+    FLUX_ARGS=(--steps 3 --gen-steps 3)
+    # Measured on an H200: install 1 s, env 22, smoke 89 (before FLUX's 6 variants), steps
+    # 115, sdxl 115; flux is expected at ~1.5 min; compile gets whatever is left.
+    CAPS=(install=90 env=60 smoke=210 steps=200 sdxl=150 flux=150 compile=240)
 else
     STEP_ARGS=(--tiny --steps 2 --gen-steps 2)
     SDXL_ARGS=(--tiny --steps 2 --gen-steps 2)
-    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 compile=330)  # compile: ~280 s here on one busy core
+    FLUX_ARGS=(--tiny --steps 2 --gen-steps 2)
+    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330)  # compile: ~280 s here on one busy core
 fi
 
 # Offline, from the checkout: src/ for scenebreak, tests/ for the tiny model builders.
@@ -146,6 +154,7 @@ EOF
 part smoke "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" $SMOKE_ARGS
 part steps "$PY" benchmarks/train_step.py --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part sdxl "$PY" benchmarks/train_step.py --sdxl --device "$DEVICE" --in-process "${SDXL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
+part flux "$PY" benchmarks/train_step.py --flux --device "$DEVICE" --in-process "${FLUX_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" --only compile
 
 echo "=== summary ($(( SECONDS - START ))s)"
@@ -162,8 +171,11 @@ for r in rows:
         extra = {k: r[k] for k in ("seconds", "peak_gib", "plan", "max_diff_weights", "resumed_at") if k in r}
         print(f"smoke {r['variant']:14} {state} {extra}")
     elif r["part"] == "train_step":
-        what = r.get("error") or (f"{r['s_per_step']:.3f} s/step" if "s_per_step" in r else f"{r['s_per_image']:.2f} s/image")
-        print(f"steps {str(r['phase']):8} {r['kind']:28} {what} peak {r.get('peak_gib', 0):.1f} GiB")
+        table = r.get("table", "train_step").removeprefix("train_step-").split("-", 1)
+        model = table[1] if len(table) > 1 else "sd21"  # sdxl, flux (-tiny on the dry run)
+        what = r.get("error") or (f"{r['s_per_image']:.2f} s/image" if r["phase"] == "generate" else f"{r['s_per_step']:.3f} s/step")
+        steps_peak = f" (steps {r['steps_peak_gib']:.1f}, set-up {r['setup_peak_gib']:.1f})" if "steps_peak_gib" in r else ""
+        print(f"steps {model:10} {str(r['phase']):8} {r['kind']:28} {what} peak {r.get('peak_gib', 0):.1f} GiB{steps_peak}")
     else:
         print(f"part  {r.get('step', r['part']):14} {r.get('status')} ({r.get('seconds', '?')} s)")
 try:

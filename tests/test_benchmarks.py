@@ -1,11 +1,14 @@
-"""The benchmarks' own code paths, on the tiny model: a benchmark that breaks only shows
-up on the GPU machine, where each minute is scarce (the baseline once failed there)."""
+"""The benchmarks' own code paths, on the tiny models: a benchmark that breaks only shows
+up on the GPU machine, where each minute is scarce (the baseline once failed there).
+FLUX's rows go through the same build as the real architecture (meta device, then
+memory per row), and the smoke test's FLUX variants run as on CUDA."""
 
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -31,3 +34,94 @@ def test_sdxl_note_says_what_auto_chose(train_step):
     rows = [{"kind": "scenebreak defaults", "phase": 1, "memory": "low", "tune": "lora", "half_frozen": True, "precision": "bf16"}]
     note = train_step.sdxl_defaults_note(rows, "cuda")
     assert "`--tune lora --memory low` with frozen weights in bf16" in note and "fp16 on CUDA" in note
+
+
+# -- FLUX.1 (train_step.py --flux and cuda_smoke.py's flux variants) ----------------------------
+
+
+@pytest.fixture
+def flux_source(train_step):
+    """The tiny FLUX as the real architecture is built: transformer and T5 on the meta device."""
+    return train_step.ModelSource(tiny=True, reuse=True, flux=True)
+
+
+def test_flux_rows_train_with_the_handles_t5_reads_and_keep_the_template_lazy(train_step, flux_source):
+    defaults = train_step.measure("scenebreak defaults", 1, 1, "cpu", 64, flux_source)
+    assert (defaults["tune"], defaults["memory"]) == ("lora", "low") and defaults["steps_timed"] == 1
+    assert defaults["built"] == "fp32, as learn loads them" and defaults["s_per_step"] > 0
+    fast = train_step.measure("scenebreak LoRA fast", 2, 1, "cpu", 64, flux_source)
+    assert (fast["tune"], fast["memory"]) == ("lora", "fast")
+    template = flux_source.template[0]  # each row materialised its own copy
+    assert train_step.is_lazy(template.denoiser) and train_step.is_lazy(template.text_encoders[1])
+
+
+def test_flux_generation_row_is_one_image_at_28_flow_steps(train_step, flux_source):
+    row = train_step.measure_generation("one image per call", 1, "cpu", 64, flux_source)
+    assert (row["scheduler"], row["steps"], row["batch"]) == ("flow", 28, 1) and row["s_per_image"] > 0
+
+
+def test_materialise_initialises_every_weight_and_keeps_t5s_table_tied(train_step):
+    from scenebreak.device import choose_device
+
+    components, _ = train_step.random_flux(tiny=True)
+    train_step.materialise(components, choose_device("cpu"), torch.bfloat16, "test")
+    t5 = components.text_encoders[1]
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight
+    for model in (components.denoiser, t5):
+        for name, param in model.named_parameters():
+            assert param.dtype == torch.bfloat16 and torch.isfinite(param).all(), name
+            if "norm" not in name and not name.endswith("bias"):
+                assert param.float().std() > 0, name  # random, not zeros or constant memory
+
+
+def test_flux_weights_that_do_not_fit_in_fp32_are_built_as_the_trainer_keeps_them(train_step, monkeypatch):
+    from scenebreak.device import choose_device
+    from scenebreak.train.memory import MemoryPlan
+
+    components, _ = train_step.random_flux(tiny=True)
+    fp32 = train_step.lazy_bytes(components, 4)
+    monkeypatch.setattr("scenebreak.train.memory.available_bytes", lambda device: fp32)  # fp32 over 90%, bf16 under
+    half = MemoryPlan("low", True, True, False, False, tune="lora", half_frozen=True)
+    built = train_step.materialise_for_training(components, choose_device("cpu"), half, torch.bfloat16)
+    assert built.startswith("bf16, as the trainer keeps frozen weights") and components.denoiser.dtype == torch.bfloat16
+    components, _ = train_step.random_flux(tiny=True)
+    full = MemoryPlan("fast", False, False, False, False, tune="lora", half_frozen=False)
+    with pytest.raises(train_step.DoesNotFit, match="fp32"):
+        train_step.materialise_for_training(components, choose_device("cpu"), full, torch.bfloat16)
+
+
+def test_flux_that_cannot_fit_says_so_in_one_line(train_step, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("scenebreak.train.memory.available_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--flux", "--results-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        train_step.main()
+    message = str(exit_.value.code)
+    assert "\n" not in message and "does not fit this machine" in message and "FLUX needs a GPU" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_flux_rows_at_two_depths_extrapolate_affinely_to_19(train_step):
+    rows = [{"phase": 1, "kind": "k", "depth": 1, "s_per_step": 10.0, "peak_gib": 5.0},
+            {"phase": 1, "kind": "k", "depth": 2, "s_per_step": 12.0, "peak_gib": 6.0, "built": "bf16 ..."},
+            {"phase": 2, "kind": "k", "depth": 1, "s_per_step": 1.0, "peak_gib": 1.0},
+            {"phase": 2, "kind": "k", "depth": 2, "error": "does not fit: ..."}]
+    [row] = train_step.extrapolate(rows, [1, 2])
+    assert row["phase"] == 1 and row["depth"] == 19 and row["extrapolated"] and "built" not in row
+    assert row["s_per_step"] == pytest.approx(10 + 2 * 18) and row["peak_gib"] == pytest.approx(5 + 18)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("cuda_smoke_benchmark", BENCHMARKS / "cuda_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SCENEBREAK_HOME", str(tmp_path_factory.mktemp("home")))  # Smoke sets its own: put back after
+        patch.setattr(module, "SHORT", dict(steps1=1, steps2=1, num_class_images=1))
+        yield module.Smoke("cpu", None)
+
+
+@pytest.mark.parametrize("variant", ["flux-lora", "flux-resume", "flux-sampling", "sampling"])
+def test_smoke_variants_run_on_the_cpu(smoke, variant):
+    row = smoke.run(variant)
+    assert row["ok"] is True, row
