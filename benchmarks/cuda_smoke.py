@@ -12,7 +12,7 @@ Variants (each guarded on its own: one that fails logs its traceback and the nex
   8bit-in                                           memory low + --adam-8bit (step inside the backward pass)
   lora                                              --tune lora
   cuda0                                             device="cuda:0" named explicitly
-  compile                                           torch.compile of the UNet (slow to compile: run it last)
+  compile                                           torch.compile of the training step (slow to compile: run it last)
   resume-fast, resume-low                           killed in phase 2 after a periodic checkpoint, resumed:
                                                     the same handles and weights as an uninterrupted run
   resume-8bit                                       killed in a fast run, resumed with --adam-8bit: warns

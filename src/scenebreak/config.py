@@ -153,7 +153,8 @@ class LearnConfig:
     lr_lora: float = setting(1e-4, "Phase-2 learning rate of the LoRA adapters (the handles keep --lr2).",
                              bounds=LEARNING_RATE)
     standalone: bool = setting(False, "LoRA tuning: bake the adapters into full weights, so the scene needs no base model.")
-    compile: bool = setting(False, "torch.compile the UNet: faster steps on CUDA after a compile of a minute or two.")
+    compile: bool = setting(False, "torch.compile the training step: faster steps on CUDA after a compile of a minute or "
+                                   "two, kept in the cache folder for the next run.")
     save_dtype: str = setting("fp16", "Precision of the weights stored in the scene.", choices=SAVE_DTYPES)
     checkpoint_every: int = setting(
         0, "Also save a resumable checkpoint every N steps (0: only at the end of phase 1 and on Ctrl-C).",

@@ -131,12 +131,12 @@ def test_compile_has_no_graph_break_from_the_capture_under_checkpointing(tiny_mo
     from scenebreak.families.unet import cross_attention_layers
     from scenebreak.train.attention import AttentionStore, capture_cross_attention
     from scenebreak.families.base_model import load_components
-    from scenebreak.train.trainer import compile_unet
+    from scenebreak.train.compiling import prepare_dynamo
 
     unet = load_components(str(tiny_model)).denoiser
     unet.train().requires_grad_(True)
     unet.enable_gradient_checkpointing()
-    compile_unet(unet)  # the settings the trainer compiles with
+    prepare_dynamo()  # the settings the trainer compiles with
     store = AttentionStore(0)
     inputs = (torch.randn(1, 4, 32, 32), torch.tensor([10]), torch.randn(1, 77, 32))
     try:

@@ -50,6 +50,25 @@ class StepRecord:
 
 
 @dataclass
+class StepBatch:
+    """One training step's inputs, drawn on the host (Trainer.draw): the clean latents
+    of [instance, class image], their noise and timesteps, the prompts' ids per
+    tokenizer, the family's extra conditions, the union of the chosen handles' masks at
+    the latent size and each one's at the attention size, and which text positions the
+    attention loss reads (`columns`, None when it is off) of the prompt's `text_length`."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    ids: list[torch.Tensor]
+    conditions: torch.Tensor | None
+    mask: torch.Tensor
+    attn_masks: torch.Tensor
+    columns: list[int] | None
+    text_length: int
+
+
+@dataclass
 class TrainInputs:
     image: "PIL.Image.Image"  # noqa: F821 - the R x R training crop
     masks: torch.Tensor  # (N, R, R) in {0, 1}
@@ -72,19 +91,6 @@ def check_finite(losses: torch.Tensor, phase: int, step: int) -> None:
         raise Diverged(f"training diverged: the loss is {float(losses[0])} at phase {phase}, step {step}. Start again "
                        "with a lower learning rate (--lr1 for phase 1, --lr2 or --lr-lora for phase 2); any earlier "
                        "checkpoint was kept as it was")
-
-
-def compile_unet(unet):
-    """torch.compile for the UNet, with the one dynamo setting the attention capture
-    needs under gradient checkpointing: recording a map is a side effect inside the
-    checkpointed block, which otherwise breaks the graph at every block (15 breaks on
-    the tiny UNet, 0 with it; tests/test_gpu_paths.py counts them). The switch from
-    phase 1 (frozen UNet) to phase 2 (trained UNet) recompiles once."""
-    import torch._dynamo
-
-    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    return torch.compile(unet)
 
 
 class Trainer:
@@ -119,7 +125,6 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
             components.denoiser.to(memory_format=torch.channels_last)
-        self.denoiser = compile_unet(components.denoiser) if config.compile else components.denoiser
         # One HandleEmbedding per text encoder: SDXL's handles have a 768- and a 1280-wide row.
         self.embeddings = [install_handle_embedding(te, self.num_handles) for te in components.text_encoders]
         # No dropout in the text encoders: CLIP has none, but T5 (FLUX.1) drops 10%, drawn
@@ -174,6 +179,15 @@ class Trainer:
                 self._class_latent(index)
             components.vae.to("cpu")
 
+        # The forward pass and losses of a step: compiled whole with --compile (compiling.py).
+        self.losses_fn, self.compile_key = self.step_losses, None
+        if config.compile:
+            from .compiling import compile_key, compile_step, load_artifacts
+
+            self.compile_key = compile_key(device, self.step_shapes())
+            load_artifacts(self.compile_key)
+            self.losses_fn = compile_step(self.step_losses)
+
         self.phase, self.step = 1, 0
         self.history: dict[int, list[torch.Tensor]] = {1: [], 2: []}  # LOSS_NAMES per step
         self.seconds: dict[int, float] = {1: 0.0, 2: 0.0}
@@ -181,6 +195,17 @@ class Trainer:
         self.params: list[torch.nn.Parameter] = []  # what the current phase trains
         self.optimizer = None
         self.scaler = None
+
+    def step_shapes(self) -> dict:
+        """What a compiled step depends on besides torch and the device: the models, the
+        shapes of a step's tensors and the settings that change its graph."""
+        c, cfg = self.c, self.config
+        return {"family": c.family.name, "denoiser": c.denoiser.config.get("_class_name", type(c.denoiser).__name__),
+                "parameters": sum(p.numel() for m in c.models() for p in m.parameters()),
+                "latent": [c.denoiser.config.get("in_channels"), self.latent_size], "prior": cfg.prior,
+                "handles": self.num_handles, "tune": cfg.tune, "rank": cfg.rank if cfg.tune == "lora" else None,
+                "attention": bool(self.layers), "precision": str(self.amp_dtype),
+                "checkpointing": self.plan.gradient_checkpointing, "half_frozen": self.plan.half_frozen}
 
     # -- helpers -----------------------------------------------------------
     @property
@@ -357,6 +382,10 @@ class Trainer:
                     record = self.train_step(phase, steps)
                     self.seconds[phase] += time.perf_counter() - started
                     yield record
+            if self.compile_key:  # what this phase compiled, for the next run with the same key
+                from .compiling import save_artifacts
+
+                save_artifacts(self.compile_key)
             if isinstance(self.optimizer, OptimizerInBackward):
                 self.optimizer.close()
             self.optimizer = None  # phase 2 starts from a fresh AdamW
@@ -365,7 +394,40 @@ class Trainer:
         self._restore_fp32_master()  # the scene is made from fp32 weights
 
     def train_step(self, phase: int, steps: int) -> StepRecord:
-        cfg, c, dev = self.config, self.c, self.device.torch
+        """One step: the random choices on the host (`draw`), the forward pass and the
+        losses as one tensor function (`step_losses`, compiled whole with --compile),
+        then the backward pass and the optimizer."""
+        batch = self.draw(phase)
+        losses = self.losses_fn(batch)
+        loss = losses[0]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()  # with the optimizer in the backward pass, this also steps
+        if not isinstance(self.optimizer, OptimizerInBackward):
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.store.clear()  # drop the maps (and their graph) before the next step
+        self.device.release_memory()
+
+        self.step += 1
+        # Kept on the device: reading a loss makes the CPU wait for the GPU, so it is
+        # read only when the progress bar or a checkpoint needs it.
+        losses = losses.detach().float()
+        self.history[phase].append(losses)
+        return StepRecord(phase, self.step, steps, losses)
+
+    def draw(self, phase: int) -> StepBatch:
+        """The step's random choices (flip, handles, class image, noise, timesteps), made
+        on the host from the run's generators in a fixed order, and the tensors they
+        select, on the device. Nothing here reads a tensor back."""
+        cfg, dev = self.config, self.device.torch
         flip = self.rng.random() < cfg.flip_p
         chosen = sample_handles(self.rng, self.num_handles)
         ids, handle_columns, text_length = self._prompt_ids(tuple(chosen))
@@ -383,52 +445,37 @@ class Trainer:
         batch = 2 if cfg.prior else 1
         noise = torch.randn((batch, *latents.shape[1:]), generator=self.gen)[: len(latents)].to(dev)
         timesteps = self.schedule.timesteps(batch, self.gen)[: len(latents)].to(dev)
-        noisy = self.schedule.add_noise(latents, noise, timesteps)
-        target = self.schedule.target(latents, noise, timesteps)
+        return StepBatch(
+            latents=latents, noise=noise, timesteps=timesteps,
+            ids=[torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids,
+            conditions=None if self.conditions is None else self.conditions[: len(latents)],
+            mask=self.latent_masks[flip][chosen].amax(0)[None, None],  # union of the chosen masks
+            attn_masks=self.attn_masks[flip][chosen],
+            # Only the chosen handles' columns of the maps are recorded (attention.py).
+            columns=handle_columns if self.layers else None, text_length=text_length)
 
+    def step_losses(self, b: StepBatch) -> torch.Tensor:
+        """The forward pass and LOSS_NAMES (total first) of one drawn step: tensors in,
+        a tensor out, with no host synchronisation and no data-dependent branch, so that
+        torch.compile traces it whole (fullgraph; tests/train/test_step_graph.py)."""
+        cfg, c = self.config, self.c
+        noisy = self.schedule.add_noise(b.latents, b.noise, b.timesteps)
+        target = self.schedule.target(b.latents, b.noise, b.timesteps)
         self.store.clear()
-        # Only the chosen handles' columns of the maps are recorded (attention.py).
-        positions = handle_columns if self.layers else None
-        self.store.columns, self.store.text_length = positions, text_length
+        self.store.columns, self.store.text_length = b.columns, b.text_length
         # With checkpointing every block is recomputed anyway: keeping a half-precision
         # copy of all weights for the whole step would cost more than re-casting them.
         with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):
-            batch_ids = [torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids
-            conditions = None if self.conditions is None else self.conditions[: len(latents)]
-            hidden, added = c.family.encode_prompts(c.text_encoders, batch_ids, conditions)
-            pred = c.family.denoise(self.denoiser, noisy, timesteps, hidden, added)
+            hidden, added = c.family.encode_prompts(c.text_encoders, b.ids, b.conditions)
+            pred = c.family.denoise(c.denoiser, noisy, b.timesteps, hidden, added)
 
-        mask = self.latent_masks[flip][chosen].amax(0)[None, None]  # union of the chosen masks
-        loss_rec = masked_diffusion_loss(pred[:1], target[:1], mask)
-        loss_prior = diffusion_loss(pred[1:], target[1:]) if with_class else torch.zeros((), device=dev)
-        if self.layers:
-            loss_attn = attention_loss(self.store.token_maps(positions), self.attn_masks[flip][chosen])
-        else:
-            loss_attn = torch.zeros((), device=dev)
+        loss_rec = masked_diffusion_loss(pred[:1], target[:1], b.mask)
+        with_class = len(b.latents) > 1
+        zero = torch.zeros((), device=pred.device)
+        loss_prior = diffusion_loss(pred[1:], target[1:]) if with_class else zero
+        loss_attn = attention_loss(self.store.token_maps(b.columns), b.attn_masks) if self.layers else zero
         loss = loss_rec + cfg.prior_weight * loss_prior + cfg.lambda_attn * loss_attn
-
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()  # with the optimizer in the backward pass, this also steps
-        if not isinstance(self.optimizer, OptimizerInBackward):
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.store.clear()  # drop the maps (and their graph) before the next step
-        self.device.release_memory()
-
-        self.step += 1
-        # Kept on the device: reading a loss makes the CPU wait for the GPU, so it is
-        # read only when the progress bar or a checkpoint needs it.
-        losses = torch.stack([x.detach().float() for x in (loss, loss_rec, loss_prior, loss_attn)])
-        self.history[phase].append(losses)
-        return StepRecord(phase, self.step, steps, losses)
+        return torch.stack([x.float() for x in (loss, loss_rec, loss_prior, loss_attn)])
 
     # -- checkpoints -------------------------------------------------------
     def state_dict(self) -> dict:

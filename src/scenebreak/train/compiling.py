@@ -1,0 +1,110 @@
+"""`learn --compile`: the training step compiled whole, and what the compiler made kept.
+
+torch.compile traces `Trainer.step_losses` (the text encoders, the denoiser with the
+attention capture, and the three losses) as one graph with static shapes; its backward
+is compiled with it. A graph break there would split the step and send the CPU back to
+Python mid-step: tests/train/test_step_graph.py traces it with `fullgraph=True` on the
+tiny models, so none can creep in.
+
+The first run pays the compile (a minute or two on a GPU). What it makes is kept in
+scenebreak's cache folder: inductor's own cache under `compile/inductor/` (unless
+`TORCHINDUCTOR_CACHE_DIR` says otherwise), and torch.compiler's portable artifacts in
+`compile/KEY.bin`, loaded before the next run with the same key compiles, so that run
+pays seconds. The key is a hash of what the artifacts depend on: the torch version, the
+device (the GPU's name and compute capability, or the CPU's kernels) and the step's
+shapes and settings (`step_shapes`). A different key is a different file: nothing
+compiled for another GPU, torch or shape is ever loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..paths import home, write_atomically
+
+MAX_ARTIFACTS = 2 * 2**30  # bytes: a file larger than this in the cache is not ours to load
+
+
+def compile_dir() -> Path:
+    return home() / "compile"
+
+
+def device_identity(device) -> dict:
+    """What compiled kernels depend on in the device: the GPU's name and compute
+    capability, or the kernels torch picks on this CPU."""
+    import torch
+
+    if device.type == "cuda":
+        index = device.torch.index if device.torch.index is not None else torch.cuda.current_device()
+        return {"type": "cuda", "name": torch.cuda.get_device_name(index),
+                "capability": list(torch.cuda.get_device_capability(index)), "cuda": torch.version.cuda}
+    if device.type == "cpu":
+        return {"type": "cpu", "kernels": torch.backends.cpu.get_cpu_capability()}
+    return {"type": device.type}
+
+
+def compile_key(device, shapes: dict) -> str:
+    """A short hash of the torch version, the device and the step's shapes and settings."""
+    import torch
+
+    record = {"torch": torch.__version__, "device": device_identity(device), "shapes": shapes}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def artifacts_file(key: str) -> Path:
+    return compile_dir() / f"{key}.bin"
+
+
+def use_compile_cache() -> None:
+    """Point inductor's own cache into scenebreak's cache folder (unless the user set one)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_dir() / "inductor"))
+
+
+def load_artifacts(key: str) -> bool:
+    """Hand the artifacts saved under `key` to torch.compile before it compiles; False
+    when there are none (or they cannot be read: then it simply compiles)."""
+    import torch
+
+    path = artifacts_file(key)
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_ARTIFACTS:
+            return False
+        return torch.compiler.load_cache_artifacts(path.read_bytes()) is not None
+    except Exception:  # a half-written or foreign file: compiling again is the fix
+        return False
+
+
+def save_artifacts(key: str) -> Path | None:
+    """Save what torch.compile made in this process under `key`, atomically; None when
+    it made nothing."""
+    import torch
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None or not saved[0]:
+        return None
+    data = saved[0]
+    return write_atomically(artifacts_file(key), lambda tmp: tmp.write_bytes(data))
+
+
+def prepare_dynamo() -> None:
+    """The one dynamo setting the attention capture needs under gradient checkpointing:
+    recording a map is a side effect inside the checkpointed block, which otherwise
+    breaks the graph at every block (15 breaks on the tiny UNet, 0 with it)."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+def compile_step(step_losses, backend: str = "inductor"):
+    """`step_losses` compiled with static shapes. A change of phase (which weights need
+    gradients) or of how many handles a step samples compiles once more, then each is
+    reused."""
+    import torch
+
+    prepare_dynamo()
+    use_compile_cache()
+    return torch.compile(step_losses, dynamic=False, backend=backend)

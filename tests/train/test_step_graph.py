@@ -1,0 +1,137 @@
+"""The training step as one graph (`learn --compile`, train/compiling.py): its forward
+pass and losses trace whole under `torch.compile(fullgraph=True)` (a graph break raises),
+on the tiny SD with gradient checkpointing and the attention capture, and on the tiny
+FLUX with its joint-attention capture and LoRA; the compiled step's losses are the plain
+step's; and what the compiler makes is kept under a key in scenebreak's cache folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scenebreak import LearnConfig, learn
+
+
+def losses_of_each_step(monkeypatch) -> list[list[float]]:
+    """The losses of every step of the next `learn`, as numbers (read after each step)."""
+    import scenebreak.train.trainer as trainer
+
+    seen: list[list[float]] = []
+    real_step = trainer.Trainer.train_step
+
+    def step(self, phase, steps):
+        record = real_step(self, phase, steps)
+        seen.append(record.losses.tolist())
+        return record
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    return seen
+
+
+@pytest.fixture
+def compiling(monkeypatch):
+    """`compiling["on"] = True` makes the next `learn` run its steps through
+    torch.compile(fullgraph=True) with AOTAutograd compiling the backward too (inductor's
+    code generation is a GPU's job); `compiling["calls"]` counts the compiled steps."""
+    import scenebreak.train.trainer as trainer
+    from scenebreak.train.compiling import prepare_dynamo
+
+    real_init = trainer.Trainer.__init__
+    state = {"on": False, "calls": 0}
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        if not state["on"]:
+            return
+        prepare_dynamo()  # the settings `--compile` uses
+        compiled = torch.compile(self.step_losses, fullgraph=True, dynamic=False, backend="aot_eager")
+
+        def losses(batch):
+            state["calls"] += 1
+            return compiled(batch)
+
+        self.losses_fn = losses
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    torch._dynamo.reset()
+    yield state
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_the_step_compiles_whole_and_gives_the_plain_steps_losses(family, compiling, monkeypatch, scene_files,
+                                                                   tiny_model, tmp_path):
+    from tinymodels import build_tiny_flux
+
+    model = build_tiny_flux(tmp_path / "flux") if family == "flux" else tiny_model
+    # SD: full tuning with checkpointing (the capture inside recomputed blocks); FLUX: its LoRA.
+    config = LearnConfig(steps1=1, steps2=1, num_class_images=1, seed=3,
+                         **({"tune": "lora"} if family == "flux" else {"tune": "full", "memory": "low"}))
+    losses = losses_of_each_step(monkeypatch)
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(model), name="plain", device="cpu")
+    plain = list(losses)
+    losses.clear()
+    compiling["on"] = True
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(model), name="compiled", device="cpu")
+    assert compiling["calls"] == 2  # each phase's step went through the compiled graph: no graph break raised
+    assert len(plain) == len(losses) == 2
+    for a, b in zip(plain, losses):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert any(row[3] > 0 for row in plain)  # the attention loss was in the graph
+
+
+def test_the_compile_key_names_torch_the_device_and_the_shapes(monkeypatch, tmp_path):
+    from scenebreak.device import Device
+    from scenebreak.train import compiling
+
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "home"))
+    cpu = Device("cpu", "cpu")
+    shapes = {"family": "SD 2.x", "latent": [4, 64], "prior": True}
+    key = compiling.compile_key(cpu, shapes)
+    assert key == compiling.compile_key(cpu, dict(shapes))  # stable
+    assert compiling.compile_key(cpu, {**shapes, "latent": [4, 128]}) != key
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert compiling.compile_key(cpu, shapes) != key
+    monkeypatch.undo()
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(compiling, "device_identity", lambda device: {"type": "cuda", "name": "NVIDIA H200",
+                                                                      "capability": [9, 0]})
+    gpu = compiling.compile_key(cpu, shapes)
+    monkeypatch.setattr(compiling, "device_identity", lambda device: {"type": "cuda", "name": "NVIDIA H100",
+                                                                      "capability": [9, 0]})
+    assert compiling.compile_key(cpu, shapes) not in (gpu, key)
+    assert compiling.artifacts_file(key) == tmp_path / "home" / "compile" / f"{key}.bin"
+
+
+def test_what_one_run_compiled_is_saved_under_its_key_and_loaded_by_the_next(monkeypatch, tmp_path):
+    """A real inductor compile on the CPU: the artifacts land in the cache folder under the
+    key, atomically; a fresh compiler state loads them; a damaged file is ignored."""
+    from scenebreak.device import Device
+    from scenebreak.train import compiling
+
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    key = compiling.compile_key(Device("cpu", "cpu"), {"test": 1})
+    assert not compiling.load_artifacts(key)  # nothing yet
+
+    def step(x):
+        return (x.sin() * 2 + 1).sum()
+
+    torch._dynamo.reset()
+    try:
+        compiled = compiling.compile_step(step)
+        import os
+
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "home" / "compile" / "inductor")
+        x = torch.randn(8)
+        assert torch.allclose(compiled(x), step(x))
+        path = compiling.save_artifacts(key)
+        assert path == compiling.artifacts_file(key) and path.stat().st_size > 0
+        assert [p.name for p in path.parent.iterdir() if p.is_file()] == [path.name]  # no temporary left
+        torch._dynamo.reset()
+        assert compiling.load_artifacts(key)
+        path.write_bytes(b"not artifacts")
+        assert not compiling.load_artifacts(key)  # compiles again instead
+    finally:
+        torch._dynamo.reset()
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
