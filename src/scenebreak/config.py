@@ -118,7 +118,9 @@ class LearnConfig:
     steps2: int = setting(400, "Phase 2 steps (handles + UNet + text encoder).", bounds=Bounds(0, MAX_STEPS))
     lr1: float = setting(5e-4, "Phase 1 learning rate.", bounds=LEARNING_RATE)
     lr2: float = setting(2e-6, "Phase 2 learning rate.", bounds=LEARNING_RATE)
-    lambda_attn: float = setting(0.01, "Weight of the cross-attention loss (0 turns it off).", bounds=WEIGHT)
+    lambda_attn: float | None = setting(
+        None, "Weight of the cross-attention loss (default: the family's: 0.01 on SD and SDXL as the paper, 0.1 on "
+        "FLUX.1; 0 turns it off).", bounds=WEIGHT)
     prior: bool = setting(True, "Prior preservation with class images (--no-prior: none).")
     prior_weight: float = setting(1.0, "Weight of the prior-preservation loss.", bounds=WEIGHT, cli=False)
     class_prompt: str = setting(DEFAULT_CLASS_PROMPT, "Prompt of the class images.")

@@ -33,6 +33,7 @@ def test_scene_has_handles_metadata_and_exact_vocabulary(learned, tiny_model):
     assert scene.meta["resolution"] == 64 and scene.meta["prediction_type"] == "epsilon"
     assert scene.meta["base_model"]["fingerprint"] and scene.meta["crop_box"] == [8, 0, 88, 80]
     assert scene.meta["config"]["steps1"] == 3 and set(scene.meta["losses"]) == {"phase1", "phase2"}
+    assert scene.meta["config"]["lambda_attn"] == 0.01  # the paper's, SD's default
     assert scene.masks.shape == (2, 64, 64) and scene.image.shape == (64, 64, 3)
     _, base_rows = _base(tiny_model)
     learned_rows = _tensor(learned.path, "*token_embedding.weight")

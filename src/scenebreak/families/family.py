@@ -115,6 +115,8 @@ class Family:
     # (text and image tokens in one attention, FLUX's); train/attention.py records each.
     attention_kind: ClassVar[str] = "cross"
     default_tune: ClassVar[str] = ""  # what --tune auto is on this family ("": the memory plan decides)
+    # The attention loss's weight unless --lambda-attn says: the paper's 0.01 on the UNet families.
+    lambda_attn: ClassVar[float] = 0.01
     lora_denoiser_targets: ClassVar[list[str]] = []  # the denoiser's modules LoRA adapts
     # The text encoders' LoRA targets: "*" for all, a folder's name for one that differs
     # ([] for one that gets none).

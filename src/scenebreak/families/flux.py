@@ -166,6 +166,10 @@ class Flux(Family):
     attention_kind: ClassVar[str] = "joint"
     classifier_free: ClassVar[bool] = False  # dev embeds its guidance; schnell needs none
     default_tune: ClassVar[str] = "lora"  # full tuning of 12B weights only when asked for
+    # Measured on the tiny FLUX (benchmarks/results/attention_iou-flux.md, docs/method.md):
+    # at the paper's 0.01 the loss barely moves the joint attention's maps within 400+400
+    # steps; at 0.1 every handle's map overlaps its own mask more than the other's.
+    lambda_attn: ClassVar[float] = 0.1
     lora_denoiser_targets: ClassVar[list[str]] = LORA_TARGETS
     lora_text_targets: ClassVar[dict[str, list[str]]] = {"*": CLIP_LORA_TARGETS, "text_encoder_2": []}
 

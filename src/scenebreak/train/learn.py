@@ -131,6 +131,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
     _check_room(resolved[0], config, out)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved)
+    if config.lambda_attn is None:  # the family's weight of the attention loss
+        config = dataclasses.replace(config, lambda_attn=components.family.lambda_attn)
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
                               config.steps2)
     state = checkpoints.load(report) if resume else None
@@ -264,7 +266,7 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     components = load_components(base_model, revision, resolved)
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
-    if config.lambda_attn > 0:
+    if config.lambda_attn != 0:  # (None: the family's, never 0)
         components.family.attention_layers(components.denoiser)  # the model has the loss's layers, or a clear error
     return components, resolution, prepare(image, masks, resolution, background=config.background)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -100,6 +100,8 @@ class Trainer:
     def __init__(self, components, inputs: TrainInputs, config: LearnConfig, device: Device, handle_tokens: list[str],
                  *, plan: MemoryPlan, amp_dtype):
         self.c = components
+        if config.lambda_attn is None:  # (learn settles it first; benchmarks may not)
+            config = replace(config, lambda_attn=components.family.lambda_attn)
         self.config = config
         self.plan = plan
         self.device = device
