@@ -22,6 +22,7 @@ BACKGROUND_TOKEN = "<background>"
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 MEMORY_POLICIES = ("auto", "fast", "low")
 TUNINGS = ("auto", "full", "lora")
+QUANTIZE_CHOICES = ("auto", "none", "nf4", "int8")
 SAVE_DTYPES = ("fp16", "fp32")
 # Samplers: DPM-Solver++ (2M) at 25 steps ends closer to the converged result than
 # DDIM at 50 (benchmarks/sampling_schedulers.py); DDIM 50 is the paper's exact setting.
@@ -155,6 +156,9 @@ class LearnConfig:
     lr_lora: float = setting(1e-4, "Phase-2 learning rate of the LoRA adapters (the handles keep --lr2).",
                              bounds=LEARNING_RATE)
     standalone: bool = setting(False, "LoRA tuning: bake the adapters into full weights, so the scene needs no base model.")
+    quantize: str = setting(
+        "auto", "LoRA tuning: hold the frozen base in 4 bits (nf4) or 8 bits (int8) with bitsandbytes, or none; auto: "
+        "nf4 on a GPU where --memory low would not fit otherwise.", choices=QUANTIZE_CHOICES)
     compile: bool = setting(False, "torch.compile the training step: faster steps on CUDA after a compile of a minute or "
                                    "two, kept in the cache folder for the next run.")
     save_dtype: str = setting("fp16", "Precision of the weights stored in the scene.", choices=SAVE_DTYPES)
@@ -181,6 +185,14 @@ class LearnConfig:
                 raise InvalidInput(f"unknown {name} {value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
         if self.standalone and self.tune == "full":
             raise InvalidInput("--standalone only applies to --tune lora or auto (full tuning is always standalone)")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise InvalidInput(f"unknown quantisation {self.quantize!r}: use {', '.join(QUANTIZE_CHOICES)}")
+        if self.quantize in ("nf4", "int8") and self.tune == "full":
+            raise InvalidInput(f"--quantize {self.quantize} holds the frozen base of LoRA tuning: full tuning trains "
+                               "every weight (use --tune lora)")
+        if self.quantize in ("nf4", "int8") and self.standalone:
+            raise InvalidInput(f"--quantize {self.quantize} cannot make a --standalone scene: the scene would bake the "
+                               "adapters into rounded base weights")
         for flag, values in (("--names", self.names), ("--init-words", self.init_words)):
             if values is not None and any(not str(v).strip("<> ") for v in values):
                 raise InvalidInput(f"{flag}: a value is empty")

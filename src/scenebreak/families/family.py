@@ -121,6 +121,9 @@ class Family:
     # The text encoders' LoRA targets: "*" for all, a folder's name for one that differs
     # ([] for one that gets none).
     lora_text_targets: ClassVar[dict[str, list[str]]] = {"*": CLIP_LORA_TARGETS}
+    # The denoiser's layers (name prefixes) that --quantize leaves in full precision: its
+    # input, output and conditioning projections, whose rounding every token would feel.
+    quantize_skip: ClassVar[tuple[str, ...]] = ()
 
     def attention_layers(self, model) -> list[str]:
         """Where the attention loss hooks in: the names of the attention processors whose

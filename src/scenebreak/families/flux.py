@@ -172,6 +172,8 @@ class Flux(Family):
     lambda_attn: ClassVar[float] = 0.1
     lora_denoiser_targets: ClassVar[list[str]] = LORA_TARGETS
     lora_text_targets: ClassVar[dict[str, list[str]]] = {"*": CLIP_LORA_TARGETS, "text_encoder_2": []}
+    quantize_skip: ClassVar[tuple[str, ...]] = ("x_embedder", "context_embedder", "time_text_embed", "norm_out",
+                                                "proj_out")
 
     @staticmethod
     def recognise(index: dict, denoiser: dict, text: dict, parts: set[str]) -> str | None:

@@ -74,6 +74,7 @@ class UNetFamily(Family):
     """A family whose denoiser is diffusers' UNet2DConditionModel."""
 
     denoiser: ClassVar[str] = "unet"
+    quantize_skip: ClassVar[tuple[str, ...]] = ("time_embedding", "add_embedding")
     samplers: ClassVar[tuple[str, ...]] = ("dpm", "ddim", "euler")
     lora_denoiser_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention
 

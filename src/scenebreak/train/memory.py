@@ -46,6 +46,8 @@ class MemoryPlan:
     tune: str = "full"  # full | lora: what phase 2 tunes (settles --tune auto)
     tune_reason: str = ""  # why --tune auto chose it
     half_frozen: bool = False  # never-trained weights live in the autocast precision (GPUs)
+    quantize: str = "none"  # none | nf4 | int8: the frozen base under LoRA (families/quantized.py)
+    quantize_reason: str = ""  # why auto chose it
 
     def describe(self) -> str:
         if self.policy == "fast":
@@ -58,7 +60,9 @@ class MemoryPlan:
             parts.append("8-bit AdamW")
         elif self.policy == "fast" and self.gradient_checkpointing:
             parts.append("gradient checkpointing")
-        if self.half_frozen:
+        if self.quantize != "none":
+            parts.append(f"frozen base in {self.quantize}" + (f", {self.quantize_reason}" if self.quantize_reason else ""))
+        elif self.half_frozen:
             parts.append("frozen weights in half precision")
         text = f"memory: {self.policy} ({', '.join(parts)}{'; ' + self.reason if self.reason else ''})"
         if self.tune_reason:
@@ -127,6 +131,8 @@ def choose_tuning(config: LearnConfig, components, device, resolution: int, amp_
         return config.tune, ""
     if resumed in ("full", "lora"):
         return resumed, "as in the run being resumed"
+    if config.quantize in ("nf4", "int8"):
+        return "lora", f"--quantize {config.quantize} holds a frozen base"
     family = components.family
     if family.default_tune:
         return family.default_tune, f"the usual on {family.name} (--tune full to tune every weight)"
@@ -174,6 +180,7 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
                             "--tune lora needs far less")
         if device.type == "cuda" and not eight_bit and config.tune == "full":
             warnings.append(f"8-bit AdamW would save about 40% more on this GPU: {BNB_HINT}")
+    quantize, quantize_reason = choose_quantization(config, components, device, resolution, half, low, warnings)
     # Frozen weights in half precision: on GPUs; on a CPU (bf16) only for LoRA with low
     # memory and adapters alone, where they stay frozen and no fp32 copy is needed (it
     # would wait in the same RAM).
@@ -189,4 +196,35 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
         tune=tune,
         tune_reason=tune_reason,
         half_frozen=half_frozen,
+        quantize=quantize,
+        quantize_reason=quantize_reason,
     )
+
+
+def choose_quantization(config: LearnConfig, components, device, resolution: int, half: bool, low: bool,
+                        warnings: list) -> tuple[str, str]:
+    """How the frozen base of LoRA is held (none, nf4, int8), and why: as asked; or,
+    with auto, NF4 on a GPU where LoRA with --memory low would not fit otherwise (and a
+    warning naming the install where bitsandbytes is missing)."""
+    from ..errors import SceneBreakError
+    from ..families.quantized import QUANTIZE_HINT, quantization_available
+
+    if config.tune != "lora" or config.quantize == "none":
+        return "none", ""
+    if config.quantize != "auto":
+        if not quantization_available():
+            raise SceneBreakError(f"--quantize {config.quantize} needs bitsandbytes: {QUANTIZE_HINT}")
+        return config.quantize, ""
+    if device.type != "cuda" or not low:
+        return "none", ""
+    need = phase2_bytes(components, config, resolution, half, low=True)
+    if half:  # the frozen weights under LoRA on a GPU wait in half precision: 2 bytes each, not 4
+        need -= 2 * sum(p.numel() for model in components.models() for p in model.parameters())
+    free = available_bytes(device)
+    if need <= 0.9 * free:
+        return "none", ""
+    if not quantization_available():
+        warnings.append(f"LoRA needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free: a base held in 4 bits "
+                        f"would fit, with {QUANTIZE_HINT}")
+        return "none", ""
+    return "nf4", f"LoRA in half precision needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"

@@ -113,6 +113,8 @@ class Trainer:
         dev = device.torch
 
         self.lora_params: list[torch.nn.Parameter] = []
+        if plan.quantize != "none":  # before the adapters wrap the layers and the move quantises them
+            self._quantize_base(plan.quantize)
         if config.tune == "lora":  # before the move, so the adapters follow the weights
             from ..families.lora import add_lora, lora_settings
 
@@ -228,6 +230,20 @@ class Trainer:
                 if ".lora_" not in name and id(param) not in handles:
                     yield f"{prefix}.{name}", param
 
+    def _quantize_base(self, kind: str) -> None:
+        """The frozen base of LoRA in `kind` (families/quantized.py): the denoiser's linear
+        layers but its input and output projections, and the text encoders that get no
+        adapters (FLUX's T5), whole; computed in the training precision."""
+        from ..families.lora import lora_settings, text_encoder_targets
+        from ..families.quantized import quantize_linear_layers
+
+        family, compute = self.c.family, self.amp_dtype or torch.float32
+        quantize_linear_layers(self.c.denoiser, kind, compute, skip=family.quantize_skip)
+        settings = lora_settings(self.config.rank, family)
+        for name, encoder in zip(family.text_encoders, self.c.text_encoders):
+            if not text_encoder_targets(settings, name):
+                quantize_linear_layers(encoder, kind, compute)
+
     def _cast_frozen_to_half(self) -> None:
         """Weights that do not train live in the autocast precision where the plan says
         so (on GPUs): the base model under LoRA, and everything but the handles in phase
@@ -247,6 +263,8 @@ class Trainer:
         keep = self.config.tune == "full" or self.config.standalone
         self._fp32_master = {}
         for name, param in self._frozen_params():
+            if not param.is_floating_point():  # held quantised (--quantize): packed, never cast
+                continue
             if keep:
                 self._fp32_master[name] = param.data.to("cpu", copy=True)
             param.data = param.data.to(self.amp_dtype)

@@ -1,0 +1,103 @@
+"""The frozen base held quantised under LoRA (`learn --quantize nf4|int8`, QLoRA's way).
+
+Under LoRA the base model's weights never change: only the adapters and the handle rows
+train. Their linear layers can then wait in 4 bits (bitsandbytes' NF4, about a quarter
+of bf16's memory) or 8 bits (LLM.int8()), dequantised block by block as each one runs,
+while the adapters beside them stay full precision. FLUX.1's 12B transformer goes from
+24 GB in bf16 to about 7 GB in NF4, and T5-XXL from 9.5 GB to 2.7 GB, which is what lets
+`learn` on FLUX at 1024 fit a 24 GB card with `--memory low`. The gradient still flows
+through a quantised layer to what is before it (T5's handle rows, the adapters of
+earlier blocks).
+
+What is quantised: every linear layer of the denoiser but its input and output
+projections (`Family.quantize_skip`: the few layers whose rounding every token
+feels), and the text encoders that get no adapters (FLUX's T5), whole. The scene holds
+the adapters, made against the quantised base: they are applied to the full-precision
+base when sampling, as QLoRA's are. bitsandbytes runs these layers on CUDA and, from
+0.48, on the CPU.
+"""
+
+from __future__ import annotations
+
+QUANTIZE_HINT = "pipx inject scenebreak bitsandbytes (or pip install 'scenebreak[quantize]')"
+KINDS = ("nf4", "int8")
+
+
+def quantization_available() -> bool:
+    """bitsandbytes installed (found, not imported: importing it is slow and chatty)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported without its chatter: on CPUs with bf16 instructions it
+    tries to fetch an optional kernel from the hub and logs a warning when it cannot
+    (always, offline), though its own kernels serve."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        log.setLevel(level)
+    return bitsandbytes
+
+
+def _quantized_linear(linear, kind: str, compute_dtype):
+    import torch
+
+    bnb = import_bitsandbytes()
+
+    bias = linear.bias is not None
+    if kind == "nf4":
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, quant_type="nf4",
+                                  compute_dtype=compute_dtype, device="meta")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                    device="meta")
+        layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+    if bias:
+        layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer
+
+
+def _quiet_int8_casts() -> None:
+    """LLM.int8() logs a warning at every matrix product whose input is not fp16 (under
+    bf16 autocast: all of them); the cast is its documented way, so it is not news."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(getattr(f, "scenebreak", False) for f in log.filters):
+        def keep(record) -> bool:
+            return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+        keep.scenebreak = True
+        log.addFilter(keep)
+
+
+def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...] = ()) -> int:
+    """Replace the model's linear layers (but those whose name starts with one of
+    `skip`) by bitsandbytes' `kind` layers holding the same weights; they are
+    quantised when the model moves to its device. Returns how many were replaced."""
+    import torch
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantisation {kind!r}")
+    if kind == "int8":
+        _quiet_int8_casts()
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is torch.nn.Linear and not name.startswith(skip)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quantized_linear(linear, kind, compute_dtype))
+    return len(targets)
+
+
+def is_quantized(param) -> bool:
+    """A weight bitsandbytes holds packed (not a float tensor to cast or copy)."""
+    return not param.is_floating_point()

@@ -1,0 +1,109 @@
+"""`learn --quantize nf4|int8`: the frozen base of LoRA held in 4 or 8 bits
+(families/quantized.py), on the tiny FLUX: what is quantised, that the adapters and both
+handle tables still train through it, that a run resumes; what the memory plan picks with
+auto; and the one-line refusals. bitsandbytes runs these layers on the CPU too (>= 0.48);
+the tests install it (`scenebreak[test]`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from scenebreak import LearnConfig, learn, load_scene
+from scenebreak.errors import InvalidInput, SceneBreakError
+
+bnb = pytest.importorskip("bitsandbytes", reason="the quantised layers are bitsandbytes' (pip install 'scenebreak[test]')")
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    from tinymodels import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "dev")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_quantised_base_trains_the_adapters_and_both_handle_tables(kind, flux, scene_files, monkeypatch):
+    import scenebreak.train.trainer as trainer
+
+    seen = {}
+    real_init = trainer.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen["trainer"] = self
+        blocks = self.c.denoiser.transformer_blocks[0]
+        seen["to_q"] = type(blocks.attn.to_q.base_layer).__name__  # wrapped by its adapter
+        seen["t5"] = {type(m).__name__ for m in self.c.text_encoders[1].modules() if "Linear" in type(m).__name__}
+        seen["clip"] = {type(m).__name__ for m in self.c.text_encoders[0].modules() if "Linear" in type(m).__name__}
+        seen["proj_out"] = type(self.c.denoiser.proj_out).__name__
+        seen["t5_rows"] = self.embeddings[1].handles.detach().clone()
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    result = learn(scene_files["image"], scene_files["masks"],
+                   LearnConfig(steps1=2, steps2=2, num_class_images=1, quantize=kind), base_model=str(flux), name=kind)
+    expected = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[kind]
+    assert seen["to_q"] == expected
+    assert seen["t5"] == {expected}  # T5 gets no adapters: all of it quantised
+    assert "Linear4bit" not in seen["clip"] and "Linear8bitLt" not in seen["clip"]  # CLIP has adapters: kept
+    assert seen["proj_out"] == "Linear"  # the output projection every token goes through stays exact
+    scene = load_scene(result.path, weights=True)
+    assert scene.meta["memory"]["quantize"] == kind and scene.meta["tuning"] == "lora"
+    assert set(scene.weights) == {"transformer_lora", "text_encoder_lora"}
+    ups = [v for k, v in scene.weights["transformer_lora"].items() if "lora_B" in k]
+    assert ups and any(v.abs().sum() > 0 for v in ups)  # the adapters learned through the quantised layers
+    assert not torch.equal(scene.embeddings_2.float(), seen["t5_rows"].float())  # and T5's handle rows did too
+    assert all(torch.isfinite(torch.tensor(v)) for phase in result.losses.values() for v in phase.values())
+
+
+def test_a_quantised_run_resumes_after_a_kill(flux, scene_files):
+    from conftest import Killed, kill_at
+
+    config = LearnConfig(steps1=2, steps2=2, num_class_images=1, quantize="nf4", checkpoint_every=1)
+    with pytest.raises(Killed):
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux), name="killed",
+              report=kill_at(2, 1))
+    resumed = learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux), name="killed", resume=True)
+    assert resumed.resumed and load_scene(resumed.path).meta["memory"]["quantize"] == "nf4"
+
+
+def test_auto_quantises_on_a_gpu_where_lora_would_not_fit(flux, monkeypatch):
+    from scenebreak.device import Device
+    from scenebreak.families.base_model import load_components
+    from scenebreak.families import quantized
+    from scenebreak.train import memory
+
+    components, cuda = load_components(str(flux)), Device(type="cuda", name="cuda")
+    config = LearnConfig(tune="lora", memory="low")
+    need = memory.phase2_bytes(components, config, 64, True, low=True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need * 10)
+    assert memory.choose(config, components, cuda, 64, torch.bfloat16).quantize == "none"  # it fits: nothing rounded
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need // 10)
+    plan = memory.choose(config, components, cuda, 64, torch.bfloat16)
+    assert plan.quantize == "nf4" and "frozen base in nf4, LoRA in half precision needs about" in plan.describe()
+    assert memory.choose(LearnConfig(tune="lora", memory="low", quantize="none"), components, cuda, 64,
+                         torch.bfloat16).quantize == "none"  # never when told not to
+    assert memory.choose(config, components, Device("cpu", "cpu"), 64, None).quantize == "none"  # auto: GPUs only
+    monkeypatch.setattr(quantized, "quantization_available", lambda: False)
+    plan = memory.choose(config, components, cuda, 64, torch.bfloat16)
+    assert plan.quantize == "none" and any("pip install 'scenebreak[quantize]'" in w for w in plan.warnings)
+    # Asked for: --tune auto becomes LoRA (the base must be frozen), and a missing library is exit 1 with the fix.
+    with pytest.raises(SceneBreakError, match=r"bitsandbytes: pipx inject scenebreak bitsandbytes"):
+        memory.choose(LearnConfig(quantize="nf4"), components, cuda, 64, torch.bfloat16)
+
+
+def test_quantising_what_cannot_be_quantised_is_refused_in_one_line(tiny_model, scene_files):
+    from scenebreak.cli.commands import cli
+
+    with pytest.raises(InvalidInput, match="full tuning trains every weight"):
+        LearnConfig(quantize="nf4", tune="full").validate(2)
+    with pytest.raises(InvalidInput, match="cannot make a --standalone scene"):
+        LearnConfig(quantize="int8", standalone=True).validate(2)
+    args = ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]), "--base-model",
+            str(tiny_model)]
+    result = CliRunner().invoke(cli, args + ["--quantize", "nf4", "--tune", "full"])
+    assert result.exit_code == 2 and "full tuning trains every weight" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = CliRunner().invoke(cli, args + ["--quantize", "fp3"])
+    assert result.exit_code == 2
