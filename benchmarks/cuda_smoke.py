@@ -23,6 +23,8 @@ Variants (each guarded on its own: one that fails logs its traceback and the nex
                                                     picks it, with --memory low, with fp16 loss scaling
   flux-full-low                                     full tuning with --memory low (8-bit AdamW inside the
                                                     backward pass on CUDA)
+  flux-lora-nf4                                     LoRA with --memory low and the frozen base in NF4
+                                                    (--quantize nf4, bitsandbytes)
   flux-resume                                       killed in phase 2, resumed: the same handles (CLIP and
                                                     T5 rows) and adapters as an uninterrupted run
   flux-sampling                                     generate with the flow sampler at every precision,
@@ -86,6 +88,7 @@ VARIANTS = {
     "flux-lora-low": ("learn-flux", dict(memory="low"), set()),
     "flux-fp16": ("learn-flux", dict(mixed_precision="fp16"), {"cuda"}),
     "flux-full-low": ("learn-flux", dict(tune="full", memory="low"), set()),
+    "flux-lora-nf4": ("learn-flux", dict(memory="low", quantize="nf4"), set()),  # the frozen base in 4 bits
     "flux-resume": ("resume-flux", dict(memory="fast"), set()),
     "flux-sampling": ("sampling-flux", dict(memory="fast", background=True), set()),  # extract-bg needs <background>
 }

@@ -142,6 +142,7 @@ VARIANTS = {
     "scenebreak LoRA": {"tune": "lora"},
     "scenebreak LoRA low-memory": {"tune": "lora", "memory": "low"},
     "scenebreak LoRA fast": {"tune": "lora", "memory": "fast"},  # auto picks low for FLUX even on 141 GB
+    "scenebreak LoRA low-memory nf4": {"tune": "lora", "memory": "low", "quantize": "nf4"},  # the 24 GB plan
     "scenebreak defaults": {},  # --memory auto --tune auto: what a user gets
     "original-style": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
 }
@@ -168,9 +169,10 @@ ROWS = [(1, "scenebreak"), (1, "scenebreak fp32"), (1, "original-style"),
 SDXL_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA"), (2, "scenebreak LoRA low-memory"), ("generate", "scenebreak")]
 
 # FLUX.1 as a user gets it: LoRA, its usual tuning (full tuning of 12 billion weights only
-# when asked for), fast and low-memory; and generation one image per call at dev's 28 steps.
+# when asked for), fast, low-memory, and low-memory with the base in NF4 (what --quantize
+# auto picks on a 24 GB card); and generation one image per call at dev's 28 steps.
 FLUX_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA fast"), (2, "scenebreak LoRA low-memory"),
-             ("generate", "one image per call")]
+             (2, "scenebreak LoRA low-memory nf4"), ("generate", "one image per call")]
 FLUX_DEPTH = 19  # FLUX.1's double-stream blocks (and twice as many single-stream ones)
 GiB = 2**30
 
