@@ -500,6 +500,49 @@ def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **s
         click.echo(f"preview: {result.preview}", err=True)
 
 
+@cli.command(name="ui")
+@click.argument("photo", required=False, type=click.Path(dir_okay=False))
+@click.option("--port", type=Bounded(int, Bounds(0, 65535)), default=0, help="Port to listen on (default: a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Any other than localhost lets the network reach the page (with its token).")
+@click.option("--no-browser", is_flag=True, help="Print the URL only; do not open a browser.")
+@click.option("--out-dir", type=click.Path(file_okay=False),
+              help="Where masks and images go (default: beside PHOTO); the page may use this folder too.")
+@click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Learn's base model, as in learn (the page can change it).")
+@config_options(MaskConfig, exclude=("group", "max_masks"))
+@device_option
+@quiet_option
+@handle_errors
+def ui_command(photo, port, host, no_browser, out_dir, base_model, device, quiet, **settings):
+    """A local web page to make masks by clicking, learn and generate; prints its URL
+    (with a one-time token) and serves until Ctrl-C. The page uses only PHOTO's
+    folder (else the current one), --out-dir and the scene cache.
+
+    \b
+    Example:
+      scenebreak ui photo.jpg
+      scenebreak ui photo.jpg --no-browser --port 8765
+    """
+    from ..ui.server import LOCAL_HOSTS, serve
+
+    if host not in LOCAL_HOSTS:
+        click.echo(f"warning: listening on {host}: whoever reaches it with the URL's token can read the photo's folder "
+                   "and use this machine's GPU", err=True)
+
+    def ready(url):
+        click.echo(url)
+        if not quiet:
+            click.echo("open that URL in a browser (it carries the token); Ctrl-C stops the server", err=True)
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    with_reporter(quiet, lambda report: serve(photo, host=host, port=port, on_ready=ready, out_dir=out_dir,
+                                              mask_config=make_config(MaskConfig, settings), base_model=base_model,
+                                              device=device, report=report))
+
+
 @cli.command(name="evaluate", cls=MultiValueCommand)
 @click.argument("scene", shell_complete=complete_scene)
 @config_options(EvaluateConfig)

@@ -1,0 +1,150 @@
+"""The page's HTTP API (`scenebreak ui`) on the tiny segmentation and SD models: the
+token, the allowed folders, the masks equal to `scenebreak mask`'s, the command line's
+one-line errors, and learn and generate with their progress streamed."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from scenebreak.cli.commands import cli
+
+
+def png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def file_array(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def open_photo(ui, photo) -> list[dict]:
+    ui.ok("/api/open", {"path": str(photo)})
+    records = ui.wait()
+    assert records[-1]["state"] == "done", records[-1]
+    return records
+
+
+def cli_masks(photo, out_dir, models, *args) -> list:
+    detector, segmenter = models
+    result = CliRunner().invoke(cli, ["mask", str(photo), "--out-dir", str(out_dir), "--detector", str(detector),
+                                      "--segmenter", str(segmenter), "--threshold", "0", "-q", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return [file_array(line) for line in result.stdout.splitlines()]
+
+
+def test_the_token_is_needed_on_every_request(ui):
+    for path in ("/", "/api/state", "/static/app.js", "/api/scenes", "/api/events"):
+        status, body, _ = ui.call(path, token=False)
+        assert status == 403 and b"no valid token" in body, (path, status)
+    status, body, _ = ui.call("/api/state", token=False, headers={"X-Scenebreak-Token": "guess"})
+    assert status == 403
+    status, body = ui.json("/api/open", {"path": "photo.png"}, token=False)
+    assert status == 403 and ui.server.app.job is None  # refused before anything ran
+    # The printed URL carries it: the page, its script and style load with it, and the page passes it on.
+    status, page, headers = ui.call("/?token=" + ui.server.token, token=False)
+    assert status == 200 and ui.server.token.encode() in page and "default-src 'self'" in headers["Content-Security-Policy"]
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert ui.call(f"{asset}?token={ui.server.token}", token=False)[0] == 200
+    # A name that points at 127.0.0.1 from someone else's page is refused, token or not.
+    status, body, _ = ui.call("/api/state", headers={"Host": f"evil.example:{ui.server.server_address[1]}"})
+    assert status == 403 and b"evil.example" in body
+
+
+def test_paths_outside_the_allowed_folders_are_refused(ui, scene_files, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    folder = scene_files["image"].parent
+    os.symlink(secret, folder / "link.png")  # a link inside that leads outside
+    for path in (secret, "../outside/secret.png", "link.png", "/etc/passwd"):
+        status, data = ui.json(f"/api/file?path={path}")
+        assert status == 403 and "outside the folders" in data["error"], (path, data)
+        status, data = ui.json("/api/open", {"path": str(path)})
+        assert status == 403, (path, data)
+    # Inside: the photo itself, by name or path; never a file that is not an image.
+    assert ui.call(f"/api/file?path=photo.png")[0] == 200
+    (folder / "notes.txt").write_text("hello")
+    status, data = ui.json("/api/file?path=notes.txt")
+    assert status == 400 and "not an image" in data["error"]
+    open_photo(ui, scene_files["image"])
+    ui.ok("/api/mask", {"id": "a", "points": [[20, 20]]})
+    status, data = ui.json("/api/save", {"objects": [{"id": "a", "name": "red"}], "out_dir": str(outside)})
+    assert status == 403 and not list(outside.glob("*.mask*"))
+    status, data = ui.json("/api/learn", {"masks": [str(secret)]})
+    assert status == 403
+
+
+def test_a_click_gives_the_mask_that_mask_point_gives(ui, scene_files, tiny_segmentation, tmp_path):
+    photo = scene_files["image"]
+    records = open_photo(ui, photo)
+    # The embedding's progress came through the stream, from the library's own records.
+    assert {"type": "progress", "task": "embedding the photo", "completed": 1, "total": 1} in \
+        [{k: r.get(k) for k in ("type", "task", "completed", "total")} for r in records]
+    state = ui.ok("/api/state")
+    assert state["ready"] and state["size"] == [96, 80]
+
+    one = ui.ok("/api/mask", {"id": "1", "points": [[20, 20]]})
+    two = ui.ok("/api/mask", {"id": "2", "points": [[60, 50], [70, 60]], "labels": [1, 1]})
+    box = ui.ok("/api/mask", {"id": "3", "box": [52, 42, 84, 74]})
+    for answer in (one, two, box):
+        mask = png_array(base64.b64decode(answer["png"]))
+        assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255} and (mask > 0).sum() == answer["area"] > 0
+    run = ui.ok("/api/save", {"objects": [{"id": "1", "name": "red"}, {"id": "2", "name": "blue"}, {"id": "3", "name": "boxed"}]})
+    assert [os.path.basename(m["path"]) for m in run["masks"]] == ["photo.mask1.png", "photo.mask2.png", "photo.mask3.png"]
+    assert [m["label"] for m in run["masks"]] == ["red", "blue", "boxed"]
+    assert os.path.dirname(run["masks"][0]["path"]) == str(photo.parent.resolve()) and os.path.exists(run["preview"])
+    saved = [file_array(m["path"]) for m in run["masks"]]
+    assert not np.array_equal(saved[0], saved[2])  # different prompts, different masks: the comparisons below mean something
+    # The same clicks and box on the command line give the same pixels.
+    assert np.array_equal(saved[0], cli_masks(photo, tmp_path / "a", tiny_segmentation, "--point", "20,20")[0])
+    assert np.array_equal(saved[1], cli_masks(photo, tmp_path / "b", tiny_segmentation, "--point", "60,50",
+                                              "--point", "70,60", "--group")[0])
+    assert np.array_equal(saved[2], cli_masks(photo, tmp_path / "c", tiny_segmentation, "--box", "52,42,84,74")[0])
+    assert np.array_equal(png_array(base64.b64decode(one["png"])), saved[0])
+    # A click beside the object changes the prompt SAM sees (no counterpart on the command line).
+    beside = ui.ok("/api/mask", {"id": "1", "points": [[20, 20], [40, 36]], "labels": [1, 0]})
+    assert beside["area"] > 0
+    # Words go through the detector, as `mask -p` does.
+    words = ui.ok("/api/mask", {"id": "4", "words": "red square"})
+    assert np.array_equal(png_array(base64.b64decode(words["png"])) > 0,
+                          cli_masks(photo, tmp_path / "d", tiny_segmentation, "-p", "red square")[0] > 0)
+    # Saving elsewhere: into --out-dir-like folders under the allowed roots (here a subfolder of the photo's).
+    run = ui.ok("/api/save", {"objects": [{"id": "3", "name": "only"}], "out_dir": "masks"})
+    assert run["masks"][0]["path"] == str(photo.parent.resolve() / "masks" / "photo.mask1.png")
+
+
+def test_bad_input_gets_the_command_lines_one_line(ui, scene_files):
+    status, data = ui.json("/api/mask", {"id": "1", "points": [[20, 20]]})
+    assert status == 400 and data == {"error": "open a photo first"}
+    open_photo(ui, scene_files["image"])
+    cases = [
+        ("/api/mask", {"points": [[500, 20]]}, "point 500,20 is outside the image (96x80; X in 0..95, Y in 0..79)"),
+        ("/api/mask", {"box": [30, 2, 1, 40]}, "must be X0,Y0,X1,Y1 with X0 < X1"),
+        ("/api/mask", {"points": [[20, 20]], "labels": [0]}, "nothing to segment"),
+        ("/api/save", {"objects": [{"id": "nope"}]}, "has no mask yet"),
+        ("/api/learn", {"masks": ["red.png"], "settings": {"steps1": "-1"}}, "--steps1 must be at least 0"),
+        ("/api/learn", {"masks": ["red.png"], "settings": {"steps1": "many"}}, "--steps1 'many' is not a valid integer"),
+        ("/api/learn", {"masks": ["red.png"], "settings": {"warp": 1}}, "unknown setting 'warp'"),
+        ("/api/generate", {"scene": "nothing-here", "prompt": "<asset1>"}, "nothing-here"),
+        ("/api/cancel", {}, "nothing is running"),
+    ]
+    for path, body, message in cases:
+        status, data = ui.json(path, body)
+        assert status == 400 and "\n" not in data["error"], (path, data)
+        if message:
+            assert message in data["error"], (path, data)
+    assert ui.ok("/api/state")["job"]["kind"] == "photo"  # none of them started a job
+    status, body, _ = ui.call("/api/open", raw=b"not json")
+    assert status == 400 and b"not JSON" in body
+    status, data = ui.json("/api/upload?name=x.png", raw=b"not a picture")
+    assert status == 400 and "cannot be read as an image" in data["error"]
+    status, data = ui.json("/api/upload?name=x.exe", raw=b"MZ")
+    assert status == 400 and "not a PNG, JPEG or WebP" in data["error"]
