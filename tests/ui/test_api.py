@@ -148,3 +148,36 @@ def test_bad_input_gets_the_command_lines_one_line(ui, scene_files):
     assert status == 400 and "cannot be read as an image" in data["error"]
     status, data = ui.json("/api/upload?name=x.exe", raw=b"MZ")
     assert status == 400 and "not a PNG, JPEG or WebP" in data["error"]
+
+
+def test_learn_streams_its_progress_is_cancellable_and_resumes_then_generate(ui, scene_files):
+    photo = scene_files["image"]
+    open_photo(ui, photo)
+    ui.ok("/api/mask", {"id": "1", "points": [[20, 20]]})
+    ui.ok("/api/mask", {"id": "2", "box": [52, 42, 84, 74]})
+    masks = [m["path"] for m in ui.ok("/api/save", {"objects": [{"id": "1"}, {"id": "2"}]})["masks"]]
+    settings = {"steps1": "2", "steps2": "2", "prior": False, "names": "red blue"}
+    # Cancelled at once: learn stops after its first step with a checkpoint, as on Ctrl-C.
+    job = ui.ok("/api/learn", {"masks": masks, "settings": settings, "name": "photo"})
+    assert job["kind"] == "learn" and job["cancellable"]
+    ui.ok("/api/cancel", {})
+    records = ui.wait()
+    assert records[-1]["state"] == "cancelled" and "--resume" in records[-1]["error"], records[-1]
+    # Resumed: it goes on from there and writes the scene; the progress is the CLI's records.
+    job = ui.ok("/api/learn", {"masks": masks, "settings": settings, "name": "photo", "resume": True})
+    status, data = ui.json("/api/learn", {"masks": masks, "settings": settings, "name": "photo"})
+    assert status == 409 and "learn is still running" in data["error"]  # one at a time, as one learn per scene
+    records = ui.wait()
+    state = records[-1]
+    assert state["state"] == "done" and state["result"]["resumed"] and state["result"]["handles"] == ["<red>", "<blue>"]
+    progress = [(r["task"], r["completed"], r["total"]) for r in records if r["type"] == "progress"]
+    assert ("phase 2", 2, 2) in progress and all(isinstance(r.get("info", {}).get("loss", 0.0), float)
+                                                  for r in records if r["type"] == "progress")
+    assert [s["name"] for s in ui.ok("/api/scenes")["scenes"]] == ["photo"]
+
+    result = ui.finish("/api/generate", {"scene": "photo", "prompt": "a photo of <red>",
+                                         "settings": {"steps": "2", "seed": "3"}})
+    image = result["images"][0]
+    assert image["seed"] == 3 and os.path.dirname(image["path"]) == str(photo.parent.resolve())
+    status, data, headers = ui.call(f"/api/file?path={image['path']}")
+    assert status == 200 and headers["Content-Type"] == "image/png" and Image.open(io.BytesIO(data)).size[0] > 0

@@ -86,6 +86,7 @@ function watch(job) {
       $("job-text").textContent = `${record.task} ${record.completed}/${record.total}${loss}`;
       $("job-bar").max = Math.max(1, record.total);
       $("job-bar").value = record.completed;
+      if (record.completed === record.total) log(`${record.task}: ${record.completed}/${record.total}${loss}`);
     } else if (record.type === "message") {
       log(record.text, record.level);
     } else if (record.type === "state") {
