@@ -181,3 +181,31 @@ def test_learn_streams_its_progress_is_cancellable_and_resumes_then_generate(ui,
     assert image["seed"] == 3 and os.path.dirname(image["path"]) == str(photo.parent.resolve())
     status, data, headers = ui.call(f"/api/file?path={image['path']}")
     assert status == 200 and headers["Content-Type"] == "image/png" and Image.open(io.BytesIO(data)).size[0] > 0
+
+
+def test_uploads_are_bounded_and_land_in_the_photos_folder(ui, scene_files):
+    import http.client
+
+    folder = scene_files["image"].parent
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(picture, format="PNG")
+    ui.ok("/api/upload?name=../../up%20load.png", raw=picture.getvalue())
+    assert ui.wait()[-1]["state"] == "done"
+    state = ui.ok("/api/state")
+    assert state["photo"] == str(folder.resolve() / "up-load.png") and state["size"] == [40, 30]  # its name, in the folder
+    other = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 10, 200)).save(other, format="PNG")
+    ui.ok("/api/upload?name=up%20load.png", raw=other.getvalue())
+    assert ui.wait()[-1]["result"]["photo"] == str(folder.resolve() / "up-load-2.png")  # never over another file
+    assert (folder / "up-load.png").read_bytes() == picture.getvalue()
+    # A body over the limit is refused from its Content-Length, before it is read.
+    host, port = ui.server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.putrequest("POST", "/api/upload?name=big.png")
+    connection.putheader("X-Scenebreak-Token", ui.server.token)
+    connection.putheader("Content-Length", str(65 << 20))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and b"over 64 MB" in response.read()
+    connection.close()
+    assert not (folder / "big.png").exists()

@@ -39,7 +39,7 @@ function log(text, level) {
   item.textContent = text;
   if (level === "warning") item.className = "warning";
   $("log").append(item);
-  item.scrollIntoView({ block: "nearest" });
+  $("log").scrollTop = $("log").scrollHeight;  // the newest line in view, without scrolling the page
 }
 
 // Run an action; its one-line error (the command line's) shows at the top.
@@ -171,17 +171,18 @@ function renderObjects() {
     name.value = object.name;
     name.setAttribute("aria-label", `Name of object ${index + 1}`);
     name.onchange = () => { object.name = name.value.trim() || object.name; };
-    name.onfocus = () => { if (page.current !== index) { page.current = index; renderObjects(); draw(); } };
+    name.onfocus = () => select(index);
     const words = document.createElement("input");
     words.type = "text";
     words.placeholder = "or describe it in words";
     words.value = object.words;
     words.setAttribute("aria-label", `Words for object ${index + 1}`);
     words.onkeydown = (event) => { if (event.key === "Enter") find(); };
+    words.onfocus = () => select(index);
     const find = act(async () => {
       object.words = words.value.trim();
       object.points = []; object.labels = []; object.box = null;
-      page.current = index;
+      select(index);
       await requestMask(object);
     });
     const tools = document.createElement("div");
@@ -192,7 +193,7 @@ function renderObjects() {
       b.onclick = fn;
       tools.append(b);
     };
-    button("Select", `Select object ${index + 1} for clicks`, () => { page.current = index; renderObjects(); draw(); $("canvas").focus(); });
+    button("Select", `Select object ${index + 1} for clicks`, () => { select(index); $("canvas").focus(); });
     button("Find", `Find object ${index + 1} from its words`, find);
     button("↑", `Move object ${index + 1} up`, () => move(index, -1));
     button("↓", `Move object ${index + 1} down`, () => move(index, 1));
@@ -209,6 +210,13 @@ function renderObjects() {
     item.append(name, words, tools, facts);
     list.append(item);
   });
+}
+
+// Make object `index` the one clicks go to, without rebuilding the list (focus stays where it is).
+function select(index) {
+  page.current = index;
+  [...$("objects").children].forEach((item, i) => item.classList.toggle("current", i === index));
+  draw();
 }
 
 function move(index, step) {
