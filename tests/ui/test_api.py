@@ -109,9 +109,10 @@ def test_a_click_gives_the_mask_that_mask_point_gives(ui, scene_files, tiny_segm
                                               "--point", "70,60", "--group")[0])
     assert np.array_equal(saved[2], cli_masks(photo, tmp_path / "c", tiny_segmentation, "--box", "52,42,84,74")[0])
     assert np.array_equal(png_array(base64.b64decode(one["png"])), saved[0])
-    # A click beside the object changes the prompt SAM sees (no counterpart on the command line).
-    beside = ui.ok("/api/mask", {"id": "1", "points": [[20, 20], [40, 36]], "labels": [1, 0]})
-    assert beside["area"] > 0
+    # A click beside the object is --exclude.
+    beside = ui.ok("/api/mask", {"id": "1", "points": [[20, 20], [60, 50], [40, 36]], "labels": [1, 1, 0]})
+    assert np.array_equal(png_array(base64.b64decode(beside["png"])), cli_masks(
+        photo, tmp_path / "e", tiny_segmentation, "--point", "20,20", "--point", "60,50", "--exclude", "40,36", "--group")[0])
     # Words go through the detector, as `mask -p` does.
     words = ui.ok("/api/mask", {"id": "4", "words": "red square"})
     assert np.array_equal(png_array(base64.b64decode(words["png"])) > 0,

@@ -465,6 +465,8 @@ def _parse_box(text):
               help="A box around an object, in image pixels (repeatable): one mask per box.")
 @click.option("--point", "points", multiple=True, metavar="X,Y", callback=_parsed(_parse_point),
               help="A click on an object, in image pixels (repeatable): one mask per point, or one for all with --group.")
+@click.option("--exclude", "excludes", multiple=True, metavar="X,Y", callback=_parsed(_parse_point),
+              help="A click beside the object of the --point clicks (repeatable; several clicks need --group): its mask leaves it out.")
 @click.option("--auto", is_flag=True, help="No prompt needed: the largest distinct segments of the whole image.")
 @config_options(MaskConfig)
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the masks (default: beside IMAGE).")
@@ -472,7 +474,7 @@ def _parse_box(text):
 @quiet_option
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (paths, labels, scores, boxes, areas) instead of paths.")
 @handle_errors
-def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **settings):
+def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, quiet, json_, **settings):
     """Make one mask per object in IMAGE, ready for `learn`: from text prompts
     (a detector finds the object, Segment Anything outlines it), boxes, clicks,
     or --auto. Writes STEM.mask1.png ... and STEM.masks-preview.png (STEM: the
@@ -490,7 +492,8 @@ def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **s
 
     config = make_config(MaskConfig, settings)
     result = with_reporter(quiet, lambda report: make_masks(image, prompts=prompts, points=points, boxes=boxes, auto=auto,
-                                                            config=config, out_dir=out_dir, report=report))
+                                                            config=config, out_dir=out_dir, report=report,
+                                                            excludes=excludes))
     if json_:
         emit_json(result.to_dict())
         return

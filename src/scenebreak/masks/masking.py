@@ -106,10 +106,11 @@ def check_writable(folder: Path) -> None:
 # -- the whole command -----------------------------------------------------------------------------
 
 def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, config: MaskConfig | None = None,
-               out_dir=None, report: Reporter = silent) -> MaskRun:
+               out_dir=None, report: Reporter = silent, excludes=()) -> MaskRun:
     """Make, clean and write one mask per prompt, box and point (or group of points)
-    and, with `auto`, the largest distinct segments; in that order. Everything is
-    checked before the first file is written."""
+    and, with `auto`, the largest distinct segments; in that order. `excludes` are
+    clicks beside the object of the points (one point, or a group): its mask leaves
+    them out. Everything is checked before the first file is written."""
     from ..device import choose_device
     from ..images import load_image
     from ..hub import quiet_libraries
@@ -122,13 +123,18 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     # "X,Y" strings (as on the command line) or number pairs/quadruples.
     points = [parse_point(p) if isinstance(p, str) else tuple(map(float, p)) for p in points]
     boxes = [parse_box(b) if isinstance(b, str) else parse_box(",".join(map(str, b))) for b in boxes]
+    excludes = [parse_point(p) if isinstance(p, str) else tuple(map(float, p)) for p in excludes]
+    if excludes and not points:
+        raise InvalidInput("--exclude X,Y leaves a spot out of the mask of --point clicks: click on the object with --point too")
+    if excludes and len(points) > 1 and not config.group:
+        raise InvalidInput("--exclude belongs to one object's clicks: add --group so that the --point clicks make one mask")
     if not (prompts or points or boxes or auto):
         raise InvalidInput("nothing to segment: give --prompt TEXT, --point X,Y, --box X0,Y0,X1,Y1 or --auto")
     asked = len(prompts) + len(boxes) + (min(1, len(points)) if config.group else len(points))
     check_count(asked, auto, config.max_masks)
     image_path = Path(image_path)
     image = load_image(image_path)
-    check_inside(points, boxes, image.size)
+    check_inside(points + excludes, boxes, image.size)
     out_dir = Path(out_dir) if out_dir is not None else image_path.parent
     check_writable(out_dir)
     check_outputs(output_paths(image_path, out_dir, asked + (1 if auto else 0)))  # --auto makes one or more
@@ -166,7 +172,8 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
             raw.append((f"box {i}", "box", score, mask))
         tick()
     if points:
-        made = segmenter.from_points(points, together=config.group)
+        made = ([segmenter.from_clicks(points + excludes, [1] * len(points) + [0] * len(excludes))] if excludes
+                else segmenter.from_points(points, together=config.group))
         for i, (mask, score) in enumerate(made, 1):
             raw.append(("points" if config.group else f"point {i}", "point", score, mask))
         tick()

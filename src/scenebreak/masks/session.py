@@ -61,9 +61,9 @@ class MaskSession:
     def mask(self, label: str = "object", points=(), labels=None, box=None, words: str | None = None,
              report: Reporter = silent) -> MaskResult:
         """One object's cleaned mask from clicks on it (label 1) and beside it (0) with
-        perhaps a box around it, or from words the detector finds. Clicks alone are
-        `mask --point X,Y` (several: with `--group`), a box alone `mask --box`, words
-        `mask -p TEXT`; clicks beside the object have no counterpart there."""
+        perhaps a box around it, or from words the detector finds. Clicks are `mask
+        --point X,Y` (several: with `--group`; beside it: `--exclude X,Y`), a box alone
+        `mask --box`, words `mask -p TEXT`; a box with clicks has no counterpart there."""
         points = [tuple(map(float, p)) for p in points]
         labels = [1] * len(points) if labels is None else [int(v) for v in labels]
         if len(labels) != len(points) or any(v not in (0, 1) for v in labels):

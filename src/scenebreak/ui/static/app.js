@@ -151,10 +151,11 @@ function currentObject() {
 // What `scenebreak mask` needs for the same mask (clicks beside an object are the page's own).
 function commandFor(object) {
   if (object.words) return `-p "${object.words}"`;
-  if (object.labels.includes(0)) return "clicks beside the object: the page only";
-  const points = object.points.map(([x, y]) => `--point ${x},${y}`).join(" ");
-  if (object.box) return points ? "a box with clicks: the page only" : `--box ${object.box.join(",")}`;
-  return points + (object.points.length > 1 ? " --group" : "");
+  const on = object.points.filter((_, i) => object.labels[i] === 1);
+  const beside = object.points.filter((_, i) => object.labels[i] === 0);
+  if (object.box) return object.points.length ? "a box with clicks: the page only" : `--box ${object.box.join(",")}`;
+  return [...on.map(([x, y]) => `--point ${x},${y}`), ...beside.map(([x, y]) => `--exclude ${x},${y}`)].join(" ")
+    + (on.length > 1 ? " --group" : "");
 }
 
 function renderObjects() {
