@@ -72,6 +72,14 @@ def test_click_save_learn_and_generate_in_a_browser(browser, ui, scene_files, ti
     x, y = map(int, re.search(r"--point (\d+),(\d+)", facts).groups())  # the click as the page took it
     assert abs(x - 20) <= 1 and abs(y - 20) <= 1
 
+    # A second object from the keyboard alone: the photo takes focus, arrows move, Enter clicks.
+    from selenium.webdriver.common.keys import Keys
+
+    by_id("add").click()
+    canvas.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_DOWN, Keys.ENTER)
+    wait_for(browser, lambda d: canvas.get_attribute("data-masks") == "2", "the keyboard's mask")
+    assert len(browser.find_elements("css selector", "#objects li")) == 2
+
     by_id("save").click()
     wait_for(browser, lambda d: d.find_elements("css selector", "#saved li"), "the saved masks")
     saved = browser.find_elements("css selector", "#saved li")[0].text

@@ -24,8 +24,6 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 MAX_UPLOAD_BYTES = 64 << 20  # a photo straight from a camera is well under this
 MAX_PHOTO_PIXELS = 50_000_000  # SAM sees 1024 px anyway; more only costs memory in the mask clean-up
 MAX_LISTED = 500  # photos listed from the folder
-# Settings the page does not offer: they are the server's (--device) or make no sense per click.
-HIDDEN = {"mask": ("detector", "segmenter", "group", "max_masks", "device")}
 
 
 class OutsideFolders(InvalidInput):
@@ -162,7 +160,6 @@ class App:
             "folder": str(self.folder), "out_dir": str(self.out_dir) if self.out_dir else None,
             "roots": [str(r) for r in self.roots], "base_model": self.base_model or default_base_model(),
             "settings": {"learn": settings_schema(LearnConfig), "generate": settings_schema(GenerateConfig)},
-            "mask_settings": {k: v for k, v in dataclasses.asdict(self.mask_config).items() if k not in HIDDEN["mask"]},
             "job": self.job.summary() if self.job else None,
         }
 
