@@ -68,3 +68,38 @@ def test_ui_refuses_a_missing_photo_and_warns_for_another_host(tmp_path):
         if process.poll() is None:
             process.kill()
     assert "warning: listening on 0.0.0.0" in err and process.returncode == 130
+
+
+def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_files, tiny_segmentation, tiny_model,
+                                                                          tmp_path, monkeypatch):
+    photo, masks = scene_files["image"], scene_files["masks"]
+    home = tmp_path / "ui-home"
+    monkeypatch.setenv("SCENEBREAK_HOME", str(home))  # the child's scene cache
+    process = start(photo, "--no-browser", "--segmenter", tiny_segmentation[1], "--base-model", tiny_model, cwd=tmp_path)
+    try:
+        base, token = process.stdout.readline().strip().split("/?token=")
+
+        def post(path, body):
+            request = urllib.request.Request(f"{base}{path}", json.dumps(body).encode(), method="POST",
+                                             headers={"X-Scenebreak-Token": token})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.load(response)
+
+        def records():
+            with urllib.request.urlopen(f"{base}/api/events?after=0&token={token}", timeout=120) as stream:
+                for line in stream:
+                    if line.startswith(b"data: "):
+                        yield json.loads(line[6:])
+
+        post("/api/open", {"path": str(photo)})
+        assert [r for r in records() if r["type"] == "state"][0]["state"] == "done"
+        post("/api/learn", {"masks": [str(m) for m in masks], "settings": {"steps1": "5000", "prior": False}})
+        next(r for r in records() if r["type"] == "progress" and r["task"] == "phase 1" and r["completed"] >= 1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "Error: interrupted", err
+    assert (home / "checkpoints" / "photo.ckpt").is_file()  # resumable, as after Ctrl-C on the command line
+    assert not list(home.rglob("*.scene")) and not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]

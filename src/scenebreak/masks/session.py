@@ -19,7 +19,8 @@ from .masking import MaskRun, check_count, check_inside, check_writable, cleaned
 
 MAX_CLICKS = 64  # clicks on one object; SAM takes a handful
 # SAM ViT-B (facebook/sam-vit-base's shape) on one core of a 2-core Xeon, torch 2.13:
-# the embedding took 19.7 s, each click's decode 0.14 s. On a GPU both are well under a second.
+# the embedding took 19.7 s, each click's decode 0.14 s. On a GPU the embedding is a fraction
+# of a second (SAM's paper: ~0.15 s for its largest encoder, ViT-H, on an A100).
 CPU_NOTE = ("embedding the photo once (SAM ViT-B: about 20 s on one CPU core, less with more cores); "
             "each click after that decodes in a fraction of a second")
 

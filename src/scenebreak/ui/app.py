@@ -176,11 +176,11 @@ class App:
 
     # -- actions ------------------------------------------------------------------------------------
 
-    def _start(self, kind: str, work, cancellable: bool = False) -> dict:
+    def _start(self, kind: str, work, cancellable: bool = False, writes: bool = True) -> dict:
         with self.lock:
             if self.job and self.job.running:
                 raise Busy(f"{self.job.kind} is still running: wait for it" + (" or cancel it" if self.job.cancellable else ""))
-            self.job = Job(kind, work, self.echo, cancellable).start()
+            self.job = Job(kind, work, self.echo, cancellable, writes).start()
             return self.job.summary()
 
     def open_photo(self, path) -> dict:
@@ -198,7 +198,7 @@ class App:
             self.session, self.masks = session, {}
             return {"photo": str(resolved), "size": list(session.size)}
 
-        return self._start("photo", work)
+        return self._start("photo", work, writes=False)
 
     def upload(self, name: str, data: bytes) -> dict:
         """A photo sent from the browser, written into the photo's folder under its own
@@ -309,8 +309,10 @@ class App:
         return job.summary()
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop what runs (learn saves its checkpoint) and wait for it."""
+        """Stop what runs (learn saves its checkpoint) and wait for what writes files,
+        so that none is left half-written."""
         job = self.job
         if job is not None and job.running:
             job.cancel()
-            job.join(timeout)
+            if job.writes:
+                job.join(timeout)

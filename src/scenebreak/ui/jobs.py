@@ -50,10 +50,13 @@ def event_record(event: Event) -> dict:
 class Job:
     """One action running in its own thread. `work(report, should_stop)` returns a
     JSON-ready result; `cancel()` makes `should_stop()` true (learn then saves a
-    checkpoint and stops; `resume` continues it)."""
+    checkpoint and stops; `resume` continues it). `writes`: it writes files, so
+    the server waits for it before it exits (an action that writes nothing is
+    simply dropped)."""
 
-    def __init__(self, kind: str, work: Callable, echo: Callable[[Event], None] | None = None, cancellable: bool = False):
-        self.kind, self.work, self.echo, self.cancellable = kind, work, echo, cancellable
+    def __init__(self, kind: str, work: Callable, echo: Callable[[Event], None] | None = None, cancellable: bool = False,
+                 writes: bool = True):
+        self.kind, self.work, self.echo, self.cancellable, self.writes = kind, work, echo, cancellable, writes
         self.records: list[dict] = []
         self.seq = 0
         self.state = "running"
