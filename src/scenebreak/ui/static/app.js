@@ -125,12 +125,25 @@ function loadPhoto(path) {
       $("canvas").width = image.naturalWidth;
       $("canvas").height = image.naturalHeight;
       $("photo-name").textContent = `${path} (${image.naturalWidth}x${image.naturalHeight})`;
+      fit();
       addObject();
       resolve();
     };
     image.onerror = () => reject(new Error(`cannot show ${path}`));
     image.src = fileUrl(path);
   });
+}
+
+// Show the photo as large as its panel allows (small ones scaled up, pixel by pixel).
+function fit() {
+  const canvas = $("canvas");
+  if (!page.image) return;
+  const room = canvas.parentElement.clientWidth;
+  const tall = window.innerHeight - canvas.getBoundingClientRect().top - 40;
+  const scale = Math.min(room / canvas.width, Math.max(tall, 200) / canvas.height, 8);
+  canvas.style.width = `${Math.floor(canvas.width * scale)}px`;
+  canvas.style.height = `${Math.floor(canvas.height * scale)}px`;
+  canvas.style.imageRendering = scale >= 2 ? "pixelated" : "auto";
 }
 
 function addObject() {
@@ -273,7 +286,8 @@ function draw() {
   if (!page.image) return;
   context.globalAlpha = 1;
   context.drawImage(page.image, 0, 0);
-  const scale = Math.max(1, canvas.width / 400);  // marks stay visible on big photos
+  // Photo pixels per screen pixel: marks keep their size on the screen however the photo is shown.
+  const scale = canvas.width / Math.max(1, canvas.getBoundingClientRect().width);
   page.objects.forEach((object, index) => {
     if (!object.overlay) return;
     const tinted = document.createElement("canvas");
@@ -524,6 +538,8 @@ function setUpButtons() {
     scene: $("scene").value, prompt: $("prompt").value, settings: settingsOf(page.settings.generate) }));
   $("prompt").onkeydown = (event) => { if (event.key === "Enter") $("generate").click(); };
 }
+
+window.addEventListener("resize", fit);
 
 window.addEventListener("DOMContentLoaded", act(async () => {
   setUpCanvas();
