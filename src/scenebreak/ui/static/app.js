@@ -548,6 +548,7 @@ window.addEventListener("DOMContentLoaded", act(async () => {
   page.settings.learn = buildSettings($("learn-settings"), state.settings.learn, []);
   page.settings.generate = buildSettings($("generate-settings"), state.settings.generate, []);
   $("base-model").value = state.base_model;
+  if (state.out_dir) $("out-dir").placeholder = state.out_dir;
   const name = state.photo ? state.photo.split(/[\\/]/).pop() : null;
   await Promise.all([loadPhotos(name), loadScenes()]);
   if (state.job && state.job.state === "running") {
