@@ -184,6 +184,19 @@ def test_learn_streams_its_progress_is_cancellable_and_resumes_then_generate(ui,
     assert status == 200 and headers["Content-Type"] == "image/png" and Image.open(io.BytesIO(data)).size[0] > 0
 
 
+def test_malformed_requests_get_one_line_not_a_failure(ui, scene_files):
+    open_photo(ui, scene_files["image"])
+    for path, body in [("/api/mask", {"points": [[1, 2, 3]]}), ("/api/mask", {"points": "20,20"}),
+                       ("/api/mask", {"points": [[20, True]]}), ("/api/mask", {"points": [[20, 20]], "labels": ["x"]}),
+                       ("/api/mask", {"box": 5}), ("/api/mask", {"words": ["a"]}), ("/api/save", {"objects": ["a"]}),
+                       ("/api/save", {"objects": {"id": 1}}), ("/api/learn", {"masks": "red.png"}),
+                       ("/api/learn", {"masks": [1]}), ("/api/learn", {"masks": ["red.png"], "settings": [1]}),
+                       ("/api/learn", {"masks": ["red.png"], "name": 7}), ("/api/generate", {"scene": 1, "prompt": "x"}),
+                       ("/api/open", {"path": "bad\u0000name.png"}), ("/api/nothing", {})]:
+        status, data = ui.json(path, body)
+        assert status in (400, 404) and "\n" not in data["error"] and "Error" not in data["error"], (path, body, data)
+
+
 def test_uploads_are_bounded_and_land_in_the_photos_folder(ui, scene_files):
     import http.client
 

@@ -52,9 +52,27 @@ def settings_schema(config_class) -> list[dict]:
     return fields
 
 
+def numbers(value, count: int, what: str) -> tuple[float, ...]:
+    """`count` numbers from a request (a click: 2, a box: 4), or a one-line refusal."""
+    if not (isinstance(value, (list, tuple)) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise InvalidInput(f"{what} must be {count} numbers, not {str(value)[:60]}")
+    return tuple(float(v) for v in value)
+
+
+def listed(value, what: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidInput(f"{what} must be a list, not {str(value)[:60]}")
+    return value
+
+
 def config_from(config_class, values: dict | None):
     """`config_class` from the page's form: text turned into the field's type, the
     rest left to the config's own checks (the command line's messages)."""
+    if values is not None and not isinstance(values, dict):
+        raise InvalidInput("settings must map setting names to values")
     kinds = {f["name"]: f for f in settings_schema(config_class)}
     kwargs = {}
     for name, value in (values or {}).items():
@@ -237,6 +255,12 @@ class App:
         if session is None:
             raise InvalidInput("open a photo first")
         object_id = str(object_id)[:64]
+        points = [numbers(p, 2, "a click") for p in listed(points, "clicks")]
+        if labels is not None and not all(type(v) is int for v in listed(labels, "labels")):
+            raise InvalidInput("labels must be 1 (on the object) or 0 (beside it)")
+        box = numbers(box, 4, "a box") if box is not None else None
+        if words is not None and not isinstance(words, str):
+            raise InvalidInput("words must be text")
         result = session.mask(f"object {object_id}", points, labels, box, words)
         self.masks[object_id] = result
         return {"id": object_id, "score": result.score, "area": result.area, "box": list(result.box or ()),
@@ -249,7 +273,9 @@ class App:
         if session is None:
             raise InvalidInput("open a photo first")
         results = []
-        for item in objects or []:
+        for item in listed(objects, "objects"):
+            if not isinstance(item, dict):
+                raise InvalidInput("each object must be {id, name}")
             key = str(item.get("id"))
             if key not in self.masks:
                 raise InvalidInput(f"object {item.get('name') or key!r} has no mask yet: click on it first")
@@ -266,7 +292,9 @@ class App:
 
         if self.session is None:
             raise InvalidInput("open a photo first")
-        if not masks:
+        if not all(isinstance(v, (str, type(None))) for v in (name, base_model, *listed(masks, "masks"))):
+            raise InvalidInput("the masks, the scene name and the base model must be text")
+        if not listed(masks, "masks"):
             raise InvalidInput("save the masks first: learn needs one mask per object")
         mask_paths = [self.confined(m, "mask") for m in masks]
         config = config_from(LearnConfig, settings).validate(len(mask_paths))  # a bad setting fails here, not in the job
@@ -286,7 +314,9 @@ class App:
         from ..sample.generate import generate
         from ..scenes.bundle import read_metadata
 
-        scene = str(scene or "").strip()
+        if not isinstance(prompt, str) or not isinstance(scene, (str, type(None))):
+            raise InvalidInput("the scene and the prompt must be text")
+        scene = (scene or "").strip()
         if not scene:
             raise InvalidInput("choose a scene")
         ref = scene if valid_name(scene) and not scene.endswith(".scene") else self.confined(scene, "scene")
@@ -295,7 +325,7 @@ class App:
         out_dir = self.out_dir or self.folder
 
         def work(report, should_stop):
-            return generate(ref, [str(prompt or "")], config, out_dir=out_dir, device=self.device, report=report).to_dict()
+            return generate(ref, [prompt], config, out_dir=out_dir, device=self.device, report=report).to_dict()
 
         return self._start("generate", work)
 

@@ -181,13 +181,13 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/open":
             self._json(app.open_photo(body.get("path")))
         elif path == "/api/mask":
-            self._json(app.mask(body.get("id", "1"), body.get("points") or (), body.get("labels"), body.get("box"),
+            self._json(app.mask(body.get("id", "1"), body.get("points"), body.get("labels"), body.get("box"),
                                 body.get("words")))
         elif path == "/api/save":
-            self._json(app.save(body.get("objects") or [], body.get("out_dir")))
+            self._json(app.save(body.get("objects"), body.get("out_dir")))
         elif path == "/api/learn":
-            self._json(app.learn(body.get("masks") or [], body.get("settings"), body.get("name"), body.get("base_model"),
-                                 bool(body.get("resume")), bool(body.get("force"))))
+            self._json(app.learn(body.get("masks"), body.get("settings"), body.get("name"), body.get("base_model"),
+                                 body.get("resume") is True, body.get("force") is True))
         elif path == "/api/generate":
             self._json(app.generate(body.get("scene"), body.get("prompt"), body.get("settings")))
         elif path == "/api/cancel":
