@@ -258,3 +258,22 @@ def test_every_missing_model_is_named_in_one_line(scene_files):
     assert result.exit_code == 1 and len(error_lines(result)) == 1
     assert "hf download someone/absent-dino" in result.stderr and "hf download someone/absent-sam" in result.stderr
     assert "loading" not in result.stderr  # found out before loading anything
+
+
+def test_cli_exclude_takes_a_spot_out_of_one_objects_clicks(scene_files, models, tmp_path):
+    image = scene_files["image"]
+    args = ["mask", image, "--point", "20,20", "-q", *models]
+    plain = run(*args, "--out-dir", tmp_path / "plain")
+    beside = run(*args, "--exclude", "30,30", "--out-dir", tmp_path / "beside")
+    assert plain.exit_code == 0 and beside.exit_code == 0, beside.output
+    assert [os.path.basename(p) for p in beside.stdout.split()] == ["photo.mask1.png"]
+    check_mask_file(beside.stdout.strip(), (96, 80))
+    # SAM gets the click beside the object too: another prompt, another mask.
+    assert not np.array_equal(np.asarray(Image.open(plain.stdout.strip())), np.asarray(Image.open(beside.stdout.strip())))
+    for extra, message in ((["--exclude", "30,30", "--point", "60,60"], "add --group"),
+                           (["--exclude", "500,30"], "outside the image")):
+        result = run(*args, *extra, "--out-dir", tmp_path / "bad")
+        assert result.exit_code == 2 and message in error_lines(result)[0], result.output
+    result = run("mask", image, "--exclude", "30,30", "-p", "bowl", *models)
+    assert result.exit_code == 2 and "click on the object with --point too" in result.stderr
+    assert not (tmp_path / "bad").exists()

@@ -465,6 +465,8 @@ def _parse_box(text):
               help="A box around an object, in image pixels (repeatable): one mask per box.")
 @click.option("--point", "points", multiple=True, metavar="X,Y", callback=_parsed(_parse_point),
               help="A click on an object, in image pixels (repeatable): one mask per point, or one for all with --group.")
+@click.option("--exclude", "excludes", multiple=True, metavar="X,Y", callback=_parsed(_parse_point),
+              help="A click beside the object of the --point clicks (repeatable; several clicks need --group): its mask leaves it out.")
 @click.option("--auto", is_flag=True, help="No prompt needed: the largest distinct segments of the whole image.")
 @config_options(MaskConfig)
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the masks (default: beside IMAGE).")
@@ -472,7 +474,7 @@ def _parse_box(text):
 @quiet_option
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (paths, labels, scores, boxes, areas) instead of paths.")
 @handle_errors
-def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **settings):
+def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, quiet, json_, **settings):
     """Make one mask per object in IMAGE, ready for `learn`: from text prompts
     (a detector finds the object, Segment Anything outlines it), boxes, clicks,
     or --auto. Writes STEM.mask1.png ... and STEM.masks-preview.png (STEM: the
@@ -490,7 +492,8 @@ def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **s
 
     config = make_config(MaskConfig, settings)
     result = with_reporter(quiet, lambda report: make_masks(image, prompts=prompts, points=points, boxes=boxes, auto=auto,
-                                                            config=config, out_dir=out_dir, report=report))
+                                                            config=config, out_dir=out_dir, report=report,
+                                                            excludes=excludes))
     if json_:
         emit_json(result.to_dict())
         return
@@ -498,6 +501,49 @@ def mask_command(image, prompts, boxes, points, auto, out_dir, quiet, json_, **s
         click.echo(str(path))
     if not quiet:
         click.echo(f"preview: {result.preview}", err=True)
+
+
+@cli.command(name="ui")
+@click.argument("photo", required=False, type=click.Path(dir_okay=False))
+@click.option("--port", type=Bounded(int, Bounds(0, 65535)), default=0, help="Port to listen on (default: a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Any other than localhost lets the network reach the page (with its token).")
+@click.option("--no-browser", is_flag=True, help="Print the URL only; do not open a browser.")
+@click.option("--out-dir", type=click.Path(file_okay=False),
+              help="Where masks and images go (default: beside PHOTO); the page may use this folder too.")
+@click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Learn's base model, as in learn (the page can change it).")
+@config_options(MaskConfig, exclude=("group", "max_masks"))
+@device_option
+@quiet_option
+@handle_errors
+def ui_command(photo, port, host, no_browser, out_dir, base_model, device, quiet, **settings):
+    """A local web page to make masks by clicking, learn and generate; prints its URL
+    (with a one-time token) and serves until Ctrl-C. The page uses only PHOTO's
+    folder (else the current one), --out-dir and the scene cache.
+
+    \b
+    Example:
+      scenebreak ui photo.jpg
+      scenebreak ui photo.jpg --no-browser --port 8765
+    """
+    from ..ui.server import LOCAL_HOSTS, serve
+
+    if host not in LOCAL_HOSTS:
+        click.echo(f"warning: listening on {host}: whoever reaches it with the URL's token can read the photo's folder "
+                   "and use this machine's GPU", err=True)
+
+    def ready(url):
+        click.echo(url)
+        if not quiet:
+            click.echo("open that URL in a browser (it carries the token); Ctrl-C stops the server", err=True)
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    with_reporter(quiet, lambda report: serve(photo, host=host, port=port, on_ready=ready, out_dir=out_dir,
+                                              mask_config=make_config(MaskConfig, settings), base_model=base_model,
+                                              device=device, report=report))
 
 
 @cli.command(name="evaluate", cls=MultiValueCommand)

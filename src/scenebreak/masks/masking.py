@@ -75,7 +75,7 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def _check_inside(points, boxes, size: tuple[int, int]) -> None:
+def check_inside(points, boxes, size: tuple[int, int]) -> None:
     width, height = size
     for x, y in points:
         if not (0 <= x < width and 0 <= y < height):
@@ -86,7 +86,7 @@ def _check_inside(points, boxes, size: tuple[int, int]) -> None:
             raise InvalidInput(f"box {','.join(f'{v:g}' for v in box)} reaches outside the image ({width}x{height})")
 
 
-def _check_count(asked: int, auto: bool, max_masks: int) -> None:
+def check_count(asked: int, auto: bool, max_masks: int) -> None:
     """More masks than one scene can learn are of no use: refused before any model loads."""
     most = asked + (max_masks if auto else 0)
     if most > MAX_LEARNED_HANDLES:
@@ -95,7 +95,7 @@ def _check_count(asked: int, auto: bool, max_masks: int) -> None:
                            "objects in one scene: ask for fewer")
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -106,10 +106,11 @@ def _check_writable(folder: Path) -> None:
 # -- the whole command -----------------------------------------------------------------------------
 
 def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, config: MaskConfig | None = None,
-               out_dir=None, report: Reporter = silent) -> MaskRun:
+               out_dir=None, report: Reporter = silent, excludes=()) -> MaskRun:
     """Make, clean and write one mask per prompt, box and point (or group of points)
-    and, with `auto`, the largest distinct segments; in that order. Everything is
-    checked before the first file is written."""
+    and, with `auto`, the largest distinct segments; in that order. `excludes` are
+    clicks beside the object of the points (one point, or a group): its mask leaves
+    them out. Everything is checked before the first file is written."""
     from ..device import choose_device
     from ..images import load_image
     from ..hub import quiet_libraries
@@ -122,15 +123,20 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     # "X,Y" strings (as on the command line) or number pairs/quadruples.
     points = [parse_point(p) if isinstance(p, str) else tuple(map(float, p)) for p in points]
     boxes = [parse_box(b) if isinstance(b, str) else parse_box(",".join(map(str, b))) for b in boxes]
+    excludes = [parse_point(p) if isinstance(p, str) else tuple(map(float, p)) for p in excludes]
+    if excludes and not points:
+        raise InvalidInput("--exclude X,Y leaves a spot out of the mask of --point clicks: click on the object with --point too")
+    if excludes and len(points) > 1 and not config.group:
+        raise InvalidInput("--exclude belongs to one object's clicks: add --group so that the --point clicks make one mask")
     if not (prompts or points or boxes or auto):
         raise InvalidInput("nothing to segment: give --prompt TEXT, --point X,Y, --box X0,Y0,X1,Y1 or --auto")
     asked = len(prompts) + len(boxes) + (min(1, len(points)) if config.group else len(points))
-    _check_count(asked, auto, config.max_masks)
+    check_count(asked, auto, config.max_masks)
     image_path = Path(image_path)
     image = load_image(image_path)
-    _check_inside(points, boxes, image.size)
+    check_inside(points + excludes, boxes, image.size)
     out_dir = Path(out_dir) if out_dir is not None else image_path.parent
-    _check_writable(out_dir)
+    check_writable(out_dir)
     check_outputs(output_paths(image_path, out_dir, asked + (1 if auto else 0)))  # --auto makes one or more
     min_area = config.min_area if config.min_area is not None else maskops.default_min_area(image.size)
 
@@ -159,35 +165,20 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     tick()
     raw: list[tuple[str, str, float, np.ndarray]] = []
     for prompt in prompts:
-        found, scores = detector.detect(image, prompt)
-        above = scores > config.threshold
-        if not above.any():
-            best = f" (best score {scores.max():.2f})" if len(scores) else ""
-            raise InvalidInput(
-                f"nothing matches {prompt!r} above --threshold {config.threshold:g}{best}: try a lower --threshold, "
-                "other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1")
-        chosen = found[above] if config.all_instances else found[:1]
-        masks = segmenter.from_boxes(chosen)
-        union = np.max(np.stack([m for m, _ in masks]), axis=0)
-        raw.append((prompt, "prompt", float(scores[0]), union))
+        raw.append((prompt, "prompt", *find_object(detector, segmenter, image, prompt, config)))
         tick()
     if boxes:
         for i, (mask, score) in enumerate(segmenter.from_boxes(boxes), 1):
             raw.append((f"box {i}", "box", score, mask))
         tick()
     if points:
-        made = segmenter.from_points(points, together=config.group)
+        made = ([segmenter.from_clicks(points + excludes, [1] * len(points) + [0] * len(excludes))] if excludes
+                else segmenter.from_points(points, together=config.group))
         for i, (mask, score) in enumerate(made, 1):
             raw.append(("points" if config.group else f"point {i}", "point", score, mask))
         tick()
 
-    results = []
-    for label, source, score, mask in raw:
-        cleaned = maskops.clean(mask, min_area, fill=config.fill_holes, grow=config.dilate)
-        if not cleaned.any():
-            raise InvalidMask(f"the mask for {label!r} came out empty: try --box X0,Y0,X1,Y1 around the object, "
-                              "or clicks on it with --point X,Y")
-        results.append(MaskResult(label, source, score, cleaned))
+    results = [cleaned_result(label, source, score, mask, min_area, config) for label, source, score, mask in raw]
     if auto:
         # A few spare segments: the clean-up may still empty or merge some.
         segments = segmenter.automatic(config.grid, limit=3 * config.max_masks)
@@ -197,6 +188,35 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
                                "or give --box X0,Y0,X1,Y1 or --prompt TEXT")
         tick()
 
+    return write_run(image_path, image, results, out_dir, report, detector_ref if prompts else None, segmenter_ref)
+
+
+def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> tuple[float, np.ndarray]:
+    """The detector's score and SAM's mask (not yet cleaned) of the object `prompt` names."""
+    found, scores = detector.detect(image, prompt)
+    above = scores > config.threshold
+    if not above.any():
+        best = f" (best score {scores.max():.2f})" if len(scores) else ""
+        raise InvalidInput(
+            f"nothing matches {prompt!r} above --threshold {config.threshold:g}{best}: try a lower --threshold, "
+            "other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1")
+    chosen = found[above] if config.all_instances else found[:1]
+    masks = segmenter.from_boxes(chosen)
+    return float(scores[0]), np.max(np.stack([m for m, _ in masks]), axis=0)
+
+
+def cleaned_result(label: str, source: str, score: float, mask: np.ndarray, min_area: int, config: MaskConfig) -> MaskResult:
+    """SAM's mask cleaned up for Break-A-Scene (ops.clean); an empty one is refused."""
+    cleaned = maskops.clean(mask, min_area, fill=config.fill_holes, grow=config.dilate)
+    if not cleaned.any():
+        raise InvalidMask(f"the mask for {label!r} came out empty: try --box X0,Y0,X1,Y1 around the object, "
+                          "or clicks on it with --point X,Y")
+    return MaskResult(label, source, score, cleaned)
+
+
+def write_run(image_path: Path, image, results: list[MaskResult], out_dir: Path, report: Reporter = silent,
+              detector: str | None = None, segmenter: str | None = None) -> MaskRun:
+    """Report the overlapping pairs, write the masks and their preview (files.py)."""
     found_overlaps = maskops.overlaps([r.mask for r in results], OVERLAP_LIMIT)
     for i, j, fraction in found_overlaps[:OVERLAP_WARNINGS]:
         report(Message(f"masks {i + 1} ({results[i].label}) and {j + 1} ({results[j].label}) overlap: {fraction:.0%} of "
@@ -205,7 +225,7 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
         report(Message(f"{len(found_overlaps) - OVERLAP_WARNINGS} more pairs of masks overlap as much (--json lists them all)",
                        level="warning"))
     preview = write_masks(image_path, image, results, out_dir)
-    return MaskRun(image_path, results, preview, found_overlaps, detector_ref if prompts else None, segmenter_ref)
+    return MaskRun(image_path, results, preview, found_overlaps, detector, segmenter)
 
 
 def _largest_segments(segments, config: MaskConfig, min_area: int, size) -> list[MaskResult]:

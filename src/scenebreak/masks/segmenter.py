@@ -73,6 +73,22 @@ class Segmenter:
         masks = self._full_size(picked, inputs)
         return [(masks[i], float(iou[i, best[i]])) for i in range(len(best))]
 
+    def from_clicks(self, points, labels, box=None) -> tuple[np.ndarray, float]:
+        """One object's mask from clicks on it (label 1) and beside it (0), and perhaps
+        a box around it. Clicks on it alone are `from_points(..., together=True)` and a
+        box alone is `from_boxes`, so each gives what `mask --point`/`--box` gives."""
+        if box is None and all(label == 1 for label in labels):
+            return self.from_points(points, together=True)[0]
+        if not points:
+            return self.from_boxes([box])[0]
+        prompts = {"input_points": [[[list(map(float, p)) for p in points]]], "input_labels": [[[int(v) for v in labels]]]}
+        if box is not None:
+            prompts["input_boxes"] = [[list(map(float, box))]]
+        multimask = len(points) == 1 and box is None  # one click (a negative one) is as ambiguous as ever
+        logits, iou, inputs = self._run(multimask, **prompts)
+        best = int(iou[0].argmax())
+        return self._full_size(logits[:1, best], inputs)[0], float(iou[0, best])
+
     def automatic(self, grid: int, limit: int, batch: int = 64) -> list[tuple[np.ndarray, float]]:
         """Up to `limit` distinct segments from a grid x grid of clicks, largest first.
         Each click gives three candidates; the confident and stable ones are kept,

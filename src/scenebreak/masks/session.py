@@ -1,0 +1,112 @@
+"""One photo's masks made one object at a time, for a front end that shows each mask as
+soon as it is asked for (`scenebreak ui`): Segment Anything embeds the photo once, then
+every object's clicks, box or words decode against that embedding in a fraction of the
+time. Each mask is made and cleaned by the same calls as `make_masks` (masking.py), so
+a click gives what `scenebreak mask --point X,Y` gives, and saving writes the same
+files."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ..config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MaskConfig
+from ..errors import InvalidInput
+from ..events import Message, Progress, Reporter, silent
+from . import ops as maskops
+from .files import MaskResult, check_outputs, output_paths
+from .masking import MaskRun, check_count, check_inside, check_writable, cleaned_result, find_object, parse_box, write_run
+
+MAX_CLICKS = 64  # clicks on one object; SAM takes a handful
+# SAM ViT-B (facebook/sam-vit-base's shape) on one core of a 2-core Xeon, torch 2.13:
+# the embedding took 19.7 s, each click's decode 0.14 s. On a GPU the embedding is a fraction
+# of a second (SAM's paper: ~0.15 s for its largest encoder, ViT-H, on an A100).
+CPU_NOTE = ("embedding the photo once (SAM ViT-B: about 20 s on one CPU core, less with more cores); "
+            "each click after that decodes in a fraction of a second")
+
+
+class MaskSession:
+    """A photo with Segment Anything's embedding of it, ready for any number of prompts.
+    Safe to share between threads: one prompt decodes at a time."""
+
+    def __init__(self, image_path, config: MaskConfig | None = None, report: Reporter = silent):
+        from ..device import choose_device
+        from ..hub import check_models_available, quiet_libraries
+        from ..images import load_image
+        from .segmenter import Segmenter
+
+        self.config = config or MaskConfig()
+        self.config.validate()
+        self.image_path = Path(image_path)
+        self.image = load_image(self.image_path)
+        self.min_area = (self.config.min_area if self.config.min_area is not None
+                         else maskops.default_min_area(self.image.size))
+        quiet_libraries()
+        self.device = choose_device(self.config.device)
+        self.segmenter_ref = self.config.segmenter or DEFAULT_SEGMENTER
+        check_models_available([(self.segmenter_ref, "segmenter", "--segmenter")])
+        report(Message(f"loading segmenter {self.segmenter_ref} on {self.device.name}"))
+        self.segmenter = Segmenter(self.segmenter_ref, self.device)
+        self.detector = None
+        self.lock = threading.Lock()
+        if self.device.type == "cpu":
+            report(Message(CPU_NOTE))
+        report(Progress("embedding the photo", 0, 1))
+        self.segmenter.set_image(self.image)
+        report(Progress("embedding the photo", 1, 1))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def mask(self, label: str = "object", points=(), labels=None, box=None, words: str | None = None,
+             report: Reporter = silent) -> MaskResult:
+        """One object's cleaned mask from clicks on it (label 1) and beside it (0) with
+        perhaps a box around it, or from words the detector finds. Clicks are `mask
+        --point X,Y` (several: with `--group`; beside it: `--exclude X,Y`), a box alone
+        `mask --box`, words `mask -p TEXT`; a box with clicks has no counterpart there."""
+        points = [tuple(map(float, p)) for p in points]
+        labels = [1] * len(points) if labels is None else [int(v) for v in labels]
+        if len(labels) != len(points) or any(v not in (0, 1) for v in labels):
+            raise InvalidInput("give one label per click: 1 on the object, 0 beside it")
+        if len(points) > MAX_CLICKS:
+            raise InvalidInput(f"{len(points)} clicks on one object: at most {MAX_CLICKS}")
+        if box is not None:
+            box = parse_box(",".join(map(str, box)))
+        words = (words or "").strip() or None
+        if words and (points or box is not None):
+            raise InvalidInput("describe the object in words, or click on it (or draw a box): not both")
+        if not (words or box is not None or 1 in labels):
+            raise InvalidInput("nothing to segment: click on the object, draw a box around it, or describe it in words")
+        check_inside(points, [box] if box is not None else [], self.size)
+        with self.lock:
+            if words:
+                score, raw = find_object(self._detector(report), self.segmenter, self.image, words, self.config)
+                return cleaned_result(label, "prompt", score, raw, self.min_area, self.config)
+            raw, score = self.segmenter.from_clicks(points, labels, box)
+        source = "point" if box is None else "box"
+        return cleaned_result(label, source, score, raw, self.min_area, self.config)
+
+    def _detector(self, report: Reporter):
+        """The text detector, loaded the first time words are given."""
+        if self.detector is None:
+            from ..hub import check_models_available
+            from .detector import Detector
+
+            ref = self.config.detector or DEFAULT_DETECTOR
+            check_models_available([(ref, "detector", "--detector")])
+            report(Message(f"loading detector {ref} on {self.device.name}"))
+            self.detector = Detector(ref, self.device)
+        return self.detector
+
+    def save(self, results: list[MaskResult], out_dir=None, report: Reporter = silent) -> MaskRun:
+        """Write the masks and their preview as `mask` does: STEM.mask1.png ... in order,
+        beside the photo unless `out_dir` is given; checked before anything is written."""
+        if not results:
+            raise InvalidInput("no mask to save: make a mask for at least one object first")
+        check_count(len(results), False, 0)
+        out_dir = Path(out_dir) if out_dir is not None else self.image_path.parent
+        check_writable(out_dir)
+        check_outputs(output_paths(self.image_path, out_dir, len(results)))
+        detector = (self.config.detector or DEFAULT_DETECTOR) if any(r.source == "prompt" for r in results) else None
+        return write_run(self.image_path, self.image, results, out_dir, report, detector, self.segmenter_ref)

@@ -1,0 +1,348 @@
+"""What the page may do, each action one library call the command line also makes:
+open a photo (Segment Anything embeds it once: masks.session), make one object's mask
+(`mask --point/--box/-p`), save the masks (the files `mask` writes), learn (`learn`,
+cancellable and resumable), generate (`generate`) and list the scenes (`list`). The
+page holds no method logic; this module holds none either, only which files it may
+touch: the photo's folder, the chosen output folder and the scene cache, checked after
+every link is resolved."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import threading
+from pathlib import Path
+
+from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
+from ..errors import InvalidInput, SceneBreakError
+from ..events import Reporter, silent
+from ..paths import fit_file_name, home, is_regular_file, resolve_scene, valid_name
+from .jobs import Job
+
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+MAX_UPLOAD_BYTES = 64 << 20  # a photo straight from a camera is well under this
+MAX_PHOTO_PIXELS = 50_000_000  # SAM sees 1024 px anyway; more only costs memory in the mask clean-up
+MAX_LISTED = 500  # photos listed from the folder
+
+
+class OutsideFolders(InvalidInput):
+    """A path outside the folders the page may use (the server answers 403)."""
+
+
+class Busy(SceneBreakError):
+    """Another long action is running (the server answers 409)."""
+
+
+def settings_schema(config_class) -> list[dict]:
+    """The command-line settings of `config_class` as the page's form shows them: the
+    same names, defaults, help, choices and bounds as the options."""
+    fields = []
+    for f in dataclasses.fields(config_class):
+        if not f.metadata.get("cli"):
+            continue
+        meta, annotation, default = f.metadata, str(f.type), f.default
+        kind = ("bool" if isinstance(default, bool) else "list" if annotation.startswith("tuple")
+                else "choice" if meta.get("choices") else annotation.split("|")[0].strip())
+        bounds = meta.get("bounds")
+        fields.append({"name": f.name, "flag": "--" + f.name.replace("_", "-"), "kind": kind,
+                       "default": list(default) if isinstance(default, tuple) else default, "help": meta.get("help"),
+                       "choices": list(meta.get("choices") or ()) or None,
+                       "low": bounds.low if bounds else None, "high": bounds.high if bounds else None})
+    return fields
+
+
+def numbers(value, count: int, what: str) -> tuple[float, ...]:
+    """`count` numbers from a request (a click: 2, a box: 4), or a one-line refusal."""
+    if not (isinstance(value, (list, tuple)) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise InvalidInput(f"{what} must be {count} numbers, not {str(value)[:60]}")
+    return tuple(float(v) for v in value)
+
+
+def listed(value, what: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidInput(f"{what} must be a list, not {str(value)[:60]}")
+    return value
+
+
+def config_from(config_class, values: dict | None):
+    """`config_class` from the page's form: text turned into the field's type, the
+    rest left to the config's own checks (the command line's messages)."""
+    if values is not None and not isinstance(values, dict):
+        raise InvalidInput("settings must map setting names to values")
+    kinds = {f["name"]: f for f in settings_schema(config_class)}
+    kwargs = {}
+    for name, value in (values or {}).items():
+        field = kinds.get(name)
+        if field is None:
+            raise InvalidInput(f"unknown setting {name!r}")
+        if value is None or (isinstance(value, str) and not value.strip() and field["kind"] != "str"):
+            continue
+        flag, kind = field["flag"], field["kind"]
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise InvalidInput(f"{flag} is on or off (true or false), not {value!r}")
+        elif kind == "list":
+            value = tuple(value.split() if isinstance(value, str) else map(str, value)) or None
+        elif kind in ("int", "float"):
+            try:
+                number = float(value) if kind == "float" else int(str(value).strip())
+            except (TypeError, ValueError):
+                raise InvalidInput(f"{flag} {value!r} is not a valid {'integer' if kind == 'int' else 'float'}") from None
+            value = number
+        elif not isinstance(value, str):
+            raise InvalidInput(f"{flag} takes text, not {value!r}")
+        kwargs[name] = value
+    return config_class(**kwargs)
+
+
+def png_base64(mask) -> str:
+    """A 0/1 mask as the 0/255 PNG `mask` writes, base64-encoded for the page."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(mask * 255).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _pixels(path: Path, shown) -> tuple[int, int]:
+    """A photo's size from its header, before anything decodes it."""
+    from PIL import Image
+
+    if not is_regular_file(path):
+        raise InvalidInput(f"photo not found: {shown}")
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Image.DecompressionBombError:
+        raise InvalidInput(f"{shown} has too many pixels: at most {MAX_PHOTO_PIXELS // 1_000_000} megapixels") from None
+    except Exception:  # noqa: BLE001 - whatever Pillow says, the answer is the same
+        raise InvalidInput(f"cannot read photo {shown}: not an image Pillow knows") from None
+
+
+class App:
+    """The page's state: the folders it may use, the open photo and its masks, and the
+    one long action running."""
+
+    def __init__(self, photo=None, *, out_dir=None, mask_config: MaskConfig | None = None, base_model: str | None = None,
+                 device: str | None = None, report: Reporter = silent):
+        self.photo = Path(photo).expanduser() if photo else None
+        if self.photo is not None and not is_regular_file(self.photo):
+            raise InvalidInput(f"{photo} is not a file: give the path of a photo")
+        self.folder = (self.photo.parent if self.photo else Path.cwd()).resolve()
+        self.out_dir = Path(out_dir).expanduser().resolve() if out_dir else None
+        self.roots = [self.folder, *([self.out_dir] if self.out_dir else []), home().resolve()]
+        self.mask_config = dataclasses.replace(mask_config or MaskConfig(), device=device)
+        self.mask_config.validate()
+        self.base_model, self.device, self.echo = base_model, device, report
+        self.session = None  # masks.session.MaskSession of the open photo
+        self.masks: dict[str, object] = {}  # the page's object id -> its latest MaskResult
+        self.job: Job | None = None
+        self.lock = threading.Lock()
+
+    # -- the folders ---------------------------------------------------------------------------------
+
+    def confined(self, path, what: str = "path") -> Path:
+        """`path` (relative: to the photo's folder) with every link resolved, refused
+        unless it lies in one of the allowed folders."""
+        text = str(path or "").strip()
+        if not text or "\0" in text:
+            raise InvalidInput(f"give a {what}")
+        full = Path(text).expanduser()
+        resolved = (full if full.is_absolute() else self.folder / full).resolve()
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            raise OutsideFolders(f"{text} is outside the folders this page may use ({', '.join(map(str, self.roots))}): "
+                                 "start scenebreak ui with a photo there, or with --out-dir")
+        return resolved
+
+    def read_image_file(self, path) -> tuple[bytes, str]:
+        """An image under the allowed folders, for the page to show."""
+        resolved = self.confined(path, "file")
+        kind = IMAGE_TYPES.get(resolved.suffix.lower())
+        if kind is None or not is_regular_file(resolved):
+            raise InvalidInput(f"{path} is not an image the page can show (PNG, JPEG or WebP)")
+        if resolved.stat().st_size > MAX_UPLOAD_BYTES:
+            raise InvalidInput(f"{path} is over {MAX_UPLOAD_BYTES >> 20} MB")
+        return resolved.read_bytes(), kind
+
+    # -- what the page shows ----------------------------------------------------------------------
+
+    def state(self) -> dict:
+        session = self.session
+        return {
+            "photo": str(session.image_path) if session else str(self.photo.resolve()) if self.photo else None,
+            "ready": session is not None, "size": list(session.size) if session else None,
+            "folder": str(self.folder), "out_dir": str(self.out_dir) if self.out_dir else None,
+            "roots": [str(r) for r in self.roots], "base_model": self.base_model or default_base_model(),
+            "settings": {"learn": settings_schema(LearnConfig), "generate": settings_schema(GenerateConfig)},
+            "job": self.job.summary() if self.job else None,
+        }
+
+    def photos(self) -> list[str]:
+        """The photos in the photo's folder, by name."""
+        found = sorted(p.name for p in self.folder.iterdir()
+                       if p.suffix.lower() in IMAGE_TYPES and not p.name.startswith(".") and ".mask" not in p.name)
+        return found[:MAX_LISTED]
+
+    def scenes(self) -> list[dict]:
+        from ..scenes.catalog import scene_rows
+
+        return scene_rows()
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    def _start(self, kind: str, work, cancellable: bool = False, writes: bool = True) -> dict:
+        with self.lock:
+            if self.job and self.job.running:
+                raise Busy(f"{self.job.kind} is still running: wait for it" + (" or cancel it" if self.job.cancellable else ""))
+            self.job = Job(kind, work, self.echo, cancellable, writes).start()
+            return self.job.summary()
+
+    def open_photo(self, path) -> dict:
+        """Embed the photo (a job: seconds on a CPU); its masks start afresh."""
+        from ..masks.session import MaskSession
+
+        resolved = self.confined(path, "photo")
+        width, height = _pixels(resolved, path)
+        if width * height > MAX_PHOTO_PIXELS:
+            raise InvalidInput(f"{path} has {width}x{height} pixels: at most {MAX_PHOTO_PIXELS // 1_000_000} megapixels; "
+                               "make it smaller first")
+
+        def work(report, should_stop):
+            session = MaskSession(resolved, self.mask_config, report)
+            self.session, self.masks = session, {}
+            return {"photo": str(resolved), "size": list(session.size)}
+
+        return self._start("photo", work, writes=False)
+
+    def upload(self, name: str, data: bytes) -> dict:
+        """A photo sent from the browser, written into the photo's folder under its own
+        name (a new name if that one is taken by another file), then opened."""
+        from PIL import Image
+
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise InvalidInput(f"the photo is over {MAX_UPLOAD_BYTES >> 20} MB")
+        stem, suffix = Path(Path(str(name)).name).stem, Path(str(name)).suffix.lower()
+        if suffix not in IMAGE_TYPES:
+            raise InvalidInput(f"{name!r} is not a PNG, JPEG or WebP photo")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+                size = image.size
+        except Exception:  # noqa: BLE001 - whatever Pillow says, the answer is the same
+            raise InvalidInput(f"{name!r} cannot be read as an image") from None
+        if size[0] * size[1] > MAX_PHOTO_PIXELS:
+            raise InvalidInput(f"{name!r} has {size[0]}x{size[1]} pixels: at most {MAX_PHOTO_PIXELS // 1_000_000} megapixels")
+        from ..paths import write_atomically
+
+        stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip(".") or "photo"
+        for n in range(1, 1000):
+            target = self.folder / fit_file_name(stem if n == 1 else f"{stem}-{n}", suffix)
+            if not target.exists() or (is_regular_file(target) and target.read_bytes() == data):
+                break
+        else:
+            raise InvalidInput(f"too many photos named {stem} in {self.folder}")
+        if not target.exists():
+            write_atomically(target, lambda tmp: tmp.write_bytes(data))
+        return self.open_photo(target)
+
+    def mask(self, object_id: str, points=(), labels=None, box=None, words=None) -> dict:
+        """One object's mask from its clicks, box or words (masks.session)."""
+        session = self.session
+        if session is None:
+            raise InvalidInput("open a photo first")
+        object_id = str(object_id)[:64]
+        points = [numbers(p, 2, "a click") for p in listed(points, "clicks")]
+        if labels is not None and not all(type(v) is int for v in listed(labels, "labels")):
+            raise InvalidInput("labels must be 1 (on the object) or 0 (beside it)")
+        box = numbers(box, 4, "a box") if box is not None else None
+        if words is not None and not isinstance(words, str):
+            raise InvalidInput("words must be text")
+        result = session.mask(f"object {object_id}", points, labels, box, words)
+        self.masks[object_id] = result
+        return {"id": object_id, "score": result.score, "area": result.area, "box": list(result.box or ()),
+                "png": png_base64(result.mask)}
+
+    def save(self, objects: list[dict], out_dir=None) -> dict:
+        """The masks of `objects` ([{id, name}], in order) written as `mask` writes them:
+        beside the photo, or in `out_dir` (an allowed folder)."""
+        session = self.session
+        if session is None:
+            raise InvalidInput("open a photo first")
+        results = []
+        for item in listed(objects, "objects"):
+            if not isinstance(item, dict):
+                raise InvalidInput("each object must be {id, name}")
+            key = str(item.get("id"))
+            if key not in self.masks:
+                raise InvalidInput(f"object {item.get('name') or key!r} has no mask yet: click on it first")
+            label = str(item.get("name") or f"object {len(results) + 1}").strip()[:80]
+            results.append(dataclasses.replace(self.masks[key], label=label, path=None))
+        folder = self.confined(out_dir, "folder") if out_dir else self.out_dir
+        return session.save(results, folder).to_dict()
+
+    def learn(self, masks: list[str], settings: dict | None = None, name: str | None = None, base_model: str | None = None,
+              resume: bool = False, force: bool = False) -> dict:
+        """`learn` on the open photo and the saved masks, in the background; cancel
+        saves a checkpoint that `resume` continues."""
+        from ..train.learn import learn
+
+        if self.session is None:
+            raise InvalidInput("open a photo first")
+        if not all(isinstance(v, (str, type(None))) for v in (name, base_model, *listed(masks, "masks"))):
+            raise InvalidInput("the masks, the scene name and the base model must be text")
+        if not listed(masks, "masks"):
+            raise InvalidInput("save the masks first: learn needs one mask per object")
+        mask_paths = [self.confined(m, "mask") for m in masks]
+        config = config_from(LearnConfig, settings).validate(len(mask_paths))  # a bad setting fails here, not in the job
+        image = self.session.image_path
+        base = (base_model or "").strip() or self.base_model
+
+        def work(report, should_stop):
+            return learn(image, mask_paths, config, name=(name or "").strip() or None, base_model=base,
+                         device=self.device, resume=bool(resume), force=bool(force), report=report,
+                         should_stop=should_stop).to_dict()
+
+        return self._start("learn", work, cancellable=True)
+
+    def generate(self, scene: str, prompt: str, settings: dict | None = None) -> dict:
+        """`generate` one prompt with a scene (a cached name or an allowed path); the
+        images go to the output folder (default: the photo's)."""
+        from ..sample.generate import generate
+        from ..scenes.bundle import read_metadata
+
+        if not isinstance(prompt, str) or not isinstance(scene, (str, type(None))):
+            raise InvalidInput("the scene and the prompt must be text")
+        scene = (scene or "").strip()
+        if not scene:
+            raise InvalidInput("choose a scene")
+        ref = scene if valid_name(scene) and not scene.endswith(".scene") else self.confined(scene, "scene")
+        read_metadata(resolve_scene(ref))  # a scene that is not there (or not a scene) fails here, not in the job
+        config = config_from(GenerateConfig, settings).validate()
+        out_dir = self.out_dir or self.folder
+
+        def work(report, should_stop):
+            return generate(ref, [prompt], config, out_dir=out_dir, device=self.device, report=report).to_dict()
+
+        return self._start("generate", work)
+
+    def cancel(self) -> dict:
+        job = self.job
+        if job is None or not job.running:
+            raise InvalidInput("nothing is running")
+        if not job.cancellable:
+            raise InvalidInput(f"{job.kind} cannot be cancelled: it stops on its own")
+        job.cancel()
+        return job.summary()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop what runs (learn saves its checkpoint) and wait for what writes files,
+        so that none is left half-written."""
+        job = self.job
+        if job is not None and job.running:
+            job.cancel()
+            if job.writes:
+                job.join(timeout)

@@ -1,0 +1,241 @@
+"""The page's HTTP server: the standard library's ThreadingHTTPServer, on 127.0.0.1
+unless another host is asked for. No web framework: a dozen JSON routes, the static
+page and one event stream need nothing more, and the standard library adds no
+dependency to keep up to date. Every request must carry the token (header
+`X-Scenebreak-Token`, or `?token=` where a browser cannot set headers: the first page
+load, images, the event stream); bodies are bounded; every failure is one JSON line
+`{"error": ...}`, the command line's message."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import socket
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import SceneBreakError, UsageError
+from .app import MAX_UPLOAD_BYTES, App, Busy, OutsideFolders
+from .jobs import one_line
+
+MAX_JSON_BYTES = 1 << 20
+STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+KEEPALIVE = 15.0  # seconds between comments on an idle event stream
+# The page loads only from this server; nothing from the network, no inline script.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+}
+
+
+class Refused(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def status_of(exc: BaseException) -> HTTPStatus:
+    if isinstance(exc, OutsideFolders):
+        return HTTPStatus.FORBIDDEN
+    if isinstance(exc, Busy):
+        return HTTPStatus.CONFLICT
+    if isinstance(exc, UsageError):
+        return HTTPStatus.BAD_REQUEST
+    return HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # an open event stream never keeps the process alive
+
+    def __init__(self, app: App, host: str, port: int):
+        self.app, self.token, self.closing = app, secrets.token_urlsafe(24), threading.Event()
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), Handler)
+        self.host = host
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}/?token={self.token}"
+
+    def stop(self) -> None:
+        """Stop serving and close every stream; what runs is the app's to stop."""
+        self.closing.set()
+        self.shutdown()
+        self.server_close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass  # stderr carries scenebreak's own progress, not a request log
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _send(self, status: HTTPStatus, body: bytes, kind: str, extra: dict | None = None) -> None:
+        self.send_response(status)
+        for key, value in {**SECURITY_HEADERS, "Content-Type": kind, "Content-Length": str(len(body)), **(extra or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, data, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self._send(status, json.dumps(data, default=str).encode(), "application/json")
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._json({"error": message}, status)
+
+    def _check(self, query: dict) -> None:
+        """The token, and (on a local address) a local Host header: a web page elsewhere
+        cannot reach this server through a name that points at 127.0.0.1."""
+        given = self.headers.get("X-Scenebreak-Token") or (query.get("token") or [""])[0]
+        if not hmac.compare_digest(given.encode(), self.server.token.encode()):
+            raise Refused(HTTPStatus.FORBIDDEN, "this request has no valid token: open the URL that scenebreak ui printed")
+        if self.server.host in LOCAL_HOSTS:
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            if host not in LOCAL_HOSTS:
+                raise Refused(HTTPStatus.FORBIDDEN, f"requests for host {host!r} are refused: use {self.server.url.split('?')[0]}")
+
+    def _body(self, limit: int) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length")
+        if int(length) > limit:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request is over {limit >> 20} MB")
+        return self.rfile.read(int(length))
+
+    def _payload(self) -> dict:
+        try:
+            data = json.loads(self._body(MAX_JSON_BYTES) or b"{}")
+        except ValueError:
+            raise Refused(HTTPStatus.BAD_REQUEST, "the request is not JSON") from None
+        if not isinstance(data, dict):
+            raise Refused(HTTPStatus.BAD_REQUEST, "the request must be a JSON object")
+        return data
+
+    def _handle(self, route) -> None:
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        try:
+            self._check(query)
+            route(parts.path, query)
+        except Refused as exc:
+            self._error(exc.status, str(exc))
+        except SceneBreakError as exc:
+            self._error(status_of(exc), str(exc))
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - one line, as the command line gives it
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, one_line(exc)[0])
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self._handle(self._get)
+
+    def do_POST(self):  # noqa: N802
+        self._handle(self._post)
+
+    # -- routes ---------------------------------------------------------------------------------------
+
+    def _get(self, path: str, query: dict) -> None:
+        app = self.server.app
+        arg = (query.get("path") or [""])[0]
+        if path == "/":
+            page = resources.files(__package__).joinpath("static/index.html").read_text()
+            self._send(HTTPStatus.OK, page.replace("__TOKEN__", self.server.token).encode(), "text/html; charset=utf-8")
+        elif path.startswith("/static/") and path[len("/static/"):] in STATIC:
+            name = path[len("/static/"):]
+            data = resources.files(__package__).joinpath("static", name).read_bytes()
+            self._send(HTTPStatus.OK, data, STATIC[name] + "; charset=utf-8")
+        elif path == "/api/state":
+            self._json(app.state())
+        elif path == "/api/photos":
+            self._json({"folder": str(app.folder), "photos": app.photos()})
+        elif path == "/api/scenes":
+            self._json({"scenes": app.scenes()})
+        elif path == "/api/file":
+            data, kind = app.read_image_file(arg)
+            self._send(HTTPStatus.OK, data, kind)
+        elif path == "/api/events":
+            self._events(query)
+        else:
+            raise Refused(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+
+    def _post(self, path: str, query: dict) -> None:
+        app = self.server.app
+        if path == "/api/upload":
+            data = self._body(MAX_UPLOAD_BYTES)
+            self._json(app.upload((query.get("name") or ["photo.png"])[0], data))
+            return
+        body = self._payload()
+        if path == "/api/open":
+            self._json(app.open_photo(body.get("path")))
+        elif path == "/api/mask":
+            self._json(app.mask(body.get("id", "1"), body.get("points"), body.get("labels"), body.get("box"),
+                                body.get("words")))
+        elif path == "/api/save":
+            self._json(app.save(body.get("objects"), body.get("out_dir")))
+        elif path == "/api/learn":
+            self._json(app.learn(body.get("masks"), body.get("settings"), body.get("name"), body.get("base_model"),
+                                 body.get("resume") is True, body.get("force") is True))
+        elif path == "/api/generate":
+            self._json(app.generate(body.get("scene"), body.get("prompt"), body.get("settings")))
+        elif path == "/api/cancel":
+            self._json(app.cancel())
+        else:
+            raise Refused(HTTPStatus.NOT_FOUND, f"no such action: {path}")
+
+    def _events(self, query: dict) -> None:
+        """Server-Sent Events: the running job's records after `after` (or the
+        browser's Last-Event-ID), until the job ends."""
+        job = self.server.app.job
+        try:
+            after = int(self.headers.get("Last-Event-ID") or (query.get("after") or ["0"])[0])
+        except ValueError:
+            after = 0
+        self.send_response(HTTPStatus.OK)
+        for key, value in {**SECURITY_HEADERS, "Content-Type": "text/event-stream"}.items():
+            self.send_header(key, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        if job is None:
+            self.wfile.write(b"retry: 3000\n\n")
+            return
+        while not self.server.closing.is_set():
+            records = job.records_after(after, KEEPALIVE)
+            for record in records:
+                self.wfile.write(f"id: {record['seq']}\ndata: {json.dumps(record)}\n\n".encode())
+                after = record["seq"]
+            if not records:
+                self.wfile.write(b": still here\n\n")
+            self.wfile.flush()
+            if not job.running and after >= job.seq:
+                return
+
+
+def serve(photo=None, *, host: str = "127.0.0.1", port: int = 0, on_ready=None, **options) -> None:
+    """Serve the page for `photo` (App's `options`: out_dir, mask_config, base_model,
+    device, report) until interrupted (Ctrl-C: KeyboardInterrupt); `on_ready(url)`
+    gets the URL with its token. Whatever runs is stopped (learn saves its checkpoint)
+    and the port closed before it returns."""
+    app = App(photo, **options)
+    server = Server(app, host, port)
+    try:
+        if on_ready:
+            on_ready(server.url)
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.closing.set()
+        server.server_close()
+        app.close()

@@ -1,0 +1,562 @@
+// The page of `scenebreak ui`. It only shows things and asks the server: every mask,
+// file, learn and image comes from a library call there (scenebreak/ui/app.py).
+"use strict";
+
+const token = document.querySelector('meta[name="token"]').content;
+const $ = (id) => document.getElementById(id);
+// The colours of the masks' preview (scenebreak/masks/files.py, PALETTE).
+const PALETTE = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 200, 0], [145, 30, 180], [70, 220, 220],
+  [245, 130, 48], [240, 50, 230], [128, 128, 0], [0, 128, 128]];
+
+const page = { photo: null, image: null, objects: [], current: -1, nextId: 1, saved: [], cursor: null, drag: null,
+  settings: {}, stream: null };
+
+// -- talking to the server -------------------------------------------------------------------------
+
+async function api(path, body) {
+  const options = { method: body === undefined ? "GET" : "POST", headers: { "X-Scenebreak-Token": token } };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.error || response.statusText);
+  return data;
+}
+
+function fileUrl(path) {
+  return `/api/file?path=${encodeURIComponent(path)}&token=${encodeURIComponent(token)}`;
+}
+
+function showError(error) {
+  $("error").textContent = error ? (error.message || String(error)) : "";
+  $("error").hidden = !error;
+}
+
+function log(text, level) {
+  const item = document.createElement("li");
+  item.textContent = text;
+  if (level === "warning") item.className = "warning";
+  $("log").append(item);
+  $("log").scrollTop = $("log").scrollHeight;  // the newest line in view, without scrolling the page
+}
+
+// Run an action; its one-line error (the command line's) shows at the top.
+function act(fn) {
+  return async (...args) => {
+    showError(null);
+    try { await fn(...args); } catch (error) { showError(error); }
+  };
+}
+
+// -- long actions: progress from the server's event stream -----------------------------------------
+
+const finished = {
+  photo: (result) => loadPhoto(result.photo),
+  learn: (result) => {
+    $("learned").textContent = `Learned ${result.handles.join(" ")} in ${result.name} (${result.path})`;
+    $("prompt").value = $("prompt").value || `a photo of ${result.handles[0]} on the moon`;
+    loadScenes(result.name);
+  },
+  generate: (result) => {
+    for (const image of result.images) {
+      const img = document.createElement("img");
+      img.src = fileUrl(image.path);
+      img.alt = `${image.prompt} (seed ${image.seed})`;
+      img.title = image.path;
+      $("images").prepend(img);
+    }
+  },
+};
+
+function watch(job) {
+  if (page.stream) page.stream.close();
+  $("job").hidden = false;
+  $("cancel").hidden = !job.cancellable;
+  $("job-text").textContent = `${job.kind}: starting`;
+  $("job-bar").removeAttribute("value");  // indeterminate until the first progress record
+  document.body.dataset.job = "running";
+  const stream = new EventSource(`/api/events?token=${encodeURIComponent(token)}&after=0`);
+  page.stream = stream;
+  stream.onmessage = (message) => {
+    const record = JSON.parse(message.data);
+    if (record.type === "progress") {
+      const loss = record.info && record.info.loss != null ? ` loss ${record.info.loss.toFixed(4)}` : "";
+      $("job-text").textContent = `${record.task} ${record.completed}/${record.total}${loss}`;
+      $("job-bar").max = Math.max(1, record.total);
+      $("job-bar").value = record.completed;
+      if (record.completed === record.total) log(`${record.task}: ${record.completed}/${record.total}${loss}`);
+    } else if (record.type === "message") {
+      log(record.text, record.level);
+    } else if (record.type === "state") {
+      stream.close();
+      page.stream = null;
+      $("cancel").hidden = true;
+      document.body.dataset.job = record.state;
+      $("job-text").textContent = `${record.job}: ${record.state}`;
+      if (record.state === "done") {
+        $("job-bar").max = 1;
+        $("job-bar").value = 1;
+        act(async () => finished[record.job](record.result))();
+      } else {
+        showError(record.error);
+        log(`${record.job} ${record.state}: ${record.error}`, "warning");
+      }
+    }
+  };
+}
+
+async function start(path, body) {
+  watch(await api(path, body));
+}
+
+// -- the photo and its objects ------------------------------------------------------------------------
+
+function loadPhoto(path) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => {
+      page.photo = path;
+      page.image = image;
+      page.objects = [];
+      page.saved = [];
+      $("saved").replaceChildren();
+      $("canvas").width = image.naturalWidth;
+      $("canvas").height = image.naturalHeight;
+      $("photo-name").textContent = `${path} (${image.naturalWidth}x${image.naturalHeight})`;
+      fit();
+      addObject();
+      resolve();
+    };
+    image.onerror = () => reject(new Error(`cannot show ${path}`));
+    image.src = fileUrl(path);
+  });
+}
+
+// Show the photo as large as its panel allows (small ones scaled up, pixel by pixel).
+function fit() {
+  const canvas = $("canvas");
+  if (!page.image) return;
+  const room = canvas.parentElement.clientWidth;
+  const tall = window.innerHeight - canvas.getBoundingClientRect().top - 40;
+  const scale = Math.min(room / canvas.width, Math.max(tall, 200) / canvas.height, 8);
+  canvas.style.width = `${Math.floor(canvas.width * scale)}px`;
+  canvas.style.height = `${Math.floor(canvas.height * scale)}px`;
+  canvas.style.imageRendering = scale >= 2 ? "pixelated" : "auto";
+}
+
+function addObject() {
+  const id = String(page.nextId++);
+  page.objects.push({ id, name: `object ${page.objects.length + 1}`, points: [], labels: [], box: null, words: "",
+    overlay: null, area: 0, score: null });
+  page.current = page.objects.length - 1;
+  renderObjects();
+  draw();
+}
+
+function currentObject() {
+  if (!page.image) throw new Error("open a photo first");
+  if (page.current < 0) addObject();
+  return page.objects[page.current];
+}
+
+// What `scenebreak mask` needs for the same mask (clicks beside an object are the page's own).
+function commandFor(object) {
+  if (object.words) return `-p "${object.words}"`;
+  const on = object.points.filter((_, i) => object.labels[i] === 1);
+  const beside = object.points.filter((_, i) => object.labels[i] === 0);
+  if (object.box) return object.points.length ? "a box with clicks: the page only" : `--box ${object.box.join(",")}`;
+  return [...on.map(([x, y]) => `--point ${x},${y}`), ...beside.map(([x, y]) => `--exclude ${x},${y}`)].join(" ")
+    + (on.length > 1 ? " --group" : "");
+}
+
+function renderObjects() {
+  const list = $("objects");
+  list.replaceChildren();
+  page.objects.forEach((object, index) => {
+    const colour = PALETTE[index % PALETTE.length];
+    const item = document.createElement("li");
+    item.style.setProperty("--swatch", `rgb(${colour.join(",")})`);
+    item.className = index === page.current ? "current" : "";
+    item.dataset.id = object.id;
+    const name = document.createElement("input");
+    name.type = "text";
+    name.value = object.name;
+    name.setAttribute("aria-label", `Name of object ${index + 1}`);
+    name.onchange = () => { object.name = name.value.trim() || object.name; };
+    name.onfocus = () => select(index);
+    const words = document.createElement("input");
+    words.type = "text";
+    words.placeholder = "or describe it in words";
+    words.value = object.words;
+    words.setAttribute("aria-label", `Words for object ${index + 1}`);
+    words.onkeydown = (event) => { if (event.key === "Enter") find(); };
+    words.onfocus = () => select(index);
+    const find = act(async () => {
+      object.words = words.value.trim();
+      object.points = []; object.labels = []; object.box = null;
+      select(index);
+      await requestMask(object);
+    });
+    const tools = document.createElement("div");
+    tools.className = "tools";
+    const button = (text, label, fn) => {
+      const b = document.createElement("button");
+      b.type = "button"; b.className = "plain"; b.textContent = text; b.setAttribute("aria-label", label);
+      b.onclick = fn;
+      tools.append(b);
+    };
+    button("Select", `Select object ${index + 1} for clicks`, () => { select(index); $("canvas").focus(); });
+    button("Find", `Find object ${index + 1} from its words`, find);
+    button("↑", `Move object ${index + 1} up`, () => move(index, -1));
+    button("↓", `Move object ${index + 1} down`, () => move(index, 1));
+    button("Delete", `Delete object ${index + 1}`, () => {
+      page.objects.splice(index, 1);
+      page.current = Math.min(page.current, page.objects.length - 1);
+      renderObjects(); draw();
+    });
+    const facts = document.createElement("div");
+    facts.className = "facts";
+    facts.textContent = object.overlay
+      ? `${object.area} px, score ${object.score.toFixed(2)}; as a command: scenebreak mask … ${commandFor(object)}`
+      : "no mask yet: click on it in the photo";
+    item.append(name, words, tools, facts);
+    list.append(item);
+  });
+}
+
+// Make object `index` the one clicks go to, without rebuilding the list (focus stays where it is).
+function select(index) {
+  page.current = index;
+  [...$("objects").children].forEach((item, i) => item.classList.toggle("current", i === index));
+  draw();
+}
+
+function move(index, step) {
+  const to = index + step;
+  if (to < 0 || to >= page.objects.length) return;
+  [page.objects[index], page.objects[to]] = [page.objects[to], page.objects[index]];
+  page.current = to;
+  renderObjects(); draw();
+}
+
+async function requestMask(object) {
+  if (!object.words && !object.box && !object.labels.includes(1)) {
+    object.overlay = null;
+    object.area = 0;
+  } else {
+    const result = await api("/api/mask", { id: object.id, points: object.points, labels: object.labels,
+      box: object.box, words: object.words || null });
+    object.area = result.area;
+    object.score = result.score;
+    object.overlay = await overlay(result.png);
+  }
+  $("canvas").dataset.masks = String(page.objects.filter((o) => o.overlay).length);
+  renderObjects();
+  draw();
+}
+
+// The 0/255 mask PNG as a canvas: white pixels become its colour, the rest transparent.
+function overlay(png) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => {
+      const layer = document.createElement("canvas");
+      layer.width = image.naturalWidth;
+      layer.height = image.naturalHeight;
+      const context = layer.getContext("2d");
+      context.drawImage(image, 0, 0);
+      const pixels = context.getImageData(0, 0, layer.width, layer.height);
+      for (let i = 0; i < pixels.data.length; i += 4) {
+        pixels.data[i + 3] = pixels.data[i] > 127 ? 255 : 0;
+        pixels.data[i] = pixels.data[i + 1] = pixels.data[i + 2] = 255;
+      }
+      context.putImageData(pixels, 0, 0);
+      resolve(layer);
+    };
+    image.onerror = () => reject(new Error("the mask could not be shown"));
+    image.src = `data:image/png;base64,${png}`;
+  });
+}
+
+function draw() {
+  const canvas = $("canvas");
+  const context = canvas.getContext("2d");
+  if (!page.image) return;
+  context.globalAlpha = 1;
+  context.drawImage(page.image, 0, 0);
+  // Photo pixels per screen pixel: marks keep their size on the screen however the photo is shown.
+  const scale = canvas.width / Math.max(1, canvas.getBoundingClientRect().width);
+  page.objects.forEach((object, index) => {
+    if (!object.overlay) return;
+    const tinted = document.createElement("canvas");
+    tinted.width = canvas.width; tinted.height = canvas.height;
+    const t = tinted.getContext("2d");
+    t.drawImage(object.overlay, 0, 0);
+    t.globalCompositeOperation = "source-in";
+    t.fillStyle = `rgb(${PALETTE[index % PALETTE.length].join(",")})`;
+    t.fillRect(0, 0, tinted.width, tinted.height);
+    context.globalAlpha = 0.5;
+    context.drawImage(tinted, 0, 0);
+    context.globalAlpha = 1;
+  });
+  const object = page.objects[page.current];
+  if (object) {
+    object.points.forEach(([x, y], i) => {
+      context.fillStyle = object.labels[i] ? "#18a849" : "#d0021b";
+      context.strokeStyle = "#fff";
+      context.lineWidth = scale;
+      context.beginPath();
+      context.arc(x + 0.5, y + 0.5, 4 * scale, 0, 2 * Math.PI);
+      context.fill();
+      context.stroke();
+    });
+    if (object.box) {
+      const [x0, y0, x1, y1] = object.box;
+      context.strokeStyle = "#0b62c4";
+      context.lineWidth = 2 * scale;
+      context.strokeRect(x0, y0, x1 - x0, y1 - y0);
+    }
+  }
+  if (page.drag && page.drag.moved) {
+    const { x0, y0, x1, y1 } = page.drag;
+    context.setLineDash([6 * scale, 4 * scale]);
+    context.strokeStyle = "#0b62c4";
+    context.lineWidth = 2 * scale;
+    context.strokeRect(Math.min(x0, x1), Math.min(y0, y1), Math.abs(x1 - x0), Math.abs(y1 - y0));
+    context.setLineDash([]);
+  }
+  if (page.cursor && document.activeElement === canvas) {
+    const [x, y] = page.cursor;
+    context.strokeStyle = "#0b62c4";
+    context.lineWidth = scale;
+    context.beginPath();
+    context.moveTo(x + 0.5 - 8 * scale, y + 0.5); context.lineTo(x + 0.5 + 8 * scale, y + 0.5);
+    context.moveTo(x + 0.5, y + 0.5 - 8 * scale); context.lineTo(x + 0.5, y + 0.5 + 8 * scale);
+    context.stroke();
+  }
+}
+
+// A pixel of the photo under the pointer: whole numbers, as one types them for `mask --point X,Y`.
+function pixelAt(event) {
+  const canvas = $("canvas");
+  const rect = canvas.getBoundingClientRect();
+  const x = Math.floor((event.clientX - rect.left) * canvas.width / rect.width);
+  const y = Math.floor((event.clientY - rect.top) * canvas.height / rect.height);
+  return [Math.min(Math.max(x, 0), canvas.width - 1), Math.min(Math.max(y, 0), canvas.height - 1)];
+}
+
+const click = act(async (x, y, label) => {
+  const object = currentObject();
+  object.words = "";
+  object.points.push([x, y]);
+  object.labels.push(label);
+  draw();
+  await requestMask(object);
+});
+
+function mode() {
+  return Number(document.querySelector('input[name="mode"]:checked').value);
+}
+
+function setUpCanvas() {
+  const canvas = $("canvas");
+  canvas.addEventListener("pointerdown", (event) => {
+    if (!page.image || event.button !== 0) return;
+    const [x, y] = pixelAt(event);
+    page.drag = { x0: x, y0: y, x1: x, y1: y, sx: event.clientX, sy: event.clientY, moved: false };
+    canvas.setPointerCapture(event.pointerId);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!page.drag) return;
+    [page.drag.x1, page.drag.y1] = pixelAt(event);
+    page.drag.moved = page.drag.moved || Math.hypot(event.clientX - page.drag.sx, event.clientY - page.drag.sy) > 6;
+    if (page.drag.moved) draw();
+  });
+  canvas.addEventListener("pointerup", act(async (event) => {
+    const drag = page.drag;
+    page.drag = null;
+    if (!drag) return;
+    if (!drag.moved) {
+      await click(drag.x0, drag.y0, event.shiftKey ? 0 : mode());
+      return;
+    }
+    const object = currentObject();
+    const [x1, y1] = pixelAt(event);
+    // A box's far corner is the pixel's far edge: a box over pixels 10..20 is 10,10,21,21.
+    object.box = [Math.min(drag.x0, x1), Math.min(drag.y0, y1), Math.max(drag.x0, x1) + 1, Math.max(drag.y0, y1) + 1];
+    object.words = "";
+    draw();
+    await requestMask(object);
+  }));
+  canvas.addEventListener("keydown", (event) => {
+    if (!page.image) return;
+    const step = event.altKey ? 1 : Math.max(1, Math.round(canvas.width / 50));
+    const [x, y] = page.cursor || [Math.floor(canvas.width / 2), Math.floor(canvas.height / 2)];
+    const moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+    if (moves[event.key]) {
+      page.cursor = [Math.min(Math.max(x + moves[event.key][0], 0), canvas.width - 1),
+        Math.min(Math.max(y + moves[event.key][1], 0), canvas.height - 1)];
+    } else if (event.key === "Enter" || event.key === " ") {
+      click(x, y, event.shiftKey ? 0 : mode());
+    } else if (event.key === "n" || event.key === "N") {
+      click(x, y, 0);
+    } else if (event.key === "Backspace") {
+      undo();
+    } else {
+      return;
+    }
+    page.cursor = page.cursor || [x, y];
+    event.preventDefault();
+    draw();
+  });
+  canvas.addEventListener("focus", () => { page.cursor = page.cursor || [Math.floor(canvas.width / 2), Math.floor(canvas.height / 2)]; draw(); });
+  canvas.addEventListener("blur", draw);
+}
+
+const undo = act(async () => {
+  const object = currentObject();
+  if (object.points.length) {
+    object.points.pop();
+    object.labels.pop();
+  } else {
+    object.box = null;
+  }
+  await requestMask(object);
+});
+
+// -- the settings forms, from the same fields as the command line's options -----------------------
+
+function buildSettings(container, fields, skip) {
+  const inputs = {};
+  for (const field of fields) {
+    if (skip.includes(field.name)) continue;
+    const id = `${container.id}-${field.name}`;
+    const label = document.createElement("label");
+    label.htmlFor = id;
+    label.textContent = field.flag;
+    label.title = field.help || "";
+    let input;
+    if (field.kind === "bool") {
+      input = document.createElement("input");
+      input.type = "checkbox";
+      input.checked = field.default;
+      label.prepend(input);
+    } else if (field.kind === "choice") {
+      input = document.createElement("select");
+      const choices = field.default == null ? ["", ...field.choices] : field.choices;
+      for (const choice of choices) {
+        const option = document.createElement("option");
+        option.value = choice;
+        option.textContent = choice || "(default)";
+        option.selected = choice === (field.default ?? "");
+        input.append(option);
+      }
+    } else {
+      input = document.createElement("input");
+      input.type = "text";
+      input.placeholder = field.default == null ? "(default)" : String(Array.isArray(field.default) ? field.default.join(" ") : field.default);
+    }
+    input.id = id;
+    input.title = field.help || "";
+    container.append(label);
+    if (field.kind !== "bool") container.append(input);
+    inputs[field.name] = { input, field };
+  }
+  return inputs;
+}
+
+// Only what was changed: the rest keeps the library's defaults.
+function settingsOf(inputs) {
+  const values = {};
+  for (const [name, { input, field }] of Object.entries(inputs)) {
+    if (field.kind === "bool") {
+      if (input.checked !== field.default) values[name] = input.checked;
+    } else if (input.value.trim() !== "" && input.value !== (field.default ?? "")) {
+      values[name] = input.value.trim();
+    }
+  }
+  return values;
+}
+
+// -- lists ------------------------------------------------------------------------------------------------
+
+async function loadPhotos(selected) {
+  const data = await api("/api/photos");
+  const list = $("photo-list");
+  list.replaceChildren(...data.photos.map((name) => new Option(name, name, false, name === selected)));
+}
+
+async function loadScenes(selected) {
+  const data = await api("/api/scenes");
+  const list = $("scene");
+  const rows = data.scenes.filter((row) => !row.error);
+  list.replaceChildren(...rows.map((row) => new Option(`${row.name} (${row.handles.join(" ")})`, row.name, false,
+    row.name === selected)));
+  if (selected) list.value = selected;
+}
+
+// -- the buttons ------------------------------------------------------------------------------------------
+
+function setUpButtons() {
+  $("open").onclick = act(() => start("/api/open", { path: $("photo-list").value }));
+  $("upload").onchange = act(async () => {
+    const file = $("upload").files[0];
+    if (!file) return;
+    const response = await fetch(`/api/upload?name=${encodeURIComponent(file.name)}`, {
+      method: "POST", headers: { "X-Scenebreak-Token": token, "Content-Type": "application/octet-stream" }, body: file });
+    const data = await response.json();
+    if (!response.ok) throw new Error(data.error);
+    watch(data);
+    loadPhotos(file.name);
+  });
+  $("add").onclick = act(async () => { currentObject(); addObject(); $("canvas").focus(); });
+  $("undo").onclick = undo;
+  $("save").onclick = act(async () => {
+    const objects = page.objects.filter((o) => o.overlay).map((o) => ({ id: o.id, name: o.name }));
+    const run = await api("/api/save", { objects, out_dir: $("out-dir").value.trim() || null });
+    page.saved = run.masks.map((m) => m.path);
+    const items = [...page.saved, run.preview].map((path) => {
+      const item = document.createElement("li");
+      const link = document.createElement("a");
+      link.href = fileUrl(path);
+      link.target = "_blank";
+      link.textContent = path;
+      item.append(link);
+      return item;
+    });
+    $("saved").replaceChildren(...items);
+    for (const warning of run.overlaps) log(`masks ${warning.masks.join(" and ")} overlap (${Math.round(warning.fraction * 100)}%)`, "warning");
+  });
+  $("learn").onclick = act(() => start("/api/learn", {
+    masks: page.saved, name: $("scene-name").value.trim() || null, base_model: $("base-model").value.trim() || null,
+    resume: $("resume").checked, force: $("force").checked, settings: settingsOf(page.settings.learn) }));
+  $("cancel").onclick = act(() => api("/api/cancel", {}));
+  $("refresh").onclick = act(() => loadScenes($("scene").value));
+  $("generate").onclick = act(() => start("/api/generate", {
+    scene: $("scene").value, prompt: $("prompt").value, settings: settingsOf(page.settings.generate) }));
+  $("prompt").onkeydown = (event) => { if (event.key === "Enter") $("generate").click(); };
+}
+
+window.addEventListener("resize", fit);
+
+window.addEventListener("DOMContentLoaded", act(async () => {
+  setUpCanvas();
+  setUpButtons();
+  const state = await api("/api/state");
+  page.settings.learn = buildSettings($("learn-settings"), state.settings.learn, []);
+  page.settings.generate = buildSettings($("generate-settings"), state.settings.generate, []);
+  $("base-model").value = state.base_model;
+  if (state.out_dir) $("out-dir").placeholder = state.out_dir;
+  const name = state.photo ? state.photo.split(/[\\/]/).pop() : null;
+  await Promise.all([loadPhotos(name), loadScenes()]);
+  if (state.job && state.job.state === "running") {
+    watch(state.job);
+  } else if (state.ready) {
+    await loadPhoto(state.photo);
+  } else if (state.photo) {
+    await start("/api/open", { path: state.photo });
+  }
+  document.body.dataset.loaded = "yes";
+}));

@@ -1,0 +1,225 @@
+"""The page's HTTP API (`scenebreak ui`) on the tiny segmentation and SD models: the
+token, the allowed folders, the masks equal to `scenebreak mask`'s, the command line's
+one-line errors, and learn and generate with their progress streamed."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from scenebreak.cli.commands import cli
+
+
+def png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def file_array(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def open_photo(ui, photo) -> list[dict]:
+    ui.ok("/api/open", {"path": str(photo)})
+    records = ui.wait()
+    assert records[-1]["state"] == "done", records[-1]
+    return records
+
+
+def cli_masks(photo, out_dir, models, *args) -> list:
+    detector, segmenter = models
+    result = CliRunner().invoke(cli, ["mask", str(photo), "--out-dir", str(out_dir), "--detector", str(detector),
+                                      "--segmenter", str(segmenter), "--threshold", "0", "-q", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return [file_array(line) for line in result.stdout.splitlines()]
+
+
+def test_the_token_is_needed_on_every_request(ui):
+    for path in ("/", "/api/state", "/static/app.js", "/api/scenes", "/api/events"):
+        status, body, _ = ui.call(path, token=False)
+        assert status == 403 and b"no valid token" in body, (path, status)
+    status, body, _ = ui.call("/api/state", token=False, headers={"X-Scenebreak-Token": "guess"})
+    assert status == 403
+    status, body = ui.json("/api/open", {"path": "photo.png"}, token=False)
+    assert status == 403 and ui.server.app.job is None  # refused before anything ran
+    # The printed URL carries it: the page, its script and style load with it, and the page passes it on.
+    status, page, headers = ui.call("/?token=" + ui.server.token, token=False)
+    assert status == 200 and ui.server.token.encode() in page and "default-src 'self'" in headers["Content-Security-Policy"]
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert ui.call(f"{asset}?token={ui.server.token}", token=False)[0] == 200
+    # A name that points at 127.0.0.1 from someone else's page is refused, token or not.
+    status, body, _ = ui.call("/api/state", headers={"Host": f"evil.example:{ui.server.server_address[1]}"})
+    assert status == 403 and b"evil.example" in body
+
+
+def test_paths_outside_the_allowed_folders_are_refused(ui, scene_files, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    folder = scene_files["image"].parent
+    os.symlink(secret, folder / "link.png")  # a link inside that leads outside
+    for path in (secret, "../outside/secret.png", "link.png", "/etc/passwd"):
+        status, data = ui.json(f"/api/file?path={path}")
+        assert status == 403 and "outside the folders" in data["error"], (path, data)
+        status, data = ui.json("/api/open", {"path": str(path)})
+        assert status == 403, (path, data)
+    # Inside: the photo itself, by name or path; never a file that is not an image.
+    assert ui.call(f"/api/file?path=photo.png")[0] == 200
+    (folder / "notes.txt").write_text("hello")
+    status, data = ui.json("/api/file?path=notes.txt")
+    assert status == 400 and "not an image" in data["error"]
+    open_photo(ui, scene_files["image"])
+    ui.ok("/api/mask", {"id": "a", "points": [[20, 20]]})
+    status, data = ui.json("/api/save", {"objects": [{"id": "a", "name": "red"}], "out_dir": str(outside)})
+    assert status == 403 and not list(outside.glob("*.mask*"))
+    status, data = ui.json("/api/learn", {"masks": [str(secret)]})
+    assert status == 403
+
+
+def test_a_click_gives_the_mask_that_mask_point_gives(ui, scene_files, tiny_segmentation, tmp_path):
+    photo = scene_files["image"]
+    records = open_photo(ui, photo)
+    # The embedding's progress came through the stream, from the library's own records.
+    assert {"type": "progress", "task": "embedding the photo", "completed": 1, "total": 1} in \
+        [{k: r.get(k) for k in ("type", "task", "completed", "total")} for r in records]
+    state = ui.ok("/api/state")
+    assert state["ready"] and state["size"] == [96, 80]
+
+    one = ui.ok("/api/mask", {"id": "1", "points": [[20, 20]]})
+    two = ui.ok("/api/mask", {"id": "2", "points": [[60, 50], [70, 60]], "labels": [1, 1]})
+    box = ui.ok("/api/mask", {"id": "3", "box": [52, 42, 84, 74]})
+    for answer in (one, two, box):
+        mask = png_array(base64.b64decode(answer["png"]))
+        assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255} and (mask > 0).sum() == answer["area"] > 0
+    run = ui.ok("/api/save", {"objects": [{"id": "1", "name": "red"}, {"id": "2", "name": "blue"}, {"id": "3", "name": "boxed"}]})
+    assert [os.path.basename(m["path"]) for m in run["masks"]] == ["photo.mask1.png", "photo.mask2.png", "photo.mask3.png"]
+    assert [m["label"] for m in run["masks"]] == ["red", "blue", "boxed"]
+    assert os.path.dirname(run["masks"][0]["path"]) == str(photo.parent.resolve()) and os.path.exists(run["preview"])
+    saved = [file_array(m["path"]) for m in run["masks"]]
+    assert not np.array_equal(saved[0], saved[2])  # different prompts, different masks: the comparisons below mean something
+    # The same clicks and box on the command line give the same pixels.
+    assert np.array_equal(saved[0], cli_masks(photo, tmp_path / "a", tiny_segmentation, "--point", "20,20")[0])
+    assert np.array_equal(saved[1], cli_masks(photo, tmp_path / "b", tiny_segmentation, "--point", "60,50",
+                                              "--point", "70,60", "--group")[0])
+    assert np.array_equal(saved[2], cli_masks(photo, tmp_path / "c", tiny_segmentation, "--box", "52,42,84,74")[0])
+    assert np.array_equal(png_array(base64.b64decode(one["png"])), saved[0])
+    # A click beside the object is --exclude.
+    beside = ui.ok("/api/mask", {"id": "1", "points": [[20, 20], [60, 50], [40, 36]], "labels": [1, 1, 0]})
+    assert np.array_equal(png_array(base64.b64decode(beside["png"])), cli_masks(
+        photo, tmp_path / "e", tiny_segmentation, "--point", "20,20", "--point", "60,50", "--exclude", "40,36", "--group")[0])
+    # Words go through the detector, as `mask -p` does.
+    words = ui.ok("/api/mask", {"id": "4", "words": "red square"})
+    assert np.array_equal(png_array(base64.b64decode(words["png"])) > 0,
+                          cli_masks(photo, tmp_path / "d", tiny_segmentation, "-p", "red square")[0] > 0)
+    # Saving elsewhere: into --out-dir-like folders under the allowed roots (here a subfolder of the photo's).
+    run = ui.ok("/api/save", {"objects": [{"id": "3", "name": "only"}], "out_dir": "masks"})
+    assert run["masks"][0]["path"] == str(photo.parent.resolve() / "masks" / "photo.mask1.png")
+
+
+def test_bad_input_gets_the_command_lines_one_line(ui, scene_files):
+    status, data = ui.json("/api/mask", {"id": "1", "points": [[20, 20]]})
+    assert status == 400 and data == {"error": "open a photo first"}
+    open_photo(ui, scene_files["image"])
+    cases = [
+        ("/api/mask", {"points": [[500, 20]]}, "point 500,20 is outside the image (96x80; X in 0..95, Y in 0..79)"),
+        ("/api/mask", {"box": [30, 2, 1, 40]}, "must be X0,Y0,X1,Y1 with X0 < X1"),
+        ("/api/mask", {"points": [[20, 20]], "labels": [0]}, "nothing to segment"),
+        ("/api/save", {"objects": [{"id": "nope"}]}, "has no mask yet"),
+        ("/api/learn", {"masks": ["red.png"], "settings": {"steps1": "-1"}}, "--steps1 must be at least 0"),
+        ("/api/learn", {"masks": ["red.png"], "settings": {"steps1": "many"}}, "--steps1 'many' is not a valid integer"),
+        ("/api/learn", {"masks": ["red.png"], "settings": {"warp": 1}}, "unknown setting 'warp'"),
+        ("/api/generate", {"scene": "nothing-here", "prompt": "<asset1>"}, "nothing-here"),
+        ("/api/cancel", {}, "nothing is running"),
+    ]
+    for path, body, message in cases:
+        status, data = ui.json(path, body)
+        assert status == 400 and "\n" not in data["error"], (path, data)
+        if message:
+            assert message in data["error"], (path, data)
+    assert ui.ok("/api/state")["job"]["kind"] == "photo"  # none of them started a job
+    status, body, _ = ui.call("/api/open", raw=b"not json")
+    assert status == 400 and b"not JSON" in body
+    status, data = ui.json("/api/upload?name=x.png", raw=b"not a picture")
+    assert status == 400 and "cannot be read as an image" in data["error"]
+    status, data = ui.json("/api/upload?name=x.exe", raw=b"MZ")
+    assert status == 400 and "not a PNG, JPEG or WebP" in data["error"]
+
+
+def test_learn_streams_its_progress_is_cancellable_and_resumes_then_generate(ui, scene_files):
+    photo = scene_files["image"]
+    open_photo(ui, photo)
+    ui.ok("/api/mask", {"id": "1", "points": [[20, 20]]})
+    ui.ok("/api/mask", {"id": "2", "box": [52, 42, 84, 74]})
+    masks = [m["path"] for m in ui.ok("/api/save", {"objects": [{"id": "1"}, {"id": "2"}]})["masks"]]
+    settings = {"steps1": "2", "steps2": "2", "prior": False, "names": "red blue"}
+    # Cancelled at once: learn stops after its first step with a checkpoint, as on Ctrl-C.
+    job = ui.ok("/api/learn", {"masks": masks, "settings": settings, "name": "photo"})
+    assert job["kind"] == "learn" and job["cancellable"]
+    ui.ok("/api/cancel", {})
+    records = ui.wait()
+    assert records[-1]["state"] == "cancelled" and "--resume" in records[-1]["error"], records[-1]
+    # Resumed: it goes on from there and writes the scene; the progress is the CLI's records.
+    job = ui.ok("/api/learn", {"masks": masks, "settings": settings, "name": "photo", "resume": True})
+    status, data = ui.json("/api/learn", {"masks": masks, "settings": settings, "name": "photo"})
+    assert status == 409 and "learn is still running" in data["error"]  # one at a time, as one learn per scene
+    records = ui.wait()
+    state = records[-1]
+    assert state["state"] == "done" and state["result"]["resumed"] and state["result"]["handles"] == ["<red>", "<blue>"]
+    progress = [(r["task"], r["completed"], r["total"]) for r in records if r["type"] == "progress"]
+    assert ("phase 2", 2, 2) in progress and all(isinstance(r.get("info", {}).get("loss", 0.0), float)
+                                                  for r in records if r["type"] == "progress")
+    assert [s["name"] for s in ui.ok("/api/scenes")["scenes"]] == ["photo"]
+
+    result = ui.finish("/api/generate", {"scene": "photo", "prompt": "a photo of <red>",
+                                         "settings": {"steps": "2", "seed": "3"}})
+    image = result["images"][0]
+    assert image["seed"] == 3 and os.path.dirname(image["path"]) == str(photo.parent.resolve())
+    status, data, headers = ui.call(f"/api/file?path={image['path']}")
+    assert status == 200 and headers["Content-Type"] == "image/png" and Image.open(io.BytesIO(data)).size[0] > 0
+
+
+def test_malformed_requests_get_one_line_not_a_failure(ui, scene_files):
+    open_photo(ui, scene_files["image"])
+    for path, body in [("/api/mask", {"points": [[1, 2, 3]]}), ("/api/mask", {"points": "20,20"}),
+                       ("/api/mask", {"points": [[20, True]]}), ("/api/mask", {"points": [[20, 20]], "labels": ["x"]}),
+                       ("/api/mask", {"box": 5}), ("/api/mask", {"words": ["a"]}), ("/api/save", {"objects": ["a"]}),
+                       ("/api/save", {"objects": {"id": 1}}), ("/api/learn", {"masks": "red.png"}),
+                       ("/api/learn", {"masks": [1]}), ("/api/learn", {"masks": ["red.png"], "settings": [1]}),
+                       ("/api/learn", {"masks": ["red.png"], "name": 7}), ("/api/generate", {"scene": 1, "prompt": "x"}),
+                       ("/api/open", {"path": "bad\u0000name.png"}), ("/api/nothing", {})]:
+        status, data = ui.json(path, body)
+        assert status in (400, 404) and "\n" not in data["error"] and "Error" not in data["error"], (path, body, data)
+
+
+def test_uploads_are_bounded_and_land_in_the_photos_folder(ui, scene_files):
+    import http.client
+
+    folder = scene_files["image"].parent
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(picture, format="PNG")
+    ui.ok("/api/upload?name=../../up%20load.png", raw=picture.getvalue())
+    assert ui.wait()[-1]["state"] == "done"
+    state = ui.ok("/api/state")
+    assert state["photo"] == str(folder.resolve() / "up-load.png") and state["size"] == [40, 30]  # its name, in the folder
+    other = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 10, 200)).save(other, format="PNG")
+    ui.ok("/api/upload?name=up%20load.png", raw=other.getvalue())
+    assert ui.wait()[-1]["result"]["photo"] == str(folder.resolve() / "up-load-2.png")  # never over another file
+    assert (folder / "up-load.png").read_bytes() == picture.getvalue()
+    # A body over the limit is refused from its Content-Length, before it is read.
+    host, port = ui.server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.putrequest("POST", "/api/upload?name=big.png")
+    connection.putheader("X-Scenebreak-Token", ui.server.token)
+    connection.putheader("Content-Length", str(65 << 20))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and b"over 64 MB" in response.read()
+    connection.close()
+    assert not (folder / "big.png").exists()

@@ -1,0 +1,113 @@
+"""`scenebreak ui` in a real browser (headless Chromium driven by Selenium): open the
+page with its token, click on the photo, see the mask, save it and find on disk what
+`scenebreak mask --point` gives for the same click, learn a tiny scene and see its
+progress finish, generate an image and see it on the page. Skipped, saying why, only
+where no browser can run (CI installs one: .ci/run)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_api import cli_masks, file_array
+
+WAIT = 120  # seconds; each step takes a second or two on the tiny models
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed: pip install -e '.[test]'")
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no Chromium or chromedriver here: apt-get install chromium chromium-driver (Debian)")
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers on the network
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,800"):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    yield browser
+    browser.quit()
+
+
+def wait_for(browser, condition, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def check(driver):
+        error = driver.find_element("id", "error")
+        assert not error.is_displayed(), f"the page shows an error while waiting for {what}: {error.text}"
+        return condition(driver)
+
+    return WebDriverWait(browser, WAIT, poll_frequency=0.1).until(check, f"waited {WAIT} s for {what}")
+
+
+def test_click_save_learn_and_generate_in_a_browser(browser, ui, scene_files, tiny_segmentation):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    by_id = lambda name: browser.find_element("id", name)  # noqa: E731
+    browser.get(ui.server.url)
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('canvas').width") == 96, "the photo")
+
+    # A click at the photo's pixel (20, 20) (the canvas shows it at its own size, or scaled).
+    canvas = by_id("canvas")
+    left, top, width, height = browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height];", canvas)
+    ActionChains(browser).move_to_element_with_offset(canvas, round((20.5 - 48) * width / 96),
+                                                      round((20.5 - 40) * height / 80)).click().perform()
+    wait_for(browser, lambda d: canvas.get_attribute("data-masks") == "1", "the mask overlay")
+    # The overlay is drawn: some pixels of the canvas are no longer the photo's.
+    tinted = browser.execute_script(
+        "const c = arguments[0]; const p = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "return [...p].filter((v, i) => i % 4 == 1 && v != 230 && v != 30).length;", canvas)
+    assert tinted > 0
+    facts = browser.find_element("css selector", "#objects li .facts").text
+    x, y = map(int, re.search(r"--point (\d+),(\d+)", facts).groups())  # the click as the page took it
+    assert abs(x - 20) <= 1 and abs(y - 20) <= 1
+
+    # A second object from the keyboard alone: the photo takes focus, arrows move, Enter clicks.
+    from selenium.webdriver.common.keys import Keys
+
+    by_id("add").click()
+    canvas.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_DOWN, Keys.ENTER)
+    wait_for(browser, lambda d: canvas.get_attribute("data-masks") == "2", "the keyboard's mask")
+    assert len(browser.find_elements("css selector", "#objects li")) == 2
+
+    by_id("save").click()
+    wait_for(browser, lambda d: d.find_elements("css selector", "#saved li"), "the saved masks")
+    saved = browser.find_elements("css selector", "#saved li")[0].text
+    assert saved.endswith("photo.mask1.png")
+    expected = cli_masks(scene_files["image"], scene_files["image"].parent / "cli", tiny_segmentation, "--point", f"{x},{y}")[0]
+    assert np.array_equal(file_array(saved), expected)
+
+    # A tiny learn: its progress streams in and finishes.
+    browser.execute_script("document.querySelector('#learn-settings').parentElement.open = true")
+    for name, value in (("steps1", "2"), ("steps2", "1")):
+        by_id(f"learn-settings-{name}").send_keys(value)
+    by_id("learn-settings-prior").click()  # --no-prior
+    by_id("scene-name").send_keys("clicked")
+    by_id("learn").click()
+    wait_for(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-job") == "done"
+             and "Learned" in by_id("learned").text, "learn to finish")
+    log = by_id("log").text
+    assert "phase 1: 2/2" in log and "phase 2: 1/1" in log, log
+    assert by_id("job-bar").get_attribute("value") == by_id("job-bar").get_attribute("max")
+    assert by_id("scene").get_attribute("value") == "clicked"
+
+    # One image, shown on the page.
+    by_id("prompt").clear()
+    by_id("prompt").send_keys("a photo of <asset1>")
+    browser.execute_script("document.querySelector('#generate-settings').parentElement.open = true")
+    by_id("generate-settings-steps").send_keys("2")
+    by_id("generate").click()
+    wait_for(browser, lambda d: d.execute_script(
+        "const i = document.querySelector('#images img'); return i && i.complete && i.naturalWidth > 0"), "the image")
+    path = browser.find_element("css selector", "#images img").get_attribute("title")
+    assert Image.open(path).size[0] > 0

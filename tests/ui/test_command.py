@@ -1,0 +1,105 @@
+"""`scenebreak ui` as a process: the URL with its token on stdout, localhost only,
+a warning for another host, and Ctrl-C ending it with exit code 130 and nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scenebreak.cli.commands import cli
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def start(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-m", "scenebreak", "ui", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_ui_prints_its_url_serves_with_the_token_and_ends_on_ctrl_c(scene_files, tmp_path):
+    photo = scene_files["image"]
+    process = start(photo, "--no-browser", cwd=tmp_path)
+    try:
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and "?token=" in url
+        base, token = url.split("/?token=")
+        with urllib.request.urlopen(f"{base}/api/state?token={token}", timeout=30) as response:
+            state = json.load(response)
+        assert state["photo"] == str(photo.resolve()) and not state["ready"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/api/state", timeout=30)
+        assert refused.value.code == 403
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "Error: interrupted" and "Traceback" not in err
+    port = int(base.rsplit(":", 1)[1])
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # the port is closed
+    assert sorted(p.name for p in photo.parent.iterdir()) == ["blue.png", "photo.png", "red.png"]  # nothing written
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_ui_refuses_a_missing_photo_and_warns_for_another_host(tmp_path):
+    result = CliRunner().invoke(cli, ["ui", str(tmp_path / "nope.jpg"), "--no-browser"])
+    assert result.exit_code == 2 and result.stderr.strip() == f"Error: {tmp_path / 'nope.jpg'} is not a file: give the path of a photo"
+    result = CliRunner().invoke(cli, ["ui", "--port", "70000"])
+    assert result.exit_code == 2
+    process = start("--no-browser", "--host", "0.0.0.0", cwd=tmp_path)
+    try:
+        assert process.stdout.readline().startswith("http://0.0.0.0:")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "warning: listening on 0.0.0.0" in err and process.returncode == 130
+
+
+def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_files, tiny_segmentation, tiny_model,
+                                                                          tmp_path, monkeypatch):
+    photo, masks = scene_files["image"], scene_files["masks"]
+    home = tmp_path / "ui-home"
+    monkeypatch.setenv("SCENEBREAK_HOME", str(home))  # the child's scene cache
+    process = start(photo, "--no-browser", "--segmenter", tiny_segmentation[1], "--base-model", tiny_model, cwd=tmp_path)
+    try:
+        base, token = process.stdout.readline().strip().split("/?token=")
+
+        def post(path, body):
+            request = urllib.request.Request(f"{base}{path}", json.dumps(body).encode(), method="POST",
+                                             headers={"X-Scenebreak-Token": token})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.load(response)
+
+        def records():
+            with urllib.request.urlopen(f"{base}/api/events?after=0&token={token}", timeout=120) as stream:
+                for line in stream:
+                    if line.startswith(b"data: "):
+                        yield json.loads(line[6:])
+
+        post("/api/open", {"path": str(photo)})
+        assert [r for r in records() if r["type"] == "state"][0]["state"] == "done"
+        post("/api/learn", {"masks": [str(m) for m in masks], "settings": {"steps1": "5000", "prior": False}})
+        next(r for r in records() if r["type"] == "progress" and r["task"] == "phase 1" and r["completed"] >= 1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "Error: interrupted", err
+    assert (home / "checkpoints" / "photo.ckpt").is_file()  # resumable, as after Ctrl-C on the command line
+    assert not list(home.rglob("*.scene")) and not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
