@@ -13,6 +13,8 @@ Variants (each guarded on its own: one that fails logs its traceback and the nex
   lora                                              --tune lora
   cuda0                                             device="cuda:0" named explicitly
   compile                                           torch.compile of the training step (slow to compile: run it last)
+  sync-free, sync-free-low                          every training step under torch.cuda.set_sync_debug_mode("error"):
+                                                    a call that makes the CPU wait for the GPU raises
   resume-fast, resume-low                           killed in phase 2 after a periodic checkpoint, resumed:
                                                     the same handles and weights as an uninterrupted run
   resume-8bit                                       killed in a fast run, resumed with --adam-8bit: warns
@@ -74,6 +76,10 @@ VARIANTS = {
     "resume-low": ("resume", dict(memory="low"), set()),
     "resume-8bit": ("resume-8bit", dict(memory="fast"), {"cuda", "bnb"}),
     "compile": ("learn", dict(compile=True), set()),
+    # No step waits for the GPU: every training step runs under
+    # torch.cuda.set_sync_debug_mode("error"), where a synchronising call raises.
+    "sync-free": ("learn-sync-free", dict(memory="fast"), {"cuda"}),
+    "sync-free-low": ("learn-sync-free", dict(memory="low"), {"cuda"}),
     # SDXL (the tiny SDXL): its conditioning, both handle tables, the fp32 VAE under
     # fp16, and LoRA with half-precision frozen weights (what auto picks on small cards).
     "sdxl": ("learn-sdxl", dict(memory="fast"), set()),
@@ -88,7 +94,7 @@ VARIANTS = {
     "flux-lora-low": ("learn-flux", dict(memory="low"), set()),
     "flux-fp16": ("learn-flux", dict(mixed_precision="fp16"), {"cuda"}),
     "flux-full-low": ("learn-flux", dict(tune="full", memory="low"), set()),
-    "flux-lora-nf4": ("learn-flux", dict(memory="low", quantize="nf4"), set()),  # the frozen base in 4 bits
+    "flux-lora-nf4": ("learn-flux", dict(memory="low", quantize="nf4"), {"bnb"}),  # the frozen base in 4 bits
     "flux-resume": ("resume-flux", dict(memory="fast"), set()),
     "flux-sampling": ("sampling-flux", dict(memory="fast", background=True), set()),  # extract-bg needs <background>
 }
@@ -276,7 +282,24 @@ class Smoke:
         messages: list = []
         device = "cuda:0" if how == "learn-cuda0" else None
         base_model = self.sdxl_model() if how == "learn-sdxl" else self.flux_model() if how == "learn-flux" else None
-        if how == "learn-no-bnb":
+        if how == "learn-sync-free":
+            import scenebreak.train.trainer as trainer
+
+            torch, real_step = self.torch, trainer.Trainer.train_step
+
+            def step(trainer_self, phase, steps):
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return real_step(trainer_self, phase, steps)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+
+            trainer.Trainer.train_step = step
+            try:
+                result = self.learn(name, {**SHORT, **settings}, messages=messages)
+            finally:
+                trainer.Trainer.train_step = real_step
+        elif how == "learn-no-bnb":
             import scenebreak.train.optim
 
             real = scenebreak.train.optim.bitsandbytes_available
