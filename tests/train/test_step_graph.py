@@ -37,14 +37,19 @@ def compiling(monkeypatch):
     from scenebreak.train.compiling import prepare_dynamo
 
     real_init = trainer.Trainer.__init__
-    state = {"on": False, "calls": 0}
+    state = {"on": False, "calls": 0, "graphs": 0}
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting(graph, inputs):  # each graph dynamo traces: one per phase if the shapes never change
+        state["graphs"] += 1
+        return aot_eager(graph, inputs)
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         if not state["on"]:
             return
         prepare_dynamo()  # the settings `--compile` uses
-        compiled = torch.compile(self.step_losses, fullgraph=True, dynamic=False, backend="aot_eager")
+        compiled = torch.compile(self.step_losses, fullgraph=True, dynamic=False, backend=counting)
 
         def losses(batch):
             state["calls"] += 1
@@ -65,16 +70,22 @@ def test_the_step_compiles_whole_and_gives_the_plain_steps_losses(family, compil
 
     model = build_tiny_flux(tmp_path / "flux") if family == "flux" else tiny_model
     # SD: full tuning with checkpointing (the capture inside recomputed blocks); FLUX: its LoRA.
-    config = LearnConfig(steps1=1, steps2=1, num_class_images=1, seed=3,
+    config = LearnConfig(steps1=3, steps2=3, num_class_images=1, seed=3,
                          **({"tune": "lora"} if family == "flux" else {"tune": "full", "memory": "low"}))
     losses = losses_of_each_step(monkeypatch)
+    import scenebreak.train.trainer as trainer
+
+    chosen_sets, real_sample = [], trainer.sample_handles
+    monkeypatch.setattr(trainer, "sample_handles", lambda rng, n: chosen_sets.append(real_sample(rng, n)) or chosen_sets[-1])
     learn(scene_files["image"], scene_files["masks"], config, base_model=str(model), name="plain", device="cpu")
     plain = list(losses)
     losses.clear()
     compiling["on"] = True
     learn(scene_files["image"], scene_files["masks"], config, base_model=str(model), name="compiled", device="cpu")
-    assert compiling["calls"] == 2  # each phase's step went through the compiled graph: no graph break raised
-    assert len(plain) == len(losses) == 2
+    assert compiling["calls"] == 6  # every step went through the compiled graph: no graph break raised
+    # Steps that chose different handles (one, both, in either order) share one graph per phase.
+    assert len({tuple(c) for c in chosen_sets}) > 1 and compiling["graphs"] == 2
+    assert len(plain) == len(losses) == 6
     for a, b in zip(plain, losses):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
     assert any(row[3] > 0 for row in plain)  # the attention loss was in the graph

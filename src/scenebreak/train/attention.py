@@ -33,8 +33,13 @@ class AttentionStore:
 
     def __init__(self, example: int = 0, form: str | None = None):
         self.example = example  # batch index whose maps are kept (the instance image)
-        self.columns: list[int] | None = None  # token positions to keep (None: all)
+        # Token positions to keep (None: all): a list, or a tensor of them (the trainer's,
+        # always one per handle, so that every step has the same shapes).
+        self.columns: list[int] | torch.Tensor | None = None
         self.text_length: int | None = None  # joint attention: the prompt's own tokens, the keys of its maps
+        # Joint attention: added to the scores over those keys, -inf past the prompt's end, so
+        # that text_length can be the longest prompt's for every step (None: no bias).
+        self.key_bias: torch.Tensor | None = None
         if form is not None:
             if form not in FORMS:
                 raise ValueError(f"unknown attention map form {form!r}: one of {', '.join(FORMS)}")
@@ -53,13 +58,24 @@ class AttentionStore:
         if not self.maps:
             raise RuntimeError("no attention maps were recorded this step")
         if self.columns is not None:
-            if list(positions) != list(self.columns):
+            if torch.is_tensor(self.columns) or list(positions) != list(self.columns):
                 raise RuntimeError("the maps were recorded for other token positions")
-            positions = list(range(len(positions)))  # the maps hold exactly those columns
-        stacked = torch.stack([m[:, :, positions].float().mean(0) for m in self.maps.values()])  # layers, pixels, k
+            return self.recorded_maps()  # the maps hold exactly those columns
+        return self._average([m[:, :, positions] for m in self.maps.values()])
+
+    def recorded_maps(self) -> torch.Tensor:
+        """(len(columns), side, side): the map of each recorded column, in their order,
+        averaged over heads and layers."""
+        if not self.maps:
+            raise RuntimeError("no attention maps were recorded this step")
+        return self._average(list(self.maps.values()))
+
+    @staticmethod
+    def _average(maps: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack([m.float().mean(0) for m in maps])  # layers, pixels, k
         mean = stacked.mean(0).transpose(0, 1)  # k, pixels
         side = int(round(mean.shape[1] ** 0.5))
-        return mean.reshape(len(positions), side, side)
+        return mean.reshape(mean.shape[0], side, side)
 
 
 class RecordingAttnProcessor:
@@ -136,7 +152,7 @@ class RecordingAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def joint_columns(query, key, columns: list[int]) -> torch.Tensor:
+def joint_columns(query, key, columns) -> torch.Tensor:
     """Columns of softmax(query key^T / sqrt(dim)) without the whole matrix: attention
     over one-hot values is the probability of each value's key, so the fused kernel
     (whose backward is exact) returns them, a head dimension of columns per call.
@@ -147,7 +163,7 @@ def joint_columns(query, key, columns: list[int]) -> torch.Tensor:
     for start in range(0, len(columns), dim):
         chunk = columns[start:start + dim]
         onehot = torch.zeros(key.shape[-2], dim, dtype=query.dtype, device=query.device)
-        onehot[chunk, torch.arange(len(chunk))] = 1
+        onehot[chunk, torch.arange(len(chunk), device=query.device)] = 1
         out = F.scaled_dot_product_attention(query, key, onehot.expand(key.shape[0], -1, -1))
         parts.append(out[..., :len(chunk)])
     return torch.cat(parts, dim=-1)
@@ -198,19 +214,23 @@ class RecordingJointAttnProcessor:
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         ex, length, form = self.store.example, self.store.text_length or text, self.store.form
-        columns = self.store.columns
+        columns, bias = self.store.columns, self.store.key_bias
         with torch.autocast(query.device.type, enabled=False):
             image_query = query[ex, text:].transpose(0, 1).float()  # heads, pixels, dim
             if form == "text":
                 text_key = key[ex, :length].transpose(0, 1).float()  # heads, prompt tokens, dim
                 scores = torch.matmul(image_query, text_key.transpose(-1, -2)) / attn.head_dim ** 0.5
+                if bias is not None:
+                    scores = scores + bias[:length]
                 probs = scores.softmax(dim=-1) if columns is None else (
                     scores[..., columns] - scores.logsumexp(dim=-1, keepdim=True)).exp()
             elif form == "joint":
                 probs = joint_columns(image_query, key[ex].transpose(0, 1).float(),
-                                      list(range(length)) if columns is None else list(columns))
+                                      list(range(length)) if columns is None else columns)
             elif form == "output":
                 scores = torch.matmul(out[ex, text:].float(), out[ex, :length].float().transpose(0, 1))
+                if bias is not None:
+                    scores = scores + bias[:length]
                 probs = scores.softmax(dim=-1)[None]  # one "head": pixels, prompt tokens
                 probs = probs if columns is None else probs[..., columns]
             else:

@@ -100,9 +100,8 @@ def prepare_dynamo() -> None:
 
 
 def compile_step(step_losses, backend: str = "inductor"):
-    """`step_losses` compiled with static shapes. A change of phase (which weights need
-    gradients) or of how many handles a step samples compiles once more, then each is
-    reused."""
+    """`step_losses` compiled with static shapes: every step has the same (StepBatch),
+    so only the change of phase (which weights need gradients) compiles once more."""
     import torch
 
     prepare_dynamo()

@@ -53,9 +53,13 @@ class StepRecord:
 class StepBatch:
     """One training step's inputs, drawn on the host (Trainer.draw): the clean latents
     of [instance, class image], their noise and timesteps, the prompts' ids per
-    tokenizer, the family's extra conditions, the union of the chosen handles' masks at
-    the latent size and each one's at the attention size, and which text positions the
-    attention loss reads (`columns`, None when it is off) of the prompt's `text_length`."""
+    tokenizer, the family's extra conditions, and the union of the chosen handles'
+    masks at the latent size. For the attention loss, one slot per handle of the scene
+    whatever the step chose, so that every step has the same shapes (a compiled step
+    is traced once per phase): the text positions it reads (`columns`, None when the
+    loss is off), each one's mask at the attention size and its weight (1 for a chosen
+    handle, 0 for a padding slot); and the keys of a joint-attention map: the longest
+    prompt's `text_length`, with `key_bias` -inf past this prompt's end."""
 
     latents: torch.Tensor
     noise: torch.Tensor
@@ -64,8 +68,10 @@ class StepBatch:
     conditions: torch.Tensor | None
     mask: torch.Tensor
     attn_masks: torch.Tensor
-    columns: list[int] | None
+    weights: torch.Tensor
+    columns: torch.Tensor | None
     text_length: int
+    key_bias: torch.Tensor
 
 
 @dataclass
@@ -170,6 +176,7 @@ class Trainer:
         self.class_ids = self._tokenize(config.class_prompt)
         # Per set of handles: the prompt's ids per tokenizer, the handles' positions, the prompt's length.
         self._prompt_cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[int], int]] = {}
+        self._slot_cache: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
         # The family's extra conditioning of [instance, class image] (SDXL's size/crop ids).
         self.conditions = components.family.training_conditions(inputs.crop_size, resolution)
         if self.conditions is not None:
@@ -336,6 +343,27 @@ class Trainer:
             self._prompt_cache[chosen] = (ids, positions, length)
         return self._prompt_cache[chosen]
 
+    def _loss_slots(self, chosen: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention loss's slots for a set of chosen handles, one per handle of the
+        scene (StepBatch), on the device, made once per set: which handle's mask fills
+        each slot (the chosen ones in order, then the first again), the text position it
+        reads, its weight, and the key bias of this prompt within the longest one's."""
+        if chosen not in self._slot_cache:
+            _, positions, length = self._prompt_ids(chosen)
+            pad = self.num_handles - len(chosen)
+            dev = self.device.torch
+            which = torch.tensor(list(chosen) + [chosen[0]] * pad, device=dev)
+            columns = torch.tensor(positions + [positions[0]] * pad, device=dev)
+            weights = torch.tensor([1.0] * len(chosen) + [0.0] * pad, device=dev)
+            bias = torch.tensor([0.0] * length + [float("-inf")] * (self.text_span - length), device=dev)
+            self._slot_cache[chosen] = (which, columns, weights, bias)
+        return self._slot_cache[chosen]
+
+    @property
+    def text_span(self) -> int:
+        """The longest training prompt's own tokens (the one that names every handle)."""
+        return self._prompt_ids(tuple(range(self.num_handles)))[2]
+
     def _trainable(self, phase: int) -> list[dict]:
         """The optimizer's parameter groups of a phase (and only they require grad)."""
         c, cfg = self.c, self.config
@@ -450,7 +478,8 @@ class Trainer:
         cfg, dev = self.config, self.device.torch
         flip = self.rng.random() < cfg.flip_p
         chosen = sample_handles(self.rng, self.num_handles)
-        ids, handle_columns, text_length = self._prompt_ids(tuple(chosen))
+        ids = self._prompt_ids(tuple(chosen))[0]
+        which, columns, weights, key_bias = self._loss_slots(tuple(chosen))
         # A skipped class example (see _class_example_needed) still draws its random
         # numbers, so the run matches one that computes it.
         with_class = self._class_example_needed(phase)
@@ -470,9 +499,9 @@ class Trainer:
             ids=[torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids,
             conditions=None if self.conditions is None else self.conditions[: len(latents)],
             mask=self.latent_masks[flip][chosen].amax(0)[None, None],  # union of the chosen masks
-            attn_masks=self.attn_masks[flip][chosen],
-            # Only the chosen handles' columns of the maps are recorded (attention.py).
-            columns=handle_columns if self.layers else None, text_length=text_length)
+            attn_masks=self.attn_masks[flip][which] * weights[:, None, None], weights=weights,
+            # Only the handles' columns of the maps are recorded (attention.py).
+            columns=columns if self.layers else None, text_length=self.text_span, key_bias=key_bias)
 
     def step_losses(self, b: StepBatch) -> torch.Tensor:
         """The forward pass and LOSS_NAMES (total first) of one drawn step: tensors in,
@@ -482,7 +511,7 @@ class Trainer:
         noisy = self.schedule.add_noise(b.latents, b.noise, b.timesteps)
         target = self.schedule.target(b.latents, b.noise, b.timesteps)
         self.store.clear()
-        self.store.columns, self.store.text_length = b.columns, b.text_length
+        self.store.columns, self.store.text_length, self.store.key_bias = b.columns, b.text_length, b.key_bias
         # With checkpointing every block is recomputed anyway: keeping a half-precision
         # copy of all weights for the whole step would cost more than re-casting them.
         with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):
@@ -493,7 +522,7 @@ class Trainer:
         with_class = len(b.latents) > 1
         zero = torch.zeros((), device=pred.device)
         loss_prior = diffusion_loss(pred[1:], target[1:]) if with_class else zero
-        loss_attn = attention_loss(self.store.token_maps(b.columns), b.attn_masks) if self.layers else zero
+        loss_attn = attention_loss(self.store.recorded_maps(), b.attn_masks, b.weights) if self.layers else zero
         loss = loss_rec + cfg.prior_weight * loss_prior + cfg.lambda_attn * loss_attn
         return torch.stack([x.float() for x in (loss, loss_rec, loss_prior, loss_attn)])
 
