@@ -13,7 +13,9 @@
 #   6. flux      the same for the FLUX.1-dev architecture at 1024 (random weights made on
 #                the GPU): phase 1 as auto picks it, LoRA phase 2 fast and --memory low,
 #                one image at 28 steps
-#   7. compile   the smoke test's torch.compile variant, last: the slowest to start
+#   7. compile   the smoke test's torch.compile variant: the slowest to start
+#   8. compiled  SD2.1-base steps with the whole step compiled (learn --compile), beside
+#                the plain rows of part 4
 #
 # Each part runs under its own `timeout`, capped by what is left of the whole budget
 # (GPU_CHECK_BUDGET_S, default 540 s; 900 s for the dry run on the CPU), so one hang
@@ -31,14 +33,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile}
+PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile compiled}
 SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS:-}
 while (( $# )); do
     case $1 in
         --device) DEVICE=$2; shift 2 ;;
         --parts) PARTS=$2; shift 2 ;;
         --smoke-args) SMOKE_ARGS=$2; shift 2 ;;
-        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile'] [--smoke-args ARGS]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile compiled'] [--smoke-args ARGS]" >&2; exit 2 ;;
     esac
 done
 PY=${PYTHON:-python3}
@@ -58,12 +60,12 @@ if [[ $DEVICE == cuda* ]]; then
     FLUX_ARGS=(--steps 3 --gen-steps 3)
     # Measured on an H200: install 1 s, env 22, smoke 89 (before FLUX's 6 variants), steps
     # 115, sdxl 115; flux is expected at ~1.5 min; compile gets whatever is left.
-    CAPS=(install=90 env=60 smoke=210 steps=200 sdxl=150 flux=150 compile=240)
+    CAPS=(install=90 env=60 smoke=210 steps=200 sdxl=150 flux=150 compile=240 compiled=300)
 else
     STEP_ARGS=(--tiny --steps 2 --gen-steps 2)
     SDXL_ARGS=(--tiny --steps 2 --gen-steps 2)
     FLUX_ARGS=(--tiny --steps 2 --gen-steps 2)
-    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330)  # compile: ~280 s here on one busy core
+    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330 compiled=330)  # compile: ~280 s here on one busy core
 fi
 
 # Offline, from the checkout: src/ for scenebreak, tests/ for the tiny model builders.
@@ -156,6 +158,7 @@ part steps "$PY" benchmarks/train_step.py --device "$DEVICE" --in-process "${STE
 part sdxl "$PY" benchmarks/train_step.py --sdxl --device "$DEVICE" --in-process "${SDXL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part flux "$PY" benchmarks/train_step.py --flux --device "$DEVICE" --in-process "${FLUX_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" --only compile
+part compiled "$PY" benchmarks/train_step.py --compiled --only compiled --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 
 echo "=== summary ($(( SECONDS - START ))s)"
 "$PY" - "$JSONL" <<'EOF'

@@ -144,6 +144,10 @@ VARIANTS = {
     "scenebreak LoRA fast": {"tune": "lora", "memory": "fast"},  # auto picks low for FLUX even on 141 GB
     "scenebreak LoRA low-memory nf4": {"tune": "lora", "memory": "low", "quantize": "nf4"},  # the 24 GB plan
     "scenebreak defaults": {},  # --memory auto --tune auto: what a user gets
+    # --compile: the whole step compiled (train/compiling.py); the first, warm-up step pays
+    # the compile, the timed ones do not.
+    "scenebreak compiled": {"memory": "fast", "tune": "full", "compile": True},
+    "scenebreak LoRA compiled": {"tune": "lora", "memory": "fast", "compile": True},
     "original-style": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
 }
 # Generation rows: (sampler, precision, images per pass: None = the device's) per kind.
@@ -173,6 +177,8 @@ SDXL_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA"), (2, "scenebreak
 # auto picks on a 24 GB card); and generation one image per call at dev's 28 steps.
 FLUX_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA fast"), (2, "scenebreak LoRA low-memory"),
              (2, "scenebreak LoRA low-memory nf4"), ("generate", "one image per call")]
+# --compiled: the compiled step beside the plain rows (the GPU check's compile part).
+COMPILED_ROWS = [(1, "scenebreak compiled"), (2, "scenebreak compiled"), (2, "scenebreak LoRA compiled")]
 FLUX_DEPTH = 19  # FLUX.1's double-stream blocks (and twice as many single-stream ones)
 GiB = 2**30
 
@@ -518,6 +524,8 @@ def main() -> None:
     parser.add_argument("--baseline-memory-limit-gib", type=float, default=None,
                         help="address-space cap for the baseline's processes (CPU), so an out-of-memory baseline fails fast instead of swapping")
     parser.add_argument("--gen-steps", type=int, default=3, help="timed denoising steps per generation row")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also the rows with the whole step compiled (learn --compile; CUDA: a minute or two each)")
     parser.add_argument("--only", nargs="+", help="only the rows whose 'PHASE KIND' contains one of these words, e.g. LoRA generate")
     parser.add_argument("--with-fast-bf16", action="store_true",
                         help="also phase 2 fast with bf16 autocast (on CUDA it is the default row; on a 24 GiB CPU machine it does not fit)")
@@ -570,13 +578,15 @@ def main() -> None:
                                  ("--baseline-memory-limit-gib", args.baseline_memory_limit_gib, None)):
         if value != default:
             command += f" {flag} {value}"
-    command += "".join(f" --{flag}" for flag in ("in-process", "tiny", "sdxl", "flux") if getattr(args, flag.replace("-", "_")))
+    command += "".join(f" --{flag}" for flag in ("in-process", "tiny", "sdxl", "flux", "compiled") if getattr(args, flag.replace("-", "_")))
     if args.flux_depth:
         command += " --flux-depth " + " ".join(map(str, depths))
     out = args.results_dir
     stem = (f"train_step-{args.device.split(':')[0]}" + ("-sdxl" if args.sdxl else "") + ("-flux" if args.flux else "")
             + ("-tiny" if args.tiny else ""))
     table_rows = FLUX_ROWS if args.flux else SDXL_ROWS if args.sdxl else ROWS
+    if args.compiled:
+        table_rows = table_rows + COMPILED_ROWS
     saved_rows = []
     if args.only and (out / f"{stem}.json").exists():
         # Some rows measured again: they replace their old selves in the saved table.
