@@ -144,3 +144,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     # torch's note that an RMS norm under bf16 autocast (T5's, FLUX's) runs unfused: harmless.
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+    # bitsandbytes (imported by peft whenever it is installed) warns on CPUs with bf16
+    # instructions that it could not fetch an optional kernel from the hub: always, offline.
+    import logging as std_logging
+
+    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)

@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import functools
 import json
+import logging
 import os
 import shlex
 import signal
@@ -699,6 +700,9 @@ def main() -> None:
     traceback, and Ctrl-C means exit code 130 wherever it lands; once the process is
     leaving, Ctrl-C is ignored."""
     code = 1
+    # bitsandbytes, imported by diffusers and peft whenever it is installed, warns on CPUs
+    # with bf16 instructions that an optional kernel could not be fetched: always offline.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         try:
             code = cli.main(prog_name="scenebreak", standalone_mode=False)
