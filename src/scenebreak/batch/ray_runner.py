@@ -10,7 +10,9 @@ Ray is an optional extra: `pip install 'scenebreak[ray]'`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 from ..errors import SceneBreakError
@@ -41,8 +43,15 @@ def import_ray():
 def run_on_ray(jobs: list[Job], address: str, gpus_per_job: float | None, retries: int, out: Path, scenes: Path | None,
                board) -> None:
     """The jobs as Ray tasks on the cluster at `address` ("auto": RAY_ADDRESS, or the
-    cluster started on this machine); each result passed to the board as it comes."""
+    cluster started on this machine); each result passed to the board as it comes
+    (`board.on_result` must write to a stream it holds: sys.stdout is Ray's stderr here)."""
     ray = import_ray()
+    # Ray's own notes (a worker died, ...) are printed on stdout, which carries only results.
+    with contextlib.redirect_stdout(sys.stderr):
+        _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board)
+
+
+def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
     if gpus_per_job:
         env.pop("SCENEBREAK_DEVICE", None)  # a GPU task uses the GPU Ray gives it

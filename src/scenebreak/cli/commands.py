@@ -366,9 +366,11 @@ def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries,
     """
     from ..batch.runner import run_batch
 
+    stdout = sys.stdout  # held: Ray's notes are sent to stderr by swapping sys.stdout meanwhile
+
     def show(result) -> None:
-        click.echo(json.dumps(result.to_dict()))
-        sys.stdout.flush()  # each line as its job ends, also into a pipe
+        click.echo(json.dumps(result.to_dict()), file=stdout)
+        stdout.flush()  # each line as its job ends, also into a pipe
 
     result = with_reporter(quiet, lambda report: run_batch(jobs, devices=devices, ray=ray, gpus_per_job=gpus_per_job,
                                                            shard=shard, out=out, scenes=scenes, retries=retries,
