@@ -201,3 +201,22 @@ def test_batch_help_loads_no_torch():
     code = ("import sys; from scenebreak.cli.commands import cli\ntry: cli(['batch', '--help'])\nexcept SystemExit: pass\n"
             "assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_a_job_of_words_makes_its_masks_with_mask_then_learns(tmp_path, tiny_model, tiny_segmentation):
+    detector, segmenter = tiny_segmentation
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "objects": ["red square", "blue square"], "names": ["red", "blue"],
+                                  "mask": {"detector": str(detector), "segmenter": str(segmenter), "threshold": 0.0},
+                                  "learn": {"steps1": 1, "steps2": 1, "prior": False, "base-model": str(tiny_model)},
+                                  "prompts": ["<red> and <blue>"], "generate": {"steps": 2, "seed": 0}}])
+    job = read_jobs(jobs)[0]
+    assert job.name == "photo" and job.learn.names == ("red", "blue") and job.mask.threshold == 0.0
+    result = run_job(job, tmp_path / "out", tmp_path / "scenes", device="cpu")
+    assert result.status == "done", result.error
+    masks = tmp_path / "out" / "photo" / "masks"
+    assert sorted(p.name for p in masks.glob("*.mask[0-9].png")) == ["photo.mask1.png", "photo.mask2.png"]
+    record = json.loads((tmp_path / "out" / "photo" / "job.json").read_text())
+    assert record["masks"] == [str(masks / "photo.mask1.png"), str(masks / "photo.mask2.png")]
+    assert result.scene == str(tmp_path / "scenes" / "photo.scene") and not scene_path("photo").exists()
+    assert run_job(job, tmp_path / "out", tmp_path / "scenes", device="cpu").status == "skipped"

@@ -141,6 +141,8 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
 
     learn_options = dict(_options(data.get("learn"), "learn"))
     if "names" in data:
+        if any(_field_name(k) == "names" for k in learn_options):
+            raise InvalidInput('"names" is given twice: at the top and in "learn"; keep one')
         learn_options["names"] = data["names"]
     extra = {_field_name(k): learn_options.pop(k) for k in list(learn_options) if _field_name(k) in LEARN_EXTRA}
     learn = _config(LearnConfig, learn_options, "learn")

@@ -23,7 +23,6 @@ from .jobs import Job
 
 RECORD = "job.json"
 MAX_RECORD_BYTES = 1 << 22
-STATUSES = ("done", "failed", "skipped")
 
 
 @dataclass
