@@ -23,6 +23,7 @@ from .jobs import Job, parse_shard, read_jobs, shard_of
 from .work import JobResult, is_done, job_folder, read_record, run_job
 
 PROGRESS_EVERY = 0.5  # seconds between a worker's progress messages
+STOP_WAIT = 300  # seconds an interrupted worker gets to finish its step and save its checkpoint
 
 
 @dataclass
@@ -240,11 +241,17 @@ class _Worker:
         self.start()
 
     def stop(self) -> None:
+        """End the process once its job is over. On Ctrl-C the workers got it too (one
+        process group): a `learn` saves its checkpoint at the next step and stops, so
+        no signal is added here, which would count as a second Ctrl-C and abort that."""
         if self.process.is_alive():
             self.inbox.put(None)
-            self.process.join(30 if self.job is None else 60)  # a Ctrl-C'd job saves its checkpoint first
+        self.process.join(STOP_WAIT if self.job is not None else 30)
         if self.process.is_alive():
             self.process.terminate()
+            self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
             self.process.join(5)
 
 
@@ -269,14 +276,23 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
                 last[0] = now
                 outbox.put(("event", index, ("progress", event.task, event.completed, event.total)))
 
-    while True:
-        item = inbox.get()
-        if item is None:
-            return
-        job, wait = item
-        current[0] = job
-        try:
-            result = run_job(job, out, scenes, device=device, wait=wait, report=report)
-        except KeyboardInterrupt:
-            result = JobResult(job.number, job.name, "failed", error="interrupted: rerun the batch to resume it")
-        outbox.put(("result", index, result.to_dict()))
+    try:
+        parent = os.getppid()
+        while True:
+            try:
+                item = inbox.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return  # the batch process is gone (killed): nothing will come
+                continue
+            if item is None:
+                return
+            job, wait = item
+            current[0] = job
+            try:
+                result = run_job(job, out, scenes, device=device, wait=wait, report=report)
+            except KeyboardInterrupt:
+                result = JobResult(job.number, job.name, "failed", error="interrupted: rerun the batch to resume it")
+            outbox.put(("result", index, result.to_dict()))
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; the batch itself says so
+        return
