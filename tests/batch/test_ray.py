@@ -90,3 +90,12 @@ def test_a_ray_worker_killed_during_a_job_is_retried_and_resumes(cluster, tmp_pa
     got = lines(result.stdout)["k"]
     assert got["status"] == "done" and got["resumed"] is True
     assert not checkpoint_path("k").exists() and not claim_path("k").exists()
+
+
+def test_an_address_nobody_answers_is_exit_1_at_once(tmp_path):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"]}])
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", "127.0.0.1:1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no Ray cluster answers at 127.0.0.1:1" in result.stderr, result.output
+    assert time.monotonic() - started < 30

@@ -57,6 +57,7 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
         env.pop("SCENEBREAK_DEVICE", None)  # a GPU task uses the GPU Ray gives it
     started_here = not ray.is_initialized()
     if started_here:
+        _check_reachable(address)
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False,
                      configure_logging=True)
@@ -86,6 +87,20 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_reachable(address: str, seconds: float = 10.0) -> None:
+    """A HOST:PORT that nothing answers on is said at once: Ray itself retries it for minutes."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # auto, or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise SceneBreakError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with "
+                              "`ray start --head` (see docs/usage.md), or check the address") from None
 
 
 def _resources(ray) -> str:
