@@ -52,15 +52,11 @@ def run_on_ray(jobs: list[Job], address: str, gpus_per_job: float | None, retrie
 
 
 def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
-    if gpus_per_job:
-        env.pop("SCENEBREAK_DEVICE", None)  # a GPU task uses the GPU Ray gives it
     started_here = not ray.is_initialized()
     if started_here:
         _check_reachable(address)
         try:
-            ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False,
-                     configure_logging=True)
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=True)
         except ConnectionError as exc:
             raise SceneBreakError(f"no Ray cluster at {address!r} ({str(exc).splitlines()[0]}): start one with "
                                   "`ray start --head` (see docs/usage.md), or give its address") from None
@@ -70,7 +66,11 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
         if gpus > max(ray.cluster_resources().get("GPU", 0), 0):
             raise SceneBreakError(f"--gpus-per-job {gpus:g}: the cluster has {ray.cluster_resources().get('GPU', 0):g} "
                                   "GPU(s); start workers with GPUs, or ask for fewer")
-        task = ray.remote(job_task).options(num_cpus=1, num_gpus=gpus, max_retries=retries, name="scenebreak-job")
+        env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+        if gpus:
+            env.pop("SCENEBREAK_DEVICE", None)  # a GPU task uses the GPU Ray gives it
+        task = ray.remote(job_task).options(num_cpus=1, num_gpus=gpus, max_retries=retries, name="scenebreak-job",
+                                            runtime_env={"env_vars": env})
         pending = {task.remote(job, str(out), str(scenes) if scenes else None): job for job in jobs}
         board.phase(0, f"{len(jobs)} task(s) on the cluster")
         while pending:
