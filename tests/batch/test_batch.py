@@ -220,3 +220,22 @@ def test_a_job_of_words_makes_its_masks_with_mask_then_learns(tmp_path, tiny_mod
     assert record["masks"] == [str(masks / "photo.mask1.png"), str(masks / "photo.mask2.png")]
     assert result.scene == str(tmp_path / "scenes" / "photo.scene") and not scene_path("photo").exists()
     assert run_job(job, tmp_path / "out", tmp_path / "scenes", device="cpu").status == "skipped"
+
+
+def test_a_scene_this_batch_did_not_make_is_never_replaced(tmp_path):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "mine"}])
+    scene_path("mine").parent.mkdir(parents=True)
+    scene_path("mine").write_bytes(b"someone's scene")
+    result = run_job(read_jobs(jobs)[0], tmp_path / "out")
+    assert result.status == "failed" and "was not made by this batch" in result.error and "scenebreak rm mine" in result.error
+    assert scene_path("mine").read_bytes() == b"someone's scene"
+
+
+@pytest.mark.parametrize("devices", ["tpu", "cuda:7", "cpu,,cpu", "mps:1"])
+def test_unknown_devices_are_exit_2_before_anything_starts(devices, tmp_path):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"]}])
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--devices", devices, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--devices" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
