@@ -91,10 +91,10 @@ def shard_of(jobs: list[Job], shard: tuple[int, int] | None) -> list[Job]:
     return [job for job in jobs if (job.number - 1) % n == i]
 
 
-def read_jobs(source: str | os.PathLike, scenes: str | os.PathLike | None = None) -> list[Job]:
+def read_jobs(source: str | os.PathLike) -> list[Job]:
     """Every job of the JOBS file `source` ("-": stdin; relative paths are relative to
-    the file's folder, or to the current one for stdin), all checked. `scenes`: the
-    folder the scenes go to (default: the cache), where no two jobs may share a name."""
+    the file's folder, or to the current one for stdin), all checked; no two jobs may
+    share a scene name."""
     text = read_text_file(source, "JOBS file", MAX_JOBS_FILE)
     folder = Path.cwd() if str(source) == "-" else Path(source).resolve().parent
     source = "(standard input)" if str(source) == "-" else source
