@@ -239,3 +239,21 @@ def test_unknown_devices_are_exit_2_before_anything_starts(devices, tmp_path):
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--devices", devices, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--devices" in result.stderr, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_learn_lock_of_a_machine_that_died_is_waited_out(tmp_path, monkeypatch):
+    """A retried job whose first try died with its machine: its claim and the scene's
+    learn lock turn stale a few seconds apart; the job waits for both, then runs."""
+    from scenebreak.train import locks
+
+    monkeypatch.setattr(locks, "STALE", 1.0)
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "lost",
+                                  "learn": {"base-model": str(tmp_path / "nothing")}}])
+    lock = home() / "locks" / "lost.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": "gone", "pid": 7, "token": "t"}))
+    messages = []
+    result = run_job(read_jobs(jobs)[0], tmp_path / "out", report=messages.append)
+    assert any("waiting for the lock of process 7 on gone" in m.text for m in messages)
+    assert result.status == "failed" and "base model folder not found" in result.error  # it ran: the lock was taken over

@@ -126,6 +126,7 @@ def _skipped(job: Job, record: dict, why: str) -> JobResult:
 def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Reporter) -> JobResult:
     from ..sample.generate import generate
     from ..train.learn import learn
+    from ..train.locks import scene_lock
 
     folder = job_folder(job, out)
     scene = scene_out(job, scenes)
@@ -153,6 +154,10 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
         _write_record(folder, state)
         args = dict(name=job.name, output=scene if scenes else None, base_model=job.base_model, revision=job.revision,
                     device=device, report=report, force=scene.exists())
+        # A learn of this name on a machine that died holds its lock until that turns stale: wait for it.
+        with scene_lock(job.name, wait=True, on_wait=lambda holder: report(Message(
+                f"job {job.number} ({job.name}): waiting for the lock of {holder} on scene {job.name!r}"))):
+            pass
         resumed = checkpoint_path(job.name).exists()
         try:
             learn(job.photo, masks, job.learn, resume=resumed, **args)

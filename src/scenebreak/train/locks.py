@@ -167,9 +167,10 @@ def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None, poll
                 path.unlink()
 
 
-def scene_lock(name: str):
-    """Held by the `learn` of scene `name`: a second one is refused at once."""
-    return locked(home() / "locks" / f"{name}.lock", wait=False,
+def scene_lock(name: str, *, wait: bool = False, on_wait=None):
+    """Held by the `learn` of scene `name`: a second one is refused at once (`wait`:
+    waits, e.g. for a dead machine's lock to turn stale)."""
+    return locked(home() / "locks" / f"{name}.lock", wait=wait, on_wait=on_wait,
                   busy_message=f"scene {name!r} is being learned by {{holder}}: wait for it to finish, choose another "
                                "--name, or pass --force to run anyway")
 
