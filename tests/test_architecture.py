@@ -16,7 +16,7 @@ TESTS = Path(__file__).parent
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # Top to bottom: a package may import its own modules and those of the layers below it,
 # never one beside it or above it. "ground" is the top-level modules (config, paths, ...).
-LAYERS = [("cli",), ("ui",), ("evaluation", "exports"), ("train",), ("sample",), ("masks",), ("scenes",), ("families",), ("ground",)]
+LAYERS = [("cli",), ("ui",), ("batch", "evaluation", "exports"), ("train",), ("sample",), ("masks",), ("scenes",), ("families",), ("ground",)]
 SUBPACKAGES = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
 MAX_TOP_LEVEL = 11  # modules beside the subpackages, __init__ and __main__ not counted
 

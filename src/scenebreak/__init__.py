@@ -25,6 +25,7 @@ _LAZY = {
     "export_scene": "exports.export", "export": "exports.export",
     "make_masks": "masks.masking", "MaskRun": "masks.masking", "MaskResult": "masks.files",
     "evaluate": "evaluation.evaluate", "EvaluateResult": "evaluation.evaluate", "EvaluateConfig": "config",
+    "run_batch": "batch.runner", "BatchResult": "batch.runner",
 }
 
 __all__ = ["__version__", *_LAZY]

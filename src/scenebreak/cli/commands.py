@@ -329,6 +329,58 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
                    f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"", err=True)
 
 
+@cli.command(name="batch")
+@click.argument("jobs", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--devices", metavar="D1,D2,...|auto",
+              help="This machine's devices, one worker (one job at a time) each: cuda:0,cuda:1, cpu,cpu or auto "
+                   "(default: every visible GPU, else one worker on the CPU).")
+@click.option("--ray", metavar="ADDRESS|auto",
+              help="Run each job as a task on a Ray cluster started with `ray start`; auto: $RAY_ADDRESS or the one on "
+                   "this machine. Needs pip install 'scenebreak[ray]'.")
+@click.option("--gpus-per-job", type=Bounded(float, Bounds(0, 1024, above=True)),
+              help="--ray: GPUs each job's task asks for (default: 1 where the cluster has GPUs, else 0).")
+@click.option("--shard", metavar="I/N",
+              help="Run only jobs I, I+N, I+2N, ... counted from 0 (Slurm arrays: "
+                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).")
+@click.option("--out", type=click.Path(file_okay=False), default="batch-out", show_default=True,
+              help="Where each job's images, made masks and record go (OUT/NAME/).")
+@click.option("--scenes", type=click.Path(file_okay=False), help="Write the scenes here (NAME.scene) instead of the cache.")
+@click.option("--retries", type=Bounded(int, Bounds(0, 100)), default=1, show_default=True,
+              help="Tries again a job whose worker process or Ray node died; it resumes from its checkpoint.")
+@quiet_option
+@handle_errors
+def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries, quiet):
+    """Learn (and generate from) many photos: JOBS is a JSON Lines file ('-': stdin),
+    one job a line. The whole file is checked first; then each job runs on this
+    machine's devices or on a Ray cluster, and prints one JSON line as it ends
+    (status done, skipped or failed). A rerun skips what is done and resumes what was
+    cut short. Exit 1 when a job failed (the others still ran).
+
+    \b
+    Example:
+      {"photo": "cat.jpg", "masks": ["cat.mask1.png"], "prompts": ["<asset1> on the moon"]}
+      {"photo": "mug.jpg", "objects": ["mug", "spoon"], "names": ["mug", "spoon"], "learn": {"steps1": 200}}
+    \b
+      scenebreak batch jobs.jsonl --devices cuda:0,cuda:1
+      scenebreak batch jobs.jsonl --ray auto --gpus-per-job 1
+      scenebreak batch jobs.jsonl --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+    """
+    from ..batch.runner import run_batch
+
+    stdout = sys.stdout  # held: Ray's notes are sent to stderr by swapping sys.stdout meanwhile
+
+    def show(result) -> None:
+        click.echo(json.dumps(result.to_dict()), file=stdout)
+        stdout.flush()  # each line as its job ends, also into a pipe
+
+    result = with_reporter(quiet, lambda report: run_batch(jobs, devices=devices, ray=ray, gpus_per_job=gpus_per_job,
+                                                           shard=shard, out=out, scenes=scenes, retries=retries,
+                                                           report=report, on_result=show))
+    if result.failed:
+        raise SceneBreakError(f"{result.failed} of {len(result.results)} job(s) failed (their lines say why): fix them "
+                              "and run the same command again; what is done is skipped")
+
+
 def _read_prompts(prompts, prompts_file) -> list[str]:
     from ..sample.sampling import read_prompts_file
 

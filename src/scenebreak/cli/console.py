@@ -41,16 +41,16 @@ class ConsoleReporter:
             self.progress = RichProgress(
                 TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[phase]}"),
                 console=self.console, transient=False,
             )
             self.progress.start()
         if event.task not in self.tasks:
-            self.tasks[event.task] = self.progress.add_task(event.task, total=event.total, loss="", rate="")
+            self.tasks[event.task] = self.progress.add_task(event.task, total=event.total, loss="", rate="", phase="")
         task_id = self.tasks[event.task]
         loss = event.info.get("loss")
         self.progress.update(task_id, completed=event.completed, total=event.total,
-                             loss=f"loss {loss:.4f}" if loss is not None else "")
+                             loss=f"loss {loss:.4f}" if loss is not None else "", phase=event.info.get("phase", ""))
         speed = self.progress.tasks[task_id].speed if task_id < len(self.progress.tasks) else None
         if speed:
             self.progress.update(task_id, rate=f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it")
@@ -61,6 +61,8 @@ class ConsoleReporter:
         finished = event.completed >= event.total
         if event.completed and not finished and now - last < self.PLAIN_EVERY:
             return
+        if "phase" in event.info and event.task in self.plain and not finished and now - last < self.PLAIN_EVERY:
+            return  # the batch's phases change often: a line per PLAIN_EVERY, as for counts
         self.plain[event.task] = (started, now)
         text = f"{event.task}: {event.completed}/{event.total}"
         if "loss" in event.info:
@@ -70,6 +72,8 @@ class ConsoleReporter:
             text += f" {rate:.2f} it/s" if rate >= 1 else f" {1 / rate:.1f} s/it"
             if not finished:
                 text += f" eta {format_duration((event.total - event.completed) / rate, clock=True)}"
+        if event.info.get("phase"):
+            text += f" ({event.info['phase']})"
         self.console.print(text, markup=False)
 
     def close(self) -> None:

@@ -1,92 +1,176 @@
-"""Locks between scenebreak processes: one `learn` per scene name at a time, and one
-maker of each set of class images (the others wait, then reuse them)."""
+"""Locks between scenebreak processes, on one machine or on many that share
+SCENEBREAK_HOME over a network file system: one `learn` per scene name at a time
+(which also keeps its checkpoint to one writer), one maker of each set of class images
+(the others wait, then reuse them), and one runner of each `batch` job.
+
+fcntl/flock locks cannot be trusted on NFS (lost with the lock daemon, or silently
+local to one client), so a lock is a file created with O_CREAT | O_EXCL, which is
+atomic there too, holding its owner's host, process id and a random token. While it
+is held a thread touches it every HEARTBEAT seconds. It is stale, and may be taken
+over, when its owner is a process of this host that no longer runs, or when nobody
+has touched it for STALE seconds (its machine went down or lost the network; this
+needs clocks kept within a minute or so of each other, as NTP does). Taking over
+first renames the stale file away, so of two processes breaking the same lock only
+one can win."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import stat
+import secrets
+import socket
+import threading
+import time
 from pathlib import Path
 
 from ..errors import SceneBreakError
-from ..paths import home
+from ..paths import home, process_alive
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; parallel runs are the user's to keep apart
-    fcntl = None
+HEARTBEAT = 10.0  # seconds between touches of a held lock
+STALE = 120.0  # seconds without a touch after which a lock's owner is taken for dead
+MAX_LOCK_BYTES = 4096  # a lock holds a line of JSON; anything bigger is not ours
+HOST = socket.gethostname()
 
 
 class Busy(SceneBreakError):
     """Another process holds the lock (exit 1: wait for it, or choose another name)."""
 
 
-def _holder(fd: int) -> str:
-    try:
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    except OSError:
-        pid = ""
-    return f"process {pid}" if pid.isdigit() else "another process"
-
-
-def _open_lock_file(path: Path) -> int:
-    """The lock file's descriptor, made inside scenebreak's cache and never through a
-    symbolic link: a link planted at the lock's path would otherwise have the process
-    id written into whatever file it points to. A link there is replaced by a file."""
+def _check_folder(path: Path) -> None:
+    """Locks live inside scenebreak's cache: a folder link leading elsewhere is refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
     folder, cache = os.path.realpath(path.parent), os.path.realpath(home())
     if os.path.commonpath([folder, cache]) != cache:
         raise SceneBreakError(f"the lock folder {path.parent} leads outside scenebreak's cache ({folder}): "
                               "remove that link, or set SCENEBREAK_HOME to another folder")
+
+
+def _create(path: Path, owner: dict) -> bool:
+    """Make the lock file holding `owner`; False when one is already there. Never
+    through a symbolic link: a link planted at the lock's path is removed (the link
+    itself, never what it points to), so no process id is written into its target."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
-    for _ in range(10):  # another process may make or replace it between two calls
+    for _ in range(10):
         try:
-            fd = os.open(path, os.O_RDWR | nofollow)
-        except FileNotFoundError:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
-            except FileExistsError:
-                continue
-        except OSError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
+        except FileExistsError:
             if not path.is_symlink():
-                raise
-            path.unlink()  # the link itself, never what it points to
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
             continue
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            os.write(fd, json.dumps(owner).encode())
+        finally:
             os.close(fd)
-            raise SceneBreakError(f"the lock {path} is not a regular file: remove it")
-        return fd
+        return True
     raise SceneBreakError(f"could not make the lock file {path}: it keeps changing; remove it and try again")
 
 
-@contextlib.contextmanager
-def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None):
-    """Hold an exclusive lock on `path` (created if needed, inside the cache) for the
-    block. If another process holds it: `wait=False` raises Busy at once, naming the
-    holder's process id; `wait=True` calls `on_wait(holder)` and waits."""
-    if fcntl is None:
-        yield
-        return
-    fd = _open_lock_file(path)
+def read_owner(path: Path) -> dict | None:
+    """Who holds the lock at `path` (host, pid, token, since); None when it is gone,
+    unreadable, or not yet written."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                raise Busy(busy_message.format(holder=_holder(fd))) from None
-            if on_wait:
-                on_wait(_holder(fd))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        data = json.loads(os.read(fd, MAX_LOCK_BYTES).decode())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_owner(owner: dict | None) -> str:
+    if not owner or not str(owner.get("pid", "")).isdigit():
+        return "another process"
+    where = "" if owner.get("host") == HOST else f" on {owner.get('host')}"
+    return f"process {owner['pid']}{where}"
+
+
+def is_stale(path: Path, owner: dict | None) -> bool:
+    """Whether the lock at `path` has an owner no longer there (see the module's rule)."""
+    try:
+        touched = os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return False  # gone: free, not stale
+    if owner and owner.get("host") == HOST and isinstance(owner.get("pid"), int) and not process_alive(owner["pid"]):
+        return True
+    return time.time() - touched > STALE
+
+
+def _break(path: Path, seen: dict | None) -> None:
+    """Take the stale lock `seen` away: rename it aside, and put it back should a live
+    owner have replaced it in the meantime."""
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another process broke it first
+    if read_owner(aside) != seen:  # not the one judged stale: a fresh lock, give it back
+        with contextlib.suppress(OSError):
+            os.link(aside, path)
+    with contextlib.suppress(OSError):
+        aside.unlink()
+
+
+class _Heartbeat(threading.Thread):
+    """Touches the held lock every HEARTBEAT seconds, so others see its owner alive."""
+
+    def __init__(self, path: Path, token: str):
+        super().__init__(daemon=True, name=f"lock heartbeat {path.name}")
+        self.path, self.token, self.done = path, token, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(HEARTBEAT):
+            owner = read_owner(self.path)
+            if not owner or owner.get("token") != self.token:
+                return  # taken over (this process was taken for dead): nothing of ours to touch
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None, poll: float = 0.2):
+    """Hold an exclusive lock on `path` (inside the cache) for the block. If another
+    process holds it: `wait=False` raises Busy at once, naming the holder;
+    `wait=True` calls `on_wait(holder)` and waits, taking it over if it turns stale."""
+    path = Path(path)
+    _check_folder(path)
+    token = secrets.token_hex(8)
+    owner = {"host": HOST, "pid": os.getpid(), "token": token, "since": time.time()}
+    waited = False
+    while not _create(path, owner):
+        holder = read_owner(path)
+        if is_stale(path, holder):
+            _break(path, holder)
+            continue
+        if not wait:
+            raise Busy(busy_message.format(holder=describe_owner(holder)))
+        if not waited and on_wait:
+            on_wait(describe_owner(holder))
+        waited = True
+        time.sleep(poll)
+        poll = min(poll * 1.5, 2.0)
+    heartbeat = _Heartbeat(path, token)
+    heartbeat.start()
+    try:
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        heartbeat.done.set()
+        current = read_owner(path)
+        if current and current.get("token") == token:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
-def scene_lock(name: str):
-    """Held by the `learn` of scene `name`: a second one is refused at once."""
-    return locked(home() / "locks" / f"{name}.lock", wait=False,
+def scene_lock(name: str, *, wait: bool = False, on_wait=None):
+    """Held by the `learn` of scene `name`: a second one is refused at once (`wait`:
+    waits, e.g. for a dead machine's lock to turn stale)."""
+    return locked(home() / "locks" / f"{name}.lock", wait=wait, on_wait=on_wait,
                   busy_message=f"scene {name!r} is being learned by {{holder}}: wait for it to finish, choose another "
                                "--name, or pass --force to run anyway")
 

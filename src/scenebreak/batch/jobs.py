@@ -1,0 +1,271 @@
+"""The JOBS file of `batch`: JSON Lines, one job a line, every line checked before any
+work starts (a problem is exit 2 naming its line), the `--shard I/N` split, and each
+job's key: what its results depend on, so a rerun can tell they are already there.
+
+A job's "learn", "mask" and "generate" options take the command's long option names
+(`num-class-images` or `num_class_images`; `prior: false` or `no-prior: true`) and are
+checked by the same config classes, bounds and choices as the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
+from ..errors import InvalidInput
+from ..handles import handles_in
+from ..paths import check_name, is_regular_file, read_text_file
+
+MAX_JOBS_FILE = 64 * 2**20  # bytes: a hundred thousand jobs and more
+MAX_JOBS = 100_000
+KEYS = ("photo", "masks", "objects", "name", "names", "learn", "mask", "prompts", "generate")
+# What `learn` and `generate` take besides their config's fields (the device is the batch's).
+LEARN_EXTRA = ("base_model", "revision")
+TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line of the JOBS file, checked, with its paths made absolute."""
+
+    number: int  # 1, 2, ...: its place among the jobs
+    line: int  # its line in the file
+    photo: str
+    name: str
+    masks: tuple[str, ...] = ()
+    objects: tuple[str, ...] = ()  # words: the masks are made by `mask`
+    learn: LearnConfig = LearnConfig()
+    base_model: str | None = None
+    revision: str | None = None
+    mask: MaskConfig = MaskConfig()
+    prompts: tuple[str, ...] = ()
+    generate: GenerateConfig = GenerateConfig()
+    raw: dict = field(default_factory=dict, compare=False)  # the line as written, for the record
+
+    def key(self) -> str:
+        """A digest of everything the job's scene and images depend on: the photo's and
+        masks' bytes, the words and mask settings, the base model and every setting."""
+        parts = {
+            "photo": _digest(self.photo), "masks": [_digest(m) for m in self.masks], "objects": list(self.objects),
+            "mask": _settings(self.mask) if self.objects else None, "name": self.name,
+            "base": [self.base_model or default_base_model(), self.revision], "learn": _settings(self.learn),
+            "prompts": list(self.prompts), "generate": _settings(self.generate),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _digest(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _settings(config) -> dict:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k != "device"}
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`I/N` (0 <= I < N): this run takes jobs I, I+N, I+2N, ... (counted from 0)."""
+    if text is None:
+        return None
+    index, _, count = str(text).partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise InvalidInput(f"--shard {text!r}: give I/N, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise InvalidInput(f"--shard {text}: I must be from 0 to N-1 and N at least 1 (e.g. 0/4 ... 3/4)")
+    return i, n
+
+
+def shard_of(jobs: list[Job], shard: tuple[int, int] | None) -> list[Job]:
+    if shard is None:
+        return jobs
+    i, n = shard
+    return [job for job in jobs if (job.number - 1) % n == i]
+
+
+def read_jobs(source: str | os.PathLike) -> list[Job]:
+    """Every job of the JOBS file `source` ("-": stdin; relative paths are relative to
+    the file's folder, or to the current one for stdin), all checked; no two jobs may
+    share a scene name."""
+    text = read_text_file(source, "JOBS file", MAX_JOBS_FILE)
+    folder = Path.cwd() if str(source) == "-" else Path(source).resolve().parent
+    source = "(standard input)" if str(source) == "-" else source
+    jobs, names = [], {}
+    for line_number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if len(jobs) == MAX_JOBS:
+            raise InvalidInput(f"JOBS file {source}: more than {MAX_JOBS} jobs; split it")
+        try:
+            job = _parse(line, line_number, len(jobs) + 1, folder)
+        except InvalidInput as exc:
+            raise InvalidInput(f"JOBS file {source}, line {line_number}: {exc}") from None
+        other = names.get(job.name.lower())  # case-insensitive file systems would mix the two
+        if other:
+            raise InvalidInput(f"JOBS file {source}, line {line_number}: scene name {job.name!r} is also line {other}'s: "
+                               'give one of them another "name"')
+        names[job.name.lower()] = line_number
+        jobs.append(job)
+    if not jobs:
+        raise InvalidInput(f"JOBS file {source} holds no job: one JSON object per line, e.g. "
+                           '{"photo": "cat.jpg", "masks": ["cat.mask1.png"]}')
+    return jobs
+
+
+def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
+    try:
+        data = json.loads(line)
+    except ValueError as exc:
+        raise InvalidInput(f"not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidInput('a job is a JSON object, e.g. {"photo": "cat.jpg", "masks": ["cat.mask1.png"]}')
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise InvalidInput(f"unknown key {unknown[0]!r}: a job takes {', '.join(KEYS)}")
+    if "photo" not in data:
+        raise InvalidInput('no "photo"')
+    photo = _file(folder, _text(data["photo"], "photo"), "photo")
+    if ("masks" in data) == ("objects" in data):
+        raise InvalidInput('give either "masks" (mask files) or "objects" (words, for `mask` to find)')
+    masks = tuple(_file(folder, m, "mask") for m in _texts(data.get("masks"), "masks"))
+    objects = _texts(data.get("objects"), "objects")
+    count = len(masks) or len(objects)
+
+    learn_options = dict(_options(data.get("learn"), "learn"))
+    if "names" in data:
+        if any(_field_name(k) == "names" for k in learn_options):
+            raise InvalidInput('"names" is given twice: at the top and in "learn"; keep one')
+        learn_options["names"] = data["names"]
+    extra = {_field_name(k): learn_options.pop(k) for k in list(learn_options) if _field_name(k) in LEARN_EXTRA}
+    learn = _config(LearnConfig, learn_options, "learn")
+    try:
+        learn = learn.validate(count)
+    except InvalidInput as exc:
+        raise InvalidInput(f"learn: {exc}") from None
+    for key, value in extra.items():
+        _text(value, f"learn: {key.replace('_', '-')}")
+    mask = _config(MaskConfig, _options(data.get("mask"), "mask"), "mask")
+    if "mask" in data and not objects:
+        raise InvalidInput('"mask" options apply to "objects" only')
+    try:
+        mask.validate()
+    except InvalidInput as exc:
+        raise InvalidInput(f"mask: {exc}") from None
+
+    from ..train.learn import default_name  # no torch: the name rule only
+
+    name = check_name(_text(data["name"], "name") if "name" in data else default_name(Path(photo)))
+    prompts = _texts(data.get("prompts"), "prompts", empty=True)
+    handles = learn.handle_tokens(count)
+    for prompt in prompts:
+        for token in handles_in(prompt):
+            if token not in handles:
+                raise InvalidInput(f"prompt {prompt!r} names {token}, which this job does not learn ({', '.join(handles)})")
+    generate = _config(GenerateConfig, _options(data.get("generate"), "generate"), "generate")
+    if "generate" in data and not prompts:
+        raise InvalidInput('"generate" options without "prompts": add the prompts to generate')
+    try:
+        generate = generate.validate()
+    except InvalidInput as exc:
+        raise InvalidInput(f"generate: {exc}") from None
+    return Job(number, line_number, photo, name, masks, objects, learn, extra.get("base_model"), extra.get("revision"),
+               mask, prompts, generate, raw=data)
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f'"{what}" must be a non-empty string, not {json.dumps(value)}')
+    return value
+
+
+def _texts(value, what: str, empty: bool = False) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or (not value and not empty):
+        raise InvalidInput(f'"{what}" must be a list of strings')
+    return tuple(_text(v, what) for v in value)
+
+
+def _file(folder: Path, path: str, what: str) -> str:
+    full = folder / Path(path).expanduser()
+    if not full.exists():
+        raise InvalidInput(f"{what} {path} not found (relative paths are relative to the JOBS file's folder)")
+    if not is_regular_file(full):
+        raise InvalidInput(f"{what} {path} is not a regular file")
+    return str(full.resolve())
+
+
+def _options(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f'"{what}" must be an object of options, e.g. {{"steps1": 200}}')
+    return value
+
+
+def _config(config_class, options: dict, what: str):
+    """`config_class` from a job's options, checked like the command line checks them:
+    only the command's options (by their long names), of the right types."""
+    fields = {f.name: f for f in dataclasses.fields(config_class) if f.metadata.get("cli")}
+    allowed = set(fields)
+    values = {}
+    for key, value in options.items():
+        name = _field_name(key)
+        if name.startswith("no_") and name[3:] in fields and fields[name[3:]].default is True:
+            if not isinstance(value, bool):
+                raise InvalidInput(f"{what}: {key} takes true or false, not {json.dumps(value)}")
+            name, value = name[3:], not value
+        if name not in allowed:
+            extra = LEARN_EXTRA if config_class is LearnConfig else ()
+            known = ", ".join(sorted(n.replace("_", "-") for n in (*allowed, *extra)))
+            raise InvalidInput(f"{what}: unknown option {key!r}; {what} takes {known}")
+        if name in values:
+            raise InvalidInput(f"{what}: {key!r} is given twice")
+        values[name] = _typed(fields[name], value, f"{what}: {key}")
+    return config_class(**values)
+
+
+def _field_name(key) -> str:
+    """An option's config field: `num-class-images`, `--num-class-images` or `num_class_images`."""
+    return str(key).lstrip("-").replace("-", "_")
+
+
+def _typed(f: dataclasses.Field, value, what: str):
+    """`value` as field `f` takes it, or an error naming the type it needs; bounds and
+    choices are the config's validate()'s."""
+    annotation = str(f.type)
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise InvalidInput(f"{what} cannot be null")
+    if annotation.startswith("tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidInput(f"{what} takes a list of strings, not {json.dumps(value)}")
+        return tuple(value)
+    kind = annotation.split("|")[0].strip()
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise InvalidInput(f"{what} takes {TYPE_NAMES.get(kind, 'a string')}, not {json.dumps(value)}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise InvalidInput(f"{what} takes {', '.join(choices)}, not {json.dumps(value)}")
+    return value

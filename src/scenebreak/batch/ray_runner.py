@@ -1,0 +1,108 @@
+"""`batch --ray`: each job a Ray task on an existing cluster (`ray start`), asking for
+`--gpus-per-job` GPUs (default: 1 where the cluster has GPUs, else none). Ray places
+the tasks and retries one whose worker or node died (`max_retries`); the retried task
+resumes its `learn` from the checkpoint. Coordination between tasks and with other
+runs is the shared cache's lock files (train/locks), not Ray's: the same rules hold
+for Slurm shards and local runs. The workers need scenebreak installed and the same
+paths (photos, --out, SCENEBREAK_HOME) on a shared file system.
+
+Ray is an optional extra: `pip install 'scenebreak[ray]'`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from ..errors import SceneBreakError
+from ..events import Message
+from .jobs import Job
+from .work import JobResult, run_job
+
+INSTALL = "pip install 'scenebreak[ray]' (or pipx install 'scenebreak[ray]')"
+# Passed to the tasks: where the cache is, and the hub settings (offline, tokens' home).
+ENV_PREFIXES = ("SCENEBREAK_", "HF_", "HUGGINGFACE_")
+
+
+def job_task(job: Job, out: str, scenes: str | None) -> dict:
+    """A Ray task: one job on whatever device Ray gave it. Another run holding the job
+    is waited for (the task keeps its place on the cluster)."""
+    device = os.environ.get("SCENEBREAK_DEVICE") or None
+    return run_job(job, out, scenes, device=device, wait=True).to_dict()
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise SceneBreakError(f"--ray needs Ray, which is not installed: {INSTALL}") from None
+    return ray
+
+
+def run_on_ray(jobs: list[Job], address: str, gpus_per_job: float | None, retries: int, out: Path, scenes: Path | None,
+               board) -> None:
+    """The jobs as Ray tasks on the cluster at `address` ("auto": RAY_ADDRESS, or the
+    cluster started on this machine); each result passed to the board as it comes
+    (`board.on_result` must write to a stream it holds: sys.stdout is Ray's stderr here)."""
+    ray = import_ray()
+    # Ray's own notes (a worker died, ...) are printed on stdout, which carries only results.
+    with contextlib.redirect_stdout(sys.stderr):
+        _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board)
+
+
+def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
+    started_here = not ray.is_initialized()
+    if started_here:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=True)
+        except ConnectionError as exc:
+            raise SceneBreakError(f"no Ray cluster at {address!r} ({str(exc).splitlines()[0]}): start one with "
+                                  "`ray start --head` (see docs/usage.md), or give its address") from None
+    try:
+        gpus = gpus_per_job if gpus_per_job is not None else (1 if ray.cluster_resources().get("GPU") else 0)
+        board.report(Message(f"Ray cluster: {_resources(ray)}; {gpus:g} GPU(s) per job"))
+        if gpus > max(ray.cluster_resources().get("GPU", 0), 0):
+            raise SceneBreakError(f"--gpus-per-job {gpus:g}: the cluster has {ray.cluster_resources().get('GPU', 0):g} "
+                                  "GPU(s); start workers with GPUs, or ask for fewer")
+        env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+        if gpus:
+            env.pop("SCENEBREAK_DEVICE", None)  # a GPU task uses the GPU Ray gives it
+        task = ray.remote(job_task).options(num_cpus=1, num_gpus=gpus, max_retries=retries, name="scenebreak-job",
+                                            runtime_env={"env_vars": env})
+        pending = {task.remote(job, str(out), str(scenes) if scenes else None): job for job in jobs}
+        board.phase(0, f"{len(jobs)} task(s) on the cluster")
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    result = JobResult.from_dict(ray.get(ref))
+                except Exception as exc:  # the task's worker died on every try, or Ray failed it
+                    text = str(exc).strip().splitlines()
+                    result = JobResult(job.number, job.name, "failed",
+                                       error=f"Ray task failed after {retries + 1} tries: {text[0] if text else type(exc).__name__}")
+                board.finished(result)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _check_reachable(address: str, seconds: float = 10.0) -> None:
+    """A HOST:PORT that nothing answers on is said at once: Ray itself retries it for minutes."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # auto, or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise SceneBreakError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with "
+                              "`ray start --head` (see docs/usage.md), or check the address") from None
+
+
+def _resources(ray) -> str:
+    resources = ray.cluster_resources()
+    return f"{len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s)"

@@ -1,0 +1,298 @@
+"""`run_batch()`: every job of a JOBS file, on this machine (one worker process per
+device, each running one job at a time) or on a Ray cluster (ray_runner), with one
+result per job as it finishes and a summary at the end.
+
+A worker process that dies (killed, out of host memory) takes only its job with it:
+the job is given to a fresh worker up to `retries` more times, and resumes from its
+checkpoint there; the other workers go on. A job another run holds is put off until
+the rest are done, then waited for (and skipped if that run finished it)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidInput
+from ..events import Message, Progress, Reporter, silent
+from ..paths import is_writable_folder
+from .jobs import Job, parse_shard, read_jobs, shard_of
+from .work import JobResult, is_done, job_folder, read_record, run_job
+
+PROGRESS_EVERY = 0.5  # seconds between a worker's progress messages
+STOP_WAIT = 300  # seconds an interrupted worker gets to finish its step and save its checkpoint
+
+
+@dataclass
+class BatchResult:
+    results: list[JobResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    def summary(self) -> str:
+        return (f"{len(self.results)} job(s): {self.count('done')} done, {self.count('skipped')} skipped, "
+                f"{self.failed} failed in {self.seconds / 60:.1f} min")
+
+    def to_dict(self) -> dict:
+        return {"jobs": [r.to_dict() for r in self.results], "done": self.count("done"), "skipped": self.count("skipped"),
+                "failed": self.failed, "seconds": round(self.seconds, 2)}
+
+
+def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None = None, ray: str | None = None,
+              gpus_per_job: float | None = None, shard: str | tuple[int, int] | None = None,
+              out: str | os.PathLike = "batch-out", scenes: str | os.PathLike | None = None, retries: int = 1,
+              report: Reporter = silent, on_result=None) -> BatchResult:
+    """Run the jobs of `jobs_file` ("-": stdin). Everything is checked before the first
+    job starts. `on_result(JobResult)` is called in this process as each job ends."""
+    started = time.perf_counter()
+    shard = parse_shard(shard) if isinstance(shard, (str, type(None))) else shard
+    if retries < 0 or retries > 100:
+        raise InvalidInput(f"--retries must be from 0 to 100, not {retries}")
+    if gpus_per_job is not None and not (0 < gpus_per_job <= 1024):
+        raise InvalidInput(f"--gpus-per-job must be above 0, not {gpus_per_job:g}")
+    if gpus_per_job is not None and ray is None:
+        raise InvalidInput("--gpus-per-job applies to --ray; on this machine use --devices")
+    if ray is not None and devices is not None:
+        raise InvalidInput("--devices applies to this machine; with --ray the cluster places the jobs")
+    out, scenes = Path(out).absolute(), Path(scenes).absolute() if scenes else None
+    for folder, what in ((out, "--out"), (scenes, "--scenes")):
+        if folder is not None and not is_writable_folder(folder):
+            raise InvalidInput(f"{what} {folder} is not a folder you can write to: choose another")
+    jobs = shard_of(read_jobs(jobs_file), shard)
+    worker_devices = None if ray is not None else resolve_devices(devices)
+    where = f"Ray ({ray})" if ray is not None else ", ".join(worker_devices)
+    report(Message(f"batch: {len(jobs)} job(s){f' (shard {shard[0]}/{shard[1]})' if shard else ''} on {where}"))
+    board = Board(len(jobs), report, on_result)
+    jobs = [job for job in jobs if not _skipped_here(job, out, board)]
+    if jobs:
+        if ray is not None:
+            from .ray_runner import run_on_ray
+
+            run_on_ray(jobs, ray, gpus_per_job, retries, out, scenes, board)
+        else:
+            run_locally(jobs, worker_devices, retries, out, scenes, board)
+    result = BatchResult(sorted(board.results, key=lambda r: r.job), time.perf_counter() - started)
+    report(Message(f"batch: {result.summary()}"))
+    return result
+
+
+def _skipped_here(job: Job, out: Path, board: "Board") -> bool:
+    """A job already done is skipped without a worker (the worker checks again under its lock)."""
+    record = read_record(job_folder(job, out))
+    if record and is_done(record, job.key()):
+        board.finished(JobResult(job.number, job.name, "skipped", record.get("scene"), list(record.get("images", [])),
+                                 note="already done with the same inputs and settings"))
+        return True
+    return False
+
+
+class Board:
+    """What the batch reports: each result as it comes, and one bar over the jobs whose
+    text says what each running job is doing."""
+
+    def __init__(self, total: int, report: Reporter, on_result=None):
+        self.total, self.report, self.on_result = total, report, on_result
+        self.results: list[JobResult] = []
+        self.phases: dict[int, str] = {}  # worker -> its job's phase
+        report(Progress("batch", 0, total))
+
+    def finished(self, result: JobResult) -> None:
+        self.results.append(result)
+        line = f"job {result.job} ({result.name}): {result.status}"
+        line += f": {result.error}" if result.error else f" ({result.note})" if result.note else ""
+        self.report(Message(line, "warning" if result.status == "failed" else "info"))
+        self.show()
+        if self.on_result:
+            self.on_result(result)
+
+    def phase(self, worker: int, text: str | None) -> None:
+        if text is None:
+            self.phases.pop(worker, None)
+        else:
+            self.phases[worker] = text
+        self.show()
+
+    def show(self) -> None:
+        phase = "; ".join(self.phases[i] for i in sorted(self.phases))
+        self.report(Progress("batch", len(self.results), self.total, {"phase": phase}))
+
+
+def resolve_devices(devices: str | list[str] | None) -> list[str]:
+    """One worker per entry: `cuda:0,cuda:1`, `auto` (every visible GPU, else one
+    worker on SCENEBREAK_DEVICE or the CPU), or a device repeated for several workers
+    on it (`cpu,cpu`). Checked here, without opening a GPU in this process."""
+    import torch
+
+    from ..device import DEVICES
+
+    names = [d.strip().lower() for d in (devices.split(",") if isinstance(devices, str) else devices or ["auto"])]
+    if any(not d for d in names):
+        raise InvalidInput(f"--devices {devices!r}: an entry is empty; give e.g. cuda:0,cuda:1 or auto")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if names == ["auto"]:
+        chosen = os.environ.get("SCENEBREAK_DEVICE", "auto").lower()
+        if chosen not in ("", "auto"):
+            names = [chosen]
+        else:
+            mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+            return [f"cuda:{i}" for i in range(gpus)] or (["mps"] if mps else ["cpu"])
+    for name in names:
+        kind, _, index = name.partition(":")
+        if kind not in DEVICES or kind == "auto" or (index and kind != "cuda"):
+            raise InvalidInput(f"--devices: unknown device {name!r}: use cuda:N, cuda, mps or cpu (or auto alone)")
+        if kind == "cuda" and ((index and not index.isdigit()) or int(index or 0) >= gpus):
+            raise InvalidInput(f"--devices: no CUDA device {name!r} ({gpus} present)")
+    return names
+
+
+def run_locally(jobs: list[Job], devices: list[str], retries: int, out: Path, scenes: Path | None, board: Board) -> None:
+    """The jobs on worker processes, one per device, each result passed to the board."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
+    outbox = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // max(1, devices.count("cpu")))
+    workers = [_Worker(context, i, device, outbox, out, scenes, threads) for i, device in enumerate(devices)]
+    todo = [(job, 0, False) for job in jobs]  # (job, tries so far, wait for another run's)
+    report = board.report
+    try:
+        while todo or any(w.job for w in workers):
+            for worker in workers:
+                if worker.job is None and todo:
+                    # Jobs another run holds are put off; waited for only once nothing else is left.
+                    ready = next((t for t in todo if not t[2]), None) or todo[0]
+                    todo.remove(ready)
+                    worker.give(*ready)
+            try:
+                kind, index, payload = outbox.get(timeout=0.5)
+            except queue.Empty:
+                kind = None
+            if kind == "result":
+                worker = workers[index]
+                result = JobResult.from_dict(payload)
+                job, tries = worker.job, worker.tries
+                worker.job = None
+                board.phase(index, None)
+                if result.status == "busy":
+                    report(Message(f"job {job.number} ({job.name}) is {result.note}: coming back to it at the end"))
+                    todo.append((job, tries, True))
+                else:
+                    board.finished(result)
+            elif kind == "event" and payload[0] == "message":
+                report(Message(payload[1], payload[2]))
+            elif kind == "event" and workers[index].job is not None:
+                job = workers[index].job
+                board.phase(index, f"job {job.number} {job.name}: {payload[1]} {payload[2]}/{payload[3]}")
+            for worker in workers:
+                if worker.job is not None and not worker.alive():
+                    job, tries, code = worker.job, worker.tries, worker.exitcode()
+                    board.phase(worker.index, None)
+                    worker.restart()
+                    why = f"its worker process died (exit code {code})"
+                    if tries < retries:
+                        report(Message(f"job {job.number} ({job.name}): {why}; trying again (it resumes from its checkpoint)",
+                                       "warning"))
+                        todo.insert(0, (job, tries + 1, True))
+                    else:
+                        board.finished(JobResult(job.number, job.name, "failed",
+                                           error=f"{why} on each of {tries + 1} tries; rerun the batch to resume it"))
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+class _Worker:
+    """One worker process on one device, fed one job at a time."""
+
+    def __init__(self, context, index: int, device: str, outbox, out: Path, scenes: Path | None, threads: int):
+        self.context, self.index, self.device, self.outbox = context, index, device, outbox
+        self.out, self.scenes, self.threads = out, scenes, threads
+        self.job: Job | None = None
+        self.tries = 0
+        self.start()
+
+    def start(self) -> None:
+        self.inbox = self.context.Queue()
+        self.process = self.context.Process(target=worker_main, daemon=True, name=f"scenebreak batch worker {self.index}",
+                                            args=(self.index, self.device, self.inbox, self.outbox, str(self.out),
+                                                  str(self.scenes) if self.scenes else None, self.threads))
+        self.process.start()
+
+    def give(self, job: Job, tries: int, wait: bool) -> None:
+        self.job, self.tries = job, tries
+        self.inbox.put((job, wait))
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def exitcode(self):
+        return self.process.exitcode
+
+    def restart(self) -> None:
+        self.job = None
+        self.process.join(1)
+        self.start()
+
+    def stop(self) -> None:
+        """End the process once its job is over. On Ctrl-C the workers got it too (one
+        process group): a `learn` saves its checkpoint at the next step and stops, so
+        no signal is added here, which would count as a second Ctrl-C and abort that."""
+        if self.process.is_alive():
+            self.inbox.put(None)
+        self.process.join(STOP_WAIT if self.job is not None else 30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | None, threads: int) -> None:
+    """A worker process: run each job it is given on `device`, sending its progress
+    and result back; None ends it."""
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(threads)  # the CPU's cores shared among its workers
+    last, current = [0.0], [None]
+
+    def report(event) -> None:
+        # Warnings, and the batch's own notes about the job; the rest (memory plans, seeds) would flood the bar.
+        if isinstance(event, Message) and (event.level == "warning" or event.text.startswith("job ")):
+            job = current[0]
+            text = event.text if event.text.startswith("job ") else f"job {job.number} ({job.name}): {event.text}"
+            outbox.put(("event", index, ("message", text, event.level)))
+        elif isinstance(event, Progress):
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY or event.completed == event.total:
+                last[0] = now
+                outbox.put(("event", index, ("progress", event.task, event.completed, event.total)))
+
+    try:
+        parent = os.getppid()
+        while True:
+            try:
+                item = inbox.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return  # the batch process is gone (killed): nothing will come
+                continue
+            if item is None:
+                return
+            job, wait = item
+            current[0] = job
+            try:
+                result = run_job(job, out, scenes, device=device, wait=wait, report=report)
+            except KeyboardInterrupt:
+                result = JobResult(job.number, job.name, "failed", error="interrupted: rerun the batch to resume it")
+            outbox.put(("result", index, result.to_dict()))
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; the batch itself says so
+        return

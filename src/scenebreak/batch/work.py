@@ -1,0 +1,212 @@
+"""One `batch` job from start to finish, wherever it runs (a local worker or a Ray
+task): masks from words, `learn` (resumed from its checkpoint when an earlier try was
+cut short), `generate`; each step's results recorded in OUT/NAME/job.json with the
+job's key, so a rerun skips what is done for the same inputs and settings.
+
+One runner per job across processes and machines: a lock file (train/locks: O_EXCL
+with a heartbeat, safe on NFS) named after the scene, in the shared cache. The images
+and made masks are written as whole folders (OUT/NAME/images, OUT/NAME/masks), placed
+atomically: a folder is there complete, or not at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidInput, SceneBreakError
+from ..events import Message, Reporter, silent
+from ..paths import checkpoint_path, home, is_regular_file, scene_path, write_atomically
+from .jobs import Job
+
+RECORD = "job.json"
+MAX_RECORD_BYTES = 1 << 22
+
+
+@dataclass
+class JobResult:
+    job: int
+    name: str
+    status: str  # done | failed | skipped | busy (another run holds it: the runner asks again later)
+    scene: str | None = None
+    images: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    resumed: bool = False
+    note: str = ""  # why skipped
+
+    def to_dict(self) -> dict:
+        data = {"job": self.job, "name": self.name, "status": self.status, "scene": self.scene, "images": self.images}
+        if self.error is not None:
+            data["error"] = self.error
+        data["seconds"] = round(self.seconds, 2)
+        if self.resumed:
+            data["resumed"] = True
+        if self.note:
+            data["note"] = self.note
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobResult":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def one_line(exc: BaseException) -> str:
+    """A failure as the command line would say it."""
+    if isinstance(exc, SceneBreakError):
+        return str(exc)
+    text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def claim_path(name: str) -> Path:
+    return home() / "locks" / "batch" / f"{name}.lock"
+
+
+def job_folder(job: Job, out: Path) -> Path:
+    return Path(out) / job.name
+
+
+def scene_out(job: Job, scenes: Path | None) -> Path:
+    return Path(scenes) / f"{job.name}.scene" if scenes else scene_path(job.name)
+
+
+def read_record(folder: Path) -> dict:
+    path = folder / RECORD
+    try:
+        if is_regular_file(path) and path.stat().st_size <= MAX_RECORD_BYTES:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def is_done(record: dict, key: str) -> bool:
+    """Done for this key: recorded so, and the scene and every image still there."""
+    return (record.get("key") == key and record.get("state") == "done" and bool(record.get("scene"))
+            and Path(record["scene"]).is_file() and all(Path(p).is_file() for p in record.get("images", [])))
+
+
+def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, device=None, wait: bool = False,
+            report: Reporter = silent) -> JobResult:
+    """Run `job` (or skip it when its results are there); never raises for the job's own
+    failure: that is a "failed" result with its one-line error. `wait=False`: when
+    another process runs the same job, return "busy" at once; `wait=True`: wait for it
+    (saying so), then skip what it did."""
+    from ..train.locks import Busy, locked
+
+    started = time.perf_counter()
+    out = Path(out)
+    try:
+        key = job.key()
+        if is_done(read_record(job_folder(job, out)), key):  # no lock needed to see that
+            return _skipped(job, read_record(job_folder(job, out)), "already done with the same inputs and settings")
+        waiting = lambda holder: report(Message(f"job {job.number} ({job.name}) is being run by {holder}: "  # noqa: E731
+                                                "waiting for it"))
+        with locked(claim_path(job.name), wait=wait, on_wait=waiting, busy_message="{holder}"):
+            record = read_record(job_folder(job, out))
+            if is_done(record, key):
+                return _skipped(job, record, "done by another run meanwhile")
+            result = _run(job, out, scenes, key, record, device, report)
+    except Busy as exc:
+        return JobResult(job.number, job.name, "busy", note=f"being run by {exc}")
+    except Exception as exc:  # the job's failure is its result; the batch goes on
+        return JobResult(job.number, job.name, "failed", error=one_line(exc), seconds=time.perf_counter() - started)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _skipped(job: Job, record: dict, why: str) -> JobResult:
+    return JobResult(job.number, job.name, "skipped", record.get("scene"), list(record.get("images", [])), note=why)
+
+
+def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Reporter) -> JobResult:
+    from ..sample.generate import generate
+    from ..train.learn import learn
+    from ..train.locks import scene_lock
+
+    folder = job_folder(job, out)
+    scene = scene_out(job, scenes)
+    same = record.get("key") == key
+    state = dict(record) if same else {}
+    state.update(key=key, job=job.raw, line=job.line)
+    ours = record.get("scene") == str(scene)  # a scene at that path that an earlier batch run wrote
+    if scene.exists() and not ours:
+        raise InvalidInput(f"scene {scene} already exists and was not made by this batch: remove it (scenebreak rm "
+                           f"{job.name}), or give the job another \"name\"")
+
+    masks = list(job.masks)
+    if job.objects:
+        masks = state.get("masks") if same and state.get("masks") and all(Path(m).is_file() for m in state["masks"]) else None
+        if masks is None:
+            report(Message(f"job {job.number} ({job.name}): masks of {', '.join(job.objects)}"))
+            masks = _make_masks(job, folder / "masks", device, report)
+            state["masks"] = masks
+            _write_record(folder, state)
+
+    resumed = False
+    if not (same and state.get("state") in ("learned", "done") and scene.is_file()):
+        state["state"] = "learning"
+        state["scene"] = str(scene)
+        _write_record(folder, state)
+        args = dict(name=job.name, output=scene if scenes else None, base_model=job.base_model, revision=job.revision,
+                    device=device, report=report, force=scene.exists())
+        # A learn of this name on a machine that died holds its lock until that turns stale: wait for it.
+        with scene_lock(job.name, wait=True, on_wait=lambda holder: report(Message(
+                f"job {job.number} ({job.name}): waiting for the lock of {holder} on scene {job.name!r}"))):
+            pass
+        resumed = checkpoint_path(job.name).exists()
+        try:
+            learn(job.photo, masks, job.learn, resume=resumed, **args)
+        except InvalidInput as exc:
+            if not resumed:
+                raise
+            # Its checkpoint is from other inputs or settings (the JOBS line changed): start over.
+            report(Message(f"job {job.number} ({job.name}): not resumed ({exc}); starting over", "warning"))
+            resumed = False
+            learn(job.photo, masks, job.learn, resume=False, **{**args, "force": scene.exists()})
+        state["state"] = "learned"
+        state.pop("images", None)
+        _write_record(folder, state)
+
+    images: list[str] = []
+    if job.prompts:
+        images = _generate(job, scene, folder / "images", device, report, generate)
+    state.update(state="done", images=images)
+    _write_record(folder, state)
+    return JobResult(job.number, job.name, "done", str(scene), images, resumed=resumed)
+
+
+def _make_masks(job: Job, target: Path, device, report: Reporter) -> list[str]:
+    """The job's words made into masks by `mask`, written as one folder."""
+    from ..masks.masking import make_masks
+
+    config = dataclasses.replace(job.mask, device=getattr(device, "name", device))
+    made = []
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        run = make_masks(job.photo, prompts=job.objects, config=config, out_dir=tmp, report=report)
+        made.extend(p.name for p in run.paths)
+
+    write_atomically(target, write)
+    return [str(target / name) for name in made]
+
+
+def _generate(job: Job, scene: Path, target: Path, device, report: Reporter, generate) -> list[str]:
+    """The job's prompts sampled, written as one folder."""
+    made = []
+
+    def write(tmp: Path) -> None:
+        result = generate(str(scene), list(job.prompts), job.generate, out_dir=tmp, device=device, report=report)
+        made.extend(Path(image.path).name for image in result.images)
+
+    write_atomically(target, write)
+    return [str(target / name) for name in made]
+
+
+def _write_record(folder: Path, state: dict) -> None:
+    write_atomically(folder / RECORD, lambda tmp: tmp.write_text(json.dumps(state, indent=2, default=str)))

@@ -1,0 +1,259 @@
+"""`scenebreak batch` on this machine: several worker processes over a JOBS file, one
+job failing while the others finish, reruns that skip what is done and resume what a
+kill cut short, exact shards, and a bad JOBS file refused before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scenebreak.batch.jobs import read_jobs, shard_of
+from scenebreak.batch.work import claim_path, run_job
+from scenebreak.cli.commands import cli
+from scenebreak.paths import checkpoint_path, home, scene_path
+from scenebreak.train.locks import locked
+
+from conftest import write_synthetic_scene
+from jobfiles import GENERATE, files, lines, three_jobs, write_jobs
+
+def test_three_jobs_on_two_workers_one_failing_then_a_rerun_skips_everything(tmp_path, tiny_model):
+    jobs = three_jobs(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--devices", "cpu,cpu", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "1 of 3 job(s) failed" in result.stderr and "Traceback" not in result.output
+    got = lines(result.stdout)
+    assert {n: r["status"] for n, r in got.items()} == {"a": "done", "b": "failed", "c": "done"}
+    assert [got[n]["job"] for n in "abc"] == [1, 2, 3]
+    assert "base model folder not found" in got["b"]["error"]
+    for name, count in (("a", 1), ("c", 2)):
+        assert got[name]["scene"] == str(scene_path(name)) and Path(got[name]["scene"]).is_file()
+        assert len(got[name]["images"]) == count and all(Path(p).is_file() for p in got[name]["images"])
+        assert all(Path(p).parent == out / name / "images" for p in got[name]["images"])
+    assert "2 done, 0 skipped, 1 failed" in result.stderr
+
+    before = files(out) | files(home() / "scenes")
+    again = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(out)])
+    assert again.exit_code == 1, again.output
+    got = lines(again.stdout)
+    assert {n: r["status"] for n, r in got.items()} == {"a": "skipped", "b": "failed", "c": "skipped"}
+    assert got["c"]["images"] and all(Path(p).is_file() for p in got["c"]["images"])
+    assert {k: v for k, v in files(out).items() if "/b/" not in k} == {k: v for k, v in before.items() if k.startswith(str(out)) and "/b/" not in k}
+    assert files(home() / "scenes") == {k: v for k, v in before.items() if k.startswith(str(home()))}
+
+    # A changed setting is another key: that job runs again, its scene replaced; the others stay skipped.
+    lines_now = jobs.read_text().splitlines()
+    job = json.loads(lines_now[2])
+    job["generate"] = {**GENERATE, "seed": 4}
+    jobs.write_text("\n".join([lines_now[0], json.dumps(job)]) + "\n")
+    third = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(out), "-q"])
+    assert third.exit_code == 0, third.output
+    got = lines(third.stdout)
+    assert got["a"]["status"] == "skipped" and got["c"]["status"] == "done"
+    assert [Path(p).name for p in got["c"]["images"]] == ["c-blue-on-a-table-4.png", "c-blue-in-the-snow-4.png"]
+    assert sorted(p.name for p in (out / "c" / "images").iterdir()) == sorted(Path(p).name for p in got["c"]["images"])
+
+
+def test_shards_split_the_jobs_exactly(tmp_path):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": f"j{i}"} for i in range(7)])
+    every = read_jobs(jobs)
+    assert [j.number for j in every] == list(range(1, 8))
+    for count in (1, 2, 3, 7, 9):
+        shards = [shard_of(every, (i, count)) for i in range(count)]
+        numbers = sorted(j.number for shard in shards for j in shard)
+        assert numbers == list(range(1, 8)), count  # each job in exactly one shard
+        assert all(len(s) in (len(every) // count, -(-len(every) // count)) for s in shards)
+    assert [j.name for j in shard_of(every, (1, 3))] == ["j1", "j4"]
+    for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
+        result = CliRunner().invoke(cli, ["batch", str(jobs), "--shard", bad, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and "--shard" in result.stderr, (bad, result.output)
+    assert not (tmp_path / "out").exists()
+
+
+BAD = {
+    "not json": ("{photo: x}", 2, "not JSON"),
+    "not an object": ('["in/photo.png"]', 2, "JSON object"),
+    "unknown key": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "mask_files": []}', 2, "unknown key 'mask_files'"),
+    "no photo": ('{"masks": ["in/red.png"]}', 2, 'no "photo"'),
+    "missing photo": ('{"photo": "in/nope.png", "masks": ["in/red.png"]}', 2, "photo in/nope.png not found"),
+    "missing mask": ('{"photo": "in/photo.png", "masks": ["in/nope.png"]}', 2, "mask in/nope.png not found"),
+    "masks and objects": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "objects": ["cat"]}', 2, "either"),
+    "unknown option": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"stepz": 3}}', 2, "unknown option 'stepz'"),
+    "wrong type": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"steps1": "10"}}', 2, "steps1 takes an integer"),
+    "out of bounds": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"lr1": 5}}', 2, "--lr1 must be"),
+    "bad choice": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "generate": {"scheduler": "x"}, "prompts": ["a"]}', 2,
+                   "scheduler takes"),
+    "names count": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "names": ["a", "b"]}', 2, "--names gives 2"),
+    "unknown handle": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "prompts": ["<cat> on a mat"]}', 2, "<cat>"),
+    "bad name": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "../x"}', 2, "invalid scene name"),
+    "same name": ('{"photo": "in/photo.png", "masks": ["in/blue.png"], "name": "first"}', 2, "also line 1's"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_jobs_file_is_exit_2_naming_the_line_and_nothing_starts(case, tmp_path):
+    write_synthetic_scene(tmp_path / "in")
+    text, line, message = BAD[case]
+    good = '{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "first"}'
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(f"{good}\n{text}\n{good.replace('first', 'third')}\n")
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"line {line}:" in result.stderr and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+    assert not (tmp_path / "out").exists() and not home().exists()
+
+
+def test_an_empty_jobs_file_and_stdin(tmp_path):
+    result = CliRunner().invoke(cli, ["batch", "-", "--out", str(tmp_path / "out")], input="\n\n")
+    assert result.exit_code == 2 and "holds no job" in result.stderr
+    result = CliRunner().invoke(cli, ["batch", "-", "--out", str(tmp_path / "out")], input='{"photo": "nope.png", "masks": []}\n')
+    assert result.exit_code == 2 and "standard input" in result.stderr and "line 1" in result.stderr
+
+
+def test_a_job_another_run_holds_is_put_off_then_waited_for(tmp_path):
+    """Two runs at once never run one job twice: the second finds it busy, then waits."""
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "held",
+                                  "learn": {"base-model": str(tmp_path / "nothing")}}])
+    job = read_jobs(jobs)[0]
+    released = threading.Event()
+
+    def other_run():
+        with locked(claim_path("held"), wait=False):
+            holding.set()
+            released.wait(10)
+            time.sleep(0.5)
+
+    holding = threading.Event()
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    holding.wait(10)
+    try:
+        assert run_job(job, tmp_path / "out").status == "busy"
+        messages = []
+        released.set()
+        result = run_job(job, tmp_path / "out", wait=True, report=messages.append)
+    finally:
+        released.set()
+        thread.join()
+    assert any("waiting for it" in m.text and f"process {os.getpid()}" in m.text for m in messages)
+    assert result.status == "failed" and "base model folder not found" in result.error  # ran once the other let go
+
+
+def test_a_batch_killed_mid_learn_resumes_the_job_on_the_rerun(tmp_path, tiny_model):
+    """kill -9 of the whole batch (its workers too) inside phase 2; the rerun resumes
+    from the checkpoint, taking over the dead run's lock at once."""
+    import torch
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": "k",
+                                  "learn": {"steps1": 2, "steps2": 40, "no-prior": True, "checkpoint-every": 1,
+                                            "base-model": str(tiny_model)}}])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    process = subprocess.Popen([sys.executable, "-m", "scenebreak", "batch", str(jobs), "--out", str(tmp_path / "out"), "-q"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    ckpt, deadline = checkpoint_path("k"), time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if ckpt.exists():
+                try:
+                    state = torch.load(ckpt, weights_only=True)
+                except Exception:  # replaced while reading: look again
+                    continue
+                if state["phase"] == 2 and state["step"] >= 2:
+                    break
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert claim_path("k").exists()  # left by the killed worker
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    got = lines(result.stdout)["k"]
+    assert got["status"] == "done" and got["resumed"] is True and Path(got["scene"]).is_file()
+    assert not ckpt.exists() and not claim_path("k").exists()
+
+
+def test_ray_missing_is_exit_1_with_the_install_line(tmp_path, monkeypatch):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"]}])
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as when it is not installed
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", "auto", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "pip install 'scenebreak[ray]'" in result.stderr, result.output
+
+
+def test_batch_help_loads_no_torch():
+    code = ("import sys; from scenebreak.cli.commands import cli\ntry: cli(['batch', '--help'])\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_a_job_of_words_makes_its_masks_with_mask_then_learns(tmp_path, tiny_model, tiny_segmentation):
+    detector, segmenter = tiny_segmentation
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "objects": ["red square", "blue square"], "names": ["red", "blue"],
+                                  "mask": {"detector": str(detector), "segmenter": str(segmenter), "threshold": 0.0},
+                                  "learn": {"steps1": 1, "steps2": 1, "prior": False, "base-model": str(tiny_model)},
+                                  "prompts": ["<red> and <blue>"], "generate": {"steps": 2, "seed": 0}}])
+    job = read_jobs(jobs)[0]
+    assert job.name == "photo" and job.learn.names == ("red", "blue") and job.mask.threshold == 0.0
+    result = run_job(job, tmp_path / "out", tmp_path / "scenes", device="cpu")
+    assert result.status == "done", result.error
+    masks = tmp_path / "out" / "photo" / "masks"
+    assert sorted(p.name for p in masks.glob("*.mask[0-9].png")) == ["photo.mask1.png", "photo.mask2.png"]
+    record = json.loads((tmp_path / "out" / "photo" / "job.json").read_text())
+    assert record["masks"] == [str(masks / "photo.mask1.png"), str(masks / "photo.mask2.png")]
+    assert result.scene == str(tmp_path / "scenes" / "photo.scene") and not scene_path("photo").exists()
+    assert run_job(job, tmp_path / "out", tmp_path / "scenes", device="cpu").status == "skipped"
+
+
+def test_a_scene_this_batch_did_not_make_is_never_replaced(tmp_path):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "mine"}])
+    scene_path("mine").parent.mkdir(parents=True)
+    scene_path("mine").write_bytes(b"someone's scene")
+    result = run_job(read_jobs(jobs)[0], tmp_path / "out")
+    assert result.status == "failed" and "was not made by this batch" in result.error and "scenebreak rm mine" in result.error
+    assert scene_path("mine").read_bytes() == b"someone's scene"
+
+
+@pytest.mark.parametrize("devices", ["tpu", "cuda:7", "cpu,,cpu", "mps:1"])
+def test_unknown_devices_are_exit_2_before_anything_starts(devices, tmp_path):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"]}])
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--devices", devices, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--devices" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_learn_lock_of_a_machine_that_died_is_waited_out(tmp_path, monkeypatch):
+    """A retried job whose first try died with its machine: its claim and the scene's
+    learn lock turn stale a few seconds apart; the job waits for both, then runs."""
+    from scenebreak.train import locks
+
+    monkeypatch.setattr(locks, "STALE", 1.0)
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "lost",
+                                  "learn": {"base-model": str(tmp_path / "nothing")}}])
+    lock = home() / "locks" / "lost.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": "gone", "pid": 7, "token": "t"}))
+    messages = []
+    result = run_job(read_jobs(jobs)[0], tmp_path / "out", report=messages.append)
+    assert any("waiting for the lock of process 7 on gone" in m.text for m in messages)
+    assert result.status == "failed" and "base model folder not found" in result.error  # it ran: the lock was taken over

@@ -1,0 +1,101 @@
+"""`batch --ray` on a real Ray cluster started here (a head node with 2 CPUs and its own
+GCS, raylet and worker processes, as `ray start --head` makes; not `ray.init`'s local
+mode): the same three jobs as Ray tasks, and a worker process killed with SIGKILL in
+the middle of a job, which Ray retries and which resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from scenebreak.batch.work import claim_path
+from scenebreak.cli.commands import cli
+from scenebreak.paths import checkpoint_path, scene_path
+from scenebreak.train.locks import read_owner
+
+from conftest import write_synthetic_scene
+from jobfiles import lines, three_jobs, write_jobs
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[test,ray]')")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node cluster on this machine, 2 CPUs, no dashboard; its workers import this
+    checkout's scenebreak."""
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join(sys.path))
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        head = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    yield head
+    head.shutdown()
+
+
+def test_three_jobs_as_ray_tasks(cluster, tmp_path, tiny_model):
+    jobs = three_jobs(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    got = lines(result.stdout)
+    assert {n: r["status"] for n, r in got.items()} == {"a": "done", "b": "failed", "c": "done"}
+    assert "base model folder not found" in got["b"]["error"]
+    assert got["a"]["scene"] == str(scene_path("a")) and len(got["c"]["images"]) == 2
+    assert "Ray cluster: 1 node(s), 2 CPU(s), 0 GPU(s)" in result.stderr
+    again = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(out), "-q"])
+    assert {n: r["status"] for n, r in lines(again.stdout).items()} == {"a": "skipped", "b": "failed", "c": "skipped"}
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--gpus-per-job", "1"])
+    assert result.exit_code == 1 and "has 0 GPU(s)" in result.stderr, result.output
+
+
+def test_a_ray_worker_killed_during_a_job_is_retried_and_resumes(cluster, tmp_path, tiny_model):
+    import torch
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": "k",
+                                  "learn": {"steps1": 2, "steps2": 40, "no-prior": True, "checkpoint-every": 1,
+                                            "base-model": str(tiny_model)}}])
+    killed = []
+
+    def kill_the_worker():
+        """Once the job checkpointed inside phase 2: SIGKILL the Ray worker running it
+        (the process id its job lock names)."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                state = torch.load(checkpoint_path("k"), weights_only=True)
+            except Exception:  # not there yet, or replaced while reading
+                state = None
+            owner = read_owner(claim_path("k"))
+            if state and state["phase"] == 2 and state["step"] >= 2 and owner:
+                os.kill(owner["pid"], signal.SIGKILL)
+                killed.append(owner["pid"])
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_the_worker)
+    watcher.start()
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out"),
+                                      "--retries", "2"])
+    watcher.join()
+    assert killed and killed[0] != os.getpid()
+    assert result.exit_code == 0, result.output
+    got = lines(result.stdout)["k"]
+    assert got["status"] == "done" and got["resumed"] is True
+    assert not checkpoint_path("k").exists() and not claim_path("k").exists()
+
+
+def test_an_address_nobody_answers_is_exit_1_at_once(tmp_path):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"]}])
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", "127.0.0.1:1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no Ray cluster answers at 127.0.0.1:1" in result.stderr, result.output
+    assert time.monotonic() - started < 30

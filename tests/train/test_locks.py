@@ -1,0 +1,65 @@
+"""The lock files hold on a network file system: O_EXCL files with a heartbeat, taken
+over only when their owner is gone (a dead process of this host, or no heartbeat for
+STALE seconds), never while it lives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scenebreak.paths import home
+from scenebreak.train import locks
+from scenebreak.train.locks import Busy, locked, read_owner
+
+
+def _lock_path(name="x"):
+    return home() / "locks" / f"{name}.lock"
+
+
+def test_a_held_lock_names_its_owner_and_is_removed_on_release():
+    path = _lock_path()
+    with locked(path, wait=False):
+        owner = read_owner(path)
+        assert owner["pid"] == os.getpid() and owner["host"] == locks.HOST
+        with pytest.raises(Busy, match=f"process {os.getpid()}"):
+            with locked(path, wait=False, busy_message="held by {holder}"):
+                pass
+    assert not path.exists()
+
+
+def test_the_lock_of_a_dead_process_of_this_host_is_taken_over_at_once():
+    path = _lock_path()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"host": locks.HOST, "pid": int(dead), "token": "old"}))
+    with locked(path, wait=False):
+        assert read_owner(path)["pid"] == os.getpid()
+
+
+def test_a_lock_of_another_host_is_stale_only_without_heartbeat(monkeypatch):
+    path = _lock_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "theirs"}))
+    with pytest.raises(Busy, match="process 1 on elsewhere"):  # touched just now: its owner lives
+        with locked(path, wait=False, busy_message="{holder}"):
+            pass
+    old = time.time() - locks.STALE - 5
+    os.utime(path, (old, old))  # no heartbeat for longer than STALE
+    with locked(path, wait=False):
+        assert read_owner(path)["host"] == locks.HOST
+
+
+def test_the_heartbeat_keeps_a_long_held_lock_fresh(monkeypatch):
+    monkeypatch.setattr(locks, "HEARTBEAT", 0.05)
+    path = _lock_path()
+    with locked(path, wait=False):
+        old = time.time() - 1000
+        os.utime(path, (old, old))
+        time.sleep(0.3)
+        assert time.time() - os.stat(path).st_mtime < 5
+
