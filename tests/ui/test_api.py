@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from pageclient import serve, ui  # noqa: F401 (fixtures)
 from scenebreak.cli.commands import cli
 
 

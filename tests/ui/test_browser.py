@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pageclient import serve, ui  # noqa: F401 (fixtures)
 from test_api import cli_masks, file_array
 
 WAIT = 120  # seconds; each step takes a second or two on the tiny models
