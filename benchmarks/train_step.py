@@ -489,7 +489,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
         started = now
     timed = times[1:]  # the first step warms up (allocator, kernels, lazy caches)
     row = {"kind": kind, "phase": phase, "precision": precision_name(amp_dtype), "memory": plan.policy, "tune": plan.tune,
-           "half_frozen": plan.half_frozen, "steps_timed": len(timed),
+           "half_frozen": plan.half_frozen, "quantize": plan.quantize, "steps_timed": len(timed),
            "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], **peak(device, source.reuse)}
     if setup_peak is not None:
         row.update(setup_peak_gib=setup_peak, steps_peak_gib=row["peak_gib"], peak_gib=max(setup_peak, row["peak_gib"]),
@@ -839,7 +839,9 @@ def render_flux(rows: list[dict], args, command: str) -> str:
             if "error" in row:
                 lines.append(f"| {phase} | {row['kind']} | {label(row, whole)} | | | | {row['error']} | | | |")
                 continue
-            plan = f"{row['memory']}, {row['tune']}" + (", frozen in half" if row.get("half_frozen") else "")
+            plan = f"{row['memory']}, {row['tune']}" + (
+                f", base in {row['quantize']}" if row.get("quantize", "none") != "none"
+                else ", frozen in half" if row.get("half_frozen") else "")
             lines.append(f"| {phase} | {row['kind']} | {label(row, whole)} | {row.get('precision', '')} | {plan} | "
                          f"{row.get('built', '')} | {row['s_per_step']:.2f} | {row['peak_gib']:.1f} | "
                          f"{gib(row, 'setup_peak_gib')} | {gib(row, 'steps_peak_gib')} |")
