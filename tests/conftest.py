@@ -52,6 +52,28 @@ class Killed(BaseException):
     """Stands for kill -9: nothing in scenebreak catches it, so no handler saves anything."""
 
 
+def wait_for_checkpoint(process, name: str, phase: int = 2, step: int = 2, timeout: float = 120) -> None:
+    """Wait until the process `process` (a learn or batch in another process) has
+    checkpointed scene `name` at `phase`, step >= `step`; it must still be running then."""
+    import time
+
+    import torch
+
+    from scenebreak.paths import checkpoint_path
+
+    ckpt, deadline = checkpoint_path(name), time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if ckpt.exists():
+            try:
+                state = torch.load(ckpt, weights_only=True)
+            except Exception:  # replaced while reading: look again
+                continue
+            if state["phase"] == phase and state["step"] >= step:
+                break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+
+
 def kill_at(phase: int, step: int):
     """A reporter that 'kills' the run (raises Killed) when it reports `step` of `phase`."""
     from scenebreak.events import Progress

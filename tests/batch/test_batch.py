@@ -22,7 +22,7 @@ from scenebreak.cli.commands import cli
 from scenebreak.paths import checkpoint_path, home, scene_path
 from scenebreak.train.locks import locked
 
-from conftest import write_synthetic_scene
+from conftest import wait_for_checkpoint, write_synthetic_scene
 from jobfiles import GENERATE, files, lines, three_jobs, write_jobs
 
 def test_three_jobs_on_two_workers_one_failing_then_a_rerun_skips_everything(tmp_path, tiny_model):
@@ -154,8 +154,6 @@ def test_a_job_another_run_holds_is_put_off_then_waited_for(tmp_path):
 def test_a_batch_killed_mid_learn_resumes_the_job_on_the_rerun(tmp_path, tiny_model):
     """kill -9 of the whole batch (its workers too) inside phase 2; the rerun resumes
     from the checkpoint, taking over the dead run's lock at once."""
-    import torch
-
     write_synthetic_scene(tmp_path / "in")
     jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": "k",
                                   "learn": {"steps1": 2, "steps2": 40, "no-prior": True, "checkpoint-every": 1,
@@ -163,18 +161,9 @@ def test_a_batch_killed_mid_learn_resumes_the_job_on_the_rerun(tmp_path, tiny_mo
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     process = subprocess.Popen([sys.executable, "-m", "scenebreak", "batch", str(jobs), "--out", str(tmp_path / "out"), "-q"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    ckpt, deadline = checkpoint_path("k"), time.monotonic() + 120
+    ckpt = checkpoint_path("k")
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if ckpt.exists():
-                try:
-                    state = torch.load(ckpt, weights_only=True)
-                except Exception:  # replaced while reading: look again
-                    continue
-                if state["phase"] == 2 and state["step"] >= 2:
-                    break
-            time.sleep(0.05)
-        assert process.poll() is None, process.communicate()
+        wait_for_checkpoint(process, "k")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     finally:

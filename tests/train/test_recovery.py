@@ -21,7 +21,7 @@ from scenebreak.cli.commands import cli
 from scenebreak.events import Progress
 from scenebreak.paths import checkpoint_path
 
-from conftest import Killed, kill_at
+from conftest import Killed, kill_at, wait_for_checkpoint
 
 
 def _same(a_path, b_path, component: str) -> None:
@@ -66,18 +66,8 @@ def test_kill_9_in_phase_2_then_resume(scene_files, tiny_model, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "-m", "scenebreak", "learn", str(scene_files["image"]), *common, "--name", "k",
                                 "--checkpoint-every", "1", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ckpt, deadline = checkpoint_path("k"), time.monotonic() + 120
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if ckpt.exists():
-                try:
-                    state = torch.load(ckpt, weights_only=True)
-                except Exception:  # replaced while reading: look again
-                    continue
-                if state["phase"] == 2 and state["step"] >= 2:
-                    break
-            time.sleep(0.05)
-        assert process.poll() is None, "the run ended before it could be killed"
+        wait_for_checkpoint(process, "k")
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     finally:
