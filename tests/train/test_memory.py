@@ -235,3 +235,40 @@ def test_the_estimate_matches_the_measured_sd21_figures():
     low = memory.phase2_bytes(sd21, LearnConfig(), 512, autocast=True, low=True) / gib
     lora = memory.phase2_bytes(sd21, LearnConfig(tune="lora"), 512, autocast=True) / gib
     assert abs(fast - 20.3) < 1.5 and abs(low - 15.1) < 1.5 and abs(lora - 10.3) < 1.5, (fast, low, lora)
+
+
+def test_flux_loads_its_transformer_in_half_precision_where_it_stays_frozen_there(cpu_precision, scene_files, tmp_path,
+                                                                               monkeypatch):
+    """FLUX under LoRA: the transformer is loaded straight in the training's bf16 (24 GB
+    less RAM for FLUX.1's), the precision the plan keeps it in anyway; in fp32 where the
+    training is fp32 or full tuning trains it."""
+    import scenebreak.train.trainer as trainer
+    from scenebreak.device import Device
+    from scenebreak.families import family_named
+    from scenebreak.train.memory import denoiser_load_dtype
+    from tinymodels import build_tiny_flux
+
+    seen = []
+    real_init = trainer.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        seen.append(next(args[0].denoiser.parameters()).dtype)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    flux = build_tiny_flux(tmp_path / "flux")
+    result = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                   base_model=str(flux), name="flux")
+    assert seen == [torch.bfloat16 if cpu_precision == "bf16" else torch.float32]
+    assert load_scene(result.path).meta["tuning"] == "lora"
+    # Full tuning trains it: fp32 (the master weights), and so for SD, which is not loaded otherwise.
+    full = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False, tune="full"),
+                 base_model=str(flux), name="full")
+    assert seen[-1] == torch.float32 and load_scene(full.path).meta["tuning"] == "full"
+    cuda, cpu = Device("cuda", "cuda"), Device("cpu", "cpu")
+    dev, sd = family_named("FLUX.1 dev"), family_named("SD 2.x")
+    assert denoiser_load_dtype(LearnConfig(), dev, cuda, torch.bfloat16) == torch.bfloat16
+    assert denoiser_load_dtype(LearnConfig(), sd, cuda, torch.bfloat16) is None
+    assert denoiser_load_dtype(LearnConfig(standalone=True), dev, cuda, torch.bfloat16) is None
+    assert denoiser_load_dtype(LearnConfig(memory="fast"), dev, cpu, torch.bfloat16) is None
+    assert denoiser_load_dtype(LearnConfig(), dev, cuda, None) is None

@@ -137,10 +137,10 @@ def fingerprint(denoiser, vae, *text_encoders) -> str:
 
 
 def load_components(base_model: str, revision: str | None = None,
-                    resolved: tuple[Path, str | None] | None = None) -> Components:
+                    resolved: tuple[Path, str | None] | None = None, denoiser_dtype=None) -> Components:
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and scheduler config in fp32
-    on the CPU; `resolved` is what resolve_model_dir already returned for them, if it
-    was called."""
+    on the CPU (the denoiser in `denoiser_dtype` where one is given); `resolved` is what
+    resolve_model_dir already returned for them, if it was called."""
     quiet_libraries()
     from diffusers import AutoencoderKL
 
@@ -149,7 +149,8 @@ def load_components(base_model: str, revision: str | None = None,
     folder, commit = resolved or resolve_model_dir(base_model, revision)
     family = detect_family(folder, f"the base model {base_model}")
     try:
-        denoiser = family.denoiser_class().from_pretrained(folder / family.denoiser)
+        denoiser = family.denoiser_class().from_pretrained(
+            folder / family.denoiser, **({"torch_dtype": denoiser_dtype} if denoiser_dtype is not None else {}))
         vae = AutoencoderKL.from_pretrained(folder / "vae")
         text_encoders = [family.text_encoder_class(name).from_pretrained(folder / name) for name in family.text_encoders]
         tokenizers = []

@@ -130,7 +130,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     base_model = base_model or default_base_model()
     resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
     _check_room(resolved[0], config, out)
-    components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved)
+    components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved, device,
+                                                    amp_dtype)
     if config.lambda_attn is None:  # the family's weight of the attention loss
         config = dataclasses.replace(config, lambda_attn=components.family.lambda_attn)
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
@@ -140,6 +141,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None)
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
+    if (plan.tune == "full" or not plan.half_frozen) and components.denoiser.dtype != torch.float32:
+        components.denoiser.float()  # loaded in half precision for a frozen base that the plan does not keep
     if config.tune == "lora":
         from ..families.lora import require_peft
 
@@ -258,12 +261,19 @@ def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakErr
     return error(f"could not write {out} ({why}); {kept}")
 
 
-def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str, revision: str | None, resolved):
-    """The base model, the training resolution it implies, and the photo and masks
-    cropped and resized to it; checked before anything is trained."""
+def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str, revision: str | None, resolved,
+                 device: Device, amp_dtype):
+    """The base model (its denoiser straight in half precision where the plan will keep
+    it frozen there: memory.denoiser_load_dtype), the training resolution it implies,
+    and the photo and masks cropped and resized to it; checked before anything is
+    trained."""
+    from ..families import detect_family
     from ..families.base_model import load_components
+    from .memory import denoiser_load_dtype
 
-    components = load_components(base_model, revision, resolved)
+    family = detect_family(resolved[0], f"the base model {base_model}")
+    dtype = denoiser_load_dtype(config, family, device, amp_dtype)
+    components = load_components(base_model, revision, resolved, denoiser_dtype=dtype)
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
     if config.lambda_attn != 0:  # (None: the family's, never 0)

@@ -228,3 +228,18 @@ def choose_quantization(config: LearnConfig, components, device, resolution: int
                         f"would fit, with {QUANTIZE_HINT}")
         return "none", ""
     return "nf4", f"LoRA in half precision needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
+
+
+def denoiser_load_dtype(config: LearnConfig, family, device, amp_dtype):
+    """The precision to load the denoiser in: the training's half precision where the
+    plan will keep it frozen there anyway (a family whose usual tuning is LoRA, FLUX.1:
+    its 12B transformer then takes 24 GB of RAM to load instead of 48, and its weights
+    are published in bf16, so nothing is lost), else None (fp32). The conditions are
+    those under which `choose` keeps frozen weights in half precision; where the plan
+    turns out otherwise (a resumed run of full tuning), `learn` loads nothing again: it
+    widens the denoiser back to fp32."""
+    if amp_dtype is None or family.default_tune != "lora" or config.tune == "full" or config.standalone:
+        return None
+    if device.type == "cpu" and config.memory == "fast":  # the CPU keeps them in fp32 then
+        return None
+    return amp_dtype
