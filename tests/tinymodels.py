@@ -607,14 +607,15 @@ def sharpen_joint_attention(transformer, factor: float) -> None:
 
 
 def build_tiny_flux(folder: Path, variant: str = "dev", resolution: int = 64, seed: int = 0,
-                    sharpen: float = 2.0) -> Path:
+                    sharpen: float = 2.0, t5_dtype=None) -> Path:
     """Save a tiny random FLUX.1 dev or schnell as a diffusers folder that FluxPipeline
     loads (model_index.json names it, as the real ones do) and return its path. It has
     the real folders' quirks: CLIP's legacy special ids, and a T5 table with more rows
     than its tokenizer has tokens. Its attention is sharpened 2x (logits 4x), measured
     by training a handle's T5 row on the attention loss alone (a photo's square, 200
     steps): at 1x its share of the attention in the mask went 0.13 -> 0.21, at 2x 0.16
-    -> 0.54 (loss 0.142 -> 0.082); at 4x the softmax saturates (loss 0.137 -> 0.121)."""
+    -> 0.54 (loss 0.142 -> 0.082); at 4x the softmax saturates (loss 0.137 -> 0.121).
+    `t5_dtype`: T5 saved in that precision (the real folders hold bf16), else fp32."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     folder = Path(folder)
@@ -624,6 +625,8 @@ def build_tiny_flux(folder: Path, variant: str = "dev", resolution: int = 64, se
                   T5TokenizerFast.from_pretrained(folder / "tokenizer_2")]
     parts = build_flux_components(tiny_flux_configs(variant, resolution), tokenizers, seed=seed)
     sharpen_joint_attention(parts["transformer"], sharpen)
+    if t5_dtype is not None:
+        parts["text_encoder_2"].to(t5_dtype)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"):
         parts[name].save_pretrained(folder / name)
     model_index = {

@@ -248,11 +248,12 @@ def test_flux_loads_its_transformer_in_half_precision_where_it_stays_frozen_ther
     from scenebreak.train.memory import denoiser_load_dtype
     from tinymodels import build_tiny_flux
 
-    seen = []
+    seen, seen_t5 = [], []
     real_init = trainer.Trainer.__init__
 
     def init(self, *args, **kwargs):
         seen.append(next(args[0].denoiser.parameters()).dtype)
+        seen_t5.append(args[0].text_encoders[1].dtype)
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer.Trainer, "__init__", init)
@@ -260,11 +261,25 @@ def test_flux_loads_its_transformer_in_half_precision_where_it_stays_frozen_ther
     result = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
                    base_model=str(flux), name="flux")
     assert seen == [torch.bfloat16 if cpu_precision == "bf16" else torch.float32]
+    assert seen_t5 == [torch.float32]  # T5 saved in fp32: loaded so (the fingerprint hashes its table)
     assert load_scene(result.path).meta["tuning"] == "lora"
     # Full tuning trains it: fp32 (the master weights), and so for SD, which is not loaded otherwise.
     full = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False, tune="full"),
                  base_model=str(flux), name="full")
     assert seen[-1] == torch.float32 and load_scene(full.path).meta["tuning"] == "full"
+    # T5 saved in bf16, as the real FLUX folders hold it: loaded in bf16 too where the
+    # transformer is, and the scene still matches its base as sampling loads it (fp32).
+    from scenebreak import GenerateConfig, generate
+    from scenebreak.families.base_model import load_components
+
+    bf16_t5 = build_tiny_flux(tmp_path / "flux-bf16-t5", t5_dtype=torch.bfloat16)
+    scene = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                  base_model=str(bf16_t5), name="bf16-t5")
+    assert seen_t5[-1] == (torch.bfloat16 if cpu_precision == "bf16" else torch.float32)
+    assert load_scene(scene.path).meta["base_model"]["fingerprint"] == load_components(str(bf16_t5)).base.fingerprint
+    images = generate(scene.path, "a photo of <asset1>", GenerateConfig(num_images=1, steps=2, seed=0),
+                      out_dir=tmp_path / "out")
+    assert len(images.images) == 1
     cuda, cpu = Device("cuda", "cuda"), Device("cpu", "cpu")
     dev, sd = family_named("FLUX.1 dev"), family_named("SD 2.x")
     assert denoiser_load_dtype(LearnConfig(), dev, cuda, torch.bfloat16) == torch.bfloat16

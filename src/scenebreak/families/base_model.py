@@ -105,6 +105,19 @@ def parameter_counts(folder: Path, family) -> dict[str, int]:
     return {role: sum(_header_parameters(folder / name) for name in names) for role, names in parts.items()}
 
 
+def stored_dtype(part: Path) -> str | None:
+    """The dtype a part's weights are stored in ("BF16", "F16", "F32"), from its first
+    safetensors file's header (no weight is read); None where it cannot be read."""
+    from safetensors import safe_open
+
+    files = sorted(part.glob("*.safetensors")) if part.is_dir() else []
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            return next((f.get_slice(key).get_dtype() for key in f.keys()), None)
+    except Exception:  # no file, or a damaged one: loading it will say what is wrong
+        return None
+
+
 def _header_parameters(part: Path) -> int:
     from safetensors import safe_open
 
@@ -122,6 +135,16 @@ def _header_parameters(part: Path) -> int:
     return total
 
 
+def _transformers_dtype(dtype) -> dict:
+    """from_pretrained's keyword for a dtype (transformers 4.56 renamed torch_dtype)."""
+    if dtype is None:
+        return {}
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
 def fingerprint(denoiser, vae, *text_encoders) -> str:
     """A content hash that tells base models apart without reading every weight (for
     SD 1.x/2.x exactly what it was before SDXL: scenes keep matching their base)."""
@@ -137,10 +160,12 @@ def fingerprint(denoiser, vae, *text_encoders) -> str:
 
 
 def load_components(base_model: str, revision: str | None = None,
-                    resolved: tuple[Path, str | None] | None = None, denoiser_dtype=None) -> Components:
+                    resolved: tuple[Path, str | None] | None = None, denoiser_dtype=None,
+                    text_encoder_dtypes: dict | None = None) -> Components:
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and scheduler config in fp32
-    on the CPU (the denoiser in `denoiser_dtype` where one is given); `resolved` is what
-    resolve_model_dir already returned for them, if it was called."""
+    on the CPU (the denoiser in `denoiser_dtype`, a text encoder in its entry of
+    `text_encoder_dtypes`, where one is given); `resolved` is what resolve_model_dir
+    already returned for them, if it was called."""
     quiet_libraries()
     from diffusers import AutoencoderKL
 
@@ -152,7 +177,8 @@ def load_components(base_model: str, revision: str | None = None,
         denoiser = family.denoiser_class().from_pretrained(
             folder / family.denoiser, **({"torch_dtype": denoiser_dtype} if denoiser_dtype is not None else {}))
         vae = AutoencoderKL.from_pretrained(folder / "vae")
-        text_encoders = [family.text_encoder_class(name).from_pretrained(folder / name) for name in family.text_encoders]
+        text_encoders = [family.text_encoder_class(name).from_pretrained(
+            folder / name, **_transformers_dtype((text_encoder_dtypes or {}).get(name))) for name in family.text_encoders]
         tokenizers = []
         for name in family.tokenizers:
             cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say

@@ -141,8 +141,10 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None)
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
-    if (plan.tune == "full" or not plan.half_frozen) and components.denoiser.dtype != torch.float32:
-        components.denoiser.float()  # loaded in half precision for a frozen base that the plan does not keep
+    if plan.tune == "full" or not plan.half_frozen:  # loaded in half precision for a frozen base the plan does not keep
+        for model in (components.denoiser, *components.text_encoders):
+            if model.dtype != torch.float32:
+                model.float()
     if config.tune == "lora":
         from ..families.lora import require_peft
 
@@ -269,11 +271,12 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     trained."""
     from ..families import detect_family
     from ..families.base_model import load_components
-    from .memory import denoiser_load_dtype
+    from .memory import denoiser_load_dtype, text_encoder_load_dtypes
 
     family = detect_family(resolved[0], f"the base model {base_model}")
     dtype = denoiser_load_dtype(config, family, device, amp_dtype)
-    components = load_components(base_model, revision, resolved, denoiser_dtype=dtype)
+    components = load_components(base_model, revision, resolved, denoiser_dtype=dtype,
+                                 text_encoder_dtypes=text_encoder_load_dtypes(config, family, resolved[0], dtype))
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
     if config.lambda_attn != 0:  # (None: the family's, never 0)
