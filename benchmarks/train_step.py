@@ -878,9 +878,9 @@ def flux_on_cpu(rows: list[dict], sizes: dict) -> str:
     one, two = whole.get((1, "scenebreak defaults")), whole.get((2, "scenebreak LoRA low-memory"))
     fp32, half = flux_bytes(sizes)
     total = sum(sizes[k] for k in ("transformer", "t5", "clip", "vae"))
-    text = (f"FLUX needs a GPU. learn loads a base model in fp32 on the CPU: FLUX.1-dev's {total / 1e9:.1f} billion "
-            f"weights take {fp32 / GiB:.0f} GiB there before the trainer casts the frozen ones to bf16 "
-            f"({half / GiB:.0f} GiB), more than a 24 GB machine has")
+    text = (f"FLUX needs a GPU. Under LoRA learn loads FLUX.1-dev's transformer and T5 straight in bf16, their "
+            f"published precision: its {total / 1e9:.1f} billion weights then take {half / GiB:.0f} GiB "
+            f"({fp32 / GiB:.0f} GiB in fp32), more than a 24 GB machine has")
     if one and two:
         hours = 400 * (one["s_per_step"] + two["s_per_step"]) / 3600
         text += (f"; at these speeds learn's default 400+400 steps (phase 1 as auto picks it, then LoRA with --memory "
