@@ -27,7 +27,7 @@
 #     bash benchmarks/gpu_check.sh                        # on the GPU machine (the device call)
 #     OUT=/tmp/gc bash benchmarks/gpu_check.sh --device cpu   # the dry run here: tiny sizes, minutes
 #     bash benchmarks/gpu_check.sh --parts "install env smoke" --smoke-args "--only fast-fp32"
-#     bash benchmarks/gpu_check.sh --parts "install env flux compile"   # a second call (benchmarks/README.md)
+#     bash benchmarks/gpu_check.sh --parts "install env flux compile compiled"   # a second call (benchmarks/README.md)
 set -uo pipefail  # no -e: each part is guarded on its own
 cd "$(dirname "$0")/.."
 ROOT=$PWD
