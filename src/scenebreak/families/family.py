@@ -125,6 +125,12 @@ class Family:
     # input, output and conditioning projections, whose rounding every token would feel.
     quantize_skip: ClassVar[tuple[str, ...]] = ()
 
+    def adapterless_text_encoders(self) -> list[str]:
+        """The text encoders LoRA gives no adapters (FLUX's T5): under LoRA only their
+        handle rows train."""
+        default = self.lora_text_targets.get("*", [])
+        return [name for name in self.text_encoders if not self.lora_text_targets.get(name, default)]
+
     def attention_layers(self, model) -> list[str]:
         """Where the attention loss hooks in: the names of the attention processors whose
         maps of the text tokens it reads (InvalidInput where the model has none)."""

@@ -276,7 +276,7 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     family = detect_family(resolved[0], f"the base model {base_model}")
     dtype = denoiser_load_dtype(config, family, device, amp_dtype)
     components = load_components(base_model, revision, resolved, denoiser_dtype=dtype,
-                                 text_encoder_dtypes=text_encoder_load_dtypes(config, family, resolved[0], dtype))
+                                 text_encoder_dtypes=text_encoder_load_dtypes(family, resolved[0], dtype))
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
     if config.lambda_attn != 0:  # (None: the family's, never 0)

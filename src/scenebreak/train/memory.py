@@ -245,7 +245,7 @@ def denoiser_load_dtype(config: LearnConfig, family, device, amp_dtype):
     return amp_dtype
 
 
-def text_encoder_load_dtypes(config: LearnConfig, family, folder, half) -> dict:
+def text_encoder_load_dtypes(family, folder, half) -> dict:
     """Text encoders to load in `half` (denoiser_load_dtype's) as well: those LoRA gives
     no adapters (FLUX's T5, 19 GB in fp32: only its handle rows train, in fp32 beside its
     table), where their files hold exactly that precision, so that their token table,
@@ -255,9 +255,6 @@ def text_encoder_load_dtypes(config: LearnConfig, family, folder, half) -> dict:
     import torch
 
     from ..families.base_model import stored_dtype
-    from ..families.lora import lora_settings, text_encoder_targets
 
-    settings = lora_settings(config.rank, family)
     stored = {torch.bfloat16: "BF16", torch.float16: "F16"}.get(half)
-    return {name: half for name in family.text_encoders
-            if not text_encoder_targets(settings, name) and stored_dtype(folder / name) == stored}
+    return {name: half for name in family.adapterless_text_encoders() if stored_dtype(folder / name) == stored}

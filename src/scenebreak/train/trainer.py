@@ -241,14 +241,13 @@ class Trainer:
         """The frozen base of LoRA in `kind` (families/quantized.py): the denoiser's linear
         layers but its input and output projections, and the text encoders that get no
         adapters (FLUX's T5), whole; computed in the training precision."""
-        from ..families.lora import lora_settings, text_encoder_targets
         from ..families.quantized import quantize_linear_layers
 
         family, compute = self.c.family, self.amp_dtype or torch.float32
         quantize_linear_layers(self.c.denoiser, kind, compute, skip=family.quantize_skip)
-        settings = lora_settings(self.config.rank, family)
+        adapterless = family.adapterless_text_encoders()
         for name, encoder in zip(family.text_encoders, self.c.text_encoders):
-            if not text_encoder_targets(settings, name):
+            if name in adapterless:
                 quantize_linear_layers(encoder, kind, compute)
 
     def _cast_frozen_to_half(self) -> None:
