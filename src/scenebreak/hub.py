@@ -130,10 +130,22 @@ def model_type(folder: Path) -> str:
         return ""
 
 
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes, which diffusers and peft import whenever it is installed, warns at
+    import on CPUs with bf16 instructions that it could not fetch an optional kernel from
+    the hub (always, offline), and LLM.int8() at every product whose input is not fp16
+    (under bf16 autocast: all of them, its documented cast): neither is news. Set before
+    anything imports it."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def quiet_libraries() -> None:
     """Keep diffusers/transformers/hub chatter (load bars, notices) off our stderr."""
     import warnings
 
+    quiet_bitsandbytes()  # first: importing diffusers below may import it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -144,8 +156,3 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     # torch's note that an RMS norm under bf16 autocast (T5's, FLUX's) runs unfused: harmless.
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-    # bitsandbytes (imported by peft whenever it is installed) warns on CPUs with bf16
-    # instructions that it could not fetch an optional kernel from the hub: always, offline.
-    import logging as std_logging
-
-    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)

@@ -8,7 +8,6 @@ import dataclasses
 import errno
 import functools
 import json
-import logging
 import os
 import shlex
 import signal
@@ -22,6 +21,7 @@ from ..config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, Evaluate
 from ..device import DEVICES
 from ..errors import SceneBreakError
 from ..exports.export import FORMATS as EXPORT_FORMATS
+from ..hub import quiet_bitsandbytes
 
 NARGS_OPTIONS = ("--masks", "--names", "--init-words", "--words")
 
@@ -752,9 +752,7 @@ def main() -> None:
     traceback, and Ctrl-C means exit code 130 wherever it lands; once the process is
     leaving, Ctrl-C is ignored."""
     code = 1
-    # bitsandbytes, imported by diffusers and peft whenever it is installed, warns on CPUs
-    # with bf16 instructions that an optional kernel could not be fetched: always offline.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_bitsandbytes()  # before any command imports diffusers or peft
     try:
         try:
             code = cli.main(prog_name="scenebreak", standalone_mode=False)

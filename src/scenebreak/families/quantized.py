@@ -19,6 +19,8 @@ base when sampling, as QLoRA's are. bitsandbytes runs these layers on CUDA and, 
 
 from __future__ import annotations
 
+from ..hub import quiet_bitsandbytes
+
 QUANTIZE_HINT = "pipx inject scenebreak bitsandbytes (or pip install 'scenebreak[quantize]')"
 KINDS = ("nf4", "int8")
 
@@ -30,26 +32,9 @@ def quantization_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def import_bitsandbytes():
-    """bitsandbytes, imported without its chatter: on CPUs with bf16 instructions it
-    tries to fetch an optional kernel from the hub and logs a warning when it cannot
-    (always, offline), though its own kernels serve."""
-    import logging
-
-    log = logging.getLogger("bitsandbytes")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-    finally:
-        log.setLevel(level)
-    return bitsandbytes
-
-
 def _quantized_linear(linear, kind: str, compute_dtype):
+    import bitsandbytes as bnb
     import torch
-
-    bnb = import_bitsandbytes()
 
     bias = linear.bias is not None
     if kind == "nf4":
@@ -65,20 +50,6 @@ def _quantized_linear(linear, kind: str, compute_dtype):
     return layer
 
 
-def _quiet_int8_casts() -> None:
-    """LLM.int8() logs a warning at every matrix product whose input is not fp16 (under
-    bf16 autocast: all of them); the cast is its documented way, so it is not news."""
-    import logging
-
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(getattr(f, "scenebreak", False) for f in log.filters):
-        def keep(record) -> bool:
-            return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
-
-        keep.scenebreak = True
-        log.addFilter(keep)
-
-
 def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...] = ()) -> int:
     """Replace the model's linear layers (but those whose name starts with one of
     `skip`) by bitsandbytes' `kind` layers holding the same weights; they are
@@ -87,8 +58,7 @@ def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...
 
     if kind not in KINDS:
         raise ValueError(f"unknown quantisation {kind!r}")
-    if kind == "int8":
-        _quiet_int8_casts()
+    quiet_bitsandbytes()
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and not name.startswith(skip)]
     for name, linear in targets:
