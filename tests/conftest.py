@@ -52,6 +52,18 @@ class Killed(BaseException):
     """Stands for kill -9: nothing in scenebreak catches it, so no handler saves anything."""
 
 
+def learn_whole_and_resumed(scene_files, base_model, config, kill: tuple[int, int] = (2, 2)):
+    """The scene learned straight through ("whole"), and learned again ("cut"), killed at
+    `kill` (phase, step) and resumed: their LearnResults, to compare."""
+    from scenebreak import learn
+
+    args = (scene_files["image"], scene_files["masks"], config)
+    whole = learn(*args, base_model=str(base_model), name="whole")
+    with pytest.raises(Killed):
+        learn(*args, base_model=str(base_model), name="cut", report=kill_at(*kill))
+    return whole, learn(*args, base_model=str(base_model), name="cut", resume=True)
+
+
 def wait_for_checkpoint(process, name: str, phase: int = 2, step: int = 2, timeout: float = 120) -> None:
     """Wait until the process `process` (a learn or batch in another process) has
     checkpointed scene `name` at `phase`, step >= `step`; it must still be running then."""

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import Killed, craft, kill_at, set_meta
+from conftest import craft, learn_whole_and_resumed, set_meta
 from scenebreak import (BackgroundConfig, EditConfig, GenerateConfig, LearnConfig, edit, export_scene, extract_background,
                         generate, learn, load_scene)
 from scenebreak.cli.commands import cli
@@ -126,11 +126,7 @@ def test_the_exported_diffusers_folder_and_embeddings_load_in_flux_pipeline(dev_
 
 def test_an_interrupted_flux_learn_resumes_to_the_same_scene(flux, scene_files):
     config = LearnConfig(steps1=2, steps2=3, prior=False, checkpoint_every=1)
-    whole = learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux["dev"]), name="whole")
-    with pytest.raises(Killed):
-        learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux["dev"]), name="cut",
-              report=kill_at(2, 2))
-    resumed = learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux["dev"]), name="cut", resume=True)
+    whole, resumed = learn_whole_and_resumed(scene_files, flux["dev"], config)
     a, b = load_scene(whole.path, weights=True), load_scene(resumed.path, weights=True)
     assert torch.equal(a.embeddings, b.embeddings) and torch.equal(a.embeddings_2, b.embeddings_2)
     for key, value in a.weights["transformer_lora"].items():

@@ -245,13 +245,10 @@ def test_a_lora_scene_on_sdxl_generates_on_its_base(scene_files, tiny_sdxl, tmp_
 
 
 def test_an_interrupted_sdxl_learn_resumes_to_the_same_scene(scene_files, tiny_sdxl, tmp_path):
-    from conftest import Killed, kill_at
+    from conftest import learn_whole_and_resumed
 
     config = LearnConfig(steps1=2, steps2=3, prior=False, checkpoint_every=1)
-    whole = learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_sdxl), name="whole")
-    with pytest.raises(Killed):
-        learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_sdxl), name="cut", report=kill_at(2, 2))
-    resumed = learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_sdxl), name="cut", resume=True)
+    whole, resumed = learn_whole_and_resumed(scene_files, tiny_sdxl, config)
     a, b = load_scene(whole.path, weights=True), load_scene(resumed.path, weights=True)
     assert torch.equal(a.embeddings_2, b.embeddings_2) and torch.equal(a.embeddings, b.embeddings)
     for key, value in a.weights["text_encoder_2"].items():
