@@ -287,3 +287,16 @@ def test_flux_loads_its_transformer_in_half_precision_where_it_stays_frozen_ther
     assert denoiser_load_dtype(LearnConfig(standalone=True), dev, cuda, torch.bfloat16) is None
     assert denoiser_load_dtype(LearnConfig(memory="fast"), dev, cpu, torch.bfloat16) is None
     assert denoiser_load_dtype(LearnConfig(), dev, cuda, None) is None
+
+
+def test_the_stored_precision_is_read_from_a_header_never_from_a_fifo(tmp_path):
+    import os
+
+    from scenebreak.families.base_model import stored_dtype
+    from tinymodels import build_tiny_flux
+
+    flux = build_tiny_flux(tmp_path / "flux", t5_dtype=torch.bfloat16)
+    assert stored_dtype(flux / "text_encoder_2") == "BF16" and stored_dtype(flux / "transformer") == "F32"
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "model.safetensors")
+    assert stored_dtype(tmp_path / "fifo") is None and stored_dtype(tmp_path / "missing") is None  # returns, no hang

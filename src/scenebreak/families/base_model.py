@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import InvalidInput, ModelNotAvailable
 from ..hub import hub_snapshot, looks_like_path, quiet_libraries
+from ..paths import is_regular_file
 from .family import vae_scale
 
 @dataclass
@@ -111,6 +112,8 @@ def stored_dtype(part: Path) -> str | None:
     from safetensors import safe_open
 
     files = sorted(part.glob("*.safetensors")) if part.is_dir() else []
+    if not files or not is_regular_file(files[0]):  # never open a FIFO: it would block
+        return None
     try:
         with safe_open(str(files[0]), framework="pt") as f:
             return next((f.get_slice(key).get_dtype() for key in f.keys()), None)
