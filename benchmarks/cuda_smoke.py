@@ -75,7 +75,7 @@ VARIANTS = {
     "resume-fast": ("resume", dict(memory="fast"), set()),
     "resume-low": ("resume", dict(memory="low"), set()),
     "resume-8bit": ("resume-8bit", dict(memory="fast"), {"cuda", "bnb"}),
-    "compile": ("learn", dict(compile=True), set()),
+    "compile": ("learn", dict(compile=True), {"cuda"}),  # learn refuses --compile off CUDA
     # No step waits for the GPU: every training step runs under
     # torch.cuda.set_sync_debug_mode("error"), where a synchronising call raises.
     "sync-free": ("learn-sync-free", dict(memory="fast"), {"cuda"}),

@@ -16,6 +16,9 @@
 #   7. compile   the smoke test's torch.compile variant: the slowest to start
 #   8. compiled  SD2.1-base steps with the whole step compiled (learn --compile), beside
 #                the plain rows of part 4
+#   9. wall      benchmarks/learn_wall.py: `learn` from the command to the scene written on
+#                SD2.1-base (100+100 steps, extrapolated to 400+400), plain, --compile with
+#                a cold compile cache, and again with it warm
 #
 # Each part runs under its own `timeout`, capped by what is left of the whole budget
 # (GPU_CHECK_BUDGET_S, default 540 s; 900 s for the dry run on the CPU), so one hang
@@ -33,14 +36,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile compiled}
+PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile compiled wall}
 SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS:-}
 while (( $# )); do
     case $1 in
         --device) DEVICE=$2; shift 2 ;;
         --parts) PARTS=$2; shift 2 ;;
         --smoke-args) SMOKE_ARGS=$2; shift 2 ;;
-        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile compiled'] [--smoke-args ARGS]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile compiled wall'] [--smoke-args ARGS]" >&2; exit 2 ;;
     esac
 done
 PY=${PYTHON:-python3}
@@ -60,12 +63,14 @@ if [[ $DEVICE == cuda* ]]; then
     FLUX_ARGS=(--steps 3 --gen-steps 3)
     # Measured on an H200: install 1 s, env 22, smoke 89 (before FLUX's 6 variants), steps
     # 115, sdxl 115; flux is expected at ~1.5 min; compile gets whatever is left.
-    CAPS=(install=90 env=60 smoke=210 steps=200 sdxl=150 flux=150 compile=240 compiled=300)
+    WALL_ARGS=(--steps1 100 --steps2 100)
+    CAPS=(install=90 env=60 smoke=210 steps=200 sdxl=150 flux=150 compile=240 compiled=300 wall=360)
 else
     STEP_ARGS=(--tiny --steps 2 --gen-steps 2)
     SDXL_ARGS=(--tiny --steps 2 --gen-steps 2)
     FLUX_ARGS=(--tiny --steps 2 --gen-steps 2)
-    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330 compiled=330)  # compile: ~280 s here on one busy core
+    WALL_ARGS=(--tiny --steps1 3 --steps2 3 --runs cache plain)  # a compile takes minutes on the CPU
+    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330 compiled=330 wall=150)  # compile: ~280 s here on one busy core
 fi
 
 # Offline, from the checkout: src/ for scenebreak, tests/ for the tiny model builders.
@@ -159,6 +164,7 @@ part sdxl "$PY" benchmarks/train_step.py --sdxl --device "$DEVICE" --in-process 
 part flux "$PY" benchmarks/train_step.py --flux --device "$DEVICE" --in-process "${FLUX_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" --only compile
 part compiled "$PY" benchmarks/train_step.py --compiled --only compiled --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
+part wall "$PY" benchmarks/learn_wall.py --device "$DEVICE" "${WALL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 
 echo "=== summary ($(( SECONDS - START ))s)"
 "$PY" - "$JSONL" <<'EOF'
@@ -179,6 +185,10 @@ for r in rows:
         what = r.get("error") or (f"{r['s_per_image']:.2f} s/image" if r["phase"] == "generate" else f"{r['s_per_step']:.3f} s/step")
         steps_peak = f" (steps {r['steps_peak_gib']:.1f}, set-up {r['setup_peak_gib']:.1f})" if "steps_peak_gib" in r else ""
         print(f"steps {model:10} {str(r['phase']):8} {r['kind']:28} {what} peak {r.get('peak_gib', 0):.1f} GiB{steps_peak}")
+    elif r["part"] == "learn_wall":
+        what = (f"wall {r['wall_s']:.1f} s, 400+400 {r['est_400_400_s']:.1f} s" if r.get("est_400_400_s")
+                else f"wall {r['wall_s']:.1f} s" + ("" if r["ok"] else " FAILED"))
+        print(f"wall  {r['run']:14} {r['steps1']}+{r['steps2']} {what}")
     else:
         print(f"part  {r.get('step', r['part']):14} {r.get('status')} ({r.get('seconds', '?')} s)")
 try:

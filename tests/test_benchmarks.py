@@ -125,3 +125,20 @@ def smoke(tmp_path_factory):
 def test_smoke_variants_run_on_the_cpu(smoke, variant):
     row = smoke.run(variant)
     assert row["ok"] is True, row
+
+
+# -- learn_wall.py (the GPU check's `wall` part) -------------------------------------------------
+
+
+def test_learn_wall_extrapolates_each_run_to_400_400_at_its_own_steady_rates():
+    spec = importlib.util.spec_from_file_location("learn_wall_benchmark", BENCHMARKS / "learn_wall.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stamps = {"imported": 1.0, "phase 1 first": 20.0, "phase 1 last": 29.9, "phase 1 steps": 100,
+              "phase 2 first": 30.2, "phase 2 last": 50.0, "phase 2 steps": 100}
+    row = module.summarise({"run": "plain", "ok": True, "wall_s": 52.0, "steps1": 100, "steps2": 100}, stamps)
+    assert row["p1_s_per_step"] == pytest.approx(0.1) and row["p2_s_per_step"] == pytest.approx(0.2)
+    assert row["after_last_step_s"] == pytest.approx(2.0)
+    assert row["est_400_400_s"] == pytest.approx(52.0 + 300 * 0.1 + 300 * 0.2)
+    table = module.render([row], "# header")
+    assert "| plain | 100+100 | 52.0 |" in table and "| 142.0 |" in table

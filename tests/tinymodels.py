@@ -233,14 +233,7 @@ def build_small_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen
                                    num_attention_heads=2, projection_dim=16)
     parts = build_components(configs, tokenizer, seed=seed)
     sharpen_cross_attention(parts["unet"], sharpen)
-    for name in ("unet", "vae", "text_encoder", "scheduler"):
-        parts[name].save_pretrained(folder / name)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.0.0", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return save_sd_folder(parts, folder)
 
 
 def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 8.0, variant: str = "sd2") -> Path:
@@ -256,6 +249,24 @@ def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen:
         configs[part] = {**configs[part], **changes}
     parts = build_components(configs, tokenizer, seed=seed)
     sharpen_cross_attention(parts["unet"], sharpen)
+    return save_sd_folder(parts, folder)
+
+
+def build_sd21_base(folder: Path, seed: int = 0) -> Path:
+    """The SD2.1-base architecture with random weights as a diffusers folder (fp32, as
+    the hub's), with a tokenizer of CLIP's 49408 tokens: for benchmarks that run
+    `learn` as a user does (about 5 GB; too big for tests)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    write_tiny_tokenizer(folder / "tokenizer", vocab_size=49408)
+    parts = build_components(sd21_base_configs(), CLIPTokenizer.from_pretrained(folder / "tokenizer"), seed=seed)
+    return save_sd_folder(parts, folder)
+
+
+def save_sd_folder(parts: dict, folder: Path) -> Path:
+    """Stable Diffusion parts (build_components') saved as a folder StableDiffusionPipeline
+    loads; the tokenizer is already in `folder / "tokenizer"`."""
     for name in ("unet", "vae", "text_encoder", "scheduler"):
         parts[name].save_pretrained(folder / name)
     model_index = {
