@@ -48,6 +48,7 @@ import copy
 import dataclasses
 import gc
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -148,6 +149,9 @@ VARIANTS = {
     # the compile, the timed ones do not.
     "scenebreak compiled": {"memory": "fast", "tune": "full", "compile": True},
     "scenebreak LoRA compiled": {"tune": "lora", "memory": "fast", "compile": True},
+    # The same with CUDA graphs over the compiled forward and backward (torch.compile's
+    # reduce-overhead mode, SCENEBREAK_COMPILE_MODE): the step is launch-bound at batch 2.
+    "scenebreak compiled cudagraphs": {"memory": "fast", "tune": "full", "compile": True},
     "original-style": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
 }
 # Generation rows: (sampler, precision, images per pass: None = the device's) per kind.
@@ -179,7 +183,9 @@ SDXL_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA"), (2, "scenebreak
 FLUX_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA fast"), (2, "scenebreak LoRA low-memory"),
              (2, "scenebreak LoRA low-memory nf4"), ("generate", "one image per call")]
 # --compiled: the compiled step beside the plain rows (the GPU check's compile part).
-COMPILED_ROWS = [(1, "scenebreak compiled"), (2, "scenebreak compiled"), (2, "scenebreak LoRA compiled")]
+COMPILED_ROWS = [(1, "scenebreak compiled"), (2, "scenebreak compiled"), (2, "scenebreak LoRA compiled"),
+                 (1, "scenebreak compiled cudagraphs"), (2, "scenebreak compiled cudagraphs")]
+COMPILE_MODES = {"scenebreak compiled cudagraphs": "reduce-overhead"}  # kind -> SCENEBREAK_COMPILE_MODE
 FLUX_DEPTH = 19  # FLUX.1's double-stream blocks (and twice as many single-stream ones)
 GiB = 2**30
 
@@ -462,7 +468,9 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     masks[0, : resolution // 2, : resolution // 2] = 1
     masks[1, resolution // 2 :, resolution // 3 :] = 1
     tokens = ["<asset1>", "<asset2>"]
-    steps1, steps2 = (steps + 1, 0) if phase == 1 else (0, steps + 1)
+    # CUDA graph trees run a step plain, then record, then replay: two more warm-up steps.
+    warm = 3 if kind in COMPILE_MODES else 1
+    steps1, steps2 = (steps + warm, 0) if phase == 1 else (0, steps + warm)
     config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution, **VARIANTS[kind])
     amp_dtype = device.train_dtype(config.mixed_precision)
     plan = choose_memory(config, components, device, resolution, amp_dtype)  # the switches --memory low turns on
@@ -475,7 +483,17 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     cls = make_baseline_trainer(Trainer) if kind == "original-style" else Trainer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device.torch)
-    trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens, plan=plan, amp_dtype=amp_dtype)
+    mode, before = COMPILE_MODES.get(kind), os.environ.get("SCENEBREAK_COMPILE_MODE")
+    if mode:
+        os.environ["SCENEBREAK_COMPILE_MODE"] = mode  # read when the trainer compiles its step
+    try:
+        trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens, plan=plan,
+                      amp_dtype=amp_dtype)
+    finally:
+        if before is None:
+            os.environ.pop("SCENEBREAK_COMPILE_MODE", None)
+        else:
+            os.environ["SCENEBREAK_COMPILE_MODE"] = before
     setup_peak = None
     if device.type == "cuda":  # the set-up's peak (the move, the casts, the cached latents), then the steps' own
         torch.cuda.synchronize(device.torch)
@@ -488,7 +506,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
         now = time.perf_counter()
         times.append(now - started)
         started = now
-    timed = times[1:]  # the first step warms up (allocator, kernels, lazy caches)
+    timed = times[warm:]  # the first step warms up (allocator, kernels, lazy caches)
     row = {"kind": kind, "phase": phase, "precision": precision_name(amp_dtype), "memory": plan.policy, "tune": plan.tune,
            "half_frozen": plan.half_frozen, "quantize": plan.quantize, "steps_timed": len(timed),
            "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], **peak(device, source.reuse)}

@@ -6,6 +6,8 @@ step's; and what the compiler makes is kept under a key in scenebreak's cache fo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -120,8 +122,12 @@ def test_what_one_run_compiled_is_saved_under_its_key_and_loaded_by_the_next(mon
     from scenebreak.device import Device
     from scenebreak.train import compiling
 
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    # What importing torch._dynamo leaves in the variable (in learn, diffusers imports it
+    # long before the step compiles): torch's default, not a choice of the user's.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     key = compiling.compile_key(Device("cpu", "cpu"), {"test": 1})
     assert not compiling.load_artifacts(key)  # nothing yet
 
@@ -146,3 +152,39 @@ def test_what_one_run_compiled_is_saved_under_its_key_and_loaded_by_the_next(mon
     finally:
         torch._dynamo.reset()
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+def test_a_compile_cache_the_user_chose_is_kept(monkeypatch, tmp_path):
+    from scenebreak.train import compiling
+
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compiling.use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    compiling.use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "home" / "compile" / "inductor")
+
+
+def test_the_compile_mode_comes_from_the_environment_and_reaches_torch_compile(monkeypatch):
+    """SCENEBREAK_COMPILE_MODE picks torch.compile's mode for --compile (the GPU
+    benchmarks' knob for CUDA graphs); a wrong value is one clear error, torch's default
+    passes no mode at all, and a backend other than inductor gets none."""
+    from scenebreak.errors import InvalidInput
+    from scenebreak.train import compiling
+
+    monkeypatch.delenv("SCENEBREAK_COMPILE_MODE", raising=False)
+    assert compiling.compile_mode() == "default"
+    monkeypatch.setenv("SCENEBREAK_COMPILE_MODE", "reduce-overhead")
+    assert compiling.compile_mode() == "reduce-overhead"
+    monkeypatch.setenv("SCENEBREAK_COMPILE_MODE", "fastest please")
+    with pytest.raises(InvalidInput, match="SCENEBREAK_COMPILE_MODE='fastest please' is not one of default"):
+        compiling.compile_mode()
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    compiling.compile_step(len, mode="reduce-overhead")
+    compiling.compile_step(len)
+    compiling.compile_step(len, backend="aot_eager", mode="reduce-overhead")
+    assert calls == [dict(dynamic=False, backend="inductor", mode="reduce-overhead"),
+                     dict(dynamic=False, backend="inductor"), dict(dynamic=False, backend="aot_eager")]

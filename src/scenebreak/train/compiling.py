@@ -59,8 +59,20 @@ def artifacts_file(key: str) -> Path:
 
 
 def use_compile_cache() -> None:
-    """Point inductor's own cache into scenebreak's cache folder (unless the user set one)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_dir() / "inductor"))
+    """Point inductor's own cache into scenebreak's cache folder, unless the user chose
+    one. Importing torch._dynamo (which diffusers may do long before) writes torch's
+    default into TORCHINDUCTOR_CACHE_DIR, so that value counts as no choice."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(_torch_default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_dir() / "inductor")
+
+
+def _torch_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # moved in another torch: then only an unset variable is ours to set
+        return ""
+    return default_cache_dir()
 
 
 def load_artifacts(key: str) -> bool:
@@ -99,11 +111,33 @@ def prepare_dynamo() -> None:
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
-def compile_step(step_losses, backend: str = "inductor"):
+# torch.compile's modes. "reduce-overhead" (and "max-autotune") also capture the compiled
+# forward and backward as CUDA graphs, replayed with one launch each: the step is bound
+# by kernel launches at batch 2 (issue 22). Which wins is measured on a GPU
+# (benchmarks/train_step.py --compiled); until then `--compile` keeps torch's default.
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_mode() -> str:
+    """The mode `--compile` uses: SCENEBREAK_COMPILE_MODE (a knob for the GPU
+    benchmarks), else torch's default."""
+    from ..errors import InvalidInput
+
+    mode = os.environ.get("SCENEBREAK_COMPILE_MODE") or "default"
+    if mode not in MODES:
+        raise InvalidInput(f"SCENEBREAK_COMPILE_MODE={mode[:40]!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def compile_step(step_losses, backend: str = "inductor", mode: str = "default"):
     """`step_losses` compiled with static shapes: every step has the same (StepBatch),
-    so only the change of phase (which weights need gradients) compiles once more."""
+    so only the change of phase (which weights need gradients) compiles once more.
+    Where CUDA graphs cannot be captured (a CPU tensor, a mutated input), inductor runs
+    the compiled code without them and logs why in one line."""
     import torch
 
     prepare_dynamo()
     use_compile_cache()
-    return torch.compile(step_losses, dynamic=False, backend=backend)
+    options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
+    return torch.compile(step_losses, dynamic=False, backend=backend, **options)

@@ -191,13 +191,15 @@ class Trainer:
             components.vae.to("cpu")
 
         # The forward pass and losses of a step: compiled whole with --compile (compiling.py).
-        self.losses_fn, self.compile_key = self.step_losses, None
+        self.losses_fn, self.compile_key, self.cuda_graphs = self.step_losses, None, False
         if config.compile:
-            from .compiling import compile_key, compile_step, load_artifacts
+            from .compiling import CUDA_GRAPH_MODES, compile_key, compile_mode, compile_step, load_artifacts
 
-            self.compile_key = compile_key(device, self.step_shapes())
+            mode = compile_mode()
+            self.compile_key = compile_key(device, {**self.step_shapes(), "mode": mode})
             load_artifacts(self.compile_key)
-            self.losses_fn = compile_step(self.step_losses)
+            self.losses_fn = compile_step(self.step_losses, mode=mode)
+            self.cuda_graphs = mode in CUDA_GRAPH_MODES and device.type == "cuda"
 
         self.phase, self.step = 1, 0
         self.history: dict[int, list[torch.Tensor]] = {1: [], 2: []}  # LOSS_NAMES per step
@@ -445,6 +447,8 @@ class Trainer:
         losses as one tensor function (`step_losses`, compiled whole with --compile),
         then the backward pass and the optimizer."""
         batch = self.draw(phase)
+        if self.cuda_graphs:  # a new step: the graphs may reuse the last step's output buffers
+            torch.compiler.cudagraph_mark_step_begin()
         losses = self.losses_fn(batch)
         loss = losses[0]
         if self.scaler is not None:
@@ -467,6 +471,8 @@ class Trainer:
         # Kept on the device: reading a loss makes the CPU wait for the GPU, so it is
         # read only when the progress bar or a checkpoint needs it.
         losses = losses.detach().float()
+        if self.cuda_graphs:  # kept past this step: out of the graph's reused buffer
+            losses = losses.clone()
         self.history[phase].append(losses)
         return StepRecord(phase, self.step, steps, losses)
 
