@@ -164,13 +164,20 @@ GENERATION = {
     "DDIM 50 fp32": ("ddim", "fp32", None),
     "one image per call": ("dpm", "auto", 1),
     "batch 8": ("dpm", "auto", 8),  # issue 22's target: >= 8 images/s on an H200
+    "batch 8 fused": ("dpm", "auto", 8),
+    "batch 8 fused compiled": ("dpm", "auto", 8),
 }
+# What generate could do on CUDA, measured before it does (issue 22): q, k and v (and the
+# cross-attention's k and v) as one projection each; the UNet in channels_last; the
+# denoiser compiled with CUDA graphs (torch.compile's reduce-overhead mode).
+GENERATION_TWEAKS = {"batch 8 fused": ("fused qkv", "channels_last"),
+                     "batch 8 fused compiled": ("fused qkv", "channels_last", "compiled")}
 
 
 ROWS = [(1, "scenebreak"), (1, "scenebreak fp32"), (1, "original-style"),
         (2, "scenebreak fp32"), (2, "scenebreak low-memory"), (2, "scenebreak low-memory fp32"), (2, "scenebreak LoRA"),
         (2, "scenebreak LoRA low-memory"), (2, "original-style"),
-        *(("generate", kind) for kind in GENERATION)]
+        *(("generate", kind) for kind in GENERATION if "compiled" not in kind)]
 
 
 # Phase 1 as a user gets it (on 24 GiB or a 16 GB card auto picks LoRA, and with it
@@ -184,7 +191,8 @@ FLUX_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA fast"), (2, "scene
              (2, "scenebreak LoRA low-memory nf4"), ("generate", "one image per call")]
 # --compiled: the compiled step beside the plain rows (the GPU check's compile part).
 COMPILED_ROWS = [(1, "scenebreak compiled"), (2, "scenebreak compiled"), (2, "scenebreak LoRA compiled"),
-                 (1, "scenebreak compiled cudagraphs"), (2, "scenebreak compiled cudagraphs")]
+                 (1, "scenebreak compiled cudagraphs"), (2, "scenebreak compiled cudagraphs"),
+                 ("generate", "batch 8 fused compiled")]
 COMPILE_MODES = {"scenebreak compiled cudagraphs": "reduce-overhead"}  # kind -> SCENEBREAK_COMPILE_MODE
 FLUX_DEPTH = 19  # FLUX.1's double-stream blocks (and twice as many single-stream ones)
 GiB = 2**30
@@ -391,6 +399,17 @@ def peak(device, in_process: bool = False) -> dict:
     return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_what": what}
 
 
+def apply_generation_tweaks(pipe, tweaks) -> None:
+    denoiser_name = "unet" if hasattr(pipe, "unet") else "transformer"
+    denoiser = getattr(pipe, denoiser_name)
+    if "fused qkv" in tweaks:
+        denoiser.fuse_qkv_projections()
+    if "channels_last" in tweaks and denoiser_name == "unet":
+        denoiser.to(memory_format=torch.channels_last)
+    if "compiled" in tweaks:
+        setattr(pipe, denoiser_name, torch.compile(denoiser, mode="reduce-overhead", fullgraph=True))
+
+
 def measure_generation(kind: str, steps: int, device_name: str, resolution: int, source: ModelSource | None = None) -> dict:
     """Seconds per image of `generate` with the row's sampler and precision (the
     family's guidance): `steps` timed denoising steps, scaled to the sampler's step
@@ -413,11 +432,15 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
         model.to(device.torch, dtype)
     c.vae.to(c.family.sampling_vae_dtype(c.vae, dtype))  # as scene_models does (SDXL's VAE overflows in fp16)
     pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
+    tweaks = GENERATION_TWEAKS.get(kind, ())
+    apply_generation_tweaks(pipe, tweaks)
     batch = batch or (4 if device.type == "cuda" else 2)
     seeds = list(range(batch))
     guidance = c.family.guidance
     autocast = lambda: device.autocast(autocast_dtype)  # noqa: E731
-    sample(pipe, c.family, "a photo", seeds, steps=1, guidance=guidance, resolution=resolution, autocast=autocast())  # warm-up
+    # Warm-up (CUDA graphs: a plain call, then recording, then replays).
+    sample(pipe, c.family, "a photo", seeds, steps=3 if "compiled" in tweaks else 1, guidance=guidance,
+           resolution=resolution, autocast=autocast())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device.torch)
     # Denoising steps alone (latents out), then one decode: the decode happens once per image.
@@ -440,7 +463,7 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
     return {"kind": kind, "phase": "generate", "scheduler": scheduler, "steps": total_steps, "batch": batch,
             "dtype": str(dtype).replace("torch.", ""), "precision": precision_name(autocast_dtype or dtype),
             "s_per_step": per_step, "decode_s_per_image": decode, "s_per_image": per_image,
-            "images_per_s": 1 / per_image, **peak(device, source.reuse)}
+            "images_per_s": 1 / per_image, "tweaks": list(tweaks), **peak(device, source.reuse)}
 
 
 def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int, source: ModelSource | None = None) -> dict:
