@@ -152,6 +152,9 @@ VARIANTS = {
     # The same with CUDA graphs over the compiled forward and backward (torch.compile's
     # reduce-overhead mode, SCENEBREAK_COMPILE_MODE): the step is launch-bound at batch 2.
     "scenebreak compiled cudagraphs": {"memory": "fast", "tune": "full", "compile": True},
+    # Only the UNet's repeated blocks compiled (regional compilation, SCENEBREAK_COMPILE_SCOPE):
+    # a shorter compile (first_step_s) against the whole step's.
+    "scenebreak compiled blocks": {"memory": "fast", "tune": "full", "compile": True},
     "original-style": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
 }
 # Generation rows: (sampler, precision, images per pass: None = the device's) per kind.
@@ -192,8 +195,12 @@ FLUX_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA fast"), (2, "scene
 # --compiled: the compiled step beside the plain rows (the GPU check's compile part).
 COMPILED_ROWS = [(1, "scenebreak compiled"), (2, "scenebreak compiled"), (2, "scenebreak LoRA compiled"),
                  (1, "scenebreak compiled cudagraphs"), (2, "scenebreak compiled cudagraphs"),
+                 (1, "scenebreak compiled blocks"), (2, "scenebreak compiled blocks"),
                  ("generate", "batch 8 fused compiled")]
-COMPILE_MODES = {"scenebreak compiled cudagraphs": "reduce-overhead"}  # kind -> SCENEBREAK_COMPILE_MODE
+# The compile settings a kind runs with (read when the trainer compiles its step).
+COMPILE_ENV = {"scenebreak compiled cudagraphs": {"SCENEBREAK_COMPILE_MODE": "reduce-overhead"},
+               "scenebreak compiled blocks": {"SCENEBREAK_COMPILE_SCOPE": "blocks"}}
+CUDA_GRAPH_KINDS = ("scenebreak compiled cudagraphs",)
 FLUX_DEPTH = 19  # FLUX.1's double-stream blocks (and twice as many single-stream ones)
 GiB = 2**30
 
@@ -492,7 +499,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     masks[1, resolution // 2 :, resolution // 3 :] = 1
     tokens = ["<asset1>", "<asset2>"]
     # CUDA graph trees run a step plain, then record, then replay: two more warm-up steps.
-    warm = 3 if kind in COMPILE_MODES else 1
+    warm = 3 if kind in CUDA_GRAPH_KINDS else 1
     steps1, steps2 = (steps + warm, 0) if phase == 1 else (0, steps + warm)
     config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution, **VARIANTS[kind])
     amp_dtype = device.train_dtype(config.mixed_precision)
@@ -506,17 +513,18 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     cls = make_baseline_trainer(Trainer) if kind == "original-style" else Trainer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device.torch)
-    mode, before = COMPILE_MODES.get(kind), os.environ.get("SCENEBREAK_COMPILE_MODE")
-    if mode:
-        os.environ["SCENEBREAK_COMPILE_MODE"] = mode  # read when the trainer compiles its step
+    settings = COMPILE_ENV.get(kind, {})
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         trainer = cls(components, TrainInputs(image, masks, ids, class_paths), config, device, tokens, plan=plan,
                       amp_dtype=amp_dtype)
     finally:
-        if before is None:
-            os.environ.pop("SCENEBREAK_COMPILE_MODE", None)
-        else:
-            os.environ["SCENEBREAK_COMPILE_MODE"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     setup_peak = None
     if device.type == "cuda":  # the set-up's peak (the move, the casts, the cached latents), then the steps' own
         torch.cuda.synchronize(device.torch)

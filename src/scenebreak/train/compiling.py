@@ -119,6 +119,40 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
+# What `--compile` compiles: the whole step (the default: one graph, forward and losses,
+# its backward with it), or only the denoiser's repeated blocks (diffusers' regional
+# compilation: each block's code compiled once and reused by its siblings, a fraction of
+# the compile time, the rest of the step eager). Measured on a GPU before either wins.
+SCOPES = ("step", "blocks")
+
+
+def compile_scope() -> str:
+    """SCENEBREAK_COMPILE_SCOPE (a knob for the GPU benchmarks), else the whole step."""
+    from ..errors import InvalidInput
+
+    scope = os.environ.get("SCENEBREAK_COMPILE_SCOPE") or "step"
+    if scope not in SCOPES:
+        raise InvalidInput(f"SCENEBREAK_COMPILE_SCOPE={scope[:40]!r} is not one of {', '.join(SCOPES)}")
+    return scope
+
+
+def compile_blocks(denoiser, mode: str = "default", backend: str = "inductor") -> None:
+    """The denoiser's repeated blocks (its `_repeated_blocks`: UNet's transformer blocks,
+    FLUX's double- and single-stream blocks) compiled in place, static shapes."""
+    import torch._dynamo
+
+    prepare_dynamo()
+    use_compile_cache()
+    # One compiled block's code serves its siblings of the same shapes; blocks of other
+    # widths, and each block whose attention map is recorded (its name is a constant in
+    # the graph), compile once more: SD2.1 needs more than dynamo's default 8, after
+    # which the rest would run uncompiled.
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 64)
+    options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
+    denoiser.compile_repeated_blocks(dynamic=False, backend=backend, **options)
+
+
 def compile_mode() -> str:
     """The mode `--compile` uses: SCENEBREAK_COMPILE_MODE (a knob for the GPU
     benchmarks), else torch's default."""

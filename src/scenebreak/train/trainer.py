@@ -21,6 +21,7 @@ import torch
 from ..config import LearnConfig
 from ..device import Device
 from ..families import vae_normalisation
+from ..errors import InvalidInput
 from ..handles import prompt_for
 from ..images import image_to_tensor
 from .attention import AttentionStore, capture_cross_attention
@@ -193,12 +194,19 @@ class Trainer:
         # The forward pass and losses of a step: compiled whole with --compile (compiling.py).
         self.losses_fn, self.compile_key, self.cuda_graphs = self.step_losses, None, False
         if config.compile:
-            from .compiling import CUDA_GRAPH_MODES, compile_key, compile_mode, compile_step, load_artifacts
+            from .compiling import (CUDA_GRAPH_MODES, compile_blocks, compile_key, compile_mode, compile_scope,
+                                    compile_step, load_artifacts)
 
-            mode = compile_mode()
-            self.compile_key = compile_key(device, {**self.step_shapes(), "mode": mode})
+            mode, scope = compile_mode(), compile_scope()
+            self.compile_key = compile_key(device, {**self.step_shapes(), "mode": mode, "scope": scope})
             load_artifacts(self.compile_key)
-            self.losses_fn = compile_step(self.step_losses, mode=mode)
+            if scope == "blocks":
+                if plan.gradient_checkpointing:  # the recompute would not match what the compiled block saved
+                    raise InvalidInput("SCENEBREAK_COMPILE_SCOPE=blocks does not work with gradient checkpointing "
+                                       "(--memory low): use --memory fast, or leave the variable unset")
+                compile_blocks(components.denoiser, mode)
+            else:
+                self.losses_fn = compile_step(self.step_losses, mode=mode)
             self.cuda_graphs = mode in CUDA_GRAPH_MODES and device.type == "cuda"
 
         self.phase, self.step = 1, 0
