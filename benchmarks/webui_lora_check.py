@@ -1,18 +1,23 @@
-"""Does Forge load `scenebreak export -f a1111` of a FLUX.1 scene as the scene? Checked
-with Forge's own loading code, not with our reading of it.
+"""Does Forge load `scenebreak export -f a1111` as the scene? Checked with Forge's own
+loading code, not with our reading of it, for every family: SD 1.x, SD 2.x, SDXL and
+FLUX.1.
 
-A tiny FLUX.1-dev (tests/tinymodels.py) learns the bundled example twice, with LoRA
-(FLUX's default) and with full tuning (exported by SVD at full rank, so that every layer
-kind the file carries is exercised: fused q/k/v, the single blocks' linear1 and linear2,
-the modulations). Each scene is exported with `-f a1111` and loaded the way Forge's
-LoRA extension loads a file (extensions-builtin/sd_forge_lora/networks.py,
+Each family's tiny model (tests/tinymodels.py) learns the bundled example twice, with
+LoRA and with full tuning (exported by SVD at full rank, so that every layer kind the
+file carries is exercised). Each scene is exported with `-f a1111` and loaded the way
+Forge's LoRA extension loads a file (extensions-builtin/sd_forge_lora/networks.py,
 load_lora_for_models), step by step with Forge's functions:
 
-- the base transformer is Forge's own FLUX module (backend/nn/flux.py), built at the
-  tiny model's size and filled from the diffusers weights through the key map that
-  ComfyUI and Forge use to read diffusers FLUX files (flux_to_diffusers), so its
-  parameter names are BFL's as in every FLUX checkpoint they load;
-- the text encoders are Forge's IntegratedCLIP and IntegratedT5 in Forge's CLIP object;
+- the base denoiser is Forge's own module (backend/nn/unet.py for SD and SDXL,
+  backend/nn/flux.py for FLUX), built at the tiny model's size and filled from the
+  diffusers weights through the key maps ComfyUI and Forge use to read diffusers files
+  (unet_to_diffusers, flux_to_diffusers); the UNet's config in the original code's terms
+  is checked against what huggingface_guess (Forge's model detection) reads from the
+  converted weights, and loading them into Forge's module checks every name and shape;
+- the text encoders are Forge's IntegratedCLIP (and IntegratedT5) under the names its
+  engines give them (clip_l for SD 1.x, clip_h for SD 2.x, clip_l + clip_g for SDXL,
+  clip_l + t5xxl for FLUX) in Forge's CLIP object, with transformers 4's module layout,
+  which Forge runs;
 - `model_lora_keys_unet`, `model_lora_keys_clip` and `load_lora` (backend/patcher/lora.py,
   which runs ComfyUI's loader as Forge vendors it, packages_3rdparty/comfyui_lora_collection)
   match the file's keys; every key must be taken (Forge ignores a file with more than 12
@@ -21,13 +26,13 @@ load_lora_for_models), step by step with Forge's functions:
   as it does before sampling.
 
 The merged weights are compared with the scene's own (a LoRA scene's adapters merged by
-peft), mapped to BFL names the same way. The embeddings: Forge's textual-inversion reader
-(create_embedding_from_data) on the files in `embeddings-forge/`, whose shape must be
-CLIP-L's 768 (what Forge's FLUX engine expects) and whose row must be the scene's; and on
-the two-encoder files in `embeddings/`, which Forge refuses (hence the copies).
+peft), converted the same way. The embeddings go through Forge's textual-inversion
+reader (create_embedding_from_data): each handle's file must read as the scene's rows
+at the encoders' widths (FLUX: the CLIP-L copies in `embeddings-forge/`; the
+two-encoder files in `embeddings/`, ComfyUI's, Forge refuses, hence the copies).
 
-    pip install einops sentencepiece   # Forge's modules import them
-    python benchmarks/webui_lora_check.py --forge PATH/TO/stable-diffusion-webui-forge
+    pip install einops sentencepiece huggingface-guess   # what Forge's modules import
+    python benchmarks/webui_lora_check.py --forge PATH/TO/stable-diffusion-webui-forge [--models sd1 sd2 sdxl flux]
 
 Prints a table and saves it to benchmarks/results/webui_lora-forge.md (and .json).
 Exit status 1 when any check fails.
@@ -49,6 +54,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 EXAMPLE = ROOT / "examples" / "creature"
+MODELS = ("sd1", "sd2", "sdxl", "flux")
+# Forge's names for each family's text encoders (backend/diffusion_engine/*.py), and the
+# repository name its loader would have guessed (only FLUX's is read by the LoRA code).
+ENCODERS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g"), "flux": ("clip_l", "t5xxl")}
+REPOS = {"sd1": "runwayml/stable-diffusion-v1-5", "sd2": "stabilityai/stable-diffusion-2-1",
+         "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "flux": "black-forest-labs/FLUX.1-dev"}
+UNET_PREFIX = "model.diffusion_model."
 TOLERANCE = 1e-5  # fp32: the merge's rounding, far below any trained change (checked below)
 FEW = dict(steps1=2, steps2=3, prior=False)
 
@@ -61,6 +73,7 @@ def import_forge(folder: Path):
         from backend.nn.clip import IntegratedCLIP
         from backend.nn.flux import IntegratedFluxTransformer2DModel
         from backend.nn.t5 import IntegratedT5
+        from backend.nn.unet import IntegratedUNet2DConditionModel
         from backend.modules.k_model import KModel
         from backend.patcher import lora
         from backend.patcher.base import ModelPatcher
@@ -69,9 +82,13 @@ def import_forge(folder: Path):
         from packages_3rdparty.comfyui_lora_collection import utils
     finally:
         sys.argv = argv
+    from huggingface_guess import detection, diffusers_convert
+
     return types.SimpleNamespace(IntegratedCLIP=IntegratedCLIP, IntegratedFluxTransformer2DModel=IntegratedFluxTransformer2DModel,
-                                 IntegratedT5=IntegratedT5, KModel=KModel, lora=lora, ModelPatcher=ModelPatcher,
-                                 CLIP=CLIP, create_embedding_from_data=create_embedding_from_data, utils=utils)
+                                 IntegratedT5=IntegratedT5, IntegratedUNet2DConditionModel=IntegratedUNet2DConditionModel,
+                                 KModel=KModel, lora=lora, ModelPatcher=ModelPatcher, CLIP=CLIP,
+                                 create_embedding_from_data=create_embedding_from_data, utils=utils,
+                                 detection=detection, diffusers_convert=diffusers_convert)
 
 
 def forge_commit(folder: Path) -> str:
@@ -82,8 +99,23 @@ def forge_commit(folder: Path) -> str:
         return "unknown (not a git checkout)"
 
 
-def learn_and_export(work: Path, base: Path, tune: str) -> tuple[Path, Path]:
-    """The example learnt on the tiny FLUX with `tune`, exported with -f a1111."""
+# Forge's UNet normalises in groups of 32 wherever the original code does: the tiny
+# models' UNets, 16 and 32 wide with groups of 8, are made twice as wide for it.
+FORGE_SIZED_UNET = dict(block_out_channels=(32, 64, 64), norm_num_groups=32)
+
+
+def build_base(model: str, folder: Path) -> Path:
+    from tinymodels import build_tiny_flux, build_tiny_model, build_tiny_sdxl
+
+    if model == "flux":
+        return build_tiny_flux(folder / "tiny-flux-dev")
+    if model == "sdxl":
+        return build_tiny_sdxl(folder / "tiny-sdxl", unet=FORGE_SIZED_UNET)
+    return build_tiny_model(folder / f"tiny-{model}", variant=model, unet=FORGE_SIZED_UNET)
+
+
+def learn_and_export(work: Path, base: Path, model: str, tune: str) -> tuple[Path, Path]:
+    """The example learnt on the tiny model with `tune`, exported with -f a1111."""
     from scenebreak import LearnConfig, learn
     from scenebreak.exports.export import export
 
@@ -91,9 +123,9 @@ def learn_and_export(work: Path, base: Path, tune: str) -> tuple[Path, Path]:
               else LearnConfig(**FEW, tune="full", lr2=1e-3, save_dtype="fp32"))
     masks = sorted(EXAMPLE.glob("mask*.png"))[:2]
     scene = learn(EXAMPLE / "img.jpg", masks, config, base_model=str(base), device="cpu",
-                  output=work / f"{tune}.scene").path
-    export(scene, work / f"{tune}-a1111", "a1111")
-    return scene, work / f"{tune}-a1111"
+                  output=work / f"{model}-{tune}.scene").path
+    export(scene, work / f"{model}-{tune}-a1111", "a1111")
+    return scene, work / f"{model}-{tune}-a1111"
 
 
 def bfl_unet_config(transformer_config) -> dict:
@@ -128,23 +160,82 @@ def to_bfl(forge, diffusers_state: dict, unet_config: dict, template: dict) -> d
     return out
 
 
-def forge_models(forge, base: Path):
-    """Forge's transformer and text encoders, holding the base's weights."""
+def forge_denoiser(forge, model: str, denoiser):
+    """Forge's denoiser module for the base's, holding its weights, and the function that
+    turns a diffusers state dict into the module's names."""
+    import torch
+
+    if model == "flux":
+        config = bfl_unet_config(denoiser.config)
+        module = forge.IntegratedFluxTransformer2DModel(**config)
+        template = module.state_dict()
+        convert = lambda state: to_bfl(forge, state, config, template)  # noqa: E731
+    else:
+        config = ldm_unet_config(denoiser.config)
+        names = forge.utils.unet_to_diffusers(config)  # diffusers name -> original name, ComfyUI's and Forge's map
+        convert = lambda state: {names[k]: v for k, v in state.items()}  # noqa: E731
+        original = convert(denoiser.state_dict())
+        detected = forge.detection.detect_unet_config({UNET_PREFIX + k: v for k, v in original.items()}, UNET_PREFIX)
+        differ = {k: (v, detected[k]) for k, v in config.items() if k in detected and detected[k] != v}
+        if differ:
+            raise SystemExit(f"huggingface_guess reads another UNet config from the converted weights: {differ}")
+        module = forge.IntegratedUNet2DConditionModel.from_config(config)
+    module.load_state_dict(convert(denoiser.state_dict()))  # strict: every name and shape as Forge's
+    if hasattr(module, "_internal_dict"):  # as Forge's loader sets it
+        module._internal_dict = config
+    else:
+        module.config = config
+    module.storage_dtype = module.computation_dtype = torch.float32
+    return module, convert
+
+
+def ldm_unet_config(c) -> dict:
+    """The original code's UNet config (what Forge's UNet module and ComfyUI's key map take)
+    for a diffusers UNet config; checked against what huggingface_guess detects from the
+    converted weights."""
+    levels = len(c.block_out_channels)
+    layers = c.transformer_layers_per_block
+    layers = [layers] * levels if isinstance(layers, int) else list(layers)
+    depth = [layers[x] if "CrossAttn" in kind else 0 for x, kind in enumerate(c.down_block_types)
+             for _ in range(c.layers_per_block)]
+    # Output blocks lowest resolution first (up_blocks' order), each level's res blocks
+    # plus one; the map pops from the end of the list, so it is stored reversed.
+    depth_out = [layers[levels - 1 - x] if "CrossAttn" in kind else 0 for x, kind in enumerate(c.up_block_types)
+                 for _ in range(c.layers_per_block + 1)]
+    config = dict(in_channels=c.in_channels, out_channels=c.out_channels, model_channels=c.block_out_channels[0],
+                  num_res_blocks=[c.layers_per_block] * levels,
+                  channel_mult=[ch // c.block_out_channels[0] for ch in c.block_out_channels],
+                  transformer_depth=depth, transformer_depth_output=depth_out[::-1],
+                  transformer_depth_middle=layers[-1], use_spatial_transformer=True, context_dim=c.cross_attention_dim,
+                  use_linear_in_transformer=c.use_linear_projection, adm_in_channels=None,
+                  **attention_heads(c))
+    if c.addition_embed_type == "text_time":  # SDXL's pooled text and size conditioning
+        config.update(num_classes="sequential", adm_in_channels=c.projection_class_embeddings_input_dim)
+    return config
+
+
+def attention_heads(config) -> dict:
+    """The heads of a UNet's attention in the original code's terms, which its weights do
+    not show: what huggingface_guess's model list adds for a model it recognises (SD 1.x
+    8 heads, SD 2.x and SDXL 64 channels a head), worked out here from the diffusers
+    config (whose `attention_head_dim` counts heads, per level) for the tiny models."""
+    levels = [i for i, kind in enumerate(config.down_block_types) if "CrossAttn" in kind]
+    heads = config.num_attention_heads or config.attention_head_dim
+    heads = [heads] * len(config.block_out_channels) if isinstance(heads, int) else list(heads)
+    widths = {config.block_out_channels[i] // heads[i] for i in levels}
+    if len(widths) == 1:
+        return {"num_heads": -1, "num_head_channels": widths.pop()}
+    return {"num_heads": heads[levels[0]], "num_head_channels": -1}
+
+
+def text_model(encoder):
+    """The CLIP text model's own module (transformers 5 dropped the level in CLIPTextModel)."""
+    return getattr(encoder, "text_model", encoder)
+
+
+def forge_text_encoders(forge, model: str, encoders) -> dict:
     import torch
     from transformers import CLIPTextModel
-
-    from scenebreak.families.base_model import load_components
-
-    components = load_components(str(base))
-    unet_config = bfl_unet_config(components.denoiser.config)
-    flux = forge.IntegratedFluxTransformer2DModel(**unet_config)
-    flux.config = unet_config  # as Forge's loader sets it
-    flux.storage_dtype = flux.computation_dtype = torch.float32
-    flux.load_state_dict(to_bfl(forge, components.denoiser.state_dict(), unet_config, flux.state_dict()))
-    kmodel = forge.KModel(flux, None, k_predictor=object(),
-                          config=types.SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-dev"))
-
-    clip_encoder, t5_encoder = components.text_encoders
 
     class CLIPTextModelAsInTransformers4(torch.nn.Module):
         """Forge runs transformers 4, whose CLIPTextModel holds the encoder under
@@ -155,14 +246,32 @@ def forge_models(forge, base: Path):
             super().__init__()
             self.text_model = CLIPTextModel(config)
 
-    clip_l = forge.IntegratedCLIP(CLIPTextModelAsInTransformers4, clip_encoder.config, add_text_projection=True)
-    clip_l.transformer.text_model.load_state_dict(clip_encoder.state_dict())
-    t5 = t5_encoder.config
-    t5xxl = forge.IntegratedT5(dict(num_layers=t5.num_layers, d_model=t5.d_model, d_ff=t5.d_ff,
-                                    dense_act_fn=t5.dense_act_fn, is_gated_act=t5.is_gated_act,
-                                    num_heads=t5.num_heads, model_type=t5.model_type, vocab_size=t5.vocab_size))
-    clip = forge.CLIP(model_dict={"clip_l": clip_l, "t5xxl": t5xxl}, tokenizer_dict={})
-    return kmodel, clip, unet_config
+    out = {}
+    for name, encoder in zip(ENCODERS[model], encoders):
+        if name == "t5xxl":
+            t5 = encoder.config
+            out[name] = forge.IntegratedT5(dict(num_layers=t5.num_layers, d_model=t5.d_model, d_ff=t5.d_ff,
+                                                dense_act_fn=t5.dense_act_fn, is_gated_act=t5.is_gated_act,
+                                                num_heads=t5.num_heads, model_type=t5.model_type, vocab_size=t5.vocab_size))
+            continue
+        clip = forge.IntegratedCLIP(CLIPTextModelAsInTransformers4, encoder.config, add_text_projection=True)
+        clip.transformer.text_model.load_state_dict(text_model(encoder).state_dict())
+        out[name] = clip
+    return out
+
+
+def forge_models(forge, model: str, base: Path):
+    """Forge's denoiser (in its KModel) and text encoders (in its CLIP), holding the base's weights."""
+    import torch
+
+    from scenebreak.families.base_model import load_components
+
+    components = load_components(str(base))
+    module, convert = forge_denoiser(forge, model, components.denoiser)
+    kmodel = forge.KModel(module, None, k_predictor=object(), config=types.SimpleNamespace(huggingface_repo=REPOS[model]))
+    clip = forge.CLIP(model_dict=forge_text_encoders(forge, model, components.text_encoders), tokenizer_dict={})
+    del torch
+    return kmodel, clip, convert
 
 
 def load_like_forge(forge, kmodel, clip, lora: dict) -> dict:
@@ -185,73 +294,85 @@ def load_like_forge(forge, kmodel, clip, lora: dict) -> dict:
                 clip_keys=sorted(k if isinstance(k, str) else k[0] for k in clip_loaded))
 
 
-def compare(forge, scene_path: Path, base: Path, kmodel, clip, unet_config, loaded: dict) -> dict:
+def compare(scene_path: Path, base: Path, model: str, kmodel, clip, convert, loaded: dict) -> dict:
     """Forge's merged weights against the scene's: the patched ones must be the scene's,
     the rest the base's (what the file leaves out by design: biases, norms, embedders)."""
+    import torch
+
     from scenebreak import load_scene
     from scenebreak.device import choose_device
     from scenebreak.families.base_model import load_components
     from scenebreak.sample.scene_models import scene_components
 
-    import torch
-
-    transformer, _, (scene_clip, _), _ = scene_components(load_scene(scene_path), choose_device("cpu"),
-                                                           dtype=torch.float32)
+    denoiser, _, encoders, _ = scene_components(load_scene(scene_path), choose_device("cpu"), dtype=torch.float32)
     forge_state = kmodel.diffusion_model.state_dict()
-    scene_state = to_bfl(forge, transformer.state_dict(), unet_config, forge_state)
-    base_state = to_bfl(forge, load_components(str(base)).denoiser.state_dict(), unet_config, forge_state)
+    scene_state = convert(denoiser.state_dict())
+    base_state = convert(load_components(str(base)).denoiser.state_dict())
     patched = [k[len("diffusion_model."):] for k in loaded["unet_keys"]]
 
     def worst(a, b, keys):
         return max((float((a[k] - b[k]).abs().max()) for k in keys), default=0.0)
 
     rest = [k for k in forge_state if k not in patched]
-    clip_patched = [k[len("clip_l.transformer.text_model."):] for k in loaded["clip_keys"]]
-    forge_clip = clip.cond_stage_model.clip_l.transformer.text_model.state_dict()
+    clip_worst, clip_patched = 0.0, 0
+    ours = {name: text_model(encoder).state_dict() for name, encoder in zip(ENCODERS[model], encoders)}
+    for key in loaded["clip_keys"]:  # "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+        name, inner = key.split(".transformer.text_model.", 1)
+        theirs = clip.cond_stage_model.state_dict()[key]
+        clip_worst = max(clip_worst, float((theirs - ours[name][inner]).abs().max()))
+        clip_patched += 1
     return dict(
-        transformer_patched=len(patched), transformer_worst=worst(forge_state, scene_state, patched),
-        transformer_learnt=worst(scene_state, base_state, patched),
+        denoiser_patched=len(patched), denoiser_worst=worst(forge_state, scene_state, patched),
+        denoiser_learnt=worst(scene_state, base_state, patched),
         rest_is_base=worst(forge_state, base_state, rest),
         rest_scene_differs=sum(float((scene_state[k] - base_state[k]).abs().max()) > TOLERANCE for k in rest),
-        clip_patched=len(clip_patched), clip_worst=worst(forge_clip, scene_clip.state_dict(), clip_patched),
+        clip_patched=clip_patched, clip_worst=clip_worst,
     )
 
 
-def check_embeddings(forge, folder: Path, scene_path: Path) -> dict:
-    """Forge's textual-inversion reader on both layouts the export writes."""
+def check_embeddings(forge, model: str, folder: Path, scene_path: Path) -> dict:
+    """Forge's textual-inversion reader on each handle's file: the rows it reads, against
+    the scene's (FLUX: the CLIP-L copies; the two-encoder files must be refused)."""
     from safetensors.torch import load_file
 
     from scenebreak import load_scene
     from scenebreak.exports.a1111 import triggers
 
     scene = load_scene(scene_path)
+    widths = [rows.shape[-1] for rows in scene.handle_embeddings]
+    clips = [i for i, name in enumerate(ENCODERS[model]) if name != "t5xxl"]
+    expected_width = sum(widths[i] for i in clips)  # Forge's SDXL width is clip_g's + clip_l's
     shapes, vectors, worst, refused = set(), set(), 0.0, 0
     for i, name in enumerate(triggers(scene).values()):
-        path = folder / "embeddings-forge" / f"{name}.safetensors"
+        path = folder / ("embeddings-forge" if model == "flux" else "embeddings") / f"{name}.safetensors"
         embedding = forge.create_embedding_from_data(load_file(path), name, filename=path.name)
         shapes.add(embedding.shape)
         vectors.add(embedding.vectors)
-        ours = scene.handle_embeddings[0][i].float()  # the handle's CLIP-L row
-        worst = max(worst, float((embedding.vec.reshape(ours.shape) - ours).abs().max()))
-        try:
-            forge.create_embedding_from_data(load_file(folder / "embeddings" / path.name), name)
-        except AssertionError:  # "embedding file has multiple terms in it"
-            refused += 1
+        vec = embedding.vec if isinstance(embedding.vec, dict) else {ENCODERS[model][0]: embedding.vec}
+        for j in clips:
+            ours = scene.handle_embeddings[j][i].float()
+            worst = max(worst, float((vec[ENCODERS[model][j]].reshape(ours.shape) - ours).abs().max()))
+        if model == "flux":
+            try:
+                forge.create_embedding_from_data(load_file(folder / "embeddings" / path.name), name)
+            except AssertionError:  # "embedding file has multiple terms in it"
+                refused += 1
     return dict(files=len(scene.handles), shapes=sorted(shapes), vectors=sorted(vectors), worst=worst,
-                comfy_refused_by_forge=refused, clip_width=scene.handle_embeddings[0].shape[-1])
+                expected_width=expected_width, comfy_refused_by_forge=refused if model == "flux" else None)
 
 
-def check(forge, work: Path, base: Path, tune: str) -> dict:
+def check(forge, work: Path, base: Path, model: str, tune: str) -> dict:
     from safetensors.torch import load_file
 
-    scene, folder = learn_and_export(work, base, tune)
+    scene, folder = learn_and_export(work, base, model, tune)
     (lora_path,) = (folder / "loras").glob("*.safetensors")
     lora = load_file(lora_path)
-    kmodel, clip, unet_config = forge_models(forge, base)
+    kmodel, clip, convert = forge_models(forge, model, base)
     loaded = load_like_forge(forge, kmodel, clip, lora)
-    result = dict(tune=tune, file_keys=len(lora), **{k: v for k, v in loaded.items() if not k.endswith("_keys")})
-    result.update(compare(forge, scene, base, kmodel, clip, unet_config, loaded))
-    result["embeddings"] = check_embeddings(forge, folder, scene)
+    result = dict(model=model, tune=tune, file_keys=len(lora),
+                  **{k: v for k, v in loaded.items() if not k.endswith("_keys")})
+    result.update(compare(scene, base, model, kmodel, clip, convert, loaded))
+    result["embeddings"] = check_embeddings(forge, model, folder, scene)
     result["passed"] = passed(result)
     return result
 
@@ -259,61 +380,59 @@ def check(forge, work: Path, base: Path, tune: str) -> dict:
 def passed(r: dict) -> bool:
     e = r["embeddings"]
     return (not r["unmatched"] and r["unet_loaded"] == r["unet_patches"] > 0
-            and r["clip_loaded"] == r["clip_patches"] > 0
-            and r["transformer_worst"] < TOLERANCE < r["transformer_learnt"] and r["rest_is_base"] == 0.0
+            and r["clip_loaded"] == r["clip_patches"] == r["clip_patched"] > 0
+            and r["denoiser_worst"] < TOLERANCE < r["denoiser_learnt"] and r["rest_is_base"] == 0.0
             and r["clip_worst"] < TOLERANCE
-            and e["files"] > 0 and e["shapes"] == [e["clip_width"]] and e["vectors"] == [1] and e["worst"] == 0.0
-            and e["comfy_refused_by_forge"] == e["files"])
+            and e["files"] > 0 and e["shapes"] == [e["expected_width"]] and e["vectors"] == [1] and e["worst"] == 0.0
+            and e["comfy_refused_by_forge"] in (None, e["files"]))
 
 
 def render(results: list[dict], commit: str) -> str:
     lines = [
-        "# `export -f a1111` on FLUX.1, loaded by Forge's own code",
+        "# `export -f a1111`, loaded by Forge's own code",
         "",
         f"Forge (lllyasviel/stable-diffusion-webui-forge) at {commit}; its LoRA loader is ComfyUI's,",
-        "as Forge vendors it (packages_3rdparty/comfyui_lora_collection). Tiny FLUX.1-dev",
-        "(tests/tinymodels.py): its CLIP-L is 32 wide, so an embedding's width is checked",
-        "against that (Forge's FLUX engine takes CLIP-L embeddings of CLIP-L's width, 768 on",
-        "the real model). Forge's CLIP-L is built with transformers 4's module layout, which",
-        "Forge runs. Produced by `python benchmarks/webui_lora_check.py --forge PATH`.",
+        "as Forge vendors it (packages_3rdparty/comfyui_lora_collection); huggingface_guess from PyPI",
+        "converts and detects the UNets as Forge's loader does. The tests' tiny models; Forge's CLIP",
+        "built with transformers 4's module layout, which Forge runs. Produced by",
+        "`python benchmarks/webui_lora_check.py --forge PATH`.",
         "",
-        "| scene | keys in file | unmatched | transformer weights patched | worst vs scene | scene vs base there"
-        " | unpatched = base | unpatched the scene changed | CLIP-L weights patched | worst vs scene | passed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | scene | keys in file | unmatched | denoiser weights patched | worst vs scene | scene vs base there"
+        " | unpatched = base | unpatched the scene changed | CLIP weights patched | worst vs scene | embeddings | passed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['tune']} | {r['file_keys']} | {len(r['unmatched'])} | {r['transformer_patched']}"
-                     f" | {r['transformer_worst']:.1e} | {r['transformer_learnt']:.1e}"
-                     f" | {'yes' if r['rest_is_base'] == 0.0 else r['rest_is_base']} | {r['rest_scene_differs']}"
-                     f" | {r['clip_patched']} | {r['clip_worst']:.1e} | {'yes' if r['passed'] else 'NO'} |")
-    lines += ["", "Embeddings (Forge's create_embedding_from_data):", ""]
-    for r in results:
         e = r["embeddings"]
-        lines.append(f"- {r['tune']}: {e['files']} files in embeddings-forge/ read as width {e['shapes']},"
-                     f" {e['vectors']} vector, worst difference from the scene's CLIP-L row {e['worst']};"
-                     f" {e['comfy_refused_by_forge']} of {e['files']} two-encoder files in embeddings/"
-                     " refused by Forge (ComfyUI's layout; Forge reads one tensor per file).")
+        embeddings = (f"{e['files']} read as width {e['shapes']} (expected {e['expected_width']}), worst {e['worst']}"
+                      + (f"; {e['comfy_refused_by_forge']} of {e['files']} two-encoder files refused" if r["model"] == "flux" else ""))
+        lines.append(f"| {r['model']} | {r['tune']} | {r['file_keys']} | {len(r['unmatched'])} | {r['denoiser_patched']}"
+                     f" | {r['denoiser_worst']:.1e} | {r['denoiser_learnt']:.1e}"
+                     f" | {'yes' if r['rest_is_base'] == 0.0 else r['rest_is_base']} | {r['rest_scene_differs']}"
+                     f" | {r['clip_patched']} | {r['clip_worst']:.1e} | {embeddings} | {'yes' if r['passed'] else 'NO'} |")
     lines += ["", "\"unpatched the scene changed\": weights the file leaves out by design (biases, norms,",
-              "embedders: `export` reports them as left out); a LoRA scene changes none of them."]
+              "embedders: `export` reports them as left out); a LoRA scene changes none of them. Embeddings:",
+              "Forge reads SD's `emb_params` and SDXL's `clip_l` + `clip_g` files as they are written; for FLUX",
+              "it reads the CLIP-L copies in `embeddings-forge/` and refuses ComfyUI's two-encoder files."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--forge", type=Path, required=True, help="a checkout of stable-diffusion-webui-forge")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--commit", help="Forge's commit, where PATH is not a git checkout")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "webui_lora-forge.md")
     args = parser.parse_args()
     forge = import_forge(args.forge.resolve())
-    from tinymodels import build_tiny_flux
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["SCENEBREAK_HOME"] = str(work / "home")
-        base = build_tiny_flux(work / "tiny-flux-dev")
-        for tune in ("lora", "full"):
-            results.append(check(forge, work, base, tune))
+        for model in args.models:
+            base = build_base(model, work)
+            for tune in ("lora", "full"):
+                results.append(check(forge, work, base, model, tune))
     text = render(results, args.commit or forge_commit(args.forge))
     print(text)
     args.out.write_text(text)

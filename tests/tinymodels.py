@@ -236,9 +236,11 @@ def build_small_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen
     return save_sd_folder(parts, folder)
 
 
-def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 8.0, variant: str = "sd2") -> Path:
+def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 8.0, variant: str = "sd2",
+                     unet: dict | None = None) -> Path:
     """Save a tiny random Stable Diffusion as a diffusers folder and return its path;
-    `variant` picks the shape of SD 2.x-base (default), SD 1.x or SD 2.x-768."""
+    `variant` picks the shape of SD 2.x-base (default), SD 1.x or SD 2.x-768; `unet`
+    changes the UNet's config."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
@@ -247,6 +249,7 @@ def build_tiny_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen:
     configs = tiny_configs(resolution)
     for part, changes in VARIANTS[variant].items():
         configs[part] = {**configs[part], **changes}
+    configs["unet"].update(unet or {})
     parts = build_components(configs, tokenizer, seed=seed)
     sharpen_cross_attention(parts["unet"], sharpen)
     return save_sd_folder(parts, folder)
@@ -360,9 +363,11 @@ def build_sdxl_components(configs: dict, tokenizers: list, seed: int = 0, calibr
     return parts
 
 
-def build_tiny_sdxl(folder: Path, resolution: int = 256, seed: int = 0, sharpen: float = 8.0) -> Path:
+def build_tiny_sdxl(folder: Path, resolution: int = 256, seed: int = 0, sharpen: float = 8.0,
+                    unet: dict | None = None) -> Path:
     """Save a tiny random SDXL as a diffusers folder (model_index.json names
-    StableDiffusionXLPipeline, as the real one does) and return its path."""
+    StableDiffusionXLPipeline, as the real one does) and return its path; `unet` changes
+    the UNet's config."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
@@ -371,7 +376,9 @@ def build_tiny_sdxl(folder: Path, resolution: int = 256, seed: int = 0, sharpen:
     tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer"),
                   CLIPTokenizer.from_pretrained(folder / "tokenizer_2", pad_token="!")]  # as SDXL's second one
     tokenizers[1].save_pretrained(folder / "tokenizer_2")
-    parts = build_sdxl_components(tiny_sdxl_configs(resolution), tokenizers, seed=seed)
+    configs = tiny_sdxl_configs(resolution)
+    configs["unet"].update(unet or {})
+    parts = build_sdxl_components(configs, tokenizers, seed=seed)
     sharpen_cross_attention(parts["unet"], sharpen)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
         parts[name].save_pretrained(folder / name)
