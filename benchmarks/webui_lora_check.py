@@ -262,15 +262,12 @@ def forge_text_encoders(forge, model: str, encoders) -> dict:
 
 def forge_models(forge, model: str, base: Path):
     """Forge's denoiser (in its KModel) and text encoders (in its CLIP), holding the base's weights."""
-    import torch
-
     from scenebreak.families.base_model import load_components
 
     components = load_components(str(base))
     module, convert = forge_denoiser(forge, model, components.denoiser)
     kmodel = forge.KModel(module, None, k_predictor=object(), config=types.SimpleNamespace(huggingface_repo=REPOS[model]))
     clip = forge.CLIP(model_dict=forge_text_encoders(forge, model, components.text_encoders), tokenizer_dict={})
-    del torch
     return kmodel, clip, convert
 
 
