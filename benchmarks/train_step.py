@@ -137,6 +137,9 @@ def make_baseline_trainer(Trainer):
 # and on CPUs with bf16 instructions), or the original code's way (fp32 on the CPU).
 VARIANTS = {
     "scenebreak": {"memory": "fast", "tune": "full"},
+    # The UNet's weights in channels_last (convolutions then run NHWC), measured before
+    # learn does it (issue 22).
+    "scenebreak fp32 channels_last": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
     "scenebreak fp32": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
     "scenebreak low-memory": {"memory": "low", "tune": "full"},
     "scenebreak low-memory fp32": {"memory": "low", "mixed_precision": "no", "tune": "full"},
@@ -178,7 +181,7 @@ GENERATION_TWEAKS = {"batch 8 fused": ("fused qkv", "channels_last"),
 
 
 ROWS = [(1, "scenebreak"), (1, "scenebreak fp32"), (1, "original-style"),
-        (2, "scenebreak fp32"), (2, "scenebreak low-memory"), (2, "scenebreak low-memory fp32"), (2, "scenebreak LoRA"),
+        (2, "scenebreak fp32"), (2, "scenebreak fp32 channels_last"), (2, "scenebreak low-memory"), (2, "scenebreak low-memory fp32"), (2, "scenebreak LoRA"),
         (2, "scenebreak LoRA low-memory"), (2, "original-style"),
         *(("generate", kind) for kind in GENERATION if "compiled" not in kind)]
 
@@ -506,6 +509,8 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     plan = choose_memory(config, components, device, resolution, amp_dtype)  # the switches --memory low turns on
     config = dataclasses.replace(config, tune=plan.tune)
     built = materialise_for_training(components, device, plan, amp_dtype)  # FLUX's lazy weights
+    if kind.endswith("channels_last"):
+        components.denoiser.to(memory_format=torch.channels_last)
     # As learn: every text encoder gets the handles, and the trainer is given their ids in
     # the tokenizer the attention loss reads (FLUX: T5's).
     ids = [add_handles(tok, te, tokens) for tok, te in zip(components.tokenizers, components.text_encoders)]
