@@ -142,3 +142,39 @@ def test_learn_wall_extrapolates_each_run_to_400_400_at_its_own_steady_rates():
     assert row["est_400_400_s"] == pytest.approx(52.0 + 300 * 0.1 + 300 * 0.2)
     table = module.render([row], "# header")
     assert "| plain | 100+100 | 52.0 |" in table and "| 142.0 |" in table
+
+
+# -- train_step.py's bf16-weights row (issue 22: bf16 weights, fp32 masters, no per-step casts) --
+
+
+def test_bf16_weights_with_fp32_masters_train_as_bf16_autocast_does(train_step, monkeypatch, scene_files, tiny_model):
+    """The row's trainer on the tiny model: phase 2 runs with the UNet's weights in bf16
+    and AdamW on fp32 masters, and every loss is the plain bf16-autocast run's to bf16's
+    tolerance (the forward sees the same bf16 weights either way; only the gradient
+    clipping's norm is taken over bf16 gradients)."""
+    import scenebreak.train.trainer as trainer_module
+    from scenebreak import LearnConfig, learn
+
+    monkeypatch.setenv("SCENEBREAK_CPU_BF16", "1")  # bf16 on any CPU (emulated where it has no bf16 instructions)
+    seen, dtypes = [], []
+    real_step = trainer_module.Trainer.train_step
+
+    def step(self, phase, steps):
+        record = real_step(self, phase, steps)
+        seen.append(record.losses.tolist())
+        dtypes.append((phase, next(self.c.denoiser.parameters()).dtype, type(self.optimizer).__name__))
+        return record
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+    config = LearnConfig(steps1=1, steps2=3, num_class_images=1, seed=3, tune="full", memory="fast",
+                         mixed_precision="bf16")
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="plain", device="cpu")
+    plain, seen[:] = list(seen), []
+    assert {d[1] for d in dtypes} == {torch.float32}
+    dtypes.clear()
+    monkeypatch.setattr(trainer_module, "Trainer", train_step.make_bf16_master_trainer(trainer_module.Trainer))
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="masters", device="cpu")
+    assert [d for d in dtypes if d[0] == 2] == [(2, torch.bfloat16, "MasterAdamW")] * 3
+    assert len(seen) == len(plain) == 4
+    for a, b in zip(plain, seen):
+        assert b == pytest.approx(a, rel=1e-2, abs=1e-4)
