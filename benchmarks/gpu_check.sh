@@ -19,6 +19,8 @@
 #   9. wall      benchmarks/learn_wall.py: `learn` from the command to the scene written on
 #                SD2.1-base (100+100 steps, extrapolated to 400+400), plain, --compile with
 #                a cold compile cache, and again with it warm
+#  10. sdxl-compiled  SDXL at 1024: LoRA phase 2 with the whole step compiled (issue 22's
+#                SDXL target, LoRA <= 0.5 s), beside part 5's plain row
 #
 # Each part runs under its own `timeout`, capped by what is left of the whole budget
 # (GPU_CHECK_BUDGET_S, default 540 s; 1500 s for the dry run on the CPU), so one hang
@@ -36,14 +38,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile compiled wall}
+PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile compiled wall sdxl-compiled}
 SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS:-}
 while (( $# )); do
     case $1 in
         --device) DEVICE=$2; shift 2 ;;
         --parts) PARTS=$2; shift 2 ;;
         --smoke-args) SMOKE_ARGS=$2; shift 2 ;;
-        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile compiled wall'] [--smoke-args ARGS]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile compiled wall sdxl-compiled'] [--smoke-args ARGS]" >&2; exit 2 ;;
     esac
 done
 PY=${PYTHON:-python3}
@@ -64,13 +66,13 @@ if [[ $DEVICE == cuda* ]]; then
     # Measured on an H200: install 1 s, env 22, smoke 89 (before FLUX's 6 variants), steps
     # 115 (12 rows; now 19), sdxl 115; flux is expected at ~1.5 min; compile gets whatever is left.
     WALL_ARGS=(--steps1 100 --steps2 100)
-    CAPS=(install=90 env=60 smoke=210 steps=240 sdxl=150 flux=150 compile=240 compiled=300 wall=360)
+    CAPS=(install=90 env=60 smoke=210 steps=240 sdxl=150 flux=150 compile=240 compiled=300 wall=360 sdxl-compiled=300)
 else
     STEP_ARGS=(--tiny --steps 2 --gen-steps 2)
     SDXL_ARGS=(--tiny --steps 2 --gen-steps 2)
     FLUX_ARGS=(--tiny --steps 2 --gen-steps 2)
     WALL_ARGS=(--tiny --steps1 3 --steps2 3 --runs cache plain)  # a compile takes minutes on the CPU
-    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330 compiled=900 wall=150)  # compiled: ~90 s a row here on one busy core, cold
+    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330 compiled=900 wall=150 sdxl-compiled=300)  # compiled: ~90 s a row here on one busy core, cold
 fi
 
 # Offline, from the checkout: src/ for scenebreak, tests/ for the tiny model builders.
@@ -166,6 +168,7 @@ part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" 
 # shellcheck disable=SC2086  # the words of GPU_CHECK_COMPILED_ONLY are --only's
 part compiled "$PY" benchmarks/train_step.py --compiled --only ${GPU_CHECK_COMPILED_ONLY:-compiled} --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part wall "$PY" benchmarks/learn_wall.py --device "$DEVICE" "${WALL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
+part sdxl-compiled "$PY" benchmarks/train_step.py --sdxl --compiled --only "LoRA compiled" --device "$DEVICE" --in-process "${SDXL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 
 echo "=== summary ($(( SECONDS - START ))s)"
 "$PY" - "$JSONL" <<'EOF'
