@@ -243,3 +243,33 @@ def test_compiling_only_the_repeated_blocks_keeps_the_plain_steps_losses(monkeyp
     with pytest.raises(InvalidInput, match="does not work with gradient checkpointing"):
         learn(scene_files["image"], scene_files["masks"], dataclasses.replace(config, memory="low"),
               base_model=str(tiny_model), name="blocks-low", device="cpu")
+
+
+def test_the_cuda_graph_steps_mark_each_step_and_keep_their_losses_out_of_the_graphs_buffers(monkeypatch, scene_files,
+                                                                                            tiny_model):
+    """With CUDA graphs (reduce-overhead) the trainer tells the graphs where each step
+    begins and copies the losses it keeps, since the graph's output buffer is reused by
+    the next replay. On the CPU there are no graphs: the same code path runs, and the
+    losses kept are each step's own tensor."""
+    import scenebreak.train.trainer as trainer
+
+    marks, kept = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    real_init, real_step = trainer.Trainer.__init__, trainer.Trainer.train_step
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.cuda_graphs = True
+        losses_fn = self.losses_fn
+        self.losses_fn = lambda batch: kept.append(losses_fn(batch)) or kept[-1]
+
+    def step(self, phase, steps):
+        record = real_step(self, phase, steps)
+        assert record.losses.data_ptr() != kept[-1].data_ptr()  # a copy, not the function's own output
+        return record
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=1, prior=False),
+          base_model=str(tiny_model), name="graphs", device="cpu")
+    assert len(marks) == len(kept) == 3
