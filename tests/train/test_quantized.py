@@ -25,10 +25,16 @@ def flux(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_a_quantised_base_trains_the_adapters_and_both_handle_tables(kind, flux, scene_files, monkeypatch):
+    import scenebreak.train.classimages as classimages
     import scenebreak.train.trainer as trainer
 
     seen = {}
-    real_init = trainer.Trainer.__init__
+    real_init, real_make = trainer.Trainer.__init__, classimages._make
+
+    def make(components, *args, **kwargs):  # the class images come from the base as it is held for training:
+        seen["class_to_q"] = type(components.denoiser.transformer_blocks[0].attn.to_q).__name__  # on a 24 GB card
+        seen["class_t5"] = {type(m).__name__ for m in components.text_encoders[1].modules() if "Linear" in type(m).__name__}
+        return real_make(components, *args, **kwargs)  # FLUX.1 fits only so
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
@@ -41,9 +47,11 @@ def test_a_quantised_base_trains_the_adapters_and_both_handle_tables(kind, flux,
         seen["t5_rows"] = self.embeddings[1].handles.detach().clone()
 
     monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    monkeypatch.setattr(classimages, "_make", make)
     result = learn(scene_files["image"], scene_files["masks"],
                    LearnConfig(steps1=2, steps2=2, num_class_images=1, quantize=kind), base_model=str(flux), name=kind)
     expected = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[kind]
+    assert seen["class_to_q"] == expected and seen["class_t5"] == {expected}
     assert seen["to_q"] == expected
     assert seen["t5"] == {expected}  # T5 gets no adapters: all of it quantised
     assert "Linear4bit" not in seen["clip"] and "Linear8bitLt" not in seen["clip"]  # CLIP has adapters: kept

@@ -68,6 +68,19 @@ def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...
     return len(targets)
 
 
+def quantize_frozen_base(components, kind: str, compute_dtype) -> None:
+    """The frozen base of LoRA in `kind`: the denoiser's linear layers but the family's
+    `quantize_skip` (its input and output projections), and the text encoders that get no
+    adapters (FLUX's T5), whole. Layers already quantised are left as they are, so a
+    second call changes nothing."""
+    family = components.family
+    quantize_linear_layers(components.denoiser, kind, compute_dtype, skip=family.quantize_skip)
+    adapterless = family.adapterless_text_encoders()
+    for name, encoder in zip(family.text_encoders, components.text_encoders):
+        if name in adapterless:
+            quantize_linear_layers(encoder, kind, compute_dtype)
+
+
 def is_quantized(param) -> bool:
     """A weight bitsandbytes holds packed (not a float tensor to cast or copy)."""
     return not param.is_floating_point()

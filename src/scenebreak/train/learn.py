@@ -149,6 +149,12 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
         from ..families.lora import require_peft
 
         require_peft()
+    if plan.quantize != "none":
+        # Before the class images: where the plan quantises (FLUX.1 on a 24 GB card), the
+        # base fits the GPU only so, for sampling them as for training.
+        from ..families.quantized import quantize_frozen_base
+
+        quantize_frozen_base(components, plan.quantize, amp_dtype or torch.float32)
 
     from .classimages import ensure_class_images
     from .tokens import add_handles

@@ -248,17 +248,11 @@ class Trainer:
                     yield f"{prefix}.{name}", param
 
     def _quantize_base(self, kind: str) -> None:
-        """The frozen base of LoRA in `kind` (families/quantized.py): the denoiser's linear
-        layers but its input and output projections, and the text encoders that get no
-        adapters (FLUX's T5), whole; computed in the training precision."""
-        from ..families.quantized import quantize_linear_layers
+        """The frozen base of LoRA in `kind`, computed in the training precision
+        (families/quantized.py; learn has done it already, before the class images)."""
+        from ..families.quantized import quantize_frozen_base
 
-        family, compute = self.c.family, self.amp_dtype or torch.float32
-        quantize_linear_layers(self.c.denoiser, kind, compute, skip=family.quantize_skip)
-        adapterless = family.adapterless_text_encoders()
-        for name, encoder in zip(family.text_encoders, self.c.text_encoders):
-            if name in adapterless:
-                quantize_linear_layers(encoder, kind, compute)
+        quantize_frozen_base(self.c, kind, self.amp_dtype or torch.float32)
 
     def _cast_frozen_to_half(self) -> None:
         """Weights that do not train live in the autocast precision where the plan says
