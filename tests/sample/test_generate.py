@@ -66,3 +66,30 @@ def test_cpu_users_are_told_how_long_sampling_takes():
     assert len(messages) == 1
     warn_cpu_time(SimpleNamespace(pipe=pipe, autocast_dtype=torch.bfloat16, scene=sd21.scene), 25, 512 * 512, messages.append)
     assert "roughly 3 min" in messages[-1].text  # the default: DPM-Solver++ 25 steps under bf16
+
+
+def test_large_batches_are_decoded_a_few_images_at_a_time_to_the_same_pixels(tiny_model):
+    """The VAE decodes at most PIXELS_PER_DECODE output pixels per call (four 1024x1024
+    images at once would want ~10 GB beside the denoiser): a batch decoded image by
+    image gives the pixels of the batch decoded whole."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from scenebreak.sample import pipeline
+
+    vae = AutoencoderKL.from_pretrained(tiny_model / "vae")
+    calls = []
+    real = vae.decode
+    vae.decode = lambda x: calls.append(len(x)) or real(x)
+    latents = torch.randn(5, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    whole = pipeline.decode_latents(vae, latents)
+    assert calls == [5]  # 5 images of 64x64: one call
+    calls.clear()
+    one_by_one = pipeline.decode_latents(vae, latents, max_pixels=64 * 64)
+    assert calls == [1] * 5 and one_by_one.shape == whole.shape == (5, 3, 64, 64)
+    assert torch.allclose(one_by_one, whole, atol=1e-5)
+    calls.clear()
+    pipeline.decode_latents(vae, latents, max_pixels=2 * 64 * 64 + 1)
+    assert calls == [2, 2, 1]
+    # The default: eight 512x512 images per call, two at 1024x1024.
+    assert pipeline.PIXELS_PER_DECODE // (512 * 512) == 8 and pipeline.PIXELS_PER_DECODE // (1024 * 1024) == 2

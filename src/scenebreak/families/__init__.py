@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 
 from ..errors import InvalidInput
-from .family import CLIP_TOKENS, Family, pool_at_end_of_text, vae_normalisation
+from .family import CLIP_TOKENS, Family, pool_at_end_of_text, vae_normalisation, vae_scale
 from .flux import Flux
 from .sd import SD, SD2
 from .sdxl import SDXL
 
 __all__ = ["CLIP_TOKENS", "CONFIG_FILES", "FAMILIES", "Family", "SUPPORTED", "detect_family", "family_named",
-           "pool_at_end_of_text", "vae_normalisation"]
+           "pool_at_end_of_text", "vae_normalisation", "vae_scale"]
 
 # Asked in this order which one a folder holds: FLUX by its pipeline or transformer
 # first, then SDXL, whose second text encoder FLUX has too, then SD.
