@@ -48,7 +48,15 @@ def add_lora(denoiser, text_encoders: dict, settings: dict) -> list[torch.nn.Par
         config = peft.LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=targets,
                                  lora_dropout=0.0, init_lora_weights=True)
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    return [p for model, _ in models for p in lora_parameters(model)]
+    params = [p for model, _ in models for p in lora_parameters(model)]
+    # peft makes each adapter in its base layer's precision: a base loaded in bf16 (FLUX.1
+    # under LoRA) would train bf16 adapters, whose small updates round away. They are
+    # fp32, as peft's own autocast_adapter_dtype makes them; the matrix products still
+    # run in the autocast precision.
+    for p in params:
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    return params
 
 
 def lora_parameters(model) -> list[torch.nn.Parameter]:
@@ -77,12 +85,22 @@ def load_lora_state_dict(model, state: dict[str, torch.Tensor], check=None) -> N
 
 def merge_lora(model) -> None:
     """Bake the adapters into the weights and put the plain layers back, so the model
-    is an ordinary diffusers/transformers model again (same keys, no adapter cost)."""
+    is an ordinary diffusers/transformers model again (same keys, no adapter cost).
+    Into a half-precision weight the sum is taken in fp32 and rounded once (peft rounds
+    the adapters' product to the weight's precision first, then the sum again), so a
+    base loaded in half precision gets the weights of an fp32 merge, cast."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            module.merge()
+            weight = module.get_base_layer().weight
+            if weight.dtype in (torch.float16, torch.bfloat16):
+                with torch.no_grad():
+                    delta = sum(module.get_delta_weight(adapter).float() for adapter in module.active_adapters
+                                if adapter in module.lora_A)
+                    weight.copy_(weight.float() + delta)
+            else:
+                module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
