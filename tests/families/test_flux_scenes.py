@@ -164,3 +164,23 @@ def test_a_handle_past_the_t5_limit_is_refused(dev_scene, tmp_path):
     result = CliRunner().invoke(cli, ["generate", str(dev_scene.path), f"{filler} <asset1>", "--steps", "1",
                                       "--out-dir", str(tmp_path / "out")])
     assert result.exit_code == 2 and "<asset1> falls past" in result.stderr and "512" in result.stderr, result.output
+
+
+def test_lora_adapters_train_in_fp32_over_a_base_loaded_in_bf16(flux, scene_files, monkeypatch):
+    """Under LoRA FLUX's transformer loads in the training's bf16; peft would make the
+    adapters bf16 too, where AdamW's small updates round away. They are fp32."""
+    import scenebreak.train.trainer as trainer
+
+    monkeypatch.setenv("SCENEBREAK_CPU_BF16", "1")  # bf16 training on any CPU
+    seen = {}
+    real_init = trainer.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen["base"] = self.c.denoiser.transformer_blocks[0].attn.to_q.base_layer.weight.dtype
+        seen["adapters"] = {p.dtype for p in self.lora_params}
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False, memory="low"),
+          base_model=str(flux["dev"]), name="bf16-base", device="cpu")
+    assert seen == {"base": torch.bfloat16, "adapters": {torch.float32}}
