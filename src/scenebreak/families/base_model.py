@@ -121,6 +121,19 @@ def stored_dtype(part: Path) -> str | None:
         return None
 
 
+def text_encoder_load_dtypes(family, folder, half) -> dict:
+    """Text encoders to load in `half` (denoiser_load_dtype's) as well: those LoRA gives
+    no adapters (FLUX's T5, 19 GB in fp32: only its handle rows train, in fp32 beside its
+    table), where their files hold exactly that precision, so that their token table,
+    which a scene's base fingerprint hashes, is the same as an fp32 load's."""
+    if half is None:
+        return {}
+    import torch
+
+    stored = {torch.bfloat16: "BF16", torch.float16: "F16"}.get(half)
+    return {name: half for name in family.adapterless_text_encoders() if stored_dtype(folder / name) == stored}
+
+
 def _header_parameters(part: Path) -> int:
     from safetensors import safe_open
 

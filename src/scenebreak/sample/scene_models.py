@@ -30,7 +30,7 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
     family = scene.family
     tokenizers = tokenizers or scene_tokenizers(scene)
     if scene.needs_base_model:
-        denoiser, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers])
+        denoiser, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers], dtype)
     else:
         denoiser, vae, text_encoders = own_weights(scene, dtype)
     for model in (denoiser, vae, *text_encoders):
@@ -93,14 +93,23 @@ def check_weights_fit(scene: Scene, component: str, expected: dict, state: dict)
             fail(f"hold {key[:60]!r} as {got.dtype}, not a dtype a scene stores")
 
 
-def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str):
+def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, half=None):
     """The base model's Components a scene was learned on, from where it recorded it
-    or `base_model`, checked by fingerprint; `who` needs it, for `what` (messages)."""
-    from ..families.base_model import load_components
+    or `base_model`, checked by fingerprint; `who` needs it, for `what` (messages).
+    `half` (a half-precision dtype): where the family's usual tuning is LoRA (FLUX.1),
+    the denoiser, and the text encoders without adapters whose files hold `half`, load
+    straight in it: FLUX.1's base then takes 34 GB of RAM, not 67, and, its weights
+    being published in bf16, merging the adapters in it gives the very weights that
+    merging in fp32 and casting would."""
+    from ..families.base_model import load_components, resolve_model_dir, text_encoder_load_dtypes
 
     base = scene.meta["base_model"]
+    half = half if scene.family.default_tune == "lora" else None
     try:
-        c = load_components(base_model or base["id"], None if base_model else (base.get("commit") or base.get("revision")))
+        model, revision = base_model or base["id"], None if base_model else (base.get("commit") or base.get("revision"))
+        resolved = resolve_model_dir(model, revision) if half is not None else None
+        c = load_components(model, revision, resolved, denoiser_dtype=half,
+                            text_encoder_dtypes=text_encoder_load_dtypes(scene.family, resolved[0], half) if resolved else None)
     except (InvalidInput, ModelNotAvailable) as exc:
         fix = "" if "--base-model" in str(exc) else " (if it moved, pass --base-model with where it is now)"
         raise type(exc)(f"{who} needs its base model: {exc}{fix}") from None
@@ -110,12 +119,16 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str):
     return c
 
 
-def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]):
+def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int], dtype=None):
     """The base model a LoRA scene was learned on (checked by fingerprint), with the
-    scene's adapters merged into its weights."""
+    scene's adapters merged into its weights; `dtype` is the precision it will sample in
+    (scene_base_model loads FLUX.1's base straight in a half one)."""
+    import torch
+
     from ..families.lora import add_lora, load_lora_state_dict, merge_lora
 
-    c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters")
+    half = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters", half=half)
     for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
         text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
     add_lora(c.denoiser, dict(zip(c.family.text_encoders, c.text_encoders)), scene.meta["lora"])

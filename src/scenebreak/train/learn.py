@@ -276,8 +276,8 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     and the photo and masks cropped and resized to it; checked before anything is
     trained."""
     from ..families import detect_family
-    from ..families.base_model import load_components
-    from .memory import denoiser_load_dtype, text_encoder_load_dtypes
+    from ..families.base_model import load_components, text_encoder_load_dtypes
+    from .memory import denoiser_load_dtype
 
     family = detect_family(resolved[0], f"the base model {base_model}")
     dtype = denoiser_load_dtype(config, family, device, amp_dtype)

@@ -243,18 +243,3 @@ def denoiser_load_dtype(config: LearnConfig, family, device, amp_dtype):
     if device.type == "cpu" and config.memory == "fast":  # the CPU keeps them in fp32 then
         return None
     return amp_dtype
-
-
-def text_encoder_load_dtypes(family, folder, half) -> dict:
-    """Text encoders to load in `half` (denoiser_load_dtype's) as well: those LoRA gives
-    no adapters (FLUX's T5, 19 GB in fp32: only its handle rows train, in fp32 beside its
-    table), where their files hold exactly that precision, so that their token table,
-    which a scene's base fingerprint hashes, is the same as an fp32 load's."""
-    if half is None:
-        return {}
-    import torch
-
-    from ..families.base_model import stored_dtype
-
-    stored = {torch.bfloat16: "BF16", torch.float16: "F16"}.get(half)
-    return {name: half for name in family.adapterless_text_encoders() if stored_dtype(folder / name) == stored}
