@@ -119,6 +119,17 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
+def compile_mode() -> str:
+    """The mode `--compile` uses: SCENEBREAK_COMPILE_MODE (a knob for the GPU
+    benchmarks), else torch's default."""
+    from ..errors import InvalidInput
+
+    mode = os.environ.get("SCENEBREAK_COMPILE_MODE") or "default"
+    if mode not in MODES:
+        raise InvalidInput(f"SCENEBREAK_COMPILE_MODE={mode[:40]!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
 # What `--compile` compiles: the whole step (the default: one graph, forward and losses,
 # its backward with it), or only the denoiser's repeated blocks (diffusers' regional
 # compilation: each block's code compiled once and reused by its siblings, a fraction of
@@ -151,17 +162,6 @@ def compile_blocks(denoiser, mode: str = "default", backend: str = "inductor") -
     config.recompile_limit = max(config.recompile_limit, 64)
     options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
     denoiser.compile_repeated_blocks(dynamic=False, backend=backend, **options)
-
-
-def compile_mode() -> str:
-    """The mode `--compile` uses: SCENEBREAK_COMPILE_MODE (a knob for the GPU
-    benchmarks), else torch's default."""
-    from ..errors import InvalidInput
-
-    mode = os.environ.get("SCENEBREAK_COMPILE_MODE") or "default"
-    if mode not in MODES:
-        raise InvalidInput(f"SCENEBREAK_COMPILE_MODE={mode[:40]!r} is not one of {', '.join(MODES)}")
-    return mode
 
 
 def compile_step(step_losses, backend: str = "inductor", mode: str = "default"):

@@ -20,8 +20,8 @@ import torch
 
 from ..config import LearnConfig
 from ..device import Device
-from ..families import vae_normalisation
 from ..errors import InvalidInput
+from ..families import vae_normalisation
 from ..handles import prompt_for
 from ..images import image_to_tensor
 from .attention import AttentionStore, capture_cross_attention
