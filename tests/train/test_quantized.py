@@ -6,6 +6,7 @@ the tests install it (`scenebreak[test]`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -115,3 +116,65 @@ def test_quantising_what_cannot_be_quantised_is_refused_in_one_line(tiny_model, 
     assert "Traceback" not in result.stderr
     result = CliRunner().invoke(cli, args + ["--quantize", "fp3"])
     assert result.exit_code == 2
+
+
+# -- sampling a LoRA scene with its base quantised (generate, edit, extract-bg) -------------
+
+
+@pytest.fixture(scope="module")
+def flux_lora_scene(tmp_path_factory, flux):
+    from conftest import _learn_once
+
+    return _learn_once(tmp_path_factory.mktemp("flux-lora"), flux,
+                       LearnConfig(steps1=1, steps2=2, prior=False, lr_lora=1e-2)).path
+
+
+def test_a_lora_scene_samples_with_its_base_in_nf4_and_the_adapters_beside_it(flux_lora_scene):
+    """Where FLUX.1's base does not fit the GPU in bf16 (34 GB: a 24 GB card), sampling
+    holds it in NF4 with the scene's adapters beside the packed layers, as training did;
+    the images come out, close to the full-precision ones (4 bits move them a little)."""
+    from scenebreak.device import choose_device
+    from scenebreak.sample.pipeline import make_pipeline, sample
+    from scenebreak.sample.scene_models import scene_components
+
+    scene, cpu = load_scene(flux_lora_scene), choose_device("cpu")
+    images = {}
+    for kind in ("none", "nf4"):
+        denoiser, vae, encoders, tokenizers = scene_components(scene, cpu, dtype=torch.float32, quantize=kind)
+        for module in (m for model in (denoiser, *encoders) for m in model.modules()):
+            if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' AVX512-BF16 inference kernel packs
+                module.support_avx512bf16_for_cpu = False  # blocks of 64 inputs: the tiny model's layers have 32
+        to_q = denoiser.transformer_blocks[0].attn.to_q
+        if kind == "nf4":
+            assert type(to_q.base_layer).__name__ == "Linear4bit" and to_q.lora_A["default"].weight.dtype == torch.float32
+            assert {type(m).__name__ for m in encoders[1].modules() if "Linear" in type(m).__name__} == {"Linear4bit"}
+        else:
+            assert type(to_q) is torch.nn.Linear  # merged: plain layers
+        pipe = make_pipeline(scene.family, denoiser, vae, encoders, tokenizers, scene.meta["configs"]["scheduler"], "flow")
+        images[kind] = np.asarray(sample(pipe, scene.family, "a photo of <asset1>", [0], steps=3, guidance=3.5,
+                                         resolution=64)[0], dtype=np.float32)
+    assert np.isfinite(images["nf4"]).all() and images["nf4"].std() > 1
+    assert np.abs(images["nf4"] - images["none"]).mean() < 25  # of 255: the same picture, rounded weights
+
+
+def test_auto_samples_in_nf4_only_on_a_gpu_the_weights_would_not_fit(flux, tiny_model, monkeypatch):
+    from scenebreak.device import Device
+    from scenebreak.families.base_model import load_components
+    from scenebreak.sample.scene_models import sampling_quantization
+
+    flux_parts, sd_parts = load_components(str(flux)), load_components(str(tiny_model))
+    weights = 2 * sum(p.numel() for m in flux_parts.models() for p in m.parameters())  # bytes in bf16
+    gpu, cpu = Device("cuda", "cuda:0"), Device("cpu", "cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (weights // 2, 24 * 2**30))
+    kind, why = sampling_quantization(flux_parts, gpu, torch.bfloat16, "auto")
+    assert kind == "nf4" and why.startswith("sampling with the base in nf4: its weights need about")
+    assert sampling_quantization(sd_parts, gpu, torch.float16, "auto") == ("none", "")  # SD, SDXL: never
+    assert sampling_quantization(flux_parts, cpu, torch.float32, "auto") == ("none", "")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * weights, 80 * 2**30))
+    assert sampling_quantization(flux_parts, gpu, torch.bfloat16, "auto") == ("none", "")
+    import scenebreak.families.quantized as quantized
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (weights // 2, 24 * 2**30))
+    monkeypatch.setattr(quantized, "quantization_available", lambda: False)
+    kind, why = sampling_quantization(flux_parts, gpu, torch.bfloat16, "auto")
+    assert kind == "none" and "bitsandbytes" in why and "4 bits" in why

@@ -81,6 +81,12 @@ def quantize_frozen_base(components, kind: str, compute_dtype) -> None:
             quantize_linear_layers(encoder, kind, compute_dtype)
 
 
+def has_quantized_layers(model) -> bool:
+    """A model with bitsandbytes' layers, whose weights (packed, or float until the move
+    to a device packs them) must move without a cast."""
+    return any(type(p).__module__.startswith("bitsandbytes") for p in model.parameters())
+
+
 def is_quantized(param) -> bool:
     """A weight bitsandbytes holds packed (not a float tensor to cast or copy)."""
     return not param.is_floating_point()

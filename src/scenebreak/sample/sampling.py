@@ -93,7 +93,8 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
         if not is_writable_folder(Path(out_dir)):
             raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers)
+    pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers,
+                         report=report)
     return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
 
 

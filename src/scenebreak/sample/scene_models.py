@@ -14,11 +14,15 @@ def scene_tokenizers(scene: Scene) -> list:
     return [tokenizer_from_files(scene.files, folder, scene.family) for folder in scene.family.tokenizers]
 
 
-def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None, tokenizers=None):
+def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None, tokenizers=None,
+                     quantize: str = "none", report=None):
     """Denoiser, VAE, text encoders and tokenizers (lists: two on SDXL) of a scene on
     `device` in `dtype` (default: the device's sampling precision); `base_model` says
     where a LoRA scene's base model is, if not where the scene recorded it;
-    `tokenizers` are the scene's, if already built."""
+    `tokenizers` are the scene's, if already built. `quantize` (a LoRA scene of a
+    family whose usual tuning is LoRA): its base held in "nf4" or "int8" under the
+    adapters, as `learn --quantize` trains it, or "auto": NF4 on a GPU its weights in
+    `dtype` would not fit (said through `report`)."""
     import torch
 
     from ..families import pool_at_end_of_text
@@ -30,11 +34,12 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
     family = scene.family
     tokenizers = tokenizers or scene_tokenizers(scene)
     if scene.needs_base_model:
-        denoiser, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers], dtype)
+        denoiser, vae, text_encoders = base_with_lora(scene, base_model, [len(t) for t in tokenizers], dtype,
+                                                      quantize=quantize, device=device, report=report)
     else:
         denoiser, vae, text_encoders = own_weights(scene, dtype)
     for model in (denoiser, vae, *text_encoders):
-        model.to(device.torch, dtype).eval().requires_grad_(False)
+        to_device(model, device, dtype).eval().requires_grad_(False)
     vae.to(family.sampling_vae_dtype(vae, dtype))
     # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
     for tokenizer, text_encoder, rows in zip(tokenizers, text_encoders, scene.handle_embeddings):
@@ -46,6 +51,49 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
         with torch.no_grad():
             emb[ids] = rows.to(emb.device, emb.dtype)
     return denoiser, vae, text_encoders, tokenizers
+
+
+def to_device(model, device: Device, dtype):
+    """`model` on `device` in `dtype`; the weights of a quantised layer move (and are
+    packed by the move) but are never cast."""
+    from ..families.quantized import has_quantized_layers
+
+    if not has_quantized_layers(model):
+        return model.to(device.torch, dtype)
+    model.to(device.torch)
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype and not type(param).__module__.startswith("bitsandbytes"):
+            param.data = param.data.to(dtype)
+    return model
+
+
+def sampling_quantization(components, device: Device, dtype, asked: str) -> tuple[str, str]:
+    """How a LoRA scene's base is held to sample (none, nf4, int8) and why: as asked;
+    with auto, NF4 on a GPU where its weights in `dtype` would not fit (FLUX.1's
+    transformer and T5 are 34 GB in bf16: no 24 GB card holds them), if bitsandbytes is
+    there (else a note saying how to get it, and the full weights are tried)."""
+    import torch
+
+    from ..families.quantized import QUANTIZE_HINT, quantization_available
+
+    if asked in ("none", "nf4", "int8"):
+        if asked != "none" and not quantization_available():
+            from ..errors import SceneBreakError
+
+            raise SceneBreakError(f"sampling in {asked} needs bitsandbytes: {QUANTIZE_HINT}")
+        return asked, ""
+    if device.type != "cuda" or components.family.default_tune != "lora":
+        return "none", ""
+    size = torch.empty((), dtype=dtype).element_size()
+    need = size * sum(p.numel() for model in components.models() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device.torch)
+    GiB = 2**30
+    if need <= 0.85 * free:
+        return "none", ""
+    why = f"its weights need about {need / GiB:.1f} GiB in {str(dtype).removeprefix('torch.')}, {free / GiB:.1f} GiB is free"
+    if not quantization_available():
+        return "none", f"{why}: with bitsandbytes ({QUANTIZE_HINT}) its base would be held in 4 bits"
+    return "nf4", f"sampling with the base in nf4: {why}"
 
 
 def own_weights(scene: Scene, dtype):
@@ -119,16 +167,26 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
     return c
 
 
-def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int], dtype=None):
+def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int], dtype=None, quantize: str = "none",
+                   device: Device | None = None, report=None):
     """The base model a LoRA scene was learned on (checked by fingerprint), with the
     scene's adapters merged into its weights; `dtype` is the precision it will sample in
-    (scene_base_model loads FLUX.1's base straight in a half one)."""
+    (scene_base_model loads FLUX.1's base straight in a half one). With a quantised base
+    (`quantize`, see scene_components) the adapters stay beside the packed layers, as in
+    training: a 4-bit weight cannot take them in."""
     import torch
 
+    from ..events import Message
     from ..families.lora import add_lora, load_lora_state_dict, merge_lora
+    from ..families.quantized import quantize_frozen_base
 
     half = dtype if dtype in (torch.bfloat16, torch.float16) else None
     c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters", half=half)
+    kind, why = ("none", "") if device is None else sampling_quantization(c, device, dtype, quantize)
+    if why and report is not None:
+        report(Message(why, "warning" if kind == "none" else "info"))
+    if kind != "none":
+        quantize_frozen_base(c, kind, dtype)
     for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
         text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
     add_lora(c.denoiser, dict(zip(c.family.text_encoders, c.text_encoders)), scene.meta["lora"])
@@ -137,21 +195,23 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
         load_lora_state_dict(models[component.removesuffix("_lora")], scene.weights[component],
                              lambda expected, state, component=component: check_weights_fit(scene, component, expected,
                                                                                           state))
-    for model in (c.denoiser, *c.text_encoders):
-        merge_lora(model)  # plain layers again: no adapter cost per step
+    if kind == "none":
+        for model in (c.denoiser, *c.text_encoders):
+            merge_lora(model)  # plain layers again: no adapter cost per step
     return c.denoiser, c.vae, c.text_encoders
 
 
 def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None, scheduler: str = "dpm",
-                  tokenizers=None):
+                  tokenizers=None, quantize: str = "auto", report=None):
     """A text-to-image pipeline of the scene's family over its models, sampling with
-    `scheduler` (`tokenizers`: the scene's, if already built)."""
+    `scheduler` (`tokenizers`: the scene's, if already built; `quantize`: see
+    scene_components)."""
     from ..hub import quiet_libraries
     from .pipeline import make_pipeline
 
     quiet_libraries()
     denoiser, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=dtype, base_model=base_model,
-                                                            tokenizers=tokenizers)
+                                                                tokenizers=tokenizers, quantize=quantize, report=report)
     if device.type == "cuda":
         import torch
 
