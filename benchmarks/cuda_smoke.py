@@ -30,7 +30,8 @@ Variants (each guarded on its own: one that fails logs its traceback and the nex
   flux-resume                                       killed in phase 2, resumed: the same handles (CLIP and
                                                     T5 rows) and adapters as an uninterrupted run
   flux-sampling                                     generate with the flow sampler at every precision,
-                                                    edit and extract-bg
+                                                    edit and extract-bg; on CUDA with bitsandbytes, generate
+                                                    again with the base in NF4 (as a 24 GB card samples FLUX)
 
 Each variant prints one JSON line (ok / skipped / error, seconds, peak memory of the
 device, the memory plan `learn` chose) and appends it to --jsonl as soon as it ends.
@@ -259,6 +260,19 @@ class Smoke:
                                         out_dir=self.tmp / "out" / name / "bg", device=self.device)
             for made in result.images:
                 stds[f"extract-bg-{made.kind}"] = std(made.path)
+            if self.cuda and "bnb" in self.has:
+                # The base in NF4 with the adapters beside it, as a 24 GB card samples a
+                # FLUX.1 LoRA scene (here forced: the tiny model fits anywhere).
+                import scenebreak.sample.scene_models as scene_models
+
+                real = scene_models.sampling_quantization
+                scene_models.sampling_quantization = lambda *args, **kwargs: ("nf4", "forced by the smoke test")
+                try:
+                    result = generate(scene, "<asset1> on the moon", GenerateConfig(num_images=2, steps=4, seed=0),
+                                      out_dir=self.tmp / "out" / name / "flow-nf4", device=self.device)
+                finally:
+                    scene_models.sampling_quantization = real
+                stds["flow-nf4"] = std(result.images[0].path)
             row = {"image_std": stds}
             row["ok"] = bool(all(v > 0 for v in stds.values()))
             if not row["ok"]:
