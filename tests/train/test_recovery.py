@@ -240,3 +240,48 @@ def test_a_ctrl_c_during_the_trainers_clean_up_propagates_instead_of_printing_a_
     with pytest.raises(KeyboardInterrupt):
         _train(Trainer(), Checkpoints(), lambda: True, choose_device("cpu"), lambda event: None)
     assert "Exception ignored" not in capsys.readouterr().err
+
+
+def test_class_images_out_of_memory_are_made_fewer_at_a_time_to_the_same_images(tiny_model, tmp_path, monkeypatch):
+    """A pass of several class images that runs out of GPU memory is made again with half
+    as many at a time, down to one; each image is its seed's either way. Any other error,
+    or running out with one image a pass, still stops."""
+    import numpy as np
+    from PIL import Image
+
+    import scenebreak.sample.pipeline as pipeline
+    from scenebreak.device import choose_device
+    from scenebreak.families.base_model import load_components
+    from scenebreak.train.classimages import ensure_class_images
+
+    components, cpu = load_components(str(tiny_model)), choose_device("cpu")
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "one-by-one"))
+    single = ensure_class_images(components, cpu, "a photo", 3, 64, batch_size=1)
+    expected = [np.asarray(Image.open(p)) for p in single]
+
+    real_sample, passes = pipeline.sample, []
+
+    def sample(pipe, family, prompt, seeds, **kwargs):
+        passes.append(len(seeds))
+        if len(seeds) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real_sample(pipe, family, prompt, seeds, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sample", sample)
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "shrinking"))
+    messages = []
+    paths = ensure_class_images(components, cpu, "a photo", 3, 64, batch_size=4, report=messages.append)
+    assert passes == [3, 2, 1, 1, 1]
+    assert [m.text for m in messages if "out of memory" in getattr(m, "text", "")] == [
+        "out of memory making 3 class images at a time: 2 at a time now",
+        "out of memory making 2 class images at a time: 1 at a time now"]
+    assert all(np.array_equal(np.asarray(Image.open(p)), e) for p, e in zip(paths, expected))
+
+    monkeypatch.setattr(pipeline, "sample", lambda *args, **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "too-big"))
+    with pytest.raises(torch.OutOfMemoryError):
+        ensure_class_images(components, cpu, "a photo", 1, 64, batch_size=1)
+    monkeypatch.setattr(pipeline, "sample", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("a shape")))
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "other"))
+    with pytest.raises(RuntimeError, match="a shape"):
+        ensure_class_images(components, cpu, "a photo", 2, 64, batch_size=2)

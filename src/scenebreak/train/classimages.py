@@ -61,6 +61,9 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
 def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: list[tuple[int, Path]], report: Reporter,
           should_stop, batch_size: int | None, scheduler: str) -> None:
     """Generate class image i (from seed i) into its path, for each (i, path) in `todo`."""
+    import torch
+
+    from ..device import is_out_of_memory
     from ..sample.pipeline import images_per_pass, make_pipeline, sample
 
     folder = todo[0][1].parent
@@ -77,14 +80,27 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     steps = c.family.sampler_steps(scheduler)
     batch = images_per_pass(device, batch_size)
     autocast = device.autocast(amp_dtype)
-    total, done = len(todo) * steps, 0
+    total, done, start = len(todo) * steps, 0, 0
     report(Progress("class images", 0, total))
-    for start in range(0, len(todo), batch):
+    while start < len(todo):
         chunk = todo[start:start + batch]
-        images = sample(pipe, c.family, prompt, [i for i, _ in chunk], steps=steps, guidance=c.family.guidance, resolution=resolution,
-                        autocast=autocast, report=report, task="class images", done=done, total=total)
+        try:
+            images = sample(pipe, c.family, prompt, [i for i, _ in chunk], steps=steps, guidance=c.family.guidance,
+                            resolution=resolution, autocast=autocast, report=report, task="class images", done=done,
+                            total=total)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            # A pass of several images at 1024 can be more than a GPU the weights only just
+            # fit has left: fewer at a time (each image starts from its own seed's noise either way).
+            if batch == 1 or not is_out_of_memory(exc):
+                raise
+            batch = max(1, batch // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            report(Message(f"out of memory making {len(chunk)} class images at a time: {batch} at a time now"))
+            continue
         for (_, path), image in zip(chunk, images):
             write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         done += len(chunk) * steps
-        if should_stop() and start + batch < len(todo):
+        start += len(chunk)
+        if should_stop() and start < len(todo):
             raise Interrupted("interrupted: the class images made so far are cached; run the same command again to continue")
