@@ -12,6 +12,32 @@ def images_per_pass(device, batch_size: int | None = None) -> int:
     return batch_size or (4 if device.type == "cuda" else 1)
 
 
+def run_in_passes(items: list, batch: int, run_pass, report: Reporter = silent, what: str = "images") -> None:
+    """`run_pass(chunk, more)` over `items`, `batch` at a time (`more`: whether passes
+    follow). A pass that runs out of GPU memory runs again with half as many, down to
+    one, with a note: at 1024 a pass of four can be more than a card its weights only
+    just fit has left, and each image starts from its own seed's noise either way."""
+    import torch
+
+    from ..device import is_out_of_memory
+    from ..events import Message
+
+    start = 0
+    while start < len(items):
+        chunk = items[start:start + batch]
+        try:
+            run_pass(chunk, start + len(chunk) < len(items))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if len(chunk) == 1 or not is_out_of_memory(exc):
+                raise
+            batch = max(1, min(batch // 2, len(chunk) - 1))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            report(Message(f"out of memory making {len(chunk)} {what} at a time: {batch} at a time now"))
+            continue
+        start += len(chunk)
+
+
 def make_pipeline(family, denoiser, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,
                   scheduler: str | None = None):
     """The diffusers text-to-image pipeline of `family` (families.Family) with the

@@ -211,7 +211,7 @@ def save_png(image, path: Path, overwrite: bool = False) -> Path:
 def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
                     name: str, report: Reporter) -> list[GeneratedImage]:
     """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`."""
-    from .pipeline import sample
+    from .pipeline import run_in_passes, sample
 
     pipe, scene = run.pipe, run.scene
     batch = images_per_pass(config, pipe)
@@ -219,9 +219,8 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
     images_out, done = [], 0
     report(Progress("generate", 0, total))
     for prompt in prompts:
-        seeds = [seed + i for i in range(config.num_images)]
-        for begin in range(0, len(seeds), batch):
-            chunk = seeds[begin:begin + batch]
+        def one_pass(chunk, more, prompt=prompt) -> None:
+            nonlocal done
             images = sample(pipe, scene.family, prompt, chunk, steps=config.steps, guidance=config.guidance,
                             resolution=scene.resolution, negative=config.negative, autocast=run.precision(), report=report,
                             done=done, total=total)
@@ -229,4 +228,6 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
             for s, image in zip(chunk, images):
                 path = save_png(image, Path(out_dir) / fit_file_name(name, f"-{slug(prompt)}-{s}.png"))
                 images_out.append(GeneratedImage(path, prompt, s))
+
+        run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
     return images_out

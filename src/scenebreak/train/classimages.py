@@ -61,10 +61,7 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
 def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: list[tuple[int, Path]], report: Reporter,
           should_stop, batch_size: int | None, scheduler: str) -> None:
     """Generate class image i (from seed i) into its path, for each (i, path) in `todo`."""
-    import torch
-
-    from ..device import is_out_of_memory
-    from ..sample.pipeline import images_per_pass, make_pipeline, sample
+    from ..sample.pipeline import images_per_pass, make_pipeline, run_in_passes, sample
 
     folder = todo[0][1].parent
     info = folder / "info.json"
@@ -80,27 +77,18 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     steps = c.family.sampler_steps(scheduler)
     batch = images_per_pass(device, batch_size)
     autocast = device.autocast(amp_dtype)
-    total, done, start = len(todo) * steps, 0, 0
+    total, done = len(todo) * steps, 0
     report(Progress("class images", 0, total))
-    while start < len(todo):
-        chunk = todo[start:start + batch]
-        try:
-            images = sample(pipe, c.family, prompt, [i for i, _ in chunk], steps=steps, guidance=c.family.guidance,
-                            resolution=resolution, autocast=autocast, report=report, task="class images", done=done,
-                            total=total)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            # A pass of several images at 1024 can be more than a GPU the weights only just
-            # fit has left: fewer at a time (each image starts from its own seed's noise either way).
-            if batch == 1 or not is_out_of_memory(exc):
-                raise
-            batch = max(1, batch // 2)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            report(Message(f"out of memory making {len(chunk)} class images at a time: {batch} at a time now"))
-            continue
+
+    def one_pass(chunk, more: bool) -> None:
+        nonlocal done
+        images = sample(pipe, c.family, prompt, [i for i, _ in chunk], steps=steps, guidance=c.family.guidance,
+                        resolution=resolution, autocast=autocast, report=report, task="class images", done=done,
+                        total=total)
         for (_, path), image in zip(chunk, images):
             write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         done += len(chunk) * steps
-        start += len(chunk)
-        if should_stop() and start < len(todo):
+        if should_stop() and more:
             raise Interrupted("interrupted: the class images made so far are cached; run the same command again to continue")
+
+    run_in_passes(todo, batch, one_pass, report, "class images")
