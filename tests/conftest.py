@@ -97,6 +97,25 @@ def kill_at(phase: int, step: int):
     return report
 
 
+def out_of_memory_above_one_image(monkeypatch) -> list[int]:
+    """Sampling runs out of GPU memory for passes of more than one image (as a card the
+    weights only just fit does at 1024); returns the size of every pass tried."""
+    import torch
+
+    import scenebreak.sample.pipeline as pipeline
+
+    real_sample, passes = pipeline.sample, []
+
+    def sample(pipe, family, prompt, seeds, **kwargs):
+        passes.append(len(seeds))
+        if len(seeds) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_sample(pipe, family, prompt, seeds, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sample", sample)
+    return passes
+
+
 @pytest.fixture
 def scene_files(tmp_path):
     image, red, blue = write_synthetic_scene(tmp_path / "inputs")

@@ -98,22 +98,12 @@ def test_large_batches_are_decoded_a_few_images_at_a_time_to_the_same_pixels(tin
 def test_generate_makes_fewer_images_a_pass_after_running_out_of_memory(learned, tmp_path, monkeypatch):
     """`generate -n 3` with passes of 4 that run out of GPU memory: halved passes with a
     note, the same three images as one at a time."""
-    import torch
-
-    import scenebreak.sample.pipeline as pipeline
+    from conftest import out_of_memory_above_one_image
 
     config = GenerateConfig(num_images=3, steps=2, seed=5, batch_size=1)
     expected = [np.asarray(Image.open(i.path)) for i in generate(learned.path, "a photo of <asset1>", config,
                                                                    out_dir=tmp_path / "single", device="cpu").images]
-    real_sample, passes = pipeline.sample, []
-
-    def sample(pipe, family, prompt, seeds, **kwargs):
-        passes.append(len(seeds))
-        if len(seeds) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_sample(pipe, family, prompt, seeds, **kwargs)
-
-    monkeypatch.setattr(pipeline, "sample", sample)
+    passes = out_of_memory_above_one_image(monkeypatch)
     messages = []
     result = generate(learned.path, "a photo of <asset1>", GenerateConfig(num_images=3, steps=2, seed=5, batch_size=4),
                       out_dir=tmp_path / "shrinking", device="cpu", report=messages.append)

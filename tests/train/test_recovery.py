@@ -250,6 +250,7 @@ def test_class_images_out_of_memory_are_made_fewer_at_a_time_to_the_same_images(
     from PIL import Image
 
     import scenebreak.sample.pipeline as pipeline
+    from conftest import out_of_memory_above_one_image
     from scenebreak.device import choose_device
     from scenebreak.families.base_model import load_components
     from scenebreak.train.classimages import ensure_class_images
@@ -259,15 +260,7 @@ def test_class_images_out_of_memory_are_made_fewer_at_a_time_to_the_same_images(
     single = ensure_class_images(components, cpu, "a photo", 3, 64, batch_size=1)
     expected = [np.asarray(Image.open(p)) for p in single]
 
-    real_sample, passes = pipeline.sample, []
-
-    def sample(pipe, family, prompt, seeds, **kwargs):
-        passes.append(len(seeds))
-        if len(seeds) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
-        return real_sample(pipe, family, prompt, seeds, **kwargs)
-
-    monkeypatch.setattr(pipeline, "sample", sample)
+    passes = out_of_memory_above_one_image(monkeypatch)
     monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "shrinking"))
     messages = []
     paths = ensure_class_images(components, cpu, "a photo", 3, 64, batch_size=4, report=messages.append)

@@ -32,6 +32,15 @@ def quantization_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def require_quantization(what: str) -> None:
+    """Refuse `what` (e.g. "--quantize nf4") in one line naming the install where
+    bitsandbytes is missing."""
+    if not quantization_available():
+        from ..errors import SceneBreakError
+
+        raise SceneBreakError(f"{what} needs bitsandbytes: {QUANTIZE_HINT}")
+
+
 def _quantized_linear(linear, kind: str, compute_dtype):
     import bitsandbytes as bnb
     import torch
@@ -81,10 +90,14 @@ def quantize_frozen_base(components, kind: str, compute_dtype) -> None:
             quantize_linear_layers(encoder, kind, compute_dtype)
 
 
+def is_bitsandbytes_weight(param) -> bool:
+    """A weight of bitsandbytes' layers: packed, or float until the move to a device
+    packs it; it moves, but is never cast."""
+    return type(param).__module__.startswith("bitsandbytes")
+
+
 def has_quantized_layers(model) -> bool:
-    """A model with bitsandbytes' layers, whose weights (packed, or float until the move
-    to a device packs them) must move without a cast."""
-    return any(type(p).__module__.startswith("bitsandbytes") for p in model.parameters())
+    return any(is_bitsandbytes_weight(p) for p in model.parameters())
 
 
 def is_quantized(param) -> bool:

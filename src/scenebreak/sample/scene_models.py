@@ -56,13 +56,13 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
 def to_device(model, device: Device, dtype):
     """`model` on `device` in `dtype`; the weights of a quantised layer move (and are
     packed by the move) but are never cast."""
-    from ..families.quantized import has_quantized_layers
+    from ..families.quantized import has_quantized_layers, is_bitsandbytes_weight
 
     if not has_quantized_layers(model):
         return model.to(device.torch, dtype)
     model.to(device.torch)
     for param in model.parameters():
-        if param.is_floating_point() and param.dtype != dtype and not type(param).__module__.startswith("bitsandbytes"):
+        if param.is_floating_point() and param.dtype != dtype and not is_bitsandbytes_weight(param):
             param.data = param.data.to(dtype)
     return model
 
@@ -74,13 +74,11 @@ def sampling_quantization(components, device: Device, dtype, asked: str) -> tupl
     there (else a note saying how to get it, and the full weights are tried)."""
     import torch
 
-    from ..families.quantized import QUANTIZE_HINT, quantization_available
+    from ..families.quantized import QUANTIZE_HINT, quantization_available, require_quantization
 
     if asked in ("none", "nf4", "int8"):
-        if asked != "none" and not quantization_available():
-            from ..errors import SceneBreakError
-
-            raise SceneBreakError(f"sampling in {asked} needs bitsandbytes: {QUANTIZE_HINT}")
+        if asked != "none":
+            require_quantization(f"sampling in {asked}")
         return asked, ""
     if device.type != "cuda" or components.family.default_tune != "lora":
         return "none", ""

@@ -122,12 +122,23 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 def compile_mode() -> str:
     """The mode `--compile` uses: SCENEBREAK_COMPILE_MODE (a knob for the GPU
     benchmarks), else torch's default."""
+    return _choice_from_env("SCENEBREAK_COMPILE_MODE", MODES)
+
+
+def _choice_from_env(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable `name`, one of `choices` (unset: the first), or a
+    one-line refusal."""
     from ..errors import InvalidInput
 
-    mode = os.environ.get("SCENEBREAK_COMPILE_MODE") or "default"
-    if mode not in MODES:
-        raise InvalidInput(f"SCENEBREAK_COMPILE_MODE={mode[:40]!r} is not one of {', '.join(MODES)}")
-    return mode
+    value = os.environ.get(name) or choices[0]
+    if value not in choices:
+        raise InvalidInput(f"{name}={value[:40]!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _mode_options(backend: str, mode: str) -> dict:
+    """torch.compile's `mode`, where it means something: inductor's, other than its default."""
+    return {"mode": mode} if backend == "inductor" and mode != "default" else {}
 
 
 # What `--compile` compiles: the whole step (the default: one graph, forward and losses,
@@ -139,12 +150,7 @@ SCOPES = ("step", "blocks")
 
 def compile_scope() -> str:
     """SCENEBREAK_COMPILE_SCOPE (a knob for the GPU benchmarks), else the whole step."""
-    from ..errors import InvalidInput
-
-    scope = os.environ.get("SCENEBREAK_COMPILE_SCOPE") or "step"
-    if scope not in SCOPES:
-        raise InvalidInput(f"SCENEBREAK_COMPILE_SCOPE={scope[:40]!r} is not one of {', '.join(SCOPES)}")
-    return scope
+    return _choice_from_env("SCENEBREAK_COMPILE_SCOPE", SCOPES)
 
 
 def compile_blocks(denoiser, mode: str = "default", backend: str = "inductor") -> None:
@@ -160,8 +166,7 @@ def compile_blocks(denoiser, mode: str = "default", backend: str = "inductor") -
     # which the rest would run uncompiled.
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 64)
-    options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
-    denoiser.compile_repeated_blocks(dynamic=False, backend=backend, **options)
+    denoiser.compile_repeated_blocks(dynamic=False, backend=backend, **_mode_options(backend, mode))
 
 
 def compile_step(step_losses, backend: str = "inductor", mode: str = "default"):
@@ -173,5 +178,4 @@ def compile_step(step_losses, backend: str = "inductor", mode: str = "default"):
 
     prepare_dynamo()
     use_compile_cache()
-    options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
-    return torch.compile(step_losses, dynamic=False, backend=backend, **options)
+    return torch.compile(step_losses, dynamic=False, backend=backend, **_mode_options(backend, mode))

@@ -206,14 +206,12 @@ def choose_quantization(config: LearnConfig, components, device, resolution: int
     """How the frozen base of LoRA is held (none, nf4, int8), and why: as asked; or,
     with auto, NF4 on a GPU where LoRA with --memory low would not fit otherwise (and a
     warning naming the install where bitsandbytes is missing)."""
-    from ..errors import SceneBreakError
-    from ..families.quantized import QUANTIZE_HINT, quantization_available
+    from ..families.quantized import QUANTIZE_HINT, quantization_available, require_quantization
 
     if config.tune != "lora" or config.quantize == "none":
         return "none", ""
     if config.quantize != "auto":
-        if not quantization_available():
-            raise SceneBreakError(f"--quantize {config.quantize} needs bitsandbytes: {QUANTIZE_HINT}")
+        require_quantization(f"--quantize {config.quantize}")
         return config.quantize, ""
     if device.type != "cuda" or not low:
         return "none", ""
