@@ -13,6 +13,8 @@ Variants (each guarded on its own: one that fails logs its traceback and the nex
   lora                                              --tune lora
   cuda0                                             device="cuda:0" named explicitly
   compile                                           torch.compile of the training step (slow to compile: run it last)
+  compile-whole                                     the whole step under CUDA graphs: the update after the backward
+                                                    pass compiled too (SCENEBREAK_COMPILE_SCOPE=whole, reduce-overhead)
   sync-free, sync-free-low                          every training step under torch.cuda.set_sync_debug_mode("error"):
                                                     a call that makes the CPU wait for the GPU raises
   resume-fast, resume-low                           killed in phase 2 after a periodic checkpoint, resumed:
@@ -37,7 +39,7 @@ Each variant prints one JSON line (ok / skipped / error, seconds, peak memory of
 device, the memory plan `learn` chose) and appends it to --jsonl as soon as it ends.
 
     python benchmarks/cuda_smoke.py                         # every variant but compile, on CUDA
-    python benchmarks/cuda_smoke.py --only compile
+    python benchmarks/cuda_smoke.py --only compile compile-whole
     python benchmarks/cuda_smoke.py --device cpu            # the dry run: what a CPU can do of it
 """
 
@@ -77,6 +79,7 @@ VARIANTS = {
     "resume-low": ("resume", dict(memory="low"), set()),
     "resume-8bit": ("resume-8bit", dict(memory="fast"), {"cuda", "bnb"}),
     "compile": ("learn", dict(compile=True), {"cuda"}),  # learn refuses --compile off CUDA
+    "compile-whole": ("learn-compile-whole", dict(compile=True, memory="fast"), {"cuda"}),
     # No step waits for the GPU: every training step runs under
     # torch.cuda.set_sync_debug_mode("error"), where a synchronising call raises.
     "sync-free": ("learn-sync-free", dict(memory="fast"), {"cuda"}),
@@ -99,7 +102,7 @@ VARIANTS = {
     "flux-resume": ("resume-flux", dict(memory="fast"), set()),
     "flux-sampling": ("sampling-flux", dict(memory="fast", background=True), set()),  # extract-bg needs <background>
 }
-DEFAULT_SKIP = ("compile",)  # its own process in gpu_check.sh, under its own time limit
+DEFAULT_SKIP = ("compile", "compile-whole")  # their own process in gpu_check.sh, under its own time limit
 
 
 class Smoke:
@@ -313,6 +316,15 @@ class Smoke:
                 result = self.learn(name, {**SHORT, **settings}, messages=messages)
             finally:
                 trainer.Trainer.train_step = real_step
+        elif how == "learn-compile-whole":
+            whole = {"SCENEBREAK_COMPILE_MODE": "reduce-overhead", "SCENEBREAK_COMPILE_SCOPE": "whole"}
+            before = {key: os.environ.get(key) for key in whole}
+            os.environ.update(whole)
+            try:
+                result = self.learn(name, {**SHORT, **settings}, messages=messages)
+            finally:
+                for key, value in before.items():
+                    os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         elif how == "learn-no-bnb":
             import scenebreak.train.optim
 

@@ -13,7 +13,8 @@
 #   6. flux      the same for the FLUX.1-dev architecture at 1024 (random weights made on
 #                the GPU): phase 1 as auto picks it, LoRA phase 2 fast and --memory low,
 #                one image at 28 steps
-#   7. compile   the smoke test's torch.compile variant: the slowest to start
+#   7. compile   the smoke test's torch.compile variants (the step; the whole step under CUDA
+#                graphs, the update compiled too): the slowest to start
 #   8. compiled  SD2.1-base steps with the whole step compiled (learn --compile), beside
 #                the plain rows of part 4
 #   9. wall      benchmarks/learn_wall.py: `learn` from the command to the scene written on
@@ -164,7 +165,7 @@ part smoke "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" $S
 part steps "$PY" benchmarks/train_step.py --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part sdxl "$PY" benchmarks/train_step.py --sdxl --device "$DEVICE" --in-process "${SDXL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part flux "$PY" benchmarks/train_step.py --flux --device "$DEVICE" --in-process "${FLUX_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
-part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" --only compile
+part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" --only compile compile-whole
 # shellcheck disable=SC2086  # the words of GPU_CHECK_COMPILED_ONLY are --only's
 part compiled "$PY" benchmarks/train_step.py --compiled --only ${GPU_CHECK_COMPILED_ONLY:-compiled} --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part wall "$PY" benchmarks/learn_wall.py --device "$DEVICE" "${WALL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"

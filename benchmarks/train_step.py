@@ -216,6 +216,10 @@ VARIANTS = {
     # Only the UNet's repeated blocks compiled (regional compilation, SCENEBREAK_COMPILE_SCOPE):
     # a shorter compile (first_step_s) against the whole step's.
     "scenebreak compiled blocks": {"memory": "fast", "tune": "full", "compile": True},
+    # The whole step under CUDA graphs: the update after the backward pass (clipping and a
+    # capturable fused AdamW) compiled and captured too (SCENEBREAK_COMPILE_SCOPE=whole).
+    "scenebreak compiled whole cudagraphs": {"memory": "fast", "tune": "full", "compile": True},
+    "scenebreak LoRA compiled whole cudagraphs": {"tune": "lora", "memory": "fast", "compile": True},
     "original-style": {"memory": "fast", "mixed_precision": "no", "tune": "full"},
 }
 # Generation rows: (sampler, precision, images per pass: None = the device's) per kind.
@@ -258,11 +262,15 @@ FLUX_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA fast"), (2, "scene
 COMPILED_ROWS = [(1, "scenebreak compiled"), (2, "scenebreak compiled"), (2, "scenebreak LoRA compiled"),
                  (1, "scenebreak compiled cudagraphs"), (2, "scenebreak compiled cudagraphs"),
                  (1, "scenebreak compiled blocks"), (2, "scenebreak compiled blocks"),
-                 ("generate", "batch 8 fused compiled")]
+                 (1, "scenebreak compiled whole cudagraphs"), (2, "scenebreak compiled whole cudagraphs"),
+                 (2, "scenebreak LoRA compiled whole cudagraphs"), ("generate", "batch 8 fused compiled")]
 # The compile settings a kind runs with (read when the trainer compiles its step).
 COMPILE_ENV = {"scenebreak compiled cudagraphs": {"SCENEBREAK_COMPILE_MODE": "reduce-overhead"},
-               "scenebreak compiled blocks": {"SCENEBREAK_COMPILE_SCOPE": "blocks"}}
-CUDA_GRAPH_KINDS = ("scenebreak compiled cudagraphs",)
+               "scenebreak compiled blocks": {"SCENEBREAK_COMPILE_SCOPE": "blocks"},
+               **{kind: {"SCENEBREAK_COMPILE_MODE": "reduce-overhead", "SCENEBREAK_COMPILE_SCOPE": "whole"}
+                  for kind in ("scenebreak compiled whole cudagraphs", "scenebreak LoRA compiled whole cudagraphs")}}
+CUDA_GRAPH_KINDS = ("scenebreak compiled cudagraphs", "scenebreak compiled whole cudagraphs",
+                    "scenebreak LoRA compiled whole cudagraphs")
 FLUX_DEPTH = 19  # FLUX.1's double-stream blocks (and twice as many single-stream ones)
 GiB = 2**30
 

@@ -273,3 +273,95 @@ def test_the_cuda_graph_steps_mark_each_step_and_keep_their_losses_out_of_the_gr
     learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=1, prior=False),
           base_model=str(tiny_model), name="graphs", device="cpu")
     assert len(marks) == len(kept) == 3
+
+
+def test_compiling_the_whole_step_also_compiles_each_phases_update_and_keeps_the_plain_runs_losses(
+        monkeypatch, scene_files, tiny_model):
+    """SCENEBREAK_COMPILE_SCOPE=whole: besides the step, the update after the backward
+    pass (gradient clipping and AdamW) is compiled once per phase, every step goes through it, and the losses are the plain
+    run's. Where the update is not one AdamW step after the backward pass it is refused."""
+    import dataclasses
+
+    import scenebreak.train.trainer as trainer
+    from scenebreak.errors import InvalidInput
+    from scenebreak.train import compiling
+
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    real_step, real_update = compiling.compile_step, compiling.compile_update
+    # Through AOTAutograd's eager backend: inductor's code for the whole tiny model would
+    # take minutes on the CPU (the next test compiles an update with inductor).
+    monkeypatch.setattr(compiling, "compile_step", lambda fn, mode="default": real_step(fn, aot_eager, mode))
+    compiled_updates, updates = [], []
+
+    def compile_update(fn, mode="default"):
+        compiled = real_update(fn, aot_eager, mode)
+        compiled_updates.append(fn)
+        return lambda: updates.append(1) or compiled()
+
+    monkeypatch.setattr(compiling, "compile_update", compile_update)
+    config = LearnConfig(steps1=2, steps2=3, num_class_images=1, seed=3, tune="full", memory="fast")
+    losses = losses_of_each_step(monkeypatch)
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="plain", device="cpu")
+    plain = list(losses)
+    losses.clear()
+
+    real_init = trainer.Trainer.__init__
+
+    def init(self, components, inputs, config, *args, **kwargs):  # --compile, which learn allows on CUDA only
+        real_init(self, components, inputs, dataclasses.replace(config, compile=True), *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    monkeypatch.setenv("SCENEBREAK_COMPILE_SCOPE", "whole")
+    torch._dynamo.reset()
+    try:
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="whole", device="cpu")
+        assert len(compiled_updates) == 2 and len(updates) == 5  # one per phase; every step used it
+        assert len(plain) == len(losses) == 5
+        # Phase 1 and phase 2's first step to fp32 rounding; then to bf16's where the CPU
+        # autocasts (see the blocks test: the compiled backward rounds in another order).
+        for i, (a, b) in enumerate(zip(plain, losses)):
+            assert b == (pytest.approx(a, rel=1e-4, abs=1e-6) if i < 3 else pytest.approx(a, rel=1e-2, abs=1e-4))
+        assert plain[3] != plain[2]  # the compiled update changed the weights phase 2 trains
+        with pytest.raises(InvalidInput, match="SCENEBREAK_COMPILE_SCOPE=whole does not work here .--memory low"):
+            learn(scene_files["image"], scene_files["masks"], dataclasses.replace(config, memory="low"),
+                  base_model=str(tiny_model), name="whole-low", device="cpu")
+    finally:
+        torch._dynamo.reset()
+
+
+def test_an_update_compiled_by_inductor_steps_fused_adamw_as_the_plain_one_does(tmp_path, monkeypatch):
+    """compile_update with inductor's own code (here for the CPU): clipping and the fused
+    AdamW's step over many tensors give the plain update's weights, step after step."""
+    import copy
+
+    from scenebreak.train.compiling import compile_update
+
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(12)])
+    compiled, start = copy.deepcopy(plain), copy.deepcopy(plain)
+    models = [(plain, None), (compiled, None)]
+    for i, (model, _) in enumerate(models):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2, fused=True)
+        params = list(model.parameters())
+
+        def update(params=params, optimizer=optimizer):
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            optimizer.step()
+
+        models[i] = (model, (compile_update(update) if model is compiled else update, optimizer))
+    torch._dynamo.reset()
+    try:
+        for _ in range(3):
+            x = torch.randn(4, 16)
+            for model, (update, optimizer) in models:
+                model(x).square().mean().backward()
+                update()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch._dynamo.reset()
+    assert any(path.is_dir() for path in (tmp_path / "compile").glob("inductor*"))  # its cache is ours
+    for a, b in zip(plain.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(a, b) for a, b in zip(compiled.parameters(), start.parameters()))  # every tensor stepped

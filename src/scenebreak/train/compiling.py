@@ -141,11 +141,13 @@ def _mode_options(backend: str, mode: str) -> dict:
     return {"mode": mode} if backend == "inductor" and mode != "default" else {}
 
 
-# What `--compile` compiles: the whole step (the default: one graph, forward and losses,
-# its backward with it), or only the denoiser's repeated blocks (diffusers' regional
+# What `--compile` compiles: the step (the default: one graph, forward and losses, its
+# backward with it); only the denoiser's repeated blocks (diffusers' regional
 # compilation: each block's code compiled once and reused by its siblings, a fraction of
-# the compile time, the rest of the step eager). Measured on a GPU before either wins.
-SCOPES = ("step", "blocks")
+# the compile time, the rest of the step eager); or the whole step, the update after the
+# backward pass too (gradient clipping and AdamW: compile_update). Measured on a GPU
+# before any wins.
+SCOPES = ("step", "blocks", "whole")
 
 
 def compile_scope() -> str:
@@ -179,3 +181,18 @@ def compile_step(step_losses, backend: str = "inductor", mode: str = "default"):
     prepare_dynamo()
     use_compile_cache()
     return torch.compile(step_losses, dynamic=False, backend=backend, **_mode_options(backend, mode))
+
+
+def compile_update(update, backend: str = "inductor", mode: str = "default"):
+    """`update` (the trainer's gradient clipping and optimizer step) compiled: the
+    gradients' norm and AdamW's update of every tensor run as a few fused kernels, and
+    under a CUDA-graph mode they replay as graphs after the forward's and the
+    backward's, so that no part of the step launches kernel by kernel. Dynamo makes a
+    fresh CUDA AdamW capturable (its step counts stay on the GPU); a constant learning
+    rate is a constant in the graph, so no tensor learning rate is needed. AdamW's
+    step() breaks the graph once by design (it sets the grad mode): clipping and the
+    update are two graphs."""
+    import torch
+
+    use_compile_cache()
+    return torch.compile(update, dynamic=False, backend=backend, **_mode_options(backend, mode))

@@ -193,6 +193,7 @@ class Trainer:
 
         # The forward pass and losses of a step: compiled whole with --compile (compiling.py).
         self.losses_fn, self.compile_key, self.cuda_graphs = self.step_losses, None, False
+        self.update_mode = None  # a compile mode: the update after the backward pass is compiled too
         if config.compile:
             from .compiling import (CUDA_GRAPH_MODES, compile_blocks, compile_key, compile_mode, compile_scope,
                                     compile_step, load_artifacts)
@@ -206,6 +207,9 @@ class Trainer:
                                        "(--memory low): use --memory fast, or leave the variable unset")
                 compile_blocks(components.denoiser, mode)
             else:
+                if scope == "whole":
+                    self._check_update_compiles()
+                    self.update_mode = mode
                 self.losses_fn = compile_step(self.step_losses, mode=mode)
             self.cuda_graphs = mode in CUDA_GRAPH_MODES and device.type == "cuda"
 
@@ -215,7 +219,20 @@ class Trainer:
         self._pending_optimizer_state = None
         self.params: list[torch.nn.Parameter] = []  # what the current phase trains
         self.optimizer = None
+        self.update_fn = self.update
         self.scaler = None
+
+    def _check_update_compiles(self) -> None:
+        """The update is compiled only where it is one plain AdamW step after the backward
+        pass: not per tensor inside it (--memory low), not bitsandbytes' 8-bit AdamW (its
+        step is not traceable), not behind fp16's loss scaler (which reads the gradients
+        back to skip a step)."""
+        why = ("--memory low steps the optimizer inside the backward pass" if self.plan.optimizer_in_backward
+               else "8-bit AdamW cannot be compiled" if self.plan.adam_8bit
+               else "fp16's loss scaler reads the gradients back" if self.amp_dtype == torch.float16 else None)
+        if why:
+            raise InvalidInput(f"SCENEBREAK_COMPILE_SCOPE=whole does not work here ({why}): use --memory fast and "
+                               "bf16 or fp32, or leave the variable unset")
 
     def step_shapes(self) -> dict:
         """What a compiled step depends on besides torch and the device: the models, the
@@ -416,6 +433,11 @@ class Trainer:
             groups = self._trainable(phase)
             self.params = [p for g in groups for p in g["params"]]
             self.optimizer = self._optimizer(phase, groups)
+            self.update_fn = self.update
+            if self.update_mode is not None:  # traced once per phase: each has its own optimizer
+                from .compiling import compile_update
+
+                self.update_fn = compile_update(self.update, mode=self.update_mode)
             self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
             pending, self._pending_optimizer_state = self._pending_optimizer_state, None
             # Only into the phase it came from: the end-of-phase-1 checkpoint holds phase
@@ -459,12 +481,12 @@ class Trainer:
         else:
             loss.backward()  # with the optimizer in the backward pass, this also steps
         if not isinstance(self.optimizer, OptimizerInBackward):
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
             if self.scaler is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                self.optimizer.step()
+                self.update_fn()
             self.optimizer.zero_grad(set_to_none=True)
         self.store.clear()  # drop the maps (and their graph) before the next step
         self.device.release_memory()
@@ -477,6 +499,12 @@ class Trainer:
             losses = losses.clone()
         self.history[phase].append(losses)
         return StepRecord(phase, self.step, steps, losses)
+
+    def update(self) -> None:
+        """After the backward pass: the gradients clipped to max_grad_norm, then the
+        optimizer's step (compiled, as `update_fn`, under SCENEBREAK_COMPILE_SCOPE=whole)."""
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
 
     def draw(self, phase: int) -> StepBatch:
         """The step's random choices (flip, handles, class image, noise, timesteps), made
