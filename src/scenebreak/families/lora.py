@@ -59,6 +59,39 @@ def add_lora(denoiser, text_encoders: dict, settings: dict) -> list[torch.nn.Par
     return params
 
 
+def cast_adapter_inputs(models, enabled: bool) -> None:
+    """Whether peft casts each adapter's input to the adapters' precision (its default).
+    Under autocast that cast is wasted work: the fp32 adapters' input is a bf16/fp16
+    activation, widened to fp32 only for autocast to narrow it straight back for the
+    matrix product (the same numbers: widening is exact), two passes over the
+    activation per adapted layer, and two more in the backward. Without autocast it
+    is needed (a half-precision input to fp32 adapters would not multiply)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = enabled
+
+
+def switch_adapters(models, enabled: bool) -> None:
+    """Every adapter of `models` on or off (off: each layer is its base layer alone).
+    peft also sets the adapters' requires_grad to `enabled`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(enabled)
+
+
+def adapters_add_nothing(models) -> bool:
+    """Every adapter's B matrix is zero (as made: phase 2 has not trained them), so they
+    add exactly nothing to their layers and pass no gradient to what is before them."""
+    tops = [p.detach().abs().amax() for model in models for name, p in model.named_parameters() if ".lora_B." in name]
+    return bool(torch.stack(tops).max() == 0) if tops else True
+
+
 def lora_parameters(model) -> list[torch.nn.Parameter]:
     return [p for name, p in model.named_parameters() if ".lora_" in name]
 

@@ -342,6 +342,31 @@ class Trainer:
             return contextlib.nullcontext()
         return capture_cross_attention(self.c.denoiser, self.store, self.layers, self.c.family.attention_kind)
 
+    @contextlib.contextmanager
+    def _adapters_for(self, phase: int):
+        """LoRA's adapters as a phase needs them (families/lora.py), then as peft has them.
+        Phase 1 switches them off: their B matrices are still zero, so they add exactly
+        nothing to any layer and pass no gradient to the handles, and the step is the
+        same without their work. Under autocast, they take their input as autocast gives
+        it, without peft's round trip through fp32 (the same numbers, less work)."""
+        if not self.lora_params:
+            yield
+            return
+        from ..families.lora import adapters_add_nothing, cast_adapter_inputs, switch_adapters
+
+        models = self.c.models()
+        off = phase == 1 and adapters_add_nothing(models)  # (read once per phase, never inside a step)
+        if off:
+            switch_adapters(models, False)
+        cast_adapter_inputs(models, self.amp_dtype is None)
+        try:
+            yield
+        finally:
+            cast_adapter_inputs(models, True)
+            if off:
+                switch_adapters(models, True)
+                self._trainable(phase)  # (peft made the adapters trainable again)
+
     def _class_latent(self, index: int):
         if index not in self.class_latents:  # encoded on first use, then cached
             from PIL import Image
@@ -449,7 +474,7 @@ class Trainer:
             self.c.denoiser.train()
             for te in self.c.text_encoders:
                 te.train(phase == 2)
-            with self._capture():
+            with self._capture(), self._adapters_for(phase):
                 while self.step < steps:
                     started = time.perf_counter()
                     record = self.train_step(phase, steps)
