@@ -22,6 +22,9 @@
 #                a cold compile cache, and again with it warm
 #  10. sdxl-compiled  SDXL at 1024: LoRA phase 2 with the whole step compiled (issue 22's
 #                SDXL target, LoRA <= 0.5 s), beside part 5's plain row
+#  11. profile   benchmarks/step_profile.py: where SD2.1-base's step time goes (phases 1
+#                and 2, LoRA, the baseline) under torch.profiler: GPU busy share, kernels,
+#                launches and syncs per step, the top kernels and operations
 #
 # Each part runs under its own `timeout`, capped by what is left of the whole budget
 # (GPU_CHECK_BUDGET_S, default 540 s; 1500 s for the dry run on the CPU), so one hang
@@ -39,14 +42,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile compiled wall sdxl-compiled}
+PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile compiled wall sdxl-compiled profile}
 SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS:-}
 while (( $# )); do
     case $1 in
         --device) DEVICE=$2; shift 2 ;;
         --parts) PARTS=$2; shift 2 ;;
         --smoke-args) SMOKE_ARGS=$2; shift 2 ;;
-        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile compiled wall sdxl-compiled'] [--smoke-args ARGS]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile compiled wall sdxl-compiled profile'] [--smoke-args ARGS]" >&2; exit 2 ;;
     esac
 done
 PY=${PYTHON:-python3}
@@ -67,13 +70,15 @@ if [[ $DEVICE == cuda* ]]; then
     # Measured on an H200: install 1 s, env 22, smoke 89 (before FLUX's 6 variants), steps
     # 115 (12 rows; now 19), sdxl 115; flux is expected at ~1.5 min; compile gets whatever is left.
     WALL_ARGS=(--steps1 100 --steps2 100)
-    CAPS=(install=90 env=60 smoke=210 steps=240 sdxl=150 flux=150 compile=240 compiled=300 wall=360 sdxl-compiled=300)
+    PROFILE_ARGS=(--steps 5 --profile-steps 3)
+    CAPS=(install=90 env=60 smoke=210 steps=240 sdxl=150 flux=150 compile=240 compiled=300 wall=360 sdxl-compiled=300 profile=180)
 else
     STEP_ARGS=(--tiny --steps 2 --gen-steps 2)
     SDXL_ARGS=(--tiny --steps 2 --gen-steps 2)
     FLUX_ARGS=(--tiny --steps 2 --gen-steps 2)
     WALL_ARGS=(--tiny --steps1 3 --steps2 3 --runs cache plain)  # a compile takes minutes on the CPU
-    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330 compiled=900 wall=150 sdxl-compiled=300)  # compiled: ~90 s a row here on one busy core, cold
+    PROFILE_ARGS=(--tiny --steps 1 --profile-steps 2)
+    CAPS=(install=90 env=60 smoke=300 steps=200 sdxl=120 flux=120 compile=330 compiled=900 wall=150 sdxl-compiled=300 profile=120)  # compiled: ~90 s a row here on one busy core, cold
 fi
 
 # Offline, from the checkout: src/ for scenebreak, tests/ for the tiny model builders.
@@ -170,6 +175,7 @@ part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" 
 part compiled "$PY" benchmarks/train_step.py --compiled --only ${GPU_CHECK_COMPILED_ONLY:-compiled} --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part wall "$PY" benchmarks/learn_wall.py --device "$DEVICE" "${WALL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part sdxl-compiled "$PY" benchmarks/train_step.py --sdxl --compiled --only "LoRA compiled" --device "$DEVICE" --in-process "${SDXL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
+part profile "$PY" benchmarks/step_profile.py --device "$DEVICE" "${PROFILE_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 
 echo "=== summary ($(( SECONDS - START ))s)"
 "$PY" - "$JSONL" <<'EOF'
@@ -190,6 +196,12 @@ for r in rows:
         what = r.get("error") or (f"{r['s_per_image']:.2f} s/image" if r["phase"] == "generate" else f"{r['s_per_step']:.3f} s/step")
         steps_peak = f" (steps {r['steps_peak_gib']:.1f}, set-up {r['setup_peak_gib']:.1f})" if "steps_peak_gib" in r else ""
         print(f"steps {model:10} {str(r['phase']):8} {r['kind']:28} {what} peak {r.get('peak_gib', 0):.1f} GiB{steps_peak}")
+    elif r["part"] == "profile":
+        p = r.get("profile", {})
+        busy = (f"GPU busy {p['device_busy_ms_per_step']:.1f} ms ({p['device_busy_ms_per_step'] / 1000 / r['s_per_step']:.0%}), "
+                f"{p['kernels_per_step']:.0f} kernels, {p['host_syncs_per_step']:.1f} syncs" if "device_busy_ms_per_step" in p else "")
+        what = r.get("error") or f"{r['s_per_step']:.3f} s/step, {p['aten_ops_per_step']:.0f} ops; {busy}"
+        print(f"profile {str(r['phase']):3} {r['kind']:24} {what}")
     elif r["part"] == "learn_wall":
         what = (f"wall {r['wall_s']:.1f} s, 400+400 {r['est_400_400_s']:.1f} s" if r.get("est_400_400_s")
                 else f"wall {r['wall_s']:.1f} s" + ("" if r["ok"] else " FAILED"))

@@ -47,6 +47,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import platform
@@ -61,6 +62,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tinymodels (the tiny model builders) lives with the tests
+sys.path.insert(0, str(HERE))  # step_profile, when imported from elsewhere
 
 
 class OriginalStyleProcessor:
@@ -545,8 +547,11 @@ def measure_generation(kind: str, steps: int, device_name: str, resolution: int,
             "images_per_s": 1 / per_image, "tweaks": list(tweaks), **peak(device, source.reuse)}
 
 
-def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int, source: ModelSource | None = None) -> dict:
-    """One measurement, in this process: build (or copy), warm up one step, time `steps`."""
+def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int, source: ModelSource | None = None,
+            profile_steps: int = 0) -> dict:
+    """One measurement, in this process: build (or copy), warm up one step, time `steps`;
+    then, with `profile_steps`, that many more under torch.profiler (step_profile.py:
+    the row's "profile")."""
     import numpy as np
     from PIL import Image
 
@@ -572,7 +577,7 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
     tokens = ["<asset1>", "<asset2>"]
     # CUDA graph trees run a step plain, then record, then replay: two more warm-up steps.
     warm = 3 if kind in CUDA_GRAPH_KINDS else 1
-    steps1, steps2 = (steps + warm, 0) if phase == 1 else (0, steps + warm)
+    steps1, steps2 = (steps + warm + profile_steps, 0) if phase == 1 else (0, steps + warm + profile_steps)
     config = LearnConfig(steps1=steps1, steps2=steps2, num_class_images=2, resolution=resolution, **VARIANTS[kind])
     amp_dtype = device.train_dtype(config.mixed_precision)
     plan = choose_memory(config, components, device, resolution, amp_dtype)  # the switches --memory low turns on
@@ -606,12 +611,20 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
         setup_peak = torch.cuda.max_memory_allocated(device.torch) / GiB
         torch.cuda.reset_peak_memory_stats(device.torch)
     times = []
+    run = trainer.run()
     started = time.perf_counter()
-    for _record in trainer.run():
+    for _record in itertools.islice(run, warm + steps):
         device.synchronize()
         now = time.perf_counter()
         times.append(now - started)
         started = now
+    profile = None
+    if profile_steps:  # after the timed steps, which the profiler would slow
+        from step_profile import profile_steps as profiled
+
+        profile = profiled(run, profile_steps, device)
+    for _record in run:  # the end of the phase (nothing left to time)
+        pass
     timed = times[warm:]  # the first step warms up (allocator, kernels, lazy caches)
     row = {"kind": kind, "phase": phase, "precision": precision_name(amp_dtype), "memory": plan.policy, "tune": plan.tune,
            "half_frozen": plan.half_frozen, "quantize": plan.quantize, "steps_timed": len(timed),
@@ -621,6 +634,8 @@ def measure(kind: str, phase: int, steps: int, device_name: str, resolution: int
                    peak_what="torch.cuda.max_memory_allocated (reset before each row): set-up and steps")
     if built:
         row["built"] = built
+    if profile is not None:
+        row["profile"] = profile
     return row
 
 

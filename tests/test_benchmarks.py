@@ -30,6 +30,28 @@ def test_original_style_baseline_trains_on_the_tiny_model(train_step, phase):
     assert row["kind"] == "original-style" and row["steps_timed"] == 1 and row["s_per_step"] > 0
 
 
+def test_the_step_profile_counts_the_work_of_a_rows_steps(train_step):
+    """step_profile.py: a row's steps after the timed ones under torch.profiler, summarised."""
+    import step_profile  # (train_step.py put benchmarks/ on the path)
+
+    source = train_step.ModelSource(tiny=True, reuse=True)
+    row = train_step.measure("scenebreak LoRA", 2, 1, "cpu", 64, source, profile_steps=2)
+    profile = row["profile"]
+    assert row["steps_timed"] == 1 and profile["steps_profiled"] == 2
+    assert profile["aten_ops_per_step"] > 100 and profile["top_ops"][0]["ms_per_step"] > 0
+    assert "| 2 | scenebreak LoRA |" in step_profile.markdown([row], ["# header"])
+
+
+def test_the_gpus_busy_time_is_the_union_of_its_kernels_intervals():
+    from collections import namedtuple
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import step_profile
+
+    span = namedtuple("span", "start end")
+    assert step_profile.busy_us([span(20, 30), span(0, 10), span(5, 15), span(21, 22)]) == 25
+
+
 def test_sdxl_note_says_what_auto_chose(train_step):
     rows = [{"kind": "scenebreak defaults", "phase": 1, "memory": "low", "tune": "lora", "half_frozen": True, "precision": "bf16"}]
     note = train_step.sdxl_defaults_note(rows, "cuda")
