@@ -95,14 +95,27 @@ def model_load_failure(what: str, ref: str, folder: Path, option: str, exc: Exce
 def loading_model(what: str, ref: str, folder: Path, option: str):
     """Around the loading of a transformers model folder: what a damaged one raises
     becomes model_load_failure's one line naming it and the fix. That is unreadable or
-    malformed files (OSError, ValueError), and safetensors' own error for a garbled or
-    cut-short weights file, which is neither."""
+    malformed files (OSError, ValueError), safetensors' own error for a garbled or
+    cut-short weights file, which is neither, and the RuntimeError transformers raises
+    for weights of other sizes than config.json says (another model's config)."""
     from safetensors import SafetensorError
 
     try:
         yield
     except (OSError, ValueError, SafetensorError) as exc:
         raise model_load_failure(what, ref, folder, option, exc) from exc
+    except RuntimeError as exc:
+        if not is_size_mismatch(exc):
+            raise
+        why = ValueError("its weights do not fit its config.json (tensors of other sizes: a config from another model?)")
+        raise model_load_failure(what, ref, folder, option, why) from exc
+
+
+def is_size_mismatch(exc: BaseException) -> bool:
+    """transformers' (and torch's load_state_dict's) error for weights whose shapes are
+    not the model's."""
+    text = str(exc)
+    return "ignore_mismatched_sizes" in text or "size mismatch" in text
 
 
 def check_models_available(models: list[tuple[str, str, str]]) -> None:

@@ -210,3 +210,8 @@ def test_multi_value_options_parse_like_nargs():
     for dangling in (["p.jpg", "--masks", "--names", "x"], ["p.jpg", "--masks"]):
         result = parse(*dangling)
         assert result.exit_code == 2 and "requires an argument" in result.output
+    # The photo after the masks is taken as one more mask: the error says to put it first.
+    result = parse("--masks", "a", "b", "p.jpg")
+    assert result.exit_code == 2 and "Missing argument 'IMAGE': --masks takes every value up to the next option, so " \
+        "put IMAGE before --masks" in result.output
+    assert "before" not in parse("-q").output  # no multi-value option ran to the end: Click's own line

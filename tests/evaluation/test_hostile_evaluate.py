@@ -53,6 +53,17 @@ def config_garbage(folder: Path) -> None:
     (folder / "config.json").write_text("{ not json")
 
 
+def wider_config(folder: Path) -> None:
+    """config.json says 8 more hidden units than the weights have (another model's config)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    for part in (config, config.get("text_config", {}), config.get("vision_config", {})):
+        if "hidden_size" in part:
+            part["hidden_size"] += 8
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 # (id, role, damage, exit code, phrases of the one line)
 CASES = [
     ("clip-garbage", "clip", garbage, 1, ["CLIP model", "model.safetensors is damaged", "Fix:", "--clip-model"]),
@@ -64,6 +75,8 @@ CASES = [
     ("detector-no-weights", "detector", no_weights, 1, ["detector", "no weights file", "Fix:"]),
     ("segmenter-weights-folder", "segmenter", weights_folder, 1, ["segmenter", "model.safetensors is damaged", "Fix:"]),
     ("clip-config-garbage", "clip", config_garbage, 2, ["--clip-model", "CLIP checkpoint"]),
+    ("clip-wider-config", "clip", wider_config, 1, ["CLIP model", "weights do not fit its config.json", "Fix:"]),
+    ("dino-wider-config", "dino", wider_config, 1, ["DINO model", "weights do not fit its config.json", "Fix:"]),
 ]
 
 

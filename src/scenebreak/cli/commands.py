@@ -31,7 +31,7 @@ class MultiValueCommand(click.Command):
     the values are rewritten as `--masks a.png --masks b.png` before parsing."""
 
     def parse_args(self, ctx, args):
-        rewritten, current, taken = [], None, 0
+        rewritten, current, taken, last = [], None, 0, None
         for arg in [*args, None]:  # None: the end, where a dangling option is flushed
             if current and arg is not None and not arg.startswith("-") and arg not in NARGS_OPTIONS:
                 rewritten += [current, arg]
@@ -39,10 +39,20 @@ class MultiValueCommand(click.Command):
                 continue
             if current and not taken:
                 raise click.BadOptionUsage(current, f"{current} requires an argument (one or more values)", ctx=ctx)
+            last = current if arg is None else None  # the option whose values ran to the end
             current, taken = (arg, 0) if arg in NARGS_OPTIONS else (None, 0)
             if arg is not None and current is None:
                 rewritten.append(arg)
-        return super().parse_args(ctx, rewritten)
+        try:
+            return super().parse_args(ctx, rewritten)
+        except click.MissingParameter as exc:
+            # `evaluate --words cat bowl photo`: the option took "photo" as a value too.
+            if last and exc.param is not None and exc.param.param_type_name == "argument":
+                name = exc.param.human_readable_name
+                raise click.UsageError(f"Missing argument '{name}': {last} takes every value up to the next option, so "
+                                       f"put {name} before {last} (`scenebreak {ctx.info_name} {name} {last} ...`)",
+                                       ctx=ctx) from None
+            raise
 
 
 def describe(exc: BaseException) -> tuple[str, int]:

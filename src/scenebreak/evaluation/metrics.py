@@ -189,12 +189,40 @@ def _check_weights(folder, what: str, ref: str, option: str) -> None:
     files = sorted(folder.glob("*.safetensors"))
     if not files and not any(folder.glob("*.bin")):
         raise model_load_failure(what, ref, folder, option, ValueError("it holds no weights file (*.safetensors)"))
+    stored = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                f.keys()
+                stored.update((key, tuple(f.get_slice(key).get_shape())) for key in f.keys())
         except (OSError, SafetensorError) as exc:
             raise model_load_failure(what, ref, folder, option, ValueError(f"{path.name} is damaged ({exc})")) from exc
+    wrong = _misfit_tensors(folder, stored)
+    if wrong:
+        raise model_load_failure(what, ref, folder, option, ValueError(
+            f"its weights do not fit its config.json ({len(wrong)} tensors of other sizes, e.g. {wrong[0]}: a config "
+            "from another model?)"))
+
+
+def _misfit_tensors(folder, stored: dict[str, tuple]) -> list[str]:
+    """The stored tensors whose shape is not the one the folder's config.json gives them
+    (the model built from it on the meta device: no memory, no weight read). A stored
+    name may carry the task model's prefix ("model.") that the bare model lacks. Empty
+    where the config cannot be built from: loading it will say what is wrong."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+    except Exception:  # a config transformers cannot build: the loader's own error says it
+        return []
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = []
+    for key, shape in stored.items():
+        name = key if key in shapes else key.split(".", 1)[-1]
+        if name in shapes and shapes[name] != shape:
+            wrong.append(f"{key} {list(shape)} where the config makes {list(shapes[name])}")
+    return wrong
 
 
 def box_iou(a, b) -> float:
