@@ -303,6 +303,7 @@ def _one_error(result, code, phrase):
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and phrase in errors[0], result.stderr
     assert "Traceback" not in result.output
+    return errors[0]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
@@ -513,3 +514,36 @@ def test_images_of_a_scene_with_the_longest_name_fit_the_file_system(world, tmp_
     paths = [Path(line) for line in result.stdout.splitlines()]
     assert len(paths) == 2 and all(p.is_file() and len(p.name.encode()) + 32 <= 255 for p in paths)
     assert all(p.name.startswith("s" * 100) for p in paths)
+
+
+def _garble_weights(folder: Path) -> None:
+    for path in folder.glob("*.safetensors"):
+        path.write_bytes(b"not a safetensors file" * 10)
+
+
+def _widen_config(folder: Path, key: str) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config[key] += 8
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("part, damage, phrase", [
+    ("unet", _garble_weights, "unable to load weights"),
+    ("text_encoder", _garble_weights, "header"),  # safetensors' own error, neither OSError nor ValueError
+    ("vae", _garble_weights, "unable to load weights"),
+    ("text_encoder", lambda folder: _widen_config(folder, "hidden_size"), "do not fit its config.json"),
+    ("unet", lambda folder: _widen_config(folder, "cross_attention_dim"), "expected shape"),
+])
+def test_a_damaged_base_model_folder_is_one_line_naming_the_fix(part, damage, phrase, world, tmp_path):
+    """A base model folder that is there but does not load (a weights file garbled, a
+    config from another model) is one line and exit 1 that says to copy it again (it is
+    a folder: `hf download` of a path would be no fix), never a bare library error."""
+    import shutil
+
+    model = tmp_path / "damaged-model"
+    shutil.copytree(world["model"], model)
+    damage(model / part)
+    result = CliRunner().invoke(cli, [str(a) for a in ["learn", world["image"], "--masks", *world["masks"], "--base-model",
+                                                         model, "--steps1", "1", "--steps2", "0", "--no-prior"]])
+    line = _one_error(result, 1, f"cannot load the base model from {model}")
+    assert phrase in line.lower() and "Fix: copy the model there again" in line and "hf download" not in line

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidInput, ModelNotAvailable
-from ..hub import hub_snapshot, looks_like_path, quiet_libraries
+from ..hub import hub_snapshot, is_size_mismatch, looks_like_path, quiet_libraries
 from ..paths import is_regular_file
 from .family import vae_scale
 
@@ -161,6 +161,17 @@ def _transformers_dtype(dtype) -> dict:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
+def _unloadable(base_model: str, folder: Path, exc: Exception) -> ModelNotAvailable:
+    """The one line for a base model folder that is there but does not load: unreadable,
+    damaged or mismatched files (a weights file garbled or cut short, a config from
+    another model)."""
+    again = ("copy the model there again" if looks_like_path(base_model)
+             else f"download it again (`hf download {shlex.quote(base_model)}`)")
+    why = " ".join(str(exc).split()).rstrip(". ")
+    return ModelNotAvailable(f"cannot load the base model from {folder}: {why}. Fix: {again} or pass --base-model "
+                             "/path/to/a/diffusers/folder")
+
+
 def fingerprint(denoiser, vae, *text_encoders) -> str:
     """A content hash that tells base models apart without reading every weight (for
     SD 1.x/2.x exactly what it was before SDXL: scenes keep matching their base)."""
@@ -184,6 +195,7 @@ def load_components(base_model: str, revision: str | None = None,
     already returned for them, if it was called."""
     quiet_libraries()
     from diffusers import AutoencoderKL
+    from safetensors import SafetensorError
 
     from . import detect_family, pool_at_end_of_text
 
@@ -200,11 +212,13 @@ def load_components(base_model: str, revision: str | None = None,
             cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
             tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length))
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise ModelNotAvailable(
-            f"cannot load the base model from {folder}: {exc}. Fix: download it again "
-            f"(`hf download {shlex.quote(base_model)}`) or pass --base-model /path/to/a/diffusers/folder"
-        ) from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # (json.JSONDecodeError is a ValueError)
+        raise _unloadable(base_model, folder, exc) from exc
+    except RuntimeError as exc:
+        if not is_size_mismatch(exc):
+            raise
+        raise _unloadable(base_model, folder, ValueError(
+            "a part's weights do not fit its config.json (tensors of other sizes: a config from another model?)")) from exc
     for model in (denoiser, vae, *text_encoders):
         model.requires_grad_(False)
         model.eval()
