@@ -30,6 +30,23 @@ def losses_of_each_step(monkeypatch) -> list[list[float]]:
     return seen
 
 
+def compile_from_now_on(monkeypatch, check=None) -> None:
+    """Trainers made from now on compile their step (`--compile`, which learn allows on
+    CUDA only); `check(trainer)` after each is made."""
+    import dataclasses
+
+    import scenebreak.train.trainer as trainer
+
+    real_init = trainer.Trainer.__init__
+
+    def init(self, components, inputs, config, *args, **kwargs):
+        real_init(self, components, inputs, dataclasses.replace(config, compile=True), *args, **kwargs)
+        if check:
+            check(self)
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+
+
 @pytest.fixture
 def compiling(monkeypatch):
     """`compiling["on"] = True` makes the next `learn` run its steps through
@@ -197,7 +214,6 @@ def test_compiling_only_the_repeated_blocks_keeps_the_plain_steps_losses(monkeyp
     and every loss is the plain run's."""
     import dataclasses
 
-    import scenebreak.train.trainer as trainer
     from scenebreak.train import compiling
 
     graphs, whole_steps = [], []
@@ -216,13 +232,10 @@ def test_compiling_only_the_repeated_blocks_keeps_the_plain_steps_losses(monkeyp
     plain = list(losses)
     losses.clear()
 
-    real_init = trainer.Trainer.__init__
+    def check(trainer):
+        assert trainer.losses_fn == trainer.step_losses and not trainer.cuda_graphs
 
-    def init(self, components, inputs, config, *args, **kwargs):  # --compile, which learn allows on CUDA only
-        real_init(self, components, inputs, dataclasses.replace(config, compile=True), *args, **kwargs)
-        assert self.losses_fn == self.step_losses and not self.cuda_graphs
-
-    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    compile_from_now_on(monkeypatch, check)
     monkeypatch.setenv("SCENEBREAK_COMPILE_SCOPE", "blocks")
     torch._dynamo.reset()
     try:
@@ -278,11 +291,11 @@ def test_the_cuda_graph_steps_mark_each_step_and_keep_their_losses_out_of_the_gr
 def test_compiling_the_whole_step_also_compiles_each_phases_update_and_keeps_the_plain_runs_losses(
         monkeypatch, scene_files, tiny_model):
     """SCENEBREAK_COMPILE_SCOPE=whole: besides the step, the update after the backward
-    pass (gradient clipping and AdamW) is compiled once per phase, every step goes through it, and the losses are the plain
-    run's. Where the update is not one AdamW step after the backward pass it is refused."""
+    pass (gradient clipping and AdamW) is compiled once per phase, every step goes
+    through it, and the losses are the plain run's. Where the update is not one AdamW
+    step after the backward pass it is refused."""
     import dataclasses
 
-    import scenebreak.train.trainer as trainer
     from scenebreak.errors import InvalidInput
     from scenebreak.train import compiling
 
@@ -305,12 +318,7 @@ def test_compiling_the_whole_step_also_compiles_each_phases_update_and_keeps_the
     plain = list(losses)
     losses.clear()
 
-    real_init = trainer.Trainer.__init__
-
-    def init(self, components, inputs, config, *args, **kwargs):  # --compile, which learn allows on CUDA only
-        real_init(self, components, inputs, dataclasses.replace(config, compile=True), *args, **kwargs)
-
-    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    compile_from_now_on(monkeypatch)
     monkeypatch.setenv("SCENEBREAK_COMPILE_SCOPE", "whole")
     torch._dynamo.reset()
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..config import LearnConfig
-from ..estimates import MEASURED_RESOLUTION, size_scale
+from ..estimates import size_scale
 
 GiB = 2**30
 # Activation memory of one 512x512 example through SD2.1-base's UNet with gradients

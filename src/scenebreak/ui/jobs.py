@@ -10,7 +10,7 @@ import threading
 from typing import Callable
 
 from ..errors import Interrupted, SceneBreakError
-from ..events import Event, Message, Progress
+from ..events import Event, Progress
 
 MAX_EVENTS = 2000  # a job's records kept for the page; older progress is dropped first
 TERMINAL = ("done", "failed", "cancelled")
