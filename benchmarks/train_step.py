@@ -908,7 +908,13 @@ def sdxl_defaults_note(rows: list[dict], device: str, model: str = "SDXL") -> st
         chose = f"chose `--tune {row['tune']} --memory {row['memory']}`"
         if row.get("half_frozen"):
             chose += f" with frozen weights in {row['precision']}"
-    generation = "fp16 on CUDA" if device.startswith("cuda") else "fp32 on the CPU"
+    if device.startswith("cuda"):
+        generation = "fp16 on CUDA"
+    else:  # as Device.sampling_precision has it
+        from scenebreak.device import cpu_has_bf16
+
+        generation = ("fp32 weights under bf16 autocast on this CPU" if cpu_has_bf16()
+                      else "fp32 on this CPU (it has no bf16 instructions)")
     return (f"- {model}: 'scenebreak defaults' is `--memory auto --tune auto`, which on this machine {chose}; "
             f"generation runs in {generation}")
 
