@@ -263,12 +263,15 @@ SDXL_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA"), (2, "scenebreak
 FLUX_ROWS = [(1, "scenebreak defaults"), (2, "scenebreak LoRA fast"), (2, "scenebreak LoRA low-memory"),
              (2, "scenebreak LoRA low-memory nf4"), ("generate", "one image per call")]
 # --compiled: the compiled step beside the plain rows (the GPU check's compile part).
-COMPILED_ROWS = [(1, "scenebreak compiled"), (2, "scenebreak compiled"), (2, "scenebreak LoRA compiled"),
-                 (1, "scenebreak compiled cudagraphs"), (2, "scenebreak compiled cudagraphs"),
-                 (1, "scenebreak compiled blocks"), (2, "scenebreak compiled blocks"),
-                 (1, "scenebreak compiled whole cudagraphs"), (2, "scenebreak compiled whole cudagraphs"),
-                 (2, "scenebreak LoRA compiled whole cudagraphs"), ("generate", "batch 8 fused compiled"),
-                 ("generate", "one image fused compiled")]
+COMPILED_ROWS = [
+    # First what is likeliest to meet issue 22's targets (a GPU call often has time for a
+    # few cold compiles only): the whole step under CUDA graphs.
+    (2, "scenebreak compiled whole cudagraphs"), (1, "scenebreak compiled whole cudagraphs"),
+    (2, "scenebreak LoRA compiled whole cudagraphs"),
+    (2, "scenebreak compiled"), (1, "scenebreak compiled"), (2, "scenebreak LoRA compiled"),
+    (1, "scenebreak compiled cudagraphs"), (2, "scenebreak compiled cudagraphs"),
+    (1, "scenebreak compiled blocks"), (2, "scenebreak compiled blocks"),
+    ("generate", "one image fused compiled"), ("generate", "batch 8 fused compiled")]
 # The compile settings a kind runs with (read when the trainer compiles its step).
 COMPILE_ENV = {"scenebreak compiled cudagraphs": {"SCENEBREAK_COMPILE_MODE": "reduce-overhead"},
                "scenebreak compiled blocks": {"SCENEBREAK_COMPILE_SCOPE": "blocks"},
