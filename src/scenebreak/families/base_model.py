@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInput, ModelNotAvailable
@@ -41,6 +41,10 @@ class Components:
     scheduler_config: dict
     base: BaseModel
     family: "Family" = None  # noqa: F821 - families.Family
+    # Text encoders not loaded yet (load_components' `defer`): name -> where they load
+    # from and in which dtype; until load_deferred, their place holds a weightless model
+    # on the meta device (its config and sizes only).
+    deferred: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.family is None:
@@ -172,27 +176,85 @@ def _unloadable(base_model: str, folder: Path, exc: Exception) -> ModelNotAvaila
                              "/path/to/a/diffusers/folder")
 
 
-def fingerprint(denoiser, vae, *text_encoders) -> str:
+def fingerprint(denoiser, vae, *text_encoders, embeddings: dict | None = None) -> str:
     """A content hash that tells base models apart without reading every weight (for
-    SD 1.x/2.x exactly what it was before SDXL: scenes keep matching their base)."""
+    SD 1.x/2.x exactly what it was before SDXL: scenes keep matching their base).
+    `embeddings` gives the token table of a text encoder not loaded yet (by position),
+    as stored in its files."""
     digest = hashlib.sha256()
     for model in (denoiser, vae, *text_encoders):
         config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
         config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for text_encoder in text_encoders:
-        embedding = text_encoder.get_input_embeddings().weight.detach()
+    for i, text_encoder in enumerate(text_encoders):
+        embedding = (embeddings or {}).get(i)
+        if embedding is None:
+            embedding = text_encoder.get_input_embeddings().weight.detach()
         digest.update(embedding.float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
+def _weightless(cls, part: Path):
+    """The text encoder of the folder `part` built from its config on the meta device
+    (no memory, no weight read), and its token table as stored in its files (None
+    where it cannot be found by name: then it is loaded as usual)."""
+    import torch
+    from safetensors import safe_open
+
+    config = cls.config_class.from_pretrained(part)
+    with torch.device("meta"):
+        model = cls(config)
+    table = model.get_input_embeddings().weight
+    names = {name for name, param in model.named_parameters(remove_duplicate=False) if param is table}
+    for file in sorted(part.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in names & set(f.keys()):
+                return model, f.get_tensor(name)
+    return model, None
+
+
+def load_deferred(components: Components, widen: bool = False) -> None:
+    """Load the text encoders load_components deferred, in place: in the dtype it would
+    have loaded them in, or in fp32 with `widen` (the plan tunes them, or keeps frozen
+    weights in fp32), as load_components does them."""
+    import torch
+    from safetensors import SafetensorError
+
+    from . import pool_at_end_of_text
+
+    family = components.family
+    for i, name in enumerate(family.text_encoders):
+        if name not in components.deferred:
+            continue
+        base_model, part, dtype = components.deferred[name]
+        try:
+            # (fp32 named: transformers 5 loads in the files' dtype when none is given)
+            model = family.text_encoder_class(name).from_pretrained(
+                part, **_transformers_dtype(torch.float32 if widen else dtype))
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise _unloadable(base_model, part.parent, exc) from exc
+        except RuntimeError as exc:
+            if not is_size_mismatch(exc):
+                raise
+            raise _unloadable(base_model, part.parent, ValueError(
+                "a part's weights do not fit its config.json (tensors of other sizes: a config from another model?)")) from exc
+        model.requires_grad_(False)
+        model.eval()
+        pool_at_end_of_text(model, components.tokenizers[i])
+        components.text_encoders[i] = model
+    components.deferred = {}
+
+
 def load_components(base_model: str, revision: str | None = None,
                     resolved: tuple[Path, str | None] | None = None, denoiser_dtype=None,
-                    text_encoder_dtypes: dict | None = None) -> Components:
+                    text_encoder_dtypes: dict | None = None, defer: tuple[str, ...] = ()) -> Components:
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and scheduler config in fp32
     on the CPU (the denoiser in `denoiser_dtype`, a text encoder in its entry of
     `text_encoder_dtypes`, where one is given); `resolved` is what resolve_model_dir
-    already returned for them, if it was called."""
+    already returned for them, if it was called. The text encoders named in `defer`
+    wait: built without weights on the meta device (sizes and config, for a memory
+    plan), the fingerprint read from their files, loaded by load_deferred (so that
+    `learn` can move FLUX's transformer off the host before T5 needs the room)."""
     quiet_libraries()
     from diffusers import AutoencoderKL
     from safetensors import SafetensorError
@@ -205,8 +267,16 @@ def load_components(base_model: str, revision: str | None = None,
         denoiser = family.denoiser_class().from_pretrained(
             folder / family.denoiser, **({"torch_dtype": denoiser_dtype} if denoiser_dtype is not None else {}))
         vae = AutoencoderKL.from_pretrained(folder / "vae")
-        text_encoders = [family.text_encoder_class(name).from_pretrained(
-            folder / name, **_transformers_dtype((text_encoder_dtypes or {}).get(name))) for name in family.text_encoders]
+        text_encoders, stored_tables, deferred = [], {}, {}
+        for i, name in enumerate(family.text_encoders):
+            dtype = (text_encoder_dtypes or {}).get(name)
+            if name in defer:
+                model, table = _weightless(family.text_encoder_class(name), folder / name)
+                if table is not None:
+                    text_encoders.append(model)
+                    stored_tables[i], deferred[name] = table, (base_model, folder / name, dtype)
+                    continue
+            text_encoders.append(family.text_encoder_class(name).from_pretrained(folder / name, **_transformers_dtype(dtype)))
         tokenizers = []
         for name in family.tokenizers:
             cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
@@ -226,10 +296,10 @@ def load_components(base_model: str, revision: str | None = None,
         id=base_model if commit else str(Path(base_model).expanduser().resolve()),
         revision=revision,
         commit=commit,
-        fingerprint=fingerprint(denoiser, vae, *text_encoders),
+        fingerprint=fingerprint(denoiser, vae, *text_encoders, embeddings=stored_tables),
         family=family.name,
     )
     # After the fingerprint, which stays that of the folder as it is (scenes match by it).
     for text_encoder, tokenizer in zip(text_encoders, tokenizers):
         pool_at_end_of_text(text_encoder, tokenizer)
-    return Components(denoiser, vae, text_encoders, tokenizers, scheduler_config, base, family)
+    return Components(denoiser, vae, text_encoders, tokenizers, scheduler_config, base, family, deferred)

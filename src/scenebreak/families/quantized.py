@@ -68,8 +68,9 @@ def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...
     if kind not in KINDS:
         raise ValueError(f"unknown quantisation {kind!r}")
     quiet_bitsandbytes()
+    # Never a LoRA adapter's own matrices (lora_A, lora_B: plain linear layers too).
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is torch.nn.Linear and not name.startswith(skip)]
+               if type(module) is torch.nn.Linear and not name.startswith(skip) and ".lora_" not in name]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -77,13 +78,23 @@ def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...
     return len(targets)
 
 
+def quantize_denoiser(components, kind: str, compute_dtype) -> None:
+    """The denoiser's linear layers in `kind` but the family's `quantize_skip` (its input
+    and output projections); layers already quantised are left as they are."""
+    quantize_linear_layers(components.denoiser, kind, compute_dtype, skip=components.family.quantize_skip)
+
+
 def quantize_frozen_base(components, kind: str, compute_dtype) -> None:
-    """The frozen base of LoRA in `kind`: the denoiser's linear layers but the family's
-    `quantize_skip` (its input and output projections), and the text encoders that get no
-    adapters (FLUX's T5), whole. Layers already quantised are left as they are, so a
-    second call changes nothing."""
+    """The frozen base of LoRA in `kind`: the denoiser (quantize_denoiser), and the text
+    encoders that get no adapters (FLUX's T5), whole (quantize_adapterless_encoders).
+    Layers already quantised are left as they are, so a second call changes nothing."""
+    quantize_denoiser(components, kind, compute_dtype)
+    quantize_adapterless_encoders(components, kind, compute_dtype)
+
+
+def quantize_adapterless_encoders(components, kind: str, compute_dtype) -> None:
+    """The text encoders that get no adapters (FLUX's T5), whole, in `kind`."""
     family = components.family
-    quantize_linear_layers(components.denoiser, kind, compute_dtype, skip=family.quantize_skip)
     adapterless = family.adapterless_text_encoders()
     for name, encoder in zip(family.text_encoders, components.text_encoders):
         if name in adapterless:

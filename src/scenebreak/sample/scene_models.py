@@ -139,14 +139,15 @@ def check_weights_fit(scene: Scene, component: str, expected: dict, state: dict)
             fail(f"hold {key[:60]!r} as {got.dtype}, not a dtype a scene stores")
 
 
-def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, half=None):
+def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, half=None, defer: tuple[str, ...] = ()):
     """The base model's Components a scene was learned on, from where it recorded it
     or `base_model`, checked by fingerprint; `who` needs it, for `what` (messages).
     `half` (a half-precision dtype): where the family's usual tuning is LoRA (FLUX.1),
     the denoiser, and the text encoders without adapters whose files hold `half`, load
     straight in it: FLUX.1's base then takes 34 GB of RAM, not 67, and, its weights
     being published in bf16, merging the adapters in it gives the very weights that
-    merging in fp32 and casting would."""
+    merging in fp32 and casting would. The text encoders in `defer` wait for
+    load_deferred (load_components)."""
     from ..families.base_model import load_components, resolve_model_dir, text_encoder_load_dtypes
 
     base = scene.meta["base_model"]
@@ -155,7 +156,8 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
         model, revision = base_model or base["id"], None if base_model else (base.get("commit") or base.get("revision"))
         resolved = resolve_model_dir(model, revision) if half is not None else None
         c = load_components(model, revision, resolved, denoiser_dtype=half,
-                            text_encoder_dtypes=text_encoder_load_dtypes(scene.family, resolved[0], half) if resolved else None)
+                            text_encoder_dtypes=text_encoder_load_dtypes(scene.family, resolved[0], half) if resolved else None,
+                            defer=defer)
     except (InvalidInput, ModelNotAvailable) as exc:
         fix = "" if "--base-model" in str(exc) else " (if it moved, pass --base-model with where it is now)"
         raise type(exc)(f"{who} needs its base model: {exc}{fix}") from None
@@ -175,18 +177,20 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     import torch
 
     from ..events import Message
+    from ..families.base_model import load_deferred
     from ..families.lora import add_lora, load_lora_state_dict, merge_lora
-    from ..families.quantized import quantize_frozen_base
+    from ..families.quantized import quantize_adapterless_encoders, quantize_denoiser
 
     half = dtype if dtype in (torch.bfloat16, torch.float16) else None
-    c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters", half=half)
+    # On a CUDA GPU the text encoders without adapters (FLUX's T5) load once the denoiser
+    # has left the host for it, as `learn` does them: the host never holds both.
+    defer = tuple(scene.family.adapterless_text_encoders()) if half and device is not None and device.type == "cuda" else ()
+    c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters", half=half, defer=defer)
     kind, why = ("none", "") if device is None else sampling_quantization(c, device, dtype, quantize)
     if why and report is not None:
         report(Message(why, "warning" if kind == "none" else "info"))
     if kind != "none":
-        quantize_frozen_base(c, kind, dtype)
-    for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
-        text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
+        quantize_denoiser(c, kind, dtype)
     add_lora(c.denoiser, dict(zip(c.family.text_encoders, c.text_encoders)), scene.meta["lora"])
     models = dict(((c.family.denoiser, c.denoiser), *zip(c.family.text_encoders, c.text_encoders)))
     for component in scene.weight_components:  # the denoiser's adapters, and each adapted encoder's
@@ -196,6 +200,13 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     if kind == "none":
         for model in (c.denoiser, *c.text_encoders):
             merge_lora(model)  # plain layers again: no adapter cost per step
+    if c.deferred:
+        to_device(c.denoiser, device, dtype)
+        load_deferred(c)
+    if kind != "none":
+        quantize_adapterless_encoders(c, kind, dtype)  # (the denoiser was, before its adapters went in)
+    for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
+        text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
     return c.denoiser, c.vae, c.text_encoders
 
 

@@ -141,14 +141,20 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None)
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
-    if plan.tune == "full" or not plan.half_frozen:  # loaded in half precision for a frozen base the plan does not keep
+    widen = plan.tune == "full" or not plan.half_frozen  # loaded in half precision for a frozen base the plan does not keep
+    if widen:
         for model in (components.denoiser, *components.text_encoders):
-            if model.dtype != torch.float32:
+            if model.dtype != torch.float32 and model.device.type != "meta":
                 model.float()
     if config.tune == "lora":
         from ..families.lora import require_peft
 
         require_peft()
+    if components.deferred:
+        from ..families.base_model import load_deferred
+
+        _make_room_for_deferred(components, plan, device, amp_dtype)
+        load_deferred(components, widen)
     if plan.quantize != "none":
         # Before the class images: where the plan quantises (FLUX.1 on a 24 GB card), the
         # base fits the GPU only so, for sampling them as for training.
@@ -195,11 +201,37 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
-        hint = "--tune lora" if plan.policy == "low" else "--memory low"
-        raise OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue), a smaller "
-                          "--resolution or --device cpu") from None
+        raise _out_of_memory(plan, device) from None
     checkpoints.remove()
     return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
+
+
+def _out_of_memory(plan, device: Device) -> OutOfMemory:
+    hint = "--tune lora" if plan.policy == "low" else "--memory low"
+    return OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue), a smaller "
+                       "--resolution or --device cpu")
+
+
+def _make_room_for_deferred(components, plan, device: Device, amp_dtype) -> None:
+    """Before the deferred text encoders load (FLUX's T5): where the frozen denoiser goes
+    to a CUDA GPU as it is (LoRA over a base kept in half precision), it goes now,
+    quantised first where the plan says (the move packs it), so that the host never
+    holds it and T5 at once: FLUX's transformer is 24 GB in bf16, T5 9.5 GB, and a
+    24 GB card often sits in a 32 GB machine. Elsewhere nothing moves early."""
+    import torch
+
+    if device.type != "cuda" or plan.tune != "lora" or not plan.half_frozen:
+        return
+    if plan.quantize != "none":
+        from ..families.quantized import quantize_denoiser
+
+        quantize_denoiser(components, plan.quantize, amp_dtype or torch.float32)
+    try:
+        components.denoiser.to(device.torch)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise _out_of_memory(plan, device) from None
 
 
 def _train(trainer, checkpoints: Checkpoints, stop: StopFlag, device: Device, report: Reporter) -> None:
@@ -281,8 +313,11 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
 
     family = detect_family(resolved[0], f"the base model {base_model}")
     dtype = denoiser_load_dtype(config, family, device, amp_dtype)
+    # The text encoders without adapters (FLUX's T5, 9.5 GB) load after the plan, once the
+    # denoiser has left the host where it goes to a GPU (_make_room_for_deferred).
     components = load_components(base_model, revision, resolved, denoiser_dtype=dtype,
-                                 text_encoder_dtypes=text_encoder_load_dtypes(family, resolved[0], dtype))
+                                 text_encoder_dtypes=text_encoder_load_dtypes(family, resolved[0], dtype),
+                                 defer=tuple(family.adapterless_text_encoders()))
     resolution = config.resolution or components.native_resolution
     check_resolution(components, resolution)
     if config.lambda_attn != 0:  # (None: the family's, never 0)
