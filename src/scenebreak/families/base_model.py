@@ -4,6 +4,7 @@ its parts in fp32 on the CPU, and the fingerprint that tells base models apart."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shlex
@@ -165,10 +166,25 @@ def _transformers_dtype(dtype) -> dict:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
+@contextlib.contextmanager
+def _loading(base_model: str, folder: Path):
+    """Around loading a base model's parts: a folder that is there but does not load
+    (unreadable, damaged or mismatched files: a weights file garbled or cut short, a
+    config from another model) is one line naming the fix."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as exc:  # (json.JSONDecodeError is a ValueError)
+        raise _unloadable(base_model, folder, exc) from exc
+    except RuntimeError as exc:
+        if not is_size_mismatch(exc):
+            raise
+        raise _unloadable(base_model, folder, ValueError(
+            "a part's weights do not fit its config.json (tensors of other sizes: a config from another model?)")) from exc
+
+
 def _unloadable(base_model: str, folder: Path, exc: Exception) -> ModelNotAvailable:
-    """The one line for a base model folder that is there but does not load: unreadable,
-    damaged or mismatched files (a weights file garbled or cut short, a config from
-    another model)."""
     again = ("copy the model there again" if looks_like_path(base_model)
              else f"download it again (`hf download {shlex.quote(base_model)}`)")
     why = " ".join(str(exc).split()).rstrip(". ")
@@ -218,7 +234,6 @@ def load_deferred(components: Components, widen: bool = False) -> None:
     have loaded them in, or in fp32 with `widen` (the plan tunes them, or keeps frozen
     weights in fp32), as load_components does them."""
     import torch
-    from safetensors import SafetensorError
 
     from . import pool_at_end_of_text
 
@@ -227,17 +242,10 @@ def load_deferred(components: Components, widen: bool = False) -> None:
         if name not in components.deferred:
             continue
         base_model, part, dtype = components.deferred[name]
-        try:
+        with _loading(base_model, part.parent):
             # (fp32 named: transformers 5 loads in the files' dtype when none is given)
             model = family.text_encoder_class(name).from_pretrained(
                 part, **_transformers_dtype(torch.float32 if widen else dtype))
-        except (OSError, ValueError, SafetensorError) as exc:
-            raise _unloadable(base_model, part.parent, exc) from exc
-        except RuntimeError as exc:
-            if not is_size_mismatch(exc):
-                raise
-            raise _unloadable(base_model, part.parent, ValueError(
-                "a part's weights do not fit its config.json (tensors of other sizes: a config from another model?)")) from exc
         model.requires_grad_(False)
         model.eval()
         pool_at_end_of_text(model, components.tokenizers[i])
@@ -257,13 +265,12 @@ def load_components(base_model: str, revision: str | None = None,
     `learn` can move FLUX's transformer off the host before T5 needs the room)."""
     quiet_libraries()
     from diffusers import AutoencoderKL
-    from safetensors import SafetensorError
 
     from . import detect_family, pool_at_end_of_text
 
     folder, commit = resolved or resolve_model_dir(base_model, revision)
     family = detect_family(folder, f"the base model {base_model}")
-    try:
+    with _loading(base_model, folder):
         denoiser = family.denoiser_class().from_pretrained(
             folder / family.denoiser, **({"torch_dtype": denoiser_dtype} if denoiser_dtype is not None else {}))
         vae = AutoencoderKL.from_pretrained(folder / "vae")
@@ -282,13 +289,6 @@ def load_components(base_model: str, revision: str | None = None,
             cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
             tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length))
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError, SafetensorError) as exc:  # (json.JSONDecodeError is a ValueError)
-        raise _unloadable(base_model, folder, exc) from exc
-    except RuntimeError as exc:
-        if not is_size_mismatch(exc):
-            raise
-        raise _unloadable(base_model, folder, ValueError(
-            "a part's weights do not fit its config.json (tensors of other sizes: a config from another model?)")) from exc
     for model in (denoiser, vae, *text_encoders):
         model.requires_grad_(False)
         model.eval()
