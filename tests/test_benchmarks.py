@@ -52,6 +52,39 @@ def test_the_gpus_busy_time_is_the_union_of_its_kernels_intervals():
     assert step_profile.busy_us([span(20, 30), span(0, 10), span(5, 15), span(21, 22)]) == 25
 
 
+def test_the_step_profile_summarises_a_gpus_events(train_step):
+    """The CUDA half of step_profile.summarise, on made-up events of two steps as
+    torch.profiler gives them: kernels on the device, runtime calls and aten operations
+    on the host."""
+    from types import SimpleNamespace
+
+    import step_profile
+    from torch.autograd import DeviceType
+
+    def event(name, device=DeviceType.CPU, start=0, end=0, children=(), cpu_us=0.0, device_us=0.0):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end,
+                               elapsed_us=lambda: end - start), cpu_children=list(children), self_cpu_time_total=cpu_us,
+                               self_device_time_total=device_us)
+
+    mm = event("aten::mm", device_us=300)
+    events = [event("aten::linear", children=[mm]), mm, event("aten::view"),
+              event("cudaLaunchKernel"), event("cudaLaunchKernel"), event("cudaGraphLaunch"),
+              event("cudaDeviceSynchronize"), event("cudaDeviceSynchronize"), event("cudaStreamSynchronize"),
+              event("ampere_sgemm", DeviceType.CUDA, 0, 300), event("ampere_sgemm", DeviceType.CUDA, 200, 500),
+              event("Memcpy DtoH (Device -> Pinned)", DeviceType.CUDA, 600, 700)]
+    summary = step_profile.summarise(events, 2, True, 0.01)
+    assert summary["device_busy_ms_per_step"] == 0.3  # (500 + 100) us of union over 2 steps
+    assert summary["kernels_per_step"] == 1 and summary["launch_calls_per_step"] == 1.5
+    assert summary["graph_launches_per_step"] == 0.5 and summary["dtoh_copies_per_step"] == 0.5
+    assert summary["host_syncs_per_step"] == 0.5  # 3 over 2 steps, less the benchmark's own one a step
+    assert summary["aten_ops_per_step"] == 0.5  # aten::mm only: linear calls it, view is no kernel
+    assert summary["top_kernels"][0] == {"name": "ampere_sgemm", "ms_per_step": 0.3, "calls_per_step": 1.0}
+    assert summary["top_ops"][0]["name"] == "aten::mm"
+    row = {"kind": "scenebreak", "phase": 2, "precision": "bf16", "s_per_step": 0.003, "profile": summary}
+    table = step_profile.markdown([row], ["# header"])
+    assert "| 2 | scenebreak | bf16 | 0.003 | 0.3 | 10% | 1 | 2 | 0 | 0.5 | 0.5 | 0 |" in table, table
+
+
 def test_sdxl_note_says_what_auto_chose(train_step):
     rows = [{"kind": "scenebreak defaults", "phase": 1, "memory": "low", "tune": "lora", "half_frozen": True, "precision": "bf16"}]
     note = train_step.sdxl_defaults_note(rows, "cuda")
