@@ -154,3 +154,28 @@ def test_sampling_a_lora_scene_on_a_gpu_loads_t5_after_the_transformer_left_the_
         assert {type(m).__name__ for m in encoders[1].modules() if "Linear" in type(m).__name__} == {"Linear4bit"}
         to_q = denoiser.transformer_blocks[0].attn.to_q
         assert type(to_q.base_layer).__name__ == "Linear4bit" and type(to_q.lora_A["default"]) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("damage", ["garbled", "other config"])
+def test_a_damaged_t5_is_one_line_before_anything_loads_after_it(flux, scene_files, tmp_path, damage):
+    """T5's files are read for the fingerprint before the plan (a garbled file), or load
+    after it (a config from another model): either way the one line of a base model that
+    does not load, naming the fix."""
+    import json
+    import shutil
+
+    from scenebreak.errors import ModelNotAvailable
+
+    model = tmp_path / "flux"
+    shutil.copytree(flux, model)
+    t5 = model / "text_encoder_2"
+    if damage == "garbled":
+        for path in t5.glob("*.safetensors"):
+            path.write_bytes(b"not a safetensors file" * 10)
+    else:
+        config = json.loads((t5 / "config.json").read_text())
+        config["d_ff"] += 8
+        (t5 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotAvailable, match=f"cannot load the base model from {model}.*Fix: copy the model there again"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+              base_model=str(model), name=f"damaged-{damage.split()[0]}", device="cpu")
