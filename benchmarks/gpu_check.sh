@@ -6,22 +6,22 @@
 #                /tmp/site, offline: --no-index --no-deps; nothing else is installed
 #   2. env       torch / CUDA / GPU / free memory, and which packages import from where
 #   3. smoke     benchmarks/cuda_smoke.py: every training path on the tiny model
-#   4. steps     benchmarks/train_step.py --in-process: SD2.1-base steps and generation,
-#                beside the original-style baseline, all in one process (same machine)
-#   5. sdxl      the same for the SDXL base architecture at 1024: phase 1 as auto picks
+#   4. flux      benchmarks/train_step.py --flux --in-process: the FLUX.1-dev architecture
+#                at 1024 (random weights made on the GPU): phase 1 as auto picks it, LoRA
+#                phase 2 fast and --memory low, one image at 28 steps
+#   5. steps     the same for SD2.1-base: steps and generation, beside the original-style
+#                baseline, all in one process (same machine)
+#   6. sdxl      the same for the SDXL base architecture at 1024: phase 1 as auto picks
 #                it, LoRA phase 2 (fast and --memory low) and generation
-#   6. flux      the same for the FLUX.1-dev architecture at 1024 (random weights made on
-#                the GPU): phase 1 as auto picks it, LoRA phase 2 fast and --memory low,
-#                one image at 28 steps
 #   7. compile   the smoke test's torch.compile variants (the step; the whole step under CUDA
 #                graphs, the update compiled too): the slowest to start
 #   8. compiled  SD2.1-base steps with the whole step compiled (learn --compile), beside
-#                the plain rows of part 4
+#                the plain rows of part 5
 #   9. wall      benchmarks/learn_wall.py: `learn` from the command to the scene written on
 #                SD2.1-base (100+100 steps, extrapolated to 400+400), plain, --compile with
 #                a cold compile cache, and again with it warm
 #  10. sdxl-compiled  SDXL at 1024: LoRA phase 2 with the whole step compiled (issue 22's
-#                SDXL target, LoRA <= 0.5 s), beside part 5's plain row
+#                SDXL target, LoRA <= 0.5 s), beside part 6's plain row
 #  11. profile   benchmarks/step_profile.py: where SD2.1-base's step time goes (phases 1
 #                and 2, LoRA, the baseline) under torch.profiler: GPU busy share, kernels,
 #                launches and syncs per step, the top kernels and operations
@@ -36,20 +36,20 @@
 #     bash benchmarks/gpu_check.sh                        # on the GPU machine (the device call)
 #     OUT=/tmp/gc bash benchmarks/gpu_check.sh --device cpu   # the dry run here: tiny sizes, minutes
 #     bash benchmarks/gpu_check.sh --parts "install env smoke" --smoke-args "--only fast-fp32"
-#     bash benchmarks/gpu_check.sh --parts "install env flux compile compiled"   # a second call (benchmarks/README.md)
+#     GPU_CHECK_BUDGET_S=240 bash benchmarks/gpu_check.sh --parts "install env compiled"   # a second call (benchmarks/README.md)
 set -uo pipefail  # no -e: each part is guarded on its own
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-install env smoke steps sdxl flux compile compiled wall sdxl-compiled profile}
+PARTS=${GPU_CHECK_PARTS:-install env smoke flux steps sdxl compile compiled wall sdxl-compiled profile}
 SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS:-}
 while (( $# )); do
     case $1 in
         --device) DEVICE=$2; shift 2 ;;
         --parts) PARTS=$2; shift 2 ;;
         --smoke-args) SMOKE_ARGS=$2; shift 2 ;;
-        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke steps sdxl flux compile compiled wall sdxl-compiled profile'] [--smoke-args ARGS]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--device cuda|cpu] [--parts 'install env smoke flux steps sdxl compile compiled wall sdxl-compiled profile'] [--smoke-args ARGS]" >&2; exit 2 ;;
     esac
 done
 PY=${PYTHON:-python3}
@@ -167,9 +167,10 @@ EOF
 
 # shellcheck disable=SC2086  # SMOKE_ARGS is a list of words
 part smoke "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" $SMOKE_ARGS
+# FLUX before SD2.1's and SDXL's steps: their figures exist from earlier GPU checks, FLUX's not.
+part flux "$PY" benchmarks/train_step.py --flux --device "$DEVICE" --in-process "${FLUX_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part steps "$PY" benchmarks/train_step.py --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part sdxl "$PY" benchmarks/train_step.py --sdxl --device "$DEVICE" --in-process "${SDXL_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
-part flux "$PY" benchmarks/train_step.py --flux --device "$DEVICE" --in-process "${FLUX_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
 part compile "$PY" benchmarks/cuda_smoke.py --device "$DEVICE" --jsonl "$JSONL" --only compile compile-whole
 # shellcheck disable=SC2086  # the words of GPU_CHECK_COMPILED_ONLY are --only's
 part compiled "$PY" benchmarks/train_step.py --compiled --only ${GPU_CHECK_COMPILED_ONLY:-compiled} --device "$DEVICE" --in-process "${STEP_ARGS[@]}" --results-dir "$OUT" --jsonl "$JSONL"
