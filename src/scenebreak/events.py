@@ -26,3 +26,15 @@ Reporter = Callable[[Event], None]
 
 def silent(event: Event) -> None:
     """The default reporter: drops every event."""
+
+
+
+def printable(text: str, keep_newlines: bool = False) -> str:
+    """`text` as it may be shown on a terminal: every character that is not printable
+    (control characters: escape sequences that move the cursor, clear the screen or
+    retitle the window; C1 controls; bidirectional overrides that reorder what is
+    shown) written as its Python escape (`\\x1b`), newlines too unless
+    `keep_newlines`. What a scene's metadata or a file name says is a stranger's text:
+    it is shown, never obeyed."""
+    return "".join(ch if ch.isprintable() or (ch == "\n" and keep_newlines) else ch.encode("unicode_escape").decode()
+                   for ch in text)

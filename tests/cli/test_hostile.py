@@ -547,3 +547,49 @@ def test_a_damaged_base_model_folder_is_one_line_naming_the_fix(part, damage, ph
                                                          model, "--steps1", "1", "--steps2", "0", "--no-prior"]])
     line = _one_error(result, 1, f"cannot load the base model from {model}")
     assert phrase in line.lower() and "Fix: copy the model there again" in line and "hf download" not in line
+
+
+ESCAPES = {"base_model.id": "evil\x1b[31mRED", "created": "2026 \x1b[2J\x1b]0;pwned\x07", "source.masks": ["m\x1b[5m.png", "b.png"]}
+
+
+def test_a_strangers_scene_text_is_shown_never_obeyed(world):
+    """Escape sequences in a scene's metadata (its base model's id, its date, the names of
+    the masks it learned from) reach the terminal as visible escapes in `show` and
+    `list`, never as the sequences themselves (which clear the screen, retitle the
+    window, recolour what follows); and losses of the wrong type are shown, not a crash."""
+    def edit(meta):
+        for path, value in ESCAPES.items():
+            set_meta(path, value)(meta)
+        meta["losses"]["phase1"]["loss_first"] = "x"
+
+    craft(world["scene"], world["home"] / "scenes" / "evil.scene", meta=edit)
+    shown = CliRunner().invoke(cli, ["show", "evil"])
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.output and "\x07" not in shown.output
+    for visible in ("evil\\x1b[31mRED", "2026 \\x1b[2J\\x1b]0;pwned\\x07", "m\\x1b[5m.png", "loss x ->"):
+        assert visible in shown.stdout, shown.stdout
+    listed = CliRunner().invoke(cli, ["list"])
+    assert listed.exit_code == 0 and "evil\t<asset1> <asset2>\t" in listed.stdout and "\x1b" not in listed.output
+
+
+def test_the_error_line_and_messages_show_control_characters_as_escapes(world):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from scenebreak.cli.console import ConsoleReporter
+    from scenebreak.events import Message
+
+    missing = world["tmp"] / "a\x1b[2Jb\nError: all is well.scene"
+    result = CliRunner().invoke(cli, ["show", str(missing)])
+    _one_error(result, 2, "a\\x1b[2Jb\\nError: all is well.scene")  # one line: no forged second one
+    assert "\x1b" not in result.output
+    for tty in (False, True):  # a terminal gets rich's colours; the message's own markup is text
+        out = StringIO()
+        reporter = ConsoleReporter(stream=out)
+        reporter.console, reporter.tty = Console(file=out, force_terminal=tty, highlight=False, soft_wrap=True), tty
+        reporter(Message("scene [link=https://evil.example]x[/link] says \x1b]0;pwned\x07", "warning"))
+        reporter(Message("base \x1b[2J model\nsecond line"))
+        text = out.getvalue()
+        assert "[link=https://evil.example]x[/link]" in text and "\\x1b]0;pwned\\x07" in text and "\x1b]0;" not in text
+        assert "base \\x1b[2J model\nsecond line" in text and "\x1b[2J" not in text

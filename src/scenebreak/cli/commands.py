@@ -20,6 +20,7 @@ from ..config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, Evaluate
                      MaskConfig)
 from ..device import DEVICES
 from ..errors import SceneBreakError
+from ..events import printable
 from ..exports.export import FORMATS as EXPORT_FORMATS
 from ..hub import quiet_bitsandbytes
 
@@ -108,7 +109,7 @@ def leave(exc: BaseException):
     with sigint_ignored():
         message, code = describe(exc)
         try:
-            click.echo(f"Error: {message}", err=True)
+            click.echo(f"Error: {printable(message)}", err=True)  # one line, whatever a file or scene said
         except OSError:  # stderr is gone too: the exit code still tells
             pass
     sys.exit(code)
@@ -671,7 +672,8 @@ def list_command(json_):
         emit_json({"scenes": rows})
         return
     for row in rows:
-        click.echo(f"{row['name']}\t{' '.join(row.get('handles', [])) or 'unreadable'}\t{row['path']}\t{row.get('family', '')}")
+        fields = (row["name"], " ".join(row.get("handles", [])) or "unreadable", row["path"], row.get("family", ""))
+        click.echo("\t".join(printable(str(field)) for field in fields))
 
 
 @cli.command(name="show")

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..estimates import format_duration
-from ..events import Event, Message, Progress
+from ..events import Event, Message, Progress, printable
 
 
 class ConsoleReporter:
@@ -26,10 +26,16 @@ class ConsoleReporter:
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Message):
+            text = printable(event.text, keep_newlines=True)  # (it may quote a scene's or a file's text)
             if event.level == "warning":
-                self.console.print(f"[yellow]warning:[/yellow] {event.text}" if self.tty else f"warning: {event.text}", markup=self.tty)
+                if self.tty:
+                    from rich.markup import escape
+
+                    self.console.print(f"[yellow]warning:[/yellow] {escape(text)}")
+                else:
+                    self.console.print(f"warning: {text}", markup=False)
             elif not self.quiet:
-                self.console.print(event.text, markup=False)
+                self.console.print(text, markup=False)
         elif isinstance(event, Progress) and not self.quiet:
             (self._bar if self.tty else self._line)(event)
 

@@ -185,6 +185,8 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     # On a CUDA GPU the text encoders without adapters (FLUX's T5) load once the denoiser
     # has left the host for it, as `learn` does them: the host never holds both.
     defer = tuple(scene.family.adapterless_text_encoders()) if half and device is not None and device.type == "cuda" else ()
+    if report is not None:
+        report(Message(f"loading its base model {base_model or scene.meta['base_model']['id']}"))
     c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters", half=half, defer=defer)
     kind, why = ("none", "") if device is None else sampling_quantization(c, device, dtype, quantize)
     if why and report is not None:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import BundleError
+from ..events import printable
 from ..paths import resolve_scene
 from .bundle import list_scenes, read_metadata
 
@@ -44,10 +45,18 @@ def describe(summary: dict) -> str:
         + (f"  ({base['family']})" if base.get("family") else ""),
         f"resolution:  {summary['resolution']}  tuning: {_tuning_label(summary)}  created: {summary.get('created')}",
     ]
-    for phase, losses in summary.get("losses", {}).items():
-        lines.append(f"{phase}:      {losses['steps']} steps in {losses['seconds']} s, "
-                     f"loss {losses['loss_first']:.4f} -> {losses['loss_last']:.4f}")
-    return "\n".join(lines)
+    recorded = summary.get("losses")
+    for phase, losses in recorded.items() if isinstance(recorded, dict) else ():
+        if not isinstance(losses, dict):
+            continue
+        lines.append(f"{phase}:      {losses.get('steps')} steps in {losses.get('seconds')} s, "
+                     f"loss {_number(losses.get('loss_first'))} -> {_number(losses.get('loss_last'))}")
+    # A stranger's scene says what it likes in these fields: shown, never obeyed (escape sequences).
+    return "\n".join(printable(line) for line in lines)
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else printable(str(value)[:40])
 
 
 def _tuning_label(meta: dict) -> str:
@@ -58,7 +67,9 @@ def _tuning_label(meta: dict) -> str:
 
 
 def _handle_label(handle: dict, meta: dict) -> str:
-    masks = meta.get("source", {}).get("masks", [])
+    source = meta.get("source")
+    masks = source.get("masks") if isinstance(source, dict) else None
+    masks = masks if isinstance(masks, list) else []  # (what the scene says it learned from: only shown)
     index = handle["mask_index"]
     if handle.get("background"):
         return f"{handle['token']} (the rest of the photo)"

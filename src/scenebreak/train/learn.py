@@ -130,6 +130,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     base_model = base_model or default_base_model()
     resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
     _check_room(resolved[0], config, out)
+    report(Message(f"loading the base model {base_model}"))  # (FLUX.1's is tens of GB: seconds to minutes)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved, device,
                                                     amp_dtype)
     if config.lambda_attn is None:  # the family's weight of the attention loss
