@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -132,9 +131,9 @@ def render(rows: list[dict], header: str) -> str:
 def describe_machine(device: str) -> str:
     import torch
 
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}"
+    from train_step import machine  # (the GPU's name, or the CPU's model name and threads)
+
+    return f"{machine(device)}, torch {torch.__version__}"
 
 
 def main() -> int:

@@ -28,7 +28,6 @@ def silent(event: Event) -> None:
     """The default reporter: drops every event."""
 
 
-
 def printable(text: str, keep_newlines: bool = False) -> str:
     """`text` as it may be shown on a terminal: every character that is not printable
     (control characters: escape sequences that move the cursor, clear the screen or

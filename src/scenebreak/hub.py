@@ -84,34 +84,37 @@ def transformers_model_of_kind(ref: str, what: str, option: str, kinds: tuple[st
     return folder, kind
 
 
-def model_load_failure(what: str, ref: str, folder: Path, option: str, exc: Exception) -> ModelNotAvailable:
-    """The error for a transformers model folder that is there but does not load (one line)."""
+def model_load_failure(what: str, ref: str, folder: Path, option: str, exc: Exception,
+                       example: str = "/path/to/a/model/folder") -> ModelNotAvailable:
+    """The error for a model folder that is there but does not load (one line): `what`
+    from `ref` (a hub id or a path) in `folder`, and the fix, `option` with `example`."""
     again = "copy the model there again" if looks_like_path(ref) else f"download it again (`hf download {shlex.quote(ref)}`)"
-    return ModelNotAvailable(f"cannot load the {what} from {folder}: {' '.join(str(exc).split())}. Fix: {again} "
-                             f"or pass {option} /path/to/a/model/folder")
+    why = " ".join(str(exc).split()).rstrip(". ")
+    return ModelNotAvailable(f"cannot load the {what} from {folder}: {why}. Fix: {again} or pass {option} {example}")
 
 
 @contextlib.contextmanager
-def loading_model(what: str, ref: str, folder: Path, option: str):
-    """Around the loading of a transformers model folder: what a damaged one raises
-    becomes model_load_failure's one line naming it and the fix. That is unreadable or
-    malformed files (OSError, ValueError), safetensors' own error for a garbled or
-    cut-short weights file, which is neither, and the RuntimeError transformers raises
-    for weights of other sizes than config.json says (another model's config)."""
+def loading_model(what: str, ref: str, folder: Path, option: str, example: str = "/path/to/a/model/folder"):
+    """Around the loading of a model folder (transformers' or diffusers'): what a damaged
+    one raises becomes model_load_failure's one line naming it and the fix. That is
+    unreadable or malformed files (OSError, ValueError), safetensors' own error for a
+    garbled or cut-short weights file, which is neither, and the RuntimeError
+    transformers raises for weights of other sizes than config.json says (another
+    model's config)."""
     from safetensors import SafetensorError
 
     try:
         yield
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise model_load_failure(what, ref, folder, option, exc) from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # (json.JSONDecodeError is a ValueError)
+        raise model_load_failure(what, ref, folder, option, exc, example) from exc
     except RuntimeError as exc:
-        if not is_size_mismatch(exc):
+        if not _is_size_mismatch(exc):
             raise
         why = ValueError("its weights do not fit its config.json (tensors of other sizes: a config from another model?)")
-        raise model_load_failure(what, ref, folder, option, why) from exc
+        raise model_load_failure(what, ref, folder, option, why, example) from exc
 
 
-def is_size_mismatch(exc: BaseException) -> bool:
+def _is_size_mismatch(exc: BaseException) -> bool:
     """transformers' (and torch's load_state_dict's) error for weights whose shapes are
     not the model's."""
     text = str(exc)

@@ -4,15 +4,13 @@ its parts in fp32 on the CPU, and the fingerprint that tells base models apart."
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidInput, ModelNotAvailable
-from ..hub import hub_snapshot, is_size_mismatch, looks_like_path, quiet_libraries
+from ..errors import InvalidInput
+from ..hub import hub_snapshot, loading_model, looks_like_path, quiet_libraries
 from ..paths import is_regular_file
 from .family import vae_scale
 
@@ -166,30 +164,10 @@ def _transformers_dtype(dtype) -> dict:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
-@contextlib.contextmanager
 def _loading(base_model: str, folder: Path):
     """Around loading a base model's parts: a folder that is there but does not load
-    (unreadable, damaged or mismatched files: a weights file garbled or cut short, a
-    config from another model) is one line naming the fix."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, ValueError, SafetensorError) as exc:  # (json.JSONDecodeError is a ValueError)
-        raise _unloadable(base_model, folder, exc) from exc
-    except RuntimeError as exc:
-        if not is_size_mismatch(exc):
-            raise
-        raise _unloadable(base_model, folder, ValueError(
-            "a part's weights do not fit its config.json (tensors of other sizes: a config from another model?)")) from exc
-
-
-def _unloadable(base_model: str, folder: Path, exc: Exception) -> ModelNotAvailable:
-    again = ("copy the model there again" if looks_like_path(base_model)
-             else f"download it again (`hf download {shlex.quote(base_model)}`)")
-    why = " ".join(str(exc).split()).rstrip(". ")
-    return ModelNotAvailable(f"cannot load the base model from {folder}: {why}. Fix: {again} or pass --base-model "
-                             "/path/to/a/diffusers/folder")
+    (unreadable, damaged or mismatched files) is hub.loading_model's one line naming the fix."""
+    return loading_model("base model", base_model, folder, "--base-model", "/path/to/a/diffusers/folder")
 
 
 def fingerprint(denoiser, vae, *text_encoders, embeddings: dict | None = None) -> str:

@@ -66,23 +66,22 @@ def cast_adapter_inputs(models, enabled: bool) -> None:
     matrix product (the same numbers: widening is exact), two passes over the
     activation per adapted layer, and two more in the backward. Without autocast it
     is needed (a half-precision input to fp32 adapters would not multiply)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for model in models:
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.cast_input_dtype_enabled = enabled
+    for layer in _adapted_layers(models):
+        layer.cast_input_dtype_enabled = enabled
 
 
 def switch_adapters(models, enabled: bool) -> None:
     """Every adapter of `models` on or off (off: each layer is its base layer alone).
     peft also sets the adapters' requires_grad to `enabled`."""
+    for layer in _adapted_layers(models):
+        layer.enable_adapters(enabled)
+
+
+def _adapted_layers(models):
+    """peft's layers (a base layer with its adapters) in `models`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for model in models:
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.enable_adapters(enabled)
+    return [module for model in models for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
 
 def adapters_add_nothing(models) -> bool:

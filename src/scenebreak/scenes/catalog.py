@@ -56,7 +56,7 @@ def describe(summary: dict) -> str:
 
 
 def _number(value) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else printable(str(value)[:40])
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)[:40]
 
 
 def _tuning_label(meta: dict) -> str:

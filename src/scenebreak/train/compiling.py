@@ -151,7 +151,7 @@ SCOPES = ("step", "blocks", "whole")
 
 
 def compile_scope() -> str:
-    """SCENEBREAK_COMPILE_SCOPE (a knob for the GPU benchmarks), else the whole step."""
+    """SCENEBREAK_COMPILE_SCOPE (a knob for the GPU benchmarks), else "step"."""
     return _choice_from_env("SCENEBREAK_COMPILE_SCOPE", SCOPES)
 
 

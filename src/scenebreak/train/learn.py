@@ -168,7 +168,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     from .trainer import Trainer, TrainInputs
 
     stop = StopFlag(also=should_stop)
-    try:
+    with _out_of_memory_in_one_line(plan, device):
         with catch_interrupts(stop, report):
             class_images = []
             if config.prior:
@@ -199,18 +199,23 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                 save_scene(scene, out, config.save_dtype)
             except OSError as exc:
                 raise _unsaved(exc, out, checkpoints) from exc
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise _out_of_memory(plan, device) from None
     checkpoints.remove()
     return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
 
 
-def _out_of_memory(plan, device: Device) -> OutOfMemory:
-    hint = "--tune lora" if plan.policy == "low" else "--memory low"
-    return OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue), a smaller "
-                       "--resolution or --device cpu")
+@contextlib.contextmanager
+def _out_of_memory_in_one_line(plan, device: Device):
+    """The device running out of memory inside: OutOfMemory's one line naming the fix."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        hint = "--tune lora" if plan.policy == "low" else "--memory low"
+        raise OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue), a smaller "
+                          "--resolution or --device cpu") from None
 
 
 def _make_room_for_deferred(components, plan, device: Device, amp_dtype) -> None:
@@ -227,12 +232,8 @@ def _make_room_for_deferred(components, plan, device: Device, amp_dtype) -> None
         from ..families.quantized import quantize_denoiser
 
         quantize_denoiser(components, plan.quantize, amp_dtype or torch.float32)
-    try:
+    with _out_of_memory_in_one_line(plan, device):
         components.denoiser.to(device.torch)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise _out_of_memory(plan, device) from None
 
 
 def _train(trainer, checkpoints: Checkpoints, stop: StopFlag, device: Device, report: Reporter) -> None:
