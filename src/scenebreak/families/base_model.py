@@ -201,6 +201,8 @@ def _weightless(cls, part: Path):
     table = model.get_input_embeddings().weight
     names = {name for name, param in model.named_parameters(remove_duplicate=False) if param is table}
     for file in sorted(part.glob("*.safetensors")):
+        if not is_regular_file(file):  # never open a FIFO: it would block (loading says what is wrong)
+            continue
         with safe_open(str(file), framework="pt") as f:
             for name in names & set(f.keys()):
                 return model, f.get_tensor(name)
