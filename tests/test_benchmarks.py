@@ -233,3 +233,17 @@ def test_bf16_weights_with_fp32_masters_train_as_bf16_autocast_does(train_step, 
     assert len(seen) == len(plain) == 4
     for a, b in zip(plain, seen):
         assert b == pytest.approx(a, rel=1e-2, abs=1e-4)
+
+
+def test_lora_phase1_compares_adapters_off_with_peft_and_saves_the_table(monkeypatch, tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    import lora_phase1
+
+    monkeypatch.setattr(sys, "argv", ["lora_phase1.py", "--tiny", "--resolution", "64", "--steps", "1",
+                                      "--results-dir", str(tmp_path)])
+    lora_phase1.main()
+    table = (tmp_path / "lora_phase1-cpu-tiny.md").read_text()
+    assert "| adapters off (scenebreak) |" in table and "| adapters as peft runs them |" in table
+    import scenebreak.train.trainer as trainer
+
+    assert trainer.Trainer._adapters_for.__name__ == "_adapters_for"  # put back after the second row
