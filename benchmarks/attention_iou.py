@@ -117,7 +117,7 @@ def run(seeds, lambdas=(0.01, 0.0), family: str = "sd", precisions=("fp32",), se
     """Learn the synthetic scene for each precision, seed and lambda (and on FLUX each
     map form and number of blocks trained on); one row per handle and measured map.
     `save(rows)` is called after each run (a long run keeps what it measured)."""
-    from conftest import write_synthetic_scene
+    from helpers import write_synthetic_scene
 
     from scenebreak import LearnConfig, learn
     from scenebreak.device import CPU_BF16_ENV

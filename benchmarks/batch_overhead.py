@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def job_lines(folder: Path, model: Path, count: int, steps: int) -> Path:
-    from conftest import write_synthetic_scene
+    from helpers import write_synthetic_scene
 
     write_synthetic_scene(folder / "in")
     learn = {"steps1": steps, "steps2": steps, "no-prior": True, "base-model": str(model)}

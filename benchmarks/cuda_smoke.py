@@ -58,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 # Short runs: every code path, no quality. Resume runs train at a visible learning rate
-# without class images, like tests/test_recovery.py.
+# without class images, like tests/train/test_recovery.py.
 SHORT = dict(steps1=5, steps2=5, num_class_images=2)
 RESUME = dict(steps1=2, steps2=4, prior=False, lr2=1e-3, save_dtype="fp32", checkpoint_every=2)
 
@@ -109,7 +109,7 @@ class Smoke:
     def __init__(self, device: str, jsonl: Path | None):
         import torch
 
-        from conftest import write_synthetic_scene
+        from helpers import write_synthetic_scene
         from tinymodels import build_tiny_model
 
         self.torch = torch
@@ -231,7 +231,7 @@ class Smoke:
         import numpy as np
         from PIL import Image
 
-        from conftest import write_synthetic_scene
+        from helpers import write_synthetic_scene
         from scenebreak import BackgroundConfig, EditConfig, GenerateConfig, edit, extract_background, generate, load_scene
         from scenebreak.evaluation.evaluate import evaluate
         from scenebreak.config import EvaluateConfig
@@ -344,7 +344,7 @@ class Smoke:
         return row
 
     def run_resume(self, name: str, settings: dict, how: str) -> dict:
-        from conftest import Killed, kill_at  # stands for kill -9, as in tests/test_recovery.py
+        from helpers import Killed, kill_at  # stands for kill -9, as in tests/train/test_recovery.py
 
         torch = self.torch
         config = {**RESUME, **settings}

@@ -1,17 +1,11 @@
 """Shared fixtures: a tiny random Stable Diffusion saved as a diffusers folder, a
 synthetic photo with two exact masks, and one small learned scene. Everything runs
-offline on the CPU."""
+offline on the CPU. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
-from PIL import Image
-
-DATA = Path(__file__).parent / "data"  # files kept with the tests (a scene written by an older version)
+from helpers import SMALL, learn_once, write_synthetic_scene
 
 
 @pytest.fixture(autouse=True)
@@ -30,118 +24,10 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
-def write_synthetic_scene(folder, size=(96, 80)):
-    """A light photo with a red and a blue square of equal size, and their exact masks."""
-    width, height = size
-    image = np.full((height, width, 3), 230, np.uint8)
-    m1 = np.zeros((height, width), np.uint8)
-    m2 = np.zeros((height, width), np.uint8)
-    image[8:40, 12:44] = (220, 30, 30)
-    m1[8:40, 12:44] = 255
-    image[42:74, 52:84] = (30, 30, 220)
-    m2[42:74, 52:84] = 255
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "photo.png", folder / "red.png", folder / "blue.png"
-    Image.fromarray(image).save(paths[0])
-    Image.fromarray(m1).save(paths[1])
-    Image.fromarray(m2).save(paths[2])
-    return paths
-
-
-class Killed(BaseException):
-    """Stands for kill -9: nothing in scenebreak catches it, so no handler saves anything."""
-
-
-def learn_whole_and_resumed(scene_files, base_model, config, kill: tuple[int, int] = (2, 2)):
-    """The scene learned straight through ("whole"), and learned again ("cut"), killed at
-    `kill` (phase, step) and resumed: their LearnResults, to compare."""
-    from scenebreak import learn
-
-    args = (scene_files["image"], scene_files["masks"], config)
-    whole = learn(*args, base_model=str(base_model), name="whole")
-    with pytest.raises(Killed):
-        learn(*args, base_model=str(base_model), name="cut", report=kill_at(*kill))
-    return whole, learn(*args, base_model=str(base_model), name="cut", resume=True)
-
-
-def wait_for_checkpoint(process, name: str, phase: int = 2, step: int = 2, timeout: float = 120) -> None:
-    """Wait until the process `process` (a learn or batch in another process) has
-    checkpointed scene `name` at `phase`, step >= `step`; it must still be running then."""
-    import time
-
-    import torch
-
-    from scenebreak.paths import checkpoint_path
-
-    ckpt, deadline = checkpoint_path(name), time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if ckpt.exists():
-            try:
-                state = torch.load(ckpt, weights_only=True)
-            except Exception:  # replaced while reading: look again
-                continue
-            if state["phase"] == phase and state["step"] >= step:
-                break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-
-
-def kill_at(phase: int, step: int):
-    """A reporter that 'kills' the run (raises Killed) when it reports `step` of `phase`."""
-    from scenebreak.events import Progress
-
-    def report(event):
-        if isinstance(event, Progress) and event.task == f"phase {phase}" and event.completed == step:
-            raise Killed
-
-    return report
-
-
-def out_of_memory_above_one_image(monkeypatch) -> list[int]:
-    """Sampling runs out of GPU memory for passes of more than one image (as a card the
-    weights only just fit does at 1024); returns the size of every pass tried."""
-    import torch
-
-    import scenebreak.sample.pipeline as pipeline
-
-    real_sample, passes = pipeline.sample, []
-
-    def sample(pipe, family, prompt, seeds, **kwargs):
-        passes.append(len(seeds))
-        if len(seeds) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_sample(pipe, family, prompt, seeds, **kwargs)
-
-    monkeypatch.setattr(pipeline, "sample", sample)
-    return passes
-
-
 @pytest.fixture
 def scene_files(tmp_path):
     image, red, blue = write_synthetic_scene(tmp_path / "inputs")
     return {"image": image, "masks": [red, blue]}
-
-
-# Few steps, few class images: enough to exercise every part of the method.
-SMALL = dict(steps1=3, steps2=3, num_class_images=2)
-
-
-def _learn_once(root, tiny_model, config):
-    """Learn the synthetic scene into `root` with its own scenebreak home."""
-    import os
-
-    from scenebreak import learn
-
-    image, red, blue = write_synthetic_scene(root / "inputs")
-    old = os.environ.get("SCENEBREAK_HOME")
-    os.environ["SCENEBREAK_HOME"] = str(root / "home")
-    try:
-        return learn(image, [red, blue], config, base_model=str(tiny_model), device="cpu", output=root / "photo.scene")
-    finally:
-        if old is None:
-            os.environ.pop("SCENEBREAK_HOME", None)
-        else:
-            os.environ["SCENEBREAK_HOME"] = old
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +35,7 @@ def learned(tmp_path_factory, tiny_model):
     """One scene learned with the real pipeline, shared by read-only tests."""
     from scenebreak import LearnConfig
 
-    return _learn_once(tmp_path_factory.mktemp("learned"), tiny_model, LearnConfig(**SMALL))
+    return learn_once(tmp_path_factory.mktemp("learned"), tiny_model, LearnConfig(**SMALL))
 
 
 @pytest.fixture(scope="session")
@@ -157,7 +43,7 @@ def learned_background(tmp_path_factory, tiny_model):
     """The synthetic scene learned with a <background> handle too (shared, read-only)."""
     from scenebreak import LearnConfig
 
-    return _learn_once(tmp_path_factory.mktemp("learned-bg"), tiny_model, LearnConfig(steps1=2, steps2=2, prior=False, background=True))
+    return learn_once(tmp_path_factory.mktemp("learned-bg"), tiny_model, LearnConfig(steps1=2, steps2=2, prior=False, background=True))
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +69,7 @@ def learned_sdxl(tmp_path_factory, tiny_sdxl):
     <background> handle (shared, read-only)."""
     from scenebreak import LearnConfig
 
-    return _learn_once(tmp_path_factory.mktemp("learned-sdxl"), tiny_sdxl,
+    return learn_once(tmp_path_factory.mktemp("learned-sdxl"), tiny_sdxl,
                        LearnConfig(steps1=3, steps2=2, num_class_images=1, background=True))
 
 
@@ -215,34 +101,3 @@ def pytest_report_header(config):
     override = f" ({CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]})" if os.environ.get(CPU_BF16_ENV) else ""
     bf16 = "yes" if cpu_bf16_instructions() else "no"
     return f"cpu: {cpu}; bf16 instructions: {bf16}{override}; torch threads: {torch.get_num_threads()}"
-
-
-# -- crafted scenes (hostile-input tests) ----------------------------------------------------------
-
-def craft(source, target, meta=None, drop=(), add=None, tensors=None):
-    """A copy of scene `source` with its metadata changed in place by `meta(dict)` (or
-    replaced by the dict or list it returns), tensors dropped, added or replaced."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(source), framework="pt") as f:
-        header = f.metadata()
-        data = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
-    data.update(add or {})
-    data.update(tensors or {})
-    info = json.loads(header["scenebreak"])
-    if meta:
-        returned = meta(info)
-        info = returned if isinstance(returned, (dict, list)) else info
-    save_file(data, str(target), metadata={"format": header["format"], "scenebreak": json.dumps(info)})
-    return target
-
-
-def set_meta(path: str, value):
-    """A metadata edit: set the dotted `path` (list indices allowed) to `value`."""
-    def edit(meta):
-        node, keys = meta, path.split(".")
-        for key in keys[:-1]:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
-    return edit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import write_synthetic_scene
+from helpers import write_synthetic_scene
 
 TINY = {"steps1": 2, "steps2": 2, "no-prior": True}
 GENERATE = {"steps": 2, "seed": 3}

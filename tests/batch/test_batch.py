@@ -22,7 +22,7 @@ from scenebreak.cli.commands import cli
 from scenebreak.paths import checkpoint_path, home, scene_path
 from scenebreak.train.locks import locked
 
-from conftest import wait_for_checkpoint, write_synthetic_scene
+from helpers import wait_for_checkpoint, write_synthetic_scene
 from jobfiles import GENERATE, files, lines, three_jobs, write_jobs
 
 def test_three_jobs_on_two_workers_one_failing_then_a_rerun_skips_everything(tmp_path, tiny_model):

@@ -19,7 +19,7 @@ from scenebreak.cli.commands import cli
 from scenebreak.paths import checkpoint_path, scene_path
 from scenebreak.train.locks import read_owner
 
-from conftest import write_synthetic_scene
+from helpers import write_synthetic_scene
 from jobfiles import lines, three_jobs, write_jobs
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[test,ray]')")

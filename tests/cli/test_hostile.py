@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import craft, set_meta
+from helpers import craft, set_meta
 from scenebreak.cli.commands import cli
 
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import _learn_once, craft
+from helpers import learn_once, craft
 from scenebreak import LearnConfig, load_scene
 from scenebreak.cli.commands import cli
 from scenebreak.errors import BundleError
@@ -30,14 +30,14 @@ FEW = dict(steps1=2, steps2=2, prior=False)
 @pytest.fixture(scope="module")
 def lora_scene(tmp_path_factory, tiny_model):
     """LoRA adapters trained hard enough (lr 1e-2) that they change the outputs."""
-    return _learn_once(tmp_path_factory.mktemp("a1111-lora"), tiny_model,
+    return learn_once(tmp_path_factory.mktemp("a1111-lora"), tiny_model,
                        LearnConfig(**FEW, tune="lora", rank=4, lr_lora=1e-2)).path
 
 
 @pytest.fixture(scope="module")
 def full_scene(tmp_path_factory, tiny_model):
     """Fully tuned, stored in fp32, with a phase-2 learning rate that moves every weight."""
-    return _learn_once(tmp_path_factory.mktemp("a1111-full"), tiny_model,
+    return learn_once(tmp_path_factory.mktemp("a1111-full"), tiny_model,
                        LearnConfig(**FEW, tune="full", lr2=1e-3, save_dtype="fp32")).path
 
 
@@ -48,12 +48,12 @@ def full_sd1(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("a1111-sd1")
     base = build_tiny_model(root / "tiny-sd1", variant="sd1")
-    return _learn_once(root, base, LearnConfig(**FEW, tune="full", lr2=1e-3, save_dtype="fp32")).path, base
+    return learn_once(root, base, LearnConfig(**FEW, tune="full", lr2=1e-3, save_dtype="fp32")).path, base
 
 
 @pytest.fixture(scope="module")
 def full_sdxl(tmp_path_factory, tiny_sdxl):
-    return _learn_once(tmp_path_factory.mktemp("a1111-sdxl"), tiny_sdxl,
+    return learn_once(tmp_path_factory.mktemp("a1111-sdxl"), tiny_sdxl,
                        LearnConfig(steps1=1, steps2=2, prior=False, tune="full", lr2=1e-3, save_dtype="fp32")).path
 
 
@@ -456,7 +456,7 @@ def test_a_full_sdxl_scenes_lora_uses_sgm_names_and_loads_as_the_diffusers_named
 def test_an_sdxl_lora_scene_round_trips_exactly_under_sgm_names(tmp_path_factory, tiny_sdxl, tmp_path):
     """A LoRA scene's adapters get their SGM names from the UNet layout the scene
     records (no base model is loaded to export it)."""
-    path = _learn_once(tmp_path_factory.mktemp("a1111-sdxl-lora"), tiny_sdxl,
+    path = learn_once(tmp_path_factory.mktemp("a1111-sdxl-lora"), tiny_sdxl,
                        LearnConfig(steps1=1, steps2=2, prior=False, tune="lora", rank=4, lr_lora=1e-2)).path
     result = export(path, tmp_path / "a1111", "a1111")
     assert result.lora.source == "adapters"

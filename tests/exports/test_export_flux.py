@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import _learn_once, craft, set_meta
+from helpers import learn_once, craft, set_meta
 from scenebreak import LearnConfig, load_scene
 from scenebreak.errors import BundleError
 from scenebreak.exports.export import export
@@ -34,13 +34,13 @@ def flux_base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_scene(tmp_path_factory, flux_base):
     """Adapters trained hard enough (lr 1e-2) to move every adapted weight."""
-    return _learn_once(tmp_path_factory.mktemp("flux-lora"), flux_base,
+    return learn_once(tmp_path_factory.mktemp("flux-lora"), flux_base,
                        LearnConfig(**FEW, tune="lora", rank=4, lr_lora=1e-2)).path
 
 
 @pytest.fixture(scope="module")
 def full_scene(tmp_path_factory, flux_base):
-    return _learn_once(tmp_path_factory.mktemp("flux-full"), flux_base,
+    return learn_once(tmp_path_factory.mktemp("flux-full"), flux_base,
                        LearnConfig(**FEW, tune="full", lr2=1e-3, save_dtype="fp32")).path
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from conftest import craft
+from helpers import craft
 
 from scenebreak import load_scene
 from scenebreak.cli.commands import cli

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import craft, learn_whole_and_resumed, set_meta
+from helpers import craft, learn_whole_and_resumed, set_meta
 from scenebreak import (BackgroundConfig, EditConfig, GenerateConfig, LearnConfig, edit, export_scene, extract_background,
                         generate, learn, load_scene)
 from scenebreak.cli.commands import cli
@@ -31,10 +31,10 @@ def flux(tmp_path_factory):
 def dev_scene(tmp_path_factory, flux):
     """The synthetic scene learned on the tiny FLUX.1 dev as a user would: --tune auto,
     prior preservation with two class images, a <background> handle."""
-    from conftest import _learn_once
+    from helpers import learn_once
 
     config = LearnConfig(steps1=2, steps2=2, num_class_images=2, background=True)
-    return _learn_once(tmp_path_factory.mktemp("flux-dev"), flux["dev"], config)
+    return learn_once(tmp_path_factory.mktemp("flux-dev"), flux["dev"], config)
 
 
 def test_learn_chooses_lora_trains_both_handle_tables_and_records_the_family(dev_scene, flux):
@@ -194,13 +194,13 @@ def test_a_lora_scene_samples_from_its_base_loaded_in_half_precision_with_the_sa
     from diffusers import FluxTransformer2DModel
 
     import scenebreak.sample.scene_models as scene_models
-    from conftest import _learn_once
+    from helpers import learn_once
     from scenebreak.device import choose_device
     from tinymodels import build_tiny_flux
 
     base = build_tiny_flux(tmp_path / "flux-bf16", t5_dtype=torch.bfloat16)  # as published: bf16 files
     FluxTransformer2DModel.from_pretrained(base / "transformer").to(torch.bfloat16).save_pretrained(base / "transformer")
-    path = _learn_once(tmp_path / "scene", base, LearnConfig(steps1=1, steps2=2, prior=False, lr_lora=1e-2)).path
+    path = learn_once(tmp_path / "scene", base, LearnConfig(steps1=1, steps2=2, prior=False, lr_lora=1e-2)).path
     import scenebreak.families.base_model as base_model
 
     loads, real_load = [], base_model.load_components

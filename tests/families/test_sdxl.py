@@ -108,7 +108,7 @@ def test_the_pooled_prompt_is_taken_at_the_end_of_text_not_at_a_handle(learned_s
 
 
 def test_an_sdxl_scene_learned_with_the_old_pooling_says_to_learn_it_again(learned_sdxl, tmp_path):
-    from conftest import craft
+    from helpers import craft
 
     from scenebreak.events import Message
 
@@ -245,7 +245,7 @@ def test_a_lora_scene_on_sdxl_generates_on_its_base(scene_files, tiny_sdxl, tmp_
 
 
 def test_an_interrupted_sdxl_learn_resumes_to_the_same_scene(scene_files, tiny_sdxl, tmp_path):
-    from conftest import learn_whole_and_resumed
+    from helpers import learn_whole_and_resumed
 
     config = LearnConfig(steps1=2, steps2=3, prior=False, checkpoint_every=1)
     whole, resumed = learn_whole_and_resumed(scene_files, tiny_sdxl, config)
@@ -273,7 +273,7 @@ def test_the_command_line_as_a_new_user_runs_it(scene_files, tiny_sdxl, tmp_path
 def test_a_format_1_scene_from_before_sdxl_still_loads_and_generates(tmp_path):
     from scenebreak.scenes.bundle import read_metadata
 
-    from conftest import DATA
+    from helpers import DATA
 
     old = DATA / "format1.scene"
     meta = read_metadata(old)
@@ -288,7 +288,7 @@ def test_a_format_1_scene_from_before_sdxl_still_loads_and_generates(tmp_path):
 def test_a_format_2_scene_from_before_the_layout_move_still_loads_and_generates(tmp_path):
     """tests/data/format2-sdxl.scene: the tiny SDXL at 64 px, 2 + 2 steps, written by
     scenebreak just before its modules moved into subpackages."""
-    from conftest import DATA
+    from helpers import DATA
 
     from scenebreak.scenes.bundle import read_metadata
 

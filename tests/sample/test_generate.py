@@ -98,7 +98,7 @@ def test_large_batches_are_decoded_a_few_images_at_a_time_to_the_same_pixels(tin
 def test_generate_makes_fewer_images_a_pass_after_running_out_of_memory(learned, tmp_path, monkeypatch):
     """`generate -n 3` with passes of 4 that run out of GPU memory: halved passes with a
     note, the same three images as one at a time."""
-    from conftest import out_of_memory_above_one_image
+    from helpers import out_of_memory_above_one_image
 
     config = GenerateConfig(num_images=3, steps=2, seed=5, batch_size=1)
     expected = [np.asarray(Image.open(i.path)) for i in generate(learned.path, "a photo of <asset1>", config,

@@ -113,9 +113,9 @@ def test_the_frozen_transformer_leaves_the_host_for_a_gpu_before_t5_loads(flux, 
 
 @pytest.fixture(scope="module")
 def flux_lora_scene(tmp_path_factory, flux):
-    from conftest import _learn_once
+    from helpers import learn_once
 
-    return _learn_once(tmp_path_factory.mktemp("flux-lora"), flux, LearnConfig(steps1=1, steps2=1, prior=False, lr_lora=1e-2)).path
+    return learn_once(tmp_path_factory.mktemp("flux-lora"), flux, LearnConfig(steps1=1, steps2=1, prior=False, lr_lora=1e-2)).path
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import SMALL
+from helpers import SMALL
 from scenebreak import LearnConfig, learn, load_scene
 from scenebreak.errors import Interrupted, InvalidInput, ModelNotAvailable
 

@@ -67,7 +67,7 @@ def test_a_quantised_base_trains_the_adapters_and_both_handle_tables(kind, flux,
 
 
 def test_a_quantised_run_resumes_after_a_kill(flux, scene_files):
-    from conftest import Killed, kill_at
+    from helpers import Killed, kill_at
 
     config = LearnConfig(steps1=2, steps2=2, num_class_images=1, quantize="nf4", checkpoint_every=1)
     with pytest.raises(Killed):
@@ -123,9 +123,9 @@ def test_quantising_what_cannot_be_quantised_is_refused_in_one_line(tiny_model, 
 
 @pytest.fixture(scope="module")
 def flux_lora_scene(tmp_path_factory, flux):
-    from conftest import _learn_once
+    from helpers import learn_once
 
-    return _learn_once(tmp_path_factory.mktemp("flux-lora"), flux,
+    return learn_once(tmp_path_factory.mktemp("flux-lora"), flux,
                        LearnConfig(steps1=1, steps2=2, prior=False, lr_lora=1e-2)).path
 
 

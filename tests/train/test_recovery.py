@@ -21,7 +21,7 @@ from scenebreak.cli.commands import cli
 from scenebreak.events import Progress
 from scenebreak.paths import checkpoint_path
 
-from conftest import Killed, kill_at, wait_for_checkpoint
+from helpers import Killed, kill_at, wait_for_checkpoint
 
 
 def _same(a_path, b_path, component: str) -> None:
@@ -250,7 +250,7 @@ def test_class_images_out_of_memory_are_made_fewer_at_a_time_to_the_same_images(
     from PIL import Image
 
     import scenebreak.sample.pipeline as pipeline
-    from conftest import out_of_memory_above_one_image
+    from helpers import out_of_memory_above_one_image
     from scenebreak.device import choose_device
     from scenebreak.families.base_model import load_components
     from scenebreak.train.classimages import ensure_class_images

@@ -1,7 +1,7 @@
 """A `scenebreak ui` server on the synthetic photo with the tiny segmentation and SD
 models, serving from a thread of the test process, and a small client for it. The
 fixtures are imported by the test modules that use them: a second conftest.py would
-take the module name `conftest` from tests/conftest.py, whose helpers other tests import."""
+take the module name `conftest` from tests/conftest.py."""
 
 from __future__ import annotations
 
