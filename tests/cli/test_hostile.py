@@ -502,6 +502,31 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(world
     _one_error(result, 2, "not a folder you can write to")
 
 
+@pytest.mark.parametrize("where", ["--out-dir readonly", "-o readonly/edit.png", "-o notes.txt/edit.png"])
+def test_edit_refuses_an_output_it_cannot_write_before_loading(world, monkeypatch, where):
+    """edit checked where its images go only when it saved them, after sampling: the
+    edits were lost to a Permission-denied line naming a temp file."""
+    import scenebreak.sample.edit
+    import scenebreak.sample.sampling
+
+    def writable(folder):  # tests may run as root, who can write anywhere: the check is stood in for
+        return "readonly" not in str(folder) and real(folder)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the models were loaded")
+
+    real = scenebreak.sample.sampling.is_writable_folder
+    for module in (scenebreak.sample.edit, scenebreak.sample.sampling):
+        monkeypatch.setattr(module, "is_writable_folder", writable)
+    monkeypatch.setattr(scenebreak.sample.sampling, "open_pipeline", no_load)
+    option, target = where.split()
+    (world["tmp"] / "readonly").mkdir()
+    result = CliRunner().invoke(cli, ["edit", str(world["image"]), "--scene", str(world["scene"]), "--mask",
+                                      str(world["masks"][0]), "<asset1>", option, str(world["tmp"] / target)])
+    _one_error(result, 2, "not a folder you can write to")
+    assert "Traceback" not in result.output
+
+
 def test_images_of_a_scene_with_the_longest_name_fit_the_file_system(world, tmp_path):
     """Scene names may have 200 characters; a prompt's slug and a 19-digit seed after
     one went past 255 bytes (Errno 36)."""

@@ -20,7 +20,7 @@ from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_t
                        warn_cpu_time)
 from ..images import load_image, load_masks
 from ..masks.ops import dilate
-from ..paths import fit_file_name
+from ..paths import fit_file_name, is_writable_folder
 
 
 def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
@@ -117,7 +117,11 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
             raise InvalidInput(f"{output} already exists: pass --overwrite to replace it")
         if output.exists() and not _is_image(output):
             raise InvalidInput(f"{output} is not an image: --overwrite replaces only images; choose another --output")
-    run = start(scene, prompts, config, device=device, base_model=base_model, report=report)
+        if not is_writable_folder(output.parent):
+            raise InvalidInput(f"--output {output}: {output.parent} is not a folder you can write to: choose another")
+    # Where the edits go is checked (and made) before the models load, not after sampling.
+    run = start(scene, prompts, config, device=device, base_model=base_model,
+                out_dir=output.parent if output is not None else Path(out_dir), report=report)
     seeds = [run.seed + i for i in range(config.num_images)]
     edited = blend_regions(run, np.asarray(source), masks, prompts, seeds, run.config, run.scene.resolution,
                            names=[f"mask {p}" for p in mask_paths], report=report)
