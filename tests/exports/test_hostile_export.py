@@ -192,6 +192,25 @@ def test_a_symbolic_link_at_the_target_is_one_line(learned, tmp_path, force):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("target", ["readonly/out", "readonly/new/out"])
+def test_a_target_in_a_folder_that_cannot_be_written_is_one_line_before_loading(learned, tmp_path, monkeypatch, target):
+    """Was a Permission-denied line naming the temporary folder, after the a1111 export
+    had loaded the base model and extracted its LoRA."""
+    import scenebreak.exports.a1111
+    import scenebreak.exports.export
+
+    real = scenebreak.exports.export.is_writable_folder
+    # (tests may run as root, who can write anywhere: the check is stood in for)
+    monkeypatch.setattr(scenebreak.exports.export, "is_writable_folder",
+                        lambda folder: "readonly" not in str(folder) and real(folder))
+    monkeypatch.setattr(scenebreak.exports.a1111, "prepare", lambda *a, **k: pytest.fail("the base model was loaded"))
+    (tmp_path / "readonly").mkdir()
+    before = snapshot(tmp_path)
+    for format in ("embeddings", "a1111"):
+        one_error(export_cli(learned.path, "-f", format, "-o", tmp_path / target), 2, "not a folder you can write to")
+    assert snapshot(tmp_path) == before
+
+
 # -- handles that differ only in letter case -----------------------------------------------------------
 
 def test_handles_that_differ_only_in_case_get_triggers_that_differ_in_more(learned, tmp_path):

@@ -48,8 +48,8 @@ from typing import Callable
 from .. import __version__
 from ..errors import InvalidInput
 from ..events import Reporter, silent
-from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, home, remove_stale_temporaries,
-                     temporary_beside)
+from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, home, is_writable_folder,
+                     remove_stale_temporaries, temporary_beside)
 from .kohya import DEFAULT_RANK, Extraction, check_rank
 
 FORMATS = ("diffusers", "embeddings", "a1111")
@@ -131,6 +131,8 @@ def check_export_target(out: Path, force: bool) -> None:
     above = existing_ancestor(out)
     if above != out.absolute() and not above.is_dir():
         raise InvalidInput(f"cannot export to {out}: {above} is a file, not a folder; choose another -o")
+    if not is_writable_folder(out.parent):  # the export is made beside its target, then moved there
+        raise InvalidInput(f"cannot export to {out}: {out.parent} is not a folder you can write to; choose another -o")
     check_file_name_fits(out)
     resolved = out.resolve()
     cwd, cache = Path.cwd().resolve(), home().expanduser().resolve()
