@@ -23,9 +23,10 @@ def looks_like_path(ref: str) -> bool:
 
 
 def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what: str = "base model",
-                 option: str = "--base-model", folder: str = "a/diffusers/folder") -> tuple[Path, str]:
+                 option: str = "--base-model", folder: str = "a/diffusers/folder", download: bool = True) -> tuple[Path, str]:
     """The local snapshot folder of a hub model and its commit: from the Hugging Face
-    cache when it is there, else downloaded; a one-line fix-it error when neither works."""
+    cache when it is there, else downloaded (unless `download` is False); a one-line
+    fix-it error when neither works."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -42,6 +43,10 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
     except (LocalEntryNotFoundError, OSError, ValueError, HfHubHTTPError):
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise ModelNotAvailable(_missing_message(ref, revision, offline=True, **hint)) from None
+        if not download:
+            raise ModelNotAvailable(f"{what} {ref!r} is not in the Hugging Face cache, and a scene's word alone does "
+                                    f"not download a model (it could name any model, of any size): pass {option} "
+                                    f"{shlex.quote(ref)} to download it, or {option} /path/to/{folder}") from None
         try:
             path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns)
         except Exception as exc:  # every hub failure becomes the same actionable message

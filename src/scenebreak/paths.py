@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import InvalidInput
 
 SCENE_SUFFIX = ".scene"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the whole name (fullmatch: "$" would let "x\n" by)
 
 
 def home() -> Path:
@@ -48,7 +48,7 @@ MAX_NAME = 200  # characters: room for ".scene", ".ckpt" and a temp-file prefix 
 def valid_name(name: str) -> bool:
     """Letters, digits, '.', '_' and '-', starting with a letter or digit: nothing that
     can name another folder, hide a file or start an option."""
-    return bool(_NAME_RE.match(name)) and len(name) <= MAX_NAME
+    return bool(_NAME_RE.fullmatch(name)) and len(name) <= MAX_NAME
 
 
 def check_name(name: str) -> str:

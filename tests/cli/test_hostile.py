@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from helpers import craft, set_meta
 from scenebreak.cli.commands import cli
+from scenebreak.errors import BundleError
 
 
 @pytest.fixture
@@ -179,6 +180,35 @@ CASES = [
     ("scene-meta-deep", lambda w: ["show", _deep(w)], 2, "damaged"),
     ("scene-no-configs", lambda w: ["generate", _crafted(w, "x3", meta=lambda m: m.pop("configs") and None), "<asset1>"], 2,
      "no model configs"),
+    # fields of the wrong kind, or values no scene holds (were tracebacks, exit 1, or silent harm)
+    ("scene-lora-settings-missing", lambda w: ["show", _crafted(w, "y1", meta=lambda m: m.update(tuning="lora", standalone=False))],
+     2, "no LoRA settings"),
+    ("scene-config-not-a-dict", lambda w: ["show", _crafted(w, "y2", meta=set_meta("configs.extra", 1))], 2, "configs are damaged"),
+    ("scene-name-newline", lambda w: ["generate", _crafted(w, "y3", meta=set_meta("name", "x\n")), "<asset1>"], 2,
+     "not a valid scene name"),
+    ("scene-handle-newline", lambda w: ["export", _crafted(w, "y4", meta=set_meta("handles.0.token", "<a\n>")), "-f", "embeddings",
+                                        "-o", w["tmp"] / "out"], 2, "not a valid handle name"),
+    ("scene-metadata-huge", lambda w: ["show", _crafted(w, "y6", meta=set_meta("padding", [0] * 400_000))], 2, "at most 1048576"),
+    ("scene-lora-alpha-nan", lambda w: ["show", _crafted(w, "y7", meta=lambda m: m.update(
+        lora={"rank": 4, "alpha": float("nan"), "unet_targets": ["to_q"], "text_encoder_targets": ["q_proj"]}))], 2, "damaged"),
+    ("scene-lora-alpha-zero", lambda w: ["show", _crafted(w, "y8", meta=lambda m: m.update(
+        lora={"rank": 4, "alpha": 0, "unet_targets": ["to_q"], "text_encoder_targets": ["q_proj"]}))], 2, "alpha"),
+    ("scene-lora-targets-many", lambda w: ["show", _crafted(w, "y9", meta=lambda m: m.update(
+        lora={"rank": 4, "alpha": 4, "unet_targets": [f"t{i}" for i in range(1000)], "text_encoder_targets": ["q_proj"]}))],
+     2, "LoRA target list"),
+    ("scene-revision-not-text", lambda w: ["show", _crafted(w, "z1", meta=set_meta("base_model.revision", ["main"]))], 2,
+     "base model is damaged"),
+    ("scene-two-backgrounds", lambda w: ["extract-bg", _crafted(w, "z2", meta=lambda m: [h.update(background=True)
+                                                                                         for h in m["handles"]] and None)], 2,
+     "at most one background"),
+    ("scene-image-not-8-bit", lambda w: ["extract-bg", _crafted(w, "z3", tensors={"source.image": _as_float(w, "source.image")})],
+     2, "not 8-bit"),
+    ("scene-config-no-heads", lambda w: ["generate", _crafted(w, "z4", meta=set_meta("configs.text_encoder.num_attention_heads", 0)),
+                                         "<asset1>"], 2, "do not build a model"),
+    ("scene-scheduler-impossible", lambda w: ["generate", _crafted(w, "z5", meta=set_meta("configs.scheduler.num_train_timesteps", 1)),
+                                              "<asset1>", "--scheduler", "ddim"], 2, "scheduler config"),
+    ("scene-tokenizer-file-huge", lambda w: ["generate", _crafted(w, "z6", tensors={
+        "file.tokenizer/vocab.json": torch.zeros(2**24 + 1, dtype=torch.uint8)}), "<asset1>"], 2, "at most 16777216"),
     # edit / extract-bg
     ("edit-mask-size", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["small"], "<asset1>"], 2, "must match"),
     ("edit-output-not-png", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["tmp"] / "o.jpg",
@@ -218,6 +248,11 @@ def _corrupt_checkpoint(w):
 def _as_int(w, key):
     with safe_open(str(w["scene"]), framework="pt") as f:
         return f.get_tensor(key).to(torch.int32)
+
+
+def _as_float(w, key):
+    with safe_open(str(w["scene"]), framework="pt") as f:
+        return f.get_tensor(key).float()
 
 
 def _deep(w):
@@ -618,3 +653,140 @@ def test_the_error_line_and_messages_show_control_characters_as_escapes(world):
         text = out.getvalue()
         assert "[link=https://evil.example]x[/link]" in text and "\\x1b]0;pwned\\x07" in text and "\x1b]0;" not in text
         assert "base \\x1b[2J model\nsecond line" in text and "\x1b[2J" not in text
+
+
+def test_show_of_a_scene_without_a_name_or_lora_settings(world):
+    """The name is optional (a scene is named by its file), and a standalone LoRA scene
+    needs no settings to be shown: show stopped with KeyError / AttributeError."""
+    for meta in (lambda m: m.pop("name") and None, lambda m: m.update(tuning="lora", standalone=True, lora=None)):
+        result = CliRunner().invoke(cli, ["show", _crafted(world, "shown", meta=meta)])
+        assert result.exit_code == 0, result.output
+        assert "scene:       shown" in result.stdout or "tuning: lora" in result.stdout
+
+
+def test_rm_removes_a_damaged_scene_in_the_cache_and_says_each_deletion(world, monkeypatch):
+    """A damaged file in the scene cache (listed as unreadable) could not be removed with
+    rm; a file elsewhere still has to be a scene. Each deletion is printed as it happens."""
+    scenes = world["home"] / "scenes"
+    (scenes / "broken.scene").write_bytes(b"not a scene")
+    result = CliRunner().invoke(cli, ["rm", "broken"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [str(scenes / "broken.scene")] and not (scenes / "broken.scene").exists()
+    (world["tmp"] / "broken.scene").write_bytes(b"not a scene")
+    _one_error(CliRunner().invoke(cli, ["rm", str(world["tmp"] / "broken.scene")]), 2, "truncated or corrupt")
+    assert (world["tmp"] / "broken.scene").exists()
+
+    # The second deletion fails (a read-only folder): the first is on stdout all the same.
+    import pathlib
+
+    real_unlink = pathlib.Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name == "good.scene":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    result = CliRunner().invoke(cli, ["rm", "cached", str(world["scene"])])
+    assert result.exit_code == 1 and result.stdout.splitlines() == [str(scenes / "cached.scene")], result.output
+
+
+def test_list_shows_every_other_scene_when_one_fails_unforeseen(world, monkeypatch):
+    import scenebreak.scenes.catalog as catalog
+
+    real = catalog.read_metadata
+    (world["home"] / "scenes" / "odd.scene").write_bytes(world["scene"].read_bytes())
+    monkeypatch.setattr(catalog, "read_metadata", lambda path: (_ for _ in ()).throw(KeyError("lora"))
+                        if path.stem == "odd" else real(path))
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("\t")[0]: line for line in result.stdout.splitlines()}
+    assert "<asset1>" in rows["cached"] and "unreadable" in rows["odd"]
+
+
+def test_a_scene_tokenizer_config_cannot_name_other_files(world, tmp_path):
+    """On transformers 4.x a vocab_file / tokenizer_file key would be read instead of the
+    scene's own files: such keys are dropped before the tokenizer is built."""
+    from scenebreak.scenes.bundle import _without_code_references
+
+    data = json.dumps({"vocab_file": "/etc/passwd", "tokenizer_file": "/dev/zero", "merges_file": "/x", "model_max_length": 77})
+    assert json.loads(_without_code_references(data.encode(), "tokenizer_config.json")) == {"model_max_length": 77}
+
+    def hostile(config):
+        config.update(vocab_file=str(tmp_path / "nowhere.json"), tokenizer_file=str(tmp_path / "nowhere"))
+
+    scene = craft(world["scene"], tmp_path / "files-tok.scene", tensors=_tokenizer_config(hostile)(world["scene"]))
+    result = CliRunner().invoke(cli, ["generate", str(scene), "<asset1>", "--steps", "1", "--seed", "0", "--out-dir",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_scene_config_cannot_choose_an_attention_kernel(world, tmp_path, monkeypatch):
+    """transformers fetches and runs a hub kernel named by attn_implementation: a scene's
+    configs only size its models, so the key is dropped."""
+    import scenebreak.sample.scene_models as scene_models
+
+    built = []
+    real = scene_models.own_weights
+
+    def own_weights(scene, dtype):
+        models = real(scene, dtype)
+        built.extend(te.config._attn_implementation for te in models[2])
+        return models
+
+    monkeypatch.setattr(scene_models, "own_weights", own_weights)
+    scene = _crafted(world, "kernel", meta=set_meta("configs.text_encoder.attn_implementation", "kernels-community/evil"))
+    result = CliRunner().invoke(cli, ["generate", scene, "<asset1>", "--steps", "1", "--seed", "0", "--out-dir",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert built and all(implementation != "kernels-community/evil" for implementation in built)
+
+
+def test_a_scene_alone_downloads_only_a_known_base_model(world, monkeypatch):
+    """A LoRA scene names its base model, and a stranger's could name any model of any
+    size: one not in the cache is downloaded only when the user names it too."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from scenebreak.errors import ModelNotAvailable
+    from scenebreak.scenes.bundle import load_scene
+    from scenebreak.sample.scene_models import scene_base_model
+
+    downloads = []
+
+    def snapshot_download(ref, revision=None, allow_patterns=None, local_files_only=False):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        downloads.append(ref)
+        raise OSError("no network in the tests")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    scene = load_scene(world["scene"])
+    scene.meta["base_model"]["id"] = "stranger/huge-lookalike"
+    with pytest.raises(ModelNotAvailable, match="pass --base-model stranger/huge-lookalike to download it"):
+        scene_base_model(scene, None, "LoRA scene 'x'", "its LoRA adapters")
+    assert downloads == []
+    for named, asked in (("stabilityai/stable-diffusion-xl-base-1.0", None), ("stranger/huge-lookalike", "stranger/huge-lookalike")):
+        scene.meta["base_model"]["id"] = named
+        with pytest.raises(ModelNotAvailable, match="could not be downloaded"):
+            scene_base_model(scene, asked, "LoRA scene 'x'", "its LoRA adapters")
+    assert downloads == ["stabilityai/stable-diffusion-xl-base-1.0", "stranger/huge-lookalike"]
+
+
+def test_a_lora_scene_tokenizer_cannot_size_the_text_encoder(world, tmp_path):
+    """The base's token table is resized to the scene tokenizer's length: a tokenizer of
+    millions of tokens would have made a table of gigabytes. Only its handles are new."""
+    from scenebreak import LearnConfig, learn
+    from scenebreak.scenes.bundle import load_scene
+    from scenebreak.sample.scene_models import base_with_lora
+
+    lora = learn(world["image"], world["masks"], LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2),
+                 base_model=str(world["model"]), output=tmp_path / "lora.scene")
+    scene = load_scene(lora.path, weights=True)
+    from transformers import CLIPTextConfig
+
+    rows = CLIPTextConfig.from_pretrained(world["model"] / "text_encoder").vocab_size
+    with pytest.raises(BundleError, match="more than its base model's text encoder"):
+        base_with_lora(scene, None, [rows + 10**6])
+    assert base_with_lora(scene, None, [rows + 2])[2][0].get_input_embeddings().weight.shape[0] == rows + 2

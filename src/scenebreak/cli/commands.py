@@ -708,8 +708,7 @@ def rm_command(scenes):
     """
     from ..scenes.catalog import remove_scenes
 
-    for path in remove_scenes(scenes):
-        click.echo(str(path))
+    remove_scenes(scenes, removed=lambda path: click.echo(str(path)))
 
 
 @cli.command(name="export")

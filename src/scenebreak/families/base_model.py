@@ -77,10 +77,11 @@ class Components:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
 
-def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder holding the diffusers layout, and the hub commit if any. The
-    model's family is checked from its config files first: a model scenebreak cannot
-    train is refused before its weights are loaded or downloaded."""
+def resolve_model_dir(base_model: str, revision: str | None = None, download: bool = True) -> tuple[Path, str | None]:
+    """A local folder holding the diffusers layout, and the hub commit if any (a hub
+    model not in the cache is downloaded, unless `download` is False). The model's
+    family is checked from its config files first: a model scenebreak cannot train is
+    refused before its weights are loaded or downloaded."""
     from . import CONFIG_FILES, detect_family
 
     if looks_like_path(base_model):
@@ -92,10 +93,10 @@ def resolve_model_dir(base_model: str, revision: str | None = None) -> tuple[Pat
             if not (folder / part).is_dir():
                 raise InvalidInput(f"{folder} is not a diffusers {family.name} folder (no {part}/)")
         return folder, None
-    configs, _ = hub_snapshot(base_model, revision, CONFIG_FILES)
+    configs, _ = hub_snapshot(base_model, revision, CONFIG_FILES, download=download)
     family = detect_family(configs, f"the base model {base_model}")
     # Only what scenebreak uses: no root checkpoints, no fp16/ema variants, no .bin twins.
-    return hub_snapshot(base_model, revision, list(family.hub_files))
+    return hub_snapshot(base_model, revision, list(family.hub_files), download=download)
 
 
 def parameter_counts(folder: Path, family) -> dict[str, int]:

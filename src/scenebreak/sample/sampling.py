@@ -82,6 +82,7 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
         report(Message(f"{scene.family.name} takes no guidance: --guidance {config.guidance:g} is ignored", "warning"))
         config = dataclasses.replace(config, guidance=None)
     sampler, steps = scene.family.choose_sampler(config.scheduler, config.steps)
+    check_sampler_config(scene, sampler, steps)
     config = dataclasses.replace(config, scheduler=sampler, steps=steps,
                                  guidance=scene.family.guidance if config.guidance is None else config.guidance)
     tokenizers = scene_tokenizers(scene)
@@ -96,6 +97,20 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers,
                          report=report)
     return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
+
+
+def check_sampler_config(scene, sampler: str, steps: int) -> None:
+    """The scene's scheduler config makes its sampler (a stranger's scene may hold one
+    that does not): said in one line now, not after the models have loaded."""
+    from ..errors import BundleError
+
+    try:
+        size = scene.resolution // 8
+        scene.family.set_timesteps(scene.family.sampler(sampler, scene.meta["configs"]["scheduler"]), steps, (size, size), "cpu")
+    except Exception as exc:  # diffusers raises several types for impossible settings
+        raise BundleError(f"{scene.path or scene.name} is not a valid scene: its scheduler config does not make a "
+                          f"{sampler} sampler ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+                          ) from None
 
 
 MAX_PROMPTS_FILE = 2**20  # bytes: thousands of prompts

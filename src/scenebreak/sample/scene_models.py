@@ -4,6 +4,7 @@ of its family over them."""
 
 from __future__ import annotations
 
+from ..config import MAX_HANDLES
 from ..device import Device
 from ..errors import BundleError, InvalidInput, ModelNotAvailable
 from ..scenes.bundle import Scene, load_scene, tokenizer_from_files
@@ -100,20 +101,35 @@ def own_weights(scene: Scene, dtype):
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    configs = scene.meta["configs"]
+    configs = {name: model_config(config) for name, config in scene.meta["configs"].items()}
     names = scene.family.text_encoders
-    with init_empty_weights():  # no random init of weights we overwrite anyway
-        denoiser = scene.family.denoiser_class().from_config(configs[scene.family.denoiser])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoders = []
-        for name in names:
-            cls = scene.family.text_encoder_class(name)
-            text_encoders.append(cls(cls.config_class(**configs[name])))
+    try:
+        with init_empty_weights():  # no random init of weights we overwrite anyway
+            denoiser = scene.family.denoiser_class().from_config(configs[scene.family.denoiser])
+            vae = AutoencoderKL.from_config(configs["vae"])
+            text_encoders = []
+            for name in names:
+                cls = scene.family.text_encoder_class(name)
+                text_encoders.append(cls(cls.config_class(**configs[name])))
+    except Exception as exc:  # a config with values no model has (0 heads, negative widths): many error types
+        raise BundleError(f"{scene.path or scene.name} is not a valid scene: its model configs do not build a model "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
     for model, name in ((denoiser, scene.family.denoiser), (vae, "vae"), *zip(text_encoders, names)):
         check_weights_fit(scene, name, model.state_dict(), scene.weights[name])
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
         model.load_state_dict(state, assign=True, strict=True)
     return denoiser, vae, text_encoders
+
+
+# Config keys that would choose code, kernels or files to fetch (transformers loads a hub
+# kernel named by attn_implementation): a scene's configs only size its models.
+UNSAFE_CONFIG_KEYS = ("auto_map", "attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+                      "_attn_implementation_autoset", "quantization_config", "_name_or_path")
+
+
+def model_config(config: dict) -> dict:
+    """A recorded model config without the keys that are not the model's shape."""
+    return {key: value for key, value in config.items() if key not in UNSAFE_CONFIG_KEYS}
 
 
 STORED_FLOATS = ("torch.float16", "torch.bfloat16", "torch.float32")
@@ -148,16 +164,19 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
     being published in bf16, merging the adapters in it gives the very weights that
     merging in fp32 and casting would. The text encoders in `defer` wait for
     load_deferred (load_components)."""
+    from ..config import default_base_model
+    from ..families import KNOWN_BASES
     from ..families.base_model import load_components, resolve_model_dir, text_encoder_load_dtypes
 
     base = scene.meta["base_model"]
     half = half if scene.family.default_tune == "lora" else None
     try:
         model, revision = base_model or base["id"], None if base_model else (base.get("commit") or base.get("revision"))
-        resolved = resolve_model_dir(model, revision) if half is not None else None
+        # Where the scene alone names its base, only a known one is downloaded (else: the cache).
+        resolved = resolve_model_dir(model, revision, download=bool(base_model) or model in (*KNOWN_BASES,
+                                                                                           default_base_model()))
         c = load_components(model, revision, resolved, denoiser_dtype=half,
-                            text_encoder_dtypes=text_encoder_load_dtypes(scene.family, resolved[0], half) if resolved else None,
-                            defer=defer)
+                            text_encoder_dtypes=text_encoder_load_dtypes(scene.family, resolved[0], half), defer=defer)
     except (InvalidInput, ModelNotAvailable) as exc:
         fix = "" if "--base-model" in str(exc) else " (if it moved, pass --base-model with where it is now)"
         raise type(exc)(f"{who} needs its base model: {exc}{fix}") from None
@@ -208,6 +227,10 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     if kind != "none":
         quantize_adapterless_encoders(c, kind, dtype)  # (the denoiser was, before its adapters went in)
     for text_encoder, vocabulary in zip(c.text_encoders, vocabularies):
+        rows = text_encoder.get_input_embeddings().weight.shape[0]
+        if vocabulary > rows + MAX_HANDLES:  # the scene's tokenizer would size the table: only its handles are new
+            raise BundleError(f"{scene.path or scene.name} is not a valid scene: its tokenizer has {vocabulary} tokens, "
+                              f"{vocabulary - rows} more than its base model's text encoder")
         text_encoder.resize_token_embeddings(vocabulary, mean_resizing=False)  # the handle rows are set by the caller
     return c.denoiser, c.vae, c.text_encoders
 

@@ -44,6 +44,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 # Bounds on what a scene may ask of the machine: more than any real scene needs (the
 # handles and the LoRA rank are bounded where learn takes them, in config.py).
 MAX_STRING = 4096  # characters of any one string in the metadata
+MAX_METADATA = 2**20  # characters of the whole JSON metadata (a real scene's: some 10-40 thousand)
+MAX_LORA_TARGETS = 64  # module names per LoRA target list (real ones: 4 to 12)
+MAX_TOKENIZER_FILE = 2**24  # bytes of one tokenizer file (real ones: up to some 3 MB)
 
 
 @dataclass
@@ -189,8 +192,11 @@ def read_metadata(path: Path) -> dict:
         raise BundleError(f"{path} is not a readable .scene file (truncated or corrupt: {str(exc).splitlines()[0][:120]})") from None
     if header.get("format") != FORMAT or "scenebreak" not in header:
         raise BundleError(f"{path} is not a scenebreak scene (a safetensors file of another kind)")
+    if len(header["scenebreak"]) > MAX_METADATA:  # parsing it would cost memory and time the file chooses
+        raise BundleError(f"{path} is not a valid scene: its metadata has {len(header['scenebreak'])} characters "
+                          f"(at most {MAX_METADATA})")
     try:
-        meta = json.loads(header["scenebreak"])
+        meta = json.loads(header["scenebreak"], parse_constant=_no_constant)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise BundleError(f"{path} has damaged scenebreak metadata") from None
     if not isinstance(meta, dict):
@@ -210,6 +216,12 @@ def read_metadata(path: Path) -> dict:
     if problem:
         raise BundleError(f"{path} is not a valid scene: {problem}")
     return meta
+
+
+def _no_constant(name: str):
+    """JSON's NaN and Infinity, which Python reads but no scene writes (a NaN LoRA alpha
+    would sample black images): refused as damaged metadata."""
+    raise ValueError(f"{name} is not a number a scene holds")
 
 
 def _family_mismatch(meta: dict) -> str | None:
@@ -260,8 +272,13 @@ def metadata_problem(meta: dict) -> str | None:
         return "two handles have the same name"
     if len({h["mask_index"] for h in handles}) != len(handles):
         return "two handles have the same mask index"
+    backgrounds = sum(bool(h.get("background")) for h in handles)
+    if backgrounds > 1 or backgrounds == len(handles):  # learn makes at most one, beside at least one object
+        return "its handles are damaged (a scene has one or more objects and at most one background)"
     if not isinstance(base, dict) or not isinstance(base.get("id"), str) or not base.get("id") or not base.get("fingerprint"):
         return "its base model is missing or damaged"
+    if not all(base.get(key) is None or isinstance(base[key], str) for key in ("revision", "commit", "fingerprint", "family")):
+        return "its base model is damaged"
     from ..families import SUPPORTED
 
     family = base.get("family", "")
@@ -275,10 +292,15 @@ def metadata_problem(meta: dict) -> str | None:
     if name is not None and (not isinstance(name, str) or not valid_name(name)):
         return f"its name {str(name)[:40]!r} is not a valid scene name"
     lora = meta.get("lora")
+    if lora is None and Scene(meta=meta, embeddings=None, image=None, masks=None).needs_base_model:
+        return "it holds LoRA weights but no LoRA settings"
     if lora is not None:
         rank = lora.get("rank") if isinstance(lora, dict) else None
-        if not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK or not isinstance(lora.get("alpha"), (int, float)):
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_LORA_RANK:
             return f"its LoRA rank is not between 1 and {MAX_LORA_RANK}"
+        alpha = lora.get("alpha")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha <= 1e6:
+            return "its LoRA alpha is not a positive number"
         for key in ("unet_targets", "text_encoder_targets"):  # (the same targets in every text encoder)
             targets = lora.get(key)
             if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
@@ -287,13 +309,16 @@ def metadata_problem(meta: dict) -> str | None:
             targets = lora.get(f"{name}_targets", [])
             if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
                 return f"its LoRA {name}_targets are damaged"
+        if any(isinstance(value, list) and len(value) > MAX_LORA_TARGETS for value in lora.values()):
+            return f"a LoRA target list of more than {MAX_LORA_TARGETS} modules"
     configs = meta.get("configs")
     needed = (_family(meta).denoiser, "vae", "scheduler", *_family(meta).text_encoders)
-    if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)):
+    if configs is not None and not (isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)
+                                    and all(isinstance(c, dict) for c in configs.values())):
         return "its model configs are damaged"
-    if configs is None and not Scene(meta=meta, embeddings=None, image=None, masks=None).needs_base_model:
-        return "it holds full weights but no model configs to build them with"
-    return _config_problem(configs) if configs else None
+    if configs is None:  # (every scene records them: its sampler is made from them)
+        return "it holds no model configs"
+    return _config_problem(configs)
 
 
 # Config values that size a model, bounded so that a crafted scene cannot make
@@ -340,9 +365,13 @@ def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict
             raise BundleError(f"{path} is not a valid scene: {n} handles but embeddings of shape {tuple(rows.shape)}")
     if tuple(image.shape) != (r, r, 3) or tuple(masks.shape) != (n, r, r):
         raise BundleError(f"{path} is not a valid scene: its image or masks do not match resolution {r} and {n} handles")
-    for name in files:
+    if image.dtype != np.uint8 or masks.dtype != np.uint8:
+        raise BundleError(f"{path} is not a valid scene: its image or masks are {image.dtype}/{masks.dtype}, not 8-bit")
+    for name, data in files.items():
         if not is_tokenizer_entry(name):
             raise BundleError(f"{path} is not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
+        if len(data) > MAX_TOKENIZER_FILE:  # a vocabulary of millions would size the text encoder's table
+            raise BundleError(f"{path} is not a valid scene: its {name} has {len(data)} bytes (at most {MAX_TOKENIZER_FILE})")
 
 
 def is_tokenizer_entry(name: str) -> bool:
@@ -439,7 +468,8 @@ def tokenizer_from_files(files: dict[str, bytes], folder: str, family) -> object
 
 
 def _without_code_references(data: bytes, name: str) -> bytes:
-    """A tokenizer config with nothing in it that names code to load (`auto_map`)."""
+    """A tokenizer config with nothing in it that names code to load (`auto_map`) or
+    another file to read."""
     try:
         config = json.loads(data)
     except (ValueError, RecursionError):
@@ -447,4 +477,8 @@ def _without_code_references(data: bytes, name: str) -> bytes:
     if not isinstance(config, dict):
         raise BundleError(f"not a valid scene: its {name} is not a JSON object")
     config.pop("auto_map", None)
+    # A file name in the config (vocab_file, tokenizer_file, ...) would be read instead of
+    # the folder's own files on older transformers: the tokenizer is only what the scene holds.
+    for key in [key for key in config if key.endswith("_file") or key.endswith("_files")]:
+        config.pop(key)
     return json.dumps(config).encode()

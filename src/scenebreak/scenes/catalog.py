@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from ..errors import BundleError
 from ..events import printable
-from ..paths import resolve_scene
+from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir
 from .bundle import list_scenes, read_metadata
 
 
@@ -23,6 +24,8 @@ def scene_rows() -> list[dict]:
                          "family": meta["base_model"].get("family", ""), "created": meta.get("created"), "size_mb": round(path.stat().st_size / 2**20, 1)})
         except BundleError as exc:
             rows.append({"name": path.stem, "error": str(exc), "path": str(path)})
+        except Exception as exc:  # one file no check foresaw must not hide every other scene
+            rows.append({"name": path.stem, "error": f"{path} cannot be read ({type(exc).__name__})", "path": str(path)})
     return rows
 
 
@@ -39,7 +42,7 @@ def describe(summary: dict) -> str:
     """The summary as a few lines for people."""
     base = summary["base_model"]
     lines = [
-        f"scene:       {summary['name']}  ({summary['path']}, {summary['size_mb']} MB)",
+        f"scene:       {summary.get('name') or Path(summary['path']).stem}  ({summary['path']}, {summary['size_mb']} MB)",
         f"handles:     {'  '.join(_handle_label(h, summary) for h in summary['handles'])}",
         f"base model:  {base['id']}" + (f" @ {base['commit']}" if base.get("commit") else "")
         + (f"  ({base['family']})" if base.get("family") else ""),
@@ -62,7 +65,7 @@ def _number(value) -> str:
 def _tuning_label(meta: dict) -> str:
     if meta.get("tuning") != "lora":
         return meta.get("tuning", "full")
-    rank = meta.get("lora", {}).get("rank")
+    rank = (meta.get("lora") or {}).get("rank")
     return f"lora (rank {rank}, {'standalone' if meta.get('standalone') else 'needs its base model'})"
 
 
@@ -76,16 +79,26 @@ def _handle_label(handle: dict, meta: dict) -> str:
     return f"{handle['token']} ({masks[index]})" if index < len(masks) else handle["token"]
 
 
-def remove_scenes(refs: list[str | os.PathLike]) -> list[Path]:
-    """Delete scenes by cache name or path; returns the deleted paths. Every one is
-    checked to be a scene first: nothing is deleted if any is not."""
+def remove_scenes(refs: list[str | os.PathLike], removed: Callable[[Path], None] = lambda path: None) -> list[Path]:
+    """Delete scenes by cache name or path, calling `removed(path)` after each; returns
+    the deleted paths. Every one is checked to be a scene first: nothing is deleted if
+    any is not. A damaged file in the scene cache counts as a scene (`list` shows it
+    as unreadable: this is how it goes)."""
     # A scene named twice (`rm a a`, or by name and by path) is deleted once.
     unique: dict[Path, Path] = {}
     for path in map(resolve_scene, refs):
         unique.setdefault(path.resolve(), path)
     paths = list(unique.values())
     for path in paths:
-        read_metadata(path)
+        if not _cached_scene_file(path):
+            read_metadata(path)
     for path in paths:
         path.unlink()
+        removed(path)  # said as it goes: if a later one cannot be deleted, the earlier are known gone
     return paths
+
+
+def _cached_scene_file(path: Path) -> bool:
+    """A regular file named *.scene in the scene cache itself (not a link to elsewhere)."""
+    return (path.suffix == SCENE_SUFFIX and not path.is_symlink() and is_regular_file(path)
+            and path.parent.resolve() == scenes_dir().resolve())
