@@ -122,9 +122,11 @@ class Device:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so."""
-    return type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so; torch's CPU
+    allocator a RuntimeError that it "can't allocate memory"; numpy and Python MemoryError."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 def precision_name(dtype) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput, InvalidMask
+from .paths import is_regular_file
 
 
 @dataclass
@@ -33,6 +34,8 @@ def _open(path: Path, what: str):
         raise InvalidInput(f"{what} not found: {path}")
     if path.is_dir():
         raise InvalidInput(f"{what} is a folder, not an image: {path}")
+    if not is_regular_file(path):  # a FIFO or a device: reading it would block or never end
+        raise InvalidInput(f"{what} {path} is not a regular file")
     try:
         with warnings.catch_warnings():
             # Pillow warns from half its bomb limit on; such photos are merely big.

@@ -91,6 +91,8 @@ BAD = {
     "unknown option": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"stepz": 3}}', 2, "unknown option 'stepz'"),
     "wrong type": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"steps1": "10"}}', 2, "steps1 takes an integer"),
     "out of bounds": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"lr1": 5}}', 2, "--lr1 must be"),
+    "giant number": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"lr1": 1' + "0" * 400 + '}}', 2,
+                     "lr1 is far too large"),  # float() of it raised OverflowError: exit 1
     "bad choice": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "generate": {"scheduler": "x"}, "prompts": ["a"]}', 2,
                    "scheduler takes"),
     "names count": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "names": ["a", "b"]}', 2, "--names gives 2"),

@@ -354,6 +354,19 @@ def test_a_fifo_given_as_scene_is_refused_without_blocking(command, world, monke
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+@pytest.mark.parametrize("command", ["learn-photo", "learn-mask", "edit-photo", "edit-mask", "mask"])
+def test_a_fifo_given_as_photo_or_mask_is_refused_without_blocking(command, world):
+    """Pillow's open blocked on a FIFO for ever; scenes and prompt files were checked already."""
+    fifo = world["tmp"] / "pipe.png"
+    os.mkfifo(fifo)
+    image, mask = (fifo, world["masks"][0]) if command.endswith("photo") or command == "mask" else (world["image"], fifo)
+    args = {"learn": ["learn", image, "--masks", mask, "--base-model", world["model"]],
+            "edit": ["edit", image, "--scene", world["scene"], "--mask", mask, "<asset1>"],
+            "mask": ["mask", image, "--box", "1,1,20,20"]}[command.split("-")[0]]
+    _one_error(_invoke_guarded(args, [fifo]), 2, "not a regular file")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
 def test_a_fifo_in_the_cache_is_listed_as_unreadable(world):
     fifo = world["home"] / "scenes" / "pipe.scene"
     os.mkfifo(fifo)

@@ -213,6 +213,31 @@ def test_mps_out_of_memory_and_memory_budget(monkeypatch):
     assert code == 1 and "out of memory" in message and "Traceback" not in message
 
 
+def test_running_out_of_the_machines_memory_is_one_line_naming_the_fix(tiny_model, scene_files, monkeypatch):
+    """torch's CPU allocator says it "can't allocate memory" (no "out of memory"), numpy
+    raises MemoryError: both were a bare error line naming no fix."""
+    from scenebreak.cli.commands import describe
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 1073741824000 bytes. Error code 12 (Cannot allocate memory)")
+    for exc in (cpu, MemoryError("Unable to allocate 9.3 TiB for an array")):
+        assert is_out_of_memory(exc)
+        message, code = describe(exc)
+        assert code == 1 and message.startswith("out of memory (RAM): try a smaller") and "--device cpu" not in message
+    # learn on the CPU: the line names what helps there (not --device cpu)
+    from scenebreak import LearnConfig, learn
+    from scenebreak.errors import OutOfMemory
+    from scenebreak.train import trainer
+
+    def step(*args, **kwargs):
+        raise cpu
+
+    monkeypatch.setattr(trainer.Trainer, "run", step)
+    with pytest.raises(OutOfMemory, match="out of memory on .*: try --memory low .*a smaller --resolution$"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+              base_model=str(tiny_model), device="cpu")
+
+
 @pytest.mark.parametrize("tune", ["full", "lora"])
 def test_frozen_weights_wait_in_half_precision_and_come_back_bit_for_bit(tiny_model, scene_files, tune):
     """On GPUs the weights that do not train live in the autocast precision (all of

@@ -143,6 +143,19 @@ def test_bad_settings_are_refused_before_anything_is_written(scene_files, tiny_m
     assert not (home() / "scenes").exists()
 
 
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl"])
+def test_a_resolution_the_model_cannot_take_is_refused_before_any_weight_loads(scene_files, model, request, monkeypatch):
+    """It was checked after loading the base model (minutes for SDXL or FLUX.1); the
+    config files say it. The message is the one the loaded model gives."""
+    import scenebreak.families.base_model as base_model
+
+    folder = request.getfixturevalue(model)
+    monkeypatch.setattr(base_model, "load_components", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(InvalidInput, match=r"--resolution 36 does not suit this model: use a multiple of \d+ "
+                                           r"\(its native size is \d+\)"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(resolution=36), base_model=str(folder))
+
+
 def test_a_missing_hub_model_names_the_fix(scene_files):
     with pytest.raises(ModelNotAvailable, match="hf download .*--base-model"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(**SMALL), base_model="nobody/no-such-model")

@@ -70,6 +70,21 @@ def test_ui_refuses_a_missing_photo_and_warns_for_another_host(tmp_path):
     assert "warning: listening on 0.0.0.0" in err and process.returncode == 130
 
 
+def test_a_port_in_use_or_a_host_not_of_this_machine_is_one_line_naming_the_fix(tmp_path):
+    """Were `[Errno 98] Address already in use` and the like, naming no fix."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["ui", "--no-browser", "--port", str(port)])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.stderr.strip() == (f"Error: port {port} on 127.0.0.1 is in use (another `scenebreak ui`?): choose "
+                                         "another --port, or leave --port out to take a free one")
+    result = CliRunner().invoke(cli, ["ui", "--no-browser", "--host", "192.0.2.1"])  # TEST-NET-1: no machine's own
+    assert result.exit_code == 2 and "--host 192.0.2.1 is not an address of this machine" in result.stderr, result.output
+    assert result.stdout == ""
+
+
 def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_files, tiny_segmentation, tiny_model,
                                                                           tmp_path, monkeypatch):
     photo, masks = scene_files["image"], scene_files["masks"]

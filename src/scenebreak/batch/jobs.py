@@ -260,7 +260,10 @@ def _typed(f: dataclasses.Field, value, what: str):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an integer of hundreds of digits: past any float
+            raise InvalidInput(f"{what} is far too large ({str(value)[:12]}... with {len(str(value))} digits)") from None
     else:
         ok = isinstance(value, str)
     if not ok:

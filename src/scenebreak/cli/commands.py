@@ -69,6 +69,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
     from ..device import is_out_of_memory
 
     if is_out_of_memory(exc):
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the machine's memory, not a GPU's
+            return "out of memory (RAM): try a smaller --batch-size, -n or --resolution, or close other programs", 1
         return "out of memory: try a smaller --batch-size, or --device cpu", 1
     text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
     return f"{text} (run with --debug for the traceback)", 1

@@ -38,11 +38,34 @@ class LearnResult:
                 "seconds": round(self.seconds, 2), "resumed": self.resumed}
 
 
-def check_resolution(components, resolution: int) -> None:
-    """The training resolution must suit the denoiser and the attention loss's maps."""
-    factor = components.family.resolution_step(components.denoiser, components.vae)
+def check_resolution(family, denoiser, vae, resolution: int) -> None:
+    """The training resolution must suit the denoiser and the attention loss's maps
+    (`denoiser`, `vae`: the models, or stand-ins holding only their configs)."""
+    factor = family.resolution_step(denoiser, vae)
     if resolution < factor or resolution % factor:
-        raise InvalidInput(f"--resolution {resolution} does not suit this model: use a multiple of {factor} (its native size is {components.native_resolution})")
+        raise InvalidInput(f"--resolution {resolution} does not suit this model: use a multiple of {factor} "
+                           f"(its native size is {family.native_resolution(denoiser, vae)})")
+
+
+def check_resolution_from_files(folder: Path, resolution: int) -> None:
+    """check_resolution from the base model folder's config files alone, before any
+    weight loads (minutes for SDXL or FLUX.1); where they cannot be read, the load
+    will say what is wrong and the check runs after it."""
+    import json
+    from types import SimpleNamespace
+
+    from diffusers.configuration_utils import FrozenDict
+
+    from ..families import detect_family
+
+    family = detect_family(folder, f"the base model {folder}")
+    try:
+        denoiser, vae = (SimpleNamespace(config=FrozenDict(json.loads((folder / part / "config.json").read_text())))
+                         for part in (family.denoiser, "vae"))
+        family.resolution_step(denoiser, vae), family.native_resolution(denoiser, vae)
+    except Exception:  # (missing, garbled or incomplete configs: not this check's to report)
+        return
+    check_resolution(family, denoiser, vae, resolution)
 
 
 def default_name(image: Path) -> str:
@@ -129,6 +152,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
 
     base_model = base_model or default_base_model()
     resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
+    if config.resolution:
+        check_resolution_from_files(resolved[0], config.resolution)
     _check_room(resolved[0], config, out)
     report(Message(f"loading the base model {base_model}"))  # (FLUX.1's is tens of GB: seconds to minutes)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved, device,
@@ -214,8 +239,9 @@ def _out_of_memory_in_one_line(plan, device: Device):
         if not is_out_of_memory(exc):
             raise
         hint = "--tune lora" if plan.policy == "low" else "--memory low"
-        raise OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue), a smaller "
-                          "--resolution or --device cpu") from None
+        elsewhere = " or --device cpu" if device.type != "cpu" else ""
+        raise OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue) or a smaller "
+                          f"--resolution{elsewhere}") from None
 
 
 def _make_room_for_deferred(components, plan, device: Device, amp_dtype) -> None:
@@ -321,7 +347,7 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
                                  text_encoder_dtypes=text_encoder_load_dtypes(family, resolved[0], dtype),
                                  defer=tuple(family.adapterless_text_encoders()))
     resolution = config.resolution or components.native_resolution
-    check_resolution(components, resolution)
+    check_resolution(components.family, components.denoiser, components.vae, resolution)
     if config.lambda_attn != 0:  # (None: the family's, never 0)
         components.family.attention_layers(components.denoiser)  # the model has the loss's layers, or a clear error
     return components, resolution, prepare(image, masks, resolution, background=config.background)

@@ -8,6 +8,7 @@ load, images, the event stream); bodies are bounded; every failure is one JSON l
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import secrets
@@ -224,13 +225,30 @@ class Handler(BaseHTTPRequestHandler):
                 return
 
 
+def listen_failure(exc: OSError, host: str, port: int) -> SceneBreakError:
+    """Why the page cannot listen at host:port, in one line naming the fix."""
+    if exc.errno == errno.EADDRINUSE:
+        return SceneBreakError(f"port {port} on {host} is in use (another `scenebreak ui`?): choose another --port, "
+                               "or leave --port out to take a free one")
+    if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        return UsageError(f"--host {host} is not an address of this machine ({exc.strerror or exc}): "
+                          "use 127.0.0.1 (this machine only) or 0.0.0.0 (every network)")
+    if exc.errno == errno.EACCES:
+        return UsageError(f"port {port} needs privileges on this system: choose a --port above 1023")
+    return SceneBreakError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --host or --port")
+
+
 def serve(photo=None, *, host: str = "127.0.0.1", port: int = 0, on_ready=None, **options) -> None:
     """Serve the page for `photo` (App's `options`: out_dir, mask_config, base_model,
     device, report) until interrupted (Ctrl-C: KeyboardInterrupt); `on_ready(url)`
     gets the URL with its token. Whatever runs is stopped (learn saves its checkpoint)
     and the port closed before it returns."""
     app = App(photo, **options)
-    server = Server(app, host, port)
+    try:
+        server = Server(app, host, port)
+    except OSError as exc:  # the port is taken, or the host is no address of this machine
+        app.close()
+        raise listen_failure(exc, host, port) from None
     try:
         if on_ready:
             on_ready(server.url)
