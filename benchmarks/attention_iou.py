@@ -26,7 +26,7 @@ kernels used.
 Prints a table and saves it to benchmarks/results/attention_iou.md (and .json), the
 table rewritten after each run; `--model sdxl` runs it on the tiny SDXL instead (two
 text encoders, 8x VAE, 256x256: 8x8 maps too) and saves attention_iou-sdxl.md.
-`--model small` is the fast test's model (tests/test_mechanics.py), and its setting
+`--model small` is the fast test's model (tests/train/test_mechanics.py), and its setting
 `--model small --steps1 0 --steps2 100 --lr2 1e-3 --lambda-attn 0.3` gives
 attention_iou-small.md (`--out` names another file).
 

@@ -86,7 +86,7 @@ def cpu_precision(request, monkeypatch):
 
 def pytest_report_header(config):
     """The CPU, whether it has bf16 instructions and torch's thread count: what the
-    mechanics tests' figures depend on (tests/test_mechanics.py)."""
+    mechanics tests' figures depend on (tests/train/test_mechanics.py)."""
     import os
     import platform
 

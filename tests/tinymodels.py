@@ -218,7 +218,7 @@ VARIANTS = {
 def build_small_model(folder: Path, resolution: int = 64, seed: int = 0, sharpen: float = 4.0) -> Path:
     """The tiny SD 2.x at half its width (UNet channels 8/16/16, a one-layer text
     encoder of width 16), same maps and VAE, for the fast mechanics test
-    (tests/test_mechanics.py). Its cross-attention is sharpened 4x, not 8x: maps stay
+    (tests/train/test_mechanics.py). Its cross-attention is sharpened 4x, not 8x: maps stay
     as concentrated as a trained model's, but at 8x the softmax saturates and a short
     run often leaves a handle stuck on one cell outside both masks."""
     from transformers import CLIPTokenizer

@@ -139,8 +139,8 @@ class LearnConfig:
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.", bounds=Bounds(0, 1e12, above=True), cli=False)
     seed: int = setting(0, "Seed of everything random in training.", bounds=SEED)
     mixed_precision: str = setting(
-        "auto", "Autocast dtype (weights stay fp32): auto is bf16 (fp16 on old cards) on CUDA and fp32 elsewhere; "
-        "bf16 also works on CPUs with bf16 instructions.", choices=PRECISIONS)
+        "auto", "Autocast dtype (weights stay fp32): auto is bf16 (fp16 on old cards) on CUDA and on CPUs with bf16 "
+        "instructions, fp32 elsewhere.", choices=PRECISIONS)
     memory: str = setting(
         "auto", "low: gradient checkpointing, optimizer step inside the backward pass, 8-bit AdamW on CUDA; "
         "auto: low when fast would not fit.", choices=MEMORY_POLICIES)
@@ -159,8 +159,8 @@ class LearnConfig:
     quantize: str = setting(
         "auto", "LoRA tuning: hold the frozen base in 4 bits (nf4) or 8 bits (int8) with bitsandbytes, or none; auto: "
         "nf4 on a GPU where --memory low would not fit otherwise.", choices=QUANTIZE_CHOICES)
-    compile: bool = setting(False, "torch.compile the training step: faster steps on CUDA after a compile of a minute or "
-                                   "two, kept in the cache folder for the next run.")
+    compile: bool = setting(False, "torch.compile the training step (CUDA) after a compile of a minute or two, kept in "
+                                   "the cache folder for the next run; meant for faster steps, not yet measured on a GPU.")
     save_dtype: str = setting("fp16", "Precision of the weights stored in the scene.", choices=SAVE_DTYPES)
     checkpoint_every: int = setting(
         0, "Also save a resumable checkpoint every N steps (0: only at the end of phase 1 and on Ctrl-C).",

@@ -349,7 +349,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
                    "(default: every visible GPU, else one worker on the CPU).")
 @click.option("--ray", metavar="ADDRESS|auto",
               help="Run each job as a task on a Ray cluster started with `ray start`; auto: $RAY_ADDRESS or the one on "
-                   "this machine. Needs pip install 'scenebreak[ray]'.")
+                   "this machine. Needs Ray: pipx inject scenebreak ray.")
 @click.option("--gpus-per-job", type=Bounded(float, Bounds(0, 1024, above=True)),
               help="--ray: GPUs each job's task asks for (default: 1 where the cluster has GPUs, else 0).")
 @click.option("--shard", metavar="I/N",
