@@ -239,7 +239,7 @@ def check_room(needs: list[tuple[Path, int]], fix: str) -> None:
 
 
 def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()  # a link goes, not its target
 
 
 def _disk_nearly_full(folder: Path) -> bool:

@@ -60,7 +60,8 @@ def test_three_jobs_on_two_workers_one_failing_then_a_rerun_skips_everything(tmp
     got = lines(third.stdout)
     assert got["a"]["status"] == "skipped" and got["c"]["status"] == "done"
     assert [Path(p).name for p in got["c"]["images"]] == ["c-blue-on-a-table-4.png", "c-blue-in-the-snow-4.png"]
-    assert sorted(p.name for p in (out / "c" / "images").iterdir()) == sorted(Path(p).name for p in got["c"]["images"])
+    assert sorted(p.name for p in (out / "c" / "images").iterdir() if not p.name.startswith(".")) == sorted(
+        Path(p).name for p in got["c"]["images"])
 
 
 def test_shards_split_the_jobs_exactly(tmp_path):
@@ -221,6 +222,22 @@ def test_a_scene_this_batch_did_not_make_is_never_replaced(tmp_path):
     result = run_job(read_jobs(jobs)[0], tmp_path / "out")
     assert result.status == "failed" and "was not made by this batch" in result.error and "scenebreak rm mine" in result.error
     assert scene_path("mine").read_bytes() == b"someone's scene"
+
+
+@pytest.mark.parametrize("part", ["images", "masks"])
+def test_a_folder_this_batch_did_not_make_is_never_replaced(tmp_path, part):
+    """OUT/NAME/masks or images of the user's own (hand-drawn masks, say) was deleted and
+    replaced whole by the job's; now the job fails before any work, the folder kept."""
+    write_synthetic_scene(tmp_path / "in")
+    job = {"photo": "in/photo.png", "name": "mine", "prompts": ["<asset1>"]}
+    job.update({"objects": ["red square"]} if part == "masks" else {"masks": ["in/red.png"]})
+    jobs = write_jobs(tmp_path, [job])
+    theirs = tmp_path / "out" / "mine" / part
+    theirs.mkdir(parents=True)
+    (theirs / "drawn.png").write_bytes(b"by hand")
+    result = run_job(read_jobs(jobs)[0], tmp_path / "out")
+    assert result.status == "failed" and "was not made by scenebreak batch" in result.error, result
+    assert [p.name for p in theirs.iterdir()] == ["drawn.png"] and not scene_path("mine").exists()
 
 
 @pytest.mark.parametrize("devices", ["tpu", "cuda:7", "cpu,,cpu", "mps:1"])

@@ -22,6 +22,9 @@ from ..paths import checkpoint_path, home, is_regular_file, scene_path, write_at
 from .jobs import Job
 
 RECORD = "job.json"
+# Left in each folder a batch writes (masks/, images/): only such a folder, or one the
+# job's record lists, is ever replaced; a folder of the user's at that place is not.
+MADE_BY_BATCH = ".scenebreak-batch"
 MAX_RECORD_BYTES = 1 << 22
 
 
@@ -137,13 +140,17 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
     if scene.exists() and not ours:
         raise InvalidInput(f"scene {scene} already exists and was not made by this batch: remove it (scenebreak rm "
                            f"{job.name}), or give the job another \"name\"")
+    # The folders it will replace, checked before any work: a user's own there is left alone.
+    for part, needed in (("masks", job.objects), ("images", job.prompts)):
+        if needed:
+            check_folder_is_ours(folder / part, record.get(part))
 
     masks = list(job.masks)
     if job.objects:
         masks = state.get("masks") if same and state.get("masks") and all(Path(m).is_file() for m in state["masks"]) else None
         if masks is None:
             report(Message(f"job {job.number} ({job.name}): masks of {', '.join(job.objects)}"))
-            masks = _make_masks(job, folder / "masks", device, report)
+            masks = _make_masks(job, folder / "masks", device, report, record.get("masks"))
             state["masks"] = masks
             _write_record(folder, state)
 
@@ -174,38 +181,50 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
 
     images: list[str] = []
     if job.prompts:
-        images = _generate(job, scene, folder / "images", device, report, generate)
+        images = _generate(job, scene, folder / "images", device, report, generate, record.get("images"))
     state.update(state="done", images=images)
     _write_record(folder, state)
     return JobResult(job.number, job.name, "done", str(scene), images, resumed=resumed)
 
 
-def _make_masks(job: Job, target: Path, device, report: Reporter) -> list[str]:
+def _make_masks(job: Job, target: Path, device, report: Reporter, recorded) -> list[str]:
     """The job's words made into masks by `mask`, written as one folder."""
     from ..masks.masking import make_masks
 
     config = dataclasses.replace(job.mask, device=getattr(device, "name", device))
-    made = []
+    return _write_folder(target, recorded, lambda tmp: [p.name for p in make_masks(
+        job.photo, prompts=job.objects, config=config, out_dir=tmp, report=report).paths])
+
+
+def _generate(job: Job, scene: Path, target: Path, device, report: Reporter, generate, recorded) -> list[str]:
+    """The job's prompts sampled, written as one folder."""
+    return _write_folder(target, recorded, lambda tmp: [Path(image.path).name for image in generate(
+        str(scene), list(job.prompts), job.generate, out_dir=tmp, device=device, report=report).images])
+
+
+def _write_folder(target: Path, recorded, fill) -> list[str]:
+    """The folder `target` made whole by `fill(tmp)` (which returns the names of the
+    files it made) and put in place of an earlier one, which must be a batch's own:
+    `write_atomically` replaces a whole folder, and a user's folder there (say
+    OUT/cat/masks of hand-drawn masks) is refused instead, exit 2."""
+    check_folder_is_ours(target, recorded)
+    made: list[str] = []
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        run = make_masks(job.photo, prompts=job.objects, config=config, out_dir=tmp, report=report)
-        made.extend(p.name for p in run.paths)
+        made.extend(fill(tmp))
+        (tmp / MADE_BY_BATCH).write_text("made by scenebreak batch: replaced when the job runs again\n")
 
     write_atomically(target, write)
     return [str(target / name) for name in made]
 
 
-def _generate(job: Job, scene: Path, target: Path, device, report: Reporter, generate) -> list[str]:
-    """The job's prompts sampled, written as one folder."""
-    made = []
-
-    def write(tmp: Path) -> None:
-        result = generate(str(scene), list(job.prompts), job.generate, out_dir=tmp, device=device, report=report)
-        made.extend(Path(image.path).name for image in result.images)
-
-    write_atomically(target, write)
-    return [str(target / name) for name in made]
+def check_folder_is_ours(target: Path, recorded) -> None:
+    """`target` is not there, or a batch made it (its mark, or the record lists files in it)."""
+    listed = isinstance(recorded, list) and any(Path(str(p)).parent == target for p in recorded)
+    if target.is_symlink() or (target.exists() and not ((target / MADE_BY_BATCH).is_file() or listed)):
+        raise InvalidInput(f"{target} exists and was not made by scenebreak batch: move it away, or give the job "
+                           "another \"name\" (or the batch another --out)")
 
 
 def _write_record(folder: Path, state: dict) -> None:
