@@ -92,9 +92,11 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = temporary_beside(path)
     try:
         write(tmp)
+        flush_to_disk(tmp)  # after a power cut the rename must not publish an empty file
         if tmp.is_dir() and path.exists():
             _remove(path)  # a folder cannot be renamed over a non-empty one
         os.replace(tmp, path)
+        sync_folder(path.parent)  # and the rename itself is on the disk before anyone relies on it
     except Exception as exc:
         full = disk_full_error(exc, path)
         if full is not None:
@@ -104,6 +106,45 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             _remove(tmp)
     return path
+
+
+def flush_to_disk(path: Path) -> None:
+    """Force a file, or every file of a folder (and the folder), onto the disk: file
+    systems may otherwise put a rename on the disk before the data it names (XFS, and
+    ext4 for a new name), and a power cut would leave an empty scene or checkpoint."""
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if path.is_dir():
+        for item in sorted(path.rglob("*")):
+            if not item.is_symlink() and item.is_file():
+                _fsync(item, os.O_RDONLY)
+        for folder in sorted((p for p in path.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+            sync_folder(folder)
+        sync_folder(path)
+    elif path.is_file():
+        _fsync(path, os.O_RDONLY)
+
+
+def sync_folder(folder: Path) -> None:
+    """Put a folder's entries (a rename, a deletion) on the disk; a no-op where folders
+    cannot be opened (Windows) or synced."""
+    if os.name == "posix":
+        _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # a file system without fsync (some network ones) is no failure; a full disk is
+        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+            raise
+    finally:
+        os.close(fd)
 
 
 # Whose a temporary is: this machine (a cache may be shared over the network) and process.

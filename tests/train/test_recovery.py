@@ -106,6 +106,78 @@ def test_a_failed_final_write_keeps_the_training_and_says_how_to_finish(scene_fi
     _same(straight.path, resumed.path, "unet")
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_warning_and_the_scene_is_written(scene_files, tiny_model, monkeypatch):
+    """A full disk at a periodic checkpoint ended the run (the steps since the last one
+    lost, every resume failing the same way), and at the insurance before the scene was
+    written threw away the finished training without trying the scene."""
+    import errno
+
+    import torch as torch_module
+
+    import scenebreak.train.checkpoints as checkpoints
+
+    args = (scene_files["image"], scene_files["masks"])
+    config = LearnConfig(steps1=2, steps2=3, prior=False, lr2=1e-3, save_dtype="fp32", checkpoint_every=1)
+    straight = learn(*args, config, base_model=str(tiny_model), name="straight")
+    real_save, saves = torch_module.save, []
+
+    def full_disk_in_phase_2(state, path, *a, **k):
+        saves.append(state["phase"])
+        if state["phase"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(state, path, *a, **k)
+
+    monkeypatch.setattr(checkpoints, "FINAL_AFTER_SECONDS", -1.0)  # the insurance save is tried too
+    monkeypatch.setattr(torch_module, "save", full_disk_in_phase_2)
+    messages = []
+    result = learn(*args, config, base_model=str(tiny_model), name="full", report=messages.append)
+    warnings = [m.text for m in messages if "could not write the checkpoint" in getattr(m, "text", "")]
+    assert saves.count(2) == 3 and len(warnings) == 3, (saves, warnings)  # steps 1 and 2, and the insurance
+    assert all("no space left on device" in w.lower() and "training goes on" in w for w in warnings)
+    _same(straight.path, result.path, "unet")
+    assert not checkpoint_path("full").exists()
+
+
+def test_a_rerun_without_resume_never_replaces_an_interrupted_runs_checkpoint(scene_files, tiny_model, tmp_path):
+    """Up-arrow and Enter after a Ctrl-C (no --resume) replaced the checkpoint at the end
+    of phase 1, with all the training it held; it is refused, before any model loads,
+    and --force starts over. The dead run's temporaries are cleared first."""
+    from scenebreak.paths import HOST_TAG
+
+    args = ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]), "--base-model", str(tiny_model),
+            "--steps1", "1", "--steps2", "2", "--no-prior", "--name", "cut"]
+    with pytest.raises(Killed):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=2, prior=False),
+              base_model=str(tiny_model), name="cut", report=kill_at(2, 1))
+    checkpoint = checkpoint_path("cut")
+    before = checkpoint.read_bytes()
+    stale = checkpoint.parent / f".{checkpoint.name}.{HOST_TAG}-999999999-abcd.tmp"
+    stale.write_bytes(b"x" * 1000)  # a checkpoint write a kill cut short
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 2 and "left a checkpoint" in again.stderr and "--resume" in again.stderr, again.output
+    assert checkpoint.read_bytes() == before and not stale.exists()
+    forced = CliRunner().invoke(cli, [*args, "--force"])
+    assert forced.exit_code == 0 and "starting over" in forced.stderr, forced.output
+    assert not checkpoint.exists()
+
+
+def test_room_is_asked_for_two_checkpoints_when_one_replaces_another(scene_files, tiny_model, monkeypatch):
+    import scenebreak.train.learn as learn_module
+
+    asked = {}
+
+    def check_room(needs, fix):
+        asked[len(asked)] = dict((str(folder), count) for folder, count in needs)
+        raise learn_module.InvalidInput("stop here")
+
+    monkeypatch.setattr(learn_module, "check_room", check_room)
+    for every in (0, 10):
+        with pytest.raises(learn_module.InvalidInput):
+            learn(scene_files["image"], scene_files["masks"], LearnConfig(checkpoint_every=every), base_model=str(tiny_model))
+    folder = str(checkpoint_path("x").parent)
+    assert asked[1][folder] == 2 * asked[0][folder] > 0
+
+
 def test_a_nan_loss_stops_with_the_last_good_checkpoint(scene_files, tiny_model, monkeypatch):
     import scenebreak.train.trainer
 
@@ -199,6 +271,59 @@ def test_class_images_made_by_another_run_are_waited_for_and_reused(tiny_model):
     thread.join()
     texts = [m.text for m in messages]
     assert any("waiting for" in t for t in texts) and not any("generating" in t for t in texts)
+
+
+def test_a_damaged_cached_class_image_is_made_again(tiny_model):
+    """An empty or cut PNG in the cache (a power cut, a full disk) made every later learn
+    of that base and prompt fail reading it; it is made again instead."""
+    from PIL import Image
+
+    from scenebreak.device import choose_device
+    from scenebreak.families.base_model import load_components
+    from scenebreak.train.classimages import class_image_paths, ensure_class_images
+
+    components = load_components(str(tiny_model))
+    paths = class_image_paths(components.base.fingerprint, "a photo", 64, 3, components.family)
+    paths[0].parent.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(paths[0])
+    paths[1].write_bytes(b"")
+    paths[2].write_bytes(paths[0].read_bytes()[:40])
+    messages = []
+    assert ensure_class_images(components, choose_device("cpu"), "a photo", 3, 64, report=messages.append) == paths
+    assert any("generating 2 class images" in getattr(m, "text", "") for m in messages)
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+    with Image.open(paths[0]) as image:
+        assert image.getpixel((0, 0)) == (1, 2, 3)  # the whole one is kept
+
+
+def test_a_write_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """No fsync anywhere: after a power cut a rename could publish an empty scene or
+    checkpoint (XFS; ext4 for new names), and the checkpoint was deleted after it."""
+    import os
+
+    import scenebreak.paths as paths
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names open files through /proc (Linux)")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(paths.os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    paths.write_atomically(tmp_path / "a.scene", lambda tmp: tmp.write_bytes(b"weights"))
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)
+
+    def folder(tmp):
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "x.png").write_bytes(b"x")
+    events.clear()
+    paths.write_atomically(tmp_path / "images", folder)
+    synced = [where for kind, where in events if kind == "fsync"]
+    assert any(where.endswith("x.png") for where in synced) and synced[-1] == str(tmp_path)
 
 
 def test_two_learns_in_parallel_share_the_class_images(scene_files, tiny_model, tmp_path):

@@ -174,7 +174,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
             # Its checkpoint is from other inputs or settings (the JOBS line changed): start over.
             report(Message(f"job {job.number} ({job.name}): not resumed ({exc}); starting over", "warning"))
             resumed = False
-            learn(job.photo, masks, job.learn, resume=False, **{**args, "force": scene.exists()})
+            learn(job.photo, masks, job.learn, resume=False, **{**args, "force": True})  # (the scene is ours: checked)
         state["state"] = "learned"
         state.pop("images", None)
         _write_record(folder, state)

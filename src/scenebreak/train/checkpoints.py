@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import Interrupted, InvalidInput
-from ..events import Message, Reporter
+from ..events import Message, Reporter, silent
 from ..paths import checkpoint_path, is_regular_file, write_atomically
 
 # Training time that justifies one more checkpoint before the scene is written.
@@ -118,20 +118,37 @@ class Checkpoints:
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
         self.saved_at = time.monotonic()
 
-    def before_final_save(self, trainer) -> None:
+    def before_final_save(self, trainer, report: Reporter = silent) -> None:
         """Keep the finished training resumable while the scene is written, when more
         than FINAL_AFTER_SECONDS of work would otherwise be lost to a failed write (a
-        full disk): a resume then only writes the scene."""
+        full disk): a resume then only writes the scene. If this insurance cannot be
+        written, the scene is written all the same (it may well fit: a LoRA scene is
+        small)."""
         if time.monotonic() - self.saved_at > FINAL_AFTER_SECONDS:
-            self.save(trainer)
+            self._save_or_go_on(trainer, report)
 
-    def after_step(self, trainer, record, stop: StopFlag) -> None:
-        """Save when the rule says so; stop (Interrupted) when asked to."""
+    def after_step(self, trainer, record, stop: StopFlag, report: Reporter = silent) -> None:
+        """Save when the rule says so; stop (Interrupted) when asked to. A save on the
+        way (every N steps, the end of phase 1) that cannot be written (a full disk) is
+        a warning and training goes on: stopping then would lose the steps since the
+        last checkpoint, and the scene may still fit. A save to stop must succeed."""
         stopping = stop()
         if should_checkpoint(record, self.every, self.steps2, stopping):
-            self.save(trainer)
+            if stopping:
+                self.save(trainer)
+            else:
+                self._save_or_go_on(trainer, report)
         if stopping and not is_last_step(record, self.steps2):
             raise Interrupted("interrupted: checkpoint saved; run the same command with --resume to continue")
+
+    def _save_or_go_on(self, trainer, report: Reporter) -> None:
+        try:
+            self.save(trainer)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            kept = "the one before it is kept" if self.path.exists() else "there is none"
+            report(Message(f"could not write the checkpoint of {self.name!r} ({why}): training goes on; {kept}",
+                           "warning"))
 
     def remove(self) -> None:
         if self.path.exists():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import Interrupted
 from ..events import Message, Progress, Reporter, silent
-from ..paths import class_images_dir, write_atomically
+from ..paths import class_images_dir, is_regular_file, write_atomically
 
 def cache_folder(fingerprint: str, prompt: str, resolution: int, family, scheduler: str | None = None) -> Path:
     """The folder of the class images of this base model (fingerprint, family), prompt,
@@ -30,7 +30,22 @@ def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int
 
 def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, family, scheduler: str | None = None) -> int:
     """How many of those class images still have to be made."""
-    return sum(not p.exists() for p in class_image_paths(fingerprint, prompt, resolution, count, family, scheduler))
+    return sum(not usable(p) for p in class_image_paths(fingerprint, prompt, resolution, count, family, scheduler))
+
+
+def usable(path: Path) -> bool:
+    """A cached class image that reads as a whole PNG (an empty or cut one, as a power cut
+    or a full disk can leave, is made again instead of failing every later learn)."""
+    from PIL import Image
+
+    if not is_regular_file(path):
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # Pillow raises many types for damaged files
+        return False
 
 
 def ensure_class_images(components, device, prompt: str, count: int, resolution: int, amp_dtype=None,
@@ -43,7 +58,7 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
     scheduler, _ = components.family.choose_sampler(scheduler, None)
     paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family, scheduler)
     folder = paths[0].parent
-    if all(p.exists() for p in paths):
+    if all(usable(p) for p in paths):
         report(Message(f"using {count} cached class images from {folder}"))
         return paths
     from .locks import class_images_lock
@@ -51,7 +66,7 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
     folder.mkdir(parents=True, exist_ok=True)
     waiting = lambda holder: report(Message(f"waiting for {holder}, which is making the same class images"))  # noqa: E731
     with class_images_lock(folder, on_wait=waiting):
-        missing = [i for i, p in enumerate(paths) if not p.exists()]  # another run may have made them meanwhile
+        missing = [i for i, p in enumerate(paths) if not usable(p)]  # another run may have made them meanwhile
         if missing:
             _make(components, device, prompt, resolution, amp_dtype, [(i, paths[i]) for i in missing], report, should_stop,
                   batch_size, scheduler)

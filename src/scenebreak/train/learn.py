@@ -17,7 +17,8 @@ from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
 from ..images import background_mask, load_image, load_masks, prepare
-from ..paths import check_file_name_fits, check_name, check_room, home, is_writable_folder, scene_path
+from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_path, home, is_writable_folder,
+                     scene_path)
 from ..scenes.bundle import save_scene
 from .assemble import scene_from_training, scene_metadata
 from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
@@ -140,8 +141,22 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     if config.compile and device.type != "cuda":
         raise InvalidInput(f"--compile speeds up training on CUDA GPUs only: leave it out on {device.type}")
     with contextlib.nullcontext() if force else scene_lock(name):
+        _check_interrupted_run(name, resume=resume, force=force)
         return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report,
                       should_stop, started)
+
+
+def _check_interrupted_run(name: str, *, resume: bool, force: bool) -> None:
+    """An interrupted run's checkpoint is never replaced unasked: run again without
+    --resume (up-arrow, Enter, after a Ctrl-C), it would have been, at the end of phase 1,
+    with all the training it held. Its stale temporaries go (before the disk-room check)."""
+    from ..paths import remove_stale_temporaries
+
+    path = checkpoint_path(name)
+    remove_stale_temporaries(path)
+    if path.exists() and not resume and not force:
+        raise InvalidInput(f"an interrupted run of {name!r} left a checkpoint ({path}): add --resume to continue it, "
+                           "or --force to start over")
 
 
 def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report, should_stop,
@@ -163,8 +178,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
                               config.steps2)
     state = checkpoints.load(report) if resume else None
-    if state is None and checkpoints.path.exists():
-        report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced (--resume continues it)", "warning"))
+    if state is None and checkpoints.path.exists():  # (--force)
+        report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None)
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
     widen = plan.tune == "full" or not plan.half_frozen  # loaded in half precision for a frozen base the plan does not keep
@@ -213,7 +228,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                     report(Message(note, "warning"))
                 del state
             _train(trainer, checkpoints, stop, device, report)
-            checkpoints.before_final_save(trainer)
+            checkpoints.before_final_save(trainer, report)
             # Still inside the handler: a Ctrl-C now lets the save finish (a second one
             # aborts it, and the atomic write leaves no partial file).
             meta = scene_metadata(name=name, tokens=tokens, components=components, prepared=prepared, config=config, plan=plan,
@@ -267,7 +282,7 @@ def _train(trainer, checkpoints: Checkpoints, stop: StopFlag, device: Device, re
     steps = trainer.run()
     try:
         for record in _report_progress(steps, device, report):
-            checkpoints.after_step(trainer, record, stop)
+            checkpoints.after_step(trainer, record, stop, report)
     finally:
         # Closed here, not when collected: a second Ctrl-C while the trainer cleans up
         # (it puts the attention processors back) then propagates and ends in one line,
@@ -311,8 +326,10 @@ def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> None:
     counts = parameter_counts(model_dir, detect_family(model_dir, f"the base model {model_dir}"))
     resolution = config.resolution or 768
     png = resolution * resolution * 3 // 2  # a class image PNG, roughly
+    # A checkpoint replaced every N steps is there twice for a moment (the new beside the old).
+    checkpoints = 2 if config.checkpoint_every else 1
     check_room([(out.parent, scene_bytes(counts, config)),
-                (checkpoints_dir(), checkpoint_bytes(counts, config)),
+                (checkpoints_dir(), checkpoints * checkpoint_bytes(counts, config)),
                 (class_images_dir(), config.num_class_images * png if config.prior else 0)],
                fix="free some space, or point SCENEBREAK_HOME and -o to a bigger disk")
 
