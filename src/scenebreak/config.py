@@ -65,7 +65,17 @@ class Bounds:
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, not {value}"
         return (f"must be {'>' if self.above else 'at least'} {self.low:g} and "
-                f"{'below' if self.below else 'at most'} {self.high:g}, not {value:g}")
+                f"{'below' if self.below else 'at most'} {self.high:g}, not {_shown(value)}")
+
+
+def _shown(value) -> str:
+    """A number for a message: an integer past any float (a 400-digit --max-masks) made
+    `{value:g}` raise OverflowError, a traceback while the command line was parsed."""
+    try:
+        return f"{value:g}"
+    except OverflowError:
+        digits = str(value)
+        return f"{digits[:6]}... ({len(digits)} digits)"
 
 
 def setting(default, help: str, *, choices: tuple[str, ...] | None = None, bounds: Bounds | None = None,

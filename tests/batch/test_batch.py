@@ -92,6 +92,9 @@ BAD = {
     "unknown option": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"stepz": 3}}', 2, "unknown option 'stepz'"),
     "wrong type": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"steps1": "10"}}', 2, "steps1 takes an integer"),
     "out of bounds": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"lr1": 5}}', 2, "--lr1 must be"),
+    "giant integer": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"steps1": 1' + "0" * 400 + '}}', 2,
+                      "(401 digits)"),
+    "nested deeply": ("[" * 100_000 + "]" * 100_000, 2, "nested too deeply"),
     "giant number": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"lr1": 1' + "0" * 400 + '}}', 2,
                      "lr1 is far too large"),  # float() of it raised OverflowError: exit 1
     "bad choice": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "generate": {"scheduler": "x"}, "prompts": ["a"]}', 2,

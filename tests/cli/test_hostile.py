@@ -87,6 +87,8 @@ CASES = [
     # every number has a bound, checked as the command line is parsed (10^20 once started work or exited 1)
     ("learn-rank-huge", lambda w: LEARN(w, "--tune", "lora", "--rank", "2000"), 2, "at most 1024"),
     ("learn-rank-giant", lambda w: LEARN(w, "--rank", str(10**20)), 2, "--rank"),
+    ("mask-max-masks-past-any-float", lambda w: ["mask", w["image"], "--auto", "--max-masks", "1" + "0" * 400], 2,
+     "(401 digits)"),  # a traceback while parsing: {value:g} overflowed
     ("learn-lr2-giant", lambda w: LEARN(w, "--lr2", "1e20"), 2, "--lr2"),
     ("learn-lr-lora-giant", lambda w: LEARN(w, "--lr-lora", "1e20"), 2, "--lr-lora"),
     ("learn-lambda-giant", lambda w: LEARN(w, "--lambda-attn", "1e20"), 2, "--lambda-attn"),
@@ -209,6 +211,8 @@ CASES = [
                                               "<asset1>", "--scheduler", "ddim"], 2, "scheduler config"),
     ("scene-tokenizer-file-huge", lambda w: ["generate", _crafted(w, "z6", tensors={
         "file.tokenizer/vocab.json": torch.zeros(2**24 + 1, dtype=torch.uint8)}), "<asset1>"], 2, "at most 16777216"),
+    ("evaluate-empty-mask", lambda w: ["evaluate", _crafted(w, "z7", tensors={"source.masks": _emptied(w, 0)})], 2,
+     "empty mask for <asset1>"),
     # edit / extract-bg
     ("edit-mask-size", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["small"], "<asset1>"], 2, "must match"),
     ("edit-output-not-png", lambda w: ["edit", w["image"], "--scene", w["scene"], "--mask", w["masks"][0], "-o", w["tmp"] / "o.jpg",
@@ -248,6 +252,13 @@ def _corrupt_checkpoint(w):
 def _as_int(w, key):
     with safe_open(str(w["scene"]), framework="pt") as f:
         return f.get_tensor(key).to(torch.int32)
+
+
+def _emptied(w, index):
+    with safe_open(str(w["scene"]), framework="pt") as f:
+        masks = f.get_tensor("source.masks").clone()
+    masks[index] = 0
+    return masks
 
 
 def _as_float(w, key):

@@ -169,6 +169,10 @@ def test_learn_streams_its_progress_is_cancellable_and_resumes_then_generate(ui,
     job = ui.ok("/api/learn", {"masks": masks, "settings": settings, "name": "photo", "resume": True})
     status, data = ui.json("/api/learn", {"masks": masks, "settings": settings, "name": "photo"})
     assert status == 409 and "learn is still running" in data["error"]  # one at a time, as one learn per scene
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(picture, format="PNG")
+    status, data = ui.json("/api/upload?name=during.png", raw=picture.getvalue())
+    assert status == 409 and not (photo.parent / "during.png").exists()  # refused before it was written
     records = ui.wait()
     state = records[-1]
     assert state["state"] == "done" and state["result"]["resumed"] and state["result"]["handles"] == ["<red>", "<blue>"]
@@ -185,7 +189,7 @@ def test_learn_streams_its_progress_is_cancellable_and_resumes_then_generate(ui,
     assert status == 200 and headers["Content-Type"] == "image/png" and Image.open(io.BytesIO(data)).size[0] > 0
 
 
-def test_malformed_requests_get_one_line_not_a_failure(ui, scene_files):
+def test_malformed_requests_get_one_line_not_a_failure(ui, scene_files, monkeypatch):
     open_photo(ui, scene_files["image"])
     for path, body in [("/api/mask", {"points": [[1, 2, 3]]}), ("/api/mask", {"points": "20,20"}),
                        ("/api/mask", {"points": [[20, True]]}), ("/api/mask", {"points": [[20, 20]], "labels": ["x"]}),
@@ -193,9 +197,53 @@ def test_malformed_requests_get_one_line_not_a_failure(ui, scene_files):
                        ("/api/save", {"objects": {"id": 1}}), ("/api/learn", {"masks": "red.png"}),
                        ("/api/learn", {"masks": [1]}), ("/api/learn", {"masks": ["red.png"], "settings": [1]}),
                        ("/api/learn", {"masks": ["red.png"], "name": 7}), ("/api/generate", {"scene": 1, "prompt": "x"}),
-                       ("/api/open", {"path": "bad\u0000name.png"}), ("/api/nothing", {})]:
+                       ("/api/open", {"path": "bad\u0000name.png"}), ("/api/nothing", {}),
+                       # were 500s naming a Python exception (TypeError, OverflowError)
+                       ("/api/learn", {"masks": ["red.png"], "settings": {"names": 5}}),
+                       ("/api/learn", {"masks": ["red.png"], "settings": {"lr1": 10**400}}),
+                       ("/api/mask", {"points": [[10**400, 1]]})]:
         status, data = ui.json(path, body)
         assert status in (400, 404) and "\n" not in data["error"] and "Error" not in data["error"], (path, body, data)
+    status, body, _ = ui.call("/api/open", raw=b"[" * 200_000)  # nested past Python's stack: was RecursionError, a 500
+    assert status == 400 and b"not JSON" in body
+    # A scene given by name is a cached scene's, never a file of that name in the server's current folder.
+    monkeypatch.chdir(scene_files["image"].parent)
+    (scene_files["image"].parent / "notes").write_bytes(b"not a scene")
+    status, data = ui.json("/api/generate", {"scene": "notes", "prompt": "x"})
+    assert status == 400 and "scene not found" in data["error"], data
+
+
+def test_idle_and_refused_connections_are_closed(ui, monkeypatch):
+    """A connection that sends nothing held its thread for ever; a refused POST left its
+    body to be read as the next request; a Content-Length of "²" was a 500."""
+    import socket
+
+    import scenebreak.ui.server as server
+
+    monkeypatch.setattr(server.Handler, "timeout", 1)
+    host, port = ui.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as idle:
+        assert idle.recv(100) == b""  # closed by the server after its timeout
+    for headers in ({"X-Scenebreak-Token": "wrong", "Content-Length": "13"},
+                    {"X-Scenebreak-Token": ui.server.token, "Content-Length": "\u00b2"}):
+        with socket.create_connection((host, port), timeout=30) as refused:
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            refused.sendall(f"POST /api/open HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode("latin-1") + b'{"path": "x"}')
+            answer = b""
+            while chunk := refused.recv(65536):
+                answer += chunk
+        assert answer.count(b"HTTP/1.") == 1 and answer.split()[1] in (b"403", b"411"), answer[:200]
+
+
+def test_the_masks_held_are_bounded(ui, scene_files, monkeypatch):
+    import scenebreak.ui.app as app
+
+    monkeypatch.setattr(app, "MAX_OBJECT_MASKS", 3)
+    open_photo(ui, scene_files["image"])
+    for n in range(5):
+        ui.ok("/api/mask", {"id": str(n), "points": [[20, 20]]})
+    ui.ok("/api/mask", {"id": "2", "points": [[20, 20]]})  # drawn again: the newest
+    assert list(ui.server.app.masks) == ["3", "4", "2"]
 
 
 def test_uploads_are_bounded_and_land_in_the_photos_folder(ui, scene_files):

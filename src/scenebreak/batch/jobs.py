@@ -125,6 +125,8 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
         data = json.loads(line)
     except ValueError as exc:
         raise InvalidInput(f"not JSON ({exc})") from None
+    except RecursionError:  # nested deeper than Python's stack
+        raise InvalidInput("not JSON a job can be (nested too deeply)") from None
     if not isinstance(data, dict):
         raise InvalidInput('a job is a JSON object, e.g. {"photo": "cat.jpg", "masks": ["cat.mask1.png"]}')
     unknown = sorted(set(data) - set(KEYS))

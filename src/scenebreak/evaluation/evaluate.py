@@ -172,6 +172,10 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     objects = scene.object_tokens
     if not objects:
         raise InvalidInput(f"scene {scene.name!r} has no object handle to evaluate")
+    empty = [h.token for h in scene.handles if not h.background and not scene.masks[h.mask_index].any()]
+    if empty:  # identity compares the object under its mask: there is nothing to compare
+        raise InvalidInput(f"scene {scene.name!r} holds an empty mask for {', '.join(empty)}: its identity cannot be "
+                           "measured")
     config = config.validate(len(objects))
     words = dict(zip(objects, config.object_words(len(objects))))
     if scene.background_token:

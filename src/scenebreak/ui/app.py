@@ -17,13 +17,14 @@ from pathlib import Path
 from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
 from ..errors import InvalidInput, SceneBreakError
 from ..events import Reporter, silent
-from ..paths import fit_file_name, home, is_regular_file, resolve_scene, valid_name
+from ..paths import fit_file_name, home, is_regular_file, resolve_scene, scene_path, valid_name
 from .jobs import Job
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 MAX_UPLOAD_BYTES = 64 << 20  # a photo straight from a camera is well under this
 MAX_PHOTO_PIXELS = 50_000_000  # SAM sees 1024 px anyway; more only costs memory in the mask clean-up
 MAX_LISTED = 500  # photos listed from the folder
+MAX_OBJECT_MASKS = 64  # objects' masks held (the page never says which it deleted): the oldest goes first
 
 
 class OutsideFolders(InvalidInput):
@@ -57,7 +58,10 @@ def numbers(value, count: int, what: str) -> tuple[float, ...]:
     if not (isinstance(value, (list, tuple)) and len(value) == count
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise InvalidInput(f"{what} must be {count} numbers, not {str(value)[:60]}")
-    return tuple(float(v) for v in value)
+    try:
+        return tuple(float(v) for v in value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise InvalidInput(f"{what} must be {count} numbers of a sensible size") from None
 
 
 def listed(value, what: str) -> list:
@@ -86,12 +90,15 @@ def config_from(config_class, values: dict | None):
             if not isinstance(value, bool):
                 raise InvalidInput(f"{flag} is on or off (true or false), not {value!r}")
         elif kind == "list":
+            if not isinstance(value, (str, list)):
+                raise InvalidInput(f"{flag} takes words (text or a list), not {str(value)[:60]}")
             value = tuple(value.split() if isinstance(value, str) else map(str, value)) or None
         elif kind in ("int", "float"):
             try:
                 number = float(value) if kind == "float" else int(str(value).strip())
-            except (TypeError, ValueError):
-                raise InvalidInput(f"{flag} {value!r} is not a valid {'integer' if kind == 'int' else 'float'}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise InvalidInput(f"{flag} {str(value)[:40]!r} is not a valid {'integer' if kind == 'int' else 'float'}"
+                                   ) from None
             value = number
         elif not isinstance(value, str):
             raise InvalidInput(f"{flag} takes text, not {value!r}")
@@ -142,6 +149,7 @@ class App:
         self.masks: dict[str, object] = {}  # the page's object id -> its latest MaskResult
         self.job: Job | None = None
         self.lock = threading.Lock()
+        self.uploading = threading.Lock()
 
     # -- the folders ---------------------------------------------------------------------------------
 
@@ -225,6 +233,7 @@ class App:
 
         if len(data) > MAX_UPLOAD_BYTES:
             raise InvalidInput(f"the photo is over {MAX_UPLOAD_BYTES >> 20} MB")
+        self._refuse_while_running()  # before writing anything
         stem, suffix = Path(Path(str(name)).name).stem, Path(str(name)).suffix.lower()
         if suffix not in IMAGE_TYPES:
             raise InvalidInput(f"{name!r} is not a PNG, JPEG or WebP photo")
@@ -232,6 +241,8 @@ class App:
             with Image.open(io.BytesIO(data)) as image:
                 image.verify()
                 size = image.size
+        except Image.DecompressionBombError:
+            raise InvalidInput(f"{name!r} has too many pixels: at most {MAX_PHOTO_PIXELS // 1_000_000} megapixels") from None
         except Exception:  # noqa: BLE001 - whatever Pillow says, the answer is the same
             raise InvalidInput(f"{name!r} cannot be read as an image") from None
         if size[0] * size[1] > MAX_PHOTO_PIXELS:
@@ -239,15 +250,21 @@ class App:
         from ..paths import write_atomically
 
         stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip(".") or "photo"
-        for n in range(1, 1000):
-            target = self.folder / fit_file_name(stem if n == 1 else f"{stem}-{n}", suffix)
-            if not target.exists() or (is_regular_file(target) and target.read_bytes() == data):
-                break
-        else:
-            raise InvalidInput(f"too many photos named {stem} in {self.folder}")
-        if not target.exists():
-            write_atomically(target, lambda tmp: tmp.write_bytes(data))
+        with self.uploading:  # two uploads of one name at once: each its own file
+            for n in range(1, 1000):
+                target = self.folder / fit_file_name(stem if n == 1 else f"{stem}-{n}", suffix)
+                if not target.exists() or (is_regular_file(target) and target.read_bytes() == data):
+                    break
+            else:
+                raise InvalidInput(f"too many photos named {stem} in {self.folder}")
+            if not target.exists():
+                write_atomically(target, lambda tmp: tmp.write_bytes(data))
         return self.open_photo(target)
+
+    def _refuse_while_running(self) -> None:
+        with self.lock:
+            if self.job and self.job.running:
+                raise Busy(f"{self.job.kind} is still running: wait for it" + (" or cancel it" if self.job.cancellable else ""))
 
     def mask(self, object_id: str, points=(), labels=None, box=None, words=None) -> dict:
         """One object's mask from its clicks, box or words (masks.session)."""
@@ -262,7 +279,12 @@ class App:
         if words is not None and not isinstance(words, str):
             raise InvalidInput("words must be text")
         result = session.mask(f"object {object_id}", points, labels, box, words)
+        if session is not self.session:  # another photo was opened meanwhile: this mask is of the old one
+            raise InvalidInput("another photo was opened meanwhile: click on the object again")
+        self.masks.pop(object_id, None)  # (kept in the order last drawn)
         self.masks[object_id] = result
+        while len(self.masks) > MAX_OBJECT_MASKS:  # each a full-size mask: the oldest drawn goes
+            self.masks.pop(next(iter(self.masks)))
         return {"id": object_id, "score": result.score, "area": result.area, "box": list(result.box or ()),
                 "png": png_base64(result.mask)}
 
@@ -319,7 +341,8 @@ class App:
         scene = (scene or "").strip()
         if not scene:
             raise InvalidInput("choose a scene")
-        ref = scene if valid_name(scene) and not scene.endswith(".scene") else self.confined(scene, "scene")
+        # A name is a cached scene's, never a file of that name in the current folder.
+        ref = scene_path(scene) if valid_name(scene) and not scene.endswith(".scene") else self.confined(scene, "scene")
         read_metadata(resolve_scene(ref))  # a scene that is not there (or not a scene) fails here, not in the job
         config = config_from(GenerateConfig, settings).validate()
         out_dir = self.out_dir or self.folder

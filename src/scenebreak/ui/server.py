@@ -74,6 +74,10 @@ class Server(ThreadingHTTPServer):
 
 
 class Handler(BaseHTTPRequestHandler):
+    # A connection that sends nothing (or a body a byte a minute) holds a thread: not for ever.
+    # (The event stream writes at least every 15 s, so it never waits this long.)
+    timeout = 60
+
     server: Server
     protocol_version = "HTTP/1.1"
 
@@ -109,7 +113,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self, limit: int) -> bytes:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):  # ("²" is a digit to isdigit, not to int)
+            self.close_connection = True
             raise Refused(HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length")
         if int(length) > limit:
             self.close_connection = True  # the body is not read: the connection cannot be reused
@@ -119,7 +124,7 @@ class Handler(BaseHTTPRequestHandler):
     def _payload(self) -> dict:
         try:
             data = json.loads(self._body(MAX_JSON_BYTES) or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: nested deeper than Python's stack)
             raise Refused(HTTPStatus.BAD_REQUEST, "the request is not JSON") from None
         if not isinstance(data, dict):
             raise Refused(HTTPStatus.BAD_REQUEST, "the request must be a JSON object")
@@ -129,7 +134,12 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         try:
-            self._check(query)
+            try:
+                self._check(query)
+            except Refused:
+                # A refused request's body is never read: the connection cannot carry another.
+                self.close_connection = self.command == "POST" or self.close_connection
+                raise
             route(parts.path, query)
         except Refused as exc:
             self._error(exc.status, str(exc))
