@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,80 @@ def test_cli_exclude_takes_a_spot_out_of_one_objects_clicks(scene_files, models,
     result = run("mask", image, "--exclude", "30,30", "-p", "bowl", *models)
     assert result.exit_code == 2 and "click on the object with --point too" in result.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_all_instances_merges_the_best_matches_only_one_at_a_time():
+    """At --threshold 0 every one of Grounding DINO's 900 queries is above it: each went to
+    SAM as a full-size mask and all were stacked at once (tens of GB for a 12 MP photo)."""
+    import numpy as np
+
+    from scenebreak.config import MaskConfig
+    from scenebreak.masks.masking import MAX_INSTANCES, find_object
+
+    class Detector:
+        def detect(self, image, prompt):
+            boxes = np.array([[i % 50, 0, i % 50 + 2, 2] for i in range(900)], float)
+            return boxes, np.linspace(0.9, 0.01, 900)
+
+    class Segmenter:
+        asked = 0
+
+        def from_boxes(self, boxes):
+            Segmenter.asked = len(boxes)
+            for x0, *_ in boxes:
+                mask = np.zeros((4, 60), np.float32)
+                mask[0, int(x0)] = 1
+                yield mask, 1.0
+
+    score, mask = find_object(Detector(), Segmenter(), None, "cat", MaskConfig(all_instances=True, threshold=0.0))
+    assert Segmenter.asked == MAX_INSTANCES == 16 and score == 0.9
+    assert sorted(np.nonzero(mask[0])[0]) == list(range(16))
+
+
+def test_a_mask_over_most_of_the_photo_is_warned_about(tmp_path):
+    """SAM may take the surroundings, and the hole filling then closes them over the
+    object: a mask of (nearly) the whole photo was written without a word."""
+    import numpy as np
+    from PIL import Image
+
+    from scenebreak.events import Message
+    from scenebreak.masks.files import MaskResult
+    from scenebreak.masks.masking import write_run
+
+    image = Image.new("RGB", (40, 30))
+    full, part = np.ones((30, 40), np.uint8), np.zeros((30, 40), np.uint8)
+    part[5:15, 5:15] = 1
+    messages = []
+    write_run(tmp_path / "p.png", image, [MaskResult("cat", "prompt", 0.9, full), MaskResult("bowl", "box", 0.9, part)],
+              tmp_path, messages.append)
+    warnings = [m.text for m in messages if isinstance(m, Message) and m.level == "warning" and "covers" in m.text]
+    assert warnings == ["mask 1 (cat) covers 100% of the photo: likely not the object alone; check the preview, or give "
+                        "--box X0,Y0,X1,Y1 around it"]
+
+
+def test_a_mask_drawn_or_edited_by_hand_is_replaced_only_with_force(scene_files, models, tmp_path, monkeypatch):
+    """A re-run replaced STEM.mask1.png whatever it held: masks are often touched up by
+    hand (or drawn so, with the same names). Refused before any model loads."""
+    import scenebreak.masks.masking as masking
+
+    photo = scene_files["image"]
+    box = ["--box", "12,8,44,40"]
+    first = run("mask", photo, *box, *models, "--out-dir", tmp_path)
+    assert first.exit_code == 0, first.output
+    mask = Path(first.stdout.strip())
+    again = run("mask", photo, *box, *models, "--out-dir", tmp_path)  # unchanged: ours, replaced
+    assert again.exit_code == 0, again.output
+    edited = np.asarray(Image.open(mask)).copy()
+    edited[0:4, 0:4] = 255
+    Image.fromarray(edited).save(mask)
+    drawn = mask.read_bytes()
+    real = masking.Segmenter
+    monkeypatch.setattr(masking, "Segmenter", lambda *a, **k: pytest.fail("the segmenter was loaded"))
+    refused = run("mask", photo, *box, *models, "--out-dir", tmp_path)
+    assert refused.exit_code == 2 and error_lines(refused) == [
+        f"Error: {mask} is not a mask scenebreak wrote (yours, or edited since): move it, write elsewhere with "
+        "--out-dir, or pass --force to replace it"], refused.output
+    assert mask.read_bytes() == drawn
+    monkeypatch.setattr(masking, "Segmenter", real)
+    forced = run("mask", photo, *box, *models, "--out-dir", tmp_path, "--force")
+    assert forced.exit_code == 0 and mask.read_bytes() != drawn, forced.output

@@ -536,11 +536,12 @@ def _parse_box(text):
 @click.option("--auto", is_flag=True, help="No prompt needed: the largest distinct segments of the whole image.")
 @config_options(MaskConfig)
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the masks (default: beside IMAGE).")
+@click.option("--force", is_flag=True, help="Replace mask files scenebreak did not write (drawn or edited by hand).")
 @device_option
 @quiet_option
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (paths, labels, scores, boxes, areas) instead of paths.")
 @handle_errors
-def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, quiet, json_, **settings):
+def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, force, quiet, json_, **settings):
     """Make one mask per object in IMAGE, ready for `learn`: from text prompts
     (a detector finds the object, Segment Anything outlines it), boxes, clicks,
     or --auto. Writes STEM.mask1.png ... and STEM.masks-preview.png (STEM: the
@@ -559,7 +560,7 @@ def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, quiet, 
     config = make_config(MaskConfig, settings)
     result = with_reporter(quiet, lambda report: make_masks(image, prompts=prompts, points=points, boxes=boxes, auto=auto,
                                                             config=config, out_dir=out_dir, report=report,
-                                                            excludes=excludes))
+                                                            excludes=excludes, force=force))
     if json_:
         emit_json(result.to_dict())
         return

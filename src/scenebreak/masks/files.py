@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInput
-from ..paths import fit_file_name
+from ..paths import fit_file_name, sync_folder
 from . import ops as maskops
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 200, 0), (145, 30, 180), (70, 220, 220),
@@ -98,10 +98,24 @@ def _fingerprint(data: bytes) -> list:
     return [len(data), hashlib.sha256(data).hexdigest()]
 
 
-def write_masks(image_path: Path, image, results: list[MaskResult], out_dir: Path) -> Path:
+def check_replaceable(image_path: Path, mask_paths: list[Path], force: bool, earlier: dict | None = None) -> None:
+    """Refuse to replace a mask file scenebreak did not write as it is now (one you drew
+    or edited, or a link), unless `force`: masks are often touched up by hand."""
+    if force:
+        return
+    if earlier is None:
+        earlier = read_record(Path(mask_paths[0]).parent / record_name(image_path), image_path) if mask_paths else {}
+    for path in mask_paths:
+        if os.path.lexists(path) and not is_our_mask(path, earlier.get(path.name, [])):
+            raise InvalidInput(f"{path} is not a mask scenebreak wrote (yours, or edited since): move it, write "
+                               "elsewhere with --out-dir, or pass --force to replace it")
+
+
+def write_masks(image_path: Path, image, results: list[MaskResult], out_dir: Path, force: bool = False) -> Path:
     """Write STEM.mask1.png ... (0/255, the image's size) and STEM.masks-preview.png,
     all or none; then remove the masks of an earlier run with higher numbers, so that
     `STEM.mask*.png` globs only this run's, as far as the record shows them unchanged.
+    A mask file there that scenebreak did not write is replaced only with `force`.
     Sets each result's path; returns the preview's."""
     from PIL import Image
 
@@ -113,6 +127,7 @@ def write_masks(image_path: Path, image, results: list[MaskResult], out_dir: Pat
     files = [(path, _png(Image.fromarray(r.mask * 255))) for path, r in zip(mask_paths, results)]
     files.append((preview, _png(draw_preview(image, results))))
     earlier = read_record(record, image_path)
+    check_replaceable(image_path, mask_paths, force, earlier)
     now = {path.name: [_fingerprint(data)] for path, data in files[:-1]}
     out_dir.mkdir(parents=True, exist_ok=True)
     # The record names the old and the new masks before any is replaced: an interrupted
@@ -155,17 +170,25 @@ def read_record(path: Path, image_path: Path) -> dict[str, list]:
     return masks
 
 
-def _remove_if_ours(path: Path, prints: list) -> bool:
-    """Delete `path` if it is a plain file (never a link: links are not followed) with
-    the size and sha256 of a mask scenebreak wrote. True unless it was ours and stays."""
+def is_our_mask(path: Path, prints: list) -> bool:
+    """Whether `path` is a plain file (never a link: links are not followed) with the size
+    and sha256 of a mask scenebreak wrote."""
     try:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode) or info.st_size not in {size for size, _ in prints}:
-            return True  # not ours
+            return False
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
         with os.fdopen(fd, "rb") as file:
-            digest = hashlib.sha256(file.read()).hexdigest()
-        if [info.st_size, digest] in prints:
+            return [info.st_size, hashlib.sha256(file.read()).hexdigest()] in prints
+    except OSError:
+        return False
+
+
+def _remove_if_ours(path: Path, prints: list) -> bool:
+    """Delete `path` if it is a mask scenebreak wrote, unchanged. True unless it was ours
+    and stays."""
+    try:
+        if is_our_mask(path, prints):
             path.unlink()
         return True
     except FileNotFoundError:
@@ -186,8 +209,12 @@ def _replace_all(files: list[tuple[Path, bytes]]) -> None:
             staged.append(tmp)
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
+                file.flush()
+                os.fsync(file.fileno())  # on the disk before it takes its name (a power cut)
         for tmp, (path, _) in zip(staged, files):
             os.replace(tmp, path)
+        if files:
+            sync_folder(files[0][0].parent)
     finally:
         for tmp in staged:
             if os.path.lexists(tmp):

@@ -19,11 +19,12 @@ from ..events import Message, Progress, Reporter, silent
 from ..hub import check_models_available
 from . import ops as maskops
 from .detector import Detector
-from .files import MaskResult, check_outputs, output_paths, write_masks
+from .files import MaskResult, check_outputs, check_replaceable, output_paths, write_masks
 from .segmenter import AUTO_MAX_COVER, Segmenter
 
 OVERLAP_LIMIT = 0.5  # report pairs sharing more than half of the smaller mask
 OVERLAP_WARNINGS = 10  # pairs named one by one; more are counted in one line
+MAX_INSTANCES = 16  # matches of one prompt merged by --all-instances, the best-scored first
 
 
 @dataclass
@@ -106,11 +107,13 @@ def check_writable(folder: Path) -> None:
 # -- the whole command -----------------------------------------------------------------------------
 
 def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, config: MaskConfig | None = None,
-               out_dir=None, report: Reporter = silent, excludes=()) -> MaskRun:
+               out_dir=None, report: Reporter = silent, excludes=(), force: bool = False) -> MaskRun:
     """Make, clean and write one mask per prompt, box and point (or group of points)
     and, with `auto`, the largest distinct segments; in that order. `excludes` are
     clicks beside the object of the points (one point, or a group): its mask leaves
-    them out. Everything is checked before the first file is written."""
+    them out. A mask file there that scenebreak did not write (drawn or edited by
+    hand) is replaced only with `force`. Everything is checked before the first file
+    is written."""
     from ..device import choose_device
     from ..images import load_image
     from ..hub import quiet_libraries
@@ -137,7 +140,9 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     check_inside(points + excludes, boxes, image.size)
     out_dir = Path(out_dir) if out_dir is not None else image_path.parent
     check_writable(out_dir)
-    check_outputs(output_paths(image_path, out_dir, asked + (1 if auto else 0)))  # --auto makes one or more
+    outputs = output_paths(image_path, out_dir, asked + (1 if auto else 0))  # --auto makes one or more
+    check_outputs(outputs)
+    check_replaceable(image_path, outputs[:-2], force)  # (before the models load; all of them again when written)
     min_area = config.min_area if config.min_area is not None else maskops.default_min_area(image.size)
 
     quiet_libraries()
@@ -188,7 +193,8 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
                                "or give --box X0,Y0,X1,Y1 or --prompt TEXT")
         tick()
 
-    return write_run(image_path, image, results, out_dir, report, detector_ref if prompts else None, segmenter_ref)
+    return write_run(image_path, image, results, out_dir, report, detector_ref if prompts else None, segmenter_ref,
+                     force=force)
 
 
 def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> tuple[float, np.ndarray]:
@@ -200,9 +206,13 @@ def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> 
         raise InvalidInput(
             f"nothing matches {prompt!r} above --threshold {config.threshold:g}{best}: try a lower --threshold, "
             "other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1")
-    chosen = found[above] if config.all_instances else found[:1]
-    masks = segmenter.from_boxes(chosen)
-    return float(scores[0]), np.max(np.stack([m for m, _ in masks]), axis=0)
+    # The best-scored matches only (sorted by score): at --threshold 0 all of Grounding DINO's
+    # 900 queries are above it, and each would be a full-size mask from SAM.
+    chosen = found[above][:MAX_INSTANCES] if config.all_instances else found[:1]
+    merged = None
+    for mask, _ in segmenter.from_boxes(chosen):
+        merged = mask if merged is None else np.maximum(merged, mask, out=merged)
+    return float(scores[0]), merged
 
 
 def cleaned_result(label: str, source: str, score: float, mask: np.ndarray, min_area: int, config: MaskConfig) -> MaskResult:
@@ -215,8 +225,13 @@ def cleaned_result(label: str, source: str, score: float, mask: np.ndarray, min_
 
 
 def write_run(image_path: Path, image, results: list[MaskResult], out_dir: Path, report: Reporter = silent,
-              detector: str | None = None, segmenter: str | None = None) -> MaskRun:
+              detector: str | None = None, segmenter: str | None = None, force: bool = False) -> MaskRun:
     """Report the overlapping pairs, write the masks and their preview (files.py)."""
+    for n, result in enumerate(results, 1):
+        cover = float(np.asarray(result.mask).astype(bool).mean())
+        if cover > AUTO_MAX_COVER:  # SAM took the surroundings and the hole filling closed them over the object
+            report(Message(f"mask {n} ({result.label}) covers {cover:.0%} of the photo: likely not the object alone; "
+                           "check the preview, or give --box X0,Y0,X1,Y1 around it", level="warning"))
     found_overlaps = maskops.overlaps([r.mask for r in results], OVERLAP_LIMIT)
     for i, j, fraction in found_overlaps[:OVERLAP_WARNINGS]:
         report(Message(f"masks {i + 1} ({results[i].label}) and {j + 1} ({results[j].label}) overlap: {fraction:.0%} of "
@@ -224,7 +239,7 @@ def write_run(image_path: Path, image, results: list[MaskResult], out_dir: Path,
     if len(found_overlaps) > OVERLAP_WARNINGS:
         report(Message(f"{len(found_overlaps) - OVERLAP_WARNINGS} more pairs of masks overlap as much (--json lists them all)",
                        level="warning"))
-    preview = write_masks(image_path, image, results, out_dir)
+    preview = write_masks(image_path, image, results, out_dir, force)
     return MaskRun(image_path, results, preview, found_overlaps, detector, segmenter)
 
 
