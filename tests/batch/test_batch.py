@@ -95,6 +95,10 @@ BAD = {
     "giant integer": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"steps1": 1' + "0" * 400 + '}}', 2,
                       "(401 digits)"),
     "nested deeply": ("[" * 100_000 + "]" * 100_000, 2, "nested too deeply"),
+    "same names": ('{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "names": ["cat", "cat"]}', 2,
+                   "learn: duplicate handle name <cat>"),
+    "name with a space": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "names": ["my cat"]}', 2,
+                          "learn: invalid handle name"),
     "giant number": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"lr1": 1' + "0" * 400 + '}}', 2,
                      "lr1 is far too large"),  # float() of it raised OverflowError: exit 1
     "bad choice": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "generate": {"scheduler": "x"}, "prompts": ["a"]}', 2,
@@ -241,6 +245,36 @@ def test_a_folder_this_batch_did_not_make_is_never_replaced(tmp_path, part):
     result = run_job(read_jobs(jobs)[0], tmp_path / "out")
     assert result.status == "failed" and "was not made by scenebreak batch" in result.error, result
     assert [p.name for p in theirs.iterdir()] == ["drawn.png"] and not scene_path("mine").exists()
+
+
+def test_jobs_of_words_take_the_environments_models_as_mask_does(tmp_path, monkeypatch):
+    """SCENEBREAK_DETECTOR / SCENEBREAK_SEGMENTER reached `mask` through its options only:
+    a batch on an offline cluster asked for the hub's models."""
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "objects": ["cat"]},
+                                 {"photo": "in/photo.png", "objects": ["cat"], "name": "own", "mask": {"detector": "mine"}}])
+    monkeypatch.setenv("SCENEBREAK_DETECTOR", "/models/gdino")
+    monkeypatch.setenv("SCENEBREAK_SEGMENTER", "/models/sam")
+    first, second = read_jobs(jobs)
+    assert (first.mask.detector, first.mask.segmenter) == ("/models/gdino", "/models/sam")
+    assert (second.mask.detector, second.mask.segmenter) == ("mine", "/models/sam")
+
+
+def test_a_rerun_with_a_photo_gone_unreadable_fails_that_job_only(tmp_path, tiny_model):
+    """The rerun's check for done jobs hashed every photo outside any try: one photo made
+    unreadable stopped the whole batch before any job started."""
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "gone",
+                                  "learn": {"steps1": 1, "steps2": 1, "prior": False, "base-model": str(tiny_model)}}])
+    out = tmp_path / "out"
+    assert run_job(read_jobs(jobs)[0], out, device="cpu").status == "done"
+    job = read_jobs(jobs)[0]
+    (tmp_path / "in" / "photo.png").unlink()
+    from scenebreak.batch.runner import Board, _skipped_here
+
+    from scenebreak.events import silent
+
+    assert _skipped_here(job, out, Board(1, silent)) is False
 
 
 @pytest.mark.parametrize("devices", ["tpu", "cuda:7", "cpu,,cpu", "mps:1"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
 from ..errors import InvalidInput
-from ..handles import handles_in
+from ..handles import check_handle_tokens, handles_in
 from ..paths import check_name, is_regular_file, read_text_file
 
 MAX_JOBS_FILE = 64 * 2**20  # bytes: a hundred thousand jobs and more
@@ -155,6 +155,9 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
     for key, value in extra.items():
         _text(value, f"learn: {key.replace('_', '-')}")
     mask = _config(MaskConfig, _options(data.get("mask"), "mask"), "mask")
+    # As `mask` takes them: the environment's models where the job names none (an offline cluster).
+    mask = dataclasses.replace(mask, detector=mask.detector or os.environ.get("SCENEBREAK_DETECTOR") or None,
+                               segmenter=mask.segmenter or os.environ.get("SCENEBREAK_SEGMENTER") or None)
     if "mask" in data and not objects:
         raise InvalidInput('"mask" options apply to "objects" only')
     try:
@@ -167,6 +170,10 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
     name = check_name(_text(data["name"], "name") if "name" in data else default_name(Path(photo)))
     prompts = _texts(data.get("prompts"), "prompts", empty=True)
     handles = learn.handle_tokens(count)
+    try:
+        check_handle_tokens(handles)  # (learn would refuse them, after the masks were made)
+    except InvalidInput as exc:
+        raise InvalidInput(f"learn: {exc}") from None
     for prompt in prompts:
         for token in handles_in(prompt):
             if token not in handles:

@@ -88,7 +88,11 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
 def _skipped_here(job: Job, out: Path, board: "Board") -> bool:
     """A job already done is skipped without a worker (the worker checks again under its lock)."""
     record = read_record(job_folder(job, out))
-    if record and is_done(record, job.key()):
+    try:
+        done = bool(record) and is_done(record, job.key())
+    except OSError:  # a photo or mask unreadable now: the job's own failure, said by its worker
+        return False
+    if done:
         board.finished(JobResult(job.number, job.name, "skipped", record.get("scene"), list(record.get("images", [])),
                                  note="already done with the same inputs and settings"))
         return True
