@@ -88,15 +88,28 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     their error turned into the usual OSError(ENOSPC), so callers can name the fix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _settle_replaced_folder(path)
     remove_stale_temporaries(path)
     tmp = temporary_beside(path)
+    aside = None
     try:
         write(tmp)
         flush_to_disk(tmp)  # after a power cut the rename must not publish an empty file
-        if tmp.is_dir() and path.exists():
-            _remove(path)  # a folder cannot be renamed over a non-empty one
-        os.replace(tmp, path)
+        if tmp.is_dir() and os.path.lexists(path):
+            # A folder cannot be renamed over a non-empty one: the old one steps aside (a
+            # rename, not a deletion) and goes only once the new one is in its place.
+            aside = temporary_beside(path, "old")
+            os.rename(path, aside)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, path)
+                aside = None
+            raise
         sync_folder(path.parent)  # and the rename itself is on the disk before anyone relies on it
+        if aside is not None:
+            _remove(aside)
     except Exception as exc:
         full = disk_full_error(exc, path)
         if full is not None:
@@ -106,6 +119,21 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             _remove(tmp)
     return path
+
+
+def _settle_replaced_folder(path: Path) -> None:
+    """A run killed while replacing a folder left the old one aside: it goes back where
+    the new one never arrived, and is removed where the new one did."""
+    if os.path.lexists(path):
+        remove_stale_temporaries(path, ("old",))
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{HOST_TAG}-(\d+)-[0-9a-f]{{4}}\.old")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            match = pattern.fullmatch(entry.name)
+            if match and not entry.is_symlink() and not process_alive(int(match[1])):
+                os.rename(entry.path, path)
+                return
 
 
 def flush_to_disk(path: Path) -> None:

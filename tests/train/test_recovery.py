@@ -161,6 +161,21 @@ def test_a_rerun_without_resume_never_replaces_an_interrupted_runs_checkpoint(sc
     assert not checkpoint.exists()
 
 
+@pytest.mark.parametrize("damage", ["no seconds", "no phase"])
+def test_a_checkpoint_of_another_version_is_one_line(scene_files, tiny_model, damage):
+    """A checkpoint missing a part (another version of scenebreak) was `KeyError: 'seconds'`."""
+    from scenebreak.errors import InvalidInput
+
+    args = (scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=2, prior=False))
+    with pytest.raises(Killed):
+        learn(*args, base_model=str(tiny_model), name="old", report=kill_at(2, 1))
+    state = torch.load(checkpoint_path("old"), weights_only=True)
+    state.pop("seconds" if damage == "no seconds" else "phase")
+    torch.save(state, checkpoint_path("old"))
+    with pytest.raises(InvalidInput, match="damaged or from another version of scenebreak.*drop --resume"):
+        learn(*args, base_model=str(tiny_model), name="old", resume=True)
+
+
 def test_room_is_asked_for_two_checkpoints_when_one_replaces_another(scene_files, tiny_model, monkeypatch):
     import scenebreak.train.learn as learn_module
 
@@ -237,10 +252,33 @@ def test_a_second_learn_of_the_same_name_is_refused_at_once(scene_files, tiny_mo
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1 and f"process {holder.pid}" in result.stderr and "--force" in result.stderr
         assert time.monotonic() - started < 10  # at once, before any model loads
-        assert CliRunner().invoke(cli, [*args, "--force"]).exit_code == 0
+        forced = CliRunner().invoke(cli, [*args, "--force"])
+        assert forced.exit_code == 0 and "--force runs anyway" in forced.stderr, forced.output
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_forced_learn_holds_the_lock_when_it_is_free(scene_files, tiny_model, monkeypatch):
+    """--force skipped the lock altogether: a third run of the name was not refused while
+    the forced one ran, and the two wrote one checkpoint."""
+    from scenebreak.train import learn as learn_module
+    from scenebreak.train.locks import Busy, scene_lock
+
+    seen = []
+
+    def during(*args, **kwargs):
+        with pytest.raises(Busy):
+            with scene_lock("forced"):
+                pass
+        seen.append("refused")
+        raise learn_module.InvalidInput("stop here")
+
+    monkeypatch.setattr(learn_module, "_learn", during)
+    with pytest.raises(learn_module.InvalidInput, match="stop here"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(), base_model=str(tiny_model), name="forced",
+              force=True)
+    assert seen == ["refused"]
 
 
 def test_class_images_made_by_another_run_are_waited_for_and_reused(tiny_model):
@@ -324,6 +362,54 @@ def test_a_write_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_pat
     paths.write_atomically(tmp_path / "images", folder)
     synced = [where for kind, where in events if kind == "fsync"]
     assert any(where.endswith("x.png") for where in synced) and synced[-1] == str(tmp_path)
+
+
+def test_a_folder_is_replaced_by_renames_and_a_kill_between_loses_neither(tmp_path, monkeypatch):
+    """The old folder was deleted before the new one was renamed in: a kill between lost
+    the old, and the new sat in a temporary the next write removed as stale."""
+    import os
+
+    import scenebreak.paths as paths
+
+    def images(names):
+        def write(tmp):
+            tmp.mkdir()
+            for name in names:
+                (tmp / name).write_text(name)
+        return write
+
+    target = tmp_path / "images"
+    paths.write_atomically(target, images(["a.png"]))
+    paths.write_atomically(target, images(["b.png"]))
+    assert sorted(p.name for p in target.iterdir()) == ["b.png"] and sorted(tmp_path.iterdir()) == [target]
+
+    real_replace = os.replace
+
+    def killed(source, destination):  # the old folder is aside, the new one never arrives
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paths.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        paths.write_atomically(target, images(["c.png"]))
+    assert sorted(p.name for p in target.iterdir()) == ["b.png"]  # put back at once
+    # A kill -9 at that point: the old folder aside under a dead process's name.
+    monkeypatch.setattr(paths.os, "replace", real_replace)
+    aside = tmp_path / f".images.{paths.HOST_TAG}-999999999-abcd.old"
+    os.rename(target, aside)
+    paths._settle_replaced_folder(target)
+    assert sorted(p.name for p in target.iterdir()) == ["b.png"] and not aside.exists()
+
+
+def test_class_images_of_a_quantised_base_are_kept_apart():
+    """Class images made by the base in 4 bits were reused by full-precision runs."""
+    from scenebreak.families import family_named
+    from scenebreak.train.classimages import cache_folder
+
+    family = family_named("SD 2.x")
+    plain = cache_folder("f", "a photo", 512, family)
+    assert plain == cache_folder("f", "a photo", 512, family, quantized="none")  # earlier caches keep their folder
+    assert len({plain, cache_folder("f", "a photo", 512, family, quantized="nf4"),
+                cache_folder("f", "a photo", 512, family, quantized="int8")}) == 3
 
 
 def test_two_learns_in_parallel_share_the_class_images(scene_files, tiny_model, tmp_path):

@@ -104,6 +104,9 @@ class Checkpoints:
         if state.get("identity") != self.identity:
             raise InvalidInput(f"the checkpoint of {self.name!r} was made from other inputs or settings: "
                                "run the same command, or drop --resume to start over")
+        if not all(isinstance(state.get(key), int) for key in ("phase", "step")):
+            raise InvalidInput(f"the checkpoint of {self.name!r} ({self.path}) is damaged or from another version of "
+                               "scenebreak: drop --resume to start over")
         report(Message(f"resuming {self.name!r} at phase {state['phase']}, step {state['step']}"))
         return state
 

@@ -11,26 +11,32 @@ from ..errors import Interrupted
 from ..events import Message, Progress, Reporter, silent
 from ..paths import class_images_dir, is_regular_file, write_atomically
 
-def cache_folder(fingerprint: str, prompt: str, resolution: int, family, scheduler: str | None = None) -> Path:
+def cache_folder(fingerprint: str, prompt: str, resolution: int, family, scheduler: str | None = None,
+                 quantized: str = "none") -> Path:
     """The folder of the class images of this base model (fingerprint, family), prompt,
     size and sampler (default: the family's), at that sampler's usual steps and the
-    family's usual guidance."""
+    family's usual guidance, made by the base as it is or `quantized` (nf4, int8)."""
     scheduler, steps = family.choose_sampler(scheduler, None)
-    # DDIM 50 keeps the key it had before there was a choice, so those caches stay valid.
+    # DDIM 50 keeps the key it had before there was a choice, so those caches stay valid;
+    # so do those of an unquantised base.
     key = [fingerprint, prompt, resolution, steps, family.guidance, scheduler]
+    if quantized != "none":
+        key.append(quantized)
     return class_images_dir() / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
 def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int, family,
-                      scheduler: str | None = None) -> list[Path]:
+                      scheduler: str | None = None, quantized: str = "none") -> list[Path]:
     """Where class images 0..count-1 for this model, prompt, size and sampler live (made or not)."""
-    folder = cache_folder(fingerprint, prompt, resolution, family, scheduler)
+    folder = cache_folder(fingerprint, prompt, resolution, family, scheduler, quantized)
     return [folder / f"{i:04d}.png" for i in range(count)]
 
 
-def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, family, scheduler: str | None = None) -> int:
+def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, family, scheduler: str | None = None,
+                  quantized: str = "none") -> int:
     """How many of those class images still have to be made."""
-    return sum(not usable(p) for p in class_image_paths(fingerprint, prompt, resolution, count, family, scheduler))
+    return sum(not usable(p) for p in class_image_paths(fingerprint, prompt, resolution, count, family, scheduler,
+                                                        quantized))
 
 
 def usable(path: Path) -> bool:
@@ -50,13 +56,14 @@ def usable(path: Path) -> bool:
 
 def ensure_class_images(components, device, prompt: str, count: int, resolution: int, amp_dtype=None,
                         report: Reporter = silent, should_stop=lambda: False, batch_size: int | None = None,
-                        scheduler: str | None = None) -> list[Path]:
+                        scheduler: str | None = None, quantized: str = "none") -> list[Path]:
     """The paths of `count` class images, generating only the ones not cached yet, in
     the training's precision `amp_dtype` (None: fp32), with `scheduler` (default: the
     family's) at its usual step count. Image i is always made from seed i, so the cache
     grows consistently."""
     scheduler, _ = components.family.choose_sampler(scheduler, None)
-    paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family, scheduler)
+    paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family, scheduler,
+                              quantized)
     folder = paths[0].parent
     if all(usable(p) for p in paths):
         report(Message(f"using {count} cached class images from {folder}"))

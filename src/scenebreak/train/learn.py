@@ -22,7 +22,7 @@ from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_pa
 from ..scenes.bundle import save_scene
 from .assemble import scene_from_training, scene_metadata
 from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
-from .locks import scene_lock
+from .locks import Busy, scene_lock
 
 
 @dataclass
@@ -140,7 +140,15 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         require_peft()
     if config.compile and device.type != "cuda":
         raise InvalidInput(f"--compile speeds up training on CUDA GPUs only: leave it out on {device.type}")
-    with contextlib.nullcontext() if force else scene_lock(name):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(scene_lock(name))
+        except Busy:
+            if not force:
+                raise
+            # --force runs all the same (as documented), without the lock another run holds.
+            report(Message(f"another process is learning {name!r}: --force runs anyway; the two share its "
+                           "checkpoint", "warning"))
         _check_interrupted_run(name, resume=resume, force=force)
         return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report,
                       should_stop, started)
@@ -214,7 +222,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
             if config.prior:
                 class_images = ensure_class_images(components, device, config.class_prompt, config.num_class_images,
                                                    resolution, amp_dtype, report=report, should_stop=stop,
-                                                   scheduler=config.class_scheduler)
+                                                   scheduler=config.class_scheduler, quantized=plan.quantize)
             # Every text encoder gets the handles, each initialised by the same rule in its own table.
             handle_ids = [add_handles(tokenizer, text_encoder, tokens, config.handle_init_words())
                           for tokenizer, text_encoder in zip(components.tokenizers, components.text_encoders)]
@@ -224,7 +232,12 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                                  crop_size=(bottom - top, right - left))
             trainer = Trainer(components, inputs, config, device, tokens, plan=plan, amp_dtype=amp_dtype)
             if state is not None:
-                for note in trainer.load_state_dict(state):
+                try:
+                    notes = trainer.load_state_dict(state)
+                except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a part missing or of another kind
+                    raise InvalidInput(f"the checkpoint of {name!r} is damaged or from another version of scenebreak "
+                                       f"({type(exc).__name__}: {str(exc)[:60]}): drop --resume to start over") from None
+                for note in notes:
                     report(Message(note, "warning"))
                 del state
             _train(trainer, checkpoints, stop, device, report)
@@ -386,7 +399,7 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
 
         family = components.family
         missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
-                                family, config.class_scheduler) if config.prior else 0
+                                family, config.class_scheduler, plan.quantize) if config.prior else 0
         class_steps = family.choose_sampler(config.class_scheduler, None)[1]
         report(Message(cpu_training_estimate(components.denoiser, resolution, config, plan, missing, class_steps,
                                              bf16=amp_dtype is not None), "warning"))
