@@ -118,3 +118,25 @@ def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_
     assert process.returncode == 130 and err.strip().splitlines()[-1] == "Error: interrupted", err
     assert (home / "checkpoints" / "photo.ckpt").is_file()  # resumable, as after Ctrl-C on the command line
     assert not list(home.rglob("*.scene")) and not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_the_browser_is_given_a_private_file_not_the_tokened_url(monkeypatch):
+    """webbrowser.open(url) put the token on the browser's command line, where every user
+    of the machine sees it (`ps`); the browser now gets a file only its owner reads."""
+    import stat
+    import webbrowser
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from scenebreak.ui.server import open_in_browser
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    url = "http://127.0.0.1:8765/?token=s3cret&x=<y>"
+    open_in_browser(url)
+    [given] = opened
+    assert given.startswith("file://") and "s3cret" not in given
+    page = Path(url2pathname(urlparse(given).path))
+    assert stat.S_IMODE(page.stat().st_mode) == 0o600 and stat.S_IMODE(page.parent.stat().st_mode) == 0o700
+    text = page.read_text()
+    assert 'content="0;url=http://127.0.0.1:8765/?token=s3cret&amp;x=&lt;y&gt;"' in text

@@ -585,7 +585,7 @@ def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, force, 
 @handle_errors
 def ui_command(photo, port, host, no_browser, out_dir, base_model, device, quiet, **settings):
     """A local web page to make masks by clicking, learn and generate; prints its URL
-    (with a one-time token) and serves until Ctrl-C. The page uses only PHOTO's
+    (with a token, new each run) and serves until Ctrl-C. The page uses only PHOTO's
     folder (else the current one), --out-dir and the scene cache.
 
     \b
@@ -593,7 +593,7 @@ def ui_command(photo, port, host, no_browser, out_dir, base_model, device, quiet
       scenebreak ui photo.jpg
       scenebreak ui photo.jpg --no-browser --port 8765
     """
-    from ..ui.server import LOCAL_HOSTS, serve
+    from ..ui.server import LOCAL_HOSTS, open_in_browser, serve
 
     if host not in LOCAL_HOSTS:
         click.echo(f"warning: listening on {host}: whoever reaches it with the URL's token can read the photo's folder "
@@ -604,9 +604,7 @@ def ui_command(photo, port, host, no_browser, out_dir, base_model, device, quiet
         if not quiet:
             click.echo("open that URL in a browser (it carries the token); Ctrl-C stops the server", err=True)
         if not no_browser:
-            import webbrowser
-
-            webbrowser.open(url)
+            open_in_browser(url)
 
     with_reporter(quiet, lambda report: serve(photo, host=host, port=port, on_ready=ready, out_dir=out_dir,
                                               mask_config=make_config(MaskConfig, settings), base_model=base_model,

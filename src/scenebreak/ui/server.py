@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import hmac
 import json
+import os
 import secrets
 import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import SceneBreakError, UsageError
@@ -233,6 +235,27 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             if not job.running and after >= job.seq:
                 return
+
+
+def open_in_browser(url: str) -> None:
+    """Open the page in the user's browser without putting its token on a command line
+    (the browser's arguments are visible to every user of the machine in `ps`): the
+    browser is given a file only its owner can read, which sends it on to `url` (as
+    Jupyter does). The file goes when this process ends."""
+    import atexit
+    import html
+    import shutil
+    import tempfile
+    import webbrowser
+
+    folder = Path(tempfile.mkdtemp(prefix="scenebreak-ui-"))  # mode 0700
+    page = folder / "open.html"
+    fd = os.open(page, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={html.escape(url)}">'
+                   f'<title>scenebreak</title><a href="{html.escape(url)}">open scenebreak</a>\n')
+    atexit.register(shutil.rmtree, folder, True)
+    webbrowser.open(page.as_uri())
 
 
 def listen_failure(exc: OSError, host: str, port: int) -> SceneBreakError:
