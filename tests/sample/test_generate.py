@@ -113,3 +113,23 @@ def test_generate_makes_fewer_images_a_pass_after_running_out_of_memory(learned,
         "out of memory making 2 images at a time: 1 at a time now"]
     assert [i.seed for i in result.images] == [5, 6, 7]
     assert all(np.array_equal(np.asarray(Image.open(i.path)), e) for i, e in zip(result.images, expected))
+
+
+def test_generate_stops_after_a_pass_when_asked_keeping_what_it_wrote(learned, tmp_path):
+    """The page's Ctrl-C (and its Cancel) waited, silent, for every image of a generate."""
+    from scenebreak.errors import Interrupted
+
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return True
+
+    with pytest.raises(Interrupted, match=r"stopped: 1 image\(s\) written"):
+        generate(learned.path, "a photo of <asset1>", GenerateConfig(num_images=3, steps=2, batch_size=1),
+                 out_dir=tmp_path, should_stop=should_stop)
+    assert len(asked) == 1 and len(list(tmp_path.glob("*.png"))) == 1
+    # Asked after the last pass too, it has nothing left to stop: the result comes back.
+    result = generate(learned.path, "a photo of <asset1>", GenerateConfig(num_images=1, steps=2), out_dir=tmp_path / "b",
+                      should_stop=lambda: True)
+    assert len(result.images) == 1

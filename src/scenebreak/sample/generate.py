@@ -46,13 +46,16 @@ def grid_columns(prompts: int, per_prompt: int) -> int:
 
 def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = GenerateConfig(), *,
              out_dir: str | os.PathLike = ".", device: str | Device | None = None, variations: bool = False,
-             grid: bool = False, base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
+             grid: bool = False, base_model: str | None = None, report: Reporter = silent,
+             should_stop=None) -> GenerateResult:
     """Generate `config.num_images` images per prompt and write them as PNGs to `out_dir`.
 
     Image i of a prompt is seeded with `seed + i`, so any single image can be remade.
     `variations=True` (no prompts) uses "a photo of <asset1> and <asset2> ...": the
     scene's objects re-arranged in new surroundings. `grid=True` also writes a contact
-    sheet of all the images (one row per prompt), listed last with kind "grid"."""
+    sheet of all the images (one row per prompt), listed last with kind "grid".
+    `should_stop()` (optional) is polled after each pass of images: when it turns true,
+    `Interrupted` is raised, the images written so far kept."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     prompts = [p.strip() for p in prompts if p and p.strip()]
     config = config.validate()
@@ -65,7 +68,7 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
         prompts = [variation_prompt(scene)]
     run = start(scene, prompts, config, device=device, base_model=base_model, out_dir=Path(out_dir), report=report)
     warn_cpu_time(run, len(prompts) * config.num_images * run.config.steps, scene.resolution**2, report)
-    images = sample_to_files(run, prompts, run.config, run.seed, Path(out_dir), scene.name, report)
+    images = sample_to_files(run, prompts, run.config, run.seed, Path(out_dir), scene.name, report, should_stop)
     if grid:
         sheet = contact_sheet([i.path for i in images], grid_columns(len(prompts), config.num_images))
         path = save_png(sheet, Path(out_dir) / fit_file_name(scene.name, f"-grid-{run.seed}.png"))

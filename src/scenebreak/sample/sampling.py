@@ -224,8 +224,10 @@ def save_png(image, path: Path, overwrite: bool = False) -> Path:
 
 
 def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
-                    name: str, report: Reporter) -> list[GeneratedImage]:
-    """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`."""
+                    name: str, report: Reporter, should_stop=None) -> list[GeneratedImage]:
+    """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`;
+    `should_stop()` is asked after each pass (Interrupted, what is written kept)."""
+    from ..errors import Interrupted
     from .pipeline import run_in_passes, sample
 
     pipe, scene = run.pipe, run.scene
@@ -243,6 +245,8 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
             for s, image in zip(chunk, images):
                 path = save_png(image, Path(out_dir) / fit_file_name(name, f"-{slug(prompt)}-{s}.png"))
                 images_out.append(GeneratedImage(path, prompt, s))
+            if should_stop is not None and should_stop() and done < total:
+                raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}")
 
         run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
     return images_out

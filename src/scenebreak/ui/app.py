@@ -348,9 +348,10 @@ class App:
         out_dir = self.out_dir or self.folder
 
         def work(report, should_stop):
-            return generate(ref, [prompt], config, out_dir=out_dir, device=self.device, report=report).to_dict()
+            return generate(ref, [prompt], config, out_dir=out_dir, device=self.device, report=report,
+                            should_stop=should_stop).to_dict()
 
-        return self._start("generate", work)
+        return self._start("generate", work, cancellable=True)  # (stops after the images of the current pass)
 
     def cancel(self) -> dict:
         job = self.job
