@@ -260,6 +260,32 @@ def test_jobs_of_words_take_the_environments_models_as_mask_does(tmp_path, monke
     assert (second.mask.detector, second.mask.segmenter) == ("mine", "/models/sam")
 
 
+def test_paths_in_a_jobs_file_are_the_jobs_files_and_links_keep_their_names(tmp_path, monkeypatch):
+    """A relative --base-model (or detector) was taken from the current folder (a Ray
+    worker's own), a photo behind a link was named after its target, and a U+2028 in a
+    prompt split its line in two."""
+    import os
+
+    write_synthetic_scene(tmp_path / "jobs" / "in")
+    (tmp_path / "jobs" / "models" / "sd").mkdir(parents=True)
+    (tmp_path / "jobs" / "in" / "my-cat.png").symlink_to(tmp_path / "jobs" / "in" / "photo.png")
+    jobs = tmp_path / "jobs" / "jobs.jsonl"
+    jobs.write_text(json.dumps({"photo": "in/my-cat.png", "masks": ["in/red.png"], "prompts": ["<asset1>\u2028 at night"],
+                                "learn": {"base-model": "models/sd"}}, ensure_ascii=False) + "\n"
+                    + json.dumps({"photo": "in/photo.png", "objects": ["cat"], "mask": {"detector": "./gd"},
+                                  "learn": {"base-model": "someone/model"}}) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("SCENEBREAK_SEGMENTER", "sam-here")
+    (elsewhere / "sam-here").mkdir()
+    first, second = read_jobs(jobs)
+    assert first.name == "my-cat" and first.photo == str(tmp_path / "jobs" / "in" / "my-cat.png")
+    assert first.base_model == str(tmp_path / "jobs" / "models" / "sd") and first.prompts == ("<asset1>\u2028 at night",)
+    assert second.base_model == "someone/model" and second.mask.detector == str(tmp_path / "jobs" / "gd")
+    assert second.mask.segmenter == os.path.join(str(elsewhere), "sam-here")  # the environment's: from here
+
+
 def test_a_rerun_with_a_photo_gone_unreadable_fails_that_job_only(tmp_path, tiny_model):
     """The rerun's check for done jobs hashed every photo outside any try: one photo made
     unreadable stopped the whole batch before any job started."""

@@ -96,10 +96,11 @@ def read_jobs(source: str | os.PathLike) -> list[Job]:
     the file's folder, or to the current one for stdin), all checked; no two jobs may
     share a scene name."""
     text = read_text_file(source, "JOBS file", MAX_JOBS_FILE)
-    folder = Path.cwd() if str(source) == "-" else Path(source).resolve().parent
+    folder = Path.cwd() if str(source) == "-" else Path(source).absolute().parent  # (a link's folder, not its target's)
     source = "(standard input)" if str(source) == "-" else source
     jobs, names = [], {}
-    for line_number, line in enumerate(text.splitlines(), 1):
+    # JSON Lines end at "\n" only: splitlines() also split inside strings at U+2028 or \f.
+    for line_number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         if len(jobs) == MAX_JOBS:
@@ -156,8 +157,9 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
         _text(value, f"learn: {key.replace('_', '-')}")
     mask = _config(MaskConfig, _options(data.get("mask"), "mask"), "mask")
     # As `mask` takes them: the environment's models where the job names none (an offline cluster).
-    mask = dataclasses.replace(mask, detector=mask.detector or os.environ.get("SCENEBREAK_DETECTOR") or None,
-                               segmenter=mask.segmenter or os.environ.get("SCENEBREAK_SEGMENTER") or None)
+    mask = dataclasses.replace(
+        mask, detector=_model_ref(folder, mask.detector) or _model_ref(Path.cwd(), os.environ.get("SCENEBREAK_DETECTOR")),
+        segmenter=_model_ref(folder, mask.segmenter) or _model_ref(Path.cwd(), os.environ.get("SCENEBREAK_SEGMENTER")))
     if "mask" in data and not objects:
         raise InvalidInput('"mask" options apply to "objects" only')
     try:
@@ -185,8 +187,22 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
         generate = generate.validate()
     except InvalidInput as exc:
         raise InvalidInput(f"generate: {exc}") from None
-    return Job(number, line_number, photo, name, masks, objects, learn, extra.get("base_model"), extra.get("revision"),
-               mask, prompts, generate, raw=data)
+    return Job(number, line_number, photo, name, masks, objects, learn, _model_ref(folder, extra.get("base_model")),
+               extra.get("revision"), mask, prompts, generate, raw=data)
+
+
+def _model_ref(folder: Path, ref: str | None) -> str | None:
+    """A hub id as it is; a folder given relative (./models/sd, or one that is there
+    below `folder`) made absolute from `folder`, as the job's photo and masks are:
+    workers (Ray's on other machines) run in other folders."""
+    if not ref:
+        return None
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if ref.startswith(".") or (folder / path).exists():
+        return os.path.normpath(folder / path)
+    return ref
 
 
 def _text(value, what: str) -> str:
@@ -211,7 +227,7 @@ def _file(folder: Path, path: str, what: str) -> str:
         raise InvalidInput(f"{what} {path} not found (relative paths are relative to the JOBS file's folder)")
     if not is_regular_file(full):
         raise InvalidInput(f"{what} {path} is not a regular file")
-    return str(full.resolve())
+    return os.path.normpath(full.absolute())  # (a link stays a link: its name names the scene, as for learn)
 
 
 def _options(value, what: str) -> dict:

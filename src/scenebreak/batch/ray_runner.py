@@ -67,6 +67,8 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
             raise SceneBreakError(f"--gpus-per-job {gpus:g}: the cluster has {ray.cluster_resources().get('GPU', 0):g} "
                                   "GPU(s); start workers with GPUs, or ask for fewer")
         env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+        if env.get("SCENEBREAK_HOME"):  # the tasks run in other folders: the same cache (and locks) for all
+            env["SCENEBREAK_HOME"] = os.path.abspath(os.path.expanduser(env["SCENEBREAK_HOME"]))
         if gpus:
             env.pop("SCENEBREAK_DEVICE", None)  # a GPU task uses the GPU Ray gives it
         task = ray.remote(job_task).options(num_cpus=1, num_gpus=gpus, max_retries=retries, name="scenebreak-job",
