@@ -286,6 +286,29 @@ def test_paths_in_a_jobs_file_are_the_jobs_files_and_links_keep_their_names(tmp_
     assert second.mask.segmenter == os.path.join(str(elsewhere), "sam-here")  # the environment's: from here
 
 
+def test_a_learn_lock_taken_in_the_gap_is_waited_for_again(tmp_path, tiny_model, monkeypatch):
+    """The job waited for the scene's lock, let it go, and then learn took it: a run
+    that took it in between made the job "busy", which under Ray was final (exit 0, the
+    job never ran)."""
+    import scenebreak.train.learn as learn_module
+    from scenebreak.train.locks import Busy
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "raced",
+                                  "learn": {"steps1": 1, "steps2": 1, "prior": False, "base-model": str(tiny_model)}}])
+    real, calls = learn_module.learn, []
+
+    def learn(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Busy("process 4242")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(learn_module, "learn", learn)
+    result = run_job(read_jobs(jobs)[0], tmp_path / "out", device="cpu")
+    assert result.status == "done" and len(calls) == 2, result
+
+
 def test_a_rerun_with_a_photo_gone_unreadable_fails_that_job_only(tmp_path, tiny_model):
     """The rerun's check for done jobs hashed every photo outside any try: one photo made
     unreadable stopped the whole batch before any job started."""

@@ -22,6 +22,7 @@ from ..paths import checkpoint_path, home, is_regular_file, scene_path, write_at
 from .jobs import Job
 
 RECORD = "job.json"
+MAX_LOCK_RACES = 20  # times a job waits again for a learn lock another run took first
 # Left in each folder a batch writes (masks/, images/): only such a folder, or one the
 # job's record lists, is ever replaced; a folder of the user's at that place is not.
 MADE_BY_BATCH = ".scenebreak-batch"
@@ -129,7 +130,7 @@ def _skipped(job: Job, record: dict, why: str) -> JobResult:
 def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Reporter) -> JobResult:
     from ..sample.generate import generate
     from ..train.learn import learn
-    from ..train.locks import scene_lock
+    from ..train.locks import Busy, scene_lock
 
     folder = job_folder(job, out)
     scene = scene_out(job, scenes)
@@ -161,20 +162,26 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
         _write_record(folder, state)
         args = dict(name=job.name, output=scene if scenes else None, base_model=job.base_model, revision=job.revision,
                     device=device, report=report, force=scene.exists())
-        # A learn of this name on a machine that died holds its lock until that turns stale: wait for it.
-        with scene_lock(job.name, wait=True, on_wait=lambda holder: report(Message(
-                f"job {job.number} ({job.name}): waiting for the lock of {holder} on scene {job.name!r}"))):
-            pass
-        resumed = checkpoint_path(job.name).exists()
-        try:
-            learn(job.photo, masks, job.learn, resume=resumed, **args)
-        except InvalidInput as exc:
-            if not resumed:
-                raise
-            # Its checkpoint is from other inputs or settings (the JOBS line changed): start over.
-            report(Message(f"job {job.number} ({job.name}): not resumed ({exc}); starting over", "warning"))
-            resumed = False
-            learn(job.photo, masks, job.learn, resume=False, **{**args, "force": True})  # (the scene is ours: checked)
+        for _ in range(MAX_LOCK_RACES):
+            # A learn of this name on a machine that died holds its lock until that turns stale: wait for it.
+            with scene_lock(job.name, wait=True, on_wait=lambda holder: report(Message(
+                    f"job {job.number} ({job.name}): waiting for the lock of {holder} on scene {job.name!r}"))):
+                pass
+            resumed = checkpoint_path(job.name).exists()
+            try:
+                learn(job.photo, masks, job.learn, resume=resumed, **args)
+            except Busy:
+                continue  # another run took the lock between the wait and learn's own: wait again
+            except InvalidInput as exc:
+                if not resumed:
+                    raise
+                # Its checkpoint is from other inputs or settings (the JOBS line changed): start over.
+                report(Message(f"job {job.number} ({job.name}): not resumed ({exc}); starting over", "warning"))
+                resumed = False
+                learn(job.photo, masks, job.learn, resume=False, **{**args, "force": True})  # (the scene is ours: checked)
+            break
+        else:
+            raise Busy(f"scene {job.name!r}: its lock kept being taken by other runs")
         state["state"] = "learned"
         state.pop("images", None)
         _write_record(folder, state)
