@@ -204,10 +204,14 @@ class App:
 
     def _start(self, kind: str, work, cancellable: bool = False, writes: bool = True) -> dict:
         with self.lock:
-            if self.job and self.job.running:
-                raise Busy(f"{self.job.kind} is still running: wait for it" + (" or cancel it" if self.job.cancellable else ""))
+            self._check_idle()
             self.job = Job(kind, work, self.echo, cancellable, writes).start()
             return self.job.summary()
+
+    def _check_idle(self) -> None:
+        """Busy while a job runs (one at a time); the caller holds the lock."""
+        if self.job and self.job.running:
+            raise Busy(f"{self.job.kind} is still running: wait for it" + (" or cancel it" if self.job.cancellable else ""))
 
     def open_photo(self, path) -> dict:
         """Embed the photo (a job: seconds on a CPU); its masks start afresh."""
@@ -263,8 +267,7 @@ class App:
 
     def _refuse_while_running(self) -> None:
         with self.lock:
-            if self.job and self.job.running:
-                raise Busy(f"{self.job.kind} is still running: wait for it" + (" or cancel it" if self.job.cancellable else ""))
+            self._check_idle()
 
     def mask(self, object_id: str, points=(), labels=None, box=None, words=None) -> dict:
         """One object's mask from its clicks, box or words (masks.session)."""
