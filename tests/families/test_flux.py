@@ -245,11 +245,16 @@ def test_conditioning_equals_flux_pipeline_encode_prompt_with_and_without_a_hand
         assert torch.equal(added["txt_ids"], expected_ids)
         assert torch.equal(piped, expected.repeat(2, 1, 1)) and torch.equal(piped_added["txt_ids"], expected_ids)
         assert torch.equal(piped_added["pooled_projections"], pooled.repeat(2, 1))
+    with torch.no_grad():  # edit's --guidance reaches the transformer, as generate's guidance_scale does
+        asked = family.pipeline_conditioning(pipe, prompt, 2, False, None, (64, 64), embedded_guidance=5.0)[1]["guidance"]
     if variant == "dev":
         assert torch.equal(added["guidance"], torch.tensor([3.5])) and torch.equal(piped_added["guidance"],
                                                                                    torch.tensor([3.5, 3.5]))
+        assert torch.equal(asked, torch.tensor([5.0, 5.0]))
     else:
-        assert added["guidance"] is None and piped_added["guidance"] is None
+        assert added["guidance"] is None and piped_added["guidance"] is None and asked is None
+    # Edits work at the pipeline's pixel multiple: 2x2 latent patches make it twice the VAE's.
+    assert pipe.image_processor.config.vae_scale_factor == 2 * pipe.vae_scale_factor
     with torch.no_grad():
         cfg, cfg_added = family.pipeline_conditioning(pipe, prompt, 1, True, "blurry", (64, 64))
         uncond = pipe.encode_prompt("blurry", device="cpu", max_sequence_length=family.text_tokens)[0]

@@ -197,10 +197,12 @@ class Family:
         return None
 
     def pipeline_conditioning(self, pipe, prompt: str, count: int, guidance: bool, negative: str | None,
-                              size: tuple[int, int]):
+                              size: tuple[int, int], embedded_guidance: float | None = None):
         """What the UNet is conditioned on for `count` images of `prompt` at `size`,
         built by the pipeline itself (unconditional first when `guidance`): the text
-        embeddings and the added conditions (None where the UNet takes none)."""
+        embeddings and the added conditions (None where the UNet takes none).
+        `embedded_guidance`: the scale a model that embeds its guidance (FLUX.1 dev)
+        is given (default: its usual); the others take none."""
         raise NotImplementedError
 
     # -- files other tools load ----------------------------------------------------------------------

@@ -369,10 +369,11 @@ class Flux(Family):
 
         return torch.full((1,), self.guidance) if self.name == FLUX_DEV else None
 
-    def pipeline_conditioning(self, pipe, prompt, count, guidance, negative, size):
+    def pipeline_conditioning(self, pipe, prompt, count, guidance, negative, size, embedded_guidance=None):
         """As FluxPipeline conditions `count` images: `guidance` here is its true
         classifier-free guidance over the negative prompt (unconditional first), which
-        FLUX.1 does not need; the embedded guidance is the member's usual."""
+        FLUX.1 does not need; the embedded guidance is `embedded_guidance` (--guidance,
+        as FluxPipeline's guidance_scale), else the member's usual."""
         import torch
 
         device = pipe._execution_device
@@ -382,7 +383,8 @@ class Flux(Family):
             uncond, uncond_pooled, _ = pipe.encode_prompt(negative or "", device=device, num_images_per_prompt=count,
                                                           max_sequence_length=self.text_tokens)
             hidden, pooled = torch.cat([uncond, hidden]), torch.cat([uncond_pooled, pooled])
-        embedded = guidance_input(pipe.transformer.config, self.guidance, len(hidden), device)
+        scale = self.guidance if embedded_guidance is None else embedded_guidance
+        embedded = guidance_input(pipe.transformer.config, scale, len(hidden), device)
         return hidden, {"pooled_projections": pooled, "txt_ids": ids, "guidance": embedded}
 
     # -- files other tools load ----------------------------------------------------------------------

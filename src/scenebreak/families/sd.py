@@ -33,7 +33,7 @@ class SD(UNetFamily):
         """The last hidden state of the one encoder."""
         return text_encoders[0](ids[0])[0], None
 
-    def pipeline_conditioning(self, pipe, prompt, count, guidance, negative, size):
+    def pipeline_conditioning(self, pipe, prompt, count, guidance, negative, size, embedded_guidance=None):
         import torch
 
         cond, uncond = pipe.encode_prompt(prompt, pipe._execution_device, count, guidance, negative_prompt=negative)

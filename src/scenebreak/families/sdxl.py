@@ -92,7 +92,7 @@ class SDXL(UNetFamily):
     def sampling_conditions(self, size):
         return time_ids(size, size)
 
-    def pipeline_conditioning(self, pipe, prompt, count, guidance, negative, size):
+    def pipeline_conditioning(self, pipe, prompt, count, guidance, negative, size, embedded_guidance=None):
         """Original = target = `size`, no crop, as the pipeline makes the size ids."""
         import torch
 

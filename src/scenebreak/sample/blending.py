@@ -141,7 +141,7 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
     with torch.inference_mode():
         factor = pipe.vae_scale_factor
         embeds, added = family.pipeline_conditioning(pipe, prompt, len(seeds), cfg, negative,
-                                                     (shape[1] * factor, shape[2] * factor))
+                                                     (shape[1] * factor, shape[2] * factor), embedded_guidance=guidance)
         source = source.to(device, dtype).expand(len(seeds), *shape)
         mask = mask.to(device, dtype)
         noise = draw()

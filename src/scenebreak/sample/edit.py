@@ -39,7 +39,9 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
     pipe = run.pipe
     height, width = image.shape[:2]
     factor = pipe.vae_scale_factor
-    size = work_size((width, height), resolution, multiple=max(8, factor))
+    # The pipeline's own pixel multiple: FLUX.1 packs its latents in 2x2 patches, so its
+    # sides are multiples of 16, not of the VAE's 8 (an odd latent side failed to pack).
+    size = work_size((width, height), resolution, multiple=max(8, pipe.image_processor.config.vae_scale_factor))
 
     def resize(array: np.ndarray, to: tuple[int, int]) -> np.ndarray:
         if array.shape[1::-1] == to:
