@@ -237,7 +237,8 @@ class GenerateConfig:
     steps: int | None = setting(None, "Denoising steps (default: the sampler's: dpm 25, ddim 50, euler 30, FLUX.1 dev "
                                 "28, schnell 4).", bounds=Bounds(1, MAX_SAMPLING_STEPS))
     precision: str = setting(
-        "auto", "Sampling precision: auto is fp16 on GPUs, bf16 on CPUs with bf16 instructions, fp32 elsewhere.",
+        "auto", "Sampling precision: auto is fp16 on GPUs (FLUX.1: bf16 where the card runs it), bf16 on CPUs with bf16 "
+        "instructions, fp32 elsewhere.",
         choices=SAMPLING_PRECISIONS)
     guidance: float | None = setting(None, "Classifier-free guidance scale (default: the model's usual, 7.5; SDXL 5).",
                                      bounds=WEIGHT)

@@ -60,13 +60,14 @@ class Device:
 
         return torch.float32 if self.type == "cpu" else torch.float16
 
-    def sampling_precision(self, precision: str = "auto"):
+    def sampling_precision(self, precision: str = "auto", prefer_bf16: bool = False):
         """(weights dtype, autocast dtype or None) for sampling at `precision`
-        (config.SAMPLING_PRECISIONS). GPUs hold the weights in half precision; a CPU
-        keeps fp32 weights and latents and runs the UNet and text encoders under bf16
-        autocast where it has bf16 instructions (1.74x faster steps: benchmarks/
-        train_step.py's generation rows). The VAE is never under autocast: it runs in
-        its weights' dtype (fp32 on the CPU)."""
+        (config.SAMPLING_PRECISIONS). GPUs hold the weights in half precision (fp16; bf16
+        with `prefer_bf16`, for a family trained and published in it, FLUX.1, on a CUDA
+        card that runs it natively); a CPU keeps fp32 weights and latents and runs the
+        UNet and text encoders under bf16 autocast where it has bf16 instructions (1.74x
+        faster steps: benchmarks/train_step.py's generation rows). The VAE is never under
+        autocast: it runs in its weights' dtype (fp32 on the CPU)."""
         import torch
 
         if precision == "fp32":
@@ -81,6 +82,9 @@ class Device:
             if self.type == "mps":
                 raise InvalidInput("--precision bf16 is not offered on MPS: use auto (fp16) or fp32")
             return torch.bfloat16, None
+        native_bf16 = self.type == "cuda" and torch.cuda.get_device_capability(self.torch) >= (8, 0)
+        if precision == "auto" and prefer_bf16 and native_bf16:
+            return torch.bfloat16, None  # (fp16 would have FLUX.1 and T5 clip their activations)
         return torch.float16, None
 
     def autocast(self, dtype, cache: bool = True):

@@ -81,6 +81,14 @@ def test_sampling_precision_per_device(monkeypatch):
     assert cuda.sampling_precision("auto") == (torch.float16, None)
     assert cuda.sampling_precision("bf16") == (torch.bfloat16, None)
     assert cuda.sampling_precision("fp32") == (torch.float32, None)
+    # FLUX.1 (trained and published in bf16; fp16 clips its activations): bf16 where the card runs it natively.
+    for capability, expected in (((9, 0), torch.bfloat16), ((7, 5), torch.float16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert cuda.sampling_precision("auto", prefer_bf16=True) == (expected, None)
+        assert cuda.sampling_precision("fp16", prefer_bf16=True) == (torch.float16, None)
+    from scenebreak.families import family_named
+
+    assert family_named("FLUX.1 dev").samples_in_bf16 and not family_named("SDXL").samples_in_bf16
 
 
 def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(learned, tmp_path, monkeypatch):

@@ -117,6 +117,7 @@ class Family:
     default_tune: ClassVar[str] = ""  # what --tune auto is on this family ("": the memory plan decides)
     # The attention loss's weight unless --lambda-attn says: the paper's 0.01 on the UNet families.
     lambda_attn: ClassVar[float] = 0.01
+    samples_in_bf16: ClassVar[bool] = False  # on CUDA: bf16 weights by default (trained and published in it), not fp16
     lora_denoiser_targets: ClassVar[list[str]] = []  # the denoiser's modules LoRA adapts
     # The text encoders' LoRA targets: "*" for all, a folder's name for one that differs
     # ([] for one that gets none).

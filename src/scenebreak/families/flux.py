@@ -170,6 +170,7 @@ class Flux(Family):
     # at the paper's 0.01 the loss barely moves the joint attention's maps within 400+400
     # steps; at 0.1 every handle's map overlaps its own mask more than the other's.
     lambda_attn: ClassVar[float] = 0.1
+    samples_in_bf16: ClassVar[bool] = True  # fp16 makes its blocks and T5 clip activations; its files are bf16
     lora_denoiser_targets: ClassVar[list[str]] = LORA_TARGETS
     lora_text_targets: ClassVar[dict[str, list[str]]] = {"*": CLIP_LORA_TARGETS, "text_encoder_2": []}
     quantize_skip: ClassVar[tuple[str, ...]] = ("x_embedder", "context_embedder", "time_text_embed", "norm_out",

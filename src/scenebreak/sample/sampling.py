@@ -88,7 +88,7 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     tokenizers = scene_tokenizers(scene)
     check_prompt_lengths(scene, prompts, tokenizers[scene.family.attention_text], report)
     device = device if isinstance(device, Device) else choose_device(device)
-    dtype, autocast_dtype = device.sampling_precision(config.precision)
+    dtype, autocast_dtype = device.sampling_precision(config.precision, prefer_bf16=scene.family.samples_in_bf16)
     seed = pick_seed(config, report)
     if out_dir is not None:
         if not is_writable_folder(Path(out_dir)):
