@@ -41,7 +41,7 @@ class Device:
                 return torch.float16
             # bf16 where this card runs it natively (Ampere and newer); older cards
             # (T4, V100) emulate it slowly, so they get fp16 with loss scaling.
-            if mixed_precision == "bf16" or torch.cuda.get_device_capability(self.torch) >= (8, 0):
+            if mixed_precision == "bf16" or self.native_bf16():
                 return torch.bfloat16
             return torch.float16
         if self.type == "cpu" and mixed_precision == "bf16":
@@ -82,10 +82,15 @@ class Device:
             if self.type == "mps":
                 raise InvalidInput("--precision bf16 is not offered on MPS: use auto (fp16) or fp32")
             return torch.bfloat16, None
-        native_bf16 = self.type == "cuda" and torch.cuda.get_device_capability(self.torch) >= (8, 0)
-        if precision == "auto" and prefer_bf16 and native_bf16:
+        if precision == "auto" and prefer_bf16 and self.native_bf16():
             return torch.bfloat16, None  # (fp16 would have FLUX.1 and T5 clip their activations)
         return torch.float16, None
+
+    def native_bf16(self) -> bool:
+        """A CUDA card that runs bf16 natively (Ampere and newer)."""
+        import torch
+
+        return self.type == "cuda" and torch.cuda.get_device_capability(self.torch) >= (8, 0)
 
     def autocast(self, dtype, cache: bool = True):
         """Mixed precision for `dtype` (None: none). `cache=False` re-casts weights at each

@@ -97,7 +97,7 @@ def sample(pipe, family, prompt: str, seeds: list[int], *, steps: int, guidance:
            done: int = 0, total: int | None = None):
     """Images for `prompt` from the pipeline of `family`, one per seed; image i starts
     from noise seeded with seeds[i] (drawn on the CPU, so a seed gives the same start on
-    every device)."""
+    every device: in half precision torch's CPU generator gives the fp32 draw rounded)."""
     import contextlib
 
     import torch
