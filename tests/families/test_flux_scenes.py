@@ -98,10 +98,11 @@ def test_a_full_schnell_scene_is_self_contained_and_ignores_guidance(flux, scene
     assert scene.meta["tuning"] == "full" and set(scene.weights) == {"transformer", "text_encoder", "text_encoder_2", "vae"}
     shutil.rmtree(base)  # the scene generates without its base model
     said = []
-    out = generate(result.path, "<asset1>", GenerateConfig(seed=0, guidance=7.0), out_dir=tmp_path / "out",
+    out = generate(result.path, "<asset1>", GenerateConfig(seed=0, guidance=7.0, negative="blurry"), out_dir=tmp_path / "out",
                    report=said.append)
     assert out.images[0].path.is_file()
     assert any("takes no guidance" in m.text for m in said if isinstance(m, Message))
+    assert any("--negative is ignored" in m.text for m in said if isinstance(m, Message))  # (was silently)
 
 
 def test_the_exported_diffusers_folder_and_embeddings_load_in_flux_pipeline(dev_scene, flux, tmp_path):
