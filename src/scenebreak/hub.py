@@ -7,14 +7,38 @@ in masks/, the scoring models in evaluation/."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shlex
 from pathlib import Path
 
 from .errors import InvalidInput, ModelNotAvailable
+from .events import Message, Reporter
 
 _TRANSFORMERS_HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# Who hears that a model is being downloaded (minutes, gigabytes): the reporter of the
+# command running in this thread, set by `downloads_reported`; the hub's own bars are off.
+_DOWNLOADS: contextvars.ContextVar = contextvars.ContextVar("scenebreak_downloads", default=None)
+
+
+@contextlib.contextmanager
+def downloads_reported(report: Reporter):
+    """Within the block, a model not in the Hugging Face cache is announced through
+    `report` before it is downloaded."""
+    token = _DOWNLOADS.set((report, set()))
+    try:
+        yield
+    finally:
+        _DOWNLOADS.reset(token)
+
+
+def _announce_download(ref: str, what: str) -> None:
+    listener = _DOWNLOADS.get()
+    if listener is not None and ref not in listener[1]:
+        listener[1].add(ref)
+        listener[0](Message(f"downloading the {what} {ref} from the Hugging Face hub (once: it stays in its cache; "
+                            "this can take minutes)"))
 
 
 def looks_like_path(ref: str) -> bool:
@@ -47,6 +71,7 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
             raise ModelNotAvailable(f"{what} {ref!r} is not in the Hugging Face cache, and a scene's word alone does "
                                     f"not download a model (it could name any model, of any size): pass {option} "
                                     f"{shlex.quote(ref)} to download it, or {option} /path/to/{folder}") from None
+        _announce_download(ref, what)
         try:
             path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns)
         except Exception as exc:  # every hub failure becomes the same actionable message

@@ -814,3 +814,31 @@ def test_a_lora_scene_tokenizer_cannot_size_the_text_encoder(world, tmp_path):
     with pytest.raises(BundleError, match="more than its base model's text encoder"):
         base_with_lora(scene, None, [rows + 10**6])
     assert base_with_lora(scene, None, [rows + 2])[2][0].get_input_embeddings().weight.shape[0] == rows + 2
+
+
+def test_a_model_download_is_announced_before_it_starts(world, monkeypatch):
+    """The hub's bars are off (they churn in logs), and nothing was said: a `mask` or
+    `evaluate` on a fresh machine sat silent for the minutes its models took."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from scenebreak.events import Message
+    from scenebreak.hub import downloads_reported, hub_snapshot
+
+    def snapshot_download(ref, revision=None, allow_patterns=None, local_files_only=False):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        raise OSError("no network in the tests")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    said = []
+    with downloads_reported(said.append):
+        for patterns in (["*.json"], ["*.safetensors"]):  # a base model's configs, then its weights: said once
+            with pytest.raises(Exception):
+                hub_snapshot("someone/model", None, patterns)
+    assert [m.text for m in said if isinstance(m, Message)] == [
+        "downloading the base model someone/model from the Hugging Face hub (once: it stays in its cache; this can "
+        "take minutes)"]
+    result = CliRunner().invoke(cli, ["mask", str(world["image"]), "-p", "cat"])  # the CLI's reporter hears it
+    assert "downloading the detector IDEA-Research/grounding-dino-tiny" in result.stderr, result.output

@@ -163,7 +163,7 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     before the sampling starts."""
     from ..scenes.bundle import open_scene
     from .metrics import check_models
-    from ..hub import quiet_libraries
+    from ..hub import downloads_reported, quiet_libraries
     from ..sample.sampling import check_prompts, sample_to_files, start, warn_cpu_time
     from ..handles import handles_in
 
@@ -195,7 +195,8 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     refs = {"clip": config.clip_model or DEFAULT_CLIP_MODEL, "dino": config.dino_model or DEFAULT_DINO_MODEL,
             "detector": config.detector or DEFAULT_DETECTOR, "segmenter": config.segmenter or DEFAULT_SEGMENTER}
     quiet_libraries()
-    check_models(refs)
+    with downloads_reported(report):
+        check_models(refs)
     device = device if isinstance(device, Device) else choose_device(device)
     out_dir = Path(out_dir) if out_dir is not None else Path(f"{scene.name}-eval")
 

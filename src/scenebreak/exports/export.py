@@ -48,6 +48,7 @@ from typing import Callable
 from .. import __version__
 from ..errors import InvalidInput
 from ..events import Reporter, silent
+from ..hub import downloads_reported
 from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, home, is_writable_folder,
                      remove_stale_temporaries, temporary_beside)
 from .kohya import DEFAULT_RANK, Extraction, check_rank
@@ -101,7 +102,8 @@ def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool
         from .a1111 import prepare
 
         # before writing: a missing base model leaves nothing behind
-        a1111 = prepare(scene, rank, base_model, report, kohya_strict)
+        with downloads_reported(report):
+            a1111 = prepare(scene, rank, base_model, report, kohya_strict)
 
     def write(tmp: Path) -> None:
         if a1111:
@@ -112,7 +114,8 @@ def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool
             _write_diffusers(scene, tmp, base_model)
         (tmp / MARKER).write_text(marker + "\n")
 
-    write_folder(out, write, force)
+    with downloads_reported(report):
+        write_folder(out, write, force)
     if a1111:
         return Exported(scene.name, format, a1111.paths(out), a1111.extraction)
     if format == "embeddings":

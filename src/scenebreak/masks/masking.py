@@ -16,7 +16,7 @@ import numpy as np
 from ..config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MAX_LEARNED_HANDLES, MaskConfig
 from ..errors import InvalidInput, InvalidMask
 from ..events import Message, Progress, Reporter, silent
-from ..hub import check_models_available
+from ..hub import check_models_available, downloads_reported
 from . import ops as maskops
 from .detector import Detector
 from .files import MaskResult, check_outputs, check_replaceable, output_paths, write_masks
@@ -149,7 +149,9 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     device = choose_device(config.device)
     detector_ref = config.detector or DEFAULT_DETECTOR
     segmenter_ref = config.segmenter or DEFAULT_SEGMENTER
-    check_models_available([(detector_ref, "detector", "--detector")] * bool(prompts) + [(segmenter_ref, "segmenter", "--segmenter")])
+    with downloads_reported(report):
+        check_models_available([(detector_ref, "detector", "--detector")] * bool(prompts)
+                               + [(segmenter_ref, "segmenter", "--segmenter")])
     detector = None
     if prompts:
         report(Message(f"loading detector {detector_ref} on {device.name}"))

@@ -31,7 +31,7 @@ class MaskSession:
 
     def __init__(self, image_path, config: MaskConfig | None = None, report: Reporter = silent):
         from ..device import choose_device
-        from ..hub import check_models_available, quiet_libraries
+        from ..hub import check_models_available, downloads_reported, quiet_libraries
         from ..images import load_image
         from .segmenter import Segmenter
 
@@ -44,7 +44,8 @@ class MaskSession:
         quiet_libraries()
         self.device = choose_device(self.config.device)
         self.segmenter_ref = self.config.segmenter or DEFAULT_SEGMENTER
-        check_models_available([(self.segmenter_ref, "segmenter", "--segmenter")])
+        with downloads_reported(report):
+            check_models_available([(self.segmenter_ref, "segmenter", "--segmenter")])
         report(Message(f"loading segmenter {self.segmenter_ref} on {self.device.name}"))
         self.segmenter = Segmenter(self.segmenter_ref, self.device)
         self.detector = None
@@ -90,11 +91,12 @@ class MaskSession:
     def _detector(self, report: Reporter):
         """The text detector, loaded the first time words are given."""
         if self.detector is None:
-            from ..hub import check_models_available
+            from ..hub import check_models_available, downloads_reported
             from .detector import Detector
 
             ref = self.config.detector or DEFAULT_DETECTOR
-            check_models_available([(ref, "detector", "--detector")])
+            with downloads_reported(report):
+                check_models_available([(ref, "detector", "--detector")])
             report(Message(f"loading detector {ref} on {self.device.name}"))
             self.detector = Detector(ref, self.device)
         return self.detector

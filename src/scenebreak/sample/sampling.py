@@ -17,6 +17,7 @@ from ..device import Device, choose_device
 from ..errors import InvalidInput, UnknownHandle
 from ..events import Message, Progress, Reporter, silent
 from ..handles import handles_in
+from ..hub import downloads_reported
 from ..paths import fit_file_name, is_writable_folder, write_atomically
 from ..scenes.bundle import Scene, open_scene
 from .scene_models import open_pipeline, scene_tokenizers
@@ -98,8 +99,9 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
         if not is_writable_folder(Path(out_dir)):
             raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers,
-                         report=report)
+    with downloads_reported(report):
+        pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers,
+                             report=report)
     return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
 
 

@@ -16,6 +16,7 @@ from ..device import Device, choose_device, is_out_of_memory, precision_name
 from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
+from ..hub import downloads_reported
 from ..images import background_mask, load_image, load_masks, prepare
 from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_path, home, is_writable_folder,
                      scene_path)
@@ -174,7 +175,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     from ..families.base_model import resolve_model_dir
 
     base_model = base_model or default_base_model()
-    resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
+    with downloads_reported(report):
+        resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
     if config.resolution:
         check_resolution_from_files(resolved[0], config.resolution)
     _check_room(resolved[0], config, out)
