@@ -343,3 +343,36 @@ def test_photo_is_encoded_in_fp32_even_when_training_in_bf16(scene_files, tiny_m
     result = learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), device="cpu")
     assert seen and all(not autocast and dtype == torch.float32 for autocast, dtype in seen), seen
     assert load_scene(result.path).meta["precision"] == "bf16"  # and the training did run in bf16
+
+
+def test_live_bars_only_on_a_terminal_that_redraws_and_plain_rates_count_from_the_first_step(monkeypatch):
+    """TERM=dumb (an editor's shell) got live bars that never redraw, FORCE_COLOR=1 with
+    stderr in a file got cursor codes in it; a resumed run's plain lines counted the steps
+    done before the restart into its rate (an ETA of seconds for an hour)."""
+    import io
+
+    from scenebreak.cli.console import ConsoleReporter
+    from scenebreak.events import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert ConsoleReporter(stream=Terminal()).tty
+    monkeypatch.setenv("TERM", "dumb")
+    assert not ConsoleReporter(stream=Terminal()).tty
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert not ConsoleReporter(stream=io.StringIO()).tty  # a file, whatever rich is told
+
+    out = io.StringIO()
+    reporter = ConsoleReporter(stream=out)
+    clock = iter([0.0, 100.0])
+    monkeypatch.setattr("scenebreak.cli.console.time.monotonic", lambda: next(clock))
+    reporter(Progress("phase 2", 200, 400))  # resumed at step 200
+    reporter(Progress("phase 2", 300, 400))  # 100 steps in 100 s
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == "phase 2: 300/400 1.00 it/s eta 1:40", lines

@@ -19,10 +19,13 @@ class ConsoleReporter:
 
         self.quiet = quiet
         self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)  # one line per message
-        self.tty = self.console.is_terminal
+        # Live bars only on a real terminal that can redraw: not TERM=dumb (an editor's
+        # shell: nothing would show until the end), not a file FORCE_COLOR points rich at.
+        isatty = getattr(self.console.file, "isatty", lambda: False)
+        self.tty = self.console.is_interactive and isatty()
         self.progress = None
         self.tasks: dict[str, int] = {}
-        self.plain: dict[str, tuple[float, float]] = {}  # task -> (started, last printed)
+        self.plain: dict[str, tuple[float, float, int]] = {}  # task -> (started, last printed, completed then)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Message):
@@ -63,18 +66,19 @@ class ConsoleReporter:
 
     def _line(self, event: Progress) -> None:
         now = time.monotonic()
-        started, last = self.plain.get(event.task, (now, 0.0))
+        # The rate counts from the first event seen: a resumed run starts at step 201.
+        started, last, base = self.plain.setdefault(event.task, (now, 0.0, event.completed))
         finished = event.completed >= event.total
         if event.completed and not finished and now - last < self.PLAIN_EVERY:
             return
         if "phase" in event.info and event.task in self.plain and not finished and now - last < self.PLAIN_EVERY:
             return  # the batch's phases change often: a line per PLAIN_EVERY, as for counts
-        self.plain[event.task] = (started, now)
+        self.plain[event.task] = (started, now, base)
         text = f"{event.task}: {event.completed}/{event.total}"
         if "loss" in event.info:
             text += f" loss {event.info['loss']:.4f}"
-        if event.completed and now > started:
-            rate = event.completed / (now - started)
+        if event.completed > base and now > started:
+            rate = (event.completed - base) / (now - started)
             text += f" {rate:.2f} it/s" if rate >= 1 else f" {1 / rate:.1f} s/it"
             if not finished:
                 text += f" eta {format_duration((event.total - event.completed) / rate, clock=True)}"
