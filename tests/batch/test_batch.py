@@ -351,3 +351,15 @@ def test_the_learn_lock_of_a_machine_that_died_is_waited_out(tmp_path, monkeypat
     result = run_job(read_jobs(jobs)[0], tmp_path / "out", report=messages.append)
     assert any("waiting for the lock of process 7 on gone" in m.text for m in messages)
     assert result.status == "failed" and "base model folder not found" in result.error  # it ran: the lock was taken over
+
+
+def test_a_worker_forwards_what_a_job_waits_for():
+    """A job waiting hours for another run's class images (or a download) showed nothing:
+    only warnings and "job ..." notes reached the batch's bar."""
+    from scenebreak.batch.runner import forwarded
+    from scenebreak.events import Message
+
+    assert forwarded(Message("waiting for process 12, which is making the same class images"))
+    assert forwarded(Message("downloading the base model x/y from the Hugging Face hub (once: ...)"))
+    assert forwarded(Message("anything", "warning")) and forwarded(Message("job 3 (cat): masks of cat"))
+    assert not forwarded(Message("memory plan: --memory fast, full tuning"))

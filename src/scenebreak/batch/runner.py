@@ -259,6 +259,13 @@ class _Worker:
             self.process.join(5)
 
 
+def forwarded(message: Message) -> bool:
+    """A worker's note the batch shows: warnings, the batch's own notes about the job,
+    and what a job may wait long for (another run's class images, a download); the rest
+    (memory plans, seeds) would flood the bar."""
+    return message.level == "warning" or message.text.startswith(("job ", "waiting for", "downloading"))
+
+
 def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | None, threads: int) -> None:
     """A worker process: run each job it is given on `device`, sending its progress
     and result back; None ends it."""
@@ -269,8 +276,7 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
     last, current = [0.0], [None]
 
     def report(event) -> None:
-        # Warnings, and the batch's own notes about the job; the rest (memory plans, seeds) would flood the bar.
-        if isinstance(event, Message) and (event.level == "warning" or event.text.startswith("job ")):
+        if isinstance(event, Message) and forwarded(event):
             job = current[0]
             text = event.text if event.text.startswith("job ") else f"job {job.number} ({job.name}): {event.text}"
             outbox.put(("event", index, ("message", text, event.level)))
