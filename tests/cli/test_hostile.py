@@ -842,3 +842,15 @@ def test_a_model_download_is_announced_before_it_starts(world, monkeypatch):
         "take minutes)"]
     result = CliRunner().invoke(cli, ["mask", str(world["image"]), "-p", "cat"])  # the CLI's reporter hears it
     assert "downloading the detector IDEA-Research/grounding-dino-tiny" in result.stderr, result.output
+
+
+def test_an_output_path_that_is_not_utf8_prints_as_its_bytes(world, tmp_path):
+    """`--out-dir $'out\\xff'`: the images were written, then printing their paths failed
+    (UnicodeEncodeError, exit 1) and scripts never got them."""
+    import os
+
+    out = tmp_path / os.fsdecode(b"out\xff")
+    result = CliRunner().invoke(cli, ["generate", str(world["scene"]), "<asset1>", "--steps", "1", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    [line] = result.stdout_bytes.splitlines()
+    assert line.startswith(os.fsencode(str(out))) and os.path.isfile(line)

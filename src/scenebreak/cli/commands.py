@@ -142,6 +142,13 @@ def sigint_ignored():
             signal.signal(signal.SIGINT, previous)
 
 
+def echo_path(path) -> None:
+    """A result path on its own line of stdout, as its bytes: a file name that is not
+    UTF-8 (made under another locale, from an old disk) prints as it is, instead of
+    failing to encode after the work was done."""
+    click.echo(os.fsencode(str(path)))
+
+
 def emit_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -269,7 +276,7 @@ def print_images(result, json_: bool) -> None:
         emit_json(result.to_dict())
     else:
         for image in result.images:
-            click.echo(str(image.path))
+            echo_path(image.path)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -333,7 +340,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
     if json_:
         emit_json(result.to_dict())
         return
-    click.echo(str(result.path))
+    echo_path(result.path)
     if not quiet:
         from ..paths import scene_path
 
@@ -565,7 +572,7 @@ def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, force, 
         emit_json(result.to_dict())
         return
     for path in result.paths:
-        click.echo(str(path))
+        echo_path(path)
     if not quiet:
         click.echo(f"preview: {result.preview}", err=True)
 
@@ -709,7 +716,7 @@ def rm_command(scenes):
     """
     from ..scenes.catalog import remove_scenes
 
-    remove_scenes(scenes, removed=lambda path: click.echo(str(path)))
+    remove_scenes(scenes, removed=echo_path)
 
 
 @cli.command(name="export")
@@ -755,7 +762,7 @@ def export_command(scene, format, out, force, rank, base_model, kohya_strict, qu
     if result.lora and not quiet:
         click.echo(result.lora.summary(), err=True)
     for path in result.paths:
-        click.echo(str(path))
+        echo_path(path)
 
 
 def main() -> None:
