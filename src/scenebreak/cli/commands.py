@@ -600,11 +600,7 @@ def ui_command(photo, port, host, no_browser, out_dir, base_model, device, quiet
       scenebreak ui photo.jpg
       scenebreak ui photo.jpg --no-browser --port 8765
     """
-    from ..ui.server import LOCAL_HOSTS, open_in_browser, serve
-
-    if host not in LOCAL_HOSTS:
-        click.echo(f"warning: listening on {host}: whoever reaches it with the URL's token can read the photo's folder "
-                   "and use this machine's GPU", err=True)
+    from ..ui.server import open_in_browser, serve
 
     def ready(url):
         click.echo(url)

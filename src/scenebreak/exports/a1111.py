@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BundleError
-from ..events import Progress, Reporter, silent
+from ..events import Message, Progress, Reporter, silent
 from ..scenes.bundle import Scene
 from .kohya import (BFL_IMPLEMENTATION, DEFAULT_RANK, KOHYA_SKIPS, Extraction, adapter_layers, bfl_denoiser, check_rank,
                     extract_layers, kohya_skips, kohya_state_dict)
@@ -184,6 +184,8 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
     else:
         from ..sample.scene_models import scene_base_model
 
+        report(Message(f"loading its base model {base_model or scene.meta['base_model']['id']}, to take the "
+                       "difference from it"))
         c = scene_base_model(scene, base_model, f"exporting scene {scene.name!r} as a LoRA",
                              "the weight differences")
         base = {scene.family.denoiser: c.denoiser.state_dict(),

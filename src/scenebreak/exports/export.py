@@ -47,7 +47,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import InvalidInput
-from ..events import Reporter, silent
+from ..events import Message, Reporter, silent
 from ..hub import downloads_reported
 from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, home, is_writable_folder,
                      remove_stale_temporaries, temporary_beside)
@@ -114,6 +114,8 @@ def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool
             _write_diffusers(scene, tmp, base_model)
         (tmp / MARKER).write_text(marker + "\n")
 
+    if format != "embeddings":  # (a few kilobytes: said only for the gigabytes of weights)
+        report(Message(f"writing {out}"))
     with downloads_reported(report):
         write_folder(out, write, force)
     if a1111:

@@ -250,6 +250,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                                   precision=precision_name(amp_dtype), losses=trainer.loss_summary(), device=device,
                                   image=image, masks=masks, resolution=resolution, seconds=time.perf_counter() - started)
             scene = scene_from_training(components, meta, prepared)
+            report(Message(f"writing the scene to {out}"))
             try:
                 save_scene(scene, out, config.save_dtype)
             except OSError as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import SceneBreakError, UsageError
+from ..events import Message
 from .app import MAX_UPLOAD_BYTES, App, Busy, OutsideFolders
 from .jobs import one_line
 
@@ -277,6 +278,9 @@ def serve(photo=None, *, host: str = "127.0.0.1", port: int = 0, on_ready=None, 
     gets the URL with its token. Whatever runs is stopped (learn saves its checkpoint)
     and the port closed before it returns."""
     app = App(photo, **options)
+    if host not in LOCAL_HOSTS:  # (said by the library, so that Python callers hear it too)
+        app.echo(Message(f"listening on {host}: whoever reaches it with the URL's token can read the photo's folder "
+                         "and use this machine's GPU", "warning"))
     try:
         server = Server(app, host, port)
     except OSError as exc:  # the port is taken, or the host is no address of this machine
