@@ -176,6 +176,27 @@ def test_a_checkpoint_of_another_version_is_one_line(scene_files, tiny_model, da
         learn(*args, base_model=str(tiny_model), name="old", resume=True)
 
 
+def test_room_is_asked_for_what_tune_auto_chooses(scene_files, tiny_model, monkeypatch):
+    """--tune auto counted as full tuning before the model loaded: FLUX.1 (always LoRA
+    under auto) was asked for some 220 GiB of disk, SDXL for 48 GiB where auto picks
+    LoRA. LoRA's room is asked first, full tuning's once auto has chosen it."""
+    import scenebreak.train.learn as learn_module
+    from scenebreak.paths import checkpoints_dir
+
+    asked = []
+    monkeypatch.setattr(learn_module, "check_room", lambda needs, fix: asked.append(
+        {str(folder): count for folder, count in needs}))
+    result = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                   base_model=str(tiny_model), name="roomy")
+    assert load_scene(result.path).meta["tuning"] == "full" and len(asked) == 2  # LoRA's, then full tuning's
+    folder = str(checkpoints_dir())
+    assert asked[1][folder] > asked[0][folder]
+    asked.clear()
+    learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False, tune="full"),
+          base_model=str(tiny_model), name="full-asked")
+    assert len(asked) == 1  # asked for full tuning: its room at once, once
+
+
 def test_room_is_asked_for_two_checkpoints_when_one_replaces_another(scene_files, tiny_model, monkeypatch):
     import scenebreak.train.learn as learn_module
 

@@ -179,7 +179,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
         resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
     if config.resolution:
         check_resolution_from_files(resolved[0], config.resolution)
-    _check_room(resolved[0], config, out)
+    checked_tune = _check_room(resolved[0], config, out)
     report(Message(f"loading the base model {base_model}"))  # (FLUX.1's is tens of GB: seconds to minutes)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved, device,
                                                     amp_dtype)
@@ -192,6 +192,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None)
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
+    if plan.tune != checked_tune:  # auto chose full tuning: its scene and checkpoint are far larger than LoRA's
+        _check_room(resolved[0], config, out)
     widen = plan.tune == "full" or not plan.half_frozen  # loaded in half precision for a frozen base the plan does not keep
     if widen:
         for model in (components.denoiser, *components.text_encoders):
@@ -329,17 +331,24 @@ def _check_output(out: Path, *, force: bool, resume: bool) -> None:
         raise SceneBreakError(f"the cache folder {home()} is not writable: set SCENEBREAK_HOME to a folder you can write to")
 
 
-def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> None:
+def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> str:
     """Room for the scene, a phase-2 checkpoint and the class images, sized from the
     base model's weight files before any of it loads (at the upper bound: every class
-    image still to make, the optimizer's states in fp32)."""
+    image still to make, the optimizer's states in fp32). `--tune auto` is settled only
+    once the model has loaded (the memory plan): until then the room asked for is the
+    family's usual tuning's (FLUX.1: LoRA), else LoRA's, and learn asks again if auto
+    chooses full tuning (FLUX.1's would have asked for some 220 GiB it never uses).
+    Returns the tuning checked for."""
     from ..estimates import checkpoint_bytes, scene_bytes
     from ..families.base_model import parameter_counts
     from ..paths import checkpoints_dir, class_images_dir
 
     from ..families import detect_family
 
-    counts = parameter_counts(model_dir, detect_family(model_dir, f"the base model {model_dir}"))
+    family = detect_family(model_dir, f"the base model {model_dir}")
+    if config.tune == "auto":
+        config = dataclasses.replace(config, tune=family.default_tune or "lora")
+    counts = parameter_counts(model_dir, family)
     resolution = config.resolution or 768
     png = resolution * resolution * 3 // 2  # a class image PNG, roughly
     # A checkpoint replaced every N steps is there twice for a moment (the new beside the old).
@@ -348,6 +357,7 @@ def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> None:
                 (checkpoints_dir(), checkpoints * checkpoint_bytes(counts, config)),
                 (class_images_dir(), config.num_class_images * png if config.prior else 0)],
                fix="free some space, or point SCENEBREAK_HOME and -o to a bigger disk")
+    return config.tune
 
 
 def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakError:
