@@ -61,7 +61,7 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
     try:
         # The cache first: no network round trip when the weights are already here.
         path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns, local_files_only=True)
-        missing = [p for p in exact if not (Path(path) / p).exists()]
+        missing = [p for p in exact if not in_snapshot(Path(path), p)]
         if missing:
             raise LocalEntryNotFoundError(f"{missing[0]} is not in the cache")
     except (LocalEntryNotFoundError, OSError, ValueError, HfHubHTTPError):
@@ -76,8 +76,28 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
             path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns)
         except Exception as exc:  # every hub failure becomes the same actionable message
             raise ModelNotAvailable(_missing_message(ref, revision, reason=exc, **hint)) from exc
+        missing = [p for p in exact if not in_snapshot(Path(path), p)]
+        if missing:  # (e.g. only .bin weights, or only an fp16 variant's)
+            raise InvalidInput(f"{what} {ref!r} has no {missing[0]} on the hub (nor its shards): scenebreak reads "
+                               "a diffusers folder with safetensors weights; choose another model, or convert it")
     path = Path(path)
     return path, path.name
+
+
+def in_snapshot(folder: Path, name: str) -> bool:
+    """Whether the named file is in `folder`; a safetensors weights file also counts as
+    there as its shards (the index beside it naming them, all present), and an index is
+    needed only where the weights are sharded."""
+    if (folder / name).exists() or name.endswith(".safetensors.index.json"):
+        return True
+    index = folder / f"{name}.index.json"
+    if not name.endswith(".safetensors") or not index.is_file():
+        return False
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all(isinstance(s, str) and (index.parent / s).is_file() for s in shards)
 
 
 def _missing_message(base_model: str, revision: str | None, offline: bool = False, reason: Exception | None = None,

@@ -63,6 +63,8 @@ CASES = [
     ("learn-mask-size", lambda w: ["learn", w["image"], "--masks", w["small"]], 2, "must match the image size"),
     ("learn-mask-empty", lambda w: ["learn", w["image"], "--masks", w["empty"]], 2, "is empty"),
     ("learn-mask-missing", lambda w: ["learn", w["image"], "--masks", w["tmp"] / "m.png"], 2, "not found"),
+    ("learn-mask-is-preview", lambda w: ["learn", w["image"], "--masks", w["masks"][0], _preview(w)], 2,
+     "is the preview `scenebreak mask` draws"),  # `STEM.mask*.png` matches it too
     # learn: names
     ("learn-names-count", lambda w: LEARN(w, "--names", "a"), 2, "gives 1 value"),
     ("learn-names-escape", lambda w: LEARN(w, "--names", "../x", "y"), 2, "invalid handle name"),
@@ -272,6 +274,12 @@ def _deep(w):
         data = {k: f.get_tensor(k) for k in f.keys()}
     path = w["tmp"] / "deep.scene"
     save_file(data, str(path), metadata={"format": "scenebreak.scene", "scenebreak": '{"x": ' + "[" * 200_000 + "]" * 200_000 + "}"})
+    return path
+
+
+def _preview(w):
+    path = w["tmp"] / "photo.masks-preview.png"
+    Image.new("RGB", (96, 80), (200, 200, 200)).save(path)
     return path
 
 

@@ -130,3 +130,60 @@ def test_a_cache_holding_only_the_configs_is_downloaded_in_full(tiny_model, tmp_
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     components = load_components("someone/tiny-sd")
     assert components.base.commit == commit and len(downloads) == 1 and any("safetensors" in p for p in downloads[0])
+
+
+def test_sharded_weights_count_as_in_the_cache_and_variants_are_not_weights(tmp_path, monkeypatch):
+    """FLUX.1-dev and -schnell keep the transformer and T5 in shards: the cache check wanted
+    the single files, so with HF_HUB_OFFLINE=1 they were never "in the cache", and an SD
+    or SDXL fine-tune in shards was never downloaded at all. A full download's fp16 and
+    non-EMA variants beside the weights counted as weights (2-3x the size)."""
+    import json as json_module
+
+    import huggingface_hub
+    import torch
+    from safetensors.torch import save_file
+
+    from scenebreak.errors import InvalidInput
+    from scenebreak.families import family_named
+    from scenebreak.families.base_model import parameter_counts
+    from scenebreak.hub import hub_snapshot, in_snapshot
+
+    snapshot = tmp_path / "snapshot"
+    part = snapshot / "transformer"
+    part.mkdir(parents=True)
+    shards = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    for i, shard in enumerate(shards):
+        save_file({f"w{i}": torch.zeros(3, 4)}, str(part / shard))
+    (part / "diffusion_pytorch_model.safetensors.index.json").write_text(json_module.dumps(
+        {"weight_map": {"w0": shards[0], "w1": shards[1]}}))
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    assert in_snapshot(snapshot, name) and in_snapshot(snapshot, name + ".index.json")
+    assert not in_snapshot(snapshot, "text_encoder_2/model.safetensors")
+
+    flux = family_named("FLUX.1 dev")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snapshot))
+    for folder in ("vae", "text_encoder", "text_encoder_2"):
+        (snapshot / folder).mkdir()
+        save_file({"w": torch.zeros(2)}, str(snapshot / folder / ("model.safetensors" if folder != "vae" else
+                                                                  "diffusion_pytorch_model.safetensors")))
+    exact = [p for p in flux.hub_files if not any(c in p for c in "*?[")]
+    for p in exact:
+        (snapshot / p).parent.mkdir(parents=True, exist_ok=True)
+        if not in_snapshot(snapshot, p):
+            (snapshot / p).write_text("{}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_snapshot("black-forest-labs/FLUX.1-dev", None, list(flux.hub_files))[0] == snapshot  # offline, sharded
+    (part / shards[1]).unlink()
+    assert not in_snapshot(snapshot, name)  # a shard missing: not there
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(InvalidInput, match="has no transformer/diffusion_pytorch_model.safetensors on the hub"):
+        hub_snapshot("someone/bin-only", None, list(flux.hub_files))  # downloaded, and still not there
+
+    sd = tmp_path / "sd"
+    for folder, count in (("unet", 10), ("text_encoder", 4), ("vae", 2)):
+        (sd / folder).mkdir(parents=True)
+        weights = "model" if folder == "text_encoder" else "diffusion_pytorch_model"
+        save_file({"w": torch.zeros(count)}, str(sd / folder / f"{weights}.safetensors"))
+        save_file({"w": torch.zeros(count)}, str(sd / folder / f"{weights}.fp16.safetensors"))
+        save_file({"w": torch.zeros(count)}, str(sd / folder / f"{weights}.non_ema.safetensors"))
+    assert parameter_counts(sd, family_named("SD 2.x")) == {"denoiser": 10, "text_encoders": 4, "vae": 2}

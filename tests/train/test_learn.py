@@ -227,3 +227,20 @@ def test_cpu_estimate_for_sd21_base_matches_the_measured_hours():
     assert "roughly 7.0 hours for 400+400 steps" in text and "100 class images" in text
     assert "roughly 4.2 hours" in cpu_training_estimate(unet, 512, LearnConfig(), low, 0, 50, bf16=True)
     assert "roughly 3.3 hours" in cpu_training_estimate(unet, 512, LearnConfig(tune="lora"), low, 0, 50, bf16=True)
+
+
+def test_a_mask_the_losses_grids_do_not_see_is_warned_about(scene_files, tiny_model, tmp_path):
+    """A mask narrower than an attention cell came out empty on the loss's grid: its
+    handle's target was all zero, a map the attention loss cannot fit, without a word."""
+    from PIL import Image
+
+    from scenebreak.events import Message
+
+    speck = np.zeros((80, 96), np.uint8)
+    speck[41, 53] = 255  # one pixel: inside the crop, below any grid's cell
+    Image.fromarray(speck).save(tmp_path / "speck.png")
+    said = []
+    learn(scene_files["image"], [scene_files["masks"][0], tmp_path / "speck.png"], LearnConfig(steps1=1, steps2=0,
+          prior=False), base_model=str(tiny_model), name="speck", report=said.append)
+    warnings = [m.text for m in said if isinstance(m, Message) and "too small" in m.text]
+    assert len(warnings) == 1 and warnings[0].startswith("the mask of <asset2> is too small for the"), warnings

@@ -64,6 +64,33 @@ def test_low_memory_trains_like_fast(scene_files, tiny_model):
     assert (clipped[0] - clipped[1]).abs().max() < 0.05 * clipped[0].abs().max()
 
 
+def test_low_memory_checkpoints_the_text_encoder_in_phase_1_too(scene_files, tiny_model, monkeypatch):
+    """transformers checkpoints a layer only in training mode, and phase 1 put the text
+    encoders in eval mode: under --memory low FLUX.1's T5 kept all its activations in
+    phase 1 (some 2 GB). Each layer now runs again in the backward pass (a recompute),
+    and phase 1 learns the same as with --memory fast."""
+    from transformers.models.clip.modeling_clip import CLIPMLP
+
+    calls = []
+    real = CLIPMLP.forward  # (inside each layer: the layer's own forward is the checkpointing wrapper)
+
+    def forward(self, *args, **kwargs):
+        calls.append(self.training)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPMLP, "forward", forward)
+    scenes = {}
+    for memory in ("fast", "low"):
+        calls.clear()
+        scenes[memory] = load_scene(_learn(scene_files, tiny_model, f"te-{memory}", memory=memory, steps1=2, steps2=0,
+                                           prior=False).path)
+        counted = len(calls)
+        if memory == "fast":
+            fast_calls = counted
+    assert counted > fast_calls and all(calls)  # recomputed, in training mode
+    torch.testing.assert_close(scenes["fast"].embeddings, scenes["low"].embeddings, atol=1e-6, rtol=1e-5)
+
+
 def test_lora_scene_is_small_names_its_base_and_generates(scene_files, tiny_model, tmp_path):
     full = _learn(scene_files, tiny_model, "full")
     lora = _learn(scene_files, tiny_model, "lora", tune="lora", rank=4, lr_lora=1e-3)

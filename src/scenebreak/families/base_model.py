@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,12 +111,22 @@ def parameter_counts(folder: Path, family) -> dict[str, int]:
     return {role: sum(_header_parameters(folder / name) for name in names) for role, names in parts.items()}
 
 
+# A part's own weights: one file, or its shards; not a variant's beside them
+# (diffusion_pytorch_model.fp16.safetensors, .non_ema., which a full download also holds).
+_WEIGHTS = re.compile(r"(model|diffusion_pytorch_model)(-\d+-of-\d+)?\.safetensors")
+
+
+def weight_files(part: Path) -> list[Path]:
+    """The safetensors files that hold a part's weights (what diffusers and transformers load)."""
+    return sorted(p for p in part.iterdir() if _WEIGHTS.fullmatch(p.name)) if part.is_dir() else []
+
+
 def stored_dtype(part: Path) -> str | None:
     """The dtype a part's weights are stored in ("BF16", "F16", "F32"), from its first
     safetensors file's header (no weight is read); None where it cannot be read."""
     from safetensors import safe_open
 
-    files = sorted(part.glob("*.safetensors")) if part.is_dir() else []
+    files = weight_files(part)
     if not files or not is_regular_file(files[0]):  # never open a FIFO: it would block
         return None
     try:
@@ -142,7 +153,9 @@ def _header_parameters(part: Path) -> int:
     from safetensors import safe_open
 
     total = 0
-    for file in sorted(part.glob("*.safetensors")) if part.is_dir() else []:
+    for file in weight_files(part):
+        if not is_regular_file(file):  # never open a FIFO: it would block
+            return 0
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
@@ -201,7 +214,7 @@ def _weightless(cls, part: Path):
         model = cls(config)
     table = model.get_input_embeddings().weight
     names = {name for name, param in model.named_parameters(remove_duplicate=False) if param is table}
-    for file in sorted(part.glob("*.safetensors")):
+    for file in weight_files(part):
         if not is_regular_file(file):  # never open a FIFO: it would block (loading says what is wrong)
             continue
         with safe_open(str(file), framework="pt") as f:

@@ -11,10 +11,20 @@ from typing import ClassVar
 # The tokens CLIP's text encoders read, start and end of text included.
 CLIP_TOKENS = 77
 CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # attention and MLP
+
+
+def weight_files(path: str) -> tuple[str, ...]:
+    """A part's weights as a hub download fetches them: one file, or its shards and their
+    index (a part over 10 GB, an SDXL UNet saved in fp32, is stored so)."""
+    stem = path.removesuffix(".safetensors")
+    return path, f"{stem}-*-of-*.safetensors", f"{path}.index.json"
+
+
 # What every base model folder of these families holds (a family adds its own parts).
 BASE_HUB_FILES = ("model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/config.json",
-                  "text_encoder/model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                  "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+                  *weight_files("text_encoder/model.safetensors"), "unet/config.json",
+                  *weight_files("unet/diffusion_pytorch_model.safetensors"), "vae/config.json",
+                  *weight_files("vae/diffusion_pytorch_model.safetensors"))
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def check_replaceable(image_path: Path, mask_paths: list[Path], force: bool, ear
 def write_masks(image_path: Path, image, results: list[MaskResult], out_dir: Path, force: bool = False) -> Path:
     """Write STEM.mask1.png ... (0/255, the image's size) and STEM.masks-preview.png,
     all or none; then remove the masks of an earlier run with higher numbers, so that
-    `STEM.mask*.png` globs only this run's, as far as the record shows them unchanged.
+    `STEM.mask[0-9]*.png` globs only this run's, as far as the record shows them unchanged.
     A mask file there that scenebreak did not write is replaced only with `force`.
     Sets each result's path; returns the preview's."""
     from PIL import Image

@@ -119,6 +119,12 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     the same name."""
     started = time.perf_counter()
     image, masks = Path(image), [Path(m) for m in masks]
+    from ..masks.files import PREVIEW_SUFFIX
+
+    for mask in masks:  # `STEM.mask*.png` also matches the preview `mask` writes beside the masks
+        if mask.name.endswith(PREVIEW_SUFFIX):
+            raise InvalidInput(f"{mask} is the preview `scenebreak mask` draws, not a mask: give the masks "
+                               f"(STEM.mask[0-9]*.png)")
     # Everything that can be wrong with the input is checked before any model loads.
     config = config.validate(len(masks))
     tokens = config.handle_tokens(len(masks))
@@ -153,6 +159,26 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         _check_interrupted_run(name, resume=resume, force=force)
         return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report,
                       should_stop, started)
+
+
+def _warn_vanishing_masks(masks, tokens: list[str], components, resolution: int, report: Reporter) -> None:
+    """A mask that the losses' grids do not see (narrower than a latent, 8 px, or than an
+    attention cell, 32 px on SD at 512): the handle's diffusion loss would be zero when
+    it is drawn alone, and its attention target empty, a map the loss cannot fit."""
+    from .losses import downsample_masks
+
+    latent = resolution // components.vae_scale_factor
+    hidden: dict[str, tuple[str, int]] = {}
+    for what, size in (("latent", latent), ("attention", components.family.attention_size(latent))):
+        for flip in (False, True):
+            seen = downsample_masks((masks.flip(-1) if flip else masks).float(), size).flatten(1).any(1)
+            for token, visible in zip(tokens, seen.tolist()):
+                if not visible:
+                    hidden.setdefault(token, (what, size))
+    for token, (what, size) in hidden.items():
+        report(Message(f"the mask of {token} is too small for the {size}x{size} {what} grid of the {resolution} px "
+                       "training crop: grow it (scenebreak mask --dilate) or crop the photo closer around the "
+                       "objects", "warning"))
 
 
 def _check_interrupted_run(name: str, *, resume: bool, force: bool) -> None:
@@ -234,6 +260,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
             left, top, right, bottom = prepared.crop_box
             inputs = TrainInputs(prepared.image, torch.from_numpy(prepared.masks), handle_ids, class_images,
                                  crop_size=(bottom - top, right - left))
+            _warn_vanishing_masks(inputs.masks, tokens, components, resolution, report)
             trainer = Trainer(components, inputs, config, device, tokens, plan=plan, amp_dtype=amp_dtype)
             if state is not None:
                 try:

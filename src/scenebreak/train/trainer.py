@@ -473,7 +473,10 @@ class Trainer:
                     self.scaler.load_state_dict(pending["scaler"])
             self.c.denoiser.train()
             for te in self.c.text_encoders:
-                te.train(phase == 2)
+                # Training mode only changes what matters here: transformers checkpoints a
+                # layer only in it (dropout is off, above), and the gradient reaches the
+                # handle rows through every layer in phase 1 too (T5-XXL: some 2 GB kept).
+                te.train(phase == 2 or self.plan.gradient_checkpointing)
             with self._capture(), self._adapters_for(phase):
                 while self.step < steps:
                     started = time.perf_counter()
