@@ -66,6 +66,11 @@ def test_parameter_counts_come_from_the_file_headers_and_match_the_models(tiny_m
     (("model_index.json", "_class_name", "StableDiffusionXLImg2ImgPipeline"), "SDXL refiner"),
     (("unet/config.json", "addition_embed_type", "text_time"), "SDXL refiner"),
     (("unet/config.json", "in_channels", 9), "9 input channels"),
+    # accepted as SD, then noise or a failure after loading:
+    (("unet/config.json", "class_embed_type", "projection"), "class-conditioned UNet (Stable unCLIP"),
+    (("unet/config.json", "time_cond_proj_dim", 256), "latent consistency model"),
+    (("model_index.json", "scheduler", ["diffusers", "EDMDPMSolverMultistepScheduler"]), "trained with EDM noise"),
+    (("model_index.json", "_class_name", ["my_pipeline", "StableDiffusionXLImg2ImgPipeline"]), "SDXL refiner"),  # was a TypeError
 ])
 def test_a_family_scenebreak_cannot_train_is_one_line_exit_2(tiny_model, tmp_path, scene_files, change, phrase):
     import json
@@ -187,3 +192,16 @@ def test_sharded_weights_count_as_in_the_cache_and_variants_are_not_weights(tmp_
         save_file({"w": torch.zeros(count)}, str(sd / folder / f"{weights}.fp16.safetensors"))
         save_file({"w": torch.zeros(count)}, str(sd / folder / f"{weights}.non_ema.safetensors"))
     assert parameter_counts(sd, family_named("SD 2.x")) == {"denoiser": 10, "text_encoders": 4, "vae": 2}
+
+
+def test_a_single_file_checkpoint_is_named_as_such(tmp_path, scene_files):
+    """It was "base model folder not found", though the file is there."""
+    from click.testing import CliRunner
+
+    from scenebreak.cli.commands import cli
+
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"x")
+    result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                      "--base-model", str(single)])
+    assert result.exit_code == 2 and "is a single-file checkpoint: scenebreak needs a diffusers folder" in result.stderr

@@ -92,7 +92,11 @@ def detect_family(folder: Path, what: str) -> Family:
     index, text = _read(folder / "model_index.json"), _read(folder / "text_encoder" / "config.json")
     parts = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
     denoiser = next((config for name in DENOISER_FOLDERS if (config := _read(folder / name / "config.json"))), {})
-    other = OTHER_FAMILIES.get(index.get("_class_name", ""))
+    name = index.get("_class_name", "")
+    if isinstance(name, list):  # a custom pipeline: ["module", "ClassName"]
+        name = str(name[-1]) if name else ""
+    index = {**index, "_class_name": name if isinstance(name, str) else str(name)}
+    other = OTHER_FAMILIES.get(index["_class_name"])
     found = None if other else _recognise(index, denoiser, text, parts)
     if found:
         other = found[0].refusal(index, parts, what, denoiser)

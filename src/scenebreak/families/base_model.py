@@ -87,6 +87,9 @@ def resolve_model_dir(base_model: str, revision: str | None = None, download: bo
 
     if looks_like_path(base_model):
         folder = Path(base_model).expanduser()
+        if folder.is_file() and folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf"):
+            raise InvalidInput(f"{folder} is a single-file checkpoint: scenebreak needs a diffusers folder (convert it "
+                               "with diffusers' from_single_file(...).save_pretrained(DIR), then --base-model DIR)")
         if not folder.is_dir():
             raise InvalidInput(f"base model folder not found: {folder}")
         family = detect_family(folder, f"the base model {folder}")

@@ -101,9 +101,17 @@ class UNetFamily(Family):
 
     @classmethod
     def refusal(cls, index: dict, parts: set[str], what: str, denoiser: dict | None = None) -> str | None:
-        channels = (denoiser or {}).get("in_channels", 4)
+        denoiser = denoiser or {}
+        channels = denoiser.get("in_channels", 4)
         if channels != 4:
             return f"a model whose UNet takes {str(channels)[:20]} input channels (an inpainting or other special UNet)"
+        if denoiser.get("class_embed_type") or denoiser.get("num_class_embeds"):
+            return "a class-conditioned UNet (Stable unCLIP: it needs an image embedding at every step)"
+        if denoiser.get("time_cond_proj_dim"):
+            return "a latent consistency model (LCM: a UNet distilled to sample in a few steps with its own scheduler)"
+        scheduler = index.get("scheduler")
+        if isinstance(scheduler, list) and scheduler and str(scheduler[-1]).startswith("EDM"):
+            return "a model trained with EDM noise (Playground v2.5 and alike: another diffusion schedule)"
         return None
 
     def denoiser_class(self):
