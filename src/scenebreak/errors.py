@@ -53,3 +53,9 @@ class Interrupted(SceneBreakError):
     """The user interrupted a long operation (exit code 130)."""
 
     exit_code = 130
+
+
+class Terminated(Interrupted):
+    """Stopped by SIGTERM (a supervisor, `kill`, `docker stop`): exit code 143, as a shell reports it."""
+
+    exit_code = 143

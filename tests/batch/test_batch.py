@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from scenebreak.batch.jobs import read_jobs, shard_of
@@ -186,6 +187,44 @@ def test_a_batch_killed_mid_learn_resumes_the_job_on_the_rerun(tmp_path, tiny_mo
     got = lines(result.stdout)["k"]
     assert got["status"] == "done" and got["resumed"] is True and Path(got["scene"]).is_file()
     assert not ckpt.exists() and not claim_path("k").exists()
+
+
+def test_sigterm_to_the_batch_alone_stops_its_workers_with_their_checkpoints(tmp_path, tiny_model):
+    """`kill PID` (a supervisor, docker stop) of the batch process: it died at once, its
+    workers trained on unwatched and their results were lost. Now the busy workers are
+    told as Ctrl-C would (learn saves at its next step), their results come out with how
+    to resume, and it exits 143 in one line."""
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": "t",
+                                  "learn": {"steps1": 2, "steps2": 400, "no-prior": True, "checkpoint-every": 1,
+                                            "base-model": str(tiny_model)}}])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "scenebreak", "batch", str(jobs), "--out", str(tmp_path / "out"), "-q"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_checkpoint(process, "t")
+        process.send_signal(signal.SIGTERM)  # the parent alone: its workers hear nothing from the system
+        out, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 143, err
+    assert err.decode().strip().splitlines()[-1].startswith("Error: terminated (SIGTERM)") and b"Traceback" not in err
+    got = lines(out.decode())["t"]
+    assert got["status"] == "failed" and "rerun the batch to resume it" in got["error"], got
+    state = torch.load(checkpoint_path("t"), weights_only=True)
+    assert state["phase"] == 2 and 2 <= state["step"] < 400
+    deadline = time.monotonic() + 30  # no worker left behind: the whole group goes (multiprocessing's helper last)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("a process of the batch was still running 30 s after it ended")
 
 
 def test_ray_missing_is_exit_1_with_the_install_line(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ the rest are done, then waited for (and skipped if that run finished it)."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, Terminated
 from ..events import Message, Progress, Reporter, silent
 from ..paths import is_writable_folder
 from .jobs import Job, parse_shard, read_jobs, shard_of
@@ -74,12 +75,13 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
     board = Board(len(jobs), report, on_result)
     jobs = [job for job in jobs if not _skipped_here(job, out, board)]
     if jobs:
-        if ray is not None:
-            from .ray_runner import run_on_ray
+        with _sigterm_stops_the_batch():
+            if ray is not None:
+                from .ray_runner import run_on_ray
 
-            run_on_ray(jobs, ray, gpus_per_job, retries, out, scenes, board)
-        else:
-            run_locally(jobs, worker_devices, retries, out, scenes, board)
+                run_on_ray(jobs, ray, gpus_per_job, retries, out, scenes, board)
+            else:
+                run_locally(jobs, worker_devices, retries, out, scenes, board)
     result = BatchResult(sorted(board.results, key=lambda r: r.job), time.perf_counter() - started)
     report(Message(f"batch: {result.summary()}"))
     return result
@@ -158,6 +160,28 @@ def resolve_devices(devices: str | list[str] | None) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _sigterm_stops_the_batch():
+    """SIGTERM (a supervisor, `kill`, `docker stop`) to the batch stops it as Ctrl-C does,
+    through the runners' clean-up: without this it died at once, leaving its workers
+    training unwatched (their results lost) and no line said what happened."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated("terminated (SIGTERM): the running jobs saved their checkpoints; rerun the batch to resume them")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_locally(jobs: list[Job], devices: list[str], retries: int, out: Path, scenes: Path | None, board: Board) -> None:
     """The jobs on worker processes, one per device, each result passed to the board."""
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
@@ -207,9 +231,41 @@ def run_locally(jobs: list[Job], devices: list[str], retries: int, out: Path, sc
                     else:
                         board.finished(JobResult(job.number, job.name, "failed",
                                            error=f"{why} on each of {tries + 1} tries; rerun the batch to resume it"))
+    except KeyboardInterrupt:
+        raise  # the workers got the Ctrl-C too (one process group): each stops after its step, saving
+    except BaseException:
+        # SIGTERM to the batch alone, a closed stdout, a failure here: the workers know nothing of
+        # it, so each busy one is told as Ctrl-C would (learn saves its checkpoint at its next step).
+        busy = [worker for worker in workers if worker.job is not None]
+        if busy:
+            report(Message(f"stopping: waiting for {len(busy)} worker(s) to save their checkpoints"))
+        for worker in busy:
+            worker.interrupt()
+        raise
     finally:
-        for worker in workers:
-            worker.stop()
+        _stop_all(workers, outbox, board)
+
+
+def _stop_all(workers: list["_Worker"], outbox, board: "Board") -> None:
+    """End every worker once its job is over, reading what they still send meanwhile: a
+    job's result (an interrupted one's says how to resume it) and its notes; a worker
+    cannot even exit while its messages wait unread in the queue."""
+    for worker in workers:
+        worker.ask_to_end()
+    deadline = time.monotonic() + (STOP_WAIT if any(w.job is not None for w in workers) else 30)
+    while any(worker.alive() for worker in workers) and time.monotonic() < deadline:
+        try:
+            kind, index, payload = outbox.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        with contextlib.suppress(Exception):  # (stdout may be what failed: the rest still ends)
+            if kind == "result" and workers[index].job is not None:
+                workers[index].job = None
+                board.finished(JobResult.from_dict(payload))
+            elif kind == "event" and payload[0] == "message":
+                board.report(Message(payload[1], payload[2]))
+    for worker in workers:
+        worker.end()
 
 
 class _Worker:
@@ -244,13 +300,24 @@ class _Worker:
         self.process.join(1)
         self.start()
 
-    def stop(self) -> None:
+    def interrupt(self) -> None:
+        """Ask the job to stop as Ctrl-C would (SIGINT: learn saves its checkpoint first)."""
+        import signal
+
+        if self.process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGINT)
+
+    def ask_to_end(self) -> None:
         """End the process once its job is over. On Ctrl-C the workers got it too (one
         process group): a `learn` saves its checkpoint at the next step and stops, so
         no signal is added here, which would count as a second Ctrl-C and abort that."""
         if self.process.is_alive():
             self.inbox.put(None)
-        self.process.join(STOP_WAIT if self.job is not None else 30)
+
+    def end(self) -> None:
+        """A worker still there after its time to end is terminated (then killed)."""
+        self.process.join(1)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(30)
@@ -293,6 +360,7 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
                 item = inbox.get(timeout=1.0)
             except queue.Empty:
                 if os.getppid() != parent:
+                    outbox.cancel_join_thread()  # nobody reads it any more: exit without waiting to flush
                     return  # the batch process is gone (killed): nothing will come
                 continue
             if item is None:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidInput, SceneBreakError
+from ..errors import InvalidInput, Interrupted, SceneBreakError
 from ..events import Message, Reporter, silent
 from ..paths import checkpoint_path, home, is_regular_file, scene_path, write_atomically
 from .jobs import Job
@@ -117,6 +117,9 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
             result = _run(job, out, scenes, key, record, device, report)
     except Busy as exc:
         return JobResult(job.number, job.name, "busy", note=f"being run by {exc}")
+    except Interrupted:  # (learn's own line says to run the same command with --resume: batch has none)
+        return JobResult(job.number, job.name, "failed", error="interrupted: what it learned is kept in its "
+                         "checkpoint; rerun the batch to resume it", seconds=time.perf_counter() - started)
     except Exception as exc:  # the job's failure is its result; the batch goes on
         return JobResult(job.number, job.name, "failed", error=one_line(exc), seconds=time.perf_counter() - started)
     result.seconds = time.perf_counter() - started
