@@ -241,6 +241,14 @@ def test_objects_not_found_are_missing_not_a_crash(learned, models, tmp_path):
     assert report["handles"][0]["images"] == 0  # <asset1> was in no prompt
     assert report["images"][0]["objects"][0]["found"] is False
     assert Image.open(report["plot"]).size == (640, 480)
+    # Run again into the same folder with the plot deleted: the first run's report was overwritten.
+    first = (tmp_path / "e" / "photo-evaluation.json").read_bytes()
+    (tmp_path / "e" / "photo-evaluation.png").unlink()
+    again = run("evaluate", learned.path, "--prompts-file", "-", "--threshold", "1", "--out-dir", tmp_path / "e",
+                *FAST, *models, "-q", "--json", input="<asset2> on the moon\n")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["report"] == str(tmp_path / "e" / "photo-evaluation-1.json")
+    assert (tmp_path / "e" / "photo-evaluation.json").read_bytes() == first
 
 
 def test_bad_input_is_exit_2_with_one_line_before_any_image(learned, models, tmp_path):
@@ -327,3 +335,19 @@ def test_evaluate_scores_a_flux_scene(models, prompts_file, scene_files, tmp_pat
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["settings"]["scheduler"] == "flow" and len(report["images"]) == 2
+
+
+def test_a_dino_processor_that_crops_is_made_to_keep_the_whole_image():
+    """DINOv2's processor crops the middle 224 of a 256 resize: the object crop lost its
+    edges and the masked score's patch weights sat off the grid."""
+    from transformers import BitImageProcessor
+
+    from scenebreak.evaluation.metrics import whole_image
+
+    processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, do_center_crop=True)
+    image = Image.new("RGB", (80, 80), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 80, 4))  # a red top edge
+    pixels = processor(images=image, return_tensors="pt", **whole_image(processor))["pixel_values"][0]
+    assert tuple(pixels.shape[-2:]) == (56, 56) and pixels[0, 0, 28] > pixels[1, 0, 28]  # the edge is still there
+    cropped = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert not cropped[0, 0, 28] > cropped[1, 0, 28]  # (what the processor alone does)

@@ -209,7 +209,12 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     handles = [summarise(scores, token, words[token]) for token in objects]
     overall = summarise(scores, None, "")
     result = EvaluateResult(scene.name, run.seed, run.config, refs, scores, handles, overall, out_dir)
-    result.plot = write_plot(result, out_dir / f"{scene.name}-evaluation.png")
+    # One name free for both: the plot and the report of a run go together, and neither
+    # replaces an earlier run's (a plot deleted by hand left its report to be overwritten).
+    stem, n = f"{scene.name}-evaluation", 1
+    while (out_dir / f"{stem}.png").exists() or (out_dir / f"{stem}.json").exists():
+        stem, n = f"{scene.name}-evaluation-{n}", n + 1
+    result.plot = write_plot(result, out_dir / f"{stem}.png")
     result.report = result.plot.with_suffix(".json")
     result.seconds = time.perf_counter() - started
     from ..paths import write_atomically
@@ -289,8 +294,10 @@ def write_plot(result: EvaluateResult, path: Path) -> Path:
     from ..sample.sampling import save_png
 
     points = [(h.handle, h.prompt_similarity, h.identity) for h in result.handles if h.identity is not None]
-    unplaced = [h.handle for h in result.handles if h.identity is None]
-    notes = [f"never found: {' '.join(unplaced)}"] if unplaced else []
+    unused = [h.handle for h in result.handles if h.identity is None and not h.images]
+    unfound = [h.handle for h in result.handles if h.identity is None and h.images]
+    notes = ([f"never found: {' '.join(unfound)}"] if unfound else []) + (
+        [f"in no prompt: {' '.join(unused)}"] if unused else [])
     image = scatter(points, f"scene {result.scene} (seed {result.seed})", "prompt similarity (CLIP)",
                     "identity similarity (DINO)", notes)
     return save_png(image, path)

@@ -115,6 +115,17 @@ def patch_weights(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return inside.astype(np.float32)
 
 
+def whole_image(processor) -> dict:
+    """The processor's settings that keep the whole image: DINOv2's resizes to 256 and
+    crops the middle 224, which would cut an object crop's edges and shift the patch
+    grid off the mask it is pooled under; straight to the crop's size instead (the
+    ViT DINO's own processor does just that already)."""
+    if not getattr(processor, "do_center_crop", False):
+        return {}
+    crop = processor.crop_size
+    return {"do_center_crop": False, "size": {"height": crop["height"], "width": crop["width"]}}
+
+
 class DinoScorer:
     """DINO image features: the [CLS] embedding, and patch tokens pooled inside a mask."""
 
@@ -135,7 +146,8 @@ class DinoScorer:
         """(tokens, D) last hidden states and the patch grid (rows, cols)."""
         import torch
 
-        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"].to(self.device.torch)
+        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt", **whole_image(self.processor))
+        pixels = pixels["pixel_values"].to(self.device.torch)
         with torch.inference_mode():
             hidden = self.model(pixel_values=pixels).last_hidden_state[0].float()
         return hidden, (pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)
