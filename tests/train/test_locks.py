@@ -63,3 +63,23 @@ def test_the_heartbeat_keeps_a_long_held_lock_fresh(monkeypatch):
         time.sleep(0.3)
         assert time.time() - os.stat(path).st_mtime < 5
 
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times from /proc (Linux)")
+def test_a_live_owner_of_this_host_keeps_its_lock_untouched_but_not_one_whose_id_was_reused():
+    """A learn suspended (Ctrl-Z, a paused container) missed its heartbeats: after STALE
+    seconds its lock was taken over while it lived, and two runs wrote one checkpoint.
+    A process that started after the lock was taken only has its id (a reboot)."""
+    path = _lock_path()
+    path.parent.mkdir(parents=True)
+    old = time.time() - locks.STALE - 5
+    path.write_text(json.dumps({"host": locks.HOST, "pid": os.getpid(), "token": "mine", "since": time.time()}))
+    os.utime(path, (old, old))  # no heartbeat for longer than STALE
+    with pytest.raises(Busy):  # this very process holds it: never stale
+        with locked(path, wait=False, busy_message="{holder}"):
+            pass
+    assert locks.process_started(os.getpid()) < time.time()
+    path.write_text(json.dumps({"host": locks.HOST, "pid": os.getpid(), "token": "before", "since": 1000.0}))
+    os.utime(path, (old, old))  # taken in 1970 by "this" id: another process, long gone
+    with locked(path, wait=False):
+        assert read_owner(path)["token"] != "before"

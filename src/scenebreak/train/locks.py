@@ -97,9 +97,30 @@ def is_stale(path: Path, owner: dict | None) -> bool:
         touched = os.lstat(path).st_mtime
     except FileNotFoundError:
         return False  # gone: free, not stale
-    if owner and owner.get("host") == HOST and isinstance(owner.get("pid"), int) and not process_alive(owner["pid"]):
-        return True
+    if owner and owner.get("host") == HOST and isinstance(owner.get("pid"), int):
+        if not process_alive(owner["pid"]):
+            return True
+        started = process_started(owner["pid"])
+        since = owner.get("since")
+        if started is not None and isinstance(since, (int, float)):
+            # The very process that took it (started before it did) holds it, however long
+            # since its last touch (suspended with Ctrl-Z, a paused container, a clock jump);
+            # one started later only has its id (after a reboot): the lock is stale.
+            return started > since + 1
     return time.time() - touched > STALE
+
+
+def process_started(pid: int) -> float | None:
+    """When the process `pid` of this machine started (seconds since the epoch), where
+    the system says (Linux's /proc); else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = int(stat.rpartition(")")[2].split()[19])  # field 22, after the command's name
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _break(path: Path, seen: dict | None) -> None:
