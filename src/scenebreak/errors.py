@@ -1,5 +1,7 @@
 """Error types. Every message is meant to be shown to the user as it is."""
 
+import contextlib
+
 
 class SceneBreakError(Exception):
     """Base class. `exit_code` 1: a runtime failure the user can fix."""
@@ -59,3 +61,25 @@ class Terminated(Interrupted):
     """Stopped by SIGTERM (a supervisor, `kill`, `docker stop`): exit code 143, as a shell reports it."""
 
     exit_code = 143
+
+
+@contextlib.contextmanager
+def sigterm_stops(message: str):
+    """Within the block, SIGTERM raises Terminated(`message`) in the main thread, so that
+    a long-running command unwinds through its clean-up as on Ctrl-C (by default the
+    process would die at once, with no clean-up and no line). Elsewhere: nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(message)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -85,8 +85,9 @@ def test_a_port_in_use_or_a_host_not_of_this_machine_is_one_line_naming_the_fix(
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])  # (SIGTERM, systemd's or kill's, killed it with no checkpoint)
 def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_files, tiny_segmentation, tiny_model,
-                                                                          tmp_path, monkeypatch):
+                                                                          tmp_path, monkeypatch, stop):
     photo, masks = scene_files["image"], scene_files["masks"]
     home = tmp_path / "ui-home"
     monkeypatch.setenv("SCENEBREAK_HOME", str(home))  # the child's scene cache
@@ -110,12 +111,16 @@ def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_
         assert [r for r in records() if r["type"] == "state"][0]["state"] == "done"
         post("/api/learn", {"masks": [str(m) for m in masks], "settings": {"steps1": "5000", "prior": False}})
         next(r for r in records() if r["type"] == "progress" and r["task"] == "phase 1" and r["completed"] >= 1)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, stop))
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130 and err.strip().splitlines()[-1] == "Error: interrupted", err
+    last = err.strip().splitlines()[-1]
+    if stop == "SIGINT":
+        assert process.returncode == 130 and last == "Error: interrupted", err
+    else:
+        assert process.returncode == 143 and last.startswith("Error: terminated (SIGTERM)"), err
     assert (home / "checkpoints" / "photo.ckpt").is_file()  # resumable, as after Ctrl-C on the command line
     assert not list(home.rglob("*.scene")) and not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidInput, Terminated
+from ..errors import InvalidInput, sigterm_stops
 from ..events import Message, Progress, Reporter, silent
 from ..paths import is_writable_folder
 from .jobs import Job, parse_shard, read_jobs, shard_of
@@ -75,7 +75,10 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
     board = Board(len(jobs), report, on_result)
     jobs = [job for job in jobs if not _skipped_here(job, out, board)]
     if jobs:
-        with _sigterm_stops_the_batch():
+        # SIGTERM (a supervisor, `kill`, `docker stop`) stops the batch through the runners'
+        # clean-up, as Ctrl-C does: it died at once, its workers training on unwatched.
+        with sigterm_stops("terminated (SIGTERM): the running jobs saved their checkpoints; rerun the batch to "
+                           "resume them"):
             if ray is not None:
                 from .ray_runner import run_on_ray
 
@@ -158,28 +161,6 @@ def resolve_devices(devices: str | list[str] | None) -> list[str]:
         if kind == "cuda" and ((index and not index.isdigit()) or int(index or 0) >= gpus):
             raise InvalidInput(f"--devices: no CUDA device {name!r} ({gpus} present)")
     return names
-
-
-@contextlib.contextmanager
-def _sigterm_stops_the_batch():
-    """SIGTERM (a supervisor, `kill`, `docker stop`) to the batch stops it as Ctrl-C does,
-    through the runners' clean-up: without this it died at once, leaving its workers
-    training unwatched (their results lost) and no line said what happened."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise Terminated("terminated (SIGTERM): the running jobs saved their checkpoints; rerun the batch to resume them")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_locally(jobs: list[Job], devices: list[str], retries: int, out: Path, scenes: Path | None, board: Board) -> None:

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import SceneBreakError, UsageError
+from ..errors import SceneBreakError, UsageError, sigterm_stops
 from ..events import Message
 from .app import MAX_UPLOAD_BYTES, App, Busy, OutsideFolders
 from .jobs import one_line
@@ -287,9 +287,11 @@ def serve(photo=None, *, host: str = "127.0.0.1", port: int = 0, on_ready=None, 
         app.close()
         raise listen_failure(exc, host, port) from None
     try:
-        if on_ready:
-            on_ready(server.url)
-        server.serve_forever(poll_interval=0.2)
+        # SIGTERM (systemd, `kill`) stops the page as Ctrl-C does: a running learn saves its checkpoint.
+        with sigterm_stops("terminated (SIGTERM): what was running was stopped (learn saved its checkpoint)"):
+            if on_ready:
+                on_ready(server.url)
+            server.serve_forever(poll_interval=0.2)
     finally:
         server.closing.set()
         server.server_close()
