@@ -99,3 +99,45 @@ def test_an_address_nobody_answers_is_exit_1_at_once(tmp_path):
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", "127.0.0.1:1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "no Ray cluster answers at 127.0.0.1:1" in result.stderr, result.output
     assert time.monotonic() - started < 30
+
+
+def test_ctrl_c_on_a_ray_batch_lets_its_tasks_save_their_checkpoints(cluster, tmp_path, tiny_model):
+    """The tasks run in Ray's processes, which hear nothing of the batch's Ctrl-C, and Ray's
+    shutdown killed them mid-step. They are now cancelled as Ctrl-C would (learn saves at
+    its next step) and waited for; the job's line says how to resume."""
+    import _thread
+
+    import torch
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": "c",
+                                  "learn": {"steps1": 2, "steps2": 4000, "no-prior": True, "checkpoint-every": 1,
+                                            "base-model": str(tiny_model)}}])
+    interrupted = []
+
+    def ctrl_c_once_in_phase_2():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                state = torch.load(checkpoint_path("c"), weights_only=True)
+            except Exception:  # not there yet, or replaced while reading
+                state = None
+            if state and state["phase"] == 2 and state["step"] >= 2:
+                interrupted.append(state["step"])
+                _thread.interrupt_main()  # Ctrl-C in the batch (the driver)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=ctrl_c_once_in_phase_2)
+    watcher.start()
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out")])
+    watcher.join()
+    assert interrupted and result.exit_code == 130, result.output
+    got = lines(result.stdout)["c"]
+    assert got["status"] == "failed" and "rerun the batch to resume it" in got["error"], got
+    state = torch.load(checkpoint_path("c"), weights_only=True)
+    assert state["phase"] == 2 and interrupted[0] <= state["step"] < 4000
+    deadline = time.monotonic() + 30  # the task ended: its job lock is released
+    while claim_path("c").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not claim_path("c").exists()

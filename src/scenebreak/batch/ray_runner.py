@@ -75,20 +75,54 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
                                             runtime_env={"env_vars": env})
         pending = {task.remote(job, str(out), str(scenes) if scenes else None): job for job in jobs}
         board.phase(0, f"{len(jobs)} task(s) on the cluster")
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                job = pending.pop(ref)
-                try:
-                    result = JobResult.from_dict(ray.get(ref))
-                except Exception as exc:  # the task's worker died on every try, or Ray failed it
-                    text = str(exc).strip().splitlines()
-                    result = JobResult(job.number, job.name, "failed",
-                                       error=f"Ray task failed after {retries + 1} tries: {text[0] if text else type(exc).__name__}")
-                board.finished(result)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        result = JobResult.from_dict(ray.get(ref))
+                    except Exception as exc:  # the task's worker died on every try, or Ray failed it
+                        text = str(exc).strip().splitlines()
+                        result = JobResult(job.number, job.name, "failed", error=f"Ray task failed after {retries + 1} "
+                                           f"tries: {text[0] if text else type(exc).__name__}")
+                    board.finished(result)
+        except BaseException:
+            _stop_tasks(ray, pending, board)
+            raise
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _stop_tasks(ray, pending: dict, board) -> None:
+    """Ctrl-C or SIGTERM on the batch: the tasks run in Ray's own processes, which heard
+    nothing, and shutting Ray down would kill them mid-step. Each is asked to stop as
+    Ctrl-C would (Ray's non-forced cancel: learn saves its checkpoint at its next step),
+    and waited for, a bounded time."""
+    import time
+
+    from .runner import STOP_WAIT
+
+    if not pending:
+        return
+    board.report(Message(f"stopping: asking {len(pending)} Ray task(s) to stop and save their checkpoints"))
+    for ref in pending:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=False)
+    deadline = time.monotonic() + STOP_WAIT
+    while pending and time.monotonic() < deadline:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for ref in ready:
+            job = pending.pop(ref)
+            try:
+                result = JobResult.from_dict(ray.get(ref))
+            except Exception:  # (a cancelled task's result is Ray's TaskCancelledError)
+                result = JobResult(job.number, job.name, "failed",
+                                   error="interrupted: what it learned is kept in its checkpoint; rerun the batch to "
+                                         "resume it")
+            with contextlib.suppress(Exception):  # (stdout may be what failed)
+                board.finished(result)
 
 
 def _check_reachable(address: str, seconds: float = 10.0) -> None:
