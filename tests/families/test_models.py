@@ -205,3 +205,38 @@ def test_a_single_file_checkpoint_is_named_as_such(tmp_path, scene_files):
     result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
                                       "--base-model", str(single)])
     assert result.exit_code == 2 and "is a single-file checkpoint: scenebreak needs a diffusers folder" in result.stderr
+
+
+def test_a_lora_scene_finds_its_base_after_a_library_upgrade(scene_files, tiny_model, monkeypatch, tmp_path):
+    """The base fingerprint hashes the configs as the installed libraries fill them in:
+    an upgrade that adds a config field made every LoRA scene "learned on another base
+    model". Scenes now also record a fingerprint of the config files as stored."""
+    import json
+    import shutil
+
+    import scenebreak.families.base_model as base_model
+    from helpers import craft
+    from scenebreak import GenerateConfig, LearnConfig, generate, learn
+    from scenebreak.errors import BundleError
+
+    scene = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False, tune="lora",
+                  rank=2), base_model=str(tiny_model), name="upgraded").path
+    from safetensors import safe_open
+
+    with safe_open(str(scene), "pt") as f:
+        recorded = json.loads(f.metadata()["scenebreak"])["base_model"]
+    assert len(recorded["config_fingerprint"]) == 64
+    real = base_model.fingerprint
+    monkeypatch.setattr(base_model, "fingerprint", lambda *a, **k: "as a newer transformers fills the configs in")
+    config = GenerateConfig(steps=1, seed=0)
+    assert generate(scene, "<asset1>", config, out_dir=tmp_path / "a").images  # found by the files' fingerprint
+    older = craft(scene, tmp_path / "older.scene", meta=lambda m: m["base_model"].pop("config_fingerprint") and None)
+    with pytest.raises(BundleError, match="learned on another base model"):  # a scene from before: the first only
+        generate(older, "<asset1>", config, out_dir=tmp_path / "b")
+    monkeypatch.setattr(base_model, "fingerprint", real)
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model, other)
+    unet = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps(dict(unet, norm_eps=2e-5)))
+    with pytest.raises(BundleError, match="learned on another base model"):  # another base is refused by both
+        generate(scene, "<asset1>", config, out_dir=tmp_path / "c", base_model=str(other))

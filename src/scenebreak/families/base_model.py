@@ -24,9 +24,19 @@ class BaseModel:
     commit: str | None  # the hub snapshot actually used
     fingerprint: str  # sha256 of the configs and the token-embedding matrix
     family: str = ""  # the family's name, as families/ records it
+    # The same from the config files as stored: the fingerprint above hashes the configs as
+    # the installed libraries fill them in, so an upgrade that adds a field changes it.
+    config_fingerprint: str = ""
 
     def to_dict(self) -> dict:
-        return dict(id=self.id, revision=self.revision, commit=self.commit, fingerprint=self.fingerprint, family=self.family)
+        return dict(id=self.id, revision=self.revision, commit=self.commit, fingerprint=self.fingerprint, family=self.family,
+                    config_fingerprint=self.config_fingerprint)
+
+    def matches(self, recorded: dict) -> bool:
+        """Whether `recorded` (a scene's base model) is this one: by either fingerprint
+        (scenes before config_fingerprint have only the first)."""
+        files = recorded.get("config_fingerprint")
+        return self.fingerprint == recorded.get("fingerprint") or bool(files and files == self.config_fingerprint)
 
 
 @dataclass
@@ -205,6 +215,27 @@ def fingerprint(denoiser, vae, *text_encoders, embeddings: dict | None = None) -
     return digest.hexdigest()
 
 
+def config_fingerprint(folder: Path, family, text_encoders: list, embeddings: dict | None = None) -> str:
+    """As `fingerprint`, from the parts' config files as stored (the same whatever the
+    installed libraries' defaults) and the token tables."""
+    digest = hashlib.sha256()
+    for part in (family.denoiser, "vae", *family.text_encoders):
+        try:
+            config = json.loads((Path(folder) / part / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        config = {k: v for k, v in config.items() if not k.startswith("_")
+                  and k not in ("transformers_version", "diffusers_version", "dtype", "torch_dtype")} if isinstance(
+            config, dict) else {}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for i, text_encoder in enumerate(text_encoders):
+        embedding = (embeddings or {}).get(i)
+        if embedding is None:
+            embedding = text_encoder.get_input_embeddings().weight.detach()
+        digest.update(embedding.float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _weightless(cls, part: Path):
     """The text encoder of the folder `part` built from its config on the meta device
     (no memory, no weight read), and its token table as stored in its files (None
@@ -295,6 +326,7 @@ def load_components(base_model: str, revision: str | None = None,
         commit=commit,
         fingerprint=fingerprint(denoiser, vae, *text_encoders, embeddings=stored_tables),
         family=family.name,
+        config_fingerprint=config_fingerprint(folder, family, text_encoders, stored_tables),
     )
     # After the fingerprint, which stays that of the folder as it is (scenes match by it).
     for text_encoder, tokenizer in zip(text_encoders, tokenizers):

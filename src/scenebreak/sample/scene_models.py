@@ -180,7 +180,7 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
     except (InvalidInput, ModelNotAvailable) as exc:
         fix = "" if "--base-model" in str(exc) else " (if it moved, pass --base-model with where it is now)"
         raise type(exc)(f"{who} needs its base model: {exc}{fix}") from None
-    if c.base.fingerprint != base["fingerprint"]:
+    if not c.base.matches(base):
         raise BundleError(f"scene {scene.name!r} was learned on another base model than {base_model or base['id']} "
                           f"({what} need that exact model): pass --base-model with the right one")
     return c

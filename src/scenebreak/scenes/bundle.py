@@ -277,7 +277,8 @@ def metadata_problem(meta: dict) -> str | None:
         return "its handles are damaged (a scene has one or more objects and at most one background)"
     if not isinstance(base, dict) or not isinstance(base.get("id"), str) or not base.get("id") or not base.get("fingerprint"):
         return "its base model is missing or damaged"
-    if not all(base.get(key) is None or isinstance(base[key], str) for key in ("revision", "commit", "fingerprint", "family")):
+    if not all(base.get(key) is None or isinstance(base[key], str)
+               for key in ("revision", "commit", "fingerprint", "family", "config_fingerprint")):
         return "its base model is damaged"
     from ..families import SUPPORTED
 
