@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import SceneBreakError
 from ..events import Message
 from .jobs import Job
-from .work import JobResult, run_job
+from .work import STOP_WAIT, JobResult, run_job
 
 INSTALL = "pipx inject scenebreak ray (or in a venv: pip install 'scenebreak[ray]')"
 # Passed to the tasks: where the cache is, and the hub settings (offline, tokens' home).
@@ -101,8 +101,6 @@ def _stop_tasks(ray, pending: dict, board) -> None:
     Ctrl-C would (Ray's non-forced cancel: learn saves its checkpoint at its next step),
     and waited for, a bounded time."""
     import time
-
-    from .runner import STOP_WAIT
 
     if not pending:
         return

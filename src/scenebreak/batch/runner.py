@@ -21,10 +21,9 @@ from ..errors import InvalidInput, sigterm_stops
 from ..events import Message, Progress, Reporter, silent
 from ..paths import is_writable_folder
 from .jobs import Job, parse_shard, read_jobs, shard_of
-from .work import JobResult, is_done, job_folder, read_record, run_job
+from .work import STOP_WAIT, JobResult, is_done, job_folder, read_record, run_job
 
 PROGRESS_EVERY = 0.5  # seconds between a worker's progress messages
-STOP_WAIT = 300  # seconds an interrupted worker gets to finish its step and save its checkpoint
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .jobs import Job
 
 RECORD = "job.json"
 MAX_LOCK_RACES = 20  # times a job waits again for a learn lock another run took first
+STOP_WAIT = 300  # seconds an interrupted job gets to finish its step and save its checkpoint
 # Left in each folder a batch writes (masks/, images/): only such a folder, or one the
 # job's record lists, is ever replaced; a folder of the user's at that place is not.
 MADE_BY_BATCH = ".scenebreak-batch"
