@@ -55,33 +55,45 @@ def test_three_jobs_as_ray_tasks(cluster, tmp_path, tiny_model):
     assert result.exit_code == 1 and "has 0 GPU(s)" in result.stderr, result.output
 
 
-def test_a_ray_worker_killed_during_a_job_is_retried_and_resumes(cluster, tmp_path, tiny_model):
+def _long_job(tmp_path, tiny_model, name: str, steps2: int):
+    write_synthetic_scene(tmp_path / "in")
+    return write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": name,
+                                  "learn": {"steps1": 2, "steps2": steps2, "no-prior": True, "checkpoint-every": 1,
+                                            "base-model": str(tiny_model)}}])
+
+
+def _once_in_phase_2(name: str, act) -> threading.Thread:
+    """A thread that calls `act(state, lock owner)` once job `name` has checkpointed
+    inside phase 2 (step 2 or later) and holds its job lock."""
     import torch
 
-    write_synthetic_scene(tmp_path / "in")
-    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": "k",
-                                  "learn": {"steps1": 2, "steps2": 40, "no-prior": True, "checkpoint-every": 1,
-                                            "base-model": str(tiny_model)}}])
-    killed = []
-
-    def kill_the_worker():
-        """Once the job checkpointed inside phase 2: SIGKILL the Ray worker running it
-        (the process id its job lock names)."""
+    def watch():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                state = torch.load(checkpoint_path("k"), weights_only=True)
+                state = torch.load(checkpoint_path(name), weights_only=True)
             except Exception:  # not there yet, or replaced while reading
                 state = None
-            owner = read_owner(claim_path("k"))
+            owner = read_owner(claim_path(name))
             if state and state["phase"] == 2 and state["step"] >= 2 and owner:
-                os.kill(owner["pid"], signal.SIGKILL)
-                killed.append(owner["pid"])
+                act(state, owner)
                 return
             time.sleep(0.05)
 
-    watcher = threading.Thread(target=kill_the_worker)
+    watcher = threading.Thread(target=watch)
     watcher.start()
+    return watcher
+
+
+def test_a_ray_worker_killed_during_a_job_is_retried_and_resumes(cluster, tmp_path, tiny_model):
+    jobs = _long_job(tmp_path, tiny_model, "k", 40)
+    killed = []
+
+    def kill_the_worker(state, owner):  # SIGKILL the Ray worker running it (the process its job lock names)
+        os.kill(owner["pid"], signal.SIGKILL)
+        killed.append(owner["pid"])
+
+    watcher = _once_in_phase_2("k", kill_the_worker)
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out"),
                                       "--retries", "2"])
     watcher.join()
@@ -109,27 +121,14 @@ def test_ctrl_c_on_a_ray_batch_lets_its_tasks_save_their_checkpoints(cluster, tm
 
     import torch
 
-    write_synthetic_scene(tmp_path / "in")
-    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": "c",
-                                  "learn": {"steps1": 2, "steps2": 4000, "no-prior": True, "checkpoint-every": 1,
-                                            "base-model": str(tiny_model)}}])
+    jobs = _long_job(tmp_path, tiny_model, "c", 4000)
     interrupted = []
 
-    def ctrl_c_once_in_phase_2():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                state = torch.load(checkpoint_path("c"), weights_only=True)
-            except Exception:  # not there yet, or replaced while reading
-                state = None
-            if state and state["phase"] == 2 and state["step"] >= 2:
-                interrupted.append(state["step"])
-                _thread.interrupt_main()  # Ctrl-C in the batch (the driver)
-                return
-            time.sleep(0.05)
+    def ctrl_c(state, owner):
+        interrupted.append(state["step"])
+        _thread.interrupt_main()  # Ctrl-C in the batch (the driver)
 
-    watcher = threading.Thread(target=ctrl_c_once_in_phase_2)
-    watcher.start()
+    watcher = _once_in_phase_2("c", ctrl_c)
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out")])
     watcher.join()
     assert interrupted and result.exit_code == 130, result.output

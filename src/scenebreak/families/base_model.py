@@ -202,31 +202,30 @@ def fingerprint(denoiser, vae, *text_encoders, embeddings: dict | None = None) -
     SD 1.x/2.x exactly what it was before SDXL: scenes keep matching their base).
     `embeddings` gives the token table of a text encoder not loaded yet (by position),
     as stored in its files."""
-    digest = hashlib.sha256()
-    for model in (denoiser, vae, *text_encoders):
-        config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
-        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for i, text_encoder in enumerate(text_encoders):
-        embedding = (embeddings or {}).get(i)
-        if embedding is None:
-            embedding = text_encoder.get_input_embeddings().weight.detach()
-        digest.update(embedding.float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    configs = [model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+               for model in (denoiser, vae, *text_encoders)]
+    return _digest(configs, text_encoders, embeddings, ("transformers_version", "dtype", "torch_dtype"))
 
 
 def config_fingerprint(folder: Path, family, text_encoders: list, embeddings: dict | None = None) -> str:
     """As `fingerprint`, from the parts' config files as stored (the same whatever the
     installed libraries' defaults) and the token tables."""
-    digest = hashlib.sha256()
+    configs = []
     for part in (family.denoiser, "vae", *family.text_encoders):
         try:
             config = json.loads((Path(folder) / part / "config.json").read_text())
         except (OSError, ValueError):
             config = {}
-        config = {k: v for k, v in config.items() if not k.startswith("_")
-                  and k not in ("transformers_version", "diffusers_version", "dtype", "torch_dtype")} if isinstance(
-            config, dict) else {}
+        configs.append(config if isinstance(config, dict) else {})
+    return _digest(configs, text_encoders, embeddings, ("transformers_version", "diffusers_version", "dtype", "torch_dtype"))
+
+
+def _digest(configs: list[dict], text_encoders, embeddings: dict | None, ignored: tuple[str, ...]) -> str:
+    """sha256 of the configs (less private and version keys) and the text encoders' token
+    tables (`embeddings`: a table by position, for one not loaded yet)."""
+    digest = hashlib.sha256()
+    for config in configs:
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ignored}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for i, text_encoder in enumerate(text_encoders):
         embedding = (embeddings or {}).get(i)
