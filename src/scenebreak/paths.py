@@ -127,13 +127,9 @@ def _settle_replaced_folder(path: Path) -> None:
     if os.path.lexists(path):
         remove_stale_temporaries(path, ("old",))
         return
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.{HOST_TAG}-(\d+)-[0-9a-f]{{4}}\.old")
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            match = pattern.fullmatch(entry.name)
-            if match and not entry.is_symlink() and not process_alive(int(match[1])):
-                os.rename(entry.path, path)
-                return
+    for entry in _dead_temporaries(path, ("old",))[:1]:
+        with contextlib.suppress(OSError):
+            os.rename(entry.path, path)
 
 
 def flush_to_disk(path: Path) -> None:
@@ -144,12 +140,12 @@ def flush_to_disk(path: Path) -> None:
     if path.is_symlink():
         return
     if path.is_dir():
-        for item in sorted(path.rglob("*")):
-            if not item.is_symlink() and item.is_file():
-                _fsync(item, os.O_RDONLY)
-        for folder in sorted((p for p in path.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
-            sync_folder(folder)
-        sync_folder(path)
+        for root, _, files in os.walk(path, topdown=False):  # each folder after its files; links not followed
+            for name in files:
+                item = Path(root, name)
+                if not item.is_symlink() and item.is_file():
+                    _fsync(item, os.O_RDONLY)
+            sync_folder(Path(root))
     elif path.is_file():
         _fsync(path, os.O_RDONLY)
 
@@ -189,17 +185,22 @@ def remove_stale_temporaries(path: Path, kinds: tuple[str, ...] = ("tmp",)) -> N
     """Delete the temporaries of `path` (files or folders; never a link) whose
     run died on this machine before it could remove them (killed during a write, or
     the machine went down); also those of older versions (`.NAME.PID.tmp`)."""
+    for entry in _dead_temporaries(path, kinds):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+
+
+def _dead_temporaries(path: Path, kinds: tuple[str, ...]) -> list[os.DirEntry]:
+    """The temporaries of `path` of those `kinds` (never a link) whose run on this machine
+    has died."""
     kinds_re = "|".join(map(re.escape, kinds))
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{HOST_TAG}-(\d+)-[0-9a-f]{{4}}|(\d+))\.(?:{kinds_re})")
     try:
         entries = list(os.scandir(path.parent))
     except OSError:
-        return
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match and not entry.is_symlink() and not process_alive(int(match[1] or match[2])):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+        return []
+    return [entry for entry in entries if (match := pattern.fullmatch(entry.name)) and not entry.is_symlink()
+            and not process_alive(int(match[1] or match[2]))]
 
 
 def process_alive(pid: int) -> bool:
