@@ -171,6 +171,7 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
+ON_WINDOWS = os.name == "nt"
 # Whose a temporary is: this machine (a cache may be shared over the network) and process.
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -207,6 +208,9 @@ def process_alive(pid: int) -> bool:
     """Whether a process of this machine with that id runs (when in doubt: yes)."""
     if pid <= 0:
         return True
+    if ON_WINDOWS:
+        # Not os.kill(pid, 0): on Windows that terminates the process it asks about.
+        return _windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -214,6 +218,26 @@ def process_alive(pid: int) -> bool:
     except OSError:  # another user's process, or asking is not allowed
         return True
     return True
+
+
+def _windows_process_alive(pid: int, kernel32=None, last_error=None) -> bool:
+    """Windows' answer through OpenProcess: a process that cannot be opened for a reason
+    other than not existing (another user's) counts as alive, as does one still active."""
+    import ctypes
+
+    if kernel32 is None:
+        kernel32, last_error = ctypes.WinDLL("kernel32", use_last_error=True), ctypes.get_last_error
+    query_limited_information, still_active, invalid_parameter = 0x1000, 259, 87
+    handle = kernel32.OpenProcess(query_limited_information, False, pid)
+    if not handle:
+        return last_error() != invalid_parameter  # ERROR_INVALID_PARAMETER: no such process
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def disk_full_error(exc: BaseException, path: Path) -> OSError | None:

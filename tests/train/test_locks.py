@@ -83,3 +83,37 @@ def test_a_live_owner_of_this_host_keeps_its_lock_untouched_but_not_one_whose_id
     os.utime(path, (old, old))  # taken in 1970 by "this" id: another process, long gone
     with locked(path, wait=False):
         assert read_owner(path)["token"] != "before"
+
+
+def test_on_windows_a_process_is_asked_about_without_os_kill(monkeypatch):
+    """os.kill(pid, 0) terminates the process on Windows: there, whether an owner lives is
+    asked through OpenProcess/GetExitCodeProcess (faked here: the answers Windows gives)."""
+    from scenebreak import paths
+
+    class Kernel32:
+        def __init__(self, handle, code=259, error=0):
+            self.handle, self.code, self.error, self.closed = handle, code, error, []
+
+        def OpenProcess(self, access, inherit, pid):
+            return self.handle
+
+        def GetExitCodeProcess(self, handle, code):
+            code._obj.value = self.code
+            return 1
+
+        def CloseHandle(self, handle):
+            self.closed.append(handle)
+
+    def ask(kernel32):
+        return paths._windows_process_alive(1234, kernel32, lambda: kernel32.error)
+
+    running, exited = Kernel32(7), Kernel32(7, code=0)
+    assert ask(running) and running.closed == [7]
+    assert not ask(exited) and exited.closed == [7]
+    assert not ask(Kernel32(0, error=87))  # ERROR_INVALID_PARAMETER: no such process
+    assert ask(Kernel32(0, error=5))  # access denied: another user's, alive
+
+    monkeypatch.setattr(paths, "ON_WINDOWS", True)
+    monkeypatch.setattr(paths.os, "kill", lambda *a: pytest.fail("os.kill on Windows"))
+    monkeypatch.setattr(paths, "_windows_process_alive", lambda pid: pid == 42)
+    assert paths.process_alive(42) and not paths.process_alive(43)
