@@ -219,7 +219,8 @@ def test_json_shape_and_same_seed_same_numbers(learned, models, prompts_file, tm
     assert {"images", "found", "missing", "prompt_similarity", "identity", "masked_identity"} <= set(a["overall"])
     image = a["images"][1]
     assert image["clip_prompt"] == "a photo of object and object" and len(image["objects"]) == 2
-    assert {"handle", "word", "found", "detection", "identity", "masked_identity"} == set(image["objects"][0])
+    assert {"handle", "word", "found", "detection", "identity", "masked_identity",
+            "missing_reason"} == set(image["objects"][0])
     for key in ("handles", "overall"):
         assert a[key] == b[key]
     assert [i["prompt_similarity"] for i in a["images"]] == [i["prompt_similarity"] for i in b["images"]]
@@ -240,6 +241,7 @@ def test_objects_not_found_are_missing_not_a_crash(learned, models, tmp_path):
     assert report["handles"][1]["missing"] == 1 and report["handles"][1]["identity"] is None
     assert report["handles"][0]["images"] == 0  # <asset1> was in no prompt
     assert report["images"][0]["objects"][0]["found"] is False
+    assert report["images"][0]["objects"][0]["missing_reason"] == "not detected"
     assert Image.open(report["plot"]).size == (640, 480)
     # Run again into the same folder with the plot deleted: the first run's report was overwritten.
     first = (tmp_path / "e" / "photo-evaluation.json").read_bytes()
@@ -249,6 +251,25 @@ def test_objects_not_found_are_missing_not_a_crash(learned, models, tmp_path):
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["report"] == str(tmp_path / "e" / "photo-evaluation-1.json")
     assert (tmp_path / "e" / "photo-evaluation.json").read_bytes() == first
+
+
+def test_an_object_detected_but_outlined_as_nothing_is_missing_with_its_own_advice(learned, models, tmp_path,
+                                                                                     monkeypatch):
+    """The segmenter outlines nothing in the detector's box: the object is missing, but the
+    advice for undetected objects (a lower --threshold) would not help it."""
+    from scenebreak.masks.segmenter import Segmenter
+
+    real = Segmenter.from_boxes
+    monkeypatch.setattr(Segmenter, "from_boxes", lambda self, boxes: [(np.zeros_like(m), s) for m, s in
+                                                                      real(self, boxes)])
+    result = run("evaluate", learned.path, "--prompts-file", "-", "--threshold", "0", "--out-dir", tmp_path / "e",
+                 *FAST, *models, input="<asset2> on the moon\n")
+    assert result.exit_code == 0, result.output
+    assert "outlined as nothing" in result.stderr and "not found" not in result.stderr
+    report = json.loads((tmp_path / "e" / "photo-evaluation.json").read_text())
+    obj = report["images"][0]["objects"][0]
+    assert obj["found"] is False and obj["missing_reason"] == "outline empty" and obj["detection"] > 0
+    assert report["handles"][1]["missing"] == 1
 
 
 def test_bad_input_is_exit_2_with_one_line_before_any_image(learned, models, tmp_path):

@@ -79,10 +79,12 @@ class ObjectScore:
     detection: float  # the detector's best score for the word (found: above --threshold)
     identity: float | None = None
     masked_identity: float | None = None
+    missing_reason: str | None = None  # not found: "not detected", or "outline empty" (detected, SAM's mask empty)
 
     def to_dict(self) -> dict:
         return {"handle": self.handle, "word": self.word, "found": self.found, "detection": _round(self.detection),
-                "identity": _round(self.identity), "masked_identity": _round(self.masked_identity)}
+                "identity": _round(self.identity), "masked_identity": _round(self.masked_identity),
+                "missing_reason": self.missing_reason}
 
 
 @dataclass
@@ -264,16 +266,22 @@ def score_images(scene, generated, words: dict[str, str], config: EvaluateConfig
         tokens = [t for t in dict.fromkeys(handles_in(item.prompt)) if t in sources]
         for token, found in zip(tokens, finder.find(image, [(words[t], sources[t]) for t in tokens], dino)):
             if found.mask is None:
-                score.objects.append(ObjectScore(token, words[token], False, found.detection))
+                reason = "outline empty" if found.outline_empty else "not detected"
+                score.objects.append(ObjectScore(token, words[token], False, found.detection, missing_reason=reason))
             else:
                 identity, masked = identity_scores(sources[token], found.features)
                 score.objects.append(ObjectScore(token, words[token], True, found.detection, identity, masked))
         scores.append(score)
         report(Progress("scoring", n, len(generated)))
-    missing = sum(not o.found for s in scores for o in s.objects)
-    if missing:
-        report(Message(f"{missing} object(s) not found in the generated images (counted as missing, left out of the "
-                       "identity means): try other --words or a lower --threshold if the images do show them", "warning"))
+    reasons = [o.missing_reason for s in scores for o in s.objects if not o.found]
+    if undetected := reasons.count("not detected"):
+        report(Message(f"{undetected} object(s) not found in the generated images (counted as missing, left out of "
+                       "the identity means): try other --words or a lower --threshold if the images do show them",
+                       "warning"))
+    if unoutlined := reasons.count("outline empty"):
+        report(Message(f"{unoutlined} object(s) detected in the generated images but outlined as nothing by the "
+                       "segmenter (an empty mask in its box): counted as missing, left out of the identity means; "
+                       "a lower --threshold does not help these", "warning"))
     return scores
 
 

@@ -302,6 +302,7 @@ class FoundObject:
     mask: np.ndarray | None  # None: not found
     detection: float  # its box's detection score; not found: the best score left for its word
     features: ObjectFeatures | None = None  # DINO's, for identity_scores
+    outline_empty: bool = False  # not found although detected: SAM's mask in its box was empty
 
 
 class ObjectFinder:
@@ -348,6 +349,13 @@ class ObjectFinder:
             left = max([left] + [score for m, (_, score) in zip(masks, picked) if not m.any()])
             features = [dino.features(image, m) for m, _ in usable]
             pairs = best_assignment([[sum(identity_scores(objects[i][1], f)) for f in features] for i in group])
+            # Objects left without a box: as many as there were empty outlines were detected
+            # (the advice differs: a lower --threshold does not help those).
+            empty_outlines = len(picked) - len(usable)
             for i, j in zip(group, pairs):
-                found[i] = FoundObject(None, left) if j is None else FoundObject(usable[j][0], usable[j][1], features[j])
+                if j is not None:
+                    found[i] = FoundObject(usable[j][0], usable[j][1], features[j])
+                else:
+                    found[i] = FoundObject(None, left, outline_empty=empty_outlines > 0)
+                    empty_outlines -= 1
         return found
