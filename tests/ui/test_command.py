@@ -121,6 +121,7 @@ def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_
         assert process.returncode == 130 and last == "Error: interrupted", err
     else:
         assert process.returncode == 143 and last.startswith("Error: terminated (SIGTERM)"), err
+    assert "stopping: waiting for the running learn" in err  # (a learn still loading said nothing while waited for)
     assert (home / "checkpoints" / "photo.ckpt").is_file()  # resumable, as after Ctrl-C on the command line
     assert not list(home.rglob("*.scene")) and not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 

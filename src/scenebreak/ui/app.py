@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
 from ..errors import InvalidInput, SceneBreakError
-from ..events import Reporter, silent
+from ..events import Message, Reporter, silent
 from ..paths import fit_file_name, home, is_regular_file, resolve_scene, scene_path, valid_name
 from .jobs import Job
 
@@ -372,4 +372,7 @@ class App:
         if job is not None and job.running:
             job.cancel()
             if job.writes:
+                # A learn still loading its model sees the stop only once loaded: say why nothing happens.
+                self.echo(Message(f"stopping: waiting for the running {job.kind} to finish writing its files"
+                                  + (" (learn saves its checkpoint first)" if job.kind == "learn" else "")))
                 job.join(timeout)
