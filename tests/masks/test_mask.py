@@ -187,6 +187,30 @@ def test_mask_output_pipes_into_learn(scene_files, tiny_segmentation, tiny_model
     assert os.path.exists(scene["path"])
 
 
+def test_sam_prompts_reach_the_model_in_float32(tiny_segmentation, scene_files):
+    """SAM's processor gives prompt coordinates in float64, which Apple's GPU (MPS) cannot
+    hold (a TypeError on .to("mps")): every prompt tensor goes over as float32."""
+    import torch
+
+    from scenebreak.device import choose_device
+    from scenebreak.images import load_image
+    from scenebreak.masks.segmenter import Segmenter
+
+    segmenter = Segmenter(str(tiny_segmentation[1]), choose_device("cpu"))
+    segmenter.set_image(load_image(scene_files["image"]))
+    real, dtypes = segmenter.model, set()
+
+    def spy(**inputs):
+        dtypes.update(v.dtype for k, v in inputs.items() if k.startswith("input_"))
+        return real(**inputs)
+
+    segmenter.model = spy
+    segmenter.from_boxes([[2, 2, 40, 40]])
+    segmenter.from_points([(10, 10), (30, 30)], together=True)
+    segmenter.automatic(grid=2, limit=1)
+    assert torch.float64 not in dtypes and torch.float32 in dtypes
+
+
 def test_auto_keeps_distinct_stable_segments_largest_first(tiny_segmentation, scene_files):
     """--auto's selection on a scripted SAM: every click proposes its region (A or B),
     the whole image, and an unstable blur; the result is B then A, each once."""

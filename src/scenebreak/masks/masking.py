@@ -7,7 +7,6 @@ reported, and the masks and their preview are written (files.py)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from ..config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MAX_LEARNED_HANDLES, M
 from ..errors import InvalidInput, InvalidMask
 from ..events import Message, Progress, Reporter, silent
 from ..hub import check_models_available, downloads_reported
+from ..paths import is_writable_folder
 from . import ops as maskops
 from .detector import Detector
 from .files import MaskResult, check_outputs, check_replaceable, output_paths, write_masks
@@ -97,10 +97,7 @@ def check_count(asked: int, auto: bool, max_masks: int) -> None:
 
 
 def check_writable(folder: Path) -> None:
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
+    if not is_writable_folder(Path(folder)):
         raise InvalidInput(f"cannot write masks to {folder}: choose another folder with --out-dir")
 
 

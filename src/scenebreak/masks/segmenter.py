@@ -39,13 +39,22 @@ class Segmenter:
             self.embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device.torch))
         self.pad = inputs["pixel_values"].shape[-2:]
 
+    def _on_device(self, tensor):
+        """A prompt tensor on the model's device. SAM's processor gives coordinates in
+        float64, which Apple's GPU (MPS) cannot hold: they go over as float32."""
+        import torch
+
+        if tensor.is_floating_point():
+            return tensor.to(self.device.torch, torch.float32)
+        return tensor.to(self.device.torch)
+
     def _run(self, multimask: bool, **prompts):
         """Low-resolution logits (objects, masks, h, w), IoU estimates and the sizes
         that map them back to the photo."""
         import torch
 
         inputs = self.processor(images=self.image, return_tensors="pt", **prompts)
-        extra = {k: inputs[k].to(self.device.torch) for k in ("input_points", "input_labels", "input_boxes") if k in inputs}
+        extra = {k: self._on_device(inputs[k]) for k in ("input_points", "input_labels", "input_boxes") if k in inputs}
         with torch.inference_mode():
             out = self.model(image_embeddings=self.embeddings, multimask_output=multimask, **extra)
         return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu(), inputs
@@ -106,8 +115,8 @@ class Segmenter:
         for start in range(0, len(clicks), batch):
             with torch.inference_mode():
                 out = self.model(image_embeddings=self.embeddings, multimask_output=True,
-                                 input_points=inputs["input_points"][:, start:start + batch].to(self.device.torch),
-                                 input_labels=inputs["input_labels"][:, start:start + batch].to(self.device.torch))
+                                 input_points=self._on_device(inputs["input_points"][:, start:start + batch]),
+                                 input_labels=self._on_device(inputs["input_labels"][:, start:start + batch]))
             logits = out.pred_masks[0].float().cpu().flatten(0, 1)
             iou = out.iou_scores[0].float().cpu().flatten()
             low = logits.shape[-1] / self.pad[-1]  # low-res pixels per input pixel
