@@ -79,3 +79,32 @@ def test_a_bad_scenebreak_cpu_bf16_is_one_line_and_exit_2(scene_files, monkeypat
     assert result.exit_code == 2, result.output
     assert "SCENEBREAK_CPU_BF16='no': use 0" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_autocast_is_turned_off_even_where_torch_has_none_for_mps(monkeypatch):
+    """torch before 2.5 refuses torch.autocast("mps", enabled=False) (an unsupported device
+    type), and decoding, blending and the attention maps turn autocast off around their
+    fp32 work: on such a torch they failed on every Mac."""
+    import contextlib
+
+    import torch
+
+    from scenebreak import device
+
+    real = torch.autocast
+
+    def torch_2_4(device_type, *args, **kwargs):
+        if device_type == "mps":
+            raise RuntimeError("User specified an unsupported autocast device_type 'mps'")
+        return real(device_type, *args, **kwargs)
+
+    device._mps_autocast.cache_clear()
+    monkeypatch.setattr(torch, "autocast", torch_2_4)
+    try:
+        assert isinstance(device.autocast_off("mps"), contextlib.nullcontext)
+        with device.autocast_off("mps"):
+            pass
+        with torch.autocast("cpu", dtype=torch.bfloat16), device.autocast_off("cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+    finally:
+        device._mps_autocast.cache_clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,28 @@ from dataclasses import dataclass
 from .errors import DeviceNotAvailable, InvalidInput
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+def autocast_off(device_type: str):
+    """Autocast turned off for a block (what runs there is in its tensors' own dtypes).
+    torch before 2.5 has no autocast for MPS and refuses even to turn it off there: on
+    such a device there is nothing to turn off. (No try here: compiled steps trace this.)"""
+    import torch
+
+    if device_type == "mps" and not _mps_autocast():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+@functools.cache
+def _mps_autocast() -> bool:
+    import torch
+
+    try:
+        torch.autocast("mps", enabled=False)
+    except RuntimeError:  # "unsupported autocast device_type 'mps'"
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -131,11 +154,26 @@ class Device:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so; torch's CPU
-    allocator a RuntimeError that it "can't allocate memory"; numpy and Python MemoryError."""
+    """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so, or "Invalid
+    buffer size" for one tensor larger than the GPU's biggest buffer (8-16 GB Macs);
+    torch's CPU allocator a RuntimeError that it "can't allocate memory"; numpy and
+    Python MemoryError."""
     text = str(exc).lower()
     return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+        isinstance(exc, RuntimeError) and any(
+            words in text for words in ("out of memory", "can't allocate memory", "invalid buffer size")))
+
+
+def empty_gpu_cache() -> None:
+    """Hand the memory cached by the GPU's allocator back (CUDA's or Apple's), so that a
+    smaller retry or the next models fit."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        torch.mps.empty_cache()
 
 
 def precision_name(dtype) -> str:

@@ -203,6 +203,8 @@ def test_mps_out_of_memory_and_memory_budget(monkeypatch):
 
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1 GB)"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    # One tensor past the largest buffer Apple's GPU allows (8-16 GB Macs): memory too.
+    assert is_out_of_memory(RuntimeError("Invalid buffer size: 11.25 GB"))
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 20 * 2**30, raising=False)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 4 * 2**30, raising=False)
     monkeypatch.setattr("psutil.virtual_memory", lambda: types.SimpleNamespace(available=64 * 2**30))
@@ -321,3 +323,25 @@ def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_
                       plan=plan, amp_dtype=torch.bfloat16)
     dtypes = {record.phase: c.denoiser.conv_in.weight.dtype for record in trainer.run()}
     assert dtypes == {1: torch.bfloat16, 2: torch.float32}
+
+
+def test_on_a_mac_the_gpu_cache_is_emptied_and_bitsandbytes_refused_up_front(monkeypatch):
+    """A smaller retry after running out of memory, and evaluate's scoring models after
+    the diffusion ones, emptied only CUDA's cache; --quantize nf4 on MPS loaded the whole
+    model before bitsandbytes failed there (it has no MPS kernels)."""
+    from scenebreak.config import LearnConfig
+    from scenebreak.device import empty_gpu_cache
+    from scenebreak.errors import InvalidInput
+    from scenebreak.train.memory import choose_quantization
+
+    emptied = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: emptied.append("mps"))
+    empty_gpu_cache()
+    assert emptied == ["mps"]
+
+    mps = Device(type="mps", name="mps")
+    for kind in ("nf4", "int8"):
+        with pytest.raises(InvalidInput, match=f"--quantize {kind}: bitsandbytes runs on CUDA and the CPU, not on MPS"):
+            choose_quantization(LearnConfig(tune="lora", quantize=kind), None, mps, 512, True, True, [])
+    assert choose_quantization(LearnConfig(tune="lora", quantize="auto"), None, mps, 512, True, True, []) == ("none", "")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, DEFAULT_SEGMENTER, EvaluateConfig
-from ..device import Device, choose_device
+from ..device import Device, choose_device, empty_gpu_cache
 from ..errors import InvalidInput
 from ..events import Message, Progress, Reporter, silent
 
@@ -229,13 +229,9 @@ def _release(run) -> None:
     """Free the diffusion models before the scoring models load (a GPU holds both badly)."""
     import gc
 
-    device = run.pipe.device
     run.pipe = None
     gc.collect()
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+    empty_gpu_cache()
 
 
 def score_images(scene, generated, words: dict[str, str], config: EvaluateConfig, refs: dict, device: Device,

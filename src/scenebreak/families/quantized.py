@@ -32,9 +32,15 @@ def quantization_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def require_quantization(what: str) -> None:
-    """Refuse `what` (e.g. "--quantize nf4") in one line naming the install where
-    bitsandbytes is missing."""
+def require_quantization(what: str, device=None) -> None:
+    """Refuse `what` (e.g. "--quantize nf4") in one line: on a device bitsandbytes has no
+    kernels for (Apple's GPU: found out only after the model loaded), and naming the
+    install where bitsandbytes is missing."""
+    if device is not None and device.type not in ("cuda", "cpu"):
+        from ..errors import InvalidInput
+
+        raise InvalidInput(f"{what}: bitsandbytes runs on CUDA and the CPU, not on {device.type.upper()}: "
+                           "use --quantize none (or --device cpu)")
     if not quantization_available():
         from ..errors import SceneBreakError
 

@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from ..device import autocast_off
 from ..events import Progress, Reporter, silent
 from ..families import vae_normalisation
 from ..masks.ops import dilate
@@ -77,7 +78,7 @@ def encode(vae, images: list[np.ndarray]):
 
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     pixels = pixels.to(vae.device, vae.dtype)
-    with torch.inference_mode(), torch.autocast(pixels.device.type, enabled=False):  # in the VAE's own dtype
+    with torch.inference_mode(), autocast_off(pixels.device.type):  # in the VAE's own dtype
         shift, scale = vae_normalisation(vae)
         return (vae.encode(pixels).latent_dist.mean - shift) * scale
 

@@ -3,6 +3,7 @@ shared by class images, `generate` and the blended sampling of `edit`/`extract-b
 
 from __future__ import annotations
 
+from ..device import autocast_off, empty_gpu_cache, is_out_of_memory
 from ..events import Progress, Reporter, silent
 
 
@@ -19,7 +20,6 @@ def run_in_passes(items: list, batch: int, run_pass, report: Reporter = silent, 
     just fit has left, and each image starts from its own seed's noise either way."""
     import torch
 
-    from ..device import is_out_of_memory
     from ..events import Message
 
     start = 0
@@ -31,8 +31,7 @@ def run_in_passes(items: list, batch: int, run_pass, report: Reporter = silent, 
             if len(chunk) == 1 or not is_out_of_memory(exc):
                 raise
             batch = max(1, min(batch // 2, len(chunk) - 1))
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            empty_gpu_cache()
             report(Message(f"out of memory making {len(chunk)} {what} at a time: {batch} at a time now"))
             continue
         start += len(chunk)
@@ -77,7 +76,7 @@ def decode_latents(vae, latents, report: Reporter = silent, max_pixels: int = PI
         return torch.cat([vae.decode(chunk).sample for chunk in x.split(per_call)])
 
     # The VAE decodes in its own weights' dtype, never under the sampling's autocast.
-    with torch.inference_mode(), torch.autocast(latents.device.type, enabled=False):
+    with torch.inference_mode(), autocast_off(latents.device.type):
         pixels = decode(scaled.to(vae.dtype))
         if vae.dtype != torch.float32 and not bool(torch.isfinite(pixels).all()):
             from ..events import Message

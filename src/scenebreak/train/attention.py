@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+from ..device import autocast_off
+
 
 # The forms of a FLUX map (RecordingJointAttnProcessor): "text", the image queries' softmax
 # over the prompt's own text keys (a cross-attention map, as on SD; the default); "joint",
@@ -126,13 +128,13 @@ class RecordingAttnProcessor:
         # reason), and half-precision softmax of sharp cross-attention blurs the very
         # maps the loss shapes (measured: the tiny model's handles then settle on the
         # wrong object more often). With 77 keys these few layers cost little in fp32.
-        with torch.autocast(query.device.type, enabled=False):
+        with autocast_off(query.device.type):
             out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask, dropout_p=0.0,
                                                  scale=attn.scale)
 
         # The recorded maps, for the kept example only.
         ex = self.store.example
-        with torch.autocast(query.device.type, enabled=False):
+        with autocast_off(query.device.type):
             scores = torch.matmul(query[ex].float() * attn.scale, key[ex].float().transpose(-1, -2))
             if mask is not None:
                 scores = scores + mask[ex]
@@ -215,7 +217,7 @@ class RecordingJointAttnProcessor:
 
         ex, length, form = self.store.example, self.store.text_length or text, self.store.form
         columns, bias = self.store.columns, self.store.key_bias
-        with torch.autocast(query.device.type, enabled=False):
+        with autocast_off(query.device.type):
             image_query = query[ex, text:].transpose(0, 1).float()  # heads, pixels, dim
             if form == "text":
                 text_key = key[ex, :length].transpose(0, 1).float()  # heads, prompt tokens, dim

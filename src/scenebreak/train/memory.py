@@ -211,7 +211,7 @@ def choose_quantization(config: LearnConfig, components, device, resolution: int
     if config.tune != "lora" or config.quantize == "none":
         return "none", ""
     if config.quantize != "auto":
-        require_quantization(f"--quantize {config.quantize}")
+        require_quantization(f"--quantize {config.quantize}", device)
         return config.quantize, ""
     if device.type != "cuda" or not low:
         return "none", ""
