@@ -162,3 +162,44 @@ def test_shell_completion_offers_cached_scene_names(learned, tmp_path, monkeypat
     assert complete("scenebreak edit img.png --scene ca") == ["cat"]
     assert complete("scenebreak generate ./sc") == ["./sc"]  # a path: the shell completes files
     assert "--scheduler" in complete("scenebreak generate photo --sch")
+
+
+def test_half_precision_keeps_the_layers_transformers_keeps_in_fp32():
+    """Sampling casts each model to its dtype whole, which undid transformers' own rule
+    for fp16: T5's `wo` stays fp32 (FLUX.1's T5 passes fp16's range there; transformers
+    then clamps the residual stream at 65504 and the prompt's states come out wrong, on
+    cards without bf16 and on Macs). A T5 whose feed-forward output is past fp16's range
+    shows it: kept in fp32 there, its fp16 states match the fp32 model's."""
+    from transformers import T5Config, T5EncoderModel
+
+    from scenebreak.device import choose_device
+    from scenebreak.sample.scene_models import to_device
+
+    def t5():
+        torch.manual_seed(0)
+        model = T5EncoderModel(T5Config(vocab_size=40, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1,
+                                        feed_forward_proj="gated-gelu"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "DenseReluDense" in name:
+                    param.mul_(60)  # wo's outputs reach ~1e5 for some features: past fp16's 65504
+        return model.eval()
+
+    ids = torch.tensor([[3, 4, 5, 1]])
+
+    def states(model):
+        with torch.no_grad():
+            return model(input_ids=ids).last_hidden_state.float()
+
+    reference = states(t5())
+    cast_whole = states(t5().to(torch.float16))
+    model = to_device(t5(), choose_device("cpu"), torch.float16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.endswith(".wo.weight")} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not n.endswith(".wo.weight")} == {torch.float16}
+    kept = states(model)
+    assert model(input_ids=ids).last_hidden_state.dtype == torch.float16
+    error = lambda x: float((x - reference).abs().max() / reference.abs().max())  # noqa: E731
+    assert error(kept) < 0.02 < error(cast_whole)
+    assert to_device(t5(), choose_device("cpu"), torch.bfloat16).encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype \
+        == torch.bfloat16  # (the rule is fp16's; bf16 has fp32's range)

@@ -56,16 +56,40 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
 
 def to_device(model, device: Device, dtype):
     """`model` on `device` in `dtype`; the weights of a quantised layer move (and are
-    packed by the move) but are never cast."""
+    packed by the move) but are never cast, and the layers the model's library keeps in
+    fp32 stay there (keep_in_fp32)."""
     from ..families.quantized import has_quantized_layers, is_bitsandbytes_weight
 
     if not has_quantized_layers(model):
-        return model.to(device.torch, dtype)
-    model.to(device.torch)
-    for param in model.parameters():
-        if param.is_floating_point() and param.dtype != dtype and not is_bitsandbytes_weight(param):
-            param.data = param.data.to(dtype)
+        model.to(device.torch, dtype)
+    else:
+        model.to(device.torch)
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype and not is_bitsandbytes_weight(param):
+                param.data = param.data.to(dtype)
+    keep_in_fp32(model, dtype)
     return model
+
+
+def keep_in_fp32(model, dtype) -> None:
+    """Put back in fp32 the layers that transformers keeps there when it loads a model in
+    half precision, which a cast of the whole model undoes: T5's `wo` projections in fp16
+    overflow (FLUX.1's T5 then gives inf/NaN prompt states, hence black images). The
+    model's forward casts its input to such a layer's dtype itself."""
+    import torch
+
+    names = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        names |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not names:
+        return
+    from ..families.quantized import is_bitsandbytes_weight
+
+    for name, module in model.named_modules():
+        if names.intersection(name.split(".")):
+            for param in module.parameters(recurse=True):
+                if param.is_floating_point() and not is_bitsandbytes_weight(param):
+                    param.data = param.data.float()
 
 
 def sampling_quantization(components, device: Device, dtype, asked: str) -> tuple[str, str]:
@@ -79,7 +103,7 @@ def sampling_quantization(components, device: Device, dtype, asked: str) -> tupl
 
     if asked in ("none", "nf4", "int8"):
         if asked != "none":
-            require_quantization(f"sampling in {asked}")
+            require_quantization(f"sampling in {asked}", device)
         return asked, ""
     if device.type != "cuda" or components.family.default_tune != "lora":
         return "none", ""
