@@ -4,6 +4,7 @@ kill cut short, exact shards, and a bad JOBS file refused before anything starts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -402,3 +403,92 @@ def test_a_worker_forwards_what_a_job_waits_for():
     assert forwarded(Message("downloading the base model x/y from the Hugging Face hub (once: ...)"))
     assert forwarded(Message("anything", "warning")) and forwarded(Message("job 3 (cat): masks of cat"))
     assert not forwarded(Message("memory plan: --memory fast, full tuning"))
+
+
+def test_a_job_told_to_stop_saves_its_checkpoint_without_any_signal(tmp_path, tiny_model, monkeypatch):
+    """A busy worker is stopped through an event its job polls (learn then saves its
+    checkpoint, as on Ctrl-C), not by SIGINT: on Windows os.kill terminates the process."""
+    import multiprocessing
+
+    from scenebreak.batch import runner
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "told",
+                                  "learn": {"steps1": 50, "steps2": 400, "prior": False, "checkpoint-every": 1000,
+                                            "base-model": str(tiny_model)}}])
+    steps = []
+
+    def should_stop():
+        steps.append(1)
+        return len(steps) > 2
+    result = run_job(read_jobs(jobs)[0], tmp_path / "out", device="cpu", should_stop=should_stop)
+    assert result.status == "failed" and "rerun the batch to resume it" in result.error, result
+    state = torch.load(checkpoint_path("told"), weights_only=True)
+    assert state["phase"] == 1 and state["step"] < 10  # saved when told, not at a checkpoint-every
+
+    class Process:  # a worker's process, never signalled
+        pid = 4242
+
+        def is_alive(self):
+            return True
+
+    monkeypatch.setattr(runner.os, "kill", lambda *a: pytest.fail("a worker was sent a signal"))
+    worker = runner._Worker.__new__(runner._Worker)
+    worker.process, worker.stop = Process(), multiprocessing.get_context("spawn").Event()
+    worker.interrupt()
+    assert worker.stop.is_set()
+
+
+def test_idle_workers_of_a_killed_batch_exit(tmp_path, monkeypatch):
+    """A batch killed outright cannot end its workers: each idle one sees its parent gone
+    and exits (on Windows a dead parent's id stays the worker's parent id, so the worker
+    asks multiprocessing's handle on its parent, not os.getppid)."""
+    import multiprocessing
+
+    from scenebreak.batch import runner
+
+    class Parent:
+        alive = True
+
+        def is_alive(self):
+            return self.alive
+
+    parent = Parent()
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: parent)
+    assert not runner.parent_gone(os.getppid())
+    parent.alive = False
+    assert runner.parent_gone(os.getppid())  # though the id reads the same, as on Windows
+
+    script = tmp_path / "batch.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from scenebreak.batch.runner import worker_main\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    inbox, outbox, stop = ctx.Queue(), ctx.Queue(), ctx.Event()\n"
+        "    worker = ctx.Process(target=worker_main, args=(0, 'cpu', inbox, outbox, sys.argv[1], None, 1, stop))\n"
+        "    worker.start()\n"
+        "    print(worker.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        worker = int(process.stdout.readline())
+        time.sleep(1)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                break
+            if state == "Z":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the killed batch's idle worker still runs")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

@@ -260,9 +260,10 @@ class _Worker:
 
     def start(self) -> None:
         self.inbox = self.context.Queue()
+        self.stop = self.context.Event()
         self.process = self.context.Process(target=worker_main, daemon=True, name=f"scenebreak batch worker {self.index}",
                                             args=(self.index, self.device, self.inbox, self.outbox, str(self.out),
-                                                  str(self.scenes) if self.scenes else None, self.threads))
+                                                  str(self.scenes) if self.scenes else None, self.threads, self.stop))
         self.process.start()
 
     def give(self, job: Job, tries: int, wait: bool) -> None:
@@ -281,12 +282,9 @@ class _Worker:
         self.start()
 
     def interrupt(self) -> None:
-        """Ask the job to stop as Ctrl-C would (SIGINT: learn saves its checkpoint first)."""
-        import signal
-
-        if self.process.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGINT)
+        """Ask the job to stop as Ctrl-C would: learn saves its checkpoint at its next step.
+        (An event the job polls, not SIGINT: on Windows os.kill terminates the process.)"""
+        self.stop.set()
 
     def ask_to_end(self) -> None:
         """End the process once its job is over. On Ctrl-C the workers got it too (one
@@ -313,9 +311,21 @@ def forwarded(message: Message) -> bool:
     return message.level == "warning" or message.text.startswith(("job ", "waiting for", "downloading"))
 
 
-def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | None, threads: int) -> None:
+def parent_gone(parent: int) -> bool:
+    """Whether the batch process that started this worker has died (killed: it could not
+    end its workers). Through multiprocessing's handle on it where there is one: on
+    Windows a dead parent's id stays this process's parent id."""
+    import multiprocessing
+
+    process = multiprocessing.parent_process()
+    if process is not None:
+        return not process.is_alive()
+    return os.getppid() != parent
+
+
+def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | None, threads: int, stop) -> None:
     """A worker process: run each job it is given on `device`, sending its progress
-    and result back; None ends it."""
+    and result back; None ends it. `stop` (an event) set: the job stops as on Ctrl-C."""
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
@@ -339,7 +349,7 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
             try:
                 item = inbox.get(timeout=1.0)
             except queue.Empty:
-                if os.getppid() != parent:
+                if parent_gone(parent):
                     outbox.cancel_join_thread()  # nobody reads it any more: exit without waiting to flush
                     return  # the batch process is gone (killed): nothing will come
                 continue
@@ -348,7 +358,7 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
             job, wait = item
             current[0] = job
             try:
-                result = run_job(job, out, scenes, device=device, wait=wait, report=report)
+                result = run_job(job, out, scenes, device=device, wait=wait, report=report, should_stop=stop.is_set)
             except KeyboardInterrupt:
                 result = JobResult(job.number, job.name, "failed", error="interrupted: rerun the batch to resume it")
             outbox.put(("result", index, result.to_dict()))

@@ -96,11 +96,12 @@ def is_done(record: dict, key: str) -> bool:
 
 
 def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, device=None, wait: bool = False,
-            report: Reporter = silent) -> JobResult:
+            report: Reporter = silent, should_stop=None) -> JobResult:
     """Run `job` (or skip it when its results are there); never raises for the job's own
     failure: that is a "failed" result with its one-line error. `wait=False`: when
     another process runs the same job, return "busy" at once; `wait=True`: wait for it
-    (saying so), then skip what it did."""
+    (saying so), then skip what it did. `should_stop()` turning true stops it as Ctrl-C
+    would (learn saves its checkpoint; the result says to rerun)."""
     from ..train.locks import Busy, locked
 
     started = time.perf_counter()
@@ -115,7 +116,7 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
             record = read_record(job_folder(job, out))
             if is_done(record, key):
                 return _skipped(job, record, "done by another run meanwhile")
-            result = _run(job, out, scenes, key, record, device, report)
+            result = _run(job, out, scenes, key, record, device, report, should_stop)
     except Busy as exc:
         return JobResult(job.number, job.name, "busy", note=f"being run by {exc}")
     except Interrupted:  # (learn's own line says to run the same command with --resume: batch has none)
@@ -131,7 +132,7 @@ def _skipped(job: Job, record: dict, why: str) -> JobResult:
     return JobResult(job.number, job.name, "skipped", record.get("scene"), list(record.get("images", [])), note=why)
 
 
-def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Reporter) -> JobResult:
+def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Reporter, should_stop) -> JobResult:
     from ..sample.generate import generate
     from ..train.learn import learn
     from ..train.locks import Busy, scene_lock
@@ -165,7 +166,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
         state["scene"] = str(scene)
         _write_record(folder, state)
         args = dict(name=job.name, output=scene if scenes else None, base_model=job.base_model, revision=job.revision,
-                    device=device, report=report, force=scene.exists())
+                    device=device, report=report, force=scene.exists(), should_stop=should_stop)
         for _ in range(MAX_LOCK_RACES):
             # A learn of this name on a machine that died holds its lock until that turns stale: wait for it.
             with scene_lock(job.name, wait=True, on_wait=lambda holder: report(Message(
@@ -192,7 +193,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
 
     images: list[str] = []
     if job.prompts:
-        images = _generate(job, scene, folder / "images", device, report, generate, record.get("images"))
+        images = _generate(job, scene, folder / "images", device, report, generate, record.get("images"), should_stop)
     state.update(state="done", images=images)
     _write_record(folder, state)
     return JobResult(job.number, job.name, "done", str(scene), images, resumed=resumed)
@@ -207,10 +208,12 @@ def _make_masks(job: Job, target: Path, device, report: Reporter, recorded) -> l
         job.photo, prompts=job.objects, config=config, out_dir=tmp, report=report).paths])
 
 
-def _generate(job: Job, scene: Path, target: Path, device, report: Reporter, generate, recorded) -> list[str]:
+def _generate(job: Job, scene: Path, target: Path, device, report: Reporter, generate, recorded,
+              should_stop=None) -> list[str]:
     """The job's prompts sampled, written as one folder."""
     return _write_folder(target, recorded, lambda tmp: [Path(image.path).name for image in generate(
-        str(scene), list(job.prompts), job.generate, out_dir=tmp, device=device, report=report).images])
+        str(scene), list(job.prompts), job.generate, out_dir=tmp, device=device, report=report,
+        should_stop=should_stop).images])
 
 
 def _write_folder(target: Path, recorded, fill) -> list[str]:
