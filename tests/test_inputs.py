@@ -125,9 +125,22 @@ def test_big_photo_below_the_limit_loads_without_a_warning(scene_files, monkeypa
     ("café au lait.jpg", "cafe-au-lait"),
     ("naïve résumé.png", "naive-resume"),
     ("x.scene.jpg", "x"),
+    ("con.jpg", "con-scene"),  # Windows keeps CON, NUL, COM1, ... for devices
+    ("NUL.backup.png", "NUL-scene.backup"),
+    ("console.jpg", "console"),
 ])
 def test_default_name_transliterates(file_name, expected):
     assert default_name(file_name) == expected
+    assert check_name(expected) == expected
+
+
+@pytest.mark.parametrize("name", ["con", "Aux", "nul.v2", "com1", "LPT9.x", "trailing."])
+def test_names_windows_cannot_hold_are_refused_everywhere(name):
+    """A scene travels: a name Windows keeps for a device (con.scene is the console there)
+    or one ending in a dot (Windows drops it) could not be saved, nor its batch folder or
+    exported files made, on Windows."""
+    with pytest.raises(InvalidInput, match="invalid scene name"):
+        check_name(name)
 
 
 def test_default_name_of_unspellable_file_names_is_valid_and_distinct():

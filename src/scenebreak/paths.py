@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import InvalidInput
 
 SCENE_SUFFIX = ".scene"
+ON_WINDOWS = os.name == "nt"  # (its files and processes behave differently: see where it is used)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the whole name (fullmatch: "$" would let "x\n" by)
 
 
@@ -45,15 +46,30 @@ def checkpoints_dir() -> Path:
 MAX_NAME = 200  # characters: room for ".scene", ".ckpt" and a temp-file prefix and suffix in 255 bytes
 
 
+# Names Windows keeps for devices, whatever follows their first dot (con.scene is the console).
+WINDOWS_DEVICE_NAMES = frozenset(["con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+                                  *(f"lpt{i}" for i in range(10))])
+
+
+def windows_device_name(name: str) -> bool:
+    return name.split(".", 1)[0].lower() in WINDOWS_DEVICE_NAMES
+
+
 def valid_name(name: str) -> bool:
     """Letters, digits, '.', '_' and '-', starting with a letter or digit: nothing that
-    can name another folder, hide a file or start an option."""
-    return bool(_NAME_RE.fullmatch(name)) and len(name) <= MAX_NAME
+    can name another folder, hide a file or start an option; and a file name on every
+    system a scene may travel to (no Windows device name, no trailing dot, which
+    Windows drops)."""
+    return (bool(_NAME_RE.fullmatch(name)) and len(name) <= MAX_NAME and not name.endswith(".")
+            and not windows_device_name(name))
 
 
 def check_name(name: str) -> str:
     if len(name) > MAX_NAME:
         raise InvalidInput(f"scene name {name[:40]!r}... is {len(name)} characters long: use at most {MAX_NAME}")
+    if _NAME_RE.fullmatch(name) and windows_device_name(name):
+        raise InvalidInput(f"invalid scene name {name!r}: Windows keeps {name.split('.', 1)[0]!r} for a device, so "
+                           "the scene could not be saved there: choose another --name")
     if not valid_name(name) or name.endswith(SCENE_SUFFIX):
         raise InvalidInput(
             f"invalid scene name {name!r}: use letters, digits, '.', '_' or '-' (no '{SCENE_SUFFIX}' suffix)"
@@ -144,16 +160,21 @@ def flush_to_disk(path: Path) -> None:
             for name in files:
                 item = Path(root, name)
                 if not item.is_symlink() and item.is_file():
-                    _fsync(item, os.O_RDONLY)
+                    _fsync(item, _file_sync_flags())
             sync_folder(Path(root))
     elif path.is_file():
-        _fsync(path, os.O_RDONLY)
+        _fsync(path, _file_sync_flags())
+
+
+def _file_sync_flags() -> int:
+    # Windows flushes a file only through a handle that may write (FlushFileBuffers); POSIX any.
+    return os.O_RDWR | getattr(os, "O_BINARY", 0) if ON_WINDOWS else os.O_RDONLY
 
 
 def sync_folder(folder: Path) -> None:
     """Put a folder's entries (a rename, a deletion) on the disk; a no-op where folders
     cannot be opened (Windows) or synced."""
-    if os.name == "posix":
+    if not ON_WINDOWS:
         _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
@@ -171,7 +192,6 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
-ON_WINDOWS = os.name == "nt"
 # Whose a temporary is: this machine (a cache may be shared over the network) and process.
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -300,7 +320,18 @@ def existing_ancestor(path: Path) -> Path:
 def is_writable_folder(folder: Path) -> bool:
     """Whether files can be made in `folder` (or in the folders that would be made for it)."""
     probe = existing_ancestor(folder)
-    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+    if not probe.is_dir():
+        return False
+    if ON_WINDOWS:  # os.access reads only the read-only attribute there, which folders ignore: try it
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError:
+            return False
+        return True
+    return os.access(probe, os.W_OK | os.X_OK)
 
 
 def check_file_name_fits(path: Path) -> None:

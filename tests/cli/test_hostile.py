@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -862,3 +864,15 @@ def test_an_output_path_that_is_not_utf8_prints_as_its_bytes(world, tmp_path):
     assert result.exit_code == 0, result.output
     [line] = result.stdout_bytes.splitlines()
     assert line.startswith(os.fsencode(str(out))) and os.path.isfile(line)
+
+
+def test_text_stdout_cannot_encode_is_written_as_escapes_not_a_failure(world):
+    """Redirected on Windows, stdout encodes in the ANSI code page: `show` of a scene whose
+    base model lives under a Chinese folder name failed with UnicodeEncodeError (here
+    stdout is made Latin-1 to show it: a code page, as cp1252 is; Click takes plain ASCII
+    for a misconfigured system and writes UTF-8 instead)."""
+    craft(world["scene"], world["home"] / "scenes" / "far.scene", meta=set_meta("base_model.id", "/模型/sd"))
+    env = dict(os.environ, PYTHONIOENCODING="latin-1", PYTHONPATH=os.pathsep.join(sys.path))
+    shown = subprocess.run([sys.executable, "-m", "scenebreak", "show", "far"], env=env, capture_output=True)
+    assert shown.returncode == 0, shown.stderr
+    assert b"/\\u6a21\\u578b/sd" in shown.stdout

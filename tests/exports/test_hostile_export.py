@@ -246,3 +246,31 @@ def test_distinct_names():
     long = "n" * MAX_STEM
     names = distinct_names([long, long.upper()])
     assert names[0] == long and len(names[1]) == MAX_STEM and names[1].endswith("-2")
+
+
+def test_an_export_into_an_empty_folder_works_where_rename_refuses_any_folder(learned, tmp_path, monkeypatch):
+    """Windows renames onto no folder, not even an empty one (FileExistsError): an export
+    into an existing empty folder, which is allowed, failed there after all the writing
+    as a folder that "appeared while exporting"."""
+    import errno
+
+    import scenebreak.exports.export as export_module
+
+    real_rename = os.rename
+
+    def windows_rename(src, dst):
+        if Path(dst).is_dir():
+            raise FileExistsError(errno.EEXIST, "Cannot create a file when that file already exists", str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(export_module.os, "rename", windows_rename)
+    out = tmp_path / "empty"
+    out.mkdir()
+    export(learned.path, out, "embeddings")
+    assert any(out.iterdir())
+    # A folder with something in it is still never replaced (without --force, an export's only).
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="exists|not empty|appeared"):
+        export(learned.path, tmp_path / "mine", "embeddings")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

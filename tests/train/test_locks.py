@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,51 @@ def test_on_windows_a_process_is_asked_about_without_os_kill(monkeypatch):
     monkeypatch.setattr(paths.os, "kill", lambda *a: pytest.fail("os.kill on Windows"))
     monkeypatch.setattr(paths, "_windows_process_alive", lambda pid: pid == 42)
     assert paths.process_alive(42) and not paths.process_alive(43)
+
+
+def test_on_windows_a_folder_is_writable_when_a_file_can_be_made_in_it(monkeypatch, tmp_path):
+    """os.access on Windows reads only the read-only attribute, which folders ignore: every
+    folder passed the early checks of --out, export -o and mask --out-dir there. Windows
+    is asked by making a file (here /proc, which no one can write, stands in)."""
+    from scenebreak import paths
+
+    monkeypatch.setattr(paths, "ON_WINDOWS", True)
+    assert paths.is_writable_folder(tmp_path / "new" / "out")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+    assert not paths.is_writable_folder(Path("/proc/out"))
+
+
+def test_a_lock_open_in_another_process_this_instant_is_released_and_broken_calmly(monkeypatch):
+    """On Windows a file that another process has open (to read who holds the lock)
+    cannot be renamed or deleted (PermissionError): a finished learn failed after writing
+    its scene, and a waiting one crashed breaking a stale lock."""
+    from pathlib import Path as PathClass
+
+    path = _lock_path("shared")
+    real_unlink, refusals = PathClass.unlink, []
+
+    def unlink(self, *args, **kwargs):
+        if self == path and len(refusals) < 2:
+            refusals.append(1)
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(PathClass, "unlink", unlink)
+    with locked(path, wait=False):
+        pass
+    assert len(refusals) == 2 and not path.exists()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": locks.HOST, "pid": 2**22 + 7, "token": "t", "since": 0}))
+    real_rename, renames = os.rename, []
+
+    def rename(src, dst):
+        renames.append(src)
+        if len(renames) == 1:
+            raise PermissionError(13, "being used by another process")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(locks.os, "rename", rename)
+    with locked(path, wait=True):  # the dead owner's lock: broken on the second try
+        assert read_owner(path)["pid"] == os.getpid()
+    assert len(renames) == 2

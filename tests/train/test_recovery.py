@@ -510,3 +510,33 @@ def test_class_images_out_of_memory_are_made_fewer_at_a_time_to_the_same_images(
     monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "other"))
     with pytest.raises(RuntimeError, match="a shape"):
         ensure_class_images(components, cpu, "a photo", 2, 64, batch_size=2)
+
+
+def test_on_windows_a_checkpoint_is_read_whole_and_files_are_flushed_through_a_writable_handle(monkeypatch, tmp_path):
+    """Windows cannot replace a file that is memory-mapped, and a resumed run's next
+    checkpoint replaces the one it resumed from (every later save failed there, the one on
+    Ctrl-C with it); and it flushes a file only through a handle that may write (fsync of
+    a read-only one fails, and was silently skipped)."""
+    from scenebreak import paths
+    from scenebreak.train import checkpoints
+
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or {"identity": "other"})
+    saved = checkpoints.Checkpoints("win", {"source": "x"}, every=1, steps2=1)
+    saved.path.parent.mkdir(parents=True, exist_ok=True)
+    saved.path.write_bytes(b"checkpoint")
+    for windows in (False, True):
+        monkeypatch.setattr(checkpoints, "ON_WINDOWS", windows)
+        with pytest.raises(Exception, match="other inputs"):
+            saved.load(lambda event: None)
+    assert [k["mmap"] for k in loads] == [True, False]
+
+    synced = []
+    monkeypatch.setattr(paths, "_fsync", lambda path, flags: synced.append((Path(path).name, flags)))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    for windows in (False, True):
+        monkeypatch.setattr(paths, "ON_WINDOWS", windows)
+        paths.flush_to_disk(tmp_path / "d")
+    assert synced[:2] == [("f", os.O_RDONLY), ("d", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))]
+    assert synced[2:] == [("f", os.O_RDWR)]  # and no folder: Windows cannot open one to sync it

@@ -146,3 +146,22 @@ def test_the_browser_is_given_a_private_file_not_the_tokened_url(monkeypatch):
     assert stat.S_IMODE(page.stat().st_mode) == 0o600 and stat.S_IMODE(page.parent.stat().st_mode) == 0o700
     text = page.read_text()
     assert 'content="0;url=http://127.0.0.1:8765/?token=s3cret&amp;x=&lt;y&gt;"' in text
+
+
+def test_the_server_asks_for_no_address_reuse_on_windows(monkeypatch):
+    """On Windows SO_REUSEADDR lets a second server bind a port that is listened on, so
+    "port in use" never came and the page could reach another server."""
+    from scenebreak import paths
+    from scenebreak.ui.app import App
+    from scenebreak.ui.server import Server
+
+    for windows in (False, True):
+        monkeypatch.setattr(paths, "ON_WINDOWS", windows)
+        app = App(None)
+        server = Server(app, "127.0.0.1", 0)
+        try:
+            reuse = server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+            assert bool(reuse) is not windows
+        finally:
+            server.server_close()
+            app.close()

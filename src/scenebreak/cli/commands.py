@@ -768,6 +768,10 @@ def main() -> None:
     leaving, Ctrl-C is ignored."""
     code = 1
     quiet_bitsandbytes()  # before any command imports diffusers or peft
+    # Text stdout cannot encode (a name in Chinese, stdout redirected on Windows, in its ANSI
+    # code page) is written as escapes, not a failure after the work is done.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         try:
             code = cli.main(prog_name="scenebreak", standalone_mode=False)

@@ -185,6 +185,17 @@ def write_folder(out: Path, write: Callable[[Path], None], force: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_empty_folder(path: Path) -> bool:
+    """Remove `path` if it is an empty folder (not a link); whether it was."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        path.rmdir()  # fails unless empty
+    except OSError:
+        return False
+    return True
+
+
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     """Rename `tmp` to `out`. A rename replaces only a missing path or an empty folder;
     anything else there is left alone, except an earlier export with `force`: that is
@@ -201,6 +212,8 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
             except OSError as exc:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                     raise
+            if _remove_empty_folder(out):  # Windows renames onto no folder, not even an empty one
+                continue
             if not (force and _is_export(out)):
                 raise InvalidInput(f"{out} appeared while exporting, and is not an earlier export that --force may "
                                    "replace: it is left as it is; export again, or choose another -o")

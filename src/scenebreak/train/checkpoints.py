@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import Interrupted, InvalidInput
 from ..events import Message, Reporter, silent
-from ..paths import checkpoint_path, is_regular_file, write_atomically
+from ..paths import ON_WINDOWS, checkpoint_path, is_regular_file, write_atomically
 
 # Training time that justifies one more checkpoint before the scene is written.
 FINAL_AFTER_SECONDS = 300.0
@@ -94,9 +94,10 @@ class Checkpoints:
         if not is_regular_file(self.path):
             raise damaged
         # Memory-mapped: a phase-2 checkpoint holds the model and the optimizer state, which
-        # must not sit in RAM a second time next to the live ones.
+        # must not sit in RAM a second time next to the live ones. Not on Windows: there a
+        # mapped file cannot be replaced, and the run's next checkpoint replaces it.
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=not ON_WINDOWS)
         except Exception:  # torch and pickle raise many types for a damaged file
             raise damaged from None
         if not isinstance(state, dict):

@@ -19,7 +19,7 @@ from ..handles import check_handle_tokens
 from ..hub import downloads_reported
 from ..images import background_mask, load_image, load_masks, prepare
 from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_path, home, is_writable_folder,
-                     scene_path)
+                     scene_path, windows_device_name)
 from ..scenes.bundle import save_scene
 from .assemble import scene_from_training, scene_metadata
 from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
@@ -104,6 +104,9 @@ def default_name(image: Path) -> str:
     if lost or len(name) > 200:  # a name cut to scene names' 200 characters needs the hash too
         digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]
         name = f"{name[:200 - 9].rstrip('-._')}-{digest}" if name else f"scene-{digest}"
+    if windows_device_name(name):  # con.jpg: "con" names the console on Windows
+        first, _, rest = name.partition(".")
+        name = f"{first}-scene" + (f".{rest}" if rest else "")
     return name or "scene"
 
 

@@ -131,6 +131,8 @@ def _break(path: Path, seen: dict | None) -> None:
         os.rename(path, aside)
     except FileNotFoundError:
         return  # another process broke it first
+    except PermissionError:
+        return  # Windows: someone reads it this instant; the caller's loop tries again
     if read_owner(aside) != seen:  # not the one judged stale: a fresh lock, give it back
         with contextlib.suppress(OSError):
             os.link(aside, path)
@@ -184,8 +186,21 @@ def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None, poll
         heartbeat.done.set()
         current = read_owner(path)
         if current and current.get("token") == token:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            _remove_own_lock(path)
+
+
+def _remove_own_lock(path: Path, tries: int = 40) -> None:
+    """Delete the lock this process held. On Windows a file another process has open
+    this instant (reading who holds it) cannot be deleted: try again for a moment;
+    if it never goes, it is stale once this process has exited."""
+    for _ in range(tries):
+        try:
+            path.unlink()
+            return
+        except FileNotFoundError:
+            return
+        except PermissionError:
+            time.sleep(0.05)
 
 
 def scene_lock(name: str, *, wait: bool = False, on_wait=None):

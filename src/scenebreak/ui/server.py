@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from .. import paths
 from ..errors import SceneBreakError, UsageError, sigterm_stops
 from ..events import Message
 from .app import MAX_UPLOAD_BYTES, App, Busy, OutsideFolders
@@ -56,6 +57,13 @@ def status_of(exc: BaseException) -> HTTPStatus:
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # an open event stream never keeps the process alive
+
+    @property
+    def allow_reuse_address(self) -> bool:
+        # On Windows SO_REUSEADDR lets a second server bind a port already listened on
+        # (no "port in use": the page would reach the other one); elsewhere it only lets
+        # a restart bind past the last run's closing connections.
+        return not paths.ON_WINDOWS
 
     def __init__(self, app: App, host: str, port: int):
         self.app, self.token, self.closing = app, secrets.token_urlsafe(24), threading.Event()
