@@ -327,3 +327,35 @@ def test_the_stored_precision_is_read_from_a_header_never_from_a_fifo(tmp_path):
     (tmp_path / "fifo").mkdir()
     os.mkfifo(tmp_path / "fifo" / "model.safetensors")
     assert stored_dtype(tmp_path / "fifo") is None and stored_dtype(tmp_path / "missing") is None  # returns, no hang
+
+
+def test_out_of_memory_names_the_next_thing_to_try_and_whether_resume_continues(scene_files, tiny_model, monkeypatch):
+    """Was "try --tune lora (with --resume to continue)" under --memory low, also to a run
+    already on LoRA, and --resume refuses a changed --tune (it is part of what the
+    checkpoint was made with): only --memory continues a run."""
+    from types import SimpleNamespace
+
+    import scenebreak.train.trainer as trainer_module
+    from scenebreak.device import Device
+    from scenebreak.train.learn import out_of_memory_hint
+
+    cuda, cpu = Device("cuda", "cuda:0"), Device("cpu", "cpu")
+    plan = lambda **k: SimpleNamespace(**{"policy": "low", "tune": "lora", "quantize": "none", **k})  # noqa: E731
+    assert out_of_memory_hint(plan(policy="fast"), cuda) == "try --memory low (with --resume to continue), or --device cpu"
+    assert out_of_memory_hint(plan(tune="full"), cuda).startswith("try --tune lora, or a smaller --resolution (either "
+                                                                  "starts over)")
+    assert out_of_memory_hint(plan(), cuda).startswith("try --quantize nf4")
+    assert out_of_memory_hint(plan(quantize="nf4"), cuda) == "try a smaller --resolution (it starts over), or --device cpu"
+    assert out_of_memory_hint(plan(), cpu) == "try a smaller --resolution (it starts over)"
+
+    def out_of_memory(self, phase, steps):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", out_of_memory)
+    for args, hint in ((["--memory", "fast"], "--memory low (with --resume to continue)"),
+                       (["--memory", "low", "--tune", "lora"], "a smaller --resolution (it starts over)")):
+        result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                          "--base-model", str(tiny_model), "--no-prior", "--steps1", "2", "--steps2", "2",
+                                          "--device", "cpu", "--force", *args])
+        assert result.exit_code == 1, result.output
+        assert result.stderr.strip().splitlines()[-1] == f"Error: out of memory on cpu: try {hint}"

@@ -301,10 +301,21 @@ def _out_of_memory_in_one_line(plan, device: Device):
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
-        hint = "--tune lora" if plan.policy == "low" else "--memory low"
-        elsewhere = " or --device cpu" if device.type != "cpu" else ""
-        raise OutOfMemory(f"out of memory on {device.name}: try {hint} (with --resume to continue) or a smaller "
-                          f"--resolution{elsewhere}") from None
+        raise OutOfMemory(f"out of memory on {device.name}: {out_of_memory_hint(plan, device)}") from None
+
+
+def out_of_memory_hint(plan, device: Device) -> str:
+    """What to try after running out of memory under `plan`, the next step first. Only
+    --memory continues with --resume; tuning, quantisation and resolution are part of
+    what a checkpoint was made with, so changing them starts over."""
+    elsewhere = ", or --device cpu" if device.type != "cpu" else ""
+    if plan.policy != "low":
+        return f"try --memory low (with --resume to continue){elsewhere}"
+    if plan.tune != "lora":
+        return f"try --tune lora, or a smaller --resolution (either starts over){elsewhere}"
+    if plan.quantize == "none" and device.type == "cuda":
+        return f"try --quantize nf4, or a smaller --resolution (either starts over){elsewhere}"
+    return f"try a smaller --resolution (it starts over){elsewhere}"
 
 
 def _make_room_for_deferred(components, plan, device: Device, amp_dtype) -> None:
