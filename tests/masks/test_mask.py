@@ -379,3 +379,69 @@ def test_a_mask_drawn_or_edited_by_hand_is_replaced_only_with_force(scene_files,
     monkeypatch.setattr(masking, "Segmenter", real)
     forced = run("mask", photo, *box, *models, "--out-dir", tmp_path, "--force")
     assert forced.exit_code == 0 and mask.read_bytes() != drawn, forced.output
+
+
+def test_masks_of_another_photo_of_the_same_name_are_not_replaced_or_deleted_without_force(tmp_path):
+    """Mask names follow the photo's name only: `mask b/cat.jpg` into a folder holding
+    a/cat.jpg's masks took them for its own, replaced cat.mask1.png and deleted
+    cat.mask2.png and cat.mask3.png (the page did the same to cat.jpg's after cat.png).
+    The record now says which photo its masks are of."""
+    from scenebreak.masks.files import MaskResult, write_masks
+
+    def photo(folder, colour):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "cat.jpg"
+        Image.new("RGB", (40, 30), colour).save(path)
+        return path, Image.open(path).convert("RGB")
+
+    def masks(count):
+        made = []
+        for i in range(count):
+            m = np.zeros((30, 40), np.uint8)
+            m[i * 5:i * 5 + 4, 2:10] = 1
+            made.append(MaskResult(f"segment {i + 1}", "auto", 0.9, m))
+        return made
+
+    out = tmp_path / "m"
+    (a, a_image), (b, b_image) = photo("a", "red"), photo("b", "blue")
+    write_masks(a, a_image, masks(3), out)
+    theirs = {p.name: p.read_bytes() for p in out.glob("cat.mask[0-9]*.png")}
+    assert len(theirs) == 3
+    with pytest.raises(InvalidInput, match="cat.mask1.png is a mask of another photo named cat"):
+        write_masks(b, b_image, [MaskResult("x", "box", 0.9, np.ones((30, 40), np.uint8))], out)
+    assert {p.name: p.read_bytes() for p in out.glob("cat.mask[0-9]*.png")} == theirs
+    write_masks(a, a_image, masks(2), out)  # the same photo: its own masks, its leftover removed
+    assert sorted(p.name for p in out.glob("cat.mask[0-9]*.png")) == ["cat.mask1.png", "cat.mask2.png"]
+    write_masks(b, b_image, masks(1), out, force=True)  # asked: replaced, with the other's leftovers
+    assert sorted(p.name for p in out.glob("cat.mask[0-9]*.png")) == ["cat.mask1.png"]
+    write_masks(b, b_image, masks(1), out)  # and now b's own
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_killed_mask_runs_temporary_files_are_cleaned_up(tmp_path):
+    """Mask temporaries had a name of their own that the stale clean-up did not know: a
+    run killed while writing left hidden files in the photo's folder for good."""
+    from scenebreak.masks.files import MaskResult, write_masks
+    from scenebreak.paths import HOST_TAG
+
+    path = tmp_path / "p.png"
+    Image.new("RGB", (40, 30)).save(path)
+    m = np.zeros((30, 40), np.uint8)
+    m[2:10, 2:10] = 1
+    dead = tmp_path / f".p.mask1.png.{HOST_TAG}-{2**22 + 11}-abcd.tmp"
+    dead.write_bytes(b"half a mask")
+    write_masks(path, Image.open(path), [MaskResult("box 1", "box", 0.9, m)], tmp_path)
+    assert not dead.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_path_option_given_with_a_tilde_after_the_equals_sign_is_the_home_folder(scene_files, models, tmp_path,
+                                                                                  monkeypatch):
+    """A shell leaves `--out-dir=~/masks` as it is: the checks expanded the ~ and the
+    writes did not (a folder named ~ in the current one, and printed paths that are not
+    where the shell looks)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    monkeypatch.chdir(tmp_path)
+    result = run("mask", scene_files["image"], "--box", "12,8,44,40", *models, "--out-dir=~/masks")
+    assert result.exit_code == 0, result.output
+    assert [Path(line).parent for line in result.stdout.splitlines()] == [tmp_path / "me" / "masks"]
+    assert not (tmp_path / "~").exists()

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInput
-from ..paths import fit_file_name, sync_folder
+from ..paths import fit_file_name, remove_stale_temporaries, sync_folder, temporary_beside
 from . import ops as maskops
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 200, 0), (145, 30, 180), (70, 220, 220),
@@ -101,12 +100,16 @@ def _fingerprint(data: bytes) -> list:
 def check_replaceable(image_path: Path, mask_paths: list[Path], force: bool, earlier: dict | None = None) -> None:
     """Refuse to replace a mask file scenebreak did not write as it is now (one you drew
     or edited, or a link), unless `force`: masks are often touched up by hand."""
-    if force:
+    if force or not mask_paths:
         return
+    record = Path(mask_paths[0]).parent / record_name(image_path)
     if earlier is None:
-        earlier = read_record(Path(mask_paths[0]).parent / record_name(image_path), image_path) if mask_paths else {}
+        earlier = read_record(record, image_path)
     for path in mask_paths:
         if os.path.lexists(path) and not is_our_mask(path, earlier.get(path.name, [])):
+            if is_our_mask(path, read_record(record, image_path, any_photo=True).get(path.name, [])):
+                raise InvalidInput(f"{path} is a mask of another photo named {Path(image_path).stem} (scenebreak wrote "
+                                   "it for that one): write elsewhere with --out-dir, or pass --force to replace it")
             raise InvalidInput(f"{path} is not a mask scenebreak wrote (yours, or edited since): move it, write "
                                "elsewhere with --out-dir, or pass --force to replace it")
 
@@ -126,30 +129,43 @@ def write_masks(image_path: Path, image, results: list[MaskResult], out_dir: Pat
     # Encode everything first: once the first file is written, nothing can fail but the disk.
     files = [(path, _png(Image.fromarray(r.mask * 255))) for path, r in zip(mask_paths, results)]
     files.append((preview, _png(draw_preview(image, results))))
-    earlier = read_record(record, image_path)
+    # Masks recorded for another photo of the same name are not this photo's to replace
+    # (`force`: they are, and so are their unchanged leftovers, which a glob would pick up).
+    earlier = read_record(record, image_path, any_photo=force)
     check_replaceable(image_path, mask_paths, force, earlier)
     now = {path.name: [_fingerprint(data)] for path, data in files[:-1]}
+    photo = photo_print(image_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The record names the old and the new masks before any is replaced: an interrupted
     # run leaves nothing a later one cannot recognise as its own.
     both = {name: earlier.get(name, []) + now.get(name, []) for name in {**earlier, **now}}
-    _replace_all([(record, _record(both))])
+    _replace_all([(record, _record(both, photo))])
     _replace_all(files)
     for result, path in zip(results, mask_paths):
         result.path = path
     left = {name: prints for name, prints in earlier.items() if name not in now and not _remove_if_ours(out_dir / name, prints)}
-    _replace_all([(record, _record({**left, **now}))])
+    _replace_all([(record, _record({**left, **now}, photo))])
     return preview
 
 
-def _record(masks: dict) -> bytes:
-    return json.dumps({"format": RECORD_FORMAT, "version": 1, "masks": masks}, indent=1).encode()
+def _record(masks: dict, photo: list | None) -> bytes:
+    return json.dumps({"format": RECORD_FORMAT, "version": 1, "photo": photo, "masks": masks}, indent=1).encode()
 
 
-def read_record(path: Path, image_path: Path) -> dict[str, list]:
-    """The masks an earlier run wrote, by name: {name: [[size, sha256], ...]}. A record
-    is as untrusted as any file: only this photo's mask names in this folder count,
-    and anything odd (a link, a stranger's JSON) makes it empty."""
+def photo_print(image_path: Path) -> list | None:
+    """[size, sha256] of the photo's file: which photo a record's masks belong to."""
+    try:
+        return _fingerprint(Path(image_path).read_bytes())
+    except OSError:
+        return None
+
+
+def read_record(path: Path, image_path: Path, any_photo: bool = False) -> dict[str, list]:
+    """The masks an earlier run wrote for this photo, by name: {name: [[size, sha256],
+    ...]}; a record of another photo of the same name (cat.jpg beside cat.png, or one
+    from another folder) counts only with `any_photo`. A record is as untrusted as any
+    file: only this photo's mask names in this folder count, and anything odd (a link,
+    a stranger's JSON) makes it empty."""
     try:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECORD_BYTES:
@@ -158,6 +174,9 @@ def read_record(path: Path, image_path: Path) -> dict[str, list]:
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT or not isinstance(data.get("masks"), dict):
+        return {}
+    # (A record from before photos were recorded has none: it counts, as it did then.)
+    if not any_photo and data.get("photo") is not None and data.get("photo") != photo_print(image_path):
         return {}
     name_pattern = re.compile(re.escape(_stem(image_path)) + r"\.mask[1-9][0-9]{0,3}\.png")
     masks = {}
@@ -203,7 +222,8 @@ def _replace_all(files: list[tuple[Path, bytes]]) -> None:
     staged = []
     try:
         for path, data in files:
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            remove_stale_temporaries(path)  # a killed run's (a mask folder is the user's own)
+            tmp = temporary_beside(path)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
             fd = os.open(tmp, flags, 0o666)  # a new file (never through a link), with the usual permissions
             staged.append(tmp)
