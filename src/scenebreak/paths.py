@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -135,6 +136,41 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             _remove(tmp)
     return path
+
+
+def write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """write_atomically for a file that must replace nothing: it takes `path`, or the
+    first of `path` numbered -1, -2, ... that is free when it is published, even if
+    another run took a name meanwhile (a hard link claims a name or fails; on a disk
+    without hard links, a check just before the rename). Returns where it went."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = temporary_beside(path)
+    try:
+        write(tmp)
+        flush_to_disk(tmp)
+        for n in itertools.count():
+            candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                os.link(tmp, candidate)
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links here (FAT, some network disks)
+                if os.path.lexists(candidate):
+                    continue
+                os.replace(tmp, candidate)
+            break
+        sync_folder(path.parent)
+    except Exception as exc:
+        full = disk_full_error(exc, path)
+        if full is not None:
+            raise full from exc
+        raise
+    finally:
+        if os.path.lexists(tmp):
+            _remove(tmp)
+    return candidate
 
 
 def _settle_replaced_folder(path: Path) -> None:

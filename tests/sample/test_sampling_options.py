@@ -203,3 +203,32 @@ def test_half_precision_keeps_the_layers_transformers_keeps_in_fp32():
     assert error(kept) < 0.02 < error(cast_whole)
     assert to_device(t5(), choose_device("cpu"), torch.bfloat16).encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype \
         == torch.bfloat16  # (the rule is fp16's; bf16 has fp32's range)
+
+
+def test_an_image_never_replaces_a_file_that_took_its_name_meanwhile(tmp_path, monkeypatch):
+    """The free name was chosen before the image was written and the rename replaced what
+    was there by then: two runs of one prompt and seed into one folder (say, a sweep of
+    --guidance in parallel) kept one image and both printed its path."""
+    from scenebreak import paths
+    from scenebreak.sample.sampling import save_png
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    target = tmp_path / "s-a-1.png"
+    real_flush = paths.flush_to_disk
+
+    def racing_run_publishes(tmp):  # the other run publishes while this one writes
+        if not target.exists():
+            target.write_bytes(b"the other run's image")
+        real_flush(tmp)
+
+    monkeypatch.setattr(paths, "flush_to_disk", racing_run_publishes)
+    assert save_png(image, target) == tmp_path / "s-a-1-1.png"
+    assert target.read_bytes() == b"the other run's image"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s-a-1-1.png")), image)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere")  # a link there is something there, too
+    assert save_png(image, tmp_path / "dangling.png") == tmp_path / "dangling-1.png"
+    monkeypatch.setattr(paths.os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "no hard links here")))
+    assert save_png(image, target) == tmp_path / "s-a-1-2.png"  # a disk without hard links: checked, then renamed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling-1.png", "dangling.png", "s-a-1-1.png", "s-a-1-2.png",
+                                                          "s-a-1.png"]
+    assert save_png(image, target, overwrite=True) == target and target.read_bytes() != b"the other run's image"

@@ -219,9 +219,10 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     result.plot = write_plot(result, out_dir / f"{stem}.png")
     result.report = result.plot.with_suffix(".json")
     result.seconds = time.perf_counter() - started
-    from ..paths import write_atomically
+    from ..paths import write_new_file
 
-    write_atomically(result.report, lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2)))
+    # (Never over another run's report, even one racing this one into the same folder.)
+    result.report = write_new_file(result.report, lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2)))
     return result
 
 

@@ -18,7 +18,7 @@ from ..errors import InvalidInput, UnknownHandle
 from ..events import Message, Progress, Reporter, silent
 from ..handles import handles_in
 from ..hub import downloads_reported
-from ..paths import fit_file_name, is_writable_folder, write_atomically
+from ..paths import fit_file_name, is_writable_folder, write_atomically, write_new_file
 from ..scenes.bundle import Scene, open_scene
 from .scene_models import open_pipeline, scene_tokenizers
 
@@ -209,24 +209,16 @@ def slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "image"
 
 
-def _unique(path: Path) -> Path:
-    candidate, n = path, 1
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        n += 1
-    return candidate
-
-
 def save_png(image, path: Path, overwrite: bool = False) -> Path:
     """Write a PIL image or (H, W, 3) uint8 array atomically; an existing file is kept
-    (the new one gets a numbered name) unless `overwrite`."""
+    (the new one gets a numbered name, also when another run took the name meanwhile)
+    unless `overwrite`. Returns where it went."""
     from PIL import Image
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
-    path = Path(path) if overwrite else _unique(Path(path))
-    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
-    return path
+    write = lambda tmp: image.save(tmp, format="PNG")  # noqa: E731
+    return write_atomically(Path(path), write) if overwrite else write_new_file(Path(path), write)
 
 
 def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
