@@ -274,3 +274,4 @@ def test_an_export_into_an_empty_folder_works_where_rename_refuses_any_folder(le
     with pytest.raises(Exception, match="exists|not empty|appeared"):
         export(learned.path, tmp_path / "mine", "embeddings")
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+

