@@ -106,35 +106,25 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _settle_replaced_folder(path)
-    remove_stale_temporaries(path)
-    tmp = temporary_beside(path)
-    aside = None
-    try:
-        write(tmp)
-        flush_to_disk(tmp)  # after a power cut the rename must not publish an empty file
+    aside: list[Path] = []
+
+    def replace(tmp: Path) -> Path:
         if tmp.is_dir() and os.path.lexists(path):
             # A folder cannot be renamed over a non-empty one: the old one steps aside (a
             # rename, not a deletion) and goes only once the new one is in its place.
-            aside = temporary_beside(path, "old")
-            os.rename(path, aside)
+            aside.append(temporary_beside(path, "old"))
+            os.rename(path, aside[0])
         try:
             os.replace(tmp, path)
         except BaseException:
-            if aside is not None:
-                os.rename(aside, path)
-                aside = None
+            if aside:
+                os.rename(aside.pop(), path)
             raise
-        sync_folder(path.parent)  # and the rename itself is on the disk before anyone relies on it
-        if aside is not None:
-            _remove(aside)
-    except Exception as exc:
-        full = disk_full_error(exc, path)
-        if full is not None:
-            raise full from exc
-        raise
-    finally:
-        if tmp.exists():
-            _remove(tmp)
+        return path
+
+    _write_beside(path, write, replace)
+    if aside:
+        _remove(aside[0])
     return path
 
 
@@ -145,11 +135,8 @@ def write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
     without hard links, a check just before the rename). Returns where it went."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = temporary_beside(path)
-    try:
-        write(tmp)
-        flush_to_disk(tmp)
+
+    def claim_a_free_name(tmp: Path) -> Path:
         for n in itertools.count():
             candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
             try:
@@ -160,8 +147,24 @@ def write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
                 if os.path.lexists(candidate):
                     continue
                 os.replace(tmp, candidate)
-            break
+            return candidate
+
+    return _write_beside(path, write, claim_a_free_name)
+
+
+def _write_beside(path: Path, write: Callable[[Path], None], publish: Callable[[Path], Path]) -> Path:
+    """The part the two writers share: `write(tmp)` beside `path` (a killed run's
+    temporaries of it removed first), on the disk before `publish(tmp)` gives it its
+    name (after a power cut a rename must not publish an empty file), the rename on the
+    disk too, a full disk said as one, and the temporary never left behind."""
+    remove_stale_temporaries(path)
+    tmp = temporary_beside(path)
+    try:
+        write(tmp)
+        flush_to_disk(tmp)
+        published = publish(tmp)
         sync_folder(path.parent)
+        return published
     except Exception as exc:
         full = disk_full_error(exc, path)
         if full is not None:
@@ -170,7 +173,6 @@ def write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
-    return candidate
 
 
 def _settle_replaced_folder(path: Path) -> None:
