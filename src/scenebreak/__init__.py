@@ -20,7 +20,7 @@ _LAZY = {
     "SceneBreakError": "errors", "UsageError": "errors", "InvalidInput": "errors", "InvalidMask": "errors",
     "UnknownHandle": "errors", "BundleError": "errors", "DeviceNotAvailable": "errors",
     "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors", "NoSpace": "errors",
-    "Diverged": "errors",
+    "Diverged": "errors", "Terminated": "errors",
     "choose_device": "device",
     "export_scene": "exports.export", "export": "exports.export",
     "make_masks": "masks.masking", "MaskRun": "masks.masking", "MaskResult": "masks.files",
@@ -29,6 +29,10 @@ _LAZY = {
 }
 
 __all__ = ["__version__", *_LAZY]
+
+
+def __dir__():  # the lazy names too, for tab completion in a notebook
+    return sorted({*globals(), *_LAZY})
 
 
 def __getattr__(name):

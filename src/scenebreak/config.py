@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -89,11 +90,28 @@ def setting(default, help: str, *, choices: tuple[str, ...] | None = None, bound
 
 
 def check_bounds(config) -> None:
-    """Every numeric setting of `config` within its bounds (None: not set)."""
+    """Every numeric setting of `config` a number of its kind (a whole number where the
+    setting counts something: 2.0 images, "400" steps or True from Python failed deep
+    inside, after the models loaded) and within its bounds (None: not set)."""
     for f in dataclasses.fields(config):
         bounds, value = f.metadata.get("bounds"), getattr(config, f.name)
-        if bounds is not None and value is not None and not bounds.holds(value):
-            raise InvalidInput(f"--{f.name.replace('_', '-')} {bounds.describe(value)}")
+        if bounds is None or value is None:
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        whole = "int" in str(f.type) and "float" not in str(f.type)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+            raise InvalidInput(f"{flag} must be {'a whole number' if whole else 'a number'}, not {str(value)[:40]!r}")
+        if not bounds.holds(value):
+            raise InvalidInput(f"{flag} {bounds.describe(value)}")
+
+
+def _one_string_is_one_value(config, *names: str) -> None:
+    """A list setting given one string from Python (names="cat") is that one value, not
+    its letters."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, str):
+            object.__setattr__(config, name, (value,))
 
 
 # Bounds no real use reaches, so that a typo (or a stranger's script) cannot ask for years of work.
@@ -176,6 +194,9 @@ class LearnConfig:
         0, "Also save a resumable checkpoint every N steps (0: only at the end of phase 1 and on Ctrl-C).",
         bounds=Bounds(0, MAX_STEPS))
     background: bool = setting(False, "Also learn <background> from the rest of the photo (for extract-bg).")
+
+    def __post_init__(self):
+        _one_string_is_one_value(self, "names", "init_words")
 
     def validate(self, num_masks: int) -> "LearnConfig":
         check_bounds(self)
@@ -310,6 +331,18 @@ class MaskConfig:
 # for identity similarity.
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+_MODEL_DEFAULTS = {"detector": ("SCENEBREAK_DETECTOR", DEFAULT_DETECTOR),
+                   "segmenter": ("SCENEBREAK_SEGMENTER", DEFAULT_SEGMENTER),
+                   "clip": ("SCENEBREAK_CLIP_MODEL", DEFAULT_CLIP_MODEL),
+                   "dino": ("SCENEBREAK_DINO_MODEL", DEFAULT_DINO_MODEL)}
+
+
+def default_model(kind: str) -> str:
+    """The helper model of `kind` (detector, segmenter, clip, dino) used when none is
+    given: its environment variable's, else the default. From Python as from the command
+    line (whose options read the same variables), so an offline setup works in both."""
+    env, default = _MODEL_DEFAULTS[kind]
+    return os.environ.get(env) or default
 
 
 @dataclass(frozen=True)
@@ -336,6 +369,9 @@ class EvaluateConfig(GenerateConfig):
         envvar="SCENEBREAK_SEGMENTER")
     threshold: float = setting(0.3, "An object counts as found when its detection scores above this (0..1).",
                                bounds=SCORE)
+
+    def __post_init__(self):
+        _one_string_is_one_value(self, "words")
 
     def validate(self, num_objects: int | None = None) -> "EvaluateConfig":
         """Checked, with the sampling defaults filled in; `num_objects` (the scene's

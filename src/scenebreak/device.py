@@ -208,6 +208,8 @@ def choose_device(requested: str | None = None) -> Device:
     """`requested` or `$SCENEBREAK_DEVICE`, else CUDA, then MPS, then CPU."""
     import torch
 
+    if requested is not None and not isinstance(requested, str):
+        requested = str(requested)  # a torch.device
     choice = (requested or os.environ.get("SCENEBREAK_DEVICE") or "auto").lower()
     kind = choice.split(":")[0]
     if kind not in DEVICES:

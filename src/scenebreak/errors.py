@@ -63,6 +63,41 @@ class Terminated(Interrupted):
     exit_code = 143
 
 
+def fixable_error(exc: BaseException) -> "SceneBreakError | None":
+    """`exc` as the SceneBreakError it amounts to (a full disk: NoSpace; the GPU or the
+    machine out of memory: OutOfMemory), each naming the fix; None for anything else."""
+    import errno
+
+    if isinstance(exc, SceneBreakError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG):
+        where = exc.filename or "while writing"
+        what = "no space left on device" if exc.errno == errno.ENOSPC else "file too large for this file system"
+        return NoSpace(f"{what} ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk")
+    from .device import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the machine's memory, not a GPU's
+            return OutOfMemory("out of memory (RAM): try a smaller --batch-size, -n or --resolution, or close other "
+                               "programs")
+        return OutOfMemory("out of memory: try a smaller --batch-size, or --device cpu")
+    return None
+
+
+@contextlib.contextmanager
+def fixable_failures():
+    """Failures the user can fix (a full disk, out of memory) leave the block as the
+    SceneBreakError that names the fix, so that a Python caller catches SceneBreakError
+    for each of them, as the command line shows them. (Also a decorator.)"""
+    try:
+        yield
+    except Exception as exc:
+        error = fixable_error(exc)
+        if error is None or error is exc:
+            raise
+        raise error from exc
+
+
 @contextlib.contextmanager
 def sigterm_stops(message: str):
     """Within the block, SIGTERM raises Terminated(`message`) in the main thread, so that

@@ -54,7 +54,9 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
     """Run the jobs of `jobs_file` ("-": stdin). Everything is checked before the first
     job starts. `on_result(JobResult)` is called in this process as each job ends."""
     started = time.perf_counter()
-    shard = parse_shard(shard) if isinstance(shard, (str, type(None))) else shard
+    if isinstance(shard, (tuple, list)):  # (I, N) from Python: checked as "I/N" is
+        shard = "/".join(map(str, shard)) if len(shard) == 2 else str(shard)
+    shard = parse_shard(shard)
     if retries < 0 or retries > 100:
         raise InvalidInput(f"--retries must be from 0 to 100, not {retries}")
     if gpus_per_job is not None and not (0 < gpus_per_job <= 1024):

@@ -19,7 +19,7 @@ from .. import __version__
 from ..config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, EvaluateConfig, GenerateConfig, LearnConfig,
                      MaskConfig)
 from ..device import DEVICES
-from ..errors import SceneBreakError
+from ..errors import SceneBreakError, fixable_error
 from ..events import printable
 from ..exports.export import FORMATS as EXPORT_FORMATS
 from ..hub import quiet_bitsandbytes
@@ -58,20 +58,11 @@ class MultiValueCommand(click.Command):
 
 def describe(exc: BaseException) -> tuple[str, int]:
     """The one line and the exit code for a failure."""
-    if isinstance(exc, SceneBreakError):
-        return str(exc), exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG):
-        where = exc.filename or "while writing"
-        what = "no space left on device" if exc.errno == errno.ENOSPC else "file too large for this file system"
-        return f"{what} ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk", 1
-    from ..device import is_out_of_memory
-
-    if is_out_of_memory(exc):
-        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the machine's memory, not a GPU's
-            return "out of memory (RAM): try a smaller --batch-size, -n or --resolution, or close other programs", 1
-        return "out of memory: try a smaller --batch-size, or --device cpu", 1
+    error = fixable_error(exc)
+    if error is not None:
+        return str(error), error.exit_code
     text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
     return f"{text} (run with --debug for the traceback)", 1
 

@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, DEFAULT_SEGMENTER, EvaluateConfig
+from ..config import EvaluateConfig, default_model
 from ..device import Device, choose_device, empty_gpu_cache
-from ..errors import InvalidInput
+from ..errors import InvalidInput, fixable_failures
 from ..events import Message, Progress, Reporter, silent
 
 # The paper's kind of prompts: one object in a new context...
@@ -156,6 +156,7 @@ def _mean(values: list[float]) -> float | None:
 
 # -- the whole command -----------------------------------------------------------------------------
 
+@fixable_failures()
 def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = EvaluateConfig(), *,
              out_dir: str | os.PathLike | None = None, device: str | Device | None = None, base_model: str | None = None,
              report: Reporter = silent) -> EvaluateResult:
@@ -194,8 +195,9 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
             raise InvalidInput(f"prompt {prompt!r} uses none of the scene's object handles ({', '.join(objects)}): "
                                "evaluate measures how the handles come out")
 
-    refs = {"clip": config.clip_model or DEFAULT_CLIP_MODEL, "dino": config.dino_model or DEFAULT_DINO_MODEL,
-            "detector": config.detector or DEFAULT_DETECTOR, "segmenter": config.segmenter or DEFAULT_SEGMENTER}
+    refs = {"clip": config.clip_model or default_model("clip"), "dino": config.dino_model or default_model("dino"),
+            "detector": config.detector or default_model("detector"),
+            "segmenter": config.segmenter or default_model("segmenter")}
     quiet_libraries()
     with downloads_reported(report):
         check_models(refs)

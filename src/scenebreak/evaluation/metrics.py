@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from ..config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, default_model
 from ..hub import loading_model, model_load_failure, transformers_model_of_kind
 
 CLIP_KINDS = ("clip",)
@@ -41,7 +41,7 @@ class ClipScorer:
     def __init__(self, ref: str | None, device):
         from transformers import AutoProcessor, CLIPModel
 
-        ref = ref or DEFAULT_CLIP_MODEL
+        ref = ref or default_model("clip")
         folder, _ = transformers_model_of_kind(ref, "CLIP model", "--clip-model", CLIP_KINDS, CLIP_WANTED)
         with loading_model("CLIP model", ref, folder, "--clip-model"):
             self.processor = AutoProcessor.from_pretrained(folder)
@@ -132,7 +132,7 @@ class DinoScorer:
     def __init__(self, ref: str | None, device):
         from transformers import AutoImageProcessor, AutoModel, ViTModel
 
-        ref = ref or DEFAULT_DINO_MODEL
+        ref = ref or default_model("dino")
         folder, kind = transformers_model_of_kind(ref, "DINO model", "--dino-model", DINO_KINDS, DINO_WANTED)
         with loading_model("DINO model", ref, folder, "--dino-model"):
             self.processor = AutoImageProcessor.from_pretrained(folder)
@@ -310,12 +310,12 @@ class ObjectFinder:
     does: the detector's best box above the threshold, outlined by SAM, cleaned up."""
 
     def __init__(self, detector_ref: str | None, segmenter_ref: str | None, device, threshold: float):
-        from ..config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
+        from ..config import default_model
         from ..masks.detector import Detector
         from ..masks.segmenter import Segmenter
 
-        self.detector = Detector(detector_ref or DEFAULT_DETECTOR, device)
-        self.segmenter = Segmenter(segmenter_ref or DEFAULT_SEGMENTER, device)
+        self.detector = Detector(detector_ref or default_model("detector"), device)
+        self.segmenter = Segmenter(segmenter_ref or default_model("segmenter"), device)
         self.threshold = threshold
 
     def find(self, image, objects: list[tuple[str, ObjectFeatures]], dino: DinoScorer) -> list[FoundObject]:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..errors import InvalidInput
+from ..errors import InvalidInput, fixable_failures
 from ..events import Message, Reporter, silent
 from ..hub import downloads_reported
 from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, home, is_writable_folder,
@@ -78,6 +78,7 @@ def export_scene(scene, out: str | os.PathLike, format: str = "diffusers", force
     return export(scene, out, format, force, base_model, rank, kohya_strict=kohya_strict).paths
 
 
+@fixable_failures()
 def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool = False,
            base_model: str | None = None, rank: int | None = None, report: Reporter = silent,
            kohya_strict: bool = False) -> Exported:

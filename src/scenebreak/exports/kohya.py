@@ -255,7 +255,7 @@ def _truncated_svd(diff, rank: int, dtype) -> tuple[LoraLayer, float]:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         v = vh.mT
     else:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[matrix.get_device()] if matrix.is_cuda else []):  # (restored after)
             torch.manual_seed(0)
             u, s, v = torch.svd_lowrank(matrix, q=r + 16, niter=4)
     root = s[:r].sqrt()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MAX_LEARNED_HANDLES, MaskConfig
-from ..errors import InvalidInput, InvalidMask
+from ..config import MAX_LEARNED_HANDLES, MaskConfig, default_model
+from ..errors import InvalidInput, InvalidMask, fixable_failures
 from ..events import Message, Progress, Reporter, silent
 from ..hub import check_models_available, downloads_reported
 from ..paths import is_writable_folder
@@ -103,6 +103,7 @@ def check_writable(folder: Path) -> None:
 
 # -- the whole command -----------------------------------------------------------------------------
 
+@fixable_failures()
 def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, config: MaskConfig | None = None,
                out_dir=None, report: Reporter = silent, excludes=(), force: bool = False) -> MaskRun:
     """Make, clean and write one mask per prompt, box and point (or group of points)
@@ -117,6 +118,8 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
 
     config = config or MaskConfig()
     config.validate()
+    # One prompt, point or box given as a string (from Python) is one, not its letters.
+    prompts, points, boxes, excludes = ([v] if isinstance(v, str) else v for v in (prompts, points, boxes, excludes))
     prompts = [str(p).strip() for p in prompts]
     if any(not p for p in prompts):
         raise InvalidInput("a --prompt is empty: describe the object, e.g. -p 'red bowl'")
@@ -144,8 +147,8 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
 
     quiet_libraries()
     device = choose_device(config.device)
-    detector_ref = config.detector or DEFAULT_DETECTOR
-    segmenter_ref = config.segmenter or DEFAULT_SEGMENTER
+    detector_ref = config.detector or default_model("detector")
+    segmenter_ref = config.segmenter or default_model("segmenter")
     with downloads_reported(report):
         check_models_available([(detector_ref, "detector", "--detector")] * bool(prompts)
                                + [(segmenter_ref, "segmenter", "--segmenter")])

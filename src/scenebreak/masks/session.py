@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ..config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MaskConfig
+from ..config import MaskConfig, default_model
 from ..errors import InvalidInput
 from ..events import Message, Progress, Reporter, silent
 from . import ops as maskops
@@ -43,7 +43,7 @@ class MaskSession:
                          else maskops.default_min_area(self.image.size))
         quiet_libraries()
         self.device = choose_device(self.config.device)
-        self.segmenter_ref = self.config.segmenter or DEFAULT_SEGMENTER
+        self.segmenter_ref = self.config.segmenter or default_model("segmenter")
         with downloads_reported(report):
             check_models_available([(self.segmenter_ref, "segmenter", "--segmenter")])
         report(Message(f"loading segmenter {self.segmenter_ref} on {self.device.name}"))
@@ -94,7 +94,7 @@ class MaskSession:
             from ..hub import check_models_available, downloads_reported
             from .detector import Detector
 
-            ref = self.config.detector or DEFAULT_DETECTOR
+            ref = self.config.detector or default_model("detector")
             with downloads_reported(report):
                 check_models_available([(ref, "detector", "--detector")])
             report(Message(f"loading detector {ref} on {self.device.name}"))
@@ -110,5 +110,5 @@ class MaskSession:
         out_dir = Path(out_dir) if out_dir is not None else self.image_path.parent
         check_writable(out_dir)
         check_outputs(output_paths(self.image_path, out_dir, len(results)))
-        detector = (self.config.detector or DEFAULT_DETECTOR) if any(r.source == "prompt" for r in results) else None
+        detector = (self.config.detector or default_model("detector")) if any(r.source == "prompt" for r in results) else None
         return write_run(self.image_path, self.image, results, out_dir, report, detector, self.segmenter_ref)

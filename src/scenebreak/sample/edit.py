@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import MAX_IMAGES, BackgroundConfig, EditConfig
 from ..device import Device
-from ..errors import InvalidInput, InvalidMask, UsageError
+from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
 from ..events import Message, Reporter, silent
 from ..scenes.bundle import open_scene
 from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
@@ -92,6 +92,7 @@ def _is_image(path: Path) -> bool:
         return False
 
 
+@fixable_failures()
 def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]], scene, config: EditConfig = EditConfig(), *,
          out_dir: str | os.PathLike = ".", output: str | os.PathLike | None = None, overwrite: bool = False,
          device: str | Device | None = None, base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
@@ -134,6 +135,7 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     return run.result(images)
 
 
+@fixable_failures()
 def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, variations: int = 0, prompt: str | None = None,
                        out_dir: str | os.PathLike = ".", device: str | Device | None = None,
                        base_model: str | None = None, report: Reporter = silent) -> GenerateResult:
@@ -144,6 +146,9 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
     config = config.validate()
     if not 0 <= variations <= MAX_IMAGES:
         raise InvalidInput(f"-n must be at least 0 and at most {MAX_IMAGES}")
+    if config.num_images != 1:  # (a setting it inherits from EditConfig: it would be silently unused)
+        raise InvalidInput(f"extract_background makes one clean plate and `variations` new backgrounds: pass "
+                           f"variations={config.num_images}, not BackgroundConfig(num_images={config.num_images})")
     scene = open_scene(scene)
     token = scene.background_token
     if token is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import GenerateConfig
 from ..device import Device
-from ..errors import InvalidInput
+from ..errors import InvalidInput, fixable_failures
 from ..events import Reporter, silent
 from ..handles import prompt_for
 from ..paths import fit_file_name
@@ -44,6 +44,7 @@ def grid_columns(prompts: int, per_prompt: int) -> int:
     return math.ceil(math.sqrt(prompts * per_prompt))
 
 
+@fixable_failures()
 def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = GenerateConfig(), *,
              out_dir: str | os.PathLike = ".", device: str | Device | None = None, variations: bool = False,
              grid: bool = False, base_model: str | None = None, report: Reporter = silent,

@@ -121,6 +121,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     `force=True` replaces an existing scene and runs even while another process learns
     the same name."""
     started = time.perf_counter()
+    if isinstance(masks, (str, os.PathLike)):  # one mask given alone (from Python): not its letters
+        masks = [masks]
     image, masks = Path(image), [Path(m) for m in masks]
     from ..masks.files import PREVIEW_SUFFIX
 
@@ -249,7 +251,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     from .trainer import Trainer, TrainInputs
 
     stop = StopFlag(also=should_stop)
-    with _out_of_memory_in_one_line(plan, device):
+    with _out_of_memory_in_one_line(plan, device), _cuda_precision_kept():
         with catch_interrupts(stop, report):
             class_images = []
             if config.prior:
@@ -289,6 +291,19 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                 raise _unsaved(exc, out, checkpoints) from exc
     checkpoints.remove()
     return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
+
+
+@contextlib.contextmanager
+def _cuda_precision_kept():
+    """The trainer lets fp32 matmuls run in TF32 on CUDA; a Python caller's own work after
+    `learn` gets the settings it had before."""
+    import torch
+
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
 
 
 @contextlib.contextmanager

@@ -126,7 +126,7 @@ class Trainer:
             from ..families.lora import add_lora, lora_settings
 
             with torch.random.fork_rng(devices=[]):  # the A matrices start random: the same for a seed
-                torch.manual_seed(config.seed)
+                torch.default_generator.manual_seed(config.seed)  # (made on the CPU; the GPUs' RNGs left alone)
                 self.lora_params = add_lora(components.denoiser,
                                             dict(zip(components.family.text_encoders, components.text_encoders)),
                                             lora_settings(config.rank, components.family))

@@ -4,12 +4,11 @@ command line draws as bars, kept here with a sequence number for the page to str
 
 from __future__ import annotations
 
-import errno
 import math
 import threading
 from typing import Callable
 
-from ..errors import Interrupted, SceneBreakError
+from ..errors import Interrupted, fixable_error
 from ..events import Event, Progress
 
 MAX_EVENTS = 2000  # a job's records kept for the page; older progress is dropped first
@@ -18,14 +17,9 @@ TERMINAL = ("done", "failed", "cancelled")
 
 def one_line(exc: BaseException) -> tuple[str, int]:
     """The one line and exit code the command line would give for `exc`."""
-    if isinstance(exc, SceneBreakError):
-        return str(exc), exc.exit_code
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG):
-        return f"no space left on device ({exc.filename or 'while writing'}): free some space", 1
-    from ..device import is_out_of_memory
-
-    if is_out_of_memory(exc):
-        return "out of memory: try a smaller --batch-size, --memory low, or --device cpu", 1
+    error = fixable_error(exc)
+    if error is not None:
+        return str(error), error.exit_code
     return (str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"), 1
 
 

@@ -1,0 +1,144 @@
+"""scenebreak from Python, as a notebook, a script or a service uses it: the failures a
+user can fix are SceneBreakErrors from every call (not only on the command line), a
+value of the wrong kind is one clear InvalidInput before any model loads, one string
+where a list is expected is a list of one, the helper models' environment variables
+count, and `learn` leaves torch's process-wide settings as it found them."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+import torch
+
+import scenebreak
+from scenebreak import GenerateConfig, LearnConfig
+from scenebreak.config import BackgroundConfig, EvaluateConfig
+from scenebreak.errors import InvalidInput, NoSpace, OutOfMemory
+
+
+def test_out_of_memory_and_a_full_disk_are_scenebreak_errors_from_generate(learned, tmp_path, monkeypatch):
+    """Only learn turned them into OutOfMemory/NoSpace; generate (edit, extract_background,
+    evaluate, make_masks, export) let torch's error or the bare OSError out, which a
+    caller catching SceneBreakError missed (the command line's line was right)."""
+    import scenebreak.sample.pipeline as pipeline
+    import scenebreak.sample.sampling as sampling
+
+    real_sample = pipeline.sample
+    monkeypatch.setattr(pipeline, "sample", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    with pytest.raises(OutOfMemory, match="out of memory: try a smaller --batch-size") as caught:
+        scenebreak.generate(learned.path, "<asset1>", GenerateConfig(steps=1, scheduler="ddim"), out_dir=tmp_path)
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    monkeypatch.setattr(pipeline, "sample", real_sample)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.png"))
+
+    monkeypatch.setattr(sampling, "save_png", full)
+    with pytest.raises(NoSpace, match="no space left on device"):
+        scenebreak.generate(learned.path, "<asset1>", GenerateConfig(steps=1, scheduler="ddim"), out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("config, flag", [
+    (lambda: LearnConfig(steps1="400"), "--steps1 must be a whole number"),
+    (lambda: LearnConfig(steps2=True), "--steps2 must be a whole number"),
+    (lambda: LearnConfig(lr1="fast"), "--lr1 must be a number"),
+    (lambda: GenerateConfig(num_images=2.0), "--num-images must be a whole number"),
+])
+def test_a_setting_of_the_wrong_kind_is_one_invalid_input(config, flag):
+    """Was a TypeError from the bounds check ("400" steps), or passed and failed deep in
+    sampling after the models loaded (2.0 images)."""
+    with pytest.raises(InvalidInput, match=flag):
+        made = config()
+        made.validate(1) if isinstance(made, LearnConfig) else made.validate()
+
+
+def test_numbers_of_numpy_are_numbers():
+    assert GenerateConfig(num_images=np.int64(2), guidance=np.float32(5.0), seed=np.int64(3)).validate()
+    assert LearnConfig(steps1=np.int32(10), lr1=np.float64(1e-4)).validate(1)
+
+
+def test_one_string_where_a_list_is_expected_is_a_list_of_one(tmp_path, monkeypatch):
+    """Python iterates a string letter by letter: names="cat" became handles <c> <a> <t>
+    (when the counts matched), make_masks(prompts="cat") looked for three objects, and
+    learn(photo, "m.png") looked for a mask called "m"."""
+    assert LearnConfig(names="cat", init_words="cat").names == ("cat",)
+    assert LearnConfig(names="cat").validate(1).handle_tokens(1) == ["<cat>"]
+    assert EvaluateConfig(words="cat").words == ("cat",)
+
+    import scenebreak.masks.masking as masking
+
+    asked = []
+
+    def count(n, auto, most):
+        asked.append(n)
+        raise InvalidInput("counted")
+
+    monkeypatch.setattr(masking, "check_count", count)
+    with pytest.raises(InvalidInput, match="counted"):
+        scenebreak.make_masks(tmp_path / "photo.jpg", prompts="cat")
+    assert asked == [1]
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    with pytest.raises(InvalidInput, match="m.png"):
+        scenebreak.learn(tmp_path / "photo.png", str(tmp_path / "m.png"))
+
+
+def test_the_helper_models_environment_variables_count_from_python_too(monkeypatch):
+    from scenebreak.config import default_model
+
+    monkeypatch.setenv("SCENEBREAK_DETECTOR", "/models/gdino")
+    monkeypatch.setenv("SCENEBREAK_CLIP_MODEL", "/models/clip")
+    monkeypatch.delenv("SCENEBREAK_SEGMENTER", raising=False)
+    assert default_model("detector") == "/models/gdino" and default_model("clip") == "/models/clip"
+    assert default_model("segmenter") == "facebook/sam-vit-base"
+
+
+def test_what_python_callers_pass_is_checked_as_the_command_line_is(learned, tmp_path):
+    from scenebreak.device import choose_device
+
+    assert choose_device(torch.device("cpu")).name == "cpu"  # was AttributeError: .lower()
+    with pytest.raises(InvalidInput, match="--shard 0/0"):
+        scenebreak.run_batch(tmp_path / "jobs.jsonl", shard=(0, 0))  # was ZeroDivisionError
+    with pytest.raises(InvalidInput, match="variations=4"):  # was silently one clean plate
+        scenebreak.extract_background(learned.path, BackgroundConfig(num_images=4), out_dir=tmp_path)
+    assert "learn" in dir(scenebreak) and "Terminated" in scenebreak.__all__
+
+
+def test_learn_leaves_torchs_matmul_precision_as_it_found_it(scene_files, tiny_model, monkeypatch):
+    """The trainer lets fp32 matmuls use TF32 on CUDA (faked here), and a notebook's own
+    fp32 work after learn silently ran in TF32."""
+    import scenebreak.train.trainer as trainer_module
+
+    real_init = trainer_module.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as on CUDA
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        scenebreak.learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                         base_model=str(tiny_model), name="tf32", device="cpu")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_learn_never_reseeds_the_gpus_random_numbers(scene_files, tiny_model, monkeypatch):
+    """LoRA's A matrices are seeded for a repeatable start with torch.manual_seed, which
+    also reseeds every GPU's generator, and fork_rng(devices=[]) gives back only the
+    CPU's: a caller's own random numbers on the GPU after learn were those of seed 0.
+    The CPU's generator alone is seeded (the matrices are made on the CPU)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    scenebreak.learn(scene_files["image"], scene_files["masks"],
+                     LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2, seed=5),
+                     base_model=str(tiny_model), name="rng", device="cpu")
+    assert reseeded == []
