@@ -359,3 +359,57 @@ def test_out_of_memory_names_the_next_thing_to_try_and_whether_resume_continues(
                                           "--device", "cpu", "--force", *args])
         assert result.exit_code == 1, result.output
         assert result.stderr.strip().splitlines()[-1] == f"Error: out of memory on cpu: try {hint}"
+
+
+def test_a_resume_keeps_the_bases_quantisation_that_auto_chose(scene_files, tiny_model, monkeypatch):
+    """--resume may change --memory (after running out of memory), and with --memory low
+    --quantize auto could then pick a 4-bit base: another base than the run trained on
+    (and other class images) in the middle of a run. The checkpoint records the choice
+    and auto keeps it, as it keeps --tune auto's."""
+    from scenebreak.device import Device
+    from scenebreak.errors import Interrupted
+    from scenebreak.families import quantized
+    from scenebreak.train import memory
+
+    cuda = Device("cuda", "cuda:0")
+    lora = LearnConfig(tune="lora", quantize="auto")
+    monkeypatch.setattr(quantized, "quantization_available", lambda: True)
+    assert memory.choose_quantization(lora, None, cuda, 512, True, True, [], resumed="none") == ("none", "")
+    assert memory.choose_quantization(lora, None, cuda, 512, True, True, [], resumed="nf4") == (
+        "nf4", "as in the run being resumed")
+
+    seen = []
+    real_choose = memory.choose
+
+    def choose(*args, **kwargs):
+        seen.append(args[5:] + tuple(kwargs.values()))
+        return real_choose(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "choose", choose)
+    config = LearnConfig(steps1=3, steps2=2, prior=False, tune="lora", rank=2)
+    args = (scene_files["image"], scene_files["masks"], config)
+    with pytest.raises(Interrupted):
+        learn(*args, base_model=str(tiny_model), name="q", device="cpu", should_stop=lambda: True)
+    learn(*args, base_model=str(tiny_model), name="q", device="cpu", resume=True)
+    assert seen == [(None, None), ("lora", "none")]
+
+
+def test_a_resume_on_another_device_or_precision_says_the_result_differs(scene_files, tiny_model):
+    """`--resume --device cpu` after running out of memory on the GPU is allowed (the
+    fix the message names) but was not said to give another scene than the run begun."""
+    from scenebreak.errors import Interrupted
+    from scenebreak.events import Message
+    from scenebreak.paths import checkpoint_path
+
+    config = LearnConfig(steps1=3, steps2=2, prior=False, mixed_precision="no")
+    args = (scene_files["image"], scene_files["masks"], config)
+    with pytest.raises(Interrupted):
+        learn(*args, base_model=str(tiny_model), name="moved", device="cpu", should_stop=lambda: True)
+    state = torch.load(checkpoint_path("moved"), weights_only=True)
+    assert (state["device"], state["precision"]) == ("cpu", "fp32")
+    state["device"], state["precision"] = "cuda", "bf16"  # as if begun on a GPU
+    torch.save(state, checkpoint_path("moved"))
+    said = []
+    learn(*args, base_model=str(tiny_model), name="moved", device="cpu", resume=True, report=said.append)
+    warnings = [e.text for e in said if isinstance(e, Message) and e.level == "warning"]
+    assert any("resuming on cpu in fp32 a run that began on cuda in bf16" in w for w in warnings), warnings

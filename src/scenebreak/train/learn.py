@@ -219,9 +219,15 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
                               config.steps2)
     state = checkpoints.load(report) if resume else None
+    if state is not None and (state.get("device"), state.get("precision")) not in (
+            (None, None), (device.type, precision_name(amp_dtype))):
+        report(Message(f"resuming on {device.type} in {precision_name(amp_dtype)} a run that began on "
+                       f"{state.get('device')} in {state.get('precision')}: the scene differs from an uninterrupted "
+                       "run's by rounding", "warning"))
     if state is None and checkpoints.path.exists():  # (--force)
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced", "warning"))
-    plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None)
+    plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None,
+                 state.get("quantize") if state else None)
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
     if plan.tune != checked_tune:  # auto chose full tuning: its scene and checkpoint are far larger than LoRA's
         _check_room(resolved[0], config, out)
@@ -453,11 +459,11 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
 
 
 def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_dtype, report: Reporter,
-          resumed_tuning: str | None = None):
+          resumed_tuning: str | None = None, resumed_quantize: str | None = None):
     """The memory plan (and the tuning), said out loud; on the CPU, with how long the run will take."""
     from .memory import choose
 
-    plan = choose(config, components, device, resolution, amp_dtype, resumed_tuning)
+    plan = choose(config, components, device, resolution, amp_dtype, resumed_tuning, resumed_quantize)
     config = dataclasses.replace(config, tune=plan.tune)
     report(Message(plan.describe()))
     for warning in plan.warnings:

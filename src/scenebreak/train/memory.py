@@ -145,11 +145,13 @@ def choose_tuning(config: LearnConfig, components, device, resolution: int, amp_
     return "lora", f"full tuning would need about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
 
 
-def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, resumed_tuning: str | None = None
-           ) -> MemoryPlan:
+def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, resumed_tuning: str | None = None,
+           resumed_quantize: str | None = None) -> MemoryPlan:
     """The plan for `config.memory` on this device, with the training precision
-    `amp_dtype` (None: fp32) already resolved; `resumed_tuning` is the tuning of the
-    checkpoint being resumed, which `--tune auto` keeps."""
+    `amp_dtype` (None: fp32) already resolved; `resumed_tuning` and `resumed_quantize`
+    are the tuning and the base's quantisation of the checkpoint being resumed, which
+    `--tune auto` and `--quantize auto` keep (a resume with --memory low after running
+    out of memory must not switch to a 4-bit base: another base, other class images)."""
     import torch
 
     from .optim import BNB_HINT
@@ -180,7 +182,8 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
                             "--tune lora needs far less")
         if device.type == "cuda" and not eight_bit and config.tune == "full":
             warnings.append(f"8-bit AdamW would save about 40% more on this GPU: {BNB_HINT}")
-    quantize, quantize_reason = choose_quantization(config, components, device, resolution, half, low, warnings)
+    quantize, quantize_reason = choose_quantization(config, components, device, resolution, half, low, warnings,
+                                                    resumed_quantize)
     # Frozen weights in half precision: on GPUs; on a CPU (bf16) only for LoRA with low
     # memory and adapters alone, where they stay frozen and no fp32 copy is needed (it
     # would wait in the same RAM).
@@ -202,17 +205,23 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
 
 
 def choose_quantization(config: LearnConfig, components, device, resolution: int, half: bool, low: bool,
-                        warnings: list) -> tuple[str, str]:
-    """How the frozen base of LoRA is held (none, nf4, int8), and why: as asked; or,
-    with auto, NF4 on a GPU where LoRA with --memory low would not fit otherwise (and a
-    warning naming the install where bitsandbytes is missing)."""
-    from ..families.quantized import QUANTIZE_HINT, quantization_available, require_quantization
+                        warnings: list, resumed: str | None = None) -> tuple[str, str]:
+    """How the frozen base of LoRA is held (none, nf4, int8), and why: as asked; with
+    auto, as in the checkpoint being `resumed`, else NF4 on a GPU where LoRA with
+    --memory low would not fit otherwise (and a warning naming the install where
+    bitsandbytes is missing)."""
+    from ..families.quantized import KINDS, QUANTIZE_HINT, quantization_available, require_quantization
 
     if config.tune != "lora" or config.quantize == "none":
         return "none", ""
     if config.quantize != "auto":
         require_quantization(f"--quantize {config.quantize}", device)
         return config.quantize, ""
+    if resumed == "none":
+        return "none", ""
+    if resumed in KINDS:
+        require_quantization(f"resuming a run with its base in {resumed}", device)
+        return resumed, "as in the run being resumed"
     if device.type != "cuda" or not low:
         return "none", ""
     need = phase2_bytes(components, config, resolution, half, low=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import LearnConfig
-from ..device import Device
+from ..device import Device, precision_name
 from ..errors import InvalidInput
 from ..families import vae_normalisation
 from ..handles import prompt_for
@@ -593,6 +593,8 @@ class Trainer:
     def state_dict(self) -> dict:
         state = {
             "tuning": self.config.tune,  # what --tune auto chose: a resume keeps it
+            "quantize": self.plan.quantize,  # and what --quantize auto chose (another base is another run)
+            "device": self.device.type, "precision": precision_name(self.amp_dtype),  # (a resume elsewhere is told)
             "phase": self.phase,
             "step": self.step,
             "handles": self.embedding.handles.detach().cpu().clone(),
