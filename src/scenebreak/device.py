@@ -153,17 +153,6 @@ class Device:
             torch.mps.synchronize()
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so, or "Invalid
-    buffer size" for one tensor larger than the GPU's biggest buffer (8-16 GB Macs);
-    torch's CPU allocator a RuntimeError that it "can't allocate memory"; numpy and
-    Python MemoryError."""
-    text = str(exc).lower()
-    return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError) and any(
-            words in text for words in ("out of memory", "can't allocate memory", "invalid buffer size")))
-
-
 def empty_gpu_cache() -> None:
     """Hand the memory cached by the GPU's allocator back (CUDA's or Apple's), so that a
     smaller retry or the next models fit."""

@@ -63,6 +63,17 @@ class Terminated(Interrupted):
     exit_code = 143
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so, or "Invalid
+    buffer size" for one tensor larger than the GPU's biggest buffer (8-16 GB Macs);
+    torch's CPU allocator a RuntimeError that it "can't allocate memory"; numpy and
+    Python MemoryError."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and any(
+            words in text for words in ("out of memory", "can't allocate memory", "invalid buffer size")))
+
+
 def fixable_error(exc: BaseException) -> "SceneBreakError | None":
     """`exc` as the SceneBreakError it amounts to (a full disk: NoSpace; the GPU or the
     machine out of memory: OutOfMemory), each naming the fix; None for anything else."""
@@ -74,8 +85,6 @@ def fixable_error(exc: BaseException) -> "SceneBreakError | None":
         where = exc.filename or "while writing"
         what = "no space left on device" if exc.errno == errno.ENOSPC else "file too large for this file system"
         return NoSpace(f"{what} ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk")
-    from .device import is_out_of_memory
-
     if is_out_of_memory(exc):
         if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the machine's memory, not a GPU's
             return OutOfMemory("out of memory (RAM): try a smaller --batch-size, -n or --resolution, or close other "

@@ -360,6 +360,12 @@ def is_writable_folder(folder: Path) -> bool:
     probe = existing_ancestor(folder)
     if not probe.is_dir():
         return False
+    # A link to nowhere on the way is no folder to be made: mkdir finds it "exists".
+    missing = Path(folder).expanduser().absolute()
+    while missing != probe:
+        if missing.is_symlink():
+            return False
+        missing = missing.parent
     if ON_WINDOWS:  # os.access reads only the read-only attribute there, which folders ignore: try it
         import tempfile
 

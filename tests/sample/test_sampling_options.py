@@ -232,3 +232,14 @@ def test_an_image_never_replaces_a_file_that_took_its_name_meanwhile(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling-1.png", "dangling.png", "s-a-1-1.png", "s-a-1-2.png",
                                                           "s-a-1.png"]
     assert save_png(image, target, overwrite=True) == target and target.read_bytes() != b"the other run's image"
+
+
+def test_an_out_dir_that_is_a_link_to_nowhere_is_one_line_before_loading(learned, tmp_path):
+    """The check saw no folder there (the link leads nowhere) and passed it; mkdir then
+    found the name taken: "[Errno 17] File exists", exit 1."""
+    (tmp_path / "renders").symlink_to(tmp_path / "gone")
+    for out in (tmp_path / "renders", tmp_path / "renders" / "today"):
+        result = CliRunner().invoke(cli, ["generate", str(learned.path), "<asset1>", "--out-dir", str(out)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines()[-1] == f"Error: --out-dir {out} is not a folder you can write to: choose another"
+    assert not (tmp_path / "gone").exists()

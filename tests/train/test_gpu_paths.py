@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-from scenebreak.device import Device, choose_device, is_out_of_memory
+from scenebreak.device import Device, choose_device
+from scenebreak.errors import is_out_of_memory
 from scenebreak.errors import DeviceNotAvailable
 
 
@@ -235,7 +236,7 @@ def test_running_out_of_the_machines_memory_is_one_line_naming_the_fix(tiny_mode
         raise cpu
 
     monkeypatch.setattr(trainer.Trainer, "run", step)
-    with pytest.raises(OutOfMemory, match="out of memory on .*: try --memory low .*a smaller --resolution$"):
+    with pytest.raises(OutOfMemory, match=r"out of memory on cpu: try --memory low \(with --resume to continue\)$"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
               base_model=str(tiny_model), device="cpu")
 

@@ -3,7 +3,8 @@ shared by class images, `generate` and the blended sampling of `edit`/`extract-b
 
 from __future__ import annotations
 
-from ..device import autocast_off, empty_gpu_cache, is_out_of_memory
+from ..device import autocast_off, empty_gpu_cache
+from ..errors import is_out_of_memory
 from ..events import Progress, Reporter, silent
 
 

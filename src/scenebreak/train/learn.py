@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import LearnConfig, default_base_model
-from ..device import Device, choose_device, is_out_of_memory, precision_name
-from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError
+from ..device import Device, choose_device, precision_name
+from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError, is_out_of_memory
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
 from ..hub import downloads_reported
