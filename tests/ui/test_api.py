@@ -53,6 +53,9 @@ def test_the_token_is_needed_on_every_request(ui):
     assert status == 200 and ui.server.token.encode() in page and "default-src 'self'" in headers["Content-Security-Policy"]
     for asset in ("/static/app.js", "/static/style.css"):
         assert ui.call(f"{asset}?token={ui.server.token}", token=False)[0] == 200
+    # ...but an action needs it in its header: a URL from the browser's history changes nothing.
+    status, body = ui.json(f"/api/open?token={ui.server.token}", {"path": "photo.png"}, token=False)
+    assert status == 403 and ui.server.app.job is None
     # A name that points at 127.0.0.1 from someone else's page is refused, token or not.
     status, body, _ = ui.call("/api/state", headers={"Host": f"evil.example:{ui.server.server_address[1]}"})
     assert status == 403 and b"evil.example" in body

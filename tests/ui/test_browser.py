@@ -112,3 +112,66 @@ def test_click_save_learn_and_generate_in_a_browser(browser, ui, scene_files, ti
         "const i = document.querySelector('#images img'); return i && i.complete && i.naturalWidth > 0"), "the image")
     path = browser.find_element("css selector", "#images img").get_attribute("title")
     assert Image.open(path).size[0] > 0
+
+
+def test_a_reload_a_cancel_and_a_stopped_server_in_a_browser(browser, ui):
+    """While a learn runs: the buttons that start another action are off (a double click
+    sent two), a reload shows the photo again and follows the learn (it showed "No photo
+    open"), Cancel says it is stopping; and a server that is gone is said, not waited for."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    by_id = lambda name: browser.find_element("id", name)  # noqa: E731
+    browser.get(ui.server.url)
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('canvas').width") == 96, "the photo")
+    canvas = by_id("canvas")
+    canvas.click()  # the middle of the photo, on the first object
+    wait_for(browser, lambda d: canvas.get_attribute("data-masks") == "1", "the mask")
+    by_id("save").click()
+    wait_for(browser, lambda d: d.find_elements("css selector", "#saved li"), "the saved masks")
+    canvas.click()  # a change after the save: the saved files are no longer what is shown
+    wait_for(browser, lambda d: not d.find_elements("css selector", "#saved li"), "the save to be forgotten")
+    by_id("save").click()
+    wait_for(browser, lambda d: d.find_elements("css selector", "#saved li"), "the masks saved again")
+
+    def long_learn_settings():  # (the page's settings are its own: a reload resets them)
+        browser.execute_script("document.querySelector('#learn-settings').parentElement.open = true")
+        by_id("learn-settings-steps1").send_keys("5000")
+        by_id("learn-settings-prior").click()
+
+    long_learn_settings()
+    by_id("learn").click()
+    assert all(by_id(name).get_property("disabled") for name in ("learn", "generate", "open", "upload"))
+    wait_for(browser, lambda d: "phase 1" in by_id("job-text").text, "the learn's progress")
+
+    browser.refresh()
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('canvas').width") == 96
+             and "phase 1" in by_id("job-text").text, "the photo and the learn after a reload")
+    assert by_id("learn").get_property("disabled")
+    # (Clicked and read in one turn of the page: the tiny learn may stop before a second look.)
+    said = browser.execute_script("arguments[0].click(); return [document.getElementById('job-text').textContent,"
+                                  " arguments[0].disabled]", by_id("cancel"))
+    assert said[0].startswith("stopping") and said[1], said
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_element("tag name", "body").get_attribute("data-job")
+                                       == "cancelled")
+    assert "--resume" in by_id("error").text  # (the cancelled learn's line, shown as the command line shows it)
+    assert not by_id("learn").get_property("disabled")
+
+    browser.execute_script("document.getElementById('error').hidden = true")
+    canvas = by_id("canvas")  # (a reload keeps the photo and the running action; the clicks start over)
+    canvas.click()
+    wait_for(browser, lambda d: canvas.get_attribute("data-masks") == "1", "the mask after the reload")
+    by_id("save").click()
+    wait_for(browser, lambda d: d.find_elements("css selector", "#saved li"), "the masks saved after the reload")
+    by_id("learn").click()  # without Resume: refused at once (the checkpoint), and the buttons are back on
+    WebDriverWait(browser, WAIT).until(lambda d: "--resume" in by_id("error").text
+                                       and not by_id("learn").get_property("disabled"))
+
+    long_learn_settings()
+    by_id("resume").click()
+    by_id("learn").click()
+    WebDriverWait(browser, WAIT).until(lambda d: "phase 1" in by_id("job-text").text)
+    ui.server.stop()  # the server is gone while the page follows the learn
+    WebDriverWait(browser, WAIT).until(lambda d: "lost scenebreak ui" in by_id("error").text)
+    assert not by_id("learn").get_property("disabled") and by_id("cancel").get_attribute("hidden")
+    by_id("open").click()
+    WebDriverWait(browser, WAIT).until(lambda d: "no answer from scenebreak ui" in by_id("error").text)

@@ -110,8 +110,12 @@ def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_
         post("/api/open", {"path": str(photo)})
         assert [r for r in records() if r["type"] == "state"][0]["state"] == "done"
         post("/api/learn", {"masks": [str(m) for m in masks], "settings": {"steps1": "5000", "prior": False}})
-        next(r for r in records() if r["type"] == "progress" and r["task"] == "phase 1" and r["completed"] >= 1)
+        page = records()  # the page's stream, open across the stop
+        next(r for r in page if r["type"] == "progress" and r["task"] == "phase 1" and r["completed"] >= 1)
         process.send_signal(getattr(signal, stop))
+        # The page hears how the learn ended (its stream closed first, and the page froze).
+        final = next(r for r in page if r["type"] == "state")
+        assert final["state"] == "cancelled" and "--resume" in final["error"], final
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -67,6 +68,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, app: App, host: str, port: int):
         self.app, self.token, self.closing = app, secrets.token_urlsafe(24), threading.Event()
+        self.streams, self.streams_lock = 0, threading.Lock()  # event streams open now
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), Handler)
         self.host = host
@@ -76,6 +78,13 @@ class Server(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}/?token={self.token}"
+
+    def let_streams_finish(self, timeout: float) -> None:
+        """Wait (up to `timeout` s) for the open event streams to send what they still
+        have (the stopped job's final record) and end."""
+        deadline = time.monotonic() + timeout
+        while self.streams and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """Stop serving and close every stream; what runs is the app's to stop."""
@@ -114,7 +123,11 @@ class Handler(BaseHTTPRequestHandler):
     def _check(self, query: dict) -> None:
         """The token, and (on a local address) a local Host header: a web page elsewhere
         cannot reach this server through a name that points at 127.0.0.1."""
-        given = self.headers.get("X-Scenebreak-Token") or (query.get("token") or [""])[0]
+        # In the URL only for what a browser loads itself (the page, its files, the event
+        # stream, images); an action sends it in its header, so a URL seen in the history
+        # cannot change anything.
+        in_url = (query.get("token") or [""])[0] if self.command in ("GET", "HEAD") else ""
+        given = self.headers.get("X-Scenebreak-Token") or in_url
         if not hmac.compare_digest(given.encode(), self.server.token.encode()):
             raise Refused(HTTPStatus.FORBIDDEN, "this request has no valid token: open the URL that scenebreak ui printed")
         if self.server.host in LOCAL_HOSTS:
@@ -234,16 +247,22 @@ class Handler(BaseHTTPRequestHandler):
         if job is None:
             self.wfile.write(b"retry: 3000\n\n")
             return
-        while not self.server.closing.is_set():
-            records = job.records_after(after, KEEPALIVE)
-            for record in records:
-                self.wfile.write(f"id: {record['seq']}\ndata: {json.dumps(record)}\n\n".encode())
-                after = record["seq"]
-            if not records:
-                self.wfile.write(b": still here\n\n")
-            self.wfile.flush()
-            if not job.running and after >= job.seq:
-                return
+        with self.server.streams_lock:
+            self.server.streams += 1
+        try:
+            while not self.server.closing.is_set():
+                records = job.records_after(after, KEEPALIVE)
+                for record in records:
+                    self.wfile.write(f"id: {record['seq']}\ndata: {json.dumps(record)}\n\n".encode())
+                    after = record["seq"]
+                if not records:
+                    self.wfile.write(b": still here\n\n")
+                self.wfile.flush()
+                if not job.running and after >= job.seq:
+                    return
+        finally:
+            with self.server.streams_lock:
+                self.server.streams -= 1
 
 
 def open_in_browser(url: str) -> None:
@@ -301,6 +320,7 @@ def serve(photo=None, *, host: str = "127.0.0.1", port: int = 0, on_ready=None, 
                 on_ready(server.url)
             server.serve_forever(poll_interval=0.2)
     finally:
+        server.server_close()  # no new requests
+        app.close()  # what runs stops (learn saves its checkpoint) and says so in its records...
+        server.let_streams_finish(2.0)  # ...which the open pages then get, before the streams close
         server.closing.set()
-        server.server_close()
-        app.close()

@@ -19,9 +19,22 @@ async function api(path, body) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }
-  const response = await fetch(path, options);
-  const data = await response.json();
-  if (!response.ok) throw new Error(data.error || response.statusText);
+  return answer(await reach(path, options));
+}
+
+// The server's reply, or one readable line when there is none (it was stopped).
+async function reach(path, options) {
+  try {
+    return await fetch(path, options);
+  } catch (error) {
+    throw new Error("no answer from scenebreak ui: is it still running? (start it again, and reload this page)");
+  }
+}
+
+async function answer(response) {
+  let data = null;
+  try { data = await response.json(); } catch (error) { /* not JSON: said below */ }
+  if (!response.ok || data === null) throw new Error((data && data.error) || `the server answered ${response.status} ${response.statusText}`);
   return data;
 }
 
@@ -52,8 +65,17 @@ function act(fn) {
 
 // -- long actions: progress from the server's event stream -----------------------------------------
 
+// The buttons that start a long action: off while one runs (a second click was a second request).
+const STARTERS = ["open", "upload", "learn", "generate"];
+const STOPPING = "stopping (learn saves its checkpoint first)… ";
+
+function busy(on) {
+  for (const id of STARTERS) $(id).disabled = on;
+}
+
 const finished = {
-  photo: (result) => loadPhoto(result.photo),
+  // (An upload is saved under a name of the server's: the list shows the photo by it.)
+  photo: async (result) => { await loadPhoto(result.photo); await loadPhotos(result.photo.split(/[\\/]/).pop()); },
   learn: (result) => {
     $("learned").textContent = `Learned ${result.handles.join(" ")} in ${result.name} (${result.path})`;
     $("prompt").value = $("prompt").value || `a photo of ${result.handles[0]} on the moon`;
@@ -72,8 +94,11 @@ const finished = {
 
 function watch(job) {
   if (page.stream) page.stream.close();
+  busy(true);
+  page.stopping = false;
   $("job").hidden = false;
   $("cancel").hidden = !job.cancellable;
+  $("cancel").disabled = false;
   $("job-text").textContent = `${job.kind}: starting`;
   $("job-bar").removeAttribute("value");  // indeterminate until the first progress record
   document.body.dataset.job = "running";
@@ -83,7 +108,7 @@ function watch(job) {
     const record = JSON.parse(message.data);
     if (record.type === "progress") {
       const loss = record.info && record.info.loss != null ? ` loss ${record.info.loss.toFixed(4)}` : "";
-      $("job-text").textContent = `${record.task} ${record.completed}/${record.total}${loss}`;
+      $("job-text").textContent = `${page.stopping ? STOPPING : ""}${record.task} ${record.completed}/${record.total}${loss}`;
       $("job-bar").max = Math.max(1, record.total);
       $("job-bar").value = record.completed;
       if (record.completed === record.total) log(`${record.task}: ${record.completed}/${record.total}${loss}`);
@@ -92,6 +117,7 @@ function watch(job) {
     } else if (record.type === "state") {
       stream.close();
       page.stream = null;
+      busy(false);
       $("cancel").hidden = true;
       document.body.dataset.job = record.state;
       $("job-text").textContent = `${record.job}: ${record.state}`;
@@ -105,10 +131,33 @@ function watch(job) {
       }
     }
   };
+  // The browser reconnects by itself while the server is there; when it is gone (stopped,
+  // or started again with another token) the page says so instead of waiting for ever.
+  stream.onerror = async () => {
+    try {
+      await api("/api/state");
+    } catch (error) {
+      if (page.stream !== stream) return;
+      stream.close();
+      page.stream = null;
+      busy(false);
+      $("cancel").hidden = true;
+      document.body.dataset.job = "lost";
+      $("job-text").textContent = `${job.kind}: no answer`;
+      showError(new Error("lost scenebreak ui: start it again and reload this page (a learn that was running saved " +
+        "its checkpoint: tick Resume)"));
+    }
+  };
 }
 
 async function start(path, body) {
-  watch(await api(path, body));
+  busy(true);  // from the click: a double click must not send a second request
+  try {
+    watch(await api(path, body));
+  } catch (error) {
+    busy(false);
+    throw error;
+  }
 }
 
 // -- the photo and its objects ------------------------------------------------------------------------
@@ -161,9 +210,14 @@ function currentObject() {
   return page.objects[page.current];
 }
 
+// Text as one shell word, whatever it holds: pasted, "$(...)" or a quote inside runs nothing.
+function shellQuoted(text) {
+  return `'${text.replaceAll("'", "'\\''")}'`;
+}
+
 // What `scenebreak mask` needs for the same mask (clicks beside an object are the page's own).
 function commandFor(object) {
-  if (object.words) return `-p "${object.words}"`;
+  if (object.words) return `-p ${shellQuoted(object.words)}`;
   const on = object.points.filter((_, i) => object.labels[i] === 1);
   const beside = object.points.filter((_, i) => object.labels[i] === 0);
   if (object.box) return object.points.length ? "a box with clicks: the page only" : `--box ${object.box.join(",")}`;
@@ -173,6 +227,10 @@ function commandFor(object) {
 
 function renderObjects() {
   const list = $("objects");
+  // The list is built again: the control that had the keyboard gets it back afterwards.
+  const focused = document.activeElement;
+  const had = focused && focused.dataset && focused.dataset.role && focused.closest("#objects li")
+    ? { id: focused.closest("li").dataset.id, role: focused.dataset.role, at: focused.selectionStart } : null;
   list.replaceChildren();
   page.objects.forEach((object, index) => {
     const colour = PALETTE[index % PALETTE.length];
@@ -184,13 +242,17 @@ function renderObjects() {
     name.type = "text";
     name.value = object.name;
     name.setAttribute("aria-label", `Name of object ${index + 1}`);
-    name.onchange = () => { object.name = name.value.trim() || object.name; };
+    name.dataset.role = "name";
+    name.oninput = () => { object.name = name.value; };  // kept as typed when the list is built again
+    name.onchange = () => { object.name = name.value.trim() || `object ${index + 1}`; };
     name.onfocus = () => select(index);
     const words = document.createElement("input");
     words.type = "text";
     words.placeholder = "or describe it in words";
-    words.value = object.words;
+    words.value = object.wordsTyped ?? object.words;
     words.setAttribute("aria-label", `Words for object ${index + 1}`);
+    words.dataset.role = "words";
+    words.oninput = () => { object.wordsTyped = words.value; };
     words.onkeydown = (event) => { if (event.key === "Enter") find(); };
     words.onfocus = () => select(index);
     const find = act(async () => {
@@ -204,6 +266,7 @@ function renderObjects() {
     const button = (text, label, fn) => {
       const b = document.createElement("button");
       b.type = "button"; b.className = "plain"; b.textContent = text; b.setAttribute("aria-label", label);
+      b.dataset.role = text;
       b.onclick = fn;
       tools.append(b);
     };
@@ -213,7 +276,9 @@ function renderObjects() {
     button("↓", `Move object ${index + 1} down`, () => move(index, 1));
     button("Delete", `Delete object ${index + 1}`, () => {
       page.objects.splice(index, 1);
-      page.current = Math.min(page.current, page.objects.length - 1);
+      // The selection stays on the object it was on (one above the deleted one moves up).
+      page.current = Math.min(index < page.current ? page.current - 1 : page.current, page.objects.length - 1);
+      unsave();
       renderObjects(); draw();
     });
     const facts = document.createElement("div");
@@ -224,6 +289,13 @@ function renderObjects() {
     item.append(name, words, tools, facts);
     list.append(item);
   });
+  if (had) {
+    const again = list.querySelector(`li[data-id="${had.id}"] [data-role="${had.role}"]`);
+    if (again) {
+      again.focus();
+      if (had.at != null && again.setSelectionRange) again.setSelectionRange(had.at, had.at);
+    }
+  }
 }
 
 // Make object `index` the one clicks go to, without rebuilding the list (focus stays where it is).
@@ -238,10 +310,21 @@ function move(index, step) {
   if (to < 0 || to >= page.objects.length) return;
   [page.objects[index], page.objects[to]] = [page.objects[to], page.objects[index]];
   page.current = to;
+  unsave();
   renderObjects(); draw();
 }
 
-async function requestMask(object) {
+// One object's mask requests go one after another, each with the clicks as they are when
+// it is sent: sent together, their replies could come back in another order than the
+// server kept them, and Save would write another mask than the one shown.
+function requestMask(object) {
+  const next = (object.pending || Promise.resolve()).catch(() => {}).then(() => fetchMask(object));
+  object.pending = next;
+  return next;
+}
+
+async function fetchMask(object) {
+  if (!page.objects.includes(object)) return;  // deleted meanwhile
   if (!object.words && !object.box && !object.labels.includes(1)) {
     object.overlay = null;
     object.area = 0;
@@ -252,9 +335,17 @@ async function requestMask(object) {
     object.score = result.score;
     object.overlay = await overlay(result.png);
   }
+  unsave();
   $("canvas").dataset.masks = String(page.objects.filter((o) => o.overlay).length);
   renderObjects();
   draw();
+}
+
+// The saved masks are no longer the ones shown: Learn asks for a new Save.
+function unsave() {
+  if (!page.saved.length) return;
+  page.saved = [];
+  $("saved").replaceChildren();
 }
 
 // The 0/255 mask PNG as a canvas: white pixels become its colour, the rest transparent.
@@ -349,7 +440,7 @@ function pixelAt(event) {
 
 const click = act(async (x, y, label) => {
   const object = currentObject();
-  object.words = "";
+  object.words = ""; object.wordsTyped = undefined;
   object.points.push([x, y]);
   object.labels.push(label);
   draw();
@@ -386,10 +477,11 @@ function setUpCanvas() {
     const [x1, y1] = pixelAt(event);
     // A box's far corner is the pixel's far edge: a box over pixels 10..20 is 10,10,21,21.
     object.box = [Math.min(drag.x0, x1), Math.min(drag.y0, y1), Math.max(drag.x0, x1) + 1, Math.max(drag.y0, y1) + 1];
-    object.words = "";
+    object.words = ""; object.wordsTyped = undefined;
     draw();
     await requestMask(object);
   }));
+  canvas.addEventListener("pointercancel", () => { page.drag = null; draw(); });  // (a touch taken by the system)
   canvas.addEventListener("keydown", (event) => {
     if (!page.image) return;
     const step = event.altKey ? 1 : Math.max(1, Math.round(canvas.width / 50));
@@ -504,12 +596,16 @@ function setUpButtons() {
   $("upload").onchange = act(async () => {
     const file = $("upload").files[0];
     if (!file) return;
-    const response = await fetch(`/api/upload?name=${encodeURIComponent(file.name)}`, {
-      method: "POST", headers: { "X-Scenebreak-Token": token, "Content-Type": "application/octet-stream" }, body: file });
-    const data = await response.json();
-    if (!response.ok) throw new Error(data.error);
-    watch(data);
-    loadPhotos(file.name);
+    $("upload").value = "";  // the same file chosen again (after a refusal) is a change too
+    busy(true);
+    try {
+      watch(await answer(await reach(`/api/upload?name=${encodeURIComponent(file.name)}`, {
+        method: "POST", headers: { "X-Scenebreak-Token": token, "Content-Type": "application/octet-stream" },
+        body: file })));
+    } catch (error) {
+      busy(false);
+      throw error;
+    }
   });
   $("add").onclick = act(async () => { currentObject(); addObject(); $("canvas").focus(); });
   $("undo").onclick = undo;
@@ -532,7 +628,12 @@ function setUpButtons() {
   $("learn").onclick = act(() => start("/api/learn", {
     masks: page.saved, name: $("scene-name").value.trim() || null, base_model: $("base-model").value.trim() || null,
     resume: $("resume").checked, force: $("force").checked, settings: settingsOf(page.settings.learn) }));
-  $("cancel").onclick = act(() => api("/api/cancel", {}));
+  $("cancel").onclick = act(async () => {
+    $("cancel").disabled = true;
+    page.stopping = true;
+    $("job-text").textContent = STOPPING;
+    await api("/api/cancel", {});
+  });
   $("refresh").onclick = act(() => loadScenes($("scene").value));
   $("generate").onclick = act(() => start("/api/generate", {
     scene: $("scene").value, prompt: $("prompt").value, settings: settingsOf(page.settings.generate) }));
@@ -551,11 +652,11 @@ window.addEventListener("DOMContentLoaded", act(async () => {
   if (state.out_dir) $("out-dir").placeholder = state.out_dir;
   const name = state.photo ? state.photo.split(/[\\/]/).pop() : null;
   await Promise.all([loadPhotos(name), loadScenes()]);
+  // A reload while something runs: the open photo back, and the job's progress followed.
+  if (state.ready) await loadPhoto(state.photo);
   if (state.job && state.job.state === "running") {
     watch(state.job);
-  } else if (state.ready) {
-    await loadPhoto(state.photo);
-  } else if (state.photo) {
+  } else if (!state.ready && state.photo) {
     await start("/api/open", { path: state.photo });
   }
   document.body.dataset.loaded = "yes";
