@@ -159,3 +159,34 @@ def test_a_very_long_photo_is_cropped_without_a_giant_intermediate(tmp_path):
     box, peak = done.stdout.splitlines()
     assert box.startswith("(100, -9850, 19900, 9950)") and int(box.split()[-1]) > 0
     assert int(peak) < 200 * 1024, peak  # kB: the photo and its masks, not the square
+
+
+def test_naming_a_bombs_size_never_lets_another_thread_open_a_bomb(tmp_path, monkeypatch):
+    """To name a too-large photo's size, Pillow's bomb limit (a global) is lifted for a
+    moment: a thread of the page opening another photo in that moment read it whole."""
+    import threading
+
+    Image.new("RGB", (96, 80)).save(tmp_path / "a.png")
+    Image.new("RGB", (96, 80)).save(tmp_path / "b.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # both are "bombs" now
+    real_open, other = Image.open, {}
+
+    def open_(path, *args, **kwargs):
+        if Image.MAX_IMAGE_PIXELS is None and not other:  # inside the size's lifted limit: the page opens b
+            def load():
+                try:
+                    other["result"] = load_image(tmp_path / "b.png")
+                except InvalidInput as exc:
+                    other["result"] = exc
+
+            other["thread"] = threading.Thread(target=load)
+            other["thread"].start()
+            other["thread"].join(0.5)  # (it waits for the limit to be back)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_)
+    with pytest.raises(InvalidInput, match="96x80"):
+        load_image(tmp_path / "a.png")
+    other["thread"].join(10)
+    assert isinstance(other["result"], InvalidInput) and "96x80" in str(other["result"])
+    assert Image.MAX_IMAGE_PIXELS == 1000

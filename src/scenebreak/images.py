@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ class PreparedImage:
     source_sha256: str
 
 
+_BOMB_LIMIT = threading.RLock()  # held while an image is opened, and while _too_big lifts Pillow's limit
+
+
 def _open(path: Path, what: str):
     import warnings
 
@@ -37,7 +41,7 @@ def _open(path: Path, what: str):
     if not is_regular_file(path):  # a FIFO or a device: reading it would block or never end
         raise InvalidInput(f"{what} {path} is not a regular file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _BOMB_LIMIT:  # (never while _too_big has lifted the limit)
             # Pillow warns from half its bomb limit on; such photos are merely big.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
@@ -57,16 +61,17 @@ def _too_big(path: Path, what: str) -> str:
     from PIL import Image
 
     limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # Pillow refuses above twice MAX_IMAGE_PIXELS
-    saved = Image.MAX_IMAGE_PIXELS
-    try:
-        Image.MAX_IMAGE_PIXELS = None  # read the header only, to name the size
-        with Image.open(path) as image:
-            width, height = image.size
-        size = f"{width}x{height} ({width * height / 1e6:.0f} megapixels)"
-    except Exception:  # noqa: BLE001 - the size is a courtesy
-        size = "too large"
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    with _BOMB_LIMIT:  # the limit is Pillow's global: no other thread opens an image meanwhile
+        saved = Image.MAX_IMAGE_PIXELS
+        try:
+            Image.MAX_IMAGE_PIXELS = None  # read the header only, to name the size
+            with Image.open(path) as image:
+                width, height = image.size
+            size = f"{width}x{height} ({width * height / 1e6:.0f} megapixels)"
+        except Exception:  # noqa: BLE001 - the size is a courtesy
+            size = "too large"
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
     return (f"{what} {path} is {size}, over Pillow's safety limit of {limit / 1e6:.0f} megapixels against "
             f"decompression bombs: downscale it (4096 pixels on the long side is plenty; the model works at "
             f"about 512) and pass the smaller file")
