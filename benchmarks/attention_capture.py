@@ -39,11 +39,13 @@ class MaterialisedProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         import torch
 
+        from scenebreak.device import autocast_off
+
         batch = hidden_states.shape[0]
         query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        with torch.autocast(query.device.type, enabled=False):
+        with autocast_off(query.device.type):
             probs = torch.matmul(query.float() * attn.scale, key.float().transpose(-1, -2)).softmax(-1)
         self.store.maps[self.name] = probs[0]
         out = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)

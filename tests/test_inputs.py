@@ -131,16 +131,22 @@ def test_big_photo_below_the_limit_loads_without_a_warning(scene_files, monkeypa
 ])
 def test_default_name_transliterates(file_name, expected):
     assert default_name(file_name) == expected
-    assert check_name(expected) == expected
+    assert check_name(expected, new=True) == expected
 
 
 @pytest.mark.parametrize("name", ["con", "Aux", "nul.v2", "com1", "LPT9.x", "trailing."])
-def test_names_windows_cannot_hold_are_refused_everywhere(name):
+def test_names_windows_cannot_hold_are_refused_for_new_scenes_and_handles(name):
     """A scene travels: a name Windows keeps for a device (con.scene is the console there)
     or one ending in a dot (Windows drops it) could not be saved, nor its batch folder or
-    exported files made, on Windows."""
-    with pytest.raises(InvalidInput, match="invalid scene name"):
-        check_name(name)
+    exported files made, on Windows. A scene made before the rule still opens (and can
+    be removed) by its name."""
+    from scenebreak.handles import check_handle_tokens
+
+    with pytest.raises(InvalidInput, match=f"invalid scene name {name!r}: Windows"):
+        check_name(name, new=True)
+    assert check_name(name) == name
+    with pytest.raises(InvalidInput, match="invalid handle name .*Windows.*choose other --names"):
+        check_handle_tokens(["<cat>", f"<{name}>"])
 
 
 def test_default_name_of_unspellable_file_names_is_valid_and_distinct():

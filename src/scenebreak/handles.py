@@ -20,10 +20,17 @@ def valid_handle_token(token: str) -> bool:
 
 
 def check_handle_tokens(tokens: list[str]) -> None:
+    """The handles a new scene gets: valid, portable (they name exported files), distinct."""
+    from .paths import not_portable
+
     for token in tokens:
         if not valid_handle_token(token):
             raise InvalidInput(f"invalid handle name {token!r}: use letters, digits, '.', '_' or '-', "
                                "starting with a letter or digit")
+        why = not_portable(token[1:-1])
+        if why:
+            raise InvalidInput(f"invalid handle name {token!r}: {why} (a handle names the files `export` writes): "
+                               "choose other --names")
     seen: dict[str, str] = {}  # lowercased -> as given
     for token in tokens:
         if token in seen.values():

@@ -41,10 +41,11 @@ def _open(path: Path, what: str):
     if not is_regular_file(path):  # a FIFO or a device: reading it would block or never end
         raise InvalidInput(f"{what} {path} is not a regular file")
     try:
-        with warnings.catch_warnings(), _BOMB_LIMIT:  # (never while _too_big has lifted the limit)
+        with warnings.catch_warnings():
             # Pillow warns from half its bomb limit on; such photos are merely big.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            with _BOMB_LIMIT:  # (never while _too_big has lifted the limit: open checks it)
+                image = Image.open(path)
             image.load()
         # Phone photos are often stored sideways with an EXIF rotation: use them the
         # way every viewer (and mask editor) shows them.

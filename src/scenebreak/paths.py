@@ -58,23 +58,35 @@ def windows_device_name(name: str) -> bool:
 
 def valid_name(name: str) -> bool:
     """Letters, digits, '.', '_' and '-', starting with a letter or digit: nothing that
-    can name another folder, hide a file or start an option; and a file name on every
-    system a scene may travel to (no Windows device name, no trailing dot, which
-    Windows drops)."""
-    return (bool(_NAME_RE.fullmatch(name)) and len(name) <= MAX_NAME and not name.endswith(".")
-            and not windows_device_name(name))
+    can name another folder, hide a file or start an option. (What every scene and
+    handle name is checked against, also when read.)"""
+    return bool(_NAME_RE.fullmatch(name)) and len(name) <= MAX_NAME
 
 
-def check_name(name: str) -> str:
+def not_portable(name: str) -> str | None:
+    """Why a valid name could not be a file name on Windows, where a scene may travel
+    (a device name such as con or nul.x; a trailing dot, which Windows drops), or None.
+    Asked of new names only: a scene made before this rule still opens."""
+    if windows_device_name(name):
+        return f"Windows keeps {name.split('.', 1)[0]!r} for a device"
+    if name.endswith("."):
+        return "Windows drops a name's trailing dot"
+    return None
+
+
+def check_name(name: str, new: bool = False) -> str:
+    """`name` as a scene name, or InvalidInput; `new`: a name being given to a scene now,
+    which must also be portable."""
     if len(name) > MAX_NAME:
         raise InvalidInput(f"scene name {name[:40]!r}... is {len(name)} characters long: use at most {MAX_NAME}")
-    if _NAME_RE.fullmatch(name) and windows_device_name(name):
-        raise InvalidInput(f"invalid scene name {name!r}: Windows keeps {name.split('.', 1)[0]!r} for a device, so "
-                           "the scene could not be saved there: choose another --name")
     if not valid_name(name) or name.endswith(SCENE_SUFFIX):
         raise InvalidInput(
             f"invalid scene name {name!r}: use letters, digits, '.', '_' or '-' (no '{SCENE_SUFFIX}' suffix)"
         )
+    why = not_portable(name) if new else None
+    if why:
+        raise InvalidInput(f"invalid scene name {name!r}: {why}, so the scene could not be saved there: choose "
+                           "another --name")
     return name
 
 
@@ -361,7 +373,7 @@ def is_writable_folder(folder: Path) -> bool:
     if not probe.is_dir():
         return False
     # A link to nowhere on the way is no folder to be made: mkdir finds it "exists".
-    missing = Path(folder).expanduser().absolute()
+    target = missing = Path(folder).expanduser().absolute()
     while missing != probe:
         if missing.is_symlink():
             return False
@@ -370,8 +382,11 @@ def is_writable_folder(folder: Path) -> bool:
         import tempfile
 
         try:
-            with tempfile.TemporaryFile(dir=probe):
-                pass
+            if probe != target:  # folders to make: try making one (C:\ takes folders, not files)
+                os.rmdir(tempfile.mkdtemp(dir=probe))
+            else:
+                with tempfile.TemporaryFile(dir=probe):
+                    pass
         except OSError:
             return False
         return True

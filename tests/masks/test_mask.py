@@ -445,3 +445,19 @@ def test_a_path_option_given_with_a_tilde_after_the_equals_sign_is_the_home_fold
     assert result.exit_code == 0, result.output
     assert [Path(line).parent for line in result.stdout.splitlines()] == [tmp_path / "me" / "masks"]
     assert not (tmp_path / "~").exists()
+
+
+def test_the_same_photo_edited_in_place_keeps_its_masks_its_own(tmp_path):
+    """A photo cropped or retouched in place (or downscaled, as the size limit advises) is
+    still the photo whose masks are in the folder: its masks are replaced without --force."""
+    from scenebreak.masks.files import MaskResult, write_masks
+
+    path = tmp_path / "cat.jpg"
+    Image.new("RGB", (40, 30), "red").save(path)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[2:10, 2:10] = 1
+    write_masks(path, Image.open(path).convert("RGB"), [MaskResult("box 1", "box", 0.9, mask)], tmp_path / "m")
+    Image.new("RGB", (40, 30), "green").save(path)  # edited in place
+    write_masks(path, Image.open(path).convert("RGB"), [MaskResult("box 1", "box", 0.9, mask[::-1].copy())],
+                tmp_path / "m")
+    assert (np.asarray(Image.open(tmp_path / "m" / "cat.mask1.png")) > 0).sum() == 64

@@ -326,7 +326,7 @@ def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_
     assert dtypes == {1: torch.bfloat16, 2: torch.float32}
 
 
-def test_on_a_mac_the_gpu_cache_is_emptied_and_bitsandbytes_refused_up_front(monkeypatch):
+def test_on_a_mac_the_gpu_cache_is_emptied_and_bitsandbytes_refused_up_front(monkeypatch, scene_files, tiny_model):
     """A smaller retry after running out of memory, and evaluate's scoring models after
     the diffusion ones, emptied only CUDA's cache; --quantize nf4 on MPS loaded the whole
     model before bitsandbytes failed there (it has no MPS kernels)."""
@@ -346,3 +346,10 @@ def test_on_a_mac_the_gpu_cache_is_emptied_and_bitsandbytes_refused_up_front(mon
         with pytest.raises(InvalidInput, match=f"--quantize {kind}: bitsandbytes runs on CUDA and the CPU, not on MPS"):
             choose_quantization(LearnConfig(tune="lora", quantize=kind), None, mps, 512, True, True, [])
     assert choose_quantization(LearnConfig(tune="lora", quantize="auto"), None, mps, 512, True, True, []) == ("none", "")
+    # learn itself refuses it before the base model loads (a Mac would move it to MPS first).
+    import scenebreak.train.learn as learn_module
+
+    monkeypatch.setattr(learn_module, "_learn", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(InvalidInput, match="--quantize nf4: bitsandbytes runs on CUDA and the CPU, not on MPS"):
+        learn_module.learn(scene_files["image"], scene_files["masks"], LearnConfig(tune="lora", quantize="nf4"),
+                           base_model=str(tiny_model), device=mps)

@@ -127,9 +127,14 @@ def test_on_windows_a_folder_is_writable_when_a_file_can_be_made_in_it(monkeypat
     from scenebreak import paths
 
     monkeypatch.setattr(paths, "ON_WINDOWS", True)
-    assert paths.is_writable_folder(tmp_path / "new" / "out")
-    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
-    assert not paths.is_writable_folder(Path("/proc/out"))
+    assert paths.is_writable_folder(tmp_path / "new" / "out") and paths.is_writable_folder(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the probes leave nothing behind
+    assert not paths.is_writable_folder(Path("/proc/out")) and not paths.is_writable_folder(Path("/proc"))
+    # A folder to be made is asked by making a folder (C:\ lets users make folders, not files).
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **k: (_ for _ in ()).throw(PermissionError(13, "no files")))
+    assert paths.is_writable_folder(tmp_path / "renders") and not paths.is_writable_folder(tmp_path)
 
 
 def test_a_lock_open_in_another_process_this_instant_is_released_and_broken_calmly(monkeypatch):
@@ -138,6 +143,7 @@ def test_a_lock_open_in_another_process_this_instant_is_released_and_broken_calm
     its scene, and a waiting one crashed breaking a stale lock."""
     from pathlib import Path as PathClass
 
+    monkeypatch.setattr(locks, "ON_WINDOWS", True)
     path = _lock_path("shared")
     real_unlink, refusals = PathClass.unlink, []
 
@@ -166,3 +172,31 @@ def test_a_lock_open_in_another_process_this_instant_is_released_and_broken_calm
     with locked(path, wait=True):  # the dead owner's lock: broken on the second try
         assert read_owner(path)["pid"] == os.getpid()
     assert len(renames) == 2
+
+
+def test_elsewhere_a_lock_that_cannot_be_broken_or_released_is_an_error_not_a_busy_loop(monkeypatch):
+    """The Windows retries (a file open elsewhere) are Windows' only: on Linux a stale lock
+    that cannot be renamed (another user's, in a sticky folder) looped at full speed for
+    ever, silently."""
+    path = _lock_path("sticky")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": locks.HOST, "pid": 2**22 + 7, "token": "t", "since": 0}))
+    monkeypatch.setattr(locks, "ON_WINDOWS", False)
+    monkeypatch.setattr(locks.os, "rename", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    with pytest.raises(PermissionError):
+        with locked(path, wait=True):
+            pass
+
+
+def test_a_wait_for_a_lock_stops_when_asked(monkeypatch):
+    """A batch worker waiting for another run's job is told to stop through an event (no
+    SIGINT, which kills on Windows): the wait must hear it."""
+    from scenebreak.errors import Interrupted
+
+    path = _lock_path("held")
+    asked = []
+    with locked(path, wait=False):
+        with pytest.raises(Interrupted, match="stopped while waiting"):
+            with locked(path, wait=True, poll=0.01, should_stop=lambda: asked.append(1) or len(asked) > 2):
+                pass
+    assert len(asked) == 3

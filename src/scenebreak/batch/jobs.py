@@ -169,7 +169,7 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
 
     from ..train.learn import default_name  # no torch: the name rule only
 
-    name = check_name(_text(data["name"], "name") if "name" in data else default_name(Path(photo)))
+    name = check_name(_text(data["name"], "name") if "name" in data else default_name(Path(photo)), new=True)
     prompts = _texts(data.get("prompts"), "prompts", empty=True)
     handles = learn.handle_tokens(count)
     try:

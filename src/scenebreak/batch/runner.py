@@ -214,7 +214,13 @@ def run_locally(jobs: list[Job], devices: list[str], retries: int, out: Path, sc
                         board.finished(JobResult(job.number, job.name, "failed",
                                            error=f"{why} on each of {tries + 1} tries; rerun the batch to resume it"))
     except KeyboardInterrupt:
-        raise  # the workers got the Ctrl-C too (one process group): each stops after its step, saving
+        # A Ctrl-C at the terminal reached the workers too (one process group), but one sent to
+        # the batch alone (`kill -INT`, a notebook's interrupt) did not: each busy worker is
+        # told through its event as well (an event, unlike a second SIGINT, aborts no save).
+        for worker in workers:
+            if worker.job is not None:
+                worker.interrupt()
+        raise
     except BaseException:
         # SIGTERM to the batch alone, a closed stdout, a failure here: the workers know nothing of
         # it, so each busy one is told as Ctrl-C would (learn saves its checkpoint at its next step).
@@ -291,7 +297,7 @@ class _Worker:
     def ask_to_end(self) -> None:
         """End the process once its job is over. On Ctrl-C the workers got it too (one
         process group): a `learn` saves its checkpoint at the next step and stops, so
-        no signal is added here, which would count as a second Ctrl-C and abort that."""
+        no signal is added anywhere, which would count as a second Ctrl-C and abort that."""
         if self.process.is_alive():
             self.inbox.put(None)
 

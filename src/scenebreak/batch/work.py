@@ -112,7 +112,7 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
             return _skipped(job, read_record(job_folder(job, out)), "already done with the same inputs and settings")
         waiting = lambda holder: report(Message(f"job {job.number} ({job.name}) is being run by {holder}: "  # noqa: E731
                                                 "waiting for it"))
-        with locked(claim_path(job.name), wait=wait, on_wait=waiting, busy_message="{holder}"):
+        with locked(claim_path(job.name), wait=wait, on_wait=waiting, busy_message="{holder}", should_stop=should_stop):
             record = read_record(job_folder(job, out))
             if is_done(record, key):
                 return _skipped(job, record, "done by another run meanwhile")
@@ -126,6 +126,14 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
         return JobResult(job.number, job.name, "failed", error=one_line(exc), seconds=time.perf_counter() - started)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _stop_check(should_stop):
+    """Raise Interrupted between a job's parts once `should_stop()` is true."""
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise Interrupted("stopped")
+    return check
 
 
 def _skipped(job: Job, record: dict, why: str) -> JobResult:
@@ -151,8 +159,10 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
         if needed:
             check_folder_is_ours(folder / part, record.get(part))
 
+    stop_here = _stop_check(should_stop)
     masks = list(job.masks)
     if job.objects:
+        stop_here()
         masks = state.get("masks") if same and state.get("masks") and all(Path(m).is_file() for m in state["masks"]) else None
         if masks is None:
             report(Message(f"job {job.number} ({job.name}): masks of {', '.join(job.objects)}"))
@@ -161,6 +171,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
             _write_record(folder, state)
 
     resumed = False
+    stop_here()  # (the masks took a while; learn itself stops at its steps)
     if not (same and state.get("state") in ("learned", "done") and scene.is_file()):
         state["state"] = "learning"
         state["scene"] = str(scene)
@@ -169,7 +180,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
                     device=device, report=report, force=scene.exists(), should_stop=should_stop)
         for _ in range(MAX_LOCK_RACES):
             # A learn of this name on a machine that died holds its lock until that turns stale: wait for it.
-            with scene_lock(job.name, wait=True, on_wait=lambda holder: report(Message(
+            with scene_lock(job.name, wait=True, should_stop=should_stop, on_wait=lambda holder: report(Message(
                     f"job {job.number} ({job.name}): waiting for the lock of {holder} on scene {job.name!r}"))):
                 pass
             resumed = checkpoint_path(job.name).exists()

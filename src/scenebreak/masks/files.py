@@ -148,16 +148,23 @@ def write_masks(image_path: Path, image, results: list[MaskResult], out_dir: Pat
     return preview
 
 
-def _record(masks: dict, photo: list | None) -> bytes:
+def _record(masks: dict, photo: dict | None) -> bytes:
     return json.dumps({"format": RECORD_FORMAT, "version": 1, "photo": photo, "masks": masks}, indent=1).encode()
 
 
-def photo_print(image_path: Path) -> list | None:
-    """[size, sha256] of the photo's file: which photo a record's masks belong to."""
+def photo_print(image_path: Path) -> dict | None:
+    """Which photo a record's masks belong to: its file (the absolute path) and its
+    content ([size, sha256]); the same file edited since is still the same photo."""
     try:
-        return _fingerprint(Path(image_path).read_bytes())
+        return {"path": str(Path(image_path).absolute()), "content": _fingerprint(Path(image_path).read_bytes())}
     except OSError:
         return None
+
+
+def _same_photo(recorded, photo: dict | None) -> bool:
+    if not isinstance(recorded, dict) or photo is None:
+        return False
+    return recorded.get("path") == photo["path"] or recorded.get("content") == photo["content"]
 
 
 def read_record(path: Path, image_path: Path, any_photo: bool = False) -> dict[str, list]:
@@ -176,7 +183,7 @@ def read_record(path: Path, image_path: Path, any_photo: bool = False) -> dict[s
     if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT or not isinstance(data.get("masks"), dict):
         return {}
     # (A record from before photos were recorded has none: it counts, as it did then.)
-    if not any_photo and data.get("photo") is not None and data.get("photo") != photo_print(image_path):
+    if not any_photo and data.get("photo") is not None and not _same_photo(data["photo"], photo_print(image_path)):
         return {}
     name_pattern = re.compile(re.escape(_stem(image_path)) + r"\.mask[1-9][0-9]{0,3}\.png")
     masks = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import LearnConfig, default_base_model
 from ..device import Device, choose_device, precision_name
-from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError, is_out_of_memory
+from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError, fixable_failures, is_out_of_memory
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
 from ..hub import downloads_reported
@@ -110,6 +110,7 @@ def default_name(image: Path) -> str:
     return name or "scene"
 
 
+@fixable_failures()
 def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: LearnConfig = LearnConfig(), *,
           name: str | None = None, output: str | os.PathLike | None = None, base_model: str | None = None,
           revision: str | None = None, device: str | Device | None = None, resume: bool = False, force: bool = False,
@@ -134,7 +135,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     config = config.validate(len(masks))
     tokens = config.handle_tokens(len(masks))
     check_handle_tokens(tokens)
-    name = check_name(name or default_name(Path(output) if output else image))
+    name = check_name(name or default_name(Path(output) if output else image), new=True)
     out = Path(output) if output else scene_path(name)
     _check_output(out, force=force, resume=resume)
     object_masks = load_masks(masks, load_image(image).size)
@@ -152,6 +153,10 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         require_peft()
     if config.compile and device.type != "cuda":
         raise InvalidInput(f"--compile speeds up training on CUDA GPUs only: leave it out on {device.type}")
+    if config.quantize in ("nf4", "int8") and config.tune != "full":  # before the model loads (and again in the plan)
+        from ..families.quantized import require_quantization
+
+        require_quantization(f"--quantize {config.quantize}", device)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(scene_lock(name))

@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import SceneBreakError
-from ..paths import home, process_alive
+from ..errors import Interrupted, SceneBreakError
+from ..paths import ON_WINDOWS, home, process_alive
 
 HEARTBEAT = 10.0  # seconds between touches of a held lock
 STALE = 120.0  # seconds without a touch after which a lock's owner is taken for dead
@@ -123,21 +123,25 @@ def process_started(pid: int) -> float | None:
         return None
 
 
-def _break(path: Path, seen: dict | None) -> None:
+def _break(path: Path, seen: dict | None, patient: bool = False) -> bool:
     """Take the stale lock `seen` away: rename it aside, and put it back should a live
-    owner have replaced it in the meantime."""
+    owner have replaced it in the meantime. False: not now, try again (`patient`, on
+    Windows, where a file another process has open this instant cannot be renamed)."""
     aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.stale")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
-        return  # another process broke it first
+        return True  # another process broke it first
     except PermissionError:
-        return  # Windows: someone reads it this instant; the caller's loop tries again
+        if ON_WINDOWS and patient:
+            return False
+        raise
     if read_owner(aside) != seen:  # not the one judged stale: a fresh lock, give it back
         with contextlib.suppress(OSError):
             os.link(aside, path)
     with contextlib.suppress(OSError):
         aside.unlink()
+    return True
 
 
 class _Heartbeat(threading.Thread):
@@ -157,22 +161,27 @@ class _Heartbeat(threading.Thread):
 
 
 @contextlib.contextmanager
-def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None, poll: float = 0.2):
+def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None, poll: float = 0.2, should_stop=None):
     """Hold an exclusive lock on `path` (inside the cache) for the block. If another
     process holds it: `wait=False` raises Busy at once, naming the holder;
-    `wait=True` calls `on_wait(holder)` and waits, taking it over if it turns stale."""
+    `wait=True` calls `on_wait(holder)` and waits, taking it over if it turns stale,
+    and raises Interrupted once `should_stop()` (optional) turns true."""
     path = Path(path)
     _check_folder(path)
     token = secrets.token_hex(8)
     owner = {"host": HOST, "pid": os.getpid(), "token": token, "since": time.time()}
-    waited = False
+    waited, refused = False, 0
     while not _create(path, owner):
         holder = read_owner(path)
         if is_stale(path, holder):
-            _break(path, holder)
+            if not _break(path, holder, patient=refused < 40):
+                refused += 1
+                time.sleep(0.05)
             continue
         if not wait:
             raise Busy(busy_message.format(holder=describe_owner(holder)))
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped while waiting for {describe_owner(holder)}")
         if not waited and on_wait:
             on_wait(describe_owner(holder))
         waited = True
@@ -200,13 +209,15 @@ def _remove_own_lock(path: Path, tries: int = 40) -> None:
         except FileNotFoundError:
             return
         except PermissionError:
+            if not ON_WINDOWS:
+                raise
             time.sleep(0.05)
 
 
-def scene_lock(name: str, *, wait: bool = False, on_wait=None):
+def scene_lock(name: str, *, wait: bool = False, on_wait=None, should_stop=None):
     """Held by the `learn` of scene `name`: a second one is refused at once (`wait`:
     waits, e.g. for a dead machine's lock to turn stale)."""
-    return locked(home() / "locks" / f"{name}.lock", wait=wait, on_wait=on_wait,
+    return locked(home() / "locks" / f"{name}.lock", wait=wait, on_wait=on_wait, should_stop=should_stop,
                   busy_message=f"scene {name!r} is being learned by {{holder}}: wait for it to finish, choose another "
                                "--name, or pass --force to run anyway")
 

@@ -251,7 +251,7 @@ class App:
             raise InvalidInput(f"{name!r} cannot be read as an image") from None
         if size[0] * size[1] > MAX_PHOTO_PIXELS:
             raise InvalidInput(f"{name!r} has {size[0]}x{size[1]} pixels: at most {MAX_PHOTO_PIXELS // 1_000_000} megapixels")
-        from ..paths import write_atomically
+        from ..paths import write_new_file
 
         stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip(".") or "photo"
         with self.uploading:  # two uploads of one name at once: each its own file
@@ -261,8 +261,8 @@ class App:
                     break
             else:
                 raise InvalidInput(f"too many photos named {stem} in {self.folder}")
-            if not target.exists():
-                write_atomically(target, lambda tmp: tmp.write_bytes(data))
+            if not target.exists():  # (another process may take the name meanwhile: never over its file)
+                target = write_new_file(target, lambda tmp: tmp.write_bytes(data))
         return self.open_photo(target)
 
     def _refuse_while_running(self) -> None:

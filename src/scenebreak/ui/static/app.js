@@ -632,7 +632,13 @@ function setUpButtons() {
     $("cancel").disabled = true;
     page.stopping = true;
     $("job-text").textContent = STOPPING;
-    await api("/api/cancel", {});
+    try {
+      await api("/api/cancel", {});
+    } catch (error) {  // not stopping after all: the button is back, the line says why
+      $("cancel").disabled = false;
+      page.stopping = false;
+      throw error;
+    }
   });
   $("refresh").onclick = act(() => loadScenes($("scene").value));
   $("generate").onclick = act(() => start("/api/generate", {
