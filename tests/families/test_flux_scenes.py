@@ -217,3 +217,41 @@ def test_a_lora_scene_samples_from_its_base_loaded_in_half_precision_with_the_sa
     assert all(torch.equal(got[k], expected[k].to(torch.bfloat16)) for k in expected)
     assert any(not torch.equal(got[k], v.to(torch.bfloat16)) for k, v in
                FluxTransformer2DModel.from_pretrained(base / "transformer").state_dict().items())  # the adapters are in
+
+
+def test_frozen_t5_encodes_the_class_prompt_once_per_phase_not_every_step(flux, scene_files, monkeypatch):
+    """Under LoRA, T5 gets no adapters and is frozen in phase 2, and the class prompt has
+    no handle: its states for the class example were computed (and back-propagated to
+    nothing) every step. They are now computed once, and the losses stay the same."""
+    import scenebreak.train.trainer as trainer_module
+    from scenebreak import learn
+    from scenebreak.families.flux import Flux
+
+    def run(name, cached):
+        rows, losses = [], []
+        monkeypatch.setattr(Flux, "class_state_encoders", (1,) if cached else ())
+        real_step = trainer_module.Trainer.train_step
+
+        def step(self, phase, steps):
+            t5 = self.c.text_encoders[1]
+            hook = t5.register_forward_pre_hook(lambda module, args, kwargs: rows.append((phase, len(args[0]))),
+                                                with_kwargs=True)
+            try:
+                record = real_step(self, phase, steps)
+            finally:
+                hook.remove()
+            losses.append(record.losses.tolist())
+            return record
+
+        monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+        config = LearnConfig(steps1=1, steps2=3, num_class_images=1, seed=4, tune="lora", rank=2, mixed_precision="no")
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux["dev"]), name=name, device="cpu")
+        monkeypatch.setattr(trainer_module.Trainer, "train_step", real_step)
+        return rows, losses
+
+    rows, cached = run("cached", True)
+    assert [r for r in rows if r[0] == 2] == [(2, 1)] * 3  # the instance row alone, every phase-2 step
+    rows, every_step = run("every-step", False)
+    assert [r for r in rows if r[0] == 2] == [(2, 2)] * 3
+    for a, b in zip(cached, every_step):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)

@@ -189,11 +189,17 @@ class Family:
         return latents
 
     # -- conditioning -----------------------------------------------------------------------------
-    def encode_prompts(self, text_encoders: list, ids: list, conditions=None):
+    # Text encoders (by index) whose states for the class example `encode_prompts` can
+    # take ready-made (`class_states`): where one is frozen in a phase, the trainer
+    # computes them once instead of every step (FLUX's T5 under LoRA).
+    class_state_encoders: ClassVar[tuple[int, ...]] = ()
+
+    def encode_prompts(self, text_encoders: list, ids: list, conditions=None, class_states=None):
         """UNet conditioning for token ids (one (B, 77) tensor per text encoder): the
         `encoder_hidden_states`, and the `added_cond_kwargs` (None where the UNet takes
         none); `conditions` are the family's extra numbers per example
-        (`training_conditions`)."""
+        (`training_conditions`); `class_states` ({encoder index: its output for the last
+        row}, for the encoders of `class_state_encoders`) spare encoding that row."""
         raise NotImplementedError
 
     def training_conditions(self, crop_size: tuple[int, int] | None, resolution: int):

@@ -175,6 +175,10 @@ class Flux(Family):
     lora_text_targets: ClassVar[dict[str, list[str]]] = {"*": CLIP_LORA_TARGETS, "text_encoder_2": []}
     quantize_skip: ClassVar[tuple[str, ...]] = ("x_embedder", "context_embedder", "time_text_embed", "norm_out",
                                                 "proj_out")
+    # T5 has no adapters: under LoRA it is frozen in phase 2, and the class prompt has no
+    # handle, so its states for the class example are the same every step. T5-XXL on
+    # that row cost ~10 TFLOP a step (forward and the backward that led nowhere).
+    class_state_encoders: ClassVar[tuple[int, ...]] = (1,)
 
     @staticmethod
     def recognise(index: dict, denoiser: dict, text: dict, parts: set[str]) -> str | None:
@@ -346,14 +350,21 @@ class Flux(Family):
         return unpack_latents(latents, latent_size)
 
     # -- conditioning ----------------------------------------------------------------------------
-    def encode_prompts(self, text_encoders: list, ids: list, conditions=None):
+    def encode_prompts(self, text_encoders: list, ids: list, conditions=None, class_states=None):
         """T5's last hidden state (what the joint attention reads), and for the
         transformer's other inputs: CLIP's pooled output (taken at the end of text once
         `pool_at_end_of_text` has run), the text's rotary positions, and the guidance
-        (`conditions`: one per example on dev, None on schnell)."""
+        (`conditions`: one per example on dev, None on schnell). `class_states[1]`: T5's
+        states of the class example (the last row), computed once while T5 is frozen."""
+        import torch
+
         clip, t5 = text_encoders
         pooled = clip(ids[0], output_hidden_states=False).pooler_output
-        hidden = t5(ids[1], output_hidden_states=False)[0]
+        if class_states and 1 in class_states:
+            hidden = t5(ids[1][:-1], output_hidden_states=False)[0]
+            hidden = torch.cat([hidden, class_states[1].to(hidden.dtype)])
+        else:
+            hidden = t5(ids[1], output_hidden_states=False)[0]
         guidance = None if conditions is None else conditions.to(hidden.device)
         added = {"pooled_projections": pooled, "txt_ids": text_ids(hidden.shape[1], hidden.device, clip.dtype),
                  "guidance": guidance}

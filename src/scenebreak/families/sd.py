@@ -29,7 +29,7 @@ class SD(UNetFamily):
                                      tokenizer=tokenizers[0], safety_checker=None, feature_extractor=None,
                                      requires_safety_checker=False)
 
-    def encode_prompts(self, text_encoders: list, ids: list, conditions=None):
+    def encode_prompts(self, text_encoders: list, ids: list, conditions=None, class_states=None):
         """The last hidden state of the one encoder."""
         return text_encoders[0](ids[0])[0], None
 

@@ -69,7 +69,7 @@ class SDXL(UNetFamily):
 
         return torch.float32 if dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
 
-    def encode_prompts(self, text_encoders: list, ids: list, conditions=None):
+    def encode_prompts(self, text_encoders: list, ids: list, conditions=None, class_states=None):
         """The penultimate hidden states of both encoders side by side, the second
         encoder's pooled projection, and the size/crop ids (`conditions`, (B, 6))."""
         import torch

@@ -219,6 +219,7 @@ class Trainer:
         self._pending_optimizer_state = None
         self.params: list[torch.nn.Parameter] = []  # what the current phase trains
         self.optimizer = None
+        self.class_states = None  # a frozen text encoder's states of the class example, per phase
         self.update_fn = self.update
         self.scaler = None
 
@@ -435,6 +436,25 @@ class Trainer:
             return OptimizerInBackward(groups, make, self.config.max_grad_norm)
         return make(groups)
 
+    @torch.no_grad()
+    def _frozen_class_states(self, phase: int) -> dict[int, torch.Tensor] | None:
+        """The class example's states from each text encoder that the family can take them
+        ready-made from and that trains nothing in this phase (its handle rows aside: the
+        class prompt has none), computed once per phase instead of every step. They are
+        what the step would compute (dropout is off; the same autocast), up to the
+        rounding of a batch of one row instead of two."""
+        if not self._class_example_needed(phase):
+            return None
+        handles = {id(p) for p in self.handle_params}
+        states = {}
+        for index in self.c.family.class_state_encoders:
+            encoder = self.c.text_encoders[index]
+            if any(p.requires_grad and id(p) not in handles for p in encoder.parameters()):
+                continue  # it trains: its output changes every step
+            with self.device.autocast(self.amp_dtype):
+                states[index] = encoder(self.class_ids[index], output_hidden_states=False)[0].detach()
+        return states or None
+
     def _class_example_needed(self, phase: int) -> bool:
         """In phase 1 only the handles learn, and the class example cannot reach them:
         its prompt has no handle and the UNet and text encoder are frozen, so its loss
@@ -457,6 +477,7 @@ class Trainer:
                 self._cast_frozen_to_half() if phase == 1 else self._restore_fp32_master()
             groups = self._trainable(phase)
             self.params = [p for g in groups for p in g["params"]]
+            self.class_states = self._frozen_class_states(phase)
             self.optimizer = self._optimizer(phase, groups)
             self.update_fn = self.update
             if self.update_mode is not None:  # traced once per phase: each has its own optimizer
@@ -578,7 +599,8 @@ class Trainer:
         # With checkpointing every block is recomputed anyway: keeping a half-precision
         # copy of all weights for the whole step would cost more than re-casting them.
         with self.device.autocast(self.amp_dtype, cache=not self.plan.gradient_checkpointing):
-            hidden, added = c.family.encode_prompts(c.text_encoders, b.ids, b.conditions)
+            class_states = self.class_states if len(b.latents) > 1 else None  # (the class example is the last)
+            hidden, added = c.family.encode_prompts(c.text_encoders, b.ids, b.conditions, class_states)
             pred = c.family.denoise(c.denoiser, noisy, b.timesteps, hidden, added)
 
         loss_rec = masked_diffusion_loss(pred[:1], target[:1], b.mask)
