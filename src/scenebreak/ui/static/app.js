@@ -175,12 +175,63 @@ function loadPhoto(path) {
       $("canvas").height = image.naturalHeight;
       $("photo-name").textContent = `${path} (${image.naturalWidth}x${image.naturalHeight})`;
       fit();
-      addObject();
+      const kept = recall(path);
+      if (kept) {
+        act(() => restore(kept))();  // (the masks come back from the server one by one)
+      } else {
+        addObject();
+      }
       resolve();
     };
     image.onerror = () => reject(new Error(`cannot show ${path}`));
     image.src = fileUrl(path);
   });
+}
+
+// The objects of a photo outlive a reload of the page (the tab's own storage): their
+// clicks, box, words and names, and the masks last saved; the masks are asked for again.
+function remember() {
+  if (!page.photo) return;
+  const objects = page.objects.map(({ id, name, points, labels, box, words }) => ({ id, name, points, labels, box, words }));
+  try {
+    sessionStorage.setItem(`scenebreak:${page.photo}`, JSON.stringify({ objects, nextId: page.nextId,
+      current: page.current, saved: page.saved, preview: page.preview || null }));
+  } catch (error) { /* no storage (private mode): nothing kept, nothing lost now */ }
+}
+
+function recall(path) {
+  try {
+    const kept = JSON.parse(sessionStorage.getItem(`scenebreak:${path}`));
+    return kept && Array.isArray(kept.objects) && kept.objects.length ? kept : null;
+  } catch (error) {
+    return null;
+  }
+}
+
+async function restore(kept) {
+  page.objects = kept.objects.map((o) => ({ ...o, overlay: null, area: 0, score: null }));
+  page.nextId = Math.max(kept.nextId || 1, ...page.objects.map((o) => Number(o.id) + 1));
+  page.current = Math.min(Math.max(kept.current ?? 0, 0), page.objects.length - 1);
+  renderObjects();
+  draw();
+  for (const object of page.objects) await requestMask(object);
+  if (kept.saved && kept.saved.length) showSaved(kept.saved, kept.preview);
+}
+
+function showSaved(saved, preview) {
+  page.saved = saved;
+  page.preview = preview;
+  const items = [...saved, ...(preview ? [preview] : [])].map((path) => {
+    const item = document.createElement("li");
+    const link = document.createElement("a");
+    link.href = fileUrl(path);
+    link.target = "_blank";
+    link.textContent = path;
+    item.append(link);
+    return item;
+  });
+  $("saved").replaceChildren(...items);
+  remember();
 }
 
 // Show the photo as large as its panel allows (small ones scaled up, pixel by pixel).
@@ -243,7 +294,7 @@ function renderObjects() {
     name.value = object.name;
     name.setAttribute("aria-label", `Name of object ${index + 1}`);
     name.dataset.role = "name";
-    name.oninput = () => { object.name = name.value; };  // kept as typed when the list is built again
+    name.oninput = () => { object.name = name.value; remember(); };  // kept as typed when the list is built again
     name.onchange = () => { object.name = name.value.trim() || `object ${index + 1}`; };
     name.onfocus = () => select(index);
     const words = document.createElement("input");
@@ -289,6 +340,7 @@ function renderObjects() {
     item.append(name, words, tools, facts);
     list.append(item);
   });
+  remember();
   if (had) {
     const again = list.querySelector(`li[data-id="${had.id}"] [data-role="${had.role}"]`);
     if (again) {
@@ -345,6 +397,7 @@ async function fetchMask(object) {
 function unsave() {
   if (!page.saved.length) return;
   page.saved = [];
+  page.preview = null;
   $("saved").replaceChildren();
 }
 
@@ -612,17 +665,7 @@ function setUpButtons() {
   $("save").onclick = act(async () => {
     const objects = page.objects.filter((o) => o.overlay).map((o) => ({ id: o.id, name: o.name }));
     const run = await api("/api/save", { objects, out_dir: $("out-dir").value.trim() || null });
-    page.saved = run.masks.map((m) => m.path);
-    const items = [...page.saved, run.preview].map((path) => {
-      const item = document.createElement("li");
-      const link = document.createElement("a");
-      link.href = fileUrl(path);
-      link.target = "_blank";
-      link.textContent = path;
-      item.append(link);
-      return item;
-    });
-    $("saved").replaceChildren(...items);
+    showSaved(run.masks.map((m) => m.path), run.preview);
     for (const warning of run.overlaps) log(`masks ${warning.masks.join(" and ")} overlap (${Math.round(warning.fraction * 100)}%)`, "warning");
   });
   $("learn").onclick = act(() => start("/api/learn", {
