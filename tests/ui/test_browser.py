@@ -134,12 +134,9 @@ def test_a_reload_a_cancel_and_a_stopped_server_in_a_browser(browser, ui):
     by_id("save").click()
     wait_for(browser, lambda d: d.find_elements("css selector", "#saved li"), "the masks saved again")
 
-    def long_learn_settings():  # (the page's settings are its own: a reload resets them)
-        browser.execute_script("document.querySelector('#learn-settings').parentElement.open = true")
-        by_id("learn-settings-steps1").send_keys("5000")
-        by_id("learn-settings-prior").click()
-
-    long_learn_settings()
+    browser.execute_script("document.querySelector('#learn-settings').parentElement.open = true")
+    by_id("learn-settings-steps1").send_keys("5000")
+    by_id("learn-settings-prior").click()
     by_id("learn").click()
     assert all(by_id(name).get_property("disabled") for name in ("learn", "generate", "open", "upload"))
     wait_for(browser, lambda d: "phase 1" in by_id("job-text").text, "the learn's progress")
@@ -166,7 +163,9 @@ def test_a_reload_a_cancel_and_a_stopped_server_in_a_browser(browser, ui):
     WebDriverWait(browser, WAIT).until(lambda d: "--resume" in by_id("error").text
                                        and not by_id("learn").get_property("disabled"))
 
-    long_learn_settings()
+    # (the options set before the reload came back with it)
+    assert by_id("learn-settings-steps1").get_property("value") == "5000"
+    assert not by_id("learn-settings-prior").get_property("checked")
     by_id("resume").click()
     by_id("learn").click()
     WebDriverWait(browser, WAIT).until(lambda d: "phase 1" in by_id("job-text").text)

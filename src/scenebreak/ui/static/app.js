@@ -605,11 +605,34 @@ function buildSettings(container, fields, skip) {
     }
     input.id = id;
     input.title = field.help || "";
+    // What was set before a reload of the page comes back (the tab's own storage).
+    const kept = keptSetting(id);
+    if (kept !== undefined) {
+      if (field.kind === "bool") input.checked = kept; else input.value = kept;
+    }
+    input.addEventListener("change", () => keepSetting(id, field.kind === "bool" ? input.checked : input.value));
     container.append(label);
     if (field.kind !== "bool") container.append(input);
     inputs[field.name] = { input, field };
   }
   return inputs;
+}
+
+function keptSetting(id) {
+  try {
+    const all = JSON.parse(sessionStorage.getItem("scenebreak:settings") || "{}");
+    return Object.prototype.hasOwnProperty.call(all, id) ? all[id] : undefined;
+  } catch (error) {
+    return undefined;
+  }
+}
+
+function keepSetting(id, value) {
+  try {
+    const all = JSON.parse(sessionStorage.getItem("scenebreak:settings") || "{}");
+    all[id] = value;
+    sessionStorage.setItem("scenebreak:settings", JSON.stringify(all));
+  } catch (error) { /* no storage: the setting lives until the reload */ }
 }
 
 // Only what was changed: the rest keeps the library's defaults.
