@@ -120,8 +120,8 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
     except Busy as exc:
         return JobResult(job.number, job.name, "busy", note=f"being run by {exc}")
     except Interrupted:  # (learn's own line says to run the same command with --resume: batch has none)
-        return JobResult(job.number, job.name, "failed", error="interrupted: what it learned is kept in its "
-                         "checkpoint; rerun the batch to resume it", seconds=time.perf_counter() - started)
+        return JobResult(job.number, job.name, "failed", error="interrupted: rerun the batch to resume it (what "
+                         "a learn had done is kept in its checkpoint)", seconds=time.perf_counter() - started)
     except Exception as exc:  # the job's failure is its result; the batch goes on
         return JobResult(job.number, job.name, "failed", error=one_line(exc), seconds=time.perf_counter() - started)
     result.seconds = time.perf_counter() - started

@@ -153,10 +153,10 @@ def _record(masks: dict, photo: dict | None) -> bytes:
 
 
 def photo_print(image_path: Path) -> dict | None:
-    """Which photo a record's masks belong to: its file (the absolute path) and its
+    """Which photo a record's masks belong to: its file (the resolved path) and its
     content ([size, sha256]); the same file edited since is still the same photo."""
     try:
-        return {"path": str(Path(image_path).absolute()), "content": _fingerprint(Path(image_path).read_bytes())}
+        return {"path": str(Path(image_path).resolve()), "content": _fingerprint(Path(image_path).read_bytes())}
     except OSError:
         return None
 

@@ -170,12 +170,13 @@ function loadPhoto(path) {
       page.image = image;
       page.objects = [];
       page.saved = [];
+      page.preview = null;
       $("saved").replaceChildren();
       $("canvas").width = image.naturalWidth;
       $("canvas").height = image.naturalHeight;
       $("photo-name").textContent = `${path} (${image.naturalWidth}x${image.naturalHeight})`;
       fit();
-      const kept = recall(path);
+      const kept = recall(storageKey());
       if (kept) {
         act(() => restore(kept))();  // (the masks come back from the server one by one)
       } else {
@@ -190,18 +191,24 @@ function loadPhoto(path) {
 
 // The objects of a photo outlive a reload of the page (the tab's own storage): their
 // clicks, box, words and names, and the masks last saved; the masks are asked for again.
+// The photo as the page keeps its objects: its path and size (another picture saved at
+// the same path, of another size, starts afresh).
+function storageKey() {
+  return `scenebreak:${page.photo}:${page.image.naturalWidth}x${page.image.naturalHeight}`;
+}
+
 function remember() {
-  if (!page.photo) return;
+  if (!page.photo || !page.image) return;
   const objects = page.objects.map(({ id, name, points, labels, box, words }) => ({ id, name, points, labels, box, words }));
   try {
-    sessionStorage.setItem(`scenebreak:${page.photo}`, JSON.stringify({ objects, nextId: page.nextId,
+    sessionStorage.setItem(storageKey(), JSON.stringify({ objects, nextId: page.nextId,
       current: page.current, saved: page.saved, preview: page.preview || null }));
   } catch (error) { /* no storage (private mode): nothing kept, nothing lost now */ }
 }
 
-function recall(path) {
+function recall(key) {
   try {
-    const kept = JSON.parse(sessionStorage.getItem(`scenebreak:${path}`));
+    const kept = JSON.parse(sessionStorage.getItem(key));
     return kept && Array.isArray(kept.objects) && kept.objects.length ? kept : null;
   } catch (error) {
     return null;
@@ -209,13 +216,25 @@ function recall(path) {
 }
 
 async function restore(kept) {
+  const photo = page.photo;
   page.objects = kept.objects.map((o) => ({ ...o, overlay: null, area: 0, score: null }));
   page.nextId = Math.max(kept.nextId || 1, ...page.objects.map((o) => Number(o.id) + 1));
   page.current = Math.min(Math.max(kept.current ?? 0, 0), page.objects.length - 1);
+  // The saved files first: they are these objects' masks, and a change made while the
+  // masks come back forgets them as any change does.
+  if (kept.saved && kept.saved.length) showSaved(kept.saved, kept.preview);
   renderObjects();
   draw();
-  for (const object of page.objects) await requestMask(object);
-  if (kept.saved && kept.saved.length) showSaved(kept.saved, kept.preview);
+  let failed = null;
+  for (const object of [...page.objects]) {  // (a copy: Delete or Move may change the list meanwhile)
+    if (page.photo !== photo) return;  // another photo was opened
+    try {
+      await requestMask(object, { restoring: true });
+    } catch (error) {
+      failed = failed || error;  // the others still come back
+    }
+  }
+  if (failed) throw failed;
 }
 
 function showSaved(saved, preview) {
@@ -369,13 +388,13 @@ function move(index, step) {
 // One object's mask requests go one after another, each with the clicks as they are when
 // it is sent: sent together, their replies could come back in another order than the
 // server kept them, and Save would write another mask than the one shown.
-function requestMask(object) {
-  const next = (object.pending || Promise.resolve()).catch(() => {}).then(() => fetchMask(object));
+function requestMask(object, how = {}) {
+  const next = (object.pending || Promise.resolve()).catch(() => {}).then(() => fetchMask(object, how));
   object.pending = next;
   return next;
 }
 
-async function fetchMask(object) {
+async function fetchMask(object, how = {}) {
   if (!page.objects.includes(object)) return;  // deleted meanwhile
   if (!object.words && !object.box && !object.labels.includes(1)) {
     object.overlay = null;
@@ -387,7 +406,7 @@ async function fetchMask(object) {
     object.score = result.score;
     object.overlay = await overlay(result.png);
   }
-  unsave();
+  if (!how.restoring) unsave();  // (a mask coming back after a reload is no change)
   $("canvas").dataset.masks = String(page.objects.filter((o) => o.overlay).length);
   renderObjects();
   draw();
