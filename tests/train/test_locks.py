@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from scenebreak.errors import SceneBreakError
 from scenebreak.paths import home
 from scenebreak.train import locks
 from scenebreak.train.locks import Busy, locked, read_owner
@@ -183,9 +184,21 @@ def test_elsewhere_a_lock_that_cannot_be_broken_or_released_is_an_error_not_a_bu
     path.write_text(json.dumps({"host": locks.HOST, "pid": 2**22 + 7, "token": "t", "since": 0}))
     monkeypatch.setattr(locks, "ON_WINDOWS", False)
     monkeypatch.setattr(locks.os, "rename", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
-    with pytest.raises(PermissionError):
+    with pytest.raises(SceneBreakError, match=f"cannot take over the stale lock {path} .*remove that file"):
         with locked(path, wait=True):
             pass
+    # A lock of ours that cannot be deleted is left to go stale (its owner exits), never
+    # turning finished work, or the error on its way out, into a failure.
+    from pathlib import Path as PathClass
+
+    mine = _lock_path("undeletable")
+    real_unlink = PathClass.unlink
+    monkeypatch.setattr(PathClass, "unlink", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                        if self == mine else real_unlink(self, *a, **k))
+    with pytest.raises(KeyError):  # the error in flight is the one that comes out
+        with locked(mine, wait=False):
+            raise KeyError("the work's own error")
+    assert mine.exists()
 
 
 def test_a_wait_for_a_lock_stops_when_asked(monkeypatch):

@@ -132,10 +132,11 @@ def _break(path: Path, seen: dict | None, patient: bool = False) -> bool:
         os.rename(path, aside)
     except FileNotFoundError:
         return True  # another process broke it first
-    except PermissionError:
+    except PermissionError as exc:
         if ON_WINDOWS and patient:
             return False
-        raise
+        raise SceneBreakError(f"cannot take over the stale lock {path} ({exc.strerror}): if no scenebreak is "
+                              "running, remove that file") from None
     if read_owner(aside) != seen:  # not the one judged stale: a fresh lock, give it back
         with contextlib.suppress(OSError):
             os.link(aside, path)
@@ -200,18 +201,19 @@ def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None, poll
 
 def _remove_own_lock(path: Path, tries: int = 40) -> None:
     """Delete the lock this process held. On Windows a file another process has open
-    this instant (reading who holds it) cannot be deleted: try again for a moment;
-    if it never goes, it is stale once this process has exited."""
-    for _ in range(tries):
+    this instant (reading who holds it) cannot be deleted: try again for a moment. A
+    lock that cannot be deleted at all is left: it is stale once this process has
+    exited (its owner is dead), and failing here would turn finished work (a scene
+    written) or the error already on its way out into this one."""
+    for _ in range(tries if ON_WINDOWS else 1):
         try:
             path.unlink()
             return
         except FileNotFoundError:
             return
         except PermissionError:
-            if not ON_WINDOWS:
-                raise
-            time.sleep(0.05)
+            if ON_WINDOWS:
+                time.sleep(0.05)
 
 
 def scene_lock(name: str, *, wait: bool = False, on_wait=None, should_stop=None):
