@@ -3,6 +3,7 @@ names), shell etiquette (closed pipes, Ctrl-C, quoted hints) and method details.
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -395,3 +396,19 @@ def test_live_bars_only_on_a_terminal_that_redraws_and_plain_rates_count_from_th
     reporter(Progress("phase 2", 300, 400))  # 100 steps in 100 s
     lines = out.getvalue().splitlines()
     assert lines[-1] == "phase 2: 300/400 1.00 it/s eta 1:40", lines
+
+
+def test_a_scene_named_before_the_portability_rule_can_still_be_resumed_or_replaced(scene_files, tiny_model, learned):
+    """`aux` was a valid name once: its scene opens, and learn may replace it (--force) or
+    resume its run under that name; only a new scene cannot take it."""
+    from scenebreak import LearnConfig, learn
+    from scenebreak.paths import scene_path
+
+    config = LearnConfig(steps1=1, steps2=1, prior=False)
+    args = (scene_files["image"], scene_files["masks"], config)
+    with pytest.raises(InvalidInput, match="Windows keeps 'aux'"):
+        learn(*args, base_model=str(tiny_model), name="aux", device="cpu")
+    scene_path("aux").parent.mkdir(parents=True, exist_ok=True)
+    scene_path("aux").write_bytes(Path(learned.path).read_bytes())  # (as if made before the rule)
+    result = learn(*args, base_model=str(tiny_model), name="aux", device="cpu", force=True)
+    assert result.path == scene_path("aux") and result.path.stat().st_size > 1000
