@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import SceneBreakError
 from ..events import Message
 from .jobs import Job
-from .work import STOP_WAIT, JobResult, run_job
+from .work import INTERRUPTED, STOP_WAIT, JobResult, run_job
 
 INSTALL = "pipx inject scenebreak ray (or in a venv: pip install 'scenebreak[ray]')"
 # Passed to the tasks: where the cache is, and the hub settings (offline, tokens' home).
@@ -116,9 +116,7 @@ def _stop_tasks(ray, pending: dict, board) -> None:
             try:
                 result = JobResult.from_dict(ray.get(ref))
             except Exception:  # (a cancelled task's result is Ray's TaskCancelledError)
-                result = JobResult(job.number, job.name, "failed",
-                                   error="interrupted: what it learned is kept in its checkpoint; rerun the batch to "
-                                         "resume it")
+                result = JobResult(job.number, job.name, "failed", error=INTERRUPTED)
             with contextlib.suppress(Exception):  # (stdout may be what failed)
                 board.finished(result)
 

@@ -21,7 +21,7 @@ from ..errors import InvalidInput, sigterm_stops
 from ..events import Message, Progress, Reporter, silent
 from ..paths import is_writable_folder
 from .jobs import Job, parse_shard, read_jobs, shard_of
-from .work import STOP_WAIT, JobResult, is_done, job_folder, read_record, run_job
+from .work import INTERRUPTED, STOP_WAIT, JobResult, is_done, job_folder, read_record, run_job
 
 PROGRESS_EVERY = 0.5  # seconds between a worker's progress messages
 
@@ -213,19 +213,14 @@ def run_locally(jobs: list[Job], devices: list[str], retries: int, out: Path, sc
                     else:
                         board.finished(JobResult(job.number, job.name, "failed",
                                            error=f"{why} on each of {tries + 1} tries; rerun the batch to resume it"))
-    except KeyboardInterrupt:
-        # A Ctrl-C at the terminal reached the workers too (one process group), but one sent to
-        # the batch alone (`kill -INT`, a notebook's interrupt) did not: each busy worker is
-        # told through its event as well (an event, unlike a second SIGINT, aborts no save).
-        for worker in workers:
-            if worker.job is not None:
-                worker.interrupt()
-        raise
-    except BaseException:
-        # SIGTERM to the batch alone, a closed stdout, a failure here: the workers know nothing of
-        # it, so each busy one is told as Ctrl-C would (learn saves its checkpoint at its next step).
+    except BaseException as exc:
+        # Each busy worker is told through its event, as Ctrl-C would (learn saves its checkpoint
+        # at its next step): SIGTERM to the batch alone, a closed stdout or a failure here reach
+        # no worker, nor does SIGINT sent to the batch alone (`kill -INT`, a notebook's interrupt);
+        # a Ctrl-C at the terminal reached them too (one process group), and an event, unlike a
+        # second SIGINT, aborts no save.
         busy = [worker for worker in workers if worker.job is not None]
-        if busy:
+        if busy and not isinstance(exc, KeyboardInterrupt):
             report(Message(f"stopping: waiting for {len(busy)} worker(s) to save their checkpoints"))
         for worker in busy:
             worker.interrupt()
@@ -368,7 +363,7 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
             try:
                 result = run_job(job, out, scenes, device=device, wait=wait, report=report, should_stop=stop.is_set)
             except KeyboardInterrupt:
-                result = JobResult(job.number, job.name, "failed", error="interrupted: rerun the batch to resume it")
+                result = JobResult(job.number, job.name, "failed", error=INTERRUPTED)
             outbox.put(("result", index, result.to_dict()))
     except KeyboardInterrupt:  # Ctrl-C reaches the workers too; the batch itself says so
         return

@@ -24,6 +24,8 @@ from .jobs import Job
 RECORD = "job.json"
 MAX_LOCK_RACES = 20  # times a job waits again for a learn lock another run took first
 STOP_WAIT = 300  # seconds an interrupted job gets to finish its step and save its checkpoint
+# An interrupted job's result, however it was stopped (learn's own line says --resume: batch has none).
+INTERRUPTED = "interrupted: rerun the batch to resume it (what a learn had done is kept in its checkpoint)"
 # Left in each folder a batch writes (masks/, images/): only such a folder, or one the
 # job's record lists, is ever replaced; a folder of the user's at that place is not.
 MADE_BY_BATCH = ".scenebreak-batch"
@@ -119,21 +121,18 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
             result = _run(job, out, scenes, key, record, device, report, should_stop)
     except Busy as exc:
         return JobResult(job.number, job.name, "busy", note=f"being run by {exc}")
-    except Interrupted:  # (learn's own line says to run the same command with --resume: batch has none)
-        return JobResult(job.number, job.name, "failed", error="interrupted: rerun the batch to resume it (what "
-                         "a learn had done is kept in its checkpoint)", seconds=time.perf_counter() - started)
+    except Interrupted:
+        return JobResult(job.number, job.name, "failed", error=INTERRUPTED, seconds=time.perf_counter() - started)
     except Exception as exc:  # the job's failure is its result; the batch goes on
         return JobResult(job.number, job.name, "failed", error=one_line(exc), seconds=time.perf_counter() - started)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _stop_check(should_stop):
+def _stop_if_asked(should_stop) -> None:
     """Raise Interrupted between a job's parts once `should_stop()` is true."""
-    def check() -> None:
-        if should_stop is not None and should_stop():
-            raise Interrupted("stopped")
-    return check
+    if should_stop is not None and should_stop():
+        raise Interrupted("stopped")
 
 
 def _skipped(job: Job, record: dict, why: str) -> JobResult:
@@ -159,10 +158,9 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
         if needed:
             check_folder_is_ours(folder / part, record.get(part))
 
-    stop_here = _stop_check(should_stop)
     masks = list(job.masks)
     if job.objects:
-        stop_here()
+        _stop_if_asked(should_stop)
         masks = state.get("masks") if same and state.get("masks") and all(Path(m).is_file() for m in state["masks"]) else None
         if masks is None:
             report(Message(f"job {job.number} ({job.name}): masks of {', '.join(job.objects)}"))
@@ -171,7 +169,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
             _write_record(folder, state)
 
     resumed = False
-    stop_here()  # (the masks took a while; learn itself stops at its steps)
+    _stop_if_asked(should_stop)  # (the masks took a while; learn itself stops at its steps)
     if not (same and state.get("state") in ("learned", "done") and scene.is_file()):
         state["state"] = "learning"
         state["scene"] = str(scene)
