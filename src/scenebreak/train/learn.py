@@ -135,9 +135,9 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     config = config.validate(len(masks))
     tokens = config.handle_tokens(len(masks))
     check_handle_tokens(tokens)
-    name = check_name(name or default_name(Path(output) if output else image))
+    name = name or default_name(Path(output) if output else image)
     # A new name must be portable; one a scene or a run already has (made before that
-    # rule) may still be resumed or replaced under it.
+    # rule) may still be resumed or replaced under it. (scene_path checks the name first.)
     check_name(name, new=not (scene_path(name).exists() or checkpoint_path(name).exists()))
     out = Path(output) if output else scene_path(name)
     _check_output(out, force=force, resume=resume)
