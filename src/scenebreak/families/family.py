@@ -13,7 +13,7 @@ CLIP_TOKENS = 77
 CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # attention and MLP
 
 
-def weight_files(path: str) -> tuple[str, ...]:
+def hub_weight_patterns(path: str) -> tuple[str, ...]:
     """A part's weights as a hub download fetches them: one file, or its shards and their
     index (a part over 10 GB, an SDXL UNet saved in fp32, is stored so)."""
     stem = path.removesuffix(".safetensors")
@@ -22,9 +22,9 @@ def weight_files(path: str) -> tuple[str, ...]:
 
 # What every base model folder of these families holds (a family adds its own parts).
 BASE_HUB_FILES = ("model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/config.json",
-                  *weight_files("text_encoder/model.safetensors"), "unet/config.json",
-                  *weight_files("unet/diffusion_pytorch_model.safetensors"), "vae/config.json",
-                  *weight_files("vae/diffusion_pytorch_model.safetensors"))
+                  *hub_weight_patterns("text_encoder/model.safetensors"), "unet/config.json",
+                  *hub_weight_patterns("unet/diffusion_pytorch_model.safetensors"), "vae/config.json",
+                  *hub_weight_patterns("vae/diffusion_pytorch_model.safetensors"))
 
 
 @dataclass(frozen=True)

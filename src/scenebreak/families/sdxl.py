@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..errors import InvalidInput
-from .family import BASE_HUB_FILES, weight_files
+from .family import BASE_HUB_FILES, hub_weight_patterns
 from .unet import UNetFamily
 
 SDXL_NAME = "SDXL"
@@ -28,7 +28,7 @@ class SDXL(UNetFamily):
     guidance: ClassVar[float] = 5.0  # its pipeline's default
     scene_format: ClassVar[int] = 2  # format 2 added the second encoder's entries
     hub_files: ClassVar[tuple[str, ...]] = BASE_HUB_FILES + ("tokenizer_2/*", "text_encoder_2/config.json",
-                                                             *weight_files("text_encoder_2/model.safetensors"))
+                                                             *hub_weight_patterns("text_encoder_2/model.safetensors"))
     pooled_text: ClassVar[bool] = True
     pipeline_name: ClassVar[str] = "StableDiffusionXLPipeline"
     kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
