@@ -74,8 +74,8 @@ def to_device(model, device: Device, dtype):
 def keep_in_fp32(model, dtype) -> None:
     """Put back in fp32 the layers that transformers keeps there when it loads a model in
     half precision, which a cast of the whole model undoes: T5's `wo` projections in fp16
-    overflow (FLUX.1's T5 then gives inf/NaN prompt states, hence black images). The
-    model's forward casts its input to such a layer's dtype itself."""
+    overflow (FLUX.1's T5 then gives clamped or NaN prompt states). The model's forward
+    casts its input to such a layer's dtype itself."""
     import torch
 
     names = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
