@@ -151,9 +151,15 @@ function watch(job) {
 }
 
 async function start(path, body) {
-  busy(true);  // from the click: a double click must not send a second request
+  await startWith(() => api(path, body));
+}
+
+// A long action from `request()` (its job), followed; the buttons are off from the click
+// (a double click must not send a second request) and back if it is refused.
+async function startWith(request) {
+  busy(true);
   try {
-    watch(await api(path, body));
+    watch(await request());
   } catch (error) {
     busy(false);
     throw error;
@@ -692,15 +698,9 @@ function setUpButtons() {
     const file = $("upload").files[0];
     if (!file) return;
     $("upload").value = "";  // the same file chosen again (after a refusal) is a change too
-    busy(true);
-    try {
-      watch(await answer(await reach(`/api/upload?name=${encodeURIComponent(file.name)}`, {
-        method: "POST", headers: { "X-Scenebreak-Token": token, "Content-Type": "application/octet-stream" },
-        body: file })));
-    } catch (error) {
-      busy(false);
-      throw error;
-    }
+    await startWith(async () => answer(await reach(`/api/upload?name=${encodeURIComponent(file.name)}`, {
+      method: "POST", headers: { "X-Scenebreak-Token": token, "Content-Type": "application/octet-stream" },
+      body: file })));
   });
   $("add").onclick = act(async () => { currentObject(); addObject(); $("canvas").focus(); });
   $("undo").onclick = undo;
