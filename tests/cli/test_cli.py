@@ -215,3 +215,17 @@ def test_multi_value_options_parse_like_nargs():
     assert result.exit_code == 2 and "Missing argument 'IMAGE': --masks takes every value up to the next option, so " \
         "put IMAGE before --masks" in result.output
     assert "before" not in parse("-q").output  # no multi-value option ran to the end: Click's own line
+
+
+def test_mask_options_given_with_a_tilde_after_the_equals_sign_are_in_the_home_folder(tmp_path, scene_files,
+                                                                                       tiny_model, monkeypatch, learned):
+    """A shell leaves `--masks=~/cat.png` as it is: the mask was looked for in a folder
+    named ~ in the current one ("not found"), unlike the photo beside it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    (tmp_path / "me").mkdir()
+    Image.new("L", (10, 10), 255).save(tmp_path / "me" / "small.png")
+    result = run("learn", scene_files["image"], "--masks=~/small.png", "--base-model", tiny_model, *FAST_LEARN)
+    assert result.exit_code == 2 and "masks must match the image size" in result.stderr, result.output
+    assert str(tmp_path / "me" / "small.png") in result.stderr
+    result = run("edit", scene_files["image"], "<asset1>", "--scene", learned.path, "--mask=~/small.png")
+    assert result.exit_code == 2 and "10x10" in result.stderr, result.output

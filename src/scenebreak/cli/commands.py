@@ -310,7 +310,7 @@ def cli(debug):
 
 @cli.command(name="learn", cls=MultiValueCommand)
 @click.argument("image", type=UserPath(dir_okay=False))
-@click.option("--masks", "masks", multiple=True, required=True, metavar="M1 [M2 ...]",
+@click.option("--masks", "masks", type=UserPath(), multiple=True, required=True, metavar="M1 [M2 ...]",
               help="One mask per object, same size as IMAGE; non-zero pixels are the object. The first mask gives <asset1>.")
 @click.option("--name", help="Scene name in the cache (default: the image's file name without extension, spelled in ASCII).")
 @click.option("-o", "--output", type=UserPath(dir_okay=False), help="Write the .scene file here instead of the cache.")
@@ -448,7 +448,7 @@ def generate_command(scene, prompts, prompts_file, variations, grid, out_dir, ba
 @click.argument("image", type=UserPath(dir_okay=False))
 @click.argument("prompt", required=False)
 @click.option("--scene", required=True, shell_complete=complete_scene, help="The learned scene (a .scene path or a cached name) whose handles the prompts use.")
-@click.option("-m", "--mask", "masks", multiple=True, required=True, help="Region to change (IMAGE's size, non-zero = change). Repeat with --prompt for several regions.")
+@click.option("-m", "--mask", "masks", type=UserPath(), multiple=True, required=True, help="Region to change (IMAGE's size, non-zero = change). Repeat with --prompt for several regions.")
 @click.option("-p", "--prompt", "prompt_options", multiple=True, help="Prompt of the --mask at the same position (instead of PROMPT).")
 @config_options(EditConfig)
 @click.option("-o", "--output", type=UserPath(dir_okay=False), help="Write the result to this .png (with -n 1) instead of into --out-dir.")
