@@ -41,9 +41,10 @@ class Client:
         assert status == 200, data
         return data
 
-    def wait(self, timeout: float = 120) -> list[dict]:
-        """The running job's records from its event stream, up to its final state."""
-        url = f"{self.base}/api/events?after=0&token={self.server.token}"
+    def wait(self, timeout: float = 120, job: int | str | None = None, after: int = 0) -> list[dict]:
+        """The records of the running job (or of the job of that id) from its event
+        stream, up to its final state."""
+        url = f"{self.base}/api/events?after={after}&token={self.server.token}" + (f"&job={job}" if job else "")
         records = []
         with urllib.request.urlopen(url, timeout=timeout) as stream:
             for line in stream:

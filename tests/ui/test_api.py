@@ -275,3 +275,21 @@ def test_uploads_are_bounded_and_land_in_the_photos_folder(ui, scene_files):
     assert response.status == 413 and b"over 64 MB" in response.read()
     connection.close()
     assert not (folder / "big.png").exists()
+
+
+def test_a_stream_follows_its_own_job_even_after_another_started(ui, scene_files):
+    """The browser reconnects a dropped event stream by itself (the same URL, with the
+    last record's id): if its job ended meanwhile and another page started another, the
+    stream followed that one, and the page took its records and end for its own."""
+    photo = scene_files["image"]
+    other = photo.with_name("other.png")
+    Image.open(photo).save(other)
+    first = ui.ok("/api/open", {"path": str(photo)})
+    assert ui.wait()[-1]["result"]["photo"] == str(photo.resolve())
+    second = ui.ok("/api/open", {"path": str(other)})
+    assert second["id"] != first["id"] and ui.wait()[-1]["state"] == "done"
+    records = ui.wait(job=first["id"])
+    assert records[-1]["result"]["photo"] == str(photo.resolve())  # the first job's end, not the second's
+    assert ui.wait(job=first["id"], after=records[-1]["seq"]) == []  # reconnected after its end: nothing more
+    gone = ui.wait(job=12345)
+    assert [r["state"] for r in gone] == ["unknown"] and "reload the page" in gone[0]["error"]

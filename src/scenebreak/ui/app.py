@@ -24,6 +24,7 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 MAX_UPLOAD_BYTES = 64 << 20  # a photo straight from a camera is well under this
 MAX_PHOTO_PIXELS = 50_000_000  # SAM sees 1024 px anyway; more only costs memory in the mask clean-up
 MAX_LISTED = 500  # photos listed from the folder
+RECENT_JOBS = 4  # finished jobs whose records a reconnecting page can still read
 MAX_OBJECT_MASKS = 64  # objects' masks held (the page never says which it deleted): the oldest goes first
 
 
@@ -148,6 +149,7 @@ class App:
         self.session = None  # masks.session.MaskSession of the open photo
         self.masks: dict[str, object] = {}  # the page's object id -> its latest MaskResult
         self.job: Job | None = None
+        self.recent: dict[int, Job] = {}  # the last jobs by id, for a page's stream that reconnects after its job
         self.lock = threading.Lock()
         self.uploading = threading.Lock()
 
@@ -206,7 +208,18 @@ class App:
         with self.lock:
             self._check_idle()
             self.job = Job(kind, work, self.echo, cancellable, writes).start()
+            self.recent[self.job.id] = self.job
+            while len(self.recent) > RECENT_JOBS:
+                del self.recent[min(self.recent)]
             return self.job.summary()
+
+    def job_by_id(self, job_id: str | None) -> Job | None:
+        """The job a page's event stream follows: that of `job_id` if it is one of the last
+        few (None for another), else the current one."""
+        if job_id is None:
+            return self.job
+        with self.lock:
+            return self.recent.get(int(job_id)) if job_id.isdigit() and len(job_id) < 12 else None
 
     def _check_idle(self) -> None:
         """Busy while a job runs (one at a time); the caller holds the lock."""

@@ -4,6 +4,7 @@ command line draws as bars, kept here with a sequence number for the page to str
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from typing import Callable
@@ -13,6 +14,7 @@ from ..events import Event, Progress
 
 MAX_EVENTS = 2000  # a job's records kept for the page; older progress is dropped first
 TERMINAL = ("done", "failed", "cancelled")
+_ids = itertools.count(1)  # a job's id in this server: a page's stream follows its own job, not whichever runs
 
 
 def one_line(exc: BaseException) -> tuple[str, int]:
@@ -51,6 +53,7 @@ class Job:
     def __init__(self, kind: str, work: Callable, echo: Callable[[Event], None] | None = None, cancellable: bool = False,
                  writes: bool = True):
         self.kind, self.work, self.echo, self.cancellable, self.writes = kind, work, echo, cancellable, writes
+        self.id = next(_ids)
         self.records: list[dict] = []
         self.seq = 0
         self.state = "running"
@@ -106,7 +109,7 @@ class Job:
 
     def summary(self) -> dict:
         with self.changed:
-            return {"kind": self.kind, "state": self.state, "result": self.result, "error": self.error,
+            return {"id": self.id, "kind": self.kind, "state": self.state, "result": self.result, "error": self.error,
                     "seq": self.seq, "cancellable": self.cancellable}
 
     def join(self, timeout: float | None = None) -> None:

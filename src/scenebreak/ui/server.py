@@ -231,9 +231,11 @@ class Handler(BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.NOT_FOUND, f"no such action: {path}")
 
     def _events(self, query: dict) -> None:
-        """Server-Sent Events: the running job's records after `after` (or the
-        browser's Last-Event-ID), until the job ends."""
-        job = self.server.app.job
+        """Server-Sent Events: the records of the job `job` (default: the current one)
+        after `after` (or the browser's Last-Event-ID), until the job ends. A stream that
+        reconnects after its job was followed by another still gets its own job's end."""
+        wanted = (query.get("job") or [None])[0]
+        job = self.server.app.job_by_id(wanted)
         try:
             after = int(self.headers.get("Last-Event-ID") or (query.get("after") or ["0"])[0])
         except ValueError:
@@ -244,6 +246,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        if job is None and wanted is not None:  # a job of another server (restarted), or long gone
+            gone = {"seq": 1, "job": "action", "type": "state", "state": "unknown", "result": None,
+                    "error": "this server no longer knows that action (was it restarted?): reload the page"}
+            self.wfile.write(f"id: 1\ndata: {json.dumps(gone)}\n\n".encode())
+            return
         if job is None:
             self.wfile.write(b"retry: 3000\n\n")
             return

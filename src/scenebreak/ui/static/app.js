@@ -102,7 +102,8 @@ function watch(job) {
   $("job-text").textContent = `${job.kind}: starting`;
   $("job-bar").removeAttribute("value");  // indeterminate until the first progress record
   document.body.dataset.job = "running";
-  const stream = new EventSource(`/api/events?token=${encodeURIComponent(token)}&after=0`);
+  // This job's records (after a reconnect too, when another may be running by then).
+  const stream = new EventSource(`/api/events?token=${encodeURIComponent(token)}&job=${job.id}&after=0`);
   page.stream = stream;
   stream.onmessage = (message) => {
     const record = JSON.parse(message.data);
