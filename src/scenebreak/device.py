@@ -31,6 +31,32 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+def fp32_layers(model, dtype) -> list:
+    """The layers of a transformers `model` that transformers keeps in fp32 when it loads
+    the model in the half precision `dtype` (T5's `wo` projections in fp16, which
+    overflow there: FLUX.1's T5 then gives clamped or NaN prompt states)."""
+    import torch
+
+    names = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        names |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return [module for name, module in model.named_modules() if names.intersection(name.split("."))] if names else []
+
+
+def run_in_fp32(module, device_type: str) -> None:
+    """`module` runs in fp32 (its input widened) with autocast off, whatever autocast is
+    around it: under fp16 autocast a layer kept in fp32 would still multiply in fp16."""
+    if getattr(module, "_scenebreak_fp32", False):
+        return
+    forward = module.forward
+
+    def fp32_forward(hidden, *args, **kwargs):
+        with autocast_off(device_type):
+            return forward(hidden.float(), *args, **kwargs)
+
+    module.forward, module._scenebreak_fp32 = fp32_forward, True
+
+
 @functools.cache
 def _mps_autocast() -> bool:
     import torch

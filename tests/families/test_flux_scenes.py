@@ -255,3 +255,38 @@ def test_frozen_t5_encodes_the_class_prompt_once_per_phase_not_every_step(flux, 
     assert [r for r in rows if r[0] == 2] == [(2, 2)] * 3
     for a, b in zip(cached, every_step):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_fp16_training_runs_t5s_fp32_layers_in_fp32_as_sampling_does(flux, scene_files, monkeypatch):
+    """On cards without bf16 (V100, T4) training autocasts to fp16, and the frozen base
+    was cast whole to fp16: T5's `wo` layers, which transformers keeps in fp32 because
+    they overflow in fp16, multiplied in fp16 (sampling keeps them in fp32), so the
+    handles learned against prompt states that sampling does not make. Run here on the
+    CPU with fp16 autocast and the half-precision frozen base of `--memory low`."""
+    import scenebreak.train.trainer as trainer_module
+    from scenebreak import learn
+    from scenebreak.device import Device
+
+    monkeypatch.setattr(Device, "train_dtype", lambda self, mixed_precision="auto": torch.float16)
+    seen, real_step = [], trainer_module.Trainer.train_step
+
+    def step(self, phase, steps):
+        t5 = self.c.text_encoders[1]
+        wo = [m for name, m in t5.named_modules() if name.endswith(".wo")]
+        hooks = [m.register_forward_hook(lambda module, args, out: seen.append((module.weight.dtype, out.dtype,
+                                                                                bool(torch.isfinite(out).all()))))
+                 for m in wo]
+        try:
+            record = real_step(self, phase, steps)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert torch.isfinite(record.losses).all()
+        return record
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+    config = LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2, memory="low")
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(flux["dev"]), name="fp16", device="cpu")
+    assert seen and set(seen) == {(torch.float32, torch.float32, True)}
+    # The frozen rest did train in fp16 (what the test is about).
+    assert load_scene("fp16").meta["precision"] == "fp16"

@@ -76,20 +76,13 @@ def keep_in_fp32(model, dtype) -> None:
     half precision, which a cast of the whole model undoes: T5's `wo` projections in fp16
     overflow (FLUX.1's T5 then gives clamped or NaN prompt states). The model's forward
     casts its input to such a layer's dtype itself."""
-    import torch
-
-    names = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
-    if dtype in (torch.float16, torch.bfloat16):
-        names |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    if not names:
-        return
+    from ..device import fp32_layers
     from ..families.quantized import is_bitsandbytes_weight
 
-    for name, module in model.named_modules():
-        if names.intersection(name.split(".")):
-            for param in module.parameters(recurse=True):
-                if param.is_floating_point() and not is_bitsandbytes_weight(param):
-                    param.data = param.data.float()
+    for module in fp32_layers(model, dtype):
+        for param in module.parameters(recurse=True):
+            if param.is_floating_point() and not is_bitsandbytes_weight(param):
+                param.data = param.data.float()
 
 
 def sampling_quantization(components, device: Device, dtype, asked: str) -> tuple[str, str]:

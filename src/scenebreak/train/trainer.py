@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import LearnConfig
-from ..device import Device, precision_name
+from ..device import Device, fp32_layers, precision_name, run_in_fp32
 from ..errors import InvalidInput
 from ..families import vae_normalisation
 from ..handles import prompt_for
@@ -116,6 +116,11 @@ class Trainer:
         self.handle_tokens = handle_tokens
         self.num_handles = len(inputs.handle_ids)
         self.amp_dtype = amp_dtype
+        # The layers transformers keeps in fp32 in half precision (FLUX.1's T5 `wo`) run in
+        # fp32 under fp16 autocast too, as they do when sampling: in fp16 they overflow.
+        self._fp32_layers = [layer for encoder in components.text_encoders for layer in fp32_layers(encoder, amp_dtype)]
+        for layer in self._fp32_layers:
+            run_in_fp32(layer, device.type)
         self.schedule = components.family.training_schedule(components.scheduler_config)
         dev = device.torch
 
@@ -290,8 +295,9 @@ class Trainer:
             return
         keep = self.config.tune == "full" or self.config.standalone
         self._fp32_master = {}
+        fp32 = {id(p) for layer in self._fp32_layers for p in layer.parameters()}
         for name, param in self._frozen_params():
-            if not param.is_floating_point():  # held quantised (--quantize): packed, never cast
+            if not param.is_floating_point() or id(param) in fp32:  # held quantised (--quantize), or kept fp32
                 continue
             if keep:
                 self._fp32_master[name] = param.data.to("cpu", copy=True)
