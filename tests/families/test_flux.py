@@ -104,6 +104,11 @@ def test_dev_and_schnell_are_recognised_from_their_configs_alone(flux_folders, t
     derivative = configs_only(flux_folders["dev"], tmp_path / "derivative",
                               {"transformer/config.json": {"num_layers": 2, "_name_or_path": "someone/flux-finetune"}})
     assert Flux.recognise_folder(derivative, "it") == Flux(FLUX_DEV)
+    # A transformer config without the key is built by diffusers without a guidance input.
+    config = json.loads((schnell / "transformer" / "config.json").read_text())
+    del config["guidance_embeds"]
+    (schnell / "transformer" / "config.json").write_text(json.dumps(config))
+    assert Flux.recognise_folder(schnell, "it") == Flux(FLUX_SCHNELL)
     # What is not FLUX is left to the other families.
     sd = tmp_path / "sd"
     (sd / "unet").mkdir(parents=True)

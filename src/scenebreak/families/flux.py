@@ -189,7 +189,8 @@ class Flux(Family):
                 or (denoiser or {}).get("_class_name") == TRANSFORMER)
         if not flux:
             return None
-        return FLUX_DEV if (denoiser or {}).get("guidance_embeds", True) else FLUX_SCHNELL
+        # (without the key diffusers builds no guidance input: FluxTransformer2DModel's default)
+        return FLUX_DEV if (denoiser or {}).get("guidance_embeds", False) else FLUX_SCHNELL
 
     @classmethod
     def refusal(cls, index: dict, parts: set[str], what: str, denoiser: dict | None = None) -> str | None:
