@@ -540,3 +540,21 @@ def test_on_windows_a_checkpoint_is_read_whole_and_files_are_flushed_through_a_w
         paths.flush_to_disk(tmp_path / "d")
     assert synced[:2] == [("f", os.O_RDONLY), ("d", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))]
     assert synced[2:] == [("f", os.O_RDWR)]  # and no folder: Windows cannot open one to sync it
+
+
+def test_sigterm_stops_learn_as_ctrl_c_does_but_exits_143():
+    """SIGTERM (a supervisor, `kill`, `docker stop`) saves a checkpoint as Ctrl-C does; it
+    then left with Ctrl-C's 130, not the 143 the docs and a shell give SIGTERM."""
+    from scenebreak.errors import Interrupted, Terminated
+    from scenebreak.train.checkpoints import StopFlag, catch_interrupts
+
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        flag, heard = StopFlag(), []
+        with pytest.raises(Interrupted) as stopped:
+            with catch_interrupts(flag, heard.append):
+                os.kill(os.getpid(), sig)
+                while not flag():  # the handler runs between bytecodes of the main thread
+                    time.sleep(0.01)
+                raise Interrupted("interrupted: checkpoint saved; run the same command with --resume to continue")
+        assert stopped.value.exit_code == code and isinstance(stopped.value, Terminated) == (code == 143), sig
+        assert "--resume" in str(stopped.value) and len(heard) == 1

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import Interrupted, InvalidInput
+from ..errors import Interrupted, InvalidInput, Terminated
 from ..events import Message, Reporter, silent
 from ..paths import ON_WINDOWS, checkpoint_path, is_regular_file, write_atomically
 
@@ -30,6 +30,7 @@ class StopFlag:
 
     def __init__(self, also=None):
         self.requested = False
+        self.terminated = False  # by SIGTERM: the stop leaves as Terminated (exit 143, as documented)
         self.also = also  # another "should I stop?" function, polled too
 
     def __call__(self) -> bool:
@@ -46,11 +47,16 @@ def catch_interrupts(flag: StopFlag, report: Reporter):
         if flag.requested:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         flag.requested = True
+        flag.terminated = signum == signal.SIGTERM
         report(Message("stopping after this step to save a checkpoint (press Ctrl-C again to abort now)", "warning"))
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except Interrupted as exc:
+        if flag.terminated and not isinstance(exc, Terminated):
+            raise Terminated(str(exc)) from None
+        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
