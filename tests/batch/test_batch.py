@@ -492,3 +492,17 @@ def test_idle_workers_of_a_killed_batch_exit(tmp_path, monkeypatch):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_jobs_switch_takes_the_command_lines_name_for_its_off_side():
+    """`mask --keep-holes` is the documented option: `"keep-holes": true` was refused as
+    an unknown option (only `fill-holes`/`no-fill-holes` were known)."""
+    from scenebreak.batch.jobs import _config
+    from scenebreak.config import MaskConfig
+    from scenebreak.errors import InvalidInput
+
+    assert _config(MaskConfig, {"keep-holes": True}, "mask").fill_holes is False
+    assert _config(MaskConfig, {"--keep-holes": False}, "mask").fill_holes is True
+    assert _config(MaskConfig, {"fill-holes": False}, "mask").fill_holes is False
+    with pytest.raises(InvalidInput, match="keep-holes takes true or false"):
+        _config(MaskConfig, {"keep-holes": "yes"}, "mask")

@@ -244,9 +244,16 @@ def _config(config_class, options: dict, what: str):
     fields = {f.name: f for f in dataclasses.fields(config_class) if f.metadata.get("cli")}
     allowed = set(fields)
     values = {}
+    # A switch's "off" side by the command line's name for it (`keep-holes`: fill_holes false).
+    off_names = {_field_name(flag.split("/")[1]): f.name for f in fields.values()
+                 for flag in f.metadata["option"].get("flags", ()) if "/" in flag}
     for key, value in options.items():
         name = _field_name(key)
-        if name.startswith("no_") and name[3:] in fields and fields[name[3:]].default is True:
+        if name in off_names:
+            if not isinstance(value, bool):
+                raise InvalidInput(f"{what}: {key} takes true or false, not {json.dumps(value)}")
+            name, value = off_names[name], not value
+        elif name.startswith("no_") and name[3:] in fields and fields[name[3:]].default is True:
             if not isinstance(value, bool):
                 raise InvalidInput(f"{what}: {key} takes true or false, not {json.dumps(value)}")
             name, value = name[3:], not value
