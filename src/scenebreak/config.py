@@ -261,7 +261,7 @@ class GenerateConfig:
         "auto", "Sampling precision: auto is fp16 on GPUs (FLUX.1: bf16 where the card runs it), bf16 on CPUs with bf16 "
         "instructions, fp32 elsewhere.",
         choices=SAMPLING_PRECISIONS)
-    guidance: float | None = setting(None, "Classifier-free guidance scale (default: the model's usual, 7.5; SDXL 5).",
+    guidance: float | None = setting(None, "Classifier-free guidance scale (default: the model's usual, 7.5; SDXL 5; FLUX.1 dev 3.5, embedded).",
                                      bounds=WEIGHT)
     negative: str | None = setting(None, "Negative prompt.")
     seed: int | None = setting(None, "Seed of image 1; image i uses seed+i-1 (default: random, reported).", bounds=SEED)

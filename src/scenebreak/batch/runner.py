@@ -137,8 +137,8 @@ class Board:
 
 
 def resolve_devices(devices: str | list[str] | None) -> list[str]:
-    """One worker per entry: `cuda:0,cuda:1`, `auto` (every visible GPU, else one
-    worker on SCENEBREAK_DEVICE or the CPU), or a device repeated for several workers
+    """One worker per entry: `cuda:0,cuda:1`, `auto` (one worker on SCENEBREAK_DEVICE
+    where it is set, else every visible GPU, else one on MPS or the CPU), or a device repeated for several workers
     on it (`cpu,cpu`). Checked here, without opening a GPU in this process."""
     import torch
 

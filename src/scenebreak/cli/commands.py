@@ -312,7 +312,8 @@ def cli(debug):
 @click.argument("image", type=UserPath(dir_okay=False))
 @click.option("--masks", "masks", type=UserPath(), multiple=True, required=True, metavar="M1 [M2 ...]",
               help="One mask per object, same size as IMAGE; non-zero pixels are the object. The first mask gives <asset1>.")
-@click.option("--name", help="Scene name in the cache (default: the image's file name without extension, spelled in ASCII).")
+@click.option("--name", help="Scene name in the cache (default: the image's file name without extension, or -o FILE's, spelled in "
+                   "ASCII).")
 @click.option("-o", "--output", type=UserPath(dir_okay=False), help="Write the .scene file here instead of the cache.")
 @click.option("--force", is_flag=True, help="Replace an existing scene of the same name (only a scene), even while another learn of that name runs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command and inputs) from its checkpoint.")
@@ -355,7 +356,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
 @click.argument("jobs", type=UserPath(dir_okay=False, allow_dash=True))
 @click.option("--devices", metavar="D1,D2,...|auto",
               help="This machine's devices, one worker (one job at a time) each: cuda:0,cuda:1, cpu,cpu or auto "
-                   "(default: every visible GPU, else one worker on the CPU).")
+                   "(default: one worker on SCENEBREAK_DEVICE if set, else every visible GPU, else one on MPS or the CPU).")
 @click.option("--ray", metavar="ADDRESS|auto",
               help="Run each job as a task on a Ray cluster started with `ray start`; auto: $RAY_ADDRESS or the one on "
                    "this machine. Needs Ray: pipx inject scenebreak ray.")

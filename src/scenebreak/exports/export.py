@@ -1,7 +1,8 @@
 """`export`: a scene's learned weights in formats other tools load.
 
 - `diffusers`: a standard pipeline folder of the scene's family (fine-tuned UNet and
-  text encoder(s) with the handles, tokenizer(s), VAE, DDIM scheduler) that
+  text encoder(s) with the handles, tokenizer(s), VAE, and the scheduler `generate`
+  uses by default: DPM-Solver++ 2M; FLUX.1 its flow-matching Euler) that
   `StableDiffusionPipeline.from_pretrained(folder)` (SDXL:
   `StableDiffusionXLPipeline`) loads anywhere, in the precision the scene stores
   (fp16 unless learned with `--save-dtype fp32`). A LoRA scene's adapters are merged
