@@ -265,6 +265,12 @@ def test_the_lora_file_has_the_kohya_layout(lora_scene, full_scene, tmp_path):
     up = extracted["lora_unet_up_blocks_1_resnets_0_conv1.lora_up.weight"]
     assert down.shape[0] == 3 and down.shape[2:] == (3, 3) and up.shape[1:] == (3, 1, 1)  # a 3x3 conv, as LoCon
     assert float(extracted["lora_unet_up_blocks_1_resnets_0_conv1.alpha"]) == 3.0
+    # One alpha for the whole file, also where a layer is narrower than the rank: diffusers
+    # reads a single alpha for attention layers (their per-layer alpha keys match no
+    # module), so per-layer alphas scaled a narrower attention layer by the wrong factor.
+    wide = load_file(export(full_scene, tmp_path / "wide", "a1111", rank=64).paths[0])
+    ranks = {t.shape[0] for k, t in wide.items() if k.endswith(".lora_down.weight")}
+    assert len(ranks) > 1 and {float(t) for k, t in wide.items() if k.endswith(".alpha")} == {64.0}
     assert extracted["lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight"].ndim == 2
     assert not any("norm" in k or "bias" in k or "position_embedding" in k for k in extracted)
 

@@ -197,7 +197,8 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
 
         layers, extraction = extract_layers(tuned, base, rank, scene.stored_dtype, progress, kohya_strict,
                                             bfl_denoiser(scene.family))
-        network_dim = network_alpha = max((layer.down.shape[0] for layer in layers.values()), default=0)
+        network_dim = max((layer.down.shape[0] for layer in layers.values()), default=0)
+        network_alpha = float(rank)  # every layer's (kohya._truncated_svd)
         unet_config = c.denoiser.config
     state = kohya_state_dict(layers, scene.family, unet_config)
     files = A1111Files(scene=stem, embeddings=embeddings, lora=state, lora_metadata={}, readme="",
@@ -372,7 +373,11 @@ the one that puts the object where the prompt says.
 - ComfyUI takes both (`t5xxl` into T5-XXL, `clip_l` into CLIP-L; ComfyUI from September 2024 on).
 - diffusers takes both, one encoder at a time:
   `pipe.load_textual_inversion(rows["clip_l"], token="{trigger}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`
-  and the same with `rows["t5xxl"]`, `text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2`.
+  and the same with `rows["t5xxl"]`, `text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2`;
+  then set `pipe.tokenizer.eos_token_id` as `pipe.text_encoder.config.eos_token_id` and as the `eos_token_id` of
+  each module of `pipe.text_encoder.modules()` that has one (FLUX.1's CLIP-L config carries the legacy
+  `eos_token_id: 2`, with which transformers pools at the largest token id: the trigger's, not the end of the
+  prompt, where the scene was trained to pool).
 - Forge takes CLIP-L embeddings only, from files with one key: it cannot load the files in `embeddings/`
   (keep them out of its `embeddings/` folder). Its copies in `{FORGE_EMBEDDINGS}/` hold {forge_keys} alone, so in
   Forge the trigger words reach T5 as plain text and the objects come out less faithfully than in ComfyUI.
@@ -397,7 +402,8 @@ def _kohya_note(files: A1111Files, tools: tuple[str, ...] = WEBUI_TOOLS) -> str:
         return (f"Exported with `--kohya-strict`: {KOHYA_SKIPS} are left out{share}, so kohya's sd-scripts "
                 f"apply the same layers as {appliers}.{resume}")
     if e.source == "svd" and e.kohya_skipped:
-        return (f"{appliers} apply every layer of the LoRA. kohya's sd-scripts "
+        return (f"{appliers} apply every layer of the LoRA (diffusers from 0.39: older releases refuse the file on "
+                f"SDXL and skip those layers on SD). kohya's sd-scripts "
                 f"(`merge_lora.py`, `sdxl_merge_lora.py`, `--network_weights`) skip {KOHYA_SKIPS}, which hold "
                 f"{e.kohya_skipped:.2%} of the change; `scenebreak export --kohya-strict` leaves them out of the "
                 f"file.{resume}")

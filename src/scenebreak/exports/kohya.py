@@ -24,7 +24,7 @@ does, 3x3) inside the UNet's down, mid and up blocks (attention projections, fee
 forward, proj_in/out, resnet convolutions and time projections, down/upsamplers), and
 each text-encoder layer's q/k/v/out projections and MLP: the layers every loader
 applies. Also the UNet's conv_in, conv_out and time-embedding MLP (`UNET_OUTER`), which
-ComfyUI, A1111, Forge and diffusers apply but kohya's own loaders never target (they
+ComfyUI, A1111, Forge and diffusers (from 0.39) apply but kohya's own loaders never target (they
 look inside the blocks only): the report says what share of the difference lives
 there, and `kohya_strict` leaves them out. Left out, as no LoRA can carry them: biases,
 norms, the text encoders' position embeddings; and SDXL's added-conditioning MLP
@@ -265,8 +265,12 @@ def _truncated_svd(diff, rank: int, dtype) -> tuple[LoraLayer, float]:
     if diff.ndim == 4:
         up = up.reshape(out_features, r, 1, 1)
         down = down.reshape(r, *diff.shape[1:])
-    # alpha = r: the loaders scale by alpha / r = 1
-    return LoraLayer(down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(r)), max(0.0, kept)
+    # One alpha for the whole file (`rank`), a layer narrower than it (r < rank) taking
+    # r / rank into its up: the loaders' alpha / r times up @ down is the difference
+    # still, and diffusers, which reads a single alpha for attention layers (it cannot
+    # match their per-layer alpha keys), scales them right too.
+    up = up * (r / rank)
+    return LoraLayer(down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(rank)), max(0.0, kept)
 
 
 def kohya_state_dict(layers: dict[str, LoraLayer], family, unet_config=None) -> dict:
