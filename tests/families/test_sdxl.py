@@ -187,6 +187,11 @@ def test_generate_variations_edit_and_extract_bg_on_sdxl(learned_sdxl, scene_fil
         assert im.size == source.size
         # Far from the mask the photo is kept bit for bit.
         assert np.array_equal(np.asarray(im)[70:, :40], np.asarray(source.convert("RGB"))[70:, :40])
+        # An empty negative prompt is none, as in generate (SDXL: the unconditional row is zeros).
+        blank = edit(scene_files["image"], [(scene_files["masks"][0], "a photo of <asset2>")], learned_sdxl.path,
+                     EditConfig(steps=4, seed=1, negative=""), out_dir=tmp_path / "blank")
+        with Image.open(blank.images[0].path) as other:
+            assert np.array_equal(np.asarray(other), np.asarray(im))
     result = extract_background(learned_sdxl.path, variations=1, out_dir=tmp_path / "bg")
     assert [i.kind for i in result.images] == ["plate", "variation"]
 
