@@ -244,3 +244,28 @@ def test_a_mask_the_losses_grids_do_not_see_is_warned_about(scene_files, tiny_mo
           prior=False), base_model=str(tiny_model), name="speck", report=said.append)
     warnings = [m.text for m in said if isinstance(m, Message) and "too small" in m.text]
     assert len(warnings) == 1 and warnings[0].startswith("the mask of <asset2> is too small for the"), warnings
+
+
+def test_class_images_are_dealt_once_per_round_in_a_fresh_order(scene_files, tiny_model, tmp_path, monkeypatch):
+    """As the paper's data loader deals them: each of the K class images once in every K
+    steps (counted over both phases), the order new each round. Drawn with replacement
+    before, a short phase 2 left a third of them out."""
+    import scenebreak.train.trainer as trainer_module
+
+    dealt, real = [], trainer_module.Trainer._class_index
+
+    def spy(self, phase):
+        dealt.append(real(self, phase))
+        return dealt[-1]
+
+    monkeypatch.setattr(trainer_module.Trainer, "_class_index", spy)
+    config = LearnConfig(steps1=2, steps2=7, num_class_images=3, seed=5)
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="dealt", device="cpu")
+    assert len(dealt) == 9
+    rounds = [dealt[i:i + 3] for i in range(0, 9, 3)]
+    assert all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # a fresh order each round (for this seed)
+    # A function of the seed and the step: the same run deals the same.
+    first, dealt[:] = list(dealt), []
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="dealt-again", device="cpu")
+    assert dealt == first

@@ -160,7 +160,8 @@ class Trainer:
                 else:
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        self.rng = random.Random(config.seed)  # flips, handle subsets, class-image choice
+        self.rng = random.Random(config.seed)  # flips, handle subsets
+        self._class_orders: dict[int, list[int]] = {}  # the class images' order of the current round (_class_index)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # noise, timesteps, latent samples
 
         resolution = inputs.image.size[0]
@@ -575,7 +576,7 @@ class Trainer:
         with_class = self._class_example_needed(phase)
         latents = [self._sample_latents(*self._instance_latent(flip))]
         if cfg.prior:
-            index = self.rng.randrange(len(self.inputs.class_images))
+            index = self._class_index(phase)
             if with_class:
                 latents.append(self._sample_latents(*self._class_latent(index)))
             else:
@@ -592,6 +593,22 @@ class Trainer:
             attn_masks=self.attn_masks[flip][which] * weights[:, None, None], weights=weights,
             # Only the handles' columns of the maps are recorded (attention.py).
             columns=columns if self.layers else None, text_length=self.text_span, key_bias=key_bias)
+
+    def _class_index(self, phase: int) -> int:
+        """The class image of this step: as the paper's data loader deals them, every
+        image once in each round of K steps, in a fresh order each round (counted over
+        both phases, as its one loop runs them), not drawn with replacement, which
+        leaves some of them out of a short phase. A function of the seed and the step
+        alone, so a resumed run deals the same."""
+        count = len(self.inputs.class_images)
+        step = self.step + (self.config.steps1 if phase == 2 else 0)
+        round_, position = divmod(step, count)
+        order = self._class_orders.get(round_)
+        if order is None:
+            order = list(range(count))
+            random.Random(f"{self.config.seed}:class-images:{round_}").shuffle(order)
+            self._class_orders = {round_: order}  # only the current round is needed
+        return order[position]
 
     def step_losses(self, b: StepBatch) -> torch.Tensor:
         """The forward pass and LOSS_NAMES (total first) of one drawn step: tensors in,
