@@ -120,7 +120,14 @@ def transformers_model_folder(ref: str, what: str, option: str) -> Path:
         if not (folder / "config.json").is_file():
             raise InvalidInput(f"{what} folder {folder} not found or not a transformers model folder (no config.json)")
         return folder
-    return hub_snapshot(ref, None, _TRANSFORMERS_HUB_FILES, what=what, option=option, folder="a/model/folder")[0]
+    folder = hub_snapshot(ref, None, _TRANSFORMERS_HUB_FILES, what=what, option=option, folder="a/model/folder")[0]
+    if not any(folder.glob("*.safetensors")):
+        # Some helper models publish PyTorch weights alone (facebook/dino-vits16, the
+        # default identity model): take those (transformers reads them with torch's
+        # weights-only loader, which runs no code from the file).
+        folder = hub_snapshot(ref, None, [*_TRANSFORMERS_HUB_FILES, "pytorch_model.bin"], what=what, option=option,
+                              folder="a/model/folder")[0]
+    return folder
 
 
 def transformers_model_of_kind(ref: str, what: str, option: str, kinds: tuple[str, ...], wanted: str) -> tuple[Path, str]:

@@ -372,3 +372,83 @@ def test_a_dino_processor_that_crops_is_made_to_keep_the_whole_image():
     assert tuple(pixels.shape[-2:]) == (56, 56) and pixels[0, 0, 28] > pixels[1, 0, 28]  # the edge is still there
     cropped = processor(images=image, return_tensors="pt")["pixel_values"][0]
     assert not cropped[0, 0, 28] > cropped[1, 0, 28]  # (what the processor alone does)
+
+
+def test_a_scoring_model_published_with_pytorch_weights_alone_is_downloaded_whole(tmp_path, monkeypatch):
+    """facebook/dino-vits16, the default identity model, has only pytorch_model.bin on its
+    main branch: the download took the configs alone (safetensors only), and scoring
+    then called the download damaged on every machine."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from scenebreak.evaluation.metrics import _check_weights
+    from scenebreak.hub import transformers_model_folder
+
+    remote = tmp_path / "remote"
+    model = ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                               image_size=32, patch_size=8), add_pooling_layer=False)
+    model.config.save_pretrained(remote)
+    torch.save(model.state_dict(), remote / "pytorch_model.bin")  # (transformers 5 saves safetensors only)
+    assert [p.name for p in remote.glob("*.bin")] == ["pytorch_model.bin"] and not list(remote.glob("*.safetensors"))
+    snapshot = tmp_path / "cache" / "snapshot"
+
+    def hub(ref, revision=None, allow_patterns=None, local_files_only=False):
+        if local_files_only:
+            if not snapshot.exists():
+                raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+            return str(snapshot)  # the cached snapshot, whichever of its files are there
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in remote.iterdir():
+            if any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                shutil.copy(path, snapshot / path.name)
+        return str(snapshot)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    folder = transformers_model_folder("facebook/dino-vits16", "identity model", "--dino-model")
+    assert (folder / "pytorch_model.bin").is_file()
+    _check_weights(folder, "identity model", "facebook/dino-vits16", "--dino-model")
+    assert ViTModel.from_pretrained(folder).config.hidden_size == 16
+
+
+def test_an_object_inside_another_of_another_word_is_found(learned, metric_models, tiny_segmentation, tmp_path,
+                                                          monkeypatch):
+    """A creature in a bowl: the two words' boxes overlap by IoU 0.5 or more, and the
+    second word's box was skipped as "the same object" as the first's: reported missing.
+    Only a nearly identical box of another word is the same detection."""
+    from types import SimpleNamespace
+
+    from scenebreak.device import choose_device
+    from scenebreak.evaluation.evaluate import score_images
+    from scenebreak.masks.detector import Detector
+    from scenebreak.masks.segmenter import Segmenter
+    from scenebreak.scenes.bundle import load_scene
+
+    scene = load_scene(learned.path)
+    h, w = scene.image.shape[:2]
+    bowl, creature = np.array([4, 4, w - 4, h - 4], np.float32), np.array([8, 8, w - 10, h - 10], np.float32)
+    boxes = {"bowl": bowl, "creature": creature, "twin": bowl + 1}
+    monkeypatch.setattr(Detector, "detect", lambda self, image, word: (boxes[word][None], np.array([0.9])))
+
+    def outline(self, found):
+        masks = []
+        for x0, y0, x1, y1 in (np.asarray(b).astype(int) for b in found):
+            mask = np.zeros((h, w), np.uint8)
+            mask[y0:y1, x0:x1] = 1
+            masks.append((mask, 1.0))
+        return masks
+
+    monkeypatch.setattr(Segmenter, "from_boxes", outline)
+    Image.fromarray(scene.image).save(tmp_path / "photo.png")
+    generated = [SimpleNamespace(path=tmp_path / "photo.png", prompt="a photo of <asset1> and <asset2>", seed=0)]
+    clip, dino = metric_models
+    detector, segmenter = tiny_segmentation
+    refs = {"clip": str(clip), "dino": str(dino), "detector": str(detector), "segmenter": str(segmenter)}
+    for words, found in (({"<asset1>": "bowl", "<asset2>": "creature"}, [True, True]),
+                         ({"<asset1>": "bowl", "<asset2>": "twin"}, [True, False])):  # the same box: one detection
+        [score] = score_images(scene, generated, words, EvaluateConfig(threshold=0.5), refs, choose_device("cpu"))
+        assert [o.found for o in score.objects] == found, words

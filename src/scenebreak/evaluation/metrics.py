@@ -245,7 +245,10 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-SAME_OBJECT_IOU = 0.5  # two boxes this similar are one object
+SAME_OBJECT_IOU = 0.5  # two boxes of one word this similar are one object (as non-maximum suppression has it)
+# A box of another word must be nearly the same box to be the same detection: objects of
+# different words overlap for real (the paper's creature in a bowl: IoU 0.5 and more).
+SAME_BOX_IOU = 0.9
 
 
 def best_assignment(similarity: list[list[float]]) -> list[int | None]:
@@ -329,20 +332,20 @@ class ObjectFinder:
 
         self.segmenter.set_image(image)
         min_area = default_min_area(image.size)  # as `mask` does
-        taken: list = []
+        taken: list = []  # (box, word) of the boxes given to objects so far
         found: list[FoundObject | None] = [None] * len(objects)
         for word in dict.fromkeys(w for w, _ in objects):
             group = [i for i, (w, _) in enumerate(objects) if w == word]
             boxes, scores = self.detector.detect(image, word)
             picked, left = [], 0.0  # the boxes for the group; the best score after them
             for box, score in zip(boxes, map(float, scores)):  # best first
-                if any(box_iou(box, t) >= SAME_OBJECT_IOU for t in taken):
+                if any(box_iou(box, t) >= (SAME_OBJECT_IOU if w == word else SAME_BOX_IOU) for t, w in taken):
                     continue
                 if score <= self.threshold or len(picked) == len(group):
                     left = score
                     break
                 picked.append((box, score))
-                taken.append(box)
+                taken.append((box, word))
             outlined = self.segmenter.from_boxes([b for b, _ in picked]) if picked else []
             masks = [clean(m, min_area) for m, _ in outlined]
             usable = [(m, score) for m, (_, score) in zip(masks, picked) if m.any()]
