@@ -281,7 +281,7 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class EditConfig(GenerateConfig):
-    """Blended Latent Diffusion settings of `edit` (the reference's defaults)."""
+    """Blended Latent Diffusion settings of `edit` (the reference's blend start; the sampler is generate's)."""
 
     num_images: int = setting(1, "Edited images (seeds seed, seed+1, ...).", bounds=Bounds(1, MAX_IMAGES),
                               flags=("-n", "--num-images"))

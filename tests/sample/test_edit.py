@@ -1,5 +1,6 @@
 """`edit`, `extract-bg`, `learn --background` and `generate --variations` on the tiny model."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -249,3 +250,35 @@ def test_variations_prompt_names_every_object_but_not_the_background(learned_bac
     assert json.loads(cli_result.stdout)["images"][0]["prompt"] == "a photo of <asset1> and <asset2>"
     both = run("generate", learned_background.path, "<asset1>", "--variations")
     assert both.exit_code == 2 and "--variations" in both.stderr
+
+
+def test_edit_makes_fewer_images_a_pass_after_running_out_of_memory(learned, photo, tmp_path, monkeypatch):
+    """`edit -n 3` in passes of 4 that run out of GPU memory (an SDXL or FLUX.1 edit at
+    1024): halved passes with a note, as generate does, the same images as one at a
+    time; it failed outright."""
+    import torch
+
+    import scenebreak.sample.edit as edit_module
+
+    image, left, right = photo
+    regions = [(left, "a photo of <asset1>"), (right, "a photo of <asset2>")]
+    config = EditConfig(num_images=3, **FAST)
+    expected = [pixels(i.path) for i in edit(image, regions, learned.path, dataclasses.replace(config, batch_size=1),
+                                             out_dir=tmp_path / "single").images]
+    real, passes = edit_module.blended_latents, []
+
+    def blended_latents(pipe, family, source, mask, prompt, seeds, **kwargs):
+        passes.append(len(seeds))
+        if len(seeds) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(pipe, family, source, mask, prompt, seeds, **kwargs)
+
+    monkeypatch.setattr(edit_module, "blended_latents", blended_latents)
+    messages = []
+    result = edit(image, regions, learned.path, dataclasses.replace(config, batch_size=4), out_dir=tmp_path / "shrinking",
+                  report=messages.append)
+    assert passes == [3, 2, 1, 1, 1, 1, 1, 1]  # (one image, two regions: two calls a pass)
+    assert [m.text for m in messages if "out of memory" in getattr(m, "text", "")] == [
+        "out of memory making 3 images at a time: 2 at a time now",
+        "out of memory making 2 images at a time: 1 at a time now"]
+    assert all(np.array_equal(pixels(i.path), e) for i, e in zip(result.images, expected))

@@ -5,8 +5,9 @@ back outside the mask. The engine behind `edit` and `extract-bg`.
 Three differences from the authors' script for SD (scripts/text_editing_SD2.py):
 - it noises the source to the timestep the step started from, one step behind the
   latents, so its background never becomes clean; here the source is noised to the
-  level the step has just reached, and the last step's background is the source
-  latents themselves;
+  level the step has just reached (as the authors' original LDM sampler and diffusers'
+  inpainting pipelines do), and the last step's background is the source latents
+  themselves;
 - it starts from pure noise at the scale of the schedule's first step, although
   `blend_start` skips that step; here the start is the source noised to the first step
   run, by the sampler's own `add_noise` (as diffusers' img2img does, and the authors'
@@ -40,7 +41,7 @@ def work_size(size: tuple[int, int], resolution: int, multiple: int = 8) -> tupl
 
 
 def feather_weights(mask: np.ndarray, px: int) -> np.ndarray:
-    """1 on the mask, falling linearly to 0 at `px` pixels outside it; 0 beyond."""
+    """1 on the mask, falling linearly outside it (1/(px+1) at `px` pixels), 0 from px+1."""
     px = max(0, px)
     total = sum(dilate(mask, radius).astype(np.float32) for radius in range(px + 1))
     return total / (px + 1)

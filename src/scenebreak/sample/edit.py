@@ -16,6 +16,7 @@ from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
 from ..events import Message, Reporter, silent
 from ..scenes.bundle import open_scene
 from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
+from .pipeline import run_in_passes
 from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_to_files, save_png, slug, start,
                        warn_cpu_time)
 from ..images import load_image, load_masks
@@ -56,11 +57,12 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
             raise InvalidMask(f"{what} is too thin for the model's {latent_hw[1]}x{latent_hw[0]} latent grid: grow it with --dilate")
     batch = images_per_pass(config, pipe)
     per_sample = blended_steps(config.steps, config.blend_start)
-    total, done = len(seeds) * len(masks) * per_sample, 0
+    total = len(seeds) * len(masks) * per_sample
     warn_cpu_time(run, total, size[0] * size[1], report)
     results = []
-    for begin in range(0, len(seeds), batch):
-        chunk = seeds[begin:begin + batch]
+
+    def run_pass(chunk: list[int], more: bool) -> None:
+        done = len(results) * len(masks) * per_sample  # (a pass run again after running out of memory starts over)
         full = [image] * len(chunk)
         work = [resize(image, size)] * len(chunk)
         for j, (mask, lmask, prompt) in enumerate(zip(masks, latent_masks, prompts)):
@@ -76,7 +78,11 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
             if config.paste:
                 full = [paste_back(f, resize(w, (width, height)), mask, config.feather) for f, w in zip(full, work)]
                 work = [resize(f, size) for f in full]
-        results += full if config.paste else [resize(w, (width, height)) for w in work]
+        results.extend(full if config.paste else [resize(w, (width, height)) for w in work])
+
+    # As generate does: a pass that runs out of GPU memory goes again with half as many
+    # images (an SDXL or FLUX.1 edit of four at 1024 can be more than the card has left).
+    run_in_passes(seeds, batch, run_pass, report)
     return results
 
 
