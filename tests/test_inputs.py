@@ -412,3 +412,19 @@ def test_a_scene_named_before_the_portability_rule_can_still_be_resumed_or_repla
     scene_path("aux").write_bytes(Path(learned.path).read_bytes())  # (as if made before the rule)
     result = learn(*args, base_model=str(tiny_model), name="aux", device="cpu", force=True)
     assert result.path == scene_path("aux") and result.path.stat().st_size > 1000
+
+
+def test_debug_after_the_command_shows_the_traceback_as_the_error_line_says(monkeypatch):
+    """An unexpected failure ends "(run with --debug for the traceback)", and people add it
+    at the end of the command they ran: that was "No such option: --debug", exit 2."""
+    import scenebreak.scenes.catalog
+
+    def rows():
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(scenebreak.scenes.catalog, "scene_rows", rows)
+    result = run("list")
+    assert result.exit_code == 1 and "run with --debug" in result.stderr
+    for args in (["list", "--debug"], ["--debug", "list"]):
+        result = run(*args)
+        assert isinstance(result.exception, ZeroDivisionError), (args, result.output)  # raised: the traceback shows

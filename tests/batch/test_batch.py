@@ -506,3 +506,9 @@ def test_a_jobs_switch_takes_the_command_lines_name_for_its_off_side():
     assert _config(MaskConfig, {"fill-holes": False}, "mask").fill_holes is False
     with pytest.raises(InvalidInput, match="keep-holes takes true or false"):
         _config(MaskConfig, {"keep-holes": "yes"}, "mask")
+
+
+def test_out_dir_is_batchs_out_too():
+    """Every other command writes to --out-dir: batch takes that name as well as --out."""
+    result = CliRunner().invoke(cli, ["batch", "-", "--out-dir", "somewhere"], input="\n")
+    assert result.exit_code == 2 and "holds no job" in result.stderr, result.output

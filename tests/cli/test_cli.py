@@ -229,3 +229,15 @@ def test_mask_options_given_with_a_tilde_after_the_equals_sign_are_in_the_home_f
     assert str(tmp_path / "me" / "small.png") in result.stderr
     result = run("edit", scene_files["image"], "<asset1>", "--scene", learned.path, "--mask=~/small.png")
     assert result.exit_code == 2 and "10x10" in result.stderr, result.output
+
+
+def test_an_empty_prompts_file_is_named_as_such(learned, tmp_path):
+    """A prompts file with only comments was "give at least one PROMPT", as if none was given."""
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# nothing yet\n\n")
+    for args in (["generate", learned.path, "--prompts-file", empty], ["generate", learned.path, "--variations",
+                                                                         "--prompts-file", empty]):
+        result = run(*args)
+        assert result.exit_code == 2 and f"--prompts-file {empty} has no prompt" in result.stderr, result.output
+    result = run("generate", learned.path, "--prompts-file", "-", input="\n")
+    assert result.exit_code == 2 and "stdin has no prompt" in result.stderr

