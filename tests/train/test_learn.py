@@ -111,6 +111,22 @@ def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files
     with pytest.raises(InvalidInput, match="other inputs or settings"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False, lr1=1e-3),
               base_model=str(tiny_model), name="x", resume=True)
+    # A fine-tune of the UNet shares its base's configs and token table (the fingerprint):
+    # its stored weights tell it apart.
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    tuned = tiny_model.parent / "tiny-sd-tuned"
+    shutil.copytree(tiny_model, tuned, dirs_exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(tuned / "unet")
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(1e-3)
+    unet.save_pretrained(tuned / "unet")
+    with pytest.raises(InvalidInput, match="made on another base model"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False),
+              base_model=str(tuned), name="x", resume=True)
 
 
 def test_v_prediction_models_train(scene_files, tiny_model, tmp_path):

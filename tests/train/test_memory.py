@@ -413,3 +413,26 @@ def test_a_resume_on_another_device_or_precision_says_the_result_differs(scene_f
     learn(*args, base_model=str(tiny_model), name="moved", device="cpu", resume=True, report=said.append)
     warnings = [e.text for e in said if isinstance(e, Message) and e.level == "warning"]
     assert any("resuming on cpu in fp32 a run that began on cuda in bf16" in w for w in warnings), warnings
+
+
+def test_quantize_auto_never_holds_a_standalone_scenes_base_in_4_bits(monkeypatch):
+    """--quantize nf4 is refused with --standalone (its adapters are baked into full
+    weights), but auto picked NF4 for it where memory was short, and a resume with
+    --standalone kept a checkpoint's NF4."""
+    from types import SimpleNamespace
+
+    from scenebreak.device import Device
+    from scenebreak.errors import InvalidInput
+    from scenebreak.families import quantized
+    from scenebreak.train import memory
+
+    cuda = Device("cuda", "cuda:0")
+    monkeypatch.setattr(quantized, "quantization_available", lambda: True)
+    monkeypatch.setattr(memory, "phase2_bytes", lambda *args, **kwargs: 100 * memory.GiB)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 8 * memory.GiB)
+    components = SimpleNamespace(models=lambda: [])
+    assert memory.choose_quantization(LearnConfig(tune="lora"), components, cuda, 512, True, True, [])[0] == "nf4"
+    standalone = LearnConfig(tune="lora", standalone=True)
+    assert memory.choose_quantization(standalone, components, cuda, 512, True, True, []) == ("none", "")
+    with pytest.raises(InvalidInput, match="--standalone cannot resume this run"):
+        memory.choose_quantization(standalone, components, cuda, 512, True, True, [], resumed="nf4")

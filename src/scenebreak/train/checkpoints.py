@@ -62,11 +62,14 @@ def catch_interrupts(flag: StopFlag, report: Reporter):
             signal.signal(sig, old)
 
 
-def identity(prepared, config, fingerprint: str) -> dict:
-    """What a checkpoint must match to be resumed: same photo, masks, settings, model."""
+def identity(prepared, config, fingerprint: str, weights: str | None = None) -> dict:
+    """What a checkpoint must match to be resumed: same photo, masks, settings, model
+    (its fingerprint, and `weights`, families.base_model.weights_print: a fine-tune
+    shares its base's fingerprint)."""
     masks_digest = hashlib.sha256(prepared.masks.tobytes()).hexdigest()
     settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
-    return {"source": prepared.source_sha256, "masks": masks_digest, "config": repr(sorted(settings.items())), "base": fingerprint}
+    return {"source": prepared.source_sha256, "masks": masks_digest, "config": repr(sorted(settings.items())), "base": fingerprint,
+            **({"base_weights": weights} if weights else {})}
 
 
 def is_last_step(record, steps2: int) -> bool:
@@ -108,7 +111,16 @@ class Checkpoints:
             raise damaged from None
         if not isinstance(state, dict):
             raise damaged
-        if state.get("identity") != self.identity:
+        saved = state.get("identity")
+        mine = self.identity
+        if isinstance(saved, dict) and "base_weights" not in saved:  # (checkpoints before the weights' print)
+            mine = {k: v for k, v in mine.items() if k != "base_weights"}
+        if isinstance(saved, dict) and saved.get("base") == mine.get("base") and saved.keys() == mine.keys() and \
+                saved.get("base_weights") != mine.get("base_weights"):
+            raise InvalidInput(f"the checkpoint of {self.name!r} was made on another base model (the same "
+                               "architecture, other weights): pass the --base-model it began with, or drop --resume "
+                               "to start over")
+        if saved != mine:
             raise InvalidInput(f"the checkpoint of {self.name!r} was made from other inputs or settings: "
                                "run the same command, or drop --resume to start over")
         if not all(isinstance(state.get(key), int) for key in ("phase", "step")):

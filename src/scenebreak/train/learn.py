@@ -211,7 +211,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
            started) -> LearnResult:
     import torch
 
-    from ..families.base_model import resolve_model_dir
+    from ..families.base_model import resolve_model_dir, weights_print
 
     base_model = base_model or default_base_model()
     with downloads_reported(report):
@@ -224,8 +224,9 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                                                     amp_dtype)
     if config.lambda_attn is None:  # the family's weight of the attention loss
         config = dataclasses.replace(config, lambda_attn=components.family.lambda_attn)
-    checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint), config.checkpoint_every,
-                              config.steps2)
+    weights = weights_print(resolved[0], components.family)
+    checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint, weights),
+                              config.checkpoint_every, config.steps2)
     state = checkpoints.load(report) if resume else None
     if state is not None and (state.get("device"), state.get("precision")) not in (
             (None, None), (device.type, precision_name(amp_dtype))):

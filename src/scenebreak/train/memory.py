@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..config import LearnConfig
 from ..estimates import size_scale
+from ..errors import InvalidInput
 
 GiB = 2**30
 # Activation memory of one 512x512 example through SD2.1-base's UNet with gradients
@@ -217,6 +218,11 @@ def choose_quantization(config: LearnConfig, components, device, resolution: int
     if config.quantize != "auto":
         require_quantization(f"--quantize {config.quantize}", device)
         return config.quantize, ""
+    if config.standalone:  # the scene bakes the adapters into full weights, which a 4-bit base cannot give
+        if resumed in KINDS:
+            raise InvalidInput(f"--standalone cannot resume this run: its base is held in {resumed}, which cannot be "
+                               "baked into full weights; resume without --standalone, or start over with --force")
+        return "none", ""
     if resumed == "none":
         return "none", ""
     if resumed in KINDS:
