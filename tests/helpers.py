@@ -149,3 +149,20 @@ def set_meta(path: str, value):
             node = node[int(key)] if isinstance(node, list) else node[key]
         node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
     return edit
+
+
+def tuned_copy(model: Path, folder: Path) -> Path:
+    """A copy of the model folder `model` whose UNet weights moved a little: a fine-tune,
+    with its base's configs and token table (its fingerprint), other weights."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(model, folder, dirs_exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(1e-3)
+    unet.save_pretrained(folder / "unet")
+    return folder

@@ -624,3 +624,29 @@ def test_kohya_strict_on_the_command_line(lora_scene, learned, tmp_path):
     assert not set(OUTER) & unet_names(load_file(tmp_path / "a" / "loras" / "photo-lora.safetensors"))
     wrong = runner.invoke(cli, ["export", str(lora_scene), "-f", "embeddings", "-o", str(tmp_path / "e"), "--kohya-strict"])
     assert wrong.exit_code == 2 and wrong.stderr.startswith("Error: --kohya-strict applies only to -f a1111")
+
+
+def test_a_base_with_the_same_vocabulary_and_other_weights_is_warned_about(lora_scene, full_scene, tiny_model, tmp_path):
+    """A fine-tune of the base (its configs and token table, other weights) passed the
+    fingerprint check silently: a LoRA scene's adapters went onto it, and a fully tuned
+    scene's LoRA was its difference to it. Scenes record a print of the base's stored
+    weights now, and such a base is warned about."""
+    from helpers import tuned_copy
+
+    from scenebreak import GenerateConfig, generate
+    from scenebreak.events import Message
+
+    assert load_scene(lora_scene).meta["base_model"]["weights"]
+    tuned = tuned_copy(tiny_model, tmp_path / "tuned")
+
+    def warnings(call):
+        heard = []
+        call(lambda event: heard.append(event.text) if isinstance(event, Message) and event.level == "warning" else None)
+        return [text for text in heard if "other weights" in text]
+
+    config = GenerateConfig(steps=1, seed=0)
+    assert not warnings(lambda report: generate(lora_scene, "a photo of <asset1>", config, out_dir=tmp_path / "same",
+                                                base_model=str(tiny_model), device="cpu", report=report))
+    assert warnings(lambda report: generate(lora_scene, "a photo of <asset1>", config, out_dir=tmp_path / "other",
+                                            base_model=str(tuned), device="cpu", report=report))
+    assert warnings(lambda report: export(full_scene, tmp_path / "a1111", "a1111", base_model=str(tuned), report=report))

@@ -69,14 +69,21 @@ def test_names_and_init_words(scene_files, tiny_model):
 def test_class_images_are_made_once_and_reused(scene_files, tiny_model, tmp_path):
     from scenebreak.events import Message
 
-    def run(name):
+    def run(name, model=tiny_model):
         messages = []
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, num_class_images=2),
-              base_model=str(tiny_model), name=name, report=lambda e: messages.append(e.text) if isinstance(e, Message) else None)
+              base_model=str(model), name=name, report=lambda e: messages.append(e.text) if isinstance(e, Message) else None)
         return messages
 
     assert any("generating 2 class images" in m for m in run("a"))
     assert any("using 2 cached class images" in m for m in run("b"))
+    # A fine-tune of the base (same configs and token table, other weights) makes its own.
+    from helpers import tuned_copy
+
+    tuned = tuned_copy(tiny_model, tmp_path / "tuned")
+    assert any("generating 2 class images" in m for m in run("c", tuned))
+    assert any("using 2 cached class images" in m for m in run("d", tuned))
+    assert any("using 2 cached class images" in m for m in run("e"))
 
 
 def test_interrupt_then_resume_matches_an_uninterrupted_run(scene_files, tiny_model):
@@ -113,17 +120,9 @@ def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files
               base_model=str(tiny_model), name="x", resume=True)
     # A fine-tune of the UNet shares its base's configs and token table (the fingerprint):
     # its stored weights tell it apart.
-    import shutil
+    from helpers import tuned_copy
 
-    from diffusers import UNet2DConditionModel
-
-    tuned = tiny_model.parent / "tiny-sd-tuned"
-    shutil.copytree(tiny_model, tuned, dirs_exist_ok=True)
-    unet = UNet2DConditionModel.from_pretrained(tuned / "unet")
-    with torch.no_grad():
-        for param in unet.parameters():
-            param.add_(1e-3)
-    unet.save_pretrained(tuned / "unet")
+    tuned = tuned_copy(tiny_model, tiny_model.parent / "tiny-sd-tuned")
     with pytest.raises(InvalidInput, match="made on another base model"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False),
               base_model=str(tuned), name="x", resume=True)

@@ -187,7 +187,7 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
         report(Message(f"loading its base model {base_model or scene.meta['base_model']['id']}, to take the "
                        "difference from it"))
         c = scene_base_model(scene, base_model, f"exporting scene {scene.name!r} as a LoRA",
-                             "the weight differences")
+                             "the weight differences", report=report)
         base = {scene.family.denoiser: c.denoiser.state_dict(),
                 **{name: te.state_dict() for name, te in zip(scene.family.text_encoders, c.text_encoders)}}
         tuned = {name: scene.weights[name] for name in base}

@@ -27,10 +27,20 @@ class BaseModel:
     # The same from the config files as stored: the fingerprint above hashes the configs as
     # the installed libraries fill them in, so an upgrade that adds a field changes it.
     config_fingerprint: str = ""
+    # weights_print of the weights as stored: a fine-tune of the denoiser (or a copy in
+    # another precision) shares the fingerprints above, not this.
+    weights: str = ""
 
     def to_dict(self) -> dict:
         return dict(id=self.id, revision=self.revision, commit=self.commit, fingerprint=self.fingerprint, family=self.family,
-                    config_fingerprint=self.config_fingerprint)
+                    config_fingerprint=self.config_fingerprint, weights=self.weights)
+
+    def other_weights(self, recorded: dict) -> bool:
+        """Whether `recorded` (a scene's base model, which `matches`) was stored with other
+        weights: a fine-tune of it, or a copy in another precision (unknown for scenes
+        from before the print: False)."""
+        theirs = recorded.get("weights")
+        return bool(self.weights and theirs and theirs != self.weights)
 
     def matches(self, recorded: dict) -> bool:
         """Whether `recorded` (a scene's base model) is this one: by either fingerprint
@@ -349,6 +359,7 @@ def load_components(base_model: str, revision: str | None = None,
         fingerprint=fingerprint(denoiser, vae, *text_encoders, embeddings=stored_tables),
         family=family.name,
         config_fingerprint=config_fingerprint(folder, family, text_encoders, stored_tables),
+        weights=weights_print(folder, family),
     )
     # After the fingerprint, which stays that of the folder as it is (scenes match by it).
     for text_encoder, tokenizer in zip(text_encoders, tokenizers):

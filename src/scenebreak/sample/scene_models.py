@@ -172,7 +172,8 @@ def check_weights_fit(scene: Scene, component: str, expected: dict, state: dict)
             fail(f"hold {key[:60]!r} as {got.dtype}, not a dtype a scene stores")
 
 
-def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, half=None, defer: tuple[str, ...] = ()):
+def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, half=None, defer: tuple[str, ...] = (),
+                     report=None):
     """The base model's Components a scene was learned on, from where it recorded it
     or `base_model`, checked by fingerprint; `who` needs it, for `what` (messages).
     `half` (a half-precision dtype): where the family's usual tuning is LoRA (FLUX.1),
@@ -180,7 +181,8 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
     straight in it: FLUX.1's base then takes 34 GB of RAM, not 67, and, its weights
     being published in bf16, merging the adapters in it gives the very weights that
     merging in fp32 and casting would. The text encoders in `defer` wait for
-    load_deferred (load_components)."""
+    load_deferred (load_components). `report` hears a warning where the model's stored
+    weights are not those the scene was learned on."""
     from ..config import default_base_model
     from ..families import KNOWN_BASES
     from ..families.base_model import load_components, resolve_model_dir, text_encoder_load_dtypes
@@ -200,6 +202,13 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
     if not c.base.matches(base):
         raise BundleError(f"scene {scene.name!r} was learned on another base model than {base_model or base['id']} "
                           f"({what} need that exact model): pass --base-model with the right one")
+    if report is not None and c.base.other_weights(base):
+        from ..events import Message
+
+        report(Message(f"the base model {base_model or base['id']} has the architecture and vocabulary scene "
+                       f"{scene.name!r} was learned on but other weights (a fine-tune of it, or a copy in another "
+                       f"precision): {what} are taken against it all the same; for the results the scene was learned "
+                       "for, pass --base-model with the model it was learned on", "warning"))
     return c
 
 
@@ -223,7 +232,8 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     defer = tuple(scene.family.adapterless_text_encoders()) if half and device is not None and device.type == "cuda" else ()
     if report is not None:
         report(Message(f"loading its base model {base_model or scene.meta['base_model']['id']}"))
-    c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters", half=half, defer=defer)
+    c = scene_base_model(scene, base_model, f"LoRA scene {scene.name!r}", "its LoRA adapters", half=half, defer=defer,
+                         report=report)
     kind, why = ("none", "") if device is None else sampling_quantization(c, device, dtype, quantize)
     if why and report is not None:
         report(Message(why, "warning" if kind == "none" else "info"))

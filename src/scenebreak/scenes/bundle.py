@@ -278,7 +278,7 @@ def metadata_problem(meta: dict) -> str | None:
     if not isinstance(base, dict) or not isinstance(base.get("id"), str) or not base.get("id") or not base.get("fingerprint"):
         return "its base model is missing or damaged"
     if not all(base.get(key) is None or isinstance(base[key], str)
-               for key in ("revision", "commit", "fingerprint", "family", "config_fingerprint")):
+               for key in ("revision", "commit", "fingerprint", "family", "config_fingerprint", "weights")):
         return "its base model is damaged"
     from ..families import SUPPORTED
 

@@ -11,32 +11,50 @@ from ..errors import Interrupted
 from ..events import Message, Progress, Reporter, silent
 from ..paths import class_images_dir, is_regular_file, write_atomically
 
+MADE_BY = ".base-weights"  # in a cache folder: the weights_print of the model that made its images
+
+
 def cache_folder(fingerprint: str, prompt: str, resolution: int, family, scheduler: str | None = None,
-                 quantized: str = "none") -> Path:
+                 quantized: str = "none", weights: str = "") -> Path:
     """The folder of the class images of this base model (fingerprint, family), prompt,
     size and sampler (default: the family's), at that sampler's usual steps and the
-    family's usual guidance, made by the base as it is or `quantized` (nf4, int8)."""
+    family's usual guidance, made by the base as it is or `quantized` (nf4, int8).
+
+    A fine-tune of the denoiser shares its base's fingerprint: the folder records the
+    stored weights that made its images (`weights`, weights_print), and a model with
+    others gets a folder of its own. A folder from before that record serves as before."""
     scheduler, steps = family.choose_sampler(scheduler, None)
     # DDIM 50 keeps the key it had before there was a choice, so those caches stay valid;
     # so do those of an unquantised base.
     key = [fingerprint, prompt, resolution, steps, family.guidance, scheduler]
     if quantized != "none":
         key.append(quantized)
-    return class_images_dir() / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    folder = class_images_dir() / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    if weights and _made_by(folder) not in (None, weights):
+        folder = class_images_dir() / hashlib.sha256(json.dumps([*key, weights]).encode()).hexdigest()[:16]
+    return folder
+
+
+def _made_by(folder: Path) -> str | None:
+    """The weights_print recorded in a cache folder, or None (none recorded, or unreadable)."""
+    try:
+        return (folder / MADE_BY).read_text().strip() or None if is_regular_file(folder / MADE_BY) else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int, family,
-                      scheduler: str | None = None, quantized: str = "none") -> list[Path]:
+                      scheduler: str | None = None, quantized: str = "none", weights: str = "") -> list[Path]:
     """Where class images 0..count-1 for this model, prompt, size and sampler live (made or not)."""
-    folder = cache_folder(fingerprint, prompt, resolution, family, scheduler, quantized)
+    folder = cache_folder(fingerprint, prompt, resolution, family, scheduler, quantized, weights)
     return [folder / f"{i:04d}.png" for i in range(count)]
 
 
 def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, family, scheduler: str | None = None,
-                  quantized: str = "none") -> int:
+                  quantized: str = "none", weights: str = "") -> int:
     """How many of those class images still have to be made."""
     return sum(not usable(p) for p in class_image_paths(fingerprint, prompt, resolution, count, family, scheduler,
-                                                        quantized))
+                                                        quantized, weights))
 
 
 def usable(path: Path) -> bool:
@@ -63,7 +81,7 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
     grows consistently."""
     scheduler, _ = components.family.choose_sampler(scheduler, None)
     paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family, scheduler,
-                              quantized)
+                              quantized, components.base.weights)
     folder = paths[0].parent
     if all(usable(p) for p in paths):
         report(Message(f"using {count} cached class images from {folder}"))
@@ -72,12 +90,18 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
 
     folder.mkdir(parents=True, exist_ok=True)
     waiting = lambda holder: report(Message(f"waiting for {holder}, which is making the same class images"))  # noqa: E731
+    weights = components.base.weights
     with class_images_lock(folder, on_wait=waiting):
-        missing = [i for i, p in enumerate(paths) if not usable(p)]  # another run may have made them meanwhile
-        if missing:
-            _make(components, device, prompt, resolution, amp_dtype, [(i, paths[i]) for i in missing], report, should_stop,
-                  batch_size, scheduler)
-    return paths
+        if not weights or _made_by(folder) in (None, weights):
+            missing = [i for i, p in enumerate(paths) if not usable(p)]  # another run may have made them meanwhile
+            if missing:
+                _make(components, device, prompt, resolution, amp_dtype, [(i, paths[i]) for i in missing], report,
+                      should_stop, batch_size, scheduler)
+            return paths
+    # A run of another model with this fingerprint (a fine-tune of the same base) made them
+    # while this one waited: this one's go into a folder of their own, as cache_folder now says.
+    return ensure_class_images(components, device, prompt, count, resolution, amp_dtype, report, should_stop,
+                               batch_size, scheduler, quantized)
 
 
 def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: list[tuple[int, Path]], report: Reporter,
@@ -86,6 +110,9 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     from ..sample.pipeline import images_per_pass, make_pipeline, run_in_passes, sample
 
     folder = todo[0][1].parent
+    weights = components.base.weights
+    if weights and _made_by(folder) is None:  # this model makes images here: the folder is its own from now on
+        write_atomically(folder / MADE_BY, lambda tmp: Path(tmp).write_text(weights + "\n"))
     info = folder / "info.json"
     if not info.exists():
         info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "scheduler": scheduler,

@@ -211,7 +211,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
            started) -> LearnResult:
     import torch
 
-    from ..families.base_model import resolve_model_dir, weights_print
+    from ..families.base_model import resolve_model_dir
 
     base_model = base_model or default_base_model()
     with downloads_reported(report):
@@ -224,8 +224,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                                                     amp_dtype)
     if config.lambda_attn is None:  # the family's weight of the attention loss
         config = dataclasses.replace(config, lambda_attn=components.family.lambda_attn)
-    weights = weights_print(resolved[0], components.family)
-    checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint, weights),
+    checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint, components.base.weights),
                               config.checkpoint_every, config.steps2)
     state = checkpoints.load(report) if resume else None
     if state is not None and (state.get("device"), state.get("precision")) not in (
@@ -483,7 +482,7 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
 
         family = components.family
         missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
-                                family, config.class_scheduler, plan.quantize) if config.prior else 0
+                                family, config.class_scheduler, plan.quantize, components.base.weights) if config.prior else 0
         class_steps = family.choose_sampler(config.class_scheduler, None)[1]
         report(Message(cpu_training_estimate(components.denoiser, resolution, config, plan, missing, class_steps,
                                              bf16=amp_dtype is not None), "warning"))
