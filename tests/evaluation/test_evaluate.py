@@ -280,7 +280,7 @@ def test_bad_input_is_exit_2_with_one_line_before_any_image(learned, models, tmp
     cases = {
         "words count": (["--words", "cat", "bowl", "dog"], "3 word(s) for 2 object handle(s)"),
         "handle as word": (["--words", "<asset1>", "bowl"], "plain words"),
-        "empty prompts file": (["--prompts-file", tmp_path / "empty.txt"], "holds no prompt"),
+        "empty prompts file": (["--prompts-file", tmp_path / "empty.txt"], "empty.txt has no prompt"),
         "unknown handle": (["--prompts-file", tmp_path / "unknown.txt"], "<asset3>"),
         "prompt without handle": (["--prompts-file", tmp_path / "plain.txt"], "none of the scene's object handles"),
         "threshold": (["--threshold", "2"], "--threshold"),
