@@ -242,3 +242,19 @@ def test_an_empty_prompts_file_is_named_as_such(learned, tmp_path):
         assert result.exit_code == 2 and f"--prompts-file {empty} has no prompt" in result.stderr, result.output
     result = run("generate", learned.path, "--prompts-file", "-", input="\n")
     assert result.exit_code == 2 and "stdin has no prompt" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["learn", "IMAGE", "--masks", "MASK", "--no-prior", "--num-class-images", "5"], "--num-class-images is for the class"),
+    (["learn", "IMAGE", "--masks", "MASK", "--no-prior", "--class-prompt", "a dog"], "--class-prompt is for the class"),
+    (["learn", "IMAGE", "--masks", "MASK", "--tune", "full", "--rank", "8"], "--rank is for LoRA tuning"),
+    (["extract-bg", "SCENE", "-p", "a photo of a car at <background>"], "add -n K"),
+    (["edit", "IMAGE", "<asset1>", "--scene", "SCENE", "-m", "MASK", "-o", "x.png", "--out-dir", "d"], "not both"),
+])
+def test_an_option_nothing_would_use_is_refused_not_ignored(scene_files, learned, args, message):
+    """Settings that the other options make unused were silently ignored (the run looked
+    as if they had counted); export refused its own such case already."""
+    values = {"IMAGE": scene_files["image"], "MASK": scene_files["masks"][0], "SCENE": learned.path}
+    result = run(*(values.get(a, a) for a in args))
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert result.stdout == ""

@@ -232,6 +232,19 @@ def make_config(config_class, values: dict):
     return config_class(**kwargs)
 
 
+def refuse_unused(*rules: tuple[str, bool, str]) -> None:
+    """Exit 2 for an option given (on the command line or by its environment variable)
+    where nothing uses it: each rule is (its parameter, whether it is unused, why),
+    e.g. ("class_prompt", not prior, "--class-prompt makes class images, which
+    --no-prior turns off"). A setting silently ignored would look as if it had counted."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    for name, unused, why in rules:
+        if unused and ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            raise click.UsageError(why, ctx=ctx)
+
+
 def complete_scene(ctx, param, incomplete: str):
     """Shell completion of a SCENE: the cached scenes' names, and files where the
     word looks like a path (see docs/usage.md, "Shell completion")."""
@@ -347,6 +360,11 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
     """
     from ..train.learn import learn
 
+    no_prior, full = not settings["prior"], settings["tune"] == "full"
+    refuse_unused(*((name, no_prior, f"--{name.replace('_', '-')} is for the class images, which --no-prior turns off")
+                    for name in ("class_prompt", "num_class_images", "class_scheduler")),
+                  *((name, full, f"--{name.replace('_', '-')} is for LoRA tuning, which --tune full does not use")
+                    for name in ("rank", "lr_lora")))
     config = make_config(LearnConfig, settings)
     result = with_reporter(quiet, lambda report: learn(image, list(masks), config, name=name, output=output, base_model=base_model,
                                                        revision=revision, device=device, resume=resume, force=force, report=report))
@@ -490,6 +508,7 @@ def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite,
     prompts = list(prompt_options) or ([prompt] if prompt else [])
     if len(prompts) != len(masks):
         raise click.UsageError(f"give one prompt per --mask: {len(masks)} mask(s), {len(prompts)} prompt(s)")
+    refuse_unused(("out_dir", output is not None, "give -o FILE or --out-dir DIR, not both"))
     config = make_config(EditConfig, settings)
     result = with_reporter(quiet, lambda report: edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output,
                                                       overwrite=overwrite, device=device, base_model=base_model, report=report))
@@ -517,6 +536,7 @@ def extract_bg_command(scene, variations, prompt, out_dir, base_model, device, q
     """
     from ..sample.edit import extract_background
 
+    refuse_unused(("prompt", variations == 0, "--prompt is the template of the variations: add -n K for K of them"))
     config = make_config(BackgroundConfig, settings)
     result = with_reporter(quiet, lambda report: extract_background(scene, config, variations=variations, prompt=prompt,
                                                                     out_dir=out_dir, device=device, base_model=base_model,
