@@ -232,17 +232,28 @@ def make_config(config_class, values: dict):
     return config_class(**kwargs)
 
 
-def refuse_unused(*rules: tuple[str, bool, str]) -> None:
-    """Exit 2 for an option given (on the command line or by its environment variable)
-    where nothing uses it: each rule is (its parameter, whether it is unused, why),
-    e.g. ("class_prompt", not prior, "--class-prompt makes class images, which
-    --no-prior turns off"). A setting silently ignored would look as if it had counted."""
+def unused_options(*rules: tuple[str, bool, str]) -> list[str]:
+    """Why each option given (on the command line or by its environment variable) is
+    unused: each rule is (its parameter, whether it is unused, why). A setting
+    silently ignored would look as if it had counted."""
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    for name, unused, why in rules:
-        if unused and ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
-            raise click.UsageError(why, ctx=ctx)
+    return [why for name, unused, why in rules
+            if unused and ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+
+
+def refuse_unused(*rules: tuple[str, bool, str]) -> None:
+    """Exit 2 for an option that the others leave unused, where giving both is a mistake."""
+    for why in unused_options(*rules):
+        raise click.UsageError(why, ctx=click.get_current_context())
+
+
+def warn_unused(*rules: tuple[str, bool, str]) -> None:
+    """A warning for an option that the others leave unused, where a script may well pass
+    it whatever the others say (a fixed set of options and a switch that varies)."""
+    for why in unused_options(*rules):
+        click.echo(f"warning: {why}: ignored", err=True)
 
 
 def complete_scene(ctx, param, incomplete: str):
@@ -361,10 +372,10 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
     from ..train.learn import learn
 
     no_prior, full = not settings["prior"], settings["tune"] == "full"
-    refuse_unused(*((name, no_prior, f"--{name.replace('_', '-')} is for the class images, which --no-prior turns off")
-                    for name in ("class_prompt", "num_class_images", "class_scheduler")),
-                  *((name, full, f"--{name.replace('_', '-')} is for LoRA tuning, which --tune full does not use")
-                    for name in ("rank", "lr_lora")))
+    warn_unused(*((name, no_prior, f"--{name.replace('_', '-')} is for the class images, which --no-prior turns off")
+                  for name in ("class_prompt", "num_class_images", "class_scheduler")),
+                *((name, full, f"--{name.replace('_', '-')} is for LoRA tuning, which --tune full does not use")
+                  for name in ("rank", "lr_lora")))
     config = make_config(LearnConfig, settings)
     result = with_reporter(quiet, lambda report: learn(image, list(masks), config, name=name, output=output, base_model=base_model,
                                                        revision=revision, device=device, resume=resume, force=force, report=report))
