@@ -4,6 +4,7 @@ checkpoint, and parallel runs do not trip over each other."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -248,6 +249,16 @@ def test_resume_across_an_optimizer_change_warns_and_finishes(scene_files, tiny_
     messages = []
     learn(*args, base_model=str(tiny_model), name="kind", resume=True, report=messages.append)
     assert any("optimizer changed" in getattr(m, "text", "") for m in messages)
+    # From the end of phase 1, whose optimizer phase 2 replaces anyway: nothing is lost, no warning.
+    with pytest.raises(Killed):
+        learn(*args, base_model=str(tiny_model), name="boundary", report=kill_at(2, 1))
+    state = torch.load(checkpoint_path("boundary"), weights_only=True)
+    assert (state["phase"], state["step"]) == (1, 2)
+    state["optimizer_kind"] = "adamw8bit"
+    torch.save(state, checkpoint_path("boundary"))
+    messages = []
+    learn(*args, base_model=str(tiny_model), name="boundary", resume=True, report=messages.append)
+    assert not any("optimizer changed" in getattr(m, "text", "") for m in messages)
 
 
 def test_optimizer_in_backward_refuses_another_layout():
@@ -558,3 +569,19 @@ def test_sigterm_stops_learn_as_ctrl_c_does_but_exits_143():
                 raise Interrupted("interrupted: checkpoint saved; run the same command with --resume to continue")
         assert stopped.value.exit_code == code and isinstance(stopped.value, Terminated) == (code == 143), sig
         assert "--resume" in str(stopped.value) and len(heard) == 1
+
+
+def test_a_resume_whose_frozen_weights_wait_in_another_precision_is_warned_about(scene_files, tiny_model, monkeypatch):
+    """Under bf16 autocast, LoRA with --memory low keeps the frozen base in bf16 on a
+    CPU, with --memory fast in fp32: a resume that changes --memory (allowed: after
+    running out of memory) changes the numbers, as a resume on another device does,
+    and now says so as that one does."""
+    monkeypatch.setenv("SCENEBREAK_CPU_BF16", "1")
+    config = LearnConfig(steps1=2, steps2=2, prior=False, tune="lora", rank=2, memory="fast", checkpoint_every=1)
+    args = (scene_files["image"], scene_files["masks"])
+    with pytest.raises(Killed):
+        learn(*args, config, base_model=str(tiny_model), name="held", report=kill_at(2, 2))
+    messages = []
+    learn(*args, dataclasses.replace(config, memory="low"), base_model=str(tiny_model), name="held", resume=True,
+          report=messages.append)
+    assert any("frozen weights held in bf16" in getattr(m, "text", "") for m in messages)

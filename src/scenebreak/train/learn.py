@@ -237,6 +237,11 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None,
                  state.get("quantize") if state else None)
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
+    if state is not None and state.get("half_frozen", plan.half_frozen) != plan.half_frozen and amp_dtype is not None:
+        # --memory or --standalone changed on resume: the frozen weights now wait in another precision.
+        held = precision_name(amp_dtype) if plan.half_frozen else "fp32"
+        report(Message(f"resuming with the frozen weights held in {held}, unlike the run's start (--memory or "
+                       "--standalone changed): the scene differs from an uninterrupted run's by rounding", "warning"))
     if plan.tune != checked_tune:  # auto chose full tuning: its scene and checkpoint are far larger than LoRA's
         _check_room(resolved[0], config, out)
     widen = plan.tune == "full" or not plan.half_frozen  # loaded in half precision for a frozen base the plan does not keep

@@ -640,6 +640,7 @@ class Trainer:
             "tuning": self.config.tune,  # what --tune auto chose: a resume keeps it
             "quantize": self.plan.quantize,  # and what --quantize auto chose (another base is another run)
             "device": self.device.type, "precision": precision_name(self.amp_dtype),  # (a resume elsewhere is told)
+            "half_frozen": self.plan.half_frozen,  # (so is one whose frozen weights wait in another precision)
             "phase": self.phase,
             "step": self.step,
             "handles": self.embedding.handles.detach().cpu().clone(),
@@ -686,7 +687,11 @@ class Trainer:
         self.history = {int(k): [torch.tensor([row[n] for n in LOSS_NAMES]) for row in rows] for k, rows in state["history"].items()}
         self.seconds = {int(k): v for k, v in state["seconds"].items()}
         notes = []
-        if "optimizer" in state and state.get("optimizer_kind", "adamw") != self.optimizer_kind:
+        # The checkpoint's optimizer goes on only within its phase: one written at the end
+        # of phase 1 holds phase 1's, which phase 2 replaces by a fresh one anyway.
+        phase_steps = self.config.steps1 if self.phase == 1 else self.config.steps2
+        continues = state.get("optimizer_phase", self.phase) == self.phase and self.step < phase_steps
+        if "optimizer" in state and continues and state.get("optimizer_kind", "adamw") != self.optimizer_kind:
             # Its moments are kept in another layout (e.g. out of memory, then --memory low
             # with 8-bit AdamW): they start again; the rest of the run is the same.
             notes.append(f"the optimizer changed ({state.get('optimizer_kind', 'adamw')} -> {self.optimizer_kind}): "
