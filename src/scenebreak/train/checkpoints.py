@@ -16,11 +16,13 @@ from ..paths import ON_WINDOWS, checkpoint_path, is_regular_file, write_atomical
 
 # Training time that justifies one more checkpoint before the scene is written.
 FINAL_AFTER_SECONDS = 300.0
-# Settings that do not change the result: a resumed run may change them (e.g. add
-# --gradient-checkpointing after running out of memory).
-# The memory switches change at most the clipping of phase 2 (per tensor with the
-# optimizer in the backward pass), and resuming with less memory is their point.
-# A change of optimizer (8-bit or not) restarts its running averages (Trainer.load_state_dict).
+# Settings a resumed run may change (e.g. add --gradient-checkpointing after running
+# out of memory): resuming with less memory is their point. They change the result at
+# most by rounding, and a resume says where: the memory switches change the clipping
+# of phase 2 (per tensor with the optimizer in the backward pass) and, under half-
+# precision autocast with LoRA, whether the frozen weights wait in half precision
+# (so does --standalone; learn warns); a change of optimizer (8-bit or not) restarts
+# its running averages (Trainer.load_state_dict warns).
 RESUMABLE_CHANGES = ("checkpoint_every", "gradient_checkpointing", "save_dtype", "memory", "optimizer_in_backward",
                      "compile", "standalone", "adam_8bit")
 
