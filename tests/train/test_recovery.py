@@ -259,6 +259,23 @@ def test_resume_across_an_optimizer_change_warns_and_finishes(scene_files, tiny_
     messages = []
     learn(*args, base_model=str(tiny_model), name="boundary", resume=True, report=messages.append)
     assert not any("optimizer changed" in getattr(m, "text", "") for m in messages)
+    assert not any("another version" in getattr(m, "text", "") for m in messages)
+
+
+def test_a_checkpoint_of_another_version_resumes_saying_the_result_will_differ(scene_files, tiny_model):
+    """A checkpoint from before the class images were dealt once per round resumed with
+    another sequence of them, silently: its result matched neither version's run."""
+    config = LearnConfig(steps1=2, steps2=2, num_class_images=2, checkpoint_every=1)
+    args = (scene_files["image"], scene_files["masks"], config)
+    with pytest.raises(Killed):
+        learn(*args, base_model=str(tiny_model), name="old", report=kill_at(2, 1))
+    state = torch.load(checkpoint_path("old"), weights_only=True)
+    assert state["format"] == 2
+    del state["format"]  # as written before formats were numbered
+    torch.save(state, checkpoint_path("old"))
+    messages = []
+    learn(*args, base_model=str(tiny_model), name="old", resume=True, report=messages.append)
+    assert any("another version of scenebreak" in getattr(m, "text", "") and m.level == "warning" for m in messages)
 
 
 def test_optimizer_in_backward_refuses_another_layout():

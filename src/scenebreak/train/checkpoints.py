@@ -14,6 +14,10 @@ from ..errors import Interrupted, InvalidInput, Terminated
 from ..events import Message, Reporter, silent
 from ..paths import ON_WINDOWS, checkpoint_path, is_regular_file, write_atomically
 
+# What a checkpoint's training goes on as: raised when the same checkpoint would
+# continue differently (2: class images dealt once per round, not drawn), so that a
+# resume of an older one says its result will differ from an uninterrupted run's.
+CHECKPOINT_FORMAT = 2
 # Training time that justifies one more checkpoint before the scene is written.
 FINAL_AFTER_SECONDS = 300.0
 # Settings a resumed run may change (e.g. add --gradient-checkpointing after running
@@ -129,6 +133,10 @@ class Checkpoints:
             raise InvalidInput(f"the checkpoint of {self.name!r} ({self.path}) is damaged or from another version of "
                                "scenebreak: drop --resume to start over")
         report(Message(f"resuming {self.name!r} at phase {state['phase']}, step {state['step']}"))
+        if state.get("format", 1) != CHECKPOINT_FORMAT:
+            report(Message(f"the checkpoint of {self.name!r} was written by another version of scenebreak, which "
+                           "trains on differently from here: the scene will differ from an uninterrupted run's "
+                           "(drop --resume to start over for that)", "warning"))
         return state
 
     def save(self, trainer) -> None:
@@ -138,7 +146,7 @@ class Checkpoints:
 
         trainer.check_finite()
         state = trainer.state_dict()
-        state["identity"] = self.identity
+        state["identity"], state["format"] = self.identity, CHECKPOINT_FORMAT
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
         self.saved_at = time.monotonic()
 
