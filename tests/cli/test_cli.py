@@ -248,13 +248,15 @@ def test_an_empty_prompts_file_is_named_as_such(learned, tmp_path):
     (["extract-bg", "SCENE", "-p", "a photo of a car at <background>"], "add -n K"),
     (["edit", "IMAGE", "<asset1>", "--scene", "SCENE", "-m", "MASK", "-o", "x.png", "--out-dir", "d"], "not both"),
 ])
-def test_an_option_nothing_would_use_is_refused_not_ignored(scene_files, learned, args, message):
+def test_an_option_nothing_would_use_is_refused_not_ignored(scene_files, learned, args, message, tmp_path, monkeypatch):
     """Settings that the other options make unused were silently ignored (the run looked
     as if they had counted); export refused its own such case already."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # (a refusal writes nothing; were it to, not into the checkout)
     values = {"IMAGE": scene_files["image"], "MASK": scene_files["masks"][0], "SCENE": learned.path}
     result = run(*(values.get(a, a) for a in args))
     assert result.exit_code == 2 and message in result.stderr, result.output
-    assert result.stdout == ""
+    assert result.stdout == "" and not list((tmp_path / "here").iterdir())
 
 
 def test_learn_warns_about_the_options_its_switches_leave_unused(scene_files, tiny_model):
