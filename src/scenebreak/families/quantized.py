@@ -67,16 +67,22 @@ def _quantized_linear(linear, kind: str, compute_dtype):
 
 def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...] = ()) -> int:
     """Replace the model's linear layers (but those whose name starts with one of
-    `skip`) by bitsandbytes' `kind` layers holding the same weights; they are
-    quantised when the model moves to its device. Returns how many were replaced."""
+    `skip`, and those transformers keeps out of quantisation, `_keep_in_fp32_modules`)
+    by bitsandbytes' `kind` layers holding the same weights; they are quantised when
+    the model moves to its device. Returns how many were replaced."""
     import torch
 
     if kind not in KINDS:
         raise ValueError(f"unknown quantisation {kind!r}")
     quiet_bitsandbytes()
+    # T5's `wo`: its forward casts its input to the weight's dtype, which for a 4-bit
+    # layer is uint8 (every prompt state garbage); transformers never quantises it.
+    kept = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     # Never a LoRA adapter's own matrices (lora_A, lora_B: plain linear layers too).
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is torch.nn.Linear and not name.startswith(skip) and ".lora_" not in name]
+               if type(module) is torch.nn.Linear and not name.startswith(skip) and ".lora_" not in name
+               and not kept.intersection(name.split("."))]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
