@@ -43,6 +43,20 @@ def fp32_layers(model, dtype) -> list:
     return [module for name, module in model.named_modules() if names.intersection(name.split("."))] if names else []
 
 
+def hold_in_fp32(models, dtype, device_type: str) -> list:
+    """The layers of `models` that transformers keeps in fp32 for `dtype` (fp32_layers),
+    made fp32 (a model loaded in its files' bf16 has them in bf16) and run in fp32 under
+    any autocast (run_in_fp32); returns them. Packed (bitsandbytes) weights stay as they
+    are. Calling it again changes nothing."""
+    layers = [layer for model in models for layer in fp32_layers(model, dtype)]
+    for layer in layers:
+        for param in layer.parameters():
+            if param.is_floating_point() and not type(param).__module__.startswith("bitsandbytes"):
+                param.data = param.data.float()
+        run_in_fp32(layer, device_type)
+    return layers
+
+
 def run_in_fp32(module, device_type: str) -> None:
     """`module` runs in fp32 (its input widened) with autocast off, whatever autocast is
     around it: under fp16 autocast a layer kept in fp32 would still multiply in fp16."""

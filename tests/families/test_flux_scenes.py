@@ -290,3 +290,32 @@ def test_fp16_training_runs_t5s_fp32_layers_in_fp32_as_sampling_does(flux, scene
     assert seen and set(seen) == {(torch.float32, torch.float32, True)}
     # The frozen rest did train in fp16 (what the test is about).
     assert load_scene("fp16").meta["precision"] == "fp16"
+
+
+def test_t5_loaded_in_its_files_bf16_runs_its_fp32_layers_in_fp32_under_fp16(tmp_path):
+    """On a GPU FLUX's T5 loads in its files' bf16, where transformers keeps `wo` in bf16
+    (it keeps it in fp32 for fp16 loads only): under fp16 training its layers must be
+    made fp32 before they run in fp32, or the fp32 input meets a bf16 weight."""
+    from transformers import T5EncoderModel
+
+    from scenebreak.device import hold_in_fp32
+    from tinymodels import build_tiny_flux
+
+    folder = build_tiny_flux(tmp_path / "flux", variant="dev", t5_dtype=torch.bfloat16)
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    assert t5.dtype == torch.bfloat16
+    reference = T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 13, 1]])
+    layers = hold_in_fp32([t5], torch.float16, "cpu")
+    assert layers and all(p.dtype == torch.float32 for layer in layers for p in layer.parameters())
+    assert hold_in_fp32([t5], torch.float16, "cpu") == layers  # a second call changes nothing
+    kept = {id(p) for layer in layers for p in layer.parameters()}
+    for param in t5.parameters():  # the rest as the fp16 training holds it (its cast skips those layers)
+        if id(param) not in kept:
+            param.data = param.data.half()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        states = t5(ids)[0]
+    with torch.no_grad():
+        expected = reference(ids)[0]
+    assert torch.isfinite(states).all()
+    assert float((states.float() - expected).norm() / expected.norm()) < 0.05

@@ -265,10 +265,13 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
 
         quantize_frozen_base(components, plan.quantize, amp_dtype or torch.float32)
 
+    from ..device import hold_in_fp32
     from .classimages import ensure_class_images
     from .tokens import add_handles
     from .trainer import Trainer, TrainInputs
 
+    # Before the class images, which the text encoders condition too (FLUX.1's T5 in fp16).
+    hold_in_fp32(components.text_encoders, amp_dtype, device.type)
     stop = StopFlag(also=should_stop)
     with _out_of_memory_in_one_line(plan, device), _cuda_precision_kept():
         with catch_interrupts(stop, report):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import LearnConfig
-from ..device import Device, fp32_layers, precision_name, run_in_fp32
+from ..device import Device, hold_in_fp32, precision_name
 from ..errors import InvalidInput
 from ..families import vae_normalisation
 from ..handles import prompt_for
@@ -116,11 +116,10 @@ class Trainer:
         self.handle_tokens = handle_tokens
         self.num_handles = len(inputs.handle_ids)
         self.amp_dtype = amp_dtype
-        # The layers transformers keeps in fp32 in half precision (FLUX.1's T5 `wo`) run in
-        # fp32 under fp16 autocast too, as they do when sampling: in fp16 they overflow.
-        self._fp32_layers = [layer for encoder in components.text_encoders for layer in fp32_layers(encoder, amp_dtype)]
-        for layer in self._fp32_layers:
-            run_in_fp32(layer, device.type)
+        # The layers transformers keeps in fp32 in half precision (FLUX.1's T5 `wo`) are
+        # fp32 and run in fp32 under fp16 autocast too, as when sampling: in fp16 they
+        # overflow (learn has done it already, before the class images).
+        self._fp32_layers = hold_in_fp32(components.text_encoders, amp_dtype, device.type)
         self.schedule = components.family.training_schedule(components.scheduler_config)
         dev = device.torch
 
