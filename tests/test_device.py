@@ -30,6 +30,9 @@ def test_precision_per_device():
     cpu = choose_device("cpu")
     assert cpu.train_dtype("auto") is (torch.bfloat16 if cpu_has_bf16() else None)  # fp32 without bf16 instructions
     assert cpu.train_dtype("no") is None and cpu.train_dtype("fp32") is None  # (sampling's --precision says fp32)
+    from scenebreak.config import LearnConfig
+
+    assert LearnConfig(mixed_precision="fp32") == LearnConfig(mixed_precision="no")  # one run, for --resume
     with pytest.raises(InvalidInput, match="needs a CUDA device"):
         cpu.train_dtype("fp16")
 

@@ -197,6 +197,8 @@ class LearnConfig:
 
     def __post_init__(self):
         _one_string_is_one_value(self, "names", "init_words")
+        if self.mixed_precision == "fp32":  # one spelling of "none", so a resume sees the same settings
+            object.__setattr__(self, "mixed_precision", "no")
 
     def validate(self, num_masks: int) -> "LearnConfig":
         check_bounds(self)

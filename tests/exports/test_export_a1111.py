@@ -650,3 +650,5 @@ def test_a_base_with_the_same_vocabulary_and_other_weights_is_warned_about(lora_
     assert warnings(lambda report: generate(lora_scene, "a photo of <asset1>", config, out_dir=tmp_path / "other",
                                             base_model=str(tuned), device="cpu", report=report))
     assert warnings(lambda report: export(full_scene, tmp_path / "a1111", "a1111", base_model=str(tuned), report=report))
+    assert warnings(lambda report: export(lora_scene, tmp_path / "diffusers", "diffusers", base_model=str(tuned),
+                                          report=report))

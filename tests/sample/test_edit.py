@@ -290,4 +290,6 @@ def test_masks_given_as_learn_takes_them_are_refused_not_read_as_a_prompt(learne
     image, left, right = photo
     result = run("edit", image, "--scene", learned.path, "--mask", left, right, "--out-dir", tmp_path / "out")
     assert result.exit_code == 2 and "is a file" in result.stderr and "--mask" in result.stderr, result.output
+    result = run("edit", image, "--scene", learned.path, "--mask", left, right, "-p", "<asset1>")
+    assert result.exit_code == 2 and "is a file" in result.stderr, result.output  # (not "PROMPT or --prompt, not both")
     assert not (tmp_path / "out").exists()

@@ -284,3 +284,34 @@ def test_class_images_are_dealt_once_per_round_in_a_fresh_order(scene_files, tin
     first, dealt[:] = list(dealt), []
     learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="dealt-again", device="cpu")
     assert dealt == first
+
+
+def test_a_class_image_folder_is_claimed_only_by_the_model_that_makes_its_first_images(tmp_path, monkeypatch):
+    """The folder records the weights that made its images; one of an earlier version's
+    images (their maker unknown) is not claimed by whoever adds to it, and a base
+    without a weights print (no safetensors file) claims nothing."""
+    from PIL import Image
+
+    from scenebreak.families import family_named
+    from scenebreak.families.base_model import weights_print
+    from scenebreak.train import classimages
+
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "home"))
+    family = family_named("SD 2.x")
+    first = classimages.cache_folder("fp", "a photo at the beach", 64, family, weights="A")
+    first.mkdir(parents=True)
+    classimages.claim(first, "A")
+    assert classimages.cache_folder("fp", "a photo at the beach", 64, family, weights="A") == first
+    other = classimages.cache_folder("fp", "a photo at the beach", 64, family, weights="B")
+    assert other != first  # a fine-tune's own folder
+    old = classimages.cache_folder("fp", "a photo at the shore", 64, family, weights="B")
+    old.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(old / "0000.png")  # an earlier version's image: maker unknown
+    classimages.claim(old, "B")
+    assert not (old / classimages.MADE_BY).exists()
+    assert classimages.cache_folder("fp", "a photo at the shore", 64, family, weights="C") == old
+    # Weights in PyTorch files only: no print (unknown), not a print of nothing that any such folder shares.
+    bin_only = tmp_path / "bin-only" / "unet"
+    bin_only.mkdir(parents=True)
+    (bin_only / "diffusion_pytorch_model.bin").write_bytes(b"weights")
+    assert weights_print(tmp_path / "bin-only", family) == ""

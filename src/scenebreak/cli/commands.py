@@ -510,12 +510,12 @@ def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite,
     """
     from ..sample.edit import edit
 
-    if prompt and prompt_options:
-        raise click.UsageError("give the prompt as PROMPT or with --prompt, not both")
     if prompt and os.path.isfile(prompt):
         # `--mask a.png b.png`, as learn takes --masks: b.png would be the prompt.
         raise click.UsageError(f"PROMPT {prompt!r} is a file: give each region its own --mask and --prompt "
                                f"(-m a.png -p \"<asset1>\" -m b.png -p \"<asset2>\")")
+    if prompt and prompt_options:
+        raise click.UsageError("give the prompt as PROMPT or with --prompt, not both")
     prompts = list(prompt_options) or ([prompt] if prompt else [])
     if len(prompts) != len(masks):
         raise click.UsageError(f"give one prompt per --mask: {len(masks)} mask(s), {len(prompts)} prompt(s)")

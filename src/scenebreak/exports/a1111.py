@@ -374,8 +374,8 @@ the one that puts the object where the prompt says.
 - diffusers takes both, one encoder at a time:
   `pipe.load_textual_inversion(rows["clip_l"], token="{trigger}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`
   and the same with `rows["t5xxl"]`, `text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2`;
-  then set `pipe.tokenizer.eos_token_id` as `pipe.text_encoder.config.eos_token_id` and as the `eos_token_id` of
-  each module of `pipe.text_encoder.modules()` that has one (FLUX.1's CLIP-L config carries the legacy
+  then copy the value of `pipe.tokenizer.eos_token_id` into `pipe.text_encoder.config.eos_token_id` and into the
+  `eos_token_id` of each module of `pipe.text_encoder.modules()` that has one (FLUX.1's CLIP-L config carries the legacy
   `eos_token_id: 2`, with which transformers pools at the largest token id: the trigger's, not the end of the
   prompt, where the scene was trained to pool).
 - Forge takes CLIP-L embeddings only, from files with one key: it cannot load the files in `embeddings/`

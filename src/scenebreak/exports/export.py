@@ -113,7 +113,7 @@ def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool
         elif format == "embeddings":
             _write_embeddings(scene, tmp)
         else:
-            _write_diffusers(scene, tmp, base_model)
+            _write_diffusers(scene, tmp, base_model, report)
         (tmp / MARKER).write_text(marker + "\n")
 
     if format != "embeddings":  # (a few kilobytes: said only for the gigabytes of weights)
@@ -264,9 +264,9 @@ def _write_embeddings(scene, folder: Path) -> None:
         save_file(tensors, str(folder / f"{name}.safetensors"), metadata=dict(meta, token=handle.token))
 
 
-def _write_diffusers(scene, folder: Path, base_model: str | None) -> None:
+def _write_diffusers(scene, folder: Path, base_model: str | None, report: Reporter = silent) -> None:
     from ..device import choose_device
     from ..sample.scene_models import open_pipeline
 
-    pipe = open_pipeline(scene, choose_device("cpu"), base_model, dtype=scene.stored_dtype)
+    pipe = open_pipeline(scene, choose_device("cpu"), base_model, dtype=scene.stored_dtype, report=report)
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -153,18 +153,19 @@ def weights_print(folder: Path, family) -> str:
     file's name and size and 32 stretches of 4 KiB spread over it. The fingerprint
     hashes the configs and the token tables, which a fine-tune of the denoiser (or of
     FLUX's transformer) shares with its base: this tells them apart, for a resume."""
-    digest = hashlib.sha256()
+    digest, read = hashlib.sha256(), 0
     for part in (family.denoiser, "vae", *family.text_encoders):
         for file in weight_files(Path(folder) / part):
             if not is_regular_file(file):  # never open a FIFO: it would block
                 continue
+            read += 1
             size = file.stat().st_size
             digest.update(f"{part}/{file.name}:{size}".encode())
             with open(file, "rb") as f:
                 for i in range(WEIGHTS_PRINT_SAMPLES):
                     f.seek(size * i // WEIGHTS_PRINT_SAMPLES)
                     digest.update(f.read(WEIGHTS_PRINT_BYTES))
-    return digest.hexdigest()
+    return digest.hexdigest() if read else ""  # (no safetensors file: unknown, as before the print)
 
 
 def stored_dtype(part: Path) -> str | None:

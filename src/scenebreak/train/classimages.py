@@ -35,6 +35,14 @@ def cache_folder(fingerprint: str, prompt: str, resolution: int, family, schedul
     return folder
 
 
+def claim(folder: Path, weights: str) -> None:
+    """Record `weights` as the maker of the folder's images where this model makes its
+    first ones: the folder is its own from then on. A folder of an earlier version's
+    images (by a model nobody recorded) is left unclaimed."""
+    if weights and _made_by(folder) is None and not any(usable(p) for p in folder.glob("*.png")):
+        write_atomically(folder / MADE_BY, lambda tmp: Path(tmp).write_text(weights + "\n"))
+
+
 def _made_by(folder: Path) -> str | None:
     """The weights_print recorded in a cache folder, or None (none recorded, or unreadable)."""
     try:
@@ -110,9 +118,7 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     from ..sample.pipeline import images_per_pass, make_pipeline, run_in_passes, sample
 
     folder = todo[0][1].parent
-    weights = components.base.weights
-    if weights and _made_by(folder) is None:  # this model makes images here: the folder is its own from now on
-        write_atomically(folder / MADE_BY, lambda tmp: Path(tmp).write_text(weights + "\n"))
+    claim(folder, components.base.weights)
     info = folder / "info.json"
     if not info.exists():
         info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "scheduler": scheduler,

@@ -219,7 +219,7 @@ class App:
         if job_id is None:
             return self.job
         with self.lock:
-            return self.recent.get(int(job_id)) if job_id.isdigit() and len(job_id) < 12 else None
+            return self.recent.get(int(job_id)) if job_id.isascii() and job_id.isdigit() and len(job_id) < 12 else None
 
     def _check_idle(self) -> None:
         """Busy while a job runs (one at a time); the caller holds the lock."""
