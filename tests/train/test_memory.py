@@ -432,7 +432,8 @@ def test_quantize_auto_never_holds_a_standalone_scenes_base_in_4_bits(monkeypatc
     monkeypatch.setattr(memory, "available_bytes", lambda device: 8 * memory.GiB)
     components = SimpleNamespace(models=lambda: [])
     assert memory.choose_quantization(LearnConfig(tune="lora"), components, cuda, 512, True, True, [])[0] == "nf4"
-    standalone = LearnConfig(tune="lora", standalone=True)
-    assert memory.choose_quantization(standalone, components, cuda, 512, True, True, []) == ("none", "")
+    standalone, warnings = LearnConfig(tune="lora", standalone=True), []
+    assert memory.choose_quantization(standalone, components, cuda, 512, True, True, warnings) == ("none", "")
+    assert len(warnings) == 1 and "without --standalone it could" in warnings[0]  # what did not fit is said
     with pytest.raises(InvalidInput, match="--standalone cannot resume this run"):
         memory.choose_quantization(standalone, components, cuda, 512, True, True, [], resumed="nf4")

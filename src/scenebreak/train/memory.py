@@ -218,11 +218,9 @@ def choose_quantization(config: LearnConfig, components, device, resolution: int
     if config.quantize != "auto":
         require_quantization(f"--quantize {config.quantize}", device)
         return config.quantize, ""
-    if config.standalone:  # the scene bakes the adapters into full weights, which a 4-bit base cannot give
-        if resumed in KINDS:
-            raise InvalidInput(f"--standalone cannot resume this run: its base is held in {resumed}, which cannot be "
-                               "baked into full weights; resume without --standalone, or start over with --force")
-        return "none", ""
+    if config.standalone and resumed in KINDS:
+        raise InvalidInput(f"--standalone cannot resume this run: its base is held in {resumed}, which cannot be "
+                           "baked into full weights; resume without --standalone, or start over with --force")
     if resumed == "none":
         return "none", ""
     if resumed in KINDS:
@@ -235,6 +233,10 @@ def choose_quantization(config: LearnConfig, components, device, resolution: int
         need -= 2 * sum(p.numel() for model in components.models() for p in model.parameters())
     free = available_bytes(device)
     if need <= 0.9 * free:
+        return "none", ""
+    if config.standalone:  # the scene bakes the adapters into full weights, which a 4-bit base cannot give
+        warnings.append(f"LoRA needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free, and a --standalone "
+                        "scene's base cannot be held in 4 bits: without --standalone it could")
         return "none", ""
     if not quantization_available():
         warnings.append(f"LoRA needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free: a base held in 4 bits "
