@@ -126,24 +126,20 @@ def test_best_assignment_is_the_best_one_to_one_pairing():
     assert best_assignment([]) == [] and best_assignment([[], []]) == [None, None]
 
 
-def test_objects_sharing_a_word_are_paired_by_identity_not_detection_order(learned, metric_models, tiny_segmentation,
-                                                                           tmp_path, monkeypatch):
-    """Both handles are "square"; the detector lists the blue square first. Each handle
-    must still get its own square: the photo itself then scores identity 1 for both."""
+def scoring_with_boxes(scene, detect, metric_models, tiny_segmentation, tmp_path, monkeypatch):
+    """score(words) -> score_images of the scene's own photo, with the detector's boxes
+    for a word from `detect(word)` and each box outlined as itself (a perfect segmenter
+    of rectangles)."""
     from types import SimpleNamespace
 
-    from scenebreak.scenes.bundle import load_scene
-    from scenebreak.masks.detector import Detector
     from scenebreak.device import choose_device
     from scenebreak.evaluation.evaluate import score_images
-    from scenebreak.masks.ops import bounding_box
+    from scenebreak.masks.detector import Detector
     from scenebreak.masks.segmenter import Segmenter
 
-    scene = load_scene(learned.path)
-    red, blue = (np.asarray(bounding_box(m), np.float32) for m in scene.masks)
-    monkeypatch.setattr(Detector, "detect", lambda self, image, word: (np.stack([blue, red]), np.array([0.9, 0.8])))
+    monkeypatch.setattr(Detector, "detect", lambda self, image, word: detect(word))
 
-    def outline(self, boxes):  # the box itself, as a perfect segmenter would outline a square
+    def outline(self, boxes):
         masks = []
         for x0, y0, x1, y1 in (np.asarray(b).astype(int) for b in boxes):
             mask = np.zeros(scene.image.shape[:2], np.uint8)
@@ -157,8 +153,21 @@ def test_objects_sharing_a_word_are_paired_by_identity_not_detection_order(learn
     clip, dino = metric_models
     detector, segmenter = tiny_segmentation
     refs = {"clip": str(clip), "dino": str(dino), "detector": str(detector), "segmenter": str(segmenter)}
-    words = {"<asset1>": "square", "<asset2>": "square"}
-    [score] = score_images(scene, generated, words, EvaluateConfig(threshold=0.5), refs, choose_device("cpu"))
+    return lambda words: score_images(scene, generated, words, EvaluateConfig(threshold=0.5), refs, choose_device("cpu"))
+
+
+def test_objects_sharing_a_word_are_paired_by_identity_not_detection_order(learned, metric_models, tiny_segmentation,
+                                                                           tmp_path, monkeypatch):
+    """Both handles are "square"; the detector lists the blue square first. Each handle
+    must still get its own square: the photo itself then scores identity 1 for both."""
+    from scenebreak.masks.ops import bounding_box
+    from scenebreak.scenes.bundle import load_scene
+
+    scene = load_scene(learned.path)
+    red, blue = (np.asarray(bounding_box(m), np.float32) for m in scene.masks)
+    score = scoring_with_boxes(scene, lambda word: (np.stack([blue, red]), np.array([0.9, 0.8])), metric_models,
+                               tiny_segmentation, tmp_path, monkeypatch)
+    [score] = score({"<asset1>": "square", "<asset2>": "square"})
     objects = {o.handle: o for o in score.objects}
     assert [o.handle for o in score.objects] == ["<asset1>", "<asset2>"]
     assert objects["<asset1>"].detection == 0.8 and objects["<asset2>"].detection == 0.9  # red was detected second
@@ -420,35 +429,15 @@ def test_an_object_inside_another_of_another_word_is_found(learned, metric_model
     """A creature in a bowl: the two words' boxes overlap by IoU 0.5 or more, and the
     second word's box was skipped as "the same object" as the first's: reported missing.
     Only a nearly identical box of another word is the same detection."""
-    from types import SimpleNamespace
-
-    from scenebreak.device import choose_device
-    from scenebreak.evaluation.evaluate import score_images
-    from scenebreak.masks.detector import Detector
-    from scenebreak.masks.segmenter import Segmenter
     from scenebreak.scenes.bundle import load_scene
 
     scene = load_scene(learned.path)
     h, w = scene.image.shape[:2]
     bowl, creature = np.array([4, 4, w - 4, h - 4], np.float32), np.array([8, 8, w - 10, h - 10], np.float32)
     boxes = {"bowl": bowl, "creature": creature, "twin": bowl + 1}
-    monkeypatch.setattr(Detector, "detect", lambda self, image, word: (boxes[word][None], np.array([0.9])))
-
-    def outline(self, found):
-        masks = []
-        for x0, y0, x1, y1 in (np.asarray(b).astype(int) for b in found):
-            mask = np.zeros((h, w), np.uint8)
-            mask[y0:y1, x0:x1] = 1
-            masks.append((mask, 1.0))
-        return masks
-
-    monkeypatch.setattr(Segmenter, "from_boxes", outline)
-    Image.fromarray(scene.image).save(tmp_path / "photo.png")
-    generated = [SimpleNamespace(path=tmp_path / "photo.png", prompt="a photo of <asset1> and <asset2>", seed=0)]
-    clip, dino = metric_models
-    detector, segmenter = tiny_segmentation
-    refs = {"clip": str(clip), "dino": str(dino), "detector": str(detector), "segmenter": str(segmenter)}
+    score = scoring_with_boxes(scene, lambda word: (boxes[word][None], np.array([0.9])), metric_models,
+                               tiny_segmentation, tmp_path, monkeypatch)
     for words, found in (({"<asset1>": "bowl", "<asset2>": "creature"}, [True, True]),
                          ({"<asset1>": "bowl", "<asset2>": "twin"}, [True, False])):  # the same box: one detection
-        [score] = score_images(scene, generated, words, EvaluateConfig(threshold=0.5), refs, choose_device("cpu"))
-        assert [o.found for o in score.objects] == found, words
+        [score_] = score(words)
+        assert [o.found for o in score_.objects] == found, words
