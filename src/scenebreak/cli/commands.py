@@ -636,7 +636,7 @@ def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, force, 
 @click.option("--no-browser", is_flag=True, help="Print the URL only; do not open a browser.")
 @click.option("--out-dir", type=UserPath(file_okay=False),
               help="Where masks and images go (default: beside PHOTO); the page may use this folder too.")
-@click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Learn's base model, as in learn (the page can change it).")
+@click.option("--base-model", envvar="SCENEBREAK_BASE_MODEL", help="Learn's base model, as in learn (the page can change it). Env: SCENEBREAK_BASE_MODEL.")
 @config_options(MaskConfig, exclude=("group", "max_masks"))
 @device_option
 @quiet_option
