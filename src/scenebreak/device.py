@@ -43,17 +43,25 @@ def fp32_layers(model, dtype) -> list:
     return [module for name, module in model.named_modules() if names.intersection(name.split("."))] if names else []
 
 
-def hold_in_fp32(models, dtype, device_type: str) -> list:
+def is_bitsandbytes_weight(param) -> bool:
+    """A weight of bitsandbytes' layers: packed, or float until the move to a device
+    packs it; it moves, but is never cast."""
+    return type(param).__module__.startswith("bitsandbytes")
+
+
+def hold_in_fp32(models, dtype, device_type: str | None = None) -> list:
     """The layers of `models` that transformers keeps in fp32 for `dtype` (fp32_layers),
-    made fp32 (a model loaded in its files' bf16 has them in bf16) and run in fp32 under
-    any autocast (run_in_fp32); returns them. Packed (bitsandbytes) weights stay as they
+    made fp32 (a cast of the whole model to `dtype` undid it; a model loaded in its
+    files' bf16 has them in bf16) and, given `device_type`, run in fp32 under any
+    autocast (run_in_fp32); returns them. Packed (bitsandbytes) weights stay as they
     are. Calling it again changes nothing."""
     layers = [layer for model in models for layer in fp32_layers(model, dtype)]
     for layer in layers:
         for param in layer.parameters():
-            if param.is_floating_point() and not type(param).__module__.startswith("bitsandbytes"):
+            if param.is_floating_point() and not is_bitsandbytes_weight(param):
                 param.data = param.data.float()
-        run_in_fp32(layer, device_type)
+        if device_type is not None:
+            run_in_fp32(layer, device_type)
     return layers
 
 

@@ -19,6 +19,7 @@ base when sampling, as QLoRA's are. bitsandbytes runs these layers on CUDA and, 
 
 from __future__ import annotations
 
+from ..device import fp32_layers, is_bitsandbytes_weight
 from ..hub import quiet_bitsandbytes
 
 QUANTIZE_HINT = "pipx inject scenebreak bitsandbytes (or pip install 'scenebreak[quantize]')"
@@ -76,13 +77,13 @@ def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...
         raise ValueError(f"unknown quantisation {kind!r}")
     quiet_bitsandbytes()
     # T5's `wo`: its forward casts its input to the weight's dtype, which for a 4-bit
-    # layer is uint8 (every prompt state garbage); transformers never quantises it.
-    kept = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
-        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    # layer is uint8 (every prompt state garbage); transformers never quantises the layers
+    # it keeps in fp32 (all of them: fp16's list, the longer one).
+    kept = {id(layer) for layer in fp32_layers(model, torch.float16)}
     # Never a LoRA adapter's own matrices (lora_A, lora_B: plain linear layers too).
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and not name.startswith(skip) and ".lora_" not in name
-               and not kept.intersection(name.split("."))]
+               and id(module) not in kept]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -111,12 +112,6 @@ def quantize_adapterless_encoders(components, kind: str, compute_dtype) -> None:
     for name, encoder in zip(family.text_encoders, components.text_encoders):
         if name in adapterless:
             quantize_linear_layers(encoder, kind, compute_dtype)
-
-
-def is_bitsandbytes_weight(param) -> bool:
-    """A weight of bitsandbytes' layers: packed, or float until the move to a device
-    packs it; it moves, but is never cast."""
-    return type(param).__module__.startswith("bitsandbytes")
 
 
 def has_quantized_layers(model) -> bool:

@@ -57,8 +57,11 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
 def to_device(model, device: Device, dtype):
     """`model` on `device` in `dtype`; the weights of a quantised layer move (and are
     packed by the move) but are never cast, and the layers the model's library keeps in
-    fp32 stay there (keep_in_fp32)."""
-    from ..families.quantized import has_quantized_layers, is_bitsandbytes_weight
+    fp32 stay there (device.hold_in_fp32: T5's `wo` in fp16 overflows, and FLUX.1's T5
+    then gives clamped or NaN prompt states; the model's forward casts its input to
+    such a layer's dtype itself)."""
+    from ..device import hold_in_fp32, is_bitsandbytes_weight
+    from ..families.quantized import has_quantized_layers
 
     if not has_quantized_layers(model):
         model.to(device.torch, dtype)
@@ -67,22 +70,8 @@ def to_device(model, device: Device, dtype):
         for param in model.parameters():
             if param.is_floating_point() and param.dtype != dtype and not is_bitsandbytes_weight(param):
                 param.data = param.data.to(dtype)
-    keep_in_fp32(model, dtype)
+    hold_in_fp32([model], dtype)
     return model
-
-
-def keep_in_fp32(model, dtype) -> None:
-    """Put back in fp32 the layers that transformers keeps there when it loads a model in
-    half precision, which a cast of the whole model undoes: T5's `wo` projections in fp16
-    overflow (FLUX.1's T5 then gives clamped or NaN prompt states). The model's forward
-    casts its input to such a layer's dtype itself."""
-    from ..device import fp32_layers
-    from ..families.quantized import is_bitsandbytes_weight
-
-    for module in fp32_layers(model, dtype):
-        for param in module.parameters(recurse=True):
-            if param.is_floating_point() and not is_bitsandbytes_weight(param):
-                param.data = param.data.float()
 
 
 def sampling_quantization(components, device: Device, dtype, asked: str) -> tuple[str, str]:
