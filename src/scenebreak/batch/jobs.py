@@ -249,14 +249,12 @@ def _config(config_class, options: dict, what: str):
                  for flag in f.metadata["option"].get("flags", ()) if "/" in flag}
     for key, value in options.items():
         name = _field_name(key)
-        if name in off_names:
+        on = off_names.get(name) or (name[3:] if name.startswith("no_") and name[3:] in fields
+                                     and fields[name[3:]].default is True else None)
+        if on:  # the switch's off side: `no-prior`, `keep-holes`
             if not isinstance(value, bool):
                 raise InvalidInput(f"{what}: {key} takes true or false, not {json.dumps(value)}")
-            name, value = off_names[name], not value
-        elif name.startswith("no_") and name[3:] in fields and fields[name[3:]].default is True:
-            if not isinstance(value, bool):
-                raise InvalidInput(f"{what}: {key} takes true or false, not {json.dumps(value)}")
-            name, value = name[3:], not value
+            name, value = on, not value
         if name not in allowed:
             extra = LEARN_EXTRA if config_class is LearnConfig else ()
             known = ", ".join(sorted(n.replace("_", "-") for n in (*allowed, *extra)))

@@ -160,7 +160,6 @@ class Trainer:
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         self.rng = random.Random(config.seed)  # flips, handle subsets
-        self._class_orders: dict[int, list[int]] = {}  # the class images' order of the current round (_class_index)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # noise, timesteps, latent samples
 
         resolution = inputs.image.size[0]
@@ -600,13 +599,9 @@ class Trainer:
         leaves some of them out of a short phase. A function of the seed and the step
         alone, so a resumed run deals the same."""
         count = len(self.inputs.class_images)
-        step = self.step + (self.config.steps1 if phase == 2 else 0)
-        round_, position = divmod(step, count)
-        order = self._class_orders.get(round_)
-        if order is None:
-            order = list(range(count))
-            random.Random(f"{self.config.seed}:class-images:{round_}").shuffle(order)
-            self._class_orders = {round_: order}  # only the current round is needed
+        round_, position = divmod(self.step + (self.config.steps1 if phase == 2 else 0), count)
+        order = list(range(count))  # (shuffling K numbers a step costs microseconds)
+        random.Random(f"{self.config.seed}:class-images:{round_}").shuffle(order)
         return order[position]
 
     def step_losses(self, b: StepBatch) -> torch.Tensor:
