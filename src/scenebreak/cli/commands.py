@@ -245,8 +245,9 @@ def unused_options(*rules: tuple[str, bool, str]) -> list[str]:
 
 def refuse_unused(*rules: tuple[str, bool, str]) -> None:
     """Exit 2 for an option that the others leave unused, where giving both is a mistake."""
-    for why in unused_options(*rules):
-        raise click.UsageError(why, ctx=click.get_current_context())
+    unused = unused_options(*rules)
+    if unused:
+        raise click.UsageError(unused[0], ctx=click.get_current_context())
 
 
 def warn_unused(*rules: tuple[str, bool, str]) -> None:

@@ -45,8 +45,10 @@ def claim(folder: Path, weights: str) -> None:
 
 def _made_by(folder: Path) -> str | None:
     """The weights_print recorded in a cache folder, or None (none recorded, or unreadable)."""
+    if not is_regular_file(folder / MADE_BY):
+        return None
     try:
-        return (folder / MADE_BY).read_text().strip() or None if is_regular_file(folder / MADE_BY) else None
+        return (folder / MADE_BY).read_text().strip() or None
     except (OSError, UnicodeDecodeError):
         return None
 

@@ -116,11 +116,7 @@ function watch(job) {
     } else if (record.type === "message") {
       log(record.text, record.level);
     } else if (record.type === "state") {
-      stream.close();
-      page.stream = null;
-      busy(false);
-      $("cancel").hidden = true;
-      document.body.dataset.job = record.state;
+      stopWatching(stream, record.state);
       $("job-text").textContent = `${record.job}: ${record.state}`;
       if (record.state === "done") {
         $("job-bar").max = 1;
@@ -139,16 +135,22 @@ function watch(job) {
       await api("/api/state");
     } catch (error) {
       if (page.stream !== stream) return;
-      stream.close();
-      page.stream = null;
-      busy(false);
-      $("cancel").hidden = true;
-      document.body.dataset.job = "lost";
+      stopWatching(stream, "lost");
       $("job-text").textContent = `${job.kind}: no answer`;
       showError(new Error("lost scenebreak ui: start it again and reload this page (a learn that was running saved " +
         "its checkpoint: tick Resume)"));
     }
   };
+}
+
+// The followed job is over (`state`: done, failed, cancelled, or lost): its stream
+// closes and the buttons are back.
+function stopWatching(stream, state) {
+  stream.close();
+  page.stream = null;
+  busy(false);
+  $("cancel").hidden = true;
+  document.body.dataset.job = state;
 }
 
 async function start(path, body) {
@@ -644,19 +646,24 @@ function buildSettings(container, fields, skip) {
   return inputs;
 }
 
-function keptSetting(id) {
+// The options set on this tab ({input id: value}; {} where there is no storage).
+function keptSettings() {
   try {
-    const all = JSON.parse(sessionStorage.getItem("scenebreak:settings") || "{}");
-    return Object.prototype.hasOwnProperty.call(all, id) ? all[id] : undefined;
+    return JSON.parse(sessionStorage.getItem("scenebreak:settings") || "{}") || {};
   } catch (error) {
-    return undefined;
+    return {};
   }
 }
 
+function keptSetting(id) {
+  const all = keptSettings();
+  return Object.prototype.hasOwnProperty.call(all, id) ? all[id] : undefined;
+}
+
 function keepSetting(id, value) {
+  const all = keptSettings();
+  all[id] = value;
   try {
-    const all = JSON.parse(sessionStorage.getItem("scenebreak:settings") || "{}");
-    all[id] = value;
     sessionStorage.setItem("scenebreak:settings", JSON.stringify(all));
   } catch (error) { /* no storage: the setting lives until the reload */ }
 }
