@@ -140,7 +140,6 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
         return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
 
     cfg = family.classifier_free and guidance > 1  # FLUX.1 embeds its guidance: one pass per step
-    negative = negative or None  # "" is no negative prompt, as in generate (SDXL: zeros, not the empty prompt's states)
     with torch.inference_mode():
         factor = pipe.vae_scale_factor
         embeds, added = family.pipeline_conditioning(pipe, prompt, len(seeds), cfg, negative,

@@ -82,6 +82,8 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     if config.guidance is not None and not scene.family.takes_guidance:
         report(Message(f"{scene.family.name} takes no guidance: --guidance {config.guidance:g} is ignored", "warning"))
         config = dataclasses.replace(config, guidance=None)
+    if getattr(config, "negative", None) == "":  # no negative prompt on every path (SDXL: zeros, not ""'s states)
+        config = dataclasses.replace(config, negative=None)
     if getattr(config, "negative", None) and not scene.family.classifier_free:
         report(Message(f"{scene.family.name} samples without a negative prompt (one pass per step, no classifier-free "
                        "guidance): --negative is ignored", "warning"))
