@@ -167,6 +167,18 @@ def test_a_handle_past_the_t5_limit_is_refused(dev_scene, tmp_path):
     assert result.exit_code == 2 and "<asset1> falls past" in result.stderr and "512" in result.stderr, result.output
 
 
+def test_a_handle_past_clips_77_tokens_but_within_t5s_is_warned_about(dev_scene, tmp_path):
+    """It reaches T5 (the image) but not CLIP-L's pooled vector: a warning, not a refusal."""
+    filler = " ".join(["photo"] * 100)
+    result = CliRunner().invoke(cli, ["generate", str(dev_scene.path), f"{filler} <asset1>", "--steps", "1",
+                                      "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "<asset1> falls past CLIP's 77 tokens" in result.stderr
+    early = CliRunner().invoke(cli, ["generate", str(dev_scene.path), f"<asset1> {filler}", "--steps", "1",
+                                     "--out-dir", str(tmp_path / "out2")])
+    assert early.exit_code == 0 and "falls past" not in early.stderr, early.output
+
+
 def test_lora_adapters_train_in_fp32_over_a_base_loaded_in_bf16(flux, scene_files, monkeypatch):
     """Under LoRA FLUX's transformer loads in the training's bf16; peft would make the
     adapters bf16 too, where AdamW's small updates round away. They are fp32."""

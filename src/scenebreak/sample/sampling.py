@@ -94,6 +94,7 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
                                  guidance=scene.family.guidance if config.guidance is None else config.guidance)
     tokenizers = scene_tokenizers(scene)
     check_prompt_lengths(scene, prompts, tokenizers[scene.family.attention_text], report)
+    warn_handles_past_shorter_encoders(prompts, tokenizers, scene.family.attention_text, report)
     device = device if isinstance(device, Device) else choose_device(device)
     dtype, autocast_dtype = device.sampling_precision(config.precision, prefer_bf16=scene.family.samples_in_bf16)
     seed = pick_seed(config, report)
@@ -162,6 +163,28 @@ def check_prompt_lengths(scene: Scene, prompts: list[str], tokenizer, report: Re
                                    "tokens, where the prompt is cut: put it earlier or shorten the prompt")
         report(Message(f"prompt {prompt[:60]!r}... is {len(ids)} tokens, over the text encoder's {limit}: "
                        f"only {kept[-40:]!r} and what comes before it is used", "warning"))
+
+
+def warn_handles_past_shorter_encoders(prompts: list[str], tokenizers: list, attention_text: int,
+                                       report: Reporter) -> None:
+    """FLUX reads the prompt twice: T5 (512 tokens) for the image, CLIP-L (77) for the
+    pooled vector. A handle between the two limits still shapes the image, but misses
+    the pooled vector it was trained with, so it is weaker: said, not refused."""
+    limit = tokenizers[attention_text].model_max_length
+    for tokenizer in tokenizers:
+        short = tokenizer.model_max_length
+        if short >= limit:
+            continue
+        for prompt in prompts:
+            ids = tokenizer(prompt, truncation=False).input_ids
+            if len(ids) <= short:
+                continue
+            lost = [token for token in dict.fromkeys(handles_in(prompt))
+                    if tokenizer.convert_tokens_to_ids(token) not in ids[:short - 1]]
+            if lost:
+                report(Message(f"prompt {prompt[:60]!r}...: {', '.join(lost)} falls past CLIP's {short} tokens, so the "
+                               "pooled prompt misses it and it comes out weaker: put it earlier for its full effect",
+                               "warning"))
 
 
 def warn_unused_handles(scene: Scene, prompts: list[str], report: Reporter) -> None:
