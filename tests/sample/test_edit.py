@@ -167,13 +167,13 @@ def test_edit_cli_prints_only_paths_and_guards_the_input(learned, photo, tmp_pat
                 "--steps", 3, "--json", "-o", tmp_path / "two.png")
     assert multi.exit_code == 0, multi.output
     assert json.loads(multi.stdout)["images"][0]["path"] == str(tmp_path / "two.png")
-    # An existing file, the input included, is replaced only with --overwrite.
+    # An existing file, the input included, is replaced only with --overwrite (or --force, as elsewhere).
     target = tmp_path / "in.png"
     Image.open(image).save(target)
     before = target.read_bytes()
     refused = run("edit", target, "-m", left, "--scene", learned.path, "<asset1>", "--steps", 3, "-o", target)
     assert refused.exit_code == 2 and "--overwrite" in refused.stderr and target.read_bytes() == before
-    replaced = run("edit", target, "-m", left, "--scene", learned.path, "<asset1>", "--steps", 3, "-o", target, "--overwrite")
+    replaced = run("edit", target, "-m", left, "--scene", learned.path, "<asset1>", "--steps", 3, "-o", target, "--force")
     assert replaced.exit_code == 0 and target.read_bytes() != before
     unpaired = run("edit", image, "--scene", learned.path, "-m", left, "-m", right, "-p", "<asset1>")
     assert unpaired.exit_code == 2 and "one prompt per --mask" in unpaired.stderr

@@ -496,7 +496,8 @@ def generate_command(scene, prompts, prompts_file, variations, grid, out_dir, ba
 @click.option("-p", "--prompt", "prompt_options", multiple=True, help="Prompt of the --mask at the same position (instead of PROMPT).")
 @config_options(EditConfig)
 @click.option("-o", "--output", type=UserPath(dir_okay=False), help="Write the result to this .png (with -n 1) instead of into --out-dir.")
-@click.option("--overwrite", is_flag=True, help="Allow replacing an existing image (even IMAGE) instead of choosing a new name.")
+@click.option("--overwrite", "--force", "overwrite", is_flag=True,
+              help="Allow replacing an existing image (even IMAGE) instead of choosing a new name.")
 @image_output_options
 @handle_errors
 def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite, out_dir, base_model, device, quiet, json_,
