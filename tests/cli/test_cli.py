@@ -218,6 +218,23 @@ def test_multi_value_options_parse_like_nargs():
     assert "before" not in parse("-q").output  # no multi-value option ran to the end: Click's own line
 
 
+@pytest.mark.parametrize("args, phrase", [
+    ([], "no command given"),
+    (["frob"], "No such command 'frob' (see cli --help)"),  # CliRunner's program name is the function's
+    (["generate"], "Missing argument 'SCENE' (see cli generate --help)"),
+    (["learn", "p.jpg", "--masks", "m.png", "--steps1", "many"], "'many' is not a valid integer (see cli learn --help)"),
+    (["export", "x", "--bogus"], "--bogus' (see cli export --help)"),
+    (["edit", "p.jpg", "--scene", "s", "-m", "m.png"], "one prompt per --mask"),
+])
+def test_usage_errors_are_one_error_line_naming_the_help(args, phrase):
+    """Click's own four lines (usage, hint, blank, error) are one, as every other failure's."""
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("Error: ") and phrase in lines[-1], result.stderr
+    assert not any(line.startswith(("Usage:", "Try ")) for line in lines) or not args  # bare `scenebreak`: the help
+
+
 def test_mask_options_given_with_a_tilde_after_the_equals_sign_are_in_the_home_folder(tmp_path, scene_files,
                                                                                        tiny_model, monkeypatch, learned):
     """A shell leaves `--masks=~/cat.png` as it is: the mask was looked for in a folder

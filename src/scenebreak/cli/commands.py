@@ -328,6 +328,26 @@ class CommandGroup(click.Group):
             args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and 0 < i < end))]
         return super().parse_args(ctx, args)
 
+    # Click prints a usage error as four lines (usage, hint, blank, error); every other
+    # failure is one Error line, so a usage error is too, with the hint in it.
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.UsageError as exc:
+        if exc.ctx is None:
+            raise
+        raise click.UsageError(f"{exc.format_message().rstrip('.')} (see {exc.ctx.command_path} --help)") from exc
+
 
 @click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="scenebreak")
