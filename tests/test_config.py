@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 
 import click
+import numpy as np
 import pytest
 
 from scenebreak.cli.commands import cli
@@ -147,3 +148,18 @@ def test_the_most_handles_learn_takes_all_fit_the_training_prompt(tiny_model):
     LearnConfig().validate(MAX_LEARNED_HANDLES)
     with pytest.raises(InvalidInput, match=f"at most {MAX_LEARNED_HANDLES}"):
         LearnConfig(background=True).validate(MAX_LEARNED_HANDLES)
+
+
+def test_pythons_spellings_of_one_setting_resume_as_one():
+    """A resume compares the settings as written: `lambda_attn=0` and `0.0`, a list and
+    a tuple, must be the same run."""
+    from types import SimpleNamespace
+
+    from scenebreak.train.checkpoints import identity
+
+    prepared = SimpleNamespace(source_sha256="s", masks=np.zeros(2, np.uint8))
+    one = LearnConfig(lambda_attn=0, lr1=1, adam_betas=[0.9, 0.99], names=["cat", "dog"], steps1=3)
+    other = LearnConfig(lambda_attn=0.0, lr1=1.0, adam_betas=(0.9, 0.99), names=("cat", "dog"), steps1=3)
+    assert identity(prepared, one, "base") == identity(prepared, other, "base")
+    assert isinstance(one.steps1, int) and one.prior is True  # ints and flags stay as they are
+    assert identity(prepared, one, "base") != identity(prepared, LearnConfig(lambda_attn=0.5), "base")

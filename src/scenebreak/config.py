@@ -114,6 +114,18 @@ def _one_string_is_one_value(config, *names: str) -> None:
             object.__setattr__(config, name, (value,))
 
 
+def _canonical_types(config) -> None:
+    """Python's spellings of one value made one: 0 for a float setting is 0.0, a list
+    for a tuple setting a tuple, as the command line gives them. A resume compares the
+    settings as written, and must not refuse `lambda_attn=0` after `lambda_attn=0.0`."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if kind.startswith("float") and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            object.__setattr__(config, f.name, float(value))
+        elif kind.startswith("tuple") and isinstance(value, list):
+            object.__setattr__(config, f.name, tuple(value))
+
+
 # Bounds no real use reaches, so that a typo (or a stranger's script) cannot ask for years of work.
 MAX_STEPS = 100_000
 MAX_SAMPLING_STEPS = 1000  # the training schedule's timesteps: no sampler can take more
@@ -197,6 +209,7 @@ class LearnConfig:
 
     def __post_init__(self):
         _one_string_is_one_value(self, "names", "init_words")
+        _canonical_types(self)
         if self.mixed_precision == "fp32":  # one spelling of "none", so a resume sees the same settings
             object.__setattr__(self, "mixed_precision", "no")
 
