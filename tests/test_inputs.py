@@ -231,6 +231,29 @@ def test_closed_stdout_in_a_command_is_quiet_even_with_debug(monkeypatch):
         assert result.stderr == "", result.stderr
 
 
+def test_a_closed_stdout_on_windows_is_quiet_too_but_not_a_bad_file_name(monkeypatch):
+    """Windows has no SIGPIPE: a write to a stdout whose reader went away fails with
+    EINVAL there; a bad file name fails with EINVAL too, but names the file."""
+    import errno
+
+    import scenebreak.paths
+    import scenebreak.scenes.catalog
+
+    monkeypatch.setattr(scenebreak.paths, "ON_WINDOWS", True)
+    failure = {}
+
+    def rows():
+        raise failure["exc"]
+
+    monkeypatch.setattr(scenebreak.scenes.catalog, "scene_rows", rows)
+    failure["exc"] = OSError(errno.EINVAL, "Invalid argument")
+    result = run("list")
+    assert result.exit_code == 141 and result.stderr == "", result.output
+    failure["exc"] = OSError(errno.EINVAL, "Invalid argument", "C:\\scenes\\a:b.scene")
+    result = run("list")
+    assert result.exit_code != 141 and result.stderr.startswith("Error"), result.output
+
+
 def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch):
     import os
     import signal

@@ -18,6 +18,7 @@ import click
 from .. import __version__
 from ..config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, EvaluateConfig, GenerateConfig, LearnConfig,
                      MaskConfig)
+from .. import paths
 from ..device import DEVICES
 from ..errors import SceneBreakError, fixable_error
 from ..events import printable
@@ -89,7 +90,12 @@ def handle_errors(fn):
 
 
 def _is_broken_pipe(exc: BaseException) -> bool:
-    return isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE)
+    """Whether `exc` is a write to a stdout whose reader went away. Windows has no
+    SIGPIPE: there such a write fails with EINVAL, and no file name (a bad file name
+    fails with EINVAL too, naming it)."""
+    if isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
+        return True
+    return paths.ON_WINDOWS and isinstance(exc, OSError) and exc.errno == errno.EINVAL and exc.filename is None
 
 
 def leave(exc: BaseException):
