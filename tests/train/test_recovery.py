@@ -360,6 +360,52 @@ def test_class_images_made_by_another_run_are_waited_for_and_reused(tiny_model):
     assert any("waiting for" in t for t in texts) and not any("generating" in t for t in texts)
 
 
+def test_class_images_claimed_by_a_fine_tune_while_this_run_waited_are_made_in_a_folder_of_its_own(tiny_model,
+                                                                                                       monkeypatch):
+    """A fine-tune of the same base (same fingerprint, other weights) took the shared
+    folder while this run waited on its lock: this run's images are not mixed into it."""
+    from PIL import Image
+
+    import scenebreak.train.classimages as classimages
+    from scenebreak.device import choose_device
+    from scenebreak.families.base_model import load_components
+    from scenebreak.train.locks import class_images_lock
+
+    components = load_components(str(tiny_model))
+    assert components.base.weights
+    shared = classimages.class_image_paths(components.base.fingerprint, "a photo", 64, 2, components.family,
+                                           weights=components.base.weights)
+    shared[0].parent.mkdir(parents=True)
+    holding = threading.Event()
+
+    def fine_tunes_run():
+        with class_images_lock(shared[0].parent):
+            holding.set()
+            time.sleep(0.5)
+            (shared[0].parent / classimages.MADE_BY).write_text("the fine-tune's weights\n")
+            for path in shared:
+                Image.new("RGB", (64, 64), (9, 9, 9)).save(path)
+
+    made = []
+
+    def make(components, device, prompt, resolution, amp_dtype, todo, *rest):
+        classimages.claim(todo[0][1].parent, components.base.weights)
+        for _, path in todo:
+            made.append(path)
+            Image.new("RGB", (64, 64), (1, 2, 3)).save(path)
+
+    monkeypatch.setattr(classimages, "_make", make)
+    thread = threading.Thread(target=fine_tunes_run)
+    thread.start()
+    holding.wait()
+    paths = classimages.ensure_class_images(components, choose_device("cpu"), "a photo", 2, 64)
+    thread.join()
+    assert paths[0].parent != shared[0].parent and made == paths
+    assert classimages._made_by(paths[0].parent) == components.base.weights
+    with Image.open(shared[0]) as image:
+        assert image.getpixel((0, 0)) == (9, 9, 9)  # the fine-tune's images untouched
+
+
 def test_a_damaged_cached_class_image_is_made_again(tiny_model):
     """An empty or cut PNG in the cache (a power cut, a full disk) made every later learn
     of that base and prompt fail reading it; it is made again instead."""
