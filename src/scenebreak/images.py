@@ -26,6 +26,9 @@ class PreparedImage:
 
 
 _BOMB_LIMIT = threading.RLock()  # held while an image is opened, and while _too_big lifts Pillow's limit
+ORIENTATION = "scenebreak.orientation"  # in an opened image's info: the EXIF orientation it was turned upright from
+_EXIF_ORIENTATION = 0x0112
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 
 
 def _open(path: Path, what: str):
@@ -40,21 +43,55 @@ def _open(path: Path, what: str):
         raise InvalidInput(f"{what} is a folder, not an image: {path}")
     if not is_regular_file(path):  # a FIFO or a device: reading it would block or never end
         raise InvalidInput(f"{what} {path} is not a regular file")
+    if _is_heif(path):
+        _read_heif(path, what)
     try:
         with warnings.catch_warnings():
             # Pillow warns from half its bomb limit on; such photos are merely big.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Its notes on odd but readable files ("Corrupt EXIF data") would break the one-line output.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with _BOMB_LIMIT:  # (never while _too_big has lifted the limit: open checks it)
                 image = Image.open(path)
             image.load()
-        # Phone photos are often stored sideways with an EXIF rotation: use them the
-        # way every viewer (and mask editor) shows them.
-        image = ImageOps.exif_transpose(image)
+            # Phone photos are often stored sideways with an EXIF rotation: use them the
+            # way every viewer (and mask editor) shows them.
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError:
         raise InvalidInput(_too_big(path, what)) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise InvalidInput(f"cannot read {what} {path}: not an image file Pillow can read (JPEG, PNG, WebP, TIFF, "
+                           "BMP, GIF...)") from None
+    except (OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read {what} {path}: {exc}") from None
+    image.info[ORIENTATION] = orientation if orientation in range(2, 9) else 1
     return image
+
+
+def _is_heif(path: Path) -> bool:
+    """An HEIC/HEIF file (an iPhone's photos): an ISO box `ftyp` with a HEIF brand."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+def _read_heif(path: Path, what: str) -> None:
+    """Pillow reads HEIC only through the pillow-heif plug-in: used where installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        raise InvalidInput(f"cannot read {what} {path}: it is HEIC/HEIF (an iPhone's format), which needs pillow-heif: "
+                           "pipx inject scenebreak pillow-heif, or export it as JPEG or PNG") from None
+    pillow_heif.register_heif_opener()
+
+
+def orientation(image) -> int:
+    """The EXIF orientation (2..8) an image was turned upright from when opened; 1: none."""
+    return image.info.get(ORIENTATION, 1)
 
 
 def _too_big(path: Path, what: str) -> str:
@@ -111,53 +148,100 @@ def _cmyk_to_rgb(image):
     return image.convert("RGB")
 
 
+def _has_alpha(image) -> bool:
+    """Transparency as a channel, or as one colour (a PNG's tRNS chunk, in any mode)."""
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode in ("P", "L", "RGB", "1") and
+                                                                 "transparency" in image.info)
+
+
 def load_image(path: Path):
     """An RGB image: 16-bit grey scaled to 8 bits, CMYK through its colour profile,
-    palettes expanded; transparency is flattened onto white."""
+    palettes expanded; transparency is flattened onto white. An RGB colour profile is
+    kept in `info` (the numbers are used as they are, as everywhere in the field), so
+    that `edit` can give its output the photo's own."""
     from PIL import Image
 
     image = _open(path, "image")
+    turned, profile = orientation(image), image.info.get("icc_profile")
     if image.mode in _WIDE_GREY:
         image = _grey_to_8bit(image)
     elif image.mode == "CMYK":
-        image = _cmyk_to_rgb(image)
-    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image, profile = _cmyk_to_rgb(image), None  # (now sRGB: the print profile no longer describes it)
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return image.convert("RGB")
+    image = image.convert("RGB")
+    image.info.clear()
+    image.info[ORIENTATION] = turned
+    if profile:
+        image.info["icc_profile"] = profile
+    return image
+
+
+def mask_strength(image) -> np.ndarray:
+    """(H, W) uint8: how strongly each pixel of a mask file marks the object, 0 outside.
+    Colour (the brightest channel) on an opaque mask; on one with transparency, its
+    alpha, unless the visible part is itself a black-and-white drawing (10-90% black,
+    or white on black): a black brush on a transparent layer, or a cut-out whose
+    object has black pixels, is its alpha (by colour those were nearly empty, or full
+    of holes)."""
+    if _has_alpha(image):
+        rgba = np.asarray(image.convert("RGBA"))
+        alpha, colour = rgba[..., 3], rgba[..., :3].max(axis=-1)
+        visible = alpha > 0
+        if visible.all() or not visible.any():
+            return colour * visible
+        shown = colour[visible]
+        black = float((shown == 0).mean())
+        lit = shown[shown > 0]
+        white_on_black = black > 0.9 and lit.size > 0 and float((lit >= 250).mean()) > 0.99
+        drawing = 0.1 <= black <= 0.9 or white_on_black
+        return colour * visible if drawing else alpha
+    if image.mode in _WIDE_GREY:
+        array = np.asarray(image).astype(np.float64)
+        full = _WIDE_GREY[image.mode] or (1.0 if array.size and array.max() <= 1.0 else 255.0)
+        return np.clip(np.ceil(array * (255.0 / full)), 0, 255).astype(np.uint8)  # (ceil: non-zero stays non-zero)
+    if image.mode == "1":
+        return np.asarray(image).astype(np.uint8) * 255
+    if image.mode == "L":
+        return np.asarray(image)
+    return np.asarray(image.convert("RGB")).max(axis=-1)
 
 
 def mask_array(image) -> np.ndarray:
-    """Any non-zero pixel is inside; a transparent pixel never is. A mask drawn as an
-    alpha channel over black (its colour is zero wherever it is visible) is its alpha."""
-    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or image.mode == "P":
-        rgba = np.asarray(image.convert("RGBA"))
-        visible = rgba[..., 3] > 0
-        inside = (rgba[..., :3].max(axis=-1) > 0) & visible
-        if not inside.any() and visible.any() and not visible.all():
-            return visible.astype(np.uint8)
-        return inside.astype(np.uint8)
-    if image.mode in _WIDE_GREY or image.mode in ("L", "1"):
-        array = np.asarray(image)
-    else:
-        array = np.asarray(image.convert("RGB")).max(axis=-1)
-    return (array > 0).astype(np.uint8)
+    """Any non-zero pixel is inside (mask_strength); a transparent pixel never is."""
+    return (mask_strength(image) > 0).astype(np.uint8)
 
 
-def load_masks(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+# A mask is soft (feathered, a matte) when this share of its inside is fainter than half.
+SOFT_SHARE = 0.25
+
+
+def load_masks(paths: list[Path], size: tuple[int, int], turned: int = 1, notes: list[str] | None = None) -> np.ndarray:
+    """The masks (N, H, W) in {0, 1} of a photo of `size`, turned upright from EXIF
+    orientation `turned`; `notes` gets a line for each soft mask."""
     if not paths:
         raise InvalidMask("no masks given: pass one mask per object with --masks M1 [M2 ...]")
     masks = []
     for path in paths:
         image = _open(path, "mask")
         if image.size != size:
+            sideways = image.size == size[::-1] and turned in range(5, 9)
             raise InvalidMask(
-                f"mask {path} is {image.size[0]}x{image.size[1]} but the image is {size[0]}x{size[1]}: masks must match the image size"
-            )
-        mask = mask_array(image)
+                f"mask {path} is {image.size[0]}x{image.size[1]} but the image is {size[0]}x{size[1]}: masks must match "
+                "the image size" + (" (the photo is stored sideways with an EXIF rotation, and read upright as viewers "
+                                    "show it: draw the mask on the upright photo)" if sideways else ""))
+        strength = mask_strength(image)
+        mask = (strength > 0).astype(np.uint8)
         if not mask.any():
             raise InvalidMask(f"mask {path} is empty: it has no non-zero pixel")
+        inside = int(mask.sum())
+        firm = int((strength >= 128).sum())
+        if notes is not None and inside - firm > SOFT_SHARE * inside:
+            notes.append(f"mask {path} is soft (feathered, or a matte): every non-zero pixel counts as the object, so "
+                         f"it covers {inside / mask.size:.0%} of the photo where its pixels of half strength and more "
+                         f"cover {firm / mask.size:.0%}: threshold it if that is looser than you meant")
         masks.append(mask)
     return np.stack(masks)
 
@@ -235,7 +319,7 @@ def prepare(image_path: Path, mask_paths: list[Path], resolution: int, backgroun
 
     image_path = Path(image_path)
     image = load_image(image_path)
-    masks = load_masks([Path(p) for p in mask_paths], image.size)
+    masks = load_masks([Path(p) for p in mask_paths], image.size, orientation(image))
     box = square_crop_box(masks)  # placed on the objects, whatever the background
     mask_paths = list(mask_paths)
     if background:
@@ -249,7 +333,8 @@ def prepare(image_path: Path, mask_paths: list[Path], resolution: int, backgroun
         m = (np.asarray(m) > 127).astype(np.uint8)
         if not m.any():
             what = "the background" if path == "<background>" else f"mask {path}"
-            raise InvalidMask(f"{what} is too small to survive resizing to {resolution}x{resolution}")
+            raise InvalidMask(f"{what} is too small to survive resizing to {resolution}x{resolution}: draw it "
+                              "thicker (or `scenebreak mask ... --dilate 8`), or crop the photo closer around the objects")
         resized.append(m)
     digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
     return PreparedImage(crop, np.stack(resized), box, image.size, digest)

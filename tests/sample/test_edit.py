@@ -57,6 +57,26 @@ def test_edit_changes_the_region_and_keeps_the_rest_bit_for_bit(learned, photo, 
     assert not np.array_equal(pixels(result.images[0].path), pixels(result.images[1].path))
 
 
+def test_an_edit_carries_the_photos_colour_profile_and_warns_of_a_soft_mask(learned, photo, tmp_path):
+    """The untouched pixels are the photo's: untagged, a colour-managed viewer showed
+    them in other colours than the photo beside it (a phone's Display P3)."""
+    from PIL import ImageCms
+
+    image, left, _ = photo
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # any profile but the default
+    Image.open(image).save(tmp_path / "tagged.jpg", quality=95, icc_profile=profile)
+    soft = pixels(left)[..., 0].copy()
+    soft[soft == 0] = 3  # a faint halo over the whole photo
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    messages = []
+    result = edit(tmp_path / "tagged.jpg", [(tmp_path / "soft.png", "<asset1>")], learned.path,
+                  EditConfig(num_images=1, **FAST), out_dir=tmp_path / "out", report=messages.append)
+    assert Image.open(result.images[0].path).info.get("icc_profile") == profile
+    assert any("is soft" in getattr(m, "text", "") for m in messages)
+    untagged = edit(image, [(left, "<asset1>")], learned.path, EditConfig(num_images=1, **FAST), out_dir=tmp_path / "o2")
+    assert "icc_profile" not in Image.open(untagged.images[0].path).info
+
+
 def test_no_paste_keeps_the_size_but_not_the_pixels(learned, photo, tmp_path):
     image, left, _ = photo
     result = edit(image, [(left, "a photo of <asset1>")], learned.path, EditConfig(paste=False, **FAST), out_dir=tmp_path)

@@ -19,7 +19,8 @@ from .blending import blended_latents, blended_steps, decode, encode, latent_mas
 from .pipeline import run_in_passes
 from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_to_files, save_png, slug, start,
                        warn_cpu_time)
-from ..images import load_image, load_masks
+from ..images import load_image, load_masks, orientation
+from ..masks.checks import mask_warnings
 from ..masks.ops import dilate
 from ..paths import fit_file_name, is_writable_folder
 
@@ -115,7 +116,11 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     image_path = Path(image)
     source = load_image(image_path)
     mask_paths = [Path(m) for m, _ in regions]
-    masks = [dilate(m, config.dilate).astype(bool) for m in load_masks(mask_paths, source.size)]
+    notes = []
+    loaded = load_masks(mask_paths, source.size, orientation(source), notes)
+    for line in mask_warnings(image_path, source.size, orientation(source), loaded, mask_paths, notes, objects=False):
+        report(Message(line, "warning"))
+    masks = [dilate(m, config.dilate).astype(bool) for m in loaded]
     if output is not None:
         output = Path(output)
         if config.num_images > 1:
@@ -137,7 +142,10 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     label, images = " | ".join(prompts), []
     for s, array in zip(seeds, edited):
         path = output or Path(out_dir) / fit_file_name(image_path.stem, f"-edit-{slug(prompts[-1])}-{s}.png")
-        images.append(GeneratedImage(save_png(array, path, overwrite), label, s, kind="edit"))
+        # The photo's colour profile goes with it: the untouched pixels are its own, and
+        # must look it beside the photo in a colour-managed viewer (a phone's Display P3).
+        saved = save_png(array, path, overwrite, icc_profile=source.info.get("icc_profile"))
+        images.append(GeneratedImage(saved, label, s, kind="edit"))
     return run.result(images)
 
 

@@ -234,15 +234,16 @@ def slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "image"
 
 
-def save_png(image, path: Path, overwrite: bool = False) -> Path:
-    """Write a PIL image or (H, W, 3) uint8 array atomically; an existing file is kept
-    (the new one gets a numbered name, also when another run took the name meanwhile)
-    unless `overwrite`. Returns where it went."""
+def save_png(image, path: Path, overwrite: bool = False, icc_profile: bytes | None = None) -> Path:
+    """Write a PIL image or (H, W, 3) uint8 array atomically (tagged with `icc_profile`
+    if given); an existing file is kept (the new one gets a numbered name, also when
+    another run took the name meanwhile) unless `overwrite`. Returns where it went."""
     from PIL import Image
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
-    write = lambda tmp: image.save(tmp, format="PNG")  # noqa: E731
+    extra = {"icc_profile": icc_profile} if icc_profile else {}
+    write = lambda tmp: image.save(tmp, format="PNG", **extra)  # noqa: E731
     return write_atomically(Path(path), write) if overwrite else write_new_file(Path(path), write)
 
 

@@ -17,7 +17,8 @@ from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError, fixabl
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
 from ..hub import downloads_reported
-from ..images import background_mask, load_image, load_masks, prepare
+from ..images import background_mask, load_image, load_masks, orientation, prepare
+from ..masks.checks import mask_warnings
 from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_path, home, is_writable_folder,
                      scene_path, windows_device_name)
 from ..scenes.bundle import save_scene
@@ -141,7 +142,10 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     check_name(name, new=not (scene_path(name).exists() or checkpoint_path(name).exists()))
     out = Path(output) if output else scene_path(name)
     _check_output(out, force=force, resume=resume)
-    object_masks = load_masks(masks, load_image(image).size)
+    photo, notes = load_image(image), []
+    object_masks = load_masks(masks, photo.size, orientation(photo), notes)
+    for line in mask_warnings(image, photo.size, orientation(photo), object_masks, masks, notes):
+        report(Message(line, "warning"))
     if config.background:
         background_mask(object_masks)
     device = device if isinstance(device, Device) else choose_device(device)
