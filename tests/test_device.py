@@ -72,6 +72,28 @@ def test_scenebreak_cpu_bf16_makes_the_cpu_act_with_or_without_bf16(monkeypatch)
     assert cpu_has_bf16() == cpu_bf16_instructions()
 
 
+@pytest.mark.parametrize("machine, avx512_bf16, amx, onednn, native", [
+    ("x86_64", False, False, True, False),  # AVX-512 without bf16 (Skylake to Ice Lake): oneDNN emulates it
+    ("x86_64", True, False, True, True),  # Cooper Lake, Zen 4
+    ("AMD64", False, True, True, True),  # Sapphire Rapids and later (Windows spells the machine so)
+    ("aarch64", False, False, True, True),  # Arm's BF16 extension: oneDNN's check is the instruction's
+    ("arm64", False, False, False, False),
+])
+def test_bf16_instructions_are_the_native_ones_not_onednns_emulation(monkeypatch, machine, avx512_bf16, amx, onednn,
+                                                                     native):
+    import platform
+
+    import torch
+
+    from scenebreak.device import cpu_bf16_instructions
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    assert cpu_bf16_instructions() is native
+
+
 def test_a_bad_scenebreak_cpu_bf16_is_one_line_and_exit_2(scene_files, monkeypatch):
     from click.testing import CliRunner
 

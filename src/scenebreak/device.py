@@ -232,10 +232,17 @@ def cpu_has_bf16() -> bool:
 
 
 def cpu_bf16_instructions() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    """Whether this CPU runs bf16 matrix products natively: AVX512-BF16 or AMX on x86,
+    the BF16 extension on Arm. (oneDNN's own "bf16 supported" is true on any AVX-512
+    CPU, where it emulates bf16 through fp32, slower than fp32 itself: Skylake to Ice
+    Lake servers, which clouds still rent.)"""
+    import platform
+
     import torch
 
     try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
