@@ -480,6 +480,24 @@ def test_lora_adapters_that_do_not_fit_and_a_mislabelled_sdxl_scene_are_refused(
         shape = f.get_tensor(key).shape
     wrong = craft(lora.path, tmp_path / "wrong.scene", tensors={key: torch.zeros(shape[0] + 1, shape[1])})
     _one_error(CliRunner().invoke(cli, ["generate", str(wrong), "<asset1>", "--steps", "1"]), 2, "do not fit its config")
+    # The scene's settings size the adapters: they are checked against its tensors while
+    # still empty (rank 1024 on every layer of FLUX.1 would take 22 GB first).
+    import scenebreak.sample.scene_models as scene_models
+
+    checked, real_check = [], scene_models.check_weights_fit
+
+    def check(scene, component, expected, state):
+        checked.append(all(p.is_meta for p in expected.values()))
+        return real_check(scene, component, expected, state)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scene_models, "check_weights_fit", check)
+        huge = craft(lora.path, tmp_path / "huge.scene", meta=lambda m: m["lora"].update(rank=1024))
+        _one_error(CliRunner().invoke(cli, ["generate", str(huge), "<asset1>", "--steps", "1"]), 2, "do not fit its config")
+    assert checked == [True]
+    norms = craft(lora.path, tmp_path / "norms.scene", meta=lambda m: m["lora"].update(unet_targets=["norm1"]))
+    _one_error(CliRunner().invoke(cli, ["generate", str(norms), "<asset1>", "--steps", "1"]), 2,
+               "its LoRA targets do not fit its base model")
     # An SDXL scene that says it is SD 2.x (format 1): its second encoder's tensors give it away.
     mislabelled = craft(learned_sdxl.path, tmp_path / "xl-as-sd.scene", meta=lambda m: m.update(
         format_version=1, base_model=dict(m["base_model"], family="SD 2.x")))

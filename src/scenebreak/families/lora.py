@@ -37,9 +37,13 @@ def text_encoder_targets(settings: dict, name: str) -> list[str]:
     return settings.get(f"{name}_targets", settings["text_encoder_targets"])
 
 
-def add_lora(denoiser, text_encoders: dict, settings: dict) -> list[torch.nn.Parameter]:
+def add_lora(denoiser, text_encoders: dict, settings: dict, empty: bool = False) -> list[torch.nn.Parameter]:
     """Put adapters into the denoiser and the text encoders (`text_encoders`: name ->
-    model; in place); returns their parameters. An encoder without targets gets none."""
+    model; in place); returns their parameters. An encoder without targets gets none.
+    `empty`: the adapters are made on the meta device, to be filled by
+    load_lora_state_dict: a scene's settings (a stranger's) size them, and its weights
+    must be checked against them before any memory is taken (rank 1024 on every layer
+    of FLUX.1 would be 22 GB). Targets that fit no layer raise ValueError (peft's)."""
     peft = require_peft()
     models = [(denoiser, settings["unet_targets"])]
     models += [(te, text_encoder_targets(settings, name)) for name, te in text_encoders.items()]
@@ -47,7 +51,7 @@ def add_lora(denoiser, text_encoders: dict, settings: dict) -> list[torch.nn.Par
     for model, targets in models:
         config = peft.LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=targets,
                                  lora_dropout=0.0, init_lora_weights=True)
-        peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER, low_cpu_mem_usage=empty)
     params = [p for model, _ in models for p in lora_parameters(model)]
     # peft makes each adapter in its base layer's precision: a base loaded in bf16 (FLUX.1
     # under LoRA) would train bf16 adapters, whose small updates round away. They are
@@ -100,9 +104,9 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state_dict(model, state: dict[str, torch.Tensor], check=None) -> None:
-    """Copy saved adapter weights into a model that has the same adapters; `check(
-    expected, state)` refuses weights that do not fit them (a scene's: names, shapes,
-    dtypes); by default the names must match."""
+    """Copy saved adapter weights into a model that has the same adapters (made empty
+    or not: add_lora); `check(expected, state)` refuses weights that do not fit them (a
+    scene's: names, shapes, dtypes); by default the names must match."""
     own = dict(model.named_parameters())
     expected = {k: p for k, p in own.items() if ".lora_" in k}
     if check is not None:
@@ -112,7 +116,15 @@ def load_lora_state_dict(model, state: dict[str, torch.Tensor], check=None) -> N
         raise SceneBreakError(f"the saved LoRA weights do not fit the model ({missing} missing, {unknown} unknown)")
     with torch.no_grad():
         for key, value in state.items():
-            own[key].copy_(value.to(own[key].dtype))
+            param = own[key]
+            if not param.is_meta:
+                param.copy_(value.to(param.dtype))
+                continue
+            # An empty adapter takes the saved tensor, on its base layer's device.
+            layer = model.get_submodule(key.split(".lora_")[0])
+            holder_name, _, attr = key.rpartition(".")
+            value = value.to(layer.get_base_layer().weight.device, param.dtype)
+            setattr(model.get_submodule(holder_name), attr, torch.nn.Parameter(value, requires_grad=param.requires_grad))
 
 
 def merge_lora(model) -> None:

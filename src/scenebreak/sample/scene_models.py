@@ -228,7 +228,11 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
         report(Message(why, "warning" if kind == "none" else "info"))
     if kind != "none":
         quantize_denoiser(c, kind, dtype)
-    add_lora(c.denoiser, dict(zip(c.family.text_encoders, c.text_encoders)), scene.meta["lora"])
+    try:
+        add_lora(c.denoiser, dict(zip(c.family.text_encoders, c.text_encoders)), scene.meta["lora"], empty=True)
+    except ValueError as exc:  # peft: a target that fits no layer, or a layer it cannot adapt
+        raise BundleError(f"{scene.path or scene.name} is not a valid scene: its LoRA targets do not fit its base "
+                          f"model ({str(exc).splitlines()[0][:120]})") from None
     models = dict(((c.family.denoiser, c.denoiser), *zip(c.family.text_encoders, c.text_encoders)))
     for component in scene.weight_components:  # the denoiser's adapters, and each adapted encoder's
         load_lora_state_dict(models[component.removesuffix("_lora")], scene.weights[component],
