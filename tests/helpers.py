@@ -122,9 +122,10 @@ def learn_once(root, tiny_model, config):
             os.environ["SCENEBREAK_HOME"] = old
 
 
-def craft(source, target, meta=None, drop=(), add=None, tensors=None):
+def craft(source, target, meta=None, drop=(), add=None, tensors=None, text=None):
     """A copy of scene `source` with its metadata changed in place by `meta(dict)` (or
-    replaced by the dict or list it returns), tensors dropped, added or replaced."""
+    replaced by the dict or list it returns), then as JSON text by `text(str)`, tensors
+    dropped, added or replaced."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -137,7 +138,8 @@ def craft(source, target, meta=None, drop=(), add=None, tensors=None):
     if meta:
         returned = meta(info)
         info = returned if isinstance(returned, (dict, list)) else info
-    save_file(data, str(target), metadata={"format": header["format"], "scenebreak": json.dumps(info)})
+    written = json.dumps(info)
+    save_file(data, str(target), metadata={"format": header["format"], "scenebreak": text(written) if text else written})
     return target
 
 

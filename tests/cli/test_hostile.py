@@ -50,6 +50,11 @@ def world(tmp_path, learned, tiny_model, scene_files):
     return w
 
 
+def _shape(w, key):
+    with safe_open(str(w["scene"]), framework="pt") as f:
+        return tuple(f.get_slice(key).get_shape())
+
+
 def _crafted(w, name, **changes):
     return str(craft(w["scene"], w["tmp"] / f"{name}.scene", **changes))
 
@@ -213,6 +218,26 @@ CASES = [
                                          "<asset1>"], 2, "do not build a model"),
     ("scene-scheduler-impossible", lambda w: ["generate", _crafted(w, "z5", meta=set_meta("configs.scheduler.num_train_timesteps", 1)),
                                               "<asset1>", "--scheduler", "ddim"], 2, "scheduler config"),
+    ("scene-config-nested-depth", lambda w: ["generate", _crafted(w, "n1", meta=set_meta(
+        "configs.unet.transformer_layers_per_block", [[10**6], 1])), "<asset1>"], 2, "is 1000000 (at most 16)"),
+    ("scene-config-reverse-depth", lambda w: ["generate", _crafted(w, "n2", meta=set_meta(
+        "configs.unet.reverse_transformer_layers_per_block", [[1], [100000]])), "<asset1>"], 2, "(at most 16)"),
+    ("scene-config-deep-list", lambda w: ["generate", _crafted(w, "n3", meta=set_meta(
+        "configs.unet.block_out_channels", [[32] * 100])), "<asset1>"], 2, "lists 100 values"),
+    ("scene-config-overflowing-float", lambda w: ["generate", _crafted(w, "n4", meta=set_meta(
+        "configs.vae.scaling_factor", 123.456), text=lambda t: t.replace("123.456", "1e400")), "<asset1>"], 2,
+     "damaged scenebreak metadata"),
+    ("scene-embeddings-nan", lambda w: ["export", _crafted(w, "n5", tensors={
+        "handles.embeddings": torch.full(_shape(w, "handles.embeddings"), float("nan"))}), "-f", "embeddings", "-o",
+        w["tmp"] / "emb"], 2, "not finite"),
+    ("scene-embeddings-narrow", lambda w: ["export", _crafted(w, "n6", tensors={
+        "handles.embeddings": torch.zeros(_shape(w, "handles.embeddings")[0], 3)}), "-f", "embeddings", "-o",
+        w["tmp"] / "emb"], 2, "embeddings of shape"),
+    ("scene-embeddings-integers", lambda w: ["export", _crafted(w, "n7", tensors={
+        "handles.embeddings": torch.zeros(_shape(w, "handles.embeddings"), dtype=torch.int32)}), "-f", "embeddings",
+        "-o", w["tmp"] / "emb"], 2, "not floats"),
+    ("scene-file-entry-stranger", lambda w: ["show", _crafted(w, "n8", tensors={
+        "file.notes/readme.txt": torch.zeros(4, dtype=torch.uint8)})], 2, "file entry 'notes/readme.txt'"),
     ("scene-tokenizer-file-huge", lambda w: ["generate", _crafted(w, "z6", tensors={
         "file.tokenizer/vocab.json": torch.zeros(2**24 + 1, dtype=torch.uint8)}), "<asset1>"], 2, "at most 16777216"),
     ("evaluate-empty-mask", lambda w: ["evaluate", _crafted(w, "z7", tensors={"source.masks": _emptied(w, 0)})], 2,

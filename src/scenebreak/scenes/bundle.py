@@ -25,6 +25,7 @@ This module owns that format: writing it, and reading it as a stranger's file
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def read_metadata(path: Path) -> dict:
         raise BundleError(f"{path} is not a valid scene: its metadata has {len(header['scenebreak'])} characters "
                           f"(at most {MAX_METADATA})")
     try:
-        meta = json.loads(header["scenebreak"], parse_constant=_no_constant)
+        meta = json.loads(header["scenebreak"], parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise BundleError(f"{path} has damaged scenebreak metadata") from None
     if not isinstance(meta, dict):
@@ -224,6 +225,14 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number a scene holds")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float, refusing one past float's range (1e400 reads as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a number a scene holds")
+    return value
+
+
 def _family_mismatch(meta: dict) -> str | None:
     """The recorded family against the family the recorded configs build."""
     from ..families import family_named, family_of_configs
@@ -241,6 +250,8 @@ def _stray_tensor(meta: dict, keys: set[str]) -> str | None:
     components = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
     fixed = {*embedding_keys(_family(meta)), "source.image", "source.masks"}
     for key in sorted(keys):
+        if key.startswith("file.") and not is_tokenizer_entry(key[5:]):
+            return f"it holds a file entry {key[5:65]!r}, which no scene has"
         if key in fixed or key.startswith("file.") or key.partition(".")[0] in components:
             continue
         family, tuning = _family(meta).name, "LoRA" if meta.get("tuning") == "lora" and not meta.get("standalone", True) else "full"
@@ -325,22 +336,34 @@ def metadata_problem(meta: dict) -> str | None:
 # Config values that size a model, bounded so that a crafted scene cannot make
 # scenebreak build a giant one (even without memory, on the meta device, a model of
 # millions of layers takes hours to build). Real SD, SDXL and FLUX are far inside.
-_CONFIG_LIMITS = {"layers_per_block": 8, "transformer_layers_per_block": 16, "num_hidden_layers": 64, "num_layers": 64,
-                  "num_single_layers": 64}
+_CONFIG_LIMITS = {"layers_per_block": 8, "transformer_layers_per_block": 16,
+                  "reverse_transformer_layers_per_block": 16}
+_CONFIG_LAYERS = 64  # any other count of layers ("num_layers", "num_hidden_layers", "num_single_layers", ...)
 _CONFIG_INT = 2**17  # channels, widths, vocabularies, positions
 _CONFIG_LIST = 8  # blocks
 
 
 def _config_problem(configs: dict) -> str | None:
+    """Every number of a config, at any depth of its lists and dicts (diffusers takes
+    `transformer_layers_per_block` as a list of lists), within its key's bound."""
     for component, config in configs.items():
         for key, value in config.items():
-            limit = _CONFIG_LIMITS.get(key, _CONFIG_INT)
-            values = value if isinstance(value, list) else [value]
-            if isinstance(value, list) and len(value) > _CONFIG_LIST and component != "scheduler":
-                return f"its {component} config's {key} lists {len(value)} values (at most {_CONFIG_LIST})"
-            for item in values:
-                if isinstance(item, int) and not isinstance(item, bool) and not -_CONFIG_INT <= item <= limit:
-                    return f"its {component} config's {key} is {item} (at most {limit})"
+            limit = _CONFIG_LIMITS.get(key, _CONFIG_LAYERS if "layers" in key else _CONFIG_INT)
+            problem = _config_value_problem(component, key, value, limit)
+            if problem:
+                return problem
+    return None
+
+
+def _config_value_problem(component: str, key: str, value, limit: int, depth: int = 0) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and not -_CONFIG_INT <= value <= limit:
+        return f"its {component} config's {key} is {value} (at most {limit})"
+    if isinstance(value, list) and len(value) > _CONFIG_LIST and component != "scheduler":  # (betas may be listed)
+        return f"its {component} config's {key} lists {len(value)} values (at most {_CONFIG_LIST})"
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        problem = _config_value_problem(component, key, item, limit, depth + 1)
+        if problem:
+            return problem
     return None
 
 
@@ -358,21 +381,47 @@ def _long_string(value, depth: int = 0) -> str | None:
     return None
 
 
-def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict, embeddings_2=None) -> None:
-    """The tensors agree with the metadata, and file entries are only tokenizer files."""
+_FLOAT_KINDS = ("F32", "F16", "BF16")  # safetensors' names of the float dtypes a scene stores
+
+
+def _check_header(path: Path, meta: dict, tensors: dict[str, tuple[tuple, str]]) -> None:
+    """The tensors other than the model weights (their (shape, dtype) from the file's
+    header) agree with the metadata, before any is read: the handles' rows one per
+    handle, as wide as their text encoder's, in a float dtype; the image and masks at
+    the scene's resolution, 8-bit; file entries tokenizer files of bounded size."""
     n, r = len(meta["handles"]), meta["resolution"]
+    family = _family(meta)
+
+    def fail(why: str):
+        raise BundleError(f"{path} is not a valid scene: {why}")
+
+    for key, encoder in zip(embedding_keys(family), family.text_encoders):
+        shape, kind = tensors[key]
+        config = meta["configs"][encoder]
+        width = config.get("hidden_size", config.get("d_model"))
+        if len(shape) != 2 or shape[0] != n or (isinstance(width, int) and shape[1] != width):
+            fail(f"{n} handles of {encoder} width {width} but embeddings of shape {shape}")
+        if kind not in _FLOAT_KINDS:
+            fail(f"its handle embeddings are {kind}, not floats")
+    if tensors["source.image"] != ((r, r, 3), "U8") or tensors["source.masks"] != ((n, r, r), "U8"):
+        fail(f"its image or masks are not 8-bit at resolution {r} for {n} handles")
+    for key, (shape, kind) in tensors.items():
+        if not key.startswith("file."):
+            continue
+        if len(shape) != 1 or kind != "U8":
+            fail(f"its file entry {key[5:65]!r} is not bytes")
+        if shape[0] > MAX_TOKENIZER_FILE:  # a vocabulary of millions would size the text encoder's table
+            fail(f"its {key[5:]} has {shape[0]} bytes (at most {MAX_TOKENIZER_FILE})")
+
+
+def _check_tensors(path: Path, meta: dict, embeddings, image, masks, files: dict, embeddings_2=None) -> None:
+    """What the header cannot tell: the handles' rows are finite (a NaN row samples
+    black images, and exports as one)."""
+    import torch
+
     for rows in (embeddings, embeddings_2):
-        if rows is not None and (tuple(rows.shape[:1]) != (n,) or rows.ndim != 2):
-            raise BundleError(f"{path} is not a valid scene: {n} handles but embeddings of shape {tuple(rows.shape)}")
-    if tuple(image.shape) != (r, r, 3) or tuple(masks.shape) != (n, r, r):
-        raise BundleError(f"{path} is not a valid scene: its image or masks do not match resolution {r} and {n} handles")
-    if image.dtype != np.uint8 or masks.dtype != np.uint8:
-        raise BundleError(f"{path} is not a valid scene: its image or masks are {image.dtype}/{masks.dtype}, not 8-bit")
-    for name, data in files.items():
-        if not is_tokenizer_entry(name):
-            raise BundleError(f"{path} is not a valid scene: it holds a file entry {name[:60]!r}, which no scene has")
-        if len(data) > MAX_TOKENIZER_FILE:  # a vocabulary of millions would size the text encoder's table
-            raise BundleError(f"{path} is not a valid scene: its {name} has {len(data)} bytes (at most {MAX_TOKENIZER_FILE})")
+        if rows is not None and not bool(torch.isfinite(rows.float()).all()):
+            raise BundleError(f"{path} is not a valid scene: its handle embeddings are not finite numbers")
 
 
 def is_tokenizer_entry(name: str) -> bool:
@@ -393,6 +442,9 @@ def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
     files: dict = {}
     try:
         with safe_open(str(path), framework="pt") as f:
+            # Sizes and kinds from the header first: nothing is read that the scene could not hold.
+            _check_header(path, meta, {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
+                                       for key in f.keys() if not key.partition(".")[0] in expected})
             embeddings = f.get_tensor("handles.embeddings")
             embeddings_2 = f.get_tensor("handles.embeddings_2") if "handles.embeddings_2" in f.keys() else None
             image = f.get_tensor("source.image").numpy()
