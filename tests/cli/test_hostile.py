@@ -851,6 +851,56 @@ def test_a_scene_alone_downloads_only_a_known_base_model(world, monkeypatch):
     assert downloads == ["stabilityai/stable-diffusion-xl-base-1.0", "stranger/huge-lookalike"]
 
 
+@pytest.mark.parametrize("commit, revision, looked_up, downloaded", [
+    ("c" * 40, None, "c" * 40, None),  # the commit from the cache; the default branch downloaded
+    ("c" * 40, "fp16", "c" * 40, "fp16"),  # a plain branch name it was learned at
+    ("c" * 40, "refs/pr/7", "c" * 40, None),  # a pull request (anyone's) is never downloaded on the scene's word
+    ("refs/pr/7", "../../etc", None, None),  # neither is a ref or a path where a commit belongs
+])
+def test_a_scene_alone_downloads_a_known_base_at_its_default_or_recorded_branch_only(world, monkeypatch, commit,
+                                                                                     revision, looked_up, downloaded):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from scenebreak.errors import ModelNotAvailable
+    from scenebreak.scenes.bundle import load_scene
+    from scenebreak.sample.scene_models import scene_base_model
+
+    calls = []
+
+    def snapshot_download(ref, revision=None, allow_patterns=None, local_files_only=False):
+        calls.append(("cache" if local_files_only else "download", revision))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        raise OSError("no network in the tests")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    scene = load_scene(world["scene"])
+    scene.meta["base_model"].update(id="stabilityai/stable-diffusion-xl-base-1.0", commit=commit, revision=revision)
+    with pytest.raises(ModelNotAvailable, match="could not be downloaded"):
+        scene_base_model(scene, None, "LoRA scene 'x'", "its LoRA adapters")
+    assert calls[0] == ("cache", looked_up) and calls[-1] == ("download", downloaded), calls
+
+
+def test_a_scene_naming_a_base_on_a_network_share_is_refused_unopened(world, monkeypatch):
+    """On Windows, looking at \\\\host\\share sends the user's credentials to the host."""
+    from pathlib import Path
+
+    from scenebreak.scenes.bundle import load_scene
+    from scenebreak.sample.scene_models import scene_base_model
+
+    scene = load_scene(world["scene"])
+    opened = []
+    monkeypatch.setattr(Path, "exists", lambda self: opened.append(self) or False)
+    monkeypatch.setattr(Path, "is_dir", lambda self: opened.append(self) or False)
+    for share in ("\\\\evil.example\\sd\\model", "//evil.example/sd/model"):
+        scene.meta["base_model"]["id"] = share
+        with pytest.raises(BundleError, match="network share"):
+            scene_base_model(scene, None, "LoRA scene 'x'", "its LoRA adapters")
+    assert opened == []
+
+
 def test_a_lora_scene_tokenizer_cannot_size_the_text_encoder(world, tmp_path):
     """The base's token table is resized to the scene tokenizer's length: a tokenizer of
     millions of tokens would have made a table of gigabytes. Only its handles are new."""

@@ -4,6 +4,8 @@ of its family over them."""
 
 from __future__ import annotations
 
+import re
+
 from ..config import MAX_HANDLES
 from ..device import Device
 from ..errors import BundleError, InvalidInput, ModelNotAvailable
@@ -173,16 +175,16 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
     load_deferred (load_components). `report` hears a warning where the model's stored
     weights are not those the scene was learned on."""
     from ..config import default_base_model
-    from ..families import KNOWN_BASES
     from ..families.base_model import load_components, resolve_model_dir, text_encoder_load_dtypes
 
     base = scene.meta["base_model"]
     half = half if scene.family.default_tune == "lora" else None
     try:
-        model, revision = base_model or base["id"], None if base_model else (base.get("commit") or base.get("revision"))
-        # Where the scene alone names its base, only a known one is downloaded (else: the cache).
-        resolved = resolve_model_dir(model, revision, download=bool(base_model) or model in (*KNOWN_BASES,
-                                                                                           default_base_model()))
+        if base_model:
+            model, revision = base_model, None
+            resolved = resolve_model_dir(model)
+        else:
+            model, revision, resolved = base["id"], *_scene_named_base(base, default_base_model())
         c = load_components(model, revision, resolved, denoiser_dtype=half,
                             text_encoder_dtypes=text_encoder_load_dtypes(scene.family, resolved[0], half), defer=defer)
     except (InvalidInput, ModelNotAvailable) as exc:
@@ -199,6 +201,33 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
                        f"precision): {what} are taken against it all the same; for the results the scene was learned "
                        "for, pass --base-model with the model it was learned on", "warning"))
     return c
+
+
+def _scene_named_base(base: dict, default: str) -> tuple[str | None, tuple]:
+    """(revision, resolve_model_dir's answer) for the base model a scene names, on the
+    scene's word alone. From the cache: the commit it was learned on. Downloaded: only
+    a documented base, at the default branch or the plain branch name it recorded,
+    never a commit or a ref of the scene's choosing (anyone can open a pull request on
+    a public model, and its commits download by their hash). A network path (\\\\host\\
+    share, //host/share) is never opened: on Windows that alone sends the user's
+    credentials to the host."""
+    from ..families import KNOWN_BASES
+    from ..families.base_model import resolve_model_dir
+
+    model = base["id"]
+    if model.startswith(("\\\\", "//")):
+        raise BundleError(f"the scene names a base model on a network share ({model[:60]!r}): pass --base-model "
+                          "with a copy of it here")
+    commit, branch = base.get("commit"), base.get("revision")
+    commit = commit if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+    branch = branch if isinstance(branch, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", branch) and \
+        ".." not in branch else None
+    try:
+        return commit or branch, resolve_model_dir(model, commit or branch, download=False)
+    except ModelNotAvailable:
+        if model not in (*KNOWN_BASES, default):
+            raise
+    return branch, resolve_model_dir(model, branch, download=True)
 
 
 def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int], dtype=None, quantize: str = "none",
