@@ -315,3 +315,34 @@ def test_a_class_image_folder_is_claimed_only_by_the_model_that_makes_its_first_
     bin_only.mkdir(parents=True)
     (bin_only / "diffusion_pytorch_model.bin").write_bytes(b"weights")
     assert weights_print(tmp_path / "bin-only", family) == ""
+
+
+def test_what_appears_at_the_output_while_learning_is_kept(scene_files, tiny_model, tmp_path, monkeypatch):
+    """The output was checked at the start, hours before the scene is written: a file
+    that appeared there meanwhile (another run's scene, anything) is not replaced
+    without --force, and only a scene is, with it."""
+    import scenebreak.train.learn as learn_module
+    from scenebreak.events import Message
+
+    real_train, planted = learn_module._train, {}
+
+    def train(*args, **kwargs):
+        real_train(*args, **kwargs)
+        planted["path"].write_bytes(planted["data"])
+
+    monkeypatch.setattr(learn_module, "_train", train)
+    config = LearnConfig(steps1=1, steps2=1, prior=False)
+    for force, data in ((False, b"another run's scene"), (True, b"notes, not a scene")):
+        out = tmp_path / f"out-{force}.scene"
+        planted.update(path=out, data=data)
+        messages = []
+        result = learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), output=out,
+                       force=force, report=messages.append)
+        assert out.read_bytes() == data and result.path == tmp_path / f"out-{force}-1.scene"
+        assert load_scene(result.path).tokens == ["<asset1>", "<asset2>"]
+        assert any(isinstance(m, Message) and "appeared while learning and is kept" in m.text for m in messages)
+    # A scene there is what --force replaces.
+    out = tmp_path / "out-scene.scene"
+    planted.update(path=out, data=(tmp_path / "out-False-1.scene").read_bytes())
+    result = learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), output=out, force=True)
+    assert result.path == out and out.read_bytes() != planted["data"]

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
 from ..errors import BundleError
-from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically
+from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically, write_new_file
 
 FORMAT = "scenebreak.scene"
 FORMAT_VERSION = 3  # the newest this version reads and writes
@@ -145,8 +145,10 @@ def _family(meta: dict):
     return family_named(meta.get("base_model", {}).get("family", ""), meta.get("prediction_type", "epsilon"))
 
 
-def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
-    """Write atomically: a temp file next to `path`, renamed over it when complete."""
+def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16", replace: bool = True) -> Path:
+    """Write atomically: a temp file next to `path`, renamed over it when complete; with
+    `replace` False, a file already at `path` is kept and the scene takes the first free
+    name numbered -1, -2, ... (paths.write_new_file). Returns where it went."""
     import torch
     from safetensors.torch import save_file
 
@@ -170,8 +172,9 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16") -> Path:
         tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
     # Format 2 only where it is needed (SDXL): SD scenes stay readable by older versions.
     meta = dict(scene.meta, format_version=scene.family.scene_format, weights_dtype=save_dtype)
-    path = Path(path)
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)}))
+    write = write_atomically if replace else write_new_file
+    path = write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT,
+                                                                                "scenebreak": json.dumps(meta)}))
     scene.path = path
     return path
 

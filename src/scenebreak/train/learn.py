@@ -174,8 +174,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             report(Message(f"another process is learning {name!r}: --force runs anyway; the two share its "
                            "checkpoint", "warning"))
         _check_interrupted_run(name, resume=resume, force=force)
-        return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report,
-                      should_stop, started)
+        return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, force,
+                      report, should_stop, started)
 
 
 def _warn_vanishing_masks(masks, tokens: list[str], components, resolution: int, report: Reporter) -> None:
@@ -211,8 +211,8 @@ def _check_interrupted_run(name: str, *, resume: bool, force: bool) -> None:
                            "or --force to start over")
 
 
-def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, report, should_stop,
-           started) -> LearnResult:
+def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, force, report,
+           should_stop, started) -> LearnResult:
     import torch
 
     from ..families.base_model import resolve_model_dir
@@ -312,11 +312,29 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
             scene = scene_from_training(components, meta, prepared)
             report(Message(f"writing the scene to {out}"))
             try:
-                save_scene(scene, out, config.save_dtype)
+                # What is there now, not at the start (hours ago): only a scene, and only
+                # with --force or --resume, is replaced; anything else is kept.
+                saved = save_scene(scene, out, config.save_dtype, replace=(force or resume) and _scene_or_nothing(out))
             except OSError as exc:
                 raise _unsaved(exc, out, checkpoints) from exc
+            if saved != out:
+                report(Message(f"{out} appeared while learning and is kept: the scene went to {saved}", "warning"))
     checkpoints.remove()
-    return LearnResult(out, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
+    return LearnResult(saved, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
+
+
+def _scene_or_nothing(path: Path) -> bool:
+    """Whether `path` holds a scene (which --force may replace) or nothing."""
+    from ..errors import BundleError
+    from ..scenes.bundle import read_metadata
+
+    if not os.path.lexists(path):
+        return True
+    try:
+        read_metadata(path)
+    except BundleError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
