@@ -275,3 +275,28 @@ def test_an_export_into_an_empty_folder_works_where_rename_refuses_any_folder(le
         export(learned.path, tmp_path / "mine", "embeddings")
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
+
+
+def test_an_export_is_on_the_disk_before_it_takes_its_place_and_the_old_one_goes(learned, tmp_path, monkeypatch):
+    """Renamed in unsynced, then the earlier export deleted: after a power cut the new
+    folder could hold empty weight files, and the old one was gone."""
+    import scenebreak.exports.export as export_module
+    import scenebreak.paths as paths
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names open files through /proc (Linux)")
+    target = tmp_path / "emb"
+    assert export_cli(learned.path, "-f", "embeddings", "-o", target).exit_code == 0
+    events = []
+    real_fsync, real_rename, real_rmtree = os.fsync, os.rename, shutil.rmtree
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(export_module.os, "rename", lambda a, b: events.append(("rename", str(b))) or real_rename(a, b))
+    monkeypatch.setattr(export_module.shutil, "rmtree", lambda p, **k: events.append(("rmtree", str(p)))
+                        or real_rmtree(p, **k))
+    assert export_cli(learned.path, "-f", "embeddings", "-o", target, "--force").exit_code == 0
+    placed = events.index(("rename", str(target)))
+    assert any(kind == "fsync" and where.endswith(".safetensors") for kind, where in events[:placed]), events
+    synced_parent = events.index(("fsync", str(tmp_path)), placed)
+    removed_old = next(i for i, (kind, where) in enumerate(events) if kind == "rmtree" and "sbx-old" in where)
+    assert placed < synced_parent < removed_old, events

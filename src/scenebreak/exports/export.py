@@ -50,8 +50,8 @@ from .. import __version__
 from ..errors import InvalidInput, fixable_failures
 from ..events import Message, Reporter, silent
 from ..hub import downloads_reported
-from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, home, is_writable_folder,
-                     remove_stale_temporaries, temporary_beside)
+from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, flush_to_disk, home, is_writable_folder,
+                     remove_stale_temporaries, sync_folder, temporary_beside)
 from .kohya import DEFAULT_RANK, Extraction, check_rank
 
 FORMATS = ("diffusers", "embeddings", "a1111")
@@ -181,7 +181,10 @@ def write_folder(out: Path, write: Callable[[Path], None], force: bool) -> None:
             if full is not None:
                 raise full from exc
             raise
-        _move_into_place(tmp, out, force)
+        # On the disk before the rename publishes it, and the rename before an earlier
+        # export goes: after a power cut, never empty weight files with the old export gone.
+        flush_to_disk(tmp)
+        _move_into_place(tmp, out, force, settled=lambda: sync_folder(parent))
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -198,11 +201,11 @@ def _remove_empty_folder(path: Path) -> bool:
     return True
 
 
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+def _move_into_place(tmp: Path, out: Path, force: bool, settled=lambda: None) -> None:
     """Rename `tmp` to `out`. A rename replaces only a missing path or an empty folder;
     anything else there is left alone, except an earlier export with `force`: that is
     renamed aside, checked again (it is ours alone then), and deleted once the new one
-    is in place (put back if it could not be)."""
+    is in place (put back if it could not be) and `settled()` (the rename on the disk)."""
     aside: list[Path] = []
     placed = False
     try:
@@ -235,6 +238,8 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
                 os.rename(aside.pop(), out)
             except OSError:
                 pass  # left under its temporary name: the next export here removes it
+        if placed:
+            settled()
         for old in aside:
             shutil.rmtree(old, ignore_errors=True)
 

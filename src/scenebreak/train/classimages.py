@@ -122,10 +122,11 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     folder = todo[0][1].parent
     claim(folder, components.base.weights)
     info = folder / "info.json"
-    if not info.exists():
-        info.write_text(json.dumps({"prompt": prompt, "resolution": resolution, "scheduler": scheduler,
-                                    "steps": components.family.sampler_steps(scheduler),
-                                    "base_model": components.base.to_dict()}, indent=2))
+    if not info.exists():  # (for people looking into the cache; whole or absent, as every file written)
+        text = json.dumps({"prompt": prompt, "resolution": resolution, "scheduler": scheduler,
+                           "steps": components.family.sampler_steps(scheduler), "base_model": components.base.to_dict()},
+                          indent=2)
+        write_atomically(info, lambda tmp: Path(tmp).write_text(text))
     report(Message(f"generating {len(todo)} class images for {prompt!r} (once; cached in {folder})"))
     c = components
     for model in c.models():
