@@ -300,3 +300,17 @@ def test_an_export_is_on_the_disk_before_it_takes_its_place_and_the_old_one_goes
     synced_parent = events.index(("fsync", str(tmp_path)), placed)
     removed_old = next(i for i, (kind, where) in enumerate(events) if kind == "rmtree" and "sbx-old" in where)
     assert placed < synced_parent < removed_old, events
+
+
+def test_an_older_scenes_handle_named_as_a_windows_device_exports_under_another_file_name(learned, tmp_path):
+    """COM1.safetensors opens the serial port on Windows (and nul.x the null device): a
+    handle from before names had to be portable gets a file name that is a file."""
+    def devices(meta):
+        meta["handles"][0]["token"], meta["handles"][1]["token"] = "<COM1>", "<nul.v2>"
+
+    scene_path = craft(learned.path, tmp_path / "old.scene", devices)
+    result = export_cli(scene_path, "-f", "embeddings", "-o", tmp_path / "emb")
+    assert result.exit_code == 0, result.output
+    assert [Path(line).name for line in result.stdout.splitlines()] == ["COM1-handle.safetensors",
+                                                                        "nul-handle.v2.safetensors"]
+    assert set(load_file(tmp_path / "emb" / "COM1-handle.safetensors")) == {"<COM1>"}

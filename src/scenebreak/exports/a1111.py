@@ -106,7 +106,19 @@ def file_stem(name: str) -> str:
     """A scene's name as file names carry it: letters, digits, '.', '_' and '-' only
     (a scene's file may be called anything), at most SCENE_PART characters."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:SCENE_PART].rstrip("-._")
-    return stem or "scene"
+    return stem or "scene"  # (only ever followed by -lora or -HANDLE: never a device's name)
+
+
+def portable_stem(name: str, kind: str) -> str:
+    """`name` as a file's stem that Windows takes: a name it keeps for a device (con,
+    com1, nul.x: opening such a file opens the device) gets `-KIND` after its first word. Scenes
+    made before names had to be portable may still carry one."""
+    from ..paths import windows_device_name
+
+    if not windows_device_name(name):
+        return name
+    head, dot, rest = name.partition(".")  # (Windows reads nul.v2 as NUL too: the word before the dot)
+    return f"{head}-{kind}{dot}{rest}"
 
 
 def distinct_names(names: list[str], limit: int = MAX_STEM) -> list[str]:

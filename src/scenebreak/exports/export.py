@@ -250,10 +250,11 @@ def _is_export(path: Path) -> bool:
 
 def _embedding_names(scene) -> list[str]:
     """File names of the embeddings: the handles' names, distinct without regard to
-    letter case (a case-insensitive disk would write one file over the other)."""
-    from .a1111 import distinct_names
+    letter case (a case-insensitive disk would write one file over the other), none a
+    Windows device's (a1111.portable_stem)."""
+    from .a1111 import distinct_names, portable_stem
 
-    return distinct_names([handle.name for handle in scene.handles])
+    return distinct_names([portable_stem(handle.name, "handle") for handle in scene.handles])
 
 
 def _write_embeddings(scene, folder: Path) -> None:
