@@ -111,8 +111,8 @@ def file_stem(name: str) -> str:
 
 def portable_stem(name: str, kind: str) -> str:
     """`name` as a file's stem that Windows takes: a name it keeps for a device (con,
-    com1, nul.x: opening such a file opens the device) gets `-KIND` after its first word. Scenes
-    made before names had to be portable may still carry one."""
+    com1, nul.x: opening such a file opens the device) gets `-KIND` after its first
+    word. Scenes made before names had to be portable may still carry one."""
     from ..paths import windows_device_name
 
     if not windows_device_name(name):
