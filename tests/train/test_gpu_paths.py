@@ -307,6 +307,33 @@ def test_a_lora_scene_of_adapters_alone_keeps_only_the_vocabulary_in_fp32(tiny_m
     assert torch.equal(trainer.embedding.base, vocabulary[:-2]) and c.denoiser.conv_in.weight.dtype == torch.bfloat16
 
 
+def test_lora_moves_its_frozen_base_to_the_device_already_in_half_precision(tiny_model, scene_files):
+    """Moved in fp32 and cast there, the GPU held the whole base in fp32 first: the
+    peak of a LoRA run (SDXL: 13 GB, where the plan counted 2 bytes a weight)."""
+    from scenebreak.config import LearnConfig
+    from scenebreak.images import prepare
+    from scenebreak.train.memory import MemoryPlan
+    from scenebreak.families.base_model import load_components
+    from scenebreak.train.tokens import add_handles
+    from scenebreak.train.trainer import Trainer, TrainInputs
+
+    c = load_components(str(tiny_model))
+    ids = add_handles(c.tokenizer, c.text_encoder, ["<a>", "<b>"])
+    moved = {}
+    for name, model in (("denoiser", c.denoiser), ("text encoder", c.text_encoder)):
+        real_to = model.to
+        model.to = lambda *args, name=name, model=model, real_to=real_to, **kwargs: (
+            moved.setdefault(name, {p.dtype for n, p in model.named_parameters() if ".lora_" not in n}),
+            real_to(*args, **kwargs))[1]
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    plan = MemoryPlan("low", True, True, False, False, tune="lora", half_frozen=True)
+    Trainer(c, TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids),
+            LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2), choose_device("cpu"), ["<a>", "<b>"],
+            plan=plan, amp_dtype=torch.bfloat16)
+    assert moved["denoiser"] == {torch.bfloat16}
+    assert moved["text encoder"] == {torch.bfloat16, torch.float32}  # the handle rows train in fp32
+
+
 def test_full_tuning_trains_phase_2_in_fp32_after_a_half_precision_phase_1(tiny_model, scene_files):
     from scenebreak.config import LearnConfig
     from scenebreak.images import prepare

@@ -264,6 +264,42 @@ def test_the_estimate_matches_the_measured_sd21_figures():
     assert abs(fast - 20.3) < 1.5 and abs(low - 15.1) < 1.5 and abs(lora - 10.3) < 1.5, (fast, low, lora)
 
 
+def _sd21_counts():
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tinymodels import sd21_base_configs
+
+    configs = sd21_base_configs()
+    with init_empty_weights():  # parameter counts only
+        return SimpleNamespace(denoiser=UNet2DConditionModel.from_config(configs["unet"]),
+                               vae=AutoencoderKL.from_config(configs["vae"]),
+                               text_encoders=[CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))],
+                               family=SimpleNamespace(default_tune=None, name="SD 2.x"))
+
+
+def test_on_a_gpu_the_estimates_count_what_the_step_holds(monkeypatch):
+    """fp16 keeps every gradient for the loss scaler (the optimizer cannot step inside
+    the backward pass): an 11 GB card was given full tuning estimated at 7.6 GiB that
+    needs about 12. LoRA's frozen base waits in half precision, with no autocast copy:
+    it was estimated at 9.4 GiB where the H200 measured 5.7 with the staging."""
+    from scenebreak.device import Device
+    from scenebreak.train import memory, optim
+
+    sd21, gib = _sd21_counts(), 2**30
+    monkeypatch.setattr(optim, "bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(10.5 * gib))
+    gpu = Device(type="cuda", name="cuda:0")
+    assert memory.choose_tuning(LearnConfig(), sd21, gpu, 512, torch.bfloat16)[0] == "full"
+    tune, why = memory.choose_tuning(LearnConfig(), sd21, gpu, 512, torch.float16)
+    assert tune == "lora" and "about 12." in why, why
+    lora = memory.phase2_bytes(sd21, LearnConfig(tune="lora"), 512, autocast=True, half_frozen=True) / gib
+    assert 4.5 < lora < 5.7, lora
+
+
 def test_flux_loads_its_transformer_in_half_precision_where_it_stays_frozen_there(cpu_precision, scene_files, tmp_path,
                                                                                monkeypatch):
     """FLUX under LoRA: the transformer is loaded straight in the training's bf16 (24 GB

@@ -97,23 +97,30 @@ def available_bytes(device) -> int:
 
 
 def phase2_bytes(components, config: LearnConfig, resolution: int, autocast: bool, low: bool = False,
-                 adam_8bit: bool = False) -> int:
-    """Roughly what phase 2 needs: every weight, plus per trained weight a gradient and
-    two AdamW states (fast), or only the states, 8-bit ones where bitsandbytes does them
-    (low); plus the activations of the batch (about a quarter with checkpointing)."""
+                 adam_8bit: bool = False, half_frozen: bool = False, gradients_kept: bool = False) -> int:
+    """Roughly what phase 2 needs: every weight (2 bytes for a frozen one held in half
+    precision, `half_frozen`), plus per trained weight a gradient and two AdamW states
+    (fast), or only the states, 8-bit ones where bitsandbytes does them (low; its
+    gradients too where the optimizer cannot step inside the backward pass,
+    `gradients_kept`: fp16's loss scaler checks them all first); plus the activations
+    of the batch (about a quarter with checkpointing)."""
     def count(*models) -> int:
         return sum(p.numel() for m in models for p in m.parameters())
 
     tunable = count(components.denoiser, *components.text_encoders)
-    total = tunable + count(components.vae)
+    vae = count(components.vae)
     trained = 0 if config.tune == "lora" else tunable  # LoRA adapters are a few million parameters (auto: sized as full)
+    frozen = tunable - trained
+    weights = 4 * (vae + trained) + (2 if half_frozen else 4) * frozen
     examples = 2 if config.prior else 1
     activations = ACTIVATIONS_PER_EXAMPLE_512 * size_scale(components.denoiser, resolution**2) * examples
     if not low:
-        cast_copies = 2 * tunable if autocast else 0  # autocast keeps a half-precision copy of each weight for the step
-        return int(4 * total + 12 * trained + activations + cast_copies)
-    per_trained = 2 if adam_8bit else 8
-    return int(4 * total + per_trained * trained + activations / 4)
+        # Autocast's half-precision copies of the fp32 weights (measured on the CPU:
+        # train_step-cpu.md); a frozen weight already held in half precision needs none.
+        cast_copies = 2 * (trained if half_frozen else tunable) if autocast else 0
+        return int(weights + 12 * trained + activations + cast_copies)
+    per_trained = (2 if adam_8bit else 8) + (4 if gradients_kept else 0)
+    return int(weights + per_trained * trained + activations / 4)
 
 
 def _eight_bit(config: LearnConfig, device, low: bool) -> bool:
@@ -137,9 +144,11 @@ def choose_tuning(config: LearnConfig, components, device, resolution: int, amp_
     family = components.family
     if family.default_tune:
         return family.default_tune, f"the usual on {family.name} (--tune full to tune every weight)"
+    import torch
+
     low = config.memory != "fast"
     need = phase2_bytes(components, replace(config, tune="full"), resolution, amp_dtype is not None, low=low,
-                        adam_8bit=_eight_bit(config, device, low))
+                        adam_8bit=_eight_bit(config, device, low), gradients_kept=amp_dtype == torch.float16)
     free = available_bytes(device)
     if need <= 0.9 * free:
         return "full", f"full tuning needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
@@ -165,7 +174,8 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
         # Measured on the CPU: checkpointing LoRA costs 9% time for 35% less memory.
         policy, reason = "low", "for LoRA on the CPU it costs little time"
     elif policy == "auto":
-        need, free = phase2_bytes(components, config, resolution, half), available_bytes(device)
+        need = phase2_bytes(components, config, resolution, half, half_frozen=half and device.type != "cpu")
+        free = available_bytes(device)
         policy = "fast" if need <= 0.9 * free else "low"
         reason = f"fast needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB is free"
     low = policy == "low"
@@ -176,7 +186,8 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
     if config.optimizer_in_backward and fp16:
         warnings.append("fp16 steps after the loss scaler has checked every gradient: the optimizer steps after the backward pass")
     if low:
-        need = phase2_bytes(components, config, resolution, half, low=True, adam_8bit=eight_bit)
+        need = phase2_bytes(components, config, resolution, half, low=True, adam_8bit=eight_bit,
+                            half_frozen=half and device.type != "cpu", gradients_kept=fp16)
         free = free or available_bytes(device)
         if config.tune == "full" and need > free:
             warnings.append(f"full tuning may not fit even so (about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free): "
@@ -228,9 +239,8 @@ def choose_quantization(config: LearnConfig, components, device, resolution: int
         return resumed, "as in the run being resumed"
     if device.type != "cuda" or not low:
         return "none", ""
-    need = phase2_bytes(components, config, resolution, half, low=True)
-    if half:  # the frozen weights under LoRA on a GPU wait in half precision: 2 bytes each, not 4
-        need -= 2 * sum(p.numel() for model in components.models() for p in model.parameters())
+    # (The frozen weights under LoRA on a GPU wait in half precision: 2 bytes each, not 4.)
+    need = phase2_bytes(components, config, resolution, half, low=True, half_frozen=half)
     free = available_bytes(device)
     if need <= 0.9 * free:
         return "none", ""

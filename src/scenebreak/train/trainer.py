@@ -134,14 +134,19 @@ class Trainer:
                 self.lora_params = add_lora(components.denoiser,
                                             dict(zip(components.family.text_encoders, components.text_encoders)),
                                             lora_settings(config.rank, components.family))
+        # One HandleEmbedding per text encoder: SDXL's handles have a 768- and a 1280-wide row.
+        self.embeddings = [install_handle_embedding(te, self.num_handles) for te in components.text_encoders]
+        self._fp32_master: dict[str, torch.Tensor] | None = None  # fp32 values of the weights kept in half, on the CPU
+        if config.tune == "lora":
+            # Frozen for the whole run: into half precision before the move, so the GPU never
+            # holds them in fp32 (SDXL: 13 GB of fp32 weights was the peak of a LoRA run).
+            self._cast_frozen_to_half()
         for model in components.models():
             model.to(dev)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
             components.denoiser.to(memory_format=torch.channels_last)
-        # One HandleEmbedding per text encoder: SDXL's handles have a 768- and a 1280-wide row.
-        self.embeddings = [install_handle_embedding(te, self.num_handles) for te in components.text_encoders]
         # No dropout in the text encoders: CLIP has none, but T5 (FLUX.1) drops 10%, drawn
         # from torch's global generator, so a run could not be repeated or resumed exactly
         # (dropout layers, and the attention's own rate that T5 applies functionally).
@@ -186,9 +191,6 @@ class Trainer:
         self.conditions = components.family.training_conditions(inputs.crop_size, resolution)
         if self.conditions is not None:
             self.conditions = self.conditions.to(dev)
-        self._fp32_master: dict[str, torch.Tensor] | None = None  # fp32 values of the weights kept in half, on the CPU
-        if config.tune == "lora":
-            self._cast_frozen_to_half()  # frozen for the whole run
         if plan.offload_vae:
             # Every latent cached now, the VAE can leave the GPU for the whole run.
             for index in range(len(inputs.class_images) if config.prior else 0):
@@ -298,11 +300,12 @@ class Trainer:
         for name, param in self._frozen_params():
             if not param.is_floating_point() or id(param) in fp32:  # held quantised (--quantize), or kept fp32
                 continue
-            if keep:
-                self._fp32_master[name] = param.data.to("cpu", copy=True)
+            if keep:  # (on the CPU, before the move under LoRA: the fp32 tensor itself, never changed)
+                self._fp32_master[name] = param.data if param.device.type == "cpu" else param.data.to("cpu")
             param.data = param.data.to(self.amp_dtype)
         for i, embedding in enumerate(self.embeddings):
-            self._fp32_master[f"vocabulary.{i}"] = embedding.base.to("cpu", copy=True)
+            self._fp32_master[f"vocabulary.{i}"] = embedding.base if embedding.base.device.type == "cpu" else \
+                embedding.base.to("cpu")
             embedding.base = embedding.base.to(self.amp_dtype)
 
     def _restore_fp32_master(self) -> None:
