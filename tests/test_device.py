@@ -18,7 +18,12 @@ def test_unknown_or_absent_devices(monkeypatch):
     with pytest.raises(DeviceNotAvailable, match="unknown device"):
         choose_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DeviceNotAvailable, match="CUDA is not available"):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build on a machine without the card
+    with pytest.raises(DeviceNotAvailable, match="CUDA is not available on this machine"):
+        choose_device("cuda")
+    # A CPU-only build (PyPI's on Windows) never sees an NVIDIA card: say so, and how to get one that does.
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(DeviceNotAvailable, match=r"was built without CUDA: .*--index-url"):
         choose_device("cuda")
 
 

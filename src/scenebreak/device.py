@@ -248,6 +248,24 @@ def cpu_bf16_instructions() -> bool:
         return False
 
 
+def torch_without_cuda() -> bool:
+    """This torch was built for the CPU alone (PyPI's wheel on Windows and macOS; a
+    `+cpu` one), so a CUDA card here is never seen."""
+    import torch
+
+    return torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+
+
+def no_cuda_message() -> str:
+    import torch
+
+    if torch_without_cuda():
+        return (f"this torch ({torch.__version__}) was built without CUDA: to use an NVIDIA GPU, install a CUDA build "
+                "(pipx runpip scenebreak install torch --index-url https://download.pytorch.org/whl/cu128), or use "
+                "--device cpu")
+    return "CUDA is not available on this machine (no NVIDIA GPU or driver found): use --device cpu (or auto)"
+
+
 def choose_device(requested: str | None = None) -> Device:
     """`requested` or `$SCENEBREAK_DEVICE`, else CUDA, then MPS, then CPU."""
     import torch
@@ -264,7 +282,7 @@ def choose_device(requested: str | None = None) -> Device:
         kind = "cuda" if cuda_ok else "mps" if mps_ok else "cpu"
         choice = kind
     if kind == "cuda" and not cuda_ok:
-        raise DeviceNotAvailable("CUDA is not available on this machine: use --device cpu (or auto)")
+        raise DeviceNotAvailable(no_cuda_message())
     if kind == "mps" and not mps_ok:
         raise DeviceNotAvailable("MPS (Apple GPU) is not available on this machine: use --device cpu (or auto)")
     if kind != "cuda" and ":" in choice:

@@ -62,6 +62,11 @@ def cpu_training_estimate(denoiser, resolution: int, config, plan, class_images_
     if class_seconds:
         text += (f", plus {format_duration(class_seconds)} once for {class_images_missing} class images "
                  "(--num-class-images or --no-prior make it shorter)")
+    from .device import torch_without_cuda
+
+    if torch_without_cuda():  # (a CUDA card would go unseen: say how to make it count)
+        return text + ("; a CUDA GPU takes minutes, with a CUDA build of torch (this one has none: pipx runpip "
+                       "scenebreak install torch --index-url https://download.pytorch.org/whl/cu128)")
     return text + "; a CUDA GPU takes minutes (--device cuda)"
 
 

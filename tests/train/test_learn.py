@@ -244,6 +244,23 @@ def test_cpu_estimate_for_sd21_base_matches_the_measured_hours():
     assert "roughly 3.3 hours" in cpu_training_estimate(unet, 512, LearnConfig(tune="lora"), low, 0, 50, bf16=True)
 
 
+@pytest.mark.parametrize("cuda, tail", [("12.8", "a CUDA GPU takes minutes (--device cuda)"),
+                                        (None, "with a CUDA build of torch (this one has none: pipx runpip")])
+def test_the_cpu_estimate_says_how_a_gpu_would_count(monkeypatch, cuda, tail):
+    """With a CPU-only torch (PyPI's on Windows) --device cuda cannot help: it says what can."""
+    from types import SimpleNamespace
+
+    from scenebreak.estimates import cpu_training_estimate
+
+    class Unet:
+        def parameters(self):
+            return [torch.empty(865_910_724, dtype=torch.uint8)]
+
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    text = cpu_training_estimate(Unet(), 512, LearnConfig(), SimpleNamespace(policy="low"), 0, 50)
+    assert text.endswith(tail) or tail in text, text
+
+
 def test_a_mask_the_losses_grids_do_not_see_is_warned_about(scene_files, tiny_model, tmp_path):
     """A mask narrower than an attention cell came out empty on the loss's grid: its
     handle's target was all zero, a map the attention loss cannot fit, without a word."""
