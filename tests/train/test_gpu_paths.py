@@ -307,6 +307,26 @@ def test_a_lora_scene_of_adapters_alone_keeps_only_the_vocabulary_in_fp32(tiny_m
     assert torch.equal(trainer.embedding.base, vocabulary[:-2]) and c.denoiser.conv_in.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you "
+                                                                     "tried to allocate 1000000 bytes")])
+def test_the_machines_ram_running_out_during_gpu_training_is_not_called_the_gpus(failure):
+    """The GPU hints (--memory low, --tune lora, --device cpu) do not help a host short of RAM."""
+    from scenebreak.errors import OutOfMemory
+    from scenebreak.train.learn import _out_of_memory_in_one_line
+    from scenebreak.train.memory import MemoryPlan
+
+    plan = MemoryPlan("fast", False, False, False, False)
+    with pytest.raises(OutOfMemory, match=r"^the machine ran out of RAM \(not cuda:0, which had room\)"):
+        with _out_of_memory_in_one_line(plan, Device(type="cuda", name="cuda:0")):
+            raise failure
+    with pytest.raises(OutOfMemory, match="^out of memory on cuda:0: try --memory low"):
+        with _out_of_memory_in_one_line(plan, Device(type="cuda", name="cuda:0")):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(OutOfMemory, match="^out of memory on cpu: try --memory low"):
+        with _out_of_memory_in_one_line(plan, Device(type="cpu", name="cpu")):
+            raise failure
+
+
 def test_lora_moves_its_frozen_base_to_the_device_already_in_half_precision(tiny_model, scene_files):
     """Moved in fp32 and cast there, the GPU held the whole base in fp32 first: the
     peak of a LoRA run (SDXL: 13 GB, where the plan counted 2 bytes a weight)."""

@@ -357,9 +357,13 @@ def _out_of_memory_in_one_line(plan, device: Device):
 
     try:
         yield
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
+        if device.type != "cpu" and (isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)):
+            # The machine's RAM, not the GPU's: the GPU hints would not help.
+            raise OutOfMemory(f"the machine ran out of RAM (not {device.name}, which had room): close other programs, "
+                              "then run the same command again (with --resume, from its last checkpoint)") from None
         raise OutOfMemory(f"out of memory on {device.name}: {out_of_memory_hint(plan, device)}") from None
 
 
