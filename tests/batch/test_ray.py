@@ -42,17 +42,24 @@ def cluster():
 def test_three_jobs_as_ray_tasks(cluster, tmp_path, tiny_model):
     jobs = three_jobs(tmp_path, tiny_model)
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(out)])
+    # A cluster without GPUs is no default for GPU jobs (its GPU workers may not have
+    # joined): each of its cores would have taken a training of its own.
+    refused = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(out)])
+    assert refused.exit_code == 1 and "has no GPU now" in refused.stderr and "--gpus-per-job 0" in refused.stderr
+    assert not out.exists() or not any(out.iterdir())
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(out),
+                                      "--gpus-per-job", "0"])
     assert result.exit_code == 1, result.output
     got = lines(result.stdout)
     assert {n: r["status"] for n, r in got.items()} == {"a": "done", "b": "failed", "c": "done"}
     assert "base model folder not found" in got["b"]["error"]
     assert got["a"]["scene"] == str(scene_path("a")) and len(got["c"]["images"]) == 2
-    assert "Ray cluster: 1 node(s), 2 CPU(s), 0 GPU(s)" in result.stderr
-    again = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(out), "-q"])
+    assert "Ray cluster: 1 node(s), 2 CPU(s), 0 GPU(s); no GPU: 2 CPU(s) per job" in result.stderr
+    again = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(out), "-q",
+                                     "--gpus-per-job", "0"])
     assert {n: r["status"] for n, r in lines(again.stdout).items()} == {"a": "skipped", "b": "failed", "c": "skipped"}
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--gpus-per-job", "1"])
-    assert result.exit_code == 1 and "has 0 GPU(s)" in result.stderr, result.output
+    assert result.exit_code == 1 and "at most 0 GPU(s) each" in result.stderr, result.output
 
 
 def _long_job(tmp_path, tiny_model, name: str, steps2: int):
@@ -95,7 +102,7 @@ def test_a_ray_worker_killed_during_a_job_is_retried_and_resumes(cluster, tmp_pa
 
     watcher = _once_in_phase_2("k", kill_the_worker)
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out"),
-                                      "--retries", "2"])
+                                      "--retries", "2", "--gpus-per-job", "0"])
     watcher.join()
     assert killed and killed[0] != os.getpid()
     assert result.exit_code == 0, result.output
@@ -129,7 +136,8 @@ def test_ctrl_c_on_a_ray_batch_lets_its_tasks_save_their_checkpoints(cluster, tm
         _thread.interrupt_main()  # Ctrl-C in the batch (the driver)
 
     watcher = _once_in_phase_2("c", ctrl_c)
-    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out"),
+                                      "--gpus-per-job", "0"])
     watcher.join()
     assert interrupted and result.exit_code == 130, result.output
     got = lines(result.stdout)["c"]
@@ -140,3 +148,25 @@ def test_ctrl_c_on_a_ray_batch_lets_its_tasks_save_their_checkpoints(cluster, tm
     while claim_path("c").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not claim_path("c").exists()
+
+
+def test_the_tasks_environment_has_absolute_paths_and_no_token(tmp_path, monkeypatch):
+    """Ray's tasks run in its own working folder, and their environment shows on its dashboard."""
+    from scenebreak.batch.ray_runner import task_environment
+
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    env = task_environment({"SCENEBREAK_HOME": "cache", "SCENEBREAK_BASE_MODEL": "./models/sd", "HF_HOME": "~/hf",
+                            "SCENEBREAK_DETECTOR": "IDEA-Research/grounding-dino-tiny", "HF_TOKEN": "hf_secret",
+                            "HUGGING_FACE_HUB_TOKEN": "hf_secret", "HF_HUB_OFFLINE": "1", "PATH": "/bin"})
+    assert env == {"SCENEBREAK_HOME": str(tmp_path / "cache"), "SCENEBREAK_BASE_MODEL": str(tmp_path / "models" / "sd"),
+                   "HF_HOME": os.path.expanduser("~/hf"), "SCENEBREAK_DETECTOR": "IDEA-Research/grounding-dino-tiny",
+                   "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("value, phrase", [("-1", "at least 0 and at most 1024"), ("1.5", "not a fraction above 1")])
+def test_gpus_per_job_ray_cannot_place_is_refused_up_front(tmp_path, value, phrase):
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"]}])
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", "127.0.0.1:1", "--gpus-per-job", value])
+    assert result.exit_code == 2 and phrase in result.stderr, result.output

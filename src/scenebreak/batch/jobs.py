@@ -158,8 +158,8 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
     mask = _config(MaskConfig, _options(data.get("mask"), "mask"), "mask")
     # As `mask` takes them: the environment's models where the job names none (an offline cluster).
     mask = dataclasses.replace(
-        mask, detector=_model_ref(folder, mask.detector) or _model_ref(Path.cwd(), os.environ.get("SCENEBREAK_DETECTOR")),
-        segmenter=_model_ref(folder, mask.segmenter) or _model_ref(Path.cwd(), os.environ.get("SCENEBREAK_SEGMENTER")))
+        mask, detector=model_ref(folder, mask.detector) or model_ref(Path.cwd(), os.environ.get("SCENEBREAK_DETECTOR")),
+        segmenter=model_ref(folder, mask.segmenter) or model_ref(Path.cwd(), os.environ.get("SCENEBREAK_SEGMENTER")))
     if "mask" in data and not objects:
         raise InvalidInput('"mask" options apply to "objects" only')
     try:
@@ -187,11 +187,11 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
         generate = generate.validate()
     except InvalidInput as exc:
         raise InvalidInput(f"generate: {exc}") from None
-    return Job(number, line_number, photo, name, masks, objects, learn, _model_ref(folder, extra.get("base_model")),
+    return Job(number, line_number, photo, name, masks, objects, learn, model_ref(folder, extra.get("base_model")),
                extra.get("revision"), mask, prompts, generate, raw=data)
 
 
-def _model_ref(folder: Path, ref: str | None) -> str | None:
+def model_ref(folder: Path, ref: str | None) -> str | None:
     """A hub id as it is; a folder given relative (./models/sd, or one that is there
     below `folder`) made absolute from `folder`, as the job's photo and masks are:
     workers (Ray's on other machines) run in other folders."""

@@ -61,17 +61,13 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
             raise SceneBreakError(f"no Ray cluster at {address!r} ({str(exc).splitlines()[0]}): start one with "
                                   "`ray start --head` (see docs/usage.md), or give its address") from None
     try:
-        gpus = gpus_per_job if gpus_per_job is not None else (1 if ray.cluster_resources().get("GPU") else 0)
-        board.report(Message(f"Ray cluster: {_resources(ray)}; {gpus:g} GPU(s) per job"))
-        if gpus > max(ray.cluster_resources().get("GPU", 0), 0):
-            raise SceneBreakError(f"--gpus-per-job {gpus:g}: the cluster has {ray.cluster_resources().get('GPU', 0):g} "
-                                  "GPU(s); start workers with GPUs, or ask for fewer")
-        env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
-        if env.get("SCENEBREAK_HOME"):  # the tasks run in other folders: the same cache (and locks) for all
-            env["SCENEBREAK_HOME"] = os.path.abspath(os.path.expanduser(env["SCENEBREAK_HOME"]))
+        gpus, cpus = _task_resources(ray, gpus_per_job)
+        board.report(Message(f"Ray cluster: {_resources(ray)}; " + (f"{gpus:g} GPU(s) per job" if gpus else
+                                                                     f"no GPU: {cpus:g} CPU(s) per job")))
+        env = task_environment(os.environ)
         if gpus:
             env.pop("SCENEBREAK_DEVICE", None)  # a GPU task uses the GPU Ray gives it
-        task = ray.remote(job_task).options(num_cpus=1, num_gpus=gpus, max_retries=retries, name="scenebreak-job",
+        task = ray.remote(job_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, name="scenebreak-job",
                                             runtime_env={"env_vars": env})
         pending = {task.remote(job, str(out), str(scenes) if scenes else None): job for job in jobs}
         board.phase(0, f"{len(jobs)} task(s) on the cluster")
@@ -133,6 +129,47 @@ def _check_reachable(address: str, seconds: float = 10.0) -> None:
     except OSError as exc:
         raise SceneBreakError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with "
                               "`ray start --head` (see docs/usage.md), or check the address") from None
+
+
+def _task_resources(ray, gpus_per_job: float | None) -> tuple[float, float]:
+    """(GPUs, CPUs) each task asks for. A GPU job: its GPUs (default 1) and one CPU. A
+    CPU job (--gpus-per-job 0) a whole node's CPUs, as many as the smallest node has:
+    a CPU training uses every core, and one per core would load a model per core. A
+    cluster without GPUs is no default for a GPU job: its GPU workers may not have
+    joined yet, and every core would take a training of its own."""
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    most = max((node.get("GPU", 0) for node in nodes), default=0)
+    if gpus_per_job is None and not most:
+        raise SceneBreakError(f"the Ray cluster has no GPU now ({_resources(ray)}; are its GPU workers started?): "
+                              "start them, or pass --gpus-per-job 0 to train on its CPUs (one job per node, slow)")
+    gpus = 1 if gpus_per_job is None else gpus_per_job
+    if gpus > most:
+        raise SceneBreakError(f"--gpus-per-job {gpus:g}: the cluster's nodes have at most {most:g} GPU(s) each "
+                              f"({_resources(ray)}): start workers with more, or ask for fewer")
+    cpus = 1 if gpus else max(1, int(min((node.get("CPU", 1) for node in nodes), default=1)))
+    return gpus, cpus
+
+
+# The tasks run in Ray's own working folder: paths in the environment must not be relative.
+_FOLDER_VARIABLES = ("SCENEBREAK_HOME", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE")
+_MODEL_VARIABLES = ("SCENEBREAK_BASE_MODEL", "SCENEBREAK_DETECTOR", "SCENEBREAK_SEGMENTER")  # a hub id or a folder
+
+
+def task_environment(environ) -> dict[str, str]:
+    """The run's SCENEBREAK_* and HF_* settings for the tasks, with relative paths made
+    absolute (a model's only where it is a folder, not a hub id), and no token: a
+    task's environment is part of its spec, which Ray's dashboard shows to whoever
+    reaches it (a shared HF_HOME holds the token the hub needs)."""
+    from .jobs import model_ref
+
+    env = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and "TOKEN" not in k.upper()}
+    for key in _FOLDER_VARIABLES:
+        if env.get(key):
+            env[key] = os.path.abspath(os.path.expanduser(env[key]))
+    for key in _MODEL_VARIABLES:
+        if env.get(key):
+            env[key] = model_ref(Path.cwd(), env[key])
+    return env
 
 
 def _resources(ray) -> str:

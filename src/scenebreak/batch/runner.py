@@ -59,8 +59,11 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
     shard = parse_shard(shard)
     if retries < 0 or retries > 100:
         raise InvalidInput(f"--retries must be from 0 to 100, not {retries}")
-    if gpus_per_job is not None and not (0 < gpus_per_job <= 1024):
-        raise InvalidInput(f"--gpus-per-job must be above 0, not {gpus_per_job:g}")
+    if gpus_per_job is not None and not (0 <= gpus_per_job <= 1024):
+        raise InvalidInput(f"--gpus-per-job must be from 0 (train on CPUs) to 1024, not {gpus_per_job:g}")
+    if gpus_per_job is not None and gpus_per_job > 1 and gpus_per_job != int(gpus_per_job):
+        raise InvalidInput(f"--gpus-per-job {gpus_per_job:g}: Ray shares a GPU (a fraction up to 1) or gives "
+                           "whole ones (2, 3, ...), not a fraction above 1")
     if gpus_per_job is not None and ray is None:
         raise InvalidInput("--gpus-per-job applies to --ray; on this machine use --devices")
     if ray is not None and devices is not None:

@@ -426,8 +426,9 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
 @click.option("--ray", metavar="ADDRESS|auto",
               help="Run each job as a task on a Ray cluster started with `ray start`; auto: $RAY_ADDRESS or the one on "
                    "this machine. Needs Ray: pipx inject scenebreak ray.")
-@click.option("--gpus-per-job", type=Bounded(float, Bounds(0, 1024, above=True)),
-              help="--ray: GPUs each job's task asks for (default: 1 where the cluster has GPUs, else 0).")
+@click.option("--gpus-per-job", type=Bounded(float, Bounds(0, 1024)),
+              help="--ray: GPUs each job's task asks for (default 1; a fraction shares a GPU); 0 trains on the "
+                   "cluster's CPUs, one job per node.")
 @click.option("--shard", metavar="I/N",
               help="Run only jobs I, I+N, I+2N, ... counted from 0 (Slurm arrays: "
                    "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).")
