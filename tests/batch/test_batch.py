@@ -52,11 +52,14 @@ def test_three_jobs_on_two_workers_one_failing_then_a_rerun_skips_everything(tmp
     assert {k: v for k, v in files(out).items() if "/b/" not in k} == {k: v for k, v in before.items() if k.startswith(str(out)) and "/b/" not in k}
     assert files(home() / "scenes") == {k: v for k, v in before.items() if k.startswith(str(home()))}
 
-    # A changed setting is another key: that job runs again, its scene replaced; the others stay skipped.
+    # A changed sampling setting makes that job's images again, not its scene (hours of
+    # learning for minutes of sampling); the others stay skipped.
     lines_now = jobs.read_text().splitlines()
     job = json.loads(lines_now[2])
     job["generate"] = {**GENERATE, "seed": 4}
+    job["learn"] = {**job["learn"], "checkpoint-every": 7}  # (how often it checkpoints is no other scene either)
     jobs.write_text("\n".join([lines_now[0], json.dumps(job)]) + "\n")
+    learned = Path(scene_path("c")).stat().st_mtime_ns
     third = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(out), "-q"])
     assert third.exit_code == 0, third.output
     got = lines(third.stdout)
@@ -64,6 +67,13 @@ def test_three_jobs_on_two_workers_one_failing_then_a_rerun_skips_everything(tmp
     assert [Path(p).name for p in got["c"]["images"]] == ["c-blue-on-a-table-4.png", "c-blue-in-the-snow-4.png"]
     assert sorted(p.name for p in (out / "c" / "images").iterdir() if not p.name.startswith(".")) == sorted(
         Path(p).name for p in got["c"]["images"])
+    assert Path(scene_path("c")).stat().st_mtime_ns == learned
+    # A changed learn setting is another scene: learned again, replacing its own.
+    job["learn"] = {**job["learn"], "seed": 5}
+    jobs.write_text("\n".join([lines_now[0], json.dumps(job)]) + "\n")
+    fourth = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(out), "-q"])
+    assert fourth.exit_code == 0 and lines(fourth.stdout)["c"]["status"] == "done", fourth.output
+    assert Path(scene_path("c")).stat().st_mtime_ns != learned
 
 
 def test_shards_split_the_jobs_exactly(tmp_path):

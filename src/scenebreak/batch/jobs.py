@@ -49,13 +49,22 @@ class Job:
     def key(self) -> str:
         """A digest of everything the job's scene and images depend on: the photo's and
         masks' bytes, the words and mask settings, the base model and every setting."""
-        parts = {
-            "photo": _digest(self.photo), "masks": [_digest(m) for m in self.masks], "objects": list(self.objects),
-            "mask": _settings(self.mask) if self.objects else None, "name": self.name,
-            "base": [self.base_model or default_base_model(), self.revision], "learn": _settings(self.learn),
-            "prompts": list(self.prompts), "generate": _settings(self.generate),
-        }
+        parts = {**self._scene_parts(), "learn": _settings(self.learn), "prompts": list(self.prompts),
+                 "generate": _settings(self.generate)}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def scene_key(self) -> str:
+        """A digest of what the scene alone depends on: a line whose prompts or sampling
+        settings changed (or only how often it checkpoints) keeps its scene, and makes
+        only its images again."""
+        learn = {k: v for k, v in _settings(self.learn).items() if k != "checkpoint_every"}
+        parts = {**self._scene_parts(), "learn": learn}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _scene_parts(self) -> dict:
+        return {"photo": _digest(self.photo), "masks": [_digest(m) for m in self.masks], "objects": list(self.objects),
+                "mask": _settings(self.mask) if self.objects else None, "name": self.name,
+                "base": [self.base_model or default_base_model(), self.revision]}
 
 
 def _digest(path: str) -> str:

@@ -146,9 +146,12 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
 
     folder = job_folder(job, out)
     scene = scene_out(job, scenes)
-    same = record.get("key") == key
+    scene_key = job.scene_key()
+    # The same scene: its photo, masks, base and learn settings unchanged (a record from
+    # before scene keys: the whole line unchanged). Only the images are then made again.
+    same = record.get("scene_key", record.get("key")) == (scene_key if "scene_key" in record else key)
     state = dict(record) if same else {}
-    state.update(key=key, job=job.raw, line=job.line)
+    state.update(key=key, scene_key=scene_key, job=job.raw, line=job.line)
     ours = record.get("scene") == str(scene)  # a scene at that path that an earlier batch run wrote
     if scene.exists() and not ours:
         raise InvalidInput(f"scene {scene} already exists and was not made by this batch: remove it (scenebreak rm "
