@@ -63,6 +63,39 @@ class Terminated(Interrupted):
     exit_code = 143
 
 
+class HungUp(Terminated):
+    """Stopped by SIGHUP (the terminal or ssh session it ran in closed): exit code 129."""
+
+    exit_code = 129
+
+
+def stop_signals() -> dict:
+    """The signals that stop a long command cleanly, as Ctrl-C does, each with the
+    Interrupted it leaves as: SIGTERM, and SIGHUP where there is one (not on Windows)."""
+    import signal
+
+    found = {signal.SIGTERM: Terminated}
+    if hasattr(signal, "SIGHUP"):
+        found[signal.SIGHUP] = HungUp
+    return found
+
+
+def quiet_dead_terminal() -> None:
+    """After SIGHUP the terminal is gone and writing to it fails (EIO), which would
+    break the saving of a checkpoint with an error: stdout and stderr that were that
+    terminal write nowhere from now on (a file or a pipe they were stays)."""
+    import os
+
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        except OSError:
+            pass
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so, or "Invalid
     buffer size" for one tensor larger than the GPU's biggest buffer (8-16 GB Macs);
@@ -109,21 +142,27 @@ def fixable_failures():
 
 @contextlib.contextmanager
 def sigterm_stops(message: str):
-    """Within the block, SIGTERM raises Terminated(`message`) in the main thread, so that
-    a long-running command unwinds through its clean-up as on Ctrl-C (by default the
-    process would die at once, with no clean-up and no line). Elsewhere: nothing."""
+    """Within the block, SIGTERM raises Terminated("terminated (SIGTERM): `message`") in
+    the main thread, and SIGHUP HungUp, so that a long-running command unwinds through
+    its clean-up as on Ctrl-C (by default the process would die at once, with no
+    clean-up and no line). Elsewhere: nothing."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    kinds = stop_signals()
 
     def stop(signum, frame):
-        raise Terminated(message)
+        if kinds[signum] is HungUp:
+            quiet_dead_terminal()
+            raise HungUp(f"the terminal closed (SIGHUP): {message}")
+        raise Terminated(f"terminated (SIGTERM): {message}")
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in kinds}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -616,13 +616,18 @@ def test_on_windows_a_checkpoint_is_read_whole_and_files_are_flushed_through_a_w
     assert synced[2:] == [("f", os.O_RDWR)]  # and no folder: Windows cannot open one to sync it
 
 
-def test_sigterm_stops_learn_as_ctrl_c_does_but_exits_143():
+def test_sigterm_stops_learn_as_ctrl_c_does_but_exits_143(monkeypatch):
     """SIGTERM (a supervisor, `kill`, `docker stop`) saves a checkpoint as Ctrl-C does; it
-    then left with Ctrl-C's 130, not the 143 the docs and a shell give SIGTERM."""
-    from scenebreak.errors import Interrupted, Terminated
+    then left with Ctrl-C's 130, not the 143 the docs and a shell give SIGTERM. SIGHUP
+    (the ssh session closed) killed learn with no checkpoint at all: it saves one too,
+    and from then on writes nowhere (the terminal is gone: writing to it fails)."""
+    import scenebreak.train.checkpoints as checkpoints
+    from scenebreak.errors import HungUp, Interrupted, Terminated
     from scenebreak.train.checkpoints import StopFlag, catch_interrupts
 
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+    quieted = []
+    monkeypatch.setattr(checkpoints, "quiet_dead_terminal", lambda: quieted.append(True))
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)):
         flag, heard = StopFlag(), []
         with pytest.raises(Interrupted) as stopped:
             with catch_interrupts(flag, heard.append):
@@ -630,8 +635,22 @@ def test_sigterm_stops_learn_as_ctrl_c_does_but_exits_143():
                 while not flag():  # the handler runs between bytecodes of the main thread
                     time.sleep(0.01)
                 raise Interrupted("interrupted: checkpoint saved; run the same command with --resume to continue")
-        assert stopped.value.exit_code == code and isinstance(stopped.value, Terminated) == (code == 143), sig
+        assert stopped.value.exit_code == code and isinstance(stopped.value, Terminated) == (code != 130), sig
+        assert isinstance(stopped.value, HungUp) == (code == 129) and bool(quieted) == (code == 129)
         assert "--resume" in str(stopped.value) and len(heard) == 1
+
+
+def test_a_hang_up_stops_a_batch_or_the_page_as_sigterm_does(monkeypatch):
+    import scenebreak.errors as errors
+
+    monkeypatch.setattr(errors, "quiet_dead_terminal", lambda: None)
+    for sig, kind, said in ((signal.SIGTERM, errors.Terminated, "terminated (SIGTERM): "),
+                            (signal.SIGHUP, errors.HungUp, "the terminal closed (SIGHUP): ")):
+        with pytest.raises(kind) as stopped:
+            with errors.sigterm_stops("the running jobs saved their checkpoints"):
+                os.kill(os.getpid(), sig)
+                time.sleep(5)
+        assert str(stopped.value) == said + "the running jobs saved their checkpoints"
 
 
 def test_a_resume_whose_frozen_weights_wait_in_another_precision_is_warned_about(scene_files, tiny_model, monkeypatch):

@@ -81,7 +81,7 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
     if jobs:
         # SIGTERM (a supervisor, `kill`, `docker stop`) stops the batch through the runners'
         # clean-up, as Ctrl-C does: it died at once, its workers training on unwatched.
-        with sigterm_stops("terminated (SIGTERM): the running jobs saved their checkpoints; rerun the batch to "
+        with sigterm_stops("the running jobs saved their checkpoints; rerun the batch to "
                            "resume them"):
             if ray is not None:
                 from .ray_runner import run_on_ray

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import Interrupted, InvalidInput, Terminated
+from ..errors import HungUp, Interrupted, InvalidInput, quiet_dead_terminal, stop_signals
 from ..events import Message, Reporter, silent
 from ..paths import ON_WINDOWS, checkpoint_path, is_regular_file, write_atomically
 
@@ -32,11 +32,11 @@ RESUMABLE_CHANGES = ("checkpoint_every", "gradient_checkpointing", "save_dtype",
 
 
 class StopFlag:
-    """Set by the first Ctrl-C (or SIGTERM); the loop stops at the next step boundary."""
+    """Set by the first Ctrl-C (or SIGTERM, SIGHUP); the loop stops at the next step boundary."""
 
     def __init__(self, also=None):
         self.requested = False
-        self.terminated = False  # by SIGTERM: the stop leaves as Terminated (exit 143, as documented)
+        self.terminated = None  # by SIGTERM or SIGHUP: the Interrupted it leaves as (exit 143 or 129)
         self.also = also  # another "should I stop?" function, polled too
 
     def __call__(self) -> bool:
@@ -49,19 +49,25 @@ def catch_interrupts(flag: StopFlag, report: Reporter):
         yield
         return
 
+    kinds = stop_signals()
+
     def handler(signum, frame):
+        if flag.requested and kinds.get(signum) is not HungUp:
+            raise KeyboardInterrupt  # a second Ctrl-C (or SIGTERM) stops at once
         if flag.requested:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            return  # (a hang-up after Ctrl-C: the checkpoint is on its way)
         flag.requested = True
-        flag.terminated = signum == signal.SIGTERM
+        flag.terminated = kinds.get(signum)
+        if flag.terminated is HungUp:  # no terminal to write to: the checkpoint must not fail on it
+            quiet_dead_terminal()
         report(Message("stopping after this step to save a checkpoint (press Ctrl-C again to abort now)", "warning"))
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, *kinds)}
     try:
         yield
     except Interrupted as exc:
-        if flag.terminated and not isinstance(exc, Terminated):
-            raise Terminated(str(exc)) from None
+        if flag.terminated and not isinstance(exc, flag.terminated):
+            raise flag.terminated(str(exc)) from None
         raise
     finally:
         for sig, old in previous.items():
