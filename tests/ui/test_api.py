@@ -294,3 +294,25 @@ def test_a_stream_follows_its_own_job_even_after_another_started(ui, scene_files
     for unknown in (12345, "%C2%B2"):  # (a digit Python reads as one, int() does not)
         gone = ui.wait(job=unknown)
         assert [r["state"] for r in gone] == ["unknown"] and "reload the page" in gone[0]["error"]
+
+
+def test_a_page_acting_on_a_photo_another_tab_replaced_is_told_to_reload(ui, scene_files):
+    """Two tabs on one server: tab A's clicks, save and learn named no photo, so after tab
+    B opened another they segmented, saved and learned B's photo (with A's masks: of the
+    same size, nothing else failed)."""
+    import shutil
+
+    first = scene_files["image"]
+    second = first.parent / "other.png"
+    shutil.copy(first, second)
+    open_photo(ui, first)
+    page_a = ui.ok("/api/state")["photo"]
+    open_photo(ui, second)  # tab B
+    for path, body in (("/api/mask", {"id": "1", "points": [[20, 20]]}),
+                       ("/api/save", {"objects": [{"id": "1", "name": "red"}]}),
+                       ("/api/learn", {"masks": [str(scene_files["masks"][0])]})):
+        status, data = ui.json(path, {**body, "photo": page_a})
+        assert status == 409 and "another photo (other.png) was opened since" in data["error"], (path, status, data)
+    assert ui.server.app.job.kind == "photo"  # nothing started
+    page_b = ui.ok("/api/state")["photo"]
+    assert ui.ok("/api/mask", {"id": "1", "points": [[20, 20]], "photo": page_b})["area"] > 0

@@ -36,6 +36,11 @@ class Busy(SceneBreakError):
     """Another long action is running (the server answers 409)."""
 
 
+class OtherPhoto(Busy):
+    """The page acts on a photo that is no longer the open one: another tab opened
+    another (the server answers 409)."""
+
+
 def settings_schema(config_class) -> list[dict]:
     """The command-line settings of `config_class` as the page's form shows them: the
     same names, defaults, help, choices and bounds as the options."""
@@ -238,7 +243,8 @@ class App:
 
         def work(report, should_stop):
             session = MaskSession(resolved, self.mask_config, report)
-            self.session, self.masks = session, {}
+            with self.lock:
+                self.session, self.masks = session, {}
             return {"photo": str(resolved), "size": list(session.size)}
 
         return self._start("photo", work, writes=False)
@@ -282,11 +288,22 @@ class App:
         with self.lock:
             self._check_idle()
 
-    def mask(self, object_id: str, points=(), labels=None, box=None, words=None) -> dict:
-        """One object's mask from its clicks, box or words (masks.session)."""
+    def _open_session(self, photo: str | None):
+        """The open photo's session; `photo` (what the page shows, if it says) must be it:
+        a page in another tab may have opened another since, and its masks and learn
+        would then be of the wrong photo (of the same size, nothing else would tell)."""
         session = self.session
         if session is None:
             raise InvalidInput("open a photo first")
+        if photo is not None and str(photo) != str(session.image_path):
+            raise OtherPhoto(f"another photo ({session.image_path.name}) was opened since, in another tab or window: "
+                             "reload this page")
+        return session
+
+    def mask(self, object_id: str, points=(), labels=None, box=None, words=None, photo: str | None = None) -> dict:
+        """One object's mask from its clicks, box or words (masks.session), on `photo`
+        (the page's, checked) or the open one."""
+        session = self._open_session(photo)
         object_id = str(object_id)[:64]
         points = [numbers(p, 2, "a click") for p in listed(points, "clicks")]
         if labels is not None and not all(type(v) is int for v in listed(labels, "labels")):
@@ -295,21 +312,20 @@ class App:
         if words is not None and not isinstance(words, str):
             raise InvalidInput("words must be text")
         result = session.mask(f"object {object_id}", points, labels, box, words)
-        if session is not self.session:  # another photo was opened meanwhile: this mask is of the old one
-            raise InvalidInput("another photo was opened meanwhile: click on the object again")
-        self.masks.pop(object_id, None)  # (kept in the order last drawn)
-        self.masks[object_id] = result
-        while len(self.masks) > MAX_OBJECT_MASKS:  # each a full-size mask: the oldest drawn goes
-            self.masks.pop(next(iter(self.masks)))
+        with self.lock:
+            if session is not self.session:  # another photo was opened meanwhile: this mask is of the old one
+                raise OtherPhoto("another photo was opened meanwhile (in another tab or window?): reload this page")
+            self.masks.pop(object_id, None)  # (kept in the order last drawn)
+            self.masks[object_id] = result
+            while len(self.masks) > MAX_OBJECT_MASKS:  # each a full-size mask: the oldest drawn goes
+                self.masks.pop(next(iter(self.masks)))
         return {"id": object_id, "score": result.score, "area": result.area, "box": list(result.box or ()),
                 "png": png_base64(result.mask)}
 
-    def save(self, objects: list[dict], out_dir=None) -> dict:
+    def save(self, objects: list[dict], out_dir=None, photo: str | None = None) -> dict:
         """The masks of `objects` ([{id, name}], in order) written as `mask` writes them:
         beside the photo, or in `out_dir` (an allowed folder)."""
-        session = self.session
-        if session is None:
-            raise InvalidInput("open a photo first")
+        session = self._open_session(photo)
         results = []
         for item in listed(objects, "objects"):
             if not isinstance(item, dict):
@@ -323,20 +339,19 @@ class App:
         return session.save(results, folder).to_dict()
 
     def learn(self, masks: list[str], settings: dict | None = None, name: str | None = None, base_model: str | None = None,
-              resume: bool = False, force: bool = False) -> dict:
-        """`learn` on the open photo and the saved masks, in the background; cancel
-        saves a checkpoint that `resume` continues."""
+              resume: bool = False, force: bool = False, photo: str | None = None) -> dict:
+        """`learn` on the open photo (`photo`, the page's, checked) and the saved masks, in
+        the background; cancel saves a checkpoint that `resume` continues."""
         from ..train.learn import learn
 
-        if self.session is None:
-            raise InvalidInput("open a photo first")
+        session = self._open_session(photo)
         if not all(isinstance(v, (str, type(None))) for v in (name, base_model, *listed(masks, "masks"))):
             raise InvalidInput("the masks, the scene name and the base model must be text")
         if not listed(masks, "masks"):
             raise InvalidInput("save the masks first: learn needs one mask per object")
         mask_paths = [self.confined(m, "mask") for m in masks]
         config = config_from(LearnConfig, settings).validate(len(mask_paths))  # a bad setting fails here, not in the job
-        image = self.session.image_path
+        image = session.image_path
         base = (base_model or "").strip() or self.base_model
 
         def work(report, should_stop):

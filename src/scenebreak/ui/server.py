@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from .. import paths
-from ..errors import SceneBreakError, UsageError, sigterm_stops
+from ..errors import InvalidInput, SceneBreakError, UsageError, sigterm_stops
 from ..events import Message
 from .app import MAX_UPLOAD_BYTES, App, Busy, OutsideFolders
 from .jobs import one_line
@@ -38,6 +38,12 @@ SECURITY_HEADERS = {
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
 }
+
+
+def _text_or_none(value) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput("the photo must be text")
+    return value
 
 
 class Refused(Exception):
@@ -217,12 +223,13 @@ class Handler(BaseHTTPRequestHandler):
             self._json(app.open_photo(body.get("path")))
         elif path == "/api/mask":
             self._json(app.mask(body.get("id", "1"), body.get("points"), body.get("labels"), body.get("box"),
-                                body.get("words")))
+                                body.get("words"), photo=_text_or_none(body.get("photo"))))
         elif path == "/api/save":
-            self._json(app.save(body.get("objects"), body.get("out_dir")))
+            self._json(app.save(body.get("objects"), body.get("out_dir"), photo=_text_or_none(body.get("photo"))))
         elif path == "/api/learn":
             self._json(app.learn(body.get("masks"), body.get("settings"), body.get("name"), body.get("base_model"),
-                                 body.get("resume") is True, body.get("force") is True))
+                                 body.get("resume") is True, body.get("force") is True,
+                                 photo=_text_or_none(body.get("photo"))))
         elif path == "/api/generate":
             self._json(app.generate(body.get("scene"), body.get("prompt"), body.get("settings")))
         elif path == "/api/cancel":

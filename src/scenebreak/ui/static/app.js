@@ -410,7 +410,7 @@ async function fetchMask(object, how = {}) {
     object.area = 0;
   } else {
     const result = await api("/api/mask", { id: object.id, points: object.points, labels: object.labels,
-      box: object.box, words: object.words || null });
+      box: object.box, words: object.words || null, photo: page.photo });
     object.area = result.area;
     object.score = result.score;
     object.overlay = await overlay(result.png);
@@ -714,12 +714,12 @@ function setUpButtons() {
   $("undo").onclick = undo;
   $("save").onclick = act(async () => {
     const objects = page.objects.filter((o) => o.overlay).map((o) => ({ id: o.id, name: o.name }));
-    const run = await api("/api/save", { objects, out_dir: $("out-dir").value.trim() || null });
+    const run = await api("/api/save", { objects, out_dir: $("out-dir").value.trim() || null, photo: page.photo });
     showSaved(run.masks.map((m) => m.path), run.preview);
     for (const warning of run.overlaps) log(`masks ${warning.masks.join(" and ")} overlap (${Math.round(warning.fraction * 100)}%)`, "warning");
   });
   $("learn").onclick = act(() => start("/api/learn", {
-    masks: page.saved, name: $("scene-name").value.trim() || null, base_model: $("base-model").value.trim() || null,
+    photo: page.photo, masks: page.saved, name: $("scene-name").value.trim() || null, base_model: $("base-model").value.trim() || null,
     resume: $("resume").checked, force: $("force").checked, settings: settingsOf(page.settings.learn) }));
   $("cancel").onclick = act(async () => {
     $("cancel").disabled = true;
