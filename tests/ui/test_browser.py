@@ -174,3 +174,21 @@ def test_a_reload_a_cancel_and_a_stopped_server_in_a_browser(browser, ui):
     assert not by_id("learn").get_property("disabled") and by_id("cancel").get_attribute("hidden")
     by_id("open").click()
     WebDriverWait(browser, WAIT).until(lambda d: "no answer from scenebreak ui" in by_id("error").text)
+
+
+def test_a_photo_over_the_upload_limit_is_said_before_it_is_sent(browser, ui, tmp_path):
+    """The server refuses it unread, and the browser then reports a lost connection: the
+    page said "no answer from scenebreak ui", sending people to restart a running server."""
+    by_id = lambda name: browser.find_element("id", name)  # noqa: E731
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1 << 20
+    browser.get(ui.server.url)
+    wait_for(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-loaded") == "yes", "the page")
+    assert browser.execute_script("return page.maxUpload") == 64 << 20  # the server's own limit
+    browser.execute_script("page.maxUpload = 1 << 20")
+    by_id("upload").send_keys(str(big))
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, WAIT).until(lambda d: "big.png is over 1 MB" in by_id("error").text)
+    assert not (ui.server.app.folder / "big.png").exists()

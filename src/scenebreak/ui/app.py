@@ -194,6 +194,7 @@ class App:
             "roots": [str(r) for r in self.roots], "base_model": self.base_model or default_base_model(),
             "settings": {"learn": settings_schema(LearnConfig), "generate": settings_schema(GenerateConfig)},
             "job": self.job.summary() if self.job else None,
+            "max_upload_bytes": MAX_UPLOAD_BYTES,  # (the page says so before sending: a refused upload reads as a lost server)
         }
 
     def photos(self) -> list[str]:

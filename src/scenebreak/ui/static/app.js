@@ -9,7 +9,7 @@ const PALETTE = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 200, 0], [14
   [245, 130, 48], [240, 50, 230], [128, 128, 0], [0, 128, 128]];
 
 const page = { photo: null, image: null, objects: [], current: -1, nextId: 1, saved: [], cursor: null, drag: null,
-  settings: {}, stream: null };
+  settings: {}, stream: null, maxUpload: Infinity };
 
 // -- talking to the server -------------------------------------------------------------------------
 
@@ -706,6 +706,8 @@ function setUpButtons() {
     const file = $("upload").files[0];
     if (!file) return;
     $("upload").value = "";  // the same file chosen again (after a refusal) is a change too
+    // Said here: the server refuses a bigger one unread, and the browser then reports a lost connection.
+    if (file.size > page.maxUpload) throw new Error(`${file.name} is over ${page.maxUpload >> 20} MB: make it smaller first`);
     await startWith(async () => answer(await reach(`/api/upload?name=${encodeURIComponent(file.name)}`, {
       method: "POST", headers: { "X-Scenebreak-Token": token, "Content-Type": "application/octet-stream" },
       body: file })));
@@ -745,6 +747,7 @@ window.addEventListener("DOMContentLoaded", act(async () => {
   setUpCanvas();
   setUpButtons();
   const state = await api("/api/state");
+  page.maxUpload = state.max_upload_bytes;
   page.settings.learn = buildSettings($("learn-settings"), state.settings.learn, []);
   page.settings.generate = buildSettings($("generate-settings"), state.settings.generate, []);
   $("base-model").value = state.base_model;
