@@ -316,3 +316,25 @@ def test_a_page_acting_on_a_photo_another_tab_replaced_is_told_to_reload(ui, sce
     assert ui.server.app.job.kind == "photo"  # nothing started
     page_b = ui.ok("/api/state")["photo"]
     assert ui.ok("/api/mask", {"id": "1", "points": [[20, 20]], "photo": page_b})["area"] > 0
+
+
+def test_words_during_a_learn_on_a_gpu_wait_rather_than_load_the_detector_there(ui, scene_files):
+    """The detector would load onto the GPU a running learn planned its memory on."""
+    from scenebreak.device import Device
+
+    photo = scene_files["image"]
+    open_photo(ui, photo)
+    ui.ok("/api/mask", {"id": "1", "points": [[20, 20]]})
+    masks = [m["path"] for m in ui.ok("/api/save", {"objects": [{"id": "1"}]})["masks"]]
+    session = ui.server.app.session
+    ui.ok("/api/learn", {"masks": masks, "settings": {"steps1": "5000", "prior": False}, "name": "busy"})
+    session.device = Device(type="cuda", name="cuda:0")  # as if the page's models were on a GPU
+    try:
+        status, data = ui.json("/api/mask", {"id": "2", "words": "red square"})
+        assert status == 409 and "loads a detector onto cuda:0, which learn is using" in data["error"], data
+        assert session.detector is None
+        assert ui.ok("/api/mask", {"id": "2", "points": [[60, 50]]})["area"] > 0  # clicks still work
+    finally:
+        session.device = Device(type="cpu", name="cpu")
+        ui.ok("/api/cancel", {})
+        ui.wait()

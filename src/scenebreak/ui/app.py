@@ -312,6 +312,12 @@ class App:
         box = numbers(box, 4, "a box") if box is not None else None
         if words is not None and not isinstance(words, str):
             raise InvalidInput("words must be text")
+        if words and session.detector is None and session.device.type != "cpu":
+            with self.lock:
+                if self.job and self.job.running and self.job.kind in ("learn", "generate"):
+                    # Loading the detector now would take GPU memory a running learn planned with.
+                    raise Busy(f"finding an object by words loads a detector onto {session.device.name}, which "
+                               f"{self.job.kind} is using: click on the object, or wait for {self.job.kind} to end")
         result = session.mask(f"object {object_id}", points, labels, box, words)
         with self.lock:
             if session is not self.session:  # another photo was opened meanwhile: this mask is of the old one
