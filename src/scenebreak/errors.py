@@ -97,14 +97,16 @@ def quiet_dead_terminal() -> None:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises OutOfMemoryError; MPS a plain RuntimeError that says so, or "Invalid
-    buffer size" for one tensor larger than the GPU's biggest buffer (8-16 GB Macs);
-    torch's CPU allocator a RuntimeError that it "can't allocate memory"; numpy and
-    Python MemoryError."""
+    """CUDA raises OutOfMemoryError, and cuBLAS/cuDNN a RuntimeError naming their failed
+    allocation near a full card (CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_NOT_ENOUGH_WORKSPACE);
+    MPS a plain RuntimeError that says so, or "Invalid buffer size" for one tensor larger
+    than the GPU's biggest buffer (8-16 GB Macs); torch's CPU allocator a RuntimeError
+    that it "can't allocate memory"; numpy and Python MemoryError."""
     text = str(exc).lower()
     return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
         isinstance(exc, RuntimeError) and any(
-            words in text for words in ("out of memory", "can't allocate memory", "invalid buffer size")))
+            words in text for words in ("out of memory", "can't allocate memory", "invalid buffer size",
+                                        "status_alloc_failed", "not_enough_workspace")))
 
 
 def fixable_error(exc: BaseException) -> "SceneBreakError | None":

@@ -206,6 +206,10 @@ def test_mps_out_of_memory_and_memory_budget(monkeypatch):
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     # One tensor past the largest buffer Apple's GPU allows (8-16 GB Macs): memory too.
     assert is_out_of_memory(RuntimeError("Invalid buffer size: 11.25 GB"))
+    # cuBLAS and cuDNN say a full card their own way.
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED"))
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 20 * 2**30, raising=False)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 4 * 2**30, raising=False)
     monkeypatch.setattr("psutil.virtual_memory", lambda: types.SimpleNamespace(available=64 * 2**30))

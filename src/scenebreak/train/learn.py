@@ -357,7 +357,7 @@ def _out_of_memory_in_one_line(plan, device: Device):
 
     try:
         yield
-    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
+    except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
         if not is_out_of_memory(exc):
             raise
         if device.type != "cpu" and (isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)):
