@@ -28,7 +28,7 @@ def test_out_of_memory_and_a_full_disk_are_scenebreak_errors_from_generate(learn
     real_sample = pipeline.sample
     monkeypatch.setattr(pipeline, "sample", lambda *a, **k: (_ for _ in ()).throw(
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
-    with pytest.raises(OutOfMemory, match="out of memory: try a smaller --batch-size") as caught:
+    with pytest.raises(OutOfMemory, match="out of memory on the GPU: try a smaller --batch-size where it is above 1") as caught:
         scenebreak.generate(learned.path, "<asset1>", GenerateConfig(steps=1, scheduler="ddim"), out_dir=tmp_path)
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
     monkeypatch.setattr(pipeline, "sample", real_sample)

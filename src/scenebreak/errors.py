@@ -124,7 +124,8 @@ def fixable_error(exc: BaseException) -> "SceneBreakError | None":
         if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the machine's memory, not a GPU's
             return OutOfMemory("out of memory (RAM): try a smaller --batch-size, -n or --resolution, or close other "
                                "programs")
-        return OutOfMemory("out of memory: try a smaller --batch-size, or --device cpu")
+        return OutOfMemory("out of memory on the GPU: try a smaller --batch-size where it is above 1, close what else "
+                           "uses the GPU, or --device cpu")
     return None
 
 

@@ -66,8 +66,10 @@ def decode_latents(vae, latents, report: Reporter = silent, max_pixels: int = PI
     if not bool(torch.isfinite(latents).all()):
         from ..errors import SceneBreakError
 
+        fix = "try --precision fp32 (on the same GPU), or --device cpu" if latents.device.type != "cpu" else \
+            "try --precision fp32"
         raise SceneBreakError("sampling produced NaN or infinite values (an overflow in the model in half precision, "
-                              "or a damaged scene): try --device cpu")
+                              f"or a damaged scene): {fix}")
     shift, scale = vae_normalisation(vae)
     scaled = latents / scale + shift
     factor = vae_scale(vae) if hasattr(vae.config, "block_out_channels") else 8
