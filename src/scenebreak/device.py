@@ -150,11 +150,13 @@ class Device:
                 raise InvalidInput("--precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX): use auto")
             return torch.float32, (torch.bfloat16 if cpu_has_bf16() else None)
         if precision == "bf16":
-            if self.type == "mps":
-                raise InvalidInput("--precision bf16 is not offered on MPS: use auto (fp16) or fp32")
+            if self.type == "mps" and not mps_has_bf16():
+                raise InvalidInput("--precision bf16 on MPS needs macOS 14 or newer: use auto (fp16) or fp32")
             return torch.bfloat16, None
-        if precision == "auto" and prefer_bf16 and self.native_bf16():
-            return torch.bfloat16, None  # (fp16 would have FLUX.1 and T5 clip their activations)
+        if precision == "auto" and prefer_bf16 and (self.native_bf16() or (self.type == "mps" and mps_has_bf16())):
+            # (fp16 would have FLUX.1 and T5 clip their activations; on a Mac since macOS 14
+            # bf16 is there, emulated on M1/M2: slower, but FLUX's own precision.)
+            return torch.bfloat16, None
         return torch.float16, None
 
     def native_bf16(self) -> bool:
@@ -244,6 +246,16 @@ def cpu_bf16_instructions() -> bool:
         if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
             return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def mps_has_bf16() -> bool:
+    """Whether MPS takes bf16 tensors here: macOS 14 and newer."""
+    import torch
+
+    try:
+        return bool(torch.backends.mps.is_macos_or_newer(14, 0))
     except (AttributeError, RuntimeError):
         return False
 

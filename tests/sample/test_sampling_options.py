@@ -86,6 +86,17 @@ def test_sampling_precision_per_device(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert cuda.sampling_precision("auto", prefer_bf16=True) == (expected, None)
         assert cuda.sampling_precision("fp16", prefer_bf16=True) == (torch.float16, None)
+    # On a Mac: fp16, and bf16 for FLUX.1 (and asked for) from macOS 14, which has it.
+    mps = Device("mps", "mps")
+    for newer, flux in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor, n=newer: n)
+        assert mps.sampling_precision("auto") == (torch.float16, None)
+        assert mps.sampling_precision("auto", prefer_bf16=True) == (flux, None)
+        if newer:
+            assert mps.sampling_precision("bf16") == (torch.bfloat16, None)
+        else:
+            with pytest.raises(InvalidInput, match="needs macOS 14"):
+                mps.sampling_precision("bf16")
     from scenebreak.families import family_named
 
     assert family_named("FLUX.1 dev").samples_in_bf16 and not family_named("SDXL").samples_in_bf16
