@@ -20,7 +20,7 @@ _LAZY = {
     "SceneBreakError": "errors", "UsageError": "errors", "InvalidInput": "errors", "InvalidMask": "errors",
     "UnknownHandle": "errors", "BundleError": "errors", "DeviceNotAvailable": "errors",
     "ModelNotAvailable": "errors", "OutOfMemory": "errors", "Interrupted": "errors", "NoSpace": "errors",
-    "Diverged": "errors", "Terminated": "errors",
+    "Diverged": "errors", "Terminated": "errors", "HungUp": "errors", "CheckpointMismatch": "errors",
     "choose_device": "device",
     "export_scene": "exports.export", "export": "exports.export",
     "make_masks": "masks.masking", "MaskRun": "masks.masking", "MaskResult": "masks.files",

@@ -51,6 +51,10 @@ class OutOfMemory(SceneBreakError):
     """The device ran out of memory."""
 
 
+class CheckpointMismatch(InvalidInput):
+    """`--resume` of a checkpoint made from other inputs, settings or base model."""
+
+
 class Interrupted(SceneBreakError):
     """The user interrupted a long operation (exit code 130)."""
 

@@ -43,12 +43,15 @@ def test_three_jobs_on_two_workers_one_failing_then_a_rerun_skips_everything(tmp
         assert all(Path(p).parent == out / name / "images" for p in got[name]["images"])
     assert "2 done, 0 skipped, 1 failed" in result.stderr
 
+    assert got["c"]["paths"] == [got["c"]["scene"], *got["c"]["images"]] and got["b"]["paths"] == []
+
     before = files(out) | files(home() / "scenes")
-    again = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(out)])
+    again = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(out), "--json"])  # (as every command takes it)
     assert again.exit_code == 1, again.output
     got = lines(again.stdout)
     assert {n: r["status"] for n, r in got.items()} == {"a": "skipped", "b": "failed", "c": "skipped"}
     assert got["c"]["images"] and all(Path(p).is_file() for p in got["c"]["images"])
+    assert got["c"]["paths"] == [got["c"]["scene"], *got["c"]["images"]]
     assert {k: v for k, v in files(out).items() if "/b/" not in k} == {k: v for k, v in before.items() if k.startswith(str(out)) and "/b/" not in k}
     assert files(home() / "scenes") == {k: v for k, v in before.items() if k.startswith(str(home()))}
 
@@ -119,6 +122,12 @@ BAD = {
     "unknown handle": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "prompts": ["<cat> on a mat"]}', 2, "<cat>"),
     "bad name": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "../x"}', 2, "invalid scene name"),
     "same name": ('{"photo": "in/photo.png", "masks": ["in/blue.png"], "name": "first"}', 2, "also line 1's"),
+    "key twice": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "photo": "in/blue.png"}', 2,
+                  "'photo' is given twice"),
+    "key twice inside": ('{"photo": "in/photo.png", "masks": ["in/red.png"], "learn": {"steps1": 1, "steps1": 2}}', 2,
+                         "'steps1' is given twice"),
+    "preview as a mask": ('{"photo": "in/photo.png", "masks": ["in/photo.masks-preview.png"]}', 2,
+                          "is the preview `scenebreak mask` draws"),
 }
 
 

@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from helpers import SMALL
 from scenebreak import LearnConfig, learn, load_scene
-from scenebreak.errors import Interrupted, InvalidInput, ModelNotAvailable
+from scenebreak.errors import CheckpointMismatch, Interrupted, InvalidInput, ModelNotAvailable
 
 
 def _tensor(path, key):
@@ -115,7 +115,8 @@ def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files
     with pytest.raises(Interrupted):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False), base_model=str(tiny_model),
               name="x", should_stop=lambda: True)
-    with pytest.raises(InvalidInput, match="other inputs or settings"):
+    # (CheckpointMismatch: what `batch` starts over from, and nothing else it is told)
+    with pytest.raises(CheckpointMismatch, match="other inputs or settings"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False, lr1=1e-3),
               base_model=str(tiny_model), name="x", resume=True)
     # A fine-tune of the UNet shares its base's configs and token table (the fingerprint):
@@ -123,7 +124,7 @@ def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files
     from helpers import tuned_copy
 
     tuned = tuned_copy(tiny_model, tiny_model.parent / "tiny-sd-tuned")
-    with pytest.raises(InvalidInput, match="made on another base model"):
+    with pytest.raises(CheckpointMismatch, match="made on another base model"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False),
               base_model=str(tuned), name="x", resume=True)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
 from ..errors import InvalidInput
 from ..handles import check_handle_tokens, handles_in
+from ..masks.files import PREVIEW_SUFFIX
 from ..paths import check_name, is_regular_file, read_text_file
 
 MAX_JOBS_FILE = 64 * 2**20  # bytes: a hundred thousand jobs and more
@@ -132,7 +133,9 @@ def read_jobs(source: str | os.PathLike) -> list[Job]:
 
 def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
     try:
-        data = json.loads(line)
+        data = json.loads(line, object_pairs_hook=_one_of_each_key)
+    except _TwiceGiven as exc:
+        raise InvalidInput(f"{exc} is given twice in one object: keep one (JSON keeps the last without a word)") from None
     except ValueError as exc:
         raise InvalidInput(f"not JSON ({exc})") from None
     except RecursionError:  # nested deeper than Python's stack
@@ -230,7 +233,25 @@ def _texts(value, what: str, empty: bool = False) -> tuple[str, ...]:
     return tuple(_text(v, what) for v in value)
 
 
+class _TwiceGiven(Exception):
+    pass
+
+
+def _one_of_each_key(pairs: list) -> dict:
+    """A JSON object whose keys are all different: {"photo": "a.jpg", ..., "photo": "b.jpg"}
+    is refused, not read as b.jpg."""
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise _TwiceGiven(repr(key))
+        data[key] = value
+    return data
+
+
 def _file(folder: Path, path: str, what: str) -> str:
+    if what == "mask" and Path(path).name.endswith(PREVIEW_SUFFIX):  # (a `STEM.mask*` glob picks it up)
+        raise InvalidInput(f"{path} is the preview `scenebreak mask` draws, not a mask: give the masks "
+                           "(STEM.mask[0-9]*.png)")
     full = folder / Path(path).expanduser()
     if not full.exists():
         raise InvalidInput(f"{what} {path} not found (relative paths are relative to the JOBS file's folder)")

@@ -187,6 +187,10 @@ def run_locally(jobs: list[Job], devices: list[str], retries: int, out: Path, sc
                 kind, index, payload = outbox.get(timeout=0.5)
             except queue.Empty:
                 kind = None
+            if kind == "result" and (workers[index].job is None or payload.get("job") != workers[index].job.number):
+                # From a worker process that died just after sending it, whose job was given
+                # out again (the rerun skips or finishes it): not this worker's job now.
+                continue
             if kind == "result":
                 worker = workers[index]
                 result = JobResult.from_dict(payload)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidInput, Interrupted, SceneBreakError
+from ..errors import CheckpointMismatch, InvalidInput, Interrupted, SceneBreakError
 from ..events import Message, Reporter, silent
 from ..paths import checkpoint_path, home, is_regular_file, scene_path, write_atomically
 from .jobs import Job
@@ -45,7 +45,8 @@ class JobResult:
     note: str = ""  # why skipped
 
     def to_dict(self) -> dict:
-        data = {"job": self.job, "name": self.name, "status": self.status, "scene": self.scene, "images": self.images}
+        data = {"job": self.job, "name": self.name, "status": self.status, "scene": self.scene, "images": self.images,
+                "paths": [*([self.scene] if self.scene and self.status in ("done", "skipped") else []), *self.images]}
         if self.error is not None:
             data["error"] = self.error
         data["seconds"] = round(self.seconds, 2)
@@ -189,7 +190,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
                 learn(job.photo, masks, job.learn, resume=resumed, **args)
             except Busy:
                 continue  # another run took the lock between the wait and learn's own: wait again
-            except InvalidInput as exc:
+            except CheckpointMismatch as exc:
                 if not resumed:
                     raise
                 # Its checkpoint is from other inputs or settings (the JOBS line changed): start over.

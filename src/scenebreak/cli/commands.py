@@ -438,8 +438,9 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
 @click.option("--retries", type=Bounded(int, Bounds(0, 100)), default=1, show_default=True,
               help="Tries again a job whose worker process or Ray node died; it resumes from its checkpoint.")
 @quiet_option
+@click.option("--json", "json_", is_flag=True, help="Accepted as every command takes it: the lines are JSON already.")
 @handle_errors
-def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries, quiet):
+def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries, quiet, json_):
     """Learn (and generate from) many photos: JOBS is a JSON Lines file ('-': stdin),
     one job a line. The whole file is checked first; then each job runs on this
     machine's devices or on a Ray cluster, and prints one JSON line as it ends

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import HungUp, Interrupted, InvalidInput, quiet_dead_terminal, stop_signals
+from ..errors import CheckpointMismatch, HungUp, Interrupted, InvalidInput, quiet_dead_terminal, stop_signals
 from ..events import Message, Reporter, silent
 from ..paths import ON_WINDOWS, checkpoint_path, is_regular_file, write_atomically
 
@@ -129,11 +129,11 @@ class Checkpoints:
             mine = {k: v for k, v in mine.items() if k != "base_weights"}
         if isinstance(saved, dict) and saved.get("base") == mine.get("base") and saved.keys() == mine.keys() and \
                 saved.get("base_weights") != mine.get("base_weights"):
-            raise InvalidInput(f"the checkpoint of {self.name!r} was made on another base model (the same "
+            raise CheckpointMismatch(f"the checkpoint of {self.name!r} was made on another base model (the same "
                                "architecture, other weights): pass the --base-model it began with, or drop --resume "
                                "to start over")
         if saved != mine:
-            raise InvalidInput(f"the checkpoint of {self.name!r} was made from other inputs or settings: "
+            raise CheckpointMismatch(f"the checkpoint of {self.name!r} was made from other inputs or settings: "
                                "run the same command, or drop --resume to start over")
         if not all(isinstance(state.get(key), int) for key in ("phase", "step")):
             raise InvalidInput(f"the checkpoint of {self.name!r} ({self.path}) is damaged or from another version of "
