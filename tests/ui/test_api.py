@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,16 @@ def test_words_during_a_learn_on_a_gpu_wait_rather_than_load_the_detector_there(
         session.device = Device(type="cpu", name="cpu")
         ui.ok("/api/cancel", {})
         ui.wait()
+
+
+def test_a_page_over_the_home_folder_or_the_root_is_warned_about(tmp_path, monkeypatch):
+    """Started with no photo, the page's folder is the current one and everything below."""
+    from scenebreak.ui.app import App
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    for folder, warned in ((tmp_path, True), (tmp_path / "photos", False), (Path("/"), True)):
+        monkeypatch.chdir(folder)
+        heard = []
+        App(report=heard.append)
+        assert any("anywhere under" in getattr(m, "text", "") for m in heard) == warned, folder

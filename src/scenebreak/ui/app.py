@@ -157,6 +157,11 @@ class App:
         self.recent: dict[int, Job] = {}  # the last jobs by id, for a page's stream that reconnects after its job
         self.lock = threading.Lock()
         self.uploading = threading.Lock()
+        for root in (self.folder, self.out_dir):
+            if root is not None and (root == Path(root.anchor) or Path.home().resolve().is_relative_to(root)):
+                # The page (with its token) reads every photo and writes masks anywhere below it.
+                report(Message(f"the page may read and write photos and masks anywhere under {root}: start it in "
+                               "(or with a photo in) a folder of your photos instead", "warning"))
 
     # -- the folders ---------------------------------------------------------------------------------
 
