@@ -242,8 +242,21 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
-# Whose a temporary is: this machine (a cache may be shared over the network) and process.
-HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+def _pid_namespace() -> str:
+    """The process-id namespace this process is in (Linux: "pid:[4026531836]"), "" where
+    there is none to tell. A container run with the host's network (`--network host`,
+    Kubernetes' hostNetwork) has the host's name but its own process ids: judged by name
+    alone, each took the other's live processes for dead."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except (OSError, AttributeError):
+        return ""
+
+
+PID_NAMESPACE = _pid_namespace()
+# Whose a temporary is: this machine (a cache may be shared over the network), its
+# process ids' namespace, and the process.
+HOST_TAG = hashlib.sha256((socket.gethostname() + PID_NAMESPACE).encode()).hexdigest()[:8]
 
 
 def temporary_beside(path: Path, kind: str = "tmp") -> Path:

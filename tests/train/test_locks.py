@@ -56,6 +56,40 @@ def test_a_lock_of_another_host_is_stale_only_without_heartbeat(monkeypatch):
         assert read_owner(path)["host"] == locks.HOST
 
 
+def test_a_lock_of_another_container_with_this_hosts_name_is_judged_as_another_hosts(tmp_path):
+    """A container on the host's network has its name but its own process ids: a pid
+    that is dead here may live there. Its lock goes only without heartbeat, and its
+    temporaries are not this machine's to clear."""
+    from scenebreak import paths
+
+    path = _lock_path()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"host": locks.HOST, "namespace": "pid:[1]", "pid": int(dead), "token": "theirs"}))
+    with pytest.raises(Busy, match=f"process {int(dead)} in another container on"):
+        with locked(path, wait=False, busy_message="{holder}"):
+            pass
+    old = time.time() - locks.STALE - 5
+    os.utime(path, (old, old))
+    with locked(path, wait=False):
+        assert read_owner(path)["namespace"] == paths.PID_NAMESPACE
+    # Temporaries are tagged with the namespace too: another container's (same name, other
+    # ids) never match this one's tag, so its live writes are not cleared as dead ones.
+    import hashlib
+    import socket
+
+    if paths.PID_NAMESPACE:
+        name_only = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+        other = hashlib.sha256((socket.gethostname() + "pid:[1]").encode()).hexdigest()[:8]
+        assert paths.HOST_TAG not in (name_only, other)
+        target = tmp_path / "a.scene"
+        theirs, mine = (tmp_path / f".a.scene.{tag}-{int(dead)}-abcd.tmp" for tag in (other, paths.HOST_TAG))
+        theirs.write_text("x")
+        mine.write_text("x")
+        paths.remove_stale_temporaries(target)
+        assert theirs.exists() and not mine.exists()
+
+
 def test_the_heartbeat_keeps_a_long_held_lock_fresh(monkeypatch):
     monkeypatch.setattr(locks, "HEARTBEAT", 0.05)
     path = _lock_path()

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..errors import Interrupted, SceneBreakError
-from ..paths import ON_WINDOWS, home, process_alive
+from ..paths import ON_WINDOWS, PID_NAMESPACE, home, process_alive
 
 HEARTBEAT = 10.0  # seconds between touches of a held lock
 STALE = 120.0  # seconds without a touch after which a lock's owner is taken for dead
@@ -88,6 +88,8 @@ def describe_owner(owner: dict | None) -> str:
     if not owner or not str(owner.get("pid", "")).isdigit():
         return "another process"
     where = "" if owner.get("host") == HOST else f" on {owner.get('host')}"
+    if not where and owner.get("namespace", PID_NAMESPACE) != PID_NAMESPACE:
+        where = f" in another container on {HOST}"
     return f"process {owner['pid']}{where}"
 
 
@@ -97,7 +99,10 @@ def is_stale(path: Path, owner: dict | None) -> bool:
         touched = os.lstat(path).st_mtime
     except FileNotFoundError:
         return False  # gone: free, not stale
-    if owner and owner.get("host") == HOST and isinstance(owner.get("pid"), int):
+    # Its process id means something here only on this machine and in these ids' namespace
+    # (a lock from before namespaces were recorded: this one's).
+    here = owner and owner.get("host") == HOST and owner.get("namespace", PID_NAMESPACE) == PID_NAMESPACE
+    if here and isinstance(owner.get("pid"), int):
         if not process_alive(owner["pid"]):
             return True
         started = process_started(owner["pid"])
@@ -170,7 +175,7 @@ def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None, poll
     path = Path(path)
     _check_folder(path)
     token = secrets.token_hex(8)
-    owner = {"host": HOST, "pid": os.getpid(), "token": token, "since": time.time()}
+    owner = {"host": HOST, "namespace": PID_NAMESPACE, "pid": os.getpid(), "token": token, "since": time.time()}
     waited, refused = False, 0
     while not _create(path, owner):
         holder = read_owner(path)
