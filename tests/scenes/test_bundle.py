@@ -90,3 +90,23 @@ def test_damaged_metadata_is_refused(learned, tmp_path):
         _rewrite_header(learned.path, broken, change)
         with pytest.raises(BundleError, match="damaged"):
             load_scene(broken)
+
+
+def test_a_scene_replaced_between_its_two_reads_is_refused_not_mixed(learned, tmp_path):
+    """`generate` reads a scene's handles and tokenizer first, its weights later: a scene
+    written there meanwhile (another learn --force of that name) gave a mix of two."""
+    import os
+
+    from helpers import craft
+
+    from scenebreak.device import choose_device
+    from scenebreak.sample.scene_models import scene_components
+
+    path = tmp_path / "s.scene"
+    shutil.copy(learned.path, path)
+    scene = load_scene(path)
+    other = craft(learned.path, tmp_path / "other.scene", meta=lambda m: m.update(date="another run"))
+    os.replace(other, path)
+    with pytest.raises(BundleError, match="was replaced since it was opened"):
+        scene_components(scene, choose_device("cpu"))
+    assert scene_components(load_scene(path), choose_device("cpu"))  # read whole from one file: fine

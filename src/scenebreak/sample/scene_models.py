@@ -32,7 +32,11 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
 
     if not scene.weights:
         # A LoRA scene's adapters are merged on the CPU, where its base model loads.
+        first = scene
         scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
+        if first.stamp is not None and scene.stamp != first.stamp:
+            # (its handles and tokenizer, already in use, are the first file's)
+            raise BundleError(f"{scene.path} was replaced since it was opened (another learn writing it?): run again")
     dtype = dtype or device.infer_dtype()
     family = scene.family
     tokenizers = tokenizers or scene_tokenizers(scene)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class Scene:
     files: dict = field(default_factory=dict)  # "tokenizer/vocab.json" -> bytes
     path: Path | None = None
     embeddings_2: "torch.Tensor | None" = None  # noqa: F821 - SDXL: (N, D2) in the second text encoder
+    stamp: tuple | None = None  # the file's identity when read (stat_stamp): a later read must find the same file
 
     @property
     def family(self):
@@ -439,6 +441,7 @@ def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
     from safetensors import safe_open
 
     path = resolve_scene(ref)
+    stamp = stat_stamp(path)
     meta = read_metadata(path)
     expected = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
     scene_weights: dict = {component: {} for component in expected} if weights else {}
@@ -470,8 +473,19 @@ def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
         if empty:
             raise BundleError(f"{path} holds no {', '.join(empty)} weights, so it cannot generate")
     _check_tensors(path, meta, embeddings, image, masks, files, embeddings_2)
+    if stat_stamp(path) != stamp:  # replaced while being read (an atomic write of another run): parts of two scenes
+        raise BundleError(f"{path} was replaced while it was being read (another learn writing it?): run again")
     return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path,
-                 embeddings_2=embeddings_2)
+                 embeddings_2=embeddings_2, stamp=stamp)
+
+
+def stat_stamp(path: Path) -> tuple | None:
+    """Which file `path` is now (device, inode, size, modification time), or None."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def open_scene(scene) -> Scene:
