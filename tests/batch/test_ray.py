@@ -62,6 +62,21 @@ def test_three_jobs_as_ray_tasks(cluster, tmp_path, tiny_model):
     assert result.exit_code == 1 and "at most 0 GPU(s) each" in result.stderr, result.output
 
 
+def test_a_ray_tasks_notes_and_progress_reach_the_batchs_stderr(cluster, tmp_path, tiny_model):
+    """Under --ray stderr showed nothing of a job until its end: not its warnings, not
+    what it was doing, for hours."""
+    from jobfiles import GENERATE, TINY
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "w",
+                                  "learn": {**TINY, "base-model": str(tiny_model)}, "prompts": ["a plain photo"],
+                                  "generate": GENERATE}])
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out"),
+                                      "--gpus-per-job", "0"])
+    assert result.exit_code == 0, result.output
+    assert "job 1 (w): prompt 'a plain photo' uses none of the scene's handles" in result.stderr, result.stderr
+
+
 def _long_job(tmp_path, tiny_model, name: str, steps2: int):
     write_synthetic_scene(tmp_path / "in")
     return write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": name,

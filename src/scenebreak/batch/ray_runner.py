@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SceneBreakError
-from ..events import Message
+from ..events import Message, silent
 from .jobs import Job
 from .work import INTERRUPTED, STOP_WAIT, JobResult, run_job
 
@@ -25,11 +25,19 @@ INSTALL = "pipx inject scenebreak ray (or in a venv: pip install 'scenebreak[ray
 ENV_PREFIXES = ("SCENEBREAK_", "HF_", "HUGGINGFACE_")
 
 
-def job_task(job: Job, out: str, scenes: str | None) -> dict:
-    """A Ray task: one job on whatever device Ray gave it. Another run holding the job
-    is waited for (the task keeps its place on the cluster)."""
+def job_task(job: Job, out: str, scenes: str | None, events=None) -> dict:
+    """A Ray task: one job on whatever device Ray gave it, its notes and progress put in
+    `events` (a ray.util.queue.Queue the batch reads; what does not fit is dropped).
+    Another run holding the job is waited for (the task keeps its place on the cluster)."""
+    from .runner import job_reporter
+
+    def send(event) -> None:
+        with contextlib.suppress(Exception):  # (full, or the batch gone: the job goes on regardless)
+            events.put_nowait((job.number, event))
+
+    report = job_reporter(lambda: job, send) if events is not None else silent
     device = os.environ.get("SCENEBREAK_DEVICE") or None
-    return run_job(job, out, scenes, device=device, wait=True).to_dict()
+    return run_job(job, out, scenes, device=device, wait=True, report=report).to_dict()
 
 
 def import_ray():
@@ -69,10 +77,15 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
             env.pop("SCENEBREAK_DEVICE", None)  # a GPU task uses the GPU Ray gives it
         task = ray.remote(job_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, name="scenebreak-job",
                                             runtime_env={"env_vars": env})
-        pending = {task.remote(job, str(out), str(scenes) if scenes else None): job for job in jobs}
+        from ray.util.queue import Queue
+
+        # The tasks' notes and progress, as a local worker sends them (a small actor on the cluster).
+        events = Queue(maxsize=EVENTS_HELD, actor_options={"num_cpus": 0})
+        pending = {task.remote(job, str(out), str(scenes) if scenes else None, events): job for job in jobs}
         board.phase(0, f"{len(jobs)} task(s) on the cluster")
         try:
             while pending:
+                _show_events(events, board)
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for ref in ready:
                     job = pending.pop(ref)
@@ -82,6 +95,8 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
                         text = str(exc).strip().splitlines()
                         result = JobResult(job.number, job.name, "failed", error=f"Ray task failed after {retries + 1} "
                                            f"tries: {text[0] if text else type(exc).__name__}")
+                    _show_events(events, board)  # (its last notes before its end)
+                    board.phase(job.number, None)
                     board.finished(result)
         except BaseException:
             _stop_tasks(ray, pending, board)
@@ -89,6 +104,24 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
     finally:
         if started_here:
             ray.shutdown()
+
+
+EVENTS_HELD = 10_000  # notes and progress waiting for the batch; more are dropped (the jobs go on)
+
+
+def _show_events(events, board) -> None:
+    """What the tasks sent since: notes as notes, progress as each running job's phase
+    (the first line, "N task(s) on the cluster", gives way to them)."""
+    try:
+        items = events.get_nowait_batch(events.qsize())
+    except Exception:  # (the queue's actor gone: nothing more to show)
+        return
+    for number, (kind, *rest) in items:
+        if kind == "message":
+            board.report(Message(rest[0], rest[1]))
+        elif kind == "progress":
+            board.phases.pop(0, None)
+            board.phase(number, f"job {number}: {rest[0]} {rest[1]}/{rest[2]}")
 
 
 def _stop_tasks(ray, pending: dict, board) -> None:

@@ -321,6 +321,26 @@ def forwarded(message: Message) -> bool:
     return message.level == "warning" or message.text.startswith(("job ", "waiting for", "downloading"))
 
 
+def job_reporter(job_now, send):
+    """A job's reporter that passes on, through `send`, what the batch shows of it:
+    ("message", text, level) for its forwarded notes (named by its job, `job_now()`),
+    ("progress", task, completed, total) at most every PROGRESS_EVERY seconds."""
+    last = [0.0]
+
+    def report(event) -> None:
+        if isinstance(event, Message) and forwarded(event):
+            job = job_now()
+            text = event.text if event.text.startswith("job ") else f"job {job.number} ({job.name}): {event.text}"
+            send(("message", text, event.level))
+        elif isinstance(event, Progress):
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY or event.completed == event.total:
+                last[0] = now
+                send(("progress", event.task, event.completed, event.total))
+
+    return report
+
+
 def parent_gone(parent: int) -> bool:
     """Whether the batch process that started this worker has died (killed: it could not
     end its workers). Through multiprocessing's handle on it where there is one: on
@@ -340,18 +360,8 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
         import torch
 
         torch.set_num_threads(threads)  # the CPU's cores shared among its workers
-    last, current = [0.0], [None]
-
-    def report(event) -> None:
-        if isinstance(event, Message) and forwarded(event):
-            job = current[0]
-            text = event.text if event.text.startswith("job ") else f"job {job.number} ({job.name}): {event.text}"
-            outbox.put(("event", index, ("message", text, event.level)))
-        elif isinstance(event, Progress):
-            now = time.monotonic()
-            if now - last[0] >= PROGRESS_EVERY or event.completed == event.total:
-                last[0] = now
-                outbox.put(("event", index, ("progress", event.task, event.completed, event.total)))
+    current = [None]
+    report = job_reporter(lambda: current[0], lambda event: outbox.put(("event", index, event)))
 
     try:
         parent = os.getppid()
