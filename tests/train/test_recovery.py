@@ -330,6 +330,21 @@ def test_a_forced_learn_holds_the_lock_when_it_is_free(scene_files, tiny_model, 
     assert seen == ["refused"]
 
 
+def test_replace_replaces_but_never_runs_beside_another_learn_of_the_name(scene_files, tiny_model, monkeypatch):
+    """`batch` replaces its own earlier scene: with force it also ran past another
+    `learn` of that name that took the lock in the gap, the two sharing a checkpoint."""
+    from scenebreak.train import learn as learn_module
+    from scenebreak.train.locks import Busy, scene_lock
+
+    monkeypatch.setattr(learn_module, "_learn", lambda *args, **kwargs: "ran")
+    args = (scene_files["image"], scene_files["masks"], LearnConfig())
+    with scene_lock("held"):
+        with pytest.raises(Busy):
+            learn(*args, base_model=str(tiny_model), name="held", replace=True)
+        assert learn(*args, base_model=str(tiny_model), name="held", force=True) == "ran"
+    assert learn(*args, base_model=str(tiny_model), name="held", replace=True) == "ran"
+
+
 def test_class_images_made_by_another_run_are_waited_for_and_reused(tiny_model):
     from scenebreak.train.classimages import class_image_paths, ensure_class_images
     from scenebreak.device import choose_device

@@ -179,7 +179,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
         state["scene"] = str(scene)
         _write_record(folder, state)
         args = dict(name=job.name, output=scene if scenes else None, base_model=job.base_model, revision=job.revision,
-                    device=device, report=report, force=scene.exists(), should_stop=should_stop)
+                    device=device, report=report, replace=scene.exists(), should_stop=should_stop)
         for _ in range(MAX_LOCK_RACES):
             # A learn of this name on a machine that died holds its lock until that turns stale: wait for it.
             with scene_lock(job.name, wait=True, should_stop=should_stop, on_wait=lambda holder: report(Message(
@@ -196,7 +196,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
                 # Its checkpoint is from other inputs or settings (the JOBS line changed): start over.
                 report(Message(f"job {job.number} ({job.name}): not resumed ({exc}); starting over", "warning"))
                 resumed = False
-                learn(job.photo, masks, job.learn, resume=False, **{**args, "force": True})  # (the scene is ours: checked)
+                learn(job.photo, masks, job.learn, resume=False, **{**args, "replace": True})  # (the scene is ours: checked)
             break
         else:
             raise Busy(f"scene {job.name!r}: its lock kept being taken by other runs")

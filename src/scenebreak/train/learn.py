@@ -115,13 +115,14 @@ def default_name(image: Path) -> str:
 def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: LearnConfig = LearnConfig(), *,
           name: str | None = None, output: str | os.PathLike | None = None, base_model: str | None = None,
           revision: str | None = None, device: str | Device | None = None, resume: bool = False, force: bool = False,
-          report: Reporter = silent, should_stop=None) -> LearnResult:
+          replace: bool = False, report: Reporter = silent, should_stop=None) -> LearnResult:
     """Learn one handle per mask from one photo and write the scene; returns where it went.
 
     `should_stop()` (optional) is polled after every step, like Ctrl-C: when it turns
     true a checkpoint is saved and `Interrupted` is raised; `resume=True` continues it.
     `force=True` replaces an existing scene and runs even while another process learns
-    the same name."""
+    the same name; `replace=True` only replaces (an existing scene, an interrupted run's
+    checkpoint), and is refused (Busy) while another process learns the name."""
     started = time.perf_counter()
     if isinstance(masks, (str, os.PathLike)):  # one mask given alone (from Python): not its letters
         masks = [masks]
@@ -141,7 +142,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     # rule) may still be resumed or replaced under it. (scene_path checks the name first.)
     check_name(name, new=not (scene_path(name).exists() or checkpoint_path(name).exists()))
     out = Path(output) if output else scene_path(name)
-    _check_output(out, force=force, resume=resume)
+    replace = replace or force
+    _check_output(out, force=replace, resume=resume)
     photo, notes = load_image(image), []
     object_masks = load_masks(masks, photo.size, orientation(photo), notes)
     for line in mask_warnings(image, photo.size, orientation(photo), object_masks, masks, notes):
@@ -173,8 +175,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             # --force runs all the same (as documented), without the lock another run holds.
             report(Message(f"another process is learning {name!r}: --force runs anyway; the two share its "
                            "checkpoint", "warning"))
-        _check_interrupted_run(name, resume=resume, force=force)
-        return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, force,
+        _check_interrupted_run(name, resume=resume, force=replace)
+        return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, replace,
                       report, should_stop, started)
 
 
@@ -211,7 +213,7 @@ def _check_interrupted_run(name: str, *, resume: bool, force: bool) -> None:
                            "or --force to start over")
 
 
-def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, force, report,
+def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, replace, report,
            should_stop, started) -> LearnResult:
     import torch
 
@@ -314,7 +316,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
             try:
                 # What is there now, not at the start (hours ago): only a scene, and only
                 # with --force or --resume, is replaced; anything else is kept.
-                saved = save_scene(scene, out, config.save_dtype, replace=(force or resume) and _scene_or_nothing(out))
+                saved = save_scene(scene, out, config.save_dtype, replace=(replace or resume) and _scene_or_nothing(out))
             except OSError as exc:
                 raise _unsaved(exc, out, checkpoints) from exc
             if saved != out:
@@ -353,8 +355,6 @@ def _cuda_precision_kept():
 @contextlib.contextmanager
 def _out_of_memory_in_one_line(plan, device: Device):
     """The device running out of memory inside: OutOfMemory's one line naming the fix."""
-    import torch
-
     try:
         yield
     except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
