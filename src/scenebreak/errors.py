@@ -56,9 +56,14 @@ class CheckpointMismatch(InvalidInput):
 
 
 class Interrupted(SceneBreakError):
-    """The user interrupted a long operation (exit code 130)."""
+    """The user interrupted a long operation (exit code 130). `partial`: what it had
+    made by then, where that is worth showing (generate's images written), or None."""
 
     exit_code = 130
+
+    def __init__(self, message: str = "interrupted", partial=None):
+        super().__init__(message)
+        self.partial = partial
 
 
 class Terminated(Interrupted):

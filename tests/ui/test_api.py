@@ -352,3 +352,21 @@ def test_a_page_over_the_home_folder_or_the_root_is_warned_about(tmp_path, monke
         heard = []
         App(report=heard.append)
         assert any("anywhere under" in getattr(m, "text", "") for m in heard) == warned, folder
+
+
+def test_a_cancelled_generate_gives_the_images_it_wrote(ui, learned):
+    """They were written, but the page showed only "stopped: N image(s) written to DIR"."""
+    import shutil
+
+    from scenebreak.paths import scene_path
+
+    scene_path("pic").parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(learned.path, scene_path("pic"))
+    ui.ok("/api/generate", {"scene": "pic", "prompt": "a photo of <asset1>",
+                            "settings": {"steps": "2", "num_images": "50", "batch_size": "1", "seed": "3"}})
+    ui.ok("/api/cancel", {})
+    state = ui.wait()[-1]
+    assert state["state"] == "cancelled" and "image(s) written" in state["error"], state
+    images = state["result"]["images"]
+    assert 1 <= len(images) < 50 and all(os.path.exists(i["path"]) for i in images)
+    assert [i["seed"] for i in images] == list(range(3, 3 + len(images)))

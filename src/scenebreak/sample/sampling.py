@@ -270,7 +270,8 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
                 path = save_png(image, Path(out_dir) / fit_file_name(name, f"-{slug(prompt)}-{s}.png"))
                 images_out.append(GeneratedImage(path, prompt, s))
             if should_stop is not None and should_stop() and done < total:
-                raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}")
+                raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}",
+                                  partial=GenerateResult(scene.name, list(images_out)))
 
         run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
     return images_out

@@ -88,8 +88,10 @@ class Job:
         try:
             result = self.work(self.report, self.stop.is_set)
             state, error = "done", None
-        except Interrupted as exc:
-            result, state, error = None, "cancelled", str(exc)
+        except Interrupted as exc:  # (what it made by then, if worth showing: a generate's images written)
+            partial = getattr(exc, "partial", None)
+            result = partial.to_dict() if hasattr(partial, "to_dict") else None
+            state, error = "cancelled", str(exc)
         except BaseException as exc:  # noqa: BLE001 - the page shows it in one line, as the command line would
             result, state, error = None, "failed", one_line(exc)[0]
         with self.changed:  # the state and its record together: a reader never sees one without the other

@@ -125,6 +125,10 @@ function watch(job) {
       } else {
         showError(record.error);
         log(`${record.job} ${record.state}: ${record.error}`, "warning");
+        // A cancelled generate's images written so far are shown as a finished one's.
+        if (record.state === "cancelled" && record.result && record.job === "generate") {
+          act(async () => finished.generate(record.result))();
+        }
       }
     }
   };
