@@ -473,3 +473,20 @@ def test_quantize_auto_never_holds_a_standalone_scenes_base_in_4_bits(monkeypatc
     assert len(warnings) == 1 and "without --standalone it could" in warnings[0]  # what did not fit is said
     with pytest.raises(InvalidInput, match="--standalone cannot resume this run"):
         memory.choose_quantization(standalone, components, cuda, 512, True, True, [], resumed="nf4")
+
+
+@pytest.mark.parametrize("kind", ["cpu", "mps"])
+def test_lora_that_cannot_fit_on_a_cpu_or_a_mac_is_warned_about(monkeypatch, kind):
+    """FLUX.1 on a 32 GB Mac loaded its 48 GB of fp32 weights and swapped, or was ended
+    by the system, after a plan line that said nothing."""
+    from scenebreak.device import Device
+    from scenebreak.train import memory
+
+    sd21 = _sd21_counts()
+    device = Device(type=kind, name=kind)
+    config = LearnConfig(tune="lora")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * memory.GiB)
+    assert not memory.choose(config, sd21, device, 512, None).warnings
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * memory.GiB)
+    [warning] = memory.choose(config, sd21, device, 512, None).warnings
+    assert "LoRA may not fit even so" in warning and "2.0 GiB of" in warning

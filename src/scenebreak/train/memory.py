@@ -200,6 +200,14 @@ def choose(config: LearnConfig, components, device, resolution: int, amp_dtype, 
     # memory and adapters alone, where they stay frozen and no fp32 copy is needed (it
     # would wait in the same RAM).
     half_frozen = half and (device.type != "cpu" or (low and tune == "lora" and not config.standalone))
+    if tune == "lora" and device.type != "cuda":  # (on CUDA a base that does not fit is held in 4 bits: above)
+        need = phase2_bytes(components, config, resolution, half, low=low, half_frozen=half_frozen)
+        free = free or available_bytes(device)
+        if need > free:
+            where = "memory" if device.type == "cpu" else "unified memory for the GPU"
+            warnings.append(f"LoRA may not fit even so (about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB of {where} "
+                            "free): expect heavy swapping or the system ending the run; a smaller --resolution "
+                            "needs less, and a CUDA GPU can hold the base in 4 bits")
     return MemoryPlan(
         policy=policy,
         gradient_checkpointing=low or config.gradient_checkpointing,
