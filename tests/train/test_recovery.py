@@ -345,29 +345,41 @@ def test_replace_replaces_but_never_runs_beside_another_learn_of_the_name(scene_
     assert learn(*args, base_model=str(tiny_model), name="held", replace=True) == "ran"
 
 
+def _another_run_holding(folder, then) -> threading.Thread:
+    """A thread that holds `folder`'s class-image lock (as another run making them),
+    does `then()` half a second later and lets go; returned once it holds the lock."""
+    from scenebreak.train.locks import class_images_lock
+
+    holding = threading.Event()
+
+    def run():
+        with class_images_lock(folder):
+            holding.set()
+            time.sleep(0.5)
+            then()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    holding.wait()
+    return thread
+
+
 def test_class_images_made_by_another_run_are_waited_for_and_reused(tiny_model):
     from scenebreak.train.classimages import class_image_paths, ensure_class_images
     from scenebreak.device import choose_device
-    from scenebreak.train.locks import class_images_lock
     from scenebreak.families.base_model import load_components
 
     components = load_components(str(tiny_model))
     paths = class_image_paths(components.base.fingerprint, "a photo", 64, 2, components.family)
     paths[0].parent.mkdir(parents=True)
-    holding = threading.Event()
 
     def other_run():
         from PIL import Image
 
-        with class_images_lock(paths[0].parent):
-            holding.set()
-            time.sleep(0.5)
-            for path in paths:
-                Image.new("RGB", (64, 64)).save(path)
+        for path in paths:
+            Image.new("RGB", (64, 64)).save(path)
 
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    holding.wait()
+    thread = _another_run_holding(paths[0].parent, other_run)
     messages = []
     assert ensure_class_images(components, choose_device("cpu"), "a photo", 2, 64, report=messages.append) == paths
     thread.join()
@@ -384,22 +396,17 @@ def test_class_images_claimed_by_a_fine_tune_while_this_run_waited_are_made_in_a
     import scenebreak.train.classimages as classimages
     from scenebreak.device import choose_device
     from scenebreak.families.base_model import load_components
-    from scenebreak.train.locks import class_images_lock
 
     components = load_components(str(tiny_model))
     assert components.base.weights
     shared = classimages.class_image_paths(components.base.fingerprint, "a photo", 64, 2, components.family,
                                            weights=components.base.weights)
     shared[0].parent.mkdir(parents=True)
-    holding = threading.Event()
 
     def fine_tunes_run():
-        with class_images_lock(shared[0].parent):
-            holding.set()
-            time.sleep(0.5)
-            (shared[0].parent / classimages.MADE_BY).write_text("the fine-tune's weights\n")
-            for path in shared:
-                Image.new("RGB", (64, 64), (9, 9, 9)).save(path)
+        (shared[0].parent / classimages.MADE_BY).write_text("the fine-tune's weights\n")
+        for path in shared:
+            Image.new("RGB", (64, 64), (9, 9, 9)).save(path)
 
     made = []
 
@@ -410,9 +417,7 @@ def test_class_images_claimed_by_a_fine_tune_while_this_run_waited_are_made_in_a
             Image.new("RGB", (64, 64), (1, 2, 3)).save(path)
 
     monkeypatch.setattr(classimages, "_make", make)
-    thread = threading.Thread(target=fine_tunes_run)
-    thread.start()
-    holding.wait()
+    thread = _another_run_holding(shared[0].parent, fine_tunes_run)
     paths = classimages.ensure_class_images(components, choose_device("cpu"), "a photo", 2, 64)
     thread.join()
     assert paths[0].parent != shared[0].parent and made == paths
