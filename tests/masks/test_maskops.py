@@ -103,7 +103,7 @@ def test_dilate_by_a_disk():
 
 
 def test_clean_and_helpers():
-    mask = np.zeros((20, 20), np.uint8)
+    mask = np.zeros((40, 40), np.uint8)  # (the hole: 0.6% of it, a small one)
     mask[2:12, 2:12] = 1
     mask[5:8, 5:8] = 0  # a hole
     mask[18, 18] = 1  # a speck
@@ -140,3 +140,31 @@ def test_dilate_holds_about_one_image_whatever_the_radius():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 40 * 2**20, peak  # a few images of 1 to 8 MB; the cache of widths took 300+ MB
+
+
+def test_the_clean_up_fills_small_holes_but_not_an_enclosed_region_that_is_something_else():
+    """A bowl seen from above encloses its contents: filled, the bowl's handle learned them too."""
+    bowl = np.zeros((100, 100), np.uint8)
+    bowl[20:80, 20:80] = 1
+    bowl[30:70, 30:70] = 0  # its contents: 16% of the photo
+    bowl[22:24, 22:24] = 0  # a highlight SAM left out: 4 pixels
+    cleaned = clean(bowl, min_area=1)
+    assert cleaned[22:24, 22:24].all() and not cleaned[30:70, 30:70].any()
+    assert fill_holes(bowl)[30:70, 30:70].all()  # (fill_holes alone fills every hole)
+
+
+def test_auto_segments_inside_one_kept_or_asked_for_are_not_distinct_objects():
+    """A part inside a whole (a shirt of a person), or the same segment twice once its
+    holes were filled, came back as another object."""
+    from scenebreak.config import MaskConfig
+    from scenebreak.masks.masking import _largest_segments
+
+    person, shirt, cup, given = (np.zeros((100, 100), np.uint8) for _ in range(4))
+    person[10:90, 10:50] = 1
+    shirt[30:60, 15:45] = 1
+    cup[20:40, 60:80] = 1
+    given[20:40, 60:80] = 1
+    found = _largest_segments([(shirt, 0.9), (person, 0.9), (cup, 0.9)], MaskConfig(), 1, (100, 100))
+    assert [int(r.mask.sum()) for r in found] == [int(person.sum()), int(cup.sum())]
+    found = _largest_segments([(shirt, 0.9), (person, 0.9), (cup, 0.9)], MaskConfig(), 1, (100, 100), [given])
+    assert [int(r.mask.sum()) for r in found] == [int(person.sum())]  # the cup was asked for already

@@ -189,10 +189,13 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     if auto:
         # A few spare segments: the clean-up may still empty or merge some.
         segments = segmenter.automatic(config.grid, limit=3 * config.max_masks)
-        results += _largest_segments(segments, config, min_area, image.size)
-        if not any(r.source == "auto" for r in results):
+        found = _largest_segments(segments, config, min_area, image.size, [r.mask for r in results])
+        if not found and not results:
             raise InvalidInput("--auto found no distinct segment: click on the objects with --point X,Y "
                                "or give --box X0,Y0,X1,Y1 or --prompt TEXT")
+        if not found:
+            report(Message("--auto found no segment apart from the masks asked for", "warning"))
+        results += found
         tick()
 
     return write_run(image_path, image, results, out_dir, report, detector_ref if prompts else None, segmenter_ref,
@@ -245,9 +248,16 @@ def write_run(image_path: Path, image, results: list[MaskResult], out_dir: Path,
     return MaskRun(image_path, results, preview, found_overlaps, detector, segmenter)
 
 
-def _largest_segments(segments, config: MaskConfig, min_area: int, size) -> list[MaskResult]:
+# An --auto segment this much inside one kept before (or one the user asked for) is a part
+# of that object, or the same one again after the clean-up: not a distinct object.
+AUTO_MAX_INSIDE = 0.9
+
+
+def _largest_segments(segments, config: MaskConfig, min_area: int, size, taken=()) -> list[MaskResult]:
     """The `max_masks` largest segments after clean-up, leaving out the background
-    (one segment over most of the photo) and those the clean-up emptied."""
+    (one segment over most of the photo), those the clean-up emptied, and those lying
+    mostly inside a larger one kept or a mask in `taken` (the other masks of the run):
+    parts (a shirt of a person), and the same segment twice once holes are filled."""
     width, height = size
     cleaned = []
     for mask, score in segments:
@@ -256,4 +266,13 @@ def _largest_segments(segments, config: MaskConfig, min_area: int, size) -> list
         if min_area <= area <= AUTO_MAX_COVER * width * height:
             cleaned.append((area, score, mask))
     cleaned.sort(key=lambda c: -c[0])
-    return [MaskResult(f"segment {i}", "auto", score, mask) for i, (_, score, mask) in enumerate(cleaned[:config.max_masks], 1)]
+    kept, others = [], [np.asarray(m).astype(bool) for m in taken]
+    for area, score, mask in cleaned:
+        if len(kept) == config.max_masks:
+            break
+        inside = mask.astype(bool)
+        if any(np.count_nonzero(inside & other) >= AUTO_MAX_INSIDE * area for other in others):
+            continue
+        kept.append((score, mask))
+        others.append(inside)
+    return [MaskResult(f"segment {i}", "auto", score, mask) for i, (score, mask) in enumerate(kept, 1)]

@@ -56,15 +56,28 @@ def label(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
     return labels, int(ids.max() + 1) if len(ids) else 0
 
 
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill every region of outside pixels that the image border cannot reach."""
+def fill_holes(mask: np.ndarray, max_hole: int | None = None) -> np.ndarray:
+    """Fill the regions of outside pixels that the image border cannot reach (those of
+    at most `max_hole` pixels, if given)."""
     mask = np.asarray(mask).astype(bool)
     # Outside regions are 4-connected when the object is 8-connected (and vice versa),
     # so a diagonal gap in an outline does not let the outside leak in.
-    outside, _ = label(~mask, connectivity=4)
+    outside, count = label(~mask, connectivity=4)
     border = np.unique(np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]]))
-    reachable = np.isin(outside, border[border > 0])
-    return (mask | ~reachable).astype(np.uint8)
+    enclosed = np.ones(count + 1, bool)
+    enclosed[0] = False
+    enclosed[border] = False
+    if max_hole is not None:
+        enclosed &= np.bincount(outside.reshape(-1), minlength=count + 1) <= max_hole
+    return (mask | enclosed[outside]).astype(np.uint8)
+
+
+# A hole a clean-up fills: at most this share of the photo. SAM's masks have small holes
+# (highlights, texture) that a loose mask should not; a larger enclosed region (a bowl's
+# contents seen from above, the view through a frame) is something else, often another
+# object, which the handle must not learn as its own. (SAM's own generator fills holes
+# below a size too: remove_small_regions.)
+MAX_FILLED_HOLE = 0.01
 
 
 def remove_specks(mask: np.ndarray, min_area: int) -> np.ndarray:
@@ -118,10 +131,10 @@ def default_min_area(size: tuple[int, int]) -> int:
 
 
 def clean(mask: np.ndarray, min_area: int, fill: bool = True, grow: int = 0) -> np.ndarray:
-    """The whole clean-up, in order: fill holes, drop specks, dilate."""
+    """The whole clean-up, in order: fill small holes, drop specks, dilate."""
     mask = np.asarray(mask).astype(bool).astype(np.uint8)
     if fill:
-        mask = fill_holes(mask)
+        mask = fill_holes(mask, max_hole=max(1, round(MAX_FILLED_HOLE * mask.size)))
     mask = remove_specks(mask, min_area)
     return dilate(mask, grow)
 

@@ -60,9 +60,16 @@ class Segmenter:
         return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu(), inputs
 
     def _full_size(self, logits, inputs) -> np.ndarray:
-        """(objects, h, w) low-resolution logits -> (objects, H, W) uint8 masks."""
-        masks = self.processor.post_process_masks(logits[None, :, None], inputs["original_sizes"], inputs["reshaped_input_sizes"])
-        return masks[0][:, 0].numpy().astype(np.uint8)
+        """(objects, h, w) low-resolution logits -> (objects, H, W) uint8 masks, one at a
+        time: the processor scales them up in float32, 200 MB a mask at 50 megapixels,
+        which for --auto's dozens of candidates at once was gigabytes."""
+        height, width = (int(v) for v in inputs["original_sizes"][0])
+        masks = np.empty((len(logits), height, width), np.uint8)
+        for i in range(len(logits)):
+            up = self.processor.post_process_masks(logits[None, i:i + 1, None], inputs["original_sizes"],
+                                                   inputs["reshaped_input_sizes"])
+            masks[i] = up[0][0, 0].numpy()
+        return masks
 
     def from_boxes(self, boxes) -> list[tuple[np.ndarray, float]]:
         logits, iou, inputs = self._run(False, input_boxes=[[list(map(float, b)) for b in boxes]])
