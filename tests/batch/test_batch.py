@@ -253,6 +253,7 @@ def test_ray_missing_is_exit_1_with_the_install_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as when it is not installed
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", "auto", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "pip install 'scenebreak[ray]'" in result.stderr, result.output
+    assert "pipx inject --include-apps scenebreak ray" in result.stderr  # (the `ray start` the docs use comes too)
 
 
 def test_batch_help_loads_no_torch():

@@ -379,3 +379,16 @@ def test_an_update_compiled_by_inductor_steps_fused_adamw_as_the_plain_one_does(
     for a, b in zip(plain.parameters(), compiled.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(a, b) for a, b in zip(compiled.parameters(), start.parameters()))  # every tensor stepped
+
+
+def test_a_torch_without_compile_artifacts_compiles_each_run_instead_of_failing(monkeypatch, tmp_path):
+    """torch before 2.7 has no save_cache_artifacts: the end of every --compile phase
+    failed on it with an AttributeError."""
+    from scenebreak.device import Device
+    from scenebreak.train import compiling
+
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "home"))
+    monkeypatch.delattr(torch.compiler, "save_cache_artifacts")
+    monkeypatch.delattr(torch.compiler, "load_cache_artifacts")
+    key = compiling.compile_key(Device("cpu", "cpu"), {"test": 2})
+    assert compiling.save_artifacts(key) is None and not compiling.load_artifacts(key)

@@ -6,7 +6,7 @@ runs is the shared cache's lock files (train/locks), not Ray's: the same rules h
 for Slurm shards and local runs. The workers need scenebreak installed and the same
 paths (photos, --out, SCENEBREAK_HOME) on a shared file system.
 
-Ray is an optional extra: `pipx inject scenebreak ray` (in a venv: `pip install 'scenebreak[ray]'`)."""
+Ray is an optional extra: `pipx inject --include-apps scenebreak ray` (in a venv: `pip install 'scenebreak[ray]'`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..events import Message, silent
 from .jobs import Job
 from .work import INTERRUPTED, STOP_WAIT, JobResult, run_job
 
-INSTALL = "pipx inject scenebreak ray (or in a venv: pip install 'scenebreak[ray]')"
+INSTALL = "pipx inject --include-apps scenebreak ray (or in a venv: pip install 'scenebreak[ray]')"
 # Passed to the tasks: where the cache is, and the hub settings (offline, tokens' home).
 ENV_PREFIXES = ("SCENEBREAK_", "HF_", "HUGGINGFACE_")
 

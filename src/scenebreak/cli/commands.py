@@ -425,7 +425,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
                    "(default: one worker on SCENEBREAK_DEVICE if set, else every visible GPU, else one on MPS or the CPU).")
 @click.option("--ray", metavar="ADDRESS|auto",
               help="Run each job as a task on a Ray cluster started with `ray start`; auto: $RAY_ADDRESS or the one on "
-                   "this machine. Needs Ray: pipx inject scenebreak ray.")
+                   "this machine. Needs Ray: pipx inject --include-apps scenebreak ray.")
 @click.option("--gpus-per-job", type=Bounded(float, Bounds(0, 1024)),
               help="--ray: GPUs each job's task asks for (default 1; a fraction shares a GPU); 0 trains on the "
                    "cluster's CPUs, one job per node.")

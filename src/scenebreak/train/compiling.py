@@ -94,7 +94,10 @@ def save_artifacts(key: str) -> Path | None:
     it made nothing."""
     import torch
 
-    saved = torch.compiler.save_cache_artifacts()
+    save = getattr(torch.compiler, "save_cache_artifacts", None)  # (torch 2.7 and later: before, nothing is kept)
+    if save is None:
+        return None
+    saved = save()
     if saved is None or not saved[0]:
         return None
     data = saved[0]
