@@ -142,3 +142,14 @@ def test_learn_never_reseeds_the_gpus_random_numbers(scene_files, tiny_model, mo
                      LearnConfig(steps1=1, steps2=1, prior=False, tune="lora", rank=2, seed=5),
                      base_model=str(tiny_model), name="rng", device="cpu")
     assert reseeded == []
+
+
+def test_from_python_without_a_reporter_warnings_reach_logging(learned, tmp_path, caplog):
+    """The default reporter dropped everything: a notebook never heard that a prompt used
+    none of the scene's handles, or that a setting was ignored."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="scenebreak"):
+        scenebreak.generate(learned.path, "a plain photo", GenerateConfig(steps=1, scheduler="ddim"), out_dir=tmp_path)
+    assert any("uses none of the scene's handles" in r.getMessage() for r in caplog.records if r.name == "scenebreak")
+    assert not any("seed:" in r.getMessage() for r in caplog.records)  # (notes stay out)

@@ -25,7 +25,15 @@ Reporter = Callable[[Event], None]
 
 
 def silent(event: Event) -> None:
-    """The default reporter: drops every event."""
+    """The default reporter, where none is given: progress and notes are dropped, but a
+    warning (a prompt cut at the text encoder's limit, a setting ignored, a mask that
+    nearly vanishes) goes to Python's logging, logger "scenebreak": shown on stderr where
+    logging is not set up (a script, a notebook), as a library's warnings are. Pass
+    `report=lambda event: None` for none at all."""
+    if isinstance(event, Message) and event.level == "warning":
+        import logging
+
+        logging.getLogger("scenebreak").warning(event.text)
 
 
 def printable(text: str, keep_newlines: bool = False) -> str:
