@@ -1,6 +1,7 @@
 """Inputs as people have them (16-bit, CMYK, palette and alpha images, bombs, non-ASCII
 names), shell etiquette (closed pipes, Ctrl-C, quoted hints) and method details."""
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -451,3 +452,45 @@ def test_debug_after_the_command_shows_the_traceback_as_the_error_line_says(monk
     for args in (["list", "--debug"], ["--debug", "list"]):
         result = run(*args)
         assert isinstance(result.exception, ZeroDivisionError), (args, result.output)  # raised: the traceback shows
+
+
+def test_the_console_never_writes_to_stdout_keeps_emoji_codes_as_text_and_the_last_loss(monkeypatch, capsys):
+    """With stderr closed (`2>&-`) sys.stderr is None and rich wrote the notes to stdout,
+    into `$(...)`; ":fire:" in a prompt became an emoji; on a GPU, where only some steps
+    carry the loss, the loss blanked between them."""
+    import io
+    import sys
+
+    from scenebreak.cli.console import ConsoleReporter
+    from scenebreak.events import Message, Progress
+
+    monkeypatch.setattr(sys, "stderr", None)
+    ConsoleReporter()(Message("loading the base model"))
+    assert capsys.readouterr().out == ""
+    out = io.StringIO()
+    reporter = ConsoleReporter(stream=out)
+    reporter(Message("prompt 'a :fire: on the :moon:' uses none of the scene's handles", "warning"))
+    assert ":fire: on the :moon:" in out.getvalue()
+    clock = iter([0.0, 100.0, 200.0])
+    monkeypatch.setattr("scenebreak.cli.console.time.monotonic", lambda: next(clock))
+    reporter(Progress("phase 2", 1, 400, {"loss": 0.25}))
+    reporter(Progress("phase 2", 100, 400))  # (no loss read at this step)
+    assert out.getvalue().splitlines()[-1].startswith("phase 2: 100/400 loss 0.2500")
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals here")
+def test_batch_tells_a_stdout_on_the_bars_own_terminal(tmp_path):
+    """There its result lines go above the bar, not under it (stale copies of the bar)."""
+    import subprocess
+    import sys
+
+    code = "from scenebreak.cli.commands import _same_terminal; open(%r, 'w').write(str(_same_terminal()))"
+    leader, follower = os.openpty()
+    try:
+        for stdout, expected in ((follower, "True"), (subprocess.PIPE, "False")):
+            subprocess.run([sys.executable, "-c", code % str(tmp_path / "said")], stdout=stdout, stderr=follower,
+                           timeout=60, check=True)
+            assert (tmp_path / "said").read_text() == expected
+    finally:
+        os.close(leader)
+        os.close(follower)

@@ -141,7 +141,14 @@ def test_the_browser_is_given_a_private_file_not_the_tokened_url(monkeypatch):
     from scenebreak.ui.server import open_in_browser
 
     opened = []
-    monkeypatch.setattr(webbrowser, "open", opened.append)
+
+    class Window(webbrowser.BackgroundBrowser):
+        def open(self, url, new=0, autoraise=True):
+            opened.append(url)
+            return True
+
+    monkeypatch.setattr(webbrowser, "get", lambda using=None: Window("a-browser"))
+    monkeypatch.setenv("DISPLAY", ":0")
     url = "http://127.0.0.1:8765/?token=s3cret&x=<y>"
     open_in_browser(url)
     [given] = opened
@@ -150,6 +157,44 @@ def test_the_browser_is_given_a_private_file_not_the_tokened_url(monkeypatch):
     assert stat.S_IMODE(page.stat().st_mode) == 0o600 and stat.S_IMODE(page.parent.stat().st_mode) == 0o700
     text = page.read_text()
     assert 'content="0;url=http://127.0.0.1:8765/?token=s3cret&amp;x=&lt;y&gt;"' in text
+
+
+def test_no_browser_is_opened_where_it_would_take_over_the_terminal_or_write_to_stdout(monkeypatch, capfd):
+    """Over ssh without a display, webbrowser ran a text browser (w3m, lynx) in the
+    foreground: the server waited for it to be quit. A window's browser wrote its notes
+    to stdout, which carries only the URL."""
+    import sys
+    import webbrowser
+
+    from scenebreak.ui.server import open_in_browser
+
+    if sys.platform in ("darwin", "win32"):
+        pytest.skip("a Linux desktop's rules")
+    opened = []
+
+    class Text(webbrowser.GenericBrowser):
+        def open(self, url, new=0, autoraise=True):
+            opened.append(("text", url))
+            return True
+
+    class Window(webbrowser.BackgroundBrowser):
+        def open(self, url, new=0, autoraise=True):
+            os.write(1, b"Created new window in existing browser session.\n")
+            opened.append(("window", url))
+            return True
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(webbrowser, "get", lambda using=None: Window("a-browser"))
+    open_in_browser("http://127.0.0.1:1/?token=t")
+    assert opened == []  # no display: the URL printed is the way in
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(webbrowser, "get", lambda using=None: Text("w3m"))
+    open_in_browser("http://127.0.0.1:1/?token=t")
+    assert opened == []
+    monkeypatch.setattr(webbrowser, "get", lambda using=None: Window("a-browser"))
+    open_in_browser("http://127.0.0.1:1/?token=t")
+    assert [kind for kind, _ in opened] == ["window"] and "Created new window" not in capfd.readouterr().out
 
 
 def test_the_server_asks_for_no_address_reuse_on_windows(monkeypatch):

@@ -414,8 +414,9 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
         from ..paths import scene_path
 
         ref = result.name if result.path == scene_path(result.name) else shlex.quote(str(result.path))
-        click.echo(f"learned {' '.join(result.handles)} in {result.seconds / 60:.1f} min; try:\n"
-                   f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"", err=True)
+        click.echo(printable(f"learned {' '.join(result.handles)} in {result.seconds / 60:.1f} min; try:\n"
+                             f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"",
+                             keep_newlines=True), err=True)
 
 
 @cli.command(name="batch")
@@ -459,10 +460,15 @@ def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries,
     from ..batch.runner import run_batch
 
     stdout = sys.stdout  # held: Ray's notes are sent to stderr by swapping sys.stdout meanwhile
+    shared = _same_terminal()
 
     def show(result) -> None:
-        click.echo(json.dumps(result.to_dict()), file=stdout)
-        stdout.flush()  # each line as its job ends, also into a pipe
+        # Where stdout is the terminal the bar is drawn on, the line goes above the bar
+        # (rich's stand-in for sys.stdout while it draws), not under it, where the bar's
+        # next redraw left a stale copy of itself.
+        target = sys.stdout if shared and type(sys.stdout).__name__ == "FileProxy" else stdout
+        click.echo(json.dumps(result.to_dict()), file=target)
+        target.flush()  # each line as its job ends, also into a pipe
 
     result = with_reporter(quiet, lambda report: run_batch(jobs, devices=devices, ray=ray, gpus_per_job=gpus_per_job,
                                                            shard=shard, out=out, scenes=scenes, retries=retries,
@@ -470,6 +476,14 @@ def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries,
     if result.failed:
         raise SceneBreakError(f"{result.failed} of {len(result.results)} job(s) failed (their lines say why): fix them "
                               "and run the same command again; what is done is skipped")
+
+
+def _same_terminal() -> bool:
+    """Whether stdout and stderr are one terminal."""
+    try:
+        return os.isatty(1) and os.isatty(2) and os.fstat(1).st_rdev == os.fstat(2).st_rdev
+    except OSError:
+        return False
 
 
 def _read_prompts(prompts, prompts_file) -> list[str]:
@@ -655,7 +669,7 @@ def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, force, 
     for path in result.paths:
         echo_path(path)
     if not quiet:
-        click.echo(f"preview: {result.preview}", err=True)
+        click.echo(printable(f"preview: {result.preview}"), err=True)
 
 
 @cli.command(name="ui")

@@ -9,6 +9,12 @@ from ..estimates import format_duration
 from ..events import Event, Message, Progress, printable
 
 
+def _nowhere():
+    import os
+
+    return open(os.devnull, "w")
+
+
 class ConsoleReporter:
     """A Reporter for the CLI. Stdout is never touched: it carries only results."""
 
@@ -18,12 +24,16 @@ class ConsoleReporter:
         from rich.console import Console
 
         self.quiet = quiet
-        self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)  # one line per message
+        # stderr=True: with fd 2 closed (`2>&-`, a service) sys.stderr is None, and rich
+        # would write to stdout, into the results. emoji=False: a prompt's ":fire:" stays text.
+        self.console = Console(file=stream or sys.stderr or _nowhere(), stderr=True, highlight=False, soft_wrap=True,
+                               emoji=False)  # (soft_wrap: one line per message)
         # Live bars only on a real terminal that can redraw: not TERM=dumb (an editor's
         # shell: nothing would show until the end), not a file FORCE_COLOR points rich at.
         isatty = getattr(self.console.file, "isatty", lambda: False)
         self.tty = self.console.is_interactive and isatty()
         self.progress = None
+        self.losses: dict[str, float] = {}  # task -> its last loss (a GPU reads it once a second, not each step)
         self.tasks: dict[str, int] = {}
         self.plain: dict[str, tuple[float, float, int]] = {}  # task -> (started, last printed, completed then)
 
@@ -40,6 +50,8 @@ class ConsoleReporter:
             elif not self.quiet:
                 self.console.print(text, markup=False)
         elif isinstance(event, Progress) and not self.quiet:
+            if event.info.get("loss") is not None:  # (kept: on a GPU only some steps carry it)
+                self.losses[event.task] = event.info["loss"]
             (self._bar if self.tty else self._line)(event)
 
     def _bar(self, event: Progress) -> None:
@@ -57,7 +69,7 @@ class ConsoleReporter:
         if event.task not in self.tasks:
             self.tasks[event.task] = self.progress.add_task(event.task, total=event.total, loss="", rate="", phase="")
         task_id = self.tasks[event.task]
-        loss = event.info.get("loss")
+        loss = self._loss(event)
         self.progress.update(task_id, completed=event.completed, total=event.total,
                              loss=f"loss {loss:.4f}" if loss is not None else "", phase=event.info.get("phase", ""))
         speed = self.progress.tasks[task_id].speed if task_id < len(self.progress.tasks) else None
@@ -75,8 +87,9 @@ class ConsoleReporter:
             return  # the batch's phases change often: a line per PLAIN_EVERY, as for counts
         self.plain[event.task] = (started, now, base)
         text = f"{event.task}: {event.completed}/{event.total}"
-        if "loss" in event.info:
-            text += f" loss {event.info['loss']:.4f}"
+        loss = self._loss(event)
+        if loss is not None:
+            text += f" loss {loss:.4f}"
         if event.completed > base and now > started:
             rate = (event.completed - base) / (now - started)
             text += f" {rate:.2f} it/s" if rate >= 1 else f" {1 / rate:.1f} s/it"
@@ -85,6 +98,11 @@ class ConsoleReporter:
         if event.info.get("phase"):
             text += f" ({event.info['phase']})"
         self.console.print(text, markup=False)
+
+    def _loss(self, event: Progress) -> float | None:
+        """The task's last loss: on a GPU only every second step or so carries one, and a
+        blank in between made the line flicker."""
+        return self.losses.get(event.task)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -297,7 +297,35 @@ def open_in_browser(url: str) -> None:
         file.write(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={html.escape(url)}">'
                    f'<title>scenebreak</title><a href="{html.escape(url)}">open scenebreak</a>\n')
     atexit.register(shutil.rmtree, folder, True)
-    webbrowser.open(page.as_uri())
+    if not graphical_session():
+        return  # (a text browser would take over this terminal: the URL printed is the way in)
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        return
+    if isinstance(browser, webbrowser.GenericBrowser) and not isinstance(browser, webbrowser.BackgroundBrowser):
+        return  # lynx, w3m...: run in the foreground, in this terminal, until quit
+        return
+    # The browser starts with this process's stdout, which carries only the URL: its own
+    # chatter ("Created new window in existing browser session") goes nowhere instead.
+    kept = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            browser.open(page.as_uri())
+    finally:
+        os.dup2(kept, 1)
+        os.close(kept)
+
+
+def graphical_session() -> bool:
+    """Whether a browser window can open here: macOS and Windows, or Linux and the other
+    Unixes with a display (not over ssh without one)."""
+    import sys
+
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def listen_failure(exc: OSError, host: str, port: int) -> SceneBreakError:

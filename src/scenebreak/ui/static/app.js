@@ -104,11 +104,14 @@ function watch(job) {
   document.body.dataset.job = "running";
   // This job's records (after a reconnect too, when another may be running by then).
   const stream = new EventSource(`/api/events?token=${encodeURIComponent(token)}&job=${job.id}&after=0`);
+  const losses = {};
   page.stream = stream;
   stream.onmessage = (message) => {
     const record = JSON.parse(message.data);
     if (record.type === "progress") {
-      const loss = record.info && record.info.loss != null ? ` loss ${record.info.loss.toFixed(4)}` : "";
+      // The last loss stays shown: on a GPU only some steps carry one.
+      if (record.info && record.info.loss != null) losses[record.task] = record.info.loss;
+      const loss = losses[record.task] != null ? ` loss ${losses[record.task].toFixed(4)}` : "";
       $("job-text").textContent = `${page.stopping ? STOPPING : ""}${record.task} ${record.completed}/${record.total}${loss}`;
       $("job-bar").max = Math.max(1, record.total);
       $("job-bar").value = record.completed;
