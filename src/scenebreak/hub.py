@@ -41,6 +41,41 @@ def _announce_download(ref: str, what: str) -> None:
                             "this can take minutes)"))
 
 
+def _download_bar() -> dict:
+    """snapshot_download's `tqdm_class` where a command reports its progress: a bar that
+    draws nothing itself and reports what the hub counts ("download (MB)", and the
+    files, "download (files)": an older hub counts only those). The hub's own bars are off (quiet_libraries):
+    without this a first run's gigabytes came down with one line and nothing after it."""
+    listener = _DOWNLOADS.get()
+    if listener is None:
+        return {}
+    report = listener[0]
+    from tqdm.std import tqdm
+
+    from .events import Progress
+
+    class ReportingBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            self.nowhere = open(os.devnull, "w")  # (drawn by the command's reporter)
+            kwargs.update(disable=False, file=self.nowhere)
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            shown = super().update(n)
+            if self.total and self.unit == "B":  # (in MB: a bar of bytes counts to billions)
+                report(Progress("download (MB)", int(self.n) >> 20, max(1, int(self.total) >> 20)))
+            elif self.total:
+                report(Progress("download (files)", int(self.n), int(self.total)))
+            return shown
+
+        def close(self):
+            super().close()
+            self.nowhere.close()
+
+    return {"tqdm_class": ReportingBar}
+
+
 def looks_like_path(ref: str) -> bool:
     """A hub id is "name" or "owner/name"; anything else, or an existing path, is a folder."""
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref or Path(ref).exists()
@@ -73,7 +108,7 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
                                     f"{shlex.quote(ref)} to download it, or {option} /path/to/{folder}") from None
         _announce_download(ref, what)
         try:
-            path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns)
+            path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns, **_download_bar())
         except Exception as exc:  # every hub failure becomes the same actionable message
             raise ModelNotAvailable(_missing_message(ref, revision, reason=exc, **hint)) from exc
         missing = [p for p in exact if not in_snapshot(Path(path), p)]

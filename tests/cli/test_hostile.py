@@ -947,6 +947,42 @@ def test_a_model_download_is_announced_before_it_starts(world, monkeypatch):
     assert "downloading the detector IDEA-Research/grounding-dino-tiny" in result.stderr, result.output
 
 
+def test_a_download_reports_its_bytes_and_files_as_progress(tmp_path, monkeypatch):
+    """After the announcement nothing came, for the gigabytes of a first run: no count,
+    no rate, no sign of a stall. The hub's bars (ours to draw) now report, as the hub
+    builds and drives them (huggingface_hub 2.x: a bytes bar, and its files' thread map)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from tqdm.contrib.concurrent import thread_map
+
+    from scenebreak.events import Progress
+    from scenebreak.hub import downloads_reported, hub_snapshot
+
+    def snapshot_download(ref, revision=None, allow_patterns=None, local_files_only=False, tqdm_class=None):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        (tmp_path / "snap").mkdir(exist_ok=True)
+        if tqdm_class is None:  # (the hub's own bars, which quiet_libraries turns off)
+            return str(tmp_path / "snap")
+        transfer = tqdm_class(desc="Downloading bytes", total=0, initial=0, unit="B", unit_scale=True,
+                              bar_format="{desc}: {n_fmt}")
+        transfer.total = 3 << 20
+        for _ in range(3):
+            transfer.update(1 << 20)
+        transfer.close()
+        thread_map(lambda name: name, ["a.json", "b.safetensors"], desc="Fetching 2 files", tqdm_class=tqdm_class)
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    said = []
+    with downloads_reported(said.append):
+        hub_snapshot("someone/model", None, ["*.json"])
+    progress = [(e.task, e.completed, e.total) for e in said if isinstance(e, Progress)]
+    assert ("download (MB)", 3, 3) in progress and ("download (files)", 2, 2) in progress, progress
+    assert hub_snapshot("someone/model", None, ["*.json"])  # (no reporter: no bar)
+
+
 def test_an_output_path_that_is_not_utf8_prints_as_its_bytes(world, tmp_path):
     """`--out-dir $'out\\xff'`: the images were written, then printing their paths failed
     (UnicodeEncodeError, exit 1) and scripts never got them."""
