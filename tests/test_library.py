@@ -153,3 +153,16 @@ def test_from_python_without_a_reporter_warnings_reach_logging(learned, tmp_path
         scenebreak.generate(learned.path, "a plain photo", GenerateConfig(steps=1, scheduler="ddim"), out_dir=tmp_path)
     assert any("uses none of the scene's handles" in r.getMessage() for r in caplog.records if r.name == "scenebreak")
     assert not any("seed:" in r.getMessage() for r in caplog.records)  # (notes stay out)
+
+
+def test_models_given_as_paths_from_python_are_folders(scene_files, tiny_model, tiny_segmentation, tmp_path):
+    """`base_model=Path(...)` (and a helper model in MaskConfig) failed with
+    "'PosixPath' object has no attribute 'startswith'"."""
+    from scenebreak import MaskConfig, make_masks
+
+    result = scenebreak.learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                              base_model=tiny_model, output=tmp_path / "p.scene")
+    assert scenebreak.load_scene(result.path).meta["base_model"]["id"] == str(tiny_model)
+    run = make_masks(scene_files["image"], points=[(20, 20)], out_dir=tmp_path / "m",
+                     config=MaskConfig(segmenter=tiny_segmentation[1]))
+    assert len(run.masks) == 1

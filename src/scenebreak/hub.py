@@ -76,8 +76,10 @@ def _download_bar() -> dict:
     return {"tqdm_class": ReportingBar}
 
 
-def looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str | os.PathLike) -> bool:
     """A hub id is "name" or "owner/name"; anything else, or an existing path, is a folder."""
+    if not isinstance(ref, str):  # a Path from Python is a folder, whatever it looks like
+        return True
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref or Path(ref).exists()
 
 
@@ -151,6 +153,7 @@ def transformers_model_folder(ref: str, what: str, option: str) -> Path:
     """The folder of a transformers model given as a hub id or a local folder; `what`
     and `option` (e.g. "segmenter", "--segmenter") name it in errors."""
     if looks_like_path(ref):
+        ref = os.fspath(ref)
         folder = Path(ref).expanduser()
         if not (folder / "config.json").is_file():
             raise InvalidInput(f"{what} folder {folder} not found or not a transformers model folder (no config.json)")

@@ -416,7 +416,7 @@ def test_the_learn_lock_of_a_machine_that_died_is_waited_out(tmp_path, monkeypat
 def test_a_worker_forwards_what_a_job_waits_for():
     """A job waiting hours for another run's class images (or a download) showed nothing:
     only warnings and "job ..." notes reached the batch's bar."""
-    from scenebreak.batch.runner import forwarded
+    from scenebreak.batch.work import forwarded
     from scenebreak.events import Message
 
     assert forwarded(Message("waiting for process 12, which is making the same class images"))

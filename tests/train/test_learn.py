@@ -364,3 +364,17 @@ def test_what_appears_at_the_output_while_learning_is_kept(scene_files, tiny_mod
     planted.update(path=out, data=(tmp_path / "out-False-1.scene").read_bytes())
     result = learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), output=out, force=True)
     assert result.path == out and out.read_bytes() != planted["data"]
+
+
+def test_each_phase_shows_from_its_start_and_a_checkpoint_is_said_before_it_is_written(scene_files, tiny_model):
+    """A phase's bar came only after its first step (minutes where the step compiles),
+    and a multi-gigabyte checkpoint was written without a word."""
+    from scenebreak.events import Message, Progress
+
+    events = []
+    learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=2, prior=False),
+          base_model=str(tiny_model), name="shown", report=events.append)
+    progress = [(e.task, e.completed) for e in events if isinstance(e, Progress) and e.task.startswith("phase")]
+    assert progress == [("phase 1", 0), ("phase 1", 1), ("phase 1", 2), ("phase 2", 0), ("phase 2", 1), ("phase 2", 2)]
+    texts = [e.text for e in events if isinstance(e, Message)]
+    assert "saving a checkpoint of 'shown'" in texts  # (the end of phase 1's)

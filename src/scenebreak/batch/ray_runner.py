@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import SceneBreakError
 from ..events import Message, silent
 from .jobs import Job
-from .work import INTERRUPTED, STOP_WAIT, JobResult, run_job
+from .work import INTERRUPTED, STOP_WAIT, JobResult, job_reporter, run_job
 
 INSTALL = "pipx inject --include-apps scenebreak ray (or in a venv: pip install 'scenebreak[ray]')"
 # Passed to the tasks: where the cache is, and the hub settings (offline, tokens' home).
@@ -29,8 +29,6 @@ def job_task(job: Job, out: str, scenes: str | None, events=None) -> dict:
     """A Ray task: one job on whatever device Ray gave it, its notes and progress put in
     `events` (a ray.util.queue.Queue the batch reads; what does not fit is dropped).
     Another run holding the job is waited for (the task keeps its place on the cluster)."""
-    from .runner import job_reporter
-
     def send(event) -> None:
         with contextlib.suppress(Exception):  # (full, or the batch gone: the job goes on regardless)
             events.put_nowait((job.number, event))

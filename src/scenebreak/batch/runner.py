@@ -21,9 +21,8 @@ from ..errors import InvalidInput, sigterm_stops
 from ..events import Message, Progress, Reporter, silent
 from ..paths import is_writable_folder
 from .jobs import Job, parse_shard, read_jobs, shard_of
-from .work import INTERRUPTED, STOP_WAIT, JobResult, is_done, job_folder, read_record, run_job
+from .work import INTERRUPTED, STOP_WAIT, JobResult, is_done, job_folder, job_reporter, read_record, run_job
 
-PROGRESS_EVERY = 0.5  # seconds between a worker's progress messages
 
 
 @dataclass
@@ -312,33 +311,6 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
-
-
-def forwarded(message: Message) -> bool:
-    """A worker's note the batch shows: warnings, the batch's own notes about the job,
-    and what a job may wait long for (another run's class images, a download); the rest
-    (memory plans, seeds) would flood the bar."""
-    return message.level == "warning" or message.text.startswith(("job ", "waiting for", "downloading"))
-
-
-def job_reporter(job_now, send):
-    """A job's reporter that passes on, through `send`, what the batch shows of it:
-    ("message", text, level) for its forwarded notes (named by its job, `job_now()`),
-    ("progress", task, completed, total) at most every PROGRESS_EVERY seconds."""
-    last = [0.0]
-
-    def report(event) -> None:
-        if isinstance(event, Message) and forwarded(event):
-            job = job_now()
-            text = event.text if event.text.startswith("job ") else f"job {job.number} ({job.name}): {event.text}"
-            send(("message", text, event.level))
-        elif isinstance(event, Progress):
-            now = time.monotonic()
-            if now - last[0] >= PROGRESS_EVERY or event.completed == event.total:
-                last[0] = now
-                send(("progress", event.task, event.completed, event.total))
-
-    return report
 
 
 def parent_gone(parent: int) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointMismatch, InvalidInput, Interrupted, SceneBreakError
-from ..events import Message, Reporter, silent
+from ..events import Message, Progress, Reporter, silent
 from ..paths import checkpoint_path, home, is_regular_file, scene_path, write_atomically
 from .jobs import Job
 
@@ -256,3 +256,33 @@ def check_folder_is_ours(target: Path, recorded) -> None:
 
 def _write_record(folder: Path, state: dict) -> None:
     write_atomically(folder / RECORD, lambda tmp: tmp.write_text(json.dumps(state, indent=2, default=str)))
+
+
+PROGRESS_EVERY = 0.5  # seconds between a job's progress events sent to the batch
+
+
+def forwarded(message: Message) -> bool:
+    """A worker's note the batch shows: warnings, the batch's own notes about the job,
+    and what a job may wait long for (another run's class images, a download); the rest
+    (memory plans, seeds) would flood the bar."""
+    return message.level == "warning" or message.text.startswith(("job ", "waiting for", "downloading"))
+
+
+def job_reporter(job_now, send):
+    """A job's reporter that passes on, through `send`, what the batch shows of it:
+    ("message", text, level) for its forwarded notes (named by its job, `job_now()`),
+    ("progress", task, completed, total) at most every PROGRESS_EVERY seconds."""
+    last = [0.0]
+
+    def report(event) -> None:
+        if isinstance(event, Message) and forwarded(event):
+            job = job_now()
+            text = event.text if event.text.startswith("job ") else f"job {job.number} ({job.name}): {event.text}"
+            send(("message", text, event.level))
+        elif isinstance(event, Progress):
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY or event.completed == event.total:
+                last[0] = now
+                send(("progress", event.task, event.completed, event.total))
+
+    return report

@@ -47,10 +47,12 @@ def feather_weights(mask: np.ndarray, px: int) -> np.ndarray:
     return total / (px + 1)
 
 
-def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray, feather: int) -> np.ndarray:
+def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray, feather: int,
+               weights: np.ndarray | None = None) -> np.ndarray:
     """The generated pixels on the mask, the original ones beyond `feather` pixels
-    from it (bit for bit), a linear seam between. Arrays are (H, W, 3) uint8."""
-    alpha = feather_weights(mask, feather)[..., None]
+    from it (bit for bit), a linear seam between. Arrays are (H, W, 3) uint8.
+    `weights`: feather_weights(mask, feather), where already made (seconds at 12 MP)."""
+    alpha = (feather_weights(mask, feather) if weights is None else weights)[..., None]
     mixed = np.rint(alpha * generated.astype(np.float32) + (1 - alpha) * original.astype(np.float32))
     return np.where(alpha > 0, mixed.clip(0, 255).astype(np.uint8), original)
 

@@ -15,7 +15,8 @@ from ..device import Device
 from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
 from ..events import Message, Reporter, silent
 from ..scenes.bundle import open_scene
-from .blending import blended_latents, blended_steps, decode, encode, latent_mask, paste_back, resize_mask, work_size
+from .blending import (blended_latents, blended_steps, decode, encode, feather_weights, latent_mask, paste_back,
+                       resize_mask, work_size)
 from .pipeline import run_in_passes
 from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_to_files, save_png, slug, start,
                        warn_cpu_time)
@@ -61,6 +62,7 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
     total = len(seeds) * len(masks) * per_sample
     warn_cpu_time(run, total, size[0] * size[1], report)
     results = []
+    seams: dict[int, np.ndarray] = {}  # region -> its feather weights, made once for every image
 
     def run_pass(chunk: list[int], more: bool) -> None:
         done = len(results) * len(masks) * per_sample  # (a pass run again after running out of memory starts over)
@@ -77,7 +79,10 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
             done += len(chunk) * per_sample
             work = decode(pipe.vae, latents)
             if config.paste:
-                full = [paste_back(f, resize(w, (width, height)), mask, config.feather) for f, w in zip(full, work)]
+                if j not in seams:
+                    seams[j] = feather_weights(mask, config.feather)
+                full = [paste_back(f, resize(w, (width, height)), mask, config.feather, seams[j])
+                        for f, w in zip(full, work)]
                 work = [resize(f, size) for f in full]
         results.extend(full if config.paste else [resize(w, (width, height)) for w in work])
 

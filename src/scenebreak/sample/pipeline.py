@@ -19,8 +19,6 @@ def run_in_passes(items: list, batch: int, run_pass, report: Reporter = silent, 
     follow). A pass that runs out of GPU memory runs again with half as many, down to
     one, with a note: at 1024 a pass of four can be more than a card its weights only
     just fit has left, and each image starts from its own seed's noise either way."""
-    import torch
-
     from ..events import Message
 
     start = 0

@@ -4,6 +4,7 @@ of its family over them."""
 
 from __future__ import annotations
 
+import os
 import re
 
 from ..config import MAX_HANDLES
@@ -31,6 +32,10 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
     from ..families import pool_at_end_of_text
 
     if not scene.weights:
+        if report is not None and not scene.needs_base_model and scene.path is not None:
+            from ..events import Message  # (gigabytes to read: said before, not a silent minute)
+
+            report(Message(f"loading scene {scene.name!r}'s weights ({scene.path.stat().st_size / 2**30:.1f} GB)"))
         # A LoRA scene's adapters are merged on the CPU, where its base model loads.
         first = scene
         scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
@@ -182,6 +187,7 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
     from ..families.base_model import load_components, resolve_model_dir, text_encoder_load_dtypes
 
     base = scene.meta["base_model"]
+    base_model = os.fspath(base_model) if base_model is not None else None  # (a Path from Python)
     half = half if scene.family.default_tune == "lora" else None
     try:
         if base_model:

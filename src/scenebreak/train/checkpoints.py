@@ -145,12 +145,13 @@ class Checkpoints:
                            "(drop --resume to start over for that)", "warning"))
         return state
 
-    def save(self, trainer) -> None:
+    def save(self, trainer, report: Reporter = silent) -> None:
         """Write the trainer's state, unless its last loss diverged (Diverged: the
         checkpoint already there is the last good one)."""
         import torch
 
         trainer.check_finite()
+        report(Message(f"saving a checkpoint of {self.name!r}"))  # (gigabytes in phase 2: said before, not silent)
         state = trainer.state_dict()
         state["identity"], state["format"] = self.identity, CHECKPOINT_FORMAT
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
@@ -173,7 +174,7 @@ class Checkpoints:
         stopping = stop()
         if should_checkpoint(record, self.every, self.steps2, stopping):
             if stopping:
-                self.save(trainer)
+                self.save(trainer, report)
             else:
                 self._save_or_go_on(trainer, report)
         if stopping and not is_last_step(record, self.steps2):
@@ -181,7 +182,7 @@ class Checkpoints:
 
     def _save_or_go_on(self, trainer, report: Reporter) -> None:
         try:
-            self.save(trainer)
+            self.save(trainer, report)
         except OSError as exc:
             why = exc.strerror or str(exc)
             kept = "the one before it is kept" if self.path.exists() else "there is none"

@@ -124,6 +124,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     the same name; `replace=True` only replaces (an existing scene, an interrupted run's
     checkpoint), and is refused (Busy) while another process learns the name."""
     started = time.perf_counter()
+    base_model = os.fspath(base_model) if base_model is not None else None  # (a Path from Python: recorded as text)
     if isinstance(masks, (str, os.PathLike)):  # one mask given alone (from Python): not its letters
         masks = [masks]
     image, masks = Path(image), [Path(m) for m in masks]
@@ -400,11 +401,24 @@ def _make_room_for_deferred(components, plan, device: Device, amp_dtype) -> None
 
 
 def _train(trainer, checkpoints: Checkpoints, stop: StopFlag, device: Device, report: Reporter) -> None:
-    """Every step of both phases, with progress, checkpoints, and a stop on a NaN loss."""
+    """Every step of both phases, with progress, checkpoints, and a stop on a NaN loss.
+    A phase's bar shows from its start (its first step may compile for minutes)."""
+    totals = {1: trainer.config.steps1, 2: trainer.config.steps2}
+
+    def starting(phase: int, step: int) -> None:
+        if phase in totals and step < totals[phase]:
+            if trainer.config.compile:
+                report(Message(f"phase {phase}: compiling its step first (a minute or two the first time; kept for "
+                               "the next run)"))
+            report(Progress(f"phase {phase}", step, totals[phase]))
+
+    starting(*((trainer.phase, trainer.step) if trainer.step < totals.get(trainer.phase, 0) else (trainer.phase + 1, 0)))
     steps = trainer.run()
     try:
         for record in _report_progress(steps, device, report):
             checkpoints.after_step(trainer, record, stop, report)
+            if record.phase == 1 and record.step == record.total:
+                starting(2, 0)
     finally:
         # Closed here, not when collected: a second Ctrl-C while the trainer cleans up
         # (it puts the attention processors back) then propagates and ends in one line,
