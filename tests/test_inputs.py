@@ -494,3 +494,38 @@ def test_batch_tells_a_stdout_on_the_bars_own_terminal(tmp_path):
     finally:
         os.close(leader)
         os.close(follower)
+
+
+def test_progress_is_plain_lines_in_colab_or_when_asked_and_a_task_run_again_is_timed_afresh(monkeypatch):
+    """A `!scenebreak` cell in Colab printed each redraw of a bar as new lines; `ui`'s second
+    generate showed the first one's elapsed time and an ETA of 0:00:00 (and, as plain
+    lines, a rate counted from the first one's start)."""
+    import io
+
+    from scenebreak.cli.console import ConsoleReporter
+    from scenebreak.events import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for key in ("FORCE_COLOR", "NO_COLOR", "SCENEBREAK_PROGRESS", "COLAB_RELEASE_TAG", "COLAB_GPU"):
+        monkeypatch.delenv(key, raising=False)
+    assert ConsoleReporter(stream=Terminal()).tty
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261201")
+    assert not ConsoleReporter(stream=Terminal()).tty
+    monkeypatch.setenv("SCENEBREAK_PROGRESS", "bars")
+    assert ConsoleReporter(stream=Terminal()).tty
+    monkeypatch.setenv("SCENEBREAK_PROGRESS", "plain")
+    assert not ConsoleReporter(stream=Terminal()).tty
+
+    out = io.StringIO()
+    reporter = ConsoleReporter(stream=out)
+    clock = iter([0.0, 10.0, 1000.0, 1010.0])
+    monkeypatch.setattr("scenebreak.cli.console.time.monotonic", lambda: next(clock))
+    reporter(Progress("generate", 0, 10))
+    reporter(Progress("generate", 10, 10))  # 10 steps in 10 s
+    reporter(Progress("generate", 0, 10))  # the next job, much later
+    reporter(Progress("generate", 10, 10))  # 10 steps in 10 s again
+    assert out.getvalue().splitlines()[-1] == "generate: 10/10 1.00 it/s", out.getvalue()

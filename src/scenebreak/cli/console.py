@@ -9,6 +9,21 @@ from ..estimates import format_duration
 from ..events import Event, Message, Progress, printable
 
 
+PROGRESS_ENV = "SCENEBREAK_PROGRESS"
+
+
+def progress_style() -> str:
+    """"bars" (live, where the terminal redraws) or "plain" (periodic lines):
+    $SCENEBREAK_PROGRESS, else plain in Google Colab, whose cells print every redraw of
+    a `!scenebreak` bar as new lines (thousands in a learn), else bars."""
+    import os
+
+    chosen = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if chosen in ("bars", "plain"):
+        return chosen
+    return "plain" if os.environ.get("COLAB_RELEASE_TAG") or os.environ.get("COLAB_GPU") else "bars"
+
+
 def _nowhere():
     import os
 
@@ -31,11 +46,12 @@ class ConsoleReporter:
         # Live bars only on a real terminal that can redraw: not TERM=dumb (an editor's
         # shell: nothing would show until the end), not a file FORCE_COLOR points rich at.
         isatty = getattr(self.console.file, "isatty", lambda: False)
-        self.tty = self.console.is_interactive and isatty()
+        self.tty = self.console.is_interactive and isatty() and progress_style() == "bars"
         self.progress = None
         self.losses: dict[str, float] = {}  # task -> its last loss (a GPU reads it once a second, not each step)
         self.tasks: dict[str, int] = {}
-        self.plain: dict[str, tuple[float, float, int]] = {}  # task -> (started, last printed, completed then)
+        # task -> (started, last printed, completed at the start, completed last seen)
+        self.plain: dict[str, tuple[float, float, int, int]] = {}
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Message):
@@ -63,12 +79,14 @@ class ConsoleReporter:
                 TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[phase]}"),
-                console=self.console, transient=False,
+                console=self.console, transient=False, refresh_per_second=4,  # (a step takes a second or more)
             )
             self.progress.start()
         if event.task not in self.tasks:
             self.tasks[event.task] = self.progress.add_task(event.task, total=event.total, loss="", rate="", phase="")
         task_id = self.tasks[event.task]
+        if event.completed < self.progress.tasks[task_id].completed:  # the task again (ui's next job): times afresh
+            self.progress.reset(task_id, total=event.total)
         loss = self._loss(event)
         self.progress.update(task_id, completed=event.completed, total=event.total,
                              loss=f"loss {loss:.4f}" if loss is not None else "", phase=event.info.get("phase", ""))
@@ -78,14 +96,17 @@ class ConsoleReporter:
 
     def _line(self, event: Progress) -> None:
         now = time.monotonic()
+        if event.task in self.plain and event.completed < self.plain[event.task][3]:
+            del self.plain[event.task]  # the task again (ui's next job): its rate afresh
         # The rate counts from the first event seen: a resumed run starts at step 201.
-        started, last, base = self.plain.setdefault(event.task, (now, 0.0, event.completed))
+        started, last, base, _ = self.plain.setdefault(event.task, (now, 0.0, event.completed, event.completed))
+        self.plain[event.task] = (started, last, base, event.completed)
         finished = event.completed >= event.total
         if event.completed and not finished and now - last < self.PLAIN_EVERY:
             return
         if "phase" in event.info and event.task in self.plain and not finished and now - last < self.PLAIN_EVERY:
             return  # the batch's phases change often: a line per PLAIN_EVERY, as for counts
-        self.plain[event.task] = (started, now, base)
+        self.plain[event.task] = (started, now, base, event.completed)
         text = f"{event.task}: {event.completed}/{event.total}"
         loss = self._loss(event)
         if loss is not None:
