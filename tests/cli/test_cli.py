@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def test_learn_prints_only_the_path_and_json_on_request(scene_files, tiny_model)
     path = result.stdout.strip()
     assert path.endswith("photo.scene") and os.path.exists(path)
     assert "phase 1" in result.stderr and "phase 2" in result.stderr and "warning: training on the CPU" in result.stderr
+    assert re.search(r"learned <asset1> <asset2> in \d+ s; try:\n  scenebreak generate photo ", result.stderr)
     result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model, *FAST_LEARN,
                  "--name", "other", "--names", "red", "blue", "--json", "--quiet", "--no-prior")
     assert result.exit_code == 0, result.output

@@ -414,7 +414,9 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
         from ..paths import scene_path
 
         ref = result.name if result.path == scene_path(result.name) else shlex.quote(str(result.path))
-        click.echo(printable(f"learned {' '.join(result.handles)} in {result.seconds / 60:.1f} min; try:\n"
+        from ..estimates import format_duration
+
+        click.echo(printable(f"learned {' '.join(result.handles)} in {format_duration(result.seconds)}; try:\n"
                              f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"",
                              keep_newlines=True), err=True)
 
