@@ -552,6 +552,8 @@ def test_a_ctrl_c_during_the_trainers_clean_up_propagates_instead_of_printing_a_
     from scenebreak.train.learn import _train
 
     class Trainer:
+        config, phase, step = SimpleNamespace(steps1=2, steps2=0, compile=False), 1, 0
+
         def run(self):
             try:
                 yield SimpleNamespace(phase=1, step=1, total=2, loss=0.5, losses={})

@@ -308,12 +308,17 @@ def with_reporter(quiet: bool, call):
             report.close()
 
 
-def print_images(result, json_: bool) -> None:
+def print_images(result, json_: bool, quiet: bool = False) -> None:
+    """The images' paths (or the JSON document) on stdout; on stderr how many, in how long."""
     if json_:
         emit_json(result.to_dict(), [image.path for image in result.images])
     else:
         for image in result.images:
             echo_path(image.path)
+    if not quiet and not json_:
+        from ..estimates import format_duration
+
+        click.echo(f"wrote {len(result.images)} image(s) in {format_duration(result.seconds)}", err=True)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -529,7 +534,7 @@ def generate_command(scene, prompts, prompts_file, variations, grid, out_dir, ba
     result = with_reporter(quiet, lambda report: generate(scene, prompts, config, out_dir=out_dir, device=device,
                                                           variations=variations, grid=grid, base_model=base_model,
                                                           report=report))
-    print_images(result, json_)
+    print_images(result, json_, quiet)
 
 
 @cli.command(name="edit")
@@ -569,7 +574,7 @@ def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite,
     config = make_config(EditConfig, settings)
     result = with_reporter(quiet, lambda report: edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output,
                                                       overwrite=overwrite, device=device, base_model=base_model, report=report))
-    print_images(result, json_)
+    print_images(result, json_, quiet)
 
 
 @cli.command(name="extract-bg")
@@ -598,7 +603,7 @@ def extract_bg_command(scene, variations, prompt, out_dir, base_model, device, q
     result = with_reporter(quiet, lambda report: extract_background(scene, config, variations=variations, prompt=prompt,
                                                                     out_dir=out_dir, device=device, base_model=base_model,
                                                                     report=report))
-    print_images(result, json_)
+    print_images(result, json_, quiet)
 
 
 def _parsed(parse):
