@@ -133,3 +133,24 @@ def test_generate_stops_after_a_pass_when_asked_keeping_what_it_wrote(learned, t
     result = generate(learned.path, "a photo of <asset1>", GenerateConfig(num_images=1, steps=2), out_dir=tmp_path / "b",
                       should_stop=lambda: True)
     assert len(result.images) == 1
+
+
+def test_each_image_carries_what_made_it(learned, tmp_path):
+    """A1111's "parameters" (its PNG Info tab reads them) and scenebreak's own JSON: the
+    image can be made again from the file alone."""
+    import json
+
+    from PIL import Image
+
+    from scenebreak import GenerateConfig, generate
+
+    result = generate(learned.path, "<asset1> on the moon", GenerateConfig(steps=2, seed=7, negative="blurry"),
+                      out_dir=tmp_path)
+    info = Image.open(result.images[0].path).info
+    assert info["parameters"].startswith("<asset1> on the moon\nNegative prompt: blurry\nSteps: 2, Sampler: dpm, ")
+    assert "Seed: 7" in info["parameters"] and "Model: photo" in info["parameters"]
+    settings = json.loads(info["scenebreak"])
+    assert settings["seed"] == 7 and settings["scene"] == "photo" and settings["steps"] == 2
+    again = generate(learned.path, settings["prompt"], GenerateConfig(steps=settings["steps"], seed=settings["seed"],
+                     scheduler=settings["scheduler"], negative=settings["negative"]), out_dir=tmp_path / "again")
+    assert (np.asarray(Image.open(again.images[0].path)) == np.asarray(Image.open(result.images[0].path))).all()

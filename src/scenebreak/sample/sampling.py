@@ -5,6 +5,7 @@ result types."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import secrets
@@ -234,17 +235,38 @@ def slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "image"
 
 
-def save_png(image, path: Path, overwrite: bool = False, icc_profile: bytes | None = None) -> Path:
+def save_png(image, path: Path, overwrite: bool = False, icc_profile: bytes | None = None,
+             text: dict[str, str] | None = None) -> Path:
     """Write a PIL image or (H, W, 3) uint8 array atomically (tagged with `icc_profile`
-    if given); an existing file is kept (the new one gets a numbered name, also when
-    another run took the name meanwhile) unless `overwrite`. Returns where it went."""
-    from PIL import Image
+    and PNG text chunks `text`, if given); an existing file is kept (the new one gets a
+    numbered name, also when another run took the name meanwhile) unless `overwrite`.
+    Returns where it went."""
+    from PIL import Image, PngImagePlugin
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
     extra = {"icc_profile": icc_profile} if icc_profile else {}
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)  # (UTF-8: a prompt in any language)
+        extra["pnginfo"] = info
     write = lambda tmp: image.save(tmp, format="PNG", **extra)  # noqa: E731
     return write_atomically(Path(path), write) if overwrite else write_new_file(Path(path), write)
+
+
+def png_parameters(scene: Scene, prompt: str, seed: int, config: GenerateConfig, size: tuple[int, int]) -> dict:
+    """What made an image, in its PNG: "parameters" as AUTOMATIC1111 writes it (its PNG
+    Info tab, and the tools that read that, show it), and "scenebreak" as JSON; enough to
+    make the image again with `generate`."""
+    settings = {"scene": scene.name, "prompt": prompt, "negative": config.negative, "seed": seed,
+                "scheduler": config.scheduler, "steps": config.steps, "guidance": config.guidance,
+                "precision": config.precision, "size": list(size)}
+    lines = [prompt] + ([f"Negative prompt: {config.negative}"] if config.negative else [])
+    lines.append(", ".join(f"{key}: {value}" for key, value in (
+        ("Steps", config.steps), ("Sampler", config.scheduler), ("CFG scale", config.guidance), ("Seed", seed),
+        ("Size", f"{size[0]}x{size[1]}"), ("Model", scene.name)) if value is not None))
+    return {"parameters": "\n".join(lines), "scenebreak": json.dumps(settings)}
 
 
 def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig, seed: int, out_dir: Path,
@@ -267,7 +289,8 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
                             done=done, total=total)
             done += len(chunk) * config.steps
             for s, image in zip(chunk, images):
-                path = save_png(image, Path(out_dir) / fit_file_name(name, f"-{slug(prompt)}-{s}.png"))
+                path = save_png(image, Path(out_dir) / fit_file_name(name, f"-{slug(prompt)}-{s}.png"),
+                                text=png_parameters(scene, prompt, s, config, image.size))
                 images_out.append(GeneratedImage(path, prompt, s))
             if should_stop is not None and should_stop() and done < total:
                 raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}",
