@@ -184,7 +184,9 @@ def test_a_photo_over_the_upload_limit_is_said_before_it_is_sent(browser, ui, tm
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(big)
     assert big.stat().st_size > 1 << 20
     browser.get(ui.server.url)
-    wait_for(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-loaded") == "yes", "the page")
+    # (the photo open first: while it is embedded the upload button is off)
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('canvas').width") == 96
+             and not by_id("upload").get_property("disabled"), "the photo")
     assert browser.execute_script("return page.maxUpload") == 64 << 20  # the server's own limit
     browser.execute_script("page.maxUpload = 1 << 20")
     by_id("upload").send_keys(str(big))
@@ -192,3 +194,14 @@ def test_a_photo_over_the_upload_limit_is_said_before_it_is_sent(browser, ui, tm
 
     WebDriverWait(browser, WAIT).until(lambda d: "big.png is over 1 MB" in by_id("error").text)
     assert not (ui.server.app.folder / "big.png").exists()
+
+
+def test_a_photo_the_page_cannot_show_says_why(browser, ui):
+    """It said "cannot show PATH" alone: the server's reason (outside the folders, gone
+    since) was dropped."""
+    browser.get(ui.server.url)
+    wait_for(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-loaded") == "yes", "the page")
+    said = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; loadPhoto('/etc/hostname.png').then(() => done('shown'), "
+        "(error) => done(error.message));")
+    assert said.startswith("cannot show /etc/hostname.png: ") and "outside the folders" in said, said

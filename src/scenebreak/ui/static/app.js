@@ -200,7 +200,20 @@ function loadPhoto(path) {
       }
       resolve();
     };
-    image.onerror = () => reject(new Error(`cannot show ${path}`));
+    // The server's reason (gone since, outside the folders, too big), not just "cannot show".
+    image.onerror = async () => {
+      let why = "the browser cannot draw it";
+      try {
+        const response = await reach(fileUrl(path), {});
+        if (!response.ok) {
+          const data = await response.json().catch(() => null);
+          why = (data && data.error) || `the server answered ${response.status}`;
+        }
+      } catch (error) {
+        why = error.message;
+      }
+      reject(new Error(`cannot show ${path}: ${why}`));
+    };
     image.src = fileUrl(path);
   });
 }
