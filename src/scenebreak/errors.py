@@ -98,11 +98,20 @@ def quiet_dead_terminal() -> None:
     for fd in (1, 2):
         try:
             if os.isatty(fd):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, fd)
-                os.close(devnull)
+                write_nowhere(fd)
         except OSError:
             pass
+
+
+def write_nowhere(fd: int) -> None:
+    """Point the file descriptor `fd` at the null device (OSError where it cannot be)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -124,11 +124,18 @@ def _grey_to_8bit(image):
     than clipped: Pillow's own conversion clips, which turns most 16-bit photos white."""
     from PIL import Image
 
+    array = _wide_grey_in_255ths(image)
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+
+
+def _wide_grey_in_255ths(image) -> np.ndarray:
+    """A wide grey image's values (float64) on 8-bit's scale: 16-bit ones over 65535,
+    floats over 1 when they look like 0..1, else as they are."""
     array = np.asarray(image).astype(np.float64)
     full = _WIDE_GREY[image.mode]
     if full is None:  # float: 0..1 when it looks like it, else 0..255
         full = 1.0 if array.size and array.max() <= 1.0 else 255.0
-    return Image.fromarray(np.clip(np.rint(array * (255.0 / full)), 0, 255).astype(np.uint8), "L")
+    return array * (255.0 / full)
 
 
 def _cmyk_to_rgb(image):
@@ -199,9 +206,7 @@ def mask_strength(image) -> np.ndarray:
         drawing = 0.1 <= black <= 0.9 or white_on_black
         return colour * visible if drawing else alpha
     if image.mode in _WIDE_GREY:
-        array = np.asarray(image).astype(np.float64)
-        full = _WIDE_GREY[image.mode] or (1.0 if array.size and array.max() <= 1.0 else 255.0)
-        return np.clip(np.ceil(array * (255.0 / full)), 0, 255).astype(np.uint8)  # (ceil: non-zero stays non-zero)
+        return np.clip(np.ceil(_wide_grey_in_255ths(image)), 0, 255).astype(np.uint8)  # (ceil: non-zero stays non-zero)
     if image.mode == "1":
         return np.asarray(image).astype(np.uint8) * 255
     if image.mode == "L":

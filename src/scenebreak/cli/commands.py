@@ -20,7 +20,7 @@ from ..config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, Evaluate
                      MaskConfig)
 from .. import paths
 from ..device import DEVICES
-from ..errors import SceneBreakError, fixable_error
+from ..errors import SceneBreakError, fixable_error, write_nowhere
 from ..events import printable
 from ..exports.export import FORMATS as EXPORT_FORMATS
 from ..hub import quiet_bitsandbytes
@@ -118,9 +118,7 @@ def silence_stdout() -> None:
     """Point stdout at /dev/null, so that flushing it at exit cannot fail again and
     print "Exception ignored ... BrokenPipeError"."""
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        write_nowhere(sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # no real file descriptor (a test runner's stream)
         pass
 
