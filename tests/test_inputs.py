@@ -285,6 +285,40 @@ def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch)
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_signals_held_for_a_loop_are_not_lost_in_a_finalizer_and_act_where_it_asks():
+    """The Ray batch's loop: a Ctrl-C whose KeyboardInterrupt was raised inside a
+    finalizer (`__del__`, run inside Ray's calls) was printed as "Exception ignored" and
+    dropped, and the tasks trained on. Held, it acts where the loop asks; SIGTERM raises
+    what the batch's own handler raises; the handlers are put back after."""
+    import _thread
+    import signal
+
+    from scenebreak.errors import Terminated, deferred_signals, sigterm_stops
+
+    class Finalized:
+        def __del__(self):
+            _thread.interrupt_main()  # Ctrl-C, handled while this finalizer runs
+            sum(range(1000))
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with sigterm_stops("stopped"):
+            terminate = signal.getsignal(signal.SIGTERM)
+            with deferred_signals() as deliver:
+                Finalized()
+                sum(range(1000))
+                with pytest.raises(KeyboardInterrupt):
+                    deliver()
+                deliver()  # (nothing more held)
+                signal.raise_signal(signal.SIGTERM)
+                with pytest.raises(Terminated, match="stopped"):
+                    deliver()
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert signal.getsignal(signal.SIGTERM) is terminate
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 def test_ctrl_c_in_the_reporters_close_is_130(monkeypatch):
     import scenebreak.sample.generate
     from scenebreak.cli.console import ConsoleReporter

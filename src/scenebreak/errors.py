@@ -162,6 +162,53 @@ def fixable_failures():
 
 
 @contextlib.contextmanager
+def deferred_signals():
+    """Ctrl-C, SIGTERM and SIGHUP inside the block are held until the block asks for them:
+    it gets a function that raises, where it is called, what the signal's own handler
+    would have raised (KeyboardInterrupt; Terminated where sigterm_stops is set). A
+    handler that raises runs wherever Python happens to be, and inside a finalizer
+    (`__del__`, which Ray's loop runs often) its exception is printed and dropped: the
+    Ctrl-C was lost, and the batch trained on. A second signal of a kind already held acts
+    at once. In a thread other than the main one, nothing is held."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    held: list[int] = []
+
+    def act(signum: int) -> None:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:  # the system's default (the process ends): as it would have without the block
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    def hold(signum, frame):
+        if signum in held:
+            act(signum)
+        held.append(signum)
+
+    def deliver() -> None:
+        while held:
+            act(held.pop(0))
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *stop_signals())}
+    previous = {sig: old for sig, old in previous.items() if old not in (signal.SIG_IGN, None)}  # (ignored stays so)
+    for sig in previous:
+        signal.signal(sig, hold)
+    try:
+        yield deliver
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
 def sigterm_stops(message: str):
     """Within the block, SIGTERM raises Terminated("terminated (SIGTERM): `message`") in
     the main thread, and SIGHUP HungUp, so that a long-running command unwinds through

@@ -84,9 +84,11 @@ def _long_job(tmp_path, tiny_model, name: str, steps2: int):
                                             "base-model": str(tiny_model)}}])
 
 
-def _once_in_phase_2(name: str, act) -> threading.Thread:
+def _once_in_phase_2(name: str, act, on_deadline=None) -> threading.Thread:
     """A thread that calls `act(state, lock owner)` once job `name` has checkpointed
-    inside phase 2 (step 2 or later) and holds its job lock."""
+    inside phase 2 (step 2 or later) and holds its job lock. If that is not seen within
+    two minutes it calls `on_deadline()` (so that a job waiting for `act` to end it does
+    not run its thousands of steps) and records what it saw last in `.last_seen`."""
     import torch
 
     def watch():
@@ -94,15 +96,20 @@ def _once_in_phase_2(name: str, act) -> threading.Thread:
         while time.monotonic() < deadline:
             try:
                 state = torch.load(checkpoint_path(name), weights_only=True)
-            except Exception:  # not there yet, or replaced while reading
-                state = None
+            except Exception as exc:  # not there yet, or replaced while reading
+                state, watcher.last_seen = None, f"no checkpoint read ({type(exc).__name__}: {exc})"[:300]
             owner = read_owner(claim_path(name))
+            if state:
+                watcher.last_seen = f"phase {state['phase']} step {state['step']}, lock owner {owner}"
             if state and state["phase"] == 2 and state["step"] >= 2 and owner:
                 act(state, owner)
                 return
             time.sleep(0.05)
+        if on_deadline is not None:
+            on_deadline()
 
     watcher = threading.Thread(target=watch)
+    watcher.last_seen = "nothing"
     watcher.start()
     return watcher
 
@@ -119,7 +126,8 @@ def test_a_ray_worker_killed_during_a_job_is_retried_and_resumes(cluster, tmp_pa
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out"),
                                       "--retries", "2", "--gpus-per-job", "0"])
     watcher.join()
-    assert killed and killed[0] != os.getpid()
+    assert killed, f"the job was never seen in phase 2 holding its lock; last seen: {watcher.last_seen}"
+    assert killed[0] != os.getpid()
     assert result.exit_code == 0, result.output
     got = lines(result.stdout)["k"]
     assert got["status"] == "done" and got["resumed"] is True
@@ -143,22 +151,23 @@ def test_ctrl_c_on_a_ray_batch_lets_its_tasks_save_their_checkpoints(cluster, tm
 
     import torch
 
-    jobs = _long_job(tmp_path, tiny_model, "c", 4000)
+    jobs = _long_job(tmp_path, tiny_model, "c", 1500)
     interrupted = []
 
     def ctrl_c(state, owner):
         interrupted.append(state["step"])
         _thread.interrupt_main()  # Ctrl-C in the batch (the driver)
 
-    watcher = _once_in_phase_2("c", ctrl_c)
+    watcher = _once_in_phase_2("c", ctrl_c, on_deadline=_thread.interrupt_main)  # (never 1500 steps)
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--out", str(tmp_path / "out"),
                                       "--gpus-per-job", "0"])
     watcher.join()
-    assert interrupted and result.exit_code == 130, result.output
+    assert interrupted, f"the job was never seen in phase 2 holding its lock; last seen: {watcher.last_seen}"
+    assert result.exit_code == 130, result.output
     got = lines(result.stdout)["c"]
     assert got["status"] == "failed" and "rerun the batch to resume it" in got["error"], got
     state = torch.load(checkpoint_path("c"), weights_only=True)
-    assert state["phase"] == 2 and interrupted[0] <= state["step"] < 4000
+    assert state["phase"] == 2 and interrupted[0] <= state["step"] < 1500
     deadline = time.monotonic() + 30  # the task ended: its job lock is released
     while claim_path("c").exists() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import SceneBreakError
+from ..errors import SceneBreakError, deferred_signals
 from ..events import Message, silent
 from .jobs import Job
 from .work import INTERRUPTED, STOP_WAIT, JobResult, job_reporter, run_job
@@ -82,26 +82,33 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
         pending = {task.remote(job, str(out), str(scenes) if scenes else None, events): job for job in jobs}
         board.phase(0, f"{len(jobs)} task(s) on the cluster")
         try:
-            while pending:
-                _show_events(events, board)
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    job = pending.pop(ref)
-                    try:
-                        result = JobResult.from_dict(ray.get(ref))
-                    except Exception as exc:  # the task's worker died on every try, or Ray failed it
-                        text = str(exc).strip().splitlines()
-                        result = JobResult(job.number, job.name, "failed", error=f"Ray task failed after {retries + 1} "
-                                           f"tries: {text[0] if text else type(exc).__name__}")
-                    _show_events(events, board)  # (its last notes before its end)
-                    board.phase(job.number, None)
-                    board.finished(result)
+            # Ctrl-C and SIGTERM act between waits (a KeyboardInterrupt raised in one of
+            # the finalizers that run inside this loop was dropped: the tasks trained on).
+            with deferred_signals() as deliver_signals:
+                while pending:
+                    deliver_signals()
+                    _show_events(events, board)
+                    for ref in ray.wait(list(pending), num_returns=1, timeout=1.0)[0]:
+                        board_result(board, pending.pop(ref), ref, ray, events, retries)
         except BaseException:
             _stop_tasks(ray, pending, board)
             raise
     finally:
         if started_here:
             ray.shutdown()
+
+
+def board_result(board, job: Job, ref, ray, events, retries: int) -> None:
+    """The result of the task of `job` that ended, on the board, after its last notes."""
+    try:
+        result = JobResult.from_dict(ray.get(ref))
+    except Exception as exc:  # the task's worker died on every try, or Ray failed it
+        text = str(exc).strip().splitlines()
+        result = JobResult(job.number, job.name, "failed", error=f"Ray task failed after {retries + 1} tries: "
+                           f"{text[0] if text else type(exc).__name__}")
+    _show_events(events, board)  # (its last notes before its end)
+    board.phase(job.number, None)
+    board.finished(result)
 
 
 EVENTS_HELD = 10_000  # notes and progress waiting for the batch; more are dropped (the jobs go on)
