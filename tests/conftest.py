@@ -15,6 +15,11 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SCENEBREAK_DEVICE", "cpu")
     monkeypatch.delenv("SCENEBREAK_BASE_MODEL", raising=False)
+    from scenebreak import kept
+
+    kept.drop()  # (a pipeline an earlier test's generate kept would serve this one's: each loads its own)
+    yield
+    kept.drop()
 
 
 @pytest.fixture(scope="session")

@@ -166,3 +166,77 @@ def test_models_given_as_paths_from_python_are_folders(scene_files, tiny_model, 
     run = make_masks(scene_files["image"], points=[(20, 20)], out_dir=tmp_path / "m",
                      config=MaskConfig(segmenter=tiny_segmentation[1]))
     assert len(run.masks) == 1
+
+
+@pytest.fixture
+def trainers(monkeypatch):
+    """Weak references to the trainers made, with Python's cyclic collector off, as it
+    is between its (rare, in a big process) passes."""
+    import gc
+    import weakref
+
+    import scenebreak.train.trainer as trainer_module
+
+    made, real_init = [], trainer_module.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
+    gc.collect()
+    gc.disable()
+    yield made
+    gc.enable()
+
+
+def test_after_learn_returns_its_models_are_gone(scene_files, tiny_model, trainers):
+    """The trainer holds the models, the optimizer state and the cached latents, and sits
+    in reference cycles (its compiled steps): a notebook's, page's or batch worker's next
+    learn or generate loaded beside them, on a GPU that had room for one."""
+    scenebreak.learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                     base_model=str(tiny_model), name="freed", device="cpu")
+    assert len(trainers) == 1 and trainers[0]() is None
+
+
+def test_an_interrupted_learn_kept_as_the_last_error_holds_no_model(scene_files, tiny_model, trainers):
+    """A notebook keeps the last exception for %debug (sys.last_value), and with it every
+    frame of the call: `learn(..., resume=True)` after an interrupt ran out of memory on
+    the first run's models."""
+    with pytest.raises(scenebreak.Interrupted) as caught:
+        scenebreak.learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=2, prior=False),
+                         base_model=str(tiny_model), name="stopped", device="cpu", should_stop=lambda: True)
+    assert caught.value.__traceback__ is not None  # (held, as IPython holds it)
+    assert len(trainers) == 1 and trainers[0]() is None
+
+
+def test_running_out_of_memory_frees_what_the_failed_call_held():
+    """Converted to OutOfMemory, the GPU's error stayed its cause, and its frames held the
+    models: the retry with a smaller batch ran out of memory on them. An error that is a
+    bug keeps its frames (they are the evidence for %debug)."""
+    import gc
+    import weakref
+
+    from scenebreak.errors import fixable_failures
+
+    class Weights:
+        pass
+
+    refs = []
+
+    @fixable_failures()
+    def fails(error):
+        weights = Weights()
+        refs.append(weakref.ref(weights))
+        raise error
+
+    gc.disable()
+    try:
+        with pytest.raises(OutOfMemory) as out_of_memory:
+            fails(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        with pytest.raises(ValueError) as bug:
+            fails(ValueError("a bug"))
+    finally:
+        gc.enable()
+    assert out_of_memory.value.__cause__ is not None and refs[0]() is None
+    assert bug.value.__traceback__ is not None and refs[1]() is not None

@@ -26,6 +26,7 @@ _LAZY = {
     "make_masks": "masks.masking", "MaskRun": "masks.masking", "MaskResult": "masks.files",
     "evaluate": "evaluation.evaluate", "EvaluateResult": "evaluation.evaluate", "EvaluateConfig": "config",
     "run_batch": "batch.runner", "BatchResult": "batch.runner",
+    "unload": "kept",
 }
 
 __all__ = ["__version__", *_LAZY]

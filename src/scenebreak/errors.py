@@ -154,11 +154,40 @@ def fixable_failures():
     for each of them, as the command line shows them. (Also a decorator.)"""
     try:
         yield
+    except KeyboardInterrupt as exc:
+        let_go(exc)
+        raise
     except Exception as exc:
         error = fixable_error(exc)
+        if isinstance(error, (OutOfMemory, Interrupted)):
+            let_go(exc, unload=isinstance(error, OutOfMemory))
         if error is None or error is exc:
             raise
-        raise error from exc
+        try:
+            raise error from exc
+        finally:
+            del error  # (else the error's own traceback holds this frame, which holds the error: a cycle)
+
+
+def let_go(exc: BaseException, unload: bool = False) -> None:
+    """Free the models and activations that the frames of a call stopped by `exc` still
+    hold: a notebook keeps the last exception (for %debug), and with it every frame's
+    locals, so the next call ran out of memory on what the last left on the GPU. Only
+    for an interruption or running out of memory, where the frames are not a bug's
+    evidence. `unload`: the models kept between calls (kept.py) go too."""
+    import traceback
+
+    from . import kept
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # the chain: what it was raised from, or while handling
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # (frames still running are left as they are)
+        exc = exc.__cause__ or exc.__context__
+    if unload:
+        kept.unload()
+    else:
+        kept.free_memory()
 
 
 @contextlib.contextmanager

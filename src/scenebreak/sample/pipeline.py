@@ -84,8 +84,8 @@ def decode_latents(vae, latents, report: Reporter = silent, max_pixels: int = PI
 
             report(Message(f"the VAE overflowed in {str(vae.dtype).removeprefix('torch.')}: decoding again in fp32"))
             dtype = vae.dtype
-            vae.to(torch.float32)
-            try:
+            try:  # (the VAE goes back to its dtype whatever happens: a kept pipeline serves again)
+                vae.to(torch.float32)
                 pixels = decode(scaled.float())
             finally:
                 vae.to(dtype)

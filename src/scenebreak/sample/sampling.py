@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import kept
 from ..config import GenerateConfig
 from ..device import Device, choose_device
 from ..errors import InvalidInput, UnknownHandle
@@ -56,9 +57,19 @@ class SamplingRun:
     started: float
     config: GenerateConfig  # as given, with the family's defaults filled in (guidance)
     autocast_dtype: object = None  # bf16 on CPUs with bf16 instructions (Device.sampling_precision)
+    kept_as: tuple | None = None  # the pipeline's key in the keeper (kept.py), where it may be kept
 
     def result(self, images: list[GeneratedImage]) -> GenerateResult:
+        self.put_back()
         return GenerateResult(self.scene.name, images, time.perf_counter() - self.started)
+
+    def put_back(self) -> None:
+        """The pipeline kept for the next call with this scene (the work ended at a clean
+        point: a pipeline left mid-pass by a failure is never put back)."""
+        from .. import kept
+
+        if self.kept_as is not None and self.pipe is not None:
+            kept.keep(self.kept_as, self.pipe)
 
     def precision(self):
         """The autocast the denoiser and text encoders sample under (a no-op on GPUs)."""
@@ -103,10 +114,26 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
         if not is_writable_folder(Path(out_dir)):
             raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with downloads_reported(report):
-        pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler, tokenizers=tokenizers,
-                             report=report)
-    return SamplingRun(scene, pipe, seed, started, config, autocast_dtype)
+    key = pipeline_key(scene, device, dtype, base_model)
+    pipe = kept.take(key) if key is not None else None
+    if pipe is not None:  # the last call's, of this scene: only its sampler is made anew (its state is per run)
+        pipe.scheduler = scene.family.sampler(config.scheduler, scene.meta["configs"]["scheduler"])
+    else:
+        with downloads_reported(report):
+            pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler,
+                                 tokenizers=tokenizers, report=report)
+    return SamplingRun(scene, pipe, seed, started, config, autocast_dtype, kept_as=key)
+
+
+def pipeline_key(scene: Scene, device: Device, dtype, base_model: str | None) -> tuple | None:
+    """What a kept pipeline must match to serve again: the same scene file, unchanged
+    since (its stamp: a scene learned again under the name is another), on the same
+    device in the same precision, over the same base model. None (never kept) for a
+    scene that is no file."""
+    if scene.path is None or scene.stamp is None:
+        return None
+    return ("pipeline", str(Path(scene.path).resolve()), scene.stamp, str(device.torch), str(dtype),
+            os.fspath(base_model) if base_model is not None else os.environ.get("SCENEBREAK_BASE_MODEL"))
 
 
 def check_sampler_config(scene, sampler: str, steps: int) -> None:
@@ -293,6 +320,7 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
                                 text=png_parameters(scene, prompt, s, config, image.size))
                 images_out.append(GeneratedImage(path, prompt, s))
             if should_stop is not None and should_stop() and done < total:
+                run.put_back()  # (stopped between passes: the pipeline is as after a whole call)
                 raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}",
                                   partial=GenerateResult(scene.name, list(images_out)))
 

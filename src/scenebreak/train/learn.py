@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import kept
 from ..config import LearnConfig, default_base_model
 from ..device import Device, choose_device, precision_name
 from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError, fixable_failures, is_out_of_memory
@@ -177,8 +178,15 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             report(Message(f"another process is learning {name!r}: --force runs anyway; the two share its "
                            "checkpoint", "warning"))
         _check_interrupted_run(name, resume=resume, force=replace)
-        return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, replace,
-                      report, should_stop, started)
+        try:
+            return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume,
+                          replace, report, should_stop, started)
+        finally:
+            # The training's models and optimizer state, which reference cycles hold (the
+            # trainer's compiled steps), go now, not when Python's collector next runs: the
+            # same process's next learn or generate (a notebook, the page, a batch worker)
+            # loads into that memory.
+            kept.free_memory()
 
 
 def _warn_vanishing_masks(masks, tokens: list[str], components, resolution: int, report: Reporter) -> None:
@@ -223,6 +231,10 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     base_model = base_model or default_base_model()
     with downloads_reported(report):
         resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
+    # The models kept since an earlier generate in this process go, before this base
+    # loads and the memory plan measures what is free (else the plan, and with --tune
+    # auto the kind of scene, would depend on what the process did before).
+    kept.unload()
     if config.resolution:
         check_resolution_from_files(resolved[0], config.resolution)
     checked_tune = _check_room(resolved[0], config, out)

@@ -248,6 +248,9 @@ class App:
                                "make it smaller first")
 
         def work(report, should_stop):
+            from .. import kept
+
+            kept.unload()  # (the last scene's models, kept for more images: a new photo makes the next scene)
             session = MaskSession(resolved, self.mask_config, report)
             with self.lock:
                 self.session, self.masks = session, {}
