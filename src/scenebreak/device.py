@@ -179,10 +179,9 @@ class Device:
         keeps it otherwise, and the process creeps up by a GiB over a few steps."""
         if self.type != "cpu" or not sys.platform.startswith("linux"):
             return
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl)
-            pass
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
 
     def max_memory_allocated(self) -> int:
         """Peak bytes allocated on this device since the last reset (0 where unknown)."""
@@ -203,16 +202,13 @@ class Device:
             torch.mps.synchronize()
 
 
-def empty_gpu_cache() -> None:
-    """Hand the memory cached by the GPU's allocator back (CUDA's or Apple's), so that a
-    smaller retry or the next models fit."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        torch.mps.empty_cache()
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim (None elsewhere, e.g. musl), looked up once, not per step."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def precision_name(dtype) -> str:

@@ -66,7 +66,17 @@ def free_memory() -> None:
     into the room it frees and memory plans see it free."""
     import gc
 
-    from .device import empty_gpu_cache
-
     gc.collect()
     empty_gpu_cache()
+
+
+def empty_gpu_cache() -> None:
+    """Hand the memory cached by the GPU's allocator back (CUDA's or Apple's), so that a
+    smaller retry or the next models fit."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        torch.mps.empty_cache()

@@ -382,7 +382,7 @@ def test_on_a_mac_the_gpu_cache_is_emptied_and_bitsandbytes_refused_up_front(mon
     the diffusion ones, emptied only CUDA's cache; --quantize nf4 on MPS loaded the whole
     model before bitsandbytes failed there (it has no MPS kernels)."""
     from scenebreak.config import LearnConfig
-    from scenebreak.device import empty_gpu_cache
+    from scenebreak.kept import empty_gpu_cache
     from scenebreak.errors import InvalidInput
     from scenebreak.train.memory import choose_quantization
 

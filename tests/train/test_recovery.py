@@ -662,6 +662,25 @@ def test_sigterm_stops_learn_as_ctrl_c_does_but_exits_143(monkeypatch):
         assert "--resume" in str(stopped.value) and len(heard) == 1
 
 
+def test_a_ctrl_c_that_lands_inside_the_reporters_write_still_stops_with_a_checkpoint():
+    """The handler says "stopping after this step" through the reporter; a Python
+    caller's `print` reporter, interrupted inside its own write to stdout, raises
+    "reentrant call" there, and learn died of it without its checkpoint."""
+    from scenebreak.errors import Interrupted
+    from scenebreak.train.checkpoints import StopFlag, catch_interrupts
+
+    def print_to_stdout(event):  # as print does when the signal landed inside print
+        raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stdout>'>")
+
+    flag = StopFlag()
+    with pytest.raises(Interrupted):
+        with catch_interrupts(flag, print_to_stdout):
+            os.kill(os.getpid(), signal.SIGINT)
+            while not flag():
+                time.sleep(0.01)
+            raise Interrupted("interrupted: checkpoint saved; run the same command with --resume to continue")
+
+
 def test_a_hang_up_stops_a_batch_or_the_page_as_sigterm_does(monkeypatch):
     import scenebreak.errors as errors
 

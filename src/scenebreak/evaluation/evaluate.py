@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import EvaluateConfig, default_model
-from ..device import Device, choose_device, empty_gpu_cache
+from .. import kept
+from ..device import Device, choose_device
 from ..errors import InvalidInput, fixable_failures
 from ..events import Message, Progress, Reporter, silent
 
@@ -230,11 +231,8 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
 
 def _release(run) -> None:
     """Free the diffusion models before the scoring models load (a GPU holds both badly)."""
-    import gc
-
     run.pipe = None
-    gc.collect()
-    empty_gpu_cache()
+    kept.free_memory()
 
 
 def score_images(scene, generated, words: dict[str, str], config: EvaluateConfig, refs: dict, device: Device,

@@ -3,9 +3,10 @@ shared by class images, `generate` and the blended sampling of `edit`/`extract-b
 
 from __future__ import annotations
 
-from ..device import autocast_off, empty_gpu_cache
+from ..device import autocast_off
 from ..errors import is_out_of_memory
 from ..events import Progress, Reporter, silent
+from ..kept import empty_gpu_cache
 
 
 def images_per_pass(device, batch_size: int | None = None) -> int:
@@ -30,10 +31,11 @@ def run_in_passes(items: list, batch: int, run_pass, report: Reporter = silent, 
             if len(chunk) == 1 or not is_out_of_memory(exc):
                 raise
             batch = max(1, min(batch // 2, len(chunk) - 1))
-            empty_gpu_cache()
             report(Message(f"out of memory making {len(chunk)} {what} at a time: {batch} at a time now"))
+        else:
+            start += len(chunk)
             continue
-        start += len(chunk)
+        empty_gpu_cache()  # (here, not in the except: its traceback held the failed pass's tensors)
 
 
 def make_pipeline(family, denoiser, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,

@@ -60,7 +60,10 @@ def catch_interrupts(flag: StopFlag, report: Reporter):
         flag.terminated = kinds.get(signum)
         if flag.terminated is HungUp:  # no terminal to write to: the checkpoint must not fail on it
             quiet_dead_terminal()
-        report(Message("stopping after this step to save a checkpoint (press Ctrl-C again to abort now)", "warning"))
+        try:
+            report(Message("stopping after this step to save a checkpoint (press Ctrl-C again to abort now)", "warning"))
+        except Exception:  # (a signal that lands inside the reporter's own write: a print to stdout raises
+            pass           # "reentrant call"; the stop must not fail on it, and the closing line says it all)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, *kinds)}
     try:

@@ -305,7 +305,6 @@ def open_in_browser(url: str) -> None:
         return
     if isinstance(browser, webbrowser.GenericBrowser) and not isinstance(browser, webbrowser.BackgroundBrowser):
         return  # lynx, w3m...: run in the foreground, in this terminal, until quit
-        return
     # The browser starts with this process's stdout, which carries only the URL: its own
     # chatter ("Created new window in existing browser session") goes nowhere instead.
     kept = os.dup(1)
