@@ -8,6 +8,19 @@ import pytest
 from helpers import SMALL, learn_once, write_synthetic_scene
 
 
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_heard():
+    """The tests that press Ctrl-C (on this process: a Ray batch; on the children it
+    starts: ui, learn) need SIGINT heard. A shell without job control starts a background
+    command (`pytest ... &` in a script, a CI step run so) with SIGINT ignored, which
+    Python and the children then keep: those tests waited forever for a stop."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
     """Each test gets its own scenebreak home; nothing may touch the network."""

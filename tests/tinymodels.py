@@ -68,7 +68,8 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int | None = None) -> None:
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    # (from the files: the constructor's arguments differ between transformers 4 and 5)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
     tokenizer.save_pretrained(folder)
 
 
@@ -428,7 +429,7 @@ def build_tiny_segmentation_models(folder: Path, seed: int = 0) -> tuple[Path, P
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_DETECTOR_WORDS]
     detector.mkdir(parents=True, exist_ok=True)
     (detector / "vocab.txt").write_text("\n".join(vocab) + "\n")  # save_pretrained does not write it
-    tokenizer = BertTokenizer(vocab=str(detector / "vocab.txt"))
+    tokenizer = BertTokenizer.from_pretrained(detector)  # (from the file, as in any transformers)
     backbone = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
                           out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4])
     text = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
