@@ -196,9 +196,9 @@ def deferred_signals():
     it gets a function that raises, where it is called, what the signal's own handler
     would have raised (KeyboardInterrupt; Terminated where sigterm_stops is set). A
     handler that raises runs wherever Python happens to be, and inside a finalizer
-    (`__del__`, which Ray's loop runs often) its exception is printed and dropped: the
-    Ctrl-C was lost, and the batch trained on. A second signal of a kind already held acts
-    at once. In a thread other than the main one, nothing is held."""
+    (`__del__`, which a library's calls can run) Python prints its exception and drops
+    it: the Ctrl-C is lost, and a batch trains on. A second signal of a kind already held
+    acts at once. In a thread other than the main one, nothing is held."""
     import signal
     import threading
 

@@ -82,8 +82,8 @@ def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
         pending = {task.remote(job, str(out), str(scenes) if scenes else None, events): job for job in jobs}
         board.phase(0, f"{len(jobs)} task(s) on the cluster")
         try:
-            # Ctrl-C and SIGTERM act between waits (a KeyboardInterrupt raised in one of
-            # the finalizers that run inside this loop was dropped: the tasks trained on).
+            # Ctrl-C and SIGTERM act between waits (Python drops a KeyboardInterrupt raised
+            # inside a finalizer, which Ray's calls can run: the tasks would train on).
             with deferred_signals() as deliver_signals:
                 while pending:
                     deliver_signals()

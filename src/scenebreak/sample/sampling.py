@@ -66,8 +66,6 @@ class SamplingRun:
     def put_back(self) -> None:
         """The pipeline kept for the next call with this scene (the work ended at a clean
         point: a pipeline left mid-pass by a failure is never put back)."""
-        from .. import kept
-
         if self.kept_as is not None and self.pipe is not None:
             kept.keep(self.kept_as, self.pipe)
 
