@@ -1,7 +1,7 @@
 """One process, many calls (a notebook's loop, the web page's Generate clicks): a scene's
 models load once and serve every later call with it, which makes the very images a
-fresh load makes; anything else (another scene, a scene learned again, another
-precision, a failed call, learn) loads afresh or lets go."""
+fresh load makes; anything else (another scene, a scene learned again, a failed call,
+learn) loads afresh or lets go."""
 
 from __future__ import annotations
 

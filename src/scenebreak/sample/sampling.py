@@ -113,7 +113,7 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
             raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     key = pipeline_key(scene, device, dtype, base_model)
-    pipe = kept.take(key) if key is not None else None
+    pipe = kept.take(key)  # (None for a scene that is no file: then whatever is kept goes before this load)
     if pipe is not None:  # the last call's, of this scene: only its sampler is made anew (its state is per run)
         pipe.scheduler = scene.family.sampler(config.scheduler, scene.meta["configs"]["scheduler"])
     else:

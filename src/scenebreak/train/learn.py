@@ -178,15 +178,15 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             report(Message(f"another process is learning {name!r}: --force runs anyway; the two share its "
                            "checkpoint", "warning"))
         _check_interrupted_run(name, resume=resume, force=replace)
-        try:
-            return _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume,
-                          replace, report, should_stop, started)
-        finally:
-            # The training's models and optimizer state, which reference cycles hold (the
-            # trainer's compiled steps), go now, not when Python's collector next runs: the
-            # same process's next learn or generate (a notebook, the page, a batch worker)
-            # loads into that memory.
-            kept.free_memory()
+        result = _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume,
+                        replace, report, should_stop, started)
+    # The training's models and optimizer state, which reference cycles hold (the trainer's
+    # compiled steps), go now, not when Python's collector next runs: the same process's
+    # next learn or generate (a notebook, the page, a batch worker) loads into that memory.
+    # (After a failure the error's frames hold them; fixable_failures lets go of those
+    # where the failure is no bug's evidence: out of memory, an interrupt.)
+    kept.free_memory()
+    return result
 
 
 def _warn_vanishing_masks(masks, tokens: list[str], components, resolution: int, report: Reporter) -> None:
