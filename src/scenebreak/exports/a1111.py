@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ..errors import BundleError
 from ..events import Message, Progress, Reporter, silent
+from ..families.versions import with_model_key_names
 from ..scenes.bundle import Scene
 from .kohya import (BFL_IMPLEMENTATION, DEFAULT_RANK, KOHYA_SKIPS, Extraction, adapter_layers, bfl_denoiser, check_rank,
                     extract_layers, kohya_skips, kohya_state_dict)
@@ -202,7 +203,7 @@ def prepare(scene: Scene, rank: int = DEFAULT_RANK, base_model: str | None = Non
                              "the weight differences", report=report)
         base = {scene.family.denoiser: c.denoiser.state_dict(),
                 **{name: te.state_dict() for name, te in zip(scene.family.text_encoders, c.text_encoders)}}
-        tuned = {name: scene.weights[name] for name in base}
+        tuned = {name: with_model_key_names(scene.weights[name], base[name]) for name in base}
 
         def progress(done: int, total: int) -> None:
             report(Progress("extract LoRA", done, total))

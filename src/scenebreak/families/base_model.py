@@ -14,6 +14,7 @@ from ..errors import InvalidInput
 from ..hub import hub_snapshot, loading_model, looks_like_path, quiet_libraries
 from ..paths import is_regular_file
 from .family import vae_scale
+from .versions import transformers_dtype
 
 @dataclass
 class BaseModel:
@@ -215,16 +216,6 @@ def _header_parameters(part: Path) -> int:
     return total
 
 
-def _transformers_dtype(dtype) -> dict:
-    """from_pretrained's keyword for a dtype (transformers 4.56 renamed torch_dtype)."""
-    if dtype is None:
-        return {}
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
-
-
 def _loading(base_model: str, folder: Path):
     """Around loading a base model's parts: a folder that is there but does not load
     (unreadable, damaged or mismatched files) is hub.loading_model's one line naming the fix."""
@@ -306,7 +297,7 @@ def load_deferred(components: Components, widen: bool = False) -> None:
         with _loading(base_model, part.parent):
             # (fp32 named: transformers 5 loads in the files' dtype when none is given)
             model = family.text_encoder_class(name).from_pretrained(
-                part, **_transformers_dtype(torch.float32 if widen else dtype))
+                part, **transformers_dtype(torch.float32 if widen else dtype))
         model.requires_grad_(False)
         model.eval()
         pool_at_end_of_text(model, components.tokenizers[i])
@@ -344,7 +335,7 @@ def load_components(base_model: str, revision: str | None = None,
                     text_encoders.append(model)
                     stored_tables[i], deferred[name] = table, (base_model, folder / name, dtype)
                     continue
-            text_encoders.append(family.text_encoder_class(name).from_pretrained(folder / name, **_transformers_dtype(dtype)))
+            text_encoders.append(family.text_encoder_class(name).from_pretrained(folder / name, **transformers_dtype(dtype)))
         tokenizers = []
         for name in family.tokenizers:
             cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say

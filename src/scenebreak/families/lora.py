@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SceneBreakError
+from .versions import with_model_key_names
 
 ADAPTER = "default"
 
@@ -109,6 +110,7 @@ def load_lora_state_dict(model, state: dict[str, torch.Tensor], check=None) -> N
     scene's: names, shapes, dtypes); by default the names must match."""
     own = dict(model.named_parameters())
     expected = {k: p for k, p in own.items() if ".lora_" in k}
+    state = with_model_key_names(state, expected)  # (saved under another transformers version)
     if check is not None:
         check(expected, state)
     elif set(expected) != set(state):

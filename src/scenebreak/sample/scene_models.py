@@ -10,6 +10,7 @@ import re
 from ..config import MAX_HANDLES
 from ..device import Device
 from ..errors import BundleError, InvalidInput, ModelNotAvailable
+from ..families.versions import with_model_key_names
 from ..scenes.bundle import Scene, load_scene, tokenizer_from_files
 
 
@@ -132,8 +133,10 @@ def own_weights(scene: Scene, dtype):
         raise BundleError(f"{scene.path or scene.name} is not a valid scene: its model configs do not build a model "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
     for model, name in ((denoiser, scene.family.denoiser), (vae, "vae"), *zip(text_encoders, names)):
-        check_weights_fit(scene, name, model.state_dict(), scene.weights[name])
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.weights[name].items()}
+        expected = model.state_dict()
+        state = with_model_key_names(scene.weights[name], expected)  # (written under another transformers)
+        check_weights_fit(scene, name, expected, state)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, assign=True, strict=True)
     return denoiser, vae, text_encoders
 

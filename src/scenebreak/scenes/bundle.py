@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
 from ..errors import BundleError
+from ..families.versions import tokenizer_class_for
 from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically, write_new_file
 
 FORMAT = "scenebreak.scene"
@@ -530,6 +531,7 @@ def tokenizer_from_files(files: dict[str, bytes], folder: str, family) -> object
         if not any(Path(tmp).iterdir()):
             raise BundleError(f"not a valid scene: it holds no {folder} files")
         cls, max_length = family.tokenizer_class(folder)
+        cls = tokenizer_class_for(cls, {p.name for p in Path(tmp).iterdir()})  # (written under another transformers)
         try:
             return cls.from_pretrained(tmp, model_max_length=max_length, local_files_only=True)
         except Exception as exc:  # tokenizers raise many types for damaged files

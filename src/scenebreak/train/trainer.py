@@ -22,6 +22,7 @@ from ..config import LearnConfig
 from ..device import Device, hold_in_fp32, precision_name
 from ..errors import InvalidInput
 from ..families import vae_normalisation
+from ..families.versions import with_model_key_names
 from ..handles import prompt_for
 from ..images import image_to_tensor
 from .attention import AttentionStore, capture_cross_attention
@@ -677,7 +678,7 @@ class Trainer:
 
                     load_lora_state_dict(model, state[name])
                 else:
-                    model.load_state_dict(state[name])
+                    model.load_state_dict(with_model_key_names(state[name], model.state_dict()))
         self.rng.setstate(state["rng_python"])
         self.gen.set_state(state["rng_torch"])
         self.phase, self.step = state["phase"], state["step"]

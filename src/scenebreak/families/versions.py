@@ -1,0 +1,51 @@
+"""What differs between the transformers versions scenebreak runs on (4.49 to 5.x).
+
+A scene written under one version must open under the other: a user upgrades, or
+opens a scene someone else made. Two things changed in transformers 5:
+- CLIPTextModel's weights lost their `text_model.` prefix (4: `text_model.encoder.
+  layers.0...`, 5: `encoder.layers.0...`); CLIPTextModelWithProjection kept it.
+- Tokenizers are saved as tokenizer.json alone, which transformers 4's slow classes
+  (CLIPTokenizer) cannot read; their fast twins (CLIPTokenizerFast) can. In 5 the two
+  names are one class.
+"""
+
+from __future__ import annotations
+
+CLIP_TEXT_PREFIX = "text_model."
+
+
+def transformers_dtype(dtype) -> dict:
+    """from_pretrained's keyword for a dtype (transformers 4.56 renamed torch_dtype)."""
+    if dtype is None:
+        return {}
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def with_model_key_names(state: dict, model_keys) -> dict:
+    """`state` (weights or LoRA adapters) with its names as the model's own
+    (`model_keys`) spell them, where the two differ only by CLIPTextModel's
+    `text_model.` prefix, all names alike; otherwise `state` as it is (a real mismatch
+    is for the caller to refuse)."""
+    model_keys = set(model_keys)
+    if not state or not model_keys or set(state) == model_keys:
+        return state
+    prefixed = [name.startswith(CLIP_TEXT_PREFIX) for name in state]
+    model_prefixed = [name.startswith(CLIP_TEXT_PREFIX) for name in model_keys]
+    if all(prefixed) and not any(model_prefixed):  # written under transformers 4, read under 5
+        return {name.removeprefix(CLIP_TEXT_PREFIX): value for name, value in state.items()}
+    if not any(prefixed) and all(model_prefixed):  # written under 5, read under 4
+        return {CLIP_TEXT_PREFIX + name: value for name, value in state.items()}
+    return state
+
+
+def tokenizer_class_for(cls, file_names) -> type:
+    """The class that reads a saved tokenizer of class `cls` from files named
+    `file_names`: its fast twin where only tokenizer.json holds the vocabulary."""
+    if "tokenizer.json" not in file_names or "vocab.json" in file_names or cls.__name__.endswith("Fast"):
+        return cls
+    import transformers
+
+    return getattr(transformers, f"{cls.__name__}Fast", cls)
