@@ -406,6 +406,14 @@ TINY_DETECTOR_WORDS = [
 ]
 
 
+def image_processor_class(model: str):
+    """transformers' PIL image processor of `model` (5 names it `...ImageProcessorPil`,
+    4 `...ImageProcessor`): the helper models build under both."""
+    import transformers
+
+    return getattr(transformers, f"{model}ImageProcessorPil", None) or getattr(transformers, f"{model}ImageProcessor")
+
+
 def build_tiny_segmentation_models(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Save a tiny random Grounding DINO and a tiny random SAM (with their
     processors) as ordinary transformers folders; returns (detector, segmenter).
@@ -419,9 +427,8 @@ def build_tiny_segmentation_models(folder: Path, seed: int = 0) -> tuple[Path, P
 
     import torch
     from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessorPil, GroundingDinoProcessor, SamConfig, SamImageProcessorPil,
-                              SamMaskDecoderConfig, SamModel, SamProcessor, SamPromptEncoderConfig, SamVisionConfig,
-                              SwinConfig)
+                              GroundingDinoProcessor, SamConfig, SamMaskDecoderConfig, SamModel, SamProcessor,
+                              SamPromptEncoderConfig, SamVisionConfig, SwinConfig)
 
     folder = Path(folder)
     detector, segmenter = folder / "tiny-grounding-dino", folder / "tiny-sam"
@@ -440,7 +447,7 @@ def build_tiny_segmentation_models(folder: Path, seed: int = 0) -> tuple[Path, P
                                  encoder_n_points=2, decoder_n_points=2, max_text_len=64)
     torch.manual_seed(seed)
     GroundingDinoForObjectDetection(config).save_pretrained(detector)
-    image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 96, "longest_edge": 128})
+    image_processor = image_processor_class("GroundingDino")(size={"shortest_edge": 96, "longest_edge": 128})
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(detector)
 
     vision = SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
@@ -462,7 +469,7 @@ def build_tiny_segmentation_models(folder: Path, seed: int = 0) -> tuple[Path, P
         sam.mask_decoder.iou_prediction_head.proj_out.weight.zero_()
         sam.mask_decoder.iou_prediction_head.proj_out.bias.fill_(0.95)
     sam.save_pretrained(segmenter)
-    SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
+    SamProcessor(image_processor=image_processor_class("Sam")(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
                  ).save_pretrained(segmenter)
 
     for path in (*detector.rglob("*"), *segmenter.rglob("*")):
@@ -474,7 +481,7 @@ def build_tiny_segmentation_models(folder: Path, seed: int = 0) -> tuple[Path, P
 def build_tiny_clip(folder):
     """A random CLIP (1-layer text and vision towers, 32 px images) with a CLIP BPE tokenizer."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     write_tiny_tokenizer(folder)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
@@ -483,7 +490,7 @@ def build_tiny_clip(folder):
                         vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = image_processor_class("CLIP")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
@@ -491,13 +498,13 @@ def build_tiny_clip(folder):
 def build_tiny_dino(folder):
     """A random DINO-style ViT (no pooler, as facebook/dino-vits16): 32 px, 8 px patches."""
     import torch
-    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+    from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=32,
                        patch_size=8)
     torch.manual_seed(0)
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    image_processor_class("ViT")(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
 
@@ -526,7 +533,20 @@ def write_tiny_t5_tokenizer(folder: Path, max_length: int = 512) -> None:
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + word, -1.0) for word in TINY_WORDS] + [(c, -5.0) for c in chars]
     vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]
-    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=max_length)
+    try:
+        tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=max_length)
+    except ValueError:  # transformers 4 builds a fast tokenizer from a slow one's files only: made here as 5 makes it
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+        metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
+        model = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+        model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Metaspace(**metaspace)])
+        model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+        model.decoder = decoders.Metaspace(**metaspace)
+        tokenizer = T5TokenizerFast(tokenizer_object=model, extra_ids=T5_EXTRA_IDS, model_max_length=max_length,
+                                    eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     tokenizer.save_pretrained(folder)
 
 

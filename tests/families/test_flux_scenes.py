@@ -311,12 +311,13 @@ def test_t5_loaded_in_its_files_bf16_runs_its_fp32_layers_in_fp32_under_fp16(tmp
     from transformers import T5EncoderModel
 
     from scenebreak.device import hold_in_fp32
+    from scenebreak.families.versions import transformers_dtype
     from tinymodels import build_tiny_flux
 
     folder = build_tiny_flux(tmp_path / "flux", variant="dev", t5_dtype=torch.bfloat16)
-    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **transformers_dtype(torch.bfloat16))
     assert t5.dtype == torch.bfloat16
-    reference = T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=torch.float32)
+    reference = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **transformers_dtype(torch.float32))
     ids = torch.tensor([[5, 9, 13, 1]])
     layers = hold_in_fp32([t5], torch.float16, "cpu")
     assert layers and all(p.dtype == torch.float32 for layer in layers for p in layer.parameters())

@@ -256,9 +256,9 @@ def test_mask_help_has_an_example():
 
 def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segmentation, tmp_path):
     """OWLv2 post-processing needs scipy: without it, one line that says how to add it."""
-    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
 
-    from tinymodels import write_tiny_tokenizer
+    from tinymodels import image_processor_class, write_tiny_tokenizer
 
     folder = tmp_path / "tiny-owlv2"
     write_tiny_tokenizer(folder)
@@ -267,7 +267,7 @@ def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segme
     config = Owlv2Config(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, **small),
                          vision_config=dict(image_size=64, patch_size=16, **small), projection_dim=16)
     Owlv2ForObjectDetection(config).save_pretrained(folder)
-    Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size={"height": 64, "width": 64}), tokenizer=tokenizer).save_pretrained(folder)
+    Owlv2Processor(image_processor=image_processor_class("Owlv2")(size={"height": 64, "width": 64}), tokenizer=tokenizer).save_pretrained(folder)
     result = run("mask", scene_files["image"], "-p", "red square", "--threshold", "0", "--detector", folder,
                  "--segmenter", tiny_segmentation[1])
     try:
