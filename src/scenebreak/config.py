@@ -327,7 +327,9 @@ class MaskConfig:
     segmenter: str | None = setting(
         None, f"Hub id or local folder of Segment Anything (default {DEFAULT_SEGMENTER}). Env: SCENEBREAK_SEGMENTER.",
         envvar="SCENEBREAK_SEGMENTER")
-    threshold: float = setting(0.3, "A prompt's detection must score above this (0..1).", bounds=SCORE)
+    threshold: float | None = setting(
+        None, "A prompt's detection must score above this (0..1; default 0.3 for Grounding DINO, 0.1 for OWL-ViT and "
+        "OWLv2, whose scores run lower).", bounds=SCORE)
     all_instances: bool = setting(False, "A prompt's mask covers every match above --threshold, not only the best one.")
     group: bool = setting(False, "All --point clicks are on one object: make one mask from them.")
     max_masks: int = setting(4, "How many segments --auto keeps (largest first).", bounds=Bounds(1, MAX_LEARNED_HANDLES))
@@ -382,8 +384,9 @@ class EvaluateConfig(GenerateConfig):
     segmenter: str | None = setting(
         None, f"Hub id or local folder of Segment Anything (default {DEFAULT_SEGMENTER}). Env: SCENEBREAK_SEGMENTER.",
         envvar="SCENEBREAK_SEGMENTER")
-    threshold: float = setting(0.3, "An object counts as found when its detection scores above this (0..1).",
-                               bounds=SCORE)
+    threshold: float | None = setting(
+        None, "An object counts as found when its detection scores above this (0..1; default 0.3 for Grounding DINO, "
+        "0.1 for OWL-ViT and OWLv2).", bounds=SCORE)
 
     def __post_init__(self):
         _one_string_is_one_value(self, "words")

@@ -254,20 +254,25 @@ def test_mask_help_has_an_example():
     assert result.exit_code == 0 and "Example" in result.output and "$(scenebreak mask" in result.output
 
 
-def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segmentation, tmp_path):
-    """OWLv2 post-processing needs scipy: without it, one line that says how to add it."""
+def build_tiny_owlv2(folder):
     from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
 
     from tinymodels import image_processor_class, write_tiny_tokenizer
 
-    folder = tmp_path / "tiny-owlv2"
     write_tiny_tokenizer(folder)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     config = Owlv2Config(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, **small),
                          vision_config=dict(image_size=64, patch_size=16, **small), projection_dim=16)
     Owlv2ForObjectDetection(config).save_pretrained(folder)
-    Owlv2Processor(image_processor=image_processor_class("Owlv2")(size={"height": 64, "width": 64}), tokenizer=tokenizer).save_pretrained(folder)
+    processor = image_processor_class("Owlv2")(size={"height": 64, "width": 64})
+    Owlv2Processor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segmentation, tmp_path):
+    """OWLv2 post-processing needs scipy: without it, one line that says how to add it."""
+    folder = build_tiny_owlv2(tmp_path / "tiny-owlv2")
     result = run("mask", scene_files["image"], "-p", "red square", "--threshold", "0", "--detector", folder,
                  "--segmenter", tiny_segmentation[1])
     try:
@@ -277,6 +282,52 @@ def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segme
         assert len(error_lines(result)) == 1
     else:
         assert result.exit_code == 0, result.output
+
+
+def test_the_default_threshold_is_the_detector_kinds(tiny_segmentation, tmp_path):
+    """OWL's scores run lower than Grounding DINO's: without --threshold a match must pass
+    0.1 with OWL (transformers' own default for it), 0.3 with Grounding DINO."""
+    from scenebreak.device import choose_device
+    from scenebreak.masks.detector import Detector
+
+    cpu = choose_device("cpu")
+    owl, dino = Detector(str(build_tiny_owlv2(tmp_path / "owl")), cpu), Detector(str(tiny_segmentation[0]), cpu)
+    assert (owl.kind, owl.threshold(None), owl.threshold(0.5)) == ("owlv2", 0.1, 0.5)
+    assert (dino.kind, dino.threshold(None), dino.threshold(0.0)) == ("grounding-dino", 0.3, 0.0)
+    assert MaskConfig().threshold is None
+
+
+def test_nothing_above_the_default_threshold_names_it(scene_files, models, monkeypatch):
+    """The message names the threshold that applied, the kind's default when none was given."""
+    from scenebreak.masks.detector import Detector
+
+    monkeypatch.setattr(Detector, "detect", lambda self, image, prompt: (np.zeros((1, 4)), np.array([0.2])))
+    result = run("mask", scene_files["image"], "-p", "cup", *models)
+    assert result.exit_code == 2 and "above --threshold 0.3 (best score 0.20)" in result.stderr, result.output
+
+
+def test_helper_models_stored_in_half_precision_run_in_fp32(scene_files, tiny_segmentation, tmp_path):
+    """transformers 5 loads a model in its files' dtype, 4 in fp32: a SAM or detector
+    checkpoint saved in fp16 ran in fp16 under 5 (on the CPU: errors or a crawl); the
+    helper models are loaded in fp32 whatever the files and the version."""
+    import shutil
+
+    import torch
+    from transformers import GroundingDinoForObjectDetection, SamModel
+
+    from scenebreak.device import choose_device
+    from scenebreak.masks.detector import Detector
+    from scenebreak.masks.segmenter import Segmenter
+
+    detector, segmenter = (shutil.copytree(path, tmp_path / path.name) for path in tiny_segmentation)
+    SamModel.from_pretrained(segmenter).half().save_pretrained(segmenter)
+    GroundingDinoForObjectDetection.from_pretrained(detector).half().save_pretrained(detector)
+    cpu = choose_device("cpu")
+    assert Segmenter(str(segmenter), cpu).model.dtype == torch.float32
+    assert Detector(str(detector), cpu).model.dtype == torch.float32
+    result = run("mask", scene_files["image"], "-p", "red square", "--threshold", "0", "--detector", detector,
+                 "--segmenter", segmenter, "--out-dir", tmp_path / "out")
+    assert result.exit_code == 0, result.output
 
 
 def test_every_missing_model_is_named_in_one_line(scene_files):
@@ -317,6 +368,9 @@ def test_all_instances_merges_the_best_matches_only_one_at_a_time():
         def detect(self, image, prompt):
             boxes = np.array([[i % 50, 0, i % 50 + 2, 2] for i in range(900)], float)
             return boxes, np.linspace(0.9, 0.01, 900)
+
+        def threshold(self, asked):
+            return asked
 
     class Segmenter:
         asked = 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, default_model
+from ..families.versions import in_fp32
 from ..hub import loading_model, model_load_failure, transformers_model_of_kind
 
 CLIP_KINDS = ("clip",)
@@ -45,7 +46,7 @@ class ClipScorer:
         folder, _ = transformers_model_of_kind(ref, "CLIP model", "--clip-model", CLIP_KINDS, CLIP_WANTED)
         with loading_model("CLIP model", ref, folder, "--clip-model"):
             self.processor = AutoProcessor.from_pretrained(folder)
-            self.model = CLIPModel.from_pretrained(folder).to(device.torch).eval()
+            self.model = CLIPModel.from_pretrained(folder, **in_fp32()).to(device.torch).eval()
         self.device, self.ref = device, ref
 
     @staticmethod
@@ -137,7 +138,8 @@ class DinoScorer:
         with loading_model("DINO model", ref, folder, "--dino-model"):
             self.processor = AutoImageProcessor.from_pretrained(folder)
             # DINO checkpoints have no pooler: leave it out rather than initialise it randomly.
-            model = ViTModel.from_pretrained(folder, add_pooling_layer=False) if kind == "vit" else AutoModel.from_pretrained(folder)
+            model = (ViTModel.from_pretrained(folder, add_pooling_layer=False, **in_fp32()) if kind == "vit"
+                     else AutoModel.from_pretrained(folder, **in_fp32()))
             self.model = model.to(device.torch).eval()
         self.patch = int(self.model.config.patch_size)
         self.device, self.ref = device, ref
@@ -312,14 +314,14 @@ class ObjectFinder:
     """Finds objects by class word in a generated image the way `scenebreak mask -p WORD`
     does: the detector's best box above the threshold, outlined by SAM, cleaned up."""
 
-    def __init__(self, detector_ref: str | None, segmenter_ref: str | None, device, threshold: float):
+    def __init__(self, detector_ref: str | None, segmenter_ref: str | None, device, threshold: float | None):
         from ..config import default_model
         from ..masks.detector import Detector
         from ..masks.segmenter import Segmenter
 
         self.detector = Detector(detector_ref or default_model("detector"), device)
         self.segmenter = Segmenter(segmenter_ref or default_model("segmenter"), device)
-        self.threshold = threshold
+        self.threshold = self.detector.threshold(threshold)  # (None: the detector kind's default)
 
     def find(self, image, objects: list[tuple[str, ObjectFeatures]], dino: DinoScorer) -> list[FoundObject]:
         """Each object, given as its class word and its features in the source photo, in

@@ -7,9 +7,14 @@ import numpy as np
 
 from ..config import DEFAULT_DETECTOR
 from ..errors import ModelNotAvailable
+from ..families.versions import in_fp32
 from ..hub import loading_model, transformers_model_of_kind
 
 KINDS = ("grounding-dino", "owlv2", "owlvit")  # model_type values of the detectors that work here
+# The score a match must pass unless --threshold says otherwise. OWL's scores run lower
+# than Grounding DINO's: transformers' own default for OWL post-processing, and its
+# demos, use 0.1; at 0.3 objects OWL found well were "nothing matches".
+DEFAULT_THRESHOLDS = {"grounding-dino": 0.3, "owlv2": 0.1, "owlvit": 0.1}
 WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint"
 
 
@@ -23,10 +28,15 @@ class Detector:
         try:
             with loading_model("detector", ref, folder, "--detector"):
                 self.processor = AutoProcessor.from_pretrained(folder)
-                self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device.torch).eval()
+                model = AutoModelForZeroShotObjectDetection.from_pretrained(folder, **in_fp32())
+                self.model = model.to(device.torch).eval()
         except ImportError as exc:
             raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
         self.device, self.ref = device, ref
+
+    def threshold(self, asked: float | None) -> float:
+        """The score a match must pass: `asked` (--threshold), else this kind's default."""
+        return DEFAULT_THRESHOLDS[self.kind] if asked is None else asked
 
     def detect(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (n, 4; x0, y0, x1, y1 in image pixels) and scores (n,), best first."""

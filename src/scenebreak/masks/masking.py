@@ -205,11 +205,12 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
 def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> tuple[float, np.ndarray]:
     """The detector's score and SAM's mask (not yet cleaned) of the object `prompt` names."""
     found, scores = detector.detect(image, prompt)
-    above = scores > config.threshold
+    threshold = detector.threshold(config.threshold)
+    above = scores > threshold
     if not above.any():
         best = f" (best score {scores.max():.2f})" if len(scores) else ""
         raise InvalidInput(
-            f"nothing matches {prompt!r} above --threshold {config.threshold:g}{best}: try a lower --threshold, "
+            f"nothing matches {prompt!r} above --threshold {threshold:g}{best}: try a lower --threshold, "
             "other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1")
     # The best-scored matches only (sorted by score): at --threshold 0 all of Grounding DINO's
     # 900 queries are above it, and each would be a full-size mask from SAM.

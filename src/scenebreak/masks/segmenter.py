@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import DEFAULT_SEGMENTER
+from ..families.versions import in_fp32
 from ..hub import loading_model, transformers_model_of_kind
 
 # Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
@@ -27,7 +28,7 @@ class Segmenter:
         folder, _ = transformers_model_of_kind(ref, "segmenter", "--segmenter", KINDS, WANTED)
         with loading_model("segmenter", ref, folder, "--segmenter"):
             self.processor = SamProcessor.from_pretrained(folder)
-            self.model = SamModel.from_pretrained(folder).to(device.torch).eval()
+            self.model = SamModel.from_pretrained(folder, **in_fp32()).to(device.torch).eval()
         self.device = device
 
     def set_image(self, image) -> None:
