@@ -268,11 +268,22 @@ def build_sd21_base(folder: Path, seed: int = 0) -> Path:
     return save_sd_folder(parts, folder)
 
 
+def save_part(part, folder: Path) -> None:
+    """A model part saved as the hub's folders hold it: a CLIP text encoder's weights
+    under the names transformers 4 wrote (`text_model.` first), which every real SD,
+    SDXL and FLUX folder has (transformers 5 saves them without)."""
+    from scenebreak.families.base_model import name_as_on_the_hub
+
+    part.save_pretrained(folder)
+    if (folder / "config.json").exists():  # (a scheduler has none; a UNet's names no architecture)
+        name_as_on_the_hub(folder)
+
+
 def save_sd_folder(parts: dict, folder: Path) -> Path:
     """Stable Diffusion parts (build_components') saved as a folder StableDiffusionPipeline
     loads; the tokenizer is already in `folder / "tokenizer"`."""
     for name in ("unet", "vae", "text_encoder", "scheduler"):
-        parts[name].save_pretrained(folder / name)
+        save_part(parts[name], folder / name)
     model_index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.0.0",
@@ -382,7 +393,7 @@ def build_tiny_sdxl(folder: Path, resolution: int = 256, seed: int = 0, sharpen:
     parts = build_sdxl_components(configs, tokenizers, seed=seed)
     sharpen_cross_attention(parts["unet"], sharpen)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
-        parts[name].save_pretrained(folder / name)
+        save_part(parts[name], folder / name)
     model_index = {
         "_class_name": "StableDiffusionXLPipeline",
         "_diffusers_version": "0.0.0",
@@ -667,7 +678,7 @@ def build_tiny_flux(folder: Path, variant: str = "dev", resolution: int = 64, se
     if t5_dtype is not None:
         parts["text_encoder_2"].to(t5_dtype)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"):
-        parts[name].save_pretrained(folder / name)
+        save_part(parts[name], folder / name)
     model_index = {
         "_class_name": "FluxPipeline",
         "_diffusers_version": "0.0.0",

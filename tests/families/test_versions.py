@@ -153,3 +153,61 @@ def test_a_learn_checkpointed_under_the_other_transformers_resumes_to_the_same_s
     assert torch.equal(a.embeddings, b.embeddings)
     for key, value in a.weights["text_encoder"].items():
         assert torch.equal(value, b.weights["text_encoder"][key]), key
+
+
+# ComfyUI recognises a CLIP-L text encoder by this weight (comfy/sd.py, detect_te_model):
+# a folder without it loads no text encoder there.
+COMFYUI_CLIP_L_KEY = "text_model.encoder.layers.0.mlp.fc1.weight"
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
+def test_exported_diffusers_folders_name_clip_as_the_hub_does(family, learned, learned_sdxl, tmp_path):
+    """`export -f diffusers` writes CLIP-L under the hub's names (`text_model.` first),
+    whatever transformers saved it: ComfyUI's loader and transformers 4 read those, and
+    transformers 5 too; the weights are the scene's."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from scenebreak.exports.export import export_scene
+
+    if family == "flux":
+        from tinymodels import build_tiny_flux
+        from helpers import learn_once
+        from scenebreak import LearnConfig
+
+        source = learn_once(tmp_path / "flux", build_tiny_flux(tmp_path / "flux-base"),
+                            LearnConfig(steps1=1, steps2=1, prior=False, tune="full")).path
+    else:
+        source = {"sd": learned, "sdxl": learned_sdxl}[family].path
+    [folder] = export_scene(source, tmp_path / "pipe", "diffusers")
+    stored = load_file(folder / "text_encoder" / "model.safetensors")
+    assert COMFYUI_CLIP_L_KEY in stored and all(key.startswith(CLIP_TEXT_PREFIX) for key in stored)
+    loaded = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
+    stored = with_model_key_names(stored, loaded)
+    assert all(torch.equal(value, stored[key].to(value.dtype)) for key, value in loaded.items())
+    ours = with_model_key_names(load_scene(source, weights=True).weights["text_encoder"], loaded)
+    assert all(torch.equal(stored[key], ours[key].to(stored[key].dtype)) for key in loaded)
+    if family == "sdxl":  # (CLIPTextModelWithProjection: named so by every version)
+        assert all(key.startswith(CLIP_TEXT_PREFIX) or key == "text_projection.weight"
+                   for key in load_file(folder / "text_encoder_2" / "model.safetensors"))
+
+
+def test_a_base_folder_saved_by_either_transformers_loads_its_clip_exactly(tmp_path):
+    """A base-model folder whose CLIP weights carry the other version's names (a folder
+    saved under 5, read under 4, where transformers alone leaves them at random) loads
+    its own weights; so does one with the hub's names."""
+    from safetensors.torch import load_file, save_file
+
+    from scenebreak.families.base_model import load_components
+    from tinymodels import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "sd")
+    file = folder / "text_encoder" / "model.safetensors"
+    hub = {key: value.clone() for key, value in load_file(file).items()}  # (not views of a file rewritten below)
+    assert COMFYUI_CLIP_L_KEY in hub  # (the tiny models are saved as the hub's folders are)
+    for stored in (hub, {key.removeprefix(CLIP_TEXT_PREFIX): value for key, value in hub.items()}):
+        save_file(stored, str(file.with_suffix(".new")), metadata={"format": "pt"})
+        file.with_suffix(".new").replace(file)  # (a new file: the last load may still map the old one)
+        loaded = load_components(str(folder)).text_encoders[0].state_dict()
+        expected = with_model_key_names(stored, loaded)
+        assert all(torch.equal(value, expected[key]) for key, value in loaded.items())

@@ -49,6 +49,7 @@ from typing import Callable
 from .. import __version__
 from ..errors import InvalidInput, fixable_failures
 from ..events import Message, Reporter, silent
+from ..families.base_model import name_as_on_the_hub
 from ..hub import downloads_reported
 from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, flush_to_disk, home, is_writable_folder,
                      remove_stale_temporaries, sync_folder, temporary_beside)
@@ -276,3 +277,5 @@ def _write_diffusers(scene, folder: Path, base_model: str | None, report: Report
 
     pipe = open_pipeline(scene, choose_device("cpu"), base_model, dtype=scene.stored_dtype, report=report)
     pipe.save_pretrained(folder, safe_serialization=True)
+    for name in scene.family.text_encoders:  # (CLIP saved under transformers 5: renamed as the hub names it)
+        name_as_on_the_hub(folder / name)

@@ -14,7 +14,7 @@ from ..errors import InvalidInput
 from ..hub import hub_snapshot, loading_model, looks_like_path, quiet_libraries
 from ..paths import is_regular_file
 from .family import vae_scale
-from .versions import transformers_dtype
+from .versions import CLIP_TEXT_PREFIX, tokenizer_class_for, transformers_dtype, with_hub_names, with_model_key_names
 
 @dataclass
 class BaseModel:
@@ -143,6 +143,58 @@ _WEIGHTS = re.compile(r"(model|diffusion_pytorch_model)(-\d+-of-\d+)?\.safetenso
 def weight_files(part: Path) -> list[Path]:
     """The safetensors files that hold a part's weights (what diffusers and transformers load)."""
     return sorted(p for p in part.iterdir() if _WEIGHTS.fullmatch(p.name)) if part.is_dir() else []
+
+
+def load_text_encoder(cls, part: Path, **kwargs):
+    """`cls.from_pretrained(part, **kwargs)`, also where the files name CLIPTextModel's
+    weights as the other major version of transformers does (versions.py): transformers
+    4 reads a folder saved by 5 with the weights it cannot match left at their random
+    initialisation, with a warning only. Those are loaded here by the model's names."""
+    import torch
+    from safetensors.torch import load_file
+
+    model, info = cls.from_pretrained(part, output_loading_info=True, **kwargs)
+    missing = set(info.get("missing_keys") or ())
+    files = weight_files(part)
+    # (only that case: re-reading the files for any other gap would cost T5-XXL's 9 GB)
+    if missing and files and all(name.startswith(CLIP_TEXT_PREFIX) for name in missing):
+        state = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        state = with_model_key_names(state, model.state_dict())
+        if missing <= set(state):
+            with torch.no_grad():  # (copied into each weight's own dtype)
+                model.load_state_dict({name: state[name] for name in missing}, strict=False)
+    return model
+
+
+def name_as_on_the_hub(part: Path) -> None:
+    """The weight files of a CLIPTextModel saved in folder `part` (by transformers 5)
+    rewritten with the names the hub's folders use (versions.with_hub_names), so that
+    transformers 4 and ComfyUI read the folder too; other models are left as they are."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((part / "config.json").read_text())
+    if config.get("architectures") != ["CLIPTextModel"]:
+        return
+    renamed = {}
+    for file in weight_files(part):
+        with safe_open(str(file), framework="pt") as f:
+            metadata, state = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+        hub = with_hub_names(state)
+        if hub is state:
+            continue
+        renamed.update({old: new for old, new in zip(state, hub)})
+        save_file(hub, str(file.with_suffix(".tmp")), metadata=metadata)
+        os.replace(file.with_suffix(".tmp"), file)
+    index = part / "model.safetensors.index.json"
+    if renamed and index.exists():  # sharded: the index names each weight's shard
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed.get(name, name): shard for name, shard in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 WEIGHTS_PRINT_SAMPLES = 32  # stretches of each weights file read for weights_print
@@ -296,8 +348,8 @@ def load_deferred(components: Components, widen: bool = False) -> None:
         base_model, part, dtype = components.deferred[name]
         with _loading(base_model, part.parent):
             # (fp32 named: transformers 5 loads in the files' dtype when none is given)
-            model = family.text_encoder_class(name).from_pretrained(
-                part, **transformers_dtype(torch.float32 if widen else dtype))
+            model = load_text_encoder(family.text_encoder_class(name), part,
+                                      **transformers_dtype(torch.float32 if widen else dtype))
         model.requires_grad_(False)
         model.eval()
         pool_at_end_of_text(model, components.tokenizers[i])
@@ -335,10 +387,11 @@ def load_components(base_model: str, revision: str | None = None,
                     text_encoders.append(model)
                     stored_tables[i], deferred[name] = table, (base_model, folder / name, dtype)
                     continue
-            text_encoders.append(family.text_encoder_class(name).from_pretrained(folder / name, **transformers_dtype(dtype)))
+            text_encoders.append(load_text_encoder(family.text_encoder_class(name), folder / name, **transformers_dtype(dtype)))
         tokenizers = []
         for name in family.tokenizers:
             cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
+            cls = tokenizer_class_for(cls, {p.name for p in (folder / name).iterdir()})  # (saved by transformers 5)
             tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length))
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     for model in (denoiser, vae, *text_encoders):

@@ -3,7 +3,9 @@
 A scene written under one version must open under the other: a user upgrades, or
 opens a scene someone else made. Two things changed in transformers 5:
 - CLIPTextModel's weights lost their `text_model.` prefix (4: `text_model.encoder.
-  layers.0...`, 5: `encoder.layers.0...`); CLIPTextModelWithProjection kept it.
+  layers.0...`, 5: `encoder.layers.0...`); CLIPTextModelWithProjection kept it. 5 reads
+  either; 4 left a folder saved by 5 at random weights, with a warning only. The hub's
+  folders carry the prefix, and so do the folders scenebreak writes.
 - Tokenizers are saved as tokenizer.json alone, which transformers 4's slow classes
   (CLIPTokenizer) cannot read; their fast twins (CLIPTokenizerFast) can. In 5 the two
   names are one class.
@@ -41,6 +43,16 @@ def with_model_key_names(state: dict, model_keys) -> dict:
     return state
 
 
+def with_hub_names(state: dict) -> dict:
+    """A CLIPTextModel's weights named as the hub's folders name them (with the
+    `text_model.` prefix, as transformers 4 saved them): what transformers 4 and 5 both
+    read, and ComfyUI's loaders, which recognise CLIP-L by
+    `text_model.encoder.layers.0.mlp.fc1.weight`."""
+    if not state or any(name.startswith(CLIP_TEXT_PREFIX) for name in state):
+        return state
+    return {CLIP_TEXT_PREFIX + name: value for name, value in state.items()}
+
+
 def tokenizer_class_for(cls, file_names) -> type:
     """The class that reads a saved tokenizer of class `cls` from files named
     `file_names`: its fast twin where only tokenizer.json holds the vocabulary."""
@@ -49,3 +61,13 @@ def tokenizer_class_for(cls, file_names) -> type:
     import transformers
 
     return getattr(transformers, f"{cls.__name__}Fast", cls)
+
+
+def in_fp32() -> dict:
+    """from_pretrained's keywords for weights in fp32 whatever the files hold: transformers
+    5 loads a model in its files' dtype, 4 in fp32 (the helper models, SAM, the
+    detectors and the scorers, then ran in fp16 under 5 and in fp32 under 4 for the same
+    checkpoint; in fp16 on the CPU they fail or crawl)."""
+    import torch
+
+    return transformers_dtype(torch.float32)
