@@ -489,6 +489,24 @@ def build_tiny_segmentation_models(folder: Path, seed: int = 0) -> tuple[Path, P
     return detector, segmenter
 
 
+def build_tiny_mm_grounding_dino(folder: Path, grounding_dino: Path) -> Path:
+    """A tiny random MM-Grounding-DINO with the tiny Grounding DINO's sizes and processor."""
+    import shutil
+
+    import torch
+    from transformers import GroundingDinoConfig, MMGroundingDinoConfig, MMGroundingDinoForObjectDetection
+
+    config = GroundingDinoConfig.from_pretrained(grounding_dino).to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        config.pop(key, None)
+    torch.manual_seed(0)
+    MMGroundingDinoForObjectDetection(MMGroundingDinoConfig(**config)).save_pretrained(folder)
+    for path in Path(grounding_dino).iterdir():  # the processor's files
+        if path.name not in ("config.json", "model.safetensors"):
+            shutil.copy(path, Path(folder) / path.name)
+    return Path(folder)
+
+
 def build_tiny_clip(folder):
     """A random CLIP (1-layer text and vision towers, 32 px images) with a CLIP BPE tokenizer."""
     import torch

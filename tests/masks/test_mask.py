@@ -303,7 +303,7 @@ def test_nothing_above_the_default_threshold_names_it(scene_files, models, monke
 
     monkeypatch.setattr(Detector, "detect", lambda self, image, prompt: (np.zeros((1, 4)), np.array([0.2])))
     result = run("mask", scene_files["image"], "-p", "cup", *models)
-    assert result.exit_code == 2 and "above --threshold 0.3 (best score 0.20)" in result.stderr, result.output
+    assert result.exit_code == 2 and "nothing matches 'cup' (best score 0.20) above --threshold 0.3" in result.stderr, result.output
 
 
 def test_helper_models_stored_in_half_precision_run_in_fp32(scene_files, tiny_segmentation, tmp_path):
@@ -327,6 +327,88 @@ def test_helper_models_stored_in_half_precision_run_in_fp32(scene_files, tiny_se
     assert Detector(str(detector), cpu).model.dtype == torch.float32
     result = run("mask", scene_files["image"], "-p", "red square", "--threshold", "0", "--detector", detector,
                  "--segmenter", segmenter, "--out-dir", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+def test_every_prompt_that_matches_nothing_is_named_in_one_line(scene_files, models, monkeypatch):
+    """All prompts are tried before the run stops: the first miss alone was named, and the
+    user ran the detector again once per word."""
+    from scenebreak.masks.detector import Detector
+
+    scores = {"cup": 0.2, "bowl": 0.9, "lid": 0.05}
+    monkeypatch.setattr(Detector, "detect", lambda self, image, prompt: (np.array([[10.0, 10, 40, 40]]),
+                                                                         np.array([scores[prompt]])))
+    result = run("mask", scene_files["image"], "-p", "cup", "-p", "bowl", "-p", "lid", *models)
+    assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
+    assert ("nothing matches 'cup' (best score 0.20), 'lid' (best score 0.05) above --threshold 0.3"
+            in result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("prompt", ["cat. dog", "red cup. blue bowl."])
+def test_a_prompt_of_several_phrases_is_refused_before_any_model_loads(scene_files, prompt):
+    """Grounding DINO reads '. ' as the end of a phrase: 'cat. dog' became one mask of
+    whichever scored best (both with --all-instances)."""
+    result = run("mask", scene_files["image"], "-p", prompt, "--detector", "someone/absent-dino",
+                 "--segmenter", "someone/absent-sam")
+    assert result.exit_code == 2 and "one object per --prompt" in result.stderr, result.output
+    assert "absent" not in result.stderr  # (no model was looked for)
+    assert run("mask", scene_files["image"], "-p", "st.bernard dog", "--detector", "someone/absent-dino",
+               "--segmenter", "someone/absent-sam").exit_code == 1  # (no '. ' inside: only the models are missing)
+
+
+def test_json_says_the_threshold_and_the_boxes_a_prompt_mask_came_from(scene_files, models, tmp_path, monkeypatch):
+    from scenebreak.masks.detector import Detector
+
+    boxes = np.array([[10.0, 8, 44, 40], [50, 50, 60, 60]])
+    monkeypatch.setattr(Detector, "detect", lambda self, image, prompt: (boxes, np.array([0.9, 0.2])))
+    result = run("mask", scene_files["image"], "-p", "bowl", "--box", "12,8,44,40", "--json", "-q",
+                 "--out-dir", tmp_path, *models)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["threshold"] == 0.3  # Grounding DINO's default: the one that applied
+    assert data["masks"][0]["detections"] == [[10.0, 8.0, 44.0, 40.0]]  # the best match only (no --all-instances)
+    assert data["masks"][1]["detections"] is None  # (a box mask: no detector)
+    result = run("mask", scene_files["image"], "--box", "12,8,44,40", "--json", "-q", "--out-dir", tmp_path / "b",
+                 *models)
+    assert json.loads(result.stdout)["threshold"] is None
+
+
+def test_an_owl_prompt_longer_than_it_reads_is_one_line(scene_files, tiny_segmentation, tmp_path):
+    """OWL's text tower reads 16 tokens and its processor pads to them without cutting:
+    a longer prompt failed inside the model with a shape error."""
+    folder = build_tiny_owlv2(tmp_path / "owl")
+    words = " ".join(["red", "square"] * 10)
+    result = run("mask", scene_files["image"], "-p", words, "--detector", folder, "--segmenter", tiny_segmentation[1])
+    assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
+    assert "tokens long; this OWL detector reads at most 16" in result.stderr
+
+
+def test_mm_grounding_dino_is_a_detector_too(scene_files, tiny_segmentation, tmp_path):
+    """MM-Grounding-DINO (Grounding DINO's architecture, retrained) is read by the same
+    processor and post-processing: accepted as --detector, with Grounding DINO's default
+    threshold; a transformers too old for it says so in one line."""
+    import shutil
+
+    import transformers
+
+    from scenebreak.device import choose_device
+    from scenebreak.masks.detector import Detector
+    from tinymodels import build_tiny_mm_grounding_dino
+
+    if not hasattr(transformers, "MMGroundingDinoForObjectDetection"):  # (the floors pass: transformers 4.49)
+        folder = shutil.copytree(tiny_segmentation[0], tmp_path / "mm-gd")
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(dict(config, model_type="mm-grounding-dino")))
+        result = run("mask", scene_files["image"], "-p", "red square", "--detector", folder,
+                     "--segmenter", tiny_segmentation[1], "--out-dir", tmp_path / "out")
+        assert result.exit_code == 1 and len(error_lines(result)) == 1, result.output
+        assert f"transformers {transformers.__version__} cannot run: upgrade it" in result.stderr
+        return
+    folder = build_tiny_mm_grounding_dino(tmp_path / "mm-gd", tiny_segmentation[0])
+    detector = Detector(str(folder), choose_device("cpu"))
+    assert (detector.kind, detector.threshold(None)) == ("mm-grounding-dino", 0.3)
+    result = run("mask", scene_files["image"], "-p", "red square", "--threshold", "0", "--detector", folder,
+                 "--segmenter", tiny_segmentation[1], "--out-dir", tmp_path / "out")
     assert result.exit_code == 0, result.output
 
 
@@ -382,8 +464,9 @@ def test_all_instances_merges_the_best_matches_only_one_at_a_time():
                 mask[0, int(x0)] = 1
                 yield mask, 1.0
 
-    score, mask = find_object(Detector(), Segmenter(), None, "cat", MaskConfig(all_instances=True, threshold=0.0))
-    assert Segmenter.asked == MAX_INSTANCES == 16 and score == 0.9
+    score, mask, detections = find_object(Detector(), Segmenter(), None, "cat",
+                                          MaskConfig(all_instances=True, threshold=0.0))
+    assert Segmenter.asked == MAX_INSTANCES == 16 == len(detections) and score == 0.9
     assert sorted(np.nonzero(mask[0])[0]) == list(range(16))
 
 

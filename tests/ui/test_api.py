@@ -122,6 +122,8 @@ def test_a_click_gives_the_mask_that_mask_point_gives(ui, scene_files, tiny_segm
     words = ui.ok("/api/mask", {"id": "4", "words": "red square"})
     assert np.array_equal(png_array(base64.b64decode(words["png"])) > 0,
                           cli_masks(photo, tmp_path / "d", tiny_segmentation, "-p", "red square")[0] > 0)
+    status, data = ui.json("/api/mask", {"id": "5", "words": "red square. blue square"})  # one object, as -p
+    assert status == 400 and "one object per --prompt" in data["error"], data
     # Saving elsewhere: into --out-dir-like folders under the allowed roots (here a subfolder of the photo's).
     run = ui.ok("/api/save", {"objects": [{"id": "3", "name": "only"}], "out_dir": "masks"})
     assert run["masks"][0]["path"] == str(photo.parent.resolve() / "masks" / "photo.mask1.png")

@@ -6,16 +6,19 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import DEFAULT_DETECTOR
-from ..errors import ModelNotAvailable
+from ..errors import InvalidInput, ModelNotAvailable
 from ..families.versions import in_fp32
 from ..hub import loading_model, transformers_model_of_kind
 
-KINDS = ("grounding-dino", "owlv2", "owlvit")  # model_type values of the detectors that work here
+# model_type values of the detectors that work here (MM-Grounding-DINO: Grounding DINO's
+# architecture retrained, read by the same processor)
+KINDS = ("grounding-dino", "mm-grounding-dino", "owlv2", "owlvit")
+GROUNDING_DINO = ("grounding-dino", "mm-grounding-dino")
 # The score a match must pass unless --threshold says otherwise. OWL's scores run lower
 # than Grounding DINO's: transformers' own default for OWL post-processing, and its
 # demos, use 0.1; at 0.3 objects OWL found well were "nothing matches".
-DEFAULT_THRESHOLDS = {"grounding-dino": 0.3, "owlv2": 0.1, "owlvit": 0.1}
-WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}) or OWL-ViT/OWLv2 checkpoint"
+DEFAULT_THRESHOLDS = {"grounding-dino": 0.3, "mm-grounding-dino": 0.3, "owlv2": 0.1, "owlvit": 0.1}
+WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}), MM-Grounding-DINO or OWL-ViT/OWLv2 checkpoint"
 
 
 class Detector:
@@ -25,6 +28,7 @@ class Detector:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         folder, self.kind = transformers_model_of_kind(ref, "detector", "--detector", KINDS, WANTED)
+        _check_transformers_runs(self.kind, ref)
         try:
             with loading_model("detector", ref, folder, "--detector"):
                 self.processor = AutoProcessor.from_pretrained(folder)
@@ -44,7 +48,7 @@ class Detector:
 
         size = [(image.size[1], image.size[0])]
         try:
-            if self.kind == "grounding-dino":
+            if self.kind in GROUNDING_DINO:
                 # Grounding DINO reads lowercase phrases that end with a period.
                 text = prompt.strip().lower().rstrip(".") + "."
                 inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device.torch)
@@ -53,6 +57,7 @@ class Detector:
                 found = self.processor.post_process_grounded_object_detection(
                     outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=size)[0]
             else:
+                self._check_length(prompt)
                 inputs = self.processor(images=image, text=[[prompt]], return_tensors="pt").to(self.device.torch)
                 with torch.inference_mode():
                     outputs = self.model(**inputs)
@@ -63,6 +68,27 @@ class Detector:
         boxes = found["boxes"].float().cpu().numpy().reshape(-1, 4)
         order = np.argsort(-scores, kind="stable")
         return boxes[order], scores[order]
+
+
+    def _check_length(self, prompt: str) -> None:
+        """OWL's text tower reads a fixed number of tokens (16) and its processor pads to
+        it without cutting: a longer prompt failed inside the model with a shape error."""
+        most = int(self.model.config.text_config.max_position_embeddings)
+        tokens = len(self.processor.tokenizer(prompt)["input_ids"])
+        if tokens > most:
+            raise InvalidInput(f"-p {prompt!r} is {tokens} tokens long; this OWL detector reads at most {most}: "
+                               "describe the object in fewer words")
+
+
+def _check_transformers_runs(kind: str, ref: str) -> None:
+    """MM-Grounding-DINO came in a later transformers than the lowest scenebreak allows;
+    an older one failed on its processor's file names, which says nothing useful."""
+    import transformers
+
+    if kind == "mm-grounding-dino" and not hasattr(transformers, "MMGroundingDinoForObjectDetection"):
+        raise ModelNotAvailable(f"the detector {ref} is an MM-Grounding-DINO, which transformers "
+                                f"{transformers.__version__} cannot run: upgrade it (pipx runpip scenebreak install -U "
+                                f"transformers) or use --detector {DEFAULT_DETECTOR}")
 
 
 def _needs_extra(what: str, exc: ImportError) -> str:

@@ -37,6 +37,7 @@ class MaskResult:
     score: float  # prompts: the detector's score; otherwise SAM's predicted IoU
     mask: np.ndarray  # (H, W) uint8 in {0, 1}, the image's size
     path: Path | None = None
+    detections: list | None = None  # prompts: the detector's boxes it came from (x0, y0, x1, y1), best first
 
     @property
     def area(self) -> int:
@@ -47,8 +48,10 @@ class MaskResult:
         return maskops.bounding_box(self.mask)
 
     def to_dict(self) -> dict:
+        detections = None if self.detections is None else [[round(float(v), 1) for v in box] for box in self.detections]
         return {"path": str(self.path) if self.path else None, "label": self.label, "source": self.source,
-                "score": round(float(self.score), 4), "box": list(self.box or ()), "area": self.area}
+                "score": round(float(self.score), 4), "box": list(self.box or ()), "area": self.area,
+                "detections": detections}
 
 
 def _stem(image_path: Path) -> str:

@@ -35,6 +35,7 @@ class MaskRun:
     overlaps: list[tuple[int, int, float]] = field(default_factory=list)  # 0-based pairs
     detector: str | None = None
     segmenter: str | None = None
+    threshold: float | None = None  # the score a prompt's match had to pass (None: no prompt)
 
     @property
     def paths(self) -> list[Path]:
@@ -45,7 +46,7 @@ class MaskRun:
             "image": str(self.image), "preview": str(self.preview) if self.preview else None,
             "masks": [m.to_dict() for m in self.masks],
             "overlaps": [{"masks": [i + 1, j + 1], "fraction": round(f, 3)} for i, j, f in self.overlaps],
-            "detector": self.detector, "segmenter": self.segmenter,
+            "detector": self.detector, "segmenter": self.segmenter, "threshold": self.threshold,
         }
 
 
@@ -87,6 +88,38 @@ def check_inside(points, boxes, size: tuple[int, int]) -> None:
             raise InvalidInput(f"box {','.join(f'{v:g}' for v in box)} reaches outside the image ({width}x{height})")
 
 
+class NothingMatches(InvalidInput):
+    """No match of a prompt scored above the threshold."""
+
+    def __init__(self, prompt: str, best: float | None, threshold: float):
+        self.prompt, self.best, self.threshold = prompt, best, threshold
+        super().__init__(f"nothing matches {self._named()} above --threshold {threshold:g}: {self.ADVICE}")
+
+    ADVICE = "try a lower --threshold, other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1"
+
+    def _named(self) -> str:
+        return f"{self.prompt!r}" + (f" (best score {self.best:.2f})" if self.best is not None else "")
+
+    @classmethod
+    def of_all(cls, missed: list[NothingMatches]) -> InvalidInput:
+        """One error naming every prompt that matched nothing (the first alone stopped the run,
+        and the user ran the detector again once per word)."""
+        if len(missed) == 1:
+            return missed[0]
+        return InvalidInput(f"nothing matches {', '.join(m._named() for m in missed)} above --threshold "
+                            f"{missed[0].threshold:g}: {cls.ADVICE}")
+
+
+def check_one_object(prompt: str) -> None:
+    """Grounding DINO reads ". " as the end of one phrase and the start of the next: a
+    prompt "cat. dog" became one mask of whichever phrase scored best (with
+    --all-instances, of both)."""
+    phrases = [part.strip() for part in prompt.strip().rstrip(".").split(". ") if part.strip()]
+    if len(phrases) > 1:
+        raise InvalidInput(f"-p {prompt!r} reads as {len(phrases)} phrases ({', '.join(map(repr, phrases))}) to the "
+                           "detector: one object per --prompt, without '. ' inside (give each its own -p)")
+
+
 def check_count(asked: int, auto: bool, max_masks: int) -> None:
     """More masks than one scene can learn are of no use: refused before any model loads."""
     most = asked + (max_masks if auto else 0)
@@ -123,6 +156,8 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     prompts = [str(p).strip() for p in prompts]
     if any(not p for p in prompts):
         raise InvalidInput("a --prompt is empty: describe the object, e.g. -p 'red bowl'")
+    for prompt in prompts:
+        check_one_object(prompt)
     # "X,Y" strings (as on the command line) or number pairs/quadruples.
     points = [parse_point(p) if isinstance(p, str) else tuple(map(float, p)) for p in points]
     boxes = [parse_box(b) if isinstance(b, str) else parse_box(",".join(map(str, b))) for b in boxes]
@@ -170,22 +205,29 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     report(Progress("segmenting", 0, steps))
     segmenter.set_image(image)
     tick()
-    raw: list[tuple[str, str, float, np.ndarray]] = []
+    raw: list[tuple[str, str, float, np.ndarray, list | None]] = []  # label, source, score, mask, detections
+    missed: list[NothingMatches] = []
     for prompt in prompts:
-        raw.append((prompt, "prompt", *find_object(detector, segmenter, image, prompt, config)))
+        try:
+            raw.append((prompt, "prompt", *find_object(detector, segmenter, image, prompt, config)))
+        except NothingMatches as miss:  # every prompt is tried, then all that matched nothing are named
+            missed.append(miss)
         tick()
+    if missed:
+        raise NothingMatches.of_all(missed)
     if boxes:
         for i, (mask, score) in enumerate(segmenter.from_boxes(boxes), 1):
-            raw.append((f"box {i}", "box", score, mask))
+            raw.append((f"box {i}", "box", score, mask, None))
         tick()
     if points:
         made = ([segmenter.from_clicks(points + excludes, [1] * len(points) + [0] * len(excludes))] if excludes
                 else segmenter.from_points(points, together=config.group))
         for i, (mask, score) in enumerate(made, 1):
-            raw.append(("points" if config.group else f"point {i}", "point", score, mask))
+            raw.append(("points" if config.group else f"point {i}", "point", score, mask, None))
         tick()
 
-    results = [cleaned_result(label, source, score, mask, min_area, config) for label, source, score, mask in raw]
+    results = [cleaned_result(label, source, score, mask, min_area, config, found)
+               for label, source, score, mask, found in raw]
     if auto:
         # A few spare segments: the clean-up may still empty or merge some.
         segments = segmenter.automatic(config.grid, limit=3 * config.max_masks)
@@ -199,39 +241,39 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
         tick()
 
     return write_run(image_path, image, results, out_dir, report, detector_ref if prompts else None, segmenter_ref,
-                     force=force)
+                     force=force, threshold=detector.threshold(config.threshold) if detector else None)
 
 
-def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> tuple[float, np.ndarray]:
-    """The detector's score and SAM's mask (not yet cleaned) of the object `prompt` names."""
+def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> tuple[float, np.ndarray, list]:
+    """The detector's score, SAM's mask (not yet cleaned) of the object `prompt` names,
+    and the detector's boxes it was made from; NothingMatches where none passes."""
     found, scores = detector.detect(image, prompt)
     threshold = detector.threshold(config.threshold)
     above = scores > threshold
     if not above.any():
-        best = f" (best score {scores.max():.2f})" if len(scores) else ""
-        raise InvalidInput(
-            f"nothing matches {prompt!r} above --threshold {threshold:g}{best}: try a lower --threshold, "
-            "other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1")
+        raise NothingMatches(prompt, float(scores.max()) if len(scores) else None, threshold)
     # The best-scored matches only (sorted by score): at --threshold 0 all of Grounding DINO's
     # 900 queries are above it, and each would be a full-size mask from SAM.
     chosen = found[above][:MAX_INSTANCES] if config.all_instances else found[:1]
     merged = None
     for mask, _ in segmenter.from_boxes(chosen):
         merged = mask if merged is None else np.maximum(merged, mask, out=merged)
-    return float(scores[0]), merged
+    return float(scores[0]), merged, [tuple(map(float, box)) for box in chosen]
 
 
-def cleaned_result(label: str, source: str, score: float, mask: np.ndarray, min_area: int, config: MaskConfig) -> MaskResult:
+def cleaned_result(label: str, source: str, score: float, mask: np.ndarray, min_area: int, config: MaskConfig,
+                   detections: list | None = None) -> MaskResult:
     """SAM's mask cleaned up for Break-A-Scene (ops.clean); an empty one is refused."""
     cleaned = maskops.clean(mask, min_area, fill=config.fill_holes, grow=config.dilate)
     if not cleaned.any():
         raise InvalidMask(f"the mask for {label!r} came out empty: try --box X0,Y0,X1,Y1 around the object, "
                           "or clicks on it with --point X,Y")
-    return MaskResult(label, source, score, cleaned)
+    return MaskResult(label, source, score, cleaned, detections=detections)
 
 
 def write_run(image_path: Path, image, results: list[MaskResult], out_dir: Path, report: Reporter = silent,
-              detector: str | None = None, segmenter: str | None = None, force: bool = False) -> MaskRun:
+              detector: str | None = None, segmenter: str | None = None, force: bool = False,
+              threshold: float | None = None) -> MaskRun:
     """Report the overlapping pairs, write the masks and their preview (files.py)."""
     for n, result in enumerate(results, 1):
         cover = float(np.asarray(result.mask).astype(bool).mean())
@@ -246,7 +288,7 @@ def write_run(image_path: Path, image, results: list[MaskResult], out_dir: Path,
         report(Message(f"{len(found_overlaps) - OVERLAP_WARNINGS} more pairs of masks overlap as much (--json lists them all)",
                        level="warning"))
     preview = write_masks(image_path, image, results, out_dir, force)
-    return MaskRun(image_path, results, preview, found_overlaps, detector, segmenter)
+    return MaskRun(image_path, results, preview, found_overlaps, detector, segmenter, threshold)
 
 
 # An --auto segment this much inside one kept before (or one the user asked for) is a part

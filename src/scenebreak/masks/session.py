@@ -15,7 +15,8 @@ from ..errors import InvalidInput
 from ..events import Message, Progress, Reporter, silent
 from . import ops as maskops
 from .files import MaskResult, check_outputs, output_paths
-from .masking import MaskRun, check_count, check_inside, check_writable, cleaned_result, find_object, parse_box, write_run
+from .masking import (MaskRun, check_count, check_inside, check_one_object, check_writable, cleaned_result, find_object,
+                      parse_box, write_run)
 
 MAX_CLICKS = 64  # clicks on one object; SAM takes a handful
 # SAM ViT-B (facebook/sam-vit-base's shape) on one core of a 2-core Xeon, torch 2.13:
@@ -75,6 +76,8 @@ class MaskSession:
         if box is not None:
             box = parse_box(",".join(map(str, box)))
         words = (words or "").strip() or None
+        if words:
+            check_one_object(words)
         if words and (points or box is not None):
             raise InvalidInput("describe the object in words, or click on it (or draw a box): not both")
         if not (words or box is not None or 1 in labels):
@@ -82,8 +85,8 @@ class MaskSession:
         check_inside(points, [box] if box is not None else [], self.size)
         with self.lock:
             if words:
-                score, raw = find_object(self._detector(report), self.segmenter, self.image, words, self.config)
-                return cleaned_result(label, "prompt", score, raw, self.min_area, self.config)
+                score, raw, found = find_object(self._detector(report), self.segmenter, self.image, words, self.config)
+                return cleaned_result(label, "prompt", score, raw, self.min_area, self.config, found)
             raw, score = self.segmenter.from_clicks(points, labels, box)
         source = "point" if box is None else "box"
         return cleaned_result(label, source, score, raw, self.min_area, self.config)
@@ -110,5 +113,8 @@ class MaskSession:
         out_dir = Path(out_dir) if out_dir is not None else self.image_path.parent
         check_writable(out_dir)
         check_outputs(output_paths(self.image_path, out_dir, len(results)))
-        detector = (self.config.detector or default_model("detector")) if any(r.source == "prompt" for r in results) else None
-        return write_run(self.image_path, self.image, results, out_dir, report, detector, self.segmenter_ref)
+        prompted = any(r.source == "prompt" for r in results) and self.detector is not None
+        detector = (self.config.detector or default_model("detector")) if prompted else None
+        threshold = self.detector.threshold(self.config.threshold) if prompted else None
+        return write_run(self.image_path, self.image, results, out_dir, report, detector, self.segmenter_ref,
+                         threshold=threshold)
