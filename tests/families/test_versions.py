@@ -211,3 +211,33 @@ def test_a_base_folder_saved_by_either_transformers_loads_its_clip_exactly(tmp_p
         loaded = load_components(str(folder)).text_encoders[0].state_dict()
         expected = with_model_key_names(stored, loaded)
         assert all(torch.equal(value, expected[key]) for key, value in loaded.items())
+
+
+def test_a_flux_scene_written_under_transformers_5_opens_and_generates(tmp_path):
+    """tests/data/transformers5-flux.scene: the tiny FLUX.1-dev at 64 px, 2 + 2 steps,
+    written under transformers 5.25 (CLIP's weights without the prefix; tokenizers as
+    tokenizer.json alone; T5's sentinels listed as `extra_special_tokens`, which 4 read
+    as a dict and failed on). Under 4 (the floors pass) it opens too."""
+    import json
+
+    scene = load_scene(DATA / "transformers5-flux.scene", weights=True)
+    assert not any(key.startswith(CLIP_TEXT_PREFIX) for key in scene.weights["text_encoder"])
+    config = json.loads(scene.files["tokenizer_2/tokenizer_config.json"])
+    assert isinstance(config["extra_special_tokens"], list) and "tokenizer_2/spiece.model" not in scene.files
+    out = generate(scene.path, "<asset1> on the moon", GenerateConfig(steps=2, seed=0), out_dir=tmp_path)
+    with Image.open(out.images[0].path) as im:
+        assert im.size == (64, 64)
+
+
+def test_a_t5_tokenizer_config_from_transformers_5_reads_under_4(monkeypatch):
+    import transformers
+
+    from scenebreak.families.versions import tokenizer_overrides
+
+    written = {"extra_special_tokens": ["<extra_id_0>", "<extra_id_1>"], "eos_token": "</s>"}
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    assert tokenizer_overrides(written) == {}  # (5 reads its own)
+    monkeypatch.setattr(transformers, "__version__", "4.49.0")
+    assert tokenizer_overrides(written) == {"extra_special_tokens": {},
+                                            "additional_special_tokens": ["<extra_id_0>", "<extra_id_1>"]}
+    assert tokenizer_overrides({"extra_special_tokens": {"image_token": "<image>"}}) == {}  # (4's own form)

@@ -14,7 +14,8 @@ from ..errors import InvalidInput
 from ..hub import hub_snapshot, loading_model, looks_like_path, quiet_libraries
 from ..paths import is_regular_file
 from .family import vae_scale
-from .versions import CLIP_TEXT_PREFIX, tokenizer_class_for, transformers_dtype, with_hub_names, with_model_key_names
+from .versions import (CLIP_TEXT_PREFIX, tokenizer_class_for, tokenizer_overrides, transformers_dtype, with_hub_names,
+                       with_model_key_names)
 
 @dataclass
 class BaseModel:
@@ -143,6 +144,15 @@ _WEIGHTS = re.compile(r"(model|diffusion_pytorch_model)(-\d+-of-\d+)?\.safetenso
 def weight_files(part: Path) -> list[Path]:
     """The safetensors files that hold a part's weights (what diffusers and transformers load)."""
     return sorted(p for p in part.iterdir() if _WEIGHTS.fullmatch(p.name)) if part.is_dir() else []
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`; {} where there is none (loading says what is wrong)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_text_encoder(cls, part: Path, **kwargs):
@@ -392,7 +402,8 @@ def load_components(base_model: str, revision: str | None = None,
         for name in family.tokenizers:
             cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
             cls = tokenizer_class_for(cls, {p.name for p in (folder / name).iterdir()})  # (saved by transformers 5)
-            tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length))
+            overrides = tokenizer_overrides(_json_object(folder / name / "tokenizer_config.json"))
+            tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length, **overrides))
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     for model in (denoiser, vae, *text_encoders):
         model.requires_grad_(False)

@@ -8,7 +8,8 @@ opens a scene someone else made. Two things changed in transformers 5:
   folders carry the prefix, and so do the folders scenebreak writes.
 - Tokenizers are saved as tokenizer.json alone, which transformers 4's slow classes
   (CLIPTokenizer) cannot read; their fast twins (CLIPTokenizerFast) can. In 5 the two
-  names are one class.
+  names are one class. A T5 tokenizer's config lists its 100 sentinel tokens as
+  `extra_special_tokens`, a key 4 reads as a dict of named tokens (it failed).
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def with_hub_names(state: dict) -> dict:
     if not state or any(name.startswith(CLIP_TEXT_PREFIX) for name in state):
         return state
     return {CLIP_TEXT_PREFIX + name: value for name, value in state.items()}
+
+
+def tokenizer_overrides(config: dict) -> dict:
+    """What a tokenizer config written by transformers 5 must have instead under 4
+    (none under 5): its `extra_special_tokens` list as 4's `additional_special_tokens`."""
+    import transformers
+
+    extra = config.get("extra_special_tokens")
+    if int(transformers.__version__.split(".")[0]) >= 5 or not isinstance(extra, list):
+        return {}
+    return {"extra_special_tokens": {}, "additional_special_tokens": config.get("additional_special_tokens") or extra}
 
 
 def tokenizer_class_for(cls, file_names) -> type:

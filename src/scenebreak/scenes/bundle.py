@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
 from ..errors import BundleError
-from ..families.versions import tokenizer_class_for
+from ..families.versions import tokenizer_class_for, tokenizer_overrides
 from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically, write_new_file
 
 FORMAT = "scenebreak.scene"
@@ -549,6 +549,8 @@ def _without_code_references(data: bytes, name: str) -> bytes:
     if not isinstance(config, dict):
         raise BundleError(f"not a valid scene: its {name} is not a JSON object")
     config.pop("auto_map", None)
+    if name.endswith("tokenizer_config.json"):
+        config.update(tokenizer_overrides(config))  # (written under another transformers)
     # A file name in the config (vocab_file, tokenizer_file, ...) would be read instead of
     # the folder's own files on older transformers: the tokenizer is only what the scene holds.
     for key in [key for key in config if key.endswith("_file") or key.endswith("_files")]:
