@@ -241,3 +241,29 @@ def test_a_t5_tokenizer_config_from_transformers_5_reads_under_4(monkeypatch):
     assert tokenizer_overrides(written) == {"extra_special_tokens": {},
                                             "additional_special_tokens": ["<extra_id_0>", "<extra_id_1>"]}
     assert tokenizer_overrides({"extra_special_tokens": {"image_token": "<image>"}}) == {}  # (4's own form)
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_exported_folders_name_tokenizers_either_transformers_reads(family, learned, tmp_path):
+    """A tokenizer saved by transformers 5 is tokenizer.json alone: model_index.json then
+    names the fast class (4's slow CLIPTokenizer cannot read it; both have the fast
+    one), and T5's sentinels are written as 4 reads them; diffusers still loads it."""
+    import json
+
+    from scenebreak.exports.export import export_scene
+
+    source = learned.path if family == "sd" else DATA / "transformers5-flux.scene"
+    [folder] = export_scene(source, tmp_path / "pipe", "diffusers")
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in ("tokenizer", "tokenizer_2") if family == "flux" else ("tokenizer",):
+        files = {p.name for p in (folder / name).iterdir()}
+        assert "vocab.json" in files or index[name][1].endswith("Fast"), (name, index[name], files)
+        config = json.loads((folder / name / "tokenizer_config.json").read_text())
+        assert not isinstance(config.get("extra_special_tokens"), list)
+    if family == "flux":
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(folder)
+        assert pipe.tokenizer_2("a <extra_id_3>").input_ids[-2] == pipe.tokenizer_2.convert_tokens_to_ids("<extra_id_3>")
+        assert len(pipe.tokenizer_2.additional_special_tokens if hasattr(pipe.tokenizer_2, "additional_special_tokens")
+                   else pipe.tokenizer_2.extra_special_tokens) == 100

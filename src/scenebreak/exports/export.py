@@ -50,6 +50,7 @@ from .. import __version__
 from ..errors import InvalidInput, fixable_failures
 from ..events import Message, Reporter, silent
 from ..families.base_model import name_as_on_the_hub
+from ..families.versions import tokenizer_class_name_for
 from ..hub import downloads_reported
 from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, flush_to_disk, home, is_writable_folder,
                      remove_stale_temporaries, sync_folder, temporary_beside)
@@ -279,3 +280,26 @@ def _write_diffusers(scene, folder: Path, base_model: str | None, report: Report
     pipe.save_pretrained(folder, safe_serialization=True)
     for name in scene.family.text_encoders:  # (CLIP saved under transformers 5: renamed as the hub names it)
         name_as_on_the_hub(folder / name)
+    _tokenizers_for_either_transformers(folder, scene.family.tokenizers)
+
+
+def _tokenizers_for_either_transformers(folder: Path, names) -> None:
+    """A folder's tokenizers as transformers 4 reads them too. Saved by 5, a tokenizer
+    is tokenizer.json alone, which 4's slow class (model_index.json's CLIPTokenizer)
+    cannot read: the index names the fast class, which both versions have. T5's config
+    lists its sentinels as `extra_special_tokens`, which 4 reads as a dict: they are
+    written as `additional_special_tokens`, which 5 reads too."""
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for name in names:
+        files = {p.name for p in (folder / name).iterdir()}
+        library, cls = index.get(name) or (None, None)
+        if library == "transformers" and cls and tokenizer_class_name_for(cls, files) != cls:
+            index[name] = [library, tokenizer_class_name_for(cls, files)]
+        config_path = folder / name / "tokenizer_config.json"
+        if config_path.exists():
+            config = json.loads(config_path.read_text())
+            if isinstance(config.get("extra_special_tokens"), list):
+                config["additional_special_tokens"] = config.pop("extra_special_tokens")
+                config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    index_path.write_text(json.dumps(index, indent=2))

@@ -65,14 +65,22 @@ def tokenizer_overrides(config: dict) -> dict:
     return {"extra_special_tokens": {}, "additional_special_tokens": config.get("additional_special_tokens") or extra}
 
 
-def tokenizer_class_for(cls, file_names) -> type:
-    """The class that reads a saved tokenizer of class `cls` from files named
+def tokenizer_class_name_for(name: str, file_names) -> str:
+    """The name of the class that reads a tokenizer saved as class `name` in files named
     `file_names`: its fast twin where only tokenizer.json holds the vocabulary."""
-    if "tokenizer.json" not in file_names or "vocab.json" in file_names or cls.__name__.endswith("Fast"):
+    if "tokenizer.json" not in file_names or "vocab.json" in file_names or name.endswith("Fast"):
+        return name
+    return f"{name}Fast"
+
+
+def tokenizer_class_for(cls, file_names) -> type:
+    """The class (see tokenizer_class_name_for) that reads a saved tokenizer of class `cls`."""
+    name = tokenizer_class_name_for(cls.__name__, file_names)
+    if name == cls.__name__:
         return cls
     import transformers
 
-    return getattr(transformers, f"{cls.__name__}Fast", cls)
+    return getattr(transformers, name, cls)
 
 
 def in_fp32() -> dict:
