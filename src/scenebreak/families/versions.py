@@ -1,7 +1,8 @@
 """What differs between the transformers versions scenebreak runs on (4.49 to 5.x).
 
-A scene written under one version must open under the other: a user upgrades, or
-opens a scene someone else made. Two things changed in transformers 5:
+A scene written under one version must open under the other (a user upgrades, or
+opens a scene someone else made), and what scenebreak writes for other tools must load
+under either. What changed in transformers 5:
 - CLIPTextModel's weights lost their `text_model.` prefix (4: `text_model.encoder.
   layers.0...`, 5: `encoder.layers.0...`); CLIPTextModelWithProjection kept it. 5 reads
   either; 4 left a folder saved by 5 at random weights, with a warning only. The hub's

@@ -91,11 +91,11 @@ def check_inside(points, boxes, size: tuple[int, int]) -> None:
 class NothingMatches(InvalidInput):
     """No match of a prompt scored above the threshold."""
 
+    ADVICE = "try a lower --threshold, other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1"
+
     def __init__(self, prompt: str, best: float | None, threshold: float):
         self.prompt, self.best, self.threshold = prompt, best, threshold
         super().__init__(f"nothing matches {self._named()} above --threshold {threshold:g}: {self.ADVICE}")
-
-    ADVICE = "try a lower --threshold, other words, or point at it with --point X,Y or --box X0,Y0,X1,Y1"
 
     def _named(self) -> str:
         return f"{self.prompt!r}" + (f" (best score {self.best:.2f})" if self.best is not None else "")
