@@ -108,17 +108,23 @@ def test_a_live_owner_of_this_host_keeps_its_lock_untouched_but_not_one_whose_id
     A process that started after the lock was taken only has its id (a reboot)."""
     path = _lock_path()
     path.parent.mkdir(parents=True)
-    old = time.time() - locks.STALE - 5
-    path.write_text(json.dumps({"host": locks.HOST, "pid": os.getpid(), "token": "mine", "since": time.time()}))
-    os.utime(path, (old, old))  # no heartbeat for longer than STALE
-    with pytest.raises(Busy):  # this very process holds it: never stale
-        with locked(path, wait=False, busy_message="{holder}"):
-            pass
-    assert locks.process_started(os.getpid()) < time.time()
-    path.write_text(json.dumps({"host": locks.HOST, "pid": os.getpid(), "token": "before", "since": 1000.0}))
-    os.utime(path, (old, old))  # taken in 1970 by "this" id: another process, long gone
-    with locked(path, wait=False):
-        assert read_owner(path)["token"] != "before"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live process of this host
+    try:
+        time.sleep(0.1)
+        old = time.time() - locks.STALE - 5
+        path.write_text(json.dumps({"host": locks.HOST, "pid": owner.pid, "token": "its", "since": time.time()}))
+        os.utime(path, (old, old))  # no heartbeat for longer than STALE
+        with pytest.raises(Busy):  # the very process that took it holds it: never stale
+            with locked(path, wait=False, busy_message="{holder}"):
+                pass
+        assert locks.process_started(owner.pid) < time.time()
+        path.write_text(json.dumps({"host": locks.HOST, "pid": owner.pid, "token": "before", "since": 1000.0}))
+        os.utime(path, (old, old))  # taken in 1970 by that id: another process, long gone
+        with locked(path, wait=False):
+            assert read_owner(path)["token"] != "before"
+    finally:
+        owner.kill()
+        owner.wait()
 
 
 def test_on_windows_a_process_is_asked_about_without_os_kill(monkeypatch):
@@ -247,3 +253,39 @@ def test_a_wait_for_a_lock_stops_when_asked(monkeypatch):
             with locked(path, wait=True, poll=0.01, should_stop=lambda: asked.append(1) or len(asked) > 2):
                 pass
     assert len(asked) == 3
+
+
+def test_a_lock_this_process_left_behind_is_free_again_but_not_one_it_holds():
+    """A Ctrl-C between the end of a lock's block and the removal of its file left a lock
+    naming this live process, "held" until it exited: a notebook, the page or a batch
+    worker could not learn that name again. A lock this process holds (in another
+    thread) stays held."""
+    import threading
+
+    path = _lock_path()
+    path.parent.mkdir(parents=True)
+    left = {"host": locks.HOST, "namespace": locks.PID_NAMESPACE, "pid": os.getpid(), "token": "0123456789abcdef",
+            "since": time.time()}  # (taken by this very process, after it started)
+    path.write_text(json.dumps(left))
+    with locked(path, wait=False):
+        assert read_owner(path)["token"] != left["token"]
+    assert not path.exists()
+
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with locked(path, wait=False):
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(30)
+        with pytest.raises(Busy):
+            with locked(path, wait=False):
+                pass
+    finally:
+        release.set()
+        thread.join(30)
+    assert not path.exists()

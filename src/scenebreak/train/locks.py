@@ -31,6 +31,11 @@ HEARTBEAT = 10.0  # seconds between touches of a held lock
 STALE = 120.0  # seconds without a touch after which a lock's owner is taken for dead
 MAX_LOCK_BYTES = 4096  # a lock holds a line of JSON; anything bigger is not ours
 HOST = socket.gethostname()
+# The tokens of the locks this process holds (or is taking) now. A lock file naming this
+# process with another token is a leftover of one it held earlier: a Ctrl-C landed
+# between the end of its block and the removal of its file (a notebook, the page, a
+# batch worker live on), and it would otherwise be "held" until the process exits.
+_HELD_TOKENS: set[str] = set()
 
 
 class Busy(SceneBreakError):
@@ -103,6 +108,8 @@ def is_stale(path: Path, owner: dict | None) -> bool:
     # (a lock from before namespaces were recorded: this one's).
     here = owner and owner.get("host") == HOST and owner.get("namespace", PID_NAMESPACE) == PID_NAMESPACE
     if here and isinstance(owner.get("pid"), int):
+        if owner["pid"] == os.getpid():
+            return owner.get("token") not in _HELD_TOKENS
         if not process_alive(owner["pid"]):
             return True
         started = process_started(owner["pid"])
@@ -176,6 +183,15 @@ def locked(path: Path, *, wait: bool, busy_message: str = "", on_wait=None, poll
     _check_folder(path)
     token = secrets.token_hex(8)
     owner = {"host": HOST, "namespace": PID_NAMESPACE, "pid": os.getpid(), "token": token, "since": time.time()}
+    _HELD_TOKENS.add(token)  # (before the file exists: another thread here never takes it for a leftover)
+    try:
+        yield from _hold(path, token, owner, wait, busy_message, on_wait, poll, should_stop)
+    finally:
+        _HELD_TOKENS.discard(token)
+
+
+def _hold(path: Path, token: str, owner: dict, wait: bool, busy_message: str, on_wait, poll: float, should_stop):
+    """locked()'s body: take the lock (waiting, or not), hold it for the block, give it back."""
     waited, refused = False, 0
     while not _create(path, owner):
         holder = read_owner(path)
