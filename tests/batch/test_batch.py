@@ -532,3 +532,23 @@ def test_out_dir_is_batchs_out_too():
     """Every other command writes to --out-dir: batch takes that name as well as --out."""
     result = CliRunner().invoke(cli, ["batch", "-", "--out-dir", "somewhere"], input="\n")
     assert result.exit_code == 2 and "holds no job" in result.stderr, result.output
+
+
+def test_the_bar_starts_after_the_jobs_already_done_are_skipped():
+    """A rerun with most jobs done: the bar counted from 0 and the skipped jobs took no
+    time, so its rate (and ETA) promised minutes for hours of work left."""
+    from scenebreak.batch.runner import Board
+    from scenebreak.batch.work import JobResult
+    from scenebreak.events import Message, Progress
+
+    events = []
+    board = Board(4, events.append)
+    for number in (1, 2, 3):
+        board.finished(JobResult(number, f"j{number}", "skipped", None, [], note="already done"))
+    assert not [e for e in events if isinstance(e, Progress)]
+    assert len([e for e in events if isinstance(e, Message)]) == 3  # (each skip is still said)
+    board.start()
+    board.phase(0, "j4: learning")
+    board.finished(JobResult(4, "j4", "done", None, []))
+    progress = [(e.completed, e.total) for e in events if isinstance(e, Progress)]
+    assert progress == [(3, 4), (3, 4), (4, 4)]

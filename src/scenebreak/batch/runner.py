@@ -77,6 +77,7 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
     report(Message(f"batch: {len(jobs)} job(s){f' (shard {shard[0]}/{shard[1]})' if shard else ''} on {where}"))
     board = Board(len(jobs), report, on_result)
     jobs = [job for job in jobs if not _skipped_here(job, out, board)]
+    board.start()  # (the bar's rate and ETA count from here: the skipped jobs took no time)
     if jobs:
         # SIGTERM (a supervisor, `kill`, `docker stop`) stops the batch through the runners'
         # clean-up, as Ctrl-C does: it died at once, its workers training on unwatched.
@@ -109,13 +110,19 @@ def _skipped_here(job: Job, out: Path, board: "Board") -> bool:
 
 class Board:
     """What the batch reports: each result as it comes, and one bar over the jobs whose
-    text says what each running job is doing."""
+    text says what each running job is doing. The bar starts (start()) once the jobs
+    already done are skipped: counted from 0, a rerun with 90 of 100 jobs done showed
+    an ETA of minutes for hours of work left."""
 
     def __init__(self, total: int, report: Reporter, on_result=None):
         self.total, self.report, self.on_result = total, report, on_result
         self.results: list[JobResult] = []
         self.phases: dict[int, str] = {}  # worker -> its job's phase
-        report(Progress("batch", 0, total))
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+        self.show()
 
     def finished(self, result: JobResult) -> None:
         self.results.append(result)
@@ -134,6 +141,8 @@ class Board:
         self.show()
 
     def show(self) -> None:
+        if not self.started:
+            return
         phase = "; ".join(self.phases[i] for i in sorted(self.phases))
         self.report(Progress("batch", len(self.results), self.total, {"phase": phase}))
 
