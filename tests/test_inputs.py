@@ -456,6 +456,35 @@ def test_live_bars_only_on_a_terminal_that_redraws_and_plain_rates_count_from_th
     assert lines[-1] == "phase 2: 300/400 1.00 it/s eta 1:40", lines
 
 
+def test_a_bar_has_a_rate_and_eta_for_steps_far_apart(monkeypatch):
+    """rich averaged the last 30 s only: a CPU's phase 2 (45 s a step) or a batch's jobs
+    showed no rate and no ETA for hours."""
+    import io
+
+    from scenebreak.cli.console import ConsoleReporter
+    from scenebreak.events import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.setenv("SCENEBREAK_PROGRESS", "bars")
+    now = [1000.0]
+    monkeypatch.setattr("scenebreak.cli.console.time.monotonic", lambda: now[0])
+    reporter = ConsoleReporter(stream=Terminal())
+    assert reporter.tty
+    try:
+        for step in range(1, 5):
+            reporter(Progress("phase 2", step, 400))
+            now[0] += 45.0
+        task = reporter.progress.tasks[reporter.tasks["phase 2"]]
+        assert task.speed == pytest.approx(1 / 45) and task.time_remaining == pytest.approx(396 * 45)
+    finally:
+        reporter.close()
+
+
 def test_a_scene_named_before_the_portability_rule_can_still_be_resumed_or_replaced(scene_files, tiny_model, learned):
     """`aux` was a valid name once: its scene opens, and learn may replace it (--force) or
     resume its run under that name; only a new scene cannot take it."""

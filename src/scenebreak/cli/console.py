@@ -10,6 +10,7 @@ from ..events import Event, Message, Progress, printable
 
 
 PROGRESS_ENV = "SCENEBREAK_PROGRESS"
+RATE_WINDOW = 3600.0  # seconds of progress a bar's rate and ETA average
 
 
 def progress_style() -> str:
@@ -80,6 +81,9 @@ class ConsoleReporter:
                 TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[phase]}"),
                 console=self.console, transient=False, refresh_per_second=4,  # (a step takes a second or more)
+                # rich's rate (and ETA) averages the last 30 s by default: with steps further
+                # apart (a CPU's phase 2, 45 s each; a batch's jobs) it had no rate at all.
+                speed_estimate_period=RATE_WINDOW, get_time=lambda: time.monotonic(),
             )
             self.progress.start()
         if event.task not in self.tasks:
