@@ -552,3 +552,14 @@ def test_the_bar_starts_after_the_jobs_already_done_are_skipped():
     board.finished(JobResult(4, "j4", "done", None, []))
     progress = [(e.completed, e.total) for e in events if isinstance(e, Progress)]
     assert progress == [(3, 4), (3, 4), (4, 4)]
+
+
+def test_a_workers_prints_never_reach_the_results_stream():
+    """stdout is the batch's JSON Lines; a worker inherits it, and a library's print there
+    would break the script reading them: a worker's stdout goes to stderr."""
+    code = ("import sys; from scenebreak.batch.runner import results_stream_for_the_batch_alone as f; "
+            "print('before'); f(); print('from a library'); sys.stdout.flush()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "before\n" and "from a library" in done.stderr

@@ -287,3 +287,24 @@ def test_learn_warns_about_the_options_its_switches_leave_unused(scene_files, ti
     for option in ("--num-class-images is for the class images", "--class-prompt is for the class images",
                    "--rank is for LoRA tuning"):
         assert f"warning: {option}" in result.stderr
+
+
+def test_a_librarys_warning_is_one_line_as_scenebreaks_own(monkeypatch):
+    """Python shows a warning in several lines (file, line of source); a library's
+    (huggingface_hub's symlinks note on Windows, say) came out so, across a live bar."""
+    import warnings
+
+    from scenebreak.cli import commands
+
+    def listed():
+        warnings.warn("the cache uses symlinks\nsecond line of advice", UserWarning)
+        return []
+
+    monkeypatch.setattr("scenebreak.scenes.catalog.list_scenes", listed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(commands.cli, ["list"])
+        assert "warning: UserWarning: the cache uses symlinks\n" in result.stderr, result.output
+        assert "second line" not in result.stderr
+        assert CliRunner().invoke(commands.cli, ["--debug", "list"]).exit_code == 0
+        assert warnings.showwarning is commands.PYTHONS_SHOWWARNING  # --debug: Python's own, with file and line

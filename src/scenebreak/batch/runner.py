@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,9 +335,19 @@ def parent_gone(parent: int) -> bool:
     return os.getppid() != parent
 
 
+def results_stream_for_the_batch_alone() -> None:
+    """What this process (a worker) writes to stdout goes to stderr: stdout is the
+    batch's JSON Lines of results, which a library's print in a worker (inherited fd 1)
+    would break for the script reading them."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
 def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | None, threads: int, stop) -> None:
     """A worker process: run each job it is given on `device`, sending its progress
     and result back; None ends it. `stop` (an event) set: the job stops as on Ctrl-C."""
+    results_stream_for_the_batch_alone()
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         import torch
 

@@ -12,6 +12,7 @@ import os
 import shlex
 import signal
 import sys
+import warnings
 
 import click
 
@@ -369,6 +370,18 @@ def cli(debug):
       scenebreak learn photo.jpg --masks m1.png m2.png
       scenebreak generate photo "<asset1> on the moon"
     """
+    warnings.showwarning = PYTHONS_SHOWWARNING if debug else one_line_warning  # (--debug: with file and line)
+
+
+PYTHONS_SHOWWARNING = warnings.showwarning
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning as one line, as scenebreak's own notes are: Python's takes
+    several (the file, the line of source), across a live bar too."""
+    text = printable(str(message).strip().splitlines()[0] if str(message).strip() else "")
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # (stderr closed: nowhere to say it)
+        print(f"warning: {category.__name__}: {text}", file=file or sys.stderr, flush=True)
 
 
 @cli.command(name="learn", cls=MultiValueCommand)
