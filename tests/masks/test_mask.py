@@ -599,3 +599,31 @@ def test_the_same_photo_edited_in_place_keeps_its_masks_its_own(tmp_path):
     write_masks(path, Image.open(path).convert("RGB"), [MaskResult("box 1", "box", 0.9, mask[::-1].copy())],
                 tmp_path / "m")
     assert (np.asarray(Image.open(tmp_path / "m" / "cat.mask1.png")) > 0).sum() == 64
+
+
+def test_prompts_are_scaled_as_sams_processor_scales_them(tiny_segmentation):
+    """Each click no longer runs SAM's processor over the whole photo (at 50 megapixels a
+    150 MB array and a resize per click): the prompt tensors made from the sizes kept at
+    set_image are the processor's, exactly."""
+    import torch
+
+    from scenebreak.device import choose_device
+    from scenebreak.masks.segmenter import Segmenter
+
+    segmenter = Segmenter(str(tiny_segmentation[1]), choose_device("cpu"))
+    rng = np.random.default_rng(0)
+    for width, height in ((97, 61), (40, 130), (128, 128)):
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        segmenter.set_image(image)
+        clicks = [[[float(rng.uniform(0, width)), float(rng.uniform(0, height))] for _ in range(3)] for _ in range(2)]
+        boxes = [[1.5, 2.0, width - 3.0, height - 1.0], [0.0, 0.0, width / 2, height / 3]]
+        for prompts in ({"input_points": [clicks], "input_labels": [[[1, 0, 1], [1, 1, 0]]]},
+                        {"input_boxes": [boxes]},
+                        {"input_points": [clicks[:1]], "input_labels": [[[1, 0, 1]]], "input_boxes": [boxes[:1]]}):
+            theirs = segmenter.processor(images=image, return_tensors="pt", **prompts)
+            ours = segmenter.prompt_tensors(**prompts)
+            assert set(ours) == set(prompts)
+            for key, value in ours.items():
+                assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), (key, width, height)
+            for key in ("original_sizes", "reshaped_input_sizes"):
+                assert torch.equal(segmenter.sizes[key], theirs[key])

@@ -39,6 +39,28 @@ class Segmenter:
         with torch.inference_mode():
             self.embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device.torch))
         self.pad = inputs["pixel_values"].shape[-2:]
+        # The photo's size and the size it was scaled to: what maps prompts in and masks out.
+        self.sizes = {key: inputs[key] for key in ("original_sizes", "reshaped_input_sizes")}
+
+    def prompt_tensors(self, input_points=None, input_labels=None, input_boxes=None) -> dict:
+        """Prompts as SAM's processor makes them: coordinates scaled from the photo to the
+        frame its embedding saw (x by new width / width, y by new height / height, in
+        float64, boxes from float32, as it does). The processor would preprocess the whole photo again for each
+        click (at 50 megapixels a 150 MB array and a resize) only to read those sizes."""
+        import torch
+
+        (height, width), (new_height, new_width) = (tuple(int(v) for v in self.sizes[key][0])
+                                                    for key in ("original_sizes", "reshaped_input_sizes"))
+        scale = np.array([new_width / width, new_height / height])
+        prompts = {}
+        if input_points is not None:
+            prompts["input_points"] = torch.from_numpy(np.asarray(input_points, dtype=float) * scale)
+        if input_labels is not None:
+            prompts["input_labels"] = torch.tensor(input_labels, dtype=torch.int64)
+        if input_boxes is not None:  # (the processor rounds boxes to float32 first)
+            boxes = np.asarray(input_boxes, dtype=np.float32).astype(float)
+            prompts["input_boxes"] = torch.from_numpy((boxes.reshape(-1, 2, 2) * scale).reshape(boxes.shape))
+        return prompts
 
     def _on_device(self, tensor):
         """A prompt tensor on the model's device. SAM's processor gives coordinates in
@@ -54,40 +76,39 @@ class Segmenter:
         that map them back to the photo."""
         import torch
 
-        inputs = self.processor(images=self.image, return_tensors="pt", **prompts)
-        extra = {k: self._on_device(inputs[k]) for k in ("input_points", "input_labels", "input_boxes") if k in inputs}
+        extra = {k: self._on_device(v) for k, v in self.prompt_tensors(**prompts).items()}
         with torch.inference_mode():
             out = self.model(image_embeddings=self.embeddings, multimask_output=multimask, **extra)
-        return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu(), inputs
+        return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu(), self.sizes
 
-    def _full_size(self, logits, inputs) -> np.ndarray:
+    def _full_size(self, logits, sizes) -> np.ndarray:
         """(objects, h, w) low-resolution logits -> (objects, H, W) uint8 masks, one at a
         time: the processor scales them up in float32, 200 MB a mask at 50 megapixels,
         which for --auto's dozens of candidates at once was gigabytes."""
-        height, width = (int(v) for v in inputs["original_sizes"][0])
+        height, width = (int(v) for v in sizes["original_sizes"][0])
         masks = np.empty((len(logits), height, width), np.uint8)
         for i in range(len(logits)):
-            up = self.processor.post_process_masks(logits[None, i:i + 1, None], inputs["original_sizes"],
-                                                   inputs["reshaped_input_sizes"])
+            up = self.processor.post_process_masks(logits[None, i:i + 1, None], sizes["original_sizes"],
+                                                   sizes["reshaped_input_sizes"])
             masks[i] = up[0][0, 0].numpy()
         return masks
 
     def from_boxes(self, boxes) -> list[tuple[np.ndarray, float]]:
-        logits, iou, inputs = self._run(False, input_boxes=[[list(map(float, b)) for b in boxes]])
-        masks = self._full_size(logits[:, 0], inputs)
+        logits, iou, sizes = self._run(False, input_boxes=[[list(map(float, b)) for b in boxes]])
+        masks = self._full_size(logits[:, 0], sizes)
         return [(masks[i], float(iou[i, 0])) for i in range(len(boxes))]
 
     def from_points(self, points, together: bool) -> list[tuple[np.ndarray, float]]:
         """One mask for all points (together) or one per point. A single click is
         ambiguous (a part or the whole?), so SAM proposes three and the best is taken."""
         if together:
-            logits, iou, inputs = self._run(len(points) == 1, input_points=[[[list(p) for p in points]]],
-                                            input_labels=[[[1] * len(points)]])
+            logits, iou, sizes = self._run(len(points) == 1, input_points=[[[list(p) for p in points]]],
+                                           input_labels=[[[1] * len(points)]])
         else:
-            logits, iou, inputs = self._run(True, input_points=[[[list(p)] for p in points]], input_labels=[[[1]] * len(points)])
+            logits, iou, sizes = self._run(True, input_points=[[[list(p)] for p in points]], input_labels=[[[1]] * len(points)])
         best = iou.argmax(dim=1)
         picked = logits[range(len(best)), best]
-        masks = self._full_size(picked, inputs)
+        masks = self._full_size(picked, sizes)
         return [(masks[i], float(iou[i, best[i]])) for i in range(len(best))]
 
     def from_clicks(self, points, labels, box=None) -> tuple[np.ndarray, float]:
@@ -102,9 +123,9 @@ class Segmenter:
         if box is not None:
             prompts["input_boxes"] = [[list(map(float, box))]]
         multimask = len(points) == 1 and box is None  # one click (a negative one) is as ambiguous as ever
-        logits, iou, inputs = self._run(multimask, **prompts)
+        logits, iou, sizes = self._run(multimask, **prompts)
         best = int(iou[0].argmax())
-        return self._full_size(logits[:1, best], inputs)[0], float(iou[0, best])
+        return self._full_size(logits[:1, best], sizes)[0], float(iou[0, best])
 
     def automatic(self, grid: int, limit: int, batch: int = 64) -> list[tuple[np.ndarray, float]]:
         """Up to `limit` distinct segments from a grid x grid of clicks, largest first.
@@ -117,8 +138,8 @@ class Segmenter:
         width, height = self.image.size
         xs, ys = (np.arange(grid) + 0.5) * width / grid, (np.arange(grid) + 0.5) * height / grid
         clicks = [[[float(x), float(y)]] for y in ys for x in xs]
-        inputs = self.processor(images=self.image, input_points=[clicks], input_labels=[[[1]] * len(clicks)], return_tensors="pt")
-        rh, rw = (int(v) for v in inputs["reshaped_input_sizes"][0])
+        inputs = self.prompt_tensors(input_points=[clicks], input_labels=[[[1]] * len(clicks)])
+        rh, rw = (int(v) for v in self.sizes["reshaped_input_sizes"][0])
         scores, logits_kept, small_kept = [], [], []
         for start in range(0, len(clicks), batch):
             with torch.inference_mode():
@@ -150,5 +171,5 @@ class Segmenter:
         kept = sorted(kept, key=lambda i: -float(areas[i]))[:limit]
         if not kept:
             return []
-        masks = self._full_size(torch.cat(logits_kept)[kept].float(), inputs)
+        masks = self._full_size(torch.cat(logits_kept)[kept].float(), self.sizes)
         return [(masks[n], float(scores[i])) for n, i in enumerate(kept)]
