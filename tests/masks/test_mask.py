@@ -627,3 +627,47 @@ def test_prompts_are_scaled_as_sams_processor_scales_them(tiny_segmentation):
                 assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), (key, width, height)
             for key in ("original_sizes", "reshaped_input_sizes"):
                 assert torch.equal(segmenter.sizes[key], theirs[key])
+
+
+def test_a_loop_of_make_masks_loads_its_models_once(scene_files, tiny_segmentation, tmp_path, monkeypatch):
+    """A notebook's or a script's loop over photos loaded SAM and the detector for each
+    photo; they are kept for the next call with the same segmenter and device, give the
+    same masks as a fresh load, and a failed call keeps nothing."""
+    import shutil
+
+    from scenebreak import kept
+    from scenebreak.masks import masking
+
+    loads = []
+    for cls in (masking.Segmenter, masking.Detector):
+        original = cls.__init__
+
+        def counting(self, *args, _original=original, _name=cls.__name__, **kwargs):
+            loads.append(_name)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counting)
+    detector, segmenter = (str(p) for p in tiny_segmentation)
+    config = MaskConfig(detector=detector, segmenter=segmenter, threshold=0.0)
+
+    def masks(out, **kwargs):
+        run = make_masks(scene_files["image"], config=kwargs.pop("config", config), out_dir=tmp_path / out, **kwargs)
+        return [np.asarray(Image.open(p)) for p in run.paths]
+
+    first = masks("a", prompts=["red square"], boxes=["12,8,44,40"])
+    second = masks("b", prompts=["red square"], boxes=["12,8,44,40"])
+    clicks = masks("c", points=["20,20"])
+    assert loads == ["Detector", "Segmenter"]
+    assert all(np.array_equal(x, y) for x, y in zip(first, second))
+    kept.unload()
+    fresh = masks("d", prompts=["red square"], boxes=["12,8,44,40"])
+    assert loads == ["Detector", "Segmenter"] * 2 and all(np.array_equal(x, y) for x, y in zip(first, fresh))
+    assert np.array_equal(clicks[0], masks("e", points=["20,20"])[0])
+    with pytest.raises(InvalidInput, match="nothing matches"):
+        masks("f", prompts=["red square"], config=MaskConfig(detector=detector, segmenter=segmenter, threshold=1.0))
+    assert not kept.holding()  # (the failed call kept nothing: the next one loads afresh)
+    masks("f2", points=["20,20"])
+    assert loads.count("Segmenter") == 3
+    other = shutil.copytree(segmenter, tmp_path / "other-sam")
+    masks("g", points=["20,20"], config=MaskConfig(segmenter=str(other)))
+    assert loads[-1] == "Segmenter" and loads.count("Segmenter") == 4

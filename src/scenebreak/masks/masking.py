@@ -15,6 +15,7 @@ import numpy as np
 from ..config import MAX_LEARNED_HANDLES, MaskConfig, default_model
 from ..errors import InvalidInput, InvalidMask, fixable_failures
 from ..events import Message, Progress, Reporter, silent
+from .. import kept
 from ..hub import check_models_available, downloads_reported
 from ..paths import is_writable_folder
 from . import ops as maskops
@@ -25,6 +26,14 @@ from .segmenter import AUTO_MAX_COVER, Segmenter
 OVERLAP_LIMIT = 0.5  # report pairs sharing more than half of the smaller mask
 OVERLAP_WARNINGS = 10  # pairs named one by one; more are counted in one line
 MAX_INSTANCES = 16  # matches of one prompt merged by --all-instances, the best-scored first
+
+
+@dataclass
+class MaskModels:
+    """The models one make_masks call used, kept for the next (see kept.py)."""
+
+    segmenter: Segmenter | None = None
+    detector: Detector | None = None
 
 
 @dataclass
@@ -187,12 +196,21 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     with downloads_reported(report):
         check_models_available([(detector_ref, "detector", "--detector")] * bool(prompts)
                                + [(segmenter_ref, "segmenter", "--segmenter")])
+    # A loop of make_masks over photos (a notebook, a script) loads the models once: they
+    # are kept for the next call with the same segmenter on the same device (kept.py).
+    key = ("mask models", segmenter_ref, device.name)
+    models = kept.take(key) or MaskModels()
     detector = None
     if prompts:
-        report(Message(f"loading detector {detector_ref} on {device.name}"))
-        detector = Detector(detector_ref, device)
-    report(Message(f"loading segmenter {segmenter_ref} on {device.name}"))
-    segmenter = Segmenter(segmenter_ref, device)
+        if models.detector is None or models.detector.ref != detector_ref:
+            report(Message(f"loading detector {detector_ref} on {device.name}"))
+            models.detector = None  # (the other one's memory first)
+            models.detector = Detector(detector_ref, device)
+        detector = models.detector
+    if models.segmenter is None:
+        report(Message(f"loading segmenter {segmenter_ref} on {device.name}"))
+        models.segmenter = Segmenter(segmenter_ref, device)
+    segmenter = models.segmenter
 
     steps = len(prompts) + (1 if boxes else 0) + (1 if points else 0) + (1 if auto else 0) + 1
     done = 0
@@ -240,8 +258,12 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
         results += found
         tick()
 
-    return write_run(image_path, image, results, out_dir, report, detector_ref if prompts else None, segmenter_ref,
-                     force=force, threshold=detector.threshold(config.threshold) if detector else None)
+    run = write_run(image_path, image, results, out_dir, report, detector_ref if prompts else None, segmenter_ref,
+                    force=force, threshold=detector.threshold(config.threshold) if detector else None)
+    segmenter.forget_image()
+    kept.keep(key, models)  # (a failed call never gets here: what it half used goes)
+    return run
+
 
 
 def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> tuple[float, np.ndarray, list]:

@@ -42,6 +42,10 @@ class Segmenter:
         # The photo's size and the size it was scaled to: what maps prompts in and masks out.
         self.sizes = {key: inputs[key] for key in ("original_sizes", "reshaped_input_sizes")}
 
+    def forget_image(self) -> None:
+        """Let the photo and its embedding go (a kept segmenter waits for the next photo)."""
+        self.image = self.embeddings = self.sizes = self.pad = None
+
     def prompt_tensors(self, input_points=None, input_labels=None, input_boxes=None) -> dict:
         """Prompts as SAM's processor makes them: coordinates scaled from the photo to the
         frame its embedding saw (x by new width / width, y by new height / height, in
