@@ -77,7 +77,8 @@ def family_of_configs(configs: dict) -> str | None:
     return found[1] if found else None
 
 
-def _read(path: Path) -> dict:
+def json_object(path: Path) -> dict:
+    """The JSON object in `path`; {} where there is none (loading says what is wrong)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -89,9 +90,9 @@ def detect_family(folder: Path, what: str) -> Family:
     """The family of the diffusers folder `folder` (`what` names it in messages), or
     InvalidInput naming the families scenebreak supports."""
     folder = Path(folder)
-    index, text = _read(folder / "model_index.json"), _read(folder / "text_encoder" / "config.json")
+    index, text = json_object(folder / "model_index.json"), json_object(folder / "text_encoder" / "config.json")
     parts = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
-    denoiser = next((config for name in DENOISER_FOLDERS if (config := _read(folder / name / "config.json"))), {})
+    denoiser = next((config for name in DENOISER_FOLDERS if (config := json_object(folder / name / "config.json"))), {})
     name = index.get("_class_name", "")
     if isinstance(name, list):  # a custom pipeline: ["module", "ClassName"]
         name = str(name[-1]) if name else ""
@@ -106,5 +107,5 @@ def detect_family(folder: Path, what: str) -> Family:
     if other or found is None:
         raise InvalidInput(f"{what} is {other or 'of no family scenebreak knows'}: scenebreak learns scenes on "
                            f"{SUPPORTED_TEXT} base models (e.g. {EXAMPLES})")
-    scheduler = next((_read(p) for p in sorted((folder / "scheduler").glob("*.json"))), {})
+    scheduler = next((json_object(p) for p in sorted((folder / "scheduler").glob("*.json"))), {})
     return found[0](found[1], scheduler.get("prediction_type", "epsilon"))

@@ -146,15 +146,6 @@ def weight_files(part: Path) -> list[Path]:
     return sorted(p for p in part.iterdir() if _WEIGHTS.fullmatch(p.name)) if part.is_dir() else []
 
 
-def _json_object(path: Path) -> dict:
-    """The JSON object in `path`; {} where there is none (loading says what is wrong)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def load_text_encoder(cls, part: Path, **kwargs):
     """`cls.from_pretrained(part, **kwargs)`, also where the files name CLIPTextModel's
     weights as the other major version of transformers does (versions.py): transformers
@@ -380,7 +371,7 @@ def load_components(base_model: str, revision: str | None = None,
     quiet_libraries()
     from diffusers import AutoencoderKL
 
-    from . import detect_family, pool_at_end_of_text
+    from . import detect_family, json_object, pool_at_end_of_text
 
     folder, commit = resolved or resolve_model_dir(base_model, revision)
     family = detect_family(folder, f"the base model {base_model}")
@@ -402,7 +393,7 @@ def load_components(base_model: str, revision: str | None = None,
         for name in family.tokenizers:
             cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
             cls = tokenizer_class_for(cls, {p.name for p in (folder / name).iterdir()})  # (saved by transformers 5)
-            overrides = tokenizer_overrides(_json_object(folder / name / "tokenizer_config.json"))
+            overrides = tokenizer_overrides(json_object(folder / name / "tokenizer_config.json"))
             tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length, **overrides))
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     for model in (denoiser, vae, *text_encoders):
