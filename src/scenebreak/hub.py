@@ -267,3 +267,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     # torch's note that an RMS norm under bf16 autocast (T5's, FLUX's) runs unfused: harmless.
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+    # transformers 4's SamProcessor passing its own `point_pad_value` to its image processor,
+    # which ignores it (fixed in 5): noise, nothing the user did.
+    warnings.filterwarnings("ignore", message="The following named arguments are not valid for `SamImageProcessor")
