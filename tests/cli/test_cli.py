@@ -103,6 +103,8 @@ def test_generate_cli_paths_json_prompts_file_and_errors(learned, tmp_path):
     data = json.loads(result.stdout)
     assert [i["prompt"] for i in data["images"]] == ["<asset1> in the snow", "a photo of <asset2>"]
     assert data["paths"] == [i["path"] for i in data["images"]]  # what the plain output lists, as in every command
+    # How they were made, the defaults filled in (SD's sampler and guidance, not given here).
+    assert data["settings"] == {"scheduler": "dpm", "steps": 2, "guidance": 7.5, "negative": None}
 
     result = run("generate", learned.path, "<asset9> on the moon", "--out-dir", out)
     assert result.exit_code == 2 and "<asset1>, <asset2>" in result.stderr

@@ -38,12 +38,16 @@ class GenerateResult:
     scene: str
     images: list[GeneratedImage] = field(default_factory=list)
     seconds: float = 0.0
+    # How the images were made, the family's defaults filled in (a script that left
+    # --steps or --guidance out learns what they were): scheduler, steps, guidance, negative.
+    settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "scene": self.scene,
             "images": [{"path": str(i.path), "prompt": i.prompt, "seed": i.seed, "kind": i.kind} for i in self.images],
             "seconds": round(self.seconds, 2),
+            "settings": self.settings,
         }
 
 
@@ -61,7 +65,9 @@ class SamplingRun:
 
     def result(self, images: list[GeneratedImage]) -> GenerateResult:
         self.put_back()
-        return GenerateResult(self.scene.name, images, time.perf_counter() - self.started)
+        settings = {"scheduler": self.config.scheduler, "steps": self.config.steps, "guidance": self.config.guidance,
+                    "negative": self.config.negative}
+        return GenerateResult(self.scene.name, images, time.perf_counter() - self.started, settings)
 
     def put_back(self) -> None:
         """The pipeline kept for the next call with this scene (the work ended at a clean
