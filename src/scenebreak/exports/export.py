@@ -294,7 +294,7 @@ def _tokenizers_for_either_transformers(folder: Path, names) -> None:
     for name in names:
         files = {p.name for p in (folder / name).iterdir()}
         library, cls = index.get(name) or (None, None)
-        if library == "transformers" and cls and tokenizer_class_name_for(cls, files) != cls:
+        if library == "transformers" and cls:
             index[name] = [library, tokenizer_class_name_for(cls, files)]
         config_path = folder / name / "tokenizer_config.json"
         if config_path.exists():

@@ -265,7 +265,6 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     return run
 
 
-
 def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> tuple[float, np.ndarray, list]:
     """The detector's score, SAM's mask (not yet cleaned) of the object `prompt` names,
     and the detector's boxes it was made from; NothingMatches where none passes."""

@@ -49,8 +49,9 @@ class Segmenter:
     def prompt_tensors(self, input_points=None, input_labels=None, input_boxes=None) -> dict:
         """Prompts as SAM's processor makes them: coordinates scaled from the photo to the
         frame its embedding saw (x by new width / width, y by new height / height, in
-        float64, boxes from float32, as it does). The processor would preprocess the whole photo again for each
-        click (at 50 megapixels a 150 MB array and a resize) only to read those sizes."""
+        float64, boxes from float32, as it does). The processor would preprocess the
+        whole photo again for each click (at 50 megapixels a 150 MB array and a resize)
+        only to read those sizes."""
         import torch
 
         (height, width), (new_height, new_width) = (tuple(int(v) for v in self.sizes[key][0])
@@ -76,19 +77,20 @@ class Segmenter:
         return tensor.to(self.device.torch)
 
     def _run(self, multimask: bool, **prompts):
-        """Low-resolution logits (objects, masks, h, w), IoU estimates and the sizes
-        that map them back to the photo."""
+        """Low-resolution logits (objects, masks, h, w) and IoU estimates (the photo's
+        sizes, which map them back to it, are `self.sizes`)."""
         import torch
 
         extra = {k: self._on_device(v) for k, v in self.prompt_tensors(**prompts).items()}
         with torch.inference_mode():
             out = self.model(image_embeddings=self.embeddings, multimask_output=multimask, **extra)
-        return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu(), self.sizes
+        return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu()
 
-    def _full_size(self, logits, sizes) -> np.ndarray:
+    def _full_size(self, logits) -> np.ndarray:
         """(objects, h, w) low-resolution logits -> (objects, H, W) uint8 masks, one at a
         time: the processor scales them up in float32, 200 MB a mask at 50 megapixels,
         which for --auto's dozens of candidates at once was gigabytes."""
+        sizes = self.sizes
         height, width = (int(v) for v in sizes["original_sizes"][0])
         masks = np.empty((len(logits), height, width), np.uint8)
         for i in range(len(logits)):
@@ -98,21 +100,21 @@ class Segmenter:
         return masks
 
     def from_boxes(self, boxes) -> list[tuple[np.ndarray, float]]:
-        logits, iou, sizes = self._run(False, input_boxes=[[list(map(float, b)) for b in boxes]])
-        masks = self._full_size(logits[:, 0], sizes)
+        logits, iou = self._run(False, input_boxes=[[list(map(float, b)) for b in boxes]])
+        masks = self._full_size(logits[:, 0])
         return [(masks[i], float(iou[i, 0])) for i in range(len(boxes))]
 
     def from_points(self, points, together: bool) -> list[tuple[np.ndarray, float]]:
         """One mask for all points (together) or one per point. A single click is
         ambiguous (a part or the whole?), so SAM proposes three and the best is taken."""
         if together:
-            logits, iou, sizes = self._run(len(points) == 1, input_points=[[[list(p) for p in points]]],
-                                           input_labels=[[[1] * len(points)]])
+            logits, iou = self._run(len(points) == 1, input_points=[[[list(p) for p in points]]],
+                                    input_labels=[[[1] * len(points)]])
         else:
-            logits, iou, sizes = self._run(True, input_points=[[[list(p)] for p in points]], input_labels=[[[1]] * len(points)])
+            logits, iou = self._run(True, input_points=[[[list(p)] for p in points]], input_labels=[[[1]] * len(points)])
         best = iou.argmax(dim=1)
         picked = logits[range(len(best)), best]
-        masks = self._full_size(picked, sizes)
+        masks = self._full_size(picked)
         return [(masks[i], float(iou[i, best[i]])) for i in range(len(best))]
 
     def from_clicks(self, points, labels, box=None) -> tuple[np.ndarray, float]:
@@ -127,9 +129,9 @@ class Segmenter:
         if box is not None:
             prompts["input_boxes"] = [[list(map(float, box))]]
         multimask = len(points) == 1 and box is None  # one click (a negative one) is as ambiguous as ever
-        logits, iou, sizes = self._run(multimask, **prompts)
+        logits, iou = self._run(multimask, **prompts)
         best = int(iou[0].argmax())
-        return self._full_size(logits[:1, best], sizes)[0], float(iou[0, best])
+        return self._full_size(logits[:1, best])[0], float(iou[0, best])
 
     def automatic(self, grid: int, limit: int, batch: int = 64) -> list[tuple[np.ndarray, float]]:
         """Up to `limit` distinct segments from a grid x grid of clicks, largest first.
@@ -175,5 +177,5 @@ class Segmenter:
         kept = sorted(kept, key=lambda i: -float(areas[i]))[:limit]
         if not kept:
             return []
-        masks = self._full_size(torch.cat(logits_kept)[kept].float(), self.sizes)
+        masks = self._full_size(torch.cat(logits_kept)[kept].float())
         return [(masks[n], float(scores[i])) for n, i in enumerate(kept)]
