@@ -273,3 +273,16 @@ def test_lora_phase1_compares_adapters_off_with_peft_and_saves_the_table(monkeyp
     import scenebreak.train.trainer as trainer
 
     assert trainer.Trainer._adapters_for.__name__ == "_adapters_for"  # put back after the second row
+
+
+def test_mask_click_times_both_ways_and_saves_the_table(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mask_click
+
+    rows = mask_click.main(["--megapixels", "0.05", "--clicks", "1", "--results-dir", str(tmp_path)])
+    assert len(rows) == 1 and rows[0]["kept_sizes_ms"] > 0 and rows[0]["processor_per_click_ms"] > 0
+    table = (tmp_path / "mask_click-cpu.md").read_text()
+    assert "processor per click" in table and rows[0]["photo"] in table
