@@ -41,7 +41,7 @@ def with_model_key_names(state: dict, model_keys) -> dict:
     if all(prefixed) and not any(model_prefixed):  # written under transformers 4, read under 5
         return {name.removeprefix(CLIP_TEXT_PREFIX): value for name, value in state.items()}
     if not any(prefixed) and all(model_prefixed):  # written under 5, read under 4
-        return {CLIP_TEXT_PREFIX + name: value for name, value in state.items()}
+        return with_hub_names(state)
     return state
 
 
