@@ -321,6 +321,49 @@ def test_a_page_acting_on_a_photo_another_tab_replaced_is_told_to_reload(ui, sce
     assert ui.ok("/api/mask", {"id": "1", "points": [[20, 20]], "photo": page_b})["area"] > 0
 
 
+def test_photo_after_photo_loads_segment_anything_and_the_detector_once(ui, scene_files, monkeypatch):
+    """Each photo opened on the page loaded SAM again (seconds on a GPU, more on a CPU),
+    with the last photo's SAM still held while it did; the last session now hands its
+    models to the next, which then gives the masks a fresh load gives. A session closed
+    meanwhile answers no click: the tab that sent it is told to reload."""
+    import shutil
+
+    from scenebreak import kept
+    from scenebreak.masks import detector, segmenter
+    from scenebreak.masks.session import SessionClosed
+
+    loads = []
+    for cls in (segmenter.Segmenter, detector.Detector):
+        original = cls.__init__
+
+        def counting(self, *args, _original=original, _name=cls.__name__, **kwargs):
+            loads.append(_name)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counting)
+    first = scene_files["image"]
+    second = first.parent / "other.png"
+    shutil.copy(first, second)
+    asks = [{"id": "1", "points": [[20, 20]]}, {"id": "2", "words": "red square"}]
+    masks = []
+    for photo in (first, second, first):
+        open_photo(ui, photo)
+        masks.append([ui.ok("/api/mask", ask)["png"] for ask in asks])
+    assert loads == ["Segmenter", "Detector"]
+    old = ui.server.app.session
+    ui.server.app.session.close()  # as if another tab had opened a photo meanwhile
+    with pytest.raises(SessionClosed):
+        old.mask("x", [(20, 20)])
+    ui.server.app.session = old  # (the closed one still the open one, mid-way through a photo's opening)
+    status, data = ui.json("/api/mask", asks[0])
+    assert status == 409 and "another photo was opened meanwhile" in data["error"], data
+    kept.unload()
+    open_photo(ui, first)
+    masks.append([ui.ok("/api/mask", ask)["png"] for ask in asks])
+    assert loads == ["Segmenter", "Detector", "Segmenter", "Detector"]
+    assert all(m == masks[0] for m in masks), "the kept models gave other masks than a fresh load"
+
+
 def test_words_during_a_learn_on_a_gpu_wait_rather_than_load_the_detector_there(ui, scene_files):
     """The detector would load onto the GPU a running learn planned its memory on."""
     from scenebreak.device import Device

@@ -10,13 +10,14 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from .. import kept
 from ..config import MaskConfig, default_model
 from ..errors import InvalidInput
 from ..events import Message, Progress, Reporter, silent
 from . import ops as maskops
 from .files import MaskResult, check_outputs, output_paths
-from .masking import (MaskRun, check_count, check_inside, check_one_object, check_writable, cleaned_result, find_object,
-                      parse_box, write_run)
+from .masking import (MaskModels, MaskRun, check_count, check_inside, check_one_object, check_writable, cleaned_result,
+                      find_object, parse_box, write_run)
 
 MAX_CLICKS = 64  # clicks on one object; SAM takes a handful
 # SAM ViT-B (facebook/sam-vit-base's shape) on one core of a 2-core Xeon, torch 2.13:
@@ -24,6 +25,10 @@ MAX_CLICKS = 64  # clicks on one object; SAM takes a handful
 # of a second (SAM's paper: ~0.15 s for its largest encoder, ViT-H, on an A100).
 CPU_NOTE = ("embedding the photo once (SAM ViT-B: about 20 s on one CPU core, less with more cores); "
             "each click after that decodes in a fraction of a second")
+
+
+class SessionClosed(InvalidInput):
+    """A prompt or a save reached a session closed meanwhile (another photo opened)."""
 
 
 class MaskSession:
@@ -47,9 +52,16 @@ class MaskSession:
         self.segmenter_ref = self.config.segmenter or default_model("segmenter")
         with downloads_reported(report):
             check_models_available([(self.segmenter_ref, "segmenter", "--segmenter")])
-        report(Message(f"loading segmenter {self.segmenter_ref} on {self.device.name}"))
-        self.segmenter = Segmenter(self.segmenter_ref, self.device)
-        self.detector = None
+        # The last photo's models, if it closed (`close`) with the same segmenter on the same
+        # device: a page opening photo after photo loads SAM once (kept.py).
+        self.key = ("mask models", self.segmenter_ref, self.device.name)
+        self.models = kept.take(self.key) or MaskModels()
+        if self.models.segmenter is None:
+            report(Message(f"loading segmenter {self.segmenter_ref} on {self.device.name}"))
+            self.models.segmenter = Segmenter(self.segmenter_ref, self.device)
+        self.segmenter = self.models.segmenter
+        ref = self.config.detector or default_model("detector")
+        self.detector = self.models.detector if self.models.detector and self.models.detector.ref == ref else None
         self.lock = threading.Lock()
         if self.device.type == "cpu":
             report(Message(CPU_NOTE))
@@ -84,6 +96,7 @@ class MaskSession:
             raise InvalidInput("nothing to segment: click on the object, draw a box around it, or describe it in words")
         check_inside(points, [box] if box is not None else [], self.size)
         with self.lock:
+            self._check_open()
             if words:
                 score, raw, found = find_object(self._detector(report), self.segmenter, self.image, words, self.config)
                 return cleaned_result(label, "prompt", score, raw, self.min_area, self.config, found)
@@ -101,8 +114,24 @@ class MaskSession:
             with downloads_reported(report):
                 check_models_available([(ref, "detector", "--detector")])
             report(Message(f"loading detector {ref} on {self.device.name}"))
-            self.detector = Detector(ref, self.device)
+            self.models.detector = None  # (another detector's memory first)
+            self.detector = self.models.detector = Detector(ref, self.device)
         return self.detector
+
+    def close(self) -> None:
+        """Let the photo's embedding go and keep its models for the next photo's session
+        (kept.py: whatever else was kept goes). Waits for a prompt decoding now; the
+        session answers no prompt after."""
+        with self.lock:
+            if self.segmenter is None:
+                return
+            self.segmenter.forget_image()
+            models, self.models, self.segmenter, self.detector = self.models, None, None, None
+        kept.keep(self.key, models)
+
+    def _check_open(self) -> None:
+        if self.segmenter is None:
+            raise SessionClosed(f"{self.image_path.name} was closed: another photo was opened")
 
     def save(self, results: list[MaskResult], out_dir=None, report: Reporter = silent) -> MaskRun:
         """Write the masks and their preview as `mask` does: STEM.mask1.png ... in order,
@@ -113,8 +142,10 @@ class MaskSession:
         out_dir = Path(out_dir) if out_dir is not None else self.image_path.parent
         check_writable(out_dir)
         check_outputs(output_paths(self.image_path, out_dir, len(results)))
-        prompted = any(r.source == "prompt" for r in results) and self.detector is not None
-        detector = (self.config.detector or default_model("detector")) if prompted else None
-        threshold = self.detector.threshold(self.config.threshold) if prompted else None
+        with self.lock:
+            self._check_open()
+            prompted = any(r.source == "prompt" for r in results) and self.detector is not None
+            detector = (self.config.detector or default_model("detector")) if prompted else None
+            threshold = self.detector.threshold(self.config.threshold) if prompted else None
         return write_run(self.image_path, self.image, results, out_dir, report, detector, self.segmenter_ref,
                          threshold=threshold)

@@ -248,9 +248,12 @@ class App:
                                "make it smaller first")
 
         def work(report, should_stop):
-            from .. import kept
-
-            kept.unload()  # (the last scene's models, kept for more images: a new photo makes the next scene)
+            # The last photo closes first: its models wait in the keeper for this one (and the
+            # last scene's, kept for more images, go: a new photo makes the next scene).
+            with self.lock:
+                last, self.session, self.masks = self.session, None, {}
+            if last is not None:
+                last.close()
             session = MaskSession(resolved, self.mask_config, report)
             with self.lock:
                 self.session, self.masks = session, {}
@@ -303,6 +306,9 @@ class App:
         would then be of the wrong photo (of the same size, nothing else would tell)."""
         session = self.session
         if session is None:
+            with self.lock:
+                if self.job and self.job.running and self.job.kind == "photo":
+                    raise Busy("a photo is being opened: wait for it")
             raise InvalidInput("open a photo first")
         if photo is not None and str(photo) != str(session.image_path):
             raise OtherPhoto(f"another photo ({session.image_path.name}) was opened since, in another tab or window: "
@@ -326,7 +332,12 @@ class App:
                     # Loading the detector now would take GPU memory a running learn planned with.
                     raise Busy(f"finding an object by words loads a detector onto {session.device.name}, which "
                                f"{self.job.kind} is using: click on the object, or wait for {self.job.kind} to end")
-        result = session.mask(f"object {object_id}", points, labels, box, words)
+        from ..masks.session import SessionClosed
+
+        try:
+            result = session.mask(f"object {object_id}", points, labels, box, words)
+        except SessionClosed:
+            raise OtherPhoto("another photo was opened meanwhile (in another tab or window?): reload this page") from None
         with self.lock:
             if session is not self.session:  # another photo was opened meanwhile: this mask is of the old one
                 raise OtherPhoto("another photo was opened meanwhile (in another tab or window?): reload this page")
@@ -350,8 +361,13 @@ class App:
                 raise InvalidInput(f"object {item.get('name') or key!r} has no mask yet: click on it first")
             label = str(item.get("name") or f"object {len(results) + 1}").strip()[:80]
             results.append(dataclasses.replace(self.masks[key], label=label, path=None))
+        from ..masks.session import SessionClosed
+
         folder = self.confined(out_dir, "folder") if out_dir else self.out_dir
-        return session.save(results, folder).to_dict()
+        try:
+            return session.save(results, folder).to_dict()
+        except SessionClosed:
+            raise OtherPhoto("another photo was opened meanwhile (in another tab or window?): reload this page") from None
 
     def learn(self, masks: list[str], settings: dict | None = None, name: str | None = None, base_model: str | None = None,
               resume: bool = False, force: bool = False, photo: str | None = None) -> dict:
