@@ -205,3 +205,50 @@ def test_a_photo_the_page_cannot_show_says_why(browser, ui):
         "const done = arguments[arguments.length - 1]; loadPhoto('/etc/hostname.png').then(() => done('shown'), "
         "(error) => done(error.message));")
     assert said.startswith("cannot show /etc/hostname.png: ") and "outside the folders" in said, said
+
+
+def test_a_learn_that_ends_while_the_page_reloads_is_shown_as_it_ended(browser, ui, monkeypatch):
+    """A reload follows a running job, but one that ended before the reloaded page asked
+    was lost: no "Learned ..." line, no scene chosen (and a failed learn's reason and
+    --resume hint never shown). The tab's job is replayed now, once."""
+    import threading
+
+    from scenebreak.train import learn as learn_module
+
+    release = threading.Event()
+    real_learn = learn_module.learn
+
+    def held_learn(*args, **kwargs):  # ends only once the page has gone
+        result = real_learn(*args, **kwargs)
+        assert release.wait(WAIT)
+        return result
+
+    monkeypatch.setattr(learn_module, "learn", held_learn)
+    by_id = lambda name: browser.find_element("id", name)  # noqa: E731
+    browser.get(ui.server.url)
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('canvas').width") == 96, "the photo")
+    canvas = by_id("canvas")
+    canvas.click()
+    wait_for(browser, lambda d: canvas.get_attribute("data-masks") == "1", "the mask")
+    by_id("save").click()
+    wait_for(browser, lambda d: d.find_elements("css selector", "#saved li"), "the saved masks")
+    browser.execute_script("document.querySelector('#learn-settings').parentElement.open = true")
+    for name, value in (("steps1", "2"), ("steps2", "1")):
+        by_id(f"learn-settings-{name}").send_keys(value)
+    by_id("learn-settings-prior").click()
+    by_id("scene-name").send_keys("away")
+    by_id("learn").click()
+    wait_for(browser, lambda d: by_id("job-text").text.startswith(("learn", "phase")), "the learn followed")
+
+    browser.get("about:blank")  # the page is gone while the learn ends
+    release.set()
+    assert ui.wait()[-1]["state"] == "done"
+    browser.get(ui.server.url)
+    wait_for(browser, lambda d: "Learned <asset1> in away" in by_id("learned").text, "the ended learn shown")
+    assert by_id("scene").get_attribute("value") == "away"
+    assert "phase 2: 1/1" in by_id("log").text
+    assert browser.find_element("tag name", "body").get_attribute("data-job") == "done"
+
+    browser.refresh()  # shown once: a later reload is a page like any other
+    wait_for(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-loaded") == "yes", "the page")
+    assert by_id("learned").text == "" and by_id("job").get_attribute("hidden")

@@ -92,8 +92,23 @@ const finished = {
   },
 };
 
+// The job this tab follows, kept across a reload: one that ends while the page reloads is
+// still shown (its records are replayed: a learn's scene, a failure and its hint). Kept with
+// the server's token: a restarted server numbers its jobs afresh.
+const FOLLOWED = "scenebreak:job";
+
+function followed() {
+  try {
+    const job = JSON.parse(sessionStorage.getItem(FOLLOWED));
+    return job && job.token === token ? job : null;
+  } catch (error) {
+    return null;
+  }
+}
+
 function watch(job) {
   if (page.stream) page.stream.close();
+  sessionStorage.setItem(FOLLOWED, JSON.stringify({ token, id: job.id, kind: job.kind, cancellable: job.cancellable }));
   busy(true);
   page.stopping = false;
   $("job").hidden = false;
@@ -120,8 +135,12 @@ function watch(job) {
       log(record.text, record.level);
     } else if (record.type === "state") {
       stopWatching(stream, record.state);
+      if ((followed() || {}).id === job.id) sessionStorage.removeItem(FOLLOWED);
       $("job-text").textContent = `${record.job}: ${record.state}`;
-      if (record.state === "done") {
+      if (record.state === "unknown" && job.replayed) {  // ended during the reload, so long ago it is forgotten
+        $("job-text").textContent = `${job.kind}: ended while the page reloaded`;
+        log(`${job.kind} ended while the page reloaded; its result is no longer known here`, "warning");
+      } else if (record.state === "done") {
         $("job-bar").max = 1;
         $("job-bar").value = 1;
         act(async () => finished[record.job](record.result))();
@@ -774,10 +793,15 @@ window.addEventListener("DOMContentLoaded", act(async () => {
   if (state.out_dir) $("out-dir").placeholder = state.out_dir;
   const name = state.photo ? state.photo.split(/[\\/]/).pop() : null;
   await Promise.all([loadPhotos(name), loadScenes()]);
-  // A reload while something runs: the open photo back, and the job's progress followed.
+  // A reload while something runs: the open photo back, and the job's progress followed;
+  // the job this tab followed, if it ended meanwhile, shown as it ended (a photo's is shown
+  // by the photo itself).
   if (state.ready) await loadPhoto(state.photo);
+  const mine = followed();
   if (state.job && state.job.state === "running") {
     watch(state.job);
+  } else if (mine && !(mine.kind === "photo" && state.ready)) {
+    watch({ ...mine, replayed: true });
   } else if (!state.ready && state.photo) {
     await start("/api/open", { path: state.photo });
   }
