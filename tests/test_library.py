@@ -117,7 +117,7 @@ def test_learn_leaves_torchs_matmul_precision_as_it_found_it(scene_files, tiny_m
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as on CUDA
+        trainer_module.allow_tf32()  # as on CUDA
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -128,6 +128,26 @@ def test_learn_leaves_torchs_matmul_precision_as_it_found_it(scene_files, tiny_m
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch before 2.9")
+def test_learn_after_torchs_newer_tf32_settings_runs_and_keeps_them(scene_files, tiny_model):
+    """A caller who set TF32 the way torch 2.9 on asks (`fp32_precision`, also what
+    transformers' helpers set) got a RuntimeError ("mix of the legacy and new APIs") from
+    learn on any device: it read the older flags to put them back."""
+    switches = [torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn, torch.backends.cudnn.conv,
+                torch.backends.cudnn.rnn]
+    before = [switch.fp32_precision for switch in switches]
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        scenebreak.learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                         base_model=str(tiny_model), name="tf32-new", device="cpu")
+        assert [switch.fp32_precision for switch in switches] == [before[0], "ieee", before[2], "ieee", before[4]]
+    finally:
+        for switch, value in zip(switches, before):
+            switch.fp32_precision = value
+    assert not torch.backends.cuda.matmul.allow_tf32  # (the older flags readable again for the tests after)
 
 
 def test_learn_never_reseeds_the_gpus_random_numbers(scene_files, tiny_model, monkeypatch):

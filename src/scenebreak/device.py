@@ -79,6 +79,49 @@ def run_in_fp32(module, device_type: str) -> None:
     module.forward, module._scenebreak_fp32 = fp32_forward, True
 
 
+def _tf32_switches() -> list:
+    """The objects whose `fp32_precision` torch (2.9 on) sets TF32 by, or None before it."""
+    import torch
+
+    backends = torch.backends
+    if not hasattr(backends.cuda.matmul, "fp32_precision"):
+        return None
+    return [backends, backends.cuda.matmul, backends.cudnn, backends.cudnn.conv, backends.cudnn.rnn]
+
+
+def allow_tf32() -> None:
+    """fp32 matrix products and convolutions in TF32 on CUDA (the others' precision is
+    left). Through torch's newer settings where it has them: after a caller set those,
+    the older flags fail even to be read ("mix of the legacy and new APIs")."""
+    import torch
+
+    if _tf32_switches() is not None:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def tf32_settings_kept():
+    """torch's TF32 settings as they were before the block, after it (a Python caller's
+    own work after `learn`), read and written through the same settings the block uses."""
+    import torch
+
+    switches = _tf32_switches()
+    if switches is not None:
+        kept = [(switch, switch.fp32_precision) for switch in switches]
+    else:
+        kept = [(torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32),
+                (torch.backends.cudnn, torch.backends.cudnn.allow_tf32)]
+    try:
+        yield
+    finally:
+        for switch, value in kept:
+            setattr(switch, "fp32_precision" if switches is not None else "allow_tf32", value)
+
+
 @functools.cache
 def _mps_autocast() -> bool:
     import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import kept
 from ..config import LearnConfig, default_base_model
-from ..device import Device, choose_device, precision_name
+from ..device import Device, choose_device, precision_name, tf32_settings_kept
 from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError, fixable_failures, is_out_of_memory
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
@@ -292,7 +292,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     # Before the class images, which the text encoders condition too (FLUX.1's T5 in fp16).
     hold_in_fp32(components.text_encoders, amp_dtype, device.type)
     stop = StopFlag(also=should_stop)
-    with _out_of_memory_in_one_line(plan, device), _cuda_precision_kept():
+    with _out_of_memory_in_one_line(plan, device), tf32_settings_kept():
         with catch_interrupts(stop, report):
             class_images = []
             if config.prior:
@@ -350,19 +350,6 @@ def _scene_or_nothing(path: Path) -> bool:
     except BundleError:
         return False
     return True
-
-
-@contextlib.contextmanager
-def _cuda_precision_kept():
-    """The trainer lets fp32 matmuls run in TF32 on CUDA; a Python caller's own work after
-    `learn` gets the settings it had before."""
-    import torch
-
-    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
 
 
 @contextlib.contextmanager

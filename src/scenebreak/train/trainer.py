@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import LearnConfig
-from ..device import Device, hold_in_fp32, precision_name
+from ..device import Device, allow_tf32, hold_in_fp32, precision_name
 from ..errors import InvalidInput
 from ..families import vae_normalisation
 from ..families.versions import with_model_key_names
@@ -145,8 +145,7 @@ class Trainer:
         for model in components.models():
             model.to(dev)
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
-            torch.backends.cudnn.allow_tf32 = True
+            allow_tf32()  # fp32 matmuls outside autocast (learn puts the caller's settings back)
             components.denoiser.to(memory_format=torch.channels_last)
         # No dropout in the text encoders: CLIP has none, but T5 (FLUX.1) drops 10%, drawn
         # from torch's global generator, so a run could not be repeated or resumed exactly
