@@ -229,6 +229,24 @@ def test_a_lossy_extraction_reports_what_diffusers_then_loads(full_scene, tiny_m
     assert per_layer[worst_key] == pytest.approx(report.worst[1], abs=1e-4)
 
 
+def test_an_extraction_is_repeatable_and_never_reseeds_the_gpus_random_numbers(full_scene, tmp_path, monkeypatch):
+    """The randomized SVD is seeded for a repeatable file with torch.manual_seed, which
+    reseeded every GPU's generator too (fork_rng gave back only the CPU's): a caller's
+    own noise on the GPU after an export was seed 0's."""
+    reseeded, randomized = [], []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    real_svd = torch.svd_lowrank
+    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **k: randomized.append(1) or real_svd(*a, **k))
+    torch.manual_seed(1234)
+    follows = torch.rand(3)
+    torch.manual_seed(1234)
+    files = [load_file(export(full_scene, tmp_path / name, "a1111", rank=2).paths[0]) for name in ("a", "b")]
+    assert randomized and reseeded == [1234, 1234]  # (the test's own seedings alone)
+    assert torch.equal(torch.rand(3), follows)  # the CPU's generator given back
+    assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+
 def test_a_full_sdxl_scene_round_trips_in_both_text_encoders(full_sdxl, tiny_sdxl, tmp_path):
     result = export(full_sdxl, tmp_path / "a1111", "a1111")
     assert result.lora.kept > 0.9999

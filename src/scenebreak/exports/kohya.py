@@ -256,7 +256,11 @@ def _truncated_svd(diff, rank: int, dtype) -> tuple[LoraLayer, float]:
         v = vh.mT
     else:
         with torch.random.fork_rng(devices=[matrix.get_device()] if matrix.is_cuda else []):  # (restored after)
-            torch.manual_seed(0)
+            # The generator svd_lowrank draws from, alone: torch.manual_seed reseeds every
+            # GPU's too, which fork_rng does not give back (a caller's GPU noise after an
+            # export was seed 0's).
+            (torch.cuda.default_generators[matrix.get_device()] if matrix.is_cuda
+             else torch.default_generator).manual_seed(0)
             u, s, v = torch.svd_lowrank(matrix, q=r + 16, niter=4)
     root = s[:r].sqrt()
     up = u[:, :r] * root
