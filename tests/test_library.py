@@ -7,6 +7,7 @@ count, and `learn` leaves torch's process-wide settings as it found them."""
 from __future__ import annotations
 
 import errno
+import os
 
 import numpy as np
 import pytest
@@ -260,3 +261,32 @@ def test_running_out_of_memory_frees_what_the_failed_call_held():
         gc.enable()
     assert out_of_memory.value.__cause__ is not None and refs[0]() is None
     assert bug.value.__traceback__ is not None and refs[1]() is not None
+
+
+def test_the_library_bars_it_quiets_can_be_brought_back(tmp_path):
+    """The first call quiets diffusers', transformers' and the hub's bars for the process,
+    and the docs say transformers' `logging.enable_progress_bar()` brings them back; but
+    it also set HF_HUB_DISABLE_PROGRESS_BARS=1, which the hub reads once at import and
+    puts above any call ("Cannot enable progress bars"), and which every child process
+    inherited. (A fresh interpreter: the hub must not be imported before.)"""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, warnings\n"
+        "from scenebreak.hub import quiet_libraries\n"
+        "assert 'huggingface_hub' not in sys.modules\n"
+        "quiet_libraries()\n"
+        "import huggingface_hub.utils as hub\n"
+        "from transformers.utils import logging\n"
+        "assert hub.are_progress_bars_disabled()\n"
+        "assert 'HF_HUB_DISABLE_PROGRESS_BARS' not in os.environ\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error')\n"
+        "    logging.enable_progress_bar()\n"
+        "assert not hub.are_progress_bars_disabled()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -257,7 +257,6 @@ def quiet_libraries() -> None:
     import warnings
 
     quiet_bitsandbytes()  # first: importing diffusers below may import it
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
