@@ -232,17 +232,26 @@ def test_compiling_only_the_repeated_blocks_keeps_the_plain_steps_losses(monkeyp
     plain = list(losses)
     losses.clear()
 
+    settings = lambda: (os.environ.get("TORCHINDUCTOR_CACHE_DIR"), torch._dynamo.config.recompile_limit)  # noqa: E731
+    during = []
+
     def check(trainer):
         assert trainer.losses_fn == trainer.step_losses and not trainer.cuda_graphs
+        during.append(settings())
 
     compile_from_now_on(monkeypatch, check)
     monkeypatch.setenv("SCENEBREAK_COMPILE_SCOPE", "blocks")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    before = settings()
     torch._dynamo.reset()
     try:
         learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="blocks", device="cpu")
     finally:
         torch._dynamo.reset()
     assert graphs and not whole_steps
+    # Compiling set inductor's cache folder and dynamo's recompile limit for the run; a
+    # caller's own torch.compile after it has its own again.
+    assert during[0] != before and settings() == before, (before, during, settings())
     assert len(plain) == len(losses) == 4
     # Phase 1 to fp32 rounding (the same ops on frozen blocks). In phase 2 the blocks are
     # traced again with their weights training, and under bf16 autocast (CPUs with bf16

@@ -18,9 +18,11 @@ compiled for another GPU, torch or shape is ever loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..paths import home, write_atomically
@@ -112,6 +114,33 @@ def prepare_dynamo() -> None:
 
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+@contextlib.contextmanager
+def compile_settings_kept(compiling: bool):
+    """The process-wide settings compiling changes (inductor's cache folder in the
+    environment, the dynamo settings above and its recompile limit) as they were before
+    the block, after it: a Python caller's own torch.compile after `learn --compile` neither
+    caches into scenebreak's folder nor traces by its settings. Dynamo reads them while
+    it traces, so the block is the whole training run. (Not compiling, dynamo's settings
+    are kept only where something imported it already: importing it for nothing costs.)"""
+    kept = {}
+    if compiling or "torch._dynamo" in sys.modules:
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        kept = {name: getattr(config, name) for name in ("skip_fwd_side_effects_in_bwd_under_checkpoint",
+                                                         "recompile_limit") if hasattr(config, name)}
+    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(torch._dynamo.config, name, value)
+        if cache_dir is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
 
 
 # torch.compile's modes. "reduce-overhead" (and "max-autotune") also capture the compiled

@@ -25,6 +25,7 @@ from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_pa
 from ..scenes.bundle import save_scene
 from .assemble import scene_from_training, scene_metadata
 from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
+from .compiling import compile_settings_kept
 from .locks import Busy, scene_lock
 
 
@@ -292,7 +293,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     # Before the class images, which the text encoders condition too (FLUX.1's T5 in fp16).
     hold_in_fp32(components.text_encoders, amp_dtype, device.type)
     stop = StopFlag(also=should_stop)
-    with _out_of_memory_in_one_line(plan, device), tf32_settings_kept():
+    with _out_of_memory_in_one_line(plan, device), tf32_settings_kept(), compile_settings_kept(config.compile):
         with catch_interrupts(stop, report):
             class_images = []
             if config.prior:
