@@ -222,7 +222,9 @@ def test_json_shape_and_same_seed_same_numbers(learned, models, prompts_file, tm
     assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert {"scene", "seed", "settings", "models", "handles", "overall", "images", "out_dir", "plot", "report",
-            "seconds"} <= set(a)
+            "seconds", "paths"} <= set(a)
+    # (the files written, under the key every command's --json has them)
+    assert a["paths"] == [i["path"] for i in a["images"]] + [a["plot"], a["report"]]
     assert a["seed"] == 0 and a["settings"]["steps"] == 1 and a["settings"]["words"] is None
     assert [h["handle"] for h in a["handles"]] == ["<asset1>", "<asset2>"] and a["handles"][0]["word"] == "object"
     assert {"images", "found", "missing", "prompt_similarity", "identity", "masked_identity"} <= set(a["overall"])

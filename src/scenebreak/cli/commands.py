@@ -759,7 +759,7 @@ def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, js
     result = with_reporter(quiet, lambda report: evaluate(scene, prompts, config, out_dir=out_dir, device=device,
                                                           base_model=base_model, report=report))
     if json_:
-        emit_json(result.to_dict())
+        emit_json(result.to_dict(), [i.path for i in result.images] + [p for p in (result.plot, result.report) if p])
         return
     click.echo(format_table(result))
     click.echo(f"images: {len(result.images)} in {result.out_dir}")
