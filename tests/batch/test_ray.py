@@ -40,6 +40,10 @@ def cluster():
 
 
 def test_three_jobs_as_ray_tasks(cluster, tmp_path, tiny_model):
+    import logging
+
+    ray_logger = logging.getLogger("ray")
+    logging_before = ray_logger.level, list(ray_logger.handlers), ray_logger.propagate
     jobs = three_jobs(tmp_path, tiny_model)
     out = tmp_path / "out"
     # A cluster without GPUs is no default for GPU jobs (its GPU workers may not have
@@ -60,6 +64,8 @@ def test_three_jobs_as_ray_tasks(cluster, tmp_path, tiny_model):
     assert {n: r["status"] for n, r in lines(again.stdout).items()} == {"a": "skipped", "b": "failed", "c": "skipped"}
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--ray", cluster.address, "--gpus-per-job", "1"])
     assert result.exit_code == 1 and "at most 0 GPU(s) each" in result.stderr, result.output
+    # (ray.init set up the "ray" logger of this process, the caller's: left as it was)
+    assert (ray_logger.level, list(ray_logger.handlers), ray_logger.propagate) == logging_before
 
 
 def test_a_ray_tasks_notes_and_progress_reach_the_batchs_stderr(cluster, tmp_path, tiny_model):

@@ -11,6 +11,7 @@ Ray is an optional extra: `pipx inject --include-apps scenebreak ray` (in a venv
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,27 @@ def run_on_ray(jobs: list[Job], address: str, gpus_per_job: float | None, retrie
 
 def _run(ray, jobs, address, gpus_per_job, retries, out, scenes, board) -> None:
     started_here = not ray.is_initialized()
+    with _ray_logging_kept(started_here):
+        _run_on(ray, jobs, address, gpus_per_job, retries, out, scenes, board, started_here)
+
+
+@contextlib.contextmanager
+def _ray_logging_kept(started_here: bool):
+    """ray.init(configure_logging=True) sets up the "ray" logger of the calling process
+    (its level, a handler); a Python caller's own use of Ray after the batch gets it back
+    as it was."""
+    logger = logging.getLogger("ray")
+    kept = logger.level, list(logger.handlers), logger.propagate
+    try:
+        yield
+    finally:
+        if started_here:
+            logger.setLevel(kept[0])
+            logger.handlers[:] = kept[1]
+            logger.propagate = kept[2]
+
+
+def _run_on(ray, jobs, address, gpus_per_job, retries, out, scenes, board, started_here: bool) -> None:
     if started_here:
         _check_reachable(address)
         try:
