@@ -317,14 +317,19 @@ def background_mask(masks: np.ndarray) -> np.ndarray:
     return background
 
 
-def prepare(image_path: Path, mask_paths: list[Path], resolution: int, background: bool = False) -> PreparedImage:
+def prepare(image_path: Path, mask_paths: list[Path], resolution: int, background: bool = False,
+            loaded: tuple | None = None) -> PreparedImage:
     """Load, validate, crop to a square and resize to `resolution`. With `background`,
-    one more mask follows the objects' ones: the rest of the photo (padding excluded)."""
+    one more mask follows the objects' ones: the rest of the photo (padding excluded).
+    `loaded`: the photo and its masks as load_image and load_masks gave them already."""
     from PIL import Image
 
     image_path = Path(image_path)
-    image = load_image(image_path)
-    masks = load_masks([Path(p) for p in mask_paths], image.size, orientation(image))
+    if loaded is not None:
+        image, masks = loaded
+    else:
+        image = load_image(image_path)
+        masks = load_masks([Path(p) for p in mask_paths], image.size, orientation(image))
     box = square_crop_box(masks)  # placed on the objects, whatever the background
     mask_paths = list(mask_paths)
     if background:

@@ -66,6 +66,23 @@ def test_names_and_init_words(scene_files, tiny_model):
     assert load_scene("photo").tokens == ["<red>", "<blue>"]
 
 
+def test_the_photo_and_masks_are_read_once(scene_files, tiny_model, monkeypatch):
+    """learn read and decoded the photo and every mask for its checks, and again after the
+    models loaded (a 12-megapixel JPEG twice; and a file changed meanwhile trained other
+    pixels than were checked)."""
+    import scenebreak.images as images
+    import scenebreak.train.learn as learn_module
+
+    reads = []
+    for module in (images, learn_module):
+        for name in ("load_image", "load_masks"):
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+    learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+          base_model=str(tiny_model), name="read-once", device="cpu")
+    assert reads == ["load_image", "load_masks"]
+
+
 def test_class_images_are_made_once_and_reused(scene_files, tiny_model, tmp_path):
     from scenebreak.events import Message
 

@@ -180,7 +180,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
                            "checkpoint", "warning"))
         _check_interrupted_run(name, resume=resume, force=replace)
         result = _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume,
-                        replace, report, should_stop, started)
+                        replace, report, should_stop, started, loaded=(photo, object_masks))
     # The training's models and optimizer state, which reference cycles hold (the trainer's
     # compiled steps), go now, not when Python's collector next runs: the same process's
     # next learn or generate (a notebook, the page, a batch worker) loads into that memory.
@@ -224,7 +224,9 @@ def _check_interrupted_run(name: str, *, resume: bool, force: bool) -> None:
 
 
 def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, replace, report,
-           should_stop, started) -> LearnResult:
+           should_stop, started, loaded=None) -> LearnResult:
+    """`loaded`: the photo and masks as read and checked before the models loaded (not
+    decoded again, nor read again changed meanwhile)."""
     import torch
 
     from ..families.base_model import resolve_model_dir
@@ -241,7 +243,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     checked_tune = _check_room(resolved[0], config, out)
     report(Message(f"loading the base model {base_model}"))  # (FLUX.1's is tens of GB: seconds to minutes)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved, device,
-                                                    amp_dtype)
+                                                    amp_dtype, loaded)
     if config.lambda_attn is None:  # the family's weight of the attention loss
         config = dataclasses.replace(config, lambda_attn=components.family.lambda_attn)
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint, components.base.weights),
@@ -491,7 +493,7 @@ def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakErr
 
 
 def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str, revision: str | None, resolved,
-                 device: Device, amp_dtype):
+                 device: Device, amp_dtype, loaded=None):
     """The base model (its denoiser straight in half precision where the plan will keep
     it frozen there: memory.denoiser_load_dtype), the training resolution it implies,
     and the photo and masks cropped and resized to it; checked before anything is
@@ -511,7 +513,7 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     check_resolution(components.family, components.denoiser, components.vae, resolution)
     if config.lambda_attn != 0:  # (None: the family's, never 0)
         components.family.attention_layers(components.denoiser)  # the model has the loss's layers, or a clear error
-    return components, resolution, prepare(image, masks, resolution, background=config.background)
+    return components, resolution, prepare(image, masks, resolution, background=config.background, loaded=loaded)
 
 
 def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_dtype, report: Reporter,
