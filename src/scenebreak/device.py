@@ -79,7 +79,7 @@ def run_in_fp32(module, device_type: str) -> None:
     module.forward, module._scenebreak_fp32 = fp32_forward, True
 
 
-def _tf32_switches() -> list:
+def _tf32_switches() -> list | None:
     """The objects whose `fp32_precision` torch (2.9 on) sets TF32 by, or None before it."""
     import torch
 
