@@ -126,16 +126,29 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(scene_files, tiny_mo
             assert torch.allclose(value.float(), b.weights["unet"][key].float(), atol=1e-3), key
 
 
-def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files, tiny_model):
+def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files, tiny_model, monkeypatch):
+    """A --resume with no checkpoint (a mistyped name) was said only after the base model
+    had loaded (offline: "not available", hiding it; online: downloaded first); a
+    checkpoint of other settings said "drop --resume to start over", which a run without
+    --resume then refused (the checkpoint): --force is the way, and works."""
+    import scenebreak.families.base_model as base_model
+
+    real_resolve = base_model.resolve_model_dir
+    monkeypatch.setattr(base_model, "resolve_model_dir", lambda *a: pytest.fail("the base model was looked up"))
     with pytest.raises(InvalidInput, match="nothing to resume"):
-        learn(scene_files["image"], scene_files["masks"], LearnConfig(**SMALL), base_model=str(tiny_model), resume=True)
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(**SMALL), base_model="someone/not-here",
+              resume=True)
+    monkeypatch.setattr(base_model, "resolve_model_dir", real_resolve)
     with pytest.raises(Interrupted):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False), base_model=str(tiny_model),
               name="x", should_stop=lambda: True)
     # (CheckpointMismatch: what `batch` starts over from, and nothing else it is told)
-    with pytest.raises(CheckpointMismatch, match="other inputs or settings"):
+    with pytest.raises(CheckpointMismatch, match="other inputs or settings.*--force in place of --resume"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False, lr1=1e-3),
               base_model=str(tiny_model), name="x", resume=True)
+    with pytest.raises(InvalidInput, match="add --resume to continue it, or --force to start over"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False, lr1=1e-3),
+              base_model=str(tiny_model), name="x")
     # A fine-tune of the UNet shares its base's configs and token table (the fingerprint):
     # its stored weights tell it apart.
     from helpers import tuned_copy

@@ -173,7 +173,7 @@ def test_a_checkpoint_of_another_version_is_one_line(scene_files, tiny_model, da
     state = torch.load(checkpoint_path("old"), weights_only=True)
     state.pop("seconds" if damage == "no seconds" else "phase")
     torch.save(state, checkpoint_path("old"))
-    with pytest.raises(InvalidInput, match="damaged or from another version of scenebreak.*drop --resume"):
+    with pytest.raises(InvalidInput, match="damaged or from another version of scenebreak.*--force in place of --resume"):
         learn(*args, base_model=str(tiny_model), name="old", resume=True)
 
 

@@ -114,7 +114,7 @@ class Checkpoints:
         if not self.path.exists():
             raise InvalidInput(f"nothing to resume: no checkpoint for scene {self.name!r} (run without --resume)")
         damaged = InvalidInput(f"the checkpoint of {self.name!r} ({self.path}) is damaged (truncated or corrupt): "
-                               "drop --resume to start over")
+                               "start over with --force in place of --resume")
         if not is_regular_file(self.path):
             raise damaged
         # Memory-mapped: a phase-2 checkpoint holds the model and the optimizer state, which
@@ -133,19 +133,19 @@ class Checkpoints:
         if isinstance(saved, dict) and saved.get("base") == mine.get("base") and saved.keys() == mine.keys() and \
                 saved.get("base_weights") != mine.get("base_weights"):
             raise CheckpointMismatch(f"the checkpoint of {self.name!r} was made on another base model (the same "
-                               "architecture, other weights): pass the --base-model it began with, or drop --resume "
-                               "to start over")
+                               "architecture, other weights): pass the --base-model it began with, or start over "
+                               "with --force in place of --resume")
         if saved != mine:
             raise CheckpointMismatch(f"the checkpoint of {self.name!r} was made from other inputs or settings: "
-                               "run the same command, or drop --resume to start over")
+                               "run the same command, or start over with --force in place of --resume")
         if not all(isinstance(state.get(key), int) for key in ("phase", "step")):
             raise InvalidInput(f"the checkpoint of {self.name!r} ({self.path}) is damaged or from another version of "
-                               "scenebreak: drop --resume to start over")
+                               "scenebreak: start over with --force in place of --resume")
         report(Message(f"resuming {self.name!r} at phase {state['phase']}, step {state['step']}"))
         if state.get("format", 1) != CHECKPOINT_FORMAT:
             report(Message(f"the checkpoint of {self.name!r} was written by another version of scenebreak, which "
                            "trains on differently from here: the scene will differ from an uninterrupted run's "
-                           "(drop --resume to start over for that)", "warning"))
+                           "(start over with --force in place of --resume for that)", "warning"))
         return state
 
     def save(self, trainer, report: Reporter = silent) -> None:

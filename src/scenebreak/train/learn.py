@@ -213,11 +213,14 @@ def _warn_vanishing_masks(masks, tokens: list[str], components, resolution: int,
 def _check_interrupted_run(name: str, *, resume: bool, force: bool) -> None:
     """An interrupted run's checkpoint is never replaced unasked: run again without
     --resume (up-arrow, Enter, after a Ctrl-C), it would have been, at the end of phase 1,
-    with all the training it held. Its stale temporaries go (before the disk-room check)."""
+    with all the training it held. Its stale temporaries go (before the disk-room check).
+    A --resume with no checkpoint (a mistyped name) is said here, before any model loads."""
     from ..paths import remove_stale_temporaries
 
     path = checkpoint_path(name)
     remove_stale_temporaries(path)
+    if resume and not os.path.lexists(path):  # (said before the base model loads, or downloads)
+        raise InvalidInput(f"nothing to resume: no checkpoint for scene {name!r} (run without --resume)")
     if path.exists() and not resume and not force:
         raise InvalidInput(f"an interrupted run of {name!r} left a checkpoint ({path}): add --resume to continue it, "
                            "or --force to start over")
@@ -316,7 +319,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                     notes = trainer.load_state_dict(state)
                 except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a part missing or of another kind
                     raise InvalidInput(f"the checkpoint of {name!r} is damaged or from another version of scenebreak "
-                                       f"({type(exc).__name__}: {str(exc)[:60]}): drop --resume to start over") from None
+                                       f"({type(exc).__name__}: {str(exc)[:60]}): start over with --force in place "
+                                       "of --resume") from None
                 for note in notes:
                     report(Message(note, "warning"))
                 del state
