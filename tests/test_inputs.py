@@ -592,3 +592,34 @@ def test_progress_is_plain_lines_in_colab_or_when_asked_and_a_task_run_again_is_
     reporter(Progress("generate", 0, 10))  # the next job, much later
     reporter(Progress("generate", 10, 10))  # 10 steps in 10 s again
     assert out.getvalue().splitlines()[-1] == "generate: 10/10 1.00 it/s", out.getvalue()
+
+
+def test_the_command_lines_stderr_carries_no_library_log_lines(learned, tmp_path):
+    """transformers and diffusers log through their own loggers from their import on,
+    before scenebreak quiets them: a handle past CLIP's 77 tokens printed the tokenizer's
+    "[transformers] Token indices sequence length is longer ..." above the one `Error:`
+    line (and FLUX's image processors without torchvision two lines at every command);
+    offline, `kernels` (fetching a kernel for bitsandbytes) printed "Skipping publisher
+    trust check ..." at every command, -q or not."""
+    import logging
+    import subprocess
+    import sys
+
+    prompt = "a photo " * 60 + "<asset1>"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    done = subprocess.run([sys.executable, "-m", "scenebreak", "generate", str(learned.path), prompt, "--steps", "1",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 2, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(said) == 1 and said[0].startswith("Error:") and "falls past" in said[0], said
+
+    from scenebreak.hub import quiet_library_logging_from_the_start
+
+    quiet_library_logging_from_the_start()  # (the environment is this test process's: put back below)
+    try:
+        assert not logging.getLogger("kernels._internals.hf_hub").isEnabledFor(logging.WARNING)
+    finally:
+        for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            if variable not in env:
+                os.environ.pop(variable, None)

@@ -245,11 +245,24 @@ def quiet_bitsandbytes() -> None:
     """bitsandbytes, which diffusers and peft import whenever it is installed, warns at
     import on CPUs with bf16 instructions that it could not fetch an optional kernel from
     the hub (always, offline), and LLM.int8() at every product whose input is not fp16
-    (under bf16 autocast: all of them, its documented cast): neither is news. Set before
-    anything imports it."""
+    (under bf16 autocast: all of them, its documented cast): neither is news. Nor is the
+    note of `kernels`, which fetches that kernel for it, that offline it skips checking
+    the kernel's publisher. Set before anything imports them."""
     import logging
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_library_logging_from_the_start() -> None:
+    """The command line's: transformers' and diffusers' logging at errors only from their
+    import on (their own settings, read once then), so that what they log before
+    `quiet_libraries` runs (a tokenizer's note on a long prompt, FLUX's image processors
+    without torchvision) stays off stderr too. Not for the library: the environment is
+    the caller's, and its children's."""
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    quiet_bitsandbytes()
 
 
 def quiet_libraries() -> None:

@@ -24,7 +24,7 @@ from ..device import DEVICES
 from ..errors import SceneBreakError, fixable_error, write_nowhere
 from ..events import printable
 from ..exports.export import FORMATS as EXPORT_FORMATS
-from ..hub import quiet_bitsandbytes
+from ..hub import quiet_library_logging_from_the_start
 
 NARGS_OPTIONS = ("--masks", "--names", "--init-words", "--words")
 
@@ -875,7 +875,7 @@ def main() -> None:
     traceback, and Ctrl-C means exit code 130 wherever it lands; once the process is
     leaving, Ctrl-C is ignored."""
     code = 1
-    quiet_bitsandbytes()  # before any command imports diffusers or peft
+    quiet_library_logging_from_the_start()  # before any command imports transformers, diffusers or peft
     # Text stdout cannot encode (a name in Chinese, stdout redirected on Windows, in its ANSI
     # code page) is written as escapes, not a failure after the work is done.
     with contextlib.suppress(AttributeError, ValueError):
