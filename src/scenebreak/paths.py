@@ -100,11 +100,29 @@ def checkpoint_path(name: str) -> Path:
 
 
 def resolve_scene(ref: str | os.PathLike) -> Path:
-    """A `.scene` path as given, or the cached scene of that name."""
+    """A `.scene` path as given, or the cached scene of that name. A bare name (no folder,
+    no `.scene`) is the cached scene where one has it, else a file of that name here: a
+    file in the current folder no longer hides the scene `list` shows (and `rm` took it)."""
     path = Path(ref).expanduser()
-    if path.suffix == SCENE_SUFFIX or path.is_file() or os.sep in str(ref):
+    if path.suffix == SCENE_SUFFIX or _has_folder(str(ref)):
         return path
-    return scene_path(str(ref))
+    try:
+        cached = scene_path(str(ref))
+    except InvalidInput:  # no scene name: only a file of that name can be meant
+        if path.is_file():
+            return path
+        raise
+    return path if path.is_file() and not os.path.lexists(cached) else cached
+
+
+def names_both(ref: str | os.PathLike) -> bool:
+    """Whether `ref` is a bare name that is both a cached scene and a file here."""
+    path = Path(ref).expanduser()
+    return resolve_scene(ref) != path and path.is_file()
+
+
+def _has_folder(ref: str) -> bool:
+    return os.sep in ref or bool(os.altsep and os.altsep in ref)
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:

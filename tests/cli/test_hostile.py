@@ -766,6 +766,9 @@ def test_rm_removes_a_damaged_scene_in_the_cache_and_says_each_deletion(world, m
     monkeypatch.setattr(pathlib.Path, "unlink", unlink)
     result = CliRunner().invoke(cli, ["rm", "cached", str(world["scene"])])
     assert result.exit_code == 1 and result.stdout.splitlines() == [str(scenes / "cached.scene")], result.output
+    # (in words, not "[Errno 13] Permission denied: ...")
+    assert f"Error: cannot delete {world['scene']}: its folder {world['scene'].parent} is not writable by you" \
+        in result.stderr, result.stderr
 
 
 def test_list_shows_every_other_scene_when_one_fails_unforeseen(world, monkeypatch):

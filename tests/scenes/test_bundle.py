@@ -40,6 +40,34 @@ def test_cache_names_resolve_to_the_scenes_folder(learned, tmp_path, monkeypatch
         load_scene("nothing-here")
 
 
+def test_a_file_here_does_not_hide_the_cached_scene_and_rm_never_guesses(learned, tmp_path, monkeypatch):
+    """`show NAME` with a file NAME in the current folder read that file ("not a readable
+    .scene file") though `list` showed the cached scene; `rm NAME` with a scene copy NAME
+    here deleted the copy and left the cached one. A bare name is the cached scene where
+    there is one; a file alone is still taken; `rm` refuses a name that means both."""
+    from click.testing import CliRunner
+
+    from scenebreak.cli.commands import cli
+
+    target = scene_path("both")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(learned.path, target)
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    (here / "both").write_text("hi")
+    shown = CliRunner().invoke(cli, ["show", "both"])
+    assert shown.exit_code == 0 and str(target) in shown.stdout, shown.output
+    shutil.copy(learned.path, here / "both")
+    removed = CliRunner().invoke(cli, ["rm", "both"])
+    assert removed.exit_code == 2 and "names both the cached scene" in removed.stderr, removed.output
+    assert "./both" in removed.stderr and target.exists() and (here / "both").exists()
+    shutil.copy(learned.path, here / "alone")  # no cached scene of that name: the file is meant
+    assert str(resolve_scene("alone")) == "alone"
+    assert CliRunner().invoke(cli, ["rm", "./both"]).exit_code == 0 and target.exists()
+    assert CliRunner().invoke(cli, ["rm", "both"]).exit_code == 0 and not target.exists()
+
+
 def test_truncated_file_is_a_clear_error(learned, tmp_path):
     data = learned.path.read_bytes()
     for cut in (10, 1000, len(data) // 2, len(data) - 5):

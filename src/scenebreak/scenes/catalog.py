@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..errors import BundleError
+from ..errors import BundleError, InvalidInput, SceneBreakError
 from ..events import printable
-from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir
+from ..paths import SCENE_SUFFIX, is_regular_file, names_both, resolve_scene, scenes_dir
 from .bundle import list_scenes, read_metadata
 
 
@@ -84,6 +84,11 @@ def remove_scenes(refs: list[str | os.PathLike], removed: Callable[[Path], None]
     the deleted paths. Every one is checked to be a scene first: nothing is deleted if
     any is not. A damaged file in the scene cache counts as a scene (`list` shows it
     as unreadable: this is how it goes)."""
+    for ref in refs:  # a deletion never guesses which of two files a name means
+        if names_both(ref):
+            raise InvalidInput(f"{str(ref)!r} names both the cached scene {resolve_scene(ref)} and a file in the "
+                               f"current folder: give the path of the one to delete ({os.path.join('.', str(ref))} for the "
+                               "file here)")
     # A scene named twice (`rm a a`, or by name and by path) is deleted once.
     unique: dict[Path, Path] = {}
     for path in map(resolve_scene, refs):
@@ -93,7 +98,10 @@ def remove_scenes(refs: list[str | os.PathLike], removed: Callable[[Path], None]
         if not _cached_scene_file(path):
             read_metadata(path)
     for path in paths:
-        path.unlink()
+        try:
+            path.unlink()
+        except PermissionError:
+            raise SceneBreakError(f"cannot delete {path}: its folder {path.parent} is not writable by you") from None
         removed(path)  # said as it goes: if a later one cannot be deleted, the earlier are known gone
     return paths
 
