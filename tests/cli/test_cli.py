@@ -56,6 +56,39 @@ def test_learn_prints_only_the_path_and_json_on_request(scene_files, tiny_model)
     assert removed.exit_code == 0 and not os.path.exists(removed.stdout.strip())
 
 
+def test_an_interrupted_runs_checkpoint_is_listed_and_rm_deletes_it(scene_files, tiny_model):
+    """An interrupted run's checkpoint (about 14 GB in phase 2 on SD 2.1) was shown by
+    nothing and deleted by nothing: `list` left it out, `rm NAME` said "scene not found"
+    and `rm` of its path "not a readable .scene file"."""
+    from scenebreak import LearnConfig, learn
+    from scenebreak.errors import Interrupted
+    from scenebreak.paths import checkpoint_path
+    from scenebreak.train.locks import scene_lock
+
+    for name in ("left", "again"):
+        with pytest.raises(Interrupted):
+            learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False),
+                  base_model=str(tiny_model), name=name, should_stop=lambda: True)
+    run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model, "--steps1", "1",
+        "--steps2", "1", "--no-prior", "--name", "kept")
+    listed = run("list")
+    assert listed.exit_code == 0 and "left" not in listed.stdout, listed.output
+    assert re.search(r"interrupted runs, kept for learn --resume \(scenebreak rm NAME deletes one\): again \(\d+\.\d GB\), "
+                     r"left \(\d+\.\d GB\)", listed.stderr), listed.stderr
+    as_json = json.loads(run("list", "--json").stdout)
+    assert [r["name"] for r in as_json["interrupted"]] == ["again", "left"]
+    assert as_json["interrupted"][1]["path"] == str(checkpoint_path("left")) and as_json["interrupted"][1]["bytes"] > 0
+
+    with scene_lock("left"):  # a run learning it now keeps its checkpoint
+        refused = run("rm", "left")
+        assert refused.exit_code == 2 and "being learned now" in refused.stderr, refused.output
+    removed = run("rm", "left", "kept")
+    assert removed.exit_code == 0, removed.output
+    assert removed.stdout.splitlines()[-1] == str(checkpoint_path("left")) and len(removed.stdout.splitlines()) == 2
+    assert not checkpoint_path("left").exists() and checkpoint_path("again").exists()
+    assert "nothing-here" in run("rm", "again", "nothing-here").stderr and checkpoint_path("again").exists()
+
+
 def _bad(tmp_path, scene_files):
     Image.new("L", (10, 10), 255).save(tmp_path / "small.png")
     Image.new("L", (96, 80), 0).save(tmp_path / "empty.png")

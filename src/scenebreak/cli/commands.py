@@ -771,21 +771,26 @@ def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, js
 @json_option
 @handle_errors
 def list_command(json_):
-    """List the scenes in the cache (name, handles, path, base model family).
+    """List the scenes in the cache (name, handles, path, base model family), and on
+    stderr the interrupted runs whose checkpoints wait for `learn --resume`.
 
     \b
     Example:
       scenebreak list --json
     """
     from ..scenes.catalog import scene_rows
+    from ..train.interrupted import interrupted_runs
 
-    rows = scene_rows()
+    rows, runs = scene_rows(), interrupted_runs()
     if json_:
-        emit_json({"scenes": rows})
+        emit_json({"scenes": rows, "interrupted": [run.to_dict() for run in runs]})
         return
     for row in rows:
         fields = (row["name"], " ".join(row.get("handles", [])) or "unreadable", row["path"], row.get("family", ""))
         click.echo("\t".join(printable(str(field)) for field in fields))
+    if runs:
+        said = ", ".join(f"{printable(run.name)} ({run.bytes / 2**30:.1f} GB)" for run in runs)
+        click.echo(f"interrupted runs, kept for learn --resume (scenebreak rm NAME deletes one): {said}", err=True)
 
 
 @cli.command(name="show")
@@ -812,15 +817,16 @@ def show_command(scene, json_):
 @click.argument("scenes", nargs=-1, required=True, shell_complete=complete_scene)
 @handle_errors
 def rm_command(scenes):
-    """Delete scenes (by cache name or path); prints each deleted path.
+    """Delete scenes (by cache name or path), and the checkpoint an interrupted run of
+    that name left; prints each deleted path.
 
     \b
     Example:
       scenebreak rm photo old-test
     """
-    from ..scenes.catalog import remove_scenes
+    from ..train.interrupted import remove_scenes_and_runs
 
-    remove_scenes(scenes, removed=echo_path)
+    remove_scenes_and_runs(scenes, removed=echo_path)
 
 
 @cli.command(name="export")
