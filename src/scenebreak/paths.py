@@ -15,7 +15,7 @@ import stat
 from typing import Callable
 from pathlib import Path
 
-from .errors import InvalidInput
+from .errors import InvalidInput, SceneBreakError
 
 SCENE_SUFFIX = ".scene"
 ON_WINDOWS = os.name == "nt"  # (its files and processes behave differently: see where it is used)
@@ -26,7 +26,10 @@ def home() -> Path:
     """The cache root: `$SCENEBREAK_HOME`, else the platform's user cache dir."""
     env = os.environ.get("SCENEBREAK_HOME")
     if env:
-        return Path(env).expanduser()
+        path = Path(env).expanduser()
+        if path.exists() and not path.is_dir():  # (else every scene would be "not found", `list` empty)
+            raise SceneBreakError(f"SCENEBREAK_HOME={env} is a file, not a folder: point it at a folder (or unset it)")
+        return path
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("scenebreak"))

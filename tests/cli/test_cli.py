@@ -89,6 +89,27 @@ def test_an_interrupted_runs_checkpoint_is_listed_and_rm_deletes_it(scene_files,
     assert "nothing-here" in run("rm", "again", "nothing-here").stderr and checkpoint_path("again").exists()
 
 
+def test_a_cache_folder_that_cannot_be_used_is_named_as_the_fix(scene_files, tiny_model, tmp_path, monkeypatch):
+    """An unwritable cache sent `learn` to "choose a writable folder with -o", after which
+    it said the cache was the problem (exit 2, then 1); SCENEBREAK_HOME naming a file made
+    `list` print nothing, exit 0, and every scene "not found"."""
+    import scenebreak.train.learn as learn_module
+    from scenebreak.paths import home
+
+    real = learn_module.is_writable_folder
+    monkeypatch.setattr(learn_module, "is_writable_folder",
+                        lambda folder: real(folder) and not str(folder).startswith(str(home())))
+    result = run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"Error: the cache folder {home()} is not writable: set SCENEBREAK_HOME"), result.stderr
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SCENEBREAK_HOME", str(tmp_path / "a-file"))
+    for args in (["list"], ["show", "photo"]):
+        said = run(*args)
+        assert said.exit_code == 1 and said.stderr.startswith(
+            f"Error: SCENEBREAK_HOME={tmp_path / 'a-file'} is a file, not a folder"), said.output
+
+
 def _bad(tmp_path, scene_files):
     Image.new("L", (10, 10), 255).save(tmp_path / "small.png")
     Image.new("L", (96, 80), 0).save(tmp_path / "empty.png")

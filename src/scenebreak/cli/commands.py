@@ -273,7 +273,7 @@ def complete_scene(ctx, param, incomplete: str):
 
     try:
         names = sorted(p.stem for p in list_scenes())
-    except OSError:
+    except (OSError, SceneBreakError):  # (no cache folder to read: no names)
         names = []
     return [CompletionItem(name) for name in names if name.startswith(incomplete)] or [CompletionItem(incomplete, type="file")]
 

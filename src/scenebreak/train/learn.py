@@ -449,10 +449,12 @@ def _check_output(out: Path, *, force: bool, resume: bool) -> None:
             read_metadata(out)
         except BundleError:
             raise InvalidInput(f"{out} is not a scene: only a scene is ever replaced; choose another -o") from None
-    if not is_writable_folder(out.parent):
-        raise InvalidInput(f"cannot write the scene to {out.parent}: choose a writable folder with -o")
+    # The cache first: learn writes its checkpoints there wherever the scene goes (-o), so
+    # an unwritable cache is the one fix to name.
     if not is_writable_folder(home()):
         raise SceneBreakError(f"the cache folder {home()} is not writable: set SCENEBREAK_HOME to a folder you can write to")
+    if not is_writable_folder(out.parent):
+        raise InvalidInput(f"cannot write the scene to {out.parent}: choose a writable folder with -o")
 
 
 def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> str:
