@@ -281,6 +281,40 @@ def test_a_job_of_words_makes_its_masks_with_mask_then_learns(tmp_path, tiny_mod
     assert run_job(job, tmp_path / "out", tmp_path / "scenes", device="cpu").status == "skipped"
 
 
+def test_a_rerun_with_another_scenes_folder_puts_the_scene_there(tmp_path, tiny_model, monkeypatch):
+    """A rerun with --scenes DIR (the first run wrote to the cache) skipped every job as
+    "already done": DIR was never made and the scene stayed where it was. The scene is
+    copied there now, without learning it or sampling its images again."""
+    import scenebreak.batch.runner as runner
+    import scenebreak.sample.generate as generate_module
+    import scenebreak.train.learn as learn_module
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "moved",
+                                  "learn": {"steps1": 1, "steps2": 1, "prior": False, "base-model": str(tiny_model)},
+                                  "prompts": ["<asset1>"], "generate": GENERATE}])
+    job = read_jobs(jobs)[0]
+    first = run_job(job, tmp_path / "out", device="cpu")
+    assert first.status == "done" and first.scene == str(scene_path("moved")), first.error
+
+    class Board:
+        def finished(self, result):
+            self.result = result
+
+    elsewhere = (tmp_path / "scenes").absolute()
+    assert runner._skipped_here(job, (tmp_path / "out").absolute(), None, Board())
+    assert not runner._skipped_here(job, (tmp_path / "out").absolute(), elsewhere, Board())
+    for module, name in ((learn_module, "learn"), (generate_module, "generate")):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran again"))
+    said = []
+    again = run_job(job, tmp_path / "out", elsewhere, device="cpu", report=said.append)
+    assert again.status == "done" and again.scene == str(elsewhere / "moved.scene"), again.error
+    assert (elsewhere / "moved.scene").read_bytes() == scene_path("moved").read_bytes()  # (copied: the first stays)
+    assert again.images == first.images and any("copying its scene" in m.text for m in said)
+    assert run_job(job, tmp_path / "out", elsewhere, device="cpu").status == "skipped"
+    assert runner._skipped_here(job, (tmp_path / "out").absolute(), elsewhere, Board())
+
+
 def test_a_scene_this_batch_did_not_make_is_never_replaced(tmp_path):
     write_synthetic_scene(tmp_path / "in")
     jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "mine"}])
@@ -383,7 +417,7 @@ def test_a_rerun_with_a_photo_gone_unreadable_fails_that_job_only(tmp_path, tiny
 
     from scenebreak.events import silent
 
-    assert _skipped_here(job, out, Board(1, silent)) is False
+    assert _skipped_here(job, out, None, Board(1, silent)) is False
 
 
 @pytest.mark.parametrize("devices", ["tpu", "cuda:7", "cpu,,cpu", "mps:1"])

@@ -22,7 +22,8 @@ from ..errors import InvalidInput, sigterm_stops
 from ..events import Message, Progress, Reporter, silent
 from ..paths import is_writable_folder
 from .jobs import Job, parse_shard, read_jobs, shard_of
-from .work import INTERRUPTED, STOP_WAIT, JobResult, is_done, job_folder, job_reporter, read_record, run_job
+from .work import (INTERRUPTED, STOP_WAIT, JobResult, is_done, job_folder, job_reporter, read_record, run_job,
+                   scene_out)
 
 
 
@@ -77,7 +78,7 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
     where = f"Ray ({ray})" if ray is not None else ", ".join(worker_devices)
     report(Message(f"batch: {len(jobs)} job(s){f' (shard {shard[0]}/{shard[1]})' if shard else ''} on {where}"))
     board = Board(len(jobs), report, on_result)
-    jobs = [job for job in jobs if not _skipped_here(job, out, board)]
+    jobs = [job for job in jobs if not _skipped_here(job, out, scenes, board)]
     board.start()  # (the bar's rate and ETA count from here: the skipped jobs took no time)
     if jobs:
         # SIGTERM (a supervisor, `kill`, `docker stop`) stops the batch through the runners'
@@ -95,11 +96,11 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
     return result
 
 
-def _skipped_here(job: Job, out: Path, board: "Board") -> bool:
+def _skipped_here(job: Job, out: Path, scenes: Path | None, board: "Board") -> bool:
     """A job already done is skipped without a worker (the worker checks again under its lock)."""
     record = read_record(job_folder(job, out))
     try:
-        done = bool(record) and is_done(record, job.key())
+        done = bool(record) and is_done(record, job.key(), scene_out(job, scenes))
     except OSError:  # a photo or mask unreadable now: the job's own failure, said by its worker
         return False
     if done:

@@ -11,6 +11,7 @@ atomically: a folder is there complete, or not at all."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import json
 import time
 from dataclasses import dataclass, field
@@ -92,10 +93,11 @@ def read_record(folder: Path) -> dict:
     return {}
 
 
-def is_done(record: dict, key: str) -> bool:
-    """Done for this key: recorded so, and the scene and every image still there."""
-    return (record.get("key") == key and record.get("state") == "done" and bool(record.get("scene"))
-            and Path(record["scene"]).is_file() and all(Path(p).is_file() for p in record.get("images", [])))
+def is_done(record: dict, key: str, scene: Path) -> bool:
+    """Done for this key: recorded so, the scene where it goes now (`--scenes` may have
+    changed) and every image still there."""
+    return (record.get("key") == key and record.get("state") == "done" and record.get("scene") == str(scene)
+            and scene.is_file() and all(Path(p).is_file() for p in record.get("images", [])))
 
 
 def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, device=None, wait: bool = False,
@@ -110,14 +112,14 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
     started = time.perf_counter()
     out = Path(out)
     try:
-        key = job.key()
-        if is_done(read_record(job_folder(job, out)), key):  # no lock needed to see that
+        key, scene = job.key(), scene_out(job, scenes)
+        if is_done(read_record(job_folder(job, out)), key, scene):  # no lock needed to see that
             return _skipped(job, read_record(job_folder(job, out)), "already done with the same inputs and settings")
         waiting = lambda holder: report(Message(f"job {job.number} ({job.name}) is being run by {holder}: "  # noqa: E731
                                                 "waiting for it"))
         with locked(claim_path(job.name), wait=wait, on_wait=waiting, busy_message="{holder}", should_stop=should_stop):
             record = read_record(job_folder(job, out))
-            if is_done(record, key):
+            if is_done(record, key, scene):
                 return _skipped(job, record, "done by another run meanwhile")
             result = _run(job, out, scenes, key, record, device, report, should_stop)
     except Busy as exc:
@@ -174,7 +176,16 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
 
     resumed = False
     _stop_if_asked(should_stop)  # (the masks took a while; learn itself stops at its steps)
-    if not (same and state.get("state") in ("learned", "done") and scene.is_file()):
+    learned = same and state.get("state") in ("learned", "done")
+    earlier = Path(str(record.get("scene") or ""))
+    if learned and not scene.exists() and record.get("scene") and earlier.is_file():
+        # The batch's scenes go elsewhere now (another --scenes): this one is copied there,
+        # not learned again (and not moved: the earlier place is left as it is).
+        report(Message(f"job {job.number} ({job.name}): copying its scene from {earlier} to {scene}"))
+        write_atomically(scene, lambda tmp: shutil.copyfile(earlier, tmp))
+        state["scene"] = str(scene)
+        _write_record(folder, state)
+    if not (learned and scene.is_file()):
         state["state"] = "learning"
         state["scene"] = str(scene)
         _write_record(folder, state)
@@ -205,7 +216,10 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
         _write_record(folder, state)
 
     images: list[str] = []
-    if job.prompts:
+    kept_images = record.get("images") or []
+    if record.get("key") == key and record.get("state") == "done" and all(Path(p).is_file() for p in kept_images):
+        images = list(kept_images)  # only the scene's place changed: the same images
+    elif job.prompts:
         images = _generate(job, scene, folder / "images", device, report, generate, record.get("images"), should_stop)
     state.update(state="done", images=images)
     _write_record(folder, state)
