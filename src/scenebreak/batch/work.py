@@ -185,7 +185,8 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
         write_atomically(scene, lambda tmp: shutil.copyfile(earlier, tmp))
         state["scene"] = str(scene)
         _write_record(folder, state)
-    if not (learned and scene.is_file()):
+    relearned = not (learned and scene.is_file())
+    if relearned:
         state["state"] = "learning"
         state["scene"] = str(scene)
         _write_record(folder, state)
@@ -217,7 +218,8 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
 
     images: list[str] = []
     kept_images = record.get("images") or []
-    if record.get("key") == key and record.get("state") == "done" and all(Path(p).is_file() for p in kept_images):
+    if not relearned and record.get("key") == key and record.get("state") == "done" and \
+            all(Path(p).is_file() for p in kept_images):
         images = list(kept_images)  # only the scene's place changed: the same images
     elif job.prompts:
         images = _generate(job, scene, folder / "images", device, report, generate, record.get("images"), should_stop)
