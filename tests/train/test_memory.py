@@ -145,7 +145,10 @@ def test_lora_standalone_and_cli(scene_files, tiny_model, tmp_path):
     ok = runner.invoke(cli, ["generate", "baked", "<asset1>", "--steps", "2", "--out-dir", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
     missing = runner.invoke(cli, ["generate", "plain", "<asset1>", "--steps", "2", "--out-dir", str(tmp_path)])
-    assert missing.exit_code == 2 and "needs its base model" in missing.stderr and "--base-model" in missing.stderr
+    # (exit 1, a model not available, as a hub model not downloaded: the scene's own record, not bad input)
+    assert missing.exit_code == 1 and "needs its base model" in missing.stderr and "--base-model" in missing.stderr
+    wrong = runner.invoke(cli, ["generate", "plain", "<asset1>", "--base-model", str(tmp_path / "nowhere")])
+    assert wrong.exit_code == 2 and "base model folder not found" in wrong.stderr, wrong.output
     bad = runner.invoke(cli, [*args[:-4], "--tune", "full", "--standalone"])
     assert bad.exit_code == 2 and "--standalone only applies to --tune lora or auto" in bad.stderr
 

@@ -202,7 +202,10 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
                             text_encoder_dtypes=text_encoder_load_dtypes(scene.family, resolved[0], half), defer=defer)
     except (InvalidInput, ModelNotAvailable) as exc:
         fix = "" if "--base-model" in str(exc) else " (if it moved, pass --base-model with where it is now)"
-        raise type(exc)(f"{who} needs its base model: {exc}{fix}") from None
+        # The folder the scene recorded, gone or changed, is a model not available (exit 1,
+        # as a hub model not downloaded is), not bad input: the input was --base-model only.
+        error = type(exc) if base_model else ModelNotAvailable
+        raise error(f"{who} needs its base model: {exc}{fix}") from None
     if not c.base.matches(base):
         raise BundleError(f"scene {scene.name!r} was learned on another base model than {base_model or base['id']} "
                           f"({what} need that exact model): pass --base-model with the right one")
