@@ -582,6 +582,11 @@ def test_progress_is_plain_lines_in_colab_or_when_asked_and_a_task_run_again_is_
     assert ConsoleReporter(stream=Terminal()).tty
     monkeypatch.setenv("SCENEBREAK_PROGRESS", "plain")
     assert not ConsoleReporter(stream=Terminal()).tty
+    said = Terminal()  # a typo is said, not taken silently for the default
+    monkeypatch.setenv("SCENEBREAK_PROGRESS", "plian")
+    ConsoleReporter(stream=said, quiet=True)
+    assert "warning: SCENEBREAK_PROGRESS='plian' is neither bars nor plain: ignored" in said.getvalue()
+    monkeypatch.delenv("SCENEBREAK_PROGRESS")
 
     out = io.StringIO()
     reporter = ConsoleReporter(stream=out)

@@ -123,6 +123,7 @@ CASES = [
     ("learn-resume-over-non-scene", lambda w: LEARN(w, "-o", w["notes"], "--resume"), 2, "is not a scene"),
     ("learn-output-exists", lambda w: LEARN(w, "-o", w["scene"]), 2, "already exists"),
     ("learn-resume-nothing", lambda w: LEARN(w, "--resume"), 2, "nothing to resume"),
+    ("learn-empty-name", lambda w: LEARN(w, "--name", ""), 2, "--name is empty"),
     ("learn-resume-corrupt", lambda w: LEARN(w, "--resume", "--name", _corrupt_checkpoint(w)), 2, "is damaged"),
     ("learn-base-missing-folder", lambda w: ["learn", w["image"], "--masks", *w["masks"], "--base-model", w["tmp"] / "nope"], 2,
      "not found"),

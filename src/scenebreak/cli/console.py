@@ -53,6 +53,11 @@ class ConsoleReporter:
         self.tasks: dict[str, int] = {}
         # task -> (started, last printed, completed at the start, completed last seen)
         self.plain: dict[str, tuple[float, float, int, int]] = {}
+        import os
+
+        setting = os.environ.get(PROGRESS_ENV, "").strip()
+        if setting and setting.lower() not in ("bars", "plain"):  # (a typo was taken silently for the default)
+            self(Message(f"{PROGRESS_ENV}={setting[:20]!r} is neither bars nor plain: ignored", "warning"))
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Message):

@@ -140,6 +140,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     config = config.validate(len(masks))
     tokens = config.handle_tokens(len(masks))
     check_handle_tokens(tokens)
+    if name is not None and not str(name).strip():  # (an unset $NAME in a script: not the photo's name unasked)
+        raise InvalidInput("--name is empty: give the scene a name, or leave --name out for the photo's")
     name = name or default_name(Path(output) if output else image)
     # A new name must be portable; one a scene or a run already has (made before that
     # rule) may still be resumed or replaced under it. (scene_path checks the name first.)
