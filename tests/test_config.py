@@ -163,3 +163,11 @@ def test_pythons_spellings_of_one_setting_resume_as_one():
     assert identity(prepared, one, "base") == identity(prepared, other, "base")
     assert isinstance(one.steps1, int) and one.prior is True  # ints and flags stay as they are
     assert identity(prepared, one, "base") != identity(prepared, LearnConfig(lambda_attn=0.5), "base")
+
+
+def test_a_whole_numbers_bounds_are_said_in_digits():
+    """`--seed -1` said "at most 9.22337e+18": the bound a user must stay under, rounded."""
+    from scenebreak.config import MAX_SEED, Bounds
+
+    assert Bounds(0, MAX_SEED).describe(-1) == "must be at least 0 and at most 9223372036854775807, not -1"
+    assert Bounds(0.0, 1.0).describe(2.5) == "must be at least 0 and at most 1, not 2.5"

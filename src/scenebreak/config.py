@@ -65,13 +65,15 @@ class Bounds:
     def describe(self, value) -> str:
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, not {value}"
-        return (f"must be {'>' if self.above else 'at least'} {self.low:g} and "
-                f"{'below' if self.below else 'at most'} {self.high:g}, not {_shown(value)}")
+        return (f"must be {'>' if self.above else 'at least'} {_shown(self.low)} and "
+                f"{'below' if self.below else 'at most'} {_shown(self.high)}, not {_shown(value)}")
 
 
 def _shown(value) -> str:
     """A number for a message: an integer past any float (a 400-digit --max-masks) made
     `{value:g}` raise OverflowError, a traceback while the command line was parsed."""
+    if isinstance(value, int) and abs(value) < 10**21:  # whole: every digit (a seed's bound, 2^63 - 1)
+        return str(value)
     try:
         return f"{value:g}"
     except OverflowError:

@@ -282,7 +282,7 @@ device_option = click.option("--device", metavar="|".join((*DEVICES[:2], "cuda:N
                              help="auto (default: CUDA, then MPS, then CPU), cuda, cuda:N (the N-th GPU), mps or cpu. "
                                   "Env: SCENEBREAK_DEVICE.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes (warnings and errors still show).")
-json_option = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of paths.")
+json_option = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of the plain output.")
 scene_base_option = click.option("--base-model",
                                  help="LoRA scenes only: where their base model is, if not the hub id or folder they recorded.")
 out_dir_option = click.option("--out-dir", type=UserPath(file_okay=False), default=".", show_default=True,

@@ -36,7 +36,7 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
         if report is not None and not scene.needs_base_model and scene.path is not None:
             from ..events import Message  # (gigabytes to read: said before, not a silent minute)
 
-            report(Message(f"loading scene {scene.name!r}'s weights ({scene.path.stat().st_size / 2**30:.1f} GB)"))
+            report(Message(f"loading the weights of scene {scene.name!r} ({scene.path.stat().st_size / 2**30:.1f} GB)"))
         # A LoRA scene's adapters are merged on the CPU, where its base model loads.
         first = scene
         scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
