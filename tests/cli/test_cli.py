@@ -82,9 +82,10 @@ def test_an_interrupted_runs_checkpoint_is_listed_and_rm_deletes_it(scene_files,
     with scene_lock("left"):  # a run learning it now keeps its checkpoint
         refused = run("rm", "left")
         assert refused.exit_code == 2 and "being learned now" in refused.stderr, refused.output
-    removed = run("rm", "left", "kept")
+    removed = run("rm", "left", "kept", "--json")
     assert removed.exit_code == 0, removed.output
-    assert removed.stdout.splitlines()[-1] == str(checkpoint_path("left")) and len(removed.stdout.splitlines()) == 2
+    assert json.loads(removed.stdout)["paths"][-1] == str(checkpoint_path("left"))
+    assert len(json.loads(removed.stdout)["paths"]) == 2
     assert not checkpoint_path("left").exists() and checkpoint_path("again").exists()
     assert "nothing-here" in run("rm", "again", "nothing-here").stderr and checkpoint_path("again").exists()
 

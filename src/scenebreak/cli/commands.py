@@ -457,7 +457,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
 @click.option("--retries", type=Bounded(int, Bounds(0, 100)), default=1, show_default=True,
               help="Tries again a job whose worker process or Ray node died; it resumes from its checkpoint.")
 @quiet_option
-@click.option("--json", "json_", is_flag=True, help="Accepted as every command takes it: the lines are JSON already.")
+@click.option("--json", "json_", is_flag=True, help="Accepted for scripts that pass it to every command: the lines are JSON already.")
 @handle_errors
 def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries, quiet, json_):
     """Learn (and generate from) many photos: JOBS is a JSON Lines file ('-': stdin),
@@ -815,8 +815,9 @@ def show_command(scene, json_):
 
 @cli.command(name="rm")
 @click.argument("scenes", nargs=-1, required=True, shell_complete=complete_scene)
+@json_option
 @handle_errors
-def rm_command(scenes):
+def rm_command(scenes, json_):
     """Delete scenes (by cache name or path), and the checkpoint an interrupted run of
     that name left; prints each deleted path.
 
@@ -826,7 +827,9 @@ def rm_command(scenes):
     """
     from ..train.interrupted import remove_scenes_and_runs
 
-    remove_scenes_and_runs(scenes, removed=echo_path)
+    deleted = remove_scenes_and_runs(scenes, removed=(lambda path: None) if json_ else echo_path)
+    if json_:
+        emit_json({}, deleted)
 
 
 @cli.command(name="export")
