@@ -168,3 +168,17 @@ def tuned_copy(model: Path, folder: Path) -> Path:
             param.add_(1e-3)
     unet.save_pretrained(folder / "unet")
     return folder
+
+
+def count_loads(monkeypatch, *classes) -> list[str]:
+    """The names of `classes` in the order their instances are made (models loaded)."""
+    loads: list[str] = []
+    for cls in classes:
+        original = cls.__init__
+
+        def counting(self, *args, _original=original, _name=cls.__name__, **kwargs):
+            loads.append(_name)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counting)
+    return loads

@@ -638,15 +638,9 @@ def test_a_loop_of_make_masks_loads_its_models_once(scene_files, tiny_segmentati
     from scenebreak import kept
     from scenebreak.masks import masking
 
-    loads = []
-    for cls in (masking.Segmenter, masking.Detector):
-        original = cls.__init__
+    from helpers import count_loads
 
-        def counting(self, *args, _original=original, _name=cls.__name__, **kwargs):
-            loads.append(_name)
-            _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "__init__", counting)
+    loads = count_loads(monkeypatch, masking.Segmenter, masking.Detector)
     detector, segmenter = (str(p) for p in tiny_segmentation)
     config = MaskConfig(detector=detector, segmenter=segmenter, threshold=0.0)
 

@@ -332,15 +332,9 @@ def test_photo_after_photo_loads_segment_anything_and_the_detector_once(ui, scen
     from scenebreak.masks import detector, segmenter
     from scenebreak.masks.session import SessionClosed
 
-    loads = []
-    for cls in (segmenter.Segmenter, detector.Detector):
-        original = cls.__init__
+    from helpers import count_loads
 
-        def counting(self, *args, _original=original, _name=cls.__name__, **kwargs):
-            loads.append(_name)
-            _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "__init__", counting)
+    loads = count_loads(monkeypatch, segmenter.Segmenter, detector.Detector)
     first = scene_files["image"]
     second = first.parent / "other.png"
     shutil.copy(first, second)
