@@ -290,3 +290,33 @@ def test_the_library_bars_it_quiets_can_be_brought_back(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_threads_generating_at_once_each_get_their_images(learned, tmp_path):
+    """kept.py lets a second thread load its own models, but three threads' first
+    generate all failed: diffusers' loading patches torch.nn.Module for the process
+    while it runs ("Cannot copy out of meta tensor" in the others), and its first import
+    by two threads at once handed one a half-made module ("cannot import name
+    'DDIMScheduler' from 'diffusers'", said as a scene that is "not valid"). A fresh
+    interpreter, for that first import."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, threading, scenebreak\n"
+        "errors = []\n"
+        "def run(i):\n"
+        "    try:\n"
+        "        scenebreak.generate(sys.argv[1], '<asset1>', scenebreak.GenerateConfig(steps=2, seed=1),\n"
+        "                            out_dir=f'{sys.argv[2]}/{i}')\n"
+        "    except Exception as exc:\n"
+        "        errors.append(f'{type(exc).__name__}: {exc}')\n"
+        "threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "assert not errors, errors\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(learned.path), str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    images = [next((tmp_path / str(i)).glob("*.png")) for i in range(3)]
+    assert len({p.read_bytes() for p in images}) == 1  # (the same seed: the same image in each thread)

@@ -265,13 +265,23 @@ def quiet_library_logging_from_the_start() -> None:
     quiet_bitsandbytes()
 
 
+def _library_logging():
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    return diffusers_logging, transformers_logging
+
+
 def quiet_libraries() -> None:
     """Keep diffusers/transformers/hub chatter (load bars, notices) off our stderr."""
     import warnings
 
     quiet_bitsandbytes()  # first: importing diffusers below may import it
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from .kept import one_builder_at_a_time
+
+    # (Their first import, by two threads at once, hands one of them a half-made module:
+    # "cannot import name 'DDIMScheduler' from 'diffusers'". Imported whole here, by one.)
+    diffusers_logging, transformers_logging = one_builder_at_a_time(_library_logging)()
 
     for logging in (diffusers_logging, transformers_logging):
         logging.set_verbosity_error()

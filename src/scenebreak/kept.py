@@ -10,10 +10,28 @@ beside another's; `learn` drops it too, for the room its memory plan counts on."
 
 from __future__ import annotations
 
+import functools
 import threading
 
 _lock = threading.Lock()
 _held: tuple | None = None  # (key, thing)
+
+# Building models is not thread-safe: diffusers' loading (accelerate's empty weights) and
+# peft's patch torch.nn.Module for the whole process while they run, so that a module
+# another thread builds meanwhile gets its weights on the meta device ("Cannot copy out
+# of meta tensor": two threads' first generate, or the page's detector loading during a
+# learn). One thread builds models at a time; the others wait.
+_building = threading.RLock()
+
+
+def one_builder_at_a_time(build):
+    """`build` (a function that loads or makes models) run by one thread at a time."""
+    @functools.wraps(build)
+    def built(*args, **kwargs):
+        with _building:
+            return build(*args, **kwargs)
+
+    return built
 
 
 def take(key):

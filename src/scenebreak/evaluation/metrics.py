@@ -22,6 +22,7 @@ import numpy as np
 from ..config import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, default_model
 from ..families.versions import in_fp32
 from ..hub import loading_model, model_load_failure, transformers_model_of_kind
+from ..kept import one_builder_at_a_time
 
 CLIP_KINDS = ("clip",)
 CLIP_WANTED = f"use a CLIP checkpoint such as {DEFAULT_CLIP_MODEL}"
@@ -39,6 +40,7 @@ def _cosine(a, b) -> float:
 class ClipScorer:
     """CLIP image-text cosine similarity (prompt similarity)."""
 
+    @one_builder_at_a_time
     def __init__(self, ref: str | None, device):
         from transformers import AutoProcessor, CLIPModel
 
@@ -130,6 +132,7 @@ def whole_image(processor) -> dict:
 class DinoScorer:
     """DINO image features: the [CLS] embedding, and patch tokens pooled inside a mask."""
 
+    @one_builder_at_a_time
     def __init__(self, ref: str | None, device):
         from transformers import AutoImageProcessor, AutoModel, ViTModel
 

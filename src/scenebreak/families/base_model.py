@@ -12,10 +12,12 @@ from pathlib import Path
 
 from ..errors import InvalidInput
 from ..hub import hub_snapshot, loading_model, looks_like_path, quiet_libraries
+from ..kept import one_builder_at_a_time
 from ..paths import is_regular_file
 from .family import vae_scale
 from .versions import (CLIP_TEXT_PREFIX, tokenizer_class_for, tokenizer_overrides, transformers_dtype, with_hub_names,
                        with_model_key_names)
+
 
 @dataclass
 class BaseModel:
@@ -334,6 +336,7 @@ def _weightless(cls, part: Path):
     return model, None
 
 
+@one_builder_at_a_time
 def load_deferred(components: Components, widen: bool = False) -> None:
     """Load the text encoders load_components deferred, in place: in the dtype it would
     have loaded them in, or in fp32 with `widen` (the plan tunes them, or keeps frozen
@@ -358,6 +361,7 @@ def load_deferred(components: Components, widen: bool = False) -> None:
     components.deferred = {}
 
 
+@one_builder_at_a_time
 def load_components(base_model: str, revision: str | None = None,
                     resolved: tuple[Path, str | None] | None = None, denoiser_dtype=None,
                     text_encoder_dtypes: dict | None = None, defer: tuple[str, ...] = ()) -> Components:

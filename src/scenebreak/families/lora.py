@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SceneBreakError
+from ..kept import one_builder_at_a_time
 from .versions import with_model_key_names
 
 ADAPTER = "default"
@@ -38,6 +39,7 @@ def text_encoder_targets(settings: dict, name: str) -> list[str]:
     return settings.get(f"{name}_targets", settings["text_encoder_targets"])
 
 
+@one_builder_at_a_time
 def add_lora(denoiser, text_encoders: dict, settings: dict, empty: bool = False) -> list[torch.nn.Parameter]:
     """Put adapters into the denoiser and the text encoders (`text_encoders`: name ->
     model; in place); returns their parameters. An encoder without targets gets none.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..device import fp32_layers, is_bitsandbytes_weight
 from ..hub import quiet_bitsandbytes
+from ..kept import one_builder_at_a_time
 
 QUANTIZE_HINT = "pipx inject scenebreak bitsandbytes (or pip install 'scenebreak[quantize]')"
 KINDS = ("nf4", "int8")
@@ -66,6 +67,7 @@ def _quantized_linear(linear, kind: str, compute_dtype):
     return layer
 
 
+@one_builder_at_a_time
 def quantize_linear_layers(model, kind: str, compute_dtype, skip: tuple[str, ...] = ()) -> int:
     """Replace the model's linear layers (but those whose name starts with one of
     `skip`, and those transformers keeps out of quantisation, `_keep_in_fp32_modules`)

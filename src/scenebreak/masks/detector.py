@@ -9,6 +9,7 @@ from ..config import DEFAULT_DETECTOR
 from ..errors import InvalidInput, ModelNotAvailable
 from ..families.versions import in_fp32
 from ..hub import loading_model, transformers_model_of_kind
+from ..kept import one_builder_at_a_time
 
 # model_type values of the detectors that work here (MM-Grounding-DINO: Grounding DINO's
 # architecture retrained, read by the same processor)
@@ -24,6 +25,7 @@ WANTED = f"use a Grounding DINO (e.g. {DEFAULT_DETECTOR}), MM-Grounding-DINO or 
 class Detector:
     """An open-vocabulary detector: boxes with scores for a free-text prompt."""
 
+    @one_builder_at_a_time
     def __init__(self, ref: str, device):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 

@@ -8,6 +8,7 @@ import numpy as np
 from ..config import DEFAULT_SEGMENTER
 from ..families.versions import in_fp32
 from ..hub import loading_model, transformers_model_of_kind
+from ..kept import one_builder_at_a_time
 
 # Automatic segmentation, after SAM's automatic mask generator (with a coarser grid).
 AUTO_MIN_IOU = 0.88  # SAM's own estimate of the mask's quality
@@ -22,6 +23,7 @@ WANTED = (f"scenebreak needs a Segment Anything (SAM) checkpoint such as {DEFAUL
 class Segmenter:
     """Segment Anything: the image is embedded once, then any number of prompts."""
 
+    @one_builder_at_a_time
     def __init__(self, ref: str, device):
         from transformers import SamModel, SamProcessor
 

@@ -88,7 +88,10 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
           report: Reporter = silent) -> SamplingRun:
     """Check every prompt against the scene, pick the device and the seed, make
     `out_dir`, then load the models: every mistake is reported before that slow part."""
+    from ..hub import quiet_libraries
+
     started = time.perf_counter()
+    quiet_libraries()  # (first: the libraries imported whole before anything here uses them, in any thread)
     scene = open_scene(scene)
     check_prompts(scene, prompts)
     if warn_unused:

@@ -11,6 +11,7 @@ from ..config import MAX_HANDLES
 from ..device import Device
 from ..errors import BundleError, InvalidInput, ModelNotAvailable
 from ..families.versions import with_model_key_names
+from ..kept import one_builder_at_a_time
 from ..scenes.bundle import Scene, load_scene, tokenizer_from_files
 
 
@@ -19,6 +20,7 @@ def scene_tokenizers(scene: Scene) -> list:
     return [tokenizer_from_files(scene.files, folder, scene.family) for folder in scene.family.tokenizers]
 
 
+@one_builder_at_a_time
 def scene_components(scene: Scene, device: Device, dtype=None, base_model: str | None = None, tokenizers=None,
                      quantize: str = "none", report=None):
     """Denoiser, VAE, text encoders and tokenizers (lists: two on SDXL) of a scene on
@@ -300,6 +302,7 @@ def base_with_lora(scene: Scene, base_model: str | None, vocabularies: list[int]
     return c.denoiser, c.vae, c.text_encoders
 
 
+@one_builder_at_a_time  # (diffusers' lazy imports of its samplers race too: one importer at a time)
 def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, dtype=None, scheduler: str = "dpm",
                   tokenizers=None, quantize: str = "auto", report=None):
     """A text-to-image pipeline of the scene's family over its models, sampling with

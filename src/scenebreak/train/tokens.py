@@ -7,12 +7,14 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInput
+from ..kept import one_builder_at_a_time
 
 # A token that names an embedding row no token of the base vocabulary reaches (its
 # spaces keep it from ever being a handle's name).
 SPARE_ROW = "<spare row {}>"
 
 
+@one_builder_at_a_time
 def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> list[int]:
     """Add the handle tokens, set their initial embeddings and return their ids.
 
@@ -79,6 +81,7 @@ def install_handle_embedding(text_encoder, num_handles: int) -> HandleEmbedding:
     return module
 
 
+@one_builder_at_a_time
 def remove_handle_embedding(text_encoder) -> torch.Tensor:
     """Put an ordinary nn.Embedding back, with the learned handle rows; returns them."""
     module = text_encoder.get_input_embeddings()
