@@ -165,6 +165,18 @@ def test_learn_never_reseeds_the_gpus_random_numbers(scene_files, tiny_model, mo
     assert reseeded == []
 
 
+def test_learn_leaves_the_callers_cpu_random_numbers_as_it_found_them(scene_files, tiny_model):
+    """The docs say learn leaves the random generators as it found them; the handles' new
+    embedding rows were initialised from torch's global CPU generator, so a notebook's
+    `torch.manual_seed(5); learn(...); torch.rand(1)` drew other numbers than seed 5's."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    scenebreak.learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                     base_model=str(tiny_model), name="rng-cpu", device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_from_python_without_a_reporter_warnings_reach_logging(learned, tmp_path, caplog):
     """The default reporter dropped everything: a notebook never heard that a prompt used
     none of the scene's handles, or that a setting was ignored."""

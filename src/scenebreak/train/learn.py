@@ -181,8 +181,13 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
             report(Message(f"another process is learning {name!r}: --force runs anyway; the two share its "
                            "checkpoint", "warning"))
         _check_interrupted_run(name, resume=resume, force=replace)
-        result = _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume,
-                        replace, report, should_stop, started, loaded=(photo, object_masks))
+        import torch
+
+        # The caller's CPU generator as it found it: the handles' new embedding rows (and
+        # the table resized back) are initialised from it, whatever the trainer then sets.
+        with torch.random.fork_rng(devices=[]):
+            result = _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume,
+                            replace, report, should_stop, started, loaded=(photo, object_masks))
     # The training's models and optimizer state, which reference cycles hold (the trainer's
     # compiled steps), go now, not when Python's collector next runs: the same process's
     # next learn or generate (a notebook, the page, a batch worker) loads into that memory.
