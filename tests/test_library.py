@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 import scenebreak
 from scenebreak import GenerateConfig, LearnConfig
-from scenebreak.config import BackgroundConfig, EvaluateConfig
+from scenebreak.config import BackgroundConfig, EvaluateConfig, MaskConfig
 from scenebreak.errors import InvalidInput, NoSpace, OutOfMemory
 
 
@@ -332,3 +333,70 @@ def test_threads_generating_at_once_each_get_their_images(learned, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     images = [next((tmp_path / str(i)).glob("*.png")) for i in range(3)]
     assert len({p.read_bytes() for p in images}) == 1  # (the same seed: the same image in each thread)
+
+
+BAD_ARGUMENTS = [  # (call, what the one line says): each was a raw TypeError, ValueError or AttributeError
+    (lambda s, f: scenebreak.generate(None, "<asset1>"), "a scene is a path or a cached scene's name"),
+    (lambda s, f: scenebreak.generate(3, "<asset1>"), "not int"),
+    (lambda s, f: scenebreak.load_scene(None), "a scene is a path"),
+    (lambda s, f: scenebreak.generate(s, 5), "prompts must be a text or a list of texts"),
+    (lambda s, f: scenebreak.generate(s, "<asset1>", {"steps": 2}), "config must be a scenebreak.GenerateConfig"),
+    (lambda s, f: scenebreak.generate(s, "<asset1>", LearnConfig()), "config must be a scenebreak.GenerateConfig"),
+    (lambda s, f: scenebreak.generate(s, "<asset1>", GenerateConfig(negative=3)), "--negative must be text"),
+    (lambda s, f: scenebreak.learn(None, f["masks"]), "image must be a path"),
+    (lambda s, f: scenebreak.learn(f["image"], None), "masks must be a path or a list of paths"),
+    (lambda s, f: scenebreak.learn(f["image"], [np.zeros((4, 4))]), "each of masks must be a path"),
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], None, name=5), "name must be text"),
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], LearnConfig(prior="no")), "--prior must be True or False"),
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], LearnConfig(init_words=(3, 4))), "--init-words must be a list"),
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], LearnConfig(adam_betas="x")), "adam_betas must be two numbers"),
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], LearnConfig(class_prompt=None)), "--class-prompt must be text"),
+    (lambda s, f: scenebreak.edit(f["image"], "spot.png", s), "a list of (mask, prompt) pairs"),
+    (lambda s, f: scenebreak.edit(f["image"], [(f["masks"][0], None)], s), "a (mask, prompt) pair"),
+    (lambda s, f: scenebreak.edit(f["image"], [(f["masks"][0], "<asset1>")], s, GenerateConfig()),
+     "config must be a scenebreak.EditConfig"),
+    (lambda s, f: scenebreak.extract_background(s, variations="2"), "variations must be a whole number"),
+    (lambda s, f: scenebreak.extract_background(s, prompt=["a"]), "prompt must be text"),
+    (lambda s, f: scenebreak.make_masks(None, points=["1,1"]), "image must be a path"),
+    (lambda s, f: scenebreak.make_masks(f["image"], prompts=5), "prompts must be a text or a list"),
+    (lambda s, f: scenebreak.make_masks(f["image"], points=[(1, 2, 3)]), "points must be X,Y strings"),
+    (lambda s, f: scenebreak.make_masks(f["image"], points=["1,1"], config=MaskConfig(fill_holes="no")),
+     "--fill-holes must be True or False"),
+    (lambda s, f: scenebreak.export(s, None), "out must be a path"),
+    (lambda s, f: scenebreak.evaluate(s, 5), "prompts must be a text or a list"),
+    (lambda s, f: scenebreak.evaluate(s, ["<asset1>"], GenerateConfig()), "config must be a scenebreak.EvaluateConfig"),
+]
+
+
+@pytest.mark.parametrize("call, said", BAD_ARGUMENTS, ids=[said[:40] for _, said in BAD_ARGUMENTS])
+def test_arguments_of_the_wrong_kind_are_one_clear_invalid_input(call, said, learned, scene_files, tmp_path,
+                                                                   monkeypatch):
+    """The docs promise that a value of the wrong kind is one clear InvalidInput; from
+    Python, these were raw errors from pathlib, tokenizers, torch or scenebreak's own
+    insides (some after the models had loaded)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInput, match=re.escape(said)):
+        call(str(learned.path), scene_files)
+
+
+def test_one_place_alone_and_a_scene_object_are_taken_as_given(learned, scene_files, tiny_segmentation, tmp_path):
+    """A box or click given alone as numbers (`boxes=(10, 10, 40, 40)`), an edit's one
+    (mask, prompt) pair without its list, and a Scene object for export were refused with
+    raw errors; a Scene loaded without its weights was saved as a scene that could not
+    generate."""
+    detector, segmenter = tiny_segmentation
+    config = MaskConfig(detector=str(detector), segmenter=str(segmenter), threshold=0.0)
+    run = scenebreak.make_masks(scene_files["image"], boxes=(12, 8, 44, 40), points=(20, 20), config=config,
+                                out_dir=tmp_path / "masks")
+    assert len(run.masks) == 2
+    edited = scenebreak.edit(scene_files["image"], (scene_files["masks"][0], "<asset1>"), str(learned.path),
+                             scenebreak.EditConfig(steps=1, scheduler="ddim"), out_dir=tmp_path / "edit")
+    assert len(edited.images) == 1
+    scene = scenebreak.load_scene(learned.path)
+    assert scenebreak.export(scene, tmp_path / "emb", "embeddings").paths
+    with pytest.raises(InvalidInput, match="opened without its weights"):
+        scenebreak.save_scene(scene, tmp_path / "copy.scene")
+    assert not (tmp_path / "copy.scene").exists()
+    with pytest.raises(scenebreak.DeviceNotAvailable):  # (it said the file was not readable)
+        scenebreak.load_scene(learned.path, weights=True, device="bogus")
+    assert scenebreak.load_scene(learned.path, weights=True, device=scenebreak.choose_device("cpu")).weights

@@ -94,7 +94,9 @@ def setting(default, help: str, *, choices: tuple[str, ...] | None = None, bound
 def check_bounds(config) -> None:
     """Every numeric setting of `config` a number of its kind (a whole number where the
     setting counts something: 2.0 images, "400" steps or True from Python failed deep
-    inside, after the models loaded) and within its bounds (None: not set)."""
+    inside, after the models loaded) and within its bounds (None: not set); every other
+    setting of its kind too (check_kinds)."""
+    check_kinds(config)
     for f in dataclasses.fields(config):
         bounds, value = f.metadata.get("bounds"), getattr(config, f.name)
         if bounds is None or value is None:
@@ -105,6 +107,30 @@ def check_bounds(config) -> None:
             raise InvalidInput(f"{flag} must be {'a whole number' if whole else 'a number'}, not {str(value)[:40]!r}")
         if not bounds.holds(value):
             raise InvalidInput(f"{flag} {bounds.describe(value)}")
+
+
+def check_kinds(config) -> None:
+    """A switch True or False (Python takes "no" for true: prior="no" made 100 class
+    images), a text setting a str, a list of words str each, AdamW's betas two numbers
+    from 0 to below 1: from Python, anything else failed deep inside the libraries, after
+    the models had loaded (a tokenizer given negative=3, torch's Adam given betas "x")."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        flag = f"--{f.name.replace('_', '-')}"
+        if value is None and kind.endswith("| None"):
+            continue
+        shown = str(value)[:40]
+        if kind == "bool" and not isinstance(value, bool):
+            raise InvalidInput(f"{flag} must be True or False, not {shown!r}")
+        if kind in ("str", "str | None") and f.name != "device" and not isinstance(value, str):
+            raise InvalidInput(f"{flag} must be text, not {shown!r}")
+        if kind.startswith("tuple[str") and not (isinstance(value, (tuple, list))
+                                                 and all(isinstance(v, str) for v in value)):
+            raise InvalidInput(f"{flag} must be a list of words, not {shown!r}")
+        if kind == "tuple[float, float]" and not (
+                isinstance(value, (tuple, list)) and len(value) == 2
+                and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < 1 for v in value)):
+            raise InvalidInput(f"{f.name} must be two numbers from 0 to below 1, not {shown!r}")
 
 
 def _one_string_is_one_value(config, *names: str) -> None:

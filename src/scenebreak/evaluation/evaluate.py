@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..arguments import config_argument, text_arguments
 from ..config import EvaluateConfig, default_model
 from .. import kept
 from ..device import Device, choose_device
@@ -180,16 +181,17 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     if empty:  # identity compares the object under its mask: there is nothing to compare
         raise InvalidInput(f"scene {scene.name!r} holds an empty mask for {', '.join(empty)}: its identity cannot be "
                            "measured")
-    config = config.validate(len(objects))
+    config = config_argument(config, EvaluateConfig).validate(len(objects))
     words = dict(zip(objects, config.object_words(len(objects))))
     if scene.background_token:
         words[scene.background_token] = "background"
     if prompts is None:
         prompts = default_prompts(objects)
     else:
-        prompts = [p.strip() for p in ([prompts] if isinstance(prompts, str) else prompts) if p and p.strip()]
+        prompts = [p.strip() for p in text_arguments(prompts, "prompts") if p.strip()]
         if not prompts:
-            raise InvalidInput("no prompt to evaluate: the prompts file holds none (or leave it out for the built-in prompts)")
+            raise InvalidInput("no prompt to evaluate: the prompts (file) hold none (or leave them out for the built-in "
+                               "prompts)")
     check_prompts(scene, prompts)
     for prompt in prompts:
         if not any(h in objects for h in handles_in(prompt)):

@@ -75,10 +75,11 @@ class Exported:
 
 
 def export_scene(scene, out: str | os.PathLike, format: str = "diffusers", force: bool = False,
-                 base_model: str | None = None, rank: int | None = None, kohya_strict: bool = False) -> list[Path]:
+                 base_model: str | None = None, rank: int | None = None, kohya_strict: bool = False,
+                 report: Reporter = silent) -> list[Path]:
     """Write the scene in `format` as the folder `out` (replacing an earlier export
     there with `force`); returns the paths written."""
-    return export(scene, out, format, force, base_model, rank, kohya_strict=kohya_strict).paths
+    return export(scene, out, format, force, base_model, rank, report=report, kohya_strict=kohya_strict).paths
 
 
 @fixable_failures()
@@ -95,10 +96,15 @@ def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool
     if kohya_strict and format != "a1111":
         raise InvalidInput("--kohya-strict applies only to -f a1111")
     rank = check_rank(DEFAULT_RANK if rank is None else rank)
-    from ..scenes.bundle import load_scene  # here: the CLI reads FORMATS without loading numpy
+    from ..arguments import path_argument
+    from ..scenes.bundle import Scene, load_scene  # here: the CLI reads FORMATS without loading numpy
 
-    out = Path(out).expanduser()
+    out = path_argument(out, "out").expanduser()
     check_export_target(out, force)
+    if isinstance(scene, Scene):  # (a Scene from Python, as generate takes: its file read with the weights it needs)
+        if scene.path is None:
+            raise InvalidInput(f"scene {scene.name!r} is not in a file: save_scene it first, then export the file")
+        scene = scene.path
     scene = load_scene(scene, weights=format in ("diffusers", "a1111"))
     marker = json.dumps({"format": format, "scene": scene.name, "scenebreak": __version__})
     a1111 = None

@@ -7,11 +7,13 @@ reported, and the masks and their preview are written (files.py)."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..arguments import config_argument, path_argument, text_arguments
 from ..config import MAX_LEARNED_HANDLES, MaskConfig, default_model
 from ..errors import InvalidInput, InvalidMask, fixable_failures
 from ..events import Message, Progress, Reporter, silent
@@ -158,11 +160,12 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     from ..images import load_image
     from ..hub import quiet_libraries
 
-    config = config or MaskConfig()
+    config = config_argument(config, MaskConfig)
     config.validate()
-    # One prompt, point or box given as a string (from Python) is one, not its letters.
-    prompts, points, boxes, excludes = ([v] if isinstance(v, str) else v for v in (prompts, points, boxes, excludes))
-    prompts = [str(p).strip() for p in prompts]
+    image_path = path_argument(image_path, "image")
+    prompts = [p.strip() for p in text_arguments(prompts, "prompts", allow_none=True)]
+    points, excludes = (_places(v, 2, what) for v, what in ((points, "points"), (excludes, "excludes")))
+    boxes = _places(boxes, 4, "boxes")
     if any(not p for p in prompts):
         raise InvalidInput("a --prompt is empty: describe the object, e.g. -p 'red bowl'")
     for prompt in prompts:
@@ -263,6 +266,24 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     segmenter.forget_image()
     kept.keep(key, models)  # (a failed call never gets here: what it half used goes)
     return run
+
+
+def _places(value, size: int, what: str) -> list:
+    """Points (size 2) or boxes (4) from Python: "X,Y" strings or number pairs (boxes:
+    quadruples), a list of them, or one alone (a string, or a flat tuple of numbers: one
+    place, not its numbers); None is none."""
+    def one(place) -> bool:
+        return isinstance(place, (list, tuple)) and len(place) == size and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in place)
+
+    if value is None:
+        return []
+    if isinstance(value, str) or one(value):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) or one(v) for v in value):
+        return list(value)
+    shape = "X,Y strings or (x, y) pairs" if size == 2 else "X0,Y0,X1,Y1 strings or (x0, y0, x1, y1) tuples"
+    raise InvalidInput(f"{what} must be {shape}, or a list of them: not {str(value)[:60]!r}")
 
 
 def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> tuple[float, np.ndarray, list]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import config_argument, path_argument
 from ..config import MAX_IMAGES, BackgroundConfig, EditConfig
 from ..device import Device
 from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
@@ -112,22 +113,21 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     (the photo's size, non-zero = change here) with a prompt such as "a photo of
     <asset1>"; they are applied in order. Writes `config.num_images` PNGs (seeds
     seed, seed+1, ...) of the photo's size, to `output` or into `out_dir`."""
-    config = config.validate()
-    if not regions:
-        raise InvalidInput("give at least one --mask with its prompt")
+    config = config_argument(config, EditConfig).validate()
+    regions = _regions(regions)
     prompts = [prompt.strip() for _, prompt in regions]
     if not all(prompts):
         raise InvalidInput("every --mask needs a non-empty prompt")
-    image_path = Path(image)
+    image_path = path_argument(image, "image")
     source = load_image(image_path)
-    mask_paths = [Path(m) for m, _ in regions]
+    mask_paths = [m for m, _ in regions]
     notes = []
     loaded = load_masks(mask_paths, source.size, orientation(source), notes)
     for line in mask_warnings(image_path, source.size, orientation(source), loaded, mask_paths, notes, objects=False):
         report(Message(line, "warning"))
     masks = [dilate(m, config.dilate).astype(bool) for m in loaded]
     if output is not None:
-        output = Path(output)
+        output = path_argument(output, "output")
         if config.num_images > 1:
             raise InvalidInput("--output names one file: use --out-dir with -n above 1")
         if output.suffix.lower() != ".png":
@@ -154,6 +154,20 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     return run.result(images)
 
 
+def _regions(regions) -> list[tuple[Path, str]]:
+    """edit's regions: (mask, prompt) pairs; one pair alone counts as a list of one."""
+    if isinstance(regions, tuple) and len(regions) == 2 and isinstance(regions[1], str):
+        regions = [regions]
+    if not isinstance(regions, (list, tuple)) or not regions:
+        raise InvalidInput("give at least one --mask with its prompt (from Python: a list of (mask, prompt) pairs)")
+    pairs = []
+    for region in regions:
+        if not (isinstance(region, (list, tuple)) and len(region) == 2 and isinstance(region[1], str)):
+            raise InvalidInput(f"each region must be a (mask, prompt) pair, not {str(region)[:60]!r}")
+        pairs.append((path_argument(region[0], "a region's mask"), region[1]))
+    return pairs
+
+
 @fixable_failures()
 def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, variations: int = 0, prompt: str | None = None,
                        out_dir: str | os.PathLike = ".", device: str | Device | None = None,
@@ -162,7 +176,11 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
     (the dilated object regions re-made from "a photo of <background>") and
     `variations` new backgrounds from `prompt` (default "a photo of <background>";
     a template such as "a photo of a car at <background>" works too)."""
-    config = config.validate()
+    config = config_argument(config, EditConfig, BackgroundConfig).validate()
+    if isinstance(variations, bool) or not isinstance(variations, int):
+        raise InvalidInput(f"variations must be a whole number, not {type(variations).__name__}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InvalidInput(f"prompt must be text, not {type(prompt).__name__}")
     if not 0 <= variations <= MAX_IMAGES:
         raise InvalidInput(f"-n must be at least 0 and at most {MAX_IMAGES}")
     if config.num_images != 1:  # (a setting it inherits from EditConfig: it would be silently unused)

@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+from ..arguments import config_argument, text_arguments
 from ..config import GenerateConfig
 from ..device import Device
 from ..errors import InvalidInput, fixable_failures
@@ -57,9 +58,8 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
     sheet of all the images (one row per prompt), listed last with kind "grid".
     `should_stop()` (optional) is polled after each pass of images: when it turns true,
     `Interrupted` is raised, the images written so far kept."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    config = config.validate()
+    prompts = [p.strip() for p in text_arguments(prompts, "prompts", allow_none=True) if p.strip()]
+    config = config_argument(config, GenerateConfig).validate()
     if variations and prompts:
         raise InvalidInput("--variations makes its own prompt (all the scene's objects): give no PROMPT with it")
     if not prompts and not variations:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
-from ..errors import BundleError
+from ..errors import BundleError, InvalidInput
 from ..families.versions import tokenizer_class_for, tokenizer_overrides
 from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically, write_new_file
 
@@ -155,6 +155,10 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16", replace: bool
     import torch
     from safetensors.torch import save_file
 
+    missing = [c for c in scene.weight_components if not (scene.weights or {}).get(c)]
+    if missing:  # (it wrote a scene that then failed in generate: "holds no unet ... weights")
+        raise InvalidInput(f"scene {scene.name!r} was opened without its weights ({', '.join(missing)}): open it with "
+                           "load_scene(..., weights=True) to save it")
     dtype = torch.float16 if save_dtype == "fp16" else torch.float32
     tensors = {
         "handles.embeddings": scene.embeddings.detach().float().cpu().contiguous(),
@@ -436,12 +440,16 @@ def is_tokenizer_entry(name: str) -> bool:
     return folder in TOKENIZER_FOLDERS and base in TOKENIZER_FILES
 
 
-def load_scene(ref, weights: bool = False, device: str = "cpu") -> Scene:
+def load_scene(ref, weights: bool = False, device="cpu") -> Scene:
     """Open a scene by path or cached name; `weights=True` also loads the model weights,
     read from the memory-mapped file straight onto `device` (no copy in RAM for a GPU)."""
     from safetensors import safe_open
 
-    path = resolve_scene(ref)
+    path = resolve_scene(_scene_reference(ref))
+    if weights:  # (a device that is not there, or a Device, was blamed on the file: "not a readable .scene file")
+        from ..device import Device, choose_device
+
+        device = str((device if isinstance(device, Device) else choose_device(device)).torch)
     stamp = stat_stamp(path)
     meta = read_metadata(path)
     expected = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
@@ -492,6 +500,14 @@ def stat_stamp(path: Path) -> tuple | None:
 def open_scene(scene) -> Scene:
     """A Scene as given, or loaded from its path or cache name (metadata only)."""
     return scene if isinstance(scene, Scene) else load_scene(scene)
+
+
+def _scene_reference(ref):
+    """A scene's path or cached name (from Python: a str or a path), else one line."""
+    if isinstance(ref, (str, os.PathLike)) and not isinstance(ref, bytes):
+        return ref
+    raise InvalidInput(f"a scene is a path or a cached scene's name (a str or a pathlib.Path), "
+                       f"not {'None' if ref is None else type(ref).__name__}")
 
 
 def list_scenes() -> list[Path]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import kept
+from ..arguments import config_argument, path_argument, path_arguments
 from ..config import LearnConfig, default_base_model
 from ..device import Device, choose_device, precision_name, tf32_settings_kept
 from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError, fixable_failures, is_out_of_memory
@@ -127,9 +128,12 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     checkpoint), and is refused (Busy) while another process learns the name."""
     started = time.perf_counter()
     base_model = os.fspath(base_model) if base_model is not None else None  # (a Path from Python: recorded as text)
-    if isinstance(masks, (str, os.PathLike)):  # one mask given alone (from Python): not its letters
-        masks = [masks]
-    image, masks = Path(image), [Path(m) for m in masks]
+    # (From Python: one mask given alone is a list of one, not its letters.)
+    image, masks = path_argument(image, "image"), path_arguments(masks, "masks")
+    config = config_argument(config, LearnConfig)
+    output = path_argument(output, "output") if output is not None else None
+    if name is not None and not isinstance(name, str):
+        raise InvalidInput(f"name must be text, not {type(name).__name__}")
     from ..masks.files import PREVIEW_SUFFIX
 
     for mask in masks:  # `STEM.mask*.png` also matches the preview `mask` writes beside the masks

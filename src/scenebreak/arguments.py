@@ -1,0 +1,52 @@
+"""Arguments given from Python, checked where they come in: a path, a list of them (one
+alone counts as a list of one, not its letters), a list of texts, a config of the right
+kind. Anything else is one InvalidInput naming the argument, not a TypeError from
+pathlib or an AttributeError from deep inside (the command line cannot give these)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import InvalidInput
+
+
+def _kind(value) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def path_argument(value, what: str) -> Path:
+    """`value` (a str or a path-like) as a Path."""
+    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+        return Path(value)
+    raise InvalidInput(f"{what} must be a path (a str or a pathlib.Path), not {_kind(value)}")
+
+
+def path_arguments(value, what: str) -> list[Path]:
+    """One path, or a list (or tuple) of them, as a list of Paths."""
+    if isinstance(value, (str, os.PathLike)):
+        return [Path(value)]
+    if isinstance(value, (list, tuple)):
+        return [path_argument(item, f"each of {what}") for item in value]
+    raise InvalidInput(f"{what} must be a path or a list of paths, not {_kind(value)}")
+
+
+def text_arguments(value, what: str, allow_none: bool = False) -> list[str]:
+    """One text, or a list (or tuple) of them, as a list (None: empty, where allowed)."""
+    if value is None and allow_none:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise InvalidInput(f"{what} must be a text or a list of texts, not {_kind(value)}")
+
+
+def config_argument(value, kind: type, default: type | None = None):
+    """`value`, a config of `kind` (or of a kind derived from it), or `default()` (else
+    `kind()`) for None."""
+    if value is None:
+        return (default or kind)()
+    if isinstance(value, kind):
+        return value
+    raise InvalidInput(f"config must be a scenebreak.{(default or kind).__name__}, not {_kind(value)}")
