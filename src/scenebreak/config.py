@@ -109,6 +109,10 @@ def check_bounds(config) -> None:
             raise InvalidInput(f"{flag} {bounds.describe(value)}")
 
 
+# Settings that name a model (a hub id, or a folder: a pathlib.Path from Python) or a device.
+PATH_SETTINGS = ("detector", "segmenter", "clip_model", "dino_model", "device")
+
+
 def check_kinds(config) -> None:
     """A switch True or False (Python takes "no" for true: prior="no" made 100 class
     images), a text setting a str, a list of words str each, AdamW's betas two numbers
@@ -122,7 +126,9 @@ def check_kinds(config) -> None:
         shown = str(value)[:40]
         if kind == "bool" and not isinstance(value, bool):
             raise InvalidInput(f"{flag} must be True or False, not {shown!r}")
-        if kind in ("str", "str | None") and f.name != "device" and not isinstance(value, str):
+        if f.name in PATH_SETTINGS:  # (a model folder may be a pathlib.Path; a device a Device)
+            continue
+        if kind in ("str", "str | None") and not isinstance(value, str):
             raise InvalidInput(f"{flag} must be text, not {shown!r}")
         if kind.startswith("tuple[str") and not (isinstance(value, (tuple, list))
                                                  and all(isinstance(v, str) for v in value)):
