@@ -257,7 +257,7 @@ CASES = [
     # export: never deletes what it did not make
     ("export-current-folder", lambda w: ["export", w["scene"], "-o", ".", "--force"], 2, "current folder"),
     ("export-parent-folder", lambda w: ["export", w["scene"], "-o", "..", "--force"], 2, "current folder"),
-    ("export-into-cache", lambda w: ["export", w["scene"], "-o", w["home"] / "scenes", "--force"], 2, "cache"),
+    ("export-into-cache", lambda w: ["export", w["scene"], "-o", w["home"] / "scenes", "--force"], 2, "is inside scenebreak's cache"),
     ("export-home-folder", lambda w: ["export", w["scene"], "-o", Path.home(), "--force"], 2, "home folder"),
     ("export-foreign-folder", lambda w: ["export", w["scene"], "-o", w["folder"], "--force"], 2, "not an earlier scenebreak export"),
     ("export-onto-file", lambda w: ["export", w["scene"], "-o", w["notes"], "--force"], 2, "is a file"),

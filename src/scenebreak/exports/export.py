@@ -152,7 +152,10 @@ def check_export_target(out: Path, force: bool) -> None:
     resolved = out.resolve()
     cwd, cache = Path.cwd().resolve(), home().expanduser().resolve()
     protected = {cwd, *cwd.parents, Path.home().resolve(), cache, *cache.parents}
-    if resolved in protected or cache in resolved.parents:
+    if cache in resolved.parents:
+        raise InvalidInput(f"{out} is inside scenebreak's cache ({cache}), which scenebreak manages: export into a "
+                           "folder of yours, e.g. -o exported/")
+    if resolved in protected:
         raise InvalidInput(f"{out} is the current folder, one above it, the home folder or scenebreak's cache: "
                            "export into a new folder, e.g. -o exported/")
     if not resolved.exists():
