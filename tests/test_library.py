@@ -400,3 +400,10 @@ def test_one_place_alone_and_a_scene_object_are_taken_as_given(learned, scene_fi
     with pytest.raises(scenebreak.DeviceNotAvailable):  # (it said the file was not readable)
         scenebreak.load_scene(learned.path, weights=True, device="bogus")
     assert scenebreak.load_scene(learned.path, weights=True, device=scenebreak.choose_device("cpu")).weights
+    from pathlib import Path
+
+    from scenebreak.arguments import path_arguments, text_arguments
+
+    # (a glob's generator of masks, or of prompts, as a list would be)
+    assert path_arguments(iter(scene_files["masks"]), "masks") == [Path(m) for m in scene_files["masks"]]
+    assert text_arguments((p for p in ("a", "b")), "prompts") == ["a", "b"]

@@ -6,6 +6,7 @@ pathlib or an AttributeError from deep inside (the command line cannot give thes
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .errors import InvalidInput
@@ -22,23 +23,30 @@ def path_argument(value, what: str) -> Path:
     raise InvalidInput(f"{what} must be a path (a str or a pathlib.Path), not {_kind(value)}")
 
 
+def _many(value) -> bool:
+    """A list, a tuple or another iterable of items (a glob's generator), not one text or a dict."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+
+
 def path_arguments(value, what: str) -> list[Path]:
-    """One path, or a list (or tuple) of them, as a list of Paths."""
+    """One path, or a list (or any iterable) of them, as a list of Paths."""
     if isinstance(value, (str, os.PathLike)):
         return [Path(value)]
-    if isinstance(value, (list, tuple)):
+    if _many(value):
         return [path_argument(item, f"each of {what}") for item in value]
     raise InvalidInput(f"{what} must be a path or a list of paths, not {_kind(value)}")
 
 
 def text_arguments(value, what: str, allow_none: bool = False) -> list[str]:
-    """One text, or a list (or tuple) of them, as a list (None: empty, where allowed)."""
+    """One text, or a list (or any iterable) of them, as a list (None: empty, where allowed)."""
     if value is None and allow_none:
         return []
     if isinstance(value, str):
         return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-        return list(value)
+    if _many(value):
+        texts = list(value)
+        if all(isinstance(item, str) for item in texts):
+            return texts
     raise InvalidInput(f"{what} must be a text or a list of texts, not {_kind(value)}")
 
 
