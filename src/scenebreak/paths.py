@@ -98,8 +98,11 @@ def scene_path(name: str) -> Path:
     return scenes_dir() / f"{check_name(name)}{SCENE_SUFFIX}"
 
 
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
 def checkpoint_path(name: str) -> Path:
-    return checkpoints_dir() / f"{check_name(name)}.ckpt"
+    return checkpoints_dir() / f"{check_name(name)}{CHECKPOINT_SUFFIX}"
 
 
 def resolve_scene(ref: str | os.PathLike) -> Path:
@@ -107,7 +110,7 @@ def resolve_scene(ref: str | os.PathLike) -> Path:
     no `.scene`) is the cached scene where one has it, else a file of that name here: a
     file in the current folder no longer hides the scene `list` shows (and `rm` took it)."""
     path = Path(ref).expanduser()
-    if path.suffix == SCENE_SUFFIX or _has_folder(str(ref)):
+    if path.suffix == SCENE_SUFFIX or has_folder(str(ref)):
         return path
     try:
         cached = scene_path(str(ref))
@@ -124,7 +127,8 @@ def names_both(ref: str | os.PathLike) -> bool:
     return resolve_scene(ref) != path and path.is_file()
 
 
-def _has_folder(ref: str) -> bool:
+def has_folder(ref: str) -> bool:
+    """Whether `ref` names a folder too (a path, not a bare name)."""
     return os.sep in ref or bool(os.altsep and os.altsep in ref)
 
 

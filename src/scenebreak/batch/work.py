@@ -11,8 +11,8 @@ atomically: a folder is there complete, or not at all."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

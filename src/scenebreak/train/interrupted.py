@@ -11,13 +11,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InvalidInput, SceneBreakError
-from ..paths import (SCENE_SUFFIX, check_name, checkpoint_path, checkpoints_dir, remove_stale_temporaries,
-                     resolve_scene)
+from ..paths import (CHECKPOINT_SUFFIX, SCENE_SUFFIX, check_name, checkpoint_path, checkpoints_dir, has_folder,
+                     remove_stale_temporaries, resolve_scene)
 from ..scenes.catalog import remove_scenes
 from .locks import Busy, scene_lock
-
-CHECKPOINT_SUFFIX = ".ckpt"
-
 
 @dataclass
 class InterruptedRun:
@@ -50,7 +47,7 @@ def interrupted_runs() -> list[InterruptedRun]:
 def _run_named(ref) -> str | None:
     """The name of the interrupted run `ref` means: a bare scene name with a checkpoint."""
     text = str(ref)
-    if text.endswith(SCENE_SUFFIX) or os.sep in text or (os.altsep and os.altsep in text):
+    if text.endswith(SCENE_SUFFIX) or has_folder(text):
         return None
     try:
         check_name(text)
