@@ -407,3 +407,9 @@ def test_one_place_alone_and_a_scene_object_are_taken_as_given(learned, scene_fi
     # (a glob's generator of masks, or of prompts, as a list would be)
     assert path_arguments(iter(scene_files["masks"]), "masks") == [Path(m) for m in scene_files["masks"]]
     assert text_arguments((p for p in ("a", "b")), "prompts") == ["a", "b"]
+    from scenebreak.masks.masking import _places
+
+    # (numpy coordinates, as an array or a list of them, as the lists they hold)
+    assert _places(np.array([20, 20]), 2, "points") == [(20, 20)]
+    assert _places(np.array([[1, 2], [3, 4]]), 2, "points") == [[1, 2], [3, 4]]
+    assert _places([np.array([1.5, 2])], 2, "points") == [(1.5, 2.0)]

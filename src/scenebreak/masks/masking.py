@@ -278,6 +278,10 @@ def _places(value, size: int, what: str) -> list:
 
     if value is None:
         return []
+    if isinstance(value, np.ndarray):  # (numpy coordinates: a pair, or an N x 2 array)
+        value = value.tolist() if value.ndim > 1 else tuple(value.tolist())
+    if isinstance(value, (list, tuple)):
+        value = type(value)(tuple(v.tolist()) if isinstance(v, np.ndarray) else v for v in value)
     if isinstance(value, str) or one(value):
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) or one(v) for v in value):
