@@ -265,10 +265,15 @@ def quiet_library_logging_from_the_start() -> None:
     quiet_bitsandbytes()
 
 
+_LIBRARIES_IMPORTED = False  # (then no thread need wait for another's model load to use them)
+
+
 def _library_logging():
+    global _LIBRARIES_IMPORTED
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    _LIBRARIES_IMPORTED = True
     return diffusers_logging, transformers_logging
 
 
@@ -281,7 +286,8 @@ def quiet_libraries() -> None:
 
     # (Their first import, by two threads at once, hands one of them a half-made module:
     # "cannot import name 'DDIMScheduler' from 'diffusers'". Imported whole here, by one.)
-    diffusers_logging, transformers_logging = one_builder_at_a_time(_library_logging)()
+    diffusers_logging, transformers_logging = (_library_logging() if _LIBRARIES_IMPORTED
+                                               else one_builder_at_a_time(_library_logging)())
 
     for logging in (diffusers_logging, transformers_logging):
         logging.set_verbosity_error()
