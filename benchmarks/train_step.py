@@ -755,14 +755,16 @@ def main() -> None:
         from scenebreak.device import choose_device
 
         device = choose_device(args.device)
-        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         sources = {depth: ModelSource(args.tiny, reuse=True, sdxl=args.sdxl, flux=args.flux, depth=depth) for depth in depths}
     for phase, kind, depth in plan:
         print(f"measuring {kind}, phase {phase}{f', depth {depth}' if depth else ''} ...", file=sys.stderr, flush=True)
         if sources:
-            row = measure_here(kind, phase, args, sources[depth], device)
-            # A fresh process starts with the default matmul settings; the trainer changes them.
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            from scenebreak.device import tf32_settings_kept
+
+            # A fresh process starts with the default matmul settings; the trainer changes them
+            # (kept and put back through the settings it uses: mixing torch's two APIs fails).
+            with tf32_settings_kept():
+                row = measure_here(kind, phase, args, sources[depth], device)
         else:
             row = measure_in_subprocess(kind, phase, args, depth)
         rows.append({**row, "depth": depth} if depth else row)
