@@ -336,9 +336,9 @@ def test_threads_generating_at_once_each_get_their_images(learned, tmp_path):
 
 
 BAD_ARGUMENTS = [  # (call, what the one line says): each was a raw TypeError, ValueError or AttributeError
-    (lambda s, f: scenebreak.generate(None, "<asset1>"), "a scene is a path or a cached scene's name"),
+    (lambda s, f: scenebreak.generate(None, "<asset1>"), "a scene (its path, or a cached scene's name) must be a path"),
     (lambda s, f: scenebreak.generate(3, "<asset1>"), "not int"),
-    (lambda s, f: scenebreak.load_scene(None), "a scene is a path"),
+    (lambda s, f: scenebreak.load_scene(None), "a scene (its path, or a cached scene's name) must be a path"),
     (lambda s, f: scenebreak.generate(s, 5), "prompts must be a text or a list of texts"),
     (lambda s, f: scenebreak.generate(s, "<asset1>", {"steps": 2}), "config must be a scenebreak.GenerateConfig"),
     (lambda s, f: scenebreak.generate(s, "<asset1>", LearnConfig()), "config must be a scenebreak.GenerateConfig"),

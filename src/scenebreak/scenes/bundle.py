@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import path_argument
 from ..config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
 from ..errors import BundleError, InvalidInput
 from ..families.versions import tokenizer_class_for, tokenizer_overrides
@@ -445,7 +446,7 @@ def load_scene(ref, weights: bool = False, device="cpu") -> Scene:
     read from the memory-mapped file straight onto `device` (no copy in RAM for a GPU)."""
     from safetensors import safe_open
 
-    path = resolve_scene(_scene_reference(ref))
+    path = resolve_scene(path_argument(ref, "a scene (its path, or a cached scene's name)"))
     if weights:  # (a device that is not there, or a Device, was blamed on the file: "not a readable .scene file")
         from ..device import Device, choose_device
 
@@ -500,14 +501,6 @@ def stat_stamp(path: Path) -> tuple | None:
 def open_scene(scene) -> Scene:
     """A Scene as given, or loaded from its path or cache name (metadata only)."""
     return scene if isinstance(scene, Scene) else load_scene(scene)
-
-
-def _scene_reference(ref):
-    """A scene's path or cached name (from Python: a str or a path), else one line."""
-    if isinstance(ref, (str, os.PathLike)) and not isinstance(ref, bytes):
-        return ref
-    raise InvalidInput(f"a scene is a path or a cached scene's name (a str or a pathlib.Path), "
-                       f"not {'None' if ref is None else type(ref).__name__}")
 
 
 def list_scenes() -> list[Path]:

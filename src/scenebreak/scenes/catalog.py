@@ -98,12 +98,17 @@ def remove_scenes(refs: list[str | os.PathLike], removed: Callable[[Path], None]
         if not _cached_scene_file(path):
             read_metadata(path)
     for path in paths:
-        try:
-            path.unlink()
-        except PermissionError:
-            raise SceneBreakError(f"cannot delete {path}: its folder {path.parent} is not writable by you") from None
+        delete_file(path)
         removed(path)  # said as it goes: if a later one cannot be deleted, the earlier are known gone
     return paths
+
+
+def delete_file(path: Path) -> None:
+    """Delete `path`; a folder the user cannot write is said in words (not "[Errno 13]")."""
+    try:
+        path.unlink()
+    except PermissionError:
+        raise SceneBreakError(f"cannot delete {path}: its folder {path.parent} is not writable by you") from None
 
 
 def _cached_scene_file(path: Path) -> bool:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import InvalidInput, SceneBreakError
+from ..errors import InvalidInput
 from ..paths import (CHECKPOINT_SUFFIX, SCENE_SUFFIX, check_name, checkpoint_path, checkpoints_dir, has_folder,
                      remove_stale_temporaries, resolve_scene)
-from ..scenes.catalog import remove_scenes
+from ..scenes.catalog import delete_file, remove_scenes
 from .locks import Busy, scene_lock
 
 @dataclass
@@ -61,8 +61,9 @@ def remove_scenes_and_runs(refs: list, removed: Callable[[Path], None] = lambda 
     checkpoint of each name's interrupted run with them; a name with a checkpoint alone
     is that run's. Nothing is deleted if any is neither, or if a run is being learned
     now (its lock is held). Returns the deleted paths, each passed to `removed` as it goes."""
-    names = list(dict.fromkeys(name for name in map(_run_named, refs) if name is not None))
-    scenes = [ref for ref in refs if _run_named(ref) is None or os.path.lexists(resolve_scene(ref))]
+    runs = [_run_named(ref) for ref in refs]
+    names = list(dict.fromkeys(name for name in runs if name is not None))
+    scenes = [ref for ref, run in zip(refs, runs) if run is None or os.path.lexists(resolve_scene(ref))]
     with contextlib.ExitStack() as held:
         for name in names:
             try:
@@ -74,11 +75,9 @@ def remove_scenes_and_runs(refs: list, removed: Callable[[Path], None] = lambda 
             path = checkpoint_path(name)
             remove_stale_temporaries(path)
             try:
-                path.unlink()
+                delete_file(path)
             except FileNotFoundError:
                 continue
-            except PermissionError:
-                raise SceneBreakError(f"cannot delete {path}: its folder {path.parent} is not writable by you") from None
             removed(path)
             deleted.append(path)
     return deleted

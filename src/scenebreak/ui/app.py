@@ -9,6 +9,7 @@ every link is resolved."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import threading
@@ -39,6 +40,21 @@ class Busy(SceneBreakError):
 class OtherPhoto(Busy):
     """The page acts on a photo that is no longer the open one: another tab opened
     another (the server answers 409)."""
+
+
+PHOTO_REPLACED = "another photo was opened meanwhile (in another tab or window?): reload this page"
+
+
+@contextlib.contextmanager
+def _photo_still_open():
+    """A click or a save that reached the photo's session after another photo closed it:
+    OtherPhoto, as when it is found replaced after."""
+    from ..masks.session import SessionClosed
+
+    try:
+        yield
+    except SessionClosed:
+        raise OtherPhoto(PHOTO_REPLACED) from None
 
 
 def settings_schema(config_class) -> list[dict]:
@@ -332,15 +348,11 @@ class App:
                     # Loading the detector now would take GPU memory a running learn planned with.
                     raise Busy(f"finding an object by words loads a detector onto {session.device.name}, which "
                                f"{self.job.kind} is using: click on the object, or wait for {self.job.kind} to end")
-        from ..masks.session import SessionClosed
-
-        try:
+        with _photo_still_open():
             result = session.mask(f"object {object_id}", points, labels, box, words)
-        except SessionClosed:
-            raise OtherPhoto("another photo was opened meanwhile (in another tab or window?): reload this page") from None
         with self.lock:
             if session is not self.session:  # another photo was opened meanwhile: this mask is of the old one
-                raise OtherPhoto("another photo was opened meanwhile (in another tab or window?): reload this page")
+                raise OtherPhoto(PHOTO_REPLACED)
             self.masks.pop(object_id, None)  # (kept in the order last drawn)
             self.masks[object_id] = result
             while len(self.masks) > MAX_OBJECT_MASKS:  # each a full-size mask: the oldest drawn goes
@@ -361,13 +373,9 @@ class App:
                 raise InvalidInput(f"object {item.get('name') or key!r} has no mask yet: click on it first")
             label = str(item.get("name") or f"object {len(results) + 1}").strip()[:80]
             results.append(dataclasses.replace(self.masks[key], label=label, path=None))
-        from ..masks.session import SessionClosed
-
         folder = self.confined(out_dir, "folder") if out_dir else self.out_dir
-        try:
+        with _photo_still_open():
             return session.save(results, folder).to_dict()
-        except SessionClosed:
-            raise OtherPhoto("another photo was opened meanwhile (in another tab or window?): reload this page") from None
 
     def learn(self, masks: list[str], settings: dict | None = None, name: str | None = None, base_model: str | None = None,
               resume: bool = False, force: bool = False, photo: str | None = None) -> dict:
