@@ -313,6 +313,19 @@ def test_a_rerun_with_another_scenes_folder_puts_the_scene_there(tmp_path, tiny_
     assert again.images == first.images and any("copying its scene" in m.text for m in said)
     assert run_job(job, tmp_path / "out", elsewhere, device="cpu").status == "skipped"
     assert runner._skipped_here(job, (tmp_path / "out").absolute(), elsewhere, Board())
+    # Only a scene is copied: a record naming another file (edited, or of another tool) learns again.
+    from scenebreak.errors import InvalidInput
+
+    record_path = tmp_path / "out" / "moved" / "job.json"
+    (tmp_path / "not-a-scene").write_text("hi")
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "scene": str(tmp_path / "not-a-scene")}))
+
+    def learn_again(*args, **kwargs):
+        raise InvalidInput("learned again")
+
+    monkeypatch.setattr(learn_module, "learn", learn_again)
+    third = run_job(job, tmp_path / "out", tmp_path / "third", device="cpu")
+    assert third.status == "failed" and "learned again" in third.error and not (tmp_path / "third" / "moved.scene").exists()
 
 
 def test_a_scene_this_batch_did_not_make_is_never_replaced(tmp_path):

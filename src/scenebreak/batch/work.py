@@ -144,6 +144,7 @@ def _skipped(job: Job, record: dict, why: str) -> JobResult:
 
 def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Reporter, should_stop) -> JobResult:
     from ..sample.generate import generate
+    from ..scenes.bundle import is_scene
     from ..train.learn import learn
     from ..train.locks import Busy, scene_lock
 
@@ -178,7 +179,7 @@ def _run(job: Job, out: Path, scenes, key: str, record: dict, device, report: Re
     _stop_if_asked(should_stop)  # (the masks took a while; learn itself stops at its steps)
     learned = same and state.get("state") in ("learned", "done")
     earlier = Path(str(record.get("scene") or ""))
-    if learned and not scene.exists() and record.get("scene") and earlier.is_file():
+    if learned and not scene.exists() and record.get("scene") and is_scene(earlier):  # (the record's: only a scene)
         # The batch's scenes go elsewhere now (another --scenes): this one is copied there,
         # not learned again (and not moved: the earlier place is left as it is).
         report(Message(f"job {job.number} ({job.name}): copying its scene from {earlier} to {scene}"))

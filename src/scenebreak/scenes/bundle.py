@@ -187,6 +187,15 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16", replace: bool
     return path
 
 
+def is_scene(path: Path) -> bool:
+    """Whether `path` is a regular file that reads as a scene (read_metadata's checks)."""
+    try:
+        read_metadata(path)
+    except BundleError:
+        return False
+    return True
+
+
 def read_metadata(path: Path) -> dict:
     """The scene's JSON metadata, checked; reads no tensor data."""
     path = Path(path)

@@ -23,7 +23,7 @@ from ..images import background_mask, load_image, load_masks, orientation, prepa
 from ..masks.checks import mask_warnings
 from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_path, home, is_writable_folder,
                      scene_path, windows_device_name)
-from ..scenes.bundle import save_scene
+from ..scenes.bundle import is_scene, save_scene
 from .assemble import scene_from_training, scene_metadata
 from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
 from .compiling import compile_settings_kept
@@ -358,16 +358,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
 
 def _scene_or_nothing(path: Path) -> bool:
     """Whether `path` holds a scene (which --force may replace) or nothing."""
-    from ..errors import BundleError
-    from ..scenes.bundle import read_metadata
-
-    if not os.path.lexists(path):
-        return True
-    try:
-        read_metadata(path)
-    except BundleError:
-        return False
-    return True
+    return not os.path.lexists(path) or is_scene(path)
 
 
 @contextlib.contextmanager
@@ -452,14 +443,8 @@ def _check_output(out: Path, *, force: bool, resume: bool) -> None:
         raise InvalidInput(f"{out} is a folder: -o takes the path of the .scene file to write")
     if out.exists() and not force and not resume:
         raise InvalidInput(f"{out} already exists: pass --force to replace it, or --name to choose another name")
-    if out.exists() and (force or resume):
-        from ..scenes.bundle import read_metadata
-        from ..errors import BundleError
-
-        try:
-            read_metadata(out)
-        except BundleError:
-            raise InvalidInput(f"{out} is not a scene: only a scene is ever replaced; choose another -o") from None
+    if out.exists() and (force or resume) and not is_scene(out):
+        raise InvalidInput(f"{out} is not a scene: only a scene is ever replaced; choose another -o")
     # The cache first: learn writes its checkpoints there wherever the scene goes (-o), so
     # an unwritable cache is the one fix to name.
     if not is_writable_folder(home()):
