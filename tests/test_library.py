@@ -413,3 +413,13 @@ def test_one_place_alone_and_a_scene_object_are_taken_as_given(learned, scene_fi
     assert _places(np.array([20, 20]), 2, "points") == [(20, 20)]
     assert _places(np.array([[1, 2], [3, 4]]), 2, "points") == [[1, 2], [3, 4]]
     assert _places([np.array([1.5, 2])], 2, "points") == [(1.5, 2.0)]
+
+
+def test_each_result_lists_the_files_it_wrote_as_the_command_line_does(learned, tmp_path):
+    """`to_dict()` of a result is the command's --json document: the command line added
+    its "paths" itself, so a script calling the library found none."""
+    result = scenebreak.generate(learned.path, "<asset1>", GenerateConfig(steps=1, scheduler="ddim"), out_dir=tmp_path)
+    data = result.to_dict()
+    assert data["paths"] == [i["path"] for i in data["images"]] == [str(p) for p in result.paths]
+    assert all(os.path.exists(p) for p in data["paths"])
+    assert learned.to_dict()["paths"] == [str(learned.path)]

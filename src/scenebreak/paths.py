@@ -416,19 +416,22 @@ def is_writable_folder(folder: Path) -> bool:
         if missing.is_symlink():
             return False
         missing = missing.parent
-    if ON_WINDOWS:  # os.access reads only the read-only attribute there, which folders ignore: try it
-        import tempfile
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return False
+    # Permissions do not settle it: Windows' os.access reads only the read-only attribute,
+    # which folders ignore, and root may write anywhere by them but cannot make a folder
+    # in /sys or /proc. So try it (a folder or file made and removed at once).
+    import tempfile
 
-        try:
-            if probe != target:  # folders to make: try making one (C:\ takes folders, not files)
-                os.rmdir(tempfile.mkdtemp(dir=probe))
-            else:
-                with tempfile.TemporaryFile(dir=probe):
-                    pass
-        except OSError:
-            return False
-        return True
-    return os.access(probe, os.W_OK | os.X_OK)
+    try:
+        if probe != target:  # folders to make: try making one (C:\ takes folders, not files)
+            os.rmdir(tempfile.mkdtemp(dir=probe))
+        else:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+    except OSError:
+        return False
+    return True
 
 
 def check_file_name_fits(path: Path) -> None:

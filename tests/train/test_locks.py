@@ -178,6 +178,18 @@ def test_on_windows_a_folder_is_writable_when_a_file_can_be_made_in_it(monkeypat
     assert paths.is_writable_folder(tmp_path / "renders") and not paths.is_writable_folder(tmp_path)
 
 
+def test_a_folder_the_permissions_allow_but_the_system_refuses_is_not_writable(monkeypatch, tmp_path):
+    """Root may write anywhere by the permissions, but not make a folder in /proc or /sys:
+    `--out-dir /sys/renders` passed the early check and failed after the work with a raw
+    OSError. The folder is asked by trying."""
+    from scenebreak import paths
+
+    monkeypatch.setattr(paths.os, "access", lambda *a, **k: True)  # as root
+    assert not paths.is_writable_folder(Path("/proc/renders")) and not paths.is_writable_folder(Path("/proc"))
+    assert paths.is_writable_folder(tmp_path / "new" / "out") and paths.is_writable_folder(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_lock_open_in_another_process_this_instant_is_released_and_broken_calmly(monkeypatch):
     """On Windows a file that another process has open (to read who holds the lock)
     cannot be renamed or deleted (PermissionError): a finished learn failed after writing

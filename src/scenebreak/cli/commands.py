@@ -310,7 +310,7 @@ def with_reporter(quiet: bool, call):
 def print_images(result, json_: bool, quiet: bool = False) -> None:
     """The images' paths (or the JSON document) on stdout; on stderr how many, in how long."""
     if json_:
-        emit_json(result.to_dict(), [image.path for image in result.images])
+        emit_json(result.to_dict())
     else:
         for image in result.images:
             echo_path(image.path)
@@ -423,7 +423,7 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
     result = with_reporter(quiet, lambda report: learn(image, list(masks), config, name=name, output=output, base_model=base_model,
                                                        revision=revision, device=device, resume=resume, force=force, report=report))
     if json_:
-        emit_json(result.to_dict(), [result.path])
+        emit_json(result.to_dict())
         return
     echo_path(result.path)
     if not quiet:
@@ -682,7 +682,7 @@ def mask_command(image, prompts, boxes, points, excludes, auto, out_dir, force, 
                                                             config=config, out_dir=out_dir, report=report,
                                                             excludes=excludes, force=force))
     if json_:
-        emit_json(result.to_dict(), result.paths)
+        emit_json(result.to_dict())
         return
     for path in result.paths:
         echo_path(path)
@@ -759,7 +759,7 @@ def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, js
     result = with_reporter(quiet, lambda report: evaluate(scene, prompts, config, out_dir=out_dir, device=device,
                                                           base_model=base_model, report=report))
     if json_:
-        emit_json(result.to_dict(), [i.path for i in result.images] + [p for p in (result.plot, result.report) if p])
+        emit_json(result.to_dict())
         return
     click.echo(format_table(result))
     click.echo(f"images: {len(result.images)} in {result.out_dir}")

@@ -140,12 +140,17 @@ class EvaluateResult:
     report: Path | None = None
     seconds: float = 0.0
 
+    @property
+    def paths(self) -> list[Path]:
+        """The files written: the images, then the plot and the report."""
+        return [i.path for i in self.images] + [p for p in (self.plot, self.report) if p]
+
     def to_dict(self) -> dict:
         return {"scene": self.scene, "seed": self.seed, "settings": dataclasses.asdict(self.config), "models": self.models,
                 "handles": [h.to_dict() for h in self.handles], "overall": self.overall.to_dict(),
                 "images": [i.to_dict() for i in self.images], "out_dir": str(self.out_dir),
                 "plot": str(self.plot) if self.plot else None, "report": str(self.report) if self.report else None,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "paths": [str(p) for p in self.paths]}
 
 
 def _round(value: float | None) -> float | None:

@@ -58,6 +58,7 @@ class MaskRun:
             "masks": [m.to_dict() for m in self.masks],
             "overlaps": [{"masks": [i + 1, j + 1], "fraction": round(f, 3)} for i, j, f in self.overlaps],
             "detector": self.detector, "segmenter": self.segmenter, "threshold": self.threshold,
+            "paths": [str(p) for p in self.paths],
         }
 
 

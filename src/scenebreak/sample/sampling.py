@@ -42,12 +42,18 @@ class GenerateResult:
     # --steps or --guidance out learns what they were): scheduler, steps, guidance, negative.
     settings: dict = field(default_factory=dict)
 
+    @property
+    def paths(self) -> list[Path]:
+        """The files written, in order (the command prints these)."""
+        return [image.path for image in self.images]
+
     def to_dict(self) -> dict:
         return {
             "scene": self.scene,
             "images": [{"path": str(i.path), "prompt": i.prompt, "seed": i.seed, "kind": i.kind} for i in self.images],
             "seconds": round(self.seconds, 2),
             "settings": self.settings,
+            "paths": [str(p) for p in self.paths],
         }
 
 

@@ -39,9 +39,13 @@ class LearnResult:
     seconds: float = 0.0
     resumed: bool = False
 
+    @property
+    def paths(self) -> list[Path]:
+        return [self.path]
+
     def to_dict(self) -> dict:
         return {"path": str(self.path), "name": self.name, "handles": self.handles, "losses": self.losses,
-                "seconds": round(self.seconds, 2), "resumed": self.resumed}
+                "seconds": round(self.seconds, 2), "resumed": self.resumed, "paths": [str(self.path)]}
 
 
 def check_resolution(family, denoiser, vae, resolution: int) -> None:
