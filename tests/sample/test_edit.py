@@ -102,6 +102,7 @@ def test_regions_apply_in_order_like_successive_edits(learned, tmp_path):
     first = edit(tmp_path / "p.png", regions[:1], learned.path, config, out_dir=tmp_path / "1").images[0].path
     second = edit(first, regions[1:], learned.path, config, out_dir=tmp_path / "2").images[0].path
     assert np.array_equal(pixels(both), pixels(second))
+    assert both.name.startswith("p-edit-a-photo-of-asset1-a-photo-of-asset2-")  # every region's prompt names it
     reversed_ = edit(tmp_path / "p.png", regions[::-1], learned.path, config, out_dir=tmp_path / "r").images[0].path
     assert not np.array_equal(pixels(both), pixels(reversed_))
 

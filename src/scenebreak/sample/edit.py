@@ -145,8 +145,11 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     edited = blend_regions(run, np.asarray(source), masks, prompts, seeds, run.config, run.scene.resolution,
                            names=[f"mask {p}" for p in mask_paths], report=report)
     label, images = " | ".join(prompts), []
+    # Named after every region's prompt, each given a share of the name (the last one's
+    # alone named a two-region edit as if it changed one region).
+    name = "-".join(slug(p, max(12, 40 // len(prompts))) for p in prompts)
     for s, array in zip(seeds, edited):
-        path = output or Path(out_dir) / fit_file_name(image_path.stem, f"-edit-{slug(prompts[-1])}-{s}.png")
+        path = output or Path(out_dir) / fit_file_name(image_path.stem, f"-edit-{name}-{s}.png")
         # The photo's colour profile goes with it: the untouched pixels are its own, and
         # must look it beside the photo in a colour-managed viewer (a phone's Display P3).
         saved = save_png(array, path, overwrite, icc_profile=source.info.get("icc_profile"))
