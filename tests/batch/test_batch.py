@@ -232,7 +232,7 @@ def test_sigterm_to_the_batch_alone_stops_its_workers_with_their_checkpoints(tmp
     assert process.returncode == 143, err
     assert err.decode().strip().splitlines()[-1].startswith("Error: terminated (SIGTERM)") and b"Traceback" not in err
     got = lines(out.decode())["t"]
-    assert got["status"] == "failed" and "rerun the batch to resume it" in got["error"], got
+    assert got["status"] == "interrupted" and "rerun the batch to resume it" in got["error"], got
     state = torch.load(checkpoint_path("t"), weights_only=True)
     assert state["phase"] == 2 and 2 <= state["step"] < 400
     deadline = time.monotonic() + 30  # no worker left behind: the whole group goes (multiprocessing's helper last)
@@ -489,7 +489,7 @@ def test_a_job_told_to_stop_saves_its_checkpoint_without_any_signal(tmp_path, ti
         steps.append(1)
         return len(steps) > 2
     result = run_job(read_jobs(jobs)[0], tmp_path / "out", device="cpu", should_stop=should_stop)
-    assert result.status == "failed" and "rerun the batch to resume it" in result.error, result
+    assert result.status == "interrupted" and "rerun the batch to resume it" in result.error, result
     state = torch.load(checkpoint_path("told"), weights_only=True)
     assert state["phase"] == 1 and state["step"] < 10  # saved when told, not at a checkpoint-every
 
@@ -610,3 +610,24 @@ def test_a_workers_prints_never_reach_the_results_stream():
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "before\n" and "from a library" in done.stderr
+
+
+def test_a_job_interrupted_while_the_batch_went_on_is_no_success(tmp_path, monkeypatch):
+    """A job stopped by Ctrl-C or SIGTERM was "failed", its error saying it was
+    interrupted; one whose worker alone was stopped (`kill -INT` to it) left the batch
+    to exit 0 with the job not done. It is "interrupted", counted apart, and exit 1."""
+    from scenebreak.batch import runner
+    from scenebreak.batch.work import INTERRUPTED, JobResult
+
+    def stopped_worker(jobs, on_result=None, **kwargs):
+        results = [JobResult(1, "a", "done", scene="a.scene"), JobResult(2, "b", "interrupted", error=INTERRUPTED)]
+        for result in results:
+            on_result(result)
+        return runner.BatchResult(results)
+
+    monkeypatch.setattr(runner, "run_batch", stopped_worker)
+    result = CliRunner().invoke(cli, ["batch", str(tmp_path / "jobs.jsonl")])
+    assert result.exit_code == 1 and "1 of 2 job(s) interrupted: run the same command again" in result.stderr
+    assert lines(result.stdout)["b"]["status"] == "interrupted"
+    summary = runner.BatchResult([JobResult(2, "b", "interrupted", error=INTERRUPTED)])
+    assert "0 failed, 1 interrupted" in summary.summary() and summary.to_dict()["interrupted"] == 1

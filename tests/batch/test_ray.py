@@ -171,7 +171,7 @@ def test_ctrl_c_on_a_ray_batch_lets_its_tasks_save_their_checkpoints(cluster, tm
     assert interrupted, f"the job was never seen in phase 2 holding its lock; last seen: {watcher.last_seen}"
     assert result.exit_code == 130, result.output
     got = lines(result.stdout)["c"]
-    assert got["status"] == "failed" and "rerun the batch to resume it" in got["error"], got
+    assert got["status"] == "interrupted" and "rerun the batch to resume it" in got["error"], got
     state = torch.load(checkpoint_path("c"), weights_only=True)
     assert state["phase"] == 2 and interrupted[0] <= state["step"] < 1500
     deadline = time.monotonic() + 30  # the task ended: its job lock is released

@@ -172,7 +172,7 @@ def _stop_tasks(ray, pending: dict, board) -> None:
             try:
                 result = JobResult.from_dict(ray.get(ref))
             except Exception:  # (a cancelled task's result is Ray's TaskCancelledError)
-                result = JobResult(job.number, job.name, "failed", error=INTERRUPTED)
+                result = JobResult(job.number, job.name, "interrupted", error=INTERRUPTED)
             with contextlib.suppress(Exception):  # (stdout may be what failed)
                 board.finished(result)
 

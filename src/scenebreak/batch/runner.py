@@ -40,12 +40,13 @@ class BatchResult:
         return self.count("failed")
 
     def summary(self) -> str:
+        stopped = f", {self.count('interrupted')} interrupted" if self.count("interrupted") else ""
         return (f"{len(self.results)} job(s): {self.count('done')} done, {self.count('skipped')} skipped, "
-                f"{self.failed} failed in {self.seconds / 60:.1f} min")
+                f"{self.failed} failed{stopped} in {self.seconds / 60:.1f} min")
 
     def to_dict(self) -> dict:
         return {"jobs": [r.to_dict() for r in self.results], "done": self.count("done"), "skipped": self.count("skipped"),
-                "failed": self.failed, "seconds": round(self.seconds, 2)}
+                "failed": self.failed, "interrupted": self.count("interrupted"), "seconds": round(self.seconds, 2)}
 
 
 def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None = None, ray: str | None = None,
@@ -130,7 +131,7 @@ class Board:
         self.results.append(result)
         line = f"job {result.job} ({result.name}): {result.status}"
         line += f": {result.error}" if result.error else f" ({result.note})" if result.note else ""
-        self.report(Message(line, "warning" if result.status == "failed" else "info"))
+        self.report(Message(line, "warning" if result.status in ("failed", "interrupted") else "info"))
         self.show()
         if self.on_result:
             self.on_result(result)
@@ -373,7 +374,7 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
             try:
                 result = run_job(job, out, scenes, device=device, wait=wait, report=report, should_stop=stop.is_set)
             except KeyboardInterrupt:
-                result = JobResult(job.number, job.name, "failed", error=INTERRUPTED)
+                result = JobResult(job.number, job.name, "interrupted", error=INTERRUPTED)
             outbox.put(("result", index, result.to_dict()))
     except KeyboardInterrupt:  # Ctrl-C reaches the workers too; the batch itself says so
         return

@@ -37,7 +37,9 @@ MAX_RECORD_BYTES = 1 << 22
 class JobResult:
     job: int
     name: str
-    status: str  # done | failed | skipped | busy (another run holds it: the runner asks again later)
+    # done | failed | skipped | interrupted (stopped by Ctrl-C or SIGTERM: a rerun resumes it)
+    # | busy (another run holds it: the runner asks again later)
+    status: str
     scene: str | None = None
     images: list[str] = field(default_factory=list)
     error: str | None = None
@@ -103,7 +105,8 @@ def is_done(record: dict, key: str, scene: Path) -> bool:
 def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, device=None, wait: bool = False,
             report: Reporter = silent, should_stop=None) -> JobResult:
     """Run `job` (or skip it when its results are there); never raises for the job's own
-    failure: that is a "failed" result with its one-line error. `wait=False`: when
+    failure: that is a "failed" result with its one-line error (an "interrupted" one
+    when it was stopped). `wait=False`: when
     another process runs the same job, return "busy" at once; `wait=True`: wait for it
     (saying so), then skip what it did. `should_stop()` turning true stops it as Ctrl-C
     would (learn saves its checkpoint; the result says to rerun)."""
@@ -125,7 +128,7 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
     except Busy as exc:
         return JobResult(job.number, job.name, "busy", note=f"being run by {exc}")
     except Interrupted:
-        return JobResult(job.number, job.name, "failed", error=INTERRUPTED, seconds=time.perf_counter() - started)
+        return JobResult(job.number, job.name, "interrupted", error=INTERRUPTED, seconds=time.perf_counter() - started)
     except Exception as exc:  # the job's failure is its result; the batch goes on
         return JobResult(job.number, job.name, "failed", error=one_line(exc), seconds=time.perf_counter() - started)
     result.seconds = time.perf_counter() - started

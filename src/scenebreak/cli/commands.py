@@ -463,8 +463,8 @@ def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries,
     """Learn (and generate from) many photos: JOBS is a JSON Lines file ('-': stdin),
     one job a line. The whole file is checked first; then each job runs on this
     machine's devices or on a Ray cluster, and prints one JSON line as it ends
-    (status done, skipped or failed). A rerun skips what is done and resumes what was
-    cut short. Exit 1 when a job failed (the others still ran).
+    (status done, skipped, failed or interrupted). A rerun skips what is done and
+    resumes what was cut short. Exit 1 when a job failed (the others still ran).
 
     \b
     Example:
@@ -494,6 +494,9 @@ def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries,
     if result.failed:
         raise SceneBreakError(f"{result.failed} of {len(result.results)} job(s) failed (their lines say why): fix them "
                               "and run the same command again; what is done is skipped")
+    if result.count("interrupted"):  # (a worker stopped on its own: the batch itself went on)
+        raise SceneBreakError(f"{result.count('interrupted')} of {len(result.results)} job(s) interrupted: run the same "
+                              "command again to resume them")
 
 
 def _same_terminal() -> bool:
