@@ -15,6 +15,7 @@ _LAZY = {
     "generate": "sample.generate", "GenerateResult": "sample.sampling",
     "edit": "sample.edit", "extract_background": "sample.edit",
     "load_scene": "scenes.bundle", "save_scene": "scenes.bundle", "list_scenes": "scenes.bundle", "Scene": "scenes.bundle",
+    "remove_scenes": "train.interrupted", "interrupted_runs": "train.interrupted", "InterruptedRun": "train.interrupted",
     "LearnConfig": "config", "GenerateConfig": "config", "EditConfig": "config", "BackgroundConfig": "config",
     "MaskConfig": "config",
     "SceneBreakError": "errors", "UsageError": "errors", "InvalidInput": "errors", "InvalidMask": "errors",

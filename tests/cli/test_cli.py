@@ -88,6 +88,13 @@ def test_an_interrupted_runs_checkpoint_is_listed_and_rm_deletes_it(scene_files,
     assert len(json.loads(removed.stdout)["paths"]) == 2
     assert not checkpoint_path("left").exists() and checkpoint_path("again").exists()
     assert "nothing-here" in run("rm", "again", "nothing-here").stderr and checkpoint_path("again").exists()
+    # From Python, as the command line: the runs listed, then one removed by its name alone.
+    import scenebreak
+
+    assert [run.name for run in scenebreak.interrupted_runs()] == ["again"]
+    assert scenebreak.remove_scenes("again") == [checkpoint_path("again")] and not scenebreak.interrupted_runs()
+    with pytest.raises(scenebreak.InvalidInput):
+        scenebreak.remove_scenes([None])
 
 
 def test_a_cache_folder_that_cannot_be_used_is_named_as_the_fix(scene_files, tiny_model, tmp_path, monkeypatch):

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..arguments import path_arguments
 from ..errors import InvalidInput
 from ..paths import (CHECKPOINT_SUFFIX, SCENE_SUFFIX, check_name, checkpoint_path, checkpoints_dir, has_folder,
                      remove_stale_temporaries, resolve_scene)
-from ..scenes.catalog import delete_file, remove_scenes
+from ..scenes.catalog import delete_file, remove_scenes as remove_scene_files
 from .locks import Busy, scene_lock
 
 @dataclass
@@ -70,7 +71,7 @@ def remove_scenes_and_runs(refs: list, removed: Callable[[Path], None] = lambda 
                 held.enter_context(scene_lock(name))
             except Busy:
                 raise InvalidInput(f"scene {name!r} is being learned now: stop that run first") from None
-        deleted = remove_scenes(scenes, removed) if scenes else []
+        deleted = remove_scene_files(scenes, removed) if scenes else []
         for name in names:
             path = checkpoint_path(name)
             remove_stale_temporaries(path)
@@ -81,3 +82,11 @@ def remove_scenes_and_runs(refs: list, removed: Callable[[Path], None] = lambda 
             removed(path)
             deleted.append(path)
     return deleted
+
+
+def remove_scenes(scenes) -> list[Path]:
+    """`scenebreak rm` from Python: delete scenes (cache names or paths; one alone counts
+    as a list of one) and the checkpoint each name's interrupted run left. Nothing is
+    deleted if any is neither, or if one is being learned now (InvalidInput). Returns
+    the paths deleted."""
+    return remove_scenes_and_runs([os.fspath(ref) for ref in path_arguments(scenes, "scenes")])
