@@ -631,3 +631,30 @@ def test_a_job_interrupted_while_the_batch_went_on_is_no_success(tmp_path, monke
     assert lines(result.stdout)["b"]["status"] == "interrupted"
     summary = runner.BatchResult([JobResult(2, "b", "interrupted", error=INTERRUPTED)])
     assert "0 failed, 1 interrupted" in summary.summary() and summary.to_dict()["interrupted"] == 1
+
+
+def test_a_jobs_images_without_a_seed_are_the_same_on_every_run(tmp_path):
+    """Its learning is seeded; its images took a random seed, so a rerun (or another
+    shard or machine) made other images. Their seed now comes from the job's name."""
+    from scenebreak.batch import work
+    from scenebreak.config import GenerateConfig
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": n, "prompts": ["<asset1>"],
+                                  "generate": g} for n, g in (("cat", {}), ("mug", {}), ("own", {"seed": 7}))])
+    seeds = []
+
+    class Image:
+        def __init__(self, path):
+            self.path = path
+
+    def generate(scene, prompts, config: GenerateConfig, out_dir, **kwargs):
+        seeds.append(config.seed)
+        (out_dir / f"{config.seed}.png").write_bytes(b"")
+        return type("Result", (), {"images": [Image(out_dir / f"{config.seed}.png")]})
+
+    for run in range(2):
+        for job in read_jobs(jobs):
+            work._generate(job, tmp_path / "x.scene", tmp_path / str(run) / job.name, "cpu", lambda e: None, generate, None)
+    cat, mug, own = seeds[:3]
+    assert seeds[3:] == seeds[:3] and cat != mug and own == 7 and cat == work.name_seed("cat")

@@ -11,6 +11,7 @@ atomically: a folder is there complete, or not at all."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -244,9 +245,18 @@ def _make_masks(job: Job, target: Path, device, report: Reporter, recorded) -> l
 def _generate(job: Job, scene: Path, target: Path, device, report: Reporter, generate, recorded,
               should_stop=None) -> list[str]:
     """The job's prompts sampled, written as one folder."""
+    config = job.generate
+    if config.seed is None:  # a batch is repeatable, as its learning is (a random seed made other images per rerun)
+        config = dataclasses.replace(config, seed=name_seed(job.name))
     return _write_folder(target, recorded, lambda tmp: [Path(image.path).name for image in generate(
-        str(scene), list(job.prompts), job.generate, out_dir=tmp, device=device, report=report,
+        str(scene), list(job.prompts), config, out_dir=tmp, device=device, report=report,
         should_stop=should_stop).images])
+
+
+def name_seed(name: str) -> int:
+    """The seed of a job's images where its line sets none: from its name, so that a
+    rerun, another machine or another shard makes the same images."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % 2**31
 
 
 def _write_folder(target: Path, recorded, fill) -> list[str]:
