@@ -209,6 +209,35 @@ def test_a_batch_killed_mid_learn_resumes_the_job_on_the_rerun(tmp_path, tiny_mo
     assert not ckpt.exists() and not claim_path("k").exists()
 
 
+def test_a_worker_whose_batch_was_killed_stops_its_job_with_a_checkpoint(tmp_path, tiny_model):
+    """kill -9 of the batch process alone: its worker, mid-job, trained on as an orphan
+    to the job's end (hours on a GPU, holding it and the job's lock); it looked for its
+    parent only between jobs. It now stops at its next step, saving its checkpoint."""
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "o",
+                                  "learn": {"steps1": 2, "steps2": 5000, "no-prior": True, "checkpoint-every": 1,
+                                            "base-model": str(tiny_model)}}])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "scenebreak", "batch", str(jobs), "--out", str(tmp_path / "out"), "-q"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_checkpoint(process, "o")
+        workers = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
+                   for pid in (task / "children").read_text().split()]
+        process.kill()  # the batch alone, not its process group
+        process.wait()
+        deadline = time.monotonic() + 90
+        while any(Path(f"/proc/{pid}").exists() and
+                  Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" for pid in workers):
+            assert time.monotonic() < deadline, "the killed batch's worker trained on"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    state = torch.load(checkpoint_path("o"), weights_only=True)
+    assert state["phase"] == 2 and state["step"] < 5000 and not scene_path("o").exists()
+
+
 def test_sigterm_to_the_batch_alone_stops_its_workers_with_their_checkpoints(tmp_path, tiny_model):
     """`kill PID` (a supervisor, docker stop) of the batch process: it died at once, its
     workers trained on unwatched and their results were lost. Now the busy workers are

@@ -50,6 +50,14 @@ def world(tmp_path, learned, tiny_model, scene_files):
     return w
 
 
+def _tokenizer_json(w, edit):
+    """The scene's tokenizer/tokenizer.json, changed by `edit(dict)`, as a tensor."""
+    with safe_open(str(w["scene"]), framework="pt") as f:
+        data = json.loads(f.get_tensor("file.tokenizer/tokenizer.json").numpy().tobytes())
+    edit(data)
+    return {"file.tokenizer/tokenizer.json": torch.frombuffer(bytearray(json.dumps(data).encode()), dtype=torch.uint8).clone()}
+
+
 def _shape(w, key):
     with safe_open(str(w["scene"]), framework="pt") as f:
         return tuple(f.get_slice(key).get_shape())
@@ -148,6 +156,19 @@ CASES = [
     ("scene-handle-escapes", lambda w: ["export", _crafted(w, "h1", meta=set_meta("handles.0.token", "<../../x>")), "-f", "embeddings",
                                         "-o", w["tmp"] / "out"], 2, "not a valid scene"),
     ("scene-name-escapes", lambda w: ["generate", _crafted(w, "n1", meta=set_meta("name", "../../x")), "<asset1>"], 2, "not a valid scene"),
+    ("scene-handles-by-case", lambda w: ["show", _crafted(w, "c1", meta=set_meta("handles.1.token", "<ASSET1>"))], 2,
+     "differ only in letter case"),  # CLIP lowercases: one token for both
+    ("scene-vae-scale-zero", lambda w: ["generate", _crafted(w, "v0", meta=set_meta("configs.vae.scaling_factor", 0)),
+                                        "<asset1>"], 2, "scaling_factor is '0'"),  # every image black, exit 0
+    ("scene-vae-scale-text", lambda w: ["generate", _crafted(w, "v1", meta=set_meta("configs.vae.scaling_factor", "x")),
+                                        "<asset1>"], 2, "not a positive number"),  # failed after the sampling
+    ("scene-vae-shift-text", lambda w: ["show", _crafted(w, "v2", meta=set_meta("configs.vae.shift_factor", "0.1"))], 2,
+     "shift_factor"),
+    ("scene-tokenizer-without-handles", lambda w: ["generate", _crafted(w, "t1", tensors=_tokenizer_json(
+        w, lambda t: t.update(added_tokens=[a for a in t["added_tokens"] if not a["content"].startswith("<asset")]))),
+        "<asset1>"], 2, "disagree on the handles"),  # the handles' rows went to <|endoftext|>, exit 0
+    ("scene-tokenizer-past-the-table", lambda w: ["generate", _crafted(w, "t2", tensors=_tokenizer_json(
+        w, lambda t: t["model"]["vocab"].update({"a</w>": 100_000}))), "<asset1>"], 2, "past its text encoder"),
     ("scene-resolution-huge", lambda w: ["generate", _crafted(w, "r1", meta=set_meta("resolution", 10**6)), "<asset1>"], 2,
      "not a valid scene"),
     ("scene-resolution-odd", lambda w: ["generate", _crafted(w, "r2", meta=set_meta("resolution", 65)), "<asset1>"], 2, "not a valid scene"),
@@ -449,6 +470,34 @@ def test_rm_of_the_same_scene_twice_deletes_it_once(world):
     assert not (world["home"] / "scenes" / "cached.scene").exists()
 
 
+def test_a_scene_removed_while_generate_opens_it_is_said_as_such(world, monkeypatch):
+    """`rm` between reading a scene's metadata and its weights: a raw "[Errno 2] No such
+    file or directory", exit 1 (the size in the "loading the weights" note)."""
+    import shutil
+
+    import scenebreak.sample.sampling as sampling
+
+    victim = world["home"] / "scenes" / "victim.scene"
+    shutil.copy(world["scene"], victim)
+    real = sampling.pick_seed
+    monkeypatch.setattr(sampling, "pick_seed", lambda *a: (victim.unlink(), real(*a))[1])
+    _one_error(CliRunner().invoke(cli, ["generate", "victim", "<asset1>", "--steps", "1"]), 2, "scene not found")
+
+
+def test_pixels_decoded_as_nan_in_fp32_are_an_error_not_a_black_image():
+    """The decode in half precision was checked (and done again in fp32); in fp32 NaN
+    pixels were written as a black image, exit 0."""
+    import types
+
+    from scenebreak.errors import SceneBreakError
+    from scenebreak.sample.pipeline import decode_latents
+
+    vae = types.SimpleNamespace(dtype=torch.float32, config=types.SimpleNamespace(scaling_factor=1.0, shift_factor=None),
+                                decode=lambda x: types.SimpleNamespace(sample=torch.full((1, 3, 8, 8), float("nan"))))
+    with pytest.raises(SceneBreakError, match="decoding produced NaN"):
+        decode_latents(vae, torch.zeros(1, 4, 1, 1))
+
+
 def test_a_handle_cut_off_by_the_token_limit_is_refused(world, tmp_path):
     filler = "a photo of a red bowl " * 16  # 96 tokens
     result = CliRunner().invoke(cli, ["generate", str(world["scene"]), f"{filler} <asset2>", "--steps", "1", "--out-dir",
@@ -580,6 +629,29 @@ def test_temporaries_a_killed_write_left_are_removed_by_the_next_one(tmp_path):
     write_atomically(target, lambda tmp: tmp.write_text("scene"))
     assert target.read_text() == "scene"
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_rm_takes_the_copy_a_killed_write_of_the_scene_left(world):
+    """A learn killed while writing its scene left `.NAME.scene.<host>-<pid>-xxxx.tmp`
+    (the scene's size: gigabytes) that `list` does not show and `rm NAME` left behind,
+    by name (the run's checkpoint) or with the scene."""
+    import subprocess
+    import sys
+
+    from scenebreak.paths import HOST_TAG, checkpoint_path, scene_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    copies = []
+    for name in ("killed", "cached"):
+        copy = scene_path(name).with_name(f".{name}.scene.{HOST_TAG}-{dead.pid}-0a1b.tmp")
+        copy.write_bytes(b"x" * 1000)
+        copies.append(copy)
+    checkpoint_path("killed").parent.mkdir(parents=True, exist_ok=True)
+    checkpoint_path("killed").write_bytes(b"state")
+    result = CliRunner().invoke(cli, ["rm", "killed", "cached"])
+    assert result.exit_code == 0, result.output
+    assert not any(copy.exists() for copy in copies) and not checkpoint_path("killed").exists()
 
 
 def test_a_write_refused_for_permission_is_not_called_a_full_disk(tmp_path, monkeypatch):

@@ -372,7 +372,10 @@ def worker_main(index: int, device: str, inbox, outbox, out: str, scenes: str | 
             job, wait = item
             current[0] = job
             try:
-                result = run_job(job, out, scenes, device=device, wait=wait, report=report, should_stop=stop.is_set)
+                # A batch killed outright (SIGKILL) ends no worker: one in a job stops as told
+                # (saving its checkpoint), not hours later with the GPU and the job's lock held.
+                result = run_job(job, out, scenes, device=device, wait=wait, report=report,
+                                 should_stop=lambda: stop.is_set() or parent_gone(parent))
             except KeyboardInterrupt:
                 result = JobResult(job.number, job.name, "interrupted", error=INTERRUPTED)
             outbox.put(("result", index, result.to_dict()))

@@ -91,6 +91,10 @@ def decode_latents(vae, latents, report: Reporter = silent, max_pixels: int = PI
                 pixels = decode(scaled.float())
             finally:
                 vae.to(dtype)
+    if not bool(torch.isfinite(pixels).all()):  # (in fp32 too: else a black image, written as if fine)
+        from ..errors import SceneBreakError
+
+        raise SceneBreakError("decoding produced NaN or infinite pixels: the scene or its base model's VAE is damaged")
     return pixels.float()
 
 

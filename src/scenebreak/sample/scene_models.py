@@ -38,7 +38,11 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
         if report is not None and not scene.needs_base_model and scene.path is not None:
             from ..events import Message  # (gigabytes to read: said before, not a silent minute)
 
-            report(Message(f"loading the weights of scene {scene.name!r} ({scene.path.stat().st_size / 2**30:.1f} GB)"))
+            try:
+                size = f" ({scene.path.stat().st_size / 2**30:.1f} GB)"
+            except OSError:  # (deleted meanwhile, say by `rm`: load_scene says so)
+                size = ""
+            report(Message(f"loading the weights of scene {scene.name!r}{size}"))
         # A LoRA scene's adapters are merged on the CPU, where its base model loads.
         first = scene
         scene = load_scene(scene.path, weights=True, device="cpu" if scene.needs_base_model else str(device.torch))
@@ -56,16 +60,33 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
     for model in (denoiser, vae, *text_encoders):
         to_device(model, device, dtype).eval().requires_grad_(False)
     vae.to(family.sampling_vae_dtype(vae, dtype))
-    # Guard against a tokenizer that lost its handles: ids must match the embedding rows.
     for tokenizer, text_encoder, rows in zip(tokenizers, text_encoders, scene.handle_embeddings):
         pool_at_end_of_text(text_encoder, tokenizer)  # older scenes recorded the legacy config
-        ids = tokenizer.convert_tokens_to_ids(scene.tokens)
         emb = text_encoder.get_input_embeddings().weight
-        if any(i is None or i >= emb.shape[0] for i in ids) or rows.shape[1] != emb.shape[1]:
-            raise InvalidInput(f"scene {scene.name!r}: tokenizer and text encoder disagree on the handles")
+        ids = handle_ids(scene, tokenizer, emb.shape)
+        if rows.shape[1] != emb.shape[1]:
+            raise BundleError(f"{scene.path or scene.name} is not a valid scene: its handles' embeddings are "
+                              f"{rows.shape[1]} wide, its text encoder's {emb.shape[1]}")
         with torch.no_grad():
             emb[ids] = rows.to(emb.device, emb.dtype)
     return denoiser, vae, text_encoders, tokenizers
+
+
+def handle_ids(scene: Scene, tokenizer, table: tuple[int, int]) -> list[int]:
+    """The rows of the handles in a text encoder's embedding table of shape `table`, as
+    the scene's tokenizer gives them. A stranger's tokenizer that lacks a handle maps it
+    to its unknown token (CLIP's end of text: its row would be overwritten, and the
+    handle read as pieces of text), and one with ids past the table fails in the
+    encoder: both are refused, as a damaged scene."""
+    ids = tokenizer.convert_tokens_to_ids(scene.tokens)
+    lost = any(not isinstance(i, int) or i == tokenizer.unk_token_id or not 0 <= i < table[0] for i in ids)
+    if lost or len(set(ids)) != len(ids):
+        raise BundleError(f"{scene.path or scene.name} is not a valid scene: its tokenizer and text encoder disagree on "
+                          "the handles")
+    if max(tokenizer.get_vocab().values(), default=0) >= table[0]:
+        raise BundleError(f"{scene.path or scene.name} is not a valid scene: its tokenizer has tokens past its text "
+                          f"encoder's {table[0]} rows")
+    return ids
 
 
 def to_device(model, device: Device, dtype):

@@ -301,6 +301,8 @@ def metadata_problem(meta: dict) -> str | None:
             return f"handle {h['token']} has no valid mask index"
     if len(set(tokens)) != len(tokens):
         return "two handles have the same name"
+    if len({t.lower() for t in tokens}) != len(tokens):  # CLIP's tokenizer lowercases: one token for both
+        return "two handles differ only in letter case"
     if len({h["mask_index"] for h in handles}) != len(handles):
         return "two handles have the same mask index"
     backgrounds = sum(bool(h.get("background")) for h in handles)
@@ -365,7 +367,17 @@ _CONFIG_LIST = 8  # blocks
 
 def _config_problem(configs: dict) -> str | None:
     """Every number of a config, at any depth of its lists and dicts (diffusers takes
-    `transformer_layers_per_block` as a list of lists), within its key's bound."""
+    `transformer_layers_per_block` as a list of lists), within its key's bound; the
+    VAE's latent scale a positive number (0 made every image black, text failed after
+    all the sampling) and its shift a number or nothing."""
+    vae = configs["vae"]
+    for key, positive in (("scaling_factor", True), ("shift_factor", False)):
+        value = vae.get(key)
+        if key not in vae or (value is None and not positive):  # (absent: diffusers' default)
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or \
+                (positive and value <= 0):
+            return f"its vae config's {key} is {str(value)[:40]!r}, not a{' positive' if positive else ''} number"
     for component, config in configs.items():
         for key, value in config.items():
             limit = _CONFIG_LIMITS.get(key, _CONFIG_LAYERS if "layers" in key else _CONFIG_INT)

@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..errors import BundleError, InvalidInput, SceneBreakError
 from ..events import printable
-from ..paths import SCENE_SUFFIX, is_regular_file, names_both, resolve_scene, scenes_dir
+from ..paths import SCENE_SUFFIX, is_regular_file, names_both, remove_stale_temporaries, resolve_scene, scenes_dir
 from .bundle import list_scenes, read_metadata
 
 
@@ -100,6 +100,7 @@ def remove_scenes(refs: list[str | os.PathLike], removed: Callable[[Path], None]
     for path in paths:
         delete_file(path)
         removed(path)  # said as it goes: if a later one cannot be deleted, the earlier are known gone
+        remove_stale_temporaries(path)  # a killed write's copy (gigabytes) goes with it
     return paths
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 from ..arguments import path_arguments
 from ..errors import InvalidInput
 from ..paths import (CHECKPOINT_SUFFIX, SCENE_SUFFIX, check_name, checkpoint_path, checkpoints_dir, has_folder,
-                     remove_stale_temporaries, resolve_scene)
+                     remove_stale_temporaries, resolve_scene, scene_path)
 from ..scenes.catalog import delete_file, remove_scenes as remove_scene_files
 from .locks import Busy, scene_lock
 
@@ -73,6 +73,8 @@ def remove_scenes_and_runs(refs: list, removed: Callable[[Path], None] = lambda 
                 raise InvalidInput(f"scene {name!r} is being learned now: stop that run first") from None
         deleted = remove_scene_files(scenes, removed) if scenes else []
         for name in names:
+            # A run killed while writing its scene left a full-size copy that no listing shows.
+            remove_stale_temporaries(scene_path(name))
             path = checkpoint_path(name)
             remove_stale_temporaries(path)
             try:
