@@ -6,6 +6,7 @@ count, and `learn` leaves torch's process-wide settings as it found them."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -58,8 +59,15 @@ def test_a_setting_of_the_wrong_kind_is_one_invalid_input(config, flag):
 
 
 def test_numbers_of_numpy_are_numbers():
-    assert GenerateConfig(num_images=np.int64(2), guidance=np.float32(5.0), seed=np.int64(3)).validate()
-    assert LearnConfig(steps1=np.int32(10), lr1=np.float64(1e-4)).validate(1)
+    """...and are Python's once checked: scenes, checkpoints and PNG text are JSON, which
+    took no numpy number (a seed from numpy failed after the sampling or the training)."""
+    import json
+
+    config = GenerateConfig(num_images=np.int64(2), guidance=np.float32(5.0), seed=np.int64(3)).validate()
+    assert json.dumps(dataclasses.asdict(config)) and type(config.seed) is int and type(config.guidance) is float
+    learn = LearnConfig(steps1=np.int32(10), lr1=np.float64(1e-4), seed=np.int64(2), prior=np.bool_(False),
+                        adam_betas=(np.float32(0.9), 0.999)).validate(1)
+    assert json.dumps(learn.to_dict()) and learn.prior is False and type(learn.seed) is int
 
 
 def test_one_string_where_a_list_is_expected_is_a_list_of_one(tmp_path, monkeypatch):

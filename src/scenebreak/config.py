@@ -95,7 +95,8 @@ def check_bounds(config) -> None:
     """Every numeric setting of `config` a number of its kind (a whole number where the
     setting counts something: 2.0 images, "400" steps or True from Python failed deep
     inside, after the models loaded) and within its bounds (None: not set); every other
-    setting of its kind too (check_kinds)."""
+    setting of its kind too (check_kinds). Numpy's numbers become Python's."""
+    _canonical_types(config)
     check_kinds(config)
     for f in dataclasses.fields(config):
         bounds, value = f.metadata.get("bounds"), getattr(config, f.name)
@@ -148,12 +149,27 @@ def _one_string_is_one_value(config, *names: str) -> None:
             object.__setattr__(config, name, (value,))
 
 
+def _plain(value):
+    """A numpy scalar as the Python value it holds (np.int64(3): 3), in a list or tuple
+    too; anything else as it is. Scenes, checkpoints and PNG text are JSON, which takes
+    no numpy number: a seed from numpy failed only after the sampling or the training."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if type(value).__module__ != "numpy" or not hasattr(value, "item"):
+        return value
+    item = value.item()
+    return item if isinstance(item, (bool, int, float, str)) else value
+
+
 def _canonical_types(config) -> None:
-    """Python's spellings of one value made one: 0 for a float setting is 0.0, a list
-    for a tuple setting a tuple, as the command line gives them. A resume compares the
-    settings as written, and must not refuse `lambda_attn=0` after `lambda_attn=0.0`."""
+    """Python's spellings of one value made one: numpy's numbers Python's, 0 for a float
+    setting 0.0, a list for a tuple setting a tuple, as the command line gives them. A
+    resume compares the settings as written, and must not refuse `lambda_attn=0` after
+    `lambda_attn=0.0`."""
     for f in dataclasses.fields(config):
-        value, kind = getattr(config, f.name), str(f.type)
+        value, kind = _plain(getattr(config, f.name)), str(f.type)
+        if value is not getattr(config, f.name):
+            object.__setattr__(config, f.name, value)
         if kind.startswith("float") and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             object.__setattr__(config, f.name, float(value))
         elif kind.startswith("tuple") and isinstance(value, list):
