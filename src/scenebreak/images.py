@@ -243,7 +243,9 @@ def load_masks(paths: list[Path], size: tuple[int, int], turned: int = 1, notes:
             raise InvalidMask(f"mask {path} is empty: it has no non-zero pixel")
         inside = int(mask.sum())
         firm = int((strength >= 128).sum())
-        if notes is not None and inside - firm > SOFT_SHARE * inside:
+        # One level inside (0/1, as numpy and OpenCV save masks) is hard, however faint.
+        one_level = strength[mask.astype(bool)].min() == strength.max()
+        if notes is not None and inside - firm > SOFT_SHARE * inside and not one_level:
             notes.append(f"mask {path} is soft (feathered, or a matte): every non-zero pixel counts as the object, so "
                          f"it covers {inside / mask.size:.0%} of the photo where its pixels of half strength and more "
                          f"cover {firm / mask.size:.0%}: threshold it if that is looser than you meant")

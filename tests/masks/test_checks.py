@@ -69,6 +69,12 @@ def test_a_soft_mask_is_noted_with_what_it_covers(tmp_path):
     # JPEG's ringing around a hard mask is no feather.
     Image.open(_mask(tmp_path / "hard.png", (40, 40), (8, 8, 30, 30))).save(tmp_path / "hard.jpg", quality=75)
     assert _warnings(photo, [tmp_path / "hard.jpg"]) == []
+    # A mask of 0 and 1 (numpy's and OpenCV's way), 8-bit or 16-bit, has one level: hard.
+    ones = np.zeros((40, 40), np.uint8)
+    ones[5:35, 5:35] = 1
+    Image.fromarray(ones).save(tmp_path / "ones.png")
+    Image.fromarray(ones.astype(np.uint16)).save(tmp_path / "ones16.png")
+    assert _warnings(photo, [tmp_path / "ones.png"]) == [] and _warnings(photo, [tmp_path / "ones16.png"]) == []
 
 
 @pytest.mark.parametrize("turned, size, warned", [(3, (40, 30), True), (2, (40, 30), True), (6, (30, 30), True),
