@@ -26,6 +26,16 @@ def test_round_trip_keeps_everything(learned, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed away
 
 
+def test_a_scene_shows_itself_in_one_short_line(learned):
+    """A notebook cell ending with a scene printed its tokenizer files' bytes (megabytes
+    on SD 2.1), and with weights=True every state dict."""
+    from scenebreak.scenes.bundle import load_scene
+
+    shown = repr(load_scene(learned.path, weights=True))
+    assert shown.startswith("Scene(name=") and "'<asset1>', '<asset2>'" in shown and "weights=loaded" in shown
+    assert len(shown) < 300
+
+
 def test_cache_names_resolve_to_the_scenes_folder(learned, tmp_path, monkeypatch):
     target = scene_path("mine")
     target.parent.mkdir(parents=True)

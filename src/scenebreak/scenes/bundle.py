@@ -78,6 +78,12 @@ class Scene:
     embeddings_2: "torch.Tensor | None" = None  # noqa: F821 - SDXL: (N, D2) in the second text encoder
     stamp: tuple | None = None  # the file's identity when read (stat_stamp): a later read must find the same file
 
+    def __repr__(self) -> str:
+        # What a notebook shows when a cell ends with the scene: the dataclass's own repr
+        # printed its tokenizer files' bytes and every weight (megabytes).
+        return (f"Scene(name={self.name!r}, family={self.family.name!r}, handles={self.tokens!r}, "
+                f"resolution={self.resolution}, weights={'loaded' if self.weights else 'not loaded'}, path={self.path!r})")
+
     @property
     def family(self):
         """The base model's family (families.Family); scenes from before SDXL are SD 1.x/2.x."""
