@@ -141,6 +141,8 @@ def test_a_bad_jobs_file_is_exit_2_naming_the_line_and_nothing_starts(case, tmp_
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert f"line {line}:" in result.stderr and message in result.stderr, result.stderr
+    if "not found" in message:
+        assert f"relative paths start from {tmp_path})" in result.stderr
     assert result.stderr.count("\n") == 1 and result.stdout == ""
     assert not (tmp_path / "out").exists() and not home().exists()
 
@@ -150,6 +152,7 @@ def test_an_empty_jobs_file_and_stdin(tmp_path):
     assert result.exit_code == 2 and "holds no job" in result.stderr
     result = CliRunner().invoke(cli, ["batch", "-", "--out", str(tmp_path / "out")], input='{"photo": "nope.png", "masks": []}\n')
     assert result.exit_code == 2 and "standard input" in result.stderr and "line 1" in result.stderr
+    assert f"relative paths start from {Path.cwd()})" in result.stderr  # (not "the JOBS file's folder")
 
 
 def test_a_job_another_run_holds_is_put_off_then_waited_for(tmp_path):

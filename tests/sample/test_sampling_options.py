@@ -114,6 +114,18 @@ def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(learned, tmp_path, monkeyp
     assert diff.max() > 0  # and bf16 did run
 
 
+def test_base_model_is_said_to_be_ignored_for_a_scene_that_holds_its_weights(learned, tmp_path):
+    """--base-model is for LoRA scenes: on a fully tuned one it was silently ignored
+    (a script pointing at the wrong folder never learned so)."""
+    from scenebreak.events import Message
+
+    assert not __import__("scenebreak").load_scene(learned.path).needs_base_model
+    said = []
+    generate(learned.path, "<asset1>", GenerateConfig(steps=1, seed=0), out_dir=tmp_path, base_model="/nowhere",
+             report=said.append)
+    assert any(isinstance(m, Message) and "--base-model is ignored" in m.text for m in said)
+
+
 def test_grid_is_a_contact_sheet_of_the_call(learned, tmp_path):
     result = generate(learned.path, ["<asset1>", "<asset2>"], GenerateConfig(num_images=3, steps=2, seed=1),
                       out_dir=tmp_path, grid=True)

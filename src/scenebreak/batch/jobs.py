@@ -254,7 +254,8 @@ def _file(folder: Path, path: str, what: str) -> str:
                            "(STEM.mask[0-9]*.png)")
     full = folder / Path(path).expanduser()
     if not full.exists():
-        raise InvalidInput(f"{what} {path} not found (relative paths are relative to the JOBS file's folder)")
+        # (The folder named: the JOBS file's, or for stdin the current one.)
+        raise InvalidInput(f"{what} {path} not found (relative paths start from {folder})")
     if not is_regular_file(full):
         raise InvalidInput(f"{what} {path} is not a regular file")
     return os.path.normpath(full.absolute())  # (a link stays a link: its name names the scene, as for learn)

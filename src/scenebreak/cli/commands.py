@@ -745,8 +745,9 @@ def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, js
     """Score SCENE with the paper's two metrics: prompt similarity (CLIP: does the
     image follow the prompt?) and identity similarity (DINO: does each object look
     like itself in the photo?), over a fixed, seeded set of prompts for each handle
-    and each pair of handles. Prints a table per handle and the paths written: the
-    images, a scatter plot (identity vs prompt similarity) and a JSON report.
+    and each pair of handles. Writes the images, a scatter plot (identity vs prompt
+    similarity) and a JSON report; prints a table per handle, the images' folder and
+    the plot's and report's paths (--json: every path).
     Compare runs of the same photo only (settings A vs B), not absolute values.
 
     \b

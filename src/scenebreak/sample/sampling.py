@@ -103,6 +103,10 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     if warn_unused:
         warn_unused_handles(scene, prompts, report)
     warn_old_pooling(scene, report)
+    if base_model is not None and not scene.needs_base_model:
+        report(Message(f"scene {scene.name!r} holds all its weights (it needs no base model): --base-model is ignored",
+                       "warning"))
+        base_model = None
     # The family's sampler, its steps and its guidance where none were asked for.
     if config.guidance is not None and not scene.family.takes_guidance:
         report(Message(f"{scene.family.name} takes no guidance: --guidance {config.guidance:g} is ignored", "warning"))
