@@ -1,3 +1,5 @@
+import pathlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -133,6 +135,38 @@ def test_generate_stops_after_a_pass_when_asked_keeping_what_it_wrote(learned, t
     result = generate(learned.path, "a photo of <asset1>", GenerateConfig(num_images=1, steps=2), out_dir=tmp_path / "b",
                       should_stop=lambda: True)
     assert len(result.images) == 1
+
+
+@pytest.mark.parametrize("command, args, written", [
+    ("generate", ["<asset1>", "-n", "3", "--batch-size", "1"], 1),
+    ("extract-bg", ["-n", "3", "--batch-size", "1"], 2),  # the plate, then one variation
+])
+@pytest.mark.parametrize("json_", [False, True])
+def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, monkeypatch, command, args, written, json_):
+    """Ctrl-C kept the images written so far but printed none: exit 130 with stdout
+    empty, so a script reading it lost them. They are printed as a whole run's."""
+    import json
+
+    from click.testing import CliRunner
+
+    import scenebreak.sample.pipeline as pipeline
+    from scenebreak.cli.commands import cli
+
+    real, calls = pipeline.sample, []
+
+    def sample(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "sample", sample)
+    result = CliRunner().invoke(cli, [command, str(learned_background.path), *args, "--steps", "1", "--seed", "0",
+                                      "--out-dir", str(tmp_path), *(["--json"] if json_ else [])])
+    assert result.exit_code == 130, result.output
+    paths = json.loads(result.stdout)["paths"] if json_ else result.stdout.splitlines()
+    assert len(paths) == written and all(pathlib.Path(p).is_file() for p in paths)
+    assert sorted(map(str, tmp_path.glob("*.png"))) == sorted(paths)
 
 
 def test_each_image_carries_what_made_it(learned, tmp_path):

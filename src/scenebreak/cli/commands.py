@@ -21,7 +21,7 @@ from ..config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, Evaluate
                      MaskConfig)
 from .. import paths
 from ..device import DEVICES
-from ..errors import SceneBreakError, fixable_error, write_nowhere
+from ..errors import Interrupted, SceneBreakError, fixable_error, write_nowhere
 from ..events import printable
 from ..exports.export import FORMATS as EXPORT_FORMATS
 from ..hub import quiet_library_logging_from_the_start
@@ -307,6 +307,20 @@ def with_reporter(quiet: bool, call):
             report.close()
 
 
+def images_of(quiet: bool, json_: bool, call):
+    """with_reporter(quiet, call): images made. Interrupted (Ctrl-C), the images written
+    so far are printed first, as a whole run's would be: a script reading stdout gets
+    them, then the exit code says the run was cut short."""
+    try:
+        return with_reporter(quiet, call)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        partial = getattr(exc, "partial", None)
+        if partial is not None and partial.images:
+            with contextlib.suppress(Exception):  # (stdout may be what failed: the interruption goes on)
+                print_images(partial, json_, quiet=True)
+        raise
+
+
 def print_images(result, json_: bool, quiet: bool = False) -> None:
     """The images' paths (or the JSON document) on stdout; on stderr how many, in how long."""
     if json_:
@@ -545,7 +559,7 @@ def generate_command(scene, prompts, prompts_file, variations, grid, out_dir, ba
 
     prompts = [] if variations and not prompts and not prompts_file else _read_prompts(prompts, prompts_file)
     config = make_config(GenerateConfig, settings)
-    result = with_reporter(quiet, lambda report: generate(scene, prompts, config, out_dir=out_dir, device=device,
+    result = images_of(quiet, json_, lambda report: generate(scene, prompts, config, out_dir=out_dir, device=device,
                                                           variations=variations, grid=grid, base_model=base_model,
                                                           report=report))
     print_images(result, json_, quiet)
@@ -586,7 +600,7 @@ def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite,
         raise click.UsageError(f"give one prompt per --mask: {len(masks)} mask(s), {len(prompts)} prompt(s)")
     refuse_unused(("out_dir", output is not None, "give -o FILE or --out-dir DIR, not both"))
     config = make_config(EditConfig, settings)
-    result = with_reporter(quiet, lambda report: edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output,
+    result = images_of(quiet, json_, lambda report: edit(image, list(zip(masks, prompts)), scene, config, out_dir=out_dir, output=output,
                                                       overwrite=overwrite, device=device, base_model=base_model, report=report))
     print_images(result, json_, quiet)
 
@@ -614,7 +628,7 @@ def extract_bg_command(scene, variations, prompt, out_dir, base_model, device, q
 
     refuse_unused(("prompt", variations == 0, "--prompt is the template of the variations: add -n K for K of them"))
     config = make_config(BackgroundConfig, settings)
-    result = with_reporter(quiet, lambda report: extract_background(scene, config, variations=variations, prompt=prompt,
+    result = images_of(quiet, json_, lambda report: extract_background(scene, config, variations=variations, prompt=prompt,
                                                                     out_dir=out_dir, device=device, base_model=base_model,
                                                                     report=report))
     print_images(result, json_, quiet)

@@ -208,7 +208,12 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
     images = [GeneratedImage(save_png(plate, out_dir / fit_file_name(scene.name, f"-background-plate-{seed}.png")), plate_prompt, seed, kind="plate")]
     if variations:
         sampling = dataclasses.replace(run.config, num_images=variations)
-        for image in sample_to_files(run, [template], sampling, seed, out_dir, f"{scene.name}-background", report):
+        try:
+            made = sample_to_files(run, [template], sampling, seed, out_dir, f"{scene.name}-background", report)
+        except KeyboardInterrupt as exc:  # the plate is written too
+            exc.partial.images[:0] = images
+            raise
+        for image in made:
             image.kind = "variation"
             images.append(image)
     return run.result(images)

@@ -341,5 +341,9 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
                 raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}",
                                   partial=GenerateResult(scene.name, list(images_out)))
 
-        run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
+        try:
+            run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
+        except KeyboardInterrupt as exc:  # Ctrl-C: the images written so far go with it (the command prints them)
+            exc.partial = GenerateResult(scene.name, list(images_out))
+            raise
     return images_out
