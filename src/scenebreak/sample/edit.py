@@ -211,7 +211,8 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
         try:
             made = sample_to_files(run, [template], sampling, seed, out_dir, f"{scene.name}-background", report)
         except KeyboardInterrupt as exc:  # the plate is written too
-            exc.partial.images[:0] = images
+            if getattr(exc, "partial", None) is not None:
+                exc.partial.images[:0] = images
             raise
         for image in made:
             image.kind = "variation"
