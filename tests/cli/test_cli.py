@@ -282,6 +282,11 @@ def test_multi_value_options_parse_like_nargs():
     assert result.exit_code == 2 and "Missing argument 'IMAGE': --masks takes every value up to the next option, so " \
         "put IMAGE before --masks" in result.output
     assert "before" not in parse("-q").output  # no multi-value option ran to the end: Click's own line
+    # '=' joins the first value only in Click; here the values after it count too.
+    assert json.loads(parse("p.jpg", "--masks=a", "b", "-q").stdout) == ["p.jpg", ["a", "b"], [], True]
+    # The photo taken as a mask with an option after it: the same advice (it was Click's bare line).
+    result = parse("--masks", "a", "b", "p.jpg", "-q")
+    assert result.exit_code == 2 and "put IMAGE before --masks" in result.output
 
 
 @pytest.mark.parametrize("args, phrase", [

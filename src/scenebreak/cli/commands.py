@@ -31,7 +31,8 @@ NARGS_OPTIONS = ("--masks", "--names", "--init-words", "--words")
 
 class MultiValueCommand(click.Command):
     """Lets `--masks a.png b.png` take several values (Click options take one each):
-    the values are rewritten as `--masks a.png --masks b.png` before parsing."""
+    the values are rewritten as `--masks a.png --masks b.png` before parsing. The
+    first may be joined on with '=' (`--masks=a.png b.png`)."""
 
     def parse_args(self, ctx, args):
         rewritten, current, taken, last = [], None, 0, None
@@ -42,14 +43,19 @@ class MultiValueCommand(click.Command):
                 continue
             if current and not taken:
                 raise click.BadOptionUsage(current, f"{current} requires an argument (one or more values)", ctx=ctx)
-            last = current if arg is None else None  # the option whose values ran to the end
-            current, taken = (arg, 0) if arg in NARGS_OPTIONS else (None, 0)
-            if arg is not None and current is None:
+            if current:
+                last = current  # the last option that took values (it may have taken IMAGE too)
+            joined = arg is not None and arg.split("=", 1)[0] in NARGS_OPTIONS and "=" in arg
+            current, taken = (arg, 0) if arg in NARGS_OPTIONS else (arg.split("=", 1)[0], 1) if joined else (None, 0)
+            if joined:
+                rewritten += [current, arg.split("=", 1)[1]]
+            elif arg is not None and current is None:
                 rewritten.append(arg)
         try:
             return super().parse_args(ctx, rewritten)
         except click.MissingParameter as exc:
-            # `evaluate --words cat bowl photo`: the option took "photo" as a value too.
+            # `evaluate --words cat bowl photo`: the option took "photo" as a value too
+            # (or `learn --masks a.png photo.png --steps1 9`).
             if last and exc.param is not None and exc.param.param_type_name == "argument":
                 name = exc.param.human_readable_name
                 raise click.UsageError(f"Missing argument '{name}': {last} takes every value up to the next option, so "
