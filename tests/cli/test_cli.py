@@ -165,6 +165,8 @@ def test_generate_cli_paths_json_prompts_file_and_errors(learned, tmp_path):
     data = json.loads(result.stdout)
     assert [i["prompt"] for i in data["images"]] == ["<asset1> in the snow", "a photo of <asset2>"]
     assert data["paths"] == [i["path"] for i in data["images"]]  # what the plain output lists, as in every command
+    # "scene" is the scene's own name, which may name another scene in the cache: its file is what a script passes on.
+    assert data["scene"] == learned.name and data["scene_path"] == str(learned.path)
     # How they were made, the defaults filled in (SD's sampler and guidance, not given here).
     assert data["settings"] == {"scheduler": "dpm", "steps": 2, "guidance": 7.5, "negative": None}
 

@@ -225,6 +225,7 @@ def test_json_shape_and_same_seed_same_numbers(learned, models, prompts_file, tm
             "seconds", "paths"} <= set(a)
     # (the files written, under the key every command's --json has them)
     assert a["paths"] == [i["path"] for i in a["images"]] + [a["plot"], a["report"]]
+    assert a["scene_path"] == str(learned.path)
     assert a["seed"] == 0 and a["settings"]["steps"] == 1 and a["settings"]["words"] is None
     assert [h["handle"] for h in a["handles"]] == ["<asset1>", "<asset2>"] and a["handles"][0]["word"] == "object"
     assert {"images", "found", "missing", "prompt_similarity", "identity", "masked_identity"} <= set(a["overall"])

@@ -46,5 +46,8 @@ def test_export_cli(learned, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(learned.path), "-f", "embeddings", "-o", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     assert len(result.stdout.splitlines()) == 2
+    result = CliRunner().invoke(cli, ["export", str(learned.path), "-f", "embeddings", "-o", str(tmp_path / "j"), "--json"])
+    data = __import__("json").loads(result.stdout)
+    assert data["scene_path"] == str(learned.path) and data["format"] == "embeddings" and len(data["paths"]) == 2
     result = CliRunner().invoke(cli, ["export", "no-such-scene", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "scene not found" in result.stderr

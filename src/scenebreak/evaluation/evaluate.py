@@ -139,6 +139,7 @@ class EvaluateResult:
     plot: Path | None = None
     report: Path | None = None
     seconds: float = 0.0
+    scene_path: Path | None = None  # the scene's file, where it has one (`scene` is its own name)
 
     @property
     def paths(self) -> list[Path]:
@@ -146,7 +147,7 @@ class EvaluateResult:
         return [i.path for i in self.images] + [p for p in (self.plot, self.report) if p]
 
     def to_dict(self) -> dict:
-        return {"scene": self.scene, "seed": self.seed, "settings": dataclasses.asdict(self.config), "models": self.models,
+        return {"scene": self.scene, "scene_path": str(self.scene_path) if self.scene_path else None, "seed": self.seed, "settings": dataclasses.asdict(self.config), "models": self.models,
                 "handles": [h.to_dict() for h in self.handles], "overall": self.overall.to_dict(),
                 "images": [i.to_dict() for i in self.images], "out_dir": str(self.out_dir),
                 "plot": str(self.plot) if self.plot else None, "report": str(self.report) if self.report else None,
@@ -220,7 +221,8 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     scores = score_images(scene, generated, words, config, refs, device, report)
     handles = [summarise(scores, token, words[token]) for token in objects]
     overall = summarise(scores, None, "")
-    result = EvaluateResult(scene.name, run.seed, run.config, refs, scores, handles, overall, out_dir)
+    result = EvaluateResult(scene.name, run.seed, run.config, refs, scores, handles, overall, out_dir,
+                            scene_path=scene.path)
     # One name free for both: the plot and the report of a run go together, and neither
     # replaces an earlier run's (a plot deleted by hand left its report to be overwritten).
     stem, n = f"{scene.name}-evaluation", 1

@@ -68,9 +68,11 @@ class Exported:
     format: str
     paths: list[Path]
     lora: Extraction | None = None  # a1111: what the LoRA keeps of the phase-2 weights
+    scene_path: Path | None = None  # the scene's file, where it has one (`scene` is its own name)
 
     def to_dict(self) -> dict:
-        return {"scene": self.scene, "format": self.format, "paths": [str(p) for p in self.paths],
+        return {"scene": self.scene, "scene_path": str(self.scene_path) if self.scene_path else None,
+                "format": self.format, "paths": [str(p) for p in self.paths],
                 **({"lora": self.lora.to_dict()} if self.lora else {})}
 
 
@@ -129,10 +131,11 @@ def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool
     with downloads_reported(report):
         write_folder(out, write, force)
     if a1111:
-        return Exported(scene.name, format, a1111.paths(out), a1111.extraction)
+        return Exported(scene.name, format, a1111.paths(out), a1111.extraction, scene_path=scene.path)
     if format == "embeddings":
-        return Exported(scene.name, format, [out / f"{name}.safetensors" for name in _embedding_names(scene)])
-    return Exported(scene.name, format, [out])
+        return Exported(scene.name, format, [out / f"{name}.safetensors" for name in _embedding_names(scene)],
+                        scene_path=scene.path)
+    return Exported(scene.name, format, [out], scene_path=scene.path)
 
 
 def check_export_target(out: Path, force: bool) -> None:

@@ -41,6 +41,9 @@ class GenerateResult:
     # How the images were made, the family's defaults filled in (a script that left
     # --steps or --guidance out learns what they were): scheduler, steps, guidance, negative.
     settings: dict = field(default_factory=dict)
+    # The scene's file (None: a scene given as an object without one): what the next
+    # command takes, where `scene`, the scene's own name, may name another in the cache.
+    scene_path: Path | None = None
 
     @property
     def paths(self) -> list[Path]:
@@ -50,6 +53,7 @@ class GenerateResult:
     def to_dict(self) -> dict:
         return {
             "scene": self.scene,
+            "scene_path": str(self.scene_path) if self.scene_path else None,
             "images": [{"path": str(i.path), "prompt": i.prompt, "seed": i.seed, "kind": i.kind} for i in self.images],
             "seconds": round(self.seconds, 2),
             "settings": self.settings,
@@ -73,7 +77,8 @@ class SamplingRun:
         self.put_back()
         settings = {"scheduler": self.config.scheduler, "steps": self.config.steps, "guidance": self.config.guidance,
                     "negative": self.config.negative}
-        return GenerateResult(self.scene.name, images, time.perf_counter() - self.started, settings)
+        return GenerateResult(self.scene.name, images, time.perf_counter() - self.started, settings,
+                              scene_path=self.scene.path)
 
     def put_back(self) -> None:
         """The pipeline kept for the next call with this scene (the work ended at a clean
@@ -339,11 +344,11 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
             if should_stop is not None and should_stop() and done < total:
                 run.put_back()  # (stopped between passes: the pipeline is as after a whole call)
                 raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}",
-                                  partial=GenerateResult(scene.name, list(images_out)))
+                                  partial=GenerateResult(scene.name, list(images_out), scene_path=scene.path))
 
         try:
             run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
         except KeyboardInterrupt as exc:  # Ctrl-C: the images written so far go with it (the command prints them)
-            exc.partial = GenerateResult(scene.name, list(images_out))
+            exc.partial = GenerateResult(scene.name, list(images_out), scene_path=scene.path)
             raise
     return images_out
