@@ -212,17 +212,22 @@ def test_a_batch_killed_mid_learn_resumes_the_job_on_the_rerun(tmp_path, tiny_mo
     assert not ckpt.exists() and not claim_path("k").exists()
 
 
+def _batch_of_one_long_job(tmp_path, tiny_model, name: str, steps2: int) -> subprocess.Popen:
+    """`scenebreak batch` in its own process group, learning one job that checkpoints every step."""
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": name,
+                                  "learn": {"steps1": 2, "steps2": steps2, "no-prior": True, "checkpoint-every": 1,
+                                            "base-model": str(tiny_model)}}])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "scenebreak", "batch", str(jobs), "--out", str(tmp_path / "out"), "-q"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
 def test_a_worker_whose_batch_was_killed_stops_its_job_with_a_checkpoint(tmp_path, tiny_model):
     """kill -9 of the batch process alone: its worker, mid-job, trained on as an orphan
     to the job's end (hours on a GPU, holding it and the job's lock); it looked for its
     parent only between jobs. It now stops at its next step, saving its checkpoint."""
-    write_synthetic_scene(tmp_path / "in")
-    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "o",
-                                  "learn": {"steps1": 2, "steps2": 5000, "no-prior": True, "checkpoint-every": 1,
-                                            "base-model": str(tiny_model)}}])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "scenebreak", "batch", str(jobs), "--out", str(tmp_path / "out"), "-q"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = _batch_of_one_long_job(tmp_path, tiny_model, "o", steps2=5000)
     try:
         wait_for_checkpoint(process, "o")
         workers = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
@@ -246,13 +251,7 @@ def test_sigterm_to_the_batch_alone_stops_its_workers_with_their_checkpoints(tmp
     workers trained on unwatched and their results were lost. Now the busy workers are
     told as Ctrl-C would (learn saves at its next step), their results come out with how
     to resume, and it exits 143 in one line."""
-    write_synthetic_scene(tmp_path / "in")
-    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png", "in/blue.png"], "name": "t",
-                                  "learn": {"steps1": 2, "steps2": 400, "no-prior": True, "checkpoint-every": 1,
-                                            "base-model": str(tiny_model)}}])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "scenebreak", "batch", str(jobs), "--out", str(tmp_path / "out"), "-q"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = _batch_of_one_long_job(tmp_path, tiny_model, "t", steps2=400)
     try:
         wait_for_checkpoint(process, "t")
         process.send_signal(signal.SIGTERM)  # the parent alone: its workers hear nothing from the system
