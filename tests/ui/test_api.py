@@ -62,6 +62,22 @@ def test_the_token_is_needed_on_every_request(ui):
     assert status == 403 and b"evil.example" in body
 
 
+def test_a_refused_request_closes_its_connection(ui):
+    """As docs/ui.md says: a GET refused for its token left the connection open for the
+    next guess (hundreds a second on one connection)."""
+    import socket
+
+    host, port = ui.server.server_address[:2]
+    guess = "GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Scenebreak-Token: {}\r\n\r\n"
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall((guess.format("guess-1") + guess.format("guess-2")).encode())  # two on one connection
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes it
+            received += chunk
+    assert received.count(b"HTTP/1.") == 1 and b"403" in received.split(b"\r\n")[0]
+    assert b"Connection: close" in received
+
+
 def test_paths_outside_the_allowed_folders_are_refused(ui, scene_files, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -278,6 +294,32 @@ def test_uploads_are_bounded_and_land_in_the_photos_folder(ui, scene_files):
     assert response.status == 413 and b"over 64 MB" in response.read()
     connection.close()
     assert not (folder / "big.png").exists()
+
+
+def test_the_page_is_sent_the_photo_as_scenebreak_reads_it(ui, scene_files):
+    """A WebP turned by its EXIF orientation (which browsers ignore in WebP, though not in
+    JPEG or PNG) was shown sideways, so clicks landed on other pixels or outside; a TIFF
+    photo opened and embedded, then could not be shown. Both are sent as a PNG made
+    upright; a JPEG as it is. An upload must be the kind its name says."""
+    folder = scene_files["image"].parent
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: upright it is 30 wide, 40 high
+    for name, options in (("turned.webp", {"exif": exif}), ("scan.tif", {}), ("turned.jpg", {"exif": exif})):
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / name, **options)
+        open_photo(ui, folder / name)
+        assert ui.ok("/api/state")["size"] == ([40, 30] if name == "scan.tif" else [30, 40])
+        status, body, headers = ui.call(f"/api/file?path={name}")
+        assert status == 200, body
+        sent = Image.open(io.BytesIO(body))
+        if name == "turned.jpg":
+            assert body == (folder / name).read_bytes()  # the browser turns a JPEG itself
+        else:
+            assert headers["Content-Type"] == "image/png" and sent.size == tuple(ui.ok("/api/state")["size"])
+    tiff = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(tiff, format="TIFF")
+    status, data = ui.json("/api/upload?name=scan.png", raw=tiff.getvalue())
+    assert status == 400 and "image/tiff, not the PNG its name says" in data["error"]
+    assert not (folder / "scan.png").exists()
 
 
 def test_a_stream_follows_its_own_job_even_after_another_started(ui, scene_files):

@@ -152,6 +152,17 @@ def _pixels(path: Path, shown) -> tuple[int, int]:
         raise InvalidInput(f"cannot read photo {shown}: not an image Pillow knows") from None
 
 
+def _upright_as_stored(data: bytes) -> bool:
+    """Whether an image's EXIF orientation (if any) leaves it as stored."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.getexif().get(0x0112, 1) in (0, 1)
+    except Exception:  # noqa: BLE001 - unreadable: served as it is, the page says it cannot show it
+        return True
+
+
 class App:
     """The page's state: the folders it may use, the open photo and its masks, and the
     one long action running."""
@@ -195,14 +206,27 @@ class App:
         return resolved
 
     def read_image_file(self, path) -> tuple[bytes, str]:
-        """An image under the allowed folders, for the page to show."""
+        """An image under the allowed folders, for the page to show: as it is, where
+        the browser shows it as scenebreak reads it; else (the open photo in a format
+        browsers do not show, a TIFF say, or a WebP turned by its EXIF orientation, which
+        browsers ignore there: clicks landed on other pixels) a PNG of it made upright."""
         resolved = self.confined(path, "file")
         kind = IMAGE_TYPES.get(resolved.suffix.lower())
-        if kind is None or not is_regular_file(resolved):
+        session = self.session
+        photos = [Path(session.image_path) if session else None, self.photo]
+        is_photo = any(photo is not None and resolved == photo.resolve() for photo in photos)
+        if (kind is None and not is_photo) or not is_regular_file(resolved):
             raise InvalidInput(f"{path} is not an image the page can show (PNG, JPEG or WebP)")
         if resolved.stat().st_size > MAX_UPLOAD_BYTES:
             raise InvalidInput(f"{path} is over {MAX_UPLOAD_BYTES >> 20} MB")
-        return resolved.read_bytes(), kind
+        data = resolved.read_bytes()
+        if kind in ("image/png", "image/jpeg") or (kind == "image/webp" and _upright_as_stored(data)):
+            return data, kind
+        from ..images import load_image
+
+        buffer = io.BytesIO()
+        load_image(resolved).save(buffer, format="PNG", compress_level=1)  # (for the screen: fast over small)
+        return buffer.getvalue(), "image/png"
 
     # -- what the page shows ----------------------------------------------------------------------
 
@@ -291,11 +315,14 @@ class App:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.verify()
-                size = image.size
+                size, kind = image.size, Image.MIME.get(image.format or "")
         except Image.DecompressionBombError:
             raise InvalidInput(f"{name!r} has too many pixels: at most {MAX_PHOTO_PIXELS // 1_000_000} megapixels") from None
         except Exception:  # noqa: BLE001 - whatever Pillow says, the answer is the same
             raise InvalidInput(f"{name!r} cannot be read as an image") from None
+        if kind != IMAGE_TYPES[suffix]:  # (a TIFF named .png was written as one, and the page could not show it)
+            raise InvalidInput(f"{name!r} is {kind or 'an image of another kind'}, not the {suffix[1:].upper()} its name "
+                               "says: send a PNG, JPEG or WebP photo under its own name")
         if size[0] * size[1] > MAX_PHOTO_PIXELS:
             raise InvalidInput(f"{name!r} has {size[0]}x{size[1]} pixels: at most {MAX_PHOTO_PIXELS // 1_000_000} megapixels")
         from ..paths import write_new_file

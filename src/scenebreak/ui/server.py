@@ -114,7 +114,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: HTTPStatus, body: bytes, kind: str, extra: dict | None = None) -> None:
         self.send_response(status)
-        for key, value in {**SECURITY_HEADERS, "Content-Type": kind, "Content-Length": str(len(body)), **(extra or {})}.items():
+        closing = {"Connection": "close"} if self.close_connection else {}  # (said, not only done)
+        for key, value in {**SECURITY_HEADERS, "Content-Type": kind, "Content-Length": str(len(body)), **closing,
+                           **(extra or {})}.items():
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
@@ -167,8 +169,9 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 self._check(query)
             except Refused:
-                # A refused request's body is never read: the connection cannot carry another.
-                self.close_connection = self.command == "POST" or self.close_connection
+                # A refused request's body is never read, so the connection cannot carry
+                # another; nor may a GET's carry hundreds of guesses at the token.
+                self.close_connection = True
                 raise
             route(parts.path, query)
         except Refused as exc:
