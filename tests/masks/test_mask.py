@@ -665,3 +665,11 @@ def test_a_loop_of_make_masks_loads_its_models_once(scene_files, tiny_segmentati
     other = shutil.copytree(segmenter, tmp_path / "other-sam")
     masks("g", points=["20,20"], config=MaskConfig(segmenter=str(other)))
     assert loads[-1] == "Segmenter" and loads.count("Segmenter") == 4
+
+
+def test_a_photo_too_thin_for_segment_anything_is_one_line(models, tmp_path):
+    """Its short side, scaled with the long one to SAM's input, rounded to no pixel:
+    transformers' "Size must contain 'height' and 'width' keys", a raw ValueError."""
+    Image.new("RGB", (300, 1), (90, 90, 90)).save(tmp_path / "line.png")
+    result = run("mask", tmp_path / "line.png", "--point", "0,0", *models)
+    assert result.exit_code == 2 and "is too thin for Segment Anything" in error_lines(result)[0], result.output

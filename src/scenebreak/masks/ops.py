@@ -96,33 +96,51 @@ def remove_specks(mask: np.ndarray, min_area: int) -> np.ndarray:
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Grow the mask by a disk: a pixel is inside when an inside pixel lies within
-    `radius` pixels (Euclidean)."""
+    `radius` pixels (Euclidean). In time and memory of a few images whatever the
+    radius (a sweep per row of the disk took 90 s at 24 megapixels and radius 1024)."""
     mask = np.asarray(mask).astype(bool)
-    if radius <= 0:
+    if radius <= 0 or not mask.any():
         return mask.astype(np.uint8)
+    # Only the mask's box grown by the radius can change: the work is done there.
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y0, y1 = max(rows[0] - radius, 0), min(rows[-1] + 1 + radius, mask.shape[0])
+    x0, x1 = max(cols[0] - radius, 0), min(cols[-1] + 1 + radius, mask.shape[1])
+    out = np.zeros(mask.shape, np.uint8)
+    out[y0:y1, x0:x1] = _dilated(mask[y0:y1, x0:x1], radius)
+    return out
+
+
+def _dilated(mask: np.ndarray, radius: int) -> np.ndarray:
+    """dilate's work on a (cropped) mask: a bool image of the same shape."""
     height, width = mask.shape
-    # The disk is a stack of horizontal segments: for each row offset dy, grow the rows
-    # by the segment's half width (a sliding window sum), then shift by dy.
-    padded = np.zeros((height, width + 2 * radius + 1), np.int32)
-    padded[:, radius + 1:radius + 1 + width] = mask
-    cumulative = np.cumsum(padded, axis=1)
-    out = np.zeros((height, width), bool)
-    last_half, grown = None, None
-    # Rows dy and -dy share a half width: one grown row image serves both, and only the
-    # latest is kept (a cache of every width held ~radius full images: 7 GB at 12 MP).
-    for dy in range(radius + 1):
-        half = int(np.floor(np.sqrt(radius * radius - dy * dy)))
-        if half != last_half:
-            # Sum of mask[x - half .. x + half] from the cumulative sums (padded by radius + 1).
-            hi = cumulative[:, radius + 1 + half:radius + 1 + half + width]
-            lo = cumulative[:, radius - half:radius - half + width]
-            last_half, grown = half, (hi - lo) > 0
-        if dy >= height:
-            continue
-        out[dy:] |= grown[:height - dy]
-        if dy:
-            out[:-dy] |= grown[dy:]
-    return out.astype(np.uint8)
+    far = np.int32(2**30)
+    # How far each pixel is, up or down its column, from the column's nearest inside
+    # pixel: the running last inside row above it and first below it.
+    rows = np.arange(height, dtype=np.int32)[:, None]
+    above = np.where(mask, rows, -far)
+    np.maximum.accumulate(above, axis=0, out=above)
+    gap = rows - above
+    del above
+    below = np.where(mask, rows, far)[::-1]
+    below = np.minimum.accumulate(below, axis=0)[::-1]
+    np.minimum(gap, below - rows, out=gap)
+    del below
+    # That pixel of the column reaches sideways along the row as far as the disk allows
+    # at that height: floor(sqrt(r^2 - gap^2)) (the disk's half width there), -1 past it.
+    reach = np.full(gap.shape, -1, np.int32)
+    near = gap <= radius
+    reach[near] = np.floor(np.sqrt(radius * radius - gap[near].astype(np.int64) ** 2))
+    del gap, near
+    # A pixel is inside when a column's reach on its left or right gets to it: running
+    # maxima of the right ends from the left, minima of the left ends from the right.
+    cols = np.arange(width, dtype=np.int32)
+    ends = np.where(reach >= 0, cols + reach, -far)
+    np.maximum.accumulate(ends, axis=1, out=ends)
+    out = ends >= cols
+    ends = np.where(reach >= 0, cols - reach, far)[:, ::-1]
+    ends = np.minimum.accumulate(ends, axis=1)[:, ::-1]
+    out |= ends <= cols
+    return out
 
 
 def default_min_area(size: tuple[int, int]) -> int:

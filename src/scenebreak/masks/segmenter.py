@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import DEFAULT_SEGMENTER
+from ..errors import InvalidInput
 from ..families.versions import in_fp32
 from ..hub import loading_model, transformers_model_of_kind
 from ..kept import one_builder_at_a_time
@@ -36,6 +37,10 @@ class Segmenter:
     def set_image(self, image) -> None:
         import torch
 
+        longest = (getattr(self.processor.image_processor, "size", None) or {}).get("longest_edge")
+        if longest and min(image.size) * longest < max(image.size) / 2:  # its short side would round to no pixel
+            raise InvalidInput(f"the photo ({image.size[0]}x{image.size[1]}) is too thin for Segment Anything, which "
+                               f"sees it {longest} pixels long: crop it to a less extreme shape")
         self.image = image
         inputs = self.processor(images=image, return_tensors="pt")
         with torch.inference_mode():
