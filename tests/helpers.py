@@ -182,3 +182,16 @@ def count_loads(monkeypatch, *classes) -> list[str]:
 
         monkeypatch.setattr(cls, "__init__", counting)
     return loads
+
+
+def stop_after_first_step():
+    """A `should_stop` for learn without class images to make (`prior=False`) that lets
+    the training begin, then stops it after its first step (a checkpoint saved): its
+    first poll, once the models have loaded, says go on."""
+    polls = []
+
+    def should_stop() -> bool:
+        polls.append(1)
+        return len(polls) > 1
+
+    return should_stop

@@ -20,6 +20,8 @@ from scenebreak import GenerateConfig, LearnConfig
 from scenebreak.config import BackgroundConfig, EvaluateConfig, MaskConfig
 from scenebreak.errors import InvalidInput, NoSpace, OutOfMemory
 
+from helpers import stop_after_first_step
+
 
 def test_out_of_memory_and_a_full_disk_are_scenebreak_errors_from_generate(learned, tmp_path, monkeypatch):
     """Only learn turned them into OutOfMemory/NoSpace; generate (edit, extract_background,
@@ -247,7 +249,7 @@ def test_an_interrupted_learn_kept_as_the_last_error_holds_no_model(scene_files,
     the first run's models."""
     with pytest.raises(scenebreak.Interrupted) as caught:
         scenebreak.learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=2, prior=False),
-                         base_model=str(tiny_model), name="stopped", device="cpu", should_stop=lambda: True)
+                         base_model=str(tiny_model), name="stopped", device="cpu", should_stop=stop_after_first_step())
     assert caught.value.__traceback__ is not None  # (held, as IPython holds it)
     assert len(trainers) == 1 and trainers[0]() is None
 

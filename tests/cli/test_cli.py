@@ -13,6 +13,8 @@ from PIL import Image
 
 from scenebreak.cli.commands import cli
 
+from helpers import stop_after_first_step
+
 FAST_LEARN = ["--steps1", "2", "--steps2", "1", "--num-class-images", "2"]
 
 
@@ -68,7 +70,7 @@ def test_an_interrupted_runs_checkpoint_is_listed_and_rm_deletes_it(scene_files,
     for name in ("left", "again"):
         with pytest.raises(Interrupted):
             learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False),
-                  base_model=str(tiny_model), name=name, should_stop=lambda: True)
+                  base_model=str(tiny_model), name=name, should_stop=stop_after_first_step())
     run("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model", tiny_model, "--steps1", "1",
         "--steps2", "1", "--no-prior", "--name", "kept")
     listed = run("list")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import SMALL
+from helpers import SMALL, stop_after_first_step
 from scenebreak import LearnConfig, learn, load_scene
 from scenebreak.errors import CheckpointMismatch, Interrupted, InvalidInput, ModelNotAvailable
 
@@ -141,7 +141,7 @@ def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files
     monkeypatch.setattr(base_model, "resolve_model_dir", real_resolve)
     with pytest.raises(Interrupted):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False), base_model=str(tiny_model),
-              name="x", should_stop=lambda: True)
+              name="x", should_stop=stop_after_first_step())
     # (CheckpointMismatch: what `batch` starts over from, and nothing else it is told)
     with pytest.raises(CheckpointMismatch, match="other inputs or settings.*--force in place of --resume"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False, lr1=1e-3),
@@ -157,6 +157,32 @@ def test_resume_without_checkpoint_or_with_other_settings_is_refused(scene_files
     with pytest.raises(CheckpointMismatch, match="made on another base model"):
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=0, prior=False),
               base_model=str(tuned), name="x", resume=True)
+
+
+def test_a_stop_asked_while_the_models_load_saves_nothing(scene_files, tiny_model, monkeypatch):
+    """The page's Cancel during a load (tens of gigabytes for SDXL or FLUX.1) was heard
+    only after the first step, or after the first class images, and saved a checkpoint
+    of that one step. It is heard once the models have loaded: nothing is trained or
+    saved, and a resumed run's checkpoint stays as it was."""
+    import scenebreak.train.trainer as trainer
+    from scenebreak.paths import checkpoint_path
+
+    built = []
+    real = trainer.Trainer.__init__
+    monkeypatch.setattr(trainer.Trainer, "__init__", lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
+    config = LearnConfig(steps1=2, steps2=2, prior=False)
+    with pytest.raises(Interrupted, match="before the training began: nothing was learned or saved"):
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="early",
+              should_stop=lambda: True)
+    assert not built and not checkpoint_path("early").exists()
+    with pytest.raises(Interrupted):
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="early",
+              should_stop=stop_after_first_step())
+    saved = checkpoint_path("early").read_bytes()
+    with pytest.raises(Interrupted, match="checkpoint of 'early' is kept as it was: run again with --resume"):
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="early",
+              resume=True, should_stop=lambda: True)
+    assert checkpoint_path("early").read_bytes() == saved
 
 
 def test_v_prediction_models_train(scene_files, tiny_model, tmp_path):

@@ -13,6 +13,8 @@ from scenebreak.cli.commands import cli
 from scenebreak.errors import BundleError, Interrupted, ModelNotAvailable, SceneBreakError
 from scenebreak.train.optim import OptimizerInBackward
 
+from helpers import stop_after_first_step
+
 
 def _learn(scene_files, tiny_model, name, **settings):
     config = LearnConfig(**{**dict(steps1=3, steps2=3, prior=True, num_class_images=2, lr2=1e-3), **settings})
@@ -428,7 +430,7 @@ def test_a_resume_keeps_the_bases_quantisation_that_auto_chose(scene_files, tiny
     config = LearnConfig(steps1=3, steps2=2, prior=False, tune="lora", rank=2)
     args = (scene_files["image"], scene_files["masks"], config)
     with pytest.raises(Interrupted):
-        learn(*args, base_model=str(tiny_model), name="q", device="cpu", should_stop=lambda: True)
+        learn(*args, base_model=str(tiny_model), name="q", device="cpu", should_stop=stop_after_first_step())
     learn(*args, base_model=str(tiny_model), name="q", device="cpu", resume=True)
     assert seen == [(None, None), ("lora", "none")]
 
@@ -443,7 +445,7 @@ def test_a_resume_on_another_device_or_precision_says_the_result_differs(scene_f
     config = LearnConfig(steps1=3, steps2=2, prior=False, mixed_precision="no")
     args = (scene_files["image"], scene_files["masks"], config)
     with pytest.raises(Interrupted):
-        learn(*args, base_model=str(tiny_model), name="moved", device="cpu", should_stop=lambda: True)
+        learn(*args, base_model=str(tiny_model), name="moved", device="cpu", should_stop=stop_after_first_step())
     state = torch.load(checkpoint_path("moved"), weights_only=True)
     assert (state["device"], state["precision"]) == ("cpu", "fp32")
     state["device"], state["precision"] = "cuda", "bf16"  # as if begun on a GPU

@@ -41,15 +41,17 @@ class Client:
         assert status == 200, data
         return data
 
-    def wait(self, timeout: float = 120, job: int | str | None = None, after: int = 0) -> list[dict]:
+    def wait(self, timeout: float = 120, job: int | str | None = None, after: int = 0, on_record=None) -> list[dict]:
         """The records of the running job (or of the job of that id) from its event
-        stream, up to its final state."""
+        stream, up to its final state; `on_record(record)` is called on each as it comes."""
         url = f"{self.base}/api/events?after={after}&token={self.server.token}" + (f"&job={job}" if job else "")
         records = []
         with urllib.request.urlopen(url, timeout=timeout) as stream:
             for line in stream:
                 if line.startswith(b"data: "):
                     records.append(json.loads(line[6:]))
+                    if on_record is not None:
+                        on_record(records[-1])
                     if records[-1]["type"] == "state":
                         break
         return records

@@ -180,12 +180,22 @@ def test_learn_streams_its_progress_is_cancellable_and_resumes_then_generate(ui,
     ui.ok("/api/mask", {"id": "1", "points": [[20, 20]]})
     ui.ok("/api/mask", {"id": "2", "box": [52, 42, 84, 74]})
     masks = [m["path"] for m in ui.ok("/api/save", {"objects": [{"id": "1"}, {"id": "2"}]})["masks"]]
-    settings = {"steps1": "2", "steps2": "2", "prior": False, "names": "red blue"}
-    # Cancelled at once: learn stops after its first step with a checkpoint, as on Ctrl-C.
+    settings = {"steps1": "20", "steps2": "2", "prior": False, "names": "red blue"}
+    # Cancelled at once, while the models load: nothing is learned or saved.
     job = ui.ok("/api/learn", {"masks": masks, "settings": settings, "name": "photo"})
     assert job["kind"] == "learn" and job["cancellable"]
     ui.ok("/api/cancel", {})
     records = ui.wait()
+    assert records[-1]["state"] == "cancelled" and "nothing was learned" in records[-1]["error"], records[-1]
+    # Cancelled once it learns: it stops after a step with a checkpoint, as on Ctrl-C.
+    ui.ok("/api/learn", {"masks": masks, "settings": settings, "name": "photo"})
+    cancelled = []
+
+    def cancel_once_learning(record):
+        if record["type"] == "progress" and record.get("task") == "phase 1" and record["completed"] and not cancelled:
+            cancelled.append(ui.ok("/api/cancel", {}))
+
+    records = ui.wait(on_record=cancel_once_learning)
     assert records[-1]["state"] == "cancelled" and "--resume" in records[-1]["error"], records[-1]
     # Resumed: it goes on from there and writes the scene; the progress is the CLI's records.
     job = ui.ok("/api/learn", {"masks": masks, "settings": settings, "name": "photo", "resume": True})

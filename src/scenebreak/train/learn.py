@@ -15,7 +15,8 @@ from .. import kept
 from ..arguments import config_argument, path_argument, path_arguments
 from ..config import LearnConfig, default_base_model
 from ..device import Device, choose_device, precision_name, tf32_settings_kept
-from ..errors import InvalidInput, NoSpace, OutOfMemory, SceneBreakError, fixable_failures, is_out_of_memory
+from ..errors import (InvalidInput, Interrupted, NoSpace, OutOfMemory, SceneBreakError, fixable_failures,
+                      is_out_of_memory)
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
 from ..hub import downloads_reported
@@ -127,6 +128,9 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
 
     `should_stop()` (optional) is polled after every step, like Ctrl-C: when it turns
     true a checkpoint is saved and `Interrupted` is raised; `resume=True` continues it.
+    It is asked once the models have loaded too, before the training begins: true
+    then, `Interrupted` comes with nothing saved (a Cancel heard while a base of tens of
+    gigabytes loaded no longer waits for a first step and its checkpoint).
     `force=True` replaces an existing scene and runs even while another process learns
     the same name; `replace=True` only replaces (an existing scene, an interrupted run's
     checkpoint), and is refused (Busy) while another process learns the name."""
@@ -262,6 +266,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     report(Message(f"loading the base model {base_model}"))  # (FLUX.1's is tens of GB: seconds to minutes)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved, device,
                                                     amp_dtype, loaded)
+    _stop_before_training_if_asked(should_stop, name, resume)
     if config.lambda_attn is None:  # the family's weight of the attention loss
         config = dataclasses.replace(config, lambda_attn=components.family.lambda_attn)
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint, components.base.weights),
@@ -298,6 +303,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
 
         _make_room_for_deferred(components, plan, device, amp_dtype)
         load_deferred(components, widen)
+        _stop_before_training_if_asked(should_stop, name, resume)
     if plan.quantize != "none":
         # Before the class images: where the plan quantises (FLUX.1 on a 24 GB card), the
         # base fits the GPU only so, for sampling them as for training.
@@ -358,6 +364,14 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                 report(Message(f"{out} appeared while learning and is kept: the scene went to {saved}", "warning"))
     checkpoints.remove()
     return LearnResult(saved, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
+
+
+def _stop_before_training_if_asked(should_stop, name: str, resume: bool) -> None:
+    """Interrupted, with nothing saved, where `should_stop()` turned true while the models loaded."""
+    if should_stop is not None and should_stop():
+        kept = f"the checkpoint of {name!r} is kept as it was: run again with --resume" if resume else \
+            "nothing was learned or saved"
+        raise Interrupted(f"stopped before the training began: {kept}")
 
 
 def _scene_or_nothing(path: Path) -> bool:
