@@ -207,7 +207,7 @@ def test_a_single_file_checkpoint_is_named_as_such(tmp_path, scene_files):
     assert result.exit_code == 2 and "is a single-file checkpoint: scenebreak needs a diffusers folder" in result.stderr
 
 
-def test_a_lora_scene_finds_its_base_after_a_library_upgrade(scene_files, tiny_model, monkeypatch, tmp_path):
+def test_a_lora_scene_finds_its_base_after_a_library_upgrade(scene_files, tiny_model, tiny_sdxl, monkeypatch, tmp_path):
     """The base fingerprint hashes the configs as the installed libraries fill them in:
     an upgrade that adds a config field made every LoRA scene "learned on another base
     model". Scenes now also record a fingerprint of the config files as stored."""
@@ -240,3 +240,8 @@ def test_a_lora_scene_finds_its_base_after_a_library_upgrade(scene_files, tiny_m
     (other / "unet" / "config.json").write_text(json.dumps(dict(unet, norm_eps=2e-5)))
     with pytest.raises(BundleError, match="learned on another base model"):  # another base is refused by both
         generate(scene, "<asset1>", config, out_dir=tmp_path / "c", base_model=str(other))
+    # A base of another family is refused from its configs, before any weight loads (an
+    # SDXL scene given a FLUX.1 folder read 34 GB first).
+    monkeypatch.setattr(base_model, "load_components", lambda *a, **k: pytest.fail("the other family's weights loaded"))
+    with pytest.raises(BundleError, match=r"was learned on SD 2.x, but .* is SDXL"):
+        generate(scene, "<asset1>", config, out_dir=tmp_path / "d", base_model=str(tiny_sdxl))

@@ -185,6 +185,22 @@ def test_a_stop_asked_while_the_models_load_saves_nothing(scene_files, tiny_mode
     assert checkpoint_path("early").read_bytes() == saved
 
 
+def test_a_class_scheduler_the_family_lacks_is_refused_before_the_base_loads(scene_files, tiny_model, monkeypatch):
+    """It was found after every weight had loaded, under the name --scheduler (never
+    given), and on the CPU even with --no-prior, which ignores it (said so, then failed)."""
+    import scenebreak.families.base_model as base_model
+
+    real = base_model.load_components
+    monkeypatch.setattr(base_model, "load_components", lambda *a, **k: pytest.fail("the base model loaded"))
+    with pytest.raises(InvalidInput, match="--class-scheduler flow: SD 2.x samples with"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=0, class_scheduler="flow"),
+              base_model=str(tiny_model), name="sampler")
+    monkeypatch.setattr(base_model, "load_components", real)
+    # Without class images it is no matter (the command line says it is ignored).
+    assert learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=0, prior=False,
+                 class_scheduler="flow"), base_model=str(tiny_model), name="sampler", device="cpu").path.exists()
+
+
 def test_v_prediction_models_train(scene_files, tiny_model, tmp_path):
     import json
     import shutil

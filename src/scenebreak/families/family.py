@@ -162,15 +162,15 @@ class Family:
         """The diffusers scheduler of sampler `name` over the base model's schedule."""
         raise NotImplementedError
 
-    def choose_sampler(self, name: str | None, steps: int | None) -> tuple[str, int]:
+    def choose_sampler(self, name: str | None, steps: int | None, option: str = "--scheduler") -> tuple[str, int]:
         """The sampler and step count to use: the ones asked for, else the family's
         default sampler and that sampler's usual steps; InvalidInput for a sampler the
-        family does not have."""
+        family does not have (naming `option`, the setting that asked for it)."""
         from ..errors import InvalidInput
 
         name = name or self.samplers[0]
         if name not in self.samplers:
-            raise InvalidInput(f"--scheduler {name}: {self.name} samples with {' or '.join(self.samplers)}")
+            raise InvalidInput(f"{option} {name}: {self.name} samples with {' or '.join(self.samplers)}")
         return name, steps or self.sampler_steps(name)
 
     classifier_free: ClassVar[bool] = True  # sampling guides by a second, unconditional pass

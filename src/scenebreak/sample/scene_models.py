@@ -221,6 +221,7 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
             resolved = resolve_model_dir(model)
         else:
             model, revision, resolved = base["id"], *_scene_named_base(base, default_base_model())
+        _check_family(scene, resolved[0], base_model or base["id"])
         c = load_components(model, revision, resolved, denoiser_dtype=half,
                             text_encoder_dtypes=text_encoder_load_dtypes(scene.family, resolved[0], half), defer=defer)
     except (InvalidInput, ModelNotAvailable) as exc:
@@ -240,6 +241,17 @@ def scene_base_model(scene: Scene, base_model: str | None, who: str, what: str, 
                        f"precision): {what} are taken against it all the same; for the results the scene was learned "
                        "for, pass --base-model with the model it was learned on", "warning"))
     return c
+
+
+def _check_family(scene: Scene, folder, named: str) -> None:
+    """A base model of another family than the scene's is refused from its configs,
+    before its weights load (an SDXL scene given a FLUX.1 folder read 34 GB first)."""
+    from ..families import detect_family
+
+    family = detect_family(folder, f"the base model {named}")
+    if type(family) is not type(scene.family):
+        raise BundleError(f"scene {scene.name!r} was learned on {scene.family.name}, but {named} is {family.name}: "
+                          "pass --base-model with the model it was learned on")
 
 
 def _scene_named_base(base: dict, default: str) -> tuple[str | None, tuple]:

@@ -256,6 +256,10 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     base_model = base_model or default_base_model()
     with downloads_reported(report):
         resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
+    if config.prior and config.class_scheduler:  # (its family's samplers known from the configs alone)
+        from ..families import detect_family
+
+        detect_family(resolved[0], base_model).choose_sampler(config.class_scheduler, None, "--class-scheduler")
     # The models kept since an earlier generate in this process go, before this base
     # loads and the memory plan measures what is free (else the plan, and with --tune
     # auto the kind of scene, would depend on what the process did before).
@@ -553,7 +557,7 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
         family = components.family
         missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
                                 family, config.class_scheduler, plan.quantize, components.base.weights) if config.prior else 0
-        class_steps = family.choose_sampler(config.class_scheduler, None)[1]
+        class_steps = family.choose_sampler(config.class_scheduler if config.prior else None, None)[1]
         report(Message(cpu_training_estimate(components.denoiser, resolution, config, plan, missing, class_steps,
                                              bf16=amp_dtype is not None), "warning"))
     return plan
