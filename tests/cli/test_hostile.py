@@ -169,6 +169,12 @@ CASES = [
         "<asset1>"], 2, "disagree on the handles"),  # the handles' rows went to <|endoftext|>, exit 0
     ("scene-tokenizer-past-the-table", lambda w: ["generate", _crafted(w, "t2", tensors=_tokenizer_json(
         w, lambda t: t["model"]["vocab"].update({"a</w>": 100_000}))), "<asset1>"], 2, "past its text encoder"),
+    ("scene-tied-to-nothing", lambda w: ["generate", _crafted(w, "y1", meta=set_meta("tied", {"text_encoder": {
+        "x.weight": "no.such.weight"}})), "<asset1>"], 2, "tied weights name weights it does not hold"),
+    ("scene-tied-over-a-weight", lambda w: ["generate", _crafted(w, "y2", meta=set_meta("tied", {"text_encoder": {
+        "text_model.final_layer_norm.weight": "text_model.final_layer_norm.bias"}})), "<asset1>"], 2, "hold twice"),
+    ("scene-tied-damaged", lambda w: ["show", _crafted(w, "y3", meta=set_meta("tied", {"text_encoder": ["x"]}))], 2,
+     "tied weights are damaged"),
     ("scene-resolution-huge", lambda w: ["generate", _crafted(w, "r1", meta=set_meta("resolution", 10**6)), "<asset1>"], 2,
      "not a valid scene"),
     ("scene-resolution-odd", lambda w: ["generate", _crafted(w, "r2", meta=set_meta("resolution", 65)), "<asset1>"], 2, "not a valid scene"),

@@ -96,6 +96,17 @@ def test_a_full_schnell_scene_is_self_contained_and_ignores_guidance(flux, scene
                    base_model=str(base), name="schnell")
     scene = load_scene(result.path, weights=True)
     assert scene.meta["tuning"] == "full" and set(scene.weights) == {"transformer", "text_encoder", "text_encoder_2", "vae"}
+    # T5's token table, as CLIP's, keeps full precision (ordinary words exactly the base's),
+    # stored once though the model holds it under two names; reading ties it again.
+    from safetensors import safe_open
+
+    with safe_open(str(result.path), "pt") as f:
+        stored = {key: f.get_slice(key).get_dtype() for key in f.keys() if key.startswith("text_encoder_2.")}
+    assert stored["text_encoder_2.shared.weight"] == "F32" and "text_encoder_2.encoder.embed_tokens.weight" not in stored
+    assert scene.meta["tied"] == {"text_encoder_2": {"encoder.embed_tokens.weight": "shared.weight"}}
+    t5 = scene.weights["text_encoder_2"]
+    assert t5["encoder.embed_tokens.weight"] is t5["shared.weight"]
+    assert "F16" in stored.values()  # (the rest as --save-dtype says)
     shutil.rmtree(base)  # the scene generates without its base model
     said = []
     out = generate(result.path, "<asset1>", GenerateConfig(seed=0, guidance=7.0, negative="blurry"), out_dir=tmp_path / "out",
@@ -157,7 +168,8 @@ def test_hostile_flux_scenes_are_refused_in_one_line(dev_scene, tiny_model, tmp_
     assert result.exit_code == 2 and "not a valid scene" in result.stderr and "Traceback" not in result.output
     other_base = runner.invoke(cli, ["generate", str(dev_scene.path), "<asset1>", "--steps", "1", "--base-model",
                                      str(tiny_model), "--out-dir", str(tmp_path / "out")])
-    assert other_base.exit_code == 2 and "another base model" in other_base.stderr, other_base.output
+    assert other_base.exit_code == 2 and "was learned on FLUX.1 dev, but" in other_base.stderr, other_base.output
+    assert "is SD 2.x" in other_base.stderr  # (said from its configs, before its weights load)
 
 
 def test_a_handle_past_the_t5_limit_is_refused(dev_scene, tmp_path):

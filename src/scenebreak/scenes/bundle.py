@@ -174,23 +174,42 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16", replace: bool
     }
     if scene.embeddings_2 is not None:
         tensors["handles.embeddings_2"] = scene.embeddings_2.detach().float().cpu().contiguous()
+    tied: dict[str, dict[str, str]] = {}
     for component, state in scene.weights.items():
+        first: dict[tuple, str] = {}
         for key, value in state.items():
+            # A weight tied to another (T5's shared table is its encoder's embed_tokens:
+            # half a gigabyte in T5-XXL) is stored once; reading ties it again.
+            where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()),
+                     value.dtype, value.device)
+            if value.numel() and where in first:
+                tied.setdefault(component, {})[key] = first[where]
+                continue
+            first[where] = key
             value = value.detach().cpu()
-            # The token-embedding matrix stays at full precision, so ordinary words
-            # keep exactly their base-model values.
-            if value.is_floating_point() and "token_embedding" not in key:
+            # The token-embedding tables (CLIP's, T5's) stay at full precision, so
+            # ordinary words keep exactly their base-model values.
+            if value.is_floating_point() and not is_token_table(key):
                 value = value.to(dtype)
             tensors[f"{component}.{key}"] = value.contiguous().clone()
     for name, data in scene.files.items():
         tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
     # Format 2 only where it is needed (SDXL): SD scenes stay readable by older versions.
-    meta = dict(scene.meta, format_version=scene.family.scene_format, weights_dtype=save_dtype)
+    meta = {key: value for key, value in scene.meta.items() if key != "tied"}  # (this file's ties, not a read one's)
+    meta = dict(meta, format_version=scene.family.scene_format, weights_dtype=save_dtype, **({"tied": tied} if tied else {}))
     write = write_atomically if replace else write_new_file
     path = write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT,
                                                                                 "scenebreak": json.dumps(meta)}))
     scene.path = path
     return path
+
+
+TOKEN_TABLES = ("token_embedding.weight", "shared.weight", "embed_tokens.weight")  # CLIP's; T5's (tied)
+
+
+def is_token_table(key: str) -> bool:
+    """Whether a text encoder's state-dict key is its table of token embeddings."""
+    return key.endswith(TOKEN_TABLES)
 
 
 def is_scene(path: Path) -> bool:
@@ -358,6 +377,12 @@ def metadata_problem(meta: dict) -> str | None:
         return "its model configs are damaged"
     if configs is None:  # (every scene records them: its sampler is made from them)
         return "it holds no model configs"
+    tied = meta.get("tied", {})
+    if not isinstance(tied, dict) or len(tied) > 8 or not all(
+            isinstance(c, str) and isinstance(a, dict) and len(a) <= 8
+            and all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in a.items())
+            for c, a in tied.items()):
+        return "its tied weights are damaged"
     return _config_problem(configs)
 
 
@@ -501,6 +526,13 @@ def load_scene(ref, weights: bool = False, device="cpu") -> Scene:
                     component, _, name = key.partition(".")
                     if component in scene_weights:
                         scene_weights[component][name] = f.get_tensor(key)
+            for component, aliases in meta.get("tied", {}).items():
+                for alias, source in aliases.items():
+                    stored = scene_weights.get(component, {})
+                    if source not in stored or alias in stored or alias in aliases.values():
+                        raise BundleError(f"{path} is not a valid scene: its tied weights name weights it does not "
+                                          "hold, or hold twice")
+                    stored[alias] = stored[source]
     except BundleError:
         raise
     except Exception as exc:
