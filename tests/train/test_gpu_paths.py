@@ -311,6 +311,31 @@ def test_a_lora_scene_of_adapters_alone_keeps_only_the_vocabulary_in_fp32(tiny_m
     assert torch.equal(trainer.embedding.base, vocabulary[:-2]) and c.denoiser.conv_in.weight.dtype == torch.bfloat16
 
 
+def test_phase_1_trains_the_handles_with_the_papers_adamw_under_adam_8bit(tiny_model, scene_files, monkeypatch):
+    """--adam-8bit (and --memory low's choice of it) gave phase 1 bitsandbytes' AdamW too:
+    the handles, placed at lr 5e-4, on quantised moments to save a few kilobytes."""
+    import scenebreak.train.trainer as trainer_module
+    from scenebreak.config import LearnConfig
+    from scenebreak.families.base_model import load_components
+    from scenebreak.images import prepare
+    from scenebreak.train.memory import MemoryPlan
+    from scenebreak.train.optim import adamw_factory
+    from scenebreak.train.tokens import add_handles
+
+    asked = []
+    monkeypatch.setattr(trainer_module, "adamw_factory",
+                        lambda config, device, eight_bit=False: (asked.append(eight_bit), adamw_factory(config, device))[1])
+    c = load_components(str(tiny_model))
+    ids = add_handles(c.tokenizer, c.text_encoder, ["<a>", "<b>"])
+    prepared = prepare(scene_files["image"], scene_files["masks"], 64)
+    trainer = trainer_module.Trainer(c, trainer_module.TrainInputs(prepared.image, torch.from_numpy(prepared.masks), ids),
+                                     LearnConfig(steps1=1, steps2=1, prior=False), choose_device("cpu"), ["<a>", "<b>"],
+                                     plan=MemoryPlan("low", False, False, True, False), amp_dtype=None)
+    for _ in trainer.run():
+        pass
+    assert asked == [False, True]
+
+
 @pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you "
                                                                      "tried to allocate 1000000 bytes")])
 def test_the_machines_ram_running_out_during_gpu_training_is_not_called_the_gpus(failure):

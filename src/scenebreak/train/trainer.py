@@ -439,7 +439,9 @@ class Trainer:
         return [{"params": handles + te + list(c.denoiser.parameters()), "lr": cfg.lr2}]
 
     def _optimizer(self, phase: int, groups: list[dict]):
-        make = adamw_factory(self.config, self.device, self.plan.adam_8bit)
+        # 8-bit moments save memory on the weights of phase 2; phase 1 trains the handle
+        # rows alone (kilobytes), at the paper's AdamW, not on quantised moments.
+        make = adamw_factory(self.config, self.device, self.plan.adam_8bit and phase == 2)
         if phase == 2 and self.plan.optimizer_in_backward:
             return OptimizerInBackward(groups, make, self.config.max_grad_norm)
         return make(groups)
