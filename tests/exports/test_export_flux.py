@@ -132,7 +132,7 @@ def test_a_full_scene_at_full_rank_loads_in_diffusers_as_its_blocks(full_scene, 
     assert {"lora_unet_double_blocks_0_img_mod_lin.alpha", "lora_unet_single_blocks_0_linear2.alpha",
             "lora_unet_single_blocks_0_modulation_lin.alpha"} <= state.keys()
     pipe = with_lora(flux_base, result.paths[0], monkeypatch)
-    transformer, (clip, _) = scene_models(full_scene)
+    transformer, (clip, t5) = scene_models(full_scene)
     from scenebreak.families.base_model import load_components
 
     base = load_components(str(flux_base))
@@ -144,6 +144,21 @@ def test_a_full_scene_at_full_rank_loads_in_diffusers_as_its_blocks(full_scene, 
     assert worst(ours, before, kept) > 1e-4  # it did learn
     clip_layers = [k for k, v in clip.state_dict().items() if carried("text_encoder", k, v)]
     assert worst(clip.state_dict(), pipe.text_encoder.state_dict(), clip_layers) < 1e-5
+    # T5, which full tuning changes (a LoRA scene leaves it frozen), as kohya's FLUX LoRA
+    # names it: lora_te3_ and T5's module, the names ComfyUI and Forge map onto T5
+    # ("lora_te3_" + the key, "." as "_"). diffusers skips them, so they are checked by
+    # kohya's formula: base + alpha / rank * up @ down is the scene's weight.
+    t5_before = base.text_encoders[1].state_dict()
+    t5_layers = [k for k, v in t5.state_dict().items() if carried("text_encoder_2", k, v)]
+    assert t5_layers and all(".SelfAttention." in k or ".DenseReluDense." in k for k in t5_layers)
+    assert worst(t5.state_dict(), t5_before, t5_layers) > 1e-4  # full tuning changed them
+    for key in t5_layers:
+        name = "lora_te3_" + key.removesuffix(".weight").replace(".", "_")
+        down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()
+        merged = t5_before[key].float() + float(state[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+        assert float((merged - t5.state_dict()[key].float()).abs().max()) < 1e-5, key
+    readme = (tmp_path / "a1111" / "README.md").read_text()
+    assert "T5's (`lora_te3_`) too; diffusers' `load_lora_weights` skips T5's layers" in readme
 
 
 # -- the names -----------------------------------------------------------------------------------------

@@ -409,6 +409,10 @@ def _kohya_note(files: A1111Files, tools: tuple[str, ...] = WEBUI_TOOLS) -> str:
         resume = (" Its layers that hold q, k and v in one (as Black Forest Labs' model does; the single-stream "
                   "blocks' `linear1` also the MLP's input) have 3 or 4 times the rank of the others: to train on "
                   "from it with kohya's `--network_weights`, pass `--dim_from_weights`.")
+    if any(key.startswith("lora_te3_") for key in files.lora):  # a fully tuned FLUX.1 scene's T5 layers
+        return (f"{_and([t for t in ('ComfyUI', 'Forge') if t in tools])} and kohya's sd-scripts apply every layer "
+                "of the LoRA, T5's (`lora_te3_`) too; diffusers' `load_lora_weights` skips T5's layers (there, "
+                f"`scenebreak export -f diffusers` has the scene's T5 exactly).{resume}")
     appliers = _and([*(t for t in ("ComfyUI", "AUTOMATIC1111", "Forge") if t in tools), "diffusers"])
     if e.kohya_strict and not fused:  # on FLUX.1 the file holds nothing kohya skips
         share = f" (they held {e.kohya_skipped:.2%} of the change)" if e.source == "svd" else ""

@@ -41,8 +41,11 @@ parts are fused (`bfl_layers`). Carried: every linear layer of the double- and
 single-stream blocks, what kohya's FLUX LoRA trains and every loader applies; not the
 layers outside the blocks (img_in, the time/guidance/vector embedders, final_layer),
 which diffusers' kohya converter drops (0.42: those keys lose their `transformer.`
-prefix) and kohya's `--network_weights` partly skips. T5 gets no LoRA (it has only its
-handle rows, in the embedding files; diffusers never loads a T5 LoRA either).
+prefix) and kohya's `--network_weights` partly skips. T5: a LoRA scene leaves it frozen
+(its handle rows go into the embedding files); a fully tuned one changes it, and its
+attention and feed-forward layers are carried as kohya's FLUX LoRA names them,
+`lora_te3_` and T5's own module names (`lora_te3_encoder_block_0_layer_0_SelfAttention_q`),
+which ComfyUI and Forge map onto T5 and diffusers' converter skips.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ UNET_OUTER = ("conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weig
 KOHYA_SKIPS = "conv_in, conv_out and the time-embedding MLP"
 KOHYA_SKIPPED_KIND = "layers kohya skips"  # their share in left_out_parts under kohya_strict
 TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+# T5's layers as they are named in T5EncoderModel: attention q/k/v/o, the (gated) feed forward.
+T5_LAYER = re.compile(r"^encoder\.block\.\d+\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.(wi|wi_0|wi_1|wo))$")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # T5's token table (under two names, tied), which a scene extends by its handles' rows as CLIP's token_embedding.
 T5_TABLES = ("shared.weight", "encoder.embed_tokens.weight")
@@ -126,7 +131,7 @@ def module_path(component: str, key: str) -> str:
     `text_model.` prefix that kohya names carry (transformers 5's CLIPTextModel
     dropped that level; CLIPTextModelWithProjection keeps it)."""
     module = key.rsplit(".", 1)[0]
-    if component in TEXT_ENCODERS and not module.startswith("text_model."):
+    if component in TEXT_ENCODERS and not module.startswith("text_model.") and not T5_LAYER.match(module):
         module = f"text_model.{module}"
     return f"{component}.{module}"
 
@@ -140,7 +145,10 @@ def carried(component: str, key: str, tensor, kohya_strict: bool = False, bfl: s
         return tensor.ndim == 2 and bfl_module(key.removesuffix(".weight")) is not None
     if component == "unet":
         return key.startswith(UNET_BLOCKS) or (key in UNET_OUTER and not kohya_strict)
-    return component in TEXT_ENCODERS and bool(TEXT_LAYER.match(module_path(component, key).split(".", 1)[1]))
+    if component not in TEXT_ENCODERS:
+        return False
+    module = module_path(component, key).split(".", 1)[1]
+    return bool(TEXT_LAYER.match(module) or T5_LAYER.match(module))
 
 
 def adapter_layers(weights: dict[str, dict], alpha: float) -> dict[str, LoraLayer]:
