@@ -54,6 +54,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import BundleError, InvalidInput
+from ..scenes.bundle import is_token_table
 
 DEFAULT_RANK = 64
 MAX_RANK = 1024
@@ -66,8 +67,6 @@ TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|
 # T5's layers as they are named in T5EncoderModel: attention q/k/v/o, the (gated) feed forward.
 T5_LAYER = re.compile(r"^encoder\.block\.\d+\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.(wi|wi_0|wi_1|wo))$")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# T5's token table (under two names, tied), which a scene extends by its handles' rows as CLIP's token_embedding.
-T5_TABLES = ("shared.weight", "encoder.embed_tokens.weight")
 
 
 @dataclass
@@ -203,9 +202,10 @@ def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dty
         reference = base[component].get(key)
         if reference is None:
             raise BundleError(f"the scene's {component} has a weight {key[:80]!r} that its base model lacks")
-        if "token_embedding" in key or (component in TEXT_ENCODERS and key in T5_TABLES):
+        if component in TEXT_ENCODERS and is_token_table(key):
             # The handles' rows are appended (they go into the embedding files); the
-            # vocabulary's rows are compared, which the method keeps unchanged.
+            # vocabulary's rows are compared, which the method keeps unchanged. (T5's
+            # table is there under two names, tied.)
             value = value[: reference.shape[0]]
         if value.shape != reference.shape:
             raise BundleError(f"the scene's {component}.{key[:80]} does not have its base model's shape")
