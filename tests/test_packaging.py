@@ -3,8 +3,13 @@ lower bounds pyproject.toml declares: raising one without the other would test
 versions no user can have, or leave a floor untested."""
 
 import re
-import tomllib
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # (Python 3.10, which the package supports, has no tomllib)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the floors pass knowingly installs more than the floor (see .ci/floors.txt).

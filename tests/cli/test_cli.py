@@ -381,3 +381,17 @@ def test_a_librarys_warning_is_one_line_as_scenebreaks_own(monkeypatch):
         assert "second line" not in result.stderr
         assert CliRunner().invoke(commands.cli, ["--debug", "list"]).exit_code == 0
         assert warnings.showwarning is commands.PYTHONS_SHOWWARNING  # --debug: Python's own, with file and line
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_help_to_a_full_disk_is_one_line():
+    """Only the commands' own output was covered: `scenebreak --help > /dev/full` ended
+    in a traceback."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "scenebreak", "--help"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("Error: no space left on device") and done.stderr.count("\n") == 1

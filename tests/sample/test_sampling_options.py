@@ -187,6 +187,13 @@ def test_shell_completion_offers_cached_scene_names(learned, tmp_path, monkeypat
     assert "--scheduler" in complete("scenebreak generate photo --sch")
 
 
+def test_shell_completion_offers_the_commands():
+    """Completion parses with no arguments, which the group took for `scenebreak` alone:
+    the help, "no command given" and a traceback on stderr, nothing offered."""
+    assert complete("scenebreak gen") == ["generate"]
+    assert {"learn", "generate", "edit", "mask", "rm", "ui", "batch"} <= set(complete("scenebreak "))
+
+
 def test_half_precision_keeps_the_layers_transformers_keeps_in_fp32():
     """Sampling casts each model to its dtype whole, which undid transformers' own rule
     for fp16: T5's `wo` stays fp32 (FLUX.1's T5 passes fp16's range there; transformers

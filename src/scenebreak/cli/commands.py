@@ -347,7 +347,7 @@ class CommandGroup(click.Group):
     the one Error line every failure has, that a command is missing; exit 2."""
 
     def parse_args(self, ctx, args):
-        if not args:
+        if not args and not ctx.resilient_parsing:  # (shell completion parses with no arguments)
             click.echo(ctx.get_help(), err=True)
             click.echo("Error: no command given: choose one of the commands above (scenebreak COMMAND --help)", err=True)
             ctx.exit(2)
@@ -923,11 +923,7 @@ def main() -> None:
         except click.ClickException as exc:
             exc.show()
             code = exc.exit_code
-    except KeyboardInterrupt as exc:
-        leave(exc)
-    except OSError as exc:
-        if not _is_broken_pipe(exc):
-            raise
+    except (KeyboardInterrupt, OSError) as exc:  # (OSError: `--help > /dev/full` too, one line)
         leave(exc)
     finally:
         try:
