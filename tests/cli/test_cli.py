@@ -75,8 +75,9 @@ def test_an_interrupted_runs_checkpoint_is_listed_and_rm_deletes_it(scene_files,
         "--steps2", "1", "--no-prior", "--name", "kept")
     listed = run("list")
     assert listed.exit_code == 0 and "left" not in listed.stdout, listed.output
-    assert re.search(r"interrupted runs, kept for learn --resume \(scenebreak rm NAME deletes one\): again \(\d+\.\d GB\), "
-                     r"left \(\d+\.\d GB\)", listed.stderr), listed.stderr
+    # (sizes in binary units, as every size said: a tiny model's checkpoint is a few MiB)
+    assert re.search(r"interrupted runs, kept for learn --resume \(scenebreak rm NAME deletes one\): again \(\d+ MiB\), "
+                     r"left \(\d+ MiB\)", listed.stderr), listed.stderr
     as_json = json.loads(run("list", "--json").stdout)
     assert [r["name"] for r in as_json["interrupted"]] == ["again", "left"]
     assert as_json["interrupted"][1]["path"] == str(checkpoint_path("left")) and as_json["interrupted"][1]["bytes"] > 0

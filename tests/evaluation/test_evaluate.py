@@ -153,7 +153,7 @@ def scoring_with_boxes(scene, detect, metric_models, tiny_segmentation, tmp_path
     clip, dino = metric_models
     detector, segmenter = tiny_segmentation
     refs = {"clip": str(clip), "dino": str(dino), "detector": str(detector), "segmenter": str(segmenter)}
-    return lambda words: score_images(scene, generated, words, EvaluateConfig(threshold=0.5), refs, choose_device("cpu"))
+    return lambda words: score_images(scene, generated, words, EvaluateConfig(threshold=0.5), refs, choose_device("cpu"))[0]
 
 
 def test_objects_sharing_a_word_are_paired_by_identity_not_detection_order(learned, metric_models, tiny_segmentation,
@@ -227,6 +227,7 @@ def test_json_shape_and_same_seed_same_numbers(learned, models, prompts_file, tm
     assert a["paths"] == [i["path"] for i in a["images"]] + [a["plot"], a["report"]]
     assert a["scene_path"] == str(learned.path)
     assert a["seed"] == 0 and a["settings"]["steps"] == 1 and a["settings"]["words"] is None
+    assert a["settings"]["threshold"] == 0  # as applied (given here; else the detector's own)
     assert [h["handle"] for h in a["handles"]] == ["<asset1>", "<asset2>"] and a["handles"][0]["word"] == "object"
     assert {"images", "found", "missing", "prompt_similarity", "identity", "masked_identity"} <= set(a["overall"])
     image = a["images"][1]
@@ -237,6 +238,13 @@ def test_json_shape_and_same_seed_same_numbers(learned, models, prompts_file, tm
         assert a[key] == b[key]
     assert [i["prompt_similarity"] for i in a["images"]] == [i["prompt_similarity"] for i in b["images"]]
     assert [i["objects"] for i in a["images"]] == [i["objects"] for i in b["images"]]
+    # Without --threshold, the detector's own is the one recorded (it was null: runs could
+    # not tell which they had been scored at).
+    from scenebreak.masks.detector import DEFAULT_THRESHOLDS
+
+    assert args[4:6] == ["--threshold", "0"]
+    default = run(*args[:4], *args[6:], "--out-dir", tmp_path / "c")
+    assert json.loads(default.stdout)["settings"]["threshold"] == DEFAULT_THRESHOLDS["grounding-dino"], default.output
     assert all(np.array_equal(np.asarray(Image.open(x["path"])), np.asarray(Image.open(y["path"])))
                for x, y in zip(a["images"], b["images"]))
 
@@ -444,3 +452,13 @@ def test_an_object_inside_another_of_another_word_is_found(learned, metric_model
                          ({"<asset1>": "bowl", "<asset2>": "twin"}, [True, False])):  # the same box: one detection
         [score_] = score(words)
         assert [o.found for o in score_.objects] == found, words
+
+
+def test_the_plots_axes_stay_within_a_cosines_range():
+    """Ticks of 1.01 and 1.02 for identities near 1, which no cosine reaches."""
+    from scenebreak.evaluation.plots import _axis
+
+    for values in ([0.97, 0.995, 1.0], [-1.0, -0.99], [0.2, 0.31]):
+        low, high, ticks = _axis(values)
+        assert -1.0 <= low <= min(values) and max(values) <= high <= 1.0, (values, low, high)
+        assert ticks[0] == low and all(-1.0 - 1e-9 <= t <= 1.0 + 1e-9 for t in ticks) and ticks[-1] <= high + 1e-9

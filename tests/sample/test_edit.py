@@ -314,3 +314,20 @@ def test_masks_given_as_learn_takes_them_are_refused_not_read_as_a_prompt(learne
     result = run("edit", image, "--scene", learned.path, "--mask", left, right, "-p", "<asset1>")
     assert result.exit_code == 2 and "is a file" in result.stderr, result.output  # (not "PROMPT or --prompt, not both")
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_bg_on_the_cpu_says_the_time_of_its_variations_too(learned_background, tmp_path, monkeypatch):
+    """Its estimate counted the clean plate alone: "roughly 2 min" for a run of about 10."""
+    import scenebreak.estimates as estimates
+    from scenebreak.config import BackgroundConfig
+    from scenebreak.events import Message
+    from scenebreak.sample.blending import blended_steps
+
+    monkeypatch.setattr(estimates, "cpu_sampling_seconds", lambda *a, **k: 30.0)  # (a tiny model takes far less)
+    config = BackgroundConfig(steps=2, seed=0)
+    said = []
+    extract_background(learned_background.path, config, variations=3, out_dir=tmp_path, report=said.append)
+    estimated = [m.text for m in said if isinstance(m, Message) and "on the CPU this takes roughly" in m.text]
+    steps = blended_steps(2, config.blend_start) + 3 * 2
+    assert estimated == [f"on the CPU this takes roughly {estimates.format_duration(30.0 * steps)}; a CUDA GPU takes "
+                         "seconds (--device cuda)"]

@@ -40,9 +40,11 @@ class BatchResult:
         return self.count("failed")
 
     def summary(self) -> str:
+        from ..estimates import format_duration
+
         stopped = f", {self.count('interrupted')} interrupted" if self.count("interrupted") else ""
         return (f"{len(self.results)} job(s): {self.count('done')} done, {self.count('skipped')} skipped, "
-                f"{self.failed} failed{stopped} in {self.seconds / 60:.1f} min")
+                f"{self.failed} failed{stopped} in {format_duration(self.seconds)}")
 
     def to_dict(self) -> dict:
         return {"jobs": [r.to_dict() for r in self.results], "done": self.count("done"), "skipped": self.count("skipped"),

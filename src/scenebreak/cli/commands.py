@@ -813,7 +813,9 @@ def list_command(json_):
         fields = (row["name"], " ".join(row.get("handles", [])) or "unreadable", row["path"], row.get("family", ""))
         click.echo("\t".join(printable(str(field)) for field in fields))
     if runs:
-        said = ", ".join(f"{printable(run.name)} ({run.bytes / 2**30:.1f} GB)" for run in runs)
+        from ..estimates import format_bytes
+
+        said = ", ".join(f"{printable(run.name)} ({format_bytes(run.bytes)})" for run in runs)
         click.echo(f"interrupted runs, kept for learn --resume (scenebreak rm NAME deletes one): {said}", err=True)
 
 

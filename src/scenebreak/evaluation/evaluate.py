@@ -218,10 +218,13 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     generated = sample_to_files(run, prompts, run.config, run.seed, out_dir, scene.name, report)
     _release(run)
 
-    scores = score_images(scene, generated, words, config, refs, device, report)
+    scores, threshold = score_images(scene, generated, words, config, refs, device, report)
     handles = [summarise(scores, token, words[token]) for token in objects]
     overall = summarise(scores, None, "")
-    result = EvaluateResult(scene.name, run.seed, run.config, refs, scores, handles, overall, out_dir,
+    # The settings as applied: the detector's own threshold where none was given (runs
+    # compare only at the same one).
+    settings = dataclasses.replace(run.config, threshold=threshold)
+    result = EvaluateResult(scene.name, run.seed, settings, refs, scores, handles, overall, out_dir,
                             scene_path=scene.path)
     # One name free for both: the plot and the report of a run go together, and neither
     # replaces an earlier run's (a plot deleted by hand left its report to be overwritten).
@@ -245,9 +248,10 @@ def _release(run) -> None:
 
 
 def score_images(scene, generated, words: dict[str, str], config: EvaluateConfig, refs: dict, device: Device,
-                 report: Reporter = silent) -> list[ImageScore]:
+                 report: Reporter = silent) -> tuple[list[ImageScore], float]:
     """Prompt similarity of every generated image, and identity of every object handle
-    in its prompt (missing when the detector does not find its word)."""
+    in its prompt (missing when the detector does not find its word); and the detection
+    threshold applied (the detector's own where `config` gives none)."""
     from PIL import Image
 
     from .metrics import ClipScorer, DinoScorer, ObjectFinder, identity_scores
@@ -288,7 +292,7 @@ def score_images(scene, generated, words: dict[str, str], config: EvaluateConfig
         report(Message(f"{unoutlined} object(s) detected in the generated images but outlined as nothing by the "
                        "segmenter (an empty mask in its box): counted as missing, left out of the identity means; "
                        "a lower --threshold does not help these", "warning"))
-    return scores
+    return scores, finder.threshold
 
 
 def summarise(scores: list[ImageScore], handle: str | None, word: str) -> Summary:

@@ -12,12 +12,13 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def _axis(values: list[float]) -> tuple[float, float, list[float]]:
-    """Axis limits around `values` with some room, on tidy tick steps, and the ticks."""
+    """Axis limits around `values` (cosine similarities) with some room, on tidy tick
+    steps, never past a cosine's -1 and 1; and the ticks."""
     low, high = min(values), max(values)
     pad = max((high - low) * 0.15, 0.02)
     step = _tick_step(high - low + 2 * pad)
-    low, high = math.floor((low - pad) / step) * step, math.ceil((high + pad) / step) * step
-    return low, high, [low + i * step for i in range(int(round((high - low) / step)) + 1)]
+    low, high = max(math.floor((low - pad) / step) * step, -1.0), min(math.ceil((high + pad) / step) * step, 1.0)
+    return low, high, [low + i * step for i in range(int(math.floor((high - low) / step + 1e-9)) + 1)]
 
 
 def _tick_step(span: float) -> float:

@@ -29,7 +29,7 @@ from ..paths import fit_file_name, is_writable_folder
 
 def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
                   config: EditConfig, resolution: int, *, names: list[str] | None = None, report: Reporter = silent,
-                  task: str = "edit") -> list[np.ndarray]:
+                  task: str = "edit", estimate: bool = True) -> list[np.ndarray]:
     """Edit `image` ((H, W, 3) uint8) one region at a time, in order: region j is
     re-made from prompts[j] inside masks[j] ((H, W) bool), on the result of region
     j - 1. Returns one (H, W, 3) image per seed, at the input's size.
@@ -61,7 +61,8 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
     batch = images_per_pass(config, pipe)
     per_sample = blended_steps(config.steps, config.blend_start)
     total = len(seeds) * len(masks) * per_sample
-    warn_cpu_time(run, total, size[0] * size[1], report)
+    if estimate:  # (a caller with more sampling to come says the whole time itself)
+        warn_cpu_time(run, total, size[0] * size[1], report)
     results = []
     seams: dict[int, np.ndarray] = {}  # region -> its feather weights, made once for every image
 
@@ -203,8 +204,11 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
                 report=report)
     seed = run.seed
     objects = np.logical_or.reduce([scene.masks[h.mask_index] > 0 for h in scene.handles if not h.background])
+    # On the CPU, the time of the plate and the variations together (the plate's alone was said).
+    warn_cpu_time(run, blended_steps(run.config.steps, run.config.blend_start) + variations * run.config.steps,
+                  scene.resolution**2, report)
     [plate] = blend_regions(run, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], run.config,
-                            scene.resolution, names=["the objects' mask"], report=report, task="clean plate")
+                            scene.resolution, names=["the objects' mask"], report=report, task="clean plate", estimate=False)
     images = [GeneratedImage(save_png(plate, out_dir / fit_file_name(scene.name, f"-background-plate-{seed}.png")), plate_prompt, seed, kind="plate")]
     if variations:
         sampling = dataclasses.replace(run.config, num_images=variations)

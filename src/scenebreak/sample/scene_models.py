@@ -38,8 +38,10 @@ def scene_components(scene: Scene, device: Device, dtype=None, base_model: str |
         if report is not None and not scene.needs_base_model and scene.path is not None:
             from ..events import Message  # (gigabytes to read: said before, not a silent minute)
 
+            from ..estimates import format_bytes
+
             try:
-                size = f" ({scene.path.stat().st_size / 2**30:.1f} GB)"
+                size = f" ({format_bytes(scene.path.stat().st_size)})"
             except OSError:  # (deleted meanwhile, say by `rm`: load_scene says so)
                 size = ""
             report(Message(f"loading the weights of scene {scene.name!r}{size}"))

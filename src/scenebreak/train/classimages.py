@@ -11,6 +11,7 @@ from ..errors import Interrupted
 from ..events import Message, Progress, Reporter, silent
 from ..paths import class_images_dir, is_regular_file, write_atomically
 
+STEPS_TASK = "class image steps"  # the bar of their making counts sampling steps, images x steps each
 MADE_BY = ".base-weights"  # in a cache folder: the weights_print of the model that made its images
 
 
@@ -127,7 +128,8 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
                            "steps": components.family.sampler_steps(scheduler), "base_model": components.base.to_dict()},
                           indent=2)
         write_atomically(info, lambda tmp: Path(tmp).write_text(text))
-    report(Message(f"generating {len(todo)} class images for {prompt!r} (once; cached in {folder})"))
+    report(Message(f"generating {len(todo)} class images for {prompt!r}, {components.family.sampler_steps(scheduler)} "
+                   f"steps each (once; cached in {folder})"))
     c = components
     for model in c.models():
         model.to(device.torch)
@@ -136,12 +138,12 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     batch = images_per_pass(device, batch_size)
     autocast = device.autocast(amp_dtype)
     total, done = len(todo) * steps, 0
-    report(Progress("class images", 0, total))
+    report(Progress(STEPS_TASK, 0, total))  # (the bar counts steps: images x steps each)
 
     def one_pass(chunk, more: bool) -> None:
         nonlocal done
         images = sample(pipe, c.family, prompt, [i for i, _ in chunk], steps=steps, guidance=c.family.guidance,
-                        resolution=resolution, autocast=autocast, report=report, task="class images", done=done,
+                        resolution=resolution, autocast=autocast, report=report, task=STEPS_TASK, done=done,
                         total=total)
         for (_, path), image in zip(chunk, images):
             write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
