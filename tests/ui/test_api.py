@@ -332,6 +332,20 @@ def test_the_page_is_sent_the_photo_as_scenebreak_reads_it(ui, scene_files):
     assert not (folder / "scan.png").exists()
 
 
+def test_a_hand_drawn_mask_in_the_way_is_said_in_the_pages_words(ui, scene_files):
+    """Save refuses to replace a mask you drew, as `mask` does, but its advice was the
+    command line's ("--out-dir", "pass --force"), which the page has no control for."""
+    photo = scene_files["image"]
+    open_photo(ui, photo)
+    ui.ok("/api/mask", {"id": "1", "points": [[20, 20]]})
+    drawn = photo.with_name(f"{photo.stem}.mask1.png")
+    Image.new("L", Image.open(photo).size, 255).save(drawn)
+    status, data = ui.json("/api/save", {"objects": [{"id": "1"}]})
+    assert status == 400 and "is not a mask scenebreak wrote" in data["error"], data
+    assert '"Save to folder"' in data["error"] and "--force" not in data["error"] and "--out-dir" not in data["error"]
+    assert Image.open(drawn).getextrema() == (255, 255)  # kept
+
+
 def test_a_stream_follows_its_own_job_even_after_another_started(ui, scene_files):
     """The browser reconnects a dropped event stream by itself (the same URL, with the
     last record's id): if its job ended meanwhile and another page started another, the
