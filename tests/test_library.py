@@ -433,3 +433,17 @@ def test_each_result_lists_the_files_it_wrote_as_the_command_line_does(learned, 
     assert data["paths"] == [i["path"] for i in data["images"]] == [str(p) for p in result.paths]
     assert all(os.path.exists(p) for p in data["paths"])
     assert learned.to_dict()["paths"] == [str(learned.path)]
+
+
+def test_a_missing_peft_is_said_as_a_damaged_install(monkeypatch):
+    """peft is a dependency, not an extra: the advice to `pipx inject` it could not help."""
+    import builtins
+
+    from scenebreak.errors import SceneBreakError
+    from scenebreak.families.lora import require_peft
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError("no peft"))
+                        if name == "peft" else real(name, *a, **k))
+    with pytest.raises(SceneBreakError, match="reinstall scenebreak"):
+        require_peft()

@@ -17,10 +17,12 @@ ADAPTER = "default"
 
 
 def require_peft():
+    """peft, which scenebreak depends on: missing only from a damaged install."""
     try:
         import peft
-    except ImportError:
-        raise SceneBreakError("--tune lora needs peft: pipx inject scenebreak peft (or pip install peft)") from None
+    except ImportError as exc:
+        raise SceneBreakError(f"peft, which scenebreak installs with itself, cannot be imported ({exc}): reinstall "
+                              "scenebreak (pipx reinstall scenebreak, or pip install --force-reinstall peft)") from None
     return peft
 
 
