@@ -147,7 +147,8 @@ class EvaluateResult:
         return [i.path for i in self.images] + [p for p in (self.plot, self.report) if p]
 
     def to_dict(self) -> dict:
-        return {"scene": self.scene, "scene_path": str(self.scene_path) if self.scene_path else None, "seed": self.seed, "settings": dataclasses.asdict(self.config), "models": self.models,
+        return {"scene": self.scene, "scene_path": str(self.scene_path) if self.scene_path else None, "seed": self.seed,
+                "settings": dataclasses.asdict(self.config), "models": self.models,
                 "handles": [h.to_dict() for h in self.handles], "overall": self.overall.to_dict(),
                 "images": [i.to_dict() for i in self.images], "out_dir": str(self.out_dir),
                 "plot": str(self.plot) if self.plot else None, "report": str(self.report) if self.report else None,

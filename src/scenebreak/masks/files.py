@@ -100,6 +100,16 @@ def _fingerprint(data: bytes) -> list:
     return [len(data), hashlib.sha256(data).hexdigest()]
 
 
+class MaskInTheWay(InvalidInput):
+    """A file where a mask goes that scenebreak did not write for this photo: `why`
+    says whose it is; the message ends with the command line's ways out (the page
+    words its own from `path` and `why`)."""
+
+    def __init__(self, path: Path, why: str, ways_out: str):
+        self.path, self.why = path, why
+        super().__init__(f"{path} {why}: {ways_out}")
+
+
 def check_replaceable(image_path: Path, mask_paths: list[Path], force: bool, earlier: dict | None = None) -> None:
     """Refuse to replace a mask file scenebreak did not write as it is now (one you drew
     or edited, or a link), unless `force`: masks are often touched up by hand."""
@@ -111,10 +121,10 @@ def check_replaceable(image_path: Path, mask_paths: list[Path], force: bool, ear
     for path in mask_paths:
         if os.path.lexists(path) and not is_our_mask(path, earlier.get(path.name, [])):
             if is_our_mask(path, read_record(record, image_path, any_photo=True).get(path.name, [])):
-                raise InvalidInput(f"{path} is a mask of another photo named {Path(image_path).stem} (scenebreak wrote "
-                                   "it for that one): write elsewhere with --out-dir, or pass --force to replace it")
-            raise InvalidInput(f"{path} is not a mask scenebreak wrote (yours, or edited since): move it, write "
-                               "elsewhere with --out-dir, or pass --force to replace it")
+                raise MaskInTheWay(path, f"is a mask of another photo named {Path(image_path).stem} (scenebreak wrote "
+                                         "it for that one)", "write elsewhere with --out-dir, or pass --force to replace it")
+            raise MaskInTheWay(path, "is not a mask scenebreak wrote (yours, or edited since)",
+                               "move it, write elsewhere with --out-dir, or pass --force to replace it")
 
 
 def write_masks(image_path: Path, image, results: list[MaskResult], out_dir: Path, force: bool = False) -> Path:

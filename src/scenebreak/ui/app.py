@@ -400,15 +400,15 @@ class App:
                 raise InvalidInput(f"object {item.get('name') or key!r} has no mask yet: click on it first")
             label = str(item.get("name") or f"object {len(results) + 1}").strip()[:80]
             results.append(dataclasses.replace(self.masks[key], label=label, path=None))
+        from ..masks.files import MaskInTheWay
+
         folder = self.confined(out_dir, "folder") if out_dir else self.out_dir
         with _photo_still_open():
             try:
                 return session.save(results, folder).to_dict()
-            except InvalidInput as exc:  # the command line's advice, in the page's words (it has no --force)
-                text = str(exc).replace("write elsewhere with --out-dir, or pass --force to replace it",
-                                        "move it, or save to another folder (\"Save to folder\")")
-                text = text.replace("move it, move it,", "move it,")
-                raise InvalidInput(text) from None
+            except MaskInTheWay as exc:  # the ways out the page has (no --out-dir, no --force)
+                raise InvalidInput(f"{exc.path} {exc.why}: move it, or save to another folder "
+                                   "(\"Save to folder\")") from None
 
     def learn(self, masks: list[str], settings: dict | None = None, name: str | None = None, base_model: str | None = None,
               resume: bool = False, force: bool = False, photo: str | None = None) -> dict:
