@@ -330,6 +330,10 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
     total = len(prompts) * config.num_images * config.steps
     images_out, done = [], 0
     report(Progress("generate", 0, total))
+
+    def written() -> GenerateResult:
+        """What an interruption leaves: the images written so far."""
+        return GenerateResult(scene.name, list(images_out), scene_path=scene.path)
     for prompt in prompts:
         def one_pass(chunk, more, prompt=prompt) -> None:
             nonlocal done
@@ -343,12 +347,11 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
                 images_out.append(GeneratedImage(path, prompt, s))
             if should_stop is not None and should_stop() and done < total:
                 run.put_back()  # (stopped between passes: the pipeline is as after a whole call)
-                raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}",
-                                  partial=GenerateResult(scene.name, list(images_out), scene_path=scene.path))
+                raise Interrupted(f"stopped: {len(images_out)} image(s) written to {out_dir}", partial=written())
 
         try:
             run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
         except KeyboardInterrupt as exc:  # Ctrl-C: the images written so far go with it (the command prints them)
-            exc.partial = GenerateResult(scene.name, list(images_out), scene_path=scene.path)
+            exc.partial = written()
             raise
     return images_out
