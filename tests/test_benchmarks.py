@@ -286,3 +286,15 @@ def test_mask_click_times_both_ways_and_saves_the_table(tmp_path):
     assert len(rows) == 1 and rows[0]["kept_sizes_ms"] > 0 and rows[0]["processor_per_click_ms"] > 0
     table = (tmp_path / "mask_click-cpu.md").read_text()
     assert "processor per click" in table and rows[0]["photo"] in table
+
+
+def test_the_dilation_benchmark_runs_and_both_ways_give_the_same_pixels(tmp_path):
+    """benchmarks/dilate.py on a small photo: its table is written and the earlier sweep
+    it keeps for comparison agrees with masks.ops.dilate (else the figures compare
+    different work)."""
+    spec = importlib.util.spec_from_file_location("dilate_benchmark", BENCHMARKS / "dilate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--megapixels", "0.05", "--radii", "3", "40", "--results-dir", str(tmp_path)])
+    assert [r["radius"] for r in rows] == [3, 40] and all(r["same_pixels"] for r in rows)
+    assert "| 40 |" in (tmp_path / "dilate-cpu.md").read_text()
