@@ -43,6 +43,7 @@ def test_learn_chooses_lora_trains_both_handle_tables_and_records_the_family(dev
     scene = load_scene(dev_scene.path, weights=True)
     meta = scene.meta
     assert meta["base_model"]["family"] == "FLUX.1 dev" and meta["format_version"] == 3 and meta["tuning"] == "lora"
+    assert meta["prediction_type"] == "flow" and scene.family.prediction_type == "flow"  # flow matching, not epsilon
     assert meta["config"]["lambda_attn"] == 0.1  # the family's weight of the attention loss (--lambda-attn unset)
     # LoRA on the transformer and CLIP; FLUX's T5 gets none, only its handle rows train.
     assert set(scene.weights) == {"transformer_lora", "text_encoder_lora"}

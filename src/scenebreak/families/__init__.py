@@ -57,8 +57,8 @@ def family_named(name: str, prediction_type: str = "epsilon") -> Family:
     """The Family a scene recorded (scenes written before SDXL recorded SD 1.x/2.x or nothing)."""
     for family in FAMILIES:
         if name in family.names:
-            return family(name, prediction_type or "epsilon")
-    return SD(SD2, prediction_type or "epsilon")
+            return family.of(name, prediction_type)
+    return SD.of(SD2, prediction_type)
 
 
 def _recognise(index: dict, unet: dict, text: dict, parts: set[str]) -> tuple[type[Family], str] | None:
@@ -108,4 +108,4 @@ def detect_family(folder: Path, what: str) -> Family:
         raise InvalidInput(f"{what} is {other or 'of no family scenebreak knows'}: scenebreak learns scenes on "
                            f"{SUPPORTED_TEXT} base models (e.g. {EXAMPLES})")
     scheduler = next((json_object(p) for p in sorted((folder / "scheduler").glob("*.json"))), {})
-    return found[0](found[1], scheduler.get("prediction_type", "epsilon"))
+    return found[0].of(found[1], scheduler.get("prediction_type"))

@@ -99,7 +99,7 @@ class Components:
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+        return self.family.prediction_type
 
 
 def resolve_model_dir(base_model: str, revision: str | None = None, download: bool = True) -> tuple[Path, str | None]:

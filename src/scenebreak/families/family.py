@@ -48,6 +48,11 @@ class Family:
     kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
     kohya_sgm_unet: ClassVar[bool] = False
 
+    @classmethod
+    def of(cls, name: str, prediction_type: str | None) -> "Family":
+        """The family member `name` whose scheduler config names `prediction_type`."""
+        return cls(name, prediction_type or "epsilon")
+
     @staticmethod
     def recognise(index: dict, denoiser: dict, text: dict, parts: set[str]) -> str | None:
         """The name of this family's member that a model's configs (model_index.json,

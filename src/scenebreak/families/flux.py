@@ -10,6 +10,7 @@ Fill, Depth/Canny, Redux and the FLUX.2 family are refused by name."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -143,7 +144,12 @@ class FlowSchedule:
         return noise - latents
 
 
+@dataclass(frozen=True)
 class Flux(Family):
+    # A flow-matching model predicts the velocity noise - latents (earlier FLUX scenes
+    # recorded "epsilon", which nothing read).
+    prediction_type: str = "flow"
+
     names: ClassVar[tuple[str, ...]] = (FLUX_DEV, FLUX_SCHNELL)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP-L, T5-XXL
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
@@ -173,6 +179,10 @@ class Flux(Family):
     samples_in_bf16: ClassVar[bool] = True  # fp16 makes its blocks and T5 clip activations; its files are bf16
     lora_denoiser_targets: ClassVar[list[str]] = LORA_TARGETS
     lora_text_targets: ClassVar[dict[str, list[str]]] = {"*": CLIP_LORA_TARGETS, "text_encoder_2": []}
+
+    @classmethod
+    def of(cls, name: str, prediction_type: str | None) -> Flux:
+        return cls(name)  # its scheduler's config names no prediction type
     quantize_skip: ClassVar[tuple[str, ...]] = ("x_embedder", "context_embedder", "time_text_embed", "norm_out",
                                                 "proj_out")
     # T5 has no adapters: under LoRA it is frozen in phase 2, and the class prompt has no
