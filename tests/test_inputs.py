@@ -217,6 +217,9 @@ def test_closed_stdout_stops_quietly(tmp_path):
     shown = _closed_pipe_run(["list", "--json"])
     assert shown.returncode in (0, 141)
     _assert_quiet(shown.stderr)
+    for args in (["--help"], ["learn", "--help"]):  # Click prints help itself (`scenebreak --help | head -0`)
+        helped = _closed_pipe_run(args)
+        assert helped.returncode == 141 and helped.stderr == "", (args, helped.returncode, helped.stderr)
 
 
 def test_closed_stdout_in_a_command_is_quiet_even_with_debug(monkeypatch):

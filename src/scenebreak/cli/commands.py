@@ -925,6 +925,12 @@ def main() -> None:
         except click.ClickException as exc:
             exc.show()
             code = exc.exit_code
+        except SystemExit as exc:
+            # Click meets a closed stdout while printing --help itself, and exits 1;
+            # a command's own output exits 141 there (leave), and so does help.
+            if exc.code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe") from None
+            raise
     except (KeyboardInterrupt, OSError) as exc:  # (OSError: `--help > /dev/full` too, one line)
         leave(exc)
     finally:
