@@ -20,6 +20,7 @@ from helpers import learn_once, craft
 from scenebreak import LearnConfig, load_scene
 from scenebreak.cli.commands import cli
 from scenebreak.errors import BundleError
+from scenebreak.events import Progress
 from scenebreak.exports.export import export
 from scenebreak.families import family_named
 from scenebreak.exports.kohya import carried
@@ -175,9 +176,12 @@ def test_a_lora_scene_round_trips_exactly(lora_scene, tiny_model, tmp_path):
 def test_a_full_scene_extracted_at_full_rank_is_near_exact(full_scene, tiny_model, tmp_path):
     """Rank 64 is full rank for every layer of the tiny model: base + LoRA is the scene,
     except for the biases and norms no LoRA carries (reset in the reference)."""
-    result = export(full_scene, tmp_path / "a1111", "a1111")
+    said = []
+    result = export(full_scene, tmp_path / "a1111", "a1111", report=said.append)
     report = result.lora
     assert report.source == "svd" and report.kept > 0.9999 and report.worst[1] > 0.9999
+    progress = [(e.completed, e.total) for e in said if isinstance(e, Progress)]
+    assert progress[0][0] == 0 and progress[-1][0] == progress[-1][1] > 0, progress  # the bar is up from the start
     assert 0 < report.left_out < 0.2 and set(report.left_out_parts) <= {"biases", "norms", "other layers"}
     scene, unet, text_encoders, tokenizers = scene_models(full_scene)
     without_what_a_lora_cannot_carry(scene, unet, text_encoders, tiny_model)

@@ -14,6 +14,7 @@ from scenebreak.config import EditConfig
 from scenebreak.sample.edit import edit, extract_background
 from scenebreak.masks.ops import dilate
 from scenebreak.errors import InvalidInput, InvalidMask, UnknownHandle, UsageError
+from scenebreak.events import Progress
 
 FAST = dict(steps=4, seed=5)
 
@@ -73,6 +74,8 @@ def test_an_edit_carries_the_photos_colour_profile_and_warns_of_a_soft_mask(lear
                   EditConfig(num_images=1, **FAST), out_dir=tmp_path / "out", report=messages.append)
     assert Image.open(result.images[0].path).info.get("icc_profile") == profile
     assert any("is soft" in getattr(m, "text", "") for m in messages)
+    progress = [(e.completed, e.total) for e in messages if isinstance(e, Progress)]
+    assert progress[0][0] == 0 and progress[-1][0] == progress[-1][1] > 0, progress  # the bar is up from the start
     untagged = edit(image, [(left, "<asset1>")], learned.path, EditConfig(num_images=1, **FAST), out_dir=tmp_path / "o2")
     assert "icc_profile" not in Image.open(untagged.images[0].path).info
 

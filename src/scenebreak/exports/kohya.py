@@ -198,6 +198,8 @@ def extract_layers(tuned: dict[str, dict], base: dict[str, dict], rank: int, dty
     left: dict[str, float] = {}
     fits: list[tuple[str, float]] = []
     items = [(c, k, v) for c, state in tuned.items() for k, v in state.items() if v.is_floating_point()]
+    if progress:
+        progress(0, len(items))
     for done, (component, key, value) in enumerate(items, 1):
         reference = base[component].get(key)
         if reference is None:

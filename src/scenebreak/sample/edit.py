@@ -14,7 +14,7 @@ from ..arguments import config_argument, path_argument
 from ..config import MAX_IMAGES, BackgroundConfig, EditConfig
 from ..device import Device
 from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
-from ..events import Message, Reporter, silent
+from ..events import Message, Progress, Reporter, silent
 from ..scenes.bundle import open_scene
 from .blending import (blended_latents, blended_steps, decode, encode, feather_weights, latent_mask, paste_back,
                        resize_mask, work_size)
@@ -63,6 +63,7 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
     total = len(seeds) * len(masks) * per_sample
     if estimate:  # (a caller with more sampling to come says the whole time itself)
         warn_cpu_time(run, total, size[0] * size[1], report)
+    report(Progress(task, 0, total))  # the bar is up before the first step's wait
     results = []
     seams: dict[int, np.ndarray] = {}  # region -> its feather weights, made once for every image
 
