@@ -495,3 +495,15 @@ def test_lora_that_cannot_fit_on_a_cpu_or_a_mac_is_warned_about(monkeypatch, kin
     monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * memory.GiB)
     [warning] = memory.choose(config, sd21, device, 512, None).warnings
     assert "LoRA may not fit even so" in warning and "2.0 GiB of" in warning
+
+
+def test_adamw_is_fused_on_every_device_torch_has_the_kernel_for():
+    """MPS has torch's fused AdamW too (it was left to the slower foreach steps there)."""
+    from scenebreak.device import Device
+    from scenebreak.train.optim import adamw_factory, fused_adamw_devices
+
+    assert {"cpu", "cuda", "mps"} <= fused_adamw_devices()  # (this torch has MPS's kernel)
+    weight = torch.nn.Parameter(torch.zeros(3))
+    for kind in ("cpu", "mps"):  # (the optimizer is only built: the CPU tensor runs on any machine)
+        optimizer = adamw_factory(LearnConfig(), Device(type=kind, name=kind))([{"params": [weight]}])
+        assert optimizer.defaults["fused"] is True, kind

@@ -36,8 +36,18 @@ def adamw_factory(config, device, eight_bit: bool = False):
 
         return lambda groups: bnb.optim.AdamW8bit(groups, **kwargs)
     # The fused kernel is faster and needs no foreach scratch copies of every tensor.
-    fused = device.type in ("cuda", "cpu")
+    fused = device.type in fused_adamw_devices()
     return lambda groups: torch.optim.AdamW(groups, fused=fused, **kwargs)
+
+
+def fused_adamw_devices() -> set[str]:
+    """The device types this torch has a fused AdamW for (MPS's came after CUDA's and
+    the CPU's), from torch's own list where it has one."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # (a private name: an older or newer torch may lack it)
+        return {"cuda", "cpu"}
+    return set(_get_fused_kernels_supported_devices()) & {"cuda", "cpu", "mps", "xpu"}
 
 
 # bitsandbytes' step() runs its update kernel for each tensor and then synchronises
