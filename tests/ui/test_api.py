@@ -5,7 +5,9 @@ one-line errors, and learn and generate with their progress streamed."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -265,6 +267,101 @@ def test_idle_and_refused_connections_are_closed(ui, monkeypatch):
             while chunk := refused.recv(65536):
                 answer += chunk
         assert answer.count(b"HTTP/1.") == 1 and answer.split()[1] in (b"403", b"411"), answer[:200]
+
+
+def test_a_flood_of_slow_or_idle_connections_is_bounded(ui, monkeypatch):
+    """Without a token: a head sent a byte at a time, each within the timeout, held a
+    thread for ever; every connection took a thread and a file handle until accept()
+    failed and the server spun on it; a client gone before its refusal printed two
+    tracebacks to the user's terminal."""
+    import socket
+    import struct
+    import threading
+    import time
+
+    import scenebreak.ui.server as server
+
+    monkeypatch.setattr(server.Handler, "timeout", 2)
+    host, port = ui.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as slow:
+        slow.sendall(b"GET / HTTP/1.1\r\n")
+        started, answer = time.monotonic(), b""
+        for byte in b"X-Header: 1234567890":  # one byte a second: each read within the 2 s timeout
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:  # (closed by the server)
+                break
+            time.sleep(1)
+        with contextlib.suppress(OSError):
+            answer = slow.recv(100)
+        assert time.monotonic() - started < 8 and answer == b"", answer  # cut at the head's deadline, not fed for ever
+    monkeypatch.setattr(server.Handler, "timeout", 60)
+    ui.server.connections = threading.BoundedSemaphore(3)
+    threads = threading.active_count()
+    held = [socket.create_connection((host, port), timeout=30) for _ in range(3)]
+    try:
+        time.sleep(0.3)
+        with socket.create_connection((host, port), timeout=30) as over:
+            assert over.recv(100) == b""  # at the cap: closed at once, no thread for it
+        assert threading.active_count() <= threads + 6  # (each: its thread and its head's timer)
+    finally:
+        for connection in held:
+            connection.close()
+    deadline = time.monotonic() + 10
+    while ui.call("/api/state")[0] != 200 and time.monotonic() < deadline:  # (the slots are free again)
+        time.sleep(0.1)
+    assert ui.call("/api/state")[0] == 200
+    # Gone before the refusal: an abortive close makes the server's answer fail at once.
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        for _ in range(3):
+            gone = socket.create_connection((host, port), timeout=30)
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            gone.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            gone.close()
+        time.sleep(0.5)
+    assert stderr.getvalue() == "", stderr.getvalue()
+    assert ui.call("/api/state")[0] == 200
+
+
+def test_http_servers_own_refusals_are_json_with_the_pages_headers(ui):
+    """A method with no route (PUT, OPTIONS) or a line too long got http.server's HTML
+    page, without the headers every other answer has (no-store, nosniff, the CSP)."""
+    import socket
+
+    from scenebreak.ui.server import SECURITY_HEADERS
+
+    host, port = ui.server.server_address[:2]
+    for request in (f"PUT / HTTP/1.1\r\nHost: {host}\r\n\r\n", f"OPTIONS / HTTP/1.1\r\nHost: {host}\r\n\r\n",
+                    "GET /" + "a" * 70_000 + " HTTP/1.1\r\n\r\n"):
+        with socket.create_connection((host, port), timeout=30) as connection:
+            connection.sendall(request.encode())
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] in (b"501", b"414"), head
+        assert json.loads(body)["error"] and b"application/json" in head, answer[:300]
+        for key, value in SECURITY_HEADERS.items():
+            assert f"{key}: {value}".encode() in head, (key, head)
+
+
+def test_hosts_of_this_machine_only_are_not_warned_about_and_an_empty_one_is_refused(serve, scene_files, tiny_model):
+    from scenebreak.errors import UsageError
+    from scenebreak.ui.app import App
+    from scenebreak.ui.server import is_loopback, serve as serve_page
+
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("localhost.")
+    with pytest.raises(UsageError, match="--host is empty"):
+        serve_page(scene_files["image"], host=" ")
+    # On 127.0.0.2 the Host check holds too (it was left off there).
+    try:
+        client = serve(App(scene_files["image"], base_model=str(tiny_model), device="cpu"), host="127.0.0.2")
+    except OSError:  # (macOS has only 127.0.0.1 of 127/8 unless aliased)
+        pytest.skip("127.0.0.2 is no address of this machine")
+    port = client.server.server_address[1]
+    assert client.call("/api/state", headers={"Host": f"127.0.0.2:{port}"})[0] == 200
+    assert client.call("/api/state", headers={"Host": f"evil.example:{port}"})[0] == 403
 
 
 def test_the_masks_held_are_bounded(ui, scene_files, monkeypatch):

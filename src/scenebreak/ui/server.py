@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import hmac
+import ipaddress
 import json
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -30,14 +32,27 @@ from .jobs import one_line
 
 MAX_JSON_BYTES = 1 << 20
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 KEEPALIVE = 15.0  # seconds between comments on an idle event stream
+# Connections served at once: a page needs a few (its event stream, an action, images);
+# past this a new one is closed at once, so a flood of idle connections cannot take
+# a thread and a file handle each until accept() fails.
+MAX_CONNECTIONS = 64
 # The page loads only from this server; nothing from the network, no inline script.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
 }
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _text_or_none(value) -> str | None:
@@ -75,6 +90,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, app: App, host: str, port: int):
         self.app, self.token, self.closing = app, secrets.token_urlsafe(24), threading.Event()
         self.streams, self.streams_lock = 0, threading.Lock()  # event streams open now
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), Handler)
         self.host = host
@@ -84,6 +100,39 @@ class Server(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}/?token={self.token}"
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            # Out of file handles, accept() fails at once while the socket stays ready:
+            # socketserver would retry in a busy loop. Wait a little instead.
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(0.1)
+            raise
+
+    def process_request(self, request, client_address):
+        if not self.connections.acquire(blocking=False):
+            self.shutdown_request(request)  # at the cap: closed at once, no thread started
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return  # a client that went away: nothing to say
+        # Anything else is a fault of ours: one line, not socketserver's traceback.
+        self.app.echo(Message(f"the page's server: {one_line(exc)[0]}", "warning"))
 
     def let_streams_finish(self, timeout: float) -> None:
         """Wait (up to `timeout` s) for the open event streams to send what they still
@@ -101,7 +150,8 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     # A connection that sends nothing (or a body a byte a minute) holds a thread: not for ever.
-    # (The event stream writes at least every 15 s, so it never waits this long.)
+    # (The event stream writes at least every 15 s, so it never waits this long.) A
+    # request's head must arrive whole within this time of the wait for it starting.
     timeout = 60
 
     server: Server
@@ -109,6 +159,33 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass  # stderr carries scenebreak's own progress, not a request log
+
+    def handle_one_request(self):
+        # The socket's timeout bounds each read, so a head sent a byte every 50 s held its
+        # thread for ever: the whole head (first line and headers) must come within the
+        # timeout of the wait for it starting, or the connection is cut.
+        self.head_timer = threading.Timer(self.timeout, self._cut)
+        self.head_timer.daemon = True
+        self.head_timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self.head_timer.cancel()
+
+    def _cut(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+        except OSError:
+            pass
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own refusals (a method with no do_ here, a line too long, too
+        # many headers): the same JSON line and headers as every other answer.
+        self.head_timer.cancel()
+        self.close_connection = True
+        status = HTTPStatus(code)
+        self._error(status, message or status.phrase)
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -126,7 +203,10 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data, default=str).encode(), "application/json")
 
     def _error(self, status: HTTPStatus, message: str) -> None:
-        self._json({"error": message}, status)
+        try:
+            self._json({"error": message}, status)
+        except OSError:  # the client left before its answer (often a refused one): nothing to tell
+            self.close_connection = True
 
     def _check(self, query: dict) -> None:
         """The token, and (on a local address) a local Host header: a web page elsewhere
@@ -138,9 +218,9 @@ class Handler(BaseHTTPRequestHandler):
         given = self.headers.get("X-Scenebreak-Token") or in_url
         if not hmac.compare_digest(given.encode(), self.server.token.encode()):
             raise Refused(HTTPStatus.FORBIDDEN, "this request has no valid token: open the URL that scenebreak ui printed")
-        if self.server.host in LOCAL_HOSTS:
+        if is_loopback(self.server.host):
             host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-            if host not in LOCAL_HOSTS:
+            if not is_loopback(host):
                 raise Refused(HTTPStatus.FORBIDDEN, f"requests for host {host!r} are refused: use {self.server.url.split('?')[0]}")
 
     def _body(self, limit: int) -> bytes:
@@ -163,6 +243,7 @@ class Handler(BaseHTTPRequestHandler):
         return data
 
     def _handle(self, route) -> None:
+        self.head_timer.cancel()  # the head is in; what follows has the socket's timeout per read
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         try:
@@ -348,8 +429,10 @@ def serve(photo=None, *, host: str = "127.0.0.1", port: int = 0, on_ready=None, 
     device, report) until interrupted (Ctrl-C: KeyboardInterrupt); `on_ready(url)`
     gets the URL with its token. Whatever runs is stopped (learn saves its checkpoint)
     and the port closed before it returns."""
+    if not host.strip():  # (an empty host listens on every network, quietly)
+        raise UsageError("--host is empty: use 127.0.0.1 (this machine only) or 0.0.0.0 (every network)")
     app = App(photo, **options)
-    if host not in LOCAL_HOSTS:  # (said by the library, so that Python callers hear it too)
+    if not is_loopback(host):  # (said by the library, so that Python callers hear it too)
         app.echo(Message(f"listening on {host}: whoever reaches it with the URL's token can read the photo's folder "
                          "and use this machine's GPU", "warning"))
     try:
