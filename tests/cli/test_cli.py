@@ -209,12 +209,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(scene_files, tiny_model, 
 
     exe = shutil.which("scenebreak") or pytest.skip("console script not installed")
     common = [exe, "learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]), "--base-model", str(tiny_model), "--no-prior"]
-    args = common + ["--steps1", "150", "--steps2", "20"]
+    args = common + ["--steps1", "40", "--steps2", "5"]  # (long enough to be stopped in phase 1)
     log = tmp_path / "stderr.txt"
     with open(log, "w") as err:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
         deadline = time.time() + 120
-        while "phase 1: 0/150" not in log.read_text() and time.time() < deadline:  # (its bar is up)
+        while "phase 1: 0/40" not in log.read_text() and time.time() < deadline:  # (its bar is up)
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
@@ -223,7 +223,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(scene_files, tiny_model, 
     home = tmp_path / "home"
     assert not (home / "scenes" / "photo.scene").exists()
     assert (home / "checkpoints" / "photo.ckpt").exists()
-    resumed = subprocess.run(common + ["--steps1", "150", "--steps2", "2", "--resume"], capture_output=True, text=True)
+    resumed = subprocess.run(common + ["--steps1", "40", "--steps2", "2", "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 2 and "other inputs or settings" in resumed.stderr  # settings must match
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
