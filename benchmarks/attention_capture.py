@@ -25,6 +25,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+from figures import save_results  # noqa: E402
 
 VARIANTS = ("none", "materialised", "columns")
 
@@ -170,11 +173,8 @@ def main() -> None:
                                        "the process's peak RSS (weights included)") + "; 'vs none' is the difference in GiB."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    stem = f"attention_capture-{args.arch}-{args.device.split(':')[0]}"
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps({"resolution": resolution, "rows": rows}, indent=2) + "\n")
+    save_results(HERE / "results", f"attention_capture-{args.arch}-{args.device.split(':')[0]}", text,
+                 {"resolution": resolution, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(HERE))
+
+from figures import save_results  # noqa: E402
 
 
 def job_lines(folder: Path, model: Path, count: int, steps: int) -> Path:
@@ -178,9 +181,7 @@ def main() -> None:
                      f"{r['seconds'] / base:.2f} | {r['seconds'] / one:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{args.name}.md").write_text(text)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
+    save_results(args.results_dir, args.name, text, {"info": info, "rows": rows})
 
 
 if __name__ == "__main__":

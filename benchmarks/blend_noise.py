@@ -128,6 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     resolution = args.resolution or (64 if args.model == "tiny" else 128)
 
+    from figures import save_results
     from train_step import cpu_name, random_model
 
     from scenebreak.sample.blending import encode, latent_mask
@@ -198,11 +199,8 @@ def main() -> None:
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['noise']} | {r['jitter']:.4f} | "
                      + " | ".join(f"{r[p]:.4f}" for p in pairs) + " |")
     table = "\n".join(lines) + "\n"
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"blend_noise-{args.model}"
-    (args.results_dir / f"{stem}.md").write_text(table)
-    (args.results_dir / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                               "cpu": cpu_name(), "rows": rows}, indent=1) + "\n")
+    save_results(args.results_dir, f"blend_noise-{args.model}", table,
+                 {"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_name(), "rows": rows})
     print(table)
 
 

@@ -57,6 +57,7 @@ def seconds(fn, *args) -> tuple[float, np.ndarray]:
 
 def main(argv=None) -> list[dict]:
     from scenebreak.masks.ops import dilate
+    from figures import save_results
     from train_step import machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,9 +86,7 @@ def main(argv=None) -> list[dict]:
              f"- date: {datetime.date.today()}; command: `{command.strip()}`", "",
              "| radius | s, scenebreak | s, row sweep (before) | same pixels |", "|---|---|---|---|"]
     lines += [f"| {r['radius']} | {r['scenebreak_s']} | {r['row_sweep_s']} | {r['same_pixels']} |" for r in rows]
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "dilate-cpu.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    (args.results_dir / "dilate-cpu.md").write_text("\n".join(lines) + "\n")
+    save_results(args.results_dir, "dilate-cpu", "\n".join(lines), {"command": command, "rows": rows})
     print("\n".join(lines))
     return rows
 

@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
+    from figures import save_results
     from train_step import random_model
 
     from scenebreak.exports.kohya import extract_layers, kohya_state_dict
@@ -72,10 +73,7 @@ def main() -> None:
         f"| {row['model']} | {args.rank} | {row['layers']} | {row['svd_seconds']} | {row['convert_seconds']} | "
         f"{row['lora_mib']} MiB |",
     ]) + "\n"
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"lora_extraction-{'sdxl' if args.sdxl else 'sd21'}"
-    (args.results_dir / f"{stem}.md").write_text(table)
-    (args.results_dir / f"{stem}.json").write_text(json.dumps(row, indent=1) + "\n")
+    save_results(args.results_dir, f"lora_extraction-{'sdxl' if args.sdxl else 'sd21'}", table, row)
     print(table)
 
 

@@ -59,9 +59,7 @@ def main() -> None:
              "| phase 1 of `--tune lora` | precision | memory | s/step |", "|---|---|---|---|"]
     lines += [f"| {r['how']} | {r['precision']} | {r['memory']} | {r['s_per_step']:.2f} |" for r in rows]
     stem = f"lora_phase1-{device.type}" + ("-tiny" if args.tiny else "")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    (args.results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    train_step.save_results(args.results_dir, stem, "\n".join(lines), {"command": command, "rows": rows})
     print("\n".join(lines))
 
 

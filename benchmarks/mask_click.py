@@ -46,6 +46,7 @@ def main(argv=None) -> list[dict]:
 
     from scenebreak.device import choose_device
     from scenebreak.masks.segmenter import Segmenter
+    from figures import save_results
     from train_step import machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,9 +88,7 @@ def main(argv=None) -> list[dict]:
     lines += [f"| {r['photo']} | {r['megapixels']} | {r['kept_sizes_ms']} | {r['processor_per_click_ms']} |"
               for r in rows]
     stem = "mask_click-cpu" + ("" if args.segmenter is None else "-" + Path(args.segmenter).name)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    (args.results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    save_results(args.results_dir, stem, "\n".join(lines), {"command": command, "rows": rows})
     print("\n".join(lines))
     return rows
 

@@ -64,6 +64,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tinymodels (the tiny model builders) lives with the tests
 sys.path.insert(0, str(HERE))  # step_profile, when imported from elsewhere
 
+from figures import save_results  # noqa: E402
+
 
 class OriginalStyleProcessor:
     """The original code's P2P-style processor: materialised attention everywhere,
@@ -900,11 +902,9 @@ def write_table(out: Path, stem: str, rows: list[dict], args, command: str, fina
     table = (render_flux if getattr(args, "flux", False) else render)(rows, args, command)
     if not final:
         table += "\n\n(incomplete: the run is still going, or stopped before its last row)"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(table + "\n")
     extra = {"architecture": args.flux_arch} if getattr(args, "flux_arch", None) else {}
-    (out / f"{stem}.json").write_text(json.dumps({"machine": machine(args.device), "command": command, **extra, "rows": rows,
-                                                  "complete": final}, indent=2) + "\n")
+    save_results(out, stem, table, {"machine": machine(args.device), "command": command, **extra, "rows": rows,
+                                    "complete": final})
     return table
 
 
