@@ -58,12 +58,28 @@ def test_phase1_leaves_the_unet_alone_and_phase2_changes_it(scene_files, tiny_mo
 
 
 def test_names_and_init_words(scene_files, tiny_model):
+    """Each handle's row starts as its init word's (its first token's); a --revision
+    given with a local folder is said to be ignored, and the scene does not claim it."""
+    from transformers import CLIPTokenizer
+
+    from scenebreak.events import Message
+
+    said = []
     result = learn(scene_files["image"], scene_files["masks"],
-                   LearnConfig(steps1=1, steps2=0, prior=False, names=("red", "blue"), init_words=("cat", "dog")),
-                   base_model=str(tiny_model))
+                   LearnConfig(steps1=1, steps2=0, prior=False, names=("red", "blue"), init_words=("cat", "dog"),
+                               lr1=1e-12),  # (one step that barely moves the rows)
+                   base_model=str(tiny_model), revision="v9", report=said.append)
     assert result.handles == ["<red>", "<blue>"]
     assert result.path.name == "photo.scene"  # named after the image, in the cache
-    assert load_scene("photo").tokens == ["<red>", "<blue>"]
+    scene = load_scene("photo")
+    assert scene.tokens == ["<red>", "<blue>"]
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+    _, base_rows = _base(tiny_model)
+    for row, word in zip(scene.embeddings, ("cat", "dog")):
+        first = tokenizer(word, add_special_tokens=False).input_ids[0]
+        torch.testing.assert_close(row.float(), base_rows[first], atol=1e-6, rtol=0)
+    assert scene.meta["base_model"]["revision"] is None
+    assert any(isinstance(m, Message) and "--revision v9 is for a model on the hub" in m.text for m in said), said
 
 
 def test_the_photo_and_masks_are_read_once(scene_files, tiny_model, monkeypatch):

@@ -19,7 +19,7 @@ from ..errors import (InvalidInput, Interrupted, NoSpace, OutOfMemory, SceneBrea
                       is_out_of_memory)
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
-from ..hub import downloads_reported
+from ..hub import downloads_reported, looks_like_path
 from ..images import background_mask, load_image, load_masks, orientation, prepare
 from ..masks.checks import mask_warnings
 from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_path, home, is_writable_folder,
@@ -167,6 +167,11 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         report(Message(line, "warning"))
     if config.background:
         background_mask(object_masks)
+    if revision is not None and base_model is not None and looks_like_path(base_model):
+        # A folder is what it holds: the scene must not claim a revision nothing read.
+        report(Message(f"--revision {revision} is for a model on the hub: ignored for the local folder "
+                       f"{base_model}", "warning"))
+        revision = None
     device = device if isinstance(device, Device) else choose_device(device)
     amp_dtype = device.train_dtype(config.mixed_precision)  # the one place the precision is decided
     if config.adam_8bit:
