@@ -210,6 +210,26 @@ def test_t5_handles_get_fresh_rows_after_the_whole_table(flux_folders, tmp_path)
     assert module.num_base == before.shape[0] and torch.equal(module.handles.detach(), after[ids])
 
 
+def test_init_words_start_t5_handles_from_a_piece_of_the_word_not_the_word_boundary(flux_folders):
+    """T5 starts a word it has no piece for with a bare "▁" (and may give <unk>): every
+    such init word started its handle from that one row."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    from scenebreak.errors import InvalidInput
+
+    folder = flux_folders["dev"]
+    tokenizer = T5TokenizerFast.from_pretrained(folder / "tokenizer_2")
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    before = t5.get_input_embeddings().weight.detach().clone()
+    assert tokenizer.convert_ids_to_tokens(tokenizer("corgi", add_special_tokens=False).input_ids)[:2] == ["\u2581", "c"]
+    ids = add_handles(tokenizer, t5, ["<asset1>", "<asset2>"], init_words=["cat", "corgi"])
+    after = t5.get_input_embeddings().weight.detach()
+    assert torch.equal(after[ids[0]], before[tokenizer.convert_tokens_to_ids("\u2581cat")])  # a word it has whole
+    assert torch.equal(after[ids[1]], before[tokenizer.convert_tokens_to_ids("c")])  # not "▁"'s row
+    with pytest.raises(InvalidInput, match="gives no token this model knows"):
+        add_handles(T5TokenizerFast.from_pretrained(folder / "tokenizer_2"), t5, ["<b>"], init_words=["\u2603"])
+
+
 def test_clip_handles_are_added_as_before(flux_folders):
     """A table as long as its tokenizer (CLIP's) gets no spare-row tokens."""
     from transformers import CLIPTextModel, CLIPTokenizer

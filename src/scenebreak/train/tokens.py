@@ -15,6 +15,17 @@ SPARE_ROW = "<spare row {}>"
 
 
 @one_builder_at_a_time
+def first_word_token(tokenizer, word: str) -> int:
+    """The id of `word`'s first sub-token that carries some of the word: T5's
+    SentencePiece starts a word it has no piece for with a bare "▁" (the word boundary,
+    the same row for every such word) and may give <unk> for a character it lacks."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    for token_id, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        if token_id != tokenizer.unk_token_id and piece.strip("\u2581 "):
+            return token_id
+    raise InvalidInput(f"--init-words: {word!r} gives no token this model knows: choose another word")
+
+
 def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> list[int]:
     """Add the handle tokens, set their initial embeddings and return their ids.
 
@@ -28,12 +39,7 @@ def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str
     base_rows = len(tokenizer)
     embedding = text_encoder.get_input_embeddings().weight.detach()
     if init_words:
-        init_ids = []
-        for word in init_words:
-            ids = tokenizer(word, add_special_tokens=False).input_ids
-            if not ids:
-                raise InvalidInput(f"--init-words: {word!r} gives no token")
-            init_ids.append(ids[0])  # the word's first sub-token
+        init_ids = [first_word_token(tokenizer, word) for word in init_words]
     else:
         init_ids = [base_rows - 2 * len(tokens) + i for i in range(len(tokens))]
     initial = embedding[init_ids].clone()
