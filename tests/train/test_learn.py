@@ -466,3 +466,22 @@ def test_each_phase_shows_from_its_start_and_a_checkpoint_is_said_before_it_is_w
     assert progress == [("phase 1", 0), ("phase 1", 1), ("phase 1", 2), ("phase 2", 0), ("phase 2", 1), ("phase 2", 2)]
     texts = [e.text for e in events if isinstance(e, Message)]
     assert "saving a checkpoint of 'shown'" in texts  # (the end of phase 1's)
+
+
+def test_each_steps_loss_is_the_masked_loss_plus_the_weighted_prior_and_attention_losses(scene_files, tiny_model,
+                                                                                         monkeypatch):
+    """The prior-preservation and attention terms count, each with its own weight (no
+    other test would notice either dropping out of the sum that is back-propagated)."""
+    import scenebreak.train.trainer as trainer
+
+    seen, real_step = [], trainer.Trainer.train_step
+    monkeypatch.setattr(trainer.Trainer, "train_step",
+                        lambda self, phase, steps: seen.append(record := real_step(self, phase, steps)) or record)
+    learn(scene_files["image"], scene_files["masks"],
+          LearnConfig(steps1=2, steps2=2, num_class_images=1, prior_weight=0.5, lambda_attn=0.3, seed=1),
+          base_model=str(tiny_model), name="sum", device="cpu")
+    rows = [record.losses.tolist() for record in seen]
+    assert len(rows) == 4 and all(attn > 0 for *_, attn in rows), rows
+    assert [prior > 0 for _, _, prior, _ in rows] == [False, False, True, True]  # the class image: phase 2's
+    for loss, rec, prior, attn in rows:
+        assert loss == pytest.approx(rec + 0.5 * prior + 0.3 * attn, rel=1e-5), (loss, rec, prior, attn)
