@@ -123,7 +123,8 @@ def test_the_exported_diffusers_folder_and_embeddings_load_in_flux_pipeline(dev_
 
     scene = load_scene(dev_scene.path)
     [folder] = export_scene(dev_scene.path, tmp_path / "pipe", "diffusers")
-    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(folder)  # as the docs show it: one precision for all
+    assert {m.dtype for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)} == {torch.float32}
     for tok, te, rows in zip((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
                              scene.handle_embeddings):
         ids = tok.convert_tokens_to_ids(scene.tokens)

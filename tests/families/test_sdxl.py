@@ -223,6 +223,7 @@ def test_both_exports_load_in_diffusers(learned_sdxl, tiny_sdxl, tmp_path):
     scene = load_scene(learned_sdxl.path)
     [folder] = export_scene(learned_sdxl.path, tmp_path / "pipe", "diffusers")
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)} == {torch.float32}
     for tok, te, rows in zip((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), scene.handle_embeddings):
         ids = tok.convert_tokens_to_ids(scene.tokens)
         assert torch.allclose(te.get_input_embeddings().weight[ids].float(), rows.float(), atol=1e-2)

@@ -292,7 +292,20 @@ def _write_diffusers(scene, folder: Path, base_model: str | None, report: Report
     pipe.save_pretrained(folder, safe_serialization=True)
     for name in scene.family.text_encoders:  # (CLIP saved under transformers 5: renamed as the hub names it)
         name_as_on_the_hub(folder / name)
+        _loads_in_fp32_by_default(folder / name / "config.json")
     _tokenizers_for_either_transformers(folder, scene.family.tokenizers)
+
+
+def _loads_in_fp32_by_default(config_path: Path) -> None:
+    """A text encoder's config saying float32, as the hub's do. Saved in half precision,
+    it said float16, which transformers 5 loads by default while diffusers loads the
+    UNet and VAE in fp32: `StableDiffusionPipeline.from_pretrained(DIR)` then failed at
+    its first step (Half and Float). The weights stay as stored; `torch_dtype=` still
+    loads all of it in half precision."""
+    config = json.loads(config_path.read_text())
+    keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
+    config.update(dict.fromkeys(keys, "float32"))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _tokenizers_for_either_transformers(folder: Path, names) -> None:
