@@ -142,10 +142,15 @@ def test_generate_stops_after_a_pass_when_asked_keeping_what_it_wrote(learned, t
     ("extract-bg", ["-n", "3", "--batch-size", "1"], 2),  # the plate, then one variation
 ])
 @pytest.mark.parametrize("json_", [False, True])
-def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, monkeypatch, command, args, written, json_):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, monkeypatch, command, args, written, json_,
+                                                  stop):
     """Ctrl-C kept the images written so far but printed none: exit 130 with stdout
-    empty, so a script reading it lost them. They are printed as a whole run's."""
+    empty, so a script reading it lost them. They are printed as a whole run's. So
+    with SIGTERM (`timeout`, `docker stop`) and SIGHUP, which killed the run at once."""
     import json
+    import os
+    import signal
 
     from click.testing import CliRunner
 
@@ -157,13 +162,23 @@ def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, 
     def sample(*a, **k):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            if stop == "SIGINT":
+                raise KeyboardInterrupt  # (as Python's own handler does)
+            os.kill(os.getpid(), getattr(signal, stop))
         return real(*a, **k)
 
+    def unhandled(signum, frame):  # (the default would kill the test run itself)
+        raise AssertionError(f"{stop} was not turned into a clean stop")
+
     monkeypatch.setattr(pipeline, "sample", sample)
-    result = CliRunner().invoke(cli, [command, str(learned_background.path), *args, "--steps", "1", "--seed", "0",
-                                      "--out-dir", str(tmp_path), *(["--json"] if json_ else [])])
-    assert result.exit_code == 130, result.output
+    before = {sig: signal.signal(sig, unhandled) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        result = CliRunner().invoke(cli, [command, str(learned_background.path), *args, "--steps", "1", "--seed", "0",
+                                          "--out-dir", str(tmp_path), *(["--json"] if json_ else [])])
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert result.exit_code == {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}[stop], result.output
     paths = json.loads(result.stdout)["paths"] if json_ else result.stdout.splitlines()
     assert len(paths) == written and all(pathlib.Path(p).is_file() for p in paths)
     assert sorted(map(str, tmp_path.glob("*.png"))) == sorted(paths)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import kept
 from ..config import GenerateConfig
 from ..device import Device, choose_device
-from ..errors import InvalidInput, UnknownHandle
+from ..errors import InvalidInput, Interrupted, UnknownHandle
 from ..events import Message, Progress, Reporter, silent
 from ..handles import handles_in
 from ..hub import downloads_reported
@@ -322,7 +322,6 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
                     name: str, report: Reporter, should_stop=None) -> list[GeneratedImage]:
     """`config.num_images` images per prompt, seeds seed, seed+1, ..., as PNGs in `out_dir`;
     `should_stop()` is asked after each pass (Interrupted, what is written kept)."""
-    from ..errors import Interrupted
     from .pipeline import run_in_passes, sample
 
     pipe, scene = run.pipe, run.scene
@@ -351,7 +350,8 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
 
         try:
             run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
-        except KeyboardInterrupt as exc:  # Ctrl-C: the images written so far go with it (the command prints them)
-            exc.partial = written()
+        except (KeyboardInterrupt, Interrupted) as exc:  # Ctrl-C, SIGTERM: the images written so far go with it
+            if getattr(exc, "partial", None) is None:  # (the command prints them)
+                exc.partial = written()
             raise
     return images_out
