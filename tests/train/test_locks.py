@@ -43,6 +43,33 @@ def test_the_lock_of_a_dead_process_of_this_host_is_taken_over_at_once():
         assert read_owner(path)["pid"] == os.getpid()
 
 
+def test_a_full_disk_leaves_no_empty_lock_and_an_ownerless_one_goes_stale_soon(monkeypatch):
+    """ENOSPC while writing the owner left an empty lock file: every later run was
+    "another process" (or waited) for STALE seconds after the user freed space."""
+    import errno
+
+    path = _lock_path()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(locks.os, "write", full)
+        with pytest.raises(OSError, match="No space left"):
+            with locked(path, wait=False):
+                pass
+    assert not path.exists()
+    path.write_bytes(b"")  # one left by a process killed between making and writing it
+    with pytest.raises(Busy):  # just made: its owner may be writing it this instant
+        with locked(path, wait=False):
+            pass
+    old = time.time() - locks.UNWRITTEN - 5
+    os.utime(path, (old, old))
+    assert locks.UNWRITTEN < locks.STALE
+    with locked(path, wait=False):
+        assert read_owner(path)["pid"] == os.getpid()
+
+
 def test_a_lock_of_another_host_is_stale_only_without_heartbeat(monkeypatch):
     path = _lock_path()
     path.parent.mkdir(parents=True)

@@ -30,6 +30,9 @@ from ..paths import ON_WINDOWS, PID_NAMESPACE, home, process_alive
 HEARTBEAT = 10.0  # seconds between touches of a held lock
 STALE = 120.0  # seconds without a touch after which a lock's owner is taken for dead
 MAX_LOCK_BYTES = 4096  # a lock holds a line of JSON; anything bigger is not ours
+# A lock file names its owner the moment it is made; one still saying nothing after this
+# long never will (its maker died between the two, or a full disk refused the line).
+UNWRITTEN = 30.0
 HOST = socket.gethostname()
 # The tokens of the locks this process holds (or is taking) now. A lock file naming this
 # process with another token is a leftover of one it held earlier: a Ctrl-C landed
@@ -65,10 +68,18 @@ def _create(path: Path, owner: dict) -> bool:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             continue
+        data = json.dumps(owner).encode()
         try:
-            os.write(fd, json.dumps(owner).encode())
-        finally:
+            if os.write(fd, data) != len(data):
+                raise OSError(f"could not write the lock file {path} whole")
+        except BaseException:
+            # (A full disk: an empty lock left behind would refuse every later run as
+            # "another process", until it went stale.)
             os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        os.close(fd)
         return True
     raise SceneBreakError(f"could not make the lock file {path}: it keeps changing; remove it and try again")
 
@@ -119,6 +130,8 @@ def is_stale(path: Path, owner: dict | None) -> bool:
             # since its last touch (suspended with Ctrl-Z, a paused container, a clock jump);
             # one started later only has its id (after a reboot): the lock is stale.
             return started > since + 1
+    if not owner:
+        return time.time() - touched > UNWRITTEN
     return time.time() - touched > STALE
 
 
