@@ -93,12 +93,18 @@ def test_a_failed_final_write_keeps_the_training_and_says_how_to_finish(scene_fi
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(scenebreak.train.checkpoints, "FINAL_AFTER_SECONDS", -1.0)  # as if training had taken long
     monkeypatch.setattr(scenebreak.train.learn, "save_scene", full_disk)
-    result = CliRunner().invoke(cli, ["learn", str(args[0]), "--masks", *map(str, args[1]), "--base-model", str(tiny_model),
-                                      "--steps1", "2", "--steps2", "2", "--no-prior", "--lr2", "1e-3", "--save-dtype", "fp32",
-                                      "--name", "full"])
+    command = ["learn", str(args[0]), "--masks", *map(str, args[1]), "--base-model", str(tiny_model), "--steps1", "2",
+               "--steps2", "2", "--no-prior", "--lr2", "1e-3", "--save-dtype", "fp32"]
+    # A short run keeps no checkpoint of its end: its last one (phase 1's) is said to be that,
+    # not "the trained model" (a --resume trains phase 2 again).
+    short = CliRunner().invoke(cli, [*command, "--name", "short"])
+    assert short.exit_code == 1 and "the run's last checkpoint is kept" in short.stderr, short.output
+    assert "trained model" not in short.stderr
+    monkeypatch.setattr(scenebreak.train.checkpoints, "FINAL_AFTER_SECONDS", -1.0)  # as if training had taken long
+    result = CliRunner().invoke(cli, [*command, "--name", "full"])
     assert result.exit_code == 1 and "no space left on device" in result.stderr and "--resume" in result.stderr, result.output
+    assert "the trained model is kept" in result.stderr
     monkeypatch.setattr(scenebreak.train.learn, "save_scene", real_save)
     steps = []
     resumed = learn(*args, base_model=str(tiny_model), name="full", resume=True,

@@ -107,6 +107,7 @@ class Checkpoints:
         self.name, self.identity, self.every, self.steps2 = name, identity, every, steps2
         self.path: Path = checkpoint_path(name)
         self.saved_at = time.monotonic()  # the run's start counts as saved: nothing to lose yet
+        self.saved = None  # (phase, step) of the last checkpoint this run wrote
 
     def load(self, report: Reporter) -> dict:
         import torch
@@ -158,7 +159,7 @@ class Checkpoints:
         state = trainer.state_dict()
         state["identity"], state["format"] = self.identity, CHECKPOINT_FORMAT
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
-        self.saved_at = time.monotonic()
+        self.saved_at, self.saved = time.monotonic(), (trainer.phase, trainer.step)
 
     def before_final_save(self, trainer, report: Reporter = silent) -> None:
         """Keep the finished training resumable while the scene is written, when more

@@ -368,7 +368,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                 # with --force or --resume, is replaced; anything else is kept.
                 saved = save_scene(scene, out, config.save_dtype, replace=(replace or resume) and _scene_or_nothing(out))
             except OSError as exc:
-                raise _unsaved(exc, out, checkpoints) from exc
+                raise _unsaved(exc, out, checkpoints, finished=checkpoints.saved == (trainer.phase, trainer.step)) from exc
             if saved != out:
                 report(Message(f"{out} appeared while learning and is kept: the scene went to {saved}", "warning"))
     checkpoints.remove()
@@ -509,14 +509,22 @@ def _check_room(model_dir: Path, config: LearnConfig, out: Path) -> str:
     return config.tune
 
 
-def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints) -> SceneBreakError:
-    """The scene could not be written: say why and how to finish without training again."""
+def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints, finished: bool) -> SceneBreakError:
+    """The scene could not be written: say why, and how to finish with as little
+    training again as the checkpoint kept allows (`finished`: it holds the end of
+    training; a short run's last one is from earlier, and said so)."""
     import errno
 
     why = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large for this file system"}.get(
         exc.errno, exc.strerror or str(exc))
-    kept = (f"the trained model is kept in {checkpoints.path}: fix that and run the same command with --resume to "
-            "write the scene" if checkpoints.path.exists() else "nothing could be kept")
+    if not checkpoints.path.exists():
+        kept = "nothing could be kept"
+    elif finished:
+        kept = (f"the trained model is kept in {checkpoints.path}: fix that and run the same command with --resume to "
+                "write the scene")
+    else:
+        kept = (f"the run's last checkpoint is kept in {checkpoints.path}: fix that and run the same command with "
+                "--resume to train on from it and write the scene")
     error = NoSpace if exc.errno in (errno.ENOSPC, errno.EFBIG) else SceneBreakError
     return error(f"could not write {out} ({why}); {kept}")
 
