@@ -165,6 +165,24 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def in_a_private_folder(path: Path, write: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`write` for a writer that makes a temporary of its own beside its target and
+    renames it over the target at the end (safetensors' `.tmpXXXXXX`): it writes into a
+    folder named as this run's temporary of `path`, so that a run killed meanwhile
+    leaves nothing the next write of `path` (or `rm`) does not remove. Before, that was
+    a whole scene (gigabytes) left in the cache for good."""
+    def write_tmp(tmp: Path) -> None:
+        folder = temporary_beside(path, "tmpdir")
+        folder.mkdir()
+        try:
+            write(folder / path.name)
+            os.replace(folder / path.name, tmp)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return write_tmp
+
+
 def write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
     """write_atomically for a file that must replace nothing: it takes `path`, or the
     first of `path` numbered -1, -2, ... that is free when it is published, even if
@@ -290,7 +308,7 @@ def temporary_beside(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}-{secrets.token_hex(2)}.{kind}")
 
 
-def remove_stale_temporaries(path: Path, kinds: tuple[str, ...] = ("tmp",)) -> None:
+def remove_stale_temporaries(path: Path, kinds: tuple[str, ...] = ("tmp", "tmpdir")) -> None:
     """Delete the temporaries of `path` (files or folders; never a link) whose
     run died on this machine before it could remove them (killed during a write, or
     the machine went down); also those of older versions (`.NAME.PID.tmp`)."""

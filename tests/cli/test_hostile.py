@@ -637,6 +637,36 @@ def test_temporaries_a_killed_write_left_are_removed_by_the_next_one(tmp_path):
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
+def test_safetensors_own_temporary_of_a_scene_is_made_where_a_later_write_removes_it(world, monkeypatch):
+    """safetensors writes a `.tmpXXXXXX` of its own beside its target, then renames it:
+    a learn killed meanwhile left that whole scene in the cache, a name nothing knew."""
+    import subprocess
+    import sys
+
+    import safetensors.torch
+
+    import scenebreak.scenes.bundle as bundle
+    from scenebreak.paths import HOST_TAG
+
+    targets, real = [], safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        targets.append(Path(filename))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    folder = world["tmp"] / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = folder / f".copy.scene.{HOST_TAG}-{dead.pid}-0a1b.tmpdir"  # what a run killed while saving leaves
+    left.mkdir(parents=True)
+    (left / ".tmpAbC123").write_bytes(b"x" * 1000)
+    bundle.save_scene(bundle.load_scene(world["scene"], weights=True), folder / "copy.scene", replace=True)
+    [target] = targets
+    assert target.parent.parent == folder and target.parent.name.endswith(".tmpdir")  # its own folder
+    assert [p.name for p in folder.iterdir()] == ["copy.scene"]  # that folder gone, and the dead run's
+
+
 def test_rm_takes_the_copy_a_killed_write_of_the_scene_left(world):
     """A learn killed while writing its scene left `.NAME.scene.<host>-<pid>-xxxx.tmp`
     (the scene's size: gigabytes) that `list` does not show and `rm NAME` left behind,

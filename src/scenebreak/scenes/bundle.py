@@ -36,7 +36,8 @@ from ..arguments import path_argument
 from ..config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
 from ..errors import BundleError, InvalidInput
 from ..families.versions import tokenizer_class_for, tokenizer_overrides
-from ..paths import SCENE_SUFFIX, is_regular_file, resolve_scene, scenes_dir, write_atomically, write_new_file
+from ..paths import (SCENE_SUFFIX, in_a_private_folder, is_regular_file, resolve_scene, scenes_dir, write_atomically,
+                     write_new_file)
 
 FORMAT = "scenebreak.scene"
 FORMAT_VERSION = 3  # the newest this version reads and writes
@@ -198,8 +199,8 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16", replace: bool
     meta = {key: value for key, value in scene.meta.items() if key != "tied"}  # (this file's ties, not a read one's)
     meta = dict(meta, format_version=scene.family.scene_format, weights_dtype=save_dtype, **({"tied": tied} if tied else {}))
     write = write_atomically if replace else write_new_file
-    path = write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT,
-                                                                                "scenebreak": json.dumps(meta)}))
+    path = write(Path(path), in_a_private_folder(Path(path), lambda tmp: save_file(
+        tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)})))
     scene.path = path
     return path
 
