@@ -1,6 +1,7 @@
 """Error types. Every message is meant to be shown to the user as it is."""
 
 import contextlib
+import errno
 
 
 class SceneBreakError(Exception):
@@ -127,17 +128,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
                                         "status_alloc_failed", "not_enough_workspace")))
 
 
+NO_SPACE = {code: what for code, what in ((errno.ENOSPC, "no space left on device"),
+                                          (errno.EFBIG, "file too large for this file system"),
+                                          (getattr(errno, "EDQUOT", None), "disk quota exceeded")) if code}
+
+
 def fixable_error(exc: BaseException) -> "SceneBreakError | None":
     """`exc` as the SceneBreakError it amounts to (a full disk: NoSpace; the GPU or the
     machine out of memory: OutOfMemory), each naming the fix; None for anything else."""
-    import errno
-
     if isinstance(exc, SceneBreakError):
         return exc
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG):
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
         where = exc.filename or "while writing"
-        what = "no space left on device" if exc.errno == errno.ENOSPC else "file too large for this file system"
-        return NoSpace(f"{what} ({where}): free some space, or point SCENEBREAK_HOME / --out-dir to a bigger disk")
+        return NoSpace(f"{NO_SPACE[exc.errno]} ({where}): free some space, or write to a bigger disk (SCENEBREAK_HOME "
+                       "for the cache; the command's --out-dir or -o for its files)")
     if is_out_of_memory(exc):
         if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the machine's memory, not a GPU's
             return OutOfMemory("out of memory (RAM): try a smaller --batch-size, -n or --resolution, or close other "

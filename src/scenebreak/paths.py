@@ -221,9 +221,9 @@ def _write_beside(path: Path, write: Callable[[Path], None], publish: Callable[[
         sync_folder(path.parent)
         return published
     except Exception as exc:
-        full = disk_full_error(exc, path)
-        if full is not None:
-            raise full from exc
+        said = writer_os_error(exc, path)
+        if said is not None:
+            raise said from exc
         raise
     finally:
         if os.path.lexists(tmp):
@@ -366,14 +366,19 @@ def _windows_process_alive(pid: int, kernel32=None, last_error=None) -> bool:
         kernel32.CloseHandle(handle)
 
 
-def disk_full_error(exc: BaseException, path: Path) -> OSError | None:
-    """OSError(ENOSPC) for a failed write into `path`'s folder that was, as far as can
-    be told, a full disk: safetensors and torch.save report one in words of their own
-    (not an OSError), so a writer's error while the disk is nearly full counts. An
-    OSError that says what it is (permission denied, a read-only file system) is left
-    as it is, however full the disk."""
+def writer_os_error(exc: BaseException, path: Path) -> OSError | None:
+    """The OSError a writer's failure into `path`'s folder was, where it can be told:
+    safetensors (Rust) and torch.save report one in words of their own, not as an
+    OSError. safetensors names the system's error number ("(os error 28)": ENOSPC,
+    EDQUOT, EACCES ...); otherwise a failure while the disk is nearly full counts as a
+    full disk. (Judged by free space alone, a full disk was missed when safetensors had
+    deleted its part-written file, freeing more than the margin, before it raised.) An
+    OSError that says what it is is left as it is."""
     if isinstance(exc, OSError) and exc.errno is not None:
         return None
+    code = re.search(r"\(os error (\d+)\)", str(exc))
+    if code and int(code[1]) in errno.errorcode:
+        return OSError(int(code[1]), os.strerror(int(code[1])), str(path))
     if not _disk_nearly_full(Path(path).parent):
         return None
     return OSError(errno.ENOSPC, "No space left on device", str(path))

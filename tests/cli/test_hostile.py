@@ -713,6 +713,34 @@ def test_a_write_refused_for_permission_is_not_called_a_full_disk(tmp_path, monk
     assert raised.value.errno == errno.ENOSPC
 
 
+@pytest.mark.parametrize("code, said", [(28, "no space left on device"), (122, "disk quota exceeded")])
+def test_safetensors_words_for_a_full_disk_are_one_line_naming_the_fix_with_room_to_spare(tmp_path, monkeypatch,
+                                                                                          code, said):
+    """A real-sized scene or export: safetensors deleted its part-written file (freeing
+    more than the nearly-full margin) before it raised, so its error went out raw
+    ("SafetensorError: ... (os error 28)"), no fix named. Its error number says it."""
+    import errno
+
+    from scenebreak.errors import NoSpace, fixable_error
+    from scenebreak.paths import write_atomically
+
+    if code == 122 and getattr(errno, "EDQUOT", None) != 122:
+        pytest.skip("EDQUOT is another number on this system")
+
+    def full(tmp):
+        raise RuntimeError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    with pytest.raises(OSError) as raised:  # (plenty of space free here)
+        write_atomically(tmp_path / "big.scene", full)
+    assert raised.value.errno == code and raised.value.filename == str(tmp_path / "big.scene")
+    error = fixable_error(raised.value)
+    assert isinstance(error, NoSpace) and said in str(error) and "-o" in str(error), error
+    with pytest.raises(OSError) as refused:  # not a full disk: said as what it is
+        write_atomically(tmp_path / "c.scene", lambda tmp: (_ for _ in ()).throw(
+            RuntimeError("Error while serializing: I/O error: Permission denied (os error 13)")))
+    assert refused.value.errno == errno.EACCES and fixable_error(refused.value) is None
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(world, monkeypatch):
     import scenebreak.sample.sampling
 

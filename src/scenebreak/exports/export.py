@@ -52,8 +52,8 @@ from ..events import Message, Reporter, silent
 from ..families.base_model import name_as_on_the_hub
 from ..families.versions import tokenizer_class_name_for
 from ..hub import downloads_reported
-from ..paths import (check_file_name_fits, disk_full_error, existing_ancestor, flush_to_disk, home, is_writable_folder,
-                     remove_stale_temporaries, sync_folder, temporary_beside)
+from ..paths import (check_file_name_fits, existing_ancestor, flush_to_disk, home, is_writable_folder,
+                     remove_stale_temporaries, sync_folder, temporary_beside, writer_os_error)
 from .kohya import DEFAULT_RANK, Extraction, check_rank
 
 FORMATS = ("diffusers", "embeddings", "a1111")
@@ -191,9 +191,9 @@ def write_folder(out: Path, write: Callable[[Path], None], force: bool) -> None:
         try:
             write(tmp)
         except Exception as exc:
-            full = disk_full_error(exc, out)
-            if full is not None:
-                raise full from exc
+            said = writer_os_error(exc, out)
+            if said is not None:
+                raise said from exc
             raise
         # On the disk before the rename publishes it, and the rename before an earlier
         # export goes: after a power cut, never empty weight files with the old export gone.

@@ -15,7 +15,7 @@ from .. import kept
 from ..arguments import config_argument, path_argument, path_arguments
 from ..config import LearnConfig, default_base_model
 from ..device import Device, choose_device, precision_name, tf32_settings_kept
-from ..errors import (InvalidInput, Interrupted, NoSpace, OutOfMemory, SceneBreakError, fixable_failures,
+from ..errors import (NO_SPACE, InvalidInput, Interrupted, NoSpace, OutOfMemory, SceneBreakError, fixable_failures,
                       is_out_of_memory)
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
@@ -513,10 +513,7 @@ def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints, finished: bool) 
     """The scene could not be written: say why, and how to finish with as little
     training again as the checkpoint kept allows (`finished`: it holds the end of
     training; a short run's last one is from earlier, and said so)."""
-    import errno
-
-    why = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large for this file system"}.get(
-        exc.errno, exc.strerror or str(exc))
+    why = NO_SPACE.get(exc.errno, exc.strerror or str(exc))
     if not checkpoints.path.exists():
         kept = "nothing could be kept"
     elif finished:
@@ -525,7 +522,7 @@ def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints, finished: bool) 
     else:
         kept = (f"the run's last checkpoint is kept in {checkpoints.path}: fix that and run the same command with "
                 "--resume to train on from it and write the scene")
-    error = NoSpace if exc.errno in (errno.ENOSPC, errno.EFBIG) else SceneBreakError
+    error = NoSpace if exc.errno in NO_SPACE else SceneBreakError
     return error(f"could not write {out} ({why}); {kept}")
 
 
