@@ -142,7 +142,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     their error turned into the usual OSError(ENOSPC), so callers can name the fix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _settle_replaced_folder(path)
+    settle_replaced_folder(path)
     aside: list[Path] = []
 
     def replace(tmp: Path) -> Path:
@@ -230,13 +230,14 @@ def _write_beside(path: Path, write: Callable[[Path], None], publish: Callable[[
             _remove(tmp)
 
 
-def _settle_replaced_folder(path: Path) -> None:
-    """A run killed while replacing a folder left the old one aside: it goes back where
-    the new one never arrived, and is removed where the new one did."""
+def settle_replaced_folder(path: Path, kind: str = "old") -> None:
+    """A run killed while replacing a folder left the old one aside (as temporary
+    `kind`): it goes back where the new one never arrived, and is removed where the new
+    one did."""
     if os.path.lexists(path):
-        remove_stale_temporaries(path, ("old",))
+        remove_stale_temporaries(path, (kind,))
         return
-    for entry in _dead_temporaries(path, ("old",))[:1]:
+    for entry in _dead_temporaries(path, (kind,))[:1]:
         with contextlib.suppress(OSError):
             os.rename(entry.path, path)
 

@@ -5,6 +5,7 @@ the export did not make. Bad targets are one line and exit 2."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from helpers import craft
 
 from scenebreak.cli.commands import cli
+from scenebreak.errors import NoSpace
 from scenebreak.exports.export import MARKER, export
 
 
@@ -156,14 +158,36 @@ def test_a_dead_exports_temporary_folders_are_removed_by_the_next_one(learned, t
             out / f".emb.{'f' * 8 if host != 'f' * 8 else '0' * 8}-{dead_pid}-0a1b.sbx-tmp",  # another host's
             out / f".other.{host}-{dead_pid}-0a1b.sbx-tmp",  # another target's
             out / ".emb.notes"]
+    export(learned.path, out / "emb", "embeddings")  # (an export there: the one aside is the dead run's leftover)
     for folder in stale + kept:
         folder.mkdir()
         (folder / "file").write_text("x")
     (out / f".emb.{host}-{dead_pid}-9999.sbx-tmp").symlink_to(out / ".emb.notes")  # a link is never followed
-    export(learned.path, out / "emb", "embeddings")
+    export(learned.path, out / "emb", "embeddings", force=True)
     assert not any(folder.exists() for folder in stale)
     assert all((folder / "file").read_text() == "x" for folder in kept)
     assert (out / f".emb.{host}-{dead_pid}-9999.sbx-tmp").is_symlink()
+
+
+def test_an_export_killed_after_moving_the_earlier_one_aside_gets_it_back(learned, tmp_path, during_write):
+    """`export --force` killed between moving the earlier export aside and putting the
+    new one in place left neither at -o; the next export deleted the one aside before
+    writing, and if that export failed too (a full disk), the earlier one was lost."""
+    from scenebreak.paths import HOST_TAG
+
+    out = tmp_path / "emb"
+    export(learned.path, out, "embeddings")
+    before = snapshot(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.rename(out, tmp_path / f".emb.{HOST_TAG}-{int(dead.stdout)}-c2d3.sbx-old")  # where the killed run left it
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    during_write(full)
+    with pytest.raises(NoSpace):
+        export(learned.path, out, "embeddings", force=True)
+    assert snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["emb"]  # back, and nothing else
 
 
 # -- bad targets ---------------------------------------------------------------------------------------

@@ -517,7 +517,7 @@ def test_a_folder_is_replaced_by_renames_and_a_kill_between_loses_neither(tmp_pa
     monkeypatch.setattr(paths.os, "replace", real_replace)
     aside = tmp_path / f".images.{paths.HOST_TAG}-999999999-abcd.old"
     os.rename(target, aside)
-    paths._settle_replaced_folder(target)
+    paths.settle_replaced_folder(target)
     assert sorted(p.name for p in target.iterdir()) == ["b.png"] and not aside.exists()
 
 

@@ -53,7 +53,8 @@ from ..families.base_model import name_as_on_the_hub
 from ..families.versions import tokenizer_class_name_for
 from ..hub import downloads_reported
 from ..paths import (check_file_name_fits, existing_ancestor, flush_to_disk, home, is_writable_folder,
-                     remove_stale_temporaries, sync_folder, temporary_beside, writer_os_error)
+                     remove_stale_temporaries, settle_replaced_folder, sync_folder, temporary_beside,
+                     writer_os_error)
 from .kohya import DEFAULT_RANK, Extraction, check_rank
 
 FORMATS = ("diffusers", "embeddings", "a1111")
@@ -184,7 +185,10 @@ def write_folder(out: Path, write: Callable[[Path], None], force: bool) -> None:
     except (FileExistsError, NotADirectoryError):
         raise InvalidInput(f"cannot export to {out}: {parent} cannot be made, a file is in the way; "
                            "choose another -o") from None
-    remove_stale_temporaries(out, ("sbx-tmp", "sbx-old"))
+    # A run killed after moving the earlier export aside: that one goes back (it was
+    # deleted, and a failure of this export then left neither).
+    settle_replaced_folder(out, "sbx-old")
+    remove_stale_temporaries(out, ("sbx-tmp",))
     tmp = temporary_beside(out, "sbx-tmp")
     try:
         tmp.mkdir()
