@@ -167,6 +167,8 @@ def fixable_failures():
             let_go(exc, unload=isinstance(error, OutOfMemory))
         if error is None or error is exc:
             raise
+        if getattr(exc, "partial", None) is not None:  # what was made before it (generate's images written)
+            error.partial = exc.partial
         try:
             raise error from exc
         finally:

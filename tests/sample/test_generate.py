@@ -142,12 +142,14 @@ def test_generate_stops_after_a_pass_when_asked_keeping_what_it_wrote(learned, t
     ("extract-bg", ["-n", "3", "--batch-size", "1"], 2),  # the plate, then one variation
 ])
 @pytest.mark.parametrize("json_", [False, True])
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP", "full disk"])
 def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, monkeypatch, command, args, written, json_,
                                                   stop):
     """Ctrl-C kept the images written so far but printed none: exit 130 with stdout
     empty, so a script reading it lost them. They are printed as a whole run's. So
-    with SIGTERM (`timeout`, `docker stop`) and SIGHUP, which killed the run at once."""
+    with SIGTERM (`timeout`, `docker stop`) and SIGHUP, which killed the run at once,
+    and with a failure part-way (a full disk)."""
+    import errno
     import json
     import os
     import signal
@@ -164,6 +166,8 @@ def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, 
         if len(calls) == 2:
             if stop == "SIGINT":
                 raise KeyboardInterrupt  # (as Python's own handler does)
+            if stop == "full disk":  # (a failure part-way: the images written are printed too)
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "next.png"))
             os.kill(os.getpid(), getattr(signal, stop))
         return real(*a, **k)
 
@@ -178,7 +182,7 @@ def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, 
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
-    assert result.exit_code == {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}[stop], result.output
+    assert result.exit_code == {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129, "full disk": 1}[stop], result.output
     paths = json.loads(result.stdout)["paths"] if json_ else result.stdout.splitlines()
     assert len(paths) == written and all(pathlib.Path(p).is_file() for p in paths)
     assert sorted(map(str, tmp_path.glob("*.png"))) == sorted(paths)

@@ -21,7 +21,7 @@ from ..config import (MAX_IMAGES, BackgroundConfig, Bounds, EditConfig, Evaluate
                      MaskConfig)
 from .. import paths
 from ..device import DEVICES
-from ..errors import Interrupted, SceneBreakError, fixable_error, sigterm_stops, write_nowhere
+from ..errors import SceneBreakError, fixable_error, sigterm_stops, write_nowhere
 from ..events import printable
 from ..exports.export import FORMATS as EXPORT_FORMATS
 from ..hub import quiet_library_logging_from_the_start
@@ -314,17 +314,18 @@ def with_reporter(quiet: bool, call):
 
 
 def images_of(quiet: bool, json_: bool, call):
-    """with_reporter(quiet, call): images made. Interrupted (Ctrl-C), the images written
-    so far are printed first, as a whole run's would be: a script reading stdout gets
-    them, then the exit code says the run was cut short."""
+    """with_reporter(quiet, call): images made. Interrupted (Ctrl-C, SIGTERM) or failed
+    part-way (a full disk), the images written so far are printed first, as a whole
+    run's would be: a script reading stdout gets them, then the exit code says the run
+    was cut short."""
     try:
         # SIGTERM (`timeout`, `docker stop`) and SIGHUP end the run as Ctrl-C does: they
         # killed it at once, and the images written were printed nowhere.
         with sigterm_stops("stopped before the end"):
             return with_reporter(quiet, call)
-    except (KeyboardInterrupt, Interrupted) as exc:
+    except BaseException as exc:
         partial = getattr(exc, "partial", None)
-        if partial is not None and partial.images:
+        if partial is not None and getattr(partial, "images", None):
             with contextlib.suppress(Exception):  # (stdout may be what failed: the interruption goes on)
                 print_images(partial, json_, quiet=True)
         raise

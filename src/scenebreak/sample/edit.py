@@ -13,7 +13,7 @@ import numpy as np
 from ..arguments import config_argument, path_argument
 from ..config import MAX_IMAGES, BackgroundConfig, EditConfig
 from ..device import Device
-from ..errors import InvalidInput, InvalidMask, Interrupted, UsageError, fixable_failures
+from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
 from ..events import Message, Progress, Reporter, silent
 from ..scenes.bundle import open_scene
 from .blending import (blended_latents, blended_steps, decode, encode, feather_weights, latent_mask, paste_back,
@@ -215,7 +215,7 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
         sampling = dataclasses.replace(run.config, num_images=variations)
         try:
             made = sample_to_files(run, [template], sampling, seed, out_dir, f"{scene.name}-background", report)
-        except (KeyboardInterrupt, Interrupted) as exc:  # the plate is written too
+        except BaseException as exc:  # the plate is written too (a run stopped or failed: see sample_to_files)
             if getattr(exc, "partial", None) is not None:
                 exc.partial.images[:0] = images
             raise

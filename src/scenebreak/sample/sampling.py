@@ -4,6 +4,7 @@ result types."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -350,8 +351,9 @@ def sample_to_files(run: SamplingRun, prompts: list[str], config: GenerateConfig
 
         try:
             run_in_passes([seed + i for i in range(config.num_images)], batch, one_pass, report)
-        except (KeyboardInterrupt, Interrupted) as exc:  # Ctrl-C, SIGTERM: the images written so far go with it
-            if getattr(exc, "partial", None) is None:  # (the command prints them)
-                exc.partial = written()
+        except BaseException as exc:  # Ctrl-C, SIGTERM, a full disk: the images written so far go with it
+            if images_out and getattr(exc, "partial", None) is None:  # (the command prints them)
+                with contextlib.suppress(AttributeError):  # (an exception that takes no attribute)
+                    exc.partial = written()
             raise
     return images_out
