@@ -689,3 +689,17 @@ def test_a_jobs_images_without_a_seed_are_the_same_on_every_run(tmp_path):
             work._generate(job, tmp_path / "x.scene", tmp_path / str(run) / job.name, "cpu", lambda e: None, generate, None)
     cat, mug, own = seeds[:3]
     assert seeds[3:] == seeds[:3] and cat != mug and own == 7 and cat == work.name_seed("cat")
+
+
+def test_a_jobs_failure_line_is_worded_as_the_command_lines_naming_the_fix():
+    """A full disk met outside learn and generate (writing the job's record, moving its
+    images into place) was "[Errno 28] No space left on device": no path, no fix."""
+    import errno
+
+    from scenebreak.batch.work import one_line
+    from scenebreak.errors import InvalidInput
+
+    full = one_line(OSError(errno.ENOSPC, "No space left on device", "/data/out/job.json"))
+    assert full.startswith("no space left on device (/data/out/job.json): free some space"), full
+    assert one_line(InvalidInput("bad photo")) == "bad photo"
+    assert one_line(ValueError("first\nsecond")) == "ValueError: first"

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointMismatch, InvalidInput, Interrupted, SceneBreakError
+from ..errors import CheckpointMismatch, InvalidInput, Interrupted, fixable_error
 from ..events import Message, Progress, Reporter, silent
 from ..paths import checkpoint_path, home, is_regular_file, scene_path, write_atomically
 from .jobs import Job
@@ -66,9 +66,10 @@ class JobResult:
 
 
 def one_line(exc: BaseException) -> str:
-    """A failure as the command line would say it."""
-    if isinstance(exc, SceneBreakError):
-        return str(exc)
+    """A failure as the command line would say it (a full disk: naming the fix)."""
+    error = fixable_error(exc)
+    if error is not None:
+        return str(error)
     text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
     return text.splitlines()[0] if text else type(exc).__name__
 
