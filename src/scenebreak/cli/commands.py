@@ -869,7 +869,7 @@ def rm_command(scenes, json_):
                    "a1111: embeddings + one kohya LoRA + README for AUTOMATIC1111, Forge and ComfyUI. No single-file "
                    "checkpoint format: diffusers has no maintained converter to it.")
 @click.option("-o", "--output", "out", type=UserPath(), required=True, help="Folder to write.")
-@click.option("--force", is_flag=True, help="Replace what is already there.")
+@click.option("--force", is_flag=True, help="Replace an earlier scenebreak export at -o (never another folder).")
 @click.option("--rank", type=int, default=None,
               help="-f a1111 of a fully tuned scene: rank of the LoRA extracted from its weights (1-1024, default 64; "
                    "higher keeps more, in a bigger file). A LoRA scene's adapters keep their own rank.")
