@@ -18,6 +18,7 @@ from scenebreak.cli.commands import cli
 from scenebreak.errors import InvalidInput
 from scenebreak.config import MaskConfig
 from scenebreak.masks.masking import make_masks, parse_box, parse_point
+from scenebreak.masks.ops import dilate
 
 
 def run(*args):
@@ -105,12 +106,39 @@ def test_cli_json_group_all_instances_dilate_and_stale_masks(scene_files, models
     assert data["paths"] == [m["path"] for m in data["masks"]]  # what the plain output lists, as in every command
     assert "loading" not in result.stderr and "preview:" not in result.stderr  # -q: only warnings (e.g. overlaps)
 
-    plain = run(*args, "--box", "12,8,44,40", "-q")
+    plain = run(*args, "--box", "12,8,44,40", "--keep-holes", "--min-area", "1", "-q")
     grown = run(*args, "--box", "12,8,44,40", "--dilate", "3", "--keep-holes", "--min-area", "1", "-q", "--out-dir", tmp_path / "g")
     assert plain.exit_code == 0 and grown.exit_code == 0, grown.output
-    assert (np.asarray(Image.open(grown.stdout.strip())) > 0).sum() >= (np.asarray(Image.open(plain.stdout.strip())) > 0).sum()
+    plain_mask = np.asarray(Image.open(plain.stdout.strip())) > 0
+    assert np.array_equal(np.asarray(Image.open(grown.stdout.strip())) > 0, dilate(plain_mask, 3).astype(bool))
     # the re-run wrote one mask: the earlier run's mask2 is gone, so `photo.mask*.png` is this run's
     assert written(out) == ["photo.mask1.png", "photo.masks-preview.png"]
+
+
+def test_keep_holes_and_min_area_reach_the_clean_up_as_asked(scene_files, models, tmp_path, monkeypatch):
+    """Each clean-up option does what its --help says to a ring with a speck beside it."""
+    import scenebreak.masks.masking as masking
+    from scenebreak.config import MaskConfig
+
+    ring = np.zeros((80, 96), np.uint8)
+    ring[10:50, 10:50] = 1
+    ring[28:32, 28:32] = 0  # a hole of 16 pixels
+    ring[70:72, 80:82] = 1  # a speck of 4
+    cleaned = {key: masking.cleaned_result("x", "box", 1.0, ring, min_area, MaskConfig(**options)).mask
+               for key, (min_area, options) in {"default": (1, {}), "holes": (1, {"fill_holes": False}),
+                                                "specks": (10, {}), "grown": (1, {"dilate": 2})}.items()}
+    assert cleaned["default"][30, 30] and not cleaned["holes"][30, 30]  # --keep-holes keeps the hole
+    assert cleaned["default"][71, 81] and not cleaned["specks"][71, 81]  # --min-area drops the speck
+    assert np.array_equal(cleaned["grown"] > 0, dilate(cleaned["default"], 2).astype(bool))  # --dilate grows it
+    # ... and the command line's options reach it: --min-area as pixels, --keep-holes as fill_holes.
+    asked = []
+    real = masking.maskops.clean
+    monkeypatch.setattr(masking.maskops, "clean", lambda mask, min_area, fill=True, grow=0: (
+        asked.append((min_area, fill, grow)), real(mask, min_area, fill, grow))[1])
+    result = run("mask", scene_files["image"], "--box", "12,8,44,40", "--keep-holes", "--min-area", "7",
+                 "--dilate", "2", "--out-dir", tmp_path, "-q", *models)
+    assert result.exit_code == 0, result.output
+    assert asked == [(7, False, 2)]
 
 
 def test_cli_auto_keeps_at_most_max_masks(scene_files, models, tmp_path):
