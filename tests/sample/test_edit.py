@@ -80,6 +80,14 @@ def test_an_edit_carries_the_photos_colour_profile_and_warns_of_a_soft_mask(lear
     assert "icc_profile" not in Image.open(untagged.images[0].path).info
 
 
+def test_guidance_and_the_negative_prompt_reach_the_edit(learned, photo, tmp_path):
+    image, left, _ = photo
+    made = [pixels(edit(image, [(left, "a photo of <asset1>")], learned.path, EditConfig(**FAST, **options),
+                        out_dir=tmp_path / str(i)).images[0].path)
+            for i, options in enumerate([{}, {"guidance": 1.5}, {"negative": "blue"}])]
+    assert not np.array_equal(made[0], made[1]) and not np.array_equal(made[0], made[2])
+
+
 def test_no_paste_keeps_the_size_but_not_the_pixels(learned, photo, tmp_path):
     image, left, _ = photo
     result = edit(image, [(left, "a photo of <asset1>")], learned.path, EditConfig(paste=False, **FAST), out_dir=tmp_path)

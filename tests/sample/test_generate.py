@@ -37,8 +37,9 @@ def test_unknown_handle_lists_the_scene_handles(learned, tmp_path):
 def test_guidance_and_negative_prompt_change_the_image(learned, tmp_path):
     base = generate(learned.path, "<asset1>", GenerateConfig(seed=3, **FAST), out_dir=tmp_path)
     neg = generate(learned.path, "<asset1>", GenerateConfig(seed=3, negative="blue", **FAST), out_dir=tmp_path)
-    a, b = (np.asarray(Image.open(r.images[0].path)) for r in (base, neg))
-    assert not np.array_equal(a, b)
+    low = generate(learned.path, "<asset1>", GenerateConfig(seed=3, guidance=1.5, **FAST), out_dir=tmp_path)
+    a, b, c = (np.asarray(Image.open(r.images[0].path)) for r in (base, neg, low))
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)  # each reaches the sampler
 
 
 def test_batch_size_does_not_change_the_images(learned, tmp_path):
