@@ -106,9 +106,11 @@ def test_switch_pairs_reach_the_config():
 
 
 def test_a_bad_number_is_refused_before_any_work(tmp_path):
-    with pytest.raises(Exception, match="finite"):
+    from scenebreak.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="finite"):
         LearnConfig(lr1=float("nan")).validate(1)
-    with pytest.raises(Exception, match="finite"):
+    with pytest.raises(InvalidInput, match="finite"):
         LearnConfig(lambda_attn=float("inf")).validate(1)
 
 

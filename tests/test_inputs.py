@@ -255,7 +255,7 @@ def test_a_closed_stdout_on_windows_is_quiet_too_but_not_a_bad_file_name(monkeyp
     assert result.exit_code == 141 and result.stderr == "", result.output
     failure["exc"] = OSError(errno.EINVAL, "Invalid argument", "C:\\scenes\\a:b.scene")
     result = run("list")
-    assert result.exit_code != 141 and result.stderr.startswith("Error"), result.output
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "a:b.scene" in result.stderr, result.output
 
 
 def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch):

@@ -1065,6 +1065,7 @@ def test_a_model_download_is_announced_before_it_starts(world, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    from scenebreak.errors import ModelNotAvailable
     from scenebreak.events import Message
     from scenebreak.hub import downloads_reported, hub_snapshot
 
@@ -1078,7 +1079,7 @@ def test_a_model_download_is_announced_before_it_starts(world, monkeypatch):
     said = []
     with downloads_reported(said.append):
         for patterns in (["*.json"], ["*.safetensors"]):  # a base model's configs, then its weights: said once
-            with pytest.raises(Exception):
+            with pytest.raises(ModelNotAvailable):
                 hub_snapshot("someone/model", None, patterns)
     assert [m.text for m in said if isinstance(m, Message)] == [
         "downloading the base model someone/model from the Hugging Face hub (once: it stays in its cache; this can "

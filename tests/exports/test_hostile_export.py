@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from helpers import craft
 
 from scenebreak.cli.commands import cli
-from scenebreak.errors import NoSpace
+from scenebreak.errors import InvalidInput, NoSpace
 from scenebreak.exports.export import MARKER, export
 
 
@@ -281,7 +281,7 @@ def test_an_export_into_an_empty_folder_works_where_rename_refuses_any_folder(le
     # A folder with something in it is still never replaced (without --force, an export's only).
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    with pytest.raises(Exception, match="exists|not empty|appeared"):
+    with pytest.raises(InvalidInput, match="exists|not empty|appeared"):
         export(learned.path, tmp_path / "mine", "embeddings")
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from scenebreak import LearnConfig, learn, load_scene
 from scenebreak.cli.commands import cli
+from scenebreak.errors import CheckpointMismatch
 from scenebreak.events import Progress
 from scenebreak.paths import checkpoint_path
 
@@ -629,7 +630,7 @@ def test_on_windows_a_checkpoint_is_read_whole_and_files_are_flushed_through_a_w
     saved.path.write_bytes(b"checkpoint")
     for windows in (False, True):
         monkeypatch.setattr(checkpoints, "ON_WINDOWS", windows)
-        with pytest.raises(Exception, match="other inputs"):
+        with pytest.raises(CheckpointMismatch, match="other inputs"):
             saved.load(lambda event: None)
     assert [k["mmap"] for k in loads] == [True, False]
 
