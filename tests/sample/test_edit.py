@@ -88,6 +88,14 @@ def test_guidance_and_the_negative_prompt_reach_the_edit(learned, photo, tmp_pat
     assert not np.array_equal(made[0], made[1]) and not np.array_equal(made[0], made[2])
 
 
+def test_the_batch_size_does_not_change_the_edits(learned, photo, tmp_path):
+    image, left, _ = photo
+    one, two = (edit(image, [(left, "a photo of <asset1>")], learned.path,
+                     EditConfig(num_images=2, batch_size=size, **FAST), out_dir=tmp_path / str(size)) for size in (1, 2))
+    for a, b in zip(one.images, two.images):
+        assert a.seed == b.seed and np.abs(pixels(a.path).astype(int) - pixels(b.path).astype(int)).max() <= 1
+
+
 def test_no_paste_keeps_the_size_but_not_the_pixels(learned, photo, tmp_path):
     image, left, _ = photo
     result = edit(image, [(left, "a photo of <asset1>")], learned.path, EditConfig(paste=False, **FAST), out_dir=tmp_path)
@@ -255,6 +263,10 @@ def test_extract_bg_makes_a_plate_and_variations(learned_background, tmp_path):
     assert np.array_equal(plate[far], scene.image[far])  # the background itself is kept
     assert not np.array_equal(plate[objects], scene.image[objects])  # the objects are re-made
     assert {i.prompt for i in result.images[1:]} == {"a photo of a car at <background>"}
+    # --no-paste: the whole plate is the model's, the background decoded by the VAE too.
+    unpasted = extract_background(learned_background.path, EditConfig(dilate=2, feather=2, paste=False, **FAST),
+                                  out_dir=tmp_path / "unpasted")
+    assert not np.array_equal(pixels(unpasted.images[0].path)[far], scene.image[far])
 
 
 def test_extract_bg_without_a_background_handle_says_how_to_fix_it(learned, tmp_path):
