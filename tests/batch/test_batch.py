@@ -703,3 +703,23 @@ def test_a_jobs_failure_line_is_worded_as_the_command_lines_naming_the_fix():
     assert full.startswith("no space left on device (/data/out/job.json): free some space"), full
     assert one_line(InvalidInput("bad photo")) == "bad photo"
     assert one_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_a_local_worker_killed_mid_job_is_tried_again_and_resumes(tmp_path, tiny_model):
+    """--retries (1 by default) on this machine: a worker process that dies mid-job (the
+    system's OOM killer) is replaced, and the job given to it resumes from its checkpoint."""
+    process = _batch_of_one_long_job(tmp_path, tiny_model, "r", steps2=30)
+    try:
+        wait_for_checkpoint(process, "r")
+        [worker] = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # (not the resource tracker)
+        os.kill(worker, signal.SIGKILL)
+        out, err = process.communicate(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, err
+    assert b"job 1 (r): its worker process died (exit code -9); trying again" in err
+    got = lines(out.decode())["r"]
+    assert got["status"] == "done" and got["resumed"] is True and Path(got["scene"]).is_file()
