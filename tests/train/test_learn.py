@@ -485,3 +485,28 @@ def test_each_steps_loss_is_the_masked_loss_plus_the_weighted_prior_and_attentio
     assert [prior > 0 for _, _, prior, _ in rows] == [False, False, True, True]  # the class image: phase 2's
     for loss, rec, prior, attn in rows:
         assert loss == pytest.approx(rec + 0.5 * prior + 0.3 * attn, rel=1e-5), (loss, rec, prior, attn)
+
+
+def test_class_scheduler_makes_the_class_images_with_that_sampler(scene_files, tiny_model, monkeypatch):
+    """`learn --class-scheduler euler`: the class images are sampled by Euler at its 30
+    steps (in a cache of their own), not by the default DDIM."""
+    import json
+
+    from click.testing import CliRunner
+
+    import scenebreak.sample.pipeline as pipeline
+    from scenebreak.cli.commands import cli
+    from scenebreak.paths import class_images_dir
+
+    samplers, real = [], pipeline.make_pipeline
+    monkeypatch.setattr(pipeline, "make_pipeline", lambda *a, **k: (
+        pipe := real(*a, **k), samplers.append(type(pipe.scheduler).__name__))[0])
+    result = CliRunner().invoke(cli, ["learn", str(scene_files["image"]), "--masks", *map(str, scene_files["masks"]),
+                                      "--base-model", str(tiny_model), "--steps1", "1", "--steps2", "1",
+                                      "--num-class-images", "1", "--class-scheduler", "euler", "--name", "euler", "-q"])
+    assert result.exit_code == 0, result.output
+    [info] = class_images_dir().glob("*/info.json")
+    assert {k: v for k, v in json.loads(info.read_text()).items() if k in ("scheduler", "steps")} == {
+        "scheduler": "euler", "steps": 30}
+    assert len(list(info.parent.glob("*.png"))) == 1
+    assert samplers == ["EulerDiscreteScheduler"], samplers
