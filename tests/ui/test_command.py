@@ -214,3 +214,23 @@ def test_the_server_asks_for_no_address_reuse_on_windows(monkeypatch):
         finally:
             server.server_close()
             app.close()
+
+
+def test_the_command_lines_mask_options_and_folders_reach_the_page(scene_files, tmp_path, monkeypatch):
+    """`ui --dilate 3 --keep-holes --min-area 5 --all-instances --out-dir D --base-model M`
+    serve the page with those settings (what `mask` takes, the page's clicks use)."""
+    import scenebreak.ui.server as server
+    from scenebreak.config import MaskConfig
+
+    served = {}
+    monkeypatch.setattr(server, "serve", lambda photo, **kwargs: served.update(kwargs, photo=photo))
+    result = CliRunner().invoke(cli, ["ui", str(scene_files["image"]), "--no-browser", "--dilate", "3", "--keep-holes",
+                                      "--min-area", "5", "--all-instances", "--threshold", "0.4", "--out-dir",
+                                      str(tmp_path / "out"), "--base-model", "some/model", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    config = served["mask_config"]
+    assert isinstance(config, MaskConfig)
+    assert (config.dilate, config.fill_holes, config.min_area, config.all_instances, config.threshold) == (
+        3, False, 5, True, 0.4)
+    assert Path(served["out_dir"]) == tmp_path / "out" and served["base_model"] == "some/model"
+    assert served["device"] == "cpu" and Path(served["photo"]) == scene_files["image"]
