@@ -175,3 +175,14 @@ def test_tests_mirror_the_layout():
 
 def test_test_scaffolding_is_not_installed():
     assert not (PACKAGE / "testing.py").exists() and not list(PACKAGE.rglob("tinymodels.py"))
+
+
+def test_text_files_are_read_and_written_as_utf8_whatever_the_locale():
+    """Without `encoding=`, Python reads and writes text in the system's code page
+    (cp1252 on most Windows machines): an a1111 export whose README names a base model
+    folder in Chinese failed there (UnicodeEncodeError), and an accented one wrote a
+    README that is not UTF-8."""
+    unencoded = [f"{path.relative_to(PACKAGE)}:{node.lineno}" for path in MODULES for node in ast.walk(_tree(path))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and node.func.attr in ("read_text", "write_text") and not any(k.arg == "encoding" for k in node.keywords)]
+    assert not unencoded, unencoded

@@ -131,7 +131,7 @@ def in_snapshot(folder: Path, name: str) -> bool:
     if not name.endswith(".safetensors") or not index.is_file():
         return False
     try:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return bool(shards) and all(isinstance(s, str) and (index.parent / s).is_file() for s in shards)
@@ -236,7 +236,7 @@ def check_models_available(models: list[tuple[str, str, str]]) -> None:
 def model_type(folder: Path) -> str:
     """The `model_type` in a transformers folder's config.json ("" when unreadable)."""
     try:
-        return json.loads((folder / "config.json").read_text()).get("model_type", "")
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "")
     except (OSError, ValueError):
         return ""
 

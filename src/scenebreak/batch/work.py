@@ -90,7 +90,7 @@ def read_record(folder: Path) -> dict:
     path = folder / RECORD
     try:
         if is_regular_file(path) and path.stat().st_size <= MAX_RECORD_BYTES:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         pass
@@ -271,7 +271,8 @@ def _write_folder(target: Path, recorded, fill) -> list[str]:
     def write(tmp: Path) -> None:
         tmp.mkdir()
         made.extend(fill(tmp))
-        (tmp / MADE_BY_BATCH).write_text("made by scenebreak batch: replaced when the job runs again\n")
+        (tmp / MADE_BY_BATCH).write_text("made by scenebreak batch: replaced when the job runs again\n",
+                                         encoding="utf-8")
 
     write_atomically(target, write)
     return [str(target / name) for name in made]
@@ -286,7 +287,8 @@ def check_folder_is_ours(target: Path, recorded) -> None:
 
 
 def _write_record(folder: Path, state: dict) -> None:
-    write_atomically(folder / RECORD, lambda tmp: tmp.write_text(json.dumps(state, indent=2, default=str)))
+    record = json.dumps(state, indent=2, default=str)
+    write_atomically(folder / RECORD, lambda tmp: tmp.write_text(record, encoding="utf-8"))
 
 
 PROGRESS_EVERY = 0.5  # seconds between a job's progress events sent to the batch

@@ -238,7 +238,8 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     from ..paths import write_new_file
 
     # (Never over another run's report, even one racing this one into the same folder.)
-    result.report = write_new_file(result.report, lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2)))
+    report = json.dumps(result.to_dict(), indent=2)
+    result.report = write_new_file(result.report, lambda tmp: Path(tmp).write_text(report, encoding="utf-8"))
     return result
 
 

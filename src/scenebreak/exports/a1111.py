@@ -95,11 +95,11 @@ class A1111Files:
                 raise BundleError(f"refusing to write {path.name[:60]!r} outside the export folder")
             path.parent.mkdir(parents=True, exist_ok=True)
         save_file(self.lora, str(paths[0]), metadata=self.lora_metadata)
-        paths[1].write_text(json.dumps(self.card, indent=4) + "\n")
+        paths[1].write_text(json.dumps(self.card, indent=4) + "\n", encoding="utf-8")
         embeddings = [*self.embeddings.items(), *self.forge_embeddings.items()]
         for path, (trigger, tensors) in zip(paths[2:-1], embeddings):
             save_file(tensors, str(path), metadata={"scenebreak_scene": self.scene, "trigger": trigger})
-        paths[-1].write_text(self.readme)
+        paths[-1].write_text(self.readme, encoding="utf-8")
         return paths
 
 

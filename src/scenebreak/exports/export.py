@@ -125,7 +125,7 @@ def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool
             _write_embeddings(scene, tmp)
         else:
             _write_diffusers(scene, tmp, base_model, report)
-        (tmp / MARKER).write_text(marker + "\n")
+        (tmp / MARKER).write_text(marker + "\n", encoding="utf-8")
 
     if format != "embeddings":  # (a few kilobytes: said only for the gigabytes of weights)
         report(Message(f"writing {out}"))
@@ -306,10 +306,10 @@ def _loads_in_fp32_by_default(config_path: Path) -> None:
     UNet and VAE in fp32: `StableDiffusionPipeline.from_pretrained(DIR)` then failed at
     its first step (Half and Float). The weights stay as stored; `torch_dtype=` still
     loads all of it in half precision."""
-    config = json.loads(config_path.read_text())
+    config = json.loads(config_path.read_text(encoding="utf-8"))
     keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
     config.update(dict.fromkeys(keys, "float32"))
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _tokenizers_for_either_transformers(folder: Path, names) -> None:
@@ -319,7 +319,7 @@ def _tokenizers_for_either_transformers(folder: Path, names) -> None:
     lists its sentinels as `extra_special_tokens`, which 4 reads as a dict: they are
     written as `additional_special_tokens`, which 5 reads too."""
     index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
+    index = json.loads(index_path.read_text(encoding="utf-8"))
     for name in names:
         files = {p.name for p in (folder / name).iterdir()}
         library, cls = index.get(name) or (None, None)
@@ -327,8 +327,8 @@ def _tokenizers_for_either_transformers(folder: Path, names) -> None:
             index[name] = [library, tokenizer_class_name_for(cls, files)]
         config_path = folder / name / "tokenizer_config.json"
         if config_path.exists():
-            config = json.loads(config_path.read_text())
+            config = json.loads(config_path.read_text(encoding="utf-8"))
             if isinstance(config.get("extra_special_tokens"), list):
                 config["additional_special_tokens"] = config.pop("extra_special_tokens")
-                config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    index_path.write_text(json.dumps(index, indent=2))
+                config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    index_path.write_text(json.dumps(index, indent=2), encoding="utf-8")

@@ -80,7 +80,7 @@ def family_of_configs(configs: dict) -> str | None:
 def json_object(path: Path) -> dict:
     """The JSON object in `path`; {} where there is none (loading says what is wrong)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -180,7 +180,7 @@ def name_as_on_the_hub(part: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    config = json.loads((part / "config.json").read_text())
+    config = json.loads((part / "config.json").read_text(encoding="utf-8"))
     if config.get("architectures") != ["CLIPTextModel"]:
         return
     renamed = {}
@@ -195,9 +195,9 @@ def name_as_on_the_hub(part: Path) -> None:
         os.replace(file.with_suffix(".tmp"), file)
     index = part / "model.safetensors.index.json"
     if renamed and index.exists():  # sharded: the index names each weight's shard
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_text(encoding="utf-8"))
         data["weight_map"] = {renamed.get(name, name): shard for name, shard in data["weight_map"].items()}
-        index.write_text(json.dumps(data, indent=2, sort_keys=True))
+        index.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
 
 
 WEIGHTS_PRINT_SAMPLES = 32  # stretches of each weights file read for weights_print
@@ -293,7 +293,7 @@ def config_fingerprint(folder: Path, family, text_encoders: list, embeddings: di
     configs = []
     for part in (family.denoiser, "vae", *family.text_encoders):
         try:
-            config = json.loads((Path(folder) / part / "config.json").read_text())
+            config = json.loads((Path(folder) / part / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             config = {}
         configs.append(config if isinstance(config, dict) else {})
@@ -399,7 +399,7 @@ def load_components(base_model: str, revision: str | None = None,
             cls = tokenizer_class_for(cls, {p.name for p in (folder / name).iterdir()})  # (saved by transformers 5)
             overrides = tokenizer_overrides(json_object(folder / name / "tokenizer_config.json"))
             tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length, **overrides))
-        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     for model in (denoiser, vae, *text_encoders):
         model.requires_grad_(False)
         model.eval()

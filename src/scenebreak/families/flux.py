@@ -233,7 +233,7 @@ class Flux(Family):
 
         def read(relative: str) -> dict:
             try:
-                data = json.loads((folder / relative).read_text())
+                data = json.loads((folder / relative).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 return {}
             return data if isinstance(data, dict) else {}

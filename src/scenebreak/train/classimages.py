@@ -41,7 +41,7 @@ def claim(folder: Path, weights: str) -> None:
     first ones: the folder is its own from then on. A folder of an earlier version's
     images (by a model nobody recorded) is left unclaimed."""
     if weights and _made_by(folder) is None and not any(usable(p) for p in folder.glob("*.png")):
-        write_atomically(folder / MADE_BY, lambda tmp: Path(tmp).write_text(weights + "\n"))
+        write_atomically(folder / MADE_BY, lambda tmp: Path(tmp).write_text(weights + "\n", encoding="utf-8"))
 
 
 def _made_by(folder: Path) -> str | None:
@@ -49,7 +49,7 @@ def _made_by(folder: Path) -> str | None:
     if not is_regular_file(folder / MADE_BY):
         return None
     try:
-        return (folder / MADE_BY).read_text().strip() or None
+        return (folder / MADE_BY).read_text(encoding="utf-8").strip() or None
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -127,7 +127,7 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
         text = json.dumps({"prompt": prompt, "resolution": resolution, "scheduler": scheduler,
                            "steps": components.family.sampler_steps(scheduler), "base_model": components.base.to_dict()},
                           indent=2)
-        write_atomically(info, lambda tmp: Path(tmp).write_text(text))
+        write_atomically(info, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     report(Message(f"generating {len(todo)} class images for {prompt!r}, {components.family.sampler_steps(scheduler)} "
                    f"steps each (once; cached in {folder})"))
     c = components

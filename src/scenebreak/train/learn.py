@@ -71,8 +71,8 @@ def check_resolution_from_files(folder: Path, resolution: int) -> None:
 
     family = detect_family(folder, f"the base model {folder}")
     try:
-        denoiser, vae = (SimpleNamespace(config=FrozenDict(json.loads((folder / part / "config.json").read_text())))
-                         for part in (family.denoiser, "vae"))
+        denoiser, vae = (SimpleNamespace(config=FrozenDict(json.loads((folder / part / "config.json").read_text(
+            encoding="utf-8")))) for part in (family.denoiser, "vae"))
         family.resolution_step(denoiser, vae), family.native_resolution(denoiser, vae)
     except Exception:  # (missing, garbled or incomplete configs: not this check's to report)
         return

@@ -139,8 +139,8 @@ def process_started(pid: int) -> float | None:
     """When the process `pid` of this machine started (seconds since the epoch), where
     the system says (Linux's /proc); else None."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text(encoding="utf-8").splitlines()
                     if line.startswith("btime "))
         ticks = int(stat.rpartition(")")[2].split()[19])  # field 22, after the command's name
         return boot + ticks / os.sysconf("SC_CLK_TCK")

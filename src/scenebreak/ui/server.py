@@ -276,7 +276,7 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         arg = (query.get("path") or [""])[0]
         if path == "/":
-            page = resources.files(__package__).joinpath("static/index.html").read_text()
+            page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
             self._send(HTTPStatus.OK, page.replace("__TOKEN__", self.server.token).encode(), "text/html; charset=utf-8")
         elif path.startswith("/static/") and path[len("/static/"):] in STATIC:
             name = path[len("/static/"):]
