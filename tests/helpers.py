@@ -195,3 +195,31 @@ def stop_after_first_step():
         return len(polls) > 1
 
     return should_stop
+
+
+def windows_file_rules(monkeypatch) -> None:
+    """Windows' rule, kept on Linux: a file this process has mapped (safetensors' tensors
+    are views of their file while they live) cannot be replaced or deleted there
+    (PermissionError, "Access is denied"). Reads Linux's /proc/self/maps."""
+    import os
+
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def mapped(path) -> bool:
+        target = os.path.realpath(path)
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any(len(fields := line.split(maxsplit=5)) == 6 and fields[5].rstrip("\n") == target for line in maps)
+
+    def replace(src, dst, **kwargs):
+        if os.path.exists(dst) and mapped(dst):
+            raise PermissionError(13, "Access is denied (the file is mapped)", str(dst))
+        return real_replace(src, dst, **kwargs)
+
+    def unlink(path, **kwargs):
+        if kwargs.get("dir_fd") is None and mapped(path):
+            raise PermissionError(13, "Access is denied (the file is mapped)", str(path))
+        return real_unlink(path, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "remove", unlink)

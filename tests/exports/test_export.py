@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,6 +32,26 @@ def test_diffusers_folder_loads_as_a_standard_pipeline(learned, tmp_path):
     assert export_scene(learned.path, folder, force=True) == [folder]
     assert not (folder / "stale.txt").exists() and (folder / "model_index.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temp folder left
+
+
+def test_the_diffusers_export_and_a_scene_kept_open_follow_windows_file_rules(learned, tmp_path, monkeypatch):
+    """On Windows a file cannot be replaced or deleted while mapped: every `-f diffusers`
+    export failed ("Access is denied": CLIP's weights renamed in place while still mapped),
+    and a scene a notebook had opened could be neither learned again with --force nor
+    removed (its embeddings, photo and masks were views of the file)."""
+    from helpers import windows_file_rules
+
+    from scenebreak import remove_scenes
+    from scenebreak.scenes.bundle import save_scene
+
+    windows_file_rules(monkeypatch)
+    assert export_scene(learned.path, tmp_path / "exported") == [tmp_path / "exported"]
+    copy = tmp_path / "copy.scene"
+    copy.write_bytes(Path(learned.path).read_bytes())
+    shown = load_scene(copy)  # (kept, as a notebook's Out[] keeps it)
+    save_scene(load_scene(learned.path, weights=True), copy, replace=True)  # learn --force writes over it
+    assert remove_scenes([copy]) == [copy] and not copy.exists()
+    assert shown.embeddings.shape[0] == 2
 
 
 def test_embeddings_load_as_textual_inversion_into_the_base_model(learned, tiny_model, tmp_path):

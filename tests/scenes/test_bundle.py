@@ -148,3 +148,22 @@ def test_a_scene_replaced_between_its_two_reads_is_refused_not_mixed(learned, tm
     with pytest.raises(BundleError, match="was replaced since it was opened"):
         scene_components(scene, choose_device("cpu"))
     assert scene_components(load_scene(path), choose_device("cpu"))  # read whole from one file: fine
+
+
+def test_a_scene_windows_will_not_delete_is_said_to_be_in_use(tmp_path, monkeypatch):
+    """On Windows, PermissionError from deleting a file mostly means another program has it
+    open; "its folder is not writable by you" sent the user the wrong way."""
+    import pathlib
+
+    import scenebreak.scenes.catalog as catalog
+    from scenebreak.errors import SceneBreakError
+
+    scene = tmp_path / "x.scene"
+    scene.write_bytes(b"x")
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(PermissionError(13, "x")))
+    monkeypatch.setattr(catalog, "ON_WINDOWS", True)
+    with pytest.raises(SceneBreakError, match="it is in use .* close what uses it"):
+        catalog.delete_file(scene)
+    monkeypatch.setattr(catalog, "ON_WINDOWS", False)
+    with pytest.raises(SceneBreakError, match="is not writable by you"):
+        catalog.delete_file(scene)

@@ -192,6 +192,9 @@ def name_as_on_the_hub(part: Path) -> None:
             continue
         renamed.update({old: new for old, new in zip(state, hub)})
         save_file(hub, str(file.with_suffix(".tmp")), metadata=metadata)
+        # The tensors read are views of the mapped file: on Windows a file cannot be
+        # replaced while mapped, so they go first.
+        del state, hub
         os.replace(file.with_suffix(".tmp"), file)
     index = part / "model.safetensors.index.json"
     if renamed and index.exists():  # sharded: the index names each weight's shard

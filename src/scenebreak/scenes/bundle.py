@@ -514,10 +514,13 @@ def load_scene(ref, weights: bool = False, device="cpu") -> Scene:
             # Sizes and kinds from the header first: nothing is read that the scene could not hold.
             _check_header(path, meta, {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
                                        for key in f.keys() if not key.partition(".")[0] in expected})
-            embeddings = f.get_tensor("handles.embeddings")
-            embeddings_2 = f.get_tensor("handles.embeddings_2") if "handles.embeddings_2" in f.keys() else None
-            image = f.get_tensor("source.image").numpy()
-            masks = f.get_tensor("source.masks").numpy()
+            # Copies, not views of the mapped file (small): a Scene kept in a notebook kept
+            # the file mapped, which on Windows cannot then be replaced (learn --force) or
+            # deleted (rm).
+            embeddings = f.get_tensor("handles.embeddings").clone()
+            embeddings_2 = f.get_tensor("handles.embeddings_2").clone() if "handles.embeddings_2" in f.keys() else None
+            image = f.get_tensor("source.image").numpy().copy()
+            masks = f.get_tensor("source.masks").numpy().copy()
             for key in f.keys():
                 if key.startswith("file."):
                     files[key[5:]] = f.get_tensor(key).numpy().tobytes()
