@@ -236,6 +236,16 @@ class Device:
             return int(torch.mps.driver_allocated_memory())
         return 0
 
+    def from_host(self, tensor):
+        """`tensor`, made on the host, on this device without stopping the host: a copy
+        from ordinary (pageable) memory to a CUDA GPU waits for all work queued before it,
+        so each training step began by waiting for the last one's optimizer. From pinned
+        memory it is queued like a kernel (torch's caching host allocator keeps the
+        buffer until the copy is done)."""
+        if self.type != "cuda":
+            return tensor.to(self.torch)
+        return tensor.pin_memory().to(self.torch, non_blocking=True)
+
     def synchronize(self) -> None:
         import torch
 

@@ -99,10 +99,12 @@ def decode(vae, latents) -> list[np.ndarray]:
 def noised(source, noise, scheduler, timestep):
     """`source` noised to `timestep` in the sampler's own parametrisation (Euler's
     latents are x0 + sigma * noise; DDIM's and DPM-Solver's sqrt(a) x0 + sqrt(1 - a)
-    noise; a flow's (1 - sigma) x0 + sigma noise)."""
+    noise; a flow's (1 - sigma) x0 + sigma noise). `timestep`: a number, or a tensor of
+    one on the device (made from a number, it is copied there: a wait on a GPU)."""
     import torch
 
-    timestep = torch.tensor([timestep], device=source.device)
+    if not torch.is_tensor(timestep):
+        timestep = torch.tensor([timestep], device=source.device)
     if hasattr(scheduler, "add_noise"):
         return scheduler.add_noise(source, noise, timestep)
     return scheduler.scale_noise(source, timestep, noise)  # flow matching (FLUX.1)
@@ -151,7 +153,8 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
         noise = draw()
         # Not noise * init_noise_sigma: that is the level of the schedule's first step, and
         # blend_start skips it (for Euler, inputs of std ~3 instead of ~1 at the first step).
-        latents = noised(source, noise, scheduler, timesteps[0].item())
+        latents = noised(source, noise, scheduler, timesteps[:1])
+        levels = timesteps.tolist()  # (read once: .item() at every step waited for the GPU each time)
         total = total if total is not None else len(timesteps) * len(seeds)
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if cfg else latents
@@ -164,8 +167,10 @@ def blended_latents(pipe, family, source, mask, prompt: str, seeds: list[int], *
             latents = scheduler.step(pred, t, latents).prev_sample
             # The level this step landed on is the next timestep of the schedule (the
             # same for every sampler); after the last one the latents are clean.
-            level = timesteps[i + 1].item() if i + 1 < len(timesteps) else None  # (Euler's are floats)
-            latents = blend_step(latents, source, mask, noise if fixed_noise else draw(), scheduler, level)
+            last = i + 1 == len(timesteps)
+            level = None if last else levels[i + 1]  # (Euler's are floats)
+            latents = blend_step(latents, source, mask, noise if fixed_noise else draw(), scheduler,
+                                 None if last else timesteps[i + 1:i + 2])
             if on_step is not None:
                 on_step(i, level, latents)
             report(Progress(task, done + (i + 1) * len(seeds), total))

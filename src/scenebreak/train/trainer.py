@@ -187,6 +187,7 @@ class Trainer:
         # Per set of handles: the prompt's ids per tokenizer, the handles' positions, the prompt's length.
         self._prompt_cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[int], int]] = {}
         self._slot_cache: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
+        self._union_cache: dict[tuple[bool, tuple[int, ...]], torch.Tensor] = {}
         # The family's extra conditioning of [instance, class image] (SDXL's size/crop ids).
         self.conditions = components.family.training_conditions(inputs.crop_size, resolution)
         if self.conditions is not None:
@@ -339,7 +340,7 @@ class Trainer:
         return (dist.mean.float() - shift) * scale, dist.std.float() * scale
 
     def _sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
+        eps = self.device.from_host(torch.randn(mean.shape, generator=self.gen))
         return mean + std * eps
 
     def _instance_latent(self, flip: bool):
@@ -568,8 +569,8 @@ class Trainer:
     def draw(self, phase: int) -> StepBatch:
         """The step's random choices (flip, handles, class image, noise, timesteps), made
         on the host from the run's generators in a fixed order, and the tensors they
-        select, on the device. Nothing here reads a tensor back."""
-        cfg, dev = self.config, self.device.torch
+        select, on the device. Nothing here reads a tensor back or waits for the device."""
+        cfg = self.config
         flip = self.rng.random() < cfg.flip_p
         chosen = sample_handles(self.rng, self.num_handles)
         ids = self._prompt_ids(tuple(chosen))[0]
@@ -586,16 +587,24 @@ class Trainer:
                 torch.randn(latents[0].shape, generator=self.gen)  # the class sample's draw
         latents = torch.cat(latents)
         batch = 2 if cfg.prior else 1
-        noise = torch.randn((batch, *latents.shape[1:]), generator=self.gen)[: len(latents)].to(dev)
-        timesteps = self.schedule.timesteps(batch, self.gen)[: len(latents)].to(dev)
+        noise = self.device.from_host(torch.randn((batch, *latents.shape[1:]), generator=self.gen)[: len(latents)])
+        timesteps = self.device.from_host(self.schedule.timesteps(batch, self.gen)[: len(latents)])
         return StepBatch(
             latents=latents, noise=noise, timesteps=timesteps,
             ids=[torch.cat([a, b]) for a, b in zip(ids, self.class_ids)] if with_class else ids,
             conditions=None if self.conditions is None else self.conditions[: len(latents)],
-            mask=self.latent_masks[flip][chosen].amax(0)[None, None],  # union of the chosen masks
+            mask=self._union_mask(flip, tuple(chosen)),
             attn_masks=self.attn_masks[flip][which] * weights[:, None, None], weights=weights,
             # Only the handles' columns of the maps are recorded (attention.py).
             columns=columns if self.layers else None, text_length=self.text_span, key_bias=key_bias)
+
+    def _union_mask(self, flip: bool, chosen: tuple[int, ...]) -> torch.Tensor:
+        """The union of the chosen handles' latent masks, (1, 1, h, w), made once per set
+        (indexing a device tensor by a list copies the list to the device every step)."""
+        key = (flip, chosen)
+        if key not in self._union_cache:
+            self._union_cache[key] = self.latent_masks[flip][list(chosen)].amax(0)[None, None]
+        return self._union_cache[key]
 
     def _class_index(self, phase: int) -> int:
         """The class image of this step: as the paper's data loader deals them, every
