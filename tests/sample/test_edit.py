@@ -88,12 +88,18 @@ def test_guidance_and_the_negative_prompt_reach_the_edit(learned, photo, tmp_pat
     assert not np.array_equal(made[0], made[1]) and not np.array_equal(made[0], made[2])
 
 
-def test_the_batch_size_does_not_change_the_edits(learned, photo, tmp_path):
+def test_the_batch_size_does_not_change_the_edits(learned, photo, tmp_path, monkeypatch):
+    """... and the photo is encoded once, not once per pass (a pass per image on a CPU)."""
+    import scenebreak.sample.edit as edit_module
+
+    encoded, real = [], edit_module.encode
+    monkeypatch.setattr(edit_module, "encode", lambda vae, images: encoded.append(len(images)) or real(vae, images))
     image, left, _ = photo
     one, two = (edit(image, [(left, "a photo of <asset1>")], learned.path,
                      EditConfig(num_images=2, batch_size=size, **FAST), out_dir=tmp_path / str(size)) for size in (1, 2))
     for a, b in zip(one.images, two.images):
         assert a.seed == b.seed and np.abs(pixels(a.path).astype(int) - pixels(b.path).astype(int)).max() <= 1
+    assert encoded == [1, 1]  # one region: the photo once per call, whatever the passes
 
 
 def test_no_paste_keeps_the_size_but_not_the_pixels(learned, photo, tmp_path):

@@ -66,14 +66,18 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
     report(Progress(task, 0, total))  # the bar is up before the first step's wait
     results = []
     seams: dict[int, np.ndarray] = {}  # region -> its feather weights, made once for every image
+    first_source = []  # the photo's latents, the first region's start for every seed and pass
 
     def run_pass(chunk: list[int], more: bool) -> None:
         done = len(results) * len(masks) * per_sample  # (a pass run again after running out of memory starts over)
         full = [image] * len(chunk)
         work = [resize(image, size)] * len(chunk)
         for j, (mask, lmask, prompt) in enumerate(zip(masks, latent_masks, prompts)):
-            # The first region starts from the same image for every seed: encode it once.
-            source = encode(pipe.vae, work[:1] if j == 0 else work)
+            # The first region starts from the same image for every seed: encode it once
+            # (not once per pass: on a CPU, a pass per image).
+            if j == 0 and not first_source:
+                first_source.append(encode(pipe.vae, work[:1]))
+            source = first_source[0] if j == 0 else encode(pipe.vae, work)
             with run.precision():
                 latents = blended_latents(pipe, run.scene.family, source, lmask, prompt, chunk, steps=config.steps,
                                           guidance=config.guidance,
