@@ -184,5 +184,6 @@ def test_text_files_are_read_and_written_as_utf8_whatever_the_locale():
     README that is not UTF-8."""
     unencoded = [f"{path.relative_to(PACKAGE)}:{node.lineno}" for path in MODULES for node in ast.walk(_tree(path))
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                 and node.func.attr in ("read_text", "write_text") and not any(k.arg == "encoding" for k in node.keywords)]
+                 and node.func.attr in ("read_text", "write_text")
+                 and not any(keyword.arg == "encoding" for keyword in node.keywords)]
     assert not unencoded, unencoded

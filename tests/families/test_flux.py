@@ -221,7 +221,8 @@ def test_init_words_start_t5_handles_from_a_piece_of_the_word_not_the_word_bound
     tokenizer = T5TokenizerFast.from_pretrained(folder / "tokenizer_2")
     t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
     before = t5.get_input_embeddings().weight.detach().clone()
-    assert tokenizer.convert_ids_to_tokens(tokenizer("corgi", add_special_tokens=False).input_ids)[:2] == ["\u2581", "c"]
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("corgi", add_special_tokens=False).input_ids)
+    assert pieces[:2] == ["\u2581", "c"]
     ids = add_handles(tokenizer, t5, ["<asset1>", "<asset2>"], init_words=["cat", "corgi"])
     after = t5.get_input_embeddings().weight.detach()
     assert torch.equal(after[ids[0]], before[tokenizer.convert_tokens_to_ids("\u2581cat")])  # a word it has whole

@@ -96,7 +96,8 @@ def test_the_batch_size_does_not_change_the_edits(learned, photo, tmp_path, monk
     monkeypatch.setattr(edit_module, "encode", lambda vae, images: encoded.append(len(images)) or real(vae, images))
     image, left, _ = photo
     one, two = (edit(image, [(left, "a photo of <asset1>")], learned.path,
-                     EditConfig(num_images=2, batch_size=size, **FAST), out_dir=tmp_path / str(size)) for size in (1, 2))
+                     EditConfig(num_images=2, batch_size=size, **FAST), out_dir=tmp_path / f"b{size}")
+                for size in (1, 2))
     for a, b in zip(one.images, two.images):
         assert a.seed == b.seed and np.abs(pixels(a.path).astype(int) - pixels(b.path).astype(int)).max() <= 1
     assert encoded == [1, 1]  # one region: the photo once per call, whatever the passes

@@ -144,8 +144,8 @@ def test_generate_stops_after_a_pass_when_asked_keeping_what_it_wrote(learned, t
 ])
 @pytest.mark.parametrize("json_", [False, True])
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP", "full disk"])
-def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, monkeypatch, command, args, written, json_,
-                                                  stop):
+def test_ctrl_c_prints_the_images_already_written(learned_background, tmp_path, monkeypatch, command, args, written,
+                                                  json_, stop):
     """Ctrl-C kept the images written so far but printed none: exit 130 with stdout
     empty, so a script reading it lost them. They are printed as a whole run's. So
     with SIGTERM (`timeout`, `docker stop`) and SIGHUP, which killed the run at once,

@@ -160,7 +160,10 @@ def test_a_scene_windows_will_not_delete_is_said_to_be_in_use(tmp_path, monkeypa
 
     scene = tmp_path / "x.scene"
     scene.write_bytes(b"x")
-    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(PermissionError(13, "x")))
+    def refused(self, missing_ok=False):
+        raise PermissionError(13, "Access is denied")
+
+    monkeypatch.setattr(pathlib.Path, "unlink", refused)
     monkeypatch.setattr(catalog, "ON_WINDOWS", True)
     with pytest.raises(SceneBreakError, match="it is in use .* close what uses it"):
         catalog.delete_file(scene)

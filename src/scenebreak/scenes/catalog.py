@@ -9,7 +9,8 @@ from typing import Callable
 
 from ..errors import BundleError, InvalidInput, SceneBreakError
 from ..events import printable
-from ..paths import ON_WINDOWS, SCENE_SUFFIX, is_regular_file, names_both, remove_stale_temporaries, resolve_scene, scenes_dir
+from ..paths import (ON_WINDOWS, SCENE_SUFFIX, is_regular_file, names_both, remove_stale_temporaries, resolve_scene,
+                     scenes_dir)
 from .bundle import list_scenes, read_metadata
 
 
@@ -111,7 +112,8 @@ def delete_file(path: Path) -> None:
     except PermissionError:
         if ON_WINDOWS:  # there, mostly a file another program has open
             raise SceneBreakError(f"cannot delete {path}: it is in use (a `generate`, `ui` or notebook that opened "
-                                  "it?), or its folder is not writable by you; close what uses it and try again") from None
+                                  "it?), or its folder is not writable by you; close what uses it and try "
+                                  "again") from None
         raise SceneBreakError(f"cannot delete {path}: its folder {path.parent} is not writable by you") from None
 
 

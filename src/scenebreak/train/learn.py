@@ -368,7 +368,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                 # with --force or --resume, is replaced; anything else is kept.
                 saved = save_scene(scene, out, config.save_dtype, replace=(replace or resume) and _scene_or_nothing(out))
             except OSError as exc:
-                raise _unsaved(exc, out, checkpoints, finished=checkpoints.saved == (trainer.phase, trainer.step)) from exc
+                finished = checkpoints.saved == (trainer.phase, trainer.step)
+                raise _unsaved(exc, out, checkpoints, finished) from exc
             if saved != out:
                 report(Message(f"{out} appeared while learning and is kept: the scene went to {saved}", "warning"))
     checkpoints.remove()
