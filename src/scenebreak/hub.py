@@ -149,6 +149,28 @@ def _missing_message(base_model: str, revision: str | None, offline: bool = Fals
     )
 
 
+# What a tokenizer loads its vocabulary from: the fast tokenizer's file, or the slow one's
+# (CLIP's BPE: vocab.json and merges.txt; BERT's WordPiece: vocab.txt; SentencePiece: *.model).
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+NO_VOCABULARY = "holds no tokenizer vocabulary (tokenizer.json, or vocab.json and merges.txt, vocab.txt or a *.model)"
+
+
+def has_vocabulary(folder: Path) -> bool:
+    """Whether `folder` holds a vocabulary a tokenizer loads from. Without one,
+    transformers builds a tokenizer of a few special tokens from its config alone,
+    silently: every word is then unknown (a partly downloaded or copied model)."""
+    folder = Path(folder)
+    return (any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILES)
+            or any(path.is_file() for path in folder.glob("*.model")))
+
+
+def incomplete_download(ref: str, what: str, option: str, problem: str, folder: str) -> ModelNotAvailable:
+    """The error for a model in the Hugging Face cache that lacks a part (an interrupted
+    download, a cache pruned by hand)."""
+    return ModelNotAvailable(f"{what} {ref!r} in the Hugging Face cache is incomplete: {problem}. Fix: run "
+                             f"`hf download {shlex.quote(ref)}` again, or pass {option} /path/to/{folder}")
+
+
 def transformers_model_folder(ref: str, what: str, option: str) -> Path:
     """The folder of a transformers model given as a hub id or a local folder; `what`
     and `option` (e.g. "segmenter", "--segmenter") name it in errors."""
@@ -168,14 +190,20 @@ def transformers_model_folder(ref: str, what: str, option: str) -> Path:
     return folder
 
 
-def transformers_model_of_kind(ref: str, what: str, option: str, kinds: tuple[str, ...], wanted: str) -> tuple[Path, str]:
+def transformers_model_of_kind(ref: str, what: str, option: str, kinds: tuple[str, ...], wanted: str,
+                               tokenizer: bool = False) -> tuple[Path, str]:
     """The folder (as `transformers_model_folder`) and `model_type` of a transformers
     model that must be one of `kinds`; another kind is bad input, and the error ends
-    with `wanted` (what to use instead)."""
+    with `wanted` (what to use instead). `tokenizer`: the model reads text, so its
+    folder must hold a vocabulary."""
     folder = transformers_model_folder(ref, what, option)
     kind = model_type(folder)
     if kind not in kinds:
         raise InvalidInput(f"{option} {ref} is {f'a {kind} model' if kind else 'not a model of a known kind'}: {wanted}")
+    if tokenizer and not has_vocabulary(folder):
+        if looks_like_path(ref):
+            raise InvalidInput(f"{what} folder {folder} {NO_VOCABULARY}")
+        raise incomplete_download(ref, what, option, f"it {NO_VOCABULARY}", "a/model/folder")
     return folder, kind
 
 

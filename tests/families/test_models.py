@@ -48,6 +48,47 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model, tmp_path, 
         load_components("someone/tiny-sd", revision="v2")
 
 
+def test_a_tokenizer_folder_without_its_vocabulary_is_refused_not_loaded_as_a_few_special_tokens(
+        tiny_model, tiny_segmentation, tmp_path, monkeypatch):
+    """A partly downloaded or copied model whose tokenizer/ holds only its config:
+    transformers built a tokenizer of a few special tokens from it, silently, and every
+    word was unknown (learn then failed with an IndexError; mask made meaningless masks
+    with exit 0). A local folder is bad input; a hub snapshot an incomplete download."""
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    from scenebreak.hub import transformers_model_of_kind
+    from scenebreak.masks import detector
+
+    def without_vocabulary(folder):
+        for name in ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt"):
+            (folder / name).unlink(missing_ok=True)
+
+    local = tmp_path / "local"
+    shutil.copytree(tiny_model, local)
+    without_vocabulary(local / "tokenizer")
+    with pytest.raises(InvalidInput, match="tokenizer/ holds no tokenizer vocabulary"):
+        load_components(str(local))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--partial"
+    shutil.copytree(local, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ModelNotAvailable, match="in the Hugging Face cache is incomplete: tokenizer/ holds no .*"
+                                                "hf download someone/partial"):
+        load_components("someone/partial")
+    grounding = tmp_path / "detector"
+    shutil.copytree(tiny_segmentation[0], grounding)
+    without_vocabulary(grounding)
+    with pytest.raises(InvalidInput, match="detector folder .* holds no tokenizer vocabulary"):
+        transformers_model_of_kind(str(grounding), "detector", "--detector", detector.KINDS, detector.WANTED,
+                                   tokenizer=True)
+    # (A model that reads no text needs none: the segmenter's folder has no tokenizer.)
+    assert transformers_model_of_kind(str(tiny_segmentation[1]), "segmenter", "--segmenter", ("sam",), "")[1] == "sam"
+
+
 def test_parameter_counts_come_from_the_file_headers_and_match_the_models(tiny_model):
     from scenebreak.families.base_model import load_components, parameter_counts
 

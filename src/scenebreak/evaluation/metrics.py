@@ -45,7 +45,8 @@ class ClipScorer:
         from transformers import AutoProcessor, CLIPModel
 
         ref = ref or default_model("clip")
-        folder, _ = transformers_model_of_kind(ref, "CLIP model", "--clip-model", CLIP_KINDS, CLIP_WANTED)
+        folder, _ = transformers_model_of_kind(ref, "CLIP model", "--clip-model", CLIP_KINDS, CLIP_WANTED,
+                                               tokenizer=True)
         with loading_model("CLIP model", ref, folder, "--clip-model"):
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = CLIPModel.from_pretrained(folder, **in_fp32()).to(device.torch).eval()
@@ -193,7 +194,8 @@ def check_models(refs: dict[str, str]) -> None:
              "segmenter": ("segmenter", "--segmenter", segmenter.KINDS, segmenter.WANTED)}
     check_models_available([(refs[key], what, option) for key, (what, option, _, _) in roles.items()])
     for key, (what, option, kinds, wanted) in roles.items():
-        folder, _ = transformers_model_of_kind(refs[key], what, option, kinds, wanted)
+        folder, _ = transformers_model_of_kind(refs[key], what, option, kinds, wanted,
+                                               tokenizer=key in ("clip", "detector"))  # (those two read text)
         _check_weights(folder, what, refs[key], option)
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInput
-from ..hub import hub_snapshot, loading_model, looks_like_path, quiet_libraries
+from ..hub import (NO_VOCABULARY, has_vocabulary, hub_snapshot, incomplete_download, loading_model, looks_like_path,
+                   quiet_libraries)
 from ..kept import one_builder_at_a_time
 from ..paths import is_regular_file
 from .family import vae_scale
@@ -120,11 +121,20 @@ def resolve_model_dir(base_model: str, revision: str | None = None, download: bo
         for part in (family.denoiser, *family.text_encoders, *family.tokenizers):
             if not (folder / part).is_dir():
                 raise InvalidInput(f"{folder} is not a diffusers {family.name} folder (no {part}/)")
+        for part in family.tokenizers:
+            if not has_vocabulary(folder / part):
+                raise InvalidInput(f"{folder} is not a complete diffusers {family.name} folder: {part}/ "
+                                   f"{NO_VOCABULARY}")
         return folder, None
     configs, _ = hub_snapshot(base_model, revision, CONFIG_FILES, download=download)
     family = detect_family(configs, f"the base model {base_model}")
     # Only what scenebreak uses: no root checkpoints, no fp16/ema variants, no .bin twins.
-    return hub_snapshot(base_model, revision, list(family.hub_files), download=download)
+    folder, commit = hub_snapshot(base_model, revision, list(family.hub_files), download=download)
+    for part in family.tokenizers:  # (its files are patterns, which a partial snapshot meets with none)
+        if not has_vocabulary(folder / part):
+            raise incomplete_download(base_model, "base model", "--base-model", f"{part}/ {NO_VOCABULARY}",
+                                      "a/diffusers/folder")
+    return folder, commit
 
 
 def parameter_counts(folder: Path, family) -> dict[str, int]:

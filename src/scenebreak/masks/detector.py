@@ -29,7 +29,7 @@ class Detector:
     def __init__(self, ref: str, device):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        folder, self.kind = transformers_model_of_kind(ref, "detector", "--detector", KINDS, WANTED)
+        folder, self.kind = transformers_model_of_kind(ref, "detector", "--detector", KINDS, WANTED, tokenizer=True)
         _check_transformers_runs(self.kind, ref)
         try:
             with loading_model("detector", ref, folder, "--detector"):
