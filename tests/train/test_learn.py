@@ -57,7 +57,7 @@ def test_phase1_leaves_the_unet_alone_and_phase2_changes_it(scene_files, tiny_mo
     assert not torch.equal(_tensor(both.path, f"unet.{key}"), base_unet[key].half())
 
 
-def test_names_and_init_words(scene_files, tiny_model):
+def test_names_and_init_words(scene_files, tiny_model, monkeypatch):
     """Each handle's row starts as its init word's (its first token's); a --revision
     given with a local folder is said to be ignored, and the scene does not claim it."""
     from transformers import CLIPTokenizer
@@ -80,6 +80,11 @@ def test_names_and_init_words(scene_files, tiny_model):
         torch.testing.assert_close(row.float(), base_rows[first], atol=1e-6, rtol=0)
     assert scene.meta["base_model"]["revision"] is None
     assert any(isinstance(m, Message) and "--revision v9 is for a model on the hub" in m.text for m in said), said
+    # So with the folder from SCENEBREAK_BASE_MODEL (no base_model given).
+    monkeypatch.setenv("SCENEBREAK_BASE_MODEL", str(tiny_model))
+    again = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=0, prior=False),
+                  revision="v9", name="from-env")
+    assert load_scene(again.path).meta["base_model"]["revision"] is None
 
 
 def test_the_photo_and_masks_are_read_once(scene_files, tiny_model, monkeypatch):

@@ -167,10 +167,10 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         report(Message(line, "warning"))
     if config.background:
         background_mask(object_masks)
-    if revision is not None and base_model is not None and looks_like_path(base_model):
+    if revision is not None and looks_like_path(base_model or default_base_model()):  # (SCENEBREAK_BASE_MODEL too)
         # A folder is what it holds: the scene must not claim a revision nothing read.
         report(Message(f"--revision {revision} is for a model on the hub: ignored for the local folder "
-                       f"{base_model}", "warning"))
+                       f"{base_model or default_base_model()}", "warning"))
         revision = None
     device = device if isinstance(device, Device) else choose_device(device)
     amp_dtype = device.train_dtype(config.mixed_precision)  # the one place the precision is decided
