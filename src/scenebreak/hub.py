@@ -102,7 +102,7 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
         if missing:
             raise LocalEntryNotFoundError(f"{missing[0]} is not in the cache")
     except (LocalEntryNotFoundError, OSError, ValueError, HfHubHTTPError):
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        if offline_variable():
             raise ModelNotAvailable(_missing_message(ref, revision, offline=True, **hint)) from None
         if not download:
             raise ModelNotAvailable(f"{what} {ref!r} is not in the Hugging Face cache, and a scene's word alone does "
@@ -112,6 +112,9 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
         try:
             path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns, **_download_bar())
         except Exception as exc:  # every hub failure becomes the same actionable message
+            if type(exc).__name__ == "RepositoryNotFoundError":  # (the hub answered: no such model, or not for you)
+                raise InvalidInput(f"{what} {ref!r} is not on the Hugging Face hub (a typo? a private or gated model "
+                                   f"needs `hf auth login` first), or pass {option} /path/to/{folder}") from None
             raise ModelNotAvailable(_missing_message(ref, revision, reason=exc, **hint)) from exc
         missing = [p for p in exact if not in_snapshot(Path(path), p)]
         if missing:  # (e.g. only .bin weights, or only an fp16 variant's)
@@ -137,15 +140,23 @@ def in_snapshot(folder: Path, name: str) -> bool:
     return bool(shards) and all(isinstance(s, str) and (index.parent / s).is_file() for s in shards)
 
 
+def offline_variable() -> str | None:
+    """The variable that tells the hub libraries to stay offline, where one is set."""
+    return next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                 if os.environ.get(name, "").lower() in ("1", "true", "yes", "on")), None)
+
+
 def _missing_message(base_model: str, revision: str | None, offline: bool = False, reason: Exception | None = None,
                      what: str = "base model", option: str = "--base-model", folder: str = "a/diffusers/folder") -> str:
     rev = f" --revision {shlex.quote(revision)}" if revision else ""
-    why = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else (
+    variable = offline_variable()
+    why = f"{variable} is set and it is not in the Hugging Face cache" if offline else (
         f"it is not in the Hugging Face cache and could not be downloaded ({type(reason).__name__})"
     )
+    unset = f" (or unset {variable})" if variable else ""
     return (
         f"{what} {base_model!r} is not available: {why}. Fix: on a connected machine run "
-        f"`hf download {shlex.quote(base_model)}{rev}` (or unset HF_HUB_OFFLINE), or pass {option} /path/to/{folder}"
+        f"`hf download {shlex.quote(base_model)}{rev}`{unset}, or pass {option} /path/to/{folder}"
     )
 
 

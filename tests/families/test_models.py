@@ -286,3 +286,35 @@ def test_a_lora_scene_finds_its_base_after_a_library_upgrade(scene_files, tiny_m
     monkeypatch.setattr(base_model, "load_components", lambda *a, **k: pytest.fail("the other family's weights loaded"))
     with pytest.raises(BundleError, match=r"was learned on SD 2.x, but .* is SDXL"):
         generate(scene, "<asset1>", config, out_dir=tmp_path / "d", base_model=str(tiny_sdxl))
+
+
+def test_download_failures_name_what_is_so(monkeypatch):
+    """"(or unset HF_HUB_OFFLINE)" was advised where it was not set; TRANSFORMERS_OFFLINE,
+    which the hub obeys as well, was not taken as offline (a download was announced); a
+    model the hub says does not exist (a typo) was "could not be downloaded", exit 1."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from scenebreak.hub import hub_snapshot
+
+    failure = {}
+
+    def snapshot_download(ref, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        raise failure["exc"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    failure["exc"] = OSError("no network")
+    with pytest.raises(ModelNotAvailable) as info:
+        hub_snapshot("someone/model", None, ["*.json"])
+    assert "could not be downloaded (OSError)" in str(info.value) and "unset" not in str(info.value)
+    failure["exc"] = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # (its __init__ wants an HTTP response)
+    Exception.__init__(failure["exc"], "404 Client Error")
+    with pytest.raises(InvalidInput, match="'someone/model' is not on the Hugging Face hub .a typo"):
+        hub_snapshot("someone/model", None, ["*.json"])
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailable, match=r"TRANSFORMERS_OFFLINE is set .* \(or unset TRANSFORMERS_OFFLINE\)"):
+        hub_snapshot("someone/model", None, ["*.json"])
