@@ -118,8 +118,12 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
             raise ModelNotAvailable(_missing_message(ref, revision, reason=exc, **hint)) from exc
         missing = [p for p in exact if not in_snapshot(Path(path), p)]
         if missing:  # (e.g. only .bin weights, or only an fp16 variant's)
-            raise InvalidInput(f"{what} {ref!r} has no {missing[0]} on the hub (nor its shards): scenebreak reads "
-                               "a diffusers folder with safetensors weights; choose another model, or convert it")
+            # (Or the hub could not be reached, and the download library fell back to the
+            # part of a snapshot the cache holds, silently: said too.)
+            raise InvalidInput(f"{what} {ref!r} has no {missing[0]} (nor its shards), on the hub or in the part of "
+                               "it the Hugging Face cache holds: scenebreak reads a diffusers folder with safetensors "
+                               f"weights; choose another model or convert it, or, if a download was cut short, run "
+                               f"`hf download {shlex.quote(ref)}` where the hub can be reached")
     path = Path(path)
     return path, path.name
 

@@ -288,7 +288,7 @@ def test_a_lora_scene_finds_its_base_after_a_library_upgrade(scene_files, tiny_m
         generate(scene, "<asset1>", config, out_dir=tmp_path / "d", base_model=str(tiny_sdxl))
 
 
-def test_download_failures_name_what_is_so(monkeypatch):
+def test_download_failures_name_what_is_so(monkeypatch, tmp_path):
     """"(or unset HF_HUB_OFFLINE)" was advised where it was not set; TRANSFORMERS_OFFLINE,
     which the hub obeys as well, was not taken as offline (a download was announced); a
     model the hub says does not exist (a typo) was "could not be downloaded", exit 1."""
@@ -315,6 +315,14 @@ def test_download_failures_name_what_is_so(monkeypatch):
     Exception.__init__(failure["exc"], "404 Client Error")
     with pytest.raises(InvalidInput, match="'someone/model' is not on the Hugging Face hub .a typo"):
         hub_snapshot("someone/model", None, ["*.json"])
+    # A file missing after the download: not on the hub, or the hub unreachable and the
+    # library's fallback a part-downloaded snapshot (it was blamed on the hub alone).
+    failure["exc"] = None
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda ref, local_files_only=False, **kwargs: (
+        snapshot_download(ref, local_files_only=True) if local_files_only else str(tmp_path)))
+    with pytest.raises(InvalidInput, match="has no unet/diffusion_pytorch_model.safetensors .* on the hub or in the part "
+                                           "of it the Hugging Face cache holds.*hf download someone/model"):
+        hub_snapshot("someone/model", None, ["unet/diffusion_pytorch_model.safetensors"])
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     with pytest.raises(ModelNotAvailable, match=r"TRANSFORMERS_OFFLINE is set .* \(or unset TRANSFORMERS_OFFLINE\)"):
         hub_snapshot("someone/model", None, ["*.json"])

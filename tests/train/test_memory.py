@@ -246,6 +246,30 @@ def test_a_missing_base_for_a_lora_scene_names_the_fix(scene_files, tiny_model):
         base_with_lora(scene, None, [10])
 
 
+def test_a_lora_scenes_base_is_found_in_the_cache_after_its_branch_moved_on(scene_files, tiny_model, tmp_path,
+                                                                           monkeypatch):
+    """The snapshot of the commit a LoRA scene was learned on has left the cache (`hf cache
+    prune` after main moved on): the branch's cached snapshot is used, offline, where
+    its weights are the same (the fingerprint); it was "not in the cache", exit 1."""
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    from scenebreak.sample.scene_models import base_with_lora
+
+    scene = load_scene(_learn(scene_files, tiny_model, "moved", tune="lora", rank=2).path, weights=True)
+    scene.meta["base_model"].update(id="someone/tiny-sd", revision="main", commit="a" * 40)
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_model, repo / "snapshots" / ("b" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert base_with_lora(scene, None, [10]) is not None
+    shutil.rmtree(repo / "snapshots" / ("b" * 40))  # neither cached: the commit's own message
+    with pytest.raises(ModelNotAvailable, match="--revision a{40}"):
+        base_with_lora(scene, None, [10])
+
+
 def test_the_estimate_matches_the_measured_sd21_figures():
     """benchmarks/results/train_step-cpu.md: phase 2 at 512 with prior preservation
     peaks at 20.3 GiB (fast, fp32), 15.1 GiB (low, bf16) and 10.3 GiB (LoRA, bf16)."""

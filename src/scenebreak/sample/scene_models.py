@@ -277,9 +277,17 @@ def _scene_named_base(base: dict, default: str) -> tuple[str | None, tuple]:
         ".." not in branch else None
     try:
         return commit or branch, resolve_model_dir(model, commit or branch, download=False)
-    except ModelNotAvailable:
-        if model not in (*KNOWN_BASES, default):
-            raise
+    except ModelNotAvailable as missing:
+        not_cached = missing
+    if commit:
+        # That commit's snapshot has left the cache (pruned, the branch moved on): the
+        # branch's own, if cached (the fingerprint check then says if it is the same model).
+        try:
+            return branch, resolve_model_dir(model, branch, download=False)
+        except ModelNotAvailable:
+            pass
+    if model not in (*KNOWN_BASES, default):
+        raise not_cached
     return branch, resolve_model_dir(model, branch, download=True)
 
 
