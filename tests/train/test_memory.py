@@ -531,3 +531,20 @@ def test_adamw_is_fused_on_every_device_torch_has_the_kernel_for():
     for kind in ("cpu", "mps"):  # (the optimizer is only built: the CPU tensor runs on any machine)
         optimizer = adamw_factory(LearnConfig(), Device(type=kind, name=kind))([{"params": [weight]}])
         assert optimizer.defaults["fused"] is True, kind
+
+
+def test_attention_overlap_of_a_lora_scene_takes_where_its_base_is_now(scene_files, tiny_model, tmp_path):
+    """Its error said "pass --base-model", which the Python function did not take."""
+    import shutil
+
+    from scenebreak.errors import SceneBreakError
+    from scenebreak.evaluation.diagnostics import attention_overlap
+
+    shutil.copytree(tiny_model, tmp_path / "base")
+    scene = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False, tune="lora",
+                                                                           rank=2), base_model=str(tmp_path / "base"))
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(SceneBreakError, match="base"):
+        attention_overlap(scene.path, device="cpu")
+    handles = attention_overlap(scene.path, device="cpu", base_model=str(tmp_path / "moved"))["handles"]
+    assert [h["handle"] for h in handles] == ["<asset1>", "<asset2>"]

@@ -9,11 +9,13 @@ from ..device import Device, choose_device
 from ..scenes.bundle import open_scene
 
 
-def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(100, 300, 500, 700), seed: int = 0) -> np.ndarray:
+def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(100, 300, 500, 700), seed: int = 0,
+                          base_model: str | None = None) -> np.ndarray:
     """(N, s, s) maps where the attention loss reads them (latent size / 4 on SD and
     SDXL): each handle's cross-attention for the prompt
     "a photo of <h1> and ... <hN>" over the scene's own photo, averaged over heads,
-    layers and a few noise levels, each scaled to a maximum of 1."""
+    layers and a few noise levels, each scaled to a maximum of 1. `base_model`: where a
+    LoRA scene's base is, as `generate --base-model` takes it."""
     import torch
     from PIL import Image
 
@@ -26,7 +28,7 @@ def handle_attention_maps(scene, device: str | Device | None = None, timesteps=(
 
     scene = open_scene(scene)
     device = device if isinstance(device, Device) else choose_device(device)
-    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=torch.float32)
+    unet, vae, text_encoders, tokenizers = scene_components(scene, device, dtype=torch.float32, base_model=base_model)
     family = scene.family
     schedule = family.training_schedule(scene.meta["configs"]["scheduler"])
     dev = device.torch
@@ -61,16 +63,17 @@ def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-12))
 
 
-def attention_overlap(scene, device=None) -> dict:
+def attention_overlap(scene, device=None, base_model: str | None = None) -> dict:
     """Per handle: soft IoU of its attention map with its own mask and with the
     best-matching other mask, and the mean squared difference from its own mask
-    ("distance": what the attention loss minimises, over noise levels here)."""
+    ("distance": what the attention loss minimises, over noise levels here).
+    `base_model`: where a LoRA scene's base is (its error names this argument)."""
     import torch
 
     from ..train.losses import downsample_masks
 
     scene = open_scene(scene)
-    maps = handle_attention_maps(scene, device)
+    maps = handle_attention_maps(scene, device, base_model=base_model)
     masks = downsample_masks(torch.from_numpy(scene.masks), maps.shape[-1]).numpy()
     rows = []
     for i, handle in enumerate(scene.handles):
