@@ -63,6 +63,10 @@ def _download_bar() -> dict:
 
         def update(self, n=1):
             shown = super().update(n)
+            if "reconstruct" in str(self.desc).lower():
+                # (hf_xet's second bar of the same bytes, as it puts files together: its
+                # lines came on top of the download's, each said twice.)
+                return shown
             if self.total and self.unit == "B":  # (in MB: a bar of bytes counts to billions)
                 report(Progress("download (MB)", int(self.n) >> 20, max(1, int(self.total) >> 20)))
             elif self.total:
