@@ -5,7 +5,6 @@ and every command (learn, generate, --variations, edit, extract-bg, export, show
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image

@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import contextlib
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scenebreak import LearnConfig, learn

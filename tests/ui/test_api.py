@@ -93,7 +93,7 @@ def test_paths_outside_the_allowed_folders_are_refused(ui, scene_files, tmp_path
         status, data = ui.json("/api/open", {"path": str(path)})
         assert status == 403, (path, data)
     # Inside: the photo itself, by name or path; never a file that is not an image.
-    assert ui.call(f"/api/file?path=photo.png")[0] == 200
+    assert ui.call("/api/file?path=photo.png")[0] == 200
     (folder / "notes.txt").write_text("hello")
     status, data = ui.json("/api/file?path=notes.txt")
     assert status == 400 and "not an image" in data["error"]
