@@ -222,7 +222,8 @@ def test_sharded_weights_count_as_in_the_cache_and_variants_are_not_weights(tmp_
     (part / shards[1]).unlink()
     assert not in_snapshot(snapshot, name)  # a shard missing: not there
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    with pytest.raises(InvalidInput, match="has no transformer/diffusion_pytorch_model.safetensors on the hub"):
+    with pytest.raises(InvalidInput, match=r"has no transformer/diffusion_pytorch_model.safetensors \(nor its shards\), "
+                                           "on the hub"):
         hub_snapshot("someone/bin-only", None, list(flux.hub_files))  # downloaded, and still not there
 
     sd = tmp_path / "sd"
