@@ -93,7 +93,8 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
     cache when it is there, else downloaded (unless `download` is False); a one-line
     fix-it error when neither works."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                         RepositoryNotFoundError)
 
     hint = dict(what=what, option=option, folder=folder)
     # Named files (not patterns) must all be there: a snapshot folder in the cache may
@@ -116,6 +117,10 @@ def hub_snapshot(ref: str, revision: str | None, allow_patterns: list[str], what
         try:
             path = snapshot_download(ref, revision=revision, allow_patterns=allow_patterns, **_download_bar())
         except Exception as exc:  # every hub failure becomes the same actionable message
+            if isinstance(exc, GatedRepoError):  # (FLUX.1-dev is: the terms are accepted once, on the model's page)
+                raise ModelNotAvailable(f"{what} {ref!r} is gated on the Hugging Face hub: accept its terms at "
+                                        f"https://huggingface.co/{ref} while logged in, then run `hf auth login` here "
+                                        f"(or set HF_TOKEN), or pass {option} /path/to/{folder}") from None
             if type(exc) is RepositoryNotFoundError:  # (the hub answered: no such model, or not for you)
                 raise InvalidInput(f"{what} {ref!r} is not on the Hugging Face hub (a typo? a private or gated model "
                                    f"needs `hf auth login` first), or pass {option} /path/to/{folder}") from None

@@ -294,7 +294,7 @@ def test_download_failures_name_what_is_so(monkeypatch, tmp_path):
     which the hub obeys as well, was not taken as offline (a download was announced); a
     model the hub says does not exist (a typo) was "could not be downloaded", exit 1."""
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     from scenebreak.hub import hub_snapshot
 
@@ -315,6 +315,12 @@ def test_download_failures_name_what_is_so(monkeypatch, tmp_path):
     failure["exc"] = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # (its __init__ wants an HTTP response)
     Exception.__init__(failure["exc"], "404 Client Error")
     with pytest.raises(InvalidInput, match="'someone/model' is not on the Hugging Face hub .a typo"):
+        hub_snapshot("someone/model", None, ["*.json"])
+    # A gated model (FLUX.1-dev): the fix is to accept its terms and log in, a fixable failure.
+    failure["exc"] = GatedRepoError.__new__(GatedRepoError)
+    Exception.__init__(failure["exc"], "403 Client Error")
+    with pytest.raises(ModelNotAvailable, match=r"'someone/model' is gated .* accept its terms at "
+                                                r"https://huggingface.co/someone/model .*hf auth login"):
         hub_snapshot("someone/model", None, ["*.json"])
     # A file missing after the download: not on the hub, or the hub unreachable and the
     # library's fallback a part-downloaded snapshot (it was blamed on the hub alone).
