@@ -305,3 +305,39 @@ def test_a_format_2_scene_from_before_the_layout_move_still_loads_and_generates(
     out = generate(old, "<asset2> on the moon", GenerateConfig(steps=2, seed=0), out_dir=tmp_path)
     with Image.open(out.images[0].path) as im:
         assert im.size == (64, 64)
+
+
+def test_a_base_that_encodes_the_empty_prompt_samples_and_exports_as_its_folder_says(scene_files, tiny_sdxl, tmp_path):
+    """An SDXL folder may say `force_zeros_for_empty_prompt: false` (its unconditional
+    half is the encoded empty prompt, not zeros): the pipeline was always built with
+    zeros, 135/255 away from diffusers' image of the same base, and the export said true."""
+    import json
+    import shutil
+
+    from helpers import craft
+
+    from scenebreak.device import choose_device
+    from scenebreak.exports.export import export_scene
+    from scenebreak.families.base_model import load_components
+    from scenebreak.sample.scene_models import open_pipeline
+
+    base = tmp_path / "encodes-empty"
+    shutil.copytree(tiny_sdxl, base)
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps(dict(index, force_zeros_for_empty_prompt=False)))
+    assert load_components(str(base)).pipeline_options == {"force_zeros_for_empty_prompt": False}
+    assert load_components(str(tiny_sdxl)).pipeline_options in ({}, {"force_zeros_for_empty_prompt": True})
+
+    result = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                   base_model=str(base), name="xl-empty", output=tmp_path / "xl-empty.scene")
+    scene = load_scene(result.path)
+    assert scene.meta["configs"]["pipeline"] == {"force_zeros_for_empty_prompt": False}
+    assert open_pipeline(scene, choose_device("cpu")).config.force_zeros_for_empty_prompt is False
+    [folder] = export_scene(result.path, tmp_path / "pipe", "diffusers")
+    assert json.loads((folder / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is False
+
+    # A scene's record is data from a stranger: only a true or false is taken.
+    hostile = craft(result.path, tmp_path / "hostile.scene",
+                    meta=lambda m: m["configs"].update(pipeline={"force_zeros_for_empty_prompt": "no",
+                                                                 "_name_or_path": "/etc"}))
+    assert open_pipeline(load_scene(hostile), choose_device("cpu")).config.force_zeros_for_empty_prompt is True

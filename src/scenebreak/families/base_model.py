@@ -70,6 +70,9 @@ class Components:
     # from and in which dtype; until load_deferred, their place holds a weightless model
     # on the meta device (its config and sizes only).
     deferred: dict = field(default_factory=dict)
+    # The pipeline settings of the folder's model_index.json that change what it makes
+    # (Family.pipeline_options).
+    pipeline_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.family is None:
@@ -428,4 +431,5 @@ def load_components(base_model: str, revision: str | None = None,
     # After the fingerprint, which stays that of the folder as it is (scenes match by it).
     for text_encoder, tokenizer in zip(text_encoders, tokenizers):
         pool_at_end_of_text(text_encoder, tokenizer)
-    return Components(denoiser, vae, text_encoders, tokenizers, scheduler_config, base, family, deferred)
+    options = family.pipeline_options(json_object(folder / "model_index.json"))
+    return Components(denoiser, vae, text_encoders, tokenizers, scheduler_config, base, family, deferred, options)

@@ -88,10 +88,15 @@ class Family:
 
         return getattr(diffusers, self.pipeline_name)
 
-    def pipeline(self, unet, vae, text_encoders: list, tokenizers: list, scheduler):
+    def pipeline(self, unet, vae, text_encoders: list, tokenizers: list, scheduler, options: dict | None = None):
         """Its text-to-image pipeline over given models, without a safety checker or
-        watermark."""
+        watermark; `options` are pipeline_options'."""
         raise NotImplementedError
+
+    def pipeline_options(self, index: dict) -> dict:
+        """The settings of a base folder's model_index.json (or of a scene's record of
+        them) that change what its pipeline makes: none but SDXL's."""
+        return {}
 
     def sampling_vae_dtype(self, vae, dtype):
         """The dtype the VAE samples in when the rest is in `dtype`."""

@@ -293,7 +293,7 @@ class Flux(Family):
         """The latents are packed in 2x2 patches."""
         return 2 * vae_scale(vae)
 
-    def pipeline(self, transformer, vae, text_encoders: list, tokenizers: list, scheduler):
+    def pipeline(self, transformer, vae, text_encoders: list, tokenizers: list, scheduler, options: dict | None = None):
         return self.pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=text_encoders[0],
                                      tokenizer=tokenizers[0], text_encoder_2=text_encoders[1],
                                      tokenizer_2=tokenizers[1], transformer=transformer)

@@ -24,7 +24,7 @@ class SD(UNetFamily):
         sd1 = text.get("hidden_size") == 768 or not unet.get("use_linear_projection", False)
         return SD1 if sd1 else SD2
 
-    def pipeline(self, unet, vae, text_encoders: list, tokenizers: list, scheduler):
+    def pipeline(self, unet, vae, text_encoders: list, tokenizers: list, scheduler, options: dict | None = None):
         return self.pipeline_class()(vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoders[0],
                                      tokenizer=tokenizers[0], safety_checker=None, feature_extractor=None,
                                      requires_safety_checker=False)

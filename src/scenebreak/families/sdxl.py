@@ -58,10 +58,17 @@ class SDXL(UNetFamily):
 
         return CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
 
-    def pipeline(self, unet, vae, text_encoders: list, tokenizers: list, scheduler):
+    def pipeline(self, unet, vae, text_encoders: list, tokenizers: list, scheduler, options: dict | None = None):
         return self.pipeline_class()(vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoders[0],
                                      tokenizer=tokenizers[0], text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1],
-                                     add_watermarker=False)
+                                     add_watermarker=False, **self.pipeline_options(options or {}))
+
+    def pipeline_options(self, index: dict) -> dict:
+        """Whether the unconditional half of guidance without a negative prompt is zeros
+        (SDXL base, the default) or the encoded empty prompt, as a fine-tune's folder may
+        say: its pipeline samples that way, and so must ours and our exports."""
+        value = index.get("force_zeros_for_empty_prompt")
+        return {"force_zeros_for_empty_prompt": value} if isinstance(value, bool) else {}
 
     def sampling_vae_dtype(self, vae, dtype):
         """SDXL's VAE overflows in fp16 (its config says so with force_upcast)."""

@@ -39,11 +39,12 @@ def run_in_passes(items: list, batch: int, run_pass, report: Reporter = silent, 
 
 
 def make_pipeline(family, denoiser, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,
-                  scheduler: str | None = None):
+                  scheduler: str | None = None, options: dict | None = None):
     """The diffusers text-to-image pipeline of `family` (families.Family) with the
-    sampler `scheduler` (default: the family's), and no safety checker or watermark."""
+    sampler `scheduler` (default: the family's), the base's pipeline `options`
+    (Family.pipeline_options), and no safety checker or watermark."""
     sampler = family.sampler(scheduler or family.samplers[0], scheduler_config)
-    pipe = family.pipeline(denoiser, vae, text_encoders, tokenizers, sampler)
+    pipe = family.pipeline(denoiser, vae, text_encoders, tokenizers, sampler, options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

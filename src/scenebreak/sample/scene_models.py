@@ -362,4 +362,4 @@ def open_pipeline(scene: Scene, device: Device, base_model: str | None = None, d
 
         denoiser.to(memory_format=torch.channels_last)  # faster convolutions with cuDNN
     return make_pipeline(scene.family, denoiser, vae, text_encoders, tokenizers, scene.meta["configs"]["scheduler"],
-                         scheduler)
+                         scheduler, scene.meta["configs"].get("pipeline"))

@@ -54,7 +54,8 @@ def scene_metadata(*, name: str, tokens: list[str], components, prepared, config
         "seconds": round(seconds, 2),
         "configs": {c.family.denoiser: model_config(c.denoiser), "vae": model_config(c.vae),
                     **{name: model_config(te) for name, te in zip(c.family.text_encoders, c.text_encoders)},
-                    "scheduler": dict(c.scheduler_config)},
+                    "scheduler": dict(c.scheduler_config),
+                    **({"pipeline": dict(c.pipeline_options)} if c.pipeline_options else {})},
     }
 
 

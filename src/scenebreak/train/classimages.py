@@ -133,7 +133,8 @@ def _make(components, device, prompt: str, resolution: int, amp_dtype, todo: lis
     c = components
     for model in c.models():
         model.to(device.torch)
-    pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler)
+    pipe = make_pipeline(c.family, c.denoiser, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, scheduler,
+                         c.pipeline_options)
     steps = c.family.sampler_steps(scheduler)
     batch = images_per_pass(device, batch_size)
     autocast = device.autocast(amp_dtype)
