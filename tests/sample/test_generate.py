@@ -197,6 +197,7 @@ def test_each_image_carries_what_made_it(learned, tmp_path):
     from PIL import Image
 
     from scenebreak import GenerateConfig, generate
+    from scenebreak.device import cpu_has_bf16
 
     result = generate(learned.path, "<asset1> on the moon", GenerateConfig(steps=2, seed=7, negative="blurry"),
                       out_dir=tmp_path)
@@ -205,6 +206,9 @@ def test_each_image_carries_what_made_it(learned, tmp_path):
     assert "Seed: 7" in info["parameters"] and "Model: photo" in info["parameters"]
     settings = json.loads(info["scenebreak"])
     assert settings["seed"] == 7 and settings["scene"] == "photo" and settings["steps"] == 2
+    # What `auto` came to here (it recorded "auto": another machine's auto samples otherwise).
+    assert settings["precision"] == result.settings["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
     again = generate(learned.path, settings["prompt"], GenerateConfig(steps=settings["steps"], seed=settings["seed"],
-                     scheduler=settings["scheduler"], negative=settings["negative"]), out_dir=tmp_path / "again")
+                     scheduler=settings["scheduler"], negative=settings["negative"], precision=settings["precision"]),
+                     out_dir=tmp_path / "again")
     assert (np.asarray(Image.open(again.images[0].path)) == np.asarray(Image.open(result.images[0].path))).all()

@@ -70,14 +70,14 @@ class SamplingRun:
     pipe: object
     seed: int
     started: float
-    config: GenerateConfig  # as given, with the family's defaults filled in (guidance)
+    config: GenerateConfig  # as given, with the family's defaults filled in (guidance) and `auto` resolved
     autocast_dtype: object = None  # bf16 on CPUs with bf16 instructions (Device.sampling_precision)
     kept_as: tuple | None = None  # the pipeline's key in the keeper (kept.py), where it may be kept
 
     def result(self, images: list[GeneratedImage]) -> GenerateResult:
         self.put_back()
         settings = {"scheduler": self.config.scheduler, "steps": self.config.steps, "guidance": self.config.guidance,
-                    "negative": self.config.negative}
+                    "negative": self.config.negative, "precision": self.config.precision}
         return GenerateResult(self.scene.name, images, time.perf_counter() - self.started, settings,
                               scene_path=self.scene.path)
 
@@ -132,6 +132,9 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     warn_handles_past_shorter_encoders(prompts, tokenizers, scene.family.attention_text, report)
     device = device if isinstance(device, Device) else choose_device(device)
     dtype, autocast_dtype = device.sampling_precision(config.precision, prefer_bf16=scene.family.samples_in_bf16)
+    # What `auto` came to on this machine, as the images and results record it: "auto"
+    # made the same image again only on a machine like this one.
+    config = dataclasses.replace(config, precision=precision_name(autocast_dtype or dtype))
     seed = pick_seed(config, report)
     if out_dir is not None:
         if not is_writable_folder(Path(out_dir)):
@@ -146,6 +149,11 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
             pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler,
                                  tokenizers=tokenizers, report=report)
     return SamplingRun(scene, pipe, seed, started, config, autocast_dtype, kept_as=key)
+
+
+def precision_name(dtype) -> str:
+    """The `--precision` that samples in `dtype` (the autocast's where there is one)."""
+    return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[str(dtype)]
 
 
 def pipeline_key(scene: Scene, device: Device, dtype, base_model: str | None) -> tuple | None:
