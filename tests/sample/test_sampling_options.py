@@ -273,3 +273,22 @@ def test_an_out_dir_that_is_a_link_to_nowhere_is_one_line_before_loading(learned
         assert result.exit_code == 2, result.output
         assert result.stderr.strip().splitlines()[-1] == f"Error: --out-dir {out} is not a folder you can write to: choose another"
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+def test_more_steps_than_the_sampler_takes_is_one_line_before_loading(learned, tmp_path, monkeypatch, scheduler):
+    """SD's samplers at --steps 1000 (within the bound): the base's steps_offset put the
+    first timestep past the 1000 it was trained on, and the first step failed with an
+    IndexError, exit 1, after the models had loaded. Euler takes 1000."""
+    from scenebreak.sample import sampling
+
+    opened = []
+    monkeypatch.setattr(sampling, "open_pipeline", lambda *a, **k: opened.append(1) or pytest.fail("loaded"))
+    result = CliRunner().invoke(cli, ["generate", str(learned.path), "<asset1>", "--steps", "1000",
+                                      "--scheduler", scheduler, "--out-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"Error: --steps 1000 is more than this scene's {scheduler} sampler takes (IndexError")
+    assert not opened
+    sampling.check_sampler_config(sampling.open_scene(learned.path), scheduler, 999)
+    sampling.check_sampler_config(sampling.open_scene(learned.path), "euler", 1000)

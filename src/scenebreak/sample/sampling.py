@@ -169,16 +169,39 @@ def pipeline_key(scene: Scene, device: Device, dtype, base_model: str | None) ->
 
 def check_sampler_config(scene, sampler: str, steps: int) -> None:
     """The scene's scheduler config makes its sampler (a stranger's scene may hold one
-    that does not): said in one line now, not after the models have loaded."""
+    that does not), and the sampler takes `steps` steps: said in one line now, not
+    after the models have loaded."""
     from ..errors import BundleError
+
+    def why(exc: Exception) -> str:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
     try:
         size = scene.resolution // 8
-        scene.family.set_timesteps(scene.family.sampler(sampler, scene.meta["configs"]["scheduler"]), steps, (size, size), "cpu")
+        scheduler = scene.family.sampler(sampler, scene.meta["configs"]["scheduler"])
+        scene.family.set_timesteps(scheduler, steps, (size, size), "cpu")
     except Exception as exc:  # diffusers raises several types for impossible settings
         raise BundleError(f"{scene.path or scene.name} is not a valid scene: its scheduler config does not make a "
-                          f"{sampler} sampler ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-                          ) from None
+                          f"{sampler} sampler ({why(exc)})") from None
+    try:
+        dry_run(scheduler)
+    except Exception as exc:
+        # (SD's samplers at 1000 steps: the base's steps_offset puts the first timestep
+        # past the 1000 it was trained on, and the first step failed, models loaded.)
+        raise InvalidInput(f"--steps {steps} is more than this scene's {sampler} sampler takes ({why(exc)}): "
+                           "use fewer") from None
+
+
+def dry_run(scheduler) -> None:
+    """Every step of `scheduler` (timesteps set) on a one-pixel latent: what sampling
+    will ask of it, in microseconds a step."""
+    import torch
+
+    sample = torch.zeros(1, 1, 1, 1)
+    with torch.random.fork_rng(devices=[]):  # (Euler's step draws noise, from the global generator)
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(sample, t) if hasattr(scheduler, "scale_model_input") else sample
+            sample = scheduler.step(torch.zeros_like(model_input), t, sample, return_dict=False)[0]
 
 
 MAX_PROMPTS_FILE = 2**20  # bytes: thousands of prompts
