@@ -191,6 +191,14 @@ MAX_HANDLES = 64  # handles a scene file may hold (bundle.py)
 # <b> and ...", must fit CLIP's 77 tokens with its start and end of text (3 + 2N - 1 + 2).
 MAX_LEARNED_HANDLES = (77 - 2 - 3 + 1) // 2
 SEED = Bounds(0, MAX_SEED)
+
+
+def check_seed_room(seed: int | None, count: int, flag: str = "-n") -> None:
+    """Image i takes seed + i - 1: the last of `count` images must still have a seed
+    that --seed takes, or it could not be made again from its recorded one."""
+    if isinstance(seed, int) and count > 1 and seed > MAX_SEED - (count - 1):
+        raise InvalidInput(f"--seed {seed} with {flag} {count}: image {count} would take seed {seed + count - 1}, past "
+                           f"the largest ({MAX_SEED}): use --seed {MAX_SEED - (count - 1)} or less")
 LEARNING_RATE = Bounds(0, 1, above=True)
 WEIGHT = Bounds(0, 100)
 PIXELS = Bounds(0, MAX_PIXELS)
@@ -337,6 +345,7 @@ class GenerateConfig:
         """This config checked (use the copy it returns). The sampler and its step count,
         where not given, are the scene's family's (sampling.start fills them in)."""
         check_bounds(self)
+        check_seed_room(self.seed, self.num_images)
         for name, value, allowed in (("scheduler", self.scheduler, SCHEDULERS),
                                      ("precision", self.precision, SAMPLING_PRECISIONS)):
             if value is not None and value not in allowed:

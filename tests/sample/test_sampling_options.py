@@ -292,3 +292,40 @@ def test_more_steps_than_the_sampler_takes_is_one_line_before_loading(learned, t
     assert not opened
     sampling.check_sampler_config(sampling.open_scene(learned.path), scheduler, 999)
     sampling.check_sampler_config(sampling.open_scene(learned.path), "euler", 1000)
+
+
+def test_the_negative_prompt_is_checked_as_the_prompt_is(learned, tmp_path, monkeypatch):
+    """An unknown handle in --negative was read as plain words, exit 0, and a negative
+    prompt past CLIP's 77 tokens was cut without a word."""
+    from scenebreak.sample import sampling
+
+    def stop(*args, **kwargs):
+        raise InvalidInput("stopped where the models would load")
+
+    monkeypatch.setattr(sampling, "open_pipeline", stop)
+    result = CliRunner().invoke(cli, ["generate", str(learned.path), "<asset1>", "--negative", "blurry <asset9>",
+                                      "--out-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "unknown handle <asset9> in negative prompt 'blurry <asset9>'" in result.stderr
+    result = CliRunner().invoke(cli, ["generate", str(learned.path), "<asset1>", "--negative", "blurry " * 80,
+                                      "--out-dir", str(tmp_path)])
+    assert "warning: negative prompt 'blurry blurry" in result.stderr and "over the text encoder's 77" in result.stderr
+
+
+def test_the_last_image_of_a_call_has_a_seed_that_makes_it_again(learned, tmp_path):
+    """--seed at the ceiling with -n 2 wrote an image whose recorded seed --seed refuses."""
+    from scenebreak import extract_background
+    from scenebreak.config import MAX_SEED, EditConfig
+
+    GenerateConfig(seed=MAX_SEED - 1, num_images=2).validate()
+    for config in (GenerateConfig(seed=MAX_SEED, num_images=2), EditConfig(seed=MAX_SEED - 1, num_images=3)):
+        with pytest.raises(InvalidInput, match=rf"image \d would take seed .* use --seed {MAX_SEED - config.num_images + 1} or less"):
+            config.validate()
+    result = CliRunner().invoke(cli, ["generate", str(learned.path), "<asset1>", "--seed", str(MAX_SEED), "-n", "2",
+                                      "--out-dir", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.startswith(f"Error: --seed {MAX_SEED} with -n 2"), result.output
+    with pytest.raises(InvalidInput, match="--seed .* with -n 3"):
+        extract_background(learned.path, EditConfig(seed=MAX_SEED - 1), variations=3)
+    # And extract-bg's variations from a blank prompt (edit and generate refuse one).
+    with pytest.raises(InvalidInput, match="--prompt is empty"):
+        extract_background(learned.path, variations=1, prompt="   ")

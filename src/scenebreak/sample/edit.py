@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..arguments import config_argument, path_argument
-from ..config import MAX_IMAGES, BackgroundConfig, EditConfig
+from ..config import MAX_IMAGES, BackgroundConfig, EditConfig, check_seed_room
 from ..device import Device
 from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
 from ..events import Message, Progress, Reporter, silent
@@ -192,6 +192,9 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
         raise InvalidInput(f"prompt must be text, not {type(prompt).__name__}")
     if not 0 <= variations <= MAX_IMAGES:
         raise InvalidInput(f"-n must be at least 0 and at most {MAX_IMAGES}")
+    check_seed_room(config.seed, variations)
+    if prompt is not None and not prompt.strip():  # (as generate and edit refuse one)
+        raise InvalidInput("--prompt is empty: give one, or leave --prompt out for \"a photo of <background>\"")
     if config.num_images != 1:  # (a setting it inherits from EditConfig: it would be silently unused)
         raise InvalidInput(f"extract_background makes one clean plate and `variations` new backgrounds: pass "
                            f"variations={config.num_images}, not BackgroundConfig(num_images={config.num_images})")

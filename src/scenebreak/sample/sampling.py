@@ -123,12 +123,16 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
         report(Message(f"{scene.family.name} samples without a negative prompt (one pass per step, no classifier-free "
                        "guidance): --negative is ignored", "warning"))
         config = dataclasses.replace(config, negative=None)
+    if config.negative:  # (a handle it does not have would be read as plain words)
+        check_prompts(scene, [config.negative], "negative prompt")
     sampler, steps = scene.family.choose_sampler(config.scheduler, config.steps)
     check_sampler_config(scene, sampler, steps)
     config = dataclasses.replace(config, scheduler=sampler, steps=steps,
                                  guidance=scene.family.guidance if config.guidance is None else config.guidance)
     tokenizers = scene_tokenizers(scene)
     check_prompt_lengths(scene, prompts, tokenizers[scene.family.attention_text], report)
+    if config.negative:
+        check_prompt_lengths(scene, [config.negative], tokenizers[scene.family.attention_text], report, "negative prompt")
     warn_handles_past_shorter_encoders(prompts, tokenizers, scene.family.attention_text, report)
     device = device if isinstance(device, Device) else choose_device(device)
     dtype, autocast_dtype = device.sampling_precision(config.precision, prefer_bf16=scene.family.samples_in_bf16)
@@ -220,16 +224,17 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def check_prompts(scene: Scene, prompts: list[str]) -> None:
+def check_prompts(scene: Scene, prompts: list[str], what: str = "prompt") -> None:
     """Every <handle> in every prompt must be one of the scene's."""
     known = scene.tokens
     for prompt in prompts:
         for token in handles_in(prompt):
             if token not in known:
-                raise UnknownHandle(f"unknown handle {token} in prompt {prompt!r}: scene {scene.name!r} has {', '.join(known)}")
+                raise UnknownHandle(f"unknown handle {token} in {what} {prompt!r}: scene {scene.name!r} has "
+                                    f"{', '.join(known)}")
 
 
-def check_prompt_lengths(scene: Scene, prompts: list[str], tokenizer, report: Reporter) -> None:
+def check_prompt_lengths(scene: Scene, prompts: list[str], tokenizer, report: Reporter, what: str = "prompt") -> None:
     """The text encoder reads a prompt's first tokens only (77 on CLIP): a handle past
     them would silently vanish from the image, so that is refused; words alone past
     them are cut with a warning saying which."""
@@ -241,9 +246,9 @@ def check_prompt_lengths(scene: Scene, prompts: list[str], tokenizer, report: Re
         kept = tokenizer.decode(ids[1:limit - 1])
         for token in dict.fromkeys(handles_in(prompt)):
             if tokenizer.convert_tokens_to_ids(token) not in ids[:limit - 1]:
-                raise InvalidInput(f"prompt {prompt[:60]!r}...: handle {token} falls past the text encoder's {limit} "
+                raise InvalidInput(f"{what} {prompt[:60]!r}...: handle {token} falls past the text encoder's {limit} "
                                    "tokens, where the prompt is cut: put it earlier or shorten the prompt")
-        report(Message(f"prompt {prompt[:60]!r}... is {len(ids)} tokens, over the text encoder's {limit}: "
+        report(Message(f"{what} {prompt[:60]!r}... is {len(ids)} tokens, over the text encoder's {limit}: "
                        f"only {kept[-40:]!r} and what comes before it is used", "warning"))
 
 
