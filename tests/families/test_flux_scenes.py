@@ -65,6 +65,8 @@ def test_generate_edit_and_extract_bg_on_flux(dev_scene, scene_files, tmp_path):
         with Image.open(image.path) as im:
             assert im.size == (64, 64)
             arrays.append(np.asarray(im))
+            # As Forge writes FLUX.1 dev's embedded guidance (its CFG scale is real, two-pass guidance).
+            assert "Steps: 2, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: " in im.info["parameters"]
     assert not np.array_equal(*arrays)
     edited = edit(scene_files["image"], [(scene_files["masks"][0], "a photo of <asset2>")], dev_scene.path,
                   EditConfig(steps=4, seed=1), out_dir=tmp_path / "edit")

@@ -202,7 +202,7 @@ def test_each_image_carries_what_made_it(learned, tmp_path):
     result = generate(learned.path, "<asset1> on the moon", GenerateConfig(steps=2, seed=7, negative="blurry"),
                       out_dir=tmp_path)
     info = Image.open(result.images[0].path).info
-    assert info["parameters"].startswith("<asset1> on the moon\nNegative prompt: blurry\nSteps: 2, Sampler: dpm, ")
+    assert info["parameters"].startswith("<asset1> on the moon\nNegative prompt: blurry\nSteps: 2, Sampler: DPM++ 2M, ")
     assert "Seed: 7" in info["parameters"] and "Model: photo" in info["parameters"]
     settings = json.loads(info["scenebreak"])
     assert settings["seed"] == 7 and settings["scene"] == "photo" and settings["steps"] == 2

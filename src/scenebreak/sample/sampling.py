@@ -341,6 +341,10 @@ def save_png(image, path: Path, overwrite: bool = False, icc_profile: bytes | No
     return write_atomically(Path(path), write) if overwrite else write_new_file(Path(path), write)
 
 
+# Our samplers by the names AUTOMATIC1111 and Forge write and read back ("Send to txt2img").
+A1111_SAMPLERS = {"dpm": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "flow": "Euler"}
+
+
 def png_parameters(scene: Scene, prompt: str, seed: int, config: GenerateConfig, size: tuple[int, int]) -> dict:
     """What made an image, in its PNG: "parameters" as AUTOMATIC1111 writes it (its PNG
     Info tab, and the tools that read that, show it), and "scenebreak" as JSON; enough to
@@ -349,9 +353,13 @@ def png_parameters(scene: Scene, prompt: str, seed: int, config: GenerateConfig,
                 "scheduler": config.scheduler, "steps": config.steps, "guidance": config.guidance,
                 "precision": config.precision, "size": list(size)}
     lines = [prompt] + ([f"Negative prompt: {config.negative}"] if config.negative else [])
+    # FLUX.1 dev's guidance is embedded, not classifier-free: Forge writes it as
+    # "Distilled CFG Scale" beside a CFG scale of 1 (one pass per step).
+    cfg = config.guidance if scene.family.classifier_free else (1 if config.guidance is not None else None)
     lines.append(", ".join(f"{key}: {value}" for key, value in (
-        ("Steps", config.steps), ("Sampler", config.scheduler), ("CFG scale", config.guidance), ("Seed", seed),
-        ("Size", f"{size[0]}x{size[1]}"), ("Model", scene.name)) if value is not None))
+        ("Steps", config.steps), ("Sampler", A1111_SAMPLERS.get(config.scheduler, config.scheduler)),
+        ("CFG scale", cfg), ("Distilled CFG Scale", None if scene.family.classifier_free else config.guidance),
+        ("Seed", seed), ("Size", f"{size[0]}x{size[1]}"), ("Model", scene.name)) if value is not None))
     return {"parameters": "\n".join(lines), "scenebreak": json.dumps(settings)}
 
 
