@@ -25,7 +25,7 @@ from scenebreak.paths import checkpoint_path, home, scene_path
 from scenebreak.train.locks import locked
 
 from helpers import wait_for_checkpoint, write_synthetic_scene
-from jobfiles import GENERATE, files, lines, three_jobs, write_jobs
+from jobfiles import GENERATE, TINY, files, lines, three_jobs, write_jobs
 
 def test_three_jobs_on_two_workers_one_failing_then_a_rerun_skips_everything(tmp_path, tiny_model):
     jobs = three_jobs(tmp_path, tiny_model)
@@ -723,3 +723,37 @@ def test_a_local_worker_killed_mid_job_is_tried_again_and_resumes(tmp_path, tiny
     assert b"job 1 (r): its worker process died (exit code -9); trying again" in err
     got = lines(out.decode())["r"]
     assert got["status"] == "done" and got["resumed"] is True and Path(got["scene"]).is_file()
+
+
+def test_a_handle_past_the_prompt_limit_is_refused_before_any_job_learns(tmp_path, tiny_model):
+    """generate refuses it before loading; batch found it only after the job had learned
+    its scene (hours, overnight), then failed the job's images."""
+    write_synthetic_scene(tmp_path / "in")
+    learn = {**TINY, "base-model": str(tiny_model)}
+    jobs = write_jobs(tmp_path, [
+        {"photo": "in/photo.png", "masks": ["in/red.png"], "name": "fine", "learn": learn, "prompts": ["<asset1>"]},
+        {"photo": "in/photo.png", "masks": ["in/red.png"], "name": "long", "names": ["bowl"], "learn": learn,
+         "prompts": ["word " * 80 + "<bowl>"]},
+    ])
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: JOBS file {jobs}, line 2: prompt 'word word")
+    assert "handle <bowl> falls past the text encoder's 77 tokens" in result.stderr
+    assert not (tmp_path / "out").exists() and not scene_path("fine").exists()
+
+
+def test_a_job_that_fails_after_learning_names_the_scene_it_kept(tmp_path, tiny_model, monkeypatch):
+    import scenebreak.sample.generate as generate_module
+
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": "kept",
+                                  "learn": {**TINY, "base-model": str(tiny_model)}, "prompts": ["<asset1>"],
+                                  "generate": GENERATE}])
+
+    def fail(*args, **kwargs):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(generate_module, "generate", fail)
+    result = run_job(read_jobs(jobs)[0], tmp_path / "out", device="cpu")
+    assert result.status == "failed" and "the disk went away" in result.error
+    assert result.scene == str(scene_path("kept")) and scene_path("kept").is_file()

@@ -131,6 +131,39 @@ def read_jobs(source: str | os.PathLike) -> list[Job]:
     return jobs
 
 
+def check_prompts_fit(jobs: list[Job], source) -> None:
+    """A handle past the text encoder's limit (77 tokens on CLIP) failed a job's images
+    only after its scene was learned, hours in: checked before any job starts, on each
+    base model whose tokenizers are here (a folder, or the Hugging Face cache; a base
+    that is not is left to its jobs, which say what is wrong with it)."""
+    import copy
+
+    from ..errors import SceneBreakError
+    from ..events import silent
+    from ..families.base_model import base_tokenizers
+    from ..sample.sampling import check_prompt_lengths
+
+    bases: dict = {}
+    for job in jobs:
+        if not job.prompts:
+            continue
+        base = (job.base_model or default_base_model(), job.revision)
+        if base not in bases:
+            try:
+                bases[base] = base_tokenizers(*base)
+            except (SceneBreakError, OSError, ValueError):
+                bases[base] = None
+        if bases[base] is None:
+            continue
+        family, tokenizers = bases[base]
+        tokenizer = copy.deepcopy(tokenizers[family.attention_text])  # the one whose tokens the image sees
+        tokenizer.add_tokens(job.learn.handle_tokens(len(job.masks) or len(job.objects)))
+        try:
+            check_prompt_lengths(None, list(job.prompts), tokenizer, silent)
+        except InvalidInput as exc:
+            raise InvalidInput(f"JOBS file {source}, line {job.line}: {exc}") from None
+
+
 def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
     try:
         data = json.loads(line, object_pairs_hook=_one_of_each_key)

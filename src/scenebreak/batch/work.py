@@ -132,9 +132,22 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
     except Interrupted:
         return JobResult(job.number, job.name, "interrupted", error=INTERRUPTED, seconds=time.perf_counter() - started)
     except Exception as exc:  # the job's failure is its result; the batch goes on
-        return JobResult(job.number, job.name, "failed", error=one_line(exc), seconds=time.perf_counter() - started)
+        return JobResult(job.number, job.name, "failed", _learned_scene(job, out), error=one_line(exc),
+                         seconds=time.perf_counter() - started)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _learned_scene(job: Job, out: Path) -> str | None:
+    """The scene a failed job had learned before it failed (say, making its images):
+    kept, and a rerun takes it up, so its result names it."""
+    try:
+        record = read_record(job_folder(job, out))
+        scene = record.get("scene")
+        return scene if isinstance(scene, str) and record.get("state") in ("learned", "done") and Path(scene).is_file() \
+            else None
+    except (OSError, ValueError):  # (the failure itself may be that the record cannot be read)
+        return None
 
 
 def _stop_if_asked(should_stop) -> None:

@@ -378,6 +378,30 @@ def load_deferred(components: Components, widen: bool = False) -> None:
 
 
 @one_builder_at_a_time
+def load_tokenizers(folder: Path, family) -> list:
+    """The base folder's tokenizers, one per text encoder of `family`."""
+    from . import json_object
+
+    tokenizers = []
+    for name in family.tokenizers:
+        cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
+        cls = tokenizer_class_for(cls, {p.name for p in (folder / name).iterdir()})  # (saved by transformers 5)
+        overrides = tokenizer_overrides(json_object(folder / name / "tokenizer_config.json"))
+        tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length, **overrides))
+    return tokenizers
+
+
+def base_tokenizers(base_model: str, revision: str | None = None) -> tuple:
+    """(family, tokenizers) of a base model that is here (a folder, or in the Hugging
+    Face cache: nothing is downloaded), for checks made before it loads."""
+    from . import detect_family
+
+    folder, _ = resolve_model_dir(base_model, revision, download=False)
+    family = detect_family(folder, f"the base model {base_model}")
+    with _loading(base_model, folder):
+        return family, load_tokenizers(folder, family)
+
+
 def load_components(base_model: str, revision: str | None = None,
                     resolved: tuple[Path, str | None] | None = None, denoiser_dtype=None,
                     text_encoder_dtypes: dict | None = None, defer: tuple[str, ...] = ()) -> Components:
@@ -409,12 +433,7 @@ def load_components(base_model: str, revision: str | None = None,
                     stored_tables[i], deferred[name] = table, (base_model, folder / name, dtype)
                     continue
             text_encoders.append(load_text_encoder(family.text_encoder_class(name), folder / name, **transformers_dtype(dtype)))
-        tokenizers = []
-        for name in family.tokenizers:
-            cls, max_length = family.tokenizer_class(name)  # the text encoder's length, whatever the files say
-            cls = tokenizer_class_for(cls, {p.name for p in (folder / name).iterdir()})  # (saved by transformers 5)
-            overrides = tokenizer_overrides(json_object(folder / name / "tokenizer_config.json"))
-            tokenizers.append(cls.from_pretrained(folder / name, model_max_length=max_length, **overrides))
+        tokenizers = load_tokenizers(folder, family)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     for model in (denoiser, vae, *text_encoders):
         model.requires_grad_(False)

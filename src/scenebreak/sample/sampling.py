@@ -234,7 +234,8 @@ def check_prompts(scene: Scene, prompts: list[str], what: str = "prompt") -> Non
                                     f"{', '.join(known)}")
 
 
-def check_prompt_lengths(scene: Scene, prompts: list[str], tokenizer, report: Reporter, what: str = "prompt") -> None:
+def check_prompt_lengths(scene: Scene | None, prompts: list[str], tokenizer, report: Reporter,
+                         what: str = "prompt") -> None:
     """The text encoder reads a prompt's first tokens only (77 on CLIP): a handle past
     them would silently vanish from the image, so that is refused; words alone past
     them are cut with a warning saying which."""
