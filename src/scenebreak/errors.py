@@ -81,12 +81,16 @@ class HungUp(Terminated):
 
 def stop_signals() -> dict:
     """The signals that stop a long command cleanly, as Ctrl-C does, each with the
-    Interrupted it leaves as: SIGTERM, and SIGHUP where there is one (not on Windows)."""
+    Interrupted it leaves as: SIGTERM, SIGHUP where there is one (not on Windows), and
+    Windows' Ctrl-Break (SIGBREAK), which would otherwise end the process on the spot,
+    checkpoint unsaved."""
     import signal
 
     found = {signal.SIGTERM: Terminated}
     if hasattr(signal, "SIGHUP"):
         found[signal.SIGHUP] = HungUp
+    if hasattr(signal, "SIGBREAK"):
+        found[signal.SIGBREAK] = Interrupted
     return found
 
 
@@ -261,6 +265,8 @@ def sigterm_stops(message: str):
         if kinds[signum] is HungUp:
             quiet_dead_terminal()
             raise HungUp(f"the terminal closed (SIGHUP): {message}")
+        if kinds[signum] is Interrupted:  # (Ctrl-Break: as Ctrl-C)
+            raise Interrupted(f"interrupted (Ctrl-Break): {message}")
         raise Terminated(f"terminated (SIGTERM): {message}")
 
     previous = {sig: signal.signal(sig, stop) for sig in kinds}

@@ -715,3 +715,27 @@ def test_a_resume_whose_frozen_weights_wait_in_another_precision_is_warned_about
     learn(*args, dataclasses.replace(config, memory="low"), base_model=str(tiny_model), name="held", resume=True,
           report=messages.append)
     assert any("frozen weights held in bf16" in getattr(m, "text", "") for m in messages)
+
+
+def test_ctrl_break_on_windows_stops_learn_and_a_batch_as_ctrl_c_does(monkeypatch):
+    """Windows' Ctrl-Break (SIGBREAK) ended the process on the spot: no checkpoint, no
+    line. (Played here by SIGUSR1 standing in for a SIGBREAK this platform lacks.)"""
+    import scenebreak.errors as errors
+    from scenebreak.train.checkpoints import StopFlag, catch_interrupts
+
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    assert errors.stop_signals()[signal.SIGBREAK] is errors.Interrupted
+    flag, heard = StopFlag(), []
+    with pytest.raises(errors.Interrupted) as stopped:
+        with catch_interrupts(flag, heard.append):
+            os.kill(os.getpid(), signal.SIGBREAK)
+            while not flag():
+                time.sleep(0.01)
+            raise errors.Interrupted("interrupted: checkpoint saved; run the same command with --resume to continue")
+    assert stopped.value.exit_code == 130 and "--resume" in str(stopped.value) and len(heard) == 1
+    with pytest.raises(errors.Interrupted) as stopped:
+        with errors.sigterm_stops("the running jobs saved their checkpoints"):
+            os.kill(os.getpid(), signal.SIGBREAK)
+            time.sleep(5)
+    assert str(stopped.value) == "interrupted (Ctrl-Break): the running jobs saved their checkpoints"
+    assert type(stopped.value) is errors.Interrupted
