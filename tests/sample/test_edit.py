@@ -131,6 +131,14 @@ def test_regions_apply_in_order_like_successive_edits(learned, tmp_path):
     assert both.name.startswith("p-edit-a-photo-of-asset1-a-photo-of-asset2-")  # every region's prompt names it
     reversed_ = edit(tmp_path / "p.png", regions[::-1], learned.path, config, out_dir=tmp_path / "r").images[0].path
     assert not np.array_equal(pixels(both), pixels(reversed_))
+    # What made it, as generate's images carry it (an edit's carried nothing): A1111's
+    # inpainting keys, and the edit settings in scenebreak's JSON.
+    info = Image.open(both).info
+    assert info["parameters"].startswith("a photo of <asset1> | a photo of <asset2>\nSteps: ")
+    assert ", Denoising strength: 0.75, Mask blur: 8" in info["parameters"]
+    settings = json.loads(info["scenebreak"])
+    assert settings["edit"] == {"blend_start": 0.25, "feather": 8, "dilate": 0, "paste": True, "regions": 2}
+    assert settings["size"] == [64, 64] and settings["seed"] == config.seed
 
 
 @pytest.mark.parametrize("scheduler", ["dpm", "ddim", "euler"])
@@ -270,6 +278,7 @@ def test_extract_bg_makes_a_plate_and_variations(learned_background, tmp_path):
     assert np.array_equal(plate[far], scene.image[far])  # the background itself is kept
     assert not np.array_equal(plate[objects], scene.image[objects])  # the objects are re-made
     assert {i.prompt for i in result.images[1:]} == {"a photo of a car at <background>"}
+    assert json.loads(Image.open(result.images[0].path).info["scenebreak"])["edit"]["dilate"] == 2
     # --no-paste: the whole plate is the model's, the background decoded by the VAE too.
     unpasted = extract_background(learned_background.path, EditConfig(dilate=2, feather=2, paste=False, **FAST),
                                   out_dir=tmp_path / "unpasted")

@@ -19,8 +19,8 @@ from ..scenes.bundle import open_scene
 from .blending import (blended_latents, blended_steps, decode, encode, feather_weights, latent_mask, paste_back,
                        resize_mask, work_size)
 from .pipeline import run_in_passes
-from .sampling import (GeneratedImage, GenerateResult, images_per_pass, sample_to_files, save_png, slug, start,
-                       warn_cpu_time)
+from .sampling import (GeneratedImage, GenerateResult, images_per_pass, png_parameters, sample_to_files, save_png,
+                       slug, start, warn_cpu_time)
 from ..images import load_image, load_masks, orientation
 from ..masks.checks import mask_warnings
 from ..masks.ops import dilate
@@ -158,7 +158,10 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
         path = output or Path(out_dir) / fit_file_name(image_path.stem, f"-edit-{name}-{s}.png")
         # The photo's colour profile goes with it: the untouched pixels are its own, and
         # must look it beside the photo in a colour-managed viewer (a phone's Display P3).
-        saved = save_png(array, path, overwrite, icc_profile=source.info.get("icc_profile"))
+        text = png_parameters(run.scene, label, s, run.config, array.shape[1::-1], edit=dict(
+            blend_start=config.blend_start, feather=config.feather, dilate=config.dilate, paste=config.paste,
+            regions=len(prompts)))
+        saved = save_png(array, path, overwrite, icc_profile=source.info.get("icc_profile"), text=text)
         images.append(GeneratedImage(saved, label, s, kind="edit"))
     return run.result(images)
 
@@ -217,7 +220,10 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
                   scene.resolution**2, report)
     [plate] = blend_regions(run, scene.image, [dilate(objects, config.dilate).astype(bool)], [plate_prompt], [seed], run.config,
                             scene.resolution, names=["the objects' mask"], report=report, task="clean plate", estimate=False)
-    images = [GeneratedImage(save_png(plate, out_dir / fit_file_name(scene.name, f"-background-plate-{seed}.png")), plate_prompt, seed, kind="plate")]
+    text = png_parameters(scene, plate_prompt, seed, run.config, plate.shape[1::-1], edit=dict(
+        blend_start=config.blend_start, feather=config.feather, dilate=config.dilate, paste=config.paste, regions=1))
+    images = [GeneratedImage(save_png(plate, out_dir / fit_file_name(scene.name, f"-background-plate-{seed}.png"),
+                                      text=text), plate_prompt, seed, kind="plate")]
     if variations:
         sampling = dataclasses.replace(run.config, num_images=variations)
         try:

@@ -346,13 +346,15 @@ def save_png(image, path: Path, overwrite: bool = False, icc_profile: bytes | No
 A1111_SAMPLERS = {"dpm": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "flow": "Euler"}
 
 
-def png_parameters(scene: Scene, prompt: str, seed: int, config: GenerateConfig, size: tuple[int, int]) -> dict:
+def png_parameters(scene: Scene, prompt: str, seed: int, config: GenerateConfig, size: tuple[int, int],
+                   edit: dict | None = None) -> dict:
     """What made an image, in its PNG: "parameters" as AUTOMATIC1111 writes it (its PNG
     Info tab, and the tools that read that, show it), and "scenebreak" as JSON; enough to
-    make the image again with `generate`."""
+    make the image again with `generate` (an edit's: `edit` settings, and A1111's
+    inpainting keys)."""
     settings = {"scene": scene.name, "prompt": prompt, "negative": config.negative, "seed": seed,
                 "scheduler": config.scheduler, "steps": config.steps, "guidance": config.guidance,
-                "precision": config.precision, "size": list(size)}
+                "precision": config.precision, "size": list(size), **({"edit": edit} if edit else {})}
     lines = [prompt] + ([f"Negative prompt: {config.negative}"] if config.negative else [])
     # FLUX.1 dev's guidance is embedded, not classifier-free: Forge writes it as
     # "Distilled CFG Scale" beside a CFG scale of 1 (one pass per step).
@@ -360,7 +362,10 @@ def png_parameters(scene: Scene, prompt: str, seed: int, config: GenerateConfig,
     lines.append(", ".join(f"{key}: {value}" for key, value in (
         ("Steps", config.steps), ("Sampler", A1111_SAMPLERS.get(config.scheduler, config.scheduler)),
         ("CFG scale", cfg), ("Distilled CFG Scale", None if scene.family.classifier_free else config.guidance),
-        ("Seed", seed), ("Size", f"{size[0]}x{size[1]}"), ("Model", scene.name)) if value is not None))
+        ("Seed", seed), ("Size", f"{size[0]}x{size[1]}"), ("Model", scene.name),
+        # (A1111's img2img names: how much of the schedule re-makes the region, the seam's width.)
+        ("Denoising strength", round(1 - edit["blend_start"], 4) if edit else None),
+        ("Mask blur", edit["feather"] if edit and edit["paste"] else None)) if value is not None))
     return {"parameters": "\n".join(lines), "scenebreak": json.dumps(settings)}
 
 
