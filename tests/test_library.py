@@ -447,3 +447,14 @@ def test_a_missing_peft_is_said_as_a_damaged_install(monkeypatch):
                         if name == "peft" else real(name, *a, **k))
     with pytest.raises(SceneBreakError, match="reinstall scenebreak"):
         require_peft()
+
+
+def test_the_model_loaders_build_one_thread_at_a_time():
+    """What loads or makes models runs under kept.py's one-builder lock (two threads'
+    first loads raced on transformers' and diffusers' lazy imports). A refactor dropped
+    the decorator from load_components once, unnoticed by every other test."""
+    from scenebreak.families.base_model import load_components, load_deferred
+    from scenebreak.sample.scene_models import open_pipeline, scene_components
+
+    for loader in (load_components, load_deferred, scene_components, open_pipeline):
+        assert loader.__code__.co_name == "built" and loader.__wrapped__.__name__ == loader.__name__, loader

@@ -191,6 +191,10 @@ MAX_HANDLES = 64  # handles a scene file may hold (bundle.py)
 # <b> and ...", must fit CLIP's 77 tokens with its start and end of text (3 + 2N - 1 + 2).
 MAX_LEARNED_HANDLES = (77 - 2 - 3 + 1) // 2
 SEED = Bounds(0, MAX_SEED)
+LEARNING_RATE = Bounds(0, 1, above=True)
+WEIGHT = Bounds(0, 100)
+PIXELS = Bounds(0, MAX_PIXELS)
+SCORE = Bounds(0, 1)
 
 
 def check_seed_room(seed: int | None, count: int, flag: str = "-n") -> None:
@@ -199,10 +203,6 @@ def check_seed_room(seed: int | None, count: int, flag: str = "-n") -> None:
     if isinstance(seed, int) and count > 1 and seed > MAX_SEED - (count - 1):
         raise InvalidInput(f"--seed {seed} with {flag} {count}: image {count} would take seed {seed + count - 1}, past "
                            f"the largest ({MAX_SEED}): use --seed {MAX_SEED - (count - 1)} or less")
-LEARNING_RATE = Bounds(0, 1, above=True)
-WEIGHT = Bounds(0, 100)
-PIXELS = Bounds(0, MAX_PIXELS)
-SCORE = Bounds(0, 1)
 
 
 @dataclass(frozen=True)

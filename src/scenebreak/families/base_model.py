@@ -377,7 +377,6 @@ def load_deferred(components: Components, widen: bool = False) -> None:
     components.deferred = {}
 
 
-@one_builder_at_a_time
 def load_tokenizers(folder: Path, family) -> list:
     """The base folder's tokenizers, one per text encoder of `family`."""
     from . import json_object
@@ -402,6 +401,7 @@ def base_tokenizers(base_model: str, revision: str | None = None) -> tuple:
         return family, load_tokenizers(folder, family)
 
 
+@one_builder_at_a_time
 def load_components(base_model: str, revision: str | None = None,
                     resolved: tuple[Path, str | None] | None = None, denoiser_dtype=None,
                     text_encoder_dtypes: dict | None = None, defer: tuple[str, ...] = ()) -> Components:
