@@ -455,6 +455,39 @@ def test_the_model_loaders_build_one_thread_at_a_time():
     the decorator from load_components once, unnoticed by every other test."""
     from scenebreak.families.base_model import load_components, load_deferred
     from scenebreak.sample.scene_models import open_pipeline, scene_components
+    from scenebreak.train.tokens import add_handles, install_handle_embedding, remove_handle_embedding
 
-    for loader in (load_components, load_deferred, scene_components, open_pipeline):
+    for loader in (load_components, load_deferred, scene_components, open_pipeline, add_handles,
+                   install_handle_embedding, remove_handle_embedding):
         assert loader.__code__.co_name == "built" and loader.__wrapped__.__name__ == loader.__name__, loader
+
+
+def test_learn_makes_its_handle_parameters_only_while_no_other_thread_loads_models():
+    """A model loading in another thread (diffusers under accelerate's empty weights,
+    which patches torch for the whole process) put a learn's new parameters on the meta
+    device: "Cannot copy out of meta tensor" or set_data errors, learn beside generate."""
+    import threading
+    import time
+
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from scenebreak import kept
+    from scenebreak.train.tokens import install_handle_embedding
+
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, max_position_embeddings=16))
+    loading, made = threading.Event(), {}
+
+    def load_elsewhere():  # as load_components holds it
+        with kept._building, init_empty_weights():
+            loading.set()
+            time.sleep(0.5)
+
+    other = threading.Thread(target=load_elsewhere)
+    other.start()
+    loading.wait()
+    made["module"] = install_handle_embedding(encoder, 2)
+    other.join()
+    assert made["module"].handles.device == torch.device("cpu") and not made["module"].handles.is_meta

@@ -26,6 +26,7 @@ def first_word_token(tokenizer, word: str) -> int:
     raise InvalidInput(f"--init-words: {word!r} gives no token this model knows: choose another word")
 
 
+@one_builder_at_a_time  # (it makes parameters: see kept.py)
 def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> list[int]:
     """Add the handle tokens, set their initial embeddings and return their ids.
 
@@ -79,6 +80,7 @@ class HandleEmbedding(nn.Module):
         return torch.where(is_handle.unsqueeze(-1), handle_rows.to(out.dtype), out)
 
 
+@one_builder_at_a_time  # (it makes parameters: see kept.py)
 def install_handle_embedding(text_encoder, num_handles: int) -> HandleEmbedding:
     """Swap the text encoder's token embedding for a HandleEmbedding (training)."""
     weight = text_encoder.get_input_embeddings().weight.detach()
