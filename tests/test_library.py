@@ -491,3 +491,26 @@ def test_learn_makes_its_handle_parameters_only_while_no_other_thread_loads_mode
     made["module"] = install_handle_embedding(encoder, 2)
     other.join()
     assert made["module"].handles.device == torch.device("cpu") and not made["module"].handles.is_meta
+
+
+def test_a_scene_object_changed_in_memory_never_shares_the_files_kept_pipeline(learned, tmp_path):
+    """The kept pipeline was keyed by the scene's file alone: a Scene whose handle rows a
+    caller had changed got the file's pipeline (its change silently ignored) after a call
+    by name, and a call by name then got the changed one's."""
+    import numpy as np
+    from PIL import Image
+
+    from scenebreak import GenerateConfig, generate, load_scene
+
+    config = GenerateConfig(steps=2, seed=1)
+
+    def pixels(scene, out):
+        return np.asarray(Image.open(generate(scene, "<asset1> and <asset2>", config, out_dir=tmp_path / out)
+                                     .images[0].path), dtype=int)
+
+    changed = load_scene(learned.path, weights=True)
+    changed.embeddings = changed.embeddings.flip(0).clone()
+    plain = pixels(learned.path, "plain")
+    assert np.abs(pixels(changed, "changed") - plain).max() > 8
+    assert np.array_equal(pixels(learned.path, "plain-again"), plain)
+    assert not np.array_equal(pixels(changed, "changed-again"), plain)

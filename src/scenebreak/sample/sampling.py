@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -162,13 +163,26 @@ def precision_name(dtype) -> str:
 
 def pipeline_key(scene: Scene, device: Device, dtype, base_model: str | None) -> tuple | None:
     """What a kept pipeline must match to serve again: the same scene file, unchanged
-    since (its stamp: a scene learned again under the name is another), on the same
-    device in the same precision, over the same base model. None (never kept) for a
-    scene that is no file."""
+    since (its stamp: a scene learned again under the name is another), with the same
+    handle rows, on the same device in the same precision, over the same base model; a
+    Scene object holding its weights, that object (its weights are what the pipeline
+    was built from, and a caller may have changed them). None (never kept) for a scene
+    that is no file."""
+    import hashlib
+
     if scene.path is None or scene.stamp is None:
         return None
-    return ("pipeline", str(Path(scene.path).resolve()), scene.stamp, str(device.torch), str(dtype),
-            os.fspath(base_model) if base_model is not None else os.environ.get("SCENEBREAK_BASE_MODEL"))
+    rows = hashlib.sha256()  # (a few rows: a caller may have set the object's own)
+    for embedding in scene.handle_embeddings:
+        rows.update(embedding.detach().float().cpu().contiguous().numpy().tobytes())
+    holder = None
+    if scene.weights:
+        holder = scene.__dict__.setdefault("_kept_as", next(_scene_objects))
+    return ("pipeline", str(Path(scene.path).resolve()), scene.stamp, rows.hexdigest(), holder, str(device.torch),
+            str(dtype), os.fspath(base_model) if base_model is not None else os.environ.get("SCENEBREAK_BASE_MODEL"))
+
+
+_scene_objects = itertools.count()  # numbers the Scene objects whose own weights a pipeline was built from
 
 
 def check_sampler_config(scene, sampler: str, steps: int) -> None:
