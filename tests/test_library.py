@@ -375,6 +375,22 @@ BAD_ARGUMENTS = [  # (call, what the one line says): each was a raw TypeError, V
     (lambda s, f: scenebreak.export(s, None), "out must be a path"),
     (lambda s, f: scenebreak.evaluate(s, 5), "prompts must be a text or a list"),
     (lambda s, f: scenebreak.evaluate(s, ["<asset1>"], GenerateConfig()), "config must be a scenebreak.EvaluateConfig"),
+    # Yes-or-no keywords took any value Python finds true: force="no" replaced a scene.
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], name="x", force="no"), "force must be True or False"),
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], resume="no"), "resume must be True or False"),
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], base_model=5), "base_model must be a path"),
+    (lambda s, f: scenebreak.learn(f["image"], f["masks"], should_stop=True), "should_stop must be a function"),
+    (lambda s, f: scenebreak.generate(s, None, variations="no"), "variations must be True or False"),
+    (lambda s, f: scenebreak.generate(s, "<asset1>", grid="no"), "grid must be True or False"),
+    (lambda s, f: scenebreak.generate(s, "<asset1>", out_dir=None), "out_dir must be a path"),
+    (lambda s, f: scenebreak.generate(s, "<asset1>", report=3), "report must be a function"),
+    (lambda s, f: scenebreak.edit(f["image"], [(f["masks"][0], "<asset1>")], s, overwrite="no"),
+     "overwrite must be True or False"),
+    (lambda s, f: scenebreak.extract_background(s, out_dir=None), "out_dir must be a path"),
+    (lambda s, f: scenebreak.export(s, "out", force="no"), "force must be True or False"),
+    (lambda s, f: scenebreak.make_masks(f["image"], points=["1,1"], out_dir=3), "out_dir must be a path"),
+    (lambda s, f: scenebreak.save_scene(s, "x.scene"), "save_scene takes a Scene"),
+    (lambda s, f: scenebreak.run_batch(None), "jobs_file must be a path"),
 ]
 
 
@@ -514,3 +530,14 @@ def test_a_scene_object_changed_in_memory_never_shares_the_files_kept_pipeline(l
     assert np.abs(pixels(changed, "changed") - plain).max() > 8
     assert np.array_equal(pixels(learned.path, "plain-again"), plain)
     assert not np.array_equal(pixels(changed, "changed-again"), plain)
+
+
+def test_edit_takes_its_regions_from_any_iterable_of_pairs(tmp_path):
+    """`edit(photo, zip(masks, prompts), scene)` said "give at least one --mask"."""
+    from scenebreak.sample.edit import _regions
+
+    masks, prompts = [tmp_path / "a.png", tmp_path / "b.png"], ["<asset1>", "<asset2>"]
+    assert _regions(zip(masks, prompts)) == list(zip(masks, prompts))
+    assert _regions(pair for pair in zip(masks, prompts)) == list(zip(masks, prompts))
+    with pytest.raises(InvalidInput, match="give at least one --mask"):
+        _regions(zip([], []))

@@ -50,6 +50,28 @@ def text_arguments(value, what: str, allow_none: bool = False) -> list[str]:
     raise InvalidInput(f"{what} must be a text or a list of texts, not {_kind(value)}")
 
 
+def flag_argument(value, what: str) -> bool:
+    """A yes-or-no keyword: True or False (1 or 0), not any value Python finds true
+    (`force="no"` replaced a scene)."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise InvalidInput(f"{what} must be True or False, not {_kind(value)} {str(value)[:40]!r}")
+
+
+def function_argument(value, what: str):
+    """A callback (`report`, `should_stop`), or None."""
+    if value is None or callable(value):
+        return value
+    raise InvalidInput(f"{what} must be a function (or None), not {_kind(value)}")
+
+
+def model_argument(value, what: str) -> str | None:
+    """A hub id or a folder (a str or a path-like), as text; None stays None."""
+    if value is None:
+        return None
+    return os.fspath(path_argument(value, what)) if not isinstance(value, str) else value
+
+
 def config_argument(value, kind: type, default: type | None = None):
     """`value`, a config of `kind` (or of a kind derived from it), or `default()` (else
     `kind()`) for None."""

@@ -57,7 +57,13 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
               report: Reporter = silent, on_result=None) -> BatchResult:
     """Run the jobs of `jobs_file` ("-": stdin). Everything is checked before the first
     job starts. `on_result(JobResult)` is called in this process as each job ends."""
+    from ..arguments import function_argument, path_argument
+
     started = time.perf_counter()
+    jobs_file, out = path_argument(jobs_file, "jobs_file"), path_argument(out, "out")
+    scenes = path_argument(scenes, "scenes") if scenes is not None else None
+    report = function_argument(report, "report") or silent
+    on_result = function_argument(on_result, "on_result")
     if isinstance(shard, (tuple, list)):  # (I, N) from Python: checked as "I/N" is
         shard = "/".join(map(str, shard)) if len(shard) == 2 else str(shard)
     shard = parse_shard(shard)

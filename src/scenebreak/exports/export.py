@@ -92,14 +92,17 @@ def export(scene, out: str | os.PathLike, format: str = "diffusers", force: bool
     """`export_scene`, with what an a1111 export's LoRA keeps (`rank`: of a fully tuned
     scene's extraction, default 64; `kohya_strict`: leave out the layers kohya's
     loaders skip; a1111 only)."""
+    from ..arguments import flag_argument, function_argument, model_argument, path_argument
+
     if format not in FORMATS:
         raise InvalidInput(f"unknown export format {format!r}: use {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+    force, kohya_strict = flag_argument(force, "force"), flag_argument(kohya_strict, "kohya_strict")
+    base_model, report = model_argument(base_model, "base_model"), function_argument(report, "report") or silent
     if rank is not None and format != "a1111":
         raise InvalidInput("--rank applies only to -f a1111")
     if kohya_strict and format != "a1111":
         raise InvalidInput("--kohya-strict applies only to -f a1111")
     rank = check_rank(DEFAULT_RANK if rank is None else rank)
-    from ..arguments import path_argument
     from ..scenes.bundle import Scene, load_scene  # here: the CLI reads FORMATS without loading numpy
 
     out = path_argument(out, "out").expanduser()

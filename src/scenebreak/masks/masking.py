@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arguments import config_argument, path_argument, text_arguments
+from ..arguments import config_argument, flag_argument, function_argument, path_argument, text_arguments
 from ..config import MAX_LEARNED_HANDLES, MaskConfig, default_model
 from ..errors import InvalidInput, InvalidMask, fixable_failures
 from ..events import Message, Progress, Reporter, silent
@@ -164,6 +164,9 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     config = config_argument(config, MaskConfig)
     config.validate()
     image_path = path_argument(image_path, "image")
+    auto, force = flag_argument(auto, "auto"), flag_argument(force, "force")
+    out_dir = path_argument(out_dir, "out_dir") if out_dir is not None else None
+    report = function_argument(report, "report") or silent
     prompts = [p.strip() for p in text_arguments(prompts, "prompts", allow_none=True)]
     points, excludes = (_places(v, 2, what) for v, what in ((points, "points"), (excludes, "excludes")))
     boxes = _places(boxes, 4, "boxes")

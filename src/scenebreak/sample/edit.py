@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from ..arguments import config_argument, path_argument
+from ..arguments import config_argument, flag_argument, function_argument, model_argument, path_argument
 from ..config import MAX_IMAGES, BackgroundConfig, EditConfig, check_seed_room
 from ..device import Device
 from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
@@ -120,6 +121,8 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     <asset1>"; they are applied in order. Writes `config.num_images` PNGs (seeds
     seed, seed+1, ...) of the photo's size, to `output` or into `out_dir`."""
     config = config_argument(config, EditConfig).validate()
+    overwrite, out_dir = flag_argument(overwrite, "overwrite"), path_argument(out_dir, "out_dir")
+    base_model, report = model_argument(base_model, "base_model"), function_argument(report, "report") or silent
     regions = _regions(regions)
     prompts = [prompt.strip() for _, prompt in regions]
     if not all(prompts):
@@ -170,7 +173,9 @@ def _regions(regions) -> list[tuple[Path, str]]:
     """edit's regions: (mask, prompt) pairs; one pair alone counts as a list of one."""
     if isinstance(regions, tuple) and len(regions) == 2 and isinstance(regions[1], str):
         regions = [regions]
-    if not isinstance(regions, (list, tuple)) or not regions:
+    if isinstance(regions, Iterable) and not isinstance(regions, (str, bytes, Mapping)):
+        regions = list(regions)  # (a zip of masks and prompts, a generator)
+    if not isinstance(regions, list) or not regions:
         raise InvalidInput("give at least one --mask with its prompt (from Python: a list of (mask, prompt) pairs)")
     pairs = []
     for region in regions:
@@ -189,6 +194,8 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
     `variations` new backgrounds from `prompt` (default "a photo of <background>";
     a template such as "a photo of a car at <background>" works too)."""
     config = config_argument(config, EditConfig, BackgroundConfig).validate()
+    out_dir, base_model = path_argument(out_dir, "out_dir"), model_argument(base_model, "base_model")
+    report = function_argument(report, "report") or silent
     if isinstance(variations, bool) or not isinstance(variations, int):
         raise InvalidInput(f"variations must be a whole number, not {type(variations).__name__}")
     if prompt is not None and not isinstance(prompt, str):

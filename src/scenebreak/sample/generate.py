@@ -6,7 +6,8 @@ import math
 import os
 from pathlib import Path
 
-from ..arguments import config_argument, text_arguments
+from ..arguments import (config_argument, flag_argument, function_argument, model_argument, path_argument,
+                         text_arguments)
 from ..config import GenerateConfig
 from ..device import Device
 from ..errors import InvalidInput, fixable_failures
@@ -60,6 +61,9 @@ def generate(scene, prompts: list[str] | str | None, config: GenerateConfig = Ge
     `Interrupted` is raised, the images written so far kept."""
     prompts = [p.strip() for p in text_arguments(prompts, "prompts", allow_none=True) if p.strip()]
     config = config_argument(config, GenerateConfig).validate()
+    variations, grid = flag_argument(variations, "variations"), flag_argument(grid, "grid")
+    out_dir, base_model = path_argument(out_dir, "out_dir"), model_argument(base_model, "base_model")
+    report, should_stop = function_argument(report, "report") or silent, function_argument(should_stop, "should_stop")
     if variations and prompts:
         raise InvalidInput("--variations makes its own prompt (all the scene's objects): give no PROMPT with it")
     if not prompts and not variations:

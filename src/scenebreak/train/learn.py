@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import kept
-from ..arguments import config_argument, path_argument, path_arguments
+from ..arguments import (config_argument, flag_argument, function_argument, model_argument, path_argument,
+                         path_arguments)
 from ..config import LearnConfig, default_base_model
 from ..device import Device, choose_device, precision_name, tf32_settings_kept
 from ..errors import (NO_SPACE, InvalidInput, Interrupted, NoSpace, OutOfMemory, SceneBreakError, fixable_failures,
@@ -135,7 +136,10 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     the same name; `replace=True` only replaces (an existing scene, an interrupted run's
     checkpoint), and is refused (Busy) while another process learns the name."""
     started = time.perf_counter()
-    base_model = os.fspath(base_model) if base_model is not None else None  # (a Path from Python: recorded as text)
+    base_model = model_argument(base_model, "base_model")  # (a Path from Python: recorded as text)
+    resume, force, replace = (flag_argument(v, k) for k, v in (("resume", resume), ("force", force), ("replace", replace)))
+    report = function_argument(report, "report") or silent
+    should_stop = function_argument(should_stop, "should_stop")
     # (From Python: one mask given alone is a list of one, not its letters.)
     image, masks = path_argument(image, "image"), path_arguments(masks, "masks")
     config = config_argument(config, LearnConfig)
