@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from scenebreak.cli.commands import cli
+from scenebreak.device import cpu_has_bf16
 
 from helpers import stop_after_first_step
 
@@ -171,7 +172,8 @@ def test_generate_cli_paths_json_prompts_file_and_errors(learned, tmp_path):
     # "scene" is the scene's own name, which may name another scene in the cache: its file is what a script passes on.
     assert data["scene"] == learned.name and data["scene_path"] == str(learned.path)
     # How they were made, the defaults filled in (SD's sampler and guidance, not given here).
-    assert data["settings"] == {"scheduler": "dpm", "steps": 2, "guidance": 7.5, "negative": None}
+    assert data["settings"] == {"scheduler": "dpm", "steps": 2, "guidance": 7.5, "negative": None,
+                                "precision": "bf16" if cpu_has_bf16() else "fp32"}  # (what auto came to)
 
     result = run("generate", learned.path, "<asset9> on the moon", "--out-dir", out)
     assert result.exit_code == 2 and "<asset1>, <asset2>" in result.stderr
