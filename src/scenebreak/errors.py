@@ -248,11 +248,12 @@ def deferred_signals():
 
 
 @contextlib.contextmanager
-def sigterm_stops(message: str):
+def sigterm_stops(message):
     """Within the block, SIGTERM raises Terminated("terminated (SIGTERM): `message`") in
     the main thread, and SIGHUP HungUp, so that a long-running command unwinds through
     its clean-up as on Ctrl-C (by default the process would die at once, with no
-    clean-up and no line). Elsewhere: nothing."""
+    clean-up and no line). `message` may be a function, asked when the signal comes.
+    Elsewhere: nothing."""
     import signal
     import threading
 
@@ -262,6 +263,8 @@ def sigterm_stops(message: str):
     kinds = stop_signals()
 
     def stop(signum, frame):
+        nonlocal message
+        message = message() if callable(message) else message
         if kinds[signum] is HungUp:
             quiet_dead_terminal()
             raise HungUp(f"the terminal closed (SIGHUP): {message}")

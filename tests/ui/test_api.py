@@ -579,3 +579,33 @@ def test_a_cancelled_generate_gives_the_images_it_wrote(ui, learned):
     images = state["result"]["images"]
     assert 1 <= len(images) < 50 and all(os.path.exists(i["path"]) for i in images)
     assert [i["seed"] for i in images] == list(range(3, 3 + len(images)))
+
+
+def test_folders_the_page_cannot_write_to_are_said_in_its_words(ui, scene_files, tmp_path):
+    """An --out-dir under a file was taken at start, and only the first Save (after the
+    clicks) and Generate failed; a "Save to folder" the page cannot write to was answered
+    with "choose another folder with --out-dir", a control the page does not have."""
+    from scenebreak.errors import InvalidInput
+    from scenebreak.ui.app import App
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InvalidInput, match="--out-dir .*a-file/sub is not a folder you can write to"):
+        App(scene_files["image"], out_dir=tmp_path / "a-file" / "sub")
+    photo = scene_files["image"]
+    open_photo(ui, photo)
+    ui.ok("/api/mask", {"id": "1", "points": [[20, 20]]})
+    (photo.parent / "not-a-folder").write_text("x")
+    status, data = ui.json("/api/save", {"objects": [{"id": "1"}], "out_dir": str(photo.parent / "not-a-folder")})
+    assert status == 400 and data["error"].endswith('choose another folder ("Save to folder")'), data
+
+
+def test_the_folders_list_leaves_out_the_images_scenebreak_made(ui, learned, scene_files, tmp_path):
+    """Generated images (in the photo's folder by default) were listed as photos to open."""
+    import shutil
+
+    from scenebreak import GenerateConfig, generate
+
+    made = generate(learned.path, "<asset1>", GenerateConfig(steps=1, seed=0), out_dir=scene_files["image"].parent)
+    shutil.copy(scene_files["image"], scene_files["image"].with_name("holiday.png"))
+    listed = ui.ok("/api/photos")["photos"]
+    assert made.images[0].path.name not in listed and "holiday.png" in listed and scene_files["image"].name in listed

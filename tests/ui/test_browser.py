@@ -137,6 +137,7 @@ def test_a_reload_a_cancel_and_a_stopped_server_in_a_browser(browser, ui):
     browser.execute_script("document.querySelector('#learn-settings').parentElement.open = true")
     by_id("learn-settings-steps1").send_keys("5000")
     by_id("learn-settings-prior").click()
+    by_id("scene-name").send_keys("mine")
     by_id("learn").click()
     assert all(by_id(name).get_property("disabled") for name in ("learn", "generate", "open", "upload"))
     wait_for(browser, lambda d: "phase 1" in by_id("job-text").text, "the learn's progress")
@@ -148,7 +149,7 @@ def test_a_reload_a_cancel_and_a_stopped_server_in_a_browser(browser, ui):
     # (Clicked and read in one turn of the page: the tiny learn may stop before a second look.)
     said = browser.execute_script("arguments[0].click(); return [document.getElementById('job-text').textContent,"
                                   " arguments[0].disabled]", by_id("cancel"))
-    assert said[0].startswith("stopping") and said[1], said
+    assert said[0].startswith("stopping (saving a checkpoint first)") and said[1], said
     WebDriverWait(browser, WAIT).until(lambda d: d.find_element("tag name", "body").get_attribute("data-job")
                                        == "cancelled")
     assert "--resume" in by_id("error").text  # (the cancelled learn's line, shown as the command line shows it)
@@ -163,14 +164,17 @@ def test_a_reload_a_cancel_and_a_stopped_server_in_a_browser(browser, ui):
     WebDriverWait(browser, WAIT).until(lambda d: "--resume" in by_id("error").text
                                        and not by_id("learn").get_property("disabled"))
 
-    # (the options set before the reload came back with it)
+    # (the options and the scene's name set before the reload came back with it: without
+    # the name, Resume looked for the photo's checkpoint, not this one's)
     assert by_id("learn-settings-steps1").get_property("value") == "5000"
+    assert by_id("scene-name").get_property("value") == "mine"
     assert not by_id("learn-settings-prior").get_property("checked")
     by_id("resume").click()
     by_id("learn").click()
     WebDriverWait(browser, WAIT).until(lambda d: "phase 1" in by_id("job-text").text)
     ui.server.stop()  # the server is gone while the page follows the learn
-    WebDriverWait(browser, WAIT).until(lambda d: "lost scenebreak ui" in by_id("error").text)
+    WebDriverWait(browser, WAIT).until(lambda d: "lost scenebreak ui (start it again and open the address it prints)"
+                                       in by_id("error").text)
     assert not by_id("learn").get_property("disabled") and by_id("cancel").get_attribute("hidden")
     by_id("open").click()
     WebDriverWait(browser, WAIT).until(lambda d: "no answer from scenebreak ui" in by_id("error").text)

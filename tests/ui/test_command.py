@@ -116,6 +116,7 @@ def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_
         # The page hears how the learn ended (its stream closed first, and the page froze).
         final = next(r for r in page if r["type"] == "state")
         assert final["state"] == "cancelled" and "--resume" in final["error"], final
+        assert final["server"] == "stopped"  # (so the page says the server is gone: it said nothing more)
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
@@ -124,7 +125,8 @@ def test_ctrl_c_during_learn_saves_its_checkpoint_and_leaves_nothing_else(scene_
     if stop == "SIGINT":
         assert process.returncode == 130 and last == "Error: interrupted", err
     else:
-        assert process.returncode == 143 and last.startswith("Error: terminated (SIGTERM)"), err
+        assert process.returncode == 143, err
+        assert last == "Error: terminated (SIGTERM): scenebreak ui stopped; the running learn saves its checkpoint"
     assert "stopping: waiting for the running learn" in err  # (a learn still loading said nothing while waited for)
     assert (home / "checkpoints" / "photo.ckpt").is_file()  # resumable, as after Ctrl-C on the command line
     assert not list(home.rglob("*.scene")) and not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]

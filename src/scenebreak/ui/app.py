@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
 from ..errors import InvalidInput, SceneBreakError
 from ..events import Message, Reporter, silent
-from ..paths import fit_file_name, home, is_regular_file, resolve_scene, scene_path, valid_name
+from ..paths import fit_file_name, home, is_regular_file, is_writable_folder, resolve_scene, scene_path, valid_name
 from .jobs import Job
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
@@ -128,6 +128,23 @@ def config_from(config_class, values: dict | None):
     return config_class(**kwargs)
 
 
+# What scenebreak writes in an image it made (sampling.save_png: the JSON text chunk);
+# PNG writers put text before the pixels, within the first part of the file.
+_OUR_CHUNK, _CHUNK_WITHIN = b"iTXtscenebreak\0", 256 * 1024
+
+
+def made_by_scenebreak(path: Path) -> bool:
+    """An image `generate` or `edit` wrote (not a photo to open: the folder's list left
+    them out only by the masks' names)."""
+    if path.suffix.lower() != ".png":
+        return False
+    try:
+        with open(path, "rb") as f:
+            return _OUR_CHUNK in f.read(_CHUNK_WITHIN)
+    except OSError:
+        return False
+
+
 def png_base64(mask) -> str:
     """A 0/1 mask as the 0/255 PNG `mask` writes, base64-encoded for the page."""
     from PIL import Image
@@ -174,6 +191,8 @@ class App:
             raise InvalidInput(f"{photo} is not a file: give the path of a photo")
         self.folder = (self.photo.parent if self.photo else Path.cwd()).resolve()
         self.out_dir = Path(out_dir).expanduser().resolve() if out_dir else None
+        if self.out_dir is not None and not is_writable_folder(self.out_dir):  # (said at start, not at the first Save)
+            raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
         self.roots = [self.folder, *([self.out_dir] if self.out_dir else []), home().resolve()]
         self.mask_config = dataclasses.replace(mask_config or MaskConfig(), device=device)
         self.mask_config.validate()
@@ -245,7 +264,8 @@ class App:
     def photos(self) -> list[str]:
         """The photos in the photo's folder, by name."""
         found = sorted(p.name for p in self.folder.iterdir()
-                       if p.suffix.lower() in IMAGE_TYPES and not p.name.startswith(".") and ".mask" not in p.name)
+                       if p.suffix.lower() in IMAGE_TYPES and not p.name.startswith(".") and ".mask" not in p.name
+                       and not made_by_scenebreak(p))
         return found[:MAX_LISTED]
 
     def scenes(self) -> list[dict]:
@@ -403,6 +423,8 @@ class App:
         from ..masks.files import MaskInTheWay
 
         folder = self.confined(out_dir, "folder") if out_dir else self.out_dir
+        if folder is not None and not is_writable_folder(folder):  # (the page's ways out, not --out-dir)
+            raise InvalidInput(f"cannot write masks to {folder}: choose another folder (\"Save to folder\")")
         with _photo_still_open():
             try:
                 return session.save(results, folder).to_dict()
@@ -465,11 +487,19 @@ class App:
         job.cancel()
         return job.summary()
 
+    def stop_note(self) -> str:
+        """What stopping the server now does to what runs, in a few words."""
+        job = self.job
+        if job is None or not job.running:
+            return "scenebreak ui stopped"
+        return f"scenebreak ui stopped{'; the running learn saves its checkpoint' if job.kind == 'learn' else ''}"
+
     def close(self, timeout: float | None = None) -> None:
         """Stop what runs (learn saves its checkpoint) and wait for what writes files,
         so that none is left half-written."""
         job = self.job
         if job is not None and job.running:
+            job.closing = True
             job.cancel()
             if job.writes:
                 # A learn still loading its model sees the stop only once loaded: say why nothing happens.

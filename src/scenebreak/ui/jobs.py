@@ -61,6 +61,7 @@ class Job:
         self.error: str | None = None
         self.changed = threading.Condition()
         self.stop = threading.Event()
+        self.closing = False  # stopped because the server stops: its last record says so
         self.thread = threading.Thread(target=self._run, name=f"scenebreak-ui-{kind}", daemon=True)
 
     def start(self) -> "Job":
@@ -96,7 +97,8 @@ class Job:
             result, state, error = None, "failed", one_line(exc)[0]
         with self.changed:  # the state and its record together: a reader never sees one without the other
             self.state, self.result, self.error = state, _plain(result), error
-            self._add({"type": "state", "state": state, "result": self.result, "error": error})
+            self._add({"type": "state", "state": state, "result": self.result, "error": error,
+                       **({"server": "stopped"} if self.closing else {})})
 
     @property
     def running(self) -> bool:

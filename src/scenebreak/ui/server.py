@@ -442,7 +442,7 @@ def serve(photo=None, *, host: str = "127.0.0.1", port: int = 0, on_ready=None, 
         raise listen_failure(exc, host, port) from None
     try:
         # SIGTERM (systemd, `kill`) stops the page as Ctrl-C does: a running learn saves its checkpoint.
-        with sigterm_stops("what was running was stopped (learn saved its checkpoint)"):
+        with sigterm_stops(app.stop_note):
             if on_ready:
                 on_ready(server.url)
             server.serve_forever(poll_interval=0.2)

@@ -9,7 +9,7 @@ const PALETTE = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 200, 0], [14
   [245, 130, 48], [240, 50, 230], [128, 128, 0], [0, 128, 128]];
 
 const page = { photo: null, image: null, objects: [], current: -1, nextId: 1, saved: [], cursor: null, drag: null,
-  settings: {}, stream: null, maxUpload: Infinity };
+  settings: {}, stream: null, maxUpload: Infinity, jobKind: null };
 
 // -- talking to the server -------------------------------------------------------------------------
 
@@ -22,12 +22,16 @@ async function api(path, body) {
   return answer(await reach(path, options));
 }
 
+// A stopped server's page cannot come back by a reload: each start has a new token (and,
+// unless --port is given, a new port), so the way back is the address it prints.
+const START_AGAIN = "(start it again and open the address it prints)";
+
 // The server's reply, or one readable line when there is none (it was stopped).
 async function reach(path, options) {
   try {
     return await fetch(path, options);
   } catch (error) {
-    throw new Error("no answer from scenebreak ui: is it still running? (start it again, and reload this page)");
+    throw new Error(`no answer from scenebreak ui: is it still running? ${START_AGAIN}`);
   }
 }
 
@@ -67,7 +71,10 @@ function act(fn) {
 
 // The buttons that start a long action: off while one runs (a second click was a second request).
 const STARTERS = ["open", "upload", "learn", "generate"];
-const STOPPING = "stopping (learn saves its checkpoint first)… ";
+// What Cancel says while the job winds down: learn saves a checkpoint, generate ends its pass.
+function stopping() {
+  return page.jobKind === "learn" ? "stopping (saving a checkpoint first)… " : "stopping after the images being made… ";
+}
 
 function busy(on) {
   for (const id of STARTERS) $(id).disabled = on;
@@ -111,6 +118,7 @@ function watch(job) {
   sessionStorage.setItem(FOLLOWED, JSON.stringify({ token, id: job.id, kind: job.kind, cancellable: job.cancellable }));
   busy(true);
   page.stopping = false;
+  page.jobKind = job.kind;
   $("job").hidden = false;
   $("cancel").hidden = !job.cancellable;
   $("cancel").disabled = false;
@@ -127,7 +135,7 @@ function watch(job) {
       // The last loss stays shown: on a GPU only some steps carry one.
       if (record.info && record.info.loss != null) losses[record.task] = record.info.loss;
       const loss = losses[record.task] != null ? ` loss ${losses[record.task].toFixed(4)}` : "";
-      $("job-text").textContent = `${page.stopping ? STOPPING : ""}${record.task} ${record.completed}/${record.total}${loss}`;
+      $("job-text").textContent = `${page.stopping ? stopping() : ""}${record.task} ${record.completed}/${record.total}${loss}`;
       $("job-bar").max = Math.max(1, record.total);
       $("job-bar").value = record.completed;
       if (record.completed === record.total) log(`${record.task}: ${record.completed}/${record.total}${loss}`);
@@ -145,7 +153,8 @@ function watch(job) {
         $("job-bar").value = 1;
         act(async () => finished[record.job](record.result))();
       } else {
-        showError(record.error);
+        // Stopped with the server (Ctrl-C, SIGTERM): the page says the server is gone too.
+        showError(record.server === "stopped" ? `${record.error}; scenebreak ui has stopped ${START_AGAIN}` : record.error);
         log(`${record.job} ${record.state}: ${record.error}`, "warning");
         // A cancelled generate's images written so far are shown as a finished one's.
         if (record.state === "cancelled" && record.result && record.job === "generate") {
@@ -163,8 +172,8 @@ function watch(job) {
       if (page.stream !== stream) return;
       stopWatching(stream, "lost");
       $("job-text").textContent = `${job.kind}: no answer`;
-      showError(new Error("lost scenebreak ui: start it again and reload this page (a learn that was running saved " +
-        "its checkpoint: tick Resume)"));
+      showError(new Error(`lost scenebreak ui ${START_AGAIN}; a learn that was running saved its checkpoint: tick ` +
+        "Resume"));
     }
   };
 }
@@ -707,6 +716,16 @@ function keepSetting(id, value) {
   } catch (error) { /* no storage: the setting lives until the reload */ }
 }
 
+// A field of the page kept in the tab's storage as the options are, and put back from it.
+function keepField(input) {
+  const box = input.type === "checkbox";
+  const kept = keptSetting(input.id);
+  if (kept !== undefined) {
+    if (box) input.checked = kept; else input.value = kept;
+  }
+  input.addEventListener(box ? "change" : "input", () => keepSetting(input.id, box ? input.checked : input.value));
+}
+
 // Only what was changed: the rest keeps the library's defaults.
 function settingsOf(inputs) {
   const values = {};
@@ -765,7 +784,7 @@ function setUpButtons() {
   $("cancel").onclick = act(async () => {
     $("cancel").disabled = true;
     page.stopping = true;
-    $("job-text").textContent = STOPPING;
+    $("job-text").textContent = stopping();
     try {
       await api("/api/cancel", {});
     } catch (error) {  // not stopping after all: the button is back, the line says why
@@ -790,6 +809,9 @@ window.addEventListener("DOMContentLoaded", act(async () => {
   page.settings.learn = buildSettings($("learn-settings"), state.settings.learn, []);
   page.settings.generate = buildSettings($("generate-settings"), state.settings.generate, []);
   $("base-model").value = state.base_model;
+  // The learn fields, the folder and the prompt come back after a reload as the options
+  // do: a reload during a learn lost the scene's name, and Resume then looked for another.
+  for (const id of ["scene-name", "base-model", "resume", "force", "out-dir", "prompt"]) keepField($(id));
   if (state.out_dir) $("out-dir").placeholder = state.out_dir;
   const name = state.photo ? state.photo.split(/[\\/]/).pop() : null;
   await Promise.all([loadPhotos(name), loadScenes()]);
