@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import LearnConfig
-from ..device import Device, allow_tf32, hold_in_fp32, precision_name
+from ..device import Device, allow_tf32, hold_in_fp32, is_bitsandbytes_weight, precision_name
 from ..errors import InvalidInput
 from ..families import vae_normalisation
 from ..families.versions import with_model_key_names
@@ -299,7 +299,10 @@ class Trainer:
         self._fp32_master = {}
         fp32 = {id(p) for layer in self._fp32_layers for p in layer.parameters()}
         for name, param in self._frozen_params():
-            if not param.is_floating_point() or id(param) in fp32:  # held quantised (--quantize), or kept fp32
+            # Held quantised (--quantize), or kept fp32. A quantised layer's weight still
+            # float waits for the move to pack it, as it is: cast here first, it was packed
+            # from other values than in a run whose class-image sampling had packed it.
+            if is_bitsandbytes_weight(param) or not param.is_floating_point() or id(param) in fp32:
                 continue
             if keep:  # (on the CPU, before the move under LoRA: the fp32 tensor itself, never changed)
                 self._fp32_master[name] = param.data if param.device.type == "cpu" else param.data.to("cpu")
