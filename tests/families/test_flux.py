@@ -231,6 +231,18 @@ def test_init_words_start_t5_handles_from_a_piece_of_the_word_not_the_word_bound
         add_handles(T5TokenizerFast.from_pretrained(folder / "tokenizer_2"), t5, ["<b>"], init_words=["\u2603"])
 
 
+def test_an_init_word_no_tokenizer_knows_is_refused_before_the_base_loads(flux_folders, scene_files, monkeypatch):
+    """It was refused once the model had loaded and every class image was made (hours
+    of them on a CPU by default): the tokenizers alone settle it."""
+    from scenebreak import LearnConfig, learn
+    from scenebreak.families import base_model
+
+    monkeypatch.setattr(base_model, "load_components", lambda *a, **k: pytest.fail("the base model loaded"))
+    with pytest.raises(InvalidInput, match="--init-words: '\u2603' gives no token this model knows"):
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(init_words=("\u2603", "red")),
+              base_model=str(flux_folders["dev"]), name="snowman")
+
+
 def test_clip_handles_are_added_as_before(flux_folders):
     """A table as long as its tokenizer (CLIP's) gets no spare-row tokens."""
     from transformers import CLIPTextModel, CLIPTokenizer

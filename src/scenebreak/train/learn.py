@@ -265,10 +265,15 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     base_model = base_model or default_base_model()
     with downloads_reported(report):
         resolved = resolve_model_dir(base_model, revision)  # the family is checked here, before any weight
-    if config.prior and config.class_scheduler:  # (its family's samplers known from the configs alone)
-        from ..families import detect_family
+    from ..families import detect_family
+    from ..families.base_model import load_tokenizers
+    from .tokens import check_handles
 
-        detect_family(resolved[0], base_model).choose_sampler(config.class_scheduler, None, "--class-scheduler")
+    family = detect_family(resolved[0], base_model)
+    if config.prior and config.class_scheduler:  # (its family's samplers known from the configs alone)
+        family.choose_sampler(config.class_scheduler, None, "--class-scheduler")
+    for tokenizer in load_tokenizers(resolved[0], family):  # (the handles and init words, before any weight loads)
+        check_handles(tokenizer, tokens, config.handle_init_words())
     # The models kept since an earlier generate in this process go, before this base
     # loads and the memory plan measures what is free (else the plan, and with --tune
     # auto the kind of scene, would depend on what the process did before).

@@ -26,6 +26,18 @@ def first_word_token(tokenizer, word: str) -> int:
     raise InvalidInput(f"--init-words: {word!r} gives no token this model knows: choose another word")
 
 
+def check_handles(tokenizer, tokens: list[str], init_words: list[str] | None = None) -> None:
+    """The handles are new to the tokenizer, and each init word gives a token it knows
+    (InvalidInput otherwise): all `learn` needs the base's tokenizer for, checked
+    before its models load (a bad word was found after the class images were made)."""
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        if token in vocab:
+            raise InvalidInput(f"handle {token} is already a token of this model's vocabulary: choose another --names")
+    for word in init_words or ():
+        first_word_token(tokenizer, word)
+
+
 @one_builder_at_a_time  # (it makes parameters: see kept.py)
 def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str] | None = None) -> list[int]:
     """Add the handle tokens, set their initial embeddings and return their ids.
@@ -33,10 +45,7 @@ def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str
     Without init words, handle i starts from row V - 2N + i of the base vocabulary,
     as the paper's code does: rare byte-pair merges near the end of CLIP's vocabulary.
     """
-    vocab = tokenizer.get_vocab()
-    for token in tokens:
-        if token in vocab:
-            raise InvalidInput(f"handle {token} is already a token of this model's vocabulary: choose another --names")
+    check_handles(tokenizer, tokens, init_words)
     base_rows = len(tokenizer)
     embedding = text_encoder.get_input_embeddings().weight.detach()
     if init_words:
