@@ -47,18 +47,21 @@ def cpu_seconds_per_step(phase: str, precision: str) -> float:
 
 
 def cpu_training_estimate(denoiser, resolution: int, config, plan, class_images_missing: int, class_steps: int,
-                          bf16: bool = False) -> str:
+                          bf16: bool = False, left: tuple[int, int] | None = None) -> str:
     """A rough duration of `learn` on this CPU from the measured SD2.1-base figures,
-    scaled by UNet size and pixel count, for the memory plan and tuning chosen. Phase 1
-    runs the instance alone either way; phase 2 without prior preservation runs a batch
-    of one (estimated at 0.6 of the time)."""
+    scaled by UNet size and pixel count, for the memory plan and tuning chosen (`left`:
+    the steps of each phase a resumed run still takes). Phase 1 runs the instance alone
+    either way; phase 2 without prior preservation runs a batch of one (estimated at
+    0.6 of the time)."""
     precision = "bf16" if bf16 else "fp32"
     mode = ("lora-low" if plan.policy == "low" else "lora") if config.tune == "lora" else plan.policy
     scale = size_scale(denoiser, resolution**2)
-    seconds = scale * (config.steps1 * cpu_seconds_per_step("phase1", precision)
-                       + config.steps2 * cpu_seconds_per_step(mode, precision) * (1.0 if config.prior else 0.6))
+    steps1, steps2 = left or (config.steps1, config.steps2)
+    seconds = scale * (steps1 * cpu_seconds_per_step("phase1", precision)
+                       + steps2 * cpu_seconds_per_step(mode, precision) * (1.0 if config.prior else 0.6))
     class_seconds = class_images_missing * class_steps * cpu_sampling_seconds(denoiser, resolution**2, bf16)
-    text = f"training on the CPU: expect roughly {format_duration(seconds)} for {config.steps1}+{config.steps2} steps"
+    text = (f"training on the CPU: expect roughly {format_duration(seconds)} for {steps1}+{steps2} steps"
+            + (" left" if left else ""))
     if class_seconds:
         text += (f", plus {format_duration(class_seconds)} once for {class_images_missing} class images "
                  "(--num-class-images or --no-prior make it shorter)")

@@ -338,6 +338,26 @@ def test_cpu_estimate_for_sd21_base_matches_the_measured_hours():
     assert "roughly 3.3 hours" in cpu_training_estimate(unet, 512, LearnConfig(tune="lora"), low, 0, 50, bf16=True)
 
 
+def test_a_resumed_runs_cpu_estimate_counts_the_steps_it_has_left(scene_files, tiny_model):
+    """It quoted every step again: 400+400 resumed near its end was still hours."""
+    from helpers import Killed, kill_at
+
+    from scenebreak.train.learn import steps_left
+
+    config = LearnConfig(steps1=400, steps2=400)
+    assert steps_left({"phase": 1, "step": 150}, config) == (250, 400)
+    assert steps_left({"phase": 2, "step": 390}, config) == (0, 10)
+    config = LearnConfig(steps1=2, steps2=3, prior=False, checkpoint_every=1)
+    with pytest.raises(Killed):
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="left",
+              report=kill_at(2, 2))
+    said = []
+    learn(scene_files["image"], scene_files["masks"], config, base_model=str(tiny_model), name="left", resume=True,
+          report=lambda e: said.append(getattr(e, "text", "")))
+    step = int(next(text for text in said if text.startswith("resuming 'left' at phase 2, step ")).rsplit(" ", 1)[1])
+    assert any(f"for 0+{3 - step} steps left" in text for text in said), said
+
+
 @pytest.mark.parametrize("cuda, tail", [("12.8", "a CUDA GPU takes minutes (--device cuda)"),
                                         (None, "with a CUDA build of torch (this one has none: pipx runpip")])
 def test_the_cpu_estimate_says_how_a_gpu_would_count(monkeypatch, cuda, tail):

@@ -298,7 +298,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     if state is None and checkpoints.path.exists():  # (--force)
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None,
-                 state.get("quantize") if state else None)
+                 state.get("quantize") if state else None, steps_left(state, config) if state else None)
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
     if state is not None and state.get("half_frozen", plan.half_frozen) != plan.half_frozen and amp_dtype is not None:
         # --memory or --standalone changed on resume: the frozen weights now wait in another precision.
@@ -560,8 +560,15 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     return components, resolution, prepare(image, masks, resolution, background=config.background, loaded=loaded)
 
 
+def steps_left(state: dict, config: LearnConfig) -> tuple[int, int]:
+    """The steps of each phase a resumed run still has to take."""
+    phase, step = state.get("phase", 1), state.get("step", 0)
+    return (max(0, config.steps1 - step) if phase == 1 else 0,
+            config.steps2 if phase == 1 else max(0, config.steps2 - step))
+
+
 def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_dtype, report: Reporter,
-          resumed_tuning: str | None = None, resumed_quantize: str | None = None):
+          resumed_tuning: str | None = None, resumed_quantize: str | None = None, left: tuple[int, int] | None = None):
     """The memory plan (and the tuning), said out loud; on the CPU, with how long the run will take."""
     from .memory import choose
 
@@ -579,7 +586,7 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
                                 family, config.class_scheduler, plan.quantize, components.base.weights) if config.prior else 0
         class_steps = family.choose_sampler(config.class_scheduler if config.prior else None, None)[1]
         report(Message(cpu_training_estimate(components.denoiser, resolution, config, plan, missing, class_steps,
-                                             bf16=amp_dtype is not None), "warning"))
+                                             bf16=amp_dtype is not None, left=left), "warning"))
     return plan
 
 
