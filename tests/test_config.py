@@ -173,3 +173,17 @@ def test_a_whole_numbers_bounds_are_said_in_digits():
 
     assert Bounds(0, MAX_SEED).describe(-1) == "must be at least 0 and at most 9223372036854775807, not -1"
     assert Bounds(0.0, 1.0).describe(2.5) == "must be at least 0 and at most 1, not 2.5"
+
+
+def test_a_class_prompt_with_a_handle_or_none_at_all_is_refused():
+    """A handle in it was taken: the class images came from the base, which reads it as
+    pieces of words, and the prior loss then pulled the handle towards them. An empty
+    one made unconditional class images."""
+    from scenebreak.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="--class-prompt 'a photo of <asset1>' names <asset1>"):
+        LearnConfig(class_prompt="a photo of <asset1>").validate(2)
+    with pytest.raises(InvalidInput, match="--class-prompt is empty"):
+        LearnConfig(class_prompt="  ").validate(2)
+    LearnConfig(class_prompt="  ", prior=False).validate(2)  # (unused: the command line warns of it)
+    LearnConfig(class_prompt="a photo of a dog").validate(2)

@@ -281,6 +281,16 @@ class LearnConfig:
             raise InvalidInput("--steps1 and --steps2 must be at least 0 and not both 0")
         if self.prior and self.num_class_images < 1:
             raise InvalidInput("--num-class-images must be >= 1 (or use --no-prior)")
+        if self.prior and isinstance(self.class_prompt, str):
+            from .handles import handles_in
+
+            if not self.class_prompt.strip():
+                raise InvalidInput(f"--class-prompt is empty: give one (default {DEFAULT_CLASS_PROMPT!r}), or --no-prior")
+            if handles_in(self.class_prompt):
+                # (the base makes the class images without them, and the prior loss would pull
+                # the handle towards those generic images)
+                raise InvalidInput(f"--class-prompt {self.class_prompt!r} names {handles_in(self.class_prompt)[0]}: the "
+                                   "class images are of the base's own idea of the class; leave the handles out")
         for name, value, allowed in (("mixed precision", self.mixed_precision, PRECISIONS),
                                      ("memory policy", self.memory, MEMORY_POLICIES), ("tuning", self.tune, TUNINGS),
                                      ("save dtype", self.save_dtype, SAVE_DTYPES),

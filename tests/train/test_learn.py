@@ -535,3 +535,13 @@ def test_class_scheduler_makes_the_class_images_with_that_sampler(scene_files, t
         "scheduler": "euler", "steps": 30}
     assert len(list(info.parent.glob("*.png"))) == 1
     assert samplers == ["EulerDiscreteScheduler"], samplers
+
+
+def test_lora_settings_are_said_to_be_ignored_when_auto_tunes_fully(scene_files, tiny_model):
+    """--rank and --lr-lora were ignored silently where --tune auto settled on full
+    tuning (with an explicit --tune full the command line says so)."""
+    said = []
+    result = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False, rank=2),
+                   base_model=str(tiny_model), name="auto-full", report=lambda e: said.append(getattr(e, "text", "")))
+    assert load_scene(result.path).meta["tuning"] == "full"
+    assert any(text.startswith("--rank is for LoRA tuning, but --tune auto chose full tuning") for text in said), said

@@ -299,6 +299,12 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
         report(Message(f"starting over: the checkpoint of an earlier run of {name!r} will be replaced", "warning"))
     plan = _plan(config, components, device, resolution, amp_dtype, report, state.get("tuning") if state else None,
                  state.get("quantize") if state else None, steps_left(state, config) if state else None)
+    asked_lora = [f"--{name.replace('_', '-')}" for name in ("rank", "lr_lora")
+                  if getattr(config, name) != getattr(LearnConfig(), name)]
+    if config.tune == "auto" and plan.tune == "full" and asked_lora:  # (--tune full is warned of by the CLI)
+        report(Message(f"{' and '.join(asked_lora)} {'are' if len(asked_lora) > 1 else 'is'} for LoRA tuning, but "
+                       "--tune auto chose full tuning (it fits): ignored; pass --tune lora to use "
+                       f"{'them' if len(asked_lora) > 1 else 'it'}", "warning"))
     config = dataclasses.replace(config, tune=plan.tune)  # --tune auto settled
     if state is not None and state.get("half_frozen", plan.half_frozen) != plan.half_frozen and amp_dtype is not None:
         # --memory or --standalone changed on resume: the frozen weights now wait in another precision.
