@@ -153,6 +153,7 @@ def test_a_reload_a_cancel_and_a_stopped_server_in_a_browser(browser, ui):
     WebDriverWait(browser, WAIT).until(lambda d: d.find_element("tag name", "body").get_attribute("data-job")
                                        == "cancelled")
     assert "--resume" in by_id("error").text  # (the cancelled learn's line, shown as the command line shows it)
+    assert by_id("error").text.endswith("(here: tick Resume, then Learn)")  # (and the page's own way on)
     assert not by_id("learn").get_property("disabled")
 
     browser.execute_script("document.getElementById('error').hidden = true")

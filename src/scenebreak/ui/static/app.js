@@ -153,8 +153,11 @@ function watch(job) {
         $("job-bar").value = 1;
         act(async () => finished[record.job](record.result))();
       } else {
-        // Stopped with the server (Ctrl-C, SIGTERM): the page says the server is gone too.
-        showError(record.server === "stopped" ? `${record.error}; scenebreak ui has stopped ${START_AGAIN}` : record.error);
+        // The command line's line, with the page's own way on; stopped with the server
+        // (Ctrl-C, SIGTERM), the page says the server is gone too.
+        let said = record.error;
+        if (record.job === "learn" && record.state === "cancelled") said += " (here: tick Resume, then Learn)";
+        showError(record.server === "stopped" ? `${said}; scenebreak ui has stopped ${START_AGAIN}` : said);
         log(`${record.job} ${record.state}: ${record.error}`, "warning");
         // A cancelled generate's images written so far are shown as a finished one's.
         if (record.state === "cancelled" && record.result && record.job === "generate") {
