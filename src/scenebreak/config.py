@@ -285,7 +285,8 @@ class LearnConfig:
             from .handles import handles_in
 
             if not self.class_prompt.strip():
-                raise InvalidInput(f"--class-prompt is empty: give one (default {DEFAULT_CLASS_PROMPT!r}), or --no-prior")
+                raise InvalidInput(f"--class-prompt is empty: give one (default {DEFAULT_CLASS_PROMPT!r}), "
+                                   "or --no-prior")
             if handles_in(self.class_prompt):
                 # (the base makes the class images without them, and the prior loss would pull
                 # the handle towards those generic images)

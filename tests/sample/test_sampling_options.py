@@ -319,7 +319,8 @@ def test_the_last_image_of_a_call_has_a_seed_that_makes_it_again(learned, tmp_pa
 
     GenerateConfig(seed=MAX_SEED - 1, num_images=2).validate()
     for config in (GenerateConfig(seed=MAX_SEED, num_images=2), EditConfig(seed=MAX_SEED - 1, num_images=3)):
-        with pytest.raises(InvalidInput, match=rf"image \d would take seed .* use --seed {MAX_SEED - config.num_images + 1} or less"):
+        with pytest.raises(InvalidInput,
+                           match=rf"image \d would take seed .* use --seed {MAX_SEED - config.num_images + 1} or less"):
             config.validate()
     result = CliRunner().invoke(cli, ["generate", str(learned.path), "<asset1>", "--seed", str(MAX_SEED), "-n", "2",
                                       "--out-dir", str(tmp_path)])

@@ -133,7 +133,8 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     tokenizers = scene_tokenizers(scene)
     check_prompt_lengths(scene, prompts, tokenizers[scene.family.attention_text], report)
     if config.negative:
-        check_prompt_lengths(scene, [config.negative], tokenizers[scene.family.attention_text], report, "negative prompt")
+        check_prompt_lengths(scene, [config.negative], tokenizers[scene.family.attention_text], report,
+                             "negative prompt")
     warn_handles_past_shorter_encoders(prompts, tokenizers, scene.family.attention_text, report)
     device = device if isinstance(device, Device) else choose_device(device)
     dtype, autocast_dtype = device.sampling_precision(config.precision, prefer_bf16=scene.family.samples_in_bf16)

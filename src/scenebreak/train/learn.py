@@ -137,7 +137,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
     checkpoint), and is refused (Busy) while another process learns the name."""
     started = time.perf_counter()
     base_model = model_argument(base_model, "base_model")  # (a Path from Python: recorded as text)
-    resume, force, replace = (flag_argument(v, k) for k, v in (("resume", resume), ("force", force), ("replace", replace)))
+    resume, force, replace = (flag_argument(value, what) for what, value in (("resume", resume), ("force", force),
+                                                                              ("replace", replace)))
     report = function_argument(report, "report") or silent
     should_stop = function_argument(should_stop, "should_stop")
     # (From Python: one mask given alone is a list of one, not its letters.)
