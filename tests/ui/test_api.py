@@ -609,3 +609,21 @@ def test_the_folders_list_leaves_out_the_images_scenebreak_made(ui, learned, sce
     shutil.copy(scene_files["image"], scene_files["image"].with_name("holiday.png"))
     listed = ui.ok("/api/photos")["photos"]
     assert made.images[0].path.name not in listed and "holiday.png" in listed and scene_files["image"].name in listed
+
+
+def test_listing_the_folder_never_opens_a_fifo(tmp_path):
+    """Telling scenebreak's images from photos reads their start: a FIFO named like a
+    PNG would have blocked the listing (and the page) for good."""
+    import threading
+
+    from scenebreak.ui.app import made_by_scenebreak
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(made_by_scenebreak(fifo)), daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # (a blocked open: let it go, then fail)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert answers == [False]

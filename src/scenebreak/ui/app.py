@@ -136,7 +136,7 @@ _OUR_CHUNK, _CHUNK_WITHIN = b"iTXtscenebreak\0", 256 * 1024
 def made_by_scenebreak(path: Path) -> bool:
     """An image `generate` or `edit` wrote (not a photo to open: the folder's list left
     them out only by the masks' names)."""
-    if path.suffix.lower() != ".png":
+    if path.suffix.lower() != ".png" or not is_regular_file(path):  # (a FIFO would block the listing)
         return False
     try:
         with open(path, "rb") as f:
