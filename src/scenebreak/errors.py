@@ -263,14 +263,13 @@ def sigterm_stops(message):
     kinds = stop_signals()
 
     def stop(signum, frame):
-        nonlocal message
-        message = message() if callable(message) else message
+        said = message() if callable(message) else message
         if kinds[signum] is HungUp:
             quiet_dead_terminal()
-            raise HungUp(f"the terminal closed (SIGHUP): {message}")
+            raise HungUp(f"the terminal closed (SIGHUP): {said}")
         if kinds[signum] is Interrupted:  # (Ctrl-Break: as Ctrl-C)
-            raise Interrupted(f"interrupted (Ctrl-Break): {message}")
-        raise Terminated(f"terminated (SIGTERM): {message}")
+            raise Interrupted(f"interrupted (Ctrl-Break): {said}")
+        raise Terminated(f"terminated (SIGTERM): {said}")
 
     previous = {sig: signal.signal(sig, stop) for sig in kinds}
     try:

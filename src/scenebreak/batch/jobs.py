@@ -107,7 +107,7 @@ def read_jobs(source: str | os.PathLike) -> list[Job]:
     share a scene name."""
     text = read_text_file(source, "JOBS file", MAX_JOBS_FILE)
     folder = Path.cwd() if str(source) == "-" else Path(source).absolute().parent  # (a link's folder, not its target's)
-    source = "(standard input)" if str(source) == "-" else source
+    source = source_name(source)
     jobs, names = [], {}
     # JSON Lines end at "\n" only: splitlines() also split inside strings at U+2028 or \f.
     for line_number, line in enumerate(text.split("\n"), 1):
@@ -129,6 +129,11 @@ def read_jobs(source: str | os.PathLike) -> list[Job]:
         raise InvalidInput(f"JOBS file {source} holds no job: one JSON object per line, e.g. "
                            '{"photo": "cat.jpg", "masks": ["cat.mask1.png"]}')
     return jobs
+
+
+def source_name(source: str | os.PathLike) -> str:
+    """The JOBS file as its messages name it."""
+    return "(standard input)" if str(source) == "-" else str(source)
 
 
 def check_prompts_fit(jobs: list[Job], source) -> None:
@@ -161,7 +166,7 @@ def check_prompts_fit(jobs: list[Job], source) -> None:
         try:
             check_prompt_lengths(None, list(job.prompts), tokenizer, silent)
         except InvalidInput as exc:
-            raise InvalidInput(f"JOBS file {source}, line {job.line}: {exc}") from None
+            raise InvalidInput(f"JOBS file {source_name(source)}, line {job.line}: {exc}") from None
 
 
 def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:

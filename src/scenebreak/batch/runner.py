@@ -83,7 +83,7 @@ def run_batch(jobs_file: str | os.PathLike, *, devices: str | list[str] | None =
         if folder is not None and not is_writable_folder(folder):
             raise InvalidInput(f"{what} {folder} is not a folder you can write to: choose another")
     jobs = shard_of(read_jobs(jobs_file), shard)
-    check_prompts_fit(jobs, "(standard input)" if str(jobs_file) == "-" else jobs_file)
+    check_prompts_fit(jobs, jobs_file)
     worker_devices = None if ray is not None else resolve_devices(devices)
     where = f"Ray ({ray})" if ray is not None else ", ".join(worker_devices)
     report(Message(f"batch: {len(jobs)} job(s){f' (shard {shard[0]}/{shard[1]})' if shard else ''} on {where}"))

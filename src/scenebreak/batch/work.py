@@ -141,13 +141,10 @@ def run_job(job: Job, out: str | Path, scenes: str | Path | None = None, *, devi
 def _learned_scene(job: Job, out: Path) -> str | None:
     """The scene a failed job had learned before it failed (say, making its images):
     kept, and a rerun takes it up, so its result names it."""
-    try:
-        record = read_record(job_folder(job, out))
-        scene = record.get("scene")
-        return scene if isinstance(scene, str) and record.get("state") in ("learned", "done") and Path(scene).is_file() \
-            else None
-    except (OSError, ValueError):  # (the failure itself may be that the record cannot be read)
-        return None
+    record = read_record(job_folder(job, out))  # ({} where it cannot be read)
+    scene = record.get("scene")
+    learned = record.get("state") in ("learned", "done") and isinstance(scene, str) and is_regular_file(Path(scene))
+    return scene if learned else None
 
 
 def _stop_if_asked(should_stop) -> None:

@@ -404,7 +404,8 @@ def base_tokenizers(base_model: str, revision: str | None = None) -> tuple:
 @one_builder_at_a_time
 def load_components(base_model: str, revision: str | None = None,
                     resolved: tuple[Path, str | None] | None = None, denoiser_dtype=None,
-                    text_encoder_dtypes: dict | None = None, defer: tuple[str, ...] = ()) -> Components:
+                    text_encoder_dtypes: dict | None = None, defer: tuple[str, ...] = (),
+                    tokenizers: list | None = None) -> Components:
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and scheduler config in fp32
     on the CPU (the denoiser in `denoiser_dtype`, a text encoder in its entry of
     `text_encoder_dtypes`, where one is given); `resolved` is what resolve_model_dir
@@ -433,7 +434,7 @@ def load_components(base_model: str, revision: str | None = None,
                     stored_tables[i], deferred[name] = table, (base_model, folder / name, dtype)
                     continue
             text_encoders.append(load_text_encoder(family.text_encoder_class(name), folder / name, **transformers_dtype(dtype)))
-        tokenizers = load_tokenizers(folder, family)
+        tokenizers = tokenizers or load_tokenizers(folder, family)  # (`tokenizers`: the folder's, read already)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     for model in (denoiser, vae, *text_encoders):
         model.requires_grad_(False)

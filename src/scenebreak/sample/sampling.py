@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import kept
 from ..config import GenerateConfig
-from ..device import Device, choose_device
+from ..device import Device, choose_device, precision_name
 from ..errors import InvalidInput, Interrupted, UnknownHandle
 from ..events import Message, Progress, Reporter, silent
 from ..handles import handles_in
@@ -155,11 +155,6 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
             pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler,
                                  tokenizers=tokenizers, report=report)
     return SamplingRun(scene, pipe, seed, started, config, autocast_dtype, kept_as=key)
-
-
-def precision_name(dtype) -> str:
-    """The `--precision` that samples in `dtype` (the autocast's where there is one)."""
-    return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[str(dtype)]
 
 
 def pipeline_key(scene: Scene, device: Device, dtype, base_model: str | None) -> tuple | None:

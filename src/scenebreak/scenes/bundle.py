@@ -164,12 +164,13 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16", replace: bool
     from safetensors.torch import save_file
 
     from ..arguments import flag_argument, path_argument
+    from ..config import SAVE_DTYPES
 
     if not isinstance(scene, Scene):
         raise InvalidInput(f"save_scene takes a Scene (load_scene(..., weights=True)), not {type(scene).__name__}")
     path, replace = path_argument(path, "path"), flag_argument(replace, "replace")
-    if save_dtype not in ("fp16", "fp32"):
-        raise InvalidInput(f"save_dtype must be 'fp16' or 'fp32', not {save_dtype!r}")
+    if save_dtype not in SAVE_DTYPES:
+        raise InvalidInput(f"save_dtype must be {' or '.join(map(repr, SAVE_DTYPES))}, not {save_dtype!r}")
     missing = [c for c in scene.weight_components if not (scene.weights or {}).get(c)]
     if missing:  # (it wrote a scene that then failed in generate: "holds no unet ... weights")
         raise InvalidInput(f"scene {scene.name!r} was opened without its weights ({', '.join(missing)}): open it with "

@@ -273,7 +273,8 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     family = detect_family(resolved[0], base_model)
     if config.prior and config.class_scheduler:  # (its family's samplers known from the configs alone)
         family.choose_sampler(config.class_scheduler, None, "--class-scheduler")
-    for tokenizer in load_tokenizers(resolved[0], family):  # (the handles and init words, before any weight loads)
+    tokenizers = load_tokenizers(resolved[0], family)  # (read once: the models load with these)
+    for tokenizer in tokenizers:  # the handles and init words, before any weight loads
         check_handles(tokenizer, tokens, config.handle_init_words())
     # The models kept since an earlier generate in this process go, before this base
     # loads and the memory plan measures what is free (else the plan, and with --tune
@@ -284,7 +285,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     checked_tune = _check_room(resolved[0], config, out)
     report(Message(f"loading the base model {base_model}"))  # (FLUX.1's is tens of GB: seconds to minutes)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved, device,
-                                                    amp_dtype, loaded)
+                                                    amp_dtype, loaded, tokenizers)
     _stop_before_training_if_asked(should_stop, name, resume)
     if config.lambda_attn is None:  # the family's weight of the attention loss
         config = dataclasses.replace(config, lambda_attn=components.family.lambda_attn)
@@ -544,7 +545,7 @@ def _unsaved(exc: OSError, out: Path, checkpoints: Checkpoints, finished: bool) 
 
 
 def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model: str, revision: str | None, resolved,
-                 device: Device, amp_dtype, loaded=None):
+                 device: Device, amp_dtype, loaded=None, tokenizers=None):
     """The base model (its denoiser straight in half precision where the plan will keep
     it frozen there: memory.denoiser_load_dtype), the training resolution it implies,
     and the photo and masks cropped and resized to it; checked before anything is
@@ -559,7 +560,7 @@ def _load_inputs(image: Path, masks: list[Path], config: LearnConfig, base_model
     # denoiser has left the host where it goes to a GPU (_make_room_for_deferred).
     components = load_components(base_model, revision, resolved, denoiser_dtype=dtype,
                                  text_encoder_dtypes=text_encoder_load_dtypes(family, resolved[0], dtype),
-                                 defer=tuple(family.adapterless_text_encoders()))
+                                 defer=tuple(family.adapterless_text_encoders()), tokenizers=tokenizers)
     resolution = config.resolution or components.native_resolution
     check_resolution(components.family, components.denoiser, components.vae, resolution)
     if config.lambda_attn != 0:  # (None: the family's, never 0)
