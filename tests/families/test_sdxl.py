@@ -341,3 +341,31 @@ def test_a_base_that_encodes_the_empty_prompt_samples_and_exports_as_its_folder_
                     meta=lambda m: m["configs"].update(pipeline={"force_zeros_for_empty_prompt": "no",
                                                                  "_name_or_path": "/etc"}))
     assert open_pipeline(load_scene(hostile), choose_device("cpu")).config.force_zeros_for_empty_prompt is True
+
+
+def test_class_images_of_a_base_that_encodes_the_empty_prompt_are_its_own(scene_files, tiny_sdxl, tmp_path):
+    """The class-image cache was keyed by the weights alone: a copy of a base whose
+    model_index.json says `force_zeros_for_empty_prompt: false` reused the images its
+    twin made with zeros, though its own pipeline makes other ones."""
+    import json
+    import shutil
+
+    from scenebreak.events import Message
+    from scenebreak.families import family_named
+    from scenebreak.train.classimages import cache_folder
+
+    sdxl = family_named("SDXL")
+    plain = cache_folder("f", "a photo", 64, sdxl)
+    assert cache_folder("f", "a photo", 64, sdxl, options={"force_zeros_for_empty_prompt": True}) == plain
+    assert cache_folder("f", "a photo", 64, sdxl, options={"force_zeros_for_empty_prompt": False}) != plain
+
+    base = tmp_path / "encodes-empty"
+    shutil.copytree(tiny_sdxl, base)
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps(dict(index, force_zeros_for_empty_prompt=False)))
+    said = []
+    config = LearnConfig(steps1=1, steps2=1, num_class_images=1)
+    for model, name in ((tiny_sdxl, "zeros"), (base, "empty")):
+        learn(scene_files["image"], scene_files["masks"], config, base_model=str(model), name=name,
+              output=tmp_path / f"{name}.scene", report=lambda e: said.append(e.text) if isinstance(e, Message) else None)
+    assert sum(text.startswith("generating 1 class images") for text in said) == 2, said

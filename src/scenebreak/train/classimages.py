@@ -16,10 +16,12 @@ MADE_BY = ".base-weights"  # in a cache folder: the weights_print of the model t
 
 
 def cache_folder(fingerprint: str, prompt: str, resolution: int, family, scheduler: str | None = None,
-                 quantized: str = "none", weights: str = "") -> Path:
+                 quantized: str = "none", weights: str = "", options: dict | None = None) -> Path:
     """The folder of the class images of this base model (fingerprint, family), prompt,
     size and sampler (default: the family's), at that sampler's usual steps and the
-    family's usual guidance, made by the base as it is or `quantized` (nf4, int8).
+    family's usual guidance, made by the base as it is or `quantized` (nf4, int8), with
+    the pipeline `options` its folder sets (Family.pipeline_options: an SDXL folder whose
+    unconditional half is the empty prompt's, not zeros, makes other images).
 
     A fine-tune of the denoiser shares its base's fingerprint: the folder records the
     stored weights that made its images (`weights`, weights_print), and a model with
@@ -30,10 +32,22 @@ def cache_folder(fingerprint: str, prompt: str, resolution: int, family, schedul
     key = [fingerprint, prompt, resolution, steps, family.guidance, scheduler]
     if quantized != "none":
         key.append(quantized)
+    changed = _changed_options(family, options or {})
+    if changed:  # (a folder that sets only the pipeline's defaults keeps the key it had)
+        key.append(changed)
     folder = class_images_dir() / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     if weights and _made_by(folder) not in (None, weights):
         folder = class_images_dir() / hashlib.sha256(json.dumps([*key, weights]).encode()).hexdigest()[:16]
     return folder
+
+
+def _changed_options(family, options: dict) -> dict:
+    """Those of `options` that differ from the family's pipeline's own defaults."""
+    import inspect
+
+    defaults = inspect.signature(family.pipeline_class()).parameters
+    return {name: value for name, value in sorted(options.items())
+            if name not in defaults or defaults[name].default != value}
 
 
 def claim(folder: Path, weights: str) -> None:
@@ -55,17 +69,18 @@ def _made_by(folder: Path) -> str | None:
 
 
 def class_image_paths(fingerprint: str, prompt: str, resolution: int, count: int, family,
-                      scheduler: str | None = None, quantized: str = "none", weights: str = "") -> list[Path]:
+                      scheduler: str | None = None, quantized: str = "none", weights: str = "",
+                      options: dict | None = None) -> list[Path]:
     """Where class images 0..count-1 for this model, prompt, size and sampler live (made or not)."""
-    folder = cache_folder(fingerprint, prompt, resolution, family, scheduler, quantized, weights)
+    folder = cache_folder(fingerprint, prompt, resolution, family, scheduler, quantized, weights, options)
     return [folder / f"{i:04d}.png" for i in range(count)]
 
 
 def missing_count(fingerprint: str, prompt: str, resolution: int, count: int, family, scheduler: str | None = None,
-                  quantized: str = "none", weights: str = "") -> int:
+                  quantized: str = "none", weights: str = "", options: dict | None = None) -> int:
     """How many of those class images still have to be made."""
     return sum(not usable(p) for p in class_image_paths(fingerprint, prompt, resolution, count, family, scheduler,
-                                                        quantized, weights))
+                                                        quantized, weights, options))
 
 
 def usable(path: Path) -> bool:
@@ -92,7 +107,7 @@ def ensure_class_images(components, device, prompt: str, count: int, resolution:
     grows consistently."""
     scheduler, _ = components.family.choose_sampler(scheduler, None)
     paths = class_image_paths(components.base.fingerprint, prompt, resolution, count, components.family, scheduler,
-                              quantized, components.base.weights)
+                              quantized, components.base.weights, components.pipeline_options)
     folder = paths[0].parent
     if all(usable(p) for p in paths):
         report(Message(f"using {count} cached class images from {folder}"))

@@ -591,7 +591,8 @@ def _plan(config: LearnConfig, components, device: Device, resolution: int, amp_
 
         family = components.family
         missing = missing_count(components.base.fingerprint, config.class_prompt, resolution, config.num_class_images,
-                                family, config.class_scheduler, plan.quantize, components.base.weights) if config.prior else 0
+                                family, config.class_scheduler, plan.quantize, components.base.weights,
+                                components.pipeline_options) if config.prior else 0
         class_steps = family.choose_sampler(config.class_scheduler if config.prior else None, None)[1]
         report(Message(cpu_training_estimate(components.denoiser, resolution, config, plan, missing, class_steps,
                                              bf16=amp_dtype is not None, left=left), "warning"))
