@@ -710,3 +710,18 @@ def build_tiny_flux(folder: Path, variant: str = "dev", resolution: int = 64, se
     }
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return folder
+
+
+def build_tiny_owlv2(folder):
+    """A tiny random OWLv2 detector (its text tower reads at most 16 tokens, as the real one)."""
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
+
+    write_tiny_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = Owlv2Config(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, **small),
+                         vision_config=dict(image_size=64, patch_size=16, **small), projection_dim=16)
+    Owlv2ForObjectDetection(config).save_pretrained(folder)
+    processor = image_processor_class("Owlv2")(size={"height": 64, "width": 64})
+    Owlv2Processor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -462,3 +462,29 @@ def test_the_plots_axes_stay_within_a_cosines_range():
         low, high, ticks = _axis(values)
         assert -1.0 <= low <= min(values) and max(values) <= high <= 1.0, (values, low, high)
         assert ticks[0] == low and all(-1.0 - 1e-9 <= t <= 1.0 + 1e-9 for t in ticks) and ticks[-1] <= high + 1e-9
+
+
+def test_a_report_that_lost_its_name_to_a_racing_run_says_its_own(learned, metric_models, tiny_segmentation, tmp_path,
+                                                                  monkeypatch):
+    """Another run's report published under this run's name between the plot and the
+    report: the report written as NAME-1.json said "report": NAME.json, the other's."""
+    import json
+
+    from scenebreak.evaluation import evaluate as module
+
+    plotted = module.write_plot
+
+    def and_a_racing_report(result, path):
+        written = plotted(result, path)
+        written.with_suffix(".json").write_text("{}")  # the other run's
+        return written
+
+    monkeypatch.setattr(module, "write_plot", and_a_racing_report)
+    clip, dino = metric_models
+    detector, segmenter = tiny_segmentation
+    config = EvaluateConfig(steps=1, scheduler="ddim", clip_model=str(clip), dino_model=str(dino),
+                            detector=str(detector), segmenter=str(segmenter))
+    result = module.evaluate(learned.path, ["<asset1> in the snow"], config, out_dir=tmp_path, device="cpu")
+    assert result.report.name == f"{result.scene}-evaluation-1.json"
+    assert json.loads((tmp_path / f"{result.scene}-evaluation.json").read_text()) == {}
+    assert json.loads(result.report.read_text())["report"] == str(result.report)

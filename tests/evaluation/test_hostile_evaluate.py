@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from scenebreak.cli.commands import cli
-from tinymodels import build_tiny_clip, build_tiny_dino
+from tinymodels import build_tiny_clip, build_tiny_dino, build_tiny_owlv2
 
 ROLES = {"clip": ("--clip-model", "CLIP model"), "dino": ("--dino-model", "DINO model"),
          "detector": ("--detector", "detector"), "segmenter": ("--segmenter", "segmenter")}
@@ -49,6 +49,24 @@ def weights_folder(folder: Path) -> None:
         path.mkdir()
 
 
+def no_processor(folder: Path) -> None:
+    """Saved with the model's own save_pretrained alone."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def pickled_cut_short(folder: Path) -> None:
+    """Weights in torch's own format (DINO ViT-S/16's only file), cut short."""
+    import torch
+    from safetensors.torch import load_file
+
+    for path in folder.glob("*.safetensors"):
+        torch.save(load_file(path), folder / "pytorch_model.bin")
+        path.unlink()
+        data = (folder / "pytorch_model.bin").read_bytes()
+        (folder / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
+
+
 def config_garbage(folder: Path) -> None:
     (folder / "config.json").write_text("{ not json")
 
@@ -74,6 +92,10 @@ CASES = [
     ("dino-cut-short", "dino", cut_short, 1, ["DINO model", "model.safetensors is damaged", "Fix:"]),
     ("detector-no-weights", "detector", no_weights, 1, ["detector", "no weights file", "Fix:"]),
     ("segmenter-weights-folder", "segmenter", weights_folder, 1, ["segmenter", "model.safetensors is damaged", "Fix:"]),
+    ("clip-no-processor", "clip", no_processor, 1, ["CLIP model", "no image processor settings", "Fix:"]),
+    ("dino-no-processor", "dino", no_processor, 1, ["DINO model", "save the processor there too", "Fix:"]),
+    ("segmenter-no-processor", "segmenter", no_processor, 1, ["segmenter", "no image processor settings", "Fix:"]),
+    ("dino-pickled-cut-short", "dino", pickled_cut_short, 1, ["DINO model", "pytorch_model.bin is damaged", "Fix:"]),
     ("clip-config-garbage", "clip", config_garbage, 2, ["--clip-model", "CLIP checkpoint"]),
     ("clip-wider-config", "clip", wider_config, 1, ["CLIP model", "weights do not fit its config.json", "Fix:"]),
     ("dino-wider-config", "dino", wider_config, 1, ["DINO model", "weights do not fit its config.json", "Fix:"]),
@@ -128,3 +150,58 @@ def test_each_loader_names_the_model_and_the_fix(role, good_models, tmp_path):
     message = str(caught.value)
     assert message.startswith(f"cannot load the {what} from {damaged}: ") and "\n" not in message
     assert f"Fix: copy the model there again or pass {option} " in message
+
+
+def test_whole_weights_in_torchs_own_format_pass_the_check(good_models, tmp_path):
+    """DINO ViT-S/16 ships only pytorch_model.bin: the check must take a whole one, in
+    torch's zip format or its format from before 1.6, and load it after."""
+    import torch
+    from safetensors.torch import load_file
+
+    from scenebreak.device import choose_device
+    from scenebreak.evaluation.metrics import DinoScorer, _check_weights
+
+    for zipped in (True, False):
+        folder = tmp_path / f"zipped-{zipped}"
+        shutil.copytree(good_models["dino"], folder)
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=zipped)
+        (folder / "model.safetensors").unlink()
+        _check_weights(folder, "DINO model", str(folder), "--dino-model")
+        DinoScorer(str(folder), choose_device("cpu"))
+
+
+def _args(learned, models, tmp_path, *more):
+    args = ["evaluate", learned.path, "--steps", "1", "--out-dir", tmp_path / "eval", *more]
+    for key, (option, _) in ROLES.items():
+        args += [option, models[key]]
+    return [str(a) for a in args]
+
+
+@pytest.mark.parametrize("more, phrase", [
+    (["--scheduler", "flow"], "--scheduler flow: SD 2.x samples with"),
+    (["--negative", "<asset9>"], "<asset9>"),
+    (["--precision", "fp16"], "fp16"),
+])
+def test_bad_sampling_options_are_said_before_the_scoring_models_are_fetched(more, phrase, learned, good_models,
+                                                                              tmp_path, monkeypatch):
+    """They were checked after the four scoring models: a typo cost gigabytes of
+    downloads, and offline it was an exit 1 that blamed the models."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = {key: "nobody/no-such-model" for key in ROLES}  # (not in the cache: fetching them would fail)
+    result = CliRunner().invoke(cli, _args(learned, missing, tmp_path, *more))
+    assert result.exit_code == 2, result.output
+    assert phrase in result.stderr and "no-such-model" not in result.stderr, result.stderr
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_class_word_too_long_for_an_owl_detector_is_said_before_any_image(learned, good_models, tmp_path):
+    """OWL reads 16 tokens: a longer --words entry failed when the first image was
+    scored, after the sampling, and the line named `mask`'s -p."""
+    models = {**good_models, "detector": build_tiny_owlv2(tmp_path / "owl")}
+    long = " ".join(["red"] * 20)
+    result = CliRunner().invoke(cli, _args(learned, models, tmp_path, "--scheduler", "ddim", "--words", long, "bowl"))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1] == f"Error: --words {long!r} is 22 tokens long; this OWL detector reads at most 16: " \
+                                    "describe the object in fewer words"
+    assert not (tmp_path / "eval").exists()

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from scenebreak.cli.commands import cli
+from tinymodels import build_tiny_owlv2
 from scenebreak.errors import InvalidInput
 from scenebreak.config import MaskConfig
 from scenebreak.masks.masking import make_masks, parse_box, parse_point
@@ -280,22 +281,6 @@ def test_auto_keeps_distinct_stable_segments_largest_first(tiny_segmentation, sc
 def test_mask_help_has_an_example():
     result = run("mask", "--help")
     assert result.exit_code == 0 and "Example" in result.output and "$(scenebreak mask" in result.output
-
-
-def build_tiny_owlv2(folder):
-    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
-
-    from tinymodels import image_processor_class, write_tiny_tokenizer
-
-    write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config = Owlv2Config(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, **small),
-                         vision_config=dict(image_size=64, patch_size=16, **small), projection_dim=16)
-    Owlv2ForObjectDetection(config).save_pretrained(folder)
-    processor = image_processor_class("Owlv2")(size={"height": 64, "width": 64})
-    Owlv2Processor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
 
 
 def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segmentation, tmp_path):

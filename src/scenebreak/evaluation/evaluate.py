@@ -176,7 +176,7 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     from ..scenes.bundle import open_scene
     from .metrics import check_models
     from ..hub import downloads_reported, quiet_libraries
-    from ..sample.sampling import check_prompts, sample_to_files, start, warn_cpu_time
+    from ..sample.sampling import check_prompts, open_run, plan_sampling, sample_to_files, warn_cpu_time
     from ..handles import handles_in
 
     started = time.perf_counter()
@@ -208,13 +208,17 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     refs = {"clip": config.clip_model or default_model("clip"), "dino": config.dino_model or default_model("dino"),
             "detector": config.detector or default_model("detector"),
             "segmenter": config.segmenter or default_model("segmenter")}
-    quiet_libraries()
-    with downloads_reported(report):
-        check_models(refs)
     device = device if isinstance(device, Device) else choose_device(device)
     out_dir = Path(out_dir) if out_dir is not None else Path(f"{scene.name}-eval")
+    # What needs no weights is checked before the scoring models are fetched: a typo in
+    # --scheduler or --negative is not worth gigabytes of downloads.
+    plan = plan_sampling(scene, prompts, config, device=device, base_model=base_model, out_dir=out_dir,
+                         warn_unused=False, report=report)
+    quiet_libraries()
+    with downloads_reported(report):
+        check_models(refs, [words[token] for token in objects])
 
-    run = start(scene, prompts, config, device=device, base_model=base_model, out_dir=out_dir, warn_unused=False, report=report)
+    run = open_run(plan, report)
     warn_cpu_time(run, len(prompts) * config.num_images * run.config.steps, scene.resolution**2, report)
     generated = sample_to_files(run, prompts, run.config, run.seed, out_dir, scene.name, report)
     _release(run)
@@ -235,11 +239,17 @@ def evaluate(scene, prompts: list[str] | None = None, config: EvaluateConfig = E
     result.plot = write_plot(result, out_dir / f"{stem}.png")
     result.report = result.plot.with_suffix(".json")
     result.seconds = time.perf_counter() - started
-    from ..paths import write_new_file
+    from ..paths import write_atomically, write_new_file
 
-    # (Never over another run's report, even one racing this one into the same folder.)
-    report = json.dumps(result.to_dict(), indent=2)
-    result.report = write_new_file(result.report, lambda tmp: Path(tmp).write_text(report, encoding="utf-8"))
+    def write(tmp) -> None:
+        Path(tmp).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+
+    # (Never over another run's report, even one racing this one into the same folder;
+    # then the file this run got says its own name.)
+    written = write_new_file(result.report, write)
+    if written != result.report:
+        result.report = written
+        write_atomically(written, write)
     return result
 
 

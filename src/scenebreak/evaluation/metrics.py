@@ -28,6 +28,7 @@ CLIP_KINDS = ("clip",)
 CLIP_WANTED = f"use a CLIP checkpoint such as {DEFAULT_CLIP_MODEL}"
 DINO_KINDS = ("vit", "dinov2")  # DINO ViT-S/16 and friends, DINOv2
 DINO_WANTED = f"use a DINO ViT checkpoint such as {DEFAULT_DINO_MODEL} (or DINOv2)"
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # (the second: transformers 5's whole processor)
 PATCH_INSIDE = 0.5  # a patch belongs to the object when at least half of it is inside the mask
 
 
@@ -181,9 +182,11 @@ def identity_scores(source: ObjectFeatures, generated: ObjectFeatures) -> tuple[
     return _cosine(source.whole, generated.whole), _cosine(source.parts, generated.parts)
 
 
-def check_models(refs: dict[str, str]) -> None:
+def check_models(refs: dict[str, str], words: list[str] = ()) -> None:
     """Before anything slow: every scoring model is here (or downloads), and each is of
-    a kind that can do its job. `refs` has the keys clip, dino, detector, segmenter."""
+    a kind that can do its job, with its processor's settings and whole weights files;
+    the detector reads each of the class `words` (--words). `refs` has the keys clip,
+    dino, detector, segmenter."""
     from ..masks import detector
     from ..masks import segmenter
     from ..hub import check_models_available
@@ -194,9 +197,15 @@ def check_models(refs: dict[str, str]) -> None:
              "segmenter": ("segmenter", "--segmenter", segmenter.KINDS, segmenter.WANTED)}
     check_models_available([(refs[key], what, option) for key, (what, option, _, _) in roles.items()])
     for key, (what, option, kinds, wanted) in roles.items():
-        folder, _ = transformers_model_of_kind(refs[key], what, option, kinds, wanted,
-                                               tokenizer=key in ("clip", "detector"))  # (those two read text)
+        folder, kind = transformers_model_of_kind(refs[key], what, option, kinds, wanted,
+                                                  tokenizer=key in ("clip", "detector"))  # (those two read text)
+        if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+            # (a folder saved with the model's save_pretrained alone)
+            raise model_load_failure(what, refs[key], folder, option, ValueError(
+                "it holds no image processor settings (preprocessor_config.json): save the processor there too"))
         _check_weights(folder, what, refs[key], option)
+        if key == "detector":
+            detector.check_owl_texts(folder, kind, list(dict.fromkeys(words)), "--words")
 
 
 def _check_weights(folder, what: str, ref: str, option: str) -> None:
@@ -206,8 +215,12 @@ def _check_weights(folder, what: str, ref: str, option: str) -> None:
     from safetensors import SafetensorError, safe_open
 
     files = sorted(folder.glob("*.safetensors"))
-    if not files and not any(folder.glob("*.bin")):
+    pickled = sorted(folder.glob("*.bin"))
+    if not files and not pickled:
         raise model_load_failure(what, ref, folder, option, ValueError("it holds no weights file (*.safetensors)"))
+    for path in pickled:  # (DINO ViT-S/16 ships only pytorch_model.bin)
+        if not _whole_torch_file(path):
+            raise model_load_failure(what, ref, folder, option, ValueError(f"{path.name} is damaged (cut short?)"))
     stored = {}
     for path in files:
         try:
@@ -220,6 +233,22 @@ def _check_weights(folder, what: str, ref: str, option: str) -> None:
         raise model_load_failure(what, ref, folder, option, ValueError(
             f"its weights do not fit its config.json ({len(wrong)} tensors of other sizes, e.g. {wrong[0]}: a config "
             "from another model?)"))
+
+
+def _whole_torch_file(path) -> bool:
+    """Whether a torch.save file reads as one: a zip whose directory (at its end) opens,
+    which a cut-short or garbled download's does not; or torch's pickle format from
+    before 1.6, which cannot be checked without reading it all."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) == b"\x80\x02":  # (the legacy format opens with a protocol-2 pickle)
+                return True
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _misfit_tensors(folder, stored: dict[str, tuple]) -> list[str]:

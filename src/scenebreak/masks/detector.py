@@ -59,7 +59,7 @@ class Detector:
                 found = self.processor.post_process_grounded_object_detection(
                     outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=size)[0]
             else:
-                self._check_length(prompt)
+                check_owl_text(self.processor.tokenizer, self.model.config, prompt, "-p")
                 inputs = self.processor(images=image, text=[[prompt]], return_tensors="pt").to(self.device.torch)
                 with torch.inference_mode():
                     outputs = self.model(**inputs)
@@ -72,14 +72,27 @@ class Detector:
         return boxes[order], scores[order]
 
 
-    def _check_length(self, prompt: str) -> None:
-        """OWL's text tower reads a fixed number of tokens (16) and its processor pads to
-        it without cutting: a longer prompt failed inside the model with a shape error."""
-        most = int(self.model.config.text_config.max_position_embeddings)
-        tokens = len(self.processor.tokenizer(prompt)["input_ids"])
-        if tokens > most:
-            raise InvalidInput(f"-p {prompt!r} is {tokens} tokens long; this OWL detector reads at most {most}: "
-                               "describe the object in fewer words")
+def check_owl_text(tokenizer, config, text: str, option: str) -> None:
+    """OWL's text tower reads a fixed number of tokens (16) and its processor pads to it
+    without cutting: a longer text failed inside the model with a shape error. `option`
+    names where the text came from (-p, --words)."""
+    most = int(config.text_config.max_position_embeddings)
+    tokens = len(tokenizer(text)["input_ids"])
+    if tokens > most:
+        raise InvalidInput(f"{option} {text!r} is {tokens} tokens long; this OWL detector reads at most {most}: "
+                           "describe the object in fewer words")
+
+
+def check_owl_texts(folder, kind: str, texts: list[str], option: str) -> None:
+    """check_owl_text for each of `texts`, from the detector's folder (its tokenizer and
+    config only: no weights load), before any work; other kinds read texts of any length."""
+    if kind in GROUNDING_DINO or not texts:
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+    for text in texts:
+        check_owl_text(tokenizer, config, text, option)
 
 
 def _check_transformers_runs(kind: str, ref: str) -> None:

@@ -96,11 +96,37 @@ class SamplingRun:
         return Device(device.type, str(device)).autocast(self.autocast_dtype)
 
 
+@dataclass
+class SamplingPlan:
+    """What `start` settles before any model loads (`plan_sampling`)."""
+
+    scene: Scene
+    config: GenerateConfig  # as SamplingRun's
+    tokenizers: list
+    device: Device
+    dtype: object
+    autocast_dtype: object
+    seed: int
+    base_model: str | None
+    out_dir: Path | None
+    started: float
+
+
 def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | Device | None = None,
           base_model: str | None = None, out_dir: Path | None = None, warn_unused: bool = True,
           report: Reporter = silent) -> SamplingRun:
     """Check every prompt against the scene, pick the device and the seed, make
     `out_dir`, then load the models: every mistake is reported before that slow part."""
+    return open_run(plan_sampling(scene, prompts, config, device=device, base_model=base_model, out_dir=out_dir,
+                                  warn_unused=warn_unused, report=report), report)
+
+
+def plan_sampling(scene, prompts: list[str], config: GenerateConfig, *, device: str | Device | None = None,
+                  base_model: str | None = None, out_dir: Path | None = None, warn_unused: bool = True,
+                  report: Reporter = silent) -> SamplingPlan:
+    """`start`'s checks, with no model loaded and nothing written: every prompt against
+    the scene, the sampler, the precision on the device, `out_dir` writable; the seed
+    picked. A caller with more to check (evaluate's scoring models) checks it after."""
     from ..hub import quiet_libraries
 
     started = time.perf_counter()
@@ -142,19 +168,26 @@ def start(scene, prompts: list[str], config: GenerateConfig, *, device: str | De
     # made the same image again only on a machine like this one.
     config = dataclasses.replace(config, precision=precision_name(autocast_dtype or dtype))
     seed = pick_seed(config, report)
-    if out_dir is not None:
-        if not is_writable_folder(Path(out_dir)):
-            raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    key = pipeline_key(scene, device, dtype, base_model)
+    if out_dir is not None and not is_writable_folder(Path(out_dir)):
+        raise InvalidInput(f"--out-dir {out_dir} is not a folder you can write to: choose another")
+    return SamplingPlan(scene, config, tokenizers, device, dtype, autocast_dtype, seed, base_model,
+                        Path(out_dir) if out_dir is not None else None, started)
+
+
+def open_run(plan: SamplingPlan, report: Reporter = silent) -> SamplingRun:
+    """Make the plan's `out_dir` and load its models (or take the kept ones)."""
+    if plan.out_dir is not None:
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+    scene, config = plan.scene, plan.config
+    key = pipeline_key(scene, plan.device, plan.dtype, plan.base_model)
     pipe = kept.take(key)  # (None for a scene that is no file: then whatever is kept goes before this load)
     if pipe is not None:  # the last call's, of this scene: only its sampler is made anew (its state is per run)
         pipe.scheduler = scene.family.sampler(config.scheduler, scene.meta["configs"]["scheduler"])
     else:
         with downloads_reported(report):
-            pipe = open_pipeline(scene, device, base_model, dtype=dtype, scheduler=config.scheduler,
-                                 tokenizers=tokenizers, report=report)
-    return SamplingRun(scene, pipe, seed, started, config, autocast_dtype, kept_as=key)
+            pipe = open_pipeline(scene, plan.device, plan.base_model, dtype=plan.dtype, scheduler=config.scheduler,
+                                 tokenizers=plan.tokenizers, report=report)
+    return SamplingRun(scene, pipe, plan.seed, plan.started, config, plan.autocast_dtype, kept_as=key)
 
 
 def pipeline_key(scene: Scene, device: Device, dtype, base_model: str | None) -> tuple | None:
