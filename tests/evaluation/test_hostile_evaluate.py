@@ -202,6 +202,6 @@ def test_a_class_word_too_long_for_an_owl_detector_is_said_before_any_image(lear
     long = " ".join(["red"] * 20)
     result = CliRunner().invoke(cli, _args(learned, models, tmp_path, "--scheduler", "ddim", "--words", long, "bowl"))
     assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines()[-1] == f"Error: --words {long!r} is 22 tokens long; this OWL detector reads at most 16: " \
-                                    "describe the object in fewer words"
+    assert result.stderr.strip().splitlines()[-1] == (f"Error: --words {long!r} is 22 tokens long; this OWL detector "
+                                                      "reads at most 16: describe the object in fewer words")
     assert not (tmp_path / "eval").exists()
