@@ -128,6 +128,8 @@ BAD = {
                          "'steps1' is given twice"),
     "preview as a mask": ('{"photo": "in/photo.png", "masks": ["in/photo.masks-preview.png"]}', 2,
                           "is the preview `scenebreak mask` draws"),
+    "photo as a mask": ('{"photo": "in/photo.png", "masks": ["in/red.png", "in/./photo.png"]}', 2,
+                        "is the photo itself, not a mask"),
 }
 
 

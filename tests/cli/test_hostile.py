@@ -80,6 +80,8 @@ CASES = [
     ("learn-mask-missing", lambda w: ["learn", w["image"], "--masks", w["tmp"] / "m.png"], 2, "not found"),
     ("learn-mask-is-preview", lambda w: ["learn", w["image"], "--masks", w["masks"][0], _preview(w)], 2,
      "is the preview `scenebreak mask` draws"),  # `STEM.mask*.png` matches it too
+    ("learn-mask-is-the-photo", lambda w: ["learn", w["image"], "--masks", w["masks"][0], w["image"]], 2,
+     "is the photo itself, not a mask"),  # `--masks photo*.png` matches it too
     # learn: names
     ("learn-names-count", lambda w: LEARN(w, "--names", "a"), 2, "gives 1 value"),
     ("learn-names-escape", lambda w: LEARN(w, "--names", "../x", "y"), 2, "invalid handle name"),

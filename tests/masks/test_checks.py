@@ -48,6 +48,24 @@ def test_a_mask_over_nearly_the_whole_photo_is_taken_for_inverted(tmp_path):
     assert _warnings(photo, [tmp_path / "inv.png"], objects=False) == []  # edit's regions may cover most of a photo
 
 
+def test_an_inverted_mask_of_a_large_object_is_taken_for_inverted_too(tmp_path):
+    """Only masks over 90% were: an object of a third of the photo, inverted, was
+    learned as the background without a word. Framing a hole is what tells."""
+    photo = _photo(tmp_path / "p.png", (40, 30))
+    inverted = np.full((30, 40), 255, np.uint8)
+    inverted[5:25, 8:30] = 0
+    Image.fromarray(inverted).save(tmp_path / "inv.png")
+    [line] = _warnings(photo, [tmp_path / "inv.png"])
+    assert "covers 63% of the photo: inverted?" in line
+    # A large object that reaches the edges on some sides only, and one with a hole, are no such thing.
+    assert _warnings(photo, [_mask(tmp_path / "big.png", (40, 30), (0, 0, 30, 30))]) == []
+    ring = np.zeros((30, 40), np.uint8)
+    ring[2:28, 2:38] = 255
+    ring[10:20, 15:25] = 0
+    Image.fromarray(ring).save(tmp_path / "ring.png")
+    assert _warnings(photo, [tmp_path / "ring.png"]) == []
+
+
 def test_the_same_object_twice_is_named(tmp_path):
     photo = _photo(tmp_path / "p.png", (40, 30))
     a = _mask(tmp_path / "a.png", (40, 30), (5, 5, 20, 20))
@@ -123,6 +141,8 @@ def test_a_mask_on_a_transparent_layer_is_its_alpha_whatever_its_colour():
     cutout[..., :3] = rng.integers(1, 256, (30, 30, 3))
     cutout[10:12, 10:12, :3] = 0
     cutout[5:25, 5:25, 3] = 255
+    assert mask_array(Image.fromarray(cutout, "RGBA")).sum() == 400
+    cutout[5:25, 5:12, :3] = 0  # a third of the object in black shadow, the rest in colour (it was read as a drawing)
     assert mask_array(Image.fromarray(cutout, "RGBA")).sum() == 400
     # A black-and-white drawing with transparent margins stays its white part, small or not.
     drawing = np.zeros((30, 30, 4), np.uint8)

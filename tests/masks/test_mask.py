@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -293,17 +294,19 @@ def test_owlv2_detector_works_or_names_its_missing_extra(scene_files, tiny_segme
     except ImportError:
         assert result.exit_code == 1 and "needs scipy" in result.stderr and "pipx inject scenebreak scipy" in result.stderr
         assert len(error_lines(result)) == 1
+        assert "loading segmenter" not in result.stderr  # (said before the segmenter's work on the photo)
     else:
         assert result.exit_code == 0, result.output
 
 
-def test_the_default_threshold_is_the_detector_kinds(tiny_segmentation, tmp_path):
+def test_the_default_threshold_is_the_detector_kinds(tiny_segmentation, tmp_path, monkeypatch):
     """OWL's scores run lower than Grounding DINO's: without --threshold a match must pass
     0.1 with OWL (transformers' own default for it), 0.3 with Grounding DINO."""
     from scenebreak.device import choose_device
     from scenebreak.masks.detector import Detector
 
     cpu = choose_device("cpu")
+    monkeypatch.setitem(sys.modules, "scipy", sys.modules.get("scipy") or types.ModuleType("scipy"))  # (OWLv2 needs it)
     owl, dino = Detector(str(build_tiny_owlv2(tmp_path / "owl")), cpu), Detector(str(tiny_segmentation[0]), cpu)
     assert (owl.kind, owl.threshold(None), owl.threshold(0.5)) == ("owlv2", 0.1, 0.5)
     assert (dino.kind, dino.threshold(None), dino.threshold(0.0)) == ("grounding-dino", 0.3, 0.0)
@@ -357,16 +360,24 @@ def test_every_prompt_that_matches_nothing_is_named_in_one_line(scene_files, mod
             in result.stderr), result.stderr
 
 
-@pytest.mark.parametrize("prompt", ["cat. dog", "red cup. blue bowl."])
+@pytest.mark.parametrize("prompt", ["cat. dog", "red cup. blue bowl.", "cat.dog", "st.bernard dog", "cat?dog"])
 def test_a_prompt_of_several_phrases_is_refused_before_any_model_loads(scene_files, prompt):
-    """Grounding DINO reads '. ' as the end of a phrase: 'cat. dog' became one mask of
-    whichever scored best (both with --all-instances)."""
+    """Grounding DINO reads every '.' and '?' as the end of a phrase (its BERT tokenizer
+    splits 'cat.dog' as 'cat. dog'): 'cat. dog' became one mask of whichever scored best
+    (both with --all-instances)."""
     result = run("mask", scene_files["image"], "-p", prompt, "--detector", "someone/absent-dino",
                  "--segmenter", "someone/absent-sam")
     assert result.exit_code == 2 and "one object per --prompt" in result.stderr, result.output
     assert "absent" not in result.stderr  # (no model was looked for)
-    assert run("mask", scene_files["image"], "-p", "st.bernard dog", "--detector", "someone/absent-dino",
-               "--segmenter", "someone/absent-sam").exit_code == 1  # (no '. ' inside: only the models are missing)
+    assert run("mask", scene_files["image"], "-p", "st bernard dog.", "--detector", "someone/absent-dino",
+               "--segmenter", "someone/absent-sam").exit_code == 1  # (one phrase: only the models are missing)
+
+
+@pytest.mark.parametrize("prompt", [".", ". .", "?"])
+def test_a_prompt_of_marks_alone_is_refused(scene_files, prompt):
+    result = run("mask", scene_files["image"], "-p", prompt, "--detector", "someone/absent-dino",
+                 "--segmenter", "someone/absent-sam")
+    assert result.exit_code == 2 and "names no object" in result.stderr, result.output
 
 
 def test_json_says_the_threshold_and_the_boxes_a_prompt_mask_came_from(scene_files, models, tmp_path, monkeypatch):
@@ -686,3 +697,36 @@ def test_a_photo_too_thin_for_segment_anything_is_one_line(models, tmp_path):
     Image.new("RGB", (300, 1), (90, 90, 90)).save(tmp_path / "line.png")
     result = run("mask", tmp_path / "line.png", "--point", "0,0", *models)
     assert result.exit_code == 2 and "is too thin for Segment Anything" in error_lines(result)[0], result.output
+
+
+def test_a_prompt_too_long_for_grounding_dino_is_one_line_before_the_segmenter(scene_files, tiny_segmentation):
+    """It reads max_text_len tokens (256; the tiny one 64): a longer prompt was a
+    RuntimeError about tensor sizes, exit 1."""
+    prompt = "red " * 70 + "cat"
+    result = run("mask", scene_files["image"], "-p", prompt, "--detector", tiny_segmentation[0],
+                 "--segmenter", tiny_segmentation[1])
+    assert result.exit_code == 2, result.output
+    assert error_lines(result) == [f"Error: -p {prompt!r} is 74 tokens long; this Grounding DINO detector reads at "
+                                   "most 64: describe the object in fewer words"]
+    assert "loading" not in result.stderr  # (no model loaded)
+
+
+def test_a_photo_too_long_and_thin_for_the_detector_is_one_line(tiny_segmentation, tmp_path):
+    """Grounding DINO keeps its best num_queries (900) of the encoder's tokens, and a
+    strip scaled to its input size has fewer: "RuntimeError: selected index k out of
+    range", exit 1. (The tiny detector, with 100 queries, meets it at 2000x60.)"""
+    import shutil
+
+    from transformers import AutoConfig, GroundingDinoForObjectDetection
+
+    detector = tmp_path / "detector-100-queries"
+    shutil.copytree(tiny_segmentation[0], detector)
+    config = AutoConfig.from_pretrained(detector)
+    config.num_queries = 100
+    GroundingDinoForObjectDetection(config).save_pretrained(detector)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (2000, 60), "gray").save(strip)
+    result = run("mask", strip, "-p", "cat", "--detector", detector, "--segmenter", tiny_segmentation[1])
+    assert result.exit_code == 2, result.output
+    assert error_lines(result) == ["Error: the photo is 2000x60: too long and thin for the detector; crop it, or mark "
+                                   "the object with --box or --point"]

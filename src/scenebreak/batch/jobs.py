@@ -189,6 +189,9 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
     if ("masks" in data) == ("objects" in data):
         raise InvalidInput('give either "masks" (mask files) or "objects" (words, for `mask` to find)')
     masks = tuple(_file(folder, m, "mask") for m in _texts(data.get("masks"), "masks"))
+    for mask in masks:
+        if os.path.samefile(mask, photo):  # (both found: _file said so)
+            raise InvalidInput(f"mask {mask} is the photo itself, not a mask: give one mask per object")
     objects = _texts(data.get("objects"), "objects")
     count = len(masks) or len(objects)
 

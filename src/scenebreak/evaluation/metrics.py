@@ -185,7 +185,7 @@ def identity_scores(source: ObjectFeatures, generated: ObjectFeatures) -> tuple[
 def check_models(refs: dict[str, str], words: list[str] = ()) -> None:
     """Before anything slow: every scoring model is here (or downloads), and each is of
     a kind that can do its job, with its processor's settings and whole weights files;
-    the detector reads each of the class `words` (--words). `refs` has the keys clip,
+    the detector reads each of the class `words` (--words) whole. `refs` has the keys clip,
     dino, detector, segmenter."""
     from ..masks import detector
     from ..masks import segmenter
@@ -205,7 +205,8 @@ def check_models(refs: dict[str, str], words: list[str] = ()) -> None:
                 "it holds no image processor settings (preprocessor_config.json): save the processor there too"))
         _check_weights(folder, what, refs[key], option)
         if key == "detector":
-            detector.check_owl_texts(folder, kind, list(dict.fromkeys(words)), "--words")
+            detector.check_texts(folder, kind, list(dict.fromkeys(words)), "--words")
+            detector.check_runs(kind, refs[key])
 
 
 def _check_weights(folder, what: str, ref: str, option: str) -> None:

@@ -30,7 +30,7 @@ class Detector:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         folder, self.kind = transformers_model_of_kind(ref, "detector", "--detector", KINDS, WANTED, tokenizer=True)
-        _check_transformers_runs(self.kind, ref)
+        check_runs(self.kind, ref)
         try:
             with loading_model("detector", ref, folder, "--detector"):
                 self.processor = AutoProcessor.from_pretrained(folder)
@@ -44,22 +44,33 @@ class Detector:
         """The score a match must pass: `asked` (--threshold), else this kind's default."""
         return DEFAULT_THRESHOLDS[self.kind] if asked is None else asked
 
+    def check(self, prompt: str, option: str) -> None:
+        """The detector reads `prompt` whole (check_text); `option` names where it came from."""
+        check_text(self.kind, self.processor.tokenizer, self.model.config, prompt, option)
+
     def detect(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (n, 4; x0, y0, x1, y1 in image pixels) and scores (n,), best first."""
         import torch
 
         size = [(image.size[1], image.size[0])]
+        self.check(prompt, "-p")
         try:
             if self.kind in GROUNDING_DINO:
-                # Grounding DINO reads lowercase phrases that end with a period.
-                text = prompt.strip().lower().rstrip(".") + "."
-                inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device.torch)
+                inputs = self.processor(images=image, text=grounding_text(prompt), return_tensors="pt")
+                inputs = inputs.to(self.device.torch)
                 with torch.inference_mode():
-                    outputs = self.model(**inputs)
+                    try:
+                        outputs = self.model(**inputs)
+                    except RuntimeError as exc:
+                        if "out of range" not in str(exc):
+                            raise
+                        # It keeps its best num_queries of the encoder's tokens, and a
+                        # long thin strip scaled to its input size has fewer.
+                        raise InvalidInput(f"the photo is {image.size[0]}x{image.size[1]}: too long and thin for the "
+                                           "detector; crop it, or mark the object with --box or --point") from None
                 found = self.processor.post_process_grounded_object_detection(
                     outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=size)[0]
             else:
-                check_owl_text(self.processor.tokenizer, self.model.config, prompt, "-p")
                 inputs = self.processor(images=image, text=[[prompt]], return_tensors="pt").to(self.device.torch)
                 with torch.inference_mode():
                     outputs = self.model(**inputs)
@@ -72,33 +83,50 @@ class Detector:
         return boxes[order], scores[order]
 
 
-def check_owl_text(tokenizer, config, text: str, option: str) -> None:
-    """OWL's text tower reads a fixed number of tokens (16) and its processor pads to it
-    without cutting: a longer text failed inside the model with a shape error. `option`
-    names where the text came from (-p, --words)."""
-    most = int(config.text_config.max_position_embeddings)
-    tokens = len(tokenizer(text)["input_ids"])
+def grounding_text(prompt: str) -> str:
+    """Grounding DINO reads lowercase phrases that end with a period."""
+    return prompt.strip().lower().rstrip(".") + "."
+
+
+def check_text(kind: str, tokenizer, config, text: str, option: str) -> None:
+    """The detector reads a fixed number of tokens: OWL's text tower 16, which its
+    processor pads to without cutting; Grounding DINO its max_text_len (256). A longer
+    text failed inside the model with a shape error. `option` names where the text came
+    from (-p, --words)."""
+    if kind in GROUNDING_DINO:
+        most, name, text_read = int(config.max_text_len), "Grounding DINO", grounding_text(text)
+    else:
+        most, name, text_read = int(config.text_config.max_position_embeddings), "OWL", text
+    tokens = len(tokenizer(text_read)["input_ids"])
     if tokens > most:
-        raise InvalidInput(f"{option} {text!r} is {tokens} tokens long; this OWL detector reads at most {most}: "
+        raise InvalidInput(f"{option} {text!r} is {tokens} tokens long; this {name} detector reads at most {most}: "
                            "describe the object in fewer words")
 
 
-def check_owl_texts(folder, kind: str, texts: list[str], option: str) -> None:
-    """check_owl_text for each of `texts`, from the detector's folder (its tokenizer and
-    config only: no weights load), before any work; other kinds read texts of any length."""
-    if kind in GROUNDING_DINO or not texts:
+def check_texts(folder, kind: str, texts: list[str], option: str) -> None:
+    """check_text for each of `texts`, from the detector's folder (its tokenizer and
+    config only: no weights load), before any work."""
+    if not texts:
         return
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
     for text in texts:
-        check_owl_text(tokenizer, config, text, option)
+        check_text(kind, tokenizer, config, text, option)
 
 
-def _check_transformers_runs(kind: str, ref: str) -> None:
-    """MM-Grounding-DINO came in a later transformers than the lowest scenebreak allows;
-    an older one failed on its processor's file names, which says nothing useful."""
+def check_runs(kind: str, ref: str) -> None:
+    """This detector kind runs here. MM-Grounding-DINO came in a later transformers than
+    the lowest scenebreak allows: an older one failed on its processor's file names,
+    which says nothing useful. OWLv2's post-processing imports scipy: said before any
+    work, not after the segmenter's on the photo (or evaluate's sampling)."""
     import transformers
+
+    if kind == "owlv2":
+        try:
+            import scipy  # noqa: F401
+        except ImportError as exc:
+            raise ModelNotAvailable(_needs_extra(f"the detector {ref}", exc)) from exc
 
     if kind == "mm-grounding-dino" and not hasattr(transformers, "MMGroundingDinoForObjectDetection"):
         raise ModelNotAvailable(f"the detector {ref} is an MM-Grounding-DINO, which transformers "

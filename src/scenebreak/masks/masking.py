@@ -8,6 +8,7 @@ reported, and the masks and their preview are written (files.py)."""
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +19,10 @@ from ..config import MAX_LEARNED_HANDLES, MaskConfig, default_model
 from ..errors import InvalidInput, InvalidMask, fixable_failures
 from ..events import Message, Progress, Reporter, silent
 from .. import kept
-from ..hub import check_models_available, downloads_reported
+from ..hub import check_models_available, downloads_reported, transformers_model_of_kind
 from ..paths import is_writable_folder
 from . import ops as maskops
-from .detector import Detector
+from .detector import KINDS as DETECTOR_KINDS, WANTED as DETECTOR_WANTED, Detector, check_texts
 from .files import MaskResult, check_outputs, check_replaceable, output_paths, write_masks
 from .segmenter import AUTO_MAX_COVER, Segmenter
 
@@ -123,13 +124,16 @@ class NothingMatches(InvalidInput):
 
 
 def check_one_object(prompt: str) -> None:
-    """Grounding DINO reads ". " as the end of one phrase and the start of the next: a
-    prompt "cat. dog" became one mask of whichever phrase scored best (with
-    --all-instances, of both)."""
-    phrases = [part.strip() for part in prompt.strip().rstrip(".").split(". ") if part.strip()]
+    """Grounding DINO reads every "." and "?" (its tokenizer's own tokens, with or
+    without a space after) as the end of one phrase and the start of the next: a prompt
+    "cat. dog" or "cat.dog" became one mask of whichever phrase scored best (with
+    --all-instances, of both). A prompt of those marks alone names nothing."""
+    phrases = [part.strip() for part in re.split(r"[.?]", prompt) if part.strip()]
+    if not phrases:
+        raise InvalidInput(f"-p {prompt!r} names no object: describe the object, e.g. -p 'red bowl'")
     if len(phrases) > 1:
         raise InvalidInput(f"-p {prompt!r} reads as {len(phrases)} phrases ({', '.join(map(repr, phrases))}) to the "
-                           "detector: one object per --prompt, without '. ' inside (give each its own -p)")
+                           "detector: one object per --prompt, without '.' or '?' inside (give each its own -p)")
 
 
 def check_count(asked: int, auto: bool, max_masks: int) -> None:
@@ -203,6 +207,9 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     with downloads_reported(report):
         check_models_available([(detector_ref, "detector", "--detector")] * bool(prompts)
                                + [(segmenter_ref, "segmenter", "--segmenter")])
+    if prompts:  # each is read whole by the detector (its tokenizer says; no weights load)
+        check_texts(*transformers_model_of_kind(detector_ref, "detector", "--detector", DETECTOR_KINDS, DETECTOR_WANTED,
+                                                tokenizer=True), prompts, "-p")
     # A loop of make_masks over photos (a notebook, a script) loads the models once: they
     # are kept for the next call with the same segmenter on the same device (kept.py).
     key = ("mask models", segmenter_ref, device.name)

@@ -121,6 +121,13 @@ def default_name(image: Path) -> str:
 
 
 @fixable_failures()
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # (either missing: said where it is read)
+        return False
+
+
 def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: LearnConfig = LearnConfig(), *,
           name: str | None = None, output: str | os.PathLike | None = None, base_model: str | None = None,
           revision: str | None = None, device: str | Device | None = None, resume: bool = False, force: bool = False,
@@ -153,6 +160,8 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         if mask.name.endswith(PREVIEW_SUFFIX):
             raise InvalidInput(f"{mask} is the preview `scenebreak mask` draws, not a mask: give the masks "
                                f"(STEM.mask[0-9]*.png)")
+        if _same_file(mask, image):  # (`--masks photo*.png` matches the photo too)
+            raise InvalidInput(f"{mask} is the photo itself, not a mask: give one mask per object")
     # Everything that can be wrong with the input is checked before any model loads.
     config = config.validate(len(masks))
     tokens = config.handle_tokens(len(masks))
