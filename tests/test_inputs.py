@@ -270,9 +270,9 @@ def test_ctrl_c_while_reporting_a_failure_is_still_one_line_and_130(monkeypatch)
 
     describe = scenebreak.cli.commands.describe
 
-    def describe_then_ctrl_c(exc):
+    def describe_then_ctrl_c(exc, *more):
         os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C lands while the first is reported
-        return describe(exc)
+        return describe(exc, *more)
 
     monkeypatch.setattr(scenebreak.scenes.catalog, "scene_rows", interrupted)
     monkeypatch.setattr(scenebreak.cli.commands, "describe", describe_then_ctrl_c)
@@ -517,7 +517,17 @@ def test_debug_after_the_command_shows_the_traceback_as_the_error_line_says(monk
     assert result.exit_code == 1 and "run with --debug" in result.stderr
     for args in (["list", "--debug"], ["--debug", "list"]):
         result = run(*args)
-        assert isinstance(result.exception, ZeroDivisionError), (args, result.output)  # raised: the traceback shows
+        assert result.exit_code == 1 and "Traceback" in result.stderr, (args, result.output)
+        assert result.stderr.splitlines()[-2:] == ["ZeroDivisionError: a bug",
+                                                   "Error: ZeroDivisionError: a bug"]
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
+    """A script that branches on 2 (bad input) behaved otherwise under --debug: the
+    exception went up to Python, which exits 1."""
+    result = run("--debug", "show", str(tmp_path / "nope.scene"))
+    assert result.exit_code == 2 and "Traceback" in result.stderr, result.output
+    assert result.stderr.splitlines()[-1].startswith("Error: ")
 
 
 def test_the_console_never_writes_to_stdout_keeps_emoji_codes_as_text_and_the_last_loss(monkeypatch, capsys):

@@ -204,6 +204,26 @@ def test_console_script_round_trip_without_the_base_model(scene_files, tiny_mode
     assert os.path.exists(made.stdout.strip())
 
 
+def test_a_reader_of_stderr_that_goes_away_stops_nothing(scene_files, tiny_model, tmp_path):
+    """`learn ... 2>&1 | tee log` where tee dies (the ssh session closed): rich exited 1
+    at its next line, with stdout pointed at /dev/null, so a learn lost its steps and a
+    generate its images. Now the work goes on quietly, and the results reach stdout."""
+    exe = shutil.which("scenebreak") or pytest.skip("console script not installed")
+
+    def run_without_stderr(*args):
+        process = subprocess.Popen([exe, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process.stderr.close()  # the reader is gone before the first line
+        out = process.stdout.read()
+        return process.wait(timeout=600), out
+
+    code, out = run_without_stderr("learn", scene_files["image"], "--masks", *scene_files["masks"], "--base-model",
+                                   tiny_model, *FAST_LEARN)
+    assert code == 0 and out.strip().endswith("photo.scene"), (code, out)
+    code, out = run_without_stderr("generate", "photo", "<asset1>", "-n", "2", "--steps", "2", "--out-dir",
+                                   tmp_path / "images")
+    assert code == 0 and len(out.split()) == 2 and all(os.path.exists(p) for p in out.split()), (code, out)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(scene_files, tiny_model, tmp_path):
     """A real SIGINT to the console script: exit 130, no .scene, then --resume."""
     import signal

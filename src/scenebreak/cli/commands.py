@@ -64,19 +64,20 @@ class MultiValueCommand(click.Command):
             raise
 
 
-def describe(exc: BaseException) -> tuple[str, int]:
-    """The one line and the exit code for a failure."""
+def describe(exc: BaseException, traced: bool = False) -> tuple[str, int]:
+    """The one line and the exit code for a failure (`traced`: its traceback was shown)."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130
     error = fixable_error(exc)
     if error is not None:
         return str(error), error.exit_code
     text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-    return f"{text} (run with --debug for the traceback)", 1
+    return (text if traced else f"{text} (run with --debug for the traceback)"), 1
 
 
 def handle_errors(fn):
-    """Turn failures into one line on stderr and the right exit code (--debug: raise)."""
+    """Turn failures into one line on stderr and the right exit code (--debug: the
+    traceback first; the exit code stays what scripts branch on)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -89,9 +90,13 @@ def handle_errors(fn):
                 debug = click.get_current_context().find_root().params.get("debug", False)
             except KeyboardInterrupt as again:  # a second Ctrl-C right away
                 exc, debug = again, False
-            if debug and not _is_broken_pipe(exc):
-                raise
-            leave(exc)
+            traced = debug and not _is_broken_pipe(exc) and sys.stderr is not None
+            if traced:
+                import traceback
+
+                with contextlib.suppress(OSError):
+                    traceback.print_exception(exc, file=sys.stderr)
+            leave(exc, traced)
 
     return wrapper
 
@@ -105,7 +110,7 @@ def _is_broken_pipe(exc: BaseException) -> bool:
     return paths.ON_WINDOWS and isinstance(exc, OSError) and exc.errno == errno.EINVAL and exc.filename is None
 
 
-def leave(exc: BaseException):
+def leave(exc: BaseException, traced: bool = False):
     """Exit for a failure: one line on stderr and its exit code. Ctrl-C is ignored from
     here on (a second one must not turn the line into a traceback); a reader that
     closed stdout (`| head -1`) is no failure at all: exit quietly, as with SIGPIPE."""
@@ -113,7 +118,7 @@ def leave(exc: BaseException):
         silence_stdout()
         sys.exit(128 + 13)  # 141: what a shell reports for a command ended by SIGPIPE
     with sigint_ignored():
-        message, code = describe(exc)
+        message, code = describe(exc, traced)
         try:
             click.echo(f"Error: {printable(message)}", err=True)  # one line, whatever a file or scene said
         except OSError:  # stderr is gone too: the exit code still tells

@@ -31,19 +31,38 @@ def _nowhere():
     return open(os.devnull, "w")
 
 
+def stderr_console(file, **options):
+    """A rich Console on `file` (stderr) that outlives its reader. Where the reader goes
+    away (`learn ... 2>&1 | tee log` and tee dies with the ssh session, `|& head`),
+    rich's own exits 1 at once, pointing stdout at /dev/null: a learn lost the steps
+    since its last checkpoint, and a generate its images. This one goes quiet and the
+    work goes on: the results still go to stdout, a stop still saves its checkpoint."""
+    from rich.console import Console
+
+    class StderrConsole(Console):
+        def on_broken_pipe(self) -> None:
+            from ..errors import write_nowhere
+
+            self.quiet = True
+            try:  # (what Python still holds for stderr must flush somewhere at exit)
+                write_nowhere(self.file.fileno())
+            except (OSError, ValueError, AttributeError):  # no real file descriptor (a test's stream)
+                pass
+
+    return StderrConsole(file=file, **options)
+
+
 class ConsoleReporter:
     """A Reporter for the CLI. Stdout is never touched: it carries only results."""
 
     PLAIN_EVERY = 30.0  # seconds between plain progress lines
 
     def __init__(self, quiet: bool = False, stream=None):
-        from rich.console import Console
-
         self.quiet = quiet
         # stderr=True: with fd 2 closed (`2>&-`, a service) sys.stderr is None, and rich
         # would write to stdout, into the results. emoji=False: a prompt's ":fire:" stays text.
-        self.console = Console(file=stream or sys.stderr or _nowhere(), stderr=True, highlight=False, soft_wrap=True,
-                               emoji=False)  # (soft_wrap: one line per message)
+        self.console = stderr_console(stream or sys.stderr or _nowhere(), stderr=True, highlight=False, soft_wrap=True,
+                                      emoji=False)  # (soft_wrap: one line per message)
         # Live bars only on a real terminal that can redraw: not TERM=dumb (an editor's
         # shell: nothing would show until the end), not a file FORCE_COLOR points rich at.
         isatty = getattr(self.console.file, "isatty", lambda: False)
