@@ -641,3 +641,29 @@ def test_the_command_lines_stderr_carries_no_library_log_lines(learned, tmp_path
         for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
             if variable not in env:
                 os.environ.pop(variable, None)
+
+
+def test_a_prompts_file_may_be_a_pipe_and_a_closed_stdin_is_one_line(tmp_path, monkeypatch):
+    """`generate --prompts-file <(grep moon prompts.txt)` was refused ("not a regular
+    file"); `--prompts-file - <&-` was "AttributeError: 'NoneType' object has no
+    attribute 'buffer'", exit 1. A device is still no prompts file."""
+    import sys
+    import threading
+
+    from scenebreak.errors import InvalidInput
+    from scenebreak.paths import read_text_file
+
+    pipe = tmp_path / "prompts"
+    os.mkfifo(pipe)
+
+    def write():
+        with open(pipe, "w") as f:
+            f.write("<asset1> on the moon\n")
+
+    threading.Thread(target=write, daemon=True).start()
+    assert read_text_file(pipe, "--prompts-file", 1000) == "<asset1> on the moon\n"
+    with pytest.raises(InvalidInput, match="is not a regular file"):
+        read_text_file("/dev/null", "--prompts-file", 1000)
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(InvalidInput, match=r"is standard input \('-'\), which is closed"):
+        read_text_file("-", "--prompts-file", 1000)

@@ -394,20 +394,30 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
+def is_pipe(path: Path) -> bool:
+    """Whether `path` is a pipe (a FIFO, or the shell's `<(...)`, /dev/fd/N)."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def read_text_file(path: str | os.PathLike, what: str, max_bytes: int) -> str:
-    """The UTF-8 text of a regular file the user named, or of stdin for "-"; `what`
-    names it in errors. Reads at most `max_bytes`: a larger file (/dev/zero, a log
-    given by mistake) is refused, not read whole into memory."""
+    """The UTF-8 text of a regular file or a pipe (`<(...)`) the user named, or of stdin
+    for "-"; `what` names it in errors. Reads at most `max_bytes`: a larger file
+    (/dev/zero, a log given by mistake) is refused, not read whole into memory."""
     import sys
 
     if str(path) == "-":
+        if sys.stdin is None:  # (`<&-`, a service without one)
+            raise InvalidInput(f"{what} is standard input ('-'), which is closed: pipe the text in, or give a file")
         data, name = sys.stdin.buffer.read(max_bytes + 1), "standard input"
     else:
         name = str(path)
         if not Path(path).exists():
             raise InvalidInput(f"{what} {name} not found")
-        if not is_regular_file(Path(path)):
-            raise InvalidInput(f"{what} {name} is not a regular file")
+        if not (is_regular_file(Path(path)) or is_pipe(Path(path))):
+            raise InvalidInput(f"{what} {name} is not a regular file (to pipe text in, give '-')")
         try:
             with open(path, "rb") as f:
                 data = f.read(max_bytes + 1)

@@ -157,6 +157,45 @@ def test_an_empty_jobs_file_and_stdin(tmp_path):
     assert f"relative paths start from {Path.cwd()})" in result.stderr  # (not "the JOBS file's folder")
 
 
+def _feed_fifo(path: Path, text: str) -> threading.Thread:
+    """A pipe at `path` (as the shell's `<(...)`) that gives `text` to its first reader."""
+    os.mkfifo(path)
+
+    def write():
+        with open(path, "w") as f:
+            f.write(text)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    return writer
+
+
+def test_a_jobs_file_from_a_pipe_is_read_with_paths_from_the_current_folder(tmp_path, monkeypatch):
+    """`scenebreak batch <(grep cat jobs.jsonl)` was refused ("not a regular file"); its
+    relative paths are the current folder's, as for stdin (the pipe's is /dev/fd)."""
+    write_synthetic_scene(tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    pipe = tmp_path / "pipes" / "jobs"
+    pipe.parent.mkdir()
+    _feed_fifo(pipe, json.dumps({"photo": "in/photo.png", "masks": ["in/red.png"]}) + "\n")
+    [job] = read_jobs(pipe)
+    assert job.photo == str(tmp_path / "in" / "photo.png")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="closes the child's stdout with preexec_fn")
+def test_a_closed_stdout_costs_the_batch_nothing(tmp_path):
+    """`scenebreak batch jobs.jsonl >&-`: flushing the line of the first job that ended
+    raised AttributeError (exit 1), and the other jobs never ran."""
+    write_synthetic_scene(tmp_path / "in")
+    jobs = write_jobs(tmp_path, [{"photo": "in/photo.png", "masks": ["in/red.png"], "name": name,
+                                  "learn": {"base-model": str(tmp_path / "nothing")}} for name in ("a", "b")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "scenebreak", "batch", str(jobs), "--out", str(tmp_path / "out")],
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=300, preexec_fn=lambda: os.close(1))
+    assert done.returncode == 1 and "2 of 2 job(s) failed" in done.stderr, done.stderr
+    assert "AttributeError" not in done.stderr
+
+
 def test_a_job_another_run_holds_is_put_off_then_waited_for(tmp_path):
     """Two runs at once never run one job twice: the second finds it busy, then waits."""
     write_synthetic_scene(tmp_path / "in")

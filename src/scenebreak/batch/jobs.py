@@ -19,7 +19,7 @@ from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
 from ..errors import InvalidInput
 from ..handles import check_handle_tokens, handles_in
 from ..masks.files import PREVIEW_SUFFIX
-from ..paths import check_name, is_regular_file, read_text_file
+from ..paths import check_name, is_pipe, is_regular_file, read_text_file
 
 MAX_JOBS_FILE = 64 * 2**20  # bytes: a hundred thousand jobs and more
 MAX_JOBS = 100_000
@@ -106,7 +106,8 @@ def read_jobs(source: str | os.PathLike) -> list[Job]:
     the file's folder, or to the current one for stdin), all checked; no two jobs may
     share a scene name."""
     text = read_text_file(source, "JOBS file", MAX_JOBS_FILE)
-    folder = Path.cwd() if str(source) == "-" else Path(source).absolute().parent  # (a link's folder, not its target's)
+    # (A link's folder, not its target's; stdin's and a pipe's (`<(...)`, /dev/fd/63): the current one.)
+    folder = Path.cwd() if str(source) == "-" or is_pipe(Path(source)) else Path(source).absolute().parent
     source = source_name(source)
     jobs, names = [], {}
     # JSON Lines end at "\n" only: splitlines() also split inside strings at U+2028 or \f.

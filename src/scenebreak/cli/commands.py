@@ -515,7 +515,8 @@ def batch_command(jobs, devices, ray, gpus_per_job, shard, out, scenes, retries,
         # next redraw left a stale copy of itself.
         target = sys.stdout if shared and type(sys.stdout).__name__ == "FileProxy" else stdout
         click.echo(json.dumps(result.to_dict()), file=target)
-        target.flush()  # each line as its job ends, also into a pipe
+        if target is not None:  # (None: stdout closed, `>&-`; click wrote nowhere)
+            target.flush()  # each line as its job ends, also into a pipe
 
     result = with_reporter(quiet, lambda report: run_batch(jobs, devices=devices, ray=ray, gpus_per_job=gpus_per_job,
                                                            shard=shard, out=out, scenes=scenes, retries=retries,
