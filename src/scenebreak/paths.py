@@ -394,6 +394,26 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def text_path(path: str | os.PathLike):
+    """`path` as text that a library written in Rust (safetensors) can open: the path
+    itself, or, for a name that is not UTF-8 (made under another locale, from an old
+    disk), the same file opened here and named through /dev/fd: such a scene was
+    written, then refused as "truncated or corrupt"."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        if os.path.isdir("/dev/fd"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                yield f"/dev/fd/{fd}"
+            finally:
+                os.close(fd)
+            return
+    yield text
+
+
 def is_pipe(path: Path) -> bool:
     """Whether `path` is a pipe (a FIFO, or the shell's `<(...)`, /dev/fd/N)."""
     try:

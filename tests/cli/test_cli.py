@@ -79,6 +79,9 @@ def test_an_interrupted_runs_checkpoint_is_listed_and_rm_deletes_it(scene_files,
     # (sizes in binary units, as every size said: a tiny model's checkpoint is a few MiB)
     assert re.search(r"interrupted runs, kept for learn --resume \(scenebreak rm NAME deletes one\): again \(\d+ MiB\), "
                      r"left \(\d+ MiB\)", listed.stderr), listed.stderr
+    quiet = run("list", "-q")  # (-q as every command takes it: the note left out, the scenes listed)
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == listed.stdout, quiet.output
+    assert run("show", "kept", "-q").stdout == run("show", "kept").stdout
     as_json = json.loads(run("list", "--json").stdout)
     assert [r["name"] for r in as_json["interrupted"]] == ["again", "left"]
     assert as_json["interrupted"][1]["path"] == str(checkpoint_path("left")) and as_json["interrupted"][1]["bytes"] > 0
@@ -86,7 +89,7 @@ def test_an_interrupted_runs_checkpoint_is_listed_and_rm_deletes_it(scene_files,
     with scene_lock("left"):  # a run learning it now keeps its checkpoint
         refused = run("rm", "left")
         assert refused.exit_code == 2 and "being learned now" in refused.stderr, refused.output
-    removed = run("rm", "left", "kept", "--json")
+    removed = run("rm", "left", "kept", "--json", "-q")
     assert removed.exit_code == 0, removed.output
     assert json.loads(removed.stdout)["paths"][-1] == str(checkpoint_path("left"))
     assert len(json.loads(removed.stdout)["paths"]) == 2

@@ -212,3 +212,12 @@ def test_each_image_carries_what_made_it(learned, tmp_path):
                      scheduler=settings["scheduler"], negative=settings["negative"], precision=settings["precision"]),
                      out_dir=tmp_path / "again")
     assert (np.asarray(Image.open(again.images[0].path)) == np.asarray(Image.open(result.images[0].path))).all()
+
+
+def test_image_names_fold_accents_as_scene_names_do():
+    """"<asset1> in München" was named asset1-in-m-nchen, "café" caf."""
+    from scenebreak.sample.sampling import slug
+
+    assert slug("<asset1> in München") == "asset1-in-munchen"
+    assert slug("a café in Zürich, ﬁne") == "a-cafe-in-zurich-fine"
+    assert slug("<asset1> 東京") == "asset1" and slug("東京") == "image"

@@ -78,6 +78,23 @@ def test_a_file_here_does_not_hide_the_cached_scene_and_rm_never_guesses(learned
     assert CliRunner().invoke(cli, ["rm", "both"]).exit_code == 0 and not target.exists()
 
 
+def test_a_scene_whose_path_is_not_utf8_opens(learned, tmp_path):
+    """A name made under another locale (Latin-1 "lat\\xe9"): learn wrote the scene there,
+    and every command then refused it as "truncated or corrupt" (safetensors opens only
+    UTF-8 paths)."""
+    import os
+
+    folder = tmp_path / os.fsdecode(b"lat\xe9")
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    shutil.copy(learned.path, folder / "photo.scene")
+    scene = load_scene(folder / "photo.scene", weights=True)
+    assert [h.token for h in scene.handles] == [h.token for h in load_scene(learned.path).handles]
+    assert read_metadata(folder / "photo.scene") == read_metadata(learned.path)
+
+
 def test_truncated_file_is_a_clear_error(learned, tmp_path):
     data = learned.path.read_bytes()
     for cut in (10, 1000, len(data) // 2, len(data) - 5):

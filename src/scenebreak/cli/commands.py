@@ -803,8 +803,9 @@ def evaluate_command(scene, prompts_file, out_dir, base_model, device, quiet, js
 
 @cli.command(name="list")
 @json_option
+@quiet_option
 @handle_errors
-def list_command(json_):
+def list_command(json_, quiet):
     """List the scenes in the cache (name, handles, path, base model family), and on
     stderr the interrupted runs whose checkpoints wait for `learn --resume`.
 
@@ -822,18 +823,20 @@ def list_command(json_):
     for row in rows:
         fields = (row["name"], " ".join(row.get("handles", [])) or "unreadable", row["path"], row.get("family", ""))
         click.echo("\t".join(printable(str(field)) for field in fields))
-    if runs:
+    if runs and not quiet:
         from ..estimates import format_bytes
 
         said = ", ".join(f"{printable(run.name)} ({format_bytes(run.bytes)})" for run in runs)
         click.echo(f"interrupted runs, kept for learn --resume (scenebreak rm NAME deletes one): {said}", err=True)
 
 
+# (`-q` is taken by show and rm too, which have no notes to leave out: a script passes it to every command.)
 @cli.command(name="show")
 @click.argument("scene", shell_complete=complete_scene)
 @json_option
+@quiet_option
 @handle_errors
-def show_command(scene, json_):
+def show_command(scene, json_, quiet):
     """Show a scene's handles, base model, size and training summary.
 
     \b
@@ -852,8 +855,9 @@ def show_command(scene, json_):
 @cli.command(name="rm")
 @click.argument("scenes", nargs=-1, required=True, shell_complete=complete_scene)
 @json_option
+@quiet_option
 @handle_errors
-def rm_command(scenes, json_):
+def rm_command(scenes, json_, quiet):
     """Delete scenes (by cache name or path), and the checkpoint an interrupted run of
     that name left; prints each deleted path.
 

@@ -361,7 +361,12 @@ def warn_cpu_time(run: SamplingRun, image_steps: int, pixels: int, report: Repor
 
 
 def slug(text: str, limit: int = 40) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    """A prompt as part of a file name: ASCII words joined by "-", accents folded as
+    learn folds a photo's name ("München" is "munchen", not "m-nchen")."""
+    import unicodedata
+
+    folded = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    s = re.sub(r"[^A-Za-z0-9]+", "-", folded).strip("-").lower()
     return s[:limit].rstrip("-") or "image"
 
 

@@ -36,8 +36,8 @@ from ..arguments import path_argument
 from ..config import MAX_HANDLES, MAX_LORA_RANK, MAX_RESOLUTION
 from ..errors import BundleError, InvalidInput
 from ..families.versions import tokenizer_class_for, tokenizer_overrides
-from ..paths import (SCENE_SUFFIX, in_a_private_folder, is_regular_file, resolve_scene, scenes_dir, write_atomically,
-                     write_new_file)
+from ..paths import (SCENE_SUFFIX, in_a_private_folder, is_regular_file, resolve_scene, scenes_dir, text_path,
+                     write_atomically, write_new_file)
 
 FORMAT = "scenebreak.scene"
 FORMAT_VERSION = 3  # the newest this version reads and writes
@@ -240,7 +240,7 @@ def read_metadata(path: Path) -> dict:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with text_path(path) as name, safe_open(name, framework="pt") as f:
             header = f.metadata() or {}
             keys = set(f.keys())
     except Exception as exc:  # safetensors raises several types for damaged files
@@ -518,7 +518,7 @@ def load_scene(ref, weights: bool = False, device="cpu") -> Scene:
     scene_weights: dict = {component: {} for component in expected} if weights else {}
     files: dict = {}
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with text_path(path) as name, safe_open(name, framework="pt") as f:
             # Sizes and kinds from the header first: nothing is read that the scene could not hold.
             _check_header(path, meta, {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
                                        for key in f.keys() if not key.partition(".")[0] in expected})
@@ -533,7 +533,7 @@ def load_scene(ref, weights: bool = False, device="cpu") -> Scene:
                 if key.startswith("file."):
                     files[key[5:]] = f.get_tensor(key).numpy().tobytes()
         if weights:
-            with safe_open(str(path), framework="pt", device=device) as f:
+            with text_path(path) as name, safe_open(name, framework="pt", device=device) as f:
                 for key in f.keys():
                     component, _, name = key.partition(".")
                     if component in scene_weights:
