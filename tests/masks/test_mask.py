@@ -135,8 +135,8 @@ def test_keep_holes_and_min_area_reach_the_clean_up_as_asked(scene_files, models
     # ... and the command line's options reach it: --min-area as pixels, --keep-holes as fill_holes.
     asked = []
     real = masking.maskops.clean
-    monkeypatch.setattr(masking.maskops, "clean", lambda mask, min_area, fill=True, grow=0: (
-        asked.append((min_area, fill, grow)), real(mask, min_area, fill, grow))[1])
+    monkeypatch.setattr(masking.maskops, "clean", lambda mask, min_area, fill=True, grow=0, keep_at=(): (
+        asked.append((min_area, fill, grow)), real(mask, min_area, fill, grow, keep_at))[1])
     result = run("mask", scene_files["image"], "--box", "12,8,44,40", "--keep-holes", "--min-area", "7",
                  "--dilate", "2", "--out-dir", tmp_path, "-q", *models)
     assert result.exit_code == 0, result.output
@@ -730,3 +730,23 @@ def test_a_photo_too_long_and_thin_for_the_detector_is_one_line(tiny_segmentatio
     assert result.exit_code == 2, result.output
     assert error_lines(result) == ["Error: the photo is 2000x60: too long and thin for the detector; crop it, or mark "
                                    "the object with --box or --point"]
+
+
+def test_the_piece_clicked_survives_the_clean_up(scene_files, models, tmp_path, monkeypatch):
+    """The clean-up keeps pieces of --min-area and the largest: where SAM gave a small
+    piece at the click and a larger one elsewhere, the mask written left out the very
+    object clicked, without a word."""
+    from scenebreak.masks.segmenter import Segmenter
+
+    def two_pieces(self, points, together=False):
+        mask = np.zeros((64, 64), bool)
+        mask[5:10, 5:10] = True  # 25 pixels at the click
+        mask[30:60, 30:60] = True  # a larger piece elsewhere
+        return [(mask, 0.9)]
+
+    monkeypatch.setattr(Segmenter, "from_points", two_pieces)
+    result = run("mask", scene_files["image"], "--point", "7,7", "--min-area", "50", "--out-dir", tmp_path, *models)
+    assert result.exit_code == 0, result.output
+    with Image.open(result.stdout.split()[0]) as written:
+        mask = np.asarray(written) > 0
+    assert mask[7, 7] and mask[45, 45] and mask.sum() == 25 + 900

@@ -81,6 +81,9 @@ def test_remove_specks_keeps_big_pieces_and_always_the_largest():
     assert remove_specks(mask, 2).sum() == 11
     assert remove_specks(mask, 100).sum() == 9  # the largest piece survives any threshold
     assert remove_specks(np.zeros((2, 2)), 5).sum() == 0
+    # A piece under a click stays, however small: it is the object clicked.
+    assert remove_specks(mask, 3, keep_at=[(6.4, 0.5)]).sum() == 10
+    assert remove_specks(mask, 3, keep_at=[(4, 1)]).sum() == 9  # (a click outside every piece keeps nothing more)
 
 
 def test_dilate_by_a_disk():

@@ -237,7 +237,8 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     report(Progress("segmenting", 0, steps))
     segmenter.set_image(image)
     tick()
-    raw: list[tuple[str, str, float, np.ndarray, list | None]] = []  # label, source, score, mask, detections
+    # label, source, score, mask, detections; a click's mask, its clicks too
+    raw: list[tuple] = []
     missed: list[NothingMatches] = []
     for prompt in prompts:
         try:
@@ -254,12 +255,13 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     if points:
         made = ([segmenter.from_clicks(points + excludes, [1] * len(points) + [0] * len(excludes))] if excludes
                 else segmenter.from_points(points, together=config.group))
-        for i, (mask, score) in enumerate(made, 1):
-            raw.append(("points" if config.group else f"point {i}", "point", score, mask, None))
+        clicked = [points] if excludes or config.group else [[p] for p in points]  # (each mask's own clicks)
+        for i, ((mask, score), on) in enumerate(zip(made, clicked), 1):
+            raw.append(("points" if config.group else f"point {i}", "point", score, mask, None, on))
         tick()
 
-    results = [cleaned_result(label, source, score, mask, min_area, config, found)
-               for label, source, score, mask, found in raw]
+    results = [cleaned_result(label, source, score, mask, min_area, config, found, *on)
+               for label, source, score, mask, found, *on in raw]
     if auto:
         # A few spare segments: the clean-up may still empty or merge some.
         segments = segmenter.automatic(config.grid, limit=3 * config.max_masks)
@@ -319,9 +321,10 @@ def find_object(detector, segmenter, image, prompt: str, config: MaskConfig) -> 
 
 
 def cleaned_result(label: str, source: str, score: float, mask: np.ndarray, min_area: int, config: MaskConfig,
-                   detections: list | None = None) -> MaskResult:
-    """SAM's mask cleaned up for Break-A-Scene (ops.clean); an empty one is refused."""
-    cleaned = maskops.clean(mask, min_area, fill=config.fill_holes, grow=config.dilate)
+                   detections: list | None = None, clicks=()) -> MaskResult:
+    """SAM's mask cleaned up for Break-A-Scene (ops.clean; the pieces under `clicks` on
+    the object always stay); an empty one is refused."""
+    cleaned = maskops.clean(mask, min_area, fill=config.fill_holes, grow=config.dilate, keep_at=clicks)
     if not cleaned.any():
         raise InvalidMask(f"the mask for {label!r} came out empty: try --box X0,Y0,X1,Y1 around the object, "
                           "or clicks on it with --point X,Y")

@@ -80,9 +80,10 @@ def fill_holes(mask: np.ndarray, max_hole: int | None = None) -> np.ndarray:
 MAX_FILLED_HOLE = 0.01
 
 
-def remove_specks(mask: np.ndarray, min_area: int) -> np.ndarray:
+def remove_specks(mask: np.ndarray, min_area: int, keep_at=()) -> np.ndarray:
     """Drop 8-connected pieces smaller than `min_area` pixels; the largest piece always
-    stays, so a small object is never wiped out."""
+    stays, so a small object is never wiped out, and so do the pieces under the points
+    `keep_at` ((x, y) clicks on the object: the one clicked may be the small one)."""
     labels, count = label(mask)
     if count == 0:
         return np.zeros(labels.shape, np.uint8)
@@ -90,6 +91,9 @@ def remove_specks(mask: np.ndarray, min_area: int) -> np.ndarray:
     areas[0] = 0
     keep = areas >= min_area
     keep[int(areas.argmax())] = True
+    height, width = labels.shape
+    for x, y in keep_at:
+        keep[labels[min(max(int(y), 0), height - 1), min(max(int(x), 0), width - 1)]] = True
     keep[0] = False
     return keep[labels].astype(np.uint8)
 
@@ -148,12 +152,13 @@ def default_min_area(size: tuple[int, int]) -> int:
     return max(1, round(0.001 * size[0] * size[1]))
 
 
-def clean(mask: np.ndarray, min_area: int, fill: bool = True, grow: int = 0) -> np.ndarray:
-    """The whole clean-up, in order: fill small holes, drop specks, dilate."""
+def clean(mask: np.ndarray, min_area: int, fill: bool = True, grow: int = 0, keep_at=()) -> np.ndarray:
+    """The whole clean-up, in order: fill small holes, drop specks (but the pieces under
+    the clicks `keep_at`), dilate."""
     mask = np.asarray(mask).astype(bool).astype(np.uint8)
     if fill:
         mask = fill_holes(mask, max_hole=max(1, round(MAX_FILLED_HOLE * mask.size)))
-    mask = remove_specks(mask, min_area)
+    mask = remove_specks(mask, min_area, keep_at)
     return dilate(mask, grow)
 
 

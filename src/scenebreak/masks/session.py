@@ -102,7 +102,8 @@ class MaskSession:
                 return cleaned_result(label, "prompt", score, raw, self.min_area, self.config, found)
             raw, score = self.segmenter.from_clicks(points, labels, box)
         source = "point" if box is None else "box"
-        return cleaned_result(label, source, score, raw, self.min_area, self.config)
+        on = [p for p, v in zip(points, labels) if v == 1]
+        return cleaned_result(label, source, score, raw, self.min_area, self.config, clicks=on)
 
     def _detector(self, report: Reporter):
         """The text detector, loaded the first time words are given."""
