@@ -750,3 +750,10 @@ def test_the_piece_clicked_survives_the_clean_up(scene_files, models, tmp_path, 
     with Image.open(result.stdout.split()[0]) as written:
         mask = np.asarray(written) > 0
     assert mask[7, 7] and mask[45, 45] and mask.sum() == 25 + 900
+
+
+def test_a_best_score_just_under_the_threshold_is_not_shown_as_reaching_it():
+    from scenebreak.masks.masking import NothingMatches
+
+    assert "(best score 0.99) above --threshold 1" in str(NothingMatches("cat", 0.999999, 1.0))
+    assert "(best score 0.29) above --threshold 0.3" in str(NothingMatches("cat", 0.29, 0.3))

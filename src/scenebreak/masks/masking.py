@@ -7,6 +7,7 @@ reported, and the masks and their preview are written (files.py)."""
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -111,7 +112,10 @@ class NothingMatches(InvalidInput):
         super().__init__(f"nothing matches {self._named()} above --threshold {threshold:g}: {self.ADVICE}")
 
     def _named(self) -> str:
-        return f"{self.prompt!r}" + (f" (best score {self.best:.2f})" if self.best is not None else "")
+        if self.best is None:
+            return f"{self.prompt!r}"
+        # Rounded down: 0.999 at --threshold 1 read "best score 1.00 above --threshold 1".
+        return f"{self.prompt!r} (best score {math.floor(self.best * 100 + 1e-9) / 100:.2f})"
 
     @classmethod
     def of_all(cls, missed: list[NothingMatches]) -> InvalidInput:
