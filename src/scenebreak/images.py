@@ -190,7 +190,7 @@ def mask_strength(image) -> np.ndarray:
     """(H, W) uint8: how strongly each pixel of a mask file marks the object, 0 outside.
     Colour (the brightest channel) on an opaque mask; on one with transparency, its
     alpha, unless the visible part is itself a black-and-white drawing (at least 10%
-    black, the rest white): a black brush on a transparent layer, or a cut-out whose
+    black, the rest nearly all white): a black brush on a transparent layer, or a cut-out whose
     object has black pixels among its colours, is its alpha (by colour those were
     nearly empty, or full of holes)."""
     if _has_alpha(image):
@@ -202,9 +202,10 @@ def mask_strength(image) -> np.ndarray:
         shown = colour[visible]
         black = float((shown == 0).mean())
         lit = shown[shown > 0]
-        # (a photo's colours are never 99% pure white: a cut-out with a third of its
-        # object in black shadow lost those pixels when read as a drawing)
-        drawing = black >= 0.1 and lit.size > 0 and float((lit >= 250).mean()) > 0.99
+        # (a photo's colours are not nine tenths pure white, as a drawing's are but for its
+        # anti-aliased edges: a cut-out with a third of its object in black shadow lost
+        # those pixels when read as a drawing)
+        drawing = black >= 0.1 and lit.size > 0 and float((lit >= 250).mean()) > 0.9
         return colour * visible if drawing else alpha
     if image.mode in _WIDE_GREY:
         return np.clip(np.ceil(_wide_grey_in_255ths(image)), 0, 255).astype(np.uint8)  # (ceil: non-zero stays non-zero)

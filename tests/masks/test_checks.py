@@ -151,6 +151,8 @@ def test_a_mask_on_a_transparent_layer_is_its_alpha_whatever_its_colour():
     assert mask_array(Image.fromarray(drawing, "RGBA")).sum() == 4
     drawing[3:20, 3:20, :3] = 255
     assert mask_array(Image.fromarray(drawing, "RGBA")).sum() == 17 * 17
+    drawing[19, 3:20, :3] = 128  # anti-aliased along one edge: still a drawing
+    assert mask_array(Image.fromarray(drawing, "RGBA")).sum() == 17 * 17
 
 
 def test_transparency_given_as_one_colour_is_flattened_onto_white(tmp_path):
