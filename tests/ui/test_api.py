@@ -142,6 +142,8 @@ def test_a_click_gives_the_mask_that_mask_point_gives(ui, scene_files, tiny_segm
                           cli_masks(photo, tmp_path / "d", tiny_segmentation, "-p", "red square")[0] > 0)
     status, data = ui.json("/api/mask", {"id": "5", "words": "red square. blue square"})  # one object, as -p
     assert status == 400 and "one object per --prompt" in data["error"], data
+    status, data = ui.json("/api/mask", {"id": "6", "words": "red " * 70 + "square"})  # past what the detector reads
+    assert status == 400 and data["error"].startswith("the words 'red red") and "-p" not in data["error"], data
     # Saving elsewhere: into --out-dir-like folders under the allowed roots (here a subfolder of the photo's).
     run = ui.ok("/api/save", {"objects": [{"id": "3", "name": "only"}], "out_dir": "masks"})
     assert run["masks"][0]["path"] == str(photo.parent.resolve() / "masks" / "photo.mask1.png")

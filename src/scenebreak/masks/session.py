@@ -98,6 +98,7 @@ class MaskSession:
         with self.lock:
             self._check_open()
             if words:
+                self._detector(report).check(words, "the words")  # (said in the page's terms, not mask's -p)
                 score, raw, found = find_object(self._detector(report), self.segmenter, self.image, words, self.config)
                 return cleaned_result(label, "prompt", score, raw, self.min_area, self.config, found)
             raw, score = self.segmenter.from_clicks(points, labels, box)
