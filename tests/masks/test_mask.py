@@ -739,7 +739,7 @@ def test_the_piece_clicked_survives_the_clean_up(scene_files, models, tmp_path, 
     from scenebreak.masks.segmenter import Segmenter
 
     def two_pieces(self, points, together=False):
-        mask = np.zeros((64, 64), bool)
+        mask = np.zeros((80, 96), bool)  # (the photo's size)
         mask[5:10, 5:10] = True  # 25 pixels at the click
         mask[30:60, 30:60] = True  # a larger piece elsewhere
         return [(mask, 0.9)]
@@ -757,3 +757,11 @@ def test_a_best_score_just_under_the_threshold_is_not_shown_as_reaching_it():
 
     assert "(best score 0.99) above --threshold 1" in str(NothingMatches("cat", 0.999999, 1.0))
     assert "(best score 0.29) above --threshold 0.3" in str(NothingMatches("cat", 0.29, 0.3))
+
+
+def test_auto_with_a_min_area_past_the_photo_says_so(scene_files):
+    """It said "--auto found no distinct segment: click on the objects", after SAM's work."""
+    result = run("mask", scene_files["image"], "--auto", "--min-area", "100000000", "--segmenter", "someone/absent-sam")
+    assert result.exit_code == 2, result.output
+    assert error_lines(result) == ["Error: --min-area 100000000 is more pixels than the photo has (96x80): --auto would "
+                                   "keep nothing; give a smaller --min-area"]

@@ -203,6 +203,9 @@ def make_masks(image_path, prompts=(), points=(), boxes=(), auto: bool = False, 
     check_outputs(outputs)
     check_replaceable(image_path, outputs[:-2], force)  # (before the models load; all of them again when written)
     min_area = config.min_area if config.min_area is not None else maskops.default_min_area(image.size)
+    if auto and min_area > image.size[0] * image.size[1]:  # (no segment could pass: said now, not as "none found")
+        raise InvalidInput(f"--min-area {min_area} is more pixels than the photo has ({image.size[0]}x{image.size[1]}): "
+                           "--auto would keep nothing; give a smaller --min-area")
 
     quiet_libraries()
     device = choose_device(config.device)
