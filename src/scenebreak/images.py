@@ -155,7 +155,22 @@ def _cmyk_to_rgb(image):
     return image.convert("RGB")
 
 
-def _has_alpha(image) -> bool:
+def _rgb_profile(profile: bytes | None) -> bytes | None:
+    """`profile` where it describes RGB colours, else None: a grey photo's grey profile
+    on the RGB image made from it is no valid PNG (viewers cannot use it)."""
+    if not profile:
+        return None
+    try:
+        import io
+
+        from PIL import ImageCms
+
+        return profile if ImageCms.ImageCmsProfile(io.BytesIO(profile)).profile.xcolor_space.strip() == "RGB" else None
+    except Exception:  # noqa: BLE001 - a broken profile is dropped
+        return None
+
+
+def has_alpha(image) -> bool:
     """Transparency as a channel, or as one colour (a PNG's tRNS chunk, in any mode)."""
     return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode in ("P", "L", "RGB", "1") and
                                                                  "transparency" in image.info)
@@ -174,13 +189,14 @@ def load_image(path: Path):
         image = _grey_to_8bit(image)
     elif image.mode == "CMYK":
         image, profile = _cmyk_to_rgb(image), None  # (now sRGB: the print profile no longer describes it)
-    if _has_alpha(image):
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     image = image.convert("RGB")
     image.info.clear()
     image.info[ORIENTATION] = turned
+    profile = _rgb_profile(profile)
     if profile:
         image.info["icc_profile"] = profile
     return image
@@ -193,7 +209,7 @@ def mask_strength(image) -> np.ndarray:
     black, the rest nearly all white): a black brush on a transparent layer, or a cut-out whose
     object has black pixels among its colours, is its alpha (by colour those were
     nearly empty, or full of holes)."""
-    if _has_alpha(image):
+    if has_alpha(image):
         rgba = np.asarray(image.convert("RGBA"))
         alpha, colour = rgba[..., 3], rgba[..., :3].max(axis=-1)
         visible = alpha > 0

@@ -414,6 +414,14 @@ def text_path(path: str | os.PathLike):
     yield text
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether `a` and `b` are one file (False where either is missing)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
 def is_pipe(path: Path) -> bool:
     """Whether `path` is a pipe (a FIFO, or the shell's `<(...)`, /dev/fd/N)."""
     try:

@@ -348,3 +348,17 @@ def test_t5_loaded_in_its_files_bf16_runs_its_fp32_layers_in_fp32_under_fp16(tmp
         expected = reference(ids)[0]
     assert torch.isfinite(states).all()
     assert float((states.float() - expected).norm() / expected.norm()) < 0.05
+
+
+def test_the_latent_grid_read_from_a_flux_scene_is_the_pipelines(dev_scene):
+    """FLUX.1 packs 2x2 latent cells into a token: edit's early check of a thin mask
+    works on sides of twice the VAE's factor, as FluxPipeline's image processor does."""
+    from scenebreak.device import choose_device
+    from scenebreak.sample.blending import vae_factor
+    from scenebreak.sample.scene_models import open_pipeline
+
+    scene = load_scene(dev_scene.path)
+    pipe = open_pipeline(scene, choose_device("cpu"))
+    factor = vae_factor(scene.meta["configs"]["vae"])
+    assert factor == pipe.vae_scale_factor and scene.family.latent_patch == 2
+    assert factor * scene.family.latent_patch == pipe.image_processor.config.vae_scale_factor

@@ -64,7 +64,7 @@ def test_an_edit_carries_the_photos_colour_profile_and_warns_of_a_soft_mask(lear
     from PIL import ImageCms
 
     image, left, _ = photo
-    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # any profile but the default
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()  # an RGB profile
     Image.open(image).save(tmp_path / "tagged.jpg", quality=95, icc_profile=profile)
     soft = pixels(left)[..., 0].copy()
     soft[soft == 0] = 3  # a faint halo over the whole photo
@@ -78,6 +78,13 @@ def test_an_edit_carries_the_photos_colour_profile_and_warns_of_a_soft_mask(lear
     assert progress[0][0] == 0 and progress[-1][0] == progress[-1][1] > 0, progress  # the bar is up from the start
     untagged = edit(image, [(left, "<asset1>")], learned.path, EditConfig(num_images=1, **FAST), out_dir=tmp_path / "o2")
     assert "icc_profile" not in Image.open(untagged.images[0].path).info
+    # A profile of another colour space (a grey photo's grey one) does not describe the
+    # RGB edit: the PNG was invalid, its colours unmanageable. It is left out.
+    other = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    Image.open(image).convert("L").save(tmp_path / "grey.png", icc_profile=other)
+    grey = edit(tmp_path / "grey.png", [(left, "<asset1>")], learned.path, EditConfig(num_images=1, **FAST),
+                out_dir=tmp_path / "o3")
+    assert "icc_profile" not in Image.open(grey.images[0].path).info
 
 
 def test_guidance_and_the_negative_prompt_reach_the_edit(learned, photo, tmp_path):
@@ -171,7 +178,7 @@ def test_edit_starts_every_sampler_at_the_unets_scale(learned, tmp_path, schedul
 
 
 def test_edit_errors_are_clear_and_write_nothing(learned, photo, tmp_path):
-    image, left, _ = photo
+    image, left, right = photo
     out = tmp_path / "out"
     Image.new("L", (10, 10), 255).save(tmp_path / "small.png")
     Image.new("L", (100, 70), 0).save(tmp_path / "empty.png")
@@ -188,11 +195,11 @@ def test_edit_errors_are_clear_and_write_nothing(learned, photo, tmp_path):
     with pytest.raises(InvalidInput, match="blend-start"):
         edit(image, [(left, "<asset1>")], learned.path, EditConfig(blend_start=1.0), out_dir=out)
     with pytest.raises(InvalidInput, match="already exists"):
-        edit(image, [(left, "<asset1>")], learned.path, EditConfig(**FAST), output=left)
+        edit(image, [(left, "<asset1>")], learned.path, EditConfig(**FAST), output=right)
     assert not out.exists()
 
 
-def test_a_thin_mask_asks_for_dilate(learned, photo, tmp_path):
+def test_a_thin_mask_asks_for_dilate(learned, photo, tmp_path, monkeypatch):
     image, _, _ = photo
     from scenebreak.sample.blending import latent_mask, resize_mask, work_size
 
@@ -207,6 +214,11 @@ def test_a_thin_mask_asks_for_dilate(learned, photo, tmp_path):
     Image.fromarray(thin).save(tmp_path / "thin.png")
     with pytest.raises(InvalidMask, match="--dilate"):
         edit(image, [(tmp_path / "thin.png", "<asset1>")], learned.path, EditConfig(**FAST), out_dir=tmp_path)
+    # ... said before the models load (it waited for a whole SDXL or FLUX.1 load).
+    with monkeypatch.context() as patched:
+        patched.setattr("scenebreak.sample.edit.start", lambda *a, **k: pytest.fail("the models were loaded"))
+        with pytest.raises(InvalidMask, match="--dilate"):
+            edit(image, [(tmp_path / "thin.png", "<asset1>")], learned.path, EditConfig(**FAST), out_dir=tmp_path)
     result = edit(image, [(tmp_path / "thin.png", "<asset1>")], learned.path, EditConfig(dilate=3, **FAST), out_dir=tmp_path)
     assert result.images[0].path.exists()
 
@@ -230,6 +242,9 @@ def test_edit_cli_prints_only_paths_and_guards_the_input(learned, photo, tmp_pat
     assert refused.exit_code == 2 and "--overwrite" in refused.stderr and target.read_bytes() == before
     replaced = run("edit", target, "-m", left, "--scene", learned.path, "<asset1>", "--steps", 3, "-o", target, "--force")
     assert replaced.exit_code == 0 and target.read_bytes() != before
+    mask_before = left.read_bytes()  # a mask is never the output, --overwrite or not
+    onto_mask = run("edit", image, "-m", left, "--scene", learned.path, "<asset1>", "--steps", 3, "-o", left, "--overwrite")
+    assert onto_mask.exit_code == 2 and "is one of the masks" in onto_mask.stderr and left.read_bytes() == mask_before
     unpaired = run("edit", image, "--scene", learned.path, "-m", left, "-m", right, "-p", "<asset1>")
     assert unpaired.exit_code == 2 and "one prompt per --mask" in unpaired.stderr
 
@@ -283,6 +298,9 @@ def test_extract_bg_makes_a_plate_and_variations(learned_background, tmp_path):
     unpasted = extract_background(learned_background.path, EditConfig(dilate=2, feather=2, paste=False, **FAST),
                                   out_dir=tmp_path / "unpasted")
     assert not np.array_equal(pixels(unpasted.images[0].path)[far], scene.image[far])
+    # edit's settings without a dilate: the plate's 8 px, not edit's 0 (no trace of the objects' edges).
+    default = extract_background(learned_background.path, EditConfig(**FAST), out_dir=tmp_path / "default")
+    assert json.loads(Image.open(default.images[0].path).info["scenebreak"])["edit"]["dilate"] == 8
 
 
 def test_extract_bg_without_a_background_handle_says_how_to_fix_it(learned, tmp_path):
@@ -370,3 +388,58 @@ def test_extract_bg_on_the_cpu_says_the_time_of_its_variations_too(learned_backg
     steps = blended_steps(2, config.blend_start) + 3 * 2
     assert estimated == [f"on the CPU this takes roughly {estimates.format_duration(30.0 * steps)}; a CUDA GPU takes "
                          "seconds (--device cuda)"]
+
+
+@pytest.mark.parametrize("scene", ["learned", "learned_sdxl"])
+def test_the_latent_grid_read_from_the_scene_is_the_pipelines(scene, request):
+    """edit checks masks against the latent grid before the models load, from the
+    scene's recorded VAE config: it must be the grid the loaded pipeline works on."""
+    from scenebreak.device import choose_device
+    from scenebreak.sample.blending import vae_factor
+    from scenebreak.sample.scene_models import open_pipeline
+
+    scene = load_scene(request.getfixturevalue(scene).path)
+    pipe = open_pipeline(scene, choose_device("cpu"))
+    factor = vae_factor(scene.meta["configs"]["vae"])
+    assert factor == pipe.vae_scale_factor
+    assert factor * scene.family.latent_patch == pipe.image_processor.config.vae_scale_factor
+
+
+def test_the_photo_as_its_own_mask_is_refused_and_an_inverted_mask_is_warned_of(learned, photo, tmp_path):
+    """The photo given as its mask re-made the whole photo without a word; a mask whose
+    transparent hole marks the spot (ComfyUI's and OpenAI's way) re-made all but it."""
+    image, left, _ = photo
+    with pytest.raises(InvalidInput, match="is the photo itself, not a mask"):
+        edit(image, [(image, "<asset1>")], learned.path, EditConfig(**FAST), out_dir=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    erased = np.full((70, 100, 4), 255, np.uint8)
+    erased[20:50, 30:70, 3] = 0  # the spot to change, erased
+    Image.fromarray(erased, "RGBA").save(tmp_path / "erased.png")
+    messages = []
+    edit(image, [(tmp_path / "erased.png", "<asset1>")], learned.path, EditConfig(**FAST), out_dir=tmp_path / "b",
+         report=messages.append)
+    assert any("changes all of the photo but the transparent part inside it: inverted?" in getattr(m, "text", "")
+               for m in messages)
+    # An opaque mask of all but the object (a new background around it) is an edit of its own.
+    around = np.full((70, 100), 255, np.uint8)
+    around[20:50, 30:70] = 0
+    Image.fromarray(around).save(tmp_path / "around.png")
+    for mask in (left, tmp_path / "around.png"):
+        messages.clear()
+        edit(image, [(mask, "<asset1>")], learned.path, EditConfig(**FAST), out_dir=tmp_path / "c", report=messages.append)
+        assert not any("inverted" in getattr(m, "text", "") for m in messages)
+
+
+def test_the_denoising_strength_recorded_is_the_share_of_steps_run(learned):
+    """`--steps 1 --blend-start 0.5` skips no step, yet the PNG said "Denoising strength:
+    0.5"; at the defaults 19 of 25 steps run, and it said 0.75."""
+    from scenebreak.config import GenerateConfig
+    from scenebreak.sample.sampling import png_parameters
+
+    scene = load_scene(learned.path)
+    settings = dict(blend_start=0.5, feather=8, dilate=0, paste=True, regions=1)
+    text = png_parameters(scene, "<asset1>", 0, GenerateConfig(steps=1, scheduler="dpm"), (64, 64), edit=settings)
+    assert "Denoising strength: 1.0," in text["parameters"]
+    text = png_parameters(scene, "<asset1>", 0, GenerateConfig(steps=25, scheduler="dpm"), (64, 64),
+                          edit=dict(settings, blend_start=0.25))
+    assert "Denoising strength: 0.76," in text["parameters"]

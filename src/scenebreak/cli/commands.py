@@ -596,7 +596,8 @@ def generate_command(scene, prompts, prompts_file, variations, grid, out_dir, ba
 def edit_command(image, prompt, scene, masks, prompt_options, output, overwrite, out_dir, base_model, device, quiet, json_,
                  **settings):
     """Put a scene's objects into the masked region of any IMAGE (Blended Latent
-    Diffusion); everything outside the mask stays as it was. Prints the output paths.
+    Diffusion); everything farther than --feather pixels (8) from the mask stays as it
+    was, bit for bit (--feather 0: everything outside it). Prints the output paths.
 
     \b
     Example:

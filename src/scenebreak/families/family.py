@@ -184,6 +184,7 @@ class Family:
         return name, steps or self.sampler_steps(name)
 
     classifier_free: ClassVar[bool] = True  # sampling guides by a second, unconditional pass
+    latent_patch: ClassVar[int] = 1  # latent cells per side of one denoiser token (FLUX.1 packs 2x2)
     takes_guidance: ClassVar[bool] = True  # a guidance scale changes its images (FLUX.1 schnell: no)
 
     def set_timesteps(self, scheduler, steps: int, latent_size: tuple[int, int], device) -> None:

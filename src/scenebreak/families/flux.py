@@ -171,6 +171,7 @@ class Flux(Family):
     attention_text: ClassVar[int] = 1  # the T5 tokens: only they enter the joint attention
     attention_kind: ClassVar[str] = "joint"
     classifier_free: ClassVar[bool] = False  # dev embeds its guidance; schnell needs none
+    latent_patch: ClassVar[int] = 2  # (pack_latents)
     default_tune: ClassVar[str] = "lora"  # full tuning of 12B weights only when asked for
     # Measured on the tiny FLUX (benchmarks/results/attention_iou-flux.md, docs/method.md):
     # at the paper's 0.01 the loss barely moves the joint attention's maps within 400+400

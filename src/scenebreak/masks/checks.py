@@ -13,7 +13,7 @@ import numpy as np
 from .files import is_our_mask, read_record, record_name
 
 MAX_COVER = 0.9  # a mask past this share of the photo is likely inverted, or not one object (past half: see
-# _frames_a_hole)
+# frames_a_hole)
 SAME_OBJECT = 0.9  # two masks whose intersection is this much of their union mark one object twice
 _TURNS = {2: "mirrored", 3: "upside down", 4: "upside down and mirrored", 5: "sideways", 6: "sideways",
           7: "sideways", 8: "sideways"}
@@ -28,7 +28,7 @@ def mask_warnings(image_path: Path, size: tuple[int, int], turned: int, masks: n
     lines = list(notes)
     for path, mask in zip(mask_paths, masks if objects else []):
         cover = float(mask.mean())
-        if cover > MAX_COVER or (cover > 0.5 and _frames_a_hole(mask)):
+        if cover > MAX_COVER or (cover > 0.5 and frames_a_hole(mask)):
             lines.append(f"mask {path} covers {cover:.0%} of the photo: inverted? The object must be the non-zero "
                          "part, on a zero (black or transparent) background")
     for i, j, iou in _same_objects(masks) if objects else []:
@@ -46,7 +46,7 @@ def mask_warnings(image_path: Path, size: tuple[int, int], turned: int, masks: n
     return lines
 
 
-def _frames_a_hole(mask: np.ndarray) -> bool:
+def frames_a_hole(mask: np.ndarray) -> bool:
     """The mask runs all around the photo's edge and its zero part lies inside: the look
     of an object's mask inverted (white background, black object), however small the
     object. An object's own mask has background at some edge."""

@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from ..device import autocast_off
+from ..errors import InvalidMask
 from ..events import Progress, Reporter, silent
 from ..families import vae_normalisation
 from ..masks.ops import dilate
@@ -38,6 +39,32 @@ def work_size(size: tuple[int, int], resolution: int, multiple: int = 8) -> tupl
     width, height = size
     scale = min(resolution / math.sqrt(width * height), 2 * resolution / max(width, height))
     return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+
+
+def vae_factor(vae_config: dict) -> int:
+    """Pixels per latent cell of a VAE from its config, as diffusers' pipelines count it."""
+    return 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
+
+
+def latent_grid(size: tuple[int, int], resolution: int, factor: int, patch: int = 1):
+    """The model's working size for an image of `size` (work_size, sides a multiple of
+    what its latents pack into) and that size's latent grid (h, w); `factor`: pixels
+    per latent cell, `patch`: latent cells per denoiser token (Family.latent_patch)."""
+    size = work_size(size, resolution, multiple=max(8, factor * patch))
+    return size, (size[1] // factor, size[0] // factor)
+
+
+def latent_masks(masks: list[np.ndarray], size: tuple[int, int], latent_hw: tuple[int, int],
+                 names: list[str] | None = None) -> list:
+    """Each (H, W) mask at the working `size`, on the latent grid (latent_mask); one
+    that falls between the grid's cells is refused, naming it."""
+    result = [latent_mask(resize_mask(m, size), latent_hw) for m in masks]
+    for j, m in enumerate(result):
+        if not m.any():
+            what = names[j] if names else f"mask {j + 1}"
+            raise InvalidMask(f"{what} is too thin for the model's {latent_hw[1]}x{latent_hw[0]} latent grid: grow it "
+                              "with --dilate")
+    return result
 
 
 def feather_weights(mask: np.ndarray, px: int) -> np.ndarray:

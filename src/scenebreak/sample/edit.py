@@ -14,18 +14,18 @@ import numpy as np
 from ..arguments import config_argument, flag_argument, function_argument, model_argument, path_argument
 from ..config import MAX_IMAGES, BackgroundConfig, EditConfig, check_seed_room
 from ..device import Device
-from ..errors import InvalidInput, InvalidMask, UsageError, fixable_failures
+from ..errors import InvalidInput, UsageError, fixable_failures
 from ..events import Message, Progress, Reporter, silent
 from ..scenes.bundle import open_scene
-from .blending import (blended_latents, blended_steps, decode, encode, feather_weights, latent_mask, paste_back,
-                       resize_mask, work_size)
+from .blending import (blended_latents, blended_steps, decode, encode, feather_weights, latent_grid, latent_masks,
+                       paste_back, vae_factor)
 from .pipeline import run_in_passes
 from .sampling import (GeneratedImage, GenerateResult, images_per_pass, png_parameters, sample_to_files, save_png,
                        slug, start, warn_cpu_time)
 from ..images import load_image, load_masks, orientation
-from ..masks.checks import mask_warnings
+from ..masks.checks import frames_a_hole, mask_warnings
 from ..masks.ops import dilate
-from ..paths import fit_file_name, is_writable_folder
+from ..paths import fit_file_name, is_writable_folder, same_file
 
 
 def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
@@ -43,22 +43,16 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
 
     pipe = run.pipe
     height, width = image.shape[:2]
-    factor = pipe.vae_scale_factor
-    # The pipeline's own pixel multiple: FLUX.1 packs its latents in 2x2 patches, so its
-    # sides are multiples of 16, not of the VAE's 8 (an odd latent side failed to pack).
-    size = work_size((width, height), resolution, multiple=max(8, pipe.image_processor.config.vae_scale_factor))
+    # FLUX.1 packs its latents in 2x2 patches, so its sides are multiples of 16, not of the
+    # VAE's 8 (an odd latent side failed to pack).
+    size, latent_hw = latent_grid((width, height), resolution, pipe.vae_scale_factor, run.scene.family.latent_patch)
 
     def resize(array: np.ndarray, to: tuple[int, int]) -> np.ndarray:
         if array.shape[1::-1] == to:
             return array
         return np.asarray(Image.fromarray(array).resize(to, Image.Resampling.LANCZOS))
 
-    latent_hw = (size[1] // factor, size[0] // factor)
-    latent_masks = [latent_mask(resize_mask(m, size), latent_hw) for m in masks]
-    for j, m in enumerate(latent_masks):
-        if not m.any():
-            what = names[j] if names else f"mask {j + 1}"
-            raise InvalidMask(f"{what} is too thin for the model's {latent_hw[1]}x{latent_hw[0]} latent grid: grow it with --dilate")
+    masks_on_grid = latent_masks(masks, size, latent_hw, names)
     batch = images_per_pass(config, pipe)
     per_sample = blended_steps(config.steps, config.blend_start)
     total = len(seeds) * len(masks) * per_sample
@@ -73,7 +67,7 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
         done = len(results) * len(masks) * per_sample  # (a pass run again after running out of memory starts over)
         full = [image] * len(chunk)
         work = [resize(image, size)] * len(chunk)
-        for j, (mask, lmask, prompt) in enumerate(zip(masks, latent_masks, prompts)):
+        for j, (mask, lmask, prompt) in enumerate(zip(masks, masks_on_grid, prompts)):
             # The first region starts from the same image for every seed: encode it once
             # (not once per pass: on a CPU, a pass per image).
             if j == 0 and not first_source:
@@ -98,6 +92,15 @@ def blend_regions(run, image: np.ndarray, masks: list[np.ndarray], prompts: list
     # images (an SDXL or FLUX.1 edit of four at 1024 can be more than the card has left).
     run_in_passes(seeds, batch, run_pass, report)
     return results
+
+
+def _has_transparency(path: Path) -> bool:
+    from PIL import Image
+
+    from ..images import has_alpha
+
+    with Image.open(path) as image:
+        return has_alpha(image)
 
 
 def _is_image(path: Path) -> bool:
@@ -128,12 +131,21 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
     if not all(prompts):
         raise InvalidInput("every --mask needs a non-empty prompt")
     image_path = path_argument(image, "image")
-    source = load_image(image_path)
     mask_paths = [m for m, _ in regions]
+    for mask in mask_paths:
+        if same_file(mask, image_path):
+            raise InvalidInput(f"mask {mask} is the photo itself, not a mask: give a mask of the region to change "
+                               "(non-zero = change it)")
+    source = load_image(image_path)
     notes = []
     loaded = load_masks(mask_paths, source.size, orientation(source), notes)
     for line in mask_warnings(image_path, source.size, orientation(source), loaded, mask_paths, notes, objects=False):
         report(Message(line, "warning"))
+    for path, mask in zip(mask_paths, loaded):
+        if frames_a_hole(mask) and _has_transparency(path):  # (a mask of the background around an object is no such)
+            report(Message(f"mask {path} changes all of the photo but the transparent part inside it: inverted? Here "
+                           "the non-zero part changes, and transparent pixels stay (ComfyUI and OpenAI change the "
+                           "transparent part)", "warning"))
     masks = [dilate(m, config.dilate).astype(bool) for m in loaded]
     if output is not None:
         output = path_argument(output, "output")
@@ -141,18 +153,25 @@ def edit(image: str | os.PathLike, regions: list[tuple[str | os.PathLike, str]],
             raise InvalidInput("--output names one file: use --out-dir with -n above 1")
         if output.suffix.lower() != ".png":
             raise InvalidInput(f"--output {output} must end in .png (lossless, so the untouched area stays exact)")
+        if any(same_file(output, m) for m in mask_paths):  # (--overwrite is for the photo, never its masks)
+            raise InvalidInput(f"--output {output} is one of the masks: choose another --output")
         if output.exists() and not overwrite:
             raise InvalidInput(f"{output} already exists: pass --overwrite to replace it")
         if output.exists() and not _is_image(output):
             raise InvalidInput(f"{output} is not an image: --overwrite replaces only images; choose another --output")
         if not is_writable_folder(output.parent):
             raise InvalidInput(f"--output {output}: {output.parent} is not a folder you can write to: choose another")
+    # A mask too thin for the model's latent grid is said before the models load too.
+    scene = open_scene(scene)
+    mask_names = [f"mask {p}" for p in mask_paths]
+    latent_masks(masks, *latent_grid(source.size, scene.resolution, vae_factor(scene.meta["configs"]["vae"]),
+                                     scene.family.latent_patch), mask_names)
     # Where the edits go is checked (and made) before the models load, not after sampling.
     run = start(scene, prompts, config, device=device, base_model=base_model,
                 out_dir=output.parent if output is not None else Path(out_dir), report=report)
     seeds = [run.seed + i for i in range(config.num_images)]
     edited = blend_regions(run, np.asarray(source), masks, prompts, seeds, run.config, run.scene.resolution,
-                           names=[f"mask {p}" for p in mask_paths], report=report)
+                           names=mask_names, report=report)
     label, images = " | ".join(prompts), []
     # Named after every region's prompt, each given a share of the name (the last one's
     # alone named a two-region edit as if it changed one region).
@@ -192,8 +211,15 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
     """The scene's background without its objects: a clean plate of the training photo
     (the dilated object regions re-made from "a photo of <background>") and
     `variations` new backgrounds from `prompt` (default "a photo of <background>";
-    a template such as "a photo of a car at <background>" works too)."""
-    config = config_argument(config, EditConfig, BackgroundConfig).validate()
+    a template such as "a photo of a car at <background>" works too). An EditConfig
+    serves as a BackgroundConfig: its `dilate`, unless set, is the plate's 8 px."""
+    config = config_argument(config, EditConfig, BackgroundConfig)
+    if type(config) is EditConfig:  # (edit's settings: its dilate, unless set, is 0, where the plate's is 8 px)
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        if config.dilate == EditConfig().dilate:
+            del fields["dilate"]
+        config = BackgroundConfig(**fields)
+    config = config.validate()
     out_dir, base_model = path_argument(out_dir, "out_dir"), model_argument(base_model, "base_model")
     report = function_argument(report, "report") or silent
     if isinstance(variations, bool) or not isinstance(variations, int):

@@ -24,6 +24,7 @@ from ..handles import handles_in
 from ..hub import downloads_reported
 from ..paths import fit_file_name, is_writable_folder, write_atomically, write_new_file
 from ..scenes.bundle import Scene, open_scene
+from .blending import blended_steps
 from .scene_models import open_pipeline, scene_tokenizers
 
 
@@ -411,8 +412,10 @@ def png_parameters(scene: Scene, prompt: str, seed: int, config: GenerateConfig,
         ("Steps", config.steps), ("Sampler", A1111_SAMPLERS.get(config.scheduler, config.scheduler)),
         ("CFG scale", cfg), ("Distilled CFG Scale", None if scene.family.classifier_free else config.guidance),
         ("Seed", seed), ("Size", f"{size[0]}x{size[1]}"), ("Model", scene.name),
-        # (A1111's img2img names: how much of the schedule re-makes the region, the seam's width.)
-        ("Denoising strength", round(1 - edit["blend_start"], 4) if edit else None),
+        # (A1111's img2img names: the share of the steps that re-make the region, as run, the
+        # seam's width.)
+        ("Denoising strength", round(blended_steps(config.steps, edit["blend_start"]) / config.steps, 4) if edit
+         else None),
         ("Mask blur", edit["feather"] if edit and edit["paste"] else None)) if value is not None))
     return {"parameters": "\n".join(lines), "scenebreak": json.dumps(settings)}
 

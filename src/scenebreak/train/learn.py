@@ -24,7 +24,7 @@ from ..hub import downloads_reported, looks_like_path
 from ..images import background_mask, load_image, load_masks, orientation, prepare
 from ..masks.checks import mask_warnings
 from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_path, home, is_writable_folder,
-                     scene_path, windows_device_name)
+                     same_file, scene_path, windows_device_name)
 from ..scenes.bundle import is_scene, save_scene
 from .assemble import scene_from_training, scene_metadata
 from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
@@ -121,13 +121,6 @@ def default_name(image: Path) -> str:
 
 
 @fixable_failures()
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # (either missing: said where it is read)
-        return False
-
-
 def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: LearnConfig = LearnConfig(), *,
           name: str | None = None, output: str | os.PathLike | None = None, base_model: str | None = None,
           revision: str | None = None, device: str | Device | None = None, resume: bool = False, force: bool = False,
@@ -160,7 +153,7 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         if mask.name.endswith(PREVIEW_SUFFIX):
             raise InvalidInput(f"{mask} is the preview `scenebreak mask` draws, not a mask: give the masks "
                                f"(STEM.mask[0-9]*.png)")
-        if _same_file(mask, image):  # (`--masks photo*.png` matches the photo too)
+        if same_file(mask, image):  # (`--masks photo*.png` matches the photo too)
             raise InvalidInput(f"{mask} is the photo itself, not a mask: give one mask per object")
     # Everything that can be wrong with the input is checked before any model loads.
     config = config.validate(len(masks))
