@@ -23,6 +23,7 @@ class PreparedImage:
     crop_box: tuple[int, int, int, int]  # left, top, right, bottom in source pixels (may pass the edges: padded)
     source_size: tuple[int, int]  # width, height of the photo
     source_sha256: str
+    icc_profile: bytes | None = None  # the photo's RGB colour profile, if it has one
 
 
 _BOMB_LIMIT = threading.RLock()  # held while an image is opened, and while _too_big lifts Pillow's limit
@@ -155,7 +156,7 @@ def _cmyk_to_rgb(image):
     return image.convert("RGB")
 
 
-def _rgb_profile(profile: bytes | None) -> bytes | None:
+def rgb_profile(profile: bytes | None) -> bytes | None:
     """`profile` where it describes RGB colours, else None: a grey photo's grey profile
     on the RGB image made from it is no valid PNG (viewers cannot use it)."""
     if not profile:
@@ -196,7 +197,7 @@ def load_image(path: Path):
     image = image.convert("RGB")
     image.info.clear()
     image.info[ORIENTATION] = turned
-    profile = _rgb_profile(profile)
+    profile = rgb_profile(profile)
     if profile:
         image.info["icc_profile"] = profile
     return image
@@ -367,7 +368,7 @@ def prepare(image_path: Path, mask_paths: list[Path], resolution: int, backgroun
                               "thicker (or `scenebreak mask ... --dilate 8`), or crop the photo closer around the objects")
         resized.append(m)
     digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
-    return PreparedImage(crop, np.stack(resized), box, image.size, digest)
+    return PreparedImage(crop, np.stack(resized), box, image.size, digest, image.info.get("icc_profile"))
 
 
 def image_to_tensor(image):

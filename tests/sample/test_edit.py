@@ -443,3 +443,37 @@ def test_the_denoising_strength_recorded_is_the_share_of_steps_run(learned):
     text = png_parameters(scene, "<asset1>", 0, GenerateConfig(steps=25, scheduler="dpm"), (64, 64),
                           edit=dict(settings, blend_start=0.25))
     assert "Denoising strength: 0.76," in text["parameters"]
+
+
+def test_the_clean_plate_carries_the_photos_colour_profile(tiny_model, tmp_path):
+    """The plate is the photo's own pixels outside the objects, but was written
+    untagged: a phone's Display P3 photo beside its plate showed other colours in a
+    colour-managed viewer. The scene keeps the profile; a stranger's scene with junk in
+    its place gets an untagged plate, and a huge one is refused."""
+    import torch
+    from PIL import ImageCms
+
+    from helpers import craft, write_synthetic_scene
+    from scenebreak import LearnConfig, learn
+    from scenebreak.errors import BundleError
+
+    image, red, blue = write_synthetic_scene(tmp_path / "in")
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.open(image).save(tmp_path / "tagged.png", icc_profile=profile)
+    learned = learn(tmp_path / "tagged.png", [red, blue], LearnConfig(steps1=1, steps2=1, prior=False, background=True),
+                    base_model=str(tiny_model), output=tmp_path / "tagged.scene")
+    assert load_scene(learned.path).icc_profile == profile
+    assert load_scene(learned.path).meta["format_version"] == 4  # (an older version is told to upgrade)
+    plate = extract_background(learned.path, EditConfig(**FAST), out_dir=tmp_path / "plate").images[0].path
+    assert Image.open(plate).info.get("icc_profile") == profile
+
+    junk = craft(learned.path, tmp_path / "junk.scene",
+                 tensors={"source.icc_profile": torch.frombuffer(bytearray(b"not a profile"), dtype=torch.uint8)})
+    plate = extract_background(junk, EditConfig(**FAST), out_dir=tmp_path / "junk").images[0].path
+    assert "icc_profile" not in Image.open(plate).info
+    huge = craft(learned.path, tmp_path / "huge.scene", tensors={"source.icc_profile": torch.zeros(2**23, dtype=torch.uint8)})
+    with pytest.raises(BundleError, match="colour profile"):
+        load_scene(huge)
+    early = craft(learned.path, tmp_path / "early.scene", meta=lambda m: m.update(format_version=3))
+    with pytest.raises(BundleError, match="source.icc_profile"):  # (format 3 has no such tensor)
+        load_scene(early)

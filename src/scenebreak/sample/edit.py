@@ -22,7 +22,7 @@ from .blending import (blended_latents, blended_steps, decode, encode, feather_w
 from .pipeline import run_in_passes
 from .sampling import (GeneratedImage, GenerateResult, images_per_pass, png_parameters, sample_to_files, save_png,
                        slug, start, warn_cpu_time)
-from ..images import load_image, load_masks, orientation
+from ..images import load_image, load_masks, orientation, rgb_profile
 from ..masks.checks import frames_a_hole, mask_warnings
 from ..masks.ops import dilate
 from ..paths import fit_file_name, is_writable_folder, same_file
@@ -255,8 +255,10 @@ def extract_background(scene, config: BackgroundConfig = BackgroundConfig(), *, 
                             scene.resolution, names=["the objects' mask"], report=report, task="clean plate", estimate=False)
     text = png_parameters(scene, plate_prompt, seed, run.config, plate.shape[1::-1], edit=dict(
         blend_start=config.blend_start, feather=config.feather, dilate=config.dilate, paste=config.paste, regions=1))
+    # The plate is the photo's crop: its colour profile goes with it, as with an edit's.
     images = [GeneratedImage(save_png(plate, out_dir / fit_file_name(scene.name, f"-background-plate-{seed}.png"),
-                                      text=text), plate_prompt, seed, kind="plate")]
+                                      text=text, icc_profile=rgb_profile(scene.icc_profile)), plate_prompt, seed,
+                             kind="plate")]
     if variations:
         sampling = dataclasses.replace(run.config, num_images=variations)
         try:

@@ -40,7 +40,8 @@ from ..paths import (SCENE_SUFFIX, in_a_private_folder, is_regular_file, resolve
                      write_atomically, write_new_file)
 
 FORMAT = "scenebreak.scene"
-FORMAT_VERSION = 3  # the newest this version reads and writes
+FORMAT_VERSION = 4  # the newest this version reads and writes
+PROFILE_FORMAT = 4  # the format that added the photo's colour profile (source.icc_profile)
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 # The tokenizer files a scene may hold: what transformers' tokenizers write (5.x writes
 # the first two). A scene is a stranger's file: no other name is ever written anywhere.
@@ -52,6 +53,7 @@ MAX_STRING = 4096  # characters of any one string in the metadata
 MAX_METADATA = 2**20  # characters of the whole JSON metadata (a real scene's: some 10-40 thousand)
 MAX_LORA_TARGETS = 64  # module names per LoRA target list (real ones: 4 to 12)
 MAX_TOKENIZER_FILE = 2**24  # bytes of one tokenizer file (real ones: up to some 3 MB)
+MAX_ICC_PROFILE = 2**22  # bytes of the photo's colour profile (a phone's Display P3: under 1 KB; a printer's: MBs)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Scene:
     path: Path | None = None
     embeddings_2: "torch.Tensor | None" = None  # noqa: F821 - SDXL: (N, D2) in the second text encoder
     stamp: tuple | None = None  # the file's identity when read (stat_stamp): a later read must find the same file
+    icc_profile: bytes | None = None  # the photo's RGB colour profile (its numbers are used as they are), if it had one
 
     def __repr__(self) -> str:
         # What a notebook shows when a cell ends with the scene: the dataclass's own repr
@@ -183,6 +186,8 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16", replace: bool
     }
     if scene.embeddings_2 is not None:
         tensors["handles.embeddings_2"] = scene.embeddings_2.detach().float().cpu().contiguous()
+    if scene.icc_profile:  # (format 4: an older version refuses the tensor, so it is told to upgrade instead)
+        tensors["source.icc_profile"] = torch.frombuffer(bytearray(scene.icc_profile), dtype=torch.uint8).clone()
     tied: dict[str, dict[str, str]] = {}
     for component, state in scene.weights.items():
         first: dict[tuple, str] = {}
@@ -205,7 +210,8 @@ def save_scene(scene: Scene, path: Path, save_dtype: str = "fp16", replace: bool
         tensors[f"file.{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
     # Format 2 only where it is needed (SDXL): SD scenes stay readable by older versions.
     meta = {key: value for key, value in scene.meta.items() if key != "tied"}  # (this file's ties, not a read one's)
-    meta = dict(meta, format_version=scene.family.scene_format, weights_dtype=save_dtype, **({"tied": tied} if tied else {}))
+    version = max(scene.family.scene_format, PROFILE_FORMAT if scene.icc_profile else 0)
+    meta = dict(meta, format_version=version, weights_dtype=save_dtype, **({"tied": tied} if tied else {}))
     write = write_atomically if replace else write_new_file
     path = write(Path(path), in_a_private_folder(Path(path), lambda tmp: save_file(
         tensors, str(tmp), metadata={"format": FORMAT, "scenebreak": json.dumps(meta)})))
@@ -302,7 +308,8 @@ def _stray_tensor(meta: dict, keys: set[str]) -> str | None:
     """A tensor this scene's family and tuning do not have (e.g. an SDXL scene's second
     encoder in a scene that says SD 2.x), or None."""
     components = Scene(meta=meta, embeddings=None, image=None, masks=None).weight_components
-    fixed = {*embedding_keys(_family(meta)), "source.image", "source.masks"}
+    fixed = {*embedding_keys(_family(meta)), "source.image", "source.masks",
+             *(["source.icc_profile"] if meta.get("format_version", 0) >= PROFILE_FORMAT else [])}
     for key in sorted(keys):
         if key.startswith("file.") and not is_tokenizer_entry(key[5:]):
             return f"it holds a file entry {key[5:65]!r}, which no scene has"
@@ -477,6 +484,9 @@ def _check_header(path: Path, meta: dict, tensors: dict[str, tuple[tuple, str]])
             fail(f"its handle embeddings are {kind}, not floats")
     if tensors["source.image"] != ((r, r, 3), "U8") or tensors["source.masks"] != ((n, r, r), "U8"):
         fail(f"its image or masks are not 8-bit at resolution {r} for {n} handles")
+    profile = tensors.get("source.icc_profile")
+    if profile is not None and (len(profile[0]) != 1 or profile[1] != "U8" or profile[0][0] > MAX_ICC_PROFILE):
+        fail(f"its colour profile is not bytes, or more than {MAX_ICC_PROFILE} of them")
     for key, (shape, kind) in tensors.items():
         if not key.startswith("file."):
             continue
@@ -529,6 +539,8 @@ def load_scene(ref, weights: bool = False, device="cpu") -> Scene:
             embeddings_2 = f.get_tensor("handles.embeddings_2").clone() if "handles.embeddings_2" in f.keys() else None
             image = f.get_tensor("source.image").numpy().copy()
             masks = f.get_tensor("source.masks").numpy().copy()
+            icc_profile = f.get_tensor("source.icc_profile").numpy().tobytes() if "source.icc_profile" in f.keys() \
+                else None
             for key in f.keys():
                 if key.startswith("file."):
                     files[key[5:]] = f.get_tensor(key).numpy().tobytes()
@@ -557,7 +569,7 @@ def load_scene(ref, weights: bool = False, device="cpu") -> Scene:
     if stat_stamp(path) != stamp:  # replaced while being read (an atomic write of another run): parts of two scenes
         raise BundleError(f"{path} was replaced while it was being read (another learn writing it?): run again")
     return Scene(meta=meta, embeddings=embeddings, image=image, masks=masks, weights=scene_weights, files=files, path=path,
-                 embeddings_2=embeddings_2, stamp=stamp)
+                 embeddings_2=embeddings_2, stamp=stamp, icc_profile=icc_profile or None)
 
 
 def stat_stamp(path: Path) -> tuple | None:

@@ -79,4 +79,4 @@ def scene_from_training(components, meta: dict, prepared) -> Scene:
     for tokenizer, folder in zip(c.tokenizers, c.family.tokenizers):
         files.update(tokenizer_files(tokenizer, folder))
     return Scene(meta=meta, embeddings=handles[0], image=np.asarray(prepared.image), masks=prepared.masks, weights=weights,
-                 files=files, embeddings_2=handles[1] if len(handles) > 1 else None)
+                 files=files, embeddings_2=handles[1] if len(handles) > 1 else None, icc_profile=prepared.icc_profile)
