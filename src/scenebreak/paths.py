@@ -318,6 +318,22 @@ def remove_stale_temporaries(path: Path, kinds: tuple[str, ...] = ("tmp", "tmpdi
             shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
 
 
+def remove_dead_image_temporaries(folder: Path) -> None:
+    """Delete the temporaries of PNGs in `folder` whose run on this machine died while
+    writing them (`generate` killed mid-write): the run after it writes other names
+    (another seed), so their own clean-up never came."""
+    pattern = re.compile(rf"\..+\.png\.{HOST_TAG}-(\d+)-[0-9a-f]{{4}}\.tmp")
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and not process_alive(int(match[1])):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
 def _dead_temporaries(path: Path, kinds: tuple[str, ...]) -> list[os.DirEntry]:
     """The temporaries of `path` of those `kinds` (never a link) whose run on this machine
     has died."""

@@ -221,3 +221,27 @@ def test_image_names_fold_accents_as_scene_names_do():
     assert slug("<asset1> in München") == "asset1-in-munchen"
     assert slug("a café in Zürich, ﬁne") == "a-cafe-in-zurich-fine"
     assert slug("<asset1> 東京") == "asset1" and slug("東京") == "image"
+
+
+def test_a_generate_killed_mid_write_leaves_no_temporary_for_good(learned, tmp_path):
+    """A killed run's half-written PNG stayed hidden in --out-dir: only a run writing the
+    same name again removed it, and the next run (another seed) writes other names.
+    A live run's temporary, and anything not scenebreak's, is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from scenebreak import GenerateConfig, generate
+    from scenebreak.paths import HOST_TAG
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / f".photo-asset1-7.png.{HOST_TAG}-{dead_pid}-abcd.tmp"
+    live = out / f".photo-asset1-8.png.{HOST_TAG}-{os.getpid()}-abcd.tmp"
+    mine = out / ".my-notes.png.tmp"
+    for path in (left, live, mine):
+        path.write_bytes(b"half a png")
+    generate(learned.path, "<asset1>", GenerateConfig(steps=1, seed=1), out_dir=out)
+    assert not left.exists() and live.exists() and mine.exists()

@@ -739,3 +739,109 @@ def test_ctrl_break_on_windows_stops_learn_and_a_batch_as_ctrl_c_does(monkeypatc
             time.sleep(5)
     assert str(stopped.value) == "interrupted (Ctrl-Break): the running jobs saved their checkpoints"
     assert type(stopped.value) is errors.Interrupted
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("swallowed", [False, True])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_models_load_ends_the_run_before_training(signum, swallowed, scene_files, tiny_model,
+                                                                    monkeypatch):
+    """SIGTERM while the base loaded killed learn without a word (and in the seconds of
+    an import no handler was set); a Ctrl-C that landed inside a library's bare
+    `except:` (mpmath's import of gmpy2) was lost, and the run trained on to exit 0."""
+    from scenebreak.errors import Interrupted, Terminated
+    from scenebreak.train import learn as learn_module
+
+    loading = learn_module._load_inputs
+
+    def load_and_be_stopped(*args, **kwargs):
+        if swallowed:
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(0.5)  # (the handler runs here)
+            except BaseException:  # noqa: BLE001 - a library's bare except
+                pass
+        else:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.5)
+        return loading(*args, **kwargs)
+
+    monkeypatch.setattr(learn_module, "_load_inputs", load_and_be_stopped)
+    kind = Terminated if signum == signal.SIGTERM else Interrupted
+    with pytest.raises(BaseException) as stopped:
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=2, prior=False),
+              base_model=str(tiny_model), name="stopped-early")
+    if signum == signal.SIGINT and not swallowed:
+        assert isinstance(stopped.value, KeyboardInterrupt)  # (at once, as ever)
+    else:
+        assert isinstance(stopped.value, kind), stopped.value
+        assert "stopped before the training began: nothing was learned or saved" in str(stopped.value)
+        if kind is Terminated:
+            assert str(stopped.value).startswith("terminated (SIGTERM): ")
+    assert not checkpoint_path("stopped-early").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (the handlers are put back)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_before_learn_begins_is_one_line_and_143(monkeypatch):
+    """While torch imports, before learn's own handling: the process died without a line."""
+    import scenebreak.train.learn as learn_module
+
+    def terminated_at_once(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(learn_module, "learn", terminated_at_once)
+    result = CliRunner().invoke(cli, ["learn", "photo.png", "--masks", "m.png"])
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip().splitlines()[-1] == ("Error: terminated (SIGTERM): stopped before the training began: "
+                                                      "nothing was learned or saved")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_stop_while_the_scene_is_written_says_what_happens():
+    """It said "stopping after this step to save a checkpoint", then wrote the scene and
+    ended well, with no checkpoint saved."""
+    from scenebreak.events import Message
+    from scenebreak.train.checkpoints import StopFlag, catch_interrupts
+
+    said, flag = [], StopFlag()
+    flag.finishing = True
+    with catch_interrupts(flag, said.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+    assert flag.requested and [m.text for m in said if isinstance(m, Message)] == [
+        "the training is done: the scene is being written, then the run ends (press Ctrl-C again to abort now)"]
+
+
+def test_a_stop_whose_checkpoint_cannot_be_written_says_what_is_kept(scene_files, tiny_model, monkeypatch):
+    """A full disk when Ctrl-C's checkpoint was written said only "no space left on
+    device": not that the run's earlier checkpoint is kept, nor how to go on from it."""
+    import errno
+
+    from scenebreak.errors import NoSpace
+    from scenebreak.train.checkpoints import Checkpoints
+
+    polls = []
+
+    def stop_after_three_steps() -> bool:
+        polls.append(1)
+        return len(polls) > 3  # (the first poll comes before the training)
+
+    saving, saves = Checkpoints.save, []
+
+    def full_on_the_second(self, trainer, report=None):
+        saves.append(1)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return saving(self, trainer, report)
+
+    monkeypatch.setattr(Checkpoints, "save", full_on_the_second)
+    with pytest.raises(NoSpace) as failed:
+        learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=6, steps2=0, prior=False, checkpoint_every=2),
+              base_model=str(tiny_model), name="full-stop", should_stop=stop_after_three_steps)
+    assert str(failed.value) == ("stopped, but could not save the checkpoint of 'full-stop' (no space left on device); "
+                                 "the one of phase 1, step 2 is kept: fix that and run the same command with --resume "
+                                 "to train on from it")
+    assert checkpoint_path("full-stop").exists()

@@ -441,29 +441,42 @@ def learn_command(image, masks, name, output, force, resume, base_model, revisio
     Ctrl-C saves a checkpoint; run the same command with --resume to continue.
     On a CPU, the default 800 steps take hours: the estimate is printed first.
     """
-    from ..train.learn import learn
+    written = []  # the scene's path, once learn has returned
 
-    no_prior, full = not settings["prior"], settings["tune"] == "full"
-    warn_unused(*((name, no_prior, f"--{name.replace('_', '-')} is for the class images, which --no-prior turns off")
-                  for name in ("class_prompt", "num_class_images", "class_scheduler")),
-                *((name, full, f"--{name.replace('_', '-')} is for LoRA tuning, which --tune full does not use")
-                  for name in ("rank", "lr_lora")))
-    config = make_config(LearnConfig, settings)
-    result = with_reporter(quiet, lambda report: learn(image, list(masks), config, name=name, output=output, base_model=base_model,
-                                                       revision=revision, device=device, resume=resume, force=force, report=report))
-    if json_:
-        emit_json(result.to_dict())
-        return
-    echo_path(result.path)
-    if not quiet:
-        from ..paths import scene_path
+    def stopped() -> str:
+        if written:
+            return f"the scene was written: {written[0]}"
+        return "stopped before the training began: " + (
+            "the checkpoint is kept: run again with --resume" if resume else "nothing was learned or saved")
 
-        ref = result.name if result.path == scene_path(result.name) else shlex.quote(str(result.path))
-        from ..estimates import format_duration
+    # SIGTERM (a supervisor, `timeout`) while torch imports and before learn's own handling
+    # is in place, or after: one line and exit 143, not a silent death.
+    with sigterm_stops(stopped):
+        from ..train.learn import learn
 
-        click.echo(printable(f"learned {' '.join(result.handles)} in {format_duration(result.seconds)}; try:\n"
-                             f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"",
-                             keep_newlines=True), err=True)
+        no_prior, full = not settings["prior"], settings["tune"] == "full"
+        warn_unused(*((name, no_prior, f"--{name.replace('_', '-')} is for the class images, which --no-prior turns off")
+                      for name in ("class_prompt", "num_class_images", "class_scheduler")),
+                    *((name, full, f"--{name.replace('_', '-')} is for LoRA tuning, which --tune full does not use")
+                      for name in ("rank", "lr_lora")))
+        config = make_config(LearnConfig, settings)
+        result = with_reporter(quiet, lambda report: learn(
+            image, list(masks), config, name=name, output=output, base_model=base_model, revision=revision, device=device,
+            resume=resume, force=force, report=report))
+        written.append(result.path)
+        if json_:
+            emit_json(result.to_dict())
+            return
+        echo_path(result.path)
+        if not quiet:
+            from ..paths import scene_path
+
+            ref = result.name if result.path == scene_path(result.name) else shlex.quote(str(result.path))
+            from ..estimates import format_duration
+
+            click.echo(printable(f"learned {' '.join(result.handles)} in {format_duration(result.seconds)}; try:\n"
+                                 f"  scenebreak generate {ref} \"a photo of {result.handles[0]} on the moon\"",
+                                 keep_newlines=True), err=True)
 
 
 @cli.command(name="batch")

@@ -22,7 +22,7 @@ from ..errors import InvalidInput, Interrupted, UnknownHandle
 from ..events import Message, Progress, Reporter, silent
 from ..handles import handles_in
 from ..hub import downloads_reported
-from ..paths import fit_file_name, is_writable_folder, write_atomically, write_new_file
+from ..paths import fit_file_name, is_writable_folder, remove_dead_image_temporaries, write_atomically, write_new_file
 from ..scenes.bundle import Scene, open_scene
 from .blending import blended_steps
 from .scene_models import open_pipeline, scene_tokenizers
@@ -179,6 +179,7 @@ def open_run(plan: SamplingPlan, report: Reporter = silent) -> SamplingRun:
     """Make the plan's `out_dir` and load its models (or take the kept ones)."""
     if plan.out_dir is not None:
         plan.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_dead_image_temporaries(plan.out_dir)
     scene, config = plan.scene, plan.config
     key = pipeline_key(scene, plan.device, plan.dtype, plan.base_model)
     pipe = kept.take(key)  # (None for a scene that is no file: then whatever is kept goes before this load)

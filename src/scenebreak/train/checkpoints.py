@@ -10,7 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import CheckpointMismatch, HungUp, Interrupted, InvalidInput, quiet_dead_terminal, stop_signals
+from ..errors import (NO_SPACE, CheckpointMismatch, HungUp, Interrupted, InvalidInput, NoSpace, SceneBreakError,
+                      quiet_dead_terminal, stop_signals)
 from ..events import Message, Reporter, silent
 from ..paths import ON_WINDOWS, checkpoint_path, is_regular_file, write_atomically
 
@@ -38,9 +39,51 @@ class StopFlag:
         self.requested = False
         self.terminated = None  # by SIGTERM or SIGHUP: the Interrupted it leaves as (exit 143 or 129)
         self.also = also  # another "should I stop?" function, polled too
+        self.finishing = False  # the training is done and the scene being written: a stop lets it finish
+        self.written = False  # the scene is written: a signal now changes nothing (stops_noted)
 
     def __call__(self) -> bool:
         return self.requested or bool(self.also and self.also())
+
+
+STOPPED_BY = {"Terminated": "terminated (SIGTERM)", "HungUp": "the terminal closed (SIGHUP)",
+              "Interrupted": "interrupted (Ctrl-Break)"}
+
+
+@contextlib.contextmanager
+def stops_noted(flag: StopFlag, message):
+    """Outside the training (catch_interrupts): Ctrl-C raises KeyboardInterrupt at once,
+    and SIGTERM, SIGHUP and Ctrl-Break their Interrupted ("terminated (SIGTERM):
+    `message()`"), a line and exit 143 where the process would die without a word. Each
+    is noted in `flag` too: one that a library's bare `except:` swallowed while the
+    models load (mpmath's import of gmpy2 is one) still stops the run where `flag` is
+    asked, before the training. Once `flag.written`, a signal is noted only: the scene
+    is whole, and the run ends as it would have a moment later."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = stop_signals()
+
+    def note(signum, frame):
+        if flag.written:
+            return
+        flag.requested = True
+        flag.terminated = kinds.get(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if flag.terminated is HungUp:
+            quiet_dead_terminal()
+        raise flag.terminated(f"{STOPPED_BY[flag.terminated.__name__]}: {message()}")
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *kinds)}
+    previous = {sig: old for sig, old in previous.items() if old not in (signal.SIG_IGN, None)}  # (ignored stays so)
+    for sig in previous:
+        signal.signal(sig, note)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -60,8 +103,10 @@ def catch_interrupts(flag: StopFlag, report: Reporter):
         flag.terminated = kinds.get(signum)
         if flag.terminated is HungUp:  # no terminal to write to: the checkpoint must not fail on it
             quiet_dead_terminal()
+        said = ("the training is done: the scene is being written, then the run ends (press Ctrl-C again to abort "
+                "now)") if flag.finishing else "stopping after this step to save a checkpoint (press Ctrl-C again to abort now)"
         try:
-            report(Message("stopping after this step to save a checkpoint (press Ctrl-C again to abort now)", "warning"))
+            report(Message(said, "warning"))
         except Exception:  # (a signal that lands inside the reporter's own write: a print to stdout raises
             pass           # "reentrant call"; the stop must not fail on it, and the closing line says it all)
 
@@ -178,7 +223,10 @@ class Checkpoints:
         stopping = stop()
         if should_checkpoint(record, self.every, self.steps2, stopping):
             if stopping:
-                self.save(trainer, report)
+                try:
+                    self.save(trainer, report)
+                except OSError as exc:
+                    raise self._unsaved_on_stop(exc) from exc
             else:
                 self._save_or_go_on(trainer, report)
         if stopping and not is_last_step(record, self.steps2):
@@ -192,6 +240,20 @@ class Checkpoints:
             kept = "the one before it is kept" if self.path.exists() else "there is none"
             report(Message(f"could not write the checkpoint of {self.name!r} ({why}): training goes on; {kept}",
                            "warning"))
+
+    def _unsaved_on_stop(self, exc: OSError) -> SceneBreakError:
+        """The checkpoint a stop asked for could not be written: what is kept, and how
+        to go on from it."""
+        why = NO_SPACE.get(exc.errno, exc.strerror or str(exc))
+        if self.saved is not None and self.path.exists():
+            kept = (f"the one of phase {self.saved[0]}, step {self.saved[1]} is kept: fix that and run the same command "
+                    "with --resume to train on from it")
+        elif self.path.exists():
+            kept = "the one the run resumed from is kept: fix that and run the same command with --resume"
+        else:
+            kept = "there is no earlier one: fix that and run the same command again"
+        return (NoSpace if exc.errno in NO_SPACE else SceneBreakError)(
+            f"stopped, but could not save the checkpoint of {self.name!r} ({why}); {kept}")
 
     def remove(self) -> None:
         if self.path.exists():

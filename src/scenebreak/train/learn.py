@@ -27,7 +27,7 @@ from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_pa
                      same_file, scene_path, windows_device_name)
 from ..scenes.bundle import is_scene, save_scene
 from .assemble import scene_from_training, scene_metadata
-from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity
+from .checkpoints import STOPPED_BY, Checkpoints, StopFlag, catch_interrupts, identity, stops_noted
 from .compiling import compile_settings_kept
 from .locks import Busy, scene_lock
 
@@ -207,11 +207,13 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         _check_interrupted_run(name, resume=resume, force=replace)
         import torch
 
+        stop = StopFlag(also=should_stop)
+        held.enter_context(stops_noted(stop, lambda: _before_training(name, resume)))
         # The caller's CPU generator as it found it: the handles' new embedding rows (and
         # the table resized back) are initialised from it, whatever the trainer then sets.
         with torch.random.fork_rng(devices=[]):
             result = _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume,
-                            replace, report, should_stop, started, loaded=(photo, object_masks))
+                            replace, report, stop, started, loaded=(photo, object_masks))
     # The training's models and optimizer state, which reference cycles hold (the trainer's
     # compiled steps), go now, not when Python's collector next runs: the same process's
     # next learn or generate (a notebook, the page, a batch worker) loads into that memory.
@@ -258,9 +260,10 @@ def _check_interrupted_run(name: str, *, resume: bool, force: bool) -> None:
 
 
 def _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume, replace, report,
-           should_stop, started, loaded=None) -> LearnResult:
+           stop: StopFlag, started, loaded=None) -> LearnResult:
     """`loaded`: the photo and masks as read and checked before the models loaded (not
-    decoded again, nor read again changed meanwhile)."""
+    decoded again, nor read again changed meanwhile); `stop`: asked before the training
+    and after every step."""
     import torch
 
     from ..families.base_model import resolve_model_dir
@@ -288,7 +291,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
     report(Message(f"loading the base model {base_model}"))  # (FLUX.1's is tens of GB: seconds to minutes)
     components, resolution, prepared = _load_inputs(image, masks, config, base_model, revision, resolved, device,
                                                     amp_dtype, loaded, tokenizers)
-    _stop_before_training_if_asked(should_stop, name, resume)
+    _stop_before_training_if_asked(stop, name, resume)
     if config.lambda_attn is None:  # the family's weight of the attention loss
         config = dataclasses.replace(config, lambda_attn=components.family.lambda_attn)
     checkpoints = Checkpoints(name, identity(prepared, config, components.base.fingerprint, components.base.weights),
@@ -331,7 +334,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
 
         _make_room_for_deferred(components, plan, device, amp_dtype)
         load_deferred(components, widen)
-        _stop_before_training_if_asked(should_stop, name, resume)
+        _stop_before_training_if_asked(stop, name, resume)
     if plan.quantize != "none":
         # Before the class images: where the plan quantises (FLUX.1 on a 24 GB card), the
         # base fits the GPU only so, for sampling them as for training.
@@ -346,7 +349,6 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
 
     # Before the class images, which the text encoders condition too (FLUX.1's T5 in fp16).
     hold_in_fp32(components.text_encoders, amp_dtype, device.type)
-    stop = StopFlag(also=should_stop)
     with _out_of_memory_in_one_line(plan, device), tf32_settings_kept(), compile_settings_kept(config.compile):
         with catch_interrupts(stop, report):
             class_images = []
@@ -374,6 +376,7 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
                     report(Message(note, "warning"))
                 del state
             _train(trainer, checkpoints, stop, device, report)
+            stop.finishing = True
             checkpoints.before_final_save(trainer, report)
             # Still inside the handler: a Ctrl-C now lets the save finish (a second one
             # aborts it, and the atomic write leaves no partial file).
@@ -389,18 +392,26 @@ def _learn(image, masks, config, tokens, name, out, base_model, revision, device
             except OSError as exc:
                 finished = checkpoints.saved == (trainer.phase, trainer.step)
                 raise _unsaved(exc, out, checkpoints, finished) from exc
+            stop.written = True
             if saved != out:
                 report(Message(f"{out} appeared while learning and is kept: the scene went to {saved}", "warning"))
     checkpoints.remove()
     return LearnResult(saved, name, tokens, meta["losses"], time.perf_counter() - started, resumed=resume)
 
 
-def _stop_before_training_if_asked(should_stop, name: str, resume: bool) -> None:
-    """Interrupted, with nothing saved, where `should_stop()` turned true while the models loaded."""
-    if should_stop is not None and should_stop():
-        kept = f"the checkpoint of {name!r} is kept as it was: run again with --resume" if resume else \
-            "nothing was learned or saved"
-        raise Interrupted(f"stopped before the training began: {kept}")
+def _before_training(name: str, resume: bool) -> str:
+    kept = f"the checkpoint of {name!r} is kept as it was: run again with --resume" if resume else \
+        "nothing was learned or saved"
+    return f"stopped before the training began: {kept}"
+
+
+def _stop_before_training_if_asked(stop: StopFlag, name: str, resume: bool) -> None:
+    """Interrupted (by SIGTERM: Terminated), with nothing saved, where `stop()` turned
+    true while the models loaded: a Cancel, or a signal that a library swallowed."""
+    if stop():
+        if stop.terminated is not None:
+            raise stop.terminated(f"{STOPPED_BY[stop.terminated.__name__]}: {_before_training(name, resume)}")
+        raise Interrupted(_before_training(name, resume))
 
 
 def _scene_or_nothing(path: Path) -> bool:
