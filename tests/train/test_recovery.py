@@ -845,3 +845,22 @@ def test_a_stop_whose_checkpoint_cannot_be_written_says_what_is_kept(scene_files
                                  "the one of phase 1, step 2 is kept: fix that and run the same command with --resume "
                                  "to train on from it")
     assert checkpoint_path("full-stop").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_stop_once_the_scene_is_written_changes_nothing(scene_files, tiny_model, monkeypatch):
+    """Past the write (the memory given back, seconds on a big model), SIGTERM ended the
+    run as "stopped before the training began", the scene written but not said."""
+    from scenebreak.train import learn as learn_module
+
+    from scenebreak.paths import scene_path
+
+    def free_and_be_stopped():
+        if scene_path("written-then-stopped").exists():  # (the call once the scene is written)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+
+    monkeypatch.setattr(learn_module.kept, "free_memory", free_and_be_stopped)
+    result = learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=1, steps2=1, prior=False),
+                   base_model=str(tiny_model), name="written-then-stopped")
+    assert load_scene(result.path).tokens == result.handles

@@ -195,31 +195,33 @@ def learn(image: str | os.PathLike, masks: list[str | os.PathLike], config: Lear
         from ..families.quantized import require_quantization
 
         require_quantization(f"--quantize {config.quantize}", device)
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(scene_lock(name))
-        except Busy:
-            if not force:
-                raise
-            # --force runs all the same (as documented), without the lock another run holds.
-            report(Message(f"another process is learning {name!r}: --force runs anyway; the two share its "
-                           "checkpoint", "warning"))
-        _check_interrupted_run(name, resume=resume, force=replace)
-        import torch
+    # From here to the end, a stop is noted and said in one line (stops_noted); once the
+    # scene is written, it changes nothing.
+    stop = StopFlag(also=should_stop)
+    with stops_noted(stop, lambda: _before_training(name, resume)):
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(scene_lock(name))
+            except Busy:
+                if not force:
+                    raise
+                # --force runs all the same (as documented), without the lock another run holds.
+                report(Message(f"another process is learning {name!r}: --force runs anyway; the two share its "
+                               "checkpoint", "warning"))
+            _check_interrupted_run(name, resume=resume, force=replace)
+            import torch
 
-        stop = StopFlag(also=should_stop)
-        held.enter_context(stops_noted(stop, lambda: _before_training(name, resume)))
-        # The caller's CPU generator as it found it: the handles' new embedding rows (and
-        # the table resized back) are initialised from it, whatever the trainer then sets.
-        with torch.random.fork_rng(devices=[]):
-            result = _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype, resume,
-                            replace, report, stop, started, loaded=(photo, object_masks))
-    # The training's models and optimizer state, which reference cycles hold (the trainer's
-    # compiled steps), go now, not when Python's collector next runs: the same process's
-    # next learn or generate (a notebook, the page, a batch worker) loads into that memory.
-    # (After a failure the error's frames hold them; fixable_failures lets go of those
-    # where the failure is no bug's evidence: out of memory, an interrupt.)
-    kept.free_memory()
+            # The caller's CPU generator as it found it: the handles' new embedding rows (and
+            # the table resized back) are initialised from it, whatever the trainer then sets.
+            with torch.random.fork_rng(devices=[]):
+                result = _learn(image, masks, config, tokens, name, out, base_model, revision, device, amp_dtype,
+                                resume, replace, report, stop, started, loaded=(photo, object_masks))
+        # The training's models and optimizer state, which reference cycles hold (the trainer's
+        # compiled steps), go now, not when Python's collector next runs: the same process's
+        # next learn or generate (a notebook, the page, a batch worker) loads into that memory.
+        # (After a failure the error's frames hold them; fixable_failures lets go of those
+        # where the failure is no bug's evidence: out of memory, an interrupt.)
+        kept.free_memory()
     return result
 
 
