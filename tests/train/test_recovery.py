@@ -768,6 +768,7 @@ def test_a_stop_while_the_models_load_ends_the_run_before_training(signum, swall
 
     monkeypatch.setattr(learn_module, "_load_inputs", load_and_be_stopped)
     kind = Terminated if signum == signal.SIGTERM else Interrupted
+    before = signal.getsignal(signal.SIGTERM)  # (default, or what an earlier test's Ray set)
     with pytest.raises(BaseException) as stopped:
         learn(scene_files["image"], scene_files["masks"], LearnConfig(steps1=2, steps2=2, prior=False),
               base_model=str(tiny_model), name="stopped-early")
@@ -779,7 +780,7 @@ def test_a_stop_while_the_models_load_ends_the_run_before_training(signum, swall
         if kind is Terminated:
             assert str(stopped.value).startswith("terminated (SIGTERM): ")
     assert not checkpoint_path("stopped-early").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (the handlers are put back)
+    assert signal.getsignal(signal.SIGTERM) is before  # (the handlers are put back)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
