@@ -541,3 +541,24 @@ def test_edit_takes_its_regions_from_any_iterable_of_pairs(tmp_path):
     assert _regions(pair for pair in zip(masks, prompts)) == list(zip(masks, prompts))
     with pytest.raises(InvalidInput, match="give at least one --mask"):
         _regions(zip([], []))
+
+
+def test_every_entry_point_turns_fixable_failures_into_scenebreak_errors():
+    """A Python caller catches SceneBreakError for a full disk or running out of memory
+    (errors.fixable_failures). An edit that put a helper between `learn` and its
+    decorator left `learn` without it for three commits: this says so at once."""
+    from scenebreak import errors
+    from scenebreak.evaluation.evaluate import evaluate
+    from scenebreak.exports.export import export  # (export_scene returns its paths)
+    from scenebreak.masks.masking import make_masks
+    from scenebreak.sample.edit import edit, extract_background
+    from scenebreak.sample.generate import generate
+    from scenebreak.train.learn import learn
+
+    def wrapped(fn) -> bool:
+        cells = [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())]
+        return any(getattr(cell, "func", None) is errors.fixable_failures.__wrapped__ for cell in cells)
+
+    entry_points = (learn, generate, edit, extract_background, evaluate, export, make_masks)
+    assert [fn.__name__ for fn in entry_points if not wrapped(fn)] == []
+    assert not wrapped(errors.fixable_error)  # (the test tells a decorated function from another)
