@@ -12,8 +12,9 @@ import numpy as np
 
 from .files import is_our_mask, read_record, record_name
 
-MAX_COVER = 0.9  # a mask past this share of the photo is likely inverted, or not one object (past half: see
-# frames_a_hole)
+# A mask past this share of the photo is likely inverted, or not one object (one past
+# half of it, where it frames a hole: frames_a_hole).
+MAX_COVER = 0.9
 SAME_OBJECT = 0.9  # two masks whose intersection is this much of their union mark one object twice
 _TURNS = {2: "mirrored", 3: "upside down", 4: "upside down and mirrored", 5: "sideways", 6: "sideways",
           7: "sideways", 8: "sideways"}
