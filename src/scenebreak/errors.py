@@ -79,6 +79,15 @@ class HungUp(Terminated):
     exit_code = 129
 
 
+STOPPED_BY = {Terminated: "terminated (SIGTERM)", HungUp: "the terminal closed (SIGHUP)",
+              Interrupted: "interrupted (Ctrl-Break)"}  # (the Interrupted of each of stop_signals)
+
+
+def stopped_by(kind: type, why: str) -> Interrupted:
+    """The Interrupted a stop signal leaves as (`kind`: stop_signals' value), saying `why`."""
+    return kind(f"{STOPPED_BY[kind]}: {why}")
+
+
 def stop_signals() -> dict:
     """The signals that stop a long command cleanly, as Ctrl-C does, each with the
     Interrupted it leaves as: SIGTERM, SIGHUP where there is one (not on Windows), and
@@ -263,13 +272,9 @@ def sigterm_stops(message):
     kinds = stop_signals()
 
     def stop(signum, frame):
-        said = message() if callable(message) else message
         if kinds[signum] is HungUp:
             quiet_dead_terminal()
-            raise HungUp(f"the terminal closed (SIGHUP): {said}")
-        if kinds[signum] is Interrupted:  # (Ctrl-Break: as Ctrl-C)
-            raise Interrupted(f"interrupted (Ctrl-Break): {said}")
-        raise Terminated(f"terminated (SIGTERM): {said}")
+        raise stopped_by(kinds[signum], message() if callable(message) else message)  # (Ctrl-Break: as Ctrl-C)
 
     previous = {sig: signal.signal(sig, stop) for sig in kinds}
     try:

@@ -237,7 +237,7 @@ def settle_replaced_folder(path: Path, kind: str = "old") -> None:
     if os.path.lexists(path):
         remove_stale_temporaries(path, (kind,))
         return
-    for entry in _dead_temporaries(path, (kind,))[:1]:
+    for entry in _dead_temporaries(path.parent, re.escape(path.name), (kind,))[:1]:
         with contextlib.suppress(OSError):
             os.rename(entry.path, path)
 
@@ -313,7 +313,7 @@ def remove_stale_temporaries(path: Path, kinds: tuple[str, ...] = ("tmp", "tmpdi
     """Delete the temporaries of `path` (files or folders; never a link) whose
     run died on this machine before it could remove them (killed during a write, or
     the machine went down); also those of older versions (`.NAME.PID.tmp`)."""
-    for entry in _dead_temporaries(path, kinds):
+    for entry in _dead_temporaries(path.parent, re.escape(path.name), kinds):
         with contextlib.suppress(OSError):
             shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
 
@@ -322,25 +322,21 @@ def remove_dead_image_temporaries(folder: Path) -> None:
     """Delete the temporaries of PNGs in `folder` whose run on this machine died while
     writing them (`generate` killed mid-write): the run after it writes other names
     (another seed), so their own clean-up never came."""
-    pattern = re.compile(rf"\..+\.png\.{HOST_TAG}-(\d+)-[0-9a-f]{{4}}\.tmp")
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and not process_alive(int(match[1])):
+    for entry in _dead_temporaries(folder, r".+\.png", ("tmp",), older=False):
+        if entry.is_file(follow_symlinks=False):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
 
 
-def _dead_temporaries(path: Path, kinds: tuple[str, ...]) -> list[os.DirEntry]:
-    """The temporaries of `path` of those `kinds` (never a link) whose run on this machine
-    has died."""
+def _dead_temporaries(folder: Path, names: str, kinds: tuple[str, ...], older: bool = True) -> list[os.DirEntry]:
+    """The temporaries in `folder` of the files whose names match `names` (a regular
+    expression), of those `kinds` (never a link), whose run on this machine has died;
+    with `older`, also those of older versions (`.NAME.PID.tmp`)."""
     kinds_re = "|".join(map(re.escape, kinds))
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{HOST_TAG}-(\d+)-[0-9a-f]{{4}}|(\d+))\.(?:{kinds_re})")
+    pid = rf"{HOST_TAG}-(\d+)-[0-9a-f]{{4}}" + (r"|(\d+)" if older else "")
+    pattern = re.compile(rf"\.(?:{names})\.(?:{pid})\.(?:{kinds_re})")
     try:
-        entries = list(os.scandir(path.parent))
+        entries = list(os.scandir(folder))
     except OSError:
         return []
     return [entry for entry in entries if (match := pattern.fullmatch(entry.name)) and not entry.is_symlink()

@@ -19,7 +19,7 @@ from ..config import GenerateConfig, LearnConfig, MaskConfig, default_base_model
 from ..errors import InvalidInput
 from ..handles import check_handle_tokens, handles_in
 from ..masks.files import PREVIEW_SUFFIX
-from ..paths import check_name, is_pipe, is_regular_file, read_text_file
+from ..paths import check_name, is_pipe, is_regular_file, read_text_file, same_file
 
 MAX_JOBS_FILE = 64 * 2**20  # bytes: a hundred thousand jobs and more
 MAX_JOBS = 100_000
@@ -191,7 +191,7 @@ def _parse(line: str, line_number: int, number: int, folder: Path) -> Job:
         raise InvalidInput('give either "masks" (mask files) or "objects" (words, for `mask` to find)')
     masks = tuple(_file(folder, m, "mask") for m in _texts(data.get("masks"), "masks"))
     for mask in masks:
-        if os.path.samefile(mask, photo):  # (both found: _file said so)
+        if same_file(mask, photo):
             raise InvalidInput(f"mask {mask} is the photo itself, not a mask: give one mask per object")
     objects = _texts(data.get("objects"), "objects")
     count = len(masks) or len(objects)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import (NO_SPACE, CheckpointMismatch, HungUp, Interrupted, InvalidInput, NoSpace, SceneBreakError,
-                      quiet_dead_terminal, stop_signals)
+                      quiet_dead_terminal, stop_signals, stopped_by)
 from ..events import Message, Reporter, silent
 from ..paths import ON_WINDOWS, checkpoint_path, is_regular_file, write_atomically
 
@@ -46,10 +46,6 @@ class StopFlag:
         return self.requested or bool(self.also and self.also())
 
 
-STOPPED_BY = {"Terminated": "terminated (SIGTERM)", "HungUp": "the terminal closed (SIGHUP)",
-              "Interrupted": "interrupted (Ctrl-Break)"}
-
-
 @contextlib.contextmanager
 def stops_noted(flag: StopFlag, message):
     """Outside the training (catch_interrupts): Ctrl-C raises KeyboardInterrupt at once,
@@ -73,7 +69,7 @@ def stops_noted(flag: StopFlag, message):
             raise KeyboardInterrupt
         if flag.terminated is HungUp:
             quiet_dead_terminal()
-        raise flag.terminated(f"{STOPPED_BY[flag.terminated.__name__]}: {message()}")
+        raise stopped_by(flag.terminated, message())
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *kinds)}
     previous = {sig: old for sig, old in previous.items() if old not in (signal.SIG_IGN, None)}  # (ignored stays so)

@@ -17,7 +17,7 @@ from ..arguments import (config_argument, flag_argument, function_argument, mode
 from ..config import LearnConfig, default_base_model
 from ..device import Device, choose_device, precision_name, tf32_settings_kept
 from ..errors import (NO_SPACE, InvalidInput, Interrupted, NoSpace, OutOfMemory, SceneBreakError, fixable_failures,
-                      is_out_of_memory)
+                      is_out_of_memory, stopped_by)
 from ..events import Message, Progress, Reporter, silent
 from ..handles import check_handle_tokens
 from ..hub import downloads_reported, looks_like_path
@@ -27,7 +27,7 @@ from ..paths import (check_file_name_fits, check_name, check_room, checkpoint_pa
                      same_file, scene_path, windows_device_name)
 from ..scenes.bundle import is_scene, save_scene
 from .assemble import scene_from_training, scene_metadata
-from .checkpoints import STOPPED_BY, Checkpoints, StopFlag, catch_interrupts, identity, stops_noted
+from .checkpoints import Checkpoints, StopFlag, catch_interrupts, identity, stops_noted
 from .compiling import compile_settings_kept
 from .locks import Busy, scene_lock
 
@@ -412,7 +412,7 @@ def _stop_before_training_if_asked(stop: StopFlag, name: str, resume: bool) -> N
     true while the models loaded: a Cancel, or a signal that a library swallowed."""
     if stop():
         if stop.terminated is not None:
-            raise stop.terminated(f"{STOPPED_BY[stop.terminated.__name__]}: {_before_training(name, resume)}")
+            raise stopped_by(stop.terminated, _before_training(name, resume))
         raise Interrupted(_before_training(name, resume))
 
 
